@@ -1,0 +1,200 @@
+"""The ``fskd`` command line: a thin Typer shell over :mod:`fskd.api`.
+
+Each command builds a config, calls one api function and prints a summary. Choices come from
+the registries, so ``--help`` lists every registered dataset, encoder, classifier and method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from fskd import __version__, api
+from fskd.config import DemoConfig, EvalConfig, ExtractConfig
+from fskd.errors import FskdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Few-shot image classification with knowledge transferred from vision-language models.",
+    pretty_exceptions_enable=False,
+)
+
+_reg = api.registries()
+DatasetName = Enum("DatasetName", {n: n for n in _reg["datasets"]}, type=str)
+ClassifierName = Enum("ClassifierName", {n: n for n in _reg["classifiers"]}, type=str)
+ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
+
+
+def _ratios(text: str | None, option: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes three comma-separated numbers like 0.5,0.1,0.4, got {text!r}") from None
+    return vals  # ConfigError checks count and sum
+
+
+def _run(fn, *args, **kwargs):
+    """Call into the library; user errors print one clear line and exit with status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except FskdError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(split: str, done: int, total: int, rate: float) -> None:
+        bar = bars.get(split)
+        if bar is None:
+            bar = bars[split] = tqdm(total=total, desc=f"extract {split}", unit="img", file=sys.stderr, leave=True)
+        bar.n = done
+        bar.set_postfix_str(f"{rate:.1f} img/s", refresh=False)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def datasets() -> None:
+    """List the registered datasets."""
+    for n, d in _reg["datasets"].items():
+        typer.echo(f"{n:15s} {d}")
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered encoder families (spec strings)."""
+    for n, d in _reg["encoders"].items():
+        typer.echo(f"{n:15s} {d}")
+
+
+@app.command()
+def classifiers() -> None:
+    """List the registered classifier heads and methods."""
+    for n, d in {**_reg["classifiers"], **_reg["methods"]}.items():
+        typer.echo(f"{n:18s} {d}")
+
+
+@app.command()
+def extract(
+    dataset: Annotated[DatasetName, typer.Argument(help="Registered dataset name.")],
+    store: Annotated[str, typer.Option(help="Path of the Zarr feature store to write (resumed if it exists).")],
+    root: Annotated[str | None, typer.Option(help="Dataset folder.")] = None,
+    encoder: Annotated[str, typer.Option(help=ENCODER_HELP)] = "lite0-minilm",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="On-disk feature dtype: float16 or float32.")] = "float16",
+    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume).")] = 1024,
+    class_split: Annotated[str | None, typer.Option(help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.')] = None,
+    class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.")] = "0.6,0.2,0.2",
+    sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the ratio splits.")] = 0,
+    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}.")] = None,
+    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
+    download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
+) -> None:
+    """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
+    cfg = _run(ExtractConfig, dataset=dataset.value, root=root, encoder=encoder, store=store, batch_size=batch_size,
+               workers=workers, device=device, dtype=dtype, chunk_rows=chunk_rows, class_split=class_split,
+               class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
+               split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download)
+    r = _run(api.extract, cfg, _progress_bar())
+    if r.rank != 0:
+        return
+    if r.reused:
+        typer.echo(f"{r.store}: complete, same inputs; nothing re-encoded ({r.rows})")
+    else:
+        typer.echo(f"{r.store}: encoded {r.encoded} images in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s"
+                   f"{f', {r.world_size} ranks' if r.world_size > 1 else ''}); rows {r.rows}")
+    for split, ids in r.skipped.items():
+        typer.echo(f"skipped {len(ids)} unreadable file(s) in {split}: {', '.join(ids[:5])}")
+
+
+@app.command()
+def info(store: Annotated[str, typer.Argument(help="Feature store path.")]) -> None:
+    """Show a feature store's encoder, dataset, class split and rows."""
+    typer.echo(json.dumps(_run(api.store_info, store), indent=2))
+
+
+@app.command("eval")
+def eval_(
+    store: Annotated[str, typer.Option(help="Feature store path.")],
+    state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.")] = None,
+    protocol: Annotated[str, typer.Option(help="episodic (N-way K-shot on a class split) or allway.")] = "episodic",
+    way: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+    shot: Annotated[int, typer.Option(help="Labelled samples per class.")] = 1,
+    query: Annotated[int, typer.Option(help="Queries per class per episode.")] = 15,
+    episodes: Annotated[int, typer.Option(help="Number of episodes.")] = 600,
+    split: Annotated[str, typer.Option(help="Class split of the episodes: novel, val or base.")] = "novel",
+    classifier: Annotated[ClassifierName, typer.Option(help="Head when no --state is given.")] = "prototype",
+    center: Annotated[str, typer.Option(help="base: subtract the base-class mean (SimpleShot); none.")] = "base",
+    seed: Annotated[int, typer.Option(help="Episode sampling seed.")] = 0,
+    seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.")] = "1,2,3",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    report: Annotated[str | None, typer.Option(help="Write a JSON + Markdown report into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Evaluate few-shot classification: mean accuracy with 95% CI (episodic) or over seeds (all-way)."""
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    cfg = _run(EvalConfig, store=store, state=state, protocol=protocol, way=way, shot=shot, query=query, episodes=episodes,
+               split=split, classifier=getattr(classifier, "value", classifier), center=center, seed=seed,
+               seeds=seed_list, device=device, report=report)
+    r = _run(api.evaluate, cfg)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict()))
+        return
+    if r.protocol == "episodic":
+        typer.echo(f"{r.way}-way {r.shot}-shot on {r.classes} {r.split} classes, {r.episodes} episodes, {r.classifier}: "
+                   f"{r.accuracy:.2f}% ± {r.ci95:.2f} (95% CI)  [{r.eval_seconds:.2f} s]")
+    else:
+        typer.echo(f"all-way {r.shot}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}: "
+                   f"{r.accuracy:.2f}% ± {r.std:.2f} (std)  [{r.eval_seconds:.2f} s]")
+
+
+@app.command()
+def demo(
+    data_root: Annotated[str, typer.Option(help="Folder holding cub35/ and omniglot/.")] = "../shared/data",
+    out: Annotated[str, typer.Option(help="Output folder (stores, reports).")] = "runs/demo",
+    encoder: Annotated[str, typer.Option(help=ENCODER_HELP)] = "lite0-minilm",
+    episodes: Annotated[int, typer.Option(help="Episodes per evaluation.")] = 600,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+) -> None:
+    """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
+    r = _run(api.demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers),
+             _progress_bar())
+    typer.echo(open(r.report).read())
+    typer.echo(f"report: {r.report}  ({r.seconds:.0f} s)")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,259 @@
+"""Datasets wrapped around torchvision: CIFAR-FS, FC100, Fashion-MNIST, Flowers102, DTD, EuroSAT.
+
+torchvision reads (and with ``--download`` fetches) the files; fskd only lists rows and opens
+one ref at a time. Offline, ``--download`` fails within seconds naming the unreachable host.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fskd.datasets.base import (
+    DATASETS,
+    DatasetListing,
+    ImageDataset,
+    SampleList,
+    open_rgb,
+    pretty_name,
+)
+from fskd.errors import DatasetError
+
+# CIFAR-FS (Bertinetto et al. 2019) class split of CIFAR-100, 64/16/20 classes.
+CIFAR_FS_VAL = ["otter", "motorcycle", "television", "lamp", "crocodile", "shark", "butterfly", "beaver",
+                "beetle", "tractor", "flatfish", "maple_tree", "camel", "crab", "sea", "cattle"]
+CIFAR_FS_NOVEL = ["baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck", "plain",
+                  "poppy", "rocket", "rose", "snail", "sweet_pepper", "table", "telephone", "wardrobe",
+                  "whale", "woman", "worm"]
+# FC100 (Oreshkin et al. 2018): CIFAR-100 superclass indices per split, 12/4/4 superclasses.
+FC100_SUPERCLASSES = {"base": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16], "novel": [0, 7, 12, 14]}
+# EuroSAT class names as used by CoOp prompts.
+EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+def half_split(keys: list[str]) -> dict[str, list[str]]:
+    """CoCoOp base-to-new convention: the first half of the classes is base, the rest novel."""
+    n = (len(keys) + 1) // 2
+    return {"base": keys[:n], "val": [], "novel": keys[n:]}
+
+
+class TorchvisionDataset(ImageDataset):
+    """Shared plumbing: build torchvision objects, turn 'not found' into a clear DatasetError."""
+
+    hint = "the folder torchvision reads this dataset from"
+
+    def _tv(self, factory, **kwargs):
+        root = self.root
+        if root is None:
+            raise DatasetError(f"dataset {self.name!r} needs --root ({self.hint}); add --download to fetch it there")
+        if self.download:
+            self.check_download()
+        try:
+            return factory(str(root), download=self.download, **kwargs)
+        except (RuntimeError, FileNotFoundError) as e:
+            raise DatasetError(
+                f"dataset {self.name!r}: not found under {root} ({e}). Pass --root to {self.hint}, or --download"
+            ) from None
+
+
+class _ArrayDataset(TorchvisionDataset):
+    """Images held in memory as uint8 arrays (CIFAR, Fashion-MNIST); refs are 'split/index'."""
+
+    def __init__(self, root: str | None, download: bool = False) -> None:
+        super().__init__(root, download)
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def open(self, ref: str) -> Image.Image:
+        split, i = ref.split("/")
+        if split not in self._arrays:  # a worker started by spawn re-reads the files
+            self.listing()
+        return Image.fromarray(self._arrays[split][int(i)]).convert("RGB")
+
+    def path_of(self, ref: str) -> str:
+        return f"{self.root} [{ref}]"
+
+    def _rows(self, split: str, data: np.ndarray, labels) -> SampleList:
+        self._arrays[split] = data
+        return SampleList([f"{split}/{i}" for i in range(len(data))], np.asarray(labels))
+
+
+class _Cifar100Base(_ArrayDataset):
+    hint = "the folder holding cifar-100-python/"
+
+    def _load(self):
+        from torchvision.datasets import CIFAR100
+
+        train, test = self._tv(CIFAR100, train=True), self._tv(CIFAR100, train=False)
+        keys = list(train.classes)
+        splits = {"train": self._rows("train", train.data, train.targets), "test": self._rows("test", test.data, test.targets)}
+        return keys, splits
+
+    def _coarse(self) -> np.ndarray:
+        """Fine label -> superclass index, from the CIFAR-100 pickle."""
+        path = Path(self.root) / "cifar-100-python" / "train"
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        fine, coarse = np.asarray(d["fine_labels"]), np.asarray(d["coarse_labels"])
+        out = np.zeros(100, dtype=np.int64)
+        out[fine] = coarse
+        return out
+
+
+@DATASETS.register("cifar-fs")
+class CifarFsDataset(_Cifar100Base):
+    """CIFAR-FS: CIFAR-100 with the Bertinetto et al. 64/16/20 class split (torchvision CIFAR100)."""
+
+    name = "cifar-fs"
+    urls = ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",)
+
+    def listing(self) -> DatasetListing:
+        keys, splits = self._load()
+        novel, val = set(CIFAR_FS_NOVEL), set(CIFAR_FS_VAL)
+        std = {"base": [k for k in keys if k not in novel | val], "val": CIFAR_FS_VAL, "novel": CIFAR_FS_NOVEL}
+        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits, std,
+                              "Bertinetto et al. 2019 CIFAR-FS split")
+
+
+@DATASETS.register("fc100")
+class Fc100Dataset(_Cifar100Base):
+    """FC100: CIFAR-100 split by superclass (Oreshkin et al.), 60/20/20 classes (torchvision CIFAR100)."""
+
+    name = "fc100"
+    urls = ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",)
+
+    def listing(self) -> DatasetListing:
+        keys, splits = self._load()
+        coarse = self._coarse()
+        std = {s: [keys[i] for i in range(100) if coarse[i] in sup] for s, sup in FC100_SUPERCLASSES.items()}
+        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits, std,
+                              "Oreshkin et al. 2018 FC100 superclass split")
+
+
+@DATASETS.register("fashion-mnist")
+class FashionMnistDataset(_ArrayDataset):
+    """Fashion-MNIST (torchvision; local raw files under --root); classes split in halves."""
+
+    name = "fashion-mnist"
+    urls = ("https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",)
+    hint = "the folder holding FashionMNIST/raw/"
+
+    def listing(self) -> DatasetListing:
+        from torchvision.datasets import FashionMNIST
+
+        train, test = self._tv(FashionMNIST, train=True), self._tv(FashionMNIST, train=False)
+        keys = list(train.classes)
+        splits = {"train": self._rows("train", train.data.numpy(), train.targets.numpy()),
+                  "test": self._rows("test", test.data.numpy(), test.targets.numpy())}
+        return DatasetListing(self.name, str(self.root), keys, [k.replace("/", " or ") for k in keys], splits,
+                              half_split(keys), "fskd fixed split: first 5 classes base, last 5 novel")
+
+
+class _FileDataset(TorchvisionDataset):
+    """torchvision datasets that keep image paths; refs are paths relative to --root."""
+
+    def open(self, ref: str) -> Image.Image:
+        return open_rgb(self.root / ref)
+
+    def _rows(self, files, labels) -> SampleList:
+        return SampleList([os.path.relpath(f, self.root) for f in files], np.asarray(labels))
+
+
+@DATASETS.register("flowers102")
+class Flowers102Dataset(_FileDataset):
+    """Oxford Flowers-102 (torchvision; official train/val/test); CoCoOp half class split."""
+
+    name = "flowers102"
+    urls = ("https://thor.robots.ox.ac.uk/flowers/102/102flowers.tgz",)
+    hint = "the folder holding flowers-102/"
+
+    def listing(self) -> DatasetListing:
+        from torchvision.datasets import Flowers102
+
+        parts = {s: self._tv(Flowers102, split=s) for s in ("train", "val", "test")}
+        names = list(parts["train"].classes)
+        keys = [f"{i:03d}" for i in range(len(names))]
+        splits = {s: self._rows(d._image_files, d._labels) for s, d in parts.items()}
+        return DatasetListing(self.name, str(self.root), keys, names, splits, half_split(keys), "CoCoOp base-to-new halves")
+
+
+@DATASETS.register("dtd")
+class DtdDataset(_FileDataset):
+    """Describable Textures (torchvision; partition 1 train/val/test); CoCoOp half class split."""
+
+    name = "dtd"
+    urls = ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",)
+    hint = "the folder holding dtd/"
+
+    def listing(self) -> DatasetListing:
+        from torchvision.datasets import DTD
+
+        parts = {s: self._tv(DTD, split=s, partition=1) for s in ("train", "val", "test")}
+        keys = list(parts["train"].classes)
+        splits = {s: self._rows(d._image_files, d._labels) for s, d in parts.items()}
+        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits,
+                              half_split(keys), "CoCoOp base-to-new halves")
+
+
+@DATASETS.register("eurosat")
+class EuroSatDataset(_FileDataset):
+    """EuroSAT RGB land use (torchvision; seeded per-class sample split); CoCoOp half class split."""
+
+    name = "eurosat"
+    urls = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",)
+    hint = "the folder holding eurosat/2750/"
+
+    def listing(self) -> DatasetListing:
+        from torchvision.datasets import EuroSAT
+
+        d = self._tv(EuroSAT)
+        keys = list(d.classes)
+        files, labels = zip(*d.samples, strict=True)
+        return DatasetListing(self.name, str(self.root), keys, [EUROSAT_NAMES.get(k, pretty_name(k)) for k in keys],
+                              {"all": self._rows(files, labels)}, half_split(keys), "CoCoOp base-to-new halves")
+
+
+@DATASETS.register("imagenet")
+class ImageNetDataset(_FileDataset):
+    """ImageNet-1k as root/train/<wnid>/ and root/val/<wnid>/ (val is the test split); no download."""
+
+    name = "imagenet"
+    hint = "the ILSVRC2012 folder with train/<wnid>/ and val/<wnid>/ (torchvision's ImageNet layout)"
+
+    def listing(self) -> DatasetListing:
+        from fskd.datasets.folder import folder_listing
+
+        if self.download:
+            raise DatasetError("dataset 'imagenet' cannot be downloaded automatically (license); pass --root")
+        root = self.require_root(self.hint)
+        if not (root / "train").is_dir():
+            raise DatasetError(f"dataset 'imagenet': {root / 'train'} does not exist; {self.hint}")
+        names = self._names(root)
+        listing = folder_listing(self, root, names)
+        if "val" in listing.splits and "test" not in listing.splits:
+            listing.splits["test"] = listing.splits.pop("val")  # the public val set is the test split
+        return listing
+
+    @staticmethod
+    def _names(root: Path) -> dict[str, str]:
+        if (root / "meta.bin").exists():
+            from torchvision.datasets.imagenet import load_meta_file
+
+            wnid_to_classes = load_meta_file(str(root))[0]
+            return {w: c[0] for w, c in wnid_to_classes.items()}
+        mapping = root / "LOC_synset_mapping.txt"
+        if mapping.exists():
+            out = {}
+            for line in mapping.read_text().splitlines():
+                wnid, _, names = line.partition(" ")
+                out[wnid] = names.split(",")[0].strip()
+            return out
+        return {}

@@ -1,0 +1,103 @@
+"""The encoder interface and the spec-string registry.
+
+An encoder turns a batch of preprocessed images into ``(n, d_img)`` features and a list of
+strings into ``(m, d_txt)`` features. ``spec`` is a string that rebuilds the same encoder
+(``build_encoder(enc.spec)``); it is stored in every feature store.
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from fskd.errors import EncoderError
+from fskd.registry import Registry
+
+#: family name -> factory(argument string after "family:") -> Encoder
+ENCODERS: Registry[Callable[[str], Encoder]] = Registry("encoder")
+
+
+class Encoder(ABC):
+    """Image (and optionally text) tower with its preprocessing."""
+
+    spec: str
+    image_dim: int
+    text_dim: int | None = None
+    #: image and text features live in one space (CLIP); else a bridge is learned
+    joint: bool = False
+    #: the image tower saw web-scale image-text data (reports say so)
+    web_scale: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_dim is not None
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> (3, H, W) float tensor."""
+
+    @abstractmethod
+    def preprocess_info(self) -> dict:
+        """A JSON-able description of the preprocessing (stored with the features)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) on ``self.device`` -> (n, image_dim) features (not normalised)."""
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """list of m strings -> (m, text_dim) features."""
+        raise EncoderError(f"encoder {self.spec!r} has no text tower")
+
+    def to(self, device: torch.device) -> Encoder:
+        self.device = device
+        for m in self.modules():
+            m.to(device)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules of this encoder (moved by ``to``, frozen, counted in reports)."""
+        return []
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "image_dim": self.image_dim,
+            "text_dim": self.text_dim,
+            "joint": self.joint,
+            "web_scale": self.web_scale,
+            "preprocess": self.preprocess_info(),
+        }
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"family:arg..."`` -> (family, arg); a bare family name has an empty arg."""
+    family, _, arg = spec.partition(":")
+    return family.strip(), arg.strip()
+
+
+def build_encoder(spec: str, device: torch.device | str | None = None) -> Encoder:
+    """Build the encoder a spec names; unknown families list the valid ones."""
+    if not spec:
+        raise EncoderError(f"empty encoder spec; valid families: {', '.join(ENCODERS.names())}")
+    family, arg = parse_spec(spec)
+    enc = ENCODERS.get(family)(arg)
+    if device is not None:
+        enc.to(torch.device(device))
+    for m in enc.modules():
+        m.eval()
+        m.requires_grad_(False)
+    return enc
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection opens within ``timeout`` seconds (used to fail fast offline)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

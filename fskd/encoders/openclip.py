@@ -1,0 +1,123 @@
+"""``openclip:ARCH[:PRETRAINED]``: any open_clip model, from a pretrained tag or a local file.
+
+- ``openclip:ViT-B-16:openai``: a hub tag (needs a network the first time; cached after).
+- ``openclip:ViT-B-16:/path/to/weights.pt``: a local checkpoint for that architecture.
+- ``openclip:local-dir:/path``: a folder with ``open_clip_config.json`` and weights
+  (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), as open_clip saves them.
+- ``openclip:ARCH``: random initialisation (tests, or a student trained from scratch).
+
+Offline, a hub tag that is not in the local cache fails within seconds with a message that
+names the weights and how to pass a local file, instead of waiting for hub retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fskd.encoders.base import ENCODERS, Encoder, host_reachable
+from fskd.errors import EncoderError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "openclip:ViT-B-16:openai"
+
+
+def _cached(cfg: dict) -> bool:
+    """Whether the hub files of a pretrained config are already in the local cache."""
+    repo = cfg.get("hf_hub", "").rstrip("/")
+    if not repo:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, name), str):
+            return True
+    return False
+
+
+def check_weights_reachable(arch: str, tag: str) -> None:
+    """Raise EncoderError within seconds when ``tag`` weights are neither cached nor downloadable."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        raise EncoderError(
+            f"open_clip has no pretrained tag {tag!r} for {arch!r} and no file {tag!r} exists. "
+            f"Tags for {arch}: {', '.join(tags) or '(none)'}; or pass a local checkpoint: openclip:{arch}:/path/to/weights.pt"
+        )
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if _cached(cfg):
+        return
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not host_reachable(host):
+        where = cfg.get("hf_hub") or cfg.get("url") or "the hub"
+        raise EncoderError(
+            f"cannot download open_clip weights {arch}:{tag} ({where}): {host} is unreachable and they are not "
+            f"in the local cache. Download them where there is a network and pass the file: "
+            f"--encoder openclip:{arch}:/path/to/weights.pt (or openclip:local-dir:/path/to/folder)"
+        )
+
+
+class OpenClipEncoder(Encoder):
+    """An open_clip image-text model (joint space)."""
+
+    joint = True
+
+    def __init__(self, arg: str) -> None:
+        import open_clip
+
+        if not arg:
+            raise EncoderError(f"openclip needs an architecture, e.g. {DEFAULT_SPEC}")
+        if arg.startswith("local-dir:"):
+            path = arg[len("local-dir:") :]
+            if not (Path(path) / "open_clip_config.json").exists():
+                raise EncoderError(f"openclip:local-dir:{path}: no open_clip_config.json in {path}")
+            name, pretrained = f"local-dir:{path}", None
+        else:
+            name, _, pretrained = arg.partition(":")
+            pretrained = pretrained or None
+            if name not in open_clip.list_models():
+                raise EncoderError(
+                    f"open_clip has no architecture {name!r}. Available: {', '.join(open_clip.list_models())}"
+                )
+            if pretrained and not Path(pretrained).exists():
+                check_weights_reachable(name, pretrained)
+        self.spec = f"openclip:{arg}"
+        self.web_scale = pretrained is not None or name.startswith("local-dir:")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except RuntimeError as e:
+            raise EncoderError(f"encoder {self.spec!r}: {e}") from None
+        self.model = model.eval()
+        self._preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name)
+        dim = getattr(model.visual, "output_dim", None) or model.text_projection.shape[-1]
+        self.image_dim = self.text_dim = int(dim)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._preprocess(image)
+
+    def preprocess_info(self) -> dict:
+        return {"open_clip": repr(self._preprocess).replace("\n", " ")}
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        with torch.inference_mode():
+            return self.model.encode_text(tokens).float()
+
+
+@ENCODERS.register("openclip", help="open_clip model: openclip:ARCH[:TAG|:/path/weights.pt] or openclip:local-dir:/path")
+def _build(arg: str) -> Encoder:
+    return OpenClipEncoder(arg)

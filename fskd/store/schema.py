@@ -1,0 +1,57 @@
+"""The one definition of the Zarr feature-store layout (schema version 1).
+
+```
+<store>.zarr/                 attrs: see ROOT_ATTRS
+  <split>/                    one group per sample split: train, val, test
+    features    (sample, dim)  float16 (or float32) on disk, chunked by rows
+    labels      (sample,)      int32, index into text/classnames; -1 = skipped unreadable file
+    sample_ids  (sample,)      str, the sample's ref relative to the dataset root
+    written     (chunk,)       bool, one flag per row chunk, set only after the chunk is stored
+  text/
+    classnames        (class,)       str, names used in prompts
+    classkeys         (class,)       str, stable class identifiers (folder names, wnids)
+    prompts           (template,)    str, the templates used
+    class_embeddings  (class, dim_t) float32, L2-normalised prompt-ensemble means (if the
+                                     encoder has a text tower)
+```
+
+Readers check ``format`` and ``schema_version`` and the presence, shape and dtype of every
+array; a mismatch raises StoreError naming the path and the array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT = "fskd-feature-store"
+SCHEMA_VERSION = 1
+
+SPLITS = ("train", "val", "test")
+TEXT_GROUP = "text"
+FEATURES, LABELS, SAMPLE_IDS, WRITTEN = "features", "labels", "sample_ids", "written"
+CLASSNAMES, CLASSKEYS, PROMPTS, CLASS_EMBEDDINGS = "classnames", "classkeys", "prompts", "class_embeddings"
+
+#: attributes every store carries at its root
+ROOT_ATTRS = (
+    "format",  # FORMAT
+    "schema_version",  # SCHEMA_VERSION
+    "fskd_version",
+    "fingerprint",  # hash of every input below: same inputs -> same store
+    "created",  # ISO time
+    "encoder",  # Encoder.describe(): spec, dims, joint, web_scale, preprocess
+    "dataset",  # name, root, listing fingerprint
+    "class_split",  # {"base": [...], "val": [...], "novel": [...]} class indices, + "source"
+    "sample_split",  # {"rule": str, "sizes": {split: n}}
+    "splits",  # the split groups present
+    "dim",  # image feature dimension
+    "dtype",  # on-disk dtype of features
+    "chunk_rows",
+    "text",  # {"available": bool, "dim": int|None, "source": "templates"|"descriptions", ...}
+    "config",  # the ExtractConfig that created it
+)
+
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def n_chunks(n_rows: int, chunk_rows: int) -> int:
+    return max(1, -(-n_rows // chunk_rows))

@@ -1,0 +1,314 @@
+"""FeatureStore: open, create and read the Zarr feature store described in ``schema.py``.
+
+Reads stream by row chunk; nothing here needs a whole split in memory (``gather`` returns only
+the rows asked for).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from fskd.errors import StoreError
+from fskd.store import schema as S
+
+
+@dataclass
+class SplitRows:
+    """Rows of one sample split as written at creation (ids and labels known up front)."""
+
+    sample_ids: list[str]
+    labels: np.ndarray
+
+
+def _compressor():
+    # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+class FeatureStore:
+    """A feature store on disk. Use :meth:`open` or :meth:`create`."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        self.attrs = dict(group.attrs)
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+        """Open and validate a store; raises StoreError naming the path and what is wrong."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"feature store {path} does not exist (create it with `fskd extract`)")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except Exception as e:  # zarr raises several types for a non-store folder
+            raise StoreError(f"{path} is not a Zarr store: {e}") from None
+        store = cls(path, group)
+        store.validate()
+        return store
+
+    def validate(self) -> None:
+        a = self.attrs
+        if a.get("format") != S.FORMAT:
+            raise StoreError(f"{self.path} is not an fskd feature store (attrs.format={a.get('format')!r})")
+        if a.get("schema_version") != S.SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {a.get('schema_version')!r}; this fskd reads version "
+                f"{S.SCHEMA_VERSION}. Re-extract into a new --store path."
+            )
+        missing = [k for k in S.ROOT_ATTRS if k not in a]
+        if missing:
+            raise StoreError(f"{self.path}: missing attributes {missing}")
+        dim, dtype = a["dim"], S.FEATURE_DTYPES[a["dtype"]]
+        for split in a["splits"]:
+            g = self._group(split)
+            n = None
+            for name in (S.FEATURES, S.LABELS, S.SAMPLE_IDS, S.WRITTEN):
+                if name not in g:
+                    raise StoreError(f"{self.path}: array {split}/{name} is missing")
+            f = g[S.FEATURES]
+            n = f.shape[0]
+            if f.ndim != 2 or f.shape[1] != dim or f.dtype != dtype:
+                raise StoreError(f"{self.path}: {split}/features has shape {f.shape} {f.dtype}, expected (n, {dim}) {dtype}")
+            for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (S.n_chunks(n, a["chunk_rows"]),))):
+                if g[name].shape != want:
+                    raise StoreError(f"{self.path}: {split}/{name} has shape {g[name].shape}, expected {want}")
+        t = self._group(S.TEXT_GROUP)
+        for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS):
+            if name not in t:
+                raise StoreError(f"{self.path}: array text/{name} is missing")
+        if a["text"].get("available"):
+            if S.CLASS_EMBEDDINGS not in t:
+                raise StoreError(f"{self.path}: array text/class_embeddings is missing")
+            if t[S.CLASS_EMBEDDINGS].shape != (t[S.CLASSNAMES].shape[0], a["text"]["dim"]):
+                raise StoreError(f"{self.path}: text/class_embeddings has shape {t[S.CLASS_EMBEDDINGS].shape}")
+
+    def _group(self, name: str) -> zarr.Group:
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: group {name!r} is missing") from None
+
+    # -- creation ----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        attrs: dict,
+        splits: dict[str, SplitRows],
+        class_keys: list[str],
+        class_names: list[str],
+        prompts: list[str],
+        class_embeddings: np.ndarray | None,
+    ) -> FeatureStore:
+        """Create an empty store (features unwritten). Built beside ``path`` and renamed into
+        place, so a kill during creation never leaves a half-made store at ``path``."""
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{path} already exists")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            root = zarr.open_group(str(tmp), mode="w")
+            dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
+            for split, r in splits.items():
+                g = root.create_group(split)
+                n = len(r.sample_ids)
+                g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
+                               compressors=_compressor())
+                lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1)
+                ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str)
+                g.create_array(S.WRITTEN, shape=(S.n_chunks(n, rows),), chunks=(1,), dtype=bool, fill_value=False)
+                if n:
+                    lab[:] = r.labels
+                    ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
+            t = root.create_group(S.TEXT_GROUP)
+            for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
+                a = t.create_array(name, shape=(len(values),), dtype=str)
+                a[:] = np.asarray(values, dtype=str)
+            if class_embeddings is not None:
+                e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32")
+                e[:] = class_embeddings.astype(np.float32)
+            root.attrs.update(attrs)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path, mode="r+")
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def encoder_spec(self) -> str:
+        return self.attrs["encoder"]["spec"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.attrs["encoder"]["joint"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(s) for s in self.group[S.TEXT_GROUP][S.CLASSNAMES][:]]
+
+    @property
+    def class_keys(self) -> list[str]:
+        return [str(s) for s in self.group[S.TEXT_GROUP][S.CLASSKEYS][:]]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.group[S.TEXT_GROUP][S.CLASSNAMES].shape[0])
+
+    def class_split(self, name: str) -> list[int]:
+        """Class indices of the base, val or novel class split."""
+        split = self.attrs["class_split"]
+        if name not in split:
+            raise StoreError(f"{self.path}: no class split {name!r}; has {[k for k in split if k != 'source']}")
+        return list(split[name])
+
+    def text_embeddings(self) -> np.ndarray | None:
+        """(C, text_dim) float32 class text features, or None when the encoder has no text tower."""
+        t = self.group[S.TEXT_GROUP]
+        return np.asarray(t[S.CLASS_EMBEDDINGS][:], dtype=np.float32) if S.CLASS_EMBEDDINGS in t else None
+
+    def has_split(self, split: str) -> bool:
+        return split in self.attrs["splits"]
+
+    def _split(self, split: str) -> zarr.Group:
+        if split not in self.attrs["splits"]:
+            raise StoreError(f"{self.path} has no sample split {split!r}; it has {self.splits}")
+        return self.group[split]
+
+    def n_rows(self, split: str) -> int:
+        return int(self._split(split)[S.FEATURES].shape[0])
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)[S.LABELS][:], dtype=np.int64)
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)[S.SAMPLE_IDS][:]).astype(str)
+
+    def written(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)[S.WRITTEN][:], dtype=bool)
+
+    def is_complete(self) -> bool:
+        return all(self.written(s).all() for s in self.splits)
+
+    def skipped(self) -> dict[str, list[str]]:
+        """Sample ids recorded as unreadable (label -1) per split, in written chunks."""
+        out = {}
+        for s in self.splits:
+            lab = self.labels(s)
+            if (lab < 0).any():
+                out[s] = self.sample_ids(s)[lab < 0].tolist()
+        return out
+
+    def check_complete(self) -> None:
+        todo = {s: int((~self.written(s)).sum()) for s in self.splits}
+        if any(todo.values()):
+            raise StoreError(
+                f"{self.path} is incomplete ({todo} row chunks not written): run the same `fskd extract` again to resume"
+            )
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_chunk(self, split: str, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Store one whole row chunk, then mark it written (the flag is set last)."""
+        g = self._split(split)
+        start = chunk * self.chunk_rows
+        stop = start + len(features)
+        g[S.FEATURES][start:stop] = features
+        g[S.LABELS][start:stop] = labels
+        g[S.WRITTEN][chunk] = True
+
+    # -- reading -----------------------------------------------------------------------------
+    def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
+        g = self._split(split)
+        f, lab = g[S.FEATURES], g[S.LABELS]
+        n, rows = f.shape[0], self.chunk_rows
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            yield start, np.asarray(f[start:stop], dtype=np.float32), np.asarray(lab[start:stop], dtype=np.int64)
+
+    def features(self, split: str) -> np.ndarray:
+        """A whole split as float32 (n, dim). Prefer ``iter_chunks`` / ``gather`` for big splits."""
+        return np.asarray(self._split(split)[S.FEATURES][:], dtype=np.float32)
+
+    def gather(
+        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
+        default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64)."""
+        splits = list(splits) if splits is not None else self.splits
+        wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
+        feats, labs = [], []
+        for s in splits:
+            g = self._split(s)
+            lab_all = np.asarray(g[S.LABELS][:], dtype=np.int64)
+            keep_all = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
+            f = g[S.FEATURES]
+            rows = self.chunk_rows
+            for start in range(0, len(lab_all), rows):
+                keep = keep_all[start : start + rows]
+                if not keep.any():
+                    continue
+                block = np.asarray(f[start : start + len(keep)], dtype=np.float32)
+                feats.append(block[keep])
+                labs.append(lab_all[start : start + len(keep)][keep])
+        if not feats:
+            return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
+        return np.concatenate(feats), np.concatenate(labs)
+
+    def mean(self, classes: list[int] | None = None, splits: list[str] | None = None) -> np.ndarray:
+        """Mean feature over rows of ``classes`` (streamed; used for base-mean centring)."""
+        total = np.zeros(self.dim, np.float64)
+        count = 0
+        wanted = None if classes is None else np.asarray(sorted(classes))
+        for s in splits or self.splits:
+            for _, f, lab in self.iter_chunks(s):
+                keep = lab >= 0 if wanted is None else np.isin(lab, wanted)
+                total += f[keep].sum(0, dtype=np.float64)
+                count += int(keep.sum())
+        if count == 0:
+            raise StoreError(f"{self.path}: no rows for classes {classes} in splits {splits or self.splits}")
+        return (total / count).astype(np.float32)
+
+    def summary(self) -> dict:
+        a = self.attrs
+        return {
+            "path": str(self.path),
+            "encoder": a["encoder"]["spec"],
+            "dataset": a["dataset"]["name"],
+            "dim": a["dim"],
+            "classes": self.num_classes,
+            "class_split": {k: len(v) for k, v in a["class_split"].items() if k != "source"},
+            "rows": {s: self.n_rows(s) for s in self.splits},
+            "complete": self.is_complete(),
+            "text": a["text"].get("available", False),
+        }
