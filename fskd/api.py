@@ -15,15 +15,22 @@ import torch
 from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.base import Head
 from fskd.classifiers.prototype import PrototypeHead
-from fskd.config import DemoConfig, EvalConfig, ExtractConfig
+from fskd.config import (
+    AdaptConfig,
+    AlignConfig,
+    DemoConfig,
+    DistillConfig,
+    EvalConfig,
+    ExtractConfig,
+)
 from fskd.datasets import DATASETS
 from fskd.encoders import ENCODERS
-from fskd.errors import DatasetError, EvaluationError
+from fskd.errors import ConfigError, DatasetError, EvaluationError
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95, mean_std
 from fskd.methods import METHODS, load_state
-from fskd.methods.base import check_state_store
+from fskd.methods.base import TrainProgress, check_state_store, save_state
 from fskd.reports import markdown_table, write_report
 from fskd.runtime import resolve_device
 from fskd.store import FeatureStore
@@ -159,6 +166,49 @@ def evaluate(config: EvalConfig) -> EvalResult:
         tag = f"{cfg.way}way{cfg.shot}shot" if episodic else f"{cfg.shot}shot"
         write_report(cfg.report, f"eval_{cfg.protocol}_{name}_{tag}", result.to_dict(), result.protocol_text(), cfg.to_dict())
     return result
+
+
+@dataclass
+class FitResult:
+    """What adapt/align/distill wrote: the state directory and its metadata."""
+
+    out: str
+    method: str
+    kind: str
+    hparams: dict
+    selected_on: dict
+    metrics: dict
+    seconds: float
+
+
+def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None) -> FitResult:
+    t0 = time.perf_counter()
+    method_cls = METHODS.get(config.method)
+    if method_cls.kind != kind:
+        raise ConfigError(f"method {config.method!r} is a {method_cls.kind} method, not a {kind} method; "
+                          f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}")
+    store = FeatureStore.open(config.store)
+    store.check_complete()
+    state = method_cls().fit(store, config, progress)
+    out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
+    save_state(out, state)
+    return FitResult(out=out, method=state.method, kind=kind, hparams=state.hparams, selected_on=state.selected_on,
+                     metrics=state.metrics, seconds=round(time.perf_counter() - t0, 3))
+
+
+def adapt(config: AdaptConfig, progress: TrainProgress | None = None) -> FitResult:
+    """Fit a few-shot classifier (``fskd adapt --method``) on cached features; save its state."""
+    return _fit("adapt", config, progress)
+
+
+def align(config: AlignConfig, progress: TrainProgress | None = None) -> FitResult:
+    """Fit a cross-modal alignment (``fskd align --method fma``) on cached features; save its state."""
+    return _fit("align", config, progress)
+
+
+def distill(config: DistillConfig, progress: TrainProgress | None = None) -> FitResult:
+    """Distil the store's encoder (teacher) into a student encoder; save the student state."""
+    return _fit("distill", config, progress)
 
 
 @dataclass

@@ -15,7 +15,14 @@ from typing import Annotated
 import typer
 
 from fskd import __version__, api
-from fskd.config import DemoConfig, EvalConfig, ExtractConfig
+from fskd.config import (
+    AdaptConfig,
+    AlignConfig,
+    DemoConfig,
+    DistillConfig,
+    EvalConfig,
+    ExtractConfig,
+)
 from fskd.errors import FskdError
 
 app = typer.Typer(
@@ -23,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Few-shot image classification with knowledge transferred from vision-language models.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 _reg = api.registries()
@@ -179,6 +187,117 @@ def eval_(
     else:
         typer.echo(f"all-way {r.shot}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}: "
                    f"{r.accuracy:.2f}% ± {r.std:.2f} (std)  [{r.eval_seconds:.2f} s]")
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """``--set key=value`` pairs -> dict; values are parsed as JSON when they can be (numbers, lists)."""
+    out = {}
+    for p in pairs or []:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes key=value, got {p!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _methods_help(kind: str) -> str:
+    names = [n for n, d in _reg["methods"].items() if d.startswith(f"[{kind}]")]
+    return f"Registered {kind} method: {', '.join(names) or '(none yet)'}."
+
+
+def _fit_summary(r) -> None:
+    typer.echo(f"{r.method} ({r.kind}) -> {r.out}  [{r.seconds:.1f} s]")
+    if r.hparams:
+        typer.echo("hyper-parameters: " + ", ".join(f"{k}={v} ({r.selected_on.get(k, 'fixed')})" for k, v in r.hparams.items()))
+    if r.metrics:
+        typer.echo("metrics: " + json.dumps(r.metrics))
+
+
+def _train_bar():
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, step: int, total: int, info: dict) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+        bar.n = step
+        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        bar.refresh()
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option key=value (repeatable).")]
+
+
+@app.command()
+def adapt(
+    store: Annotated[str, typer.Option(help="Feature store path.")],
+    method: Annotated[str, typer.Option(help=_methods_help("adapt"))] = "prototype",
+    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split (all-way fit).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the shot sampling and training.")] = 1,
+    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for semantic weights.")] = None,
+    out: Annotated[str | None, typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    set_: SetOption = None,
+) -> None:
+    """Fit a few-shot classifier on cached features and save its state (evaluate with fskd eval --state)."""
+    cfg = _run(AdaptConfig, store=store, method=method, shots=shots, seed=seed, descriptions=descriptions, out=out,
+               device=device, options=_options(set_))
+    _fit_summary(_run(api.adapt, cfg, _train_bar()))
+
+
+@app.command()
+def align(
+    store: Annotated[str, typer.Option(help="Feature store path.")],
+    method: Annotated[str, typer.Option(help=_methods_help("align"))] = "fma",
+    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 1,
+    steps: Annotated[str | None, typer.Option(help="Candidate solver step counts, comma-separated (chosen on validation).")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Noise augmentation strength (default: the method's).")] = None,
+    base_state: Annotated[str | None, typer.Option(help="Build on another method's features (state directory).")] = None,
+    out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    set_: SetOption = None,
+) -> None:
+    """Learn a cross-modal alignment (flow matching) on cached features and save its state."""
+    try:
+        step_list = tuple(int(s) for s in steps.split(",")) if steps else None
+    except ValueError:
+        raise typer.BadParameter(f"--steps takes comma-separated integers, got {steps!r}") from None
+    cfg = _run(AlignConfig, store=store, method=method, shots=shots, seed=seed, steps=step_list, gamma=gamma,
+               base_state=base_state, out=out, device=device, options=_options(set_))
+    _fit_summary(_run(api.align, cfg, _train_bar()))
+
+
+@app.command()
+def distill(
+    store: Annotated[str, typer.Option(help="Teacher feature store path.")],
+    shots: Annotated[int, typer.Option(help="Labelled samples per class.")] = 4,
+    student: Annotated[str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.")] = "timm:resnet18",
+    method: Annotated[str, typer.Option(help=_methods_help("distill"))] = "mtkd",
+    regime: Annotated[str, typer.Option(help="semi (all classes, K labels + unlabeled) or base-novel (SynTrans).")] = "semi",
+    losses: Annotated[str, typer.Option(help="all, none (labels only), or a comma list of loss terms.")] = "all",
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's).")] = None,
+    root: Annotated[str | None, typer.Option(help="Dataset root, if it moved since extraction.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 1,
+    online_teacher: Annotated[bool, typer.Option(help="Run the teacher on augmented views instead of cached features.")] = False,
+    out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    set_: SetOption = None,
+) -> None:
+    """Distil the store's encoder (teacher) into a small student encoder."""
+    cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=method, regime=regime, losses=losses,
+               epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
+               options=_options(set_))
+    _fit_summary(_run(api.distill, cfg, _train_bar()))
 
 
 @app.command()

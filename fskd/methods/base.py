@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,9 @@ from fskd.registry import Registry
 if TYPE_CHECKING:
     from fskd.classifiers.base import Head
     from fskd.store import FeatureStore
+
+#: progress(stage, step, total, {"loss": ..., ...}) for training loops; the CLI draws the bar
+TrainProgress = Callable[[str, int, int, dict], None]
 
 STATE_VERSION = 1
 STATE_JSON = "state.json"
@@ -110,7 +114,7 @@ class Method(ABC):
     kind: str = ""
 
     @abstractmethod
-    def fit(self, store: FeatureStore, config, progress=None) -> MethodState:
+    def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:
         """Fit on the store (hyper-parameters chosen on validation data) and return the state."""
 
     @abstractmethod

@@ -148,6 +148,64 @@ class FeatureStore:
             raise
         return cls.open(path, mode="r+")
 
+    @classmethod
+    def from_arrays(
+        cls,
+        path: str | Path,
+        splits: dict[str, tuple[np.ndarray, np.ndarray]],
+        class_names: list[str],
+        class_split: dict[str, list[int]],
+        text_embeddings: np.ndarray | None = None,
+        encoder: dict | None = None,
+        dataset: str = "arrays",
+        dtype: str = "float32",
+        chunk_rows: int = 1024,
+    ) -> FeatureStore:
+        """A complete store from in-memory features: ``splits = {name: (features (n, d), labels (n,))}``.
+
+        For features computed elsewhere (import them once, then use every fskd method), synthetic
+        benchmarks and tests. ``encoder`` describes where the features came from (spec, joint, ...).
+        """
+        import hashlib
+        import json
+        from datetime import datetime, timezone
+
+        from fskd import __version__
+
+        dim = int(next(iter(splits.values()))[0].shape[1])
+        enc = {"spec": f"arrays:{dataset}", "image_dim": dim, "joint": False, "web_scale": False, "preprocess": {},
+               "text_dim": None if text_embeddings is None else int(text_embeddings.shape[1])}
+        enc.update(encoder or {})
+        h = hashlib.sha256()
+        for name in sorted(splits):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(splits[name][0], dtype=np.float32).tobytes())
+            h.update(np.asarray(splits[name][1], dtype=np.int64).tobytes())
+        if text_embeddings is not None:
+            h.update(np.ascontiguousarray(text_embeddings, dtype=np.float32).tobytes())
+        h.update(json.dumps([class_names, class_split, enc], sort_keys=True).encode())
+        attrs = {
+            "format": S.FORMAT, "schema_version": S.SCHEMA_VERSION, "fskd_version": __version__,
+            "fingerprint": h.hexdigest()[:32], "inputs": {"arrays": True},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "encoder": enc,
+            "dataset": {"name": dataset, "root": "", "fingerprint": h.hexdigest()[:32]},
+            "class_split": {**{k: [int(c) for c in v] for k, v in class_split.items()}, "source": "given"},
+            "sample_split": {"rule": "given", "sizes": {s: len(v[1]) for s, v in splits.items()}},
+            "splits": list(splits), "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
+            "text": {"available": text_embeddings is not None, "dim": enc["text_dim"], "source": "given", "templates": []},
+            "config": {},
+        }
+        store = cls.create(
+            path, attrs=attrs,
+            splits={s: SplitRows([f"{s}/{i}" for i in range(len(y))], np.asarray(y)) for s, (_, y) in splits.items()},
+            class_keys=list(class_names), class_names=list(class_names), prompts=[], class_embeddings=text_embeddings,
+        )
+        for s, (x, y) in splits.items():
+            for c in range(S.n_chunks(len(y), chunk_rows)):
+                rows = slice(c * chunk_rows, min(len(y), (c + 1) * chunk_rows))
+                store.write_chunk(s, c, np.asarray(x[rows], dtype=S.FEATURE_DTYPES[dtype]), np.asarray(y[rows], dtype=np.int32))
+        return cls.open(path)
+
     # -- metadata ----------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:

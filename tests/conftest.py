@@ -1,0 +1,114 @@
+"""Shared fixtures: real data from ../shared/data (skipped with the reason when absent), a cached
+cub35 store, synthetic stores and a tiny open_clip model saved to a local folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FSKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CACHE = Path(os.environ.get("FSKD_TEST_CACHE", ROOT / ".pytest_cache" / "fskd-stores"))
+
+
+def needs_shared(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data {path} not present (clone the project beside ../shared to run this test)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cub35_root() -> Path:
+    return needs_shared("cub35")
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    return needs_shared("omniglot")
+
+
+def cached_store(dataset: str, root: Path, encoder: str = "lite0-minilm") -> str:
+    """Extract once per cache folder (later calls reuse the complete store: same fingerprint)."""
+    from fskd import api
+    from fskd.config import ExtractConfig
+
+    path = CACHE / f"{dataset}-{encoder}.zarr"
+    api.extract(ExtractConfig(dataset=dataset, root=str(root), encoder=encoder, store=str(path), workers=1))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cub35_store(cub35_root) -> str:
+    """cub35 encoded with lite0-minilm (Chen et al. class split: 18 base / 9 val / 8 novel)."""
+    return cached_store("cub", cub35_root)
+
+
+@pytest.fixture(scope="session")
+def omniglot_store(omniglot_root) -> str:
+    return cached_store("omniglot", omniglot_root)
+
+
+@pytest.fixture
+def synthetic_store(tmp_path):
+    """Factory: ``synthetic_store(joint=False, n_classes=20, ...)`` -> FeatureStore in tmp_path."""
+    from fskd.store.synthetic import make_synthetic_store
+
+    count = {"n": 0}
+
+    def make(**kwargs):
+        count["n"] += 1
+        return make_synthetic_store(tmp_path / f"synthetic-{count['n']}.zarr", **kwargs)
+
+    return make
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny open_clip model (random weights) saved as open_clip saves a local model folder,
+    loadable in any process with the spec ``openclip:local-dir:<dir>``."""
+    import open_clip
+    import torch
+
+    d = tmp_path_factory.mktemp("tiny-clip")
+    cfg = {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    (d / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP)
+    torch.save(model.state_dict(), d / "open_clip_pytorch_model.bin")
+    return d
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A small real-image folder dataset: 6 classes x 8 images drawn from cub35 when present,
+    else synthetic coloured squares (so CLI/store tests run anywhere)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("folder")
+    src = SHARED_DATA / "cub35" / "images"
+    if src.exists():
+        for cdir in sorted(src.iterdir())[:6]:
+            (d / cdir.name).mkdir()
+            for f in sorted(cdir.iterdir())[:8]:
+                Image.open(f).convert("RGB").resize((64, 64)).save(d / cdir.name / f.name)
+    else:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        for c in range(6):
+            (d / f"class_{c}").mkdir()
+            for i in range(8):
+                arr = (rng.random((64, 64, 3)) * 60 + c * 30).astype("uint8")
+                Image.fromarray(arr).save(d / f"class_{c}" / f"{i}.png")
+    return d
