@@ -30,7 +30,7 @@ from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95, mean_std
 from fskd.methods import METHODS, load_state
-from fskd.methods.base import TrainProgress, check_state_store, save_state
+from fskd.methods.base import TrainProgress, save_state
 from fskd.reports import markdown_table, write_report
 from fskd.runtime import resolve_device
 from fskd.store import FeatureStore
@@ -106,8 +106,9 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device) -> tuple[H
     """The head to evaluate: the state's method, else a registered classifier."""
     if cfg.state:
         state = load_state(cfg.state)
-        check_state_store(state, store, cfg.state)
-        return METHODS.get(state.method)().head(state, store, device), state.method, dict(state.selected_on)
+        method = METHODS.get(state.method)()
+        method.check_store(state, store, cfg.state)
+        return method.head(state, store, device), state.method, dict(state.selected_on)
     text = store.text_embeddings() if store.joint else None
     center = None
     if cfg.center == "base" and cfg.protocol == "episodic" and store.class_split("base"):

@@ -121,6 +121,17 @@ class Method(ABC):
     def head(self, state: MethodState, store: FeatureStore, device: torch.device) -> Head:
         """The classifier head this state defines, for episodic or all-way evaluation."""
 
+    def check_store(self, state: MethodState, store: FeatureStore, directory: str | Path) -> None:
+        """Raise StateError when ``state`` cannot be evaluated on ``store`` (default: same fingerprint)."""
+        check_state_store(state, store, directory)
+
+    def features(
+        self, state: MethodState, store: FeatureStore, device: torch.device
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A map of raw store features (n, D) -> adapted features (n, D') that other methods can
+        build on (e.g. FMA on a residual adapter's features); None when the method has none."""
+        return None
+
 
 #: method name -> Method subclass; ``fskd adapt/align/distill --method`` choices
 METHODS: Registry[type[Method]] = Registry("method")
