@@ -270,7 +270,8 @@ class FeatureStore:
         return np.asarray(self._split(split)[S.LABELS][:], dtype=np.int64)
 
     def sample_ids(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)[S.SAMPLE_IDS][:]).astype(str)
+        # via object: numpy 2 cannot cast zarr's StringDType straight to a fixed-width str dtype
+        return np.asarray(self._split(split)[S.SAMPLE_IDS][:]).astype(object).astype(str)
 
     def written(self, split: str) -> np.ndarray:
         return np.asarray(self._split(split)[S.WRITTEN][:], dtype=bool)
