@@ -48,9 +48,10 @@ def registries() -> dict[str, dict[str, str]]:
     }
 
 
-def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractResult:
-    """Encode a dataset into a feature store (resumable; reused when already complete)."""
-    return _extract(config, progress)
+def extract(config: ExtractConfig, progress: Progress | None = None, source=None) -> ExtractResult:
+    """Encode a dataset into a feature store (resumable; reused when already complete).
+    ``source``: an ImageDataset object to use instead of the registered ``config.dataset``."""
+    return _extract(config, progress, source)
 
 
 def store_info(path: str) -> dict:

@@ -94,6 +94,20 @@ def build_encoder(spec: str, device: torch.device | str | None = None) -> Encode
     return enc
 
 
+def seeded_init(seed: int = 0):
+    """Random initialisation under a fixed seed, so a spec without weights rebuilds the very same
+    encoder in every process (resume, torchrun ranks) without touching the caller's RNG."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _ctx():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    return _ctx()
+
+
 def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     """Whether a TCP connection opens within ``timeout`` seconds (used to fail fast offline)."""
     try:

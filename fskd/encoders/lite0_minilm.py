@@ -25,8 +25,8 @@ def _lite0_scale(x: torch.Tensor) -> torch.Tensor:
     return (x * 255.0 - 127.0) / 128.0
 
 
-def load_lite0_backbone() -> torch.nn.Module:
-    """timm ``efficientnet_lite0`` with the packaged ImageNet weights, classifier removed.
+def load_lite0_backbone(keep_classifier: bool = False) -> torch.nn.Module:
+    """timm ``efficientnet_lite0`` with the packaged ImageNet weights (classifier removed unless kept).
 
     The package stores the weights with EfficientNet-PyTorch names; both modules register
     parameters in forward order, so names are matched by position and checked by shape.
@@ -51,7 +51,8 @@ def load_lite0_backbone() -> torch.nn.Module:
             raise EncoderError(f"{path}: tensor {src} {tuple(v.shape)} does not fit {dst} {tuple(ref.shape)}")
         mapped[dst] = v
     model.load_state_dict(mapped)
-    model.reset_classifier(0)  # pooled 1280-d features
+    if not keep_classifier:
+        model.reset_classifier(0)  # pooled 1280-d features
     return model
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fskd.encoders.base import ENCODERS, Encoder, host_reachable
+from fskd.encoders.base import ENCODERS, Encoder, host_reachable, seeded_init
 from fskd.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class OpenClipEncoder(Encoder):
         self.spec = f"openclip:{arg}"
         self.web_scale = pretrained is not None or name.startswith("local-dir:")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+            with seeded_init():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         except RuntimeError as e:
             raise EncoderError(f"encoder {self.spec!r}: {e}") from None
         self.model = model.eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fskd.encoders.base import ENCODERS, Encoder, host_reachable
+from fskd.encoders.base import ENCODERS, Encoder, host_reachable, seeded_init
 from fskd.errors import EncoderError
 
 
@@ -27,7 +27,8 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs) -> torch.nn.M
             f"cannot download timm weights for {name!r}: huggingface.co is unreachable. "
             f"Pass a local state dict instead: timm:{name}:/path/to/weights.pth"
         )
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    with seeded_init():
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
 
 class TimmEncoder(Encoder):

@@ -104,12 +104,13 @@ def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, p
         )
 
 
-def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractResult:
-    """Run ``fskd extract``: see the module docstring."""
+def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageDataset | None = None) -> ExtractResult:
+    """Run ``fskd extract``: see the module docstring. ``source`` replaces the registered dataset
+    ``cfg.dataset`` with a dataset object (benchmarks use an in-memory one)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
-    source = build_dataset(cfg.dataset, cfg.root, cfg.download)
+    source = source if source is not None else build_dataset(cfg.dataset, cfg.root, cfg.download)
     listing = source.listing()
     class_split, split_source = resolve_class_split(listing, cfg.class_split, cfg.class_ratio, cfg.split_seed)
     sample_splits, sample_rule = resolve_sample_splits(listing, cfg.sample_split, cfg.split_seed)

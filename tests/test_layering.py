@@ -1,0 +1,66 @@
+"""The one-way data flow of DESIGN.md, checked on the imports of every module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "fskd"
+
+# Left to right; a module may import only from its own layer or layers to its left.
+# Utilities (errors, registry, config, runtime) are importable from everywhere.
+# `python -m fskd` (__main__) is the entry point, right of the CLI.
+LAYERS = ["datasets", "encoders", "store", "classifiers", "methods", "evaluation", "reports", "api", "cli", "__main__"]
+UTILITIES = {"errors", "registry", "config", "runtime", "__init__", "__version__"}
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "fskd":
+        return None
+    if len(parts) == 1:
+        return "__init__"
+    return parts[1]
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "fskd":  # `from fskd import api` names modules
+                out += [(f"fskd.{a.name}", node.lineno) for a in node.names]
+            else:
+                out.append((node.module, node.lineno))
+    return out
+
+
+def test_imports_point_left_only():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        own = layer_of(".".join(rel.parts))
+        if own in UTILITIES:
+            own_rank = -1
+        else:
+            own_rank = LAYERS.index(own)
+        for module, line in imports_of(path):
+            target = layer_of(module)
+            if target is None or target in UTILITIES or target == own:
+                if own in UTILITIES and target not in (None, *UTILITIES) and own != "__init__":
+                    bad.append(f"{rel}:{line} utility module imports {module}")
+                continue
+            if target not in LAYERS:
+                bad.append(f"{rel}:{line} imports unknown fskd module {module}")
+            elif LAYERS.index(target) > own_rank:
+                bad.append(f"{rel}:{line} ({own}) imports {module} ({target}), an arrow pointing back")
+    assert not bad, "\n".join(bad)
+
+
+def test_cli_imports_only_api():
+    cli = PKG / "cli.py"
+    allowed = {"fskd", "fskd.api", "fskd.config", "fskd.errors"}
+    wrong = [(m, n) for m, n in imports_of(cli) if m.startswith("fskd") and m not in allowed and m != "fskd.__version__"]
+    assert not wrong, f"cli.py must go through fskd.api: {wrong}"
