@@ -1,0 +1,34 @@
+# fskd: `make demo` runs the main job on the offline default, `make test` runs the tests.
+# Both create .venv on first use and install fskd with the pinned torch (constraints.txt).
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[offline,dev]'
+	touch $@
+
+demo: install
+	$(BIN)/fskd demo --data-root $(DATA) --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check fskd tests benchmarks examples
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,152 @@
+"""Evaluation: the batched episode sampler, FAISS vs numpy oracle, CI math, real-data accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fskd import api
+from fskd.classifiers import CLASSIFIERS, ClassContext
+from fskd.classifiers.prototype import PrototypeHead, faiss_nearest
+from fskd.config import EvalConfig
+from fskd.errors import EvaluationError
+from fskd.evaluation.allway import sample_shots
+from fskd.evaluation.episodes import run_episodes, sample_episodes
+from fskd.evaluation.metrics import mean_ci95
+
+
+def _labels(counts):
+    return np.repeat(np.arange(len(counts)), counts)
+
+
+def test_sampler_shapes_disjointness_and_seed():
+    labels = _labels([20, 25, 30, 22, 21, 40, 19])
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    classes = [1, 2, 3, 4, 5, 6]
+    eps = sample_episodes(labels, classes, way=5, shot=2, query=7, episodes=300, seed=4)
+    assert eps.support.shape == (300, 5, 2) and eps.query.shape == (300, 5, 7) and eps.classes.shape == (300, 5)
+    rows = np.concatenate([eps.support, eps.query], axis=2)  # (E, N, K+Q)
+    assert (labels[rows] == eps.classes[:, :, None]).all()  # every row belongs to its way's class
+    for e in range(0, 300, 37):
+        assert len(set(eps.classes[e])) == 5 and set(eps.classes[e]) <= set(classes)
+        assert len(set(rows[e].ravel())) == 5 * 9  # no row used twice in an episode
+    again = sample_episodes(labels, classes, way=5, shot=2, query=7, episodes=300, seed=4)
+    np.testing.assert_array_equal(eps.query, again.query)
+    other = sample_episodes(labels, classes, way=5, shot=2, query=7, episodes=300, seed=5)
+    assert not np.array_equal(eps.query, other.query)
+    # over many episodes, every class and row gets used (uniform sampling)
+    assert set(np.unique(eps.classes)) == set(classes)
+
+
+def test_sampler_names_the_short_class():
+    labels = _labels([20, 20, 5, 20, 20, 20])
+    with pytest.raises(EvaluationError, match=r"class 'heron' has 5 samples, fewer than shot \+ query = 1 \+ 15 = 16"):
+        sample_episodes(labels, range(6), 5, 1, 15, 10, 0, class_names=["a", "b", "heron", "d", "e", "f"])
+    with pytest.raises(EvaluationError, match="need at least 5 classes"):
+        sample_episodes(labels, [0, 1, 2], 5, 1, 1, 10, 0)
+
+
+def test_faiss_prototypes_match_numpy_argmax():
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(50, 32)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    queries = rng.normal(size=(5000, 32)).astype(np.float32)
+    np.testing.assert_array_equal(faiss_nearest(protos, queries), (queries @ protos.T).argmax(1))
+    # the head's FAISS path (one big episode) and its matmul path agree
+    support = torch.from_numpy(rng.normal(size=(1, 50, 3, 32)).astype(np.float32))
+    q = torch.from_numpy(queries)[None]
+    fitted = PrototypeHead(ClassContext()).fit(support, torch.arange(50)[None])
+    np.testing.assert_array_equal(fitted.predict(q).numpy(), fitted.logits(q).argmax(-1).numpy())
+
+
+def test_batched_episodes_equal_a_plain_per_episode_loop():
+    rng = np.random.default_rng(1)
+    labels = _labels([30] * 10)
+    feats = rng.normal(size=(len(labels), 16)).astype(np.float32) + np.eye(10, 16)[labels] * 1.5
+    center = feats.mean(0)
+    eps = sample_episodes(labels, range(10), 5, 3, 5, 200, seed=0)
+    head = PrototypeHead(ClassContext(center=torch.from_numpy(center)))
+    batched = run_episodes(torch.from_numpy(feats), eps, head, batch=64)
+    loop = []
+    for e in range(200):  # the oracle: one episode at a time, in numpy
+        f = feats - center
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+        protos = f[eps.support[e]].mean(1)
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+        q = f[eps.query[e].reshape(-1)]
+        pred = (q @ protos.T).argmax(1)
+        loop.append((pred == np.repeat(np.arange(5), 5)).mean())
+    np.testing.assert_allclose(batched, loop, atol=1e-6)
+    assert 0.4 < batched.mean() < 1.0
+
+
+def test_ci95():
+    acc = np.array([0.5, 0.7] * 50)
+    mean, ci = mean_ci95(acc)
+    assert mean == pytest.approx(60.0) and ci == pytest.approx(1.96 * np.std(acc * 100, ddof=1) / 10)
+
+
+def test_allway_shot_sampling():
+    labels = _labels([5, 8, 3])
+    rows = sample_shots(labels, np.array([0, 1, 2]), 3, seed=1)
+    assert rows.shape == (3, 3) and (labels[rows] == np.arange(3)[:, None]).all()
+    with pytest.raises(EvaluationError, match="class '2' has 3 training samples, fewer than --shot 4"):
+        sample_shots(labels, np.array([0, 1, 2]), 4, seed=1)
+
+
+def test_text_classifier_needs_joint_space(synthetic_store):
+    pair = synthetic_store(joint=False)
+    with pytest.raises(EvaluationError, match="needs class text features in image space"):
+        api.evaluate(EvalConfig(store=str(pair.path), classifier="text", episodes=10))
+    joint = synthetic_store(joint=True, noise=0.3)
+    r = api.evaluate(EvalConfig(store=str(joint.path), classifier="text", episodes=100, shot=1))
+    assert r.accuracy > 60  # text anchors are the class means plus a shared gap
+
+
+def test_eval_reports_and_protocols(synthetic_store, tmp_path):
+    st = synthetic_store(joint=True)
+    r = api.evaluate(EvalConfig(store=str(st.path), way=5, shot=1, query=5, episodes=100, report=str(tmp_path)))
+    d = r.to_dict()
+    for k in ("accuracy", "ci95", "episodes", "way", "shot", "query", "split", "classifier", "encoder", "seed", "seconds"):
+        assert k in d
+    assert 20 < r.accuracy <= 100 and r.ci95 > 0 and r.classes == 5
+    assert (tmp_path / "eval_episodic_prototype_5way1shot.md").read_text().count("Episodic: 5-way 1-shot") == 1
+    a = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(1, 2, 3)))
+    assert a.classes == 20 and len(a.per_seed) == 3 and a.std >= 0
+
+
+def test_real_cub35_prototype_accuracy(cub35_store):
+    """ImageNet EfficientNet-Lite0 prototypes on unseen CUB species (for reference ~75-80% 1-shot)."""
+    one = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=1, episodes=600, seed=0))
+    five = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=5, episodes=600, seed=0))
+    assert 74 < one.accuracy < 88 and one.ci95 < 1.5
+    assert 90 < five.accuracy < 98 and five.accuracy > one.accuracy + 8
+    allway = api.evaluate(EvalConfig(store=cub35_store, protocol="allway", shot=4))
+    assert 50 < allway.accuracy < 75
+
+
+def test_real_omniglot_prototype_accuracy(omniglot_store):
+    one = api.evaluate(EvalConfig(store=omniglot_store, way=5, shot=1, episodes=600, seed=0))
+    five = api.evaluate(EvalConfig(store=omniglot_store, way=5, shot=5, episodes=600, seed=0))
+    assert 55 < one.accuracy < 95 and five.accuracy > one.accuracy + 5
+
+
+def test_registered_classifiers_score_episodes(synthetic_store):
+    st = synthetic_store(joint=True)
+    x, y = st.gather(st.class_split("novel"))
+    eps = sample_episodes(y, st.class_split("novel"), 5, 2, 3, 20, 0)
+    ctx = ClassContext(text=torch.from_numpy(st.text_embeddings()), center=None)
+    for name in CLASSIFIERS.names():
+        acc = run_episodes(torch.from_numpy(x), eps, CLASSIFIERS.get(name)(ctx))
+        assert acc.shape == (20,) and np.isfinite(acc).all()
+
+
+def test_prototype_logits_are_cosines():
+    s = torch.randn(2, 3, 4, 8)
+    q = torch.randn(2, 6, 8)
+    logits = PrototypeHead(ClassContext()).fit(s, torch.zeros(2, 3, dtype=torch.long)).logits(q)
+    manual = F.normalize(q, dim=-1) @ F.normalize(F.normalize(s, dim=-1).mean(2), dim=-1).transpose(1, 2)
+    torch.testing.assert_close(logits, manual)
