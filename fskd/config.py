@@ -108,7 +108,7 @@ class EvalConfig(Config):
     center: str = "base"
     seed: int = 0
     seeds: tuple[int, ...] = (1, 2, 3)
-    episode_batch: int = 200
+    episode_batch: int = 50  # episodes scored per batch: gathered rows stay cache-sized
     device: str = "auto"
     report: str | None = None
 

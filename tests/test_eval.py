@@ -58,7 +58,13 @@ def test_faiss_prototypes_match_numpy_argmax():
     # the head's FAISS path (one big episode) and its matmul path agree
     support = torch.from_numpy(rng.normal(size=(1, 50, 3, 32)).astype(np.float32))
     q = torch.from_numpy(queries)[None]
-    fitted = PrototypeHead(ClassContext()).fit(support, torch.arange(50)[None])
+    head = PrototypeHead(ClassContext())
+    fitted = head.fit(head.prepare(support), torch.arange(50)[None])
+    q = head.prepare(q)
+    np.testing.assert_array_equal(fitted.predict(q).numpy(), fitted.logits(q).argmax(-1).numpy())
+    # support-centred variant (all-way): FAISS and matmul agree too
+    head = PrototypeHead(ClassContext(), center_support=True)
+    fitted = head.fit(support, torch.arange(50)[None])
     np.testing.assert_array_equal(fitted.predict(q).numpy(), fitted.logits(q).argmax(-1).numpy())
 
 
@@ -147,6 +153,7 @@ def test_registered_classifiers_score_episodes(synthetic_store):
 def test_prototype_logits_are_cosines():
     s = torch.randn(2, 3, 4, 8)
     q = torch.randn(2, 6, 8)
-    logits = PrototypeHead(ClassContext()).fit(s, torch.zeros(2, 3, dtype=torch.long)).logits(q)
+    head = PrototypeHead(ClassContext())
+    logits = head.fit(head.prepare(s), torch.zeros(2, 3, dtype=torch.long)).logits(head.prepare(q))
     manual = F.normalize(q, dim=-1) @ F.normalize(F.normalize(s, dim=-1).mean(2), dim=-1).transpose(1, 2)
     torch.testing.assert_close(logits, manual)

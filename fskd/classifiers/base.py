@@ -46,6 +46,12 @@ class Head(ABC):
     #: whether the head looks at text features (needs ClassContext.text)
     needs_text: bool = False
 
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """A row-wise transform applied once to the pooled features before episodes are gathered
+        (centring, normalising, a fixed feature map): cheaper than repeating it on every gathered
+        copy. ``fit`` and ``logits`` receive prepared rows. Identity by default."""
+        return features
+
     @abstractmethod
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
         """support (E, N, K, D), classes (E, N) -> a head that scores (E, M, D) queries."""

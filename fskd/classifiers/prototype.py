@@ -30,21 +30,29 @@ def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 class FittedPrototypes(FittedHead):
-    def __init__(self, protos: torch.Tensor, center: torch.Tensor | None) -> None:
-        self.protos, self.center = protos, center  # (E, N, D) normalised
+    def __init__(self, protos: torch.Tensor, query_center: torch.Tensor | None, normalize_query: bool) -> None:
+        self.protos = protos  # (E, N, D) normalised
+        self.query_center, self.normalize_query = query_center, normalize_query
+
+    def _queries(self, query: torch.Tensor) -> torch.Tensor:
+        return normalize(query, self.query_center) if self.normalize_query else query
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(normalize(query, self.center), self.protos.transpose(1, 2))
+        return torch.bmm(self._queries(query), self.protos.transpose(1, 2))
 
     def predict(self, query: torch.Tensor) -> torch.Tensor:
         if self.protos.shape[0] == 1 and query.shape[1] >= FAISS_MIN_QUERIES:
-            q = normalize(query, self.center)[0].cpu().numpy()
+            q = self._queries(query)[0].cpu().numpy()
             return torch.from_numpy(faiss_nearest(self.protos[0].cpu().numpy(), q)).long()[None].to(query.device)
         return self.logits(query).argmax(-1)
 
 
 class PrototypeHead(Head):
-    """Nearest normalised class mean; ``center`` (base mean) subtracted first when given."""
+    """Nearest normalised class mean; ``center`` (base mean) subtracted first when given.
+
+    With a fixed centre, rows are centred and normalised once in ``prepare``; with
+    ``center_support`` (all-way: no base classes) each support set's mean is the centre.
+    """
 
     name = "prototype"
 
@@ -52,15 +60,15 @@ class PrototypeHead(Head):
         self.center = context.center if context is not None else None
         self.center_support = center_support
 
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.center_support else normalize(features, self.center)
+
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedPrototypes:
-        if self.center is not None:
-            cs = cq = self.center  # (D,)
-        elif self.center_support:  # per-episode support mean (all-way has no base classes)
-            m = support.mean(dim=(1, 2))
-            cs, cq = m[:, None, None], m[:, None]
-        else:
-            cs = cq = None
-        return FittedPrototypes(F.normalize(normalize(support, cs).mean(2), dim=-1), cq)
+        if not self.center_support:  # rows were prepared: centred and normalised
+            return FittedPrototypes(F.normalize(support.mean(2), dim=-1), None, False)
+        m = support.mean(dim=(1, 2))
+        protos = F.normalize(normalize(support, m[:, None, None]).mean(2), dim=-1)
+        return FittedPrototypes(protos, m[:, None], True)
 
 
 CLASSIFIERS.register("prototype", lambda ctx: PrototypeHead(ctx), help="SimpleShot nearest class mean (base-mean centring, L2), FAISS for large banks")

@@ -44,6 +44,7 @@ def run_allway(
     truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
     out = []
+    train_x, test_x = head.prepare(train_x), head.prepare(test_x)
     for seed in seeds:
         rows = torch.from_numpy(sample_shots(train_y, classes, shot, seed, class_names)).to(train_x.device)
         fitted = head.fit(train_x[rows][None], cls)

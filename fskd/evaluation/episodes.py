@@ -72,21 +72,29 @@ def sample_episodes(
     return Episodes(support=rows[:, :, :shot], query=rows[:, :, shot:], classes=classes[ep_cls])
 
 
+def _rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """features[index] for an index tensor of any shape: (*index.shape, D)."""
+    return features.index_select(0, index.reshape(-1)).view(*index.shape, features.shape[-1])
+
+
 def run_episodes(
     features: torch.Tensor,
     episodes: Episodes,
     head: Head,
-    batch: int = 200,
+    batch: int = 50,
 ) -> np.ndarray:
     """Per-episode accuracy (E,) of ``head`` on pooled ``features`` (n, D)."""
     E, N, Q = episodes.query.shape
     accs = []
+    features = head.prepare(features)
     truth = torch.arange(N, device=features.device).repeat_interleave(Q)  # queries are grouped by way
+    support_rows = torch.from_numpy(episodes.support).to(features.device)
+    query_rows = torch.from_numpy(episodes.query).to(features.device)
+    classes = torch.from_numpy(episodes.classes).to(features.device)
     for s in range(0, E, batch):
-        sup = torch.from_numpy(episodes.support[s : s + batch]).to(features.device)
-        qry = torch.from_numpy(episodes.query[s : s + batch]).to(features.device)
-        cls = torch.from_numpy(episodes.classes[s : s + batch]).to(features.device)
-        fitted = head.fit(features[sup], cls)
-        pred = fitted.predict(features[qry.reshape(len(qry), N * Q)])
+        sup, qry = support_rows[s : s + batch], query_rows[s : s + batch]
+        # index_select on flat row ids is several times faster than advanced indexing on CPU
+        fitted = head.fit(_rows(features, sup), classes[s : s + batch])
+        pred = fitted.predict(_rows(features, qry.reshape(len(qry), N * Q)))
         accs.append((pred == truth).float().mean(1).cpu())
     return torch.cat(accs).numpy()

@@ -54,4 +54,4 @@ FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def n_chunks(n_rows: int, chunk_rows: int) -> int:
-    return max(1, -(-n_rows // chunk_rows))
+    return -(-n_rows // chunk_rows)
