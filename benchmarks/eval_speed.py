@@ -67,7 +67,7 @@ def main() -> None:
         fskd_total = min(r.seconds for r in results)
         x = torch.from_numpy(FeatureStore.open(path).gather()[0])
         classes = np.arange(n_cls)
-        head = PrototypeHead(None)
+        head = PrototypeHead(None, prepare_rows=True)  # what `fskd eval --classifier prototype` uses
 
         def batched():
             eps = sample_episodes(labels, classes, 5, 1, 15, args.episodes, 0)

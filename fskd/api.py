@@ -117,7 +117,7 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device) -> tuple[H
     ctx = ClassContext(text=torch.from_numpy(text).to(device) if text is not None else None, center=center)
     head = CLASSIFIERS.get(cfg.classifier)(ctx)
     if isinstance(head, PrototypeHead) and cfg.protocol == "allway" and cfg.center == "base":
-        head.center_support = True  # no base classes in all-way: centre on the support mean
+        head = PrototypeHead(ctx, center_support=True)  # no base classes in all-way: centre on the support mean
     return head, cfg.classifier, {}
 
 

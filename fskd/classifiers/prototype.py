@@ -50,25 +50,34 @@ class FittedPrototypes(FittedHead):
 class PrototypeHead(Head):
     """Nearest normalised class mean; ``center`` (base mean) subtracted first when given.
 
-    With a fixed centre, rows are centred and normalised once in ``prepare``; with
-    ``center_support`` (all-way: no base classes) each support set's mean is the centre.
+    ``prepare_rows=True`` (what ``fskd eval`` uses) centres and normalises the pooled rows once in
+    ``prepare`` and then expects prepared rows in ``fit``/``logits``; the default takes raw rows,
+    so a method can reuse this head inside its own. With ``center_support`` (all-way: no base
+    classes) each support set's mean is the centre.
     """
 
     name = "prototype"
 
-    def __init__(self, context: ClassContext | None = None, center_support: bool = False) -> None:
+    def __init__(self, context: ClassContext | None = None, center_support: bool = False,
+                 prepare_rows: bool = False) -> None:
         self.center = context.center if context is not None else None
         self.center_support = center_support
+        self.prepare_rows = prepare_rows and not center_support
 
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
-        return features if self.center_support else normalize(features, self.center)
+        return normalize(features, self.center) if self.prepare_rows else features
 
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedPrototypes:
-        if not self.center_support:  # rows were prepared: centred and normalised
+        if self.prepare_rows:  # rows are already centred and normalised
             return FittedPrototypes(F.normalize(support.mean(2), dim=-1), None, False)
-        m = support.mean(dim=(1, 2))
-        protos = F.normalize(normalize(support, m[:, None, None]).mean(2), dim=-1)
-        return FittedPrototypes(protos, m[:, None], True)
+        if self.center_support:
+            m = support.mean(dim=(1, 2))
+            cs, cq = m[:, None, None], m[:, None]
+        else:
+            cs = cq = self.center
+        protos = F.normalize(normalize(support, cs).mean(2), dim=-1)
+        return FittedPrototypes(protos, cq, True)
 
 
-CLASSIFIERS.register("prototype", lambda ctx: PrototypeHead(ctx), help="SimpleShot nearest class mean (base-mean centring, L2), FAISS for large banks")
+CLASSIFIERS.register("prototype", lambda ctx: PrototypeHead(ctx, prepare_rows=True),
+                     help="SimpleShot nearest class mean (base-mean centring, L2), FAISS for large banks")
