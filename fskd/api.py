@@ -32,7 +32,7 @@ from fskd.evaluation.metrics import mean_ci95, mean_std
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, save_state
 from fskd.reports import markdown_table, write_report
-from fskd.runtime import resolve_device
+from fskd.runtime import dist_info, resolve_device
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
@@ -193,7 +193,8 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
     store.check_complete()
     state = method_cls().fit(store, config, progress)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
-    save_state(out, state)
+    if dist_info().is_main:  # under torchrun every rank fits; one writes the state
+        save_state(out, state)
     return FitResult(out=out, method=state.method, kind=kind, hparams=state.hparams, selected_on=state.selected_on,
                      metrics=state.metrics, seconds=round(time.perf_counter() - t0, 3))
 
