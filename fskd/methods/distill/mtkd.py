@@ -1,0 +1,646 @@
+"""``mtkd``: teacher -> student knowledge distillation (MTKD stage 1 / SynTrans proxy task).
+
+The teacher is the store's encoder (its cached features; ``--online-teacher`` runs it frozen on
+the augmented views instead) plus a cosine head fine-tuned on the labelled rows and initialised
+from the class text features through the bridge. The student is a timm backbone trained on the
+images themselves, decoded once into memory at low resolution.
+
+Regimes
+- ``semi`` (MTKD stage 1, DHO): K labelled shots per class from the train split (seeded); the
+  rest of the train split is unlabelled. The student learns the labels and the teacher on every
+  train image. The epoch and the head's classifier weight beta are chosen on the val split.
+- ``base-novel`` (SynTrans): the student learns the base classes (all their rows, labels) plus
+  the distillation proxy task toward the teacher's semantic-aligned features; the epoch is chosen
+  on 5-way K-shot episodes over the val classes. It is judged on novel-class episodes.
+
+Losses (``--losses``, weights ``--set w_<term>=...``): see :mod:`fskd.methods.distill.losses`.
+``--losses none`` trains the same student on the labels alone, for the same number of steps.
+
+The state directory holds the best student (``student.*`` tensors), its projection and
+classifier heads, the teacher head and bridge, the config, and the per-epoch training log
+(``metrics.log``). While training, the last epoch's checkpoint lives beside it in
+``.<DIR>.distill-resume/`` (never inside DIR, which is replaced atomically at the end); a killed
+run started again with the same config resumes from it. Evaluate with
+``fskd extract --encoder student:DIR`` then ``fskd eval --store S_student --state DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fskd.classifiers.base import FittedHead, Head
+from fskd.config import Config, DistillConfig
+from fskd.encoders.student import (
+    STUDENT_PREFIX,
+    StudentSpec,
+    build_student_backbone,
+    center_view,
+    model_norm,
+    normalize_images,
+    stored_size,
+    tensor_digest,
+)
+from fskd.errors import ConfigError, StateError, StoreError
+from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, save_state
+from fskd.methods.bridge import Bridge, bridge_for_store
+from fskd.methods.distill.data import (
+    Episodes,
+    crop_views,
+    dataset_of,
+    decode_images,
+    episode_accuracy,
+    random_boxes,
+    sample_shots,
+    sample_val_episodes,
+)
+from fskd.methods.distill.losses import (
+    PROJECTED,
+    TERMS,
+    DistillLoss,
+    LossWeights,
+    TeacherBatch,
+    parse_losses,
+)
+from fskd.methods.distill.teacher import OnlineTeacher, TeacherHead, class_means, fit_teacher_head
+from fskd.runtime import autocast, barrier, init_distributed, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+RESUME_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MTKDOptions(Config):
+    """``--set key=value`` options of mtkd. Defaults were chosen on validation data (val split /
+    val classes of cub35), see the README's distill section."""
+
+    image_size: int = 56  # student input side (the stored square is image_size / 0.875)
+    batch_size: int = 64
+    epochs: int = 30  # used when --epochs is not given
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    temperature: float = 4.0
+    tau_affinity: float = 0.1
+    tau_text: float = 0.05
+    tau_class: float = 0.1
+    w_task: float = 1.0
+    w_logit: float = 1.0
+    w_feature: float = 1.0
+    w_affinity: float = 1.0
+    w_image_text: float = 1.0
+    w_prototype: float = 1.0
+    proj_hidden: int = 1024
+    classifier_scale: float = 16.0
+    teacher_scale: float = 16.0
+    teacher_steps: int = 300  # most fine-tuning steps of the teacher head (best on val is kept)
+    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    val_every: int = 1
+    val_episodes: int = 300
+    val_query: int = 15
+    center_rows: int = 256
+    decode_threads: int = 2
+    student_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "batch_size", "epochs", "proj_hidden", "val_every", "val_episodes", "center_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mtkd option {name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError(f"mtkd option batch_size must be >= 2 (batch-level losses), got {self.batch_size}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"mtkd option crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
+        for name in ("lr", "temperature", "tau_affinity", "tau_text", "tau_class", "classifier_scale", "teacher_scale"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"mtkd option {name} must be > 0, got {getattr(self, name)}")
+        for t in ("task",) + TERMS:
+            if getattr(self, f"w_{t}") < 0:
+                raise ConfigError(f"mtkd option w_{t} must be >= 0, got {getattr(self, f'w_{t}')}")
+        if not isinstance(self.student_kwargs, dict):
+            raise ConfigError(f"mtkd option student_kwargs must be a JSON object, got {self.student_kwargs!r}")
+
+    def weights(self) -> LossWeights:
+        return LossWeights(**{t: float(getattr(self, f"w_{t}")) for t in ("task",) + TERMS})
+
+
+class StudentNet(torch.nn.Module):
+    """Backbone + cosine classifier over the training classes + projection into the teacher space."""
+
+    def __init__(self, backbone: torch.nn.Module, n_classes: int, teacher_dim: int, hidden: int, scale: float,
+                 projected: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        d = int(backbone.num_features)
+        self.classifier = torch.nn.Parameter(torch.randn(n_classes, d) * d**-0.5)
+        self.proj = (torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, teacher_dim))
+                     if projected else None)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, 3, R, R) -> features (B, D_s), logits (B, C), normalised projections (B, D_t) or None."""
+        f = self.backbone(x)
+        logits = self.scale * F.normalize(f, dim=-1) @ F.normalize(self.classifier, dim=-1).T
+        p = F.normalize(self.proj(f), dim=-1) if self.proj is not None else None
+        return f, logits, p
+
+
+@dataclass
+class _Plan:
+    """Everything the training loop needs, indexed into one decoded image tensor."""
+
+    refs: list[str]  # all rows to decode (training rows first)
+    n_train: int  # rows [0, n_train) are the training rows
+    labels: np.ndarray  # (n_train,) class index in [0, C) or -1 (unlabelled)
+    classes: list[int]  # store class index of each training class
+    teacher_x: torch.Tensor  # (n_train, D_t) raw teacher features of the training rows
+    bridge: Bridge | None
+    mean: torch.Tensor  # (D_t,) centring of teacher features
+    head_rows: np.ndarray  # training rows the teacher head is fitted on
+    head_val: tuple[torch.Tensor, np.ndarray] | None  # (raw feats, class index) held-out for the head
+    text: torch.Tensor | None  # (C, D_t) class text in teacher image space, normalised
+    # student validation
+    val_kind: str  # "split" (semi), "episodes" (base-novel) or "none"
+    val_support: np.ndarray | None = None  # rows (into refs) of the labelled shots (semi)
+    val_query: np.ndarray | None = None  # rows of the val split (semi) / val classes (base-novel)
+    val_labels: np.ndarray | None = None  # class index of val_query rows (semi: in [0, C))
+    episodes: Episodes | None = None
+    center_rows: np.ndarray | None = None
+    selected_on: str = "val split"
+
+
+def _rows(store, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample ids, labels, raw features) of one sample split's valid rows."""
+    y = store.labels(split)
+    keep = y >= 0
+    return store.sample_ids(split)[keep], y[keep], store.features(split)[keep]
+
+
+def _embed(x: torch.Tensor, bridge: Bridge | None, mean: torch.Tensor) -> torch.Tensor:
+    return bridge.embed_images(x) if bridge is not None else F.normalize(x - mean.to(x.device), dim=-1)
+
+
+def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray | None) -> _Plan:
+    if not store.has_split("train"):
+        raise StoreError(f"{store.path} has no 'train' sample split (it has {store.splits}); the semi regime takes the "
+                         f"K labelled shots and the unlabelled images from it. Re-extract with --sample-split, or use "
+                         f"--regime base-novel")
+    if cfg.shots < 1:
+        raise ConfigError("--regime semi needs --shots >= 1 (labelled samples per class)")
+    ids, y, x = _rows(store, "train")
+    classes = [int(c) for c in np.unique(y)]
+    local = {c: i for i, c in enumerate(classes)}
+    shots = sample_shots(y, classes, cfg.shots, cfg.seed, store.class_names, "train")
+    labels = np.full(len(y), -1, np.int64)
+    labels[shots] = [local[int(c)] for c in y[shots]]
+    xt = torch.from_numpy(x)
+    mean = xt.mean(0)  # no labels needed: the whole (mostly unlabelled) train split
+    val = None
+    refs = list(ids)
+    plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val split: last epoch)"}
+    if store.has_split("val"):
+        vids, vy, vx = _rows(store, "val")
+        keep = np.isin(vy, classes)
+        vids, vy, vx = vids[keep], vy[keep], vx[keep]
+        if len(vy):
+            vloc = np.array([local[int(c)] for c in vy])
+            val = (torch.from_numpy(vx), vloc)
+            plan_val = {"val_kind": "split", "val_support": shots, "val_query": np.arange(len(refs), len(refs) + len(vy)),
+                        "val_labels": vloc, "selected_on": "val split"}
+            refs += list(vids)
+    bridge = None
+    text = None
+    if text_np is not None:
+        tt = torch.from_numpy(text_np)
+        bv = (val[0], torch.from_numpy(np.asarray(classes)[val[1]])) if val is not None else None
+        bridge = Bridge.fit(xt[shots], torch.from_numpy(y[shots]), tt, val=bv, mean=mean)
+        text = bridge.text_to_image(tt[classes])
+    rng = np.random.default_rng(cfg.seed + 7)
+    return _Plan(refs=refs, n_train=len(y), labels=labels, classes=classes, teacher_x=xt, bridge=bridge, mean=mean,
+                 head_rows=shots, head_val=val, text=text,
+                 center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)), **plan_val)
+
+
+def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray | None) -> _Plan:
+    base = store.class_split("base")
+    if not base:
+        raise StoreError(f"{store.path}: the base class split is empty; --regime base-novel trains on base classes")
+    if cfg.shots < 1:
+        raise ConfigError("--regime base-novel needs --shots >= 1 (the shot count of the validation episodes)")
+    local = {c: i for i, c in enumerate(base)}
+    ids_l, y_l, x_l, in_train = [], [], [], []
+    val_ids, val_y = [], []
+    head_val_x, head_val_y = [], []
+    val_classes = store.class_split("val")
+    for split in store.splits:
+        ids, y, x = _rows(store, split)
+        b = np.isin(y, base)
+        ids_l.append(ids[b])
+        y_l.append(y[b])
+        x_l.append(x[b])
+        in_train.append(np.full(int(b.sum()), split == "train" or not store.has_split("train")))
+        if split == "val" and store.has_split("train"):
+            head_val_x.append(x[b])
+            head_val_y.append(y[b])
+        v = np.isin(y, val_classes)
+        val_ids.append(ids[v])
+        val_y.append(y[v])
+    ids, y, x = np.concatenate(ids_l), np.concatenate(y_l), np.concatenate(x_l)
+    labels = np.array([local[int(c)] for c in y], np.int64)
+    xt = torch.from_numpy(x)
+    bridge = None
+    text = None
+    if text_np is not None:
+        bridge = bridge_for_store(store)  # base classes, ridge chosen on the val classes
+        text = bridge.text_to_image(torch.from_numpy(text_np)[base])
+        mean = bridge.mean
+    else:
+        mean = xt.mean(0)
+    head_val = None
+    if head_val_x and len(np.concatenate(head_val_y)):
+        hy = np.concatenate(head_val_y)
+        head_val = (torch.from_numpy(np.concatenate(head_val_x)), np.array([local[int(c)] for c in hy]))
+    refs = list(ids)
+    vy = np.concatenate(val_y) if val_y else np.zeros(0, np.int64)
+    plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val classes: last epoch)"}
+    if len(np.unique(vy)) >= 2:
+        way = min(5, len(np.unique(vy)))
+        eps = sample_val_episodes(vy, sorted(np.unique(vy).tolist()), way, cfg.shots, opts.val_query,
+                                  opts.val_episodes, cfg.seed)
+        plan_val = {"val_kind": "episodes", "val_query": np.arange(len(refs), len(refs) + len(vy)), "val_labels": vy,
+                    "episodes": eps, "selected_on": f"val classes ({way}-way {cfg.shots}-shot episodes)"}
+        refs += list(np.concatenate(val_ids))
+    rng = np.random.default_rng(cfg.seed + 7)
+    return _Plan(refs=refs, n_train=len(y), labels=labels, classes=list(base), teacher_x=xt, bridge=bridge, mean=mean,
+                 head_rows=np.flatnonzero(np.concatenate(in_train)), head_val=head_val, text=text,
+                 center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)), **plan_val)
+
+
+def _resume_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.distill-resume")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _config_key(cfg: DistillConfig) -> dict:
+    d = cfg.to_dict()
+    for k in ("out", "device"):
+        d.pop(k, None)
+    return d
+
+
+class MTKD(Method):
+    """Teacher (store encoder + text-initialised few-shot head) -> timm student; semi or base-novel."""
+
+    name = "mtkd"
+    kind = "distill"
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def fit(self, store, config: DistillConfig, progress: TrainProgress | None = None) -> MethodState:
+        cfg = config
+        opts = MTKDOptions.from_dict(cfg.options)
+        terms = parse_losses(cfg.losses)
+        spec = StudentSpec.parse(cfg.student)
+        text_np = store.text_embeddings()
+        if "image_text" in terms and text_np is None:
+            if cfg.losses != "all":
+                raise ConfigError(f"--losses {cfg.losses}: 'image_text' needs class text features and {store.path} has none")
+            terms = tuple(t for t in terms if t != "image_text")
+            log.info("store %s has no class text: image_text loss off", store.path)
+        device = resolve_device(cfg.device)
+        dist = init_distributed(device)
+        if dist.world_size > 1 and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        seed_everything(cfg.seed)
+        t_start = time.perf_counter()
+
+        # a bad student spec fails before any image is decoded
+        backbone = build_student_backbone(spec.name, opts.image_size, opts.student_kwargs, spec.weights)
+        source = dataset_of(store, cfg.root)
+        plan = (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
+        n_cls = len(plan.classes)
+
+        # teacher head: text-initialised cosine classifier, fine-tuned on the labelled rows
+        e_all = _embed(plan.teacher_x, plan.bridge, plan.mean)
+        hr = plan.head_rows
+        y_head = torch.from_numpy(plan.labels[hr])
+        init = plan.text if plan.text is not None else class_means(e_all[hr], y_head, n_cls)
+        hv = None
+        if plan.head_val is not None:
+            hv = (_embed(plan.head_val[0], plan.bridge, plan.mean), torch.from_numpy(plan.head_val[1]))
+        teacher_head = fit_teacher_head(e_all[hr], y_head, init, hv, scale=opts.teacher_scale,
+                                        max_steps=opts.teacher_steps, seed=cfg.seed)
+        teacher_logits = teacher_head.logits(e_all)
+        teacher_train_acc = None
+        if cfg.regime == "base-novel":
+            teacher_train_acc = float((teacher_logits.argmax(1) == torch.from_numpy(plan.labels)).float().mean())
+
+        # images, decoded once
+        t0 = time.perf_counter()
+        size = stored_size(opts.image_size)
+        images = decode_images(source, plan.refs, size, opts.decode_threads)
+        online = None
+        big = None
+        if cfg.online_teacher:
+            online = OnlineTeacher(store.encoder_spec, device)
+            big = decode_images(source, plan.refs[: plan.n_train], max(online.size, size), opts.decode_threads)
+        decode_s = time.perf_counter() - t0
+
+        net = StudentNet(backbone, n_cls, store.dim, opts.proj_hidden, opts.classifier_scale,
+                         projected=any(t in PROJECTED for t in terms)).to(device)
+        mean_t, std_t = (torch.tensor(v) for v in model_norm(backbone))
+        criterion = DistillLoss(terms, opts.weights(), opts.temperature, opts.tau_affinity, opts.tau_text,
+                                opts.tau_class, text_anchors=plan.text, class_anchors=teacher_head.weight)
+
+        epochs = cfg.epochs or opts.epochs
+        gbatch = max(2, min(opts.batch_size, plan.n_train))
+        if gbatch % dist.world_size:
+            raise ConfigError(f"batch_size {gbatch} must be divisible by the {dist.world_size} torchrun processes")
+        lbatch = gbatch // dist.world_size
+        steps = max(1, plan.n_train // gbatch)
+        total = steps * epochs
+        decay, no_decay = [], []
+        for p in net.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+        warm = max(1, int(opts.warmup_epochs * steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        train_net = net
+        if dist.world_size > 1:
+            train_net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        use_cuda_amp = device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp and not torch.cuda.is_bf16_supported())
+
+        out = Path(cfg.out or str(Path("runs") / "distill" / f"{cfg.method}-{cfg.shots}shot"))
+        resume_dir = _resume_dir(out)
+        key = _config_key(cfg)
+        start_epoch, best, history = 0, {"epoch": 0, "score": -1.0, "beta": 0.0, "state": None}, []
+        ck = resume_dir / "checkpoint.pt"
+        if ck.exists():
+            try:
+                saved = torch.load(ck, map_location="cpu", weights_only=False)
+            except Exception as e:  # a damaged checkpoint: start over rather than fail
+                log.warning("cannot read %s (%s); starting from scratch", ck, e)
+                saved = None
+            if saved is not None and saved.get("version") == RESUME_VERSION and saved.get("config") == key:
+                net.load_state_dict(saved["net"])
+                opt.load_state_dict(saved["opt"])
+                sched.load_state_dict(saved["sched"])
+                start_epoch, best, history = saved["epoch"], saved["best"], saved["log"]
+                log.info("resuming %s from epoch %d (%s)", out, start_epoch, ck)
+            elif saved is not None:
+                log.warning("%s belongs to another config; starting from scratch", ck)
+
+        train_rows = np.arange(plan.n_train)
+        labelled = np.flatnonzero(plan.labels >= 0)
+        teacher_emb = e_all
+        imgs_seen, train_s = 0, 0.0
+        for epoch in range(start_epoch, epochs):
+            t_ep = time.perf_counter()
+            rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+            if terms or len(labelled) == plan.n_train:
+                order = rng.permutation(train_rows)
+            else:  # labels alone: the same number of steps, drawn from the labelled rows only
+                reps = math.ceil(steps * gbatch / max(1, len(labelled)))
+                order = np.concatenate([rng.permutation(labelled) for _ in range(reps)])
+            order = order[: steps * gbatch]
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 16 + dist.rank)
+            train_net.train()
+            sums: dict[str, float] = {}
+            for step in range(steps):
+                idx = order[step * gbatch : (step + 1) * gbatch][dist.rank :: dist.world_size][:lbatch]
+                it = torch.from_numpy(idx)
+                boxes, flips = random_boxes(len(idx), gen, opts.crop_scale)
+                views = crop_views(images[it], boxes, flips, opts.image_size)
+                x = normalize_images(views, mean_t, std_t).to(device, non_blocking=True)
+                if online is not None:
+                    raw = online(crop_views(big[it], boxes, flips, online.size))
+                    emb = _embed(raw, plan.bridge, plan.mean)
+                    tlog = teacher_head.logits(emb)
+                else:
+                    emb, tlog = teacher_emb[it].to(device), teacher_logits[it].to(device)
+                tb = TeacherBatch(embedded=emb, logits=tlog, labels=torch.from_numpy(plan.labels[idx]).to(device))
+                with autocast(device):
+                    f, lg, pj = train_net(x)
+                losses = criterion(f, lg, pj, tb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                vals = {k: float(v.detach()) for k, v in losses.items()}
+                if not math.isfinite(vals["loss"]):
+                    raise FloatingPointError(f"distill loss became {vals['loss']} at epoch {epoch + 1} step {step + 1}; "
+                                             f"lower the learning rate (--set lr=...)")
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                imgs_seen += len(idx) * dist.world_size
+                if progress is not None and dist.is_main:
+                    progress("distill", epoch * steps + step + 1, total,
+                             {"epoch": epoch + 1, **{k: vals[k] for k in ("loss", "task_loss", "kd_loss")},
+                              **{t: vals[t] for t in terms}})
+            ep_s = time.perf_counter() - t_ep
+            train_s += ep_s
+            entry = {"epoch": epoch + 1, **{k: round(v / steps, 5) for k, v in sums.items()},
+                     "lr": sched.get_last_lr()[0], "seconds": round(ep_s, 2),
+                     "images_per_s": round(steps * gbatch / max(ep_s, 1e-9), 1)}
+            if plan.val_kind != "none" and ((epoch + 1) % opts.val_every == 0 or epoch + 1 == epochs):
+                score, beta = self._validate(net, images, plan, opts, device, mean_t, std_t)
+                entry.update({"val_accuracy": round(100 * score, 3), "beta": beta})
+                if score > best["score"]:
+                    best = {"epoch": epoch + 1, "score": score, "beta": beta, "state": _cpu_state(net)}
+            elif plan.val_kind == "none":
+                best = {"epoch": epoch + 1, "score": -1.0, "beta": 0.0, "state": _cpu_state(net)}
+            history.append(entry)
+            log.info("distill epoch %d/%d: %s", epoch + 1, epochs, entry)
+            if dist.is_main:
+                resume_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_torch_save({"version": RESUME_VERSION, "config": key, "epoch": epoch + 1, "net": net.state_dict(),
+                                    "opt": opt.state_dict(), "sched": sched.state_dict(), "best": best, "log": history},
+                                   ck)
+                with open(resume_dir / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+            barrier()
+
+        if best["state"] is None:  # resumed after the last epoch (nothing left to train)
+            best = {**best, "state": _cpu_state(net)}
+        state = self._state(store, cfg, opts, spec, terms, plan, net, best, teacher_head, history,
+                            {"decode_seconds": round(decode_s, 2), "train_seconds": round(train_s, 2),
+                             "seconds": round(time.perf_counter() - t_start, 2),
+                             "train_images_per_s": round(imgs_seen / max(train_s, 1e-9), 1),
+                             "teacher_val_accuracy": None if teacher_head.val_accuracy is None
+                             else round(100 * teacher_head.val_accuracy, 3),
+                             "teacher_train_accuracy": None if teacher_train_acc is None else round(100 * teacher_train_acc, 3),
+                             "world_size": dist.world_size, "online_teacher": bool(cfg.online_teacher),
+                             "rows": {"train": plan.n_train, "labelled": int(len(labelled)), "decoded": len(plan.refs)}})
+        if dist.is_main:
+            # write DIR ourselves (atomically) before dropping the resume checkpoint, so a kill in
+            # between never loses the run; fskd.api then saves the same state again
+            save_state(out, state)
+            shutil.rmtree(resume_dir, ignore_errors=True)
+        barrier()
+        return state
+
+    @torch.no_grad()
+    def _validate(self, net: StudentNet, images: torch.Tensor, plan: _Plan, opts: MTKDOptions, device,
+                  mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, float]:
+        """Validation accuracy (fraction) and the chosen beta, on centre views."""
+        net.eval()
+        rows = np.concatenate([plan.center_rows, plan.val_query] + ([plan.val_support] if plan.val_kind == "split" else []))
+        feats = _features(net.backbone, images, rows, opts.image_size, device, mean_t, std_t)
+        nc, nq = len(plan.center_rows), len(plan.val_query)
+        center = feats[:nc].mean(0)
+        q = feats[nc : nc + nq]
+        if plan.val_kind == "episodes":
+            return episode_accuracy(q, plan.episodes, center), 0.0
+        sup = feats[nc + nq :]
+        y_sup = torch.from_numpy(plan.labels[plan.val_support]).to(device)
+        protos = class_means(F.normalize(sup - center, dim=-1), y_sup, len(plan.classes))
+        qn = F.normalize(q - center, dim=-1)
+        proto_s = qn @ protos.T
+        cls_s = F.normalize(q, dim=-1) @ F.normalize(net.classifier, dim=-1).T
+        y = torch.from_numpy(plan.val_labels).to(device)
+        best, best_beta = -1.0, 0.0
+        for beta in opts.beta_grid:
+            a = float(((proto_s + beta * cls_s).argmax(1) == y).float().mean())
+            if a > best:
+                best, best_beta = a, float(beta)
+        return best, best_beta
+
+    def _state(self, store, cfg, opts, spec, terms, plan, net, best, teacher_head: TeacherHead, history, extra) -> MethodState:
+        st = best["state"]
+        student = {STUDENT_PREFIX + k[len("backbone."):]: v for k, v in st.items() if k.startswith("backbone.")}
+        tensors = dict(student)
+        tensors["classifier"] = st["classifier"]
+        tensors.update({f"proj.{k[len('proj.'):]}": v for k, v in st.items() if k.startswith("proj.")})
+        tensors["train_classes"] = torch.tensor(plan.classes, dtype=torch.int64)
+        tensors["teacher.weight"] = teacher_head.weight
+        if plan.bridge is not None:
+            tensors.update(plan.bridge.tensors("bridge."))
+        text_dim = store.attrs.get("text", {}).get("dim") if store.text_embeddings() is not None else None
+        sel = plan.selected_on
+        hparams = {
+            "student": spec.name, "student_init": spec.weights or "random", "image_size": opts.image_size,
+            "student_kwargs": dict(opts.student_kwargs), "student_id": tensor_digest({k[len(STUDENT_PREFIX):]: v
+                                                                                        for k, v in student.items()}),
+            "teacher_text_dim": text_dim, "teacher": store.encoder_spec, "regime": cfg.regime,
+            "losses": list(terms), "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
+            "epochs": cfg.epochs or opts.epochs, "best_epoch": best["epoch"], "beta": best["beta"],
+            "teacher_head_steps": teacher_head.steps, "bridge_ridge": None if plan.bridge is None else plan.bridge.ridge,
+            "shots": cfg.shots, "dataset_fingerprint": store.attrs["dataset"].get("fingerprint"),
+            "class_split": {k: v for k, v in store.attrs["class_split"].items() if k != "source"},
+        }
+        selected = {"best_epoch": sel, "beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
+                    "teacher_head_steps": "val split" if plan.head_val is not None else "fixed",
+                    "bridge_ridge": ("val split" if cfg.regime == "semi" else "val classes") if plan.bridge is not None
+                    else "none", "loss weights and temperatures": "defaults chosen on cub35 validation (README)"}
+        metrics = {"val_accuracy": None if best["score"] < 0 else round(100 * best["score"], 3), **extra, "log": history}
+        return MethodState(method=self.name, kind=self.kind, store_path=str(store.path),
+                           store_fingerprint=store.fingerprint, encoder=store.encoder_spec, config=cfg.to_dict(),
+                           hparams=hparams, selected_on=selected, metrics=metrics, tensors=tensors)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def check_store(self, state: MethodState, store, directory) -> None:
+        """A distill state is evaluated on a store extracted *with its student*."""
+        enc = store.attrs.get("encoder", {})
+        sid = enc.get("preprocess", {}).get("student_id")
+        hp = state.hparams
+        cmd = (f"fskd extract --dataset {store.attrs.get('dataset', {}).get('name', 'NAME')} --root DATASET_ROOT "
+               f"--encoder student:{directory} --store STUDENT_STORE.zarr, then fskd eval --store STUDENT_STORE.zarr "
+               f"--state {directory}")
+        if not str(enc.get("spec", "")).startswith("student:") or sid is None:
+            raise StateError(f"state {directory} is a distilled student ({hp.get('student')}); it is evaluated on a store "
+                             f"extracted with that student, not on {store.path} (encoder {enc.get('spec')!r}): {cmd}")
+        if sid != hp.get("student_id"):
+            raise StateError(f"{store.path} was extracted with another student (id {sid}) than the one in {directory} "
+                             f"(id {hp.get('student_id')}; retrained since?): re-extract: {cmd}")
+        ds_fp = store.attrs.get("dataset", {}).get("fingerprint")
+        cs = {k: v for k, v in store.attrs.get("class_split", {}).items() if k != "source"}
+        if ds_fp != hp.get("dataset_fingerprint") or cs != hp.get("class_split"):
+            raise StateError(f"{store.path} lists other images or another class split than the teacher store "
+                             f"{state.store_path}; extract the same dataset with the same split options: {cmd}")
+
+    def head(self, state: MethodState, store, device: torch.device) -> Head:
+        if state.hparams.get("regime") == "semi" and store.has_split("train"):
+            center = store.mean(None, ["train"])
+        else:
+            center = store.mean(store.class_split("base"))
+        beta = float(state.hparams.get("beta", 0.0))
+        weights = state.tensors["classifier"].to(device) if beta > 0 else None
+        return DistillHead(torch.from_numpy(center).to(device), weights,
+                           state.tensors["train_classes"].to(device), beta, store.num_classes)
+
+
+def _cpu_state(net: StudentNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+@torch.no_grad()
+def _features(backbone, images: torch.Tensor, rows: np.ndarray, image_size: int, device, mean_t, std_t,
+              batch: int = 256) -> torch.Tensor:
+    """Student features (n, D_s) of the centre views of ``images[rows]`` (eval mode)."""
+    out = []
+    for s in range(0, len(rows), batch):
+        x = normalize_images(center_view(images[torch.from_numpy(rows[s : s + batch])], image_size), mean_t, std_t)
+        with autocast(device):
+            out.append(backbone(x.to(device)).float())
+    return torch.cat(out) if out else torch.zeros(0, 1, device=device)
+
+
+class FittedDistill(FittedHead):
+    def __init__(self, protos: torch.Tensor, weights: torch.Tensor | None, center: torch.Tensor, beta: float) -> None:
+        self.protos, self.weights, self.center, self.beta = protos, weights, center, beta
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        s = torch.bmm(F.normalize(query - self.center, dim=-1), self.protos.transpose(1, 2))
+        if self.weights is not None:
+            s = s + self.beta * torch.bmm(F.normalize(query, dim=-1), self.weights.transpose(1, 2))
+        return s
+
+
+class DistillHead(Head):
+    """Nearest centred prototype of the student's features, plus beta * the student's own
+    classifier weight for the classes it was trained on (semi regime; beta chosen on val).
+
+    center (D,) the mean student feature over its training rows; weights (C_train, D) or None;
+    train_classes (C_train,) store class indices of the weights' rows.
+    """
+
+    name = "distill"
+
+    def __init__(self, center: torch.Tensor, weights: torch.Tensor | None, train_classes: torch.Tensor, beta: float,
+                 n_classes: int) -> None:
+        self.center, self.beta = center, beta
+        self.table = None
+        if weights is not None:
+            table = torch.zeros(max(n_classes, int(train_classes.max()) + 1), weights.shape[1], device=weights.device)
+            table[train_classes] = F.normalize(weights.float(), dim=-1)
+            self.table = table  # zero rows for classes the student never learned
+
+    def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedDistill:
+        protos = F.normalize(F.normalize(support - self.center, dim=-1).mean(2), dim=-1)  # (E, N, D)
+        w = self.table[classes.long()] if self.table is not None else None
+        return FittedDistill(protos, w, self.center, self.beta)
+
+
+METHODS.register("mtkd", MTKD, help="teacher -> student distillation: MTKD stage 1 (semi) / SynTrans proxy (base-novel); "
+                 "logit, feature, affinity, TinyCLIP image-text and prototype losses")
