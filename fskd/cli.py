@@ -67,9 +67,7 @@ def _progress_bar():
         bar = bars.get(split)
         if bar is None:
             bar = bars[split] = tqdm(total=total, desc=f"extract {split}", unit="img", file=sys.stderr, leave=True)
-        bar.n = done
-        bar.set_postfix_str(f"{rate:.1f} img/s", refresh=False)
-        bar.refresh()
+        bar.update(done - bar.n)  # tqdm shows the images/s rate
         if done >= total:
             bar.close()
 
