@@ -144,77 +144,69 @@ class DemoConfig(Config):
     datasets: tuple[str, ...] = ("cub", "omniglot")
 
 
-def _check_fit_common(cfg) -> None:
-    if not cfg.store:
-        raise ConfigError("--store is required")
-    if cfg.shots < 0:
-        raise ConfigError(f"--shots must be >= 0, got {cfg.shots}")
-    if not isinstance(cfg.options, dict):
-        raise ConfigError(f"options must be a dict of method options, got {type(cfg.options).__name__}")
+@dataclass(frozen=True)
+class FitConfig(Config):
+    """Fields shared by the verbs that fit a method on a store (adapt, align, distill).
+
+    ``options`` are the method's own options (each method validates them with its own
+    Config subclass and rejects unknown keys).
+    """
+
+    store: str = ""
+    method: str = ""
+    shots: int = 4
+    seed: int = 1
+    out: str | None = None
+    device: str = "auto"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ConfigError("--store is required")
+        if self.shots < 0:
+            raise ConfigError(f"--shots must be >= 0, got {self.shots}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be a dict of method options, got {type(self.options).__name__}")
 
 
 @dataclass(frozen=True)
-class AdaptConfig(Config):
+class AdaptConfig(FitConfig):
     """``fskd adapt``: fit a few-shot classifier on cached features.
 
     ``shots`` labelled samples per class come from the train split (seeded) for the all-way
     protocol; meta-learned parts (bridge, SynTrans generators) use the base classes; hyper-
-    parameters are chosen on the val split / val classes. ``options`` are the method's own
-    options (each method validates them and rejects unknown keys).
+    parameters are chosen on the val split / val classes.
     """
 
-    store: str = ""
     method: str = "prototype"
-    shots: int = 4
-    seed: int = 1
     descriptions: str | None = None
-    out: str | None = None
-    device: str = "auto"
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_fit_common(self)
 
 
 @dataclass(frozen=True)
-class AlignConfig(Config):
+class AlignConfig(FitConfig):
     """``fskd align``: cross-modal alignment on cached features (FMA)."""
 
-    store: str = ""
     method: str = "fma"
     shots: int = 16
-    seed: int = 1
     steps: tuple[int, ...] | None = None  # candidate solver step counts; chosen on validation
     gamma: float | None = None  # noise augmentation strength
     base_state: str | None = None  # build on another method's features (e.g. a residual adapter)
-    out: str | None = None
-    device: str = "auto"
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_fit_common(self)
 
 
 @dataclass(frozen=True)
-class DistillConfig(Config):
+class DistillConfig(FitConfig):
     """``fskd distill``: teacher (the store's encoder + few-shot head) -> small student encoder."""
 
-    store: str = ""
     method: str = "mtkd"
-    shots: int = 4
     student: str = "timm:resnet18"
     regime: str = "semi"  # semi (all classes, K labels) | base-novel (SynTrans)
     losses: str = "all"  # "all", "none", or a comma list of loss terms
     epochs: int | None = None
     root: str | None = None  # dataset root if it moved since extraction
-    seed: int = 1
     online_teacher: bool = False
-    out: str | None = None
-    device: str = "auto"
-    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_fit_common(self)
+        super().__post_init__()
         if self.regime not in ("semi", "base-novel"):
             raise ConfigError(f"--regime must be semi or base-novel, got {self.regime!r}")
         if self.epochs is not None and self.epochs < 1:
