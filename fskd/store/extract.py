@@ -132,8 +132,13 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
     }
     fingerprint = _fingerprint(parts)
 
+    # every rank must take the same branch below: look at the path only between two barriers,
+    # before rank 0 may create the store
+    barrier()
+    exists = Path(cfg.store).exists()
+    barrier()
     store = None
-    if Path(cfg.store).exists():
+    if exists:
         store = FeatureStore.open(cfg.store, mode="r+")
         _check_existing(store, cfg, fingerprint, parts)
         if store.is_complete():
