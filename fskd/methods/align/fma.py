@@ -1,0 +1,640 @@
+"""``fma``: Flow Matching Alignment on cached features.
+
+A velocity field v(z, t) (a time-conditioned residual MLP) learns to transport each image
+feature to its class text feature along the straight line between them (fixed coupling), with
+Brownian-bridge noise ``gamma * sqrt(t (1 - t)) * noise`` on the path so a few shots cover more
+of the space. At inference an image feature is integrated for a few solver steps (Euler or
+Heun) and classified by the cosine of the transported feature to the class text features,
+optionally plus a weighted cosine to the support prototypes. The number of steps, where to stop
+(early stopping), the solver and the prototype weight are chosen on validation data; inference
+stops at the chosen step.
+
+The flow runs in one space: the store's image space, centred and L2-normalised
+(``Bridge.embed_images``), in coordinates of its top principal directions (``pca``). Class text
+features reach that space through the bridge (the identity for a joint encoder, ridge maps
+learned on the training rows otherwise). With ``--base-state DIR`` the raw features first pass
+through another method's ``features`` map (e.g. a residual adapter), embedded in this state.
+
+Regimes (``--set regime=...``; ``auto``: ``allway`` when ``--shots`` > 0, else ``episodic``):
+
+- ``allway``: bridge and field learn from K shots of every class (train split, drawn exactly
+  as the all-way protocol draws seed ``--seed``'s shots); choices on the val split. Serves
+  ``fskd eval --protocol allway --shot K``.
+- ``episodic``: bridge and field learn from every row of the base classes; choices on N-way
+  K-shot episodes of the val classes. Serves episodes over classes it never learned from.
+- ``both``: fits both parts; the head uses the episodic part for calls without base classes and
+  the all-way part for the all-way protocol.
+
+A call that would score rows a part learned from (episodes over classes the all-way part saw,
+or base classes for the episodic part) raises EvaluationError instead of reporting a leaked number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fskd.classifiers.base import FittedHead, Head
+from fskd.config import Config
+from fskd.errors import ConfigError, EvaluationError, StoreError
+from fskd.methods.align.flow import (
+    NFE_PER_STEP,
+    SOLVERS,
+    VelocityField,
+    train_field,
+    trajectory,
+    transport,
+)
+from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, load_state
+from fskd.methods.bridge import Bridge
+from fskd.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+#: default noise augmentation strength (noise norm relative to the unit-norm features)
+GAMMA = 0.5
+#: default candidate numbers of solver steps (each integrates t = 0..1; early stopping picks
+#: where to stop along it)
+STEPS = (1, 2, 4, 8)
+ALLWAY, EPISODIC = "allway", "episodic"
+REGIMES = ("auto", ALLWAY, EPISODIC, "both")
+BRIDGES = ("auto", "ridge", "none")
+MAX_STEPS = 256
+
+
+@dataclass(frozen=True)
+class FMAOptions(Config):
+    """``fskd align --method fma --set key=value`` options."""
+
+    regime: str = "auto"  # auto | allway | episodic | both (see the module docstring)
+    width: int = 512  # hidden width of the velocity network
+    depth: int = 2  # residual blocks
+    iters: int = 600  # optimiser steps
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    solver: str = "auto"  # euler | heun | auto (chosen on validation)
+    proto_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # candidate weights of the prototype cosine
+    bridge: str = "auto"  # auto: identity for a joint store, ridge maps otherwise | ridge | none
+    ridge: float | None = None  # bridge ridge strength (None: chosen on validation)
+    pca: int = 256  # flow in the top-`pca` principal directions of the training features (0: the full space)
+    val_episodes: int = 300  # episodic regime: val-class episodes choosing steps
+    val_way: int = 5
+    val_query: int = 15
+    threads: int = 1  # CPU threads while fitting: the matrices are small, and one thread avoids
+    #                   oversubscribing shared cores (which costs far more than it gains); 0: torch's setting
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("regime", REGIMES), ("bridge", BRIDGES), ("solver", ("auto", *SOLVERS))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"fma option {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("width", "depth", "iters", "batch_size", "val_episodes", "val_query"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"fma option {name} must be an integer >= 1, got {v!r}")
+        for name in ("pca", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"fma option {name} must be an integer >= 0 (0: off), got {v!r}")
+        if not isinstance(self.val_way, int) or self.val_way < 2:
+            raise ConfigError(f"fma option val_way must be an integer >= 2, got {self.val_way!r}")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise ConfigError(f"fma options need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if not self.proto_weights or any(not isinstance(w, (int, float)) or w < 0 for w in self.proto_weights):
+            raise ConfigError(f"fma option proto_weights must be non-negative numbers, got {self.proto_weights!r}")
+        if self.ridge is not None and not self.ridge > 0:
+            raise ConfigError(f"fma option ridge must be > 0, got {self.ridge!r}")
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the block with ``n`` torch CPU threads (0: unchanged), restoring the setting after."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+# -- the space the flow runs in --------------------------------------------------------------------
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def _apply(fmap: FeatureMap | None, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Raw store features (n, D) -> the base method's features (n, D') (identity without one)."""
+    if fmap is None or len(x) == 0:
+        return x
+    return torch.cat([fmap(x[s : s + chunk]).float() for s in range(0, len(x), chunk)])
+
+
+@dataclass
+class FlowSpace:
+    """Raw features -> the image space (centred, L2-normalised), class text features -> that
+    space through the bridge, and both -> the flow's coordinates (the top principal directions
+    of the training features and targets, or the whole space when ``basis`` is None)."""
+
+    bridge: Bridge
+    fmap: FeatureMap | None = None
+    basis: torch.Tensor | None = None  # (D_i, P) orthonormal columns
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, D) raw -> (n, D_i) unit-norm image-space features."""
+        return self.bridge.embed_images(_apply(self.fmap, x))
+
+    def targets(self, text: torch.Tensor) -> torch.Tensor:
+        """(C, d_t) class text features -> (C, D_i) unit-norm targets in image space."""
+        return self.bridge.text_to_image(text)
+
+    def to_flow(self, e: torch.Tensor) -> torch.Tensor:
+        """(n, D_i) -> (n, P) flow coordinates."""
+        return e if self.basis is None else e @ self.basis.to(e.device)
+
+
+def principal_basis(a: torch.Tensor, p: int) -> torch.Tensor | None:
+    """(D, P) top-``p`` right singular vectors of the rows ``a`` (n, D); None when p = 0 or
+    p >= D (no projection). The rows are unit-norm and roughly centred already."""
+    if p == 0 or p >= a.shape[1]:
+        return None
+    _, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return vh[: min(p, vh.shape[0])].T.float().contiguous()
+
+
+def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
+                opts: FMAOptions) -> tuple[Bridge, str]:
+    """The bridge for features ``x`` (n, D') labelled ``y``: the identity when image and text
+    features share one space, else ridge maps (ridge chosen on ``val``). Returns the bridge and
+    a description of how it was made."""
+    d_img, d_txt = int(x.shape[1]), int(text.shape[1])
+    if opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
+        if d_img != d_txt:
+            why = "the store says its encoder is joint" if opts.bridge == "auto" else "bridge=none was asked"
+            raise ConfigError(
+                f"{store.path}: image features are {d_img}-d but class text features are {d_txt}-d, so they are not one "
+                f"space, and {why}; fma needs both in one space: use --set bridge=ridge (ridge maps learned on the "
+                f"training rows) or a joint encoder")
+        if not store.joint:
+            log.warning("bridge=none on a non-joint store: image and text features are compared directly")
+        return Bridge.identity(d_img, x.device), "identity"
+    bridge = Bridge.fit(x, y, text, ridge=opts.ridge, val=None if opts.ridge is not None else val)
+    return bridge, f"ridge {bridge.ridge:g}"
+
+
+# -- sampling (methods may not import fskd.evaluation: same algorithms, fit-time use only) ----------
+def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str]) -> np.ndarray:
+    """(C, K) row indices: ``shot`` random rows per class, drawn exactly as the all-way protocol
+    draws its support with the same seed (so a state fitted with seed s uses eval seed s's shots)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.random(len(labels))
+    order = np.lexsort((keys, labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, classes)
+    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    if (counts < shot).any():
+        short = np.flatnonzero(counts < shot)
+        i = int(short[0])
+        raise ConfigError(
+            f"--shots {shot} is larger than available: class {class_names[classes[i]]!r} has {counts[i]} samples in "
+            f"the 'train' split ({len(short)} classes have fewer than {shot}; the most every class allows is "
+            f"{int(counts.min())})")
+    return order[starts[:, None] + np.arange(shot)[None, :]]
+
+
+def sample_val_episodes(labels: np.ndarray, classes: np.ndarray, way: int, shot: int, query: int, episodes: int,
+                        seed: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Episodes over rows with ``labels`` in ``classes``, all at once: support (E, N, K) and
+    query (E, N, Q) row indices, classes (E, N). ``query`` shrinks to what the smallest class allows."""
+    counts = np.array([(labels == c).sum() for c in classes])
+    way = min(way, len(classes))
+    if counts.min() < shot + 1:
+        i = int(counts.argmin())
+        raise ConfigError(f"--shots {shot} is larger than available for validation episodes: val class "
+                          f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}")
+    query = int(min(query, counts.min() - shot))
+    need = shot + query
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], classes)
+    width = int(counts.max())
+    offs = np.arange(width)
+    members = np.where(offs[None] < counts[:, None], order[np.minimum(starts[:, None] + offs[None], len(order) - 1)], -1)
+    ep = np.argsort(rng.random((episodes, len(classes))), axis=1)[:, :way]  # (E, N) class positions
+    keys = rng.random((episodes, way, width))
+    keys[offs[None, None] >= counts[ep][:, :, None]] = np.inf
+    pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
+    rows = np.take_along_axis(members[ep], pick, axis=2)
+    return rows[:, :, :shot], rows[:, :, shot:], classes[ep]
+
+
+# -- choosing solver, steps, early stop and prototype weight on validation ---------------------------
+@dataclass
+class Choice:
+    solver: str
+    steps: int
+    stop: int
+    proto_weight: float
+    accuracy: float
+
+    @property
+    def nfe(self) -> int:
+        return self.stop * NFE_PER_STEP[self.solver]
+
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select(score: Scorer, field, start: torch.Tensor, solvers: tuple[str, ...], steps: tuple[int, ...],
+           weights: tuple[float, ...]) -> tuple[Choice, dict[str, torch.Tensor]]:
+    """Try every (solver, steps, stop, weight) on validation. ``score(z (n, P)) -> (W,)`` is the
+    accuracy per prototype weight when the validation rows ``start`` (n, P) have been moved to
+    ``z``. Best accuracy wins; ties go to fewer network evaluations, then the smaller weight.
+    Returns the choice and, per (solver, steps), the accuracies (steps + 1, W) after each step."""
+    best: Choice | None = None
+    curves = {}
+    for solver in solvers:
+        for m in steps:
+            accs = torch.stack([score(z) for z in trajectory(field, start, m, solver=solver)]).cpu()  # (m + 1, W)
+            for k in range(m + 1):
+                for wi, w in enumerate(weights):
+                    c = Choice(solver, m, k, float(w), float(accs[k, wi]))
+                    if best is None or (c.accuracy, -c.nfe, -c.proto_weight) > (best.accuracy, -best.nfe, -best.proto_weight):
+                        best = c
+            curves[f"{solver} {m} steps"] = accs
+    return best, curves
+
+
+def curves_at(curves: dict[str, torch.Tensor], weights: tuple[float, ...], w: float) -> dict[str, list[float]]:
+    """Validation accuracy (percent) after each solver step, at prototype weight ``w``."""
+    wi = list(weights).index(w)
+    return {k: [round(100 * float(a), 2) for a in v[:, wi]] for k, v in curves.items()}
+
+
+def allway_scorer(targets: torch.Tensor, protos: torch.Tensor, e_val: torch.Tensor, y_pos: torch.Tensor,
+                  weights: tuple[float, ...]) -> Scorer:
+    """All classes at once: targets (C, P), prototypes (C, D_i), val rows e_val (n, D_i) with
+    true positions y_pos (n,) into the C classes."""
+    s_proto = e_val @ protos.T  # (n, C)
+    w = torch.tensor(weights, device=e_val.device)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        s = F.normalize(z, dim=-1) @ targets.T  # (n, C)
+        pred = (s[None] + w[:, None, None] * s_proto[None]).argmax(-1)  # (W, n)
+        return (pred == y_pos[None]).float().mean(1)
+
+    return score
+
+
+def episodic_scorer(targets: torch.Tensor, e_pool: torch.Tensor, support: torch.Tensor, query: torch.Tensor,
+                    classes: torch.Tensor, weights: tuple[float, ...]) -> Scorer:
+    """Episodes over a pool of rows e_pool (n, D_i): support (E, N, K) and query (E, N, Q) pool
+    indices, classes (E, N) store class indices; targets (C, P) for every store class."""
+    E, N, Q = query.shape
+    protos = F.normalize(e_pool[support].mean(2), dim=-1)  # (E, N, D_i)
+    qflat = query.reshape(E, N * Q)
+    s_proto = torch.bmm(e_pool[qflat], protos.transpose(1, 2))  # (E, NQ, N)
+    truth = torch.arange(N, device=e_pool.device).repeat_interleave(Q)
+    w = torch.tensor(weights, device=e_pool.device)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        s_all = F.normalize(z, dim=-1) @ targets.T  # (n_pool, C): every row once, then gathered
+        s = s_all[qflat[:, :, None], classes[:, None, :]]  # (E, NQ, N)
+        pred = (s[None] + w[:, None, None, None] * s_proto[None]).argmax(-1)  # (W, E, NQ)
+        return (pred == truth).float().mean((1, 2))
+
+    return score
+
+
+# -- base states ------------------------------------------------------------------------------------
+BASE_PREFIX = "base."
+BASE_INFO = "base_state_json"
+
+
+def _load_base(path: str, store, device: torch.device) -> tuple[MethodState, FeatureMap]:
+    state = load_state(path)
+    method = METHODS.get(state.method)()
+    method.check_store(state, store, path)
+    fmap = method.features(state, store, device)
+    if fmap is None:
+        able = [n for n in METHODS.names() if METHODS.get(n).features is not Method.features]
+        raise ConfigError(f"--base-state {path}: method {state.method!r} exposes no features to build on; "
+                          f"methods that do: {', '.join(able) or '(none registered)'}")
+    return state, fmap
+
+
+def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
+    """The base state inside ours, so an fma state never depends on another directory."""
+    info = json.dumps(state.info(), default=str).encode()
+    out = {BASE_PREFIX + k: v for k, v in state.tensors.items()}
+    out[BASE_INFO] = torch.frombuffer(bytearray(info), dtype=torch.uint8).clone()
+    return out
+
+
+def _base_from_tensors(tensors: dict[str, torch.Tensor], store, device) -> FeatureMap | None:
+    if BASE_INFO not in tensors:
+        return None
+    info = json.loads(bytes(tensors[BASE_INFO].to(torch.uint8).tolist()).decode())
+    sub = {k[len(BASE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
+    state = MethodState(**info, tensors=sub)
+    return METHODS.get(state.method)().features(state, store, device)
+
+
+def _text(store) -> torch.Tensor:
+    text = store.text_embeddings()
+    if text is None:
+        raise StoreError(f"{store.path} has no class text features (encoder {store.encoder_spec!r} has no text tower); "
+                         f"fma transports image features to class text features: extract with an encoder that has one "
+                         f"(e.g. lite0-minilm or an open_clip model)")
+    return torch.from_numpy(np.asarray(text, dtype=np.float32))
+
+
+# -- one fitted part (a regime) -------------------------------------------------------------------
+@dataclass
+class Part:
+    """A fitted field with its space, class targets and chosen inference settings."""
+
+    regime: str
+    field: VelocityField
+    space: FlowSpace
+    targets: torch.Tensor  # (C, P) unit-norm class text features in flow coordinates, every store class
+    learned: torch.Tensor  # (C,) bool: the classes whose rows the part learned from
+    hp: dict
+
+    @property
+    def flow_dim(self) -> int:
+        return int(self.targets.shape[1])
+
+    def transport(self, z: torch.Tensor) -> torch.Tensor:
+        return transport(self.field, z, self.hp["steps"], self.hp["stop"], self.hp["solver"])
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw rows (n, D) -> (n, P + D_i): the transported unit-norm feature, then the embedded one."""
+        e = self.space.embed(x)
+        return torch.cat([F.normalize(self.transport(self.space.to_flow(e)), dim=-1), e], dim=1)
+
+
+class FMA(Method):
+    """Flow Matching Alignment: a learned velocity field transports image features to their
+    class text features in several solver steps; steps and early stop chosen on validation."""
+
+    name = "fma"
+    kind = "align"
+
+    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        opts = FMAOptions.from_dict(dict(config.options))
+        device = resolve_device(config.device)
+        with cpu_threads(opts.threads if device.type == "cpu" else 0):
+            return self._fit(store, config, opts, device, progress)
+
+    def _fit(self, store, config, opts: FMAOptions, device: torch.device, progress: TrainProgress | None) -> MethodState:
+        t0 = time.perf_counter()
+        gamma = GAMMA if config.gamma is None else float(config.gamma)
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ConfigError(f"--gamma must be a finite number >= 0, got {config.gamma}")
+        steps = tuple(sorted(set(int(s) for s in config.steps))) if config.steps else STEPS
+        if any(s < 1 or s > MAX_STEPS for s in steps):
+            raise ConfigError(f"--steps must be integers between 1 and {MAX_STEPS}, got {config.steps}")
+        regime = opts.regime if opts.regime != "auto" else (ALLWAY if config.shots > 0 else EPISODIC)
+        regimes = (ALLWAY, EPISODIC) if regime == "both" else (regime,)
+        if ALLWAY in regimes and config.shots < 1:
+            raise ConfigError(f"regime={regime} learns from K shots per class: --shots must be >= 1 (or use regime=episodic)")
+        text = _text(store).to(device)
+        base_state, fmap, tensors = None, None, {}
+        if config.base_state:
+            base_state, fmap = _load_base(config.base_state, store, device)
+            tensors.update(_base_tensors(base_state))
+        fixed = "fixed (default)"
+        hparams = {"regime": regime, "gamma": gamma, "width": opts.width, "depth": opts.depth, "iters": opts.iters,
+                   "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "pca": opts.pca,
+                   "shots": int(config.shots), "base_method": base_state.method if base_state else None}
+        selected_on = {"gamma": fixed if config.gamma is None else "given", "width": fixed, "depth": fixed,
+                       "iters": fixed, "lr": fixed, "pca": fixed}
+        metrics = {}
+        for r in regimes:
+            t, h, s, m = self._fit_part(r, store, config, opts, gamma, steps, text, fmap, device, progress)
+            tensors.update({f"{r}.{k}": v for k, v in t.items()})
+            hparams.update({f"{r}.{k}": v for k, v in h.items()})
+            selected_on.update({f"{r}.{k}": v for k, v in s.items()})
+            metrics.update({f"{r}.{k}": v for k, v in m.items()})
+        metrics["fit_seconds"] = round(time.perf_counter() - t0, 3)
+        return MethodState(method=self.name, kind=self.kind, store_path=str(store.path), store_fingerprint=store.fingerprint,
+                           encoder=store.encoder_spec, config=config.to_dict(), hparams=hparams, selected_on=selected_on,
+                           metrics=metrics, tensors=tensors)
+
+    def _fit_part(self, regime: str, store, config, opts: FMAOptions, gamma: float, steps: tuple[int, ...],
+                  text: torch.Tensor, fmap: FeatureMap | None, device: torch.device, progress: TrainProgress | None):
+        names = store.class_names
+        if regime == ALLWAY:
+            for s in ("train", "val"):
+                if not store.has_split(s):
+                    raise StoreError(f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
+                                     f"{store.path} has sample splits {store.splits} (use --set regime=episodic)")
+            x_all, y_all = store.gather(None, ["train"])
+            classes = np.unique(y_all)
+            rows = sample_shots(y_all, classes, config.shots, config.seed, names).reshape(-1)  # class-major
+            x_np, y_np = x_all[rows], y_all[rows]
+            xv_np, yv_np = store.gather(classes, ["val"])
+            if len(yv_np) == 0:
+                raise StoreError(f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there")
+            val_on = "val split"
+        else:
+            base = store.class_split("base")
+            val_cls = store.class_split("val") if "val" in store.attrs["class_split"] else []
+            if not base:
+                raise StoreError(f"{store.path}: regime=episodic learns from the base classes, but the base class split is empty")
+            if len(val_cls) < 2:
+                raise StoreError(f"{store.path}: regime=episodic chooses steps on val-class episodes, but there are "
+                                 f"{len(val_cls)} val classes (need >= 2)")
+            x_np, y_np = store.gather(base)
+            xv_np, yv_np = store.gather(val_cls)
+            classes = np.asarray(sorted(base))
+            val_on = "val classes"
+        x = _apply(fmap, torch.from_numpy(x_np).to(device))
+        xv = _apply(fmap, torch.from_numpy(xv_np).to(device))
+        y = torch.from_numpy(y_np).to(device)
+
+        bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts)
+        targets_img = bridge.text_to_image(text)  # (C, D_i)
+        e_train = bridge.embed_images(x)
+        train_cls = torch.from_numpy(classes).to(device)
+        space = FlowSpace(bridge, basis=principal_basis(torch.cat([e_train, targets_img[train_cls]]), opts.pca))
+        targets = space.to_flow(targets_img)  # (C, P)
+        x0, x1 = space.to_flow(e_train), targets[y]
+        log.info("fma %s: %d training pairs in %d-d, bridge %s", regime, len(x0), x0.shape[1], bridge_desc)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            field = VelocityField(x0.shape[1], opts.width, opts.depth).to(device)
+        t1 = time.perf_counter()
+        loss = train_field(field, x0, x1, iters=opts.iters, batch_size=opts.batch_size, lr=opts.lr,
+                           weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
+                           progress=None if progress is None else (lambda s, i, n, d: progress(f"fma {regime}: train", i, n, d)))
+        train_s = time.perf_counter() - t1
+
+        # validation: solver, number of steps, early stop and prototype weight
+        solvers = SOLVERS if opts.solver == "auto" else (opts.solver,)
+        weights = tuple(float(w) for w in opts.proto_weights)
+        ev = bridge.embed_images(xv)
+        if regime == ALLWAY:
+            pos = np.full(store.num_classes, -1)
+            pos[classes] = np.arange(len(classes))
+            protos = F.normalize(e_train.reshape(len(classes), config.shots, -1).mean(1), dim=-1)
+            score = allway_scorer(targets[train_cls], protos, ev, torch.from_numpy(pos[yv_np]).to(device), weights)
+            val_desc = f"the {len(yv_np)} val-split rows, all {len(classes)} classes, {config.shots} shots each (seed {config.seed})"
+        else:
+            vcls = np.asarray(sorted(store.class_split("val")))
+            k_val = max(1, config.shots)
+            sup, qry, ecls = sample_val_episodes(yv_np, vcls, opts.val_way, k_val, opts.val_query, opts.val_episodes,
+                                                 config.seed, names)
+            score = episodic_scorer(targets, ev, torch.from_numpy(sup).to(device), torch.from_numpy(qry).to(device),
+                                    torch.from_numpy(ecls).to(device), weights)
+            val_desc = (f"{len(sup)} {sup.shape[1]}-way {k_val}-shot {qry.shape[2]}-query episodes of the {len(vcls)} "
+                        f"val classes (seed {config.seed})")
+        choice, curves = select(score, field, space.to_flow(ev), solvers, steps, weights)
+        if progress is not None:
+            progress(f"fma {regime}: choose steps", 1, 1, {"val_acc": choice.accuracy})
+        if choice.stop == 0:
+            log.warning("fma %s: validation prefers no transport (stop=0) on %s: the flow did not help there", regime, val_desc)
+        log.info("fma %s: %s, %d steps, stop after %d, prototype weight %g (val accuracy %.2f%% on %s)", regime,
+                 choice.solver, choice.steps, choice.stop, choice.proto_weight, 100 * choice.accuracy, val_desc)
+
+        tensors = {f"field.{k}": v.detach().cpu() for k, v in field.state_dict().items()}
+        tensors.update({k: v.detach().cpu() for k, v in bridge.tensors().items()})
+        if space.basis is not None:
+            tensors["basis"] = space.basis.cpu()
+        hp = {"solver": choice.solver, "steps": choice.steps, "stop": choice.stop, "proto_weight": choice.proto_weight,
+              "bridge": bridge_desc, "flow_dim": int(x0.shape[1]), "image_dim": int(e_train.shape[1]),
+              "train_classes": len(classes)}
+        tensors["train_classes"] = torch.from_numpy(classes.astype(np.int64))
+        on = f"{val_on}: {val_desc}"
+        selected_on = {"solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
+                       "stop": on, "proto_weight": on if len(weights) > 1 else "given",
+                       "bridge": ("identity (one space)" if bridge.is_identity else
+                                  f"ridge maps fitted on the training rows, strength chosen on the {val_on}"
+                                  if opts.ridge is None else "ridge given")}
+        metrics = {"val_accuracy": round(100 * choice.accuracy, 3),
+                   "val_curves": curves_at(curves, weights, choice.proto_weight),
+                   "train_loss": [round(v, 5) for v in loss], "train_pairs": int(len(x0)), "train_seconds": round(train_s, 3)}
+        if choice.proto_weight and 0.0 in weights:
+            metrics["val_curves_text_only"] = curves_at(curves, weights, 0.0)
+        return tensors, hp, selected_on, metrics
+
+    # -- inference ---------------------------------------------------------------------------------
+    def parts(self, state: MethodState, store, device: torch.device) -> dict[str, Part]:
+        """The fitted parts of a state, ready on ``device``."""
+        fmap = _base_from_tensors(state.tensors, store, device)
+        text = _text(store).to(device)
+        out = {}
+        for r in (ALLWAY, EPISODIC):
+            if f"{r}.steps" not in state.hparams:
+                continue
+            hp = {k[len(r) + 1:]: v for k, v in state.hparams.items() if k.startswith(f"{r}.")}
+            hp["shots"] = state.hparams["shots"]
+            t = {k[len(r) + 1:]: v.to(device) for k, v in state.tensors.items() if k.startswith(f"{r}.")}
+            field = VelocityField(int(hp["flow_dim"]), int(state.hparams["width"]), int(state.hparams["depth"]))
+            field.load_state_dict({k[len("field."):]: v for k, v in t.items() if k.startswith("field.")})
+            field.to(device).eval()
+            space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
+            learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
+            learned[t["train_classes"].long()] = True
+            out[r] = Part(r, field, space, space.to_flow(space.targets(text)), learned, hp)
+        if not out:
+            raise EvaluationError(f"fma state for {state.store_path} has no fitted part (hparams {sorted(state.hparams)})")
+        return out
+
+    def head(self, state: MethodState, store, device: torch.device) -> FMAHead:
+        return FMAHead(self.parts(state, store, device))
+
+    def features(self, state: MethodState, store, device: torch.device) -> FeatureMap:
+        """Raw features (n, D) -> transported unit-norm features (n, P) of the all-way part (else
+        the episodic one), stopped where validation chose."""
+        parts = self.parts(state, store, device)
+        part = parts.get(ALLWAY) or parts[EPISODIC]
+
+        def fmap(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(part.transport(part.space.to_flow(part.space.embed(x))), dim=-1)
+
+        return fmap
+
+
+class FittedFMA(FittedHead):
+    def __init__(self, part: Part, cols: slice, weights: torch.Tensor, protos: torch.Tensor) -> None:
+        self.part, self.cols = part, cols
+        self.weights, self.protos = weights, protos  # (E, N, P) class targets, (E, N, D_i) prototypes
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """(E, M, width) prepared queries -> (E, M, N): cos(transported query, class text)
+        + proto_weight * cos(query, support prototype)."""
+        q = query[..., self.cols]
+        p = self.part.flow_dim
+        out = torch.bmm(q[..., :p], self.weights.transpose(1, 2))
+        w = self.part.hp["proto_weight"]
+        if w:
+            out = out + w * torch.bmm(q[..., p:], self.protos.transpose(1, 2))
+        return out
+
+
+class FMAHead(Head):
+    """``prepare`` transports every pooled row once (with each fitted part); ``fit`` picks the
+    part valid for the call and scores queries against the episode's class text features, plus
+    the chosen weight times the cosine to the support prototypes."""
+
+    name = "fma"
+    needs_text = True
+
+    def __init__(self, parts: dict[str, Part]) -> None:
+        self.parts = parts
+        self.cols, start = {}, 0
+        for r, p in parts.items():
+            width = p.flow_dim + int(p.hp["image_dim"])
+            self.cols[r] = slice(start, start + width)
+            start += width
+        self.width = start
+
+    @torch.no_grad()
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw pooled rows (n, D) -> (n, width): per part, [transported, embedded] features."""
+        return torch.cat([p.prepare(features) for p in self.parts.values()], dim=1)
+
+    def part_for(self, support_shape: torch.Size, classes: torch.Tensor) -> Part:
+        E, N, K = support_shape[:3]
+        ep, aw = self.parts.get(EPISODIC), self.parts.get(ALLWAY)
+        if ep is not None and not bool(ep.learned[classes].any()):
+            return ep
+        if aw is None:
+            raise EvaluationError(
+                "this fma state (regime episodic) learned from every row of the base classes, test rows included; this "
+                "call scores base classes (the all-way protocol), which would count rows it was trained on. Fit with "
+                "--shots K (regime allway) or --set regime=both for the all-way protocol")
+        if E > 1 or N != int(aw.learned.sum()):
+            raise EvaluationError(
+                f"this fma state (regime allway) learned from {aw.hp['shots']} shots of every class, novel ones included; "
+                f"{E} episode(s) of {N} classes would score rows it was trained on. Evaluate it with --protocol allway, "
+                f"or fit with --set regime=episodic (or both) for episodes")
+        if K < aw.hp["shots"]:
+            raise EvaluationError(
+                f"this fma state learned from {aw.hp['shots']} shots per class; evaluating it at --shot {K} would use "
+                f"more labels than the protocol allows: fit with --shots {K}")
+        return aw
+
+    def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedFMA:
+        """support (E, N, K, width) prepared rows, classes (E, N) store class indices."""
+        part = self.part_for(support.shape, classes)
+        cols = self.cols[part.regime]
+        e = support[..., cols][..., part.flow_dim:]
+        protos = F.normalize(e.mean(2), dim=-1)
+        return FittedFMA(part, cols, part.targets[classes], protos)
+
+
+METHODS.register("fma", FMA, help="Flow Matching Alignment: multi-step image->text transport, steps and stop chosen on validation")

@@ -1,0 +1,319 @@
+"""fskd align --method fma: the flow-matching pieces (path, solvers, field), the registered
+method on small synthetic stores (both regimes, both protocols), errors, determinism and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fskd import api
+from fskd.config import AdaptConfig, AlignConfig, EvalConfig
+from fskd.errors import ConfigError, EvaluationError, StoreError
+from fskd.methods import METHODS, load_state
+from fskd.methods.align.flow import VelocityField, straight_path, train_field, trajectory, transport
+from fskd.methods.align.fma import FMA, FMAOptions, cpu_threads, sample_shots
+from fskd.store import FeatureStore
+
+FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes": 50}
+
+
+def align(store, **kw) -> api.FitResult:
+    options = {**FAST, **kw.pop("options", {})}
+    return api.align(AlignConfig(store=str(store.path), options=options, **kw))
+
+
+# -- the path and the solvers -------------------------------------------------------------------
+def test_velocity_target_is_exactly_text_minus_image():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    t = torch.rand(64, generator=g)
+    noise = torch.randn(64, 8, generator=g)
+    xt, target = straight_path(x0, x1, t)
+    assert torch.equal(target, x1 - x0)
+    assert torch.allclose(xt, (1 - t[:, None]) * x0 + t[:, None] * x1)
+    # the straight line's time derivative is the target, at every t
+    h = 1e-3
+    a, _ = straight_path(x0.double(), x1.double(), t.double() + h)
+    b, _ = straight_path(x0.double(), x1.double(), t.double() - h)
+    assert torch.allclose((a - b) / (2 * h), (x1 - x0).double(), atol=1e-6)
+    # noise augmentation moves the point by gamma sqrt(t (1 - t)) noise, never the target
+    xn, target_n = straight_path(x0, x1, t, gamma=0.7, noise=noise)
+    assert torch.equal(target_n, x1 - x0)
+    assert torch.allclose(xn - xt, 0.7 * torch.sqrt(t * (1 - t))[:, None] * noise, atol=1e-6)
+    ends = torch.tensor([0.0, 1.0]).repeat(32)
+    xe, _ = straight_path(x0, x1, ends, gamma=5.0, noise=noise)
+    assert torch.allclose(xe[0::2], x0[0::2]) and torch.allclose(xe[1::2], x1[1::2])
+
+
+def test_perfect_field_one_euler_step_lands_on_text():
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+
+    def coupled(z, t):  # the exact straight-line velocity of each pair
+        return x1 - x0
+
+    def conditional(z, t):  # the straight path's velocity field written in z: (x1 - z) / (1 - t)
+        return (x1 - z) / (1 - t[:, None])
+
+    assert torch.allclose(trajectory(coupled, x0, steps=1)[-1], x1, atol=1e-6)
+    for m in (1, 3, 8):
+        assert torch.allclose(trajectory(conditional, x0, steps=m)[-1], x1, atol=1e-5)
+        assert torch.allclose(trajectory(coupled, x0, steps=m, solver="heun")[-1], x1, atol=1e-5)
+    # early stopping: k of m Euler steps ends at x0 + k/m (x1 - x0)
+    traj = trajectory(coupled, x0, steps=8, stop=3)
+    assert len(traj) == 4 and torch.allclose(traj[-1], x0 + 3 / 8 * (x1 - x0), atol=1e-6)
+    assert torch.equal(trajectory(coupled, x0, steps=4, stop=0)[-1], x0)
+
+
+def test_heun_is_second_order_euler_first():
+    a = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # dz/dt = z A: a rotation, exact solution known
+    z0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    exact = z0 @ torch.linalg.matrix_exp(a.double())
+
+    def field(z, t):
+        return z @ a.to(z.dtype)
+
+    def err(m, solver):
+        return float((trajectory(field, z0, m, solver=solver)[-1] - exact).norm())
+
+    assert 1.7 < err(16, "euler") / err(32, "euler") < 2.3
+    assert 3.5 < err(16, "heun") / err(32, "heun") < 4.5
+    assert err(8, "heun") < err(8, "euler") / 10
+
+
+def test_solver_rejects_bad_arguments():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ConfigError, match="solver"):
+        trajectory(lambda z, t: z, z, 2, solver="rk45")
+    with pytest.raises(ConfigError, match="early stop"):
+        trajectory(lambda z, t: z, z, 2, stop=3)
+
+
+def test_velocity_field_shapes_zero_start_and_gradients():
+    torch.manual_seed(0)
+    f = VelocityField(12, width=32, depth=3)
+    z, t = torch.randn(5, 12), torch.rand(5)
+    out = f(z, t)
+    assert out.shape == (5, 12) and torch.equal(out, torch.zeros_like(out))  # transports nothing at first
+    assert f(z, torch.tensor(0.3)).shape == (5, 12)
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    for _ in range(2):  # the zero output layer blocks gradients to the rest on the very first step
+        opt.zero_grad()
+        ((f(z, t) - z) ** 2).sum().backward()
+        opt.step()
+    for name, p in f.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert torch.isfinite(f(z, t)).all()
+
+
+def test_trained_field_with_gamma_zero_reaches_text_in_one_step():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    x1 = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    torch.manual_seed(0)
+    f = VelocityField(16, width=64, depth=2)
+    with cpu_threads(1):
+        curve = train_field(f, x0, x1, iters=300, batch_size=32, lr=3e-3, weight_decay=0.0, gamma=0.0, seed=0)
+    assert curve[-1] < curve[0] / 20
+    one = transport(f, x0, steps=1)
+    assert torch.allclose(one, x1, atol=0.1)
+    assert (torch.nn.functional.cosine_similarity(one, x1) > 0.98).all()
+
+
+def test_sample_shots_matches_the_allway_protocol_and_rejects_large_k():
+    from fskd.evaluation.allway import sample_shots as protocol_shots
+
+    labels = np.repeat(np.arange(5), [7, 9, 8, 12, 7])[np.random.default_rng(0).permutation(43)]
+    classes = np.arange(5)
+    assert np.array_equal(sample_shots(labels, classes, 4, 3, list("abcde")), protocol_shots(labels, classes, 4, 3))
+    with pytest.raises(ConfigError, match=r"--shots 8 is larger than available: class 'a' has 7 samples"):
+        sample_shots(labels, classes, 8, 1, list("abcde"))
+
+
+# -- the registered method on synthetic stores ------------------------------------------------------
+def test_fma_is_registered_as_an_align_method():
+    assert METHODS.get("fma") is FMA and FMA.kind == "align"
+    assert "fma" in api.registries()["methods"]
+
+
+def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
+    # a wide modality gap and noisy classes: the raw text features alone get ~72% (measured)
+    store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
+    r = align(store, shots=4, steps=(1, 2, 4), out=str(tmp_path / "fma"))
+    state = load_state(r.out)
+    assert state.method == "fma" and state.hparams["regime"] == "allway"
+    assert state.hparams["allway.bridge"] == "identity"  # joint store: no bridge
+    assert 0 <= state.hparams["allway.stop"] <= state.hparams["allway.steps"] in (1, 2, 4)
+    assert state.selected_on["allway.stop"].startswith("val split")
+    assert state.hparams["allway.train_classes"] == 12 and state.metrics["allway.train_pairs"] == 48
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
+    assert res.classifier == "fma" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
+    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shot=4, seeds=(1,)))
+    assert res.accuracy > zero.accuracy  # learned from the shots, beats the raw text features
+    # the state learned from shots of every class: episodes (novel rows it saw) and fewer shots are refused
+    with pytest.raises(EvaluationError, match="--protocol allway"):
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=3, shot=1, episodes=5))
+    with pytest.raises(EvaluationError, match="fit with --shots 2"):
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=2, seeds=(1,)))
+
+
+def test_head_logits_equal_cosines_of_transported_queries(synthetic_store):
+    store = synthetic_store(joint=True, n_classes=8, seed=5)
+    r = align(store, shots=3, options={"proto_weights": [0.0]})
+    state = load_state(r.out)
+    head = FMA().head(state, store, torch.device("cpu"))
+    part = head.parts["allway"]
+    x, y = store.gather(None, ["train"])
+    xt = torch.from_numpy(x)
+    rows = torch.from_numpy(sample_shots(y, np.arange(8), 3, 1, store.class_names))
+    classes = torch.arange(8)[None]
+    prepared = head.prepare(xt)
+    logits = head.fit(prepared[rows][None], classes).logits(prepared[None])[0]
+    e = torch.nn.functional.normalize(xt, dim=-1)  # identity bridge: plain L2 normalisation
+    z = trajectory(part.field, e @ part.space.basis if part.space.basis is not None else e,
+                   part.hp["steps"], part.hp["stop"], part.hp["solver"])[-1]
+    manual = torch.nn.functional.normalize(z, dim=-1) @ part.targets.T
+    assert torch.allclose(logits, manual, atol=1e-5)
+
+
+def test_episodic_fit_through_the_bridge(synthetic_store):
+    store = synthetic_store(joint=False, n_classes=20, seed=1)  # 32-d image vs 16-d text: needs the bridge
+    r = align(store, shots=0, steps=(1, 3))
+    state = load_state(r.out)
+    assert state.hparams["regime"] == "episodic" and state.hparams["episodic.bridge"].startswith("ridge")
+    assert state.hparams["episodic.train_classes"] == 10 and state.metrics["episodic.train_pairs"] == 300
+    assert state.selected_on["episodic.stop"].startswith("val classes")
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shot=1, query=5, episodes=100))
+    assert res.accuracy > 40  # chance 20%
+    # it learned from every base row (test rows too): the all-way protocol over base classes is refused
+    with pytest.raises(EvaluationError, match="regime=both"):
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=1, seeds=(1,)))
+
+
+def test_regime_both_serves_both_protocols(synthetic_store):
+    store = synthetic_store(joint=False, n_classes=20, seed=2)
+    r = align(store, shots=2, options={"regime": "both"})
+    state = load_state(r.out)
+    assert {"allway.stop", "episodic.stop"} <= set(state.hparams)
+    ep = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shot=2, query=5, episodes=50))
+    aw = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=2, seeds=(1,)))
+    assert ep.accuracy > 30 and aw.accuracy > 100 / 20 * 2
+
+
+def test_same_seed_same_state_other_seed_differs(synthetic_store):
+    store = synthetic_store(joint=True, n_classes=8, seed=4)
+
+    def tensors(seed):
+        return load_state(align(store, shots=3, seed=seed, out=str(store.path) + f"-s{seed}-{np.random.rand()}").out).tensors
+
+    a, b, c = tensors(7), tensors(7), tensors(8)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["allway.field.inp.weight"], c["allway.field.inp.weight"])
+
+
+def test_fma_builds_on_another_methods_features(synthetic_store, tmp_path):
+    store = synthetic_store(joint=True, n_classes=8, seed=6)
+    first = align(store, shots=3, out=str(tmp_path / "first"))
+    second = align(store, shots=3, base_state=first.out, out=str(tmp_path / "second"))
+    state = load_state(second.out)
+    assert state.hparams["base_method"] == "fma"
+    assert any(k.startswith("base.") for k in state.tensors)  # self-contained: the base state is inside
+    import shutil
+
+    shutil.rmtree(first.out)
+    res = api.evaluate(EvalConfig(store=str(store.path), state=second.out, protocol="allway", shot=3, seeds=(1,)))
+    assert res.accuracy > 100 / 8 * 2
+
+
+@pytest.mark.skipif("residual-adapter" not in METHODS, reason="the residual-adapter method is not registered yet")
+def test_fma_on_residual_adapter_features(synthetic_store, tmp_path):
+    store = synthetic_store(joint=True, n_classes=8, seed=6)
+    base = api.adapt(AdaptConfig(store=str(store.path), method="residual-adapter", shots=3, out=str(tmp_path / "ra")))
+    r = align(store, shots=3, base_state=base.out, out=str(tmp_path / "fma"))
+    assert load_state(r.out).hparams["base_method"] == "residual-adapter"
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=3, seeds=(1,)))
+    assert res.accuracy > 100 / 8 * 2
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_store_without_text_features_is_a_clear_error(tmp_path):
+    rng = np.random.default_rng(0)
+    splits = {s: (rng.normal(size=(24, 8)).astype(np.float32), np.repeat(np.arange(4), 6)) for s in ("train", "val", "test")}
+    store = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, list("abcd"), {"base": [0, 1], "val": [2], "novel": [3]})
+    with pytest.raises(StoreError, match="no class text features"):
+        align(store, shots=2)
+
+
+def test_mismatched_dimensions_without_a_bridge(synthetic_store, tmp_path):
+    store = synthetic_store(joint=False, n_classes=8)  # 32-d images, 16-d text
+    with pytest.raises(ConfigError, match=r"32-d but class text features are 16-d.*bridge=ridge"):
+        align(store, shots=2, options={"bridge": "none"})
+    # a store claiming a joint space whose widths differ
+    from fskd.store.synthetic import synthetic_features
+
+    splits, text = synthetic_features(n_classes=6, joint=False, seed=0)
+    joint = FeatureStore.from_arrays(tmp_path / "badjoint.zarr", splits, [f"c{i}" for i in range(6)],
+                                     {"base": [0, 1, 2], "val": [3, 4], "novel": [5]}, text_embeddings=text,
+                                     encoder={"joint": True})
+    with pytest.raises(ConfigError, match="the store says its encoder is joint"):
+        align(joint, shots=2)
+    assert load_state(align(joint, shots=2, options={"bridge": "ridge"}).out).hparams["allway.bridge"].startswith("ridge")
+
+
+def test_k_larger_than_available_and_bad_options(synthetic_store):
+    store = synthetic_store(joint=True, n_classes=8)  # 15 training rows per class
+    with pytest.raises(ConfigError, match=r"--shots 16 is larger than available: class 'class \d' has 15 samples"):
+        align(store, shots=16)
+    with pytest.raises(ConfigError, match="valid keys"):
+        align(store, shots=2, options={"widht": 32})
+    with pytest.raises(ConfigError, match="solver"):
+        FMAOptions.from_dict({"solver": "rk4"})
+    with pytest.raises(ConfigError, match="--gamma"):
+        align(store, shots=2, gamma=-1.0)
+    with pytest.raises(ConfigError, match="--steps"):
+        align(store, shots=2, steps=(0, 2))
+    with pytest.raises(ConfigError, match="--shots must be >= 1"):
+        align(store, shots=0, options={"regime": "allway"})
+    with pytest.raises(ConfigError, match="align method"):
+        api.adapt(AdaptConfig(store=str(store.path), method="fma"))
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_align_then_eval(synthetic_store, tmp_path):
+    from fskd.cli import app
+
+    store = synthetic_store(joint=False, n_classes=12, seed=9)
+    out = tmp_path / "cli-fma"
+    runner = CliRunner()
+    res = runner.invoke(app, ["align", "--store", str(store.path), "--method", "fma", "--shots", "3", "--steps", "1,2,4",
+                              "--gamma", "0.3", "--out", str(out), "--set", "width=64", "--set", "iters=120"])
+    assert res.exit_code == 0, res.output
+    assert f"fma (align) -> {out}" in res.output and "allway.stop=" in res.output
+    state = load_state(out)
+    assert state.hparams["gamma"] == 0.3 and state.selected_on["gamma"] == "given"
+    assert state.hparams["allway.steps"] in (1, 2, 4) and state.hparams["width"] == 64
+    assert state.config["steps"] == [1, 2, 4]
+    res = runner.invoke(app, ["eval", "--store", str(store.path), "--state", str(out), "--protocol", "allway",
+                              "--shot", "3", "--seeds", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    cli_acc = json.loads(res.output.strip().splitlines()[-1])["accuracy"]
+    api_acc = api.evaluate(EvalConfig(store=str(store.path), state=str(out), protocol="allway", shot=3, seeds=(1,))).accuracy
+    assert cli_acc == api_acc and cli_acc > 100 / 12 * 2
+    bad = runner.invoke(app, ["align", "--store", str(store.path), "--shots", "50", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "larger than available" in bad.output
+
+
+# -- real data --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cub35_allway_16_shots(cub35_store, tmp_path):
+    r = api.align(AlignConfig(store=cub35_store, shots=16, out=str(tmp_path / "fma16")))
+    state = load_state(r.out)
+    assert state.hparams["allway.bridge"].startswith("ridge")  # lite0-minilm is not a joint space
+    assert state.metrics["allway.train_pairs"] == 16 * 35
+    res = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shot=16, seeds=(1,)))
+    assert res.accuracy > 70  # measured 76-78 (prototype at 4 shots: 63.1)
