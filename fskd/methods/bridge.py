@@ -23,14 +23,48 @@ RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 def _ridge(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """argmin_W ||a W - b||^2 + lam ||W||^2 for a (n, p), b (n, q): (p, q), in float64."""
+    return ridge_path(a, b, (lam,))[0]
+
+
+def ridge_path(a: torch.Tensor, b: torch.Tensor, lams) -> list[torch.Tensor]:
+    """Ridge solutions (p, q) for every strength in ``lams``, in the primal (n >= p) or dual
+    (n < p) form; float64 inside, float32 out. A few strengths: one Cholesky solve each; many:
+    one eigendecomposition shared by all (an eigh costs several Cholesky factorisations)."""
     a64, b64 = a.double(), b.double()
-    p = a64.shape[1]
-    if a64.shape[0] < p:  # dual form is cheaper when there are fewer rows than features
-        k = a64 @ a64.T
-        alpha = torch.linalg.solve(k + lam * torch.eye(len(k), dtype=k.dtype, device=k.device), b64)
-        return (a64.T @ alpha).float()
-    g = a64.T @ a64 + lam * torch.eye(p, dtype=a64.dtype, device=a64.device)
-    return torch.linalg.solve(g, a64.T @ b64).float()
+    n, p = a64.shape
+    dual = n < p
+    gram = a64 @ a64.T if dual else a64.T @ a64
+    rhs = b64 if dual else a64.T @ b64
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    out = []
+    if len(lams) <= 4:
+        for lam in lams:
+            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
+            out.append((a64.T @ sol if dual else sol).float())
+        return out
+    evals, u = torch.linalg.eigh(gram)
+    ur = u.T @ rhs
+    for lam in lams:
+        sol = u @ (ur / (evals.clamp_min(0) + lam)[:, None])
+        out.append((a64.T @ sol if dual else sol).float())
+    return out
+
+
+def _class_sums(e: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classes present in y, their row counts and the per-class sums of e: (c,), (c,), (c, D)."""
+    classes, inv = torch.unique(y, return_inverse=True)
+    sums = torch.zeros(len(classes), e.shape[1], dtype=e.dtype, device=e.device).index_add_(0, inv, e)
+    counts = torch.bincount(inv, minlength=len(classes)).to(e.dtype)
+    return classes, counts, sums
+
+
+def _t2i_path(t_cls: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, lams) -> list[torch.Tensor]:
+    """Text -> image ridge maps from class-aggregated data. Every row of a class has the same
+    text t_c, so a^T a = sum_c n_c t_c t_c^T and a^T b = sum_c t_c (sum of the class's images):
+    the same solution as regressing row by row, at the cost of the number of classes."""
+    a = t_cls.double() * counts.double().sqrt()[:, None]  # (c, d_t): a^T a = sum n_c t t^T
+    b = sums.double() / counts.double().sqrt()[:, None]  # a^T b = sum t_c sums_c
+    return ridge_path(a, b, lams)
 
 
 @dataclass
@@ -87,18 +121,20 @@ class Bridge:
         """
         mean = x.mean(0) if mean is None else mean
         e = F.normalize(x - mean, dim=-1)
-        t = F.normalize(text, dim=-1)[y]
+        tn = F.normalize(text, dim=-1)
         grid = (ridge,) if ridge is not None else RIDGE_GRID
+        classes, counts, sums = _class_sums(e, y)
+        maps = _t2i_path(tn[classes], counts, sums, grid)
         best, best_acc = None, -1.0
-        for lam in grid:
-            cand = cls(mean=mean, t2i=_ridge(t, e, lam), ridge=lam)
+        for lam, t2i in zip(grid, maps, strict=True):
+            cand = cls(mean=mean, t2i=t2i, ridge=lam)
             if val is None or len(grid) == 1:
                 best = cand
                 break
             acc = cand.zero_shot_accuracy(val[0], val[1], text)
             if acc > best_acc:
                 best, best_acc = cand, acc
-        best.i2t = _ridge(e, t, best.ridge)
+        best.i2t = _ridge(e, tn[y], best.ridge)
         return best
 
     def zero_shot_accuracy(self, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor) -> float:

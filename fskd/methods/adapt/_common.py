@@ -1,0 +1,472 @@
+"""Shared plumbing of the adapt methods (not a method itself: it registers nothing).
+
+Two regimes, one state
+----------------------
+Every adapt state serves both evaluation protocols of DESIGN.md with one head:
+
+- **episodic** (base -> novel): the parts a method *learns* (bridge, base mean, meta-trained
+  generators, adapters) come from the base classes (all their rows); its hyper-parameters are
+  chosen on N-way K-shot episodes of the val classes. Used when a head is asked about classes
+  the method never learned from (novel or val episodes).
+- **support-only** (the all-way protocol): when the classes of a call include a class the
+  method learned from (a base class), base-learned parts would leak labels and test rows of
+  those classes, so the head learns everything from the support it is given (K shots per
+  class); the hyper-parameters were chosen at fit time on the val *split* with K shots per
+  class drawn (seeded) from the train split.
+
+``MethodState.selected_on`` says which of the two chose each hyper-parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fskd.classifiers.base import FittedHead, Head
+from fskd.config import Config
+from fskd.errors import ConfigError, EncoderError, StoreError
+from fskd.methods.base import MethodState
+from fskd.methods.bridge import RIDGE_GRID, Bridge
+
+log = logging.getLogger(__name__)
+
+EPISODIC = "episodic"
+ALLWAY = "allway"
+VAL_CLASSES = "val classes"
+VAL_SPLIT = "val split"
+
+
+def parse_options(cls: type[Config], config) -> Config:
+    """The method's options from ``config.options`` (unknown keys -> ConfigError listing valid ones)."""
+    try:
+        return cls.from_dict(dict(config.options))
+    except TypeError as e:  # wrong value types reach the dataclass constructor
+        raise ConfigError(f"--set options for {cls.__name__}: {e}") from None
+
+
+def new_state(store, config, method: str) -> MethodState:
+    return MethodState(method=method, kind="adapt", store_path=str(store.path), store_fingerprint=store.fingerprint,
+                       encoder=store.encoder_spec, config=config.to_dict())
+
+
+# -- class text -----------------------------------------------------------------------------------
+def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
+    """(C, d_t) L2-normalised class text features and where they came from.
+
+    ``--descriptions FILE`` re-encodes every class (the store's prompt templates filled with the
+    name, plus the class's descriptions) with the store's own text encoder, rebuilt from its
+    spec; otherwise the store's class text features are used.
+    """
+    if config.descriptions:
+        from fskd.encoders import build_encoder
+        from fskd.encoders.prompts import (
+            DEFAULT_TEMPLATES,
+            class_prompts,
+            encode_class_texts,
+            load_descriptions,
+        )
+
+        desc = load_descriptions(config.descriptions, store.class_keys, store.class_names)
+        try:
+            encoder = build_encoder(store.encoder_spec)
+        except EncoderError as e:
+            raise EncoderError(f"--descriptions needs the store's text encoder {store.encoder_spec!r} to encode them: {e}") from None
+        if not encoder.has_text:
+            raise EncoderError(f"--descriptions: the store's encoder {store.encoder_spec!r} has no text tower")
+        templates = tuple(store.attrs.get("text", {}).get("templates") or DEFAULT_TEMPLATES)
+        text = encode_class_texts(encoder, class_prompts(store.class_names, templates, desc))
+        n = sum(len(d) for d in desc)
+        return F.normalize(text.float(), dim=-1), f"templates + {n} descriptions from {Path(config.descriptions).name}"
+    text = store.text_embeddings()
+    if text is None:
+        raise StoreError(
+            f"method {method!r} needs class text features, but {store.path} has none (encoder {store.encoder_spec!r} has "
+            f"no text tower); extract with an encoder that has one (lite0-minilm, an open_clip model) or use prototype, "
+            f"linear-probe or residual-adapter"
+        )
+    return F.normalize(torch.from_numpy(np.asarray(text, dtype=np.float32)), dim=-1), "store class text features"
+
+
+# -- sampling (methods may not import fskd.evaluation: same algorithms, fit-time use only) -------
+def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str] | None = None,
+                 split: str = "train") -> np.ndarray:
+    """(C, K) row indices: ``shot`` random rows of each class, seeded exactly as the all-way
+    protocol samples its shots (so ``--seed 1`` draws the shots of evaluation seed 1)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.random(len(labels))
+    order = np.lexsort((keys, labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, classes)
+    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    short = np.flatnonzero(counts < shot)
+    if len(short):
+        i = int(short[0])
+        name = class_names[classes[i]] if class_names else str(classes[i])
+        raise ConfigError(
+            f"--shots {shot} is larger than available: class {name!r} has {counts[i]} samples in the {split!r} split"
+            + (f" ({len(short)} classes have fewer than {shot}; the smallest has {counts.min()})" if len(short) > 1 else "")
+        )
+    return order[starts[:, None] + np.arange(shot)[None, :]]
+
+
+def sample_episode_rows(labels: np.ndarray, classes: Sequence[int], way: int, shot: int, query: int, episodes: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batched episode sampling: support (E, N, K), query (E, N, Q) row indices, classes (E, N)."""
+    classes = np.asarray(sorted(set(int(c) for c in classes)))
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, classes)
+    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    width = int(counts.max())
+    offs = np.arange(width)
+    members = np.where(offs[None] < counts[:, None], order[np.minimum(starts[:, None] + offs[None], len(order) - 1)], -1)
+    ep_cls = np.argsort(rng.random((episodes, len(classes))), axis=1)[:, :way]
+    keys = rng.random((episodes, way, width))
+    keys[offs[None, None] >= counts[ep_cls][:, :, None]] = np.inf
+    need = shot + query
+    pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
+    rows = np.take_along_axis(members[ep_cls], pick, axis=2)
+    return rows[:, :, :shot], rows[:, :, shot:], classes[ep_cls]
+
+
+@dataclass
+class Task:
+    """A validation task in head format: support (E, N, K, D) raw features, classes (E, N)
+    store class indices, query (E, M, D) raw features, truth (E, M) way index of each query."""
+
+    support: torch.Tensor
+    classes: torch.Tensor
+    query: torch.Tensor
+    truth: torch.Tensor
+    description: str
+    on: str  # VAL_CLASSES or VAL_SPLIT
+
+    @property
+    def shot(self) -> int:
+        return int(self.support.shape[2])
+
+    def accuracy(self, logits: torch.Tensor) -> float:
+        """Mean accuracy of (E, M, N) scores (mean over episodes of per-episode accuracy)."""
+        return float((logits.argmax(-1) == self.truth).float().mean())
+
+    def score(self, fitted: FittedHead) -> float:
+        return self.accuracy(fitted.logits(self.query))
+
+
+@dataclass(frozen=True)
+class ValOptions:
+    """How validation episodes are drawn (shared option names of every adapt method)."""
+
+    val_way: int = 5
+    val_query: int = 15
+    val_episodes: int = 300
+
+
+def check_val_options(o) -> None:
+    if o.val_way < 2 or o.val_query < 1 or o.val_episodes < 1:
+        raise ConfigError(f"val_way must be >= 2, val_query and val_episodes >= 1; got {o.val_way}, {o.val_query}, {o.val_episodes}")
+
+
+def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
+    """N-way K-shot episodes of the val classes (K = max(1, shots)); None when there are fewer
+    than 2 val classes. Queries per class shrink to what the smallest val class allows."""
+    val = store.class_split("val") if "val" in store.attrs["class_split"] else []
+    if len(val) < 2:
+        return None
+    x, y = store.gather(val)
+    k = max(1, shots)
+    counts = np.bincount(y, minlength=max(val) + 1)[val]
+    q = min(opts.val_query, int(counts.min()) - k)
+    if q < 1:
+        i = int(np.argmin(counts))
+        raise ConfigError(
+            f"--shots {shots} is larger than available for validation episodes: val class {store.class_names[val[i]]!r} "
+            f"has {counts[i]} samples, fewer than shots + 1 query = {k + 1}"
+        )
+    way = min(opts.val_way, len(val))
+    sup, qry, cls = sample_episode_rows(y, val, way, k, q, opts.val_episodes, seed)
+    xt = torch.from_numpy(x).to(device)
+    if transform is not None:
+        xt = transform(xt)
+    E = len(cls)
+    return Task(
+        support=xt[torch.from_numpy(sup).to(device)],
+        classes=torch.from_numpy(cls).to(device),
+        query=xt[torch.from_numpy(qry.reshape(E, -1)).to(device)],
+        truth=torch.arange(way, device=device).repeat_interleave(q)[None].expand(E, -1),
+        description=f"{opts.val_episodes} {way}-way {k}-shot {q}-query episodes of the {len(val)} val classes (seed {seed})",
+        on=VAL_CLASSES,
+    )
+
+
+def allway_rows(store, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The all-way training shots: (features (C*K, D), labels (C*K,), classes (C,)) from the train
+    split, class-major (rows of class i are i*K .. i*K+K-1)."""
+    if not store.has_split("train"):
+        raise StoreError(f"{store.path} has no 'train' sample split (it has {store.splits}); the all-way shots come from it")
+    x, y = store.gather(None, ["train"])
+    classes = np.unique(y)
+    rows = sample_shots(y, classes, shots, seed, store.class_names).reshape(-1)
+    return x[rows], y[rows], classes
+
+
+def allway_val_task(store, shots: int, seed: int, device: torch.device,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
+    """One all-way task: K shots per class from the train split (seeded), the val split as
+    queries; None when the store has no train or val sample split."""
+    if not (store.has_split("train") and store.has_split("val")):
+        return None
+    if shots > 0:
+        x, y, classes = allway_rows(store, shots, seed)
+    else:
+        lab = store.labels("train")
+        x, classes = None, np.unique(lab[lab >= 0])
+    xv, yv = store.gather(classes, ["val"])
+    if len(yv) == 0:
+        return None
+    dev = lambda a: transform(torch.from_numpy(a).to(device)) if transform else torch.from_numpy(a).to(device)  # noqa: E731
+    if shots > 0:
+        support = dev(x).reshape(len(classes), shots, -1)[None]
+    else:
+        support = torch.zeros(1, len(classes), 0, store.dim, device=device)
+    pos = np.full(int(classes.max()) + 1, -1)
+    pos[classes] = np.arange(len(classes))
+    return Task(
+        support=support,
+        classes=torch.from_numpy(classes).to(device)[None],
+        query=dev(xv)[None],
+        truth=torch.from_numpy(pos[yv]).to(device)[None],
+        description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}), "
+                    f"the {len(yv)} val-split rows as queries",
+        on=VAL_SPLIT,
+    )
+
+
+# -- hyper-parameter search -----------------------------------------------------------------------
+@dataclass
+class Choice:
+    """The outcome of a search on one validation task."""
+
+    params: dict
+    score: float | None
+    on: str
+    description: str
+    table: list = field(default_factory=list)
+
+
+def grid_search(candidates: Sequence[dict], score: Callable[[dict], float], task: Task | None,
+                default: dict) -> Choice:
+    """The best candidate on ``task`` (ties: the earlier candidate), or ``default`` when there
+    is no validation task (recorded as such)."""
+    if task is None or not candidates:
+        return Choice(dict(default), None, "default (no validation data)", "no validation data")
+    best, best_s, table = None, -1.0, []
+    for c in candidates:
+        s = score(c)
+        table.append({**c, "val_acc": round(100 * s, 2)})
+        if s > best_s + 1e-9:
+            best, best_s = c, s
+    return Choice(dict(best), best_s, task.on, task.description, table)
+
+
+def record(state: MethodState, regime: str, choice: Choice, fixed: dict | None = None) -> None:
+    """Put a regime's chosen hyper-parameters (and where they came from) into the state."""
+    for k, v in choice.params.items():
+        key = f"{regime}.{k}"
+        state.hparams[key] = v
+        state.selected_on[key] = choice.on if not (fixed and k in fixed) else "fixed (--set option)"
+    if choice.score is not None:
+        state.metrics[f"{regime}.val_acc"] = round(100 * choice.score, 2)
+        state.metrics[f"{regime}.val_task"] = choice.description
+
+
+def hp(state: MethodState, regime: str, name: str):
+    return state.hparams[f"{regime}.{name}"]
+
+
+def fixed_or(value, grid: Sequence) -> tuple:
+    """A user-fixed option (a number or a list) replaces the default grid."""
+    if value is None:
+        return tuple(grid)
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+# -- regime dispatch ------------------------------------------------------------------------------
+def learned_mask(store, device: torch.device) -> torch.Tensor:
+    """(C,) bool: the classes whose labels the episodic parts learned from (the base classes)."""
+    m = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
+    base = store.class_split("base") if "base" in store.attrs["class_split"] else []
+    if base:
+        m[torch.as_tensor(base, device=device)] = True
+    return m
+
+
+def support_only(classes: torch.Tensor, learned: torch.Tensor) -> bool:
+    """Whether a call must learn from its support alone (it includes a learned class)."""
+    return bool(learned.to(classes.device)[classes].any())
+
+
+class RegimeHead(Head):
+    """Dispatches ``fit`` to the episodic or the support-only (all-way) builder."""
+
+    def __init__(self, name: str, learned: torch.Tensor, episodic: Callable[[torch.Tensor, torch.Tensor], FittedHead],
+                 allway: Callable[[torch.Tensor, torch.Tensor], FittedHead], needs_text: bool = False) -> None:
+        self.name, self.learned, self._episodic, self._allway = name, learned, episodic, allway
+        self.needs_text = needs_text
+
+    def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
+        if support_only(classes, self.learned):
+            return self._allway(support, classes)
+        return self._episodic(support, classes)
+
+
+class FittedWeights(FittedHead):
+    """Cosine (or linear) scores against per-episode class weights.
+
+    weights (E, N, D); queries are embedded by ``embed`` (raw (E, M, D) -> (E, M, D)) first.
+    """
+
+    def __init__(self, weights: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                 bias: torch.Tensor | None = None) -> None:
+        self.weights, self.embed, self.bias = weights, embed, bias
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        out = torch.bmm(self.embed(query), self.weights.transpose(1, 2))
+        return out if self.bias is None else out + self.bias[:, None, :]
+
+
+def centred(center: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> normalize(x - center) (center (D,), (E, 1, D) or None)."""
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x - center if center is not None else x, dim=-1)
+    return f
+
+
+def support_center(support: torch.Tensor) -> torch.Tensor:
+    """(E, N, K, D) -> (E, 1, D) per-episode support mean (the all-way stand-in for the base mean)."""
+    return support.mean(dim=(1, 2))[:, None]
+
+
+def prototypes(embedded_support: torch.Tensor) -> torch.Tensor:
+    """(E, N, K, D) embedded support -> (E, N, D) normalised class means."""
+    return F.normalize(embedded_support.mean(2), dim=-1)
+
+
+def require_shots(support: torch.Tensor, method: str) -> None:
+    if support.shape[2] < 1:
+        raise ConfigError(f"method {method!r} needs at least 1 shot per class (got a support set with 0)")
+
+
+def flat_support_labels(support: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, N, K, D), (1, N) -> rows (N*K, D), store labels (N*K,)."""
+    n, k = support.shape[1], support.shape[2]
+    return support[0].reshape(n * k, -1), classes[0].repeat_interleave(k)
+
+
+# -- text weights in image space (the bridge) -----------------------------------------------------
+def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: torch.device,
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[Bridge, Choice]:
+    """The identity for a joint store; else ridge maps learned on every row of the base classes,
+    the ridge strength chosen by zero-shot accuracy on the val classes (or fixed by ``ridge``)."""
+    if store.joint:
+        return Bridge.identity(store.dim, device), Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
+    base = store.class_split("base")
+    if not base:
+        raise StoreError(f"{store.path}: the bridge between its image and text spaces is learned on the base classes, "
+                         f"but the base class split is empty")
+    tf = transform or (lambda t: t)
+    x, y = store.gather(base)
+    val = store.class_split("val")
+    v = None
+    if len(val) >= 2 and ridge is None:
+        xv, yv = store.gather(val)
+        v = (tf(torch.from_numpy(xv).to(device)), torch.from_numpy(yv).to(device))
+    if ridge is not None:
+        lam, on = float(ridge), "fixed (--set option)"
+    elif v is None:
+        lam, on = RIDGE_GRID[len(RIDGE_GRID) // 2], "default (no val classes)"
+    else:
+        lam, on = None, VAL_CLASSES
+    br = Bridge.fit(tf(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device), text.to(device), ridge=lam, val=v)
+    desc = f"bridge ridge by zero-shot accuracy on the {len(val)} val classes" if on == VAL_CLASSES else ""
+    return br, Choice({"ridge": br.ridge}, None, on, desc)
+
+
+def choose_allway_ridge(store, text: torch.Tensor, shots: int, seed: int, ridge: float | None, device: torch.device,
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Choice:
+    """The ridge strength of the support-fitted bridge (all-way): fixed, or chosen by zero-shot
+    accuracy on the val split of a bridge fitted on K shots per class of the train split."""
+    if store.joint:
+        return Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
+    if ridge is not None:
+        return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")
+    if shots < 1 or not (store.has_split("train") and store.has_split("val")):
+        return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None, "default (no all-way shots or val split)", "")
+    tf = transform or (lambda t: t)
+    x, y, classes = allway_rows(store, shots, seed)
+    xv, yv = store.gather(classes, ["val"])
+    xt = tf(torch.from_numpy(x).to(device))
+    br = Bridge.fit(xt, torch.from_numpy(y).to(device), text.to(device), mean=xt.mean(0),
+                    val=(tf(torch.from_numpy(xv).to(device)), torch.from_numpy(yv).to(device)))
+    return Choice({"ridge": br.ridge}, None, VAL_SPLIT, "bridge ridge by zero-shot accuracy on the val split")
+
+
+def batched_text_to_image(e: torch.Tensor, t_classes: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-episode ridge text -> image maps applied to the class texts (Bridge.fit, batched).
+
+    e: (E, N, K, D) embedded support, t_classes: (E, N, d_t) class texts -> (E, N, D) L2-normalised
+    class weights in image space. All K rows of a class share its text, so the regression is
+    solved on class-aggregated data (rows t_c sqrt(K), targets sum_k e_k / sqrt(K)): the same
+    solution as row by row, in the dual form over the N classes.
+    """
+    K = e.shape[2]
+    a = t_classes.double() * math.sqrt(K)  # (E, N, d_t)
+    b = e.double().sum(2) / math.sqrt(K)  # (E, N, D)
+    n = a.shape[1]
+    k = torch.bmm(a, a.transpose(1, 2)) + lam * torch.eye(n, dtype=a.dtype, device=a.device)
+    coef = torch.linalg.solve(k, b)  # (E, N, D): W = a^T coef
+    out = torch.bmm(torch.bmm(t_classes.double(), a.transpose(1, 2)), coef)
+    return F.normalize(out.float(), dim=-1)
+
+
+@dataclass
+class TextSpace:
+    """Everything a text-using head needs for one call: class weights in image space
+    (E, N, D), the query embedding, and the embedded support (E, N, K, D)."""
+
+    weights: torch.Tensor
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    support: torch.Tensor
+
+
+def episodic_text_space(bridge: Bridge, text: torch.Tensor, support: torch.Tensor, classes: torch.Tensor) -> TextSpace:
+    w = bridge.text_to_image(text.to(support.device))[classes]
+    return TextSpace(w, bridge.embed_images, bridge.embed_images(support))
+
+
+def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch.Tensor, joint: bool,
+                       ridge: float | None) -> TextSpace:
+    """Text weights learned from the support alone: the identity for a joint store, else a
+    bridge fitted on the support (centred on its mean) with the chosen ridge."""
+    text = text.to(support.device)
+    if joint:
+        embed = centred(None)
+        return TextSpace(text[classes], embed, embed(support))
+    E, N, K, D = support.shape
+    if K < 1:
+        from fskd.errors import EvaluationError
+
+        raise EvaluationError("image and text spaces differ and the call includes classes the bridge was learned on: "
+                              "the bridge is then learned from the support, which needs at least 1 shot per class")
+    embed = centred(support_center(support))
+    es = embed(support)
+    return TextSpace(batched_text_to_image(es, text[classes], float(ridge)), embed, es)

@@ -1,0 +1,138 @@
+"""``linear-probe``: logistic regression on the support features (centred, L2-normalised),
+initialised at the class prototypes with an L2 pull towards them; weight decay and the number
+of full-batch Adam steps are chosen on validation data (step 0 is the prototype classifier).
+
+Episodic regime: centred on the base-class mean, hyper-parameters from val-class episodes.
+All-way regime: centred on the support mean, hyper-parameters from the val split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fskd.classifiers.linear import (
+    SCALE,
+    FittedLinear,
+    LinearParams,
+    Projections,
+    train_linear,
+    way_labels,
+)
+from fskd.config import Config
+from fskd.errors import ConfigError
+from fskd.methods.adapt import _common as C
+from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.runtime import resolve_device
+
+WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
+STEPS = (0, 10, 25, 50, 100, 200)
+
+
+@dataclass(frozen=True)
+class LinearProbeOptions(Config):
+    weight_decay: float | tuple | None = None  # one value or a list (default: a grid chosen on validation)
+    steps: int | tuple | None = None  # full-batch Adam steps (default: a grid chosen on validation)
+    lr: float = 0.1
+    val_way: int = 5
+    val_query: int = 15
+    val_episodes: int = 300
+
+    def __post_init__(self) -> None:
+        C.check_val_options(self)
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def probe_params(support: torch.Tensor, *, steps, lr: float, weight_decay: float, text: torch.Tensor | None = None,
+                 alpha0: float | None = None) -> dict[int, LinearParams]:
+    """Probes for embedded support (E, N, K, D); zero weights (text only) when K = 0."""
+    E, N, K, D = support.shape
+    w0 = C.prototypes(support) if K > 0 else torch.zeros(E, N, D, device=support.device)
+    return train_linear(support.reshape(E, N * K, D), way_labels(E, N, K, support.device), w0, steps=steps, lr=lr,
+                        weight_decay=weight_decay, text=text, alpha0=alpha0)
+
+
+def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays, steps, lr: float,
+                 default: dict) -> C.Choice:
+    """Grid over (alpha0, weight_decay) x checkpoints of ``steps``, scored on ``task``.
+
+    ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe).
+    """
+    if task is None:
+        return C.grid_search([], lambda c: 0.0, None, default)
+    ts = space(task.support, task.classes)
+    q = ts.embed(task.query)
+    cache: dict = {}
+    proj: list = []
+
+    def score(c: dict) -> float:
+        key = (c.get("alpha0"), c["weight_decay"])
+        if key not in cache:
+            cache[key] = probe_params(ts.support, steps=steps, lr=lr, weight_decay=c["weight_decay"],
+                                      text=ts.weights, alpha0=c.get("alpha0"))
+        p = cache[key][c["steps"]]
+        if not proj:
+            proj.append(Projections.of(q, p.w0, p.x, ts.weights))
+        return task.accuracy(proj[0].logits(p, SCALE))
+
+    grid = [{**({"alpha0": a} if a is not None else {}), "weight_decay": w, "steps": s}
+            for a in alphas for w in weight_decays for s in steps]
+    return C.grid_search(grid, score, task, default)
+
+
+class LinearProbe(Method):
+    """Logistic regression on the support (prototype init); weight decay and steps chosen on validation."""
+
+    name = "linear-probe"
+    kind = "adapt"
+
+    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        opts = C.parse_options(LinearProbeOptions, config)
+        device = resolve_device(config.device)
+        state = C.new_state(store, config, self.name)
+        base = store.class_split("base")
+        center = torch.from_numpy(store.mean(base)).to(device) if base else None
+        wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
+        steps = C.fixed_or(opts.steps, STEPS)
+        fixed = {k for k, v in (("weight_decay", opts.weight_decay), ("steps", opts.steps)) if v is not None}
+        default = {"weight_decay": wds[len(wds) // 2], "steps": steps[len(steps) // 2]}
+        space_ep = lambda s, c: C.TextSpace(None, C.centred(center), C.centred(center)(s))  # noqa: E731
+
+        def space_aw(s, c):
+            embed = C.centred(C.support_center(s))
+            return C.TextSpace(None, embed, embed(s))
+
+        ep = search_probe(C.episodic_val_task(store, config.shots, opts, config.seed, device), space_ep, alphas=(None,),
+                          weight_decays=wds, steps=steps, lr=opts.lr, default=default)
+        aw_task = C.allway_val_task(store, config.shots, config.seed, device) if config.shots > 0 else None
+        aw = search_probe(aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default)
+        C.record(state, C.EPISODIC, ep, fixed)
+        C.record(state, C.ALLWAY, aw, fixed)
+        state.hparams["lr"] = opts.lr
+        state.selected_on["lr"] = "fixed"
+        state.tensors = {"center": center.cpu() if center is not None else torch.zeros(store.dim)}
+        return state
+
+    def head(self, state: MethodState, store, device: torch.device):
+        center = state.tensors["center"].to(device)
+        center = center if bool(center.abs().sum() > 0) else None
+        lr = state.hparams["lr"]
+
+        def make(regime: str):
+            wd, steps = C.hp(state, regime, "weight_decay"), C.hp(state, regime, "steps")
+
+            def fit(support, classes):
+                C.require_shots(support, self.name)
+                embed = C.centred(center if regime == C.EPISODIC else C.support_center(support))
+                p = probe_params(embed(support), steps=[steps], lr=lr, weight_decay=wd)[steps]
+                return FittedLinear(p, embed)
+
+            return fit
+
+        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY))
+
+
+METHODS.register("linear-probe", LinearProbe, help="logistic regression on the support (prototype init); weight decay and steps chosen on validation")

@@ -1,0 +1,137 @@
+"""``tip-adapter``: Tip-Adapter (Zhang et al., ECCV 2022), training-free.
+
+    logits = 100 * q T^T + alpha * exp(-beta (1 - q K^T)) L
+
+The cache keys K are the normalised support features, the values L their one-hot labels, T the
+class text weights in image space (the bridge when the spaces differ). ``alpha = 0`` is exactly
+zero-shot. alpha and beta are searched on validation data (val-class episodes for the episodic
+regime, the val split with K train shots per class for the all-way regime), as the paper
+searches them on a validation set. Large support banks go through FAISS (fskd.classifiers.cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support, cache_logits
+from fskd.config import Config
+from fskd.errors import ConfigError
+from fskd.methods.adapt import _common as C
+from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.methods.bridge import Bridge
+from fskd.runtime import resolve_device
+
+#: alpha on a wide log grid: the cache and text terms have store-dependent scales
+ALPHA = (0.0, *(2.0**k for k in range(-4, 13)))
+BETA = (1.0, 2.0, 3.5, 5.5, 8.0, 12.0)
+
+
+@dataclass(frozen=True)
+class TipOptions(Config):
+    alpha: float | tuple | None = None  # residual ratio of the cache (default: grid chosen on validation)
+    beta: float | tuple | None = None  # sharpness of the cache kernel
+    ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
+    val_way: int = 5
+    val_query: int = 15
+    val_episodes: int = 300
+    # tip-adapter-f only
+    steps: int | tuple | None = None
+    lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        C.check_val_options(self)
+        for name in ("alpha", "beta"):
+            v = getattr(self, name)
+            vals = v if isinstance(v, tuple) else (v,)
+            if v is not None and any((not isinstance(a, (int, float))) or a < 0 for a in vals):
+                raise ConfigError(f"{name} must be numbers >= 0, got {v}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def text_space(state: MethodState, store, regime: str, support, classes, bridge: Bridge, text) -> C.TextSpace:
+    if regime == C.EPISODIC:
+        return C.episodic_text_space(bridge, text, support, classes)
+    return C.support_text_space(support, classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
+
+
+def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, keys=None) -> C.Choice:
+    """Grid over (alpha, beta) on ``task``: the text logits and each beta's cache term are
+    computed once, every alpha is a weighted sum of the two."""
+    if task is None:
+        return C.grid_search([], lambda c: 0.0, None, default)
+    ts = space(task.support, task.classes)
+    q = ts.embed(task.query)
+    k, v = cache_from_support(ts.support) if keys is None else keys
+    text_logits = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
+    cache = {}
+
+    def score(c: dict) -> float:
+        if c["alpha"] == 0 or k.shape[1] == 0:
+            return task.accuracy(text_logits)
+        if c["beta"] not in cache:
+            cache[c["beta"]] = cache_logits(q, k, v, ts.weights.shape[1], c["beta"])
+        return task.accuracy(text_logits + c["alpha"] * cache[c["beta"]])
+
+    return C.grid_search([{"alpha": a, "beta": b} for b in betas for a in alphas], score, task, default)
+
+
+class TipAdapter(Method):
+    """Training-free cache model over the support + text weights; alpha, beta chosen on validation."""
+
+    name = "tip-adapter"
+    kind = "adapt"
+
+    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        opts = C.parse_options(TipOptions, config)
+        state, _ = fit_tip(self.name, store, config, opts)
+        return state
+
+    def head(self, state: MethodState, store, device: torch.device):
+        text = state.tensors["text"].to(device)
+        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+
+        def make(regime: str):
+            alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
+
+            def fit(support, classes):
+                ts = text_space(state, store, regime, support, classes, bridge, text)
+                keys, values = cache_from_support(ts.support)
+                return FittedTip(ts.weights, keys, values, alpha, beta, ts.embed)
+
+            return fit
+
+        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+
+
+def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, dict]:
+    """The training-free fit shared with tip-adapter-f: bridge, alpha and beta per regime.
+    Returns the state and the validation tasks / spaces for further tuning."""
+    device = resolve_device(config.device)
+    text, source = C.class_text(store, config, name)
+    state = C.new_state(store, config, name)
+    bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
+    br_aw = C.choose_allway_ridge(store, text, config.shots, config.seed, opts.ridge, device)
+    C.record(state, C.EPISODIC, br_ep)
+    C.record(state, C.ALLWAY, br_aw)
+    alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
+    fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
+    default = {"alpha": 1.0 if 1.0 in alphas else alphas[0], "beta": 5.5 if 5.5 in betas else betas[0]}
+    ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
+    aw_task = C.allway_val_task(store, config.shots, config.seed, device)
+    if aw_task is not None and aw_task.shot == 0 and not store.joint:
+        aw_task = None
+    spaces = {
+        C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
+        C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, br_aw.params["ridge"]),
+    }
+    for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
+        C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default), fixed)
+    state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+    state.metrics["text"] = source
+    return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device}
+
+
+METHODS.register("tip-adapter", TipAdapter, help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
