@@ -148,10 +148,22 @@ class Task:
     truth: torch.Tensor
     description: str
     on: str  # VAL_CLASSES or VAL_SPLIT
+    #: the distinct rows (P, D) the support and query were gathered from, and their indices
+    #: (E, N, K) / (E, M) into it: ``mapped`` embeds each row once instead of once per episode
+    pool: torch.Tensor | None = None
+    support_idx: torch.Tensor | None = None
+    query_idx: torch.Tensor | None = None
 
     @property
     def shot(self) -> int:
         return int(self.support.shape[2])
+
+    def mapped(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fn(support), fn(query)) for a row-wise ``fn``, computing fn once per distinct row."""
+        if self.pool is None:
+            return fn(self.support), fn(self.query)
+        out = fn(self.pool)
+        return out[self.support_idx], out[self.query_idx]
 
     def accuracy(self, logits: torch.Tensor) -> float:
         """Mean accuracy of (E, M, N) scores (mean over episodes of per-episode accuracy)."""
@@ -198,10 +210,12 @@ def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
     if transform is not None:
         xt = transform(xt)
     E = len(cls)
+    si, qi = torch.from_numpy(sup).to(device), torch.from_numpy(qry.reshape(E, -1)).to(device)
     return Task(
-        support=xt[torch.from_numpy(sup).to(device)],
+        support=xt[si],
         classes=torch.from_numpy(cls).to(device),
-        query=xt[torch.from_numpy(qry.reshape(E, -1)).to(device)],
+        query=xt[qi],
+        pool=xt, support_idx=si, query_idx=qi,
         truth=torch.arange(way, device=device).repeat_interleave(q)[None].expand(E, -1),
         description=f"{opts.val_episodes} {way}-way {k}-shot {q}-query episodes of the {len(val)} val classes (seed {seed})",
         on=VAL_CLASSES,
@@ -238,13 +252,18 @@ def allway_val_task(store, shots: int, seed: int, device: torch.device,
         support = dev(x).reshape(len(classes), shots, -1)[None]
     else:
         support = torch.zeros(1, len(classes), 0, store.dim, device=device)
+    query = dev(xv)[None]
+    n_s = len(classes) * shots
     pos = np.full(int(classes.max()) + 1, -1)
     pos[classes] = np.arange(len(classes))
     return Task(
         support=support,
         classes=torch.from_numpy(classes).to(device)[None],
-        query=dev(xv)[None],
+        query=query,
         truth=torch.from_numpy(pos[yv]).to(device)[None],
+        pool=torch.cat([support.reshape(n_s, -1), query[0]]),
+        support_idx=torch.arange(n_s, device=device).reshape(1, len(classes), shots),
+        query_idx=torch.arange(n_s, n_s + len(yv), device=device)[None],
         description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}), "
                     f"the {len(yv)} val-split rows as queries",
         on=VAL_SPLIT,
