@@ -83,7 +83,7 @@ class FMAOptions(Config):
     lr: float = 2e-3
     weight_decay: float = 1e-4
     solver: str = "auto"  # euler | heun | auto (chosen on validation)
-    proto_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # candidate weights of the prototype cosine
+    proto_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # candidate weights of the prototype cosine
     bridge: str = "auto"  # auto: identity for a joint store, ridge maps otherwise | ridge | none
     ridge: float | None = None  # bridge ridge strength (None: chosen on validation)
     pca: int = 256  # flow in the top-`pca` principal directions of the training features (0: the full space)
