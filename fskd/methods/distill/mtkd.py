@@ -85,9 +85,9 @@ class MTKDOptions(Config):
     """``--set key=value`` options of mtkd. Defaults were chosen on validation data (val split /
     val classes of cub35), see the README's distill section."""
 
-    image_size: int = 56  # student input side (the stored square is image_size / 0.875)
+    image_size: int = 64  # student input side (the stored square is image_size / 0.875)
     batch_size: int = 64
-    epochs: int = 30  # used when --epochs is not given
+    epochs: int = 20  # used when --epochs is not given
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -97,10 +97,10 @@ class MTKDOptions(Config):
     tau_text: float = 0.05
     tau_class: float = 0.1
     w_task: float = 1.0
-    w_logit: float = 1.0
+    w_logit: float = 4.0
     w_feature: float = 1.0
-    w_affinity: float = 1.0
-    w_image_text: float = 1.0
+    w_affinity: float = 2.0
+    w_image_text: float = 2.0
     w_prototype: float = 1.0
     proj_hidden: int = 1024
     classifier_scale: float = 16.0
