@@ -114,27 +114,42 @@ def train_linear(
     weights for the LP++ term (with ``alpha0`` its initial class-wise blend). Step 0 returns
     the initialisation. Deterministic (full batch, no sampling).
     """
-    E, N, _ = w0.shape
-    S = x.shape[1]
-    steps = sorted(set(int(s) for s in steps))
+    E = x.shape[0]
+    gram, p0, pt = dual_inputs(x, w0, text)
     dev = x.device
+    wd = torch.full((E,), float(weight_decay), device=dev)
+    a0 = None if text is None else torch.full((E,), float(alpha0 if alpha0 is not None else 1.0), device=dev)
+    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale)
+    return {s: LinearParams(w0, a, x, b, al) for s, (a, b, al) in out.items()}
+
+
+def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
+    """What dual training needs from the support: gram (E, S, S), x w0^T (E, S, N), x t^T or None."""
+    return (torch.bmm(x, x.transpose(1, 2)), torch.bmm(x, w0.transpose(1, 2)),
+            None if text is None else torch.bmm(x, text.transpose(1, 2)))
+
+
+def train_dual(gram: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor | None, y: torch.Tensor, *, steps: Sequence[int],
+               lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None, scale: float = SCALE):
+    """The training loop on dual inputs; ``weight_decay`` and ``alpha0`` are per episode (E,), so a
+    grid of settings trains as one batch (episodes x settings). Returns {step: (a, bias, alpha)}."""
+    E, S, N = p0.shape
+    steps = sorted(set(int(s) for s in steps))
+    dev = p0.device
     a = torch.zeros(E, N, S, device=dev, requires_grad=True)
     b = torch.zeros(E, N, device=dev, requires_grad=True)
     params = [a, b]
     alpha = None
-    if text is not None:
-        alpha = torch.full((E, N), float(alpha0 if alpha0 is not None else 1.0), device=dev, requires_grad=True)
+    if pt is not None:
+        alpha = alpha0[:, None].expand(E, N).clone().requires_grad_(True)
         params.append(alpha)
 
-    def snap() -> LinearParams:
-        return LinearParams(w0, a.detach().clone(), x, b.detach().clone(), None if alpha is None else alpha.detach().clone())
+    def snap():
+        return a.detach().clone(), b.detach().clone(), None if alpha is None else alpha.detach().clone()
 
-    out: dict[int, LinearParams] = {0: snap()}
+    out = {0: snap()}
     if not steps or steps[-1] == 0 or S == 0:
         return {s: out[0] for s in steps}
-    gram = torch.bmm(x, x.transpose(1, 2))  # (E, S, S)
-    p0 = torch.bmm(x, w0.transpose(1, 2))  # (E, S, N)
-    pt = torch.bmm(x, text.transpose(1, 2)) if text is not None else None
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad(), single_thread():
         for step in range(1, steps[-1] + 1):

@@ -52,6 +52,12 @@ def parse_options(cls: type[Config], config) -> Config:
 
 
 def new_state(store, config, method: str) -> MethodState:
+    """An empty adapt state for ``store``; first checks that ``--shots`` K shots exist for every
+    class in the train split (the all-way shots), naming the first class that falls short."""
+    if config.shots > 0 and store.has_split("train"):
+        lab = store.labels("train")
+        classes = np.unique(lab[lab >= 0])
+        sample_shots(lab[lab >= 0], classes, config.shots, config.seed, store.class_names)
     return MethodState(method=method, kind="adapt", store_path=str(store.path), store_fingerprint=store.fingerprint,
                        encoder=store.encoder_spec, config=config.to_dict())
 
@@ -261,7 +267,7 @@ def allway_val_task(store, shots: int, seed: int, device: torch.device,
         classes=torch.from_numpy(classes).to(device)[None],
         query=query,
         truth=torch.from_numpy(pos[yv]).to(device)[None],
-        pool=torch.cat([support.reshape(n_s, -1), query[0]]),
+        pool=torch.cat([support.reshape(n_s, query.shape[-1]), query[0]]),
         support_idx=torch.arange(n_s, device=device).reshape(1, len(classes), shots),
         query_idx=torch.arange(n_s, n_s + len(yv), device=device)[None],
         description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}), "

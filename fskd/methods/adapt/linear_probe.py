@@ -18,6 +18,8 @@ from fskd.classifiers.linear import (
     FittedLinear,
     LinearParams,
     Projections,
+    dual_inputs,
+    train_dual,
     train_linear,
     way_labels,
 )
@@ -59,28 +61,35 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
                  default: dict) -> C.Choice:
     """Grid over (alpha0, weight_decay) x checkpoints of ``steps``, scored on ``task``.
 
-    ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe).
+    ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe). The
+    whole grid trains as one batch (episodes x settings): every episode-setting pair is
+    independent under Adam, so this equals separate runs at a fraction of the overhead.
     """
     if task is None:
         return C.grid_search([], lambda c: 0.0, None, default)
     ts = space(task.support, task.classes)
     q = ts.embed(task.query)
-    cache: dict = {}
-    proj: list = []
-
-    def score(c: dict) -> float:
-        key = (c.get("alpha0"), c["weight_decay"])
-        if key not in cache:
-            cache[key] = probe_params(ts.support, steps=steps, lr=lr, weight_decay=c["weight_decay"],
-                                      text=ts.weights, alpha0=c.get("alpha0"))
-        p = cache[key][c["steps"]]
-        if not proj:
-            proj.append(Projections.of(q, p.w0, p.x, ts.weights))
-        return task.accuracy(proj[0].logits(p, SCALE))
-
+    E, N, K, D = ts.support.shape
+    w0 = C.prototypes(ts.support) if K > 0 else torch.zeros(E, N, D, device=q.device)
+    x = ts.support.reshape(E, N * K, D)
+    proj = Projections.of(q, w0, x, ts.weights)
+    settings = [(a, w) for a in alphas for w in weight_decays]
+    G = len(settings)
+    gram, p0, pt = dual_inputs(x, w0, ts.weights)
+    rep = lambda t: None if t is None else t.repeat(G, *([1] * (t.dim() - 1)))  # noqa: E731
+    wd = torch.tensor([w for _, w in settings], device=q.device).repeat_interleave(E)
+    a0 = torch.tensor([1.0 if a is None else a for a, _ in settings], device=q.device).repeat_interleave(E)
+    out = train_dual(rep(gram), rep(p0), rep(pt), rep(way_labels(E, N, K, q.device)), steps=steps, lr=lr,
+                     weight_decay=wd, alpha0=a0 if ts.weights is not None else None)
+    results = {}
+    for step, (a, b, al) in out.items():
+        for i, (a_, w_) in enumerate(settings):
+            sl = slice(i * E, (i + 1) * E)
+            p = LinearParams(w0, a[sl], x, b[sl], None if al is None else al[sl])
+            results[(a_, w_, step)] = task.accuracy(proj.logits(p, SCALE))
     grid = [{**({"alpha0": a} if a is not None else {}), "weight_decay": w, "steps": s}
             for a in alphas for w in weight_decays for s in steps]
-    return C.grid_search(grid, score, task, default)
+    return C.grid_search(grid, lambda c: results[(c.get("alpha0"), c["weight_decay"], c["steps"])], task, default)
 
 
 class LinearProbe(Method):

@@ -23,6 +23,7 @@ the text's space.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
+from fskd.classifiers.linear import single_thread
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
@@ -111,7 +113,8 @@ def train_adapter(e: torch.Tensor, y: torch.Tensor, n_classes: int, *, ratio: fl
         return {s: out[0] for s in steps}
     opt = torch.optim.AdamW([w1, w2, wc], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed + 1)
-    with torch.enable_grad():
+    small = E * min(n, batch) * D < 2**18  # tiny steps: threads cost more than they give
+    with torch.enable_grad(), (single_thread() if small else contextlib.nullcontext()):
         for step in range(1, steps[-1] + 1):
             eb, yb = e, y
             if n > batch:

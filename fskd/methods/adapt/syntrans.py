@@ -319,7 +319,7 @@ class SynTrans(Method):
                 opt.step()
                 with torch.no_grad():  # keep tau in a sane range
                     theta[3].clamp_(math.log(1e-3), math.log(10.0))
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if progress:
                     progress("syntrans meta-training", step + 1, opts.meta_steps, {"loss": losses[-1]})
         vals = theta.detach().exp().tolist()

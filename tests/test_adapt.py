@@ -1,0 +1,402 @@
+"""`fskd adapt`: every registered adapt method fitted and evaluated on tiny stores, oracles for the
+closed-form heads, published behaviour (Tip-Adapter alpha=0 and LP++ at 0 shots are zero-shot,
+more shots never hurt), bad input, the CLI, and the SynTrans claim on real cub35 features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from fskd import api
+from fskd.classifiers.cache import cache_logits
+from fskd.cli import app
+from fskd.config import AdaptConfig, EvalConfig, ExtractConfig
+from fskd.errors import ConfigError, StateError, StoreError
+from fskd.evaluation.episodes import sample_episodes
+from fskd.methods import METHODS, load_state, methods_of_kind
+from fskd.methods.adapt import _common as C
+from fskd.methods.bridge import Bridge, ridge_path
+from fskd.store import FeatureStore
+from fskd.store.synthetic import make_synthetic_store
+
+ADAPT = methods_of_kind("adapt")
+CPU = torch.device("cpu")
+#: keep validation / meta-training small in tests (the defaults are sized for real stores)
+FAST = {"val_episodes": 40}
+FAST_BY_METHOD = {"prototype": {}, "zero-shot": {}, "syntrans": {**FAST, "meta_steps": 15}}
+
+
+def fast(method: str, **extra) -> dict:
+    return {**FAST_BY_METHOD.get(method, FAST), **extra}
+
+
+def fit(store, method: str, shots: int, tmp_path, seed: int = 1, tag: str = "", **options):
+    out = tmp_path / f"{method}-{shots}-{seed}{tag}"
+    r = api.adapt(AdaptConfig(store=str(store.path), method=method, shots=shots, seed=seed, out=str(out),
+                              device="cpu", options=fast(method, **options)))
+    state = load_state(r.out)
+    m = METHODS.get(method)()
+    return state, m.head(state, store, CPU), m
+
+
+def novel_episodes(store, way=3, shot=2, query=4, episodes=6, seed=0):
+    classes = store.class_split("novel")
+    x, y = store.gather(classes)
+    eps = sample_episodes(y, classes, way, shot, query, episodes, seed)
+    xt = torch.from_numpy(x)
+    E = len(eps.classes)
+    return (xt[torch.from_numpy(eps.support)], torch.from_numpy(eps.classes),
+            xt[torch.from_numpy(eps.query.reshape(E, -1))], torch.arange(way).repeat_interleave(query))
+
+
+def allway_task(store, shot=2, seed=1):
+    x, y = store.gather(None, ["train"])
+    xt_, yt_ = store.gather(None, ["test"])
+    classes = np.unique(y)
+    rows = C.sample_shots(y, classes, shot, seed)
+    return (torch.from_numpy(x)[torch.from_numpy(rows)][None], torch.from_numpy(classes)[None],
+            torch.from_numpy(xt_)[None], torch.from_numpy(yt_))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapt-stores")
+    return {
+        "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0),
+        "joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
+        "hard": _clip_like_store(d / "hard.zarr"),
+    }
+
+
+def _clip_like_store(path):
+    """Aligned (CLIP-like) features where text is an imperfect class centre, so shots matter."""
+    from fskd.store.synthetic import synthetic_features
+
+    splits, text = synthetic_features(n_classes=20, per_class=48, joint=True, noise=1.2, gap=0.5, seed=3)
+    rng = np.random.default_rng(4)
+    text = text + 0.25 * rng.normal(size=text.shape).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    order = rng.permutation(20)
+    split = {"base": sorted(order[:10].tolist()), "val": sorted(order[10:15].tolist()), "novel": sorted(order[15:].tolist())}
+    return FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(20)], split, text_embeddings=text,
+                                    encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_store(image_folder, tiny_clip_dir, tmp_path_factory):
+    """The image folder encoded by the tiny open_clip (a joint image-text space)."""
+    path = tmp_path_factory.mktemp("tiny-clip-store") / "tiny.zarr"
+    api.extract(ExtractConfig(dataset="folder", root=str(image_folder), encoder=f"openclip:local-dir:{tiny_clip_dir}",
+                              store=str(path), workers=0, batch_size=16, chunk_rows=16, sample_split=(0.5, 0.25, 0.25)))
+    return FeatureStore.open(path)
+
+
+# -- every registered method --------------------------------------------------------------------
+@pytest.mark.parametrize("method", ADAPT)
+@pytest.mark.parametrize("kind", ["pair", "joint"])
+def test_every_method_fits_and_scores_both_protocols(method, kind, stores, tmp_path):
+    st = stores[kind]
+    state, head, _ = fit(st, method, 2, tmp_path)
+    assert state.method == method and state.kind == "adapt" and state.store_fingerprint == st.fingerprint
+    # every hyper-parameter says where it was chosen, and never on test data
+    assert set(state.hparams) <= set(state.selected_on)
+    assert not any("test" in str(v) for v in state.selected_on.values())
+    assert all(torch.isfinite(t.float()).all() for t in state.tensors.values())
+    # episodic (novel classes: the base-learned parts)
+    sup, cls, qry, truth = novel_episodes(st)
+    logits = head.fit(sup, cls).logits(qry)
+    assert logits.shape == (6, 12, 3) and torch.isfinite(logits).all()
+    assert (logits.argmax(-1) == truth).float().mean() > 0.5  # far above chance (1/3) on this easy store
+    # all-way (every class: learned from the support)
+    sup, cls, qry, yt = allway_task(st)
+    logits = head.fit(sup, cls).logits(qry)
+    assert logits.shape == (1, len(yt), st.num_classes) and torch.isfinite(logits).all()
+    assert (logits[0].argmax(-1) == yt).float().mean() > 0.3  # chance is 1/20
+    # deterministic with a seed: same state, same scores
+    state2, head2, _ = fit(st, method, 2, tmp_path, tag="-again")
+    assert state2.hparams == state.hparams
+    assert state2.tensors.keys() == state.tensors.keys()
+    assert all(torch.equal(state.tensors[k], state2.tensors[k]) for k in state.tensors)
+    torch.testing.assert_close(head2.fit(sup, cls).logits(qry), logits)
+
+
+def test_api_evaluate_runs_states_under_both_protocols(stores, tmp_path):
+    st = stores["pair"]
+    r = api.adapt(AdaptConfig(store=str(st.path), method="syntrans", shots=1, out=str(tmp_path / "s"), device="cpu",
+                              options=fast("syntrans")))
+    ep = api.evaluate(EvalConfig(store=str(st.path), state=r.out, shot=1, episodes=50, device="cpu"))
+    aw = api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shot=1, device="cpu"))
+    assert ep.classifier == "syntrans" and 50 < ep.accuracy <= 100 and ep.ci95 >= 0
+    assert aw.classes == 20 and len(aw.per_seed) == 3
+    assert ep.selected_on["episodic.rho"] == "val classes" and ep.selected_on["allway.a"] == "val split"
+    assert "meta-trained" in ep.selected_on["episodic.a"]
+
+
+# -- oracles for the closed-form heads ----------------------------------------------------------
+def test_zero_shot_is_cosine_to_class_text_in_a_joint_space(stores, tmp_path):
+    st = stores["joint"]
+    _, head, _ = fit(st, "zero-shot", 1, tmp_path)
+    sup, cls, qry, _ = novel_episodes(st)
+    text = F.normalize(torch.from_numpy(st.text_embeddings()), dim=-1)
+    want = torch.bmm(F.normalize(qry, dim=-1), text[cls].transpose(1, 2))
+    torch.testing.assert_close(head.fit(sup, cls).logits(qry), want)
+
+
+def test_zero_shot_through_the_bridge_on_a_pair(stores, tmp_path):
+    st = stores["pair"]
+    state, head, _ = fit(st, "zero-shot", 1, tmp_path)
+    bridge = Bridge.from_tensors(state.tensors)
+    assert not bridge.is_identity and state.selected_on["episodic.ridge"] == "val classes"
+    sup, cls, qry, _ = novel_episodes(st)
+    text = torch.from_numpy(st.text_embeddings())
+    w = bridge.text_to_image(text)[cls]
+    want = torch.bmm(bridge.embed_images(qry), w.transpose(1, 2))
+    torch.testing.assert_close(head.fit(sup, cls).logits(qry), want)
+
+
+def test_prototype_is_simpleshot(stores, tmp_path):
+    st = stores["pair"]
+    _, head, _ = fit(st, "prototype", 1, tmp_path)
+    sup, cls, qry, _ = novel_episodes(st)
+    mean = torch.from_numpy(st.mean(st.class_split("base")))
+    protos = F.normalize(F.normalize(sup - mean, dim=-1).mean(2), dim=-1)
+    want = torch.bmm(F.normalize(qry - mean, dim=-1), protos.transpose(1, 2))
+    torch.testing.assert_close(head.fit(sup, cls).logits(qry), want)
+
+
+def test_tip_adapter_matches_its_formula(stores, tmp_path):
+    st = stores["joint"]
+    state, head, _ = fit(st, "tip-adapter", 2, tmp_path, alpha=3.0, beta=2.0)
+    assert state.selected_on["episodic.alpha"].startswith("fixed")
+    sup, cls, qry, _ = novel_episodes(st)
+    text = F.normalize(torch.from_numpy(st.text_embeddings()), dim=-1)
+    q = F.normalize(qry, dim=-1).double()
+    keys = F.normalize(sup, dim=-1).reshape(len(sup), -1, sup.shape[-1]).double()
+    values = F.one_hot(torch.arange(3).repeat_interleave(2), 3).double()
+    want = 100 * q @ text[cls].double().transpose(1, 2) + 3.0 * torch.exp(-2.0 * (1 - q @ keys.transpose(1, 2))) @ values
+    torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-4, atol=1e-3)
+
+
+def test_faiss_cache_equals_the_dense_cache():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(7, 16, generator=g)
+    values = torch.randint(0, 7, (1, 300), generator=g)
+    keys = F.normalize(centres[values] + 0.5 * torch.randn(1, 300, 16, generator=g), dim=-1)
+    q = F.normalize(centres[torch.randint(0, 7, (1, 50), generator=g)] + 0.5 * torch.randn(1, 50, 16, generator=g), dim=-1)
+    dense = cache_logits(q, keys, values, 7, 5.5, use_faiss=False)
+    exact = cache_logits(q, keys, values, 7, 5.5, topk=300, use_faiss=True)
+    torch.testing.assert_close(exact, dense, rtol=1e-4, atol=1e-5)
+    approx = cache_logits(q, keys, values, 7, 5.5, topk=64, use_faiss=True)  # truncated kernel: near keys only
+    assert (approx.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.95
+
+
+def test_linear_probe_reaches_the_regularised_optimum():
+    """The dual (representer) training converges to the primal optimum: zero primal gradient."""
+    from fskd.classifiers.linear import SCALE, train_linear, way_labels
+
+    g = torch.Generator().manual_seed(1)
+    E, N, K, D = 2, 3, 4, 24
+    x = F.normalize(torch.randn(E, N, K, D, generator=g) + 2 * torch.randn(E, N, 1, D, generator=g), dim=-1)
+    w0 = F.normalize(x.mean(2), dim=-1)
+    y = way_labels(E, N, K, "cpu")
+    wd = 0.05
+    p = train_linear(x.reshape(E, N * K, D), y, w0, steps=[3000], lr=0.05, weight_decay=wd)[3000]
+    w = p.weights.clone().requires_grad_(True)
+    b = p.bias.clone().requires_grad_(True)
+    logits = SCALE * torch.bmm(x.reshape(E, N * K, D), w.transpose(1, 2)) + b[:, None]
+    loss = (F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
+            + 0.5 * wd * ((w - w0) ** 2).sum((1, 2))).sum()
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    assert gw.abs().max() < 2e-3 and gb.abs().max() < 2e-3
+
+
+def test_batched_bridge_equals_row_by_row_ridge():
+    g = torch.Generator().manual_seed(2)
+    E, N, K, D, T = 3, 4, 5, 12, 6
+    e = F.normalize(torch.randn(E, N, K, D, generator=g), dim=-1)
+    t = F.normalize(torch.randn(E, N, T, generator=g), dim=-1)
+    got = C.batched_text_to_image(e, t, 0.1)
+    for i in range(E):
+        rows = t[i].repeat_interleave(K, 0)
+        w = ridge_path(rows, e[i].reshape(N * K, D), [0.1])[0]
+        torch.testing.assert_close(got[i], F.normalize(t[i] @ w, dim=-1), rtol=1e-4, atol=1e-5)
+    a, b = torch.randn(30, 8, generator=g), torch.randn(30, 3, generator=g)
+    for lam, w in zip((0.01, 1.0), ridge_path(a, b, (0.01, 1.0)), strict=True):
+        ref = torch.linalg.solve(a.T @ a + lam * torch.eye(8), a.T @ b)
+        torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_syntrans_semantic_reconstruction_never_uses_the_class_itself():
+    from fskd.methods.adapt.syntrans import semantic
+
+    text = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    bank = torch.eye(3)
+    mask = torch.eye(3, dtype=torch.bool)[None]
+    rec = semantic(text[None], text, bank, 0.05, mask)[0]
+    assert torch.all(rec.diagonal() < 1e-6)  # no class rebuilt from its own prototype
+    sims = (text @ text.T / 0.05).masked_fill(mask[0], -1e9)
+    torch.testing.assert_close(rec, torch.softmax(sims, -1) @ bank)
+    assert rec[0, 1] > 0.99  # class 0's nearest text neighbour is class 1
+
+
+# -- published behaviour ------------------------------------------------------------------------
+def _zero_shot_logits(st, support, classes, query, tmp_path):
+    _, zs, _ = fit(st, "zero-shot", 0, tmp_path, tag="-zs")
+    return zs.fit(support, classes).logits(query)
+
+
+@pytest.mark.parametrize("kind", ["joint", "pair", "tiny-clip"])
+def test_tip_adapter_with_alpha_zero_is_zero_shot(kind, stores, tiny_clip_store, tmp_path):
+    st = tiny_clip_store if kind == "tiny-clip" else stores[kind]
+    _, tip, _ = fit(st, "tip-adapter", 1, tmp_path, alpha=0.0)
+    for task in ([t for t in novel_episodes(st, way=2, shot=1, query=1)[:3]] if kind != "tiny-clip" else [],
+                 list(allway_task(st, shot=1)[:3])):
+        if not task:
+            continue
+        sup, cls, qry = task
+        zs = _zero_shot_logits(st, sup, cls, qry, tmp_path)
+        torch.testing.assert_close(tip.fit(sup, cls).logits(qry), 100 * zs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["joint", "tiny-clip"])
+def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, stores, tiny_clip_store, tmp_path):
+    st = tiny_clip_store if kind == "tiny-clip" else stores[kind]
+    state, lpp, _ = fit(st, "lp++", 0, tmp_path)
+    sup, cls, qry, _ = allway_task(st, shot=1)
+    empty = sup[:, :, :0]  # (1, C, 0, D): no shots
+    zs = _zero_shot_logits(st, empty, cls, qry, tmp_path)
+    got = lpp.fit(empty, cls).logits(qry)
+    a0 = C.hp(state, C.ALLWAY, "alpha0")
+    torch.testing.assert_close(got, 10.0 * a0 * zs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), zs.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["tip-adapter", "lp++"])
+def test_more_shots_never_hurt_on_average(method, stores, tmp_path):
+    """All-way accuracy (mean over seeds 1-3) on CLIP-like features, each K with its own state."""
+    st = stores["hard"]
+    accs = []
+    for k in (1, 2, 4, 8):
+        r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=k, out=str(tmp_path / f"{method}{k}"),
+                                  device="cpu", options=fast(method)))
+        accs.append(api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shot=k,
+                                            device="cpu")).accuracy)
+    zs = api.evaluate(EvalConfig(store=str(st.path), classifier="text", protocol="allway", shot=1, device="cpu")).accuracy
+    assert all(b >= a - 1.5 for a, b in zip(accs[:-1], accs[1:], strict=True)), accs
+    assert accs[-1] > accs[0] + 3 and accs[-1] > zs, (accs, zs)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_descriptions_file_must_match_the_classes(stores, tmp_path):
+    st = stores["pair"]
+    bad = tmp_path / "desc.json"
+    names = st.class_names
+    bad.write_text(json.dumps({**{n: [f"a {n}"] for n in names[1:]}, "Dodo": ["extinct"]}))
+    for method in ("zero-shot", "syntrans"):
+        with pytest.raises(ConfigError) as e:
+            api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, descriptions=str(bad),
+                                  out=str(tmp_path / "x"), options=fast(method)))
+        assert names[0] in str(e.value) and "Dodo" in str(e.value)
+
+
+def test_descriptions_are_encoded_with_the_stores_text_encoder(tiny_clip_store, tmp_path):
+    st = tiny_clip_store
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({n: [f"a small bird called {n}", "it sings"] for n in st.class_names}))
+    r = api.adapt(AdaptConfig(store=str(st.path), method="zero-shot", shots=1, descriptions=str(desc),
+                              out=str(tmp_path / "zs"), device="cpu"))
+    state = load_state(r.out)
+    text = state.tensors["text"]
+    assert text.shape == (st.num_classes, st.attrs["text"]["dim"]) and torch.isfinite(text).all()
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(st.num_classes))
+    assert not torch.allclose(text, F.normalize(torch.from_numpy(st.text_embeddings()), dim=-1), atol=1e-3)
+    assert "descriptions" in state.metrics["text"]
+
+
+def test_shots_larger_than_available_name_the_class(stores, tmp_path):
+    st = stores["pair"]
+    with pytest.raises(ConfigError, match=r"--shots 40 is larger than available: class 'class \d+' has 15 samples"):
+        api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=40, out=str(tmp_path / "x"),
+                              options=FAST))
+
+
+def test_a_state_from_another_store_is_refused(stores, tmp_path):
+    r = api.adapt(AdaptConfig(store=str(stores["pair"].path), method="prototype", shots=1, out=str(tmp_path / "p")))
+    with pytest.raises(StateError, match="fitted on store .*pair.zarr.* not on .*joint.zarr"):
+        api.evaluate(EvalConfig(store=str(stores["joint"].path), state=r.out))
+
+
+def test_unknown_options_and_missing_text_are_clear(tmp_path):
+    from fskd.store.synthetic import synthetic_features
+
+    splits, _ = synthetic_features(n_classes=12)
+    st = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, [f"c{i}" for i in range(12)],
+                                  {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]})
+    with pytest.raises(ConfigError, match="unknown key.*alhpa.*valid keys.*alpha"):
+        api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x"),
+                              options={"alhpa": 1}))
+    with pytest.raises(StoreError, match="needs class text features"):
+        api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x")))
+    r = api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=1, out=str(tmp_path / "lp"),
+                              options=FAST))  # text-free methods still work
+    assert api.evaluate(EvalConfig(store=str(st.path), state=r.out, way=3, shot=1, episodes=20)).accuracy > 40
+
+
+# -- residual adapter features (what `fskd align --base-state` builds on) -----------------------
+def test_residual_adapter_exposes_its_adapted_features(stores, tmp_path):
+    st = stores["pair"]
+    state, head, m = fit(st, "residual-adapter", 2, tmp_path)
+    fmap = m.features(state, st, CPU)
+    x, _ = st.gather(st.class_split("novel"))
+    out = fmap(torch.from_numpy(x))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(F.normalize(out, dim=-1), F.normalize(torch.from_numpy(x) - torch.from_numpy(x).mean(0), dim=-1))
+    assert state.hparams["features"] == "shots"
+    st_base, _, _ = fit(st, "residual-adapter", 2, tmp_path, tag="-base", features="base")
+    assert st_base.hparams["features"] == "base" and m.features(st_base, st, CPU)(torch.from_numpy(x)).shape == x.shape
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def test_cli_adapt_then_eval(stores, tmp_path):
+    st = stores["joint"]
+    out = tmp_path / "tip"
+    runner = CliRunner()
+    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", "tip-adapter", "--shots", "2",
+                              "--out", str(out), "--device", "cpu", "--set", "val_episodes=30"])
+    assert res.exit_code == 0, res.output
+    assert "tip-adapter (adapt)" in res.output and "episodic.alpha=" in res.output and "(val classes)" in res.output
+    info = json.loads((out / "state.json").read_text())
+    assert info["method"] == "tip-adapter" and info["selected_on"]["allway.beta"] == "val split"
+    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--shot", "2", "--episodes", "30",
+                              "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output.strip().splitlines()[-1])
+    assert r["classifier"] == "tip-adapter" and r["accuracy"] > 50
+    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", "tip-adaptor", "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "Did you mean 'tip-adapter'" in res.output
+
+
+# -- real data: the SynTrans claim --------------------------------------------------------------
+def test_real_cub35_syntrans_beats_prototype_at_5way_1shot(cub35_store, tmp_path):
+    """Semantic knowledge pays off where visual evidence is thinnest: beyond both 95% CIs."""
+    r = api.adapt(AdaptConfig(store=cub35_store, method="syntrans", shots=1, out=str(tmp_path / "syn")))
+    syn = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=600, seed=0))
+    proto = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=1, episodes=600, seed=0))
+    assert abs(proto.accuracy - 81.7) < 1.0
+    assert syn.accuracy - syn.ci95 > proto.accuracy + proto.ci95, (syn.accuracy, syn.ci95, proto.accuracy, proto.ci95)
+    assert syn.accuracy > 84.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in ADAPT if m not in ("prototype", "syntrans")])
+def test_real_cub35_methods_at_5way_1shot(method, cub35_store, tmp_path):
+    """Golden-ish numbers (seeded, 600 episodes) with tolerances: see benchmarks/adapt_cub35.py."""
+    floor = {"zero-shot": 45.0}.get(method, 80.5)
+    r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method)))
+    e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=600, seed=0))
+    assert e.accuracy > floor
