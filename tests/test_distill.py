@@ -131,7 +131,7 @@ def test_losses_none_is_task_only():
     lg = torch.randn(6, 3, requires_grad=True)
     tb = TeacherBatch(F.normalize(torch.randn(6, 4), dim=-1), torch.randn(6, 3), torch.tensor([0, 1, 2, -1, -1, 0]))
     out = crit(f, lg, None, tb)
-    assert float(out["kd_loss"]) == 0.0 and all(float(out[t]) == 0.0 for t in TERMS)
+    assert float(out["kd_loss"].detach()) == 0.0 and all(float(out[t]) == 0.0 for t in TERMS)
     torch.testing.assert_close(out["loss"], F.cross_entropy(lg[[0, 1, 2, 5]], torch.tensor([0, 1, 2, 0])))
 
 
@@ -319,7 +319,8 @@ def _novel_accuracy(store: FeatureStore, student_dir: str, shot: int, episodes: 
 
 def test_cub35_short_distillation_beats_labels_only(cub35_store, tmp_path):
     """A 2-epoch base-novel run at 32 px: the distilled student's novel 5-way 5-shot accuracy is
-    clearly above the same student trained on the base labels alone (measured ~+6 points)."""
+    clearly above the same student trained on the base labels alone (measured +5.8 and +7.4 points
+    with seeds 1 and 2; the test asks for +2)."""
     opts = {"image_size": 32, "batch_size": 64, "val_episodes": 50}
     acc = {}
     for losses in ("all", "none"):

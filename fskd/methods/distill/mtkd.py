@@ -332,8 +332,8 @@ class MTKD(Method):
 
         # a bad student spec fails before any image is decoded
         backbone = build_student_backbone(spec.name, opts.image_size, opts.student_kwargs, spec.weights)
-        source = dataset_of(store, cfg.root)
         plan = (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
+        source = dataset_of(store, cfg.root)
         n_cls = len(plan.classes)
 
         # teacher head: text-initialised cosine classifier, fine-tuned on the labelled rows
