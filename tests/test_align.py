@@ -218,11 +218,12 @@ def test_same_seed_same_state_other_seed_differs(synthetic_store):
 
 def test_fma_builds_on_another_methods_features(synthetic_store, tmp_path):
     store = synthetic_store(joint=True, n_classes=8, seed=6)
-    first = align(store, shots=3, out=str(tmp_path / "first"))
+    first = align(store, shots=3, out=str(tmp_path / "first"), options={"pca": 8})  # flow in 8 of the 32 dims
     second = align(store, shots=3, base_state=first.out, out=str(tmp_path / "second"))
     state = load_state(second.out)
     assert state.hparams["base_method"] == "fma"
     assert any(k.startswith("base.") for k in state.tensors)  # self-contained: the base state is inside
+    assert state.hparams["allway.bridge"] == "identity"  # fma's features come back in the 32-d joint space
     import shutil
 
     shutil.rmtree(first.out)

@@ -173,12 +173,15 @@ def principal_basis(a: torch.Tensor, p: int) -> torch.Tensor | None:
 
 
 def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
-                opts: FMAOptions) -> tuple[Bridge, str]:
+                opts: FMAOptions, base_features: bool = False) -> tuple[Bridge, str]:
     """The bridge for features ``x`` (n, D') labelled ``y``: the identity when image and text
     features share one space, else ridge maps (ridge chosen on ``val``). Returns the bridge and
-    a description of how it was made."""
+    a description of how it was made. ``base_features``: ``x`` comes from another method's
+    feature map (whose width may legitimately differ from the text's: then a ridge bridge)."""
     d_img, d_txt = int(x.shape[1]), int(text.shape[1])
-    if opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
+    if opts.bridge == "auto" and store.joint and base_features and d_img != d_txt:
+        log.info("fma: the base method's features are %d-d, the text features %d-d: learning a ridge bridge", d_img, d_txt)
+    elif opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
         if d_img != d_txt:
             why = "the store says its encoder is joint" if opts.bridge == "auto" else "bridge=none was asked"
             raise ConfigError(
@@ -464,7 +467,8 @@ class FMA(Method):
         xv = _apply(fmap, torch.from_numpy(xv_np).to(device))
         y = torch.from_numpy(y_np).to(device)
 
-        bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts)
+        bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts,
+                                          base_features=fmap is not None)
         targets_img = bridge.text_to_image(text)  # (C, D_i)
         e_train = bridge.embed_images(x)
         train_cls = torch.from_numpy(classes).to(device)
@@ -557,13 +561,16 @@ class FMA(Method):
         return FMAHead(self.parts(state, store, device))
 
     def features(self, state: MethodState, store, device: torch.device) -> FeatureMap:
-        """Raw features (n, D) -> transported unit-norm features (n, P) of the all-way part (else
+        """Raw features (n, D) -> transported unit-norm features (n, D_i) in the image space (the
+        flow coordinates mapped back through the principal basis), of the all-way part (else
         the episodic one), stopped where validation chose."""
         parts = self.parts(state, store, device)
         part = parts.get(ALLWAY) or parts[EPISODIC]
+        basis = part.space.basis
 
         def fmap(x: torch.Tensor) -> torch.Tensor:
-            return F.normalize(part.transport(part.space.to_flow(part.space.embed(x))), dim=-1)
+            z = part.transport(part.space.to_flow(part.space.embed(x)))
+            return F.normalize(z if basis is None else z @ basis.T, dim=-1)
 
         return fmap
 
