@@ -627,7 +627,7 @@ class FMAHead(Head):
         if E > 1 or N != int(aw.learned.sum()):
             raise EvaluationError(
                 f"this fma state (regime allway) learned from {aw.hp['shots']} shots of every class, novel ones included; "
-                f"{E} episode(s) of {N} classes would score rows it was trained on. Evaluate it with --protocol allway, "
+                f"{N}-way episodes would score rows it was trained on. Evaluate it with --protocol allway, "
                 f"or fit with --set regime=episodic (or both) for episodes")
         if K < aw.hp["shots"]:
             raise EvaluationError(
