@@ -225,6 +225,14 @@ def test_batched_bridge_equals_row_by_row_ridge():
         rows = t[i].repeat_interleave(K, 0)
         w = ridge_path(rows, e[i].reshape(N * K, D), [0.1])[0]
         torch.testing.assert_close(got[i], F.normalize(t[i] @ w, dim=-1), rtol=1e-4, atol=1e-5)
+    # leave-one-class-out: class c's weight from a bridge fitted on the other classes only
+    loo = C.batched_text_to_image(e, t, 0.1, leave_out=True)
+    for i in range(E):
+        for c in range(N):
+            keep = [j for j in range(N) if j != c]
+            rows = t[i, keep].repeat_interleave(K, 0)
+            w = ridge_path(rows, e[i, keep].reshape((N - 1) * K, D), [0.1])[0]
+            torch.testing.assert_close(loo[i, c], F.normalize(t[i, c] @ w, dim=-1), rtol=1e-4, atol=1e-5)
     a, b = torch.randn(30, 8, generator=g), torch.randn(30, 3, generator=g)
     for lam, w in zip((0.01, 1.0), ridge_path(a, b, (0.01, 1.0)), strict=True):
         ref = torch.linalg.solve(a.T @ a + lam * torch.eye(8), a.T @ b)
@@ -245,8 +253,8 @@ def test_syntrans_semantic_reconstruction_never_uses_the_class_itself():
 
 
 # -- published behaviour ------------------------------------------------------------------------
-def _zero_shot_logits(st, support, classes, query, tmp_path):
-    _, zs, _ = fit(st, "zero-shot", 0, tmp_path, tag="-zs")
+def _zero_shot_logits(st, support, classes, query, tmp_path, shots=0):
+    _, zs, _ = fit(st, "zero-shot", shots, tmp_path, tag="-zs")
     return zs.fit(support, classes).logits(query)
 
 
@@ -259,7 +267,7 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(kind, stores, tiny_clip_store,
         if not task:
             continue
         sup, cls, qry = task
-        zs = _zero_shot_logits(st, sup, cls, qry, tmp_path)
+        zs = _zero_shot_logits(st, sup, cls, qry, tmp_path, shots=1)  # same shots: same bridge ridge choice
         torch.testing.assert_close(tip.fit(sup, cls).logits(qry), 100 * zs, rtol=1e-5, atol=1e-4)
 
 
@@ -302,6 +310,8 @@ def test_descriptions_file_must_match_the_classes(stores, tmp_path):
             api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, descriptions=str(bad),
                                   out=str(tmp_path / "x"), options=fast(method)))
         assert names[0] in str(e.value) and "Dodo" in str(e.value)
+    with pytest.raises(ConfigError, match="'prototype' uses no class text: --descriptions"):
+        api.adapt(AdaptConfig(store=str(st.path), method="prototype", shots=1, descriptions=str(bad), out=str(tmp_path / "p")))
 
 
 def test_descriptions_are_encoded_with_the_stores_text_encoder(tiny_clip_store, tmp_path):

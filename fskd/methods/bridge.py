@@ -126,12 +126,16 @@ class Bridge:
         classes, counts, sums = _class_sums(e, y)
         maps = _t2i_path(tn[classes], counts, sums, grid)
         best, best_acc = None, -1.0
+        if val is not None and len(grid) > 1:  # embed the validation rows once for every candidate
+            val_classes = torch.unique(val[1])
+            ev = F.normalize(val[0] - mean.to(val[0].device), dim=-1)
         for lam, t2i in zip(grid, maps, strict=True):
             cand = cls(mean=mean, t2i=t2i, ridge=lam)
             if val is None or len(grid) == 1:
                 best = cand
                 break
-            acc = cand.zero_shot_accuracy(val[0], val[1], text)
+            w = cand.text_to_image(text[val_classes])
+            acc = float((val_classes[(ev @ w.T).argmax(1)] == val[1]).float().mean())
             if acc > best_acc:
                 best, best_acc = cand, acc
         best.i2t = _ridge(e, tn[y], best.ridge)

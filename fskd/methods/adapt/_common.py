@@ -15,13 +15,22 @@ Every adapt state serves both evaluation protocols of DESIGN.md with one head:
   class drawn (seeded) from the train split.
 
 ``MethodState.selected_on`` says which of the two chose each hyper-parameter.
+
+Threads
+-------
+Fits and head fits on small problems (below ``SMALL_PROBLEM`` feature values, e.g. cub35's
+1,994 x 1280) run on one intra-op thread: their tensors are small, and on a busy 2-core machine
+two threads fighting over the cores made them 2-5x slower (zero-shot fit 1.46 s -> 0.30 s,
+residual-adapter 17-21 s -> 6 s, measured with benchmarks/adapt_speed.py's store).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead, Head
+from fskd.classifiers.linear import single_thread
 from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, StoreError
 from fskd.methods.base import MethodState
@@ -41,6 +51,35 @@ EPISODIC = "episodic"
 ALLWAY = "allway"
 VAL_CLASSES = "val classes"
 VAL_SPLIT = "val split"
+
+
+#: feature values (rows x dim) under which adapt work runs on one thread
+SMALL_PROBLEM = 2**24
+
+
+@contextlib.contextmanager
+def compute_threads(numel: int) -> Iterator[None]:
+    """One intra-op thread for a small problem (see the module docstring), else unchanged."""
+    if numel < SMALL_PROBLEM:
+        with single_thread():
+            yield
+    else:
+        yield
+
+
+def store_numel(store) -> int:
+    return sum(store.n_rows(s) for s in store.splits) * store.dim
+
+
+def threads_by_store(fit: Callable) -> Callable:
+    """Decorator for ``Method.fit``: run it under :func:`compute_threads` for the store's size."""
+
+    @functools.wraps(fit)
+    def wrapper(self, store, config, progress=None):
+        with compute_threads(store_numel(store)):
+            return fit(self, store, config, progress)
+
+    return wrapper
 
 
 def parse_options(cls: type[Config], config) -> Config:
@@ -63,6 +102,13 @@ def new_state(store, config, method: str) -> MethodState:
 
 
 # -- class text -----------------------------------------------------------------------------------
+def reject_descriptions(config, method: str) -> None:
+    """Methods that use no class semantics refuse ``--descriptions`` rather than ignore it."""
+    if config.descriptions:
+        raise ConfigError(f"method {method!r} uses no class text: --descriptions {config.descriptions} would be ignored; "
+                          f"methods that use it: zero-shot, lp++, tip-adapter, tip-adapter-f, syntrans")
+
+
 def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
     """(C, d_t) L2-normalised class text features and where they came from.
 
@@ -349,9 +395,10 @@ class RegimeHead(Head):
         self.needs_text = needs_text
 
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
-        if support_only(classes, self.learned):
-            return self._allway(support, classes)
-        return self._episodic(support, classes)
+        with compute_threads(support.numel()):
+            if support_only(classes, self.learned):
+                return self._allway(support, classes)
+            return self._episodic(support, classes)
 
 
 class FittedWeights(FittedHead):
@@ -428,39 +475,48 @@ def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: 
 
 def choose_allway_ridge(store, text: torch.Tensor, shots: int, seed: int, ridge: float | None, device: torch.device,
                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Choice:
-    """The ridge strength of the support-fitted bridge (all-way): fixed, or chosen by zero-shot
-    accuracy on the val split of a bridge fitted on K shots per class of the train split."""
+    """The ridge strength of the support-fitted, leave-one-class-out bridge (all-way regime):
+    fixed, or chosen by the zero-shot accuracy of its text weights on the val split, the bridge
+    fitted on K shots per class of the train split."""
     if store.joint:
         return Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
     if ridge is not None:
         return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")
-    if shots < 1 or not (store.has_split("train") and store.has_split("val")):
+    task = allway_val_task(store, shots, seed, device, transform) if shots > 0 else None
+    if task is None:
         return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None, "default (no all-way shots or val split)", "")
-    tf = transform or (lambda t: t)
-    x, y, classes = allway_rows(store, shots, seed)
-    xv, yv = store.gather(classes, ["val"])
-    xt = tf(torch.from_numpy(x).to(device))
-    br = Bridge.fit(xt, torch.from_numpy(y).to(device), text.to(device), mean=xt.mean(0),
-                    val=(tf(torch.from_numpy(xv).to(device)), torch.from_numpy(yv).to(device)))
-    return Choice({"ridge": br.ridge}, None, VAL_SPLIT, "bridge ridge by zero-shot accuracy on the val split")
+
+    def score(c: dict) -> float:
+        ts = support_text_space(task.support, task.classes, text, False, c["ridge"])
+        return task.accuracy(torch.bmm(ts.embed(task.query), ts.weights.transpose(1, 2)))
+
+    return grid_search([{"ridge": lam} for lam in RIDGE_GRID], score, task, {})
 
 
-def batched_text_to_image(e: torch.Tensor, t_classes: torch.Tensor, lam: float) -> torch.Tensor:
+def batched_text_to_image(e: torch.Tensor, t_classes: torch.Tensor, lam: float, leave_out: bool = False) -> torch.Tensor:
     """Per-episode ridge text -> image maps applied to the class texts (Bridge.fit, batched).
 
     e: (E, N, K, D) embedded support, t_classes: (E, N, d_t) class texts -> (E, N, D) L2-normalised
     class weights in image space. All K rows of a class share its text, so the regression is
     solved on class-aggregated data (rows t_c sqrt(K), targets sum_k e_k / sqrt(K)): the same
     solution as row by row, in the dual form over the N classes.
+
+    ``leave_out``: class c's weight comes from a bridge fitted without class c (exact
+    leave-one-out of kernel ridge: f_-c(a_c) = (f(a_c) - H_cc b_c) / (1 - H_cc), H = K (K + lam)^-1),
+    so it is predicted from its text alone: a zero-shot weight, not its own prototype.
     """
     K = e.shape[2]
     a = t_classes.double() * math.sqrt(K)  # (E, N, d_t)
     b = e.double().sum(2) / math.sqrt(K)  # (E, N, D)
     n = a.shape[1]
-    k = torch.bmm(a, a.transpose(1, 2)) + lam * torch.eye(n, dtype=a.dtype, device=a.device)
-    coef = torch.linalg.solve(k, b)  # (E, N, D): W = a^T coef
-    out = torch.bmm(torch.bmm(t_classes.double(), a.transpose(1, 2)), coef)
-    return F.normalize(out.float(), dim=-1)
+    gram = torch.bmm(a, a.transpose(1, 2))
+    coef = torch.linalg.solve(gram + lam * torch.eye(n, dtype=a.dtype, device=a.device), b)  # W = a^T coef
+    if not leave_out:
+        return F.normalize(torch.bmm(torch.bmm(t_classes.double(), a.transpose(1, 2)), coef).float(), dim=-1)
+    fitted = torch.bmm(gram, coef)  # f(a_c) for every class row
+    h = torch.linalg.solve(gram + lam * torch.eye(n, dtype=a.dtype, device=a.device), gram).diagonal(dim1=1, dim2=2)
+    loo = (fitted - h[..., None] * b) / (1.0 - h).clamp_min(1e-12)[..., None]
+    return F.normalize(loo.float(), dim=-1)
 
 
 @dataclass
@@ -481,7 +537,8 @@ def episodic_text_space(bridge: Bridge, text: torch.Tensor, support: torch.Tenso
 def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch.Tensor, joint: bool,
                        ridge: float | None) -> TextSpace:
     """Text weights learned from the support alone: the identity for a joint store, else a
-    bridge fitted on the support (centred on its mean) with the chosen ridge."""
+    bridge fitted on the support (centred on its mean) with the chosen ridge, leave-one-class-out
+    (each class's text weight comes from a bridge that never saw that class's images)."""
     text = text.to(support.device)
     if joint:
         embed = centred(None)
@@ -494,4 +551,4 @@ def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch
                               "the bridge is then learned from the support, which needs at least 1 shot per class")
     embed = centred(support_center(support))
     es = embed(support)
-    return TextSpace(batched_text_to_image(es, text[classes], float(ridge)), embed, es)
+    return TextSpace(batched_text_to_image(es, text[classes], float(ridge), leave_out=True), embed, es)

@@ -98,7 +98,9 @@ class LinearProbe(Method):
     name = "linear-probe"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        C.reject_descriptions(config, self.name)
         opts = C.parse_options(LinearProbeOptions, config)
         device = resolve_device(config.device)
         state = C.new_state(store, config, self.name)

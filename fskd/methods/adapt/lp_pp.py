@@ -53,6 +53,7 @@ class LPPlusPlus(Method):
     name = "lp++"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(LPPPOptions, config)
         device = resolve_device(config.device)

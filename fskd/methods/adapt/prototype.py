@@ -29,7 +29,9 @@ class Prototype(Method):
     name = "prototype"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        C.reject_descriptions(config, self.name)
         C.parse_options(_NoOptions, config)
         state = C.new_state(store, config, self.name)
         base = store.class_split("base")

@@ -147,7 +147,9 @@ class ResidualAdapter(Method):
     name = "residual-adapter"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        C.reject_descriptions(config, self.name)
         opts = C.parse_options(ResidualAdapterOptions, config)
         device = resolve_device(config.device)
         state = C.new_state(store, config, self.name)
@@ -233,11 +235,8 @@ class ResidualAdapter(Method):
             runs, cen = _train_on_support(support, store.joint, ratio, [steps], train)
             return FittedAdapted(runs[steps].classes, _support_features(runs[steps], cen))
 
-        if "base.w1" not in t:
-            def episodic(support, classes):  # noqa: F811 - no base classes: the all-way path only
-                return allway(support, classes)
-
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway)
+        # without base classes nothing was learned beforehand: every call learns from its support
+        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic if "base.w1" in t else allway, allway)
 
     def features(self, state: MethodState, store, device: torch.device):
         use = state.hparams["features"]

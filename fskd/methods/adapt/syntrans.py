@@ -139,6 +139,7 @@ class SynTrans(Method):
     kind = "adapt"
 
     # ------------------------------------------------------------------------------------------
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(SynTransOptions, config)
         device = resolve_device(config.device)

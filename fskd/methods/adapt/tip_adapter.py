@@ -24,7 +24,7 @@ from fskd.methods.bridge import Bridge
 from fskd.runtime import resolve_device
 
 #: alpha on a wide log grid: the cache and text terms have store-dependent scales
-ALPHA = (0.0, *(2.0**k for k in range(-4, 13)))
+ALPHA = (0.0, *(2.0**k for k in range(-4, 17)))
 BETA = (1.0, 2.0, 3.5, 5.5, 8.0, 12.0)
 
 
@@ -84,6 +84,7 @@ class TipAdapter(Method):
     name = "tip-adapter"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(TipOptions, config)
         state, _ = fit_tip(self.name, store, config, opts)

@@ -62,6 +62,7 @@ class TipAdapterF(Method):
     name = "tip-adapter-f"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(TipOptions, config)
         state, ctx = fit_tip(self.name, store, config, opts)

@@ -26,6 +26,7 @@ class ZeroShot(Method):
     name = "zero-shot"
     kind = "adapt"
 
+    @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(ZeroShotOptions, config)
         device = resolve_device(config.device)

@@ -1,0 +1,67 @@
+"""Fit time of every ``fskd adapt`` method on cub35 cached features (1,994 photos, 1280-d image
+features, 384-d text): both regimes (base-class learning + val-class episodes, and the all-way
+shots + val split). Limits from the issue: under 30 s each, under 1 s for training-free methods.
+Best of ``--repeat`` wall times (the least disturbed by other load on a shared machine), the
+process CPU time of that run, and the ratio to ``prototype`` measured in the same run.
+
+    python benchmarks/adapt_speed.py [--quick] [--store PATH] [--shots 16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+TRAINING_FREE = {"prototype", "zero-shot", "tip-adapter"}
+
+
+def main() -> None:
+    from _common import machine, table
+    from adapt_cub35 import ROOT, store_path
+
+    from fskd import api
+    from fskd.config import AdaptConfig
+    from fskd.methods import methods_of_kind
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one repeat, 4 shots")
+    ap.add_argument("--store", default=None)
+    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    store = store_path(args.store, Path(args.data_root))
+    shots, repeat = (4, 1) if args.quick else (args.shots, args.repeat)
+    methods = ["prototype"] + [m for m in methods_of_kind("adapt") if m != "prototype"]
+    load0 = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        api.adapt(AdaptConfig(store=store, method="prototype", shots=shots, out=f"{d}/warm"))  # imports, store cache
+        for m in methods:
+            best = None
+            for i in range(repeat):
+                w, c = time.perf_counter(), time.process_time()
+                api.adapt(AdaptConfig(store=store, method=m, shots=shots, seed=1, out=f"{d}/{m}-{i}"))
+                run = (time.perf_counter() - w, time.process_time() - c)
+                best = run if best is None or run[0] < best[0] else best
+            limit = 1.0 if m in TRAINING_FREE else 30.0
+            rows.append({"method": m, "training-free": "yes" if m in TRAINING_FREE else "no",
+                         "fit s (best)": f"{best[0]:.2f}", "CPU s": f"{best[1]:.2f}", "_wall": best[0],
+                         "limit s": f"{limit:g}", "within": "yes" if best[0] < limit else "NO"})
+    base = rows[0]["_wall"]
+    for r in rows:
+        r["x prototype"] = f"{r['_wall'] / base:.0f}"
+    print(f"## fskd adapt fit time on cub35 ({shots} shots)\n\n{machine()}; load average {load0:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end (a shared machine: best of {repeat}); store `{store}`.\n")
+    print(table(rows, ["method", "training-free", "fit s (best)", "CPU s", "x prototype", "limit s", "within"]))
+
+
+if __name__ == "__main__":
+    main()
