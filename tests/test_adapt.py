@@ -182,6 +182,19 @@ def test_tip_adapter_matches_its_formula(stores, tmp_path):
     torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-4, atol=1e-3)
 
 
+def test_tip_adapter_pooled_search_equals_the_episode_by_episode_search(stores):
+    from fskd.methods.adapt.tip_adapter import ALPHA, BETA, search_alpha_beta
+
+    st = stores["pair"]
+    text = F.normalize(torch.from_numpy(st.text_embeddings()), dim=-1)
+    bridge, _ = C.fit_episodic_bridge(st, text, None, CPU)
+    task = C.episodic_val_task(st, 2, C.ValOptions(val_way=3, val_episodes=30), 0, CPU)
+    space = lambda s, c: C.episodic_text_space(bridge, text, s, c)  # noqa: E731
+    a = search_alpha_beta(task, space, ALPHA, BETA, {}, pooled=False)
+    b = search_alpha_beta(task, space, ALPHA, BETA, {}, pooled=True)
+    assert a.table == b.table and a.params == b.params
+
+
 def test_faiss_cache_equals_the_dense_cache():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(7, 16, generator=g)

@@ -153,12 +153,13 @@ def train_dual(gram: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor | None, y:
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad(), single_thread():
         for step in range(1, steps[-1] + 1):
-            lin = p0 + torch.bmm(gram, a.transpose(1, 2))  # x W^T
+            ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
+            lin = p0 + ga  # x W^T
             if pt is not None:
                 lin = lin + alpha[:, None, :] * pt
             logits = scale * lin + b[:, None, :]
             ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
-            reg = 0.5 * weight_decay * (torch.bmm(a, gram) * a).sum((1, 2))  # ||A x||^2
+            reg = 0.5 * weight_decay * (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
             loss = (ce + reg).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

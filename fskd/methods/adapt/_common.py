@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead, Head
 from fskd.classifiers.linear import single_thread
 from fskd.config import Config
-from fskd.errors import ConfigError, EncoderError, StoreError
+from fskd.errors import ConfigError, EncoderError, FskdError, StoreError
 from fskd.methods.base import MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge
 
@@ -128,7 +128,7 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
         desc = load_descriptions(config.descriptions, store.class_keys, store.class_names)
         try:
             encoder = build_encoder(store.encoder_spec)
-        except EncoderError as e:
+        except FskdError as e:  # unknown family (arrays, synthetic), missing weights, ...
             raise EncoderError(f"--descriptions needs the store's text encoder {store.encoder_spec!r} to encode them: {e}") from None
         if not encoder.has_text:
             raise EncoderError(f"--descriptions: the store's encoder {store.encoder_spec!r} has no text tower")

@@ -27,7 +27,7 @@ from fskd.runtime import resolve_device
 
 ALPHA0 = (0.25, 0.5, 1.0, 2.0, 4.0)
 WEIGHT_DECAY = (1e-2, 1e-1)
-STEPS = (0, 10, 25, 50, 100, 200)
+STEPS = (0, 10, 25, 50, 100)
 
 
 @dataclass(frozen=True)

@@ -171,9 +171,11 @@ class SynTrans(Method):
 
         proto_scores: dict = {}
 
-        ch_power = C.grid_search([{"power": p} for p in powers],
-                                 lambda c: proto_scores.setdefault(c["power"], proto_score(c["power"])), ep_task,
-                                 {"power": powers[0]})
+        def power_score(c: dict) -> float:
+            proto_scores[c["power"]] = proto_score(c["power"])
+            return proto_scores[c["power"]]
+
+        ch_power = C.grid_search([{"power": p} for p in powers], power_score, ep_task, {"power": powers[0]})
         p = ch_power.params["power"]
         xb = tukey(x_raw, p)
         mean = xb.mean(0)
@@ -253,7 +255,7 @@ class SynTrans(Method):
         state.metrics.update(meta)
         state.metrics["text"] = source
         if ch_rho.score is not None:
-            state.metrics["episodic.val_acc_prototype"] = round(100 * proto_scores.get(p, proto_score(p)), 2)
+            state.metrics["episodic.val_acc_prototype"] = round(100 * (proto_scores[p] if p in proto_scores else proto_score(p)), 2)
         state.tensors = {
             "text": text.cpu(), "base.mean": mean.cpu(), "base.protos": protos.cpu(), "base.classes": torch.tensor(base),
             "generator": learned.gen.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()},

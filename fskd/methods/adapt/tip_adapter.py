@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support, cache_logits
+from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
@@ -57,22 +58,41 @@ def text_space(state: MethodState, store, regime: str, support, classes, bridge:
     return C.support_text_space(support, classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
 
 
-def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, keys=None) -> C.Choice:
-    """Grid over (alpha, beta) on ``task``: the text logits and each beta's cache term are
-    computed once, every alpha is a weighted sum of the two."""
+def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False) -> C.Choice:
+    """Grid over (alpha, beta) on ``task``: the text logits and the query-key similarities are
+    computed once, each beta's cache term once, and every alpha is a weighted sum of the two.
+
+    ``pooled`` (a row-wise embedding, as in the episodic regime): embed the task's distinct rows
+    once and read every episode's similarities out of their (P, P) Gram matrix instead of
+    gathering (E, M, D) queries and (E, S, D) keys.
+    """
     if task is None:
         return C.grid_search([], lambda c: 0.0, None, default)
-    ts = space(task.support, task.classes)
-    q = ts.embed(task.query)
-    k, v = cache_from_support(ts.support) if keys is None else keys
-    text_logits = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
+    E, N, K, _ = task.support.shape
+    if pooled and task.pool is not None:
+        ts = space(task.support[:, :, :0], task.classes)  # class weights and the embedding only
+        pool = ts.embed(task.pool)  # (P, D)
+        table = torch.zeros(int(task.classes.max()) + 1, pool.shape[1], device=pool.device)
+        table[task.classes] = ts.weights  # the episodes' class weights are rows of one table
+        pt = pool @ table.T  # (P, C)
+        text_logits = TEXT_SCALE * pt[task.query_idx[:, :, None], task.classes[:, None, :]]
+        sidx = task.support_idx.reshape(E, N * K)
+        sims = (pool @ pool.T)[task.query_idx[:, :, None], sidx[:, None, :]] if K else None  # (E, M, S)
+        v = torch.arange(N, device=pool.device).repeat_interleave(K)[None].expand(E, -1)
+    else:
+        ts = space(task.support, task.classes)
+        q = ts.embed(task.query)
+        k, v = cache_from_support(ts.support)
+        text_logits = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
+        sims = torch.bmm(q, k.transpose(1, 2)) if k.shape[1] else None  # (E, M, S), shared by every beta
+    onehot = F.one_hot(v, N).to(text_logits.dtype)
     cache = {}
 
     def score(c: dict) -> float:
-        if c["alpha"] == 0 or k.shape[1] == 0:
+        if c["alpha"] == 0 or sims is None:
             return task.accuracy(text_logits)
         if c["beta"] not in cache:
-            cache[c["beta"]] = cache_logits(q, k, v, ts.weights.shape[1], c["beta"])
+            cache[c["beta"]] = torch.bmm(torch.exp(-c["beta"] * (1.0 - sims)), onehot)
         return task.accuracy(text_logits + c["alpha"] * cache[c["beta"]])
 
     return C.grid_search([{"alpha": a, "beta": b} for b in betas for a in alphas], score, task, default)
@@ -129,7 +149,8 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
         C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, br_aw.params["ridge"]),
     }
     for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
-        C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default), fixed)
+        C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default,
+                                                  pooled=regime == C.EPISODIC), fixed)
     state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
     state.metrics["text"] = source
     return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device}
