@@ -30,7 +30,7 @@ from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.runtime import resolve_device
 
 WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
-STEPS = (0, 10, 25, 50, 100)
+STEPS = (0, 10, 25, 50, 100, 200)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class TipOptions(Config):
     val_episodes: int = 300
     # tip-adapter-f only
     steps: int | tuple | None = None
-    lr: float = 1e-2
+    lr: float = 1e-3  # the paper's learning rate
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
