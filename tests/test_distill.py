@@ -333,12 +333,14 @@ def test_cub35_short_distillation_beats_labels_only(cub35_store, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("regime", ["semi", "base-novel"])
 def test_cub35_distillation_pipeline_beats_labels_only(cub35_store, cub35_root, tmp_path, regime):
-    """Distill -> extract with student:DIR -> fskd eval --state, full losses vs labels only."""
+    """Distill -> extract with student:DIR -> fskd eval --state, full losses vs labels only (8 epochs,
+    48 px; measured: semi all-way 4-shot 18.3 vs 10.3, base-novel 5-way 5-shot 53.4 vs 45.4)."""
     acc = {}
     for losses in ("all", "none"):
         out = tmp_path / f"{regime}-{losses}"
         api.distill(DistillConfig(store=cub35_store, student="timm:resnet10t", regime=regime, losses=losses, epochs=8,
-                                  out=str(out), options={"image_size": 48}))
+                                  shots=4 if regime == "semi" else 5, out=str(out),
+                                  options={"image_size": 48, "student_kwargs": {"channels": [32, 64, 128, 256]}}))
         s = tmp_path / f"{regime}-{losses}.zarr"
         api.extract(ExtractConfig(dataset="cub", root=str(cub35_root), encoder=f"student:{out}", store=str(s)))
         if regime == "semi":
