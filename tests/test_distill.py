@@ -163,6 +163,7 @@ def test_cli_distill_extract_eval_round_trip(tiny_teacher_store, tiny_images, tm
 
     # the features are the student's: same as running the backbone on the same preprocessing
     enc = build_encoder(f"student:{out}")
+    assert build_encoder(f"student:{out}/state.safetensors").student_id == enc.student_id  # the checkpoint path works too
     from fskd.datasets import build_dataset
 
     ds = build_dataset("folder", str(tiny_images))
@@ -266,6 +267,35 @@ def test_vit_student_and_online_teacher(tiny_teacher_store, tmp_path):
     assert state.hparams["losses"] == ["logit", "feature", "prototype"] and state.metrics["online_teacher"]
     enc = build_encoder(f"student:{res.out}")
     assert enc.encode_images(torch.zeros(2, 3, 32, 32)).shape == (2, 64)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume(tiny_teacher_store, tmp_path):
+    """A real kill (SIGKILL) of `fskd distill` after its first epoch checkpoint; the same command
+    resumes from it and writes DIR."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    ck = tmp_path / ".killed.distill-resume" / "checkpoint.pt"
+    sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    cmd = [sys.executable, "-m", "fskd", "-v", "distill", "--store", tiny_teacher_store, "--student", TINY, "--epochs", "40",
+           "--out", str(out), "--device", "cpu", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists() and not out.exists()
+    done_before = torch.load(ck, weights_only=False)["epoch"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr
+    state = load_state(out)
+    assert [e["epoch"] for e in state.metrics["log"]] == list(range(1, 41)) and done_before >= 1
+    assert not ck.exists()
 
 
 @pytest.mark.slow
