@@ -5,7 +5,7 @@ base-novel: SynTrans proxy task on the base classes) and each loss set (all, non
 and each level alone: instance, batch, class) the script runs the user's pipeline:
 
     fskd distill --store TEACHER --regime R --losses L --student S --epochs E --out DIR
-    fskd extract --dataset cub --root ROOT --encoder student:DIR --store DIR.zarr
+    fskd extract cub --root ROOT --encoder student:DIR --store DIR.zarr
     fskd eval --store DIR.zarr --state DIR --protocol allway --shot 4      (seeds 1-3)
     fskd eval --store DIR.zarr --state DIR --shot 1 / --shot 5             (novel 5-way, 600 episodes)
 
@@ -185,7 +185,7 @@ def main() -> None:
         f"{machine()}; student input {args.image_size} px, {args.epochs} epochs, batch 64, AdamW, mtkd defaults, seed 1; "
         f"semi: 4 labelled shots per class (seed 1) + the unlabelled train split, teacher head val accuracy "
         f"{teacher_val}%; base-novel: the 18 base classes, epoch chosen on 5-way 5-shot val-class episodes. "
-        f"Evaluation through `fskd extract --encoder student:DIR` + `fskd eval --state DIR`: all-way = 4 shots per class "
+        f"Evaluation through `fskd extract cub --encoder student:DIR` + `fskd eval --state DIR`: all-way = 4 shots per class "
         f"from the train split, the 797 test rows, seeds 1-3, mean ± 95% CI (t, 2 dof); episodic = novel classes, "
         f"5-way, 15 queries, {args.episodes} episodes, mean ± 95% CI. Inductive. Total {total / 60:.1f} min.\n",
         "## Full losses vs labels only\n", table(head, list(head[0])), "",

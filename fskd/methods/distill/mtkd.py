@@ -564,7 +564,8 @@ class MTKD(Method):
         enc = store.attrs.get("encoder", {})
         sid = enc.get("preprocess", {}).get("student_id")
         hp = state.hparams
-        cmd = (f"fskd extract --dataset {store.attrs.get('dataset', {}).get('name', 'NAME')} --root DATASET_ROOT "
+        ds = store.attrs.get("dataset", {})
+        cmd = (f"fskd extract {ds.get('name') or 'DATASET'} --root {ds.get('root') or 'DATASET_ROOT'} "
                f"--encoder student:{directory} --store STUDENT_STORE.zarr, then fskd eval --store STUDENT_STORE.zarr "
                f"--state {directory}")
         if not str(enc.get("spec", "")).startswith("student:") or sid is None:
