@@ -14,7 +14,14 @@ from fskd import api
 from fskd.config import AdaptConfig, AlignConfig, EvalConfig
 from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods import METHODS, load_state
-from fskd.methods.align.flow import VelocityField, straight_path, train_field, trajectory, transport
+from fskd.methods.align.flow import (
+    VelocityField,
+    mixture_field,
+    straight_path,
+    train_field,
+    trajectory,
+    transport,
+)
 from fskd.methods.align.fma import FMA, FMAOptions, cpu_threads, sample_shots
 from fskd.store import FeatureStore
 
@@ -91,6 +98,30 @@ def test_solver_rejects_bad_arguments():
         trajectory(lambda z, t: z, z, 2, solver="rk45")
     with pytest.raises(ConfigError, match="early stop"):
         trajectory(lambda z, t: z, z, 2, stop=3)
+
+
+def test_mixture_field_is_the_exact_marginal_field():
+    """The ground-truth field of a known Gaussian mixture: one Euler step lands on the posterior
+    mean of the targets; integrated finely it carries each well-separated component onto its
+    own target; a single component gives the conditional velocity (x1 - z) / (1 - t)."""
+    g = torch.Generator().manual_seed(3)
+    K, D, sigma = 5, 6, 0.4
+    centres, targets = 2.0 * torch.randn(K, D, generator=g), torch.randn(K, D, generator=g)
+    logw = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15]))
+    field = mixture_field(centres, targets, sigma, logw)
+    z = torch.randn(40, D, generator=g) * 2
+    logp = torch.distributions.Normal(centres[None], sigma).log_prob(z[:, None]).sum(-1) + logw  # (n, K)
+    post_mean = torch.softmax(logp, 1) @ targets
+    assert torch.allclose(trajectory(field, z, steps=1)[-1], post_mean, atol=1e-4)
+    # components far apart: every sample ends on its own component's target
+    far = mixture_field(10.0 * centres, targets, 0.05)
+    k = torch.arange(K).repeat(8)
+    x0 = 10.0 * centres[k] + 0.05 * torch.randn(len(k), D, generator=g)
+    end = trajectory(far, x0, steps=64)[-1]
+    assert torch.allclose(end, targets[k], atol=1e-3)
+    one = mixture_field(centres[:1], targets[:1], sigma)
+    t = torch.rand(40, generator=g) * 0.9
+    assert torch.allclose(one(z, t), (targets[:1] - z) / (1 - t[:, None]), atol=1e-5)
 
 
 def test_velocity_field_shapes_zero_start_and_gradients():

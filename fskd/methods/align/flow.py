@@ -3,7 +3,8 @@ noise augmentation, training on cached pairs, and ODE solvers with early stoppin
 
 Everything works on batches of feature vectors; nothing here knows about stores or classes.
 A *field* is any callable ``field(z (n, D), t (n,)) -> v (n, D)``; :class:`VelocityField` is the
-learned one, tests pass oracles.
+learned one, :func:`mixture_field` the exact one for a known Gaussian mixture (a ground truth
+for benchmarks), tests pass oracles.
 """
 
 from __future__ import annotations
@@ -150,6 +151,32 @@ def train_field(
                 progress("fma: train field", it + 1, iters, {"loss": curve[-1]})
     field.eval()
     return curve
+
+
+def mixture_field(centres: torch.Tensor, targets: torch.Tensor, sigma: float,
+                  log_weights: torch.Tensor | None = None, eps: float = 1e-4) -> Field:
+    """The exact field a perfectly trained FMA learns (gamma = 0) when images come from a known
+    isotropic Gaussian mixture: component k has mean ``centres[k]`` (K, D), standard deviation
+    ``sigma`` per dimension and weight ``softmax(log_weights)[k]`` (equal by default), and its
+    images are coupled to ``targets[k]`` (K, D) (their class text feature).
+
+    On the straight path ``x_t = (1 - t) x0 + t x1`` component k is N((1 - t) c_k + t x1_k,
+    ((1 - t) sigma)^2 I), so the marginal velocity ``E[x1 - x0 | x_t = z]`` is
+    ``(sum_k p(k | z, t) x1_k - z) / (1 - t)`` with the posterior p(k | z, t) in closed form.
+    One Euler step from t = 0 therefore lands on the posterior-weighted mean of the targets.
+    A ground truth for benchmarks and an oracle for the solvers; ``1 - t`` is clamped at ``eps``.
+    """
+    c, x1 = centres.float(), targets.float()
+    lw = torch.zeros(len(c), device=c.device) if log_weights is None else log_weights.float().to(c.device)
+
+    def field(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = (1.0 - t.float()).clamp_min(eps)[:, None]  # (n, 1)
+        means = s[:, :, None] * c[None] + (1.0 - s)[:, :, None] * x1[None]  # (n, K, D)
+        d2 = (z.float()[:, None, :] - means).pow(2).sum(-1)  # (n, K)
+        post = torch.softmax(lw[None] - d2 / (2.0 * (s * sigma) ** 2), dim=1)
+        return ((post @ x1 - z.float()) / s).to(z.dtype)
+
+    return field
 
 
 @torch.no_grad()
