@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: idle OpenMP
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -64,6 +65,9 @@ def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, r
     fit_s = time.perf_counter() - t0
     state = load_state(out)
     s_store = out.with_suffix(".zarr")
+    # a store extracted with an earlier student of the same DIR would be reused by extract (same
+    # spec string); fskd eval --state would then refuse it: start from a fresh store
+    shutil.rmtree(s_store, ignore_errors=True)
     api.extract(ExtractConfig(dataset="cub", root=str(root), encoder=f"student:{out}", store=str(s_store)))
     allway = api.evaluate(EvalConfig(store=str(s_store), state=str(out), protocol="allway", shot=4))
     per = np.asarray(allway.per_seed)
@@ -139,6 +143,7 @@ def main() -> None:
     p.add_argument("--student", default="timm:resnet10t")
     p.add_argument("--student-kwargs", default='{"channels": [32, 64, 128, 256]}',
                    help="timm keyword arguments of the student (JSON); default: a half-width ResNet-10-T")
+    p.add_argument("--options", default="{}", help="more mtkd options (JSON), e.g. '{\"lr\": 5e-4}' for a ViT student")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--episodes", type=int, default=600)
@@ -149,7 +154,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.epochs, args.image_size, args.episodes = 2, 32, 200
-    args.options = {"image_size": args.image_size, "student_kwargs": json.loads(args.student_kwargs)}
+    args.options = {"image_size": args.image_size, "student_kwargs": json.loads(args.student_kwargs),
+                    **json.loads(args.options)}
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +188,7 @@ def main() -> None:
     teacher_val = by[("semi", "all")]["teacher_val"]
     md = [
         f"# Distillation on cub35: lite0-minilm teacher -> {args.student} {args.student_kwargs}\n",
+        f"mtkd options: {json.dumps(args.options)}\n",
         f"{machine()}; student input {args.image_size} px, {args.epochs} epochs, batch 64, AdamW, mtkd defaults, seed 1; "
         f"semi: 4 labelled shots per class (seed 1) + the unlabelled train split, teacher head val accuracy "
         f"{teacher_val}%; base-novel: the 18 base classes, epoch chosen on 5-way 5-shot val-class episodes. "
@@ -189,7 +196,8 @@ def main() -> None:
         f"from the train split, the 797 test rows, seeds 1-3, mean ± 95% CI (t, 2 dof); episodic = novel classes, "
         f"5-way, 15 queries, {args.episodes} episodes, mean ± 95% CI. Inductive. Total {total / 60:.1f} min.\n",
         "## Full losses vs labels only\n", table(head, list(head[0])), "",
-        "## Loss ablation (each level alone and all together)\n", table(abl, list(abl[0])), "",
+        "## Loss ablation (each level alone and all together)\n" if not args.no_ablation else "## All runs\n",
+        table(abl, list(abl[0])), "",
         "## Teacher vs student (forward, batch 64, CPU, measured in this run)\n", table(cost, list(cost[0]) + ["vs teacher"]), "",
         "## One training epoch: cached teacher features vs online teacher (semi regime)\n", table([speed], list(speed)), "",
     ]
