@@ -156,7 +156,7 @@ def test_trained_field_with_gamma_zero_reaches_text_in_one_step():
 
 
 def test_sample_shots_matches_the_allway_protocol_and_rejects_large_k():
-    from fskd.evaluation.allway import sample_shots as protocol_shots
+    from fskd.store.sampling import sample_shots as protocol_shots
 
     labels = np.repeat(np.arange(5), [7, 9, 8, 12, 7])[np.random.default_rng(0).permutation(43)]
     classes = np.arange(5)

@@ -228,7 +228,7 @@ def test_kill_then_resume_and_dir_never_corrupted(tiny_teacher_store, tmp_path, 
 
 
 def test_bad_input_clear_errors(tiny_teacher_store, tmp_path):
-    with pytest.raises(ConfigError, match=r"--shots 99 is more than class .* has in the train split"):
+    with pytest.raises(ConfigError, match=r"--shots 99 is larger than available: class .* has \d+ samples in the 'train' split"):
         api.distill(_cfg(tiny_teacher_store, tmp_path / "a", shots=99))
     with pytest.raises(EncoderError, match="timm has no model 'resnet_does_not_exist'"):
         api.distill(_cfg(tiny_teacher_store, tmp_path / "b", student="timm:resnet_does_not_exist"))

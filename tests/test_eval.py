@@ -12,7 +12,7 @@ from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.prototype import PrototypeHead, faiss_nearest
 from fskd.config import EvalConfig
 from fskd.errors import EvaluationError
-from fskd.evaluation.allway import sample_shots
+from fskd.store.sampling import sample_shots
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95
 
@@ -99,7 +99,7 @@ def test_allway_shot_sampling():
     labels = _labels([5, 8, 3])
     rows = sample_shots(labels, np.array([0, 1, 2]), 3, seed=1)
     assert rows.shape == (3, 3) and (labels[rows] == np.arange(3)[:, None]).all()
-    with pytest.raises(EvaluationError, match="class '2' has 3 training samples, fewer than --shot 4"):
+    with pytest.raises(EvaluationError, match="--shot 4 is larger than available: class '2' has 3 samples in the 'train' split"):
         sample_shots(labels, np.array([0, 1, 2]), 4, seed=1)
 
 

@@ -8,21 +8,7 @@ import torch
 
 from fskd.classifiers.base import Head
 from fskd.errors import EvaluationError
-
-
-def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names=None) -> np.ndarray:
-    """(C, K) row indices: ``shot`` random rows of each class (seeded)."""
-    rng = np.random.default_rng(seed)
-    keys = rng.random(len(labels))
-    order = np.lexsort((keys, labels))  # by label, random within label
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
-    if (counts < shot).any():
-        i = int(np.flatnonzero(counts < shot)[0])
-        name = class_names[classes[i]] if class_names else str(classes[i])
-        raise EvaluationError(f"class {name!r} has {counts[i]} training samples, fewer than --shot {shot}")
-    return order[starts[:, None] + np.arange(shot)[None, :]]
+from fskd.store.sampling import sample_shots
 
 
 def run_allway(

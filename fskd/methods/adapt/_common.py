@@ -44,6 +44,7 @@ from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, FskdError, StoreError
 from fskd.methods.base import MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge
+from fskd.store import sampling
 
 log = logging.getLogger(__name__)
 
@@ -146,47 +147,19 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
     return F.normalize(torch.from_numpy(np.asarray(text, dtype=np.float32)), dim=-1), "store class text features"
 
 
-# -- sampling (methods may not import fskd.evaluation: same algorithms, fit-time use only) -------
+# -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) ---------
 def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str] | None = None,
                  split: str = "train") -> np.ndarray:
-    """(C, K) row indices: ``shot`` random rows of each class, seeded exactly as the all-way
-    protocol samples its shots (so ``--seed 1`` draws the shots of evaluation seed 1)."""
-    rng = np.random.default_rng(seed)
-    keys = rng.random(len(labels))
-    order = np.lexsort((keys, labels))
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
-    short = np.flatnonzero(counts < shot)
-    if len(short):
-        i = int(short[0])
-        name = class_names[classes[i]] if class_names else str(classes[i])
-        raise ConfigError(
-            f"--shots {shot} is larger than available: class {name!r} has {counts[i]} samples in the {split!r} split"
-            + (f" ({len(short)} classes have fewer than {shot}; the smallest has {counts.min()})" if len(short) > 1 else "")
-        )
-    return order[starts[:, None] + np.arange(shot)[None, :]]
+    """(C, K) row indices of the all-way shots for ``--seed`` (so ``--seed 1`` draws the shots
+    of evaluation seed 1); a short class is a ConfigError naming ``--shots``."""
+    return sampling.sample_shots(labels, classes, shot, seed, class_names, split, option="--shots", error=ConfigError)
 
 
 def sample_episode_rows(labels: np.ndarray, classes: Sequence[int], way: int, shot: int, query: int, episodes: int,
                         seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batched episode sampling: support (E, N, K), query (E, N, Q) row indices, classes (E, N)."""
-    classes = np.asarray(sorted(set(int(c) for c in classes)))
-    rng = np.random.default_rng(seed)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
-    width = int(counts.max())
-    offs = np.arange(width)
-    members = np.where(offs[None] < counts[:, None], order[np.minimum(starts[:, None] + offs[None], len(order) - 1)], -1)
-    ep_cls = np.argsort(rng.random((episodes, len(classes))), axis=1)[:, :way]
-    keys = rng.random((episodes, way, width))
-    keys[offs[None, None] >= counts[ep_cls][:, :, None]] = np.inf
-    need = shot + query
-    pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
-    rows = np.take_along_axis(members[ep_cls], pick, axis=2)
-    return rows[:, :, :shot], rows[:, :, shot:], classes[ep_cls]
+    eps = sampling.sample_episodes(labels, classes, way, shot, query, episodes, seed, error=ConfigError)
+    return eps.support, eps.query, eps.classes
 
 
 @dataclass

@@ -57,6 +57,7 @@ from fskd.methods.align.flow import (
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, load_state
 from fskd.methods.bridge import Bridge
 from fskd.runtime import resolve_device
+from fskd.store import sampling
 
 log = logging.getLogger(__name__)
 
@@ -195,50 +196,26 @@ def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val
     return bridge, f"ridge {bridge.ridge:g}"
 
 
-# -- sampling (methods may not import fskd.evaluation: same algorithms, fit-time use only) ----------
+# -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) -------------
 def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str]) -> np.ndarray:
-    """(C, K) row indices: ``shot`` random rows per class, drawn exactly as the all-way protocol
-    draws its support with the same seed (so a state fitted with seed s uses eval seed s's shots)."""
-    rng = np.random.default_rng(seed)
-    keys = rng.random(len(labels))
-    order = np.lexsort((keys, labels))
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
-    if (counts < shot).any():
-        short = np.flatnonzero(counts < shot)
-        i = int(short[0])
-        raise ConfigError(
-            f"--shots {shot} is larger than available: class {class_names[classes[i]]!r} has {counts[i]} samples in "
-            f"the 'train' split ({len(short)} classes have fewer than {shot}; the most every class allows is "
-            f"{int(counts.min())})")
-    return order[starts[:, None] + np.arange(shot)[None, :]]
+    """(C, K) row indices: the shots the all-way protocol draws for the same seed (so a state
+    fitted with seed s uses eval seed s's shots); a short class is a ConfigError naming --shots."""
+    return sampling.sample_shots(labels, classes, shot, seed, class_names, option="--shots", error=ConfigError)
 
 
 def sample_val_episodes(labels: np.ndarray, classes: np.ndarray, way: int, shot: int, query: int, episodes: int,
                         seed: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Episodes over rows with ``labels`` in ``classes``, all at once: support (E, N, K) and
-    query (E, N, Q) row indices, classes (E, N). ``query`` shrinks to what the smallest class allows."""
-    counts = np.array([(labels == c).sum() for c in classes])
-    way = min(way, len(classes))
+    """Validation episodes: support (E, N, K) and query (E, N, Q) row indices, classes (E, N).
+    ``way`` and ``query`` shrink to what the val classes allow."""
+    counts = sampling.class_counts(labels, classes)
     if counts.min() < shot + 1:
         i = int(counts.argmin())
         raise ConfigError(f"--shots {shot} is larger than available for validation episodes: val class "
                           f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}")
     query = int(min(query, counts.min() - shot))
-    need = shot + query
-    rng = np.random.default_rng(seed)
-    order = np.argsort(labels, kind="stable")
-    starts = np.searchsorted(labels[order], classes)
-    width = int(counts.max())
-    offs = np.arange(width)
-    members = np.where(offs[None] < counts[:, None], order[np.minimum(starts[:, None] + offs[None], len(order) - 1)], -1)
-    ep = np.argsort(rng.random((episodes, len(classes))), axis=1)[:, :way]  # (E, N) class positions
-    keys = rng.random((episodes, way, width))
-    keys[offs[None, None] >= counts[ep][:, :, None]] = np.inf
-    pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
-    rows = np.take_along_axis(members[ep], pick, axis=2)
-    return rows[:, :, :shot], rows[:, :, shot:], classes[ep]
+    eps = sampling.sample_episodes(labels, classes, min(way, len(classes)), shot, query, episodes, seed, class_names,
+                                   error=ConfigError)
+    return eps.support, eps.query, eps.classes
 
 
 # -- choosing solver, steps, early stop and prototype weight on validation ---------------------------

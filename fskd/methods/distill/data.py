@@ -13,7 +13,6 @@ import hashlib
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ import torch
 from fskd.datasets import build_dataset
 from fskd.encoders.student import decode_square
 from fskd.errors import ConfigError, DatasetError, StoreError
+from fskd.store import sampling
+from fskd.store.sampling import Episodes
 
 log = logging.getLogger(__name__)
 
@@ -114,48 +115,22 @@ def resize_views(images: torch.Tensor, out_size: int) -> torch.Tensor:
 
 def sample_shots(labels: np.ndarray, classes: list[int], shots: int, seed: int, names: list[str] | None = None,
                  split: str = "train") -> np.ndarray:
-    """Row indices of ``shots`` labelled samples per class (seeded); a class with too few rows
-    raises ConfigError naming it and its count."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in classes:
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < shots:
-            name = names[c] if names else str(c)
-            have = {int(k): int((labels == k).sum()) for k in classes}
-            fewest = min(have.values())
-            raise ConfigError(
-                f"--shots {shots} is more than class {name!r} (index {c}) has in the {split} split ({len(rows)} rows); "
-                f"the smallest class there has {fewest}: use --shots <= {fewest}"
-            )
-        out.append(rng.choice(rows, size=shots, replace=False))
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
-
-
-@dataclass
-class Episodes:
-    """E episodes of N ways: support (E, N, K) and query (E, N, Q) row indices into a label array."""
-
-    support: np.ndarray
-    query: np.ndarray
+    """Sorted row indices of ``shots`` labelled samples per class: the shots the all-way protocol
+    draws for the same seed; a short class is a ConfigError naming it and its count."""
+    rows = sampling.sample_shots(labels, np.asarray(classes), shots, seed, names, split, option="--shots",
+                                 error=ConfigError)
+    return np.sort(rows.reshape(-1))
 
 
 def sample_val_episodes(labels: np.ndarray, classes: list[int], way: int, shot: int, query: int, episodes: int,
                         seed: int) -> Episodes:
-    """Seeded validation episodes over ``classes`` (each needs shot + query rows)."""
-    rng = np.random.default_rng(seed)
-    rows = {c: np.flatnonzero(labels == c) for c in classes}
-    usable = [c for c in classes if len(rows[c]) >= shot + query]
+    """Seeded validation episodes over the ``classes`` that have shot + query rows."""
+    counts = sampling.class_counts(labels, classes)
+    usable = [c for c, n in zip(classes, counts, strict=True) if n >= shot + query]
     if len(usable) < way:
         raise ConfigError(f"validation episodes need {way} classes with >= {shot + query} rows; "
                           f"only {len(usable)} of {len(classes)} have that many")
-    sup = np.zeros((episodes, way, shot), np.int64)
-    qry = np.zeros((episodes, way, query), np.int64)
-    for e in range(episodes):  # sampling only (microseconds); scoring is batched over episodes
-        for n, c in enumerate(rng.choice(usable, size=way, replace=False)):
-            pick = rng.choice(rows[c], size=shot + query, replace=False)
-            sup[e, n], qry[e, n] = pick[:shot], pick[shot:]
-    return Episodes(sup, qry)
+    return sampling.sample_episodes(labels, usable, way, shot, query, episodes, seed, error=ConfigError)
 
 
 def episode_accuracy(feats: torch.Tensor, eps: Episodes, center: torch.Tensor | None) -> float:

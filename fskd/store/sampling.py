@@ -1,0 +1,115 @@
+"""Seeded, batched row sampling by label: the K shots of the all-way protocol and N-way K-shot
+episodes. It sits beside the store so that methods (validation during fitting) and evaluation
+draw rows with the very same code: a method fitted with ``--seed s`` sees the shots that the
+all-way protocol draws for seed ``s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fskd.errors import EvaluationError, FskdError
+
+
+@dataclass
+class Episodes:
+    """Row indices into a label array: support (E, N, K), query (E, N, Q); classes (E, N)."""
+
+    support: np.ndarray
+    query: np.ndarray
+    classes: np.ndarray
+
+
+def class_counts(labels: np.ndarray, classes) -> np.ndarray:
+    """Rows per class, in the order of ``classes``."""
+    labels = np.asarray(labels)
+    srt = np.sort(labels)
+    classes = np.asarray(classes)
+    return np.searchsorted(srt, classes, side="right") - np.searchsorted(srt, classes)
+
+
+def _name(classes: np.ndarray, i: int, class_names: list[str] | None) -> str:
+    return class_names[int(classes[i])] if class_names else str(classes[i])
+
+
+def sample_shots(
+    labels: np.ndarray,
+    classes,
+    shot: int,
+    seed: int,
+    class_names: list[str] | None = None,
+    split: str = "train",
+    option: str = "--shot",
+    error: type[FskdError] = EvaluationError,
+) -> np.ndarray:
+    """(C, K) row indices: ``shot`` random rows of each class in ``classes``, seeded.
+
+    Raises ``error`` naming the first short class, its count, the split and the option.
+    """
+    labels = np.asarray(labels)
+    classes = np.asarray(classes)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(labels)), labels))  # by label, random within a label
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, classes)
+    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    short = np.flatnonzero(counts < shot)
+    if len(short):
+        i = int(short[0])
+        more = f" ({len(short)} classes are short; the smallest has {int(counts.min())})" if len(short) > 1 else ""
+        raise error(
+            f"{option} {shot} is larger than available: class {_name(classes, i, class_names)!r} has "
+            f"{counts[i]} samples in the {split!r} split{more}"
+        )
+    return order[starts[:, None] + np.arange(shot)[None, :]]
+
+
+def sample_episodes(
+    labels: np.ndarray,
+    classes,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    class_names: list[str] | None = None,
+    error: type[FskdError] = EvaluationError,
+) -> Episodes:
+    """``episodes`` N-way K-shot Q-query episodes over rows whose label is in ``classes``, all
+    sampled at once with array operations (no loop per episode or per class).
+
+    Raises ``error`` naming the class and the counts when a class has fewer than shot + query
+    rows, or when fewer than ``way`` classes are given.
+    """
+    classes = np.asarray(sorted(set(int(c) for c in classes)))
+    labels = np.asarray(labels)
+    if len(classes) < way:
+        raise error(f"{way}-way episodes need at least {way} classes; the split has {len(classes)}")
+    need = shot + query
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, classes)
+    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    short = np.flatnonzero(counts < need)
+    if len(short):
+        i = int(short[0])
+        raise error(
+            f"class {_name(classes, i, class_names)!r} has {counts[i]} samples, fewer than shot + query = "
+            f"{shot} + {query} = {need}" + (f" ({len(short)} classes are short)" if len(short) > 1 else "")
+        )
+    rng = np.random.default_rng(seed)
+    width = int(counts.max())
+    offs = np.arange(width)
+    # members: (C, width) row indices per class, padded with -1
+    members = np.where(offs[None, :] < counts[:, None],
+                       order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1)
+    # classes per episode: the first `way` of a random permutation of the classes
+    ep_cls = np.argsort(rng.random((episodes, len(classes))), axis=1)[:, :way]  # (E, N) positions
+    # rows per (episode, way): the `need` smallest random keys among the class's members
+    keys = rng.random((episodes, way, width))
+    keys[offs[None, None, :] >= counts[ep_cls][:, :, None]] = np.inf
+    pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
+    rows = np.take_along_axis(members[ep_cls], pick, axis=2)  # (E, N, need)
+    return Episodes(support=rows[:, :, :shot], query=rows[:, :, shot:], classes=classes[ep_cls])
