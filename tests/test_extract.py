@@ -70,6 +70,23 @@ def test_existing_store_from_another_encoder_is_untouched(image_folder, tmp_path
     assert res.exit_code == 2 and "error: " in res.output and "untouched" in res.output
 
 
+def test_retrained_checkpoint_at_the_same_path_is_not_reused(image_folder, tmp_path):
+    import torch
+
+    from fskd.encoders import build_encoder
+
+    weights = tmp_path / "w.pth"
+    torch.save(build_encoder("timm:resnet10t").model.state_dict(), weights)
+    spec = f"timm:resnet10t:{weights}"
+    api.extract(_cfg(image_folder, tmp_path / "s.zarr", encoder=spec))
+    assert api.extract(_cfg(image_folder, tmp_path / "s.zarr", encoder=spec)).reused
+    state = torch.load(weights)
+    state["conv1.0.weight"] += 1.0  # "retrained"
+    torch.save(state, weights)
+    with pytest.raises(StoreError, match="different inputs.*encoder_weights"):
+        api.extract(_cfg(image_folder, tmp_path / "s.zarr", encoder=spec))
+
+
 def test_corrupt_image_fails_naming_the_file_or_is_skipped(image_folder, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(image_folder, root)

@@ -94,6 +94,31 @@ def build_encoder(spec: str, device: torch.device | str | None = None) -> Encode
     return enc
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".ckpt")
+
+
+def weights_identity(spec: str) -> dict[str, str]:
+    """Content hashes of the local files a spec names (a checkpoint, a student or open_clip
+    folder), so a store extracted before a checkpoint at the same path was retrained is not
+    silently reused. Hub tags and random initialisations name no file: ``{}``."""
+    import hashlib
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for part in spec.split(":"):
+        p = Path(part).expanduser()
+        if not part or not p.exists():
+            continue
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            out[str(f.resolve())] = h.hexdigest()[:32]
+    return out
+
+
 def seeded_init(seed: int = 0):
     """Random initialisation under a fixed seed, so a spec without weights rebuilds the very same
     encoder in every process (resume, torchrun ranks) without touching the caller's RNG."""

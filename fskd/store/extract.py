@@ -29,6 +29,7 @@ from fskd.datasets import build_dataset
 from fskd.datasets.base import ImageDataset
 from fskd.datasets.splits import resolve_class_split, resolve_sample_splits
 from fskd.encoders import Encoder, build_encoder
+from fskd.encoders.base import weights_identity
 from fskd.encoders.prompts import (
     class_prompts,
     encode_class_texts,
@@ -123,6 +124,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         "dataset": listing.name,
         "listing": listing.fingerprint(),
         "encoder": cfg.encoder,
+        "encoder_weights": weights_identity(cfg.encoder),
         "dtype": cfg.dtype,
         "chunk_rows": cfg.chunk_rows,
         "class_split": class_split,
