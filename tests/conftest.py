@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Idle OpenMP threads sleep instead of spinning: on a 2-core CI box shared with DataLoader
+# workers and subprocesses, spinning threads slow torch down several times. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CACHE = Path(os.environ.get("FSKD_TEST_CACHE", ROOT / ".pytest_cache" / "fskd-stores"))
