@@ -573,8 +573,8 @@ class MTKD(Method):
                              f"extracted with that student, not on {store.path} (encoder {enc.get('spec')!r}): {cmd}")
         if sid != hp.get("student_id"):
             raise StateError(f"{store.path} was extracted with another student (id {sid}) than the one in {directory} "
-                             f"(id {hp.get('student_id')}; retrained since?). Extract again into a new --store path (extract reuses a "
-                             f"complete store with the same spec, so delete {store.path} first to reuse its path): {cmd}")
+                             f"(id {hp.get('student_id')}; retrained since?). Extract again into a new --store path (fskd extract "
+                             f"refuses to reuse {store.path}: its weights differ): {cmd}")
         ds_fp = store.attrs.get("dataset", {}).get("fingerprint")
         cs = {k: v for k, v in store.attrs.get("class_split", {}).items() if k != "source"}
         if ds_fp != hp.get("dataset_fingerprint") or cs != hp.get("class_split"):
