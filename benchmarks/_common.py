@@ -7,6 +7,10 @@ import platform
 import resource
 import time
 from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT.parent / "shared" / "data"
 
 
 def machine() -> str:
@@ -47,3 +51,20 @@ def peak_rss_mb() -> tuple[float, float]:
 def table(rows: list[dict], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "\n".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows)
+
+
+def cub35_store(arg: str | None = None, data_root: Path = DATA_ROOT) -> str:
+    """The cub35 lite0-minilm store: ``arg`` when given, else the one the tests cache (built from
+    ``data_root/cub35`` when missing)."""
+    from fskd import api
+    from fskd.config import ExtractConfig
+
+    if arg:
+        return arg
+    cached = ROOT / ".pytest_cache" / "fskd-stores" / "cub-lite0-minilm.zarr"
+    if not cached.exists():
+        data = Path(data_root) / "cub35"
+        if not data.exists():
+            raise SystemExit(f"no cub35 store at {cached} and no data at {data}: pass --store")
+        api.extract(ExtractConfig(dataset="cub", root=str(data), encoder="lite0-minilm", store=str(cached)))
+    return str(cached)

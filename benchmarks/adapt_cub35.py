@@ -26,20 +26,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 
-def store_path(arg: str | None, data_root: Path) -> str:
-    from fskd import api
-    from fskd.config import ExtractConfig
-
-    if arg:
-        return arg
-    cached = ROOT / ".pytest_cache" / "fskd-stores" / "cub-lite0-minilm.zarr"
-    if not cached.exists():
-        if not (data_root / "cub35").exists():
-            sys.exit(f"no cub35 store at {cached} and no data at {data_root / 'cub35'}: pass --store")
-        api.extract(ExtractConfig(dataset="cub", root=str(data_root / "cub35"), encoder="lite0-minilm", store=str(cached)))
-    return str(cached)
-
-
 def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
     """5-way 1-shot novel accuracy of the fitted syntrans weights with parts switched off (same
     episodes as fskd eval, seed 0): which part carries the gain."""
@@ -81,7 +67,7 @@ def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
 
 
 def main() -> None:
-    from _common import machine, table
+    from _common import cub35_store, machine, table
 
     from fskd import api
     from fskd.config import AdaptConfig, EvalConfig
@@ -95,7 +81,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
-    store = store_path(args.store, Path(args.data_root))
+    store = cub35_store(args.store, Path(args.data_root))
     methods = [m for m in args.methods.split(",") if m] or methods_of_kind("adapt")
     methods = ["prototype"] + [m for m in methods if m != "prototype"]
     allway = (1, 4) if args.quick else (1, 2, 4, 8, 16)

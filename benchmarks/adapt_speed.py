@@ -23,8 +23,7 @@ TRAINING_FREE = {"prototype", "zero-shot", "tip-adapter"}
 
 
 def main() -> None:
-    from _common import machine, table
-    from adapt_cub35 import ROOT, store_path
+    from _common import ROOT, cub35_store, machine, table
 
     from fskd import api
     from fskd.config import AdaptConfig
@@ -37,7 +36,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    store = store_path(args.store, Path(args.data_root))
+    store = cub35_store(args.store, Path(args.data_root))
     shots, repeat = (4, 1) if args.quick else (args.shots, args.repeat)
     methods = ["prototype"] + [m for m in methods_of_kind("adapt") if m != "prototype"]
     load0 = os.getloadavg()[0]

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table  # noqa: E402
+from _common import cub35_store, machine, table  # noqa: E402
 
 from fskd import api  # noqa: E402
-from fskd.config import AdaptConfig, AlignConfig, EvalConfig, ExtractConfig  # noqa: E402
+from fskd.config import AdaptConfig, AlignConfig, EvalConfig  # noqa: E402
 from fskd.methods import METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +42,6 @@ def ci(values: list[float]) -> str:
         return f"{a.mean():.1f}"
     half = T975.get(len(a) - 1, 1.96) * a.std(ddof=1) / math.sqrt(len(a))
     return f"{a.mean():.1f} ± {half:.1f}"
-
-
-def store_path(arg: str | None) -> str:
-    if arg:
-        return arg
-    cached = ROOT / ".pytest_cache" / "fskd-stores" / "cub-lite0-minilm.zarr"
-    if cached.exists():
-        return str(cached)
-    data = ROOT.parent / "shared" / "data" / "cub35"
-    if not data.exists():
-        sys.exit(f"no cub35 store at {cached} and no data at {data}: pass --store")
-    api.extract(ExtractConfig(dataset="cub", root=str(data), encoder="lite0-minilm", store=str(cached)))
-    return str(cached)
 
 
 def fit(method: str, store: str, shots: int, seed: int, out: str, **extra) -> tuple[str, float]:
@@ -76,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.shots, args.seeds, args.episodes = [4], [1], 100
-    store = store_path(args.store)
+    store = cub35_store(args.store)
     t_start = time.perf_counter()
     missing = [m for m in ADAPT if m not in METHODS]
     for m in missing:

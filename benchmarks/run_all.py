@@ -34,7 +34,8 @@ def main() -> None:
         print(f"{script.name}: {status} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         body = res.stdout if res.returncode == 0 else res.stdout + "\n```\n" + res.stderr[-3000:] + "\n```\n"
         parts.append(f"<!-- {' '.join(cmd[1:])} -->\n{body}")
-    (out / "results.md").write_text("\n\n".join(parts))
+        (out / f"{script.stem}.md").write_text(parts[-1])
+        (out / "results.md").write_text("\n\n".join(parts))  # rewritten after each script
     print(f"wrote {out / 'results.md'}", file=sys.stderr)
 
 
