@@ -259,7 +259,7 @@ def align(
     shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed.")] = 1,
     steps: Annotated[str | None, typer.Option(help="Candidate solver step counts, comma-separated (chosen on validation).")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Noise augmentation strength (default: the method's).")] = None,
+    gamma: Annotated[str | None, typer.Option(help="Noise augmentation strength(s), comma-separated; several are chosen on validation (default: the method's).")] = None,
     base_state: Annotated[str | None, typer.Option(help="Build on another method's features (state directory).")] = None,
     out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
@@ -270,7 +270,12 @@ def align(
         step_list = tuple(int(s) for s in steps.split(",")) if steps else None
     except ValueError:
         raise typer.BadParameter(f"--steps takes comma-separated integers, got {steps!r}") from None
-    cfg = _run(AlignConfig, store=store, method=method, shots=shots, seed=seed, steps=step_list, gamma=gamma,
+    try:
+        gammas = tuple(float(g) for g in gamma.split(",")) if gamma else None
+    except ValueError:
+        raise typer.BadParameter(f"--gamma takes comma-separated numbers, got {gamma!r}") from None
+    gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
+    cfg = _run(AlignConfig, store=store, method=method, shots=shots, seed=seed, steps=step_list, gamma=gammas,
                base_state=base_state, out=out, device=device, options=_options(set_))
     _fit_summary(_run(api.align, cfg, _train_bar()))
 

@@ -189,7 +189,7 @@ class AlignConfig(FitConfig):
     method: str = "fma"
     shots: int = 16
     steps: tuple[int, ...] | None = None  # candidate solver step counts; chosen on validation
-    gamma: float | None = None  # noise augmentation strength
+    gamma: float | tuple[float, ...] | None = None  # noise strength(s); several: chosen on validation
     base_state: str | None = None  # build on another method's features (e.g. a residual adapter)
 
 

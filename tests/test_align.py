@@ -315,6 +315,24 @@ def test_k_larger_than_available_and_bad_options(synthetic_store):
         api.adapt(AdaptConfig(store=str(store.path), method="fma"))
 
 
+def test_gamma_candidates_are_chosen_on_validation(synthetic_store, tmp_path):
+    store = synthetic_store(joint=True, n_classes=8, noise=1.2, gap=3.0, seed=5)
+    r = align(store, shots=4, steps=(1, 2), gamma=(0.0, 0.5), out=str(tmp_path / "both"))
+    state = load_state(r.out)
+    per_gamma = state.metrics["allway.val_accuracy_per_gamma"]
+    chosen = state.hparams["allway.gamma"]
+    assert state.hparams["gamma"] == [0.0, 0.5] and set(per_gamma) == {"0", "0.5"}
+    assert per_gamma[f"{chosen:g}"] == max(per_gamma.values()) == state.metrics["allway.val_accuracy"]
+    assert state.selected_on["allway.gamma"].startswith("val split")
+    # the kept field is the one a run given only that gamma trains (same seed, same data)
+    alone = load_state(align(store, shots=4, steps=(1, 2), gamma=chosen, out=str(tmp_path / "alone")).out)
+    assert alone.selected_on["allway.gamma"] == "given"
+    field_keys = [k for k in alone.tensors if k.startswith("allway.field.")]
+    assert len(field_keys) > 2
+    for k in field_keys:
+        assert torch.equal(alone.tensors[k], state.tensors[k]), k
+
+
 # -- the command line -------------------------------------------------------------------------------
 def test_cli_align_then_eval(synthetic_store, tmp_path):
     from fskd.cli import app
@@ -338,6 +356,8 @@ def test_cli_align_then_eval(synthetic_store, tmp_path):
     assert cli_acc == api_acc and cli_acc > 100 / 12 * 2
     bad = runner.invoke(app, ["align", "--store", str(store.path), "--shots", "50", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "larger than available" in bad.output
+    bad = runner.invoke(app, ["align", "--store", str(store.path), "--gamma", "0,high", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--gamma" in bad.output and not (tmp_path / "x").exists()
 
 
 # -- real data --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A velocity field v(z, t) (a time-conditioned residual MLP) learns to transport each image
 feature to its class text feature along the straight line between them (fixed coupling), with
 Brownian-bridge noise ``gamma * sqrt(t (1 - t)) * noise`` on the path so a few shots cover more
-of the space. At inference an image feature is integrated for a few solver steps (Euler or
+of the space (``--gamma``: one field per candidate strength, the best on validation kept;
+default 0 and 0.5). At inference an image feature is integrated for a few solver steps (Euler or
 Heun) and classified by the cosine of the transported feature to the class text features,
 optionally plus a weighted cosine to the support prototypes. The number of steps, where to stop
 (early stopping), the solver and the prototype weight are chosen on validation data; inference
@@ -62,7 +63,9 @@ from fskd.store import sampling
 log = logging.getLogger(__name__)
 
 #: default noise augmentation strength (noise norm relative to the unit-norm features)
-GAMMA = 0.5
+#: default candidate noise augmentation strengths: one field is trained per value and the one
+#: with the best validation accuracy is kept (0 = the plain straight path)
+GAMMAS = (0.0, 0.5)
 #: default candidate numbers of solver steps (each integrates t = 0..1; early stopping picks
 #: where to stop along it)
 STEPS = (1, 2, 4, 8)
@@ -379,9 +382,11 @@ class FMA(Method):
 
     def _fit(self, store, config, opts: FMAOptions, device: torch.device, progress: TrainProgress | None) -> MethodState:
         t0 = time.perf_counter()
-        gamma = GAMMA if config.gamma is None else float(config.gamma)
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ConfigError(f"--gamma must be a finite number >= 0, got {config.gamma}")
+        given = config.gamma if isinstance(config.gamma, (tuple, list)) else (config.gamma,)
+        gammas = GAMMAS if config.gamma is None else tuple(float(g) for g in given)
+        if not gammas or not all(math.isfinite(g) and g >= 0 for g in gammas):
+            raise ConfigError(f"--gamma must be finite numbers >= 0, got {config.gamma}")
+        gammas = tuple(dict.fromkeys(gammas))  # unique, in the given order
         steps = tuple(sorted(set(int(s) for s in config.steps))) if config.steps else STEPS
         if any(s < 1 or s > MAX_STEPS for s in steps):
             raise ConfigError(f"--steps must be integers between 1 and {MAX_STEPS}, got {config.steps}")
@@ -395,14 +400,14 @@ class FMA(Method):
             base_state, fmap = _load_base(config.base_state, store, device)
             tensors.update(_base_tensors(base_state))
         fixed = "fixed (default)"
-        hparams = {"regime": regime, "gamma": gamma, "width": opts.width, "depth": opts.depth, "iters": opts.iters,
+        hparams = {"regime": regime, "gamma": gammas[0] if len(gammas) == 1 else list(gammas), "width": opts.width, "depth": opts.depth, "iters": opts.iters,
                    "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "pca": opts.pca,
                    "shots": int(config.shots), "base_method": base_state.method if base_state else None}
-        selected_on = {"gamma": fixed if config.gamma is None else "given", "width": fixed, "depth": fixed,
+        selected_on = {"gamma": "given" if len(gammas) == 1 else "per regime, on validation (see <regime>.gamma)", "width": fixed, "depth": fixed,
                        "iters": fixed, "lr": fixed, "pca": fixed}
         metrics = {}
         for r in regimes:
-            t, h, s, m = self._fit_part(r, store, config, opts, gamma, steps, text, fmap, device, progress)
+            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, text, fmap, device, progress)
             tensors.update({f"{r}.{k}": v for k, v in t.items()})
             hparams.update({f"{r}.{k}": v for k, v in h.items()})
             selected_on.update({f"{r}.{k}": v for k, v in s.items()})
@@ -412,7 +417,7 @@ class FMA(Method):
                            encoder=store.encoder_spec, config=config.to_dict(), hparams=hparams, selected_on=selected_on,
                            metrics=metrics, tensors=tensors)
 
-    def _fit_part(self, regime: str, store, config, opts: FMAOptions, gamma: float, steps: tuple[int, ...],
+    def _fit_part(self, regime: str, store, config, opts: FMAOptions, gammas: tuple[float, ...], steps: tuple[int, ...],
                   text: torch.Tensor, fmap: FeatureMap | None, device: torch.device, progress: TrainProgress | None):
         names = store.class_names
         if regime == ALLWAY:
@@ -454,14 +459,15 @@ class FMA(Method):
         x0, x1 = space.to_flow(e_train), targets[y]
         log.info("fma %s: %d training pairs in %d-d, bridge %s", regime, len(x0), x0.shape[1], bridge_desc)
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            field = VelocityField(x0.shape[1], opts.width, opts.depth).to(device)
-        t1 = time.perf_counter()
-        loss = train_field(field, x0, x1, iters=opts.iters, batch_size=opts.batch_size, lr=opts.lr,
-                           weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
-                           progress=None if progress is None else (lambda s, i, n, d: progress(f"fma {regime}: train", i, n, d)))
-        train_s = time.perf_counter() - t1
+        def train(gamma: float) -> tuple[VelocityField, list[float]]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                field = VelocityField(x0.shape[1], opts.width, opts.depth).to(device)
+            tag = f"fma {regime}: train" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
+            loss = train_field(field, x0, x1, iters=opts.iters, batch_size=opts.batch_size, lr=opts.lr,
+                               weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
+                               progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)))
+            return field, loss
 
         # validation: solver, number of steps, early stop and prototype weight
         solvers = SOLVERS if opts.solver == "auto" else (opts.solver,)
@@ -482,31 +488,42 @@ class FMA(Method):
                                     torch.from_numpy(ecls).to(device), weights)
             val_desc = (f"{len(sup)} {sup.shape[1]}-way {k_val}-shot {qry.shape[2]}-query episodes of the {len(vcls)} "
                         f"val classes (seed {config.seed})")
-        choice, curves = select(score, field, space.to_flow(ev), solvers, steps, weights)
+        t1 = time.perf_counter()
+        best, gamma_val = None, {}
+        for gamma in gammas:  # one field per noise strength; the best validation accuracy wins (ties: the first)
+            field, loss = train(gamma)
+            choice, curves = select(score, field, space.to_flow(ev), solvers, steps, weights)
+            gamma_val[f"{gamma:g}"] = round(100 * choice.accuracy, 3)
+            if best is None or choice.accuracy > best[3].accuracy:
+                best = (gamma, field, loss, choice, curves)
+        gamma, field, loss, choice, curves = best
+        train_s = time.perf_counter() - t1
         if progress is not None:
             progress(f"fma {regime}: choose steps", 1, 1, {"val_acc": choice.accuracy})
         if choice.stop == 0:
             log.warning("fma %s: validation prefers no transport (stop=0) on %s: the flow did not help there", regime, val_desc)
-        log.info("fma %s: %s, %d steps, stop after %d, prototype weight %g (val accuracy %.2f%% on %s)", regime,
-                 choice.solver, choice.steps, choice.stop, choice.proto_weight, 100 * choice.accuracy, val_desc)
+        log.info("fma %s: gamma %g, %s, %d steps, stop after %d, prototype weight %g (val accuracy %.2f%% on %s)",
+                 regime, gamma, choice.solver, choice.steps, choice.stop, choice.proto_weight, 100 * choice.accuracy,
+                 val_desc)
 
         tensors = {f"field.{k}": v.detach().cpu() for k, v in field.state_dict().items()}
         tensors.update({k: v.detach().cpu() for k, v in bridge.tensors().items()})
         if space.basis is not None:
             tensors["basis"] = space.basis.cpu()
-        hp = {"solver": choice.solver, "steps": choice.steps, "stop": choice.stop, "proto_weight": choice.proto_weight,
+        hp = {"gamma": gamma, "solver": choice.solver, "steps": choice.steps, "stop": choice.stop, "proto_weight": choice.proto_weight,
               "bridge": bridge_desc, "flow_dim": int(x0.shape[1]), "image_dim": int(e_train.shape[1]),
               "train_classes": len(classes)}
         tensors["train_classes"] = torch.from_numpy(classes.astype(np.int64))
         on = f"{val_on}: {val_desc}"
-        selected_on = {"solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
+        selected_on = {"gamma": on if len(gammas) > 1 else "given", "solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
                        "stop": on, "proto_weight": on if len(weights) > 1 else "given",
                        "bridge": ("identity (one space)" if bridge.is_identity else
                                   f"ridge maps fitted on the training rows, strength chosen on the {val_on}"
                                   if opts.ridge is None else "ridge given")}
         metrics = {"val_accuracy": round(100 * choice.accuracy, 3),
                    "val_curves": curves_at(curves, weights, choice.proto_weight),
-                   "train_loss": [round(v, 5) for v in loss], "train_pairs": int(len(x0)), "train_seconds": round(train_s, 3)}
+                   "train_loss": [round(v, 5) for v in loss], "train_pairs": int(len(x0)), "train_select_seconds": round(train_s, 3),
+                   "val_accuracy_per_gamma": gamma_val}
         if choice.proto_weight and 0.0 in weights:
             metrics["val_curves_text_only"] = curves_at(curves, weights, 0.0)
         return tensors, hp, selected_on, metrics
