@@ -12,9 +12,9 @@ from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.prototype import PrototypeHead, faiss_nearest
 from fskd.config import EvalConfig
 from fskd.errors import EvaluationError
-from fskd.store.sampling import sample_shots
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95
+from fskd.store.sampling import sample_shots
 
 
 def _labels(counts):
