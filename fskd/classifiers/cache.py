@@ -46,11 +46,10 @@ def cache_logits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def _faiss_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int, beta: float,
                  topk: int) -> torch.Tensor:
-    import faiss
+    from fskd.classifiers.prototype import faiss_ip_index
 
     k = min(topk, len(keys))
-    index = faiss.IndexFlatIP(keys.shape[1])
-    index.add(np.ascontiguousarray(keys.detach().cpu().numpy(), dtype=np.float32))
+    index = faiss_ip_index(keys.detach().cpu().numpy())
     sims, idx = index.search(np.ascontiguousarray(query.detach().cpu().numpy(), dtype=np.float32), k)
     sims_t = torch.from_numpy(sims).to(query.device)
     idx_t = torch.from_numpy(idx).to(query.device).long()

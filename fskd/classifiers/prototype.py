@@ -19,13 +19,21 @@ def normalize(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
     return F.normalize(x - center if center is not None else x, dim=-1)
 
 
-def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Index of the highest inner product prototype for each query: (C, D), (M, D) -> (M,)."""
+def faiss_ip_index(vectors: np.ndarray):
+    """An exact inner-product FAISS index holding ``vectors`` (n, D); on the GPUs when faiss-gpu
+    (the ``gpu`` extra) sees one."""
     import faiss
 
-    index = faiss.IndexFlatIP(prototypes.shape[1])
-    index.add(np.ascontiguousarray(prototypes, dtype=np.float32))
-    _, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of the highest inner product prototype for each query: (C, D), (M, D) -> (M,)."""
+    _, idx = faiss_ip_index(prototypes).search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     return idx[:, 0]
 
 
