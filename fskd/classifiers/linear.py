@@ -16,13 +16,16 @@ lies in that set, and a step costs O(S^2) per episode (S support rows) instead o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import CLASSIFIERS, ClassContext, FittedHead, Head
+
+T = TypeVar("T")
 
 #: default logit scale of probes on L2-normalised features
 SCALE = 10.0
@@ -151,21 +154,32 @@ def train_dual(gram: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor | None, y:
     if not steps or steps[-1] == 0 or S == 0:
         return {s: out[0] for s in steps}
     opt = torch.optim.Adam(params, lr=lr)
+
+    def loss(step: int) -> torch.Tensor:
+        ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
+        lin = p0 + ga  # x W^T
+        if pt is not None:
+            lin = lin + alpha[:, None, :] * pt
+        logits = scale * lin + b[:, None, :]
+        ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
+        reg = 0.5 * weight_decay * (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
+        return (ce + reg).sum()
+
     with torch.enable_grad(), single_thread():
-        for step in range(1, steps[-1] + 1):
-            ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
-            lin = p0 + ga  # x W^T
-            if pt is not None:
-                lin = lin + alpha[:, None, :] * pt
-            logits = scale * lin + b[:, None, :]
-            ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
-            reg = 0.5 * weight_decay * (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
-            loss = (ce + reg).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step in steps:
-                out[step] = snap()
+        return train_steps(opt, loss, steps, snap, out)
+
+
+def train_steps(opt: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: Sequence[int],
+                snap: Callable[[], T], out: dict[int, T]) -> dict[int, T]:
+    """Optimiser steps 1..max(steps) on ``loss(step)``; ``snap()`` after each step count in the
+    sorted ``steps``. ``out`` holds the snapshots taken so far (step 0). Returns {step: snapshot}."""
+    for step in range(1, steps[-1] + 1):
+        value = loss(step)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if step in steps:
+            out[step] = snap()
     return {s: out[s] for s in steps}
 
 

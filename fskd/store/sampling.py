@@ -22,12 +22,15 @@ class Episodes:
     classes: np.ndarray
 
 
+def _runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each class's rows start in label-sorted order, and how many there are."""
+    starts = np.searchsorted(sorted_labels, classes)
+    return starts, np.searchsorted(sorted_labels, classes, side="right") - starts
+
+
 def class_counts(labels: np.ndarray, classes) -> np.ndarray:
     """Rows per class, in the order of ``classes``."""
-    labels = np.asarray(labels)
-    srt = np.sort(labels)
-    classes = np.asarray(classes)
-    return np.searchsorted(srt, classes, side="right") - np.searchsorted(srt, classes)
+    return _runs(np.sort(np.asarray(labels)), np.asarray(classes))[1]
 
 
 def _name(classes: np.ndarray, i: int, class_names: list[str] | None) -> str:
@@ -52,9 +55,7 @@ def sample_shots(
     classes = np.asarray(classes)
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(labels)), labels))  # by label, random within a label
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    starts, counts = _runs(labels[order], classes)
     short = np.flatnonzero(counts < shot)
     if len(short):
         i = int(short[0])
@@ -89,9 +90,7 @@ def sample_episodes(
         raise error(f"{way}-way episodes need at least {way} classes; the split has {len(classes)}")
     need = shot + query
     order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, classes)
-    counts = np.searchsorted(sorted_labels, classes, side="right") - starts
+    starts, counts = _runs(labels[order], classes)
     short = np.flatnonzero(counts < need)
     if len(short):
         i = int(short[0])

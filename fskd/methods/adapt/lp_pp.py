@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from fskd.classifiers.linear import FittedLinear
-from fskd.config import Config
-from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.adapt.linear_probe import probe_params, search_probe
+from fskd.methods.adapt.linear_probe import LinearProbeOptions, probe_params, search_probe
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import resolve_device
@@ -31,20 +29,11 @@ STEPS = (0, 10, 25, 50, 100)
 
 
 @dataclass(frozen=True)
-class LPPPOptions(Config):
-    alpha0: float | tuple | None = None  # initial text blend (default: a grid chosen on validation)
-    weight_decay: float | tuple | None = None
-    steps: int | tuple | None = None
-    lr: float = 0.1
-    ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
-    val_way: int = 5
-    val_query: int = 15
-    val_episodes: int = 300
+class LPPPOptions(LinearProbeOptions):
+    """The linear probe's options plus the text blend and the bridge."""
 
-    def __post_init__(self) -> None:
-        C.check_val_options(self)
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+    alpha0: float | tuple | None = None  # initial text blend (default: a grid chosen on validation)
+    ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
 
 
 class LPPlusPlus(Method):

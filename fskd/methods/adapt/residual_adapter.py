@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
-from fskd.classifiers.linear import single_thread
+from fskd.classifiers.linear import single_thread, train_steps
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
@@ -114,21 +114,18 @@ def train_adapter(e: torch.Tensor, y: torch.Tensor, n_classes: int, *, ratio: fl
     opt = torch.optim.AdamW([w1, w2, wc], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed + 1)
     small = E * min(n, batch) * D < 2**18  # tiny steps: threads cost more than they give
+
+    def loss(step: int) -> torch.Tensor:
+        eb, yb = e, y
+        if n > batch:
+            idx = torch.randperm(n, generator=gen)[:batch].to(e.device)
+            eb, yb = e[:, idx], y[:, idx]
+        cur = AdapterWeights(w1, w2, wc, ratio)
+        logits = SCALE * torch.bmm(F.normalize(cur.apply(eb), dim=-1), F.normalize(wc, dim=-1).transpose(1, 2))
+        return F.cross_entropy(logits.reshape(-1, n_classes), yb.reshape(-1), reduction="none").reshape(E, -1).mean(1).sum()
+
     with torch.enable_grad(), (single_thread() if small else contextlib.nullcontext()):
-        for step in range(1, steps[-1] + 1):
-            eb, yb = e, y
-            if n > batch:
-                idx = torch.randperm(n, generator=gen)[:batch].to(e.device)
-                eb, yb = e[:, idx], y[:, idx]
-            cur = AdapterWeights(w1, w2, wc, ratio)
-            logits = SCALE * torch.bmm(F.normalize(cur.apply(eb), dim=-1), F.normalize(wc, dim=-1).transpose(1, 2))
-            loss = F.cross_entropy(logits.reshape(-1, n_classes), yb.reshape(-1), reduction="none").reshape(E, -1).mean(1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step in steps:
-                out[step] = snap()
-    return {s: out[s] for s in steps}
+        return train_steps(opt, loss, steps, snap, out)
 
 
 class FittedAdapted(FittedHead):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, affinity, cache_from_support
-from fskd.classifiers.linear import single_thread
+from fskd.classifiers.linear import single_thread, train_steps
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.tip_adapter import TipOptions, fit_tip, text_space
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
@@ -41,19 +41,15 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
     eye = torch.eye(S, dtype=torch.bool, device=x.device)[None]
     text_logits = TEXT_SCALE * torch.bmm(x, space.weights.transpose(1, 2))
     opt = torch.optim.Adam([b], lr=lr)
-    out = {0: x}
+
+    def loss(step: int) -> torch.Tensor:
+        sims = gram + torch.bmm(gram, b.transpose(1, 2))  # x K^T
+        a = torch.exp(-beta * (1.0 - sims)).masked_fill(eye, 0.0)  # leave-one-out
+        logits = text_logits + alpha * torch.bmm(a, onehot)
+        return F.cross_entropy(logits.reshape(-1, N), values.reshape(-1), reduction="none").reshape(E, -1).mean(1).sum()
+
     with torch.enable_grad(), single_thread():
-        for step in range(1, steps[-1] + 1):
-            sims = gram + torch.bmm(gram, b.transpose(1, 2))  # x K^T
-            a = torch.exp(-beta * (1.0 - sims)).masked_fill(eye, 0.0)  # leave-one-out
-            logits = text_logits + alpha * torch.bmm(a, onehot)
-            loss = F.cross_entropy(logits.reshape(-1, N), values.reshape(-1), reduction="none").reshape(E, -1).mean(1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step in steps:
-                out[step] = x + torch.bmm(b.detach(), x)
-    return {s: out[s] for s in steps}
+        return train_steps(opt, loss, steps, lambda: x + torch.bmm(b.detach(), x), {0: x})
 
 
 class TipAdapterF(Method):
