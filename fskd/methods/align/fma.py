@@ -489,10 +489,10 @@ class FMA(Method):
             val_desc = (f"{len(sup)} {sup.shape[1]}-way {k_val}-shot {qry.shape[2]}-query episodes of the {len(vcls)} "
                         f"val classes (seed {config.seed})")
         t1 = time.perf_counter()
-        best, gamma_val = None, {}
+        best, gamma_val, start = None, {}, space.to_flow(ev)
         for gamma in gammas:  # one field per noise strength; the best validation accuracy wins (ties: the first)
             field, loss = train(gamma)
-            choice, curves = select(score, field, space.to_flow(ev), solvers, steps, weights)
+            choice, curves = select(score, field, start, solvers, steps, weights)
             gamma_val[f"{gamma:g}"] = round(100 * choice.accuracy, 3)
             if best is None or choice.accuracy > best[3].accuracy:
                 best = (gamma, field, loss, choice, curves)
