@@ -94,7 +94,7 @@ def main() -> None:
             fit_s = {}
             for k in sorted(set(allway) | set(episodic)):
                 t = time.perf_counter()
-                r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=1, out=f"{d}/{m}-{k}"))
+                r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=1, out=f"{d}/{m}-{k}", force=True))
                 fit_s[k] = time.perf_counter() - t
                 if m == "syntrans" and k == 1:
                     ablation = syntrans_ablation(store, r.out, episodes)

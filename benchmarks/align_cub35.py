@@ -47,9 +47,9 @@ def ci(values: list[float]) -> str:
 def fit(method: str, store: str, shots: int, seed: int, out: str, **extra) -> tuple[str, float]:
     t0 = time.perf_counter()
     if METHODS.get(method).kind == "align":
-        r = api.align(AlignConfig(store=store, method=method, shots=shots, seed=seed, out=out, **extra))
+        r = api.align(AlignConfig(store=store, method=method, shots=shots, seed=seed, out=out, force=True, **extra))
     else:
-        r = api.adapt(AdaptConfig(store=store, method=method, shots=shots, seed=seed, out=out, **extra))
+        r = api.adapt(AdaptConfig(store=store, method=method, shots=shots, seed=seed, out=out, force=True, **extra))
     return r.out, time.perf_counter() - t0
 
 

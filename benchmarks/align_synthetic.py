@@ -156,7 +156,7 @@ def run_exact(w: World) -> dict:
 def run_fma(w: World, gamma: float, width: int, depth: int, iters: int, work: Path) -> dict:
     out = str(work / f"fma-{w.store.path.stem}-{gamma}-{width}-{depth}")
     t0 = time.perf_counter()
-    api.align(AlignConfig(store=w.path(), shots=w.shots, seed=w.seed, steps=STEPS, gamma=gamma, out=out,
+    api.align(AlignConfig(store=w.path(), shots=w.shots, seed=w.seed, steps=STEPS, gamma=gamma, out=out, force=True,
                           options={"proto_weights": [0.0], "solver": "euler", "iters": iters, "width": width,
                                    "depth": depth}))
     fit_s = time.perf_counter() - t0

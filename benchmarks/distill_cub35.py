@@ -58,7 +58,8 @@ def teacher_store(path: Path, root: Path) -> str:
 def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, reuse: bool) -> dict:
     """distill -> extract with the student -> eval (all-way K=4 and novel 5-way 1/5-shot)."""
     cfg = DistillConfig(store=store, student=args.student, regime=regime, losses=losses, epochs=args.epochs,
-                        shots=4 if regime == "semi" else 5, seed=1, out=str(out), options=args.options)
+                        shots=4 if regime == "semi" else 5, seed=1, out=str(out), options=args.options,
+                        force=True)
     t0 = time.perf_counter()
     if not (reuse and (out / "state.json").exists() and load_state(out).config == cfg.to_dict()):
         api.distill(cfg)
@@ -130,7 +131,7 @@ def epoch_speed(store: str, out: Path, args) -> dict:
     for online in (False, True):
         d = out / f"speed-{'online' if online else 'cached'}"
         r = api.distill(DistillConfig(store=store, student=args.student, regime="semi", epochs=1, out=str(d),
-                                      online_teacher=online, options=args.options))
+                                      online_teacher=online, options=args.options, force=True))
         secs[online] = r.metrics["train_seconds"]
     return {"cached teacher features (s/epoch)": secs[False], "online teacher (s/epoch)": secs[True],
             "online / cached": f"{secs[True] / secs[False]:.1f}x"}

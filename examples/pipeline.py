@@ -28,7 +28,8 @@ def main() -> None:
         print(f"prototype 5-way {shot}-shot novel: {e.accuracy:.2f} ± {e.ci95:.2f}")
 
     for method in ("zero-shot", "tip-adapter", "syntrans"):
-        fit = api.adapt(AdaptConfig(store=store, method=method, shots=args.shots, out=f"{args.out}/{method}"))
+        fit = api.adapt(AdaptConfig(store=store, method=method, shots=args.shots, out=f"{args.out}/{method}",
+                                    force=True))  # this script owns its output folder: rerunnable
         one = api.evaluate(EvalConfig(store=store, state=fit.out, way=5, shot=1, episodes=args.episodes))
         allway = api.evaluate(EvalConfig(store=store, state=fit.out, protocol="allway", shot=args.shots))
         print(f"{method:12s} 5-way 1-shot {one.accuracy:.2f} ± {one.ci95:.2f} | "

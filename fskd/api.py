@@ -5,6 +5,7 @@ The CLI, the examples, the benchmarks and the tests all call these functions.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,17 +26,20 @@ from fskd.config import (
 )
 from fskd.datasets import DATASETS
 from fskd.encoders import ENCODERS
-from fskd.errors import ConfigError, DatasetError, EvaluationError
+from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95, mean_std
+from fskd.fsutil import check_writable
 from fskd.methods import METHODS, load_state
-from fskd.methods.base import TrainProgress, save_state
+from fskd.methods.base import TrainProgress, guard_out, save_state
 from fskd.reports import markdown_table, write_report
 from fskd.runtime import dist_info, resolve_device
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
+
+log = logging.getLogger(__name__)
 
 
 def registries() -> dict[str, dict[str, str]]:
@@ -54,9 +58,14 @@ def extract(config: ExtractConfig, progress: Progress | None = None, source=None
     return _extract(config, progress, source)
 
 
-def store_info(path: str) -> dict:
-    """Summary of a feature store: encoder, dataset, classes, splits, completeness."""
-    return FeatureStore.open(path).summary()
+def store_info(path: str, check: bool = False) -> dict:
+    """Summary of a feature store: encoder, dataset, classes, splits, completeness, skipped and
+    ignored files, missing chunks; ``check``: every chunk verified against its checksum."""
+    store = FeatureStore.open(path)
+    out = store.summary()
+    if check:
+        out["check"] = store.check_report()
+    return out
 
 
 @dataclass
@@ -84,6 +93,7 @@ class EvalResult:
     seconds: float
     eval_seconds: float
     selected_on: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,11 +135,15 @@ def evaluate(config: EvalConfig) -> EvalResult:
     """Episodic (novel classes by default) or all-way evaluation; see DESIGN.md protocols."""
     t0 = time.perf_counter()
     cfg = config
+    if cfg.report:
+        check_writable(cfg.report, "--report")  # before the work, not after it
     store = FeatureStore.open(cfg.store)
     store.check_complete()
     device = resolve_device(cfg.device)
     head, name, selected = _head(cfg, store, device)
     names = store.class_names
+    warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
+                           for s, ids in store.skipped().items()]
     if cfg.protocol == "episodic":
         classes = store.class_split(cfg.split)
         if not classes:
@@ -147,6 +161,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
         train_x, train_y = store.gather(None, ["train"])
         test_x, test_y = store.gather(None, ["test"])
         classes = np.unique(test_y)
+        absent = sorted(set(range(store.num_classes)) - set(classes.tolist()))
+        if absent:
+            warnings.append(f"{len(absent)} of {store.num_classes} classes have no readable test rows and are left out "
+                            f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
+                            f"{' ...' if len(absent) > 10 else ''}")
         t1 = time.perf_counter()
         accs = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
                           classes, cfg.shot, tuple(cfg.seeds), head, class_names=names)
@@ -162,11 +181,18 @@ def evaluate(config: EvalConfig) -> EvalResult:
         encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
         seeds=None if episodic else list(cfg.seeds), per_seed=per_seed, classes=n_classes, center=cfg.center,
         inductive=True, store=str(store.path), state=cfg.state, seconds=round(t2 - t0, 4),
-        eval_seconds=round(t2 - t1, 4), selected_on=selected,
+        eval_seconds=round(t2 - t1, 4), selected_on=selected, warnings=warnings,
     )
+    for w in warnings:
+        log.warning("%s: %s", store.path, w)
     if cfg.report:
         tag = f"{cfg.way}way{cfg.shot}shot" if episodic else f"{cfg.shot}shot"
-        write_report(cfg.report, f"eval_{cfg.protocol}_{name}_{tag}", result.to_dict(), result.protocol_text(), cfg.to_dict())
+        try:
+            write_report(cfg.report, f"eval_{cfg.protocol}_{name}_{tag}", result.to_dict(), result.protocol_text(),
+                         cfg.to_dict())
+        except OSError as e:
+            raise OutputError(f"--report {cfg.report}: cannot write the report ({e.strerror or e}"
+                              f"{f': {e.filename}' if e.filename else ''})", result=result) from None
     return result
 
 
@@ -191,8 +217,14 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
                           f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}")
     store = FeatureStore.open(config.store)
     store.check_complete()
-    state = method_cls().fit(store, config, progress)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
+    # before any fitting: --out must be new, or an fskd state and --force; never the store or data
+    roots = [store.attrs["dataset"].get("root") or None, getattr(config, "root", None)]
+    guard_out(out, config.force, store=str(store.path), root=roots[0])
+    if roots[1]:
+        guard_out(out, config.force, root=roots[1])
+    config = config.replace(out=out)
+    state = method_cls().fit(store, config, progress)
     if dist_info().is_main:  # under torchrun every rank fits; one writes the state
         save_state(out, state)
     return FitResult(out=out, method=state.method, kind=kind, hparams=state.hparams, selected_on=state.selected_on,

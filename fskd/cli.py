@@ -6,6 +6,7 @@ the registries, so ``--help`` lists every registered dataset, encoder, classifie
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -23,7 +24,7 @@ from fskd.config import (
     EvalConfig,
     ExtractConfig,
 )
-from fskd.errors import FskdError
+from fskd.errors import FskdError, OutputError
 
 app = typer.Typer(
     add_completion=False,
@@ -49,13 +50,32 @@ def _ratios(text: str | None, option: str) -> tuple[float, float, float] | None:
     return vals  # ConfigError checks count and sum
 
 
-def _run(fn, *args, **kwargs):
-    """Call into the library; user errors print one clear line and exit with status 2."""
+#: set by commands given --json: errors then go to stderr as one JSON object
+_JSON = {"on": False}
+
+
+def _fail(message: str, kind: str) -> typer.Exit:
+    if _JSON["on"]:
+        typer.echo(json.dumps({"error": message, "type": kind}), err=True)
+    else:
+        typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _run(fn, *args, on_result=None, **kwargs):
+    """Call into the library; user errors print one clear line (or one JSON object under --json)
+    and exit with status 2. ``on_result`` prints a finished result whose output failed to write."""
     try:
         return fn(*args, **kwargs)
+    except OutputError as e:
+        if e.result is not None and on_result is not None:
+            on_result(e.result)
+        raise _fail(str(e), type(e).__name__) from None
     except FskdError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(e), type(e).__name__) from None
+    except OSError as e:  # the environment said no (permissions, a full disk, a path that is a file)
+        where = f"{e.filename}: " if e.filename else ""
+        raise _fail(f"{where}{e.strerror or e}", type(e).__name__) from None
 
 
 def _progress_bar():
@@ -79,6 +99,7 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
+    _JSON["on"] = False  # each command that takes --json sets it again
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if version:
         typer.echo(__version__)
@@ -125,28 +146,43 @@ def extract(
     descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
     download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
+    content_hash: Annotated[bool, typer.Option(help="Fingerprint the image bytes too (reads every file; size and mtime are always checked).")] = False,
 ) -> None:
     """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
     cfg = _run(ExtractConfig, dataset=dataset.value, root=root, encoder=encoder, store=store, batch_size=batch_size,
                workers=workers, device=device, dtype=dtype, chunk_rows=chunk_rows, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
-               split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download)
+               split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download,
+               content_hash=content_hash)
     r = _run(api.extract, cfg, _progress_bar())
     if r.rank != 0:
         return
+    for split, chunks in r.repaired.items():
+        typer.echo(f"repaired {len(chunks)} damaged chunk(s) of {split}: "
+                   + "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))
     if r.reused:
-        typer.echo(f"{r.store}: complete, same inputs; nothing re-encoded ({r.rows})")
+        typer.echo(f"{r.store}: complete, same inputs, every chunk verified; nothing re-encoded ({r.rows})")
     else:
         typer.echo(f"{r.store}: encoded {r.encoded} images in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s"
                    f"{f', {r.world_size} ranks' if r.world_size > 1 else ''}); rows {r.rows}")
     for split, ids in r.skipped.items():
-        typer.echo(f"skipped {len(ids)} unreadable file(s) in {split}: {', '.join(ids[:5])}")
+        typer.echo(f"warning: skipped {len(ids)} unreadable file(s) in {split} (stored as label -1, not used): "
+                   f"{', '.join(ids[:5])}", err=True)
+    for why, n in r.ignored.items():
+        typer.echo(f"warning: the dataset listing ignored {n} {why}", err=True)
 
 
 @app.command()
-def info(store: Annotated[str, typer.Argument(help="Feature store path.")]) -> None:
-    """Show a feature store's encoder, dataset, class split and rows."""
-    typer.echo(json.dumps(_run(api.store_info, store), indent=2))
+def info(
+    store: Annotated[str, typer.Argument(help="Feature store path.")],
+    check: Annotated[bool, typer.Option("--check", help="Verify every chunk against its stored checksum (reads the whole store); exit 2 on damage.")] = False,
+) -> None:
+    """Show a feature store's encoder, dataset, class split and rows (JSON)."""
+    r = _run(api.store_info, store, check=check)
+    typer.echo(json.dumps(r, indent=2))
+    if r.get("missing_chunks") or (check and not r["check"]["ok"]):
+        raise _fail(f"{store} is damaged; run the same `fskd extract` again to re-encode the damaged chunks",
+                    "StoreError")
 
 
 @app.command("eval")
@@ -168,6 +204,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Evaluate few-shot classification: mean accuracy with 95% CI (episodic) or over seeds (all-way)."""
+    _JSON["on"] = as_json
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
@@ -175,7 +212,11 @@ def eval_(
     cfg = _run(EvalConfig, store=store, state=state, protocol=protocol, way=way, shot=shot, query=query, episodes=episodes,
                split=split, classifier=getattr(classifier, "value", classifier), center=center, seed=seed,
                seeds=seed_list, device=device, report=report)
-    r = _run(api.evaluate, cfg)
+    show = functools.partial(_print_eval, as_json=as_json)
+    show(_run(api.evaluate, cfg, on_result=show))
+
+
+def _print_eval(r, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(r.to_dict()))
         return
@@ -233,6 +274,7 @@ def _train_bar():
 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option key=value (repeatable).")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing fskd state at --out (nothing else is ever replaced).")]
 
 
 @app.command()
@@ -245,10 +287,11 @@ def adapt(
     out: Annotated[str | None, typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Fit a few-shot classifier on cached features and save its state (evaluate with fskd eval --state)."""
     cfg = _run(AdaptConfig, store=store, method=method, shots=shots, seed=seed, descriptions=descriptions, out=out,
-               device=device, options=_options(set_))
+               device=device, options=_options(set_), force=force)
     _fit_summary(_run(api.adapt, cfg, _train_bar()))
 
 
@@ -264,6 +307,7 @@ def align(
     out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Learn a cross-modal alignment (flow matching) on cached features and save its state."""
     try:
@@ -276,7 +320,7 @@ def align(
         raise typer.BadParameter(f"--gamma takes comma-separated numbers, got {gamma!r}") from None
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
     cfg = _run(AlignConfig, store=store, method=method, shots=shots, seed=seed, steps=step_list, gamma=gammas,
-               base_state=base_state, out=out, device=device, options=_options(set_))
+               base_state=base_state, out=out, device=device, options=_options(set_), force=force)
     _fit_summary(_run(api.align, cfg, _train_bar()))
 
 
@@ -295,11 +339,12 @@ def distill(
     out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     set_: SetOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Distil the store's encoder (teacher) into a small student encoder."""
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=method, regime=regime, losses=losses,
                epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
-               options=_options(set_))
+               options=_options(set_), force=force)
     _fit_summary(_run(api.distill, cfg, _train_bar()))
 
 

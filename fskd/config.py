@@ -7,7 +7,11 @@ valid ones. Every output (store attrs, state directory, report) saves the config
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +23,12 @@ C = TypeVar("C", bound="Config")
 
 @dataclass(frozen=True)
 class Config:
-    """Base class: dict round-trip with unknown-key rejection."""
+    """Base class: dict round-trip with unknown-key rejection, and the one place where option
+    values from users (``--set``, JSON, grid files) are checked: each value against its field's
+    annotation (types, finite numbers, list elements) and against ``RANGES``."""
+
+    #: field -> (">=" or ">", bound): every number of the field (list elements too) must satisfy it
+    RANGES: typing.ClassVar[dict[str, tuple[str, float]]] = {}
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
@@ -30,11 +39,21 @@ class Config:
                 f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
             )
         kwargs = {}
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in data:
                 v = data[f.name]
-                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+                v = tuple(v) if isinstance(v, list) else v
+                tp = hints.get(f.name, Any)
+                if not _conforms(v, tp):
+                    label = f"--set {f.name}" if cls.__name__.endswith("Options") else f.name
+                    raise ConfigError(f"{cls.__name__}: {label} must be {_describe(tp)}, got {v!r}")
+                kwargs[f.name] = _coerce(v, tp)
+                _check_range(cls, f.name, kwargs[f.name])
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a range check meeting a value of a type it did not expect
+            raise ConfigError(f"{cls.__name__}: {e}") from None
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
@@ -47,10 +66,89 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _union_args(tp) -> tuple | None:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return None
+
+
+def _conforms(v, tp) -> bool:
+    """Whether a value (from JSON or ``--set``) fits a field's annotation: int for int (not bool,
+    not 2.5), a finite number for float, tuples element by element, dicts, None for Optional."""
+    if tp is Any:
+        return True
+    args = _union_args(tp)
+    if args is not None:
+        return any(_conforms(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    origin = typing.get_origin(tp) or tp
+    if origin is tuple:
+        if not isinstance(v, tuple):
+            return False
+        targs = typing.get_args(tp)
+        if not targs:
+            return True
+        if len(targs) == 2 and targs[1] is Ellipsis:
+            return all(_conforms(x, targs[0]) for x in v)
+        return len(v) == len(targs) and all(_conforms(x, a) for x, a in zip(v, targs, strict=True))
+    if origin is dict:
+        return isinstance(v, dict)
+    return isinstance(v, origin) if isinstance(origin, type) else True
+
+
+def _describe(tp) -> str:
+    args = _union_args(tp)
+    if args is not None:
+        return " or ".join(_describe(a) for a in args)
+    if tp is type(None):
+        return "null"
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "a JSON object"}
+    if tp in names:
+        return names[tp]
+    if (typing.get_origin(tp) or tp) is tuple:
+        targs = typing.get_args(tp)
+        if len(targs) == 2 and targs[1] is Ellipsis:
+            return f"a list of {_describe(targs[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(targs)} values ({', '.join(_describe(a) for a in targs)})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(cls, name: str, v) -> None:
+    if name not in cls.RANGES or v is None:
+        return
+    op, bound = cls.RANGES[name]
+    for x in v if isinstance(v, tuple) else (v,):
+        if isinstance(x, (int, float)) and not (x >= bound if op == ">=" else x > bound):
+            label = f"--set {name}" if cls.__name__.endswith("Options") else name
+            raise ConfigError(f"{cls.__name__}: {label} must be {op} {bound:g}, got {v!r}")
+
+
+def _coerce(v, tp):
+    """Integers given for a float field become floats (JSON writes 1e3 as 1000)."""
+    if tp is float and isinstance(v, int):
+        return float(v)
+    return v
+
+
 def _check_ratios(name: str, ratios: tuple[float, ...] | None, n: int) -> None:
     if ratios is None:
         return
-    if len(ratios) != n or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+    if (len(ratios) != n or not all(isinstance(r, (int, float)) and math.isfinite(r) for r in ratios)
+            or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6):
         raise ConfigError(f"{name} must be {n} non-negative ratios summing to 1, got {ratios}")
 
 
@@ -75,6 +173,7 @@ class ExtractConfig(Config):
     descriptions: str | None = None
     skip_bad: bool = False
     download: bool = False
+    content_hash: bool = False  # fingerprint the image bytes too (slow: reads every file)
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -159,6 +258,7 @@ class FitConfig(Config):
     out: str | None = None
     device: str = "auto"
     options: dict = field(default_factory=dict)
+    force: bool = False  # replace an existing fskd state at --out (anything else is never replaced)
 
     def __post_init__(self) -> None:
         if not self.store:

@@ -40,3 +40,14 @@ class EvaluationError(FskdError):
 
 class StateError(FskdError):
     """A method state directory is missing, incompatible, or from another store."""
+
+
+class OutputError(FskdError):
+    """An output path (--out, --report, --store) cannot or may not be written.
+
+    ``result`` carries a finished result whose report could not be written, so the CLI can
+    print it before the error."""
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -38,7 +38,7 @@ def fast(method: str, **extra) -> dict:
 def fit(store, method: str, shots: int, tmp_path, seed: int = 1, tag: str = "", **options):
     out = tmp_path / f"{method}-{shots}-{seed}{tag}"
     r = api.adapt(AdaptConfig(store=str(store.path), method=method, shots=shots, seed=seed, out=str(out),
-                              device="cpu", options=fast(method, **options)))
+                              device="cpu", options=fast(method, **options), force=True))
     state = load_state(r.out)
     m = METHODS.get(method)()
     return state, m.head(state, store, CPU), m

@@ -29,8 +29,10 @@ FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes":
 
 
 def align(store, **kw) -> api.FitResult:
+    """Fit beside the store (never into the working directory); refits replace the state."""
     options = {**FAST, **kw.pop("options", {})}
-    return api.align(AlignConfig(store=str(store.path), options=options, **kw))
+    kw.setdefault("out", str(store.path.parent / f"{store.path.stem}-align-{kw.get('shots', 16)}"))
+    return api.align(AlignConfig(store=str(store.path), options=options, force=True, **kw))
 
 
 # -- the path and the solvers -------------------------------------------------------------------

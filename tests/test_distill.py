@@ -73,7 +73,7 @@ def tiny_teacher_store(tiny_images, tiny_clip_dir, tmp_path_factory) -> str:
 
 def _cfg(store, out, **kw) -> DistillConfig:
     opts = {**TINY_OPTS, **kw.pop("options", {})}
-    base = {"store": store, "student": TINY, "epochs": 2, "out": str(out), "device": "cpu", "options": opts}
+    base = {"store": store, "student": TINY, "epochs": 2, "out": str(out), "device": "cpu", "options": opts, "force": True}
     return DistillConfig(**{**base, **kw})
 
 
@@ -163,7 +163,8 @@ def test_cli_distill_extract_eval_round_trip(tiny_teacher_store, tiny_images, tm
 
     # the features are the student's: same as running the backbone on the same preprocessing
     enc = build_encoder(f"student:{out}")
-    assert build_encoder(f"student:{out}/state.safetensors").student_id == enc.student_id  # the checkpoint path works too
+    tensors_file = json.loads((out / "state.json").read_text())["tensors_file"]
+    assert build_encoder(f"student:{out}/{tensors_file}").student_id == enc.student_id  # the checkpoint path works too
     from fskd.datasets import build_dataset
 
     ds = build_dataset("folder", str(tiny_images))
@@ -217,7 +218,7 @@ def test_kill_then_resume_and_dir_never_corrupted(tiny_teacher_store, tmp_path, 
     # the interrupted run left DIR as it was, and its epoch-1 checkpoint beside it
     again = load_state(out)
     assert again.hparams["student_id"] == before.hparams["student_id"] and again.config["seed"] == 3
-    ck = tmp_path / ".run.distill-resume" / "checkpoint.pt"
+    ck = tmp_path / ".run.distill-resume" / "checkpoint.json"
     assert ck.exists()
     with caplog.at_level("INFO", logger="fskd.methods.distill.mtkd"):
         done = api.distill(cfg)
@@ -277,7 +278,7 @@ def test_sigkill_mid_training_then_resume(tiny_teacher_store, tmp_path):
     import time
 
     out = tmp_path / "killed"
-    ck = tmp_path / ".killed.distill-resume" / "checkpoint.pt"
+    ck = tmp_path / ".killed.distill-resume" / "checkpoint.json"
     sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     cmd = [sys.executable, "-m", "fskd", "-v", "distill", "--store", tiny_teacher_store, "--student", TINY, "--epochs", "40",
            "--out", str(out), "--device", "cpu", *sets]
@@ -289,7 +290,7 @@ def test_sigkill_mid_training_then_resume(tiny_teacher_store, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ck.exists() and not out.exists()
-    done_before = torch.load(ck, weights_only=False)["epoch"]
+    done_before = json.loads(ck.read_text())["tree"]["epoch"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stderr

@@ -90,12 +90,21 @@ class ImageDataset(ABC):
         """A human-readable location of a ref, for error messages."""
         return str(self.root / ref) if self.root else ref
 
+    def source_file(self, ref: str) -> Path | None:
+        """The file a ref's image is read from (a zip member's archive), for change detection;
+        None for rows with no file of their own (arrays in memory, generated images)."""
+        if self.root is None:
+            return None
+        return self.root / ref.split("::", 1)[0]
+
     # -- helpers for subclasses -------------------------------------------------------------
     def require_root(self, hint: str) -> Path:
         if self.root is None:
             raise DatasetError(f"dataset {self.name!r} needs --root: {hint}")
         if not self.root.exists():
             raise DatasetError(f"dataset {self.name!r}: root {self.root} does not exist ({hint})")
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset {self.name!r}: --root {self.root} is a file, expected a directory ({hint})")
         return self.root
 
     def check_download(self) -> None:
@@ -126,23 +135,64 @@ def pretty_name(key: str) -> str:
     return name.replace("_", " ").strip()
 
 
-def list_class_folders(folder: Path, dataset: str) -> tuple[list[str], list[list[str]]]:
+def safe_ref(root: Path, ref: str, where: str) -> str:
+    """A ref named by a split file, checked to stay inside ``root``: relative, no ``..`` above
+    the root, no drive or NUL. Returns the normalised ref; raises DatasetError naming ``where``."""
+    import posixpath
+
+    if not ref or "\x00" in ref:
+        raise DatasetError(f"{where}: empty or invalid path {ref!r}")
+    r = ref.replace("\\", "/")
+    norm = posixpath.normpath(r)
+    if r.startswith("/") or Path(ref).is_absolute() or norm == ".." or norm.startswith("../") or norm == ".":
+        raise DatasetError(f"{where}: path {ref!r} is outside the dataset root {root} (paths must be relative "
+                           f"and stay inside it)")
+    return norm
+
+
+def list_class_folders(folder: Path, dataset: str, ignored: dict[str, list[str]] | None = None
+                       ) -> tuple[list[str], list[list[str]]]:
     """Sorted class sub-folders of ``folder`` and their image files (relative to ``folder``).
 
     Raises DatasetError naming an empty class folder, or a folder with no class sub-folders.
+    What is left out is recorded in ``ignored`` (reason -> paths): hidden folders, broken links,
+    images in nested sub-folders (one level is read), files that are not images.
     """
     if not folder.is_dir():
         raise DatasetError(f"dataset {dataset!r}: {folder} is not a directory")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ignored = ignored if ignored is not None else {}
+
+    def note(reason: str, path: Path) -> None:
+        ignored.setdefault(reason, []).append(str(path))
+
+    classes = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            if p.is_dir():
+                note("hidden folders", p)
+        elif p.is_dir():
+            classes.append(p.name)
+        elif p.is_symlink() and not p.exists():
+            note("broken symlinks", p)
     if not classes:
         raise DatasetError(f"dataset {dataset!r}: {folder} has no class sub-folders")
     files: list[list[str]] = []
     for c in classes:
-        imgs = sorted(
-            f"{c}/{p.name}"
-            for p in (folder / c).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        imgs = []
+        for p in sorted((folder / c).iterdir()):
+            if p.is_symlink() and not p.exists():
+                note("broken symlinks", p)
+            elif p.is_dir():
+                nested = sum(1 for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+                if nested:
+                    note("images in nested sub-folders (only one level is read)", p)
+            elif p.suffix.lower() in IMAGE_EXTENSIONS:
+                if not p.name.startswith("."):
+                    imgs.append(f"{c}/{p.name}")
+                else:
+                    note("hidden files", p)
+            elif not p.name.startswith("."):
+                note("files that are not images", p)
         if not imgs:
             raise DatasetError(
                 f"dataset {dataset!r}: class folder {folder / c} is empty "
@@ -150,3 +200,15 @@ def list_class_folders(folder: Path, dataset: str) -> tuple[list[str], list[list
             )
         files.append(imgs)
     return classes, files
+
+
+def report_ignored(listing: DatasetListing, ignored: dict[str, list[str]]) -> None:
+    """Record what a listing left out in ``listing.extra['ignored']`` (counts) and warn once."""
+    if not ignored:
+        return
+    import logging
+
+    listing.extra["ignored"] = {k: len(v) for k, v in ignored.items()}
+    logging.getLogger("fskd.datasets").warning(
+        "dataset %r: ignored %s", listing.name,
+        "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in ignored.items()))

@@ -13,6 +13,7 @@ from fskd.datasets.base import (
     SampleList,
     open_rgb,
     pretty_name,
+    safe_ref,
 )
 from fskd.errors import DatasetError
 
@@ -32,18 +33,30 @@ class CsvSplitDataset(ImageDataset):
             raise DatasetError(f"dataset 'csv': no train.csv, val.csv or test.csv in {root}")
         images = root / "images" if (root / "images").is_dir() else root
         rows: dict[str, list[tuple[str, str]]] = {}
+        seen: dict[str, str] = {}  # normalised file -> "file line n" where first listed
         for s in present:
             path = root / f"{s}.csv"
-            with open(path, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                if header is None or [h.strip().lower() for h in header[:2]] != ["filename", "label"]:
-                    raise DatasetError(f"dataset 'csv': {path} must start with the header 'filename,label', got {header}")
-                rows[s] = []
-                for n, r in enumerate(reader, start=2):
-                    if len(r) < 2 or not r[0] or not r[1]:
-                        raise DatasetError(f"dataset 'csv': {path} line {n} is not 'filename,label': {r}")
-                    rows[s].append((r[0], r[1]))
+            try:
+                with open(path, newline="", encoding="utf-8") as f:
+                    reader = csv.reader(f)
+                    header = next(reader, None)
+                    if header is None or [h.strip().lower() for h in header[:2]] != ["filename", "label"]:
+                        raise DatasetError(f"dataset 'csv': {path} must start with the header 'filename,label', got {header}")
+                    rows[s] = []
+                    for n, r in enumerate(reader, start=2):
+                        if len(r) < 2 or not r[0] or not r[1]:
+                            raise DatasetError(f"dataset 'csv': {path} line {n} is not 'filename,label': {r}")
+                        where = f"dataset 'csv': {path} line {n}"
+                        ref = safe_ref(images, r[0], where)
+                        if ref in seen:
+                            raise DatasetError(f"{where}: {r[0]!r} is listed twice (first at {seen[ref]}); "
+                                               f"each image may appear once")
+                        seen[ref] = f"{path.name} line {n}"
+                        rows[s].append((ref, r[1]))
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"dataset 'csv': {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except csv.Error as e:
+                raise DatasetError(f"dataset 'csv': {path} is not a valid CSV file ({e})") from None
             if not rows[s]:
                 raise DatasetError(f"dataset 'csv': {path} has no rows")
         keys = sorted({label for rs in rows.values() for _, label in rs})

@@ -12,6 +12,7 @@ from fskd.datasets.base import (
     list_class_folders,
     open_rgb,
     pretty_name,
+    report_ignored,
 )
 from fskd.errors import DatasetError
 
@@ -21,11 +22,12 @@ SPLIT_DIRS = ("train", "val", "test")
 def folder_listing(dataset: ImageDataset, root, names: dict[str, str] | None = None) -> DatasetListing:
     """List ``root/<class>/*`` or ``root/{train,val,test}/<class>/*``; refs are relative to root."""
     subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    ignored: dict[str, list[str]] = {}
     if "train" in subdirs and subdirs <= set(SPLIT_DIRS):
-        per_split = {s: list_class_folders(root / s, dataset.name) for s in SPLIT_DIRS if s in subdirs}
+        per_split = {s: list_class_folders(root / s, dataset.name, ignored) for s in SPLIT_DIRS if s in subdirs}
         keys = sorted({c for classes, _ in per_split.values() for c in classes})
     else:
-        per_split = {"all": list_class_folders(root, dataset.name)}
+        per_split = {"all": list_class_folders(root, dataset.name, ignored)}
         keys = per_split["all"][0]
     index = {k: i for i, k in enumerate(keys)}
     splits = {}
@@ -35,13 +37,15 @@ def folder_listing(dataset: ImageDataset, root, names: dict[str, str] | None = N
         labels = [index[c] for c, fs in zip(classes, files, strict=True) for _ in fs]
         splits[s] = SampleList(refs, labels)
     names = names or {}
-    return DatasetListing(
+    listing = DatasetListing(
         name=dataset.name,
         root=str(root),
         class_keys=keys,
         class_names=[names.get(k, pretty_name(k)) for k in keys],
         splits=splits,
     )
+    report_ignored(listing, ignored)
+    return listing
 
 
 @DATASETS.register("folder")

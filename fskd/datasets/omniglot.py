@@ -87,8 +87,12 @@ class OmniglotDataset(ImageDataset):
     def _list(self, path: Path) -> list[str]:
         rel = os.path.relpath(path, self.root)
         if path.suffix == ".zip":
-            with zipfile.ZipFile(path) as z:
-                return [f"{rel}::{n}" for n in sorted(z.namelist()) if n.lower().endswith(".png")]
+            try:
+                with zipfile.ZipFile(path) as z:
+                    return [f"{rel}::{n}" for n in sorted(z.namelist()) if n.lower().endswith(".png")]
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise DatasetError(f"dataset 'omniglot': {path} is not a readable zip archive ({e}); it may be "
+                                   f"truncated: download it again, or unpack it into a folder of the same name") from None
         return sorted(str(p.relative_to(self.root)) for p in path.rglob("*.png"))
 
     def _zip(self, rel: str) -> zipfile.ZipFile:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fskd.datasets.base import DatasetListing, SampleList
-from fskd.errors import DatasetError
+from fskd.errors import ConfigError, DatasetError
+from fskd.fsutil import parse_json_file
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ def resolve_class_split(
         return _class_split_from_file(listing, Path(split_file)), f"file {split_file}"
     if listing.standard_class_split:
         index = {k: i for i, k in enumerate(keys)}
-        split = {s: sorted(index[k] for k in listing.standard_class_split.get(s, [])) for s in CLASS_SPLITS}
+        std = listing.standard_class_split
+        unknown = [k for s in CLASS_SPLITS for k in std.get(s, []) if k not in index]
+        if unknown:
+            raise DatasetError(f"dataset {listing.name!r} under {listing.root}: its standard class split names classes "
+                               f"the files do not have: {', '.join(map(repr, unknown[:10]))}; the files are not the "
+                               f"release this dataset expects")
+        split = {s: sorted(index[k] for k in std.get(s, [])) for s in CLASS_SPLITS}
         return split, listing.class_split_source or "standard"
     order = np.random.default_rng(seed).permutation(len(keys))
     n_base = int(round(ratios[0] * len(keys)))
@@ -52,16 +59,18 @@ def resolve_class_split(
 
 def _class_split_from_file(listing: DatasetListing, path: Path) -> dict[str, list[int]]:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"--class-split file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"--class-split file {path} is not valid JSON: {e}") from None
+        data = parse_json_file(path, "--class-split")
+    except ConfigError as e:
+        raise DatasetError(str(e)) from None
     if not isinstance(data, dict) or set(data) - set(CLASS_SPLITS):
         raise DatasetError(
             f"--class-split file {path} must be a JSON object with keys {', '.join(CLASS_SPLITS)}"
             f" (lists of class names), got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}"
         )
+    for s, names in data.items():
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise DatasetError(f"--class-split file {path}: {s!r} must be a list of class names (strings), got "
+                               f"{json.dumps(names)[:120]}")
     lookup: dict[str, int] = {}
     for i, (k, n) in enumerate(zip(listing.class_keys, listing.class_names, strict=True)):
         lookup[k] = i

@@ -86,22 +86,79 @@ class _ArrayDataset(TorchvisionDataset):
         return SampleList([f"{split}/{i}" for i in range(len(data))], np.asarray(labels))
 
 
+#: the only globals a CIFAR pickle may name: numpy's array reconstruction (no code runs)
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes pickled by Python 3
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Reads the CIFAR pickles' dicts, lists, strings, bytes and numpy arrays and refuses every
+    other global, so a file planted under --root cannot run code."""
+
+    def __init__(self, f, path: Path, **kwargs) -> None:
+        super().__init__(f, **kwargs)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise DatasetError(f"{self.path}: refusing to load {module}.{name} from a CIFAR pickle "
+                           f"(only plain data and numpy arrays are read; the file is not the CIFAR release)")
+
+
+def read_data_pickle(path: Path) -> dict:
+    """One CIFAR python-version file (a latin-1 pickle of a dict), read without running code."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing (expected the CIFAR-100 python release under --root)")
+    try:
+        with open(path, "rb") as f:
+            d = _DataOnlyUnpickler(f, path, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DatasetError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); download it again") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path} holds a {type(d).__name__}, expected the CIFAR dict")
+    return d
+
+
 class _Cifar100Base(_ArrayDataset):
     hint = "the folder holding cifar-100-python/"
 
     def _load(self):
-        from torchvision.datasets import CIFAR100
+        """The CIFAR-100 python release (``cifar-100-python/{meta,train,test}``), read with the
+        data-only unpickler; ``--download`` fetches it with torchvision's checked download."""
+        if self.root is None:
+            raise DatasetError(f"dataset {self.name!r} needs --root ({self.hint}); add --download to fetch it there")
+        base = Path(self.root) / "cifar-100-python"
+        if self.download and not base.is_dir():
+            from torchvision.datasets import CIFAR100
+            from torchvision.datasets.utils import download_and_extract_archive
 
-        train, test = self._tv(CIFAR100, train=True), self._tv(CIFAR100, train=False)
-        keys = list(train.classes)
-        splits = {"train": self._rows("train", train.data, train.targets), "test": self._rows("test", test.data, test.targets)}
+            self.check_download()
+            download_and_extract_archive(CIFAR100.url, str(self.root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
+        if not base.is_dir():
+            raise DatasetError(f"dataset {self.name!r}: {base} not found. Pass --root to {self.hint}, or --download")
+        meta = read_data_pickle(base / "meta")
+        keys = [str(k) for k in meta.get("fine_label_names", [])]
+        if len(keys) != 100:
+            raise DatasetError(f"{base / 'meta'}: expected 100 fine_label_names, got {len(keys)}")
+        splits = {}
+        for split in ("train", "test"):
+            d = read_data_pickle(base / split)
+            try:
+                data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                labels = np.asarray(d["fine_labels"], dtype=np.int64)
+            except (KeyError, ValueError) as e:
+                raise DatasetError(f"{base / split}: not the CIFAR-100 layout ({type(e).__name__}: {e})") from None
+            if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() < 100):
+                raise DatasetError(f"{base / split}: {len(data)} images but {len(labels)} fine labels in 0..99")
+            splits[split] = self._rows(split, np.ascontiguousarray(data), labels)
         return keys, splits
 
     def _coarse(self) -> np.ndarray:
         """Fine label -> superclass index, from the CIFAR-100 pickle."""
-        path = Path(self.root) / "cifar-100-python" / "train"
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+        d = read_data_pickle(Path(self.root) / "cifar-100-python" / "train")
         fine, coarse = np.asarray(d["fine_labels"]), np.asarray(d["coarse_labels"])
         out = np.zeros(100, dtype=np.int64)
         out[fine] = coarse

@@ -8,13 +8,13 @@ large language model writes) replaces it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fskd.errors import ConfigError
+from fskd.fsutil import parse_json_file
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -34,7 +34,13 @@ def load_templates(path: str | Path | None) -> tuple[str, ...]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--templates file {p} does not exist")
-    lines = tuple(line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    if not p.is_file():
+        raise ConfigError(f"--templates {p} is not a file (expected one template with {{}} per line)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--templates file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
     bad = [t for t in lines if "{}" not in t]
     if not lines or bad:
         raise ConfigError(f"--templates file {p}: every line needs a '{{}}' for the class name; bad lines: {bad[:5]}")
@@ -47,12 +53,7 @@ def load_descriptions(path: str | Path, class_keys: list[str], class_names: list
     Raises ConfigError listing the classes missing from the file and the unknown names in it.
     """
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--descriptions file {p} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--descriptions file {p} is not valid JSON: {e}") from None
+    data = parse_json_file(p, "--descriptions")
     if not isinstance(data, dict):
         raise ConfigError(f"--descriptions file {p} must be a JSON object {{class name: [descriptions]}}")
     known = set(class_keys) | set(class_names)
@@ -66,8 +67,8 @@ def load_descriptions(path: str | Path, class_keys: list[str], class_names: list
     out = []
     for k, n in zip(class_keys, class_names, strict=True):
         d = data.get(n, data.get(k))
-        d = [d] if isinstance(d, str) else list(d)
-        if not d or not all(isinstance(s, str) and s.strip() for s in d):
+        d = [d] if isinstance(d, str) else d
+        if not isinstance(d, list) or not d or not all(isinstance(s, str) and s.strip() for s in d):
             raise ConfigError(f"--descriptions file {p}: class {n!r} needs a non-empty string or list of strings")
         out.append(d)
     return out

@@ -1,7 +1,7 @@
 """``student:DIR``: a student encoder written by ``fskd distill``.
 
-``DIR`` is the state directory distill wrote (``DIR/state.json`` + ``DIR/state.safetensors``);
-``student:DIR/state.safetensors`` (the checkpoint path) works too. The image tower is the
+``DIR`` is the state directory distill wrote (``DIR/state.json`` naming its tensor file
+``DIR/state-<sha>.safetensors``); ``student:DIR/<that file>`` works too. The image tower is the
 student backbone (pooled features, not the distillation projection heads) at the resolution it
 was trained at; the text tower is the teacher's text tower when the teacher store had one, so a
 store extracted with a student still gets class text features (a bridge is learned between the
@@ -16,7 +16,6 @@ student sees exactly the same pixels at training (validation views) and at extra
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,14 @@ from PIL import Image
 
 from fskd.encoders.base import ENCODERS, Encoder, build_encoder, parse_spec
 from fskd.encoders.timm_encoder import create_backbone
-from fskd.errors import EncoderError
+from fskd.errors import EncoderError, StateError
+from fskd.fsutil import read_bundle
 
 log = logging.getLogger(__name__)
 
 # file names of a method state directory (fskd.methods.base; encoders may not import methods)
 STATE_JSON = "state.json"
-STATE_TENSORS = "state.safetensors"
+STATE_TENSORS = "state.safetensors"  # the tensor file of states written before manifests named it
 #: prefix of the student backbone tensors inside a distill state
 STUDENT_PREFIX = "student."
 #: ratio of the stored square to the crop (ImageNet's 256 -> 224 convention)
@@ -135,15 +135,15 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def resolve_student_dir(arg: str) -> Path:
-    """``DIR`` or ``DIR/state.safetensors`` -> the resolved state directory (checked)."""
+    """``DIR`` or ``DIR/<tensor file>`` -> the resolved state directory (checked)."""
     if not arg:
         raise EncoderError("student needs a state directory: student:DIR (written by fskd distill --out DIR)")
     p = Path(arg).expanduser()
     if p.is_file():
         p = p.parent
-    if not (p / STATE_JSON).exists() or not (p / STATE_TENSORS).exists():
+    if not (p / STATE_JSON).is_file():
         raise EncoderError(
-            f"student:{arg}: {p} is not a distilled student (needs {STATE_JSON} and {STATE_TENSORS}); "
+            f"student:{arg}: {p} is not a distilled student (needs {STATE_JSON} and its tensor file); "
             f"write one with `fskd distill --store S --out {arg}`"
         )
     return p.resolve()
@@ -156,10 +156,11 @@ class StudentEncoder(Encoder):
     web_scale = False
 
     def __init__(self, arg: str) -> None:
-        from safetensors.torch import load_file
-
         self.directory = resolve_student_dir(arg)
-        info = json.loads((self.directory / STATE_JSON).read_text())
+        try:
+            info, tensors = read_bundle(self.directory, STATE_JSON, legacy=STATE_TENSORS, what="student")
+        except StateError as e:
+            raise EncoderError(f"student:{arg}: {e}") from None
         if info.get("kind") != "distill" or "student" not in info.get("hparams", {}):
             raise EncoderError(f"student:{arg}: {self.directory} holds a {info.get('kind')!r} state, not a distilled student")
         hp = info["hparams"]
@@ -167,10 +168,9 @@ class StudentEncoder(Encoder):
         self.student_name = hp["student"]
         self.image_size = int(hp["image_size"])
         self.size = stored_size(self.image_size)
-        tensors = load_file(str(self.directory / STATE_TENSORS))
         weights = {k[len(STUDENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(STUDENT_PREFIX)}
         if not weights:
-            raise EncoderError(f"student:{arg}: {self.directory / STATE_TENSORS} has no {STUDENT_PREFIX}* tensors")
+            raise EncoderError(f"student:{arg}: the tensors of {self.directory} hold no {STUDENT_PREFIX}* tensors")
         self.model = build_student_backbone(self.student_name, self.image_size, hp.get("student_kwargs") or {})
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
@@ -208,6 +208,6 @@ class StudentEncoder(Encoder):
         return self._teacher.encode_texts(texts)
 
 
-@ENCODERS.register("student", help="a student written by fskd distill: student:DIR (or DIR/state.safetensors); text tower = the teacher's")
+@ENCODERS.register("student", help="a student written by fskd distill: student:DIR (or a tensor file in it); text tower = the teacher's")
 def _build(arg: str) -> Encoder:
     return StudentEncoder(arg)

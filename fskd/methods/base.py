@@ -4,20 +4,28 @@ A method (distill, adapt or align) is fitted on a feature store and saves a *sta
 
 ```
 DIR/
-  state.json           method, kind, the store's path and fingerprint, encoder, config,
-                       hyper-parameters and which split chose each, metrics, versions
-  state.safetensors    the learned tensors (bridge, weights, networks)
+  state.json                  format marker, method, kind, the store's path and fingerprint,
+                              encoder, config, hyper-parameters and which split chose each,
+                              metrics, versions, and the name + SHA-256 of the tensor file
+  state-<sha16>.safetensors   the learned tensors (bridge, weights, networks)
 ```
 
 ``fskd eval --store S --state DIR`` loads the state, checks it belongs to S, and asks the
-method for a :class:`~fskd.classifiers.base.Head`. Writes are atomic: the directory is built
-beside DIR and renamed into place, so an interrupted run never leaves a half-written state.
+method for a :class:`~fskd.classifiers.base.Head`.
+
+Writes are atomic at every instant (``fskd.fsutil``): a new DIR is built beside it and renamed
+into place; an existing fskd state is replaced by writing the new tensor file under its own name
+and then replacing ``state.json`` (the commit point), so DIR always holds the old or the new
+complete state. Only fskd's own file names are ever deleted; a DIR that is not an fskd state is
+never written into (:func:`guard_out`, checked before any fitting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -29,7 +37,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fskd import __version__
-from fskd.errors import StateError
+from fskd.errors import OutputError, StateError
+from fskd.fsutil import fault_point, guard_output_dir, read_bundle, write_bundle
 from fskd.registry import Registry
 
 if TYPE_CHECKING:
@@ -40,8 +49,10 @@ if TYPE_CHECKING:
 TrainProgress = Callable[[str, int, int, dict], None]
 
 STATE_VERSION = 1
+STATE_FORMAT = "fskd-state"
 STATE_JSON = "state.json"
-STATE_TENSORS = "state.safetensors"
+STATE_STEM = "state"
+STATE_TENSORS = "state.safetensors"  # the tensor file of states written before state.json named it
 KINDS = ("distill", "adapt", "align")
 
 
@@ -68,42 +79,115 @@ class MethodState:
         return d
 
 
-def save_state(directory: str | Path, state: MethodState) -> Path:
-    """Write ``state`` to ``directory`` atomically (replacing an older state there)."""
-    from safetensors.torch import save_file
+def is_state_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding an fskd state (state.json with the format marker,
+    or the keys of a state written before the marker existed)."""
+    meta = Path(path) / STATE_JSON
+    if not meta.is_file():
+        return False
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict):
+        return False
+    return info.get("format") == STATE_FORMAT or (
+        "format" not in info and {"method", "kind", "state_version", "store_fingerprint"} <= set(info))
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+def guard_out(path: str | Path, force: bool = False, store: str | None = None, root: str | None = None) -> Path:
+    """Check ``--out`` before fitting: absent, or an fskd state and ``force``; never the store,
+    the dataset root, or a folder holding them. Raises OutputError naming the path."""
+    return guard_output_dir(path, "--out", STATE_JSON, is_state_dir, force,
+                            protect=(("--store", store), ("the dataset root", root)))
+
+
+def _leftovers(directory: Path) -> list[Path]:
+    """Hidden siblings earlier fskd runs left behind (``.DIR.tmp-*`` / ``.DIR.old-*``) holding
+    nothing but state files: safe to remove."""
+    out = []
+    for p in directory.parent.glob(f".{directory.name}.*"):
+        tag = p.name[len(directory.name) + 2:]
+        if not (tag.startswith("tmp-") or tag.startswith("old-")) or not p.is_dir() or p.is_symlink():
+            continue
+        pid = tag[4:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)) and tag.startswith("tmp-"):
+            continue  # another live process is building it
+        names = {f.name for f in p.iterdir()}
+        if all(n == STATE_JSON or n.endswith(".safetensors") or n.endswith(".tmp") for n in names):
+            out.append(p)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_state(directory: str | Path, state: MethodState) -> Path:
+    """Write ``state`` to ``directory`` atomically (see the module docstring). An existing
+    ``directory`` must be an fskd state (callers check ``--force`` with :func:`guard_out`)."""
+    directory = Path(directory).expanduser().absolute()
     state.created = state.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (tmp / STATE_JSON).write_text(json.dumps(state.info(), indent=2, default=str))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, str(tmp / STATE_TENSORS))
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    if old is not None:
+    meta = {"format": STATE_FORMAT, **state.info()}
+    for old in _leftovers(directory):
         shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        if not is_state_dir(directory):
+            raise OutputError(f"{directory} exists and is not an fskd state; fskd will not write into it")
+        write_bundle(directory, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir(mode=0o755)
+    try:
+        write_bundle(tmp, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
+        fault_point("state:built")
+        try:
+            os.rename(tmp, directory)  # atomic; fails if another process created DIR meanwhile
+        except OSError:
+            if not is_state_dir(directory):
+                raise OutputError(f"{directory} appeared while the state was written and is not an fskd state; "
+                                  f"the new state was not saved") from None
+            write_bundle(directory, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
+    finally:
+        if tmp.exists():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
     return directory
 
 
-def load_state(directory: str | Path) -> MethodState:
-    from safetensors.torch import load_file
+_STATE_KEYS = {f for f in MethodState.__dataclass_fields__ if f != "tensors"}
 
+
+def load_state(directory: str | Path) -> MethodState:
+    """Read and check a state directory; every problem is a StateError naming the file."""
     directory = Path(directory)
     meta = directory / STATE_JSON
-    if not meta.exists():
+    if not directory.is_dir() or not meta.is_file():
         raise StateError(f"{directory} is not an fskd state directory (no {STATE_JSON}); write one with fskd adapt/align/distill")
-    try:
-        info = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise StateError(f"{meta} is not valid JSON: {e}") from None
+    info, tensors = read_bundle(directory, STATE_JSON, legacy=STATE_TENSORS, what="state")
+    fmt = info.pop("format", STATE_FORMAT)
+    if fmt != STATE_FORMAT:
+        raise StateError(f"{meta}: format {fmt!r} is not an fskd state ({STATE_FORMAT!r})")
     if info.get("state_version") != STATE_VERSION:
         raise StateError(f"{meta}: state version {info.get('state_version')!r}, this fskd reads {STATE_VERSION}")
-    tensors = load_file(str(directory / STATE_TENSORS)) if (directory / STATE_TENSORS).exists() else {}
+    missing, extra = sorted(_STATE_KEYS - set(info)), sorted(set(info) - _STATE_KEYS)
+    if missing or extra:
+        raise StateError(f"{meta}: " + "; ".join(
+            p for p in (f"missing keys {missing}" if missing else "", f"unknown keys {extra}" if extra else "") if p)
+            + " (the state was damaged or edited; write it again)")
+    for key, typ in (("method", str), ("kind", str), ("store_fingerprint", str), ("config", dict), ("hparams", dict),
+                     ("selected_on", dict), ("metrics", dict)):
+        if not isinstance(info[key], typ):
+            raise StateError(f"{meta}: {key} must be a {typ.__name__}, got {info[key]!r}")
+    if info["kind"] not in KINDS:
+        raise StateError(f"{meta}: kind {info['kind']!r} is not one of {', '.join(KINDS)}")
     return MethodState(**info, tensors=tensors)
 
 

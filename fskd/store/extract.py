@@ -5,14 +5,23 @@
 - Batches never cross a chunk boundary, so a resumed or sharded run feeds the model the very
   same batches as an uninterrupted single-process run: the stores are identical.
 - Under ``torchrun`` every rank takes the chunks ``c % world_size == rank``; rank 0 creates the
-  store (atomically) before the others open it.
+  store (atomically) before the others open it. A single process locks (flock) the parent
+  folder while it creates the store and the store folder while it fills it, so a second
+  ``fskd extract`` of the same store waits, then finds it complete (or resumes it).
+- The fingerprint covers the dataset listing (names, labels), the size and modification time of
+  every image file, and, with ``--content-hash``, a SHA-256 of every file: an image replaced after
+  extraction is noticed, not served stale.
+- An existing store is verified before it is reused: chunks marked written whose data is missing,
+  undecodable or fails its checksum are encoded again (a repair), see ``schema.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +46,7 @@ from fskd.encoders.prompts import (
     load_templates,
 )
 from fskd.errors import DatasetError, StoreError
+from fskd.fsutil import check_writable, dir_lock, sha256_file
 from fskd.runtime import autocast, barrier, init_distributed, num_workers, resolve_device
 from fskd.store import schema as S
 from fskd.store.store import FeatureStore, SplitRows
@@ -59,6 +69,8 @@ class ExtractResult:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    repaired: dict[str, dict[int, str]] = field(default_factory=dict)  # split -> chunk -> why re-encoded
+    ignored: dict[str, int] = field(default_factory=dict)  # files the dataset listing left out, by reason
 
 
 class _Rows(Dataset):
@@ -89,6 +101,37 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def file_digest(source: ImageDataset, refs: list[str], contents: bool = False) -> str:
+    """Hash of the size and modification time (and, with ``contents``, the SHA-256) of every file
+    the rows are read from; rows with no file of their own (arrays, generated data) add nothing."""
+    h = hashlib.sha256()
+    seen: set[str] = set()
+    for ref in refs:
+        path = source.source_file(ref)
+        if path is None:
+            continue
+        key = str(path)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            h.update(f"{key}\0missing\n".encode())
+            continue
+        h.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if contents:
+            h.update(sha256_file(Path(path)).encode())
+    return h.hexdigest()[:32]
+
+
+_DIFF_HINTS = {
+    "files": "the size or modification time of image files changed since extraction",
+    "contents": "the content of image files changed since extraction",
+    "listing": "the list of images, classes or labels changed",
+}
+
+
 def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, parts: dict) -> None:
     """An existing store must come from the same inputs; otherwise say what differs, touch nothing."""
     if store.encoder_spec != cfg.encoder:
@@ -96,13 +139,33 @@ def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, p
             f"{store.path} was extracted with encoder {store.encoder_spec!r}, not {cfg.encoder!r}; "
             f"use another --store path (the existing store is left untouched)"
         )
-    if store.fingerprint != fingerprint:
-        old = store.attrs.get("inputs", {})
-        diff = sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k))
+    old = store.attrs.get("inputs", {})
+    diff = sorted(k for k in set(old) | set(parts) if k != "contents" and old.get(k) != parts.get(k))
+    if parts.get("contents") and old.get("contents") and old["contents"] != parts["contents"]:
+        diff.append("contents")
+    if store.fingerprint != fingerprint or diff:
+        why = "; ".join(f"{k}: {_DIFF_HINTS[k]}" if k in _DIFF_HINTS else k for k in diff) or "fingerprint"
         raise StoreError(
-            f"{store.path} was extracted from different inputs (differs in: {', '.join(diff) or 'fingerprint'}); "
+            f"{store.path} was extracted from different inputs (differs in: {why}); "
             f"use another --store path (the existing store is left untouched)"
         )
+
+
+def _repair(store: FeatureStore, sample_splits: dict) -> dict[str, dict[int, str]]:
+    """Verify every written chunk; clear the flags of the damaged ones (encoded again below) and
+    rewrite missing id chunks from the listing. Text arrays cannot be repaired in place."""
+    text = [m for m in store.missing_chunks() if m.startswith(f"{S.TEXT_GROUP}/")]
+    if text:
+        raise StoreError(f"{store.path} is damaged beyond repair in place ({', '.join(text[:5])} missing); "
+                         f"re-extract into a new --store path")
+    for split in {m.split("/", 1)[0] for m in store.missing_chunks() if f"/{S.SAMPLE_IDS} " in m}:
+        store.rewrite_sample_ids(split, sample_splits[split].refs)
+    damaged = store.damaged_chunks(verify=True)
+    for split, chunks in damaged.items():
+        log.warning("%s: re-encoding %d damaged chunk(s) of %s: %s", store.path, len(chunks), split,
+                    "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))
+        store.mark_unwritten(split, list(chunks))
+    return damaged
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageDataset | None = None) -> ExtractResult:
@@ -124,6 +187,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         "dataset": listing.name,
         "listing": listing.fingerprint(),
         "encoder": cfg.encoder,
+        "files": file_digest(source, [r for sl in sample_splits.values() for r in sl.refs]),
         "encoder_weights": weights_identity(cfg.encoder),
         "dtype": cfg.dtype,
         "chunk_rows": cfg.chunk_rows,
@@ -133,89 +197,130 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         "descriptions": descriptions,
     }
     fingerprint = _fingerprint(parts)
+    if cfg.content_hash:  # checked on top of the fingerprint, so stores made without it stay valid
+        parts["contents"] = file_digest(source, [r for sl in sample_splits.values() for r in sl.refs], contents=True)
+    ignored = dict(getattr(listing, "extra", {}).get("ignored", {}))
+    single = dist.world_size == 1
+    store_path = Path(cfg.store)
+    if single:
+        check_writable(store_path, "--store")
+        store_path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    encoder: Encoder | None = None
 
-    # every rank must take the same branch below: look at the path only between two barriers,
-    # before rank 0 may create the store
-    barrier()
-    exists = Path(cfg.store).exists()
-    barrier()
-    store = None
-    if exists:
-        store = FeatureStore.open(cfg.store, mode="r+")
-        _check_existing(store, cfg, fingerprint, parts)
-        if store.is_complete():
-            log.info("store %s is complete; nothing to encode", cfg.store)
-            return ExtractResult(cfg.store, fingerprint, True, 0, time.perf_counter() - t0, 0.0,
-                                 {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size)
+    def get_encoder() -> Encoder:  # built only when something must be encoded
+        nonlocal encoder
+        if encoder is None:
+            encoder = build_encoder(cfg.encoder, device)
+        return encoder
 
-    encoder = build_encoder(cfg.encoder, device)
-    if store is None:
-        if dist.is_main:
-            prompts = class_prompts(listing.class_names, templates, descriptions)
-            emb = encode_class_texts(encoder, prompts).numpy() if encoder.has_text else None
-            attrs = {
-                "format": S.FORMAT,
-                "schema_version": S.SCHEMA_VERSION,
-                "fskd_version": __version__,
-                "fingerprint": fingerprint,
-                "inputs": parts,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "encoder": encoder.describe(),
-                "dataset": {"name": listing.name, "root": listing.root, "fingerprint": listing.fingerprint()},
-                "class_split": {**class_split, "source": split_source},
-                "sample_split": {"rule": sample_rule, "sizes": {s: len(r) for s, r in sample_splits.items()}},
-                "splits": list(sample_splits),
-                "dim": encoder.image_dim,
-                "dtype": cfg.dtype,
-                "chunk_rows": cfg.chunk_rows,
-                "text": {
-                    "available": emb is not None,
-                    "dim": encoder.text_dim,
-                    "source": "templates+descriptions" if descriptions else "templates",
-                    "templates": list(templates),
-                },
-                "config": cfg.to_dict(),
-            }
-            FeatureStore.create(
-                cfg.store,
-                attrs=attrs,
-                splits={s: SplitRows(r.refs, r.labels) for s, r in sample_splits.items()},
-                class_keys=listing.class_keys,
-                class_names=listing.class_names,
-                prompts=list(templates),
-                class_embeddings=emb,
-            )
+    # Two locks, no lock files (a single process; torchrun ranks coordinate with barriers): the
+    # parent folder while the store is created, then the store folder while it is verified and
+    # filled. A second `fskd extract` of the same store waits, then finds it complete or resumes.
+    waiting = f"another fskd extract is writing {cfg.store}; waiting for it to finish"
+    with dir_lock(store_path.absolute().parent, waiting, log) if single else contextlib.nullcontext():
+        # every rank must take the same branch: look at the path only between two barriers
         barrier()
-        store = FeatureStore.open(cfg.store, mode="r+")
+        exists = store_path.exists()
+        barrier()
+        if not exists:
+            if dist.is_main:
+                _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, templates, descriptions,
+                        parts, fingerprint, ignored, get_encoder())
+            barrier()
+    with dir_lock(store_path, waiting, log) if single else contextlib.nullcontext():
+        return _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
 
-    encoded = 0
+
+def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, templates, descriptions, parts,
+            fingerprint, ignored, encoder: Encoder) -> None:
+    prompts = class_prompts(listing.class_names, templates, descriptions)
+    emb = encode_class_texts(encoder, prompts).numpy() if encoder.has_text else None
+    attrs = {
+        "format": S.FORMAT,
+        "schema_version": S.SCHEMA_VERSION,
+        "fskd_version": __version__,
+        "fingerprint": fingerprint,
+        "inputs": parts,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "encoder": encoder.describe(),
+        "dataset": {"name": listing.name, "root": listing.root, "fingerprint": listing.fingerprint(),
+                    "ignored": ignored},
+        "class_split": {**class_split, "source": split_source},
+        "sample_split": {"rule": sample_rule, "sizes": {s: len(r) for s, r in sample_splits.items()}},
+        "splits": list(sample_splits),
+        "dim": encoder.image_dim,
+        "dtype": cfg.dtype,
+        "chunk_rows": cfg.chunk_rows,
+        "text": {
+            "available": emb is not None,
+            "dim": encoder.text_dim,
+            "source": "templates+descriptions" if descriptions else "templates",
+            "templates": list(templates),
+        },
+        "config": cfg.to_dict(),
+    }
+    FeatureStore.create(
+        cfg.store,
+        attrs=attrs,
+        splits={s: SplitRows(r.refs, r.labels) for s, r in sample_splits.items()},
+        class_keys=listing.class_keys,
+        class_names=listing.class_names,
+        prompts=list(templates),
+        class_embeddings=emb,
+    )
+
+
+def _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0
+          ) -> ExtractResult:
+    """Verify (and repair) the store, then encode every chunk not yet written."""
+    store = FeatureStore.open(cfg.store, mode="r+")
+    _check_existing(store, cfg, fingerprint, parts)
+    repaired: dict[str, dict[int, str]] = {}
+    if dist.is_main:
+        repaired = _repair(store, sample_splits)
+        if parts.get("contents") and not store.attrs.get("inputs", {}).get("contents"):
+            store.group.attrs["inputs"] = {**store.attrs.get("inputs", {}), "contents": parts["contents"]}
+    barrier()
+    store = FeatureStore.open(cfg.store, mode="r+")
+    if store.is_complete():
+        log.info("store %s is complete; nothing to encode", cfg.store)
+        return ExtractResult(cfg.store, fingerprint, True, 0, time.perf_counter() - t0, 0.0,
+                             {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size,
+                             repaired, ignored)
+    encoder = get_encoder()
+    encoded = processed = 0
     t_enc = time.perf_counter()
     for split in store.splits:
-        encoded += _extract_split(store, split, source, sample_splits[split].refs, encoder, cfg, device, dist, progress)
+        rows, bad = _extract_split(store, split, source, sample_splits[split], encoder, cfg, device, dist, progress)
+        processed += rows
+        encoded += rows - bad
     barrier()
     seconds = time.perf_counter() - t0
-    rate = encoded / max(time.perf_counter() - t_enc, 1e-9)
+    rate = processed / max(time.perf_counter() - t_enc, 1e-9)
     store = FeatureStore.open(cfg.store)
     return ExtractResult(cfg.store, fingerprint, False, encoded, seconds, rate,
-                         {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size)
+                         {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size,
+                         repaired, ignored)
 
 
 def _extract_split(
     store: FeatureStore,
     split: str,
     source: ImageDataset,
-    refs: list[str],
+    sample_list,
     encoder: Encoder,
     cfg: ExtractConfig,
     device: torch.device,
     dist,
     progress: Progress | None,
-) -> int:
+) -> tuple[int, int]:
+    """Encode this rank's unwritten chunks of ``split``: returns (rows processed, rows skipped)."""
+    refs = sample_list.refs
     n, rows = len(refs), store.chunk_rows
     done = store.written(split)
     todo = [c for c in range(len(done)) if not done[c] and c % dist.world_size == dist.rank]
     if not todo or n == 0:
-        return 0
+        return 0, 0
     blank = encoder.preprocess(_blank_image())
     loader = DataLoader(
         _Rows(source, refs, encoder.preprocess, blank),
@@ -224,13 +329,13 @@ def _extract_split(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers(cfg.workers) > 0 else None,
     )
-    labels_all = store.labels(split)
+    labels_all = np.asarray(sample_list.labels)  # from the listing: a damaged labels chunk is rewritten right
     mine = sum(min(n, (c + 1) * rows) - c * rows for c in todo)
     channels_last = device.type == "cuda"
     if channels_last:
         for m in encoder.modules():
             m.to(memory_format=torch.channels_last)
-    chunk, buf, lab, filled, count = None, None, None, 0, 0
+    chunk, buf, lab, filled, count, n_bad = None, None, None, 0, 0, 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         for images, idx, ok, errors in loader:
@@ -258,6 +363,7 @@ def _extract_split(
             local = idx - c * rows
             buf[local] = feats
             okn = ok.numpy()
+            n_bad += int((~okn).sum())
             buf[local[~okn]] = 0.0
             lab[local[~okn]] = -1
             filled += len(idx)
@@ -266,7 +372,7 @@ def _extract_split(
                 store.write_chunk(split, c, buf.astype(S.FEATURE_DTYPES[store.attrs["dtype"]]), lab)
             if progress is not None:
                 progress(split, count, mine, count / max(time.perf_counter() - t0, 1e-9))
-    return count
+    return count, n_bad
 
 
 def _blank_image():

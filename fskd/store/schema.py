@@ -1,4 +1,4 @@
-"""The one definition of the Zarr feature-store layout (schema version 1).
+"""The one definition of the Zarr feature-store layout (schema version 2).
 
 ```
 <store>.zarr/                 attrs: see ROOT_ATTRS
@@ -6,6 +6,8 @@
     features    (sample, dim)  float16 (or float32) on disk, chunked by rows
     labels      (sample,)      int32, index into text/classnames; -1 = skipped unreadable file
     sample_ids  (sample,)      str, the sample's ref relative to the dataset root
+    checksums   (chunk,)       uint32, CRC-32 of each row chunk as stored (features bytes in
+                               the on-disk dtype, then labels as int32), set with the flag
     written     (chunk,)       bool, one flag per row chunk, set only after the chunk is stored
   text/
     classnames        (class,)       str, names used in prompts
@@ -17,6 +19,18 @@
 
 Readers check ``format`` and ``schema_version`` and the presence, shape and dtype of every
 array; a mismatch raises StoreError naming the path and the array.
+
+Commit rule (what makes a chunk trustworthy): a row chunk is written in this order, each step a
+whole-object write (zarr writes a chunk file to a temporary name and renames it):
+  1. the features chunk and the labels chunk,
+  2. its checksum,
+  3. its ``written`` flag, last.
+A kill before step 3 leaves the flag False and the chunk is encoded again on resume; so a flag
+is True only for a chunk whose data and checksum are complete. Every array is created with
+``write_empty_chunks`` on, so each chunk a writer stored exists as an object: a chunk marked
+written whose object is missing (deleted, lost in a copy) is an error naming the array and chunk,
+never rows of fill values. ``fskd info --check`` re-computes every checksum; ``fskd extract`` on
+an existing store does the same and re-encodes the chunks that fail (a repair).
 """
 
 from __future__ import annotations
@@ -24,11 +38,11 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT = "fskd-feature-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SPLITS = ("train", "val", "test")
 TEXT_GROUP = "text"
-FEATURES, LABELS, SAMPLE_IDS, WRITTEN = "features", "labels", "sample_ids", "written"
+FEATURES, LABELS, SAMPLE_IDS, WRITTEN, CHECKSUMS = "features", "labels", "sample_ids", "written", "checksums"
 CLASSNAMES, CLASSKEYS, PROMPTS, CLASS_EMBEDDINGS = "classnames", "classkeys", "prompts", "class_embeddings"
 
 #: attributes every store carries at its root
@@ -55,3 +69,11 @@ FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 def n_chunks(n_rows: int, chunk_rows: int) -> int:
     return -(-n_rows // chunk_rows)
+
+
+def chunk_checksum(features: np.ndarray, labels: np.ndarray) -> int:
+    """CRC-32 of one row chunk: its features in the on-disk dtype, then its labels as int32."""
+    import zlib
+
+    crc = zlib.crc32(np.ascontiguousarray(features).tobytes())
+    return zlib.crc32(np.ascontiguousarray(labels, dtype=np.int32).tobytes(), crc)

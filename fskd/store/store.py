@@ -6,7 +6,9 @@ the rows asked for).
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,26 @@ class SplitRows:
 def _compressor():
     # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+#: every chunk a writer stores exists as an object, even one equal to the fill value (schema.py)
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def _list_keys(arr: zarr.Array) -> set[str]:
+    """The chunk keys stored for ``arr`` (relative to the array, e.g. ``c/3/0``)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.path}/" if arr.path else ""
+
+    async def _ls():
+        return [k async for k in arr.store.list_prefix(prefix + "c/")]
+
+    return {k[len(prefix):] for k in sync(_ls())}
+
+
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    return arr.metadata.encode_chunk_key(coords)
 
 
 class FeatureStore:
@@ -63,7 +85,7 @@ class FeatureStore:
         if a.get("schema_version") != S.SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {a.get('schema_version')!r}; this fskd reads version "
-                f"{S.SCHEMA_VERSION}. Re-extract into a new --store path."
+                f"{S.SCHEMA_VERSION} (version 2 added per-chunk checksums). Re-extract into a new --store path."
             )
         missing = [k for k in S.ROOT_ATTRS if k not in a]
         if missing:
@@ -72,14 +94,15 @@ class FeatureStore:
         for split in a["splits"]:
             g = self._group(split)
             n = None
-            for name in (S.FEATURES, S.LABELS, S.SAMPLE_IDS, S.WRITTEN):
+            for name in (S.FEATURES, S.LABELS, S.SAMPLE_IDS, S.WRITTEN, S.CHECKSUMS):
                 if name not in g:
                     raise StoreError(f"{self.path}: array {split}/{name} is missing")
             f = g[S.FEATURES]
             n = f.shape[0]
             if f.ndim != 2 or f.shape[1] != dim or f.dtype != dtype:
                 raise StoreError(f"{self.path}: {split}/features has shape {f.shape} {f.dtype}, expected (n, {dim}) {dtype}")
-            for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (S.n_chunks(n, a["chunk_rows"]),))):
+            nc = S.n_chunks(n, a["chunk_rows"])
+            for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (nc,)), (S.CHECKSUMS, (nc,))):
                 if g[name].shape != want:
                     raise StoreError(f"{self.path}: {split}/{name} has shape {g[name].shape}, expected {want}")
         t = self._group(S.TEXT_GROUP)
@@ -117,35 +140,44 @@ class FeatureStore:
         if path.exists():
             raise StoreError(f"{path} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        cfg = _ARRAY_CONFIG
         try:
             root = zarr.open_group(str(tmp), mode="w")
             dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
             for split, r in splits.items():
                 g = root.create_group(split)
                 n = len(r.sample_ids)
+                nc = S.n_chunks(n, rows)
                 g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
-                               compressors=_compressor())
-                lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1)
-                ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str)
-                g.create_array(S.WRITTEN, shape=(S.n_chunks(n, rows),), chunks=(1,), dtype=bool, fill_value=False)
+                               compressors=_compressor(), config=cfg)
+                lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, config=cfg)
+                ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, config=cfg)
+                # one object per flag and checksum: torchrun ranks write disjoint chunks concurrently
+                g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=cfg)
+                g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
                 if n:
                     lab[:] = r.labels
                     ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
             t = root.create_group(S.TEXT_GROUP)
             for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
-                a = t.create_array(name, shape=(len(values),), dtype=str)
-                a[:] = np.asarray(values, dtype=str)
+                a = t.create_array(name, shape=(len(values),), dtype=str, config=cfg)
+                if len(values):
+                    a[:] = np.asarray(values, dtype=str)
             if class_embeddings is not None:
-                e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32")
+                e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", config=cfg)
                 e[:] = class_embeddings.astype(np.float32)
             root.attrs.update(attrs)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            try:
+                os.rename(tmp, path)  # atomic; fails when another process created the store first
+            except OSError:
+                if not path.exists():
+                    raise
+                raise StoreError(f"{path} was created by another process meanwhile; run the command again "
+                                 f"to resume into it") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path, mode="r+")
 
     @classmethod
@@ -267,17 +299,17 @@ class FeatureStore:
         return int(self._split(split)[S.FEATURES].shape[0])
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)[S.LABELS][:], dtype=np.int64)
+        return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
 
     def sample_ids(self, split: str) -> np.ndarray:
         # via object: numpy 2 cannot cast zarr's StringDType straight to a fixed-width str dtype
-        return np.asarray(self._split(split)[S.SAMPLE_IDS][:]).astype(object).astype(str)
+        return np.asarray(self._read(split, S.SAMPLE_IDS, slice(None))).astype(object).astype(str)
 
     def written(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)[S.WRITTEN][:], dtype=bool)
+        return np.asarray(self._read(split, S.WRITTEN, slice(None)), dtype=bool)
 
     def is_complete(self) -> bool:
-        return all(self.written(s).all() for s in self.splits)
+        return all(self.written(s).all() for s in self.splits) and not self.missing_chunks()
 
     def skipped(self) -> dict[str, list[str]]:
         """Sample ids recorded as unreadable (label -1) per split, in written chunks."""
@@ -288,36 +320,141 @@ class FeatureStore:
                 out[s] = self.sample_ids(s)[lab < 0].tolist()
         return out
 
+    # -- integrity ---------------------------------------------------------------------------
+    def _read(self, split: str, name: str, sel, chunk: int | None = None):
+        """Read ``split/name[sel]``; a chunk that cannot be decoded is a StoreError naming it."""
+        arr = self._split(split)[name] if split != S.TEXT_GROUP else self.group[S.TEXT_GROUP][name]
+        try:
+            return arr[sel]
+        except Exception as e:  # codec errors come as RuntimeError, ValueError, ... from numcodecs/zarr
+            where = f"chunk {chunk}" if chunk is not None else "a chunk"
+            raise StoreError(
+                f"{self.path}: cannot read {split}/{name} {where} ({type(e).__name__}: {e}); the store is damaged. "
+                f"`fskd info --check {self.path}` lists the damage; the same `fskd extract` re-encodes it"
+            ) from None
+
+    def missing_chunks(self) -> list[str]:
+        """Chunk objects that should exist and do not, as ``split/array chunk i`` strings: written
+        feature chunks, and every chunk of the labels, ids, checksums (written) and text arrays.
+        Cheap: one listing per array, no data read."""
+        out: list[str] = []
+        for split in self.splits:
+            g = self._split(split)
+            written = self.written(split)
+            done = np.flatnonzero(written)
+            for name, chunks in ((S.FEATURES, done), (S.CHECKSUMS, done),
+                                 (S.LABELS, range(len(written))), (S.SAMPLE_IDS, range(len(written)))):
+                arr = g[name]
+                have = _list_keys(arr)
+                coords = [(int(c), 0) if arr.ndim == 2 else (int(c),) for c in chunks]
+                out += [f"{split}/{name} chunk {c[0]}" for c in coords if _chunk_key(arr, c) not in have]
+        t = self.group[S.TEXT_GROUP]
+        for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS, S.CLASS_EMBEDDINGS):
+            if name not in t or t[name].size == 0:
+                continue
+            arr = t[name]
+            have = _list_keys(arr)
+            for c in itertools.product(*(range(k) for k in arr.cdata_shape)):
+                if _chunk_key(arr, c) not in have:
+                    out.append(f"text/{name} chunk {c[0]}")
+        return out
+
+    def damaged_chunks(self, verify: bool = True) -> dict[str, dict[int, str]]:
+        """``{split: {chunk: reason}}`` for row chunks marked written that cannot be trusted: their
+        features/labels/checksum object is missing, or (``verify``) they cannot be decoded or their
+        CRC-32 differs from the one stored at write time. Reads every written chunk when verifying."""
+        out: dict[str, dict[int, str]] = {}
+        missing = self.missing_chunks()
+        for split in self.splits:
+            bad: dict[int, str] = {}
+            for m in missing:
+                sp, rest = m.split("/", 1)
+                name, _, c = rest.partition(" chunk ")
+                if sp == split and name in (S.FEATURES, S.LABELS, S.CHECKSUMS):
+                    bad.setdefault(int(c), f"{name} chunk object missing")
+            if verify:
+                g = self._split(split)
+                f, lab, sums = g[S.FEATURES], g[S.LABELS], np.asarray(self._read(split, S.CHECKSUMS, slice(None)))
+                rows, n = self.chunk_rows, f.shape[0]
+                for c in np.flatnonzero(self.written(split)):
+                    c = int(c)
+                    if c in bad:
+                        continue
+                    sl = slice(c * rows, min(n, (c + 1) * rows))
+                    try:
+                        crc = S.chunk_checksum(f[sl], lab[sl])
+                    except Exception as e:  # undecodable chunk
+                        bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
+                        continue
+                    if crc != int(sums[c]):
+                        bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
+            if bad:
+                out[split] = dict(sorted(bad.items()))
+        return out
+
+    def check_integrity(self, verify: bool = False) -> None:
+        """Raise StoreError naming every damaged chunk (``verify``: re-compute the checksums too)."""
+        problems = [m for m in self.missing_chunks() if m.split("/", 1)[0] == S.TEXT_GROUP or
+                    m.split("/", 1)[1].startswith(S.SAMPLE_IDS)]
+        for s, d in self.damaged_chunks(verify).items():
+            for c, why in d.items():
+                rows = f"rows {c * self.chunk_rows}-{min(self.n_rows(s), (c + 1) * self.chunk_rows) - 1}"
+                name, _, rest = why.partition(" chunk object ")
+                problems.append(f"{s}/{name} chunk {c} ({rows}) is {rest}" if rest else f"{s}/features chunk {c} ({rows}) {why}")
+        if problems:
+            more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise StoreError(
+                f"{self.path} is damaged: {'; '.join(problems[:8])}{more}. Run the same `fskd extract` again to "
+                f"re-encode the damaged chunks (text or id arrays: re-extract into a new --store)"
+            )
+
     def check_complete(self) -> None:
         todo = {s: int((~self.written(s)).sum()) for s in self.splits}
         if any(todo.values()):
             raise StoreError(
                 f"{self.path} is incomplete ({todo} row chunks not written): run the same `fskd extract` again to resume"
             )
+        self.check_integrity(verify=False)
+
+    def mark_unwritten(self, split: str, chunks: list[int]) -> None:
+        """Clear the written flags of ``chunks`` so that extraction encodes them again (repair)."""
+        w = self._split(split)[S.WRITTEN]
+        for c in chunks:
+            w[int(c)] = False
+
+    def rewrite_sample_ids(self, split: str, sample_ids: list[str]) -> None:
+        self._split(split)[S.SAMPLE_IDS][:] = np.asarray(sample_ids, dtype=object).astype(str)
 
     # -- writing -----------------------------------------------------------------------------
     def write_chunk(self, split: str, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Store one whole row chunk, then mark it written (the flag is set last)."""
+        """Store one whole row chunk, then its checksum, then mark it written (schema.py's rule)."""
+        from fskd.fsutil import fault_point
+
         g = self._split(split)
         start = chunk * self.chunk_rows
         stop = start + len(features)
         g[S.FEATURES][start:stop] = features
         g[S.LABELS][start:stop] = labels
+        fault_point("store:chunk-data")
+        g[S.CHECKSUMS][chunk] = S.chunk_checksum(features, labels)
+        fault_point("store:chunk-checksum")
         g[S.WRITTEN][chunk] = True
+        fault_point("store:chunk-written")
 
     # -- reading -----------------------------------------------------------------------------
     def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
-        g = self._split(split)
-        f, lab = g[S.FEATURES], g[S.LABELS]
-        n, rows = f.shape[0], self.chunk_rows
+        n, rows = self.n_rows(split), self.chunk_rows
+        lab = self.labels(split)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            yield start, np.asarray(f[start:stop], dtype=np.float32), np.asarray(lab[start:stop], dtype=np.int64)
+            block = self._read(split, S.FEATURES, slice(start, stop), start // rows)
+            yield start, np.asarray(block, dtype=np.float32), lab[start:stop]
 
     def features(self, split: str) -> np.ndarray:
         """A whole split as float32 (n, dim). Prefer ``iter_chunks`` / ``gather`` for big splits."""
-        return np.asarray(self._split(split)[S.FEATURES][:], dtype=np.float32)
+        return np.concatenate([f for _, f, _ in self.iter_chunks(split)]) if self.n_rows(split) else \
+            np.zeros((0, self.dim), np.float32)
 
     def gather(
         self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None
@@ -328,16 +465,15 @@ class FeatureStore:
         wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
         feats, labs = [], []
         for s in splits:
-            g = self._split(s)
-            lab_all = np.asarray(g[S.LABELS][:], dtype=np.int64)
+            lab_all = self.labels(s)
             keep_all = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
-            f = g[S.FEATURES]
             rows = self.chunk_rows
             for start in range(0, len(lab_all), rows):
                 keep = keep_all[start : start + rows]
                 if not keep.any():
                     continue
-                block = np.asarray(f[start : start + len(keep)], dtype=np.float32)
+                block = np.asarray(self._read(s, S.FEATURES, slice(start, start + len(keep)), start // rows),
+                                   dtype=np.float32)
                 feats.append(block[keep])
                 labs.append(lab_all[start : start + len(keep)][keep])
         if not feats:
@@ -368,6 +504,17 @@ class FeatureStore:
             "classes": self.num_classes,
             "class_split": {k: len(v) for k, v in a["class_split"].items() if k != "source"},
             "rows": {s: self.n_rows(s) for s in self.splits},
-            "complete": self.is_complete(),
+            "complete": all(self.written(s).all() for s in self.splits),
+            "missing_chunks": self.missing_chunks(),
+            "skipped": {s: len(v) for s, v in self.skipped().items()},
+            "ignored_files": a["dataset"].get("ignored", {}),
             "text": a["text"].get("available", False),
         }
+
+    def check_report(self) -> dict:
+        """``fskd info --check``: every chunk verified against its checksum."""
+        damaged = self.damaged_chunks(verify=True)
+        other = [m for m in self.missing_chunks() if m.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in m]
+        return {"ok": not damaged and not other, "chunks_verified": {s: int(self.written(s).sum()) for s in self.splits},
+                "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
+                "missing": other}

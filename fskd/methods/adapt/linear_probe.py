@@ -35,9 +35,12 @@ STEPS = (0, 10, 25, 50, 100, 200)
 
 @dataclass(frozen=True)
 class LinearProbeOptions(Config):
-    weight_decay: float | tuple | None = None  # one value or a list (default: a grid chosen on validation)
-    steps: int | tuple | None = None  # full-batch Adam steps (default: a grid chosen on validation)
+    weight_decay: float | tuple[float, ...] | None = None  # one value or a list (default: a grid chosen on validation)
+    steps: int | tuple[int, ...] | None = None  # full-batch Adam steps (default: a grid chosen on validation)
     lr: float = 0.1
+
+    RANGES = {"weight_decay": (">=", 0), "steps": (">=", 0), "lr": (">", 0), "val_way": (">=", 2),
+              "val_query": (">=", 1), "val_episodes": (">=", 1)}
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300

@@ -46,8 +46,8 @@ FEATURES = ("auto", "shots", "base")
 
 @dataclass(frozen=True)
 class ResidualAdapterOptions(Config):
-    ratio: float | tuple | None = None  # residual ratio (default: a grid chosen on validation)
-    steps: int | tuple | None = None  # full-batch Adam steps (default: a grid chosen on validation)
+    ratio: float | tuple[float, ...] | None = None  # residual ratio (default: a grid chosen on validation)
+    steps: int | tuple[int, ...] | None = None  # full-batch Adam steps (default: a grid chosen on validation)
     reduction: int = 4  # bottleneck width = dim / reduction (CLIP-Adapter: 4)
     batch: int = 256  # rows per step when training on more rows than this (the base classes)
     lr: float = 1e-3
@@ -56,6 +56,9 @@ class ResidualAdapterOptions(Config):
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
+
+    RANGES = {"ratio": (">=", 0), "steps": (">=", 0), "reduction": (">=", 1), "batch": (">=", 1), "lr": (">", 0),
+              "weight_decay": (">=", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
         C.check_val_options(self)

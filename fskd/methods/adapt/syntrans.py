@@ -59,10 +59,10 @@ ALLWAY_MIX = (0.0, 0.1, 0.25, 0.5)
 
 @dataclass(frozen=True)
 class SynTransOptions(Config):
-    power: float | tuple | None = None  # power transform x^p of non-negative features (grid chosen on val classes)
-    generator_ridge: float | tuple | None = None  # visual generator ridge, relative to rows/dim
+    power: float | tuple[float, ...] | None = None  # power transform x^p of non-negative features (grid chosen on val classes)
+    generator_ridge: float | tuple[float, ...] | None = None  # visual generator ridge, relative to rows/dim
     ridge: float | None = None  # bridge ridge (non-joint stores)
-    rho: float | tuple | None = None  # overall strength of generator + priors (grid chosen on val classes)
+    rho: float | tuple[float, ...] | None = None  # overall strength of generator + priors (grid chosen on val classes)
     folds: int = 3  # leave-one-fold-out folds of base classes for meta-training
     meta_steps: int = 100
     meta_episodes: int = 32
@@ -72,6 +72,10 @@ class SynTransOptions(Config):
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
+
+    RANGES = {"power": (">", 0), "generator_ridge": (">=", 0), "ridge": (">", 0), "rho": (">=", 0), "folds": (">=", 2),
+              "meta_steps": (">=", 0), "meta_episodes": (">=", 1), "meta_query": (">=", 1), "meta_lr": (">", 0),
+              "shot_decay": (">=", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
         C.check_val_options(self)

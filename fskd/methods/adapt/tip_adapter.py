@@ -31,15 +31,18 @@ BETA = (1.0, 2.0, 3.5, 5.5, 8.0, 12.0)
 
 @dataclass(frozen=True)
 class TipOptions(Config):
-    alpha: float | tuple | None = None  # residual ratio of the cache (default: grid chosen on validation)
-    beta: float | tuple | None = None  # sharpness of the cache kernel
+    alpha: float | tuple[float, ...] | None = None  # residual ratio of the cache (default: grid chosen on validation)
+    beta: float | tuple[float, ...] | None = None  # sharpness of the cache kernel
     ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
     # tip-adapter-f only
-    steps: int | tuple | None = None
+    steps: int | tuple[int, ...] | None = None
     lr: float = 1e-3  # the paper's learning rate
+
+    RANGES = {"alpha": (">=", 0), "beta": (">=", 0), "ridge": (">", 0), "steps": (">=", 0), "lr": (">", 0),
+              "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
         C.check_val_options(self)

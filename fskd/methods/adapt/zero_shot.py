@@ -19,6 +19,8 @@ from fskd.runtime import resolve_device
 class ZeroShotOptions(Config):
     ridge: float | None = None  # bridge ridge strength (None: chosen on validation data)
 
+    RANGES = {"ridge": (">", 0)}
+
 
 class ZeroShot(Method):
     """Cosine similarity to the class text features in image space."""

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from fskd.encoders.student import (
     tensor_digest,
 )
 from fskd.errors import ConfigError, StateError, StoreError
+from fskd.fsutil import from_tree, read_bundle, remove_bundle, to_tree, write_bundle
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, save_state
 from fskd.methods.bridge import Bridge, bridge_for_store
 from fskd.methods.distill.data import (
@@ -113,6 +112,9 @@ class MTKDOptions(Config):
     center_rows: int = 256
     decode_threads: int = 2
     student_kwargs: dict = field(default_factory=dict)
+
+    RANGES = {"warmup_epochs": (">=", 0), "weight_decay": (">=", 0), "teacher_steps": (">=", 0), "decode_threads": (">=", 1),
+              "val_query": (">=", 1), "beta_grid": (">=", 0)}
 
     def __post_init__(self) -> None:
         for name in ("image_size", "batch_size", "epochs", "proj_hidden", "val_every", "val_episodes", "center_rows"):
@@ -292,15 +294,32 @@ def _resume_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.distill-resume")
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+RESUME_JSON, RESUME_STEM, RESUME_LOG = "checkpoint.json", "checkpoint", "log.jsonl"
+
+
+def _save_resume(resume_dir: Path, tree: dict) -> None:
+    """The resume checkpoint as safetensors + JSON (never a pickle: a file planted there is data,
+    not code), committed atomically by the manifest (``fskd.fsutil.write_bundle``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"tree": to_tree(tree, "", tensors)}
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    write_bundle(resume_dir, RESUME_JSON, RESUME_STEM, meta, tensors, point="resume")
+
+
+def _load_resume(resume_dir: Path) -> dict | None:
+    if not (resume_dir / RESUME_JSON).exists():
+        return None
+    try:
+        meta, tensors = read_bundle(resume_dir, RESUME_JSON, what="distill resume checkpoint")
+        return from_tree(meta["tree"], tensors)
+    except (StateError, KeyError, TypeError, ValueError) as e:  # a damaged checkpoint: start over rather than fail
+        log.warning("cannot use the resume checkpoint in %s (%s); starting from scratch", resume_dir, e)
+        return None
 
 
 def _config_key(cfg: DistillConfig) -> dict:
     d = cfg.to_dict()
-    for k in ("out", "device"):
+    for k in ("out", "device", "force"):
         d.pop(k, None)
     return d
 
@@ -394,21 +413,16 @@ class MTKD(Method):
         resume_dir = _resume_dir(out)
         key = _config_key(cfg)
         start_epoch, best, history = 0, {"epoch": 0, "score": -1.0, "beta": 0.0, "state": None}, []
-        ck = resume_dir / "checkpoint.pt"
-        if ck.exists():
-            try:
-                saved = torch.load(ck, map_location="cpu", weights_only=False)
-            except Exception as e:  # a damaged checkpoint: start over rather than fail
-                log.warning("cannot read %s (%s); starting from scratch", ck, e)
-                saved = None
-            if saved is not None and saved.get("version") == RESUME_VERSION and saved.get("config") == key:
+        saved = _load_resume(resume_dir)
+        if saved is not None:
+            if saved.get("version") == RESUME_VERSION and saved.get("config") == key:
                 net.load_state_dict(saved["net"])
                 opt.load_state_dict(saved["opt"])
                 sched.load_state_dict(saved["sched"])
                 start_epoch, best, history = saved["epoch"], saved["best"], saved["log"]
-                log.info("resuming %s from epoch %d (%s)", out, start_epoch, ck)
-            elif saved is not None:
-                log.warning("%s belongs to another config; starting from scratch", ck)
+                log.info("resuming %s from epoch %d (%s)", out, start_epoch, resume_dir)
+            else:
+                log.warning("the resume checkpoint in %s belongs to another config; starting from scratch", resume_dir)
 
         train_rows = np.arange(plan.n_train)
         labelled = np.flatnonzero(plan.labels >= 0)
@@ -473,11 +487,10 @@ class MTKD(Method):
             history.append(entry)
             log.info("distill epoch %d/%d: %s", epoch + 1, epochs, entry)
             if dist.is_main:
-                resume_dir.mkdir(parents=True, exist_ok=True)
-                _atomic_torch_save({"version": RESUME_VERSION, "config": key, "epoch": epoch + 1, "net": net.state_dict(),
-                                    "opt": opt.state_dict(), "sched": sched.state_dict(), "best": best, "log": history},
-                                   ck)
-                with open(resume_dir / "log.jsonl", "a") as fh:
+                _save_resume(resume_dir, {"version": RESUME_VERSION, "config": key, "epoch": epoch + 1,
+                                          "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                          "best": best, "log": history})
+                with open(resume_dir / RESUME_LOG, "a") as fh:
                     fh.write(json.dumps(entry) + "\n")
             barrier()
 
@@ -496,7 +509,7 @@ class MTKD(Method):
             # write DIR ourselves (atomically) before dropping the resume checkpoint, so a kill in
             # between never loses the run; fskd.api then saves the same state again
             save_state(out, state)
-            shutil.rmtree(resume_dir, ignore_errors=True)
+            remove_bundle(resume_dir, RESUME_JSON, RESUME_STEM, extra=(RESUME_LOG,))
         barrier()
         return state
 

@@ -1,0 +1,479 @@
+"""The fault battery (issue 9), one section per class of fault, driven through the CLI as a user
+(or an attacker) would: exit code, message, and that nothing outside fskd's own files changed
+(a hash of the directory before and after). Kill points are real SIGKILLs of a subprocess at a
+named step (``FSKD_FAULT``, see ``fskd.fsutil.fault_point``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fskd.cli import app
+from fskd.methods import load_state
+from fskd.store import FeatureStore
+
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+TINY_DISTILL = ["--student", "timm:test_resnet", "--epochs", "2", "--device", "cpu",
+                *[a for k, v in {"image_size": 32, "batch_size": 8, "proj_hidden": 16, "val_episodes": 10, "val_query": 2,
+                                 "teacher_steps": 5, "decode_threads": 1}.items() for a in ("--set", f"{k}={v}")]]
+
+
+def tree(path: Path) -> dict[str, str]:
+    """relative path -> sha256 (files) or 'dir' / 'link->target', for everything under ``path``."""
+    out = {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        if p.is_symlink():
+            out[rel] = f"link->{os.readlink(p)}"
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def cli(*args: str, ok: bool = True):
+    res = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def user_error(res, *needles: str) -> str:
+    """An error a user caused: exit 2, one 'error:' line, no traceback, naming what was wrong."""
+    out = res.output
+    assert res.exit_code == 2, (res.exit_code, out, res.exception)
+    assert "Traceback" not in out and (res.exception is None or isinstance(res.exception, SystemExit)), out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def run_fskd(*args: str, fault: str | None = None, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(ENV)
+    env.pop("FSKD_FAULT", None)
+    if fault:
+        env["FSKD_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "fskd", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """6 classes x 8 small PNGs (coloured noise: fast, deterministic)."""
+    d = tmp_path_factory.mktemp("fault-images")
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        (d / f"class_{c}").mkdir()
+        for i in range(8):
+            Image.fromarray((rng.random((24, 24, 3)) * 80 + c * 25).astype("uint8")).save(d / f"class_{c}" / f"{i}.png")
+    return d
+
+
+EXTRACT = ["--encoder", "synthetic:8", "--workers", "0", "--chunk-rows", "4", "--class-ratio", "0.5,0.17,0.33",
+           "--sample-split", "0.5,0.25,0.25"]
+
+
+def extract(root: Path, store: Path, *extra: str, ok: bool = True):
+    return cli("extract", "folder", "--root", root, "--store", store, *EXTRACT, *extra, ok=ok)
+
+
+@pytest.fixture
+def store(images, tmp_path) -> Path:
+    path = tmp_path / "s.zarr"
+    extract(images, path)
+    return path
+
+
+def allway(store: Path) -> float:
+    res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", "--json", "--device", "cpu")
+    return json.loads(res.stdout)["accuracy"]
+
+
+def chunk_file(store: Path, split: str, array: str, chunk: int) -> Path:
+    arr = FeatureStore.open(store).group[split][array]
+    key = arr.metadata.encode_chunk_key((chunk, 0) if arr.ndim == 2 else (chunk,))
+    return store / split / array / key
+
+
+# -- 1. --out never deletes what is already there ------------------------------------------------
+@pytest.mark.parametrize("verb", ["adapt", "align", "distill"])
+def test_out_refuses_what_fskd_did_not_write(verb, store, images, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my thesis")
+    plain = tmp_path / "file.txt"
+    plain.write_text("keep me")
+    before = {p: tree(p) for p in (user, images, store, plain)}
+    args = {"adapt": ["adapt", "--method", "prototype", "--shots", "1"],
+            "align": ["align", "--shots", "1", "--set", "iters=2"],
+            "distill": ["distill", *TINY_DISTILL]}[verb]
+    for out, needle in ((user, "not an fskd output"), (images, "overlaps the dataset root"), (store, "overlaps --store"),
+                        (plain, "is not a directory"), (store / "train", "overlaps --store"),
+                        (tmp_path / "file.txt" / "x", "is a file")):
+        for force in ([], ["--force"]):
+            res = cli(*args, "--store", store, "--out", out, "--device", "cpu", *force, ok=False)
+            user_error(res, str(out), needle)
+    assert {p: tree(p) for p in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries, no .NAME.old-PID
+
+
+def test_out_dot_and_dotdot_are_refused_cleanly(store, tmp_path, monkeypatch):
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "a.txt").write_text("a")
+    monkeypatch.chdir(work)
+    before = tree(tmp_path / "work")
+    for out in (".", ".."):
+        res = cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out, ok=False)
+        user_error(res, "not an fskd output")
+    assert tree(tmp_path / "work") == before
+
+
+def test_an_fskd_state_is_replaced_only_with_force_and_other_files_survive(store, tmp_path):
+    out = tmp_path / "state"
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    (out / "my-notes.md").write_text("kept")
+    first = load_state(out)
+    res = cli("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, ok=False)
+    user_error(res, "already holds an fskd output", "--force")
+    assert load_state(out).config["shots"] == 1
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force")
+    assert load_state(out).config["shots"] == 2 and first.config["shots"] == 1
+    assert (out / "my-notes.md").read_text() == "kept"
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors").__len__() == 1
+
+
+# -- 2. missing or damaged chunks fail loudly, and extract repairs them ----------------------------
+def test_deleted_chunk_is_named_then_repaired(store, images):
+    good = allway(store)
+    f = chunk_file(store, "test", "features", 1)
+    f.unlink()
+    res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
+    user_error(res, "test/features chunk 1")
+    res = cli("info", store, ok=False)
+    assert "test/features chunk 1" in res.stdout and res.exit_code == 2
+    res = extract(images, store)
+    assert "repaired 1 damaged chunk(s) of test" in res.stdout
+    assert f.exists() and allway(store) == good
+    assert json.loads(cli("info", store, "--check").stdout)["check"]["ok"]
+
+
+def test_truncated_chunk_is_named_then_repaired(store, images):
+    good = allway(store)
+    f = chunk_file(store, "train", "features", 0)
+    f.write_bytes(f.read_bytes()[:10])
+    res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
+    user_error(res, "cannot read train/features chunk 0")
+    res = cli("info", store, "--check", ok=False)
+    assert res.exit_code == 2 and json.loads(res.stdout)["check"]["damaged"]["train"]["0"]
+    res = extract(images, store)
+    assert "repaired 1 damaged chunk(s) of train" in res.stdout and allway(store) == good
+
+
+def test_a_wrong_but_decodable_chunk_fails_its_checksum(store, images):
+    good = allway(store)
+    a, b = chunk_file(store, "test", "features", 0), chunk_file(store, "test", "features", 2)
+    b.write_bytes(a.read_bytes())  # a valid chunk, the wrong data
+    res = cli("info", store, "--check", ok=False)
+    report = json.loads(res.stdout)["check"]
+    assert res.exit_code == 2 and "checksum mismatch" in report["damaged"]["test"]["2"]
+    res = extract(images, store)
+    assert "chunk 2: checksum mismatch" in res.stdout and allway(store) == good
+
+
+def test_deleted_labels_chunk_is_not_read_as_skipped_rows(store, images):
+    chunk_file(store, "val", "labels", 0).unlink()
+    user_error(cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False), "val/labels chunk 0")
+    extract(images, store)
+    s = FeatureStore.open(store)
+    assert (s.labels("val") >= 0).all() and s.is_complete()
+
+
+# -- 3. nothing fskd reads can run code ------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_resume_pickle_never_runs(store, tmp_path):
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "student"
+    resume = tmp_path / ".student.distill-resume"
+    resume.mkdir()
+    (resume / "checkpoint.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    (resume / "checkpoint.json").write_text(json.dumps({"tree": {}, "tensors_file": "checkpoint-x.safetensors"}))
+    (resume / "checkpoint-x.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    res = run_fskd("distill", "--store", store, "--out", out, *TINY_DISTILL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not marker.exists()
+    assert "starting from scratch" in res.stderr and load_state(out).kind == "distill"
+    assert (resume / "checkpoint.pt").exists()  # a file fskd did not write is left where it was
+
+
+def test_no_unpickling_in_the_package():
+    pkg = Path(__file__).resolve().parents[1] / "fskd"
+    for f in pkg.rglob("*.py"):
+        text = f.read_text()
+        assert "weights_only=False" not in text, f
+        assert "pickle.load(" not in text and "pickle.loads(" not in text, f
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, (f, line)
+
+
+def test_planted_cifar_pickle_is_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+    base = tmp_path / "cifar" / "cifar-100-python"
+    base.mkdir(parents=True)
+    from fskd.datasets.torchvision_sets import CIFAR_FS_NOVEL, CIFAR_FS_VAL
+
+    names = CIFAR_FS_VAL + CIFAR_FS_NOVEL + [f"base_{i}" for i in range(64)]
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": names}, protocol=2))
+    data = {"data": np.zeros((200, 3072), np.uint8), "fine_labels": list(range(100)) * 2, "coarse_labels": [0] * 200}
+    (base / "train").write_bytes(pickle.dumps(data, protocol=2))
+    (base / "test").write_bytes(pickle.dumps(_Payload(marker)))
+    res = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
+              "synthetic:4", ok=False)
+    user_error(res, "refusing to load", "test")
+    assert not marker.exists()
+    (base / "test").write_bytes(pickle.dumps(data, protocol=2))  # the real layout reads fine
+    extract_ok = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
+                     "synthetic:4", "--workers", "0")
+    assert "encoded 400 images" in extract_ok.stdout
+
+
+# -- 4. atomic replacement, proven by killing at every step ----------------------------------------
+STATE_POINTS = ["state:tensors-written", "state:tensors-named", "state:manifest-replaced"]
+
+
+@pytest.mark.parametrize("point", STATE_POINTS)
+def test_kill_while_replacing_a_state_leaves_old_or_new(point, store, tmp_path):
+    out = tmp_path / "st"
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force",
+                   fault=point)
+    assert res.returncode == -9, res.stderr[-2000:]
+    st = load_state(out)  # complete, whichever it is
+    assert st.config["shots"] == (2 if point == "state:manifest-replaced" else 1)
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "4", "--out", out, "--force")
+    assert load_state(out).config["shots"] == 4
+    assert [p.name for p in out.iterdir() if p.name != "state.json"].__len__() == 1  # leftovers cleaned
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".st.")]
+
+
+@pytest.mark.parametrize("point", ["state:tensors-written", "state:built"])
+def test_kill_while_writing_a_new_state_leaves_nothing_half_made(point, store, tmp_path):
+    out = tmp_path / "new"
+    res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out, fault=point)
+    assert res.returncode == -9 and not out.exists()
+    (tmp_path / ".new.old-4242").mkdir()  # what fskd before this fix left behind
+    (tmp_path / ".new.old-4242" / "state.json").write_text("{}")
+    (tmp_path / ".new.old-4243").mkdir()  # not fskd's: contains a user file, kept
+    (tmp_path / ".new.old-4243" / "thesis.tex").write_text("x")
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    assert load_state(out).config["shots"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".new")) == [".new.old-4243"]
+
+
+@pytest.mark.parametrize("point", ["store:chunk-data", "store:chunk-checksum", "store:chunk-written"])
+def test_kill_during_extract_then_resume_equals_one_run(point, images, store, tmp_path):
+    killed = tmp_path / "k.zarr"
+    res = run_fskd("extract", "folder", "--root", images, "--store", killed, *EXTRACT, fault=point)
+    assert res.returncode == -9
+    res = run_fskd("extract", "folder", "--root", images, "--store", killed, *EXTRACT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = FeatureStore.open(store), FeatureStore.open(killed)
+    for s in a.splits:
+        np.testing.assert_array_equal(a.features(s), b.features(s))
+        np.testing.assert_array_equal(a.labels(s), b.labels(s))
+    assert json.loads(cli("info", killed, "--check").stdout)["check"]["ok"]
+
+
+@pytest.mark.parametrize("point", ["resume:tensors-written", "resume:manifest-replaced"])
+def test_kill_while_saving_the_distill_checkpoint_then_resume(point, store, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_fskd("distill", "--store", store, "--out", ref, *TINY_DISTILL).returncode == 0
+    res = run_fskd("distill", "--store", store, "--out", killed, *TINY_DISTILL, fault=point)
+    assert res.returncode == -9 and not killed.exists()
+    res = run_fskd("-v", "distill", "--store", store, "--out", killed, *TINY_DISTILL)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ("resuming" in res.stderr) == (point == "resume:manifest-replaced")
+    a, b = load_state(ref), load_state(killed)
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        assert (a.tensors[k] == b.tensors[k]).all(), k
+    assert not (tmp_path / ".killed.distill-resume").exists()
+
+
+# -- 5. inputs changed after extraction are noticed ------------------------------------------------
+def test_replaced_image_is_noticed(images, tmp_path):
+    root = tmp_path / "imgs"
+    subprocess.run(["cp", "-a", str(images), str(root)], check=True)
+    path = tmp_path / "s.zarr"
+    extract(root, path)
+    img = root / "class_0" / "0.png"
+    Image.fromarray(np.full((24, 24, 3), 200, np.uint8)).save(img)
+    before = tree(path)
+    user_error(extract(root, path, ok=False), "differs in: files")
+    assert tree(path) == before
+    # same size and mtime, other bytes: only the opt-in content hash sees it
+    path2 = tmp_path / "s2.zarr"
+    extract(root, path2, "--content-hash")
+    st = img.stat()
+    data = bytearray(img.read_bytes())
+    data[-20] ^= 0xFF
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "nothing re-encoded" in extract(root, path2).stdout  # size + mtime alone cannot tell
+    user_error(extract(root, path2, "--content-hash", ok=False), "contents")
+
+
+# -- 6. every user error is one line and exit 2 ------------------------------------------------------
+def test_user_errors_are_one_line(store, images, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    user_error(cli("extract", "folder", "--root", afile, "--store", tmp_path / "x.zarr", ok=False), "is a file")
+    user_error(extract(images, afile / "s.zarr", ok=False), "is a file")
+    user_error(cli("adapt", "--store", store, "--out", afile / "st", ok=False), "is a file")
+    user_error(cli("eval", "--store", store, "--report", afile / "rep", ok=False), "--report", "is a file")
+    split = tmp_path / "split.json"
+    for content, needle in ((json.dumps({"base": "class_0"}), "must be a list of class names"),
+                            (json.dumps({"base": [1, 2]}), "must be a list of class names"),
+                            (b"\xff\xfe{}", "not UTF-8")):
+        split.write_bytes(content if isinstance(content, bytes) else content.encode())
+        user_error(extract(images, tmp_path / "y.zarr", "--class-split", split, ok=False), str(split), needle)
+    user_error(extract(images, tmp_path / "y.zarr", "--class-split", tmp_path, ok=False), "is a directory")
+    user_error(cli("extract", "folder", "--root", images, "--store", tmp_path / "y.zarr", "--class-ratio", "nan,0.5,0.5",
+                   ok=False), "--class-ratio")
+    for kv, needle in (("steps=abc", "must be an integer"), ("steps=2.5", "must be an integer"),
+                       ("steps=-3", "must be >= 0"), ("lr=abc", "must be a finite number")):
+        user_error(cli("adapt", "--store", store, "--method", "linear-probe", "--set", kv, "--out", tmp_path / "lp",
+                       ok=False), needle)
+    user_error(cli("distill", "--store", store, "--set", "lr=abc", "--out", tmp_path / "d", ok=False),
+               "lr must be a finite number")
+    assert not (tmp_path / "lp").exists() and not (tmp_path / "d").exists()
+
+
+def test_concurrent_extracts_of_one_store_both_succeed(images, tmp_path):
+    path = tmp_path / "same.zarr"
+    cmd = [sys.executable, "-m", "fskd", "extract", "folder", "--root", str(images), "--store", str(path), *EXTRACT]
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("nothing re-encoded" in o for o, _ in outs) == 1
+    assert json.loads(cli("info", path, "--check").stdout)["check"]["ok"]
+
+
+def test_damaged_states_and_archives_are_named(store, tmp_path):
+    out = tmp_path / "st"
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    meta = json.loads((out / "state.json").read_text())
+    tensors = out / meta["tensors_file"]
+    blob = tensors.read_bytes()
+    tensors.write_bytes(blob[: len(blob) // 2])
+    user_error(cli("eval", "--store", store, "--state", out, ok=False), "does not match the SHA-256")
+    tensors.unlink()
+    user_error(cli("eval", "--store", store, "--state", out, ok=False), "is missing")
+    tensors.write_bytes(blob)
+    for edit, needle in ((lambda m: m.pop("method"), "missing keys ['method']"),
+                         (lambda m: m.update(surprise=1), "unknown keys ['surprise']")):
+        m = dict(meta)
+        edit(m)
+        (out / "state.json").write_text(json.dumps(m))
+        user_error(cli("eval", "--store", store, "--state", out, ok=False), needle)
+    (out / "state.json").write_text("{not json")
+    user_error(cli("eval", "--store", store, "--state", out, ok=False), "not valid JSON")
+    omni = tmp_path / "omni"
+    omni.mkdir()
+    (omni / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
+    user_error(cli("extract", "omniglot", "--root", omni, "--store", tmp_path / "o.zarr", ok=False),
+               "images_background.zip is not a readable zip archive")
+
+
+def test_json_errors_are_one_json_object_on_stderr(store, tmp_path):
+    res = cli("eval", "--store", tmp_path / "missing.zarr", "--json", ok=False)
+    assert res.exit_code == 2 and res.stdout == ""
+    err = json.loads(res.stderr)
+    assert err["type"] == "StoreError" and "does not exist" in err["error"]
+
+
+def test_report_write_failure_prints_the_result_first(store, tmp_path):
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "eval_episodic_prototype_2way1shot.json").mkdir()  # the report's file name is taken by a folder
+    res = cli("eval", "--store", store, "--way", "2", "--query", "1", "--episodes", "5", "--report", rep, "--json",
+              ok=False)
+    assert res.exit_code == 2 and json.loads(res.stdout)["episodes"] == 5
+    assert "cannot write the report" in json.loads(res.stderr)["error"]
+
+
+# -- 7. split files cannot reach outside the dataset root ------------------------------------------
+def test_csv_rows_stay_inside_the_root(tmp_path):
+    root = tmp_path / "mini"
+    (root / "images").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "images" / f"{i}.jpg")
+    for bad, needle in (("images/../../../../etc/passwd", "outside the dataset root"),
+                        ("/etc/passwd", "outside the dataset root"), ("0.jpg", "listed twice")):
+        (root / "train.csv").write_text(f"filename,label\n0.jpg,a\n1.jpg,b\n{bad},a\n")
+        res = cli("extract", "csv", "--root", root, "--store", tmp_path / "c.zarr", "--encoder", "synthetic:4", ok=False)
+        user_error(res, "train.csv line 4", needle)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+# -- 8. what is left out is said -------------------------------------------------------------------
+def test_skips_and_ignored_files_are_reported(images, tmp_path):
+    root = tmp_path / "imgs"
+    subprocess.run(["cp", "-a", str(images), str(root)], check=True)
+    (root / "class_1" / "3.png").write_bytes(b"not a png")
+    (root / ".hidden_class").mkdir()
+    (root / ".hidden_class" / "x.png").write_bytes((root / "class_0" / "0.png").read_bytes())
+    (root / "class_2" / "nested").mkdir()
+    (root / "class_2" / "nested" / "y.png").write_bytes((root / "class_0" / "0.png").read_bytes())
+    (root / "class_3" / "gone.png").symlink_to(root / "nowhere.png")
+    path = tmp_path / "s.zarr"
+    res = cli("extract", "folder", "--root", root, "--store", path, *EXTRACT, "--skip-bad")
+    assert "encoded 47 images" in res.stdout
+    assert "skipped 1 unreadable file(s)" in res.stderr
+    info = json.loads(cli("info", path).stdout)
+    assert sum(info["skipped"].values()) == 1
+    assert info["ignored_files"] == {"hidden folders": 1, "images in nested sub-folders (only one level is read)": 1,
+                                     "broken symlinks": 1}
+
+
+def test_allway_says_which_classes_it_left_out(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype("f4")
+    y = np.arange(40) % 4
+    test_y = np.where(y == 3, 0, y)  # class 3 has no test rows
+    s = FeatureStore.from_arrays(tmp_path / "a.zarr", {"train": (x, y), "test": (x, test_y)}, ["a", "b", "c", "d"],
+                                 {"base": [0, 1], "val": [], "novel": [2, 3]})
+    res = cli("eval", "--store", s.path, "--protocol", "allway", "--shot", "1", "--json")
+    w = json.loads(res.stdout)["warnings"]
+    assert len(w) == 1 and "'d'" in w[0] and "1 of 4 classes" in w[0]
+
+
+def test_checksum_is_crc32_of_stored_bytes(store):
+    s = FeatureStore.open(store)
+    g = s.group["train"]
+    f, lab = np.asarray(g["features"][0:4]), np.asarray(g["labels"][0:4], dtype=np.int32)
+    assert int(g["checksums"][0]) == zlib.crc32(lab.tobytes(), zlib.crc32(f.tobytes()))
