@@ -26,11 +26,11 @@ from fskd.config import (
 )
 from fskd.datasets import DATASETS
 from fskd.encoders import ENCODERS
-from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError
+from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError, StateError
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95, mean_std
-from fskd.fsutil import check_writable
+from fskd.fsutil import check_writable, is_store_dir
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
 from fskd.reports import markdown_table, write_report
@@ -119,7 +119,12 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device) -> tuple[H
         state = load_state(cfg.state)
         method = METHODS.get(state.method)()
         method.check_store(state, store, cfg.state)
-        return method.head(state, store, device), state.method, dict(state.selected_on)
+        try:
+            head = method.head(state, store, device)
+        except KeyError as e:  # a tensor or hyper-parameter the method wrote is gone
+            raise StateError(f"state {cfg.state} lacks {e} (damaged, edited, or written by another fskd version); "
+                             f"fit it again") from None
+        return head, state.method, dict(state.selected_on)
     text = store.text_embeddings() if store.joint else None
     center = None
     if cfg.center == "base" and cfg.protocol == "episodic" and store.class_split("base"):
@@ -137,6 +142,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     cfg = config
     if cfg.report:
         check_writable(cfg.report, "--report")  # before the work, not after it
+        if any(is_store_dir(p) for p in (Path(cfg.report).absolute(), *Path(cfg.report).absolute().parents)):
+            raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
     store = FeatureStore.open(cfg.store)
     store.check_complete()
     device = resolve_device(cfg.device)

@@ -372,6 +372,19 @@ def test_user_errors_are_one_line(store, images, tmp_path):
     user_error(cli("distill", "--store", store, "--set", "lr=abc", "--out", tmp_path / "d", ok=False),
                "lr must be a finite number")
     assert not (tmp_path / "lp").exists() and not (tmp_path / "d").exists()
+    before = tree(images)
+    user_error(extract(images, images / "inside.zarr", ok=False), "overlaps the dataset root")
+    assert tree(images) == before
+    user_error(cli("eval", "--store", store, "--report", store / "reports", ok=False), "inside a feature store")
+    assert not (store / "reports").exists()
+
+
+def test_edited_store_attributes_are_an_error_not_a_traceback(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["dtype"] = "float8"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    user_error(cli("info", store, ok=False), "damaged")
+    user_error(cli("eval", "--store", store, ok=False), "damaged")
 
 
 def test_concurrent_extracts_of_one_store_both_succeed(images, tmp_path):

@@ -202,6 +202,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
     ignored = dict(getattr(listing, "extra", {}).get("ignored", {}))
     single = dist.world_size == 1
     store_path = Path(cfg.store)
+    if listing.root:
+        root = Path(listing.root).resolve()
+        sp = store_path.expanduser().resolve()
+        if sp == root or sp.is_relative_to(root) or root.is_relative_to(sp):
+            raise StoreError(f"--store {cfg.store} overlaps the dataset root {listing.root}; a store inside the "
+                             f"dataset would change the dataset (write it somewhere else)")
     if single:
         check_writable(store_path, "--store")
         store_path.absolute().parent.mkdir(parents=True, exist_ok=True)

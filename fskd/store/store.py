@@ -79,6 +79,15 @@ class FeatureStore:
         return store
 
     def validate(self) -> None:
+        try:
+            self._validate()
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # attrs edited or damaged
+            raise StoreError(f"{self.path}: the store's attributes or arrays are damaged ({type(e).__name__}: {e}); "
+                             f"re-extract into a new --store path") from None
+
+    def _validate(self) -> None:
         a = self.attrs
         if a.get("format") != S.FORMAT:
             raise StoreError(f"{self.path} is not an fskd feature store (attrs.format={a.get('format')!r})")
