@@ -29,11 +29,11 @@ from fskd.encoders import ENCODERS
 from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError, StateError
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
-from fskd.evaluation.metrics import mean_ci95, mean_std
+from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
 from fskd.fsutil import check_writable, is_store_dir
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
-from fskd.reports import markdown_table, write_report
+from fskd.reports import markdown_table, report_name, write_report
 from fskd.runtime import dist_info, resolve_device
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
@@ -70,10 +70,16 @@ def store_info(path: str, check: bool = False) -> dict:
 
 @dataclass
 class EvalResult:
+    """One evaluation. Percentages throughout. ``ci95`` is a 95% CI half-width: over episodes
+    (normal approximation) for the episodic protocol, over seeds (Student t) for the all-way one,
+    None with one seed; ``std`` is the std over seeds (all-way, None with one seed); ``statistic``
+    says which interval it is."""
+
     protocol: str
-    accuracy: float  # percent
-    ci95: float  # percent; 95% CI half-width (episodic) or std over seeds (all-way: see std)
+    accuracy: float  # percent: mean over episodes (episodic) or over seeds (all-way)
+    ci95: float | None
     std: float | None
+    statistic: str
     episodes: int | None
     way: int | None
     shot: int
@@ -84,6 +90,7 @@ class EvalResult:
     web_scale: bool
     seed: int | None
     seeds: list[int] | None
+    n_seeds: int | None
     per_seed: list[float] | None
     classes: int
     center: str
@@ -92,31 +99,56 @@ class EvalResult:
     state: str | None
     seconds: float
     eval_seconds: float
+    mean_per_class: float | None = None  # all-way: mean over classes of per-class accuracy (mean over seeds)
+    top5: float | None = None  # all-way with more than 5 classes: mean over seeds
     selected_on: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
+    report: list[str] = field(default_factory=list)  # the report files written
+    per_episode: list[float] | None = field(default=None, repr=False)  # reports and `fskd compare` only
+    per_class: list[dict] | None = field(default=None, repr=False)  # reports only
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, full: bool = False) -> dict:
+        d = asdict(self)
+        if not full:
+            d.pop("per_episode")
+            d.pop("per_class")
+        return d
 
     def protocol_text(self) -> str:
         enc = f"encoder {self.encoder} ({'saw' if self.web_scale else 'did not see'} web-scale image-text data)"
-        chosen = "; ".join(f"{k} chosen on {v}" for k, v in self.selected_on.items()) or "no hyper-parameters"
+        chosen = "; ".join(f"{k}: {v}" for k, v in self.selected_on.items()) or "no hyper-parameters"
         if self.protocol == "episodic":
             return (
                 f"Episodic: {self.way}-way {self.shot}-shot, {self.query} queries per class, {self.episodes} episodes "
-                f"over the {self.classes} {self.split} classes, seed {self.seed}; inductive; mean accuracy and 95% CI; "
-                f"{enc}; classifier {self.classifier}; {chosen}."
+                f"over the {self.classes} {self.split} classes, seed {self.seed}; inductive; mean accuracy and "
+                f"{self.statistic}; {enc}; classifier {self.classifier}; centring {self.center}; "
+                f"hyper-parameters: {chosen}."
             )
+        stat = self.statistic if self.n_seeds and self.n_seeds > 1 else "one seed, so no interval"
         return (
-            f"All-way: {self.shot} shots per class from the train split, all {self.classes} classes, the full test "
-            f"split, seeds {self.seeds}; inductive; mean and std over seeds; {enc}; classifier {self.classifier}; {chosen}."
+            f"All-way: {self.shot} shots per class from the train split (seed s), all {self.classes} classes, the full "
+            f"test split, seeds {self.seeds}; inductive; mean top-1 over seeds with {stat}; {enc}; "
+            f"classifier {self.classifier}; centring {self.center}; hyper-parameters: {chosen}."
         )
 
+    def summary_line(self) -> str:
+        """One line for people: the number, its interval and what the interval is."""
+        if self.protocol == "episodic":
+            return (f"{self.way}-way {self.shot}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
+                    f"{self.classifier}: {self.accuracy:.2f}% ± {self.ci95:.2f} (95% CI over episodes)")
+        head = f"all-way {self.shot}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: {self.accuracy:.2f}%"
+        if self.ci95 is not None:
+            head += f" ± {self.ci95:.2f} (95% CI, Student t over {self.n_seeds} seeds; std {self.std:.2f})"
+        else:
+            head += " (one seed: no interval)"
+        extra = [f"mean per-class {self.mean_per_class:.2f}%"] if self.mean_per_class is not None else []
+        extra += [f"top-5 {self.top5:.2f}%"] if self.top5 is not None else []
+        return head + (f"; {', '.join(extra)}" if extra else "")
 
-def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device) -> tuple[Head, str, dict]:
+
+def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None) -> tuple[Head, str, dict]:
     """The head to evaluate: the state's method, else a registered classifier."""
-    if cfg.state:
-        state = load_state(cfg.state)
+    if state is not None:
         method = METHODS.get(state.method)()
         method.check_store(state, store, cfg.state)
         try:
@@ -147,11 +179,16 @@ def evaluate(config: EvalConfig) -> EvalResult:
     store = FeatureStore.open(cfg.store)
     store.check_complete()
     device = resolve_device(cfg.device)
-    head, name, selected = _head(cfg, store, device)
+    state = load_state(cfg.state) if cfg.state else None
+    head, name, selected = _head(cfg, store, device, state)
     names = store.class_names
     warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
                            for s, ids in store.skipped().items()]
-    if cfg.protocol == "episodic":
+    episodic = cfg.protocol == "episodic"
+    if not episodic and state is not None:
+        _check_state_seeds(cfg, state, warnings)
+    mean_pc = top5 = per_episode = per_class = n_seeds = None
+    if episodic:
         classes = store.class_split(cfg.split)
         if not classes:
             raise EvaluationError(f"{store.path}: the {cfg.split!r} class split is empty")
@@ -160,7 +197,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
         eps = sample_episodes(labels, classes, cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed, names)
         accs = run_episodes(torch.from_numpy(feats).to(device), eps, head, cfg.episode_batch)
         acc, ci = mean_ci95(accs)
-        std, per_seed, n_classes = None, None, len(classes)
+        std, per_seed, n_classes, statistic = None, None, len(classes), EPISODE_CI
+        per_episode = [round(float(a), 6) for a in accs]
     else:
         for s in ("train", "test"):
             if not store.has_split(s):
@@ -174,33 +212,74 @@ def evaluate(config: EvalConfig) -> EvalResult:
                             f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
                             f"{' ...' if len(absent) > 10 else ''}")
         t1 = time.perf_counter()
-        accs = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
-                          classes, cfg.shot, tuple(cfg.seeds), head, class_names=names)
-        acc, std = mean_std(accs)
-        ci, per_seed, n_classes = std, [round(float(a) * 100, 3) for a in accs], len(classes)
+        scores = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+                            classes, cfg.shot, tuple(cfg.seeds), head, class_names=names)
+        summ = seed_summary(scores.top1)
+        acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
+        per_seed, n_classes = [round(float(a) * 100, 3) for a in scores.top1], len(classes)
+        pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
+        mean_pc = round(float(np.nanmean(pc)) * 100, 3)
+        top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
+        per_class = [{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int((test_y == c).sum())}
+                     for c, a in zip(classes, pc, strict=True)]
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]
-    episodic = cfg.protocol == "episodic"
     result = EvalResult(
-        protocol=cfg.protocol, accuracy=round(acc, 3), ci95=round(ci, 3), std=None if std is None else round(std, 3),
+        protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None if ci is None else round(ci, 3),
+        std=None if std is None else round(std, 3), statistic=statistic,
         episodes=cfg.episodes if episodic else None, way=cfg.way if episodic else None, shot=cfg.shot,
         query=cfg.query if episodic else None, split=cfg.split if episodic else "test", classifier=name,
         encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
-        seeds=None if episodic else list(cfg.seeds), per_seed=per_seed, classes=n_classes, center=cfg.center,
-        inductive=True, store=str(store.path), state=cfg.state, seconds=round(t2 - t0, 4),
-        eval_seconds=round(t2 - t1, 4), selected_on=selected, warnings=warnings,
+        seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
+        center=_center_text(cfg, episodic), inductive=True, store=str(store.path), state=cfg.state,
+        seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
+        selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class,
     )
     for w in warnings:
         log.warning("%s: %s", store.path, w)
     if cfg.report:
-        tag = f"{cfg.way}way{cfg.shot}shot" if episodic else f"{cfg.shot}shot"
+        config_dict = {**cfg.to_dict(), "classifier": name}
+        if cfg.state:
+            config_dict["state_config"] = state.config
         try:
-            write_report(cfg.report, f"eval_{cfg.protocol}_{name}_{tag}", result.to_dict(), result.protocol_text(),
-                         cfg.to_dict())
+            paths = write_report(cfg.report, report_name(result), result.to_dict(full=True), result.protocol_text(),
+                                 config_dict)
         except OSError as e:
             raise OutputError(f"--report {cfg.report}: cannot write the report ({e.strerror or e}"
                               f"{f': {e.filename}' if e.filename else ''})", result=result) from None
+        result.report = [str(p) for p in paths]
     return result
+
+
+def _center_text(cfg: EvalConfig, episodic: bool) -> str:
+    """What the evaluated head subtracts before normalising, as it really is."""
+    if cfg.state:
+        return "the state's own (see its hyper-parameters)"
+    if cfg.classifier != "prototype" or cfg.center == "none":
+        return "none"
+    return "base-class mean (SimpleShot)" if episodic else "support mean (no base classes in the all-way protocol)"
+
+
+def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str]) -> None:
+    """A state fitted on the K shots of one seed, evaluated all-way: a method whose state holds the
+    fitted model (fma, a semi-supervised student) would score that one model under every seed, so
+    other seeds or K are refused; for methods that refit on the shots they are given, a K or seed
+    other than the state's (whose hyper-parameters were chosen for its own) is a warning."""
+    k, seed = state.config.get("shots"), state.config.get("seed")
+    if k is None or seed is None:
+        return
+    method = METHODS.get(state.method)()
+    if method.bound_to_shots(state):
+        if tuple(cfg.seeds) != (seed,) or cfg.shot != k:
+            raise EvaluationError(
+                f"state {cfg.state} ({state.method}) holds a model fitted on the {k} shots per class of seed {seed}; "
+                f"evaluating it with --shots {cfg.shot} --seeds {','.join(map(str, cfg.seeds))} would score that one "
+                f"model again and again, not independent runs. Evaluate it with --shots {k} --seeds {seed}; for "
+                f"numbers over seeds, fit one state per seed (--seed 1, 2, 3) and evaluate each with its own seed")
+    elif cfg.shot != k or tuple(cfg.seeds) != (seed,):
+        warnings.append(f"the hyper-parameters of state {cfg.state} were chosen for {k} shots and seed {seed}; it is "
+                        f"evaluated here with {cfg.shot} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
+                        f"for the protocol's own numbers)")
 
 
 @dataclass
@@ -284,7 +363,7 @@ def demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult:
         if ds == "cub":
             for shot in (1, 4, 16):
                 r = evaluate(EvalConfig(store=str(store), protocol="allway", shot=shot, report=str(out)))
-                rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.std:.2f}",
+                rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
                              "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds})
     table = markdown_table(rows, ["dataset", "protocol", "accuracy", "classes", "episodes", "eval s"])
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +371,7 @@ def demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult:
     report.write_text(
         f"# fskd demo\n\nEncoder `{config.encoder}`, prototype classifier (SimpleShot: base-mean centring, L2). "
         f"Episodic rows: mean accuracy and 95% CI over {config.episodes} episodes on novel classes. "
-        f"All-way rows: mean and std over seeds 1-3.\n\n{table}"
+        f"All-way rows: mean over seeds 1-3 and 95% CI (Student t over the 3 seeds).\n\n{table}"
     )
     import json
 

@@ -220,12 +220,9 @@ def _print_eval(r, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(r.to_dict()))
         return
-    if r.protocol == "episodic":
-        typer.echo(f"{r.way}-way {r.shot}-shot on {r.classes} {r.split} classes, {r.episodes} episodes, {r.classifier}: "
-                   f"{r.accuracy:.2f}% ± {r.ci95:.2f} (95% CI)  [{r.eval_seconds:.2f} s]")
-    else:
-        typer.echo(f"all-way {r.shot}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}: "
-                   f"{r.accuracy:.2f}% ± {r.std:.2f} (std)  [{r.eval_seconds:.2f} s]")
+    typer.echo(f"{r.summary_line()}  [{r.eval_seconds:.2f} s]")
+    for path in r.report:
+        typer.echo(f"report: {path}")
 
 
 def _options(pairs: list[str] | None) -> dict:

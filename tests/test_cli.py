@@ -36,8 +36,15 @@ def test_extract_info_eval_json(image_folder, tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
     assert r["episodes"] == 50 and r["way"] == 5 and r["split"] == "novel" and 0 <= r["accuracy"] <= 100
-    saved = json.loads((tmp_path / "rep" / "eval_episodic_prototype_5way1shot.json").read_text())
+    assert r["report"] == [str(tmp_path / "rep" / f"s_prototype_episodic_novel_5way1shot_q2_e50_seed{r['seed']}.{x}")
+                           for x in ("json", "md")]
+    saved = json.loads(open(r["report"][0]).read())
     assert saved["result"]["accuracy"] == r["accuracy"] and "git_sha" in saved and saved["versions"]["torch"]
+    assert len(saved["result"]["per_episode"]) == 50 and "per_episode" not in r
+    # the same evaluation again writes beside the first report, never over it
+    again = json.loads(runner.invoke(app, ["eval", "--store", str(store), "--way", "5", "--shot", "1", "--query", "2",
+                                           "--episodes", "50", "--json", "--report", str(tmp_path / "rep")]).stdout)
+    assert again["report"][0].endswith(f"seed{r['seed']}-2.json") and len(list((tmp_path / "rep").iterdir())) == 4
     assert FeatureStore.open(store).attrs["config"]["class_ratio"] == [0.17, 0.0, 0.83]
 
 

@@ -119,9 +119,18 @@ def test_eval_reports_and_protocols(synthetic_store, tmp_path):
     for k in ("accuracy", "ci95", "episodes", "way", "shot", "query", "split", "classifier", "encoder", "seed", "seconds"):
         assert k in d
     assert 20 < r.accuracy <= 100 and r.ci95 > 0 and r.classes == 5
-    assert (tmp_path / "eval_episodic_prototype_5way1shot.md").read_text().count("Episodic: 5-way 1-shot") == 1
-    a = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(1, 2, 3)))
-    assert a.classes == 20 and len(a.per_seed) == 3 and a.std >= 0
+    assert open(r.report[1]).read().count("Episodic: 5-way 1-shot") == 1
+    a = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(1, 2, 3), report=str(tmp_path)))
+    assert a.classes == 20 and len(a.per_seed) == 3 and a.std >= 0 and a.n_seeds == 3
+    # a real 95% interval over 3 seeds: Student t with 2 degrees of freedom, 4.303 std / sqrt(3)
+    assert a.ci95 == pytest.approx(4.302653 * np.std(a.per_seed, ddof=1) / np.sqrt(3), abs=2e-3)
+    assert "Student t" in a.statistic and "Student t over seeds" in a.protocol_text()
+    assert 0 <= a.top5 <= 100 and a.top5 >= a.accuracy and 0 <= a.mean_per_class <= 100
+    md = open(a.report[1]).read()
+    assert "## Per-class accuracy" in md and md.count("| class ") == 20 and "None" not in md
+    one = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(2,)))
+    assert one.ci95 is None and one.std is None and one.n_seeds == 1 and "no interval" in one.summary_line()
+    assert one.per_seed == [a.per_seed[1]]
 
 
 def test_real_cub35_prototype_accuracy(cub35_store):

@@ -40,6 +40,10 @@ class FittedHead(ABC):
         """(E, M, D) -> (E, M) predicted way index."""
         return self.logits(query).argmax(-1)
 
+    def topk(self, query: torch.Tensor, k: int) -> torch.Tensor:
+        """(E, M, D) -> (E, M, k) way indices of the k highest scores, best first."""
+        return self.logits(query).topk(k, dim=-1).indices
+
 
 class Head(ABC):
     name: str = ""

@@ -31,10 +31,11 @@ def faiss_ip_index(vectors: np.ndarray):
     return index
 
 
-def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Index of the highest inner product prototype for each query: (C, D), (M, D) -> (M,)."""
-    _, idx = faiss_ip_index(prototypes).search(np.ascontiguousarray(queries, dtype=np.float32), 1)
-    return idx[:, 0]
+def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray, k: int = 1) -> np.ndarray:
+    """Indices of the ``k`` highest inner product prototypes for each query, best first:
+    (C, D), (M, D) -> (M,) for k = 1, else (M, k)."""
+    _, idx = faiss_ip_index(prototypes).search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return idx[:, 0] if k == 1 else idx
 
 
 class FittedPrototypes(FittedHead):
@@ -53,6 +54,13 @@ class FittedPrototypes(FittedHead):
             q = self._queries(query)[0].cpu().numpy()
             return torch.from_numpy(faiss_nearest(self.protos[0].cpu().numpy(), q)).long()[None].to(query.device)
         return self.logits(query).argmax(-1)
+
+    def topk(self, query: torch.Tensor, k: int) -> torch.Tensor:
+        if self.protos.shape[0] == 1 and query.shape[1] >= FAISS_MIN_QUERIES:
+            q = self._queries(query)[0].cpu().numpy()
+            idx = faiss_nearest(self.protos[0].cpu().numpy(), q, k).reshape(len(q), k)
+            return torch.from_numpy(idx).long()[None].to(query.device)
+        return self.logits(query).topk(k, dim=-1).indices
 
 
 class PrototypeHead(Head):

@@ -3,12 +3,27 @@ class at once, the full test split as queries; repeated over seeds (mean and std
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from fskd.classifiers.base import Head
 from fskd.errors import EvaluationError
+from fskd.evaluation.metrics import class_accuracies
 from fskd.store.sampling import sample_shots
+
+TOPK = 5
+
+
+@dataclass
+class AllwayScores:
+    """Per seed: top-1 accuracy (S,), top-5 accuracy (S,) when there are more than 5 classes,
+    per-class accuracy (S, C) in the order of ``classes`` (fractions)."""
+
+    top1: np.ndarray
+    top5: np.ndarray | None
+    per_class: np.ndarray
 
 
 def run_allway(
@@ -22,21 +37,28 @@ def run_allway(
     head: Head,
     query_batch: int = 8192,
     class_names=None,
-) -> np.ndarray:
-    """Accuracy per seed (S,) over the full test split."""
+) -> AllwayScores:
+    """Scores per seed over the full test split (see :class:`AllwayScores`)."""
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
     pos = {int(c): i for i, c in enumerate(classes)}
     truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
-    out = []
+    top1, top5, per_class = [], [], []
+    k = TOPK if len(classes) > TOPK else 0
     train_x, test_x = head.prepare(train_x), head.prepare(test_x)
+    truth_np = truth.cpu().numpy()
     for seed in seeds:
         rows = torch.from_numpy(sample_shots(train_y, classes, shot, seed, class_names)).to(train_x.device)
         fitted = head.fit(train_x[rows][None], cls)
-        correct = 0
+        preds, in5 = [], 0
         for s in range(0, len(test_y), query_batch):
-            pred = fitted.predict(test_x[s : s + query_batch][None])[0]
-            correct += int((pred == truth[s : s + query_batch]).sum())
-        out.append(correct / len(test_y))
-    return np.asarray(out)
+            q = test_x[s : s + query_batch][None]
+            preds.append(fitted.predict(q)[0].cpu())
+            if k:
+                in5 += int((fitted.topk(q, k)[0] == truth[s : s + query_batch, None]).any(-1).sum())
+        pred = torch.cat(preds).numpy()
+        top1.append(float((pred == truth_np).mean()))
+        top5.append(in5 / len(test_y))
+        per_class.append(class_accuracies(pred, truth_np, len(classes)))
+    return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class))

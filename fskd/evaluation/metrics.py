@@ -1,12 +1,34 @@
-"""Accuracy summaries: mean with a 95% confidence interval, mean and std over seeds."""
+"""Accuracy summaries, each saying which statistic it is.
+
+- Episodes: mean and a 95% CI half-width by the normal approximation, 1.96 * s / sqrt(E) (the
+  few-shot convention; E is in the hundreds).
+- Seeds (the all-way protocol): mean, sample std, and a 95% CI half-width by Student's t with
+  n - 1 degrees of freedom, t * s / sqrt(n) (for 3 seeds t = 4.30, about 2.5 x the std); with
+  one seed there is no interval (None), never "± 0.00".
+- Paired differences (two methods on the same episodes or seeds): the same two rules applied to
+  the per-episode / per-seed differences.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+#: how each summary's interval is computed, quoted in results and reports
+EPISODE_CI = "95% CI, normal approximation over episodes (1.96 s / sqrt(E))"
+SEED_CI = "95% CI, Student t over seeds (t(0.975, n-1) s / sqrt(n))"
+
+
+def t975(dof: int) -> float:
+    """Two-sided 95% Student t quantile."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
 
 
 def mean_ci95(acc: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% CI half-width (normal approximation, 1.96 * std / sqrt(n)), in percent."""
+    """Mean and 95% CI half-width over episodes (normal approximation), in percent."""
     acc = np.asarray(acc, dtype=np.float64) * 100.0
     if len(acc) < 2:
         return float(acc.mean()), 0.0
@@ -14,6 +36,51 @@ def mean_ci95(acc: np.ndarray) -> tuple[float, float]:
 
 
 def mean_std(acc: np.ndarray) -> tuple[float, float]:
-    """Mean and sample std over seeds, in percent."""
+    """Mean and sample std over seeds, in percent (std 0 for one seed)."""
     acc = np.asarray(acc, dtype=np.float64) * 100.0
     return float(acc.mean()), float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """Mean, std and Student-t 95% CI half-width over seeds, in percent; None when n == 1."""
+
+    mean: float
+    std: float | None
+    ci95: float | None
+    n: int
+
+
+def seed_summary(values) -> SeedSummary:
+    """``values``: per-seed accuracies as fractions."""
+    a = np.asarray(values, dtype=np.float64) * 100.0
+    if len(a) == 0:
+        raise ValueError("no values to summarise")
+    if len(a) == 1:
+        return SeedSummary(float(a[0]), None, None, 1)
+    s = float(a.std(ddof=1))
+    return SeedSummary(float(a.mean()), s, t975(len(a) - 1) * s / float(np.sqrt(len(a))), len(a))
+
+
+def paired_difference(a, b, rule: str) -> dict:
+    """Mean of ``a - b`` (fractions, paired by episode or seed) and its 95% CI, in percent.
+    ``rule``: "episodes" (normal approximation) or "seeds" (Student t)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if rule == "episodes":
+        mean, half = mean_ci95(d)
+        how = EPISODE_CI
+    else:
+        s = seed_summary(d)
+        mean, half, how = s.mean, s.ci95, SEED_CI
+    out = {"difference": round(mean, 3), "ci95": None if half is None else round(half, 3), "n": int(len(d)),
+           "statistic": f"paired difference; {how}"}
+    out["excludes_zero"] = None if half is None else bool(abs(mean) > half)
+    return out
+
+
+def class_accuracies(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-class accuracy (C,) of way-index predictions; NaN for a class with no rows."""
+    total = np.bincount(truth, minlength=n_classes).astype(np.float64)
+    hit = np.bincount(truth[pred == truth], minlength=n_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hit / np.maximum(total, 1), np.nan)

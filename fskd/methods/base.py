@@ -209,6 +209,12 @@ class Method(ABC):
         """Raise StateError when ``state`` cannot be evaluated on ``store`` (default: same fingerprint)."""
         check_state_store(state, store, directory)
 
+    def bound_to_shots(self, state: MethodState) -> bool:
+        """True when the state's all-way head *is* a model fitted on the K shots of the state's seed
+        (not refitted on the shots it is given): evaluating it under other seeds or K would score
+        that one model again. fskd eval then refuses other seeds and K."""
+        return False
+
     def features(
         self, state: MethodState, store: FeatureStore, device: torch.device
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:

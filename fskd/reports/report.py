@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fskd import __version__
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -40,8 +43,42 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "x"
+
+
+def report_name(result) -> str:
+    """A file stem that tells results apart: store, state (or classifier), protocol, shots and
+    seeds, e.g. ``cub-lite0-minilm_fma-16shot_allway_16shot_seeds1-2-3``."""
+    store = _slug(Path(result.store).name.removesuffix(".zarr"))
+    who = _slug(Path(result.state).name) if result.state else _slug(result.classifier)
+    if result.protocol == "episodic":
+        what = f"episodic_{result.split}_{result.way}way{result.shot}shot_q{result.query}_e{result.episodes}_seed{result.seed}"
+    else:
+        what = f"allway_{result.shot}shot_seeds{'-'.join(map(str, result.seeds))}"
+    return f"{store}_{who}_{what}"
+
+
+def _free_stem(directory: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... : a report never replaces an earlier one."""
+    stem, n = name, 1
+    while (directory / f"{stem}.json").exists() or (directory / f"{stem}.md").exists():
+        n += 1
+        stem = f"{name}-{n}"
+    return stem
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
 def write_report(directory: str | Path, name: str, result: dict, protocol: str, config: dict) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` under ``directory``; returns both paths."""
+    """Write ``<name>.json`` and ``<name>.md`` under ``directory`` (``<name>-2`` ... when taken:
+    never over an earlier report); returns both paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -52,16 +89,26 @@ def write_report(directory: str | Path, name: str, result: dict, protocol: str, 
         "git_sha": git_sha(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    jpath, mpath = directory / f"{name}.json", directory / f"{name}.md"
+    stem = _free_stem(directory, name)
+    if stem != name:
+        log.warning("report %s exists; writing %s beside it", directory / name, stem)
+    jpath, mpath = directory / f"{stem}.json", directory / f"{stem}.md"
     jpath.write_text(json.dumps(payload, indent=2, default=str))
-    rows = "\n".join(f"| {k} | {v} |" for k, v in result.items() if not isinstance(v, (list, dict)))
-    mpath.write_text(
-        f"# {name}\n\n**Protocol.** {protocol}\n\n| field | value |\n|---|---|\n{rows}\n\n"
-        f"fskd {__version__}, git {payload['git_sha'] or 'n/a'}, written {payload['written']}.\n"
-    )
+    rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in result.items() if not isinstance(v, (list, dict)))
+    md = (f"# {stem}\n\n**Protocol.** {protocol}\n\n| field | value |\n|---|---|\n{rows}\n\n")
+    if result.get("per_seed"):
+        md += "Per seed: " + ", ".join(f"seed {s}: {a:.2f}%" for s, a in zip(result["seeds"], result["per_seed"],
+                                                                           strict=True)) + ".\n\n"
+    if result.get("per_class"):
+        md += ("## Per-class accuracy (mean over seeds)\n\n"
+               + markdown_table(result["per_class"], ["class", "accuracy", "test_rows"]) + "\n")
+    if result.get("warnings"):
+        md += "## Warnings\n\n" + "\n".join(f"- {w}" for w in result["warnings"]) + "\n\n"
+    md += f"fskd {__version__}, git {payload['git_sha'] or 'n/a'}, written {payload['written']}.\n"
+    mpath.write_text(md)
     return jpath, mpath
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "\n".join("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows) + "\n"
+    return head + "\n".join("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows) + "\n"

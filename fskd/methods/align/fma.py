@@ -374,6 +374,10 @@ class FMA(Method):
     name = "fma"
     kind = "align"
 
+    def bound_to_shots(self, state: MethodState) -> bool:
+        # the all-way field was trained on the state's own K shots of its seed
+        return state.hparams.get("regime") in (ALLWAY, "both")
+
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = FMAOptions.from_dict(dict(config.options))
         device = resolve_device(config.device)

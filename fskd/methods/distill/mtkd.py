@@ -331,6 +331,10 @@ class MTKD(Method):
     kind = "distill"
 
     # -- fitting ------------------------------------------------------------------------------------
+    def bound_to_shots(self, state: MethodState) -> bool:
+        # a semi-regime student was trained on the labels of the state's own K shots of its seed
+        return state.hparams.get("regime") == "semi"
+
     def fit(self, store, config: DistillConfig, progress: TrainProgress | None = None) -> MethodState:
         cfg = config
         opts = MTKDOptions.from_dict(cfg.options)
