@@ -5,6 +5,7 @@ The CLI, the examples, the benchmarks and the tests all call these functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,10 @@ from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
 from fskd.fsutil import check_writable, is_store_dir
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
+from fskd.progress import AUTO, extract_bar, train_bar
+from fskd.progress import resolve as resolve_progress
 from fskd.reports import markdown_table, report_name, write_report
+from fskd.reports.compare import compare_reports
 from fskd.runtime import dist_info, resolve_device
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
@@ -52,10 +56,20 @@ def registries() -> dict[str, dict[str, str]]:
     }
 
 
-def extract(config: ExtractConfig, progress: Progress | None = None, source=None) -> ExtractResult:
+def method_info(name: str) -> dict:
+    """A method's kind, description and ``--set`` options (name, type, default, range, meaning)."""
+    from fskd.config import describe_options
+
+    cls = METHODS.get(name)
+    return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
+            "options": describe_options(cls.options) if cls.options is not None else []}
+
+
+def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, source=None) -> ExtractResult:
     """Encode a dataset into a feature store (resumable; reused when already complete).
+    ``progress``: "auto" (a bar when stderr is a terminal), None, or a callable.
     ``source``: an ImageDataset object to use instead of the registered ``config.dataset``."""
-    return _extract(config, progress, source)
+    return _extract(config, resolve_progress(progress, extract_bar), source)
 
 
 def store_info(path: str, check: bool = False) -> dict:
@@ -96,6 +110,7 @@ class EvalResult:
     center: str
     inductive: bool
     store: str
+    store_fingerprint: str
     state: str | None
     seconds: float
     eval_seconds: float
@@ -180,6 +195,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     store.check_complete()
     device = resolve_device(cfg.device)
     state = load_state(cfg.state) if cfg.state else None
+    _eval_class_split(cfg, store, state)
     head, name, selected = _head(cfg, store, device, state)
     names = store.class_names
     warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
@@ -231,7 +247,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         query=cfg.query if episodic else None, split=cfg.split if episodic else "test", classifier=name,
         encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
         seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
-        center=_center_text(cfg, episodic), inductive=True, store=str(store.path), state=cfg.state,
+        center=_center_text(cfg, episodic), inductive=True, store=str(store.path), store_fingerprint=store.fingerprint, state=cfg.state,
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
         selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class,
     )
@@ -249,6 +265,22 @@ def evaluate(config: EvalConfig) -> EvalResult:
                               f"{f': {e.filename}' if e.filename else ''})", result=result) from None
         result.report = [str(p) for p in paths]
     return result
+
+
+def _eval_class_split(cfg: EvalConfig, store: FeatureStore, state) -> None:
+    """The class split of an evaluation: the user's override, else the state's own (the split it
+    was fitted with), else the store's. An override that contradicts the state's is refused."""
+    given = store.override_class_split(cfg.class_split, cfg.class_ratio, cfg.split_seed)
+    fitted = (state.hparams.get("class_split") if state is not None else None) or None
+    if fitted is None:
+        return
+    strip = lambda d: {k: sorted(v) for k, v in d.items() if k != "source"}  # noqa: E731
+    if given is not None and strip(given) != strip(fitted):
+        raise EvaluationError(f"state {cfg.state} was fitted with another class split than the one given here; its "
+                              f"novel classes must stay the ones it never learned from: drop --class-split/--class-ratio "
+                              f"(the state's split is used) or fit again with this split")
+    if given is None and strip(store.attrs["class_split"]) != strip(fitted):
+        store.override_class_split(split={**fitted, "source": f"the class split state {cfg.state} was fitted with"})
 
 
 def _center_text(cfg: EvalConfig, episodic: bool) -> str:
@@ -282,6 +314,12 @@ def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str]) -> None:
                         f"for the protocol's own numbers)")
 
 
+def compare(a: str, b: str) -> dict:
+    """Paired difference A - B of two evaluation reports of the same experiment, with its 95% CI
+    (``fskd compare A.json B.json``); see :mod:`fskd.reports.compare`."""
+    return compare_reports(a, b)
+
+
 @dataclass
 class FitResult:
     """What adapt/align/distill wrote: the state directory and its metadata."""
@@ -293,16 +331,20 @@ class FitResult:
     selected_on: dict
     metrics: dict
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None) -> FitResult:
     t0 = time.perf_counter()
     method_cls = METHODS.get(config.method)
     if method_cls.kind != kind:
-        raise ConfigError(f"method {config.method!r} is a {method_cls.kind} method, not a {kind} method; "
+        a = lambda w: f"an {w}" if w[0] in "aeiou" else f"a {w}"  # noqa: E731
+        raise ConfigError(f"method {config.method!r} is {a(method_cls.kind)} method, not {a(kind)} method; "
                           f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}")
     store = FeatureStore.open(config.store)
     store.check_complete()
+    override = store.override_class_split(config.class_split, config.class_ratio, config.split_seed)
+    warnings = _validation_warnings(store, config)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
     # before any fitting: --out must be new, or an fskd state and --force; never the store or data
     roots = [store.attrs["dataset"].get("root") or None, getattr(config, "root", None)]
@@ -311,25 +353,82 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
         guard_out(out, config.force, root=roots[1])
     config = config.replace(out=out)
     state = method_cls().fit(store, config, progress)
+    state.store_path = str(Path(state.store_path).absolute())  # found again from any working directory
+    split = store.attrs["class_split"]
+    state.hparams["class_split"] = {k: v for k, v in split.items() if k != "source"}
+    state.selected_on["class_split"] = split.get("source") if override else f"the store's ({split.get('source')})"
+    state.selected_on = provenance(state.hparams, state.selected_on, config)
+    state.metrics["warnings"] = warnings
+    seconds = round(time.perf_counter() - t0, 3)
+    state.metrics["fit_seconds"] = seconds
     if dist_info().is_main:  # under torchrun every rank fits; one writes the state
         save_state(out, state)
+    for w in warnings:
+        log.warning("%s", w)
     return FitResult(out=out, method=state.method, kind=kind, hparams=state.hparams, selected_on=state.selected_on,
-                     metrics=state.metrics, seconds=round(time.perf_counter() - t0, 3))
+                     metrics=state.metrics, seconds=seconds, warnings=warnings)
 
 
-def adapt(config: AdaptConfig, progress: TrainProgress | None = None) -> FitResult:
+#: below these, validation cannot tell hyper-parameters apart (said, not refused)
+MIN_VAL_CLASSES = 5
+
+
+def _validation_warnings(store: FeatureStore, config) -> list[str]:
+    out = []
+    n_val = len(store.attrs["class_split"].get("val", []))
+    if n_val < MIN_VAL_CLASSES:
+        out.append(f"only {n_val} val classes (fewer than {MIN_VAL_CLASSES}): episodic hyper-parameters are chosen on "
+                   f"very few val-class episodes, or fixed; give a split with more val classes (--class-split FILE or "
+                   f"--class-ratio)")
+    if store.has_split("val"):
+        rows = int((store.labels("val") >= 0).sum())
+        if rows < store.num_classes:
+            out.append(f"the val split has {rows} rows for {store.num_classes} classes (fewer rows than classes): "
+                       f"all-way hyper-parameters chosen on it are close to arbitrary")
+    return out
+
+
+#: hyper-parameters that are inputs of the protocol rather than choices
+_GIVEN = {"shots": "--shots", "regime": "--regime / --set regime", "student": "--student", "teacher": "the store",
+          "losses": "--losses", "epochs": "--epochs", "base_method": "--base-state"}
+
+
+def provenance(hparams: dict, selected_on: dict, config) -> dict:
+    """Where each hyper-parameter came from, in one vocabulary: ``default``, ``user-set (...)``,
+    ``chosen on <validation data>``, or the method's own words (meta-trained, fixed, ...)."""
+    user = dict(config.options)
+    if getattr(config, "steps", None):
+        user["steps"] = list(config.steps)
+    if getattr(config, "gamma", None) is not None:
+        user["gamma"] = config.gamma
+    out = {}
+    for k in list(dict.fromkeys([*hparams, *selected_on])):
+        on = selected_on.get(k)
+        base = k.split(".")[-1]
+        if base in user and (on is None or str(on).startswith(("fixed", "given", "default"))):
+            out[k] = f"user-set ({base}={json.dumps(user[base])})"
+        elif on is None or on in ("fixed", "fixed (default)", "default"):
+            out[k] = f"given ({_GIVEN[base]})" if base in _GIVEN else "default"
+        elif isinstance(on, str) and on.startswith("val"):
+            out[k] = f"chosen on {on}"
+        else:
+            out[k] = on
+    return out
+
+
+def adapt(config: AdaptConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Fit a few-shot classifier (``fskd adapt --method``) on cached features; save its state."""
-    return _fit("adapt", config, progress)
+    return _fit("adapt", config, resolve_progress(progress, train_bar))
 
 
-def align(config: AlignConfig, progress: TrainProgress | None = None) -> FitResult:
+def align(config: AlignConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Fit a cross-modal alignment (``fskd align --method fma``) on cached features; save its state."""
-    return _fit("align", config, progress)
+    return _fit("align", config, resolve_progress(progress, train_bar))
 
 
-def distill(config: DistillConfig, progress: TrainProgress | None = None) -> FitResult:
+def distill(config: DistillConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Distil the store's encoder (teacher) into a student encoder; save the student state."""
-    return _fit("distill", config, progress)
+    return _fit("distill", config, resolve_progress(progress, train_bar))
 
 
 @dataclass
@@ -339,7 +438,7 @@ class DemoResult:
     seconds: float
 
 
-def demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult:
+def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResult:
     """The main job on the embedded default: encode the offline datasets with the offline
     encoder once, then evaluate 5-way 1-shot and 5-shot prototypes on their novel classes and
     the all-way protocol on CUB. Writes ``<out>/demo.md`` and ``<out>/demo.json``."""
@@ -373,7 +472,6 @@ def demo(config: DemoConfig, progress: Progress | None = None) -> DemoResult:
         f"Episodic rows: mean accuracy and 95% CI over {config.episodes} episodes on novel classes. "
         f"All-way rows: mean over seeds 1-3 and 95% CI (Student t over the 3 seeds).\n\n{table}"
     )
-    import json
 
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
     return DemoResult(rows=rows, report=str(report), seconds=round(time.perf_counter() - t0, 2))

@@ -2,21 +2,29 @@
 
 Each command builds a config, calls one api function and prints a summary. Choices come from
 the registries, so ``--help`` lists every registered dataset, encoder, classifier and method.
+Conventions: one name per idea (``--shots`` in every verb, ``--seed`` defaulting to 1
+everywhere), real choices for every closed set, ``--json`` for one JSON object (errors too, on
+stderr), exit status 2 and one ``error:`` line for every user error.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
-import sys
-from enum import Enum
-from typing import Annotated
+from fskd.runtime import cpu_thread_policy
 
-import typer
+cpu_thread_policy()  # before torch loads (through fskd.api): idle OpenMP threads sleep
 
-from fskd import __version__, api
-from fskd.config import (
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from enum import Enum  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from fskd import __version__, api  # noqa: E402
+from fskd.config import (  # noqa: E402
     AdaptConfig,
     AlignConfig,
     DemoConfig,
@@ -24,20 +32,61 @@ from fskd.config import (
     EvalConfig,
     ExtractConfig,
 )
-from fskd.errors import FskdError, OutputError
+from fskd.errors import FskdError, OutputError  # noqa: E402
+
+#: old or alternative spellings -> the one name (kept working, not shown in --help)
+ALIASES = {"--shot": "--shots"}
+COMMAND_ALIASES = {"align": {"--steps": "--flow-steps"}}
+
+
+class _Group(TyperGroup):
+    """Rewrites aliases before parsing: ``--shot`` -> ``--shots``; align's ``--steps`` ->
+    ``--flow-steps`` (``--set steps=`` is the optimiser's steps elsewhere)."""
+
+    def parse_args(self, ctx, args):
+        command = next((a for a in args if not a.startswith("-")), None)
+        table = {**ALIASES, **COMMAND_ALIASES.get(command, {})}
+        out = []
+        for a in args:
+            name, eq, value = a.partition("=")
+            out.append(table.get(name, name) + eq + value if name in table else a)
+        return super().parse_args(ctx, out)
+
 
 app = typer.Typer(
-    add_completion=False,
+    cls=_Group,
+    add_completion=True,
     no_args_is_help=True,
     help="Few-shot image classification with knowledge transferred from vision-language models.",
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="markdown",
 )
 
 _reg = api.registries()
-DatasetName = Enum("DatasetName", {n: n for n in _reg["datasets"]}, type=str)
-ClassifierName = Enum("ClassifierName", {n: n for n in _reg["classifiers"]}, type=str)
+
+
+def _choices(name: str, values) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+DatasetName = _choices("DatasetName", _reg["datasets"])
+ClassifierName = _choices("ClassifierName", _reg["classifiers"])
+MethodName = _choices("MethodName", _reg["methods"])
+AdaptMethod = _choices("AdaptMethod", [n for n, d in _reg["methods"].items() if d.startswith("[adapt]")])
+AlignMethod = _choices("AlignMethod", [n for n, d in _reg["methods"].items() if d.startswith("[align]")])
+DistillMethod = _choices("DistillMethod", [n for n, d in _reg["methods"].items() if d.startswith("[distill]")])
+Protocol = _choices("Protocol", ["episodic", "allway", "all-way"])
+ClassSplit = _choices("ClassSplit", ["novel", "val", "base"])
+Center = _choices("Center", ["base", "none"])
+Dtype = _choices("Dtype", ["float16", "float32"])
+Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
+
+EPISODIC, ALLWAY, OUTPUT, SPLIT, FIT = "Episodic protocol", "All-way protocol", "Output", "Class split", "Fitting"
+
+
+def _value(choice) -> str:
+    return getattr(choice, "value", choice)
 
 
 def _ratios(text: str | None, option: str) -> tuple[float, float, float] | None:
@@ -47,7 +96,16 @@ def _ratios(text: str | None, option: str) -> tuple[float, float, float] | None:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"{option} takes three comma-separated numbers like 0.5,0.1,0.4, got {text!r}") from None
-    return vals  # ConfigError checks count and sum
+    return vals  # ConfigError checks count, range and sum
+
+
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
 #: set by commands given --json: errors then go to stderr as one JSON object
@@ -78,32 +136,23 @@ def _run(fn, *args, on_result=None, **kwargs):
         raise _fail(f"{where}{e.strerror or e}", type(e).__name__) from None
 
 
-def _progress_bar():
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(split: str, done: int, total: int, rate: float) -> None:
-        bar = bars.get(split)
-        if bar is None:
-            bar = bars[split] = tqdm(total=total, desc=f"extract {split}", unit="img", file=sys.stderr, leave=True)
-        bar.update(done - bar.n)  # tqdm shows the images/s rate
-        if done >= total:
-            bar.close()
-
-    return update
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
 
 
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
+                                          is_eager=True)] = False,
 ) -> None:
     _JSON["on"] = False  # each command that takes --json sets it again
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
+    from fskd.runtime import torch_threads_per_core
+
+    torch_threads_per_core()
 
 
 @app.command()
@@ -128,33 +177,59 @@ def classifiers() -> None:
 
 
 @app.command()
+def methods(
+    method: Annotated[MethodName | None, typer.Argument(help="A method: list its --set options.", metavar="[METHOD]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the methods, or one method's --set options with their defaults and meaning."""
+    _JSON["on"] = as_json
+    if method is None:
+        for n, d in _reg["methods"].items():
+            typer.echo(f"{n:18s} {d}")
+        return
+    info = _run(api.method_info, _value(method))
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    typer.echo(f"{info['name']} ({info['kind']}): {info['description']}")
+    if not info["options"]:
+        typer.echo("no --set options")
+        return
+    typer.echo(f"--set options (fskd {info['kind']} --method {info['name']} --set KEY=VALUE):")
+    w = max(len(o["name"]) for o in info["options"])
+    for o in info["options"]:
+        rng = f", {o['range']}" if o["range"] else ""
+        typer.echo(f"  {o['name'].ljust(w)}  default {o['default']}{rng}; {o['type']}. {o['meaning']}")
+
+
+@app.command()
 def extract(
-    dataset: Annotated[DatasetName, typer.Argument(help="Registered dataset name.")],
-    store: Annotated[str, typer.Option(help="Path of the Zarr feature store to write (resumed if it exists).")],
-    root: Annotated[str | None, typer.Option(help="Dataset folder.")] = None,
-    encoder: Annotated[str, typer.Option(help=ENCODER_HELP)] = "lite0-minilm",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="On-disk feature dtype: float16 or float32.")] = "float16",
-    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume).")] = 1024,
-    class_split: Annotated[str | None, typer.Option(help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.')] = None,
-    class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.")] = "0.6,0.2,0.2",
-    sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.")] = None,
-    split_seed: Annotated[int, typer.Option(help="Seed of the ratio splits.")] = 0,
-    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}.")] = None,
-    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.")] = None,
+    dataset: Annotated[DatasetName, typer.Argument(help="Registered dataset name.", metavar="DATASET")],
+    store: Annotated[str, typer.Option(help="Path of the Zarr feature store to write (resumed if it exists).", metavar="PATH")],
+    root: Annotated[str | None, typer.Option(help="Dataset folder.", metavar="PATH")] = None,
+    encoder: Annotated[str, typer.Option(help=ENCODER_HELP, metavar="SPEC")] = "lite0-minilm",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="On-disk feature dtype.")] = "float16",
+    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume).", metavar="N")] = 1024,
+    class_split: Annotated[str | None, typer.Option(help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.', metavar="PATH", rich_help_panel=SPLIT)] = None,
+    class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.", metavar="LIST", rich_help_panel=SPLIT)] = "0.6,0.2,0.2",
+    sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.", metavar="LIST", rich_help_panel=SPLIT)] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the ratio splits.", metavar="N", rich_help_panel=SPLIT)] = 0,
+    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}.", metavar="PATH")] = None,
+    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.", metavar="PATH")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
     download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint the image bytes too (reads every file; size and mtime are always checked).")] = False,
 ) -> None:
     """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
-    cfg = _run(ExtractConfig, dataset=dataset.value, root=root, encoder=encoder, store=store, batch_size=batch_size,
-               workers=workers, device=device, dtype=dtype, chunk_rows=chunk_rows, class_split=class_split,
+    cfg = _run(ExtractConfig, dataset=_value(dataset), root=root, encoder=encoder, store=store, batch_size=batch_size,
+               workers=workers, device=device, dtype=_value(dtype), chunk_rows=chunk_rows, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
                split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download,
                content_hash=content_hash)
-    r = _run(api.extract, cfg, _progress_bar())
+    r = _run(api.extract, cfg)
     if r.rank != 0:
         return
     for split, chunks in r.repaired.items():
@@ -168,50 +243,99 @@ def extract(
     for split, ids in r.skipped.items():
         typer.echo(f"warning: skipped {len(ids)} unreadable file(s) in {split} (stored as label -1, not used): "
                    f"{', '.join(ids[:5])}", err=True)
-    for why, n in r.ignored.items():
-        typer.echo(f"warning: the dataset listing ignored {n} {why}", err=True)
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _print_info(r: dict) -> None:
+    def names(v: list[str], most: int = 12) -> str:
+        return ", ".join(v[:most]) + (f", ... ({len(v) - most} more)" if len(v) > most else "")
+
+    enc = f"{r['encoder']} ({r['dim']}-d images; {'joint image-text space' if r['joint'] else 'separate text space'}; "
+    enc += f"{'saw' if r['web_scale'] else 'did not see'} web-scale data)"
+    lines = [
+        f"store     {r['path']}  ({_human_size(r['size_bytes'])} on disk, {r['dtype']}, {r['chunk_rows']} rows per chunk)",
+        f"encoder   {enc}",
+        f"dataset   {r['dataset']} from {r['root']}; created {r['created']} by fskd {r['fskd_version']}",
+        "rows      " + ", ".join(f"{s} {n:,}" for s, n in r["rows"].items()) + f"  (sample split: {r['sample_split']})",
+        f"complete  {'yes' if r['complete'] and not r['missing_chunks'] else 'NO'}",
+        f"classes   {r['classes']}; class split from {r['class_split_source']}:",
+    ]
+    lines += [f"  {k:6s} {len(v):4d}: {names(v)}" for k, v in r["class_names"].items()]
+    text = f"{r['text_source']}: " + "; ".join(r["templates"][:3]) + (" ..." if len(r["templates"]) > 3 else "")
+    lines.append(f"text      {text if r['text'] else 'none (the encoder has no text tower)'}")
+    if r["skipped"]:
+        lines.append("skipped   " + ", ".join(f"{n} unreadable file(s) in {s}" for s, n in r["skipped"].items()))
+    if r["ignored_files"]:
+        lines.append("ignored   " + "; ".join(f"{n} {why}" for why, n in r["ignored_files"].items()))
+    if r["missing_chunks"]:
+        lines.append("MISSING   " + "; ".join(r["missing_chunks"][:10]))
+    if "check" in r:
+        c = r["check"]
+        lines.append(f"check     {'every chunk matches its checksum' if c['ok'] else 'DAMAGED'} "
+                     f"({sum(c['chunks_verified'].values())} chunks verified)")
+        for split, d in c["damaged"].items():
+            lines += [f"  {split} chunk {k}: {why}" for k, why in d.items()]
+    typer.echo("\n".join(lines))
 
 
 @app.command()
 def info(
-    store: Annotated[str, typer.Argument(help="Feature store path.")],
+    store: Annotated[str, typer.Argument(help="Feature store path.", metavar="STORE")],
     check: Annotated[bool, typer.Option("--check", help="Verify every chunk against its stored checksum (reads the whole store); exit 2 on damage.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Show a feature store's encoder, dataset, class split and rows (JSON)."""
+    """Show a feature store: encoder, dataset, classes per split, rows, size, text; --check verifies it."""
+    _JSON["on"] = as_json
     r = _run(api.store_info, store, check=check)
-    typer.echo(json.dumps(r, indent=2))
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+    else:
+        _print_info(r)
     if r.get("missing_chunks") or (check and not r["check"]["ok"]):
         raise _fail(f"{store} is damaged; run the same `fskd extract` again to re-encode the damaged chunks",
                     "StoreError")
 
 
+SplitFile = Annotated[str | None, typer.Option("--class-split", help='Override the stored class split: JSON {"base"|"val"|"novel": [class names]}.', metavar="PATH", rich_help_panel=SPLIT)]
+SplitRatio = Annotated[str | None, typer.Option("--class-ratio", help="Override the stored class split with seeded base,val,novel ratios.", metavar="LIST", rich_help_panel=SPLIT)]
+SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of --class-ratio.", metavar="N", rich_help_panel=SPLIT)]
+
+
 @app.command("eval")
 def eval_(
-    store: Annotated[str, typer.Option(help="Feature store path.")],
-    state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.")] = None,
-    protocol: Annotated[str, typer.Option(help="episodic (N-way K-shot on a class split) or allway.")] = "episodic",
-    way: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
-    shot: Annotated[int, typer.Option(help="Labelled samples per class.")] = 1,
-    query: Annotated[int, typer.Option(help="Queries per class per episode.")] = 15,
-    episodes: Annotated[int, typer.Option(help="Number of episodes.")] = 600,
-    split: Annotated[str, typer.Option(help="Class split of the episodes: novel, val or base.")] = "novel",
+    store: Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")],
+    state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")] = None,
+    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split) or allway (all-way).")] = "episodic",
+    shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
+    seed: Annotated[int, typer.Option(help="Episode sampling seed.", metavar="N", rich_help_panel=EPISODIC)] = 1,
+    way: Annotated[int, typer.Option(help="Classes per episode.", metavar="N", rich_help_panel=EPISODIC)] = 5,
+    query: Annotated[int, typer.Option(help="Queries per class per episode.", metavar="N", rich_help_panel=EPISODIC)] = 15,
+    episodes: Annotated[int, typer.Option(help="Number of episodes.", metavar="N", rich_help_panel=EPISODIC)] = 600,
+    split: Annotated[ClassSplit, typer.Option(help="Class split of the episodes.", rich_help_panel=EPISODIC)] = "novel",
+    seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.", metavar="LIST", rich_help_panel=ALLWAY)] = "1,2,3",
     classifier: Annotated[ClassifierName, typer.Option(help="Head when no --state is given.")] = "prototype",
-    center: Annotated[str, typer.Option(help="base: subtract the base-class mean (SimpleShot); none.")] = "base",
-    seed: Annotated[int, typer.Option(help="Episode sampling seed.")] = 0,
-    seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.")] = "1,2,3",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    report: Annotated[str | None, typer.Option(help="Write a JSON + Markdown report into this folder.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    center: Annotated[Center, typer.Option(help="base: subtract the base-class mean (SimpleShot; the support mean all-way); none.")] = "base",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")] = "auto",
+    class_split: SplitFile = None,
+    class_ratio: SplitRatio = None,
+    split_seed: SplitSeed = 0,
+    report: Annotated[str | None, typer.Option(help="Write a JSON + Markdown report into this folder (never over an earlier one).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
-    """Evaluate few-shot classification: mean accuracy with 95% CI (episodic) or over seeds (all-way)."""
+    """Evaluate few-shot classification: mean accuracy with its 95% CI (over episodes, or Student t over seeds)."""
     _JSON["on"] = as_json
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {seeds!r}") from None
-    cfg = _run(EvalConfig, store=store, state=state, protocol=protocol, way=way, shot=shot, query=query, episodes=episodes,
-               split=split, classifier=getattr(classifier, "value", classifier), center=center, seed=seed,
-               seeds=seed_list, device=device, report=report)
+    proto = _value(protocol).replace("all-way", "allway")
+    cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shot=shots, query=query, episodes=episodes,
+               split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
+               seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
+               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed)
     show = functools.partial(_print_eval, as_json=as_json)
     show(_run(api.evaluate, cfg, on_result=show))
 
@@ -221,8 +345,29 @@ def _print_eval(r, as_json: bool) -> None:
         typer.echo(json.dumps(r.to_dict()))
         return
     typer.echo(f"{r.summary_line()}  [{r.eval_seconds:.2f} s]")
+    for w in r.warnings:
+        typer.echo(f"warning: {w}", err=True)
     for path in r.report:
         typer.echo(f"report: {path}")
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="Report JSON of method A (fskd eval --report).", metavar="A.json")],
+    b: Annotated[str, typer.Argument(help="Report JSON of method B, same store, episodes or seeds.", metavar="B.json")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Paired difference A - B of two evaluations of the same experiment, with its 95% CI."""
+    _JSON["on"] = as_json
+    r = _run(api.compare, a, b)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    ci = "no interval (one seed)" if r["ci95"] is None else f"± {r['ci95']:.2f}"
+    verdict = "" if r["excludes_zero"] is None else (
+        "; the interval excludes 0" if r["excludes_zero"] else "; the interval includes 0 (no clear difference)")
+    typer.echo(f"{r['a']} {r['a_accuracy']:.2f}% vs {r['b']} {r['b_accuracy']:.2f}% ({r['protocol']}, n={r['n']}): "
+               f"difference {r['difference']:+.2f} {ci} [{r['statistic']}]{verdict}")
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -231,7 +376,7 @@ def _options(pairs: list[str] | None) -> dict:
     for p in pairs or []:
         key, sep, value = p.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"--set takes key=value, got {p!r}")
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {p!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -239,123 +384,138 @@ def _options(pairs: list[str] | None) -> dict:
     return out
 
 
-def _methods_help(kind: str) -> str:
-    names = [n for n, d in _reg["methods"].items() if d.startswith(f"[{kind}]")]
-    return f"Registered {kind} method: {', '.join(names) or '(none yet)'}."
+def _short(v, width: int = 48) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    if len(text) <= width:
+        return text
+    n = f"{len(v)} entries, " if isinstance(v, (dict, list)) else ""
+    return text[: width - 20].rstrip() + f"... ({n}see state.json)"
 
 
-def _fit_summary(r) -> None:
+def _fit_summary(r, as_json: bool = False) -> None:
+    """A short table; the full detail lives in state.json and under --json."""
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(r), default=str))
+        return
     typer.echo(f"{r.method} ({r.kind}) -> {r.out}  [{r.seconds:.1f} s]")
     if r.hparams:
-        typer.echo("hyper-parameters: " + ", ".join(f"{k}={v} ({r.selected_on.get(k, 'fixed')})" for k, v in r.hparams.items()))
-    if r.metrics:
-        typer.echo("metrics: " + json.dumps(r.metrics))
+        w = max(len(k) for k in r.hparams)
+        typer.echo(f"  {'hyper-parameter'.ljust(w)}  {'value'.ljust(48)}  from")
+        for k, v in r.hparams.items():
+            typer.echo(f"  {k.ljust(w)}  {_short(v).ljust(48)}  {_short(r.selected_on.get(k, 'default'), 60)}")
+    scalars = {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    if scalars:
+        typer.echo("metrics: " + ", ".join(f"{k}={_short(v, 60)}" for k, v in scalars.items()))
+    for w in r.warnings:
+        typer.echo(f"warning: {w}", err=True)
 
 
-def _train_bar():
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(stage: str, step: int, total: int, info: dict) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
-        bar.n = step
-        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
-        bar.refresh()
-        if step >= total:
-            bar.close()
-
-    return update
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option (repeatable); `fskd methods METHOD` lists them.", metavar="KEY=VALUE", rich_help_panel=FIT)]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing fskd state at --out (nothing else is ever replaced).", rich_help_panel=OUTPUT)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the full result as one JSON object (errors too, on stderr).", rich_help_panel=OUTPUT)]
+SeedOption = Annotated[int, typer.Option(help="Seed of the shot sampling and training.", metavar="N")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")]
+StoreOption = Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")]
 
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option key=value (repeatable).")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing fskd state at --out (nothing else is ever replaced).")]
+def _split_kwargs(class_split, class_ratio, split_seed) -> dict:
+    return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed}
 
 
 @app.command()
 def adapt(
-    store: Annotated[str, typer.Option(help="Feature store path.")],
-    method: Annotated[str, typer.Option(help=_methods_help("adapt"))] = "prototype",
-    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split (all-way fit).")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the shot sampling and training.")] = 1,
-    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for semantic weights.")] = None,
-    out: Annotated[str | None, typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    store: StoreOption,
+    method: Annotated[AdaptMethod, typer.Option(help="The adapt method (`fskd methods` describes them).", rich_help_panel=FIT)] = "prototype",
+    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split (all-way fit).", metavar="K")] = 4,
+    seed: SeedOption = 1,
+    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for semantic weights.", metavar="PATH")] = None,
+    out: Annotated[str | None, typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    device: DeviceOption = "auto",
     set_: SetOption = None,
+    class_split: SplitFile = None,
+    class_ratio: SplitRatio = None,
+    split_seed: SplitSeed = 0,
     force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fit a few-shot classifier on cached features and save its state (evaluate with fskd eval --state)."""
-    cfg = _run(AdaptConfig, store=store, method=method, shots=shots, seed=seed, descriptions=descriptions, out=out,
-               device=device, options=_options(set_), force=force)
-    _fit_summary(_run(api.adapt, cfg, _train_bar()))
+    _JSON["on"] = as_json
+    cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
+               out=out, device=device, options=_options(set_), force=force,
+               **_split_kwargs(class_split, class_ratio, split_seed))
+    _fit_summary(_run(api.adapt, cfg), as_json)
 
 
 @app.command()
 def align(
-    store: Annotated[str, typer.Option(help="Feature store path.")],
-    method: Annotated[str, typer.Option(help=_methods_help("align"))] = "fma",
-    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.")] = 16,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 1,
-    steps: Annotated[str | None, typer.Option(help="Candidate solver step counts, comma-separated (chosen on validation).")] = None,
-    gamma: Annotated[str | None, typer.Option(help="Noise augmentation strength(s), comma-separated; several are chosen on validation (default: the method's).")] = None,
-    base_state: Annotated[str | None, typer.Option(help="Build on another method's features (state directory).")] = None,
-    out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    store: StoreOption,
+    method: Annotated[AlignMethod, typer.Option(help="The align method.", rich_help_panel=FIT)] = "fma",
+    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.", metavar="K")] = 16,
+    seed: SeedOption = 1,
+    flow_steps: Annotated[str | None, typer.Option("--flow-steps", help="Candidate solver step counts of the flow, comma-separated (chosen on validation).", metavar="LIST", rich_help_panel=FIT)] = None,
+    gamma: Annotated[str | None, typer.Option(help="Noise augmentation strength(s), comma-separated; several are chosen on validation (default: the method's).", metavar="LIST", rich_help_panel=FIT)] = None,
+    base_state: Annotated[str | None, typer.Option(help="Build on another method's features (state directory).", metavar="DIR")] = None,
+    out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    device: DeviceOption = "auto",
     set_: SetOption = None,
+    class_split: SplitFile = None,
+    class_ratio: SplitRatio = None,
+    split_seed: SplitSeed = 0,
     force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Learn a cross-modal alignment (flow matching) on cached features and save its state."""
-    try:
-        step_list = tuple(int(s) for s in steps.split(",")) if steps else None
-    except ValueError:
-        raise typer.BadParameter(f"--steps takes comma-separated integers, got {steps!r}") from None
+    _JSON["on"] = as_json
     try:
         gammas = tuple(float(g) for g in gamma.split(",")) if gamma else None
     except ValueError:
         raise typer.BadParameter(f"--gamma takes comma-separated numbers, got {gamma!r}") from None
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
-    cfg = _run(AlignConfig, store=store, method=method, shots=shots, seed=seed, steps=step_list, gamma=gammas,
-               base_state=base_state, out=out, device=device, options=_options(set_), force=force)
-    _fit_summary(_run(api.align, cfg, _train_bar()))
+    cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
+               steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed))
+    _fit_summary(_run(api.align, cfg), as_json)
 
 
 @app.command()
 def distill(
-    store: Annotated[str, typer.Option(help="Teacher feature store path.")],
-    shots: Annotated[int, typer.Option(help="Labelled samples per class.")] = 4,
-    student: Annotated[str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.")] = "timm:resnet18",
-    method: Annotated[str, typer.Option(help=_methods_help("distill"))] = "mtkd",
-    regime: Annotated[str, typer.Option(help="semi (all classes, K labels + unlabeled) or base-novel (SynTrans).")] = "semi",
-    losses: Annotated[str, typer.Option(help="all, none (labels only), or a comma list of loss terms.")] = "all",
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's).")] = None,
-    root: Annotated[str | None, typer.Option(help="Dataset root, if it moved since extraction.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 1,
-    online_teacher: Annotated[bool, typer.Option(help="Run the teacher on augmented views instead of cached features.")] = False,
-    out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    store: Annotated[str, typer.Option(help="Teacher feature store path.", metavar="PATH")],
+    shots: Annotated[int, typer.Option(help="Labelled samples per class.", metavar="K")] = 4,
+    student: Annotated[str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.", metavar="SPEC", rich_help_panel=FIT)] = "timm:resnet18",
+    method: Annotated[DistillMethod, typer.Option(help="The distill method.", rich_help_panel=FIT)] = "mtkd",
+    regime: Annotated[Regime, typer.Option(help="semi (all classes, K labels + unlabeled) or base-novel (SynTrans).", rich_help_panel=FIT)] = "semi",
+    losses: Annotated[str, typer.Option(help="all, none (labels only), or a comma list of loss terms.", metavar="LIST", rich_help_panel=FIT)] = "all",
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's).", metavar="N", rich_help_panel=FIT)] = None,
+    root: Annotated[str | None, typer.Option(help="Dataset root, if it moved since extraction.", metavar="PATH")] = None,
+    seed: SeedOption = 1,
+    online_teacher: Annotated[bool, typer.Option(help="Run the teacher on augmented views instead of cached features.", rich_help_panel=FIT)] = False,
+    out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    device: DeviceOption = "auto",
     set_: SetOption = None,
+    class_split: SplitFile = None,
+    class_ratio: SplitRatio = None,
+    split_seed: SplitSeed = 0,
     force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Distil the store's encoder (teacher) into a small student encoder."""
-    cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=method, regime=regime, losses=losses,
-               epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
-               options=_options(set_), force=force)
-    _fit_summary(_run(api.distill, cfg, _train_bar()))
+    _JSON["on"] = as_json
+    cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
+               losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed))
+    _fit_summary(_run(api.distill, cfg), as_json)
 
 
 @app.command()
 def demo(
-    data_root: Annotated[str, typer.Option(help="Folder holding cub35/ and omniglot/.")] = "../shared/data",
-    out: Annotated[str, typer.Option(help="Output folder (stores, reports).")] = "runs/demo",
-    encoder: Annotated[str, typer.Option(help=ENCODER_HELP)] = "lite0-minilm",
-    episodes: Annotated[int, typer.Option(help="Episodes per evaluation.")] = 600,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    data_root: Annotated[str, typer.Option(help="Folder holding cub35/ and omniglot/.", metavar="PATH")] = "../shared/data",
+    out: Annotated[str, typer.Option(help="Output folder (stores, reports).", metavar="DIR")] = "runs/demo",
+    encoder: Annotated[str, typer.Option(help=ENCODER_HELP, metavar="SPEC")] = "lite0-minilm",
+    episodes: Annotated[int, typer.Option(help="Episodes per evaluation.", metavar="N")] = 600,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.", metavar="N")] = None,
 ) -> None:
     """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
-    r = _run(api.demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers),
-             _progress_bar())
+    r = _run(api.demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
     typer.echo(open(r.report).read())
     typer.echo(f"report: {r.report}  ({r.seconds:.0f} s)")
 

@@ -121,6 +121,8 @@ def _describe(tp) -> str:
         return names[tp]
     if (typing.get_origin(tp) or tp) is tuple:
         targs = typing.get_args(tp)
+        if not targs:
+            return "a list"
         if len(targs) == 2 and targs[1] is Ellipsis:
             return f"a list of {_describe(targs[0]).removeprefix('an ').removeprefix('a ')}s"
         return f"a list of {len(targs)} values ({', '.join(_describe(a) for a in targs)})"
@@ -205,13 +207,19 @@ class EvalConfig(Config):
     split: str = "novel"
     classifier: str = "prototype"
     center: str = "base"
-    seed: int = 0
+    seed: int = 1  # episode sampling seed (1, as the --seed of every verb)
     seeds: tuple[int, ...] = (1, 2, 3)
     episode_batch: int = 50  # episodes scored per batch: gathered rows stay cache-sized
     device: str = "auto"
     report: str | None = None
+    class_split: str | None = None  # override the stored class split (JSON file of class names)
+    class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_ratios("--class-ratio", self.class_ratio, 3)
+        if self.class_split and self.class_ratio:
+            raise ConfigError("give --class-split FILE or --class-ratio, not both")
         if not self.store:
             raise ConfigError("--store is required")
         if self.protocol not in PROTOCOLS:
@@ -259,8 +267,14 @@ class FitConfig(Config):
     device: str = "auto"
     options: dict = field(default_factory=dict)
     force: bool = False  # replace an existing fskd state at --out (anything else is never replaced)
+    class_split: str | None = None  # JSON file {"base"|"val"|"novel": [class names]} overriding the stored split
+    class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split of the store's classes
+    split_seed: int = 0  # seed of --class-ratio
 
     def __post_init__(self) -> None:
+        _check_ratios("--class-ratio", self.class_ratio, 3)
+        if self.class_split and self.class_ratio:
+            raise ConfigError("give --class-split FILE or --class-ratio, not both")
         if not self.store:
             raise ConfigError("--store is required")
         if self.shots < 0:
@@ -311,3 +325,52 @@ class DistillConfig(FitConfig):
             raise ConfigError(f"--regime must be semi or base-novel, got {self.regime!r}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+
+
+#: meanings of option names several methods share (a field's own comment wins)
+COMMON_OPTION_DOCS = {
+    "lr": "learning rate of the optimiser",
+    "weight_decay": "weight decay of the optimiser",
+    "batch_size": "rows per optimiser step",
+    "val_way": "classes per validation episode",
+    "val_query": "queries per class in a validation episode",
+    "val_episodes": "validation episodes that choose the hyper-parameters",
+    "ridge": "bridge ridge strength for a non-joint store (null: chosen on validation)",
+    "steps": "optimiser steps (a list: candidates chosen on validation; null: the method's grid)",
+}
+
+
+def describe_options(cls: type[Config]) -> list[dict[str, str]]:
+    """The fields of an options class for ``fskd methods NAME``: name, type, default and meaning.
+    The meaning is the field's trailing comment in the source (one place to document it), or,
+    for fields inherited, the comment in the base class."""
+    import inspect
+    import io
+    import tokenize
+
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is Config:
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        last = None
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and last != tok.start[0]:
+                last, current = tok.start[0], tok.string
+            elif tok.type == tokenize.COMMENT and last == tok.start[0]:
+                notes[current] = tok.string.lstrip("# ").strip()
+    hints = _hints(cls)
+    out = []
+    for name, text in COMMON_OPTION_DOCS.items():
+        notes.setdefault(name, text)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        rng = cls.RANGES.get(f.name)
+        out.append({"name": f.name, "type": _describe(hints.get(f.name, Any)),
+                    "default": json.dumps(default) if not isinstance(default, str) else default,
+                    "range": f"{rng[0]} {rng[1]:g}" if rng else "", "meaning": notes.get(f.name, "")})
+    return out

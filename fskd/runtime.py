@@ -1,4 +1,8 @@
-"""The one place for device choice, autocast, seeds and torch.distributed set-up."""
+"""The one place for device choice, autocast, seeds, CPU threads and torch.distributed set-up.
+
+torch is imported inside the functions, so :func:`cpu_thread_policy` can run before torch loads
+(OpenMP reads ``OMP_WAIT_POLICY`` once, when torch starts its threads).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,45 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from fskd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger(__name__)
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def cpu_thread_policy() -> None:
+    """The command line's CPU policy. Before torch loads: idle OpenMP threads sleep instead of
+    spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it); spinning threads of two jobs
+    on a shared 2-core machine made a 2-epoch distillation take 4 min 16 s instead of 1 min 47 s.
+    After: torch uses one intra-op thread per core this process may run on (unless
+    ``OMP_NUM_THREADS`` says otherwise), not the machine's whole core count."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def torch_threads_per_core() -> None:
+    """The second half of :func:`cpu_thread_policy`, once torch is imported."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(available_cores())
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; explicit names are validated."""
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -31,6 +63,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, enabled: bool = True):
     """bfloat16/float16 autocast on CUDA; a no-op context on CPU (CPU autocast is slower here)."""
+    import torch
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -38,12 +71,17 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
 def generator(seed: int) -> np.random.Generator:
+    import numpy as np
+
     return np.random.default_rng(seed)
 
 
@@ -51,11 +89,7 @@ def num_workers(requested: int | None = None) -> int:
     """DataLoader workers: the request, else one per available core (at most 8)."""
     if requested is not None:
         return max(0, requested)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
-    return min(8, cores)
+    return min(8, available_cores())
 
 
 @dataclass(frozen=True)
@@ -80,6 +114,8 @@ def dist_info() -> DistInfo:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Initialise the process group when launched by torchrun; returns rank info."""
+    import torch
+
     info = dist_info()
     if info.world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -90,10 +126,14 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def barrier() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 def set_threads(n: int | None) -> None:
+    import torch
+
     if n:
         torch.set_num_threads(n)

@@ -40,8 +40,17 @@ def cached_store(dataset: str, root: Path, encoder: str = "lite0-minilm") -> str
     from fskd import api
     from fskd.config import ExtractConfig
 
+    from fskd.errors import StoreError
+
     path = CACHE / f"{dataset}-{encoder}.zarr"
-    api.extract(ExtractConfig(dataset=dataset, root=str(root), encoder=encoder, store=str(path), workers=1))
+    cfg = ExtractConfig(dataset=dataset, root=str(root), encoder=encoder, store=str(path), workers=1)
+    try:
+        api.extract(cfg)
+    except StoreError:  # a cache written by an older fskd (another schema or fingerprint): the tests' own, rebuilt
+        import shutil
+
+        shutil.rmtree(path)
+        api.extract(cfg)
     return str(path)
 
 

@@ -13,16 +13,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _seed_store(cub35_store: str, out: Path) -> None:
+def _seed_store(cub35_store: str, out: Path) -> Path:
+    """A copy of the cached cub35 store standing in for the demo's (the examples' default)."""
     out.mkdir(parents=True)
-    shutil.copytree(cub35_store, out / "cub35-lite0-minilm.zarr")
+    shutil.copytree(cub35_store, out / "cub-lite0-minilm.zarr")
+    return out / "cub-lite0-minilm.zarr"
 
 
 def test_python_pipeline_example(cub35_store, cub35_root, tmp_path):
     out = tmp_path / "py"
-    _seed_store(cub35_store, out)
+    store = _seed_store(cub35_store, out)
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline.py"), "--data", str(cub35_root),
-                          "--out", str(out), "--episodes", "100"], capture_output=True, text=True, timeout=600)
+                          "--out", str(out), "--store", str(store), "--episodes", "100"],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert "reused" in lines[0]  # same inputs: the store is not re-encoded
@@ -30,16 +33,17 @@ def test_python_pipeline_example(cub35_store, cub35_root, tmp_path):
     assert len(proto) == 2 and 70 < proto[0] < proto[1] < 100
     syn = re.search(r"syntrans\s+5-way 1-shot ([\d.]+)", res.stdout)
     assert syn and float(syn.group(1)) > 70
+    assert "Student t over 3 seeds" in res.stdout
     for method in ("zero-shot", "tip-adapter", "syntrans"):
-        assert (out / method / "state.json").exists()
+        assert all((out / f"{method}-seed{s}" / "state.json").exists() for s in (1, 2, 3))
 
 
 def test_make_pipeline_example(cub35_store, cub35_root, tmp_path):
     out = tmp_path / "mk"
-    _seed_store(cub35_store, out)
+    store = _seed_store(cub35_store, out)
     fskd = Path(sys.executable).parent / "fskd"
     res = subprocess.run(["make", "-f", "examples/Makefile", f"FSKD={fskd}", f"DATA={cub35_root}", f"OUT={out}",
-                          "SHOTS=2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          f"STORE={store}", "SHOTS=2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert " extract " not in res.stdout  # the store target was already there
     reports = {p.name: json.loads(p.read_text()) for p in (out / "reports").glob("*.json")}

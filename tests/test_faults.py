@@ -167,12 +167,12 @@ def test_deleted_chunk_is_named_then_repaired(store, images):
     f.unlink()
     res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
     user_error(res, "test/features chunk 1")
-    res = cli("info", store, ok=False)
+    res = cli("info", store, "--json", ok=False)
     assert "test/features chunk 1" in res.stdout and res.exit_code == 2
     res = extract(images, store)
     assert "repaired 1 damaged chunk(s) of test" in res.stdout
     assert f.exists() and allway(store) == good
-    assert json.loads(cli("info", store, "--check").stdout)["check"]["ok"]
+    assert json.loads(cli("info", store, "--check", "--json").stdout)["check"]["ok"]
 
 
 def test_truncated_chunk_is_named_then_repaired(store, images):
@@ -181,7 +181,7 @@ def test_truncated_chunk_is_named_then_repaired(store, images):
     f.write_bytes(f.read_bytes()[:10])
     res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
     user_error(res, "cannot read train/features chunk 0")
-    res = cli("info", store, "--check", ok=False)
+    res = cli("info", store, "--check", "--json", ok=False)
     assert res.exit_code == 2 and json.loads(res.stdout)["check"]["damaged"]["train"]["0"]
     res = extract(images, store)
     assert "repaired 1 damaged chunk(s) of train" in res.stdout and allway(store) == good
@@ -191,7 +191,7 @@ def test_a_wrong_but_decodable_chunk_fails_its_checksum(store, images):
     good = allway(store)
     a, b = chunk_file(store, "test", "features", 0), chunk_file(store, "test", "features", 2)
     b.write_bytes(a.read_bytes())  # a valid chunk, the wrong data
-    res = cli("info", store, "--check", ok=False)
+    res = cli("info", store, "--check", "--json", ok=False)
     report = json.loads(res.stdout)["check"]
     assert res.exit_code == 2 and "checksum mismatch" in report["damaged"]["test"]["2"]
     res = extract(images, store)
@@ -306,7 +306,7 @@ def test_kill_during_extract_then_resume_equals_one_run(point, images, store, tm
     for s in a.splits:
         np.testing.assert_array_equal(a.features(s), b.features(s))
         np.testing.assert_array_equal(a.labels(s), b.labels(s))
-    assert json.loads(cli("info", killed, "--check").stdout)["check"]["ok"]
+    assert json.loads(cli("info", killed, "--check", "--json").stdout)["check"]["ok"]
 
 
 @pytest.mark.parametrize("point", ["resume:tensors-written", "resume:manifest-replaced"])
@@ -394,7 +394,7 @@ def test_concurrent_extracts_of_one_store_both_succeed(images, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("nothing re-encoded" in o for o, _ in outs) == 1
-    assert json.loads(cli("info", path, "--check").stdout)["check"]["ok"]
+    assert json.loads(cli("info", path, "--check", "--json").stdout)["check"]["ok"]
 
 
 def test_damaged_states_and_archives_are_named(store, tmp_path):
@@ -468,7 +468,7 @@ def test_skips_and_ignored_files_are_reported(images, tmp_path):
     res = cli("extract", "folder", "--root", root, "--store", path, *EXTRACT, "--skip-bad")
     assert "encoded 47 images" in res.stdout
     assert "skipped 1 unreadable file(s)" in res.stderr
-    info = json.loads(cli("info", path).stdout)
+    info = json.loads(cli("info", path, "--json").stdout)
     assert sum(info["skipped"].values()) == 1
     assert info["ignored_files"] == {"hidden folders": 1, "images in nested sub-folders (only one level is read)": 1,
                                      "broken symlinks": 1}

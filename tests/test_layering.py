@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "fskd"
 # Utilities (errors, registry, config, runtime) are importable from everywhere.
 # `python -m fskd` (__main__) is the entry point, right of the CLI.
 LAYERS = ["datasets", "encoders", "store", "classifiers", "methods", "evaluation", "reports", "api", "cli", "__main__"]
-UTILITIES = {"errors", "registry", "config", "runtime", "fsutil", "__init__", "__version__"}
+UTILITIES = {"errors", "registry", "config", "runtime", "fsutil", "progress", "__init__", "__version__"}
 
 
 def layer_of(module: str) -> str | None:

@@ -196,6 +196,8 @@ class Method(ABC):
 
     name: str = ""
     kind: str = ""
+    #: the Config subclass of its ``--set`` options (``fskd methods NAME`` lists them)
+    options: type | None = None
 
     @abstractmethod
     def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:

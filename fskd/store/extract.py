@@ -110,7 +110,7 @@ def file_digest(source: ImageDataset, refs: list[str], contents: bool = False) -
         path = source.source_file(ref)
         if path is None:
             continue
-        key = str(path)
+        key = ref.split("::", 1)[0]  # relative: the digest does not depend on how --root is spelled
         if key in seen:
             continue
         seen.add(key)

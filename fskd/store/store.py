@@ -291,6 +291,26 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no class split {name!r}; has {[k for k in split if k != 'source']}")
         return list(split[name])
 
+    def override_class_split(self, file: str | None = None, ratio: tuple[float, float, float] | None = None,
+                             seed: int = 0, split: dict | None = None) -> dict | None:
+        """Use another base/val/novel class split than the one stored (in memory only; the store is
+        not changed): from a JSON file of class names (``--class-split``), a seeded ratio split
+        (``--class-ratio``), or a resolved ``split`` (a state's). Returns the split used, or None."""
+        if file is None and ratio is None and split is None:
+            return None
+        if split is None:
+            from fskd.datasets.base import DatasetListing
+            from fskd.datasets.splits import resolve_class_split
+
+            listing = DatasetListing(self.attrs["dataset"]["name"], str(self.attrs["dataset"].get("root", "")),
+                                     self.class_keys, self.class_names, {})
+            if file is None:
+                listing.standard_class_split = None
+            split, source = resolve_class_split(listing, file, ratio or (0.6, 0.2, 0.2), seed)
+            split = {**split, "source": f"override: {source}"}
+        self.attrs["class_split"] = dict(split)
+        return dict(split)
+
     def text_embeddings(self) -> np.ndarray | None:
         """(C, text_dim) float32 class text features, or None when the encoder has no text tower."""
         t = self.group[S.TEXT_GROUP]
@@ -503,21 +523,39 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no rows for classes {classes} in splits {splits or self.splits}")
         return (total / count).astype(np.float32)
 
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
     def summary(self) -> dict:
         a = self.attrs
+        names = self.class_names
+        split = {k: v for k, v in a["class_split"].items() if k != "source"}
         return {
             "path": str(self.path),
             "encoder": a["encoder"]["spec"],
+            "joint": bool(a["encoder"].get("joint")),
+            "web_scale": bool(a["encoder"].get("web_scale")),
             "dataset": a["dataset"]["name"],
+            "root": a["dataset"].get("root"),
+            "created": a.get("created"),
+            "fskd_version": a.get("fskd_version"),
             "dim": a["dim"],
+            "dtype": a["dtype"],
+            "chunk_rows": a["chunk_rows"],
+            "size_bytes": self.size_on_disk(),
             "classes": self.num_classes,
-            "class_split": {k: len(v) for k, v in a["class_split"].items() if k != "source"},
+            "class_split": {k: len(v) for k, v in split.items()},
+            "class_split_source": a["class_split"].get("source"),
+            "class_names": {k: [names[i] for i in v] for k, v in split.items()},
+            "sample_split": a["sample_split"].get("rule"),
             "rows": {s: self.n_rows(s) for s in self.splits},
             "complete": all(self.written(s).all() for s in self.splits),
             "missing_chunks": self.missing_chunks(),
             "skipped": {s: len(v) for s, v in self.skipped().items()},
             "ignored_files": a["dataset"].get("ignored", {}),
             "text": a["text"].get("available", False),
+            "text_source": a["text"].get("source"),
+            "templates": list(a["text"].get("templates", [])),
         }
 
     def check_report(self) -> dict:

@@ -100,6 +100,7 @@ class LinearProbe(Method):
 
     name = "linear-probe"
     kind = "adapt"
+    options = LinearProbeOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

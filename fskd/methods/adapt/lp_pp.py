@@ -32,7 +32,7 @@ STEPS = (0, 10, 25, 50, 100)
 class LPPPOptions(LinearProbeOptions):
     """The linear probe's options plus the text blend and the bridge."""
 
-    alpha0: float | tuple | None = None  # initial text blend (default: a grid chosen on validation)
+    alpha0: float | tuple[float, ...] | None = None  # initial text blend (default: a grid chosen on validation)
     ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
 
 
@@ -41,6 +41,7 @@ class LPPlusPlus(Method):
 
     name = "lp++"
     kind = "adapt"
+    options = LPPPOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

@@ -28,6 +28,7 @@ class Prototype(Method):
 
     name = "prototype"
     kind = "adapt"
+    options = _NoOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

@@ -146,6 +146,7 @@ class ResidualAdapter(Method):
 
     name = "residual-adapter"
     kind = "adapt"
+    options = ResidualAdapterOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

@@ -64,10 +64,10 @@ class SynTransOptions(Config):
     ridge: float | None = None  # bridge ridge (non-joint stores)
     rho: float | tuple[float, ...] | None = None  # overall strength of generator + priors (grid chosen on val classes)
     folds: int = 3  # leave-one-fold-out folds of base classes for meta-training
-    meta_steps: int = 100
-    meta_episodes: int = 32
-    meta_query: int = 10
-    meta_lr: float = 0.05
+    meta_steps: int = 100  # meta-training steps of the generators on base-class episodes
+    meta_episodes: int = 32  # base-class episodes per meta-training step
+    meta_query: int = 10  # queries per class in a meta-training episode
+    meta_lr: float = 0.05  # learning rate of meta-training
     shot_decay: float = 0.5  # gamma
     val_way: int = 5
     val_query: int = 15
@@ -141,6 +141,7 @@ class SynTrans(Method):
 
     name = "syntrans"
     kind = "adapt"
+    options = SynTransOptions
 
     # ------------------------------------------------------------------------------------------
     @C.threads_by_store

@@ -106,6 +106,7 @@ class TipAdapter(Method):
 
     name = "tip-adapter"
     kind = "adapt"
+    options = TipOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

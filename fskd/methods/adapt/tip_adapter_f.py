@@ -57,6 +57,7 @@ class TipAdapterF(Method):
 
     name = "tip-adapter-f"
     kind = "adapt"
+    options = TipOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

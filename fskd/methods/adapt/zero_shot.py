@@ -27,6 +27,7 @@ class ZeroShot(Method):
 
     name = "zero-shot"
     kind = "adapt"
+    options = ZeroShotOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:

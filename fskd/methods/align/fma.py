@@ -373,6 +373,7 @@ class FMA(Method):
 
     name = "fma"
     kind = "align"
+    options = FMAOptions
 
     def bound_to_shots(self, state: MethodState) -> bool:
         # the all-way field was trained on the state's own K shots of its seed

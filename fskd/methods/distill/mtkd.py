@@ -89,29 +89,29 @@ class MTKDOptions(Config):
     epochs: int = 20  # used when --epochs is not given
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    temperature: float = 4.0
-    tau_affinity: float = 0.1
-    tau_text: float = 0.05
-    tau_class: float = 0.1
-    w_task: float = 1.0
-    w_logit: float = 4.0
-    w_feature: float = 1.0
-    w_affinity: float = 2.0
-    w_image_text: float = 2.0
-    w_prototype: float = 1.0
-    proj_hidden: int = 1024
-    classifier_scale: float = 16.0
-    teacher_scale: float = 16.0
+    warmup_epochs: float = 1.0  # linear learning-rate warm-up before the cosine decay, in epochs
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # area range of the random crops (RandomResizedCrop)
+    temperature: float = 4.0  # softmax temperature of the logit (instance-level) distillation
+    tau_affinity: float = 0.1  # temperature of the batch affinity (TinyCLIP-style) mimicking
+    tau_text: float = 0.05  # temperature of the image-text (class text anchor) loss
+    tau_class: float = 0.1  # temperature of the class-prototype loss
+    w_task: float = 1.0  # weight of the cross-entropy on the labelled shots
+    w_logit: float = 4.0  # weight of the teacher-logit KL (instance level)
+    w_feature: float = 1.0  # weight of the projected-feature cosine to the teacher (instance level)
+    w_affinity: float = 2.0  # weight of the batch affinity mimicking (batch level)
+    w_image_text: float = 2.0  # weight of the image-to-class-text loss (batch level)
+    w_prototype: float = 1.0  # weight of the teacher class-prototype loss (class level)
+    proj_hidden: int = 1024  # hidden width of the projection into the teacher space
+    classifier_scale: float = 16.0  # logit scale of the student's cosine classifier
+    teacher_scale: float = 16.0  # logit scale of the teacher's cosine head
     teacher_steps: int = 300  # most fine-tuning steps of the teacher head (best on val is kept)
-    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
-    val_every: int = 1
+    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # candidate weights of the classifier beside prototypes (val)
+    val_every: int = 1  # validate every this many epochs (the best epoch is kept)
     val_episodes: int = 300
     val_query: int = 15
-    center_rows: int = 256
-    decode_threads: int = 2
-    student_kwargs: dict = field(default_factory=dict)
+    center_rows: int = 256  # training rows whose mean centres the student features
+    decode_threads: int = 2  # threads decoding the images once before training
+    student_kwargs: dict = field(default_factory=dict)  # keyword arguments of timm.create_model for the student
 
     RANGES = {"warmup_epochs": (">=", 0), "weight_decay": (">=", 0), "teacher_steps": (">=", 0), "decode_threads": (">=", 1),
               "val_query": (">=", 1), "beta_grid": (">=", 0)}
@@ -329,6 +329,7 @@ class MTKD(Method):
 
     name = "mtkd"
     kind = "distill"
+    options = MTKDOptions
 
     # -- fitting ------------------------------------------------------------------------------------
     def bound_to_shots(self, state: MethodState) -> bool:
