@@ -6,8 +6,8 @@ and each level alone: instance, batch, class) the script runs the user's pipelin
 
     fskd distill --store TEACHER --regime R --losses L --student S --epochs E --out DIR
     fskd extract cub --root ROOT --encoder student:DIR --store DIR.zarr
-    fskd eval --store DIR.zarr --state DIR --protocol allway --shot 4      (seeds 1-3)
-    fskd eval --store DIR.zarr --state DIR --shot 1 / --shot 5             (novel 5-way, 600 episodes)
+    fskd eval --store DIR.zarr --state DIR --protocol allway --shots 4 --seeds S   (semi: one student per seed S)
+    fskd eval --store DIR.zarr --state DIR --shots 1 / --shots 5 --seed 0          (base-novel: novel 5-way, 600 episodes)
 
 and prints Markdown tables: full losses vs labels only in both regimes with 95% CIs, the loss
 ablation, teacher vs student (parameters, forward FLOPs, images/s measured in this run) and one
@@ -34,7 +34,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,11 +42,11 @@ from _common import machine, table  # noqa: E402
 from fskd import api  # noqa: E402
 from fskd.config import DistillConfig, EvalConfig, ExtractConfig  # noqa: E402
 from fskd.encoders import build_encoder  # noqa: E402
+from fskd.evaluation.metrics import seed_summary  # noqa: E402
 from fskd.methods import load_state  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles for CIs over a few seeds
 
 
 def teacher_store(path: Path, root: Path) -> str:
@@ -55,38 +54,53 @@ def teacher_store(path: Path, root: Path) -> str:
     return str(path)
 
 
-def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, reuse: bool) -> dict:
-    """distill -> extract with the student -> eval (all-way K=4 and novel 5-way 1/5-shot)."""
+def fit_and_extract(store: str, root: Path, out: Path, regime: str, losses: str, seed: int, args, reuse: bool):
+    """distill -> extract with the student (a fresh store); returns (state, student store)."""
     cfg = DistillConfig(store=store, student=args.student, regime=regime, losses=losses, epochs=args.epochs,
-                        shots=4 if regime == "semi" else 5, seed=1, out=str(out), options=args.options,
+                        shots=4 if regime == "semi" else 5, seed=seed, out=str(out), options=args.options,
                         force=True)
-    t0 = time.perf_counter()
-    if not (reuse and (out / "state.json").exists() and load_state(out).config == cfg.to_dict()):
+    if not (reuse and (out / "state.json").exists() and load_state(out).config == {**cfg.to_dict(), "out": str(out)}):
         api.distill(cfg)
-    fit_s = time.perf_counter() - t0
-    state = load_state(out)
     s_store = out.with_suffix(".zarr")
     # a store extracted with an earlier student of the same DIR would be reused by extract (same
     # spec string); fskd eval --state would then refuse it: start from a fresh store
     shutil.rmtree(s_store, ignore_errors=True)
     api.extract(ExtractConfig(dataset="cub", root=str(root), encoder=f"student:{out}", store=str(s_store)))
-    allway = api.evaluate(EvalConfig(store=str(s_store), state=str(out), protocol="allway", shot=4))
-    per = np.asarray(allway.per_seed)
-    ci_all = T_975[len(per) - 1] * per.std(ddof=1) / np.sqrt(len(per))
-    ep = {k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shot=k, episodes=args.episodes)) for k in (1, 5)}
-    return {
-        "regime": regime, "losses": losses, "val": state.metrics["val_accuracy"],
-        "best_epoch": f"{state.hparams['best_epoch']}/{state.hparams['epochs']}",
-        "allway4": allway.accuracy, "allway4_ci": round(float(ci_all), 2), "allway4_std": allway.std,
-        "allway4_seeds": allway.per_seed,
-        "w1": ep[1].accuracy, "w1_ci": ep[1].ci95, "w5": ep[5].accuracy, "w5_ci": ep[5].ci95,
-        "teacher_val": state.metrics.get("teacher_val_accuracy"),
-        "fit_s": round(fit_s, 1), "epoch_s": round(state.metrics["train_seconds"] / max(1, len(state.metrics["log"])), 1),
-    }
+    return load_state(out), s_store
+
+
+def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, reuse: bool) -> dict:
+    """semi: one student per seed (its own 4 shots), each scored all-way with its own seed, 95% CI
+    by Student t over the seeds (fskd.evaluation.metrics). base-novel: one student (seed 1) scored
+    on novel 5-way episodes (episode seed 0), 95% CI over episodes."""
+    t0 = time.perf_counter()
+    row = {"regime": regime, "losses": losses}
+    if regime == "semi":
+        per, states = [], []
+        for seed in args.seeds:
+            state, s_store = fit_and_extract(store, root, Path(f"{out}-seed{seed}"), regime, losses, seed, args, reuse)
+            states.append(state)
+            per.append(api.evaluate(EvalConfig(store=str(s_store), state=f"{out}-seed{seed}", protocol="allway",
+                                               shot=4, seeds=(seed,))).accuracy / 100)
+        summ = seed_summary(per)
+        state = states[0]
+        row.update({"allway4": round(summ.mean, 2), "allway4_ci": round(summ.ci95 or 0.0, 2),
+                    "allway4_std": summ.std, "allway4_seeds": [round(100 * a, 2) for a in per],
+                    "w1": float("nan"), "w1_ci": float("nan"), "w5": float("nan"), "w5_ci": float("nan")})
+    else:
+        state, s_store = fit_and_extract(store, root, out, regime, losses, 1, args, reuse)
+        ep = {k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shot=k, episodes=args.episodes, seed=0))
+              for k in (1, 5)}
+        row.update({"allway4": float("nan"), "allway4_ci": float("nan"), "w1": ep[1].accuracy, "w1_ci": ep[1].ci95,
+                    "w5": ep[5].accuracy, "w5_ci": ep[5].ci95})
+    row.update({"val": state.metrics["val_accuracy"], "best_epoch": f"{state.hparams['best_epoch']}/{state.hparams['epochs']}",
+                "teacher_val": state.metrics.get("teacher_val_accuracy"), "fit_s": round(time.perf_counter() - t0, 1),
+                "epoch_s": round(state.metrics["train_seconds"] / max(1, len(state.metrics["log"])), 1)})
+    return row
 
 
 def fmt(m: float, ci: float) -> str:
-    return f"{m:.2f} ± {ci:.2f}"
+    return "—" if m != m else f"{m:.2f} ± {ci:.2f}"  # NaN: not measured in this regime
 
 
 def beyond(a: float, ca: float, b: float, cb: float) -> str:
@@ -151,8 +165,10 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-distill"))
     p.add_argument("--no-ablation", action="store_true", help="only full losses vs labels only")
     p.add_argument("--reuse", action="store_true", help="reuse student directories already trained with the same config")
+    p.add_argument("--seeds", default="1,2,3", help="semi regime: one student per seed (comma-separated)")
     p.add_argument("--quick", action="store_true", help="2 epochs at 32 px, 200 episodes (a smoke run)")
     args = p.parse_args()
+    args.seeds = [int(x) for x in args.seeds.split(",")]
     if args.quick:
         args.epochs, args.image_size, args.episodes = 2, 32, 200
     args.options = {"image_size": args.image_size, "student_kwargs": json.loads(args.student_kwargs),
@@ -173,7 +189,8 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     by = {(r["regime"], r["losses"]): r for r in results}
     head = []
-    for regime, metrics in (("semi", (("allway4", "all-way 4-shot (35 classes, seeds 1-3)"),)),
+    seeds = "-".join(map(str, args.seeds))
+    for regime, metrics in (("semi", (("allway4", f"all-way 4-shot (35 classes, one student per seed {seeds})"),)),
                             ("base-novel", (("w1", "novel 5-way 1-shot"), ("w5", "novel 5-way 5-shot")))):
         a, n = by[(regime, "all")], by[(regime, "none")]
         for key, name in metrics:
@@ -183,7 +200,7 @@ def main() -> None:
     abl = [{"regime": r["regime"], "losses": r["losses"], "val acc (selection)": r["val"], "best epoch": r["best_epoch"],
             "all-way 4-shot": fmt(r["allway4"], r["allway4_ci"]), "novel 5w1s": fmt(r["w1"], r["w1_ci"]),
             "novel 5w5s": fmt(r["w5"], r["w5_ci"]), "train s/epoch": r["epoch_s"]} for r in results]
-    cost = cost_rows(store, out / "semi-all", reps=3 if args.quick else 5)
+    cost = cost_rows(store, Path(f"{out / 'semi-all'}-seed{args.seeds[0]}"), reps=3 if args.quick else 5)
     speed = epoch_speed(store, out, args)
     total = time.perf_counter() - t0
     teacher_val = by[("semi", "all")]["teacher_val"]
@@ -193,9 +210,10 @@ def main() -> None:
         f"{machine()}; student input {args.image_size} px, {args.epochs} epochs, batch 64, AdamW, mtkd defaults, seed 1; "
         f"semi: 4 labelled shots per class (seed 1) + the unlabelled train split, teacher head val accuracy "
         f"{teacher_val}%; base-novel: the 18 base classes, epoch chosen on 5-way 5-shot val-class episodes. "
-        f"Evaluation through `fskd extract cub --encoder student:DIR` + `fskd eval --state DIR`: all-way = 4 shots per class "
-        f"from the train split, the 797 test rows, seeds 1-3, mean ± 95% CI (t, 2 dof); episodic = novel classes, "
-        f"5-way, 15 queries, {args.episodes} episodes, mean ± 95% CI. Inductive. Total {total / 60:.1f} min.\n",
+        f"Evaluation through `fskd extract cub --encoder student:DIR` + `fskd eval --state DIR`: all-way = one student per "
+        f"seed {args.seeds} (each distilled with its own 4 shots per class, scored with its own seed on the 797 test rows), "
+        f"mean ± 95% CI (Student t over the seeds); episodic = novel classes, 5-way, 15 queries, {args.episodes} episodes "
+        f"(seed 0), mean ± 95% CI over episodes. Inductive. Total {total / 60:.1f} min.\n",
         "## Full losses vs labels only\n", table(head, list(head[0])), "",
         "## Loss ablation (each level alone and all together)\n" if not args.no_ablation else "## All runs\n",
         table(abl, list(abl[0])), "",
