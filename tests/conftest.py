@@ -39,7 +39,6 @@ def cached_store(dataset: str, root: Path, encoder: str = "lite0-minilm") -> str
     """Extract once per cache folder (later calls reuse the complete store: same fingerprint)."""
     from fskd import api
     from fskd.config import ExtractConfig
-
     from fskd.errors import StoreError
 
     path = CACHE / f"{dataset}-{encoder}.zarr"

@@ -181,7 +181,7 @@ def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
     assert state.method == "fma" and state.hparams["regime"] == "allway"
     assert state.hparams["allway.bridge"] == "identity"  # joint store: no bridge
     assert 0 <= state.hparams["allway.stop"] <= state.hparams["allway.steps"] in (1, 2, 4)
-    assert state.selected_on["allway.stop"].startswith("val split")
+    assert state.selected_on["allway.stop"].startswith("chosen on val split")
     assert state.hparams["allway.train_classes"] == 12 and state.metrics["allway.train_pairs"] == 48
     res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
     assert res.classifier == "fma" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
@@ -190,7 +190,7 @@ def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
     # the state learned from shots of every class: episodes (novel rows it saw) and fewer shots are refused
     with pytest.raises(EvaluationError, match="--protocol allway"):
         api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=3, shot=1, episodes=5))
-    with pytest.raises(EvaluationError, match="fit with --shots 2"):
+    with pytest.raises(EvaluationError, match="Evaluate it with --shots 4 --seeds 1"):
         api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=2, seeds=(1,)))
 
 
@@ -219,7 +219,7 @@ def test_episodic_fit_through_the_bridge(synthetic_store):
     state = load_state(r.out)
     assert state.hparams["regime"] == "episodic" and state.hparams["episodic.bridge"].startswith("ridge")
     assert state.hparams["episodic.train_classes"] == 10 and state.metrics["episodic.train_pairs"] == 300
-    assert state.selected_on["episodic.stop"].startswith("val classes")
+    assert state.selected_on["episodic.stop"].startswith("chosen on val classes")
     res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shot=1, query=5, episodes=100))
     assert res.accuracy > 40  # chance 20%
     # it learned from every base row (test rows too): the all-way protocol over base classes is refused
@@ -325,10 +325,10 @@ def test_gamma_candidates_are_chosen_on_validation(synthetic_store, tmp_path):
     chosen = state.hparams["allway.gamma"]
     assert state.hparams["gamma"] == [0.0, 0.5] and set(per_gamma) == {"0", "0.5"}
     assert per_gamma[f"{chosen:g}"] == max(per_gamma.values()) == state.metrics["allway.val_accuracy"]
-    assert state.selected_on["allway.gamma"].startswith("val split")
+    assert state.selected_on["allway.gamma"].startswith("chosen on val split")
     # the kept field is the one a run given only that gamma trains (same seed, same data)
     alone = load_state(align(store, shots=4, steps=(1, 2), gamma=chosen, out=str(tmp_path / "alone")).out)
-    assert alone.selected_on["allway.gamma"] == "given"
+    assert alone.selected_on["allway.gamma"] .startswith("user-set (gamma=")
     field_keys = [k for k in alone.tensors if k.startswith("allway.field.")]
     assert len(field_keys) > 2
     for k in field_keys:
@@ -345,9 +345,9 @@ def test_cli_align_then_eval(synthetic_store, tmp_path):
     res = runner.invoke(app, ["align", "--store", str(store.path), "--method", "fma", "--shots", "3", "--steps", "1,2,4",
                               "--gamma", "0.3", "--out", str(out), "--set", "width=64", "--set", "iters=120"])
     assert res.exit_code == 0, res.output
-    assert f"fma (align) -> {out}" in res.output and "allway.stop=" in res.output
+    assert f"fma (align) -> {out}" in res.output and "allway.stop " in res.output
     state = load_state(out)
-    assert state.hparams["gamma"] == 0.3 and state.selected_on["gamma"] == "given"
+    assert state.hparams["gamma"] == 0.3 and state.selected_on["gamma"] == "user-set (gamma=0.3)"
     assert state.hparams["allway.steps"] in (1, 2, 4) and state.hparams["width"] == 64
     assert state.config["steps"] == [1, 2, 4]
     res = runner.invoke(app, ["eval", "--store", str(store.path), "--state", str(out), "--protocol", "allway",

@@ -430,14 +430,20 @@ def test_json_errors_are_one_json_object_on_stderr(store, tmp_path):
     assert err["type"] == "StoreError" and "does not exist" in err["error"]
 
 
-def test_report_write_failure_prints_the_result_first(store, tmp_path):
-    rep = tmp_path / "rep"
-    rep.mkdir()
-    (rep / "eval_episodic_prototype_2way1shot.json").mkdir()  # the report's file name is taken by a folder
-    res = cli("eval", "--store", store, "--way", "2", "--query", "1", "--episodes", "5", "--report", rep, "--json",
-              ok=False)
+def test_report_write_failure_prints_the_result_first(store, tmp_path, monkeypatch):
+    import errno
+
+    import fskd.api
+
+    def full_disk(directory, name, *a, **k):  # the disk fills up after the check, while the eval ran
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / f"{name}.json"))
+
+    monkeypatch.setattr(fskd.api, "write_report", full_disk)
+    res = cli("eval", "--store", store, "--way", "2", "--query", "1", "--episodes", "5", "--report", tmp_path / "rep",
+              "--json", ok=False)
     assert res.exit_code == 2 and json.loads(res.stdout)["episodes"] == 5
-    assert "cannot write the report" in json.loads(res.stderr)["error"]
+    err = json.loads(res.stderr)["error"]
+    assert "cannot write the report" in err and "No space left on device" in err
 
 
 # -- 7. split files cannot reach outside the dataset root ------------------------------------------
