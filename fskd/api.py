@@ -31,7 +31,7 @@ from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError,
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
-from fskd.fsutil import check_writable, is_store_dir
+from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
 from fskd.progress import AUTO, extract_bar, train_bar
@@ -189,7 +189,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     cfg = config
     if cfg.report:
         check_writable(cfg.report, "--report")  # before the work, not after it
-        if any(is_store_dir(p) for p in (Path(cfg.report).absolute(), *Path(cfg.report).absolute().parents)):
+        if store_containing(cfg.report) is not None:
             raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
     store = FeatureStore.open(cfg.store)
     store.check_complete()
@@ -236,7 +236,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         mean_pc = round(float(np.nanmean(pc)) * 100, 3)
         top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
-        per_class = [{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int((test_y == c).sum())}
+        rows = np.bincount(test_y, minlength=store.num_classes)
+        per_class = [{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
                      for c, a in zip(classes, pc, strict=True)]
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]

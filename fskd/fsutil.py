@@ -233,6 +233,12 @@ def is_store_dir(p: Path) -> bool:
     return isinstance(attrs, dict) and attrs.get("format") == "fskd-feature-store"
 
 
+def store_containing(path: str | Path) -> Path | None:
+    """The fskd feature store that ``path`` is (or lies inside), if any."""
+    p = Path(path).expanduser().absolute().resolve()
+    return next((a for a in (p, *p.parents) if a.is_dir() and is_store_dir(a)), None)
+
+
 def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, force: bool,
                      protect: tuple[tuple[str, str | Path | None], ...] = ()) -> Path:
     """Decide, before any work, whether ``path`` may receive an fskd output directory.
@@ -252,10 +258,11 @@ def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, f
         if resolved == o or o.is_relative_to(resolved) or resolved.is_relative_to(o):
             raise OutputError(f"{option} {path} overlaps {other_opt} {other}; write the output somewhere else "
                               f"(nothing was changed)")
-    for anc in (resolved, *resolved.parents):
-        if anc.is_dir() and is_store_dir(anc):
-            raise OutputError(f"{option} {path} is inside the feature store {anc}; write the output somewhere else")
-        if anc != resolved and anc.is_dir() and is_ours(anc):
+    inside = store_containing(resolved)
+    if inside is not None:
+        raise OutputError(f"{option} {path} is inside the feature store {inside}; write the output somewhere else")
+    for anc in resolved.parents:
+        if anc.is_dir() and is_ours(anc):
             raise OutputError(f"{option} {path} is inside the fskd output {anc}; write the output somewhere else")
     if p.exists() or p.is_symlink():
         if p.is_symlink() or not p.is_dir():

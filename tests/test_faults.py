@@ -309,10 +309,19 @@ def test_kill_during_extract_then_resume_equals_one_run(point, images, store, tm
     assert json.loads(cli("info", killed, "--check", "--json").stdout)["check"]["ok"]
 
 
+@pytest.fixture(scope="module")
+def distill_reference(images, tmp_path_factory):
+    """One uninterrupted distillation, shared by the kill-point runs: (store, state dir)."""
+    d = tmp_path_factory.mktemp("distill-ref")
+    extract(images, d / "s.zarr")
+    assert run_fskd("distill", "--store", d / "s.zarr", "--out", d / "ref", *TINY_DISTILL).returncode == 0
+    return d / "s.zarr", d / "ref"
+
+
 @pytest.mark.parametrize("point", ["resume:tensors-written", "resume:manifest-replaced"])
-def test_kill_while_saving_the_distill_checkpoint_then_resume(point, store, tmp_path):
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run_fskd("distill", "--store", store, "--out", ref, *TINY_DISTILL).returncode == 0
+def test_kill_while_saving_the_distill_checkpoint_then_resume(point, distill_reference, tmp_path):
+    store, ref = distill_reference
+    killed = tmp_path / "killed"
     res = run_fskd("distill", "--store", store, "--out", killed, *TINY_DISTILL, fault=point)
     assert res.returncode == -9 and not killed.exists()
     res = run_fskd("-v", "distill", "--store", store, "--out", killed, *TINY_DISTILL)

@@ -154,13 +154,14 @@ def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, p
 def _repair(store: FeatureStore, sample_splits: dict) -> dict[str, dict[int, str]]:
     """Verify every written chunk; clear the flags of the damaged ones (encoded again below) and
     rewrite missing id chunks from the listing. Text arrays cannot be repaired in place."""
-    text = [m for m in store.missing_chunks() if m.startswith(f"{S.TEXT_GROUP}/")]
+    missing = store.missing_chunks()
+    text = [m for m in missing if m.startswith(f"{S.TEXT_GROUP}/")]
     if text:
         raise StoreError(f"{store.path} is damaged beyond repair in place ({', '.join(text[:5])} missing); "
                          f"re-extract into a new --store path")
-    for split in {m.split("/", 1)[0] for m in store.missing_chunks() if f"/{S.SAMPLE_IDS} " in m}:
+    for split in {m.split("/", 1)[0] for m in missing if f"/{S.SAMPLE_IDS} " in m}:
         store.rewrite_sample_ids(split, sample_splits[split].refs)
-    damaged = store.damaged_chunks(verify=True)
+    damaged = store.damaged_chunks(verify=True, missing=missing)
     for split, chunks in damaged.items():
         log.warning("%s: re-encoding %d damaged chunk(s) of %s: %s", store.path, len(chunks), split,
                     "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))

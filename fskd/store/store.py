@@ -55,6 +55,11 @@ def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     return arr.metadata.encode_chunk_key(coords)
 
 
+def _unrepairable_here(missing: str) -> bool:
+    """A missing text or sample-id chunk: not fixed by encoding row chunks again."""
+    return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
+
+
 class FeatureStore:
     """A feature store on disk. Use :meth:`open` or :meth:`create`."""
 
@@ -388,12 +393,13 @@ class FeatureStore:
                     out.append(f"text/{name} chunk {c[0]}")
         return out
 
-    def damaged_chunks(self, verify: bool = True) -> dict[str, dict[int, str]]:
+    def damaged_chunks(self, verify: bool = True, missing: list[str] | None = None) -> dict[str, dict[int, str]]:
         """``{split: {chunk: reason}}`` for row chunks marked written that cannot be trusted: their
         features/labels/checksum object is missing, or (``verify``) they cannot be decoded or their
-        CRC-32 differs from the one stored at write time. Reads every written chunk when verifying."""
+        CRC-32 differs from the one stored at write time. Reads every written chunk when verifying.
+        ``missing``: :meth:`missing_chunks` when the caller listed them already."""
         out: dict[str, dict[int, str]] = {}
-        missing = self.missing_chunks()
+        missing = self.missing_chunks() if missing is None else missing
         for split in self.splits:
             bad: dict[int, str] = {}
             for m in missing:
@@ -423,9 +429,9 @@ class FeatureStore:
 
     def check_integrity(self, verify: bool = False) -> None:
         """Raise StoreError naming every damaged chunk (``verify``: re-compute the checksums too)."""
-        problems = [m for m in self.missing_chunks() if m.split("/", 1)[0] == S.TEXT_GROUP or
-                    m.split("/", 1)[1].startswith(S.SAMPLE_IDS)]
-        for s, d in self.damaged_chunks(verify).items():
+        missing = self.missing_chunks()
+        problems = [m for m in missing if _unrepairable_here(m)]
+        for s, d in self.damaged_chunks(verify, missing).items():
             for c, why in d.items():
                 rows = f"rows {c * self.chunk_rows}-{min(self.n_rows(s), (c + 1) * self.chunk_rows) - 1}"
                 name, _, rest = why.partition(" chunk object ")
@@ -560,8 +566,9 @@ class FeatureStore:
 
     def check_report(self) -> dict:
         """``fskd info --check``: every chunk verified against its checksum."""
-        damaged = self.damaged_chunks(verify=True)
-        other = [m for m in self.missing_chunks() if m.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in m]
+        missing = self.missing_chunks()
+        damaged = self.damaged_chunks(verify=True, missing=missing)
+        other = [m for m in missing if _unrepairable_here(m)]
         return {"ok": not damaged and not other, "chunks_verified": {s: int(self.written(s).sum()) for s in self.splits},
                 "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
                 "missing": other}
