@@ -260,6 +260,11 @@ def test_planted_cifar_pickle_is_refused(tmp_path):
     extract_ok = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
                      "synthetic:4", "--workers", "0")
     assert "encoded 400 images" in extract_ok.stdout
+    st = (base / "train").stat()
+    os.utime(base / "train", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the split's pickle changed
+    res = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
+              "synthetic:4", "--workers", "0", ok=False)
+    user_error(res, "differs in: files")
 
 
 # -- 4. atomic replacement, proven by killing at every step ----------------------------------------

@@ -78,6 +78,9 @@ class _ArrayDataset(TorchvisionDataset):
             self.listing()
         return Image.fromarray(self._arrays[split][int(i)]).convert("RGB")
 
+    def source_file(self, ref: str) -> Path | None:
+        return None  # rows live in arrays; subclasses name the file a split was read from
+
     def path_of(self, ref: str) -> str:
         return f"{self.root} [{ref}]"
 
@@ -155,6 +158,9 @@ class _Cifar100Base(_ArrayDataset):
                 raise DatasetError(f"{base / split}: {len(data)} images but {len(labels)} fine labels in 0..99")
             splits[split] = self._rows(split, np.ascontiguousarray(data), labels)
         return keys, splits
+
+    def source_file(self, ref: str) -> Path | None:
+        return Path(self.root) / "cifar-100-python" / ref.split("/")[0]  # the pickle of the row's split
 
     def _coarse(self) -> np.ndarray:
         """Fine label -> superclass index, from the CIFAR-100 pickle."""

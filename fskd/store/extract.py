@@ -106,11 +106,15 @@ def file_digest(source: ImageDataset, refs: list[str], contents: bool = False) -
     the rows are read from; rows with no file of their own (arrays, generated data) add nothing."""
     h = hashlib.sha256()
     seen: set[str] = set()
+    # keys relative to the root, so the digest does not depend on how --root is spelled (string
+    # slicing: a Path method per row costs seconds at ImageNet's 1.28M rows)
+    prefix = f"{source.root}{os.sep}" if source.root else None
     for ref in refs:
         path = source.source_file(ref)
         if path is None:
             continue
-        key = ref.split("::", 1)[0]  # relative: the digest does not depend on how --root is spelled
+        p = str(path)
+        key = p[len(prefix):] if prefix and p.startswith(prefix) else p
         if key in seen:
             continue
         seen.add(key)
