@@ -139,6 +139,13 @@ def _check_range(cls, name: str, v) -> None:
             raise ConfigError(f"{cls.__name__}: {label} must be {op} {bound:g}, got {v!r}")
 
 
+def _check_split_override(cfg) -> None:
+    """``--class-split FILE`` or ``--class-ratio`` overriding the stored class split (fit and eval)."""
+    _check_ratios("--class-ratio", cfg.class_ratio, 3)
+    if cfg.class_split and cfg.class_ratio:
+        raise ConfigError("give --class-split FILE or --class-ratio, not both")
+
+
 def _coerce(v, tp):
     """Integers given for a float field become floats (JSON writes 1e3 as 1000)."""
     if tp is float and isinstance(v, int):
@@ -217,9 +224,7 @@ class EvalConfig(Config):
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_ratios("--class-ratio", self.class_ratio, 3)
-        if self.class_split and self.class_ratio:
-            raise ConfigError("give --class-split FILE or --class-ratio, not both")
+        _check_split_override(self)
         if not self.store:
             raise ConfigError("--store is required")
         if self.protocol not in PROTOCOLS:
@@ -272,9 +277,7 @@ class FitConfig(Config):
     split_seed: int = 0  # seed of --class-ratio
 
     def __post_init__(self) -> None:
-        _check_ratios("--class-ratio", self.class_ratio, 3)
-        if self.class_split and self.class_ratio:
-            raise ConfigError("give --class-split FILE or --class-ratio, not both")
+        _check_split_override(self)
         if not self.store:
             raise ConfigError("--store is required")
         if self.shots < 0:

@@ -84,14 +84,18 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 def write_bundle(directory: Path, manifest: str, stem: str, meta: dict, tensors: dict, point: str = "bundle") -> None:
     """Commit ``meta`` + ``tensors`` into the existing ``directory`` (see the module docstring).
     ``meta`` gets ``tensors_file`` and ``tensors_sha256``; ``point`` prefixes the fault points."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    # serialise once, hash those bytes, write them: no read-back of the file to hash it
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"{stem}-{digest[:16]}.safetensors"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        digest = sha256_file(Path(tmp))
-        name = f"{stem}-{digest[:16]}.safetensors"
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         fault_point(f"{point}:tensors-written")
         os.replace(tmp, directory / name)
@@ -122,7 +126,7 @@ def read_bundle(directory: Path, manifest: str, legacy: str | None = None, what:
     """``(meta, tensors)`` of a bundle; the tensor file must exist and match its SHA-256.
     ``legacy``: a fixed tensor file name read when the manifest names none (older writes)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     mpath = directory / manifest
     try:
@@ -140,11 +144,15 @@ def read_bundle(directory: Path, manifest: str, legacy: str | None = None, what:
     tpath = directory / name
     if not tpath.is_file():
         raise StateError(f"{what} {directory}: tensor file {tpath} is missing; write the {what} again")
-    if digest is not None and sha256_file(tpath) != digest:
+    try:
+        data = tpath.read_bytes()  # read once: hashed and parsed from the same bytes
+    except OSError as e:
+        raise StateError(f"{what} {directory}: cannot read {tpath}: {e.strerror or e}") from None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise StateError(f"{what} {directory}: {tpath} does not match the SHA-256 in {mpath} (truncated or "
                          f"changed since it was written); write the {what} again")
     try:
-        tensors = load_file(str(tpath))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise StateError(f"{what} {directory}: cannot read {tpath}: {e}") from None
     return meta, tensors
