@@ -217,7 +217,7 @@ def extract(
     class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.", metavar="LIST", rich_help_panel=SPLIT)] = "0.6,0.2,0.2",
     sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.", metavar="LIST", rich_help_panel=SPLIT)] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the ratio splits.", metavar="N", rich_help_panel=SPLIT)] = 0,
-    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}.", metavar="PATH")] = None,
+    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}; default: the dataset's own (CoOp / Tip-Adapter) or fskd's ensemble.", metavar="PATH")] = None,
     descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.", metavar="PATH")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
     download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
@@ -268,7 +268,7 @@ def _print_info(r: dict) -> None:
         f"classes   {r['classes']}; class split from {r['class_split_source']}:",
     ]
     lines += [f"  {k:6s} {len(v):4d}: {names(v)}" for k, v in r["class_names"].items()]
-    text = f"{r['text_source']}: " + "; ".join(r["templates"][:3]) + (" ..." if len(r["templates"]) > 3 else "")
+    text = f"{r['text_source']} ({r['templates_source']}): " + "; ".join(r["templates"][:3]) + (" ..." if len(r["templates"]) > 3 else "")
     lines.append(f"text      {text if r['text'] else 'none (the encoder has no text tower)'}")
     if r["skipped"]:
         lines.append("skipped   " + ", ".join(f"{n} unreadable file(s) in {s}" for s, n in r["skipped"].items()))

@@ -54,6 +54,14 @@ class DatasetListing:
     standard_class_split: dict[str, list[str]] | None = None  # keys per base/val/novel
     class_split_source: str = ""
     extra: dict = field(default_factory=dict)
+    #: the dataset's own prompt templates (CoOp/Tip-Adapter per-dataset text); None: fskd's default
+    templates: tuple[str, ...] | None = None
+    #: where ``splits`` came from ("split_zhou_X.json (CoOp's published split)", "official files", ...)
+    sample_split_source: str = ""
+    #: train/val/test ratios for a seeded per-class split of a single "all" pool (None: fskd's default)
+    pool_ratios: tuple[float, float, float] | None = None
+    #: the fraction of train carved (seeded, per class) into val when there is no val split
+    val_from_train: float | None = None
 
     def fingerprint(self) -> str:
         """Hash of the listing (refs, labels, classes): same inputs -> same fingerprint."""

@@ -128,13 +128,16 @@ def resolve_sample_splits(
 ) -> tuple[dict[str, SampleList], str]:
     """Return train/val/test rows and a description of the rule used."""
     own = listing.splits
+    src = listing.sample_split_source or "dataset's own splits"
     if ratios is not None or set(own) == {"all"}:
-        r = tuple(ratios) if ratios is not None else DEFAULT_SAMPLE_RATIOS
+        r = tuple(ratios) if ratios is not None else (listing.pool_ratios or DEFAULT_SAMPLE_RATIOS)
         pooled = _concat([own[s] for s in sorted(own)])
-        return _per_class_split(pooled, r, seed), f"seeded per-class split {r} seed {seed}"
+        why = f" ({src})" if listing.sample_split_source and ratios is None else ""
+        return _per_class_split(pooled, r, seed), f"seeded per-class split {r} seed {seed}{why}"
     if "train" in own and "val" not in own:
-        carved = _per_class_split(own["train"], (1 - VAL_FROM_TRAIN, VAL_FROM_TRAIN, 0.0), seed)
+        frac = listing.val_from_train or VAL_FROM_TRAIN
+        carved = _per_class_split(own["train"], (1 - frac, frac, 0.0), seed)
         out = {"train": carved["train"], "val": carved["val"]}
         out.update({s: own[s] for s in own if s != "train"})
-        return out, f"dataset's own splits; val = seeded {VAL_FROM_TRAIN:.0%} of train per class"
-    return dict(own), "dataset's own splits"
+        return out, f"{src}; val = seeded {frac:.0%} of train per class"
+    return dict(own), src

@@ -1,4 +1,5 @@
-"""Datasets wrapped around torchvision: CIFAR-FS, FC100, Fashion-MNIST, Flowers102, DTD, EuroSAT.
+"""Datasets wrapped around torchvision: CIFAR-FS, FC100, Fashion-MNIST (the CoOp benchmark sets,
+Flowers102, DTD and EuroSAT included, live in ``coop.py``).
 
 torchvision reads (and with ``--download`` fetches) the files; fskd only lists rows and opens
 one ref at a time. Offline, ``--download`` fails within seconds naming the unreachable host.
@@ -6,7 +7,6 @@ one ref at a time. Offline, ``--download`` fails within seconds naming the unrea
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from fskd.datasets.base import (
     DatasetListing,
     ImageDataset,
     SampleList,
-    open_rgb,
     pretty_name,
 )
 from fskd.errors import DatasetError
@@ -31,15 +30,6 @@ CIFAR_FS_NOVEL = ["baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man
                   "whale", "woman", "worm"]
 # FC100 (Oreshkin et al. 2018): CIFAR-100 superclass indices per split, 12/4/4 superclasses.
 FC100_SUPERCLASSES = {"base": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16], "novel": [0, 7, 12, 14]}
-# EuroSAT class names as used by CoOp prompts.
-EUROSAT_NAMES = {
-    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
-    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
-    "SeaLake": "Sea or Lake",
-}
-
-
 def half_split(keys: list[str]) -> dict[str, list[str]]:
     """CoCoOp base-to-new convention: the first half of the classes is base, the rest novel."""
     n = (len(keys) + 1) // 2
@@ -218,105 +208,3 @@ class FashionMnistDataset(_ArrayDataset):
                   "test": self._rows("test", test.data.numpy(), test.targets.numpy())}
         return DatasetListing(self.name, str(self.root), keys, [k.replace("/", " or ") for k in keys], splits,
                               half_split(keys), "fskd fixed split: first 5 classes base, last 5 novel")
-
-
-class _FileDataset(TorchvisionDataset):
-    """torchvision datasets that keep image paths; refs are paths relative to --root."""
-
-    def open(self, ref: str) -> Image.Image:
-        return open_rgb(self.root / ref)
-
-    def _rows(self, files, labels) -> SampleList:
-        return SampleList([os.path.relpath(f, self.root) for f in files], np.asarray(labels))
-
-
-@DATASETS.register("flowers102")
-class Flowers102Dataset(_FileDataset):
-    """Oxford Flowers-102 (torchvision; official train/val/test); CoCoOp half class split."""
-
-    name = "flowers102"
-    urls = ("https://thor.robots.ox.ac.uk/flowers/102/102flowers.tgz",)
-    hint = "the folder holding flowers-102/"
-
-    def listing(self) -> DatasetListing:
-        from torchvision.datasets import Flowers102
-
-        parts = {s: self._tv(Flowers102, split=s) for s in ("train", "val", "test")}
-        names = list(parts["train"].classes)
-        keys = [f"{i:03d}" for i in range(len(names))]
-        splits = {s: self._rows(d._image_files, d._labels) for s, d in parts.items()}
-        return DatasetListing(self.name, str(self.root), keys, names, splits, half_split(keys), "CoCoOp base-to-new halves")
-
-
-@DATASETS.register("dtd")
-class DtdDataset(_FileDataset):
-    """Describable Textures (torchvision; partition 1 train/val/test); CoCoOp half class split."""
-
-    name = "dtd"
-    urls = ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",)
-    hint = "the folder holding dtd/"
-
-    def listing(self) -> DatasetListing:
-        from torchvision.datasets import DTD
-
-        parts = {s: self._tv(DTD, split=s, partition=1) for s in ("train", "val", "test")}
-        keys = list(parts["train"].classes)
-        splits = {s: self._rows(d._image_files, d._labels) for s, d in parts.items()}
-        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits,
-                              half_split(keys), "CoCoOp base-to-new halves")
-
-
-@DATASETS.register("eurosat")
-class EuroSatDataset(_FileDataset):
-    """EuroSAT RGB land use (torchvision; seeded per-class sample split); CoCoOp half class split."""
-
-    name = "eurosat"
-    urls = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",)
-    hint = "the folder holding eurosat/2750/"
-
-    def listing(self) -> DatasetListing:
-        from torchvision.datasets import EuroSAT
-
-        d = self._tv(EuroSAT)
-        keys = list(d.classes)
-        files, labels = zip(*d.samples, strict=True)
-        return DatasetListing(self.name, str(self.root), keys, [EUROSAT_NAMES.get(k, pretty_name(k)) for k in keys],
-                              {"all": self._rows(files, labels)}, half_split(keys), "CoCoOp base-to-new halves")
-
-
-@DATASETS.register("imagenet")
-class ImageNetDataset(_FileDataset):
-    """ImageNet-1k as root/train/<wnid>/ and root/val/<wnid>/ (val is the test split); no download."""
-
-    name = "imagenet"
-    hint = "the ILSVRC2012 folder with train/<wnid>/ and val/<wnid>/ (torchvision's ImageNet layout)"
-
-    def listing(self) -> DatasetListing:
-        from fskd.datasets.folder import folder_listing
-
-        if self.download:
-            raise DatasetError("dataset 'imagenet' cannot be downloaded automatically (license); pass --root")
-        root = self.require_root(self.hint)
-        if not (root / "train").is_dir():
-            raise DatasetError(f"dataset 'imagenet': {root / 'train'} does not exist; {self.hint}")
-        names = self._names(root)
-        listing = folder_listing(self, root, names)
-        if "val" in listing.splits and "test" not in listing.splits:
-            listing.splits["test"] = listing.splits.pop("val")  # the public val set is the test split
-        return listing
-
-    @staticmethod
-    def _names(root: Path) -> dict[str, str]:
-        if (root / "meta.bin").exists():
-            from torchvision.datasets.imagenet import load_meta_file
-
-            wnid_to_classes = load_meta_file(str(root))[0]
-            return {w: c[0] for w, c in wnid_to_classes.items()}
-        mapping = root / "LOC_synset_mapping.txt"
-        if mapping.exists():
-            out = {}
-            for line in mapping.read_text().splitlines():
-                wnid, _, names = line.partition(" ")
-                out[wnid] = names.split(",")[0].strip()
-            return out
-        return {}

@@ -183,7 +183,9 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
     listing = source.listing()
     class_split, split_source = resolve_class_split(listing, cfg.class_split, cfg.class_ratio, cfg.split_seed)
     sample_splits, sample_rule = resolve_sample_splits(listing, cfg.sample_split, cfg.split_seed)
-    templates = load_templates(cfg.templates)
+    templates = load_templates(cfg.templates) if cfg.templates or not listing.templates else tuple(listing.templates)
+    templates_source = (f"--templates {cfg.templates}" if cfg.templates else
+                        f"dataset {listing.name!r} default (CoOp / Tip-Adapter)" if listing.templates else "fskd default")
     descriptions = (
         load_descriptions(cfg.descriptions, listing.class_keys, listing.class_names) if cfg.descriptions else None
     )
@@ -235,15 +237,16 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         barrier()
         if not exists:
             if dist.is_main:
-                _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, templates, descriptions,
-                        parts, fingerprint, ignored, get_encoder())
+                _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
+                        (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
             barrier()
     with dir_lock(store_path, waiting, log) if single else contextlib.nullcontext():
         return _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
 
 
-def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, templates, descriptions, parts,
+def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, text, descriptions, parts,
             fingerprint, ignored, encoder: Encoder) -> None:
+    templates, templates_source = text
     prompts = class_prompts(listing.class_names, templates, descriptions)
     emb = encode_class_texts(encoder, prompts).numpy() if encoder.has_text else None
     attrs = {
@@ -267,6 +270,7 @@ def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
             "dim": encoder.text_dim,
             "source": "templates+descriptions" if descriptions else "templates",
             "templates": list(templates),
+            "templates_source": templates_source,
         },
         "config": cfg.to_dict(),
     }

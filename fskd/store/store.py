@@ -562,6 +562,7 @@ class FeatureStore:
             "text": a["text"].get("available", False),
             "text_source": a["text"].get("source"),
             "templates": list(a["text"].get("templates", [])),
+            "templates_source": a["text"].get("templates_source", "fskd default"),
         }
 
     def check_report(self) -> dict:
