@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fskd import __version__
 from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.base import Head
 from fskd.classifiers.prototype import PrototypeHead
@@ -27,7 +29,14 @@ from fskd.config import (
 )
 from fskd.datasets import DATASETS
 from fskd.encoders import ENCODERS
-from fskd.errors import ConfigError, DatasetError, EvaluationError, OutputError, StateError
+from fskd.errors import (
+    ConfigError,
+    DatasetError,
+    EvaluationError,
+    FskdError,
+    OutputError,
+    StateError,
+)
 from fskd.evaluation.allway import run_allway
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
@@ -476,3 +485,183 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
 
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
     return DemoResult(rows=rows, report=str(report), seconds=round(time.perf_counter() - t0, 2))
+
+
+# -- fskd bench: the grid runner ------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    """What ``fskd bench`` did: cells in the grid, how many were already done, ok, n/a, failed."""
+
+    out: str
+    cells: int
+    counts: dict
+    seconds: float
+    outputs: list[str]
+    failed: list[str] = field(default_factory=list)
+
+
+def load_grid(path: str) -> dict:
+    """A grid file (TOML) as a dict of BenchConfig keys; unknown keys are refused, naming the file."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--grid {path}: no such file (expected a TOML grid file)")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--grid {path}: not valid TOML ({e})") from None
+    from fskd.config import BenchConfig
+
+    valid = {f for f in BenchConfig.__dataclass_fields__}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"--grid {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    return data
+
+
+def _bench_out(config, stores: list[FeatureStore]) -> Path:
+    from fskd.reports.bench import BENCH_JSON, is_bench_dir
+
+    out = Path(config.out).expanduser().absolute()
+    for st in stores:
+        o, s = out.resolve(), Path(st.path).resolve()
+        if o == s or o.is_relative_to(s) or s.is_relative_to(o):
+            raise OutputError(f"--out {config.out} overlaps the store {st.path}; write the bench somewhere else")
+    if store_containing(out) is not None:
+        raise OutputError(f"--out {config.out} is inside a feature store; write the bench somewhere else")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"--out {config.out} exists and is not a directory")
+        if not is_bench_dir(out) and any(out.iterdir()):
+            raise OutputError(f"--out {config.out} is a folder fskd bench did not write (no {BENCH_JSON}); give a new "
+                              f"or empty folder (nothing was changed)")
+    else:
+        check_writable(out, "--out")
+        out.mkdir(parents=True)
+    return out
+
+
+class _LogOnce(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING and msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def bench(config, progress=AUTO) -> BenchResult:
+    """Run a benchmark grid (``fskd bench``): every (store, method, shots, seed) cell is fitted
+    and evaluated once (all-way protocol), its row appended to ``OUT/results.jsonl``; a rerun
+    skips finished cells. Then the tables and plots are rebuilt (:mod:`fskd.reports.bench`).
+    ``progress``: "auto" (a bar over cells with an ETA on a terminal), None, or
+    ``callable(done, total, cell_label)``."""
+    import shutil
+    from datetime import datetime, timezone
+
+    from fskd.fsutil import atomic_write_text, dir_lock
+    from fskd.progress import bench_bar
+    from fskd.reports.bench import BENCH_FORMAT, BENCH_JSON, Cell, Results, run_grid, write_outputs
+
+    t0 = time.perf_counter()
+    kinds = ("adapt", "align")
+    for m in config.methods:
+        cls = METHODS.get(m)  # an unknown name lists the valid ones
+        if cls.kind not in kinds:
+            raise ConfigError(f"fskd bench runs adapt and align methods; {m!r} is a {cls.kind} method (adapt/align "
+                              f"methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind in kinds)})")
+        if cls.options is not None:
+            cls.options.from_dict(dict(config.options.get(m, {})))  # unknown or ill-typed options: now, not mid-grid
+    stores = []
+    for path in config.stores:
+        st = FeatureStore.open(path)
+        st.check_complete()
+        for s in ("train", "test"):
+            if not st.has_split(s):
+                raise EvaluationError(f"fskd bench (all-way) needs a {s!r} sample split; {st.path} has {st.splits}")
+        stores.append(st)
+    names = [st.attrs["dataset"]["name"] for st in stores]
+    labels = [n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr") for n, st in zip(names, stores, strict=True)]
+    out = _bench_out(config, stores)
+    cells = [Cell(str(Path(st.path).absolute()), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
+                  json.dumps(config.options.get(m, {}), sort_keys=True))
+             for st, label in zip(stores, labels, strict=True) for m in config.methods for k in config.shots
+             for s in config.seeds]
+    by_path = {str(Path(st.path).absolute()): st for st in stores}
+    min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min()) for p, st in by_path.items()}
+    tmp_state = out / f".cell-state-{os.getpid()}"
+
+    def run_cell(cell: Cell) -> dict:
+        st = by_path[cell.store]
+        cls = METHODS.get(cell.method)
+        if cls.needs_text and not st.attrs["text"].get("available"):
+            return {"status": "n/a", "message": f"{cell.method} needs class text features; {st.path} has none "
+                                               f"(encoder {st.encoder_spec} has no text tower)"}
+        if cell.shots > min_train[cell.store]:
+            return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(cell.store).name} "
+                                               f"has {min_train[cell.store]} train rows"}
+        state_dir = (out / "states" / cell.dataset / cell.method / f"{cell.shots}shot-seed{cell.seed}"
+                     if config.keep_states else tmp_state)
+        kw = dict(store=cell.store, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
+                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule)
+        try:
+            fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
+                   else align(AlignConfig(**kw), progress=None))
+            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol="allway", shot=cell.shots,
+                                     seeds=(cell.seed,), device=config.device))
+        except FskdError as e:
+            return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
+        finally:
+            if not config.keep_states and tmp_state.exists():
+                shutil.rmtree(tmp_state)  # a state this run wrote, nothing else
+        return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
+                "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
+                "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
+                "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, "warnings": fit.warnings + ev.warnings,
+                "encoder": ev.encoder, "state": str(state_dir) if config.keep_states else None,
+                "versions": {"fskd": __version__, "torch": torch.__version__},
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    once = _LogOnce()  # a store's warning is said once, not once per cell (every row records it)
+    for h in logging.getLogger().handlers:
+        h.addFilter(once)
+    try:
+        with dir_lock(out, f"another fskd bench is writing {out}; waiting for it", log):
+            from fskd.reports import versions
+
+            meta = {"format": BENCH_FORMAT, "config": config.to_dict(), "cells": [c.key for c in cells],
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+            atomic_write_text(out / BENCH_JSON, json.dumps(meta, indent=2))
+            if tmp_state.exists():
+                shutil.rmtree(tmp_state)
+            results = Results(out)
+            counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
+            outputs = write_outputs(out, results.rows, config.to_dict(), {c.key for c in cells})
+    finally:
+        for h in logging.getLogger().handlers:
+            h.removeFilter(once)
+    failed = [f"{r['dataset']} {r['method']} {r['shots']}-shot seed {r['seed']}: {r.get('message')}"
+              for r in results.rows if r["status"] == "failed" and r["key"] in {c.key for c in cells}]
+    return BenchResult(out=str(out), cells=len(cells), counts=counts, seconds=round(time.perf_counter() - t0, 2),
+                       outputs=[str(p) for p in outputs], failed=failed)
+
+
+def bench_report(out: str) -> list[str]:
+    """Rebuild a bench's tables and plots from ``OUT/results.jsonl`` without refitting
+    (``fskd bench --report OUT``)."""
+    from fskd.reports.bench import BENCH_JSON, Results, is_bench_dir, write_outputs
+
+    d = Path(out)
+    if not is_bench_dir(d):
+        raise OutputError(f"--report {out} is not a folder written by fskd bench (no {BENCH_JSON})")
+    meta = json.loads((d / BENCH_JSON).read_text(encoding="utf-8"))
+    return [str(p) for p in write_outputs(d, Results(d).rows, meta["config"], set(meta["cells"]))]

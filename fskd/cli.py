@@ -17,6 +17,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import sys  # noqa: E402
 from enum import Enum  # noqa: E402
 from typing import Annotated  # noqa: E402
 
@@ -27,6 +28,7 @@ from fskd import __version__, api  # noqa: E402
 from fskd.config import (  # noqa: E402
     AdaptConfig,
     AlignConfig,
+    BenchConfig,
     DemoConfig,
     DistillConfig,
     EvalConfig,
@@ -78,6 +80,7 @@ DistillMethod = _choices("DistillMethod", [n for n, d in _reg["methods"].items()
 Protocol = _choices("Protocol", ["episodic", "allway", "all-way"])
 ClassSplit = _choices("ClassSplit", ["novel", "val", "base"])
 Center = _choices("Center", ["base", "none"])
+ValRule = _choices("ValRule", ["few-shot", "full"])
 Dtype = _choices("Dtype", ["float16", "float32"])
 Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
@@ -142,6 +145,19 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (not the stream of the first call), so
+    repeated in-process invocations (tests, notebooks) never log into a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
@@ -149,7 +165,9 @@ def _main(
                                           is_eager=True)] = False,
 ) -> None:
     _JSON["on"] = False  # each command that takes --json sets it again
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[_StderrHandler()])
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     from fskd.runtime import torch_threads_per_core
 
     torch_threads_per_core()
@@ -418,8 +436,12 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar=
 StoreOption = Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")]
 
 
-def _split_kwargs(class_split, class_ratio, split_seed) -> dict:
-    return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed}
+ValRuleOption = Annotated[ValRule, typer.Option("--val-rule", help="All-way validation rows that choose hyper-parameters: few-shot (CoOp: min(K, 4) per class of the val split) or full (the whole val split).", rich_help_panel=FIT)]
+
+
+def _split_kwargs(class_split, class_ratio, split_seed, val_rule) -> dict:
+    return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed,
+            "val_rule": _value(val_rule)}
 
 
 @app.command()
@@ -435,6 +457,7 @@ def adapt(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
+    val_rule: ValRuleOption = "few-shot",
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -442,7 +465,7 @@ def adapt(
     _JSON["on"] = as_json
     cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
                out=out, device=device, options=_options(set_), force=force,
-               **_split_kwargs(class_split, class_ratio, split_seed))
+               **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
     _fit_summary(_run(api.adapt, cfg), as_json)
 
 
@@ -461,6 +484,7 @@ def align(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
+    val_rule: ValRuleOption = "few-shot",
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -473,7 +497,7 @@ def align(
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
     cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
                steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed))
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
     _fit_summary(_run(api.align, cfg), as_json)
 
 
@@ -495,6 +519,7 @@ def distill(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
+    val_rule: ValRuleOption = "few-shot",
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -502,8 +527,82 @@ def distill(
     _JSON["on"] = as_json
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
                losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed))
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
     _fit_summary(_run(api.distill, cfg), as_json)
+
+
+def _csv(value: str | None, option: str, kind=str) -> list | None:
+    if value is None:
+        return None
+    try:
+        items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    if not items:
+        raise typer.BadParameter(f"{option} is empty")
+    return items
+
+
+def _bench_options(pairs: list[str] | None) -> dict:
+    """``--set METHOD.KEY=VALUE`` -> {method: {key: value}}."""
+    out: dict = {}
+    for key, value in _options(pairs).items():
+        method, dot, opt = key.partition(".")
+        if not dot or not method or not opt:
+            raise typer.BadParameter(f"fskd bench --set takes METHOD.KEY=VALUE (e.g. fma.iters=300), got {key!r}")
+        out.setdefault(method, {})[opt] = value
+    return out
+
+
+@app.command()
+def bench(
+    stores: Annotated[str | None, typer.Option(help="Feature stores, comma-separated.", metavar="LIST")] = None,
+    methods: Annotated[str | None, typer.Option(help="Adapt/align methods, comma-separated (`fskd methods`).", metavar="LIST")] = None,
+    shots: Annotated[str | None, typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")] = None,
+    protocol: Annotated[str | None, typer.Option(help="The protocol of every cell [default: allway].", metavar="NAME")] = None,
+    val_rule: Annotated[ValRule | None, typer.Option("--val-rule", help="Validation rows that choose hyper-parameters [default: few-shot].", rich_help_panel=FIT)] = None,
+    out: Annotated[str | None, typer.Option(help="Bench folder: results.jsonl, tables, plots [default: runs/bench].", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    grid: Annotated[str | None, typer.Option(help="A TOML grid file with these keys (flags given here override it).", metavar="FILE")] = None,
+    baseline: Annotated[str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
+    keep_states: Annotated[bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)] = False,
+    device: DeviceOption = "auto",
+    report: Annotated[str | None, typer.Option("--report", help="Only rebuild the tables and plots of the bench folder DIR from its results.", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a benchmark grid: every (store, method, shots, seed) cell fitted and evaluated once
+    (all-way), resumable; writes the paper tables (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
+    _JSON["on"] = as_json
+    if report:
+        paths = _run(api.bench_report, report)
+        typer.echo(json.dumps({"outputs": paths}) if as_json else "\n".join(["rebuilt:"] + [f"  {p}" for p in paths]))
+        return
+    data = _run(api.load_grid, grid) if grid else {}
+    given = {"stores": _csv(stores, "--stores"), "methods": _csv(methods, "--methods"),
+             "shots": _csv(shots, "--shots", int), "seeds": _csv(seeds, "--seeds", int), "protocol": protocol,
+             "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline}
+    data.update({k: v for k, v in given.items() if v is not None})
+    if set_:
+        opts = {m: dict(v) for m, v in data.get("options", {}).items()}
+        for m, kv in _bench_options(set_).items():
+            opts.setdefault(m, {}).update(kv)
+        data["options"] = opts
+    data.update(keep_states=keep_states or data.get("keep_states", False), device=device)
+    cfg = _run(BenchConfig.from_dict, data)
+    r = _run(api.bench, cfg)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(r)))
+    else:
+        c = r.counts
+        typer.echo(f"bench {r.out}: {r.cells} cells ({c['skipped']} already done, {c['ok']} run, {c['n/a']} not "
+                   f"applicable, {c['failed']} failed) in {r.seconds:.1f} s")
+        for p in r.outputs:
+            typer.echo(f"  {p}")
+        for f in r.failed:
+            typer.echo(f"failed: {f}", err=True)
+    if r.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

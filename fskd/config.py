@@ -198,6 +198,8 @@ class ExtractConfig(Config):
 
 
 PROTOCOLS = ("episodic", "allway")
+#: how all-way hyper-parameter search picks its validation rows (fskd.store.sampling.validation_rows)
+VAL_RULES = ("few-shot", "full")
 
 
 @dataclass(frozen=True)
@@ -275,11 +277,14 @@ class FitConfig(Config):
     class_split: str | None = None  # JSON file {"base"|"val"|"novel": [class names]} overriding the stored split
     class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split of the store's classes
     split_seed: int = 0  # seed of --class-ratio
+    val_rule: str = "few-shot"  # all-way validation rows: few-shot (CoOp: min(K, 4) per class of the val split) or full
 
     def __post_init__(self) -> None:
         _check_split_override(self)
         if not self.store:
             raise ConfigError("--store is required")
+        if self.val_rule not in VAL_RULES:
+            raise ConfigError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {self.val_rule!r}")
         if self.shots < 0:
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if not isinstance(self.options, dict):
@@ -377,3 +382,51 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
                     "default": json.dumps(default) if not isinstance(default, str) else default,
                     "range": f"{rng[0]} {rng[1]:g}" if rng else "", "meaning": notes.get(f.name, "")})
     return out
+
+
+BENCH_PROTOCOLS = ("allway",)
+
+
+@dataclass(frozen=True)
+class BenchConfig(Config):
+    """``fskd bench``: a grid of (store, method, shots, seed) cells, each fitted and evaluated once.
+
+    A grid file (TOML) holds the same keys; ``options`` maps a method name to its ``--set`` options."""
+
+    stores: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    protocol: str = "allway"
+    val_rule: str = "few-shot"  # all-way validation rows (see FitConfig.val_rule)
+    out: str = "runs/bench"
+    options: dict = field(default_factory=dict)  # {method: {option: value}}
+    baseline: str | None = None  # a method of the grid: the tables add paired differences to it
+    keep_states: bool = False  # keep every cell's fitted state under OUT/states (else removed after its evaluation)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.stores:
+            raise ConfigError("--stores is required: one or more feature stores, comma-separated")
+        if not self.methods:
+            raise ConfigError("--methods is required: one or more adapt/align methods, comma-separated")
+        if not self.shots or any(k < 1 for k in self.shots):
+            raise ConfigError(f"--shots must be one or more integers >= 1, got {list(self.shots)}")
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one seed")
+        for name in ("stores", "methods", "shots", "seeds"):
+            v = getattr(self, name)
+            if len(set(v)) != len(v):
+                raise ConfigError(f"--{name} lists a value twice: {list(v)}")
+        if self.protocol not in BENCH_PROTOCOLS:
+            raise ConfigError(f"--protocol must be one of {', '.join(BENCH_PROTOCOLS)} for fskd bench, got {self.protocol!r}")
+        if self.val_rule not in VAL_RULES:
+            raise ConfigError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {self.val_rule!r}")
+        if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
+            raise ConfigError("options must map a method name to a table of its options, e.g. [options.fma] iters = 300")
+        unknown = sorted(set(self.options) - set(self.methods))
+        if unknown:
+            raise ConfigError(f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
+                              f"grid methods: {', '.join(self.methods)}")
+        if self.baseline is not None and self.baseline not in self.methods:
+            raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(self.methods)}")

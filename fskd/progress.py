@@ -53,3 +53,22 @@ def resolve(progress, factory: Callable[[], Callable]):
     if isinstance(progress, str) and progress == AUTO:
         return factory() if sys.stderr.isatty() else None
     return progress
+
+
+def bench_bar() -> Callable[[int, int, str], None]:
+    """progress(cells_done, cells_total, cell_label): one bar over the grid's cells with an ETA."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(done: int, total: int, label: str) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc="bench", unit="cell", file=sys.stderr)
+        bar.update(done - bar.n)
+        if label:
+            bar.set_postfix_str(label, refresh=True)
+        if done >= total:
+            bar.close()
+
+    return update

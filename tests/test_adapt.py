@@ -133,7 +133,7 @@ def test_api_evaluate_runs_states_under_both_protocols(stores, tmp_path):
     aw = api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shot=1, device="cpu"))
     assert ep.classifier == "syntrans" and 50 < ep.accuracy <= 100 and ep.ci95 >= 0
     assert aw.classes == 20 and len(aw.per_seed) == 3
-    assert ep.selected_on["episodic.rho"] == "chosen on val classes" and ep.selected_on["allway.a"] == "chosen on val split"
+    assert ep.selected_on["episodic.rho"] == "chosen on val classes" and ep.selected_on["allway.a"] == "chosen on val split (min(K, 4) per class)"
     assert "meta-trained" in ep.selected_on["episodic.a"]
 
 
@@ -394,7 +394,7 @@ def test_cli_adapt_then_eval(stores, tmp_path):
     assert res.exit_code == 0, res.output
     assert "tip-adapter (adapt)" in res.output and "episodic.alpha " in res.output and "chosen on val classes" in res.output
     info = json.loads((out / "state.json").read_text())
-    assert info["method"] == "tip-adapter" and info["selected_on"]["allway.beta"] == "chosen on val split"
+    assert info["method"] == "tip-adapter" and info["selected_on"]["allway.beta"] == "chosen on val split (min(K, 4) per class)"
     res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--shot", "2", "--episodes", "30",
                               "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output

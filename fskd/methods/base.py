@@ -198,6 +198,8 @@ class Method(ABC):
     kind: str = ""
     #: the Config subclass of its ``--set`` options (``fskd methods NAME`` lists them)
     options: type | None = None
+    #: True when fitting needs the store's class text features (a store without text: not applicable)
+    needs_text: bool = False
 
     @abstractmethod
     def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fskd.config import VAL_RULES
 from fskd.errors import EvaluationError, FskdError
 
 
@@ -65,6 +66,41 @@ def sample_shots(
             f"{counts[i]} samples in the {split!r} split{more}"
         )
     return order[starts[:, None] + np.arange(shot)[None, :]]
+
+
+#: CoOp: the validation set has min(K, 4) images per class
+COOP_VAL_CAP = 4
+
+
+def val_shots(shots: int) -> int:
+    """Validation rows per class under CoOp's few-shot rule: min(K, 4)."""
+    return min(int(shots), COOP_VAL_CAP)
+
+
+def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: str) -> np.ndarray:
+    """Indices (ascending) of the val-split rows used to choose hyper-parameters in the all-way
+    protocol: ``rule="few-shot"``: min(K, 4) random rows per class of ``classes`` (seeded; a class
+    with fewer rows gives all of them, as CoOp's sampler), ``"full"``: every row of those classes."""
+    if rule not in VAL_RULES:
+        raise ValueError(f"validation rule must be one of {', '.join(VAL_RULES)}, got {rule!r}")
+    labels = np.asarray(labels)
+    member = np.isin(labels, np.asarray(classes))
+    if rule == "full":
+        return np.flatnonzero(member)
+    k = val_shots(shots)
+    rng = np.random.default_rng([seed, 4])  # its own stream: the train shots of seed s are unchanged
+    order = np.lexsort((rng.random(len(labels)), labels))
+    sl = labels[order]
+    first = np.searchsorted(sl, sl)  # start of each row's label run
+    rank = np.arange(len(sl)) - first
+    return np.sort(order[(rank < k) & member[order]])
+
+
+def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed: int) -> str:
+    if rule == "full":
+        return f"the full val split ({n_rows} rows of {n_classes} classes)"
+    return (f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes (CoOp's few-shot "
+            f"validation, seed {seed})")
 
 
 def sample_episodes(

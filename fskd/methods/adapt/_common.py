@@ -52,6 +52,7 @@ EPISODIC = "episodic"
 ALLWAY = "allway"
 VAL_CLASSES = "val classes"
 VAL_SPLIT = "val split"
+VAL_SPLIT_FEW = "val split (min(K, 4) per class)"
 
 
 #: feature values (rows x dim) under which adapt work runs on one thread
@@ -258,10 +259,12 @@ def allway_rows(store, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     return x[rows], y[rows], classes
 
 
-def allway_val_task(store, shots: int, seed: int, device: torch.device,
+def allway_val_task(store, config, device: torch.device,
                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
-    """One all-way task: K shots per class from the train split (seeded), the val split as
-    queries; None when the store has no train or val sample split."""
+    """One all-way task: K shots per class from the train split (seeded), as queries the val
+    rows that ``config.val_rule`` allows (CoOp: min(K, 4) per class); None when the store has no
+    train or val sample split, or the rule leaves no row."""
+    shots, seed = config.shots, config.seed
     if not (store.has_split("train") and store.has_split("val")):
         return None
     if shots > 0:
@@ -270,6 +273,8 @@ def allway_val_task(store, shots: int, seed: int, device: torch.device,
         lab = store.labels("train")
         x, classes = None, np.unique(lab[lab >= 0])
     xv, yv = store.gather(classes, ["val"])
+    keep = sampling.validation_rows(yv, classes, shots, seed, config.val_rule)
+    xv, yv = xv[keep], yv[keep]
     if len(yv) == 0:
         return None
     dev = lambda a: transform(torch.from_numpy(a).to(device)) if transform else torch.from_numpy(a).to(device)  # noqa: E731
@@ -289,9 +294,9 @@ def allway_val_task(store, shots: int, seed: int, device: torch.device,
         pool=torch.cat([support.reshape(n_s, query.shape[-1]), query[0]]),
         support_idx=torch.arange(n_s, device=device).reshape(1, len(classes), shots),
         query_idx=torch.arange(n_s, n_s + len(yv), device=device)[None],
-        description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}), "
-                    f"the {len(yv)} val-split rows as queries",
-        on=VAL_SPLIT,
+        description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}); queries: "
+                    + sampling.describe_validation(config.val_rule, shots, len(yv), len(classes), seed),
+        on=VAL_SPLIT if config.val_rule == "full" else VAL_SPLIT_FEW,
     )
 
 
@@ -446,7 +451,7 @@ def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: 
     return br, Choice({"ridge": br.ridge}, None, on, desc)
 
 
-def choose_allway_ridge(store, text: torch.Tensor, shots: int, seed: int, ridge: float | None, device: torch.device,
+def choose_allway_ridge(store, text: torch.Tensor, config, ridge: float | None, device: torch.device,
                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Choice:
     """The ridge strength of the support-fitted, leave-one-class-out bridge (all-way regime):
     fixed, or chosen by the zero-shot accuracy of its text weights on the val split, the bridge
@@ -455,7 +460,7 @@ def choose_allway_ridge(store, text: torch.Tensor, shots: int, seed: int, ridge:
         return Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
     if ridge is not None:
         return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")
-    task = allway_val_task(store, shots, seed, device, transform) if shots > 0 else None
+    task = allway_val_task(store, config, device, transform) if config.shots > 0 else None
     if task is None:
         return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None, "default (no all-way shots or val split)", "")
 

@@ -122,7 +122,7 @@ class LinearProbe(Method):
 
         ep = search_probe(C.episodic_val_task(store, config.shots, opts, config.seed, device), space_ep, alphas=(None,),
                           weight_decays=wds, steps=steps, lr=opts.lr, default=default)
-        aw_task = C.allway_val_task(store, config.shots, config.seed, device) if config.shots > 0 else None
+        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
         aw = search_probe(aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default)
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)

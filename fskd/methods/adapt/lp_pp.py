@@ -39,6 +39,8 @@ class LPPPOptions(LinearProbeOptions):
 class LPPlusPlus(Method):
     """Linear probe + class-wise blend with text weights (LP++); zero-shot at 0 shots."""
 
+    needs_text = True
+
     name = "lp++"
     kind = "adapt"
     options = LPPPOptions
@@ -50,7 +52,7 @@ class LPPlusPlus(Method):
         text, source = C.class_text(store, config, self.name)
         state = C.new_state(store, config, self.name)
         bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        br_aw = C.choose_allway_ridge(store, text, config.shots, config.seed, opts.ridge, device)
+        br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
         alphas = C.fixed_or(opts.alpha0, ALPHA0)
         wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
         steps = C.fixed_or(opts.steps, STEPS)
@@ -61,7 +63,7 @@ class LPPlusPlus(Method):
                           lambda s, c: C.episodic_text_space(bridge, text, s, c),
                           alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default)
         aw_ridge = br_aw.params["ridge"]
-        aw_task = C.allway_val_task(store, config.shots, config.seed, device)
+        aw_task = C.allway_val_task(store, config, device)
         if aw_task is not None and aw_task.shot == 0 and not store.joint:
             aw_task = None  # no shots to learn a bridge from
         aw = search_probe(aw_task, lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),

@@ -188,7 +188,7 @@ class ResidualAdapter(Method):
             ep = C.grid_search([], lambda c: 0.0, None, default)
 
         # all-way: adapters trained on K train shots of every class, scored on the val split
-        aw_task = C.allway_val_task(store, config.shots, config.seed, device) if config.shots > 0 else None
+        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
         if aw_task is not None:
             runs_aw = {r: _train_on_support(aw_task.support, store.joint, r, steps, train) for r in ratios}
 

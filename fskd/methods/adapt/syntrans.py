@@ -139,6 +139,8 @@ class Base:
 class SynTrans(Method):
     """Visual weight generator + semantic weight reconstructor + bridge, meta-trained on base classes."""
 
+    needs_text = True
+
     name = "syntrans"
     kind = "adapt"
     options = SynTransOptions
@@ -231,9 +233,9 @@ class SynTrans(Method):
         ch_rho = C.grid_search([{"rho": r} for r in rhos], rho_score, ep_task, {"rho": 1.0 if 1.0 in rhos else rhos[0]})
 
         # 6. all-way regime: bridge ridge and (a, b) on the val split
-        ch_aw_ridge = C.choose_allway_ridge(store, text, config.shots, config.seed, opts.ridge, device,
+        ch_aw_ridge = C.choose_allway_ridge(store, text, config, opts.ridge, device,
                                             transform=lambda t: tukey(t, p))
-        aw_task = C.allway_val_task(store, config.shots, config.seed, device) if config.shots > 0 else None
+        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
         if aw_task is not None:
             aw_parts = _allway_parts(aw_task.support, aw_task.classes, text, p, tau, store.joint,
                                      ch_aw_ridge.params["ridge"])

@@ -104,6 +104,8 @@ def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, 
 class TipAdapter(Method):
     """Training-free cache model over the support + text weights; alpha, beta chosen on validation."""
 
+    needs_text = True
+
     name = "tip-adapter"
     kind = "adapt"
     options = TipOptions
@@ -138,14 +140,14 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
     text, source = C.class_text(store, config, name)
     state = C.new_state(store, config, name)
     bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-    br_aw = C.choose_allway_ridge(store, text, config.shots, config.seed, opts.ridge, device)
+    br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
     C.record(state, C.EPISODIC, br_ep)
     C.record(state, C.ALLWAY, br_aw)
     alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
     fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
     default = {"alpha": 1.0 if 1.0 in alphas else alphas[0], "beta": 5.5 if 5.5 in betas else betas[0]}
     ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-    aw_task = C.allway_val_task(store, config.shots, config.seed, device)
+    aw_task = C.allway_val_task(store, config, device)
     if aw_task is not None and aw_task.shot == 0 and not store.joint:
         aw_task = None
     spaces = {

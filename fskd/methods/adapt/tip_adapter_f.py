@@ -55,6 +55,8 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
 class TipAdapterF(Method):
     """Tip-Adapter with cache keys fine-tuned on the shots; steps and alpha chosen on validation."""
 
+    needs_text = True
+
     name = "tip-adapter-f"
     kind = "adapt"
     options = TipOptions

@@ -25,6 +25,8 @@ class ZeroShotOptions(Config):
 class ZeroShot(Method):
     """Cosine similarity to the class text features in image space."""
 
+    needs_text = True
+
     name = "zero-shot"
     kind = "adapt"
     options = ZeroShotOptions
@@ -36,7 +38,7 @@ class ZeroShot(Method):
         text, source = C.class_text(store, config, self.name)
         state = C.new_state(store, config, self.name)
         bridge, ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        aw = C.choose_allway_ridge(store, text, config.shots, config.seed, opts.ridge, device)
+        aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
         C.record(state, C.EPISODIC, ep)
         C.record(state, C.ALLWAY, aw)
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}

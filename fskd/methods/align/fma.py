@@ -371,6 +371,8 @@ class FMA(Method):
     """Flow Matching Alignment: a learned velocity field transports image features to their
     class text features in several solver steps; steps and early stop chosen on validation."""
 
+    needs_text = True
+
     name = "fma"
     kind = "align"
     options = FMAOptions
@@ -435,9 +437,11 @@ class FMA(Method):
             rows = sample_shots(y_all, classes, config.shots, config.seed, names).reshape(-1)  # class-major
             x_np, y_np = x_all[rows], y_all[rows]
             xv_np, yv_np = store.gather(classes, ["val"])
+            keep = sampling.validation_rows(yv_np, classes, config.shots, config.seed, config.val_rule)
+            xv_np, yv_np = xv_np[keep], yv_np[keep]
             if len(yv_np) == 0:
                 raise StoreError(f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there")
-            val_on = "val split"
+            val_on = "val split" if config.val_rule == "full" else "val split (min(K, 4) per class)"
         else:
             base = store.class_split("base")
             val_cls = store.class_split("val") if "val" in store.attrs["class_split"] else []
@@ -483,7 +487,8 @@ class FMA(Method):
             pos[classes] = np.arange(len(classes))
             protos = F.normalize(e_train.reshape(len(classes), config.shots, -1).mean(1), dim=-1)
             score = allway_scorer(targets[train_cls], protos, ev, torch.from_numpy(pos[yv_np]).to(device), weights)
-            val_desc = f"the {len(yv_np)} val-split rows, all {len(classes)} classes, {config.shots} shots each (seed {config.seed})"
+            val_desc = (f"all {len(classes)} classes, {config.shots} shots each (seed {config.seed}); queries: "
+                        + sampling.describe_validation(config.val_rule, config.shots, len(yv_np), len(classes), config.seed))
         else:
             vcls = np.asarray(sorted(store.class_split("val")))
             k_val = max(1, config.shots)

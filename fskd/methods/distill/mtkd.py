@@ -73,6 +73,7 @@ from fskd.methods.distill.losses import (
 )
 from fskd.methods.distill.teacher import OnlineTeacher, TeacherHead, class_means, fit_teacher_head
 from fskd.runtime import autocast, barrier, init_distributed, resolve_device, seed_everything
+from fskd.store.sampling import validation_rows
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +215,14 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
     plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val split: last epoch)"}
     if store.has_split("val"):
         vids, vy, vx = _rows(store, "val")
-        keep = np.isin(vy, classes)
+        keep = validation_rows(vy, classes, cfg.shots, cfg.seed, cfg.val_rule)
         vids, vy, vx = vids[keep], vy[keep], vx[keep]
         if len(vy):
             vloc = np.array([local[int(c)] for c in vy])
             val = (torch.from_numpy(vx), vloc)
             plan_val = {"val_kind": "split", "val_support": shots, "val_query": np.arange(len(refs), len(refs) + len(vy)),
-                        "val_labels": vloc, "selected_on": "val split"}
+                        "val_labels": vloc, "selected_on": "val split" if cfg.val_rule == "full" else
+                        f"val split ({len(vy)} rows: min(K, 4) per class, CoOp's few-shot validation)"}
             refs += list(vids)
     bridge = None
     text = None

@@ -1,0 +1,304 @@
+"""The benchmark grid as data: one row per (store, method, shots, seed) cell in
+``OUT/results.jsonl``, appended (and fsynced) as each cell finishes, so a rerun skips what is done
+and a killed run loses at most the cell in flight; tables and plots are rebuilt from the rows.
+
+```
+OUT/
+  bench.json      format marker, the grid's config, versions, when it ran (rewritten per run)
+  results.jsonl   one JSON row per finished cell (ok, n/a or failed), in finishing order
+  table.md        the paper tables: methods x datasets + average (mean ± std over seeds), per K;
+                  methods x shots averaged over datasets; paired differences to --baseline
+  table.csv       one line per (method, dataset, shots): mean, std, seeds, n/a reasons
+  table.tex       the per-K tables as LaTeX (booktabs)
+  accuracy_vs_shots.png/.svg   one panel per dataset + the average, one line per method
+  states/         the fitted states when --keep-states
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fskd.errors import ConfigError, OutputError
+from fskd.evaluation.metrics import paired_difference, seed_summary
+from fskd.fsutil import atomic_write_text, fault_point
+
+log = logging.getLogger(__name__)
+
+BENCH_FORMAT = "fskd-bench"
+BENCH_JSON = "bench.json"
+RESULTS = "results.jsonl"
+OK, NA, FAILED = "ok", "n/a", "failed"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (store, method, shots, seed) cell; ``key`` identifies it across runs (the store by its
+    fingerprint, the method by its options too, so a changed option refits that method's cells)."""
+
+    store: str
+    store_fingerprint: str
+    dataset: str
+    method: str
+    shots: int
+    seed: int
+    protocol: str
+    val_rule: str
+    options: str  # JSON of the method's options (sorted keys)
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule,
+                           self.options])
+
+    def label(self) -> str:
+        return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
+
+
+def is_bench_dir(path: Path) -> bool:
+    meta = Path(path) / BENCH_JSON
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == BENCH_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class Results:
+    """``OUT/results.jsonl``: read once, appended one whole line per finished cell."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / RESULTS
+        self.rows: list[dict] = []
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a line cut by a kill: ours, and never a finished cell
+            log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path,
+                        len(data) - end)
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise OutputError(f"{self.path}: line {i + 1} is not JSON ({e}); the results file was edited. Fix or "
+                                  f"remove that line") from None
+            self.rows.append(row)
+
+    def done(self) -> dict[str, dict]:
+        """Finished cells by key: the last row of each key wins; failed cells are not finished."""
+        out = {}
+        for r in self.rows:
+            if r.get("status") in (OK, NA):
+                out[r["key"]] = r
+            else:
+                out.pop(r.get("key"), None)
+        return out
+
+    def append(self, row: dict) -> None:
+        line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.rows.append(row)
+
+
+def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dict],
+             progress: Callable[[int, int, str], None] | None = None) -> dict[str, int]:
+    """Run every cell not finished in ``results``; append each row as it finishes. Returns counts
+    of done-before / ok / n/a / failed."""
+    done = results.done()
+    todo = [c for c in cells if c.key not in done]
+    counts = {"skipped": len(cells) - len(todo), OK: 0, NA: 0, FAILED: 0}
+    if progress:
+        progress(0, len(todo), "")
+    for i, cell in enumerate(todo):
+        if progress:
+            progress(i, len(todo), cell.label())
+        row = run_cell(cell)
+        row = {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
+               "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
+               "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options), **row}
+        results.append(row)
+        fault_point(f"bench:cell-{i + 1}")  # tests kill a grid after its i-th new cell
+        counts[row["status"]] += 1
+        if row["status"] == FAILED:
+            log.warning("bench cell %s failed: %s", cell.label(), row.get("message"))
+    if progress:
+        progress(len(todo), len(todo), "")
+    return counts
+
+
+# -- tables ------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Mean and std over seeds of one (method, dataset, shots), with the per-seed values."""
+
+    mean: float | None
+    std: float | None
+    per_seed: dict[int, float]
+    status: str
+    message: str = ""
+
+    def text(self, digits: int = 2) -> str:
+        if self.status != OK:
+            return "n/a" if self.status == NA else "failed"
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def _grid_rows(rows: Iterable[dict], keys: set[str] | None) -> list[dict]:
+    last: dict[str, dict] = {}
+    for r in rows:
+        if keys is None or r["key"] in keys:
+            last[r["key"]] = r
+    return list(last.values())
+
+
+def summarise(rows: list[dict]) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
+    """(method, dataset, shots) -> Summary, with methods, datasets and shots in grid order."""
+    methods, datasets, shots = [], [], []
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        for lst, v in ((methods, r["method"]), (datasets, r["dataset"]), (shots, r["shots"])):
+            if v not in lst:
+                lst.append(v)
+        groups.setdefault((r["method"], r["dataset"], r["shots"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        ok = {r["seed"]: r["accuracy"] for r in rs if r["status"] == OK}
+        bad = [r for r in rs if r["status"] != OK]
+        if bad:  # one n/a or failed seed makes the cell n/a: a mean over other seeds is another number
+            out[k] = Summary(None, None, ok, bad[0]["status"], bad[0].get("message", ""))
+            continue
+        s = seed_summary(np.asarray([ok[seed] for seed in sorted(ok)]) / 100)
+        out[k] = Summary(s.mean, s.std, ok, OK)
+    return out, methods, datasets, sorted(shots)
+
+
+def _average(summ: dict, method: str, datasets: list[str], k: int) -> Summary:
+    """Mean over datasets of the per-dataset means (std: of the per-seed averages over datasets)."""
+    cells = [summ.get((method, d, k)) for d in datasets]
+    if not cells or any(c is None or c.status != OK for c in cells):
+        return Summary(None, None, {}, NA, "not every dataset has a result")
+    seeds = set.intersection(*(set(c.per_seed) for c in cells))
+    per_seed = {s: float(np.mean([c.per_seed[s] for c in cells])) for s in sorted(seeds)}
+    st = seed_summary(np.asarray(list(per_seed.values())) / 100)
+    return Summary(float(np.mean([c.mean for c in cells])), st.std, per_seed, OK)
+
+
+def _md(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
+    """``table.md``, ``table.csv`` and ``table.tex`` contents from the result rows."""
+    summ, methods, datasets, shots = summarise(rows)
+    cols = datasets + (["Average"] if len(datasets) > 1 else [])
+
+    def row_cells(m: str, k: int) -> list[Summary]:
+        cells = [summ.get((m, d, k), Summary(None, None, {}, NA, "not run")) for d in datasets]
+        return cells + ([_average(summ, m, datasets, k)] if len(datasets) > 1 else [])
+
+    seeds = sorted({r["seed"] for r in rows})
+    md = [f"# fskd bench: {config.get('protocol', 'allway')}\n",
+          protocol_text(config, seeds), ""]
+    tex = ["% fskd bench: " + protocol_text(config, seeds).replace("%", "\\%")]
+    for k in shots:
+        md += [f"## {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + cols,
+                                                          [[m] + [c.text() for c in row_cells(m, k)] for m in methods]), ""]
+        tex += [f"% {k} shots", "\\begin{tabular}{l" + "c" * len(cols) + "}", "\\toprule",
+                "Method & " + " & ".join(_tex(c) for c in cols) + " \\\\", "\\midrule"]
+        tex += [_tex(m) + " & " + " & ".join(c.text().replace("±", "$\\pm$") for c in row_cells(m, k)) + " \\\\"
+                for m in methods]
+        tex += ["\\bottomrule", "\\end{tabular}", ""]
+    if len(shots) > 1:
+        label = "average over datasets" if len(datasets) > 1 else datasets[0]
+        md += [f"## Accuracy vs shots ({label})\n",
+               _md(["method"] + [f"{k}-shot" for k in shots],
+                   [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods]), ""]
+    if baseline:
+        md += [f"## Paired difference to {baseline}\n",
+               f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its 95% CI "
+               "(Student t over the seeds); * where the interval excludes 0.\n"]
+        for k in shots:
+            body = []
+            for m in methods:
+                if m == baseline:
+                    continue
+                body.append([m] + [_diff(summ, m, baseline, d, k) for d in datasets])
+            md += [f"### {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + datasets, body), ""]
+    na = sorted({(r["method"], r["dataset"], r.get("message", "")) for r in rows if r["status"] != OK})
+    if na:
+        md += ["## Not applicable or failed\n"] + [f"- {m} on {d}: {msg}" for m, d, msg in na] + [""]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "dataset", "shots", "mean", "std", "n_seeds", "per_seed", "status", "message"])
+    for m in methods:
+        for k in shots:
+            for d, c in zip(cols, row_cells(m, k), strict=True):
+                w.writerow([m, d, k, "" if c.mean is None else f"{c.mean:.3f}", "" if c.std is None else f"{c.std:.3f}",
+                            len(c.per_seed), json.dumps({str(s): round(v, 3) for s, v in c.per_seed.items()}),
+                            c.status, c.message])
+    return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+
+
+def _diff(summ, m: str, base: str, d: str, k: int) -> str:
+    a, b = summ.get((m, d, k)), summ.get((base, d, k))
+    if a is None or b is None or a.status != OK or b.status != OK:
+        return "n/a"
+    seeds = sorted(set(a.per_seed) & set(b.per_seed))
+    r = paired_difference([a.per_seed[s] / 100 for s in seeds], [b.per_seed[s] / 100 for s in seeds], "seeds")
+    if r["ci95"] is None:
+        return f"{r['difference']:+.2f} (one seed)"
+    return f"{r['difference']:+.2f} ± {r['ci95']:.2f}{' *' if r['excludes_zero'] else ''}"
+
+
+def _tex(s: str) -> str:
+    return "".join("\\" + c if c in "&%$#_{}" else c for c in s)
+
+
+def protocol_text(config: dict, seeds: list[int]) -> str:
+    rule = config.get("val_rule", "few-shot")
+    val = ("hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot validation)"
+           if rule == "few-shot" else "hyper-parameters chosen on the full val split")
+    return (f"Protocol: all-way (CLIP few-shot). Each cell fits the method on K shots per class drawn from the train "
+            f"split with seed s, {val}, and scores top-1 accuracy (%) on the full test split, all classes. "
+            f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed). Average: the mean of "
+            f"the per-dataset means (its ± is the std over seeds of the per-seed averages).")
+
+
+def write_outputs(out: Path, rows: list[dict], config: dict, keys: set[str] | None = None) -> list[Path]:
+    """Rebuild tables and plots from ``rows`` (those of ``keys`` when given). Returns the paths."""
+    rows = _grid_rows(rows, keys)
+    if not rows:
+        raise ConfigError(f"{out / RESULTS} has no finished cells to report")
+    paths = []
+    for name, text in build_tables(rows, config, config.get("baseline")).items():
+        atomic_write_text(out / name, text)
+        paths.append(out / name)
+    from fskd.reports.plots import accuracy_vs_shots
+
+    paths += accuracy_vs_shots(out, summarise(rows), config)
+    return paths

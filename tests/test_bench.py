@@ -1,0 +1,125 @@
+"""fskd bench: a grid run end to end through the CLI, killed and resumed, tables and plots,
+and the bad input a user meets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fskd import api
+from fskd.cli import app
+from fskd.config import BenchConfig
+from fskd.errors import ConfigError, OutputError, RegistryError
+from fskd.store import FeatureStore
+from fskd.store.synthetic import make_synthetic_store, synthetic_features
+
+runner = CliRunner()
+METHODS = "prototype,linear-probe,zero-shot"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench-stores")
+    a = make_synthetic_store(d / "a.zarr", n_classes=8, joint=True, seed=0)
+    splits, _ = synthetic_features(n_classes=6, seed=3)  # a store without class text
+    b = FeatureStore.from_arrays(d / "b.zarr", splits, [f"c{i}" for i in range(6)],
+                                 {"base": [0, 1, 2], "val": [3], "novel": [4, 5]}, encoder={"spec": "no-text"},
+                                 dataset="notext", chunk_rows=64)
+    return str(a.path), str(b.path)
+
+
+def test_grid_end_to_end_killed_and_resumed_equals_uninterrupted(stores, tmp_path):
+    grid = ["--stores", ",".join(stores), "--methods", METHODS, "--shots", "1,2", "--seeds", "1,2",
+            "--baseline", "prototype"]
+    ref = runner.invoke(app, ["bench", *grid, "--out", str(tmp_path / "ref")])
+    assert ref.exit_code == 0, ref.output
+    assert "24 cells (0 already done, 20 run, 4 not applicable, 0 failed)" in ref.output
+    # the same grid killed after its 5th cell, then run again
+    killed = subprocess.run([sys.executable, "-m", "fskd", "bench", *grid, "--out", str(tmp_path / "k")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "FSKD_FAULT": "bench:cell-5"})
+    assert killed.returncode == -9
+    rows = (tmp_path / "k" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 5
+    with open(tmp_path / "k" / "results.jsonl", "a") as f:  # a line cut by the kill is dropped, not read
+        f.write('{"key": "half a line')
+    again = runner.invoke(app, ["bench", *grid, "--out", str(tmp_path / "k")])
+    assert again.exit_code == 0, again.output
+    assert "24 cells (5 already done, 15 run, 4 not applicable, 0 failed)" in again.output
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (tmp_path / "k" / name).read_text() == (tmp_path / "ref" / name).read_text(), name
+    assert len((tmp_path / "k" / "results.jsonl").read_text().splitlines()) == 24
+    # a third run has nothing to do
+    third = runner.invoke(app, ["bench", *grid, "--out", str(tmp_path / "k")])
+    assert "(24 already done, 0 run" in third.output
+
+
+def test_tables_plots_and_report_rebuild(stores, tmp_path):
+    out = tmp_path / "b"
+    r = api.bench(BenchConfig(stores=stores, methods=tuple(METHODS.split(",")), shots=(1, 2, 4), seeds=(1, 2, 3),
+                              out=str(out), baseline="prototype"), progress=None)
+    assert r.counts["failed"] == 0 and r.counts["n/a"] == 9  # zero-shot on the store without text
+    md = (out / "table.md").read_text()
+    assert "min(K, 4) val-split images per class" in md and "## 4 shots" in md and "Average" in md
+    assert "Paired difference to prototype" in md and "zero-shot on notext: zero-shot needs class text features" in md
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    res = [json.loads(line) for line in open(out / "results.jsonl")]
+    ok = [x for x in res if x["status"] == "ok"]
+    assert all(0 <= x["accuracy"] <= 100 and x["fit_seconds"] >= 0 and x["versions"]["fskd"] for x in ok)
+    # a table entry is the mean and std over the seeds of the rows
+    lp = [x["accuracy"] for x in ok if x["method"] == "linear-probe" and x["shots"] == 2 and x["dataset"] == "synthetic"]
+    entry = next(x for x in rows if x["method"] == "linear-probe" and x["shots"] == "2" and x["dataset"] == "synthetic")
+    assert float(entry["mean"]) == pytest.approx(np.mean(lp), abs=1e-3)
+    assert float(entry["std"]) == pytest.approx(np.std(lp, ddof=1), abs=1e-3)
+    assert any("min(K, 4)" in str(v) for v in ok[0]["selected_on"].values()) or ok[0]["method"] == "prototype"
+    for ext in ("png", "svg"):
+        assert (out / f"accuracy_vs_shots.{ext}").stat().st_size > 1000
+    before = {n: (out / n).read_text() for n in ("table.md", "table.csv")}
+    for n in before:
+        (out / n).unlink()
+    rebuilt = runner.invoke(app, ["bench", "--report", str(out)])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert {n: (out / n).read_text() for n in before} == before
+
+
+def test_grid_file_and_its_errors(stores, tmp_path):
+    g = tmp_path / "grid.toml"
+    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe"]\nshots = [1]\n'
+                 f'seeds = [1]\nout = "{tmp_path / "g"}"\n[options.linear-probe]\nsteps = [50]\n')
+    r = runner.invoke(app, ["bench", "--grid", str(g), "--json"])
+    assert r.exit_code == 0, r.output
+    res = [json.loads(line) for line in open(tmp_path / "g" / "results.jsonl")]
+    assert {x["method"] for x in res} == {"prototype", "linear-probe"}
+    assert next(x for x in res if x["method"] == "linear-probe")["options"] == {"steps": [50]}
+    g.write_text('stores = ["a.zarr"]\nmethods = ["prototype"]\nshot = [1]\n')
+    r = runner.invoke(app, ["bench", "--grid", str(g)])
+    assert r.exit_code == 2 and "unknown key(s) shot" in r.output and str(g) in r.output and "valid keys" in r.output
+
+
+def test_bad_input_is_named_before_any_cell(stores, tmp_path):
+    base = dict(stores=stores, shots=(1,), seeds=(1,), out=str(tmp_path / "x"))
+    with pytest.raises(RegistryError, match="Unknown method 'protoype'.*Available: .*prototype"):
+        api.bench(BenchConfig(methods=("protoype",), **base), progress=None)
+    with pytest.raises(ConfigError, match="'mtkd' is a distill method"):
+        api.bench(BenchConfig(methods=("mtkd",), **base), progress=None)
+    with pytest.raises(ConfigError, match="options are given for method.* fma"):
+        BenchConfig(methods=("prototype",), options={"fma": {"iters": 3}}, **base)
+    with pytest.raises(ConfigError, match="unknown key"):
+        api.bench(BenchConfig(methods=("linear-probe",), options={"linear-probe": {"epoch": 3}}, **base), progress=None)
+    with pytest.raises(Exception, match="nope.zarr"):
+        api.bench(BenchConfig(methods=("prototype",), **{**base, "stores": ("nope.zarr",)}), progress=None)
+    assert not (tmp_path / "x").exists()  # nothing was written for a grid that cannot run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="did not write"):
+        api.bench(BenchConfig(methods=("prototype",), **{**base, "out": str(mine)}), progress=None)
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    r = runner.invoke(app, ["bench", "--stores", stores[0], "--methods", "prototype", "--shots", "1,x"])
+    assert r.exit_code == 2 and "--shots" in r.output
