@@ -580,7 +580,8 @@ def bench(
         return
     data = _run(api.load_grid, grid) if grid else {}
     given = {"stores": _csv(stores, "--stores"), "methods": _csv(methods, "--methods"),
-             "shots": _csv(shots, "--shots", int), "seeds": _csv(seeds, "--seeds", int), "protocol": protocol,
+             "shots": _csv(shots, "--shots", int), "seeds": _csv(seeds, "--seeds", int),
+             "protocol": protocol.replace("all-way", "allway") if protocol else None,
              "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline}
     data.update({k: v for k, v in given.items() if v is not None})
     if set_:

@@ -77,7 +77,16 @@ def test_tables_plots_and_report_rebuild(stores, tmp_path):
     entry = next(x for x in rows if x["method"] == "linear-probe" and x["shots"] == "2" and x["dataset"] == "synthetic")
     assert float(entry["mean"]) == pytest.approx(np.mean(lp), abs=1e-3)
     assert float(entry["std"]) == pytest.approx(np.std(lp, ddof=1), abs=1e-3)
-    assert any("min(K, 4)" in str(v) for v in ok[0]["selected_on"].values()) or ok[0]["method"] == "prototype"
+    # the paired difference to the baseline: mean and Student-t CI of the per-seed differences
+    proto = [x["accuracy"] for x in ok if x["method"] == "prototype" and x["shots"] == 2 and x["dataset"] == "synthetic"]
+    d = np.subtract([x["accuracy"] for x in sorted((x for x in ok if x["method"] == "linear-probe" and x["shots"] == 2
+                                                    and x["dataset"] == "synthetic"), key=lambda x: x["seed"])],
+                    [x["accuracy"] for x in sorted((x for x in ok if x["method"] == "prototype" and x["shots"] == 2
+                                                    and x["dataset"] == "synthetic"), key=lambda x: x["seed"])])
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)
+    section = md.split("Paired difference to prototype")[1].split("### 2 shots")[1].split("###")[0]
+    assert f"| linear-probe | {d.mean():+.2f} ± {half:.2f}" in section and len(proto) == 3
+    assert any("min(K, 4)" in str(v) for r in ok if r["method"] == "linear-probe" for v in r["selected_on"].values())
     for ext in ("png", "svg"):
         assert (out / f"accuracy_vs_shots.{ext}").stat().st_size > 1000
     before = {n: (out / n).read_text() for n in ("table.md", "table.csv")}

@@ -13,19 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fskd.datasets.coop import IMAGENET_TEMPLATES
 from fskd.errors import ConfigError
 from fskd.fsutil import parse_json_file
 
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+DEFAULT_TEMPLATES = ("a photo of a {}.", *IMAGENET_TEMPLATES)
 
 
 def load_templates(path: str | Path | None) -> tuple[str, ...]:
