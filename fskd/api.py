@@ -38,6 +38,9 @@ from fskd.errors import (
     StateError,
 )
 from fskd.evaluation.allway import run_allway
+from fskd.evaluation.base_to_new import halves as b2n_halves
+from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
+from fskd.evaluation.base_to_new import split_of as b2n_split
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
 from fskd.fsutil import check_writable, store_containing
@@ -123,6 +126,9 @@ class EvalResult:
     state: str | None
     seconds: float
     eval_seconds: float
+    base: float | None = None  # base-to-new: base-class accuracy (mean over seeds)
+    new: float | None = None  # base-to-new: new-class accuracy, None when the method cannot transfer
+    hm: float | None = None  # base-to-new: harmonic mean of base and new
     mean_per_class: float | None = None  # all-way: mean over classes of per-class accuracy (mean over seeds)
     top5: float | None = None  # all-way with more than 5 classes: mean over seeds
     selected_on: dict = field(default_factory=dict)
@@ -149,6 +155,13 @@ class EvalResult:
                 f"hyper-parameters: {chosen}."
             )
         stat = self.statistic if self.n_seeds and self.n_seeds > 1 else "one seed, so no interval"
+        if self.protocol == "base-to-new":
+            return (
+                f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shot} shots per base class "
+                f"(seeds {self.seeds}); base = test rows of the base classes among the base classes, new = test rows of "
+                f"the new classes among the new classes with no shot of them, HM = harmonic mean of the mean base and "
+                f"new accuracy; {stat}; {enc}; classifier {self.classifier}; hyper-parameters: {chosen}."
+            )
         return (
             f"All-way: {self.shot} shots per class from the train split (seed s), all {self.classes} classes, the full "
             f"test split, seeds {self.seeds}; inductive; mean top-1 over seeds with {stat}; {enc}; "
@@ -160,6 +173,11 @@ class EvalResult:
         if self.protocol == "episodic":
             return (f"{self.way}-way {self.shot}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
                     f"{self.classifier}: {self.accuracy:.2f}% ± {self.ci95:.2f} (95% CI over episodes)")
+        if self.protocol == "base-to-new":
+            new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
+            hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
+            return (f"base-to-new {self.shot}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: "
+                    f"base {self.base:.2f}%, new {new}, HM {hm}")
         head = f"all-way {self.shot}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: {self.accuracy:.2f}%"
         if self.ci95 is not None:
             head += f" ± {self.ci95:.2f} (95% CI, Student t over {self.n_seeds} seeds; std {self.std:.2f})"
@@ -187,7 +205,7 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None
         center = torch.from_numpy(store.mean(store.class_split("base"))).to(device)
     ctx = ClassContext(text=torch.from_numpy(text).to(device) if text is not None else None, center=center)
     head = CLASSIFIERS.get(cfg.classifier)(ctx)
-    if isinstance(head, PrototypeHead) and cfg.protocol == "allway" and cfg.center == "base":
+    if isinstance(head, PrototypeHead) and cfg.protocol != "episodic" and cfg.center == "base":
         head = PrototypeHead(ctx, center_support=True)  # no base classes in all-way: centre on the support mean
     return head, cfg.classifier, {}
 
@@ -209,11 +227,56 @@ def evaluate(config: EvalConfig) -> EvalResult:
     names = store.class_names
     warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
                            for s, ids in store.skipped().items()]
-    episodic = cfg.protocol == "episodic"
+    episodic, b2n = cfg.protocol == "episodic", cfg.protocol == "base-to-new"
+    if state is not None and bool(state.config.get("base_to_new")) != b2n:
+        raise EvaluationError(
+            f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it with --protocol "
+            f"base-to-new" if not b2n else f"state {cfg.state} was fitted on every class, the new half included; "
+            f"base-to-new needs a state fitted with --base-to-new (fskd adapt/align --base-to-new --shots 16)")
     if not episodic and state is not None:
-        _check_state_seeds(cfg, state, warnings)
+        _check_state_seeds(cfg, state, warnings, strict=b2n)
     mean_pc = top5 = per_episode = per_class = n_seeds = None
-    if episodic:
+    b2n_fields: dict = {}
+    if b2n:
+        for s in ("train", "test"):
+            if not store.has_split(s):
+                raise EvaluationError(f"base-to-new needs a {s!r} sample split; {store.path} has {store.splits}")
+        if state is None:
+            store.override_class_split(split=b2n_split(store.num_classes))
+        train_x, train_y = store.gather(None, ["train"])
+        test_x, test_y = store.gather(None, ["test"])
+        transfers = METHODS.get(state.method).transfers_to_new_classes if state is not None else head.needs_text
+        if not transfers:
+            warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
+        t1 = time.perf_counter()
+        sc = run_base_to_new(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+                             store.num_classes, cfg.shot, tuple(cfg.seeds), head, transfers, names)
+        b = seed_summary(sc.base.top1)
+        nw = seed_summary(sc.new.top1) if sc.new is not None else None
+        hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
+        per_seed_v = ([harmonic_mean(x, y) for x, y in zip(sc.base.top1, sc.new.top1, strict=True)]
+                      if sc.new is not None else list(sc.base.top1))
+        summ = seed_summary(per_seed_v)
+        acc = hm if hm is not None else b.mean
+        ci, std, n_seeds = summ.ci95, summ.std, summ.n
+        statistic = f"{SEED_CI} of the per-seed {'harmonic mean' if hm is not None else 'base accuracy'}"
+        per_seed = [round(float(a) * 100, 3) for a in per_seed_v]
+        classes = np.arange(store.num_classes)
+        n_classes = store.num_classes
+        b2n_fields = {"base": round(b.mean, 3), "new": None if nw is None else round(nw.mean, 3),
+                      "hm": None if hm is None else round(hm, 3)}
+        top5 = None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3)
+        rows = np.bincount(test_y, minlength=store.num_classes)
+        per_class = []
+        for part, scores_, cls in (("base", sc.base, b2n_halves(store.num_classes)[0]),
+                                   ("new", sc.new, b2n_halves(store.num_classes)[1])):
+            if scores_ is None:
+                continue
+            pc = np.nanmean(scores_.per_class, axis=0)
+            per_class += [{"class": names[int(c)], "half": part, "accuracy": round(float(a) * 100, 3),
+                           "test_rows": int(rows[c])} for c, a in zip(cls, pc, strict=True)]
+        mean_pc = round(float(np.nanmean([r["accuracy"] for r in per_class])), 3)
+    elif episodic:
         classes = store.class_split(cfg.split)
         if not classes:
             raise EvaluationError(f"{store.path}: the {cfg.split!r} class split is empty")
@@ -259,7 +322,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
         center=_center_text(cfg, episodic), inductive=True, store=str(store.path), store_fingerprint=store.fingerprint, state=cfg.state,
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
-        selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class,
+        selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
     )
     for w in warnings:
         log.warning("%s: %s", store.path, w)
@@ -302,7 +365,7 @@ def _center_text(cfg: EvalConfig, episodic: bool) -> str:
     return "base-class mean (SimpleShot)" if episodic else "support mean (no base classes in the all-way protocol)"
 
 
-def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str]) -> None:
+def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str], strict: bool = False) -> None:
     """A state fitted on the K shots of one seed, evaluated all-way: a method whose state holds the
     fitted model (fma, a semi-supervised student) would score that one model under every seed, so
     other seeds or K are refused; for methods that refit on the shots they are given, a K or seed
@@ -311,6 +374,10 @@ def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str]) -> None:
     if k is None or seed is None:
         return
     method = METHODS.get(state.method)()
+    if strict and (tuple(cfg.seeds) != (seed,) or cfg.shot != k):
+        raise EvaluationError(
+            f"state {cfg.state} was fitted for base-to-new on the {k} shots per base class of seed {seed} (all it "
+            f"was shown); evaluate it with --shots {k} --seeds {seed}, and fit one state per seed for numbers over seeds")
     if method.bound_to_shots(state):
         if tuple(cfg.seeds) != (seed,) or cfg.shot != k:
             raise EvaluationError(
@@ -354,7 +421,14 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
     store = FeatureStore.open(config.store)
     store.check_complete()
     override = store.override_class_split(config.class_split, config.class_ratio, config.split_seed)
-    warnings = _validation_warnings(store, config)
+    if config.base_to_new:
+        if override:
+            raise ConfigError("--base-to-new splits the classes in half by label order (CoCoOp); drop --class-split / "
+                              "--class-ratio")
+        if config.shots < 1:
+            raise ConfigError("--base-to-new fits on K shots of the base classes: --shots must be >= 1 (16 in CoCoOp)")
+        b2n_desc = restrict_for_fit(store, config.shots, config.seed, config.val_rule)
+    warnings = [] if config.base_to_new else _validation_warnings(store, config)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
     # before any fitting: --out must be new, or an fskd state and --force; never the store or data
     roots = [store.attrs["dataset"].get("root") or None, getattr(config, "root", None)]
@@ -366,7 +440,10 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
     state.store_path = str(Path(state.store_path).absolute())  # found again from any working directory
     split = store.attrs["class_split"]
     state.hparams["class_split"] = {k: v for k, v in split.items() if k != "source"}
-    state.selected_on["class_split"] = split.get("source") if override else f"the store's ({split.get('source')})"
+    state.selected_on["class_split"] = (split.get("source") if override or config.base_to_new
+                                        else f"the store's ({split.get('source')})")
+    if config.base_to_new:
+        state.metrics["base_to_new"] = b2n_desc
     state.selected_on = provenance(state.hparams, state.selected_on, config)
     state.metrics["warnings"] = warnings
     seconds = round(time.perf_counter() - t0, 3)
@@ -561,7 +638,7 @@ class _LogOnce(logging.Filter):
 
 def bench(config, progress=AUTO) -> BenchResult:
     """Run a benchmark grid (``fskd bench``): every (store, method, shots, seed) cell is fitted
-    and evaluated once (all-way protocol), its row appended to ``OUT/results.jsonl``; a rerun
+    and evaluated once (all-way or base-to-new), its row appended to ``OUT/results.jsonl``; a rerun
     skips finished cells. Then the tables and plots are rebuilt (:mod:`fskd.reports.bench`).
     ``progress``: "auto" (a bar over cells with an ETA on a terminal), None, or
     ``callable(done, total, cell_label)``."""
@@ -587,7 +664,7 @@ def bench(config, progress=AUTO) -> BenchResult:
         st.check_complete()
         for s in ("train", "test"):
             if not st.has_split(s):
-                raise EvaluationError(f"fskd bench (all-way) needs a {s!r} sample split; {st.path} has {st.splits}")
+                raise EvaluationError(f"fskd bench ({config.protocol}) needs a {s!r} sample split; {st.path} has {st.splits}")
         stores.append(st)
     names = [st.attrs["dataset"]["name"] for st in stores]
     labels = [n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr") for n, st in zip(names, stores, strict=True)]
@@ -606,17 +683,21 @@ def bench(config, progress=AUTO) -> BenchResult:
         if cls.needs_text and not st.attrs["text"].get("available"):
             return {"status": "n/a", "message": f"{cell.method} needs class text features; {st.path} has none "
                                                f"(encoder {st.encoder_spec} has no text tower)"}
+        if cell.protocol == "base-to-new" and st.num_classes < 2:
+            return {"status": "n/a", "message": f"base-to-new needs at least 2 classes; {st.path} has {st.num_classes}"}
         if cell.shots > min_train[cell.store]:
             return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(cell.store).name} "
                                                f"has {min_train[cell.store]} train rows"}
         state_dir = (out / "states" / cell.dataset / cell.method / f"{cell.shots}shot-seed{cell.seed}"
                      if config.keep_states else tmp_state)
+        b2n = cell.protocol == "base-to-new"
         kw = dict(store=cell.store, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule)
+                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule,
+                  base_to_new=b2n)
         try:
             fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
                    else align(AlignConfig(**kw), progress=None))
-            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol="allway", shot=cell.shots,
+            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=cell.protocol, shot=cell.shots,
                                      seeds=(cell.seed,), device=config.device))
         except FskdError as e:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
@@ -624,6 +705,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             if not config.keep_states and tmp_state.exists():
                 shutil.rmtree(tmp_state)  # a state this run wrote, nothing else
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
+                **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
                 "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
                 "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
                 "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, "warnings": fit.warnings + ev.warnings,

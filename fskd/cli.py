@@ -77,7 +77,7 @@ MethodName = _choices("MethodName", _reg["methods"])
 AdaptMethod = _choices("AdaptMethod", [n for n, d in _reg["methods"].items() if d.startswith("[adapt]")])
 AlignMethod = _choices("AlignMethod", [n for n, d in _reg["methods"].items() if d.startswith("[align]")])
 DistillMethod = _choices("DistillMethod", [n for n, d in _reg["methods"].items() if d.startswith("[distill]")])
-Protocol = _choices("Protocol", ["episodic", "allway", "all-way"])
+Protocol = _choices("Protocol", ["episodic", "allway", "all-way", "base-to-new"])
 ClassSplit = _choices("ClassSplit", ["novel", "val", "base"])
 Center = _choices("Center", ["base", "none"])
 ValRule = _choices("ValRule", ["few-shot", "full"])
@@ -330,7 +330,7 @@ SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of --class-ra
 def eval_(
     store: Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")],
     state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")] = None,
-    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split) or allway (all-way).")] = "episodic",
+    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split), allway (all-way), or base-to-new (CoCoOp; a state fitted with --base-to-new).")] = "episodic",
     shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
     seed: Annotated[int, typer.Option(help="Episode sampling seed.", metavar="N", rich_help_panel=EPISODIC)] = 1,
     way: Annotated[int, typer.Option(help="Classes per episode.", metavar="N", rich_help_panel=EPISODIC)] = 5,
@@ -439,9 +439,12 @@ StoreOption = Annotated[str, typer.Option(help="Feature store path.", metavar="P
 ValRuleOption = Annotated[ValRule, typer.Option("--val-rule", help="All-way validation rows that choose hyper-parameters: few-shot (CoOp: min(K, 4) per class of the val split) or full (the whole val split).", rich_help_panel=FIT)]
 
 
-def _split_kwargs(class_split, class_ratio, split_seed, val_rule) -> dict:
+BaseToNewOption = Annotated[bool, typer.Option("--base-to-new", help="CoCoOp base-to-new: fit on the K shots of the first half of the classes only; evaluate with --protocol base-to-new.", rich_help_panel=FIT)]
+
+
+def _split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new=False) -> dict:
     return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed,
-            "val_rule": _value(val_rule)}
+            "val_rule": _value(val_rule), "base_to_new": base_to_new}
 
 
 @app.command()
@@ -458,6 +461,7 @@ def adapt(
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
     val_rule: ValRuleOption = "few-shot",
+    base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -465,7 +469,7 @@ def adapt(
     _JSON["on"] = as_json
     cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
                out=out, device=device, options=_options(set_), force=force,
-               **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
+               **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
     _fit_summary(_run(api.adapt, cfg), as_json)
 
 
@@ -485,6 +489,7 @@ def align(
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
     val_rule: ValRuleOption = "few-shot",
+    base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -497,7 +502,7 @@ def align(
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
     cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
                steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
     _fit_summary(_run(api.align, cfg), as_json)
 
 

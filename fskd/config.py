@@ -197,7 +197,7 @@ class ExtractConfig(Config):
         _check_ratios("--sample-split", self.sample_split, 3)
 
 
-PROTOCOLS = ("episodic", "allway")
+PROTOCOLS = ("episodic", "allway", "base-to-new")
 #: how all-way hyper-parameter search picks its validation rows (fskd.store.sampling.validation_rows)
 VAL_RULES = ("few-shot", "full")
 
@@ -278,6 +278,7 @@ class FitConfig(Config):
     class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split of the store's classes
     split_seed: int = 0  # seed of --class-ratio
     val_rule: str = "few-shot"  # all-way validation rows: few-shot (CoOp: min(K, 4) per class of the val split) or full
+    base_to_new: bool = False  # CoCoOp: fit on the K shots of the base half of the classes only (new classes hidden)
 
     def __post_init__(self) -> None:
         _check_split_override(self)
@@ -384,7 +385,7 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     return out
 
 
-BENCH_PROTOCOLS = ("allway",)
+BENCH_PROTOCOLS = ("allway", "base-to-new")
 
 
 @dataclass(frozen=True)

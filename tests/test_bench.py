@@ -132,3 +132,20 @@ def test_bad_input_is_named_before_any_cell(stores, tmp_path):
     assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     r = runner.invoke(app, ["bench", "--stores", stores[0], "--methods", "prototype", "--shots", "1,x"])
     assert r.exit_code == 2 and "--shots" in r.output
+
+
+def test_base_to_new_grid_tables(stores, tmp_path):
+    out = tmp_path / "b2n"
+    r = runner.invoke(app, ["bench", "--stores", stores[0], "--methods", "prototype,zero-shot", "--shots", "2,4",
+                            "--seeds", "1,2", "--protocol", "base-to-new", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    md = (out / "table.md").read_text()
+    assert "Protocol: base-to-new (CoCoOp)" in md and "| synthetic base | synthetic new | synthetic HM |" in md
+    assert "prototype on synthetic: cannot classify classes it has no shot of" in md
+    res = [json.loads(line) for line in open(out / "results.jsonl")]
+    zs = [x for x in res if x["method"] == "zero-shot" and x["shots"] == 4]
+    assert all(x["new"] is not None and x["hm"] == pytest.approx(2 * x["base"] * x["new"] / (x["base"] + x["new"]),
+                                                                 abs=0.01) for x in zs)
+    line = next(row for row in md.split("## 4 shots")[1].splitlines() if row.startswith("| zero-shot"))
+    assert f"{np.mean([x['hm'] for x in zs]):.2f} ± {np.std([x['hm'] for x in zs], ddof=1):.2f}" in line
+    assert (out / "accuracy_vs_shots.png").exists()

@@ -38,3 +38,85 @@ def test_fit_records_the_validation_rule(synthetic_store, tmp_path):
     assert any("min(K, 4)" in str(v) for v in few.selected_on.values())
     with pytest.raises(ConfigError, match="--val-rule must be one of few-shot, full"):
         AdaptConfig(store=store, method="linear-probe", val_rule="all")
+
+
+TRANSFER = ["zero-shot", "lp++", "tip-adapter", "tip-adapter-f", "fma"]
+
+
+def _fit_b2n(store, method, out, shots=4, seed=1):
+    from fskd.config import AlignConfig
+    from fskd.methods import METHODS
+
+    cfg = dict(store=store, method=method, shots=shots, seed=seed, out=str(out), base_to_new=True,
+               options={"iters": 150} if method == "fma" else {})
+    if METHODS.get(method).kind == "align":
+        return api.align(AlignConfig(**cfg), progress=None)
+    return api.adapt(AdaptConfig(**cfg), progress=None)
+
+
+@pytest.fixture(scope="module")
+def joint_store(tmp_path_factory):
+    from fskd.store.synthetic import make_synthetic_store
+
+    return str(make_synthetic_store(tmp_path_factory.mktemp("b2n") / "j.zarr", n_classes=12, joint=True, seed=2).path)
+
+
+@pytest.mark.parametrize("method", ["prototype", "linear-probe", "residual-adapter", "syntrans", *TRANSFER])
+def test_base_to_new_fits_on_the_base_half_and_transfers_where_it_can(method, joint_store, tmp_path):
+    from fskd.config import EvalConfig
+    from fskd.methods import METHODS
+    from fskd.methods.base import load_state
+
+    r = _fit_b2n(joint_store, method, tmp_path / "s")
+    st = load_state(r.out)
+    assert st.hparams["class_split"] == {"base": list(range(6)), "val": [], "novel": list(range(6, 12))}
+    assert "hidden" in st.metrics["base_to_new"]
+    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shot=4, seeds=(1,)))
+    assert ev.protocol == "base-to-new" and 100 / 6 < ev.base <= 100
+    if METHODS.get(method).transfers_to_new_classes:
+        assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6  # above chance on unseen classes
+        assert ev.hm == pytest.approx(2 * ev.base * ev.new / (ev.base + ev.new), abs=0.01)
+    else:
+        assert ev.new is None and ev.hm is None and any("no shot of" in w for w in ev.warnings)
+    assert "Base-to-new (CoCoOp)" in ev.protocol_text()
+
+
+def test_base_to_new_fit_never_sees_the_new_half(joint_store, tmp_path):
+    from fskd.evaluation.base_to_new import restrict_for_fit
+    from fskd.store import FeatureStore
+
+    st = FeatureStore.open(joint_store)
+    restrict_for_fit(st, 4, 1, "few-shot")
+    x, y = st.gather()  # what a method reads by default: the base shots only
+    assert set(np.unique(y)) == set(range(6)) and np.bincount(y).tolist() == [4] * 6
+    _, yv = st.gather(None, ["val"])
+    assert np.bincount(yv).tolist() == [4] * 6
+    assert len(st.gather(None, ["test"])[1]) == 0 and len(st.gather(range(6, 12), ["train", "val", "test"])[1]) == 0
+    # the K shots a base-to-new fit sees are the ones the evaluation draws for seed 1
+    full = FeatureStore.open(joint_store)
+    from fskd.store.sampling import sample_shots
+
+    _, ty = full.gather(None, ["train"])
+    rows = sample_shots(ty, np.arange(6), 4, 1).reshape(-1)
+    np.testing.assert_array_equal(np.sort(full.gather(None, ["train"])[0][rows], axis=0), np.sort(x, axis=0))
+
+
+def test_base_to_new_refusals(joint_store, tmp_path):
+    from fskd.config import EvalConfig
+    from fskd.errors import EvaluationError
+
+    allway = api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "a")), progress=None)
+    with pytest.raises(EvaluationError, match="fitted on every class, the new half included"):
+        api.evaluate(EvalConfig(store=joint_store, state=allway.out, protocol="base-to-new", shot=4, seeds=(1,)))
+    b2n = _fit_b2n(joint_store, "zero-shot", tmp_path / "b")
+    with pytest.raises(EvaluationError, match="evaluate it with --protocol base-to-new"):
+        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="allway", shot=4, seeds=(1,)))
+    with pytest.raises(EvaluationError, match="--shots 4 --seeds 1"):
+        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="base-to-new", shot=4, seeds=(1, 2)))
+    with pytest.raises(ConfigError, match="drop --class-split"):
+        api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "c"), base_to_new=True,
+                              class_ratio=(0.5, 0.25, 0.25)), progress=None)
+    # no state: the text head transfers, prototypes give base only
+    t = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="text", shot=4))
+    p = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="prototype", shot=4))
+    assert t.new is not None and p.new is None and p.base is not None and len(t.per_seed) == 3

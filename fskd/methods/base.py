@@ -200,6 +200,9 @@ class Method(ABC):
     options: type | None = None
     #: True when fitting needs the store's class text features (a store without text: not applicable)
     needs_text: bool = False
+    #: True when a state's head classifies classes it got no shot of, from their text (the "new"
+    #: classes of base-to-new): its head accepts an empty support (K = 0) for unlearned classes
+    transfers_to_new_classes: bool = False
 
     @abstractmethod
     def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:

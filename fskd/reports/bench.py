@@ -174,8 +174,10 @@ def _grid_rows(rows: Iterable[dict], keys: set[str] | None) -> list[dict]:
     return list(last.values())
 
 
-def summarise(rows: list[dict]) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
-    """(method, dataset, shots) -> Summary, with methods, datasets and shots in grid order."""
+def summarise(rows: list[dict], metric: str = "accuracy"
+              ) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
+    """(method, dataset, shots) -> Summary of ``metric`` (accuracy; base, new or hm for
+    base-to-new), with methods, datasets and shots in grid order."""
     methods, datasets, shots = [], [], []
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
@@ -185,10 +187,13 @@ def summarise(rows: list[dict]) -> tuple[dict[tuple[str, str, int], Summary], li
         groups.setdefault((r["method"], r["dataset"], r["shots"]), []).append(r)
     out = {}
     for k, rs in groups.items():
-        ok = {r["seed"]: r["accuracy"] for r in rs if r["status"] == OK}
+        ok = {r["seed"]: r.get(metric) for r in rs if r["status"] == OK}
         bad = [r for r in rs if r["status"] != OK]
         if bad:  # one n/a or failed seed makes the cell n/a: a mean over other seeds is another number
             out[k] = Summary(None, None, ok, bad[0]["status"], bad[0].get("message", ""))
+            continue
+        if any(v is None for v in ok.values()):
+            out[k] = Summary(None, None, {}, NA, f"{k[0]} cannot classify classes it has no shot of")
             continue
         s = seed_summary(np.asarray([ok[seed] for seed in sorted(ok)]) / 100)
         out[k] = Summary(s.mean, s.std, ok, OK)
@@ -212,8 +217,14 @@ def _md(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def primary_metric(config: dict) -> str:
+    return "hm" if config.get("protocol") == "base-to-new" else "accuracy"
+
+
 def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
     """``table.md``, ``table.csv`` and ``table.tex`` contents from the result rows."""
+    if config.get("protocol") == "base-to-new":
+        return build_b2n_tables(rows, config, baseline)
     summ, methods, datasets, shots = summarise(rows)
     cols = datasets + (["Average"] if len(datasets) > 1 else [])
 
@@ -264,6 +275,58 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
 
 
+def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
+    """Base-to-new: per K, base / new / HM per dataset and their average (HM of the average base
+    and new accuracy, as CoCoOp's tables), mean ± std over seeds."""
+    from fskd.evaluation.base_to_new import harmonic_mean
+
+    parts = {m: summarise(rows, m)[0] for m in ("base", "new", "hm")}
+    _, methods, datasets, shots = summarise(rows, "hm")
+    seeds = sorted({r["seed"] for r in rows})
+    avg = len(datasets) > 1
+    md = ["# fskd bench: base-to-new\n", protocol_text(config, seeds), ""]
+    tex = ["% fskd bench: " + protocol_text(config, seeds).replace("%", "\\%")]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "dataset", "shots", "part", "mean", "std", "n_seeds", "per_seed", "status", "message"])
+    for k in shots:
+        header = ["method"] + [f"{d} {p}" for d in datasets for p in ("base", "new", "HM")]
+        header += ["Average base", "Average new", "Average HM"] if avg else []
+        body = []
+        for m in methods:
+            row = [m]
+            for d in datasets:
+                for p in ("base", "new", "hm"):
+                    c = parts[p].get((m, d, k), Summary(None, None, {}, NA, "not run"))
+                    row.append(c.text())
+                    w.writerow([m, d, k, p, "" if c.mean is None else f"{c.mean:.3f}",
+                                "" if c.std is None else f"{c.std:.3f}", len(c.per_seed),
+                                json.dumps({str(s_): round(v, 3) for s_, v in c.per_seed.items()}), c.status, c.message])
+            if avg:
+                ab, an = (_average(parts[p], m, datasets, k) for p in ("base", "new"))
+                row += [ab.text(), an.text(),
+                        f"{harmonic_mean(ab.mean, an.mean):.2f}" if ab.status == OK and an.status == OK else "n/a"]
+            body.append(row)
+        md += [f"## {k} shot{'s' if k > 1 else ''}\n", _md(header, body), ""]
+        tex += [f"% {k} shots", "\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
+                " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
+        tex += [" & ".join([_tex(r[0])] + [c.replace("±", "$\\pm$") for c in r[1:]]) + " \\\\" for r in body]
+        tex += ["\\bottomrule", "\\end{tabular}", ""]
+    if baseline:
+        summ = parts["hm"]
+        md += [f"## Paired difference of HM to {baseline}\n",
+               f"Mean over seeds of (method - {baseline}) harmonic mean, with its 95% CI (Student t over the seeds).\n"]
+        for k in shots:
+            body = [[m] + [_diff(summ, m, baseline, d, k) for d in datasets] for m in methods if m != baseline]
+            md += [f"### {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + datasets, body), ""]
+    notes = sorted({(r["method"], r["dataset"], r.get("message", "")) for r in rows if r["status"] != OK})
+    notes += sorted({(m, d, "cannot classify classes it has no shot of: base only") for (m, d, k), c in parts["new"].items()
+                     if c.status == NA and not c.per_seed and "cannot classify" in c.message})
+    if notes:
+        md += ["## Not applicable or failed\n"] + [f"- {m} on {d}: {msg}" for m, d, msg in notes] + [""]
+    return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+
+
 def _diff(summ, m: str, base: str, d: str, k: int) -> str:
     a, b = summ.get((m, d, k)), summ.get((base, d, k))
     if a is None or b is None or a.status != OK or b.status != OK:
@@ -283,6 +346,13 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
     rule = config.get("val_rule", "few-shot")
     val = ("hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot validation)"
            if rule == "few-shot" else "hyper-parameters chosen on the full val split")
+    if config.get("protocol") == "base-to-new":
+        return (f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
+                f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "
+                f"classes is seen. Base: top-1 (%) on the base classes' test rows among the base classes; new: on the "
+                f"new classes' test rows among the new classes, with no shot of them; HM: their harmonic mean. "
+                f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed); HM entries: over "
+                f"the per-seed HMs. Average: the mean over datasets (Average HM: the HM of the average base and new).")
     return (f"Protocol: all-way (CLIP few-shot). Each cell fits the method on K shots per class drawn from the train "
             f"split with seed s, {val}, and scores top-1 accuracy (%) on the full test split, all classes. "
             f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed). Average: the mean of "
@@ -300,5 +370,5 @@ def write_outputs(out: Path, rows: list[dict], config: dict, keys: set[str] | No
         paths.append(out / name)
     from fskd.reports.plots import accuracy_vs_shots
 
-    paths += accuracy_vs_shots(out, summarise(rows), config)
+    paths += accuracy_vs_shots(out, summarise(rows, primary_metric(config)), config)
     return paths

@@ -44,7 +44,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         ax.set_xticklabels([str(k) for k in shots])
         ax.set_title(panel, fontsize=11)
         ax.set_xlabel("shots per class")
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("HM of base and new (%)" if config.get("protocol") == "base-to-new" else "top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -55,7 +55,8 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
                 handles.append(h)
                 labels.append(lab)
     seeds = config.get("seeds") or []
-    fig.suptitle(f"All-way accuracy vs shots (mean over seeds {', '.join(map(str, seeds))}; "
+    what = "Base-to-new harmonic mean" if config.get("protocol") == "base-to-new" else "All-way accuracy"
+    fig.suptitle(f"{what} vs shots (mean over seeds {', '.join(map(str, seeds))}; "
                  f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation)",
                  fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)

@@ -67,6 +67,8 @@ class FeatureStore:
         self.path = path
         self.group = group
         self.attrs = dict(group.attrs)
+        self._keep: dict[str, np.ndarray] = {}  # restrict_rows: split -> rows a fit may see
+        self._default_splits: list[str] | None = None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -333,7 +335,25 @@ class FeatureStore:
         return int(self._split(split)[S.FEATURES].shape[0])
 
     def labels(self, split: str) -> np.ndarray:
+        """(n,) class index per row; -1 for an unreadable row, or one hidden by :meth:`restrict_rows`."""
+        lab = self._raw_labels(split)
+        keep = self._keep.get(split)
+        return lab if keep is None else np.where(keep, lab, -1)
+
+    def _raw_labels(self, split: str) -> np.ndarray:
         return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
+
+    def restrict_rows(self, keep: dict[str, np.ndarray], default_splits: list[str], description: str) -> None:
+        """In memory only (the store is not changed): rows outside ``keep`` (split -> (n,) bool)
+        read as label -1, so every reader (``labels``, ``gather``, ``mean``, ``iter_chunks``)
+        skips them; reads that name no split use ``default_splits``. The base-to-new protocol
+        shows a fit only the K shots (and validation rows) of the base classes this way."""
+        for s, m in keep.items():
+            if len(m) != self.n_rows(s):
+                raise ValueError(f"restrict_rows: {s} mask has {len(m)} rows, the split has {self.n_rows(s)}")
+        self._keep = {s: np.asarray(m, dtype=bool) for s, m in keep.items()}
+        self._default_splits = list(default_splits)
+        self.attrs["row_restriction"] = description
 
     def sample_ids(self, split: str) -> np.ndarray:
         # via object: numpy 2 cannot cast zarr's StringDType straight to a fixed-width str dtype
@@ -349,7 +369,7 @@ class FeatureStore:
         """Sample ids recorded as unreadable (label -1) per split, in written chunks."""
         out = {}
         for s in self.splits:
-            lab = self.labels(s)
+            lab = self._raw_labels(s)
             if (lab < 0).any():
                 out[s] = self.sample_ids(s)[lab < 0].tolist()
         return out
@@ -496,7 +516,7 @@ class FeatureStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
         default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64)."""
-        splits = list(splits) if splits is not None else self.splits
+        splits = list(splits) if splits is not None else (self._default_splits or self.splits)
         wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
         feats, labs = [], []
         for s in splits:
@@ -520,7 +540,7 @@ class FeatureStore:
         total = np.zeros(self.dim, np.float64)
         count = 0
         wanted = None if classes is None else np.asarray(sorted(classes))
-        for s in splits or self.splits:
+        for s in splits or self._default_splits or self.splits:
             for _, f, lab in self.iter_chunks(s):
                 keep = lab >= 0 if wanted is None else np.isin(lab, wanted)
                 total += f[keep].sum(0, dtype=np.float64)

@@ -40,6 +40,7 @@ class LPPlusPlus(Method):
     """Linear probe + class-wise blend with text weights (LP++); zero-shot at 0 shots."""
 
     needs_text = True
+    transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "lp++"
     kind = "adapt"

@@ -294,6 +294,8 @@ class SynTrans(Method):
         labels = yb.cpu().numpy()
         counts = np.bincount(labels, minlength=B)
         way = min(5, B)
+        if counts.min() - k < 1 <= counts.min() - 1:
+            k = int(counts.min()) - 1  # exactly K rows per base class (base-to-new's view): (K-1)-shot 1-query episodes
         q = int(min(opts.meta_query, counts.min() - k))
         if q < 1:
             raise ConfigError(f"--shots {k} is larger than available for meta-training: base class "

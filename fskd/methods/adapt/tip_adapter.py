@@ -105,6 +105,7 @@ class TipAdapter(Method):
     """Training-free cache model over the support + text weights; alpha, beta chosen on validation."""
 
     needs_text = True
+    transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "tip-adapter"
     kind = "adapt"

@@ -56,6 +56,7 @@ class TipAdapterF(Method):
     """Tip-Adapter with cache keys fine-tuned on the shots; steps and alpha chosen on validation."""
 
     needs_text = True
+    transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "tip-adapter-f"
     kind = "adapt"

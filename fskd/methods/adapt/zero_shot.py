@@ -26,6 +26,7 @@ class ZeroShot(Method):
     """Cosine similarity to the class text features in image space."""
 
     needs_text = True
+    transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "zero-shot"
     kind = "adapt"

@@ -372,6 +372,7 @@ class FMA(Method):
     class text features in several solver steps; steps and early stop chosen on validation."""
 
     needs_text = True
+    transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "fma"
     kind = "align"
@@ -591,7 +592,7 @@ class FittedFMA(FittedHead):
         p = self.part.flow_dim
         out = torch.bmm(q[..., :p], self.weights.transpose(1, 2))
         w = self.part.hp["proto_weight"]
-        if w:
+        if w and self.protos is not None:
             out = out + w * torch.bmm(q[..., p:], self.protos.transpose(1, 2))
         return out
 
@@ -623,6 +624,8 @@ class FMAHead(Head):
         ep, aw = self.parts.get(EPISODIC), self.parts.get(ALLWAY)
         if ep is not None and not bool(ep.learned[classes].any()):
             return ep
+        if aw is not None and K == 0 and not bool(aw.learned[classes].any()):
+            return aw  # transfer (base-to-new "new"): the field learned on other classes, these classes' texts
         if aw is None:
             raise EvaluationError(
                 "this fma state (regime episodic) learned from every row of the base classes, test rows included; this "
@@ -644,7 +647,7 @@ class FMAHead(Head):
         part = self.part_for(support.shape, classes)
         cols = self.cols[part.regime]
         e = support[..., cols][..., part.flow_dim:]
-        protos = F.normalize(e.mean(2), dim=-1)
+        protos = F.normalize(e.mean(2), dim=-1) if e.shape[2] else None  # no shot: text targets only
         return FittedFMA(part, cols, part.targets[classes], protos)
 
 
