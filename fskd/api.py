@@ -126,6 +126,7 @@ class EvalResult:
     state: str | None
     seconds: float
     eval_seconds: float
+    source_store: str | None = None  # cross-dataset / domain-shift: the store the state was fitted on
     base: float | None = None  # base-to-new: base-class accuracy (mean over seeds)
     new: float | None = None  # base-to-new: new-class accuracy, None when the method cannot transfer
     hm: float | None = None  # base-to-new: harmonic mean of base and new
@@ -155,6 +156,16 @@ class EvalResult:
                 f"hyper-parameters: {chosen}."
             )
         stat = self.statistic if self.n_seeds and self.n_seeds > 1 else "one seed, so no interval"
+        if self.protocol == "cross-dataset":
+            return (f"Cross-dataset: the state fitted on {self.source_store} ({self.shot} shots per class, seed "
+                    f"{self.seeds[0]}) scores every test row of this store among its {self.classes} classes, none of "
+                    f"which it learned: its head transfers through their class text, with no shot of them; one fitted "
+                    f"state, so no interval; {enc}; method {self.classifier}.")
+        if self.protocol == "domain-shift":
+            return (f"Domain shift: the state fitted on {self.source_store} ({self.shot} shots per class, seed "
+                    f"{self.seeds[0]}) is fitted on those shots and scores this store's test rows, classes mapped by "
+                    f"key, among the {self.classes} classes present here; one fitted state, so no interval; {enc}; "
+                    f"method {self.classifier}.")
         if self.protocol == "base-to-new":
             return (
                 f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shot} shots per base class "
@@ -173,6 +184,10 @@ class EvalResult:
         if self.protocol == "episodic":
             return (f"{self.way}-way {self.shot}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
                     f"{self.classifier}: {self.accuracy:.2f}% ± {self.ci95:.2f} (95% CI over episodes)")
+        if self.protocol in ("cross-dataset", "domain-shift"):
+            return (f"{self.protocol} from {Path(self.source_store).name} to {Path(self.store).name}, {self.classes} "
+                    f"classes, {self.classifier} ({self.shot} shots, seed {self.seeds[0]}): {self.accuracy:.2f}% (one "
+                    f"fitted state: no interval)")
         if self.protocol == "base-to-new":
             new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
             hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
@@ -222,6 +237,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     store.check_complete()
     device = resolve_device(cfg.device)
     state = load_state(cfg.state) if cfg.state else None
+    if cfg.protocol in OTHER_STORE_PROTOCOLS:
+        return _finish(cfg, state, _evaluate_other_store(cfg, store, state, device, t0))
     _eval_class_split(cfg, store, state)
     head, name, selected = _head(cfg, store, device, state)
     names = store.class_names
@@ -324,10 +341,15 @@ def evaluate(config: EvalConfig) -> EvalResult:
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
         selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
     )
-    for w in warnings:
-        log.warning("%s: %s", store.path, w)
+    return _finish(cfg, state, result)
+
+
+def _finish(cfg: EvalConfig, state, result: EvalResult) -> EvalResult:
+    """Say the warnings and write the report (when asked) of a finished evaluation."""
+    for w in result.warnings:
+        log.warning("%s: %s", result.store, w)
     if cfg.report:
-        config_dict = {**cfg.to_dict(), "classifier": name}
+        config_dict = {**cfg.to_dict(), "classifier": result.classifier}
         if cfg.state:
             config_dict["state_config"] = state.config
         try:
@@ -338,6 +360,81 @@ def evaluate(config: EvalConfig) -> EvalResult:
                               f"{f': {e.filename}' if e.filename else ''})", result=result) from None
         result.report = [str(p) for p in paths]
     return result
+
+
+#: protocols that score a state on another store than the one it was fitted on
+OTHER_STORE_PROTOCOLS = ("cross-dataset", "domain-shift")
+
+
+def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: torch.device, t0: float) -> EvalResult:
+    """Cross-dataset (other classes: the state's head transfers through the target's class text,
+    no shot of them) and domain shift (the same classes by key, e.g. ImageNet's wnids: the head
+    is fitted on the source store's K shots of the state's seed and scores the target's test rows,
+    among the target's classes only, as CoOp does for ImageNet-A/R)."""
+    if state is None:
+        raise EvaluationError(f"--protocol {cfg.protocol} evaluates a fitted state on another store: pass --state DIR")
+    method = METHODS.get(state.method)()
+    if state.encoder != store.encoder_spec:
+        raise EvaluationError(f"state {cfg.state} was fitted on features of encoder {state.encoder!r}; {store.path} holds "
+                              f"{store.encoder_spec!r}: {cfg.protocol} needs the same encoder (extract the target with it)")
+    if state.config.get("base_to_new"):
+        raise EvaluationError(f"state {cfg.state} was fitted for base-to-new; fit one on every class for {cfg.protocol}")
+    if not store.has_split("test"):
+        raise EvaluationError(f"{store.path} has no 'test' sample split (it has {store.splits})")
+    k, seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
+    names = store.class_names
+    warnings: list[str] = []
+    test_x, test_y = store.gather(None, ["test"])
+    if cfg.protocol == "cross-dataset":
+        if not method.transfers_to_new_classes:
+            able = [n for n in METHODS.names() if METHODS.get(n).transfers_to_new_classes]
+            raise EvaluationError(f"{state.method} cannot classify classes it has no shot of, so it cannot be evaluated on "
+                                  f"another dataset's classes; methods that can: {', '.join(able)}")
+        if store.text_embeddings() is None:
+            raise EvaluationError(f"{store.path} has no class text features; cross-dataset transfer goes through them")
+        store.override_class_split(split={"base": [], "val": [], "novel": list(range(store.num_classes)),
+                                          "source": "cross-dataset target: no class of this store was learned"})
+        head = method.head(method.transfer_state(state, store), store, device)
+        classes = np.unique(test_y)
+        train_x, train_y, shot = np.zeros((0, store.dim), np.float32), np.zeros(0, np.int64), 0
+        source = state.store_path
+    else:
+        src = FeatureStore.open(state.store_path)
+        method.check_store(state, src, cfg.state)
+        if src.encoder_spec != store.encoder_spec or src.dim != store.dim:
+            raise EvaluationError(f"{store.path} ({store.encoder_spec}, {store.dim}-d) and the state's store {src.path} "
+                                  f"({src.encoder_spec}, {src.dim}-d) hold different features")
+        index = {key: i for i, key in enumerate(src.class_keys)}
+        unknown = [key for key in store.class_keys if key not in index]
+        if unknown:
+            raise EvaluationError(f"domain shift maps classes by key; {len(unknown)} class(es) of {store.path} are not "
+                                  f"classes of {src.path}: {', '.join(map(repr, unknown[:5]))}")
+        _eval_class_split(cfg.replace(class_split=None, class_ratio=None), src, state)
+        head = method.head(state, src, device)
+        mapping = np.asarray([index[key] for key in store.class_keys])
+        test_y = mapping[test_y]
+        classes = np.unique(test_y)
+        train_x, train_y = src.gather(None, ["train"])
+        shot, source, names = k, str(src.path), src.class_names
+    t1 = time.perf_counter()
+    scores = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+                        classes, shot, (seed,), head, class_names=names)
+    acc = float(scores.top1[0]) * 100
+    t2 = time.perf_counter()
+    enc = store.attrs["encoder"]
+    pc = scores.per_class[0]
+    rows = np.bincount(test_y, minlength=int(classes.max()) + 1)
+    return EvalResult(
+        protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None, std=None, statistic="one fitted state: no interval",
+        episodes=None, way=None, shot=k, query=None, split="test", classifier=state.method, encoder=enc["spec"],
+        web_scale=bool(enc["web_scale"]), seed=None, seeds=[seed], n_seeds=1, per_seed=[round(acc, 3)],
+        classes=len(classes), center="the state's own (see its hyper-parameters)", inductive=True, store=str(store.path),
+        store_fingerprint=store.fingerprint, state=cfg.state, seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4),
+        mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
+        top5=None if scores.top5 is None else round(float(scores.top5[0]) * 100, 3), selected_on=dict(state.selected_on),
+        warnings=warnings, source_store=source,
+        per_class=[{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
+                   for c, a in zip(classes, pc, strict=True)])
 
 
 def _eval_class_split(cfg: EvalConfig, store: FeatureStore, state) -> None:

@@ -77,7 +77,7 @@ MethodName = _choices("MethodName", _reg["methods"])
 AdaptMethod = _choices("AdaptMethod", [n for n, d in _reg["methods"].items() if d.startswith("[adapt]")])
 AlignMethod = _choices("AlignMethod", [n for n, d in _reg["methods"].items() if d.startswith("[align]")])
 DistillMethod = _choices("DistillMethod", [n for n, d in _reg["methods"].items() if d.startswith("[distill]")])
-Protocol = _choices("Protocol", ["episodic", "allway", "all-way", "base-to-new"])
+Protocol = _choices("Protocol", ["episodic", "allway", "all-way", "base-to-new", "cross-dataset", "domain-shift"])
 ClassSplit = _choices("ClassSplit", ["novel", "val", "base"])
 Center = _choices("Center", ["base", "none"])
 ValRule = _choices("ValRule", ["few-shot", "full"])
@@ -330,7 +330,7 @@ SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of --class-ra
 def eval_(
     store: Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")],
     state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")] = None,
-    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split), allway (all-way), or base-to-new (CoCoOp; a state fitted with --base-to-new).")] = "episodic",
+    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split), allway (all-way), base-to-new (CoCoOp; a state fitted with --base-to-new), cross-dataset or domain-shift (a --state fitted on another store of the same encoder).")] = "episodic",
     shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
     seed: Annotated[int, typer.Option(help="Episode sampling seed.", metavar="N", rich_help_panel=EPISODIC)] = 1,
     way: Annotated[int, typer.Option(help="Classes per episode.", metavar="N", rich_help_panel=EPISODIC)] = 5,

@@ -197,7 +197,7 @@ class ExtractConfig(Config):
         _check_ratios("--sample-split", self.sample_split, 3)
 
 
-PROTOCOLS = ("episodic", "allway", "base-to-new")
+PROTOCOLS = ("episodic", "allway", "base-to-new", "cross-dataset", "domain-shift")
 #: how all-way hyper-parameter search picks its validation rows (fskd.store.sampling.validation_rows)
 VAL_RULES = ("few-shot", "full")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,89 @@ def test_base_to_new_refusals(joint_store, tmp_path):
     t = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="text", shot=4))
     p = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="prototype", shot=4))
     assert t.new is not None and p.new is None and p.base is not None and len(t.per_seed) == 3
+
+
+@pytest.fixture(scope="module")
+def two_worlds(tmp_path_factory):
+    """Two stores of one encoder (one synthetic feature space) with disjoint classes, and a
+    'shifted' copy of some of the first store's classes (other order, noisier rows)."""
+    from fskd.store import FeatureStore
+    from fskd.store.synthetic import synthetic_features
+
+    d = tmp_path_factory.mktemp("worlds")
+    splits, text = synthetic_features(n_classes=20, joint=True, seed=4)
+    enc = {"spec": "synthetic-features:joint", "joint": True}
+
+    def part(classes, name, noise=0.0, order=None):
+        order = list(classes) if order is None else order
+        remap = {c: i for i, c in enumerate(order)}
+        rng = np.random.default_rng(0)
+        out = {}
+        for s, (x, y) in splits.items():
+            m = np.isin(y, order)
+            xs = x[m] + noise * rng.normal(size=x[m].shape).astype(np.float32)
+            out[s] = (xs, np.array([remap[c] for c in y[m]]))
+        n = len(order)
+        return str(FeatureStore.from_arrays(d / f"{name}.zarr", out, [f"class {c}" for c in order],
+                                            {"base": list(range(n // 2)), "val": [n // 2], "novel": list(range(n // 2 + 1, n))},
+                                            text_embeddings=text[order], encoder=enc, dataset=name, chunk_rows=64).path)
+
+    shifted = part(None, "shifted", noise=0.3, order=[7, 2, 5])
+    return part(range(10), "a"), part(range(10, 20), "b"), shifted
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "lp++", "tip-adapter", "fma"])
+def test_cross_dataset_transfers_to_another_stores_classes(method, two_worlds, tmp_path):
+    from fskd.config import AlignConfig, EvalConfig
+
+    a, b, _ = two_worlds
+    kw = dict(store=a, method=method, shots=4, out=str(tmp_path / "s"))
+    r = (api.align(AlignConfig(**kw, options={"iters": 150}), progress=None) if method == "fma"
+         else api.adapt(AdaptConfig(**kw), progress=None))
+    ev = api.evaluate(EvalConfig(store=b, state=r.out, protocol="cross-dataset"))
+    assert ev.protocol == "cross-dataset" and ev.classes == 10 and ev.source_store == str(Path(a).absolute())
+    assert ev.accuracy > 30  # chance is 10%: the head classifies classes it never saw, from their text
+    assert "none of which it learned" in ev.protocol_text()
+
+
+def test_cross_dataset_and_domain_shift_refusals(two_worlds, synthetic_store, tmp_path):
+    from fskd.config import EvalConfig
+    from fskd.errors import EvaluationError
+
+    a, b, _ = two_worlds
+    proto = api.adapt(AdaptConfig(store=a, method="prototype", shots=4, out=str(tmp_path / "p")), progress=None)
+    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: fma"):
+        api.evaluate(EvalConfig(store=b, state=proto.out, protocol="cross-dataset"))
+    other = str(synthetic_store(n_classes=6, joint=False).path)  # another encoder
+    with pytest.raises(EvaluationError, match="needs the same encoder"):
+        api.evaluate(EvalConfig(store=other, state=proto.out, protocol="cross-dataset"))
+    with pytest.raises(EvaluationError, match="not classes of"):
+        api.evaluate(EvalConfig(store=b, state=proto.out, protocol="domain-shift"))
+    with pytest.raises(EvaluationError, match="pass --state"):
+        api.evaluate(EvalConfig(store=b, protocol="domain-shift"))
+
+
+@pytest.mark.parametrize("method", ["prototype", "tip-adapter"])
+def test_domain_shift_maps_classes_by_key_and_scores_among_them(method, two_worlds, tmp_path):
+    import torch
+
+    from fskd.config import EvalConfig
+    from fskd.evaluation.allway import run_allway
+    from fskd.methods import METHODS, load_state
+    from fskd.store import FeatureStore
+
+    a, _, shifted = two_worlds
+    r = api.adapt(AdaptConfig(store=a, method=method, shots=4, out=str(tmp_path / "s")), progress=None)
+    ev = api.evaluate(EvalConfig(store=shifted, state=r.out, protocol="domain-shift"))
+    assert ev.classes == 3 and ev.protocol == "domain-shift"
+    # oracle: the same head fitted on the source's seed-1 shots, scoring the shifted rows mapped to
+    # the source's classes 7, 2, 5 (the target lists them in that order)
+    src, tgt = FeatureStore.open(a), FeatureStore.open(shifted)
+    st = load_state(r.out)
+    head = METHODS.get(method)().head(st, src, torch.device("cpu"))
+    tx, ty = src.gather(None, ["train"])
+    qx, qy = tgt.gather(None, ["test"])
+    scores = run_allway(torch.from_numpy(tx), ty, torch.from_numpy(qx), np.array([7, 2, 5])[qy], np.array([2, 5, 7]),
+                        4, (1,), head)
+    assert ev.accuracy == pytest.approx(100 * scores.top1[0], abs=1e-3)
+    assert ev.accuracy > 100 / 3

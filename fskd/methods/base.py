@@ -222,6 +222,15 @@ class Method(ABC):
         that one model again. fskd eval then refuses other seeds and K."""
         return False
 
+    def transfer_state(self, state: MethodState, store: FeatureStore) -> MethodState:
+        """The state as seen from another store of the same encoder (cross-dataset): the class
+        text features become the target store's. Methods with more per-class tensors override."""
+        import torch.nn.functional as F
+
+        text = F.normalize(torch.from_numpy(store.text_embeddings()).float(), dim=-1)
+        return MethodState(**{**{k: getattr(state, k) for k in MethodState.__dataclass_fields__},
+                              "tensors": {**state.tensors, "text": text}})
+
     def features(
         self, state: MethodState, store: FeatureStore, device: torch.device
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:

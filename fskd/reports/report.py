@@ -55,7 +55,8 @@ def report_name(result) -> str:
     if result.protocol == "episodic":
         what = f"episodic_{result.split}_{result.way}way{result.shot}shot_q{result.query}_e{result.episodes}_seed{result.seed}"
     else:
-        kind = "base2new" if result.protocol == "base-to-new" else "allway"
+        kind = {"base-to-new": "base2new", "cross-dataset": "crossdataset", "domain-shift": "domainshift"}.get(
+            result.protocol, "allway")
         what = f"{kind}_{result.shot}shot_seeds{'-'.join(map(str, result.seeds))}"
     return f"{store}_{who}_{what}"
 

@@ -99,8 +99,9 @@ def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: st
 def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed: int) -> str:
     if rule == "full":
         return f"the full val split ({n_rows} rows of {n_classes} classes)"
-    return (f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes (CoOp's few-shot "
-            f"validation, seed {seed})")
+    short = " (all of a class's rows where it has fewer)" if n_rows < val_shots(shots) * n_classes else ""
+    return (f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes{short} (CoOp's "
+            f"few-shot validation, seed {seed})")
 
 
 def sample_episodes(

@@ -565,6 +565,14 @@ class FMA(Method):
     def head(self, state: MethodState, store, device: torch.device) -> FMAHead:
         return FMAHead(self.parts(state, store, device))
 
+    def transfer_state(self, state: MethodState, store) -> MethodState:
+        """Cross-dataset: no class of the target store was learned (the field and the bridge carry
+        over; the targets are the target store's class texts)."""
+        out = super().transfer_state(state, store)
+        out.tensors = {**out.tensors, **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors
+                                         if k.endswith(".train_classes")}}
+        return out
+
     def features(self, state: MethodState, store, device: torch.device) -> FeatureMap:
         """Raw features (n, D) -> transported unit-norm features (n, D_i) in the image space (the
         flow coordinates mapped back through the principal basis), of the all-way part (else
@@ -631,7 +639,7 @@ class FMAHead(Head):
                 "this fma state (regime episodic) learned from every row of the base classes, test rows included; this "
                 "call scores base classes (the all-way protocol), which would count rows it was trained on. Fit with "
                 "--shots K (regime allway) or --set regime=both for the all-way protocol")
-        if E > 1 or N != int(aw.learned.sum()):
+        if E > 1 or N > int(aw.learned.sum()):
             raise EvaluationError(
                 f"this fma state (regime allway) learned from {aw.hp['shots']} shots of every class, novel ones included; "
                 f"{N}-way episodes would score rows it was trained on. Evaluate it with --protocol allway, "
