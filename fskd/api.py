@@ -755,52 +755,92 @@ def bench(config, progress=AUTO) -> BenchResult:
                               f"methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind in kinds)})")
         if cls.options is not None:
             cls.options.from_dict(dict(config.options.get(m, {})))  # unknown or ill-typed options: now, not mid-grid
+    from fskd.reports.bench import SOURCE_TAG, TRANSFER_PROTOCOLS
+
+    transfer = config.protocol in TRANSFER_PROTOCOLS
+    if transfer and len(config.stores) < 2:
+        raise ConfigError(f"--protocol {config.protocol} takes the source store first, then one or more target stores "
+                          f"(--stores source.zarr,target1.zarr,...); got {len(config.stores)} store")
     stores = []
-    for path in config.stores:
+    for i, path in enumerate(config.stores):
         st = FeatureStore.open(path)
         st.check_complete()
-        for s in ("train", "test"):
+        for s in ("train", "test") if not transfer or i == 0 else ("test",):
             if not st.has_split(s):
                 raise EvaluationError(f"fskd bench ({config.protocol}) needs a {s!r} sample split; {st.path} has {st.splits}")
+        if config.protocol == "domain-shift" and i:
+            unknown = sorted(set(st.class_keys) - set(stores[0].class_keys))
+            if unknown:
+                raise ConfigError(f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} are "
+                                  f"not classes of the source {stores[0].path}: {', '.join(map(repr, unknown[:5]))}")
+        if transfer and i and st.encoder_spec != stores[0].encoder_spec:
+            raise ConfigError(f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, the "
+                              f"source {stores[0].path} {stores[0].encoder_spec!r}; every store needs the same encoder")
         stores.append(st)
     names = [st.attrs["dataset"]["name"] for st in stores]
     labels = [n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr") for n, st in zip(names, stores, strict=True)]
+    if transfer:
+        labels[0] += SOURCE_TAG
     out = _bench_out(config, stores)
+    src_fp = stores[0].fingerprint if transfer else ""
+    order = ([(st, label, m, k, s) for m in config.methods for k in config.shots for s in config.seeds
+              for st, label in zip(stores, labels, strict=True)] if transfer else  # one fit, every target in a row
+             [(st, label, m, k, s) for st, label in zip(stores, labels, strict=True) for m in config.methods
+              for k in config.shots for s in config.seeds])
     cells = [Cell(str(Path(st.path).absolute()), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
-                  json.dumps(config.options.get(m, {}), sort_keys=True))
-             for st, label in zip(stores, labels, strict=True) for m in config.methods for k in config.shots
-             for s in config.seeds]
+                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp) for st, label, m, k, s in order]
     by_path = {str(Path(st.path).absolute()): st for st in stores}
-    min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min()) for p, st in by_path.items()}
+    fit_store = {p: (str(Path(stores[0].path).absolute()) if transfer else p) for p in by_path}
+    min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
+                 for p, st in by_path.items() if st.has_split("train")}
     tmp_state = out / f".cell-state-{os.getpid()}"
+    fitted: dict = {}  # the last fit: (store, method, K, seed, options) -> FitResult, reused across targets
+
+    def fit_for(cell: Cell, store_path: str, state_dir: Path):
+        key = (store_path, cell.method, cell.shots, cell.seed, cell.options)
+        if fitted.get("key") == key and state_dir.exists():
+            return fitted["fit"]
+        fitted.clear()
+        cls = METHODS.get(cell.method)
+        kw = dict(store=store_path, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
+                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule,
+                  base_to_new=cell.protocol == "base-to-new")
+        fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
+               else align(AlignConfig(**kw), progress=None))
+        fitted.update(key=key, fit=fit)
+        return fit
 
     def run_cell(cell: Cell) -> dict:
-        st = by_path[cell.store]
+        src_path = fit_store[cell.store]
+        src, st = by_path[src_path], by_path[cell.store]
         cls = METHODS.get(cell.method)
-        if cls.needs_text and not st.attrs["text"].get("available"):
-            return {"status": "n/a", "message": f"{cell.method} needs class text features; {st.path} has none "
-                                               f"(encoder {st.encoder_spec} has no text tower)"}
+        if cls.needs_text and not src.attrs["text"].get("available"):
+            return {"status": "n/a", "message": f"{cell.method} needs class text features; {src.path} has none "
+                                               f"(encoder {src.encoder_spec} has no text tower)"}
         if cell.protocol == "base-to-new" and st.num_classes < 2:
             return {"status": "n/a", "message": f"base-to-new needs at least 2 classes; {st.path} has {st.num_classes}"}
-        if cell.shots > min_train[cell.store]:
-            return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(cell.store).name} "
-                                               f"has {min_train[cell.store]} train rows"}
-        state_dir = (out / "states" / cell.dataset / cell.method / f"{cell.shots}shot-seed{cell.seed}"
-                     if config.keep_states else tmp_state)
-        b2n = cell.protocol == "base-to-new"
-        kw = dict(store=cell.store, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule,
-                  base_to_new=b2n)
+        if cell.shots > min_train[src_path]:
+            return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(src_path).name} "
+                                               f"has {min_train[src_path]} train rows"}
+        target = transfer and cell.store != src_path
+        if target and cell.protocol == "cross-dataset":
+            if not cls.transfers_to_new_classes:
+                return {"status": "n/a", "message": f"{cell.method} cannot classify classes it has no shot of"}
+            if not st.attrs["text"].get("available"):
+                return {"status": "n/a", "message": f"{st.path} has no class text features to transfer through"}
+        state_dir = (out / "states" / Path(src_path).name.removesuffix(".zarr") / cell.method /
+                     f"{cell.shots}shot-seed{cell.seed}" if config.keep_states else tmp_state)
+        protocol = cell.protocol if target or not transfer else "allway"
         try:
-            fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
-                   else align(AlignConfig(**kw), progress=None))
-            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=cell.protocol, shot=cell.shots,
+            fit = fit_for(cell, src_path, state_dir)
+            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=protocol, shot=cell.shots,
                                      seeds=(cell.seed,), device=config.device))
         except FskdError as e:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
-            if not config.keep_states and tmp_state.exists():
+            if not transfer and not config.keep_states and tmp_state.exists():
                 shutil.rmtree(tmp_state)  # a state this run wrote, nothing else
+        b2n = cell.protocol == "base-to-new"
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
                 **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
                 "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
@@ -823,7 +863,11 @@ def bench(config, progress=AUTO) -> BenchResult:
             if tmp_state.exists():
                 shutil.rmtree(tmp_state)
             results = Results(out)
-            counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
+            try:
+                counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
+            finally:
+                if tmp_state.exists():
+                    shutil.rmtree(tmp_state)  # the scratch state of the last fit, written by this run
             outputs = write_outputs(out, results.rows, config.to_dict(), {c.key for c in cells})
     finally:
         for h in logging.getLogger().handlers:

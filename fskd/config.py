@@ -385,7 +385,7 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     return out
 
 
-BENCH_PROTOCOLS = ("allway", "base-to-new")
+BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift")
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ class BenchConfig(Config):
 
     A grid file (TOML) holds the same keys; ``options`` maps a method name to its ``--set`` options."""
 
-    stores: tuple[str, ...] = ()
+    stores: tuple[str, ...] = ()  # cross-dataset / domain-shift: the source store first, then the targets
     methods: tuple[str, ...] = ()
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)

@@ -124,3 +124,34 @@ def image_folder(tmp_path_factory) -> Path:
                 arr = (rng.random((64, 64, 3)) * 60 + c * 30).astype("uint8")
                 Image.fromarray(arr).save(d / f"class_{c}" / f"{i}.png")
     return d
+
+
+@pytest.fixture(scope="session")
+def two_worlds(tmp_path_factory):
+    """Two stores of one encoder (one synthetic feature space) with disjoint classes, and a
+    'shifted' copy of some of the first store's classes (other order, noisier rows)."""
+    import numpy as np
+
+    from fskd.store import FeatureStore
+    from fskd.store.synthetic import synthetic_features
+
+    d = tmp_path_factory.mktemp("worlds")
+    splits, text = synthetic_features(n_classes=20, joint=True, seed=4)
+    enc = {"spec": "synthetic-features:joint", "joint": True}
+
+    def part(classes, name, noise=0.0, order=None):
+        order = list(classes) if order is None else order
+        remap = {c: i for i, c in enumerate(order)}
+        rng = np.random.default_rng(0)
+        out = {}
+        for s, (x, y) in splits.items():
+            m = np.isin(y, order)
+            xs = x[m] + noise * rng.normal(size=x[m].shape).astype(np.float32)
+            out[s] = (xs, np.array([remap[c] for c in y[m]]))
+        n = len(order)
+        return str(FeatureStore.from_arrays(d / f"{name}.zarr", out, [f"class {c}" for c in order],
+                                            {"base": list(range(n // 2)), "val": [n // 2], "novel": list(range(n // 2 + 1, n))},
+                                            text_embeddings=text[order], encoder=enc, dataset=name, chunk_rows=64).path)
+
+    shifted = part(None, "shifted", noise=0.3, order=[7, 2, 5])
+    return part(range(10), "a"), part(range(10, 20), "b"), shifted

@@ -149,3 +149,29 @@ def test_base_to_new_grid_tables(stores, tmp_path):
     line = next(row for row in md.split("## 4 shots")[1].splitlines() if row.startswith("| zero-shot"))
     assert f"{np.mean([x['hm'] for x in zs]):.2f} ± {np.std([x['hm'] for x in zs], ddof=1):.2f}" in line
     assert (out / "accuracy_vs_shots.png").exists()
+
+
+def test_cross_dataset_and_domain_shift_grids(two_worlds, tmp_path):
+    a, b, shifted = two_worlds
+    r = api.bench(BenchConfig(stores=(a, b), methods=("prototype", "zero-shot", "tip-adapter"), shots=(2, 4), seeds=(1, 2),
+                              protocol="cross-dataset", out=str(tmp_path / "x")), progress=None)
+    assert r.counts == {"skipped": 0, "ok": 20, "n/a": 4, "failed": 0}  # prototype cannot transfer to b's classes
+    md = (tmp_path / "x" / "table.md").read_text()
+    assert "| method | a (source) | b |" in md and "prototype on b: prototype cannot classify" in md
+    res = [json.loads(line) for line in open(tmp_path / "x" / "results.jsonl")]
+    zs = [x for x in res if x["method"] == "zero-shot" and x["dataset"] == "b"]
+    assert all(x["accuracy"] > 30 for x in zs)  # chance 10%
+    # one fit serves the source row and every target row: the states were not refitted per target
+    by_fit: dict = {}
+    for x in res:
+        if x["status"] == "ok":
+            by_fit.setdefault((x["method"], x["shots"], x["seed"]), set()).add(x["fit_seconds"])
+    assert all(len(v) == 1 for v in by_fit.values())
+    with pytest.raises(ConfigError, match="not classes of the source"):  # b's classes are not a's: before any cell
+        api.bench(BenchConfig(stores=(a, shifted, b), methods=("prototype",), shots=(4,), seeds=(1,),
+                              protocol="domain-shift", out=str(tmp_path / "d")), progress=None)
+    d = api.bench(BenchConfig(stores=(a, shifted), methods=("prototype", "tip-adapter"), shots=(4,), seeds=(1, 2),
+                              protocol="domain-shift", out=str(tmp_path / "d")), progress=None)
+    md = (tmp_path / "d" / "table.md").read_text()
+    assert d.counts["ok"] == 8 and "| method | a (source) | shifted |" in md and "Protocol: domain-shift" in md
+    assert not list((tmp_path / "d").glob(".cell-state-*"))

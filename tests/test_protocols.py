@@ -124,35 +124,6 @@ def test_base_to_new_refusals(joint_store, tmp_path):
     assert t.new is not None and p.new is None and p.base is not None and len(t.per_seed) == 3
 
 
-@pytest.fixture(scope="module")
-def two_worlds(tmp_path_factory):
-    """Two stores of one encoder (one synthetic feature space) with disjoint classes, and a
-    'shifted' copy of some of the first store's classes (other order, noisier rows)."""
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    d = tmp_path_factory.mktemp("worlds")
-    splits, text = synthetic_features(n_classes=20, joint=True, seed=4)
-    enc = {"spec": "synthetic-features:joint", "joint": True}
-
-    def part(classes, name, noise=0.0, order=None):
-        order = list(classes) if order is None else order
-        remap = {c: i for i, c in enumerate(order)}
-        rng = np.random.default_rng(0)
-        out = {}
-        for s, (x, y) in splits.items():
-            m = np.isin(y, order)
-            xs = x[m] + noise * rng.normal(size=x[m].shape).astype(np.float32)
-            out[s] = (xs, np.array([remap[c] for c in y[m]]))
-        n = len(order)
-        return str(FeatureStore.from_arrays(d / f"{name}.zarr", out, [f"class {c}" for c in order],
-                                            {"base": list(range(n // 2)), "val": [n // 2], "novel": list(range(n // 2 + 1, n))},
-                                            text_embeddings=text[order], encoder=enc, dataset=name, chunk_rows=64).path)
-
-    shifted = part(None, "shifted", noise=0.3, order=[7, 2, 5])
-    return part(range(10), "a"), part(range(10, 20), "b"), shifted
-
-
 @pytest.mark.parametrize("method", ["zero-shot", "lp++", "tip-adapter", "fma"])
 def test_cross_dataset_transfers_to_another_stores_classes(method, two_worlds, tmp_path):
     from fskd.config import AlignConfig, EvalConfig

@@ -38,6 +38,9 @@ BENCH_FORMAT = "fskd-bench"
 BENCH_JSON = "bench.json"
 RESULTS = "results.jsonl"
 OK, NA, FAILED = "ok", "n/a", "failed"
+#: grid protocols whose cells score a state fitted on the first store on the other stores
+TRANSFER_PROTOCOLS = ("cross-dataset", "domain-shift")
+SOURCE_TAG = " (source)"
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,12 @@ class Cell:
     protocol: str
     val_rule: str
     options: str  # JSON of the method's options (sorted keys)
+    source_fingerprint: str = ""  # cross-dataset / domain-shift: the store every cell's state is fitted on
 
     @property
     def key(self) -> str:
-        return json.dumps([self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule,
-                           self.options])
+        parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule, self.options]
+        return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else []))
 
     def label(self) -> str:
         return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
@@ -226,11 +230,14 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
     if config.get("protocol") == "base-to-new":
         return build_b2n_tables(rows, config, baseline)
     summ, methods, datasets, shots = summarise(rows)
-    cols = datasets + (["Average"] if len(datasets) > 1 else [])
+    transfer = config.get("protocol") in TRANSFER_PROTOCOLS
+    avg_over = [d for d in datasets if not d.endswith(SOURCE_TAG)] if transfer else datasets
+    avg_label = "Average (targets)" if transfer else "Average"
+    cols = datasets + ([avg_label] if len(avg_over) > 1 else [])
 
     def row_cells(m: str, k: int) -> list[Summary]:
         cells = [summ.get((m, d, k), Summary(None, None, {}, NA, "not run")) for d in datasets]
-        return cells + ([_average(summ, m, datasets, k)] if len(datasets) > 1 else [])
+        return cells + ([_average(summ, m, avg_over, k)] if len(avg_over) > 1 else [])
 
     seeds = sorted({r["seed"] for r in rows})
     md = [f"# fskd bench: {config.get('protocol', 'allway')}\n",
@@ -346,6 +353,15 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
     rule = config.get("val_rule", "few-shot")
     val = ("hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot validation)"
            if rule == "few-shot" else "hyper-parameters chosen on the full val split")
+    if config.get("protocol") in TRANSFER_PROTOCOLS:
+        how = ("the other stores' classes are new to it: its head transfers through their class text, with no shot "
+               "of them (methods that cannot are n/a)" if config.get("protocol") == "cross-dataset" else
+               "the other stores' classes are mapped to the source's by class key (wnid); the head is fitted on the "
+               "source's shots and scores each target's test rows among the classes present there")
+        return (f"Protocol: {config.get('protocol')}. Each cell's state is fitted on K shots per class of the source "
+                f"store (seed s), {val}; the source column is its all-way accuracy there; {how}. Top-1 (%), mean ± std "
+                f"over seeds {', '.join(map(str, seeds))} (one fit per seed); Average (targets): the mean over the "
+                f"target stores.")
     if config.get("protocol") == "base-to-new":
         return (f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
                 f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "
