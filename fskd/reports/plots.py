@@ -23,7 +23,9 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
 
     from fskd.reports.bench import OK, _average
 
-    panels = list(datasets) + (["Average over datasets"] if len(datasets) > 1 else [])
+    b2n = config.get("protocol") == "base-to-new"
+    panels = list(datasets) + ([("Mean HM over datasets" if b2n else "Average over datasets")]
+                               if len(datasets) > 1 else [])
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.6), squeeze=False)
@@ -44,7 +46,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         ax.set_xticklabels([str(k) for k in shots])
         ax.set_title(panel, fontsize=11)
         ax.set_xlabel("shots per class")
-        ax.set_ylabel("HM of base and new (%)" if config.get("protocol") == "base-to-new" else "top-1 accuracy (%)")
+        ax.set_ylabel("HM of base and new (%)" if b2n else "top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -55,10 +57,10 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
                 handles.append(h)
                 labels.append(lab)
     seeds = config.get("seeds") or []
-    what = "Base-to-new harmonic mean" if config.get("protocol") == "base-to-new" else "All-way accuracy"
+    what = "Base-to-new harmonic mean" if b2n else "All-way accuracy"
     fig.suptitle(f"{what} vs shots (mean over seeds {', '.join(map(str, seeds))}; "
-                 f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation)",
-                 fontsize=12)
+                 f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation"
+                 f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})", fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
     legend_rows = -(-len(labels) // 5)
     fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows, 1, 0.95))
