@@ -179,3 +179,12 @@ def test_domain_shift_maps_classes_by_key_and_scores_among_them(method, two_worl
                         4, (1,), head)
     assert ev.accuracy == pytest.approx(100 * scores.top1[0], abs=1e-3)
     assert ev.accuracy > 100 / 3
+
+
+def test_syntrans_base_to_new_at_one_shot_skips_meta_training(joint_store, tmp_path):
+    from fskd.config import EvalConfig
+
+    r = _fit_b2n(joint_store, "syntrans", tmp_path / "s", shots=1)
+    assert r.metrics["meta.steps"] == 0 and "single row" in r.metrics["meta.task"]
+    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shot=1, seeds=(1,)))
+    assert ev.base > 100 / 6 and ev.new is None

@@ -296,11 +296,14 @@ class SynTrans(Method):
         way = min(5, B)
         if counts.min() - k < 1 <= counts.min() - 1:
             k = int(counts.min()) - 1  # exactly K rows per base class (base-to-new's view): (K-1)-shot 1-query episodes
+        init = torch.tensor([0.5, 0.3, 0.1, 0.03, 10.0], device=dev).log()
+        if counts.min() < 2:  # one row per base class (base-to-new at 1 shot): no episode has a query
+            return init.exp().tolist(), {"meta.steps": 0, "meta.task": "none: a base class has a single row, so no "
+                                         "episode has a query; the initial weights are used"}
         q = int(min(opts.meta_query, counts.min() - k))
         if q < 1:
             raise ConfigError(f"--shots {k} is larger than available for meta-training: base class "
                               f"{int(np.argmin(counts))} has {counts.min()} rows, fewer than shots + 1 query")
-        init = torch.tensor([0.5, 0.3, 0.1, 0.03, 10.0], device=dev).log()
         theta = init.clone().requires_grad_(True)
         if opts.meta_steps == 0:
             return theta.detach().exp().tolist(), {"meta.steps": 0}
