@@ -38,7 +38,6 @@ from fskd.errors import (
     StateError,
 )
 from fskd.evaluation.allway import run_allway
-from fskd.evaluation.base_to_new import halves as b2n_halves
 from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
 from fskd.evaluation.base_to_new import split_of as b2n_split
 from fskd.evaluation.episodes import run_episodes, sample_episodes
@@ -246,10 +245,11 @@ def evaluate(config: EvalConfig) -> EvalResult:
                            for s, ids in store.skipped().items()]
     episodic, b2n = cfg.protocol == "episodic", cfg.protocol == "base-to-new"
     if state is not None and bool(state.config.get("base_to_new")) != b2n:
-        raise EvaluationError(
-            f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it with --protocol "
-            f"base-to-new" if not b2n else f"state {cfg.state} was fitted on every class, the new half included; "
-            f"base-to-new needs a state fitted with --base-to-new (fskd adapt/align --base-to-new --shots 16)")
+        if b2n:
+            raise EvaluationError(f"state {cfg.state} was fitted on every class, the new half included; base-to-new "
+                                  f"needs a state fitted with --base-to-new (fskd adapt/align --base-to-new --shots 16)")
+        raise EvaluationError(f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it with "
+                              f"--protocol base-to-new")
     if not episodic and state is not None:
         _check_state_seeds(cfg, state, warnings, strict=b2n)
     mean_pc = top5 = per_episode = per_class = n_seeds = None
@@ -285,13 +285,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
         top5 = None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3)
         rows = np.bincount(test_y, minlength=store.num_classes)
         per_class = []
-        for part, scores_, cls in (("base", sc.base, b2n_halves(store.num_classes)[0]),
-                                   ("new", sc.new, b2n_halves(store.num_classes)[1])):
-            if scores_ is None:
-                continue
-            pc = np.nanmean(scores_.per_class, axis=0)
-            per_class += [{"class": names[int(c)], "half": part, "accuracy": round(float(a) * 100, 3),
-                           "test_rows": int(rows[c])} for c, a in zip(cls, pc, strict=True)]
+        for part, scores_, cls in (("base", sc.base, sc.base_classes), ("new", sc.new, sc.new_classes)):
+            if scores_ is not None:
+                per_class += _per_class(names, cls, np.nanmean(scores_.per_class, axis=0), rows, half=part)
         mean_pc = round(float(np.nanmean([r["accuracy"] for r in per_class])), 3)
     elif episodic:
         classes = store.class_split(cfg.split)
@@ -325,9 +321,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         mean_pc = round(float(np.nanmean(pc)) * 100, 3)
         top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
-        rows = np.bincount(test_y, minlength=store.num_classes)
-        per_class = [{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
-                     for c, a in zip(classes, pc, strict=True)]
+        per_class = _per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes))
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]
     result = EvalResult(
@@ -383,7 +377,6 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
         raise EvaluationError(f"{store.path} has no 'test' sample split (it has {store.splits})")
     k, seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
     names = store.class_names
-    warnings: list[str] = []
     test_x, test_y = store.gather(None, ["test"])
     if cfg.protocol == "cross-dataset":
         if not method.transfers_to_new_classes:
@@ -423,7 +416,6 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]
     pc = scores.per_class[0]
-    rows = np.bincount(test_y, minlength=int(classes.max()) + 1)
     return EvalResult(
         protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None, std=None, statistic="one fitted state: no interval",
         episodes=None, way=None, shot=k, query=None, split="test", classifier=state.method, encoder=enc["spec"],
@@ -432,9 +424,14 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
         store_fingerprint=store.fingerprint, state=cfg.state, seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4),
         mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
         top5=None if scores.top5 is None else round(float(scores.top5[0]) * 100, 3), selected_on=dict(state.selected_on),
-        warnings=warnings, source_store=source,
-        per_class=[{"class": names[int(c)], "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
-                   for c, a in zip(classes, pc, strict=True)])
+        warnings=[], source_store=source,
+        per_class=_per_class(names, classes, pc, np.bincount(test_y, minlength=int(classes.max()) + 1)))
+
+
+def _per_class(names: list[str], classes, accuracy: np.ndarray, rows: np.ndarray, **extra) -> list[dict]:
+    """The per-class table of a report: name, accuracy (%), test rows, for ``classes`` in order."""
+    return [{"class": names[int(c)], **extra, "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
+            for c, a in zip(classes, accuracy, strict=True)]
 
 
 def _eval_class_split(cfg: EvalConfig, store: FeatureStore, state) -> None:
@@ -743,19 +740,27 @@ def bench(config, progress=AUTO) -> BenchResult:
     from datetime import datetime, timezone
 
     from fskd.fsutil import atomic_write_text, dir_lock
+    from fskd.methods.base import methods_of_kind
     from fskd.progress import bench_bar
-    from fskd.reports.bench import BENCH_FORMAT, BENCH_JSON, Cell, Results, run_grid, write_outputs
+    from fskd.reports.bench import (
+        BENCH_FORMAT,
+        BENCH_JSON,
+        SOURCE_TAG,
+        TRANSFER_PROTOCOLS,
+        Cell,
+        Results,
+        run_grid,
+        write_outputs,
+    )
 
     t0 = time.perf_counter()
-    kinds = ("adapt", "align")
     for m in config.methods:
         cls = METHODS.get(m)  # an unknown name lists the valid ones
-        if cls.kind not in kinds:
+        if cls.kind not in ("adapt", "align"):
             raise ConfigError(f"fskd bench runs adapt and align methods; {m!r} is a {cls.kind} method (adapt/align "
-                              f"methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind in kinds)})")
+                              f"methods: {', '.join(sorted(methods_of_kind('adapt') + methods_of_kind('align')))})")
         if cls.options is not None:
             cls.options.from_dict(dict(config.options.get(m, {})))  # unknown or ill-typed options: now, not mid-grid
-    from fskd.reports.bench import SOURCE_TAG, TRANSFER_PROTOCOLS
 
     transfer = config.protocol in TRANSFER_PROTOCOLS
     if transfer and len(config.stores) < 2:
@@ -789,6 +794,7 @@ def bench(config, progress=AUTO) -> BenchResult:
               for k in config.shots for s in config.seeds])
     cells = [Cell(str(Path(st.path).absolute()), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
                   json.dumps(config.options.get(m, {}), sort_keys=True), src_fp) for st, label, m, k, s in order]
+    keys = {c.key for c in cells}
     by_path = {str(Path(st.path).absolute()): st for st in stores}
     fit_store = {p: (str(Path(stores[0].path).absolute()) if transfer else p) for p in by_path}
     min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
@@ -868,12 +874,12 @@ def bench(config, progress=AUTO) -> BenchResult:
             finally:
                 if tmp_state.exists():
                     shutil.rmtree(tmp_state)  # the scratch state of the last fit, written by this run
-            outputs = write_outputs(out, results.rows, config.to_dict(), {c.key for c in cells})
+            outputs = write_outputs(out, results.rows, config.to_dict(), keys)
     finally:
         for h in logging.getLogger().handlers:
             h.removeFilter(once)
     failed = [f"{r['dataset']} {r['method']} {r['shots']}-shot seed {r['seed']}: {r.get('message')}"
-              for r in results.rows if r["status"] == "failed" and r["key"] in {c.key for c in cells}]
+              for r in results.rows if r["status"] == "failed" and r["key"] in keys]
     return BenchResult(out=str(out), cells=len(cells), counts=counts, seconds=round(time.perf_counter() - t0, 2),
                        outputs=[str(p) for p in outputs], failed=failed)
 

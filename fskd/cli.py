@@ -536,16 +536,20 @@ def distill(
     _fit_summary(_run(api.distill, cfg), as_json)
 
 
-def _csv(value: str | None, option: str, kind=str) -> list | None:
+def _names(value: str | None, option: str) -> list[str] | None:
+    """A comma-separated list of names (stores, methods); None when the option is not given."""
     if value is None:
         return None
-    try:
-        items = [kind(v.strip()) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{option} takes a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
         raise typer.BadParameter(f"{option} is empty")
     return items
+
+
+def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
+    """Like :func:`_names`, each item an integer (parsed by :func:`_ints`)."""
+    items = _names(value, option)
+    return None if items is None else _ints(",".join(items), option)
 
 
 def _bench_options(pairs: list[str] | None) -> dict:
@@ -577,15 +581,16 @@ def bench(
     as_json: JsonOption = False,
 ) -> None:
     """Run a benchmark grid: every (store, method, shots, seed) cell fitted and evaluated once
-    (all-way), resumable; writes the paper tables (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
+    (allway, base-to-new, cross-dataset or domain-shift), resumable; writes the paper tables
+    (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
     _JSON["on"] = as_json
     if report:
         paths = _run(api.bench_report, report)
         typer.echo(json.dumps({"outputs": paths}) if as_json else "\n".join(["rebuilt:"] + [f"  {p}" for p in paths]))
         return
     data = _run(api.load_grid, grid) if grid else {}
-    given = {"stores": _csv(stores, "--stores"), "methods": _csv(methods, "--methods"),
-             "shots": _csv(shots, "--shots", int), "seeds": _csv(seeds, "--seeds", int),
+    given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
+             "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
              "protocol": protocol.replace("all-way", "allway") if protocol else None,
              "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline}
     data.update({k: v for k, v in given.items() if v is not None})

@@ -70,6 +70,8 @@ def restrict_for_fit(store, shots: int, seed: int, val_rule: str) -> str:
 class BaseToNewScores:
     base: AllwayScores
     new: AllwayScores | None  # None: the head cannot classify classes it has no shot of
+    base_classes: np.ndarray  # the class order of ``base.per_class``
+    new_classes: np.ndarray  # the class order of ``new.per_class``
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -89,4 +91,4 @@ def run_base_to_new(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Te
     if transfers:
         idx_n = torch.from_numpy(np.flatnonzero(~in_base)).to(test_x.device)
         n = run_allway(train_x, train_y, test_x[idx_n], test_y[~in_base], new, 0, seeds, head, class_names=class_names)
-    return BaseToNewScores(b, n)
+    return BaseToNewScores(b, n, base, new)

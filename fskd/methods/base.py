@@ -23,6 +23,7 @@ never written into (:func:`guard_out`, checked before any fitting).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -228,8 +229,7 @@ class Method(ABC):
         import torch.nn.functional as F
 
         text = F.normalize(torch.from_numpy(store.text_embeddings()).float(), dim=-1)
-        return MethodState(**{**{k: getattr(state, k) for k in MethodState.__dataclass_fields__},
-                              "tensors": {**state.tensors, "text": text}})
+        return dataclasses.replace(state, tensors={**state.tensors, "text": text})
 
     def features(
         self, state: MethodState, store: FeatureStore, device: torch.device

@@ -221,6 +221,40 @@ def _md(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _shots_title(k: int, level: str = "##") -> str:
+    return f"{level} {k} shot{'s' if k > 1 else ''}\n"
+
+
+def _tex_table(k: int, header: list[str], body: list[list[str]]) -> list[str]:
+    """One booktabs tabular: a header row and body rows of text cells (the first is the method)."""
+    out = [f"% {k} shots", "\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
+           " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
+    out += [" & ".join([_tex(r[0])] + [c.replace("±", "$\\pm$") for c in r[1:]]) + " \\\\" for r in body]
+    return out + ["\\bottomrule", "\\end{tabular}", ""]
+
+
+def _csv_cells(c: Summary) -> list:
+    """mean, std, n_seeds, per_seed, status, message of one table entry, for table.csv."""
+    return ["" if c.mean is None else f"{c.mean:.3f}", "" if c.std is None else f"{c.std:.3f}", len(c.per_seed),
+            json.dumps({str(s): round(v, 3) for s, v in c.per_seed.items()}), c.status, c.message]
+
+
+def _paired_section(summ: dict, methods: list[str], datasets: list[str], shots: list[int], baseline: str,
+                    title: str, intro: str) -> list[str]:
+    """Per K, every method's paired difference to ``baseline`` per dataset (see :func:`_diff`)."""
+    md = [f"## {title}\n", intro]
+    for k in shots:
+        body = [[m] + [_diff(summ, m, baseline, d, k) for d in datasets] for m in methods if m != baseline]
+        md += [_shots_title(k, "###"), _md(["method"] + datasets, body), ""]
+    return md
+
+
+def _notes(notes: list[tuple[str, str, str]]) -> list[str]:
+    if not notes:
+        return []
+    return ["## Not applicable or failed\n"] + [f"- {m} on {d}: {msg}" for m, d, msg in notes] + [""]
+
+
 def primary_metric(config: dict) -> str:
     return "hm" if config.get("protocol") == "base-to-new" else "accuracy"
 
@@ -244,41 +278,26 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
           protocol_text(config, seeds), ""]
     tex = ["% fskd bench: " + protocol_text(config, seeds).replace("%", "\\%")]
     for k in shots:
-        md += [f"## {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + cols,
-                                                          [[m] + [c.text() for c in row_cells(m, k)] for m in methods]), ""]
-        tex += [f"% {k} shots", "\\begin{tabular}{l" + "c" * len(cols) + "}", "\\toprule",
-                "Method & " + " & ".join(_tex(c) for c in cols) + " \\\\", "\\midrule"]
-        tex += [_tex(m) + " & " + " & ".join(c.text().replace("±", "$\\pm$") for c in row_cells(m, k)) + " \\\\"
-                for m in methods]
-        tex += ["\\bottomrule", "\\end{tabular}", ""]
+        body = [[m] + [c.text() for c in row_cells(m, k)] for m in methods]
+        md += [_shots_title(k), _md(["method"] + cols, body), ""]
+        tex += _tex_table(k, ["Method"] + cols, body)
     if len(shots) > 1:
         label = "average over datasets" if len(datasets) > 1 else datasets[0]
         md += [f"## Accuracy vs shots ({label})\n",
                _md(["method"] + [f"{k}-shot" for k in shots],
                    [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods]), ""]
     if baseline:
-        md += [f"## Paired difference to {baseline}\n",
-               f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its 95% CI "
-               "(Student t over the seeds); * where the interval excludes 0.\n"]
-        for k in shots:
-            body = []
-            for m in methods:
-                if m == baseline:
-                    continue
-                body.append([m] + [_diff(summ, m, baseline, d, k) for d in datasets])
-            md += [f"### {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + datasets, body), ""]
-    na = sorted({(r["method"], r["dataset"], r.get("message", "")) for r in rows if r["status"] != OK})
-    if na:
-        md += ["## Not applicable or failed\n"] + [f"- {m} on {d}: {msg}" for m, d, msg in na] + [""]
+        md += _paired_section(summ, methods, datasets, shots, baseline, f"Paired difference to {baseline}",
+                              f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its "
+                              f"95% CI (Student t over the seeds); * where the interval excludes 0.\n")
+    md += _notes(_failed_cells(rows))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "dataset", "shots", "mean", "std", "n_seeds", "per_seed", "status", "message"])
     for m in methods:
         for k in shots:
             for d, c in zip(cols, row_cells(m, k), strict=True):
-                w.writerow([m, d, k, "" if c.mean is None else f"{c.mean:.3f}", "" if c.std is None else f"{c.std:.3f}",
-                            len(c.per_seed), json.dumps({str(s): round(v, 3) for s, v in c.per_seed.items()}),
-                            c.status, c.message])
+                w.writerow([m, d, k, *_csv_cells(c)])
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
 
 
@@ -287,8 +306,9 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
     and new accuracy, as CoCoOp's tables), mean ± std over seeds."""
     from fskd.evaluation.base_to_new import harmonic_mean
 
-    parts = {m: summarise(rows, m)[0] for m in ("base", "new", "hm")}
-    _, methods, datasets, shots = summarise(rows, "hm")
+    parts = {}
+    for p in ("base", "new", "hm"):
+        parts[p], methods, datasets, shots = summarise(rows, p)
     seeds = sorted({r["seed"] for r in rows})
     avg = len(datasets) > 1
     md = ["# fskd bench: base-to-new\n", protocol_text(config, seeds), ""]
@@ -306,32 +326,28 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
                 for p in ("base", "new", "hm"):
                     c = parts[p].get((m, d, k), Summary(None, None, {}, NA, "not run"))
                     row.append(c.text())
-                    w.writerow([m, d, k, p, "" if c.mean is None else f"{c.mean:.3f}",
-                                "" if c.std is None else f"{c.std:.3f}", len(c.per_seed),
-                                json.dumps({str(s_): round(v, 3) for s_, v in c.per_seed.items()}), c.status, c.message])
+                    w.writerow([m, d, k, p, *_csv_cells(c)])
             if avg:
                 ab, an = (_average(parts[p], m, datasets, k) for p in ("base", "new"))
                 row += [ab.text(), an.text(),
                         f"{harmonic_mean(ab.mean, an.mean):.2f}" if ab.status == OK and an.status == OK else "n/a"]
             body.append(row)
-        md += [f"## {k} shot{'s' if k > 1 else ''}\n", _md(header, body), ""]
-        tex += [f"% {k} shots", "\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
-                " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
-        tex += [" & ".join([_tex(r[0])] + [c.replace("±", "$\\pm$") for c in r[1:]]) + " \\\\" for r in body]
-        tex += ["\\bottomrule", "\\end{tabular}", ""]
+        md += [_shots_title(k), _md(header, body), ""]
+        tex += _tex_table(k, header, body)
     if baseline:
-        summ = parts["hm"]
-        md += [f"## Paired difference of HM to {baseline}\n",
-               f"Mean over seeds of (method - {baseline}) harmonic mean, with its 95% CI (Student t over the seeds).\n"]
-        for k in shots:
-            body = [[m] + [_diff(summ, m, baseline, d, k) for d in datasets] for m in methods if m != baseline]
-            md += [f"### {k} shot{'s' if k > 1 else ''}\n", _md(["method"] + datasets, body), ""]
-    notes = sorted({(r["method"], r["dataset"], r.get("message", "")) for r in rows if r["status"] != OK})
+        md += _paired_section(parts["hm"], methods, datasets, shots, baseline, f"Paired difference of HM to {baseline}",
+                              f"Mean over seeds of (method - {baseline}) harmonic mean, with its 95% CI (Student t "
+                              f"over the seeds).\n")
+    notes = _failed_cells(rows)
     notes += sorted({(m, d, "cannot classify classes it has no shot of: base only") for (m, d, k), c in parts["new"].items()
                      if c.status == NA and not c.per_seed and "cannot classify" in c.message})
-    if notes:
-        md += ["## Not applicable or failed\n"] + [f"- {m} on {d}: {msg}" for m, d, msg in notes] + [""]
+    md += _notes(notes)
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+
+
+def _failed_cells(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(method, dataset, message) of every cell that is n/a or failed, sorted."""
+    return sorted({(r["method"], r["dataset"], r.get("message", "")) for r in rows if r["status"] != OK})
 
 
 def _diff(summ, m: str, base: str, d: str, k: int) -> str:

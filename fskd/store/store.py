@@ -343,6 +343,10 @@ class FeatureStore:
     def _raw_labels(self, split: str) -> np.ndarray:
         return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
 
+    def _splits_or_default(self, splits) -> list[str]:
+        """The splits a read names, else the default ones (:meth:`restrict_rows`), else all."""
+        return list(splits) if splits is not None else (self._default_splits or self.splits)
+
     def restrict_rows(self, keep: dict[str, np.ndarray], default_splits: list[str], description: str) -> None:
         """In memory only (the store is not changed): rows outside ``keep`` (split -> (n,) bool)
         read as label -1, so every reader (``labels``, ``gather``, ``mean``, ``iter_chunks``)
@@ -516,7 +520,7 @@ class FeatureStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
         default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64)."""
-        splits = list(splits) if splits is not None else (self._default_splits or self.splits)
+        splits = self._splits_or_default(splits)
         wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
         feats, labs = [], []
         for s in splits:
@@ -540,7 +544,7 @@ class FeatureStore:
         total = np.zeros(self.dim, np.float64)
         count = 0
         wanted = None if classes is None else np.asarray(sorted(classes))
-        for s in splits or self._default_splits or self.splits:
+        for s in self._splits_or_default(splits or None):
             for _, f, lab in self.iter_chunks(s):
                 keep = lab >= 0 if wanted is None else np.isin(lab, wanted)
                 total += f[keep].sum(0, dtype=np.float64)
