@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fskd import __version__
+from fskd.catalog import method_info, registries, store_info  # noqa: F401 - part of the api
 from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.base import Head
 from fskd.classifiers.prototype import PrototypeHead
@@ -27,8 +28,6 @@ from fskd.config import (
     EvalConfig,
     ExtractConfig,
 )
-from fskd.datasets import DATASETS
-from fskd.encoders import ENCODERS
 from fskd.errors import (
     ConfigError,
     DatasetError,
@@ -37,7 +36,7 @@ from fskd.errors import (
     OutputError,
     StateError,
 )
-from fskd.evaluation.allway import run_allway
+from fskd.evaluation.allway import run_allway, store_rows
 from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
 from fskd.evaluation.base_to_new import split_of as b2n_split
 from fskd.evaluation.episodes import run_episodes, sample_episodes
@@ -57,40 +56,11 @@ from fskd.store.extract import extract as _extract
 log = logging.getLogger(__name__)
 
 
-def registries() -> dict[str, dict[str, str]]:
-    """Every registry's names with one-line descriptions (``fskd datasets`` / ``encoders`` / ...)."""
-    return {
-        "datasets": {n: DATASETS.describe(n) for n in DATASETS.names()},
-        "encoders": {n: ENCODERS.describe(n) for n in ENCODERS.names()},
-        "classifiers": {n: CLASSIFIERS.describe(n) for n in CLASSIFIERS.names()},
-        "methods": {n: f"[{METHODS.get(n).kind}] {METHODS.describe(n)}" for n in METHODS.names()},
-    }
-
-
-def method_info(name: str) -> dict:
-    """A method's kind, description and ``--set`` options (name, type, default, range, meaning)."""
-    from fskd.config import describe_options
-
-    cls = METHODS.get(name)
-    return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
-            "options": describe_options(cls.options) if cls.options is not None else []}
-
-
 def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, source=None) -> ExtractResult:
     """Encode a dataset into a feature store (resumable; reused when already complete).
     ``progress``: "auto" (a bar when stderr is a terminal), None, or a callable.
     ``source``: an ImageDataset object to use instead of the registered ``config.dataset``."""
     return _extract(config, resolve_progress(progress, extract_bar), source)
-
-
-def store_info(path: str, check: bool = False) -> dict:
-    """Summary of a feature store: encoder, dataset, classes, splits, completeness, skipped and
-    ignored files, missing chunks; ``check``: every chunk verified against its checksum."""
-    store = FeatureStore.open(path)
-    out = store.summary()
-    if check:
-        out["check"] = store.check_report()
-    return out
 
 
 @dataclass
@@ -260,13 +230,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
                 raise EvaluationError(f"base-to-new needs a {s!r} sample split; {store.path} has {store.splits}")
         if state is None:
             store.override_class_split(split=b2n_split(store.num_classes))
-        train_x, train_y = store.gather(None, ["train"])
+        take, train_y = store_rows(store, "train", device)
         test_x, test_y = store.gather(None, ["test"])
         transfers = METHODS.get(state.method).transfers_to_new_classes if state is not None else head.needs_text
         if not transfers:
             warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
         t1 = time.perf_counter()
-        sc = run_base_to_new(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+        sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
                              store.num_classes, cfg.shot, tuple(cfg.seeds), head, transfers, names)
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
@@ -304,7 +274,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         for s in ("train", "test"):
             if not store.has_split(s):
                 raise EvaluationError(f"the all-way protocol needs a {s!r} sample split; {store.path} has {store.splits}")
-        train_x, train_y = store.gather(None, ["train"])
+        take, train_y = store_rows(store, "train", device)  # each seed reads its shots alone
         test_x, test_y = store.gather(None, ["test"])
         classes = np.unique(test_y)
         absent = sorted(set(range(store.num_classes)) - set(classes.tolist()))
@@ -313,7 +283,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
                             f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
                             f"{' ...' if len(absent) > 10 else ''}")
         t1 = time.perf_counter()
-        scores = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+        scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
                             classes, cfg.shot, tuple(cfg.seeds), head, class_names=names)
         summ = seed_summary(scores.top1)
         acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
@@ -389,7 +359,7 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
                                           "source": "cross-dataset target: no class of this store was learned"})
         head = method.head(method.transfer_state(state, store), store, device)
         classes = np.unique(test_y)
-        train_x, train_y, shot = np.zeros((0, store.dim), np.float32), np.zeros(0, np.int64), 0
+        take, train_y, shot = (lambda r: torch.zeros(len(r), store.dim, device=device)), np.zeros(0, np.int64), 0
         source = state.store_path
     else:
         src = FeatureStore.open(state.store_path)
@@ -407,10 +377,10 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
         mapping = np.asarray([index[key] for key in store.class_keys])
         test_y = mapping[test_y]
         classes = np.unique(test_y)
-        train_x, train_y = src.gather(None, ["train"])
+        take, train_y = store_rows(src, "train", device)
         shot, source, names = k, str(src.path), src.class_names
     t1 = time.perf_counter()
-    scores = run_allway(torch.from_numpy(train_x).to(device), train_y, torch.from_numpy(test_x).to(device), test_y,
+    scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
                         classes, shot, (seed,), head, class_names=names)
     acc = float(scores.top1[0]) * 100
     t2 = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from fskd import __version__, api  # noqa: E402
+from fskd import __version__, catalog  # noqa: E402
 from fskd.config import (  # noqa: E402
     AdaptConfig,
     AlignConfig,
@@ -64,7 +64,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-_reg = api.registries()
+_reg = catalog.registries()  # declarations only: --help imports no torch
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -86,6 +86,16 @@ Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
 
 EPISODIC, ALLWAY, OUTPUT, SPLIT, FIT = "Episodic protocol", "All-way protocol", "Output", "Class split", "Fitting"
+
+
+def _api():
+    """``fskd.api``, imported by the commands that compute (torch and the used modules load then);
+    ``--help``, the listings and ``fskd info`` never import it."""
+    from fskd import api
+    from fskd.runtime import torch_threads_per_core
+
+    torch_threads_per_core()
+    return api
 
 
 def _value(choice) -> str:
@@ -168,9 +178,6 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         handlers=[_StderrHandler()])
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    from fskd.runtime import torch_threads_per_core
-
-    torch_threads_per_core()
 
 
 @app.command()
@@ -205,7 +212,7 @@ def methods(
         for n, d in _reg["methods"].items():
             typer.echo(f"{n:18s} {d}")
         return
-    info = _run(api.method_info, _value(method))
+    info = _run(catalog.method_info, _value(method))
     if as_json:
         typer.echo(json.dumps(info))
         return
@@ -247,7 +254,7 @@ def extract(
                class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
                split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download,
                content_hash=content_hash)
-    r = _run(api.extract, cfg)
+    r = _run(_api().extract, cfg)
     if r.rank != 0:
         return
     for split, chunks in r.repaired.items():
@@ -311,7 +318,7 @@ def info(
 ) -> None:
     """Show a feature store: encoder, dataset, classes per split, rows, size, text; --check verifies it."""
     _JSON["on"] = as_json
-    r = _run(api.store_info, store, check=check)
+    r = _run(catalog.store_info, store, check=check)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
     else:
@@ -355,7 +362,7 @@ def eval_(
                seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed)
     show = functools.partial(_print_eval, as_json=as_json)
-    show(_run(api.evaluate, cfg, on_result=show))
+    show(_run(_api().evaluate, cfg, on_result=show))
 
 
 def _print_eval(r, as_json: bool) -> None:
@@ -377,7 +384,7 @@ def compare(
 ) -> None:
     """Paired difference A - B of two evaluations of the same experiment, with its 95% CI."""
     _JSON["on"] = as_json
-    r = _run(api.compare, a, b)
+    r = _run(_api().compare, a, b)
     if as_json:
         typer.echo(json.dumps(r))
         return
@@ -470,7 +477,7 @@ def adapt(
     cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
                out=out, device=device, options=_options(set_), force=force,
                **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
-    _fit_summary(_run(api.adapt, cfg), as_json)
+    _fit_summary(_run(_api().adapt, cfg), as_json)
 
 
 @app.command()
@@ -503,7 +510,7 @@ def align(
     cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
                steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
                options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
-    _fit_summary(_run(api.align, cfg), as_json)
+    _fit_summary(_run(_api().align, cfg), as_json)
 
 
 @app.command()
@@ -533,7 +540,7 @@ def distill(
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
                losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
                options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
-    _fit_summary(_run(api.distill, cfg), as_json)
+    _fit_summary(_run(_api().distill, cfg), as_json)
 
 
 def _names(value: str | None, option: str) -> list[str] | None:
@@ -585,10 +592,10 @@ def bench(
     (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
     _JSON["on"] = as_json
     if report:
-        paths = _run(api.bench_report, report)
+        paths = _run(_api().bench_report, report)
         typer.echo(json.dumps({"outputs": paths}) if as_json else "\n".join(["rebuilt:"] + [f"  {p}" for p in paths]))
         return
-    data = _run(api.load_grid, grid) if grid else {}
+    data = _run(_api().load_grid, grid) if grid else {}
     given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
              "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
              "protocol": protocol.replace("all-way", "allway") if protocol else None,
@@ -601,7 +608,7 @@ def bench(
         data["options"] = opts
     data.update(keep_states=keep_states or data.get("keep_states", False), device=device)
     cfg = _run(BenchConfig.from_dict, data)
-    r = _run(api.bench, cfg)
+    r = _run(_api().bench, cfg)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(r)))
     else:
@@ -625,7 +632,7 @@ def demo(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.", metavar="N")] = None,
 ) -> None:
     """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
-    r = _run(api.demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
+    r = _run(_api().demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
     typer.echo(open(r.report).read())
     typer.echo(f"report: {r.report}  ({r.seconds:.0f} s)")
 

@@ -16,6 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CACHE = Path(os.environ.get("FSKD_TEST_CACHE", ROOT / ".pytest_cache" / "fskd-stores"))
+# distillation's decoded-image cache files go beside the cached stores, not into ~/.cache
+os.environ.setdefault("FSKD_CACHE_DIR", str(CACHE))
 
 
 def needs_shared(sub: str) -> Path:

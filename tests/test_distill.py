@@ -342,7 +342,7 @@ def _novel_accuracy(store: FeatureStore, student_dir: str, shot: int, episodes: 
     y = np.concatenate(labels)
     imgs = decode_images(src, refs, enc.size)
     with torch.no_grad():
-        x = normalize_images(center_view(imgs, enc.image_size), enc._mean, enc._std)
+        x = normalize_images(center_view(imgs[:], enc.image_size), enc._mean, enc._std)
         feats = torch.cat([enc.encode_images(x[i : i + 256]) for i in range(0, len(x), 256)])
     base = torch.from_numpy(np.isin(y, store.class_split("base")))
     eps = sample_val_episodes(y, store.class_split("novel"), 5, shot, 15, episodes, seed=0)

@@ -63,3 +63,40 @@ def test_create_refuses_to_overwrite(tmp_path):
     _store(tmp_path / "s.zarr")
     with pytest.raises(StoreError, match="already exists"):
         _store(tmp_path / "s.zarr")
+
+
+def test_take_reads_rows_in_any_order_and_only_their_chunks(tmp_path, monkeypatch):
+    st, x, y = _store(tmp_path / "s.zarr")  # 50 rows in chunks of 8
+    rows = np.array([41, 3, 3, 17, 49, 0])
+    np.testing.assert_allclose(st.take("train", rows), x[rows], atol=1e-2)
+    reads = []
+    orig = FeatureStore._read
+    monkeypatch.setattr(FeatureStore, "_read", lambda self, s, n, sel, c=None: reads.append((s, n, c)) or orig(self, s, n, sel, c))
+    st.take("train", np.array([17, 16, 20]))  # rows of chunk 2 only
+    assert reads == [("train", "features", 2)]
+    assert st.take("train", np.array([], int)).shape == (0, 6)
+    with pytest.raises(IndexError, match="outside train"):
+        st.take("train", np.array([50]))
+    np.testing.assert_array_equal(st.valid_rows("train", [3]), np.flatnonzero(y == 3))
+
+
+def test_allway_shots_read_by_row_equal_the_gathered_ones(tmp_path):
+    """The all-way shots and the CoOp validation rows, sampled on labels and read by row, are the
+    rows a gather of the whole split followed by the same sampling gives."""
+    from fskd.store import sampling
+
+    st, x, y = _store(tmp_path / "s.zarr", n=200, chunk_rows=16)
+    st2 = FeatureStore.from_arrays(tmp_path / "v.zarr", {"train": (x, y), "val": (x[:100], y[:100])},
+                                   [f"c{i}" for i in range(5)], {"base": [0, 1], "val": [2], "novel": [3, 4]},
+                                   dtype="float16", chunk_rows=16)
+    for seed in (1, 2):
+        fx, fy, classes = sampling.allway_shots(st2, 4, seed)
+        gx, gy = st2.gather(None, ["train"])
+        rows = sampling.sample_shots(gy, np.unique(gy), 4, seed).reshape(-1)
+        np.testing.assert_array_equal(fx, gx[rows])
+        np.testing.assert_array_equal(fy, gy[rows])
+        vx, vy = sampling.allway_val(st2, classes, 4, seed, "few-shot")
+        hx, hy = st2.gather(classes, ["val"])
+        keep = sampling.validation_rows(hy, classes, 4, seed, "few-shot")
+        np.testing.assert_array_equal(vx, hx[keep])
+        np.testing.assert_array_equal(vy, hy[keep])

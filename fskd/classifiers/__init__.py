@@ -1,14 +1,31 @@
-"""Classifier heads (stateless, batched over episodes), discovered and registered by file."""
+"""Classifier heads (stateless, batched over episodes). Each head is declared here (name,
+module, description); its module loads on first use, so listing heads imports no torch."""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-from fskd.classifiers.base import CLASSIFIERS, ClassContext, FittedHead, Head
+from fskd.registry import Registry
 
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name != "base":
-        importlib.import_module(f"{__name__}.{_m.name}")
+#: name -> factory(ClassContext) -> Head
+CLASSIFIERS: Registry = Registry("classifier")
 
-__all__ = ["CLASSIFIERS", "ClassContext", "FittedHead", "Head"]
+CLASSIFIERS.lazy("linear", "fskd.classifiers.linear",
+                 help="logistic regression on the support (prototype init, L2 to init), batched over episodes")
+CLASSIFIERS.lazy("prototype", "fskd.classifiers.prototype",
+                 help="SimpleShot nearest class mean (base-mean centring, L2), FAISS for large banks")
+CLASSIFIERS.lazy("text", "fskd.classifiers.text",
+                 help="zero-shot: class text features as weights (joint encoders, or through a bridge)")
+CLASSIFIERS.lazy("tip", "fskd.classifiers.cache",
+                 help="Tip-Adapter cache model (training-free, alpha 1, beta 5.5; joint encoders); FAISS for large banks")
+
+_FROM_BASE = ("ClassContext", "FittedHead", "Head")
+
+
+def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("fskd.classifiers.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["CLASSIFIERS", *_FROM_BASE]

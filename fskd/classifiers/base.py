@@ -10,12 +10,11 @@ own parameters on base classes and return heads built from these.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fskd.registry import Registry
+from fskd.classifiers import CLASSIFIERS  # noqa: F401 - re-exported for the head modules
 
 
 @dataclass
@@ -60,6 +59,3 @@ class Head(ABC):
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
         """support (E, N, K, D), classes (E, N) -> a head that scores (E, M, D) queries."""
 
-
-#: name -> factory(context: ClassContext) -> Head; ``fskd eval --classifier`` choices
-CLASSIFIERS: Registry[Callable[[ClassContext], Head]] = Registry("classifier")

@@ -108,4 +108,4 @@ class TipHead(Head):
         return FittedTip(self.text.to(support.device)[classes], keys, values, self.alpha, self.beta, embed)
 
 
-CLASSIFIERS.register("tip", TipHead, help="Tip-Adapter cache model (training-free, alpha 1, beta 5.5; joint encoders); FAISS for large banks")
+CLASSIFIERS.register('tip', TipHead)

@@ -10,7 +10,12 @@ An optional text term gives LP++'s form ``s * (x W^T + alpha_c * x t_c^T) + b`` 
 learnable blend ``alpha`` and fixed text weights ``t`` (class text features in image space).
 
 The weights are trained in dual (representer) form ``W = w0 + A x``: the regularised optimum
-lies in that set, and a step costs O(S^2) per episode (S support rows) instead of O(S D).
+lies in that set. The parameters are always the coefficients A, so Adam takes the same steps
+whichever way the scores are computed; what changes with the support size is how: through the
+S x S Gram matrix (O(S^2 N) per step, cheap for episodes, S = N*K rows) or through the explicit
+weights ``w0 + A x`` (O(S D N) per step, no S x S matrix). The Gram form is used while
+S <= ``DUAL_MAX_ROWS_PER_DIM * D`` (2 D: 1,024 rows for 512-d features), the explicit one above
+(all-way 16 shots x 1,000 classes: S = 16,000). Both give the same probes to float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ T = TypeVar("T")
 
 #: default logit scale of probes on L2-normalised features
 SCALE = 10.0
+
+#: the S x S Gram form is used while S <= this * D (see the module docstring)
+DUAL_MAX_ROWS_PER_DIM = 2.0
+
+
+def gram_form(rows: int, dim: int) -> bool:
+    """Whether probes over ``rows`` support rows of ``dim``-d features use the Gram (dual) form."""
+    return rows <= DUAL_MAX_ROWS_PER_DIM * dim
 
 
 @contextlib.contextmanager
@@ -83,16 +96,22 @@ class Projections:
     checkpoints) score cheaply: qw0 (E, M, N) = q w0^T, qx (E, M, S) = q x^T, qt = q t^T or None."""
 
     qw0: torch.Tensor
-    qx: torch.Tensor
+    qx: torch.Tensor | None  # None in the explicit form (large S): ``q`` is kept instead
     qt: torch.Tensor | None = None
+    q: torch.Tensor | None = None
 
     @classmethod
     def of(cls, q: torch.Tensor, w0: torch.Tensor, x: torch.Tensor, text: torch.Tensor | None = None) -> Projections:
-        return cls(torch.bmm(q, w0.transpose(1, 2)), torch.bmm(q, x.transpose(1, 2)),
-                   None if text is None else torch.bmm(q, text.transpose(1, 2)))
+        qt = None if text is None else torch.bmm(q, text.transpose(1, 2))
+        if gram_form(x.shape[1], x.shape[2]):
+            return cls(torch.bmm(q, w0.transpose(1, 2)), torch.bmm(q, x.transpose(1, 2)), qt)
+        return cls(torch.bmm(q, w0.transpose(1, 2)), None, qt, q)
 
     def logits(self, p: LinearParams, scale: float = SCALE) -> torch.Tensor:
-        out = self.qw0 + torch.bmm(self.qx, p.a.transpose(1, 2)) if self.qx.shape[2] else self.qw0
+        if self.qx is None:  # explicit form: the queries themselves, scored against w0 + A x
+            out = self.qw0 + torch.bmm(self.q, torch.bmm(p.a, p.x).transpose(1, 2)) if p.x.shape[1] else self.qw0
+        else:
+            out = self.qw0 + torch.bmm(self.qx, p.a.transpose(1, 2)) if self.qx.shape[2] else self.qw0
         if p.alpha is not None and self.qt is not None:
             out = out + p.alpha[:, None, :] * self.qt
         return scale * out + p.bias[:, None, :]
@@ -122,21 +141,27 @@ def train_linear(
     dev = x.device
     wd = torch.full((E,), float(weight_decay), device=dev)
     a0 = None if text is None else torch.full((E,), float(alpha0 if alpha0 is not None else 1.0), device=dev)
-    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale)
+    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x)
     return {s: LinearParams(w0, a, x, b, al) for s, (a, b, al) in out.items()}
 
 
 def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
-    """What dual training needs from the support: gram (E, S, S), x w0^T (E, S, N), x t^T or None."""
-    return (torch.bmm(x, x.transpose(1, 2)), torch.bmm(x, w0.transpose(1, 2)),
-            None if text is None else torch.bmm(x, text.transpose(1, 2)))
+    """What training needs from the support: gram (E, S, S) (None above the Gram form's size),
+    x w0^T (E, S, N), x t^T or None."""
+    return (torch.bmm(x, x.transpose(1, 2)) if gram_form(x.shape[1], x.shape[2]) else None,
+            torch.bmm(x, w0.transpose(1, 2)), None if text is None else torch.bmm(x, text.transpose(1, 2)))
 
 
-def train_dual(gram: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor | None, y: torch.Tensor, *, steps: Sequence[int],
-               lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None, scale: float = SCALE):
-    """The training loop on dual inputs; ``weight_decay`` and ``alpha0`` are per episode (E,), so a
-    grid of settings trains as one batch (episodes x settings). Returns {step: (a, bias, alpha)}."""
+def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | None, y: torch.Tensor, *,
+               steps: Sequence[int], lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None,
+               scale: float = SCALE, x: torch.Tensor | None = None):
+    """The training loop on the coefficients A; ``weight_decay`` and ``alpha0`` are per episode (E,),
+    so a grid of settings trains as one batch (episodes x settings). With ``gram`` None the scores
+    go through the explicit weights A x (``x`` (E or 1, S, D): the support; a batch of settings may
+    share one support). Returns {step: (a, bias, alpha)}."""
     E, S, N = p0.shape
+    if gram is None and x is None:
+        raise ValueError("train_dual: the explicit form needs the support x")
     steps = sorted(set(int(s) for s in steps))
     dev = p0.device
     a = torch.zeros(E, N, S, device=dev, requires_grad=True)
@@ -156,14 +181,20 @@ def train_dual(gram: torch.Tensor, p0: torch.Tensor, pt: torch.Tensor | None, y:
     opt = torch.optim.Adam(params, lr=lr)
 
     def loss(step: int) -> torch.Tensor:
-        ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
+        if gram is not None:
+            ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
+            reg = (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
+        else:
+            xs = x.expand(E, -1, -1) if x.shape[0] != E else x
+            delta = torch.bmm(a, xs)  # (E, N, D): A x, explicitly
+            ga = torch.bmm(xs, delta.transpose(1, 2))
+            reg = delta.square().sum((1, 2))
         lin = p0 + ga  # x W^T
         if pt is not None:
             lin = lin + alpha[:, None, :] * pt
         logits = scale * lin + b[:, None, :]
         ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
-        reg = 0.5 * weight_decay * (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
-        return (ce + reg).sum()
+        return (ce + 0.5 * weight_decay * reg).sum()
 
     with torch.enable_grad(), single_thread():
         return train_steps(opt, loss, steps, snap, out)
@@ -214,4 +245,4 @@ class LinearHead(Head):
         return FittedLinear(p, embed)
 
 
-CLASSIFIERS.register("linear", lambda ctx: LinearHead(ctx), help="logistic regression on the support (prototype init, L2 to init), batched over episodes")
+CLASSIFIERS.register('linear', lambda ctx: LinearHead(ctx))

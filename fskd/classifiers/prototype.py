@@ -95,5 +95,4 @@ class PrototypeHead(Head):
         return FittedPrototypes(protos, cq, True)
 
 
-CLASSIFIERS.register("prototype", lambda ctx: PrototypeHead(ctx, prepare_rows=True),
-                     help="SimpleShot nearest class mean (base-mean centring, L2), FAISS for large banks")
+CLASSIFIERS.register('prototype', lambda ctx: PrototypeHead(ctx, prepare_rows=True))

@@ -36,4 +36,4 @@ class TextHead(Head):
         return FittedText(self.text.to(classes.device)[classes])
 
 
-CLASSIFIERS.register("text", TextHead, help="zero-shot: class text features as weights (joint encoders, or through a bridge)")
+CLASSIFIERS.register('text', TextHead)

@@ -1,14 +1,33 @@
-"""Encoders: one file per family, discovered automatically, each registering a spec family."""
+"""Encoders: one file per family. Each family is declared here (name, module, description) and
+its module loads on first use, so listing encoders imports no torch or model library."""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-from fskd.encoders.base import ENCODERS, Encoder, build_encoder, parse_spec
+from fskd.registry import Registry
 
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in ("base", "prompts"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+#: family name -> factory(argument string after "family:") -> Encoder
+ENCODERS: Registry = Registry("encoder")
 
-__all__ = ["ENCODERS", "Encoder", "build_encoder", "parse_spec"]
+ENCODERS.lazy("lite0-minilm", "fskd.encoders.lite0_minilm",
+              help="offline pair: EfficientNet-Lite0 ImageNet image tower + all-MiniLM-L6-v2 text tower (no network)")
+ENCODERS.lazy("openclip", "fskd.encoders.openclip",
+              help="open_clip model: openclip:ARCH[:TAG|:/path/weights.pt] or openclip:local-dir:/path")
+ENCODERS.lazy("student", "fskd.encoders.student",
+              help="a student written by fskd distill: student:DIR (or a tensor file in it); text tower = the teacher's")
+ENCODERS.lazy("synthetic", "fskd.encoders.synthetic",
+              help="synthetic:DIM, a fixed random projection of 8x8 pixels (benchmarks, tests)")
+ENCODERS.lazy("timm", "fskd.encoders.timm_encoder",
+              help="image-only timm backbone: timm:NAME[:/path/weights.pth|:pretrained]")
+
+_FROM_BASE = ("Encoder", "build_encoder", "parse_spec")
+
+
+def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("fskd.encoders.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ENCODERS", *_FROM_BASE]

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 from PIL import Image
 
+from fskd.encoders import ENCODERS
 from fskd.errors import EncoderError
-from fskd.registry import Registry
-
-#: family name -> factory(argument string after "family:") -> Encoder
-ENCODERS: Registry[Callable[[str], Encoder]] = Registry("encoder")
 
 
 class Encoder(ABC):

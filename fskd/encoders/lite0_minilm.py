@@ -106,7 +106,7 @@ class Lite0MiniLM(Encoder):
         return out.float()
 
 
-@ENCODERS.register("lite0-minilm", help="offline pair: EfficientNet-Lite0 ImageNet image tower + all-MiniLM-L6-v2 text tower (no network)")
+@ENCODERS.register('lite0-minilm')
 def _build(arg: str) -> Encoder:
     if arg:
         raise EncoderError(f"encoder 'lite0-minilm' takes no argument, got {arg!r}")

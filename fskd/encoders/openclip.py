@@ -119,6 +119,6 @@ class OpenClipEncoder(Encoder):
             return self.model.encode_text(tokens).float()
 
 
-@ENCODERS.register("openclip", help="open_clip model: openclip:ARCH[:TAG|:/path/weights.pt] or openclip:local-dir:/path")
+@ENCODERS.register('openclip')
 def _build(arg: str) -> Encoder:
     return OpenClipEncoder(arg)

@@ -208,6 +208,6 @@ class StudentEncoder(Encoder):
         return self._teacher.encode_texts(texts)
 
 
-@ENCODERS.register("student", help="a student written by fskd distill: student:DIR (or a tensor file in it); text tower = the teacher's")
+@ENCODERS.register('student')
 def _build(arg: str) -> Encoder:
     return StudentEncoder(arg)

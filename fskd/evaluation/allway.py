@@ -3,6 +3,7 @@ class at once, the full test split as queries; repeated over seeds (mean and std
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,15 @@ class AllwayScores:
     per_class: np.ndarray
 
 
+def store_rows(store, split: str, device) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
+    """``(take, labels)`` for :func:`run_allway`: the labels of ``split``'s valid rows, and a function
+    reading the features of some of them (indices into those labels) from the store, by row."""
+    valid = store.valid_rows(split)
+    return (lambda r: torch.from_numpy(store.take(split, valid[r])).to(device)), store.labels(split)[valid]
+
+
 def run_allway(
-    train_x: torch.Tensor,
+    train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor],
     train_y: np.ndarray,
     test_x: torch.Tensor,
     test_y: np.ndarray,
@@ -38,7 +46,9 @@ def run_allway(
     query_batch: int = 8192,
     class_names=None,
 ) -> AllwayScores:
-    """Scores per seed over the full test split (see :class:`AllwayScores`)."""
+    """Scores per seed over the full test split (see :class:`AllwayScores`). ``train_x``: the train
+    rows' features (n, D), or a function giving the features of some rows (:func:`store_rows`), so
+    only each seed's C*K shots are read."""
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
     pos = {int(c): i for i, c in enumerate(classes)}
@@ -46,11 +56,13 @@ def run_allway(
     cls = torch.as_tensor(classes, device=test_x.device)[None]
     top1, top5, per_class = [], [], []
     k = TOPK if len(classes) > TOPK else 0
-    train_x, test_x = head.prepare(train_x), head.prepare(test_x)
+    take = train_x if callable(train_x) else (lambda r: train_x[torch.from_numpy(r).to(train_x.device)])
+    test_x = head.prepare(test_x)
     truth_np = truth.cpu().numpy()
     for seed in seeds:
-        rows = torch.from_numpy(sample_shots(train_y, classes, shot, seed, class_names)).to(train_x.device)
-        fitted = head.fit(train_x[rows][None], cls)
+        rows = sample_shots(train_y, classes, shot, seed, class_names)  # (C, K)
+        support = head.prepare(take(rows.reshape(-1)))  # row-wise, so preparing the shots alone is the same
+        fitted = head.fit(support.reshape(len(classes), shot, support.shape[-1])[None], cls)
         preds, in5 = [], 0
         for s in range(0, len(test_y), query_batch):
             q = test_x[s : s + query_batch][None]

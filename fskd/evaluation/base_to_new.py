@@ -15,6 +15,7 @@ the new classes and every test row hidden (``FeatureStore.restrict_rows``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,7 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def run_base_to_new(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
+def run_base_to_new(train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor], train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                     n_classes: int, shot: int, seeds: tuple[int, ...], head: Head, transfers: bool,
                     class_names=None) -> BaseToNewScores:
     """Base: all-way over the base half with K shots per class; new: over the new half with no

@@ -1,18 +1,59 @@
 """Methods that learn from the store: ``distill/``, ``adapt/``, ``align/`` (one file per method).
 
-Sub-packages are discovered automatically; each method file registers itself in ``METHODS``.
+Each method is declared here (name, module, kind, description); its module loads on first use,
+so listing methods (CLI choices, ``fskd methods``) imports no torch, timm or torchvision.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-from fskd.methods.base import METHODS, Method, MethodState, load_state, methods_of_kind, save_state
+from fskd.registry import Registry
 
-for _pkg in ("distill", "adapt", "align"):
-    _mod = importlib.import_module(f"{__name__}.{_pkg}")
-    for _m in pkgutil.iter_modules(_mod.__path__):
-        importlib.import_module(f"{_mod.__name__}.{_m.name}")
+#: name -> Method subclass
+METHODS: Registry = Registry("method")
 
-__all__ = ["METHODS", "Method", "MethodState", "load_state", "methods_of_kind", "save_state"]
+METHODS.lazy("prototype", "fskd.methods.adapt.prototype", kind="adapt",
+             help="SimpleShot nearest class mean (base-mean centring, L2): the baseline")
+METHODS.lazy("zero-shot", "fskd.methods.adapt.zero_shot", kind="adapt",
+             help="class text features as weights (through the bridge when image and text spaces differ)")
+METHODS.lazy("linear-probe", "fskd.methods.adapt.linear_probe", kind="adapt",
+             help="logistic regression on the support (prototype init); weight decay and steps chosen on validation")
+METHODS.lazy("lp++", "fskd.methods.adapt.lp_pp", kind="adapt",
+             help="LP++: linear probe blended class-wise with text weights (zero-shot at 0 shots)")
+METHODS.lazy("tip-adapter", "fskd.methods.adapt.tip_adapter", kind="adapt",
+             help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
+METHODS.lazy("tip-adapter-f", "fskd.methods.adapt.tip_adapter_f", kind="adapt",
+             help="Tip-Adapter-F: cache keys fine-tuned on the shots (steps, alpha on validation)")
+METHODS.lazy("residual-adapter", "fskd.methods.adapt.residual_adapter", kind="adapt",
+             help="MTKD stage 2 / CLIP-Adapter: residual MLP on frozen features (ratio, steps on validation); "
+                  "exposes features")
+METHODS.lazy("syntrans", "fskd.methods.adapt.syntrans", kind="adapt",
+             help="SynTrans: visual weight generator + semantic reconstructor + bridge, meta-trained on base classes")
+METHODS.lazy("fma", "fskd.methods.align.fma", kind="align",
+             help="Flow Matching Alignment: multi-step image->text transport, steps and stop chosen on validation")
+METHODS.lazy("mtkd", "fskd.methods.distill.mtkd", kind="distill",
+             help="teacher -> student distillation: MTKD stage 1 (semi) / SynTrans proxy (base-novel); logit, "
+                  "feature, affinity, TinyCLIP image-text and prototype losses")
+
+
+def kind_of(name: str) -> str:
+    """A method's kind ("adapt", "align", "distill") without importing it."""
+    kind = METHODS.meta(name, "kind")
+    return kind if kind is not None else METHODS.get(name).kind
+
+
+def methods_of_kind(kind: str) -> list[str]:
+    return [n for n in METHODS.names() if kind_of(n) == kind]
+
+
+_FROM_BASE = ("Method", "MethodState", "load_state", "save_state")
+
+
+def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("fskd.methods.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "kind_of", "methods_of_kind", *_FROM_BASE]

@@ -40,7 +40,7 @@ import torch
 from fskd import __version__
 from fskd.errors import OutputError, StateError
 from fskd.fsutil import fault_point, guard_output_dir, read_bundle, write_bundle
-from fskd.registry import Registry
+from fskd.methods import METHODS, methods_of_kind  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from fskd.classifiers.base import Head
@@ -237,14 +237,6 @@ class Method(ABC):
         """A map of raw store features (n, D) -> adapted features (n, D') that other methods can
         build on (e.g. FMA on a residual adapter's features); None when the method has none."""
         return None
-
-
-#: method name -> Method subclass; ``fskd adapt/align/distill --method`` choices
-METHODS: Registry[type[Method]] = Registry("method")
-
-
-def methods_of_kind(kind: str) -> list[str]:
-    return [n for n in METHODS.names() if METHODS.get(n).kind == kind]
 
 
 def check_state_store(state: MethodState, store: FeatureStore, directory: str | Path) -> None:

@@ -15,22 +15,25 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
-    import faiss
-    import numpy
-    import open_clip
-    import timm
-    import torch
-    import zarr
+    """Installed versions of the stack, read from package metadata (imports none of them)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    def _v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "?"
+
+    faiss = next((v for v in (_v("faiss-cpu"), _v("faiss-gpu-cu12"), _v("faiss-gpu"), _v("faiss")) if v != "?"), "?")
     return {
         "fskd": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "timm": timm.__version__,
-        "zarr": zarr.__version__,
-        "faiss": getattr(faiss, "__version__", "?"),
-        "numpy": numpy.__version__,
+        "torch": _v("torch"),
+        "open_clip": _v("open_clip_torch"),
+        "timm": _v("timm"),
+        "zarr": _v("zarr"),
+        "faiss": faiss,
+        "numpy": _v("numpy"),
     }
 
 

@@ -96,6 +96,27 @@ def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: st
     return np.sort(order[(rank < k) & member[order]])
 
 
+def allway_shots(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The all-way shots of ``seed`` from ``store``'s train split: (features (C*K, D), labels
+    (C*K,), classes (C,)), class-major. Sampled on the labels; only the shots' features are read
+    (:meth:`FeatureStore.take`), so 16 x 1,000 shots never load the 1.28M-row split."""
+    valid = store.valid_rows("train")
+    y = store.labels("train")[valid]
+    classes = np.unique(y)
+    rows = sample_shots(y, classes, shots, seed, store.class_names, "train", option="--shots", error=error).reshape(-1)
+    return store.take("train", valid[rows]), y[rows], classes
+
+
+def allway_val(store, classes, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """The val-split rows of ``classes`` that ``rule`` allows (:func:`validation_rows`), read by row:
+    (features, labels)."""
+    vrows = store.valid_rows("val", classes)
+    yv = store.labels("val")[vrows]
+    keep = validation_rows(yv, classes, shots, seed, rule)
+    return store.take("val", vrows[keep]), yv[keep]
+
+
 def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed: int) -> str:
     if rule == "full":
         return f"the full val split ({n_rows} rows of {n_classes} classes)"

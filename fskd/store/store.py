@@ -510,10 +510,14 @@ class FeatureStore:
             block = self._read(split, S.FEATURES, slice(start, stop), start // rows)
             yield start, np.asarray(block, dtype=np.float32), lab[start:stop]
 
-    def features(self, split: str) -> np.ndarray:
-        """A whole split as float32 (n, dim). Prefer ``iter_chunks`` / ``gather`` for big splits."""
-        return np.concatenate([f for _, f, _ in self.iter_chunks(split)]) if self.n_rows(split) else \
-            np.zeros((0, self.dim), np.float32)
+    def features(self, split: str, dtype=np.float32) -> np.ndarray:
+        """A whole split (n, dim) as ``dtype`` (``store.attrs["dtype"]`` keeps the stored precision at
+        half the memory of float32 for a float16 store). Prefer ``take`` / ``gather`` for big splits."""
+        n, rows = self.n_rows(split), self.chunk_rows
+        out = np.empty((n, self.dim), dtype)
+        for start in range(0, n, rows):
+            out[start:start + rows] = self._read(split, S.FEATURES, slice(start, min(n, start + rows)), start // rows)
+        return out
 
     def gather(
         self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None
@@ -538,6 +542,36 @@ class FeatureStore:
         if not feats:
             return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
         return np.concatenate(feats), np.concatenate(labs)
+
+    def take(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """Features (len(rows), dim) float32 of ``rows`` (indices into ``split``, any order, repeats
+        allowed), in that order; reads only the chunks that hold them, one chunk at a time, so
+        gathering 16 shots x 1,000 classes never holds the split in memory."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.dim), np.float32)
+        if not len(rows):
+            return out
+        n = self.n_rows(split)
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"{self.path}: row {int(rows.max() if rows.max() >= n else rows.min())} is outside "
+                             f"{split} (0..{n - 1})")
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        chunk = srt // self.chunk_rows
+        bounds = np.flatnonzero(np.diff(chunk)) + 1
+        for part in np.split(np.arange(len(srt)), bounds):
+            c = int(chunk[part[0]])
+            start = c * self.chunk_rows
+            block = self._read(split, S.FEATURES, slice(start, min(n, start + self.chunk_rows)), c)
+            out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
+        return out
+
+    def valid_rows(self, split: str, classes=None) -> np.ndarray:
+        """Indices of ``split``'s rows with a label (in ``classes`` when given), in split order: the
+        rows :meth:`gather` returns for that split."""
+        lab = self.labels(split)
+        keep = lab >= 0 if classes is None else np.isin(lab, np.asarray(list(classes), dtype=lab.dtype))
+        return np.flatnonzero(keep)
 
     def mean(self, classes: list[int] | None = None, splits: list[str] | None = None) -> np.ndarray:
         """Mean feature over rows of ``classes`` (streamed; used for base-mean centring)."""

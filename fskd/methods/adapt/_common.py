@@ -250,13 +250,15 @@ def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
 
 def allway_rows(store, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The all-way training shots: (features (C*K, D), labels (C*K,), classes (C,)) from the train
-    split, class-major (rows of class i are i*K .. i*K+K-1)."""
+    split, class-major (rows of class i are i*K .. i*K+K-1); only the shots' features are read."""
     if not store.has_split("train"):
         raise StoreError(f"{store.path} has no 'train' sample split (it has {store.splits}); the all-way shots come from it")
-    x, y = store.gather(None, ["train"])
-    classes = np.unique(y)
-    rows = sample_shots(y, classes, shots, seed, store.class_names).reshape(-1)
-    return x[rows], y[rows], classes
+    return sampling.allway_shots(store, shots, seed, error=ConfigError)
+
+
+def allway_val_rows(store, classes: np.ndarray, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """The val-split rows of ``classes`` that ``rule`` allows (CoOp: min(K, 4) per class, seeded)."""
+    return sampling.allway_val(store, classes, shots, seed, rule)
 
 
 def allway_val_task(store, config, device: torch.device,
@@ -272,9 +274,7 @@ def allway_val_task(store, config, device: torch.device,
     else:
         lab = store.labels("train")
         x, classes = None, np.unique(lab[lab >= 0])
-    xv, yv = store.gather(classes, ["val"])
-    keep = sampling.validation_rows(yv, classes, shots, seed, config.val_rule)
-    xv, yv = xv[keep], yv[keep]
+    xv, yv = allway_val_rows(store, classes, shots, seed, config.val_rule)
     if len(yv) == 0:
         return None
     dev = lambda a: transform(torch.from_numpy(a).to(device)) if transform else torch.from_numpy(a).to(device)  # noqa: E731

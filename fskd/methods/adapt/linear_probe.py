@@ -83,7 +83,7 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
     wd = torch.tensor([w for _, w in settings], device=q.device).repeat_interleave(E)
     a0 = torch.tensor([1.0 if a is None else a for a, _ in settings], device=q.device).repeat_interleave(E)
     out = train_dual(rep(gram), rep(p0), rep(pt), rep(way_labels(E, N, K, q.device)), steps=steps, lr=lr,
-                     weight_decay=wd, alpha0=a0 if ts.weights is not None else None)
+                     weight_decay=wd, alpha0=a0 if ts.weights is not None else None, x=rep(x))
     results = {}
     for step, (a, b, al) in out.items():
         for i, (a_, w_) in enumerate(settings):
@@ -150,4 +150,4 @@ class LinearProbe(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY))
 
 
-METHODS.register("linear-probe", LinearProbe, help="logistic regression on the support (prototype init); weight decay and steps chosen on validation")
+METHODS.register('linear-probe', LinearProbe)

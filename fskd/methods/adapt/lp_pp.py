@@ -101,4 +101,4 @@ class LPPlusPlus(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register("lp++", LPPlusPlus, help="LP++: linear probe blended class-wise with text weights (zero-shot at 0 shots)")
+METHODS.register('lp++', LPPlusPlus)

@@ -49,4 +49,4 @@ class Prototype(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), ep.fit, aw.fit)
 
 
-METHODS.register("prototype", Prototype, help="SimpleShot nearest class mean (base-mean centring, L2): the baseline")
+METHODS.register('prototype', Prototype)

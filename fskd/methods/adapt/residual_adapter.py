@@ -290,4 +290,4 @@ def _support_features(aw: AdapterWeights, center: torch.Tensor):
     return f
 
 
-METHODS.register("residual-adapter", ResidualAdapter, help="MTKD stage 2 / CLIP-Adapter: residual MLP on frozen features (ratio, steps on validation); exposes features")
+METHODS.register('residual-adapter', ResidualAdapter)

@@ -382,4 +382,4 @@ def _allway_parts(support, classes, text, power, tau, joint, ridge):
     return v, torch.bmm(att, v), ts.weights, (lambda q: ts.embed(tukey(q, power)))
 
 
-METHODS.register("syntrans", SynTrans, help="SynTrans: visual weight generator + semantic reconstructor + bridge, meta-trained on base classes")
+METHODS.register('syntrans', SynTrans)

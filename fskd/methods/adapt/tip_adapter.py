@@ -163,4 +163,4 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
     return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device}
 
 
-METHODS.register("tip-adapter", TipAdapter, help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
+METHODS.register('tip-adapter', TipAdapter)

@@ -115,4 +115,4 @@ class TipAdapterF(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register("tip-adapter-f", TipAdapterF, help="Tip-Adapter-F: cache keys fine-tuned on the shots (steps, alpha on validation)")
+METHODS.register('tip-adapter-f', TipAdapterF)

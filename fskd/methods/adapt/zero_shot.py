@@ -63,4 +63,4 @@ class ZeroShot(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
 
 
-METHODS.register("zero-shot", ZeroShot, help="class text features as weights (through the bridge when image and text spaces differ)")
+METHODS.register('zero-shot', ZeroShot)

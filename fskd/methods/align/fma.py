@@ -433,13 +433,8 @@ class FMA(Method):
                 if not store.has_split(s):
                     raise StoreError(f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
                                      f"{store.path} has sample splits {store.splits} (use --set regime=episodic)")
-            x_all, y_all = store.gather(None, ["train"])
-            classes = np.unique(y_all)
-            rows = sample_shots(y_all, classes, config.shots, config.seed, names).reshape(-1)  # class-major
-            x_np, y_np = x_all[rows], y_all[rows]
-            xv_np, yv_np = store.gather(classes, ["val"])
-            keep = sampling.validation_rows(yv_np, classes, config.shots, config.seed, config.val_rule)
-            xv_np, yv_np = xv_np[keep], yv_np[keep]
+            x_np, y_np, classes = sampling.allway_shots(store, config.shots, config.seed, error=ConfigError)
+            xv_np, yv_np = sampling.allway_val(store, classes, config.shots, config.seed, config.val_rule)
             if len(yv_np) == 0:
                 raise StoreError(f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there")
             val_on = "val split" if config.val_rule == "full" else "val split (min(K, 4) per class)"
@@ -659,4 +654,4 @@ class FMAHead(Head):
         return FittedFMA(part, cols, part.targets[classes], protos)
 
 
-METHODS.register("fma", FMA, help="Flow Matching Alignment: multi-step image->text transport, steps and stop chosen on validation")
+METHODS.register('fma', FMA)

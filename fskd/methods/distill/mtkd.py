@@ -3,7 +3,8 @@
 The teacher is the store's encoder (its cached features; ``--online-teacher`` runs it frozen on
 the augmented views instead) plus a cosine head fine-tuned on the labelled rows and initialised
 from the class text features through the bridge. The student is a timm backbone trained on the
-images themselves, decoded once into memory at low resolution.
+images themselves, decoded once at low resolution into a cache file on disk and read by batch
+(memory independent of the dataset size; :mod:`fskd.methods.distill.data`).
 
 Regimes
 - ``semi`` (MTKD stage 1, DHO): K labelled shots per class from the train split (seeded); the
@@ -111,7 +112,8 @@ class MTKDOptions(Config):
     val_episodes: int = 300
     val_query: int = 15
     center_rows: int = 256  # training rows whose mean centres the student features
-    decode_threads: int = 2  # threads decoding the images once before training
+    decode_threads: int = 2  # threads decoding the images once into the cache file before training
+    image_cache: str = ""  # folder of the decoded-image cache files (default: $FSKD_CACHE_DIR/images or ~/.cache/fskd/images)
     student_kwargs: dict = field(default_factory=dict)  # keyword arguments of timm.create_model for the student
 
     RANGES = {"warmup_epochs": (">=", 0), "weight_decay": (">=", 0), "teacher_steps": (">=", 0), "decode_threads": (">=", 1),
@@ -185,10 +187,19 @@ class _Plan:
 
 
 def _rows(store, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample ids, labels, raw features) of one sample split's valid rows."""
+    """(sample ids, labels, raw features in the store's precision) of one sample split's valid rows."""
     y = store.labels(split)
     keep = y >= 0
-    return store.sample_ids(split)[keep], y[keep], store.features(split)[keep]
+    return store.sample_ids(split)[keep], y[keep], store.features(split, store.attrs["dtype"])[keep]
+
+
+def _mean(x: np.ndarray) -> torch.Tensor:
+    """Column mean of (n, D) features, accumulated in float64 without a float32 copy of x."""
+    return torch.from_numpy(x.mean(0, dtype=np.float64).astype(np.float32))
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype != torch.float32 else x
 
 
 def _embed(x: torch.Tensor, bridge: Bridge | None, mean: torch.Tensor) -> torch.Tensor:
@@ -208,8 +219,8 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
     shots = sample_shots(y, classes, cfg.shots, cfg.seed, store.class_names, "train")
     labels = np.full(len(y), -1, np.int64)
     labels[shots] = [local[int(c)] for c in y[shots]]
-    xt = torch.from_numpy(x)
-    mean = xt.mean(0)  # no labels needed: the whole (mostly unlabelled) train split
+    xt = torch.from_numpy(x)  # the store's precision (float16: 1 KiB per 512-d row); embedded per batch
+    mean = _mean(x)  # no labels needed: the whole (mostly unlabelled) train split
     val = None
     refs = list(ids)
     plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val split: last epoch)"}
@@ -219,7 +230,7 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
         vids, vy, vx = vids[keep], vy[keep], vx[keep]
         if len(vy):
             vloc = np.array([local[int(c)] for c in vy])
-            val = (torch.from_numpy(vx), vloc)
+            val = (_float(torch.from_numpy(vx)), vloc)
             plan_val = {"val_kind": "split", "val_support": shots, "val_query": np.arange(len(refs), len(refs) + len(vy)),
                         "val_labels": vloc, "selected_on": "val split" if cfg.val_rule == "full" else
                         f"val split ({len(vy)} rows: min(K, 4) per class, CoOp's few-shot validation)"}
@@ -229,7 +240,7 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
     if text_np is not None:
         tt = torch.from_numpy(text_np)
         bv = (val[0], torch.from_numpy(np.asarray(classes)[val[1]])) if val is not None else None
-        bridge = Bridge.fit(xt[shots], torch.from_numpy(y[shots]), tt, val=bv, mean=mean)
+        bridge = Bridge.fit(_float(xt[shots]), torch.from_numpy(y[shots]), tt, val=bv, mean=mean)
         text = bridge.text_to_image(tt[classes])
     rng = np.random.default_rng(cfg.seed + 7)
     return _Plan(refs=refs, n_train=len(y), labels=labels, classes=classes, teacher_x=xt, bridge=bridge, mean=mean,
@@ -271,11 +282,11 @@ def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.n
         text = bridge.text_to_image(torch.from_numpy(text_np)[base])
         mean = bridge.mean
     else:
-        mean = xt.mean(0)
+        mean = _mean(x)
     head_val = None
     if head_val_x and len(np.concatenate(head_val_y)):
         hy = np.concatenate(head_val_y)
-        head_val = (torch.from_numpy(np.concatenate(head_val_x)), np.array([local[int(c)] for c in hy]))
+        head_val = (_float(torch.from_numpy(np.concatenate(head_val_x))), np.array([local[int(c)] for c in hy]))
     refs = list(ids)
     vy = np.concatenate(val_y) if val_y else np.zeros(0, np.int64)
     plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val classes: last epoch)"}
@@ -363,29 +374,38 @@ class MTKD(Method):
         n_cls = len(plan.classes)
 
         # teacher head: text-initialised cosine classifier, fine-tuned on the labelled rows
-        e_all = _embed(plan.teacher_x, plan.bridge, plan.mean)
         hr = plan.head_rows
+        e_head = _embed(_float(plan.teacher_x[torch.from_numpy(hr)]), plan.bridge, plan.mean)
         y_head = torch.from_numpy(plan.labels[hr])
-        init = plan.text if plan.text is not None else class_means(e_all[hr], y_head, n_cls)
+        init = plan.text if plan.text is not None else class_means(e_head, y_head, n_cls)
         hv = None
         if plan.head_val is not None:
             hv = (_embed(plan.head_val[0], plan.bridge, plan.mean), torch.from_numpy(plan.head_val[1]))
-        teacher_head = fit_teacher_head(e_all[hr], y_head, init, hv, scale=opts.teacher_scale,
+        teacher_head = fit_teacher_head(e_head, y_head, init, hv, scale=opts.teacher_scale,
                                         max_steps=opts.teacher_steps, seed=cfg.seed)
-        teacher_logits = teacher_head.logits(e_all)
+
+        def teacher_batch(it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Embedded teacher features and teacher logits of training rows ``it`` (computed per
+            batch: nothing of size n_train x classes is ever held)."""
+            emb = _embed(_float(plan.teacher_x[it]), plan.bridge, plan.mean)
+            return emb, teacher_head.logits(emb)
+
         teacher_train_acc = None
         if cfg.regime == "base-novel":
-            teacher_train_acc = float((teacher_logits.argmax(1) == torch.from_numpy(plan.labels)).float().mean())
+            hits = sum(int((teacher_batch(torch.arange(s, min(s + 65536, plan.n_train)))[1].argmax(1)
+                            == torch.from_numpy(plan.labels[s:s + 65536])).sum()) for s in range(0, plan.n_train, 65536))
+            teacher_train_acc = hits / max(1, plan.n_train)
 
         # images, decoded once
         t0 = time.perf_counter()
         size = stored_size(opts.image_size)
-        images = decode_images(source, plan.refs, size, opts.decode_threads)
+        images = decode_images(source, plan.refs, size, opts.decode_threads, opts.image_cache)
         online = None
         big = None
         if cfg.online_teacher:
             online = OnlineTeacher(store.encoder_spec, device)
-            big = decode_images(source, plan.refs[: plan.n_train], max(online.size, size), opts.decode_threads)
+            big = decode_images(source, plan.refs[: plan.n_train], max(online.size, size), opts.decode_threads,
+                                opts.image_cache)
         decode_s = time.perf_counter() - t0
 
         net = StudentNet(backbone, n_cls, store.dim, opts.proj_hidden, opts.classifier_scale,
@@ -433,7 +453,6 @@ class MTKD(Method):
 
         train_rows = np.arange(plan.n_train)
         labelled = np.flatnonzero(plan.labels >= 0)
-        teacher_emb = e_all
         imgs_seen, train_s = 0, 0.0
         for epoch in range(start_epoch, epochs):
             t_ep = time.perf_counter()
@@ -458,7 +477,7 @@ class MTKD(Method):
                     emb = _embed(raw, plan.bridge, plan.mean)
                     tlog = teacher_head.logits(emb)
                 else:
-                    emb, tlog = teacher_emb[it].to(device), teacher_logits[it].to(device)
+                    emb, tlog = (t.to(device) for t in teacher_batch(it))
                 tb = TeacherBatch(embedded=emb, logits=tlog, labels=torch.from_numpy(plan.labels[idx]).to(device))
                 with autocast(device):
                     f, lg, pj = train_net(x)
@@ -664,5 +683,4 @@ class DistillHead(Head):
         return FittedDistill(protos, w, self.center, self.beta)
 
 
-METHODS.register("mtkd", MTKD, help="teacher -> student distillation: MTKD stage 1 (semi) / SynTrans proxy (base-novel); "
-                 "logit, feature, affinity, TinyCLIP image-text and prototype losses")
+METHODS.register('mtkd', MTKD)

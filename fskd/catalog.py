@@ -1,0 +1,44 @@
+"""What the command line lists and shows without loading torch: the registries' entries, a
+method's options, a store's summary. Everything here reads declarations and zarr metadata; the
+heavy modules load only when an entry is used (``fskd.api``)."""
+
+from __future__ import annotations
+
+
+def registries() -> dict[str, dict[str, str]]:
+    """Every registry's names with one-line descriptions (``fskd datasets`` / ``encoders`` / ...).
+    Methods read ``[kind] description``."""
+    from fskd.classifiers import CLASSIFIERS
+    from fskd.datasets import DATASETS
+    from fskd.encoders import ENCODERS
+    from fskd.methods import METHODS, kind_of
+
+    return {
+        "datasets": {n: DATASETS.describe(n) for n in DATASETS.names()},
+        "encoders": {n: ENCODERS.describe(n) for n in ENCODERS.names()},
+        "classifiers": {n: CLASSIFIERS.describe(n) for n in CLASSIFIERS.names()},
+        "methods": {n: f"[{kind_of(n)}] {METHODS.describe(n)}" for n in METHODS.names()},
+    }
+
+
+def method_info(name: str) -> dict:
+    """A method's kind, description and ``--set`` options (name, type, default, range, meaning);
+    imports the method's module."""
+    from fskd.config import describe_options
+    from fskd.methods import METHODS
+
+    cls = METHODS.get(name)
+    return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
+            "options": describe_options(cls.options) if cls.options is not None else []}
+
+
+def store_info(path: str, check: bool = False) -> dict:
+    """Summary of a feature store: encoder, dataset, classes, splits, completeness, skipped and
+    ignored files, missing chunks; ``check``: every chunk verified against its checksum."""
+    from fskd.store import FeatureStore
+
+    store = FeatureStore.open(path)
+    out = store.summary()
+    if check:
+        out["check"] = store.check_report()
+    return out
