@@ -37,7 +37,10 @@ def wall(cmd: list[str], repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="best of 2")
     args = ap.parse_args()
+    if args.quick:
+        args.repeat = 2
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([*PY, "-c", f"from fskd.store.synthetic import make_synthetic_store as m; m({tmp!r} + '/s.zarr')"],
                        check=True)

@@ -9,7 +9,7 @@ rows from there, so resident memory is the model, the teacher features (one row 
 the store's precision) and a batch. The table also says what holding the decoded images in RAM
 would have cost (the earlier design).
 
-    python benchmarks/distill_memory.py [--sizes 20000,200000] [--keep DIR]
+    python benchmarks/distill_memory.py [--sizes 20000,200000] [--keep DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="20000,200000")
     ap.add_argument("--keep", default="", help="keep the images, stores, caches and states here")
+    ap.add_argument("--quick", action="store_true", help="2,000 and 20,000 images")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes = "2000,20000"
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = None if args.keep else tempfile.TemporaryDirectory()
     root = Path(args.keep or tmp.name)

@@ -381,3 +381,29 @@ def test_cub35_distillation_pipeline_beats_labels_only(cub35_store, cub35_root, 
             r = api.evaluate(EvalConfig(store=str(s), state=str(out), shot=5, episodes=600))
         acc[losses] = r.accuracy
     assert acc["all"] > acc["none"] + 3.0, acc
+
+
+def test_decoded_image_cache_is_written_once_and_reused(tmp_path, image_folder, monkeypatch):
+    """decode_images writes one uint8 file (committed by its .json) and a second call reads it
+    without opening an image; rows come back in the order asked; a failed write leaves nothing."""
+    from fskd.datasets import build_dataset
+    from fskd.encoders.student import decode_square
+    from fskd.errors import DatasetError
+    from fskd.methods.distill import data
+
+    src = build_dataset("folder", str(image_folder))
+    refs = src.listing().splits["all"].refs[:12]
+    cache = data.decode_images(src, refs, 24, directory=str(tmp_path / "c"))
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(files) == 2 and files[0].endswith(".u8") and files[1].endswith(".u8.json")
+    assert (tmp_path / "c" / files[0]).stat().st_size == 12 * 3 * 24 * 24
+    got = cache[torch.tensor([5, 0, 5])]
+    assert got.dtype == torch.uint8 and got.shape == (3, 3, 24, 24)
+    assert torch.equal(got[0], decode_square(src.open(refs[5]), 24)) and torch.equal(got[0], got[2])
+    assert torch.equal(cache[:][0], decode_square(src.open(refs[0]), 24))
+    monkeypatch.setattr(type(src), "open", lambda self, ref: (_ for _ in ()).throw(AssertionError("decoded again")))
+    again = data.decode_images(src, refs, 24, directory=str(tmp_path / "c"))
+    assert torch.equal(again[torch.arange(12)], cache[torch.arange(12)])
+    with pytest.raises(DatasetError, match="cannot read image"):
+        data.decode_images(src, refs[:3], 20, directory=str(tmp_path / "d"))  # every open fails now
+    assert not list((tmp_path / "d").iterdir())  # no partial cache, no temporary file

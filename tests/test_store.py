@@ -100,3 +100,16 @@ def test_allway_shots_read_by_row_equal_the_gathered_ones(tmp_path):
         keep = sampling.validation_rows(hy, classes, 4, seed, "few-shot")
         np.testing.assert_array_equal(vx, hx[keep])
         np.testing.assert_array_equal(vy, hy[keep])
+
+
+def test_gather_max_per_class_keeps_a_fixed_subset(tmp_path):
+    st, x, y = _store(tmp_path / "s.zarr", n=200, chunk_rows=16)  # 40 train + 2 test rows... per class
+    fx, fy = st.gather([1, 2], max_per_class=10)
+    assert np.bincount(fy, minlength=5)[[1, 2]].tolist() == [10, 10]
+    gx, gy = st.gather([1, 2], max_per_class=10)
+    np.testing.assert_array_equal(fx, gx)  # the same rows every call
+    ax, ay = st.gather([1, 2])
+    rows = {tuple(r) for r in ax}
+    assert all(tuple(r) in rows for r in fx)  # a subset of the class's rows
+    bx, by = st.gather([1, 2], max_per_class=10_000)  # a cap above the count changes nothing
+    np.testing.assert_array_equal(bx, ax)

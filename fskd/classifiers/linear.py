@@ -44,14 +44,23 @@ def gram_form(rows: int, dim: int) -> bool:
     return rows <= DUAL_MAX_ROWS_PER_DIM * dim
 
 
+#: a loop whose steps multiply fewer than this many scalars runs on one thread (see single_thread)
+SMALL_STEP_WORK = 5e7
+
+
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
+def single_thread(work: float = 0.0) -> Iterator[None]:
     """Run a loop of many tiny tensor ops on one intra-op thread, then restore the setting.
 
     Thread synchronisation costs more than tiny ops gain from it, and on a busy machine it
     costs a lot: a 100-step probe on 300 episodes measured 0.6 s on 1 thread and 3-15 s on 2.
+    ``work``: multiply-adds of one step; at or above :data:`SMALL_STEP_WORK` (an all-way probe of
+    16 shots x 1,000 classes) the ops are large and keep every thread.
     """
     n = torch.get_num_threads()
+    if work >= SMALL_STEP_WORK:
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
@@ -196,7 +205,8 @@ def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | N
         ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
         return (ce + 0.5 * weight_decay * reg).sum()
 
-    with torch.enable_grad(), single_thread():
+    work = E * S * N * (S if gram is not None else 2 * x.shape[-1])
+    with torch.enable_grad(), single_thread(work):
         return train_steps(opt, loss, steps, snap, out)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: rows per block when the primal ridge sums its normal equations
+RIDGE_BLOCK = 65536
 
 
 def _ridge(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
@@ -30,11 +32,18 @@ def ridge_path(a: torch.Tensor, b: torch.Tensor, lams) -> list[torch.Tensor]:
     """Ridge solutions (p, q) for every strength in ``lams``, in the primal (n >= p) or dual
     (n < p) form; float64 inside, float32 out. A few strengths: one Cholesky solve each; many:
     one eigendecomposition shared by all (an eigh costs several Cholesky factorisations)."""
-    a64, b64 = a.double(), b.double()
-    n, p = a64.shape
+    n, p = a.shape
     dual = n < p
-    gram = a64 @ a64.T if dual else a64.T @ a64
-    rhs = b64 if dual else a64.T @ b64
+    if dual:
+        a64, b64 = a.double(), b.double()
+        gram, rhs = a64 @ a64.T, b64
+    else:  # (p, p) and (p, q) sums over row blocks: no float64 copy of a 360,000-row a or b
+        gram = torch.zeros(p, p, dtype=torch.float64, device=a.device)
+        rhs = torch.zeros(p, b.shape[1], dtype=torch.float64, device=a.device)
+        for s in range(0, n, RIDGE_BLOCK):
+            ab, bb = a[s:s + RIDGE_BLOCK].double(), b[s:s + RIDGE_BLOCK].double()
+            gram += ab.T @ ab
+            rhs += ab.T @ bb
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     out = []
     if len(lams) <= 4:
@@ -173,6 +182,7 @@ def bridge_for_store(store, classes: list[int] | None = None, val_classes: list[
     """The identity for a joint encoder, else a bridge fitted on ``classes`` (default: the base
     classes, every sample split) with the ridge chosen on ``val_classes`` (default: val classes)."""
     from fskd.errors import StoreError
+    from fskd.store import sampling
 
     text = store.text_embeddings()
     if text is None:
@@ -181,10 +191,10 @@ def bridge_for_store(store, classes: list[int] | None = None, val_classes: list[
         return Bridge.identity(store.dim, device)
     classes = store.class_split("base") if classes is None else classes
     val_classes = store.class_split("val") if val_classes is None else val_classes
-    x, y = store.gather(classes, splits)
+    x, y = store.gather(classes, splits, max_per_class=sampling.CLASS_ROWS)
     val = None
     if val_classes:
-        xv, yv = store.gather(val_classes, splits)
+        xv, yv = store.gather(val_classes, splits, max_per_class=sampling.CLASS_ROWS)
         val = (torch.from_numpy(xv).to(device), torch.from_numpy(yv).to(device))
     return Bridge.fit(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
                       torch.from_numpy(np.asarray(text)).to(device), val=val)

@@ -96,6 +96,12 @@ def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: st
     return np.sort(order[(rank < k) & member[order]])
 
 
+#: rows per class a method learns from when it trains on whole classes (base classes, val classes):
+#: every class of the standard few-shot sets keeps all its rows (miniImageNet has 600, CUB 60),
+#: an ImageNet-sized store keeps a seeded 600 of each class's ~1,300
+CLASS_ROWS = 600
+
+
 def allway_shots(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The all-way shots of ``seed`` from ``store``'s train split: (features (C*K, D), labels

@@ -520,16 +520,26 @@ class FeatureStore:
         return out
 
     def gather(
-        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None
+        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None,
+        max_per_class: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
-        default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64)."""
+        default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64).
+        ``max_per_class``: keep at most that many rows of each class over the splits (a fixed
+        seeded choice, the same every call), so a method learning from 600 base classes of
+        ImageNet holds 600 x 600 rows, not 800,000; classes with fewer rows keep them all."""
         splits = self._splits_or_default(splits)
         wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
+        masks = {}
+        for s in splits:
+            lab_all = self.labels(s)
+            masks[s] = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
+        if max_per_class is not None:
+            masks = self._thin(masks, max_per_class)
         feats, labs = [], []
         for s in splits:
             lab_all = self.labels(s)
-            keep_all = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
+            keep_all = masks[s]
             rows = self.chunk_rows
             for start in range(0, len(lab_all), rows):
                 keep = keep_all[start : start + rows]
@@ -542,6 +552,25 @@ class FeatureStore:
         if not feats:
             return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
         return np.concatenate(feats), np.concatenate(labs)
+
+    def _thin(self, masks: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
+        """At most ``cap`` selected rows per class over all ``masks`` (seeded: the same every call)."""
+        labels = np.concatenate([self.labels(s) for s in masks])
+        keep = np.concatenate(list(masks.values()))
+        counts = np.bincount(labels[keep], minlength=self.num_classes)
+        if not len(counts) or counts.max() <= cap:
+            return masks
+        rng = np.random.default_rng(20260601)
+        order = np.lexsort((rng.random(len(labels)), np.where(keep, labels, -1)))
+        sl = np.where(keep, labels, -1)[order]
+        rank = np.arange(len(sl)) - np.searchsorted(sl, sl)
+        thinned = np.zeros(len(labels), bool)
+        thinned[order[(rank < cap) & keep[order]]] = True
+        out, start = {}, 0
+        for s, m in masks.items():
+            out[s] = thinned[start:start + len(m)]
+            start += len(m)
+        return out
 
     def take(self, split: str, rows: np.ndarray) -> np.ndarray:
         """Features (len(rows), dim) float32 of ``rows`` (indices into ``split``, any order, repeats

@@ -220,7 +220,7 @@ def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
     val = store.class_split("val") if "val" in store.attrs["class_split"] else []
     if len(val) < 2:
         return None
-    x, y = store.gather(val)
+    x, y = store.gather(val, max_per_class=sampling.CLASS_ROWS)
     k = max(1, shots)
     counts = np.bincount(y, minlength=max(val) + 1)[val]
     q = min(opts.val_query, int(counts.min()) - k)
@@ -434,11 +434,11 @@ def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: 
         raise StoreError(f"{store.path}: the bridge between its image and text spaces is learned on the base classes, "
                          f"but the base class split is empty")
     tf = transform or (lambda t: t)
-    x, y = store.gather(base)
+    x, y = store.gather(base, max_per_class=sampling.CLASS_ROWS)
     val = store.class_split("val")
     v = None
     if len(val) >= 2 and ridge is None:
-        xv, yv = store.gather(val)
+        xv, yv = store.gather(val, max_per_class=sampling.CLASS_ROWS)
         v = (tf(torch.from_numpy(xv).to(device)), torch.from_numpy(yv).to(device))
     if ridge is not None:
         lam, on = float(ridge), "fixed (--set option)"

@@ -37,6 +37,7 @@ from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.runtime import resolve_device
+from fskd.store import sampling
 
 RATIO = (0.2, 0.5)
 STEPS = (0, 10, 25, 50)
@@ -165,7 +166,7 @@ class ResidualAdapter(Method):
         base = sorted(store.class_split("base"))
         ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
         if base:
-            xb, yb_np = store.gather(base)
+            xb, yb_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
             x = torch.from_numpy(xb).to(device)
             center = torch.zeros(store.dim, device=device) if store.joint else x.mean(0)
             e = F.normalize(x - center, dim=-1)[None]

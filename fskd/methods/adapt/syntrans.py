@@ -48,6 +48,7 @@ from fskd.methods.adapt import _common as C
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import RIDGE_GRID, Bridge, _ridge, ridge_path
 from fskd.runtime import resolve_device
+from fskd.store import sampling
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class SynTrans(Method):
         k_fit = max(1, config.shots)
         fixed: set = set()
         ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        x_np, y_np = store.gather(base)
+        x_np, y_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
         x_raw, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
 
         # 1. power transform (only for non-negative features), by prototype accuracy on val episodes
@@ -187,6 +188,7 @@ class SynTrans(Method):
         xb = tukey(x_raw, p)
         mean = xb.mean(0)
         eb = F.normalize(xb - mean, dim=-1)
+        x_np = x_raw = xb = None  # only the embedded rows are used from here (ImageNet: 360,000 x D each)
         pos = torch.full((store.num_classes,), -1, dtype=torch.long, device=device)
         pos[torch.as_tensor(base, device=device)] = torch.arange(len(base), device=device)
         yb = pos[y]  # base position of each row

@@ -27,6 +27,8 @@ from fskd.runtime import resolve_device
 #: alpha on a wide log grid: the cache and text terms have store-dependent scales
 ALPHA = (0.0, *(2.0**k for k in range(-4, 17)))
 BETA = (1.0, 2.0, 3.5, 5.5, 8.0, 12.0)
+#: the pooled search reads similarities out of one (P, P) Gram matrix up to this many distinct rows
+POOLED_GRAM_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,12 @@ def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, 
         pt = pool @ table.T  # (P, C)
         text_logits = TEXT_SCALE * pt[task.query_idx[:, :, None], task.classes[:, None, :]]
         sidx = task.support_idx.reshape(E, N * K)
-        sims = (pool @ pool.T)[task.query_idx[:, :, None], sidx[:, None, :]] if K else None  # (E, M, S)
+        if not K:
+            sims = None
+        elif len(pool) <= POOLED_GRAM_MAX_ROWS:  # (P, P) once, then read out: cheap for small pools
+            sims = (pool @ pool.T)[task.query_idx[:, :, None], sidx[:, None, :]]  # (E, M, S)
+        else:  # a (P, P) matrix would not fit (300 episodes of 80 rows: P up to 24,000): per episode
+            sims = torch.bmm(pool[task.query_idx], pool[sidx].transpose(1, 2))
         v = torch.arange(N, device=pool.device).repeat_interleave(K)[None].expand(E, -1)
     else:
         ts = space(task.support, task.classes)

@@ -19,15 +19,23 @@ from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 
 STEPS = (0, 10, 25, 50, 100)
+#: the span form (B: S x S per episode) up to this many support rows; the keys themselves above
+SPAN_MAX_ROWS = 2048
+#: support rows per step in the large-support form (the reference's batch size)
+KEY_BATCH = 256
 ALPHA_SCALE = (0.5, 1.0, 2.0)
 
 
-def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: float) -> dict[int, torch.Tensor]:
+def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: float, seed: int = 0
+                  ) -> dict[int, torch.Tensor]:
     """Keys (E, S, D) after each step count in ``steps`` (step 0: the support itself).
 
-    The keys move in the span of the support, ``K = X + B X`` with B (E, S, S) trained (the
-    gradient of the support loss only has components there), so a step costs O(S^2) per
-    episode rather than O(S D).
+    Up to :data:`SPAN_MAX_ROWS` support rows the keys move in the span of the support, ``K = X +
+    B X`` with B (E, S, S) trained on the full support (the gradient of the support loss only has
+    components there), so a step costs O(S^2) per episode rather than O(S D). Above it (all-way 16
+    shots x 1,000 classes: S = 16,000, where B alone would be 1 GB and a step O(S^3)) the keys
+    themselves are trained, as the reference does, each step on :data:`KEY_BATCH` support rows
+    drawn at random (seeded) as queries against every key: O(KEY_BATCH S D) per step.
     """
     x, values = cache_from_support(space.support)
     E, S, D = x.shape
@@ -35,6 +43,8 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[-1] == 0 or S == 0:
         return {s: x for s in steps}
+    if S > SPAN_MAX_ROWS:
+        return _finetune_keys_direct(x, values, space.weights, N, alpha, beta, steps, lr, seed)
     b = torch.zeros(E, S, S, device=x.device, requires_grad=True)
     gram = torch.bmm(x, x.transpose(1, 2))
     onehot = F.one_hot(values, N).to(x.dtype)
@@ -50,6 +60,31 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
 
     with torch.enable_grad(), single_thread():
         return train_steps(opt, loss, steps, lambda: x + torch.bmm(b.detach(), x), {0: x})
+
+
+def _finetune_keys_direct(x: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, N: int, alpha: float,
+                          beta: float, steps: list[int], lr: float, seed: int) -> dict[int, torch.Tensor]:
+    """The large-support form of :func:`finetune_keys`: keys (E, S, D) as parameters, Adam on
+    mini-batches of support rows (leave-one-out: a row never sees its own key)."""
+    E, S, D = x.shape
+    keys = x.clone().requires_grad_(True)
+    onehot = F.one_hot(values, N).to(x.dtype)  # (E, S, N)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([keys], lr=lr)
+    arange = torch.arange(S, device=x.device)
+
+    def loss(step: int) -> torch.Tensor:
+        rows = torch.randperm(S, generator=gen)[:KEY_BATCH].to(x.device)
+        q = x[:, rows]  # (E, b, D)
+        sims = torch.bmm(q, keys.transpose(1, 2))  # (E, b, S)
+        own = rows[:, None] == arange[None]  # leave-one-out
+        a = torch.exp(-beta * (1.0 - sims)).masked_fill(own[None], 0.0)
+        logits = TEXT_SCALE * torch.bmm(q, weights.transpose(1, 2)) + alpha * torch.bmm(a, onehot)
+        return F.cross_entropy(logits.reshape(-1, N), values[:, rows].reshape(-1), reduction="none"
+                               ).reshape(E, -1).mean(1).sum()
+
+    with torch.enable_grad():
+        return train_steps(opt, loss, steps, lambda: keys.detach().clone(), {0: x})
 
 
 class TipAdapterF(Method):
@@ -76,7 +111,7 @@ class TipAdapterF(Method):
             else:
                 space = ctx["spaces"][regime](task.support, task.classes)
                 q = space.embed(task.query)
-                ckpts = finetune_keys(space, alpha, beta, steps, opts.lr)
+                ckpts = finetune_keys(space, alpha, beta, steps, opts.lr, config.seed)
                 values = cache_from_support(space.support)[1]
                 N = space.weights.shape[1]
                 text_logits = TEXT_SCALE * torch.bmm(q, space.weights.transpose(1, 2))
@@ -99,6 +134,7 @@ class TipAdapterF(Method):
         text = state.tensors["text"].to(device)
         bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
         lr = state.hparams["lr"]
+        seed = int(state.config.get("seed", 1))
 
         def make(regime: str):
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
@@ -106,7 +142,8 @@ class TipAdapterF(Method):
 
             def fit(support, classes):
                 ts = text_space(state, store, regime, support, classes, bridge, text)
-                keys = finetune_keys(ts, alpha, beta, [steps], lr)[steps] if alpha != 0 else cache_from_support(ts.support)[0]
+                keys = (finetune_keys(ts, alpha, beta, [steps], lr, seed)[steps] if alpha != 0
+                        else cache_from_support(ts.support)[0])
                 values = cache_from_support(ts.support)[1]
                 return FittedTip(ts.weights, keys, values, scale * alpha, beta, ts.embed)
 

@@ -446,8 +446,8 @@ class FMA(Method):
             if len(val_cls) < 2:
                 raise StoreError(f"{store.path}: regime=episodic chooses steps on val-class episodes, but there are "
                                  f"{len(val_cls)} val classes (need >= 2)")
-            x_np, y_np = store.gather(base)
-            xv_np, yv_np = store.gather(val_cls)
+            x_np, y_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
+            xv_np, yv_np = store.gather(val_cls, max_per_class=sampling.CLASS_ROWS)
             classes = np.asarray(sorted(base))
             val_on = "val classes"
         x = _apply(fmap, torch.from_numpy(x_np).to(device))
