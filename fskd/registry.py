@@ -91,3 +91,15 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+def exports_from(package: str, module: str, names: tuple[str, ...]):
+    """A module ``__getattr__`` for ``package`` that loads ``names`` from ``module`` when first asked
+    for (the package's interface lives in a torch-importing module; the registry does not)."""
+
+    def __getattr__(name: str):
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -3,9 +3,7 @@ module, description); its module loads on first use, so listing heads imports no
 
 from __future__ import annotations
 
-import importlib
-
-from fskd.registry import Registry
+from fskd.registry import Registry, exports_from
 
 #: name -> factory(ClassContext) -> Head
 CLASSIFIERS: Registry = Registry("classifier")
@@ -22,10 +20,6 @@ CLASSIFIERS.lazy("tip", "fskd.classifiers.cache",
 _FROM_BASE = ("ClassContext", "FittedHead", "Head")
 
 
-def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
-    if name in _FROM_BASE:
-        return getattr(importlib.import_module("fskd.classifiers.base"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = exports_from(__name__, "fskd.classifiers.base", _FROM_BASE)  # the interface loads on first use
 
 __all__ = ["CLASSIFIERS", *_FROM_BASE]

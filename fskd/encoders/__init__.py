@@ -3,9 +3,7 @@ its module loads on first use, so listing encoders imports no torch or model lib
 
 from __future__ import annotations
 
-import importlib
-
-from fskd.registry import Registry
+from fskd.registry import Registry, exports_from
 
 #: family name -> factory(argument string after "family:") -> Encoder
 ENCODERS: Registry = Registry("encoder")
@@ -24,10 +22,6 @@ ENCODERS.lazy("timm", "fskd.encoders.timm_encoder",
 _FROM_BASE = ("Encoder", "build_encoder", "parse_spec")
 
 
-def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
-    if name in _FROM_BASE:
-        return getattr(importlib.import_module("fskd.encoders.base"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = exports_from(__name__, "fskd.encoders.base", _FROM_BASE)  # the interface loads on first use
 
 __all__ = ["ENCODERS", *_FROM_BASE]

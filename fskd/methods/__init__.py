@@ -6,9 +6,7 @@ so listing methods (CLI choices, ``fskd methods``) imports no torch, timm or tor
 
 from __future__ import annotations
 
-import importlib
-
-from fskd.registry import Registry
+from fskd.registry import Registry, exports_from
 
 #: name -> Method subclass
 METHODS: Registry = Registry("method")
@@ -50,10 +48,6 @@ def methods_of_kind(kind: str) -> list[str]:
 _FROM_BASE = ("Method", "MethodState", "load_state", "save_state")
 
 
-def __getattr__(name: str):  # the interface lives in base.py (torch); loaded when first asked for
-    if name in _FROM_BASE:
-        return getattr(importlib.import_module("fskd.methods.base"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = exports_from(__name__, "fskd.methods.base", _FROM_BASE)  # the interface loads on first use
 
 __all__ = ["METHODS", "kind_of", "methods_of_kind", *_FROM_BASE]
