@@ -87,12 +87,16 @@ def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: st
     member = np.isin(labels, np.asarray(classes))
     if rule == "full":
         return np.flatnonzero(member)
-    k = val_shots(shots)
-    rng = np.random.default_rng([seed, 4])  # its own stream: the train shots of seed s are unchanged
+    # its own stream: the train shots of seed s are unchanged
+    return first_per_class(labels, member, val_shots(shots), np.random.default_rng([seed, 4]))
+
+
+def first_per_class(labels: np.ndarray, member: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices (ascending) of at most ``k`` rows per label among the ``member`` rows, drawn in a
+    random order from ``rng`` (a label with fewer member rows gives all of them)."""
     order = np.lexsort((rng.random(len(labels)), labels))
     sl = labels[order]
-    first = np.searchsorted(sl, sl)  # start of each row's label run
-    rank = np.arange(len(sl)) - first
+    rank = np.arange(len(sl)) - np.searchsorted(sl, sl)  # position within each row's label run
     return np.sort(order[(rank < k) & member[order]])
 
 

@@ -560,12 +560,10 @@ class FeatureStore:
         counts = np.bincount(labels[keep], minlength=self.num_classes)
         if not len(counts) or counts.max() <= cap:
             return masks
-        rng = np.random.default_rng(20260601)
-        order = np.lexsort((rng.random(len(labels)), np.where(keep, labels, -1)))
-        sl = np.where(keep, labels, -1)[order]
-        rank = np.arange(len(sl)) - np.searchsorted(sl, sl)
+        from fskd.store.sampling import first_per_class
+
         thinned = np.zeros(len(labels), bool)
-        thinned[order[(rank < cap) & keep[order]]] = True
+        thinned[first_per_class(np.where(keep, labels, -1), keep, cap, np.random.default_rng(20260601))] = True
         out, start = {}, 0
         for s, m in masks.items():
             out[s] = thinned[start:start + len(m)]
