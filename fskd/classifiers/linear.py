@@ -9,13 +9,18 @@ the number of steps can be chosen on validation data from one run.
 An optional text term gives LP++'s form ``s * (x W^T + alpha_c * x t_c^T) + b`` with class-wise
 learnable blend ``alpha`` and fixed text weights ``t`` (class text features in image space).
 
-The weights are trained in dual (representer) form ``W = w0 + A x``: the regularised optimum
-lies in that set. The parameters are always the coefficients A, so Adam takes the same steps
-whichever way the scores are computed; what changes with the support size is how: through the
-S x S Gram matrix (O(S^2 N) per step, cheap for episodes, S = N*K rows) or through the explicit
-weights ``w0 + A x`` (O(S D N) per step, no S x S matrix). The Gram form is used while
-S <= ``DUAL_MAX_ROWS_PER_DIM * D`` (2 D: 1,024 rows for 512-d features), the explicit one above
-(all-way 16 shots x 1,000 classes: S = 16,000). Both give the same probes to float rounding.
+Two forms, one objective (cross-entropy + ``weight_decay/2 * ||W - w0||^2``, full-batch Adam):
+
+- **dual** (representer) form ``W = w0 + A x`` while the support is small: the parameters are
+  the coefficients A (N x S) and the scores go through the S x S Gram matrix (O(S^2 N) per
+  step, cheap for episodes, S = N*K rows). The regularised optimum lies in that set.
+- **primal** form above ``DUAL_MAX_ROWS_PER_DIM * D`` support rows (2 D: 1,024 rows for 512-d
+  features; all-way 16 shots x 1,000 classes is S = 16,000): the parameters are the weight
+  change ``W - w0`` (N x D) itself, O(S D N) per step with no S x S matrix and half the
+  multiply-adds of scoring through ``A x``. Adam is not invariant to that change of
+  coordinates, so the two forms take different steps to the same optimum; with the same
+  learning rate and validated step counts they chose probes within a point of each other at
+  100 classes x 4 and 16 shots (tests/test_scale.py states the tolerance).
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ T = TypeVar("T")
 #: default logit scale of probes on L2-normalised features
 SCALE = 10.0
 
-#: the S x S Gram form is used while S <= this * D (see the module docstring)
+#: the dual (Gram) form is used while S <= this * D, the primal form above (module docstring)
 DUAL_MAX_ROWS_PER_DIM = 2.0
+
+#: a batch of probe settings trains in groups whose score matrices (settings x S x N) stay under
+#: this many values (the groups are independent, so grouping changes nothing but peak memory)
+GROUP_VALUES = 2**26
 
 
 def gram_form(rows: int, dim: int) -> bool:
-    """Whether probes over ``rows`` support rows of ``dim``-d features use the Gram (dual) form."""
+    """Whether probes over ``rows`` support rows of ``dim``-d features use the dual (Gram) form."""
     return rows <= DUAL_MAX_ROWS_PER_DIM * dim
 
 
@@ -70,18 +79,24 @@ def single_thread(work: float = 0.0) -> Iterator[None]:
 
 @dataclass
 class LinearParams:
-    """A probe in dual form: weights ``w0 + a @ x`` (E, N, D), bias (E, N), alpha (E, N) or None
-    (LP++ text blend). a: (E, N, S) coefficients on the S support rows x (E, S, D)."""
+    """A probe: weights (E, N, D) ``w0 + a @ x`` (dual form: a (E, N, S) coefficients on the S
+    support rows x (E or 1, S, D)) or ``w0 + delta`` (primal form: delta (E, N, D), a and x None),
+    bias (E, N), alpha (E, N) or None (LP++ text blend)."""
 
     w0: torch.Tensor
-    a: torch.Tensor
-    x: torch.Tensor
+    a: torch.Tensor | None
+    x: torch.Tensor | None
     bias: torch.Tensor
     alpha: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
     @property
     def weights(self) -> torch.Tensor:
-        return self.w0 + torch.bmm(self.a, self.x) if self.x.shape[1] else self.w0
+        if self.delta is not None:
+            return self.w0 + self.delta
+        if self.x is None or not self.x.shape[1]:
+            return self.w0
+        return self.w0 + torch.matmul(self.a, self.x)
 
 
 class FittedLinear(FittedHead):
@@ -104,8 +119,8 @@ class Projections:
     """Embedded queries projected once on what the probes are made of, so many probes (a grid,
     checkpoints) score cheaply: qw0 (E, M, N) = q w0^T, qx (E, M, S) = q x^T, qt = q t^T or None."""
 
-    qw0: torch.Tensor
-    qx: torch.Tensor | None  # None in the explicit form (large S): ``q`` is kept instead
+    qw0: torch.Tensor | None  # None in the primal form (large S): ``q`` is kept instead
+    qx: torch.Tensor | None
     qt: torch.Tensor | None = None
     q: torch.Tensor | None = None
 
@@ -114,11 +129,11 @@ class Projections:
         qt = None if text is None else torch.bmm(q, text.transpose(1, 2))
         if gram_form(x.shape[1], x.shape[2]):
             return cls(torch.bmm(q, w0.transpose(1, 2)), torch.bmm(q, x.transpose(1, 2)), qt)
-        return cls(torch.bmm(q, w0.transpose(1, 2)), None, qt, q)
+        return cls(None, None, qt, q)
 
     def logits(self, p: LinearParams, scale: float = SCALE) -> torch.Tensor:
-        if self.qx is None:  # explicit form: the queries themselves, scored against w0 + A x
-            out = self.qw0 + torch.bmm(self.q, torch.bmm(p.a, p.x).transpose(1, 2)) if p.x.shape[1] else self.qw0
+        if self.q is not None:  # primal form: the queries themselves against the weights
+            out = torch.bmm(self.q, p.weights.transpose(1, 2))
         else:
             out = self.qw0 + torch.bmm(self.qx, p.a.transpose(1, 2)) if self.qx.shape[2] else self.qw0
         if p.alpha is not None and self.qt is not None:
@@ -151,7 +166,13 @@ def train_linear(
     wd = torch.full((E,), float(weight_decay), device=dev)
     a0 = None if text is None else torch.full((E,), float(alpha0 if alpha0 is not None else 1.0), device=dev)
     out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x)
-    return {s: LinearParams(w0, a, x, b, al) for s, (a, b, al) in out.items()}
+    return {s: params_of(w0, x, t) for s, t in out.items()}
+
+
+def params_of(w0: torch.Tensor, x: torch.Tensor, trained: tuple) -> LinearParams:
+    """LinearParams from one snapshot of :func:`train_dual` (its form decides the fields)."""
+    coef, b, al, primal = trained
+    return LinearParams(w0, None, None, b, al, coef) if primal else LinearParams(w0, coef, x, b, al)
 
 
 def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
@@ -164,50 +185,62 @@ def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
 def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | None, y: torch.Tensor, *,
                steps: Sequence[int], lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None,
                scale: float = SCALE, x: torch.Tensor | None = None):
-    """The training loop on the coefficients A; ``weight_decay`` and ``alpha0`` are per episode (E,),
-    so a grid of settings trains as one batch (episodes x settings). With ``gram`` None the scores
-    go through the explicit weights A x (``x`` (E or 1, S, D): the support; a batch of settings may
-    share one support). Returns {step: (a, bias, alpha)}."""
-    E, S, N = p0.shape
-    if gram is None and x is None:
-        raise ValueError("train_dual: the explicit form needs the support x")
+    """The training loop; ``weight_decay`` and ``alpha0`` are per probe (E,), so a grid of
+    settings trains as one batch (episodes x settings). With ``gram`` (E or 1, S, S) the dual form
+    (parameters A (E, N, S)); with ``gram`` None the primal form (parameters W - w0 (E, N, D)),
+    which needs the support ``x`` (E or 1, S, D: a batch of settings may share one support).
+    ``p0`` = x w0^T and ``pt`` = x t^T are (E or 1, S, N); ``y`` (E or 1, S).
+    Returns {step: (coefficients, bias, alpha, primal)}."""
+    E = len(weight_decay)
+    S, N = p0.shape[1], p0.shape[2]
+    primal = gram is None
+    if primal and x is None:
+        raise ValueError("train_dual: the primal form needs the support x")
     steps = sorted(set(int(s) for s in steps))
     dev = p0.device
-    a = torch.zeros(E, N, S, device=dev, requires_grad=True)
+    coef = torch.zeros(E, N, x.shape[-1] if primal else S, device=dev, requires_grad=True)
     b = torch.zeros(E, N, device=dev, requires_grad=True)
-    params = [a, b]
+    params = [coef, b]
     alpha = None
     if pt is not None:
         alpha = alpha0[:, None].expand(E, N).clone().requires_grad_(True)
         params.append(alpha)
 
     def snap():
-        return a.detach().clone(), b.detach().clone(), None if alpha is None else alpha.detach().clone()
+        return coef.detach().clone(), b.detach().clone(), None if alpha is None else alpha.detach().clone(), primal
 
     out = {0: snap()}
     if not steps or steps[-1] == 0 or S == 0:
         return {s: out[0] for s in steps}
     opt = torch.optim.Adam(params, lr=lr)
+    labels = y.expand(E, -1).reshape(-1)
 
     def loss(step: int) -> torch.Tensor:
-        if gram is not None:
-            ga = torch.bmm(gram, a.transpose(1, 2))  # (E, S, N): x (A x)^T
-            reg = (a * ga.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
+        if primal:
+            change = support_scores(x, coef)  # (E, S, N): x (W - w0)^T
+            reg = coef.square().sum((1, 2))
         else:
-            xs = x.expand(E, -1, -1) if x.shape[0] != E else x
-            delta = torch.bmm(a, xs)  # (E, N, D): A x, explicitly
-            ga = torch.bmm(xs, delta.transpose(1, 2))
-            reg = delta.square().sum((1, 2))
-        lin = p0 + ga  # x W^T
+            change = torch.matmul(gram, coef.transpose(1, 2))  # (E, S, N): x (A x)^T (gram may be shared)
+            reg = (coef * change.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
+        lin = p0 + change  # x W^T
         if pt is not None:
             lin = lin + alpha[:, None, :] * pt
         logits = scale * lin + b[:, None, :]
-        ce = F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
+        ce = F.cross_entropy(logits.reshape(-1, N), labels, reduction="none").reshape(E, -1).mean(1)
         return (ce + 0.5 * weight_decay * reg).sum()
 
-    work = E * S * N * (S if gram is not None else 2 * x.shape[-1])
+    work = E * S * N * (2 * x.shape[-1] if primal else S)
     with torch.enable_grad(), single_thread(work):
         return train_steps(opt, loss, steps, snap, out)
+
+
+def support_scores(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(E or 1, S, D) rows, (E, N, D) weights -> (E, S, N) scores; a shared support (1, S, D)
+    is multiplied against all E weight sets in one matrix product."""
+    E, N, D = w.shape
+    if x.shape[0] == 1 and E > 1:
+        return (x[0] @ w.reshape(E * N, D).T).reshape(-1, E, N).transpose(0, 1)
+    return torch.bmm(x, w.transpose(1, 2))
 
 
 def train_steps(opt: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: Sequence[int],

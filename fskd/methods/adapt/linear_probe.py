@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from fskd.classifiers.linear import (
+    GROUP_VALUES,
     SCALE,
     FittedLinear,
     LinearParams,
     Projections,
     dual_inputs,
+    params_of,
     train_dual,
     train_linear,
     way_labels,
@@ -65,8 +67,10 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
     """Grid over (alpha0, weight_decay) x checkpoints of ``steps``, scored on ``task``.
 
     ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe). The
-    whole grid trains as one batch (episodes x settings): every episode-setting pair is
-    independent under Adam, so this equals separate runs at a fraction of the overhead.
+    grid trains as batches of settings (episodes x settings, in groups of at most
+    ``GROUP_VALUES`` scores): every episode-setting pair is independent under Adam, so this
+    equals separate runs at a fraction of the overhead. ``Choice.fitted`` holds the winning
+    probe (its ``LinearParams``): on the all-way task it is the head for the task's own shots.
     """
     if task is None:
         return C.grid_search([], lambda c: 0.0, None, default)
@@ -77,22 +81,50 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
     x = ts.support.reshape(E, N * K, D)
     proj = Projections.of(q, w0, x, ts.weights)
     settings = [(a, w) for a in alphas for w in weight_decays]
-    G = len(settings)
     gram, p0, pt = dual_inputs(x, w0, ts.weights)
-    rep = lambda t: None if t is None else t.repeat(G, *([1] * (t.dim() - 1)))  # noqa: E731
-    wd = torch.tensor([w for _, w in settings], device=q.device).repeat_interleave(E)
-    a0 = torch.tensor([1.0 if a is None else a for a, _ in settings], device=q.device).repeat_interleave(E)
-    out = train_dual(rep(gram), rep(p0), rep(pt), rep(way_labels(E, N, K, q.device)), steps=steps, lr=lr,
-                     weight_decay=wd, alpha0=a0 if ts.weights is not None else None, x=rep(x))
-    results = {}
-    for step, (a, b, al) in out.items():
-        for i, (a_, w_) in enumerate(settings):
-            sl = slice(i * E, (i + 1) * E)
-            p = LinearParams(w0, a[sl], x, b[sl], None if al is None else al[sl])
-            results[(a_, w_, step)] = task.accuracy(proj.logits(p, SCALE))
+    y = way_labels(E, N, K, q.device)
+    per_group = max(1, int(GROUP_VALUES // max(1, E * N * K * N)))
+    probes = {}
+    for g in range(0, len(settings), per_group):
+        group = settings[g:g + per_group]
+        G = len(group)
+        # the support, its Gram matrix and projections are shared by a group's settings (batch
+        # index: setting-major, then episode); coefficients, bias and alpha are per probe
+        def rep(t, G=G):
+            return None if t is None else (t if E == 1 else t.repeat(G, *([1] * (t.dim() - 1))))
+
+        wd = torch.tensor([w for _, w in group], device=q.device).repeat_interleave(E)
+        a0 = torch.tensor([1.0 if a is None else a for a, _ in group], device=q.device).repeat_interleave(E)
+        out = train_dual(rep(gram), rep(p0), rep(pt), rep(y), steps=steps, lr=lr, weight_decay=wd,
+                         alpha0=a0 if ts.weights is not None else None, x=rep(x))
+        for step, (coef, b, al, primal) in out.items():
+            for i, (a_, w_) in enumerate(group):
+                sl = slice(i * E, (i + 1) * E)
+                probes[(a_, w_, step)] = params_of(w0, x, (coef[sl], b[sl], None if al is None else al[sl], primal))
+    results = {key: task.accuracy(proj.logits(p, SCALE)) for key, p in probes.items()}
     grid = [{**({"alpha0": a} if a is not None else {}), "weight_decay": w, "steps": s}
             for a in alphas for w in weight_decays for s in steps]
-    return C.grid_search(grid, lambda c: results[(c.get("alpha0"), c["weight_decay"], c["steps"])], task, default)
+    key = lambda c: (c.get("alpha0"), c["weight_decay"], c["steps"])  # noqa: E731
+    choice = C.grid_search(grid, lambda c: results[key(c)], task, default)
+    choice.fitted = probes.get(key(choice.params)) if choice.score is not None else None
+    return choice
+
+
+def probe_parts(p: LinearParams | None) -> dict[str, torch.Tensor] | None:
+    """A trained probe as the tensors a state keeps (explicit weights, bias, alpha)."""
+    if p is None:
+        return None
+    return {"weights": p.weights, "bias": p.bias, **({"alpha": p.alpha} if p.alpha is not None else {})}
+
+
+def kept_probe(state: MethodState, regime: str, support: torch.Tensor, classes: torch.Tensor) -> LinearParams | None:
+    """The state's kept all-way probe when ``support`` is the one it was trained on (see _common)."""
+    if regime != C.ALLWAY:
+        return None
+    parts = C.kept_allway_head(state, support, classes)
+    if parts is None:
+        return None
+    return LinearParams(parts["weights"], None, None, parts["bias"], parts.get("alpha"))
 
 
 class LinearProbe(Method):
@@ -129,6 +161,7 @@ class LinearProbe(Method):
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
         state.tensors = {"center": center.cpu() if center is not None else torch.zeros(store.dim)}
+        C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
         return state
 
     def head(self, state: MethodState, store, device: torch.device):
@@ -142,7 +175,8 @@ class LinearProbe(Method):
             def fit(support, classes):
                 C.require_shots(support, self.name)
                 embed = C.centred(center if regime == C.EPISODIC else C.support_center(support))
-                p = probe_params(embed(support), steps=[steps], lr=lr, weight_decay=wd)[steps]
+                p = kept_probe(state, regime, support, classes) or probe_params(embed(support), steps=[steps], lr=lr,
+                                                                               weight_decay=wd)[steps]
                 return FittedLinear(p, embed)
 
             return fit

@@ -18,7 +18,13 @@ import torch
 
 from fskd.classifiers.linear import FittedLinear
 from fskd.methods.adapt import _common as C
-from fskd.methods.adapt.linear_probe import LinearProbeOptions, probe_params, search_probe
+from fskd.methods.adapt.linear_probe import (
+    LinearProbeOptions,
+    kept_probe,
+    probe_params,
+    probe_parts,
+    search_probe,
+)
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import resolve_device
@@ -76,6 +82,7 @@ class LPPlusPlus(Method):
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+        C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
         state.metrics["text"] = source
         return state
 
@@ -93,7 +100,8 @@ class LPPlusPlus(Method):
                     ts = C.episodic_text_space(bridge, text, support, classes)
                 else:
                     ts = C.support_text_space(support, classes, text, store.joint, ridge)
-                p = probe_params(ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[steps]
+                p = kept_probe(state, regime, support, classes) or probe_params(
+                    ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[steps]
                 return FittedLinear(p, ts.embed, ts.weights)
 
             return fit

@@ -4,6 +4,7 @@ Starts from ``tip-adapter`` (alpha, beta chosen on validation), then trains the 
 (N*K, D) matrix per episode, batched) with full-batch Adam on the support's cross-entropy (in the span of the support). A
 support row never sees its own key while training (leave-one-out), the role augmented views
 play in the paper. The number of steps and a rescale of alpha are chosen on validation data.
+The state keeps the all-way keys fine-tuned on its own shots (``_common.keep_allway_head``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class TipAdapterF(Method):
 
                 grid = [{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE]
                 choice = C.grid_search(grid, score, task, default)
+                if regime == C.ALLWAY and choice.params["steps"] > 0:
+                    C.keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
                 if progress:
                     progress(f"tip-adapter-f {regime}", 1, 1, {"val_acc": choice.score})
             C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
@@ -142,8 +145,13 @@ class TipAdapterF(Method):
 
             def fit(support, classes):
                 ts = text_space(state, store, regime, support, classes, bridge, text)
-                keys = (finetune_keys(ts, alpha, beta, [steps], lr, seed)[steps] if alpha != 0
-                        else cache_from_support(ts.support)[0])
+                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                if kept is not None:
+                    keys = kept["keys"]
+                elif alpha != 0:
+                    keys = finetune_keys(ts, alpha, beta, [steps], lr, seed)[steps]
+                else:
+                    keys = cache_from_support(ts.support)[0]
                 values = cache_from_support(ts.support)[1]
                 return FittedTip(ts.weights, keys, values, scale * alpha, beta, ts.embed)
 
