@@ -45,7 +45,7 @@ from _common import machine, table  # noqa: E402
 from fskd import api  # noqa: E402
 from fskd.config import AlignConfig, EvalConfig  # noqa: E402
 from fskd.methods.align.flow import mixture_field, trajectory  # noqa: E402
-from fskd.methods.align.fma import FMA, cpu_threads  # noqa: E402
+from fskd.methods.align.fma import FMA, GAMMAS, cpu_threads  # noqa: E402
 from fskd.methods.base import load_state  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
 
@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--iters", type=int, default=4000)
-    ap.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5], help="noise augmentation strengths")
+    ap.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS), help="noise augmentation strengths")
     ap.add_argument("--ring-widths", type=int, nargs="+", default=[16, 64], help="setting B: velocity net widths (depth 1)")
     ap.add_argument("--skip-ring", action="store_true", help="only setting A")
     args = ap.parse_args()
@@ -308,7 +308,7 @@ def main() -> None:
     rows += [step_row(f"FMA, gamma {g}", fma[g]) for g in args.gammas]
     if len(args.gammas) > 1:
         # gamma chosen on the val split, per seed: the state with the best val accuracy (ties: the first listed).
-        # This is what `fskd align --gamma g1,g2,...` keeps (the default is 0,0.5): it trains the same fields
+        # This is what `fskd align --gamma g1,g2,...` keeps (the default is fma.GAMMAS): it trains the same fields
         # with the same seed (tests/test_align.py::test_gamma_candidates_are_chosen_on_validation)
         picked = [max(args.gammas, key=lambda g, i=i: (fma[g][i]["val"], -args.gammas.index(g))) for i in range(len(seeds))]
         listed = ",".join(f"{g:g}" for g in args.gammas)

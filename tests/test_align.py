@@ -36,26 +36,52 @@ def align(store, **kw) -> api.FitResult:
 
 
 # -- the path and the solvers -------------------------------------------------------------------
-def test_velocity_target_is_exactly_text_minus_image():
+def test_velocity_target_is_the_derivative_of_the_sampled_path():
+    """The target is d x_t / dt of the path the point was drawn from, with and without noise
+    (the FMA reference's target): finite differences of the path (same noise) equal it."""
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
-    t = torch.rand(64, generator=g)
+    t = 0.05 + 0.9 * torch.rand(64, generator=g)  # away from the ends, where the noise term is unbounded
     noise = torch.randn(64, 8, generator=g)
     xt, target = straight_path(x0, x1, t)
-    assert torch.equal(target, x1 - x0)
+    assert torch.equal(target, x1 - x0)  # gamma 0: the straight line's velocity
     assert torch.allclose(xt, (1 - t[:, None]) * x0 + t[:, None] * x1)
-    # the straight line's time derivative is the target, at every t
-    h = 1e-3
-    a, _ = straight_path(x0.double(), x1.double(), t.double() + h)
-    b, _ = straight_path(x0.double(), x1.double(), t.double() - h)
-    assert torch.allclose((a - b) / (2 * h), (x1 - x0).double(), atol=1e-6)
-    # noise augmentation moves the point by gamma sqrt(t (1 - t)) noise, never the target
+    h = 1e-4
+    for gamma in (0.0, 0.7):
+        a, _ = straight_path(x0.double(), x1.double(), t.double() + h, gamma, noise.double())
+        b, _ = straight_path(x0.double(), x1.double(), t.double() - h, gamma, noise.double())
+        _, tgt = straight_path(x0.double(), x1.double(), t.double(), gamma, noise.double())
+        assert torch.allclose((a - b) / (2 * h), tgt, atol=1e-5), gamma
+    # noise moves the point by gamma sqrt(t (1 - t)) noise and the target by its derivative
     xn, target_n = straight_path(x0, x1, t, gamma=0.7, noise=noise)
-    assert torch.equal(target_n, x1 - x0)
-    assert torch.allclose(xn - xt, 0.7 * torch.sqrt(t * (1 - t))[:, None] * noise, atol=1e-6)
+    root = torch.sqrt(t * (1 - t))[:, None]
+    assert torch.allclose(xn - xt, 0.7 * root * noise, atol=1e-6)
+    assert torch.allclose(target_n - (x1 - x0), 0.7 * (1 - 2 * t[:, None]) / (2 * root) * noise, atol=1e-5)
     ends = torch.tensor([0.0, 1.0]).repeat(32)
-    xe, _ = straight_path(x0, x1, ends, gamma=5.0, noise=noise)
+    xe, te = straight_path(x0, x1, ends, gamma=5.0, noise=noise)
     assert torch.allclose(xe[0::2], x0[0::2]) and torch.allclose(xe[1::2], x1[1::2])
+    assert torch.isfinite(te).all()  # the end points' unbounded term is clamped
+
+
+def test_training_noise_is_standard_normal_in_the_flow_coordinates(monkeypatch):
+    """As in the FMA reference, gamma scales N(0, I) noise in the features' own coordinates
+    (not N(0, I / D)): per-coordinate std 1 whatever the dimension."""
+    import fskd.methods.align.flow as flow
+
+    seen = []
+    real = flow.straight_path
+
+    def spy(x0, x1, t, gamma=0.0, noise=None):
+        seen.append(noise)
+        return real(x0, x1, t, gamma, noise)
+
+    monkeypatch.setattr(flow, "straight_path", spy)
+    x0 = torch.nn.functional.normalize(torch.randn(256, 128), dim=-1)
+    train_field(VelocityField(128, 32, 1), x0, x0.flip(0), iters=20, batch_size=128, lr=1e-3, weight_decay=0.0,
+                gamma=0.5, seed=0)
+    noise = torch.cat(seen)
+    assert noise.shape == (20 * 128, 128)
+    assert abs(float(noise.std()) - 1.0) < 0.02 and abs(float(noise.mean())) < 0.02
 
 
 def test_perfect_field_one_euler_step_lands_on_text():
@@ -171,6 +197,39 @@ def test_sample_shots_matches_the_allway_protocol_and_rejects_large_k():
 def test_fma_is_registered_as_an_align_method():
     assert METHODS.get("fma") is FMA and FMA.kind == "align"
     assert "fma" in api.registries()["methods"]
+
+
+def test_allway_targets_through_a_bridge_are_not_the_prototypes(synthetic_store):
+    """Non-joint store, all-way regime: each class's target comes from a bridge fitted without
+    that class (leave-one-class-out), so it is predicted from text, not the class's own
+    prototype, which an in-sample ridge at the small strengths validation likes reproduces."""
+    from fskd.methods.bridge import Bridge
+    from fskd.store import sampling
+
+    store = synthetic_store(joint=False, n_classes=20, seed=1)
+    r = align(store, shots=4)
+    state = load_state(r.out)
+    assert "leave-one-class-out" in state.hparams["allway.bridge"]
+    targets = state.tensors["allway.targets"]  # (C, D_i), kept for eval
+    x, y, classes = sampling.allway_shots(store, 4, 1)
+    mean = state.tensors["allway.bridge.mean"]
+    e = torch.nn.functional.normalize(torch.from_numpy(x) - mean, dim=-1)
+    protos = torch.nn.functional.normalize(e.reshape(len(classes), 4, -1).mean(1), dim=-1)
+    text = torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32))
+    insample = Bridge.fit(torch.from_numpy(x), torch.from_numpy(y).long(), text, ridge=1e-3, mean=mean).text_to_image(text)
+    cos_in = float((insample[classes] * protos).sum(-1).mean())
+    cos_loo = float((targets[classes] * protos).sum(-1).mean())
+    assert cos_in > 0.95, cos_in  # what the old all-way targets were
+    assert cos_loo < cos_in - 0.05, (cos_loo, cos_in)
+    # exactly a bridge fitted on the other classes' shots (same ridge, same centring)
+    lam = float(state.tensors["allway.bridge.ridge"])
+    for c in classes[:3]:
+        keep = y != c
+        other = Bridge.fit(torch.from_numpy(x[keep]), torch.from_numpy(y[keep]).long(), text, ridge=lam, mean=mean)
+        assert torch.allclose(other.text_to_image(text[[c]])[0], targets[c], atol=1e-4), c
+    # the head scores against those kept targets
+    head = FMA().head(state, store, torch.device("cpu"))
+    assert torch.allclose(head.parts["allway"].targets, head.parts["allway"].space.to_flow(targets), atol=1e-6)
 
 
 def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):

@@ -165,7 +165,7 @@ def train_linear(
     dev = x.device
     wd = torch.full((E,), float(weight_decay), device=dev)
     a0 = None if text is None else torch.full((E,), float(alpha0 if alpha0 is not None else 1.0), device=dev)
-    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x)
+    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x, w0=w0, text=text)
     return {s: params_of(w0, x, t) for s, t in out.items()}
 
 
@@ -176,33 +176,43 @@ def params_of(w0: torch.Tensor, x: torch.Tensor, trained: tuple) -> LinearParams
 
 
 def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
-    """What training needs from the support: gram (E, S, S) (None above the Gram form's size),
-    x w0^T (E, S, N), x t^T or None."""
-    return (torch.bmm(x, x.transpose(1, 2)) if gram_form(x.shape[1], x.shape[2]) else None,
-            torch.bmm(x, w0.transpose(1, 2)), None if text is None else torch.bmm(x, text.transpose(1, 2)))
+    """What the dual form needs from the support: gram (E, S, S), x w0^T (E, S, N), x t^T or
+    None; (None, None, None) above the dual form's size (the primal form needs none of them)."""
+    if not gram_form(x.shape[1], x.shape[2]):
+        return None, None, None
+    return (torch.bmm(x, x.transpose(1, 2)), torch.bmm(x, w0.transpose(1, 2)),
+            None if text is None else torch.bmm(x, text.transpose(1, 2)))
 
 
-def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | None, y: torch.Tensor, *,
+def train_dual(gram: torch.Tensor | None, p0: torch.Tensor | None, pt: torch.Tensor | None, y: torch.Tensor, *,
                steps: Sequence[int], lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None,
-               scale: float = SCALE, x: torch.Tensor | None = None):
-    """The training loop; ``weight_decay`` and ``alpha0`` are per probe (E,), so a grid of
-    settings trains as one batch (episodes x settings). With ``gram`` (E or 1, S, S) the dual form
-    (parameters A (E, N, S)); with ``gram`` None the primal form (parameters W - w0 (E, N, D)),
-    which needs the support ``x`` (E or 1, S, D: a batch of settings may share one support).
-    ``p0`` = x w0^T and ``pt`` = x t^T are (E or 1, S, N); ``y`` (E or 1, S).
+               scale: float = SCALE, x: torch.Tensor | None = None, w0: torch.Tensor | None = None,
+               text: torch.Tensor | None = None):
+    """The training loop; ``weight_decay`` and ``alpha0`` (None: no text term) are per probe
+    (E,), so a grid of settings trains as one batch (episodes x settings). ``y`` (E or 1, S).
+
+    - dual form (``gram`` (E or 1, S, S) given): parameters A (E, N, S); ``p0`` = x w0^T and
+      ``pt`` = x t^T are (E or 1, S, N).
+    - primal form (``gram`` None): parameters W - w0 (E, N, D); needs the support ``x`` (E or
+      1, S, D: a batch of settings may share one support), ``w0`` and ``text`` (E or 1, N, D).
+      Each step is one matrix product of the support with the effective weights
+      ``scale (W + alpha t)`` with the bias added in the same call, then the cross-entropy: no
+      (S, N) intermediate but the scores themselves.
+
     Returns {step: (coefficients, bias, alpha, primal)}."""
     E = len(weight_decay)
-    S, N = p0.shape[1], p0.shape[2]
     primal = gram is None
-    if primal and x is None:
-        raise ValueError("train_dual: the primal form needs the support x")
+    if primal and (x is None or w0 is None):
+        raise ValueError("train_dual: the primal form needs the support x and the initial weights w0")
+    S = y.shape[1]
+    N = w0.shape[1] if primal else p0.shape[2]
     steps = sorted(set(int(s) for s in steps))
-    dev = p0.device
+    dev = y.device
     coef = torch.zeros(E, N, x.shape[-1] if primal else S, device=dev, requires_grad=True)
     b = torch.zeros(E, N, device=dev, requires_grad=True)
     params = [coef, b]
     alpha = None
-    if pt is not None:
+    if alpha0 is not None:
         alpha = alpha0[:, None].expand(E, N).clone().requires_grad_(True)
         params.append(alpha)
 
@@ -213,20 +223,28 @@ def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | N
     if not steps or steps[-1] == 0 or S == 0:
         return {s: out[0] for s in steps}
     opt = torch.optim.Adam(params, lr=lr)
-    labels = y.expand(E, -1).reshape(-1)
+    shared = primal and x.shape[0] == 1 and E > 1
+    if shared:  # scores laid out (S, E, N): row s of every probe, so the labels repeat per probe
+        labels = y[0][:, None].expand(S, E).reshape(-1)
+    else:
+        labels = y.expand(E, -1).reshape(-1)
 
     def loss(step: int) -> torch.Tensor:
         if primal:
-            change = support_scores(x, coef)  # (E, S, N): x (W - w0)^T
+            w = w0 + coef
+            if alpha is not None:
+                w = w + alpha[:, :, None] * text
+            logits = primal_scores(x, scale * w, b)
             reg = coef.square().sum((1, 2))
         else:
             change = torch.matmul(gram, coef.transpose(1, 2))  # (E, S, N): x (A x)^T (gram may be shared)
             reg = (coef * change.transpose(1, 2)).sum((1, 2))  # ||A x||^2 = tr(A G A^T)
-        lin = p0 + change  # x W^T
-        if pt is not None:
-            lin = lin + alpha[:, None, :] * pt
-        logits = scale * lin + b[:, None, :]
-        ce = F.cross_entropy(logits.reshape(-1, N), labels, reduction="none").reshape(E, -1).mean(1)
+            lin = p0 + change  # x W^T
+            if alpha is not None:
+                lin = lin + alpha[:, None, :] * pt
+            logits = scale * lin + b[:, None, :]
+        ce = F.cross_entropy(logits.reshape(-1, N), labels, reduction="none")
+        ce = ce.reshape(S, E).mean(0) if shared else ce.reshape(E, -1).mean(1)
         return (ce + 0.5 * weight_decay * reg).sum()
 
     work = E * S * N * (2 * x.shape[-1] if primal else S)
@@ -234,13 +252,13 @@ def train_dual(gram: torch.Tensor | None, p0: torch.Tensor, pt: torch.Tensor | N
         return train_steps(opt, loss, steps, snap, out)
 
 
-def support_scores(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(E or 1, S, D) rows, (E, N, D) weights -> (E, S, N) scores; a shared support (1, S, D)
-    is multiplied against all E weight sets in one matrix product."""
+def primal_scores(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Scores ``x w^T + bias`` in one call: x (1, S, D) shared by E weight sets w (E, N, D) ->
+    (S, E, N) (one (S, D) x (D, E*N) product); x (E, S, D) -> (E, S, N)."""
     E, N, D = w.shape
     if x.shape[0] == 1 and E > 1:
-        return (x[0] @ w.reshape(E * N, D).T).reshape(-1, E, N).transpose(0, 1)
-    return torch.bmm(x, w.transpose(1, 2))
+        return torch.addmm(bias.reshape(1, E * N), x[0], w.reshape(E * N, D).T).reshape(-1, E, N)
+    return torch.baddbmm(bias[:, None, :], x.expand(E, -1, -1) if x.shape[0] != E else x, w.transpose(1, 2))
 
 
 def train_steps(opt: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: Sequence[int],

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from fskd.classifiers.linear import single_thread
 from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, FskdError, StoreError
 from fskd.methods.base import MethodState
-from fskd.methods.bridge import RIDGE_GRID, Bridge
+from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
@@ -512,32 +511,6 @@ def choose_allway_ridge(store, text: torch.Tensor, config, ridge: float | None, 
         return task.accuracy(torch.bmm(ts.embed(task.query), ts.weights.transpose(1, 2)))
 
     return grid_search([{"ridge": lam} for lam in RIDGE_GRID], score, task, {})
-
-
-def batched_text_to_image(e: torch.Tensor, t_classes: torch.Tensor, lam: float, leave_out: bool = False) -> torch.Tensor:
-    """Per-episode ridge text -> image maps applied to the class texts (Bridge.fit, batched).
-
-    e: (E, N, K, D) embedded support, t_classes: (E, N, d_t) class texts -> (E, N, D) L2-normalised
-    class weights in image space. All K rows of a class share its text, so the regression is
-    solved on class-aggregated data (rows t_c sqrt(K), targets sum_k e_k / sqrt(K)): the same
-    solution as row by row, in the dual form over the N classes.
-
-    ``leave_out``: class c's weight comes from a bridge fitted without class c (exact
-    leave-one-out of kernel ridge: f_-c(a_c) = (f(a_c) - H_cc b_c) / (1 - H_cc), H = K (K + lam)^-1),
-    so it is predicted from its text alone: a zero-shot weight, not its own prototype.
-    """
-    K = e.shape[2]
-    a = t_classes.double() * math.sqrt(K)  # (E, N, d_t)
-    b = e.double().sum(2) / math.sqrt(K)  # (E, N, D)
-    n = a.shape[1]
-    gram = torch.bmm(a, a.transpose(1, 2))
-    coef = torch.linalg.solve(gram + lam * torch.eye(n, dtype=a.dtype, device=a.device), b)  # W = a^T coef
-    if not leave_out:
-        return F.normalize(torch.bmm(torch.bmm(t_classes.double(), a.transpose(1, 2)), coef).float(), dim=-1)
-    fitted = torch.bmm(gram, coef)  # f(a_c) for every class row
-    h = torch.linalg.solve(gram + lam * torch.eye(n, dtype=a.dtype, device=a.device), gram).diagonal(dim1=1, dim2=2)
-    loo = (fitted - h[..., None] * b) / (1.0 - h).clamp_min(1e-12)[..., None]
-    return F.normalize(loo.float(), dim=-1)
 
 
 @dataclass

@@ -96,7 +96,7 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
         wd = torch.tensor([w for _, w in group], device=q.device).repeat_interleave(E)
         a0 = torch.tensor([1.0 if a is None else a for a, _ in group], device=q.device).repeat_interleave(E)
         out = train_dual(rep(gram), rep(p0), rep(pt), rep(y), steps=steps, lr=lr, weight_decay=wd,
-                         alpha0=a0 if ts.weights is not None else None, x=rep(x))
+                         alpha0=a0 if ts.weights is not None else None, x=rep(x), w0=rep(w0), text=rep(ts.weights))
         for step, (coef, b, al, primal) in out.items():
             for i, (a_, w_) in enumerate(group):
                 sl = slice(i * E, (i + 1) * E)

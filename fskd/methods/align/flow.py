@@ -26,6 +26,8 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SOLVERS = ("euler", "heun")
 #: network evaluations per solver step
 NFE_PER_STEP = {"euler": 1, "heun": 2}
+#: the clamp of sqrt(t (1 - t)) in the noise part of the path's velocity (see straight_path)
+PATH_EPS = 1e-3
 
 
 class TimeEmbedding(nn.Module):
@@ -86,17 +88,23 @@ class VelocityField(nn.Module):
 def straight_path(
     x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, gamma: float = 0.0, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A point on the straight line image -> text and the velocity to regress there.
+    """A point on the path image -> text and the velocity to regress there.
 
     x0 (n, D) image features, x1 (n, D) their class text features (fixed coupling), t (n,).
     Returns ``x_t = (1 - t) x0 + t x1 + gamma sqrt(t (1 - t)) noise`` (a Brownian-bridge style
-    augmentation: zero at both ends, widest mid-way) and the target ``x1 - x0``.
+    augmentation: zero at both ends, widest mid-way) and the target ``d x_t / dt = x1 - x0 +
+    gamma (1 - 2t) / (2 sqrt(t (1 - t))) noise``: the derivative of the very path sampled (the
+    FMA reference's target), so the field learns the ODE it is integrated along. The noise term
+    of the target is unbounded at the ends; ``sqrt(t (1 - t))`` is clamped at ``PATH_EPS``.
     """
     tt = t[:, None]
     xt = (1.0 - tt) * x0 + tt * x1
+    target = x1 - x0
     if gamma and noise is not None:
-        xt = xt + gamma * torch.sqrt(tt * (1.0 - tt)) * noise
-    return xt, x1 - x0
+        root = torch.sqrt(tt * (1.0 - tt))
+        xt = xt + gamma * root * noise
+        target = target + gamma * (1.0 - 2.0 * tt) / (2.0 * root.clamp_min(PATH_EPS)) * noise
+    return xt, target
 
 
 def train_field(
@@ -116,8 +124,9 @@ def train_field(
 
     x0, x1: (n, D) on the field's device. Minibatches of pairs, times and noise come from a CPU
     generator seeded with ``seed`` (same seed -> same field, on any device). The noise is
-    N(0, I / D), so ``gamma`` is its norm relative to the unit-norm features. Returns the loss
-    averaged over each tenth of training.
+    N(0, I) in the coordinates of ``x0`` (as the FMA reference draws it in CLIP's feature space),
+    so at ``gamma`` its norm is about ``gamma sqrt(D)`` times ``sqrt(t (1 - t))`` against
+    unit-norm features. Returns the loss averaged over each tenth of training.
     """
     device = x0.device
     n, dim = x0.shape
@@ -133,7 +142,7 @@ def train_field(
     for it in range(iters):
         idx = torch.randint(n, (b,), generator=g).to(device)
         t = torch.rand(b, generator=g).to(device)
-        noise = (torch.randn(b, dim, generator=g) / math.sqrt(dim)).to(device) if gamma else None
+        noise = torch.randn(b, dim, generator=g).to(device) if gamma else None
         xt, target = straight_path(x0[idx], x1[idx], t, gamma, noise)
         with autocast(device):
             pred = field(xt, t)

@@ -2,9 +2,10 @@
 
 A velocity field v(z, t) (a time-conditioned residual MLP) learns to transport each image
 feature to its class text feature along the straight line between them (fixed coupling), with
-Brownian-bridge noise ``gamma * sqrt(t (1 - t)) * noise`` on the path so a few shots cover more
-of the space (``--gamma``: one field per candidate strength, the best on validation kept;
-default 0 and 0.5). At inference an image feature is integrated for a few solver steps (Euler or
+Brownian-bridge noise ``gamma * sqrt(t (1 - t)) * noise`` (noise ~ N(0, I) in the flow's
+coordinates, as in the reference) on the path so a few shots cover more of the space; the field
+regresses the derivative of that path (``--gamma``: one field per candidate strength, the best
+on validation kept; default 0 and 0.03). At inference an image feature is integrated for a few solver steps (Euler or
 Heun) and classified by the cosine of the transported feature to the class text features,
 optionally plus a weighted cosine to the support prototypes. The number of steps, where to stop
 (early stopping), the solver and the prototype weight are chosen on validation data; inference
@@ -19,7 +20,10 @@ through another method's ``features`` map (e.g. a residual adapter), embedded in
 Regimes (``--set regime=...``; ``auto``: ``allway`` when ``--shots`` > 0, else ``episodic``):
 
 - ``allway``: bridge and field learn from K shots of every class (train split, drawn exactly
-  as the all-way protocol draws seed ``--seed``'s shots); choices on the val split. Serves
+  as the all-way protocol draws seed ``--seed``'s shots); choices on the val split. Through a
+  ridge bridge each class's target comes from a map fitted without that class's shots
+  (leave-one-class-out, :func:`allway_bridge`), so the flow moves images toward text, not
+  toward their own prototypes. Serves
   ``fskd eval --protocol allway --shot K``.
 - ``episodic``: bridge and field learn from every row of the base classes; choices on N-way
   K-shot episodes of the val classes. Serves episodes over classes it never learned from.
@@ -33,6 +37,7 @@ or base classes for the episodic part) raises EvaluationError instead of reporti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -56,16 +61,17 @@ from fskd.methods.align.flow import (
     transport,
 )
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, load_state
-from fskd.methods.bridge import Bridge
+from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
 from fskd.runtime import resolve_device
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
 
-#: default noise augmentation strength (noise norm relative to the unit-norm features)
-#: default candidate noise augmentation strengths: one field is trained per value and the one
+#: default candidate noise augmentation strengths (the noise is N(0, I) in the flow coordinates,
+#: as in the FMA reference, so 0.03 in 256 coordinates is a noise norm of about 0.5 sqrt(t (1 - t))
+#: against unit-norm features; the reference's default is 0): one field is trained per value and the one
 #: with the best validation accuracy is kept (0 = the plain straight path)
-GAMMAS = (0.0, 0.5)
+GAMMAS = (0.0, 0.03)
 #: default candidate numbers of solver steps (each integrates t = 0..1; early stopping picks
 #: where to stop along it)
 STEPS = (1, 2, 4, 8)
@@ -200,6 +206,44 @@ def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val
 
 
 # -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) -------------
+def allway_bridge(store, x: torch.Tensor, classes: torch.Tensor, shots: int, text: torch.Tensor, xv: torch.Tensor,
+                  yv: torch.Tensor, opts: FMAOptions, base_features: bool) -> tuple[Bridge, str, torch.Tensor]:
+    """The all-way bridge and the class targets (C, D_i) in image space.
+
+    ``x`` (C*K, D'): K shots per class of ``classes``, class-major. When the spaces differ the
+    ridge maps are fitted on those shots, and each training class's target comes from a map
+    fitted *without* that class (exact leave-one-class-out of the class-aggregated ridge, as
+    the adapt methods' all-way text weights): a target predicted from the class's text alone,
+    not its own prototype. The ridge strength (or ``opts.ridge``) is chosen by the zero-shot
+    accuracy of those targets on the val rows ``xv`` / ``yv`` (store labels). Classes the shots
+    do not cover (base-to-new's new classes) get the full map's targets (it never saw them).
+    The identity bridge (one space) gives the class texts themselves.
+    """
+    first = opts if opts.ridge is not None else dataclasses.replace(opts, ridge=RIDGE_GRID[0])  # no search yet
+    bridge, desc = make_bridge(store, x, classes.repeat_interleave(shots), text, (xv, yv), first,
+                               base_features=base_features)
+    if bridge.is_identity:
+        return bridge, desc, bridge.text_to_image(text)
+    e = bridge.embed_images(x).reshape(1, len(classes), shots, -1)
+    t = F.normalize(text[classes], dim=-1)[None]
+    ev = bridge.embed_images(xv)
+    pos = torch.full((int(max(int(classes.max()), int(yv.max()))) + 1,), -1, dtype=torch.long, device=x.device)
+    pos[classes] = torch.arange(len(classes), device=x.device)
+    truth = pos[yv]
+    best = None
+    for lam in ((opts.ridge,) if opts.ridge is not None else RIDGE_GRID):
+        loo = batched_text_to_image(e, t, float(lam), leave_out=True)[0]  # (C, D_i)
+        acc = float(((ev @ loo.T).argmax(1) == truth).float().mean())
+        if best is None or acc > best[0] + 1e-9:
+            best = (acc, float(lam), loo)
+    _, lam, loo = best
+    bridge = Bridge.fit(x, classes.repeat_interleave(shots), text, ridge=lam, mean=bridge.mean)
+    targets = bridge.text_to_image(text)
+    targets[classes] = loo
+    how = "given" if opts.ridge is not None else "chosen by leave-one-class-out zero-shot accuracy on the val rows"
+    return bridge, f"ridge {lam:g} ({how}; targets leave-one-class-out)", targets
+
+
 def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str]) -> np.ndarray:
     """(C, K) row indices: the shots the all-way protocol draws for the same seed (so a state
     fitted with seed s uses eval seed s's shots); a short class is a ConfigError naming --shots."""
@@ -454,11 +498,15 @@ class FMA(Method):
         xv = _apply(fmap, torch.from_numpy(xv_np).to(device))
         y = torch.from_numpy(y_np).to(device)
 
-        bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts,
-                                          base_features=fmap is not None)
-        targets_img = bridge.text_to_image(text)  # (C, D_i)
-        e_train = bridge.embed_images(x)
         train_cls = torch.from_numpy(classes).to(device)
+        if regime == ALLWAY:
+            bridge, bridge_desc, targets_img = allway_bridge(store, x, train_cls, config.shots, text, xv,
+                                                             torch.from_numpy(yv_np).to(device), opts, fmap is not None)
+        else:
+            bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts,
+                                              base_features=fmap is not None)
+            targets_img = bridge.text_to_image(text)  # (C, D_i)
+        e_train = bridge.embed_images(x)
         space = FlowSpace(bridge, basis=principal_basis(torch.cat([e_train, targets_img[train_cls]]), opts.pca))
         targets = space.to_flow(targets_img)  # (C, P)
         x0, x1 = space.to_flow(e_train), targets[y]
@@ -520,6 +568,8 @@ class FMA(Method):
               "bridge": bridge_desc, "flow_dim": int(x0.shape[1]), "image_dim": int(e_train.shape[1]),
               "train_classes": len(classes)}
         tensors["train_classes"] = torch.from_numpy(classes.astype(np.int64))
+        if regime == ALLWAY and not bridge.is_identity:
+            tensors["targets"] = targets_img.detach().cpu()  # leave-one-class-out (see allway_bridge)
         on = f"{val_on}: {val_desc}"
         selected_on = {"gamma": on if len(gammas) > 1 else "given", "solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
                        "stop": on, "proto_weight": on if len(weights) > 1 else "given",
@@ -552,7 +602,8 @@ class FMA(Method):
             space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
             learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
             learned[t["train_classes"].long()] = True
-            out[r] = Part(r, field, space, space.to_flow(space.targets(text)), learned, hp)
+            targets = t["targets"] if "targets" in t else space.targets(text)  # kept: the all-way LOO targets
+            out[r] = Part(r, field, space, space.to_flow(targets), learned, hp)
         if not out:
             raise EvaluationError(f"fma state for {state.store_path} has no fitted part (hparams {sorted(state.hparams)})")
         return out
@@ -564,8 +615,8 @@ class FMA(Method):
         """Cross-dataset: no class of the target store was learned (the field and the bridge carry
         over; the targets are the target store's class texts)."""
         out = super().transfer_state(state, store)
-        out.tensors = {**out.tensors, **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors
-                                         if k.endswith(".train_classes")}}
+        out.tensors = {**{k: v for k, v in out.tensors.items() if not k.endswith(".targets")},
+                       **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors if k.endswith(".train_classes")}}
         return out
 
     def features(self, state: MethodState, store, device: torch.device) -> FeatureMap:
