@@ -47,6 +47,23 @@ def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypa
     assert abs(acc["dual"] - acc["primal"]) <= tol, acc
 
 
+def test_tip_adapter_f_span_and_key_forms_score_alike(store_100, tmp_path, monkeypatch):
+    """tip-adapter-f trains in the span of the support (full batch) up to SPAN_MAX_ROWS support
+    rows and the keys themselves on mini-batches above: a different optimisation of the same
+    loss, so the test states a looser tolerance than the probes' (2 points at 100 classes x 8
+    shots, both forms' validation choosing their own steps)."""
+    import fskd.methods.adapt.tip_adapter_f as tf
+
+    acc = {}
+    for form, limit in (("span", 10**9), ("keys", 0)):
+        monkeypatch.setattr(tf, "SPAN_MAX_ROWS", limit)
+        api.adapt(AdaptConfig(store=store_100, method="tip-adapter-f", shots=8, out=str(tmp_path / form)), progress=None)
+        acc[form] = api.evaluate(EvalConfig(store=store_100, state=str(tmp_path / form), protocol="allway", shot=8,
+                                            seeds=(1,), report=None)).accuracy
+    assert 20 < acc["span"] < 95, acc
+    assert abs(acc["span"] - acc["keys"]) <= 2.0, acc
+
+
 @pytest.mark.parametrize("method", ["linear-probe", "lp++", "tip-adapter-f"])
 def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
     """A trained state's own shots are scored with the head its search trained (no training at

@@ -170,6 +170,7 @@ class ResidualAdapter(Method):
             x = torch.from_numpy(xb).to(device)
             center = torch.zeros(store.dim, device=device) if store.joint else x.mean(0)
             e = F.normalize(x - center, dim=-1)[None]
+            del x, xb  # the raw rows (360,000 x 512 at ImageNet scale): only their embedding is used
             pos = {c: i for i, c in enumerate(base)}
             yb = torch.tensor([pos[int(c)] for c in yb_np], device=device)[None]
             runs = {r: train_adapter(e, yb, len(base), ratio=r, steps=steps, **train) for r in ratios}
