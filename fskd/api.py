@@ -204,6 +204,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
     store = FeatureStore.open(cfg.store)
     store.check_complete()
+    from fskd.methods.adapt._common import compute_threads, store_numel
+
+    with compute_threads(store_numel(store)):  # the same thread guard as the fits (adapt's threads_by_store)
+        return _evaluate_store(cfg, store, t0)
+
+
+def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResult:
     device = resolve_device(cfg.device)
     state = load_state(cfg.state) if cfg.state else None
     if cfg.protocol in OTHER_STORE_PROTOCOLS:

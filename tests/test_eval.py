@@ -168,3 +168,34 @@ def test_prototype_logits_are_cosines():
     logits = head.fit(head.prepare(s), torch.zeros(2, 3, dtype=torch.long)).logits(head.prepare(q))
     manual = F.normalize(q, dim=-1) @ F.normalize(F.normalize(s, dim=-1).mean(2), dim=-1).transpose(1, 2)
     torch.testing.assert_close(logits, manual)
+
+
+@pytest.mark.parametrize("protocol", ["episodic", "allway"])
+def test_eval_uses_the_fits_thread_guard(synthetic_store, monkeypatch, protocol):
+    """eval runs a small store's work on one intra-op thread, as adapt/align fits do
+    (``_common.compute_threads``: two threads fighting over 2 busy cores made small evals 2-3x
+    slower), and restores the thread count afterwards."""
+    import fskd.api as A
+    from fskd.methods.adapt import _common as C
+
+    store = synthetic_store(n_classes=12)
+    assert C.store_numel(store) < C.SMALL_PROBLEM
+    seen = []
+    for name in ("run_episodes", "run_allway"):
+        real = getattr(A, name)
+
+        def spy(*a, _real=real, **k):
+            seen.append(torch.get_num_threads())
+            return _real(*a, **k)
+
+        monkeypatch.setattr(A, name, spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = (EvalConfig(store=str(store.path), way=3, shot=1, query=5, episodes=20) if protocol == "episodic" else
+               EvalConfig(store=str(store.path), protocol="allway", shot=2, seeds=(1,)))
+        api.evaluate(cfg)
+        assert seen == [1], seen
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

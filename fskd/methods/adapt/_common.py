@@ -32,6 +32,7 @@ Fits and head fits on small problems (below ``SMALL_PROBLEM`` feature values, e.
 1,994 x 1280) run on one intra-op thread: their tensors are small, and on a busy 2-core machine
 two threads fighting over the cores made them 2-5x slower (zero-shot fit 1.46 s -> 0.30 s,
 residual-adapter 17-21 s -> 6 s, measured with benchmarks/adapt_speed.py's store).
+``fskd.api.evaluate`` runs under the same guard for the store it evaluates.
 """
 
 from __future__ import annotations
