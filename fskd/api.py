@@ -48,7 +48,7 @@ from fskd.progress import AUTO, extract_bar, train_bar
 from fskd.progress import resolve as resolve_progress
 from fskd.reports import markdown_table, report_name, write_report
 from fskd.reports.compare import compare_reports
-from fskd.runtime import dist_info, resolve_device
+from fskd.runtime import compute_threads, dist_info, resolve_device, store_numel
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
@@ -204,8 +204,6 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
     store = FeatureStore.open(cfg.store)
     store.check_complete()
-    from fskd.methods.adapt._common import compute_threads, store_numel
-
     with compute_threads(store_numel(store)):  # the same thread guard as the fits (adapt's threads_by_store)
         return _evaluate_store(cfg, store, t0)
 

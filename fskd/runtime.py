@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,52 @@ def torch_threads_per_core() -> None:
     import torch
 
     torch.set_num_threads(available_cores())
+
+
+#: a loop whose steps multiply fewer than this many scalars runs on one thread (see single_thread)
+SMALL_STEP_WORK = 5e7
+
+#: feature values (rows x dim) of a store under which fits and evaluation run on one thread
+SMALL_PROBLEM = 2**24
+
+
+@contextlib.contextmanager
+def single_thread(work: float = 0.0) -> Iterator[None]:
+    """Run a loop of many tiny tensor ops on one intra-op thread, then restore the setting.
+
+    Thread synchronisation costs more than tiny ops gain from it, and on a busy machine it
+    costs a lot: a 100-step probe on 300 episodes measured 0.6 s on 1 thread and 3-15 s on 2.
+    ``work``: multiply-adds of one step; at or above :data:`SMALL_STEP_WORK` (an all-way probe of
+    16 shots x 1,000 classes) the ops are large and keep every thread.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    if work >= SMALL_STEP_WORK:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def compute_threads(numel: int) -> Iterator[None]:
+    """One intra-op thread for a problem of fewer than :data:`SMALL_PROBLEM` feature values, else
+    unchanged: on a busy 2-core machine two threads fighting over the cores made small fits 2-5x
+    slower (fskd.methods.adapt._common has the measurements)."""
+    if numel < SMALL_PROBLEM:
+        with single_thread():
+            yield
+    else:
+        yield
+
+
+def store_numel(store) -> int:
+    """Feature values (rows of every sample split x dim) of a feature store."""
+    return sum(store.n_rows(s) for s in store.splits) * store.dim
 
 
 def resolve_device(device: str = "auto") -> torch.device:

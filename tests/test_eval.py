@@ -173,13 +173,13 @@ def test_prototype_logits_are_cosines():
 @pytest.mark.parametrize("protocol", ["episodic", "allway"])
 def test_eval_uses_the_fits_thread_guard(synthetic_store, monkeypatch, protocol):
     """eval runs a small store's work on one intra-op thread, as adapt/align fits do
-    (``_common.compute_threads``: two threads fighting over 2 busy cores made small evals 2-3x
-    slower), and restores the thread count afterwards."""
+    (``fskd.runtime.compute_threads``: two threads fighting over 2 busy cores made small fits
+    2-5x slower), and restores the thread count afterwards."""
     import fskd.api as A
-    from fskd.methods.adapt import _common as C
+    from fskd.runtime import SMALL_PROBLEM, store_numel
 
     store = synthetic_store(n_classes=12)
-    assert C.store_numel(store) < C.SMALL_PROBLEM
+    assert store_numel(store) < SMALL_PROBLEM
     seen = []
     for name in ("run_episodes", "run_allway"):
         real = getattr(A, name)

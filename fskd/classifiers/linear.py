@@ -25,8 +25,7 @@ Two forms, one objective (cross-entropy + ``weight_decay/2 * ||W - w0||^2``, ful
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import CLASSIFIERS, ClassContext, FittedHead, Head
+from fskd.runtime import single_thread
 
 T = TypeVar("T")
 
@@ -51,30 +51,6 @@ GROUP_VALUES = 2**26
 def gram_form(rows: int, dim: int) -> bool:
     """Whether probes over ``rows`` support rows of ``dim``-d features use the dual (Gram) form."""
     return rows <= DUAL_MAX_ROWS_PER_DIM * dim
-
-
-#: a loop whose steps multiply fewer than this many scalars runs on one thread (see single_thread)
-SMALL_STEP_WORK = 5e7
-
-
-@contextlib.contextmanager
-def single_thread(work: float = 0.0) -> Iterator[None]:
-    """Run a loop of many tiny tensor ops on one intra-op thread, then restore the setting.
-
-    Thread synchronisation costs more than tiny ops gain from it, and on a busy machine it
-    costs a lot: a 100-step probe on 300 episodes measured 0.6 s on 1 thread and 3-15 s on 2.
-    ``work``: multiply-adds of one step; at or above :data:`SMALL_STEP_WORK` (an all-way probe of
-    16 shots x 1,000 classes) the ops are large and keep every thread.
-    """
-    n = torch.get_num_threads()
-    if work >= SMALL_STEP_WORK:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @dataclass

@@ -28,19 +28,18 @@ deterministic.
 
 Threads
 -------
-Fits and head fits on small problems (below ``SMALL_PROBLEM`` feature values, e.g. cub35's
+Fits and head fits on small problems (below ``fskd.runtime.SMALL_PROBLEM`` feature values, e.g. cub35's
 1,994 x 1280) run on one intra-op thread: their tensors are small, and on a busy 2-core machine
 two threads fighting over the cores made them 2-5x slower (zero-shot fit 1.46 s -> 0.30 s,
 residual-adapter 17-21 s -> 6 s, measured with benchmarks/adapt_speed.py's store).
-``fskd.api.evaluate`` runs under the same guard for the store it evaluates.
+The guard is ``fskd.runtime.compute_threads``; ``fskd.api.evaluate`` runs under it too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,11 +48,11 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead, Head
-from fskd.classifiers.linear import single_thread
 from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, FskdError, StoreError
 from fskd.methods.base import MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
+from fskd.runtime import compute_threads, store_numel
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
@@ -63,24 +62,6 @@ ALLWAY = "allway"
 VAL_CLASSES = "val classes"
 VAL_SPLIT = "val split"
 VAL_SPLIT_FEW = "val split (min(K, 4) per class)"
-
-
-#: feature values (rows x dim) under which adapt work runs on one thread
-SMALL_PROBLEM = 2**24
-
-
-@contextlib.contextmanager
-def compute_threads(numel: int) -> Iterator[None]:
-    """One intra-op thread for a small problem (see the module docstring), else unchanged."""
-    if numel < SMALL_PROBLEM:
-        with single_thread():
-            yield
-    else:
-        yield
-
-
-def store_numel(store) -> int:
-    return sum(store.n_rows(s) for s in store.splits) * store.dim
 
 
 def threads_by_store(fit: Callable) -> Callable:

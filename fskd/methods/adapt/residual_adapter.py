@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
-from fskd.classifiers.linear import single_thread, train_steps
+from fskd.classifiers.linear import train_steps
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.runtime import resolve_device
+from fskd.runtime import resolve_device, single_thread
 from fskd.store import sampling
 
 RATIO = (0.2, 0.5)

@@ -41,13 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fskd.classifiers.linear import single_thread
 from fskd.config import Config
 from fskd.errors import ConfigError, StoreError
 from fskd.methods.adapt import _common as C
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import RIDGE_GRID, Bridge, _ridge, ridge_path
-from fskd.runtime import resolve_device
+from fskd.runtime import resolve_device, single_thread
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)

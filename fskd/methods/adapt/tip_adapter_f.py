@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, affinity, cache_from_support
-from fskd.classifiers.linear import single_thread, train_steps
+from fskd.classifiers.linear import train_steps
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.tip_adapter import TipOptions, fit_tip, text_space
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
+from fskd.runtime import single_thread
 
 STEPS = (0, 10, 25, 50, 100)
 #: the span form (B: S x S per episode) up to this many support rows; the keys themselves above
