@@ -18,9 +18,8 @@ Two forms, one objective (cross-entropy + ``weight_decay/2 * ||W - w0||^2``, ful
   features; all-way 16 shots x 1,000 classes is S = 16,000): the parameters are the weight
   change ``W - w0`` (N x D) itself, O(S D N) per step with no S x S matrix and half the
   multiply-adds of scoring through ``A x``. Adam is not invariant to that change of
-  coordinates, so the two forms take different steps to the same optimum; with the same
-  learning rate and validated step counts they chose probes within a point of each other at
-  100 classes x 4 and 16 shots (tests/test_scale.py states the tolerance).
+  coordinates, so the two forms take different steps to the same optimum; where both reach
+  it, they score alike (tests/test_scale.py states the tolerance).
 """
 
 from __future__ import annotations
