@@ -284,20 +284,99 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(kind, stores, tiny_clip_store,
         torch.testing.assert_close(tip.fit(sup, cls).logits(qry), 100 * zs, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lp++", "lp++-tuned"])
 @pytest.mark.parametrize("kind", ["joint", "tiny-clip"])
-def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, stores, tiny_clip_store, tmp_path):
+def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, method, stores, tiny_clip_store, tmp_path):
     st = tiny_clip_store if kind == "tiny-clip" else stores[kind]
-    state, lpp, _ = fit(st, "lp++", 0, tmp_path)
+    state, lpp, _ = fit(st, method, 0, tmp_path)
     sup, cls, qry, _ = allway_task(st, shot=1)
     empty = sup[:, :, :0]  # (1, C, 0, D): no shots
     zs = _zero_shot_logits(st, empty, cls, qry, tmp_path)
     got = lpp.fit(empty, cls).logits(qry)
-    a0 = C.hp(state, C.ALLWAY, "alpha0")
-    torch.testing.assert_close(got, 10.0 * a0 * zs, rtol=1e-5, atol=1e-5)
+    scale = 10.0 * C.hp(state, C.ALLWAY, "alpha0") if method == "lp++-tuned" else 1.0  # published: no logit scale
+    torch.testing.assert_close(got, scale * zs, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), zs.argmax(-1))
 
 
-@pytest.mark.parametrize("method", ["tip-adapter", "lp++"])
+def test_lp_plus_plus_published_rules_on_a_hand_computed_case():
+    """Two 2-d shots x1 = (1, 0) (class 0), x2 = (0, 1) (class 1), text t0 = (0.6, 0.8), t1 =
+    (0.8, 0.6), worked by hand from the LP++ rules: W0 = class sums = I; alpha0 = 250 x mean
+    affinity 0.7 = 175; lr_w = 4 S / lambda_max(X^T X) = 8; lr_alpha = S / (4 max_c sum_i
+    (x_i t_c)^2) = 0.5. Epoch 1 scores row 0 as (1 + 105, 140): the gradient of the mean
+    cross-entropy is (-1/2, 1/2) for row 0 and (1/2, -1/2) for row 1 (to 1e-14), so W1 = I - 8
+    [[-1/2, 1/2], [1/2, -1/2]] = [[5, -4], [-4, 5]], b stays 0 (the gradients cancel); epoch 2
+    (momentum 0.9: 1.9 x the same gradient) gives W2 = W1 + 7.6 [[1, -1], [-1, 1]]."""
+    from fskd.classifiers.lpp import lpp_start, train_lpp
+
+    x = torch.eye(2, dtype=torch.float64)[None]
+    y = torch.tensor([[0, 1]])
+    text = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]], dtype=torch.float64)
+    s = lpp_start(x, y, text)
+    torch.testing.assert_close(s.weights, x)
+    torch.testing.assert_close(s.alpha, torch.full((1, 2), 175.0, dtype=torch.float64))
+    torch.testing.assert_close(s.lr_w, torch.tensor([8.0], dtype=torch.float64))
+    torch.testing.assert_close(s.lr_alpha, torch.tensor([0.5], dtype=torch.float64))
+    w1, b1, a1 = train_lpp(x, y, text, epochs=1).last
+    torch.testing.assert_close(w1[0], torch.tensor([[5.0, -4.0], [-4.0, 5.0]], dtype=torch.float64))
+    torch.testing.assert_close(b1, torch.zeros(1, 2, dtype=torch.float64))
+    torch.testing.assert_close(a1, s.alpha)  # alpha moves only every 10th epoch
+    w2 = train_lpp(x, y, text, epochs=2).last[0]
+    torch.testing.assert_close(w2[0], torch.tensor([[12.6, -11.6], [-11.6, 12.6]], dtype=torch.float64))
+
+
+def _reference_lpp_loop(x, y, text, q, truth, epochs):
+    """The LP++ authors' training loop as their code runs it, written with autograd: nn.Linear
+    weights at the class sums, SGD(momentum 0.9) on weight and bias, alpha a leaf tensor whose
+    gradient nobody resets, stepped every 10th epoch, the test-time parameters those of the last
+    epoch with the best val accuracy (``>=``)."""
+    from fskd.classifiers.lpp import lpp_start
+
+    s = lpp_start(x[None], y[None], text[None])
+    w = s.weights[0].clone().requires_grad_(True)
+    b = torch.zeros(len(text), requires_grad=True)
+    alpha = s.alpha[0].clone()[None].requires_grad_(True)
+    opt = torch.optim.SGD([w, b], lr=float(s.lr_w[0]), momentum=0.9)
+    best, keep = -1.0, None
+    for epoch in range(epochs):
+        logits = x @ w.T + b + torch.ones(len(x), 1) @ alpha * (x @ text.T)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (epoch + 1) % 10 == 0:
+            alpha.data -= float(s.lr_alpha[0]) * alpha.grad.data
+        with torch.no_grad():
+            acc = float(((q @ w.T + b + alpha * (q @ text.T)).argmax(1) == truth).float().mean())
+        if acc >= best:
+            best, keep = acc, (w.detach().clone(), b.detach().clone(), alpha.detach()[0].clone(), epoch + 1)
+    return (w.detach(), b.detach(), alpha.detach()[0]), keep
+
+
+def test_lp_plus_plus_batched_training_equals_the_reference_loop():
+    """train_lpp over 3 episodes at once equals the authors' loop (autograd, one episode at a
+    time) after 45 epochs (alpha stepped 4 times with its accumulated gradient), and keeps the
+    same early-stopped parameters and epoch."""
+    from fskd.classifiers.lpp import train_lpp
+
+    g = torch.Generator().manual_seed(0)
+    E, N, K, M, D = 3, 4, 3, 10, 8
+    centres = F.normalize(torch.randn(E, N, D, generator=g), dim=-1)
+    x = F.normalize(centres.repeat_interleave(K, 1) + 0.9 * torch.randn(E, N * K, D, generator=g), dim=-1)
+    q = F.normalize(centres.repeat_interleave(M // 2, 1)[:, :M] + 0.9 * torch.randn(E, M, D, generator=g), dim=-1)
+    truth = torch.arange(N).repeat_interleave(M // 2)[:M][None].expand(E, -1)
+    text = F.normalize(centres + 0.7 * torch.randn(E, N, D, generator=g), dim=-1)
+    y = torch.arange(N).repeat_interleave(K)[None].expand(E, -1)
+    r = train_lpp(x, y, text, epochs=45, val=(q, truth))
+    for e in range(E):
+        last, (bw, bb, ba, be) = _reference_lpp_loop(x[e], y[e], text[e], q[e], truth[e], 45)
+        for got, want in zip(r.last, last, strict=True):
+            torch.testing.assert_close(got[e], want, rtol=1e-4, atol=1e-4)
+        assert int(r.best_epoch[e]) == be
+        for got, want in zip(r.best, (bw, bb, ba), strict=True):
+            torch.testing.assert_close(got[e], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["tip-adapter", "lp++", "lp++-tuned"])
 def test_more_shots_never_hurt_on_average(method, stores, tmp_path):
     """All-way accuracy (mean over seeds 1-3) on CLIP-like features, each K with its own state."""
     st = stores["hard"]

@@ -24,12 +24,12 @@ def store_100(tmp_path_factory):
                                     dim=32, noise=1.2).path)
 
 
-@pytest.mark.parametrize("method,options,tol", [("linear-probe", {}, 0.1), ("lp++", {"alpha0": 1.0}, 0.5)])
+@pytest.mark.parametrize("method,options,tol", [("linear-probe", {}, 0.1), ("lp++-tuned", {"alpha0": 1.0}, 0.5)])
 def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypatch, method, options, tol):
     """At 100 classes x 8 shots the all-way fit and its evaluation are the same whichever form
     trains the probes, at settings where Adam reaches the (unique, strongly convex) optimum in
     both coordinates (weight decay 1, 200 steps): test accuracy within 0.1 points (linear-probe;
-    their weights agree to 1e-3), 0.5 for lp++ (its text blend alpha carries no penalty, so
+    their weights agree to 1e-3), 0.5 for lp++-tuned (its text blend alpha carries no penalty, so
     after 200 steps the two coordinates stand at slightly different points). At weaker
     decay Adam in the dual coordinates oscillates once S >> D (here 800 rows, 32-d), which is one
     reason the primal form takes over above 2 D rows."""
@@ -64,11 +64,12 @@ def test_tip_adapter_f_span_and_key_forms_score_alike(store_100, tmp_path, monke
     assert abs(acc["span"] - acc["keys"]) <= 2.0, acc
 
 
-@pytest.mark.parametrize("method", ["linear-probe", "lp++", "tip-adapter-f"])
+@pytest.mark.parametrize("method", ["linear-probe", "lp++", "lp++-tuned", "tip-adapter-f"])
 def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
     """A trained state's own shots are scored with the head its search trained (no training at
     eval), the same head a refit gives; other seeds refit."""
     import fskd.classifiers.linear as lin
+    import fskd.methods.adapt.lp_pp as lpp
     import fskd.methods.adapt.tip_adapter_f as tf
     from fskd.methods.adapt import _common as C
     from fskd.methods.base import load_state, save_state
@@ -84,6 +85,7 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
         def refuse(*a, **k):
             raise AssertionError("trained at eval")
         m.setattr(lin, "train_steps", refuse)
+        m.setattr(lpp, "train_lpp", refuse)
         m.setattr(tf, "train_steps", refuse)
         m.setattr(tf, "_finetune_keys_direct", refuse)
         own = ev(1)
