@@ -40,11 +40,13 @@ class TipOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
     # tip-adapter-f only
-    steps: int | tuple[int, ...] | None = None
+    form: str = "keys"  # keys: the reference's fine-tuning of the keys; span: fskd's earlier span form
+    epochs: int = 20  # keys form: the reference's epochs (validation keeps the best one)
+    steps: int | tuple[int, ...] | None = None  # span form: Adam steps (default: a grid chosen on validation)
     lr: float = 1e-3  # the paper's learning rate
 
     RANGES = {"alpha": (">=", 0), "beta": (">=", 0), "ridge": (">", 0), "steps": (">=", 0), "lr": (">", 0),
-              "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+              "epochs": (">=", 1), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -55,6 +57,8 @@ class TipOptions(Config):
                 raise ConfigError(f"{name} must be numbers >= 0, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.form not in ("keys", "span"):
+            raise ConfigError(f"form must be keys (the reference's fine-tuning) or span, got {self.form!r}")
 
 
 def text_space(state: MethodState, store, regime: str, support, classes, bridge: Bridge, text) -> C.TextSpace:
@@ -63,9 +67,11 @@ def text_space(state: MethodState, store, regime: str, support, classes, bridge:
     return C.support_text_space(support, classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
 
 
-def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False) -> C.Choice:
+def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False,
+                      keys: torch.Tensor | None = None) -> C.Choice:
     """Grid over (alpha, beta) on ``task``: the text logits and the query-key similarities are
     computed once, each beta's cache term once, and every alpha is a weighted sum of the two.
+    ``keys`` (E, S, D): fine-tuned cache keys in place of the support (tip-adapter-f).
 
     ``pooled`` (a row-wise embedding, as in the episodic regime): embed the task's distinct rows
     once and read every episode's similarities out of their (P, P) Gram matrix instead of
@@ -74,7 +80,7 @@ def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, 
     if task is None:
         return C.grid_search([], lambda c: 0.0, None, default)
     E, N, K, _ = task.support.shape
-    if pooled and task.pool is not None:
+    if pooled and task.pool is not None and keys is None:
         ts = space(task.support[:, :, :0], task.classes)  # class weights and the embedding only
         pool = ts.embed(task.pool)  # (P, D)
         table = torch.zeros(int(task.classes.max()) + 1, pool.shape[1], device=pool.device)
@@ -93,6 +99,7 @@ def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, 
         ts = space(task.support, task.classes)
         q = ts.embed(task.query)
         k, v = cache_from_support(ts.support)
+        k = k if keys is None else keys
         text_logits = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
         sims = torch.bmm(q, k.transpose(1, 2)) if k.shape[1] else None  # (E, M, S), shared by every beta
     onehot = F.one_hot(v, N).to(text_logits.dtype)

@@ -1,44 +1,135 @@
-"""``tip-adapter-f``: Tip-Adapter-F, the cache keys fine-tuned on the shots.
+"""``tip-adapter-f``: Tip-Adapter-F (Zhang et al., ECCV 2022), the cache keys fine-tuned on the shots.
 
-Starts from ``tip-adapter`` (alpha, beta chosen on validation), then trains the keys (one
-(N*K, D) matrix per episode, batched) with full-batch Adam on the support's cross-entropy (in the span of the support). A
-support row never sees its own key while training (leave-one-out), the role augmented views
-play in the paper. The number of steps and a rescale of alpha are chosen on validation data.
+Two forms (``--set form=keys|span``):
+
+- ``keys`` (default) follows the reference code (gaopengcuhk/Tip-Adapter, ``run_tip_adapter_F``):
+  the keys themselves (E, S, D) are the parameters, AdamW (lr 1e-3, eps 1e-4, weight decay
+  0.01) with a cosine schedule over 20 epochs of shuffled batches of 256 support rows, the
+  text logits ``100 q T^T`` plus ``alpha exp(-beta (1 - q K^T)) L`` at the training-free
+  search's alpha and beta; the epoch kept is the one with the best validation accuracy (the
+  reference picks it on the test set), and alpha and beta are then searched again with the
+  fine-tuned keys (as the reference does, on the same wide grid as ``tip-adapter``). The
+  reference queries each step with freshly augmented views of the shots; a store holds one
+  view per image, so a support row never sees its own key (leave-one-out) in its place.
+- ``span`` is fskd's earlier variant: keys in the span of the support (``K = X + B X``, B
+  (E, S, S)), full-batch Adam, step count and an alpha rescale chosen on validation, no
+  re-search; up to :data:`SPAN_MAX_ROWS` support rows.
+
 The state keeps the all-way keys fine-tuned on its own shots (``_common.keep_allway_head``).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, affinity, cache_from_support
 from fskd.classifiers.linear import train_steps
+from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.adapt.tip_adapter import TipOptions, fit_tip, text_space
+from fskd.methods.adapt.tip_adapter import (
+    ALPHA,
+    BETA,
+    TipOptions,
+    fit_tip,
+    search_alpha_beta,
+    text_space,
+)
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import single_thread
 
-STEPS = (0, 10, 25, 50, 100)
-#: the span form (B: S x S per episode) up to this many support rows; the keys themselves above
-SPAN_MAX_ROWS = 2048
-#: support rows per step in the large-support form (the reference's batch size)
+#: the reference's fine-tuning: 20 epochs of batches of 256, AdamW(eps 1e-4, weight decay 0.01)
+EPOCHS = 20
 KEY_BATCH = 256
+ADAMW_EPS = 1e-4
+ADAMW_DECAY = 0.01
+FORMS = ("keys", "span")
+#: span form: step counts and alpha rescales searched on validation; at most this many support rows
+STEPS = (0, 10, 25, 50, 100)
+SPAN_MAX_ROWS = 2048
 ALPHA_SCALE = (0.5, 1.0, 2.0)
 
 
-def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: float, seed: int = 0
-                  ) -> dict[int, torch.Tensor]:
-    """Keys (E, S, D) after each step count in ``steps`` (step 0: the support itself).
+def class_cache(a: torch.Tensor, n_ways: int) -> torch.Tensor:
+    """(E, M, N*K) affinities to class-major keys -> (E, M, N) summed per class (= a @ one-hot)."""
+    E, M, S = a.shape
+    return a.reshape(E, M, n_ways, S // n_ways).sum(-1)
 
-    Up to :data:`SPAN_MAX_ROWS` support rows the keys move in the span of the support, ``K = X +
-    B X`` with B (E, S, S) trained on the full support (the gradient of the support loss only has
-    components there), so a step costs O(S^2) per episode rather than O(S D). Above it (all-way 16
-    shots x 1,000 classes: S = 16,000, where B alone would be 1 GB and a step O(S^3)) the keys
-    themselves are trained, as the reference does, each step on :data:`KEY_BATCH` support rows
-    drawn at random (seeded) as queries against every key: O(KEY_BATCH S D) per step.
-    """
+
+@dataclass
+class KeyRun:
+    """Fine-tuned keys (E, S, D); ``epoch`` how many epochs made them (the best on validation when
+    scored, else the stop); ``curve`` the mean val accuracy after each epoch."""
+
+    keys: torch.Tensor
+    epoch: int
+    curve: list = field(default_factory=list)
+
+
+def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = EPOCHS, lr: float = 1e-3,
+               seed: int = 0, stop: int | None = None,
+               val: tuple[torch.Tensor, torch.Tensor] | None = None) -> KeyRun:
+    """The ``keys`` form (module docstring) for E episodes at once.
+
+    The cosine schedule spans ``epochs``; training stops after ``stop`` (default: all) epochs, so a
+    refit to the epoch validation chose retraces the original run exactly (same seed, same
+    batches). ``val`` = (embedded queries (E, M, D), way labels (E, M)) keeps the keys of the epoch
+    with the best mean val accuracy (ties: the earlier epoch)."""
+    x, values = cache_from_support(space.support)
+    E, N, K, D = space.support.shape
+    S = N * K
+    stop = epochs if stop is None else min(stop, epochs)
+    if S == 0 or stop == 0:
+        return KeyRun(x, 0)
+    keys = x.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([keys], lr=lr, eps=ADAMW_EPS, weight_decay=ADAMW_DECAY)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(S / KEY_BATCH))
+    gen = torch.Generator().manual_seed(seed)
+    text_logits = TEXT_SCALE * torch.bmm(x, space.weights.transpose(1, 2))  # (E, S, N)
+    arange = torch.arange(S, device=x.device)
+    run = KeyRun(x, 0)
+    best = -1.0
+    if val is not None:
+        q, truth = val
+        q_text = TEXT_SCALE * torch.bmm(q, space.weights.transpose(1, 2))
+    with single_thread(E * S * min(S, KEY_BATCH) * D):
+        for epoch in range(stop):
+            perm = torch.randperm(S, generator=gen).to(x.device)
+            for i in range(0, S, KEY_BATCH):
+                rows = perm[i:i + KEY_BATCH]
+                with torch.enable_grad():
+                    sims = torch.bmm(x[:, rows], keys.transpose(1, 2))  # (E, b, S)
+                    a = torch.exp(-beta * (1.0 - sims)).masked_fill((rows[:, None] == arange[None])[None], 0.0)
+                    logits = text_logits[:, rows] + alpha * class_cache(a, N)
+                    loss = F.cross_entropy(logits.reshape(-1, N), values[:, rows].reshape(-1), reduction="none")
+                    loss = loss.reshape(E, -1).mean(1).sum()  # episodes train independently (AdamW is element-wise)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                sched.step()
+            if val is None:
+                continue
+            with torch.no_grad():
+                scores = q_text + alpha * class_cache(affinity(q, keys, beta), N)
+                acc = float((scores.argmax(-1) == truth).float().mean())
+            run.curve.append(round(100 * acc, 2))
+            if acc > best:
+                best, run.epoch, run.keys = acc, epoch + 1, keys.detach().clone()
+    if val is None:
+        run.keys, run.epoch = keys.detach(), stop
+    return run
+
+
+def finetune_span(space: C.TextSpace, alpha: float, beta: float, steps, lr: float) -> dict[int, torch.Tensor]:
+    """The ``span`` form: keys (E, S, D) after each step count in ``steps`` (step 0: the support).
+
+    The keys move in the span of the support, ``K = X + B X`` with B (E, S, S) trained on the full
+    support with Adam (the gradient of the support loss only has components there), leave-one-out,
+    so a step costs O(S^2) per episode rather than O(S D)."""
     x, values = cache_from_support(space.support)
     E, S, D = x.shape
     N = space.weights.shape[1]
@@ -46,7 +137,8 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
     if not steps or steps[-1] == 0 or S == 0:
         return {s: x for s in steps}
     if S > SPAN_MAX_ROWS:
-        return _finetune_keys_direct(x, values, space.weights, N, alpha, beta, steps, lr, seed)
+        raise ConfigError(f"tip-adapter-f form=span keeps an S x S matrix per episode, so it takes at most "
+                          f"{SPAN_MAX_ROWS} support rows; this fit has S = {S}: use form=keys (the default)")
     b = torch.zeros(E, S, S, device=x.device, requires_grad=True)
     gram = torch.bmm(x, x.transpose(1, 2))
     onehot = F.one_hot(values, N).to(x.dtype)
@@ -64,33 +156,8 @@ def finetune_keys(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
         return train_steps(opt, loss, steps, lambda: x + torch.bmm(b.detach(), x), {0: x})
 
 
-def _finetune_keys_direct(x: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, N: int, alpha: float,
-                          beta: float, steps: list[int], lr: float, seed: int) -> dict[int, torch.Tensor]:
-    """The large-support form of :func:`finetune_keys`: keys (E, S, D) as parameters, Adam on
-    mini-batches of support rows (leave-one-out: a row never sees its own key)."""
-    E, S, D = x.shape
-    keys = x.clone().requires_grad_(True)
-    onehot = F.one_hot(values, N).to(x.dtype)  # (E, S, N)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([keys], lr=lr)
-    arange = torch.arange(S, device=x.device)
-
-    def loss(step: int) -> torch.Tensor:
-        rows = torch.randperm(S, generator=gen)[:KEY_BATCH].to(x.device)
-        q = x[:, rows]  # (E, b, D)
-        sims = torch.bmm(q, keys.transpose(1, 2))  # (E, b, S)
-        own = rows[:, None] == arange[None]  # leave-one-out
-        a = torch.exp(-beta * (1.0 - sims)).masked_fill(own[None], 0.0)
-        logits = TEXT_SCALE * torch.bmm(q, weights.transpose(1, 2)) + alpha * torch.bmm(a, onehot)
-        return F.cross_entropy(logits.reshape(-1, N), values[:, rows].reshape(-1), reduction="none"
-                               ).reshape(E, -1).mean(1).sum()
-
-    with torch.enable_grad():
-        return train_steps(opt, loss, steps, lambda: keys.detach().clone(), {0: x})
-
-
 class TipAdapterF(Method):
-    """Tip-Adapter with cache keys fine-tuned on the shots; steps and alpha chosen on validation."""
+    """Tip-Adapter with cache keys fine-tuned on the shots (the reference's recipe, or the span form)."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
@@ -103,57 +170,90 @@ class TipAdapterF(Method):
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(TipOptions, config)
         state, ctx = fit_tip(self.name, store, config, opts)
-        steps = C.fixed_or(opts.steps, STEPS)
         for regime in (C.EPISODIC, C.ALLWAY):
             task = ctx["tasks"][regime]
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
-            default = {"steps": steps[len(steps) // 2], "alpha_scale": 1.0}
-            if task is None or task.shot == 0 or alpha == 0:
-                choice = C.grid_search([], lambda c: 0.0, None, default)
+            space = ctx["spaces"][regime]
+            trains = task is not None and task.shot > 0 and alpha != 0
+            if opts.form == "keys":
+                self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed)
             else:
-                space = ctx["spaces"][regime](task.support, task.classes)
-                q = space.embed(task.query)
-                ckpts = finetune_keys(space, alpha, beta, steps, opts.lr, config.seed)
-                values = cache_from_support(space.support)[1]
-                N = space.weights.shape[1]
-                text_logits = TEXT_SCALE * torch.bmm(q, space.weights.transpose(1, 2))
-                onehot = F.one_hot(values, N).to(q.dtype)
-
-                def score(c, ckpts=ckpts, q=q, text_logits=text_logits, onehot=onehot, alpha=alpha, beta=beta, task=task):
-                    cache = torch.bmm(affinity(q, ckpts[c["steps"]], beta), onehot)
-                    return task.accuracy(text_logits + c["alpha_scale"] * alpha * cache)
-
-                grid = [{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE]
-                choice = C.grid_search(grid, score, task, default)
-                if regime == C.ALLWAY and choice.params["steps"] > 0:
-                    C.keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
-                if progress:
-                    progress(f"tip-adapter-f {regime}", 1, 1, {"val_acc": choice.score})
-            C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
-        state.hparams["lr"] = opts.lr
-        state.selected_on["lr"] = "fixed"
+                self._fit_span(state, regime, task if trains else None, space, alpha, beta, opts)
+            if progress and trains:
+                progress(f"tip-adapter-f {regime}", 1, 1, {"val_acc": state.metrics.get(f"{regime}.val_acc")})
+        for k, v in (("form", opts.form), ("lr", opts.lr), ("epoch_budget", opts.epochs)):
+            state.hparams[k] = v
+            state.selected_on[k] = "fixed"
         return state
+
+    @staticmethod
+    def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int) -> None:
+        """Fine-tune at the training-free (alpha, beta), keep the best val epoch, re-search (alpha, beta)."""
+        state.hparams[f"{regime}.init_alpha"], state.hparams[f"{regime}.init_beta"] = alpha, beta
+        state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
+        state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
+        if task is None:  # nothing to fine-tune (no shots, no val data, or the cache is off)
+            C.record(state, regime, C.grid_search([], lambda c: 0.0, None, {"epochs": 0}))
+            return
+        ts = space(task.support, task.classes)
+        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=seed, val=(ts.embed(task.query), task.truth))
+        table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
+        C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
+        fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
+        alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
+        again = search_alpha_beta(task, space, alphas, betas, {"alpha": alpha, "beta": beta}, keys=run.keys)
+        again.on = f"{again.on}, with the fine-tuned keys"
+        C.record(state, regime, again, fixed)
+        if regime == C.ALLWAY:
+            C.keep_allway_head(state, task, {"keys": run.keys})
+
+    @staticmethod
+    def _fit_span(state, regime: str, task, space, alpha: float, beta: float, opts) -> None:
+        """fskd's span form: step count and an alpha rescale on validation."""
+        steps = C.fixed_or(opts.steps, STEPS)
+        default = {"steps": steps[len(steps) // 2], "alpha_scale": 1.0}
+        if task is None:
+            choice = C.grid_search([], lambda c: 0.0, None, default)
+        else:
+            ts = space(task.support, task.classes)
+            q = ts.embed(task.query)
+            ckpts = finetune_span(ts, alpha, beta, steps, opts.lr)
+            text_logits = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
+            N = ts.weights.shape[1]
+
+            def score(c, ckpts=ckpts, q=q, text_logits=text_logits, alpha=alpha, beta=beta, task=task):
+                return task.accuracy(text_logits + c["alpha_scale"] * alpha * class_cache(affinity(q, ckpts[c["steps"]], beta), N))
+
+            choice = C.grid_search([{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE], score, task, default)
+            if regime == C.ALLWAY and choice.params["steps"] > 0:
+                C.keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
+        C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
 
     def head(self, state: MethodState, store, device: torch.device):
         text = state.tensors["text"].to(device)
         bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
         lr = state.hparams["lr"]
         seed = int(state.config.get("seed", 1))
+        form = state.hparams.get("form", "span")  # states written before the keys form were span-form
 
         def make(regime: str):
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
-            steps, scale = C.hp(state, regime, "steps"), C.hp(state, regime, "alpha_scale")
+            if form == "keys":
+                init = (C.hp(state, regime, "init_alpha"), C.hp(state, regime, "init_beta"))
+                epochs, budget, scale = C.hp(state, regime, "epochs"), state.hparams["epoch_budget"], 1.0
+            else:
+                steps, scale = C.hp(state, regime, "steps"), C.hp(state, regime, "alpha_scale")
 
             def fit(support, classes):
                 ts = text_space(state, store, regime, support, classes, bridge, text)
                 kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                keys, values = cache_from_support(ts.support)
                 if kept is not None:
                     keys = kept["keys"]
-                elif alpha != 0:
-                    keys = finetune_keys(ts, alpha, beta, [steps], lr, seed)[steps]
-                else:
-                    keys = cache_from_support(ts.support)[0]
-                values = cache_from_support(ts.support)[1]
+                elif form == "keys" and epochs > 0:
+                    keys = train_keys(ts, *init, epochs=budget, stop=epochs, lr=lr, seed=seed).keys
+                elif form == "span" and alpha != 0:
+                    keys = finetune_span(ts, alpha, beta, [steps], lr)[steps]
                 return FittedTip(ts.weights, keys, values, scale * alpha, beta, ts.embed)
 
             return fit
