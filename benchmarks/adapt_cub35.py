@@ -12,7 +12,7 @@ Hyper-parameters are chosen on the val split with CoOp's rule (min(K, 4) rows pe
 ``fskd bench`` default) for the all-way states and on val-class episodes for the episodic
 ones, never on test rows or novel classes.
 
-    python benchmarks/adapt_cub35.py [--quick] [--store PATH] [--methods a,b] [--json FILE]
+    python benchmarks/adapt_cub35.py [--quick] [--store PATH] [--methods a,b:key=value] [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,9 +29,19 @@ VAL_RULE = "few-shot"
 #: all-way states are fitted and evaluated per seed
 SEEDS = (1, 2, 3)
 
+#: option variants reported beside the defaults ("method:key=value,..."; the row says which)
+VARIANTS = ("tip-adapter-f:form=span",)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"tip-adapter-f:form=span" -> ("tip-adapter-f", {"form": "span"}) (values stay strings;
+    the method's options parse them)."""
+    name, _, rest = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in rest.split(";") if kv)
 
 
 def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
@@ -91,22 +101,23 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     store = cub35_store(args.store, Path(args.data_root))
-    methods = [m for m in args.methods.split(",") if m] or methods_of_kind("adapt")
+    methods = [m for m in args.methods.split(",") if m] or methods_of_kind("adapt") + list(VARIANTS)
     methods = ["prototype"] + [m for m in methods if m != "prototype"]
     allway = (1, 4) if args.quick else (1, 2, 4, 8, 16)
     episodic = (1,) if args.quick else (1, 5)
     episodes = 200 if args.quick else args.episodes
     rows, t0, ablation = [], time.perf_counter(), None
     with tempfile.TemporaryDirectory() as d:
-        for m in methods:
-            row = {"method": m}
+        for spec in methods:
+            m, options = parse_variant(spec)
+            row = {"method": spec.replace(":", " (", 1) + ")" if options else spec}
             fit_s = {}
             for k in sorted(set(allway) | set(episodic)):
                 per_seed = []
                 for seed in SEEDS if k in allway else SEEDS[:1]:
                     t = time.perf_counter()
-                    r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=seed, out=f"{d}/{m}-{k}-{seed}",
-                                              force=True, val_rule=VAL_RULE))
+                    r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=seed, out=f"{d}/{len(rows)}-{k}-{seed}",
+                                              force=True, val_rule=VAL_RULE, options=options))
                     fit_s[k] = max(fit_s.get(k, 0.0), time.perf_counter() - t)
                     if m == "syntrans" and k == 1 and seed == SEEDS[0]:
                         ablation = syntrans_ablation(store, r.out, episodes)

@@ -324,38 +324,22 @@ def test_lp_plus_plus_published_rules_on_a_hand_computed_case():
     torch.testing.assert_close(w2[0], torch.tensor([[12.6, -11.6], [-11.6, 12.6]], dtype=torch.float64))
 
 
-def _reference_lpp_loop(x, y, text, q, truth, epochs):
-    """The LP++ authors' training loop as their code runs it, written with autograd: nn.Linear
-    weights at the class sums, SGD(momentum 0.9) on weight and bias, alpha a leaf tensor whose
-    gradient nobody resets, stepped every 10th epoch, the test-time parameters those of the last
-    epoch with the best val accuracy (``>=``)."""
-    from fskd.classifiers.lpp import lpp_start
+def _parity_module():
+    """benchmarks/parity.py, whose re-derived reference algorithms the tests hold fskd against."""
+    import importlib.util
+    from pathlib import Path
 
-    s = lpp_start(x[None], y[None], text[None])
-    w = s.weights[0].clone().requires_grad_(True)
-    b = torch.zeros(len(text), requires_grad=True)
-    alpha = s.alpha[0].clone()[None].requires_grad_(True)
-    opt = torch.optim.SGD([w, b], lr=float(s.lr_w[0]), momentum=0.9)
-    best, keep = -1.0, None
-    for epoch in range(epochs):
-        logits = x @ w.T + b + torch.ones(len(x), 1) @ alpha * (x @ text.T)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (epoch + 1) % 10 == 0:
-            alpha.data -= float(s.lr_alpha[0]) * alpha.grad.data
-        with torch.no_grad():
-            acc = float(((q @ w.T + b + alpha * (q @ text.T)).argmax(1) == truth).float().mean())
-        if acc >= best:
-            best, keep = acc, (w.detach().clone(), b.detach().clone(), alpha.detach()[0].clone(), epoch + 1)
-    return (w.detach(), b.detach(), alpha.detach()[0]), keep
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
+    spec = importlib.util.spec_from_file_location("fskd_bench_parity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_lp_plus_plus_batched_training_equals_the_reference_loop():
     """train_lpp over 3 episodes at once equals the authors' loop (autograd, one episode at a
-    time) after 45 epochs (alpha stepped 4 times with its accumulated gradient), and keeps the
-    same early-stopped parameters and epoch."""
+    time: ``reference_lpp`` of benchmarks/parity.py) after 45 epochs (alpha stepped 4 times with
+    its accumulated gradient), and keeps the same early-stopped parameters and epoch."""
     from fskd.classifiers.lpp import train_lpp
 
     g = torch.Generator().manual_seed(0)
@@ -367,13 +351,36 @@ def test_lp_plus_plus_batched_training_equals_the_reference_loop():
     text = F.normalize(centres + 0.7 * torch.randn(E, N, D, generator=g), dim=-1)
     y = torch.arange(N).repeat_interleave(K)[None].expand(E, -1)
     r = train_lpp(x, y, text, epochs=45, val=(q, truth))
+    reference_lpp = _parity_module().reference_lpp
     for e in range(E):
-        last, (bw, bb, ba, be) = _reference_lpp_loop(x[e], y[e], text[e], q[e], truth[e], 45)
+        last, (bw, bb, ba, be) = reference_lpp(x[e], y[e], text[e], q[e], truth[e], epochs=45)
         for got, want in zip(r.last, last, strict=True):
             torch.testing.assert_close(got[e], want, rtol=1e-4, atol=1e-4)
         assert int(r.best_epoch[e]) == be
         for got, want in zip(r.best, (bw, bb, ba), strict=True):
             torch.testing.assert_close(got[e], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,tol", [("prototype", 0.0), ("tip-adapter", 0.0), ("lp++", 2.0)])
+def test_parity_references_reproduce_fskd_on_identical_features(method, tol, stores, tmp_path):
+    """benchmarks/parity.py's re-derived references, fed what fskd is fed (same shots, val rows,
+    text weights), give fskd's all-way test accuracy: exactly for the prototype classifier and
+    Tip-Adapter's formula and search; LP++ within 2 points (its reference bias starts at
+    nn.Linear's random draw, fskd's at 0)."""
+    parity = _parity_module()
+    st = stores["joint"]
+    state, _, _ = fit(st, method, 2, tmp_path)
+    ours = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / f"{method}-2-1"), protocol="allway", shot=2,
+                                   seeds=(1,), device="cpu")).accuracy
+    if method == "prototype":
+        inp = parity.inputs(st, 2, 1, None)
+        sup = inp["support"][0]
+        protos = F.normalize(F.normalize(sup - sup.mean((0, 1)), dim=-1).mean(1), dim=-1)
+        ref = parity.accuracy(F.normalize(inp["test"] - sup.mean((0, 1)), dim=-1) @ protos.T, inp["test_truth"])
+    else:
+        ref = parity.reference_allway(method, parity.inputs(st, 2, 1, state), state, 1)
+    assert 20 < ours < 100
+    assert abs(ours - 100 * ref) <= tol + 1e-4, (ours, 100 * ref)  # 1e-4: float32 accuracies
 
 
 def test_tip_adapter_f_keys_train_per_episode_when_batched():
