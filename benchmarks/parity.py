@@ -132,8 +132,12 @@ def reference_tip_f(x, y, text, q, truth, alpha, beta, seed: int, epochs: int = 
 def reference_lpclip(xs, ys, xv, yv, steps: int = 8):
     """CoOp's lpclip search: C over 1e6..1e-6, then ``steps`` rounds of its bisection in log10 C
     on the val rows; returns the classifier of the last round."""
+    import warnings
+
     import numpy as np
     from sklearn.linear_model import LogisticRegression
+
+    warnings.filterwarnings("ignore", message="The number of unique classes")  # 1 shot: as many classes as rows / 1
 
     def fit(c):
         clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(xs, ys)
@@ -232,8 +236,8 @@ def simpleshot_episodes(store, shot: int, episodes: int) -> tuple[int, int]:
     xt = torch.from_numpy(x)
     sup, qry = xt[torch.from_numpy(eps.support)], xt[torch.from_numpy(eps.query.reshape(episodes, -1))]
     center = torch.from_numpy(store.mean(store.class_split("base")))
-    head = CLASSIFIERS.get("prototype")(ClassContext(center=center))
-    ours = head.fit(sup, torch.from_numpy(eps.classes)).logits(qry).argmax(-1)
+    head = CLASSIFIERS.get("prototype")(ClassContext(center=center))  # as fskd eval builds it: rows prepared once
+    ours = head.fit(head.prepare(sup), torch.from_numpy(eps.classes)).logits(head.prepare(qry)).argmax(-1)
     cl2n = lambda v: F.normalize(v - center, dim=-1)  # noqa: E731
     protos = F.normalize(cl2n(sup).mean(2), dim=-1)
     ref = torch.bmm(cl2n(qry), protos.transpose(1, 2)).argmax(-1)
