@@ -208,6 +208,22 @@ def test_faiss_cache_equals_the_dense_cache():
     assert (approx.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.95
 
 
+def test_a_large_bank_is_scored_exactly(monkeypatch):
+    """Banks of LARGE_BANK_KEYS+ keys are scored in blocks of queries, exactly as the dense
+    formula (also at beta = 1, where a top-k truncation would drop most of the kernel mass)."""
+    import fskd.classifiers.cache as cache
+
+    monkeypatch.setattr(cache, "LARGE_BANK_KEYS", 100)
+    monkeypatch.setattr(cache, "BLOCK_VALUES", 300 * 7)  # 7 queries per block: several blocks
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 7, (1, 300), generator=g)
+    keys = F.normalize(torch.randn(1, 300, 16, generator=g), dim=-1)
+    q = F.normalize(torch.randn(1, 50, 16, generator=g), dim=-1)
+    for beta in (1.0, 5.5):
+        dense = torch.bmm(torch.exp(-beta * (1 - torch.bmm(q, keys.transpose(1, 2)))), F.one_hot(values, 7).float())
+        torch.testing.assert_close(cache_logits(q, keys, values, 7, beta), dense, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_probe_reaches_the_regularised_optimum():
     """The dual (representer) training converges to the primal optimum: zero primal gradient."""
     from fskd.classifiers.linear import SCALE, train_linear, way_labels
