@@ -528,3 +528,26 @@ def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch
     embed = centred(support_center(support))
     es = embed(support)
     return TextSpace(batched_text_to_image(es, text[classes], float(ridge), leave_out=True), embed, es)
+
+
+def text_fit(store, config, method: str, ridge: float | None, device: torch.device):
+    """What every text-using adapt fit starts with: the class text, a new state with the episodic
+    bridge and the all-way bridge ridge recorded (and where the text came from). Returns
+    (state, text, bridge, all-way ridge)."""
+    text, source = class_text(store, config, method)
+    state = new_state(store, config, method)
+    bridge, br_ep = fit_episodic_bridge(store, text, ridge, device)
+    br_aw = choose_allway_ridge(store, text, config, ridge, device)
+    record(state, EPISODIC, br_ep)
+    record(state, ALLWAY, br_aw)
+    state.metrics["text"] = source
+    return state, text, bridge, br_aw.params["ridge"]
+
+
+def regime_text_space(state: MethodState, store, regime: str, support: torch.Tensor, classes: torch.Tensor,
+                      bridge: Bridge, text: torch.Tensor) -> TextSpace:
+    """A head's text space: the episodic bridge, or (all-way) a leave-one-class-out bridge from the
+    support at the state's all-way ridge."""
+    if regime == EPISODIC:
+        return episodic_text_space(bridge, text, support, classes)
+    return support_text_space(support, classes, text, store.joint, hp(state, ALLWAY, "ridge"))

@@ -97,22 +97,15 @@ class LPPlusPlus(Method):
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(LPPOptions, config)
         device = resolve_device(config.device)
-        text, source = C.class_text(store, config, self.name)
-        state = C.new_state(store, config, self.name)
-        bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
-        aw_ridge = br_aw.params["ridge"]
+        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
         ep = early_stopped(C.episodic_val_task(store, config.shots, opts, config.seed, device),
                            lambda s, c: C.episodic_text_space(bridge, text, s, c), opts.epochs)
         aw_task = C.allway_val_task(store, config, device)
         aw = early_stopped(aw_task, lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge), opts.epochs)
-        C.record(state, C.EPISODIC, br_ep)
-        C.record(state, C.ALLWAY, br_aw)
         C.record(state, C.EPISODIC, ep)
         C.record(state, C.ALLWAY, aw)
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
-        state.metrics["text"] = source
         return state
 
     def head(self, state: MethodState, store, device: torch.device):
@@ -121,13 +114,9 @@ class LPPlusPlus(Method):
 
         def make(regime: str):
             epochs = C.hp(state, regime, "epochs")
-            ridge = C.hp(state, C.ALLWAY, "ridge")
 
             def fit(support, classes):
-                if regime == C.EPISODIC:
-                    ts = C.episodic_text_space(bridge, text, support, classes)
-                else:
-                    ts = C.support_text_space(support, classes, text, store.joint, ridge)
+                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
                 p = kept_probe(state, regime, support, classes)
                 if p is None and ts.support.shape[2] == 0:
                     p = zero_shot_params(ts)

@@ -60,10 +60,7 @@ class LPPlusPlusTuned(Method):
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         opts = C.parse_options(LPPPOptions, config)
         device = resolve_device(config.device)
-        text, source = C.class_text(store, config, self.name)
-        state = C.new_state(store, config, self.name)
-        bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
+        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
         alphas = C.fixed_or(opts.alpha0, ALPHA0)
         wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
         steps = C.fixed_or(opts.steps, STEPS)
@@ -73,21 +70,17 @@ class LPPlusPlusTuned(Method):
         ep = search_probe(C.episodic_val_task(store, config.shots, opts, config.seed, device),
                           lambda s, c: C.episodic_text_space(bridge, text, s, c),
                           alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default)
-        aw_ridge = br_aw.params["ridge"]
         aw_task = C.allway_val_task(store, config, device)
         if aw_task is not None and aw_task.shot == 0 and not store.joint:
             aw_task = None  # no shots to learn a bridge from
         aw = search_probe(aw_task, lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
                           alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default)
-        C.record(state, C.EPISODIC, br_ep)
-        C.record(state, C.ALLWAY, br_aw)
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
-        state.metrics["text"] = source
         return state
 
     def head(self, state: MethodState, store, device: torch.device):
@@ -97,13 +90,9 @@ class LPPlusPlusTuned(Method):
 
         def make(regime: str):
             a0, wd, steps = (C.hp(state, regime, k) for k in ("alpha0", "weight_decay", "steps"))
-            ridge = C.hp(state, C.ALLWAY, "ridge")
 
             def fit(support, classes):
-                if regime == C.EPISODIC:
-                    ts = C.episodic_text_space(bridge, text, support, classes)
-                else:
-                    ts = C.support_text_space(support, classes, text, store.joint, ridge)
+                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
                 p = kept_probe(state, regime, support, classes) or probe_params(
                     ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[steps]
                 return FittedLinear(p, ts.embed, ts.weights)

@@ -61,12 +61,6 @@ class TipOptions(Config):
             raise ConfigError(f"form must be keys (the reference's fine-tuning) or span, got {self.form!r}")
 
 
-def text_space(state: MethodState, store, regime: str, support, classes, bridge: Bridge, text) -> C.TextSpace:
-    if regime == C.EPISODIC:
-        return C.episodic_text_space(bridge, text, support, classes)
-    return C.support_text_space(support, classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
-
-
 def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False,
                       keys: torch.Tensor | None = None) -> C.Choice:
     """Grid over (alpha, beta) on ``task``: the text logits and the query-key similarities are
@@ -139,7 +133,7 @@ class TipAdapter(Method):
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
 
             def fit(support, classes):
-                ts = text_space(state, store, regime, support, classes, bridge, text)
+                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
                 keys, values = cache_from_support(ts.support)
                 return FittedTip(ts.weights, keys, values, alpha, beta, ts.embed)
 
@@ -152,12 +146,7 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
     """The training-free fit shared with tip-adapter-f: bridge, alpha and beta per regime.
     Returns the state and the validation tasks / spaces for further tuning."""
     device = resolve_device(config.device)
-    text, source = C.class_text(store, config, name)
-    state = C.new_state(store, config, name)
-    bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-    br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
-    C.record(state, C.EPISODIC, br_ep)
-    C.record(state, C.ALLWAY, br_aw)
+    state, text, bridge, aw_ridge = C.text_fit(store, config, name, opts.ridge, device)
     alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
     fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
     default = {"alpha": 1.0 if 1.0 in alphas else alphas[0], "beta": 5.5 if 5.5 in betas else betas[0]}
@@ -167,13 +156,12 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
         aw_task = None
     spaces = {
         C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-        C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, br_aw.params["ridge"]),
+        C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
     }
     for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
         C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default,
                                                   pooled=regime == C.EPISODIC), fixed)
     state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
-    state.metrics["text"] = source
     return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device}
 
 

@@ -36,7 +36,6 @@ from fskd.methods.adapt.tip_adapter import (
     TipOptions,
     fit_tip,
     search_alpha_beta,
-    text_space,
 )
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
@@ -245,7 +244,7 @@ class TipAdapterF(Method):
                 steps, scale = C.hp(state, regime, "steps"), C.hp(state, regime, "alpha_scale")
 
             def fit(support, classes):
-                ts = text_space(state, store, regime, support, classes, bridge, text)
+                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
                 kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
                 keys, values = cache_from_support(ts.support)
                 if kept is not None:
