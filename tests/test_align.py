@@ -4,6 +4,7 @@ method on small synthetic stores (both regimes, both protocols), errors, determi
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,22 +16,27 @@ from fskd.config import AdaptConfig, AlignConfig, EvalConfig
 from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods import METHODS, load_state
 from fskd.methods.align.flow import (
+    AdaLNField,
     VelocityField,
+    make_field,
     mixture_field,
     straight_path,
     train_field,
     trajectory,
     transport,
 )
-from fskd.methods.align.fma import FMA, FMAOptions, cpu_threads, sample_shots
+from fskd.methods.align.fma import FMA, FMALite, FMAOptions, cpu_threads, sample_shots
 from fskd.store import FeatureStore
 
 FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes": 50}
 
 
 def align(store, **kw) -> api.FitResult:
-    """Fit beside the store (never into the working directory); refits replace the state."""
+    """Fit beside the store (never into the working directory); refits replace the state. The
+    shared machinery (regimes, bridge, states, head) is exercised through ``fma-lite``, fast at
+    these sizes; the reference ``fma`` has its own tests below."""
     options = {**FAST, **kw.pop("options", {})}
+    kw.setdefault("method", "fma-lite")
     kw.setdefault("out", str(store.path.parent / f"{store.path.stem}-align-{kw.get('shots', 16)}"))
     return api.align(AlignConfig(store=str(store.path), options=options, force=True, **kw))
 
@@ -169,6 +175,85 @@ def test_velocity_field_shapes_zero_start_and_gradients():
     assert torch.isfinite(f(z, t)).all()
 
 
+def _reference_forward(f: AdaLNField, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The FMA reference network's forward pass written out from its definition (DiT's timestep
+    embedding of 1000 t with 256 frequencies and max period 10000; modulate(x, shift, scale) =
+    x (1 + scale) + shift; LayerNorm eps 1e-6, the final one without affine)."""
+    F = torch.nn.functional
+
+    def lin(layer, x):
+        return x @ layer.weight.T + layer.bias
+
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(128, dtype=torch.float64) / 128)
+    args = (1000.0 * t.double())[:, None] * freqs[None]
+    y = lin(f.temb.mlp[2], F.silu(lin(f.temb.mlp[0], torch.cat([args.cos(), args.sin()], -1).float())))
+    h = lin(f.inp, z)
+    for b in f.blocks:
+        shift, scale, gate = lin(b.ada[1], F.silu(y)).chunk(3, -1)
+        m = F.layer_norm(h, (f.width,), b.norm.weight, b.norm.bias, eps=1e-6) * (1 + scale) + shift
+        h = h + gate * lin(b.mlp[2], F.silu(lin(b.mlp[0], m)))
+    shift, scale = lin(f.out_ada[1], F.silu(y)).chunk(2, -1)
+    return lin(f.out, F.layer_norm(h, (f.width,), eps=1e-6) * (1 + scale) + shift)
+
+
+def test_reference_network_has_the_published_form():
+    # the parameter count of the reference's DeepFlowMatchingNet(512, 512, 512, num_res_blocks=12),
+    # counted from its layers: input 512x512+512, time MLP 256x512+512 + 512x512+512, per block
+    # LN 2x512 + MLP 2x(512x512+512) + adaLN 512x1536+1536, final adaLN 512x1024+1024 + linear 512x512+512
+    assert sum(p.numel() for p in AdaLNField(512, depth=12).parameters()) == 17_216_512
+    assert make_field("adaln", 512, 0, 12).width == 512  # width 0: the feature dimension, as the reference
+    torch.manual_seed(0)
+    f = AdaLNField(12, width=24, depth=3)
+    z, t = torch.randn(5, 12), torch.rand(5)
+    assert torch.equal(f(z, t), torch.zeros(5, 12))  # zero modulation and output: transports nothing at first
+    # every weight random (the zero-initialised ones too): the forward equals the written-out one
+    with torch.no_grad():
+        for p in f.parameters():
+            p.normal_(0, 0.3)
+    assert torch.allclose(f(z, t), _reference_forward(f, z, t), rtol=1e-4, atol=1e-3)  # float32 sin of 1000 t
+    # gradients reach every parameter once training has moved the zero layers
+    f = AdaLNField(12, width=24, depth=3)
+    opt = torch.optim.SGD(f.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        ((f(z, t) - z) ** 2).sum().backward()
+        opt.step()
+    for name, p in f.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    with pytest.raises(ConfigError, match="arch must be one of adaln, mlp"):
+        make_field("unet", 12, 0, 2)
+
+
+def test_epoch_schedule_visits_every_pair_once_per_epoch_with_warmup_then_cosine(monkeypatch):
+    from fskd.methods.align import flow
+
+    seen = []
+    real = flow.straight_path
+
+    def spy(x0, x1, t, gamma=0.0, noise=None):
+        seen.append(x0[:, 0].long().tolist())
+        return real(x0, x1, t, gamma, noise)
+
+    monkeypatch.setattr(flow, "straight_path", spy)
+    n = 10
+    x0 = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4)
+    x1 = torch.zeros(n, 4)
+    steps = []
+    f = VelocityField(4, width=8, depth=1)
+    flow.train_field(f, x0, x1, epochs=3, warmup_epochs=1, batch_size=4, lr=1e-3, weight_decay=0.01, gamma=0.0, seed=0,
+                     progress=lambda s, i, total, d: steps.append((i, total)))
+    assert [len(b) for b in seen] == [4, 4, 2] * 3  # batches of 4, the last of each epoch smaller (no drop)
+    for e in range(3):
+        assert sorted(sum(seen[3 * e : 3 * e + 3], [])) == list(range(n))  # each pair once per epoch
+    assert seen[0:3] != seen[3:6]  # a fresh order each epoch
+    assert steps[-1] == (9, 9)
+    # one warm-up epoch (3 steps) rising linearly, then a cosine from 1 to 0 over the other 6
+    factors = [flow.lr_factor(i, 9, 3) for i in range(9)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert factors[3] == 1.0 and all(a > b for a, b in zip(factors[3:], factors[4:]))
+    assert factors[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
 def test_trained_field_with_gamma_zero_reaches_text_in_one_step():
     g = torch.Generator().manual_seed(0)
     x0 = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
@@ -196,7 +281,30 @@ def test_sample_shots_matches_the_allway_protocol_and_rejects_large_k():
 # -- the registered method on synthetic stores ------------------------------------------------------
 def test_fma_is_registered_as_an_align_method():
     assert METHODS.get("fma") is FMA and FMA.kind == "align"
-    assert "fma" in api.registries()["methods"]
+    assert METHODS.get("fma-lite") is FMALite and FMALite.kind == "align"
+    assert {"fma", "fma-lite"} <= set(api.registries()["methods"])
+
+
+def test_fma_defaults_are_the_reference_recipe(synthetic_store, tmp_path):
+    o = FMAOptions()
+    assert (o.arch, o.width, o.depth, o.epochs, o.warmup_epochs, o.iters, o.batch_size) == ("adaln", 0, 12, 200, 1.0, 0, 32)
+    assert (o.lr, o.weight_decay, o.solver, o.proto_weights, o.pca) == (2e-4, 0.01, "euler", (0.0,), 0)
+    assert FMA.gammas == (0.0,) and FMA.steps == (10,)  # gamma 0; Euler steps of 0.1, stop after 0..10
+    # the published recipe, nothing overridden, on a small joint store (32-d: a 12-block field of width 32)
+    store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
+    r = api.align(AlignConfig(store=str(store.path), shots=4, out=str(tmp_path / "ref")))
+    state = load_state(r.out)
+    hp = state.hparams
+    assert state.method == "fma" and (hp["arch"], hp["depth"], hp["epochs"]) == ("adaln", 12, 200)
+    assert (hp["allway.solver"], hp["allway.steps"], hp["allway.proto_weight"], hp["allway.flow_dim"]) == ("euler", 10, 0.0, 32)
+    assert 0 <= hp["allway.stop"] <= 10 and state.selected_on["allway.stop"].startswith("chosen on val split")
+    assert "allway.basis" not in state.tensors  # the full feature space
+    assert state.tensors["allway.field.blocks.11.ada.1.weight"].shape == (96, 32)
+    loss = state.metrics["allway.train_loss"]
+    assert loss[-1] < loss[0] / 2, loss  # 200 epochs of 2 batches: 400 steps
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
+    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shot=4, seeds=(1,)))
+    assert res.classifier == "fma" and res.accuracy > zero.accuracy, (res.accuracy, zero.accuracy)
 
 
 def test_allway_targets_through_a_bridge_are_not_the_prototypes(synthetic_store):
@@ -237,13 +345,13 @@ def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
     store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
     r = align(store, shots=4, steps=(1, 2, 4), out=str(tmp_path / "fma"))
     state = load_state(r.out)
-    assert state.method == "fma" and state.hparams["regime"] == "allway"
+    assert state.method == "fma-lite" and state.hparams["regime"] == "allway"
     assert state.hparams["allway.bridge"] == "identity"  # joint store: no bridge
     assert 0 <= state.hparams["allway.stop"] <= state.hparams["allway.steps"] in (1, 2, 4)
     assert state.selected_on["allway.stop"].startswith("chosen on val split")
     assert state.hparams["allway.train_classes"] == 12 and state.metrics["allway.train_pairs"] == 48
     res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
-    assert res.classifier == "fma" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
+    assert res.classifier == "fma-lite" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
     zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shot=4, seeds=(1,)))
     assert res.accuracy > zero.accuracy  # learned from the shots, beats the raw text features
     # the state learned from shots of every class: episodes (novel rows it saw) and fewer shots are refused
@@ -313,7 +421,7 @@ def test_fma_builds_on_another_methods_features(synthetic_store, tmp_path):
     first = align(store, shots=3, out=str(tmp_path / "first"), options={"pca": 8})  # flow in 8 of the 32 dims
     second = align(store, shots=3, base_state=first.out, out=str(tmp_path / "second"))
     state = load_state(second.out)
-    assert state.hparams["base_method"] == "fma"
+    assert state.hparams["base_method"] == "fma-lite"
     assert any(k.startswith("base.") for k in state.tensors)  # self-contained: the base state is inside
     assert state.hparams["allway.bridge"] == "identity"  # fma's features come back in the 32-d joint space
     import shutil

@@ -85,6 +85,89 @@ class VelocityField(nn.Module):
         return self.out(F.silu(self.out_norm(h)))
 
 
+class SinusoidalTime(nn.Module):
+    """t (n,) in [0, 1] -> (n, width) as the FMA reference (after DiT): t scaled to [0, 1000],
+    ``frequencies`` cos/sin features at geometric frequencies 1 .. 1/10000, then Linear-SiLU-Linear."""
+
+    def __init__(self, width: int, frequencies: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = frequencies // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        a = 1000.0 * t[:, None].float() * self.freqs
+        return self.mlp(torch.cat([a.cos(), a.sin()], dim=1))
+
+
+class AdaLNBlock(nn.Module):
+    """h + gate * MLP(LN(h) (1 + scale) + shift), with (shift, scale, gate) = Linear(SiLU(temb)):
+    the reference's adaLN-gated residual block (its modulation starts at zero, so every block
+    starts as the identity)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(temb).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.norm(h) * (1.0 + scale) + shift)
+
+
+class AdaLNField(nn.Module):
+    """v(z, t) in the FMA reference's form (HKUST-LongGroup/FMA ``DeepFlowMatchingNet``, after
+    MAR/DiT): input projection to ``width`` (the reference: the feature dimension), ``depth``
+    adaLN-gated residual blocks (the reference: 12), a final adaLN layer (LayerNorm without
+    affine, shift/scale) and a linear output. Xavier-uniform linear weights with zero biases,
+    N(0, 0.02) time-MLP weights, and zero modulation and output layers: an untrained field
+    transports nothing. z (n, dim), t (n,) -> (n, dim)."""
+
+    def __init__(self, dim: int, width: int | None = None, depth: int = 12, frequencies: int = 256) -> None:
+        super().__init__()
+        width = width or dim
+        self.dim, self.width, self.depth = dim, width, depth
+        self.inp = nn.Linear(dim, width)
+        self.temb = SinusoidalTime(width, frequencies)
+        self.blocks = nn.ModuleList(AdaLNBlock(width) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.out_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.temb.mlp[0], self.temb.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.ada[-1] for b in self.blocks] + [self.out_ada[-1], self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(z.shape[0])
+        temb = self.temb(t)
+        h = self.inp(z)
+        for block in self.blocks:
+            h = block(h, temb)
+        shift, scale = self.out_ada(temb).chunk(2, dim=-1)
+        return self.out(self.out_norm(h) * (1.0 + scale) + shift)
+
+
+#: velocity network forms: ``adaln`` the FMA reference's, ``mlp`` fskd's small pre-norm residual MLP
+ARCHS = {"adaln": AdaLNField, "mlp": VelocityField}
+
+
+def make_field(arch: str, dim: int, width: int, depth: int) -> nn.Module:
+    """A velocity network of form ``arch`` (see ARCHS); ``width`` 0 means the feature dimension
+    (the reference's choice)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"fma option arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return ARCHS[arch](dim, width or dim, depth)
+
+
 def straight_path(
     x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, gamma: float = 0.0, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +190,28 @@ def straight_path(
     return xt, target
 
 
+def lr_factor(i: int, total: int, warm: int | None) -> float:
+    """The learning-rate multiplier at step ``i`` of ``total``. ``warm`` given (the epoch
+    schedule): linear warm-up over ``warm`` steps, then a cosine from 1 to 0 over the remaining
+    ``total - warm``. ``warm`` None (the iteration schedule): warm-up over 5% of the steps times a
+    cosine over all of them."""
+    if warm is None:
+        w = max(1, total // 20)
+        return min(1.0, (i + 1) / w) * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
+    if i < warm:
+        return (i + 1) / warm
+    rest = max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(i - warm, rest) / rest))
+
+
 def train_field(
     field: nn.Module,
     x0: torch.Tensor,
     x1: torch.Tensor,
     *,
-    iters: int,
+    iters: int = 0,
+    epochs: int = 0,
+    warmup_epochs: float = 0.0,
     batch_size: int,
     lr: float,
     weight_decay: float,
@@ -122,27 +221,51 @@ def train_field(
 ) -> list[float]:
     """Regress ``field`` on the straight-line velocities of the pairs (x0[i], x1[i]).
 
-    x0, x1: (n, D) on the field's device. Minibatches of pairs, times and noise come from a CPU
-    generator seeded with ``seed`` (same seed -> same field, on any device). The noise is
-    N(0, I) in the coordinates of ``x0`` (as the FMA reference draws it in CLIP's feature space),
-    so at ``gamma`` its norm is about ``gamma sqrt(D)`` times ``sqrt(t (1 - t))`` against
-    unit-norm features. Returns the loss averaged over each tenth of training.
+    x0, x1: (n, D) on the field's device. Two schedules:
+
+    - ``iters`` > 0: ``iters`` steps of ``batch_size`` pairs drawn with replacement; linear
+      warm-up over the first 5% of the steps and a cosine to 0 over all of them.
+    - else ``epochs`` (the FMA reference's): each epoch visits every pair once in a fresh random
+      order, in batches of ``batch_size`` (the last one smaller); the learning rate rises
+      linearly over the first ``warmup_epochs`` epochs, then follows a cosine to 0 over the rest.
+
+    Orders, times and noise come from a CPU generator seeded with ``seed`` (same seed -> same
+    field, on any device). The noise is N(0, I) in the coordinates of ``x0`` (as the FMA
+    reference draws it in CLIP's feature space), so at ``gamma`` its norm is about
+    ``gamma sqrt(D)`` times ``sqrt(t (1 - t))`` against unit-norm features. Returns the loss
+    averaged over each tenth of training.
     """
     device = x0.device
     n, dim = x0.shape
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(field.parameters(), lr=lr, weight_decay=weight_decay)
-    warm = max(1, iters // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * min(i, iters) / iters)))
-    field.train()
     b = min(batch_size, n)
-    report_every = max(1, iters // 10)
-    curve, running = [], 0.0
-    for it in range(iters):
-        idx = torch.randint(n, (b,), generator=g).to(device)
-        t = torch.rand(b, generator=g).to(device)
-        noise = torch.randn(b, dim, generator=g).to(device) if gamma else None
+    if iters > 0:
+        total, warm = iters, None
+    elif epochs > 0:
+        per_epoch = -(-n // b)
+        total, warm = epochs * per_epoch, int(round(warmup_epochs * per_epoch))
+    else:
+        raise ConfigError(f"train_field needs epochs > 0 or iters > 0, got epochs={epochs}, iters={iters}")
+    opt = torch.optim.AdamW(field.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, warm))
+
+    def batches():
+        if warm is not None:
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=g)
+                yield from order.split(b)
+        else:
+            for _ in range(iters):
+                yield torch.randint(n, (b,), generator=g)
+
+    field.train()
+    report_every = max(1, total // 10)
+    curve, running = [], torch.zeros((), device=device)
+    for it, idx in enumerate(batches()):
+        m = len(idx)
+        idx = idx.to(device)
+        t = torch.rand(m, generator=g).to(device)
+        noise = torch.randn(m, dim, generator=g).to(device) if gamma else None
         xt, target = straight_path(x0[idx], x1[idx], t, gamma, noise)
         with autocast(device):
             pred = field(xt, t)
@@ -151,13 +274,13 @@ def train_field(
         loss.backward()
         opt.step()
         sched.step()
-        running += float(loss.detach())
-        if (it + 1) % report_every == 0 or it + 1 == iters:
+        running += loss.detach()
+        if (it + 1) % report_every == 0 or it + 1 == total:
             k = (it % report_every) + 1
-            curve.append(running / k)
-            running = 0.0
+            curve.append(float(running) / k)
+            running.zero_()
             if progress is not None:
-                progress("fma: train field", it + 1, iters, {"loss": curve[-1]})
+                progress("fma: train field", it + 1, total, {"loss": curve[-1]})
     field.eval()
     return curve
 

@@ -1,15 +1,21 @@
-"""``fma``: Flow Matching Alignment on cached features.
+"""``fma`` and ``fma-lite``: Flow Matching Alignment on cached features.
 
-A velocity field v(z, t) (a time-conditioned residual MLP) learns to transport each image
-feature to its class text feature along the straight line between them (fixed coupling), with
-Brownian-bridge noise ``gamma * sqrt(t (1 - t)) * noise`` (noise ~ N(0, I) in the flow's
-coordinates, as in the reference) on the path so a few shots cover more of the space; the field
-regresses the derivative of that path (``--gamma``: one field per candidate strength, the best
-on validation kept; default 0 and 0.03). At inference an image feature is integrated for a few solver steps (Euler or
-Heun) and classified by the cosine of the transported feature to the class text features,
-optionally plus a weighted cosine to the support prototypes. The number of steps, where to stop
-(early stopping), the solver and the prototype weight are chosen on validation data; inference
-stops at the chosen step.
+A velocity field v(z, t) learns to transport each image feature to its class text feature
+along the straight line between them (fixed coupling), optionally with Brownian-bridge noise
+``gamma * sqrt(t (1 - t)) * noise`` (noise ~ N(0, I) in the flow's coordinates, as in the
+reference) on the path; the field regresses the derivative of that very path. At inference an
+image feature is integrated for a few solver steps and classified by the cosine of the
+transported feature to the class text features. Where to stop is chosen on validation data.
+
+``fma`` follows the reference (HKUST-LongGroup/FMA): its adaLN-gated 12-block network of width
+the feature dimension (:class:`~fskd.methods.align.flow.AdaLNField`), AdamW 2e-4 / weight decay
+0.01 over 200 epochs of batches of 32 with a warm-up epoch and a cosine, gamma 0, Euler steps of
+0.1 stopped after 0..10 steps, cosine to the class text alone, the full feature space. One
+deliberate difference: validation rows (not the test set, as the reference does) choose the stop.
+``fma-lite`` is fskd's fast variant (:class:`FMALiteOptions`): a 2-block MLP in the top 256
+principal directions, 600 steps at 2e-3, gamma in {0, 0.03}, Euler or Heun with 1/2/4/8 steps,
+and a support-prototype cosine added with a weight chosen on validation. Both share everything
+below.
 
 The flow runs in one space: the store's image space, centred and L2-normalised
 (``Bridge.embed_images``), in coordinates of its top principal directions (``pca``). Class text
@@ -53,9 +59,10 @@ from fskd.classifiers.base import FittedHead, Head
 from fskd.config import Config
 from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods.align.flow import (
+    ARCHS,
     NFE_PER_STEP,
     SOLVERS,
-    VelocityField,
+    make_field,
     train_field,
     trajectory,
     transport,
@@ -67,14 +74,18 @@ from fskd.store import sampling
 
 log = logging.getLogger(__name__)
 
-#: default candidate noise augmentation strengths (the noise is N(0, I) in the flow coordinates,
-#: as in the FMA reference, so 0.03 in 256 coordinates is a noise norm of about 0.5 sqrt(t (1 - t))
-#: against unit-norm features; the reference's default is 0): one field is trained per value and the one
-#: with the best validation accuracy is kept (0 = the plain straight path)
-GAMMAS = (0.0, 0.03)
-#: default candidate numbers of solver steps (each integrates t = 0..1; early stopping picks
-#: where to stop along it)
-STEPS = (1, 2, 4, 8)
+#: ``fma``'s default noise strength: the reference's (gamma 0, the plain straight path)
+GAMMAS = (0.0,)
+#: ``fma``'s default solver steps: 10 Euler steps of 0.1, stopped after 0..10 (the reference's
+#: range of step counts at its step size 0.1), the stop chosen on validation
+STEPS = (10,)
+#: ``fma-lite``'s candidate noise strengths (the noise is N(0, I) in the flow coordinates, as in
+#: the reference, so 0.03 in 256 coordinates is a noise norm of about 0.5 sqrt(t (1 - t)) against
+#: unit-norm features): one field per value, the best on validation kept (0: the straight path)
+LITE_GAMMAS = (0.0, 0.03)
+#: ``fma-lite``'s candidate numbers of solver steps (each integrates t = 0..1; early stopping
+#: picks where to stop along it)
+LITE_STEPS = (1, 2, 4, 8)
 ALLWAY, EPISODIC = "allway", "episodic"
 REGIMES = ("auto", ALLWAY, EPISODIC, "both")
 BRIDGES = ("auto", "ridge", "none")
@@ -83,38 +94,54 @@ MAX_STEPS = 256
 
 @dataclass(frozen=True)
 class FMAOptions(Config):
-    """``fskd align --method fma --set key=value`` options."""
+    """``fskd align --method fma --set key=value`` options. The defaults are the FMA reference's
+    (HKUST-LongGroup/FMA ``config.py`` / ``train.py`` / ``test.py``): the adaLN network with
+    width = the feature dimension and 12 blocks, AdamW 2e-4 with weight decay 0.01, 200 epochs
+    of batches of 32 with one warm-up epoch and a cosine, Euler steps of 0.1 (``--steps 10``:
+    the stop after 0..10 steps chosen on validation; the reference chooses it on the test set),
+    classification by the cosine to the class text alone, the flow in the full feature space."""
 
     regime: str = "auto"  # auto | allway | episodic | both (see the module docstring)
-    width: int = 512  # hidden width of the velocity network
-    depth: int = 2  # residual blocks
-    iters: int = 600  # optimiser steps
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    solver: str = "auto"  # euler | heun | auto (chosen on validation)
-    proto_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # candidate weights of the prototype cosine
+    arch: str = "adaln"  # adaln: the reference's network | mlp: fskd's small residual MLP (fma-lite)
+    width: int = 0  # hidden width of the velocity network (0: the flow's dimension, as the reference)
+    depth: int = 12  # residual blocks
+    epochs: int = 200  # passes over the training pairs, in a fresh order each (used when iters = 0)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine (epoch schedule)
+    iters: int = 0  # > 0: that many optimiser steps of pairs drawn with replacement instead of epochs
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    solver: str = "euler"  # euler | heun | auto (chosen on validation)
+    proto_weights: tuple[float, ...] = (0.0,)  # candidate weights of a support-prototype cosine (0: text only)
     bridge: str = "auto"  # auto: identity for a joint store, ridge maps otherwise | ridge | none
     ridge: float | None = None  # bridge ridge strength (None: chosen on validation)
-    pca: int = 256  # flow in the top-`pca` principal directions of the training features (0: the full space)
+    pca: int = 0  # flow in the top-`pca` principal directions of the training features (0: the full space)
     val_episodes: int = 300  # episodic regime: val-class episodes choosing steps
     val_way: int = 5
     val_query: int = 15
-    threads: int = 1  # CPU threads while fitting: the matrices are small, and one thread avoids
-    #                   oversubscribing shared cores (which costs far more than it gains); 0: torch's setting
+    threads: int = 0  # CPU threads while fitting (0: torch's setting; the reference network is large)
 
     def __post_init__(self) -> None:
         for name, allowed in (("regime", REGIMES), ("bridge", BRIDGES), ("solver", ("auto", *SOLVERS))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"fma option {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("width", "depth", "iters", "batch_size", "val_episodes", "val_query"):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"fma option arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        for name in ("depth", "batch_size", "val_episodes", "val_query"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"fma option {name} must be an integer >= 1, got {v!r}")
-        for name in ("pca", "threads"):
+        if not (isinstance(self.epochs, int) and isinstance(self.iters, int) and self.epochs >= 0 and self.iters >= 0
+                and (self.epochs or self.iters)):
+            raise ConfigError(f"fma options epochs and iters must be integers >= 0, one of them > 0 (iters > 0 wins), "
+                              f"got epochs={self.epochs!r}, iters={self.iters!r}")
+        if not (isinstance(self.warmup_epochs, (int, float)) and self.warmup_epochs >= 0
+                and (self.iters or self.warmup_epochs <= self.epochs)):
+            raise ConfigError(f"fma option warmup_epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs!r}")
+        for name in ("width", "pca", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"fma option {name} must be an integer >= 0 (0: off), got {v!r}")
+                raise ConfigError(f"fma option {name} must be an integer >= 0 (0: the default, see the option), got {v!r}")
         if not isinstance(self.val_way, int) or self.val_way < 2:
             raise ConfigError(f"fma option val_way must be an integer >= 2, got {self.val_way!r}")
         if not (self.lr > 0 and self.weight_decay >= 0):
@@ -123,6 +150,28 @@ class FMAOptions(Config):
             raise ConfigError(f"fma option proto_weights must be non-negative numbers, got {self.proto_weights!r}")
         if self.ridge is not None and not self.ridge > 0:
             raise ConfigError(f"fma option ridge must be > 0, got {self.ridge!r}")
+
+
+@dataclass(frozen=True)
+class FMALiteOptions(FMAOptions):
+    """``fskd align --method fma-lite`` options: fskd's fast variant of FMA (not the published
+    recipe): a 2-block residual MLP of width 512 in the top 256 principal directions, 600
+    AdamW steps at 2e-3, Euler or Heun and the step count chosen on validation, and a support-
+    prototype cosine added with a weight chosen on validation."""
+
+    arch: str = "mlp"
+    width: int = 512
+    depth: int = 2
+    epochs: int = 0
+    warmup_epochs: float = 0.0
+    iters: int = 600  # steps of pairs drawn with replacement (iters > 0 wins over epochs)
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    solver: str = "auto"
+    proto_weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+    pca: int = 256
+    threads: int = 1  # the matrices are small: one thread avoids oversubscribing shared cores
 
 
 @contextlib.contextmanager
@@ -392,7 +441,7 @@ class Part:
     """A fitted field with its space, class targets and chosen inference settings."""
 
     regime: str
-    field: VelocityField
+    field: torch.nn.Module
     space: FlowSpace
     targets: torch.Tensor  # (C, P) unit-norm class text features in flow coordinates, every store class
     learned: torch.Tensor  # (C,) bool: the classes whose rows the part learned from
@@ -421,13 +470,14 @@ class FMA(Method):
     name = "fma"
     kind = "align"
     options = FMAOptions
+    gammas, steps = GAMMAS, STEPS  # defaults of --gamma and --steps
 
     def bound_to_shots(self, state: MethodState) -> bool:
         # the all-way field was trained on the state's own K shots of its seed
         return state.hparams.get("regime") in (ALLWAY, "both")
 
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = FMAOptions.from_dict(dict(config.options))
+        opts = self.options.from_dict(dict(config.options))
         device = resolve_device(config.device)
         with cpu_threads(opts.threads if device.type == "cpu" else 0):
             return self._fit(store, config, opts, device, progress)
@@ -435,11 +485,11 @@ class FMA(Method):
     def _fit(self, store, config, opts: FMAOptions, device: torch.device, progress: TrainProgress | None) -> MethodState:
         t0 = time.perf_counter()
         given = config.gamma if isinstance(config.gamma, (tuple, list)) else (config.gamma,)
-        gammas = GAMMAS if config.gamma is None else tuple(float(g) for g in given)
+        gammas = self.gammas if config.gamma is None else tuple(float(g) for g in given)
         if not gammas or not all(math.isfinite(g) and g >= 0 for g in gammas):
             raise ConfigError(f"--gamma must be finite numbers >= 0, got {config.gamma}")
         gammas = tuple(dict.fromkeys(gammas))  # unique, in the given order
-        steps = tuple(sorted(set(int(s) for s in config.steps))) if config.steps else STEPS
+        steps = tuple(sorted(set(int(s) for s in config.steps))) if config.steps else self.steps
         if any(s < 1 or s > MAX_STEPS for s in steps):
             raise ConfigError(f"--steps must be integers between 1 and {MAX_STEPS}, got {config.steps}")
         regime = opts.regime if opts.regime != "auto" else (ALLWAY if config.shots > 0 else EPISODIC)
@@ -452,11 +502,12 @@ class FMA(Method):
             base_state, fmap = _load_base(config.base_state, store, device)
             tensors.update(_base_tensors(base_state))
         fixed = "fixed (default)"
-        hparams = {"regime": regime, "gamma": gammas[0] if len(gammas) == 1 else list(gammas), "width": opts.width, "depth": opts.depth, "iters": opts.iters,
-                   "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay, "pca": opts.pca,
-                   "shots": int(config.shots), "base_method": base_state.method if base_state else None}
-        selected_on = {"gamma": "given" if len(gammas) == 1 else "per regime, on validation (see <regime>.gamma)", "width": fixed, "depth": fixed,
-                       "iters": fixed, "lr": fixed, "pca": fixed}
+        hparams = {"regime": regime, "gamma": gammas[0] if len(gammas) == 1 else list(gammas), "arch": opts.arch,
+                   "width": opts.width, "depth": opts.depth, "epochs": opts.epochs, "warmup_epochs": opts.warmup_epochs,
+                   "iters": opts.iters, "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
+                   "pca": opts.pca, "shots": int(config.shots), "base_method": base_state.method if base_state else None}
+        selected_on = {"gamma": "given" if len(gammas) == 1 else "per regime, on validation (see <regime>.gamma)",
+                       "arch": fixed, "width": fixed, "depth": fixed, "epochs": fixed, "iters": fixed, "lr": fixed, "pca": fixed}
         metrics = {}
         for r in regimes:
             t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, text, fmap, device, progress)
@@ -512,12 +563,13 @@ class FMA(Method):
         x0, x1 = space.to_flow(e_train), targets[y]
         log.info("fma %s: %d training pairs in %d-d, bridge %s", regime, len(x0), x0.shape[1], bridge_desc)
 
-        def train(gamma: float) -> tuple[VelocityField, list[float]]:
+        def train(gamma: float) -> tuple[torch.nn.Module, list[float]]:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
-                field = VelocityField(x0.shape[1], opts.width, opts.depth).to(device)
-            tag = f"fma {regime}: train" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
-            loss = train_field(field, x0, x1, iters=opts.iters, batch_size=opts.batch_size, lr=opts.lr,
+                field = make_field(opts.arch, x0.shape[1], opts.width, opts.depth).to(device)
+            tag = f"{self.name} {regime}: train" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
+            loss = train_field(field, x0, x1, iters=opts.iters, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
+                               batch_size=opts.batch_size, lr=opts.lr,
                                weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
                                progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)))
             return field, loss
@@ -596,7 +648,9 @@ class FMA(Method):
             hp = {k[len(r) + 1:]: v for k, v in state.hparams.items() if k.startswith(f"{r}.")}
             hp["shots"] = state.hparams["shots"]
             t = {k[len(r) + 1:]: v.to(device) for k, v in state.tensors.items() if k.startswith(f"{r}.")}
-            field = VelocityField(int(hp["flow_dim"]), int(state.hparams["width"]), int(state.hparams["depth"]))
+            # states written before the reference network existed hold the small MLP (arch mlp)
+            field = make_field(state.hparams.get("arch", "mlp"), int(hp["flow_dim"]), int(state.hparams["width"]),
+                               int(state.hparams["depth"]))
             field.load_state_dict({k[len("field."):]: v for k, v in t.items() if k.startswith("field.")})
             field.to(device).eval()
             space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
@@ -705,4 +759,15 @@ class FMAHead(Head):
         return FittedFMA(part, cols, part.targets[classes], protos)
 
 
+class FMALite(FMA):
+    """fskd's fast FMA variant (a small residual MLP in 256 principal directions, 600 steps,
+    solver/steps/prototype weight chosen on validation): not the published recipe, see
+    :class:`FMALiteOptions`. Same regimes, bridge, states and head as ``fma``."""
+
+    name = "fma-lite"
+    options = FMALiteOptions
+    gammas, steps = LITE_GAMMAS, LITE_STEPS
+
+
 METHODS.register('fma', FMA)
+METHODS.register('fma-lite', FMALite)
