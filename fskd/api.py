@@ -767,8 +767,11 @@ def bench(config, progress=AUTO) -> BenchResult:
               for st, label in zip(stores, labels, strict=True)] if transfer else  # one fit, every target in a row
              [(st, label, m, k, s) for st, label in zip(stores, labels, strict=True) for m in config.methods
               for k in config.shots for s in config.seeds])
+    episodic = config.protocol == "episodic"
+    setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
+                          "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) if episodic else ""
     cells = [Cell(str(Path(st.path).absolute()), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
-                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp) for st, label, m, k, s in order]
+                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting) for st, label, m, k, s in order]
     keys = {c.key for c in cells}
     by_path = {str(Path(st.path).absolute()): st for st in stores}
     fit_store = {p: (str(Path(stores[0].path).absolute()) if transfer else p) for p in by_path}
@@ -783,9 +786,14 @@ def bench(config, progress=AUTO) -> BenchResult:
             return fitted["fit"]
         fitted.clear()
         cls = METHODS.get(cell.method)
+        options = json.loads(cell.options)
+        if episodic and cls.kind == "align" and "regime" not in options:
+            options["regime"] = "episodic"  # an align method's K-shot fit is all-way by default
         kw = dict(store=store_path, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=json.loads(cell.options), force=True, val_rule=cell.val_rule,
+                  device=config.device, options=options, force=True, val_rule=cell.val_rule,
                   base_to_new=cell.protocol == "base-to-new")
+        if episodic and config.class_ratio is not None:
+            kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
         fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
                else align(AlignConfig(**kw), progress=None))
         fitted.update(key=key, fit=fit)
@@ -814,8 +822,13 @@ def bench(config, progress=AUTO) -> BenchResult:
         protocol = cell.protocol if target or not transfer else "allway"
         try:
             fit = fit_for(cell, src_path, state_dir)
-            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=protocol, shot=cell.shots,
-                                     seeds=(cell.seed,), device=config.device))
+            if episodic:  # the state's own class split (eval reads it from the state)
+                ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol="episodic", way=config.way,
+                                         shot=cell.shots, query=config.query, episodes=config.episodes,
+                                         seed=config.episode_seed, device=config.device))
+            else:
+                ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=protocol, shot=cell.shots,
+                                         seeds=(cell.seed,), device=config.device))
         except FskdError as e:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
@@ -824,6 +837,7 @@ def bench(config, progress=AUTO) -> BenchResult:
         b2n = cell.protocol == "base-to-new"
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
                 **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
+                **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if episodic else {}),
                 "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
                 "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
                 "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, "warnings": fit.warnings + ev.warnings,

@@ -583,12 +583,16 @@ def bench(
     baseline: Annotated[str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
     keep_states: Annotated[bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)] = False,
+    way: Annotated[int | None, typer.Option(help="Episodic: classes per episode [default: 5].", metavar="N", rich_help_panel="Episodic protocol")] = None,
+    query: Annotated[int | None, typer.Option(help="Episodic: queries per class [default: 15].", metavar="N", rich_help_panel="Episodic protocol")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Episodic: episodes per cell [default: 600].", metavar="N", rich_help_panel="Episodic protocol")] = None,
+    class_ratio: Annotated[str | None, typer.Option("--class-ratio", help="Episodic: base,val,novel ratios; seed s then draws its own class split (split seed s).", metavar="LIST", rich_help_panel="Episodic protocol")] = None,
     device: DeviceOption = "auto",
     report: Annotated[str | None, typer.Option("--report", help="Only rebuild the tables and plots of the bench folder DIR from its results.", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a benchmark grid: every (store, method, shots, seed) cell fitted and evaluated once
-    (allway, base-to-new, cross-dataset or domain-shift), resumable; writes the paper tables
+    (allway, base-to-new, cross-dataset, domain-shift or episodic), resumable; writes the paper tables
     (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
     _JSON["on"] = as_json
     if report:
@@ -599,7 +603,9 @@ def bench(
     given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
              "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
              "protocol": protocol.replace("all-way", "allway") if protocol else None,
-             "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline}
+             "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline,
+             "way": way, "query": query, "episodes": episodes,
+             "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None}
     data.update({k: v for k, v in given.items() if v is not None})
     if set_:
         opts = {m: dict(v) for m, v in data.get("options", {}).items()}

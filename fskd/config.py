@@ -385,7 +385,7 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     return out
 
 
-BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift")
+BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift", "episodic")
 
 
 @dataclass(frozen=True)
@@ -405,6 +405,12 @@ class BenchConfig(Config):
     baseline: str | None = None  # a method of the grid: the tables add paired differences to it
     keep_states: bool = False  # keep every cell's fitted state under OUT/states (else removed after its evaluation)
     device: str = "auto"
+    # episodic protocol: N-way K-shot episodes of the novel classes (K = each cell's shots)
+    way: int = 5
+    query: int = 15
+    episodes: int = 600
+    episode_seed: int = 0
+    class_ratio: tuple[float, float, float] | None = None  # episodic: seed s draws its own base/val/novel class split
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -429,5 +435,14 @@ class BenchConfig(Config):
         if unknown:
             raise ConfigError(f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
                               f"grid methods: {', '.join(self.methods)}")
+        if self.class_ratio is not None:
+            if self.protocol != "episodic":
+                raise ConfigError(f"class_ratio (a seeded class split per seed) is for --protocol episodic, got "
+                                  f"--protocol {self.protocol}")
+            _check_ratios("class_ratio", self.class_ratio, 3)
+        for name in ("way", "query", "episodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (2 if name == "way" else 1):
+                raise ConfigError(f"{name} must be an integer >= {2 if name == 'way' else 1}, got {v!r}")
         if self.baseline is not None and self.baseline not in self.methods:
             raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(self.methods)}")

@@ -175,3 +175,34 @@ def test_cross_dataset_and_domain_shift_grids(two_worlds, tmp_path):
     md = (tmp_path / "d" / "table.md").read_text()
     assert d.counts["ok"] == 8 and "| method | a (source) | shifted |" in md and "Protocol: domain-shift" in md
     assert not list((tmp_path / "d").glob(".cell-state-*"))
+
+
+def test_episodic_grid_over_seeded_class_splits(tmp_path):
+    """--protocol episodic with --class-ratio: seed s fits on its own seeded base/val/novel class
+    split and scores episodes of that split's novel classes; the table's spread and the paired
+    CI are over class splits; a cell equals fitting and evaluating that split by hand."""
+    from fskd.config import AdaptConfig, EvalConfig
+
+    store = make_synthetic_store(tmp_path / "ep.zarr", n_classes=20, joint=True, seed=2)
+    grid = ["--stores", str(store.path), "--methods", "prototype,linear-probe", "--shots", "1", "--seeds", "1,2,3",
+            "--protocol", "episodic", "--class-ratio", "0.5,0.25,0.25", "--episodes", "40", "--baseline", "prototype"]
+    res = runner.invoke(app, ["bench", *grid, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "6 cells (0 already done, 6 run, 0 not applicable, 0 failed)" in res.output
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    novel = {r["seed"]: tuple(r["class_split"]["novel"]) for r in rows if r["method"] == "prototype"}
+    assert len(set(novel.values())) == 3 and all(len(v) == 5 for v in novel.values())  # three different splits
+    assert all(r["ci95_episodes"] > 0 for r in rows)
+    # one cell by hand: the split of split seed 2, fit seed 2, 40 5-way 1-shot episodes with episode seed 0
+    out = str(tmp_path / "by-hand")
+    api.adapt(AdaptConfig(store=str(store.path), method="linear-probe", shots=1, seed=2, out=out,
+                          class_ratio=(0.5, 0.25, 0.25), split_seed=2), progress=None)
+    ev = api.evaluate(EvalConfig(store=str(store.path), state=out, way=5, shot=1, query=15, episodes=40, seed=0))
+    cell = next(r for r in rows if r["method"] == "linear-probe" and r["seed"] == 2)
+    assert cell["accuracy"] == pytest.approx(ev.accuracy, abs=1e-9)
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert "Protocol: episodic" in table and "spread over class splits" in table
+    assert "Paired difference to prototype" in table
+    bad = runner.invoke(app, ["bench", "--stores", str(store.path), "--methods", "prototype", "--class-ratio",
+                              "0.5,0.25,0.25", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "class_ratio" in bad.output and "--protocol episodic" in bad.output

@@ -58,11 +58,13 @@ class Cell:
     val_rule: str
     options: str  # JSON of the method's options (sorted keys)
     source_fingerprint: str = ""  # cross-dataset / domain-shift: the store every cell's state is fitted on
+    setting: str = ""  # episodic: JSON of way, query, episodes, episode seed and class ratio
 
     @property
     def key(self) -> str:
         parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule, self.options]
-        return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else []))
+        return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else [])
+                          + ([self.setting] if self.setting else []))
 
     def label(self) -> str:
         return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
@@ -378,6 +380,17 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
                 f"store (seed s), {val}; the source column is its all-way accuracy there; {how}. Top-1 (%), mean ± std "
                 f"over seeds {', '.join(map(str, seeds))} (one fit per seed); Average (targets): the mean over the "
                 f"target stores.")
+    if config.get("protocol") == "episodic":
+        ratio = config.get("class_ratio")
+        split = (f"seed s also draws the class split: a seeded {'/'.join(f'{r:g}' for r in ratio)} base/val/novel "
+                 f"split of the store's classes (--class-ratio, --split-seed s), so the spread over seeds is the "
+                 f"spread over class splits" if ratio else "the store's own class split for every seed")
+        return (f"Protocol: episodic. Each cell fits the method with --shots K and seed s on the base classes "
+                f"(hyper-parameters on val-class episodes), then scores {config.get('episodes', 600)} "
+                f"{config.get('way', 5)}-way K-shot {config.get('query', 15)}-query episodes of the novel classes "
+                f"(episode seed {config.get('episode_seed', 0)}); {split}. Entries: mean ± std over seeds "
+                f"{', '.join(map(str, seeds))} of the per-cell mean episode accuracy (%); paired differences: their "
+                f"95% CI is over the seeds (class splits), not over episodes.")
     if config.get("protocol") == "base-to-new":
         return (f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
                 f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "

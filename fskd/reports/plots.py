@@ -57,8 +57,11 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
                 handles.append(h)
                 labels.append(lab)
     seeds = config.get("seeds") or []
-    what = "Base-to-new harmonic mean" if b2n else "All-way accuracy"
-    fig.suptitle(f"{what} vs shots (mean over seeds {', '.join(map(str, seeds))}; "
+    episodic = config.get("protocol") == "episodic"
+    what = ("Base-to-new harmonic mean" if b2n else
+            f"{config.get('way', 5)}-way episodic accuracy" if episodic else "All-way accuracy")
+    over = "class splits" if episodic and config.get("class_ratio") else "seeds"
+    fig.suptitle(f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; "
                  f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation"
                  f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})", fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
