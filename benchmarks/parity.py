@@ -225,6 +225,17 @@ def reference_fma(e, target, y, q, truth, qt, test_truth, seed: int, epochs: int
             "acc_test_stop": test[by_test]}
 
 
+def fskd_fma_curve(store, state, inp: dict) -> list[float]:
+    """fskd's state's test accuracy after 0..steps of its solver (its own field and space)."""
+    from fskd.methods.align.flow import trajectory
+    from fskd.methods.align.fma import FMA
+
+    part = FMA().parts(state, store, torch.device("cpu"))["allway"]
+    z = part.space.to_flow(inp["qt"])  # rows embedded with the state's centring, as the head embeds them
+    return [accuracy(F.normalize(zk, dim=-1) @ inp["target"].T, inp["test_truth"])
+            for zk in trajectory(part.field, z, part.hp["steps"], solver=part.hp["solver"])]
+
+
 def fma_inputs(store, shots: int, seed: int, state) -> dict:
     """The space and rows fskd's fma state learned in: its bridge's centring, its class targets
     (leave-one-class-out on a non-joint store), the shots and val rows the all-way fit drew."""
@@ -386,14 +397,17 @@ def main() -> None:
                         ref.append(accuracy(q @ protos.T, inp["test_truth"]))
                     elif m == "fma":
                         t1 = time.perf_counter()
-                        r = reference_fma(seed=seed, **fma_inputs(store, k, seed, state))
+                        inp = fma_inputs(store, k, seed, state)
+                        ours_curve = fskd_fma_curve(store, state, inp)
+                        r = reference_fma(seed=seed, **inp)
                         ref.append(r["acc_val_stop"])
                         fma_notes.append(
                             f"fma K={k} seed {seed}: fskd fit {fit_s:.0f} s, stop {state.hparams['allway.stop']} "
                             f"(val); reference {time.perf_counter() - t1:.0f} s, stop {r['stop_val']} on val -> "
                             f"{100 * r['acc_val_stop']:.2f}, stop {r['stop_test']} on test (its code's choice) -> "
                             f"{100 * r['acc_test_stop']:.2f}; reference test after 0..10 steps "
-                            + " ".join(f"{100 * a:.1f}" for a in r["test"]))
+                            + " ".join(f"{100 * a:.1f}" for a in r["test"])
+                            + "; fskd's " + " ".join(f"{100 * a:.1f}" for a in ours_curve))
                         print(fma_notes[-1], file=sys.stderr, flush=True)
                     else:
                         ref.append(reference_allway(m, inputs(store, k, seed, state), state, seed))

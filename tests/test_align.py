@@ -247,11 +247,25 @@ def test_epoch_schedule_visits_every_pair_once_per_epoch_with_warmup_then_cosine
         assert sorted(sum(seen[3 * e : 3 * e + 3], [])) == list(range(n))  # each pair once per epoch
     assert seen[0:3] != seen[3:6]  # a fresh order each epoch
     assert steps[-1] == (9, 9)
-    # one warm-up epoch (3 steps) rising linearly, then a cosine from 1 to 0 over the other 6
-    factors = [flow.lr_factor(i, 9, 3) for i in range(9)]
-    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert factors[3] == 1.0 and all(a > b for a, b in zip(factors[3:-1], factors[4:], strict=True))
-    assert factors[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    # the learning rate of every step equals the reference's: AdamW, a manual warm-up after each
+    # step while the step count is below the warm-up steps, else CosineAnnealingLR(total - warm-up)
+    for per_epoch, epochs, warm_epochs in ((3, 3, 1), (2, 200, 1), (18, 5, 1), (4, 6, 0), (1, 4, 2)):
+        total, warm = per_epoch * epochs, per_epoch * warm_epochs
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=2e-4, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warm, eta_min=0)
+        expected = []
+        for step in range(1, total + 1):
+            expected.append(opt.param_groups[0]["lr"])
+            p.grad = torch.ones(1)
+            opt.step()
+            if step < warm:
+                opt.param_groups[0]["lr"] = 2e-4 * step / warm
+            else:
+                sched.step()
+        got = [2e-4 * flow.lr_factor(i, total, warm) for i in range(total)]
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-15), (per_epoch, epochs, warm_epochs)
+    assert flow.lr_factor(1, 400, 2) == 0.5 and flow.lr_factor(2, 400, 2) == pytest.approx(0.5, rel=1e-4)  # 1 shot: half
 
 
 def test_trained_field_with_gamma_zero_reaches_text_in_one_step():

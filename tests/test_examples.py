@@ -51,4 +51,4 @@ def test_make_pipeline_example(cub35_store, cub35_root, tmp_path):
     for name, rep in reports.items():
         acc = rep.get("accuracy", rep.get("result", {}).get("accuracy"))
         assert acc is not None and 30 < acc < 100, (name, acc)
-    assert (out / "tip-adapter" / "state.json").exists() and (out / "fma" / "state.json").exists()
+    assert (out / "tip-adapter" / "state.json").exists() and (out / "fma-lite" / "state.json").exists()

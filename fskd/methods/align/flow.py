@@ -191,17 +191,27 @@ def straight_path(
 
 
 def lr_factor(i: int, total: int, warm: int | None) -> float:
-    """The learning-rate multiplier at step ``i`` of ``total``. ``warm`` given (the epoch
-    schedule): linear warm-up over ``warm`` steps, then a cosine from 1 to 0 over the remaining
-    ``total - warm``. ``warm`` None (the iteration schedule): warm-up over 5% of the steps times a
-    cosine over all of them."""
+    """The learning-rate multiplier of step ``i`` (0-based) of ``total``.
+
+    ``warm`` None (the iteration schedule): linear warm-up over 5% of the steps times a cosine
+    over all of them. ``warm`` given (the epoch schedule): the FMA reference's schedule exactly as
+    its ``train.py`` runs it. Its first step runs at the full rate; after step j (1-based) it sets
+    ``lr = base * j / warm`` while j < warm, and from then on steps a ``CosineAnnealingLR(T_max =
+    total - warm)``, whose chainable update continues from the last warm-up value: the cosine
+    starts from ``(warm - 1) / warm`` of the base rate, not from it (half of it when an epoch is 2
+    batches, as at 1 shot x 35 classes with batches of 32), and reaches 0 at the last step.
+    """
     if warm is None:
         w = max(1, total // 20)
         return min(1.0, (i + 1) / w) * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
-    if i < warm:
-        return (i + 1) / warm
-    rest = max(1, total - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(i - warm, rest) / rest))
+    w = max(warm, 1)  # no warm-up steps behaves as one: the scheduler takes over after the first step
+    if i == 0:
+        return 1.0
+    if i < w:
+        return i / w
+    start = (w - 1) / w if w > 1 else 1.0
+    t_max = max(1, total - warm)
+    return start * 0.5 * (1.0 + math.cos(math.pi * min(i - w + 1, t_max) / t_max))
 
 
 def train_field(
@@ -226,8 +236,9 @@ def train_field(
     - ``iters`` > 0: ``iters`` steps of ``batch_size`` pairs drawn with replacement; linear
       warm-up over the first 5% of the steps and a cosine to 0 over all of them.
     - else ``epochs`` (the FMA reference's): each epoch visits every pair once in a fresh random
-      order, in batches of ``batch_size`` (the last one smaller); the learning rate rises
-      linearly over the first ``warmup_epochs`` epochs, then follows a cosine to 0 over the rest.
+      order, in batches of ``batch_size`` (the last one smaller); the learning rate warms up over
+      the first ``warmup_epochs`` epochs, then follows a cosine to 0 (:func:`lr_factor`: the
+      reference's schedule, step for step).
 
     Orders, times and noise come from a CPU generator seeded with ``seed`` (same seed -> same
     field, on any device). The noise is N(0, I) in the coordinates of ``x0`` (as the FMA
