@@ -42,7 +42,7 @@ def test_fit_records_the_validation_rule(synthetic_store, tmp_path):
         AdaptConfig(store=store, method="linear-probe", val_rule="all")
 
 
-TRANSFER = ["zero-shot", "lp++", "tip-adapter", "tip-adapter-f", "fma"]
+TRANSFER = ["zero-shot", "lp++", "tip-adapter", "tip-adapter-f", "fma", "fma-lite"]
 
 
 def _fit_b2n(store, method, out, shots=4, seed=1):
@@ -50,7 +50,7 @@ def _fit_b2n(store, method, out, shots=4, seed=1):
     from fskd.methods import METHODS
 
     cfg = dict(store=store, method=method, shots=shots, seed=seed, out=str(out), base_to_new=True,
-               options={"iters": 150} if method == "fma" else {})
+               options={"iters": 150} if method.startswith("fma") else {})
     if METHODS.get(method).kind == "align":
         return api.align(AlignConfig(**cfg), progress=None)
     return api.adapt(AdaptConfig(**cfg), progress=None)

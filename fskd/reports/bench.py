@@ -290,8 +290,11 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
                    [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods]), ""]
     if baseline:
         md += _paired_section(summ, methods, datasets, shots, baseline, f"Paired difference to {baseline}",
-                              f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its "
-                              f"95% CI (Student t over the seeds); * where the interval excludes 0.\n")
+                              (f"Mean over class splits of (method - {baseline}) on the same split's episodes, in points, "
+                               f"with its 95% CI (Student t over the splits); * where the interval excludes 0.\n"
+                               if config.get("protocol") == "episodic" and config.get("class_ratio") else
+                               f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its "
+                               f"95% CI (Student t over the seeds); * where the interval excludes 0.\n"))
     md += _notes(_failed_cells(rows))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -3,6 +3,7 @@ datasets, one line per method, shots on a log2 axis (matplotlib, PNG and SVG).""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
                                if len(datasets) > 1 else [])
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.6), squeeze=False)
+    # one panel still gets a figure wide enough for the title and a legend row of several methods
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 8.4), 3.4 * nrows + 0.6), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     markers = "osD^v<>pP*Xh"
     for ax, panel in zip(axes.flat, panels, strict=False):
@@ -61,12 +63,14 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     what = ("Base-to-new harmonic mean" if b2n else
             f"{config.get('way', 5)}-way episodic accuracy" if episodic else "All-way accuracy")
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
-    fig.suptitle(f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; "
-                 f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation"
-                 f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})", fontsize=12)
+    title = (f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; "
+             f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation"
+             f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})")
+    title = textwrap.fill(title, width=int(fig.get_figwidth() * 11))
+    fig.suptitle(title, fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
     legend_rows = -(-len(labels) // 5)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows, 1, 0.95 - 0.05 * title.count("\n")))
     paths = [Path(out) / f"{STEM}.png", Path(out) / f"{STEM}.svg"]
     for p in paths:
         tmp = p.with_name(f".{p.name}.tmp")

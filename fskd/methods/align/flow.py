@@ -57,6 +57,18 @@ class ResidualBlock(nn.Module):
         return h + self.fc2(F.silu(self.fc1(self.norm(h)) + self.time(temb)))
 
 
+def trunk(field: nn.Module, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared body of both velocity networks: time embedding, input projection and the
+    residual blocks. Returns the hidden rows and the time embedding (a scalar t is broadcast)."""
+    if t.ndim == 0:
+        t = t.expand(z.shape[0])
+    temb = field.temb(t)
+    h = field.inp(z)
+    for block in field.blocks:
+        h = block(h, temb)
+    return h, temb
+
+
 class VelocityField(nn.Module):
     """v(z, t): a residual MLP conditioned on time. z (n, dim), t (n,) -> (n, dim).
 
@@ -76,12 +88,7 @@ class VelocityField(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(z.shape[0])
-        temb = self.temb(t)
-        h = self.inp(z)
-        for block in self.blocks:
-            h = block(h, temb)
+        h, _ = trunk(self, z, t)
         return self.out(F.silu(self.out_norm(h)))
 
 
@@ -146,12 +153,7 @@ class AdaLNField(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(z.shape[0])
-        temb = self.temb(t)
-        h = self.inp(z)
-        for block in self.blocks:
-            h = block(h, temb)
+        h, temb = trunk(self, z, t)
         shift, scale = self.out_ada(temb).chunk(2, dim=-1)
         return self.out(self.out_norm(h) * (1.0 + scale) + shift)
 
