@@ -57,7 +57,8 @@ def test_grammar_of_the_kind_message(synthetic_store):
 
 def test_methods_lists_set_options_with_defaults_and_meaning():
     out = ok("methods", "fma").stdout
-    assert "iters" in out and "default 600" in out and "optimiser steps" in out
+    assert "epochs" in out and "default 200" in out and "passes over the training pairs" in out
+    assert "default 600" in ok("methods", "fma-lite").stdout  # fskd's variant: 600 steps
     info = json.loads(ok("methods", "linear-probe", "--json").stdout)
     steps = next(o for o in info["options"] if o["name"] == "steps")
     assert steps["range"] == ">= 0" and steps["meaning"]

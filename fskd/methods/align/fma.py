@@ -106,7 +106,7 @@ class FMAOptions(Config):
     width: int = 0  # hidden width of the velocity network (0: the flow's dimension, as the reference)
     depth: int = 12  # residual blocks
     epochs: int = 200  # passes over the training pairs, in a fresh order each (used when iters = 0)
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine (epoch schedule)
+    warmup_epochs: float = 1.0  # warm-up epochs, then a cosine: the reference's schedule (flow.lr_factor)
     iters: int = 0  # > 0: that many optimiser steps of pairs drawn with replacement instead of epochs
     batch_size: int = 32
     lr: float = 2e-4
