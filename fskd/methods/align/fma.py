@@ -97,7 +97,7 @@ class FMAOptions(Config):
     """``fskd align --method fma --set key=value`` options. The defaults are the FMA reference's
     (HKUST-LongGroup/FMA ``config.py`` / ``train.py`` / ``test.py``): the adaLN network with
     width = the feature dimension and 12 blocks, AdamW 2e-4 with weight decay 0.01, 200 epochs
-    of batches of 32 with one warm-up epoch and a cosine, Euler steps of 0.1 (``--steps 10``:
+    of batches of 32 with one warm-up epoch and a cosine, Euler steps of 0.1 (``--flow-steps 10``:
     the stop after 0..10 steps chosen on validation; the reference chooses it on the test set),
     classification by the cosine to the class text alone, the flow in the full feature space."""
 
