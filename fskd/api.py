@@ -787,8 +787,8 @@ def bench(config, progress=AUTO) -> BenchResult:
         fitted.clear()
         cls = METHODS.get(cell.method)
         options = json.loads(cell.options)
-        if episodic and cls.kind == "align" and "regime" not in options:
-            options["regime"] = "episodic"  # an align method's K-shot fit is all-way by default
+        if episodic and "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
+            options["regime"] = "episodic"  # a method with regimes fits all-way when given K shots
         kw = dict(store=store_path, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
                   device=config.device, options=options, force=True, val_rule=cell.val_rule,
                   base_to_new=cell.protocol == "base-to-new")
@@ -822,13 +822,10 @@ def bench(config, progress=AUTO) -> BenchResult:
         protocol = cell.protocol if target or not transfer else "allway"
         try:
             fit = fit_for(cell, src_path, state_dir)
-            if episodic:  # the state's own class split (eval reads it from the state)
-                ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol="episodic", way=config.way,
-                                         shot=cell.shots, query=config.query, episodes=config.episodes,
-                                         seed=config.episode_seed, device=config.device))
-            else:
-                ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), protocol=protocol, shot=cell.shots,
-                                         seeds=(cell.seed,), device=config.device))
+            how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
+                        seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
+                   if episodic else dict(protocol=protocol, seeds=(cell.seed,)))
+            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), shot=cell.shots, device=config.device, **how))
         except FskdError as e:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
