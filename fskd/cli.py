@@ -86,6 +86,7 @@ Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
 
 EPISODIC, ALLWAY, OUTPUT, SPLIT, FIT = "Episodic protocol", "All-way protocol", "Output", "Class split", "Fitting"
+VIEWS = "Augmented views"
 
 
 def _api():
@@ -247,13 +248,20 @@ def extract(
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
     download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint the image bytes too (reads every file; size and mtime are always checked).")] = False,
+    augment_views: Annotated[int, typer.Option(help="Also store V augmented views (random resized crop + flip) of train rows, for tip-adapter(-f) and fma; 0: none.", metavar="V", rich_help_panel=VIEWS)] = 0,
+    augment_shots: Annotated[int, typer.Option(help="Views only for the all-way K-shot draws of --augment-seeds (and so every fewer-shot draw of them); 0: every train row.", metavar="K", rich_help_panel=VIEWS)] = 0,
+    augment_seeds: Annotated[str, typer.Option(help="Seeds whose all-way shots get views with --augment-shots.", metavar="LIST", rich_help_panel=VIEWS)] = "1,2,3",
+    augment_scale: Annotated[str, typer.Option(help="Crop area range min,max (Tip-Adapter: 0.5,1; CoOp and FMA: 0.08,1).", metavar="LIST", rich_help_panel=VIEWS)] = "0.5,1",
+    augment_seed: Annotated[int, typer.Option(help="Seed of the crops (each view's crop depends on it, the row and the view only).", metavar="N", rich_help_panel=VIEWS)] = 0,
 ) -> None:
     """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
     cfg = _run(ExtractConfig, dataset=_value(dataset), root=root, encoder=encoder, store=store, batch_size=batch_size,
                workers=workers, device=device, dtype=_value(dtype), chunk_rows=chunk_rows, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
                split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download,
-               content_hash=content_hash)
+               content_hash=content_hash, augment_views=augment_views, augment_shots=augment_shots,
+               augment_seeds=_ints(augment_seeds, "--augment-seeds") or (), augment_scale=_ratios(augment_scale, "--augment-scale"),
+               augment_seed=augment_seed)
     r = _run(_api().extract, cfg)
     if r.rank != 0:
         return
@@ -261,10 +269,14 @@ def extract(
         typer.echo(f"repaired {len(chunks)} damaged chunk(s) of {split}: "
                    + "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))
     if r.reused:
-        typer.echo(f"{r.store}: complete, same inputs, every chunk verified; nothing re-encoded ({r.rows})")
+        typer.echo(f"{r.store}: complete, same inputs, every chunk verified; nothing re-encoded ({r.rows}"
+                   + (f"; views of {r.views_rows} train rows" if augment_views else "") + ")")
     else:
-        typer.echo(f"{r.store}: encoded {r.encoded} images in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s"
-                   f"{f', {r.world_size} ranks' if r.world_size > 1 else ''}); rows {r.rows}")
+        done = [f"encoded {r.encoded} images"] + ([f"{r.views_encoded} augmented views of {r.views_rows} train rows"]
+                                                  if augment_views else [])
+        speed = f"{r.images_per_s:.1f} img/s" if r.encoded else "splits reused"
+        ranks = f", {r.world_size} ranks" if r.world_size > 1 else ""
+        typer.echo(f"{r.store}: {' and '.join(done)} in {r.seconds:.1f} s ({speed}{ranks}); rows {r.rows}")
     for split, ids in r.skipped.items():
         typer.echo(f"warning: skipped {len(ids)} unreadable file(s) in {split} (stored as label -1, not used): "
                    f"{', '.join(ids[:5])}", err=True)
@@ -295,6 +307,10 @@ def _print_info(r: dict) -> None:
     lines += [f"  {k:6s} {len(v):4d}: {names(v)}" for k, v in r["class_names"].items()]
     text = f"{r['text_source']} ({r['templates_source']}): " + "; ".join(r["templates"][:3]) + (" ..." if len(r["templates"]) > 3 else "")
     lines.append(f"text      {text if r['text'] else 'none (the encoder has no text tower)'}")
+    if r.get("views"):
+        v = r["views"]
+        lines.append(f"views     {v['description']}; {v['rows']:,} rows"
+                     + ("" if v["complete"] else " (INCOMPLETE: run the same `fskd extract --augment-views` again)"))
     if r["skipped"]:
         lines.append("skipped   " + ", ".join(f"{n} unreadable file(s) in {s}" for s, n in r["skipped"].items()))
     if r["ignored_files"]:

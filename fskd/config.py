@@ -183,10 +183,24 @@ class ExtractConfig(Config):
     skip_bad: bool = False
     download: bool = False
     content_hash: bool = False  # fingerprint the image bytes too (slow: reads every file)
+    # augmented views of train rows (the store's views/ group; schema.py)
+    augment_views: int = 0  # V random-resized-crop + flip views per row; 0: none
+    augment_shots: int = 0  # only the all-way shots of --augment-seeds up to K per class; 0: every train row
+    augment_seeds: tuple[int, ...] = (1, 2, 3)
+    augment_scale: tuple[float, float] = (0.5, 1.0)  # crop area range: Tip-Adapter's; CoOp / FMA use 0.08-1
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("--store is required: the path of the Zarr feature store to write")
+        if self.augment_views < 0 or self.augment_shots < 0:
+            raise ConfigError(f"--augment-views and --augment-shots must be >= 0, got {self.augment_views}, {self.augment_shots}")
+        sc = tuple(self.augment_scale)
+        if len(sc) != 2 or not all(isinstance(v, (int, float)) for v in sc) or not (0 < sc[0] <= sc[1] <= 1):
+            raise ConfigError(f"--augment-scale must be two numbers 0 < min <= max <= 1 (the crop's share of the "
+                              f"image area), got {self.augment_scale}")
+        if self.augment_shots and not self.augment_seeds:
+            raise ConfigError("--augment-shots needs --augment-seeds (the seeds whose all-way shots get views)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.chunk_rows < 1:

@@ -510,3 +510,87 @@ def test_checksum_is_crc32_of_stored_bytes(store):
     g = s.group["train"]
     f, lab = np.asarray(g["features"][0:4]), np.asarray(g["labels"][0:4], dtype=np.int32)
     assert int(g["checksums"][0]) == zlib.crc32(lab.tobytes(), zlib.crc32(f.tobytes()))
+
+
+# -- augmented views (fskd extract --augment-views): same commit rule, same repair ----------------
+VIEWS = ["--augment-views", "3"]
+
+
+@pytest.fixture
+def views_store(images, tmp_path) -> Path:
+    path = tmp_path / "v.zarr"
+    extract(images, path, *VIEWS)
+    return path
+
+
+def test_views_are_stored_deterministic_and_leave_the_splits_alone(views_store, store, images, tmp_path):
+    v, s = FeatureStore.open(views_store), FeatureStore.open(store)
+    for split in s.splits:  # adding views changes nothing else
+        np.testing.assert_array_equal(v.features(split), s.features(split))
+    assert v.fingerprint == s.fingerprint
+    rows = v.view_rows()
+    np.testing.assert_array_equal(rows, v.valid_rows("train"))
+    views, why = v.take_views(rows)
+    x = v.take("train", rows)
+    assert views.shape == (len(rows), 3, v.dim) and np.isfinite(views).all() and "3 augmented views" in why
+    assert not np.allclose(views[:, 0], x, atol=1e-3) and not np.allclose(views[:, 0], views[:, 1], atol=1e-3)
+    # views added later to an existing store equal views made in the same run, chunk for chunk
+    res = extract(images, store, *VIEWS)
+    assert "augmented views" in res.stdout
+    np.testing.assert_array_equal(FeatureStore.open(store).take_views(rows)[0], views)
+    # asking again encodes nothing; asking for other views names what differs and changes nothing
+    before = tree(views_store)
+    assert "nothing re-encoded" in extract(images, views_store, *VIEWS).stdout
+    user_error(extract(images, views_store, "--augment-views", "4", ok=False), "views", "differs in: views")
+    user_error(extract(images, views_store, *VIEWS, "--augment-scale", "0.08,1", ok=False), "transform.scale")
+    assert tree(views_store) == before
+    info = cli("info", views_store).stdout
+    assert "views     3 augmented views per shot" in info
+
+
+def test_views_of_the_shots_only_cover_every_fewer_shot_draw(images, tmp_path):
+    from fskd.store import sampling
+
+    path = tmp_path / "shots.zarr"
+    extract(images, path, *VIEWS, "--augment-shots", "2", "--augment-seeds", "1,2")
+    st = FeatureStore.open(path)
+    assert len(st.view_rows()) < len(st.valid_rows("train"))
+    for k in (1, 2):
+        for seed in (1, 2):
+            assert sampling.allway_shot_views(st, k, seed)[0] is not None
+    assert sampling.allway_shot_views(st, 3, 1)[0] is None or len(st.view_rows()) == len(st.valid_rows("train"))
+    missing = [s for s in range(3, 40) if sampling.allway_shot_views(st, 1, s)[0] is None]
+    assert missing and "have none" in sampling.allway_shot_views(st, 1, missing[0])[1]
+
+
+@pytest.mark.parametrize("point", ["store:views-created", "store:views-data", "store:views-written"])
+def test_kill_while_adding_views_then_resume_equals_one_run(point, views_store, images, tmp_path):
+    killed = tmp_path / "k.zarr"
+    res = run_fskd("extract", "folder", "--root", images, "--store", killed, *EXTRACT, *VIEWS, fault=point)
+    assert res.returncode == -9
+    st = FeatureStore.open(killed)  # the splits are complete; the views are absent or unfinished, never trusted
+    assert st.is_complete()
+    if point == "store:views-created":
+        assert st.views_info is None and list(killed.glob(".views.tmp-*"))
+    else:
+        assert st.take_views(st.view_rows())[0] is None or point == "store:views-written"
+    res = run_fskd("extract", "folder", "--root", images, "--store", killed, *EXTRACT, *VIEWS)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = FeatureStore.open(views_store), FeatureStore.open(killed)
+    np.testing.assert_array_equal(a.take_views(a.view_rows())[0], b.take_views(b.view_rows())[0])
+    assert not list(killed.glob(".views.tmp-*"))
+    assert json.loads(cli("info", killed, "--check", "--json").stdout)["check"]["ok"]
+
+
+def test_a_damaged_view_chunk_is_named_then_repaired(views_store, images):
+    st = FeatureStore.open(views_store)
+    good = st.take_views(st.view_rows())[0]
+    arr = st.group["views"]["features"]
+    f = views_store / "views" / "features" / arr.metadata.encode_chunk_key((0, 0, 0))
+    f.write_bytes(f.read_bytes()[:10])
+    res = cli("info", views_store, "--check", "--json", ok=False)
+    assert res.exit_code == 2 and json.loads(res.stdout)["check"]["damaged"]["views"]["0"]
+    extract(images, views_store, *VIEWS)
+    st = FeatureStore.open(views_store)
+    np.testing.assert_array_equal(st.take_views(st.view_rows())[0], good)
+    assert json.loads(cli("info", views_store, "--check", "--json").stdout)["check"]["ok"]

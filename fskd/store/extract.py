@@ -71,6 +71,8 @@ class ExtractResult:
     world_size: int = 1
     repaired: dict[str, dict[int, str]] = field(default_factory=dict)  # split -> chunk -> why re-encoded
     ignored: dict[str, int] = field(default_factory=dict)  # files the dataset listing left out, by reason
+    views_encoded: int = 0  # augmented views encoded by this run (--augment-views)
+    views_rows: int = 0  # train rows the store's views cover
 
 
 class _Rows(Dataset):
@@ -241,7 +243,15 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
                         (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
             barrier()
     with dir_lock(store_path, waiting, log) if single else contextlib.nullcontext():
-        return _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
+        result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
+        if cfg.augment_views:
+            result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits["train"] if "train" in
+                                                                  sample_splits else None, get_encoder, device, dist,
+                                                                  progress)
+            if result.views_encoded:
+                result.reused = False
+            result.seconds = time.perf_counter() - t0
+        return result
 
 
 def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, text, descriptions, parts,
@@ -388,6 +398,172 @@ def _extract_split(
             if progress is not None:
                 progress(split, count, mine, count / max(time.perf_counter() - t0, 1e-9))
     return count, n_bad
+
+
+# -- augmented views (schema.py: views/) -----------------------------------------------------------
+#: RandomResizedCrop's aspect-ratio range (torchvision's default, the references' too)
+VIEW_RATIO = (3 / 4, 4 / 3)
+VIEW_FLIP = 0.5
+
+
+def view_seed(seed: int, row: int, view: int) -> int:
+    """The seed of one view: a function of (seed, train row, view) only, so a resumed, sharded or
+    repeated extraction cuts the very same crops."""
+    return int(np.random.SeedSequence([seed, row, view]).generate_state(1)[0])
+
+
+def random_view(image, seed: int, size: int, scale: tuple[float, float]):
+    """torchvision's RandomResizedCrop(size, scale, ratio 3/4-4/3, bicubic) + RandomHorizontalFlip(0.5)
+    with its parameters drawn from ``seed``: a square PIL image of ``size`` px that the encoder's own
+    preprocessing (resize, centre crop, normalise) then turns into its input unchanged in framing."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    from torchvision.transforms import functional as TF
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = RandomResizedCrop.get_params(image, list(scale), list(VIEW_RATIO))
+        flip = bool(torch.rand(()) < VIEW_FLIP)
+    out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+class _Views(Dataset):
+    """(image tensor, item, ok, error) for item = position * V + view of the views' rows."""
+
+    def __init__(self, source: ImageDataset, refs: list[str], rows: np.ndarray, views: int, size: int,
+                 scale: tuple[float, float], seed: int, preprocess, blank: torch.Tensor) -> None:
+        self.source, self.refs, self.rows, self.views = source, refs, rows, views
+        self.size, self.scale, self.seed, self.preprocess, self.blank = size, scale, seed, preprocess, blank
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.views
+
+    def __getitem__(self, j: int):
+        pos, view = divmod(j, self.views)
+        row = int(self.rows[pos])
+        try:
+            image = self.source.open(self.refs[row])
+            return self.preprocess(random_view(image, view_seed(self.seed, row, view), self.size, self.scale)), j, True, ""
+        except Exception as e:  # any decoder error: report which file, let the caller decide
+            return self.blank, j, False, f"{self.source.path_of(self.refs[row])}: {type(e).__name__}: {e}"
+
+
+def _views_request(cfg: ExtractConfig) -> dict:
+    """What ``--augment-*`` asks for, in the views group's attributes (the crop size is the encoder's)."""
+    rows = ({"rule": "all"} if not cfg.augment_shots else
+            {"rule": "shots", "shots": int(cfg.augment_shots), "seeds": [int(s) for s in cfg.augment_seeds]})
+    return {"split": "train", "views": int(cfg.augment_views), "rows": rows,
+            "transform": {"name": "RandomResizedCrop+RandomHorizontalFlip", "scale": [float(v) for v in cfg.augment_scale],
+                          "ratio": list(VIEW_RATIO), "flip": VIEW_FLIP, "interpolation": "bicubic",
+                          "seed": int(cfg.augment_seed)}}
+
+
+def _views_differ(have: dict, want: dict) -> list[str]:
+    out = [k for k in ("split", "views", "rows") if have.get(k) != want[k]]
+    ht = {k: v for k, v in have.get("transform", {}).items() if k != "size"}
+    out += [f"transform.{k}" for k in want["transform"] if ht.get(k) != want["transform"][k]]
+    return out
+
+
+def view_rows_for(store: FeatureStore, cfg: ExtractConfig) -> np.ndarray:
+    """The train rows that get views (ascending): every readable one, or the union over
+    ``--augment-seeds`` of the all-way ``--augment-shots``-shot draws (the K-shot draw of a seed
+    holds its draws of fewer shots, so every K' <= K is covered)."""
+    from fskd.errors import ConfigError
+    from fskd.store.sampling import sample_shots
+
+    valid = store.valid_rows("train")
+    if not cfg.augment_shots:
+        return valid
+    y = store.labels("train")[valid]
+    classes = np.unique(y)
+    picked = [valid[sample_shots(y, classes, cfg.augment_shots, s, store.class_names, "train",
+                                 option="--augment-shots", error=ConfigError).reshape(-1)] for s in cfg.augment_seeds]
+    return np.unique(np.concatenate(picked))
+
+
+def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, device, dist, progress) -> tuple[int, int]:
+    """Create (rank 0) the views group if absent, verify it, encode this rank's unwritten view chunks.
+    Returns (views encoded, rows covered)."""
+    if train is None:
+        raise StoreError(f"--augment-views makes views of train rows; {cfg.store} has no train split")
+    want = _views_request(cfg)
+    store = FeatureStore.open(cfg.store, mode="r+")
+    have = store.views_info
+    if have is not None and _views_differ(have, want):
+        raise StoreError(
+            f"{cfg.store} already has augmented views made differently (differs in: {', '.join(_views_differ(have, want))}; "
+            f"it has {have['views']} views of {have['rows']}); ask for the same ones, or remove {cfg.store}/views "
+            f"(fskd made it; the features of the splits are kept) and run again")
+    encoder = None
+    if dist.is_main:
+        if have is None:
+            rows = view_rows_for(store, cfg)
+            encoder = get_encoder()
+            size = int(encoder.preprocess(_blank_image()).shape[-1])
+            want["transform"]["size"] = size
+            store.create_views(want, rows, store.labels("train")[rows])
+        else:
+            bad = store.views_damaged(verify=True)
+            if bad:
+                log.warning("%s: re-encoding %d damaged view chunk(s): %s", cfg.store, len(bad),
+                            "; ".join(f"chunk {c}: {why}" for c, why in list(bad.items())[:5]))
+                store.mark_views_unwritten(list(bad))
+    barrier()
+    store = FeatureStore.open(cfg.store, mode="r+")
+    info, rows, done = store.views_info, store.view_rows(), store.views_written()
+    todo = [c for c in range(len(done)) if not done[c] and c % dist.world_size == dist.rank]
+    if not todo:
+        barrier()
+        return 0, len(rows)
+    encoder = encoder or get_encoder()
+    v, per, m = int(info["views"]), store.chunk_rows, len(rows)
+    blank = encoder.preprocess(_blank_image())
+    t = info["transform"]
+    loader = DataLoader(
+        _Views(source, train.refs, rows, v, int(t["size"]), tuple(t["scale"]), int(t["seed"]), encoder.preprocess, blank),
+        batch_sampler=_chunk_batches(todo, m * v, per * v, cfg.batch_size),
+        num_workers=num_workers(cfg.workers),
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers(cfg.workers) > 0 else None,
+    )
+    labels = np.asarray(store._views()[S.LABELS][:], dtype=np.int32)
+    total = sum((min(m, (c + 1) * per) - c * per) * v for c in todo)
+    chunk, buf, lab, filled, count = None, None, None, 0, 0
+    t0 = time.perf_counter()
+    dtype = S.FEATURE_DTYPES[store.attrs["dtype"]]
+    with torch.inference_mode():
+        for images, idx, ok, errors in loader:
+            if not bool(ok.all()):
+                bad = [e for e, o in zip(errors, ok.tolist(), strict=True) if not o]
+                if not cfg.skip_bad:
+                    raise DatasetError(f"cannot read image {bad[0]} for its augmented views (pass --skip-bad to record "
+                                       f"it and go on; view chunks already written are kept)")
+                log.warning("skipping %d unreadable file(s) for views: %s", len(bad), bad)
+            images = images.to(device, non_blocking=True)
+            with autocast(device):
+                feats = encoder.encode_images(images).float().cpu().numpy()
+            idx = idx.numpy()
+            c = int(idx[0]) // (per * v)
+            if c != chunk:
+                chunk, filled = c, 0
+                size = min(m, (c + 1) * per) - c * per
+                buf = np.zeros((size * v, feats.shape[1]), np.float32)
+                lab = labels[c * per:c * per + size].copy()
+            local = idx - c * per * v
+            buf[local] = feats
+            bad_rows = local[~ok.numpy()] // v
+            buf.reshape(len(lab), v, -1)[bad_rows] = 0.0
+            lab[bad_rows] = -1
+            filled += len(idx)
+            count += len(idx)
+            if filled == len(buf):
+                store.write_view_chunk(c, buf.reshape(len(lab), v, -1).astype(dtype), lab)
+            if progress is not None:
+                progress("views", count, total, count / max(time.perf_counter() - t0, 1e-9))
+    barrier()
+    return count, m
 
 
 def _blank_image():

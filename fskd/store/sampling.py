@@ -111,11 +111,28 @@ def allway_shots(store, shots: int, seed: int, error: type[FskdError] = Evaluati
     """The all-way shots of ``seed`` from ``store``'s train split: (features (C*K, D), labels
     (C*K,), classes (C,)), class-major. Sampled on the labels; only the shots' features are read
     (:meth:`FeatureStore.take`), so 16 x 1,000 shots never load the 1.28M-row split."""
+    rows, y, classes = allway_shot_rows(store, shots, seed, error)
+    return store.take("train", rows), y, classes
+
+
+def allway_shot_rows(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows behind :func:`allway_shots`: (train row indices (C*K,), labels (C*K,), classes (C,))."""
     valid = store.valid_rows("train")
     y = store.labels("train")[valid]
     classes = np.unique(y)
     rows = sample_shots(y, classes, shots, seed, store.class_names, "train", option="--shots", error=error).reshape(-1)
-    return store.take("train", valid[rows]), y[rows], classes
+    return valid[rows], y[rows], classes
+
+
+def allway_shot_views(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+                      ) -> tuple[np.ndarray | None, str]:
+    """The store's augmented views of the all-way shots of ``seed`` (``fskd extract --augment-views``):
+    ((C*K, V, D) in :func:`allway_shots`' order, their description), or (None, why there are none)."""
+    if shots < 1 or not store.has_split("train"):
+        return None, "no shots"
+    rows, _, _ = allway_shot_rows(store, shots, seed, error)
+    return store.take_views(rows)
 
 
 def allway_val(store, classes, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:

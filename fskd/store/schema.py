@@ -15,7 +15,20 @@
     prompts           (template,)    str, the templates used
     class_embeddings  (class, dim_t) float32, L2-normalised prompt-ensemble means (if the
                                      encoder has a text tower)
+  views/                      optional (``fskd extract --augment-views V``): augmented views of
+                              train rows; attrs: VIEWS_ATTRS
+    rows        (row,)            int64, the train-split row each view row belongs to (ascending)
+    labels      (row,)            int32, its label; -1 = the image could not be read again
+    features    (row, view, dim)  like train/features, V random-resized-crop + flip views per row,
+                                  chunked by rows (chunk_rows rows x V views)
+    checksums   (chunk,)          uint32, CRC-32 of each row chunk (features, then labels)
+    written     (chunk,)          bool, one flag per row chunk, set last
 ```
+
+The views group is built under a temporary name inside the store and renamed into place, so it
+either exists whole (arrays and attributes) or not at all; its chunks then follow the same commit
+rule as the splits'. A store without it is complete; adding views never changes the split arrays
+or the store's fingerprint.
 
 Readers check ``format`` and ``schema_version`` and the presence, shape and dtype of every
 array; a mismatch raises StoreError naming the path and the array.
@@ -63,6 +76,18 @@ ROOT_ATTRS = (
     "text",  # {"available": bool, "dim": int|None, "source": "templates"|"descriptions", ...}
     "config",  # the ExtractConfig that created it
 )
+
+#: the optional group of augmented train views, and its arrays (FEATURES, LABELS, CHECKSUMS, WRITTEN too)
+VIEWS_GROUP, VIEW_ROWS = "views", "rows"
+#: attributes of the views group
+VIEWS_ATTRS = (
+    "format",  # VIEWS_FORMAT
+    "split",  # the sample split the rows index: "train"
+    "views",  # V, views per row
+    "rows",  # {"rule": "all"} (every readable train row) or {"rule": "shots", "shots": K, "seeds": [...]}
+    "transform",  # {"name", "scale", "ratio", "flip", "size", "interpolation", "seed"}
+)
+VIEWS_FORMAT = "fskd-train-views"
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

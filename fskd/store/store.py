@@ -60,6 +60,20 @@ def _unrepairable_here(missing: str) -> bool:
     return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
 
 
+def _views_rows_text(info: dict) -> str:
+    r = info["rows"]
+    return ("every readable train row" if r.get("rule") == "all" else
+            f"the {r['shots']}-shot all-way shots of seeds {', '.join(map(str, r['seeds']))}")
+
+
+def describe_views(info: dict) -> str:
+    """One line naming a views group: how many views, of which rows, made how."""
+    t = info["transform"]
+    return (f"{info['views']} augmented views per shot from the store (RandomResizedCrop {t['size']} px, scale "
+            f"{t['scale'][0]:g}-{t['scale'][1]:g}, {t['interpolation']}, horizontal flip p {t['flip']:g}, seed {t['seed']}; "
+            f"rows: {_views_rows_text(info)})")
+
+
 class FeatureStore:
     """A feature store on disk. Use :meth:`open` or :meth:`create`."""
 
@@ -121,6 +135,8 @@ class FeatureStore:
             for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (nc,)), (S.CHECKSUMS, (nc,))):
                 if g[name].shape != want:
                     raise StoreError(f"{self.path}: {split}/{name} has shape {g[name].shape}, expected {want}")
+        if S.VIEWS_GROUP in self.group:
+            self._validate_views()
         t = self._group(S.TEXT_GROUP)
         for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS):
             if name not in t:
@@ -130,6 +146,25 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: array text/class_embeddings is missing")
             if t[S.CLASS_EMBEDDINGS].shape != (t[S.CLASSNAMES].shape[0], a["text"]["dim"]):
                 raise StoreError(f"{self.path}: text/class_embeddings has shape {t[S.CLASS_EMBEDDINGS].shape}")
+
+    def _validate_views(self) -> None:
+        g = self.group[S.VIEWS_GROUP]
+        a = dict(g.attrs)
+        if a.get("format") != S.VIEWS_FORMAT or any(k not in a for k in S.VIEWS_ATTRS):
+            raise StoreError(f"{self.path}: group views/ is not fskd's augmented-views group (attrs {sorted(a)}); "
+                             f"expected {list(S.VIEWS_ATTRS)}")
+        for name in (S.VIEW_ROWS, S.LABELS, S.FEATURES, S.CHECKSUMS, S.WRITTEN):
+            if name not in g:
+                raise StoreError(f"{self.path}: array views/{name} is missing")
+        m, v = g[S.VIEW_ROWS].shape[0], int(a["views"])
+        f = g[S.FEATURES]
+        if f.shape != (m, v, self.dim) or f.dtype != S.FEATURE_DTYPES[self.attrs["dtype"]]:
+            raise StoreError(f"{self.path}: views/features has shape {f.shape} {f.dtype}, expected ({m}, {v}, {self.dim}) "
+                             f"{self.attrs['dtype']}")
+        nc = S.n_chunks(m, self.chunk_rows)
+        for name, want in ((S.LABELS, (m,)), (S.CHECKSUMS, (nc,)), (S.WRITTEN, (nc,))):
+            if g[name].shape != want:
+                raise StoreError(f"{self.path}: views/{name} has shape {g[name].shape}, expected {want}")
 
     def _group(self, name: str) -> zarr.Group:
         try:
@@ -500,6 +535,141 @@ class FeatureStore:
         g[S.WRITTEN][chunk] = True
         fault_point("store:chunk-written")
 
+    # -- augmented views (schema.py: views/) ---------------------------------------------------
+    @property
+    def views_info(self) -> dict | None:
+        """The views group's attributes (``S.VIEWS_ATTRS``), or None when the store has none."""
+        return dict(self.group[S.VIEWS_GROUP].attrs) if S.VIEWS_GROUP in self.group else None
+
+    def _views(self) -> zarr.Group:
+        if S.VIEWS_GROUP not in self.group:
+            raise StoreError(f"{self.path} has no augmented views (add them with `fskd extract ... --augment-views V`)")
+        return self.group[S.VIEWS_GROUP]
+
+    def create_views(self, attrs: dict, rows: np.ndarray, labels: np.ndarray) -> None:
+        """Add an empty views group (features unwritten) for train ``rows``: built under a temporary
+        name inside the store and renamed into place, so it exists whole or not at all. Leftovers
+        of a killed creation (``.views.tmp-*`` groups fskd made) are removed first."""
+        if S.VIEWS_GROUP in self.group:
+            raise StoreError(f"{self.path} already has a views group")
+        for old in self.path.glob(f".{S.VIEWS_GROUP}.tmp-*"):
+            if (old / "zarr.json").is_file():
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = self.path / f".{S.VIEWS_GROUP}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
+        nc = S.n_chunks(m, rows_per)
+        try:
+            g = zarr.open_group(str(tmp), mode="w")
+            g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
+                           fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
+            r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, config=_ARRAY_CONFIG)
+            lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, config=_ARRAY_CONFIG)
+            g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=_ARRAY_CONFIG)
+            g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
+            if m:
+                r[:] = np.asarray(rows, dtype=np.int64)
+                lab[:] = np.asarray(labels, dtype=np.int32)
+            g.attrs.update({"format": S.VIEWS_FORMAT, **attrs})
+            from fskd.fsutil import fault_point
+
+            fault_point("store:views-created")
+            os.rename(tmp, self.path / S.VIEWS_GROUP)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._validate_views()
+
+    def view_rows(self) -> np.ndarray:
+        return np.asarray(self._views()[S.VIEW_ROWS][:], dtype=np.int64)
+
+    def views_written(self) -> np.ndarray:
+        return np.asarray(self._views()[S.WRITTEN][:], dtype=bool)
+
+    def write_view_chunk(self, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Store one row chunk of views (r, V, dim), then its checksum, then its flag (schema.py)."""
+        from fskd.fsutil import fault_point
+
+        g = self._views()
+        start = chunk * self.chunk_rows
+        g[S.FEATURES][start:start + len(features)] = features
+        g[S.LABELS][start:start + len(features)] = labels
+        fault_point("store:views-data")
+        g[S.CHECKSUMS][chunk] = S.chunk_checksum(features, labels)
+        g[S.WRITTEN][chunk] = True
+        fault_point("store:views-written")
+
+    def mark_views_unwritten(self, chunks) -> None:
+        w = self._views()[S.WRITTEN]
+        for c in chunks:
+            w[int(c)] = False
+
+    def views_damaged(self, verify: bool = True) -> dict[int, str]:
+        """``{chunk: reason}`` for view chunks marked written that cannot be trusted (as
+        :meth:`damaged_chunks` for a split): an object missing, undecodable, or a checksum mismatch."""
+        g = self._views()
+        written = self.views_written()
+        bad: dict[int, str] = {}
+        for name in (S.FEATURES, S.LABELS, S.CHECKSUMS):
+            arr = g[name]
+            have = _list_keys(arr)
+            for c in np.flatnonzero(written):
+                coords = (int(c), 0, 0) if arr.ndim == 3 else (int(c),)
+                if _chunk_key(arr, coords) not in have:
+                    bad.setdefault(int(c), f"{name} chunk object missing")
+        if verify:
+            f, lab, sums, m = g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), g[S.VIEW_ROWS].shape[0]
+            for c in np.flatnonzero(written):
+                c = int(c)
+                if c in bad:
+                    continue
+                sl = slice(c * self.chunk_rows, min(m, (c + 1) * self.chunk_rows))
+                try:
+                    crc = S.chunk_checksum(f[sl], lab[sl])
+                except Exception as e:  # undecodable chunk
+                    bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
+                    continue
+                if crc != int(sums[c]):
+                    bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
+        return dict(sorted(bad.items()))
+
+    def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """Augmented views (len(rows), V, dim) float32 of train ``rows``, and a description; or
+        (None, why) when the store has no views, or some of the rows have none (not among the views'
+        rows, their chunk not written yet, or their image unreadable when the views were made)."""
+        info = self.views_info
+        if info is None:
+            return None, "no augmented views in the store"
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        have = self.view_rows()
+        pos = np.searchsorted(have, rows)
+        ok = (pos < len(have)) & (have[np.minimum(pos, max(len(have) - 1, 0))] == rows) if len(have) else np.zeros(len(rows), bool)
+        if not ok.all():
+            return None, (f"the store's views cover {len(have)} train rows ({_views_rows_text(info)}); "
+                          f"{int((~ok).sum())} of these {len(rows)} rows have none")
+        g = self._views()
+        chunk = pos // self.chunk_rows
+        written = self.views_written()
+        if not written[np.unique(chunk)].all():
+            return None, "the store's views are incomplete (run the same `fskd extract --augment-views` again to finish)"
+        lab = np.asarray(g[S.LABELS][:])
+        if (lab[pos] < 0).any():
+            return None, f"{int((lab[pos] < 0).sum())} of these rows' images could not be read when the views were made"
+        v = int(info["views"])
+        out = np.empty((len(rows), v, self.dim), np.float32)
+        order = np.argsort(pos, kind="stable")
+        srt, bounds = pos[order], np.flatnonzero(np.diff(chunk[order])) + 1
+        m = len(have)
+        for part in np.split(np.arange(len(srt)), bounds):
+            c = int(srt[part[0]] // self.chunk_rows)
+            start = c * self.chunk_rows
+            try:
+                block = g[S.FEATURES][start:min(m, start + self.chunk_rows)]
+            except Exception as e:
+                raise StoreError(f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
+                                 f"`fskd info --check {self.path}` lists the damage") from None
+            out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
+        return out, describe_views(info)
+
     # -- reading -----------------------------------------------------------------------------
     def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
@@ -648,13 +818,27 @@ class FeatureStore:
             "text_source": a["text"].get("source"),
             "templates": list(a["text"].get("templates", [])),
             "templates_source": a["text"].get("templates_source", "fskd default"),
+            "views": self._views_summary(),
         }
+
+    def _views_summary(self) -> dict | None:
+        info = self.views_info
+        if info is None:
+            return None
+        return {"views": int(info["views"]), "rows": int(self._views()[S.VIEW_ROWS].shape[0]),
+                "complete": bool(self.views_written().all()), "description": describe_views(info)}
 
     def check_report(self) -> dict:
         """``fskd info --check``: every chunk verified against its checksum."""
         missing = self.missing_chunks()
         damaged = self.damaged_chunks(verify=True, missing=missing)
         other = [m for m in missing if _unrepairable_here(m)]
-        return {"ok": not damaged and not other, "chunks_verified": {s: int(self.written(s).sum()) for s in self.splits},
+        verified = {s: int(self.written(s).sum()) for s in self.splits}
+        if self.views_info is not None:
+            views = self.views_damaged(verify=True)
+            if views:
+                damaged = {**damaged, S.VIEWS_GROUP: views}
+            verified[S.VIEWS_GROUP] = int(self.views_written().sum())
+        return {"ok": not damaged and not other, "chunks_verified": verified,
                 "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
                 "missing": other}

@@ -247,6 +247,33 @@ def allway_rows(store, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     return sampling.allway_shots(store, shots, seed, error=ConfigError)
 
 
+def allway_views(store, config, device: torch.device) -> tuple[torch.Tensor | None, str]:
+    """The store's augmented views of the all-way shots (``fskd extract --augment-views``):
+    ((1, V, C*K, D) class-major like :func:`allway_rows`, description), or (None, why not)."""
+    views, why = sampling.allway_shot_views(store, config.shots, config.seed, error=ConfigError)
+    if views is None:
+        return None, why
+    return torch.from_numpy(views).to(device).transpose(0, 1)[None], why
+
+
+def record_views(state: MethodState, regime: str, views: torch.Tensor | None, why: str) -> None:
+    """Say in the state whether the fit used augmented views, and which (or why not)."""
+    state.hparams[f"{regime}.views"] = 0 if views is None else int(views.shape[1])
+    state.selected_on[f"{regime}.views"] = why if views is not None else f"none: {why}; one feature per shot"
+
+
+def embed_views(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
+    """(E, V, S, D) raw views -> embedded in ``space`` (as its support)."""
+    E, V, S, D = views.shape
+    return space.embed(views.reshape(E, V * S, D)).reshape(E, V, S, -1)
+
+
+def view_keys(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
+    """Tip-Adapter's cache keys from augmented views: the mean of a shot's raw views, embedded
+    (normalised), as the reference averages its 10 augmented epochs: (E, S, D)."""
+    return space.embed(views.mean(1))
+
+
 def allway_val_rows(store, classes: np.ndarray, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """The val-split rows of ``classes`` that ``rule`` allows (CoOp: min(K, 4) per class, seeded)."""
     return sampling.allway_val(store, classes, shots, seed, rule)

@@ -7,6 +7,10 @@ class text weights in image space (the bridge when the spaces differ). ``alpha =
 zero-shot. alpha and beta are searched on validation data (val-class episodes for the episodic
 regime, the val split with K train shots per class for the all-way regime), as the paper
 searches them on a validation set. Large support banks go through FAISS (fskd.classifiers.cache).
+
+With augmented views in the store (``fskd extract --augment-views V``), the all-way keys of the
+state's own shots are the normalised mean of each shot's V views, as the reference builds its
+cache from 10 augmented epochs; the state keeps them and says so (``allway.views``).
 """
 
 from __future__ import annotations
@@ -135,6 +139,9 @@ class TipAdapter(Method):
             def fit(support, classes):
                 ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
                 keys, values = cache_from_support(ts.support)
+                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                if kept is not None:  # the state's own shots: the keys of their augmented views
+                    keys = kept["keys"]
                 return FittedTip(ts.weights, keys, values, alpha, beta, ts.embed)
 
             return fit
@@ -158,11 +165,21 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
         C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
         C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
     }
+    views, why = C.allway_views(store, config, device) if aw_task is not None else (None, "no all-way task")
+    keys = None
+    if views is not None:  # the reference's cache: the mean of each shot's augmented views
+        keys = C.view_keys(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
     for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
         C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default,
-                                                  pooled=regime == C.EPISODIC), fixed)
+                                                  pooled=regime == C.EPISODIC, keys=keys if regime == C.ALLWAY else None),
+                 fixed)
     state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
-    return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device}
+    if aw_task is not None:
+        C.record_views(state, C.ALLWAY, views, why)
+        if keys is not None:
+            C.keep_allway_head(state, aw_task, {"keys": keys})
+    return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device,
+                   "views": views}
 
 
 METHODS.register('tip-adapter', TipAdapter)

@@ -9,8 +9,10 @@ Two forms (``--set form=keys|span``):
   search's alpha and beta; the epoch kept is the one with the best validation accuracy (the
   reference picks it on the test set), and alpha and beta are then searched again with the
   fine-tuned keys (as the reference does, on the same wide grid as ``tip-adapter``). The
-  reference queries each step with freshly augmented views of the shots; a store holds one
-  view per image, so a support row never sees its own key (leave-one-out) in its place.
+  reference queries each step with freshly augmented views of the shots. With views in the
+  store (``fskd extract --augment-views V``) the all-way fit does the same with one of each
+  shot's V views per epoch, its keys starting at the mean of the views; without them a store
+  holds one feature per image, so a support row never sees its own key (leave-one-out).
 - ``span`` is fskd's earlier variant: keys in the span of the support (``K = X + B X``, B
   (E, S, S)), full-batch Adam, step count and an alpha rescale chosen on validation, no
   re-search; up to :data:`SPAN_MAX_ROWS` support rows.
@@ -71,26 +73,35 @@ class KeyRun:
 
 def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = EPOCHS, lr: float = 1e-3,
                seed: int = 0, stop: int | None = None,
-               val: tuple[torch.Tensor, torch.Tensor] | None = None) -> KeyRun:
+               val: tuple[torch.Tensor, torch.Tensor] | None = None, views: torch.Tensor | None = None,
+               keys0: torch.Tensor | None = None) -> KeyRun:
     """The ``keys`` form (module docstring) for E episodes at once.
 
     The cosine schedule spans ``epochs``; training stops after ``stop`` (default: all) epochs, so a
     refit to the epoch validation chose retraces the original run exactly (same seed, same
     batches). ``val`` = (embedded queries (E, M, D), way labels (E, M)) keeps the keys of the epoch
-    with the best mean val accuracy (ties: the earlier epoch)."""
+    with the best mean val accuracy (ties: the earlier epoch).
+
+    ``views`` (E, V, S, D), embedded augmented views of the support (``fskd extract
+    --augment-views``): the keys start at ``keys0`` (the cache of the views, ``_common.view_keys``;
+    default: the normalised mean of the embedded views) and every epoch queries
+    each shot with one of its views drawn at random (the reference's freshly augmented epoch), with
+    no leave-one-out mask; the batches and their order are the same as without views."""
     x, values = cache_from_support(space.support)
     E, N, K, D = space.support.shape
     S = N * K
     stop = epochs if stop is None else min(stop, epochs)
+    init = x if views is None else keys0 if keys0 is not None else F.normalize(views.mean(1), dim=-1)
     if S == 0 or stop == 0:
-        return KeyRun(x, 0)
-    keys = x.clone().requires_grad_(True)
+        return KeyRun(init, 0)
+    keys = init.clone().requires_grad_(True)
     opt = torch.optim.AdamW([keys], lr=lr, eps=ADAMW_EPS, weight_decay=ADAMW_DECAY)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(S / KEY_BATCH))
     gen = torch.Generator().manual_seed(seed)
+    gen_views = torch.Generator().manual_seed(seed + 1_000_003)  # its own stream: the batches do not change
     text_logits = TEXT_SCALE * torch.bmm(x, space.weights.transpose(1, 2))  # (E, S, N)
     arange = torch.arange(S, device=x.device)
-    run = KeyRun(x, 0)
+    run = KeyRun(init, 0)
     best = -1.0
     if val is not None:
         q, truth = val
@@ -98,12 +109,20 @@ def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = E
     with single_thread(E * S * min(S, KEY_BATCH) * D):
         for epoch in range(stop):
             perm = torch.randperm(S, generator=gen).to(x.device)
+            if views is not None:
+                pick = torch.randint(views.shape[1], (S,), generator=gen_views).to(x.device)
             for i in range(0, S, KEY_BATCH):
                 rows = perm[i:i + KEY_BATCH]
                 with torch.enable_grad():
-                    sims = torch.bmm(x[:, rows], keys.transpose(1, 2))  # (E, b, S)
-                    a = torch.exp(-beta * (1.0 - sims)).masked_fill((rows[:, None] == arange[None])[None], 0.0)
-                    logits = text_logits[:, rows] + alpha * class_cache(a, N)
+                    if views is None:
+                        sims = torch.bmm(x[:, rows], keys.transpose(1, 2))  # (E, b, S)
+                        a = torch.exp(-beta * (1.0 - sims)).masked_fill((rows[:, None] == arange[None])[None], 0.0)
+                        tl = text_logits[:, rows]
+                    else:
+                        q = views[:, pick[rows], rows]  # (E, b, D): one view of each shot
+                        a = torch.exp(-beta * (1.0 - torch.bmm(q, keys.transpose(1, 2))))
+                        tl = TEXT_SCALE * torch.bmm(q, space.weights.transpose(1, 2))
+                    logits = tl + alpha * class_cache(a, N)
                     loss = F.cross_entropy(logits.reshape(-1, N), values[:, rows].reshape(-1), reduction="none")
                     loss = loss.reshape(E, -1).mean(1).sum()  # episodes train independently (AdamW is element-wise)
                     opt.zero_grad(set_to_none=True)
@@ -175,7 +194,8 @@ class TipAdapterF(Method):
             space = ctx["spaces"][regime]
             trains = task is not None and task.shot > 0 and alpha != 0
             if opts.form == "keys":
-                self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed)
+                self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed,
+                               ctx["views"] if regime == C.ALLWAY else None)
             else:
                 self._fit_span(state, regime, task if trains else None, space, alpha, beta, opts)
             if progress and trains:
@@ -186,7 +206,8 @@ class TipAdapterF(Method):
         return state
 
     @staticmethod
-    def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int) -> None:
+    def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int,
+                  views: torch.Tensor | None = None) -> None:
         """Fine-tune at the training-free (alpha, beta), keep the best val epoch, re-search (alpha, beta)."""
         state.hparams[f"{regime}.init_alpha"], state.hparams[f"{regime}.init_beta"] = alpha, beta
         state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
@@ -195,7 +216,10 @@ class TipAdapterF(Method):
             C.record(state, regime, C.grid_search([], lambda c: 0.0, None, {"epochs": 0}))
             return
         ts = space(task.support, task.classes)
-        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=seed, val=(ts.embed(task.query), task.truth))
+        keys0 = C.view_keys(ts, views) if views is not None else None
+        views = C.embed_views(ts, views) if views is not None else None
+        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=seed, val=(ts.embed(task.query), task.truth),
+                         views=views, keys0=keys0)
         table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
         C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
         fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}

@@ -230,8 +230,14 @@ def train_field(
     gamma: float,
     seed: int,
     progress: Callable[[str, int, int, dict], None] | None = None,
+    x0_views: torch.Tensor | None = None,
 ) -> list[float]:
     """Regress ``field`` on the straight-line velocities of the pairs (x0[i], x1[i]).
+
+    ``x0_views`` (n, V, D): augmented views of each source (``fskd extract --augment-views``);
+    each time a pair is visited its source is one of its V views drawn at random (the FMA
+    reference re-encodes a freshly augmented image every epoch). Their draws come from a stream of
+    their own, so orders, times and noise are those of the run without views.
 
     x0, x1: (n, D) on the field's device. Two schedules:
 
@@ -274,12 +280,15 @@ def train_field(
     field.train()
     report_every = max(1, total // 10)
     curve, running = [], torch.zeros((), device=device)
+    g_views = torch.Generator().manual_seed(seed + 1_000_003)
     for it, idx in enumerate(batches()):
         m = len(idx)
+        src = None if x0_views is None else torch.randint(x0_views.shape[1], (m,), generator=g_views).to(device)
         idx = idx.to(device)
         t = torch.rand(m, generator=g).to(device)
         noise = torch.randn(m, dim, generator=g).to(device) if gamma else None
-        xt, target = straight_path(x0[idx], x1[idx], t, gamma, noise)
+        start = x0[idx] if src is None else x0_views[idx, src]
+        xt, target = straight_path(start, x1[idx], t, gamma, noise)
         with autocast(device):
             pred = field(xt, t)
         loss = (pred.float() - target).pow(2).sum(-1).mean()

@@ -562,6 +562,13 @@ class FMA(Method):
         targets = space.to_flow(targets_img)  # (C, P)
         x0, x1 = space.to_flow(e_train), targets[y]
         log.info("fma %s: %d training pairs in %d-d, bridge %s", regime, len(x0), x0.shape[1], bridge_desc)
+        x0_views, views_why = None, "the episodic regime learns from whole base classes"
+        if regime == ALLWAY:
+            views, views_why = sampling.allway_shot_views(store, config.shots, config.seed, error=ConfigError)
+            if views is not None:  # (S, V, D) -> (S, V, P), through the same map, embedding and basis
+                S_, V, D = views.shape
+                flat = _apply(fmap, torch.from_numpy(views).to(device).reshape(S_ * V, D))
+                x0_views = space.to_flow(bridge.embed_images(flat)).reshape(S_, V, -1)
 
         def train(gamma: float) -> tuple[torch.nn.Module, list[float]]:
             with torch.random.fork_rng(devices=[]):
@@ -571,7 +578,8 @@ class FMA(Method):
             loss = train_field(field, x0, x1, iters=opts.iters, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
                                batch_size=opts.batch_size, lr=opts.lr,
                                weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
-                               progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)))
+                               progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)),
+                               x0_views=x0_views)
             return field, loss
 
         # validation: solver, number of steps, early stop and prototype weight
@@ -623,7 +631,9 @@ class FMA(Method):
         if regime == ALLWAY and not bridge.is_identity:
             tensors["targets"] = targets_img.detach().cpu()  # leave-one-class-out (see allway_bridge)
         on = f"{val_on}: {val_desc}"
-        selected_on = {"gamma": on if len(gammas) > 1 else "given", "solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
+        hp["views"] = 0 if x0_views is None else int(x0_views.shape[1])
+        selected_on = {"views": views_why if x0_views is not None else f"none: {views_why}; one feature per shot",
+                       "gamma": on if len(gammas) > 1 else "given", "solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
                        "stop": on, "proto_weight": on if len(weights) > 1 else "given",
                        "bridge": ("identity (one space)" if bridge.is_identity else
                                   f"ridge maps fitted on the training rows, strength chosen on the {val_on}"
