@@ -55,6 +55,25 @@ def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     return arr.metadata.encode_chunk_key(coords)
 
 
+def _verify_chunks(features: zarr.Array, labels: zarr.Array, sums: np.ndarray, written: np.ndarray, rows: int,
+                   bad: dict[int, str]) -> None:
+    """Re-compute the CRC-32 of every written row chunk not already in ``bad``; add the ones that
+    cannot be decoded or do not match their stored checksum to ``bad`` (chunk -> reason)."""
+    n = features.shape[0]
+    for c in np.flatnonzero(written):
+        c = int(c)
+        if c in bad:
+            continue
+        sl = slice(c * rows, min(n, (c + 1) * rows))
+        try:
+            crc = S.chunk_checksum(features[sl], labels[sl])
+        except Exception as e:  # undecodable chunk
+            bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
+            continue
+        if crc != int(sums[c]):
+            bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
+
+
 def _unrepairable_here(missing: str) -> bool:
     """A missing text or sample-id chunk: not fixed by encoding row chunks again."""
     return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
@@ -468,20 +487,8 @@ class FeatureStore:
                     bad.setdefault(int(c), f"{name} chunk object missing")
             if verify:
                 g = self._split(split)
-                f, lab, sums = g[S.FEATURES], g[S.LABELS], np.asarray(self._read(split, S.CHECKSUMS, slice(None)))
-                rows, n = self.chunk_rows, f.shape[0]
-                for c in np.flatnonzero(self.written(split)):
-                    c = int(c)
-                    if c in bad:
-                        continue
-                    sl = slice(c * rows, min(n, (c + 1) * rows))
-                    try:
-                        crc = S.chunk_checksum(f[sl], lab[sl])
-                    except Exception as e:  # undecodable chunk
-                        bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
-                        continue
-                    if crc != int(sums[c]):
-                        bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
+                _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(self._read(split, S.CHECKSUMS, slice(None))),
+                               self.written(split), self.chunk_rows, bad)
             if bad:
                 out[split] = dict(sorted(bad.items()))
         return out
@@ -617,19 +624,7 @@ class FeatureStore:
                 if _chunk_key(arr, coords) not in have:
                     bad.setdefault(int(c), f"{name} chunk object missing")
         if verify:
-            f, lab, sums, m = g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), g[S.VIEW_ROWS].shape[0]
-            for c in np.flatnonzero(written):
-                c = int(c)
-                if c in bad:
-                    continue
-                sl = slice(c * self.chunk_rows, min(m, (c + 1) * self.chunk_rows))
-                try:
-                    crc = S.chunk_checksum(f[sl], lab[sl])
-                except Exception as e:  # undecodable chunk
-                    bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
-                    continue
-                if crc != int(sums[c]):
-                    bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
+            _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), written, self.chunk_rows, bad)
         return dict(sorted(bad.items()))
 
     def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
