@@ -245,9 +245,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
     with dir_lock(store_path, waiting, log) if single else contextlib.nullcontext():
         result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
         if cfg.augment_views:
-            result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits["train"] if "train" in
-                                                                  sample_splits else None, get_encoder, device, dist,
-                                                                  progress)
+            result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits.get("train"), get_encoder,
+                                                                  device, dist, progress)
             if result.views_encoded:
                 result.reused = False
             result.seconds = time.perf_counter() - t0
@@ -471,16 +470,12 @@ def view_rows_for(store: FeatureStore, cfg: ExtractConfig) -> np.ndarray:
     ``--augment-seeds`` of the all-way ``--augment-shots``-shot draws (the K-shot draw of a seed
     holds its draws of fewer shots, so every K' <= K is covered)."""
     from fskd.errors import ConfigError
-    from fskd.store.sampling import sample_shots
+    from fskd.store.sampling import allway_shot_rows
 
-    valid = store.valid_rows("train")
     if not cfg.augment_shots:
-        return valid
-    y = store.labels("train")[valid]
-    classes = np.unique(y)
-    picked = [valid[sample_shots(y, classes, cfg.augment_shots, s, store.class_names, "train",
-                                 option="--augment-shots", error=ConfigError).reshape(-1)] for s in cfg.augment_seeds]
-    return np.unique(np.concatenate(picked))
+        return store.valid_rows("train")
+    return np.unique(np.concatenate([allway_shot_rows(store, cfg.augment_shots, s, ConfigError, "--augment-shots")[0]
+                                     for s in cfg.augment_seeds]))
 
 
 def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, device, dist, progress) -> tuple[int, int]:
@@ -491,18 +486,16 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     want = _views_request(cfg)
     store = FeatureStore.open(cfg.store, mode="r+")
     have = store.views_info
-    if have is not None and _views_differ(have, want):
+    differ = _views_differ(have, want) if have is not None else []
+    if differ:
         raise StoreError(
-            f"{cfg.store} already has augmented views made differently (differs in: {', '.join(_views_differ(have, want))}; "
+            f"{cfg.store} already has augmented views made differently (differs in: {', '.join(differ)}; "
             f"it has {have['views']} views of {have['rows']}); ask for the same ones, or remove {cfg.store}/views "
             f"(fskd made it; the features of the splits are kept) and run again")
-    encoder = None
     if dist.is_main:
         if have is None:
             rows = view_rows_for(store, cfg)
-            encoder = get_encoder()
-            size = int(encoder.preprocess(_blank_image()).shape[-1])
-            want["transform"]["size"] = size
+            want["transform"]["size"] = int(get_encoder().preprocess(_blank_image()).shape[-1])
             store.create_views(want, rows, store.labels("train")[rows])
         else:
             bad = store.views_damaged(verify=True)
@@ -517,7 +510,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     if not todo:
         barrier()
         return 0, len(rows)
-    encoder = encoder or get_encoder()
+    encoder = get_encoder()
     v, per, m = int(info["views"]), store.chunk_rows, len(rows)
     blank = encoder.preprocess(_blank_image())
     t = info["transform"]

@@ -115,13 +115,13 @@ def allway_shots(store, shots: int, seed: int, error: type[FskdError] = Evaluati
     return store.take("train", rows), y, classes
 
 
-def allway_shot_rows(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+def allway_shot_rows(store, shots: int, seed: int, error: type[FskdError] = EvaluationError, option: str = "--shots"
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows behind :func:`allway_shots`: (train row indices (C*K,), labels (C*K,), classes (C,))."""
     valid = store.valid_rows("train")
     y = store.labels("train")[valid]
     classes = np.unique(y)
-    rows = sample_shots(y, classes, shots, seed, store.class_names, "train", option="--shots", error=error).reshape(-1)
+    rows = sample_shots(y, classes, shots, seed, store.class_names, "train", option=option, error=error).reshape(-1)
     return valid[rows], y[rows], classes
 
 

@@ -179,7 +179,7 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
         if keys is not None:
             C.keep_allway_head(state, aw_task, {"keys": keys})
     return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device,
-                   "views": views}
+                   "views": views, "view_keys": keys}
 
 
 METHODS.register('tip-adapter', TipAdapter)

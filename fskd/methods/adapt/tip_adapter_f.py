@@ -83,15 +83,15 @@ def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = E
     with the best mean val accuracy (ties: the earlier epoch).
 
     ``views`` (E, V, S, D), embedded augmented views of the support (``fskd extract
-    --augment-views``): the keys start at ``keys0`` (the cache of the views, ``_common.view_keys``;
-    default: the normalised mean of the embedded views) and every epoch queries
+    --augment-views``): the keys start at ``keys0`` (E, S, D) (the cache of the views,
+    ``_common.view_keys``) and every epoch queries
     each shot with one of its views drawn at random (the reference's freshly augmented epoch), with
     no leave-one-out mask; the batches and their order are the same as without views."""
     x, values = cache_from_support(space.support)
     E, N, K, D = space.support.shape
     S = N * K
     stop = epochs if stop is None else min(stop, epochs)
-    init = x if views is None else keys0 if keys0 is not None else F.normalize(views.mean(1), dim=-1)
+    init = x if views is None else keys0
     if S == 0 or stop == 0:
         return KeyRun(init, 0)
     keys = init.clone().requires_grad_(True)
@@ -194,8 +194,8 @@ class TipAdapterF(Method):
             space = ctx["spaces"][regime]
             trains = task is not None and task.shot > 0 and alpha != 0
             if opts.form == "keys":
-                self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed,
-                               ctx["views"] if regime == C.ALLWAY else None)
+                views = (ctx["views"], ctx["view_keys"]) if regime == C.ALLWAY and ctx["views"] is not None else None
+                self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed, views)
             else:
                 self._fit_span(state, regime, task if trains else None, space, alpha, beta, opts)
             if progress and trains:
@@ -207,8 +207,9 @@ class TipAdapterF(Method):
 
     @staticmethod
     def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int,
-                  views: torch.Tensor | None = None) -> None:
-        """Fine-tune at the training-free (alpha, beta), keep the best val epoch, re-search (alpha, beta)."""
+                  views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fine-tune at the training-free (alpha, beta), keep the best val epoch, re-search (alpha, beta).
+        ``views``: (raw augmented views (E, V, S, D), their cache keys (E, S, D)) from ``fit_tip``."""
         state.hparams[f"{regime}.init_alpha"], state.hparams[f"{regime}.init_beta"] = alpha, beta
         state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
         state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
@@ -216,10 +217,9 @@ class TipAdapterF(Method):
             C.record(state, regime, C.grid_search([], lambda c: 0.0, None, {"epochs": 0}))
             return
         ts = space(task.support, task.classes)
-        keys0 = C.view_keys(ts, views) if views is not None else None
-        views = C.embed_views(ts, views) if views is not None else None
+        embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
         run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=seed, val=(ts.embed(task.query), task.truth),
-                         views=views, keys0=keys0)
+                         views=embedded, keys0=keys0)
         table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
         C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
         fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
