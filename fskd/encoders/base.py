@@ -49,6 +49,12 @@ class Encoder(ABC):
         """list of m strings -> (m, text_dim) features."""
         raise EncoderError(f"encoder {self.spec!r} has no text tower")
 
+    def prompt_tower(self) -> PromptTower:
+        """The text tower as a function of token embeddings (prompt learning: coop, kgcoop)."""
+        raise EncoderError(
+            f"encoder {self.spec!r} has no text tower that takes token embeddings; prompt learning (coop, kgcoop) "
+            f"needs an open_clip model or lite0-minilm")
+
     def to(self, device: torch.device) -> Encoder:
         self.device = device
         for m in self.modules():
@@ -68,6 +74,41 @@ class Encoder(ABC):
             "web_scale": self.web_scale,
             "preprocess": self.preprocess_info(),
         }
+
+
+class PromptTower(ABC):
+    """A frozen text tower that encodes token *embeddings*, so learned context vectors can stand in
+    for words (CoOp). ``encode(embed(ids), ids, mask)`` equals the encoder's ``encode_texts`` of the
+    texts that ``tokenize`` tokenised (tests check it)."""
+
+    #: width of a token embedding (the context vectors' size)
+    width: int
+    #: dimension of the encoded text (the store's text features)
+    text_dim: int
+    #: the model's learned logit scale (CLIP: exp(logit_scale)), None when it has none
+    logit_scale: float | None = None
+    #: special tokens before the first word (the start / [CLS] token)
+    prefix_tokens: int = 1
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """m texts -> (token ids (m, L) long, attention mask (m, L) bool), one length L for all."""
+
+    @abstractmethod
+    def word_count(self, texts: list[str]) -> list[int]:
+        """How many tokens each text takes, special tokens excluded (a class name's length)."""
+
+    @abstractmethod
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(m, L) ids -> (m, L, width) token embeddings."""
+
+    @abstractmethod
+    def encode(self, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(m, L, width) token embeddings (ids and mask of their layout) -> (m, text_dim), not normalised."""
+
+    @abstractmethod
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen modules (for device moves and gradient checks)."""
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from fskd.encoders.base import ENCODERS, Encoder
+from fskd.encoders.base import ENCODERS, Encoder, PromptTower
 from fskd.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,45 @@ class Lite0MiniLM(Encoder):
         with torch.inference_mode():
             out = self.text_model.encode(texts, convert_to_tensor=True, batch_size=256, show_progress_bar=False)
         return out.float()
+
+    def prompt_tower(self) -> PromptTower:
+        return MiniLMPromptTower(self.text_model)
+
+
+class MiniLMPromptTower(PromptTower):
+    """all-MiniLM-L6-v2 from token embeddings: BERT over ``inputs_embeds`` (it adds the position
+    and token-type embeddings itself), mean pooling over the attention mask, L2 normalisation:
+    the sentence-transformers pipeline (Transformer, Pooling mean, Normalize) step for step."""
+
+    logit_scale = None  # a sentence encoder: no image-text logit scale
+    prefix_tokens = 1  # [CLS]
+
+    def __init__(self, st) -> None:
+        self._st = st
+        self._tf = st[0]
+        self.bert = self._tf.auto_model
+        self.width = int(self.bert.config.hidden_size)
+        self.text_dim = int(getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)())
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._tf.tokenizer(texts, padding=True, truncation=True, max_length=self._tf.max_seq_length,
+                               return_tensors="pt")
+        dev = self.bert.device
+        return b["input_ids"].to(dev), b["attention_mask"].bool().to(dev)
+
+    def word_count(self, texts: list[str]) -> list[int]:
+        return [len(self._tf.tokenizer.tokenize(t)) for t in texts]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings(ids)
+
+    def encode(self, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.bert(inputs_embeds=embeddings, attention_mask=mask.long()).last_hidden_state
+        m = mask[..., None].to(h.dtype)
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self._st]
 
 
 @ENCODERS.register('lite0-minilm')

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fskd.encoders.base import ENCODERS, Encoder, host_reachable, seeded_init
+from fskd.encoders.base import ENCODERS, Encoder, PromptTower, host_reachable, seeded_init
 from fskd.errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,61 @@ class OpenClipEncoder(Encoder):
         tokens = self.tokenizer(texts).to(self.device)
         with torch.inference_mode():
             return self.model.encode_text(tokens).float()
+
+    def prompt_tower(self) -> PromptTower:
+        return OpenClipPromptTower(self.model, self.tokenizer, self.spec)
+
+
+class OpenClipPromptTower(PromptTower):
+    """open_clip's ``CLIP.encode_text`` from token embeddings (positional embedding, the causal
+    transformer, ln_final, pooling at the end-of-text token, projection).
+
+    With the causal mask a token only sees the tokens before it, so the padding after the last
+    end-of-text token cannot change the pooled feature: ``tokenize`` cuts the sequences there
+    (77 -> about 20 positions for class prompts), which changes nothing but the cost."""
+
+    prefix_tokens = 1  # <start_of_text>
+
+    def __init__(self, model, tokenizer, spec: str) -> None:
+        need = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+        missing = [a for a in need if not hasattr(model, a)]
+        if missing:
+            raise EncoderError(f"encoder {spec!r}: prompt learning needs open_clip's built-in text transformer; "
+                               f"{type(model).__name__} has no {', '.join(missing)} (e.g. a Hugging Face text tower)")
+        self.model, self.tokenizer = model, tokenizer
+        self.width = int(model.token_embedding.weight.shape[1])
+        proj = model.text_projection
+        self.text_dim = int(proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[-1])
+        self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100.0))
+        self.causal = getattr(model, "attn_mask", None) is not None
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(texts).to(self.model.token_embedding.weight.device)
+        if self.causal and self.model.text_pool_type == "argmax":
+            ids = ids[:, : int(ids.argmax(-1).max()) + 1]  # nothing after the last end-of-text token matters
+        return ids, ids != 0
+
+    def word_count(self, texts: list[str]) -> list[int]:
+        return [int((self.tokenizer([t])[0] != 0).sum()) - 2 for t in texts]  # minus start and end of text
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(ids)
+
+    def encode(self, embeddings: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        L = embeddings.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + m.positional_embedding[:L].to(cast)
+        attn = None if m.attn_mask is None else m.attn_mask[:L, :L]
+        x = m.ln_final(m.transformer(x, attn_mask=attn))
+        x = text_global_pool(x, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
 
 
 @ENCODERS.register('openclip')

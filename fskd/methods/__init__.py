@@ -25,6 +25,11 @@ METHODS.lazy("tip-adapter", "fskd.methods.adapt.tip_adapter", kind="adapt",
              help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
 METHODS.lazy("tip-adapter-f", "fskd.methods.adapt.tip_adapter_f", kind="adapt",
              help="Tip-Adapter-F: cache keys fine-tuned on the shots (steps, alpha on validation)")
+METHODS.lazy("coop", "fskd.methods.adapt.coop", kind="adapt",
+             help="CoOp: 16 learned context vectors in the class prompts of the frozen text tower (image features "
+                  "from the store)")
+METHODS.lazy("kgcoop", "fskd.methods.adapt.coop", kind="adapt",
+             help="KgCoOp: CoOp kept near the hand-crafted prompts' text features (lam 8, 'a photo of a' init)")
 METHODS.lazy("residual-adapter", "fskd.methods.adapt.residual_adapter", kind="adapt",
              help="MTKD stage 2 / CLIP-Adapter: residual MLP on frozen features (ratio, steps on validation); "
                   "exposes features")

@@ -204,6 +204,8 @@ class Method(ABC):
     #: True when a state's head classifies classes it got no shot of, from their text (the "new"
     #: classes of base-to-new): its head accepts an empty support (K = 0) for unlearned classes
     transfers_to_new_classes: bool = False
+    #: True when fitting runs the store's text encoder (rebuilt from the store's spec: prompt learning)
+    needs_text_encoder: bool = False
 
     @abstractmethod
     def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:
@@ -236,6 +238,11 @@ class Method(ABC):
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A map of raw store features (n, D) -> adapted features (n, D') that other methods can
         build on (e.g. FMA on a residual adapter's features); None when the method has none."""
+        return None
+
+    def text_features(self, state: MethodState, store: FeatureStore, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """Class text features (C, d_t) the state learned, per regime (``"allway"``, ``"episodic"``),
+        that other methods can build on (e.g. FMA toward CoOp's prompts); None when it has none."""
         return None
 
 
