@@ -126,3 +126,22 @@ def test_prompt_learning_refuses_stores_without_a_usable_text_tower(synthetic_st
     with pytest.raises(ConfigError, match="--set position must be one of end, middle, front"):
         api.adapt(AdaptConfig(store=str(st.path), method="coop", shots=2, out=str(tmp_path / "y"), device="cpu",
                               options={"position": "left"}))
+
+
+def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
+    """``fskd align --method fma --base-state <coop state>``: the flow's targets are CoOp's learned
+    class text features (not the store's), and the state evaluates on its own."""
+    from fskd.config import AlignConfig
+    from fskd.methods.align.fma import FMA
+
+    coop = _adapt(photo_store, "coop", tmp_path / "coop", n_ctx=4)
+    r = api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "fma"),
+                              device="cpu", base_state=str(tmp_path / "coop"),
+                              options={"width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+    st = load_state(r.out)
+    assert st.hparams["base_method"] == "coop" and "coop learned" in st.selected_on["allway.targets"]
+    part = FMA().parts(st, photo_store, CPU)["allway"]
+    want = part.space.to_flow(part.space.bridge.text_to_image(coop.tensors["allway.text"]))
+    torch.testing.assert_close(part.targets, want)
+    e = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shot=2, seeds=(1,), device="cpu"))
+    assert 0 <= e.accuracy <= 100

@@ -397,16 +397,20 @@ BASE_PREFIX = "base."
 BASE_INFO = "base_state_json"
 
 
-def _load_base(path: str, store, device: torch.device) -> tuple[MethodState, FeatureMap]:
+def _load_base(path: str, store, device: torch.device) -> tuple[MethodState, FeatureMap | None, dict | None]:
+    """A base state and what it gives: image features (a residual adapter) and/or learned class
+    text features per regime (CoOp's prompts: the flow's targets)."""
     state = load_state(path)
     method = METHODS.get(state.method)()
     method.check_store(state, store, path)
     fmap = method.features(state, store, device)
-    if fmap is None:
-        able = [n for n in METHODS.names() if METHODS.get(n).features is not Method.features]
-        raise ConfigError(f"--base-state {path}: method {state.method!r} exposes no features to build on; "
+    texts = method.text_features(state, store, device)
+    if fmap is None and not texts:
+        able = [n for n in METHODS.names()
+                if METHODS.get(n).features is not Method.features or METHODS.get(n).text_features is not Method.text_features]
+        raise ConfigError(f"--base-state {path}: method {state.method!r} exposes no features or class text to build on; "
                           f"methods that do: {', '.join(able) or '(none registered)'}")
-    return state, fmap
+    return state, fmap, texts
 
 
 def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
@@ -417,13 +421,15 @@ def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
     return out
 
 
-def _base_from_tensors(tensors: dict[str, torch.Tensor], store, device) -> FeatureMap | None:
+def _base_from_tensors(tensors: dict[str, torch.Tensor], store, device) -> tuple[FeatureMap | None, dict | None]:
+    """The kept base state's (feature map, learned class text per regime), or (None, None)."""
     if BASE_INFO not in tensors:
-        return None
+        return None, None
     info = json.loads(bytes(tensors[BASE_INFO].to(torch.uint8).tolist()).decode())
     sub = {k[len(BASE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
     state = MethodState(**info, tensors=sub)
-    return METHODS.get(state.method)().features(state, store, device)
+    method = METHODS.get(state.method)()
+    return method.features(state, store, device), method.text_features(state, store, device)
 
 
 def _text(store) -> torch.Tensor:
@@ -497,9 +503,9 @@ class FMA(Method):
         if ALLWAY in regimes and config.shots < 1:
             raise ConfigError(f"regime={regime} learns from K shots per class: --shots must be >= 1 (or use regime=episodic)")
         text = _text(store).to(device)
-        base_state, fmap, tensors = None, None, {}
+        base_state, fmap, texts, tensors = None, None, None, {}
         if config.base_state:
-            base_state, fmap = _load_base(config.base_state, store, device)
+            base_state, fmap, texts = _load_base(config.base_state, store, device)
             tensors.update(_base_tensors(base_state))
         fixed = "fixed (default)"
         hparams = {"regime": regime, "gamma": gammas[0] if len(gammas) == 1 else list(gammas), "arch": opts.arch,
@@ -510,7 +516,10 @@ class FMA(Method):
                        "arch": fixed, "width": fixed, "depth": fixed, "epochs": fixed, "iters": fixed, "lr": fixed, "pca": fixed}
         metrics = {}
         for r in regimes:
-            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, text, fmap, device, progress)
+            t_r = texts.get(r, text) if texts else text  # a prompt-learning base: its learned class text
+            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, t_r, fmap, device, progress)
+            if texts and r in texts:
+                s = {**s, "targets": f"the class text features {base_state.method} learned ({r} part of --base-state)"}
             tensors.update({f"{r}.{k}": v for k, v in t.items()})
             hparams.update({f"{r}.{k}": v for k, v in h.items()})
             selected_on.update({f"{r}.{k}": v for k, v in s.items()})
@@ -649,8 +658,8 @@ class FMA(Method):
     # -- inference ---------------------------------------------------------------------------------
     def parts(self, state: MethodState, store, device: torch.device) -> dict[str, Part]:
         """The fitted parts of a state, ready on ``device``."""
-        fmap = _base_from_tensors(state.tensors, store, device)
-        text = _text(store).to(device)
+        fmap, texts = _base_from_tensors(state.tensors, store, device)
+        store_text = _text(store).to(device)
         out = {}
         for r in (ALLWAY, EPISODIC):
             if f"{r}.steps" not in state.hparams:
@@ -666,6 +675,7 @@ class FMA(Method):
             space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
             learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
             learned[t["train_classes"].long()] = True
+            text = texts.get(r, store_text) if texts else store_text
             targets = t["targets"] if "targets" in t else space.targets(text)  # kept: the all-way LOO targets
             out[r] = Part(r, field, space, space.to_flow(targets), learned, hp)
         if not out:
