@@ -145,3 +145,16 @@ def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
     torch.testing.assert_close(part.targets, want)
     e = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shot=2, seeds=(1,), device="cpu"))
     assert 0 <= e.accuracy <= 100
+
+
+def test_base_to_new_scores_new_classes_through_their_names(photo_store, tmp_path):
+    """A base-to-new coop fit sees the base half's shots only; the new half is classified by the
+    learned context with the new classes' names (an HM is reported)."""
+    r = api.adapt(AdaptConfig(store=str(photo_store.path), method="coop", shots=2, seed=1, out=str(tmp_path / "b2n"),
+                              device="cpu", base_to_new=True, options={**FAST, "n_ctx": 4}))
+    st = load_state(r.out)
+    assert "hidden" in st.metrics["base_to_new"] and st.hparams["episodic.train_rows"] == 2 * 3
+    ev = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="base-to-new", shot=2, seeds=(1,),
+                                 device="cpu"))
+    assert ev.protocol == "base-to-new" and 0 <= ev.base <= 100 and ev.new is not None and 0 <= ev.new <= 100
+    assert ev.hm is not None
