@@ -437,9 +437,9 @@ class CoOp(Method):
         for r in (C.EPISODIC, C.ALLWAY):
             if f"{r}.ctx" not in state.tensors:
                 continue
-            learner = PromptLearner(tower, store.class_names, int(state.hparams["n_ctx"]),
-                                    "" if state.hparams["ctx_init"].startswith("random") else state.hparams["ctx_init"],
-                                    False, state.hparams["position"], 0)
+            # the layout depends on n_ctx and position only: the context positions are replaced below
+            learner = PromptLearner(tower, store.class_names, int(state.hparams["n_ctx"]), "", False,
+                                    state.hparams["position"], 0)
             with torch.no_grad():
                 learner.ctx.copy_(state.tensors[f"{r}.ctx"])
                 tensors[f"{r}.text"] = learner.all_text().cpu()

@@ -401,16 +401,25 @@ def _load_base(path: str, store, device: torch.device) -> tuple[MethodState, Fea
     """A base state and what it gives: image features (a residual adapter) and/or learned class
     text features per regime (CoOp's prompts: the flow's targets)."""
     state = load_state(path)
-    method = METHODS.get(state.method)()
-    method.check_store(state, store, path)
-    fmap = method.features(state, store, device)
-    texts = method.text_features(state, store, device)
+    METHODS.get(state.method)().check_store(state, store, path)
+    fmap, texts = _offers(state, store, device)
     if fmap is None and not texts:
         able = [n for n in METHODS.names()
                 if METHODS.get(n).features is not Method.features or METHODS.get(n).text_features is not Method.text_features]
         raise ConfigError(f"--base-state {path}: method {state.method!r} exposes no features or class text to build on; "
                           f"methods that do: {', '.join(able) or '(none registered)'}")
     return state, fmap, texts
+
+
+def _offers(state: MethodState, store, device) -> tuple[FeatureMap | None, dict | None]:
+    """What a base state gives FMA: (its feature map, its learned class text per regime)."""
+    method = METHODS.get(state.method)()
+    return method.features(state, store, device), method.text_features(state, store, device)
+
+
+def _regime_text(texts: dict | None, regime: str, default: torch.Tensor) -> torch.Tensor:
+    """A prompt-learning base's class text for ``regime``, else the store's (``default``)."""
+    return texts.get(regime, default) if texts else default
 
 
 def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
@@ -427,9 +436,7 @@ def _base_from_tensors(tensors: dict[str, torch.Tensor], store, device) -> tuple
         return None, None
     info = json.loads(bytes(tensors[BASE_INFO].to(torch.uint8).tolist()).decode())
     sub = {k[len(BASE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
-    state = MethodState(**info, tensors=sub)
-    method = METHODS.get(state.method)()
-    return method.features(state, store, device), method.text_features(state, store, device)
+    return _offers(MethodState(**info, tensors=sub), store, device)
 
 
 def _text(store) -> torch.Tensor:
@@ -516,8 +523,8 @@ class FMA(Method):
                        "arch": fixed, "width": fixed, "depth": fixed, "epochs": fixed, "iters": fixed, "lr": fixed, "pca": fixed}
         metrics = {}
         for r in regimes:
-            t_r = texts.get(r, text) if texts else text  # a prompt-learning base: its learned class text
-            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, t_r, fmap, device, progress)
+            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, _regime_text(texts, r, text), fmap,
+                                        device, progress)
             if texts and r in texts:
                 s = {**s, "targets": f"the class text features {base_state.method} learned ({r} part of --base-state)"}
             tensors.update({f"{r}.{k}": v for k, v in t.items()})
@@ -675,8 +682,7 @@ class FMA(Method):
             space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
             learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
             learned[t["train_classes"].long()] = True
-            text = texts.get(r, store_text) if texts else store_text
-            targets = t["targets"] if "targets" in t else space.targets(text)  # kept: the all-way LOO targets
+            targets = t["targets"] if "targets" in t else space.targets(_regime_text(texts, r, store_text))  # kept: the all-way LOO targets
             out[r] = Part(r, field, space, space.to_flow(targets), learned, hp)
         if not out:
             raise EvaluationError(f"fma state for {state.store_path} has no fitted part (hparams {sorted(state.hparams)})")
