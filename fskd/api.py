@@ -787,8 +787,13 @@ def bench(config, progress=AUTO) -> BenchResult:
         fitted.clear()
         cls = METHODS.get(cell.method)
         options = json.loads(cell.options)
-        if episodic and "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
-            options["regime"] = "episodic"  # a method with regimes fits all-way when given K shots
+        if "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
+            # a method with regimes fits only the part the cell scores (fma fits all-way when given K
+            # shots; coop fits both by default)
+            if episodic:
+                options["regime"] = "episodic"
+            elif config.protocol == "allway":
+                options["regime"] = "allway"
         kw = dict(store=store_path, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
                   device=config.device, options=options, force=True, val_rule=cell.val_rule,
                   base_to_new=cell.protocol == "base-to-new")

@@ -158,3 +158,99 @@ def test_base_to_new_scores_new_classes_through_their_names(photo_store, tmp_pat
                                  device="cpu"))
     assert ev.protocol == "base-to-new" and 0 <= ev.base <= 100 and ev.new is not None and 0 <= ev.new <= 100
     assert ev.hm is not None
+
+
+def test_one_regime_fits_learn_one_context_and_refuse_the_other_protocol(photo_store, tmp_path):
+    """regime=allway (what fskd bench asks for all-way cells) learns only the all-way context: the
+    same tensors as the both-regime fit's all-way part, and a clear refusal where the other is needed."""
+    from fskd.config import AlignConfig
+    from fskd.errors import ConfigError, EvaluationError
+
+    both = _adapt(photo_store, "coop", tmp_path / "both", n_ctx=4)
+    one = _adapt(photo_store, "coop", tmp_path / "one", n_ctx=4, regime="allway")
+    assert "episodic.ctx" not in one.tensors and one.selected_on["episodic.epochs"] == "not fitted: regime=allway"
+    for k in ("allway.ctx", "allway.text"):
+        assert torch.equal(one.tensors[k], both.tensors[k])  # the all-way part does not depend on the other
+    head = METHODS.get("coop")().head(one, photo_store, CPU)
+    novel = torch.as_tensor(photo_store.class_split("novel"))[None]  # an episode the episodic context would serve
+    support = torch.zeros(1, novel.shape[1], 1, photo_store.dim)
+    with pytest.raises(EvaluationError, match="not fitted: regime=allway; evaluate it with --protocol allway"):
+        head.fit(support, novel)
+    with pytest.raises(ConfigError, match="fma regime=episodic needs its episodic text"):
+        api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "f"),
+                              device="cpu", base_state=str(tmp_path / "one"), options={"regime": "episodic"}))
+    with pytest.raises(ConfigError, match="regime=episodic has nothing to learn"):
+        _adapt(photo_store, "coop", tmp_path / "csc", n_ctx=4, csc=True, regime="episodic")
+    with pytest.raises(ConfigError, match="--set regime must be one of both, allway, episodic"):
+        _adapt(photo_store, "coop", tmp_path / "bad", regime="all")
+
+
+def test_bench_fits_only_the_context_its_cells_score(photo_store, tmp_path):
+    """fskd bench asks a method with regimes for the one part its protocol scores: an all-way cell's
+    coop state has no episodic context (half the text-tower work), a base-to-new cell's has both."""
+    from fskd.config import BenchConfig
+
+    for protocol, want in (("allway", {"allway.ctx"}), ("base-to-new", {"allway.ctx", "episodic.ctx"})):
+        out = tmp_path / protocol
+        r = api.bench(BenchConfig(stores=(str(photo_store.path),), methods=("coop",), shots=(2,), seeds=(1,),
+                                  protocol=protocol, out=str(out), keep_states=True, device="cpu",
+                                  options={"coop": {**FAST, "n_ctx": 4}}), progress=None)
+        assert not r.failed, r.failed
+        (state_dir,) = (out / "states").glob("*/coop/2shot-seed1")
+        st = load_state(state_dir)
+        assert {k for k in st.tensors if k.endswith(".ctx")} == want, protocol
+
+
+@pytest.fixture(scope="module")
+def other_store(tiny_clip_dir, tmp_path_factory):
+    """A second store of the same tiny encoder: cub35's classes 3-8 (3-5 are also photo_store's)."""
+    from PIL import Image
+
+    from .conftest import SHARED_DATA
+
+    src = SHARED_DATA / "cub35" / "images"
+    if not src.exists():
+        pytest.skip("needs ../shared/data/cub35")
+    d = tmp_path_factory.mktemp("coop-other")
+    for cdir in sorted(src.iterdir())[3:9]:
+        (d / "images" / cdir.name).mkdir(parents=True)
+        for f in sorted(cdir.iterdir())[:6]:
+            Image.open(f).convert("RGB").resize((64, 64)).save(d / "images" / cdir.name / f.name)
+    (d / "templates.txt").write_text("a photo of a {}.\n")
+    api.extract(ExtractConfig(dataset="folder", root=str(d / "images"), encoder=f"openclip:local-dir:{tiny_clip_dir}",
+                              store=str(d / "other.zarr"), workers=0, batch_size=16, chunk_rows=16,
+                              sample_split=(0.5, 0.25, 0.25), templates=str(d / "templates.txt")))
+    return FeatureStore.open(d / "other.zarr")
+
+
+def test_cross_dataset_encodes_the_targets_names_with_the_learned_context(photo_store, other_store, tmp_path):
+    """coop across stores: the target's class text is the learned context with the target's names,
+    so the classes both stores have get exactly the source's learned text; fma over a coop base
+    moves its targets the same way (not the source classes' text)."""
+    from fskd.config import AlignConfig
+    from fskd.methods.align.fma import FMA
+
+    src_names, dst_names = photo_store.class_names, other_store.class_names
+    shared = [n for n in dst_names if n in src_names]
+    assert len(shared) == 3
+    coop = _adapt(photo_store, "coop", tmp_path / "coop", n_ctx=4)
+    moved = METHODS.get("coop")().transfer_state(coop, other_store)
+    for r in ("allway", "episodic"):
+        t = moved.tensors[f"{r}.text"]
+        assert t.shape == (other_store.num_classes, coop.tensors[f"{r}.text"].shape[1])
+        for n in shared:
+            torch.testing.assert_close(t[dst_names.index(n)], coop.tensors[f"{r}.text"][src_names.index(n)],
+                                       atol=1e-5, rtol=1e-5)
+    ev = api.evaluate(EvalConfig(store=str(other_store.path), state=str(tmp_path / "coop"), protocol="cross-dataset",
+                                 device="cpu"))
+    assert ev.classes == other_store.num_classes and 0 <= ev.accuracy <= 100
+
+    r = api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "fma"),
+                              device="cpu", base_state=str(tmp_path / "coop"),
+                              options={"width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+    fma_moved = FMA().transfer_state(load_state(r.out), other_store)
+    part = FMA().parts(fma_moved, other_store, CPU)["allway"]
+    want = part.space.to_flow(part.space.bridge.text_to_image(moved.tensors["allway.text"]))
+    torch.testing.assert_close(part.targets, want)
+    ev = api.evaluate(EvalConfig(store=str(other_store.path), state=r.out, protocol="cross-dataset", device="cpu"))
+    assert ev.classes == other_store.num_classes and 0 <= ev.accuracy <= 100

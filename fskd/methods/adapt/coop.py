@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 #: CoOp's scripts: 50 epochs for 1 shot, 100 for 2 and 4, 200 for 8 and 16 (and more)
 EPOCHS_BY_SHOTS = ((1, 50), (4, 100), (None, 200))
 POSITIONS = ("end", "middle", "front")
+#: which contexts a fit learns: both (the default: the state serves every protocol), or one
+REGIMES = ("both", C.ALLWAY, C.EPISODIC)
 #: the logit scale of a text tower without one (a sentence encoder): CLIP's trained value
 DEFAULT_LOGIT_SCALE = 100.0
 PLACEHOLDER = "X"
@@ -76,6 +78,7 @@ class CoOpOptions(Config):
     ctx_init: str = ""  # e.g. "a photo of a": the context starts at these words' embeddings
     csc: bool = False  # class-specific context (all-way only: a class never trained has none)
     position: str = "end"  # where the class name sits: end, middle, front
+    regime: str = "both"  # both | allway | episodic: which contexts to learn (fskd bench fits only the one it scores)
     epochs: int | None = None  # None: by shots, as CoOp's configs (EPOCHS_BY_SHOTS)
     batch_size: int = 32  # shots per SGD step (CoOp's 32; the last short batch is dropped)
     lr: float = 0.002  # SGD learning rate after the warm-up (CoOp's)
@@ -98,6 +101,8 @@ class CoOpOptions(Config):
         C.check_val_options(self)
         if self.position not in POSITIONS:
             raise ConfigError(f"--set position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.regime not in REGIMES:
+            raise ConfigError(f"--set regime must be one of {', '.join(REGIMES)}, got {self.regime!r}")
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,9 @@ class CoOp(Method):
         opts = C.parse_options(self.options, config)
         if config.shots < 1:
             raise ConfigError(f"method {self.name!r} trains its context on K shots per class: --shots must be >= 1")
+        if opts.csc and opts.regime == C.EPISODIC:
+            raise ConfigError(f"method {self.name!r}: --set csc=true learns one context per class, none for classes it "
+                              f"never trained, so regime=episodic has nothing to learn (use regime=allway)")
         device = resolve_device(config.device)
         state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
         tower = prompt_tower(store.encoder_spec, device, self.name)
@@ -293,7 +301,11 @@ class CoOp(Method):
         epochs = opts.epochs if opts.epochs is not None else epochs_for(config.shots)
         text = text.to(device)
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+        state.hparams["regime"], state.selected_on["regime"] = opts.regime, "fixed (option)"
         for regime in (C.ALLWAY, C.EPISODIC):
+            if opts.regime not in ("both", regime):
+                state.selected_on[f"{regime}.epochs"] = f"not fitted: regime={opts.regime}"
+                continue
             if regime == C.EPISODIC and opts.csc:
                 state.hparams[f"{regime}.epochs"] = 0
                 state.selected_on[f"{regime}.epochs"] = "not fitted: csc=true learns a context per class, none for " \
@@ -415,6 +427,9 @@ class CoOp(Method):
             return C.FittedWeights(ts.weights, ts.embed)
 
         def allway(support, classes):
+            if C.ALLWAY not in learned:
+                raise EvaluationError(f"{state.method} state: {state.selected_on.get('allway.epochs')}; evaluate it "
+                                      f"with --protocol episodic (or refit with --set regime=both)")
             ts = C.support_text_space(support, classes, learned[C.ALLWAY], store.joint, ridge)
             return C.FittedWeights(ts.weights, ts.embed)
 

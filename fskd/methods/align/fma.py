@@ -419,7 +419,12 @@ def _offers(state: MethodState, store, device) -> tuple[FeatureMap | None, dict 
 
 def _regime_text(texts: dict | None, regime: str, default: torch.Tensor) -> torch.Tensor:
     """A prompt-learning base's class text for ``regime``, else the store's (``default``)."""
-    return texts.get(regime, default) if texts else default
+    if not texts:
+        return default
+    if regime not in texts:
+        raise ConfigError(f"the --base-state learned class text for {', '.join(sorted(texts))} only; fma regime={regime} "
+                          f"needs its {regime} text (refit the base with --set regime=both or regime={regime})")
+    return texts[regime]
 
 
 def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
@@ -432,11 +437,18 @@ def _base_tensors(state: MethodState) -> dict[str, torch.Tensor]:
 
 def _base_from_tensors(tensors: dict[str, torch.Tensor], store, device) -> tuple[FeatureMap | None, dict | None]:
     """The kept base state's (feature map, learned class text per regime), or (None, None)."""
+    base = _base_state(tensors, device)
+    return (None, None) if base is None else _offers(base, store, device)
+
+
+def _base_state(tensors: dict[str, torch.Tensor], device=None) -> MethodState | None:
+    """The base state kept inside an fma state (:func:`_base_tensors`), or None."""
     if BASE_INFO not in tensors:
-        return None, None
+        return None
     info = json.loads(bytes(tensors[BASE_INFO].to(torch.uint8).tolist()).decode())
-    sub = {k[len(BASE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
-    return _offers(MethodState(**info, tensors=sub), store, device)
+    sub = {k[len(BASE_PREFIX):]: (v if device is None else v.to(device)) for k, v in tensors.items()
+           if k.startswith(BASE_PREFIX)}
+    return MethodState(**info, tensors=sub)
 
 
 def _text(store) -> torch.Tensor:
@@ -693,10 +705,17 @@ class FMA(Method):
 
     def transfer_state(self, state: MethodState, store) -> MethodState:
         """Cross-dataset: no class of the target store was learned (the field and the bridge carry
-        over; the targets are the target store's class texts)."""
+        over; the targets are the target store's class texts, or, over a prompt-learning
+        ``--base-state``, the base's learned context with the target's class names)."""
         out = super().transfer_state(state, store)
-        out.tensors = {**{k: v for k, v in out.tensors.items() if not k.endswith(".targets")},
-                       **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors if k.endswith(".train_classes")}}
+        tensors = {**{k: v for k, v in out.tensors.items() if not k.endswith(".targets")},
+                   **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors if k.endswith(".train_classes")}}
+        base = _base_state(state.tensors)
+        if base is not None:  # the kept base moves too (coop re-encodes the target's names with its context)
+            moved = METHODS.get(base.method)().transfer_state(base, store)
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX) and k != BASE_INFO}
+            tensors.update(_base_tensors(moved))
+        out.tensors = tensors
         return out
 
     def features(self, state: MethodState, store, device: torch.device) -> FeatureMap:
