@@ -1,4 +1,4 @@
-"""FMA on cub35 (lite0-minilm, through the bridge) against zero-shot, linear-probe and
+"""FMA on cub35 (lite0-minilm, through the bridge) against zero-shot, linear-probe-tuned and
 residual-adapter, at 1/4/16 shots, through ``fskd.api`` (adapt / align / evaluate).
 
 All-way protocol (35 classes, the full test split): for each seed s every method is fitted with
@@ -36,7 +36,7 @@ from fskd.methods import METHODS  # noqa: E402
 VAL_RULE = "full"
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPT = ("zero-shot", "linear-probe", "residual-adapter")
+ADAPT = ("zero-shot", "linear-probe-tuned", "residual-adapter")
 def ci(values: list[float]) -> str:
     """Mean ± 95% CI by Student t over seeds, computed by fskd (percent values in)."""
     s = seed_summary(np.asarray(values, dtype=float) / 100)
@@ -116,7 +116,7 @@ def main() -> None:
           f"{machine()}.\n")
     print(table(rows, cols))
     k_max = max(args.shots)
-    base = "linear-probe" if ("linear-probe", k_max) in fit_s else methods[0]
+    base = "linear-probe-tuned" if ("linear-probe-tuned", k_max) in fit_s else methods[0]
     speed = [{"method": m, f"fit s at {k_max} shots x 35 classes": f"{np.mean(fit_s[(m, k_max)]):.1f}",
               f"ratio to {base}": f"{np.mean(fit_s[(m, k_max)]) / np.mean(fit_s[(base, k_max)]):.1f}x"}
              for m in list(dict.fromkeys(m for m, _ in fit_s)) if (m, k_max) in fit_s]

@@ -13,7 +13,7 @@ per seed; the difference is paired by seed (mean and Student-t 95% CI).
   mean there is).
 - Linear probe, CoOp's ``lpclip``: scikit-learn's L-BFGS logistic regression on the raw
   features, C searched over 1e6..1e-6 and then 8 rounds of its log-space bisection on the val
-  rows.
+  rows; the reference of ``linear-probe`` (which is lpclip) and of fskd's ``linear-probe-tuned``.
 - Tip-Adapter: the cache formula and its search over fskd's (alpha, beta) grid.
 - Tip-Adapter-F: ``nn.Linear`` adapter initialised with the keys, AdamW (lr 1e-3, eps 1e-4),
   cosine schedule over 20 epochs of shuffled batches of 256, at the training-free (alpha, beta);
@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = ("prototype", "linear-probe", "tip-adapter", "tip-adapter-f", "lp++", "fma")
+METHODS = ("prototype", "linear-probe", "linear-probe-tuned", "tip-adapter", "tip-adapter-f", "lp++", "fma")
 #: shots the FMA rows run at by default: one fit of the reference network (107M parameters at
 #: 1,280-d) takes about 6 min at 1 shot on 2 CPU cores, 15 min at 4 and an hour at 16
 FMA_SHOTS = (1,)
@@ -293,7 +293,7 @@ def accuracy(logits, truth) -> float:
 def reference_allway(method: str, inp: dict, state, seed: int) -> float:
     from fskd.methods.adapt.tip_adapter import ALPHA, BETA
 
-    if method == "linear-probe":
+    if method in ("linear-probe", "linear-probe-tuned"):  # lpclip is the reference of both
         sup = inp["support"][0]
         N, K, D = sup.shape
         xs, ys = sup.reshape(N * K, D).numpy(), torch.arange(N).repeat_interleave(K).numpy()

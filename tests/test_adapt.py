@@ -28,7 +28,7 @@ ADAPT = methods_of_kind("adapt")
 CPU = torch.device("cpu")
 #: keep validation / meta-training small in tests (the defaults are sized for real stores)
 FAST = {"val_episodes": 40}
-FAST_BY_METHOD = {"prototype": {}, "zero-shot": {}, "syntrans": {**FAST, "meta_steps": 15}}
+FAST_BY_METHOD = {"prototype": {}, "zero-shot": {}, "linear-probe": {}, "syntrans": {**FAST, "meta_steps": 15}}
 
 
 def fast(method: str, **extra) -> dict:
@@ -381,7 +381,7 @@ def test_lp_plus_plus_batched_training_equals_the_reference_loop():
             torch.testing.assert_close(got[e], want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,tol", [("prototype", 0.0), ("tip-adapter", 0.0), ("lp++", 2.0)])
+@pytest.mark.parametrize("method,tol", [("prototype", 0.0), ("linear-probe", 0.0), ("tip-adapter", 0.0), ("lp++", 2.0)])
 def test_parity_references_reproduce_fskd_on_identical_features(method, tol, stores, tmp_path):
     """benchmarks/parity.py's re-derived references, fed what fskd is fed (same shots, val rows,
     text weights), give fskd's all-way test accuracy: exactly for the prototype classifier and
@@ -491,8 +491,7 @@ def test_descriptions_are_encoded_with_the_stores_text_encoder(tiny_clip_store, 
 def test_shots_larger_than_available_name_the_class(stores, tmp_path):
     st = stores["pair"]
     with pytest.raises(ConfigError, match=r"--shots 40 is larger than available: class 'class \d+' has 15 samples"):
-        api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=40, out=str(tmp_path / "x"),
-                              options=FAST))
+        api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=40, out=str(tmp_path / "x")))
 
 
 def test_a_state_from_another_store_is_refused(stores, tmp_path):
@@ -512,8 +511,8 @@ def test_unknown_options_and_missing_text_are_clear(tmp_path):
                               options={"alhpa": 1}))
     with pytest.raises(StoreError, match="needs class text features"):
         api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x")))
-    r = api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=1, out=str(tmp_path / "lp"),
-                              options=FAST))  # text-free methods still work
+    r = api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=1, out=str(tmp_path / "lp")))
+    # text-free methods still work
     assert api.evaluate(EvalConfig(store=str(st.path), state=r.out, way=3, shot=1, episodes=20)).accuracy > 40
 
 
@@ -581,3 +580,30 @@ def test_real_cub35_methods_at_5way_1shot(method, cub35_store, tmp_path):
     r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method)))
     e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=600, seed=0))
     assert e.accuracy > floor
+
+
+def test_linear_probe_is_scikit_learns_logistic_regression_per_episode():
+    """linear-probe's episodic head is RFS's probe: one scikit-learn L-BFGS logistic regression per
+    episode on the L2-normalised support at C = 1 (two ways included: one decision function)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fskd.methods.adapt.lpclip import fit_episodes, lpclip_search
+
+    g = torch.Generator().manual_seed(3)
+    for N in (2, 4):
+        E, K, D = 3, 3, 12
+        centres = torch.randn(E, N, 1, D, generator=g)
+        support = F.normalize(centres + 0.7 * torch.randn(E, N, K, D, generator=g), dim=-1)
+        query = F.normalize(centres[:, :, 0].repeat_interleave(5, 1) + 0.7 * torch.randn(E, 5 * N, D, generator=g), dim=-1)
+        w, b, capped = fit_episodes(support, 1.0, 1000)
+        assert w.shape == (E, N, D) and b.shape == (E, N) and capped == 0
+        ours = (torch.bmm(query, w.transpose(1, 2)) + b[:, None]).argmax(-1)
+        for e in range(E):
+            clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=1.0).fit(
+                support[e].reshape(N * K, D).numpy(), np.repeat(np.arange(N), K))
+            np.testing.assert_array_equal(ours[e].numpy(), clf.predict(query[e].numpy()))
+    # the C search visits lpclip's 7-value grid first, then bisects around the best
+    x, y = support[0].reshape(-1, D).numpy(), np.repeat(np.arange(N), K)
+    s = lpclip_search(x, y, query[0].numpy(), np.repeat(np.arange(N), 5), N)
+    assert [r["c"] for r in s.table[:7]] == [1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6]
+    assert float(f"{s.c:.6g}") in {r["c"] for r in s.table} and 0 <= s.score <= 1

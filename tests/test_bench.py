@@ -99,13 +99,13 @@ def test_tables_plots_and_report_rebuild(stores, tmp_path):
 
 def test_grid_file_and_its_errors(stores, tmp_path):
     g = tmp_path / "grid.toml"
-    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe"]\nshots = [1]\n'
-                 f'seeds = [1]\nout = "{tmp_path / "g"}"\n[options.linear-probe]\nsteps = [50]\n')
+    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe-tuned"]\nshots = [1]\n'
+                 f'seeds = [1]\nout = "{tmp_path / "g"}"\n[options.linear-probe-tuned]\nsteps = [50]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g), "--json"])
     assert r.exit_code == 0, r.output
     res = [json.loads(line) for line in open(tmp_path / "g" / "results.jsonl")]
-    assert {x["method"] for x in res} == {"prototype", "linear-probe"}
-    assert next(x for x in res if x["method"] == "linear-probe")["options"] == {"steps": [50]}
+    assert {x["method"] for x in res} == {"prototype", "linear-probe-tuned"}
+    assert next(x for x in res if x["method"] == "linear-probe-tuned")["options"] == {"steps": [50]}
     g.write_text('stores = ["a.zarr"]\nmethods = ["prototype"]\nshot = [1]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g)])
     assert r.exit_code == 2 and "unknown key(s) shot" in r.output and str(g) in r.output and "valid keys" in r.output

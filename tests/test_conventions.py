@@ -59,7 +59,7 @@ def test_methods_lists_set_options_with_defaults_and_meaning():
     out = ok("methods", "fma").stdout
     assert "epochs" in out and "default 200" in out and "passes over the training pairs" in out
     assert "default 600" in ok("methods", "fma-lite").stdout  # fskd's variant: 600 steps
-    info = json.loads(ok("methods", "linear-probe", "--json").stdout)
+    info = json.loads(ok("methods", "linear-probe-tuned", "--json").stdout)
     steps = next(o for o in info["options"] if o["name"] == "steps")
     assert steps["range"] == ">= 0" and steps["meaning"]
     for name in api.registries()["methods"]:  # every option of every method says what it means

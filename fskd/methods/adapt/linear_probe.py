@@ -1,6 +1,8 @@
-"""``linear-probe``: logistic regression on the support features (centred, L2-normalised),
+"""``linear-probe-tuned``: fskd's own probe (the published one is ``linear-probe``, CoOp's lpclip,
+in ``lpclip.py``): logistic regression on the support features (centred, L2-normalised),
 initialised at the class prototypes with an L2 pull towards them; weight decay and the number
-of full-batch Adam steps are chosen on validation data (step 0 is the prototype classifier).
+of full-batch Adam steps are chosen on validation data (step 0 is the prototype classifier),
+batched over episodes and settings.
 
 Episodic regime: centred on the base-class mean, hyper-parameters from val-class episodes.
 All-way regime: centred on the support mean, hyper-parameters from the val split.
@@ -127,10 +129,10 @@ def kept_probe(state: MethodState, regime: str, support: torch.Tensor, classes: 
     return LinearParams(parts["weights"], None, None, parts["bias"], parts.get("alpha"))
 
 
-class LinearProbe(Method):
+class LinearProbeTuned(Method):
     """Logistic regression on the support (prototype init); weight decay and steps chosen on validation."""
 
-    name = "linear-probe"
+    name = "linear-probe-tuned"
     kind = "adapt"
     options = LinearProbeOptions
 
@@ -184,4 +186,4 @@ class LinearProbe(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY))
 
 
-METHODS.register('linear-probe', LinearProbe)
+METHODS.register('linear-probe-tuned', LinearProbeTuned)
