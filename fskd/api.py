@@ -865,7 +865,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             finally:
                 if tmp_state.exists():
                     shutil.rmtree(tmp_state)  # the scratch state of the last fit, written by this run
-            outputs = write_outputs(out, results.rows, config.to_dict(), keys)
+            outputs = write_outputs(out, results.rows, config.to_dict(), [c.key for c in cells])
     finally:
         for h in logging.getLogger().handlers:
             h.removeFilter(once)
@@ -884,4 +884,4 @@ def bench_report(out: str) -> list[str]:
     if not is_bench_dir(d):
         raise OutputError(f"--report {out} is not a folder written by fskd bench (no {BENCH_JSON})")
     meta = json.loads((d / BENCH_JSON).read_text(encoding="utf-8"))
-    return [str(p) for p in write_outputs(d, Results(d).rows, meta["config"], set(meta["cells"]))]
+    return [str(p) for p in write_outputs(d, Results(d).rows, meta["config"], list(meta["cells"]))]

@@ -206,3 +206,18 @@ def test_episodic_grid_over_seeded_class_splits(tmp_path):
     bad = runner.invoke(app, ["bench", "--stores", str(store.path), "--methods", "prototype", "--class-ratio",
                               "0.5,0.25,0.25", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "class_ratio" in bad.output and "--protocol episodic" in bad.output
+
+
+def test_tables_follow_the_grid_order_not_the_order_cells_ran():
+    """A method added to a grid later (its cells run last) is still listed where the grid puts it."""
+    from fskd.reports.bench import _grid_rows, summarise
+
+    def row(method, seed):
+        return {"key": f"{method}-{seed}", "method": method, "dataset": "d", "shots": 1, "seed": seed, "status": "ok",
+                "accuracy": 50.0}
+
+    ran = [row("b", 1), row("c", 1), row("a", 1), row("a", 1)]  # a re-ran: its last row counts
+    ordered = _grid_rows(ran, ["a-1", "b-1", "c-1"])
+    assert [r["method"] for r in ordered] == ["a", "b", "c"]
+    assert summarise(ordered)[1] == ["a", "b", "c"]
+    assert [r["method"] for r in _grid_rows(ran, {"a-1", "b-1"})] == ["b", "a"]  # a set: the order they ran

@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,12 +172,16 @@ class Summary:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
-def _grid_rows(rows: Iterable[dict], keys: set[str] | None) -> list[dict]:
+def _grid_rows(rows: Iterable[dict], keys: Sequence[str] | set[str] | None) -> list[dict]:
+    """The last row of each cell of ``keys``; in the order of ``keys`` when it is a sequence (the
+    grid's cell order, so tables list methods as the grid does, not in the order cells ran)."""
     last: dict[str, dict] = {}
     for r in rows:
         if keys is None or r["key"] in keys:
             last[r["key"]] = r
-    return list(last.values())
+    if keys is None or isinstance(keys, (set, frozenset)):
+        return list(last.values())
+    return [last[k] for k in dict.fromkeys(keys) if k in last]
 
 
 def summarise(rows: list[dict], metric: str = "accuracy"
@@ -407,7 +411,7 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
             f"the per-dataset means (its ± is the std over seeds of the per-seed averages).")
 
 
-def write_outputs(out: Path, rows: list[dict], config: dict, keys: set[str] | None = None) -> list[Path]:
+def write_outputs(out: Path, rows: list[dict], config: dict, keys: Sequence[str] | set[str] | None = None) -> list[Path]:
     """Rebuild tables and plots from ``rows`` (those of ``keys`` when given). Returns the paths."""
     rows = _grid_rows(rows, keys)
     if not rows:

@@ -150,7 +150,8 @@ class LinearProbe(Method):
                               "rounds": opts.rounds})
         state.selected_on.update({"episodic.c": "fixed (RFS's C = 1)" if opts.episodic_c == 1.0 else "fixed (--set option)",
                                   "max_iter": "fixed (lpclip's 1,000)" if opts.max_iter == 1000 else "fixed (--set option)",
-                                  "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)"})
+                                  "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)",
+                                  "allway.features": "fixed (lpclip's)", "episodic.features": "fixed (RFS's)"})
         task = C.allway_val_task(store, config, cpu) if config.shots > 0 else None
         if opts.c is not None or task is None:
             c = opts.c if opts.c is not None else DEFAULT_C
