@@ -24,7 +24,9 @@ shot as one of its views, as the reference re-augments every epoch.
 
 Regimes (``_common``): the all-way context learns from the K shots of every class of the train
 split (seed ``--seed``); the episodic context from K shots of each base class (drawn the same way),
-and it classifies the novel (and base-to-new's new) classes through their names. A store whose
+and it classifies the novel (and base-to-new's new) classes through their names. ``--set regime``
+(``both``, the default, ``allway`` or ``episodic``) learns one of them only: half the text-tower
+work (``fskd bench`` asks for the one its cells score); the state then refuses the other protocol. A store whose
 image and text spaces differ (the offline pair) reaches image space through the bridge: the base
 classes' ridge maps episodically, the support's leave-one-class-out bridge all-way; gradients flow
 through both (they are linear in the text features).
