@@ -52,6 +52,8 @@ from fskd.runtime import compute_threads, dist_info, resolve_device, store_numel
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
+from fskd.store.location import absolute_store
+from fskd.store.location import configure as configure_storage  # noqa: F401 - part of the api
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +508,7 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
         guard_out(out, config.force, root=roots[1])
     config = config.replace(out=out)
     state = method_cls().fit(store, config, progress)
-    state.store_path = str(Path(state.store_path).absolute())  # found again from any working directory
+    state.store_path = absolute_store(state.store_path)  # found again from any working directory
     split = store.attrs["class_split"]
     state.hparams["class_split"] = {k: v for k, v in split.items() if k != "source"}
     state.selected_on["class_split"] = (split.get("source") if override or config.base_to_new
@@ -675,6 +677,8 @@ def _bench_out(config, stores: list[FeatureStore]) -> Path:
 
     out = Path(config.out).expanduser().absolute()
     for st in stores:
+        if st.location.is_remote:
+            continue
         o, s = out.resolve(), Path(st.path).resolve()
         if o == s or o.is_relative_to(s) or s.is_relative_to(o):
             raise OutputError(f"--out {config.out} overlaps the store {st.path}; write the bench somewhere else")
@@ -770,11 +774,11 @@ def bench(config, progress=AUTO) -> BenchResult:
     episodic = config.protocol == "episodic"
     setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
                           "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) if episodic else ""
-    cells = [Cell(str(Path(st.path).absolute()), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
+    cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
                   json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting) for st, label, m, k, s in order]
     keys = {c.key for c in cells}
-    by_path = {str(Path(st.path).absolute()): st for st in stores}
-    fit_store = {p: (str(Path(stores[0].path).absolute()) if transfer else p) for p in by_path}
+    by_path = {absolute_store(st.path): st for st in stores}
+    fit_store = {p: (absolute_store(stores[0].path) if transfer else p) for p in by_path}
     min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
                  for p, st in by_path.items() if st.has_split("train")}
     tmp_state = out / f".cell-state-{os.getpid()}"

@@ -86,7 +86,20 @@ Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
 
 EPISODIC, ALLWAY, OUTPUT, SPLIT, FIT = "Episodic protocol", "All-way protocol", "Output", "Class split", "Fitting"
-VIEWS = "Augmented views"
+VIEWS, STORAGE = "Augmented views", "Object storage"
+STORE_HELP = "Feature store: a path, or a URL (s3://bucket/x.zarr, gs://..., az://..., memory://...)."
+StorageOptions = Annotated[str | None, typer.Option(
+    "--storage-options", help="JSON object passed to fsspec for --store URLs (endpoint_url, key, secret, anon, "
+    "client_kwargs, ...; fskd_max_requests bounds reads in flight); default $FSKD_STORAGE_OPTIONS. Never saved.",
+    metavar="JSON", rich_help_panel=STORAGE)]
+
+
+def _storage(options: str | None) -> None:
+    """``--storage-options``: for every store URL this command opens (light: no torch)."""
+    if options is not None:
+        from fskd.store.location import configure
+
+        _run(configure, options)
 
 
 def _api():
@@ -231,7 +244,7 @@ def methods(
 @app.command()
 def extract(
     dataset: Annotated[DatasetName, typer.Argument(help="Registered dataset name.", metavar="DATASET")],
-    store: Annotated[str, typer.Option(help="Path of the Zarr feature store to write (resumed if it exists).", metavar="PATH")],
+    store: Annotated[str, typer.Option(help="Zarr feature store to write (resumed if it exists): a path, or a URL (s3://bucket/x.zarr, gs://, az://, memory://).", metavar="PATH|URL")],
     root: Annotated[str | None, typer.Option(help="Dataset folder.", metavar="PATH")] = None,
     encoder: Annotated[str, typer.Option(help=ENCODER_HELP, metavar="SPEC")] = "lite0-minilm",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
@@ -253,8 +266,10 @@ def extract(
     augment_seeds: Annotated[str, typer.Option(help="Seeds whose all-way shots get views with --augment-shots.", metavar="LIST", rich_help_panel=VIEWS)] = "1,2,3",
     augment_scale: Annotated[str, typer.Option(help="Crop area range min,max (Tip-Adapter: 0.5,1; CoOp and FMA: 0.08,1).", metavar="LIST", rich_help_panel=VIEWS)] = "0.5,1",
     augment_seed: Annotated[int, typer.Option(help="Seed of the crops (each view's crop depends on it, the row and the view only).", metavar="N", rich_help_panel=VIEWS)] = 0,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
+    _storage(storage_options)
     cfg = _run(ExtractConfig, dataset=_value(dataset), root=root, encoder=encoder, store=store, batch_size=batch_size,
                workers=workers, device=device, dtype=_value(dtype), chunk_rows=chunk_rows, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
@@ -328,12 +343,14 @@ def _print_info(r: dict) -> None:
 
 @app.command()
 def info(
-    store: Annotated[str, typer.Argument(help="Feature store path.", metavar="STORE")],
+    store: Annotated[str, typer.Argument(help=STORE_HELP, metavar="STORE")],
     check: Annotated[bool, typer.Option("--check", help="Verify every chunk against its stored checksum (reads the whole store); exit 2 on damage.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Show a feature store: encoder, dataset, classes per split, rows, size, text; --check verifies it."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     r = _run(catalog.store_info, store, check=check)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
@@ -351,7 +368,7 @@ SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of --class-ra
 
 @app.command("eval")
 def eval_(
-    store: Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")],
+    store: Annotated[str, typer.Option(help=STORE_HELP, metavar="PATH|URL")],
     state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")] = None,
     protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split), allway (all-way), base-to-new (CoCoOp; a state fitted with --base-to-new), cross-dataset or domain-shift (a --state fitted on another store of the same encoder).")] = "episodic",
     shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
@@ -369,9 +386,11 @@ def eval_(
     split_seed: SplitSeed = 0,
     report: Annotated[str | None, typer.Option(help="Write a JSON + Markdown report into this folder (never over an earlier one).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=OUTPUT)] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Evaluate few-shot classification: mean accuracy with its 95% CI (over episodes, or Student t over seeds)."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     proto = _value(protocol).replace("all-way", "allway")
     cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shot=shots, query=query, episodes=episodes,
                split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
@@ -456,7 +475,7 @@ ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the full result as one JSON object (errors too, on stderr).", rich_help_panel=OUTPUT)]
 SeedOption = Annotated[int, typer.Option(help="Seed of the shot sampling and training.", metavar="N")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")]
-StoreOption = Annotated[str, typer.Option(help="Feature store path.", metavar="PATH")]
+StoreOption = Annotated[str, typer.Option(help=STORE_HELP, metavar="PATH|URL")]
 
 
 ValRuleOption = Annotated[ValRule, typer.Option("--val-rule", help="All-way validation rows that choose hyper-parameters: few-shot (CoOp: min(K, 4) per class of the val split) or full (the whole val split).", rich_help_panel=FIT)]
@@ -487,9 +506,11 @@ def adapt(
     base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Fit a few-shot classifier on cached features and save its state (evaluate with fskd eval --state)."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
                out=out, device=device, options=_options(set_), force=force,
                **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
@@ -515,9 +536,11 @@ def align(
     base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Learn a cross-modal alignment (flow matching) on cached features and save its state."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     try:
         gammas = tuple(float(g) for g in gamma.split(",")) if gamma else None
     except ValueError:
@@ -531,7 +554,7 @@ def align(
 
 @app.command()
 def distill(
-    store: Annotated[str, typer.Option(help="Teacher feature store path.", metavar="PATH")],
+    store: Annotated[str, typer.Option(help="Teacher feature store: a path or a URL.", metavar="PATH|URL")],
     shots: Annotated[int, typer.Option(help="Labelled samples per class.", metavar="K")] = 4,
     student: Annotated[str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.", metavar="SPEC", rich_help_panel=FIT)] = "timm:resnet18",
     method: Annotated[DistillMethod, typer.Option(help="The distill method.", rich_help_panel=FIT)] = "mtkd",
@@ -550,9 +573,11 @@ def distill(
     val_rule: ValRuleOption = "few-shot",
     force: ForceOption = False,
     as_json: JsonOption = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Distil the store's encoder (teacher) into a small student encoder."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
                losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
                options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
@@ -606,11 +631,13 @@ def bench(
     device: DeviceOption = "auto",
     report: Annotated[str | None, typer.Option("--report", help="Only rebuild the tables and plots of the bench folder DIR from its results.", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     as_json: JsonOption = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Run a benchmark grid: every (store, method, shots, seed) cell fitted and evaluated once
     (allway, base-to-new, cross-dataset, domain-shift or episodic), resumable; writes the paper tables
     (Markdown, CSV, LaTeX) and accuracy-vs-shots plots."""
     _JSON["on"] = as_json
+    _storage(storage_options)
     if report:
         paths = _run(_api().bench_report, report)
         typer.echo(json.dumps({"outputs": paths}) if as_json else "\n".join(["rebuilt:"] + [f"  {p}" for p in paths]))

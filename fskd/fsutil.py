@@ -262,6 +262,11 @@ def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, f
     for other_opt, other in protect:
         if other is None:
             continue
+        other = str(other)
+        if "://" in other:  # a store on object storage cannot overlap a local folder
+            if not other.startswith("file://"):
+                continue
+            other = other[len("file://"):]
         o = Path(other).expanduser().resolve()
         if resolved == o or o.is_relative_to(resolved) or resolved.is_relative_to(o):
             raise OutputError(f"{option} {path} overlaps {other_opt} {other}; write the output somewhere else "

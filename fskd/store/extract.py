@@ -49,6 +49,7 @@ from fskd.errors import DatasetError, StoreError
 from fskd.fsutil import check_writable, dir_lock, sha256_file
 from fskd.runtime import autocast, barrier, init_distributed, num_workers, resolve_device
 from fskd.store import schema as S
+from fskd.store.location import Location
 from fskd.store.store import FeatureStore, SplitRows
 
 log = logging.getLogger(__name__)
@@ -210,14 +211,17 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         parts["contents"] = file_digest(source, [r for sl in sample_splits.values() for r in sl.refs], contents=True)
     ignored = dict(getattr(listing, "extra", {}).get("ignored", {}))
     single = dist.world_size == 1
-    store_path = Path(cfg.store)
-    if listing.root:
+    loc = Location(cfg.store)
+    store_path = loc.local  # None on object storage
+    if listing.root and store_path is not None:
         root = Path(listing.root).resolve()
         sp = store_path.expanduser().resolve()
         if sp == root or sp.is_relative_to(root) or root.is_relative_to(sp):
             raise StoreError(f"--store {cfg.store} overlaps the dataset root {listing.root}; a store inside the "
                              f"dataset would change the dataset (write it somewhere else)")
-    if single:
+    if store_path is None:
+        loc.probe()  # the bucket, the credentials and the endpoint, before any encoding
+    elif single:
         check_writable(store_path, "--store")
         store_path.absolute().parent.mkdir(parents=True, exist_ok=True)
     encoder: Encoder | None = None
@@ -228,21 +232,25 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
             encoder = build_encoder(cfg.encoder, device)
         return encoder
 
-    # Two locks, no lock files (a single process; torchrun ranks coordinate with barriers): the
-    # parent folder while the store is created, then the store folder while it is verified and
-    # filled. A second `fskd extract` of the same store waits, then finds it complete or resumes.
+    # Two locks, no lock files (a single process on a local path; torchrun ranks coordinate with
+    # barriers; object storage has no locks, schema.py): the parent folder while the store is
+    # created, then the store folder while it is verified and filled. A second `fskd extract` of
+    # the same store waits, then finds it complete or resumes.
     waiting = f"another fskd extract is writing {cfg.store}; waiting for it to finish"
-    with dir_lock(store_path.absolute().parent, waiting, log) if single else contextlib.nullcontext():
+    locking = single and store_path is not None
+    with dir_lock(store_path.absolute().parent, waiting, log) if locking else contextlib.nullcontext():
         # every rank must take the same branch: look at the path only between two barriers
         barrier()
-        exists = store_path.exists()
+        # on object storage a root still marked as being created is fskd's unfinished creation: made again
+        exists = loc.exists() and (store_path is not None or
+                                   (loc.root_attrs() or {}).get("format") != S.CREATING_FORMAT)
         barrier()
         if not exists:
             if dist.is_main:
                 _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
                         (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
             barrier()
-    with dir_lock(store_path, waiting, log) if single else contextlib.nullcontext():
+    with dir_lock(store_path, waiting, log) if locking else contextlib.nullcontext():
         result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
         if cfg.augment_views:
             result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits.get("train"), get_encoder,

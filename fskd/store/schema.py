@@ -44,6 +44,26 @@ is True only for a chunk whose data and checksum are complete. Every array is cr
 written whose object is missing (deleted, lost in a copy) is an error naming the array and chunk,
 never rows of fill values. ``fskd info --check`` re-computes every checksum; ``fskd extract`` on
 an existing store does the same and re-encodes the chunks that fail (a repair).
+
+On object storage (``--store s3://...``, see ``location.py``) there is no rename, but every PUT of
+one object is atomic (a reader sees the old object or the whole new one) and read-after-write
+consistent (S3 since 2020, GCS, Azure). The rules become:
+  - Creating a store: the root ``zarr.json`` is written first with ``format`` =
+    ``CREATING_FORMAT``, then every group and array (ids, labels, text), then the root attributes
+    again, whole (``format`` = ``FORMAT``): that last PUT is the completion marker. A reader
+    refuses a root still marked as being created; the next ``fskd extract`` writes it again from
+    scratch (only fskd writes that marker, so nothing it did not write is removed). A prefix that
+    holds other objects is refused.
+  - A chunk: the same three steps as above, each one object (``checksums`` and ``written`` have
+    one object per row chunk, so nodes writing disjoint chunks never rewrite each other's).
+  - The views group: its ``zarr.json`` is written first with ``format`` = ``VIEWS_CREATING``, then
+    its arrays, then its attributes whole (``format`` = ``VIEWS_FORMAT``); an unfinished one is
+    treated as absent and made again.
+  - Finishing: a store is complete when every ``written`` flag is set (no separate marker to
+    lose).
+Two independent ``fskd extract`` processes (not one torchrun job) writing one remote store at
+once are not locked against each other (object stores have no flock); they write identical bytes
+for identical inputs, but run one job per store.
 """
 
 from __future__ import annotations
@@ -51,6 +71,8 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT = "fskd-feature-store"
+#: the root's format while a store is being created on object storage (the completion marker replaces it)
+CREATING_FORMAT = "fskd-feature-store (being created)"
 SCHEMA_VERSION = 2
 
 SPLITS = ("train", "val", "test")
@@ -88,6 +110,7 @@ VIEWS_ATTRS = (
     "transform",  # {"name", "scale", "ratio", "flip", "size", "interpolation", "seed"}
 )
 VIEWS_FORMAT = "fskd-train-views"
+VIEWS_CREATING = "fskd-train-views (being created)"
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

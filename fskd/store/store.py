@@ -20,6 +20,7 @@ from zarr.codecs import BloscCodec
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
+from fskd.store.location import Location, remote_errors
 
 
 @dataclass
@@ -93,11 +94,45 @@ def describe_views(info: dict) -> str:
             f"rows: {_views_rows_text(info)})")
 
 
-class FeatureStore:
-    """A feature store on disk. Use :meth:`open` or :meth:`create`."""
+def _location(path) -> Location:
+    return path if isinstance(path, Location) else Location(path)
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+
+def _fill_layout(root: zarr.Group, attrs, splits, class_keys, class_names, prompts, class_embeddings) -> None:
+    """Every array of a new store (schema.py), features unwritten; the root attributes are the caller's."""
+    cfg = _ARRAY_CONFIG
+    dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
+    for split, r in splits.items():
+        g = root.create_group(split)
+        n = len(r.sample_ids)
+        nc = S.n_chunks(n, rows)
+        g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
+                       compressors=_compressor(), config=cfg)
+        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, config=cfg)
+        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, config=cfg)
+        # one object per flag and checksum: torchrun ranks (and nodes) write disjoint chunks concurrently
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=cfg)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
+        if n:
+            lab[:] = r.labels
+            ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
+    t = root.create_group(S.TEXT_GROUP)
+    for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
+        a = t.create_array(name, shape=(len(values),), dtype=str, config=cfg)
+        if len(values):
+            a[:] = np.asarray(values, dtype=str)
+    if class_embeddings is not None:
+        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", config=cfg)
+        e[:] = class_embeddings.astype(np.float32)
+
+
+class FeatureStore:
+    """A feature store on disk or on object storage (``location.py``). Use :meth:`open` or
+    :meth:`create`. ``path`` is a Path for a local store and the URL (str) for a remote one."""
+
+    def __init__(self, path: Path | str, group: zarr.Group, location: Location | None = None) -> None:
+        self.location = location or _location(path)
+        self.path = self.location.local if self.location.local is not None else self.location.url
         self.group = group
         self.attrs = dict(group.attrs)
         self._keep: dict[str, np.ndarray] = {}  # restrict_rows: split -> rows a fit may see
@@ -106,15 +141,37 @@ class FeatureStore:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
-        """Open and validate a store; raises StoreError naming the path and what is wrong."""
-        path = Path(path)
+        """Open and validate a store (a path or a URL); raises StoreError naming it and what is wrong."""
+        loc = _location(path)
+        if loc.is_remote:
+            return cls._open_remote(loc, mode)
+        path = loc.local
         if not path.exists():
             raise StoreError(f"feature store {path} does not exist (create it with `fskd extract`)")
         try:
             group = zarr.open_group(str(path), mode=mode)
         except Exception as e:  # zarr raises several types for a non-store folder
             raise StoreError(f"{path} is not a Zarr store: {e}") from None
-        store = cls(path, group)
+        store = cls(path, group, loc)
+        store.validate()
+        return store
+
+    @classmethod
+    def _open_remote(cls, loc: Location, mode: str) -> FeatureStore:
+        if not loc.exists():
+            loc.probe()  # a missing bucket or bad credentials say so, not "does not exist"
+            raise StoreError(f"feature store {loc} does not exist (create it with `fskd extract`)")
+        if (loc.root_attrs() or {}).get("format") == S.CREATING_FORMAT:
+            raise StoreError(f"{loc}: the store is being created, or its creation was interrupted (no completion "
+                             f"marker); run the same `fskd extract` again")
+        try:
+            with remote_errors(loc):
+                group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{loc} is not a Zarr store: {e}") from None
+        store = cls(loc.url, group, loc)
         store.validate()
         return store
 
@@ -154,7 +211,7 @@ class FeatureStore:
             for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (nc,)), (S.CHECKSUMS, (nc,))):
                 if g[name].shape != want:
                     raise StoreError(f"{self.path}: {split}/{name} has shape {g[name].shape}, expected {want}")
-        if S.VIEWS_GROUP in self.group:
+        if self._has_views():
             self._validate_views()
         t = self._group(S.TEXT_GROUP)
         for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS):
@@ -205,38 +262,20 @@ class FeatureStore:
         class_embeddings: np.ndarray | None,
     ) -> FeatureStore:
         """Create an empty store (features unwritten). Built beside ``path`` and renamed into
-        place, so a kill during creation never leaves a half-made store at ``path``."""
-        path = Path(path)
+        place, so a kill during creation never leaves a half-made store at ``path``; on object
+        storage (no rename) the root attributes are written last (``schema.py``)."""
+        loc = _location(path)
+        if loc.is_remote:
+            cls._create_remote(loc, attrs, splits, class_keys, class_names, prompts, class_embeddings)
+            return cls.open(loc, mode="r+")
+        path = loc.local
         if path.exists():
             raise StoreError(f"{path} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        cfg = _ARRAY_CONFIG
         try:
             root = zarr.open_group(str(tmp), mode="w")
-            dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
-            for split, r in splits.items():
-                g = root.create_group(split)
-                n = len(r.sample_ids)
-                nc = S.n_chunks(n, rows)
-                g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
-                               compressors=_compressor(), config=cfg)
-                lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, config=cfg)
-                ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, config=cfg)
-                # one object per flag and checksum: torchrun ranks write disjoint chunks concurrently
-                g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=cfg)
-                g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
-                if n:
-                    lab[:] = r.labels
-                    ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
-            t = root.create_group(S.TEXT_GROUP)
-            for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
-                a = t.create_array(name, shape=(len(values),), dtype=str, config=cfg)
-                if len(values):
-                    a[:] = np.asarray(values, dtype=str)
-            if class_embeddings is not None:
-                e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", config=cfg)
-                e[:] = class_embeddings.astype(np.float32)
+            _fill_layout(root, attrs, splits, class_keys, class_names, prompts, class_embeddings)
             root.attrs.update(attrs)
             try:
                 os.rename(tmp, path)  # atomic; fails when another process created the store first
@@ -249,6 +288,33 @@ class FeatureStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path, mode="r+")
+
+    @classmethod
+    def _create_remote(cls, loc: Location, attrs, splits, class_keys, class_names, prompts, class_embeddings) -> None:
+        """Object storage has no rename: the root ``zarr.json`` is written first with the format
+        ``S.CREATING_FORMAT``, then every array, then the root attributes (the completion marker).
+        A prefix holding objects fskd did not write is refused; a creation fskd left unfinished is
+        written again from scratch."""
+        from fskd.fsutil import fault_point
+
+        loc.probe()
+        if loc.exists():
+            have = (loc.root_attrs() or {}).get("format")
+            if have != S.CREATING_FORMAT:
+                raise StoreError(f"{loc} already exists" + ("" if have == S.FORMAT else
+                                 f" and is not an fskd feature store (format {have!r}); fskd will not replace it"))
+        else:
+            others = loc.first_objects()
+            if others:
+                raise StoreError(f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
+                                 f"choose an empty prefix (nothing was changed)")
+        with remote_errors(loc):
+            # mode "w" clears the prefix: empty, or the leftover of fskd's own unfinished creation
+            root = zarr.open_group(loc.zarr_store(read_only=False), mode="w",
+                                   attributes={"format": S.CREATING_FORMAT})
+            _fill_layout(root, attrs, splits, class_keys, class_names, prompts, class_embeddings)
+            fault_point("store:create-arrays")
+            root.attrs.put(attrs)
 
     @classmethod
     def from_arrays(
@@ -546,45 +612,65 @@ class FeatureStore:
     @property
     def views_info(self) -> dict | None:
         """The views group's attributes (``S.VIEWS_ATTRS``), or None when the store has none."""
-        return dict(self.group[S.VIEWS_GROUP].attrs) if S.VIEWS_GROUP in self.group else None
+        return dict(self.group[S.VIEWS_GROUP].attrs) if self._has_views() else None
+
+    def _has_views(self) -> bool:
+        """A views group exists and is finished (on object storage, one still marked as being
+        created counts as absent: schema.py)."""
+        if S.VIEWS_GROUP not in self.group:
+            return False
+        return self.group[S.VIEWS_GROUP].attrs.get("format") != S.VIEWS_CREATING
 
     def _views(self) -> zarr.Group:
-        if S.VIEWS_GROUP not in self.group:
+        if not self._has_views():
             raise StoreError(f"{self.path} has no augmented views (add them with `fskd extract ... --augment-views V`)")
         return self.group[S.VIEWS_GROUP]
 
     def create_views(self, attrs: dict, rows: np.ndarray, labels: np.ndarray) -> None:
         """Add an empty views group (features unwritten) for train ``rows``: built under a temporary
         name inside the store and renamed into place, so it exists whole or not at all. Leftovers
-        of a killed creation (``.views.tmp-*`` groups fskd made) are removed first."""
-        if S.VIEWS_GROUP in self.group:
+        of a killed creation (``.views.tmp-*`` groups fskd made) are removed first. On object
+        storage the group's attributes are written last instead (schema.py)."""
+        from fskd.fsutil import fault_point
+
+        if self._has_views():
             raise StoreError(f"{self.path} already has a views group")
+        if self.location.is_remote:
+            with remote_errors(self.location):
+                # clears fskd's own unfinished views group, if any (only fskd writes VIEWS_CREATING)
+                g = self.group.create_group(S.VIEWS_GROUP, overwrite=True, attributes={"format": S.VIEWS_CREATING})
+                self._views_arrays(g, attrs, rows, labels)
+                fault_point("store:views-created")
+                g.attrs.put({"format": S.VIEWS_FORMAT, **attrs})
+            self._validate_views()
+            return
         for old in self.path.glob(f".{S.VIEWS_GROUP}.tmp-*"):
             if (old / "zarr.json").is_file():
                 shutil.rmtree(old, ignore_errors=True)
         tmp = self.path / f".{S.VIEWS_GROUP}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
-        nc = S.n_chunks(m, rows_per)
         try:
             g = zarr.open_group(str(tmp), mode="w")
-            g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
-                           fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
-            r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, config=_ARRAY_CONFIG)
-            lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, config=_ARRAY_CONFIG)
-            g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=_ARRAY_CONFIG)
-            g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
-            if m:
-                r[:] = np.asarray(rows, dtype=np.int64)
-                lab[:] = np.asarray(labels, dtype=np.int32)
+            self._views_arrays(g, attrs, rows, labels)
             g.attrs.update({"format": S.VIEWS_FORMAT, **attrs})
-            from fskd.fsutil import fault_point
-
             fault_point("store:views-created")
             os.rename(tmp, self.path / S.VIEWS_GROUP)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         self._validate_views()
+
+    def _views_arrays(self, g: zarr.Group, attrs: dict, rows: np.ndarray, labels: np.ndarray) -> None:
+        m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
+        nc = S.n_chunks(m, rows_per)
+        g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
+                       fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
+        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, config=_ARRAY_CONFIG)
+        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, config=_ARRAY_CONFIG)
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=_ARRAY_CONFIG)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
+        if m:
+            r[:] = np.asarray(rows, dtype=np.int64)
+            lab[:] = np.asarray(labels, dtype=np.int32)
 
     def view_rows(self) -> np.ndarray:
         return np.asarray(self._views()[S.VIEW_ROWS][:], dtype=np.int64)
@@ -666,23 +752,62 @@ class FeatureStore:
         return out, describe_views(info)
 
     # -- reading -----------------------------------------------------------------------------
+    @property
+    def read_span(self) -> int:
+        """Row chunks asked of zarr in one read: 1 for a local store; for a remote one the bound on
+        requests in flight (``location.max_requests``), which zarr fetches concurrently."""
+        if not self.location.is_remote:
+            return 1
+        from fskd.store.location import max_requests
+
+        return max_requests()
+
     def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
+        """Yield ``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time
+        (read :attr:`read_span` chunks at a time)."""
         n, rows = self.n_rows(split), self.chunk_rows
         lab = self.labels(split)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            block = self._read(split, S.FEATURES, slice(start, stop), start // rows)
-            yield start, np.asarray(block, dtype=np.float32), lab[start:stop]
+        step = rows * self.read_span
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            block = np.asarray(self._read(split, S.FEATURES, slice(lo, hi), lo // rows), dtype=np.float32)
+            for start in range(lo, hi, rows):
+                stop = min(hi, start + rows)
+                yield start, block[start - lo:stop - lo], lab[start:stop]
 
     def features(self, split: str, dtype=np.float32) -> np.ndarray:
         """A whole split (n, dim) as ``dtype`` (``store.attrs["dtype"]`` keeps the stored precision at
         half the memory of float32 for a float16 store). Prefer ``take`` / ``gather`` for big splits."""
         n, rows = self.n_rows(split), self.chunk_rows
         out = np.empty((n, self.dim), dtype)
-        for start in range(0, n, rows):
-            out[start:start + rows] = self._read(split, S.FEATURES, slice(start, min(n, start + rows)), start // rows)
+        step = rows * self.read_span
+        for start in range(0, n, step):
+            out[start:start + step] = self._read(split, S.FEATURES, slice(start, min(n, start + step)), start // rows)
         return out
+
+    def _row_blocks(self, split: str, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """For ascending unique ``rows`` of ``split``: yield ``(lo, hi, features of rows[lo:hi])``
+        (float32), reading only the chunks that hold them, :attr:`read_span` chunks per read."""
+        if not len(rows):
+            return
+        cr, n, span = self.chunk_rows, self.n_rows(split), self.read_span
+        chunk = rows // cr
+        firsts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])
+        arr = self._split(split)[S.FEATURES]
+        for g in range(0, len(firsts), span):
+            lo = int(firsts[g])
+            hi = int(firsts[g + span]) if g + span < len(firsts) else len(rows)
+            part, c = rows[lo:hi], int(chunk[lo])
+            if span == 1:  # one chunk: a slice read, then numpy picks the rows
+                start = c * cr
+                block = self._read(split, S.FEATURES, slice(start, min(n, start + cr)), c)[part - start]
+            else:  # zarr fetches the chunks of these rows concurrently (at most span requests)
+                try:
+                    block = arr.get_orthogonal_selection((part, slice(None)))
+                except Exception as e:
+                    raise StoreError(f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
+                                     f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage") from None
+            yield lo, hi, np.asarray(block, dtype=np.float32)
 
     def gather(
         self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None,
@@ -704,16 +829,10 @@ class FeatureStore:
         feats, labs = [], []
         for s in splits:
             lab_all = self.labels(s)
-            keep_all = masks[s]
-            rows = self.chunk_rows
-            for start in range(0, len(lab_all), rows):
-                keep = keep_all[start : start + rows]
-                if not keep.any():
-                    continue
-                block = np.asarray(self._read(s, S.FEATURES, slice(start, start + len(keep)), start // rows),
-                                   dtype=np.float32)
-                feats.append(block[keep])
-                labs.append(lab_all[start : start + len(keep)][keep])
+            rows = np.flatnonzero(masks[s])
+            for lo, hi, block in self._row_blocks(s, rows):
+                feats.append(block)
+                labs.append(lab_all[rows[lo:hi]])
         if not feats:
             return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
         return np.concatenate(feats), np.concatenate(labs)
@@ -747,15 +866,11 @@ class FeatureStore:
         if rows.min() < 0 or rows.max() >= n:
             raise IndexError(f"{self.path}: row {int(rows.max() if rows.max() >= n else rows.min())} is outside "
                              f"{split} (0..{n - 1})")
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        chunk = srt // self.chunk_rows
-        bounds = np.flatnonzero(np.diff(chunk)) + 1
-        for part in np.split(np.arange(len(srt)), bounds):
-            c = int(chunk[part[0]])
-            start = c * self.chunk_rows
-            block = self._read(split, S.FEATURES, slice(start, min(n, start + self.chunk_rows)), c)
-            out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        feats = np.empty((len(uniq), self.dim), np.float32)
+        for lo, hi, block in self._row_blocks(split, uniq):
+            feats[lo:hi] = block
+        out[:] = feats[inverse.reshape(-1)]
         return out
 
     def valid_rows(self, split: str, classes=None) -> np.ndarray:
@@ -780,7 +895,7 @@ class FeatureStore:
         return (total / count).astype(np.float32)
 
     def size_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.location.size()
 
     def summary(self) -> dict:
         a = self.attrs

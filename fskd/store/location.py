@@ -1,0 +1,345 @@
+"""Where a feature store lives: a local path, or a URL on object storage (fsspec + zarr v3).
+
+``--store`` takes a plain path (or ``file://``) or a URL that fsspec understands:
+``s3://bucket/path.zarr`` (s3fs: AWS S3 and S3-compatible servers), ``gs://`` (gcsfs), ``az://``
+/ ``abfs://`` (adlfs), ``memory://`` (one process, for tests and notebooks). Remote stores are
+read and written through zarr's ``FsspecStore``; local ones through zarr's ``LocalStore`` as
+before, so nothing changes for a path.
+
+Credentials and endpoints come from the usual environment variables of each backend
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ...), and from storage options passed to fsspec:
+``--storage-options JSON`` on the command line, ``$FSKD_STORAGE_OPTIONS`` (JSON, for every fskd
+process, torchrun ranks included) or :func:`configure` from Python. Storage options are never
+written into a store, a state or a report (they may hold secrets).
+
+Reads of a remote store keep at most ``max_requests`` chunk requests in flight
+(``{"fskd_max_requests": N}`` in the storage options or ``$FSKD_MAX_REQUESTS``; default 8): the
+readers ask zarr for that many row chunks at a time, and zarr's own ``async.concurrency`` is set to
+the same bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fskd.errors import ConfigError, StoreError
+
+#: environment variables read for storage options (JSON) and the read bound
+OPTIONS_ENV, REQUESTS_ENV = "FSKD_STORAGE_OPTIONS", "FSKD_MAX_REQUESTS"
+DEFAULT_MAX_REQUESTS = 8
+#: schemes and the package (fskd extra) that handles them; fsspec knows more, these are the tested ones
+BACKENDS = {"s3": ("s3fs", "fskd[s3]"), "s3a": ("s3fs", "fskd[s3]"), "gs": ("gcsfs", "fskd[gcs]"),
+            "gcs": ("gcsfs", "fskd[gcs]"), "az": ("adlfs", "fskd[azure]"), "abfs": ("adlfs", "fskd[azure]"),
+            "memory": ("fsspec", "fskd")}
+#: fail fast on an unreachable S3 endpoint (botocore's default retries take tens of seconds)
+_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+
+_configured: dict | None = None
+
+
+def is_url(spec: str | Path) -> bool:
+    return isinstance(spec, str) and "://" in spec
+
+
+def absolute_store(spec: str | Path) -> str:
+    """A store's name that finds it again from any working directory: the URL, or the absolute path."""
+    loc = Location(spec)
+    return loc.url if loc.is_remote else str(loc.local.expanduser().absolute())
+
+
+def configure(options: dict | str | None) -> None:
+    """Storage options for every remote store this process opens (``--storage-options``): a dict,
+    a JSON object text, or None to fall back to ``$FSKD_STORAGE_OPTIONS``."""
+    global _configured
+    _configured = None if options is None else _parse_options(options, "--storage-options")
+    reset()
+
+
+def reset() -> None:
+    """Forget cached filesystems (they hold credentials and endpoints read when first made)."""
+    _fs.cache_clear()
+    import sys
+
+    if "fsspec" in sys.modules:
+        from fsspec.spec import AbstractFileSystem
+
+        AbstractFileSystem.clear_instance_cache()
+        for cls in list(_fs_classes()):
+            cls.clear_instance_cache()
+
+
+def _fs_classes():
+    import fsspec
+
+    for scheme in ("s3", "gs", "az", "memory"):
+        try:
+            yield fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError):
+            continue
+
+
+def _parse_options(options: dict | str, where: str) -> dict:
+    if isinstance(options, dict):
+        return dict(options)
+    try:
+        value = json.loads(options)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} must be a JSON object like '{{\"endpoint_url\": \"http://host:9000\"}}': {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def storage_options(protocol: str) -> dict:
+    """The fsspec options for ``protocol``: fskd's fail-fast defaults, under the configured or
+    ``$FSKD_STORAGE_OPTIONS`` ones (without fskd's own ``fskd_*`` keys)."""
+    user = _configured
+    if user is None:
+        env = os.environ.get(OPTIONS_ENV)
+        user = _parse_options(env, f"${OPTIONS_ENV}") if env else {}
+    base = dict(_S3_DEFAULTS) if protocol in ("s3", "s3a") else {}
+    opts = {**base, **{k: v for k, v in user.items() if not k.startswith("fskd_")}}
+    if protocol in ("s3", "s3a") and "config_kwargs" in user:  # the user's botocore config over ours
+        opts["config_kwargs"] = {**_S3_DEFAULTS["config_kwargs"], **user["config_kwargs"]}
+    return opts
+
+
+def max_requests() -> int:
+    user = _configured or {}
+    n = user.get("fskd_max_requests")
+    if n is None:
+        n = os.environ.get(REQUESTS_ENV) or DEFAULT_MAX_REQUESTS
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fskd_max_requests / ${REQUESTS_ENV} must be a positive integer, got {n!r}") from None
+    if n < 1:
+        raise ConfigError(f"fskd_max_requests / ${REQUESTS_ENV} must be a positive integer, got {n}")
+    return n
+
+
+def working_schemes() -> list[str]:
+    """The URL schemes this installation can open (their backend package imports)."""
+    import importlib.util
+
+    out = ["file"]
+    for scheme, (module, _) in BACKENDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out.append(scheme)
+    return out
+
+
+class Location:
+    """A store's place: ``local`` (a Path) or ``url`` (remote). ``str()`` gives what to show."""
+
+    def __init__(self, spec: str | Path) -> None:
+        self.spec = str(spec)
+        self.local: Path | None = None
+        self.url: str | None = None
+        if not is_url(spec):
+            self.local = Path(spec)
+            self.protocol = "file"
+            return
+        scheme, _, rest = self.spec.partition("://")
+        scheme = scheme.lower()
+        if scheme == "file":
+            self.local = Path(rest)
+            self.protocol = "file"
+            return
+        if not rest.strip("/"):
+            raise StoreError(f"--store {spec}: the URL names no bucket or path")
+        self.protocol = scheme
+        self.url = f"{scheme}://{rest.rstrip('/')}"
+        _check_scheme(scheme, self.spec)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
+
+    def __str__(self) -> str:
+        return self.url or str(self.local)
+
+    def __repr__(self) -> str:
+        return f"Location({self!s})"
+
+    # -- remote access -------------------------------------------------------------------------
+    def fs(self):
+        """The (synchronous) fsspec filesystem of a remote location."""
+        return _fs(self.protocol, json.dumps(storage_options(self.protocol), sort_keys=True))
+
+    @property
+    def root(self) -> str:
+        """The remote path without the scheme (``bucket/path.zarr``), as fsspec names it."""
+        return self.url.split("://", 1)[1]
+
+    def zarr_store(self, read_only: bool):
+        """A zarr store over this location (``LocalStore`` for a path, ``FsspecStore`` for a URL)."""
+        import zarr
+
+        if self.local is not None:
+            return zarr.storage.LocalStore(str(self.local), read_only=read_only)
+        _set_concurrency()
+        with remote_errors(self):
+            return zarr.storage.FsspecStore.from_url(self.url, storage_options=storage_options(self.protocol),
+                                                     read_only=read_only)
+
+    def exists(self) -> bool:
+        """Whether something is at the location: for a URL, its root ``zarr.json`` object."""
+        if self.local is not None:
+            return self.local.exists()
+        with remote_errors(self):
+            return self.fs().exists(f"{self.root}/zarr.json")
+
+    def root_attrs(self) -> dict | None:
+        """The attributes in the root ``zarr.json`` (None when it is absent or not JSON)."""
+        try:
+            if self.local is not None:
+                text = (self.local / "zarr.json").read_text()
+            else:
+                with remote_errors(self):
+                    text = self.fs().cat_file(f"{self.root}/zarr.json").decode()
+            attrs = json.loads(text).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return None
+        return attrs if isinstance(attrs, dict) else None
+
+    def first_objects(self, limit: int = 3) -> list[str]:
+        """Up to ``limit`` object names under a remote location (to refuse a prefix that holds
+        objects fskd did not write)."""
+        with remote_errors(self):
+            fs = self.fs()
+            try:
+                names = fs.find(self.root, maxdepth=None, withdirs=False)
+            except FileNotFoundError:
+                return []
+            finally:
+                fs.invalidate_cache()
+        return [n[len(self.root) + 1:] for n in names[:limit]]
+
+    def probe(self) -> None:
+        """Reach the location once (bucket exists, credentials work), turning failures into a
+        StoreError that names the URL; a path is not probed."""
+        if self.local is not None:
+            return
+        with remote_errors(self):
+            fs = self.fs()
+            try:  # a listing raises on a missing bucket, bad credentials or an unreachable endpoint
+                fs.ls(self.root, detail=False)  # (``exists`` answers False to all three)
+            except FileNotFoundError as e:
+                if _missing_bucket(e):
+                    raise
+            finally:
+                fs.invalidate_cache()
+
+    def size(self) -> int:
+        if self.local is not None:
+            return sum(f.stat().st_size for f in self.local.rglob("*") if f.is_file())
+        with remote_errors(self):
+            return int(self.fs().du(self.root))
+
+    def delete_tree(self, sub: str) -> None:
+        """Remove the objects under ``<location>/<sub>`` (a group fskd made)."""
+        with remote_errors(self), contextlib.suppress(FileNotFoundError):
+            self.fs().rm(f"{self.root}/{sub}", recursive=True)
+
+
+def _endpoint(loc: Location) -> str:
+    opts = storage_options(loc.protocol)
+    ep = (opts.get("endpoint_url") or opts.get("client_kwargs", {}).get("endpoint_url")
+          or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")) if loc.protocol.startswith("s3") else None
+    return f" at endpoint {ep}" if ep else ""
+
+
+def _check_scheme(scheme: str, spec: str) -> None:
+    import fsspec
+
+    works = ", ".join(f"{s}://" for s in working_schemes())
+    if scheme in BACKENDS:
+        module, extra = BACKENDS[scheme]
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise StoreError(f"--store {spec}: {scheme}:// needs the {module} package (pip install '{extra}'); "
+                             f"schemes that work here: {works}")
+        return
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ValueError, ImportError) as e:
+        raise StoreError(f"--store {spec}: no storage backend handles {scheme}:// ({e}); schemes that work here: "
+                         f"{works} and plain paths") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _fs(protocol: str, options_json: str):
+    import fsspec
+
+    return fsspec.filesystem(protocol, **json.loads(options_json))
+
+
+def _set_concurrency() -> None:
+    import zarr
+
+    n = max_requests()
+    if zarr.config.get("async.concurrency") != n:
+        zarr.config.set({"async.concurrency": n})
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        return (NoCredentialsError, PartialCredentialsError)
+    except ImportError:
+        return ()
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    out: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+        out += [EndpointConnectionError, ConnectTimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        out.append(aiohttp.ClientConnectionError)
+    return tuple(out)
+
+
+def _missing_bucket(e: OSError) -> bool:
+    text = str(e).lower()
+    return "bucket" in text and ("not exist" in text or "nosuchbucket" in text or "not found" in text)
+
+
+@contextlib.contextmanager
+def remote_errors(loc: Location) -> Iterator[None]:
+    """Turn a backend's exception into a StoreError naming the URL and what to do."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except _credential_errors() as e:
+        raise StoreError(f"--store {loc}: no credentials for {loc.protocol}:// ({e}); set AWS_ACCESS_KEY_ID and "
+                         f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+                         f"'{{\"key\": ..., \"secret\": ...}}' (or '{{\"anon\": true}}' for a public bucket)") from None
+    except _connection_errors() as e:
+        raise StoreError(f"--store {loc}: cannot reach the storage{_endpoint(loc)} ({type(e).__name__}: {e}); check "
+                         f"the endpoint (AWS_ENDPOINT_URL or --storage-options '{{\"endpoint_url\": ...}}') and the "
+                         f"network") from None
+    except PermissionError as e:
+        raise StoreError(f"--store {loc}: access denied ({e}); check the credentials and the bucket's policy") from None
+    except OSError as e:
+        if _missing_bucket(e):
+            bucket = loc.root.split("/", 1)[0]
+            raise StoreError(f"--store {loc}: bucket {bucket!r} does not exist{_endpoint(loc)} (create it first; fskd "
+                             f"does not create buckets)") from None
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise StoreError(f"--store {loc}: storage error ({type(e).__name__}: {e})") from None
