@@ -42,3 +42,11 @@ def store_info(path: str, check: bool = False) -> dict:
     if check:
         out["check"] = store.check_report()
     return out
+
+
+def configure_storage(options: dict | str | None) -> None:
+    """``--storage-options``: fsspec options for every store URL this process opens (see
+    ``fskd.store.location``; light, so ``fskd info`` stays quick)."""
+    from fskd.store.location import configure
+
+    configure(options)

@@ -97,9 +97,7 @@ StorageOptions = Annotated[str | None, typer.Option(
 def _storage(options: str | None) -> None:
     """``--storage-options``: for every store URL this command opens (light: no torch)."""
     if options is not None:
-        from fskd.store.location import configure
-
-        _run(configure, options)
+        _run(catalog.configure_storage, options)
 
 
 def _api():

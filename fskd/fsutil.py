@@ -211,9 +211,20 @@ def first_existing(path: Path) -> Path:
     return p
 
 
+def refuse_url(path: str | Path, option: str) -> None:
+    """States, reports and bench folders are written with atomic renames and directory locks, which
+    object storage lacks; they are small, so they stay local (copy them up afterwards)."""
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        raise OutputError(f"{option} {path}: takes a local directory (only --store takes a URL: states, reports "
+                          f"and bench folders are small and are committed by atomic renames, which object storage "
+                          f"lacks; copy them there afterwards)")
+
+
 def check_writable(path: str | Path, option: str, kind: str = "directory") -> Path:
     """Raise OutputError unless ``path`` can be created (or written) as a ``kind``: every existing
-    ancestor is a directory and the nearest one accepts a new file. Checked before any work."""
+    ancestor is a directory and the nearest one accepts a new file. Checked before any work.
+    Only ``--store`` takes a URL: states, reports and bench folders are local directories."""
+    refuse_url(path, option)
     p = Path(path).expanduser().absolute()
     if p.exists() and kind == "directory" and not p.is_dir():
         raise OutputError(f"{option} {path}: exists and is not a directory")
@@ -257,6 +268,7 @@ def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, f
     ``protect`` names other inputs (``(option, path)``) the output may not equal, contain or sit in.
     Returns the absolute path.
     """
+    refuse_url(path, option)
     p = Path(path).expanduser().absolute()
     resolved = p.resolve()
     for other_opt, other in protect:

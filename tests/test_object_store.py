@@ -259,7 +259,7 @@ def test_torchrun_two_nodes_into_one_s3_store(images, reference, s3_bucket):
         pytest.fail("torchrun is not installed beside this python")
     url = f"{s3_bucket}/nodes.zarr"
     outs = _torchrun_nodes(images, url, _free_port(), [{}, {}])
-    for rc, o, e in outs:
+    for rc, _, e in outs:
         assert rc == 0, e[-3000:]
     assert "2 ranks" in outs[0][1]
     _assert_same(reference, FeatureStore.open(url))
@@ -328,3 +328,14 @@ def test_file_url_is_a_local_path(tmp_path):
     assert not loc.is_remote and loc.local == tmp_path / "a.zarr"
     with pytest.raises(StoreError, match="names no bucket"):
         Location("s3://")
+
+
+def test_outputs_other_than_the_store_refuse_urls(s3_bucket, tmp_path, reference):
+    """--out (states, bench folders) and --report stay local: a URL is refused before any work,
+    and no local folder named like the URL appears."""
+    r = runner.invoke(app, ["adapt", "--store", str(reference.path), "--method", "prototype", "--shots", "1",
+                            "--out", f"{s3_bucket}/state"])
+    assert r.exit_code == 2 and "takes a local directory" in r.output
+    r = runner.invoke(app, ["eval", "--store", str(reference.path), "--report", f"{s3_bucket}/report"])
+    assert r.exit_code == 2 and "takes a local directory" in r.output
+    assert not Path("s3:").exists()
