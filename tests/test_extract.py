@@ -188,3 +188,30 @@ def test_torchrun_two_ranks_equal_single_process(image_folder, tmp_path, tiny_cl
         np.testing.assert_allclose(a.features(s), b.features(s), atol=2e-3)
         np.testing.assert_array_equal(a.labels(s), b.labels(s))
     np.testing.assert_allclose(a.text_embeddings(), b.text_embeddings(), atol=1e-5)
+
+
+def test_torchrun_two_ranks_with_views_equal_single_process(image_folder, tmp_path):
+    """--augment-views under torchrun: rank 0 creates the views group, the view chunks are split over
+    the ranks, and the result equals a single process's (views and splits)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    args = ["extract", "folder", "--root", str(image_folder), "--encoder", "synthetic:16", "--workers", "0",
+            "--batch-size", "4", "--chunk-rows", "2", "--device", "cpu", "--augment-views", "3", "--augment-shots", "1",
+            "--augment-seeds", "1,2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
+    out = subprocess.run([sys.executable, "-m", "fskd", *args, "--store", str(single)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fskd", *args, "--store",
+                          str(multi)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b = FeatureStore.open(single), FeatureStore.open(multi)
+    assert b.views_written().all() and len(b.views_written()) >= 2  # several view chunks: both ranks wrote some
+    np.testing.assert_array_equal(a.view_rows(), b.view_rows())
+    va, _ = a.take_views(a.view_rows())
+    vb, _ = b.take_views(b.view_rows())
+    np.testing.assert_array_equal(va, vb)
+    for s in a.splits:
+        np.testing.assert_array_equal(a.features(s), b.features(s))
