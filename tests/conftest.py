@@ -159,6 +159,19 @@ def two_worlds(tmp_path_factory):
     return part(range(10), "a"), part(range(10, 20), "b"), shifted
 
 
+def noise_images(root: Path, classes: int, per_class: int, size: int) -> Path:
+    """A class-per-folder dataset of seeded random PNGs (``c0/0.png``...): fast and deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"c{c:02d}" / f"{i}.png")
+    return root
+
+
 # -- object storage: a real S3-API server (moto) on 127.0.0.1 for the whole session ----------------
 def _free_port() -> int:
     import socket

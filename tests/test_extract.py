@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from PIL import Image
 from typer.testing import CliRunner
 
 from fskd import api
@@ -21,6 +20,7 @@ from fskd.cli import app
 from fskd.config import ExtractConfig
 from fskd.errors import DatasetError, StoreError
 from fskd.store import FeatureStore
+from tests.conftest import noise_images
 
 runner = CliRunner()
 
@@ -114,13 +114,7 @@ def test_missing_root_and_unknown_names(tmp_path):
 
 
 def _many_images(root: Path, classes: int = 10, per_class: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"c{c:02d}").mkdir(parents=True)
-        for i in range(per_class):
-            arr = (rng.random((96, 96, 3)) * 255).astype("uint8")
-            Image.fromarray(arr).save(root / f"c{c:02d}" / f"{i}.png")
-    return root
+    return noise_images(root, classes, per_class, 96)
 
 
 def _extract_cmd(root, store, *extra):

@@ -18,7 +18,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from fskd import api
@@ -28,6 +27,7 @@ from fskd.errors import StoreError
 from fskd.store import FeatureStore
 from fskd.store import schema as S
 from fskd.store.location import Location, configure
+from tests.conftest import _free_port, noise_images
 
 runner = CliRunner()
 
@@ -35,13 +35,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """8 classes x 12 random 48 px PNGs (the folder layout)."""
-    root = tmp_path_factory.mktemp("objimgs")
-    rng = np.random.default_rng(0)
-    for c in range(8):
-        (root / f"c{c}").mkdir()
-        for i in range(12):
-            Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")).save(root / f"c{c}" / f"{i}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("objimgs") / "imgs", 8, 12, 48)
 
 
 def _args(root, store, *extra) -> list[str]:
@@ -253,8 +247,6 @@ def _torchrun_nodes(images, url, port, env_per_node, timeout=240):
 def test_torchrun_two_nodes_into_one_s3_store(images, reference, s3_bucket):
     """`torchrun --nnodes 2 --nproc_per_node 1` (two node groups, rendezvous on 127.0.0.1) into one
     s3:// store equals a single process; after one node is killed mid-run, a rerun finishes it."""
-    from tests.conftest import _free_port
-
     if not (Path(sys.executable).parent / "torchrun").exists():
         pytest.fail("torchrun is not installed beside this python")
     url = f"{s3_bucket}/nodes.zarr"
@@ -278,8 +270,6 @@ def test_torchrun_two_nodes_into_one_s3_store(images, reference, s3_bucket):
 
 # -- bad input -------------------------------------------------------------------------------------
 def test_unreachable_endpoint_fails_fast_naming_the_url(images, s3_bucket):
-    from tests.conftest import _free_port
-
     url = f"{s3_bucket}/x.zarr"
     closed = f"http://127.0.0.1:{_free_port()}"
     t0 = time.perf_counter()
