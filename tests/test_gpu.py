@@ -20,6 +20,8 @@ from fskd.config import AlignConfig, DistillConfig, EvalConfig, ExtractConfig
 from fskd.methods import load_state
 from fskd.store import FeatureStore
 
+from .test_coop import FAST as COOP_FAST
+from .test_coop import photo_store  # noqa: F401 (fixture)
 from .test_distill import TINY, TINY_OPTS, tiny_images, tiny_teacher_store  # noqa: F401 (fixtures)
 
 DEVICE = os.environ.get("FSKD_GPU_TEST_DEVICE", "cuda")
@@ -79,3 +81,22 @@ def test_faiss_search_matches_numpy():
     protos = rng.standard_normal((50, 64)).astype(np.float32)
     queries = rng.standard_normal((5000, 64)).astype(np.float32)
     np.testing.assert_array_equal(faiss_nearest(protos, queries), (queries @ protos.T).argmax(1))
+
+
+def test_coop_on_the_device_matches_cpu(photo_store, tmp_path):  # noqa: F811
+    """Prompt learning under autocast on the device learns the context the CPU run learns: the class
+    text features it gives agree (cosine), and so do the all-way accuracies."""
+    from fskd.config import AdaptConfig
+
+    text, acc = {}, {}
+    for i, dev in enumerate(("cpu", DEVICE)):
+        out = str(tmp_path / f"coop-{i}")
+        api.adapt(AdaptConfig(store=str(photo_store.path), method="coop", shots=2, seed=1, out=out, device=dev,
+                              options={**COOP_FAST, "n_ctx": 4, "regime": "allway"}, force=True))
+        state = load_state(out)
+        text[i] = state.tensors["allway.text"].float().numpy()
+        assert np.isfinite(text[i]).all()
+        acc[i] = api.evaluate(EvalConfig(store=str(photo_store.path), state=out, protocol="allway", shot=2, seeds=(1,),
+                                         device=dev)).accuracy
+    assert _cos(text[0], text[1]).min() > 0.98
+    assert abs(acc[0] - acc[1]) < 5.0, acc
