@@ -68,9 +68,6 @@ def reset() -> None:
     import sys
 
     if "fsspec" in sys.modules:
-        from fsspec.spec import AbstractFileSystem
-
-        AbstractFileSystem.clear_instance_cache()
         for cls in list(_fs_classes()):
             cls.clear_instance_cache()
 
@@ -180,11 +177,9 @@ class Location:
         return self.url.split("://", 1)[1]
 
     def zarr_store(self, read_only: bool):
-        """A zarr store over this location (``LocalStore`` for a path, ``FsspecStore`` for a URL)."""
+        """zarr's ``FsspecStore`` over a remote location (a local store is opened by its path)."""
         import zarr
 
-        if self.local is not None:
-            return zarr.storage.LocalStore(str(self.local), read_only=read_only)
         _set_concurrency()
         with remote_errors(self):
             return zarr.storage.FsspecStore.from_url(self.url, storage_options=storage_options(self.protocol),
@@ -211,12 +206,12 @@ class Location:
         return attrs if isinstance(attrs, dict) else None
 
     def first_objects(self, limit: int = 3) -> list[str]:
-        """Up to ``limit`` object names under a remote location (to refuse a prefix that holds
-        objects fskd did not write)."""
+        """Up to ``limit`` names directly under a remote location (objects or sub-prefixes; to refuse
+        a prefix that holds objects fskd did not write). One listing level, not the whole tree."""
         with remote_errors(self):
             fs = self.fs()
             try:
-                names = fs.find(self.root, maxdepth=None, withdirs=False)
+                names = sorted(fs.ls(self.root, detail=False))
             except FileNotFoundError:
                 return []
             finally:
@@ -244,10 +239,6 @@ class Location:
         with remote_errors(self):
             return int(self.fs().du(self.root))
 
-    def delete_tree(self, sub: str) -> None:
-        """Remove the objects under ``<location>/<sub>`` (a group fskd made)."""
-        with remote_errors(self), contextlib.suppress(FileNotFoundError):
-            self.fs().rm(f"{self.root}/{sub}", recursive=True)
 
 
 def _endpoint(loc: Location) -> str:
