@@ -35,6 +35,7 @@ from fskd.errors import (
     FskdError,
     OutputError,
     StateError,
+    StoreError,
 )
 from fskd.evaluation.allway import run_allway, store_rows
 from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
@@ -709,9 +710,54 @@ class _LogOnce(logging.Filter):
         return True
 
 
+#: ``fskd distill``'s own settings a bench grid gives among a distill method's options
+BENCH_DISTILL_FIELDS = ("student", "regime", "losses", "epochs", "root", "online_teacher")
+
+
+def _bench_distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict]:
+    """Split a distill row's grid options into DistillConfig settings and the method's own options.
+    The regime follows the protocol: base-novel students for episodes of novel classes (they never
+    saw a novel label), semi students (K labels of every class) for the all-way protocol."""
+    options = dict(options)
+    fields = {k: options.pop(k) for k in BENCH_DISTILL_FIELDS if k in options}
+    if protocol not in ("episodic", "allway"):
+        raise ConfigError(f"{label}: distill rows run the episodic protocol (base-novel students) and the allway "
+                          f"protocol (semi students); got --protocol {protocol}")
+    fields.setdefault("regime", "base-novel" if protocol == "episodic" else "semi")
+    if protocol == "episodic" and fields["regime"] != "base-novel":
+        raise ConfigError(f"{label}: regime {fields['regime']!r} in an episodic grid: a semi student learned labels of "
+                          f"the novel classes, so its novel-class episodes are not a few-shot result; use base-novel")
+    return fields, options
+
+
+def _bench_student_store(teacher: FeatureStore, state_dir: Path, path: Path, device: str, root: str | None) -> dict:
+    """Extract the teacher store's dataset with the student of ``state_dir`` into ``path`` (the same
+    images, sample split and class text as the teacher store); returns the row's extract fields."""
+    import shutil
+
+    from fskd.fsutil import is_store_dir
+
+    if path.exists():  # a student store of an earlier run of this bench: extract would reuse its other weights
+        if not is_store_dir(path):
+            raise OutputError(f"{path} exists and is not a feature store fskd wrote; the bench writes the student "
+                              f"store there (nothing was changed)")
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = {k: v for k, v in teacher.attrs.get("config", {}).items() if k in ExtractConfig.__dataclass_fields__}
+    if not src.get("dataset") or src.get("dataset") == "arrays":
+        raise StoreError(f"{teacher.path} was not extracted from an image dataset; a distilled student is scored on "
+                         f"the same images encoded by the student")
+    src.update(encoder=f"student:{state_dir}", store=str(path), device=device, augment_views=0, augment_shots=0,
+               download=False, **({"root": root} if root else {}))  # root: the images moved since extraction
+    t0 = time.perf_counter()
+    r = extract(ExtractConfig.from_dict(src), progress=None)
+    return {"extract_seconds": round(time.perf_counter() - t0, 3), "student_images_per_s": r.images_per_s}
+
+
 def bench(config, progress=AUTO) -> BenchResult:
     """Run a benchmark grid (``fskd bench``): every (store, method, shots, seed) cell is fitted
-    and evaluated once (all-way or base-to-new), its row appended to ``OUT/results.jsonl``; a rerun
+    and evaluated once (all-way, base-to-new, transfer or episodic; a distill row's student is
+    scored on the store's images encoded by it), its row appended to ``OUT/results.jsonl``; a rerun
     skips finished cells. Then the tables and plots are rebuilt (:mod:`fskd.reports.bench`).
     ``progress``: "auto" (a bar over cells with an ETA on a terminal), None, or
     ``callable(done, total, cell_label)``."""
@@ -733,13 +779,21 @@ def bench(config, progress=AUTO) -> BenchResult:
     )
 
     t0 = time.perf_counter()
-    for m in config.methods:
+    fit_method = dict(config.method_pairs())  # row label -> registered method
+    distill_rows, distill_root = False, None
+    for label, m in fit_method.items():
         cls = METHODS.get(m)  # an unknown name lists the valid ones
-        if cls.kind not in ("adapt", "align"):
-            raise ConfigError(f"fskd bench runs adapt and align methods; {m!r} is a {cls.kind} method (adapt/align "
-                              f"methods: {', '.join(sorted(methods_of_kind('adapt') + methods_of_kind('align')))})")
+        if cls.kind not in ("adapt", "align", "distill"):
+            raise ConfigError(f"fskd bench runs adapt, align and distill methods; {m!r} is a {cls.kind} method (methods: "
+                              f"{', '.join(sorted(methods_of_kind('adapt') + methods_of_kind('align') + methods_of_kind('distill')))})")
+        options = dict(config.options.get(label, {}))
+        if cls.kind == "distill":
+            distill_rows = True
+            fields, options = _bench_distill_fields(label, options, config.protocol)
+            distill_root = distill_root or fields.get("root")
+            DistillConfig.from_dict({"store": "-", "method": m, **fields})  # ill-typed settings: now, not mid-grid
         if cls.options is not None:
-            cls.options.from_dict(dict(config.options.get(m, {})))  # unknown or ill-typed options: now, not mid-grid
+            cls.options.from_dict(options)  # unknown or ill-typed options: now, not mid-grid
 
     transfer = config.protocol in TRANSFER_PROTOCOLS
     if transfer and len(config.stores) < 2:
@@ -757,6 +811,10 @@ def bench(config, progress=AUTO) -> BenchResult:
             if unknown:
                 raise ConfigError(f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} are "
                                   f"not classes of the source {stores[0].path}: {', '.join(map(repr, unknown[:5]))}")
+        if distill_rows:  # a student trains on the store's images and encodes them: they must be there
+            from fskd.methods.distill.data import dataset_of
+
+            dataset_of(st, distill_root)
         if transfer and i and st.encoder_spec != stores[0].encoder_spec:
             raise ConfigError(f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, the "
                               f"source {stores[0].path} {stores[0].encoder_spec!r}; every store needs the same encoder")
@@ -767,21 +825,23 @@ def bench(config, progress=AUTO) -> BenchResult:
         labels[0] += SOURCE_TAG
     out = _bench_out(config, stores)
     src_fp = stores[0].fingerprint if transfer else ""
-    order = ([(st, label, m, k, s) for m in config.methods for k in config.shots for s in config.seeds
+    order = ([(st, label, m, k, s) for m in fit_method for k in config.shots for s in config.seeds
               for st, label in zip(stores, labels, strict=True)] if transfer else  # one fit, every target in a row
-             [(st, label, m, k, s) for st, label in zip(stores, labels, strict=True) for m in config.methods
+             [(st, label, m, k, s) for st, label in zip(stores, labels, strict=True) for m in fit_method
               for k in config.shots for s in config.seeds])
     episodic = config.protocol == "episodic"
     setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
                           "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) if episodic else ""
     cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
-                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting) for st, label, m, k, s in order]
+                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting,
+                  fit_method[m] if fit_method[m] != m else "") for st, label, m, k, s in order]
     keys = {c.key for c in cells}
     by_path = {absolute_store(st.path): st for st in stores}
     fit_store = {p: (absolute_store(stores[0].path) if transfer else p) for p in by_path}
     min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
                  for p, st in by_path.items() if st.has_split("train")}
     tmp_state = out / f".cell-state-{os.getpid()}"
+    tmp_student = out / f".cell-student-{os.getpid()}"  # a distill cell's student store, in a folder of its own
     fitted: dict = {}  # the last fit: (store, method, K, seed, options) -> FitResult, reused across targets
 
     def fit_for(cell: Cell, store_path: str, state_dir: Path):
@@ -789,7 +849,8 @@ def bench(config, progress=AUTO) -> BenchResult:
         if fitted.get("key") == key and state_dir.exists():
             return fitted["fit"]
         fitted.clear()
-        cls = METHODS.get(cell.method)
+        name = cell.fit_method or cell.method
+        cls = METHODS.get(name)
         options = json.loads(cell.options)
         if "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
             # a method with regimes fits only the part the cell scores (fma fits all-way when given K
@@ -798,20 +859,24 @@ def bench(config, progress=AUTO) -> BenchResult:
                 options["regime"] = "episodic"
             elif config.protocol == "allway":
                 options["regime"] = "allway"
-        kw = dict(store=store_path, method=cell.method, shots=cell.shots, seed=cell.seed, out=str(state_dir),
+        kw = dict(store=store_path, method=name, shots=cell.shots, seed=cell.seed, out=str(state_dir),
                   device=config.device, options=options, force=True, val_rule=cell.val_rule,
                   base_to_new=cell.protocol == "base-to-new")
         if episodic and config.class_ratio is not None:
             kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
-        fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
-               else align(AlignConfig(**kw), progress=None))
+        if cls.kind == "distill":
+            fields, kw["options"] = _bench_distill_fields(cell.method, options, cell.protocol)
+            fit = distill(DistillConfig(**kw, **fields), progress=None)
+        else:
+            fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
+                   else align(AlignConfig(**kw), progress=None))
         fitted.update(key=key, fit=fit)
         return fit
 
     def run_cell(cell: Cell) -> dict:
         src_path = fit_store[cell.store]
         src, st = by_path[src_path], by_path[cell.store]
-        cls = METHODS.get(cell.method)
+        cls = METHODS.get(cell.fit_method or cell.method)
         if cls.needs_text and not src.attrs["text"].get("available"):
             return {"status": "n/a", "message": f"{cell.method} needs class text features; {src.path} has none "
                                                f"(encoder {src.encoder_spec} has no text tower)"}
@@ -829,24 +894,36 @@ def bench(config, progress=AUTO) -> BenchResult:
         state_dir = (out / "states" / Path(src_path).name.removesuffix(".zarr") / cell.method /
                      f"{cell.shots}shot-seed{cell.seed}" if config.keep_states else tmp_state)
         protocol = cell.protocol if target or not transfer else "allway"
+        eval_store, extra = cell.store, {}
+        # distill: the student's features (not directly in OUT, which this run holds locked: extract locks
+        # the store's parent folder)
+        student_store = (state_dir.with_name(state_dir.name + ".zarr") if config.keep_states
+                         else tmp_student / "student.zarr")
         try:
             fit = fit_for(cell, src_path, state_dir)
+            if cls.kind == "distill":
+                root = _bench_distill_fields(cell.method, json.loads(cell.options), cell.protocol)[0].get("root")
+                extra = _bench_student_store(st, state_dir, student_store, config.device, root)
+                eval_store = str(student_store)
             how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
                         seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
                    if episodic else dict(protocol=protocol, seeds=(cell.seed,)))
-            ev = evaluate(EvalConfig(store=cell.store, state=str(state_dir), shot=cell.shots, device=config.device, **how))
+            ev = evaluate(EvalConfig(store=eval_store, state=str(state_dir), shot=cell.shots, device=config.device, **how))
         except FskdError as e:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
-            if not transfer and not config.keep_states and tmp_state.exists():
-                shutil.rmtree(tmp_state)  # a state this run wrote, nothing else
+            if not transfer and not config.keep_states:
+                for p in (tmp_state, tmp_student):
+                    if p.exists():
+                        shutil.rmtree(p)  # a state / student store this run wrote, nothing else
         b2n = cell.protocol == "base-to-new"
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
                 **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
                 **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if episodic else {}),
                 "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
                 "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
-                "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, "warnings": fit.warnings + ev.warnings,
+                "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, **extra,
+                "warnings": fit.warnings + ev.warnings,
                 "encoder": ev.encoder, "state": str(state_dir) if config.keep_states else None,
                 "versions": {"fskd": __version__, "torch": torch.__version__},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -861,14 +938,16 @@ def bench(config, progress=AUTO) -> BenchResult:
             meta = {"format": BENCH_FORMAT, "config": config.to_dict(), "cells": [c.key for c in cells],
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
             atomic_write_text(out / BENCH_JSON, json.dumps(meta, indent=2))
-            if tmp_state.exists():
-                shutil.rmtree(tmp_state)
+            for p in (tmp_state, tmp_student):
+                if p.exists():
+                    shutil.rmtree(p)
             results = Results(out)
             try:
                 counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
             finally:
-                if tmp_state.exists():
-                    shutil.rmtree(tmp_state)  # the scratch state of the last fit, written by this run
+                for p in (tmp_state, tmp_student):
+                    if p.exists():
+                        shutil.rmtree(p)  # the scratch state (and student store) of the last fit, written by this run
             outputs = write_outputs(out, results.rows, config.to_dict(), [c.key for c in cells])
     finally:
         for h in logging.getLogger().handlers:

@@ -612,7 +612,7 @@ def _bench_options(pairs: list[str] | None) -> dict:
 @app.command()
 def bench(
     stores: Annotated[str | None, typer.Option(help="Feature stores, comma-separated.", metavar="LIST")] = None,
-    methods: Annotated[str | None, typer.Option(help="Adapt/align methods, comma-separated (`fskd methods`).", metavar="LIST")] = None,
+    methods: Annotated[str | None, typer.Option(help="Adapt/align/distill methods, comma-separated (`fskd methods`); LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options.", metavar="LIST")] = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")] = None,
     protocol: Annotated[str | None, typer.Option(help="The protocol of every cell [default: allway].", metavar="NAME")] = None,

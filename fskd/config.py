@@ -406,7 +406,10 @@ BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift", "ep
 class BenchConfig(Config):
     """``fskd bench``: a grid of (store, method, shots, seed) cells, each fitted and evaluated once.
 
-    A grid file (TOML) holds the same keys; ``options`` maps a method name to its ``--set`` options."""
+    A grid file (TOML) holds the same keys; ``options`` maps a method name to its ``--set`` options.
+    A ``methods`` entry ``LABEL=METHOD`` is a variant: a row of METHOD named LABEL with the options
+    ``options[LABEL]``. Distill methods' options also take ``fskd distill``'s own settings
+    (student, regime, losses, epochs, root, online_teacher)."""
 
     stores: tuple[str, ...] = ()  # cross-dataset / domain-shift: the source store first, then the targets
     methods: tuple[str, ...] = ()
@@ -430,7 +433,12 @@ class BenchConfig(Config):
         if not self.stores:
             raise ConfigError("--stores is required: one or more feature stores, comma-separated")
         if not self.methods:
-            raise ConfigError("--methods is required: one or more adapt/align methods, comma-separated")
+            raise ConfigError("--methods is required: one or more adapt/align/distill methods, comma-separated")
+        for entry in self.methods:
+            label, sep, base = str(entry).partition("=")
+            if sep and (not label.strip() or not base.strip() or "=" in base):
+                raise ConfigError(f"--methods entry {entry!r}: a variant is LABEL=METHOD (e.g. labels-only=mtkd, "
+                                  f"its options under that label)")
         if not self.shots or any(k < 1 for k in self.shots):
             raise ConfigError(f"--shots must be one or more integers >= 1, got {list(self.shots)}")
         if not self.seeds:
@@ -445,10 +453,13 @@ class BenchConfig(Config):
             raise ConfigError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {self.val_rule!r}")
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError("options must map a method name to a table of its options, e.g. [options.fma] iters = 300")
-        unknown = sorted(set(self.options) - set(self.methods))
+        labels = self.labels()
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--methods names a row twice: {labels} (give each variant its own LABEL=METHOD label)")
+        unknown = sorted(set(self.options) - set(labels))
         if unknown:
             raise ConfigError(f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
-                              f"grid methods: {', '.join(self.methods)}")
+                              f"grid methods: {', '.join(labels)}")
         if self.class_ratio is not None:
             if self.protocol != "episodic":
                 raise ConfigError(f"class_ratio (a seeded class split per seed) is for --protocol episodic, got "
@@ -458,5 +469,19 @@ class BenchConfig(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (2 if name == "way" else 1):
                 raise ConfigError(f"{name} must be an integer >= {2 if name == 'way' else 1}, got {v!r}")
-        if self.baseline is not None and self.baseline not in self.methods:
-            raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(self.methods)}")
+        if self.baseline is not None and self.baseline not in labels:
+            raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(labels)}")
+
+    def method_pairs(self) -> list[tuple[str, str]]:
+        """(row label, registered method) per ``methods`` entry: ``NAME`` is itself; ``LABEL=NAME`` is
+        a variant, another row of the same method with its own options (``options[LABEL]``)."""
+        out = []
+        for entry in self.methods:
+            label, sep, base = str(entry).partition("=")
+            out.append((label.strip(), base.strip()) if sep else (label, label))
+        return out
+
+    def labels(self) -> list[str]:
+        """The grid's row names, in order."""
+        return [label for label, _ in self.method_pairs()]
+

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fskd import api
 from fskd.cli import app
 from fskd.config import BenchConfig
-from fskd.errors import ConfigError, OutputError, RegistryError
+from fskd.errors import ConfigError, OutputError, RegistryError, StoreError
 from fskd.store import FeatureStore
 from fskd.store.synthetic import make_synthetic_store, synthetic_features
 
@@ -99,13 +99,18 @@ def test_tables_plots_and_report_rebuild(stores, tmp_path):
 
 def test_grid_file_and_its_errors(stores, tmp_path):
     g = tmp_path / "grid.toml"
-    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe-tuned"]\nshots = [1]\n'
-                 f'seeds = [1]\nout = "{tmp_path / "g"}"\n[options.linear-probe-tuned]\nsteps = [50]\n')
+    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe-tuned", '
+                 f'"short=linear-probe-tuned"]\nshots = [1]\nseeds = [1]\nout = "{tmp_path / "g"}"\n'
+                 f'[options.linear-probe-tuned]\nsteps = [50]\n[options.short]\nsteps = [0]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g), "--json"])
     assert r.exit_code == 0, r.output
-    res = [json.loads(line) for line in open(tmp_path / "g" / "results.jsonl")]
-    assert {x["method"] for x in res} == {"prototype", "linear-probe-tuned"}
-    assert next(x for x in res if x["method"] == "linear-probe-tuned")["options"] == {"steps": [50]}
+    res = {x["method"]: x for x in map(json.loads, open(tmp_path / "g" / "results.jsonl"))}
+    assert list(res) == ["prototype", "linear-probe-tuned", "short"]
+    assert res["linear-probe-tuned"]["options"] == {"steps": [50]} and "variant_of" not in res["linear-probe-tuned"]
+    # a variant row: the same method under its own label with its own options; 0 steps keeps the prototype init
+    assert res["short"]["variant_of"] == "linear-probe-tuned" and res["short"]["options"] == {"steps": [0]}
+    assert res["short"]["hparams"]["allway.steps"] == 0 and res["linear-probe-tuned"]["hparams"]["allway.steps"] == 50
+    assert "| short |" in (tmp_path / "g" / "table.md").read_text()
     g.write_text('stores = ["a.zarr"]\nmethods = ["prototype"]\nshot = [1]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g)])
     assert r.exit_code == 2 and "unknown key(s) shot" in r.output and str(g) in r.output and "valid keys" in r.output
@@ -115,8 +120,10 @@ def test_bad_input_is_named_before_any_cell(stores, tmp_path):
     base = dict(stores=stores, shots=(1,), seeds=(1,), out=str(tmp_path / "x"))
     with pytest.raises(RegistryError, match="Unknown method 'protoype'.*Available: .*prototype"):
         api.bench(BenchConfig(methods=("protoype",), **base), progress=None)
-    with pytest.raises(ConfigError, match="'mtkd' is a distill method"):
+    with pytest.raises(StoreError, match="not extracted from an image dataset"):  # a student needs the images
         api.bench(BenchConfig(methods=("mtkd",), **base), progress=None)
+    with pytest.raises(ConfigError, match="names a row twice"):
+        BenchConfig(methods=("prototype", "prototype=linear-probe"), **base)
     with pytest.raises(ConfigError, match="options are given for method.* fma"):
         BenchConfig(methods=("prototype",), options={"fma": {"iters": 3}}, **base)
     with pytest.raises(ConfigError, match="unknown key"):

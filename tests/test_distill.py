@@ -407,3 +407,53 @@ def test_decoded_image_cache_is_written_once_and_reused(tmp_path, image_folder, 
     with pytest.raises(DatasetError, match="cannot read image"):
         data.decode_images(src, refs[:3], 20, directory=str(tmp_path / "d"))  # every open fails now
     assert not list((tmp_path / "d").iterdir())  # no partial cache, no temporary file
+
+
+def test_bench_runs_distill_rows_over_class_splits(tiny_teacher_store, tmp_path):
+    """fskd bench with distill rows (episodic protocol, seeded class splits): each cell distils a
+    base-novel student on its own split, extracts the store's images with it and scores novel-class
+    episodes on the student's features; a variant row (LABEL=METHOD) is the labels-only student;
+    a cell equals distil -> extract -> eval by hand; scratch states and student stores are removed;
+    a semi regime in an episodic grid and a base-to-new distill grid are refused before any cell."""
+    grid = tmp_path / "grid.toml"
+    opts = {**TINY_OPTS, "student": TINY, "epochs": 1}
+    toml = lambda d: "\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items())  # noqa: E731
+    grid.write_text(f'stores = ["{tiny_teacher_store}"]\nmethods = ["prototype", "mtkd", "labels-only=mtkd"]\n'
+                    f'shots = [1]\nseeds = [1, 2]\nprotocol = "episodic"\nclass_ratio = [0.4, 0.3, 0.3]\nway = 3\n'
+                    f'query = 5\nepisodes = 30\nbaseline = "labels-only"\ndevice = "cpu"\n'
+                    f'[options.mtkd]\n{toml(opts)}\n[options.labels-only]\n{toml({**opts, "losses": "none"})}\n')
+    res = runner.invoke(app, ["bench", "--grid", str(grid), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "6 cells (0 already done, 6 run, 0 not applicable, 0 failed)" in res.output
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    dist = [r for r in rows if r["method"] in ("mtkd", "labels-only")]
+    assert len(dist) == 4 and all(r["status"] == "ok" and r["extract_seconds"] > 0 for r in dist)
+    assert all(r["encoder"].startswith("student:") for r in dist)
+    assert {r["variant_of"] for r in dist if r["method"] == "labels-only"} == {"mtkd"}
+    assert all(bool(r["hparams"]["losses"]) == (r["method"] == "mtkd") for r in dist)  # labels-only: no loss term
+    splits = {r["seed"]: tuple(r["class_split"]["novel"]) for r in dist if r["method"] == "mtkd"}
+    assert splits[1] != splits[2]
+    assert not list((tmp_path / "b").glob(".cell-*"))  # scratch state and student store removed
+    table = (tmp_path / "b" / "table.md").read_text()
+    assert "| labels-only |" in table and "Paired difference to labels-only" in table and "student" in table
+    # the seed-2 mtkd cell by hand
+    out = tmp_path / "by-hand"
+    api.distill(_cfg(tiny_teacher_store, out, epochs=1, seed=2, shots=1, regime="base-novel",
+                     class_ratio=(0.4, 0.3, 0.3), split_seed=2))
+    s = tmp_path / "by-hand.zarr"
+    api.extract(ExtractConfig(dataset="folder", root=FeatureStore.open(tiny_teacher_store).attrs["dataset"]["root"],
+                              encoder=f"student:{out}", store=str(s), workers=0, device="cpu"))
+    ev = api.evaluate(EvalConfig(store=str(s), state=str(out), way=3, shot=1, query=5, episodes=30, seed=0))
+    cell = next(r for r in dist if r["method"] == "mtkd" and r["seed"] == 2)
+    assert cell["accuracy"] == pytest.approx(ev.accuracy, abs=1e-6)
+    # refused before any cell
+    for args, words in ((["--set", "mtkd.regime=semi"], "semi student learned labels of the novel classes"),):
+        bad = runner.invoke(app, ["bench", "--grid", str(grid), "--out", str(tmp_path / "x"), *args])
+        assert bad.exit_code == 2 and words in bad.output, bad.output
+    bad = runner.invoke(app, ["bench", "--stores", tiny_teacher_store, "--methods", "mtkd", "--protocol", "base-to-new",
+                              "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "distill rows run the episodic protocol" in bad.output, bad.output
+    bad = runner.invoke(app, ["bench", "--stores", tiny_teacher_store, "--methods", "prototype,=mtkd",
+                              "--out", str(tmp_path / "z")])
+    assert bad.exit_code == 2 and "LABEL=METHOD" in bad.output, bad.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

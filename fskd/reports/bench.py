@@ -59,12 +59,14 @@ class Cell:
     options: str  # JSON of the method's options (sorted keys)
     source_fingerprint: str = ""  # cross-dataset / domain-shift: the store every cell's state is fitted on
     setting: str = ""  # episodic: JSON of way, query, episodes, episode seed and class ratio
+    fit_method: str = ""  # a variant row (LABEL=METHOD): the registered method fitted under the label ``method``
 
     @property
     def key(self) -> str:
         parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule, self.options]
         return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else [])
-                          + ([self.setting] if self.setting else []))
+                          + ([self.setting] if self.setting else [])
+                          + ([{"variant_of": self.fit_method}] if self.fit_method else []))
 
     def label(self) -> str:
         return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
@@ -142,7 +144,8 @@ def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dic
         row = run_cell(cell)
         row = {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
                "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
-               "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options), **row}
+               "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options),
+               **({"variant_of": cell.fit_method} if cell.fit_method else {}), **row}
         results.append(row)
         fault_point(f"bench:cell-{i + 1}")  # tests kill a grid after its i-th new cell
         counts[row["status"]] += 1
@@ -281,7 +284,7 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
 
     seeds = sorted({r["seed"] for r in rows})
     md = [f"# fskd bench: {config.get('protocol', 'allway')}\n",
-          protocol_text(config, seeds), ""]
+          protocol_text(config, seeds) + _student_text(rows, config), ""]
     tex = ["% fskd bench: " + protocol_text(config, seeds).replace("%", "\\%")]
     for k in shots:
         body = [[m] + [c.text() for c in row_cells(m, k)] for m in methods]
@@ -352,6 +355,20 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
                      if c.status == NA and not c.per_seed and "cannot classify" in c.message})
     md += _notes(notes)
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+
+
+def _student_text(rows: list[dict], config: dict) -> str:
+    """What a distill row scores (rows with ``extract_seconds`` distilled a student), else ''."""
+    students = sorted({r["method"] for r in rows if "extract_seconds" in r})
+    if not students:
+        return ""
+    regime = ("base-novel: trained on the base classes' images and labels, distilling the store's encoder"
+              if config.get("protocol") == "episodic" else
+              "semi: K labelled shots per class of seed s plus the rest of the train split unlabelled, distilling the "
+              "store's encoder")
+    return (f" Distill rows ({', '.join(students)}): each cell distils one student (regime {regime}; seed s), encodes "
+            f"the store's images with it (`fskd extract --encoder student:DIR`) and scores the same protocol on the "
+            f"student's features; the other rows score the store's own (teacher) features.")
 
 
 def _failed_cells(rows: list[dict]) -> list[tuple[str, str, str]]:
