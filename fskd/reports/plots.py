@@ -63,10 +63,11 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     what = ("Base-to-new harmonic mean" if b2n else
             f"{config.get('way', 5)}-way episodic accuracy" if episodic else "All-way accuracy")
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
-    title = (f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; "
-             f"{'CoOp few-shot' if config.get('val_rule', 'few-shot') == 'few-shot' else 'full'} validation"
+    val = ("validation on val-class episodes" if episodic else
+           "CoOp few-shot validation" if config.get("val_rule", "few-shot") == "few-shot" else "full validation")
+    title = (f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; {val}"
              f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})")
-    title = textwrap.fill(title, width=int(fig.get_figwidth() * 11))
+    title = textwrap.fill(title, width=int(fig.get_figwidth() * 11), break_on_hyphens=False)
     fig.suptitle(title, fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
     legend_rows = -(-len(labels) // 5)
