@@ -57,7 +57,8 @@ import torch.nn.functional as F  # noqa: E402
 
 METHODS = ("prototype", "linear-probe", "linear-probe-tuned", "tip-adapter", "tip-adapter-f", "lp++", "fma")
 #: shots the FMA rows run at by default: one fit of the reference network (107M parameters at
-#: 1,280-d) takes about 6 min at 1 shot on 2 CPU cores, 15 min at 4 and an hour at 16
+#: 1,280-d) takes about 5 min at 1 shot on 2 CPU cores, 6-7 min at 4 (measured) and about 25 min
+#: at 16 (3,600 steps); gather 4 and 16 with --results, a seed at a time
 FMA_SHOTS = (1,)
 
 
