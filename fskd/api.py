@@ -780,7 +780,7 @@ def bench(config, progress=AUTO) -> BenchResult:
 
     t0 = time.perf_counter()
     fit_method = dict(config.method_pairs())  # row label -> registered method
-    distill_rows, distill_root = False, None
+    distill_split: dict[str, tuple[dict, dict]] = {}  # distill row label -> (DistillConfig settings, method options)
     for label, m in fit_method.items():
         cls = METHODS.get(m)  # an unknown name lists the valid ones
         if cls.kind not in ("adapt", "align", "distill"):
@@ -788,9 +788,7 @@ def bench(config, progress=AUTO) -> BenchResult:
                               f"{', '.join(sorted(methods_of_kind('adapt') + methods_of_kind('align') + methods_of_kind('distill')))})")
         options = dict(config.options.get(label, {}))
         if cls.kind == "distill":
-            distill_rows = True
-            fields, options = _bench_distill_fields(label, options, config.protocol)
-            distill_root = distill_root or fields.get("root")
+            fields, options = distill_split[label] = _bench_distill_fields(label, options, config.protocol)
             DistillConfig.from_dict({"store": "-", "method": m, **fields})  # ill-typed settings: now, not mid-grid
         if cls.options is not None:
             cls.options.from_dict(options)  # unknown or ill-typed options: now, not mid-grid
@@ -811,10 +809,10 @@ def bench(config, progress=AUTO) -> BenchResult:
             if unknown:
                 raise ConfigError(f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} are "
                                   f"not classes of the source {stores[0].path}: {', '.join(map(repr, unknown[:5]))}")
-        if distill_rows:  # a student trains on the store's images and encodes them: they must be there
+        if distill_split:  # a student trains on the store's images and encodes them: they must be there
             from fskd.methods.distill.data import dataset_of
 
-            dataset_of(st, distill_root)
+            dataset_of(st, next((f["root"] for f, _ in distill_split.values() if f.get("root")), None))
         if transfer and i and st.encoder_spec != stores[0].encoder_spec:
             raise ConfigError(f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, the "
                               f"source {stores[0].path} {stores[0].encoder_spec!r}; every store needs the same encoder")
@@ -842,6 +840,12 @@ def bench(config, progress=AUTO) -> BenchResult:
                  for p, st in by_path.items() if st.has_split("train")}
     tmp_state = out / f".cell-state-{os.getpid()}"
     tmp_student = out / f".cell-student-{os.getpid()}"  # a distill cell's student store, in a folder of its own
+
+    def clear_scratch() -> None:
+        """Remove the scratch state and student store of this run (written by it, nothing else)."""
+        for p in (tmp_state, tmp_student):
+            if p.exists():
+                shutil.rmtree(p)
     fitted: dict = {}  # the last fit: (store, method, K, seed, options) -> FitResult, reused across targets
 
     def fit_for(cell: Cell, store_path: str, state_dir: Path):
@@ -865,7 +869,7 @@ def bench(config, progress=AUTO) -> BenchResult:
         if episodic and config.class_ratio is not None:
             kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
         if cls.kind == "distill":
-            fields, kw["options"] = _bench_distill_fields(cell.method, options, cell.protocol)
+            fields, kw["options"] = distill_split[cell.method]
             fit = distill(DistillConfig(**kw, **fields), progress=None)
         else:
             fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
@@ -902,8 +906,8 @@ def bench(config, progress=AUTO) -> BenchResult:
         try:
             fit = fit_for(cell, src_path, state_dir)
             if cls.kind == "distill":
-                root = _bench_distill_fields(cell.method, json.loads(cell.options), cell.protocol)[0].get("root")
-                extra = _bench_student_store(st, state_dir, student_store, config.device, root)
+                extra = _bench_student_store(st, state_dir, student_store, config.device,
+                                             distill_split[cell.method][0].get("root"))
                 eval_store = str(student_store)
             how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
                         seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
@@ -913,9 +917,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
             if not transfer and not config.keep_states:
-                for p in (tmp_state, tmp_student):
-                    if p.exists():
-                        shutil.rmtree(p)  # a state / student store this run wrote, nothing else
+                clear_scratch()
         b2n = cell.protocol == "base-to-new"
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
                 **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
@@ -938,16 +940,12 @@ def bench(config, progress=AUTO) -> BenchResult:
             meta = {"format": BENCH_FORMAT, "config": config.to_dict(), "cells": [c.key for c in cells],
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
             atomic_write_text(out / BENCH_JSON, json.dumps(meta, indent=2))
-            for p in (tmp_state, tmp_student):
-                if p.exists():
-                    shutil.rmtree(p)
+            clear_scratch()
             results = Results(out)
             try:
                 counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
             finally:
-                for p in (tmp_state, tmp_student):
-                    if p.exists():
-                        shutil.rmtree(p)  # the scratch state (and student store) of the last fit, written by this run
+                clear_scratch()
             outputs = write_outputs(out, results.rows, config.to_dict(), [c.key for c in cells])
     finally:
         for h in logging.getLogger().handlers:

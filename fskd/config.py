@@ -434,11 +434,6 @@ class BenchConfig(Config):
             raise ConfigError("--stores is required: one or more feature stores, comma-separated")
         if not self.methods:
             raise ConfigError("--methods is required: one or more adapt/align/distill methods, comma-separated")
-        for entry in self.methods:
-            label, sep, base = str(entry).partition("=")
-            if sep and (not label.strip() or not base.strip() or "=" in base):
-                raise ConfigError(f"--methods entry {entry!r}: a variant is LABEL=METHOD (e.g. labels-only=mtkd, "
-                                  f"its options under that label)")
         if not self.shots or any(k < 1 for k in self.shots):
             raise ConfigError(f"--shots must be one or more integers >= 1, got {list(self.shots)}")
         if not self.seeds:
@@ -478,6 +473,9 @@ class BenchConfig(Config):
         out = []
         for entry in self.methods:
             label, sep, base = str(entry).partition("=")
+            if sep and (not label.strip() or not base.strip() or "=" in base):
+                raise ConfigError(f"--methods entry {entry!r}: a variant is LABEL=METHOD (e.g. labels-only=mtkd, "
+                                  f"its options under that label)")
             out.append((label.strip(), base.strip()) if sep else (label, label))
         return out
 
