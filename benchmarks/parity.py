@@ -34,9 +34,9 @@ per seed; the difference is paired by seed (mean and Student-t 95% CI).
 
 ``--results FILE.jsonl`` keeps one line per finished (method, K, seed) fit pair, appended as it
 finishes, and a later run skips the pairs the file holds: the slow FMA rows (6-7 min per side per
-seed at 4 shots on 2 CPU cores, 21-24 min at 16: 46 min a seed for both sides) can be gathered a seed at a time, across runs
-(``docs/bench/parity_fma_results.jsonl``). The table uses every seed the file holds for the rows
-asked; a row with one seed has no CI yet.
+seed at 4 shots on 2 CPU cores, 21-25 min at 16, so 46-49 min a seed for both sides) can be
+gathered a seed at a time, across runs (``docs/bench/parity_fma_results.jsonl``). The table uses
+every seed the file holds for the rows asked; a row with one seed has no CI yet.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 METHODS = ("prototype", "linear-probe", "linear-probe-tuned", "tip-adapter", "tip-adapter-f", "lp++", "fma")
 #: shots the FMA rows run at by default: one fit of the reference network (107M parameters at
-#: 1,280-d) takes about 5 min at 1 shot on 2 CPU cores, 6-7 min at 4 and 21-24 min at 16 (3,600
+#: 1,280-d) takes about 5 min at 1 shot on 2 CPU cores, 6-7 min at 4 and 21-25 min at 16 (3,600
 #: steps; all measured); gather 4 and 16 with --results, a seed at a time
 FMA_SHOTS = (1,)
 
