@@ -45,7 +45,7 @@ from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
 from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
-from fskd.progress import AUTO, extract_bar, train_bar
+from fskd.progress import AUTO, extract_bar, extract_log, train_bar
 from fskd.progress import resolve as resolve_progress
 from fskd.reports import markdown_table, report_name, write_report
 from fskd.reports.compare import compare_reports
@@ -63,7 +63,7 @@ def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, sourc
     """Encode a dataset into a feature store (resumable; reused when already complete).
     ``progress``: "auto" (a bar when stderr is a terminal), None, or a callable.
     ``source``: an ImageDataset object to use instead of the registered ``config.dataset``."""
-    return _extract(config, resolve_progress(progress, extract_bar), source)
+    return _extract(config, resolve_progress(progress, extract_bar, extract_log), source)
 
 
 @dataclass
@@ -629,10 +629,11 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
     report.write_text(
         f"# fskd demo\n\nEncoder `{config.encoder}`, prototype classifier (SimpleShot: base-mean centring, L2). "
         f"Episodic rows: mean accuracy and 95% CI over {config.episodes} episodes on novel classes. "
-        f"All-way rows: mean over seeds 1-3 and 95% CI (Student t over the 3 seeds).\n\n{table}"
+        f"All-way rows: mean over seeds 1-3 and 95% CI (Student t over the 3 seeds).\n\n{table}",
+        encoding="utf-8",
     )
 
-    (out / "demo.json").write_text(json.dumps(rows, indent=2))
+    (out / "demo.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return DemoResult(rows=rows, report=str(report), seconds=round(time.perf_counter() - t0, 2))
 
 
@@ -657,13 +658,15 @@ def load_grid(path: str) -> dict:
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--grid {path}: no such file (expected a TOML grid file)")
+    from fskd.fsutil import read_small_file
+
+    text = read_small_file(path, "--grid", what="TOML grid file")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--grid {path}: not valid TOML ({e})") from None
+    except RecursionError:  # a = [[[[... nested deeper than the parser's stack
+        raise ConfigError(f"--grid {path}: nested too deeply to be a TOML grid file") from None
     from fskd.config import BenchConfig
 
     valid = {f for f in BenchConfig.__dataclass_fields__}
@@ -677,12 +680,18 @@ def _bench_out(config, stores: list[FeatureStore]) -> Path:
     from fskd.reports.bench import BENCH_JSON, is_bench_dir
 
     out = Path(config.out).expanduser().absolute()
+    o = out.resolve()
     for st in stores:
-        if st.location.is_remote:
-            continue
-        o, s = out.resolve(), Path(st.path).resolve()
-        if o == s or o.is_relative_to(s) or s.is_relative_to(o):
-            raise OutputError(f"--out {config.out} overlaps the store {st.path}; write the bench somewhere else")
+        # the store, and the images it was extracted from: a bench folder in either changes it
+        places = [] if st.location.is_remote else [("the store", st.path)]
+        root = st.attrs["dataset"].get("root")
+        if root:
+            places.append((f"the dataset root of {st.path}", root))
+        for what, where in places:
+            p = Path(where).expanduser().resolve()
+            if o == p or o.is_relative_to(p) or p.is_relative_to(o):
+                raise OutputError(f"--out {config.out} overlaps {what} ({where}); write the bench somewhere else "
+                                  f"(nothing was changed)")
     if store_containing(out) is not None:
         raise OutputError(f"--out {config.out} is inside a feature store; write the bench somewhere else")
     if out.exists():
@@ -695,6 +704,27 @@ def _bench_out(config, stores: list[FeatureStore]) -> Path:
         check_writable(out, "--out")
         out.mkdir(parents=True)
     return out
+
+
+def _same_grid(out: Path, keys: set[str], extend: bool) -> None:
+    """Refuse to run a different grid in a bench folder: its tables and plots would silently become
+    the new grid's. A grid that contains the folder's own may grow it with ``--extend``."""
+    from fskd.reports.bench import BENCH_JSON, is_bench_dir
+
+    if not is_bench_dir(out):
+        return
+    try:
+        old = set(json.loads((out / BENCH_JSON).read_text(encoding="utf-8")).get("cells", []))
+    except (OSError, ValueError, TypeError) as e:
+        raise OutputError(f"--out {out}: {BENCH_JSON} cannot be read ({e}); give a new --out") from None
+    if old == keys or (extend and old <= keys):
+        return
+    lost, new = len(old - keys), len(keys - old)
+    hint = ("add --extend to grow it to this grid" if not lost else
+            "this grid lacks some of its cells, so it cannot extend it")
+    raise OutputError(f"--out {out} holds another grid ({len(old)} cells: this grid has {new} cell(s) it lacks and lacks "
+                      f"{lost} of its cells); write this grid to a new --out, or {hint} (`fskd bench --report {out}` "
+                      f"rebuilds its own tables). Nothing was changed")
 
 
 class _LogOnce(logging.Filter):
@@ -766,7 +796,7 @@ def bench(config, progress=AUTO) -> BenchResult:
 
     from fskd.fsutil import atomic_write_text, dir_lock
     from fskd.methods.base import methods_of_kind
-    from fskd.progress import bench_bar
+    from fskd.progress import bench_bar, bench_log
     from fskd.reports.bench import (
         BENCH_FORMAT,
         BENCH_JSON,
@@ -834,6 +864,7 @@ def bench(config, progress=AUTO) -> BenchResult:
                   json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting,
                   fit_method[m] if fit_method[m] != m else "") for st, label, m, k, s in order]
     keys = {c.key for c in cells}
+    _same_grid(out, keys, config.extend)
     by_path = {absolute_store(st.path): st for st in stores}
     fit_store = {p: (absolute_store(stores[0].path) if transfer else p) for p in by_path}
     min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
@@ -943,7 +974,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             clear_scratch()
             results = Results(out)
             try:
-                counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar))
+                counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar, bench_log))
             finally:
                 clear_scratch()
             outputs = write_outputs(out, results.rows, config.to_dict(), [c.key for c in cells])

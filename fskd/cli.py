@@ -13,6 +13,7 @@ from fskd.runtime import cpu_thread_policy
 
 cpu_thread_policy()  # before torch loads (through fskd.api): idle OpenMP threads sleep
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -137,12 +138,12 @@ def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
 _JSON = {"on": False}
 
 
-def _fail(message: str, kind: str) -> typer.Exit:
+def _fail(message: str, kind: str, code: int = 2) -> typer.Exit:
     if _JSON["on"]:
         typer.echo(json.dumps({"error": message, "type": kind}), err=True)
     else:
         typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
 def _run(fn, *args, on_result=None, **kwargs):
@@ -155,7 +156,10 @@ def _run(fn, *args, on_result=None, **kwargs):
             on_result(e.result)
         raise _fail(str(e), type(e).__name__) from None
     except FskdError as e:
-        raise _fail(str(e), type(e).__name__) from None
+        raise _fail(str(e), type(e).__name__, getattr(e, "exit_code", 2)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted (Ctrl-C); what was finished is kept, nothing half-written is used", "Interrupted",
+                    130) from None
     except OSError as e:  # the environment said no (permissions, a full disk, a path that is a file)
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(f"{where}{e.strerror or e}", type(e).__name__) from None
@@ -190,6 +194,8 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         handlers=[_StderrHandler()])
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    # long jobs off a terminal (a log file, nohup, a scheduler) say how far they are, a line at a time
+    logging.getLogger("fskd.progress").setLevel(logging.INFO)
 
 
 @app.command()
@@ -249,7 +255,7 @@ def extract(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="On-disk feature dtype.")] = "float16",
-    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume).", metavar="N")] = 1024,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume: an interrupted extract keeps every finished chunk).", metavar="N")] = 256,
     class_split: Annotated[str | None, typer.Option(help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.', metavar="PATH", rich_help_panel=SPLIT)] = None,
     class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.", metavar="LIST", rich_help_panel=SPLIT)] = "0.6,0.2,0.2",
     sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.", metavar="LIST", rich_help_panel=SPLIT)] = None,
@@ -622,6 +628,7 @@ def bench(
     baseline: Annotated[str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
     keep_states: Annotated[bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)] = False,
+    extend: Annotated[bool, typer.Option(help="Let this grid grow an existing --out whose grid it contains (else a different grid there is refused).", rich_help_panel=OUTPUT)] = False,
     way: Annotated[int | None, typer.Option(help="Episodic: classes per episode [default: 5].", metavar="N", rich_help_panel="Episodic protocol")] = None,
     query: Annotated[int | None, typer.Option(help="Episodic: queries per class [default: 15].", metavar="N", rich_help_panel="Episodic protocol")] = None,
     episodes: Annotated[int | None, typer.Option(help="Episodic: episodes per cell [default: 600].", metavar="N", rich_help_panel="Episodic protocol")] = None,
@@ -653,7 +660,8 @@ def bench(
         for m, kv in _bench_options(set_).items():
             opts.setdefault(m, {}).update(kv)
         data["options"] = opts
-    data.update(keep_states=keep_states or data.get("keep_states", False), device=device)
+    data.update(keep_states=keep_states or data.get("keep_states", False), extend=extend or data.get("extend", False),
+                device=device)
     cfg = _run(BenchConfig.from_dict, data)
     r = _run(_api().bench, cfg)
     if as_json:
@@ -680,9 +688,15 @@ def demo(
 ) -> None:
     """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
     r = _run(_api().demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
-    typer.echo(open(r.report).read())
+    typer.echo(open(r.report, encoding="utf-8").read())
     typer.echo(f"report: {r.report}  ({r.seconds:.0f} s)")
 
 
 def main() -> None:
+    # under a non-UTF-8 locale (LC_ALL=C: ASCII) a class name such as "café", or a "±", would end
+    # the run with UnicodeEncodeError at the last print; escape what the terminal cannot show instead
+    for stream in (sys.stdout, sys.stderr):
+        if (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8":
+            with contextlib.suppress(AttributeError, ValueError):  # not a TextIOWrapper, or closed
+                stream.reconfigure(errors="backslashreplace")
     app()

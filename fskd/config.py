@@ -57,7 +57,12 @@ class Config:
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        from fskd.fsutil import parse_json_file
+
+        data = parse_json_file(path, f"{cls.__name__} file")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} file {path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -173,7 +178,7 @@ class ExtractConfig(Config):
     workers: int | None = None
     device: str = "auto"
     dtype: str = "float16"
-    chunk_rows: int = 1024
+    chunk_rows: int = 256
     class_split: str | None = None
     class_ratio: tuple[float, float, float] = (0.6, 0.2, 0.2)
     sample_split: tuple[float, float, float] | None = None
@@ -421,6 +426,7 @@ class BenchConfig(Config):
     options: dict = field(default_factory=dict)  # {method: {option: value}}
     baseline: str | None = None  # a method of the grid: the tables add paired differences to it
     keep_states: bool = False  # keep every cell's fitted state under OUT/states (else removed after its evaluation)
+    extend: bool = False  # an existing OUT may hold a smaller grid of which this one is a superset
     device: str = "auto"
     # episodic protocol: N-way K-shot episodes of the novel classes (K = each cell's shots)
     way: int = 5

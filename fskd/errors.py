@@ -51,3 +51,10 @@ class OutputError(FskdError):
     def __init__(self, message: str, result=None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class Interrupted(FskdError):
+    """The user stopped a long job (Ctrl-C). The message says what was kept and how to resume;
+    the CLI exits with 130, the shell's status for SIGINT."""
+
+    exit_code = 130

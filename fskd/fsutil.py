@@ -9,11 +9,16 @@ DIR/
   <stem>-<sha16>.safetensors  the tensors, named by content
 ```
 
-A write puts the new tensor file beside the old one under its own content name, then replaces
-the manifest with ``os.replace`` (atomic on POSIX), then deletes tensor files the manifest no
-longer names. At every instant the manifest names a complete tensor file: a kill leaves either
-the old or the new bundle, plus at most an orphan file that the next write removes. Nothing here
-unpickles: JSON and safetensors cannot run code.
+A write first records in a journal (``.<manifest>.pending``) every file it is about to create,
+puts the new tensor file beside the old one under its own content name, replaces the manifest with
+``os.replace`` (atomic on POSIX), then deletes the tensor file the old manifest named and the
+journal's files. At every instant the manifest names a complete tensor file: a kill leaves either
+the old or the new bundle, plus at most files the journal names, which the next write removes.
+Only files a manifest or a journal names are ever deleted: a user's ``state-x.safetensors``
+beside them stays. The manifest carries the SHA-256 of its own content (``meta_sha256``) and of
+the tensor file, so an edited manifest or tensor file is refused, and so are non-finite tensors.
+Writers into one directory hold an exclusive lock on it (two ``--force`` runs take turns). Nothing
+here unpickles: JSON and safetensors cannot run code.
 
 Fault points (:func:`fault_point`) let tests kill the process at each step of a write.
 """
@@ -25,6 +30,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +42,13 @@ FAULT_ENV = "FSKD_FAULT"
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process when ``$FSKD_FAULT`` names this point (fault-injection tests)."""
-    if os.environ.get(FAULT_ENV) == name:
+    """SIGKILL this process when ``$FSKD_FAULT`` names this point, SIGINT (a Ctrl-C) when it names
+    ``POINT@sigint`` (fault-injection tests)."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{name}@sigint":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,64 +91,121 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 
 # -- manifest-committed bundles ------------------------------------------------------------------
+def _pending_name(manifest: str) -> str:
+    """The journal naming the files one write is about to create (deleted once committed)."""
+    return f".{manifest}.pending"
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of a manifest's content (sorted-key JSON, without the digest itself): an edited
+    manifest no longer matches the digest it carries."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _committed_name(directory: Path, manifest: str) -> str | None:
+    """The tensor file the current manifest names (None when there is none, or it is unreadable)."""
+    path = directory / manifest
+    try:
+        if path.stat().st_size > MANIFEST_LIMIT:
+            return None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = meta.get("tensors_file") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and Path(name).name == name else None
+
+
+def _own_leftovers(directory: Path, manifest: str) -> list[str]:
+    """The files an interrupted write recorded in its journal (never names a user chose)."""
+    path = directory / _pending_name(manifest)
+    try:
+        if path.stat().st_size > MANIFEST_LIMIT:
+            return []
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and n and Path(n).name == n and n != manifest]
+
+
 def write_bundle(directory: Path, manifest: str, stem: str, meta: dict, tensors: dict, point: str = "bundle") -> None:
     """Commit ``meta`` + ``tensors`` into the existing ``directory`` (see the module docstring).
-    ``meta`` gets ``tensors_file`` and ``tensors_sha256``; ``point`` prefixes the fault points."""
+    ``meta`` gets ``tensors_file``, ``tensors_sha256`` and ``meta_sha256``; ``point`` prefixes
+    the fault points. Holds an exclusive lock on ``directory`` throughout, so two writers into one
+    directory take turns (the second commits after the first, and each deletes only the file the
+    manifest named before it and the files its own journal named)."""
+    import secrets
+
     from safetensors.torch import save
 
     # serialise once, hash those bytes, write them: no read-back of the file to hash it
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
     name = f"{stem}-{digest[:16]}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        fault_point(f"{point}:tensors-written")
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fault_point(f"{point}:tensors-named")
-    meta = {**meta, "tensors_file": name, "tensors_sha256": digest}
-    atomic_write_text(directory / manifest, json.dumps(meta, indent=2, default=str))
-    fault_point(f"{point}:manifest-replaced")
-    clean_bundle(directory, manifest, stem, keep=name)
-
-
-def clean_bundle(directory: Path, manifest: str, stem: str, keep: str | None) -> None:
-    """Delete this bundle's tensor files and temporaries other than ``keep`` (leftovers of
-    replaced or interrupted writes). Only names fskd gives its own files are touched."""
-    for p in directory.iterdir():
-        n = p.name
-        ours = (n.startswith(f"{stem}-") and n.endswith(".safetensors")) or n == f"{stem}.safetensors" or (
-            n.startswith((f".{stem}.", f".{manifest}.")) and n.endswith(".tmp"))
-        if ours and n != keep and p.is_file():
+    with dir_lock(directory):
+        previous = _committed_name(directory, manifest)
+        stale = _own_leftovers(directory, manifest)
+        tmp = directory / f".{stem}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        # the journal names every file this write may leave behind, before any of them exists
+        atomic_write_text(directory / _pending_name(manifest), json.dumps(sorted({*stale, tmp.name, name})))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point(f"{point}:tensors-written")
+            os.replace(tmp, directory / name)
+        except BaseException:
             with contextlib.suppress(OSError):
-                p.unlink()
+                os.unlink(tmp)
+            raise
+        fault_point(f"{point}:tensors-named")
+        meta = {**meta, "tensors_file": name, "tensors_sha256": digest}
+        meta["meta_sha256"] = meta_digest(meta)
+        atomic_write_text(directory / manifest, json.dumps(meta, indent=2, default=str))
+        fault_point(f"{point}:manifest-replaced")
+        for n in {previous, *stale}:
+            if n and n != name:
+                with contextlib.suppress(OSError):
+                    (directory / n).unlink()
+        with contextlib.suppress(OSError):
+            (directory / _pending_name(manifest)).unlink()
 
 
-def read_bundle(directory: Path, manifest: str, legacy: str | None = None, what: str = "state") -> tuple[dict, dict]:
-    """``(meta, tensors)`` of a bundle; the tensor file must exist and match its SHA-256.
-    ``legacy``: a fixed tensor file name read when the manifest names none (older writes)."""
+#: the largest manifest read (fskd writes a few KiB: metadata, never tensors)
+MANIFEST_LIMIT = 16 << 20
+
+
+def read_bundle(directory: Path, manifest: str, what: str = "state") -> tuple[dict, dict]:
+    """``(meta, tensors)`` of a bundle; the manifest must match its own SHA-256 (not edited), the
+    tensor file must exist and match its SHA-256, and every float tensor must be finite."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     mpath = directory / manifest
     try:
+        if not mpath.is_file() or mpath.stat().st_size > MANIFEST_LIMIT:
+            raise StateError(f"{mpath} is not a regular file of at most {MANIFEST_LIMIT >> 20} MiB; the {what} is "
+                             f"damaged, write it again")
         meta = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StateError(f"{mpath} is not valid JSON ({e}); the {what} is damaged, write it again") from None
     if not isinstance(meta, dict):
         raise StateError(f"{mpath} must hold a JSON object, got {type(meta).__name__}")
+    stored = meta.get("meta_sha256")
+    if stored is None:
+        raise StateError(f"{mpath} carries no content hash (meta_sha256): it was written by an older fskd or edited; "
+                         f"write the {what} again")
+    if stored != meta_digest(meta):
+        raise StateError(f"{mpath} was changed since fskd wrote it (its content no longer matches its meta_sha256); "
+                         f"write the {what} again")
+    meta.pop("meta_sha256")
     name, digest = meta.pop("tensors_file", None), meta.pop("tensors_sha256", None)
-    if name is None and legacy is None:
+    if name is None:
         raise StateError(f"{mpath} names no tensor file (key 'tensors_file'); the {what} is damaged, write it again")
-    name = name or legacy
     if not isinstance(name, str) or Path(name).name != name:
         raise StateError(f"{mpath}: tensors_file must be a file name inside {directory}, got {name!r}")
     tpath = directory / name
@@ -155,18 +222,25 @@ def read_bundle(directory: Path, manifest: str, legacy: str | None = None, what:
         tensors = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise StateError(f"{what} {directory}: cannot read {tpath}: {e}") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise StateError(f"{what} {directory}: tensor(s) {', '.join(sorted(bad)[:5])} in {tpath.name} hold non-finite "
+                         f"values (NaN or inf); the fit diverged or the file was forged. Write the {what} again")
     return meta, tensors
 
 
 def remove_bundle(directory: Path, manifest: str, stem: str, extra: tuple[str, ...] = ()) -> None:
-    """Delete a bundle's own files (manifest, tensor files, ``extra`` names) and the directory
-    if nothing else is left in it; files fskd did not write there stay."""
+    """Delete a bundle's own files (the manifest, the tensor file it names, the files its journal
+    names, ``extra`` names) and the directory if nothing else is left in it; files fskd did not
+    write there stay, even ones named like fskd's."""
     if not directory.is_dir():
         return
-    clean_bundle(directory, manifest, stem, keep=None)
-    for n in (manifest, *extra):
-        with contextlib.suppress(FileNotFoundError):
-            (directory / n).unlink()
+    with dir_lock(directory):
+        own = {_committed_name(directory, manifest), *_own_leftovers(directory, manifest)}
+        for n in (*own, _pending_name(manifest), manifest, *extra):
+            if n:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    (directory / n).unlink()
     with contextlib.suppress(OSError):
         directory.rmdir()  # only when empty
 
@@ -246,7 +320,7 @@ def is_store_dir(p: Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return False
     return isinstance(attrs, dict) and attrs.get("format") == "fskd-feature-store"
@@ -323,18 +397,64 @@ def dir_lock(path: Path, wait_message: str | None = None, log=None) -> Iterator[
         os.close(fd)  # closing releases the lock
 
 
-def parse_json_file(path: str | Path, option: str) -> object:
-    """Read a JSON file given to an option; every failure is a ConfigError naming the file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{option} {path} is a directory, expected a JSON file")
+def parse_json_file(path: str | Path, option: str, limit: int | None = None) -> object:
+    """Read a JSON file given to an option (read with a bound, see :func:`read_small_file`);
+    every failure is a ConfigError naming the file."""
+    text = read_small_file(path, option, limit or SMALL_FILE_LIMIT, what="JSON file")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{option} file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{option} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{option} file {path} is not valid JSON: {e}") from None
+    except RecursionError:  # [[[[... nested deeper than the parser's stack
+        raise ConfigError(f"{option} file {path} is nested too deeply to be the JSON file expected") from None
+
+
+#: the most bytes read from a small file given to an option (--class-split, --descriptions,
+#: --templates, --grid, reports, configs): they hold kilobytes, so this only stops a wrong file
+SMALL_FILE_LIMIT = 64 << 20
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_small_file(path: str | Path, option: str, limit: int = SMALL_FILE_LIMIT, what: str = "file",
+                    error: type[Exception] = ConfigError, errors: str = "strict") -> str:
+    """The UTF-8 text of a small input file given to ``option``, read with a bound. Refused with
+    ``error`` naming the option and the path (and the bound): a missing or unreadable file, one
+    that is not a regular file (a directory, a FIFO, a device such as /dev/zero, which would be
+    read until memory runs out), one over ``limit`` bytes, or (``errors="strict"``) one not UTF-8."""
+    def fail(why: str, bound: bool = False) -> Exception:
+        expected = f"a {what} of at most {limit / 2**20:g} MiB" if bound else f"a {what}"
+        return error(f"{option} {path}: {why} (expected {expected})")
+
+    def check(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "of another kind")
+            raise fail(f"is {kind}, not a regular file", bound=True)
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise fail("does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise fail(f"cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    check(mode)  # before opening: opening a device or a FIFO can block or act
+    try:
+        # O_NONBLOCK: a FIFO swapped in since the check cannot block the open; fstat judges what was opened
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise ConfigError(f"{option} file {path} cannot be read: {e.strerror or e}") from None
+        raise fail(f"cannot be read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        check(st.st_mode)
+        if st.st_size > limit:
+            raise fail(f"holds {st.st_size / 2**20:.1f} MiB, too much; is it the right file?", bound=True)
+        try:
+            data = f.read(limit + 1)  # + 1: a file that grew since fstat is still caught
+        except OSError as e:
+            raise fail(f"cannot be read: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise fail(f"holds more than {limit / 2**20:g} MiB, too much; is it the right file?", bound=True)
+    try:
+        return data.decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise fail(f"is not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -1,13 +1,60 @@
 """Progress bars for long jobs (tqdm on stderr).
 
-The API takes ``progress="auto"`` by default: a bar when stderr is a terminal, nothing otherwise
-(logs and pipes stay clean); ``None`` turns it off, a callable receives the updates itself.
+The API takes ``progress="auto"`` by default: a bar when stderr is a terminal; otherwise (a log
+file, ``nohup``, a scheduler) one line at a time on the ``fskd.progress`` logger, which the CLI
+shows (INFO) and a library user sees only if they configure logging. ``None`` turns it off, a
+callable receives the updates itself.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from collections.abc import Callable
+
+log = logging.getLogger("fskd.progress")
+#: seconds between two log lines of one extract split (a line per chunk would flood an ImageNet log)
+LOG_EVERY = 10.0
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def extract_log() -> Callable[[str, int, int, float], None]:
+    """progress(split, rows_done, rows_total, images_per_second) as log lines: the first, then at
+    most one every :data:`LOG_EVERY` seconds, and the last of each split."""
+    last: dict[str, float] = {}
+
+    def update(split: str, done: int, total: int, rate: float) -> None:
+        now = time.monotonic()
+        if done < total and split in last and now - last[split] < LOG_EVERY:
+            return
+        last[split] = now
+        eta = (total - done) / rate if rate > 0 else 0.0
+        log.info("extract %s: %s/%s images (%d%%), %.1f img/s, ETA %s", split, f"{done:,}", f"{total:,}",
+                 100 * done // max(total, 1), rate, _clock(eta))
+
+    return update
+
+
+def bench_log() -> Callable[[int, int, str], None]:
+    """progress(cells_done, cells_total, label) as one log line per finished cell, with an ETA."""
+    t0 = time.monotonic()
+    said = [0]
+
+    def update(done: int, total: int, label: str) -> None:
+        # the grid calls once as a cell starts (its label) and once as it ends (done + 1, its result)
+        if done <= said[0] or not label:
+            return
+        said[0] = done
+        elapsed = time.monotonic() - t0
+        log.info("bench cell %d/%d: %s; elapsed %s, ETA %s", done, total, label, _clock(elapsed),
+                 _clock(elapsed / done * (total - done)))
+
+    return update
 
 AUTO = "auto"
 
@@ -48,10 +95,11 @@ def train_bar() -> Callable[[str, int, int, dict], None]:
     return update
 
 
-def resolve(progress, factory: Callable[[], Callable]):
-    """``"auto"`` -> a bar when stderr is a terminal, else None; anything else unchanged."""
+def resolve(progress, factory: Callable[[], Callable], fallback: Callable[[], Callable] | None = None):
+    """``"auto"`` -> a bar when stderr is a terminal, else ``fallback()`` (log lines) or None;
+    anything else unchanged."""
     if isinstance(progress, str) and progress == AUTO:
-        return factory() if sys.stderr.isatty() else None
+        return factory() if sys.stderr.isatty() else (fallback() if fallback else None)
     return progress
 
 

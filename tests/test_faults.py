@@ -291,13 +291,14 @@ def test_kill_while_writing_a_new_state_leaves_nothing_half_made(point, store, t
     out = tmp_path / "new"
     res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out, fault=point)
     assert res.returncode == -9 and not out.exists()
-    (tmp_path / ".new.old-4242").mkdir()  # what fskd before this fix left behind
+    (tmp_path / ".new.old-4242").mkdir()  # named like fskd's, but fskd never wrote it: kept
     (tmp_path / ".new.old-4242" / "state.json").write_text("{}")
     (tmp_path / ".new.old-4243").mkdir()  # not fskd's: contains a user file, kept
     (tmp_path / ".new.old-4243" / "thesis.tex").write_text("x")
     cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
     assert load_state(out).config["shots"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".new")) == [".new.old-4243"]
+    # the killed run's own building folder is gone; the user's look-alikes stay
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".new")) == [".new.old-4242", ".new.old-4243"]
 
 
 @pytest.mark.parametrize("point", ["store:chunk-data", "store:chunk-checksum", "store:chunk-written"])
@@ -422,10 +423,15 @@ def test_damaged_states_and_archives_are_named(store, tmp_path):
     tensors.unlink()
     user_error(cli("eval", "--store", store, "--state", out, ok=False), "is missing")
     tensors.write_bytes(blob)
+    from fskd.fsutil import meta_digest
+
     for edit, needle in ((lambda m: m.pop("method"), "missing keys ['method']"),
                          (lambda m: m.update(surprise=1), "unknown keys ['surprise']")):
         m = dict(meta)
         edit(m)
+        (out / "state.json").write_text(json.dumps(m))  # edited: its hash no longer matches
+        user_error(cli("eval", "--store", store, "--state", out, ok=False), "changed since fskd wrote it")
+        m["meta_sha256"] = meta_digest(m)  # forged with a matching hash: the keys are still checked
         (out / "state.json").write_text(json.dumps(m))
         user_error(cli("eval", "--store", store, "--state", out, ok=False), needle)
     (out / "state.json").write_text("{not json")
@@ -594,3 +600,180 @@ def test_a_damaged_view_chunk_is_named_then_repaired(views_store, images):
     st = FeatureStore.open(views_store)
     np.testing.assert_array_equal(st.take_views(st.view_rows())[0], good)
     assert json.loads(cli("info", views_store, "--check", "--json").stdout)["check"]["ok"]
+
+
+# -- issue 29: fskd deletes only what it can prove it wrote ---------------------------------------
+def test_look_alike_hidden_folders_and_tensor_files_are_never_deleted(store, tmp_path):
+    out = tmp_path / "bert"
+    mine = {".bert.old-v1": "model.safetensors", ".bert.tmp-1": "state.json", ".bert.tmp-99999999-ab": "x.safetensors"}
+    for folder, name in mine.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"a user's file")
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    (out / "state-0123456789abcdef.safetensors").write_bytes(b"mine")  # fskd's name pattern, the user's file
+    before = {f: tree(tmp_path / f) for f in mine}
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force")
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out, "--force")
+    assert {f: tree(tmp_path / f) for f in mine} == before
+    assert (out / "state-0123456789abcdef.safetensors").read_bytes() == b"mine"
+    st = load_state(out)
+    assert st.config["shots"] == 1
+    # exactly the committed tensor file and the user's file: the replaced ones were removed
+    assert sorted(p.name for p in out.iterdir()) == sorted(["state.json", "state-0123456789abcdef.safetensors",
+                                                            json.loads((out / "state.json").read_text())["tensors_file"]])
+
+
+def test_two_force_runs_into_one_state_take_turns(store, tmp_path):
+    out = tmp_path / "st"
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    args = [sys.executable, "-m", "fskd", "adapt", "--store", str(store), "--method", "linear-probe", "--shots", "2",
+            "--out", str(out), "--force", "--device", "cpu"]
+    for _ in range(3):
+        procs = [subprocess.Popen([*args, "--seed", str(seed)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for seed in (1, 2)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-2000:]
+        st = load_state(out)  # state.json names a tensor file that exists and matches
+        assert st.config["seed"] in (1, 2)
+        assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) == 1
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# -- issue 29: never a number from data fskd has not verified -------------------------------------
+def test_a_flipped_byte_in_a_chunk_is_refused_on_every_read(store, images):
+    good = allway(store)
+    f = chunk_file(store, "test", "features", 1)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the compressed payload
+    f.write_bytes(bytes(data))
+    res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
+    user_error(res, "test/features chunk 1")
+    res = extract(images, store)  # the same extract repairs it
+    assert "repaired 1 damaged chunk(s) of test" in res.stdout and allway(store) == good
+
+
+def test_a_chunk_of_nan_features_is_refused_not_scored(store):
+    import zarr
+
+    arr = zarr.open_array(store / "test" / "features", mode="r+")
+    arr[4:8] = np.nan  # a valid chunk (zarr writes its CRC), holding NaN
+    res = cli("eval", "--store", store, "--protocol", "allway", "--shot", "1", ok=False)
+    err = user_error(res, "test/features chunk 1", "non-finite")
+    assert "row 4" in err
+    res = cli("eval", "--store", store, "--protocol", "episodic", "--shot", "1", "--episodes", "5", ok=False)
+    assert res.exit_code == 2 and "non-finite" in res.output or res.exit_code == 0  # episodes read novel rows only
+
+
+def test_non_finite_features_are_never_written(tmp_path):
+    from fskd.errors import StoreError
+
+    x = np.zeros((8, 4), np.float32)
+    x[3, 1] = np.inf
+    with pytest.raises(StoreError, match="non-finite"):
+        FeatureStore.from_arrays(tmp_path / "a.zarr", {"train": (x, np.arange(8) % 2)}, ["a", "b"],
+                                 {"base": [0], "val": [], "novel": [1]})
+
+
+def test_a_state_with_nan_tensors_or_an_edited_state_json_is_refused(store, tmp_path):
+    from fskd.fsutil import read_bundle, write_bundle
+
+    out = tmp_path / "st"
+    cli("adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--device", "cpu")
+    ev = ["eval", "--store", store, "--state", out, "--protocol", "allway", "--shot", "1", "--device", "cpu"]
+    good = cli(*ev, "--json").stdout
+    # an edit that keeps the JSON valid: a hyper-parameter changed by hand
+    meta = json.loads((out / "state.json").read_text())
+    meta["hparams"]["forged"] = 1
+    (out / "state.json").write_text(json.dumps(meta))
+    user_error(cli(*ev, ok=False), "state.json", "changed since fskd wrote it")
+    # a state whose tensors are NaN, committed with correct hashes
+    cli("adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--force",
+        "--device", "cpu")
+    assert json.loads(cli(*ev, "--json").stdout)["accuracy"] == json.loads(good)["accuracy"]
+    info, tensors = read_bundle(out, "state.json")
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name] * float("nan")
+    write_bundle(out, "state.json", "state", info, tensors)
+    user_error(cli(*ev, ok=False), "non-finite", name)
+
+
+def test_dataset_root_is_absolute_so_no_cwd_can_write_into_the_dataset(images, tmp_path, monkeypatch):
+    import shutil
+
+    work, other = tmp_path / "work", tmp_path / "elsewhere" / "deep"
+    (work / "data").mkdir(parents=True)
+    other.mkdir(parents=True)
+    shutil.copytree(images, work / "data" / "imgs")
+    monkeypatch.chdir(work)
+    cli("extract", "folder", "--root", "data/imgs", "--store", tmp_path / "s.zarr", *EXTRACT)
+    assert FeatureStore.open(tmp_path / "s.zarr").attrs["dataset"]["root"] == str(work / "data" / "imgs")
+    monkeypatch.chdir(other)
+    before = tree(work / "data")
+    res = cli("adapt", "--store", tmp_path / "s.zarr", "--method", "prototype", "--shots", "1",
+              "--out", "../../work/data/imgs/newclass", ok=False)
+    user_error(res, "dataset root")
+    res = cli("bench", "--stores", tmp_path / "s.zarr", "--methods", "prototype", "--shots", "1", "--seeds", "1",
+              "--out", "../../work/data/imgs/bench", ok=False)
+    user_error(res, "dataset root")
+    assert tree(work / "data") == before
+
+
+def test_report_keeps_a_finished_last_row_without_its_newline(store, tmp_path):
+    out = tmp_path / "b"
+    cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1,2", "--seeds", "1", "--out", out)
+    res_file = out / "results.jsonl"
+    text = res_file.read_text()
+    res_file.write_text(text.rstrip("\n"))  # an editor dropped the final newline
+    before = (out / "table.md").read_text()
+    cli("bench", "--report", out)
+    assert res_file.read_text() == text.rstrip("\n")  # --report reads, never rewrites
+    assert (out / "table.md").read_text() == before
+    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1,2,4", "--seeds", "1", "--out", out,
+              "--extend")
+    rows = [json.loads(line) for line in res_file.read_text().splitlines()]
+    assert len(rows) == 3 and "(2 already done, 1 run" in res.output
+
+
+# -- issue 29: what a newcomer tripped on ---------------------------------------------------------
+def test_a_different_grid_in_an_existing_bench_folder_is_refused(store, tmp_path):
+    out = tmp_path / "b"
+    cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1,2", "--seeds", "1", "--out", out)
+    assert (out / "accuracy_vs_shots.png").exists()
+    before = tree(out)
+    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out, ok=False)
+    user_error(res, "holds another grid", "new --out")
+    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out,
+              "--extend", ok=False)
+    user_error(res, "cannot extend")
+    assert tree(out) == before
+    # a grid that contains the folder's grows it with --extend; tables and plot come from that one run
+    cli("bench", "--stores", store, "--methods", "prototype,linear-probe", "--shots", "1,2", "--seeds", "1",
+        "--out", out, "--extend")
+    meta = json.loads((out / "bench.json").read_text())
+    assert len(meta["cells"]) == 4 and "accuracy_vs_shots.png" in meta["outputs"]
+    assert "linear-probe" in (out / "table.md").read_text()
+
+
+def test_long_jobs_log_a_line_per_cell_and_per_chunk_off_a_terminal(images, tmp_path):
+    res = run_fskd("extract", "folder", "--root", images, "--store", tmp_path / "s.zarr", *EXTRACT)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "fskd.progress" in ln]
+    assert any("extract train:" in ln and "img/s" in ln and "ETA" in ln for ln in lines), res.stderr
+    res = run_fskd("bench", "--stores", tmp_path / "s.zarr", "--methods", "prototype", "--shots", "1,2", "--seeds",
+                   "1,2", "--out", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    cells = [ln for ln in res.stderr.splitlines() if "bench cell" in ln]
+    assert len(cells) == 4 and "4/4" in cells[-1] and "ETA" in cells[-1] and "%" in cells[0], res.stderr
+
+
+def test_ctrl_c_during_extract_says_where_it_stopped_and_a_rerun_resumes(images, store, tmp_path):
+    path = tmp_path / "c.zarr"
+    res = run_fskd("extract", "folder", "--root", images, "--store", path, *EXTRACT,
+                   fault="store:chunk-written@sigint")
+    assert res.returncode == 130, res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "interrupted" in err[0] and "1/" in err[0] and "resume" in err[0], res.stderr
+    assert "Traceback" not in res.stderr
+    cli("extract", "folder", "--root", images, "--store", path, *EXTRACT)
+    assert allway(path) == allway(store)

@@ -8,15 +8,18 @@ not grow with the number of images decoded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import socket
 import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from fskd.errors import DatasetError
 from fskd.registry import Registry
@@ -24,6 +27,9 @@ from fskd.registry import Registry
 DATASETS: Registry[type[ImageDataset]] = Registry("dataset")  # filled by the modules of this package
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+#: the most bytes read from a dataset's own list or split file (CSV, JSON, TXT): a row per image,
+#: about 60 MB for ImageNet's 1.28M, so this only stops a wrong file (e.g. a device)
+LIST_FILE_LIMIT = 256 << 20
 
 
 @dataclass
@@ -40,6 +46,25 @@ class SampleList:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+
+def fs_text(s: str) -> str:
+    """A name read from the file system as text. Under a non-UTF-8 locale (``LC_ALL=C``) Python
+    decodes the bytes of ``é`` in a folder name to lone surrogates, which cannot be written as
+    UTF-8 (store, JSON, prompts): they become the UTF-8 text the bytes spell (undecodable bytes: U+FFFD)."""
+    return s if s.isascii() else s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def fs_path(s: str) -> str:
+    """The inverse of :func:`fs_text` for a ref read back as text (a store's sample ids): the
+    string this process's file-system encoding turns into the same bytes on disk."""
+    return s if s.isascii() else os.fsdecode(s.encode("utf-8", "surrogateescape"))
+
+
+def text_bytes(s: str) -> bytes:
+    """UTF-8 bytes of a ref or name for hashing: a file-system name's own bytes under any locale,
+    so fingerprints do not depend on it (plain ``.encode()`` fails on surrogates)."""
+    return s.encode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -63,6 +88,13 @@ class DatasetListing:
     #: the fraction of train carved (seeded, per class) into val when there is no val split
     val_from_train: float | None = None
 
+    def __post_init__(self) -> None:
+        # class keys and names are text (JSON, prompts, the store), even when read from folder names
+        self.class_keys = [fs_text(k) for k in self.class_keys]
+        self.class_names = [fs_text(n) for n in self.class_names]
+        if self.standard_class_split:
+            self.standard_class_split = {s: [fs_text(k) for k in ks] for s, ks in self.standard_class_split.items()}
+
     def fingerprint(self) -> str:
         """Hash of the listing (refs, labels, classes): same inputs -> same fingerprint."""
         h = hashlib.sha256()
@@ -70,7 +102,7 @@ class DatasetListing:
         for split in sorted(self.splits):
             rows = self.splits[split]
             h.update(split.encode())
-            h.update("\n".join(rows.refs).encode())
+            h.update(text_bytes("\n".join(rows.refs)))
             h.update(rows.labels.tobytes())
         return h.hexdigest()[:32]
 
@@ -83,7 +115,8 @@ class ImageDataset(ABC):
     urls: tuple[str, ...] = ()
 
     def __init__(self, root: str | None, download: bool = False) -> None:
-        self.root = Path(root).expanduser() if root else None
+        # absolute: the store records it, and a relative root would mean another folder from another cwd
+        self.root = Path(root).expanduser().absolute() if root else None
         self.download = download
 
     @abstractmethod
@@ -130,9 +163,55 @@ class ImageDataset(ABC):
             ) from None
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+#: ``Image.info`` key holding the frame count of a multi-frame file (frame 0 is what is decoded)
+FRAMES_INFO = "fskd_frames"
+
+
+def open_rgb(source: str | Path | IO[bytes] | bytes) -> Image.Image:
+    """Open an image file (a path, a binary file object or the file's bytes) as RGB, the way a
+    viewer shows it: see :func:`to_rgb`. Every dataset opens its images through here."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with Image.open(source) as im:
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as RGB, as a viewer shows it. ``convert("RGB")`` alone ignores the EXIF
+    orientation (phone photos come out sideways), clips 16-bit and 32-bit values to 255 (a 16-bit
+    PNG turns white) and drops transparency (showing whatever colour hides under it). Here: the
+    orientation is applied, deep greys are scaled to 8 bits, transparency is composited onto white.
+    A multi-frame file (animated GIF/PNG/WebP, multi-page TIFF) gives its first frame, and its
+    frame count in ``info[FRAMES_INFO]`` so the caller can say so."""
+    # MPO: a phone photo's extra pictures (previews, depth, gain maps); its frame 0 is the photo
+    frames = im.n_frames if getattr(im, "is_animated", False) and im.format != "MPO" else 1
+    if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # read first: exif_transpose copies every image
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        im = Image.fromarray(_to_uint8(np.asarray(im), im.mode), mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    out = im.convert("RGB")
+    if frames > 1:
+        out.info[FRAMES_INFO] = frames
+    return out
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values of a deep image mode -> uint8. 16-bit (and 32-bit holding 0..65535, as older
+    Pillow opens 16-bit PNGs): value / 257. Float in [0, 1]: x 255. Anything else is stretched
+    from its minimum to its maximum (there is no one convention for it)."""
+    if mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and 0.0 <= a.min() and a.max() <= 1.0:
+            return np.rint(a * 255).astype(np.uint8)
+    else:
+        a = a.astype(np.int64)
+        if not a.size or (0 <= a.min() and a.max() <= 65535):
+            return ((a * 255 + 32767) // 65535).astype(np.uint8)  # rounded value / 257
+    lo, hi = float(a.min()), float(a.max())
+    return np.rint((a - lo) * (255 / (hi - lo))).astype(np.uint8) if hi > lo else np.zeros(a.shape, np.uint8)
 
 
 def pretty_name(key: str) -> str:

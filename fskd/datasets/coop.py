@@ -28,6 +28,7 @@ from PIL import Image
 from fskd.datasets.base import (
     DATASETS,
     IMAGE_EXTENSIONS,
+    LIST_FILE_LIMIT,
     DatasetListing,
     ImageDataset,
     SampleList,
@@ -37,7 +38,7 @@ from fskd.datasets.base import (
     safe_ref,
 )
 from fskd.errors import ConfigError, DatasetError
-from fskd.fsutil import parse_json_file
+from fskd.fsutil import parse_json_file, read_small_file
 
 #: CLIP's ImageNet prompt ensemble as Tip-Adapter uses it (7 templates)
 IMAGENET_TEMPLATES = (
@@ -74,7 +75,7 @@ def read_zhou_split(path: Path, image_dir: str, where_root: Path) -> tuple[dict[
     Raises DatasetError naming the file and the first bad entry: wrong structure, a label with
     two class names, labels that do not cover 0..C-1, or paths outside the root."""
     try:
-        data = parse_json_file(path, "split file")
+        data = parse_json_file(path, "split file", LIST_FILE_LIMIT)
     except ConfigError as e:
         raise DatasetError(str(e)) from None
     if not isinstance(data, dict) or not set(SPLITS) <= set(data):
@@ -119,7 +120,8 @@ def check_files(root: Path, splits: dict[str, SampleList], what: str) -> None:
 def read_lines(path: Path, layout: str) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path} is missing; expected layout: {layout}")
-    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    text = read_small_file(path, "list file", LIST_FILE_LIMIT, error=DatasetError, errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def load_mat(path: Path, layout: str) -> dict:
@@ -612,7 +614,7 @@ class ImageNet(_ImageNetFamily):
         mapping = d / "LOC_synset_mapping.txt"
         if mapping.exists():
             out = {}
-            for line in mapping.read_text().splitlines():
+            for line in read_small_file(mapping, "synset mapping", LIST_FILE_LIMIT, error=DatasetError).splitlines():
                 wnid, _, names = line.partition(" ")
                 out[wnid] = names.split(",")[0].strip()
             return out

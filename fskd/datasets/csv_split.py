@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 
 from PIL import Image
 
 from fskd.datasets.base import (
     DATASETS,
+    LIST_FILE_LIMIT,
     DatasetListing,
     ImageDataset,
     SampleList,
@@ -16,6 +18,7 @@ from fskd.datasets.base import (
     safe_ref,
 )
 from fskd.errors import DatasetError
+from fskd.fsutil import read_small_file
 
 SPLIT_FILES = {"train": "base", "val": "val", "test": "novel"}
 
@@ -36,8 +39,9 @@ class CsvSplitDataset(ImageDataset):
         seen: dict[str, str] = {}  # normalised file -> "file line n" where first listed
         for s in present:
             path = root / f"{s}.csv"
+            text = read_small_file(path, "dataset 'csv': split file", LIST_FILE_LIMIT, error=DatasetError)
             try:
-                with open(path, newline="", encoding="utf-8") as f:
+                with io.StringIO(text, newline="") as f:
                     reader = csv.reader(f)
                     header = next(reader, None)
                     if header is None or [h.strip().lower() for h in header[:2]] != ["filename", "label"]:
@@ -53,8 +57,6 @@ class CsvSplitDataset(ImageDataset):
                                                f"each image may appear once")
                         seen[ref] = f"{path.name} line {n}"
                         rows[s].append((ref, r[1]))
-            except UnicodeDecodeError as e:
-                raise DatasetError(f"dataset 'csv': {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
             except csv.Error as e:
                 raise DatasetError(f"dataset 'csv': {path} is not a valid CSV file ({e})") from None
             if not rows[s]:

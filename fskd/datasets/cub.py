@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from PIL import Image
 
-from fskd.datasets.base import DATASETS, DatasetListing, ImageDataset, SampleList, open_rgb
+from fskd.datasets.base import (
+    DATASETS,
+    LIST_FILE_LIMIT,
+    DatasetListing,
+    ImageDataset,
+    SampleList,
+    open_rgb,
+)
 from fskd.datasets.folder import folder_listing
 from fskd.errors import DatasetError
+from fskd.fsutil import read_small_file
+
+
+def _read(path) -> str:
+    return read_small_file(path, "dataset 'cub': split file", LIST_FILE_LIMIT, error=DatasetError)
 
 
 def chen_class_split(keys: list[str]) -> dict[str, list[str]]:
@@ -59,8 +71,8 @@ class CubDataset(ImageDataset):
         names, flags = root / "images.txt", root / "train_test_split.txt"
         if not (names.exists() and flags.exists()):
             return None
-        id_to_ref = dict(line.split(maxsplit=1) for line in names.read_text().splitlines() if line.strip())
-        is_train = dict(line.split() for line in flags.read_text().splitlines() if line.strip())
+        id_to_ref = dict(line.split(maxsplit=1) for line in _read(names).splitlines() if line.strip())
+        is_train = dict(line.split() for line in _read(flags).splitlines() if line.strip())
         ref_train = {f"images/{id_to_ref[i].strip()}": is_train[i] == "1" for i in id_to_ref}
         rows = listing.splits["all"]
         out = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fskd.datasets.base import DATASETS, DatasetListing, ImageDataset, SampleList
+from fskd.datasets.base import DATASETS, DatasetListing, ImageDataset, SampleList, to_rgb
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -43,7 +43,7 @@ class DigitsDataset(ImageDataset):
     def open(self, ref: str) -> Image.Image:
         if self._images is None:
             self._load()
-        return Image.fromarray(self._images[int(ref)], mode="L").convert("RGB")
+        return to_rgb(Image.fromarray(self._images[int(ref)], mode="L"))
 
     def path_of(self, ref: str) -> str:
         return f"sklearn digits [{ref}]"

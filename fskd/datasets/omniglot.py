@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from pathlib import Path
 
 from PIL import Image
 
-from fskd.datasets.base import DATASETS, DatasetListing, ImageDataset, SampleList
+from fskd.datasets.base import DATASETS, DatasetListing, ImageDataset, SampleList, open_rgb
 from fskd.errors import DatasetError
 
 SETS = ("images_background", "images_background_small1", "images_background_small2", "images_evaluation")
@@ -105,11 +104,8 @@ class OmniglotDataset(ImageDataset):
     def open(self, ref: str) -> Image.Image:
         if "::" in ref:
             rel, member = ref.split("::", 1)
-            data = self._zip(rel).read(member)
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
-        with Image.open(self.root / ref) as im:
-            return im.convert("RGB")
+            return open_rgb(self._zip(rel).read(member))
+        return open_rgb(self.root / ref)
 
     def path_of(self, ref: str) -> str:
         return str(self.root / ref.replace("::", "!/"))

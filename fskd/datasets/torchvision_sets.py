@@ -19,6 +19,7 @@ from fskd.datasets.base import (
     ImageDataset,
     SampleList,
     pretty_name,
+    to_rgb,
 )
 from fskd.errors import DatasetError
 
@@ -66,7 +67,7 @@ class _ArrayDataset(TorchvisionDataset):
         split, i = ref.split("/")
         if split not in self._arrays:  # a worker started by spawn re-reads the files
             self.listing()
-        return Image.fromarray(self._arrays[split][int(i)]).convert("RGB")
+        return to_rgb(Image.fromarray(self._arrays[split][int(i)]))
 
     def source_file(self, ref: str) -> Path | None:
         return None  # rows live in arrays; subclasses name the file a split was read from

@@ -134,15 +134,34 @@ def build_encoder(spec: str, device: torch.device | str | None = None) -> Encode
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".ckpt")
 
 
+def spec_paths(spec: str) -> list[str]:
+    """The parts of a spec that may name local files: ``student:DIR``, ``timm:NAME:WEIGHTS``,
+    ``openclip:ARCH:WEIGHTS`` (open_clip loads a tag that is an existing path as a file) and
+    ``openclip:local-dir:DIR``; for other families, parts written as paths (a ``/``, a leading
+    ``~`` or ``.``, a weights suffix). A dimension, a model name or a hub tag is never looked up:
+    a file named ``64`` in the working folder must not change ``synthetic:64``."""
+    family, arg = parse_spec(spec)
+    if family == "student":
+        return [arg]
+    if family == "openclip" and arg.startswith("local-dir:"):
+        return [arg[len("local-dir:"):]]
+    if family in ("timm", "openclip"):
+        weights = arg.partition(":")[2]
+        return [weights] if weights and weights != "pretrained" else []
+    if family in ("synthetic", "lite0-minilm"):
+        return []
+    return [p for p in arg.split(":") if "/" in p or p.startswith(("~", ".")) or p.endswith(WEIGHT_SUFFIXES)]
+
+
 def weights_identity(spec: str) -> dict[str, str]:
     """Content hashes of the local files a spec names (a checkpoint, a student or open_clip
-    folder), so a store extracted before a checkpoint at the same path was retrained is not
-    silently reused. Hub tags and random initialisations name no file: ``{}``."""
+    folder; see :func:`spec_paths`), so a store extracted before a checkpoint at the same path was
+    retrained is not silently reused. Hub tags and random initialisations name no file: ``{}``."""
     import hashlib
     from pathlib import Path
 
     out: dict[str, str] = {}
-    for part in spec.split(":"):
+    for part in spec_paths(spec):
         p = Path(part).expanduser()
         if not part or not p.exists():
             continue

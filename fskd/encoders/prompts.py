@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fskd.datasets.coop import IMAGENET_TEMPLATES
 from fskd.errors import ConfigError
-from fskd.fsutil import parse_json_file
+from fskd.fsutil import parse_json_file, read_small_file
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", *IMAGENET_TEMPLATES)
 
@@ -24,14 +24,7 @@ def load_templates(path: str | Path | None) -> tuple[str, ...]:
     if path is None:
         return DEFAULT_TEMPLATES
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"--templates file {p} does not exist")
-    if not p.is_file():
-        raise ConfigError(f"--templates {p} is not a file (expected one template with {{}} per line)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--templates file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_small_file(p, "--templates", what="text file with one template with {} per line")
     lines = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
     bad = [t for t in lines if "{}" not in t]
     if not lines or bad:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fskd.datasets.base import to_rgb
 from fskd.encoders.base import ENCODERS, Encoder, build_encoder, parse_spec
 from fskd.encoders.timm_encoder import create_backbone
 from fskd.errors import EncoderError, StateError
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 # file names of a method state directory (fskd.methods.base; encoders may not import methods)
 STATE_JSON = "state.json"
-STATE_TENSORS = "state.safetensors"  # the tensor file of states written before manifests named it
 #: prefix of the student backbone tensors inside a distill state
 STUDENT_PREFIX = "student."
 #: ratio of the stored square to the crop (ImageNet's 256 -> 224 convention)
@@ -99,12 +99,14 @@ def model_norm(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def decode_square(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> (3, size, size) uint8: shorter side resized to ``size`` (bicubic,
-    antialiased), then the centre square. Training caches and extraction both go through here."""
+    """PIL image -> (3, size, size) uint8 RGB: shorter side resized to ``size`` (bicubic,
+    antialiased), then the centre square. Training caches and extraction both go through here.
+    Any image is first made RGB as a viewer shows it (``to_rgb``: a copy for a dataset's, already RGB)."""
+    image = to_rgb(image)  # first: an EXIF rotation swaps width and height
     w, h = image.size
     s = size / min(w, h)
     nw, nh = max(size, int(round(w * s))), max(size, int(round(h * s)))
-    image = image.convert("RGB").resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
     arr = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -158,7 +160,7 @@ class StudentEncoder(Encoder):
     def __init__(self, arg: str) -> None:
         self.directory = resolve_student_dir(arg)
         try:
-            info, tensors = read_bundle(self.directory, STATE_JSON, legacy=STATE_TENSORS, what="student")
+            info, tensors = read_bundle(self.directory, STATE_JSON, what="student")
         except StateError as e:
             raise EncoderError(f"student:{arg}: {e}") from None
         if info.get("kind") != "distill" or "student" not in info.get("hparams", {}):

@@ -22,12 +22,10 @@ never written into (:func:`guard_out`, checked before any fitting).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import secrets
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,7 +37,7 @@ import torch
 
 from fskd import __version__
 from fskd.errors import OutputError, StateError
-from fskd.fsutil import fault_point, guard_output_dir, read_bundle, write_bundle
+from fskd.fsutil import fault_point, guard_output_dir, read_bundle, remove_bundle, write_bundle
 from fskd.methods import METHODS, methods_of_kind  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
@@ -49,11 +47,14 @@ if TYPE_CHECKING:
 #: progress(stage, step, total, {"loss": ..., ...}) for training loops; the CLI draws the bar
 TrainProgress = Callable[[str, int, int, dict], None]
 
-STATE_VERSION = 1
+#: 2: state.json carries the SHA-256 of its own content; states of version 1 are refused (refit)
+STATE_VERSION = 2
 STATE_FORMAT = "fskd-state"
 STATE_JSON = "state.json"
 STATE_STEM = "state"
-STATE_TENSORS = "state.safetensors"  # the tensor file of states written before state.json named it
+#: written first into the hidden folder a new state is built in: only folders holding it are
+#: ever removed as fskd's leftovers (a user's ``.DIR.old-v1/`` is never touched)
+BUILDING_MARKER = ".fskd-building"
 KINDS = ("distill", "adapt", "align")
 
 
@@ -104,20 +105,23 @@ def guard_out(path: str | Path, force: bool = False, store: str | None = None, r
 
 
 def _leftovers(directory: Path) -> list[Path]:
-    """Hidden siblings earlier fskd runs left behind (``.DIR.tmp-*`` / ``.DIR.old-*``) holding
-    nothing but state files: safe to remove."""
+    """Hidden siblings ``.DIR.tmp-PID-*`` in which an fskd process that has died was building a
+    state: each holds fskd's :data:`BUILDING_MARKER`, written before anything else."""
     out = []
-    for p in directory.parent.glob(f".{directory.name}.*"):
-        tag = p.name[len(directory.name) + 2:]
-        if not (tag.startswith("tmp-") or tag.startswith("old-")) or not p.is_dir() or p.is_symlink():
+    for p in directory.parent.glob(f".{directory.name}.tmp-*"):
+        if p.is_symlink() or not p.is_dir() or not (p / BUILDING_MARKER).is_file():
             continue
-        pid = tag[4:].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)) and tag.startswith("tmp-"):
+        pid = p.name[len(directory.name) + 6:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another live process is building it
-        names = {f.name for f in p.iterdir()}
-        if all(n == STATE_JSON or n.endswith(".safetensors") or n.endswith(".tmp") for n in names):
-            out.append(p)
+        out.append(p)
     return out
+
+
+def _remove_leftover(tmp: Path) -> None:
+    """Remove a state folder fskd was building: only the files it writes there, then the folder if
+    that left it empty."""
+    remove_bundle(tmp, STATE_JSON, STATE_STEM, extra=(BUILDING_MARKER,))
 
 
 def _alive(pid: int) -> bool:
@@ -137,7 +141,7 @@ def save_state(directory: str | Path, state: MethodState) -> Path:
     state.created = state.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {"format": STATE_FORMAT, **state.info()}
     for old in _leftovers(directory):
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_leftover(old)
     if directory.exists():
         if not is_state_dir(directory):
             raise OutputError(f"{directory} exists and is not an fskd state; fskd will not write into it")
@@ -147,10 +151,12 @@ def save_state(directory: str | Path, state: MethodState) -> Path:
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir(mode=0o755)
     try:
+        (tmp / BUILDING_MARKER).touch()
         write_bundle(tmp, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
         fault_point("state:built")
         try:
             os.rename(tmp, directory)  # atomic; fails if another process created DIR meanwhile
+            (directory / BUILDING_MARKER).unlink()  # a kill just before this leaves a harmless empty file
         except OSError:
             if not is_state_dir(directory):
                 raise OutputError(f"{directory} appeared while the state was written and is not an fskd state; "
@@ -158,8 +164,7 @@ def save_state(directory: str | Path, state: MethodState) -> Path:
             write_bundle(directory, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
     finally:
         if tmp.exists():
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
+            _remove_leftover(tmp)
     return directory
 
 
@@ -172,12 +177,13 @@ def load_state(directory: str | Path) -> MethodState:
     meta = directory / STATE_JSON
     if not directory.is_dir() or not meta.is_file():
         raise StateError(f"{directory} is not an fskd state directory (no {STATE_JSON}); write one with fskd adapt/align/distill")
-    info, tensors = read_bundle(directory, STATE_JSON, legacy=STATE_TENSORS, what="state")
+    info, tensors = read_bundle(directory, STATE_JSON, what="state")
     fmt = info.pop("format", STATE_FORMAT)
     if fmt != STATE_FORMAT:
         raise StateError(f"{meta}: format {fmt!r} is not an fskd state ({STATE_FORMAT!r})")
     if info.get("state_version") != STATE_VERSION:
-        raise StateError(f"{meta}: state version {info.get('state_version')!r}, this fskd reads {STATE_VERSION}")
+        raise StateError(f"{meta}: state version {info.get('state_version')!r}, this fskd reads {STATE_VERSION}; "
+                         f"fit the state again with this fskd")
     missing, extra = sorted(_STATE_KEYS - set(info)), sorted(set(info) - _STATE_KEYS)
     if missing or extra:
         raise StateError(f"{meta}: " + "; ".join(

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,24 +81,37 @@ def is_bench_dir(path: Path) -> bool:
         return False
 
 
+def _whole_row(tail: bytes) -> bool:
+    """True when ``tail`` (the bytes after the last newline) is a complete JSON row of a cell."""
+    try:
+        row = json.loads(tail.decode("utf-8"))
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "key" in row and "status" in row
+
+
 class Results:
     """``OUT/results.jsonl``: read once, appended one whole line per finished cell."""
 
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / RESULTS
         self.rows: list[dict] = []
+        self._cut: int | None = None  # length to truncate to before the next append (a cut last line)
+        self._newline = False  # the last row lacks its newline: the next append writes it first
         if self.path.exists():
             self._read()
 
     def _read(self) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line cut by a kill: ours, and never a finished cell
-            log.warning("%s: dropping an unfinished last line (%d bytes) left by an interrupted run", self.path,
-                        len(data) - end)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
+        if end < len(data):
+            if _whole_row(data[end:]):  # a finished row whose newline was lost (an editor): keep it
+                self._newline = True
+                end = len(data)
+            else:  # a line cut by a kill: ours, and never a finished cell; left to the next append
+                log.warning("%s: ignoring an unfinished last line (%d bytes) left by an interrupted run", self.path,
+                            len(data) - end)
+                self._cut = end
         for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
             if not line.strip():
                 continue
@@ -120,6 +134,13 @@ class Results:
 
     def append(self, row: dict) -> None:
         line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+        if self._cut is not None:  # drop the cut line only now, when a run (not --report) writes
+            with open(self.path, "r+b") as f:
+                f.truncate(self._cut)
+                os.fsync(f.fileno())
+            self._cut = None
+        if self._newline:
+            line, self._newline = b"\n" + line, False
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -141,7 +162,9 @@ def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dic
     for i, cell in enumerate(todo):
         if progress:
             progress(i, len(todo), cell.label())
+        t0 = time.perf_counter()
         row = run_cell(cell)
+        seconds = time.perf_counter() - t0
         row = {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
                "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
                "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options),
@@ -151,8 +174,11 @@ def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dic
         counts[row["status"]] += 1
         if row["status"] == FAILED:
             log.warning("bench cell %s failed: %s", cell.label(), row.get("message"))
-    if progress:
-        progress(len(todo), len(todo), "")
+        elif row["status"] == NA:  # why a cell is empty in the table, said where the user looks
+            log.warning("bench cell %s is n/a: %s", cell.label(), row.get("message"))
+        if progress:
+            result = f"{row['accuracy']:.2f}%" if row["status"] == OK else row["status"]
+            progress(i + 1, len(todo), f"{cell.label()}: {result} in {seconds:.1f} s")
     return counts
 
 
@@ -440,4 +466,22 @@ def write_outputs(out: Path, rows: list[dict], config: dict, keys: Sequence[str]
     from fskd.reports.plots import accuracy_vs_shots
 
     paths += accuracy_vs_shots(out, summarise(rows, primary_metric(config)), config)
+    _record_outputs(out, paths)
     return paths
+
+
+def _record_outputs(out: Path, paths: list[Path]) -> None:
+    """Name this report's files in ``bench.json`` and delete the ones an earlier report of this
+    folder wrote and this one did not (a plot of a grid that had more shot counts): tables and plots
+    always come from one run. Only files ``bench.json`` names are deleted."""
+    meta_path = out / BENCH_JSON
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    names = sorted(p.name for p in paths)
+    for old in meta.get("outputs", []) if isinstance(meta.get("outputs"), list) else []:
+        if isinstance(old, str) and Path(old).name == old and old not in names and old not in (BENCH_JSON, RESULTS):
+            (out / old).unlink(missing_ok=True)
+    meta["outputs"] = names
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fskd.errors import ConfigError
 from fskd.evaluation.metrics import paired_difference
+from fskd.fsutil import read_small_file
 
 #: result fields that must agree for two reports to be paired
 PAIRED = {"episodic": ("store_fingerprint", "split", "way", "shot", "query", "episodes", "seed"),
@@ -22,12 +23,12 @@ PAIRED = {"episodic": ("store_fingerprint", "split", "way", "shot", "query", "ep
 
 def read_report(path: str | Path) -> dict:
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"report {p} does not exist (write one with fskd eval --report DIR)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(read_small_file(p, "report", what="JSON report written by fskd eval --report"))
         return data["result"]
-    except FileNotFoundError:
-        raise ConfigError(f"report {p} does not exist (write one with fskd eval --report DIR)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise ConfigError(f"{p} is not an fskd evaluation report ({type(e).__name__}: {e})") from None
 
 

@@ -98,7 +98,7 @@ def write_report(directory: str | Path, name: str, result: dict, protocol: str, 
     if stem != name:
         log.warning("report %s exists; writing %s beside it", directory / name, stem)
     jpath, mpath = directory / f"{stem}.json", directory / f"{stem}.md"
-    jpath.write_text(json.dumps(payload, indent=2, default=str))
+    jpath.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in result.items() if not isinstance(v, (list, dict)))
     md = (f"# {stem}\n\n**Protocol.** {protocol}\n\n| field | value |\n|---|---|\n{rows}\n\n")
     if result.get("per_seed"):
@@ -110,7 +110,7 @@ def write_report(directory: str | Path, name: str, result: dict, protocol: str, 
     if result.get("warnings"):
         md += "## Warnings\n\n" + "\n".join(f"- {w}" for w in result["warnings"]) + "\n\n"
     md += f"fskd {__version__}, git {payload['git_sha'] or 'n/a'}, written {payload['written']}.\n"
-    mpath.write_text(md)
+    mpath.write_text(md, encoding="utf-8")  # class names and "±": not the locale's encoding
     return jpath, mpath
 
 

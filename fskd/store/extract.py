@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from fskd import __version__
 from fskd.config import ExtractConfig
 from fskd.datasets import build_dataset
-from fskd.datasets.base import ImageDataset
+from fskd.datasets.base import FRAMES_INFO, ImageDataset, fs_text, text_bytes
 from fskd.datasets.splits import resolve_class_split, resolve_sample_splits
 from fskd.encoders import Encoder, build_encoder
 from fskd.encoders.base import weights_identity
@@ -45,11 +45,11 @@ from fskd.encoders.prompts import (
     load_descriptions,
     load_templates,
 )
-from fskd.errors import DatasetError, StoreError
+from fskd.errors import DatasetError, Interrupted, StoreError
 from fskd.fsutil import check_writable, dir_lock, sha256_file
 from fskd.runtime import autocast, barrier, init_distributed, num_workers, resolve_device
 from fskd.store import schema as S
-from fskd.store.location import Location
+from fskd.store.location import Location, backend_errors
 from fskd.store.store import FeatureStore, SplitRows
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class ExtractResult:
 
 
 class _Rows(Dataset):
-    """(image tensor, row index, ok, error message) for the rows of one split."""
+    """(image tensor, row index, ok, message) for the rows of one split: the error when not ok,
+    else a note ("PATH (N frames)": only the first frame of a multi-frame file is encoded) or ""."""
 
     def __init__(self, source: ImageDataset, refs: list[str], preprocess, blank: torch.Tensor) -> None:
         self.source, self.refs, self.preprocess, self.blank = source, refs, preprocess, blank
@@ -87,7 +88,10 @@ class _Rows(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.preprocess(self.source.open(self.refs[i])), i, True, ""
+            image = self.source.open(self.refs[i])
+            frames = image.info.get(FRAMES_INFO, 1)
+            note = f"{self.source.path_of(self.refs[i])} ({frames} frames)" if frames > 1 else ""
+            return self.preprocess(image), i, True, note
         except Exception as e:  # any decoder error: report which file, let the caller decide
             return self.blank, i, False, f"{self.source.path_of(self.refs[i])}: {type(e).__name__}: {e}"
 
@@ -124,9 +128,9 @@ def file_digest(source: ImageDataset, refs: list[str], contents: bool = False) -
         try:
             st = os.stat(path)
         except OSError:
-            h.update(f"{key}\0missing\n".encode())
+            h.update(text_bytes(f"{key}\0missing\n"))
             continue
-        h.update(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(text_bytes(f"{key}\0{st.st_size}\0{st.st_mtime_ns}\n"))
         if contents:
             h.update(sha256_file(Path(path)).encode())
     return h.hexdigest()[:32]
@@ -167,7 +171,7 @@ def _repair(store: FeatureStore, sample_splits: dict) -> dict[str, dict[int, str
         raise StoreError(f"{store.path} is damaged beyond repair in place ({', '.join(text[:5])} missing); "
                          f"re-extract into a new --store path")
     for split in {m.split("/", 1)[0] for m in missing if f"/{S.SAMPLE_IDS} " in m}:
-        store.rewrite_sample_ids(split, sample_splits[split].refs)
+        store.rewrite_sample_ids(split, [fs_text(r) for r in sample_splits[split].refs])
     damaged = store.damaged_chunks(verify=True, missing=missing)
     for split, chunks in damaged.items():
         log.warning("%s: re-encoding %d damaged chunk(s) of %s: %s", store.path, len(chunks), split,
@@ -178,7 +182,32 @@ def _repair(store: FeatureStore, sample_splits: dict) -> dict[str, dict[int, str
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageDataset | None = None) -> ExtractResult:
     """Run ``fskd extract``: see the module docstring. ``source`` replaces the registered dataset
-    ``cfg.dataset`` with a dataset object (benchmarks use an in-memory one)."""
+    ``cfg.dataset`` with a dataset object (benchmarks use an in-memory one). On object storage, a
+    storage error at any step (a timeout after the bounded retries, a refused request) is one
+    StoreError naming the URL."""
+    try:
+        with backend_errors(cfg.store):
+            return _extract(cfg, progress, source)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(cfg.store)) from None
+
+
+def _interrupted(store: str) -> str:
+    """What an interrupted extract kept (whole row chunks are its unit of resume), and how to go on."""
+    try:
+        st = FeatureStore.open(store)
+        kept = []
+        for s in st.splits:
+            w = st.written(s)
+            rows = min(int(w.sum()) * st.chunk_rows, st.n_rows(s))
+            kept.append(f"{s} {int(w.sum())}/{len(w)} chunks (~{rows:,}/{st.n_rows(s):,} rows)")
+    except Exception:  # interrupted before the store existed, or while it was made
+        return f"fskd extract was interrupted before any features of {store} were stored; run the same command again"
+    return (f"fskd extract was interrupted; {store} keeps what was finished: {', '.join(kept)}. Run the same "
+            f"command again to resume from there (--chunk-rows sets how much work one chunk holds)")
+
+
+def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset | None) -> ExtractResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
@@ -202,7 +231,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         "dtype": cfg.dtype,
         "chunk_rows": cfg.chunk_rows,
         "class_split": class_split,
-        "sample_split": {s: hashlib.sha256("\n".join(r.refs).encode()).hexdigest()[:16] for s, r in sample_splits.items()},
+        "sample_split": {s: hashlib.sha256(text_bytes("\n".join(r.refs))).hexdigest()[:16] for s, r in sample_splits.items()},
         "templates": list(templates),
         "descriptions": descriptions,
     }
@@ -247,8 +276,15 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, source: ImageD
         barrier()
         if not exists:
             if dist.is_main:
-                _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
-                        (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
+                try:
+                    _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
+                            (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
+                except StoreError:
+                    # object storage: another `fskd extract` completed the store meanwhile; resume into it
+                    # (its inputs are checked like any existing store's)
+                    if store_path is not None or (loc.root_attrs() or {}).get("format") != S.FORMAT:
+                        raise
+                    log.info("%s was created by another fskd extract meanwhile; resuming into it", cfg.store)
             barrier()
     with dir_lock(store_path, waiting, log) if locking else contextlib.nullcontext():
         result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
@@ -294,7 +330,7 @@ def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
     FeatureStore.create(
         cfg.store,
         attrs=attrs,
-        splits={s: SplitRows(r.refs, r.labels) for s, r in sample_splits.items()},
+        splits={s: SplitRows([fs_text(x) for x in r.refs], r.labels) for s, r in sample_splits.items()},  # ids: UTF-8 text
         class_keys=listing.class_keys,
         class_names=listing.class_names,
         prompts=list(templates),
@@ -322,10 +358,13 @@ def _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get
     encoder = get_encoder()
     encoded = processed = 0
     t_enc = time.perf_counter()
+    multi: list[str] = []
     for split in store.splits:
-        rows, bad = _extract_split(store, split, source, sample_splits[split], encoder, cfg, device, dist, progress)
+        rows, bad = _extract_split(store, split, source, sample_splits[split], encoder, cfg, device, dist, progress,
+                                   multi)
         processed += rows
         encoded += rows - bad
+    _warn_multi_frame(multi)
     barrier()
     seconds = time.perf_counter() - t0
     rate = processed / max(time.perf_counter() - t_enc, 1e-9)
@@ -345,8 +384,10 @@ def _extract_split(
     device: torch.device,
     dist,
     progress: Progress | None,
+    multi: list[str] | None = None,
 ) -> tuple[int, int]:
-    """Encode this rank's unwritten chunks of ``split``: returns (rows processed, rows skipped)."""
+    """Encode this rank's unwritten chunks of ``split``: returns (rows processed, rows skipped).
+    Multi-frame files are added to ``multi`` (None: warned about here)."""
     refs = sample_list.refs
     n, rows = len(refs), store.chunk_rows
     done = store.written(split)
@@ -368,9 +409,11 @@ def _extract_split(
         for m in encoder.modules():
             m.to(memory_format=torch.channels_last)
     chunk, buf, lab, filled, count, n_bad = None, None, None, 0, 0, 0
+    notes: list[str] = [] if multi is None else multi  # multi-frame files: one warning, not one per image
     t0 = time.perf_counter()
     with torch.inference_mode():
         for images, idx, ok, errors in loader:
+            notes += [e for e, o in zip(errors, ok.tolist(), strict=True) if o and e]
             if not bool(ok.all()):
                 bad = [e for e, o in zip(errors, ok.tolist(), strict=True) if not o]
                 if not cfg.skip_bad:
@@ -404,7 +447,15 @@ def _extract_split(
                 store.write_chunk(split, c, buf.astype(S.FEATURE_DTYPES[store.attrs["dtype"]]), lab)
             if progress is not None:
                 progress(split, count, mine, count / max(time.perf_counter() - t0, 1e-9))
+    if multi is None:
+        _warn_multi_frame(notes)
     return count, n_bad
+
+
+def _warn_multi_frame(notes: list[str]) -> None:
+    if notes:
+        log.warning("%d multi-frame image file(s) (animated GIF/PNG/WebP, multi-page TIFF): only the first frame "
+                    "of each was encoded, e.g. %s", len(notes), ", ".join(notes[:3]))
 
 
 # -- augmented views (schema.py: views/) -----------------------------------------------------------

@@ -17,6 +17,23 @@ Reads of a remote store keep at most ``max_requests`` chunk requests in flight
 (``{"fskd_max_requests": N}`` in the storage options or ``$FSKD_MAX_REQUESTS``; default 8): the
 readers ask zarr for that many row chunks at a time, and zarr's own ``async.concurrency`` is set to
 the same bound.
+
+Every remote call is bounded (issue 29): an endpoint that stops answering fails the command with
+one error naming the URL instead of hanging it. The defaults (``_TIMEOUTS``), each overridden by an
+explicit storage option of the same name:
+
+- s3 (s3fs/botocore): ``config_kwargs`` ``connect_timeout`` 5 s, ``read_timeout`` 30 s (the longest
+  wait for the next bytes of an answer) and ``retries`` ``{"total_max_attempts": 2, "mode":
+  "standard"}`` (botocore's tries of one request), plus ``retries`` 2: s3fs's own tries of one
+  call (they also cover an answer whose body stopped arriving). So one call gives up after at most
+  4 tries, about 2 minutes of silence; an endpoint that refuses connections fails at once.
+- gs (gcsfs): ``requests_timeout`` 60 s, the whole of one HTTP request; gcsfs tries each request up
+  to 6 times (fixed in gcsfs, with back-off up to 32 s), so about 7 minutes at worst.
+- az / abfs (adlfs): ``connection_timeout`` 5 s and ``read_timeout`` 30 s; the retries are the Azure
+  SDK's own (3, exponential back-off), which adlfs does not expose.
+
+For example ``--storage-options '{"config_kwargs": {"read_timeout": 120}, "retries": 3}'`` gives a
+slow S3-compatible server more time.
 """
 
 from __future__ import annotations
@@ -37,9 +54,15 @@ DEFAULT_MAX_REQUESTS = 8
 BACKENDS = {"s3": ("s3fs", "fskd[s3]"), "s3a": ("s3fs", "fskd[s3]"), "gs": ("gcsfs", "fskd[gcs]"),
             "gcs": ("gcsfs", "fskd[gcs]"), "az": ("adlfs", "fskd[azure]"), "abfs": ("adlfs", "fskd[azure]"),
             "memory": ("fsspec", "fskd")}
-#: fail fast on an unreachable S3 endpoint (botocore's default retries take tens of seconds)
-_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+#: bounded waits and tries per backend (module docstring); a user's option of the same name wins.
+#: s3's ``retries`` is s3fs's tries of one call: not an S3FileSystem argument, set on the instance
+_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
+                                  "retries": {"total_max_attempts": 2, "mode": "standard"}},
+                "retries": 2}
+_TIMEOUTS = {"s3": _S3_DEFAULTS, "s3a": _S3_DEFAULTS, "gs": {"requests_timeout": 60}, "gcs": {"requests_timeout": 60},
+             "az": {"connection_timeout": 5, "read_timeout": 30}, "abfs": {"connection_timeout": 5, "read_timeout": 30}}
+#: storage options fskd applies to the filesystem instance instead of passing them to its constructor
+_INSTANCE_OPTIONS = {"s3": ("retries",), "s3a": ("retries",)}
 
 _configured: dict | None = None
 
@@ -95,17 +118,51 @@ def _parse_options(options: dict | str, where: str) -> dict:
 
 
 def storage_options(protocol: str) -> dict:
-    """The fsspec options for ``protocol``: fskd's fail-fast defaults, under the configured or
-    ``$FSKD_STORAGE_OPTIONS`` ones (without fskd's own ``fskd_*`` keys)."""
+    """The fsspec options for ``protocol``: fskd's timeouts and retries (module docstring), under
+    the configured or ``$FSKD_STORAGE_OPTIONS`` ones (without fskd's own ``fskd_*`` keys)."""
     user = _configured
     if user is None:
         env = os.environ.get(OPTIONS_ENV)
         user = _parse_options(env, f"${OPTIONS_ENV}") if env else {}
-    base = dict(_S3_DEFAULTS) if protocol in ("s3", "s3a") else {}
+    base = dict(_TIMEOUTS.get(protocol, {}))
     opts = {**base, **{k: v for k, v in user.items() if not k.startswith("fskd_")}}
-    if protocol in ("s3", "s3a") and "config_kwargs" in user:  # the user's botocore config over ours
-        opts["config_kwargs"] = {**_S3_DEFAULTS["config_kwargs"], **user["config_kwargs"]}
+    if "config_kwargs" in base and isinstance(user.get("config_kwargs"), dict):  # the user's botocore config over ours
+        opts["config_kwargs"] = {**base["config_kwargs"], **user["config_kwargs"]}
     return opts
+
+
+def _split_options(protocol: str) -> tuple[dict, dict]:
+    """``storage_options(protocol)`` as (constructor arguments, attributes to set on the instance)."""
+    opts = storage_options(protocol)
+    attrs = {k: opts.pop(k) for k in _INSTANCE_OPTIONS.get(protocol, ()) if k in opts}
+    for k, v in attrs.items():
+        if k == "retries" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"storage option {k!r} must be a positive integer (tries of one call), got {v!r}")
+    return opts, attrs
+
+
+def _more_time(protocol: str) -> str:
+    if protocol in ("s3", "s3a"):
+        return """ '{"config_kwargs": {"read_timeout": 120}, "retries": 3}'"""
+    return next((f""" '{{"{k}": 120}}'""" for k in ("read_timeout", "requests_timeout") if k in _TIMEOUTS.get(protocol, {})),
+                "")
+
+
+def _timeout_text(protocol: str) -> str:
+    """The configured bound of one call, for messages: ``read timeout 30 s, 4 tries``."""
+    opts = storage_options(protocol)
+    if "config_kwargs" in opts:
+        try:
+            cfg = opts["config_kwargs"]
+            r = cfg.get("retries") or {}
+            tries = r.get("total_max_attempts", r.get("max_attempts", 0) + 1) * int(opts.get("retries", 1))
+            return f"read timeout {cfg.get('read_timeout')} s, {tries} tries"
+        except (AttributeError, TypeError, ValueError):
+            return "the configured timeouts"
+    for k in ("read_timeout", "requests_timeout"):
+        if k in opts:
+            return f"{k.replace('_', ' ')} {opts[k]} s"
+    return "the backend's timeouts"
 
 
 def max_requests() -> int:
@@ -169,7 +226,8 @@ class Location:
     # -- remote access -------------------------------------------------------------------------
     def fs(self):
         """The (synchronous) fsspec filesystem of a remote location."""
-        return _fs(self.protocol, json.dumps(storage_options(self.protocol), sort_keys=True))
+        opts, attrs = _split_options(self.protocol)
+        return _fs(self.protocol, json.dumps(opts, sort_keys=True), json.dumps(attrs, sort_keys=True))
 
     @property
     def root(self) -> str:
@@ -181,9 +239,12 @@ class Location:
         import zarr
 
         _set_concurrency()
+        opts, attrs = _split_options(self.protocol)
         with remote_errors(self):
-            return zarr.storage.FsspecStore.from_url(self.url, storage_options=storage_options(self.protocol),
-                                                     read_only=read_only)
+            store = zarr.storage.FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
+        for k, v in attrs.items():  # s3fs's tries of one call (not a constructor argument)
+            setattr(store.fs, k, v)
+        return store
 
     def exists(self) -> bool:
         """Whether something is at the location: for a URL, its root ``zarr.json`` object."""
@@ -196,7 +257,7 @@ class Location:
         """The attributes in the root ``zarr.json`` (None when it is absent or not JSON)."""
         try:
             if self.local is not None:
-                text = (self.local / "zarr.json").read_text()
+                text = (self.local / "zarr.json").read_text(encoding="utf-8")
             else:
                 with remote_errors(self):
                     text = self.fs().cat_file(f"{self.root}/zarr.json").decode()
@@ -233,12 +294,87 @@ class Location:
             finally:
                 fs.invalidate_cache()
 
+    def root_object(self) -> tuple[bytes | None, str | None]:
+        """The root ``zarr.json`` of a remote location, fresh (no cache): (bytes, ETag), or
+        (None, None) when absent. The ETag is read first, so it never names a newer object than
+        the bytes (a conditional PUT with it then fails, as it should); None where the backend
+        gives none."""
+        path = f"{self.root}/zarr.json"
+        with remote_errors(self):
+            fs = self.fs()
+            fs.invalidate_cache()
+            try:
+                info = fs.info(path)
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                return None, None
+        return data, info.get("ETag") or info.get("etag")
+
+    def put_root(self, data: bytes, *, if_absent: bool = False, if_etag: str | None = None) -> str | None:
+        """PUT the root ``zarr.json`` of a remote location in one request; returns its new ETag
+        (None where the backend gives none). ``if_absent``: only where no root exists (S3
+        ``If-None-Match: *``, gcsfs and memory ``mode="create"``); ``if_etag``: only over that
+        version of it (S3 ``If-Match``; unconditional elsewhere). A condition that does not hold
+        raises :class:`ConditionFailed`."""
+        path = f"{self.root}/zarr.json"
+        kw: dict = {}
+        if if_absent and self.protocol in _CREATE_MODE:
+            kw["mode"] = "create"
+        if if_etag and self.protocol in ("s3", "s3a"):
+            kw["IfMatch"] = if_etag
+        with remote_errors(self):
+            fs = self.fs()
+            try:
+                out = fs.pipe_file(path, data, **kw)
+            except FileExistsError:
+                if not kw:
+                    raise
+                raise ConditionFailed(path) from None
+            except OSError as e:
+                if "IfMatch" in kw and (isinstance(e, FileNotFoundError) or _precondition_failed(e)):
+                    raise ConditionFailed(path) from None
+                raise
+            finally:
+                fs.invalidate_cache()
+        return out.get("ETag") if isinstance(out, dict) else None
+
+    def remove_all_but_root(self) -> int:
+        """Delete every object under a remote location except its root ``zarr.json`` (the leftover
+        of fskd's own unfinished creation, whose root marker it holds); returns how many."""
+        with remote_errors(self):
+            fs = self.fs()
+            keep = fs._strip_protocol(f"{self.root}/zarr.json")  # as the backend names it (memory: a leading /)
+            fs.invalidate_cache()
+            try:
+                names = [n for n in fs.find(self.root) if fs._strip_protocol(n).rstrip("/") != keep]
+                if names:
+                    fs.rm(names)
+            finally:
+                fs.invalidate_cache()
+        return len(names)
+
     def size(self) -> int:
         if self.local is not None:
             return sum(f.stat().st_size for f in self.local.rglob("*") if f.is_file())
         with remote_errors(self):
             return int(self.fs().du(self.root))
 
+
+
+class ConditionFailed(Exception):
+    """A conditional PUT (:meth:`Location.put_root`) found the object other than expected."""
+
+
+#: backends whose ``pipe_file`` takes ``mode="create"`` (a PUT only where no object exists)
+_CREATE_MODE = ("s3", "s3a", "gs", "gcs", "memory")
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """An S3 answer 412 (PreconditionFailed) or 409 (ConditionalRequestConflict: another
+    conditional write to the key was in flight), as s3fs raises them."""
+    cause = e.__cause__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
 def _endpoint(loc: Location) -> str:
@@ -268,10 +404,13 @@ def _check_scheme(scheme: str, spec: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _fs(protocol: str, options_json: str):
+def _fs(protocol: str, options_json: str, attrs_json: str = "{}"):
     import fsspec
 
-    return fsspec.filesystem(protocol, **json.loads(options_json))
+    fs = fsspec.filesystem(protocol, **json.loads(options_json))
+    for k, v in json.loads(attrs_json).items():
+        setattr(fs, k, v)
+    return fs
 
 
 def _set_concurrency() -> None:
@@ -304,6 +443,60 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    """A call that got no answer in time, after its retries (botocore, aiohttp, fsspec's sync)."""
+    out: list[type[BaseException]] = [TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ReadTimeoutError
+
+        out.append(ReadTimeoutError)
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        out.append(FSTimeoutError)
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        out.append(aiohttp.ServerTimeoutError)
+    return tuple(out)
+
+
+#: packages whose exceptions only a storage backend raises (backend_errors)
+_BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "google.auth", "adlfs", "azure", "fsspec")
+
+
+def _from_backend(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from comes from a storage backend package."""
+    for _ in range(8):
+        if e is None:
+            return False
+        mod = type(e).__module__
+        if any(mod == m or mod.startswith(f"{m}.") for m in _BACKEND_MODULES):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def backend_errors(spec: str | Path | Location) -> Iterator[None]:
+    """:func:`remote_errors` for code that also does local work (``fskd extract`` into a URL): an
+    error the storage backend raised (a timeout, a refused connection, a denied request) becomes one
+    StoreError naming the URL; anything else, local OSErrors included, passes through unchanged."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as e:
+        if not (is_url(spec) or isinstance(spec, Location)) or not _from_backend(e):
+            raise
+        loc = spec if isinstance(spec, Location) else Location(spec)
+        if not loc.is_remote:
+            raise
+        with remote_errors(loc):
+            raise
+        raise  # remote_errors let it through (a missing object): unchanged
+
+
 def _missing_bucket(e: OSError) -> bool:
     text = str(e).lower()
     return "bucket" in text and ("not exist" in text or "nosuchbucket" in text or "not found" in text)
@@ -320,6 +513,10 @@ def remote_errors(loc: Location) -> Iterator[None]:
         raise StoreError(f"--store {loc}: no credentials for {loc.protocol}:// ({e}); set AWS_ACCESS_KEY_ID and "
                          f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
                          f"'{{\"key\": ..., \"secret\": ...}}' (or '{{\"anon\": true}}' for a public bucket)") from None
+    except _timeout_errors() as e:
+        raise StoreError(f"--store {loc}: the storage{_endpoint(loc)} stopped answering ({_timeout_text(loc.protocol)}; "
+                         f"{type(e).__name__}: {e}); check the endpoint and the network, or allow more with "
+                         f"--storage-options{_more_time(loc.protocol)}") from None
     except _connection_errors() as e:
         raise StoreError(f"--store {loc}: cannot reach the storage{_endpoint(loc)} ({type(e).__name__}: {e}); check "
                          f"the endpoint (AWS_ENDPOINT_URL or --storage-options '{{\"endpoint_url\": ...}}') and the "

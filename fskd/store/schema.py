@@ -1,4 +1,4 @@
-"""The one definition of the Zarr feature-store layout (schema version 2).
+"""The one definition of the Zarr feature-store layout (schema version 3).
 
 ```
 <store>.zarr/                 attrs: see ROOT_ATTRS
@@ -45,6 +45,13 @@ written whose object is missing (deleted, lost in a copy) is an error naming the
 never rows of fill values. ``fskd info --check`` re-computes every checksum; ``fskd extract`` on
 an existing store does the same and re-encodes the chunks that fail (a repair).
 
+Reads verify too: every array's codec chain ends with zarr's ``crc32c`` codec, so a chunk whose
+stored bytes changed (a flipped bit that still decodes) fails inside zarr's own read, and every
+features block read is refused if it holds NaN or inf; both are errors naming the array and
+chunk. What the read-time CRC cannot see is a whole valid chunk object put at another chunk's key
+(a bad copy): the per-chunk ``checksums`` (CRC-32 of the decoded rows and labels) catch that in
+``fskd info --check`` and ``fskd extract``. Features are refused at write time when non-finite.
+
 On object storage (``--store s3://...``, see ``location.py``) there is no rename, but every PUT of
 one object is atomic (a reader sees the old object or the whole new one) and read-after-write
 consistent (S3 since 2020, GCS, Azure). The rules become:
@@ -73,7 +80,8 @@ import numpy as np
 FORMAT = "fskd-feature-store"
 #: the root's format while a store is being created on object storage (the completion marker replaces it)
 CREATING_FORMAT = "fskd-feature-store (being created)"
-SCHEMA_VERSION = 2
+#: 3: every array carries zarr's CRC-32C codec, checked on every read (2: per-chunk checksums)
+SCHEMA_VERSION = 3
 
 SPLITS = ("train", "val", "test")
 TEXT_GROUP = "text"

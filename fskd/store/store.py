@@ -7,6 +7,7 @@ the rows asked for).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import secrets
 import shutil
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.location import Location, remote_errors
+from fskd.store.location import ConditionFailed, Location, remote_errors
 
 
 @dataclass
@@ -32,8 +33,13 @@ class SplitRows:
 
 
 def _compressor():
-    # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads;
+    # then a CRC-32C of the stored bytes, which zarr checks on every read of the chunk (schema.py)
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+#: every other array: no compression, the same read-time CRC-32C (labels, ids, flags, text)
+_CRC = {"compressors": [Crc32cCodec()]}
 
 
 #: every chunk a writer stores exists as an object, even one equal to the fill value (schema.py)
@@ -75,6 +81,16 @@ def _verify_chunks(features: zarr.Array, labels: zarr.Array, sums: np.ndarray, w
             bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
 
 
+def _refuse_non_finite(features: np.ndarray, labels: np.ndarray, where: str) -> None:
+    """Never store NaN or inf features for a readable row (the encoder diverged: fp16 overflow, a
+    broken checkpoint); the rows stay unwritten, so a rerun retries them."""
+    bad = ~np.isfinite(features).reshape(len(features), -1).all(axis=1) & (np.asarray(labels) >= 0)
+    if bad.any():
+        raise StoreError(f"{where}: the encoder produced non-finite features (NaN or inf) for {int(bad.sum())} "
+                         f"row(s), the first at offset {int(np.flatnonzero(bad)[0])}; nothing was written for them. "
+                         f"Check the encoder")
+
+
 def _unrepairable_here(missing: str) -> bool:
     """A missing text or sample-id chunk: not fixed by encoding row chunks again."""
     return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
@@ -108,22 +124,138 @@ def _fill_layout(root: zarr.Group, attrs, splits, class_keys, class_names, promp
         nc = S.n_chunks(n, rows)
         g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
                        compressors=_compressor(), config=cfg)
-        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, config=cfg)
-        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, config=cfg)
+        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, **_CRC, config=cfg)
+        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, **_CRC, config=cfg)
         # one object per flag and checksum: torchrun ranks (and nodes) write disjoint chunks concurrently
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=cfg)
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, **_CRC, config=cfg)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, **_CRC)
         if n:
             lab[:] = r.labels
             ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
     t = root.create_group(S.TEXT_GROUP)
     for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
-        a = t.create_array(name, shape=(len(values),), dtype=str, config=cfg)
+        a = t.create_array(name, shape=(len(values),), dtype=str, **_CRC, config=cfg)
         if len(values):
             a[:] = np.asarray(values, dtype=str)
     if class_embeddings is not None:
-        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", config=cfg)
+        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", **_CRC, config=cfg)
         e[:] = class_embeddings.astype(np.float32)
+
+
+# -- creating a store on object storage (schema.py): the root claim ---------------------------------
+def _group_json(attributes: dict) -> bytes:
+    """A root group's ``zarr.json`` as zarr writes it (``GroupMetadata``), holding ``attributes``."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import GroupMetadata
+
+    return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _json_attrs(data: bytes | None) -> dict:
+    import json
+
+    try:
+        attrs = json.loads(data).get("attributes", {})
+    except (TypeError, ValueError, AttributeError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of a process on this machine, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _creator(token: str) -> dict:
+    """Who is creating a store: written into the root marker, read by :func:`_creator_alive`."""
+    import socket
+    from datetime import datetime, timezone
+
+    stat = _proc_stat(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": stat[1] if stat else None, "token": token,
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _creator_alive(creator: dict) -> bool:
+    """Whether the process named in a root marker still runs: only knowable on this machine (the
+    same host name, a live pid with the same start time). A marker from another machine, from a
+    process that is gone, or without a creator (an older fskd) is an interrupted creation."""
+    import socket
+
+    pid = creator.get("pid")
+    if creator.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, start = stat
+    return state not in ("Z", "X") and (creator.get("start") in (None, start))
+
+
+def _claim_creation(loc: Location, token: str) -> str | None:
+    """Put the root marker (``S.CREATING_FORMAT`` and this process as its creator): where no root
+    exists with ``If-None-Match: *``, over an interrupted creation's marker with ``If-Match`` its
+    ETag, so of two processes only one holds the claim. Returns the marker's ETag (for the
+    commit). Raises StoreError for a complete store, another format, objects fskd did not write, or
+    a creation a live process on this machine is running."""
+    marker = _group_json({"format": S.CREATING_FORMAT, "creator": _creator(token)})
+    for _ in range(5):
+        data, etag = loc.root_object()
+        if data is None:
+            others = loc.first_objects()
+            if others:
+                raise StoreError(f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
+                                 f"choose an empty prefix (nothing was changed)")
+            try:
+                return loc.put_root(marker, if_absent=True)
+            except ConditionFailed:  # another process put a root meanwhile (or our retried PUT did): look again
+                continue
+        have = _json_attrs(data)
+        fmt = have.get("format")
+        if fmt == S.FORMAT:
+            raise StoreError(f"{loc} already exists (created by another fskd extract meanwhile?); run the same "
+                             f"`fskd extract` again to resume into it")
+        if fmt != S.CREATING_FORMAT:
+            raise StoreError(f"{loc} already exists and is not an fskd feature store (format {fmt!r}); fskd will "
+                             f"not replace it")
+        creator = have.get("creator") if isinstance(have.get("creator"), dict) else {}
+        if creator.get("token") == token:  # our own PUT landed though its answer was lost
+            return etag
+        if _creator_alive(creator):
+            raise StoreError(f"another fskd extract (pid {creator.get('pid')} on this machine, since "
+                             f"{creator.get('since')}) is creating {loc}; rerun when it finishes (nothing was changed)")
+        logging.getLogger(__name__).info("%s: its creation was interrupted (creator %s); making it again", loc,
+                                         creator or "not recorded")
+        try:
+            return loc.put_root(marker, if_etag=etag)
+        except ConditionFailed:  # another rerun took it over first: look again
+            continue
+    raise StoreError(f"{loc}: its root object kept changing while this fskd extract tried to create the store "
+                     f"(other fskd extract processes?); rerun when they finish")
+
+
+def _commit_creation(loc: Location, attrs: dict, etag: str | None) -> None:
+    """The completion marker: the whole root attributes in one PUT, only over this process's own
+    claim. A claim another process took over fails it (that process finishes the store)."""
+    data = _group_json(attrs)
+    try:
+        loc.put_root(data, if_etag=etag)
+    except ConditionFailed:
+        now, _ = loc.root_object()
+        if now is not None and _json_attrs(now) == _json_attrs(data):  # our own PUT landed, its answer was lost
+            return
+        raise StoreError(f"another fskd extract took over creating {loc} while this one was writing it (it saw "
+                         f"this creation as interrupted); rerun when it finishes") from None
 
 
 class FeatureStore:
@@ -191,7 +323,7 @@ class FeatureStore:
         if a.get("schema_version") != S.SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {a.get('schema_version')!r}; this fskd reads version "
-                f"{S.SCHEMA_VERSION} (version 2 added per-chunk checksums). Re-extract into a new --store path."
+                f"{S.SCHEMA_VERSION} (version 3 checks every chunk on read). Re-extract into a new --store path."
             )
         missing = [k for k in S.ROOT_ATTRS if k not in a]
         if missing:
@@ -291,30 +423,29 @@ class FeatureStore:
 
     @classmethod
     def _create_remote(cls, loc: Location, attrs, splits, class_keys, class_names, prompts, class_embeddings) -> None:
-        """Object storage has no rename: the root ``zarr.json`` is written first with the format
-        ``S.CREATING_FORMAT``, then every array, then the root attributes (the completion marker).
-        A prefix holding objects fskd did not write is refused; a creation fskd left unfinished is
-        written again from scratch."""
+        """Object storage has no rename (``schema.py``): claim the root ``zarr.json`` with a
+        conditional PUT of the ``S.CREATING_FORMAT`` marker, remove what an interrupted creation
+        left, write every group and array, then the root attributes with a PUT conditional on the
+        claim (the completion marker). A prefix holding objects fskd did not write is refused; a
+        creation by a live process on this machine is refused; an interrupted one is made again."""
         from fskd.fsutil import fault_point
 
         loc.probe()
-        if loc.exists():
-            have = (loc.root_attrs() or {}).get("format")
-            if have != S.CREATING_FORMAT:
-                raise StoreError(f"{loc} already exists" + ("" if have == S.FORMAT else
-                                 f" and is not an fskd feature store (format {have!r}); fskd will not replace it"))
-        else:
-            others = loc.first_objects()
-            if others:
-                raise StoreError(f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
-                                 f"choose an empty prefix (nothing was changed)")
+        token = secrets.token_hex(8)
+        etag = _claim_creation(loc, token)
+        fault_point("store:create-claimed")
         with remote_errors(loc):
-            # mode "w" clears the prefix: empty, or the leftover of fskd's own unfinished creation
-            root = zarr.open_group(loc.zarr_store(read_only=False), mode="w",
-                                   attributes={"format": S.CREATING_FORMAT})
-            _fill_layout(root, attrs, splits, class_keys, class_names, prompts, class_embeddings)
+            loc.remove_all_but_root()  # fskd's own unfinished creation: the claim says only fskd wrote here
+            store = loc.zarr_store(read_only=False)
+            store.fs.invalidate_cache()  # zarr's own (async) filesystem instance: no listing from before the removal
+            try:
+                root = zarr.open_group(store, mode="r+")
+                _fill_layout(root, attrs, splits, class_keys, class_names, prompts, class_embeddings)
+            except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+                raise StoreError(f"{loc}: another fskd extract wrote into the store while this one created it (it "
+                                 f"took the creation over); rerun when it finishes") from None
             fault_point("store:create-arrays")
-            root.attrs.put(attrs)
+            _commit_creation(loc, attrs, etag)
 
     @classmethod
     def from_arrays(
@@ -500,16 +631,34 @@ class FeatureStore:
 
     # -- integrity ---------------------------------------------------------------------------
     def _read(self, split: str, name: str, sel, chunk: int | None = None):
-        """Read ``split/name[sel]``; a chunk that cannot be decoded is a StoreError naming it."""
+        """Read ``split/name[sel]``; a chunk that cannot be decoded, fails its CRC-32C, or (features)
+        holds non-finite values is a StoreError naming it. ``chunk``: the first chunk ``sel`` reads."""
         arr = self._split(split)[name] if split != S.TEXT_GROUP else self.group[S.TEXT_GROUP][name]
         try:
-            return arr[sel]
-        except Exception as e:  # codec errors come as RuntimeError, ValueError, ... from numcodecs/zarr
+            out = arr[sel]
+        except Exception as e:  # codec errors (CRC-32C mismatch included) come as RuntimeError, ValueError, ...
             where = f"chunk {chunk}" if chunk is not None else "a chunk"
             raise StoreError(
                 f"{self.path}: cannot read {split}/{name} {where} ({type(e).__name__}: {e}); the store is damaged. "
                 f"`fskd info --check {self.path}` lists the damage; the same `fskd extract` re-encodes it"
             ) from None
+        if name == S.FEATURES:
+            self._check_finite(out, f"{split}/features", chunk)
+        return out
+
+    def _check_finite(self, block: np.ndarray, array: str, chunk: int | None, rows: np.ndarray | None = None) -> None:
+        """Refuse features holding NaN or inf (a decodable chunk of garbage would otherwise score at
+        chance with exit 0), naming the array and chunk. ``rows``: the rows ``block`` holds, when
+        not consecutive rows from the start of ``chunk``."""
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if finite.all():
+            return
+        first = int(np.flatnonzero(~finite)[0])
+        row = int(rows[first]) if rows is not None else (chunk or 0) * self.chunk_rows + first
+        raise StoreError(
+            f"{self.path}: {array} chunk {row // self.chunk_rows} holds non-finite values (NaN or inf, first at row "
+            f"{row}); the store is damaged. `fskd info --check {self.path}` lists the damage; the same `fskd extract` "
+            f"re-encodes it")
 
     def missing_chunks(self) -> list[str]:
         """Chunk objects that should exist and do not, as ``split/array chunk i`` strings: written
@@ -600,6 +749,7 @@ class FeatureStore:
         g = self._split(split)
         start = chunk * self.chunk_rows
         stop = start + len(features)
+        _refuse_non_finite(features, labels, f"{self.path}: {split} rows {start}-{stop - 1}")
         g[S.FEATURES][start:stop] = features
         g[S.LABELS][start:stop] = labels
         fault_point("store:chunk-data")
@@ -664,10 +814,10 @@ class FeatureStore:
         nc = S.n_chunks(m, rows_per)
         g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
                        fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
-        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, config=_ARRAY_CONFIG)
-        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, config=_ARRAY_CONFIG)
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, config=_ARRAY_CONFIG)
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False)
+        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, **_CRC, config=_ARRAY_CONFIG)
+        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, **_CRC, config=_ARRAY_CONFIG)
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, **_CRC, config=_ARRAY_CONFIG)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, **_CRC)
         if m:
             r[:] = np.asarray(rows, dtype=np.int64)
             lab[:] = np.asarray(labels, dtype=np.int32)
@@ -684,6 +834,7 @@ class FeatureStore:
 
         g = self._views()
         start = chunk * self.chunk_rows
+        _refuse_non_finite(features, labels, f"{self.path}: views rows {start}-{start + len(features) - 1}")
         g[S.FEATURES][start:start + len(features)] = features
         g[S.LABELS][start:start + len(features)] = labels
         fault_point("store:views-data")
@@ -748,6 +899,7 @@ class FeatureStore:
             except Exception as e:
                 raise StoreError(f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
                                  f"`fskd info --check {self.path}` lists the damage") from None
+            self._check_finite(block, "views/features", c)
             out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
         return out, describe_views(info)
 
@@ -807,6 +959,7 @@ class FeatureStore:
                 except Exception as e:
                     raise StoreError(f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
                                      f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage") from None
+                self._check_finite(block, f"{split}/features", c, rows=part)
             yield lo, hi, np.asarray(block, dtype=np.float32)
 
     def gather(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fskd.datasets import build_dataset
+from fskd.datasets.base import fs_path, text_bytes
 from fskd.encoders.student import decode_square
 from fskd.errors import ConfigError, DatasetError, StoreError
 from fskd.fsutil import atomic_write_text
@@ -52,7 +53,8 @@ def dataset_of(store, root: str | None):
 
 
 #: bump when the decoding changes: cache files of another version are not reused
-DECODE_VERSION = 1
+#: (2: EXIF orientation, 16-bit scaling and transparency on white, datasets.base.to_rgb)
+DECODE_VERSION = 2
 #: images decoded per block while a cache file is written (memory: block x 3 x S x S bytes)
 WRITE_BLOCK = 1024
 
@@ -116,7 +118,7 @@ def decode_images(source, refs: list[str], size: int, threads: int = 2, director
     :data:`WRITE_BLOCK` images, ``threads`` decoding) into a temporary file renamed into place and
     then committed by its ``.json`` (a killed run leaves no cache that looks complete)."""
     h = hashlib.sha256(json.dumps([DECODE_VERSION, source.name, str(source.root), size]).encode())
-    h.update("\n".join(refs).encode())
+    h.update(text_bytes("\n".join(refs)))
     key = h.hexdigest()[:24]
     folder = cache_dir(directory)
     path = folder / f"{source.name}-{size}px-{key}.u8"
@@ -133,7 +135,7 @@ def decode_images(source, refs: list[str], size: int, threads: int = 2, director
 
     def one(ref: str) -> np.ndarray:
         try:
-            return decode_square(source.open(ref), size).numpy()
+            return decode_square(source.open(fs_path(ref)), size).numpy()  # refs: the store's ids (text)
         except Exception as e:  # name the file: the user has to fix or re-extract
             raise DatasetError(f"cannot read image {source.path_of(ref)}: {type(e).__name__}: {e}") from None
 

@@ -1,0 +1,334 @@
+"""The fault battery on object storage (issue 29), in the style of test_faults.py: every test talks
+to the session's real S3-API server (moto on 127.0.0.1, conftest.s3_endpoint), directly or through
+a TCP proxy that stops answering on demand.
+
+1. An endpoint that stops answering (before or in the middle of a command) fails ``fskd info`` and
+   ``fskd extract`` within a bound, with one ``error:`` line naming the URL: every remote call has a
+   read timeout and bounded retries, set from the storage options (a user's explicit value wins).
+2. Two ``fskd extract`` processes racing to create one s3:// store: each succeeds or refuses
+   cleanly (the root claim is a conditional PUT), and whatever an interrupted creation left (a
+   kill at a named step or at a random time) is made again by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import pytest
+
+from fskd.errors import StoreError
+from fskd.store import FeatureStore
+from fskd.store import schema as S
+from fskd.store.location import Location, configure, storage_options
+from tests.test_faults import EXTRACT, allway, cli, images, user_error  # noqa: F401 - images: a fixture
+from tests.test_object_store import _assert_same
+
+#: a stalled endpoint gives up after 1 s of silence, 2 tries (botocore's 2 x s3fs's 1): seconds, not minutes
+FAST = {"config_kwargs": {"read_timeout": 1, "connect_timeout": 1}, "retries": 1}
+
+
+def _args(root, store, *extra) -> list[str]:
+    return ["extract", "folder", "--root", str(root), "--store", str(store), *EXTRACT, *extra]
+
+
+def _popen(root, store, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "FSKD_FAULT"}
+    env.update({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})})
+    return subprocess.Popen([sys.executable, "-m", "fskd", *_args(root, store)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _s3():
+    return fsspec.filesystem("s3", skip_instance_cache=True)
+
+
+def _root_attrs(fs, url: str) -> dict:
+    fs.invalidate_cache()
+    try:
+        return json.loads(fs.cat_file(f"{url[5:]}/zarr.json"))["attributes"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
+
+
+def _one_error_line(stderr: str, *needles: str) -> str:
+    """A subprocess's user error: one 'error:' line on stderr, no traceback, naming what was wrong."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> FeatureStore:  # noqa: F811 - the imported fixture
+    """One uninterrupted extraction into a local folder: what every remote store must equal."""
+    path = tmp_path_factory.mktemp("remote-ref") / "ref.zarr"
+    cli(*_args(images, path))
+    return FeatureStore.open(path)
+
+
+# -- a TCP proxy in front of the S3 server that can stop answering ---------------------------------
+class StallingProxy:
+    """Forwards 127.0.0.1:port to the S3 server until :meth:`stall`; from then on it accepts
+    connections and reads requests but never answers (a server that hangs mid-request)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1]))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.socks: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.socks.append(conn)
+            if self.stalled.is_set():
+                continue  # held open, never answered
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                conn.close()
+                continue
+            up.settimeout(None)
+            self.socks.append(up)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if self.stalled.is_set():
+                if not data:
+                    return
+                continue  # swallowed: the answer never comes
+            try:
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    p = StallingProxy(s3_endpoint)
+    yield p
+    p.close()
+
+
+# -- 1. bounded waits ---------------------------------------------------------------------------------
+def test_timeouts_and_retries_are_set_and_the_users_win(s3_bucket):
+    url = f"{s3_bucket}/opts.zarr"
+    opts = storage_options("s3")
+    assert opts["config_kwargs"] == {"connect_timeout": 5, "read_timeout": 30,
+                                     "retries": {"total_max_attempts": 2, "mode": "standard"}}
+    assert opts["retries"] == 2
+    assert storage_options("gs")["requests_timeout"] == 60
+    assert storage_options("az")["read_timeout"] == 30 and storage_options("memory") == {}
+    loc = Location(url)
+    assert loc.fs().retries == 2 and loc.fs().config_kwargs["read_timeout"] == 30
+    assert loc.zarr_store(read_only=True).fs.retries == 2  # zarr's own (async) instance too
+    configure({"config_kwargs": {"read_timeout": 7}, "retries": 3})
+    cfg = storage_options("s3")["config_kwargs"]
+    assert cfg["read_timeout"] == 7 and cfg["connect_timeout"] == 5 and cfg["retries"]["total_max_attempts"] == 2
+    assert loc.fs().retries == 3 and loc.fs().config_kwargs["read_timeout"] == 7
+    assert loc.zarr_store(read_only=True).fs.retries == 3
+    configure(None)
+    user_error(cli("info", url, "--storage-options", json.dumps({"retries": 0}), ok=False), "retries",
+               "positive integer")
+
+
+def test_an_endpoint_that_stops_answering_fails_info_and_extract_in_bounded_time(images, s3_bucket, proxy):  # noqa: F811
+    url = f"{s3_bucket}/stalled.zarr"
+    proxy.stall()
+    opts = json.dumps({**FAST, "endpoint_url": proxy.url})
+    for args in (["info", url], _args(images, url)):
+        t0 = time.perf_counter()
+        res = cli(*args, "--storage-options", opts, ok=False)
+        took = time.perf_counter() - t0
+        user_error(res, url, "stopped answering", "read timeout 1 s, 2 tries", proxy.url)
+        assert took < 20, (args, took)
+    assert _s3().find(url[5:]) == []  # nothing was written
+
+
+def test_an_endpoint_that_stops_answering_mid_extract_fails_then_a_rerun_finishes(images, reference, s3_bucket,  # noqa: F811
+                                                                                   proxy):
+    """The extract subprocess goes through the proxy (options from $FSKD_STORAGE_OPTIONS); the
+    proxy stalls once its first chunk is marked written. One error line naming the URL, in
+    seconds; a rerun straight to the server resumes and equals one uninterrupted run."""
+    url = f"{s3_bucket}/midway.zarr"
+    proc = _popen(images, url, {"FSKD_STORAGE_OPTIONS": json.dumps({**FAST, "endpoint_url": proxy.url})})
+    fs = _s3()
+    flag = f"{url[5:]}/{reference.splits[0]}/written/c/0"
+    deadline = time.time() + 120
+    try:
+        while not fs.exists(flag):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no chunk was written within 120 s"
+            time.sleep(0.02)
+            fs.invalidate_cache()
+        proxy.stall()
+        t0 = time.perf_counter()
+        _, err = proc.communicate(timeout=60)
+        took = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2, err[-3000:]
+    _one_error_line(err, url, "stopped answering")
+    assert took < 20, took
+    partial = FeatureStore.open(url)
+    assert not partial.is_complete()
+    cli(*_args(images, url))
+    _assert_same(reference, FeatureStore.open(url))
+
+
+# -- 2. racing and interrupted creations ------------------------------------------------------------
+def test_two_extracts_racing_for_one_store_succeed_or_refuse_cleanly(images, reference, s3_bucket):  # noqa: F811
+    outcomes = []
+    for round_ in range(3):
+        url = f"{s3_bucket}/race-{round_}.zarr"
+        procs = [_popen(images, url) for _ in range(2)]
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+            assert "Traceback" not in err, err[-3000:]
+            if p.returncode == 0:
+                outcomes.append("ok")
+            else:
+                assert p.returncode == 2, err[-3000:]
+                _one_error_line(err, url, "another fskd extract", "rerun when it finishes")
+                outcomes.append("refused")
+        assert "ok" in outcomes[-2:], outcomes  # never both refused
+        cli(*_args(images, url))  # the rerun after a refusal (a no-op after two successes)
+        store = FeatureStore.open(url)
+        _assert_same(reference, store)
+        assert json.loads(cli("info", url, "--check", "--json").stdout)["check"]["ok"]
+    assert allway(url) == allway(reference.path)
+
+
+def test_a_live_creator_is_refused_and_a_gone_or_foreign_one_is_taken_over(images, reference, s3_bucket):  # noqa: F811
+    """A root marker written by a process that still runs on this machine: refused, nothing
+    changed. Once it is gone, or when the marker names another machine, the next run makes the
+    store again, leftovers of the interrupted creation removed."""
+    from fskd.store.store import _creator, _group_json, _proc_stat
+
+    url = f"{s3_bucket}/claimed.zarr"
+    fs = _s3()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        creator = {**_creator("someone-else"), "pid": sleeper.pid, "start": (_proc_stat(sleeper.pid) or ("", None))[1]}
+        fs.pipe_file(f"{url[5:]}/zarr.json", _group_json({"format": S.CREATING_FORMAT, "creator": creator}))
+        fs.pipe_file(f"{url[5:]}/train/zarr.json", b"{half-written")
+        before = {k: fs.cat_file(k) for k in fs.find(url[5:])}
+        user_error(cli(*_args(images, url), ok=False), url, "another fskd extract", f"pid {sleeper.pid}",
+                   "rerun when it finishes")
+        fs.invalidate_cache()
+        assert {k: fs.cat_file(k) for k in fs.find(url[5:])} == before
+        user_error(cli("info", url, ok=False), "being created")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    cli(*_args(images, url))
+    _assert_same(reference, FeatureStore.open(url))
+
+    other = f"{s3_bucket}/foreign.zarr"
+    marker = {"format": S.CREATING_FORMAT, "creator": {**_creator("x"), "host": "another-machine", "pid": os.getpid()}}
+    fs.pipe_file(f"{other[5:]}/zarr.json", _group_json(marker))
+    fs.pipe_file(f"{other[5:]}/text/classnames/c/0", b"partial")
+    cli(*_args(images, other))
+    _assert_same(reference, FeatureStore.open(other))
+
+
+def test_a_taken_over_creation_cannot_commit(s3_bucket):
+    """Of two creators, only the one holding the claim writes the completion marker (a PUT
+    conditional on its claim); the other gets a clean StoreError."""
+    from fskd.store.store import _claim_creation, _commit_creation
+
+    loc = Location(f"{s3_bucket}/two.zarr")
+    first = _claim_creation(loc, "first")
+    assert first
+    second = _claim_creation(loc, "second")  # this process's own marker counts as interrupted: taken over
+    assert second and second != first
+    assert _claim_creation(loc, "second") == second  # our own claim (a retried request) is ours
+    with pytest.raises(StoreError, match="another fskd extract took over"):
+        _commit_creation(loc, {"format": S.FORMAT}, first)
+    _commit_creation(loc, {"format": S.FORMAT, "x": 1}, second)
+    _commit_creation(loc, {"format": S.FORMAT, "x": 1}, second)  # a lost answer, retried: already done
+    with pytest.raises(StoreError, match="already exists"):
+        _claim_creation(loc, "third")
+
+
+def test_kills_during_creation_are_made_again(images, reference, s3_bucket):  # noqa: F811
+    """SIGKILL right after the claim, then at random times while the root is marked as being
+    created; every rerun takes the creation over, and the last one equals one uninterrupted run."""
+    url = f"{s3_bucket}/killed.zarr"
+    p = _popen(images, url, {"FSKD_FAULT": "store:create-claimed"})
+    p.communicate(timeout=240)
+    assert p.returncode == -signal.SIGKILL
+    fs = _s3()
+    assert _root_attrs(fs, url)["format"] == S.CREATING_FORMAT
+    with pytest.raises(StoreError, match="being created"):
+        FeatureStore.open(url)
+    rng = random.Random(29)
+    kills = 0
+    for _ in range(3):
+        p = _popen(images, url)
+        deadline = time.time() + 120
+        try:
+            while p.poll() is None and time.time() < deadline:
+                attrs = _root_attrs(fs, url)
+                # this run's own marker (not an earlier run's): its creator is this process
+                if attrs.get("format") == S.CREATING_FORMAT and attrs.get("creator", {}).get("pid") == p.pid:
+                    time.sleep(rng.uniform(0.0, 0.4))  # anywhere in the removal, the arrays, the text, the commit
+                    break
+                if attrs.get("format") == S.FORMAT:
+                    break
+                time.sleep(0.01)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                kills += 1
+            _, err = p.communicate()
+        assert "Traceback" not in err, err[-3000:]
+    assert kills >= 1
+    cli(*_args(images, url))
+    store = FeatureStore.open(url)
+    _assert_same(reference, store)
+    assert json.loads(cli("info", url, "--check", "--json").stdout)["check"]["ok"]
+    fs.invalidate_cache()
+    assert sorted(o.rsplit("/", 1)[-1] for o in fs.ls(url[5:])) == sorted([*reference.splits, "text", "zarr.json"])
