@@ -66,7 +66,7 @@ FMA_SHOTS = (1,)
 def reference_lpp(x, y, text, q, truth, epochs: int = 300, bias: torch.Tensor | None = None):
     """LP++ as the authors' training loop runs it, with autograd: weights at the class sums,
     SGD(momentum 0.9) at 4 S / lambda_max(X^T X) on weight and bias, alpha (one value, 250 x
-    the mean text affinity, per class) a leaf tensor whose gradient nobody resets, stepped every
+    the mean over classes of each class's mean affinity to its own text) a leaf tensor whose gradient nobody resets, stepped every
     10th epoch by S / (4 max_c sum_i (x_i t_c)^2); the parameters kept are those of the last
     epoch with the best val accuracy (``>=``). x (S, D), y (S,), text (N, D), q (M, D), truth (M,).
     Returns (last (w, b, alpha), kept (w, b, alpha, epoch))."""
@@ -75,7 +75,7 @@ def reference_lpp(x, y, text, q, truth, epochs: int = 300, bias: torch.Tensor | 
     w = (onehot.T @ x).clone().requires_grad_(True)
     b = (torch.zeros(N, dtype=x.dtype) if bias is None else bias.clone()).requires_grad_(True)
     xt = x @ text.T
-    a0 = 250.0 * ((onehot.T @ xt) / onehot.sum(0)[:, None]).mean()
+    a0 = 250.0 * ((onehot * xt).sum(0) / onehot.sum(0)).mean()  # own-class affinity (calculate_init_alpha)
     alpha = (a0 * torch.ones(1, N, dtype=x.dtype)).requires_grad_(True)
     lam = torch.linalg.eigvalsh((x.T @ x).double())[-1]
     opt = torch.optim.SGD([w, b], lr=float(4 * S / lam), momentum=0.9)

@@ -23,6 +23,7 @@ from fskd.classifiers.prototype import PrototypeHead
 from fskd.config import (
     AdaptConfig,
     AlignConfig,
+    BenchConfig,
     DemoConfig,
     DistillConfig,
     EvalConfig,
@@ -40,7 +41,7 @@ from fskd.errors import (
 from fskd.evaluation.allway import run_allway, store_rows
 from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
 from fskd.evaluation.base_to_new import split_of as b2n_split
-from fskd.evaluation.episodes import run_episodes, sample_episodes
+from fskd.evaluation.episodes import iter_episodes, run_episodes
 from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
 from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS, load_state
@@ -57,6 +58,14 @@ from fskd.store.location import absolute_store
 from fskd.store.location import configure as configure_storage  # noqa: F401 - part of the api
 
 log = logging.getLogger(__name__)
+
+#: the public API: one function per verb, the listings, and the configs and results they take and give
+__all__ = [
+    "extract", "evaluate", "adapt", "align", "distill", "bench", "bench_report", "load_grid", "compare", "demo",
+    "method_info", "registries", "store_info", "configure_storage",
+    "ExtractConfig", "EvalConfig", "AdaptConfig", "AlignConfig", "DistillConfig", "BenchConfig", "DemoConfig",
+    "ExtractResult", "EvalResult", "FitResult", "BenchResult", "DemoResult",
+]
 
 
 def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, source=None) -> ExtractResult:
@@ -273,7 +282,9 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
             raise EvaluationError(f"{store.path}: the {cfg.split!r} class split is empty")
         feats, labels = store.gather(classes)
         t1 = time.perf_counter()
-        eps = sample_episodes(labels, classes, cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed, names)
+        # sampled batch by batch (memory bounded whatever --episodes), the episodes of one draw
+        eps = iter_episodes(labels, classes, cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed, names,
+                            multiple=cfg.episode_batch)
         accs = run_episodes(torch.from_numpy(feats).to(device), eps, head, cfg.episode_batch)
         acc, ci = mean_ci95(accs)
         std, per_seed, n_classes, statistic = None, None, len(classes), EPISODE_CI
@@ -597,6 +608,21 @@ class DemoResult:
     seconds: float
 
 
+def _forget_demo_reports(out: Path) -> None:
+    """A rerun of the demo replaces its evaluation reports (not ``-2`` copies beside them): delete
+    the ones the previous run's ``demo.json`` names, and only those, inside ``out``."""
+    try:
+        rows = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    base = out.resolve()
+    for row in rows if isinstance(rows, list) else []:
+        for p in (row.get("report") or []) if isinstance(row, dict) else []:
+            path = Path(str(p)).resolve()
+            if path.parent == base and path.suffix in (".json", ".md") and path.name != "demo.json":
+                path.unlink(missing_ok=True)
+
+
 def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResult:
     """The main job on the embedded default: encode the offline datasets with the offline
     encoder once, then evaluate 5-way 1-shot and 5-shot prototypes on their novel classes and
@@ -606,6 +632,7 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
     roots = {"cub": root / "cub35", "omniglot": root / "omniglot"}
     rows: list[dict] = []
     out = Path(config.out)
+    _forget_demo_reports(out)
     for ds in config.datasets:
         if ds not in roots:
             raise DatasetError(f"demo datasets are {', '.join(roots)}; got {ds!r}")
@@ -617,12 +644,12 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
         for shot in (1, 5):
             r = evaluate(EvalConfig(store=str(store), way=5, shot=shot, query=15, episodes=config.episodes, report=str(out)))
             rows.append({"dataset": ds, "protocol": f"5-way {shot}-shot novel", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
-                         "classes": r.classes, "episodes": r.episodes, "eval s": r.eval_seconds})
+                         "classes": r.classes, "episodes": r.episodes, "eval s": r.eval_seconds, "report": r.report})
         if ds == "cub":
             for shot in (1, 4, 16):
                 r = evaluate(EvalConfig(store=str(store), protocol="allway", shot=shot, report=str(out)))
                 rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
-                             "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds})
+                             "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds, "report": r.report})
     table = markdown_table(rows, ["dataset", "protocol", "accuracy", "classes", "episodes", "eval s"])
     out.mkdir(parents=True, exist_ok=True)
     report = out / "demo.md"

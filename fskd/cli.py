@@ -227,6 +227,10 @@ def methods(
     """List the methods, or one method's --set options with their defaults and meaning."""
     _JSON["on"] = as_json
     if method is None:
+        if as_json:  # "[kind] description" -> its parts
+            typer.echo(json.dumps({"methods": [{"name": n, "kind": d[1:d.index("]")], "description": d[d.index("]") + 1:].strip()}
+                                               for n, d in _reg["methods"].items()]}))
+            return
         for n, d in _reg["methods"].items():
             typer.echo(f"{n:18s} {d}")
         return
@@ -241,7 +245,7 @@ def methods(
     typer.echo(f"--set options (fskd {info['kind']} --method {info['name']} --set KEY=VALUE):")
     w = max(len(o["name"]) for o in info["options"])
     for o in info["options"]:
-        rng = f", {o['range']}" if o["range"] else ""
+        rng = "".join(f", {r}" for r in (o["range"], f"<= {o['max']}" if o.get("max") else "") if r)
         typer.echo(f"  {o['name'].ljust(w)}  default {o['default']}{rng}; {o['type']}. {o['meaning']}")
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,13 +27,45 @@ C = TypeVar("C", bound="Config")
 class Config:
     """Base class: dict round-trip with unknown-key rejection, and the one place where option
     values from users (``--set``, JSON, grid files) are checked: each value against its field's
-    annotation (types, finite numbers, list elements) and against ``RANGES``."""
+    annotation (types, finite numbers, list elements), against ``RANGES`` and against an upper
+    bound (``MAXIMA``, else :data:`CEILINGS` by field name).
+
+    Every construction is checked the same way (``Config.__init_subclass__`` runs the check before
+    each subclass's own ``__post_init__``), so the Python API gets the errors ``--set`` gets:
+    ``EvalConfig(way="5")`` and ``EvalConfig(way=5.5)`` are ConfigErrors, not a run. Values given in
+    Python take the form their annotation names: a list for a tuple, a path for a string, a NumPy
+    integer for an int."""
 
     #: field -> (">=" or ">", bound): every number of the field (list elements too) must satisfy it
     RANGES: typing.ClassVar[dict[str, tuple[str, float]]] = {}
+    #: field -> upper bound (inclusive) of every number of the field; overrides CEILINGS
+    MAXIMA: typing.ClassVar[dict[str, float]] = {}
+    #: field -> the option as the user types it, where it is not ``--field-name`` (e.g. shot -> --shots)
+    FLAGS: typing.ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_fields", False):
+            return
+
+        @functools.wraps(own)
+        def post_init(self) -> None:
+            if type(self).__post_init__ is post_init:  # the outermost one checks (super() calls do not again)
+                _check_fields(self)
+            own(self)
+
+        post_init._checks_fields = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: options must be a JSON object (a table of KEY = VALUE), got "
+                              f"{type(data).__name__} {data!r:.80}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -47,7 +81,7 @@ class Config:
                 tp = hints.get(f.name, Any)
                 if not _conforms(v, tp):
                     label = f"--set {f.name}" if cls.__name__.endswith("Options") else f.name
-                    raise ConfigError(f"{cls.__name__}: {label} must be {_describe(tp)}, got {v!r}")
+                    raise ConfigError(f"{cls.__name__}: {label} must be {_describe(tp)}, got {v!r:.200}")
                 kwargs[f.name] = _coerce(v, tp)
                 _check_range(cls, f.name, kwargs[f.name])
         try:
@@ -74,6 +108,89 @@ class Config:
 @functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
+
+
+#: the largest episode count of an episodic evaluation (``--episodes``): episodes are sampled and
+#: scored in batches, so memory does not grow with it, but per-episode accuracies are kept (for the
+#: report and ``fskd compare``) and the time grows with it; a million gives a CI far below any effect
+MAX_EPISODES = 1_000_000
+
+#: upper bounds by field name for every Config (a class's ``MAXIMA`` entry wins): iteration and
+#: episode counts, batch and layer sizes, views, threads. Each is far above any recipe; a value
+#: above it is a typo or a runaway (``--set steps=1e20``), refused before any work is done
+CEILINGS: dict[str, float] = {
+    "episodes": MAX_EPISODES,
+    **dict.fromkeys(("val_episodes", "meta_episodes"), 10_000),  # sampled and gathered at once
+    **dict.fromkeys(("steps", "meta_steps", "teacher_steps", "iters", "max_iter"), 1_000_000),
+    **dict.fromkeys(("epochs", "warmup_epochs", "val_every"), 10_000),
+    "rounds": 1_000,
+    **dict.fromkeys(("batch_size", "batch", "chunk_rows"), 1_048_576),
+    "episode_batch": 10_000,
+    "augment_views": 1_000,
+    **dict.fromkeys(("workers", "threads", "decode_threads"), 1_024),
+    "image_size": 4_096,
+    **dict.fromkeys(("width", "proj_hidden"), 16_384),
+    "pca": 65_536,
+    **dict.fromkeys(("depth", "n_ctx", "folds"), 1_000),
+}
+
+
+def _label(cls, name: str) -> str:
+    """A field as the user typed it: ``--set NAME`` (method options), ``NAME`` (grid keys), else
+    the verb's flag (``--name-with-dashes`` unless ``FLAGS`` says otherwise)."""
+    if cls.__name__.endswith("Options"):
+        return f"--set {name}"
+    if cls.__name__ == "BenchConfig":
+        return name
+    return cls.FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _as_annotated(v, tp) -> tuple[bool, Any]:
+    """(fits, value) of a value given in Python for a field annotated ``tp``: :func:`_conforms`
+    after the conversions Python callers expect (a list for a tuple, a path for a string, a NumPy
+    number for an int or float). The length of a fixed-size tuple is left to the class's own
+    check (its message says what the numbers mean)."""
+    if tp is Any:
+        return True, v
+    args = _union_args(tp)
+    if args is not None:
+        for a in args:
+            ok, out = _as_annotated(v, a)
+            if ok:
+                return True, out
+        return False, v
+    if tp is int and isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return True, int(v)
+    if tp is float and isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return math.isfinite(v), float(v)
+    if tp is str and isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if (typing.get_origin(tp) or tp) is tuple and isinstance(v, (list, tuple)):
+        targs = typing.get_args(tp)
+        if not targs:
+            return True, tuple(v)
+        elem = [targs[0]] * len(v) if len(targs) == 2 and targs[1] is Ellipsis else list(targs)
+        if len(elem) != len(v):  # a fixed-size tuple of another length: the element type of each
+            elem = [targs[min(i, len(targs) - 1)] for i in range(len(v))]
+        fitted = [_as_annotated(x, a) for x, a in zip(v, elem, strict=True)]
+        return all(ok for ok, _ in fitted), tuple(x for _, x in fitted)
+    return _conforms(v, tp), v
+
+
+def _check_fields(self) -> None:
+    """Every field of a config against its annotation, ``RANGES`` and its upper bound; converts
+    values to their annotated form in place (frozen dataclass: ``object.__setattr__``)."""
+    cls = type(self)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        v = getattr(self, f.name)
+        tp = hints.get(f.name, Any)
+        ok, out = _as_annotated(v, tp)
+        if not ok:
+            raise ConfigError(f"{cls.__name__}: {_label(cls, f.name)} must be {_describe(tp)}, got {v!r:.200}")
+        if out is not v:
+            object.__setattr__(self, f.name, out)
+        _check_range(cls, f.name, out)
 
 
 def _union_args(tp) -> tuple | None:
@@ -134,14 +251,33 @@ def _describe(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _number(b: float) -> str:
+    return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
+
+
+def upper_bound(cls, name: str) -> float | None:
+    """The largest value a field of ``cls`` takes (``MAXIMA``, else :data:`CEILINGS`), or None."""
+    return cls.MAXIMA.get(name, CEILINGS.get(name))
+
+
+def range_text(cls, name: str) -> str:
+    """The allowed range of a field in words: ">= 0 and <= 1000000", "<= 4096", "" when free."""
+    low, high = cls.RANGES.get(name), upper_bound(cls, name)
+    parts = ([f"{low[0]} {_number(low[1])}"] if low else []) + ([f"<= {_number(high)}"] if high is not None else [])
+    return " and ".join(parts)
+
+
 def _check_range(cls, name: str, v) -> None:
-    if name not in cls.RANGES or v is None:
+    if v is None:
         return
-    op, bound = cls.RANGES[name]
+    low, high = cls.RANGES.get(name), upper_bound(cls, name)
+    if low is None and high is None:
+        return
     for x in v if isinstance(v, tuple) else (v,):
-        if isinstance(x, (int, float)) and not (x >= bound if op == ">=" else x > bound):
-            label = f"--set {name}" if cls.__name__.endswith("Options") else name
-            raise ConfigError(f"{cls.__name__}: {label} must be {op} {bound:g}, got {v!r}")
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            continue
+        if (low is not None and not (x >= low[1] if low[0] == ">=" else x > low[1])) or (high is not None and x > high):
+            raise ConfigError(f"{cls.__name__}: {_label(cls, name)} must be {range_text(cls, name)}, got {v!r:.200}")
 
 
 def _check_split_override(cfg) -> None:
@@ -225,6 +361,8 @@ VAL_RULES = ("few-shot", "full")
 class EvalConfig(Config):
     """``fskd eval``: episodic N-way K-shot or all-way evaluation on a store."""
 
+    FLAGS = {"shot": "--shots", "seeds": "--seeds"}
+
     store: str = ""
     state: str | None = None
     protocol: str = "episodic"
@@ -285,6 +423,8 @@ class FitConfig(Config):
     Config subclass and rejects unknown keys).
     """
 
+    FLAGS = {"options": "options (--set KEY=VALUE)"}
+
     store: str = ""
     method: str = ""
     shots: int = 4
@@ -327,6 +467,8 @@ class AdaptConfig(FitConfig):
 @dataclass(frozen=True)
 class AlignConfig(FitConfig):
     """``fskd align``: cross-modal alignment on cached features (FMA)."""
+
+    FLAGS = {**FitConfig.FLAGS, "steps": "--flow-steps"}
 
     method: str = "fma"
     shots: int = 16
@@ -397,10 +539,11 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        rng = cls.RANGES.get(f.name)
+        rng, high = cls.RANGES.get(f.name), upper_bound(cls, f.name)
         out.append({"name": f.name, "type": _describe(hints.get(f.name, Any)),
                     "default": json.dumps(default) if not isinstance(default, str) else default,
-                    "range": f"{rng[0]} {rng[1]:g}" if rng else "", "meaning": notes.get(f.name, "")})
+                    "range": f"{rng[0]} {_number(rng[1])}" if rng else "",
+                    "max": _number(high) if high is not None else "", "meaning": notes.get(f.name, "")})
     return out
 
 

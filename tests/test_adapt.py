@@ -320,9 +320,11 @@ def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, method, stores, tiny_clip
 
 def test_lp_plus_plus_published_rules_on_a_hand_computed_case():
     """Two 2-d shots x1 = (1, 0) (class 0), x2 = (0, 1) (class 1), text t0 = (0.6, 0.8), t1 =
-    (0.8, 0.6), worked by hand from the LP++ rules: W0 = class sums = I; alpha0 = 250 x mean
-    affinity 0.7 = 175; lr_w = 4 S / lambda_max(X^T X) = 8; lr_alpha = S / (4 max_c sum_i
-    (x_i t_c)^2) = 0.5. Epoch 1 scores row 0 as (1 + 105, 140): the gradient of the mean
+    (0.8, 0.6), worked by hand from the LP++ rules: W0 = class sums = I; alpha0 = 250 x the mean
+    over classes of each class's affinity to its own text (x1 t0 = x2 t1 = 0.6) = 150, as the
+    authors' calculate_init_alpha gives on this case (the mean over all class-text pairs, 0.7,
+    would give 175); lr_w = 4 S / lambda_max(X^T X) = 8; lr_alpha = S / (4 max_c sum_i
+    (x_i t_c)^2) = 0.5. Epoch 1 scores row 0 as (1 + 90, 120): the gradient of the mean
     cross-entropy is (-1/2, 1/2) for row 0 and (1/2, -1/2) for row 1 (to 1e-14), so W1 = I - 8
     [[-1/2, 1/2], [1/2, -1/2]] = [[5, -4], [-4, 5]], b stays 0 (the gradients cancel); epoch 2
     (momentum 0.9: 1.9 x the same gradient) gives W2 = W1 + 7.6 [[1, -1], [-1, 1]]."""
@@ -333,7 +335,7 @@ def test_lp_plus_plus_published_rules_on_a_hand_computed_case():
     text = torch.tensor([[[0.6, 0.8], [0.8, 0.6]]], dtype=torch.float64)
     s = lpp_start(x, y, text)
     torch.testing.assert_close(s.weights, x)
-    torch.testing.assert_close(s.alpha, torch.full((1, 2), 175.0, dtype=torch.float64))
+    torch.testing.assert_close(s.alpha, torch.full((1, 2), 150.0, dtype=torch.float64))
     torch.testing.assert_close(s.lr_w, torch.tensor([8.0], dtype=torch.float64))
     torch.testing.assert_close(s.lr_alpha, torch.tensor([0.5], dtype=torch.float64))
     w1, b1, a1 = train_lpp(x, y, text, epochs=1).last

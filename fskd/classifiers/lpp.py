@@ -7,8 +7,9 @@ class text weights ``t`` (no logit scale). Training follows the authors' code
 - ``W`` starts at the class *sums* of the support features (their centroid helper leaves the
   division by the count commented out), ``b`` at 0 (theirs keeps ``nn.Linear``'s random
   U(-1/sqrt(D), 1/sqrt(D)) draw: at most 0.044 at 512-d against logits of order K);
-- ``alpha`` (class-wise) starts at one value for every class: 250 x the mean text affinity
-  ``x t_c`` of the support, averaged over (class of the row, text class) pairs;
+- ``alpha`` (class-wise) starts at one value for every class: 250 x the mean over classes of
+  each class's mean affinity to its *own* text, ``x_i t_{y_i}`` (their ``calculate_init_alpha``:
+  ``compute_centroids_alpha`` keeps the one-hot diagonal of ``features @ clip_weights``);
 - full-batch SGD with momentum 0.9 on ``W`` and ``b`` at the step size ``4 S / lambda_max(X^T X)``
   (the Lipschitz bound of the mean cross-entropy's gradient in W, S support rows);
 - every 10th epoch a plain gradient step on ``alpha`` of size ``S / (4 max_c sum_i (x_i t_c)^2)``.
@@ -76,8 +77,8 @@ def lpp_start(x: torch.Tensor, y: torch.Tensor, text: torch.Tensor) -> LPPStart:
     weights = onehot.transpose(1, 2) @ x  # class sums
     xt = x @ text.transpose(1, 2)  # (E, S, N)
     counts = onehot.sum(1).clamp_min(1)  # (E, N)
-    class_aff = (onehot.transpose(1, 2) @ xt) / counts[:, :, None]  # (E, N, N): mean over the class's rows
-    alpha = (ALPHA_INIT * class_aff.mean((1, 2)))[:, None].expand(E, N).clone()
+    own = (onehot * xt).sum(1) / counts  # (E, N): each class's mean affinity to its own text
+    alpha = (ALPHA_INIT * own.mean(1))[:, None].expand(E, N).clone()
     lr_w = (4.0 * S / lambda_max(x)).to(x.dtype)
     lr_alpha = S / (4.0 * xt.square().sum(1).amax(1))
     return LPPStart(weights, torch.zeros(E, N, dtype=x.dtype, device=x.device), alpha, lr_w, lr_alpha)

@@ -120,7 +120,7 @@ def check_files(root: Path, splits: dict[str, SampleList], what: str) -> None:
 def read_lines(path: Path, layout: str) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path} is missing; expected layout: {layout}")
-    text = read_small_file(path, "list file", LIST_FILE_LIMIT, error=DatasetError, errors="replace")
+    text = read_small_file(path, "list file", LIST_FILE_LIMIT, "text file", DatasetError, errors="replace")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -614,7 +614,7 @@ class ImageNet(_ImageNetFamily):
         mapping = d / "LOC_synset_mapping.txt"
         if mapping.exists():
             out = {}
-            for line in read_small_file(mapping, "synset mapping", LIST_FILE_LIMIT, error=DatasetError).splitlines():
+            for line in read_small_file(mapping, "synset mapping", LIST_FILE_LIMIT, "text file", DatasetError).splitlines():
                 wnid, _, names = line.partition(" ")
                 out[wnid] = names.split(",")[0].strip()
             return out

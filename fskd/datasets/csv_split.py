@@ -39,7 +39,7 @@ class CsvSplitDataset(ImageDataset):
         seen: dict[str, str] = {}  # normalised file -> "file line n" where first listed
         for s in present:
             path = root / f"{s}.csv"
-            text = read_small_file(path, "dataset 'csv': split file", LIST_FILE_LIMIT, error=DatasetError)
+            text = read_small_file(path, "dataset 'csv': split file", LIST_FILE_LIMIT, "CSV file", DatasetError)
             try:
                 with io.StringIO(text, newline="") as f:
                     reader = csv.reader(f)

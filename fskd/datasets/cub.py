@@ -18,7 +18,7 @@ from fskd.fsutil import read_small_file
 
 
 def _read(path) -> str:
-    return read_small_file(path, "dataset 'cub': split file", LIST_FILE_LIMIT, error=DatasetError)
+    return read_small_file(path, "dataset 'cub': split file", LIST_FILE_LIMIT, "text file", DatasetError)
 
 
 def chen_class_split(keys: list[str]) -> dict[str, list[str]]:

@@ -214,6 +214,8 @@ def _claim_creation(loc: Location, token: str) -> str | None:
         if data is None:
             others = loc.first_objects()
             if others:
+                if loc.root_object()[0] is not None:  # another process's root appeared meanwhile: look again
+                    continue
                 raise StoreError(f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
                                  f"choose an empty prefix (nothing was changed)")
             try:

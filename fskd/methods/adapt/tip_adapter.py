@@ -43,14 +43,9 @@ class TipOptions(Config):
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
-    # tip-adapter-f only
-    form: str = "keys"  # keys: the reference's fine-tuning of the keys; span: fskd's earlier span form
-    epochs: int = 20  # keys form: the reference's epochs (validation keeps the best one)
-    steps: int | tuple[int, ...] | None = None  # span form: Adam steps (default: a grid chosen on validation)
-    lr: float = 1e-3  # the paper's learning rate
 
-    RANGES = {"alpha": (">=", 0), "beta": (">=", 0), "ridge": (">", 0), "steps": (">=", 0), "lr": (">", 0),
-              "epochs": (">=", 1), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {"alpha": (">=", 0), "beta": (">=", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1),
+              "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -59,10 +54,6 @@ class TipOptions(Config):
             vals = v if isinstance(v, tuple) else (v,)
             if v is not None and any((not isinstance(a, (int, float))) or a < 0 for a in vals):
                 raise ConfigError(f"{name} must be numbers >= 0, got {v}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.form not in ("keys", "span"):
-            raise ConfigError(f"form must be keys (the reference's fine-tuning) or span, got {self.form!r}")
 
 
 def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False,

@@ -55,6 +55,25 @@ SPAN_MAX_ROWS = 2048
 ALPHA_SCALE = (0.5, 1.0, 2.0)
 
 
+@dataclass(frozen=True)
+class TipFOptions(TipOptions):
+    """tip-adapter's options and the fine-tuning's own (tip-adapter takes only the former)."""
+
+    form: str = "keys"  # keys: the reference's fine-tuning of the keys; span: fskd's earlier span form
+    epochs: int = EPOCHS  # keys form: the reference's epochs (validation keeps the best one)
+    steps: int | tuple[int, ...] | None = None  # span form: Adam steps (default: a grid chosen on validation)
+    lr: float = 1e-3  # the paper's learning rate
+
+    RANGES = {**TipOptions.RANGES, "steps": (">=", 0), "lr": (">", 0), "epochs": (">=", 1)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.form not in FORMS:
+            raise ConfigError(f"form must be keys (the reference's fine-tuning) or span, got {self.form!r}")
+
+
 def class_cache(a: torch.Tensor, n_ways: int) -> torch.Tensor:
     """(E, M, N*K) affinities to class-major keys -> (E, M, N) summed per class (= a @ one-hot)."""
     E, M, S = a.shape
@@ -182,11 +201,11 @@ class TipAdapterF(Method):
 
     name = "tip-adapter-f"
     kind = "adapt"
-    options = TipOptions
+    options = TipFOptions
 
     @C.threads_by_store
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(TipOptions, config)
+        opts = C.parse_options(TipFOptions, config)
         state, ctx = fit_tip(self.name, store, config, opts)
         for regime in (C.EPISODIC, C.ALLWAY):
             task = ctx["tasks"][regime]
