@@ -5,6 +5,7 @@ The CLI, the examples, the benchmarks and the tests all call these functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,10 +69,25 @@ __all__ = [
 ]
 
 
+def _takes(config, cls: type, verb: str) -> None:
+    """Each verb takes its own config object; anything else is a ConfigError naming what it got
+    (``api.evaluate(None)``), not an AttributeError deep inside."""
+    if not isinstance(config, cls):
+        a = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise ConfigError(f"fskd.api.{verb} takes {a} {cls.__name__}, got {type(config).__name__} {config!r:.80} "
+                          f"(build one with {cls.__name__}(store=...))")
+
+
+def _path_arg(value, name: str, verb: str) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"fskd.api.{verb}: {name} must be a path (a string), got {type(value).__name__} {value!r:.80}")
+
+
 def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, source=None) -> ExtractResult:
     """Encode a dataset into a feature store (resumable; reused when already complete).
     ``progress``: "auto" (a bar when stderr is a terminal), None, or a callable.
     ``source``: an ImageDataset object to use instead of the registered ``config.dataset``."""
+    _takes(config, ExtractConfig, "extract")
     return _extract(config, resolve_progress(progress, extract_bar, extract_log), source)
 
 
@@ -208,6 +224,7 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Episodic (novel classes by default) or all-way evaluation; see DESIGN.md protocols."""
+    _takes(config, EvalConfig, "evaluate")
     t0 = time.perf_counter()
     cfg = config
     if cfg.report:
@@ -216,8 +233,34 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
     store = FeatureStore.open(cfg.store)
     store.check_complete()
-    with compute_threads(store_numel(store)):  # the same thread guard as the fits (adapt's threads_by_store)
+    # the same thread guard as the fits (adapt's threads_by_store)
+    with compute_threads(store_numel(store)), _state_fits(cfg):
         return _evaluate_store(cfg, store, t0)
+
+
+#: what a state's head raises when its tensors or hyper-parameters do not fit the store it scores
+#: (a tensor of another shape, a hyper-parameter of another type): its arithmetic fails
+_STATE_MISFIT = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
+
+
+@contextlib.contextmanager
+def _state_fits(cfg: EvalConfig):
+    """The one check of a state's tensors and hyper-parameters against the store, for every method:
+    each method's head reads its own (shapes tied to the store's dimensions, classes and the shots,
+    numbers for its hyper-parameters), so a state that was forged or edited with a valid hash, or
+    written by another fskd, fails in that arithmetic; that failure becomes a StateError naming the
+    state and what did not fit, not a traceback. Without --state nothing is changed."""
+    try:
+        yield
+    except FskdError:
+        raise
+    except _STATE_MISFIT as e:
+        if not cfg.state or isinstance(e, getattr(torch, "OutOfMemoryError", MemoryError)):
+            raise
+        what = " ".join(str(e).split())[:200]
+        raise StateError(f"state {cfg.state} does not fit the store {cfg.store} ({type(e).__name__}: {what}): its "
+                         f"tensors or hyper-parameters were edited or damaged, or another fskd wrote it; fit it again"
+                         ) from None
 
 
 def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResult:
@@ -477,6 +520,8 @@ def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str], strict: bool
 def compare(a: str, b: str) -> dict:
     """Paired difference A - B of two evaluation reports of the same experiment, with its 95% CI
     (``fskd compare A.json B.json``); see :mod:`fskd.reports.compare`."""
+    _path_arg(a, "a", "compare")
+    _path_arg(b, "b", "compare")
     return compare_reports(a, b)
 
 
@@ -588,16 +633,19 @@ def provenance(hparams: dict, selected_on: dict, config) -> dict:
 
 def adapt(config: AdaptConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Fit a few-shot classifier (``fskd adapt --method``) on cached features; save its state."""
+    _takes(config, AdaptConfig, "adapt")
     return _fit("adapt", config, resolve_progress(progress, train_bar))
 
 
 def align(config: AlignConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Fit a cross-modal alignment (``fskd align --method fma``) on cached features; save its state."""
+    _takes(config, AlignConfig, "align")
     return _fit("align", config, resolve_progress(progress, train_bar))
 
 
 def distill(config: DistillConfig, progress: TrainProgress | str | None = AUTO) -> FitResult:
     """Distil the store's encoder (teacher) into a student encoder; save the student state."""
+    _takes(config, DistillConfig, "distill")
     return _fit("distill", config, resolve_progress(progress, train_bar))
 
 
@@ -627,6 +675,7 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
     """The main job on the embedded default: encode the offline datasets with the offline
     encoder once, then evaluate 5-way 1-shot and 5-shot prototypes on their novel classes and
     the all-way protocol on CUB. Writes ``<out>/demo.md`` and ``<out>/demo.json``."""
+    _takes(config, DemoConfig, "demo")
     t0 = time.perf_counter()
     root = Path(config.data_root)
     roots = {"cub": root / "cub35", "omniglot": root / "omniglot"}
@@ -680,6 +729,8 @@ class BenchResult:
 def load_grid(path: str) -> dict:
     """A grid file (TOML) as a dict of BenchConfig keys; unknown keys are refused, naming the file."""
     import sys
+
+    _path_arg(path, "path", "load_grid")
 
     if sys.version_info >= (3, 11):
         import tomllib
@@ -821,16 +872,20 @@ def bench(config, progress=AUTO) -> BenchResult:
     import shutil
     from datetime import datetime, timezone
 
+    _takes(config, BenchConfig, "bench")
+
     from fskd.fsutil import atomic_write_text, dir_lock
     from fskd.methods.base import methods_of_kind
     from fskd.progress import bench_bar, bench_log
     from fskd.reports.bench import (
         BENCH_FORMAT,
         BENCH_JSON,
+        RESULTS,
         SOURCE_TAG,
         TRANSFER_PROTOCOLS,
         Cell,
         Results,
+        check_rows,
         run_grid,
         write_outputs,
     )
@@ -972,6 +1027,11 @@ def bench(config, progress=AUTO) -> BenchResult:
                    if episodic else dict(protocol=protocol, seeds=(cell.seed,)))
             ev = evaluate(EvalConfig(store=eval_store, state=str(state_dir), shot=cell.shots, device=config.device, **how))
         except FskdError as e:
+            for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop
+                if not by_path[p].location.exists():
+                    raise StoreError(f"feature store {p} was removed while fskd bench ran; the finished cells are "
+                                     f"kept in {out / RESULTS}: put the store back and run the same fskd bench to go "
+                                     f"on") from None
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
             if not transfer and not config.keep_states:
@@ -1000,6 +1060,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             atomic_write_text(out / BENCH_JSON, json.dumps(meta, indent=2))
             clear_scratch()
             results = Results(out)
+            check_rows(results.rows, out / RESULTS)
             try:
                 counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar, bench_log))
             finally:
@@ -1017,10 +1078,21 @@ def bench(config, progress=AUTO) -> BenchResult:
 def bench_report(out: str) -> list[str]:
     """Rebuild a bench's tables and plots from ``OUT/results.jsonl`` without refitting
     (``fskd bench --report OUT``)."""
-    from fskd.reports.bench import BENCH_JSON, Results, is_bench_dir, write_outputs
+    from fskd.reports.bench import (
+        BENCH_JSON,
+        RESULTS,
+        Results,
+        check_meta,
+        check_rows,
+        is_bench_dir,
+        write_outputs,
+    )
 
+    _path_arg(out, "out", "bench_report")
     d = Path(out)
     if not is_bench_dir(d):
         raise OutputError(f"--report {out} is not a folder written by fskd bench (no {BENCH_JSON})")
-    meta = json.loads((d / BENCH_JSON).read_text(encoding="utf-8"))
-    return [str(p) for p in write_outputs(d, Results(d).rows, meta["config"], list(meta["cells"]))]
+    config, cells = check_meta(json.loads((d / BENCH_JSON).read_text(encoding="utf-8")), d / BENCH_JSON)
+    rows = Results(d).rows
+    check_rows(rows, d / RESULTS)
+    return [str(p) for p in write_outputs(d, rows, config, cells)]

@@ -42,9 +42,47 @@ ALIASES = {"--shot": "--shots"}
 COMMAND_ALIASES = {"align": {"--steps": "--flow-steps"}}
 
 
+def _usage_line(e) -> str:
+    """One line for a command-line usage error (a mistyped option, a value of the wrong type, a
+    choice that does not exist), in the user's words, with a suggestion where one is close."""
+    import difflib
+    import re
+
+    msg = " ".join(e.format_message().split())
+    param = getattr(e, "param", None)
+    bad = re.search(r"'([^']*)' is not one of (.*)$", msg)
+    if param is not None and bad:
+        names = re.findall(r"'([^']*)'", bad.group(2))
+        opt = (param.opts or [param.name])[0]
+        close = difflib.get_close_matches(bad.group(1), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        msg = f"{opt} {bad.group(1)!r} is not one of {', '.join(names)}{hint}"
+    msg = msg.replace("Value error, ", "")
+    where = getattr(getattr(e, "ctx", None), "command_path", None)
+    return f"{msg} (see `{where} --help`)" if where else msg
+
+
 class _Group(TyperGroup):
     """Rewrites aliases before parsing: ``--shot`` -> ``--shots``; align's ``--steps`` ->
-    ``--flow-steps`` (``--set steps=`` is the optimiser's steps elsewhere)."""
+    ``--flow-steps`` (``--set steps=`` is the optimiser's steps elsewhere). Usage errors are one
+    line (one JSON object with ``--json``), like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        usage_error = typer.BadParameter.__mro__[1]  # UsageError of the click typer uses (it vendors its own)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+            code = rv if isinstance(rv, int) else 0
+        except usage_error as e:
+            _JSON["on"] = "--json" in argv
+            # `fskd` alone prints the help and raises with no message: nothing more to say
+            code = _fail(_usage_line(e), "UsageError").exit_code if e.format_message() else e.exit_code
+        except typer.Abort:
+            code = _fail("interrupted (Ctrl-C)", "Interrupted", 130).exit_code
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
     def parse_args(self, ctx, args):
         command = next((a for a in args if not a.startswith("-")), None)
@@ -228,8 +266,9 @@ def methods(
     _JSON["on"] = as_json
     if method is None:
         if as_json:  # "[kind] description" -> its parts
-            typer.echo(json.dumps({"methods": [{"name": n, "kind": d[1:d.index("]")], "description": d[d.index("]") + 1:].strip()}
-                                               for n, d in _reg["methods"].items()]}))
+            rows = [dict(zip(("name", "kind", "description"), (n, *d[1:].split("] ", 1)), strict=True))
+                    for n, d in _reg["methods"].items()]
+            typer.echo(json.dumps({"methods": rows}))
             return
         for n, d in _reg["methods"].items():
             typer.echo(f"{n:18s} {d}")
@@ -449,6 +488,8 @@ def _options(pairs: list[str] | None) -> dict:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+        except RecursionError:  # [[[[... deeper than the parser's stack
+            raise _fail(f"--set {key}: the value is nested too deeply to be an option", "ConfigError") from None
     return out
 
 
@@ -625,7 +666,7 @@ def bench(
     methods: Annotated[str | None, typer.Option(help="Adapt/align/distill methods, comma-separated (`fskd methods`); LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options.", metavar="LIST")] = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")] = None,
-    protocol: Annotated[str | None, typer.Option(help="The protocol of every cell [default: allway].", metavar="NAME")] = None,
+    protocol: Annotated[Protocol | None, typer.Option(help="The protocol of every cell [default: allway].")] = None,
     val_rule: Annotated[ValRule | None, typer.Option("--val-rule", help="Validation rows that choose hyper-parameters [default: few-shot].", rich_help_panel=FIT)] = None,
     out: Annotated[str | None, typer.Option(help="Bench folder: results.jsonl, tables, plots [default: runs/bench].", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     grid: Annotated[str | None, typer.Option(help="A TOML grid file with these keys (flags given here override it).", metavar="FILE")] = None,
@@ -654,7 +695,7 @@ def bench(
     data = _run(_api().load_grid, grid) if grid else {}
     given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
              "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
-             "protocol": protocol.replace("all-way", "allway") if protocol else None,
+             "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
              "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline,
              "way": way, "query": query, "episodes": episodes,
              "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None}

@@ -40,11 +40,15 @@ def test_version_aliases_and_choices(synthetic_store):
     assert a["shot"] == b["shot"] == 2 and a["accuracy"] == b["accuracy"] and a["seed"] == 1
     c = json.loads(ok("eval", "--store", st.path, "--protocol", "all-way", "--shots", "1", "--json").stdout)
     assert c["protocol"] == "allway"
-    for opt, bad in (("--split", "nvel"), ("--center", "mean"), ("--protocol", "allways")):
+    for opt, bad, close in (("--split", "nvel", "novel"), ("--center", "mean", None), ("--protocol", "allways", "allway")):
         res = runner.invoke(app, ["eval", "--store", str(st.path), opt, bad])
-        assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.output
+        errors = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {opt} '{bad}' is not one of")
+        assert (f"did you mean '{close}'?" in errors[0]) if close else "did you mean" not in errors[0]
     res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", "fma"])
-    assert res.exit_code == 2 and "'fma' is not one of" in res.output and "'tip-adapter'" in res.output
+    assert res.exit_code == 2 and "--method 'fma' is not one of" in res.output and "tip-adapter" in res.output
+    res = runner.invoke(app, ["eval", "--store", str(st.path), "--shots", "x", "--json"])  # option errors too
+    assert res.exit_code == 2 and json.loads(res.stderr)["type"] == "UsageError" and "--shots" in res.stderr
     res = runner.invoke(app, ["align", "--help"])
     assert "--flow-steps" in res.output and "Output" in res.output and "KEY=VALUE" in res.output
 

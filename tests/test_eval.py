@@ -101,7 +101,7 @@ def test_allway_shot_sampling():
     labels = _labels([5, 8, 3])
     rows = sample_shots(labels, np.array([0, 1, 2]), 3, seed=1)
     assert rows.shape == (3, 3) and (labels[rows] == np.arange(3)[:, None]).all()
-    with pytest.raises(EvaluationError, match="--shot 4 is larger than available: class '2' has 3 samples in the 'train' split"):
+    with pytest.raises(EvaluationError, match="--shots 4 is larger than available: class '2' has 3 samples in the 'train' split"):
         sample_shots(labels, np.array([0, 1, 2]), 4, seed=1)
 
 

@@ -257,5 +257,6 @@ def check_state_store(state: MethodState, store: FeatureStore, directory: str | 
     if state.store_fingerprint != store.fingerprint:
         raise StateError(
             f"state {directory} was fitted on store {state.store_path} (fingerprint {state.store_fingerprint}), "
-            f"not on {store.path} (fingerprint {store.fingerprint})"
+            f"not on {store.path} (fingerprint {store.fingerprint}); to score it on another store of the same "
+            f"encoder use --protocol cross-dataset (other classes) or --protocol domain-shift (the same classes)"
         )

@@ -454,6 +454,62 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
             f"the per-dataset means (its ± is the std over seeds of the per-seed averages).")
 
 
+#: what the tables read of every row of results.jsonl: field -> type
+ROW_FIELDS = {"key": str, "status": str, "dataset": str, "method": str, "shots": int, "seed": int}
+#: metrics of a row: a number or null where present
+ROW_METRICS = ("accuracy", "top5", "mean_per_class", "base", "new", "hm", "ci95_episodes")
+
+
+def _row_problem(row) -> str | None:
+    """What is wrong with one row of results.jsonl (a JSON value), or None."""
+    import math
+
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    for name, typ in ROW_FIELDS.items():
+        v = row.get(name)
+        if name not in row:
+            return f"lacks {name!r}"
+        if not isinstance(v, typ) or isinstance(v, bool):
+            return f"has {name} {v!r:.60} ({'an integer' if typ is int else 'a string'} expected)"
+    if row["status"] not in (OK, NA, FAILED):
+        return f"has status {row['status']!r:.60} (ok, n/a or failed expected)"
+    if not isinstance(row.get("message", ""), str):
+        return f"has message {row['message']!r:.60} (a string expected)"
+    for name in ROW_METRICS:
+        v = row.get(name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            return f"has {name} {v!r:.60} (a finite number or null expected)"
+    return None
+
+
+def check_rows(rows: list, path: Path) -> None:
+    """Refuse a results file whose rows parse as JSON but are not cells' rows (a key missing, a value
+    of the wrong type: edited, or written by something else), naming the first such row, so that
+    neither a run nor ``--report`` ends in a traceback."""
+    for i, row in enumerate(rows, 1):
+        why = _row_problem(row)
+        if why:
+            raise OutputError(f"{path}: row {i} {why}; the results file was edited or damaged. Fix or remove that "
+                              f"row (each row is one line)")
+
+
+def check_meta(meta, path: Path) -> tuple[dict, list[str]]:
+    """(config, cell keys) of a bench.json, or an OutputError saying what it lacks."""
+    from fskd.config import BenchConfig
+
+    config = meta.get("config") if isinstance(meta, dict) else None
+    cells = meta.get("cells") if isinstance(meta, dict) else None
+    if not isinstance(config, dict) or not isinstance(cells, list) or not all(isinstance(c, str) for c in cells):
+        raise OutputError(f"{path} lacks its grid ('config' an object, 'cells' a list of strings); it was edited "
+                          f"or damaged. Run the grid again into a new --out")
+    try:  # the keys this fskd knows, with their types and ranges (an older bench may lack or have others)
+        BenchConfig.from_dict({k: v for k, v in config.items() if k in BenchConfig.__dataclass_fields__})
+    except ConfigError as e:
+        raise OutputError(f"{path}: its grid config is not valid ({e}); it was edited or damaged") from None
+    return config, cells
+
+
 def write_outputs(out: Path, rows: list[dict], config: dict, keys: Sequence[str] | set[str] | None = None) -> list[Path]:
     """Rebuild tables and plots from ``rows`` (those of ``keys`` when given). Returns the paths."""
     rows = _grid_rows(rows, keys)

@@ -11,6 +11,26 @@ import numpy as np
 STEM = "accuracy_vs_shots"
 
 
+def _fit_y_range(ax, lines: dict[str, np.ndarray]) -> None:
+    """Keep the y axis on the band where most lines are: a line far below the rest (a zero-shot
+    baseline at 8% beside ten methods at 60-77%) would squeeze them into a sliver. Such a line is
+    left below the axis and named, with its values, at the bottom of the panel."""
+    if len(lines) < 3:
+        return
+    lows = {m: np.nanmin(y) for m, y in lines.items()}
+    top = max(np.nanmax(y) for y in lines.values())
+    mid = float(np.median(list(lows.values())))
+    cut = mid - 2.0 * max(top - mid, 1.0)
+    below = {m: y for m, y in lines.items() if np.nanmax(y) < cut}
+    if not below or len(below) == len(lines):
+        return
+    floor = min(v for m, v in lows.items() if m not in below)
+    pad = 0.06 * (top - floor)
+    ax.set_ylim(floor - pad, top + pad)
+    note = "; ".join(f"{m}: {np.nanmin(y):.1f}-{np.nanmax(y):.1f}%" for m, y in below.items())
+    ax.text(0.02, 0.02, f"below the axis: {note}", transform=ax.transAxes, fontsize=8, va="bottom", alpha=0.8)
+
+
 def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     """Write ``OUT/accuracy_vs_shots.png`` and ``.svg``; returns their paths ([] with one K only:
     a line needs two points)."""
@@ -34,15 +54,21 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     markers = "osD^v<>pP*Xh"
     for ax, panel in zip(axes.flat, panels, strict=False):
+        lines = {}
         for i, m in enumerate(methods):
             if panel in datasets:
                 cells = [summ.get((m, panel, k)) for k in shots]
             else:
                 cells = [_average(summ, m, datasets, k) for k in shots]
-            y = np.array([c.mean if c is not None and c.status == OK else np.nan for c in cells])
+            ok = [c is not None and c.status == OK for c in cells]
+            y = np.array([c.mean if o else np.nan for c, o in zip(cells, ok, strict=True)])
             if np.isnan(y).all():
                 continue
+            sd = np.array([c.std if o and c.std is not None else 0.0 for c, o in zip(cells, ok, strict=True)])
             ax.plot(shots, y, marker=markers[i % len(markers)], color=cmap(i), label=m, linewidth=1.6, markersize=5)
+            ax.fill_between(shots, y - sd, y + sd, color=cmap(i), alpha=0.15, linewidth=0)  # ± std over seeds
+            lines[m] = y
+        _fit_y_range(ax, lines)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots)
         ax.set_xticklabels([str(k) for k in shots])
@@ -65,7 +91,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
     val = ("validation on val-class episodes" if episodic else
            "CoOp few-shot validation" if config.get("val_rule", "few-shot") == "few-shot" else "full validation")
-    title = (f"{what} vs shots (mean over {over} {', '.join(map(str, seeds))}; {val}"
+    title = (f"{what} vs shots (mean ± std over {over} {', '.join(map(str, seeds))}; {val}"
              f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})")
     title = textwrap.fill(title, width=int(fig.get_figwidth() * 11), break_on_hyphens=False)
     fig.suptitle(title, fontsize=12)

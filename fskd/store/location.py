@@ -466,14 +466,15 @@ _BACKEND_MODULES = ("botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "goog
 
 
 def _from_backend(e: BaseException | None) -> bool:
-    """Whether ``e`` or an exception it was raised from comes from a storage backend package."""
+    """Whether ``e``, or an exception it was raised from (``raise ... from``: s3fs's translated
+    errors), comes from a storage backend package."""
     for _ in range(8):
         if e is None:
             return False
         mod = type(e).__module__
         if any(mod == m or mod.startswith(f"{m}.") for m in _BACKEND_MODULES):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     return False
 
 
@@ -492,9 +493,13 @@ def backend_errors(spec: str | Path | Location) -> Iterator[None]:
         loc = spec if isinstance(spec, Location) else Location(spec)
         if not loc.is_remote:
             raise
-        with remote_errors(loc):
+        try:
+            with remote_errors(loc):
+                raise
+        except (StoreError, FileNotFoundError):  # a missing object: as it was
             raise
-        raise  # remote_errors let it through (a missing object): unchanged
+        except Exception as other:  # a backend error remote_errors has no words for: still one line
+            raise StoreError(f"--store {loc}: storage error ({type(other).__name__}: {other})") from None
 
 
 def _missing_bucket(e: OSError) -> bool:

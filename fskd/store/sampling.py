@@ -46,7 +46,7 @@ def sample_shots(
     seed: int,
     class_names: list[str] | None = None,
     split: str = "train",
-    option: str = "--shot",
+    option: str = "--shots",
     error: type[FskdError] = EvaluationError,
 ) -> np.ndarray:
     """(C, K) row indices: ``shot`` random rows of each class in ``classes``, seeded.

@@ -56,11 +56,23 @@ On object storage (``--store s3://...``, see ``location.py``) there is no rename
 one object is atomic (a reader sees the old object or the whole new one) and read-after-write
 consistent (S3 since 2020, GCS, Azure). The rules become:
   - Creating a store: the root ``zarr.json`` is written first with ``format`` =
-    ``CREATING_FORMAT``, then every group and array (ids, labels, text), then the root attributes
-    again, whole (``format`` = ``FORMAT``): that last PUT is the completion marker. A reader
-    refuses a root still marked as being created; the next ``fskd extract`` writes it again from
-    scratch (only fskd writes that marker, so nothing it did not write is removed). A prefix that
-    holds other objects is refused.
+    ``CREATING_FORMAT`` and its ``creator`` (host, pid, process start time, a random token), by a
+    conditional PUT: ``If-None-Match: *`` where no root exists, ``If-Match`` the ETag read where
+    it takes over an interrupted creation; of processes racing for it, one holds the claim. The
+    claimant removes every other object under the prefix (what an interrupted creation left:
+    groups, arrays, a half-written text group; only fskd writes that marker, so nothing it did
+    not write is removed), writes every group and array (ids, labels, text), then the root
+    attributes again, whole (``format`` = ``FORMAT``), with ``If-Match`` its own claim: that last
+    PUT is the completion marker, and it fails for a creator whose claim was taken over. Only
+    the root is ever written first, and it is never deleted, so no state lacks it.
+    A reader refuses a root still marked as being created. ``fskd extract`` refuses it while its
+    creator runs on this machine (same host, live pid, same start time: "another fskd extract is
+    creating ...; rerun when it finishes"), and otherwise (the creator is gone, or on another
+    machine, where fskd cannot tell) takes the creation over and makes the store again; a
+    creator taken over while still running stops at its commit with a StoreError. An ``fskd
+    extract`` that finds the store completed meanwhile resumes into it. A prefix that holds
+    other objects and no root is refused. Elsewhere than S3 the ``If-Match`` takeover and commit
+    are unconditional (gcsfs and memory have the ``If-None-Match`` create).
   - A chunk: the same three steps as above, each one object (``checksums`` and ``written`` have
     one object per row chunk, so nodes writing disjoint chunks never rewrite each other's).
   - The views group: its ``zarr.json`` is written first with ``format`` = ``VIEWS_CREATING``, then
@@ -69,8 +81,9 @@ consistent (S3 since 2020, GCS, Azure). The rules become:
   - Finishing: a store is complete when every ``written`` flag is set (no separate marker to
     lose).
 Two independent ``fskd extract`` processes (not one torchrun job) writing one remote store at
-once are not locked against each other (object stores have no flock); they write identical bytes
-for identical inputs, but run one job per store.
+once: the creation is claimed as above (one creates, the other refuses or, once the store is
+complete, resumes into it); filling it is not locked (object stores have no flock), and two
+fillers write identical bytes for identical inputs, but run one job per store.
 """
 
 from __future__ import annotations

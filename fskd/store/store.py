@@ -110,6 +110,23 @@ def describe_views(info: dict) -> str:
             f"rows: {_views_rows_text(info)})")
 
 
+def _nearby(path: Path, limit: int = 5) -> str:
+    """``; stores nearby: ...``: the fskd stores in the folder ``path`` names (or the nearest one
+    that exists) and in ``runs/demo``, for a mistyped ``--store``. Looks at a bounded number of entries."""
+    from fskd.fsutil import first_existing, is_store_dir
+
+    found: list[str] = []
+    for folder in dict.fromkeys((first_existing(path.expanduser().absolute().parent), Path("runs/demo"))):
+        if not folder.is_dir():
+            continue
+        for i, entry in enumerate(os.scandir(folder)):
+            if i >= 1000 or len(found) >= limit:
+                break
+            if entry.name.endswith(".zarr") and is_store_dir(Path(entry.path)):
+                found.append(str(Path(folder) / entry.name) if folder != Path(".") else entry.name)
+    return f"; stores nearby: {', '.join(sorted(found))}" if found else ""
+
+
 def _location(path) -> Location:
     return path if isinstance(path, Location) else Location(path)
 
@@ -281,7 +298,7 @@ class FeatureStore:
             return cls._open_remote(loc, mode)
         path = loc.local
         if not path.exists():
-            raise StoreError(f"feature store {path} does not exist (create it with `fskd extract`)")
+            raise StoreError(f"feature store {path} does not exist (create it with `fskd extract`){_nearby(path)}")
         try:
             group = zarr.open_group(str(path), mode=mode)
         except Exception as e:  # zarr raises several types for a non-store folder
@@ -380,7 +397,18 @@ class FeatureStore:
         try:
             return self.group[name]
         except KeyError:
-            raise StoreError(f"{self.path}: group {name!r} is missing") from None
+            raise self._missing(f"group {name!r}") from None
+
+    def _missing(self, what: str) -> StoreError:
+        """The error for a group or array that is not there: the whole store removed while in use
+        (a KeyError deep in zarr otherwise), or the part missing from a store that is there."""
+        try:
+            gone = not self.location.exists()
+        except Exception:  # noqa: BLE001 - a remote that does not answer: say what is missing
+            gone = False
+        if gone:
+            return StoreError(f"feature store {self.path} was removed (or moved) while in use: {what} is gone")
+        return StoreError(f"{self.path}: {what} is missing")
 
     # -- creation ----------------------------------------------------------------------------
     @classmethod
@@ -534,15 +562,15 @@ class FeatureStore:
 
     @property
     def class_names(self) -> list[str]:
-        return [str(s) for s in self.group[S.TEXT_GROUP][S.CLASSNAMES][:]]
+        return [str(s) for s in self._group(S.TEXT_GROUP)[S.CLASSNAMES][:]]
 
     @property
     def class_keys(self) -> list[str]:
-        return [str(s) for s in self.group[S.TEXT_GROUP][S.CLASSKEYS][:]]
+        return [str(s) for s in self._group(S.TEXT_GROUP)[S.CLASSKEYS][:]]
 
     @property
     def num_classes(self) -> int:
-        return int(self.group[S.TEXT_GROUP][S.CLASSNAMES].shape[0])
+        return int(self._group(S.TEXT_GROUP)[S.CLASSNAMES].shape[0])
 
     def class_split(self, name: str) -> list[int]:
         """Class indices of the base, val or novel class split."""
@@ -573,7 +601,7 @@ class FeatureStore:
 
     def text_embeddings(self) -> np.ndarray | None:
         """(C, text_dim) float32 class text features, or None when the encoder has no text tower."""
-        t = self.group[S.TEXT_GROUP]
+        t = self._group(S.TEXT_GROUP)
         return np.asarray(t[S.CLASS_EMBEDDINGS][:], dtype=np.float32) if S.CLASS_EMBEDDINGS in t else None
 
     def has_split(self, split: str) -> bool:
@@ -582,7 +610,7 @@ class FeatureStore:
     def _split(self, split: str) -> zarr.Group:
         if split not in self.attrs["splits"]:
             raise StoreError(f"{self.path} has no sample split {split!r}; it has {self.splits}")
-        return self.group[split]
+        return self._group(split)
 
     def n_rows(self, split: str) -> int:
         return int(self._split(split)[S.FEATURES].shape[0])
@@ -635,7 +663,11 @@ class FeatureStore:
     def _read(self, split: str, name: str, sel, chunk: int | None = None):
         """Read ``split/name[sel]``; a chunk that cannot be decoded, fails its CRC-32C, or (features)
         holds non-finite values is a StoreError naming it. ``chunk``: the first chunk ``sel`` reads."""
-        arr = self._split(split)[name] if split != S.TEXT_GROUP else self.group[S.TEXT_GROUP][name]
+        group = self._split(split) if split != S.TEXT_GROUP else self._group(S.TEXT_GROUP)
+        try:
+            arr = group[name]
+        except KeyError:
+            raise self._missing(f"array {split}/{name}") from None
         try:
             out = arr[sel]
         except Exception as e:  # codec errors (CRC-32C mismatch included) come as RuntimeError, ValueError, ...

@@ -30,7 +30,7 @@ Regimes (``--set regime=...``; ``auto``: ``allway`` when ``--shots`` > 0, else `
   ridge bridge each class's target comes from a map fitted without that class's shots
   (leave-one-class-out, :func:`allway_bridge`), so the flow moves images toward text, not
   toward their own prototypes. Serves
-  ``fskd eval --protocol allway --shot K``.
+  ``fskd eval --protocol allway --shots K``.
 - ``episodic``: bridge and field learn from every row of the base classes; choices on N-way
   K-shot episodes of the val classes. Serves episodes over classes it never learned from.
 - ``both``: fits both parts; the head uses the episodic part for calls without base classes and
@@ -791,7 +791,7 @@ class FMAHead(Head):
                 f"or fit with --set regime=episodic (or both) for episodes")
         if K < aw.hp["shots"]:
             raise EvaluationError(
-                f"this fma state learned from {aw.hp['shots']} shots per class; evaluating it at --shot {K} would use "
+                f"this fma state learned from {aw.hp['shots']} shots per class; evaluating it at --shots {K} would use "
                 f"more labels than the protocol allows: fit with --shots {K}")
         return aw
 
