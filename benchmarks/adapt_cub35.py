@@ -122,12 +122,12 @@ def main() -> None:
                     if m == "syntrans" and k == 1 and seed == SEEDS[0]:
                         ablation = syntrans_ablation(store, r.out, episodes)
                     if k in episodic and seed == SEEDS[0]:
-                        e = api.evaluate(EvalConfig(store=store, state=r.out, way=5, shot=k, query=15, episodes=episodes,
+                        e = api.evaluate(EvalConfig(store=store, state=r.out, way=5, shots=k, query=15, episodes=episodes,
                                                     seed=0))
                         row[f"5-way {k}-shot"] = f"{e.accuracy:.2f} ± {e.ci95:.2f}"
                         row[f"_ep{k}"] = (e.accuracy, e.ci95)
                     if k in allway:
-                        per_seed.append(api.evaluate(EvalConfig(store=store, state=r.out, protocol="allway", shot=k,
+                        per_seed.append(api.evaluate(EvalConfig(store=store, state=r.out, protocol="allway", shots=k,
                                                                 seeds=(seed,))).accuracy / 100)
                 if per_seed:
                     s = seed_summary(per_seed)

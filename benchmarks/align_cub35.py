@@ -87,13 +87,13 @@ def main() -> None:
                                                                     base_state=states["residual-adapter"])
                     fit_s.setdefault((f"{fma} on residual-adapter", k), []).append(sec)
                 for m, out in states.items():
-                    r = api.evaluate(EvalConfig(store=store, state=out, protocol="allway", shot=k, seeds=(s,)))
+                    r = api.evaluate(EvalConfig(store=store, state=out, protocol="allway", shots=k, seeds=(s,)))
                     allway.setdefault((m, k), []).append(r.accuracy)
             # episodic: adapt states serve both protocols; fma needs its episodic regime
             for m in methods:
                 extra = {"options": {"regime": "episodic"}} if m == fma else {}
                 out, _ = fit(m, store, k, args.seeds[0], f"{d}/{m}-{k}-episodic", **extra)
-                r = api.evaluate(EvalConfig(store=store, state=out, way=5, shot=k, query=15, episodes=args.episodes,
+                r = api.evaluate(EvalConfig(store=store, state=out, way=5, shots=k, query=15, episodes=args.episodes,
                                             seed=0))  # the episode seed of the README tables
                 episodic[(m, k)] = (r.accuracy, r.ci95)
     names = list(dict.fromkeys(m for m, _ in allway))

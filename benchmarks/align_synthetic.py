@@ -164,7 +164,7 @@ def run_fma(w: World, gamma: float, width: int, depth: int, iters: int, work: Pa
     part = FMA().parts(state, w.store, torch.device("cpu"))["allway"]
     xt, yt = w.splits["test"]
     c = curves(part.field, part.space.to_flow(part.space.embed(torch.from_numpy(xt))), torch.from_numpy(yt), part.targets)
-    ev = api.evaluate(EvalConfig(store=w.path(), state=out, protocol="allway", shot=w.shots, seeds=(w.seed,)))
+    ev = api.evaluate(EvalConfig(store=w.path(), state=out, protocol="allway", shots=w.shots, seeds=(w.seed,)))
     hp = state.hparams
     return {"curves": c, "chosen": (hp["allway.steps"], hp["allway.stop"]), "chosen_test": ev.accuracy,
             "val": state.metrics["allway.val_accuracy"], "fit_s": fit_s}
@@ -204,7 +204,7 @@ def logistic(w: World) -> float:
 
 
 def baselines(w: World) -> dict:
-    proto = api.evaluate(EvalConfig(store=w.path(), protocol="allway", shot=w.shots, seeds=(w.seed,))).accuracy
+    proto = api.evaluate(EvalConfig(store=w.path(), protocol="allway", shots=w.shots, seeds=(w.seed,))).accuracy
     return {"prototype": proto, "linear probe": logistic(w)}
 
 

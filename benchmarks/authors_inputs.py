@@ -51,7 +51,7 @@ def main() -> None:
             api.adapt(AdaptConfig(store=path, method=args.method, shots=k, seed=seed, out=str(state_dir), force=True,
                                   device="cpu"), progress=None)
             fit_s = time.perf_counter() - t0
-            ev = api.evaluate(EvalConfig(store=path, state=str(state_dir), protocol="allway", shot=k, seeds=(seed,),
+            ev = api.evaluate(EvalConfig(store=path, state=str(state_dir), protocol="allway", shots=k, seeds=(seed,),
                                          device="cpu"))
             state = load_state(state_dir)
             inp = inputs(store, k, seed, state)

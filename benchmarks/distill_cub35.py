@@ -85,7 +85,7 @@ def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, r
             state, s_store = fit_and_extract(store, root, Path(f"{out}-seed{seed}"), regime, losses, seed, args, reuse)
             states.append(state)
             per.append(api.evaluate(EvalConfig(store=str(s_store), state=f"{out}-seed{seed}", protocol="allway",
-                                               shot=4, seeds=(seed,))).accuracy / 100)
+                                               shots=4, seeds=(seed,))).accuracy / 100)
         summ = seed_summary(per)
         state = states[0]
         row.update({"allway4": round(summ.mean, 2), "allway4_ci": round(summ.ci95 or 0.0, 2),
@@ -93,7 +93,7 @@ def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, r
                     "w1": float("nan"), "w1_ci": float("nan"), "w5": float("nan"), "w5_ci": float("nan")})
     else:
         state, s_store = fit_and_extract(store, root, out, regime, losses, 1, args, reuse)
-        ep = {k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shot=k, episodes=args.episodes, seed=0))
+        ep = {k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shots=k, episodes=args.episodes, seed=0))
               for k in (1, 5)}
         row.update({"allway4": float("nan"), "allway4_ci": float("nan"), "w1": ep[1].accuracy, "w1_ci": ep[1].ci95,
                     "w5": ep[5].accuracy, "w5_ci": ep[5].ci95})

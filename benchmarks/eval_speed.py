@@ -60,7 +60,7 @@ def main() -> None:
         path = Path(tmp) / "bench.zarr"
         FeatureStore.from_arrays(path, {"test": (feats, labels)}, [f"c{i}" for i in range(n_cls)],
                                  {"base": [], "val": [], "novel": list(range(n_cls))}, dtype="float16", chunk_rows=2048)
-        cfg = EvalConfig(store=str(path), way=5, shot=1, query=15, episodes=args.episodes, center="none")
+        cfg = EvalConfig(store=str(path), way=5, shots=1, query=15, episodes=args.episodes, center="none")
         api.evaluate(cfg)  # warm-up (imports, first torch calls)
         results = [api.evaluate(cfg) for _ in range(3)]
         fskd_eval = min(r.eval_seconds for r in results)

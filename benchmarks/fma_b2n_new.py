@@ -37,7 +37,7 @@ from fskd.methods.base import save_state  # noqa: E402
 
 
 def b2n(store: str, state: str, shots: int, seed: int) -> tuple[float, float]:
-    r = api.evaluate(EvalConfig(store=store, state=state, protocol="base-to-new", shot=shots, seeds=(seed,), device="cpu"))
+    r = api.evaluate(EvalConfig(store=store, state=state, protocol="base-to-new", shots=shots, seeds=(seed,), device="cpu"))
     return r.base, r.new
 
 

@@ -413,7 +413,7 @@ def main() -> None:
                     else:
                         api.adapt(AdaptConfig(**kw), progress=None)
                     fit_s = time.perf_counter() - t1
-                    ours.append(api.evaluate(EvalConfig(store=path, state=out, protocol="allway", shot=k, seeds=(seed,),
+                    ours.append(api.evaluate(EvalConfig(store=path, state=out, protocol="allway", shots=k, seeds=(seed,),
                                                         report=None)).accuracy / 100)
                     state = load_state(out)
                     if m == "prototype":

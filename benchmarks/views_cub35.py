@@ -56,7 +56,7 @@ def fit_eval(method: str, store: str, shots: int, seed: int, out: str) -> tuple[
 
     hp = load_state(r.out).hparams
     views = int(hp.get("allway.views", 0))
-    e = api.evaluate(EvalConfig(store=store, state=r.out, protocol="allway", shot=shots, seeds=(seed,)))
+    e = api.evaluate(EvalConfig(store=store, state=r.out, protocol="allway", shots=shots, seeds=(seed,)))
     return e.accuracy, views
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     print(f"store {r.store}: {'reused' if r.reused else f'encoded {r.encoded} images'}")
 
     for shot in (1, 5):
-        e = api.evaluate(EvalConfig(store=store, way=5, shot=shot, episodes=args.episodes))
+        e = api.evaluate(EvalConfig(store=store, way=5, shots=shot, episodes=args.episodes))
         print(f"prototype 5-way {shot}-shot novel: {e.accuracy:.2f} ± {e.ci95:.2f}")
 
     for method in ("zero-shot", "tip-adapter", "syntrans"):
@@ -37,9 +37,9 @@ def main() -> None:
         for seed in (1, 2, 3):  # one state per seed, each evaluated with its own seed
             fit = api.adapt(AdaptConfig(store=store, method=method, shots=args.shots, seed=seed,
                                         out=f"{args.out}/{method}-seed{seed}", force=True))  # rerunnable
-            per_seed.append(api.evaluate(EvalConfig(store=store, state=fit.out, protocol="allway", shot=args.shots,
+            per_seed.append(api.evaluate(EvalConfig(store=store, state=fit.out, protocol="allway", shots=args.shots,
                                                     seeds=(seed,))).accuracy / 100)
-        one = api.evaluate(EvalConfig(store=store, state=fit.out, way=5, shot=1, episodes=args.episodes))
+        one = api.evaluate(EvalConfig(store=store, state=fit.out, way=5, shots=1, episodes=args.episodes))
         s = seed_summary(per_seed)
         print(f"{method:12s} 5-way 1-shot {one.accuracy:.2f} ± {one.ci95:.2f} | all-way {args.shots}-shot "
               f"{s.mean:.2f} ± {s.ci95:.2f} (95% CI, Student t over 3 seeds)  ({fit.seconds:.1f} s to fit)")

@@ -105,7 +105,7 @@ class EvalResult:
     statistic: str
     episodes: int | None
     way: int | None
-    shot: int
+    shots: int
     query: int | None
     split: str
     classifier: str
@@ -147,31 +147,31 @@ class EvalResult:
         chosen = "; ".join(f"{k}: {v}" for k, v in self.selected_on.items()) or "no hyper-parameters"
         if self.protocol == "episodic":
             return (
-                f"Episodic: {self.way}-way {self.shot}-shot, {self.query} queries per class, {self.episodes} episodes "
+                f"Episodic: {self.way}-way {self.shots}-shot, {self.query} queries per class, {self.episodes} episodes "
                 f"over the {self.classes} {self.split} classes, seed {self.seed}; inductive; mean accuracy and "
                 f"{self.statistic}; {enc}; classifier {self.classifier}; centring {self.center}; "
                 f"hyper-parameters: {chosen}."
             )
         stat = self.statistic if self.n_seeds and self.n_seeds > 1 else "one seed, so no interval"
         if self.protocol == "cross-dataset":
-            return (f"Cross-dataset: the state fitted on {self.source_store} ({self.shot} shots per class, seed "
+            return (f"Cross-dataset: the state fitted on {self.source_store} ({self.shots} shots per class, seed "
                     f"{self.seeds[0]}) scores every test row of this store among its {self.classes} classes, none of "
                     f"which it learned: its head transfers through their class text, with no shot of them; one fitted "
                     f"state, so no interval; {enc}; method {self.classifier}.")
         if self.protocol == "domain-shift":
-            return (f"Domain shift: the state fitted on {self.source_store} ({self.shot} shots per class, seed "
+            return (f"Domain shift: the state fitted on {self.source_store} ({self.shots} shots per class, seed "
                     f"{self.seeds[0]}) is fitted on those shots and scores this store's test rows, classes mapped by "
                     f"key, among the {self.classes} classes present here; one fitted state, so no interval; {enc}; "
                     f"method {self.classifier}.")
         if self.protocol == "base-to-new":
             return (
-                f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shot} shots per base class "
+                f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shots} shots per base class "
                 f"(seeds {self.seeds}); base = test rows of the base classes among the base classes, new = test rows of "
                 f"the new classes among the new classes with no shot of them, HM = harmonic mean of the mean base and "
                 f"new accuracy; {stat}; {enc}; classifier {self.classifier}; hyper-parameters: {chosen}."
             )
         return (
-            f"All-way: {self.shot} shots per class from the train split (seed s), all {self.classes} classes, the full "
+            f"All-way: {self.shots} shots per class from the train split (seed s), all {self.classes} classes, the full "
             f"test split, seeds {self.seeds}; inductive; mean top-1 over seeds with {stat}; {enc}; "
             f"classifier {self.classifier}; centring {self.center}; hyper-parameters: {chosen}."
         )
@@ -179,18 +179,18 @@ class EvalResult:
     def summary_line(self) -> str:
         """One line for people: the number, its interval and what the interval is."""
         if self.protocol == "episodic":
-            return (f"{self.way}-way {self.shot}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
+            return (f"{self.way}-way {self.shots}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
                     f"{self.classifier}: {self.accuracy:.2f}% ± {self.ci95:.2f} (95% CI over episodes)")
         if self.protocol in ("cross-dataset", "domain-shift"):
             return (f"{self.protocol} from {Path(self.source_store).name} to {Path(self.store).name}, {self.classes} "
-                    f"classes, {self.classifier} ({self.shot} shots, seed {self.seeds[0]}): {self.accuracy:.2f}% (one "
+                    f"classes, {self.classifier} ({self.shots} shots, seed {self.seeds[0]}): {self.accuracy:.2f}% (one "
                     f"fitted state: no interval)")
         if self.protocol == "base-to-new":
             new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
             hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
-            return (f"base-to-new {self.shot}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: "
+            return (f"base-to-new {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: "
                     f"base {self.base:.2f}%, new {new}, HM {hm}")
-        head = f"all-way {self.shot}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: {self.accuracy:.2f}%"
+        head = f"all-way {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: {self.accuracy:.2f}%"
         if self.ci95 is not None:
             head += f" ± {self.ci95:.2f} (95% CI, Student t over {self.n_seeds} seeds; std {self.std:.2f})"
         else:
@@ -297,7 +297,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
             warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
         t1 = time.perf_counter()
         sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                             store.num_classes, cfg.shot, tuple(cfg.seeds), head, transfers, names)
+                             store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names)
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
         hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
@@ -326,7 +326,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         feats, labels = store.gather(classes)
         t1 = time.perf_counter()
         # sampled batch by batch (memory bounded whatever --episodes), the episodes of one draw
-        eps = iter_episodes(labels, classes, cfg.way, cfg.shot, cfg.query, cfg.episodes, cfg.seed, names,
+        eps = iter_episodes(labels, classes, cfg.way, cfg.shots, cfg.query, cfg.episodes, cfg.seed, names,
                             multiple=cfg.episode_batch)
         accs = run_episodes(torch.from_numpy(feats).to(device), eps, head, cfg.episode_batch)
         acc, ci = mean_ci95(accs)
@@ -346,7 +346,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
                             f"{' ...' if len(absent) > 10 else ''}")
         t1 = time.perf_counter()
         scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                            classes, cfg.shot, tuple(cfg.seeds), head, class_names=names)
+                            classes, cfg.shots, tuple(cfg.seeds), head, class_names=names)
         summ = seed_summary(scores.top1)
         acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
         per_seed, n_classes = [round(float(a) * 100, 3) for a in scores.top1], len(classes)
@@ -359,7 +359,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
     result = EvalResult(
         protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None if ci is None else round(ci, 3),
         std=None if std is None else round(std, 3), statistic=statistic,
-        episodes=cfg.episodes if episodic else None, way=cfg.way if episodic else None, shot=cfg.shot,
+        episodes=cfg.episodes if episodic else None, way=cfg.way if episodic else None, shots=cfg.shots,
         query=cfg.query if episodic else None, split=cfg.split if episodic else "test", classifier=name,
         encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
         seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
@@ -450,7 +450,7 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
     pc = scores.per_class[0]
     return EvalResult(
         protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None, std=None, statistic="one fitted state: no interval",
-        episodes=None, way=None, shot=k, query=None, split="test", classifier=state.method, encoder=enc["spec"],
+        episodes=None, way=None, shots=k, query=None, split="test", classifier=state.method, encoder=enc["spec"],
         web_scale=bool(enc["web_scale"]), seed=None, seeds=[seed], n_seeds=1, per_seed=[round(acc, 3)],
         classes=len(classes), center="the state's own (see its hyper-parameters)", inductive=True, store=str(store.path),
         store_fingerprint=store.fingerprint, state=cfg.state, seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4),
@@ -500,20 +500,20 @@ def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str], strict: bool
     if k is None or seed is None:
         return
     method = METHODS.get(state.method)()
-    if strict and (tuple(cfg.seeds) != (seed,) or cfg.shot != k):
+    if strict and (tuple(cfg.seeds) != (seed,) or cfg.shots != k):
         raise EvaluationError(
             f"state {cfg.state} was fitted for base-to-new on the {k} shots per base class of seed {seed} (all it "
             f"was shown); evaluate it with --shots {k} --seeds {seed}, and fit one state per seed for numbers over seeds")
     if method.bound_to_shots(state):
-        if tuple(cfg.seeds) != (seed,) or cfg.shot != k:
+        if tuple(cfg.seeds) != (seed,) or cfg.shots != k:
             raise EvaluationError(
                 f"state {cfg.state} ({state.method}) holds a model fitted on the {k} shots per class of seed {seed}; "
-                f"evaluating it with --shots {cfg.shot} --seeds {','.join(map(str, cfg.seeds))} would score that one "
+                f"evaluating it with --shots {cfg.shots} --seeds {','.join(map(str, cfg.seeds))} would score that one "
                 f"model again and again, not independent runs. Evaluate it with --shots {k} --seeds {seed}; for "
                 f"numbers over seeds, fit one state per seed (--seed 1, 2, 3) and evaluate each with its own seed")
-    elif cfg.shot != k or tuple(cfg.seeds) != (seed,):
+    elif cfg.shots != k or tuple(cfg.seeds) != (seed,):
         warnings.append(f"the hyper-parameters of state {cfg.state} were chosen for {k} shots and seed {seed}; it is "
-                        f"evaluated here with {cfg.shot} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
+                        f"evaluated here with {cfg.shots} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
                         f"for the protocol's own numbers)")
 
 
@@ -691,12 +691,12 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
         extract(ExtractConfig(dataset=ds, root=str(roots[ds]), encoder=config.encoder, store=str(store),
                               workers=config.workers), progress)
         for shot in (1, 5):
-            r = evaluate(EvalConfig(store=str(store), way=5, shot=shot, query=15, episodes=config.episodes, report=str(out)))
+            r = evaluate(EvalConfig(store=str(store), way=5, shots=shot, query=15, episodes=config.episodes, report=str(out)))
             rows.append({"dataset": ds, "protocol": f"5-way {shot}-shot novel", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
                          "classes": r.classes, "episodes": r.episodes, "eval s": r.eval_seconds, "report": r.report})
         if ds == "cub":
             for shot in (1, 4, 16):
-                r = evaluate(EvalConfig(store=str(store), protocol="allway", shot=shot, report=str(out)))
+                r = evaluate(EvalConfig(store=str(store), protocol="allway", shots=shot, report=str(out)))
                 rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
                              "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds, "report": r.report})
     table = markdown_table(rows, ["dataset", "protocol", "accuracy", "classes", "episodes", "eval s"])
@@ -1025,7 +1025,7 @@ def bench(config, progress=AUTO) -> BenchResult:
             how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
                         seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
                    if episodic else dict(protocol=protocol, seeds=(cell.seed,)))
-            ev = evaluate(EvalConfig(store=eval_store, state=str(state_dir), shot=cell.shots, device=config.device, **how))
+            ev = evaluate(EvalConfig(store=eval_store, state=str(state_dir), shots=cell.shots, device=config.device, **how))
         except FskdError as e:
             for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop
                 if not by_path[p].location.exists():

@@ -439,7 +439,7 @@ def eval_(
     _JSON["on"] = as_json
     _storage(storage_options)
     proto = _value(protocol).replace("all-way", "allway")
-    cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shot=shots, query=query, episodes=episodes,
+    cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shots=shots, query=query, episodes=episodes,
                split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
                seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
                class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed)

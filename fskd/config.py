@@ -361,13 +361,13 @@ VAL_RULES = ("few-shot", "full")
 class EvalConfig(Config):
     """``fskd eval``: episodic N-way K-shot or all-way evaluation on a store."""
 
-    FLAGS = {"shot": "--shots", "seeds": "--seeds"}
+    FLAGS = {"shots": "--shots", "seeds": "--seeds"}
 
     store: str = ""
     state: str | None = None
     protocol: str = "episodic"
     way: int = 5
-    shot: int = 1
+    shots: int = 1
     query: int = 15
     episodes: int = 600
     split: str = "novel"
@@ -388,7 +388,7 @@ class EvalConfig(Config):
             raise ConfigError("--store is required")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        for name in ("way", "shot", "episodes", "episode_batch"):
+        for name in ("way", "shots", "episodes", "episode_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.protocol == "episodic" and self.way < 2:

@@ -133,8 +133,8 @@ def test_api_evaluate_runs_states_under_both_protocols(stores, tmp_path):
     st = stores["pair"]
     r = api.adapt(AdaptConfig(store=str(st.path), method="syntrans", shots=1, out=str(tmp_path / "s"), device="cpu",
                               options=fast("syntrans")))
-    ep = api.evaluate(EvalConfig(store=str(st.path), state=r.out, shot=1, episodes=50, device="cpu"))
-    aw = api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shot=1, device="cpu"))
+    ep = api.evaluate(EvalConfig(store=str(st.path), state=r.out, shots=1, episodes=50, device="cpu"))
+    aw = api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=1, device="cpu"))
     assert ep.classifier == "syntrans" and 50 < ep.accuracy <= 100 and ep.ci95 >= 0
     assert aw.classes == 20 and len(aw.per_seed) == 3
     assert ep.selected_on["episodic.rho"] == "chosen on val classes" and ep.selected_on["allway.a"] == "chosen on val split (min(K, 4) per class)"
@@ -392,7 +392,7 @@ def test_parity_references_reproduce_fskd_on_identical_features(method, tol, sto
     parity = _parity_module()
     st = stores["joint"]
     state, _, _ = fit(st, method, 2, tmp_path)
-    ours = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / f"{method}-2-1"), protocol="allway", shot=2,
+    ours = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / f"{method}-2-1"), protocol="allway", shots=2,
                                    seeds=(1,), device="cpu")).accuracy
     if method == "prototype":
         inp = parity.inputs(st, 2, 1, None)
@@ -454,9 +454,9 @@ def test_more_shots_never_hurt_on_average(method, stores, tmp_path):
     for k in (1, 2, 4, 8):
         r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=k, out=str(tmp_path / f"{method}{k}"),
                                   device="cpu", options=fast(method)))
-        accs.append(api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shot=k,
+        accs.append(api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=k,
                                             device="cpu")).accuracy)
-    zs = api.evaluate(EvalConfig(store=str(st.path), classifier="text", protocol="allway", shot=1, device="cpu")).accuracy
+    zs = api.evaluate(EvalConfig(store=str(st.path), classifier="text", protocol="allway", shots=1, device="cpu")).accuracy
     assert all(b >= a - 1.5 for a, b in zip(accs[:-1], accs[1:], strict=True)), accs
     assert accs[-1] > accs[0] + 3 and accs[-1] > zs, (accs, zs)
 
@@ -515,7 +515,7 @@ def test_unknown_options_and_missing_text_are_clear(tmp_path):
         api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x")))
     r = api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=1, out=str(tmp_path / "lp")))
     # text-free methods still work
-    assert api.evaluate(EvalConfig(store=str(st.path), state=r.out, way=3, shot=1, episodes=20)).accuracy > 40
+    assert api.evaluate(EvalConfig(store=str(st.path), state=r.out, way=3, shots=1, episodes=20)).accuracy > 40
 
 
 # -- residual adapter features (what `fskd align --base-state` builds on) -----------------------
@@ -556,8 +556,8 @@ def test_cli_adapt_then_eval(stores, tmp_path):
 def test_real_cub35_syntrans_beats_prototype_at_5way_1shot(cub35_store, tmp_path):
     """Semantic knowledge pays off where visual evidence is thinnest: beyond both 95% CIs."""
     r = api.adapt(AdaptConfig(store=cub35_store, method="syntrans", shots=1, out=str(tmp_path / "syn")))
-    syn = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=600, seed=0))
-    proto = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=1, episodes=600, seed=0))
+    syn = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=600, seed=0))
+    proto = api.evaluate(EvalConfig(store=cub35_store, way=5, shots=1, episodes=600, seed=0))
     assert abs(proto.accuracy - 81.7) < 1.0
     assert syn.accuracy - syn.ci95 > proto.accuracy + proto.ci95, (syn.accuracy, syn.ci95, proto.accuracy, proto.ci95)
     assert syn.accuracy > 84.0
@@ -570,7 +570,7 @@ def test_real_cub35_tip_adapter_f_fine_tuning_beats_the_training_free_cache(cub3
     acc = {}
     for m in ("tip-adapter", "tip-adapter-f"):
         r = api.adapt(AdaptConfig(store=cub35_store, method=m, shots=4, seed=1, out=str(tmp_path / m)))
-        acc[m] = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shot=4, seeds=(1,))).accuracy
+        acc[m] = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=4, seeds=(1,))).accuracy
     assert acc["tip-adapter-f"] > acc["tip-adapter"] + 1.0, acc
 
 
@@ -580,7 +580,7 @@ def test_real_cub35_methods_at_5way_1shot(method, cub35_store, tmp_path):
     """Golden-ish numbers (seeded, 600 episodes) with tolerances: see benchmarks/adapt_cub35.py."""
     floor = {"zero-shot": 45.0}.get(method, 80.5)
     r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method)))
-    e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=600, seed=0))
+    e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=600, seed=0))
     assert e.accuracy > floor
 
 

@@ -316,8 +316,8 @@ def test_fma_defaults_are_the_reference_recipe(synthetic_store, tmp_path):
     assert state.tensors["allway.field.blocks.11.ada.1.weight"].shape == (96, 32)
     loss = state.metrics["allway.train_loss"]
     assert loss[-1] < loss[0] / 2, loss  # 200 epochs of 2 batches: 400 steps
-    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
-    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shot=4, seeds=(1,)))
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=4, seeds=(1,)))
+    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shots=4, seeds=(1,)))
     assert res.classifier == "fma" and res.accuracy > zero.accuracy, (res.accuracy, zero.accuracy)
 
 
@@ -364,15 +364,15 @@ def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
     assert 0 <= state.hparams["allway.stop"] <= state.hparams["allway.steps"] in (1, 2, 4)
     assert state.selected_on["allway.stop"].startswith("chosen on val split")
     assert state.hparams["allway.train_classes"] == 12 and state.metrics["allway.train_pairs"] == 48
-    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=4, seeds=(1,)))
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=4, seeds=(1,)))
     assert res.classifier == "fma-lite" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
-    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shot=4, seeds=(1,)))
+    zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shots=4, seeds=(1,)))
     assert res.accuracy > zero.accuracy  # learned from the shots, beats the raw text features
     # the state learned from shots of every class: episodes (novel rows it saw) and fewer shots are refused
     with pytest.raises(EvaluationError, match="--protocol allway"):
-        api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=3, shot=1, episodes=5))
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=3, shots=1, episodes=5))
     with pytest.raises(EvaluationError, match="Evaluate it with --shots 4 --seeds 1"):
-        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=2, seeds=(1,)))
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=2, seeds=(1,)))
 
 
 def test_head_logits_equal_cosines_of_transported_queries(synthetic_store):
@@ -401,11 +401,11 @@ def test_episodic_fit_through_the_bridge(synthetic_store):
     assert state.hparams["regime"] == "episodic" and state.hparams["episodic.bridge"].startswith("ridge")
     assert state.hparams["episodic.train_classes"] == 10 and state.metrics["episodic.train_pairs"] == 300
     assert state.selected_on["episodic.stop"].startswith("chosen on val classes")
-    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shot=1, query=5, episodes=100))
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shots=1, query=5, episodes=100))
     assert res.accuracy > 40  # chance 20%
     # it learned from every base row (test rows too): the all-way protocol over base classes is refused
     with pytest.raises(EvaluationError, match="regime=both"):
-        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=1, seeds=(1,)))
+        api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=1, seeds=(1,)))
 
 
 def test_regime_both_serves_both_protocols(synthetic_store):
@@ -413,8 +413,8 @@ def test_regime_both_serves_both_protocols(synthetic_store):
     r = align(store, shots=2, options={"regime": "both"})
     state = load_state(r.out)
     assert {"allway.stop", "episodic.stop"} <= set(state.hparams)
-    ep = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shot=2, query=5, episodes=50))
-    aw = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=2, seeds=(1,)))
+    ep = api.evaluate(EvalConfig(store=str(store.path), state=r.out, way=5, shots=2, query=5, episodes=50))
+    aw = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=2, seeds=(1,)))
     assert ep.accuracy > 30 and aw.accuracy > 100 / 20 * 2
 
 
@@ -441,7 +441,7 @@ def test_fma_builds_on_another_methods_features(synthetic_store, tmp_path):
     import shutil
 
     shutil.rmtree(first.out)
-    res = api.evaluate(EvalConfig(store=str(store.path), state=second.out, protocol="allway", shot=3, seeds=(1,)))
+    res = api.evaluate(EvalConfig(store=str(store.path), state=second.out, protocol="allway", shots=3, seeds=(1,)))
     assert res.accuracy > 100 / 8 * 2
 
 
@@ -451,7 +451,7 @@ def test_fma_on_residual_adapter_features(synthetic_store, tmp_path):
     base = api.adapt(AdaptConfig(store=str(store.path), method="residual-adapter", shots=3, out=str(tmp_path / "ra")))
     r = align(store, shots=3, base_state=base.out, out=str(tmp_path / "fma"))
     assert load_state(r.out).hparams["base_method"] == "residual-adapter"
-    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shot=3, seeds=(1,)))
+    res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=3, seeds=(1,)))
     assert res.accuracy > 100 / 8 * 2
 
 
@@ -535,7 +535,7 @@ def test_cli_align_then_eval(synthetic_store, tmp_path):
                               "--shot", "3", "--seeds", "1", "--json"])
     assert res.exit_code == 0, res.output
     cli_acc = json.loads(res.output.strip().splitlines()[-1])["accuracy"]
-    api_acc = api.evaluate(EvalConfig(store=str(store.path), state=str(out), protocol="allway", shot=3, seeds=(1,))).accuracy
+    api_acc = api.evaluate(EvalConfig(store=str(store.path), state=str(out), protocol="allway", shots=3, seeds=(1,))).accuracy
     assert cli_acc == api_acc and cli_acc > 100 / 12 * 2
     bad = runner.invoke(app, ["align", "--store", str(store.path), "--shots", "50", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "larger than available" in bad.output
@@ -550,5 +550,5 @@ def test_cub35_allway_16_shots(cub35_store, tmp_path):
     state = load_state(r.out)
     assert state.hparams["allway.bridge"].startswith("ridge")  # lite0-minilm is not a joint space
     assert state.metrics["allway.train_pairs"] == 16 * 35
-    res = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shot=16, seeds=(1,)))
+    res = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=16, seeds=(1,)))
     assert res.accuracy > 70  # measured 76-78 (prototype at 4 shots: 63.1)

@@ -204,7 +204,7 @@ def test_episodic_grid_over_seeded_class_splits(tmp_path):
     out = str(tmp_path / "by-hand")
     api.adapt(AdaptConfig(store=str(store.path), method="linear-probe", shots=1, seed=2, out=out,
                           class_ratio=(0.5, 0.25, 0.25), split_seed=2), progress=None)
-    ev = api.evaluate(EvalConfig(store=str(store.path), state=out, way=5, shot=1, query=15, episodes=40, seed=0))
+    ev = api.evaluate(EvalConfig(store=str(store.path), state=out, way=5, shots=1, query=15, episodes=40, seed=0))
     cell = next(r for r in rows if r["method"] == "linear-probe" and r["seed"] == 2)
     assert cell["accuracy"] == pytest.approx(ev.accuracy, abs=1e-9)
     table = (tmp_path / "b" / "table.md").read_text()

@@ -37,7 +37,7 @@ def test_version_aliases_and_choices(synthetic_store):
     st = synthetic_store(joint=True)
     a = json.loads(ok("eval", "--store", st.path, "--shots", "2", "--episodes", "20", "--json").stdout)
     b = json.loads(ok("eval", "--store", st.path, "--shot", "2", "--episodes", "20", "--json").stdout)  # hidden alias
-    assert a["shot"] == b["shot"] == 2 and a["accuracy"] == b["accuracy"] and a["seed"] == 1
+    assert a["shots"] == b["shots"] == 2 and a["accuracy"] == b["accuracy"] and a["seed"] == 1
     c = json.loads(ok("eval", "--store", st.path, "--protocol", "all-way", "--shots", "1", "--json").stdout)
     assert c["protocol"] == "allway"
     for opt, bad, close in (("--split", "nvel", "novel"), ("--center", "mean", None), ("--protocol", "allways", "allway")):
@@ -93,14 +93,14 @@ def test_a_state_bound_to_its_shots_refuses_other_seeds(synthetic_store, tmp_pat
     out = str(tmp_path / "fm")
     api.align(AlignConfig(store=str(st.path), shots=2, seed=2, out=out, options={"iters": 20}))
     with pytest.raises(EvaluationError, match=r"seed 2.*--shots 2 --seeds 2.*fit one state per seed"):
-        api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shot=2, seeds=(1, 2, 3)))
+        api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shots=2, seeds=(1, 2, 3)))
     with pytest.raises(EvaluationError, match="--shots 2 --seeds 2"):
-        api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shot=4, seeds=(2,)))
-    r = api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shot=2, seeds=(2,)))
+        api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shots=4, seeds=(2,)))
+    r = api.evaluate(EvalConfig(store=str(st.path), state=out, protocol="allway", shots=2, seeds=(2,)))
     assert r.n_seeds == 1 and r.ci95 is None
     # a method that refits on the shots it is given: other seeds are allowed, with a warning
     api.adapt(AdaptConfig(store=str(st.path), method="prototype", shots=2, seed=1, out=str(tmp_path / "p")))
-    r = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "p"), protocol="allway", shot=2))
+    r = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "p"), protocol="allway", shots=2))
     assert any("chosen for 2 shots and seed 1" in w for w in r.warnings)
 
 
@@ -187,5 +187,5 @@ def test_shipped_descriptions_example(cub35_store, tmp_path):
                               out=str(tmp_path / "zs")))
     state = load_state(r.out)
     assert "descriptions" in json.dumps(state.selected_on).lower() or "descriptions" in json.dumps(state.metrics)
-    ev = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shot=1, episodes=100))
+    ev = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=100))
     assert 20 < ev.accuracy <= 100

@@ -101,7 +101,7 @@ def test_states_are_deterministic_and_evaluate_without_the_text_encoder(method, 
 
     monkeypatch.setattr(eb, "build_encoder", no_encoder)
     monkeypatch.setattr("fskd.encoders.build_encoder", no_encoder, raising=False)
-    r = api.evaluate(EvalConfig(store=str(photo_store.path), state=str(tmp_path / "a"), protocol="allway", shot=2,
+    r = api.evaluate(EvalConfig(store=str(photo_store.path), state=str(tmp_path / "a"), protocol="allway", shots=2,
                                 seeds=(1,), device="cpu"))
     assert 0 <= r.accuracy <= 100 and r.classes == photo_store.num_classes
 
@@ -143,7 +143,7 @@ def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
     part = FMA().parts(st, photo_store, CPU)["allway"]
     want = part.space.to_flow(part.space.bridge.text_to_image(coop.tensors["allway.text"]))
     torch.testing.assert_close(part.targets, want)
-    e = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shot=2, seeds=(1,), device="cpu"))
+    e = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
     assert 0 <= e.accuracy <= 100
 
 
@@ -154,7 +154,7 @@ def test_base_to_new_scores_new_classes_through_their_names(photo_store, tmp_pat
                               device="cpu", base_to_new=True, options={**FAST, "n_ctx": 4}))
     st = load_state(r.out)
     assert "hidden" in st.metrics["base_to_new"] and st.hparams["episodic.train_rows"] == 2 * 3
-    ev = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="base-to-new", shot=2, seeds=(1,),
+    ev = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="base-to-new", shots=2, seeds=(1,),
                                  device="cpu"))
     assert ev.protocol == "base-to-new" and 0 <= ev.base <= 100 and ev.new is not None and 0 <= ev.new <= 100
     assert ev.hm is not None

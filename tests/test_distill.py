@@ -257,8 +257,8 @@ def test_student_encoder_rejects_state_of_other_store(tiny_teacher_store, tiny_i
     api.extract(ExtractConfig(dataset="folder", root=str(tiny_images), encoder=f"student:{res.out}", store=str(store),
                               workers=0, device="cpu"))
     with pytest.raises(StateError, match="another student"):
-        api.evaluate(EvalConfig(store=str(store), state=other.out, protocol="allway", shot=1))
-    r = api.evaluate(EvalConfig(store=str(store), state=res.out, protocol="allway", shot=4, seeds=(1,)))  # the student's own shots and seed
+        api.evaluate(EvalConfig(store=str(store), state=other.out, protocol="allway", shots=1))
+    r = api.evaluate(EvalConfig(store=str(store), state=res.out, protocol="allway", shots=4, seeds=(1,)))  # the student's own shots and seed
     assert 0 <= r.accuracy <= 100
 
 
@@ -376,9 +376,9 @@ def test_cub35_distillation_pipeline_beats_labels_only(cub35_store, cub35_root, 
         s = tmp_path / f"{regime}-{losses}.zarr"
         api.extract(ExtractConfig(dataset="cub", root=str(cub35_root), encoder=f"student:{out}", store=str(s)))
         if regime == "semi":
-            r = api.evaluate(EvalConfig(store=str(s), state=str(out), protocol="allway", shot=4))
+            r = api.evaluate(EvalConfig(store=str(s), state=str(out), protocol="allway", shots=4))
         else:
-            r = api.evaluate(EvalConfig(store=str(s), state=str(out), shot=5, episodes=600))
+            r = api.evaluate(EvalConfig(store=str(s), state=str(out), shots=5, episodes=600))
         acc[losses] = r.accuracy
     assert acc["all"] > acc["none"] + 3.0, acc
 
@@ -443,7 +443,7 @@ def test_bench_runs_distill_rows_over_class_splits(tiny_teacher_store, tmp_path)
     s = tmp_path / "by-hand.zarr"
     api.extract(ExtractConfig(dataset="folder", root=FeatureStore.open(tiny_teacher_store).attrs["dataset"]["root"],
                               encoder=f"student:{out}", store=str(s), workers=0, device="cpu"))
-    ev = api.evaluate(EvalConfig(store=str(s), state=str(out), way=3, shot=1, query=5, episodes=30, seed=0))
+    ev = api.evaluate(EvalConfig(store=str(s), state=str(out), way=3, shots=1, query=5, episodes=30, seed=0))
     cell = next(r for r in dist if r["method"] == "mtkd" and r["seed"] == 2)
     assert cell["accuracy"] == pytest.approx(ev.accuracy, abs=1e-6)
     # refused before any cell

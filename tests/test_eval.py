@@ -110,19 +110,19 @@ def test_text_classifier_needs_joint_space(synthetic_store):
     with pytest.raises(EvaluationError, match="needs class text features in image space"):
         api.evaluate(EvalConfig(store=str(pair.path), classifier="text", episodes=10))
     joint = synthetic_store(joint=True, noise=0.3)
-    r = api.evaluate(EvalConfig(store=str(joint.path), classifier="text", episodes=100, shot=1))
+    r = api.evaluate(EvalConfig(store=str(joint.path), classifier="text", episodes=100, shots=1))
     assert r.accuracy > 60  # text anchors are the class means plus a shared gap
 
 
 def test_eval_reports_and_protocols(synthetic_store, tmp_path):
     st = synthetic_store(joint=True)
-    r = api.evaluate(EvalConfig(store=str(st.path), way=5, shot=1, query=5, episodes=100, report=str(tmp_path)))
+    r = api.evaluate(EvalConfig(store=str(st.path), way=5, shots=1, query=5, episodes=100, report=str(tmp_path)))
     d = r.to_dict()
-    for k in ("accuracy", "ci95", "episodes", "way", "shot", "query", "split", "classifier", "encoder", "seed", "seconds"):
+    for k in ("accuracy", "ci95", "episodes", "way", "shots", "query", "split", "classifier", "encoder", "seed", "seconds"):
         assert k in d
     assert 20 < r.accuracy <= 100 and r.ci95 > 0 and r.classes == 5
     assert open(r.report[1]).read().count("Episodic: 5-way 1-shot") == 1
-    a = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(1, 2, 3), report=str(tmp_path)))
+    a = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shots=2, seeds=(1, 2, 3), report=str(tmp_path)))
     assert a.classes == 20 and len(a.per_seed) == 3 and a.std >= 0 and a.n_seeds == 3
     # a real 95% interval over 3 seeds: Student t with 2 degrees of freedom, 4.303 std / sqrt(3)
     assert a.ci95 == pytest.approx(4.302653 * np.std(a.per_seed, ddof=1) / np.sqrt(3), abs=2e-3)
@@ -130,24 +130,24 @@ def test_eval_reports_and_protocols(synthetic_store, tmp_path):
     assert 0 <= a.top5 <= 100 and a.top5 >= a.accuracy and 0 <= a.mean_per_class <= 100
     md = open(a.report[1]).read()
     assert "## Per-class accuracy" in md and len(re.findall(r"\| class \d+ \|", md)) == 20 and "None" not in md
-    one = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shot=2, seeds=(2,)))
+    one = api.evaluate(EvalConfig(store=str(st.path), protocol="allway", shots=2, seeds=(2,)))
     assert one.ci95 is None and one.std is None and one.n_seeds == 1 and "no interval" in one.summary_line()
     assert one.per_seed == [a.per_seed[1]]
 
 
 def test_real_cub35_prototype_accuracy(cub35_store):
     """ImageNet EfficientNet-Lite0 prototypes on unseen CUB species (for reference ~75-80% 1-shot)."""
-    one = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=1, episodes=600, seed=0))
-    five = api.evaluate(EvalConfig(store=cub35_store, way=5, shot=5, episodes=600, seed=0))
+    one = api.evaluate(EvalConfig(store=cub35_store, way=5, shots=1, episodes=600, seed=0))
+    five = api.evaluate(EvalConfig(store=cub35_store, way=5, shots=5, episodes=600, seed=0))
     assert 74 < one.accuracy < 88 and one.ci95 < 1.5
     assert 90 < five.accuracy < 98 and five.accuracy > one.accuracy + 8
-    allway = api.evaluate(EvalConfig(store=cub35_store, protocol="allway", shot=4))
+    allway = api.evaluate(EvalConfig(store=cub35_store, protocol="allway", shots=4))
     assert 50 < allway.accuracy < 75
 
 
 def test_real_omniglot_prototype_accuracy(omniglot_store):
-    one = api.evaluate(EvalConfig(store=omniglot_store, way=5, shot=1, episodes=600, seed=0))
-    five = api.evaluate(EvalConfig(store=omniglot_store, way=5, shot=5, episodes=600, seed=0))
+    one = api.evaluate(EvalConfig(store=omniglot_store, way=5, shots=1, episodes=600, seed=0))
+    five = api.evaluate(EvalConfig(store=omniglot_store, way=5, shots=5, episodes=600, seed=0))
     assert 55 < one.accuracy < 95 and five.accuracy > one.accuracy + 5
 
 
@@ -192,8 +192,8 @@ def test_eval_uses_the_fits_thread_guard(synthetic_store, monkeypatch, protocol)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = (EvalConfig(store=str(store.path), way=3, shot=1, query=5, episodes=20) if protocol == "episodic" else
-               EvalConfig(store=str(store.path), protocol="allway", shot=2, seeds=(1,)))
+        cfg = (EvalConfig(store=str(store.path), way=3, shots=1, query=5, episodes=20) if protocol == "episodic" else
+               EvalConfig(store=str(store.path), protocol="allway", shots=2, seeds=(1,)))
         api.evaluate(cfg)
         assert seen == [1], seen
         assert torch.get_num_threads() == 2

@@ -63,7 +63,7 @@ def test_episodes_are_sampled_in_bounded_batches_and_their_number_is_bounded(sto
     # end to end: a million episodes run, and the peak memory hardly grows over 600 episodes
     script = (
         "import resource, sys\nfrom fskd import api\nfrom fskd.config import EvalConfig\n"
-        "kw = dict(store=sys.argv[1], way=2, shot=1, query=1, device='cpu')\n"
+        "kw = dict(store=sys.argv[1], way=2, shots=1, query=1, device='cpu')\n"
         "api.evaluate(EvalConfig(episodes=600, **kw))\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "r = api.evaluate(EvalConfig(episodes=1_000_000, **kw))\n"
         "print(len(r.per_episode), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
@@ -199,11 +199,11 @@ def test_forged_state_tensors_and_hparams_are_one_line(store, tmp_path):
 def test_the_python_api_rejects_wrong_types(store):
     for kwargs, needles in (({"way": "5"}, ("--way", "an integer", "'5'")), ({"way": 5.5}, ("--way", "5.5")),
                             ({"episodes": True}, ("--episodes",)), ({"seeds": (1, "2")}, ("--seeds",)),
-                            ({"shot": None}, ("--shots",))):
+                            ({"shots": None}, ("--shots",))):
         with pytest.raises(ConfigError) as e:
             EvalConfig(store=str(store), **kwargs)
         assert all(n in str(e.value) for n in needles), (kwargs, str(e.value))
-    cfg = EvalConfig(store=store, seeds=[1, 2], way=np.int64(2), shot=1, query=1, episodes=5, device="cpu")
+    cfg = EvalConfig(store=store, seeds=[1, 2], way=np.int64(2), shots=1, query=1, episodes=5, device="cpu")
     assert cfg.store == str(store) and cfg.seeds == (1, 2) and type(cfg.way) is int  # Python forms are converted
     assert api.evaluate(cfg).episodes == 5
     for call, needle in ((lambda: api.evaluate(None), "fskd.api.evaluate takes an EvalConfig, got NoneType"),
@@ -212,3 +212,16 @@ def test_the_python_api_rejects_wrong_types(store):
                          (lambda: api.bench_report(3), "bench_report: out must be a path")):
         with pytest.raises(ConfigError, match=needle):
             call()
+
+
+def test_eval_config_takes_shots_as_the_cli_does(store):
+    from fskd import api
+
+    r = api.evaluate(EvalConfig(store=str(store), protocol="allway", shots=2, seeds=(1,), device="cpu"))
+    assert r.shots == 2 and r.to_dict()["shots"] == 2
+    with pytest.raises(TypeError):
+        EvalConfig(store=str(store), shot=2)  # one name: shots, as on the CLI and in every other verb
+    import fskd.api as fa
+
+    assert {"extract", "evaluate", "adapt", "bench"} <= set(fa.__all__)
+    assert not {"np", "os", "torch", "json"} & set(fa.__all__)

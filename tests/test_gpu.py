@@ -71,7 +71,7 @@ def test_align_on_the_device_matches_cpu(synthetic_store, tmp_path):
     for dev in ("cpu", DEVICE):
         out = str(tmp_path / f"fma-{len(acc)}")
         api.align(AlignConfig(store=str(store.path), shots=4, steps=(1, 2, 4), out=out, device=dev, options=opts))
-        acc[len(acc)] = api.evaluate(EvalConfig(store=str(store.path), state=out, protocol="allway", shot=4,
+        acc[len(acc)] = api.evaluate(EvalConfig(store=str(store.path), state=out, protocol="allway", shots=4,
                                                 seeds=(1,), device=dev)).accuracy
     assert abs(acc[0] - acc[1]) < 5.0, acc  # same data and seed; kernels differ, the result should not
 
@@ -96,7 +96,7 @@ def test_coop_on_the_device_matches_cpu(photo_store, tmp_path):  # noqa: F811
         state = load_state(out)
         text[i] = state.tensors["allway.text"].float().numpy()
         assert np.isfinite(text[i]).all()
-        acc[i] = api.evaluate(EvalConfig(store=str(photo_store.path), state=out, protocol="allway", shot=2, seeds=(1,),
+        acc[i] = api.evaluate(EvalConfig(store=str(photo_store.path), state=out, protocol="allway", shots=2, seeds=(1,),
                                          device=dev)).accuracy
     assert _cos(text[0], text[1]).min() > 0.98
     assert abs(acc[0] - acc[1]) < 5.0, acc

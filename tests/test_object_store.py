@@ -134,7 +134,7 @@ def test_eval_and_adapt_read_from_s3(reference, s3_bucket, tmp_path):
     split = {k: v for k, v in reference.attrs["class_split"].items() if k != "source"}
     local = FeatureStore.from_arrays(tmp_path / "local.zarr", splits, reference.class_names, split, chunk_rows=4)
     FeatureStore.from_arrays(url, splits, reference.class_names, split, chunk_rows=4)
-    cfg = dict(protocol="allway", shot=2, seeds=(1, 2), device="cpu")
+    cfg = dict(protocol="allway", shots=2, seeds=(1, 2), device="cpu")
     a = api.evaluate(EvalConfig(store=str(local.path), **cfg))
     b = api.evaluate(EvalConfig(store=url, **cfg))
     assert b.store == url and a.per_seed == b.per_seed and a.accuracy == b.accuracy

@@ -73,7 +73,7 @@ def test_base_to_new_fits_on_the_base_half_and_transfers_where_it_can(method, jo
     st = load_state(r.out)
     assert st.hparams["class_split"] == {"base": list(range(6)), "val": [], "novel": list(range(6, 12))}
     assert "hidden" in st.metrics["base_to_new"]
-    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shot=4, seeds=(1,)))
+    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shots=4, seeds=(1,)))
     assert ev.protocol == "base-to-new" and 100 / 6 < ev.base <= 100
     if METHODS.get(method).transfers_to_new_classes:
         assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6  # above chance on unseen classes
@@ -109,18 +109,18 @@ def test_base_to_new_refusals(joint_store, tmp_path):
 
     allway = api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "a")), progress=None)
     with pytest.raises(EvaluationError, match="fitted on every class, the new half included"):
-        api.evaluate(EvalConfig(store=joint_store, state=allway.out, protocol="base-to-new", shot=4, seeds=(1,)))
+        api.evaluate(EvalConfig(store=joint_store, state=allway.out, protocol="base-to-new", shots=4, seeds=(1,)))
     b2n = _fit_b2n(joint_store, "zero-shot", tmp_path / "b")
     with pytest.raises(EvaluationError, match="evaluate it with --protocol base-to-new"):
-        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="allway", shot=4, seeds=(1,)))
+        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="allway", shots=4, seeds=(1,)))
     with pytest.raises(EvaluationError, match="--shots 4 --seeds 1"):
-        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="base-to-new", shot=4, seeds=(1, 2)))
+        api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="base-to-new", shots=4, seeds=(1, 2)))
     with pytest.raises(ConfigError, match="drop --class-split"):
         api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "c"), base_to_new=True,
                               class_ratio=(0.5, 0.25, 0.25)), progress=None)
     # no state: the text head transfers, prototypes give base only
-    t = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="text", shot=4))
-    p = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="prototype", shot=4))
+    t = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="text", shots=4))
+    p = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="prototype", shots=4))
     assert t.new is not None and p.new is None and p.base is not None and len(t.per_seed) == 3
 
 
@@ -186,5 +186,5 @@ def test_syntrans_base_to_new_at_one_shot_skips_meta_training(joint_store, tmp_p
 
     r = _fit_b2n(joint_store, "syntrans", tmp_path / "s", shots=1)
     assert r.metrics["meta.steps"] == 0 and "single row" in r.metrics["meta.task"]
-    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shot=1, seeds=(1,)))
+    ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shots=1, seeds=(1,)))
     assert ev.base > 100 / 6 and ev.new is None

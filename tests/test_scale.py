@@ -41,7 +41,7 @@ def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypa
         monkeypatch.setattr(lin, "DUAL_MAX_ROWS_PER_DIM", limit)
         api.adapt(AdaptConfig(store=store_100, method=method, shots=8, out=str(tmp_path / form),
                               options={"weight_decay": 1.0, "steps": 200, **options}), progress=None)
-        ev = api.evaluate(EvalConfig(store=store_100, state=str(tmp_path / form), protocol="allway", shot=8,
+        ev = api.evaluate(EvalConfig(store=store_100, state=str(tmp_path / form), protocol="allway", shots=8,
                                      seeds=(2,), report=None))  # seed 2: a refit, not the kept head
         acc[form] = ev.accuracy
     assert 20 < acc["dual"] < 95, acc  # neither trivial nor hopeless, so the comparison means something
@@ -75,7 +75,7 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
     state = load_state(out)
     kept = [k for k in state.tensors if k.startswith(C.FITTED + ".")]
     assert f"{C.FITTED}.support_sha256" in kept and len(kept) >= 2, kept
-    ev = lambda seed: api.evaluate(EvalConfig(store=store_100, state=str(out), protocol="allway", shot=4,  # noqa: E731
+    ev = lambda seed: api.evaluate(EvalConfig(store=store_100, state=str(out), protocol="allway", shots=4,  # noqa: E731
                                               seeds=(seed,), report=None)).accuracy
     with monkeypatch.context() as m:  # no training may run for the state's own shots
         def refuse(*a, **k):
@@ -92,7 +92,7 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
         del state.tensors[k]
     refit_dir = tmp_path / "refit"
     save_state(refit_dir, state)
-    refit = api.evaluate(EvalConfig(store=store_100, state=str(refit_dir), protocol="allway", shot=4, seeds=(1,),
+    refit = api.evaluate(EvalConfig(store=store_100, state=str(refit_dir), protocol="allway", shots=4, seeds=(1,),
                                     report=None)).accuracy
     assert abs(own - refit) <= 0.2, (own, refit)  # float rounding of a batched vs a single fit
 

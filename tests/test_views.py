@@ -67,7 +67,7 @@ def test_tip_adapter_cache_is_the_mean_of_the_views(stores, tmp_path):
     torch.testing.assert_close(sv.tensors["allway.fitted.keys"][0], want, atol=1e-5, rtol=1e-5)
     # eval on the state's own shots uses those keys; the plain store's state has none
     assert "allway.fitted.keys" not in sp.tensors
-    acc = [api.evaluate(EvalConfig(store=s, state=str(tmp_path / n), protocol="allway", shot=2, seeds=(1,))).accuracy
+    acc = [api.evaluate(EvalConfig(store=s, state=str(tmp_path / n), protocol="allway", shots=2, seeds=(1,))).accuracy
            for s, n in ((plain, "p"), (views, "v"))]
     assert all(0 <= a <= 100 for a in acc)
 
@@ -80,7 +80,7 @@ def test_tip_adapter_f_trains_on_the_views_and_eval_keeps_its_keys(stores, tmp_p
         import fskd.methods.adapt.tip_adapter_f as tf
 
         monkeypatch.setattr(tf, "train_keys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("refit")))
-    r = api.evaluate(EvalConfig(store=views, state=str(tmp_path / "f"), protocol="allway", shot=2, seeds=(1,)))
+    r = api.evaluate(EvalConfig(store=views, state=str(tmp_path / "f"), protocol="allway", shots=2, seeds=(1,)))
     assert 0 <= r.accuracy <= 100
 
 

@@ -1,6 +1,6 @@
 """Paired comparison of two evaluation reports (``fskd compare A.json B.json``).
 
-Two methods evaluated on the same store with the same episodes (same way, shot, query, episode
+Two methods evaluated on the same store with the same episodes (same way, shots, query, episode
 count, split and seed) or the same all-way seeds are paired: the difference is taken per episode
 or per seed, and its mean gets a 95% CI by the same rule as the accuracies (normal approximation
 over episodes, Student t over seeds). A pair that is not the same experiment is refused, naming
@@ -17,8 +17,8 @@ from fskd.evaluation.metrics import paired_difference
 from fskd.fsutil import read_small_file
 
 #: result fields that must agree for two reports to be paired
-PAIRED = {"episodic": ("store_fingerprint", "split", "way", "shot", "query", "episodes", "seed"),
-          "allway": ("store_fingerprint", "shot", "seeds")}
+PAIRED = {"episodic": ("store_fingerprint", "split", "way", "shots", "query", "episodes", "seed"),
+          "allway": ("store_fingerprint", "shots", "seeds")}
 
 
 def read_report(path: str | Path) -> dict:

@@ -56,11 +56,11 @@ def report_name(result) -> str:
     store = _slug(Path(result.store).name.removesuffix(".zarr"))
     who = _slug(Path(result.state).name) if result.state else _slug(result.classifier)
     if result.protocol == "episodic":
-        what = f"episodic_{result.split}_{result.way}way{result.shot}shot_q{result.query}_e{result.episodes}_seed{result.seed}"
+        what = f"episodic_{result.split}_{result.way}way{result.shots}shot_q{result.query}_e{result.episodes}_seed{result.seed}"
     else:
         kind = {"base-to-new": "base2new", "cross-dataset": "crossdataset", "domain-shift": "domainshift"}.get(
             result.protocol, "allway")
-        what = f"{kind}_{result.shot}shot_seeds{'-'.join(map(str, result.seeds))}"
+        what = f"{kind}_{result.shots}shot_seeds{'-'.join(map(str, result.seeds))}"
     return f"{store}_{who}_{what}"
 
 
