@@ -5,14 +5,14 @@ VENV ?= .venv
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench docs clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[offline,dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[offline,dev,docs]'
 	touch $@
 
 demo: install
@@ -30,5 +30,9 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
+# The documentation site (mkdocs.yml): every warning is an error; the output is site/.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

@@ -55,7 +55,7 @@ from fskd.runtime import compute_threads, dist_info, resolve_device, store_numel
 from fskd.store import FeatureStore
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
-from fskd.store.location import absolute_store
+from fskd.store.location import absolute_store, backend_errors
 from fskd.store.location import configure as configure_storage  # noqa: F401 - part of the api
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
         check_writable(cfg.report, "--report")  # before the work, not after it
         if store_containing(cfg.report) is not None:
             raise OutputError(f"--report {cfg.report} is inside a feature store; write reports somewhere else")
-    store = FeatureStore.open(cfg.store)
-    store.check_complete()
-    # the same thread guard as the fits (adapt's threads_by_store)
-    with compute_threads(store_numel(store)), _state_fits(cfg):
-        return _evaluate_store(cfg, store, t0)
+    # a store on object storage that stops answering mid-way: one error naming the URL
+    with backend_errors(cfg.store):
+        store = FeatureStore.open(cfg.store)
+        store.check_complete()
+        # the same thread guard as the fits (adapt's threads_by_store)
+        with compute_threads(store_numel(store)), _state_fits(cfg):
+            return _evaluate_store(cfg, store, t0)
 
 
 #: what a state's head raises when its tensors or hyper-parameters do not fit the store it scores
@@ -540,6 +542,11 @@ class FitResult:
 
 
 def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None) -> FitResult:
+    with backend_errors(config.store):  # a store on object storage that stops answering: one error naming it
+        return _fit_store(kind, config, progress)
+
+
+def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None) -> FitResult:
     t0 = time.perf_counter()
     method_cls = METHODS.get(config.method)
     if method_cls.kind != kind:

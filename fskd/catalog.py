@@ -36,11 +36,13 @@ def store_info(path: str, check: bool = False) -> dict:
     """Summary of a feature store: encoder, dataset, classes, splits, completeness, skipped and
     ignored files, missing chunks; ``check``: every chunk verified against its checksum."""
     from fskd.store import FeatureStore
+    from fskd.store.location import backend_errors
 
-    store = FeatureStore.open(path)
-    out = store.summary()
-    if check:
-        out["check"] = store.check_report()
+    with backend_errors(path):  # a store on object storage that stops answering: one error naming it
+        store = FeatureStore.open(path)
+        out = store.summary()
+        if check:
+            out["check"] = store.check_report()
     return out
 
 

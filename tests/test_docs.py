@@ -5,6 +5,8 @@ methods and benchmark commands, and (with mkdocs installed) the site builds with
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import os
 import re
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import typer
 
+from fskd import config as fskd_config
 from fskd.catalog import registries
 from fskd.cli import app
 
@@ -101,6 +104,18 @@ def test_generated_sections_name_real_commands_and_methods():
         for kind, arg in re.findall(r"^<!-- fskd-(cli|method-options)(?::\s*(\S+))?\s*-->", page.read_text(), re.M):
             known = (verbs | {"all"}) if kind == "cli" else methods
             assert arg in known, f"{page.relative_to(ROOT)}: <!-- fskd-{kind}: {arg} --> names nothing known"
+
+
+@pytest.mark.parametrize("path", [README, *_own_pages()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_snippets_use_real_config_fields(path):
+    """Every ``XConfig(key=...)`` in a ```python block names fields the config has."""
+    for block in re.findall(r"^```python\n(.*?)^```", path.read_text(), re.M | re.S):
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.endswith("Config"):
+                cls = getattr(fskd_config, node.func.id)
+                fields = {f.name for f in dataclasses.fields(cls)}
+                unknown = [k.arg for k in node.keywords if k.arg not in fields]
+                assert not unknown, f"{path.relative_to(ROOT)}: {node.func.id} has no field(s) {unknown}"
 
 
 def test_every_benchmark_table_has_its_command():

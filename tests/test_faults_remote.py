@@ -356,3 +356,24 @@ def test_kills_during_creation_are_made_again(images, reference, s3_bucket):
     assert json.loads(cli("info", url, "--check", "--json").stdout)["check"]["ok"]
     fs.invalidate_cache()
     assert sorted(o.rsplit("/", 1)[-1] for o in fs.ls(url[5:])) == sorted([*reference.splits, "text", "zarr.json"])
+
+
+def test_a_stalled_read_is_named_as_the_network_never_as_damage(images, s3_bucket, proxy):
+    """A store read over a connection that stops answering (eval, info --check, extract's
+    verification) is one error naming the URL and the timeout: not "damaged", and not a chunk
+    marked for re-encoding."""
+    url = f"{s3_bucket}/readable.zarr"
+    cli(*_args(images, url))
+    configure({**FAST, "endpoint_url": proxy.url})
+    try:
+        st = FeatureStore.open(url)  # metadata through the proxy, still answering
+        proxy.stall()
+        for read in (lambda: st.features("test"), lambda: st.check_report(), lambda: st.damaged_chunks(verify=True)):
+            t0 = time.perf_counter()
+            with pytest.raises(StoreError) as e:
+                read()
+            assert "stopped answering" in str(e.value) and url in str(e.value), str(e.value)
+            assert "damaged" not in str(e.value) and time.perf_counter() - t0 < 20
+    finally:
+        configure(None)
+    assert json.loads(cli("info", url, "--check", "--json").stdout)["check"]["ok"]  # nothing was marked

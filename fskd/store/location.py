@@ -502,6 +502,15 @@ def backend_errors(spec: str | Path | Location) -> Iterator[None]:
             raise StoreError(f"--store {loc}: storage error ({type(other).__name__}: {other})") from None
 
 
+def raise_if_backend(loc: Location, e: BaseException) -> None:
+    """Raise ``e`` as one StoreError naming the URL when the storage backend raised it (a timeout, a
+    refused connection, a denied request): that is the network, not damage of the store, so a
+    reader must not report (or an extract re-encode) the chunk as damaged. Returns otherwise."""
+    if loc.is_remote and _from_backend(e):
+        with backend_errors(loc):
+            raise e
+
+
 def _missing_bucket(e: OSError) -> bool:
     text = str(e).lower()
     return "bucket" in text and ("not exist" in text or "nosuchbucket" in text or "not found" in text)

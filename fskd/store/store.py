@@ -21,7 +21,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.location import ConditionFailed, Location, remote_errors
+from fskd.store.location import (
+    ConditionFailed,
+    Location,
+    backend_errors,
+    raise_if_backend,
+    remote_errors,
+)
 
 
 @dataclass
@@ -63,7 +69,7 @@ def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
 
 
 def _verify_chunks(features: zarr.Array, labels: zarr.Array, sums: np.ndarray, written: np.ndarray, rows: int,
-                   bad: dict[int, str]) -> None:
+                   bad: dict[int, str], location: Location) -> None:
     """Re-compute the CRC-32 of every written row chunk not already in ``bad``; add the ones that
     cannot be decoded or do not match their stored checksum to ``bad`` (chunk -> reason)."""
     n = features.shape[0]
@@ -74,7 +80,8 @@ def _verify_chunks(features: zarr.Array, labels: zarr.Array, sums: np.ndarray, w
         sl = slice(c * rows, min(n, (c + 1) * rows))
         try:
             crc = S.chunk_checksum(features[sl], labels[sl])
-        except Exception as e:  # undecodable chunk
+        except Exception as e:  # undecodable chunk (a storage timeout is not damage: raised as such)
+            raise_if_backend(location, e)
             bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
             continue
         if crc != int(sums[c]):
@@ -398,6 +405,9 @@ class FeatureStore:
             return self.group[name]
         except KeyError:
             raise self._missing(f"group {name!r}") from None
+        except Exception as e:  # a remote that stopped answering: the network, named as such
+            raise_if_backend(self.location, e)
+            raise
 
     def _missing(self, what: str) -> StoreError:
         """The error for a group or array that is not there: the whole store removed while in use
@@ -668,9 +678,13 @@ class FeatureStore:
             arr = group[name]
         except KeyError:
             raise self._missing(f"array {split}/{name}") from None
+        except Exception as e:
+            raise_if_backend(self.location, e)
+            raise
         try:
             out = arr[sel]
         except Exception as e:  # codec errors (CRC-32C mismatch included) come as RuntimeError, ValueError, ...
+            raise_if_backend(self.location, e)
             where = f"chunk {chunk}" if chunk is not None else "a chunk"
             raise StoreError(
                 f"{self.path}: cannot read {split}/{name} {where} ({type(e).__name__}: {e}); the store is damaged. "
@@ -697,7 +711,12 @@ class FeatureStore:
     def missing_chunks(self) -> list[str]:
         """Chunk objects that should exist and do not, as ``split/array chunk i`` strings: written
         feature chunks, and every chunk of the labels, ids, checksums (written) and text arrays.
-        Cheap: one listing per array, no data read."""
+        Cheap: one listing per array, no data read. A remote that stops answering is a StoreError
+        naming the URL, never a list of missing chunks."""
+        with backend_errors(self.location):
+            return self._missing_chunks()
+
+    def _missing_chunks(self) -> list[str]:
         out: list[str] = []
         for split in self.splits:
             g = self._split(split)
@@ -725,6 +744,10 @@ class FeatureStore:
         features/labels/checksum object is missing, or (``verify``) they cannot be decoded or their
         CRC-32 differs from the one stored at write time. Reads every written chunk when verifying.
         ``missing``: :meth:`missing_chunks` when the caller listed them already."""
+        with backend_errors(self.location):
+            return self._damaged_chunks(verify, missing)
+
+    def _damaged_chunks(self, verify: bool, missing: list[str] | None) -> dict[str, dict[int, str]]:
         out: dict[str, dict[int, str]] = {}
         missing = self.missing_chunks() if missing is None else missing
         for split in self.splits:
@@ -737,7 +760,7 @@ class FeatureStore:
             if verify:
                 g = self._split(split)
                 _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(self._read(split, S.CHECKSUMS, slice(None))),
-                               self.written(split), self.chunk_rows, bad)
+                               self.written(split), self.chunk_rows, bad, self.location)
             if bad:
                 out[split] = dict(sorted(bad.items()))
         return out
@@ -895,7 +918,8 @@ class FeatureStore:
                 if _chunk_key(arr, coords) not in have:
                     bad.setdefault(int(c), f"{name} chunk object missing")
         if verify:
-            _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), written, self.chunk_rows, bad)
+            _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), written, self.chunk_rows, bad,
+                           self.location)
         return dict(sorted(bad.items()))
 
     def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
@@ -931,6 +955,7 @@ class FeatureStore:
             try:
                 block = g[S.FEATURES][start:min(m, start + self.chunk_rows)]
             except Exception as e:
+                raise_if_backend(self.location, e)
                 raise StoreError(f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
                                  f"`fskd info --check {self.path}` lists the damage") from None
             self._check_finite(block, "views/features", c)
@@ -991,6 +1016,7 @@ class FeatureStore:
                 try:
                     block = arr.get_orthogonal_selection((part, slice(None)))
                 except Exception as e:
+                    raise_if_backend(self.location, e)
                     raise StoreError(f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
                                      f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage") from None
                 self._check_finite(block, f"{split}/features", c, rows=part)
