@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all lint bench docs clean
+.PHONY: install demo test smoke test-all lint bench docs clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# A quick tier for a first contribution: synthetic stores and tiny models only, no dataset encoding.
+SMOKE := tests/test_layering.py tests/test_store.py tests/test_eval.py tests/test_cli.py tests/test_bench.py \
+	tests/test_faults_errors.py tests/test_docs.py
+smoke: install
+	$(BIN)/python -m pytest -q $(SMOKE)
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"

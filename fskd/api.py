@@ -661,6 +661,7 @@ class DemoResult:
     rows: list[dict]
     report: str
     seconds: float
+    plot: str = ""  # demo.png: accuracy vs shots with 95% CIs
 
 
 def _forget_demo_reports(out: Path) -> None:
@@ -687,6 +688,7 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
     root = Path(config.data_root)
     roots = {"cub": root / "cub35", "omniglot": root / "omniglot"}
     rows: list[dict] = []
+    points: list[tuple] = []  # (dataset, protocol, K, accuracy, 95% CI) for the plot
     out = Path(config.out)
     _forget_demo_reports(out)
     for ds in config.datasets:
@@ -699,11 +701,13 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
                               workers=config.workers), progress)
         for shot in (1, 5):
             r = evaluate(EvalConfig(store=str(store), way=5, shots=shot, query=15, episodes=config.episodes, report=str(out)))
+            points.append((ds, "5-way novel", shot, r.accuracy, r.ci95))
             rows.append({"dataset": ds, "protocol": f"5-way {shot}-shot novel", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
                          "classes": r.classes, "episodes": r.episodes, "eval s": r.eval_seconds, "report": r.report})
         if ds == "cub":
             for shot in (1, 4, 16):
                 r = evaluate(EvalConfig(store=str(store), protocol="allway", shots=shot, report=str(out)))
+                points.append((ds, "all-way", shot, r.accuracy, r.ci95))
                 rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
                              "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds, "report": r.report})
     table = markdown_table(rows, ["dataset", "protocol", "accuracy", "classes", "episodes", "eval s"])
@@ -717,7 +721,10 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
     )
 
     (out / "demo.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    return DemoResult(rows=rows, report=str(report), seconds=round(time.perf_counter() - t0, 2))
+    from fskd.reports.plots import demo_plot
+
+    plot = demo_plot(out / "demo.png", points, config.encoder, config.episodes)
+    return DemoResult(rows=rows, report=str(report), seconds=round(time.perf_counter() - t0, 2), plot=str(plot))
 
 
 # -- fskd bench: the grid runner ------------------------------------------------------------------

@@ -734,7 +734,7 @@ def demo(
     """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
     r = _run(_api().demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
     typer.echo(open(r.report, encoding="utf-8").read())
-    typer.echo(f"report: {r.report}  ({r.seconds:.0f} s)")
+    typer.echo(f"report: {r.report}  plot: {r.plot}  ({r.seconds:.0f} s)")
 
 
 def main() -> None:

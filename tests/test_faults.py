@@ -777,3 +777,44 @@ def test_ctrl_c_during_extract_says_where_it_stopped_and_a_rerun_resumes(images,
     assert "Traceback" not in res.stderr
     cli("extract", "folder", "--root", images, "--store", path, *EXTRACT)
     assert allway(path) == allway(store)
+
+
+def test_a_missing_store_lists_the_stores_nearby(store, tmp_path):
+    res = cli("eval", "--store", store.with_name("s.zar"), ok=False)
+    user_error(res, "does not exist", "stores nearby", str(store))
+
+
+def test_a_state_of_another_store_points_to_the_transfer_protocols(store, images, tmp_path):
+    other = tmp_path / "o.zarr"
+    extract(images, other, "--split-seed", "7")
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", tmp_path / "st")
+    res = cli("eval", "--store", other, "--state", tmp_path / "st", "--protocol", "allway", "--shots", "1", ok=False)
+    user_error(res, "was fitted on store", "--protocol cross-dataset", "--protocol domain-shift")
+
+
+def test_bench_says_why_a_cell_is_not_applicable_on_the_console(store, tmp_path):
+    res = run_fskd("bench", "--stores", store, "--methods", "prototype", "--shots", "1,64", "--seeds", "1",
+                   "--out", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    na = [ln for ln in res.stderr.splitlines() if "is n/a" in ln]
+    assert len(na) == 1 and "64-shot" in na[0] and "smallest class" in na[0], res.stderr
+
+
+def test_a_far_below_line_does_not_squeeze_the_plot(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fskd.reports.plots import _fit_y_range
+
+    fig, ax = plt.subplots()
+    lines = {f"m{i}": np.array([60.0 + i, 70.0 + i, 77.0]) for i in range(6)}
+    lines["zero-shot"] = np.array([8.0, 8.0, 8.0])
+    for y in lines.values():
+        ax.plot([1, 4, 16], y)
+    _fit_y_range(ax, lines)
+    lo, hi = ax.get_ylim()
+    assert 55 < lo < 60 and 77 < hi < 80
+    assert any("zero-shot: 8.0-8.0%" in t.get_text() for t in ax.texts)
+    plt.close(fig)
