@@ -21,15 +21,47 @@ def registries() -> dict[str, dict[str, str]]:
     }
 
 
-def method_info(name: str) -> dict:
-    """A method's kind, description and ``--set`` options (name, type, default, range, meaning);
-    imports the method's module."""
+#: every method's ``--set`` options as :func:`live_method_info` gives them, written by
+#: ``python -m fskd.catalog`` so that ``fskd methods NAME`` answers without importing torch;
+#: tests/test_cli_startup.py fails when it differs from the live options (regenerate it then)
+OPTIONS_FILE = "method_options.json"
+
+
+def live_method_info(name: str) -> dict:
+    """A method's kind, description and ``--set`` options (name, type, default, range, meaning),
+    read from the method's class (imports its module, and so torch)."""
     from fskd.config import describe_options
     from fskd.methods import METHODS
 
     cls = METHODS.get(name)
     return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
             "options": describe_options(cls.options) if cls.options is not None else []}
+
+
+def method_info(name: str) -> dict:
+    """:func:`live_method_info` from the generated :data:`OPTIONS_FILE` (no torch); a method it
+    does not list (one registered since, or by a plugin) is read live."""
+    import json
+    from pathlib import Path
+
+    try:
+        table = json.loads((Path(__file__).parent / "methods" / OPTIONS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    return table[name] if name in table else live_method_info(name)
+
+
+def write_options_file():
+    """Regenerate :data:`OPTIONS_FILE` from the live registry (``python -m fskd.catalog``)."""
+    import json
+    from pathlib import Path
+
+    from fskd.methods import METHODS
+
+    path = Path(__file__).parent / "methods" / OPTIONS_FILE
+    path.write_text(json.dumps({n: live_method_info(n) for n in METHODS.names()}, indent=1, sort_keys=True) + "\n",
+                    encoding="utf-8")
+    return path
 
 
 def store_info(path: str, check: bool = False) -> dict:
@@ -52,3 +84,7 @@ def configure_storage(options: dict | str | None) -> None:
     from fskd.store.location import configure
 
     configure(options)
+
+
+if __name__ == "__main__":
+    print(write_options_file())

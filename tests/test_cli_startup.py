@@ -49,6 +49,7 @@ def fitted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["datasets"], ["encoders"], ["classifiers"], ["methods"],
+                                  ["methods", "tip-adapter"], ["methods", "fma", "--json"],
                                   ["adapt", "--help"], ["eval", "--help"]])
 def test_listings_and_help_import_no_torch(args):
     assert loaded_by(*args) == []
@@ -68,3 +69,17 @@ def test_eval_imports_no_image_model_library(fitted, how, tmp_path):
     assert "torch" in loaded  # it computes
     assert not loaded & MODEL_LIBS, loaded
     assert list((tmp_path / "r").glob("*.json")), "the report (with package versions) was written"
+
+
+def test_the_method_options_file_is_current():
+    """``fskd methods NAME`` reads fskd/methods/method_options.json (no torch); it must equal the
+    live options. When this fails, regenerate it: ``python -m fskd.catalog``."""
+    import json
+    from pathlib import Path
+
+    from fskd import catalog
+    from fskd.methods import METHODS
+
+    written = json.loads((Path(catalog.__file__).parent / "methods" / catalog.OPTIONS_FILE).read_text())
+    live = {n: json.loads(json.dumps(catalog.live_method_info(n))) for n in METHODS.names()}
+    assert written == live, "fskd/methods/method_options.json is stale: run `python -m fskd.catalog`"
