@@ -632,3 +632,72 @@ class BenchConfig(Config):
         """The grid's row names, in order."""
         return [label for label, _ in self.method_pairs()]
 
+
+
+#: what ``fskd predict --out`` writes, by the file's suffix
+PREDICT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+#: what ``fskd export --format`` writes
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass(frozen=True)
+class PredictConfig(Config):
+    """``fskd predict``: a fitted state's all-way head on new images (``images``: a folder, an image or
+    a file listing paths; ``csv``: a file with a ``path`` column) or on a store split's cached features
+    (``split``, no encoding; adds the true ``label``). ``store``: the state's store when it moved."""
+
+    state: str = ""
+    out: str = ""
+    images: str | None = None
+    csv: str | None = None
+    store: str | None = None
+    split: str | None = None
+    top_k: int = 5
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    skip_bad: bool = False
+    force: bool = False
+
+    RANGES = {"top_k": (">=", 1), "batch_size": (">=", 1), "workers": (">=", 0)}
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            raise ConfigError("--state is required (a state directory written by fskd adapt or align)")
+        if not self.out:
+            raise ConfigError("--out is required (preds.csv or preds.jsonl)")
+        if Path(self.out).suffix.lower() not in PREDICT_FORMATS:
+            raise ConfigError(f"--out {self.out}: the name must end in {' or '.join(PREDICT_FORMATS)} (the format)")
+        given = [f"--{n}" for n in ("images", "csv", "split") if getattr(self, n)]
+        if len(given) != 1:
+            raise ConfigError(f"give exactly one of --images PATH, --csv FILE or --split SPLIT (with --store), got "
+                              f"{' and '.join(given) or 'none'}")
+
+    @property
+    def format(self) -> str:
+        return PREDICT_FORMATS[Path(self.out).suffix.lower()]
+
+
+@dataclass(frozen=True)
+class ExportConfig(Config):
+    """``fskd export``: the store's image encoder + the state's all-way head + the class names in one
+    file (``format`` onnx or torchscript) taking a preprocessed image batch (n, 3, H, W) and
+    returning class probabilities (n, C); the preprocessing travels in its metadata."""
+
+    state: str = ""
+    out: str = ""
+    format: str = "onnx"
+    store: str | None = None
+    opset: int = 17
+    force: bool = False
+
+    RANGES = {"opset": (">=", 13)}
+    MAXIMA = {"opset": 25}
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            raise ConfigError("--state is required (a state directory written by fskd adapt or align)")
+        if not self.out:
+            raise ConfigError("--out is required (model.onnx or model.pt)")
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")

@@ -377,3 +377,21 @@ def test_a_stalled_read_is_named_as_the_network_never_as_damage(images, s3_bucke
     finally:
         configure(None)
     assert json.loads(cli("info", url, "--check", "--json").stdout)["check"]["ok"]  # nothing was marked
+
+
+def test_a_flipped_byte_in_an_s3_chunk_is_refused_on_read(images, s3_bucket):
+    """The read-time CRC-32C holds on object storage too: a chunk object whose bytes changed (and
+    still decode) fails eval with one line naming the chunk; the same extract repairs it."""
+    url = f"{s3_bucket}/flipped.zarr"
+    cli(*_args(images, url))
+    good = allway(url)
+    fs = _s3()
+    st = FeatureStore.open(url)
+    arr = st.group["test"]["features"]
+    key = f"{url[5:]}/test/features/{arr.metadata.encode_chunk_key((1, 0))}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(key, bytes(data))
+    user_error(cli("eval", "--store", url, "--protocol", "allway", "--shots", "1", ok=False), "test/features chunk 1")
+    res = cli(*_args(images, url))
+    assert "repaired 1 damaged chunk(s) of test" in res.stdout and allway(url) == good

@@ -685,6 +685,7 @@ class FeatureStore:
             out = arr[sel]
         except Exception as e:  # codec errors (CRC-32C mismatch included) come as RuntimeError, ValueError, ...
             raise_if_backend(self.location, e)
+            chunk = self._failing_chunk(arr, sel, chunk)
             where = f"chunk {chunk}" if chunk is not None else "a chunk"
             raise StoreError(
                 f"{self.path}: cannot read {split}/{name} {where} ({type(e).__name__}: {e}); the store is damaged. "
@@ -693,6 +694,21 @@ class FeatureStore:
         if name == S.FEATURES:
             self._check_finite(out, f"{split}/features", chunk)
         return out
+
+    def _failing_chunk(self, arr: zarr.Array, sel, first: int | None) -> int | None:
+        """The row chunk that fails to read among those a slice ``sel`` of rows spans (a read of
+        several chunks at once, on object storage, does not say which one failed)."""
+        if not isinstance(sel, slice) or arr.ndim == 0:
+            return first
+        rows = arr.chunks[0]
+        start, stop, _ = sel.indices(arr.shape[0])
+        for c in range(start // rows, -(-stop // rows)):
+            try:
+                arr[c * rows:min(stop, (c + 1) * rows)]
+            except Exception as e:
+                raise_if_backend(self.location, e)
+                return c
+        return first
 
     def _check_finite(self, block: np.ndarray, array: str, chunk: int | None, rows: np.ndarray | None = None) -> None:
         """Refuse features holding NaN or inf (a decodable chunk of garbage would otherwise score at
@@ -1017,6 +1033,8 @@ class FeatureStore:
                     block = arr.get_orthogonal_selection((part, slice(None)))
                 except Exception as e:
                     raise_if_backend(self.location, e)
+                    for cc in np.unique(chunk[lo:hi]):  # name the chunk: read them one at a time
+                        self._read(split, S.FEATURES, slice(int(cc) * cr, min(n, (int(cc) + 1) * cr)), int(cc))
                     raise StoreError(f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
                                      f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage") from None
                 self._check_finite(block, f"{split}/features", c, rows=part)
