@@ -1110,3 +1110,53 @@ def bench_report(out: str) -> list[str]:
     rows = Results(d).rows
     check_rows(rows, d / RESULTS)
     return [str(p) for p in write_outputs(d, rows, config, cells)]
+
+
+# -- deploy: predict on new images, export a model file (fskd.deploy; loaded on first use) -----------
+def load_classifier(state_dir: str, store: str | None = None, device: str = "auto"):
+    """The all-way head of a fitted state over its store's classes, ready for new images:
+    ``clf.predict(paths | PIL images | features (n, D))`` returns one dict per input with the
+    columns ``fskd predict`` writes. ``store``: the state's store when it moved (checked by
+    fingerprint). See :class:`fskd.deploy.classifier.Classifier`."""
+    from fskd.deploy.classifier import Classifier
+
+    _path_arg(state_dir, "state_dir", "load_classifier")
+    with backend_errors(store or ""):
+        return Classifier(state_dir, store, device)
+
+
+def predict(config, progress: Progress | str | None = AUTO):
+    """Predict with a fitted state's all-way head (``fskd predict``): new images (encoded with the
+    store's encoder) or a store split's cached features; one row per image, written under a
+    temporary name and renamed when complete. ``progress`` as :func:`extract`'s."""
+    from fskd.deploy.predict import predict as _predict
+
+    _takes(config, PredictConfig, "predict")
+    with backend_errors(config.store or ""):
+        return _predict(config, resolve_progress(progress, extract_bar, extract_log))
+
+
+def export(config):
+    """Export a fitted state (``fskd export``): the image encoder, the all-way head and the class
+    names in one ONNX or TorchScript file taking preprocessed images, returning probabilities."""
+    from fskd.deploy.export import export as _export
+
+    _takes(config, ExportConfig, "export")
+    return _export(config)
+
+
+from fskd.config import ExportConfig, PredictConfig  # noqa: E402 - the deploy verbs' configs, part of the api
+
+__all__ += ["load_classifier", "predict", "export", "PredictConfig", "ExportConfig", "PredictResult", "ExportResult"]
+
+
+def __getattr__(name: str):  # the deploy result classes load with fskd.deploy, on first use
+    if name == "PredictResult":
+        from fskd.deploy.predict import PredictResult
+
+        return PredictResult
+    if name == "ExportResult":
+        from fskd.deploy.export import ExportResult
+
+        return ExportResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,9 @@ from fskd.config import (  # noqa: E402
     DemoConfig,
     DistillConfig,
     EvalConfig,
+    ExportConfig,
     ExtractConfig,
+    PredictConfig,
 )
 from fskd.errors import FskdError, OutputError  # noqa: E402
 
@@ -209,9 +211,30 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: the warnings this command has said on stderr (a log record or a printed line): each is said once
+_SAID: set[str] = set()
+
+
+def _warn(text: str) -> None:
+    """Print a result's warning unless the library already logged it in this command."""
+    if any(text in said for said in _SAID):
+        return
+    _SAID.add(text)
+    typer.echo(f"warning: {text}", err=True)
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at each record (not the stream of the first call), so
-    repeated in-process invocations (tests, notebooks) never log into a closed stream."""
+    repeated in-process invocations (tests, notebooks) never log into a closed stream. A warning
+    already said in this command is not said again."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            msg = record.getMessage()
+            if msg in _SAID:
+                return
+            _SAID.add(msg)
+        super().emit(record)
 
     @property
     def stream(self):
@@ -229,6 +252,7 @@ def _main(
                                           is_eager=True)] = False,
 ) -> None:
     _JSON["on"] = False  # each command that takes --json sets it again
+    _SAID.clear()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         handlers=[_StderrHandler()])
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
@@ -453,7 +477,7 @@ def _print_eval(r, as_json: bool) -> None:
         return
     typer.echo(f"{r.summary_line()}  [{r.eval_seconds:.2f} s]")
     for w in r.warnings:
-        typer.echo(f"warning: {w}", err=True)
+        _warn(w)
     for path in r.report:
         typer.echo(f"report: {path}")
 
@@ -516,7 +540,7 @@ def _fit_summary(r, as_json: bool = False) -> None:
     if scalars:
         typer.echo("metrics: " + ", ".join(f"{k}={_short(v, 60)}" for k, v in scalars.items()))
     for w in r.warnings:
-        typer.echo(f"warning: {w}", err=True)
+        _warn(w)
 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option (repeatable); `fskd methods METHOD` lists them.", metavar="KEY=VALUE", rich_help_panel=FIT)]
@@ -735,6 +759,66 @@ def demo(
     r = _run(_api().demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
     typer.echo(open(r.report, encoding="utf-8").read())
     typer.echo(f"report: {r.report}  plot: {r.plot}  ({r.seconds:.0f} s)")
+
+
+ExportFormat = _choices("ExportFormat", ["onnx", "torchscript"])
+
+
+@app.command()
+def predict(
+    state: Annotated[str, typer.Option(help="State directory written by fskd adapt or align (its all-way head predicts).", metavar="DIR")],
+    out: Annotated[str, typer.Option(help="Output file: .csv (with a header) or .jsonl; OUT.fskd.json beside it records what wrote it.", metavar="FILE", rich_help_panel=OUTPUT)],
+    images: Annotated[str | None, typer.Option(help="A folder (read recursively), one image, or a text file listing image paths.", metavar="PATH")] = None,
+    csv: Annotated[str | None, typer.Option("--csv", help="A CSV file with a 'path' column (relative paths: from its folder).", metavar="FILE")] = None,
+    store: Annotated[str | None, typer.Option(help="The state's feature store (default: the one it names; give it when the store moved). With --split: predict that split's cached features.", metavar="PATH|URL")] = None,
+    split: Annotated[str | None, typer.Option(help="Predict a store split (e.g. test) from its cached features, no encoding; adds the true 'label' column.", metavar="SPLIT")] = None,
+    top_k: Annotated[int, typer.Option(help="Top-k class names and probabilities per row.", metavar="K")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="Leave unreadable images out and name them in OUT.fskd.json (default: stop at the first, naming it).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if fskd predict wrote it (never any other file).", rich_help_panel=OUTPUT)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (count, seconds, images/s).", rich_help_panel=OUTPUT)] = False,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Classify new images (or a store split) with a fitted state's all-way head: one row per image."""
+    _JSON["on"] = as_json
+    _storage(storage_options)
+    cfg = _run(PredictConfig, state=state, out=out, images=images, csv=csv, store=store, split=split, top_k=top_k,
+               batch_size=batch_size, workers=workers, device=device, skip_bad=skip_bad, force=force)
+    r = _run(_api().predict, cfg)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict()))
+        return
+    acc = f"; top-1 accuracy {r.accuracy:.2f}% against the label column" if r.accuracy is not None else ""
+    typer.echo(f"{r.out}: {r.count} rows from {r.source} in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s){acc}")
+    if r.skipped:
+        typer.echo(f"warning: skipped {r.skipped} unreadable file(s) (listed in {r.manifest}): "
+                   f"{', '.join(r.skipped_files[:3])}", err=True)
+
+
+@app.command()
+def export(
+    state: Annotated[str, typer.Option(help="State directory written by fskd adapt or align (its all-way head is exported).", metavar="DIR")],
+    out: Annotated[str, typer.Option(help="The model file to write (model.onnx, model.pt).", metavar="FILE", rich_help_panel=OUTPUT)],
+    format: Annotated[ExportFormat, typer.Option("--format", help="onnx (metadata_props) or torchscript (extra file fskd.json).")] = "onnx",
+    store: Annotated[str | None, typer.Option(help="The state's feature store, when it moved.", metavar="PATH|URL")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.", metavar="N")] = 17,
+    force: Annotated[bool, typer.Option(help="Replace --out if fskd export wrote it (never any other file).", rich_help_panel=OUTPUT)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Export encoder + all-way head + class names to one ONNX or TorchScript file (preprocessed images in, probabilities out)."""
+    _JSON["on"] = as_json
+    cfg = _run(ExportConfig, state=state, out=out, format=_value(format), store=store, opset=opset, force=force)
+    r = _run(_api().export, cfg)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict()))
+        return
+    p = r.preprocess
+    typer.echo(f"{r.out}: {r.format}, {r.bytes / 2**20:.1f} MiB, {r.parameters:,} parameters, {r.classes} classes "
+               f"({r.method} on {r.encoder}); input images {r.input_shape} (resize {p['resize']} {p['interpolation']}, "
+               f"crop {p['crop']}, mean {[round(v, 4) for v in p['mean']]}, std {[round(v, 4) for v in p['std']]}); "
+               f"checked against PyTorch: max probability difference {r.max_difference:.2g} [{r.seconds:.1f} s]")
 
 
 def main() -> None:

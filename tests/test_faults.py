@@ -818,3 +818,15 @@ def test_a_far_below_line_does_not_squeeze_the_plot(tmp_path):
     assert 55 < lo < 60 and 77 < hi < 80
     assert any("zero-shot: 8.0-8.0%" in t.get_text() for t in ax.texts)
     plt.close(fig)
+
+
+def test_each_warning_is_said_once(store, tmp_path):
+    out = tmp_path / "st"
+    for args, needle in (
+            (["adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--device", "cpu"],
+             "val classes (fewer than 5)"),
+            (["eval", "--store", store, "--state", out, "--protocol", "allway", "--shots", "1", "--device", "cpu"],
+             "were chosen for 1 shots and seed 1")):
+        res = run_fskd(*args)
+        assert res.returncode == 0, res.stderr
+        assert [needle in ln for ln in res.stderr.splitlines()].count(True) == 1, res.stderr

@@ -24,6 +24,14 @@ METHODS.lazy("lp++", "fskd.methods.adapt.lp_pp", kind="adapt",
              help="LP++ as published: probe + class-wise text blend, SGD at Lipschitz step sizes, early stopping on val")
 METHODS.lazy("lp++-tuned", "fskd.methods.adapt.lp_pp_tuned", kind="adapt",
              help="fskd's LP++ variant: centred features, Adam, alpha0 / decay / steps searched on validation")
+METHODS.lazy("gda", "fskd.methods.adapt.gda", kind="adapt",
+             help="GDA (Wang et al., ICLR 2024): shared-covariance Gaussians on the shots (the authors' shrunk "
+                  "precision) + zero-shot logits, blend alpha on validation")
+METHODS.lazy("zs-lp", "fskd.methods.adapt.clap", kind="adapt",
+             help="ZS-LP: linear probe started at the zero-shot text weights (CLAP authors' recipe; no validation data)")
+METHODS.lazy("clap", "fskd.methods.adapt.clap", kind="adapt",
+             help="CLAP (Silva-Rodriguez et al., CVPR 2024): ZS-LP + class-adaptive l2 pull to the text weights "
+                  "(no validation data)")
 METHODS.lazy("tip-adapter", "fskd.methods.adapt.tip_adapter", kind="adapt",
              help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
 METHODS.lazy("tip-adapter-f", "fskd.methods.adapt.tip_adapter_f", kind="adapt",

@@ -1,0 +1,344 @@
+"""``fskd export``: the store's image encoder + the state's all-way head + the class names in one
+file that takes a preprocessed image batch ``images`` (n, 3, H, W) float32 and returns
+``probabilities`` (n, C) float32 (softmax of the head's scores, classes in the store's order).
+
+- ONNX: the metadata properties hold ``fskd_format``, ``class_names`` (JSON list),
+  ``preprocess`` (JSON: resize, interpolation, crop, mean, std; see :func:`describe_preprocess`)
+  and ``fskd`` (JSON: state, method, store, encoder, versions). Exported with torch's
+  TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): with torch 2.14 it
+  needs only the ``onnx`` package and takes about a second for EfficientNet-Lite0, while the
+  dynamo exporter (torch's default since 2.9) also needs ``onnxscript`` and ``onnx_ir`` and took
+  about 7 s for the same graph; both give the same model here (docs/cli/export.md).
+- TorchScript: ``torch.jit.trace`` of the same module, the metadata in the archive's extra file
+  ``fskd.json`` (``torch.jit.load(path, _extra_files={"fskd.json": ""})``).
+
+Every export is checked before it is renamed into place: the file is loaded back (onnxruntime,
+``torch.jit.load``) and run on random batches of two sizes against the eager PyTorch module; a
+head the format cannot express (a data-dependent loop, a NumPy or FAISS call) fails that check
+and is refused by name, with the format that works. The preprocessing written into the metadata
+is checked the same way against the encoder's own ``preprocess`` on images of several shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fskd import __version__
+from fskd.config import ExportConfig
+from fskd.deploy.classifier import Classifier
+from fskd.deploy.output import building, guard_output_file
+from fskd.errors import ConfigError, EncoderError, FskdError, Interrupted
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fskd-export"
+#: the TorchScript archive's extra file holding the metadata
+TS_EXTRA = "fskd.json"
+#: the largest difference in probability between the file and the eager module that is accepted
+TOLERANCE = 1e-3
+#: the largest difference between the described and the encoder's own preprocessing (0..1 pixels, normalised)
+PREPROCESS_TOLERANCE = 1e-4
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+@dataclass
+class ExportResult:
+    out: str
+    format: str
+    bytes: int
+    parameters: int
+    classes: int
+    input_shape: list[int]  # (batch, 3, H, W); batch is dynamic
+    preprocess: dict
+    method: str
+    encoder: str
+    exporter: str
+    max_difference: float  # probability, the file against eager PyTorch on random batches
+    seconds: float
+    class_names: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("class_names")
+        return d
+
+
+class Pipeline(torch.nn.Module):
+    """images (n, 3, H, W) preprocessed -> probabilities (n, C): the encoder, then the head."""
+
+    def __init__(self, clf: Classifier) -> None:
+        super().__init__()
+        self.towers = torch.nn.ModuleList(clf.encoder.modules())  # registered: counted, moved, eval mode
+        self.clf = clf
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.clf.encoder.encode_images(images).float()
+        return torch.softmax(self.clf.fitted.logits(self.clf.head.prepare(feats)[None])[0].float(), dim=-1)
+
+
+# -- preprocessing ---------------------------------------------------------------------------------
+def describe_preprocess(encoder) -> dict:
+    """The encoder's torchvision preprocessing as data: ``resize`` (an int: the shorter side, the
+    longer one scaled and truncated as torchvision does; or [h, w]; None: none), ``interpolation``,
+    ``crop`` ([h, w] centre crop, offsets rounded as torchvision does; None: none), then pixels /
+    255, ``(x - mean) / std`` per RGB channel, NCHW float32. An affine step after ``ToTensor`` that is
+    not a ``Normalize`` (lite0's ``(x*255-127)/128``) is measured and folded into mean and std.
+    Raises EncoderError when the pipeline holds a step that cannot be written this way."""
+    import torchvision.transforms as T
+
+    spec_name = getattr(encoder, "spec", type(encoder).__name__)
+    tf = next((v for v in vars(encoder).values() if isinstance(v, T.Compose)), None)
+    if tf is None:
+        raise EncoderError(f"the preprocessing of encoder {spec_name!r} is not a torchvision pipeline that fskd can "
+                           f"write into a model's metadata; use fskd predict")
+    out = {"resize": None, "interpolation": "bilinear", "crop": None, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+           "scale": "1/255", "channels": "RGB", "layout": "NCHW", "dtype": "float32", "rounding": "torchvision"}
+    tensor_steps, tensor_stage = [], False
+    from PIL import Image
+
+    for t in tf.transforms:
+        if isinstance(t, T.Resize) and not tensor_stage:
+            size = t.size if isinstance(t.size, int) else list(t.size)
+            if isinstance(size, list) and len(size) == 1:
+                size = size[0]
+            if t.max_size is not None:
+                raise EncoderError(f"encoder {spec_name!r}: Resize(max_size=...) cannot be described")
+            out["resize"], out["interpolation"] = size, t.interpolation.value
+        elif isinstance(t, T.CenterCrop) and not tensor_stage:
+            out["crop"] = [int(v) for v in t.size]
+        elif isinstance(t, T.ToTensor):
+            tensor_stage = True
+        elif tensor_stage:
+            tensor_steps.append(t)
+        else:  # a PIL step fskd cannot read (open_clip's RGB conversion): it must change nothing on an RGB image
+            probe = Image.fromarray((np.arange(48 * 40 * 3) % 251).astype(np.uint8).reshape(40, 48, 3))
+            res = t(probe)
+            if not isinstance(res, Image.Image) or res.size != probe.size or not np.array_equal(np.asarray(res),
+                                                                                                  np.asarray(probe)):
+                raise EncoderError(f"encoder {spec_name!r}: the preprocessing step {t!r} cannot be described")
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise EncoderError(f"encoder {spec_name!r}: interpolation {out['interpolation']!r} cannot be described")
+    if tensor_steps:  # measure the per-channel affine map x -> a x + b of the tensor steps
+        def f(v: float) -> torch.Tensor:
+            x = torch.full((3, 4, 4), v)
+            for t in tensor_steps:
+                x = t(x)
+            return x.reshape(3, -1)
+
+        y0, y1, yh = f(0.0), f(1.0), f(0.37)
+        a, b = (y1 - y0)[:, 0], y0[:, 0]
+        if (not all(torch.allclose(y[:, :1].expand_as(y), y, atol=1e-6) for y in (y0, y1, yh)) or (a == 0).any()
+                or not torch.allclose(yh[:, 0], a * 0.37 + b, atol=1e-5)):
+            raise EncoderError(f"encoder {spec_name!r}: its tensor preprocessing is not a per-channel affine map")
+        out["std"] = [float(v) for v in (1.0 / a)]
+        out["mean"] = [float(v) for v in (-b / a)]
+    return out
+
+
+def reference_preprocess(image, spec: dict) -> np.ndarray:
+    """PIL RGB image -> (3, H, W) float32 as ``spec`` says (what examples/onnx_predict.py does)."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    if spec["resize"] is not None:
+        w, h = im.size
+        if isinstance(spec["resize"], int):
+            s = spec["resize"]
+            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        else:
+            size = (spec["resize"][1], spec["resize"][0])
+        if size != im.size:
+            im = im.resize(size, getattr(Image.Resampling, spec["interpolation"].upper()))
+    if spec["crop"] is not None:
+        ch, cw = spec["crop"]
+        w, h = im.size
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+        im = im.crop((left, top, left + cw, top + ch))
+    x = np.asarray(im, dtype=np.float32) / 255.0
+    x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def check_preprocess(encoder, spec: dict) -> float:
+    """The largest difference between :func:`reference_preprocess` and the encoder's own
+    preprocessing on images of several shapes; raises EncoderError above the tolerance."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for h, w in ((37, 53), (300, 211), (257, 224), (224, 224), (90, 400)):
+        im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        ref = reference_preprocess(im, spec)
+        own = encoder.preprocess(im).numpy()
+        if ref.shape != own.shape:
+            raise EncoderError(f"encoder {encoder.spec!r}: its preprocessing gives {own.shape} from a {w}x{h} image, the "
+                               f"described one {ref.shape}; it cannot be written into the model's metadata")
+        worst = max(worst, float(np.abs(ref - own).max()))
+    if worst > PREPROCESS_TOLERANCE:
+        raise EncoderError(f"encoder {encoder.spec!r}: its preprocessing differs from the described one by {worst:.2g}; "
+                           f"it cannot be written into the model's metadata")
+    return worst
+
+
+# -- recognising fskd's own files ----------------------------------------------------------------
+def is_export_file(path: Path) -> bool:
+    """True when ``path`` is a model file fskd export wrote (ONNX metadata or TorchScript extra file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith(f"/extra/{TS_EXTRA}")), None)
+                return name is not None and json.loads(z.read(name)).get("format") == FORMAT
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return any(p.key == "fskd_format" and p.value == FORMAT for p in model.metadata_props)
+    except Exception:  # not a model file, unreadable, or onnx missing: not ours
+        return False
+
+
+# -- export ----------------------------------------------------------------------------------------
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError(f"--format onnx needs the packages onnx and onnxruntime ({e.name} is missing): "
+                          f"pip install 'fskd[export]'") from None
+    return onnx, onnxruntime
+
+
+def _write_onnx(model: Pipeline, example: torch.Tensor, path: Path, opset: int, meta: dict) -> None:
+    onnx, _ = _onnx_modules()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notices (see the module docstring)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
+                          output_names=["probabilities"], opset_version=opset, do_constant_folding=True,
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+    m = onnx.load(str(path))
+    m.producer_name, m.producer_version = "fskd", __version__
+    m.doc_string = (f"fskd export: {meta['fskd']['method']} head on {meta['fskd']['encoder']}; images (n, 3, H, W) "
+                    f"preprocessed as metadata 'preprocess' says -> probabilities (n, C) over metadata 'class_names'")
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v if isinstance(v, str) else json.dumps(v)
+    onnx.save(m, str(path))
+
+
+def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    _, ort = _onnx_modules()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(["probabilities"], {"images": x})[0]
+
+
+def _onnx_parameters(path: Path) -> int:
+    import onnx
+
+    return int(sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer))
+
+
+def _write_torchscript(model: Pipeline, example: torch.Tensor, path: Path, meta: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={TS_EXTRA: json.dumps(meta)})
+
+
+def _run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export (docs/cli/export.md)
+        m = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).numpy()
+
+
+def _verify(run, path: Path, model: Pipeline, shape: tuple[int, int, int]) -> float:
+    """The largest probability difference between the file and the eager module on random batches of
+    two sizes (a graph that baked the batch size in, or dropped a data-dependent step, fails)."""
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for n in (1, 3):
+        x = torch.randn(n, *shape, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = run(path, x.numpy())
+        if got.shape != ref.shape:
+            return float("inf")
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+FORMATS = {"onnx": (lambda m, x, p, cfg, meta: _write_onnx(m, x, p, cfg.opset, meta), _run_onnx),
+           "torchscript": (lambda m, x, p, cfg, meta: _write_torchscript(m, x, p, meta), _run_torchscript)}
+
+
+def _attempt(fmt: str, model: Pipeline, example: torch.Tensor, path: Path, cfg: ExportConfig, meta: dict) -> tuple[float, str]:
+    """Write ``path`` in ``fmt`` and check it; returns (max difference, '') or (inf, why it failed)."""
+    write, run = FORMATS[fmt]
+    try:
+        write(model, example, path, cfg, meta)
+        diff = _verify(run, path, model, tuple(example.shape[1:]))
+    except FskdError:
+        raise
+    except Exception as e:  # the exporter or the runtime could not express a step of the head
+        return float("inf"), f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if not diff <= TOLERANCE:
+        return diff, f"the file's probabilities differ from PyTorch's by {diff:.3g} (tolerance {TOLERANCE})"
+    return diff, ""
+
+
+def export(cfg: ExportConfig) -> ExportResult:
+    """Run ``fskd export`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    out = guard_output_file(cfg.out, "--out", is_export_file, cfg.force, "a model file written by fskd export",
+                            protect=(("--state", cfg.state), ("--store", cfg.store)))
+    if cfg.format == "onnx":
+        _onnx_modules()  # before any work: say which package is missing
+    clf = Classifier(cfg.state, cfg.store, device="cpu")
+    enc = clf.encoder
+    pre = describe_preprocess(enc)
+    check_preprocess(enc, pre)
+    from PIL import Image
+
+    shape = tuple(enc.preprocess(Image.new("RGB", (64, 48))).shape)
+    model = Pipeline(clf).eval()
+    info = {**clf.describe(), "format": cfg.format, "input": {"name": "images", "shape": ["batch", *shape],
+                                                               "dtype": "float32"},
+            "output": {"name": "probabilities", "shape": ["batch", len(clf.class_names)]},
+            "fskd_version": __version__, "torch": torch.__version__}
+    meta = {"fskd_format": FORMAT, "class_names": clf.class_names, "preprocess": pre, "fskd": info}
+    example = torch.zeros(2, *shape)
+    try:
+        with building(out) as tmp:
+            diff, why = _attempt(cfg.format, model, example, tmp, cfg, meta)
+            if why:
+                other = next(f for f in FORMATS if f != cfg.format)
+                check = tmp.with_name(tmp.name + f".{other}")
+                try:
+                    _, why_other = _attempt(other, model, example, check, cfg, meta)
+                finally:
+                    check.unlink(missing_ok=True)
+                hint = (f"--format {other} expresses it (checked)" if not why_other else
+                        f"--format {other} cannot either ({why_other}); fskd predict runs any head")
+                raise ConfigError(f"the {clf.state.method} head of state {cfg.state} cannot be expressed in "
+                                  f"{cfg.format} ({why}); {hint}")
+            params = _onnx_parameters(tmp) if cfg.format == "onnx" else sum(p.numel() for p in model.parameters())
+    except KeyboardInterrupt:
+        raise Interrupted(f"fskd export was interrupted; nothing was written to {out}") from None
+    return ExportResult(out=str(out), format=cfg.format, bytes=out.stat().st_size, parameters=int(params),
+                        classes=len(clf.class_names), input_shape=["batch", *shape], preprocess=pre,
+                        method=clf.state.method, encoder=clf.encoder_spec,
+                        exporter="torch.onnx.export(dynamo=False)" if cfg.format == "onnx" else "torch.jit.trace",
+                        max_difference=float(diff), seconds=round(time.perf_counter() - t0, 3),
+                        class_names=clf.class_names)

@@ -1,0 +1,217 @@
+"""``zs-lp`` and ``clap``: the linear probe started from the zero-shot text weights, and CLAP,
+the same probe kept near those weights by a class-adaptive penalty (Silva-Rodríguez et al., "A
+Closer Look at the Few-Shot Adaptation of Large Vision-Language Models", CVPR 2024; authors'
+code: github.com/jusiro/CLAP, ``trainers/adapters.py``, run as ``ZS none`` and ``ZS l2``).
+
+    logits(x) = 100 * <x / |x|, w_k / |w_k|>          w_k starts at t_k (class k's text weight)
+    zs-lp:  min  CE
+    clap:   min  CE + mean_k lambda_k |w_k - t_k|^2
+            lambda_k = mean over class k's shots of softmax(100 <x, t>)_k  (its zero-shot confidence)
+
+The CLAP multipliers are fixed at their zero-shot values, as the published runs (constraint
+``l2``; the code's adaptive outer step, constraint ``adaptative``, is not used by them and not
+here). Both train with the authors' recipe (``SGD_lr1e-1_B256_ep300``): SGD with momentum 0.9,
+no weight decay, 300 epochs, learning rate 1e-5 for the first epoch then cosine from 0.1, each
+epoch as many mini-batches of 256 rows as the shots fill (at least one), the rows shuffled, and
+the last epoch's weights kept. Neither looks at validation data: nothing is chosen.
+
+Rows are the shots, one row per shot, or every stored augmented view of a shot (the authors
+encode 20 augmented crops of each shot and train on all of them; the per-epoch batch count
+still counts images, as theirs), each row L2-normalised.
+
+Batched over episodes: every episode trains its own (N, D) weights in one (E, ...) tensor; the
+shuffles come from a generator seeded with the fit's seed, so refitting gives the same head.
+In the episodic regime a support of novel classes is trained the same way (text weights through
+the base-class bridge when image and text spaces differ); classes with no shot keep their text
+weights (zero-shot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fskd.classifiers.base import FittedHead
+from fskd.classifiers.cache import TEXT_SCALE
+from fskd.config import Config
+from fskd.methods.adapt import _common as C
+from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.methods.bridge import Bridge
+from fskd.runtime import resolve_device
+
+EPOCHS = 300
+LR = 0.1
+BATCH = 256
+MOMENTUM = 0.9
+WARMUP_LR = 1e-5
+RECIPE = "the authors' SGD_lr1e-1_B256_ep300 config; no validation data"
+NORMALISATION = ("L2 per row (per stored view) and per class weight, in every forward pass (the authors' forward_lp); "
+                 "a non-joint store's rows are centred on the support mean first (fskd's bridge space)")
+
+
+@dataclass(frozen=True)
+class CLAPOptions(Config):
+    epochs: int = EPOCHS  # passes over the shots (the authors' 300)
+    lr: float = LR
+    batch_size: int = BATCH
+    ridge: float | None = None
+
+    RANGES = {"epochs": (">=", 1), "lr": (">", 0), "batch_size": (">=", 1), "ridge": (">", 0)}
+
+
+def lr_at(epoch: int, epochs: int, lr: float) -> float:
+    """Dassl's cosine schedule behind a 1-epoch constant warm-up (the authors' config)."""
+    if epoch == 0:
+        return WARMUP_LR
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
+def zero_shot_confidence(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """CLAP's multipliers: lambda (E, N), the mean softmax probability of each class over its own
+    rows under the zero-shot classifier. x (E, R, D) normalised rows, y (E, R) way labels."""
+    N = w0.shape[1]
+    p = torch.softmax(TEXT_SCALE * torch.bmm(x, F.normalize(w0, dim=-1).transpose(1, 2)), -1)
+    onehot = F.one_hot(y, N).to(p.dtype)
+    return (p * onehot).sum(1) / onehot.sum(1).clamp_min(1)
+
+
+def train_probe(x: torch.Tensor, y: torch.Tensor, images: int, w0: torch.Tensor, constraint: bool, seed: int,
+                epochs: int = EPOCHS, lr: float = LR, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ZS-LP (``constraint=False``) or CLAP, batched over episodes.
+
+    x (E, R, D) L2-normalised rows, y (E, R) way labels, ``images``: the number of images behind
+    the R rows (rows / views), which sets the batches per epoch, w0 (E, N, D) text weights.
+    Returns the trained weights (E, N, D) and CLAP's multipliers (E, N) (None for ZS-LP).
+    """
+    E, R, D = x.shape
+    lam = zero_shot_confidence(x, y, w0) if constraint else None
+    per_epoch = images // batch if images >= batch else 1  # Dassl's loader: drop_last when it fills a batch
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    w, buf = w0.clone(), None
+    for epoch in range(epochs):
+        step = lr_at(epoch, epochs, lr)
+        order = torch.rand(E, R, generator=g).argsort(-1).to(x.device)
+        for i in range(per_epoch):
+            idx = order[:, i * batch:(i + 1) * batch]
+            if idx.shape[1] == 0:
+                break
+            xb = torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
+            yb = torch.gather(y, 1, idx)
+            w = w.detach().requires_grad_(True)
+            logits = TEXT_SCALE * torch.bmm(xb, F.normalize(w, dim=-1).transpose(1, 2))
+            loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)  # (E,)
+            if lam is not None:
+                loss = loss + (lam * (w - w0).pow(2).sum(-1)).mean(-1)
+            (grad,) = torch.autograd.grad(loss.sum(), w)
+            buf = grad if buf is None else MOMENTUM * buf + grad  # torch.optim.SGD's momentum, no dampening
+            w = w.detach() - step * buf
+    return w.detach(), lam
+
+
+class FittedCosine(FittedHead):
+    """100 * cos(query, w) on embedded queries (the authors' forward_lp)."""
+
+    def __init__(self, weights: torch.Tensor, embed) -> None:
+        self.weights, self.embed = F.normalize(weights, dim=-1), embed
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        return TEXT_SCALE * torch.bmm(F.normalize(self.embed(query), dim=-1), self.weights.transpose(1, 2))
+
+
+def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows (E, R, D), way labels (E, R) and the number of images: the embedded support, or the
+    embedded views of the shots (E, V, N*K, D) when given."""
+    from fskd.classifiers.linear import way_labels
+
+    E, N, K, D = ts.support.shape
+    y = way_labels(E, N, K, ts.support.device)
+    if views is None:
+        return ts.support.reshape(E, N * K, D), y, N * K
+    e = C.embed_views(ts, views)  # (E, V, N*K, D)
+    V = e.shape[1]
+    return e.reshape(E, V * N * K, -1), y.repeat(1, V), N * K
+
+
+class ZeroShotLinearProbe(Method):
+    """Linear probe from the zero-shot text weights (the authors' recipe; no validation data)."""
+
+    needs_text = True
+    transfers_to_new_classes = True  # classes with no shot keep their text weights (zero-shot)
+    constraint = False
+
+    name = "zs-lp"
+    kind = "adapt"
+    options = CLAPOptions
+
+    @C.threads_by_store
+    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        opts = C.parse_options(CLAPOptions, config)
+        device = resolve_device(config.device)
+        text, source = C.class_text(store, config, self.name)
+        state = C.new_state(store, config, self.name)
+        bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
+        br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
+        C.record(state, C.EPISODIC, br_ep)
+        C.record(state, C.ALLWAY, br_aw)
+        state.metrics["text"] = source
+        user = set(config.options)
+        for k, v in (("epochs", opts.epochs), ("lr", opts.lr), ("batch_size", opts.batch_size)):
+            state.hparams[k] = v
+            state.selected_on[k] = "fixed (--set option)" if k in user else f"fixed ({RECIPE})"
+        state.hparams["constraint"] = ("class-adaptive l2 to the text weights, lambda_k = zero-shot confidence of "
+                                       "class k's shots" if self.constraint else "none")
+        state.selected_on["constraint"] = ("fixed (the authors' CLAP: constraint l2, multipliers from the shots, no "
+                                           "validation data)" if self.constraint else "fixed (the authors' ZS-LP)")
+        state.hparams["normalisation"] = NORMALISATION
+        state.selected_on["normalisation"] = "fixed (the authors' code)"
+        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+        if config.shots > 0:  # train the all-way head on the state's own shots once, and keep it
+            x, _, classes = C.allway_rows(store, config.shots, config.seed)
+            support = torch.from_numpy(x).to(device).reshape(len(classes), config.shots, -1)[None]
+            cls = torch.from_numpy(classes).to(device)[None]
+            views, why = C.allway_views(store, config, device)
+            ts = C.support_text_space(support, cls, text, store.joint, br_aw.params["ridge"])
+            w, lam = train_probe(*training_rows(ts, views), ts.weights, self.constraint, config.seed,
+                                 opts.epochs, opts.lr, opts.batch_size)
+            C.record_views(state, C.ALLWAY, views, why)
+            task = C.Task(support=support, classes=cls, query=support[:, 0], truth=cls, description="", on="")
+            C.keep_allway_head(state, task, {"weights": w})
+            if lam is not None:
+                state.metrics["allway.lambda_mean"] = round(float(lam.mean()), 4)
+        return state
+
+    def head(self, state: MethodState, store, device: torch.device):
+        text = state.tensors["text"].to(device)
+        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size")}
+        seed = int(state.config.get("seed", 1))
+
+        def make(regime: str):
+            def fit(support, classes):
+                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                if ts.support.shape[2] == 0:  # no shot: the text weights (zero-shot)
+                    return FittedCosine(ts.weights, ts.embed)
+                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                if kept is not None:
+                    return FittedCosine(kept["weights"], ts.embed)
+                w, _ = train_probe(*training_rows(ts), ts.weights, self.constraint, seed, recipe["epochs"],
+                                   recipe["lr"], recipe["batch_size"])
+                return FittedCosine(w, ts.embed)
+
+            return fit
+
+        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+
+
+class CLAP(ZeroShotLinearProbe):
+    """CLAP: the zero-shot-initialised probe with a class-adaptive l2 penalty toward the text weights."""
+
+    constraint = True
+    name = "clap"
+
+
+METHODS.register('zs-lp', ZeroShotLinearProbe)
+METHODS.register('clap', CLAP)

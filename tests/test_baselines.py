@@ -1,0 +1,220 @@
+"""The field's cached-feature baselines: ``gda`` (Wang et al., ICLR 2024) and ``zs-lp`` / ``clap``
+(Silva-Rodríguez et al., CVPR 2024). Each against a case worked by hand or an oracle written from
+the authors' formulas, then fitted, saved and scored by ``fskd eval --state`` all-way on joint and
+non-joint synthetic stores."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from fskd import api
+from fskd.cli import app
+from fskd.config import AdaptConfig, EvalConfig
+from fskd.methods import METHODS, load_state
+from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.clap import lr_at, train_probe, zero_shot_confidence
+from fskd.methods.adapt.gda import FittedGDA, gda_new_classes, gda_params
+from fskd.store.synthetic import make_synthetic_store
+
+LOG_HALF = math.log(0.5)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("baselines")
+    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
+            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
+
+
+# -- GDA --------------------------------------------------------------------------------------------
+def test_gda_two_classes_in_two_dimensions_by_hand():
+    """Class 0: (1,0), (3,2); class 1: (0,1), (0,3). Means (2,1), (0,2); centred rows (-1,-1), (1,1),
+    (0,-1), (0,1); scatter S = [[2,2],[2,4]], tr S = 6 over n - 1 = 3 rows: shrink 2;
+    P = 2 (S + 2I)^-1 = 2/20 [[6,-2],[-2,4]] = [[.6,-.2],[-.2,.4]]; P mu0 = (1, 0), P mu1 = (-.4, .8);
+    mu P mu = 2.0, 1.6; b = log(1/2) - (1.0, 0.8)."""
+    rows = torch.tensor([[[1.0, 0.0], [3.0, 2.0]], [[0.0, 1.0], [0.0, 3.0]]])[None]  # (1, 2, 2, 2)
+    pmu, b = gda_params(rows)
+    torch.testing.assert_close(pmu[0], torch.tensor([[1.0, 0.0], [-0.4, 0.8]]))
+    torch.testing.assert_close(b[0], torch.tensor([LOG_HALF - 1.0, LOG_HALF - 0.8]))
+    # at x = (1, 0): gda = x P mu + b = (log .5, log .5 - 1.2); blended with 100 x t and alpha = 10
+    text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[None]  # the text prefers the wrong class
+    head = FittedGDA(text, pmu, b, 10.0, lambda q: q)
+    got = head.logits(torch.tensor([[[1.0, 0.0]]]))[0, 0]
+    torch.testing.assert_close(got, torch.tensor([10 * LOG_HALF, 100 + 10 * (LOG_HALF - 1.2)]))
+
+
+def _authors_gda(vecs: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' estimator in numpy (main_few_shots.py): D * pinv((S-1) cov + tr(cov) I)."""
+    mus = np.stack([vecs[labels == i].mean(0) for i in range(n)])
+    z = vecs - mus[labels]
+    cov = np.cov(z.T)
+    d = vecs.shape[1]
+    p = d * np.linalg.pinv((len(z) - 1) * cov + np.trace(cov) * np.eye(d))
+    return mus @ p, np.log(1.0 / n) - 0.5 * np.einsum("nd,de,ne->n", mus, p, mus)
+
+
+@pytest.mark.parametrize("n,k,d", [(4, 3, 24), (3, 12, 6)])  # dual (S < D) and primal forms
+def test_gda_batched_equals_the_authors_formula_per_episode(n, k, d):
+    g = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(3, n, k, d, generator=g, dtype=torch.float64), dim=-1)
+    pmu, b = gda_params(rows)
+    for e in range(3):
+        w, bb = _authors_gda(rows[e].reshape(-1, d).numpy(), np.repeat(np.arange(n), k), n)
+        np.testing.assert_allclose(pmu[e].numpy(), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+        np.testing.assert_allclose(b[e].numpy(), bb, rtol=1e-4, atol=1e-4)
+
+
+def test_gda_one_row_per_class_is_zero_shot():
+    """No scatter: the authors' pinv(0) = 0, so the GDA term is the prior alone."""
+    pmu, b = gda_params(F.normalize(torch.randn(2, 5, 1, 8), dim=-1))
+    assert torch.equal(pmu, torch.zeros_like(pmu)) and torch.allclose(b, torch.full_like(b, math.log(1 / 5)))
+
+
+def test_gda_new_classes_follow_the_authors_base_to_new_rule():
+    """A new class: the mean of its 64 nearest rows and 16 copies of its text weight; the precision
+    the mean over new classes of D * pinv(S_i + tr(S_i)/63 I), rows centred on the text weight."""
+    g = torch.Generator().manual_seed(1)
+    vecs = F.normalize(torch.randn(150, 10, generator=g, dtype=torch.float64), dim=-1)
+    w = F.normalize(torch.randn(1, 4, 10, generator=g, dtype=torch.float64), dim=-1)
+    pmu, b = gda_new_classes(vecs, w)
+    v, t = vecs.numpy(), w[0].numpy()
+    mus, precs = [], []
+    for c in t:
+        nb = v[np.argsort(-(v @ c))[:64]]
+        mus.append(np.vstack([nb, np.repeat(c[None], 16, 0)]).mean(0))
+        s = (nb - c).T @ (nb - c)
+        precs.append(10 * np.linalg.pinv(s + np.trace(s) / 63 * np.eye(10)))
+    mus, p = np.stack(mus), np.mean(precs, 0)
+    np.testing.assert_allclose(pmu[0].numpy(), mus @ p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b[0].numpy(), np.log(1 / 4) - 0.5 * np.einsum("nd,de,ne->n", mus, p, mus), rtol=1e-4)
+
+
+# -- ZS-LP and CLAP ---------------------------------------------------------------------------------
+def test_clap_multipliers_are_each_class_zero_shot_confidence():
+    """Class 0's shot is its text weight (softmax(100, 0) = 1 - e^-100); class 1's sits halfway
+    between the two texts (softmax(70.7, 70.7) = 1/2)."""
+    x = torch.tensor([[1.0, 0.0], [2 ** -0.5, 2 ** -0.5]])[None]
+    lam = zero_shot_confidence(x, torch.tensor([[0, 1]]), torch.eye(2)[None])
+    torch.testing.assert_close(lam, torch.tensor([[1.0, 0.5]]))
+
+
+def test_zs_lp_is_sgd_with_the_authors_schedule():
+    """Full batch (fewer rows than 256): train_probe = torch.optim.SGD (momentum 0.9) on the cosine
+    logits, lr 1e-5 for epoch 0, then cosine from 0.1 (Dassl's warm-up + CosineAnnealingLR)."""
+    assert lr_at(0, 300, 0.1) == 1e-5 and lr_at(1, 300, 0.1) == pytest.approx(0.1)
+    assert lr_at(151, 300, 0.1) == pytest.approx(0.05)
+    g = torch.Generator().manual_seed(2)
+    x = F.normalize(torch.randn(1, 12, 6, generator=g), dim=-1)
+    y = torch.arange(3).repeat_interleave(4)[None]
+    t = F.normalize(torch.randn(1, 3, 6, generator=g), dim=-1)
+    ours, _ = train_probe(x, y, 12, t, False, seed=0, epochs=6)
+    w = torch.nn.Parameter(t[0].clone())
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    for epoch in range(6):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, 6, 0.1)
+        opt.zero_grad()
+        F.cross_entropy(100 * x[0] @ F.normalize(w, dim=-1).T, y[0]).backward()
+        opt.step()
+    torch.testing.assert_close(ours[0], w.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_clap_constraint_pulls_each_class_toward_its_zero_shot_weights():
+    """The text weights point away from where the shots are: ZS-LP walks off them, CLAP stays
+    nearer, and the class the zero-shot classifier already gets right (larger lambda) nearest."""
+    g = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    x = F.normalize(centres.repeat_interleave(5, 0) + 0.3 * torch.randn(15, 8, generator=g), dim=-1)[None]
+    y = torch.arange(3).repeat_interleave(5)[None]
+    t = F.normalize(centres + torch.tensor([[0.1], [1.5], [1.5]]) * torch.randn(3, 8, generator=g), dim=-1)[None]
+    w_lp, _ = train_probe(x, y, 15, t, False, seed=0, epochs=60)
+    w_clap, lam = train_probe(x, y, 15, t, True, seed=0, epochs=60)
+    d_lp, d_clap = (w_lp - t).norm(dim=-1)[0], (w_clap - t).norm(dim=-1)[0]
+    assert (d_clap < d_lp).all(), (d_clap, d_lp)
+    assert lam[0, 0] > lam[0, 1:].max() and d_clap[0] < d_clap[1:].min()
+    # the penalty's gradient alone, at a displaced weight: 2 lambda_k (w_k - t_k) / N
+    w = (t + 0.1).requires_grad_(True)
+    ((lam * (w - t).pow(2).sum(-1)).mean(-1)).sum().backward()
+    torch.testing.assert_close(w.grad, 2 * lam[..., None] * 0.1 * torch.ones_like(t) / 3)
+
+
+# -- fitted, saved, scored --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["joint", "pair"])
+@pytest.mark.parametrize("method", ["gda", "zs-lp", "clap"])
+def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
+    st = stores[kind]
+    out = tmp_path / method
+    runner = CliRunner()
+    opts = ["--set", "val_episodes=40"] if method == "gda" else []
+    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", method, "--shots", "2", "--out", str(out),
+                              "--device", "cpu", *opts])
+    assert res.exit_code == 0, res.output
+    state = load_state(out)
+    assert all(torch.isfinite(v.float()).all() for v in state.tensors.values())
+    assert "normalisation" in state.hparams and state.selected_on["normalisation"].startswith("fixed")
+    if method == "gda":
+        assert state.selected_on["allway.alpha"] == "chosen on val split (min(K, 4) per class)"
+        assert state.selected_on["episodic.alpha"] == "chosen on val classes"
+    else:  # nothing is chosen on validation data (the bridge of a non-joint store is fskd's, not the method's)
+        assert not any("chosen on" in str(v) for k, v in state.selected_on.items() if not k.endswith("ridge"))
+        assert "no validation data" in state.selected_on["epochs"]
+        assert "allway.fitted.weights" in state.tensors  # the head of its own shots, trained once
+    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--protocol", "allway", "--shots",
+                              "2", "--seeds", "1", "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output.strip().splitlines()[-1])
+    assert np.isfinite(r["accuracy"]) and r["accuracy"] > 3 * 100 / st.num_classes  # chance is 5%
+
+
+def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(stores, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a validation row was read")
+
+    for name in ("allway_val_task", "episodic_val_task", "allway_val_rows"):
+        monkeypatch.setattr(C, name, refuse)
+    st = stores["joint"]
+    for method in ("zs-lp", "clap"):
+        r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu"),
+                      progress=None)
+        assert not any("chosen on" in str(v) for v in r.selected_on.values()), r.selected_on
+
+
+def test_gda_beats_zero_shot_on_a_separable_store_and_transfers_base_to_new(tmp_path):
+    """Shots matter on this store (the text is an imperfect class centre); new classes (no shot)
+    get the authors' synthesised Gaussians, above chance."""
+    from fskd.store import FeatureStore
+    from fskd.store.synthetic import synthetic_features
+
+    splits, text = synthetic_features(n_classes=12, per_class=40, joint=True, noise=0.8, gap=0.5, seed=3)
+    text = text + 0.3 * np.random.default_rng(4).normal(size=text.shape).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    path = tmp_path / "clip-like.zarr"
+    FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(12)],
+                             {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]}, text_embeddings=text,
+                             encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+    acc = {}
+    for m in ("zero-shot", "gda"):
+        r = api.adapt(AdaptConfig(store=str(path), method=m, shots=8, out=str(tmp_path / m), device="cpu",
+                                  options={"val_episodes": 40} if m == "gda" else {}), progress=None)
+        acc[m] = api.evaluate(EvalConfig(store=str(path), state=r.out, protocol="allway", shots=8, seeds=(1,),
+                                         device="cpu")).accuracy
+    assert acc["gda"] > acc["zero-shot"] + 5 and acc["gda"] > 60, acc
+    r = api.adapt(AdaptConfig(store=str(path), method="gda", shots=8, out=str(tmp_path / "b2n"), device="cpu",
+                              base_to_new=True, options={"val_episodes": 40}), progress=None)
+    st = load_state(r.out)
+    assert st.tensors["gda.transfer_rows"].shape == (6 * 8, 32)  # the base half's shots only
+    ev = api.evaluate(EvalConfig(store=str(path), state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
+    assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6 and ev.base > 100 / 6
+
+
+def test_registered_with_what_they_can_do():
+    for m in ("gda", "zs-lp", "clap"):
+        cls = METHODS.get(m)
+        assert cls.kind == "adapt" and cls.needs_text and cls.transfers_to_new_classes
