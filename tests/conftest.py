@@ -179,6 +179,20 @@ def noise_images(root: Path, classes: int, per_class: int, size: int) -> Path:
     return root
 
 
+def tinted_images(root: Path, classes: int, per_class: int, size: int) -> Path:
+    """The fault batteries' dataset: ``class_<c>/<i>.png`` of seeded noise tinted by class (so the
+    classes are separable): fast and deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((size, size, 3)) * 80 + c * 25).astype("uint8")).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
 # -- object storage: a real S3-API server (moto) on 127.0.0.1 for the whole session ----------------
 def _free_port() -> int:
     import socket

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from fskd.cli import app
 from fskd.methods import load_state
 from fskd.store import FeatureStore
+from tests.conftest import tinted_images
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -77,13 +78,7 @@ def run_fskd(*args: str, fault: str | None = None, cwd=None, timeout: int = 300)
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """6 classes x 8 small PNGs (coloured noise: fast, deterministic)."""
-    d = tmp_path_factory.mktemp("fault-images")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (d / f"class_{c}").mkdir()
-        for i in range(8):
-            Image.fromarray((rng.random((24, 24, 3)) * 80 + c * 25).astype("uint8")).save(d / f"class_{c}" / f"{i}.png")
-    return d
+    return tinted_images(tmp_path_factory.mktemp("fault-images"), 6, 8, 24)
 
 
 EXTRACT = ["--encoder", "synthetic:8", "--workers", "0", "--chunk-rows", "4", "--class-ratio", "0.5,0.17,0.33",

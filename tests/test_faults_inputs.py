@@ -21,19 +21,14 @@ from fskd.datasets.base import FRAMES_INFO, open_rgb, to_rgb
 from fskd.encoders.base import spec_paths, weights_identity
 from fskd.encoders.student import decode_square
 from fskd.store import FeatureStore
+from tests.conftest import tinted_images
 from tests.test_faults import ENV, EXTRACT, cli, user_error
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """6 classes x 4 tiny PNGs."""
-    d = tmp_path_factory.mktemp("input-images")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (d / f"class_{c}").mkdir()
-        for i in range(4):
-            Image.fromarray((rng.random((12, 12, 3)) * 80 + c * 25).astype("uint8")).save(d / f"class_{c}" / f"{i}.png")
-    return d
+    return tinted_images(tmp_path_factory.mktemp("input-images"), 6, 4, 12)
 
 
 def extract(root: Path, store: Path, *extra: str, ok: bool = True):

@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pytest
-from PIL import Image
 
 from fskd.errors import StoreError
 from fskd.store import FeatureStore
 from fskd.store import schema as S
 from fskd.store.location import Location, configure, storage_options
+from tests.conftest import tinted_images
 from tests.test_faults import EXTRACT, allway, cli, user_error
 from tests.test_object_store import _assert_same
 
@@ -79,13 +78,7 @@ def _one_error_line(stderr: str, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """test_faults.py's images: 6 classes x 8 small PNGs of coloured noise."""
-    d = tmp_path_factory.mktemp("remote-fault-images")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (d / f"class_{c}").mkdir()
-        for i in range(8):
-            Image.fromarray((rng.random((24, 24, 3)) * 80 + c * 25).astype("uint8")).save(d / f"class_{c}" / f"{i}.png")
-    return d
+    return tinted_images(tmp_path_factory.mktemp("remote-fault-images"), 6, 8, 24)
 
 
 @pytest.fixture(scope="module")
