@@ -3,12 +3,23 @@ them in a scratch folder outside this repository (their code is never committed 
 fskd's own result on the same inputs, per K and seed.
 
     python benchmarks/authors_inputs.py --method lp++ --shots 1,4,16 --seeds 1,2,3 --out /tmp/lpp_parity
+    python benchmarks/authors_inputs.py --method gda --shots 1,4,16 --seeds 1,2,3 --out /tmp/authors_gda
+    python benchmarks/authors_inputs.py --method clap --shots 1,4,16 --seeds 1,2,3 --out /tmp/authors_clap
 
-Writes OUT/inputs_K{K}_s{seed}.npz (x (S, D) support rows in the state's text space, y (S,),
-text (N, D), val / val_truth (CoOp's few-shot val rows), test / test_truth, bias (N,): the
-nn.Linear(D, N) bias drawn after torch.manual_seed(seed)) and OUT/fskd_results.json (fskd's
-test accuracy, fit seconds and hyper-parameters of each). The store is cub35 with lite0-minilm
-(the tests' cached store, made by `make demo` or the tests).
+Writes OUT/inputs_K{K}_s{seed}.npz (x (S, D) support rows in the state's text space, class-major,
+y (S,), text (N, D), val / val_truth (the val rows the state's rule chose: CoOp's few-shot rows by
+default), test / test_truth, and per method:
+
+- lp++: bias (N,), the nn.Linear(D, N) bias drawn after torch.manual_seed(seed);
+- gda: val_full / val_full_truth (the whole val split, as the authors' main_few_shots.py
+  validates on it), alpha_grid (their 7 values);
+- zs-lp, clap: epochs, lr, batch_size, momentum, warmup_lr, logit_scale (the authors'
+  SGD_lr1e-1_B256_ep300 config) and constraint (0 for ZS-LP, 1 for CLAP's l2);
+- every method, when the store has augmented views: x_views (V, S, D), each view embedded as x)
+
+plus OUT/fskd_results.json (fskd's test accuracy, fit seconds and hyper-parameters of each) and
+OUT/README.txt (what each array is and where the authors' code takes it). The store is cub35
+with lite0-minilm (the tests' cached store, made by `make demo` or the tests).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ def main() -> None:
     ap.add_argument("--shots", default="1,4,16")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--val-rule", default="few-shot", choices=("few-shot", "full"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,25 +61,79 @@ def main() -> None:
             state_dir = out / f"state_K{k}_s{seed}"
             t0 = time.perf_counter()
             api.adapt(AdaptConfig(store=path, method=args.method, shots=k, seed=seed, out=str(state_dir), force=True,
-                                  device="cpu"), progress=None)
+                                  device="cpu", val_rule=args.val_rule), progress=None)
             fit_s = time.perf_counter() - t0
             ev = api.evaluate(EvalConfig(store=path, state=str(state_dir), protocol="allway", shots=k, seeds=(seed,),
                                          device="cpu"))
             state = load_state(state_dir)
-            inp = inputs(store, k, seed, state)
+            inp = inputs(store, k, seed, state, args.val_rule)
             ts = inp["space"]
             _, n, kk, d = ts.support.shape
-            torch.manual_seed(seed)
-            bias = torch.nn.Linear(d, n).bias.detach()
             np.savez(out / f"inputs_K{k}_s{seed}.npz", x=ts.support.reshape(n * kk, d).numpy(),
                      y=torch.arange(n).repeat_interleave(kk).numpy(), text=ts.weights[0].numpy(),
                      val=ts.embed(inp["val"][None])[0].numpy(), val_truth=inp["val_truth"].numpy(),
                      test=ts.embed(inp["test"][None])[0].numpy(), test_truth=inp["test_truth"].numpy(),
-                     bias=bias.numpy())
+                     **method_inputs(args.method, store, k, seed, inp, d, n))
             results[f"K{k}_s{seed}"] = {"accuracy": ev.accuracy, "fit_seconds": round(fit_s, 2),
                                         "hparams": {h: v for h, v in state.hparams.items() if h != "class_split"}}
             print(f"K={k} seed={seed}: fskd {args.method} {ev.accuracy:.3f}% (fit {fit_s:.1f} s)", flush=True)
     (out / "fskd_results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "README.txt").write_text(README.get(args.method, README["lp++"]).format(val_rule=args.val_rule))
+
+
+def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: int) -> dict:
+    """What the method's authors' code takes beyond the common arrays (see the module docstring)."""
+    from fskd.methods.adapt import _common as C
+    from fskd.store import sampling
+
+    ts = inp["space"]
+    extra = {}
+    views, _ = sampling.allway_shot_views(store, k, seed)
+    if views is not None:  # (S, V, D) raw -> (V, S, D), each view embedded as the support
+        v = torch.from_numpy(views).transpose(0, 1)[None]
+        extra["x_views"] = C.embed_views(ts, v)[0].numpy()
+    if method in ("lp++", "lp++-tuned"):
+        torch.manual_seed(seed)
+        extra["bias"] = torch.nn.Linear(d, n).bias.detach().numpy()
+    elif method == "gda":
+        from fskd.methods.adapt.gda import ALPHA
+
+        xv, yv = C.allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full")
+        pos = np.full(int(inp["classes"].max()) + 1, -1)
+        pos[inp["classes"][0].numpy()] = np.arange(n)
+        extra.update(val_full=ts.embed(torch.from_numpy(xv)[None])[0].numpy(), val_full_truth=pos[yv],
+                     alpha_grid=np.array(ALPHA))
+    elif method in ("zs-lp", "clap"):
+        from fskd.methods.adapt import clap
+
+        extra.update(epochs=clap.EPOCHS, lr=clap.LR, batch_size=clap.BATCH, momentum=clap.MOMENTUM,
+                     warmup_lr=clap.WARMUP_LR, logit_scale=100.0, constraint=int(method == "clap"))
+    return extra
+
+
+_COMMON = """x (S, D), y (S,): the support rows (class-major, K per class), L2-normalised in fskd's space
+  for this store (lite0-minilm is not a joint store: rows centred on the support mean, then L2;
+  text: the class text mapped into image space by fskd's leave-one-class-out bridge, L2-normalised)
+text (N, D): the class weights (CLIP's clip_weights.T)
+val, val_truth: the val rows the fit chose its hyper-parameters on ({val_rule} rule)
+test, test_truth: every test row
+x_views (V, S, D), when present: every stored augmented view of the shots, embedded as x
+fskd_results.json: fskd's test accuracy (%), fit seconds and hyper-parameters per K and seed
+"""
+README = {
+    "lp++": _COMMON + "bias (N,): the nn.Linear(D, N) bias after torch.manual_seed(seed)\n",
+    "gda": _COMMON + """val_full, val_full_truth: the whole val split (the authors' main_few_shots.py validates on it)
+alpha_grid: the authors' 7 blend weights
+Authors' code (mrflogs/ICLR24 main_few_shots.py, run()): vecs = x (or x_views flattened, labels
+repeated), labels = y, clip_weights = text.T, val_features = val (or val_full), test_features = test.
+""",
+    "zs-lp": _COMMON + """epochs, lr, batch_size, momentum, warmup_lr, logit_scale: the authors' SGD_lr1e-1_B256_ep300
+constraint: 0 (ZS-LP: INIT ZS, CONSTRAINT none); 1 (CLAP: INIT ZS, CONSTRAINT l2)
+Authors' code (jusiro/CLAP trainers/adapters.py): features_train = x (or x_views rows), labels_train
+= y, base_text_features = text; no validation data is used; the last epoch's weights score test.
+""",
+}
+README["clap"] = README["zs-lp"]
 
 
 if __name__ == "__main__":

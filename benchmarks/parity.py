@@ -270,7 +270,7 @@ def fma_inputs(store, shots: int, seed: int, state) -> dict:
 
 
 # -- the comparison -----------------------------------------------------------------------------
-def inputs(store, shots: int, seed: int, state):
+def inputs(store, shots: int, seed: int, state, val_rule: str = "few-shot"):
     """Identical inputs for fskd and the reference: raw support / val / test rows and labels
     (way index), plus the text space the state's all-way ridge gives (embedded rows, text weights)."""
     import numpy as np
@@ -279,7 +279,7 @@ def inputs(store, shots: int, seed: int, state):
     from fskd.methods.adapt import _common as C
 
     cpu = torch.device("cpu")
-    cfg = AdaptConfig(store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused")
+    cfg = AdaptConfig(store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", val_rule=val_rule)
     task = C.allway_val_task(store, cfg, cpu)
     xt, yt = store.gather(None, ["test"])
     classes = task.classes[0].numpy()

@@ -126,6 +126,22 @@ def test_zs_lp_is_sgd_with_the_authors_schedule():
     torch.testing.assert_close(ours[0], w.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("constraint", [False, True])
+def test_the_dual_form_trains_the_same_weights_as_the_primal(constraint):
+    """Coefficients on (text weight, shots) give the autograd-trained weights, mini-batches and
+    shuffles included (40 rows in batches of 16: 2 batches per epoch, 8 rows left out)."""
+    g = torch.Generator().manual_seed(4)
+    centres = F.normalize(torch.randn(3, 4, 1, 48, generator=g), dim=-1)
+    x = F.normalize(centres + 0.5 * torch.randn(3, 4, 10, 48, generator=g), dim=-1).reshape(3, 40, 48)
+    y = torch.arange(4).repeat_interleave(10)[None].expand(3, -1).contiguous()
+    t = F.normalize(centres[:, :, 0] + torch.randn(3, 4, 48, generator=g), dim=-1)
+    kw = dict(epochs=30, batch=16)
+    primal, lam = train_probe(x, y, 40, t, constraint, seed=5, form="primal", **kw)
+    dual, _ = train_probe(x, y, 40, t, constraint, seed=5, form="dual", **kw)
+    assert (primal - t).norm() > 1  # it moved
+    torch.testing.assert_close(dual, primal, rtol=1e-4, atol=1e-4 * float(primal.abs().max()))
+
+
 def test_clap_constraint_pulls_each_class_toward_its_zero_shot_weights():
     """The text weights point away from where the shots are: ZS-LP walks off them, CLAP stays
     nearer, and the class the zero-shot classifier already gets right (larger lambda) nearest."""
@@ -212,6 +228,61 @@ def test_gda_beats_zero_shot_on_a_separable_store_and_transfers_base_to_new(tmp_
     assert st.tensors["gda.transfer_rows"].shape == (6 * 8, 32)  # the base half's shots only
     ev = api.evaluate(EvalConfig(store=str(path), state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
     assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6 and ev.base > 100 / 6
+
+
+def test_zs_lp_and_clap_give_new_classes_their_text_weights(tmp_path):
+    """Base-to-new: a new class has no shot, so its weight is its text weight: the new-class
+    accuracy of both is zero-shot's, while the base classes are trained."""
+    path = str(make_synthetic_store(tmp_path / "b2n.zarr", n_classes=12, joint=True, seed=2).path)
+    new = {}
+    for m in ("zero-shot", "zs-lp", "clap"):
+        r = api.adapt(AdaptConfig(store=path, method=m, shots=4, out=str(tmp_path / m), device="cpu", base_to_new=True),
+                      progress=None)
+        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=4, seeds=(1,), device="cpu"))
+        new[m] = ev.new
+        assert np.isfinite(ev.base) and ev.base > 100 / 6
+    assert new["zs-lp"] == new["clap"] == new["zero-shot"] > 100 / 6, new
+
+
+def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
+    """The authors encode augmented crops of every shot (GDA 10, CLAP 20) and use each as a row:
+    with ``--augment-views`` in the store, both do, and say so in the state."""
+    from PIL import Image
+
+    from fskd.config import ExtractConfig
+    from fskd.methods.adapt.gda import view_rows
+    from fskd.store import FeatureStore, sampling
+
+    rng = np.random.default_rng(1)
+    for c in range(6):
+        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
+    path = str(tmp_path / "views.zarr")
+    api.extract(ExtractConfig(dataset="folder", root=str(tmp_path / "img"), encoder="synthetic:12", workers=0, batch_size=8,
+                              chunk_rows=8, sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16), store=path,
+                              augment_views=4))
+    store = FeatureStore.open(path)
+    states = {}
+    for m in ("gda", "clap"):
+        r = api.adapt(AdaptConfig(store=path, method=m, shots=2, out=str(tmp_path / m), device="cpu",
+                                  options={"val_episodes": 20} if m == "gda" else {}), progress=None)
+        states[m] = st = load_state(r.out)
+        assert st.hparams["allway.views"] == 4 and "4 augmented views per shot" in st.selected_on["allway.views"]
+        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
+        assert np.isfinite(ev.accuracy)
+    # GDA's kept head is the estimator on the 4 x 2 embedded views of each class's shots
+    x, _, classes = C.allway_rows(store, 2, 1)
+    support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
+    text = states["gda"].tensors["text"]
+    ts = C.support_text_space(support, torch.from_numpy(classes)[None], text, store.joint,
+                              C.hp(states["gda"], C.ALLWAY, "ridge"))
+    views = torch.from_numpy(sampling.allway_shot_views(store, 2, 1)[0]).transpose(0, 1)[None]
+    rows = view_rows(ts, views)
+    assert rows.shape == (1, len(classes), 8, ts.support.shape[-1])
+    pmu, b = gda_params(rows)
+    torch.testing.assert_close(states["gda"].tensors["allway.fitted.pmu"], pmu)
+    assert "allway.fitted.weights" in states["clap"].tensors
 
 
 def test_registered_with_what_they_can_do():

@@ -79,36 +79,93 @@ def zero_shot_confidence(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor) -> 
 
 
 def train_probe(x: torch.Tensor, y: torch.Tensor, images: int, w0: torch.Tensor, constraint: bool, seed: int,
-                epochs: int = EPOCHS, lr: float = LR, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor | None]:
+                epochs: int = EPOCHS, lr: float = LR, batch: int = BATCH, form: str = "auto"
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ZS-LP (``constraint=False``) or CLAP, batched over episodes.
 
     x (E, R, D) L2-normalised rows, y (E, R) way labels, ``images``: the number of images behind
     the R rows (rows / views), which sets the batches per epoch, w0 (E, N, D) text weights.
     Returns the trained weights (E, N, D) and CLAP's multipliers (E, N) (None for ZS-LP).
+
+    ``form``: "primal" trains the (E, N, D) weights with autograd; "dual" trains the same SGD in
+    coefficients, w_k = a_k t_k + X^T c_k (every gradient, and so every momentum buffer, lies in
+    that span), with R x R Gram matrices: the same weights, far fewer values per step while
+    R <= 2 D (600 episodes of 5 x 5 shots: 26 coefficients per class instead of 1280 values);
+    "auto" picks by that rule.
     """
-    E, R, D = x.shape
+    from fskd.classifiers.linear import gram_form
+
     lam = zero_shot_confidence(x, y, w0) if constraint else None
+    if form == "auto":
+        form = "dual" if gram_form(x.shape[1], x.shape[2]) else "primal"
+    run = _train_dual if form == "dual" else _train_primal
+    return run(x, y, images, w0, lam, seed, epochs, lr, batch), lam
+
+
+def _batches(E: int, R: int, images: int, batch: int, epochs: int, lr: float, seed: int, device):
+    """The authors' loop: per epoch its learning rate and the row indices (E, B) of each batch
+    (None: every row, when one batch holds them all and shuffling changes nothing)."""
     per_epoch = images // batch if images >= batch else 1  # Dassl's loader: drop_last when it fills a batch
+    whole = per_epoch == 1 and R <= batch
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    w, buf = w0.clone(), None
     for epoch in range(epochs):
-        step = lr_at(epoch, epochs, lr)
-        order = torch.rand(E, R, generator=g).argsort(-1).to(x.device)
+        order = None if whole else torch.rand(E, R, generator=g).argsort(-1).to(device)
         for i in range(per_epoch):
-            idx = order[:, i * batch:(i + 1) * batch]
-            if idx.shape[1] == 0:
-                break
-            xb = torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
-            yb = torch.gather(y, 1, idx)
-            w = w.detach().requires_grad_(True)
-            logits = TEXT_SCALE * torch.bmm(xb, F.normalize(w, dim=-1).transpose(1, 2))
-            loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)  # (E,)
-            if lam is not None:
-                loss = loss + (lam * (w - w0).pow(2).sum(-1)).mean(-1)
-            (grad,) = torch.autograd.grad(loss.sum(), w)
-            buf = grad if buf is None else MOMENTUM * buf + grad  # torch.optim.SGD's momentum, no dampening
-            w = w.detach() - step * buf
-    return w.detach(), lam
+            yield lr_at(epoch, epochs, lr), (None if whole else order[:, i * batch:(i + 1) * batch])
+
+
+def _train_primal(x, y, images, w0, lam, seed, epochs, lr, batch) -> torch.Tensor:
+    E, R, D = x.shape
+    w, buf = w0.clone(), None
+    for step, idx in _batches(E, R, images, batch, epochs, lr, seed, x.device):
+        xb = x if idx is None else torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
+        yb = y if idx is None else torch.gather(y, 1, idx)
+        w = w.detach().requires_grad_(True)
+        logits = TEXT_SCALE * torch.bmm(xb, F.normalize(w, dim=-1).transpose(1, 2))
+        loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)  # (E,)
+        if lam is not None:
+            loss = loss + (lam * (w - w0).pow(2).sum(-1)).mean(-1)
+        (grad,) = torch.autograd.grad(loss.sum(), w)
+        buf = grad if buf is None else MOMENTUM * buf + grad  # torch.optim.SGD's momentum, no dampening
+        w = w.detach() - step * buf
+    return w.detach()
+
+
+def _train_dual(x, y, images, w0, lam, seed, epochs, lr, batch) -> torch.Tensor:
+    """The primal SGD in coefficients (a (E, N), c (E, N, R)) of w_k = a_k t_k + X^T c_k.
+
+    With raw_bk = x_b . w_k and n_k = |w_k|, the loss gradient in w_k is
+    (s / n_k) sum_b d_bk x_b - (s / n_k^3) (sum_b d_bk raw_bk) w_k (d = (softmax - onehot) / B,
+    s = 100), and CLAP's penalty adds 2 lambda_k / N (w_k - t_k): all in the span."""
+    E, R, D = x.shape
+    N = w0.shape[1]
+    gram = torch.bmm(x, x.transpose(1, 2))  # (E, R, R)
+    xt = torch.bmm(x, w0.transpose(1, 2))  # (E, R, N): x_r . t_k
+    tt = w0.pow(2).sum(-1)  # (E, N)
+    a, c = w0.new_ones(E, N), w0.new_zeros(E, N, R)
+    buf_a = buf_c = None
+    onehot_all = F.one_hot(y, N).to(x.dtype)
+    for step, idx in _batches(E, R, images, batch, epochs, lr, seed, x.device):
+        gc_rows = torch.bmm(c, gram)  # (E, N, R): (G c_k)_r = x_r . X^T c_k
+        norm = (a * a * tt + 2 * a * (c * xt.transpose(1, 2)).sum(-1) + (gc_rows * c).sum(-1)).clamp_min(1e-30).sqrt()
+        raw_all = gc_rows.transpose(1, 2) + xt * a[:, None, :]  # (E, R, N): x_r . w_k
+        if idx is None:
+            raw, onehot = raw_all, onehot_all
+        else:
+            raw = torch.gather(raw_all, 1, idx[..., None].expand(-1, -1, N))
+            onehot = torch.gather(onehot_all, 1, idx[..., None].expand(-1, -1, N))
+        B = raw.shape[1]
+        d = (torch.softmax(TEXT_SCALE * raw / norm[:, None, :], -1) - onehot) / B  # (E, B, N)
+        gamma = TEXT_SCALE / norm.pow(3) * (d * raw).sum(1)  # (E, N)
+        ga, gc = -gamma * a, -gamma[..., None] * c
+        row = (TEXT_SCALE / norm)[..., None] * d.transpose(1, 2)  # (E, N, B)
+        gc = gc + row if idx is None else gc.scatter_add(2, idx[:, None, :].expand(-1, N, -1), row)
+        if lam is not None:
+            ga, gc = ga + 2 * lam / N * (a - 1), gc + (2 * lam / N)[..., None] * c
+        buf_a = ga if buf_a is None else MOMENTUM * buf_a + ga
+        buf_c = gc if buf_c is None else MOMENTUM * buf_c + gc
+        a, c = a - step * buf_a, c - step * buf_c
+    return a[..., None] * w0 + torch.bmm(c, x)
 
 
 class FittedCosine(FittedHead):

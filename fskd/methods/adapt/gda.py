@@ -184,6 +184,8 @@ def search_alpha(task: C.Task | None, space, alphas, default: dict, rows: torch.
     text = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
     gda = torch.bmm(q, pmu.transpose(1, 2)) + b[:, None, :]
     choice = C.grid_search([{"alpha": a} for a in alphas], lambda c: task.accuracy(text + c["alpha"] * gda), task, default)
+    if choice.score == 0 and DEFAULT_ALPHA in alphas:  # no alpha beats their starting best (0%): they keep 0.1
+        choice.params = {"alpha": DEFAULT_ALPHA}
     return choice, (pmu, b)
 
 
@@ -248,7 +250,7 @@ class GDA(Method):
                                            "the classifier is zero-shot")
         state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         if keep is not None:
-            state.tensors[TRANSFER_ROWS] = keep.cpu()
+            state.tensors[TRANSFER_ROWS] = keep.cpu().half()  # store features are float16: nothing lost
         if rows is not None and params is not None:  # the state's own shots: the GDA of their views
             C.keep_allway_head(state, aw_task, {"pmu": params[0], "bias": params[1]})
         return state
@@ -257,7 +259,7 @@ class GDA(Method):
         text = state.tensors["text"].to(device)
         bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
         keep = state.tensors.get(TRANSFER_ROWS)
-        new_rows = bridge.embed_images(keep.to(device)) if keep is not None else None
+        new_rows = bridge.embed_images(keep.to(device).float()) if keep is not None else None
         aw_alpha = C.hp(state, C.ALLWAY, "alpha")
 
         def make(regime: str):
