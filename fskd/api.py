@@ -1133,7 +1133,42 @@ def predict(config, progress: Progress | str | None = AUTO):
 
     _takes(config, PredictConfig, "predict")
     with backend_errors(config.store or ""):
-        return _predict(config, resolve_progress(progress, extract_bar, extract_log))
+        return _predict(config, resolve_progress(progress, _predict_bar, _predict_log))
+
+
+def _predict_bar():
+    """progress(stage, done, total, rate) of fskd predict as a tqdm bar (images/s)."""
+    import sys
+
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def update(stage: str, done: int, total: int, rate: float) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"predict {stage}", unit="img", file=sys.stderr)
+        bars[stage].update(done - bars[stage].n)  # tqdm shows the images/s rate
+        if done >= total:
+            bars[stage].close()
+
+    return update
+
+
+def _predict_log():
+    """progress(stage, done, total, rate) of fskd predict as log lines on ``fskd.progress``."""
+    import time as _time
+
+    last = [0.0]
+
+    def update(stage: str, done: int, total: int, rate: float) -> None:
+        now = _time.monotonic()
+        if done < total and now - last[0] < 10.0:
+            return
+        last[0] = now
+        logging.getLogger("fskd.progress").info("predict %s: %s/%s images (%d%%), %.1f img/s", stage, f"{done:,}",
+                                                f"{total:,}", 100 * done // max(total, 1), rate)
+
+    return update
 
 
 def export(config):
@@ -1147,16 +1182,4 @@ def export(config):
 
 from fskd.config import ExportConfig, PredictConfig  # noqa: E402 - the deploy verbs' configs, part of the api
 
-__all__ += ["load_classifier", "predict", "export", "PredictConfig", "ExportConfig", "PredictResult", "ExportResult"]
-
-
-def __getattr__(name: str):  # the deploy result classes load with fskd.deploy, on first use
-    if name == "PredictResult":
-        from fskd.deploy.predict import PredictResult
-
-        return PredictResult
-    if name == "ExportResult":
-        from fskd.deploy.export import ExportResult
-
-        return ExportResult
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ += ["load_classifier", "predict", "export", "PredictConfig", "ExportConfig"]

@@ -235,8 +235,8 @@ def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size
     (channels-last and autocast on CUDA) over image paths; yields ``(features, positions)``."""
     from torch.utils.data import DataLoader
 
-    from fskd.errors import DatasetError
     from fskd.deploy.sources import PathSource
+    from fskd.errors import DatasetError
     from fskd.store.extract import _blank_image, _Rows  # the very loader and blank image of extract
 
     if not refs:

@@ -131,7 +131,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
 
     t0 = time.perf_counter()
     out = guard_output_file(cfg.out, "--out", is_prediction_file, cfg.force, "fskd predict's output",
-                            protect=(("--state", cfg.state), ("--store", cfg.store), ("--images", cfg.images)))
+                            protect=(("--state", cfg.state), ("--store", cfg.store)))
     man = manifest_path(out)
     if (man.exists() or man.is_symlink()) and not (man.is_file() and _manifest_is_ours(man)):
         raise OutputError(f"{man} exists and is not fskd's manifest of predictions; fskd will not replace it "
@@ -168,7 +168,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
                         fault_point("predict:batch")
                     done += len(window)
                     if progress is not None:
-                        progress("predict", done, total, done / max(time.perf_counter() - t_work, 1e-9))
+                        progress("images", done, total, done / max(time.perf_counter() - t_work, 1e-9))
             f.flush()
             sha, rows = w.sha.hexdigest(), w.rows
     except KeyboardInterrupt:
