@@ -24,22 +24,37 @@ def load_rgb(path):
         return im.convert("RGB")
 
 
-def preprocess(im, p):
-    """PIL RGB image -> (3, H, W) float32, as torchvision's Resize, CenterCrop, ToTensor, Normalize."""
-    if p["resize"] is not None:
-        w, h = im.size
-        if isinstance(p["resize"], int):  # the shorter side to `resize`, the longer one scaled (truncated)
-            s = p["resize"]
-            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        else:  # [height, width]
-            size = (p["resize"][1], p["resize"][0])
-        if size != im.size:
-            im = im.resize(size, getattr(Image.Resampling, p["interpolation"].upper()))
-    if p["crop"] is not None:
-        ch, cw = p["crop"]
-        w, h = im.size
+def resized_size(w, h, p):
+    """The (width, height) the metadata's `resize` gives a w x h image."""
+    if not isinstance(p["resize"], int):  # [height, width]
+        return p["resize"][1], p["resize"][0]
+    s = p["resize"]
+    if p.get("resize_rounding") == "round":  # fskd's distilled students: the longer side rounded
+        f = s / min(w, h)
+        return max(s, int(round(w * f))), max(s, int(round(h * f)))
+    return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # torchvision: truncated
+
+
+def center_crop(im, ch, cw, offset):
+    w, h = im.size
+    if offset == "floor":  # fskd's distilled students
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:  # torchvision's CenterCrop
         top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        im = im.crop((left, top, left + cw, top + ch))
+    return im.crop((left, top, left + cw, top + ch))
+
+
+def preprocess(im, p):
+    """PIL RGB image -> (3, H, W) float32: resize, centre crop(s), pixels / 255, (x - mean) / std."""
+    if p["resize"] is not None:
+        size = resized_size(*im.size, p)
+        if size != im.size:
+            resample = getattr(Image.Resampling, p["interpolation"].upper())
+            im = im.resize(size, resample, reducing_gap=p.get("reducing_gap"))
+    if p.get("square"):  # the centre square first (a distilled student's stored view), then `crop` from it
+        im = center_crop(im, p["square"], p["square"], "floor")
+    if p["crop"] is not None:
+        im = center_crop(im, *p["crop"], p.get("crop_offset", "round"))
     x = np.asarray(im, dtype=np.float32) / 255.0
     x = (x - np.asarray(p["mean"], np.float32)) / np.asarray(p["std"], np.float32)
     return x.transpose(2, 0, 1)

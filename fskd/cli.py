@@ -767,16 +767,16 @@ ExportFormat = _choices("ExportFormat", ["onnx", "torchscript"])
 @app.command()
 def predict(
     state: Annotated[str, typer.Option(help="State directory written by fskd adapt or align (its all-way head predicts).", metavar="DIR")],
-    out: Annotated[str, typer.Option(help="Output file: .csv (with a header) or .jsonl; OUT.fskd.json beside it records what wrote it.", metavar="FILE", rich_help_panel=OUTPUT)],
+    out: Annotated[str, typer.Option(help="Output file: .csv (with a header), .jsonl or .parquet (the parquet extra); OUT.fskd.json beside it records what wrote it.", metavar="FILE", rich_help_panel=OUTPUT)],
     images: Annotated[str | None, typer.Option(help="A folder (read recursively), one image, or a text file listing image paths.", metavar="PATH")] = None,
     csv: Annotated[str | None, typer.Option("--csv", help="A CSV file with a 'path' column (relative paths: from its folder).", metavar="FILE")] = None,
     store: Annotated[str | None, typer.Option(help="The state's feature store (default: the one it names; give it when the store moved). With --split: predict that split's cached features.", metavar="PATH|URL")] = None,
-    split: Annotated[str | None, typer.Option(help="Predict a store split (e.g. test) from its cached features, no encoding; adds the true 'label' column.", metavar="SPLIT")] = None,
+    split: Annotated[str | None, typer.Option(help="Predict a store split (e.g. test) from its cached features, no encoding; adds the true 'label' column and draws OUT.confusion.png.", metavar="SPLIT")] = None,
     top_k: Annotated[int, typer.Option(help="Top-k class names and probabilities per row.", metavar="K")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
-    skip_bad: Annotated[bool, typer.Option(help="Leave unreadable images out and name them in OUT.fskd.json (default: stop at the first, naming it).")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Write each unreadable image as a row with no prediction and the reason in an 'error' column, and name it in OUT.fskd.json (default: stop at the first, naming it).")] = False,
     force: Annotated[bool, typer.Option(help="Replace --out if fskd predict wrote it (never any other file).", rich_help_panel=OUTPUT)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (count, seconds, images/s).", rich_help_panel=OUTPUT)] = False,
     storage_options: StorageOptions = None,
@@ -791,10 +791,12 @@ def predict(
         typer.echo(json.dumps(r.to_dict()))
         return
     acc = f"; top-1 accuracy {r.accuracy:.2f}% against the label column" if r.accuracy is not None else ""
-    typer.echo(f"{r.out}: {r.count} rows from {r.source} in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s){acc}")
+    typer.echo(f"{r.out}: {r.count} predictions from {r.source} in {r.seconds:.1f} s ({r.images_per_s:.1f} img/s){acc}")
+    if r.confusion:
+        typer.echo(f"confusion matrix: {r.confusion}")
     if r.skipped:
-        typer.echo(f"warning: skipped {r.skipped} unreadable file(s) (listed in {r.manifest}): "
-                   f"{', '.join(r.skipped_files[:3])}", err=True)
+        typer.echo(f"warning: skipped {r.skipped} unreadable file(s) (rows with an 'error' column in {r.out}; listed "
+                   f"in {r.manifest}): {', '.join(r.skipped_files[:3])}", err=True)
 
 
 @app.command()

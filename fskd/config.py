@@ -635,7 +635,7 @@ class BenchConfig(Config):
 
 
 #: what ``fskd predict --out`` writes, by the file's suffix
-PREDICT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+PREDICT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}  # parquet: the parquet extra (pyarrow)
 #: what ``fskd export --format`` writes
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -665,7 +665,7 @@ class PredictConfig(Config):
         if not self.state:
             raise ConfigError("--state is required (a state directory written by fskd adapt or align)")
         if not self.out:
-            raise ConfigError("--out is required (preds.csv or preds.jsonl)")
+            raise ConfigError("--out is required (preds.csv, preds.jsonl or preds.parquet)")
         if Path(self.out).suffix.lower() not in PREDICT_FORMATS:
             raise ConfigError(f"--out {self.out}: the name must end in {' or '.join(PREDICT_FORMATS)} (the format)")
         given = [f"--{n}" for n in ("images", "csv", "split") if getattr(self, n)]

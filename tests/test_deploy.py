@@ -124,6 +124,12 @@ def test_predict_agrees_with_eval_allway_and_adds_label(fitted, images, tmp_path
     meta = json.loads((tmp_path / "p.csv.fskd.json").read_text())
     assert meta["format"] == "fskd-predictions" and meta["rows"] == len(rows)
     assert meta["classifier"]["method"] == "tip-adapter"
+    # the confusion matrix beside it: a PNG of a sensible size, recorded in the manifest
+    png = tmp_path / "p.csv.confusion.png"
+    assert summary["confusion"] == str(png) and meta["confusion_png"]["file"] == png.name
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and 500 <= min(im.size) and max(im.size) <= 2500, im.size
 
     # the same test images re-encoded from their files: the same predictions as from the cached features
     res = cli("predict", "--state", state, "--images", images, "--out", tmp_path / "q.jsonl", "--workers", "0",
@@ -245,7 +251,45 @@ def test_out_is_never_a_file_fskd_did_not_write(fitted, images, tmp_path):
     user_error(cli("export", "--state", state, "--out", model, "--force", ok=False), "not a model file written by fskd")
     assert model.read_bytes() == before
     user_error(cli(*args, store / "p.csv", ok=False), "inside")  # never into the feature store
-    user_error(cli(*args, tmp_path / "p.parquet", ok=False), "must end in .csv or .jsonl")
+    user_error(cli(*args, tmp_path / "p.txt", ok=False), "must end in .csv or .jsonl or .parquet")
+    # the confusion matrix beside --out: a user's file of that name is never replaced, --force or not
+    png = tmp_path / "n.csv.confusion.png"
+    png.write_bytes(b"a user's picture")
+    for force in ([], ["--force"]):
+        user_error(cli(*args, tmp_path / "n.csv", *force, ok=False), "n.csv.confusion.png", "not a confusion matrix")
+    assert png.read_bytes() == b"a user's picture" and not (tmp_path / "n.csv").exists()
+    cli(*args, out.with_name("p2.csv"))  # fskd's own pair, unchanged: replaced with --force
+    first = (tmp_path / "p2.csv.confusion.png").read_bytes()
+    cli(*args, out.with_name("p2.csv"), "--force")
+    assert (tmp_path / "p2.csv.confusion.png").read_bytes() == first
+
+
+def test_parquet_output_has_the_same_rows(fitted, images, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra: pip install 'fskd[parquet]'")
+    _, state = fitted
+    for src in (["--split", "test"], ["--images", images, "--workers", "0", "--skip-bad"]):
+        cli("predict", "--state", state, *src, "--out", tmp_path / "p.csv", "--device", "cpu", "--force")
+        cli("predict", "--state", state, *src, "--out", tmp_path / "p.parquet", "--device", "cpu", "--force")
+        want = read_rows(tmp_path / "p.csv")
+        table = pq.read_table(tmp_path / "p.parquet")
+        assert table.column_names == list(want[0])
+        assert str(table.schema.field("probability").type) == "float" and str(table.schema.field("top1").type) == "string"
+        got = table.to_pylist()
+        assert [g["path"] for g in got] == [w["path"] for w in want]
+        assert [g["prediction"] for g in got] == [w["prediction"] for w in want]
+        assert np.allclose([g["top2_probability"] for g in got], [float(w["top2_probability"]) for w in want], atol=1e-6)
+    meta = json.loads((tmp_path / "p.parquet.fskd.json").read_text())
+    assert meta["output_format"] == "parquet" and meta["rows"] == len(got)
+    user_error(cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False), "--force")
+
+
+def test_parquet_without_pyarrow_names_the_extra(fitted, tmp_path, monkeypatch):
+    _, state = fitted
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    user_error(cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False),
+               "pyarrow", "fskd[parquet]", ".csv or .jsonl")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_moved_store_is_named_and_can_be_given(fitted, images, tmp_path):
@@ -285,9 +329,29 @@ def test_unreadable_and_wrong_kind_images(fitted, images, tmp_path):
     user_error(cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", ok=False),
                "broken.png", "--skip-bad")
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
-    res = cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", "--skip-bad", "--device", "cpu")
-    assert "skipped 1 unreadable" in res.output and len(read_rows(out)) == 8
-    assert "broken.png" in json.loads((tmp_path / "p.csv.fskd.json").read_text())["skipped"][0]
+    (bad / "5b.png").write_bytes(b"")  # an empty file between readable ones
+    res = cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", "--skip-bad", "--device", "cpu",
+              "--batch-size", "3")
+    assert "skipped 2 unreadable" in res.output
+    rows = read_rows(out)  # every image a row, in input order; the unreadable ones with their error
+    assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "5b.png",
+                                                    "6.png", "7.png", "broken.png"]
+    assert list(rows[0])[-1] == "error"
+    for r in rows:
+        broken = Path(r["path"]).name in ("5b.png", "broken.png")
+        assert (r["prediction"] == "" and r["probability"] == "" and r["top1"] == "") if broken else r["prediction"]
+        assert (Path(r["path"]).name in r["error"]) if broken else r["error"] == ""
+    meta = json.loads((tmp_path / "p.csv.fskd.json").read_text())
+    assert meta["rows"] == 10 and meta["predicted"] == 8 and meta["skipped_count"] == 2
+    assert any("broken.png" in m for m in meta["skipped"])
+    res = cli("predict", "--state", state, "--images", bad, "--out", tmp_path / "p.jsonl", "--workers", "0",
+              "--skip-bad", "--device", "cpu", "--json")
+    assert json.loads(res.stdout)["count"] == 8 and json.loads(res.stdout)["skipped"] == 2
+    j = {Path(r["path"]).name: r for r in read_rows(tmp_path / "p.jsonl")}
+    assert j["broken.png"]["prediction"] is None and j["broken.png"]["probability"] is None and j["0.png"]["error"] is None
+    clf = api.load_classifier(str(state), device="cpu")
+    py = clf.predict(bad, skip_bad=True)  # the Python API returns the same rows
+    assert [r["path"] for r in py] == [r["path"] for r in rows] and py[-1]["error"] and py[0]["error"] is None
     blob = tmp_path / "list.bin"
     blob.write_bytes(bytes(range(256)) * 4)
     user_error(cli("predict", "--state", state, "--images", blob, "--out", tmp_path / "b.csv", ok=False),
@@ -365,3 +429,102 @@ def test_cub35_parity_onnx_and_eval(cub35_store, tmp_path):
     assert len(sub) == 200 and agree >= 0.995, agree
     close = [abs(float(p.max()) - float(r["probability"])) <= 1e-3 for p, r in zip(probs, sub, strict=True)]
     assert np.mean(close) >= 0.995, np.mean(close)
+
+
+# -- the deployment pipeline: distill -> extract with the student -> adapt -> predict -> export -------
+TINY_DISTILL = ["--student", "timm:test_resnet", "--epochs", "2", "--device", "cpu",
+                *[a for k, v in {"image_size": 32, "batch_size": 8, "proj_hidden": 16, "val_episodes": 10, "val_query": 2,
+                                 "teacher_steps": 5, "decode_threads": 1}.items() for a in ("--set", f"{k}={v}")]]
+
+
+def photos(images: Path, root: Path) -> list[str]:
+    """New images of other shapes than the store's 24x24 ones (a class's image scaled up, nearest
+    neighbour: the same tint): odd and even sides, portrait and landscape, and one large enough for
+    PIL's reducing gap, so the student's own resize and crops meet the exported metadata's."""
+    root.mkdir()
+    out = []
+    for c, size in enumerate(((301, 230), (250, 400), (37, 53), (64, 64), (900, 310), (31, 23))):
+        im = Image.open(images / f"class_{c}" / "7.png").resize(size, Image.NEAREST)
+        im.save(root / f"{c}.png")
+        out.append(str(root / f"{c}.png"))
+    return out
+
+
+def test_distilled_student_is_the_deployment_path(fitted, images, tmp_path):
+    """fskd distill (a tiny timm student) -> fskd extract --encoder student:DIR -> fskd adapt
+    tip-adapter -> fskd predict --images -> fskd export --format onnx: the exported model, fed as
+    its metadata says (examples/onnx_predict.py), agrees with fskd predict (top-1, probabilities
+    within 1e-3), and predict agrees with fskd eval --state all-way on the student store's rows."""
+    pytest.importorskip("onnxruntime", reason="the export extra: pip install 'fskd[export]'")
+    teacher, _ = fitted
+    student, s_store, tip = tmp_path / "student", tmp_path / "student.zarr", tmp_path / "tip"
+    cli("distill", "--store", teacher, "--out", student, *TINY_DISTILL)
+    cli("extract", "folder", "--root", images, "--store", s_store, "--encoder", f"student:{student}", *EXTRACT[2:])
+    assert FeatureStore.open(s_store).encoder_spec == f"student:{student}"
+    cli("adapt", "--store", s_store, "--method", "tip-adapter", "--shots", "2", "--out", tip, "--device", "cpu")
+
+    # predict on the store's test rows = eval --state all-way, row by row and in accuracy
+    pred, ids = eval_predictions(s_store, tip)
+    names = FeatureStore.open(s_store).class_names
+    res = json.loads(cli("predict", "--state", tip, "--split", "test", "--out", tmp_path / "t.csv", "--device", "cpu",
+                         "--json").stdout)
+    rows = read_rows(tmp_path / "t.csv")
+    assert [r["path"] for r in rows] == [str(images / i) for i in ids]
+    assert [r["prediction"] for r in rows] == [names[c] for c in pred]
+    ev = json.loads(cli("eval", "--store", s_store, "--state", tip, "--protocol", "allway", "--shots", "2", "--seeds",
+                        "1", "--device", "cpu", "--json").stdout)
+    assert res["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-3)
+
+    # predict on image files (the store's and new shapes) through the student, then the exported model
+    files = sorted(str(p) for p in images.rglob("*.png")) + photos(images, tmp_path / "photos")
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(files) + "\n")
+    cli("predict", "--state", tip, "--images", listing, "--out", tmp_path / "p.csv", "--workers", "0", "--device", "cpu")
+    want = {r["path"]: r for r in read_rows(tmp_path / "p.csv")}
+    assert len(want) == len(files)
+    r = json.loads(cli("export", "--state", tip, "--format", "onnx", "--out", tmp_path / "m.onnx", "--json").stdout)
+    assert r["encoder"] == f"student:{student}" and r["max_difference"] <= 1e-3
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    prep, got_names = json.loads(meta["preprocess"]), json.loads(meta["class_names"])
+    # the student's own preprocessing, not torchvision's: 32 px crops of a 37 px square, longer side rounded
+    assert {k: prep[k] for k in ("resize", "resize_rounding", "interpolation", "reducing_gap", "square", "crop",
+                                  "crop_offset")} == {"resize": 37, "resize_rounding": "round", "interpolation": "bicubic",
+                                                      "reducing_gap": 3.0, "square": 37, "crop": [32, 32],
+                                                      "crop_offset": "floor"}
+    assert got_names == names and json.loads(meta["fskd"])["encoder"] == f"student:{student}"
+    ex = load_example()
+    x = np.stack([ex.preprocess(ex.load_rgb(f), prep) for f in files])
+    # the pixels first (these tinted classes saturate the probabilities, which alone would hide a shift)
+    from fskd.datasets.base import open_rgb
+    from fskd.encoders.student import StudentEncoder
+
+    enc = StudentEncoder(str(student))
+    own = np.stack([enc.preprocess(open_rgb(f)).numpy() for f in files])
+    assert x.shape == own.shape == (len(files), 3, 32, 32) and np.abs(x - own).max() <= 1e-4
+    probs = sess.run(["probabilities"], {"images": x})[0]
+    for f, p in zip(files, probs, strict=True):
+        assert names[int(p.argmax())] == want[f]["prediction"], f
+        assert float(p.max()) == pytest.approx(float(want[f]["probability"]), abs=1e-3), f
+
+
+def test_export_refuses_a_student_whose_preprocessing_it_cannot_describe(fitted, tmp_path, monkeypatch):
+    """Should the student's resize change (here: another resample filter), the metadata fskd would
+    write no longer reproduces it: the export is refused naming what it would have written, and
+    nothing is written."""
+    from fskd.deploy import export as export_mod
+    from fskd.encoders.student import StudentEncoder
+    from fskd.errors import EncoderError
+
+    teacher, _ = fitted
+    student = tmp_path / "student"
+    cli("distill", "--store", teacher, "--out", student, *TINY_DISTILL, "--epochs", "1")
+    enc = StudentEncoder(str(student))
+    spec = export_mod.describe_preprocess(enc)
+    assert export_mod.check_preprocess(enc, spec) <= export_mod.PREPROCESS_TOLERANCE
+    with pytest.raises(EncoderError, match=r"interpolation bilinear.*differ by.*nothing was written"):
+        export_mod.check_preprocess(enc, {**spec, "interpolation": "bilinear"})
+    with pytest.raises(EncoderError, match="crop_offset round"):
+        export_mod.check_preprocess(enc, {**spec, "square": None, "crop_offset": "round"})

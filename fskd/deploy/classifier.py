@@ -131,7 +131,8 @@ class Classifier:
                on_bad=None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         """Yield ``(features (b, D) float32, positions (b,))`` of the readable images among ``refs``
         (paths), in order, batch by batch, with extract's loader and forward. An unreadable image
-        raises DatasetError naming it; with ``skip_bad`` it is passed to ``on_bad(ref, message)``."""
+        raises DatasetError naming it; with ``skip_bad`` it is passed to ``on_bad(ref, message,
+        position)`` (before the batch holding the next readable image is yielded)."""
         return encode_images(self.encoder, refs, self.device, batch_size, workers, skip_bad, on_bad)
 
     # -- rows ------------------------------------------------------------------------------------
@@ -141,7 +142,10 @@ class Classifier:
 
     def predict(self, inputs, top_k: int = 5, batch_size: int = 64, skip_bad: bool = False) -> list[dict]:
         """Rows for ``inputs``: a feature tensor or array (n, D) (``path`` None), a list of PIL
-        images (``path`` None), or image paths (a list, or one path: a folder, an image, a list file)."""
+        images (``path`` None), or image paths (a list, or one path: a folder, an image, a list file).
+        An unreadable path raises DatasetError naming it; with ``skip_bad`` every row gets an
+        ``error`` key (None, or why the image could not be read, that row's prediction and
+        probabilities None), as ``fskd predict --skip-bad`` writes them."""
         from PIL import Image
 
         from fskd.datasets.base import to_rgb
@@ -171,10 +175,19 @@ class Classifier:
                 out += self.rows(self.probabilities(feats), [None] * len(batch), top_k)
             return out
         refs = [str(x) for x in inputs]
-        out = []
-        for feats, pos in self.encode(refs, batch_size, skip_bad=skip_bad):
-            out += self.rows(self.probabilities(feats), [refs[i] for i in pos], top_k)
-        return out
+        out: list[tuple[int, dict]] = []
+        keys = list(prediction_rows(torch.zeros(1, len(self.class_names)), [None], self.class_names, top_k)[0])
+
+        def on_bad(ref: str, message: str, position: int) -> None:
+            out.append((position, error_row(ref, message, keys + ["error"])))
+
+        for feats, pos in self.encode(refs, batch_size, skip_bad=skip_bad, on_bad=on_bad):
+            rows = self.rows(self.probabilities(feats), [refs[i] for i in pos], top_k)
+            if skip_bad:
+                for r in rows:
+                    r["error"] = None
+            out += zip(pos.tolist(), rows, strict=True)
+        return [r for _, r in sorted(out, key=lambda t: t[0])]
 
     def describe(self) -> dict:
         """What this classifier is, for the metadata of an output."""
@@ -202,6 +215,14 @@ def prediction_rows(probs: torch.Tensor, paths: Sequence, names: Sequence[str], 
             row[f"top{i + 1}"], row[f"top{i + 1}_probability"] = names[int(idx[r, i])], float(p[r, i])
         out.append(row)
     return out
+
+
+def error_row(path: str, message: str, columns: Sequence[str]) -> dict:
+    """The row of an image that could not be read (``--skip-bad``): its path, the reason in
+    ``error``, every other column None (empty in CSV, null in JSON Lines and Parquet)."""
+    row = {c: None for c in columns}
+    row["path"], row["error"] = path, message
+    return row
 
 
 def rebuild_encoder(store: FeatureStore, device: torch.device, who: str):
@@ -259,7 +280,7 @@ def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size
                                        f"go on)")
                 for i, e in zip(idx.numpy()[~okn], bad, strict=True):
                     if on_bad is not None:
-                        on_bad(refs[int(i)], e)
+                        on_bad(refs[int(i)], e, int(i))
                 log.warning("skipping %d unreadable file(s): %s", len(bad), bad[:5])
                 if not okn.any():
                     continue

@@ -48,6 +48,8 @@ TOLERANCE = 1e-3
 #: the largest difference between the described and the encoder's own preprocessing (0..1 pixels, normalised)
 PREPROCESS_TOLERANCE = 1e-4
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+#: PIL's reducing_gap in fskd.encoders.student.decode_square (held to it by check_preprocess)
+STUDENT_REDUCING_GAP = 3.0
 
 
 @dataclass
@@ -86,22 +88,52 @@ class Pipeline(torch.nn.Module):
 
 
 # -- preprocessing ---------------------------------------------------------------------------------
+def _base_description() -> dict:
+    """torchvision's conventions; the keys a student changes say so (see :func:`describe_preprocess`)."""
+    return {"resize": None, "resize_rounding": "truncate", "interpolation": "bilinear", "reducing_gap": None,
+            "square": None, "crop": None, "crop_offset": "round", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+            "scale": "1/255", "channels": "RGB", "layout": "NCHW", "dtype": "float32"}
+
+
+def describe_student(encoder) -> dict:
+    """A distilled student's preprocessing (``fskd.encoders.student``: ``decode_square``, then
+    ``center_view``, then ``normalize_images``) as data. It is not torchvision's: the shorter side
+    goes to ``size`` with the longer one *rounded* (at least ``size``), PIL's bicubic resize with
+    ``reducing_gap=3``, the centre ``size`` square with offsets *floored*, then the centre
+    ``image_size`` crop of that square, offsets floored again. :func:`check_preprocess` holds this
+    description to the encoder's own code, so a change there refuses the export instead of writing
+    wrong metadata."""
+    out = _base_description()
+    out.update({"resize": int(encoder.size), "resize_rounding": "round", "interpolation": "bicubic",
+                "reducing_gap": STUDENT_REDUCING_GAP, "square": int(encoder.size),
+                "crop": [int(encoder.image_size)] * 2, "crop_offset": "floor",
+                "mean": [float(v) for v in encoder._mean.tolist()], "std": [float(v) for v in encoder._std.tolist()]})
+    return out
+
+
 def describe_preprocess(encoder) -> dict:
-    """The encoder's torchvision preprocessing as data: ``resize`` (an int: the shorter side, the
-    longer one scaled and truncated as torchvision does; or [h, w]; None: none), ``interpolation``,
-    ``crop`` ([h, w] centre crop, offsets rounded as torchvision does; None: none), then pixels /
-    255, ``(x - mean) / std`` per RGB channel, NCHW float32. An affine step after ``ToTensor`` that is
-    not a ``Normalize`` (lite0's ``(x*255-127)/128``) is measured and folded into mean and std.
-    Raises EncoderError when the pipeline holds a step that cannot be written this way."""
+    """The encoder's preprocessing as data: ``resize`` (an int: the shorter side, the longer one
+    scaled and truncated as torchvision does, or rounded with ``resize_rounding: "round"``; or
+    [h, w]; None: none) with ``interpolation`` and PIL's ``reducing_gap`` (None: torchvision's plain
+    resize), ``square`` (an int: the centre square of that side cut first, offsets floored; None:
+    none), ``crop`` ([h, w] centre crop, offsets rounded as torchvision does, or floored with
+    ``crop_offset: "floor"``; None: none), then pixels / 255, ``(x - mean) / std`` per RGB channel,
+    NCHW float32. A torchvision pipeline is read step by step: an affine step after ``ToTensor`` that
+    is not a ``Normalize`` (lite0's ``(x*255-127)/128``) is measured and folded into mean and std. A
+    distilled student (``student:DIR``) is described by :func:`describe_student`. Raises EncoderError
+    when the pipeline holds a step that cannot be written this way."""
     import torchvision.transforms as T
 
+    from fskd.encoders.student import StudentEncoder
+
+    if isinstance(encoder, StudentEncoder):
+        return describe_student(encoder)
     spec_name = getattr(encoder, "spec", type(encoder).__name__)
     tf = next((v for v in vars(encoder).values() if isinstance(v, T.Compose)), None)
     if tf is None:
         raise EncoderError(f"the preprocessing of encoder {spec_name!r} is not a torchvision pipeline that fskd can "
                            f"write into a model's metadata; use fskd predict")
-    out = {"resize": None, "interpolation": "bilinear", "crop": None, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-           "scale": "1/255", "channels": "RGB", "layout": "NCHW", "dtype": "float32", "rounding": "torchvision"}
+    out = _base_description()
     tensor_steps, tensor_stage = [], False
     from PIL import Image
 
@@ -144,25 +176,41 @@ def describe_preprocess(encoder) -> dict:
     return out
 
 
+def _resized_size(size: tuple[int, int], spec: dict) -> tuple[int, int]:
+    """(w, h) -> the (w, h) ``spec["resize"]`` gives (see :func:`describe_preprocess`)."""
+    w, h = size
+    if not isinstance(spec["resize"], int):  # [height, width]
+        return spec["resize"][1], spec["resize"][0]
+    s = spec["resize"]
+    if spec.get("resize_rounding", "truncate") == "round":  # fskd's students (fskd.encoders.student.decode_square)
+        f = s / min(w, h)
+        return max(s, int(round(w * f))), max(s, int(round(h * f)))
+    return (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # torchvision's Resize
+
+
+def _center_crop(im, ch: int, cw: int, offset: str):
+    w, h = im.size
+    if offset == "floor":
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:  # torchvision's CenterCrop
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return im.crop((left, top, left + cw, top + ch))
+
+
 def reference_preprocess(image, spec: dict) -> np.ndarray:
     """PIL RGB image -> (3, H, W) float32 as ``spec`` says (what examples/onnx_predict.py does)."""
     from PIL import Image
 
     im = image.convert("RGB")
     if spec["resize"] is not None:
-        w, h = im.size
-        if isinstance(spec["resize"], int):
-            s = spec["resize"]
-            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        else:
-            size = (spec["resize"][1], spec["resize"][0])
+        size = _resized_size(im.size, spec)
         if size != im.size:
-            im = im.resize(size, getattr(Image.Resampling, spec["interpolation"].upper()))
+            im = im.resize(size, getattr(Image.Resampling, spec["interpolation"].upper()),
+                           reducing_gap=spec.get("reducing_gap"))
+    if spec.get("square"):
+        im = _center_crop(im, spec["square"], spec["square"], "floor")
     if spec["crop"] is not None:
-        ch, cw = spec["crop"]
-        w, h = im.size
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        im = im.crop((left, top, left + cw, top + ch))
+        im = _center_crop(im, *spec["crop"], spec.get("crop_offset", "round"))
     x = np.asarray(im, dtype=np.float32) / 255.0
     x = (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -174,19 +222,30 @@ def check_preprocess(encoder, spec: dict) -> float:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    worst = 0.0
-    for h, w in ((37, 53), (300, 211), (257, 224), (224, 224), (90, 400)):
+    worst, where = 0.0, ""
+    # odd and even sides, up- and down-scaling, and a shrink past PIL's reducing gap (x8)
+    for h, w in ((37, 53), (300, 211), (257, 224), (224, 224), (90, 400), (23, 31), (601, 450)):
         im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
         ref = reference_preprocess(im, spec)
         own = encoder.preprocess(im).numpy()
         if ref.shape != own.shape:
             raise EncoderError(f"encoder {encoder.spec!r}: its preprocessing gives {own.shape} from a {w}x{h} image, the "
-                               f"described one {ref.shape}; it cannot be written into the model's metadata")
-        worst = max(worst, float(np.abs(ref - own).max()))
+                               f"described one ({_summary(spec)}) {ref.shape}; it cannot be written into the model's "
+                               f"metadata. Use fskd predict")
+        d = float(np.abs(ref - own).max())
+        if d > worst:
+            worst, where = d, f"{w}x{h}"
     if worst > PREPROCESS_TOLERANCE:
-        raise EncoderError(f"encoder {encoder.spec!r}: its preprocessing differs from the described one by {worst:.2g}; "
-                           f"it cannot be written into the model's metadata")
+        raise EncoderError(f"encoder {encoder.spec!r}: its own preprocessing and the one fskd would write into the "
+                           f"model's metadata ({_summary(spec)}) differ by {worst:.2g} (normalised units, on a {where} "
+                           f"image; tolerance {PREPROCESS_TOLERANCE:g}), so a client following the metadata would "
+                           f"feed the model other pixels; nothing was written. Use fskd predict")
     return worst
+
+
+def _summary(spec: dict) -> str:
+    keys = ("resize", "resize_rounding", "interpolation", "reducing_gap", "square", "crop", "crop_offset")
+    return ", ".join(f"{k} {spec.get(k)}" for k in keys)
 
 
 # -- recognising fskd's own files ----------------------------------------------------------------
