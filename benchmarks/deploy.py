@@ -151,11 +151,17 @@ def measure(who: str, store: str, out: Path, args, ex) -> dict:
     res = {"who": who, "encoder": enc_name, "input": f"{x_onnx.shape[-1]} px", "images": len(files),
            "eval_allway": ev.accuracy, "export_max_difference": ex_r.max_difference, "pixel_difference": pixel_diff,
            "rows": []}
-    params_eager = sum(p.numel() for p in eager.parameters())
+    import onnx
+
+    # the file: its initializers (the encoder, batch norms folded) + the head's constants; eager: the
+    # encoder's parameters + the same head tensors
+    head = ex_r.parameters - sum(int(np.prod(t.dims)) for t in onnx.load(str(model)).graph.initializer)
+    params_eager = sum(p.numel() for p in eager.parameters()) + head
     for name, fn, x, size, params in (("ONNX Runtime", run_onnx, x_onnx, model.stat().st_size, ex_r.parameters),
                                       ("torch eager", run_eager, x_torch, None, params_eager)):
         res["rows"].append({"model": f"{who}: {enc_name} + tip-adapter", "input": res["input"], "runtime": name,
-                            "file MB": f"{size / 1e6:.1f}" if size else "-", "parameters": f"{params / 1e6:.2f} M",
+                            "file MB": f"{size / 1e6:.1f}" if size else "-",
+                            "parameters": f"{params / 1e6:.2f} M (head {head / 1e6:.2f} M)",
                             "img/s batch 1": round(rate(fn, x, 1, min(args.speed_images, 32)), 1),
                             "img/s batch 32": round(rate(fn, x, 32, args.speed_images), 1),
                             f"top-1 on {len(files)} test images (%)": f"{accuracy(name, fn, x):.2f}",

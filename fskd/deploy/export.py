@@ -57,7 +57,7 @@ class ExportResult:
     out: str
     format: str
     bytes: int
-    parameters: int
+    parameters: int  # numbers the file stores: the encoder's weights and the head's tensors
     classes: int
     input_shape: list[int]  # (batch, 3, H, W); batch is dynamic
     preprocess: dict
@@ -107,7 +107,9 @@ def describe_student(encoder) -> dict:
     out.update({"resize": int(encoder.size), "resize_rounding": "round", "interpolation": "bicubic",
                 "reducing_gap": STUDENT_REDUCING_GAP, "square": int(encoder.size),
                 "crop": [int(encoder.image_size)] * 2, "crop_offset": "floor",
-                "mean": [float(v) for v in encoder._mean.tolist()], "std": [float(v) for v in encoder._std.tolist()]})
+                # the timm model's (float32 in the encoder: 0.48500001430511475 is written 0.485)
+                "mean": [round(float(v), 7) for v in encoder._mean.tolist()],
+                "std": [round(float(v), 7) for v in encoder._std.tolist()]})
     return out
 
 
@@ -302,9 +304,32 @@ def _run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _onnx_parameters(path: Path) -> int:
+    """The numbers the file stores: its initializers (the encoder's weights, batch norms folded
+    in) and its floating-point constants (the head's tensors: a cache's keys and values, class
+    weights, a bridge), which the exporter writes as Constant nodes."""
     import onnx
+    from onnx import TensorProto
 
-    return int(sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer))
+    m = onnx.load(str(path))
+    n = sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    for node in m.graph.node:
+        if node.op_type == "Constant":
+            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.name == "value" and a.t.data_type in floats)
+    return int(n)
+
+
+def _torchscript_parameters(path: Path) -> int:
+    """As :func:`_onnx_parameters`: the module's parameters and its floating-point tensor constants."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = torch.jit.load(str(path), map_location="cpu")
+    n = sum(p.numel() for p in m.parameters())
+    for node in m.inlined_graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+            t = node.t("value")
+            n += t.numel() if t.is_floating_point() else 0
+    return int(n)
 
 
 def _write_torchscript(model: Pipeline, example: torch.Tensor, path: Path, meta: dict) -> None:
@@ -392,7 +417,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                         f"--format {other} cannot either ({why_other}); fskd predict runs any head")
                 raise ConfigError(f"the {clf.state.method} head of state {cfg.state} cannot be expressed in "
                                   f"{cfg.format} ({why}); {hint}")
-            params = _onnx_parameters(tmp) if cfg.format == "onnx" else sum(p.numel() for p in model.parameters())
+            params = _onnx_parameters(tmp) if cfg.format == "onnx" else _torchscript_parameters(tmp)
     except KeyboardInterrupt:
         raise Interrupted(f"fskd export was interrupted; nothing was written to {out}") from None
     return ExportResult(out=str(out), format=cfg.format, bytes=out.stat().st_size, parameters=int(params),
