@@ -4,7 +4,8 @@ Pillow and numpy (no torch, no fskd):
     python examples/onnx_predict.py model.onnx bird1.jpg bird2.png ...
 
 prints one line per image: path<TAB>class<TAB>probability. The class names and the preprocessing
-(resize, crop, mean, std, interpolation) are read from the model file's metadata.
+(resize, centre crop, mean, std, interpolation: torchvision's conventions, or those of a student
+written by `fskd distill`) are read from the model file's metadata.
 """
 
 import json
