@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,34 +20,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fskd import api
-from fskd.cli import app
 from fskd.config import EvalConfig
 from fskd.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "onnx_predict.py"
 runner = CliRunner()
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-EXTRACT = ["--encoder", "synthetic:8", "--workers", "0", "--chunk-rows", "4", "--class-ratio", "0.5,0.17,0.33",
-           "--sample-split", "0.5,0.25,0.25"]
-
-
-def cli(*args, ok: bool = True):
-    res = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
-
-
-def user_error(res, *needles: str) -> str:
-    out = res.output
-    assert res.exit_code == 2, (res.exit_code, out, res.exception)
-    assert "Traceback" not in out and (res.exception is None or isinstance(res.exception, SystemExit)), out
-    errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
+from tests.test_faults import ENV, EXTRACT, cli, user_error  # noqa: E402 - the fault battery's CLI helpers
 
 
 def read_rows(path: Path) -> list[dict]:
