@@ -286,6 +286,26 @@ def test_a_moved_store_is_named_and_can_be_given(fitted, images, tmp_path):
                    ok=False), "fingerprint")  # another store: refused by its fingerprint
 
 
+def test_an_encoder_that_cannot_be_rebuilt_is_named_with_what_to_do(fitted, images, tmp_path):
+    """The store names an encoder this machine cannot build (a timm model that is not installed
+    here): predict on images says which encoder and what to do, before writing anything; cached
+    features (--split) need no encoder and still work."""
+    import zarr
+
+    store, state = fitted
+    s2, st2 = tmp_path / "s.zarr", tmp_path / "tip"
+    shutil.copytree(store, s2)
+    cli("adapt", "--store", s2, "--method", "prototype", "--shots", "2", "--out", st2, "--device", "cpu")
+    g = zarr.open_group(str(s2), mode="r+")
+    g.attrs["encoder"] = {**dict(g.attrs["encoder"]), "spec": "timm:no_such_model_xyz"}
+    out = tmp_path / "p.csv"
+    user_error(cli("predict", "--state", st2, "--images", images / "class_0", "--out", out, ok=False),
+               "cannot rebuild the encoder", "timm:no_such_model_xyz", "then run again")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".p.csv")]
+    cli("predict", "--state", st2, "--split", "test", "--out", out, "--device", "cpu")
+    assert out.exists()
+
+
 def test_an_episodic_only_state_is_refused_naming_what_to_fit(synthetic_store, tmp_path):
     store = synthetic_store(joint=True).path  # 20 classes: val classes enough for episodes
     st = tmp_path / "fma"
