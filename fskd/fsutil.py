@@ -103,28 +103,25 @@ def meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _json_or_none(path: Path) -> object:
+    """The JSON in one of fskd's own manifests or journals, read with the manifest bound (regular
+    files only: see :func:`read_small_file`); None when it is missing or unreadable."""
+    try:
+        return json.loads(read_small_file(path, "manifest", MANIFEST_LIMIT, error=StateError))
+    except (StateError, ValueError):
+        return None
+
+
 def _committed_name(directory: Path, manifest: str) -> str | None:
     """The tensor file the current manifest names (None when there is none, or it is unreadable)."""
-    path = directory / manifest
-    try:
-        if path.stat().st_size > MANIFEST_LIMIT:
-            return None
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    meta = _json_or_none(directory / manifest)
     name = meta.get("tensors_file") if isinstance(meta, dict) else None
     return name if isinstance(name, str) and Path(name).name == name else None
 
 
 def _own_leftovers(directory: Path, manifest: str) -> list[str]:
     """The files an interrupted write recorded in its journal (never names a user chose)."""
-    path = directory / _pending_name(manifest)
-    try:
-        if path.stat().st_size > MANIFEST_LIMIT:
-            return []
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+    names = _json_or_none(directory / _pending_name(manifest))
     if not isinstance(names, list):
         return []
     return [n for n in names if isinstance(n, str) and n and Path(n).name == n and n != manifest]
@@ -187,11 +184,8 @@ def read_bundle(directory: Path, manifest: str, what: str = "state") -> tuple[di
 
     mpath = directory / manifest
     try:
-        if not mpath.is_file() or mpath.stat().st_size > MANIFEST_LIMIT:
-            raise StateError(f"{mpath} is not a regular file of at most {MANIFEST_LIMIT >> 20} MiB; the {what} is "
-                             f"damaged, write it again")
-        meta = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = json.loads(read_small_file(mpath, what, MANIFEST_LIMIT, what="JSON manifest", error=StateError))
+    except json.JSONDecodeError as e:
         raise StateError(f"{mpath} is not valid JSON ({e}); the {what} is damaged, write it again") from None
     if not isinstance(meta, dict):
         raise StateError(f"{mpath} must hold a JSON object, got {type(meta).__name__}")

@@ -825,3 +825,22 @@ def test_each_warning_is_said_once(store, tmp_path):
         res = run_fskd(*args)
         assert res.returncode == 0, res.stderr
         assert [needle in ln for ln in res.stderr.splitlines()].count(True) == 1, res.stderr
+
+
+def test_manifests_that_are_fifos_are_never_waited_on(store, tmp_path):
+    """fskd's own manifest and journal are read with a bound, regular files only: a FIFO in their
+    place (which a plain read would wait on forever) is refused or treated as unreadable."""
+    out = tmp_path / "st"
+    cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
+    os.mkfifo(out / ".state.json.pending")  # where an interrupted write's journal would be
+    res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force",
+                   timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert load_state(out).config["shots"] == 2
+    from fskd.errors import StateError
+    from fskd.fsutil import read_bundle
+
+    (out / "state.json").unlink()
+    os.mkfifo(out / "state.json")
+    with pytest.raises(StateError, match="not a regular file"):
+        read_bundle(out, "state.json")
