@@ -578,7 +578,9 @@ def test_real_cub35_tip_adapter_f_fine_tuning_beats_the_training_free_cache(cub3
 @pytest.mark.parametrize("method", [m for m in ADAPT if m not in ("prototype", "syntrans")])
 def test_real_cub35_methods_at_5way_1shot(method, cub35_store, tmp_path):
     """Golden-ish numbers (seeded, 600 episodes) with tolerances: see benchmarks/adapt_cub35.py."""
-    floor = {"zero-shot": 45.0}.get(method, 80.5)
+    # proker: the zero-shot logits enter unweighted, so the bridge's weak cub35 text caps it (67.8 when
+    # written; docs/methods/baselines-2024.md)
+    floor = {"zero-shot": 45.0, "proker": 65.0}.get(method, 80.5)
     r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method)))
     e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=600, seed=0))
     assert e.accuracy > floor

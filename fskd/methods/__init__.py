@@ -32,6 +32,18 @@ METHODS.lazy("zs-lp", "fskd.methods.adapt.clap", kind="adapt",
 METHODS.lazy("clap", "fskd.methods.adapt.clap", kind="adapt",
              help="CLAP (Silva-Rodriguez et al., CVPR 2024): ZS-LP + class-adaptive l2 pull to the text weights "
                   "(no validation data)")
+METHODS.lazy("taskres", "fskd.methods.adapt.taskres", kind="adapt",
+             help="TaskRes (Yu et al., CVPR 2023): text weights + a learned task residual, the authors' Adam recipe "
+                  "(needs text; no validation data unless alpha is a list)")
+METHODS.lazy("cross-modal-lp", "fskd.methods.adapt.cross_modal_lp", kind="adapt",
+             help="cross-modal linear probe (Lin et al., CVPR 2023): class text as extra samples, text init, the "
+                  "authors' lr / decay / batch / steps search on validation (needs text)")
+METHODS.lazy("proker", "fskd.methods.adapt.proker", kind="adapt",
+             help="ProKeR (Bendou et al., CVPR 2025): zero-shot logits + RBF kernel ridge regression of their "
+                  "residual on the shots, closed form (beta, lambda on validation)")
+METHODS.lazy("ape", "fskd.methods.adapt.ape", kind="adapt",
+             help="APE (Zhu et al., ICCV 2023): Tip-Adapter cache in refined channels, keys reweighted by the "
+                  "text (beta, alpha, gamma on validation)")
 METHODS.lazy("tip-adapter", "fskd.methods.adapt.tip_adapter", kind="adapt",
              help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
 METHODS.lazy("tip-adapter-f", "fskd.methods.adapt.tip_adapter_f", kind="adapt",
