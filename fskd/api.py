@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fskd import __version__
 from fskd.catalog import method_info, registries, store_info  # noqa: F401 - part of the api
 from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.base import Head
@@ -37,7 +36,6 @@ from fskd.errors import (
     FskdError,
     OutputError,
     StateError,
-    StoreError,
 )
 from fskd.evaluation.allway import run_allway, store_rows
 from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
@@ -761,119 +759,22 @@ def load_grid(path: str) -> dict:
         raise ConfigError(f"--grid {path}: nested too deeply to be a TOML grid file") from None
     from fskd.config import BenchConfig
 
-    valid = {f for f in BenchConfig.__dataclass_fields__}
+    executor = {"kind": "executor", "cells_per_job": "cells_per_job", "detach": "detach", "slurm": "slurm"}
+    valid = {f for f in BenchConfig.__dataclass_fields__} - (set(executor.values()) - {"executor"})
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ConfigError(f"--grid {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+    table = data.pop("executor", None)
+    if table is not None:  # [executor] kind = "slurm", cells_per_job = N, [executor.slurm] partition = ...
+        if not isinstance(table, dict):
+            raise ConfigError(f"--grid {path}: executor is a table ([executor] kind = \"slurm\", cells_per_job = 4, "
+                              f"[executor.slurm] partition = \"gpu\"), got {table!r:.80}")
+        unknown = sorted(set(table) - set(executor))
+        if unknown:
+            raise ConfigError(f"--grid {path}: [executor] unknown key(s) {', '.join(unknown)}; valid keys: "
+                              f"{', '.join(executor)}")
+        data.update({executor[k]: v for k, v in table.items()})
     return data
-
-
-def _bench_out(config, stores: list[FeatureStore]) -> Path:
-    from fskd.reports.bench import BENCH_JSON, is_bench_dir
-
-    out = Path(config.out).expanduser().absolute()
-    o = out.resolve()
-    for st in stores:
-        # the store, and the images it was extracted from: a bench folder in either changes it
-        places = [] if st.location.is_remote else [("the store", st.path)]
-        root = st.attrs["dataset"].get("root")
-        if root:
-            places.append((f"the dataset root of {st.path}", root))
-        for what, where in places:
-            p = Path(where).expanduser().resolve()
-            if o == p or o.is_relative_to(p) or p.is_relative_to(o):
-                raise OutputError(f"--out {config.out} overlaps {what} ({where}); write the bench somewhere else "
-                                  f"(nothing was changed)")
-    if store_containing(out) is not None:
-        raise OutputError(f"--out {config.out} is inside a feature store; write the bench somewhere else")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"--out {config.out} exists and is not a directory")
-        if not is_bench_dir(out) and any(out.iterdir()):
-            raise OutputError(f"--out {config.out} is a folder fskd bench did not write (no {BENCH_JSON}); give a new "
-                              f"or empty folder (nothing was changed)")
-    else:
-        check_writable(out, "--out")
-        out.mkdir(parents=True)
-    return out
-
-
-def _same_grid(out: Path, keys: set[str], extend: bool) -> None:
-    """Refuse to run a different grid in a bench folder: its tables and plots would silently become
-    the new grid's. A grid that contains the folder's own may grow it with ``--extend``."""
-    from fskd.reports.bench import BENCH_JSON, is_bench_dir
-
-    if not is_bench_dir(out):
-        return
-    try:
-        old = set(json.loads((out / BENCH_JSON).read_text(encoding="utf-8")).get("cells", []))
-    except (OSError, ValueError, TypeError) as e:
-        raise OutputError(f"--out {out}: {BENCH_JSON} cannot be read ({e}); give a new --out") from None
-    if old == keys or (extend and old <= keys):
-        return
-    lost, new = len(old - keys), len(keys - old)
-    hint = ("add --extend to grow it to this grid" if not lost else
-            "this grid lacks some of its cells, so it cannot extend it")
-    raise OutputError(f"--out {out} holds another grid ({len(old)} cells: this grid has {new} cell(s) it lacks and lacks "
-                      f"{lost} of its cells); write this grid to a new --out, or {hint} (`fskd bench --report {out}` "
-                      f"rebuilds its own tables). Nothing was changed")
-
-
-class _LogOnce(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING and msg in self.seen:
-            return False
-        self.seen.add(msg)
-        return True
-
-
-#: ``fskd distill``'s own settings a bench grid gives among a distill method's options
-BENCH_DISTILL_FIELDS = ("student", "regime", "losses", "epochs", "root", "online_teacher")
-
-
-def _bench_distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict]:
-    """Split a distill row's grid options into DistillConfig settings and the method's own options.
-    The regime follows the protocol: base-novel students for episodes of novel classes (they never
-    saw a novel label), semi students (K labels of every class) for the all-way protocol."""
-    options = dict(options)
-    fields = {k: options.pop(k) for k in BENCH_DISTILL_FIELDS if k in options}
-    if protocol not in ("episodic", "allway"):
-        raise ConfigError(f"{label}: distill rows run the episodic protocol (base-novel students) and the allway "
-                          f"protocol (semi students); got --protocol {protocol}")
-    fields.setdefault("regime", "base-novel" if protocol == "episodic" else "semi")
-    if protocol == "episodic" and fields["regime"] != "base-novel":
-        raise ConfigError(f"{label}: regime {fields['regime']!r} in an episodic grid: a semi student learned labels of "
-                          f"the novel classes, so its novel-class episodes are not a few-shot result; use base-novel")
-    return fields, options
-
-
-def _bench_student_store(teacher: FeatureStore, state_dir: Path, path: Path, device: str, root: str | None) -> dict:
-    """Extract the teacher store's dataset with the student of ``state_dir`` into ``path`` (the same
-    images, sample split and class text as the teacher store); returns the row's extract fields."""
-    import shutil
-
-    from fskd.fsutil import is_store_dir
-
-    if path.exists():  # a student store of an earlier run of this bench: extract would reuse its other weights
-        if not is_store_dir(path):
-            raise OutputError(f"{path} exists and is not a feature store fskd wrote; the bench writes the student "
-                              f"store there (nothing was changed)")
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    src = {k: v for k, v in teacher.attrs.get("config", {}).items() if k in ExtractConfig.__dataclass_fields__}
-    if not src.get("dataset") or src.get("dataset") == "arrays":
-        raise StoreError(f"{teacher.path} was not extracted from an image dataset; a distilled student is scored on "
-                         f"the same images encoded by the student")
-    src.update(encoder=f"student:{state_dir}", store=str(path), device=device, augment_views=0, augment_shots=0,
-               download=False, **({"root": root} if root else {}))  # root: the images moved since extraction
-    t0 = time.perf_counter()
-    r = extract(ExtractConfig.from_dict(src), progress=None)
-    return {"extract_seconds": round(time.perf_counter() - t0, 3), "student_images_per_s": r.images_per_s}
 
 
 def bench(config, progress=AUTO) -> BenchResult:
@@ -882,211 +783,64 @@ def bench(config, progress=AUTO) -> BenchResult:
     scored on the store's images encoded by it), its row appended to ``OUT/results.jsonl``; a rerun
     skips finished cells. Then the tables and plots are rebuilt (:mod:`fskd.reports.bench`).
     ``progress``: "auto" (a bar over cells with an ETA on a terminal), None, or
-    ``callable(done, total, cell_label)``."""
-    import shutil
-    from datetime import datetime, timezone
-
+    ``callable(done, total, cell_label)``. The cells run here, or as Slurm jobs with
+    ``config.executor == "slurm"`` (:mod:`fskd.bench.slurm`)."""
     _takes(config, BenchConfig, "bench")
 
+    from fskd.bench.runner import CellRunner, GridPlan, LogOnce, same_grid
     from fskd.fsutil import atomic_write_text, dir_lock
-    from fskd.methods.base import methods_of_kind
     from fskd.progress import bench_bar, bench_log
-    from fskd.reports.bench import (
-        BENCH_FORMAT,
-        BENCH_JSON,
-        RESULTS,
-        SOURCE_TAG,
-        TRANSFER_PROTOCOLS,
-        Cell,
-        Results,
-        check_rows,
-        run_grid,
-        write_outputs,
-    )
+    from fskd.reports import versions
+    from fskd.reports.bench import BENCH_JSON, RESULTS, Results, check_rows, run_grid, write_outputs
 
     t0 = time.perf_counter()
-    fit_method = dict(config.method_pairs())  # row label -> registered method
-    distill_split: dict[str, tuple[dict, dict]] = {}  # distill row label -> (DistillConfig settings, method options)
-    for label, m in fit_method.items():
-        cls = METHODS.get(m)  # an unknown name lists the valid ones
-        if cls.kind not in ("adapt", "align", "distill"):
-            raise ConfigError(f"fskd bench runs adapt, align and distill methods; {m!r} is a {cls.kind} method (methods: "
-                              f"{', '.join(sorted(methods_of_kind('adapt') + methods_of_kind('align') + methods_of_kind('distill')))})")
-        options = dict(config.options.get(label, {}))
-        if cls.kind == "distill":
-            fields, options = distill_split[label] = _bench_distill_fields(label, options, config.protocol)
-            DistillConfig.from_dict({"store": "-", "method": m, **fields})  # ill-typed settings: now, not mid-grid
-        if cls.options is not None:
-            cls.options.from_dict(options)  # unknown or ill-typed options: now, not mid-grid
-
-    transfer = config.protocol in TRANSFER_PROTOCOLS
-    if transfer and len(config.stores) < 2:
-        raise ConfigError(f"--protocol {config.protocol} takes the source store first, then one or more target stores "
-                          f"(--stores source.zarr,target1.zarr,...); got {len(config.stores)} store")
-    stores = []
-    for i, path in enumerate(config.stores):
-        st = FeatureStore.open(path)
-        st.check_complete()
-        for s in ("train", "test") if not transfer or i == 0 else ("test",):
-            if not st.has_split(s):
-                raise EvaluationError(f"fskd bench ({config.protocol}) needs a {s!r} sample split; {st.path} has {st.splits}")
-        if config.protocol == "domain-shift" and i:
-            unknown = sorted(set(st.class_keys) - set(stores[0].class_keys))
-            if unknown:
-                raise ConfigError(f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} are "
-                                  f"not classes of the source {stores[0].path}: {', '.join(map(repr, unknown[:5]))}")
-        if distill_split:  # a student trains on the store's images and encodes them: they must be there
-            from fskd.methods.distill.data import dataset_of
-
-            dataset_of(st, next((f["root"] for f, _ in distill_split.values() if f.get("root")), None))
-        if transfer and i and st.encoder_spec != stores[0].encoder_spec:
-            raise ConfigError(f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, the "
-                              f"source {stores[0].path} {stores[0].encoder_spec!r}; every store needs the same encoder")
-        stores.append(st)
-    names = [st.attrs["dataset"]["name"] for st in stores]
-    labels = [n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr") for n, st in zip(names, stores, strict=True)]
-    if transfer:
-        labels[0] += SOURCE_TAG
-    out = _bench_out(config, stores)
-    src_fp = stores[0].fingerprint if transfer else ""
-    order = ([(st, label, m, k, s) for m in fit_method for k in config.shots for s in config.seeds
-              for st, label in zip(stores, labels, strict=True)] if transfer else  # one fit, every target in a row
-             [(st, label, m, k, s) for st, label in zip(stores, labels, strict=True) for m in fit_method
-              for k in config.shots for s in config.seeds])
-    episodic = config.protocol == "episodic"
-    setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
-                          "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) if episodic else ""
-    cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
-                  json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting,
-                  fit_method[m] if fit_method[m] != m else "") for st, label, m, k, s in order]
-    keys = {c.key for c in cells}
-    _same_grid(out, keys, config.extend)
-    by_path = {absolute_store(st.path): st for st in stores}
-    fit_store = {p: (absolute_store(stores[0].path) if transfer else p) for p in by_path}
-    min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
-                 for p, st in by_path.items() if st.has_split("train")}
-    tmp_state = out / f".cell-state-{os.getpid()}"
-    tmp_student = out / f".cell-student-{os.getpid()}"  # a distill cell's student store, in a folder of its own
-
-    def clear_scratch() -> None:
-        """Remove the scratch state and student store of this run (written by it, nothing else)."""
-        for p in (tmp_state, tmp_student):
-            if p.exists():
-                shutil.rmtree(p)
-    fitted: dict = {}  # the last fit: (store, method, K, seed, options) -> FitResult, reused across targets
-
-    def fit_for(cell: Cell, store_path: str, state_dir: Path):
-        key = (store_path, cell.method, cell.shots, cell.seed, cell.options)
-        if fitted.get("key") == key and state_dir.exists():
-            return fitted["fit"]
-        fitted.clear()
-        name = cell.fit_method or cell.method
-        cls = METHODS.get(name)
-        options = json.loads(cell.options)
-        if "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
-            # a method with regimes fits only the part the cell scores (fma fits all-way when given K
-            # shots; coop fits both by default)
-            if episodic:
-                options["regime"] = "episodic"
-            elif config.protocol == "allway":
-                options["regime"] = "allway"
-        kw = dict(store=store_path, method=name, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=options, force=True, val_rule=cell.val_rule,
-                  base_to_new=cell.protocol == "base-to-new")
-        if episodic and config.class_ratio is not None:
-            kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
-        if cls.kind == "distill":
-            fields, kw["options"] = distill_split[cell.method]
-            fit = distill(DistillConfig(**kw, **fields), progress=None)
-        else:
-            fit = (adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
-                   else align(AlignConfig(**kw), progress=None))
-        fitted.update(key=key, fit=fit)
-        return fit
-
-    def run_cell(cell: Cell) -> dict:
-        src_path = fit_store[cell.store]
-        src, st = by_path[src_path], by_path[cell.store]
-        cls = METHODS.get(cell.fit_method or cell.method)
-        if cls.needs_text and not src.attrs["text"].get("available"):
-            return {"status": "n/a", "message": f"{cell.method} needs class text features; {src.path} has none "
-                                               f"(encoder {src.encoder_spec} has no text tower)"}
-        if cell.protocol == "base-to-new" and st.num_classes < 2:
-            return {"status": "n/a", "message": f"base-to-new needs at least 2 classes; {st.path} has {st.num_classes}"}
-        if cell.shots > min_train[src_path]:
-            return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(src_path).name} "
-                                               f"has {min_train[src_path]} train rows"}
-        target = transfer and cell.store != src_path
-        if target and cell.protocol == "cross-dataset":
-            if not cls.transfers_to_new_classes:
-                return {"status": "n/a", "message": f"{cell.method} cannot classify classes it has no shot of"}
-            if not st.attrs["text"].get("available"):
-                return {"status": "n/a", "message": f"{st.path} has no class text features to transfer through"}
-        state_dir = (out / "states" / Path(src_path).name.removesuffix(".zarr") / cell.method /
-                     f"{cell.shots}shot-seed{cell.seed}" if config.keep_states else tmp_state)
-        protocol = cell.protocol if target or not transfer else "allway"
-        eval_store, extra = cell.store, {}
-        # distill: the student's features (not directly in OUT, which this run holds locked: extract locks
-        # the store's parent folder)
-        student_store = (state_dir.with_name(state_dir.name + ".zarr") if config.keep_states
-                         else tmp_student / "student.zarr")
-        try:
-            fit = fit_for(cell, src_path, state_dir)
-            if cls.kind == "distill":
-                extra = _bench_student_store(st, state_dir, student_store, config.device,
-                                             distill_split[cell.method][0].get("root"))
-                eval_store = str(student_store)
-            how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
-                        seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
-                   if episodic else dict(protocol=protocol, seeds=(cell.seed,)))
-            ev = evaluate(EvalConfig(store=eval_store, state=str(state_dir), shots=cell.shots, device=config.device, **how))
-        except FskdError as e:
-            for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop
-                if not by_path[p].location.exists():
-                    raise StoreError(f"feature store {p} was removed while fskd bench ran; the finished cells are "
-                                     f"kept in {out / RESULTS}: put the store back and run the same fskd bench to go "
-                                     f"on") from None
-            return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
-        finally:
-            if not transfer and not config.keep_states:
-                clear_scratch()
-        b2n = cell.protocol == "base-to-new"
-        return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
-                **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
-                **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if episodic else {}),
-                "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
-                "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
-                "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, **extra,
-                "warnings": fit.warnings + ev.warnings,
-                "encoder": ev.encoder, "state": str(state_dir) if config.keep_states else None,
-                "versions": {"fskd": __version__, "torch": torch.__version__},
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-    once = _LogOnce()  # a store's warning is said once, not once per cell (every row records it)
+    plan = GridPlan(config)
+    same_grid(plan.out, plan.keys, config.extend)
+    out = plan.out
+    once = LogOnce()  # a store's warning is said once, not once per cell (every row records it)
     for h in logging.getLogger().handlers:
         h.addFilter(once)
     try:
         with dir_lock(out, f"another fskd bench is writing {out}; waiting for it", log):
-            from fskd.reports import versions
-
-            meta = {"format": BENCH_FORMAT, "config": config.to_dict(), "cells": [c.key for c in cells],
-                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
-            atomic_write_text(out / BENCH_JSON, json.dumps(meta, indent=2))
-            clear_scratch()
+            atomic_write_text(out / BENCH_JSON, json.dumps(plan.meta(versions()), indent=2))
             results = Results(out)
             check_rows(results.rows, out / RESULTS)
-            try:
-                counts = run_grid(cells, results, run_cell, resolve_progress(progress, bench_bar, bench_log))
-            finally:
-                clear_scratch()
-            outputs = write_outputs(out, results.rows, config.to_dict(), [c.key for c in cells])
+            if config.executor == "slurm":
+                from fskd.bench.slurm import run_slurm
+
+                counts = run_slurm(plan, results, _bench_job, resolve_progress(progress, bench_bar, bench_log))
+            else:
+                runner = CellRunner(plan, _verbs(), out / f".cell-state-{os.getpid()}",
+                                    out / f".cell-student-{os.getpid()}")  # a distill cell's student store
+                runner.clear_scratch()
+                try:
+                    counts = run_grid(plan.cells, results, runner.run, resolve_progress(progress, bench_bar, bench_log))
+                finally:
+                    runner.clear_scratch()
+            detached = config.executor == "slurm" and config.detach and not (results.done().keys() & plan.keys)
+            outputs = ([] if detached else  # submitted, nothing finished yet: no table to build
+                       write_outputs(out, results.rows, config.to_dict(), [c.key for c in plan.cells]))
     finally:
         for h in logging.getLogger().handlers:
             h.removeFilter(once)
     failed = [f"{r['dataset']} {r['method']} {r['shots']}-shot seed {r['seed']}: {r.get('message')}"
-              for r in results.rows if r["status"] == "failed" and r["key"] in keys]
-    return BenchResult(out=str(out), cells=len(cells), counts=counts, seconds=round(time.perf_counter() - t0, 2),
+              for r in results.rows if r["status"] == "failed" and r["key"] in plan.keys]
+    return BenchResult(out=str(out), cells=len(plan.cells), counts=counts, seconds=round(time.perf_counter() - t0, 2),
                        outputs=[str(p) for p in outputs], failed=failed)
+
+
+def _verbs():
+    from fskd.bench.runner import Verbs
+
+    return Verbs(adapt=adapt, align=align, distill=distill, evaluate=evaluate, extract=extract)
+
+
+def _bench_job(config: dict, keys: list[str], scratch: str) -> dict:
+    """A Slurm job of ``fskd bench --executor slurm``: run the grid's cells ``keys`` with the same
+    code as a local run, each row written to ``OUT/cells/`` as it finishes (see :mod:`fskd.bench.slurm`)."""
+    from fskd.bench.slurm import run_job
+
+    return run_job(BenchConfig.from_dict(config), keys, Path(scratch), _verbs())
 
 
 def bench_report(out: str) -> list[str]:
@@ -1109,6 +863,9 @@ def bench_report(out: str) -> list[str]:
     config, cells = check_meta(json.loads((d / BENCH_JSON).read_text(encoding="utf-8")), d / BENCH_JSON)
     rows = Results(d).rows
     check_rows(rows, d / RESULTS)
+    from fskd.bench.slurm import unmerged_rows
+
+    rows = rows + unmerged_rows(d, rows)  # cells Slurm jobs finished since the driver last merged (read only)
     return [str(p) for p in write_outputs(d, rows, config, cells)]
 
 

@@ -684,6 +684,24 @@ def _bench_options(pairs: list[str] | None) -> dict:
     return out
 
 
+def _slurm_options(pairs: list[str] | None) -> dict:
+    """``--slurm KEY=VALUE`` -> {key: value}: numbers for the numeric keys, text for the others."""
+    from fskd.config import SLURM_KEYS
+
+    out: dict = {}
+    for p in pairs or []:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--slurm takes KEY=VALUE (e.g. partition=gpu, time=120), got {p!r}")
+        typ = SLURM_KEYS.get(key.strip(), (str,))[0]
+        out[key.strip()] = int(value) if typ is int and value.strip().isdigit() else value
+    return out
+
+
+Executor = _choices("Executor", ["local", "slurm"])
+SLURM = "Slurm (--executor slurm)"
+
+
 @app.command()
 def bench(
     stores: Annotated[str | None, typer.Option(help="Feature stores, comma-separated.", metavar="LIST")] = None,
@@ -702,6 +720,10 @@ def bench(
     query: Annotated[int | None, typer.Option(help="Episodic: queries per class [default: 15].", metavar="N", rich_help_panel="Episodic protocol")] = None,
     episodes: Annotated[int | None, typer.Option(help="Episodic: episodes per cell [default: 600].", metavar="N", rich_help_panel="Episodic protocol")] = None,
     class_ratio: Annotated[str | None, typer.Option("--class-ratio", help="Episodic: base,val,novel ratios; seed s then draws its own class split (split seed s).", metavar="LIST", rich_help_panel="Episodic protocol")] = None,
+    executor: Annotated[Executor | None, typer.Option(help="Where the cells run: this process, or Slurm jobs through submitit [default: local].", rich_help_panel=SLURM)] = None,
+    slurm: Annotated[list[str] | None, typer.Option("--slurm", help="Each job's resources, KEY=VALUE (repeatable): partition, time (minutes), cpus, gpus, mem, account, qos, constraint, python.", metavar="K=V", rich_help_panel=SLURM)] = None,
+    cells_per_job: Annotated[int | None, typer.Option("--cells-per-job", help="Cells run one after another in one Slurm job [default: 1].", metavar="N", rich_help_panel=SLURM)] = None,
+    detach: Annotated[bool, typer.Option(help="Submit the Slurm jobs and return; collect with the same command or --report.", rich_help_panel=SLURM)] = False,
     device: DeviceOption = "auto",
     report: Annotated[str | None, typer.Option("--report", help="Only rebuild the tables and plots of the bench folder DIR from its results.", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     as_json: JsonOption = False,
@@ -722,8 +744,13 @@ def bench(
              "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
              "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline,
              "way": way, "query": query, "episodes": episodes,
-             "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None}
+             "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None,
+             "executor": _value(executor) if executor is not None else None, "cells_per_job": cells_per_job}
     data.update({k: v for k, v in given.items() if v is not None})
+    if slurm:
+        data["slurm"] = {**data.get("slurm", {}), **_slurm_options(slurm)}
+    if detach:
+        data["detach"] = True
     if set_:
         opts = {m: dict(v) for m, v in data.get("options", {}).items()}
         for m, kv in _bench_options(set_).items():
@@ -737,8 +764,10 @@ def bench(
         typer.echo(json.dumps(dataclasses.asdict(r)))
     else:
         c = r.counts
+        jobs = (f"; {c['jobs']} Slurm job(s) submitted" + (f", {c['waited']} of an earlier run waited for"
+                                                            if c.get("waited") else "")) if "jobs" in c else ""
         typer.echo(f"bench {r.out}: {r.cells} cells ({c['skipped']} already done, {c['ok']} run, {c['n/a']} not "
-                   f"applicable, {c['failed']} failed) in {r.seconds:.1f} s")
+                   f"applicable, {c['failed']} failed) in {r.seconds:.1f} s{jobs}")
         for p in r.outputs:
             typer.echo(f"  {p}")
         for f in r.failed:

@@ -547,6 +547,36 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     return out
 
 
+#: where ``fskd bench`` runs its cells
+EXECUTORS = ("local", "slurm")
+#: ``--slurm KEY=VALUE``: each job's resources -> (type, what it is); see fskd.bench.slurm
+SLURM_KEYS = {
+    "partition": (str, "the Slurm partition"),
+    "time": (int, "the job's time limit in minutes"),
+    "cpus": (int, "CPUs per job (--cpus-per-task)"),
+    "gpus": (int, "GPUs per job (--gpus-per-node)"),
+    "mem": (str, "memory per job, e.g. 16G (--mem)"),
+    "account": (str, "the account to charge"),
+    "qos": (str, "the quality of service"),
+    "constraint": (str, "node features (--constraint)"),
+    "python": (str, "the Python that runs fskd on the nodes (default: this one)"),
+}
+
+
+def check_slurm(slurm) -> None:
+    """``--slurm`` settings: known keys, each of its type (numbers >= 1)."""
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"slurm must be a table of KEY = VALUE ({', '.join(SLURM_KEYS)}), got {slurm!r:.80}")
+    for k, v in slurm.items():
+        if k not in SLURM_KEYS:
+            raise ConfigError(f"--slurm {k}: unknown key; valid keys: {', '.join(SLURM_KEYS)}")
+        typ, what = SLURM_KEYS[k]
+        if typ is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"--slurm {k} ({what}) must be an integer >= 1, got {v!r}")
+        if typ is str and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"--slurm {k} ({what}) must be a non-empty string, got {v!r}")
+
+
 BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift", "episodic")
 
 
@@ -577,6 +607,11 @@ class BenchConfig(Config):
     episodes: int = 600
     episode_seed: int = 0
     class_ratio: tuple[float, float, float] | None = None  # episodic: seed s draws its own base/val/novel class split
+    # where the cells run: this process ("local") or Slurm jobs through submitit ("slurm", fskd.bench.slurm)
+    executor: str = "local"
+    slurm: dict = field(default_factory=dict)  # each job's resources: SLURM_KEYS
+    cells_per_job: int = 1  # slurm: cells run one after another in one job
+    detach: bool = False  # slurm: submit and return; the jobs go on (collect with a rerun or --report)
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -615,6 +650,15 @@ class BenchConfig(Config):
                 raise ConfigError(f"{name} must be an integer >= {2 if name == 'way' else 1}, got {v!r}")
         if self.baseline is not None and self.baseline not in labels:
             raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(labels)}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if not isinstance(self.cells_per_job, int) or isinstance(self.cells_per_job, bool) or self.cells_per_job < 1:
+            raise ConfigError(f"--cells-per-job must be an integer >= 1, got {self.cells_per_job!r}")
+        check_slurm(self.slurm)
+        if self.executor == "local" and (self.slurm or self.detach or self.cells_per_job != 1):
+            given = [n for n, v in (("--slurm", self.slurm), ("--detach", self.detach),
+                                    ("--cells-per-job", self.cells_per_job != 1)) if v]
+            raise ConfigError(f"{', '.join(given)} are for --executor slurm; the grid runs locally (--executor local)")
 
     def method_pairs(self) -> list[tuple[str, str]]:
         """(row label, registered method) per ``methods`` entry: ``NAME`` is itself; ``LABEL=NAME`` is

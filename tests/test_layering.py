@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "fskd"
 # Utilities (errors, registry, config, runtime) are importable from everywhere.
 # `python -m fskd` (__main__) is the entry point, right of the CLI. `catalog` (what the CLI lists without
 # loading torch: registry entries, a store summary) sits just left of `api`, which re-exports it.
-LAYERS = ["datasets", "encoders", "store", "classifiers", "methods", "evaluation", "deploy", "reports", "catalog", "api", "cli",
+LAYERS = ["datasets", "encoders", "store", "classifiers", "methods", "evaluation", "deploy", "reports", "bench", "catalog", "api", "cli",
           "__main__"]
 UTILITIES = {"errors", "registry", "config", "runtime", "fsutil", "progress", "__init__", "__version__"}
 

@@ -252,18 +252,21 @@ def rebuild_encoder(store: FeatureStore, device: torch.device, who: str):
 
 def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size: int = 64, workers: int | None = None,
                   skip_bad: bool = False, on_bad=None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """Extract's loader (``_Rows``: decode, preprocess, the error of an unreadable file) and forward
+    """Extract's loader (``ImageRows``: decode, preprocess, the error of an unreadable file) and forward
     (channels-last and autocast on CUDA) over image paths; yields ``(features, positions)``."""
     from torch.utils.data import DataLoader
 
     from fskd.deploy.sources import PathSource
     from fskd.errors import DatasetError
-    from fskd.store.extract import _blank_image, _Rows  # the very loader and blank image of extract
+    from fskd.store.extract import (  # the very loader and blank image of extract
+        ImageRows,
+        blank_image,
+    )
 
     if not refs:
         return
     w = num_workers(workers)
-    loader = DataLoader(_Rows(PathSource(), list(refs), encoder.preprocess, encoder.preprocess(_blank_image())),
+    loader = DataLoader(ImageRows(PathSource(), list(refs), encoder.preprocess, encoder.preprocess(blank_image())),
                         batch_size=batch_size, shuffle=False, num_workers=w, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if w > 0 else None)
     channels_last = device.type == "cuda"

@@ -150,6 +150,14 @@ class Results:
         self.rows.append(row)
 
 
+def cell_row(cell: Cell, result: dict) -> dict:
+    """A cell's row in ``results.jsonl``: what identifies the cell, then its result."""
+    return {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
+            "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
+            "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options),
+            **({"variant_of": cell.fit_method} if cell.fit_method else {}), **result}
+
+
 def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dict],
              progress: Callable[[int, int, str], None] | None = None) -> dict[str, int]:
     """Run every cell not finished in ``results``; append each row as it finishes. Returns counts
@@ -163,12 +171,8 @@ def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dic
         if progress:
             progress(i, len(todo), cell.label())
         t0 = time.perf_counter()
-        row = run_cell(cell)
+        row = cell_row(cell, run_cell(cell))
         seconds = time.perf_counter() - t0
-        row = {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
-               "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
-               "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options),
-               **({"variant_of": cell.fit_method} if cell.fit_method else {}), **row}
         results.append(row)
         fault_point(f"bench:cell-{i + 1}")  # tests kill a grid after its i-th new cell
         counts[row["status"]] += 1

@@ -76,7 +76,7 @@ class ExtractResult:
     views_rows: int = 0  # train rows the store's views cover
 
 
-class _Rows(Dataset):
+class ImageRows(Dataset):
     """(image tensor, row index, ok, message) for the rows of one split: the error when not ok,
     else a note ("PATH (N frames)": only the first frame of a multi-frame file is encoded) or ""."""
 
@@ -394,9 +394,9 @@ def _extract_split(
     todo = [c for c in range(len(done)) if not done[c] and c % dist.world_size == dist.rank]
     if not todo or n == 0:
         return 0, 0
-    blank = encoder.preprocess(_blank_image())
+    blank = encoder.preprocess(blank_image())
     loader = DataLoader(
-        _Rows(source, refs, encoder.preprocess, blank),
+        ImageRows(source, refs, encoder.preprocess, blank),
         batch_sampler=_chunk_batches(todo, n, rows, cfg.batch_size),
         num_workers=num_workers(cfg.workers),
         pin_memory=device.type == "cuda",
@@ -554,7 +554,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     if dist.is_main:
         if have is None:
             rows = view_rows_for(store, cfg)
-            want["transform"]["size"] = int(get_encoder().preprocess(_blank_image()).shape[-1])
+            want["transform"]["size"] = int(get_encoder().preprocess(blank_image()).shape[-1])
             store.create_views(want, rows, store.labels("train")[rows])
         else:
             bad = store.views_damaged(verify=True)
@@ -571,7 +571,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
         return 0, len(rows)
     encoder = get_encoder()
     v, per, m = int(info["views"]), store.chunk_rows, len(rows)
-    blank = encoder.preprocess(_blank_image())
+    blank = encoder.preprocess(blank_image())
     t = info["transform"]
     loader = DataLoader(
         _Views(source, train.refs, rows, v, int(t["size"]), tuple(t["scale"]), int(t["seed"]), encoder.preprocess, blank),
@@ -618,7 +618,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     return count, m
 
 
-def _blank_image():
+def blank_image():
     from PIL import Image
 
     return Image.new("RGB", (32, 32))
