@@ -108,6 +108,24 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
 
         extra.update(epochs=clap.EPOCHS, lr=clap.LR, batch_size=clap.BATCH, momentum=clap.MOMENTUM,
                      warmup_lr=clap.WARMUP_LR, logit_scale=100.0, constraint=int(method == "clap"))
+    elif method == "proker":
+        from fskd.methods.adapt import proker
+
+        wide = not store.joint
+        extra.update(beta_grid=np.array(proker.BETA),
+                     lambda_grid=np.array(proker.LAMBDA + (proker.LAMBDA_WIDE if wide else ())))
+    elif method == "ape":
+        from fskd.methods.adapt import ape
+
+        wide = not store.joint
+        extra.update(beta_grid=np.array(ape.BETA), alpha_grid=np.array(ape.ALPHA + (ape.ALPHA_WIDE if wide else ())),
+                     gamma_grid=np.array(ape.GAMMA), w_sim=ape.W_SIM,
+                     feat_num=ape.n_channels(d, ape.FEAT_FRAC))
+    elif method == "taskres":
+        from fskd.methods.adapt import taskres
+
+        extra.update(alpha=taskres.ALPHA, lr=taskres.LR, batch_size=taskres.BATCH, weight_decay=taskres.WEIGHT_DECAY,
+                     epochs=taskres.FEW_SHOT_EPOCHS if k <= 4 else taskres.MANY_SHOT_EPOCHS, logit_scale=100.0)
     return extra
 
 
@@ -120,7 +138,17 @@ test, test_truth: every test row
 x_views (V, S, D), when present: every stored augmented view of the shots, embedded as x
 fskd_results.json: fskd's test accuracy (%), fit seconds and hyper-parameters per K and seed
 """
+_PROKER = _COMMON + """beta_grid, lambda_grid: the (beta, lambda) candidates fskd searched (beta outer, the first best kept;
+  lambda: the authors' linspace(0.001, 1, 10), then 3 ... 10000 on a non-joint store)
+"""
+_APE = _COMMON + """beta_grid, alpha_grid, gamma_grid: the candidates fskd searched (the authors' loop order beta, alpha,
+  gamma; alpha: theirs, then 8 ... 65536 on a non-joint store); w_sim (training_free w), feat_num (channels kept)
+"""
+_TASKRES = _COMMON + """alpha, lr, batch_size, weight_decay, epochs, logit_scale: the recipe fskd ran (the authors'
+  train_regular.sh: Adam, 1-epoch warm-up at 1e-5 then cosine, residual initialised at zeros)
+"""
 README = {
+    "proker": _PROKER, "ape": _APE, "taskres": _TASKRES,
     "lp++": _COMMON + "bias (N,): the nn.Linear(D, N) bias after torch.manual_seed(seed)\n",
     "gda": _COMMON + """val_full, val_full_truth: the whole val split (the authors' main_few_shots.py validates on it)
 alpha_grid: the authors' 7 blend weights
