@@ -113,7 +113,7 @@ def test_a_killed_job_names_its_cells_and_a_rerun_submits_only_those(slurm_env, 
 def _occupy_node(cluster) -> str:
     """A job of someone else holding every CPU of the node, so the bench's jobs stay queued."""
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0]
-    r = subprocess.run(["sbatch", "--parsable", "-c", cpus, "-J", "someone-else", "--wrap", "sleep 300"],
+    r = subprocess.run(["sbatch", "--parsable", "-c", cpus, "-J", "someone-else", "-o", "/dev/null", "--wrap", "sleep 300"],
                        capture_output=True, text=True, check=True)
     jid = r.stdout.strip().split(";")[0]
     wait_for(lambda: queue().get(jid) == "RUNNING", what="the other job to run")

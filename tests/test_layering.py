@@ -1,4 +1,4 @@
-"""The one-way data flow of DESIGN.md, checked on the imports of every module."""
+"""The one-way data flow of docs/development.md, checked on the imports of every module."""
 
 from __future__ import annotations
 
