@@ -221,7 +221,7 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    """Episodic (novel classes by default) or all-way evaluation; see DESIGN.md protocols."""
+    """Episodic (novel classes by default) or all-way evaluation; see docs/concepts.md, Protocols."""
     _takes(config, EvalConfig, "evaluate")
     t0 = time.perf_counter()
     cfg = config
@@ -233,7 +233,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     with backend_errors(cfg.store):
         store = FeatureStore.open(cfg.store)
         store.check_complete()
-        # the same thread guard as the fits (adapt's threads_by_store)
+        # the same thread guard as the fits (AdaptMethod.fit)
         with compute_threads(store_numel(store)), _state_fits(cfg):
             return _evaluate_store(cfg, store, t0)
 

@@ -87,6 +87,17 @@ def synthetic_store(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def baseline_stores(tmp_path_factory):
+    """A joint and a non-joint synthetic store with class text (seed 0), once per test module: the
+    baselines' tests (test_baselines*.py)."""
+    from fskd.store.synthetic import make_synthetic_store
+
+    d = tmp_path_factory.mktemp("baselines")
+    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
+            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
+
+
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},

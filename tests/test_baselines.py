@@ -5,32 +5,23 @@ non-joint synthetic stores."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from fskd import api
-from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig
-from fskd.methods import METHODS, load_state
+from fskd.methods import load_state
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.clap import lr_at, train_probe, zero_shot_confidence
 from fskd.methods.adapt.gda import FittedGDA, gda_new_classes, gda_params
 from fskd.store.synthetic import make_synthetic_store
+from tests import baseline_helpers as B
 
 LOG_HALF = math.log(0.5)
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    d = tmp_path_factory.mktemp("baselines")
-    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
-            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
 
 
 # -- GDA --------------------------------------------------------------------------------------------
@@ -117,12 +108,8 @@ def test_zs_lp_is_sgd_with_the_authors_schedule():
     ours, _ = train_probe(x, y, 12, t, False, seed=0, epochs=6)
     w = torch.nn.Parameter(t[0].clone())
     opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
-    for epoch in range(6):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, 6, 0.1)
-        opt.zero_grad()
-        F.cross_entropy(100 * x[0] @ F.normalize(w, dim=-1).T, y[0]).backward()
-        opt.step()
+    B.torch_steps(opt, 6, lambda epoch: lr_at(epoch, 6, 0.1),
+                lambda: F.cross_entropy(100 * x[0] @ F.normalize(w, dim=-1).T, y[0]))
     torch.testing.assert_close(ours[0], w.detach(), rtol=1e-4, atol=1e-5)
 
 
@@ -164,17 +151,10 @@ def test_clap_constraint_pulls_each_class_toward_its_zero_shot_weights():
 # -- fitted, saved, scored --------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["joint", "pair"])
 @pytest.mark.parametrize("method", ["gda", "zs-lp", "clap"])
-def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
-    st = stores[kind]
+def test_state_scored_by_fskd_eval_all_way(method, kind, baseline_stores, tmp_path):
+    st = baseline_stores[kind]
     out = tmp_path / method
-    runner = CliRunner()
-    opts = ["--set", "val_episodes=40"] if method == "gda" else []
-    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", method, "--shots", "2", "--out", str(out),
-                              "--device", "cpu", *opts])
-    assert res.exit_code == 0, res.output
-    state = load_state(out)
-    assert all(torch.isfinite(v.float()).all() for v in state.tensors.values())
-    assert "normalisation" in state.hparams and state.selected_on["normalisation"].startswith("fixed")
+    state = B.cli_adapt(st, method, out, {"val_episodes": 40} if method == "gda" else {})
     if method == "gda":
         assert state.selected_on["allway.alpha"] == "chosen on val split (min(K, 4) per class)"
         assert state.selected_on["episodic.alpha"] == "chosen on val classes"
@@ -182,20 +162,16 @@ def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
         assert not any("chosen on" in str(v) for k, v in state.selected_on.items() if not k.endswith("ridge"))
         assert "no validation data" in state.selected_on["epochs"]
         assert "allway.fitted.weights" in state.tensors  # the head of its own shots, trained once
-    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--protocol", "allway", "--shots",
-                              "2", "--seeds", "1", "--json", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.output.strip().splitlines()[-1])
-    assert np.isfinite(r["accuracy"]) and r["accuracy"] > 3 * 100 / st.num_classes  # chance is 5%
+    B.cli_allway_accuracy(st, out)
 
 
-def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(stores, tmp_path, monkeypatch):
+def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(baseline_stores, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a validation row was read")
 
     for name in ("allway_val_task", "episodic_val_task", "allway_val_rows"):
         monkeypatch.setattr(C, name, refuse)
-    st = stores["joint"]
+    st = baseline_stores["joint"]
     for method in ("zs-lp", "clap"):
         r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu"),
                       progress=None)
@@ -205,28 +181,19 @@ def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(stores, tmp_path
 def test_gda_beats_zero_shot_on_a_separable_store_and_transfers_base_to_new(tmp_path):
     """Shots matter on this store (the text is an imperfect class centre); new classes (no shot)
     get the authors' synthesised Gaussians, above chance."""
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    splits, text = synthetic_features(n_classes=12, per_class=40, joint=True, noise=0.8, gap=0.5, seed=3)
-    text = text + 0.3 * np.random.default_rng(4).normal(size=text.shape).astype(np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    path = tmp_path / "clip-like.zarr"
-    FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(12)],
-                             {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]}, text_embeddings=text,
-                             encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+    path = B.clip_like_store(tmp_path / "clip-like.zarr")
     acc = {}
     for m in ("zero-shot", "gda"):
-        r = api.adapt(AdaptConfig(store=str(path), method=m, shots=8, out=str(tmp_path / m), device="cpu",
+        r = api.adapt(AdaptConfig(store=path, method=m, shots=8, out=str(tmp_path / m), device="cpu",
                                   options={"val_episodes": 40} if m == "gda" else {}), progress=None)
-        acc[m] = api.evaluate(EvalConfig(store=str(path), state=r.out, protocol="allway", shots=8, seeds=(1,),
+        acc[m] = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=8, seeds=(1,),
                                          device="cpu")).accuracy
     assert acc["gda"] > acc["zero-shot"] + 5 and acc["gda"] > 60, acc
-    r = api.adapt(AdaptConfig(store=str(path), method="gda", shots=8, out=str(tmp_path / "b2n"), device="cpu",
+    r = api.adapt(AdaptConfig(store=path, method="gda", shots=8, out=str(tmp_path / "b2n"), device="cpu",
                               base_to_new=True, options={"val_episodes": 40}), progress=None)
     st = load_state(r.out)
     assert st.tensors["gda.transfer_rows"].shape == (6 * 8, 32)  # the base half's shots only
-    ev = api.evaluate(EvalConfig(store=str(path), state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
+    ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
     assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6 and ev.base > 100 / 6
 
 
@@ -247,39 +214,16 @@ def test_zs_lp_and_clap_give_new_classes_their_text_weights(tmp_path):
 def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
     """The authors encode augmented crops of every shot (GDA 10, CLAP 20) and use each as a row:
     with ``--augment-views`` in the store, both do, and say so in the state."""
-    from PIL import Image
+    from fskd.store import FeatureStore
 
-    from fskd.config import ExtractConfig
-    from fskd.methods.adapt.gda import view_rows
-    from fskd.store import FeatureStore, sampling
-
-    rng = np.random.default_rng(1)
-    for c in range(6):
-        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
-    path = str(tmp_path / "views.zarr")
-    api.extract(ExtractConfig(dataset="folder", root=str(tmp_path / "img"), encoder="synthetic:12", workers=0, batch_size=8,
-                              chunk_rows=8, sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16), store=path,
-                              augment_views=4))
+    path = B.views_store(tmp_path, 4)
     store = FeatureStore.open(path)
-    states = {}
-    for m in ("gda", "clap"):
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=2, out=str(tmp_path / m), device="cpu",
-                                  options={"val_episodes": 20} if m == "gda" else {}), progress=None)
-        states[m] = st = load_state(r.out)
-        assert st.hparams["allway.views"] == 4 and "4 augmented views per shot" in st.selected_on["allway.views"]
-        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
-        assert np.isfinite(ev.accuracy)
+    states = {m: B.fit_on_views(path, m, tmp_path / m, 4, {"val_episodes": 20} if m == "gda" else {})
+              for m in ("gda", "clap")}
     # GDA's kept head is the estimator on the 4 x 2 embedded views of each class's shots
-    x, _, classes = C.allway_rows(store, 2, 1)
-    support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
-    text = states["gda"].tensors["text"]
-    ts = C.support_text_space(support, torch.from_numpy(classes)[None], text, store.joint,
-                              C.hp(states["gda"], C.ALLWAY, "ridge"))
-    views = torch.from_numpy(sampling.allway_shot_views(store, 2, 1)[0]).transpose(0, 1)[None]
-    rows = view_rows(ts, views)
-    assert rows.shape == (1, len(classes), 8, ts.support.shape[-1])
+    ts, views = B.own_shots(states["gda"], store)
+    rows = C.view_rows(ts, views)
+    assert rows.shape == (1, ts.support.shape[1], 8, ts.support.shape[-1])
     pmu, b = gda_params(rows)
     torch.testing.assert_close(states["gda"].tensors["allway.fitted.pmu"], pmu)
     assert "allway.fitted.weights" in states["clap"].tensors
@@ -287,5 +231,4 @@ def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
 
 def test_registered_with_what_they_can_do():
     for m in ("gda", "zs-lp", "clap"):
-        cls = METHODS.get(m)
-        assert cls.kind == "adapt" and cls.needs_text and cls.transfers_to_new_classes
+        B.assert_registered_as_text_baseline(m)

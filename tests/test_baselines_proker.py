@@ -5,20 +5,16 @@ all-way on joint and non-joint synthetic stores."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from fskd import api
-from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig
-from fskd.errors import StoreError
-from fskd.methods import METHODS, load_state
+from fskd.methods import load_state
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.ape import BETA as APE_BETA
 from fskd.methods.adapt.ape import DEFAULT as APE_DEFAULT
@@ -39,18 +35,11 @@ from fskd.methods.adapt.proker import (
     search_beta_lam,
     transferred_default,
 )
-from fskd.store.synthetic import make_synthetic_store
+from tests import baseline_helpers as B
 
 #: small APE grids for the fits below (the authors' grid is 200 x 20 x 20)
 APE_FAST = {"val_episodes": 40, "beta": [1.0, 3.0, 5.5], "alpha": [0.1, 1.0, 3.0, 6.0], "gamma": [0.0, 0.5, 0.95]}
 FAST = {"proker": {"val_episodes": 40}, "ape": APE_FAST}
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    d = tmp_path_factory.mktemp("proker-ape")
-    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
-            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
 
 
 def _episodes(E=3, N=4, K=3, M=10, D=16, seed=0, dtype=torch.float32):
@@ -260,25 +249,12 @@ def test_ape_defaults_are_the_authors_grid():
 
 
 # -- fitted, saved, scored --------------------------------------------------------------------------
-def _set(opts: dict) -> list[str]:
-    out = []
-    for k, v in opts.items():
-        out += ["--set", f"{k}={json.dumps(v)}"]
-    return out
-
-
 @pytest.mark.parametrize("kind", ["joint", "pair"])
 @pytest.mark.parametrize("method", ["proker", "ape"])
-def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
-    st = stores[kind]
+def test_state_scored_by_fskd_eval_all_way(method, kind, baseline_stores, tmp_path):
+    st = baseline_stores[kind]
     out = tmp_path / method
-    runner = CliRunner()
-    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", method, "--shots", "2", "--out", str(out),
-                              "--device", "cpu", *_set(FAST[method])])
-    assert res.exit_code == 0, res.output
-    state = load_state(out)
-    assert all(torch.isfinite(v.float()).all() for v in state.tensors.values())
-    assert "normalisation" in state.hparams and state.selected_on["normalisation"].startswith("fixed")
+    state = B.cli_adapt(st, method, out, FAST[method])
     searched = ("beta", "lam") if method == "proker" else ("beta", "alpha", "gamma")
     for k in searched:
         assert state.selected_on[f"allway.{k}"] == "chosen on val split (min(K, 4) per class)", state.selected_on
@@ -286,17 +262,13 @@ def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
     if method == "ape":
         assert state.selected_on["allway.w_sim"].startswith("fixed (the median of the authors'")
         assert state.metrics["allway.channels"] == round(32 * 700 / 1024)
-    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--protocol", "allway", "--shots",
-                              "2", "--seeds", "1", "--json", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.output.strip().splitlines()[-1])
-    assert np.isfinite(r["accuracy"]) and r["accuracy"] > 3 * 100 / st.num_classes  # chance is 5%
+    B.cli_allway_accuracy(st, out)
 
 
 @pytest.mark.parametrize("method", ["proker", "ape"])
-def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(method, stores, tmp_path,
+def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(method, baseline_stores, tmp_path,
                                                                                monkeypatch):
-    st = stores["joint"]
+    st = baseline_stores["joint"]
     a, b = (api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / t), device="cpu",
                                   options=FAST[method]), progress=None) for t in ("a", "b"))
     sa, sb = load_state(a.out), load_state(b.out)
@@ -316,16 +288,7 @@ def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(
 def test_beat_zero_shot_on_a_separable_store_and_new_classes_are_zero_shot(tmp_path):
     """Shots matter on this store (the text is an imperfect class centre); in base-to-new a new
     class has no shot, so both give it zero-shot's prediction."""
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    splits, text = synthetic_features(n_classes=12, per_class=40, joint=True, noise=0.8, gap=0.5, seed=3)
-    text = text + 0.3 * np.random.default_rng(4).normal(size=text.shape).astype(np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    path = str(tmp_path / "clip-like.zarr")
-    FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(12)],
-                             {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]}, text_embeddings=text,
-                             encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+    path = B.clip_like_store(tmp_path / "clip-like.zarr")
     acc, new = {}, {}
     for m in ("zero-shot", "proker", "ape"):
         opts = FAST.get(m, {})
@@ -345,66 +308,36 @@ def test_beat_zero_shot_on_a_separable_store_and_new_classes_are_zero_shot(tmp_p
 def test_stored_views_are_the_rows_of_proker_and_the_cache_keys_of_ape(tmp_path):
     """ProKeR uses every augmented view as a row (the authors' 10 crops per shot); APE's cache key
     is the normalised mean of a shot's views (Tip-Adapter's cache); both keep that head."""
-    from PIL import Image
+    from fskd.store import FeatureStore
 
-    from fskd.config import ExtractConfig
-    from fskd.methods.adapt.gda import view_rows
-    from fskd.store import FeatureStore, sampling
-
-    rng = np.random.default_rng(1)
-    for c in range(6):
-        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
-    path = str(tmp_path / "views.zarr")
-    api.extract(ExtractConfig(dataset="folder", root=str(tmp_path / "img"), encoder="synthetic:12", workers=0, batch_size=8,
-                              chunk_rows=8, sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16), store=path,
-                              augment_views=4))
+    path = B.views_store(tmp_path, 4)
     store = FeatureStore.open(path)
-    states = {}
-    for m in ("proker", "ape"):
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=2, out=str(tmp_path / m), device="cpu", options=FAST[m]),
-                      progress=None)
-        states[m] = st = load_state(r.out)
-        assert st.hparams["allway.views"] == 4
-        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
-        assert np.isfinite(ev.accuracy)
-    x, _, classes = C.allway_rows(store, 2, 1)
-    support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
-    cls = torch.from_numpy(classes)[None]
-    views = torch.from_numpy(sampling.allway_shot_views(store, 2, 1)[0]).transpose(0, 1)[None]
+    states = {m: B.fit_on_views(path, m, tmp_path / m, 4, FAST[m]) for m in ("proker", "ape")}
     st = states["proker"]
-    ts = C.support_text_space(support, cls, st.tensors["text"], store.joint, C.hp(st, C.ALLWAY, "ridge"))
-    rows = view_rows(ts, views).reshape(1, len(classes) * 8, -1)
+    ts, views = B.own_shots(st, store)
+    n = ts.support.shape[1]
+    rows = C.view_rows(ts, views).reshape(1, n * 8, -1)
     torch.testing.assert_close(st.tensors["allway.fitted.rows"], rows)
-    labels = torch.arange(len(classes)).repeat_interleave(8)[None]
+    labels = torch.arange(n).repeat_interleave(8)[None]
     coef = proker_coef(rows, labels, F.normalize(ts.weights, dim=-1), C.hp(st, C.ALLWAY, "beta"), C.hp(st, C.ALLWAY, "lam"))
     torch.testing.assert_close(st.tensors["allway.fitted.coef"], coef)
     st = states["ape"]
-    ts = C.support_text_space(support, cls, st.tensors["text"], store.joint, C.hp(st, C.ALLWAY, "ridge"))
+    ts, views = B.own_shots(st, store)
     torch.testing.assert_close(st.tensors["allway.fitted.keys"], C.view_keys(ts, views))
 
 
 @pytest.mark.parametrize("method", ["proker", "ape"])
 def test_a_store_without_text_is_refused_like_other_text_methods(method, tmp_path):
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    splits, _ = synthetic_features(n_classes=12)
-    st = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, [f"c{i}" for i in range(12)],
-                                  {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]})
-    with pytest.raises(StoreError, match="needs class text features"):
-        api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, out=str(tmp_path / "x")), progress=None)
+    B.assert_refuses_a_store_without_text(method, tmp_path)
 
 
 def test_registered_with_what_they_can_do():
     for m in ("proker", "ape"):
-        cls = METHODS.get(m)
-        assert cls.kind == "adapt" and cls.needs_text and cls.transfers_to_new_classes
+        B.assert_registered_as_text_baseline(m)
 
 
 @pytest.mark.parametrize("method", ["proker", "ape"])
-def test_a_non_joint_store_also_searches_the_wide_scale_values(method, stores, tmp_path):
+def test_a_non_joint_store_also_searches_the_wide_scale_values(method, baseline_stores, tmp_path):
     """The authors' grids assume CLIP's cosine scale: on a joint store fskd searches exactly their
     grid; through the bridge (non-joint) the scale-bearing value (ProKeR's lambda, APE's alpha)
     may also take the wide values, after theirs."""
@@ -413,6 +346,6 @@ def test_a_non_joint_store_also_searches_the_wide_scale_values(method, stores, t
     want = {"proker": {"joint": "1 beta x 10 lambda", "pair": "1 beta x 18 lambda"},
             "ape": {"joint": "1x20x1", "pair": "1x34x1"}}[method]
     for kind in ("joint", "pair"):
-        r = api.adapt(AdaptConfig(store=str(stores[kind].path), method=method, shots=2, out=str(tmp_path / kind),
+        r = api.adapt(AdaptConfig(store=str(baseline_stores[kind].path), method=method, shots=2, out=str(tmp_path / kind),
                                   device="cpu", options=fixed), progress=None)
         assert load_state(r.out).hparams["grid"] == want[kind]

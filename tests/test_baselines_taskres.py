@@ -5,19 +5,15 @@ on the authors' schedules, batched against one-at-a-time, then fitted, saved and
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from fskd import api
-from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig
-from fskd.errors import StoreError
 from fskd.methods import METHODS, load_state
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.clap import lr_at as dassl_lr
@@ -30,34 +26,16 @@ from fskd.methods.adapt.cross_modal_lp import (
     valid_batch_sizes,
 )
 from fskd.methods.adapt.taskres import default_epochs, fit_residuals, residual_grad, train_residual
-from fskd.store.synthetic import make_synthetic_store
+from tests import baseline_helpers as B
 
 R2 = 2 ** -0.5
 FAST_CM = {"iters": 200, "val_episodes": 10}  # cross-modal-lp at 200 steps: the authors' 12800 is minutes
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    d = tmp_path_factory.mktemp("taskres")
-    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
-            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
-
-
-@pytest.fixture(scope="module")
 def clip_like(tmp_path_factory):
-    """A joint store whose text is an imperfect class centre (noise 0.8, text moved by 0.3 noise):
-    the shots matter (GDA's test store in test_baselines.py)."""
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    splits, text = synthetic_features(n_classes=12, per_class=40, joint=True, noise=0.8, gap=0.5, seed=3)
-    text = text + 0.3 * np.random.default_rng(4).normal(size=text.shape).astype(np.float32)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    path = tmp_path_factory.mktemp("cliplike") / "clip-like.zarr"
-    FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(12)],
-                             {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]}, text_embeddings=text,
-                             encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
-    return str(path)
+    """The store on which the shots matter (GDA's test store in test_baselines.py)."""
+    return B.clip_like_store(tmp_path_factory.mktemp("cliplike") / "clip-like.zarr")
 
 
 # -- TaskRes ---------------------------------------------------------------------------------------
@@ -82,21 +60,14 @@ def _taskres_reference(x, y, t, alpha, epochs, lr, wd=5e-4):
     warm-up + cosine, logits 100 <x, (t + alpha r) / |t + alpha r|>."""
     r = torch.nn.Parameter(torch.zeros_like(t))
     opt = torch.optim.Adam([r], lr=lr, weight_decay=wd)
-    for epoch in range(epochs):
-        for group in opt.param_groups:
-            group["lr"] = dassl_lr(epoch, epochs, lr)
-        opt.zero_grad()
-        F.cross_entropy(100 * x @ F.normalize(t + alpha * r, dim=-1).T, y).backward()
-        opt.step()
+    B.torch_steps(opt, epochs, lambda epoch: dassl_lr(epoch, epochs, lr),
+                lambda: F.cross_entropy(100 * x @ F.normalize(t + alpha * r, dim=-1).T, y))
     return r.detach()
 
 
 def test_taskres_batched_training_equals_torch_adam_per_episode():
-    g = torch.Generator().manual_seed(0)
     E, N, K, D = 3, 4, 3, 10
-    x = F.normalize(torch.randn(E, N * K, D, generator=g), dim=-1)
-    y = torch.arange(N).repeat_interleave(K)[None].expand(E, -1).contiguous()
-    t = F.normalize(torch.randn(E, N, D, generator=g), dim=-1)
+    x, y, t = B.random_rows(E, N, K, D, seed=0)
     ours = train_residual(x[:, None], y, t, [0.5, 1.0], seed=3, epochs=12, lr=2e-2)  # (A, E, N, D)
     assert ours.shape == (2, E, N, D) and torch.isfinite(ours).all() and ours.abs().max() > 1e-3
     for a, alpha in enumerate((0.5, 1.0)):
@@ -166,21 +137,14 @@ def _cm_reference(img, iy, txt, ty, w0, lr, wd, steps, iters, warmup):
     W = torch.nn.Parameter(w0.clone())
     opt = torch.optim.AdamW([W], lr=lr, weight_decay=wd)
     x, y = torch.cat([img, txt]), torch.cat([iy, ty])
-    for i in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(i, lr, iters, warmup)
-        opt.zero_grad()
-        F.cross_entropy(100 * F.normalize(x, dim=-1) @ W.T, y).backward()
-        opt.step()
+    B.torch_steps(opt, steps, lambda i: lr_at(i, lr, iters, warmup),
+                lambda: F.cross_entropy(100 * F.normalize(x, dim=-1) @ W.T, y))
     return W.detach()
 
 
 def test_cross_modal_batched_training_equals_torch_adamw_per_episode():
-    g = torch.Generator().manual_seed(2)
     E, N, K, D = 3, 3, 2, 12
-    img = F.normalize(torch.randn(E, N * K, D, generator=g), dim=-1)
-    iy = torch.arange(N).repeat_interleave(K)[None].expand(E, -1).contiguous()
-    txt = F.normalize(torch.randn(E, N, D, generator=g), dim=-1)
+    img, iy, txt = B.random_rows(E, N, K, D, seed=2)
     ty = torch.arange(N)[None].expand(E, -1).contiguous()
     pairs = [(1e-2, 0.0), (1e-2, 1e-2), (1e-3, 1e-4)]
     run = train_probe(img, iy, txt, ty, txt, [p[0] for p in pairs], [p[1] for p in pairs], batch=64, steps=40,
@@ -212,11 +176,11 @@ def test_cross_modal_checkpoints_keep_each_pair_at_its_earliest_best():
     assert not torch.allclose(run.best[0], run.weights[0])
 
 
-def test_cross_modal_search_breaks_ties_in_the_authors_order(stores):
+def test_cross_modal_search_breaks_ties_in_the_authors_order(baseline_stores):
     """Candidates in the authors' loop order (lr, weight decay, batch size, then the checkpoints);
     on this easy store many tie at the best validation accuracy and the first of them wins (their
     strict ``>``, at both levels); its weights at that checkpoint are kept."""
-    st = stores["joint"]
+    st = baseline_stores["joint"]
     cfg = AdaptConfig(store=str(st.path), method="cross-modal-lp", shots=2, out="unused", device="cpu")
     task = C.allway_val_task(st, cfg, torch.device("cpu"))
     text = C.class_text(st, cfg, "cross-modal-lp")[0]
@@ -234,17 +198,10 @@ def test_cross_modal_search_breaks_ties_in_the_authors_order(stores):
 # -- fitted, saved, scored ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["joint", "pair"])
 @pytest.mark.parametrize("method", ["taskres", "cross-modal-lp"])
-def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
-    st = stores[kind]
+def test_state_scored_by_fskd_eval_all_way(method, kind, baseline_stores, tmp_path):
+    st = baseline_stores[kind]
     out = tmp_path / method
-    runner = CliRunner()
-    opts = [a for k, v in FAST_CM.items() for a in ("--set", f"{k}={v}")] if method == "cross-modal-lp" else []
-    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", method, "--shots", "2", "--out", str(out),
-                              "--device", "cpu", *opts])
-    assert res.exit_code == 0, res.output
-    state = load_state(out)
-    assert all(torch.isfinite(v.float()).all() for v in state.tensors.values())
-    assert "normalisation" in state.hparams and state.selected_on["normalisation"].startswith("fixed")
+    state = B.cli_adapt(st, method, out, FAST_CM if method == "cross-modal-lp" else {})
     if method == "taskres":
         assert state.hparams["allway.alpha"] == state.hparams["episodic.alpha"] == 0.5
         assert "no validation data" in state.selected_on["allway.alpha"] and state.hparams["allway.epochs"] == 100
@@ -256,20 +213,16 @@ def test_state_scored_by_fskd_eval_all_way(method, kind, stores, tmp_path):
             assert state.selected_on[f"episodic.{k}"] == "chosen on val classes"
         assert state.hparams["allway.steps"] in range(1, 201, 100) and state.hparams["episodic.batch_size"] == 8
         assert state.tensors["allway.fitted.weights"].shape == (1, st.num_classes, st.dim)
-    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--protocol", "allway", "--shots",
-                              "2", "--seeds", "1", "--json", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.output.strip().splitlines()[-1])
-    assert np.isfinite(r["accuracy"]) and r["accuracy"] > 3 * 100 / st.num_classes  # chance is 5%
+    B.cli_allway_accuracy(st, out)
     ev = api.evaluate(EvalConfig(store=str(st.path), state=str(out), protocol="episodic", way=5, shots=1, episodes=20,
                                  device="cpu"))
     assert np.isfinite(ev.accuracy) and ev.accuracy > 40
 
 
-def test_kept_heads_equal_a_refit_on_the_same_shots(stores, tmp_path):
+def test_kept_heads_equal_a_refit_on_the_same_shots(baseline_stores, tmp_path):
     """The all-way head kept in the state is what training the chosen settings on the state's
     shots gives (cross-modal-lp: the winner trained alone for its chosen steps)."""
-    st = stores["pair"]
+    st = baseline_stores["pair"]
     x, _, classes = C.allway_rows(st, 2, 1)
     support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
     cls = torch.from_numpy(classes)[None]
@@ -287,8 +240,8 @@ def test_kept_heads_equal_a_refit_on_the_same_shots(stores, tmp_path):
             torch.testing.assert_close(state.tensors["allway.fitted.weights"], fit_weights(ts, state, C.ALLWAY, 1))
 
 
-def test_fits_are_deterministic_for_a_seed(stores, tmp_path):
-    st = stores["pair"]
+def test_fits_are_deterministic_for_a_seed(baseline_stores, tmp_path):
+    st = baseline_stores["pair"]
     for method, opts in (("taskres", {}), ("cross-modal-lp", FAST_CM)):
         states = [load_state(api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, seed=3, device="cpu",
                                                    out=str(tmp_path / f"{method}{i}"), options=opts), progress=None).out)
@@ -298,7 +251,7 @@ def test_fits_are_deterministic_for_a_seed(stores, tmp_path):
             assert torch.equal(v, states[1].tensors[k]), (method, k)
 
 
-def test_validation_rows_read_by_cross_modal_lp_and_not_by_taskres(stores, tmp_path, monkeypatch):
+def test_validation_rows_read_by_cross_modal_lp_and_not_by_taskres(baseline_stores, tmp_path, monkeypatch):
     """TaskRes with its fixed alpha reads no validation row on a joint store; the cross-modal
     probe's lr, weight decay, batch size and steps are chosen on them."""
     calls = []
@@ -306,7 +259,7 @@ def test_validation_rows_read_by_cross_modal_lp_and_not_by_taskres(stores, tmp_p
     def refuse(*a, **k):
         raise AssertionError("a validation row was read")
 
-    st = stores["joint"]
+    st = baseline_stores["joint"]
     real = {n: getattr(C, n) for n in ("allway_val_task", "episodic_val_task", "allway_val_rows")}
     for name in real:
         monkeypatch.setattr(C, name, refuse)
@@ -343,46 +296,21 @@ def test_both_beat_zero_shot_on_a_separable_store_and_give_new_classes_their_tex
 def test_stored_views_are_used_and_recorded(tmp_path):
     """With ``--augment-views`` in the store TaskRes draws one view per shot per epoch and the
     cross-modal probe adds every view as a row; both say so in the state."""
-    from PIL import Image
-
-    from fskd.config import ExtractConfig
-
-    rng = np.random.default_rng(1)
-    for c in range(6):
-        (tmp_path / "img" / f"c{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
-    path = str(tmp_path / "views.zarr")
-    api.extract(ExtractConfig(dataset="folder", root=str(tmp_path / "img"), encoder="synthetic:12", workers=0, batch_size=8,
-                              chunk_rows=8, sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16), store=path,
-                              augment_views=3))
+    path = B.views_store(tmp_path, 3)
     for m, opts in (("taskres", {}), ("cross-modal-lp", FAST_CM)):
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=2, out=str(tmp_path / m), device="cpu", options=opts),
-                      progress=None)
-        st = load_state(r.out)
-        assert st.hparams["allway.views"] == 3 and "3 augmented views per shot" in st.selected_on["allway.views"]
-        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
-        assert np.isfinite(ev.accuracy)
+        B.fit_on_views(path, m, tmp_path / m, 3, opts)
 
 
 @pytest.mark.parametrize("method", ["taskres", "cross-modal-lp"])
 def test_a_store_without_text_is_refused_like_other_text_methods(method, tmp_path):
-    from fskd.store import FeatureStore
-    from fskd.store.synthetic import synthetic_features
-
-    splits, _ = synthetic_features(n_classes=12)
-    st = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, [f"c{i}" for i in range(12)],
-                                  {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]})
-    with pytest.raises(StoreError, match="needs class text features"):
-        api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, out=str(tmp_path / "x")), progress=None)
+    B.assert_refuses_a_store_without_text(method, tmp_path)
 
 
 def test_registered_with_what_they_can_do():
     from fskd.catalog import method_info
 
     for m in ("taskres", "cross-modal-lp"):
-        cls = METHODS.get(m)
-        assert cls.kind == "adapt" and cls.needs_text and cls.transfers_to_new_classes
+        B.assert_registered_as_text_baseline(m)
         assert "CVPR 2023" in METHODS.describe(m)
     names = {o["name"] for o in method_info("taskres")["options"]}
     assert {"alpha", "epochs", "lr", "batch_size", "weight_decay", "ridge"} <= names

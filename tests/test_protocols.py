@@ -144,7 +144,7 @@ def test_cross_dataset_and_domain_shift_refusals(two_worlds, synthetic_store, tm
 
     a, b, _ = two_worlds
     proto = api.adapt(AdaptConfig(store=a, method="prototype", shots=4, out=str(tmp_path / "p")), progress=None)
-    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: clap, coop, fma"):
+    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: ape, clap, coop, cross-modal-lp, fma"):
         api.evaluate(EvalConfig(store=b, state=proto.out, protocol="cross-dataset"))
     other = str(synthetic_store(n_classes=6, joint=False).path)  # another encoder
     with pytest.raises(EvaluationError, match="needs the same encoder"):

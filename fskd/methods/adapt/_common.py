@@ -1,8 +1,8 @@
-"""Shared plumbing of the adapt methods (not a method itself: it registers nothing).
+"""Shared plumbing of the adapt methods and their base class :class:`AdaptMethod` (it registers nothing).
 
 Two regimes, one state
 ----------------------
-Every adapt state serves both evaluation protocols of DESIGN.md with one head:
+Every adapt state serves both evaluation protocols (docs/concepts.md) with one head:
 
 - **episodic** (base -> novel): the parts a method *learns* (bridge, base mean, meta-trained
   generators, adapters) come from the base classes (all their rows); its hyper-parameters are
@@ -32,13 +32,14 @@ Fits and head fits on small problems (below ``fskd.runtime.SMALL_PROBLEM`` featu
 1,994 x 1280) run on one intra-op thread: their tensors are small, and on a busy 2-core machine
 two threads fighting over the cores made them 2-5x slower (zero-shot fit 1.46 s -> 0.30 s,
 residual-adapter 17-21 s -> 6 s, measured with benchmarks/adapt_speed.py's store).
-The guard is ``fskd.runtime.compute_threads``; ``fskd.api.evaluate`` runs under it too.
+The guard is ``fskd.runtime.compute_threads``, taken by :meth:`AdaptMethod.fit`; ``fskd.api.evaluate``
+runs under it too.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,9 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead, Head
 from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, FskdError, StoreError
-from fskd.methods.base import MethodState
+from fskd.methods.base import Method, MethodState, TrainProgress
 from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
-from fskd.runtime import compute_threads, store_numel
+from fskd.runtime import compute_threads, resolve_device, store_numel
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,6 @@ ALLWAY = "allway"
 VAL_CLASSES = "val classes"
 VAL_SPLIT = "val split"
 VAL_SPLIT_FEW = "val split (min(K, 4) per class)"
-
-
-def threads_by_store(fit: Callable) -> Callable:
-    """Decorator for ``Method.fit``: run it under :func:`compute_threads` for the store's size."""
-
-    @functools.wraps(fit)
-    def wrapper(self, store, config, progress=None):
-        with compute_threads(store_numel(store)):
-            return fit(self, store, config, progress)
-
-    return wrapper
 
 
 def parse_options(cls: type[Config], config) -> Config:
@@ -268,6 +258,15 @@ def embed_views(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
     return space.embed(views.reshape(E, V * S, D)).reshape(E, V, S, -1)
 
 
+def view_rows(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
+    """GDA's and ProKeR's rows from augmented views: (1, V, N*K, D) raw views of class-major shots ->
+    (1, N, K*V, D) embedded rows per class (every view a row, as the authors' augmented crops)."""
+    _, N, K, _ = space.support.shape
+    e = embed_views(space, views)  # (1, V, N*K, D)
+    V = e.shape[1]
+    return e.permute(0, 2, 1, 3).reshape(1, N, K * V, -1)
+
+
 def view_keys(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
     """Tip-Adapter's cache keys from augmented views: the mean of a shot's raw views, embedded
     (normalised), as the reference averages its 10 augmented epochs: (E, S, D)."""
@@ -356,6 +355,14 @@ def record(state: MethodState, regime: str, choice: Choice, fixed: dict | None =
     if choice.score is not None:
         state.metrics[f"{regime}.val_acc"] = round(100 * choice.score, 2)
         state.metrics[f"{regime}.val_task"] = choice.description
+
+
+def record_grid(state: MethodState, sizes: str | None, grid: str, wide: str) -> None:
+    """The grid a search ran: the sizes of the ``--set`` lists, or the authors' ``grid`` (on a
+    non-joint store with the ``wide`` values for the bridge's text scale added, fskd's addition)."""
+    state.hparams["grid"] = grid if sizes is None else sizes
+    state.selected_on["grid"] = ("fixed (--set option)" if sizes is not None else
+                                 f"fixed (the authors' grid; a non-joint store also the wide {wide})")
 
 
 FITTED = "allway.fitted"
@@ -559,8 +566,8 @@ def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch
 
 def text_fit(store, config, method: str, ridge: float | None, device: torch.device):
     """What every text-using adapt fit starts with: the class text, a new state with the episodic
-    bridge and the all-way bridge ridge recorded (and where the text came from). Returns
-    (state, text, bridge, all-way ridge)."""
+    bridge and the all-way bridge ridge recorded (and where the text came from) that keeps the
+    text and the bridge (read back by :func:`state_text`). Returns (state, text, bridge, all-way ridge)."""
     text, source = class_text(store, config, method)
     state = new_state(store, config, method)
     bridge, br_ep = fit_episodic_bridge(store, text, ridge, device)
@@ -568,6 +575,7 @@ def text_fit(store, config, method: str, ridge: float | None, device: torch.devi
     record(state, EPISODIC, br_ep)
     record(state, ALLWAY, br_aw)
     state.metrics["text"] = source
+    state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
     return state, text, bridge, br_aw.params["ridge"]
 
 
@@ -578,3 +586,114 @@ def regime_text_space(state: MethodState, store, regime: str, support: torch.Ten
     if regime == EPISODIC:
         return episodic_text_space(bridge, text, support, classes)
     return support_text_space(support, classes, text, store.joint, hp(state, ALLWAY, "ridge"))
+
+
+def state_text(state: MethodState, device: torch.device) -> tuple[torch.Tensor, Bridge]:
+    """A text state's class text and episodic bridge on ``device`` (what :func:`text_fit` kept)."""
+    text = state.tensors["text"].to(device)
+    return text, Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+
+
+# -- the fit every adapt method shares ------------------------------------------------------------
+@dataclass
+class Validation:
+    """A text method's validation: its text spaces per regime, the val-class episodes, the all-way
+    task, and the store's augmented views of the all-way shots (``why``: which, or why none)."""
+
+    spaces: dict[str, Callable[[torch.Tensor, torch.Tensor], TextSpace]]
+    ep_task: Task | None
+    aw_task: Task | None
+    views: torch.Tensor | None
+    why: str
+
+    def view_space(self) -> TextSpace | None:
+        """The all-way task's text space when the store has views of its shots (which it embeds), else None."""
+        task = self.aw_task
+        if task is None or task.shot == 0 or self.views is None:
+            return None
+        return self.spaces[ALLWAY](task.support, task.classes)
+
+
+@dataclass
+class Fit:
+    """What :meth:`AdaptMethod.fit` hands a method's :meth:`~AdaptMethod.fit_state`. A text method
+    also gets the L2-normalised class text and where it came from; unless it learns its own
+    bridges, the episodic bridge and the all-way bridge ridge, both recorded in ``state``, which
+    keeps the text and the bridge (:func:`text_fit`)."""
+
+    store: object
+    config: object
+    opts: Config
+    device: torch.device
+    state: MethodState
+    progress: TrainProgress | None = None
+    text: torch.Tensor | None = None
+    text_source: str | None = None
+    bridge: Bridge | None = None
+    aw_ridge: float | None = None
+
+    def spaces(self) -> dict[str, Callable[[torch.Tensor, torch.Tensor], TextSpace]]:
+        """Per regime, a support's text space: the episodic bridge, or the support's own at the all-way ridge."""
+        return {EPISODIC: lambda s, c: episodic_text_space(self.bridge, self.text, s, c),
+                ALLWAY: lambda s, c: support_text_space(s, c, self.text, self.store.joint, self.aw_ridge)}
+
+    def episodic_task(self) -> Task | None:
+        """The val-class episodes (:func:`episodic_val_task`)."""
+        return episodic_val_task(self.store, self.config.shots, self.opts, self.config.seed, self.device)
+
+    def allway_task(self) -> Task | None:
+        """The all-way validation task (:func:`allway_val_task`)."""
+        return allway_val_task(self.store, self.config, self.device)
+
+    def own_shots(self) -> Task:
+        """The all-way shots of the state's K and seed (support (1, C, K, D), classes (1, C)): what a
+        kept all-way head is trained on (the task has no queries of its own)."""
+        config = self.config
+        x, _, classes = allway_rows(self.store, config.shots, config.seed)
+        support = torch.from_numpy(x).to(self.device).reshape(len(classes), config.shots, -1)[None]
+        cls = torch.from_numpy(classes).to(self.device)[None]
+        return Task(support=support, classes=cls, query=support[:, 0], truth=cls, description="", on="")
+
+    def validation(self) -> Validation:
+        """Both regimes' validation tasks and the stored views of the all-way shots."""
+        ep_task, aw_task = self.episodic_task(), self.allway_task()
+        config = self.config
+        views, why = allway_views(self.store, config, self.device) if config.shots > 0 else (None, "no shots")
+        return Validation(self.spaces(), ep_task, aw_task, views, why)
+
+
+class AdaptMethod(Method):
+    """An adapt method: :meth:`fit` is the prologue every adapt fit shares, :meth:`fit_state` the
+    method's own part."""
+
+    kind = "adapt"
+    #: a text method that learns its own bridges (syntrans: in its transformed space): the class
+    #: text is read, no bridge is fitted
+    own_bridges: bool = False
+    #: False: the fit runs on the CPU whatever ``--device`` says (then not checked)
+    uses_device: bool = True
+
+    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
+        """Under :func:`compute_threads` for the store's size: refuse ``--descriptions`` (methods
+        without text), parse the options, resolve the device, make the new state (a text method:
+        read the class text first, and fit the bridges), then :meth:`fit_state`."""
+        with compute_threads(store_numel(store)):
+            if not self.needs_text:
+                reject_descriptions(config, self.name)
+            opts = parse_options(self.options, config)
+            device = resolve_device(config.device) if self.uses_device else torch.device("cpu")
+            text = source = bridge = aw_ridge = None
+            if not self.needs_text:
+                state = new_state(store, config, self.name)
+            elif self.own_bridges:
+                text, source = class_text(store, config, self.name)
+                state = new_state(store, config, self.name)
+            else:
+                state, text, bridge, aw_ridge = text_fit(store, config, self.name, opts.ridge, device)
+            f = Fit(store, config, opts, device, state, progress, text, source, bridge, aw_ridge)
+            self.fit_state(f)
+            return f.state
+
+    @abstractmethod
+    def fit_state(self, f: Fit) -> None:
+        """Fit ``f.state`` (hyper-parameters, tensors, metrics) on the store."""

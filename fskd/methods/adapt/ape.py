@@ -48,9 +48,7 @@ from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 #: the authors' search grid (configs/{caltech101,dtd,food101,oxford_flowers,oxford_pets}.yaml)
 BETA = tuple(0.1 + i * (7 - 0.1) / 200 for i in range(200))
@@ -253,39 +251,29 @@ def cache_keys(ts: C.TextSpace, keys: torch.Tensor | None = None) -> torch.Tenso
     return ts.support if keys is None else keys.reshape(E, N, K, -1)
 
 
-class APE(Method):
+class APE(C.AdaptMethod):
     """Tip-Adapter's cache in refined channels, values reweighted by the text (beta, alpha, gamma on validation)."""
 
     needs_text = True
     transfers_to_new_classes = True  # classes with no shot: no cache, their text weights (zero-shot)
 
     name = "ape"
-    kind = "adapt"
     options = APEOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(APEOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, state = f.store, f.config, f.opts, f.state
         grid = {"beta": C.fixed_or(opts.beta, BETA), "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
                 "gamma": C.fixed_or(opts.gamma, GAMMA), "w_sim": C.fixed_or(opts.w_sim, ()),
                 "feat_frac": C.fixed_or(opts.feat_frac, ())}
         fixed = {k for k in grid if len(grid[k]) == 1}  # one value: nothing to choose
         default = {"w_sim": grid["w_sim"][0], "feat_frac": grid["feat_frac"][0],
                    **{k: (DEFAULT[k] if getattr(opts, k) is None else grid[k][0]) for k in DEFAULT}}
-        spaces = {
-            C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-            C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-        }
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        aw_task = C.allway_val_task(store, config, device)
-        views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        keys = None
-        if aw_task is not None and aw_task.shot > 0 and views is not None:  # Tip-Adapter's cache of views
-            keys = C.view_keys(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
-        ep = search(ep_task, spaces[C.EPISODIC], grid, default)
-        aw = search(aw_task, spaces[C.ALLWAY], grid, default,
+        val = f.validation()
+        aw_task = val.aw_task
+        ts = val.view_space()
+        keys = C.view_keys(ts, val.views) if ts is not None else None  # Tip-Adapter's cache of views
+        ep = search(val.ep_task, val.spaces[C.EPISODIC], grid, default)
+        aw = search(aw_task, val.spaces[C.ALLWAY], grid, default,
                     None if keys is None else keys.reshape(1, *aw_task.support.shape[1:3], -1))
         user = set(config.options)
         for regime, choice in ((C.EPISODIC, ep), (C.ALLWAY, aw)):
@@ -300,21 +288,16 @@ class APE(Method):
                                                               "init_beta / init_alpha / init_gamma")
             state.metrics[f"{regime}.channels"] = n_channels(store.dim, choice.params["feat_frac"])
         given = any(getattr(opts, k) is not None for k in DEFAULT)
-        state.hparams["grid"] = ("x".join(str(len(grid[k])) for k in ("beta", "alpha", "gamma")) if given
-                                 else GRID_JOINT if store.joint else GRID_BRIDGE)
-        state.selected_on["grid"] = ("fixed (--set option)" if given else
-                                     "fixed (the authors' grid; a non-joint store also the wide alphas)")
+        C.record_grid(state, "x".join(str(len(grid[k])) for k in ("beta", "alpha", "gamma")) if given else None,
+                      GRID_JOINT if store.joint else GRID_BRIDGE, "alphas")
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        C.record_views(state, C.ALLWAY, views, why)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+        C.record_views(state, C.ALLWAY, val.views, val.why)
         if keys is not None:  # the state's own shots: the cache keys of their views
             C.keep_allway_head(state, aw_task, {"keys": keys})
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
 
         def make(regime: str):
             p = {k: C.hp(state, regime, k) for k in ("beta", "alpha", "gamma", "w_sim", "feat_frac")}

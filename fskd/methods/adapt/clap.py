@@ -38,9 +38,7 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 EPOCHS = 300
 LR = 0.1
@@ -192,7 +190,7 @@ def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[t
     return e.reshape(E, V * N * K, -1), y.repeat(1, V), N * K
 
 
-class ZeroShotLinearProbe(Method):
+class ZeroShotLinearProbe(C.AdaptMethod):
     """Linear probe from the zero-shot text weights (the authors' recipe; no validation data)."""
 
     needs_text = True
@@ -200,20 +198,10 @@ class ZeroShotLinearProbe(Method):
     constraint = False
 
     name = "zs-lp"
-    kind = "adapt"
     options = CLAPOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(CLAPOptions, config)
-        device = resolve_device(config.device)
-        text, source = C.class_text(store, config, self.name)
-        state = C.new_state(store, config, self.name)
-        bridge, br_ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        br_aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
-        C.record(state, C.EPISODIC, br_ep)
-        C.record(state, C.ALLWAY, br_aw)
-        state.metrics["text"] = source
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         user = set(config.options)
         for k, v in (("epochs", opts.epochs), ("lr", opts.lr), ("batch_size", opts.batch_size)):
             state.hparams[k] = v
@@ -224,25 +212,19 @@ class ZeroShotLinearProbe(Method):
                                            "validation data)" if self.constraint else "fixed (the authors' ZS-LP)")
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         if config.shots > 0:  # train the all-way head on the state's own shots once, and keep it
-            x, _, classes = C.allway_rows(store, config.shots, config.seed)
-            support = torch.from_numpy(x).to(device).reshape(len(classes), config.shots, -1)[None]
-            cls = torch.from_numpy(classes).to(device)[None]
+            own = f.own_shots()
             views, why = C.allway_views(store, config, device)
-            ts = C.support_text_space(support, cls, text, store.joint, br_aw.params["ridge"])
+            ts = f.spaces()[C.ALLWAY](own.support, own.classes)
             w, lam = train_probe(*training_rows(ts, views), ts.weights, self.constraint, config.seed,
                                  opts.epochs, opts.lr, opts.batch_size)
             C.record_views(state, C.ALLWAY, views, why)
-            task = C.Task(support=support, classes=cls, query=support[:, 0], truth=cls, description="", on="")
-            C.keep_allway_head(state, task, {"weights": w})
+            C.keep_allway_head(state, own, {"weights": w})
             if lam is not None:
                 state.metrics["allway.lambda_mean"] = round(float(lam.mean()), 4)
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size")}
         seed = int(state.config.get("seed", 1))
 

@@ -302,7 +302,6 @@ class CoOp(Method):
         scale = opts.logit_scale or tower.logit_scale or DEFAULT_LOGIT_SCALE
         epochs = opts.epochs if opts.epochs is not None else epochs_for(config.shots)
         text = text.to(device)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         state.hparams["regime"], state.selected_on["regime"] = opts.regime, "fixed (option)"
         for regime in (C.ALLWAY, C.EPISODIC):
             if opts.regime not in ("both", regime):

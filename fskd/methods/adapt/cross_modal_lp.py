@@ -54,9 +54,7 @@ from fskd.classifiers.cache import TEXT_SCALE
 from fskd.classifiers.linear import way_labels
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState, TrainProgress
 
 #: the authors' HYPER_DICT['linear'], in their loop order
 LR = (1e-3, 1e-4)
@@ -304,21 +302,17 @@ class FittedProbe(FittedHead):
         return TEXT_SCALE * torch.bmm(F.normalize(self.embed(query), dim=-1), self.weights.transpose(1, 2))
 
 
-class CrossModalLinearProbe(Method):
+class CrossModalLinearProbe(C.AdaptMethod):
     """Linear probe on image shots + class text as samples, text-initialised (the authors' search on validation)."""
 
     needs_text = True
     transfers_to_new_classes = True  # a class with no shot keeps its text weight (zero-shot)
 
     name = "cross-modal-lp"
-    kind = "adapt"
     options = CrossModalOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(CrossModalOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
         grids = {"lr": C.fixed_or(opts.lr, LR), "weight_decay": C.fixed_or(opts.weight_decay, WEIGHT_DECAY),
                  "batch_size": C.fixed_or(opts.batch_size, BATCH)}
         fixed = {k for k in grids if getattr(opts, k) is not None and not isinstance(getattr(opts, k), tuple)}
@@ -330,14 +324,11 @@ class CrossModalLinearProbe(Method):
         state.selected_on["init"] = "fixed (the authors' --classifier_init zeroshot)"
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        spaces = {
-            C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-            C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-        }
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
+        spaces = f.spaces()
+        ep_task = f.episodic_task()
         ep, ep_note = search(ep_task, spaces[C.EPISODIC], grids, opts, config.seed, progress=progress,
                              tag="cross-modal-lp episodic")
-        aw_task = C.allway_val_task(store, config, device)
+        aw_task = f.allway_task()
         if aw_task is not None and aw_task.shot == 0:
             aw_task = None
         views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
@@ -355,21 +346,15 @@ class CrossModalLinearProbe(Method):
                 state.metrics[f"{regime}.batch_sizes"] = note
         if config.shots > 0:
             C.record_views(state, C.ALLWAY, views, why)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         if aw.fitted is not None:
             C.keep_allway_head(state, aw_task, {"weights": aw.fitted})
         elif config.shots > 0:  # no all-way validation: train the default on the state's own shots once
-            x, _, classes = C.allway_rows(store, config.shots, config.seed)
-            support = torch.from_numpy(x).to(device).reshape(len(classes), config.shots, -1)[None]
-            cls = torch.from_numpy(classes).to(device)[None]
-            w = fit_weights(spaces[C.ALLWAY](support, cls), state, C.ALLWAY, config.seed, views)
-            C.keep_allway_head(state, C.Task(support=support, classes=cls, query=support[:, 0], truth=cls,
-                                             description="", on=""), {"weights": w})
-        return state
+            own = f.own_shots()
+            w = fit_weights(spaces[C.ALLWAY](own.support, own.classes), state, C.ALLWAY, config.seed, views)
+            C.keep_allway_head(state, own, {"weights": w})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         seed = int(state.config.get("seed", 1))
 
         def make(regime: str):

@@ -47,9 +47,7 @@ from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 #: the authors' alpha grid, in their order (ties: the earlier alpha, as their strict ``>``)
 ALPHA = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -163,14 +161,6 @@ class FittedGDA(FittedHead):
         return text + self.alpha * (torch.bmm(q, self.pmu.transpose(1, 2)) + self.bias[:, None, :])
 
 
-def view_rows(space: C.TextSpace, views: torch.Tensor) -> torch.Tensor:
-    """(1, V, N*K, D) raw views of class-major shots -> (1, N, K*V, D) embedded rows per class."""
-    _, N, K, _ = space.support.shape
-    e = C.embed_views(space, views)  # (1, V, N*K, D)
-    V = e.shape[1]
-    return e.permute(0, 2, 1, 3).reshape(1, N, K * V, -1)
-
-
 def search_alpha(task: C.Task | None, space, alphas, default: dict, rows: torch.Tensor | None = None
                  ) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor] | None]:
     """alpha by accuracy on ``task`` (text and GDA logits computed once; each alpha a weighted
@@ -206,58 +196,44 @@ def transfer_rows(store, config, device: torch.device, views: torch.Tensor | Non
                  f"({'every stored view' if views is not None else 'one row per shot'})")
 
 
-class GDA(Method):
+class GDA(C.AdaptMethod):
     """GDA with the authors' shrunk shared covariance, blended with zero-shot logits (alpha on validation)."""
 
     needs_text = True
     transfers_to_new_classes = True  # the authors' base-to-new rule: neighbours of the text weight among the shots
 
     name = "gda"
-    kind = "adapt"
     options = GDAOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(GDAOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, state = f.store, f.config, f.opts, f.state
         alphas = C.fixed_or(opts.alpha, ALPHA)
         default = {"alpha": DEFAULT_ALPHA if DEFAULT_ALPHA in alphas else alphas[0]}
         fixed = {"alpha"} if opts.alpha is not None else set()
-        spaces = {
-            C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-            C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-        }
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        aw_task = C.allway_val_task(store, config, device)
-        views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        rows = None
-        if aw_task is not None and aw_task.shot > 0 and views is not None:
-            rows = view_rows(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
-        ep, _ = search_alpha(ep_task, spaces[C.EPISODIC], alphas, default)
-        aw, params = search_alpha(aw_task, spaces[C.ALLWAY], alphas, default, rows)
+        val = f.validation()
+        ts = val.view_space()
+        rows = C.view_rows(ts, val.views) if ts is not None else None
+        ep, _ = search_alpha(val.ep_task, val.spaces[C.EPISODIC], alphas, default)
+        aw, params = search_alpha(val.aw_task, val.spaces[C.ALLWAY], alphas, default, rows)
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
-        C.record_views(state, C.ALLWAY, views, why)
-        keep, how = transfer_rows(store, config, device, views)
+        C.record_views(state, C.ALLWAY, val.views, val.why)
+        keep, how = transfer_rows(store, config, f.device, val.views)
         state.hparams["new_classes"] = (f"{NEIGHBOURS} nearest rows + {TEXT_COPIES} copies of the text weight; "
                                         f"the all-way alpha")
         state.selected_on["new_classes"] = f"fixed (the authors' main_base2new.py); rows: {how}"
         if params is not None and not bool(params[0].abs().sum()):
             state.metrics["allway.gda"] = ("zero scatter (one row per class): P = 0 as the authors' pinv(0), "
                                            "the classifier is zero-shot")
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         if keep is not None:
             state.tensors[TRANSFER_ROWS] = keep.cpu().half()  # store features are float16: nothing lost
         if rows is not None and params is not None:  # the state's own shots: the GDA of their views
-            C.keep_allway_head(state, aw_task, {"pmu": params[0], "bias": params[1]})
-        return state
+            C.keep_allway_head(state, val.aw_task, {"pmu": params[0], "bias": params[1]})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         keep = state.tensors.get(TRANSFER_ROWS)
         new_rows = bridge.embed_images(keep.to(device).float()) if keep is not None else None
         aw_alpha = C.hp(state, C.ALLWAY, "alpha")

@@ -30,8 +30,7 @@ from fskd.classifiers.linear import (
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
 STEPS = (0, 10, 25, 50, 100, 200)
@@ -129,19 +128,14 @@ def kept_probe(state: MethodState, regime: str, support: torch.Tensor, classes: 
     return LinearParams(parts["weights"], None, None, parts["bias"], parts.get("alpha"))
 
 
-class LinearProbeTuned(Method):
+class LinearProbeTuned(C.AdaptMethod):
     """Logistic regression on the support (prototype init); weight decay and steps chosen on validation."""
 
     name = "linear-probe-tuned"
-    kind = "adapt"
     options = LinearProbeOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        C.reject_descriptions(config, self.name)
-        opts = C.parse_options(LinearProbeOptions, config)
-        device = resolve_device(config.device)
-        state = C.new_state(store, config, self.name)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         base = store.class_split("base")
         center = torch.from_numpy(store.mean(base)).to(device) if base else None
         wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
@@ -154,9 +148,9 @@ class LinearProbeTuned(Method):
             embed = C.centred(C.support_center(s))
             return C.TextSpace(None, embed, embed(s))
 
-        ep = search_probe(C.episodic_val_task(store, config.shots, opts, config.seed, device), space_ep, alphas=(None,),
-                          weight_decays=wds, steps=steps, lr=opts.lr, default=default)
-        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
+        ep = search_probe(f.episodic_task(), space_ep, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr,
+                          default=default)
+        aw_task = f.allway_task() if config.shots > 0 else None
         aw = search_probe(aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default)
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
@@ -164,7 +158,6 @@ class LinearProbeTuned(Method):
         state.selected_on["lr"] = "fixed"
         state.tensors = {"center": center.cpu() if center is not None else torch.zeros(store.dim)}
         C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)

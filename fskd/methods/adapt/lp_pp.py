@@ -28,9 +28,7 @@ from fskd.classifiers.lpp import EPOCHS, train_lpp
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.linear_probe import kept_probe, probe_parts
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
@@ -83,34 +81,26 @@ def early_stopped(task: C.Task | None, space, epochs: int) -> C.Choice:
     return choice
 
 
-class LPPlusPlus(Method):
+class LPPlusPlus(C.AdaptMethod):
     """LP++ as published: linear probe + class-wise text blend, Lipschitz SGD, early stopping on val."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "lp++"
-    kind = "adapt"
     options = LPPOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(LPPOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
-        ep = early_stopped(C.episodic_val_task(store, config.shots, opts, config.seed, device),
-                           lambda s, c: C.episodic_text_space(bridge, text, s, c), opts.epochs)
-        aw_task = C.allway_val_task(store, config, device)
-        aw = early_stopped(aw_task, lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge), opts.epochs)
+    def fit_state(self, f: C.Fit) -> None:
+        state, spaces, epochs = f.state, f.spaces(), f.opts.epochs
+        ep = early_stopped(f.episodic_task(), spaces[C.EPISODIC], epochs)
+        aw_task = f.allway_task()
+        aw = early_stopped(aw_task, spaces[C.ALLWAY], epochs)
         C.record(state, C.EPISODIC, ep)
         C.record(state, C.ALLWAY, aw)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
 
         def make(regime: str):
             epochs = C.hp(state, regime, "epochs")

@@ -29,9 +29,7 @@ from fskd.methods.adapt.linear_probe import (
     probe_parts,
     search_probe,
 )
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 ALPHA0 = (0.25, 0.5, 1.0, 2.0, 4.0)
 WEIGHT_DECAY = (1e-2, 1e-1)
@@ -46,46 +44,38 @@ class LPPPOptions(LinearProbeOptions):
     ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
 
 
-class LPPlusPlusTuned(Method):
+class LPPlusPlusTuned(C.AdaptMethod):
     """Linear probe + class-wise blend with text weights (LP++ form, fskd's recipe); zero-shot at 0 shots."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "lp++-tuned"
-    kind = "adapt"
     options = LPPPOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(LPPPOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, opts, state, spaces = f.store, f.opts, f.state, f.spaces()
         alphas = C.fixed_or(opts.alpha0, ALPHA0)
         wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
         steps = C.fixed_or(opts.steps, STEPS)
         fixed = {k for k, v in (("alpha0", opts.alpha0), ("weight_decay", opts.weight_decay), ("steps", opts.steps))
                  if v is not None}
         default = {"alpha0": alphas[len(alphas) // 2], "weight_decay": wds[0], "steps": steps[len(steps) // 2]}
-        ep = search_probe(C.episodic_val_task(store, config.shots, opts, config.seed, device),
-                          lambda s, c: C.episodic_text_space(bridge, text, s, c),
-                          alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default)
-        aw_task = C.allway_val_task(store, config, device)
+        ep = search_probe(f.episodic_task(), spaces[C.EPISODIC], alphas=alphas, weight_decays=wds, steps=steps,
+                          lr=opts.lr, default=default)
+        aw_task = f.allway_task()
         if aw_task is not None and aw_task.shot == 0 and not store.joint:
             aw_task = None  # no shots to learn a bridge from
-        aw = search_probe(aw_task, lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-                          alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default)
+        aw = search_probe(aw_task, spaces[C.ALLWAY], alphas=alphas, weight_decays=wds, steps=steps,
+                          lr=opts.lr, default=default)
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         lr = state.hparams["lr"]
 
         def make(regime: str):

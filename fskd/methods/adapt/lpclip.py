@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.methods.base import METHODS, MethodState
 
 #: lpclip's first search: C from 1e6 down to 1e-6 in steps of 100
 C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -132,19 +132,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class LinearProbe(Method):
+class LinearProbe(C.AdaptMethod):
     """CoOp's linear probe (lpclip: L-BFGS logistic regression, C searched on val) all-way; RFS's per episode."""
 
     name = "linear-probe"
-    kind = "adapt"
     options = LinearProbeOptions
+    uses_device = False  # scikit-learn fits on the CPU
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        C.reject_descriptions(config, self.name)
-        opts = C.parse_options(LinearProbeOptions, config)
-        cpu = torch.device("cpu")
-        state = C.new_state(store, config, self.name)
+    def fit_state(self, f: C.Fit) -> None:
+        config, opts, state = f.config, f.opts, f.state
         state.hparams.update({"episodic.c": opts.episodic_c, "episodic.features": "L2-normalised",
                               "allway.features": "raw store features", "max_iter": opts.max_iter,
                               "rounds": opts.rounds})
@@ -152,13 +148,13 @@ class LinearProbe(Method):
                                   "max_iter": "fixed (lpclip's 1,000)" if opts.max_iter == 1000 else "fixed (--set option)",
                                   "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)",
                                   "allway.features": "fixed (lpclip's)", "episodic.features": "fixed (RFS's)"})
-        task = C.allway_val_task(store, config, cpu) if config.shots > 0 else None
+        task = f.allway_task() if config.shots > 0 else None
         if opts.c is not None or task is None:
             c = opts.c if opts.c is not None else DEFAULT_C
             state.hparams["allway.c"] = c
             state.selected_on["allway.c"] = ("fixed (--set option)" if opts.c is not None else
                                              "default (no val rows): C = 1, scikit-learn's default")
-            return state
+            return
         _, N, K, D = task.support.shape
         x = task.support[0].reshape(N * K, D).numpy()
         y = np.repeat(np.arange(N), K)
@@ -171,7 +167,6 @@ class LinearProbe(Method):
         state.metrics["allway.fits_at_max_iter"] = s.capped
         C.keep_allway_head(state, task, {"weights": torch.from_numpy(s.weights)[None],
                                          "bias": torch.from_numpy(s.bias)[None]})
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
         max_iter = int(state.hparams["max_iter"])

@@ -45,9 +45,7 @@ from fskd.classifiers.base import FittedHead
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 #: the authors' grid (configs_proker/{caltech101,fgvc,food101,ucf101}.yaml: torch.linspace)
 BETA = tuple(round(0.5 + i * 2.5 / 19, 6) for i in range(20))
@@ -176,40 +174,27 @@ def search_beta_lam(task: C.Task | None, space, betas, lams, default: dict, rows
     return choice, (x, y, coef)
 
 
-class ProKeR(Method):
+class ProKeR(C.AdaptMethod):
     """Kernel ridge regression of the zero-shot residual on the shots (beta, lambda on validation)."""
 
     needs_text = True
     transfers_to_new_classes = True  # classes with no shot: nothing to regress, their text weights (zero-shot)
 
     name = "proker"
-    kind = "adapt"
     options = ProKeROptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(ProKeROptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, state = f.store, f.config, f.opts, f.state
         betas, lams = C.fixed_or(opts.beta, BETA), C.fixed_or(opts.lam, LAMBDA if store.joint else LAMBDA + LAMBDA_WIDE)
         fixed = {k for k, v in (("beta", betas), ("lam", lams)) if getattr(opts, k) is not None and len(v) == 1}
         base = transferred_default(config.shots)
         default = {"beta": base["beta"] if opts.beta is None else betas[0],
                    "lam": base["lam"] if opts.lam is None else lams[0]}
-        spaces = {
-            C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-            C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-        }
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        aw_task = C.allway_val_task(store, config, device)
-        views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        rows = None
-        if aw_task is not None and aw_task.shot > 0 and views is not None:
-            from fskd.methods.adapt.gda import view_rows
-
-            rows = view_rows(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
-        ep, _ = search_beta_lam(ep_task, spaces[C.EPISODIC], betas, lams, default)
-        aw, fitted = search_beta_lam(aw_task, spaces[C.ALLWAY], betas, lams, default, rows)
+        val = f.validation()
+        ts = val.view_space()
+        rows = C.view_rows(ts, val.views) if ts is not None else None
+        ep, _ = search_beta_lam(val.ep_task, val.spaces[C.EPISODIC], betas, lams, default)
+        aw, fitted = search_beta_lam(val.aw_task, val.spaces[C.ALLWAY], betas, lams, default, rows)
         for regime, choice in ((C.EPISODIC, ep), (C.ALLWAY, aw)):
             C.record(state, regime, choice, fixed)
             for k in ("beta", "lam"):
@@ -217,21 +202,16 @@ class ProKeR(Method):
                     state.selected_on[f"{regime}.{k}"] = ("default (no validation data): the authors' ImageNet-"
                                                           "transferred value for the nearest shot count")
         given = opts.beta is not None or opts.lam is not None
-        state.hparams["grid"] = (f"{len(betas)} beta x {len(lams)} lambda" if given
-                                 else GRID_JOINT if store.joint else GRID_BRIDGE)
-        state.selected_on["grid"] = ("fixed (--set option)" if given else
-                                     "fixed (the authors' grid; a non-joint store also the wide lambdas)")
+        C.record_grid(state, f"{len(betas)} beta x {len(lams)} lambda" if given else None,
+                      GRID_JOINT if store.joint else GRID_BRIDGE, "lambdas")
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
-        C.record_views(state, C.ALLWAY, views, why)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
+        C.record_views(state, C.ALLWAY, val.views, val.why)
         if rows is not None and fitted is not None:  # the state's own shots: the regression on their views
-            C.keep_allway_head(state, aw_task, {"rows": fitted[0], "coef": fitted[2]})
-        return state
+            C.keep_allway_head(state, val.aw_task, {"rows": fitted[0], "coef": fitted[2]})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
 
         def make(regime: str):
             beta, lam = C.hp(state, regime, "beta"), C.hp(state, regime, "lam")

@@ -15,7 +15,7 @@ from fskd.classifiers.base import ClassContext
 from fskd.classifiers.prototype import PrototypeHead
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
@@ -23,24 +23,20 @@ class _NoOptions(Config):
     """prototype takes no options."""
 
 
-class Prototype(Method):
+class Prototype(C.AdaptMethod):
     """SimpleShot nearest class mean (base-mean centring, L2)."""
 
     name = "prototype"
-    kind = "adapt"
     options = _NoOptions
+    uses_device = False  # nothing is computed: the base mean is read from the store
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        C.reject_descriptions(config, self.name)
-        C.parse_options(_NoOptions, config)
-        state = C.new_state(store, config, self.name)
+    def fit_state(self, f: C.Fit) -> None:
+        store, state = f.store, f.state
         base = store.class_split("base")
         mean = torch.from_numpy(store.mean(base)) if base else torch.zeros(store.dim)
         state.tensors = {"center": mean}
         state.hparams = {"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"}
         state.selected_on = {"episodic.center": "fixed (SimpleShot)", "allway.center": "fixed (SimpleShot)"}
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)

@@ -35,8 +35,8 @@ from fskd.classifiers.linear import train_steps
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.runtime import resolve_device, single_thread
+from fskd.methods.base import METHODS, MethodState
+from fskd.runtime import single_thread
 from fskd.store import sampling
 
 RATIO = (0.2, 0.5)
@@ -142,19 +142,14 @@ class FittedAdapted(FittedHead):
         return SCALE * torch.bmm(self.features(query), self.weights.transpose(1, 2))
 
 
-class ResidualAdapter(Method):
+class ResidualAdapter(C.AdaptMethod):
     """Residual MLP adapter on frozen features (CLIP-Adapter / MTKD stage 2)."""
 
     name = "residual-adapter"
-    kind = "adapt"
     options = ResidualAdapterOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        C.reject_descriptions(config, self.name)
-        opts = C.parse_options(ResidualAdapterOptions, config)
-        device = resolve_device(config.device)
-        state = C.new_state(store, config, self.name)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
         ratios, steps = C.fixed_or(opts.ratio, RATIO), C.fixed_or(opts.steps, STEPS)
         fixed = {k for k, v in (("ratio", opts.ratio), ("steps", opts.steps)) if v is not None}
         default = {"ratio": ratios[0], "steps": steps[len(steps) // 2]}
@@ -164,7 +159,7 @@ class ResidualAdapter(Method):
 
         # episodic: one adapter per ratio trained on the base classes, checkpoints scored on val episodes
         base = sorted(store.class_split("base"))
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
+        ep_task = f.episodic_task()
         if base:
             xb, yb_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
             x = torch.from_numpy(xb).to(device)
@@ -190,7 +185,7 @@ class ResidualAdapter(Method):
             ep = C.grid_search([], lambda c: 0.0, None, default)
 
         # all-way: adapters trained on K train shots of every class, scored on the val split
-        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
+        aw_task = f.allway_task() if config.shots > 0 else None
         if aw_task is not None:
             runs_aw = {r: _train_on_support(aw_task.support, store.joint, r, steps, train) for r in ratios}
 
@@ -218,7 +213,6 @@ class ResidualAdapter(Method):
         state.metrics["features"] = ("adapter trained on the base classes" if use == "base" else
                                      f"adapter trained on {config.shots} train shots of every class (seed {config.seed})")
         state.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
         train = dict(lr=state.hparams["lr"], weight_decay=state.hparams["weight_decay"],

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from fskd.config import Config
 from fskd.errors import ConfigError, StoreError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
+from fskd.methods.base import METHODS, MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge, _ridge, ridge_path
-from fskd.runtime import resolve_device, single_thread
+from fskd.runtime import single_thread
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
@@ -136,30 +136,26 @@ class Base:
         return v, gen, sem, tw
 
 
-class SynTrans(Method):
+class SynTrans(C.AdaptMethod):
     """Visual weight generator + semantic weight reconstructor + bridge, meta-trained on base classes."""
 
     needs_text = True
 
     name = "syntrans"
-    kind = "adapt"
     options = SynTransOptions
+    own_bridges = True  # learned in the power-transformed space chosen on validation
 
     # ------------------------------------------------------------------------------------------
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(SynTransOptions, config)
-        device = resolve_device(config.device)
-        text, source = C.class_text(store, config, self.name)
-        text = text.to(device)
-        state = C.new_state(store, config, self.name)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
+        text = f.text.to(device)
         base = sorted(store.class_split("base"))
         if len(base) < max(3, opts.folds):
             raise StoreError(f"{store.path}: syntrans meta-trains on the base classes with {opts.folds} leave-one-fold-out "
                              f"folds and needs at least {max(3, opts.folds)} base classes; it has {len(base)}")
         k_fit = max(1, config.shots)
         fixed: set = set()
-        ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
+        ep_task = f.episodic_task()
         x_np, y_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
         x_raw, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
 
@@ -236,7 +232,7 @@ class SynTrans(Method):
         # 6. all-way regime: bridge ridge and (a, b) on the val split
         ch_aw_ridge = C.choose_allway_ridge(store, text, config, opts.ridge, device,
                                             transform=lambda t: tukey(t, p))
-        aw_task = C.allway_val_task(store, config, device) if config.shots > 0 else None
+        aw_task = f.allway_task() if config.shots > 0 else None
         if aw_task is not None:
             aw_parts = _allway_parts(aw_task.support, aw_task.classes, text, p, tau, store.joint,
                                      ch_aw_ridge.params["ridge"])
@@ -261,14 +257,13 @@ class SynTrans(Method):
         C.record(state, C.ALLWAY, ch_aw_ridge)
         C.record(state, C.ALLWAY, ch_aw)
         state.metrics.update(meta)
-        state.metrics["text"] = source
+        state.metrics["text"] = f.text_source
         if ch_rho.score is not None:
             state.metrics["episodic.val_acc_prototype"] = round(100 * (proto_scores[p] if p in proto_scores else proto_score(p)), 2)
         state.tensors = {
             "text": text.cpu(), "base.mean": mean.cpu(), "base.protos": protos.cpu(), "base.classes": torch.tensor(base),
             "generator": learned.gen.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()},
         }
-        return state
 
     # ------------------------------------------------------------------------------------------
     def _meta_train(self, eb, yb, base, text, protos, text_base, bridge, gen_lam, k, opts, seed, joint, progress):

@@ -51,9 +51,7 @@ from fskd.classifiers.linear import way_labels
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.clap import FittedCosine, lr_at
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 ALPHA = 0.5
 LR = 2e-3
@@ -199,21 +197,17 @@ def search_alpha(task: C.Task | None, space, alphas: Sequence[float], default: d
     return choice
 
 
-class TaskRes(Method):
+class TaskRes(C.AdaptMethod):
     """Text weights + a learned task residual (the authors' regular-base recipe; alpha fixed unless a list)."""
 
     needs_text = True
     transfers_to_new_classes = True  # a class with no shot has no residual: its text weight (zero-shot)
 
     name = "taskres"
-    kind = "adapt"
     options = TaskResOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(TaskResOptions, config)
-        device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+    def fit_state(self, f: C.Fit) -> None:
+        store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         user = set(config.options)
         recipe = {"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "weight_decay": opts.weight_decay}
         for k, v in recipe.items():
@@ -227,18 +221,14 @@ class TaskRes(Method):
         state.selected_on["base"] = "fixed (the authors' ENHANCED_BASE none; the enhanced base is not offered)"
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        spaces = {
-            C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-            C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-        }
+        spaces = f.spaces()
         views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
         kept = None
         if isinstance(opts.alpha, tuple):  # candidates: chosen on validation
             alphas = tuple(float(a) for a in opts.alpha)
             default = {"alpha": ALPHA if ALPHA in alphas else alphas[0]}
-            ep = search_alpha(C.episodic_val_task(store, config.shots, opts, config.seed, device), spaces[C.EPISODIC],
-                              alphas, default, config.seed, recipe)
-            aw_task = C.allway_val_task(store, config, device)
+            ep = search_alpha(f.episodic_task(), spaces[C.EPISODIC], alphas, default, config.seed, recipe)
+            aw_task = f.allway_task()
             aw = search_alpha(aw_task, spaces[C.ALLWAY], alphas, default, config.seed, recipe, views)
             C.record(state, C.EPISODIC, ep)
             C.record(state, C.ALLWAY, aw)
@@ -253,22 +243,16 @@ class TaskRes(Method):
             state.hparams["allway.epochs"] = opts.epochs or default_epochs(config.shots)
             state.selected_on["allway.epochs"] = state.selected_on["epochs"]
             C.record_views(state, C.ALLWAY, views, why)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
         if kept is None and config.shots > 0:  # train the all-way head on the state's own shots once
-            x, _, classes = C.allway_rows(store, config.shots, config.seed)
-            support = torch.from_numpy(x).to(device).reshape(len(classes), config.shots, -1)[None]
-            cls = torch.from_numpy(classes).to(device)[None]
-            ts = spaces[C.ALLWAY](support, cls)
-            r = fit_residuals(ts, [C.hp(state, C.ALLWAY, "alpha")], config.seed, recipe, views)[0]
-            kept = (C.Task(support=support, classes=cls, query=support[:, 0], truth=cls, description="", on=""), r)
+            own = f.own_shots()
+            ts = spaces[C.ALLWAY](own.support, own.classes)
+            kept = (own, fit_residuals(ts, [C.hp(state, C.ALLWAY, "alpha")], config.seed, recipe, views)[0])
         if kept is not None:
             C.keep_allway_head(state, kept[0], {"residual": kept[1]})
             state.metrics["allway.residual_norm"] = round(float(kept[1].norm(dim=-1).mean()), 4)
-        return state
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size", "weight_decay")}
         seed = int(state.config.get("seed", 1))
 

@@ -24,9 +24,7 @@ from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 #: alpha on a wide log grid: the cache and text terms have store-dependent scales
 ALPHA = (0.0, *(2.0**k for k in range(-4, 17)))
@@ -104,25 +102,20 @@ def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, 
     return C.grid_search([{"alpha": a, "beta": b} for b in betas for a in alphas], score, task, default)
 
 
-class TipAdapter(Method):
+class TipAdapter(C.AdaptMethod):
     """Training-free cache model over the support + text weights; alpha, beta chosen on validation."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "tip-adapter"
-    kind = "adapt"
     options = TipOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(TipOptions, config)
-        state, _ = fit_tip(self.name, store, config, opts)
-        return state
+    def fit_state(self, f: C.Fit) -> None:
+        fit_tip(f)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
 
         def make(regime: str):
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
@@ -140,22 +133,18 @@ class TipAdapter(Method):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, dict]:
-    """The training-free fit shared with tip-adapter-f: bridge, alpha and beta per regime.
-    Returns the state and the validation tasks / spaces for further tuning."""
-    device = resolve_device(config.device)
-    state, text, bridge, aw_ridge = C.text_fit(store, config, name, opts.ridge, device)
+def fit_tip(f: C.Fit) -> dict:
+    """The training-free fit shared with tip-adapter-f: alpha and beta per regime, into ``f.state``.
+    Returns the validation tasks / spaces for further tuning."""
+    store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
     alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
     fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
     default = {"alpha": 1.0 if 1.0 in alphas else alphas[0], "beta": 5.5 if 5.5 in betas else betas[0]}
-    ep_task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-    aw_task = C.allway_val_task(store, config, device)
+    ep_task = f.episodic_task()
+    aw_task = f.allway_task()
     if aw_task is not None and aw_task.shot == 0 and not store.joint:
         aw_task = None
-    spaces = {
-        C.EPISODIC: lambda s, c: C.episodic_text_space(bridge, text, s, c),
-        C.ALLWAY: lambda s, c: C.support_text_space(s, c, text, store.joint, aw_ridge),
-    }
+    spaces = f.spaces()
     views, why = C.allway_views(store, config, device) if aw_task is not None else (None, "no all-way task")
     keys = None
     if views is not None:  # the reference's cache: the mean of each shot's augmented views
@@ -164,13 +153,11 @@ def fit_tip(name: str, store, config, opts: TipOptions) -> tuple[MethodState, di
         C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default,
                                                   pooled=regime == C.EPISODIC, keys=keys if regime == C.ALLWAY else None),
                  fixed)
-    state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
     if aw_task is not None:
         C.record_views(state, C.ALLWAY, views, why)
         if keys is not None:
             C.keep_allway_head(state, aw_task, {"keys": keys})
-    return state, {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "device": device,
-                   "views": views, "view_keys": keys}
+    return {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "views": views, "view_keys": keys}
 
 
 METHODS.register('tip-adapter', TipAdapter)

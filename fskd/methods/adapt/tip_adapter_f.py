@@ -39,8 +39,7 @@ from fskd.methods.adapt.tip_adapter import (
     fit_tip,
     search_alpha_beta,
 )
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
+from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 
 #: the reference's fine-tuning: 20 epochs of batches of 256, AdamW(eps 1e-4, weight decay 0.01)
@@ -193,20 +192,18 @@ def finetune_span(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
         return train_steps(opt, loss, steps, lambda: x + torch.bmm(b.detach(), x), {0: x})
 
 
-class TipAdapterF(Method):
+class TipAdapterF(C.AdaptMethod):
     """Tip-Adapter with cache keys fine-tuned on the shots (the reference's recipe, or the span form)."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "tip-adapter-f"
-    kind = "adapt"
     options = TipFOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(TipFOptions, config)
-        state, ctx = fit_tip(self.name, store, config, opts)
+    def fit_state(self, f: C.Fit) -> None:
+        config, opts, state, progress = f.config, f.opts, f.state, f.progress
+        ctx = fit_tip(f)
         for regime in (C.EPISODIC, C.ALLWAY):
             task = ctx["tasks"][regime]
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
@@ -222,7 +219,6 @@ class TipAdapterF(Method):
         for k, v in (("form", opts.form), ("lr", opts.lr), ("epoch_budget", opts.epochs)):
             state.hparams[k] = v
             state.selected_on[k] = "fixed"
-        return state
 
     @staticmethod
     def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int,
@@ -272,8 +268,7 @@ class TipAdapterF(Method):
         C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         lr = state.hparams["lr"]
         seed = int(state.config.get("seed", 1))
         form = state.hparams.get("form", "span")  # states written before the keys form were span-form

@@ -10,9 +10,7 @@ import torch
 
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
-from fskd.methods.bridge import Bridge
-from fskd.runtime import resolve_device
+from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
@@ -22,34 +20,21 @@ class ZeroShotOptions(Config):
     RANGES = {"ridge": (">", 0)}
 
 
-class ZeroShot(Method):
+class ZeroShot(C.AdaptMethod):
     """Cosine similarity to the class text features in image space."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
     name = "zero-shot"
-    kind = "adapt"
     options = ZeroShotOptions
 
-    @C.threads_by_store
-    def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = C.parse_options(ZeroShotOptions, config)
-        device = resolve_device(config.device)
-        text, source = C.class_text(store, config, self.name)
-        state = C.new_state(store, config, self.name)
-        bridge, ep = C.fit_episodic_bridge(store, text, opts.ridge, device)
-        aw = C.choose_allway_ridge(store, text, config, opts.ridge, device)
-        C.record(state, C.EPISODIC, ep)
-        C.record(state, C.ALLWAY, aw)
-        state.tensors = {"text": text.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()}}
-        state.metrics["text"] = source
-        state.metrics["bridge"] = "identity (joint space)" if bridge.is_identity else f"ridge maps on the base classes (ridge {bridge.ridge:g})"
-        return state
+    def fit_state(self, f: C.Fit) -> None:
+        f.state.metrics["bridge"] = ("identity (joint space)" if f.bridge.is_identity
+                                     else f"ridge maps on the base classes (ridge {f.bridge.ridge:g})")
 
     def head(self, state: MethodState, store, device: torch.device):
-        text = state.tensors["text"].to(device)
-        bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
+        text, bridge = C.state_text(state, device)
         ridge = C.hp(state, C.ALLWAY, "ridge")
 
         def episodic(support, classes):
