@@ -127,6 +127,8 @@ class EvalResult:
     hm: float | None = None  # base-to-new: harmonic mean of base and new
     mean_per_class: float | None = None  # all-way: mean over classes of per-class accuracy (mean over seeds)
     top5: float | None = None  # all-way with more than 5 classes: mean over seeds
+    ece: float | None = None  # all-way: expected calibration error (%, 15 bins) of the head's softmax, mean over seeds
+    nll: float | None = None  # all-way: negative log-likelihood of the true class (nats), mean over seeds
     selected_on: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
     report: list[str] = field(default_factory=list)  # the report files written
@@ -195,6 +197,7 @@ class EvalResult:
             head += " (one seed: no interval)"
         extra = [f"mean per-class {self.mean_per_class:.2f}%"] if self.mean_per_class is not None else []
         extra += [f"top-5 {self.top5:.2f}%"] if self.top5 is not None else []
+        extra += [f"ECE {self.ece:.2f}%, NLL {self.nll:.3f}"] if self.ece is not None else []
         return head + (f"; {', '.join(extra)}" if extra else "")
 
 
@@ -284,6 +287,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         _check_state_seeds(cfg, state, warnings, strict=b2n)
     mean_pc = top5 = per_episode = per_class = n_seeds = None
     b2n_fields: dict = {}
+    calibration: dict = {}  # all-way only
     if b2n:
         for s in ("train", "test"):
             if not store.has_split(s):
@@ -353,6 +357,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         mean_pc = round(float(np.nanmean(pc)) * 100, 3)
         top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
+        calibration = dict(ece=round(float(scores.ece.mean()) * 100, 3), nll=round(float(scores.nll.mean()), 4))
         per_class = _per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes))
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]
@@ -366,6 +371,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         center=_center_text(cfg, episodic), inductive=True, store=str(store.path), store_fingerprint=store.fingerprint, state=cfg.state,
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
         selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
+        **calibration,
     )
     return _finish(cfg, state, result)
 
@@ -456,6 +462,7 @@ def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: t
         store_fingerprint=store.fingerprint, state=cfg.state, seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4),
         mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
         top5=None if scores.top5 is None else round(float(scores.top5[0]) * 100, 3), selected_on=dict(state.selected_on),
+        ece=round(float(scores.ece[0]) * 100, 3), nll=round(float(scores.nll[0]), 4),
         warnings=[], source_store=source,
         per_class=_per_class(names, classes, pc, np.bincount(test_y, minlength=int(classes.max()) + 1)))
 

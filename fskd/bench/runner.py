@@ -337,6 +337,7 @@ class CellRunner:
                 self.clear_scratch()
         b2n = cell.protocol == "base-to-new"
         return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
+                **({"ece": ev.ece, "nll": ev.nll} if ev.ece is not None else {}),
                 **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
                 **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if plan.episodic else {}),
                 "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,

@@ -11,7 +11,7 @@ import torch
 
 from fskd.classifiers.base import Head
 from fskd.errors import EvaluationError
-from fskd.evaluation.metrics import class_accuracies
+from fskd.evaluation.metrics import Calibration, class_accuracies
 from fskd.store.sampling import sample_shots
 
 TOPK = 5
@@ -20,11 +20,15 @@ TOPK = 5
 @dataclass
 class AllwayScores:
     """Per seed: top-1 accuracy (S,), top-5 accuracy (S,) when there are more than 5 classes,
-    per-class accuracy (S, C) in the order of ``classes`` (fractions)."""
+    per-class accuracy (S, C) in the order of ``classes`` (fractions); the expected calibration
+    error (S,) (fraction, 15 bins) and the negative log-likelihood (S,) of the softmax of the
+    head's logits as they are (a cosine head's unscaled scores give near-uniform probabilities)."""
 
     top1: np.ndarray
     top5: np.ndarray | None
     per_class: np.ndarray
+    ece: np.ndarray | None = None
+    nll: np.ndarray | None = None
 
 
 def store_rows(store, split: str, device) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
@@ -54,7 +58,7 @@ def run_allway(
     pos = {int(c): i for i, c in enumerate(classes)}
     truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
-    top1, top5, per_class = [], [], []
+    top1, top5, per_class, ece, nll = [], [], [], [], []
     k = TOPK if len(classes) > TOPK else 0
     take = train_x if callable(train_x) else (lambda r: train_x[torch.from_numpy(r).to(train_x.device)])
     test_x = head.prepare(test_x)
@@ -63,14 +67,18 @@ def run_allway(
         rows = sample_shots(train_y, classes, shot, seed, class_names)  # (C, K)
         support = head.prepare(take(rows.reshape(-1)))  # row-wise, so preparing the shots alone is the same
         fitted = head.fit(support.reshape(len(classes), shot, support.shape[-1])[None], cls)
-        preds, in5 = [], 0
+        preds, in5, cal = [], 0, Calibration()
         for s in range(0, len(test_y), query_batch):
             q = test_x[s : s + query_batch][None]
             preds.append(fitted.predict(q)[0].cpu())
+            cal.add(fitted.logits(q)[0], truth[s : s + query_batch])
             if k:
                 in5 += int((fitted.topk(q, k)[0] == truth[s : s + query_batch, None]).any(-1).sum())
         pred = torch.cat(preds).numpy()
         top1.append(float((pred == truth_np).mean()))
         top5.append(in5 / len(test_y))
         per_class.append(class_accuracies(pred, truth_np, len(classes)))
-    return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class))
+        ece.append(cal.ece())
+        nll.append(cal.mean_nll())
+    return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class), np.asarray(ece),
+                        np.asarray(nll))

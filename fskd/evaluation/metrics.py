@@ -84,3 +84,44 @@ def class_accuracies(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.
     hit = np.bincount(truth[pred == truth], minlength=n_classes).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, hit / np.maximum(total, 1), np.nan)
+
+
+#: equal-width confidence bins of the expected calibration error (Guo et al., 2017)
+ECE_BINS = 15
+
+
+class Calibration:
+    """Expected calibration error (``ECE_BINS`` equal-width bins of the top-1 softmax
+    probability: the row-weighted mean of |accuracy - confidence| per bin) and negative
+    log-likelihood of the true class, accumulated over query batches of logits."""
+
+    def __init__(self, bins: int = ECE_BINS) -> None:
+        self.bins = bins
+        self.count = np.zeros(bins)
+        self.confidence = np.zeros(bins)
+        self.correct = np.zeros(bins)
+        self.nll = 0.0
+        self.n = 0
+
+    def add(self, logits, truth) -> None:
+        """``logits`` (M, N) torch tensor of class scores, ``truth`` (M,) class positions."""
+        import torch
+
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        conf, pred = logp.max(-1)
+        conf = conf.exp().cpu().numpy()
+        t = truth.to(logp.device)
+        hit = (pred == t).cpu().numpy()
+        self.nll += float(-logp.gather(1, t[:, None]).sum())
+        b = np.minimum((conf * self.bins).astype(int), self.bins - 1)  # confidence 1.0 in the last bin
+        self.count += np.bincount(b, minlength=self.bins)
+        self.confidence += np.bincount(b, weights=conf, minlength=self.bins)
+        self.correct += np.bincount(b, weights=hit, minlength=self.bins)
+        self.n += len(conf)
+
+    def ece(self) -> float:
+        """ECE as a fraction."""
+        return float(np.abs(self.correct - self.confidence).sum() / max(self.n, 1))
+
+    def mean_nll(self) -> float:
+        return self.nll / max(self.n, 1)

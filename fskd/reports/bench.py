@@ -325,6 +325,7 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
         md += [f"## Accuracy vs shots ({label})\n",
                _md(["method"] + [f"{k}-shot" for k in shots],
                    [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods]), ""]
+    md += _calibration_section(rows, config, methods, avg_over, shots)
     if baseline:
         md += _paired_section(summ, methods, datasets, shots, baseline, f"Paired difference to {baseline}",
                               (f"Mean over class splits of (method - {baseline}) on the same split's episodes, in points, "
@@ -341,6 +342,24 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
             for d, c in zip(cols, row_cells(m, k), strict=True):
                 w.writerow([m, d, k, *_csv_cells(c)])
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+
+
+def _calibration_section(rows: list[dict], config: dict, methods: list[str], datasets: list[str],
+                         shots: list[int]) -> list[str]:
+    """All-way grids whose every finished row has an ECE: methods x shots, mean over datasets."""
+    ok = [r for r in rows if r["status"] == OK]
+    if config.get("protocol", "allway") != "allway" or not ok or any(r.get("ece") is None for r in ok):
+        return []
+    summ, *_ = summarise(rows, "ece")
+    label = "mean over datasets" if len(datasets) > 1 else datasets[0]
+    return [f"## Calibration: expected calibration error (%, {label})\n",
+            "ECE over 15 equal-width bins of the top-1 softmax probability of each head's logits as they are "
+            "(lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a large ECE), "
+            "mean ± std over seeds.\n",
+            _md(["method"] + [f"{k}-shot" for k in shots],
+                [[m] + [(_average(summ, m, datasets, k) if len(datasets) > 1 else
+                         summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))).text()
+                        for k in shots] for m in methods]), ""]
 
 
 def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
