@@ -44,8 +44,9 @@ MANIFEST_SUFFIX = ".fskd.json"
 CONFUSION_SUFFIX = ".confusion.png"
 #: rows per Parquet row group (what a Parquet output holds in memory before writing it)
 PARQUET_ROW_GROUP = 16_384
-#: paths encoded per DataLoader (a window): bounded memory, whatever the number of images
-WINDOW_BATCHES = 32
+#: paths encoded per DataLoader (a window): bounded memory (16,384 paths at the default batch of
+#: 64, a few MB), whatever the number of images; each window starts the loader's workers again
+WINDOW_BATCHES = 256
 #: unreadable files named in the manifest (the count is always exact)
 MAX_SKIPPED_LISTED = 10_000
 
