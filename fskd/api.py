@@ -842,11 +842,14 @@ def _verbs():
     return Verbs(adapt=adapt, align=align, distill=distill, evaluate=evaluate, extract=extract)
 
 
-def _bench_job(config: dict, keys: list[str], scratch: str) -> dict:
+def _bench_job(config: dict, keys: list[str], scratch: str, storage: dict | None = None) -> dict:
     """A Slurm job of ``fskd bench --executor slurm``: run the grid's cells ``keys`` with the same
-    code as a local run, each row written to ``OUT/cells/`` as it finishes (see :mod:`fskd.bench.slurm`)."""
+    code as a local run, each row written to ``OUT/cells/`` as it finishes (see :mod:`fskd.bench.slurm`).
+    ``storage``: the driver's ``--storage-options``."""
     from fskd.bench.slurm import run_job
 
+    if storage is not None:
+        configure_storage(storage)
     return run_job(BenchConfig.from_dict(config), keys, Path(scratch), _verbs())
 
 

@@ -57,6 +57,14 @@ def stores(tmp_path_factory):
     return str(a.path), str(b.path)
 
 
+@pytest.fixture(scope="module")
+def local(stores, tmp_path_factory) -> Path:
+    """The grid run locally: the tables every Slurm run must equal."""
+    out = tmp_path_factory.mktemp("local") / "b"
+    api.bench(grid(stores, out), progress=None)
+    return out
+
+
 def grid(stores, out: Path, **kw) -> BenchConfig:
     return BenchConfig(stores=stores, methods=("prototype", "linear-probe", "zero-shot"), shots=(1, 2), seeds=(1, 2),
                        out=str(out), baseline="prototype", device="cpu", **kw)
@@ -75,13 +83,12 @@ def wait_for(cond, timeout: float = 60.0, what: str = "") -> None:
         time.sleep(0.3)
 
 
-def test_slurm_grid_equals_a_local_run(slurm_env, stores, tmp_path):
-    local = api.bench(grid(stores, tmp_path / "local"), progress=None)
+def test_slurm_grid_equals_a_local_run(slurm_env, stores, local, tmp_path):
     r = api.bench(grid(stores, tmp_path / "slurm", executor="slurm", cells_per_job=5), progress=None)
-    assert r.cells == local.cells == 24
-    assert r.counts["jobs"] == 5 and r.counts["ok"] == local.counts["ok"] and r.counts["failed"] == 0
+    assert r.cells == 24 and r.counts["jobs"] == 5 and r.counts["failed"] == 0
+    assert r.counts["ok"] == sum(json.loads(x)["status"] == "ok" for x in (local / "results.jsonl").open())
     for name in TABLES:
-        assert (tmp_path / "slurm" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+        assert (tmp_path / "slurm" / name).read_bytes() == (local / name).read_bytes(), name
     rows = [json.loads(x) for x in (tmp_path / "slurm" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and len({r["key"] for r in rows}) == 24
     jobs = json.loads((tmp_path / "slurm" / "slurm" / "jobs.json").read_text())["jobs"]
@@ -93,9 +100,7 @@ def test_slurm_grid_equals_a_local_run(slurm_env, stores, tmp_path):
     assert again.counts["skipped"] == 24 and again.counts["jobs"] == 0
 
 
-def test_a_killed_job_names_its_cells_and_a_rerun_submits_only_those(slurm_env, stores, tmp_path, monkeypatch):
-    ref = tmp_path / "ref"
-    api.bench(grid(stores, ref), progress=None)
+def test_a_killed_job_names_its_cells_and_a_rerun_submits_only_those(slurm_env, stores, local, tmp_path, monkeypatch):
     out = tmp_path / "k"
     monkeypatch.setenv("FSKD_FAULT", "bench-job:cell-2")  # every job is SIGKILLed after its second cell
     r = api.bench(grid(stores, out, executor="slurm", cells_per_job=4), progress=None)
@@ -107,7 +112,7 @@ def test_a_killed_job_names_its_cells_and_a_rerun_submits_only_those(slurm_env, 
     again = api.bench(grid(stores, out, executor="slurm", cells_per_job=4), progress=None)
     assert again.counts["skipped"] == 12 and again.counts["jobs"] == 3 and again.counts["failed"] == 0
     for name in TABLES:
-        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
 
 
 def _occupy_node(cluster) -> str:
@@ -191,3 +196,24 @@ def test_executor_settings_are_checked_before_anything_runs(stores, tmp_path):
     f.write_text(f'stores = ["{stores[0]}"]\nmethods = ["prototype"]\ncells_per_job = 3\n')
     with pytest.raises(ConfigError, match="unknown key"):  # executor settings live in [executor]
         api.load_grid(str(f))
+
+
+def test_a_jobs_body_runs_its_cells_with_the_drivers_storage_options(stores, tmp_path):
+    """What a job runs, here in-process: only its cells, each row in its own file, with the storage
+    options the driver was given (a job is a fresh process: they travel in its call)."""
+    from fskd.bench.runner import GridPlan
+    from fskd.bench.slurm import cell_path, read_cells
+    from fskd.store import location
+
+    cfg = grid(stores, tmp_path / "j", executor="slurm")
+    plan = GridPlan(cfg)  # the driver makes the folder and its bench.json
+    (plan.out / "bench.json").write_text(json.dumps(plan.meta({})))
+    keys = [c.key for c in plan.cells[:2]]
+    try:
+        counts = api._bench_job(cfg.to_dict(), keys, str(tmp_path / "scratch"), {"anon": True})
+        assert location.configured() == {"anon": True}
+    finally:
+        location.configure(None)
+    assert counts["ok"] + counts["n/a"] == 2 and all(cell_path(plan.out, k).exists() for k in keys)
+    assert {r["key"] for r in read_cells(plan.out)} == set(keys)
+    assert not list((tmp_path / "scratch").glob("*/*"))  # its scratch removed

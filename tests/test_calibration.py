@@ -70,3 +70,30 @@ def test_all_way_results_and_bench_tables_carry_calibration(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| zero-shot |") and "±" in x and md.index(x) >
                 md.index("## Calibration"))
     assert f"{np.mean(zs):.2f}" in line.split("|")[3]
+
+
+def _val_is_test_store(path, same_ids: bool):
+    from fskd.store import FeatureStore
+    from fskd.store.synthetic import synthetic_features
+
+    splits, text = synthetic_features(n_classes=6, joint=True, seed=2)
+    if not same_ids:
+        splits["val"] = splits["test"]  # the same rows under other sample ids
+    st = FeatureStore.from_arrays(path, splits, [f"c{i}" for i in range(6)], {"base": [0, 1, 2], "val": [3], "novel": [4, 5]},
+                                  text_embeddings=text, encoder={"spec": "clip-like", "joint": True})
+    if same_ids:  # the val rows named as test images (their features differ)
+        FeatureStore.open(path, mode="r+").rewrite_sample_ids("val", list(st.sample_ids("test")[: st.n_rows("val")]))
+        st = FeatureStore.open(path)
+    return st
+
+
+@pytest.mark.parametrize("same_ids", [False, True])
+def test_a_val_split_that_is_the_test_split_is_refused_for_validation(tmp_path, same_ids):
+    from fskd.errors import EvaluationError
+
+    st = _val_is_test_store(tmp_path / "s.zarr", same_ids)
+    why = "val sample ids is a test sample id" if same_ids else "hold the same"
+    with pytest.raises(EvaluationError, match=f"its val split is its test split .*{why}"):
+        api.adapt(AdaptConfig(store=str(st.path), method="gda", shots=2, out=str(tmp_path / "g")), progress=None)
+    # a fit that reads no val row is not refused: zs-lp on a joint store
+    api.adapt(AdaptConfig(store=str(st.path), method="zs-lp", shots=2, out=str(tmp_path / "z")), progress=None)

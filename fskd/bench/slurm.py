@@ -220,7 +220,7 @@ class _Record:
 
 def run_slurm(plan: GridPlan, results: Results, job_fn: Callable, progress=None, poll: float | None = None) -> dict:
     """Run the grid's unfinished cells as Slurm jobs (the driver; see the module's docstring).
-    ``job_fn(config_dict, keys, scratch)`` is a job's body, pickled by reference. Returns the counts
+    ``job_fn(config_dict, keys, scratch, storage_options)`` is a job's body, pickled by reference. Returns the counts
     of a local run plus ``jobs`` (submitted now) and ``waited`` (jobs of an earlier run)."""
     out = plan.out
     folder = out / SLURM
@@ -242,9 +242,12 @@ def run_slurm(plan: GridPlan, results: Results, job_fn: Callable, progress=None,
         ex = _executor(plan, folder / "logs")
         groups = _jobs_of(todo, plan)
         cfg = plan.config.to_dict()
+        from fskd.store.location import configured
+
+        storage = configured()  # --storage-options of this command: the jobs open the same stores with them
         with ex.batch():
             for g in groups:
-                submitted.append(ex.submit(job_fn, cfg, [c.key for c in g], str(folder / "scratch")))
+                submitted.append(ex.submit(job_fn, cfg, [c.key for c in g], str(folder / "scratch"), storage))
         mine = [{"id": j.job_id, "cells": [c.key for c in g], "log": str(j.paths.stderr), "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                 for j, g in zip(submitted, groups, strict=True)]
         record.add(mine)

@@ -85,6 +85,11 @@ def configure(options: dict | str | None) -> None:
     reset()
 
 
+def configured() -> dict | None:
+    """The storage options given to :func:`configure` (None: ``$FSKD_STORAGE_OPTIONS`` applies)."""
+    return None if _configured is None else dict(_configured)
+
+
 def reset() -> None:
     """Forget cached filesystems (they hold credentials and endpoints read when first made)."""
     _fs.cache_clear()

@@ -136,9 +136,42 @@ def allway_shot_views(store, shots: int, seed: int, error: type[FskdError] = Eva
     return store.take_views(rows)
 
 
+#: stores (by fingerprint) whose val split was checked not to be their test split
+_VAL_NOT_TEST: set[str] = set()
+#: rows compared per read when checking that the val features are not the test features
+_COMPARE_ROWS = 4096
+
+
+def check_val_is_not_test(store) -> None:
+    """Refuse to choose hyper-parameters on a store whose val split is its test split: every val
+    sample id is a test sample id, or the two splits hold identical features (CoOp's ImageNet uses
+    its val images as test images; code that validates there reports test-tuned numbers). Read
+    once per store: the ids, then the features chunk by chunk until the first difference."""
+    fp = store.fingerprint
+    if fp in _VAL_NOT_TEST or not (store.has_split("val") and store.has_split("test")):
+        return
+    nv, nt = store.n_rows("val"), store.n_rows("test")
+    why = None
+    if nv and set(store.sample_ids("val")) <= set(store.sample_ids("test")):
+        why = f"each of its {nv} val sample ids is a test sample id"
+    elif nv == nt and nv:
+        for s in range(0, nv, _COMPARE_ROWS):
+            rows = np.arange(s, min(s + _COMPARE_ROWS, nv))
+            if not np.array_equal(store.take("val", rows), store.take("test", rows)):
+                break
+        else:
+            why = f"its val and test splits hold the same {nv} feature rows"
+    if why:
+        raise EvaluationError(f"{store.path}: its val split is its test split ({why}): choosing hyper-parameters on "
+                              f"it would choose them on the test rows. Fit a method that reads no val row (zs-lp, clap, "
+                              f"taskres on a joint store), or extract the dataset with a val split of its own")
+    _VAL_NOT_TEST.add(fp)
+
+
 def allway_val(store, classes, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     """The val-split rows of ``classes`` that ``rule`` allows (:func:`validation_rows`), read by row:
-    (features, labels)."""
+    (features, labels). A val split that is the test split is refused (:func:`check_val_is_not_test`)."""
+    check_val_is_not_test(store)
     vrows = store.valid_rows("val", classes)
     yv = store.labels("val")[vrows]
     keep = validation_rows(yv, classes, shots, seed, rule)
