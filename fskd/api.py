@@ -115,7 +115,7 @@ class EvalResult:
     per_seed: list[float] | None
     classes: int
     center: str
-    inductive: bool
+    inductive: bool  # False: the test rows were classified jointly (``transductive`` says how)
     store: str
     store_fingerprint: str
     state: str | None
@@ -129,6 +129,7 @@ class EvalResult:
     top5: float | None = None  # all-way with more than 5 classes: mean over seeds
     ece: float | None = None  # all-way: expected calibration error (%, 15 bins) of the head's softmax, mean over seeds
     nll: float | None = None  # all-way: negative log-likelihood of the true class (nats), mean over seeds
+    transductive: str | None = None  # "TransCLIP" when every test row was classified at once (--transductive)
     selected_on: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
     report: list[str] = field(default_factory=list)  # the report files written
@@ -168,13 +169,20 @@ class EvalResult:
                 f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shots} shots per base class "
                 f"(seeds {self.seeds}); base = test rows of the base classes among the base classes, new = test rows of "
                 f"the new classes among the new classes with no shot of them, HM = harmonic mean of the mean base and "
-                f"new accuracy; {stat}; {enc}; classifier {self.classifier}; hyper-parameters: {chosen}."
+                f"new accuracy; {'' if self.inductive else self._inference_text() + '; '}{stat}; {enc}; "
+                f"classifier {self.classifier}; hyper-parameters: {chosen}."
             )
         return (
             f"All-way: {self.shots} shots per class from the train split (seed s), all {self.classes} classes, the full "
-            f"test split, seeds {self.seeds}; inductive; mean top-1 over seeds with {stat}; {enc}; "
+            f"test split, seeds {self.seeds}; {self._inference_text()}; mean top-1 over seeds with {stat}; {enc}; "
             f"classifier {self.classifier}; centring {self.center}; hyper-parameters: {chosen}."
         )
+
+    def _inference_text(self) -> str:
+        if self.inductive:
+            return "inductive"
+        return (f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: all test rows of each seed scored "
+                f"at once, a GMM with a k-NN Laplacian and a KL term toward the head's softmax; no ECE/NLL)")
 
     def summary_line(self) -> str:
         """One line for people: the number, its interval and what the interval is."""
@@ -188,9 +196,12 @@ class EvalResult:
         if self.protocol == "base-to-new":
             new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
             hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
-            return (f"base-to-new {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: "
+            how = f" + {self.transductive} (transductive)" if not self.inductive else ""
+            return (f"base-to-new {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
                     f"base {self.base:.2f}%, new {new}, HM {hm}")
-        head = f"all-way {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}: {self.accuracy:.2f}%"
+        how = f" + {self.transductive} (transductive)" if not self.inductive else ""
+        head = (f"all-way {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
+                f"{self.accuracy:.2f}%")
         if self.ci95 is not None:
             head += f" ± {self.ci95:.2f} (95% CI, Student t over {self.n_seeds} seeds; std {self.std:.2f})"
         else:
@@ -219,7 +230,7 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None
     ctx = ClassContext(text=torch.from_numpy(text).to(device) if text is not None else None, center=center)
     head = CLASSIFIERS.get(cfg.classifier)(ctx)
     if isinstance(head, PrototypeHead) and cfg.protocol != "episodic" and cfg.center == "base":
-        head = PrototypeHead(ctx, center_support=True)  # no base classes in all-way: centre on the support mean
+        head = PrototypeHead(ctx, center_support=True, rule=head.rule)  # no base classes in all-way: centre on the support mean
     return head, cfg.classifier, {}
 
 
@@ -301,7 +312,8 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
             warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
         t1 = time.perf_counter()
         sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                             store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names)
+                             store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names,
+                             transductive=cfg.transductive)
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
         hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
@@ -350,14 +362,16 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
                             f"{' ...' if len(absent) > 10 else ''}")
         t1 = time.perf_counter()
         scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                            classes, cfg.shots, tuple(cfg.seeds), head, class_names=names)
+                            classes, cfg.shots, tuple(cfg.seeds), head, class_names=names,
+                            transductive=cfg.transductive)
         summ = seed_summary(scores.top1)
         acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
         per_seed, n_classes = [round(float(a) * 100, 3) for a in scores.top1], len(classes)
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         mean_pc = round(float(np.nanmean(pc)) * 100, 3)
         top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
-        calibration = dict(ece=round(float(scores.ece.mean()) * 100, 3), nll=round(float(scores.nll.mean()), 4))
+        if scores.ece is not None:  # none when transductive: the assignments are not the head's softmax
+            calibration = dict(ece=round(float(scores.ece.mean()) * 100, 3), nll=round(float(scores.nll.mean()), 4))
         per_class = _per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes))
     t2 = time.perf_counter()
     enc = store.attrs["encoder"]
@@ -368,7 +382,8 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         query=cfg.query if episodic else None, split=cfg.split if episodic else "test", classifier=name,
         encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
         seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
-        center=_center_text(cfg, episodic), inductive=True, store=str(store.path), store_fingerprint=store.fingerprint, state=cfg.state,
+        center=_center_text(cfg, episodic), inductive=not cfg.transductive, store=str(store.path),
+        store_fingerprint=store.fingerprint, state=cfg.state, transductive="TransCLIP" if cfg.transductive else None,
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
         selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
         **calibration,
@@ -493,7 +508,7 @@ def _center_text(cfg: EvalConfig, episodic: bool) -> str:
     """What the evaluated head subtracts before normalising, as it really is."""
     if cfg.state:
         return "the state's own (see its hyper-parameters)"
-    if cfg.classifier != "prototype" or cfg.center == "none":
+    if cfg.classifier not in ("prototype", "simpleshot") or cfg.center == "none":
         return "none"
     return "base-class mean (SimpleShot)" if episodic else "support mean (no base classes in the all-way protocol)"
 

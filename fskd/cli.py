@@ -449,6 +449,7 @@ def eval_(
     episodes: Annotated[int, typer.Option(help="Number of episodes.", metavar="N", rich_help_panel=EPISODIC)] = 600,
     split: Annotated[ClassSplit, typer.Option(help="Class split of the episodes.", rich_help_panel=EPISODIC)] = "novel",
     seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.", metavar="LIST", rich_help_panel=ALLWAY)] = "1,2,3",
+    transductive: Annotated[bool, typer.Option("--transductive", help="TransCLIP: classify all test rows at once on top of the head's predictions (allway, base-to-new).", rich_help_panel=ALLWAY)] = False,
     classifier: Annotated[ClassifierName, typer.Option(help="Head when no --state is given.")] = "prototype",
     center: Annotated[Center, typer.Option(help="base: subtract the base-class mean (SimpleShot; the support mean all-way); none.")] = "base",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")] = "auto",
@@ -466,7 +467,7 @@ def eval_(
     cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shots=shots, query=query, episodes=episodes,
                split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
                seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
-               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed)
+               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed, transductive=transductive)
     show = functools.partial(_print_eval, as_json=as_json)
     show(_run(_api().evaluate, cfg, on_result=show))
 
@@ -637,6 +638,7 @@ def distill(
     root: Annotated[str | None, typer.Option(help="Dataset root, if it moved since extraction.", metavar="PATH")] = None,
     seed: SeedOption = 1,
     online_teacher: Annotated[bool, typer.Option(help="Run the teacher on augmented views instead of cached features.", rich_help_panel=FIT)] = False,
+    teacher_state: Annotated[str | None, typer.Option("--teacher-state", help="A fitted all-way state of the same store (adapt/align: tip-adapter-f, coop, fma, ...) as the teacher: its head's logits are the soft targets.", metavar="DIR", rich_help_panel=FIT)] = None,
     out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     device: DeviceOption = "auto",
     set_: SetOption = None,
@@ -652,7 +654,8 @@ def distill(
     _JSON["on"] = as_json
     _storage(storage_options)
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
-               losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher, out=out, device=device,
+               losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher,
+               teacher_state=teacher_state, out=out, device=device,
                options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
     _fit_summary(_run(_api().distill, cfg), as_json)
 

@@ -381,6 +381,7 @@ class EvalConfig(Config):
     class_split: str | None = None  # override the stored class split (JSON file of class names)
     class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split
     split_seed: int = 0
+    transductive: bool = False  # TransCLIP: classify every test row at once (allway, base-to-new)
 
     def __post_init__(self) -> None:
         _check_split_override(self)
@@ -388,6 +389,9 @@ class EvalConfig(Config):
             raise ConfigError("--store is required")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.transductive and self.protocol not in ("allway", "base-to-new"):
+            raise ConfigError(f"--transductive (TransCLIP) classifies the whole test split of the all-way protocol "
+                              f"at once: use it with --protocol allway or base-to-new, not {self.protocol}")
         for name in ("way", "shots", "episodes", "episode_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -488,6 +492,7 @@ class DistillConfig(FitConfig):
     epochs: int | None = None
     root: str | None = None  # dataset root if it moved since extraction
     online_teacher: bool = False
+    teacher_state: str | None = None  # a fitted all-way state (adapt/align) of the same store: its head's logits are the soft targets
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -173,6 +173,30 @@ def test_prototype_is_simpleshot(stores, tmp_path):
     torch.testing.assert_close(head.fit(sup, cls).logits(qry), want)
 
 
+def test_prototype_simpleshot_rule(stores, tmp_path):
+    """--set rule=simpleshot: minus the squared Euclidean distance to the plain mean of the CL2N
+    shots (episodic, base-mean centred; all-way, support-mean centred); the default writes no rule."""
+    st = stores["pair"]
+    default, _, _ = fit(st, "prototype", 2, tmp_path)
+    assert "rule" not in default.hparams and "rule" not in default.selected_on
+    state, head, _ = fit(st, "prototype", 2, tmp_path, tag="-ss", rule="simpleshot")
+    assert state.hparams["rule"] == "simpleshot" and state.selected_on["rule"].startswith("user-set (rule=simpleshot")
+    sup, cls, qry, _ = novel_episodes(st)
+    mean = torch.from_numpy(st.mean(st.class_split("base")))
+    protos = F.normalize(sup - mean, dim=-1).mean(2)
+    want = -torch.cdist(F.normalize(qry - mean, dim=-1).double(), protos.double()) ** 2
+    torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-5, atol=1e-5)
+    s, c, q, _ = allway_task(st)
+    m = s.mean(dim=(1, 2))[:, None]
+    want = -torch.cdist(F.normalize(q - m, dim=-1).double(), F.normalize(s - m[:, None], dim=-1).mean(2).double()) ** 2
+    torch.testing.assert_close(head.fit(s, c).logits(q).double(), want, rtol=1e-5, atol=1e-5)
+    r = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "prototype-2-1-ss"), shots=2, episodes=50,
+                                device="cpu"))
+    assert 20 < r.accuracy <= 100 and "simpleshot" in str(r.selected_on)
+    with pytest.raises(ConfigError, match="--set rule must be one of cosine, simpleshot, got 'l2'"):
+        fit(st, "prototype", 2, tmp_path, tag="-bad", rule="l2")
+
+
 def test_tip_adapter_matches_its_formula(stores, tmp_path):
     st = stores["joint"]
     state, head, _ = fit(st, "tip-adapter", 2, tmp_path, alpha=3.0, beta=2.0)

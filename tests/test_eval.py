@@ -13,7 +13,7 @@ from fskd import api
 from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.prototype import PrototypeHead, faiss_nearest
 from fskd.config import EvalConfig
-from fskd.errors import EvaluationError
+from fskd.errors import ConfigError, EvaluationError
 from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95
 from fskd.store.sampling import sample_shots
@@ -168,6 +168,96 @@ def test_prototype_logits_are_cosines():
     logits = head.fit(head.prepare(s), torch.zeros(2, 3, dtype=torch.long)).logits(head.prepare(q))
     manual = F.normalize(q, dim=-1) @ F.normalize(F.normalize(s, dim=-1).mean(2), dim=-1).transpose(1, 2)
     torch.testing.assert_close(logits, manual)
+
+
+def _both_rules(context=None, prepare_rows=True):
+    return {rule: PrototypeHead(context or ClassContext(), prepare_rows=prepare_rows, rule=rule)
+            for rule in ("cosine", "simpleshot")}
+
+
+@pytest.mark.parametrize("prepare_rows", [True, False])
+def test_prototype_rules_disagree_on_a_hand_made_episode(prepare_rows):
+    """Class A's two unit shots (0.6, +-0.8, 0) average to a = (0.6, 0, 0) (norm 0.6, renormalised
+    (1, 0, 0)); class B's two shots are both b = (0, 1, 0). The unit query q = (0.48, 0.6, 0.64):
+    cosine to the renormalised means 0.48 (A) < 0.6 (B): cosine says B; squared distances to the
+    plain means |q - a|^2 = 1 + 0.36 - 2 (0.288) = 0.784 < |q - b|^2 = 2 - 2 (0.6) = 0.8: the
+    SimpleShot authors' rule says A."""
+    support = torch.tensor([[[[0.6, 0.8, 0.0], [0.6, -0.8, 0.0]], [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]]])
+    query = torch.tensor([[[0.48, 0.6, 0.64]]])
+    heads = _both_rules(prepare_rows=prepare_rows)
+    fitted = {r: h.fit(h.prepare(support), torch.tensor([[0, 1]])) for r, h in heads.items()}
+    logits = {r: f.logits(heads[r].prepare(query)) for r, f in fitted.items()}
+    torch.testing.assert_close(logits["cosine"], torch.tensor([[[0.48, 0.6]]]))
+    torch.testing.assert_close(logits["simpleshot"], torch.tensor([[[-0.784, -0.8]]]))
+    assert fitted["cosine"].predict(heads["cosine"].prepare(query)).item() == 1  # B
+    assert fitted["simpleshot"].predict(heads["simpleshot"].prepare(query)).item() == 0  # A
+    assert heads["cosine"].name == "prototype" and heads["simpleshot"].name == "simpleshot"
+
+
+def test_simpleshot_rule_matches_the_authors_per_episode_numpy():
+    """The ``simpleshot`` head over batched episodes against the authors' rule written out per
+    episode in numpy (simple_shot's metric_class_type, CL2N): subtract the base mean, L2-normalise
+    shots and queries, average each class's shots (not renormalised), nearest in Euclidean distance."""
+    rng = np.random.default_rng(3)
+    labels = _labels([25] * 12)
+    feats = (rng.normal(size=(len(labels), 24)) + 2.0 + np.eye(12, 24)[labels] * 1.2).astype(np.float32)
+    base_mean = feats[labels >= 8].mean(0)  # stand-in base classes 8-11; episodes draw from 0-7
+    eps = sample_episodes(labels, range(8), 5, 5, 6, 120, seed=2)
+    head = CLASSIFIERS.get("simpleshot")(ClassContext(center=torch.from_numpy(base_mean)))
+    batched = run_episodes(torch.from_numpy(feats), eps, head, batch=32)
+    cosine = run_episodes(torch.from_numpy(feats), eps, CLASSIFIERS.get("prototype")(
+        ClassContext(center=torch.from_numpy(base_mean))), batch=32)
+    loop = []
+    for e in range(len(eps.classes)):
+        gallery = feats[eps.support[e].reshape(-1)] - base_mean
+        gallery = gallery / np.linalg.norm(gallery, 2, 1)[:, None]
+        query = feats[eps.query[e].reshape(-1)] - base_mean
+        query = query / np.linalg.norm(query, 2, 1)[:, None]
+        gallery = gallery.reshape(5, 5, -1).mean(1)
+        distance = np.linalg.norm(gallery[:, None, :] - query, 2, axis=-1)  # (way, queries)
+        loop.append((distance.argmin(0) == np.repeat(np.arange(5), 6)).mean())
+    np.testing.assert_allclose(batched, loop, atol=1e-6)
+    assert 0.3 < batched.mean() < 1.0 and not np.array_equal(batched, cosine)  # the rules differ at 5 shots
+    # the logits are minus the squared distances of the numpy rule (last episode)
+    x = F.normalize(torch.from_numpy(feats - base_mean), dim=-1)
+    fitted = head.fit(x[torch.from_numpy(eps.support[-1:])], torch.from_numpy(eps.classes[-1:]))
+    want = -torch.from_numpy(distance.T.astype(np.float32))[None] ** 2
+    torch.testing.assert_close(fitted.logits(x[torch.from_numpy(eps.query[-1:].reshape(1, -1))]), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prototype_rules_agree_at_one_shot():
+    """One shot: the plain mean is the unit shot itself, and for unit vectors |q - c|^2 = 2 - 2 cos,
+    so both rules rank the classes alike (on the FAISS path of a large episode too)."""
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(8, 5, 1, 16, generator=g)
+    query = torch.randn(8, 40, 16, generator=g)
+    heads = _both_rules(ClassContext(center=torch.randn(16, generator=g)), prepare_rows=False)
+    fitted = {r: h.fit(support, torch.zeros(8, 5, dtype=torch.long)) for r, h in heads.items()}
+    torch.testing.assert_close(fitted["simpleshot"].logits(query), 2 * fitted["cosine"].logits(query) - 2)
+    assert torch.equal(fitted["simpleshot"].predict(query), fitted["cosine"].predict(query))
+    big_s, big_q = torch.randn(1, 60, 1, 16, generator=g), torch.randn(1, 5000, 16, generator=g)
+    big = {r: h.fit(big_s, torch.arange(60)[None]) for r, h in heads.items()}
+    assert torch.equal(big["simpleshot"].predict(big_q), big["cosine"].predict(big_q))
+    # the FAISS L2 path (one large episode) predicts as the matmul path
+    big5 = heads["simpleshot"].fit(torch.randn(1, 60, 5, 16, generator=g), torch.arange(60)[None])
+    np.testing.assert_array_equal(big5.predict(big_q).numpy(), big5.logits(big_q).argmax(-1).numpy())
+    np.testing.assert_array_equal(big5.topk(big_q, 3).numpy(), big5.logits(big_q).topk(3, dim=-1).indices.numpy())
+
+
+def test_eval_with_both_prototype_rules(synthetic_store):
+    st = synthetic_store(joint=True, noise=1.5)  # hard enough that neither rule is perfect at 3 shots
+    run = lambda classifier, **kw: api.evaluate(EvalConfig(store=str(st.path), classifier=classifier, **kw))  # noqa: E731
+    one = {c: run(c, way=5, shots=1, query=5, episodes=100) for c in ("prototype", "simpleshot")}
+    assert one["prototype"].accuracy == one["simpleshot"].accuracy  # the rules agree at 1 shot
+    assert one["simpleshot"].classifier == "simpleshot" and "base-class mean" in one["simpleshot"].center
+    three = {c: run(c, way=5, shots=3, query=5, episodes=100) for c in ("prototype", "simpleshot")}
+    for r in three.values():
+        assert 20 < r.accuracy < 100 and r.ci95 > 0
+    allway = run("simpleshot", protocol="allway", shots=2, seeds=(1,))
+    assert 5 < allway.accuracy <= 100 and allway.center.startswith("support mean")
+    with pytest.raises(ConfigError, match="rule must be one of cosine, simpleshot"):
+        PrototypeHead(ClassContext(), rule="euclid")
 
 
 @pytest.mark.parametrize("protocol", ["episodic", "allway"])

@@ -18,23 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fskd.errors import EncoderError, EvaluationError, FskdError, StateError
-from fskd.methods import METHODS, kind_of
+from fskd.errors import EncoderError, EvaluationError, StateError
+from fskd.methods import kind_of
+from fskd.methods.allway import AllwayHead
 from fskd.methods.base import load_state
 from fskd.runtime import autocast, num_workers, resolve_device
 from fskd.store import FeatureStore
-from fskd.store.sampling import sample_shots
 
 log = logging.getLogger(__name__)
 
-#: what a head's arithmetic raises when the state's tensors or hyper-parameters do not fit its store
-_MISFIT = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
 #: rows scored per head call on cached features (the all-way protocol's query batch)
 QUERY_BATCH = 8192
-
-
-def _strip(split: dict) -> dict:
-    return {k: sorted(v) for k, v in split.items() if k != "source"}
 
 
 class Classifier:
@@ -64,56 +58,20 @@ class Classifier:
         self.store = FeatureStore.open(path)
         self.store.check_complete()
         self.state = state
-        self.method = METHODS.get(state.method)()
-        self.method.check_store(state, self.store, state_dir)  # moved and changed: the fingerprint says which
-        fitted_split = state.hparams.get("class_split") or None
-        if fitted_split and _strip(self.store.attrs["class_split"]) != _strip(fitted_split):
-            self.store.override_class_split(split={**fitted_split, "source": f"the class split state {state_dir} was "
-                                                                             f"fitted with"})
         self.device = resolve_device(device)
-        self.shots, self.seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
-        self.class_names: list[str] = list(self.store.class_names)
+        # the all-way head: one loading for predict, export and distill --teacher-state (fskd.methods.allway)
+        self.allway = AllwayHead(state, state_dir, self.store, self.device)
+        self.method = self.allway.method
+        self.shots, self.seed = self.allway.shots, self.allway.seed
+        self.class_names: list[str] = list(self.allway.class_names)
         self.encoder_spec: str = self.store.encoder_spec
         self._encoder = None
-        self.head, self.fitted = self._fit_head()
+        self.head, self.fitted = self.allway.head, self.allway.fitted
 
     # -- the head -----------------------------------------------------------------------------
-    def _fit_head(self):
-        """The method's head, fitted on the state's K shots per class (its seed) of every class."""
-        st, store = self.state, self.store
-        classes = np.arange(store.num_classes)
-        try:
-            head = self.method.head(st, store, self.device)
-            if self.shots:
-                if not store.has_split("train"):
-                    raise StateError(f"state {self.state_dir} learned from {self.shots} shots per class of the train "
-                                     f"split; {store.path} has no train split (it has {store.splits})")
-                valid = store.valid_rows("train")
-                rows = sample_shots(store.labels("train")[valid], classes, self.shots, self.seed, self.class_names)
-                support = torch.from_numpy(store.take("train", valid[rows.reshape(-1)])).to(self.device)
-            else:
-                support = torch.zeros(0, store.dim, device=self.device)
-            support = head.prepare(support)
-            support = support.reshape(1, len(classes), self.shots, support.shape[-1])
-            fitted = head.fit(support, torch.as_tensor(classes, device=self.device)[None])
-        except FskdError as e:
-            if isinstance(e, EvaluationError):  # the method's own words: an episodic-only state, ...
-                raise StateError(
-                    f"state {self.state_dir} ({st.method}) has no all-way head to predict with: {e}. Fit an all-way "
-                    f"state (fskd {st.kind} --method {st.method} --shots K; a method with regimes: --set "
-                    f"regime=allway or regime=both)") from None
-            raise
-        except _MISFIT as e:
-            what = " ".join(str(e).split())[:200]
-            raise StateError(f"state {self.state_dir} does not fit the store {store.path} ({type(e).__name__}: "
-                             f"{what}): damaged, edited, or written by another fskd; fit it again") from None
-        return head, fitted
-
-    @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Raw store-encoder features (n, D) -> class scores (n, C), in the order of ``class_names``."""
-        x = features.to(self.device, torch.float32)
-        return self.fitted.logits(self.head.prepare(x)[None])[0].float()
+        return self.allway.logits(features)
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """(n, D) features -> (n, C) softmax of the head's scores (float32)."""

@@ -12,6 +12,7 @@ import torch
 from fskd.classifiers.base import Head
 from fskd.errors import EvaluationError
 from fskd.evaluation.metrics import Calibration, class_accuracies
+from fskd.evaluation.transductive import transclip
 from fskd.store.sampling import sample_shots
 
 TOPK = 5
@@ -49,10 +50,15 @@ def run_allway(
     head: Head,
     query_batch: int = 8192,
     class_names=None,
+    transductive: bool = False,
 ) -> AllwayScores:
     """Scores per seed over the full test split (see :class:`AllwayScores`). ``train_x``: the train
     rows' features (n, D), or a function giving the features of some rows (:func:`store_rows`), so
-    only each seed's C*K shots are read."""
+    only each seed's C*K shots are read. ``transductive``: classify every test row at once with
+    TransCLIP (:mod:`fskd.evaluation.transductive`) on top of the head's logits (the shots' and
+    test rows' features as stored, the softmax of the head's logits as the inductive
+    predictions); top-1/top-5 are then of the transductive assignments, and there is no ECE/NLL
+    (the assignments are not the head's probabilities)."""
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
     pos = {int(c): i for i, c in enumerate(classes)}
@@ -61,12 +67,24 @@ def run_allway(
     top1, top5, per_class, ece, nll = [], [], [], [], []
     k = TOPK if len(classes) > TOPK else 0
     take = train_x if callable(train_x) else (lambda r: train_x[torch.from_numpy(r).to(train_x.device)])
-    test_x = head.prepare(test_x)
+    raw_test, test_x = test_x, head.prepare(test_x)
     truth_np = truth.cpu().numpy()
     for seed in seeds:
         rows = sample_shots(train_y, classes, shot, seed, class_names)  # (C, K)
-        support = head.prepare(take(rows.reshape(-1)))  # row-wise, so preparing the shots alone is the same
+        raw_support = take(rows.reshape(-1))
+        support = head.prepare(raw_support)  # row-wise, so preparing the shots alone is the same
         fitted = head.fit(support.reshape(len(classes), shot, support.shape[-1])[None], cls)
+        if transductive:
+            logits = torch.cat([fitted.logits(test_x[s : s + query_batch][None])[0]
+                                for s in range(0, len(test_y), query_batch)])  # (M, C): every test row
+            way = torch.arange(len(classes), device=raw_support.device).repeat_interleave(shot)
+            out = transclip(raw_test, logits.softmax(-1), raw_support, way)
+            pred = out.pred.cpu().numpy()
+            top1.append(float((pred == truth_np).mean()))
+            if k:
+                top5.append(int((out.scores.topk(k, dim=-1).indices == truth[:, None]).any(-1).sum()) / len(test_y))
+            per_class.append(class_accuracies(pred, truth_np, len(classes)))
+            continue
         preds, in5, cal = [], 0, Calibration()
         for s in range(0, len(test_y), query_batch):
             q = test_x[s : s + query_batch][None]
@@ -80,5 +98,7 @@ def run_allway(
         per_class.append(class_accuracies(pred, truth_np, len(classes)))
         ece.append(cal.ece())
         nll.append(cal.mean_nll())
+    if transductive:
+        return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class))
     return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class), np.asarray(ece),
                         np.asarray(nll))

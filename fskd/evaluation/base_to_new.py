@@ -81,15 +81,18 @@ def harmonic_mean(base: float, new: float) -> float:
 
 def run_base_to_new(train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor], train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                     n_classes: int, shot: int, seeds: tuple[int, ...], head: Head, transfers: bool,
-                    class_names=None) -> BaseToNewScores:
+                    class_names=None, transductive: bool = False) -> BaseToNewScores:
     """Base: all-way over the base half with K shots per class; new: over the new half with no
-    shot (the head gets an empty support of the new classes), when ``transfers``."""
+    shot (the head gets an empty support of the new classes), when ``transfers``. ``transductive``:
+    each half's test rows are classified jointly by TransCLIP (zero-shot setting for the new half)."""
     base, new = halves(n_classes)
     in_base = np.isin(test_y, base)
     idx_b = torch.from_numpy(np.flatnonzero(in_base)).to(test_x.device)
-    b = run_allway(train_x, train_y, test_x[idx_b], test_y[in_base], base, shot, seeds, head, class_names=class_names)
+    b = run_allway(train_x, train_y, test_x[idx_b], test_y[in_base], base, shot, seeds, head, class_names=class_names,
+                   transductive=transductive)
     n = None
     if transfers:
         idx_n = torch.from_numpy(np.flatnonzero(~in_base)).to(test_x.device)
-        n = run_allway(train_x, train_y, test_x[idx_n], test_y[~in_base], new, 0, seeds, head, class_names=class_names)
+        n = run_allway(train_x, train_y, test_x[idx_n], test_y[~in_base], new, 0, seeds, head, class_names=class_names,
+                       transductive=transductive)
     return BaseToNewScores(b, n, base, new)

@@ -12,7 +12,7 @@ from fskd.registry import Registry, exports_from
 METHODS: Registry = Registry("method")
 
 METHODS.lazy("prototype", "fskd.methods.adapt.prototype", kind="adapt",
-             help="SimpleShot nearest class mean (base-mean centring, L2): the baseline")
+             help="SimpleShot nearest class mean (base-mean centring, L2; --set rule=simpleshot: the authors' Euclidean rule): the baseline")
 METHODS.lazy("zero-shot", "fskd.methods.adapt.zero_shot", kind="adapt",
              help="class text features as weights (through the bridge when image and text spaces differ)")
 METHODS.lazy("linear-probe", "fskd.methods.adapt.lpclip", kind="adapt",

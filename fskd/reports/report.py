@@ -61,6 +61,8 @@ def report_name(result) -> str:
         kind = {"base-to-new": "base2new", "cross-dataset": "crossdataset", "domain-shift": "domainshift"}.get(
             result.protocol, "allway")
         what = f"{kind}_{result.shots}shot_seeds{'-'.join(map(str, result.seeds))}"
+        if not getattr(result, "inductive", True):  # --transductive: another experiment, another file
+            what += "_transclip"
     return f"{store}_{who}_{what}"
 
 

@@ -1,5 +1,10 @@
 """``prototype``: SimpleShot (Wang et al. 2019): centre on the base-class mean, L2-normalise,
-nearest class mean by cosine. The baseline every table shows; nothing is trained or chosen.
+nearest class mean. The baseline every table shows; nothing is trained or chosen.
+
+Two rules (``--set rule=...``, :data:`fskd.classifiers.prototype.RULES`): ``cosine`` (the
+default) is easyfsl's, cosine to the renormalised class mean (ProtoNet with cosine);
+``simpleshot`` is the SimpleShot authors' code, Euclidean distance to the plain (not
+renormalised) mean of the CL2N shots. They predict alike at 1 shot.
 
 In the all-way regime (the call includes base classes) the support mean replaces the base mean,
 as ``fskd eval --classifier prototype --protocol allway`` does.
@@ -12,22 +17,27 @@ from dataclasses import dataclass
 import torch
 
 from fskd.classifiers.base import ClassContext
-from fskd.classifiers.prototype import PrototypeHead
+from fskd.classifiers.prototype import RULES, PrototypeHead, check_rule
 from fskd.config import Config
+from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
 from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
-class _NoOptions(Config):
-    """prototype takes no options."""
+class PrototypeOptions(Config):
+    rule: str = "cosine"  # cosine: to the renormalised class mean (easyfsl); simpleshot: Euclidean to the plain mean of the CL2N shots (the authors' code)
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"--set rule must be one of {', '.join(RULES)}, got {self.rule!r}")
 
 
 class Prototype(C.AdaptMethod):
-    """SimpleShot nearest class mean (base-mean centring, L2)."""
+    """SimpleShot nearest class mean (base-mean centring, L2; cosine or the authors' Euclidean rule)."""
 
     name = "prototype"
-    options = _NoOptions
+    options = PrototypeOptions
     uses_device = False  # nothing is computed: the base mean is read from the store
 
     def fit_state(self, f: C.Fit) -> None:
@@ -37,11 +47,15 @@ class Prototype(C.AdaptMethod):
         state.tensors = {"center": mean}
         state.hparams = {"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"}
         state.selected_on = {"episodic.center": "fixed (SimpleShot)", "allway.center": "fixed (SimpleShot)"}
+        if f.opts.rule != "cosine":  # the default writes no key: states fitted before the option read the same
+            state.hparams["rule"] = f.opts.rule
+            state.selected_on["rule"] = f"user-set (rule={f.opts.rule}: {RULES[f.opts.rule]})"
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
-        ep = PrototypeHead(ClassContext(center=center if bool(center.abs().sum() > 0) else None))
-        aw = PrototypeHead(None, center_support=True)
+        rule = check_rule(state.hparams.get("rule", "cosine"))
+        ep = PrototypeHead(ClassContext(center=center if bool(center.abs().sum() > 0) else None), rule=rule)
+        aw = PrototypeHead(None, center_support=True, rule=rule)
         return C.RegimeHead(self.name, C.learned_mask(store, device), ep.fit, aw.fit)
 
 

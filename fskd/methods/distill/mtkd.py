@@ -14,6 +14,17 @@ Regimes
   the distillation proxy task toward the teacher's semantic-aligned features; the epoch is chosen
   on 5-way K-shot episodes over the val classes. It is judged on novel-class episodes.
 
+``--teacher-state DIR`` makes any fitted all-way state of the same store (an adapt or align state:
+tip-adapter-f, coop, fma, lp++, gda, ...) the teacher: its all-way head (the one ``fskd predict``
+uses, :class:`fskd.methods.allway.AllwayHead`) scores the store's cached teacher features of the
+training rows (or, with ``--online-teacher``, the teacher's features of the augmented views) and
+its logits over the training classes are the soft targets (``logit`` loss) and the pseudo-labels
+(``prototype`` loss). The built-in head is then fitted only when the ``prototype`` loss is on:
+its weights stay the class anchors (they live in the embedded teacher space the student's
+projection targets; a state's head has no class weights there in general). The state's path,
+method, shots, seed and the SHA-256 of its ``state.json`` are recorded in hparams ``teacher`` /
+``teacher_state``.
+
 Losses (``--losses``, weights ``--set w_<term>=...``): see :mod:`fskd.methods.distill.losses`.
 ``--losses none`` trains the same student on the labels alone, for the same number of steps.
 
@@ -51,8 +62,17 @@ from fskd.encoders.student import (
     tensor_digest,
 )
 from fskd.errors import ConfigError, StateError, StoreError
-from fskd.fsutil import from_tree, read_bundle, remove_bundle, to_tree, write_bundle
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, save_state
+from fskd.fsutil import from_tree, read_bundle, remove_bundle, sha256_file, to_tree, write_bundle
+from fskd.methods.allway import AllwayHead
+from fskd.methods.base import (
+    METHODS,
+    STATE_JSON,
+    Method,
+    MethodState,
+    TrainProgress,
+    load_state,
+    save_state,
+)
 from fskd.methods.bridge import Bridge, bridge_for_store
 from fskd.methods.distill.data import (
     Episodes,
@@ -74,6 +94,7 @@ from fskd.methods.distill.losses import (
 )
 from fskd.methods.distill.teacher import OnlineTeacher, TeacherHead, class_means, fit_teacher_head
 from fskd.runtime import autocast, barrier, init_distributed, resolve_device, seed_everything
+from fskd.store import FeatureStore
 from fskd.store.sampling import validation_rows
 
 log = logging.getLogger(__name__)
@@ -303,6 +324,73 @@ def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.n
                  center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)), **plan_val)
 
 
+@dataclass
+class StateTeacher:
+    """``--teacher-state DIR``: a fitted all-way state's head (:class:`fskd.methods.allway.AllwayHead`,
+    the head ``fskd predict`` uses) as the teacher. Its logits over the student's training classes,
+    on raw store-encoder features, are the soft targets; ``provenance`` is what the student's
+    state records about it."""
+
+    head: AllwayHead
+    columns: torch.Tensor  # (C_train,) column of each training class in the head's scores
+    provenance: dict
+    batch: int = 8192  # rows per head call (the all-way protocol's query batch)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """(n, D) raw store-encoder features -> (n, C_train) logits on raw's device, in batches
+        (deterministic; the head is row-wise, so batching changes a row's logits by float rounding only)."""
+        cols = self.columns.to(self.head.device)
+        out = [self.head.logits(raw[s : s + self.batch])[:, cols] for s in range(0, len(raw), self.batch)]
+        return (torch.cat(out) if out else torch.zeros(0, len(cols))).to(raw.device)
+
+    def describe(self) -> str:
+        p = self.provenance
+        return (f"state {p['path']} ({p['method']}, {p['shots']} shots, seed {p['seed']}, sha256 "
+                f"{p['state_json_sha256']})")
+
+
+def load_teacher_state(path: str, store, cfg: DistillConfig, classes: list[int], device: torch.device) -> StateTeacher:
+    """The state in ``path`` as the teacher of a student trained on the store classes ``classes``
+    (the regime's training classes) of ``store``; refused, naming both, when it was fitted on
+    another store, is a student, has no all-way head, or does not cover ``classes``."""
+    who = f"--teacher-state {path}"
+    directory = Path(path).expanduser()
+    state = load_state(directory)
+    if state.kind == "distill":
+        raise ConfigError(f"{who} is a distilled student ({state.method}): an encoder, not a classifier of the classes. "
+                          f"Give an adapt or align state fitted on {store.path} (e.g. fskd adapt --store {store.path} "
+                          f"--method tip-adapter-f --shots 16 --out DIR)")
+    if state.store_fingerprint != store.fingerprint:
+        raise StateError(f"{who} was fitted on store {state.store_path} (fingerprint {state.store_fingerprint}), not on "
+                         f"the distill store {store.path} (fingerprint {store.fingerprint}); its head reads the distill "
+                         f"store's features: fit the teacher on {store.path} (fskd adapt/align --store {store.path})")
+    names = store.class_names
+    covered = list(range(store.num_classes))
+    if state.config.get("base_to_new"):  # fitted on the base half's shots only: its head covers that half
+        covered = [int(c) for c in (state.hparams.get("class_split") or {}).get("base", [])]
+    missing = [c for c in classes if c not in set(covered)]
+    if missing:
+        raise ConfigError(f"{who} was fitted for base-to-new on the first half of the classes only ({len(covered)} of the {store.num_classes} classes of {store.path}); the "
+                          f"{cfg.regime} student trains on {len(classes)} classes, {len(missing)} of which the state never "
+                          f"learned ({', '.join(names[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}). "
+                          f"Fit the teacher on every class (without --base-to-new)")
+    # the state's own view of the store (its class split); the distill store keeps its own
+    own = FeatureStore.open(str(store.path))
+    try:
+        head = AllwayHead(state, directory, own, device, classes=covered)
+    except StateError as e:
+        raise StateError(f"{who}: {e}") from None
+    if head.class_names != [names[c] for c in covered]:
+        raise StateError(f"{who}: the state's classes ({len(head.class_names)}) differ from those of {store.path} "
+                         f"({store.num_classes}); fit the teacher on {store.path} again")
+    pos = {c: i for i, c in enumerate(covered)}
+    prov = {"path": str(directory.absolute()), "method": state.method, "kind": state.kind, "shots": head.shots,
+            "seed": head.seed, "state_json_sha256": sha256_file(directory / STATE_JSON),
+            "store_fingerprint": state.store_fingerprint, "classes": len(classes),
+            "base_to_new": bool(state.config.get("base_to_new"))}
+    return StateTeacher(head=head, columns=torch.tensor([pos[c] for c in classes], dtype=torch.int64), provenance=prov)
+
+
 def _resume_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.distill-resume")
 
@@ -370,25 +458,42 @@ class MTKD(Method):
         # a bad student spec fails before any image is decoded
         backbone = build_student_backbone(spec.name, opts.image_size, opts.student_kwargs, spec.weights)
         plan = (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
-        source = dataset_of(store, cfg.root)
         n_cls = len(plan.classes)
 
-        # teacher head: text-initialised cosine classifier, fine-tuned on the labelled rows
-        hr = plan.head_rows
-        e_head = _embed(_float(plan.teacher_x[torch.from_numpy(hr)]), plan.bridge, plan.mean)
-        y_head = torch.from_numpy(plan.labels[hr])
-        init = plan.text if plan.text is not None else class_means(e_head, y_head, n_cls)
-        hv = None
-        if plan.head_val is not None:
-            hv = (_embed(plan.head_val[0], plan.bridge, plan.mean), torch.from_numpy(plan.head_val[1]))
-        teacher_head = fit_teacher_head(e_head, y_head, init, hv, scale=opts.teacher_scale,
-                                        max_steps=opts.teacher_steps, seed=cfg.seed)
+        # --teacher-state: a fitted all-way state's head gives the teacher logits
+        given = None
+        if cfg.teacher_state:
+            if Path(cfg.teacher_state).expanduser().absolute() == Path(cfg.out or "").expanduser().absolute():
+                raise ConfigError(f"--out {cfg.out} is the --teacher-state directory; write the student elsewhere")
+            given = load_teacher_state(cfg.teacher_state, store, cfg, plan.classes, device)
+            log.info("teacher: %s", given.describe())
+        source = dataset_of(store, cfg.root)
+
+        # the built-in teacher head: text-initialised cosine classifier, fine-tuned on the labelled
+        # rows. With --teacher-state it is fitted only for the prototype loss (its weights are the
+        # class anchors, in the embedded teacher space the student's projection targets)
+        teacher_head = None
+        if given is None or "prototype" in terms:
+            hr = plan.head_rows
+            e_head = _embed(_float(plan.teacher_x[torch.from_numpy(hr)]), plan.bridge, plan.mean)
+            y_head = torch.from_numpy(plan.labels[hr])
+            init = plan.text if plan.text is not None else class_means(e_head, y_head, n_cls)
+            hv = None
+            if plan.head_val is not None:
+                hv = (_embed(plan.head_val[0], plan.bridge, plan.mean), torch.from_numpy(plan.head_val[1]))
+            teacher_head = fit_teacher_head(e_head, y_head, init, hv, scale=opts.teacher_scale,
+                                            max_steps=opts.teacher_steps, seed=cfg.seed)
+
+        def teacher_logits(raw: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            """Teacher logits (n, C) of raw store-encoder features ``raw`` (embedded: ``emb``)."""
+            return given.logits(raw) if given is not None else teacher_head.logits(emb)
 
         def teacher_batch(it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Embedded teacher features and teacher logits of training rows ``it`` (computed per
             batch: nothing of size n_train x classes is ever held)."""
-            emb = _embed(_float(plan.teacher_x[it]), plan.bridge, plan.mean)
-            return emb, teacher_head.logits(emb)
+            raw = _float(plan.teacher_x[it])
+            emb = _embed(raw, plan.bridge, plan.mean)
+            return emb, teacher_logits(raw, emb)
 
         teacher_train_acc = None
         if cfg.regime == "base-novel":
@@ -412,7 +517,8 @@ class MTKD(Method):
                          projected=any(t in PROJECTED for t in terms)).to(device)
         mean_t, std_t = (torch.tensor(v) for v in model_norm(backbone))
         criterion = DistillLoss(terms, opts.weights(), opts.temperature, opts.tau_affinity, opts.tau_text,
-                                opts.tau_class, text_anchors=plan.text, class_anchors=teacher_head.weight)
+                                opts.tau_class, text_anchors=plan.text,
+                                class_anchors=None if teacher_head is None else teacher_head.weight)
 
         epochs = cfg.epochs or opts.epochs
         gbatch = max(2, min(opts.batch_size, plan.n_train))
@@ -439,6 +545,8 @@ class MTKD(Method):
         out = Path(cfg.out or str(Path("runs") / "distill" / f"{cfg.method}-{cfg.shots}shot"))
         resume_dir = _resume_dir(out)
         key = _config_key(cfg)
+        if given is not None:  # the same DIR rewritten since: another teacher, no resuming
+            key["teacher_state_sha256"] = given.provenance["state_json_sha256"]
         start_epoch, best, history = 0, {"epoch": 0, "score": -1.0, "beta": 0.0, "state": None}, []
         saved = _load_resume(resume_dir)
         if saved is not None:
@@ -475,7 +583,7 @@ class MTKD(Method):
                 if online is not None:
                     raw = online(crop_views(big[it], boxes, flips, online.size))
                     emb = _embed(raw, plan.bridge, plan.mean)
-                    tlog = teacher_head.logits(emb)
+                    tlog = teacher_logits(raw, emb)
                 else:
                     emb, tlog = (t.to(device) for t in teacher_batch(it))
                 tb = TeacherBatch(embedded=emb, logits=tlog, labels=torch.from_numpy(plan.labels[idx]).to(device))
@@ -522,12 +630,11 @@ class MTKD(Method):
 
         if best["state"] is None:  # resumed after the last epoch (nothing left to train)
             best = {**best, "state": _cpu_state(net)}
-        state = self._state(store, cfg, opts, spec, terms, plan, net, best, teacher_head, history,
+        state = self._state(store, cfg, opts, spec, terms, plan, net, best, teacher_head, given, history,
                             {"decode_seconds": round(decode_s, 2), "train_seconds": round(train_s, 2),
                              "seconds": round(time.perf_counter() - t_start, 2),
                              "train_images_per_s": round(imgs_seen / max(train_s, 1e-9), 1),
-                             "teacher_val_accuracy": None if teacher_head.val_accuracy is None
-                             else round(100 * teacher_head.val_accuracy, 3),
+                             "teacher_val_accuracy": _teacher_val_accuracy(plan, teacher_head, given),
                              "teacher_train_accuracy": None if teacher_train_acc is None else round(100 * teacher_train_acc, 3),
                              "world_size": dist.world_size, "online_teacher": bool(cfg.online_teacher),
                              "rows": {"train": plan.n_train, "labelled": int(len(labelled)), "decoded": len(plan.refs)}})
@@ -565,14 +672,16 @@ class MTKD(Method):
                 best, best_beta = a, float(beta)
         return best, best_beta
 
-    def _state(self, store, cfg, opts, spec, terms, plan, net, best, teacher_head: TeacherHead, history, extra) -> MethodState:
+    def _state(self, store, cfg, opts, spec, terms, plan, net, best, teacher_head: TeacherHead | None,
+               given: StateTeacher | None, history, extra) -> MethodState:
         st = best["state"]
         student = {STUDENT_PREFIX + k[len("backbone."):]: v for k, v in st.items() if k.startswith("backbone.")}
         tensors = dict(student)
         tensors["classifier"] = st["classifier"]
         tensors.update({f"proj.{k[len('proj.'):]}": v for k, v in st.items() if k.startswith("proj.")})
         tensors["train_classes"] = torch.tensor(plan.classes, dtype=torch.int64)
-        tensors["teacher.weight"] = teacher_head.weight
+        if teacher_head is not None:
+            tensors["teacher.weight"] = teacher_head.weight
         if plan.bridge is not None:
             tensors.update(plan.bridge.tensors("bridge."))
         text_dim = store.attrs.get("text", {}).get("dim") if store.text_embeddings() is not None else None
@@ -584,14 +693,25 @@ class MTKD(Method):
             "teacher_text_dim": text_dim, "teacher": store.encoder_spec, "regime": cfg.regime,
             "losses": list(terms), "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
             "epochs": cfg.epochs or opts.epochs, "best_epoch": best["epoch"], "beta": best["beta"],
-            "teacher_head_steps": teacher_head.steps, "bridge_ridge": None if plan.bridge is None else plan.bridge.ridge,
+            "teacher_head_steps": None if teacher_head is None else teacher_head.steps,
+            "bridge_ridge": None if plan.bridge is None else plan.bridge.ridge,
             "shots": cfg.shots, "dataset_fingerprint": store.attrs["dataset"].get("fingerprint"),
             "class_split": {k: v for k, v in store.attrs["class_split"].items() if k != "source"},
         }
         selected = {"best_epoch": sel, "beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
-                    "teacher_head_steps": "val split" if plan.head_val is not None else "fixed",
+                    "teacher_head_steps": ("val split" if plan.head_val is not None else "fixed") if teacher_head is not None
+                    else "not fitted (--teacher-state gives the teacher logits; prototype loss off)",
                     "bridge_ridge": ("val split" if cfg.regime == "semi" else "val classes") if plan.bridge is not None
                     else "none", "loss weights and temperatures": "defaults chosen on cub35 validation (README)"}
+        if given is not None:
+            hparams["teacher"] = given.describe()
+            hparams["teacher_state"] = dict(given.provenance)
+            hparams["class_anchors"] = ("the built-in teacher head's weights (the state's head has no class weights in "
+                                        "the embedded teacher space)" if "prototype" in terms else None)
+            selected["teacher"] = "given (--teacher-state)"
+            selected["teacher_state"] = "given (--teacher-state)"
+            selected["class_anchors"] = ("fixed (the built-in head, fitted for the prototype loss only)"
+                                         if "prototype" in terms else "fixed (prototype loss off)")
         metrics = {"val_accuracy": None if best["score"] < 0 else round(100 * best["score"], 3), **extra, "log": history}
         return MethodState(method=self.name, kind=self.kind, store_path=str(store.path),
                            store_fingerprint=store.fingerprint, encoder=store.encoder_spec, config=cfg.to_dict(),
@@ -629,6 +749,17 @@ class MTKD(Method):
         weights = state.tensors["classifier"].to(device) if beta > 0 else None
         return DistillHead(torch.from_numpy(center).to(device), weights,
                            state.tensors["train_classes"].to(device), beta, store.num_classes)
+
+
+def _teacher_val_accuracy(plan: _Plan, teacher_head: TeacherHead | None, given: StateTeacher | None) -> float | None:
+    """The teacher's accuracy (%) on the held-out labelled rows over the training classes: the
+    --teacher-state head when given, else the built-in head (None without held-out rows)."""
+    if given is None:
+        return None if teacher_head is None or teacher_head.val_accuracy is None else round(100 * teacher_head.val_accuracy, 3)
+    if plan.head_val is None or not len(plan.head_val[1]):
+        return None
+    pred = given.logits(plan.head_val[0]).argmax(1).cpu().numpy()
+    return round(100 * float((pred == plan.head_val[1]).mean()), 3)
 
 
 def _cpu_state(net: StudentNet) -> dict[str, torch.Tensor]:

@@ -1,0 +1,198 @@
+"""TransCLIP transductive evaluation (fskd.evaluation.transductive, eval --transductive)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from fskd import api
+from fskd.classifiers.base import FittedHead, Head
+from fskd.cli import app
+from fskd.config import EvalConfig
+from fskd.errors import ConfigError
+from fskd.evaluation import transductive as tc
+from fskd.evaluation.allway import run_allway
+from fskd.store.synthetic import make_synthetic_store
+
+runner = CliRunner()
+
+
+# --- the update steps on a tiny case -------------------------------------------------------------
+
+def _tiny():
+    """Two classes, four test points on the unit circle (two near (1, 0), two near (0, 1)), one
+    shot per class."""
+    x = F.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=-1)
+    shots = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    return x, shots, torch.tensor([0, 1])
+
+
+def test_knn_graph_and_laplacian_product():
+    x, _, _ = _tiny()
+    idx, w = tc.knn_graph(x, k=1, chunk=3)  # chunked: the second block starts at row 3
+    assert idx.squeeze(1).tolist() == [1, 0, 3, 2]  # each point's nearest other point, never itself
+    assert torch.allclose(w.squeeze(1), (x * x[[1, 0, 3, 2]]).sum(-1))
+    idx, w = tc.knn_graph(x, k=3)
+    dense = torch.zeros(4, 4)
+    dense[torch.arange(4)[:, None], idx] = w
+    assert torch.all(dense.diagonal() == 0)
+    assert torch.allclose(dense, (x @ x.T).clamp_min(0).fill_diagonal_(0))  # k = M - 1: every other point
+    z = torch.softmax(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), -1)
+    assert torch.allclose(tc.affinity_product(idx, w, z), dense @ z)
+
+
+def test_gaussian_log_likelihood_mu_and_var_steps_by_hand():
+    x, shots, sy = _tiny()
+    mu = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    var = torch.tensor([0.5, 0.25])
+    lp = tc.gaussian_log_likelihood(x, mu, var)
+    by_hand = -0.5 * (((x[:, None, :] - mu[None]) ** 2) / var).sum(-1)
+    assert torch.allclose(lp, by_hand, atol=1e-6)
+
+    z = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
+    onehot = F.one_hot(sy, 2).float()
+    new_mu = tc.mu_step(x, z, shots, onehot, mu)
+    # class 0: x0 + 0.5 x1 + shot 0, mass 2.5; class 1: 0.5 x1 + x2 + x3 + shot 1, mass 3.5
+    assert torch.allclose(new_mu[0], (x[0] + 0.5 * x[1] + shots[0]) / 2.5)
+    assert torch.allclose(new_mu[1], (0.5 * x[1] + x[2] + x[3] + shots[1]) / 3.5)
+    new_var = tc.var_step(x, z, new_mu, shots, onehot)
+    rows = torch.cat([x, shots])
+    assign = torch.cat([z, onehot])
+    by_hand = (assign[:, :, None] * (rows[:, None, :] - new_mu[None]) ** 2).sum((0, 1)) / 6
+    assert torch.allclose(new_var, by_hand, atol=1e-6)
+    # a class with no mass keeps its previous mean
+    empty = tc.mu_step(x, torch.tensor([[1.0, 0.0]] * 4), shots[:0], onehot[:0], mu)
+    assert torch.equal(empty[1], mu[1])
+
+
+def test_z_step_by_hand():
+    x, _, _ = _tiny()
+    yhat = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    z = yhat.clone()
+    log_p = torch.tensor([[-1.0, -3.0], [-2.0, -2.0], [-3.0, -1.0], [-2.5, -0.5]])
+    idx, w = tc.knn_graph(x, k=1)
+    out = tc.z_step(yhat.log(), log_p, z, idx, w, lam=0.5)
+    # z_i ∝ ŷ_i^λ exp(log p_i + w_i z_nn(i))
+    nn = [1, 0, 3, 2]
+    for i in range(4):
+        u = yhat[i] ** 0.5 * torch.exp(log_p[i] + w[i, 0] * z[nn[i]])
+        assert torch.allclose(out[i], u / u.sum(), atol=1e-6)
+
+
+def test_a_huge_kl_weight_returns_the_inductive_predictions():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 16, generator=g)
+    yhat = torch.softmax(2 * torch.randn(200, 5, generator=g), -1)
+    out = tc.transclip(x, yhat, x[:10], torch.arange(10) % 5, lam=1e6)
+    assert torch.equal(out.pred, yhat.argmax(-1))
+    assert torch.allclose(out.z.sum(-1), torch.ones(200))
+
+
+def test_defaults_are_the_papers_and_zero_shot_runs():
+    assert (tc.KNN, tc.LAMBDA_FEW_SHOT, tc.LAMBDA_ZERO_SHOT, tc.OUTER_ITERS, tc.Z_ITERS) == (3, 0.5, 1.0, 10, 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, generator=g)
+    yhat = torch.softmax(torch.randn(30, 3, generator=g), -1)
+    a = tc.transclip(x, yhat)  # no shots: the zero-shot initialisation
+    b = tc.transclip(x, yhat, x[:0], torch.zeros(0, dtype=torch.long))
+    assert a.pred.shape == (30,) and torch.equal(a.pred, b.pred) and torch.equal(a.z, b.z)  # deterministic
+
+
+# --- transduction helps when the clusters are clean and the head is noisy --------------------------
+
+def _noisy_truth(truth: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Logits that know the class but drown it in noise: about half the rows argmax right."""
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * F.one_hot(truth, n).float() + 1.5 * torch.randn(len(truth), n, generator=g)
+
+
+def test_transduction_improves_a_noisy_head_on_clean_clusters(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=10, noise=0.15, per_class=40)
+    x, y = st.gather(None, ["test"])
+    tr_x, tr_y = st.gather(None, ["train"])
+    truth = torch.from_numpy(y).long()
+    yhat = _noisy_truth(truth, 10).softmax(-1)
+    shots = np.concatenate([np.flatnonzero(tr_y == c)[:2] for c in range(10)])
+    out = tc.transclip(torch.from_numpy(x), yhat, torch.from_numpy(tr_x[shots]), torch.from_numpy(tr_y[shots]))
+    inductive = float((yhat.argmax(-1) == truth).float().mean())
+    transductive = float((out.pred == truth).float().mean())
+    assert inductive < 0.8 and transductive > inductive + 0.15, (inductive, transductive)
+
+
+class _NoisyHead(Head):
+    """Logits = the true way plus noise (the truth is looked up by feature row): an inductive head
+    that is right about half the time."""
+
+    name = "noisy"
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, n: int):
+        self.lookup = {tuple(r.tolist()): int(c) for r, c in zip(features, labels, strict=True)}
+        self.n = n
+
+    def fit(self, support, classes):
+        head = self
+
+        class Fitted(FittedHead):
+            def logits(self, query):
+                truth = torch.tensor([head.lookup[tuple(r.tolist())] for r in query[0]])
+                return _noisy_truth(truth, head.n)[None]
+
+        return Fitted()
+
+
+def test_run_allway_transductive_beats_the_noisy_head(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=10, noise=0.15, per_class=40)
+    x, y = st.gather(None, ["test"])
+    tr_x, tr_y = st.gather(None, ["train"])
+    head = _NoisyHead(torch.from_numpy(x), y, 10)
+    args = (torch.from_numpy(tr_x), tr_y, torch.from_numpy(x), y, np.arange(10), 2, (1, 2), head)
+    ind = run_allway(*args)
+    tra = run_allway(*args, transductive=True)
+    assert ind.ece is not None and tra.ece is None and tra.nll is None  # no calibration of assignments
+    assert tra.top1.shape == (2,) and tra.top5.shape == (2,) and tra.per_class.shape == (2, 10)
+    assert tra.top1.mean() > ind.top1.mean() + 0.15, (ind.top1, tra.top1)
+
+
+# --- wiring: config, API, CLI ------------------------------------------------------------------------
+
+def test_episodic_and_transfer_protocols_are_refused(tmp_path):
+    for protocol in ("episodic", "cross-dataset", "domain-shift"):
+        with pytest.raises(ConfigError, match="--transductive.*allway or base-to-new"):
+            EvalConfig(store="s.zarr", protocol=protocol, transductive=True)
+    EvalConfig(store="s.zarr", protocol="allway", transductive=True)
+    EvalConfig(store="s.zarr", protocol="base-to-new", transductive=True)
+    st = make_synthetic_store(tmp_path / "s.zarr")
+    res = runner.invoke(app, ["eval", "--store", str(st.path), "--transductive", "--json"])
+    assert res.exit_code == 2 and "allway or base-to-new" in res.output
+
+
+def test_cli_transductive_end_to_end(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    base = ["eval", "--store", str(st.path), "--protocol", "allway", "--shots", "2", "--seeds", "1,2",
+            "--classifier", "text", "--json"]
+    ind = json.loads(runner.invoke(app, base).stdout)
+    res = runner.invoke(app, [*base, "--transductive", "--report", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["inductive"] is False and r["transductive"] == "TransCLIP" and ind["inductive"] is True
+    assert ind["transductive"] is None and ind["ece"] is not None and r["ece"] is None and r["nll"] is None
+    assert 0 <= r["accuracy"] <= 100 and r["n_seeds"] == 2 and r["top5"] is not None
+    assert r["report"][0].endswith("s_text_allway_2shot_seeds1-2_transclip.json")
+    saved = json.loads(open(r["report"][0]).read())
+    text = json.dumps(saved)
+    assert "TransCLIP" in text and "all test rows of each seed scored at once" in text
+    human = runner.invoke(app, base[:-1] + ["--transductive"]).output
+    assert "text + TransCLIP (transductive)" in human and "ECE" not in human
+
+
+def test_api_transductive_base_to_new(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    r = api.evaluate(EvalConfig(store=str(st.path), protocol="base-to-new", classifier="text", shots=2, seeds=(1,),
+                                transductive=True))
+    assert r.inductive is False and r.new is not None and r.base is not None
+    assert "TransCLIP" in r.protocol_text() and "TransCLIP" in r.summary_line()
