@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,12 @@ import pytest
 # Idle OpenMP threads sleep instead of spinning: on a 2-core CI box shared with DataLoader
 # workers and subprocesses, spinning threads slow torch down several times. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# A shell that starts the tests in the background without job control (`cmd &` in a script, nohup)
+# ignores SIGINT in them, and an ignored SIGINT is inherited by every subprocess: the Ctrl-C tests'
+# children would then never see their Ctrl-C. Python's own handler is not inherited across exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
