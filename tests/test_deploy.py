@@ -26,6 +26,7 @@ from fskd.store import FeatureStore
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "onnx_predict.py"
 runner = CliRunner()
+from tests.conftest import tinted_images  # noqa: E402
 from tests.test_faults import ENV, EXTRACT, cli, user_error  # noqa: E402 - the fault battery's CLI helpers
 
 
@@ -39,13 +40,7 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """6 classes x 8 small PNGs (coloured noise), as tests/test_faults.py."""
-    d = tmp_path_factory.mktemp("deploy-images")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (d / f"class_{c}").mkdir()
-        for i in range(8):
-            Image.fromarray((rng.random((24, 24, 3)) * 80 + c * 25).astype("uint8")).save(d / f"class_{c}" / f"{i}.png")
-    return d
+    return tinted_images(tmp_path_factory.mktemp("deploy-images"), 6, 8, 24)
 
 
 @pytest.fixture(scope="module")

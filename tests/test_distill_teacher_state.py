@@ -24,10 +24,9 @@ from fskd.methods.distill import mtkd
 from fskd.methods.distill.losses import DistillLoss
 from fskd.store import FeatureStore
 
+from .test_distill import TINY, TINY_OPTS
+
 runner = CliRunner()
-TINY = "timm:test_resnet"
-TINY_OPTS = {"image_size": 32, "batch_size": 8, "proj_hidden": 32, "val_episodes": 20, "val_query": 2,
-             "teacher_steps": 20, "decode_threads": 1}
 
 
 @pytest.fixture(scope="module")
