@@ -5,7 +5,7 @@ VENV ?= .venv
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: install demo test smoke test-all lint bench docs clean
+.PHONY: install demo test smoke test-all lint typecheck bench docs clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,12 @@ smoke: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check fskd tests benchmarks examples
+
+# mypy, strict, on the typed modules (fskd/store, fskd/config.py, fskd/registry.py): [tool.mypy] in pyproject.toml
+typecheck: install
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

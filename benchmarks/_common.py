@@ -13,6 +13,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
 
 
+def with_recipes(methods) -> list[str]:
+    """Each method, then ``METHOD:recipe=NAME`` for each of its other recipes (``--set recipe=NAME``;
+    the first recipe, the published one, is the default): a benchmark over the registry runs every
+    recipe. ``parse_variant`` reads the spelling back."""
+    from fskd.methods import METHODS
+
+    out = []
+    for m in methods:
+        out.append(m)
+        out += [f"{m}:recipe={r}" for r in list(getattr(METHODS.get(m), "recipes", {}))[1:]]
+    return out
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"tip-adapter-f:form=span" -> ("tip-adapter-f", {"form": "span"}); several options are
+    separated by ";" (values stay strings; the method's options parse them)."""
+    name, _, rest = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in rest.split(";") if kv)
+
+
 def machine() -> str:
     import torch
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 #: the all-way validation rows: CoOp's few-shot rule, as `fskd bench` and `fskd adapt` default to
-VAL_RULE = "few-shot"
+HP_SELECTION = "few-shot-val"
 #: all-way states are fitted and evaluated per seed
 SEEDS = (1, 2, 3)
 
@@ -35,13 +35,6 @@ VARIANTS = ("tip-adapter-f:form=span",)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-
-
-def parse_variant(spec: str) -> tuple[str, dict]:
-    """"tip-adapter-f:form=span" -> ("tip-adapter-f", {"form": "span"}) (values stay strings;
-    the method's options parse them)."""
-    name, _, rest = spec.partition(":")
-    return name, dict(kv.split("=", 1) for kv in rest.split(";") if kv)
 
 
 def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
@@ -85,7 +78,7 @@ def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
 
 
 def main() -> None:
-    from _common import cub35_store, machine, table
+    from _common import cub35_store, machine, parse_variant, table, with_recipes
 
     from fskd import api
     from fskd.config import AdaptConfig, EvalConfig
@@ -101,7 +94,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     store = cub35_store(args.store, Path(args.data_root))
-    methods = [m for m in args.methods.split(",") if m] or methods_of_kind("adapt") + list(VARIANTS)
+    methods = [m for m in args.methods.split(",") if m] or with_recipes(methods_of_kind("adapt")) + list(VARIANTS)
     methods = ["prototype"] + [m for m in methods if m != "prototype"]
     allway = (1, 4) if args.quick else (1, 2, 4, 8, 16)
     episodic = (1,) if args.quick else (1, 5)
@@ -117,7 +110,7 @@ def main() -> None:
                 for seed in SEEDS if k in allway else SEEDS[:1]:
                     t = time.perf_counter()
                     r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=seed, out=f"{d}/{len(rows)}-{k}-{seed}",
-                                              force=True, val_rule=VAL_RULE, options=options))
+                                              force=True, hp_selection=HP_SELECTION, options=options))
                     fit_s[k] = max(fit_s.get(k, 0.0), time.perf_counter() - t)
                     if m == "syntrans" and k == 1 and seed == SEEDS[0]:
                         ablation = syntrans_ablation(store, r.out, episodes)

@@ -23,7 +23,7 @@ TRAINING_FREE = {"prototype", "zero-shot", "tip-adapter"}
 
 
 def main() -> None:
-    from _common import ROOT, cub35_store, machine, table
+    from _common import ROOT, cub35_store, machine, parse_variant, table, with_recipes
 
     from fskd import api
     from fskd.config import AdaptConfig
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     store = cub35_store(args.store, Path(args.data_root))
     shots, repeat = (4, 1) if args.quick else (args.shots, args.repeat)
-    methods = ["prototype"] + [m for m in methods_of_kind("adapt") if m != "prototype"]
+    methods = ["prototype"] + with_recipes(m for m in methods_of_kind("adapt") if m != "prototype")
     load0 = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -47,7 +47,8 @@ def main() -> None:
             best = None
             for i in range(repeat):
                 w, c = time.perf_counter(), time.process_time()
-                api.adapt(AdaptConfig(store=store, method=m, shots=shots, seed=1, out=f"{d}/{m}-{i}"))
+                name, options = parse_variant(m)
+                api.adapt(AdaptConfig(store=store, method=name, shots=shots, seed=1, out=f"{d}/{m}-{i}", options=options))
                 run = (time.perf_counter() - w, time.process_time() - c)
                 best = run if best is None or run[0] < best[0] else best
             limit = 1.0 if m in TRAINING_FREE else 30.0

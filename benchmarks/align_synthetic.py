@@ -156,8 +156,8 @@ def run_exact(w: World) -> dict:
 def run_fma(w: World, gamma: float, width: int, depth: int, iters: int, work: Path) -> dict:
     out = str(work / f"fma-{w.store.path.stem}-{gamma}-{width}-{depth}")
     t0 = time.perf_counter()
-    api.align(AlignConfig(store=w.path(), method="fma-lite", shots=w.shots, seed=w.seed, steps=STEPS, gamma=gamma, out=out, force=True,
-                          options={"proto_weights": [0.0], "solver": "euler", "iters": iters, "width": width,
+    api.align(AlignConfig(store=w.path(), method="fma", shots=w.shots, seed=w.seed, steps=STEPS, gamma=gamma, out=out, force=True,
+                          options={"recipe": "lite", "proto_weights": [0.0], "solver": "euler", "iters": iters, "width": width,
                                    "depth": depth}))
     fit_s = time.perf_counter() - t0
     state = load_state(out)
@@ -308,7 +308,7 @@ def main() -> None:
     rows += [step_row(f"FMA, gamma {g}", fma[g]) for g in args.gammas]
     if len(args.gammas) > 1:
         # gamma chosen on the val split, per seed: the state with the best val accuracy (ties: the first listed).
-        # This is what `fskd align --gamma g1,g2,...` keeps (fma-lite's default is fma.LITE_GAMMAS): it trains the same fields
+        # This is what `fskd align --gamma g1,g2,...` keeps (fma --set recipe=lite's default is fma.LITE_GAMMAS): it trains the same fields
         # with the same seed (tests/test_align.py::test_gamma_candidates_are_chosen_on_validation)
         picked = [max(args.gammas, key=lambda g, i=i: (fma[g][i]["val"], -args.gammas.index(g))) for i in range(len(seeds))]
         listed = ",".join(f"{g:g}" for g in args.gammas)

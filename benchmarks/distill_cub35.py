@@ -48,7 +48,7 @@ from fskd.store import FeatureStore  # noqa: E402
 
 #: the all-way validation rows of the README tables made with this script: the full val split (the
 #: default before CoOp's min(K, 4) rule); `fskd bench` uses the CoOp rule. Issue 15 regenerates them.
-VAL_RULE = "full"
+HP_SELECTION = "full-val"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def fit_and_extract(store: str, root: Path, out: Path, regime: str, losses: str,
     """distill -> extract with the student (a fresh store); returns (state, student store)."""
     cfg = DistillConfig(store=store, student=args.student, regime=regime, losses=losses, epochs=args.epochs,
                         shots=4 if regime == "semi" else 5, seed=seed, out=str(out), options=args.options,
-                        force=True, val_rule=VAL_RULE)
+                        force=True, hp_selection=HP_SELECTION)
     if not (reuse and (out / "state.json").exists() and load_state(out).config == {**cfg.to_dict(), "out": str(out)}):
         api.distill(cfg)
     s_store = out.with_suffix(".zarr")
@@ -149,7 +149,7 @@ def epoch_speed(store: str, out: Path, args) -> dict:
     for online in (False, True):
         d = out / f"speed-{'online' if online else 'cached'}"
         r = api.distill(DistillConfig(store=store, student=args.student, regime="semi", epochs=1, out=str(d),
-                                      online_teacher=online, options=args.options, force=True, val_rule=VAL_RULE))
+                                      online_teacher=online, options=args.options, force=True, hp_selection=HP_SELECTION))
         secs[online] = r.metrics["train_seconds"]
     return {"cached teacher features (s/epoch)": secs[False], "online teacher (s/epoch)": secs[True],
             "online / cached": f"{secs[True] / secs[False]:.1f}x"}

@@ -1,8 +1,8 @@
-"""Where `fma-lite` loses new-class accuracy in base-to-new on cub35: a diagnosis.
+"""Where `fma-lite` (`fma --set recipe=lite`) loses new-class accuracy in base-to-new on cub35: a diagnosis.
 
 The base-to-new grid (README) gives `fma-lite` 11.7 ± 4.4 on cub35's new half at 16 shots, below
 the 15.5 of every other text method (they reach the new classes through the same kind of ridge
-bridge). This fits `fma-lite` base-to-new (CoCoOp halves; K shots of the 18 base classes, seeds
+bridge). This fits `fma --set recipe=lite` base-to-new (CoCoOp halves; K shots of the 18 base classes, seeds
 1-3, exactly as `fskd bench --protocol base-to-new` does) and scores each state three ways on the
 same test rows:
 
@@ -56,8 +56,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             out = f"{tmp}/fma-{seed}"
-            api.align(AlignConfig(store=path, method="fma-lite", shots=args.shots, seed=seed, out=out, device="cpu",
-                                  force=True, base_to_new=True, options={"regime": "allway"}), progress=None)
+            api.align(AlignConfig(store=path, method="fma", shots=args.shots, seed=seed, out=out, device="cpu",
+                                  force=True, base_to_new=True, options={"recipe": "lite", "regime": "allway"}),
+                      progress=None)
             state = load_state(out)
             hp = state.hparams
             chosen.append(f"seed {seed}: {hp['allway.steps']} {hp['allway.solver']} steps, stop {hp['allway.stop']}, "

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table  # noqa: E402
+from _common import parse_variant, table, with_recipes  # noqa: E402
 
 TRAINING_FREE = {"prototype", "zero-shot", "tip-adapter"}
 GIB = 2**30
@@ -136,8 +136,8 @@ def main() -> None:
     # are fixed), so its budgets are a quarter of the full ones
     factor = 0.25 if args.quick else 1.0
     budget_free, budget_trained, budget_eval, budget_rss = 60 * factor, 600 * factor, 60 * factor, 6.0
-    methods = [m for m in args.methods.split(",") if m] or [
-        m for m in methods_of_kind("adapt") + methods_of_kind("align") if m not in GPU_ONLY]
+    methods = [m for m in args.methods.split(",") if m] or [  # METHOD:recipe=NAME: that recipe of METHOD
+        m for m in with_recipes(methods_of_kind("adapt") + methods_of_kind("align")) if m not in GPU_ONLY]
     shots = [int(s) for s in args.shots.split(",")]
     fskd = [sys.executable, "-m", "fskd"]
     tmp = None
@@ -186,11 +186,13 @@ def main() -> None:
                   "--json"], log)
         cell("prototype classifier (eval only, 3 seeds)", str(k), None, ev, None)
     for m in methods:
-        kind = "align" if m in methods_of_kind("align") else "adapt"
+        name, options = parse_variant(m)
+        kind = "align" if name in methods_of_kind("align") else "adapt"
+        sets = [a for key, value in options.items() for a in ("--set", f"{key}={value}")]
         for k in shots:
-            out = root / f"{m}-{k}"
-            fit = run([*fskd, kind, "--store", str(store), "--method", m, "--shots", str(k), "--out", str(out), "--force",
-                       "--json"], log)
+            out = root / f"{m.replace(':', '-').replace('=', '-')}-{k}"
+            fit = run([*fskd, kind, "--store", str(store), "--method", name, *sets, "--shots", str(k), "--out", str(out),
+                       "--force", "--json"], log)
             if "error" in fit:
                 cell(m, str(k), fit, {"wall": 0.0, "rss": 0.0}, None)
                 continue

@@ -13,7 +13,8 @@ per seed; the difference is paired by seed (mean and Student-t 95% CI).
   mean there is).
 - Linear probe, CoOp's ``lpclip``: scikit-learn's L-BFGS logistic regression on the raw
   features, C searched over 1e6..1e-6 and then 8 rounds of its log-space bisection on the val
-  rows; the reference of ``linear-probe`` (which is lpclip) and of fskd's ``linear-probe-tuned``.
+  rows; the reference of ``linear-probe`` (which is lpclip) and of fskd's ``linear-probe-tuned``
+  (the row of ``linear-probe --set recipe=tuned``).
 - Tip-Adapter: the cache formula and its search over fskd's (alpha, beta) grid.
 - Tip-Adapter-F: ``nn.Linear`` adapter initialised with the keys, AdamW (lr 1e-3, eps 1e-4),
   cosine schedule over 20 epochs of shuffled batches of 256, at the training-free (alpha, beta);
@@ -56,6 +57,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 METHODS = ("prototype", "linear-probe", "linear-probe-tuned", "tip-adapter", "tip-adapter-f", "lp++", "fma")
+#: row label -> (method, options): a method's recipe under the label of the earlier tables
+ROWS = {"linear-probe-tuned": ("linear-probe", {"recipe": "tuned"})}
 #: shots the FMA rows run at by default: one fit of the reference network (107M parameters at
 #: 1,280-d) takes about 5 min at 1 shot on 2 CPU cores, 6-7 min at 4 and 21-25 min at 16 (3,600
 #: steps; all measured); gather 4 and 16 with --results, a seed at a time
@@ -252,7 +255,7 @@ def fma_inputs(store, shots: int, seed: int, state) -> dict:
     from fskd.store import sampling
 
     x, y, classes = sampling.allway_shots(store, shots, seed)
-    xv, yv = sampling.allway_val(store, classes, shots, seed, state.config.get("val_rule", "few-shot"))
+    xv, yv = sampling.allway_val(store, classes, shots, seed, state.config.get("hp_selection", "few-shot-val"))
     xt, yt = store.gather(None, ["test"])
     mean = state.tensors["allway.bridge.mean"]
     if "allway.targets" in state.tensors:
@@ -270,7 +273,7 @@ def fma_inputs(store, shots: int, seed: int, state) -> dict:
 
 
 # -- the comparison -----------------------------------------------------------------------------
-def inputs(store, shots: int, seed: int, state, val_rule: str = "few-shot"):
+def inputs(store, shots: int, seed: int, state, hp_selection: str = "few-shot-val"):
     """Identical inputs for fskd and the reference: raw support / val / test rows and labels
     (way index), plus the text space the state's all-way ridge gives (embedded rows, text weights)."""
     import numpy as np
@@ -279,7 +282,7 @@ def inputs(store, shots: int, seed: int, state, val_rule: str = "few-shot"):
     from fskd.methods.adapt import _common as C
 
     cpu = torch.device("cpu")
-    cfg = AdaptConfig(store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", val_rule=val_rule)
+    cfg = AdaptConfig(store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", hp_selection=hp_selection)
     task = C.allway_val_task(store, cfg, cpu)
     xt, yt = store.gather(None, ["test"])
     classes = task.classes[0].numpy()
@@ -406,7 +409,8 @@ def main() -> None:
                             fma_notes.append(kept["note"])
                         continue
                     out = f"{d}/{m}-{k}-{seed}"
-                    kw = dict(store=path, method=m, shots=k, seed=seed, out=out, force=True)
+                    method, options = ROWS.get(m, (m, {}))
+                    kw = dict(store=path, method=method, options=options, shots=k, seed=seed, out=out, force=True)
                     t1 = time.perf_counter()
                     if m == "fma":
                         api.align(AlignConfig(**kw), progress=None)

@@ -1,5 +1,5 @@
-"""What augmented views in the store change: tip-adapter, tip-adapter-f and fma-lite on cub35
-(lite0-minilm) with and without ``fskd extract --augment-views``, all-way, per seed.
+"""What augmented views in the store change: tip-adapter, tip-adapter-f and fma-lite (fma's lite
+recipe) on cub35 (lite0-minilm) with and without ``fskd extract --augment-views``, all-way, per seed.
 
 The plain store is extracted into the work folder (or given). The views store is a copy of it to which
 ``fskd extract cub --augment-views V --augment-shots K --augment-seeds 1,2,3`` adds V random
@@ -34,6 +34,8 @@ from fskd.evaluation.metrics import seed_summary  # noqa: E402
 from fskd.methods import METHODS  # noqa: E402
 
 METHODS_DEFAULT = ("tip-adapter", "tip-adapter-f", "fma-lite")
+#: row label -> (method, options): a method's recipe under the label of the earlier tables
+ROWS = {"fma-lite": ("fma", {"recipe": "lite"})}
 SEEDS = (1, 2, 3)
 
 
@@ -49,9 +51,10 @@ def mean(values) -> str:
 
 def fit_eval(method: str, store: str, shots: int, seed: int, out: str) -> tuple[float, int]:
     """Test accuracy (percent) of a state fitted on ``store`` for (shots, seed), and its views count."""
+    method, options = ROWS.get(method, (method, {}))
     kind = METHODS.get(method).kind
     Cfg, run = (AlignConfig, api.align) if kind == "align" else (AdaptConfig, api.adapt)
-    r = run(Cfg(store=store, method=method, shots=shots, seed=seed, out=out, force=True))
+    r = run(Cfg(store=store, method=method, shots=shots, seed=seed, out=out, force=True, options=options))
     from fskd.methods import load_state
 
     hp = load_state(r.out).hparams

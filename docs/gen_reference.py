@@ -6,7 +6,8 @@ A page asks for generated text with an HTML comment on a line of its own (invisi
   itself, ``typer.main.get_command(fskd.cli.app)``, grouped by the panels ``--help`` shows);
 - ``<!-- fskd-cli: all -->``: the global options and every command, one section each;
 - ``<!-- fskd-method-options: METHOD -->``: the method's ``--set`` keys with type, default, range
-  and meaning (``fskd.catalog.method_info``, the same data as ``fskd methods METHOD``);
+  and meaning (``fskd.catalog.method_info``, the same data as ``fskd methods METHOD``); a method
+  with recipes: ``recipe`` and its default recipe's keys; ``METHOD:RECIPE``: that recipe's keys;
 - ``<!-- fskd-methods-list -->``: every registered method with its kind and one-line description.
 
 So the reference cannot drift from the code: a renamed option or a new method changes the pages
@@ -121,19 +122,29 @@ def _code_block(text: str) -> str:
 
 
 def method_options(name: str) -> str:
-    """The ``--set`` options of one method as a Markdown table."""
+    """The ``--set`` options of one method (``METHOD:RECIPE``: of that recipe) as a Markdown table."""
     from fskd import catalog
 
+    name, _, recipe = name.partition(":")
     names = catalog.registries()["methods"]
     if name not in names:
         raise KeyError(f"fskd-method-options marker names {name!r}, which is not a registered method; "
                        f"methods: {', '.join(names)}")
     info = catalog.method_info(name)
     head = f"`{name}` ({info['kind']}), `fskd {info['kind']} --method {name} --set KEY=VALUE`:"
-    if not info["options"]:
+    options = info["options"]
+    if recipe:
+        recipes = {r["name"]: r for r in info.get("recipes", [])}
+        if recipe not in recipes:
+            raise KeyError(f"fskd-method-options marker names recipe {recipe!r} of {name!r}; its recipes: "
+                           f"{', '.join(recipes) or '(none)'}")
+        options = recipes[recipe]["options"]
+        head = (f"`{name}` recipe `{recipe}` ({info['kind']}), `fskd {info['kind']} --method {name}"
+                f"{'' if recipes[recipe]['default'] else ' --set recipe=' + recipe} --set KEY=VALUE`:")
+    if not options:
         return f"{head} no `--set` options."
     rows = []
-    for o in info["options"]:
+    for o in options:
         rng = ", ".join(r for r in (o.get("range", ""), f"<= {o['max']}" if o.get("max") else "") if r)
         rows.append(f"| `{o['name']}` | {_cell(o['type'])} | {_cell(_code(o['default']))} | {_cell(rng)} | "
                     f"{_cell(o['meaning'])} |")

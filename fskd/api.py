@@ -42,6 +42,7 @@ from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_bas
 from fskd.evaluation.base_to_new import split_of as b2n_split
 from fskd.evaluation.episodes import iter_episodes, run_episodes
 from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
+from fskd.evaluation.transductive import BatchSetting
 from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
@@ -130,6 +131,9 @@ class EvalResult:
     ece: float | None = None  # all-way: expected calibration error (%, 15 bins) of the head's softmax, mean over seeds
     nll: float | None = None  # all-way: negative log-likelihood of the true class (nats), mean over seeds
     transductive: str | None = None  # "TransCLIP" when every test row was classified at once (--transductive)
+    #: which transductive setting ran: "all" (every test row of a seed at once) or {"batch": B, "active_classes":
+    #: C, "batches": n (over all seeds), "batches_per_seed": [...]} (--batch B --active-classes C); None: inductive
+    transductive_setting: str | dict | None = None
     selected_on: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
     report: list[str] = field(default_factory=list)  # the report files written
@@ -181,8 +185,22 @@ class EvalResult:
     def _inference_text(self) -> str:
         if self.inductive:
             return "inductive"
-        return (f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: all test rows of each seed scored "
-                f"at once, a GMM with a k-NN Laplacian and a KL term toward the head's softmax; no ECE/NLL)")
+        st = self.transductive_setting
+        how = ("all test rows of each seed scored at once" if not isinstance(st, dict) else
+               f"the test rows of each seed scored in batches of at most {st['batch']} rows drawn from "
+               f"{st['active_classes']} random classes ({st['batches']} batches in all; the realistic setting of "
+               f"Zanella et al. CVPR 2025), each batch alone")
+        return (f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: {how}, a GMM with a k-NN Laplacian "
+                f"and a KL term toward the head's softmax; no ECE/NLL)")
+
+    def _how(self) -> str:
+        """`` + TransCLIP (transductive[, in batches ...])`` for the summary line; "" when inductive."""
+        if self.inductive:
+            return ""
+        st = self.transductive_setting
+        batches = (f", batches of {st['batch']} from {st['active_classes']} classes: {st['batches']}"
+                   if isinstance(st, dict) else "")
+        return f" + {self.transductive} (transductive{batches})"
 
     def summary_line(self) -> str:
         """One line for people: the number, its interval and what the interval is."""
@@ -196,10 +214,10 @@ class EvalResult:
         if self.protocol == "base-to-new":
             new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
             hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
-            how = f" + {self.transductive} (transductive)" if not self.inductive else ""
+            how = self._how()
             return (f"base-to-new {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
                     f"base {self.base:.2f}%, new {new}, HM {hm}")
-        how = f" + {self.transductive} (transductive)" if not self.inductive else ""
+        how = self._how()
         head = (f"all-way {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
                 f"{self.accuracy:.2f}%")
         if self.ci95 is not None:
@@ -297,6 +315,8 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
     if not episodic and state is not None:
         _check_state_seeds(cfg, state, warnings, strict=b2n)
     mean_pc = top5 = per_episode = per_class = n_seeds = None
+    batching = BatchSetting(cfg.batch, cfg.active_classes) if cfg.batch is not None else None
+    n_batches: list[int] | None = None  # transductive in batches: how many per seed
     b2n_fields: dict = {}
     calibration: dict = {}  # all-way only
     if b2n:
@@ -313,7 +333,7 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         t1 = time.perf_counter()
         sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
                              store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names,
-                             transductive=cfg.transductive)
+                             transductive=cfg.transductive, batch_setting=batching)
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
         hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
@@ -326,6 +346,9 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         per_seed = [round(float(a) * 100, 3) for a in per_seed_v]
         classes = np.arange(store.num_classes)
         n_classes = store.num_classes
+        if batching is not None:
+            n_batches = [x + y for x, y in zip(sc.base.batches, sc.new.batches if sc.new is not None else
+                                               [0] * len(sc.base.batches), strict=True)]
         b2n_fields = {"base": round(b.mean, 3), "new": None if nw is None else round(nw.mean, 3),
                       "hm": None if hm is None else round(hm, 3)}
         top5 = None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3)
@@ -363,10 +386,11 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         t1 = time.perf_counter()
         scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
                             classes, cfg.shots, tuple(cfg.seeds), head, class_names=names,
-                            transductive=cfg.transductive)
+                            transductive=cfg.transductive, batch_setting=batching)
         summ = seed_summary(scores.top1)
         acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
         per_seed, n_classes = [round(float(a) * 100, 3) for a in scores.top1], len(classes)
+        n_batches = scores.batches
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         mean_pc = round(float(np.nanmean(pc)) * 100, 3)
         top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
@@ -384,6 +408,9 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
         seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
         center=_center_text(cfg, episodic), inductive=not cfg.transductive, store=str(store.path),
         store_fingerprint=store.fingerprint, state=cfg.state, transductive="TransCLIP" if cfg.transductive else None,
+        transductive_setting=(None if not cfg.transductive else "all" if batching is None else
+                              {"batch": cfg.batch, "active_classes": cfg.active_classes, "batches": sum(n_batches),
+                               "batches_per_seed": n_batches}),
         seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
         selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
         **calibration,
@@ -582,7 +609,7 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
                               "--class-ratio")
         if config.shots < 1:
             raise ConfigError("--base-to-new fits on K shots of the base classes: --shots must be >= 1 (16 in CoCoOp)")
-        b2n_desc = restrict_for_fit(store, config.shots, config.seed, config.val_rule)
+        b2n_desc = restrict_for_fit(store, config.shots, config.seed, config.hp_selection)
     warnings = [] if config.base_to_new else _validation_warnings(store, config)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
     # before any fitting: --out must be new, or an fskd state and --force; never the store or data
@@ -617,6 +644,8 @@ MIN_VAL_CLASSES = 5
 
 def _validation_warnings(store: FeatureStore, config) -> list[str]:
     out = []
+    if getattr(config, "hp_selection", None) == "none":
+        return out
     n_val = len(store.attrs["class_split"].get("val", []))
     if n_val < MIN_VAL_CLASSES:
         out.append(f"only {n_val} val classes (fewer than {MIN_VAL_CLASSES}): episodic hyper-parameters are chosen on "

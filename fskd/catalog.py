@@ -29,13 +29,31 @@ OPTIONS_FILE = "method_options.json"
 
 def live_method_info(name: str) -> dict:
     """A method's kind, description and ``--set`` options (name, type, default, range, meaning),
-    read from the method's class (imports its module, and so torch)."""
+    read from the method's class (imports its module, and so torch). A method with recipes
+    (``fskd.methods.base.RecipeMethod``) also lists ``recipes``: each one's name, whether it is
+    the default, what it is and its own options; its ``options`` are ``recipe`` and the default
+    recipe's options (what ``--set`` takes without ``recipe``)."""
     from fskd.config import describe_options
     from fskd.methods import METHODS
 
     cls = METHODS.get(name)
+    recipes = getattr(cls, "recipes", None)
+    if not recipes:
+        return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
+                "options": describe_options(cls.options) if cls.options is not None else []}
+    rows = [{"name": r, "default": i == 0, "description": _first_paragraph(impl.__doc__),
+             "options": describe_options(impl.options) if impl.options is not None else []}
+            for i, (r, impl) in enumerate(recipes.items())]
+    first = rows[0]
+    recipe = {"name": "recipe", "type": "a string", "default": first["name"], "range": "", "max": "",
+              "meaning": f"which recipe: {' | '.join(r['name'] for r in rows)} ({first['name']}, the default: as "
+                         f"published); the other options are that recipe's own (see its recipes)"}
     return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
-            "options": describe_options(cls.options) if cls.options is not None else []}
+            "options": [recipe, *first["options"]], "recipes": rows}
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def method_info(name: str) -> dict:

@@ -121,7 +121,7 @@ DistillMethod = _choices("DistillMethod", [n for n, d in _reg["methods"].items()
 Protocol = _choices("Protocol", ["episodic", "allway", "all-way", "base-to-new", "cross-dataset", "domain-shift"])
 ClassSplit = _choices("ClassSplit", ["novel", "val", "base"])
 Center = _choices("Center", ["base", "none"])
-ValRule = _choices("ValRule", ["few-shot", "full"])
+HpSelection = _choices("HpSelection", ["few-shot-val", "full-val", "none"])
 Dtype = _choices("Dtype", ["float16", "float32"])
 Regime = _choices("Regime", ["semi", "base-novel"])
 ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _reg["encoders"].items())
@@ -302,14 +302,24 @@ def methods(
         typer.echo(json.dumps(info))
         return
     typer.echo(f"{info['name']} ({info['kind']}): {info['description']}")
-    if not info["options"]:
-        typer.echo("no --set options")
-        return
-    typer.echo(f"--set options (fskd {info['kind']} --method {info['name']} --set KEY=VALUE):")
-    w = max(len(o["name"]) for o in info["options"])
-    for o in info["options"]:
-        rng = "".join(f", {r}" for r in (o["range"], f"<= {o['max']}" if o.get("max") else "") if r)
-        typer.echo(f"  {o['name'].ljust(w)}  default {o['default']}{rng}; {o['type']}. {o['meaning']}")
+    recipes = info.get("recipes") or []
+    if recipes:
+        typer.echo("recipes (--set recipe=NAME):")
+        w = max(len(r["name"]) + 10 * r["default"] for r in recipes)
+        for r in recipes:
+            typer.echo(f"  {(r['name'] + (' (default)' if r['default'] else '')).ljust(w)}  {r['description']}")
+    for label, recipe, opts in ([(f"recipe {r['name']}", r, r["options"]) for r in recipes] if recipes
+                                else [("", None, info["options"])]):
+        call = f"fskd {info['kind']} --method {info['name']}" + (
+            f" --set recipe={recipe['name']}" if recipe and not recipe["default"] else "")
+        if not opts:
+            typer.echo(f"no --set options{' of ' + label if label else ''}")
+            continue
+        typer.echo(f"--set options{' of ' + label if label else ''} ({call} --set KEY=VALUE):")
+        w = max(len(o["name"]) for o in opts)
+        for o in opts:
+            rng = "".join(f", {r}" for r in (o["range"], f"<= {o['max']}" if o.get("max") else "") if r)
+            typer.echo(f"  {o['name'].ljust(w)}  default {o['default']}{rng}; {o['type']}. {o['meaning']}")
 
 
 @app.command()
@@ -450,6 +460,8 @@ def eval_(
     split: Annotated[ClassSplit, typer.Option(help="Class split of the episodes.", rich_help_panel=EPISODIC)] = "novel",
     seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.", metavar="LIST", rich_help_panel=ALLWAY)] = "1,2,3",
     transductive: Annotated[bool, typer.Option("--transductive", help="TransCLIP: classify all test rows at once on top of the head's predictions (allway, base-to-new).", rich_help_panel=ALLWAY)] = False,
+    batch: Annotated[int | None, typer.Option("--batch", help="With --transductive: score the test rows in batches of at most B rows ... (the realistic setting; with --active-classes).", metavar="B", rich_help_panel=ALLWAY)] = None,
+    active_classes: Annotated[int | None, typer.Option("--active-classes", help="... each drawn from C random classes (with --batch).", metavar="C", rich_help_panel=ALLWAY)] = None,
     classifier: Annotated[ClassifierName, typer.Option(help="Head when no --state is given.")] = "prototype",
     center: Annotated[Center, typer.Option(help="base: subtract the base-class mean (SimpleShot; the support mean all-way); none.")] = "base",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")] = "auto",
@@ -467,7 +479,8 @@ def eval_(
     cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shots=shots, query=query, episodes=episodes,
                split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
                seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
-               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed, transductive=transductive)
+               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed, transductive=transductive,
+               batch=batch, active_classes=active_classes)
     show = functools.partial(_print_eval, as_json=as_json)
     show(_run(_api().evaluate, cfg, on_result=show))
 
@@ -552,15 +565,15 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar=
 StoreOption = Annotated[str, typer.Option(help=STORE_HELP, metavar="PATH|URL")]
 
 
-ValRuleOption = Annotated[ValRule, typer.Option("--val-rule", help="All-way validation rows that choose hyper-parameters: few-shot (CoOp: min(K, 4) per class of the val split) or full (the whole val split).", rich_help_panel=FIT)]
+HpSelectionOption = Annotated[HpSelection, typer.Option("--hp-selection", help="What chooses the hyper-parameters: few-shot-val (CoOp: min(K, 4) val-split rows per class; val-class episodes in the episodic regime), full-val (the whole val split) or none (no validation data: each method's fixed values, named in the state).", rich_help_panel=FIT)]
 
 
 BaseToNewOption = Annotated[bool, typer.Option("--base-to-new", help="CoCoOp base-to-new: fit on the K shots of the first half of the classes only; evaluate with --protocol base-to-new.", rich_help_panel=FIT)]
 
 
-def _split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new=False) -> dict:
+def _split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new=False) -> dict:
     return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed,
-            "val_rule": _value(val_rule), "base_to_new": base_to_new}
+            "hp_selection": _value(hp_selection), "base_to_new": base_to_new}
 
 
 @app.command()
@@ -576,7 +589,7 @@ def adapt(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
-    val_rule: ValRuleOption = "few-shot",
+    hp_selection: HpSelectionOption = "few-shot-val",
     base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -587,7 +600,7 @@ def adapt(
     _storage(storage_options)
     cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
                out=out, device=device, options=_options(set_), force=force,
-               **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
+               **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new))
     _fit_summary(_run(_api().adapt, cfg), as_json)
 
 
@@ -606,7 +619,7 @@ def align(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
-    val_rule: ValRuleOption = "few-shot",
+    hp_selection: HpSelectionOption = "few-shot-val",
     base_to_new: BaseToNewOption = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -622,7 +635,7 @@ def align(
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
     cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
                steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule, base_to_new))
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new))
     _fit_summary(_run(_api().align, cfg), as_json)
 
 
@@ -645,7 +658,7 @@ def distill(
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
-    val_rule: ValRuleOption = "few-shot",
+    hp_selection: HpSelectionOption = "few-shot-val",
     force: ForceOption = False,
     as_json: JsonOption = False,
     storage_options: StorageOptions = None,
@@ -656,7 +669,7 @@ def distill(
     cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
                losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher,
                teacher_state=teacher_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, val_rule))
+               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, hp_selection))
     _fit_summary(_run(_api().distill, cfg), as_json)
 
 
@@ -708,15 +721,15 @@ SLURM = "Slurm (--executor slurm)"
 @app.command()
 def bench(
     stores: Annotated[str | None, typer.Option(help="Feature stores, comma-separated.", metavar="LIST")] = None,
-    methods: Annotated[str | None, typer.Option(help="Adapt/align/distill methods, comma-separated (`fskd methods`); LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options.", metavar="LIST")] = None,
+    methods: Annotated[str | None, typer.Option(help="Adapt/align/distill methods, comma-separated (`fskd methods`), or chains (syntrans-e2e, syntrans-e2e-label-free, mtkd-2stage, or a grid file's [chains]: a student, then a head on its features); LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options.", metavar="LIST")] = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST")] = None,
     seeds: Annotated[str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")] = None,
     protocol: Annotated[Protocol | None, typer.Option(help="The protocol of every cell [default: allway].")] = None,
-    val_rule: Annotated[ValRule | None, typer.Option("--val-rule", help="Validation rows that choose hyper-parameters [default: few-shot].", rich_help_panel=FIT)] = None,
+    hp_selection: Annotated[str | None, typer.Option("--hp-selection", help="What chooses hyper-parameters, comma-separated to sweep it like shots: few-shot-val, full-val, none [default: few-shot-val].", metavar="LIST", rich_help_panel=FIT)] = None,
     out: Annotated[str | None, typer.Option(help="Bench folder: results.jsonl, tables, plots [default: runs/bench].", metavar="DIR", rich_help_panel=OUTPUT)] = None,
     grid: Annotated[str | None, typer.Option(help="A TOML grid file with these keys (flags given here override it).", metavar="FILE")] = None,
     baseline: Annotated[str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE; a chain stage's, CHAIN.STAGE.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
     keep_states: Annotated[bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)] = False,
     extend: Annotated[bool, typer.Option(help="Let this grid grow an existing --out whose grid it contains (else a different grid there is refused).", rich_help_panel=OUTPUT)] = False,
     way: Annotated[int | None, typer.Option(help="Episodic: classes per episode [default: 5].", metavar="N", rich_help_panel="Episodic protocol")] = None,
@@ -745,7 +758,7 @@ def bench(
     given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
              "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
              "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
-             "val_rule": _value(val_rule) if val_rule is not None else None, "out": out, "baseline": baseline,
+             "hp_selection": _names(hp_selection, "--hp-selection"), "out": out, "baseline": baseline,
              "way": way, "query": query, "episodes": episodes,
              "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None,
              "executor": _value(executor) if executor is not None else None, "cells_per_job": cells_per_job}

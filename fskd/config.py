@@ -53,7 +53,7 @@ class Config:
             return
 
         @functools.wraps(own)
-        def post_init(self) -> None:
+        def post_init(self: Config) -> None:
             if type(self).__post_init__ is post_init:  # the outermost one checks (super() calls do not again)
                 _check_fields(self)
             own(self)
@@ -99,14 +99,19 @@ class Config:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        out: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return out
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    return _type_hints(cls)
+
+
 @functools.cache
-def _hints(cls) -> dict:
+def _type_hints(cls: type) -> dict[str, Any]:  # through _hints: mypy takes type[Config] for no Hashable
     return typing.get_type_hints(cls)
 
 
@@ -135,7 +140,7 @@ CEILINGS: dict[str, float] = {
 }
 
 
-def _label(cls, name: str) -> str:
+def _label(cls: type[Config], name: str) -> str:
     """A field as the user typed it: ``--set NAME`` (method options), ``NAME`` (grid keys), else
     the verb's flag (``--name-with-dashes`` unless ``FLAGS`` says otherwise)."""
     if cls.__name__.endswith("Options"):
@@ -145,7 +150,7 @@ def _label(cls, name: str) -> str:
     return cls.FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _as_annotated(v, tp) -> tuple[bool, Any]:
+def _as_annotated(v: Any, tp: Any) -> tuple[bool, Any]:
     """(fits, value) of a value given in Python for a field annotated ``tp``: :func:`_conforms`
     after the conversions Python callers expect (a list for a tuple, a path for a string, a NumPy
     number for an int or float). The length of a fixed-size tuple is left to the class's own
@@ -177,7 +182,7 @@ def _as_annotated(v, tp) -> tuple[bool, Any]:
     return _conforms(v, tp), v
 
 
-def _check_fields(self) -> None:
+def _check_fields(self: Config) -> None:
     """Every field of a config against its annotation, ``RANGES`` and its upper bound; converts
     values to their annotated form in place (frozen dataclass: ``object.__setattr__``)."""
     cls = type(self)
@@ -193,13 +198,13 @@ def _check_fields(self) -> None:
         _check_range(cls, f.name, out)
 
 
-def _union_args(tp) -> tuple | None:
+def _union_args(tp: Any) -> tuple[Any, ...] | None:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return typing.get_args(tp)
     return None
 
 
-def _conforms(v, tp) -> bool:
+def _conforms(v: Any, tp: Any) -> bool:
     """Whether a value (from JSON or ``--set``) fits a field's annotation: int for int (not bool,
     not 2.5), a finite number for float, tuples element by element, dicts, None for Optional."""
     if tp is Any:
@@ -232,15 +237,16 @@ def _conforms(v, tp) -> bool:
     return isinstance(v, origin) if isinstance(origin, type) else True
 
 
-def _describe(tp) -> str:
+def _describe(tp: Any) -> str:
     args = _union_args(tp)
     if args is not None:
         return " or ".join(_describe(a) for a in args)
     if tp is type(None):
         return "null"
     names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "a JSON object"}
-    if tp in names:
-        return names[tp]
+    base = typing.get_origin(tp) or tp  # dict[str, Any]: a dict
+    if base in names:
+        return names[base]
     if (typing.get_origin(tp) or tp) is tuple:
         targs = typing.get_args(tp)
         if not targs:
@@ -248,26 +254,26 @@ def _describe(tp) -> str:
         if len(targs) == 2 and targs[1] is Ellipsis:
             return f"a list of {_describe(targs[0]).removeprefix('an ').removeprefix('a ')}s"
         return f"a list of {len(targs)} values ({', '.join(_describe(a) for a in targs)})"
-    return getattr(tp, "__name__", str(tp))
+    return str(getattr(tp, "__name__", tp))
 
 
 def _number(b: float) -> str:
     return str(int(b)) if float(b).is_integer() and abs(b) < 1e15 else f"{b:g}"
 
 
-def upper_bound(cls, name: str) -> float | None:
+def upper_bound(cls: type[Config], name: str) -> float | None:
     """The largest value a field of ``cls`` takes (``MAXIMA``, else :data:`CEILINGS`), or None."""
     return cls.MAXIMA.get(name, CEILINGS.get(name))
 
 
-def range_text(cls, name: str) -> str:
+def range_text(cls: type[Config], name: str) -> str:
     """The allowed range of a field in words: ">= 0 and <= 1000000", "<= 4096", "" when free."""
     low, high = cls.RANGES.get(name), upper_bound(cls, name)
     parts = ([f"{low[0]} {_number(low[1])}"] if low else []) + ([f"<= {_number(high)}"] if high is not None else [])
     return " and ".join(parts)
 
 
-def _check_range(cls, name: str, v) -> None:
+def _check_range(cls: type[Config], name: str, v: Any) -> None:
     if v is None:
         return
     low, high = cls.RANGES.get(name), upper_bound(cls, name)
@@ -280,14 +286,14 @@ def _check_range(cls, name: str, v) -> None:
             raise ConfigError(f"{cls.__name__}: {_label(cls, name)} must be {range_text(cls, name)}, got {v!r:.200}")
 
 
-def _check_split_override(cfg) -> None:
+def _check_split_override(cfg: EvalConfig | FitConfig) -> None:
     """``--class-split FILE`` or ``--class-ratio`` overriding the stored class split (fit and eval)."""
     _check_ratios("--class-ratio", cfg.class_ratio, 3)
     if cfg.class_split and cfg.class_ratio:
         raise ConfigError("give --class-split FILE or --class-ratio, not both")
 
 
-def _coerce(v, tp):
+def _coerce(v: Any, tp: Any) -> Any:
     """Integers given for a float field become floats (JSON writes 1e3 as 1000)."""
     if tp is float and isinstance(v, int):
         return float(v)
@@ -353,8 +359,10 @@ class ExtractConfig(Config):
 
 
 PROTOCOLS = ("episodic", "allway", "base-to-new", "cross-dataset", "domain-shift")
-#: how all-way hyper-parameter search picks its validation rows (fskd.store.sampling.validation_rows)
-VAL_RULES = ("few-shot", "full")
+#: what chooses a fit's hyper-parameters (``--hp-selection``): few-shot-val, CoOp's min(K, 4) val rows per
+#: class (fskd.store.sampling.validation_rows; the val classes' episodes in the episodic regime); full-val,
+#: the whole val split; none, no validation data at all (each method's fixed values, named in its state)
+HP_SELECTIONS = ("few-shot-val", "full-val", "none")
 
 
 @dataclass(frozen=True)
@@ -382,6 +390,8 @@ class EvalConfig(Config):
     class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split
     split_seed: int = 0
     transductive: bool = False  # TransCLIP: classify every test row at once (allway, base-to-new)
+    batch: int | None = None  # --transductive in realistic batches: at most this many test rows per batch ...
+    active_classes: int | None = None  # ... drawn from this many random classes (both or neither)
 
     def __post_init__(self) -> None:
         _check_split_override(self)
@@ -389,6 +399,14 @@ class EvalConfig(Config):
             raise ConfigError("--store is required")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if (self.batch is None) != (self.active_classes is None):
+            raise ConfigError(f"--batch and --active-classes go together (batches of B test rows drawn from C classes); "
+                              f"got --batch {self.batch} and --active-classes {self.active_classes}")
+        if self.batch is not None and not self.transductive:
+            raise ConfigError("--batch / --active-classes set how --transductive (TransCLIP) batches the test rows; "
+                              "add --transductive")
+        if self.batch is not None and self.active_classes is not None and (self.batch < 1 or self.active_classes < 1):
+            raise ConfigError(f"--batch and --active-classes must be >= 1, got {self.batch} and {self.active_classes}")
         if self.transductive and self.protocol not in ("allway", "base-to-new"):
             raise ConfigError(f"--transductive (TransCLIP) classifies the whole test split of the all-way protocol "
                               f"at once: use it with --protocol allway or base-to-new, not {self.protocol}")
@@ -435,20 +453,20 @@ class FitConfig(Config):
     seed: int = 1
     out: str | None = None
     device: str = "auto"
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     force: bool = False  # replace an existing fskd state at --out (anything else is never replaced)
     class_split: str | None = None  # JSON file {"base"|"val"|"novel": [class names]} overriding the stored split
     class_ratio: tuple[float, float, float] | None = None  # or a seeded ratio split of the store's classes
     split_seed: int = 0  # seed of --class-ratio
-    val_rule: str = "few-shot"  # all-way validation rows: few-shot (CoOp: min(K, 4) per class of the val split) or full
+    hp_selection: str = "few-shot-val"  # what chooses hyper-parameters: few-shot-val, full-val or none (HP_SELECTIONS)
     base_to_new: bool = False  # CoCoOp: fit on the K shots of the base half of the classes only (new classes hidden)
 
     def __post_init__(self) -> None:
         _check_split_override(self)
         if not self.store:
             raise ConfigError("--store is required")
-        if self.val_rule not in VAL_RULES:
-            raise ConfigError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {self.val_rule!r}")
+        if self.hp_selection not in HP_SELECTIONS:
+            raise ConfigError(f"--hp-selection must be one of {', '.join(HP_SELECTIONS)}, got {self.hp_selection!r}")
         if self.shots < 0:
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if not isinstance(self.options, dict):
@@ -568,7 +586,7 @@ SLURM_KEYS = {
 }
 
 
-def check_slurm(slurm) -> None:
+def check_slurm(slurm: object) -> None:
     """``--slurm`` settings: known keys, each of its type (numbers >= 1)."""
     if not isinstance(slurm, dict):
         raise ConfigError(f"slurm must be a table of KEY = VALUE ({', '.join(SLURM_KEYS)}), got {slurm!r:.80}")
@@ -592,16 +610,20 @@ class BenchConfig(Config):
     A grid file (TOML) holds the same keys; ``options`` maps a method name to its ``--set`` options.
     A ``methods`` entry ``LABEL=METHOD`` is a variant: a row of METHOD named LABEL with the options
     ``options[LABEL]``. Distill methods' options also take ``fskd distill``'s own settings
-    (student, regime, losses, epochs, root, online_teacher)."""
+    (student, regime, losses, epochs, root, online_teacher, teacher_state). A ``methods`` entry may
+    name a chain (a built-in such as ``syntrans-e2e``, or one of ``chains``: name -> its stages,
+    ``[teacher], student, [head]``), whose options are per stage: ``options[LABEL][STAGE]``
+    (:mod:`fskd.bench.chains`)."""
 
     stores: tuple[str, ...] = ()  # cross-dataset / domain-shift: the source store first, then the targets
     methods: tuple[str, ...] = ()
     shots: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (1, 2, 3)
     protocol: str = "allway"
-    val_rule: str = "few-shot"  # all-way validation rows (see FitConfig.val_rule)
+    hp_selection: tuple[str, ...] | str = ("few-shot-val",)  # one policy or a list swept like shots (a row per policy)
     out: str = "runs/bench"
-    options: dict = field(default_factory=dict)  # {method: {option: value}}
+    options: dict[str, Any] = field(default_factory=dict)  # {method: {option: value}}
+    chains: dict[str, Any] = field(default_factory=dict)  # {chain name: [stage, ...]}: the grid's own chain rows
     baseline: str | None = None  # a method of the grid: the tables add paired differences to it
     keep_states: bool = False  # keep every cell's fitted state under OUT/states (else removed after its evaluation)
     extend: bool = False  # an existing OUT may hold a smaller grid of which this one is a superset
@@ -614,7 +636,7 @@ class BenchConfig(Config):
     class_ratio: tuple[float, float, float] | None = None  # episodic: seed s draws its own base/val/novel class split
     # where the cells run: this process ("local") or Slurm jobs through submitit ("slurm", fskd.bench.slurm)
     executor: str = "local"
-    slurm: dict = field(default_factory=dict)  # each job's resources: SLURM_KEYS
+    slurm: dict[str, Any] = field(default_factory=dict)  # each job's resources: SLURM_KEYS
     cells_per_job: int = 1  # slurm: cells run one after another in one job
     detach: bool = False  # slurm: submit and return; the jobs go on (collect with a rerun or --report)
 
@@ -633,8 +655,13 @@ class BenchConfig(Config):
                 raise ConfigError(f"--{name} lists a value twice: {list(v)}")
         if self.protocol not in BENCH_PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(BENCH_PROTOCOLS)} for fskd bench, got {self.protocol!r}")
-        if self.val_rule not in VAL_RULES:
-            raise ConfigError(f"--val-rule must be one of {', '.join(VAL_RULES)}, got {self.val_rule!r}")
+        if isinstance(self.hp_selection, str):
+            object.__setattr__(self, "hp_selection", (self.hp_selection,))
+        object.__setattr__(self, "hp_selection", tuple(self.hp_selection))
+        bad = [h for h in self.hp_selection if h not in HP_SELECTIONS]
+        if bad or not self.hp_selection or len(set(self.hp_selection)) != len(self.hp_selection):
+            raise ConfigError(f"--hp-selection must be one or more of {', '.join(HP_SELECTIONS)} (each once), got "
+                              f"{list(self.hp_selection)}")
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
             raise ConfigError("options must map a method name to a table of its options, e.g. [options.fma] iters = 300")
         labels = self.labels()
@@ -644,6 +671,15 @@ class BenchConfig(Config):
         if unknown:
             raise ConfigError(f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
                               f"grid methods: {', '.join(labels)}")
+        if not isinstance(self.chains, dict) or not all(
+                isinstance(v, (list, tuple)) and v and all(isinstance(s, str) and s.strip() for s in v)
+                for v in self.chains.values()):
+            raise ConfigError('chains must map a chain name to its list of stages, e.g. [chains] mine = ["mtkd", '
+                              '"tip-adapter-f"]')
+        unused = sorted(set(self.chains) - {m for _, m in self.method_pairs()})
+        if unused:
+            raise ConfigError(f"chains are given that no --methods entry runs: {', '.join(unused)}; grid methods: "
+                              f"{', '.join(labels)}")
         if self.class_ratio is not None:
             if self.protocol != "episodic":
                 raise ConfigError(f"class_ratio (a seeded class split per seed) is for --protocol episodic, got "

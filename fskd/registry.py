@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from fskd.errors import RegistryError
 
@@ -27,13 +27,18 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._module: dict[str, str] = {}  # lazy entries: name -> module that registers it
-        self._meta: dict[str, dict] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def lazy(self, name: str, module: str, help: str, **meta) -> None:
+    def lazy(self, name: str, module: str, help: str, **meta: Any) -> None:
         """Declare ``name`` (described by ``help``) as registered by ``module`` on import."""
         if name in self._module or name in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._module[name], self._help[name], self._meta[name] = module, help, meta
+
+    @overload
+    def register(self, name: str, obj: None = None, *, help: str = "") -> Callable[[T], T]: ...
+    @overload
+    def register(self, name: str, obj: T, *, help: str = "") -> T: ...
 
     def register(self, name: str, obj: T | None = None, *, help: str = "") -> Callable[[T], T] | T:
         """Bind ``obj`` to ``name``; usable as ``register(name, obj)`` or as a decorator. A name
@@ -75,7 +80,7 @@ class Registry(Generic[T]):
     def describe(self, name: str) -> str:
         return self._help.get(name, "")
 
-    def meta(self, name: str, key: str, default=None):
+    def meta(self, name: str, key: str, default: Any = None) -> Any:
         """Metadata given with the declaration (e.g. a method's ``kind``), without importing it."""
         return self._meta.get(name, {}).get(key, default)
 
@@ -93,11 +98,11 @@ class Registry(Generic[T]):
         return len(self.names())
 
 
-def exports_from(package: str, module: str, names: tuple[str, ...]):
+def exports_from(package: str, module: str, names: tuple[str, ...]) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``package`` that loads ``names`` from ``module`` when first asked
     for (the package's interface lives in a torch-importing module; the registry does not)."""
 
-    def __getattr__(name: str):
+    def __getattr__(name: str) -> Any:
         if name in names:
             return getattr(importlib.import_module(module), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

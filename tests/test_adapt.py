@@ -25,6 +25,18 @@ from fskd.store import FeatureStore
 from fskd.store.synthetic import make_synthetic_store
 
 ADAPT = methods_of_kind("adapt")
+
+
+def with_recipes(names) -> list:
+    """pytest params (method, options): each method with its default recipe ({}), then each of
+    its other recipes ({"recipe": NAME}), so tests parametrised over the registry fit every recipe."""
+    out = []
+    for n in names:
+        out.append(pytest.param(n, {}, id=n))
+        out += [pytest.param(n, {"recipe": r}, id=f"{n}:{r}") for r in list(getattr(METHODS.get(n), "recipes", {}))[1:]]
+    return out
+
+
 CPU = torch.device("cpu")
 #: keep validation / meta-training small in tests (the defaults are sized for real stores)
 FAST = {"val_episodes": 40}
@@ -33,7 +45,9 @@ FAST_BY_METHOD = {"prototype": {}, "zero-shot": {}, "linear-probe": {}, "zs-lp":
 
 
 def fast(method: str, **extra) -> dict:
-    return {**FAST_BY_METHOD.get(method, FAST), **extra}
+    """Small validation for ``method`` (``recipe=NAME`` in ``extra``: for that recipe, keyed ``method:NAME``)."""
+    key = f"{method}:{extra['recipe']}" if extra.get("recipe") else method
+    return {**FAST_BY_METHOD.get(key, FAST), **extra}
 
 
 def fit(store, method: str, shots: int, tmp_path, seed: int = 1, tag: str = "", **options):
@@ -98,16 +112,20 @@ def tiny_clip_store(image_folder, tiny_clip_dir, tmp_path_factory):
 
 
 # -- every registered method --------------------------------------------------------------------
-@pytest.mark.parametrize("method", ADAPT)
+@pytest.mark.parametrize("method,recipe", with_recipes(ADAPT))
 @pytest.mark.parametrize("kind", ["pair", "joint"])
-def test_every_method_fits_and_scores_both_protocols(method, kind, stores, tmp_path):
+def test_every_method_fits_and_scores_both_protocols(method, recipe, kind, stores, tmp_path):
     st = stores[kind]
     if METHODS.get(method).needs_text_encoder:  # prompt learning: tested on a real text tower in test_coop.py
         with pytest.raises(EncoderError, match=f"{method} learns prompts with the store's text encoder 'synthetic-features"):
-            fit(st, method, 2, tmp_path)
+            fit(st, method, 2, tmp_path, **recipe)
         return
-    state, head, _ = fit(st, method, 2, tmp_path)
+    state, head, _ = fit(st, method, 2, tmp_path, **recipe)
     assert state.method == method and state.kind == "adapt" and state.store_fingerprint == st.fingerprint
+    if hasattr(METHODS.get(method), "recipes"):  # the recipe fitted, and whether the user chose it
+        assert state.hparams["recipe"] == recipe.get("recipe", next(iter(METHODS.get(method).recipes)))
+        assert state.selected_on["recipe"] == (f"user-set (--set recipe={recipe['recipe']})" if recipe
+                                               else "default (the published recipe)")
     # every hyper-parameter says where it was chosen, and never on test data
     assert set(state.hparams) <= set(state.selected_on)
     assert not any("test" in str(v) for v in state.selected_on.values())
@@ -123,7 +141,7 @@ def test_every_method_fits_and_scores_both_protocols(method, kind, stores, tmp_p
     assert logits.shape == (1, len(yt), st.num_classes) and torch.isfinite(logits).all()
     assert (logits[0].argmax(-1) == yt).float().mean() > 0.3  # chance is 1/20
     # deterministic with a seed: same state, same scores
-    state2, head2, _ = fit(st, method, 2, tmp_path, tag="-again")
+    state2, head2, _ = fit(st, method, 2, tmp_path, tag="-again", **recipe)
     assert state2.hparams == state.hparams
     assert state2.tensors.keys() == state.tensors.keys()
     assert all(torch.equal(state.tensors[k], state2.tensors[k]) for k in state.tensors)
@@ -176,10 +194,10 @@ def test_prototype_is_simpleshot(stores, tmp_path):
 
 def test_prototype_simpleshot_rule(stores, tmp_path):
     """--set rule=simpleshot: minus the squared Euclidean distance to the plain mean of the CL2N
-    shots (episodic, base-mean centred; all-way, support-mean centred); the default writes no rule."""
+    shots (episodic, base-mean centred; all-way, support-mean centred); the default is cosine, recorded as such."""
     st = stores["pair"]
     default, _, _ = fit(st, "prototype", 2, tmp_path)
-    assert "rule" not in default.hparams and "rule" not in default.selected_on
+    assert default.hparams["rule"] == "cosine" and default.selected_on["rule"].startswith("default (")
     state, head, _ = fit(st, "prototype", 2, tmp_path, tag="-ss", rule="simpleshot")
     assert state.hparams["rule"] == "simpleshot" and state.selected_on["rule"].startswith("user-set (rule=simpleshot")
     sup, cls, qry, _ = novel_episodes(st)
@@ -329,16 +347,17 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot(kind, stores, tiny_clip_store,
         torch.testing.assert_close(tip.fit(sup, cls).logits(qry), 100 * zs, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lp++", "lp++-tuned"])
+@pytest.mark.parametrize("recipe", ["published", "tuned"])
 @pytest.mark.parametrize("kind", ["joint", "tiny-clip"])
-def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, method, stores, tiny_clip_store, tmp_path):
+def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, recipe, stores, tiny_clip_store, tmp_path):
     st = tiny_clip_store if kind == "tiny-clip" else stores[kind]
-    state, lpp, _ = fit(st, method, 0, tmp_path)
+    state, lpp, _ = fit(st, "lp++", 0, tmp_path, recipe=recipe)
+    assert state.hparams["recipe"] == recipe
     sup, cls, qry, _ = allway_task(st, shot=1)
     empty = sup[:, :, :0]  # (1, C, 0, D): no shots
     zs = _zero_shot_logits(st, empty, cls, qry, tmp_path)
     got = lpp.fit(empty, cls).logits(qry)
-    scale = 10.0 * C.hp(state, C.ALLWAY, "alpha0") if method == "lp++-tuned" else 1.0  # published: no logit scale
+    scale = 10.0 * C.hp(state, C.ALLWAY, "alpha0") if recipe == "tuned" else 1.0  # published: no logit scale
     torch.testing.assert_close(got, scale * zs, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), zs.argmax(-1))
 
@@ -471,19 +490,59 @@ def test_tip_adapter_f_re_searches_alpha_and_beta_with_its_fine_tuned_keys(store
     assert abs(acc[chosen] - max(acc.values())) < 1e-9, (chosen, acc[chosen], max(acc.values()))
 
 
-@pytest.mark.parametrize("method", ["tip-adapter", "lp++", "lp++-tuned"])
-def test_more_shots_never_hurt_on_average(method, stores, tmp_path):
+@pytest.mark.parametrize("method,recipe", [("tip-adapter", {}), ("lp++", {}), ("lp++", {"recipe": "tuned"})])
+def test_more_shots_never_hurt_on_average(method, recipe, stores, tmp_path):
     """All-way accuracy (mean over seeds 1-3) on CLIP-like features, each K with its own state."""
     st = stores["hard"]
     accs = []
     for k in (1, 2, 4, 8):
         r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=k, out=str(tmp_path / f"{method}{k}"),
-                                  device="cpu", options=fast(method)))
+                                  device="cpu", options=fast(method, **recipe)))
         accs.append(api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=k,
                                             device="cpu")).accuracy)
     zs = api.evaluate(EvalConfig(store=str(st.path), classifier="text", protocol="allway", shots=1, device="cpu")).accuracy
     assert all(b >= a - 1.5 for a, b in zip(accs[:-1], accs[1:], strict=True)), accs
     assert accs[-1] > accs[0] + 3 and accs[-1] > zs, (accs, zs)
+
+
+# -- recipes: one method per idea ---------------------------------------------------------------
+def test_a_variant_is_a_recipe_of_its_method(stores, tmp_path):
+    """linear-probe, lp++ and fma are one method each, the published recipe the default; fskd's
+    variants are ``--set recipe=NAME``. An unknown recipe names the valid ones, a key of another
+    recipe says which recipe takes it, the state names the one method and its recipe (and the
+    head is that recipe's), the bench's option check sees the recipe's options, and a state
+    written before recipes existed (state version 2) is refused with the refit message."""
+    from fskd.fsutil import write_bundle
+    from fskd.methods.adapt.linear_probe import LinearProbeTuned
+    from fskd.methods.base import STATE_JSON, STATE_STEM, STATE_VERSION
+
+    st = stores["pair"]
+    for method, recipes in (("linear-probe", ["published", "tuned"]), ("lp++", ["published", "tuned"]),
+                            ("fma", ["published", "lite"])):
+        assert list(METHODS.get(method).recipes) == recipes and "recipe=" in METHODS.describe(method)
+    assert not {"linear-probe-tuned", "lp++-tuned", "fma-lite"} & set(METHODS.names())
+    with pytest.raises(ConfigError, match=r"lp\+\+: unknown recipe 'fast'; recipes: published \(the default: the "
+                                          r"published recipe\), tuned"):
+        api.adapt(AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"recipe": "fast"}))
+    with pytest.raises(ConfigError, match=r"LPPOptions: unknown key\(s\) alpha0; valid keys: .*\(recipe=tuned takes alpha0"):
+        api.adapt(AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"alpha0": 1.0}))
+    with pytest.raises(ConfigError, match=r"LinearProbeOptions: unknown key\(s\) c; .*\(recipe=published takes c"):
+        METHODS.get("linear-probe").options.from_dict({"recipe": "tuned", "c": 1.0})
+    assert METHODS.get("lp++").options.from_dict({"recipe": "tuned", "alpha0": 1.0}).alpha0 == 1.0
+    assert "regime" in METHODS.get("fma").options.__dataclass_fields__  # fskd bench sets fma's regime per protocol
+    state, head, m = fit(st, "linear-probe", 1, tmp_path, recipe="tuned", steps=[10])
+    assert state.method == "linear-probe" and state.config["options"] == {"recipe": "tuned", "steps": [10], **FAST}
+    assert state.hparams["recipe"] == "tuned" and state.hparams["allway.steps"] == 10
+    assert isinstance(m.recipe(state), LinearProbeTuned) and head.name == "linear-probe"
+    assert api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "linear-probe-1-1"), way=3, shots=1,
+                                   episodes=20, device="cpu")).accuracy > 40
+    old = tmp_path / "old"
+    old.mkdir()
+    write_bundle(old, STATE_JSON, STATE_STEM, {"format": "fskd-state", **state.info(), "method": "linear-probe-tuned",
+                                               "state_version": 2}, state.tensors)
+    assert STATE_VERSION == 3
+    with pytest.raises(StateError, match="state version 2, this fskd reads 3; fit the state again with this fskd"):
+        load_state(old)
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -600,13 +659,13 @@ def test_real_cub35_tip_adapter_f_fine_tuning_beats_the_training_free_cache(cub3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in ADAPT if m not in ("prototype", "syntrans")])
-def test_real_cub35_methods_at_5way_1shot(method, cub35_store, tmp_path):
+@pytest.mark.parametrize("method,recipe", with_recipes(m for m in ADAPT if m not in ("prototype", "syntrans")))
+def test_real_cub35_methods_at_5way_1shot(method, recipe, cub35_store, tmp_path):
     """Golden-ish numbers (seeded, 600 episodes) with tolerances: see benchmarks/adapt_cub35.py."""
     # proker: the zero-shot logits enter unweighted, so the bridge's weak cub35 text caps it (67.8 when
     # written; docs/methods/baselines-2024.md)
     floor = {"zero-shot": 45.0, "proker": 65.0}.get(method, 80.5)
-    r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method)))
+    r = api.adapt(AdaptConfig(store=cub35_store, method=method, shots=1, out=str(tmp_path / method), options=recipe))
     e = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=600, seed=0))
     assert e.accuracy > floor
 

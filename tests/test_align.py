@@ -25,7 +25,7 @@ from fskd.methods.align.flow import (
     trajectory,
     transport,
 )
-from fskd.methods.align.fma import FMA, FMALite, FMAOptions, cpu_threads, sample_shots
+from fskd.methods.align.fma import FMA, FMALite, FMAOptions, FMAPublished, cpu_threads, sample_shots
 from fskd.store import FeatureStore
 
 FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes": 50}
@@ -33,10 +33,10 @@ FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes":
 
 def align(store, **kw) -> api.FitResult:
     """Fit beside the store (never into the working directory); refits replace the state. The
-    shared machinery (regimes, bridge, states, head) is exercised through ``fma-lite``, fast at
-    these sizes; the reference ``fma`` has its own tests below."""
-    options = {**FAST, **kw.pop("options", {})}
-    kw.setdefault("method", "fma-lite")
+    shared machinery (regimes, bridge, states, head) is exercised through ``fma``'s lite recipe,
+    fast at these sizes; the published recipe has its own tests below."""
+    options = {"recipe": "lite", **FAST, **kw.pop("options", {})}
+    kw.setdefault("method", "fma")
     kw.setdefault("out", str(store.path.parent / f"{store.path.stem}-align-{kw.get('shots', 16)}"))
     return api.align(AlignConfig(store=str(store.path), options=options, force=True, **kw))
 
@@ -295,21 +295,22 @@ def test_sample_shots_matches_the_allway_protocol_and_rejects_large_k():
 # -- the registered method on synthetic stores ------------------------------------------------------
 def test_fma_is_registered_as_an_align_method():
     assert METHODS.get("fma") is FMA and FMA.kind == "align"
-    assert METHODS.get("fma-lite") is FMALite and FMALite.kind == "align"
-    assert {"fma", "fma-lite"} <= set(api.registries()["methods"])
+    assert FMA.recipes == {"published": FMAPublished, "lite": FMALite} and FMALite.kind == "align"
+    assert "fma" in api.registries()["methods"] and "fma-lite" not in api.registries()["methods"]
 
 
 def test_fma_defaults_are_the_reference_recipe(synthetic_store, tmp_path):
     o = FMAOptions()
     assert (o.arch, o.width, o.depth, o.epochs, o.warmup_epochs, o.iters, o.batch_size) == ("adaln", 0, 12, 200, 1.0, 0, 32)
     assert (o.lr, o.weight_decay, o.solver, o.proto_weights, o.pca) == (2e-4, 0.01, "euler", (0.0,), 0)
-    assert FMA.gammas == (0.0,) and FMA.steps == (10,)  # gamma 0; Euler steps of 0.1, stop after 0..10
+    assert FMAPublished.gammas == (0.0,) and FMAPublished.steps == (10,)  # gamma 0; Euler steps of 0.1, stop after 0..10
     # the published recipe, nothing overridden, on a small joint store (32-d: a 12-block field of width 32)
     store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
     r = api.align(AlignConfig(store=str(store.path), shots=4, out=str(tmp_path / "ref")))
     state = load_state(r.out)
     hp = state.hparams
     assert state.method == "fma" and (hp["arch"], hp["depth"], hp["epochs"]) == ("adaln", 12, 200)
+    assert hp["recipe"] == "published" and state.selected_on["recipe"] == "default (the published recipe)"
     assert (hp["allway.solver"], hp["allway.steps"], hp["allway.proto_weight"], hp["allway.flow_dim"]) == ("euler", 10, 0.0, 32)
     assert 0 <= hp["allway.stop"] <= 10 and state.selected_on["allway.stop"].startswith("chosen on val split")
     assert "allway.basis" not in state.tensors  # the full feature space
@@ -359,13 +360,14 @@ def test_allway_fit_and_evaluate_on_joint_store(synthetic_store, tmp_path):
     store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
     r = align(store, shots=4, steps=(1, 2, 4), out=str(tmp_path / "fma"))
     state = load_state(r.out)
-    assert state.method == "fma-lite" and state.hparams["regime"] == "allway"
+    assert state.method == "fma" and state.hparams["regime"] == "allway" and state.hparams["recipe"] == "lite"
+    assert state.hparams["arch"] == "mlp" and state.selected_on["recipe"] == "user-set (--set recipe=lite)"
     assert state.hparams["allway.bridge"] == "identity"  # joint store: no bridge
     assert 0 <= state.hparams["allway.stop"] <= state.hparams["allway.steps"] in (1, 2, 4)
     assert state.selected_on["allway.stop"].startswith("chosen on val split")
     assert state.hparams["allway.train_classes"] == 12 and state.metrics["allway.train_pairs"] == 48
     res = api.evaluate(EvalConfig(store=str(store.path), state=r.out, protocol="allway", shots=4, seeds=(1,)))
-    assert res.classifier == "fma-lite" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
+    assert res.classifier == "fma" and res.accuracy > 100 / 12 * 3  # chance is 8.3%
     zero = api.evaluate(EvalConfig(store=str(store.path), classifier="text", protocol="allway", shots=4, seeds=(1,)))
     assert res.accuracy > zero.accuracy  # learned from the shots, beats the raw text features
     # the state learned from shots of every class: episodes (novel rows it saw) and fewer shots are refused
@@ -435,7 +437,7 @@ def test_fma_builds_on_another_methods_features(synthetic_store, tmp_path):
     first = align(store, shots=3, out=str(tmp_path / "first"), options={"pca": 8})  # flow in 8 of the 32 dims
     second = align(store, shots=3, base_state=first.out, out=str(tmp_path / "second"))
     state = load_state(second.out)
-    assert state.hparams["base_method"] == "fma-lite"
+    assert state.hparams["base_method"] == "fma"
     assert any(k.startswith("base.") for k in state.tensors)  # self-contained: the base state is inside
     assert state.hparams["allway.bridge"] == "identity"  # fma's features come back in the 32-d joint space
     import shutil

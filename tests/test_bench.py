@@ -99,18 +99,24 @@ def test_tables_plots_and_report_rebuild(stores, tmp_path):
 
 def test_grid_file_and_its_errors(stores, tmp_path):
     g = tmp_path / "grid.toml"
-    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe-tuned", '
-                 f'"short=linear-probe-tuned"]\nshots = [1]\nseeds = [1]\nout = "{tmp_path / "g"}"\n'
-                 f'[options.linear-probe-tuned]\nsteps = [50]\n[options.short]\nsteps = [0]\n')
+    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["prototype", "linear-probe-tuned=linear-probe", '
+                 f'"short=linear-probe"]\nshots = [1]\nseeds = [1]\nout = "{tmp_path / "g"}"\n'
+                 f'[options.linear-probe-tuned]\nrecipe = "tuned"\nsteps = [50]\n'
+                 f'[options.short]\nrecipe = "tuned"\nsteps = [0]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g), "--json"])
     assert r.exit_code == 0, r.output
     res = {x["method"]: x for x in map(json.loads, open(tmp_path / "g" / "results.jsonl"))}
     assert list(res) == ["prototype", "linear-probe-tuned", "short"]
-    assert res["linear-probe-tuned"]["options"] == {"steps": [50]} and "variant_of" not in res["linear-probe-tuned"]
-    # a variant row: the same method under its own label with its own options; 0 steps keeps the prototype init
-    assert res["short"]["variant_of"] == "linear-probe-tuned" and res["short"]["options"] == {"steps": [0]}
-    assert res["short"]["hparams"]["allway.steps"] == 0 and res["linear-probe-tuned"]["hparams"]["allway.steps"] == 50
-    assert "| short |" in (tmp_path / "g" / "table.md").read_text()
+    # variant rows: a method's recipe under its own label with its own options; 0 steps keeps the prototype init
+    for label, steps in (("linear-probe-tuned", 50), ("short", 0)):
+        assert res[label]["variant_of"] == "linear-probe" and res[label]["options"] == {"recipe": "tuned", "steps": [steps]}
+        assert res[label]["hparams"]["recipe"] == "tuned" and res[label]["hparams"]["allway.steps"] == steps
+    table = (tmp_path / "g" / "table.md").read_text()
+    assert "| short |" in table and "| linear-probe-tuned |" in table
+    g.write_text(f'stores = {json.dumps(list(stores[:1]))}\nmethods = ["lp=linear-probe"]\nshots = [1]\n'
+                 f'[options.lp]\nrecipe = "tuned"\nc = 1.0\n')
+    r = runner.invoke(app, ["bench", "--grid", str(g)])  # a key of the other recipe: named before any cell
+    assert r.exit_code == 2 and "unknown key(s) c" in r.output and "recipe=published takes c" in r.output, r.output
     g.write_text('stores = ["a.zarr"]\nmethods = ["prototype"]\nshot = [1]\n')
     r = runner.invoke(app, ["bench", "--grid", str(g)])
     assert r.exit_code == 2 and "unknown key(s) shot" in r.output and str(g) in r.output and "valid keys" in r.output

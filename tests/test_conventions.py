@@ -62,12 +62,18 @@ def test_grammar_of_the_kind_message(synthetic_store):
 def test_methods_lists_set_options_with_defaults_and_meaning():
     out = ok("methods", "fma").stdout
     assert "epochs" in out and "default 200" in out and "passes over the training pairs" in out
-    assert "default 600" in ok("methods", "fma-lite").stdout  # fskd's variant: 600 steps
-    info = json.loads(ok("methods", "linear-probe-tuned", "--json").stdout)
-    steps = next(o for o in info["options"] if o["name"] == "steps")
+    assert "recipes (--set recipe=NAME):" in out and "published (default)" in out
+    assert "--set options of recipe lite (fskd align --method fma --set recipe=lite --set KEY=VALUE):" in out
+    assert "default 600" in out.split("recipe lite")[-1]  # fskd's variant: 600 steps
+    info = json.loads(ok("methods", "linear-probe", "--json").stdout)
+    assert [(r["name"], r["default"]) for r in info["recipes"]] == [("published", True), ("tuned", False)]
+    assert info["options"][0]["name"] == "recipe" and info["options"][1:] == info["recipes"][0]["options"]
+    steps = next(o for o in info["recipes"][1]["options"] if o["name"] == "steps")
     assert steps["range"] == ">= 0" and steps["meaning"]
-    for name in api.registries()["methods"]:  # every option of every method says what it means
-        assert all(o["meaning"] for o in api.method_info(name)["options"]), name
+    for name in api.registries()["methods"]:  # every option of every method (and recipe) says what it means
+        info = api.method_info(name)
+        assert all(o["meaning"] for o in info["options"]), name
+        assert all(o["meaning"] and r["description"] for r in info.get("recipes", []) for o in r["options"]), name
 
 
 def test_fit_provenance_summary_and_state_files(synthetic_store, tmp_path):

@@ -135,9 +135,9 @@ def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
     from fskd.methods.align.fma import FMA
 
     coop = _adapt(photo_store, "coop", tmp_path / "coop", n_ctx=4)
-    r = api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "fma"),
+    r = api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "fma"),
                               device="cpu", base_state=str(tmp_path / "coop"),
-                              options={"width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+                              options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
     st = load_state(r.out)
     assert st.hparams["base_method"] == "coop" and "coop learned" in st.selected_on["allway.targets"]
     part = FMA().parts(st, photo_store, CPU)["allway"]
@@ -177,8 +177,8 @@ def test_one_regime_fits_learn_one_context_and_refuse_the_other_protocol(photo_s
     with pytest.raises(EvaluationError, match="not fitted: regime=allway; evaluate it with --protocol allway"):
         head.fit(support, novel)
     with pytest.raises(ConfigError, match="fma regime=episodic needs its episodic text"):
-        api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "f"),
-                              device="cpu", base_state=str(tmp_path / "one"), options={"regime": "episodic"}))
+        api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "f"),
+                              device="cpu", base_state=str(tmp_path / "one"), options={"recipe": "lite", "regime": "episodic"}))
     with pytest.raises(ConfigError, match="regime=episodic has nothing to learn"):
         _adapt(photo_store, "coop", tmp_path / "csc", n_ctx=4, csc=True, regime="episodic")
     with pytest.raises(ConfigError, match="--set regime must be one of both, allway, episodic"):
@@ -245,9 +245,9 @@ def test_cross_dataset_encodes_the_targets_names_with_the_learned_context(photo_
                                  device="cpu"))
     assert ev.classes == other_store.num_classes and 0 <= ev.accuracy <= 100
 
-    r = api.align(AlignConfig(store=str(photo_store.path), method="fma-lite", shots=2, seed=1, out=str(tmp_path / "fma"),
+    r = api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "fma"),
                               device="cpu", base_state=str(tmp_path / "coop"),
-                              options={"width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+                              options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
     fma_moved = FMA().transfer_state(load_state(r.out), other_store)
     part = FMA().parts(fma_moved, other_store, CPU)["allway"]
     want = part.space.to_flow(part.space.bridge.text_to_image(moved.tensors["allway.text"]))

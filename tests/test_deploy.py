@@ -304,8 +304,8 @@ def test_an_encoder_that_cannot_be_rebuilt_is_named_with_what_to_do(fitted, imag
 def test_an_episodic_only_state_is_refused_naming_what_to_fit(synthetic_store, tmp_path):
     store = synthetic_store(joint=True).path  # 20 classes: val classes enough for episodes
     st = tmp_path / "fma"
-    api.align(api.AlignConfig(store=str(store), method="fma-lite", shots=2, out=str(st), device="cpu",
-                              options={"regime": "episodic", "iters": 20}), progress=None)
+    api.align(api.AlignConfig(store=str(store), method="fma", shots=2, out=str(st), device="cpu",
+                              options={"recipe": "lite", "regime": "episodic", "iters": 20}), progress=None)
     err = user_error(cli("predict", "--state", st, "--split", "test", "--out", tmp_path / "p.csv", ok=False),
                      "no all-way head", "--shots K", "regime=allway")
     assert "fma" in err

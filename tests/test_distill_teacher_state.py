@@ -152,8 +152,8 @@ def test_refusals_name_both(store, tip_state, synthetic_store, tmp_path):
 
     # an episodic-only state (on a store of its own: refused before any image is needed)
     ep = tmp_path / "fma"
-    api.align(AlignConfig(store=str(other.path), method="fma-lite", shots=2, out=str(ep), device="cpu",
-                          options={"regime": "episodic", "iters": 20}), progress=None)
+    api.align(AlignConfig(store=str(other.path), method="fma", shots=2, out=str(ep), device="cpu",
+                          options={"recipe": "lite", "regime": "episodic", "iters": 20}), progress=None)
     with pytest.raises(StateError, match=r"--teacher-state .*fma.*no all-way head.*regime=allway"):
         api.distill(_cfg(str(other.path), tmp_path / "b", shots=2, teacher_state=str(ep)), progress=None)
 

@@ -99,10 +99,13 @@ def test_relative_links_point_to_existing_files(path):
 
 
 def test_generated_sections_name_real_commands_and_methods():
+    from fskd.catalog import method_info
+
     verbs, methods = set(_verbs()), set(registries()["methods"])
+    recipes = {f"{m}:{r['name']}" for m in methods for r in method_info(m).get("recipes", [])}
     for page in _own_pages():
         for kind, arg in re.findall(r"^<!-- fskd-(cli|method-options)(?::\s*(\S+))?\s*-->", page.read_text(), re.M):
-            known = (verbs | {"all"}) if kind == "cli" else methods
+            known = (verbs | {"all"}) if kind == "cli" else methods | recipes  # METHOD:RECIPE: one recipe's options
             assert arg in known, f"{page.relative_to(ROOT)}: <!-- fskd-{kind}: {arg} --> names nothing known"
 
 

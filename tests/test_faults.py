@@ -377,8 +377,8 @@ def test_user_errors_are_one_line(store, images, tmp_path):
                    ok=False), "--class-ratio")
     for kv, needle in (("steps=abc", "must be an integer"), ("steps=2.5", "must be an integer"),
                        ("steps=-3", "must be >= 0"), ("lr=abc", "must be a finite number")):
-        user_error(cli("adapt", "--store", store, "--method", "linear-probe-tuned", "--set", kv, "--out", tmp_path / "lp",
-                       ok=False), needle)
+        user_error(cli("adapt", "--store", store, "--method", "linear-probe", "--set", "recipe=tuned", "--set", kv,
+                       "--out", tmp_path / "lp", ok=False), needle)
     user_error(cli("distill", "--store", store, "--set", "lr=abc", "--out", tmp_path / "d", ok=False),
                "lr must be a finite number")
     assert not (tmp_path / "lp").exists() and not (tmp_path / "d").exists()

@@ -84,8 +84,8 @@ def test_options_have_upper_bounds_and_finite_numbers(store, tmp_path):
     user_error(cli(*adapt, "epochs=99999999", ok=False), "--set epochs", "<= 10000", "99999999")
     for bad in ("NaN", "Infinity", "-Infinity", "inf"):
         user_error(cli(*adapt, f"lr={bad}", ok=False), "--set lr", "finite number")
-    user_error(cli("align", "--store", store, "--method", "fma-lite", "--set", "iters=1000000000", "--out", out,
-                   ok=False), "--set iters", "<= 1000000")
+    user_error(cli("align", "--store", store, "--method", "fma", "--set", "recipe=lite", "--set", "iters=1000000000",
+                   "--out", out, ok=False), "--set iters", "<= 1000000")
     user_error(cli("distill", "--store", store, "--epochs", "100000000", "--out", out, ok=False), "--epochs", "<= 10000")
     assert not out.exists()
     info = json.loads(cli("methods", "tip-adapter-f", "--json").stdout)

@@ -17,14 +17,14 @@ def test_few_shot_validation_takes_min_k_4_per_class():
     labels = np.repeat(np.arange(5), [10, 10, 3, 10, 10])
     classes = np.array([0, 1, 2, 3])  # class 4 is not evaluated
     for k, want in [(1, [1, 1, 1, 1]), (2, [2, 2, 2, 2]), (4, [4, 4, 3, 4]), (16, [4, 4, 3, 4])]:
-        rows = validation_rows(labels, classes, k, seed=1, rule="few-shot")
+        rows = validation_rows(labels, classes, k, seed=1, rule="few-shot-val")
         assert np.bincount(labels[rows], minlength=5).tolist() == want + [0]
         assert (np.diff(rows) > 0).all()
-    a, b = (validation_rows(labels, classes, 4, s, "few-shot") for s in (1, 2))
+    a, b = (validation_rows(labels, classes, 4, s, "few-shot-val") for s in (1, 2))
     assert not np.array_equal(a, b)  # seeded: another seed, other rows
-    np.testing.assert_array_equal(a, validation_rows(labels, classes, 4, 1, "few-shot"))
-    assert len(validation_rows(labels, classes, 0, 1, "few-shot")) == 0
-    np.testing.assert_array_equal(validation_rows(labels, classes, 1, 1, "full"), np.flatnonzero(labels < 4))
+    np.testing.assert_array_equal(a, validation_rows(labels, classes, 4, 1, "few-shot-val"))
+    assert len(validation_rows(labels, classes, 0, 1, "few-shot-val")) == 0
+    np.testing.assert_array_equal(validation_rows(labels, classes, 1, 1, "full-val"), np.flatnonzero(labels < 4))
     # the train shots of seed s do not move when validation rows are drawn
     np.testing.assert_array_equal(sample_shots(labels, classes, 2, 1), sample_shots(labels, classes, 2, 1))
 
@@ -32,25 +32,27 @@ def test_few_shot_validation_takes_min_k_4_per_class():
 def test_fit_records_the_validation_rule(synthetic_store, tmp_path):
     store = str(synthetic_store(n_classes=10).path)
     few = api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "a")), progress=None)
-    full = api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "b"), val_rule="full"),
+    full = api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "b"), hp_selection="full-val"),
                      progress=None)
     task_few = few.metrics["allway.val_task"]
     assert "min(K, 4) = 2 per class of 10 classes" in task_few and "20 val-split rows" in task_few
     assert "full val split" in full.metrics["allway.val_task"]
     assert any("min(K, 4)" in str(v) for v in few.selected_on.values())
-    with pytest.raises(ConfigError, match="--val-rule must be one of few-shot, full"):
-        AdaptConfig(store=store, method="linear-probe", val_rule="all")
+    with pytest.raises(ConfigError, match="--hp-selection must be one of few-shot-val, full-val, none"):
+        AdaptConfig(store=store, method="linear-probe", hp_selection="all")
 
 
-TRANSFER = ["zero-shot", "lp++", "tip-adapter", "tip-adapter-f", "fma", "fma-lite"]
+#: methods whose heads transfer to new classes; ``NAME:RECIPE``: that recipe of the method
+TRANSFER = ["zero-shot", "lp++", "tip-adapter", "tip-adapter-f", "fma", "fma:lite"]
 
 
 def _fit_b2n(store, method, out, shots=4, seed=1):
     from fskd.config import AlignConfig
     from fskd.methods import METHODS
 
+    method, _, recipe = method.partition(":")
     cfg = dict(store=store, method=method, shots=shots, seed=seed, out=str(out), base_to_new=True,
-               options={"iters": 150} if method.startswith("fma") else {})
+               options={**({"iters": 150} if method.startswith("fma") else {}), **({"recipe": recipe} if recipe else {})})
     if METHODS.get(method).kind == "align":
         return api.align(AlignConfig(**cfg), progress=None)
     return api.adapt(AdaptConfig(**cfg), progress=None)
@@ -75,7 +77,7 @@ def test_base_to_new_fits_on_the_base_half_and_transfers_where_it_can(method, jo
     assert "hidden" in st.metrics["base_to_new"]
     ev = api.evaluate(EvalConfig(store=joint_store, state=r.out, protocol="base-to-new", shots=4, seeds=(1,)))
     assert ev.protocol == "base-to-new" and 100 / 6 < ev.base <= 100
-    if METHODS.get(method).transfers_to_new_classes:
+    if METHODS.get(method.partition(":")[0]).transfers_to_new_classes:
         assert ev.new is not None and np.isfinite(ev.new) and ev.new > 100 / 6  # above chance on unseen classes
         assert ev.hm == pytest.approx(2 * ev.base * ev.new / (ev.base + ev.new), abs=0.01)
     else:
@@ -88,7 +90,7 @@ def test_base_to_new_fit_never_sees_the_new_half(joint_store, tmp_path):
     from fskd.store import FeatureStore
 
     st = FeatureStore.open(joint_store)
-    restrict_for_fit(st, 4, 1, "few-shot")
+    restrict_for_fit(st, 4, 1, "few-shot-val")
     x, y = st.gather()  # what a method reads by default: the base shots only
     assert set(np.unique(y)) == set(range(6)) and np.bincount(y).tolist() == [4] * 6
     _, yv = st.gather(None, ["val"])
@@ -144,7 +146,7 @@ def test_cross_dataset_and_domain_shift_refusals(two_worlds, synthetic_store, tm
 
     a, b, _ = two_worlds
     proto = api.adapt(AdaptConfig(store=a, method="prototype", shots=4, out=str(tmp_path / "p")), progress=None)
-    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: ape, clap, coop, cross-modal-lp, fma"):
+    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: ape, ape-t, clap, coop, cross-modal-lp, fma"):
         api.evaluate(EvalConfig(store=b, state=proto.out, protocol="cross-dataset"))
     other = str(synthetic_store(n_classes=6, joint=False).path)  # another encoder
     with pytest.raises(EvaluationError, match="needs the same encoder"):

@@ -25,12 +25,13 @@ def store_100(tmp_path_factory):
                                     dim=32, noise=1.2).path)
 
 
-@pytest.mark.parametrize("method,options,tol", [("linear-probe-tuned", {}, 0.1), ("lp++-tuned", {"alpha0": 1.0}, 0.5)])
+@pytest.mark.parametrize("method,options,tol", [("linear-probe", {"recipe": "tuned"}, 0.1),
+                                                ("lp++", {"recipe": "tuned", "alpha0": 1.0}, 0.5)])
 def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypatch, method, options, tol):
     """At 100 classes x 8 shots the all-way fit and its evaluation are the same whichever form
     trains the probes, at settings where Adam reaches the (unique, strongly convex) optimum in
-    both coordinates (weight decay 1, 200 steps): test accuracy within 0.1 points (linear-probe-tuned;
-    their weights agree to 1e-3), 0.5 for lp++-tuned (its text blend alpha carries no penalty, so
+    both coordinates (weight decay 1, 200 steps): test accuracy within 0.1 points (linear-probe's
+    tuned recipe; their weights agree to 1e-3), 0.5 for lp++'s (its text blend alpha carries no penalty, so
     after 200 steps the two coordinates stand at slightly different points). At weaker
     decay Adam in the dual coordinates oscillates once S >> D (here 800 rows, 32-d), which is one
     reason the primal form takes over above 2 D rows."""
@@ -59,8 +60,9 @@ def test_tip_adapter_f_span_form_refuses_large_supports_clearly(store_100, tmp_p
                               options={"form": "span"}), progress=None)
 
 
-@pytest.mark.parametrize("method", ["linear-probe", "linear-probe-tuned", "lp++", "lp++-tuned", "tip-adapter-f"])
-def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,options", [("linear-probe", {}), ("linear-probe", {"recipe": "tuned"}), ("lp++", {}),
+                                            ("lp++", {"recipe": "tuned"}), ("tip-adapter-f", {})])
+def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, options):
     """A trained state's own shots are scored with the head its search trained (no training at
     eval), the same head a refit gives; other seeds refit."""
     import fskd.classifiers.linear as lin
@@ -71,7 +73,7 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method):
     from fskd.methods.base import load_state, save_state
 
     out = tmp_path / "state"
-    api.adapt(AdaptConfig(store=store_100, method=method, shots=4, out=str(out)), progress=None)
+    api.adapt(AdaptConfig(store=store_100, method=method, shots=4, out=str(out), options=options), progress=None)
     state = load_state(out)
     kept = [k for k in state.tensors if k.startswith(C.FITTED + ".")]
     assert f"{C.FITTED}.support_sha256" in kept and len(kept) >= 2, kept

@@ -95,9 +95,9 @@ def test_allway_shots_read_by_row_equal_the_gathered_ones(tmp_path):
         rows = sampling.sample_shots(gy, np.unique(gy), 4, seed).reshape(-1)
         np.testing.assert_array_equal(fx, gx[rows])
         np.testing.assert_array_equal(fy, gy[rows])
-        vx, vy = sampling.allway_val(st2, classes, 4, seed, "few-shot")
+        vx, vy = sampling.allway_val(st2, classes, 4, seed, "few-shot-val")
         hx, hy = st2.gather(classes, ["val"])
-        keep = sampling.validation_rows(hy, classes, 4, seed, "few-shot")
+        keep = sampling.validation_rows(hy, classes, 4, seed, "few-shot-val")
         np.testing.assert_array_equal(vx, hx[keep])
         np.testing.assert_array_equal(vy, hy[keep])
 

@@ -196,3 +196,111 @@ def test_api_transductive_base_to_new(tmp_path):
                                 transductive=True))
     assert r.inductive is False and r.new is not None and r.base is not None
     assert "TransCLIP" in r.protocol_text() and "TransCLIP" in r.summary_line()
+
+
+# --- the realistic setting: --batch B --active-classes C ---------------------------------------------
+
+def test_realistic_batches_use_every_row_once_and_hold_at_most_c_classes():
+    truth = np.random.default_rng(0).integers(0, 10, 237)
+    setting = tc.BatchSetting(batch=16, active_classes=3)
+    batches = tc.realistic_batches(truth, setting, seed=1)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(237))  # every row, once
+    assert all(len(b) <= 16 and len(np.unique(truth[b])) <= 3 and np.all(np.diff(b) > 0) for b in batches)
+    assert all(len(b) == 16 for b in batches[:5])  # early batches are full: 3 classes hold more than 16 rows
+    again = tc.realistic_batches(truth, setting, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))  # seeded
+    other = tc.realistic_batches(truth, setting, seed=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other, strict=False))
+    one = tc.realistic_batches(truth, tc.BatchSetting(batch=237, active_classes=10), seed=1)
+    assert len(one) == 1 and np.array_equal(one[0], np.arange(237))  # B = M, C = N: one batch, in order
+    single = tc.realistic_batches(truth, tc.BatchSetting(batch=1000, active_classes=1), seed=1)
+    assert len(single) == 10 and all(len(np.unique(truth[b])) == 1 for b in single)  # one class a batch
+
+
+def _allway_args(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=10, noise=0.15, per_class=40)
+    x, y = st.gather(None, ["test"])
+    tr_x, tr_y = st.gather(None, ["train"])
+    head = _NoisyHead(torch.from_numpy(x), y, 10)
+    return (torch.from_numpy(tr_x), tr_y, torch.from_numpy(x), y, np.arange(10), 2, (1, 2), head), y
+
+
+def test_one_batch_of_every_row_and_class_is_the_all_at_once_setting(tmp_path):
+    args, y = _allway_args(tmp_path)
+    whole = run_allway(*args, transductive=True)
+    batched = run_allway(*args, transductive=True, batch_setting=tc.BatchSetting(len(y), 10))
+    assert batched.batches == [1, 1] and whole.batches is None
+    for a, b in ((whole.top1, batched.top1), (whole.top5, batched.top5), (whole.per_class, batched.per_class)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_allway_scores_each_batch_alone_with_at_most_c_classes(tmp_path, monkeypatch):
+    from fskd.evaluation import allway
+
+    args, y = _allway_args(tmp_path)
+    seen = []
+    real = allway.transclip
+
+    def spy(test_x, yhat, *rest, **kw):
+        seen.append((len(test_x), yhat.shape[1]))
+        return real(test_x, yhat, *rest, **kw)
+
+    drawn = []
+    monkeypatch.setattr(tc, "transclip", spy)
+    monkeypatch.setattr(allway, "realistic_batches",
+                        lambda truth, s, seed: drawn.append(tc.realistic_batches(truth, s, seed)) or drawn[-1])
+    r = run_allway(*args, transductive=True, batch_setting=tc.BatchSetting(batch=12, active_classes=2))
+    assert r.batches == [len(b) for b in drawn] and sum(r.batches) == len(seen)
+    assert all(m <= 12 and n == 10 for m, n in seen)  # a batch's rows, every class a candidate
+    assert all(len(np.unique(y[b])) <= 2 for d in drawn for b in d)
+    assert r.top1.shape == (2,) and r.per_class.shape == (2, 10) and np.isfinite(r.top1).all()
+    with pytest.raises(ConfigError, match="--active-classes 11 is more than the 10 classes"):
+        run_allway(*args, transductive=True, batch_setting=tc.BatchSetting(batch=12, active_classes=11))
+
+
+def test_batch_options_are_validated():
+    with pytest.raises(ConfigError, match="--batch and --active-classes go together"):
+        EvalConfig(store="s.zarr", protocol="allway", transductive=True, batch=64)
+    with pytest.raises(ConfigError, match="--batch and --active-classes go together"):
+        EvalConfig(store="s.zarr", protocol="allway", transductive=True, active_classes=4)
+    with pytest.raises(ConfigError, match="add --transductive"):
+        EvalConfig(store="s.zarr", protocol="allway", batch=64, active_classes=4)
+    for b, c in ((0, 4), (64, 0)):
+        with pytest.raises(ConfigError, match=">= 1"):
+            EvalConfig(store="s.zarr", protocol="allway", transductive=True, batch=b, active_classes=c)
+    EvalConfig(store="s.zarr", protocol="base-to-new", transductive=True, batch=64, active_classes=4)
+
+
+def test_cli_json_and_text_name_the_transductive_setting(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    base = ["eval", "--store", str(st.path), "--protocol", "allway", "--shots", "2", "--seeds", "1,2",
+            "--classifier", "text", "--json"]
+    ind = json.loads(runner.invoke(app, base).stdout)
+    whole = json.loads(runner.invoke(app, [*base, "--transductive"]).stdout)
+    res = runner.invoke(app, [*base, "--transductive", "--batch", "8", "--active-classes", "3", "--report",
+                              str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert ind["transductive_setting"] is None and whole["transductive_setting"] == "all"
+    st_ = r["transductive_setting"]
+    assert {k: st_[k] for k in ("batch", "active_classes")} == {"batch": 8, "active_classes": 3}
+    assert len(st_["batches_per_seed"]) == 2 and st_["batches"] == sum(st_["batches_per_seed"])
+    assert all(n >= 120 // 8 for n in st_["batches_per_seed"])  # 12 classes x 10 test rows, at most 8 a batch
+    assert r["report"][0].endswith("_transclip-b8c3.json")
+    assert "batches of at most 8 rows drawn from 3 random classes" in json.dumps(json.loads(open(r["report"][0]).read()))
+    human = runner.invoke(app, base[:-1] + ["--transductive", "--batch", "8", "--active-classes", "3"]).output
+    assert "TransCLIP (transductive, batches of 8 from 3 classes:" in human
+    bad = runner.invoke(app, [*base, "--transductive", "--batch", "8", "--active-classes", "13"])
+    assert bad.exit_code == 2 and "more than the 12 classes" in bad.output
+    bad = runner.invoke(app, [*base, "--batch", "8", "--active-classes", "3"])
+    assert bad.exit_code == 2 and "add --transductive" in bad.output
+
+
+def test_api_base_to_new_in_batches(tmp_path):
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    r = api.evaluate(EvalConfig(store=str(st.path), protocol="base-to-new", classifier="text", shots=2, seeds=(1,),
+                                transductive=True, batch=10, active_classes=2))
+    assert r.new is not None and r.base is not None
+    assert r.transductive_setting["batches"] == r.transductive_setting["batches_per_seed"][0] >= 2
+    assert "realistic setting" in r.protocol_text()

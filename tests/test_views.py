@@ -101,8 +101,8 @@ def test_train_keys_with_views_starts_at_their_cache_and_moves():
 
 def test_fma_trains_on_the_views(stores, tmp_path):
     plain, views = stores
-    opts = {"options": {"iters": 30}}
-    sv, sp = _fit("fma-lite", views, tmp_path / "a", **opts), _fit("fma-lite", plain, tmp_path / "b", **opts)
+    opts = {"options": {"recipe": "lite", "iters": 30}}
+    sv, sp = _fit("fma", views, tmp_path / "a", **opts), _fit("fma", plain, tmp_path / "b", **opts)
     assert sv.hparams["allway.views"] == 4 and "augmented views" in sv.selected_on["allway.views"]
     assert sp.hparams["allway.views"] == 0 and sp.selected_on["allway.views"].startswith("none")
     a, b = sv.metrics["allway.train_loss"], sp.metrics["allway.train_loss"]

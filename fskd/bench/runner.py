@@ -16,11 +16,28 @@ from pathlib import Path
 import numpy as np
 
 from fskd import __version__
+from fskd.bench.chains import (
+    STUDENT,
+    Chain,
+    chain_names,
+    check_chain_names,
+    is_chain,
+    resolve_chain,
+    run_chain,
+    stage_options,
+)
 from fskd.config import AdaptConfig, AlignConfig, DistillConfig, EvalConfig, ExtractConfig
-from fskd.errors import ConfigError, EvaluationError, FskdError, OutputError, StoreError
+from fskd.errors import (
+    ConfigError,
+    EvaluationError,
+    FskdError,
+    OutputError,
+    RegistryError,
+    StoreError,
+)
 from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS
-from fskd.methods.base import methods_of_kind
+from fskd.methods.base import STATE_JSON, methods_of_kind
 from fskd.reports.bench import (
     BENCH_FORMAT,
     BENCH_JSON,
@@ -36,7 +53,7 @@ from fskd.store.location import absolute_store
 log = logging.getLogger(__name__)
 
 #: ``fskd distill``'s own settings a bench grid gives among a distill method's options
-BENCH_DISTILL_FIELDS = ("student", "regime", "losses", "epochs", "root", "online_teacher")
+BENCH_DISTILL_FIELDS = ("student", "regime", "losses", "epochs", "root", "online_teacher", "teacher_state")
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,12 @@ def distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict
     if protocol == "episodic" and fields["regime"] != "base-novel":
         raise ConfigError(f"{label}: regime {fields['regime']!r} in an episodic grid: a semi student learned labels of "
                           f"the novel classes, so its novel-class episodes are not a few-shot result; use base-novel")
+    if fields.get("teacher_state"):  # a fixed fitted state as every cell's teacher: there now, absolute for every job
+        path = Path(str(fields["teacher_state"])).expanduser().absolute()
+        if not (path / STATE_JSON).is_file():
+            raise ConfigError(f"{label}: teacher_state {fields['teacher_state']} is not a state fskd adapt or align "
+                              f"wrote (no {path / STATE_JSON})")
+        fields["teacher_state"] = str(path)
     return fields, options
 
 
@@ -138,8 +161,21 @@ class GridPlan:
         self.config = config
         self.fit_method = dict(config.method_pairs())  # row label -> registered method
         self.distill_split: dict[str, tuple[dict, dict]] = {}  # distill label -> (DistillConfig settings, options)
+        self.chains: dict[str, Chain] = {}  # chain row label -> its stages (fskd.bench.chains)
+        check_chain_names(config)
         for label, m in self.fit_method.items():
-            cls = METHODS.get(m)  # an unknown name lists the valid ones
+            if is_chain(m, config):
+                chain = self.chains[label] = resolve_chain(label, m, config, distill_fields)
+                student = chain.stage(STUDENT)
+                self.distill_split[label] = (student.fields, student.options)  # the student's images are checked
+                DistillConfig.from_dict({"store": "-", "method": student.method, **student.fields})
+                continue
+            try:
+                cls = METHODS.get(m)  # an unknown name lists the valid ones
+            except RegistryError as e:
+                if m in METHODS.names():  # a declared method that failed to load: its own error
+                    raise
+                raise RegistryError(f"{e}; or a chain: {', '.join(chain_names(config))}") from None
             if cls.kind not in ("adapt", "align", "distill"):
                 kinds = methods_of_kind("adapt") + methods_of_kind("align") + methods_of_kind("distill")
                 raise ConfigError(f"fskd bench runs adapt, align and distill methods; {m!r} is a {cls.kind} method "
@@ -166,21 +202,29 @@ class GridPlan:
         self.out = bench_out(config, self.stores, create=create_out)
         src_fp = self.stores[0].fingerprint if self.transfer else ""
         pairs = list(zip(self.stores, labels, strict=True))
-        order = ([(st, label, m, k, s) for m in self.fit_method for k in config.shots for s in config.seeds
-                  for st, label in pairs] if self.transfer else  # one fit, every target in a row
-                 [(st, label, m, k, s) for st, label in pairs for m in self.fit_method
+        order = ([(st, label, m, h, k, s) for m in self.fit_method for h in config.hp_selection for k in config.shots
+                  for s in config.seeds for st, label in pairs] if self.transfer else  # one fit, every target in a row
+                 [(st, label, m, h, k, s) for st, label in pairs for m in self.fit_method for h in config.hp_selection
                   for k in config.shots for s in config.seeds])
         setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
                               "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) \
             if self.episodic else ""
-        self.cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, config.val_rule,
-                           json.dumps(config.options.get(m, {}), sort_keys=True), src_fp, setting,
-                           self.fit_method[m] if self.fit_method[m] != m else "") for st, label, m, k, s in order]
+        self.cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, h,
+                           self._cell_options(m), src_fp, setting,
+                           self.fit_method[m] if self.fit_method[m] != m else "",
+                           self.chains[m].text() if m in self.chains else "") for st, label, m, h, k, s in order]
         self.keys = {c.key for c in self.cells}
         self.by_path = {absolute_store(st.path): st for st in self.stores}
         self.fit_store = {p: (absolute_store(self.stores[0].path) if self.transfer else p) for p in self.by_path}
         self.min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
                           for p, st in self.by_path.items() if st.has_split("train")}
+
+    def _cell_options(self, label: str) -> str:
+        """A row's options as its cells record them (a chain's: per stage, ``STAGE.KEY`` keys nested)."""
+        chain, options = self.chains.get(label), self.config.options.get(label, {})
+        if chain is not None:
+            options = stage_options(label, options, [s.label for s in chain.stages])
+        return json.dumps(options, sort_keys=True)
 
     def _open(self, i: int, path: str) -> FeatureStore:
         config = self.config
@@ -218,8 +262,9 @@ class GridPlan:
 
 class CellRunner:
     """Runs the plan's cells one at a time: fit the cell's method on its store, evaluate the
-    cell's protocol, return its result row. ``tmp_state`` and ``tmp_student``: folders of this
-    runner's own for the cell's state and a distilled student's store (removed after each cell
+    cell's protocol, return its result row (a chain row: each stage in turn, :func:`run_chain`).
+    ``tmp_state`` and ``tmp_student``: folders of this runner's own for the cell's state and a
+    distilled student's store, with a chain's teacher and head states (removed after each cell
     unless --keep-states)."""
 
     def __init__(self, plan: GridPlan, verbs: Verbs, tmp_state: Path, tmp_student: Path) -> None:
@@ -234,14 +279,24 @@ class CellRunner:
                 shutil.rmtree(p)
 
     def _fit(self, cell: Cell, store_path: str, state_dir: Path):
-        plan, config, v = self.plan, self.plan.config, self.verbs
-        key = (store_path, cell.method, cell.shots, cell.seed, cell.options)
+        plan = self.plan
+        key = (store_path, cell.method, cell.hp_selection, cell.shots, cell.seed, cell.options)
         if self.fitted.get("key") == key and state_dir.exists():
             return self.fitted["fit"]
         self.fitted.clear()
-        name = cell.fit_method or cell.method
+        fields, options = plan.distill_split.get(cell.method, ({}, json.loads(cell.options)))
+        fit = self.fit_stage(cell, cell.fit_method or cell.method, options, store_path, state_dir, fields)
+        self.fitted.update(key=key, fit=fit)
+        return fit
+
+    def fit_stage(self, cell: Cell, name: str, options: dict, store_path: str, state_dir: Path,
+                  fields: dict | None = None):
+        """Fit the method ``name`` with ``options`` on ``store_path`` into ``state_dir`` for the cell's
+        shots, seed, hyper-parameter selection and class split (a distill method: with the DistillConfig
+        settings ``fields``). A row's fit, or one stage of a chain row's."""
+        plan, config, v = self.plan, self.plan.config, self.verbs
         cls = METHODS.get(name)
-        options = json.loads(cell.options)
+        options = dict(options)
         if "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
             # a method with regimes fits only the part the cell scores (fma fits all-way when given K
             # shots; coop fits both by default)
@@ -250,18 +305,14 @@ class CellRunner:
             elif config.protocol == "allway":
                 options["regime"] = "allway"
         kw = dict(store=store_path, method=name, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=options, force=True, val_rule=cell.val_rule,
+                  device=config.device, options=options, force=True, hp_selection=cell.hp_selection,
                   base_to_new=cell.protocol == "base-to-new")
         if plan.episodic and config.class_ratio is not None:
             kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
         if cls.kind == "distill":
-            fields, kw["options"] = plan.distill_split[cell.method]
-            fit = v.distill(DistillConfig(**kw, **fields), progress=None)
-        else:
-            fit = (v.adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
-                   else v.align(AlignConfig(**kw), progress=None))
-        self.fitted.update(key=key, fit=fit)
-        return fit
+            return v.distill(DistillConfig(**kw, **(fields or {})), progress=None)
+        return (v.adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
+                else v.align(AlignConfig(**kw), progress=None))
 
     def _student_store(self, teacher: FeatureStore, state_dir: Path, path: Path, root: str | None) -> dict:
         """Extract the teacher store's dataset with the student of ``state_dir`` into ``path`` (the same
@@ -291,8 +342,10 @@ class CellRunner:
         plan, config = self.plan, self.plan.config
         src_path = plan.fit_store[cell.store]
         src, st = plan.by_path[src_path], plan.by_path[cell.store]
-        cls = METHODS.get(cell.fit_method or cell.method)
-        if cls.needs_text and not src.attrs["text"].get("available"):
+        chain = plan.chains.get(cell.method)  # a chain row: its stages run in turn, the last one is scored
+        cls = METHODS.get(chain.stages[-1].method if chain else cell.fit_method or cell.method)
+        needs_text = any(METHODS.get(s.method).needs_text for s in chain.stages) if chain else cls.needs_text
+        if needs_text and not src.attrs["text"].get("available"):
             return {"status": "n/a", "message": f"{cell.method} needs class text features; {src.path} has none "
                                                f"(encoder {src.encoder_spec} has no text tower)"}
         if cell.protocol == "base-to-new" and st.num_classes < 2:
@@ -315,8 +368,11 @@ class CellRunner:
         student_store = (state_dir.with_name(state_dir.name + ".zarr") if config.keep_states
                          else self.tmp_student / "student.zarr")
         try:
-            fit = self._fit(cell, src_path, state_dir)
-            if cls.kind == "distill":
+            if chain is not None:  # the scored state: the head's, fitted on the student's store
+                fit, eval_store, state_dir, extra = run_chain(self, cell, chain, src_path, state_dir, student_store)
+            else:
+                fit = self._fit(cell, src_path, state_dir)
+            if chain is None and cls.kind == "distill":
                 extra = self._student_store(st, state_dir, student_store,
                                             plan.distill_split[cell.method][0].get("root"))
                 eval_store = str(student_store)

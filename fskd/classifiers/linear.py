@@ -1,8 +1,8 @@
 """``linear``: a logistic-regression probe trained on each episode's support, batched over episodes.
 
-The building block of ``linear-probe-tuned`` and ``lp++-tuned`` (fskd.methods.adapt): full-batch Adam on
-the support features of E episodes at once (Adam is element-wise and the loss is a sum over
-episodes, so every episode trains exactly as it would alone), with an L2 pull of the weights
+The building block of the ``tuned`` recipes of ``linear-probe`` and ``lp++`` (fskd.methods.adapt):
+full-batch Adam on the support features of E episodes at once (Adam is element-wise and the loss
+is a sum over episodes, so every episode trains exactly as it would alone), with an L2 pull of the weights
 towards their initialisation (the class prototypes), and checkpoints at several step counts so
 the number of steps can be chosen on validation data from one run.
 
@@ -257,8 +257,8 @@ def way_labels(E: int, N: int, K: int, device) -> torch.Tensor:
 
 class LinearHead(Head):
     """Logistic regression on the support (centred on ``context.center`` or the support mean,
-    L2-normalised), initialised at the prototypes; fixed defaults (the ``linear-probe-tuned`` adapt
-    method chooses them on validation data)."""
+    L2-normalised), initialised at the prototypes; fixed defaults (the adapt method ``linear-probe
+    --set recipe=tuned`` chooses them on validation data)."""
 
     name = "linear"
 

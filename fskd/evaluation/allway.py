@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from fskd.classifiers.base import Head
-from fskd.errors import EvaluationError
+from fskd.errors import ConfigError, EvaluationError
 from fskd.evaluation.metrics import Calibration, class_accuracies
-from fskd.evaluation.transductive import transclip
+from fskd.evaluation.transductive import BatchSetting, realistic_batches, transclip, transclip_batches
 from fskd.store.sampling import sample_shots
 
 TOPK = 5
@@ -30,6 +30,7 @@ class AllwayScores:
     per_class: np.ndarray
     ece: np.ndarray | None = None
     nll: np.ndarray | None = None
+    batches: list[int] | None = None  # transductive in batches (``batch_setting``): how many, per seed
 
 
 def store_rows(store, split: str, device) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
@@ -51,6 +52,7 @@ def run_allway(
     query_batch: int = 8192,
     class_names=None,
     transductive: bool = False,
+    batch_setting: BatchSetting | None = None,
 ) -> AllwayScores:
     """Scores per seed over the full test split (see :class:`AllwayScores`). ``train_x``: the train
     rows' features (n, D), or a function giving the features of some rows (:func:`store_rows`), so
@@ -58,13 +60,18 @@ def run_allway(
     TransCLIP (:mod:`fskd.evaluation.transductive`) on top of the head's logits (the shots' and
     test rows' features as stored, the softmax of the head's logits as the inductive
     predictions); top-1/top-5 are then of the transductive assignments, and there is no ECE/NLL
-    (the assignments are not the head's probabilities)."""
+    (the assignments are not the head's probabilities). ``batch_setting``: TransCLIP on the
+    realistic batches of each seed instead (:func:`~fskd.evaluation.transductive.realistic_batches`),
+    their count per seed in ``batches``."""
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
+    if batch_setting is not None and batch_setting.active_classes > len(classes):
+        raise ConfigError(f"--active-classes {batch_setting.active_classes} is more than the {len(classes)} classes "
+                          f"evaluated here: give 1 ... {len(classes)}")
     pos = {int(c): i for i, c in enumerate(classes)}
     truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
-    top1, top5, per_class, ece, nll = [], [], [], [], []
+    top1, top5, per_class, ece, nll, n_batches = [], [], [], [], [], []
     k = TOPK if len(classes) > TOPK else 0
     take = train_x if callable(train_x) else (lambda r: train_x[torch.from_numpy(r).to(train_x.device)])
     raw_test, test_x = test_x, head.prepare(test_x)
@@ -78,11 +85,17 @@ def run_allway(
             logits = torch.cat([fitted.logits(test_x[s : s + query_batch][None])[0]
                                 for s in range(0, len(test_y), query_batch)])  # (M, C): every test row
             way = torch.arange(len(classes), device=raw_support.device).repeat_interleave(shot)
-            out = transclip(raw_test, logits.softmax(-1), raw_support, way)
-            pred = out.pred.cpu().numpy()
+            if batch_setting is None:
+                out = transclip(raw_test, logits.softmax(-1), raw_support, way)
+                pred_t, scores_t = out.pred, out.scores
+            else:
+                batches = realistic_batches(truth_np, batch_setting, seed)
+                pred_t, scores_t = transclip_batches(raw_test, logits.softmax(-1), raw_support, way, batches)
+                n_batches.append(len(batches))
+            pred = pred_t.cpu().numpy()
             top1.append(float((pred == truth_np).mean()))
             if k:
-                top5.append(int((out.scores.topk(k, dim=-1).indices == truth[:, None]).any(-1).sum()) / len(test_y))
+                top5.append(int((scores_t.topk(k, dim=-1).indices == truth[:, None]).any(-1).sum()) / len(test_y))
             per_class.append(class_accuracies(pred, truth_np, len(classes)))
             continue
         preds, in5, cal = [], 0, Calibration()
@@ -99,6 +112,7 @@ def run_allway(
         ece.append(cal.ece())
         nll.append(cal.mean_nll())
     if transductive:
-        return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class))
+        return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class),
+                            batches=n_batches if batch_setting is not None else None)
     return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_class), np.asarray(ece),
                         np.asarray(nll))

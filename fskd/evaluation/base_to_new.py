@@ -39,7 +39,7 @@ def split_of(n_classes: int) -> dict:
     return {"base": base.tolist(), "val": [], "novel": new.tolist(), "source": SOURCE}
 
 
-def restrict_for_fit(store, shots: int, seed: int, val_rule: str) -> str:
+def restrict_for_fit(store, shots: int, seed: int, hp_selection: str) -> str:
     """Make ``store`` show a fit only the base half's K train shots of ``seed`` (the rows the
     all-way protocol draws for that seed) and its validation rows; returns a description."""
     base, _ = halves(store.num_classes)
@@ -54,14 +54,15 @@ def restrict_for_fit(store, shots: int, seed: int, val_rule: str) -> str:
     if store.has_split("val"):
         yv = store.labels("val")
         keep["val"] = np.zeros(len(yv), bool)
-        v = validation_rows(yv, base, shots, seed, val_rule)
-        keep["val"][v] = True
-        n_val = len(v)
+        if hp_selection != "none":
+            v = validation_rows(yv, base, shots, seed, hp_selection)
+            keep["val"][v] = True
+            n_val = len(v)
     for s in store.splits:
         if s not in keep:
             keep[s] = np.zeros(store.n_rows(s), bool)
     desc = (f"base-to-new: the fit saw {shots} train shots (seed {seed}) of each of the {len(base)} base classes and "
-            f"{n_val} val rows ({val_rule} rule); the {store.num_classes - len(base)} new classes and every test row "
+            f"{n_val} val rows ({hp_selection} rule); the {store.num_classes - len(base)} new classes and every test row "
             f"were hidden")
     store.restrict_rows(keep, ["train"], desc)
     return desc
@@ -81,18 +82,19 @@ def harmonic_mean(base: float, new: float) -> float:
 
 def run_base_to_new(train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor], train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                     n_classes: int, shot: int, seeds: tuple[int, ...], head: Head, transfers: bool,
-                    class_names=None, transductive: bool = False) -> BaseToNewScores:
+                    class_names=None, transductive: bool = False, batch_setting=None) -> BaseToNewScores:
     """Base: all-way over the base half with K shots per class; new: over the new half with no
     shot (the head gets an empty support of the new classes), when ``transfers``. ``transductive``:
-    each half's test rows are classified jointly by TransCLIP (zero-shot setting for the new half)."""
+    each half's test rows are classified jointly by TransCLIP (zero-shot setting for the new half);
+    ``batch_setting`` (a :class:`~fskd.evaluation.transductive.BatchSetting`): in realistic batches, per half."""
     base, new = halves(n_classes)
     in_base = np.isin(test_y, base)
     idx_b = torch.from_numpy(np.flatnonzero(in_base)).to(test_x.device)
     b = run_allway(train_x, train_y, test_x[idx_b], test_y[in_base], base, shot, seeds, head, class_names=class_names,
-                   transductive=transductive)
+                   transductive=transductive, batch_setting=batch_setting)
     n = None
     if transfers:
         idx_n = torch.from_numpy(np.flatnonzero(~in_base)).to(test_x.device)
         n = run_allway(train_x, train_y, test_x[idx_n], test_y[~in_base], new, 0, seeds, head, class_names=class_names,
-                       transductive=transductive)
+                       transductive=transductive, batch_setting=batch_setting)
     return BaseToNewScores(b, n, base, new)

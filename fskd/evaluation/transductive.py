@@ -30,12 +30,20 @@ The defaults below are the paper's as its text gives them to the best of our rea
 abstract could be retrieved while this was written, so the section numbers and values (and the
 unweighted inclusion of the shots in the μ- and Σ-steps) are to be checked against Secs. 3-4 of
 arXiv:2406.01837.
+
+The realistic setting (``--batch B --active-classes C``, :func:`realistic_batches`): instead of
+all rows at once, the test rows of a seed are split into batches of at most B rows from C classes
+drawn at random, and TransCLIP runs on each batch alone, every class still a candidate (the
+batch-adaptation setting of Zanella, Fuchs, De Vleeschouwer and Ben Ayed, "Realistic Test-Time
+Adaptation of Vision-Language Models", CVPR 2025, whose Table 1 shows TransCLIP falling below
+zero-shot when a batch holds few classes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -193,3 +201,58 @@ def transclip(test_x: torch.Tensor, yhat: torch.Tensor, support_x: torch.Tensor 
         var = var_step(x, z, mu, sx, sy)
     scores = torch.log_softmax(logits, dim=-1)  # log z without underflow: ranks every class
     return TransclipOutput(pred=scores.argmax(-1), scores=scores, z=z, mu=mu, var=var)
+
+
+# --- the realistic setting: batches of a few classes ---------------------------------------------
+
+#: salt of the batch draw's generator (seeded by the evaluation seed): the batches do not share
+#: a stream with the shots of that seed
+BATCH_SALT = 20250107
+
+
+@dataclass(frozen=True)
+class BatchSetting:
+    """``--batch B --active-classes C``: the test rows of a seed are scored in batches of at most
+    ``batch`` rows drawn from ``active_classes`` classes (:func:`realistic_batches`)."""
+
+    batch: int
+    active_classes: int
+
+
+def realistic_batches(truth: np.ndarray, setting: BatchSetting, seed: int) -> list[np.ndarray]:
+    """Split the test rows (way labels ``truth`` (M,)) into the batches of the realistic setting,
+    every row in exactly one batch. Each batch draws ``active_classes`` classes uniformly without
+    replacement among the classes with rows left (all of them when fewer are left), then ``batch``
+    rows uniformly without replacement among those classes' rows left (all of them when fewer);
+    until no row is left. A batch's rows are in ascending order, so one batch of every row (B >= M,
+    C = every class) is the all-at-once setting exactly. The construction of a batch is StatA's
+    (Zanella et al., CVPR 2025: C classes, then B rows among theirs); drawing without replacement
+    until the split is used (their batches are independent draws) keeps top-1 and the per-class
+    table over the whole test split. Seeded: ``seed`` and :data:`BATCH_SALT`."""
+    rng = np.random.default_rng([int(seed), BATCH_SALT])
+    left = np.ones(len(truth), dtype=bool)
+    out = []
+    while left.any():
+        classes = np.unique(truth[left])
+        if len(classes) > setting.active_classes:
+            classes = rng.choice(classes, setting.active_classes, replace=False)
+        pool = np.flatnonzero(left & np.isin(truth, classes))
+        rows = pool if len(pool) <= setting.batch else np.sort(rng.choice(pool, setting.batch, replace=False))
+        left[rows] = False
+        out.append(rows)
+    return out
+
+
+def transclip_batches(test_x: torch.Tensor, yhat: torch.Tensor, support_x: torch.Tensor | None,
+                      support_y: torch.Tensor | None, batches: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransCLIP run on each batch of rows alone (its own k-NN graph, mixture and assignments;
+    every class a candidate, the shots shared), one call per batch: ``pred`` (M,) and ``scores``
+    (M, N), each row's from its batch."""
+    m, n = yhat.shape
+    pred = torch.empty(m, dtype=torch.long, device=yhat.device)
+    scores = torch.empty(m, n, dtype=torch.float32, device=yhat.device)
+    for rows in batches:
+        r = torch.from_numpy(rows).to(yhat.device)
+        out = transclip(test_x[r], yhat[r], support_x, support_y)
+        pred[r], scores[r] = out.pred.to(pred.device), out.scores.to(scores.device)
+    return pred, scores

@@ -15,15 +15,14 @@ METHODS.lazy("prototype", "fskd.methods.adapt.prototype", kind="adapt",
              help="SimpleShot nearest class mean (base-mean centring, L2; --set rule=simpleshot: the authors' Euclidean rule): the baseline")
 METHODS.lazy("zero-shot", "fskd.methods.adapt.zero_shot", kind="adapt",
              help="class text features as weights (through the bridge when image and text spaces differ)")
-METHODS.lazy("linear-probe", "fskd.methods.adapt.lpclip", kind="adapt",
+METHODS.lazy("linear-probe", "fskd.methods.adapt.linear_probe", kind="adapt",
              help="the linear probe as published: CoOp's lpclip all-way (L-BFGS logistic regression, C searched on "
-                  "val), RFS's per episode (C = 1)")
-METHODS.lazy("linear-probe-tuned", "fskd.methods.adapt.linear_probe", kind="adapt",
-             help="fskd's probe: prototype init, Adam, weight decay and steps chosen on validation (batched)")
+                  "val), RFS's per episode (C = 1); --set recipe=tuned: fskd's probe: prototype init, Adam, weight "
+                  "decay and steps chosen on validation (batched)")
 METHODS.lazy("lp++", "fskd.methods.adapt.lp_pp", kind="adapt",
-             help="LP++ as published: probe + class-wise text blend, SGD at Lipschitz step sizes, early stopping on val")
-METHODS.lazy("lp++-tuned", "fskd.methods.adapt.lp_pp_tuned", kind="adapt",
-             help="fskd's LP++ variant: centred features, Adam, alpha0 / decay / steps searched on validation")
+             help="LP++ as published: probe + class-wise text blend, SGD at Lipschitz step sizes, early stopping on "
+                  "val; --set recipe=tuned: fskd's variant: centred features, Adam, alpha0 / decay / steps searched "
+                  "on validation")
 METHODS.lazy("gda", "fskd.methods.adapt.gda", kind="adapt",
              help="GDA (Wang et al., ICLR 2024): shared-covariance Gaussians on the shots (the authors' shrunk "
                   "precision) + zero-shot logits, blend alpha on validation")
@@ -44,6 +43,9 @@ METHODS.lazy("proker", "fskd.methods.adapt.proker", kind="adapt",
 METHODS.lazy("ape", "fskd.methods.adapt.ape", kind="adapt",
              help="APE (Zhu et al., ICCV 2023): Tip-Adapter cache in refined channels, keys reweighted by the "
                   "text (beta, alpha, gamma on validation)")
+METHODS.lazy("ape-t", "fskd.methods.adapt.ape_t", kind="adapt",
+             help="APE-T (Zhu et al., ICCV 2023): APE's trained form: a class residual on the refined channels of "
+                  "text and cache keys + per-key value weights (AdamW), then beta, alpha on validation")
 METHODS.lazy("tip-adapter", "fskd.methods.adapt.tip_adapter", kind="adapt",
              help="Tip-Adapter: training-free cache of the shots + text weights (alpha, beta on validation)")
 METHODS.lazy("tip-adapter-f", "fskd.methods.adapt.tip_adapter_f", kind="adapt",
@@ -60,13 +62,14 @@ METHODS.lazy("syntrans", "fskd.methods.adapt.syntrans", kind="adapt",
              help="SynTrans: visual weight generator + semantic reconstructor + bridge, meta-trained on base classes")
 METHODS.lazy("fma", "fskd.methods.align.fma", kind="align",
              help="Flow Matching Alignment as published: 12-block adaLN velocity field, 200 epochs, Euler steps of 0.1 "
-                  "toward class text (stop chosen on validation)")
-METHODS.lazy("fma-lite", "fskd.methods.align.fma", kind="align",
-             help="fskd's fast FMA variant: 2-block MLP in 256 principal directions, 600 steps, solver/steps/"
-                  "prototype weight on validation")
+                  "toward class text (stop chosen on validation); --set recipe=lite: fskd's fast variant: 2-block "
+                  "MLP in 256 principal directions, 600 steps, solver/steps/prototype weight on validation")
 METHODS.lazy("mtkd", "fskd.methods.distill.mtkd", kind="distill",
              help="teacher -> student distillation: MTKD stage 1 (semi) / SynTrans proxy (base-novel); logit, "
                   "feature, affinity, TinyCLIP image-text and prototype losses")
+METHODS.lazy("dho", "fskd.methods.distill.dho", kind="distill",
+             help="DHO (Kang et al., 2025): dual-head student, a CE head on the shots and a KD head on the teacher, "
+                  "mixed predictions (alpha, beta on validation); semi regime")
 
 
 def kind_of(name: str) -> str:

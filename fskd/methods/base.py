@@ -31,12 +31,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from fskd import __version__
-from fskd.errors import OutputError, StateError
+from fskd.errors import ConfigError, OutputError, StateError
 from fskd.fsutil import fault_point, guard_output_dir, read_bundle, remove_bundle, write_bundle
 from fskd.methods import METHODS, methods_of_kind  # noqa: F401 - re-exported
 
@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 #: progress(stage, step, total, {"loss": ..., ...}) for training loops; the CLI draws the bar
 TrainProgress = Callable[[str, int, int, dict], None]
 
-#: 2: state.json carries the SHA-256 of its own content; states of version 1 are refused (refit)
-STATE_VERSION = 2
+#: 2: state.json carries the SHA-256 of its own content; 3: a method with recipes (linear-probe,
+#: lp++, fma) records its recipe in ``hparams["recipe"]`` and the twin names (``lp++-tuned``, ...)
+#: are gone. States of earlier versions are refused (refit)
+STATE_VERSION = 3
 STATE_FORMAT = "fskd-state"
 STATE_JSON = "state.json"
 STATE_STEM = "state"
@@ -250,6 +252,130 @@ class Method(ABC):
         """Class text features (C, d_t) the state learned, per regime (``"allway"``, ``"episodic"``),
         that other methods can build on (e.g. FMA toward CoOp's prompts); None when it has none."""
         return None
+
+
+#: the ``--set`` key that picks a :class:`RecipeMethod`'s recipe
+RECIPE = "recipe"
+#: the class attributes every recipe of a method must agree on (the method reports them)
+_SHARED = ("kind", "needs_text", "transfers_to_new_classes", "needs_text_encoder")
+
+
+class RecipeMethod(Method):
+    """One method, several recipes: the published recipe (the default, listed first) and fskd's
+    own variants, picked with ``--set recipe=NAME`` (e.g. ``lp++ --set recipe=tuned``).
+
+    Each recipe is an implementation class (a :class:`Method`, not registered) whose options
+    class parses the other ``--set`` options, so its errors name its own keys. This class picks
+    the recipe, fits with it, records it in the state (``hparams["recipe"]`` and where it came
+    from) under the one registered name, and hands every later call on a state (head, features,
+    transfer, ...) to the recipe the state names. ``options`` is the default recipe's options
+    class plus ``recipe``; its ``from_dict`` parses the options of the recipe they name."""
+
+    #: recipe name -> implementation class; the first is the default (the published recipe)
+    recipes: ClassVar[dict[str, type[Method]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.recipes:
+            return
+        default = next(iter(cls.recipes.values()))
+        for attr in _SHARED:
+            values = {getattr(r, attr) for r in cls.recipes.values()}
+            if len(values) > 1:
+                raise TypeError(f"{cls.__name__}: its recipes differ in {attr} ({values}); make them separate methods")
+            setattr(cls, attr, getattr(default, attr))
+        for hook in ("features", "text_features"):  # offered only where a recipe offers it
+            if all(getattr(r, hook) is getattr(Method, hook) for r in cls.recipes.values()):
+                setattr(cls, hook, getattr(Method, hook))
+        cls.options = _recipe_options(cls)
+
+    @classmethod
+    def recipe_of(cls, options: dict) -> tuple[str, type[Method], dict]:
+        """``--set`` options -> (the recipe's name, its implementation class, the other options);
+        an unknown recipe is a ConfigError naming the valid ones."""
+        if not isinstance(options, dict):
+            raise ConfigError(f"{cls.name}: options must be a JSON object (a table of KEY = VALUE), got "
+                              f"{type(options).__name__} {options!r:.80}")
+        rest = dict(options)
+        name = rest.pop(RECIPE, next(iter(cls.recipes)))
+        if not isinstance(name, str) or name not in cls.recipes:
+            first, *others = cls.recipes
+            raise ConfigError(f"{cls.name}: unknown recipe {name!r}; recipes: {first} (the default: the published "
+                              f"recipe), {', '.join(others)} (--set recipe=NAME)")
+        return name, cls.recipes[name], rest
+
+    @classmethod
+    def parse_options(cls, options: dict):
+        """The options of the recipe ``options`` name, parsed by that recipe's options class (an
+        unknown key that another recipe takes: the error says which)."""
+        name, impl, rest = cls.recipe_of(options)
+        if impl.options is None:
+            if rest:
+                raise ConfigError(f"{cls.name} recipe={name} takes no options but recipe, got {', '.join(sorted(rest))}")
+            return None
+        try:
+            return impl.options.from_dict(rest)
+        except ConfigError as e:
+            own = set(getattr(impl.options, "__dataclass_fields__", {}))
+            other = {r: sorted((set(rest) - own) & set(getattr(c.options, "__dataclass_fields__", {})))
+                     for r, c in cls.recipes.items() if r != name}
+            hint = "; ".join(f"recipe={r} takes {', '.join(keys)}" for r, keys in other.items() if keys)
+            if not hint:
+                raise
+            raise ConfigError(f"{cls.name} recipe={name}: {e} ({hint}: --set recipe=NAME)") from None
+
+    def fit(self, store: FeatureStore, config, progress: TrainProgress | None = None) -> MethodState:
+        self.parse_options(config.options)  # option errors before any work, with the recipe hint
+        name, impl, rest = self.recipe_of(config.options)
+        state = impl().fit(store, dataclasses.replace(config, options=rest), progress)
+        state.method, state.config = self.name, config.to_dict()
+        state.hparams = {RECIPE: name, **state.hparams}
+        state.selected_on = {RECIPE: f"user-set (--set recipe={name})" if RECIPE in config.options
+                             else "default (the published recipe)", **state.selected_on}
+        return state
+
+    def recipe(self, state: MethodState) -> Method:
+        """The implementation of the recipe ``state`` was fitted with."""
+        name = state.hparams.get(RECIPE)
+        if name not in self.recipes:
+            raise StateError(f"this {self.name} state names recipe {name!r}; {self.name}'s recipes are "
+                             f"{', '.join(self.recipes)}: fit the state again with this fskd")
+        return self.recipes[name]()
+
+    def head(self, state: MethodState, store: FeatureStore, device: torch.device) -> Head:
+        return self.recipe(state).head(state, store, device)
+
+    def check_store(self, state: MethodState, store: FeatureStore, directory: str | Path) -> None:
+        self.recipe(state).check_store(state, store, directory)
+
+    def bound_to_shots(self, state: MethodState) -> bool:
+        return self.recipe(state).bound_to_shots(state)
+
+    def transfer_state(self, state: MethodState, store: FeatureStore) -> MethodState:
+        return self.recipe(state).transfer_state(state, store)
+
+    def features(self, state: MethodState, store: FeatureStore, device: torch.device):
+        return self.recipe(state).features(state, store, device)
+
+    def text_features(self, state: MethodState, store: FeatureStore, device: torch.device):
+        return self.recipe(state).text_features(state, store, device)
+
+
+def _recipe_options(method: type[RecipeMethod]) -> type:
+    """``method.options``: the default recipe's options class plus ``recipe`` (so code reading
+    the fields, e.g. whether the method has a ``regime``, sees the default's); ``from_dict``
+    parses ``--set`` options with the options class of the recipe they name."""
+    from fskd.config import Config
+
+    default_name, default = next(iter(method.recipes.items()))
+    base = default.options or Config
+    namespace = {
+        "__annotations__": {RECIPE: str}, RECIPE: default_name, "__module__": method.__module__,
+        "__doc__": f"``{method.name}`` options: ``recipe`` ({', '.join(method.recipes)}; default {default_name}), "
+                   f"then the options of that recipe.",
+        "from_dict": classmethod(lambda cls, data: method.parse_options(data)),
+    }
+    return dataclasses.dataclass(frozen=True)(type(f"{method.__name__}RecipeOptions", (base,), namespace))
 
 
 def check_state_store(state: MethodState, store: FeatureStore, directory: str | Path) -> None:

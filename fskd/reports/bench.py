@@ -10,6 +10,7 @@ OUT/
                   methods x shots averaged over datasets; paired differences to --baseline
   table.csv       one line per (method, dataset, shots): mean, std, seeds, n/a reasons
   table.tex       the per-K tables as LaTeX (booktabs)
+  timing.md       the mean fit seconds of a cell, methods x shots (apart: times vary run to run)
   accuracy_vs_shots.png/.svg   one panel per dataset + the average, one line per method
   states/         the fitted states when --keep-states
 ```
@@ -56,18 +57,20 @@ class Cell:
     shots: int
     seed: int
     protocol: str
-    val_rule: str
+    hp_selection: str
     options: str  # JSON of the method's options (sorted keys)
     source_fingerprint: str = ""  # cross-dataset / domain-shift: the store every cell's state is fitted on
     setting: str = ""  # episodic: JSON of way, query, episodes, episode seed and class ratio
     fit_method: str = ""  # a variant row (LABEL=METHOD): the registered method fitted under the label ``method``
+    stages: str = ""  # a chain row: its stages, "mtkd(base-novel) -> syntrans" (fskd.bench.chains)
 
     @property
     def key(self) -> str:
-        parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.val_rule, self.options]
+        parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.hp_selection, self.options]
         return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else [])
                           + ([self.setting] if self.setting else [])
-                          + ([{"variant_of": self.fit_method}] if self.fit_method else []))
+                          + ([{"variant_of": self.fit_method}] if self.fit_method else [])
+                          + ([{"stages": self.stages}] if self.stages else []))
 
     def label(self) -> str:
         return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
@@ -154,8 +157,9 @@ def cell_row(cell: Cell, result: dict) -> dict:
     """A cell's row in ``results.jsonl``: what identifies the cell, then its result."""
     return {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
             "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
-            "protocol": cell.protocol, "val_rule": cell.val_rule, "options": json.loads(cell.options),
-            **({"variant_of": cell.fit_method} if cell.fit_method else {}), **result}
+            "protocol": cell.protocol, "hp_selection": cell.hp_selection, "options": json.loads(cell.options),
+            **({"variant_of": cell.fit_method} if cell.fit_method else {}),
+            **({"stages": cell.stages} if cell.stages else {}), **result}
 
 
 def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dict],
@@ -213,8 +217,19 @@ def _grid_rows(rows: Iterable[dict], keys: Sequence[str] | set[str] | None) -> l
         if keys is None or r["key"] in keys:
             last[r["key"]] = r
     if keys is None or isinstance(keys, (set, frozenset)):
-        return list(last.values())
-    return [last[k] for k in dict.fromkeys(keys) if k in last]
+        out = list(last.values())
+    else:
+        out = [last[k] for k in dict.fromkeys(keys) if k in last]
+    return by_selection(out)
+
+
+def by_selection(rows: list[dict]) -> list[dict]:
+    """Rows of a grid that sweeps --hp-selection, each method named with its policy
+    (``gda [none]``): one table row and one curve per method and policy."""
+    hs = {r.get("hp_selection", "few-shot-val") for r in rows}
+    if len(hs) < 2:
+        return rows
+    return [{**r, "method": f"{r['method']} [{r.get('hp_selection', 'few-shot-val')}]"} for r in rows]
 
 
 def summarise(rows: list[dict], metric: str = "accuracy"
@@ -341,7 +356,11 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
         for k in shots:
             for d, c in zip(cols, row_cells(m, k), strict=True):
                 w.writerow([m, d, k, *_csv_cells(c)])
-    return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+    out = {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
+    timing = _fit_seconds_section(rows, methods, shots)
+    if timing:  # apart from the tables: times differ run to run, the tables do not
+        out["timing.md"] = "\n".join([f"# fskd bench: fit times ({config.get('protocol', 'allway')})\n"] + timing).rstrip() + "\n"
+    return out
 
 
 def _calibration_section(rows: list[dict], config: dict, methods: list[str], datasets: list[str],
@@ -360,6 +379,22 @@ def _calibration_section(rows: list[dict], config: dict, methods: list[str], dat
                 [[m] + [(_average(summ, m, datasets, k) if len(datasets) > 1 else
                          summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))).text()
                         for k in shots] for m in methods]), ""]
+
+
+def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
+    """Methods x shots: the mean fit time of a cell (over datasets and seeds), where rows have one."""
+    ok = [r for r in rows if r["status"] == OK and isinstance(r.get("fit_seconds"), (int, float))]
+    if not ok:
+        return []
+    cell = {}
+    for m in methods:
+        for k in shots:
+            t = [r["fit_seconds"] for r in ok if r["method"] == m and r["shots"] == k]
+            cell[m, k] = f"{np.mean(t):.2f}" if t else "n/a"
+    return ["## Fit seconds (mean over datasets and seeds)\n",
+            "Wall seconds of one fit, hyper-parameter search included (the machine of the run; compare rows of "
+            "one table only).\n",
+            _md(["method"] + [f"{k}-shot" for k in shots], [[m] + [cell[m, k] for k in shots] for m in methods]), ""]
 
 
 def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
@@ -407,17 +442,27 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
 
 
 def _student_text(rows: list[dict], config: dict) -> str:
-    """What a distill row scores (rows with ``extract_seconds`` distilled a student), else ''."""
-    students = sorted({r["method"] for r in rows if "extract_seconds" in r})
-    if not students:
+    """What a distill row scores (rows with ``extract_seconds`` distilled a student) and what a chain
+    row runs (rows with ``stages``), else ''."""
+    students = sorted({r["method"] for r in rows if "extract_seconds" in r and not r.get("stages")})
+    chains = {r["method"]: r["stages"] for r in rows if r.get("stages")}
+    if not students and not chains:
         return ""
     regime = ("base-novel: trained on the base classes' images and labels, distilling the store's encoder"
               if config.get("protocol") == "episodic" else
               "semi: K labelled shots per class of seed s plus the rest of the train split unlabelled, distilling the "
               "store's encoder")
-    return (f" Distill rows ({', '.join(students)}): each cell distils one student (regime {regime}; seed s), encodes "
+    text = (f" Distill rows ({', '.join(students)}): each cell distils one student (regime {regime}; seed s), encodes "
             f"the store's images with it (`fskd extract --encoder student:DIR`) and scores the same protocol on the "
-            f"student's features; the other rows score the store's own (teacher) features.")
+            f"student's features." if students else "")
+    if chains:
+        text += (f" Chain rows ({'; '.join(f'{m} = {s}' for m, s in chains.items())}): each cell runs the stages in "
+                 f"turn with its K and seed: a teacher stage is fitted on the store and is the student's teacher "
+                 f"(`--teacher-state`); the student is distilled (regime {regime}; seed s) and encodes the store's "
+                 f"images; a head stage (after the student) is fitted on the student's features (`fskd adapt` on the "
+                 f"student's store) with the cell's K shots; the last stage's state scores the same protocol on the "
+                 f"student's features.")
+    return text + " The other rows score the store's own (teacher) features."
 
 
 def _failed_cells(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -440,10 +485,29 @@ def _tex(s: str) -> str:
     return "".join("\\" + c if c in "&%$#_{}" else c for c in s)
 
 
+#: how each --hp-selection policy chooses hyper-parameters, in a table's protocol sentence
+SELECTION_TEXT = {"few-shot-val": "hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot "
+                                  "validation)",
+                  "full-val": "hyper-parameters chosen on the full val split",
+                  "none": "no validation data (each method's fixed values)"}
+
+
+def selections(config: dict) -> list[str]:
+    """The grid's --hp-selection policies (a bench folder of an earlier build: CoOp's few-shot rule)."""
+    h = config.get("hp_selection") or ["few-shot-val"]
+    return [h] if isinstance(h, str) else list(h)
+
+
+def selection_text(config: dict) -> str:
+    hs = selections(config)
+    if len(hs) == 1:
+        return SELECTION_TEXT.get(hs[0], hs[0])
+    return ("hyper-parameters chosen by the policy in brackets after the method (--hp-selection): "
+            + "; ".join(f"{h}: {SELECTION_TEXT[h]}" for h in hs))
+
+
 def protocol_text(config: dict, seeds: list[int]) -> str:
-    rule = config.get("val_rule", "few-shot")
-    val = ("hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot validation)"
-           if rule == "few-shot" else "hyper-parameters chosen on the full val split")
+    val = selection_text(config)
     if config.get("protocol") in TRANSFER_PROTOCOLS:
         how = ("the other stores' classes are new to it: its head transfers through their class text, with no shot "
                "of them (methods that cannot are n/a)" if config.get("protocol") == "cross-dataset" else
@@ -539,7 +603,10 @@ def write_outputs(out: Path, rows: list[dict], config: dict, keys: Sequence[str]
     if not rows:
         raise ConfigError(f"{out / RESULTS} has no finished cells to report")
     paths = []
-    for name, text in build_tables(rows, config, config.get("baseline")).items():
+    baseline = config.get("baseline")
+    if baseline and len(selections(config)) > 1:  # the baseline under the grid's first policy
+        baseline = f"{baseline} [{selections(config)[0]}]"
+    for name, text in build_tables(rows, config, baseline).items():
         atomic_write_text(out / name, text)
         paths.append(out / name)
     from fskd.reports.plots import accuracy_vs_shots

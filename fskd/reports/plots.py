@@ -89,8 +89,12 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     what = ("Base-to-new harmonic mean" if b2n else
             f"{config.get('way', 5)}-way episodic accuracy" if episodic else "All-way accuracy")
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
-    val = ("validation on val-class episodes" if episodic else
-           "CoOp few-shot validation" if config.get("val_rule", "few-shot") == "few-shot" else "full validation")
+    from fskd.reports.bench import selections
+
+    hs = selections(config)
+    val = ("validation on val-class episodes" if episodic and hs == ["few-shot-val"] else
+           "CoOp few-shot validation" if hs == ["few-shot-val"] else "full validation" if hs == ["full-val"] else
+           "no validation data" if hs == ["none"] else f"--hp-selection {', '.join(hs)} (in brackets)")
     title = (f"{what} vs shots (mean ± std over {over} {', '.join(map(str, seeds))}; {val}"
              f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})")
     title = textwrap.fill(title, width=int(fig.get_figwidth() * 11), break_on_hyphens=False)

@@ -63,6 +63,9 @@ def report_name(result) -> str:
         what = f"{kind}_{result.shots}shot_seeds{'-'.join(map(str, result.seeds))}"
         if not getattr(result, "inductive", True):  # --transductive: another experiment, another file
             what += "_transclip"
+            setting = getattr(result, "transductive_setting", None)
+            if isinstance(setting, dict):  # realistic batches: another experiment again
+                what += f"-b{setting['batch']}c{setting['active_classes']}"
     return f"{store}_{who}_{what}"
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,7 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 from fskd import __version__
 from fskd.config import ExtractConfig
 from fskd.datasets import build_dataset
-from fskd.datasets.base import FRAMES_INFO, ImageDataset, fs_text, text_bytes
+from fskd.datasets.base import (
+    FRAMES_INFO,
+    DatasetListing,
+    ImageDataset,
+    SampleList,
+    fs_text,
+    text_bytes,
+)
 from fskd.datasets.splits import resolve_class_split, resolve_sample_splits
 from fskd.encoders import Encoder, build_encoder
 from fskd.encoders.base import weights_identity
@@ -47,15 +55,22 @@ from fskd.encoders.prompts import (
 )
 from fskd.errors import DatasetError, Interrupted, StoreError
 from fskd.fsutil import check_writable, dir_lock, sha256_file
-from fskd.runtime import autocast, barrier, init_distributed, num_workers, resolve_device
+from fskd.runtime import DistInfo, autocast, barrier, init_distributed, num_workers, resolve_device
 from fskd.store import schema as S
 from fskd.store.location import Location, backend_errors
 from fskd.store.store import FeatureStore, SplitRows
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
 #: progress(split, rows_done, rows_total, images_per_second)
 Progress = Callable[[str, int, int, float], None]
+#: an encoder's preprocessing: PIL image -> input tensor
+Preprocess = Callable[["Image.Image"], torch.Tensor]
+#: what the image datasets below give per item: (image tensor, item, ok, error or note)
+Item = tuple[torch.Tensor, int, bool, str]
 
 
 @dataclass
@@ -76,17 +91,17 @@ class ExtractResult:
     views_rows: int = 0  # train rows the store's views cover
 
 
-class ImageRows(Dataset):
+class ImageRows(Dataset[Item]):
     """(image tensor, row index, ok, message) for the rows of one split: the error when not ok,
     else a note ("PATH (N frames)": only the first frame of a multi-frame file is encoded) or ""."""
 
-    def __init__(self, source: ImageDataset, refs: list[str], preprocess, blank: torch.Tensor) -> None:
+    def __init__(self, source: ImageDataset, refs: list[str], preprocess: Preprocess, blank: torch.Tensor) -> None:
         self.source, self.refs, self.preprocess, self.blank = source, refs, preprocess, blank
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Item:
         try:
             image = self.source.open(self.refs[i])
             frames = image.info.get(FRAMES_INFO, 1)
@@ -104,7 +119,7 @@ def _chunk_batches(chunks: list[int], n: int, chunk_rows: int, batch: int) -> li
     return out
 
 
-def _fingerprint(parts: dict) -> str:
+def _fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -143,7 +158,7 @@ _DIFF_HINTS = {
 }
 
 
-def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, parts: dict) -> None:
+def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, parts: dict[str, Any]) -> None:
     """An existing store must come from the same inputs; otherwise say what differs, touch nothing."""
     if store.encoder_spec != cfg.encoder:
         raise StoreError(
@@ -162,7 +177,7 @@ def _check_existing(store: FeatureStore, cfg: ExtractConfig, fingerprint: str, p
         )
 
 
-def _repair(store: FeatureStore, sample_splits: dict) -> dict[str, dict[int, str]]:
+def _repair(store: FeatureStore, sample_splits: dict[str, SampleList]) -> dict[str, dict[int, str]]:
     """Verify every written chunk; clear the flags of the damaged ones (encoded again below) and
     rewrite missing id chunks from the listing. Text arrays cannot be repaired in place."""
     missing = store.missing_chunks()
@@ -266,8 +281,8 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
     # created, then the store folder while it is verified and filled. A second `fskd extract` of
     # the same store waits, then finds it complete or resumes.
     waiting = f"another fskd extract is writing {cfg.store}; waiting for it to finish"
-    locking = single and store_path is not None
-    with dir_lock(store_path.absolute().parent, waiting, log) if locking else contextlib.nullcontext():
+    locked = store_path if single else None
+    with dir_lock(locked.absolute().parent, waiting, log) if locked is not None else contextlib.nullcontext():
         # every rank must take the same branch: look at the path only between two barriers
         barrier()
         # on object storage a root still marked as being created is fskd's unfinished creation: made again
@@ -286,7 +301,7 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
                         raise
                     log.info("%s was created by another fskd extract meanwhile; resuming into it", cfg.store)
             barrier()
-    with dir_lock(store_path, waiting, log) if locking else contextlib.nullcontext():
+    with dir_lock(locked, waiting, log) if locked is not None else contextlib.nullcontext():
         result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
         if cfg.augment_views:
             result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits.get("train"), get_encoder,
@@ -297,8 +312,10 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
         return result
 
 
-def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule, text, descriptions, parts,
-            fingerprint, ignored, encoder: Encoder) -> None:
+def _create(cfg: ExtractConfig, listing: DatasetListing, class_split: dict[str, list[int]], split_source: str,
+            sample_splits: dict[str, SampleList], sample_rule: str, text: tuple[tuple[str, ...], str],
+            descriptions: list[list[str]] | None, parts: dict[str, Any], fingerprint: str, ignored: dict[str, int],
+            encoder: Encoder) -> None:
     templates, templates_source = text
     prompts = class_prompts(listing.class_names, templates, descriptions)
     emb = encode_class_texts(encoder, prompts).numpy() if encoder.has_text else None
@@ -338,8 +355,9 @@ def _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
     )
 
 
-def _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0
-          ) -> ExtractResult:
+def _fill(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset, sample_splits: dict[str, SampleList],
+          parts: dict[str, Any], fingerprint: str, ignored: dict[str, int], get_encoder: Callable[[], Encoder],
+          device: torch.device, dist: DistInfo, t0: float) -> ExtractResult:
     """Verify (and repair) the store, then encode every chunk not yet written."""
     store = FeatureStore.open(cfg.store, mode="r+")
     _check_existing(store, cfg, fingerprint, parts)
@@ -378,11 +396,11 @@ def _extract_split(
     store: FeatureStore,
     split: str,
     source: ImageDataset,
-    sample_list,
+    sample_list: SampleList,
     encoder: Encoder,
     cfg: ExtractConfig,
     device: torch.device,
-    dist,
+    dist: DistInfo,
     progress: Progress | None,
     multi: list[str] | None = None,
 ) -> tuple[int, int]:
@@ -408,7 +426,9 @@ def _extract_split(
     if channels_last:
         for m in encoder.modules():
             m.to(memory_format=torch.channels_last)
-    chunk, buf, lab, filled, count, n_bad = None, None, None, 0, 0, 0
+    chunk: int | None = None
+    buf, lab = np.zeros((0, 0), np.float32), np.zeros(0, np.int32)  # the chunk being filled: made by its first batch
+    filled = count = n_bad = 0
     notes: list[str] = [] if multi is None else multi  # multi-frame files: one warning, not one per image
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -470,7 +490,7 @@ def view_seed(seed: int, row: int, view: int) -> int:
     return int(np.random.SeedSequence([seed, row, view]).generate_state(1)[0])
 
 
-def random_view(image, seed: int, size: int, scale: tuple[float, float]):
+def random_view(image: Image.Image, seed: int, size: int, scale: tuple[float, float]) -> Image.Image:
     """torchvision's RandomResizedCrop(size, scale, ratio 3/4-4/3, bicubic) + RandomHorizontalFlip(0.5)
     with its parameters drawn from ``seed``: a square PIL image of ``size`` px that the encoder's own
     preprocessing (resize, centre crop, normalise) then turns into its input unchanged in framing."""
@@ -482,22 +502,22 @@ def random_view(image, seed: int, size: int, scale: tuple[float, float]):
         torch.manual_seed(seed)
         top, left, h, w = RandomResizedCrop.get_params(image, list(scale), list(VIEW_RATIO))
         flip = bool(torch.rand(()) < VIEW_FLIP)
-    out = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+    out: Image.Image = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
 
-class _Views(Dataset):
+class _Views(Dataset[Item]):
     """(image tensor, item, ok, error) for item = position * V + view of the views' rows."""
 
     def __init__(self, source: ImageDataset, refs: list[str], rows: np.ndarray, views: int, size: int,
-                 scale: tuple[float, float], seed: int, preprocess, blank: torch.Tensor) -> None:
+                 scale: tuple[float, float], seed: int, preprocess: Preprocess, blank: torch.Tensor) -> None:
         self.source, self.refs, self.rows, self.views = source, refs, rows, views
         self.size, self.scale, self.seed, self.preprocess, self.blank = size, scale, seed, preprocess, blank
 
     def __len__(self) -> int:
         return len(self.rows) * self.views
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j: int) -> Item:
         pos, view = divmod(j, self.views)
         row = int(self.rows[pos])
         try:
@@ -507,7 +527,7 @@ class _Views(Dataset):
             return self.blank, j, False, f"{self.source.path_of(self.refs[row])}: {type(e).__name__}: {e}"
 
 
-def _views_request(cfg: ExtractConfig) -> dict:
+def _views_request(cfg: ExtractConfig) -> dict[str, Any]:
     """What ``--augment-*`` asks for, in the views group's attributes (the crop size is the encoder's)."""
     rows = ({"rule": "all"} if not cfg.augment_shots else
             {"rule": "shots", "shots": int(cfg.augment_shots), "seeds": [int(s) for s in cfg.augment_seeds]})
@@ -517,7 +537,7 @@ def _views_request(cfg: ExtractConfig) -> dict:
                           "seed": int(cfg.augment_seed)}}
 
 
-def _views_differ(have: dict, want: dict) -> list[str]:
+def _views_differ(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
     out = [k for k in ("split", "views", "rows") if have.get(k) != want[k]]
     ht = {k: v for k, v in have.get("transform", {}).items() if k != "size"}
     out += [f"transform.{k}" for k in want["transform"] if ht.get(k) != want["transform"][k]]
@@ -537,7 +557,8 @@ def view_rows_for(store: FeatureStore, cfg: ExtractConfig) -> np.ndarray:
                                      for s in cfg.augment_seeds]))
 
 
-def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, device, dist, progress) -> tuple[int, int]:
+def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | None, get_encoder: Callable[[], Encoder],
+                device: torch.device, dist: DistInfo, progress: Progress | None) -> tuple[int, int]:
     """Create (rank 0) the views group if absent, verify it, encode this rank's unwritten view chunks.
     Returns (views encoded, rows covered)."""
     if train is None:
@@ -546,7 +567,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     store = FeatureStore.open(cfg.store, mode="r+")
     have = store.views_info
     differ = _views_differ(have, want) if have is not None else []
-    if differ:
+    if have is not None and differ:
         raise StoreError(
             f"{cfg.store} already has augmented views made differently (differs in: {', '.join(differ)}; "
             f"it has {have['views']} views of {have['rows']}); ask for the same ones, or remove {cfg.store}/views "
@@ -565,6 +586,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     barrier()
     store = FeatureStore.open(cfg.store, mode="r+")
     info, rows, done = store.views_info, store.view_rows(), store.views_written()
+    assert info is not None  # view_rows() raised StoreError if the store had no views
     todo = [c for c in range(len(done)) if not done[c] and c % dist.world_size == dist.rank]
     if not todo:
         barrier()
@@ -580,19 +602,21 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers(cfg.workers) > 0 else None,
     )
-    labels = np.asarray(store._views()[S.LABELS][:], dtype=np.int32)
+    labels = store.view_labels()
     total = sum((min(m, (c + 1) * per) - c * per) * v for c in todo)
-    chunk, buf, lab, filled, count = None, None, None, 0, 0
+    chunk: int | None = None
+    buf, lab = np.zeros((0, 0), np.float32), np.zeros(0, np.int32)  # the chunk being filled: made by its first batch
+    filled = count = 0
     t0 = time.perf_counter()
     dtype = S.FEATURE_DTYPES[store.attrs["dtype"]]
     with torch.inference_mode():
         for images, idx, ok, errors in loader:
             if not bool(ok.all()):
-                bad = [e for e, o in zip(errors, ok.tolist(), strict=True) if not o]
+                unread = [e for e, o in zip(errors, ok.tolist(), strict=True) if not o]
                 if not cfg.skip_bad:
-                    raise DatasetError(f"cannot read image {bad[0]} for its augmented views (pass --skip-bad to record "
-                                       f"it and go on; view chunks already written are kept)")
-                log.warning("skipping %d unreadable file(s) for views: %s", len(bad), bad)
+                    raise DatasetError(f"cannot read image {unread[0]} for its augmented views (pass --skip-bad to "
+                                       f"record it and go on; view chunks already written are kept)")
+                log.warning("skipping %d unreadable file(s) for views: %s", len(unread), unread)
             images = images.to(device, non_blocking=True)
             with autocast(device):
                 feats = encoder.encode_images(images).float().cpu().numpy()
@@ -618,7 +642,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train, get_encoder, de
     return count, m
 
 
-def blank_image():
+def blank_image() -> Image.Image:
     from PIL import Image
 
     return Image.new("RGB", (32, 32))

@@ -44,8 +44,13 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fskd.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+    from zarr.storage import FsspecStore
 
 #: environment variables read for storage options (JSON) and the read bound
 OPTIONS_ENV, REQUESTS_ENV = "FSKD_STORAGE_OPTIONS", "FSKD_MAX_REQUESTS"
@@ -56,28 +61,29 @@ BACKENDS = {"s3": ("s3fs", "fskd[s3]"), "s3a": ("s3fs", "fskd[s3]"), "gs": ("gcs
             "memory": ("fsspec", "fskd")}
 #: bounded waits and tries per backend (module docstring); a user's option of the same name wins.
 #: s3's ``retries`` is s3fs's tries of one call: not an S3FileSystem argument, set on the instance
-_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
+_S3_DEFAULTS: dict[str, Any] = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
                                   "retries": {"total_max_attempts": 2, "mode": "standard"}},
                 "retries": 2}
-_TIMEOUTS = {"s3": _S3_DEFAULTS, "s3a": _S3_DEFAULTS, "gs": {"requests_timeout": 60}, "gcs": {"requests_timeout": 60},
-             "az": {"connection_timeout": 5, "read_timeout": 30}, "abfs": {"connection_timeout": 5, "read_timeout": 30}}
+_TIMEOUTS: dict[str, dict[str, Any]] = {
+    "s3": _S3_DEFAULTS, "s3a": _S3_DEFAULTS, "gs": {"requests_timeout": 60}, "gcs": {"requests_timeout": 60},
+    "az": {"connection_timeout": 5, "read_timeout": 30}, "abfs": {"connection_timeout": 5, "read_timeout": 30}}
 #: storage options fskd applies to the filesystem instance instead of passing them to its constructor
 _INSTANCE_OPTIONS = {"s3": ("retries",), "s3a": ("retries",)}
 
-_configured: dict | None = None
+_configured: dict[str, Any] | None = None
 
 
-def is_url(spec: str | Path) -> bool:
+def is_url(spec: str | Path | Location) -> bool:
     return isinstance(spec, str) and "://" in spec
 
 
 def absolute_store(spec: str | Path) -> str:
     """A store's name that finds it again from any working directory: the URL, or the absolute path."""
     loc = Location(spec)
-    return loc.url if loc.is_remote else str(loc.local.expanduser().absolute())
+    return loc.url if loc.url is not None else str(loc.local_path.expanduser().absolute())
 
 
-def configure(options: dict | str | None) -> None:
+def configure(options: dict[str, Any] | str | None) -> None:
     """Storage options for every remote store this process opens (``--storage-options``): a dict,
     a JSON object text, or None to fall back to ``$FSKD_STORAGE_OPTIONS``."""
     global _configured
@@ -85,7 +91,7 @@ def configure(options: dict | str | None) -> None:
     reset()
 
 
-def configured() -> dict | None:
+def configured() -> dict[str, Any] | None:
     """The storage options given to :func:`configure` (None: ``$FSKD_STORAGE_OPTIONS`` applies)."""
     return None if _configured is None else dict(_configured)
 
@@ -100,7 +106,7 @@ def reset() -> None:
             cls.clear_instance_cache()
 
 
-def _fs_classes():
+def _fs_classes() -> Iterator[type[AbstractFileSystem]]:
     import fsspec
 
     for scheme in ("s3", "gs", "az", "memory"):
@@ -110,7 +116,7 @@ def _fs_classes():
             continue
 
 
-def _parse_options(options: dict | str, where: str) -> dict:
+def _parse_options(options: dict[str, Any] | str, where: str) -> dict[str, Any]:
     if isinstance(options, dict):
         return dict(options)
     try:
@@ -122,7 +128,7 @@ def _parse_options(options: dict | str, where: str) -> dict:
     return value
 
 
-def storage_options(protocol: str) -> dict:
+def storage_options(protocol: str) -> dict[str, Any]:
     """The fsspec options for ``protocol``: fskd's timeouts and retries (module docstring), under
     the configured or ``$FSKD_STORAGE_OPTIONS`` ones (without fskd's own ``fskd_*`` keys)."""
     user = _configured
@@ -136,7 +142,7 @@ def storage_options(protocol: str) -> dict:
     return opts
 
 
-def _split_options(protocol: str) -> tuple[dict, dict]:
+def _split_options(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``storage_options(protocol)`` as (constructor arguments, attributes to set on the instance)."""
     opts = storage_options(protocol)
     attrs = {k: opts.pop(k) for k in _INSTANCE_OPTIONS.get(protocol, ()) if k in opts}
@@ -228,8 +234,20 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self!s})"
 
+    @property
+    def local_path(self) -> Path:
+        """``local``, for code that reached a local store's branch (a remote location has none)."""
+        assert self.local is not None, f"{self} is not a local path"
+        return self.local
+
+    @property
+    def remote_url(self) -> str:
+        """``url``, for code that reached a remote store's branch (a local location has none)."""
+        assert self.url is not None, f"{self} is not a URL"
+        return self.url
+
     # -- remote access -------------------------------------------------------------------------
-    def fs(self):
+    def fs(self) -> AbstractFileSystem:
         """The (synchronous) fsspec filesystem of a remote location."""
         opts, attrs = _split_options(self.protocol)
         return _fs(self.protocol, json.dumps(opts, sort_keys=True), json.dumps(attrs, sort_keys=True))
@@ -237,16 +255,16 @@ class Location:
     @property
     def root(self) -> str:
         """The remote path without the scheme (``bucket/path.zarr``), as fsspec names it."""
-        return self.url.split("://", 1)[1]
+        return self.remote_url.split("://", 1)[1]
 
-    def zarr_store(self, read_only: bool):
+    def zarr_store(self, read_only: bool) -> FsspecStore:
         """zarr's ``FsspecStore`` over a remote location (a local store is opened by its path)."""
         import zarr
 
         _set_concurrency()
         opts, attrs = _split_options(self.protocol)
         with remote_errors(self):
-            store = zarr.storage.FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
+            store = zarr.storage.FsspecStore.from_url(self.remote_url, storage_options=opts, read_only=read_only)
         for k, v in attrs.items():  # s3fs's tries of one call (not a constructor argument)
             setattr(store.fs, k, v)
         return store
@@ -256,9 +274,9 @@ class Location:
         if self.local is not None:
             return self.local.exists()
         with remote_errors(self):
-            return self.fs().exists(f"{self.root}/zarr.json")
+            return bool(self.fs().exists(f"{self.root}/zarr.json"))
 
-    def root_attrs(self) -> dict | None:
+    def root_attrs(self) -> dict[str, Any] | None:
         """The attributes in the root ``zarr.json`` (None when it is absent or not JSON)."""
         try:
             if self.local is not None:
@@ -322,7 +340,7 @@ class Location:
         version of it (S3 ``If-Match``; unconditional elsewhere). A condition that does not hold
         raises :class:`ConditionFailed`."""
         path = f"{self.root}/zarr.json"
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         if if_absent and self.protocol in _CREATE_MODE:
             kw["mode"] = "create"
         if if_etag and self.protocol in ("s3", "s3a"):
@@ -409,7 +427,7 @@ def _check_scheme(scheme: str, spec: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _fs(protocol: str, options_json: str, attrs_json: str = "{}"):
+def _fs(protocol: str, options_json: str, attrs_json: str = "{}") -> AbstractFileSystem:
     import fsspec
 
     fs = fsspec.filesystem(protocol, **json.loads(options_json))

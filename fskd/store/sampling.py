@@ -6,13 +6,17 @@ all-way protocol draws for seed ``s``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fskd.config import VAL_RULES
+from fskd.config import HP_SELECTIONS
 from fskd.errors import EvaluationError, FskdError
+
+if TYPE_CHECKING:
+    from fskd.store.store import FeatureStore
 
 
 @dataclass
@@ -30,7 +34,7 @@ def _runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, n
     return starts, np.searchsorted(sorted_labels, classes, side="right") - starts
 
 
-def class_counts(labels: np.ndarray, classes) -> np.ndarray:
+def class_counts(labels: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Rows per class, in the order of ``classes``."""
     return _runs(np.sort(np.asarray(labels)), np.asarray(classes))[1]
 
@@ -41,7 +45,7 @@ def _name(classes: np.ndarray, i: int, class_names: list[str] | None) -> str:
 
 def sample_shots(
     labels: np.ndarray,
-    classes,
+    classes: Sequence[int] | np.ndarray,
     shot: int,
     seed: int,
     class_names: list[str] | None = None,
@@ -78,15 +82,17 @@ def val_shots(shots: int) -> int:
     return min(int(shots), COOP_VAL_CAP)
 
 
-def validation_rows(labels: np.ndarray, classes, shots: int, seed: int, rule: str) -> np.ndarray:
+def validation_rows(labels: np.ndarray, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
+                    ) -> np.ndarray:
     """Indices (ascending) of the val-split rows used to choose hyper-parameters in the all-way
-    protocol: ``rule="few-shot"``: min(K, 4) random rows per class of ``classes`` (seeded; a class
-    with fewer rows gives all of them, as CoOp's sampler), ``"full"``: every row of those classes."""
-    if rule not in VAL_RULES:
-        raise ValueError(f"validation rule must be one of {', '.join(VAL_RULES)}, got {rule!r}")
+    protocol: ``rule="few-shot-val"``: min(K, 4) random rows per class of ``classes`` (seeded; a
+    class with fewer rows gives all of them, as CoOp's sampler), ``"full-val"``: every row of those
+    classes. ``"none"`` (``--hp-selection none``) reads no val row: asking for them is a bug."""
+    if rule not in HP_SELECTIONS or rule == "none":
+        raise ValueError(f"validation rows exist for --hp-selection few-shot-val or full-val, got {rule!r}")
     labels = np.asarray(labels)
     member = np.isin(labels, np.asarray(classes))
-    if rule == "full":
+    if rule == "full-val":
         return np.flatnonzero(member)
     # its own stream: the train shots of seed s are unchanged
     return first_per_class(labels, member, val_shots(shots), np.random.default_rng([seed, 4]))
@@ -107,7 +113,7 @@ def first_per_class(labels: np.ndarray, member: np.ndarray, k: int, rng: np.rand
 CLASS_ROWS = 600
 
 
-def allway_shots(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+def allway_shots(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The all-way shots of ``seed`` from ``store``'s train split: (features (C*K, D), labels
     (C*K,), classes (C,)), class-major. Sampled on the labels; only the shots' features are read
@@ -116,8 +122,8 @@ def allway_shots(store, shots: int, seed: int, error: type[FskdError] = Evaluati
     return store.take("train", rows), y, classes
 
 
-def allway_shot_rows(store, shots: int, seed: int, error: type[FskdError] = EvaluationError, option: str = "--shots"
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def allway_shot_rows(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError,
+                     option: str = "--shots") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows behind :func:`allway_shots`: (train row indices (C*K,), labels (C*K,), classes (C,))."""
     valid = store.valid_rows("train")
     y = store.labels("train")[valid]
@@ -126,7 +132,7 @@ def allway_shot_rows(store, shots: int, seed: int, error: type[FskdError] = Eval
     return valid[rows], y[rows], classes
 
 
-def allway_shot_views(store, shots: int, seed: int, error: type[FskdError] = EvaluationError
+def allway_shot_views(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
                       ) -> tuple[np.ndarray | None, str]:
     """The store's augmented views of the all-way shots of ``seed`` (``fskd extract --augment-views``):
     ((C*K, V, D) in :func:`allway_shots`' order, their description), or (None, why there are none)."""
@@ -142,7 +148,7 @@ _VAL_NOT_TEST: set[str] = set()
 _COMPARE_ROWS = 4096
 
 
-def check_val_is_not_test(store) -> None:
+def check_val_is_not_test(store: FeatureStore) -> None:
     """Refuse to choose hyper-parameters on a store whose val split is its test split: every val
     sample id is a test sample id, or the two splits hold identical features (CoOp's ImageNet uses
     its val images as test images; code that validates there reports test-tuned numbers). Read
@@ -168,7 +174,8 @@ def check_val_is_not_test(store) -> None:
     _VAL_NOT_TEST.add(fp)
 
 
-def allway_val(store, classes, shots: int, seed: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+def allway_val(store: FeatureStore, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
+               ) -> tuple[np.ndarray, np.ndarray]:
     """The val-split rows of ``classes`` that ``rule`` allows (:func:`validation_rows`), read by row:
     (features, labels). A val split that is the test split is refused (:func:`check_val_is_not_test`)."""
     check_val_is_not_test(store)
@@ -179,7 +186,7 @@ def allway_val(store, classes, shots: int, seed: int, rule: str) -> tuple[np.nda
 
 
 def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed: int) -> str:
-    if rule == "full":
+    if rule == "full-val":
         return f"the full val split ({n_rows} rows of {n_classes} classes)"
     short = " (all of a class's rows where it has fewer)" if n_rows < val_shots(shots) * n_classes else ""
     return (f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes{short} (CoOp's "
@@ -188,7 +195,7 @@ def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed
 
 def sample_episodes(
     labels: np.ndarray,
-    classes,
+    classes: Sequence[int] | np.ndarray,
     way: int,
     shot: int,
     query: int,
@@ -217,7 +224,7 @@ EPISODE_KEYS = 1 << 22
 
 def iter_episodes(
     labels: np.ndarray,
-    classes,
+    classes: Sequence[int] | np.ndarray,
     way: int,
     shot: int,
     query: int,
@@ -257,8 +264,9 @@ def iter_episodes(
                        order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1)
     step = max(1, episodes if max_keys is None else multiple * max(1, max_keys // (multiple * way * width)))
     cls_rng = np.random.default_rng(seed)  # (E, C) class draws first ...
-    key_rng = np.random.default_rng(seed)
-    key_rng.bit_generator.advance(episodes * len(classes))  # ... then the (E, N, width) row keys
+    key_bits = np.random.PCG64(seed)  # default_rng(seed)'s bit generator
+    key_bits.advance(episodes * len(classes))  # ... then the (E, N, width) row keys
+    key_rng = np.random.Generator(key_bits)
 
     def batches() -> Iterator[Episodes]:
         for start in range(0, max(episodes, 1), step):  # no episodes: one empty batch

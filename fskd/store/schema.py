@@ -89,6 +89,7 @@ fillers write identical bytes for identical inputs, but run one job per store.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 FORMAT = "fskd-feature-store"
 #: the root's format while a store is being created on object storage (the completion marker replaces it)
@@ -140,7 +141,7 @@ def n_chunks(n_rows: int, chunk_rows: int) -> int:
     return -(-n_rows // chunk_rows)
 
 
-def chunk_checksum(features: np.ndarray, labels: np.ndarray) -> int:
+def chunk_checksum(features: npt.ArrayLike, labels: npt.ArrayLike) -> int:
     """CRC-32 of one row chunk: its features in the on-disk dtype, then its labels as int32."""
     import zlib
 

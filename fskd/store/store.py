@@ -11,11 +11,13 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -29,6 +31,12 @@ from fskd.store.location import (
     remote_errors,
 )
 
+if TYPE_CHECKING:
+    from zarr.abc.codec import BytesBytesCodec
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.core.common import AccessModeLiteral
+    from zarr.types import AnyArray
+
 
 @dataclass
 class SplitRows:
@@ -38,43 +46,54 @@ class SplitRows:
     labels: np.ndarray
 
 
-def _compressor():
+def _compressor() -> list[BytesBytesCodec]:
     # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads;
     # then a CRC-32C of the stored bytes, which zarr checks on every read of the chunk (schema.py)
     return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
 #: every other array: no compression, the same read-time CRC-32C (labels, ids, flags, text)
-_CRC = {"compressors": [Crc32cCodec()]}
+_CRC = [Crc32cCodec()]
 
 
 #: every chunk a writer stores exists as an object, even one equal to the fill value (schema.py)
-_ARRAY_CONFIG = {"write_empty_chunks": True}
+# (the ignore: zarr takes NotRequired from Python 3.11's typing, so mypy for 3.10 requires every key)
+_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item, unused-ignore]
 
 
-def _list_keys(arr: zarr.Array) -> set[str]:
+def _array(group: zarr.Group, name: str) -> AnyArray:
+    """``group[name]``, one of the schema's arrays (:meth:`FeatureStore.validate` checked that it is one)."""
+    return cast("AnyArray", group[name])
+
+
+def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """``group[name]``, one of the schema's groups (a split, ``text``, ``views``)."""
+    return cast(zarr.Group, group[name])
+
+
+def _list_keys(arr: AnyArray) -> set[str]:
     """The chunk keys stored for ``arr`` (relative to the array, e.g. ``c/3/0``)."""
     from zarr.core.sync import sync
 
     prefix = f"{arr.path}/" if arr.path else ""
 
-    async def _ls():
+    async def _ls() -> list[str]:
         return [k async for k in arr.store.list_prefix(prefix + "c/")]
 
     return {k[len(prefix):] for k in sync(_ls())}
 
 
-def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+def _chunk_key(arr: AnyArray, coords: tuple[int, ...]) -> str:
     return arr.metadata.encode_chunk_key(coords)
 
 
-def _verify_chunks(features: zarr.Array, labels: zarr.Array, sums: np.ndarray, written: np.ndarray, rows: int,
+def _verify_chunks(features: AnyArray, labels: AnyArray, sums: np.ndarray, written: np.ndarray, rows: int,
                    bad: dict[int, str], location: Location) -> None:
     """Re-compute the CRC-32 of every written row chunk not already in ``bad``; add the ones that
     cannot be decoded or do not match their stored checksum to ``bad`` (chunk -> reason)."""
     n = features.shape[0]
-    for c in np.flatnonzero(written):
-        c = int(c)
+    for i in np.flatnonzero(written):
+        c = int(i)
         if c in bad:
             continue
         sl = slice(c * rows, min(n, (c + 1) * rows))
@@ -118,13 +137,13 @@ def _unrepairable_here(missing: str) -> bool:
     return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
 
 
-def _views_rows_text(info: dict) -> str:
+def _views_rows_text(info: dict[str, Any]) -> str:
     r = info["rows"]
     return ("every readable train row" if r.get("rule") == "all" else
             f"the {r['shots']}-shot all-way shots of seeds {', '.join(map(str, r['seeds']))}")
 
 
-def describe_views(info: dict) -> str:
+def describe_views(info: dict[str, Any]) -> str:
     """One line naming a views group: how many views, of which rows, made how."""
     t = info["transform"]
     return (f"{info['views']} augmented views per shot from the store (RandomResizedCrop {t['size']} px, scale "
@@ -149,11 +168,12 @@ def _nearby(path: Path, limit: int = 5) -> str:
     return f"; stores nearby: {', '.join(sorted(found))}" if found else ""
 
 
-def _location(path) -> Location:
+def _location(path: str | Path | Location) -> Location:
     return path if isinstance(path, Location) else Location(path)
 
 
-def _fill_layout(root: zarr.Group, attrs, splits, class_keys, class_names, prompts, class_embeddings) -> None:
+def _fill_layout(root: zarr.Group, attrs: dict[str, Any], splits: dict[str, SplitRows], class_keys: list[str],
+                 class_names: list[str], prompts: list[str], class_embeddings: np.ndarray | None) -> None:
     """Every array of a new store (schema.py), features unwritten; the root attributes are the caller's."""
     cfg = _ARRAY_CONFIG
     dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
@@ -163,26 +183,29 @@ def _fill_layout(root: zarr.Group, attrs, splits, class_keys, class_names, promp
         nc = S.n_chunks(n, rows)
         g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
                        compressors=_compressor(), config=cfg)
-        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, **_CRC, config=cfg)
-        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, **_CRC, config=cfg)
+        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, compressors=_CRC,
+                             config=cfg)
+        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, compressors=_CRC, config=cfg)
         # one object per flag and checksum: torchrun ranks (and nodes) write disjoint chunks concurrently
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, **_CRC, config=cfg)
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, **_CRC)
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC,
+                       config=cfg)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if n:
             lab[:] = r.labels
             ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
     t = root.create_group(S.TEXT_GROUP)
     for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
-        a = t.create_array(name, shape=(len(values),), dtype=str, **_CRC, config=cfg)
+        a = t.create_array(name, shape=(len(values),), dtype=str, compressors=_CRC, config=cfg)
         if len(values):
             a[:] = np.asarray(values, dtype=str)
     if class_embeddings is not None:
-        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", **_CRC, config=cfg)
+        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", compressors=_CRC,
+                           config=cfg)
         e[:] = class_embeddings.astype(np.float32)
 
 
 # -- creating a store on object storage (schema.py): the root claim ---------------------------------
-def _group_json(attributes: dict) -> bytes:
+def _group_json(attributes: dict[str, Any]) -> bytes:
     """A root group's ``zarr.json`` as zarr writes it (``GroupMetadata``), holding ``attributes``."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.group import GroupMetadata
@@ -190,9 +213,11 @@ def _group_json(attributes: dict) -> bytes:
     return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
-def _json_attrs(data: bytes | None) -> dict:
+def _json_attrs(data: bytes | None) -> dict[str, Any]:
     import json
 
+    if data is None:
+        return {}
     try:
         attrs = json.loads(data).get("attributes", {})
     except (TypeError, ValueError, AttributeError):
@@ -209,7 +234,7 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
         return None
 
 
-def _creator(token: str) -> dict:
+def _creator(token: str) -> dict[str, Any]:
     """Who is creating a store: written into the root marker, read by :func:`_creator_alive`."""
     import socket
     from datetime import datetime, timezone
@@ -219,7 +244,7 @@ def _creator(token: str) -> dict:
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def _creator_alive(creator: dict) -> bool:
+def _creator_alive(creator: dict[str, Any]) -> bool:
     """Whether the process named in a root marker still runs: only knowable on this machine (the
     same host name, a live pid with the same start time). A marker from another machine, from a
     process that is gone, or without a creator (an older fskd) is an interrupted creation."""
@@ -269,7 +294,9 @@ def _claim_creation(loc: Location, token: str) -> str | None:
         if fmt != S.CREATING_FORMAT:
             raise StoreError(f"{loc} already exists and is not an fskd feature store (format {fmt!r}); fskd will "
                              f"not replace it")
-        creator = have.get("creator") if isinstance(have.get("creator"), dict) else {}
+        creator = have.get("creator")
+        if not isinstance(creator, dict):
+            creator = {}
         if creator.get("token") == token:  # our own PUT landed though its answer was lost
             return etag
         if _creator_alive(creator):
@@ -285,7 +312,7 @@ def _claim_creation(loc: Location, token: str) -> str | None:
                      f"(other fskd extract processes?); rerun when they finish")
 
 
-def _commit_creation(loc: Location, attrs: dict, etag: str | None) -> None:
+def _commit_creation(loc: Location, attrs: dict[str, Any], etag: str | None) -> None:
     """The completion marker: the whole root attributes in one PUT, only over this process's own
     claim. A claim another process took over fails it (that process finishes the store)."""
     data = _group_json(attrs)
@@ -305,20 +332,20 @@ class FeatureStore:
 
     def __init__(self, path: Path | str, group: zarr.Group, location: Location | None = None) -> None:
         self.location = location or _location(path)
-        self.path = self.location.local if self.location.local is not None else self.location.url
+        self.path: Path | str = self.location.local if self.location.local is not None else str(self.location)
         self.group = group
-        self.attrs = dict(group.attrs)
+        self.attrs: dict[str, Any] = dict(group.attrs)
         self._keep: dict[str, np.ndarray] = {}  # restrict_rows: split -> rows a fit may see
         self._default_splits: list[str] | None = None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path | Location, mode: AccessModeLiteral = "r") -> FeatureStore:
         """Open and validate a store (a path or a URL); raises StoreError naming it and what is wrong."""
         loc = _location(path)
         if loc.is_remote:
             return cls._open_remote(loc, mode)
-        path = loc.local
+        path = loc.local_path
         if not path.exists():
             raise StoreError(f"feature store {path} does not exist (create it with `fskd extract`){_nearby(path)}")
         try:
@@ -330,7 +357,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def _open_remote(cls, loc: Location, mode: str) -> FeatureStore:
+    def _open_remote(cls, loc: Location, mode: AccessModeLiteral) -> FeatureStore:
         if not loc.exists():
             loc.probe()  # a missing bucket or bad credentials say so, not "does not exist"
             raise StoreError(f"feature store {loc} does not exist (create it with `fskd extract`)")
@@ -344,7 +371,7 @@ class FeatureStore:
             raise
         except Exception as e:
             raise StoreError(f"{loc} is not a Zarr store: {e}") from None
-        store = cls(loc.url, group, loc)
+        store = cls(loc.remote_url, group, loc)
         store.validate()
         return store
 
@@ -376,14 +403,14 @@ class FeatureStore:
             for name in (S.FEATURES, S.LABELS, S.SAMPLE_IDS, S.WRITTEN, S.CHECKSUMS):
                 if name not in g:
                     raise StoreError(f"{self.path}: array {split}/{name} is missing")
-            f = g[S.FEATURES]
+            f = _array(g, S.FEATURES)
             n = f.shape[0]
             if f.ndim != 2 or f.shape[1] != dim or f.dtype != dtype:
                 raise StoreError(f"{self.path}: {split}/features has shape {f.shape} {f.dtype}, expected (n, {dim}) {dtype}")
             nc = S.n_chunks(n, a["chunk_rows"])
             for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (nc,)), (S.CHECKSUMS, (nc,))):
-                if g[name].shape != want:
-                    raise StoreError(f"{self.path}: {split}/{name} has shape {g[name].shape}, expected {want}")
+                if _array(g, name).shape != want:
+                    raise StoreError(f"{self.path}: {split}/{name} has shape {_array(g, name).shape}, expected {want}")
         if self._has_views():
             self._validate_views()
         t = self._group(S.TEXT_GROUP)
@@ -393,31 +420,31 @@ class FeatureStore:
         if a["text"].get("available"):
             if S.CLASS_EMBEDDINGS not in t:
                 raise StoreError(f"{self.path}: array text/class_embeddings is missing")
-            if t[S.CLASS_EMBEDDINGS].shape != (t[S.CLASSNAMES].shape[0], a["text"]["dim"]):
-                raise StoreError(f"{self.path}: text/class_embeddings has shape {t[S.CLASS_EMBEDDINGS].shape}")
+            if _array(t, S.CLASS_EMBEDDINGS).shape != (_array(t, S.CLASSNAMES).shape[0], a["text"]["dim"]):
+                raise StoreError(f"{self.path}: text/class_embeddings has shape {_array(t, S.CLASS_EMBEDDINGS).shape}")
 
     def _validate_views(self) -> None:
-        g = self.group[S.VIEWS_GROUP]
-        a = dict(g.attrs)
+        g = _subgroup(self.group, S.VIEWS_GROUP)
+        a: dict[str, Any] = dict(g.attrs)
         if a.get("format") != S.VIEWS_FORMAT or any(k not in a for k in S.VIEWS_ATTRS):
             raise StoreError(f"{self.path}: group views/ is not fskd's augmented-views group (attrs {sorted(a)}); "
                              f"expected {list(S.VIEWS_ATTRS)}")
         for name in (S.VIEW_ROWS, S.LABELS, S.FEATURES, S.CHECKSUMS, S.WRITTEN):
             if name not in g:
                 raise StoreError(f"{self.path}: array views/{name} is missing")
-        m, v = g[S.VIEW_ROWS].shape[0], int(a["views"])
-        f = g[S.FEATURES]
+        m, v = _array(g, S.VIEW_ROWS).shape[0], int(a["views"])
+        f = _array(g, S.FEATURES)
         if f.shape != (m, v, self.dim) or f.dtype != S.FEATURE_DTYPES[self.attrs["dtype"]]:
             raise StoreError(f"{self.path}: views/features has shape {f.shape} {f.dtype}, expected ({m}, {v}, {self.dim}) "
                              f"{self.attrs['dtype']}")
         nc = S.n_chunks(m, self.chunk_rows)
         for name, want in ((S.LABELS, (m,)), (S.CHECKSUMS, (nc,)), (S.WRITTEN, (nc,))):
-            if g[name].shape != want:
-                raise StoreError(f"{self.path}: views/{name} has shape {g[name].shape}, expected {want}")
+            if _array(g, name).shape != want:
+                raise StoreError(f"{self.path}: views/{name} has shape {_array(g, name).shape}, expected {want}")
 
     def _group(self, name: str) -> zarr.Group:
         try:
-            return self.group[name]
+            return _subgroup(self.group, name)
         except KeyError:
             raise self._missing(f"group {name!r}") from None
         except Exception as e:  # a remote that stopped answering: the network, named as such
@@ -441,7 +468,7 @@ class FeatureStore:
         cls,
         path: str | Path,
         *,
-        attrs: dict,
+        attrs: dict[str, Any],
         splits: dict[str, SplitRows],
         class_keys: list[str],
         class_names: list[str],
@@ -455,7 +482,7 @@ class FeatureStore:
         if loc.is_remote:
             cls._create_remote(loc, attrs, splits, class_keys, class_names, prompts, class_embeddings)
             return cls.open(loc, mode="r+")
-        path = loc.local
+        path = loc.local_path
         if path.exists():
             raise StoreError(f"{path} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +504,8 @@ class FeatureStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def _create_remote(cls, loc: Location, attrs, splits, class_keys, class_names, prompts, class_embeddings) -> None:
+    def _create_remote(cls, loc: Location, attrs: dict[str, Any], splits: dict[str, SplitRows], class_keys: list[str],
+                       class_names: list[str], prompts: list[str], class_embeddings: np.ndarray | None) -> None:
         """Object storage has no rename (``schema.py``): claim the root ``zarr.json`` with a
         conditional PUT of the ``S.CREATING_FORMAT`` marker, remove what an interrupted creation
         left, write every group and array, then the root attributes with a PUT conditional on the
@@ -510,7 +538,7 @@ class FeatureStore:
         class_names: list[str],
         class_split: dict[str, list[int]],
         text_embeddings: np.ndarray | None = None,
-        encoder: dict | None = None,
+        encoder: dict[str, Any] | None = None,
         dataset: str = "arrays",
         dtype: str = "float32",
         chunk_rows: int = 1024,
@@ -563,11 +591,11 @@ class FeatureStore:
     # -- metadata ----------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        return self.attrs["fingerprint"]
+        return str(self.attrs["fingerprint"])
 
     @property
     def encoder_spec(self) -> str:
-        return self.attrs["encoder"]["spec"]
+        return str(self.attrs["encoder"]["spec"])
 
     @property
     def dim(self) -> int:
@@ -587,15 +615,15 @@ class FeatureStore:
 
     @property
     def class_names(self) -> list[str]:
-        return [str(s) for s in self._group(S.TEXT_GROUP)[S.CLASSNAMES][:]]
+        return [str(s) for s in np.asarray(_array(self._group(S.TEXT_GROUP), S.CLASSNAMES)[:])]
 
     @property
     def class_keys(self) -> list[str]:
-        return [str(s) for s in self._group(S.TEXT_GROUP)[S.CLASSKEYS][:]]
+        return [str(s) for s in np.asarray(_array(self._group(S.TEXT_GROUP), S.CLASSKEYS)[:])]
 
     @property
     def num_classes(self) -> int:
-        return int(self._group(S.TEXT_GROUP)[S.CLASSNAMES].shape[0])
+        return int(_array(self._group(S.TEXT_GROUP), S.CLASSNAMES).shape[0])
 
     def class_split(self, name: str) -> list[int]:
         """Class indices of the base, val or novel class split."""
@@ -605,7 +633,7 @@ class FeatureStore:
         return list(split[name])
 
     def override_class_split(self, file: str | None = None, ratio: tuple[float, float, float] | None = None,
-                             seed: int = 0, split: dict | None = None) -> dict | None:
+                             seed: int = 0, split: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Use another base/val/novel class split than the one stored (in memory only; the store is
         not changed): from a JSON file of class names (``--class-split``), a seeded ratio split
         (``--class-ratio``), or a resolved ``split`` (a state's). Returns the split used, or None."""
@@ -627,7 +655,7 @@ class FeatureStore:
     def text_embeddings(self) -> np.ndarray | None:
         """(C, text_dim) float32 class text features, or None when the encoder has no text tower."""
         t = self._group(S.TEXT_GROUP)
-        return np.asarray(t[S.CLASS_EMBEDDINGS][:], dtype=np.float32) if S.CLASS_EMBEDDINGS in t else None
+        return np.asarray(_array(t, S.CLASS_EMBEDDINGS)[:], dtype=np.float32) if S.CLASS_EMBEDDINGS in t else None
 
     def has_split(self, split: str) -> bool:
         return split in self.attrs["splits"]
@@ -638,7 +666,7 @@ class FeatureStore:
         return self._group(split)
 
     def n_rows(self, split: str) -> int:
-        return int(self._split(split)[S.FEATURES].shape[0])
+        return int(_array(self._split(split), S.FEATURES).shape[0])
 
     def labels(self, split: str) -> np.ndarray:
         """(n,) class index per row; -1 for an unreadable row, or one hidden by :meth:`restrict_rows`."""
@@ -649,7 +677,7 @@ class FeatureStore:
     def _raw_labels(self, split: str) -> np.ndarray:
         return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
 
-    def _splits_or_default(self, splits) -> list[str]:
+    def _splits_or_default(self, splits: list[str] | tuple[str, ...] | None) -> list[str]:
         """The splits a read names, else the default ones (:meth:`restrict_rows`), else all."""
         return list(splits) if splits is not None else (self._default_splits or self.splits)
 
@@ -685,19 +713,19 @@ class FeatureStore:
         return out
 
     # -- integrity ---------------------------------------------------------------------------
-    def _read(self, split: str, name: str, sel, chunk: int | None = None):
+    def _read(self, split: str, name: str, sel: slice, chunk: int | None = None) -> np.ndarray:
         """Read ``split/name[sel]``; a chunk that cannot be decoded, fails its CRC-32C, or (features)
         holds non-finite values is a StoreError naming it. ``chunk``: the first chunk ``sel`` reads."""
         group = self._split(split) if split != S.TEXT_GROUP else self._group(S.TEXT_GROUP)
         try:
-            arr = group[name]
+            arr = _array(group, name)
         except KeyError:
             raise self._missing(f"array {split}/{name}") from None
         except Exception as e:
             raise_if_backend(self.location, e)
             raise
         try:
-            out = arr[sel]
+            out = np.asarray(arr[sel])
         except Exception as e:  # codec errors (CRC-32C mismatch included) come as RuntimeError, ValueError, ...
             raise_if_backend(self.location, e)
             chunk = self._failing_chunk(arr, sel, chunk)
@@ -710,7 +738,7 @@ class FeatureStore:
             self._check_finite(out, f"{split}/features", chunk)
         return out
 
-    def _failing_chunk(self, arr: zarr.Array, sel, first: int | None) -> int | None:
+    def _failing_chunk(self, arr: AnyArray, sel: slice, first: int | None) -> int | None:
         """The row chunk that fails to read among those a slice ``sel`` of rows spans (a read of
         several chunks at once, on object storage, does not say which one failed)."""
         if not isinstance(sel, slice) or arr.ndim == 0:
@@ -755,15 +783,15 @@ class FeatureStore:
             done = np.flatnonzero(written)
             for name, chunks in ((S.FEATURES, done), (S.CHECKSUMS, done),
                                  (S.LABELS, range(len(written))), (S.SAMPLE_IDS, range(len(written)))):
-                arr = g[name]
+                arr = _array(g, name)
                 have = _list_keys(arr)
                 coords = [(int(c), 0) if arr.ndim == 2 else (int(c),) for c in chunks]
                 out += [f"{split}/{name} chunk {c[0]}" for c in coords if _chunk_key(arr, c) not in have]
-        t = self.group[S.TEXT_GROUP]
+        t = _subgroup(self.group, S.TEXT_GROUP)
         for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS, S.CLASS_EMBEDDINGS):
-            if name not in t or t[name].size == 0:
+            if name not in t or _array(t, name).size == 0:
                 continue
-            arr = t[name]
+            arr = _array(t, name)
             have = _list_keys(arr)
             for c in itertools.product(*(range(k) for k in arr.cdata_shape)):
                 if _chunk_key(arr, c) not in have:
@@ -790,8 +818,9 @@ class FeatureStore:
                     bad.setdefault(int(c), f"{name} chunk object missing")
             if verify:
                 g = self._split(split)
-                _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(self._read(split, S.CHECKSUMS, slice(None))),
-                               self.written(split), self.chunk_rows, bad, self.location)
+                _verify_chunks(_array(g, S.FEATURES), _array(g, S.LABELS),
+                               np.asarray(self._read(split, S.CHECKSUMS, slice(None))), self.written(split),
+                               self.chunk_rows, bad, self.location)
             if bad:
                 out[split] = dict(sorted(bad.items()))
         return out
@@ -822,12 +851,12 @@ class FeatureStore:
 
     def mark_unwritten(self, split: str, chunks: list[int]) -> None:
         """Clear the written flags of ``chunks`` so that extraction encodes them again (repair)."""
-        w = self._split(split)[S.WRITTEN]
+        w = _array(self._split(split), S.WRITTEN)
         for c in chunks:
             w[int(c)] = False
 
     def rewrite_sample_ids(self, split: str, sample_ids: list[str]) -> None:
-        self._split(split)[S.SAMPLE_IDS][:] = np.asarray(sample_ids, dtype=object).astype(str)
+        _array(self._split(split), S.SAMPLE_IDS)[:] = np.asarray(sample_ids, dtype=object).astype(str)
 
     # -- writing -----------------------------------------------------------------------------
     def write_chunk(self, split: str, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
@@ -838,33 +867,33 @@ class FeatureStore:
         start = chunk * self.chunk_rows
         stop = start + len(features)
         _refuse_non_finite(features, labels, f"{self.path}: {split} rows {start}-{stop - 1}")
-        g[S.FEATURES][start:stop] = features
-        g[S.LABELS][start:stop] = labels
+        _array(g, S.FEATURES)[start:stop] = features
+        _array(g, S.LABELS)[start:stop] = labels
         fault_point("store:chunk-data")
-        g[S.CHECKSUMS][chunk] = S.chunk_checksum(features, labels)
+        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
         fault_point("store:chunk-checksum")
-        g[S.WRITTEN][chunk] = True
+        _array(g, S.WRITTEN)[chunk] = True
         fault_point("store:chunk-written")
 
     # -- augmented views (schema.py: views/) ---------------------------------------------------
     @property
-    def views_info(self) -> dict | None:
+    def views_info(self) -> dict[str, Any] | None:
         """The views group's attributes (``S.VIEWS_ATTRS``), or None when the store has none."""
-        return dict(self.group[S.VIEWS_GROUP].attrs) if self._has_views() else None
+        return dict(_subgroup(self.group, S.VIEWS_GROUP).attrs) if self._has_views() else None
 
     def _has_views(self) -> bool:
         """A views group exists and is finished (on object storage, one still marked as being
         created counts as absent: schema.py)."""
         if S.VIEWS_GROUP not in self.group:
             return False
-        return self.group[S.VIEWS_GROUP].attrs.get("format") != S.VIEWS_CREATING
+        return _subgroup(self.group, S.VIEWS_GROUP).attrs.get("format") != S.VIEWS_CREATING
 
     def _views(self) -> zarr.Group:
         if not self._has_views():
             raise StoreError(f"{self.path} has no augmented views (add them with `fskd extract ... --augment-views V`)")
-        return self.group[S.VIEWS_GROUP]
+        return _subgroup(self.group, S.VIEWS_GROUP)
 
-    def create_views(self, attrs: dict, rows: np.ndarray, labels: np.ndarray) -> None:
+    def create_views(self, attrs: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
         """Add an empty views group (features unwritten) for train ``rows``: built under a temporary
         name inside the store and renamed into place, so it exists whole or not at all. Leftovers
         of a killed creation (``.views.tmp-*`` groups fskd made) are removed first. On object
@@ -882,39 +911,46 @@ class FeatureStore:
                 g.attrs.put({"format": S.VIEWS_FORMAT, **attrs})
             self._validate_views()
             return
-        for old in self.path.glob(f".{S.VIEWS_GROUP}.tmp-*"):
+        path = self.location.local_path
+        for old in path.glob(f".{S.VIEWS_GROUP}.tmp-*"):
             if (old / "zarr.json").is_file():
                 shutil.rmtree(old, ignore_errors=True)
-        tmp = self.path / f".{S.VIEWS_GROUP}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = path / f".{S.VIEWS_GROUP}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             g = zarr.open_group(str(tmp), mode="w")
             self._views_arrays(g, attrs, rows, labels)
             g.attrs.update({"format": S.VIEWS_FORMAT, **attrs})
             fault_point("store:views-created")
-            os.rename(tmp, self.path / S.VIEWS_GROUP)
+            os.rename(tmp, path / S.VIEWS_GROUP)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         self._validate_views()
 
-    def _views_arrays(self, g: zarr.Group, attrs: dict, rows: np.ndarray, labels: np.ndarray) -> None:
+    def _views_arrays(self, g: zarr.Group, attrs: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
         m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
         nc = S.n_chunks(m, rows_per)
         g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
                        fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
-        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, **_CRC, config=_ARRAY_CONFIG)
-        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, **_CRC, config=_ARRAY_CONFIG)
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, **_CRC, config=_ARRAY_CONFIG)
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, **_CRC)
+        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, compressors=_CRC,
+                           config=_ARRAY_CONFIG)
+        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, compressors=_CRC,
+                             config=_ARRAY_CONFIG)
+        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC,
+                       config=_ARRAY_CONFIG)
+        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if m:
             r[:] = np.asarray(rows, dtype=np.int64)
             lab[:] = np.asarray(labels, dtype=np.int32)
 
     def view_rows(self) -> np.ndarray:
-        return np.asarray(self._views()[S.VIEW_ROWS][:], dtype=np.int64)
+        return np.asarray(_array(self._views(), S.VIEW_ROWS)[:], dtype=np.int64)
+
+    def view_labels(self) -> np.ndarray:
+        return np.asarray(_array(self._views(), S.LABELS)[:], dtype=np.int32)
 
     def views_written(self) -> np.ndarray:
-        return np.asarray(self._views()[S.WRITTEN][:], dtype=bool)
+        return np.asarray(_array(self._views(), S.WRITTEN)[:], dtype=bool)
 
     def write_view_chunk(self, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
         """Store one row chunk of views (r, V, dim), then its checksum, then its flag (schema.py)."""
@@ -923,15 +959,15 @@ class FeatureStore:
         g = self._views()
         start = chunk * self.chunk_rows
         _refuse_non_finite(features, labels, f"{self.path}: views rows {start}-{start + len(features) - 1}")
-        g[S.FEATURES][start:start + len(features)] = features
-        g[S.LABELS][start:start + len(features)] = labels
+        _array(g, S.FEATURES)[start:start + len(features)] = features
+        _array(g, S.LABELS)[start:start + len(features)] = labels
         fault_point("store:views-data")
-        g[S.CHECKSUMS][chunk] = S.chunk_checksum(features, labels)
-        g[S.WRITTEN][chunk] = True
+        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
+        _array(g, S.WRITTEN)[chunk] = True
         fault_point("store:views-written")
 
-    def mark_views_unwritten(self, chunks) -> None:
-        w = self._views()[S.WRITTEN]
+    def mark_views_unwritten(self, chunks: Iterable[int]) -> None:
+        w = _array(self._views(), S.WRITTEN)
         for c in chunks:
             w[int(c)] = False
 
@@ -942,15 +978,15 @@ class FeatureStore:
         written = self.views_written()
         bad: dict[int, str] = {}
         for name in (S.FEATURES, S.LABELS, S.CHECKSUMS):
-            arr = g[name]
+            arr = _array(g, name)
             have = _list_keys(arr)
             for c in np.flatnonzero(written):
                 coords = (int(c), 0, 0) if arr.ndim == 3 else (int(c),)
                 if _chunk_key(arr, coords) not in have:
                     bad.setdefault(int(c), f"{name} chunk object missing")
         if verify:
-            _verify_chunks(g[S.FEATURES], g[S.LABELS], np.asarray(g[S.CHECKSUMS][:]), written, self.chunk_rows, bad,
-                           self.location)
+            _verify_chunks(_array(g, S.FEATURES), _array(g, S.LABELS), np.asarray(_array(g, S.CHECKSUMS)[:]), written,
+                           self.chunk_rows, bad, self.location)
         return dict(sorted(bad.items()))
 
     def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
@@ -972,7 +1008,7 @@ class FeatureStore:
         written = self.views_written()
         if not written[np.unique(chunk)].all():
             return None, "the store's views are incomplete (run the same `fskd extract --augment-views` again to finish)"
-        lab = np.asarray(g[S.LABELS][:])
+        lab = np.asarray(_array(g, S.LABELS)[:])
         if (lab[pos] < 0).any():
             return None, f"{int((lab[pos] < 0).sum())} of these rows' images could not be read when the views were made"
         v = int(info["views"])
@@ -984,7 +1020,7 @@ class FeatureStore:
             c = int(srt[part[0]] // self.chunk_rows)
             start = c * self.chunk_rows
             try:
-                block = g[S.FEATURES][start:min(m, start + self.chunk_rows)]
+                block = np.asarray(_array(g, S.FEATURES)[start:min(m, start + self.chunk_rows)])
             except Exception as e:
                 raise_if_backend(self.location, e)
                 raise StoreError(f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
@@ -1017,7 +1053,7 @@ class FeatureStore:
                 stop = min(hi, start + rows)
                 yield start, block[start - lo:stop - lo], lab[start:stop]
 
-    def features(self, split: str, dtype=np.float32) -> np.ndarray:
+    def features(self, split: str, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """A whole split (n, dim) as ``dtype`` (``store.attrs["dtype"]`` keeps the stored precision at
         half the memory of float32 for a float16 store). Prefer ``take`` / ``gather`` for big splits."""
         n, rows = self.n_rows(split), self.chunk_rows
@@ -1035,7 +1071,7 @@ class FeatureStore:
         cr, n, span = self.chunk_rows, self.n_rows(split), self.read_span
         chunk = rows // cr
         firsts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])
-        arr = self._split(split)[S.FEATURES]
+        arr = _array(self._split(split), S.FEATURES)
         for g in range(0, len(firsts), span):
             lo = int(firsts[g])
             hi = int(firsts[g + span]) if g + span < len(firsts) else len(rows)
@@ -1045,7 +1081,7 @@ class FeatureStore:
                 block = self._read(split, S.FEATURES, slice(start, min(n, start + cr)), c)[part - start]
             else:  # zarr fetches the chunks of these rows concurrently (at most span requests)
                 try:
-                    block = arr.get_orthogonal_selection((part, slice(None)))
+                    block = np.asarray(arr.get_orthogonal_selection((part, slice(None))))
                 except Exception as e:
                     raise_if_backend(self.location, e)
                     for cc in np.unique(chunk[lo:hi]):  # name the chunk: read them one at a time
@@ -1119,7 +1155,7 @@ class FeatureStore:
         out[:] = feats[inverse.reshape(-1)]
         return out
 
-    def valid_rows(self, split: str, classes=None) -> np.ndarray:
+    def valid_rows(self, split: str, classes: Iterable[int] | None = None) -> np.ndarray:
         """Indices of ``split``'s rows with a label (in ``classes`` when given), in split order: the
         rows :meth:`gather` returns for that split."""
         lab = self.labels(split)
@@ -1143,7 +1179,7 @@ class FeatureStore:
     def size_on_disk(self) -> int:
         return self.location.size()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         a = self.attrs
         names = self.class_names
         split = {k: v for k, v in a["class_split"].items() if k != "source"}
@@ -1177,14 +1213,14 @@ class FeatureStore:
             "views": self._views_summary(),
         }
 
-    def _views_summary(self) -> dict | None:
+    def _views_summary(self) -> dict[str, Any] | None:
         info = self.views_info
         if info is None:
             return None
-        return {"views": int(info["views"]), "rows": int(self._views()[S.VIEW_ROWS].shape[0]),
+        return {"views": int(info["views"]), "rows": int(_array(self._views(), S.VIEW_ROWS).shape[0]),
                 "complete": bool(self.views_written().all()), "description": describe_views(info)}
 
-    def check_report(self) -> dict:
+    def check_report(self) -> dict[str, Any]:
         """``fskd info --check``: every chunk verified against its checksum."""
         missing = self.missing_chunks()
         damaged = self.damaged_chunks(verify=True, missing=missing)

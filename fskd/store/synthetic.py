@@ -9,6 +9,7 @@ linear map (so a bridge is learnable), plus a shared offset (the modality gap). 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def synthetic_features(
 
 
 def make_synthetic_store(path: str | Path, n_classes: int = 20, joint: bool = False, seed: int = 0,
-                         split: tuple[int, int, int] | None = None, **kwargs) -> FeatureStore:
+                         split: tuple[int, int, int] | None = None, **kwargs: Any) -> FeatureStore:
     """A complete store of :func:`synthetic_features`; classes split base/val/novel in halves/quarters."""
     splits, text = synthetic_features(n_classes=n_classes, joint=joint, seed=seed, **kwargs)
     nb, nv, _ = split or (n_classes // 2, n_classes // 4, n_classes - n_classes // 2 - n_classes // 4)

@@ -80,8 +80,11 @@ def new_state(store, config, method: str) -> MethodState:
         lab = store.labels("train")
         classes = np.unique(lab[lab >= 0])
         sample_shots(lab[lab >= 0], classes, config.shots, config.seed, store.class_names)
-    return MethodState(method=method, kind="adapt", store_path=str(store.path), store_fingerprint=store.fingerprint,
-                       encoder=store.encoder_spec, config=config.to_dict())
+    state = MethodState(method=method, kind="adapt", store_path=str(store.path), store_fingerprint=store.fingerprint,
+                        encoder=store.encoder_spec, config=config.to_dict())
+    state.hparams["hp_selection"] = config.hp_selection
+    state.selected_on["hp_selection"] = "--hp-selection"
+    return state
 
 
 # -- class text -----------------------------------------------------------------------------------
@@ -278,20 +281,28 @@ def allway_val_rows(store, classes: np.ndarray, shots: int, seed: int, rule: str
     return sampling.allway_val(store, classes, shots, seed, rule)
 
 
+def no_validation(config) -> bool:
+    """``--hp-selection none``: the fit reads no val row (each search keeps its fixed default)."""
+    return getattr(config, "hp_selection", "few-shot-val") == "none"
+
+
+NO_VALIDATION = "fixed (--hp-selection none: no validation data)"
+
+
 def allway_val_task(store, config, device: torch.device,
                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
     """One all-way task: K shots per class from the train split (seeded), as queries the val
-    rows that ``config.val_rule`` allows (CoOp: min(K, 4) per class); None when the store has no
-    train or val sample split, or the rule leaves no row."""
+    rows that ``config.hp_selection`` allows (CoOp: min(K, 4) per class); None under
+    ``--hp-selection none``, when the store has no train or val sample split, or the rule leaves no row."""
     shots, seed = config.shots, config.seed
-    if not (store.has_split("train") and store.has_split("val")):
+    if no_validation(config) or not (store.has_split("train") and store.has_split("val")):
         return None
     if shots > 0:
         x, y, classes = allway_rows(store, shots, seed)
     else:
         lab = store.labels("train")
         x, classes = None, np.unique(lab[lab >= 0])
-    xv, yv = allway_val_rows(store, classes, shots, seed, config.val_rule)
+    xv, yv = allway_val_rows(store, classes, shots, seed, config.hp_selection)
     if len(yv) == 0:
         return None
     dev = lambda a: transform(torch.from_numpy(a).to(device)) if transform else torch.from_numpy(a).to(device)  # noqa: E731
@@ -312,8 +323,8 @@ def allway_val_task(store, config, device: torch.device,
         support_idx=torch.arange(n_s, device=device).reshape(1, len(classes), shots),
         query_idx=torch.arange(n_s, n_s + len(yv), device=device)[None],
         description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}); queries: "
-                    + sampling.describe_validation(config.val_rule, shots, len(yv), len(classes), seed),
-        on=VAL_SPLIT if config.val_rule == "full" else VAL_SPLIT_FEW,
+                    + sampling.describe_validation(config.hp_selection, shots, len(yv), len(classes), seed),
+        on=VAL_SPLIT if config.hp_selection == "full-val" else VAL_SPLIT_FEW,
     )
 
 
@@ -351,7 +362,8 @@ def record(state: MethodState, regime: str, choice: Choice, fixed: dict | None =
     for k, v in choice.params.items():
         key = f"{regime}.{k}"
         state.hparams[key] = v
-        state.selected_on[key] = choice.on if not (fixed and k in fixed) else "fixed (--set option)"
+        on = NO_VALIDATION if choice.score is None and state.hparams.get("hp_selection") == "none" else choice.on
+        state.selected_on[key] = on if not (fixed and k in fixed) else "fixed (--set option)"
     if choice.score is not None:
         state.metrics[f"{regime}.val_acc"] = round(100 * choice.score, 2)
         state.metrics[f"{regime}.val_task"] = choice.description
@@ -482,9 +494,11 @@ def flat_support_labels(support: torch.Tensor, classes: torch.Tensor) -> tuple[t
 
 # -- text weights in image space (the bridge) -----------------------------------------------------
 def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: torch.device,
-                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[Bridge, Choice]:
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        use_val: bool = True) -> tuple[Bridge, Choice]:
     """The identity for a joint store; else ridge maps learned on every row of the base classes,
-    the ridge strength chosen by zero-shot accuracy on the val classes (or fixed by ``ridge``)."""
+    the ridge strength chosen by zero-shot accuracy on the val classes (or fixed by ``ridge``, or
+    the middle of the grid when ``use_val`` is False: ``--hp-selection none``)."""
     if store.joint:
         return Bridge.identity(store.dim, device), Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
     base = store.class_split("base")
@@ -495,13 +509,13 @@ def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: 
     x, y = store.gather(base, max_per_class=sampling.CLASS_ROWS)
     val = store.class_split("val")
     v = None
-    if len(val) >= 2 and ridge is None:
+    if len(val) >= 2 and ridge is None and use_val:
         xv, yv = store.gather(val, max_per_class=sampling.CLASS_ROWS)
         v = (tf(torch.from_numpy(xv).to(device)), torch.from_numpy(yv).to(device))
     if ridge is not None:
         lam, on = float(ridge), "fixed (--set option)"
     elif v is None:
-        lam, on = RIDGE_GRID[len(RIDGE_GRID) // 2], "default (no val classes)"
+        lam, on = RIDGE_GRID[len(RIDGE_GRID) // 2], "default (no val classes)" if use_val else NO_VALIDATION
     else:
         lam, on = None, VAL_CLASSES
     br = Bridge.fit(tf(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device), text.to(device), ridge=lam, val=v)
@@ -520,7 +534,8 @@ def choose_allway_ridge(store, text: torch.Tensor, config, ridge: float | None, 
         return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")
     task = allway_val_task(store, config, device, transform) if config.shots > 0 else None
     if task is None:
-        return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None, "default (no all-way shots or val split)", "")
+        return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None,
+                      NO_VALIDATION if no_validation(config) else "default (no all-way shots or val split)", "")
 
     def score(c: dict) -> float:
         ts = support_text_space(task.support, task.classes, text, False, c["ridge"])
@@ -570,7 +585,7 @@ def text_fit(store, config, method: str, ridge: float | None, device: torch.devi
     text and the bridge (read back by :func:`state_text`). Returns (state, text, bridge, all-way ridge)."""
     text, source = class_text(store, config, method)
     state = new_state(store, config, method)
-    bridge, br_ep = fit_episodic_bridge(store, text, ridge, device)
+    bridge, br_ep = fit_episodic_bridge(store, text, ridge, device, use_val=not no_validation(config))
     br_aw = choose_allway_ridge(store, text, config, ridge, device)
     record(state, EPISODIC, br_ep)
     record(state, ALLWAY, br_aw)
@@ -638,7 +653,9 @@ class Fit:
                 ALLWAY: lambda s, c: support_text_space(s, c, self.text, self.store.joint, self.aw_ridge)}
 
     def episodic_task(self) -> Task | None:
-        """The val-class episodes (:func:`episodic_val_task`)."""
+        """The val-class episodes (:func:`episodic_val_task`); None under ``--hp-selection none``."""
+        if no_validation(self.config):
+            return None
         return episodic_val_task(self.store, self.config.shots, self.opts, self.config.seed, self.device)
 
     def allway_task(self) -> Task | None:

@@ -364,7 +364,8 @@ class CoOp(Method):
         views, why = C.allway_views(store, config, device)
         embedded_views = C.embed_views(space, views)[0].transpose(0, 1) if views is not None else None  # (S, V, D)
         task = C.allway_val_task(store, config, device)
-        val, desc, on = None, "no validation data", "default (no val split): the last epoch, as the reference"
+        val, desc, on = None, "no validation data", ("default (no val split): the last epoch, as the reference"
+                                                     if not C.no_validation(config) else C.NO_VALIDATION + ": the last epoch")
         if task is not None:
             q = space.embed(task.query)[0]
             truth = task.truth[0]
@@ -395,8 +396,9 @@ class CoOp(Method):
         pos[base_np] = np.arange(len(base_np))
         x = bridge.embed_images(torch.from_numpy(xb[rows]).to(device))
         y = torch.from_numpy(pos[yb[rows]]).to(device)
-        task = C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        val, desc, on = None, "no validation data", "default (no val classes): the last epoch, as the reference"
+        task = None if C.no_validation(config) else C.episodic_val_task(store, config.shots, opts, config.seed, device)
+        val, desc, on = None, "no validation data", ("default (no val classes): the last epoch, as the reference"
+                                                     if not C.no_validation(config) else C.NO_VALIDATION + ": the last epoch")
         if task is not None:
             vcls = torch.unique(task.classes)
             vpos = torch.full((store.num_classes,), -1, dtype=torch.long, device=device)

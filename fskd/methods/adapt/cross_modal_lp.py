@@ -21,7 +21,7 @@ than its set (their ``get_valid_batch_sizes``); where none is, fskd takes the sm
 half cut to its set (their code stops there).
 
 Validation, as every fskd method: the all-way task's val rows (CoOp's min(K, 4) per class, as
-the authors' few-shot val split; ``--val-rule``), or, in the episodic regime, N-way K-shot
+the authors' few-shot val split; ``--hp-selection``), or, in the episodic regime, N-way K-shot
 episodes of the val classes, where the winner (lr, weight decay, batch size, steps) is then
 trained on each novel support for that many steps on the same schedule. Episodic validation
 trains 12800 steps per candidate per episode, so this method draws 50 val episodes by default,

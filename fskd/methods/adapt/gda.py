@@ -16,8 +16,8 @@ t_k is class k's text weight in image space (the store's class text for a joint 
 bridge otherwise). The shrinkage term is the authors' own: their code forms ``(S - 1) * cov +
 trace(cov) * I`` from ``torch.cov`` of the centred rows, which is the matrix above. alpha is the
 first of (1e-4, 1e-3, ..., 100) with the best validation accuracy (the authors' grid and their
-strict ``>``), on the all-way task's val rows (``--val-rule``; the authors use the whole val
-split: ``--val-rule full``) or, in the episodic regime, on val-class episodes.
+strict ``>``), on the all-way task's val rows (``--hp-selection``; the authors use the whole val
+split: ``--hp-selection full-val``) or, in the episodic regime, on val-class episodes.
 
 Exact and batched over episodes: the inverse is a Cholesky solve in float64, in the dual
 (Woodbury, S x S) form when S < D and the primal (D x D) form otherwise; both equal the

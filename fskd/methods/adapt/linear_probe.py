@@ -1,11 +1,13 @@
-"""``linear-probe-tuned``: fskd's own probe (the published one is ``linear-probe``, CoOp's lpclip,
-in ``lpclip.py``): logistic regression on the support features (centred, L2-normalised),
-initialised at the class prototypes with an L2 pull towards them; weight decay and the number
-of full-batch Adam steps are chosen on validation data (step 0 is the prototype classifier),
-batched over episodes and settings.
+"""``linear-probe``: one method, two recipes (``--set recipe=NAME``).
 
-Episodic regime: centred on the base-class mean, hyper-parameters from val-class episodes.
-All-way regime: centred on the support mean, hyper-parameters from the val split.
+- ``published`` (the default): the probe as the CLIP few-shot papers run it, CoOp's lpclip
+  all-way and RFS's per episode (:class:`~fskd.methods.adapt.lpclip.LPClip`, ``lpclip.py``).
+- ``tuned``: fskd's own probe (:class:`LinearProbeTuned`, below): logistic regression on the
+  support features (centred, L2-normalised), initialised at the class prototypes with an L2
+  pull towards them; weight decay and the number of full-batch Adam steps are chosen on
+  validation data (step 0 is the prototype classifier), batched over episodes and settings.
+  Episodic regime: centred on the base-class mean, hyper-parameters from val-class episodes.
+  All-way regime: centred on the support mean, hyper-parameters from the val split.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from fskd.classifiers.linear import (
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, MethodState
+from fskd.methods.adapt.lpclip import LPClip
+from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
 STEPS = (0, 10, 25, 50, 100, 200)
@@ -129,9 +132,12 @@ def kept_probe(state: MethodState, regime: str, support: torch.Tensor, classes: 
 
 
 class LinearProbeTuned(C.AdaptMethod):
-    """Logistic regression on the support (prototype init); weight decay and steps chosen on validation."""
+    """fskd's probe: logistic regression on the centred support, prototype init, full-batch
+    Adam batched over episodes; weight decay and steps chosen on validation.
 
-    name = "linear-probe-tuned"
+    ``linear-probe``'s tuned recipe (``--set recipe=tuned``)."""
+
+    name = "linear-probe"
     options = LinearProbeOptions
 
     def fit_state(self, f: C.Fit) -> None:
@@ -179,4 +185,12 @@ class LinearProbeTuned(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY))
 
 
-METHODS.register('linear-probe-tuned', LinearProbeTuned)
+class LinearProbe(RecipeMethod):
+    """The linear probe: ``published`` (CoOp's lpclip all-way, RFS's per episode) or ``tuned``
+    (fskd's batched Adam probe)."""
+
+    name = "linear-probe"
+    recipes = {"published": LPClip, "tuned": LinearProbeTuned}
+
+
+METHODS.register('linear-probe', LinearProbe)

@@ -1,4 +1,9 @@
-"""``lp++``: LP++ as published (Huang et al., CVPR 2024):
+"""``lp++``: LP++ (Huang et al., CVPR 2024), one method with two recipes (``--set recipe=NAME``):
+``published`` (the default, :class:`LPPPublished` below) and ``tuned``, fskd's own variant
+(:class:`~fskd.methods.adapt.lp_pp_tuned.LPPlusPlusTuned`: centred features, Adam, searched
+alpha0 and decay).
+
+The published recipe:
 
     logits = x W^T + b + alpha_c * x t_c^T
 
@@ -13,8 +18,7 @@ text spaces differ (episodic: learned on the base classes; all-way: leave-one-cl
 the shots, ridge chosen on validation); the all-way val set is the protocol's (CoOp: min(K, 4)
 rows per class of the val split, where the LP++ code draws K); in the episodic regime the
 novel classes have no labelled val rows, so the epoch count is the one with the best mean
-accuracy over val-class episodes. With 0 shots the classifier is zero-shot (W = 0). ``lp++-tuned``
-is fskd's own variant (Adam, searched alpha0 and decay).
+accuracy over val-class episodes. With 0 shots the classifier is zero-shot (W = 0).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from fskd.classifiers.lpp import EPOCHS, train_lpp
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.linear_probe import kept_probe, probe_parts
-from fskd.methods.base import METHODS, MethodState
+from fskd.methods.adapt.lp_pp_tuned import LPPlusPlusTuned
+from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,11 @@ def early_stopped(task: C.Task | None, space, epochs: int) -> C.Choice:
     return choice
 
 
-class LPPlusPlus(C.AdaptMethod):
-    """LP++ as published: linear probe + class-wise text blend, Lipschitz SGD, early stopping on val."""
+class LPPPublished(C.AdaptMethod):
+    """LP++ as published: linear probe + class-wise text blend, SGD at Lipschitz step sizes,
+    early stopping on val.
+
+    ``lp++``'s published recipe (the default)."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
@@ -119,6 +127,14 @@ class LPPlusPlus(C.AdaptMethod):
             return fit
 
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+
+
+class LPPlusPlus(RecipeMethod):
+    """LP++: ``published`` (the authors' SGD at Lipschitz step sizes, early stopping) or ``tuned``
+    (fskd's variant: centred features, Adam, alpha0 / decay / steps searched on validation)."""
+
+    name = "lp++"
+    recipes = {"published": LPPPublished, "tuned": LPPlusPlusTuned}
 
 
 METHODS.register('lp++', LPPlusPlus)

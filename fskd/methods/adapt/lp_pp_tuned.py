@@ -1,5 +1,6 @@
-"""``lp++-tuned``: fskd's variant of LP++ (Huang et al., CVPR 2024; ``lp++`` is the published
-algorithm), a linear probe blended with the text classifier:
+"""``lp++ --set recipe=tuned``: fskd's variant of LP++ (Huang et al., CVPR 2024; the default
+recipe of ``lp++``, in ``lp_pp.py``, is the published algorithm), a linear probe blended with
+the text classifier:
 
     logits = s * (x W^T + alpha_c * x t_c^T) + b
 
@@ -8,7 +9,7 @@ with full-batch Adam. t are the class text weights in image space (through the b
 spaces differ). With 0 shots W = 0 and the classifier is exactly zero-shot. alpha0, the weight
 decay and the number of steps are chosen on validation data (val-class episodes for the
 episodic regime, the val split for the all-way regime). Where it departs from the published
-recipe (``lp++``): features centred (on the base or support mean), a logit scale, prototype
+recipe: features centred (on the base or support mean), a logit scale, prototype
 (mean) init, Adam instead of SGD at Lipschitz step sizes, an L2 pull to the init, and alpha0,
 the decay and the step count searched on validation instead of alpha from text affinities and
 early stopping.
@@ -29,7 +30,7 @@ from fskd.methods.adapt.linear_probe import (
     probe_parts,
     search_probe,
 )
-from fskd.methods.base import METHODS, MethodState
+from fskd.methods.base import MethodState
 
 ALPHA0 = (0.25, 0.5, 1.0, 2.0, 4.0)
 WEIGHT_DECAY = (1e-2, 1e-1)
@@ -45,12 +46,16 @@ class LPPPOptions(LinearProbeOptions):
 
 
 class LPPlusPlusTuned(C.AdaptMethod):
-    """Linear probe + class-wise blend with text weights (LP++ form, fskd's recipe); zero-shot at 0 shots."""
+    """fskd's LP++ variant: linear probe + class-wise blend with the text weights on centred
+    features, prototype init, Adam; alpha0, weight decay and steps searched on validation;
+    zero-shot at 0 shots.
+
+    ``lp++``'s tuned recipe (``--set recipe=tuned``)."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
 
-    name = "lp++-tuned"
+    name = "lp++"
     options = LPPPOptions
 
     def fit_state(self, f: C.Fit) -> None:
@@ -90,6 +95,3 @@ class LPPlusPlusTuned(C.AdaptMethod):
             return fit
 
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
-
-
-METHODS.register('lp++-tuned', LPPlusPlusTuned)

@@ -1,4 +1,5 @@
-"""``linear-probe``: the linear probe as the CLIP few-shot papers run it.
+"""``linear-probe``'s published recipe (the default; the method is registered in
+``linear_probe.py``): the linear probe as the CLIP few-shot papers run it.
 
 - **All-way** (CoOp's ``lpclip``, Zhou et al., IJCV 2022, after Radford et al. 2021):
   scikit-learn's multinomial logistic regression (L-BFGS, 1,000 iterations, L2 penalty, an
@@ -15,8 +16,8 @@
   evaluation loops over episodes (600 5-way 1-shot episodes: a few seconds).
 
 ``benchmarks/parity.py`` holds the all-way probe to a re-derivation of ``lpclip``'s search.
-fskd's earlier probe (prototype initialisation, Adam, weight decay and steps chosen on
-validation, batched over episodes) is ``linear-probe-tuned``.
+fskd's own probe (prototype initialisation, Adam, weight decay and steps chosen on
+validation, batched over episodes) is the ``tuned`` recipe (``--set recipe=tuned``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from fskd.config import Config
 from fskd.methods.adapt import _common as C
-from fskd.methods.base import METHODS, MethodState
+from fskd.methods.base import MethodState
 
 #: lpclip's first search: C from 1e6 down to 1e-6 in steps of 100
 C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -42,7 +43,7 @@ DEFAULT_C = 1.0
 
 
 @dataclass(frozen=True)
-class LinearProbeOptions(Config):
+class LPClipOptions(Config):
     c: float | None = None  # all-way inverse L2 strength (None: lpclip's search on the val rows)
     rounds: int = ROUNDS  # bisection rounds of the search after the 7-value grid (lpclip's 8)
     episodic_c: float = 1.0  # episodic inverse L2 strength (RFS's fixed 1.0)
@@ -132,11 +133,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class LinearProbe(C.AdaptMethod):
-    """CoOp's linear probe (lpclip: L-BFGS logistic regression, C searched on val) all-way; RFS's per episode."""
+class LPClip(C.AdaptMethod):
+    """CoOp's linear probe (lpclip: L-BFGS logistic regression, C searched on val) all-way;
+    RFS's per episode (C = 1).
+
+    ``linear-probe``'s published recipe (the default)."""
 
     name = "linear-probe"
-    options = LinearProbeOptions
+    options = LPClipOptions
     uses_device = False  # scikit-learn fits on the CPU
 
     def fit_state(self, f: C.Fit) -> None:
@@ -185,6 +189,3 @@ class LinearProbe(C.AdaptMethod):
             return C.FittedWeights(w, _unit, b)
 
         return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway)
-
-
-METHODS.register('linear-probe', LinearProbe)

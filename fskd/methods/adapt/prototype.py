@@ -45,15 +45,15 @@ class Prototype(C.AdaptMethod):
         base = store.class_split("base")
         mean = torch.from_numpy(store.mean(base)) if base else torch.zeros(store.dim)
         state.tensors = {"center": mean}
-        state.hparams = {"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"}
-        state.selected_on = {"episodic.center": "fixed (SimpleShot)", "allway.center": "fixed (SimpleShot)"}
-        if f.opts.rule != "cosine":  # the default writes no key: states fitted before the option read the same
-            state.hparams["rule"] = f.opts.rule
-            state.selected_on["rule"] = f"user-set (rule={f.opts.rule}: {RULES[f.opts.rule]})"
+        state.hparams.update({"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"})
+        state.selected_on.update({"episodic.center": "fixed (SimpleShot)", "allway.center": "fixed (SimpleShot)"})
+        state.hparams["rule"] = f.opts.rule
+        state.selected_on["rule"] = (f"user-set (rule={f.opts.rule}: {RULES[f.opts.rule]})" if "rule" in f.config.options
+                                     else f"default ({RULES[f.opts.rule]})")
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
-        rule = check_rule(state.hparams.get("rule", "cosine"))
+        rule = check_rule(state.hparams["rule"])
         ep = PrototypeHead(ClassContext(center=center if bool(center.abs().sum() > 0) else None), rule=rule)
         aw = PrototypeHead(None, center_support=True, rule=rule)
         return C.RegimeHead(self.name, C.learned_mask(store, device), ep.fit, aw.fit)

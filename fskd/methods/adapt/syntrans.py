@@ -191,7 +191,8 @@ class SynTrans(C.AdaptMethod):
         text_base = text[torch.as_tensor(base, device=device)]
 
         # 2. the bridge (ridge on val classes) in the transformed space
-        bridge, ch_bridge = C.fit_episodic_bridge(store, text, opts.ridge, device, transform=lambda t: tukey(t, p))
+        bridge, ch_bridge = C.fit_episodic_bridge(store, text, opts.ridge, device, transform=lambda t: tukey(t, p),
+                                                  use_val=not C.no_validation(config))
 
         # 3. the visual generator's ridge, on val episodes (generator at full strength)
         n, d = eb.shape

@@ -211,6 +211,9 @@ class TipAdapterF(C.AdaptMethod):
             trains = task is not None and task.shot > 0 and alpha != 0
             if opts.form == "keys":
                 views = (ctx["views"], ctx["view_keys"]) if regime == C.ALLWAY and ctx["views"] is not None else None
+                if C.no_validation(config) and alpha != 0:
+                    self._fit_keys_fixed(f, state, regime, space, alpha, beta, opts, views)
+                    continue
                 self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed, views)
             else:
                 self._fit_span(state, regime, task if trains else None, space, alpha, beta, opts)
@@ -219,6 +222,25 @@ class TipAdapterF(C.AdaptMethod):
         for k, v in (("form", opts.form), ("lr", opts.lr), ("epoch_budget", opts.epochs)):
             state.hparams[k] = v
             state.selected_on[k] = "fixed"
+
+    @staticmethod
+    def _fit_keys_fixed(f: C.Fit, state, regime: str, space, alpha: float, beta: float, opts,
+                        views: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """``--hp-selection none``: the authors' recipe with no validation data, every epoch of the
+        budget trained and the last kept; the all-way keys trained now on the state's own shots
+        (with their stored views), an episode's keys when the head meets its support."""
+        state.hparams[f"{regime}.init_alpha"], state.hparams[f"{regime}.init_beta"] = alpha, beta
+        state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
+        state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
+        state.hparams[f"{regime}.epochs"] = opts.epochs
+        state.selected_on[f"{regime}.epochs"] = f"{C.NO_VALIDATION}: the whole budget of {opts.epochs} epochs, the last kept"
+        if regime != C.ALLWAY or f.config.shots == 0:
+            return
+        own = f.own_shots()
+        ts = space(own.support, own.classes)
+        embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
+        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=f.config.seed, views=embedded, keys0=keys0)
+        C.keep_allway_head(state, own, {"keys": run.keys})
 
     @staticmethod
     def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int,
@@ -271,7 +293,7 @@ class TipAdapterF(C.AdaptMethod):
         text, bridge = C.state_text(state, device)
         lr = state.hparams["lr"]
         seed = int(state.config.get("seed", 1))
-        form = state.hparams.get("form", "span")  # states written before the keys form were span-form
+        form = state.hparams["form"]
 
         def make(regime: str):
             alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")

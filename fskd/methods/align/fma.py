@@ -1,4 +1,5 @@
-"""``fma`` and ``fma-lite``: Flow Matching Alignment on cached features.
+"""``fma``: Flow Matching Alignment on cached features, one method with two recipes
+(``--set recipe=NAME``): ``published`` (the default, the reference's recipe) and ``lite``.
 
 A velocity field v(z, t) learns to transport each image feature to its class text feature
 along the straight line between them (fixed coupling), optionally with Brownian-bridge noise
@@ -7,15 +8,16 @@ reference) on the path; the field regresses the derivative of that very path. At
 image feature is integrated for a few solver steps and classified by the cosine of the
 transported feature to the class text features. Where to stop is chosen on validation data.
 
-``fma`` follows the reference (HKUST-LongGroup/FMA): its adaLN-gated 12-block network of width
-the feature dimension (:class:`~fskd.methods.align.flow.AdaLNField`), AdamW 2e-4 / weight decay
-0.01 over 200 epochs of batches of 32 with a warm-up epoch and a cosine, gamma 0, Euler steps of
-0.1 stopped after 0..10 steps, cosine to the class text alone, the full feature space. One
-deliberate difference: validation rows (not the test set, as the reference does) choose the stop.
-``fma-lite`` is fskd's fast variant (:class:`FMALiteOptions`): a 2-block MLP in the top 256
-principal directions, 600 steps at 2e-3, gamma in {0, 0.03}, Euler or Heun with 1/2/4/8 steps,
-and a support-prototype cosine added with a weight chosen on validation. Both share everything
-below.
+The ``published`` recipe (:class:`FMAPublished`) follows the reference (HKUST-LongGroup/FMA):
+its adaLN-gated 12-block network of width the feature dimension
+(:class:`~fskd.methods.align.flow.AdaLNField`), AdamW 2e-4 / weight decay 0.01 over 200 epochs
+of batches of 32 with a warm-up epoch and a cosine, gamma 0, Euler steps of 0.1 stopped after
+0..10 steps, cosine to the class text alone, the full feature space. One deliberate difference:
+validation rows (not the test set, as the reference does) choose the stop. ``--set recipe=lite``
+is fskd's fast variant (:class:`FMALite`, :class:`FMALiteOptions`): a 2-block MLP in the top
+256 principal directions, 600 steps at 2e-3, gamma in {0, 0.03}, Euler or Heun with 1/2/4/8
+steps, and a support-prototype cosine added with a weight chosen on validation. Both share
+everything below.
 
 The flow runs in one space: the store's image space, centred and L2-normalised
 (``Bridge.embed_images``), in coordinates of its top principal directions (``pca``). Class text
@@ -67,7 +69,7 @@ from fskd.methods.align.flow import (
     trajectory,
     transport,
 )
-from fskd.methods.base import METHODS, Method, MethodState, TrainProgress, load_state
+from fskd.methods.base import METHODS, Method, MethodState, RecipeMethod, TrainProgress, load_state
 from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
 from fskd.runtime import resolve_device
 from fskd.store import sampling
@@ -79,11 +81,11 @@ GAMMAS = (0.0,)
 #: ``fma``'s default solver steps: 10 Euler steps of 0.1, stopped after 0..10 (the reference's
 #: range of step counts at its step size 0.1), the stop chosen on validation
 STEPS = (10,)
-#: ``fma-lite``'s candidate noise strengths (the noise is N(0, I) in the flow coordinates, as in
+#: the lite recipe's candidate noise strengths (the noise is N(0, I) in the flow coordinates, as in
 #: the reference, so 0.03 in 256 coordinates is a noise norm of about 0.5 sqrt(t (1 - t)) against
 #: unit-norm features): one field per value, the best on validation kept (0: the straight path)
 LITE_GAMMAS = (0.0, 0.03)
-#: ``fma-lite``'s candidate numbers of solver steps (each integrates t = 0..1; early stopping
+#: the lite recipe's candidate numbers of solver steps (each integrates t = 0..1; early stopping
 #: picks where to stop along it)
 LITE_STEPS = (1, 2, 4, 8)
 ALLWAY, EPISODIC = "allway", "episodic"
@@ -102,7 +104,7 @@ class FMAOptions(Config):
     classification by the cosine to the class text alone, the flow in the full feature space."""
 
     regime: str = "auto"  # auto | allway | episodic | both (see the module docstring)
-    arch: str = "adaln"  # adaln: the reference's network | mlp: fskd's small residual MLP (fma-lite)
+    arch: str = "adaln"  # adaln: the reference's network | mlp: fskd's small residual MLP (recipe=lite)
     width: int = 0  # hidden width of the velocity network (0: the flow's dimension, as the reference)
     depth: int = 12  # residual blocks
     epochs: int = 200  # passes over the training pairs, in a fresh order each (used when iters = 0)
@@ -154,7 +156,7 @@ class FMAOptions(Config):
 
 @dataclass(frozen=True)
 class FMALiteOptions(FMAOptions):
-    """``fskd align --method fma-lite`` options: fskd's fast variant of FMA (not the published
+    """``fskd align --method fma --set recipe=lite`` options: fskd's fast variant of FMA (not the published
     recipe): a 2-block residual MLP of width 512 in the top 256 principal directions, 600
     AdamW steps at 2e-3, Euler or Heun and the step count chosen on validation, and a support-
     prototype cosine added with a weight chosen on validation."""
@@ -485,9 +487,12 @@ class Part:
         return torch.cat([F.normalize(self.transport(self.space.to_flow(e)), dim=-1), e], dim=1)
 
 
-class FMA(Method):
-    """Flow Matching Alignment: a learned velocity field transports image features to their
-    class text features in several solver steps; steps and early stop chosen on validation."""
+class FMAPublished(Method):
+    """FMA as published: a velocity field (the reference's 12-block adaLN network, 200 epochs)
+    transports image features to their class text features in Euler steps of 0.1; where to
+    stop chosen on validation.
+
+    ``fma``'s published recipe (the default)."""
 
     needs_text = True
     transfers_to_new_classes = True  # an empty support of unlearned classes: their text alone
@@ -551,16 +556,19 @@ class FMA(Method):
     def _fit_part(self, regime: str, store, config, opts: FMAOptions, gammas: tuple[float, ...], steps: tuple[int, ...],
                   text: torch.Tensor, fmap: FeatureMap | None, device: torch.device, progress: TrainProgress | None):
         names = store.class_names
+        if config.hp_selection == "none":
+            raise ConfigError(f"{self.name} has no validation-free form: its bridge, solver, number of steps and "
+                              f"prototype weight are chosen on validation data (--hp-selection few-shot-val or full-val)")
         if regime == ALLWAY:
             for s in ("train", "val"):
                 if not store.has_split(s):
                     raise StoreError(f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
                                      f"{store.path} has sample splits {store.splits} (use --set regime=episodic)")
             x_np, y_np, classes = sampling.allway_shots(store, config.shots, config.seed, error=ConfigError)
-            xv_np, yv_np = sampling.allway_val(store, classes, config.shots, config.seed, config.val_rule)
+            xv_np, yv_np = sampling.allway_val(store, classes, config.shots, config.seed, config.hp_selection)
             if len(yv_np) == 0:
                 raise StoreError(f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there")
-            val_on = "val split" if config.val_rule == "full" else "val split (min(K, 4) per class)"
+            val_on = "val split" if config.hp_selection == "full-val" else "val split (min(K, 4) per class)"
         else:
             base = store.class_split("base")
             val_cls = store.class_split("val") if "val" in store.attrs["class_split"] else []
@@ -620,7 +628,7 @@ class FMA(Method):
             protos = F.normalize(e_train.reshape(len(classes), config.shots, -1).mean(1), dim=-1)
             score = allway_scorer(targets[train_cls], protos, ev, torch.from_numpy(pos[yv_np]).to(device), weights)
             val_desc = (f"all {len(classes)} classes, {config.shots} shots each (seed {config.seed}); queries: "
-                        + sampling.describe_validation(config.val_rule, config.shots, len(yv_np), len(classes), config.seed))
+                        + sampling.describe_validation(config.hp_selection, config.shots, len(yv_np), len(classes), config.seed))
         else:
             vcls = np.asarray(sorted(store.class_split("val")))
             k_val = max(1, config.shots)
@@ -686,8 +694,7 @@ class FMA(Method):
             hp = {k[len(r) + 1:]: v for k, v in state.hparams.items() if k.startswith(f"{r}.")}
             hp["shots"] = state.hparams["shots"]
             t = {k[len(r) + 1:]: v.to(device) for k, v in state.tensors.items() if k.startswith(f"{r}.")}
-            # states written before the reference network existed hold the small MLP (arch mlp)
-            field = make_field(state.hparams.get("arch", "mlp"), int(hp["flow_dim"]), int(state.hparams["width"]),
+            field = make_field(state.hparams["arch"], int(hp["flow_dim"]), int(state.hparams["width"]),
                                int(state.hparams["depth"]))
             field.load_state_dict({k[len("field."):]: v for k, v in t.items() if k.startswith("field.")})
             field.to(device).eval()
@@ -804,15 +811,27 @@ class FMAHead(Head):
         return FittedFMA(part, cols, part.targets[classes], protos)
 
 
-class FMALite(FMA):
-    """fskd's fast FMA variant (a small residual MLP in 256 principal directions, 600 steps,
-    solver/steps/prototype weight chosen on validation): not the published recipe, see
-    :class:`FMALiteOptions`. Same regimes, bridge, states and head as ``fma``."""
+class FMALite(FMAPublished):
+    """fskd's fast FMA variant: a 2-block residual MLP in 256 principal directions, 600 steps;
+    solver, steps and a prototype weight chosen on validation.
 
-    name = "fma-lite"
+    ``fma``'s lite recipe (``--set recipe=lite``), not the published one, see
+    :class:`FMALiteOptions`. Same regimes, bridge, states and head as the published."""
+
     options = FMALiteOptions
     gammas, steps = LITE_GAMMAS, LITE_STEPS
 
 
+class FMA(RecipeMethod):
+    """Flow Matching Alignment: ``published`` (the reference's network and schedule) or ``lite``
+    (fskd's fast variant)."""
+
+    name = "fma"
+    recipes = {"published": FMAPublished, "lite": FMALite}
+
+    def parts(self, state: MethodState, store, device: torch.device) -> dict[str, Part]:
+        """The fitted parts of a state, ready on ``device`` (:meth:`FMAPublished.parts`)."""
+        return self.recipe(state).parts(state, store, device)
+
+
 METHODS.register('fma', FMA)
-METHODS.register('fma-lite', FMALite)

@@ -27,6 +27,9 @@ TERMS = ("logit", "feature", "affinity", "image_text", "prototype")
 LEVELS = {"instance": ("logit", "feature"), "batch": ("affinity", "image_text"), "class": ("prototype",)}
 #: terms whose student side is the projection head into the teacher's space
 PROJECTED = ("feature", "image_text", "prototype")
+#: terms that read only the teacher's features (``logit`` and ``prototype`` read its head, fitted on the
+#: labels): the student's loss under SynTrans's label-free proxy (mtkd ``--set proxy=label-free``)
+LABEL_FREE = ("feature", "affinity", "image_text")
 
 
 def parse_losses(text: str) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,7 @@ from fskd.methods.distill.data import (
     sample_val_episodes,
 )
 from fskd.methods.distill.losses import (
+    LABEL_FREE,
     PROJECTED,
     TERMS,
     DistillLoss,
@@ -124,6 +126,7 @@ class MTKDOptions(Config):
     w_affinity: float = 2.0  # weight of the batch affinity mimicking (batch level)
     w_image_text: float = 2.0  # weight of the image-to-class-text loss (batch level)
     w_prototype: float = 1.0  # weight of the teacher class-prototype loss (class level)
+    proxy: str = "labelled"  # label-free: SynTrans's label-free proxy, the feature, affinity and image_text terms only and w_task 0
     proj_hidden: int = 1024  # hidden width of the projection into the teacher space
     classifier_scale: float = 16.0  # logit scale of the student's cosine classifier
     teacher_scale: float = 16.0  # logit scale of the teacher's cosine head
@@ -157,6 +160,13 @@ class MTKDOptions(Config):
                 raise ConfigError(f"mtkd option w_{t} must be >= 0, got {getattr(self, f'w_{t}')}")
         if not isinstance(self.student_kwargs, dict):
             raise ConfigError(f"mtkd option student_kwargs must be a JSON object, got {self.student_kwargs!r}")
+        if self.proxy not in ("labelled", "label-free"):
+            raise ConfigError(f"mtkd option proxy must be labelled or label-free, got {self.proxy!r}")
+        if self.proxy == "label-free":  # no label term: the student learns the teacher's features only
+            if self.w_task not in (0, type(self).w_task):
+                raise ConfigError(f"mtkd options proxy=label-free and w_task={self.w_task}: the label-free proxy has "
+                                  f"no label term (its w_task is 0); drop w_task")
+            object.__setattr__(self, "w_task", 0.0)
 
     def weights(self) -> LossWeights:
         return LossWeights(**{t: float(getattr(self, f"w_{t}")) for t in ("task",) + TERMS})
@@ -245,15 +255,17 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
     val = None
     refs = list(ids)
     plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val split: last epoch)"}
-    if store.has_split("val"):
+    if cfg.hp_selection == "none":
+        plan_val["selected_on"] = "fixed (--hp-selection none: no validation data; the last epoch)"
+    elif store.has_split("val"):
         vids, vy, vx = _rows(store, "val")
-        keep = validation_rows(vy, classes, cfg.shots, cfg.seed, cfg.val_rule)
+        keep = validation_rows(vy, classes, cfg.shots, cfg.seed, cfg.hp_selection)
         vids, vy, vx = vids[keep], vy[keep], vx[keep]
         if len(vy):
             vloc = np.array([local[int(c)] for c in vy])
             val = (_float(torch.from_numpy(vx)), vloc)
             plan_val = {"val_kind": "split", "val_support": shots, "val_query": np.arange(len(refs), len(refs) + len(vy)),
-                        "val_labels": vloc, "selected_on": "val split" if cfg.val_rule == "full" else
+                        "val_labels": vloc, "selected_on": "val split" if cfg.hp_selection == "full-val" else
                         f"val split ({len(vy)} rows: min(K, 4) per class, CoOp's few-shot validation)"}
             refs += list(vids)
     bridge = None
@@ -266,7 +278,8 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
     rng = np.random.default_rng(cfg.seed + 7)
     return _Plan(refs=refs, n_train=len(y), labels=labels, classes=classes, teacher_x=xt, bridge=bridge, mean=mean,
                  head_rows=shots, head_val=val, text=text,
-                 center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)), **plan_val)
+                 center_rows=np.sort(rng.choice(len(y), size=min(getattr(opts, "center_rows", 0), len(y)),
+                                                replace=False)), **plan_val)  # dho: no centring rows
 
 
 def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray | None) -> _Plan:
@@ -275,6 +288,9 @@ def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.n
         raise StoreError(f"{store.path}: the base class split is empty; --regime base-novel trains on base classes")
     if cfg.shots < 1:
         raise ConfigError("--regime base-novel needs --shots >= 1 (the shot count of the validation episodes)")
+    if cfg.hp_selection == "none":
+        raise ConfigError("--regime base-novel has no validation-free form: its bridge and epoch are chosen on the val "
+                          "classes (--hp-selection few-shot-val; --hp-selection none works with --regime semi)")
     local = {c: i for i, c in enumerate(base)}
     ids_l, y_l, x_l, in_train = [], [], [], []
     val_ids, val_y = [], []
@@ -437,17 +453,93 @@ class MTKD(Method):
         # a semi-regime student was trained on the labels of the state's own K shots of its seed
         return state.hparams.get("regime") == "semi"
 
-    def fit(self, store, config: DistillConfig, progress: TrainProgress | None = None) -> MethodState:
-        cfg = config
-        opts = MTKDOptions.from_dict(cfg.options)
+    # -- what a student distiller built on this fit overrides (dho: fskd.methods.distill.dho) ------------
+    def _terms(self, store, cfg: DistillConfig) -> tuple[str, ...]:
+        """The enabled loss terms (``losses.TERMS``); the teacher head is fitted for ``prototype``
+        (or when no --teacher-state gives the logits)."""
         terms = parse_losses(cfg.losses)
-        spec = StudentSpec.parse(cfg.student)
-        text_np = store.text_embeddings()
-        if "image_text" in terms and text_np is None:
+        if "image_text" in terms and store.text_embeddings() is None:
             if cfg.losses != "all":
                 raise ConfigError(f"--losses {cfg.losses}: 'image_text' needs class text features and {store.path} has none")
             terms = tuple(t for t in terms if t != "image_text")
             log.info("store %s has no class text: image_text loss off", store.path)
+        if cfg.options.get("proxy") == "label-free":  # only the terms that read the teacher's features
+            learned = [t for t in terms if t not in LABEL_FREE]
+            if learned and cfg.losses != "all":
+                raise ConfigError(f"--losses {cfg.losses} with proxy=label-free: {', '.join(learned)} learn(s) from the "
+                                  f"teacher's head, fitted on the labels; the label-free terms are {', '.join(LABEL_FREE)}")
+            terms = tuple(t for t in terms if t in LABEL_FREE)
+            if not terms:
+                raise ConfigError(f"--losses {cfg.losses} with proxy=label-free leaves no loss term (label-free terms: "
+                                  f"{', '.join(LABEL_FREE)}); the student would learn nothing")
+        return terms
+
+    def _plan(self, store, cfg: DistillConfig, opts, text_np: np.ndarray | None) -> _Plan:
+        return (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
+
+    def _student(self, backbone, n_cls: int, store, terms, opts, plan: _Plan,
+                 teacher_head: TeacherHead | None) -> tuple[torch.nn.Module, Callable]:
+        """The student network and its loss: ``loss(train_net, x, tb)`` maps the (possibly DDP-wrapped)
+        network, a batch of normalised views x (B, 3, R, R) and its TeacherBatch to the loss dict
+        (``loss``, ``task_loss``, ``kd_loss``, ...)."""
+        net = StudentNet(backbone, n_cls, store.dim, opts.proj_hidden, opts.classifier_scale,
+                         projected=any(t in PROJECTED for t in terms))
+        criterion = DistillLoss(terms, opts.weights(), opts.temperature, opts.tau_affinity, opts.tau_text,
+                                opts.tau_class, text_anchors=plan.text,
+                                class_anchors=None if teacher_head is None else teacher_head.weight)
+
+        def loss(train_net: torch.nn.Module, x: torch.Tensor, tb: TeacherBatch) -> dict[str, torch.Tensor]:
+            with autocast(x.device):
+                f, lg, pj = train_net(x)
+            return criterion(f, lg, pj, tb)
+
+        return net, loss
+
+    def _shown(self, terms: tuple[str, ...]) -> tuple[str, ...]:
+        """Loss-dict keys the progress bar shows beside loss, task_loss and kd_loss."""
+        return terms
+
+    def _batching(self, plan: _Plan, opts) -> tuple[int, int]:
+        """(global batch size, optimiser steps per epoch)."""
+        gbatch = max(2, min(opts.batch_size, plan.n_train))
+        return gbatch, max(1, plan.n_train // gbatch)
+
+    def _optimizer(self, net: torch.nn.Module, opts, steps: int, total: int):
+        """(optimiser, per-step LambdaLR schedule): AdamW without decay on biases and norms, linear
+        warm-up then cosine decay."""
+        decay, no_decay = [], []
+        for p in net.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+        warm = max(1, int(opts.warmup_epochs * steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        return opt, sched
+
+    def _epoch_batches(self, plan: _Plan, cfg: DistillConfig, terms, epoch: int, steps: int,
+                       gbatch: int) -> list[np.ndarray]:
+        """The training rows of each step of ``epoch`` (global batches; each rank takes every
+        world_size-th row)."""
+        rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+        labelled = np.flatnonzero(plan.labels >= 0)
+        if terms or len(labelled) == plan.n_train:
+            order = rng.permutation(np.arange(plan.n_train))
+        else:  # labels alone: the same number of steps, drawn from the labelled rows only
+            reps = math.ceil(steps * gbatch / max(1, len(labelled)))
+            order = np.concatenate([rng.permutation(labelled) for _ in range(reps)])
+        return [order[s * gbatch : (s + 1) * gbatch] for s in range(steps)]
+
+    def _default_choice(self) -> dict:
+        """The validated choices of the head when no validation chooses them."""
+        return {"beta": 0.0}
+
+    def fit(self, store, config: DistillConfig, progress: TrainProgress | None = None) -> MethodState:
+        cfg = config
+        opts = self.options.from_dict(cfg.options)
+        terms = self._terms(store, cfg)
+        spec = StudentSpec.parse(cfg.student)
+        text_np = store.text_embeddings()
         device = resolve_device(cfg.device)
         dist = init_distributed(device)
         if dist.world_size > 1 and device.type == "cuda":
@@ -457,7 +549,7 @@ class MTKD(Method):
 
         # a bad student spec fails before any image is decoded
         backbone = build_student_backbone(spec.name, opts.image_size, opts.student_kwargs, spec.weights)
-        plan = (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
+        plan = self._plan(store, cfg, opts, text_np)
         n_cls = len(plan.classes)
 
         # --teacher-state: a fitted all-way state's head gives the teacher logits
@@ -513,28 +605,17 @@ class MTKD(Method):
                                 opts.image_cache)
         decode_s = time.perf_counter() - t0
 
-        net = StudentNet(backbone, n_cls, store.dim, opts.proj_hidden, opts.classifier_scale,
-                         projected=any(t in PROJECTED for t in terms)).to(device)
+        net, loss_fn = self._student(backbone, n_cls, store, terms, opts, plan, teacher_head)
+        net = net.to(device)
         mean_t, std_t = (torch.tensor(v) for v in model_norm(backbone))
-        criterion = DistillLoss(terms, opts.weights(), opts.temperature, opts.tau_affinity, opts.tau_text,
-                                opts.tau_class, text_anchors=plan.text,
-                                class_anchors=None if teacher_head is None else teacher_head.weight)
 
         epochs = cfg.epochs or opts.epochs
-        gbatch = max(2, min(opts.batch_size, plan.n_train))
+        gbatch, steps = self._batching(plan, opts)
         if gbatch % dist.world_size:
             raise ConfigError(f"batch_size {gbatch} must be divisible by the {dist.world_size} torchrun processes")
-        lbatch = gbatch // dist.world_size
-        steps = max(1, plan.n_train // gbatch)
         total = steps * epochs
-        decay, no_decay = [], []
-        for p in net.parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
-        warm = max(1, int(opts.warmup_epochs * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        opt, sched = self._optimizer(net, opts, steps, total)
+        shown = self._shown(terms)
         train_net = net
         if dist.world_size > 1:
             train_net = torch.nn.parallel.DistributedDataParallel(
@@ -547,7 +628,7 @@ class MTKD(Method):
         key = _config_key(cfg)
         if given is not None:  # the same DIR rewritten since: another teacher, no resuming
             key["teacher_state_sha256"] = given.provenance["state_json_sha256"]
-        start_epoch, best, history = 0, {"epoch": 0, "score": -1.0, "beta": 0.0, "state": None}, []
+        start_epoch, best, history = 0, {"epoch": 0, "score": -1.0, **self._default_choice(), "state": None}, []
         saved = _load_resume(resume_dir)
         if saved is not None:
             if saved.get("version") == RESUME_VERSION and saved.get("config") == key:
@@ -559,23 +640,16 @@ class MTKD(Method):
             else:
                 log.warning("the resume checkpoint in %s belongs to another config; starting from scratch", resume_dir)
 
-        train_rows = np.arange(plan.n_train)
         labelled = np.flatnonzero(plan.labels >= 0)
         imgs_seen, train_s = 0, 0.0
         for epoch in range(start_epoch, epochs):
             t_ep = time.perf_counter()
-            rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-            if terms or len(labelled) == plan.n_train:
-                order = rng.permutation(train_rows)
-            else:  # labels alone: the same number of steps, drawn from the labelled rows only
-                reps = math.ceil(steps * gbatch / max(1, len(labelled)))
-                order = np.concatenate([rng.permutation(labelled) for _ in range(reps)])
-            order = order[: steps * gbatch]
+            batches = self._epoch_batches(plan, cfg, terms, epoch, steps, gbatch)
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 16 + dist.rank)
             train_net.train()
             sums: dict[str, float] = {}
-            for step in range(steps):
-                idx = order[step * gbatch : (step + 1) * gbatch][dist.rank :: dist.world_size][:lbatch]
+            for step, rows in enumerate(batches):
+                idx = rows[dist.rank :: dist.world_size]
                 it = torch.from_numpy(idx)
                 boxes, flips = random_boxes(len(idx), gen, opts.crop_scale)
                 views = crop_views(images[it], boxes, flips, opts.image_size)
@@ -587,9 +661,7 @@ class MTKD(Method):
                 else:
                     emb, tlog = (t.to(device) for t in teacher_batch(it))
                 tb = TeacherBatch(embedded=emb, logits=tlog, labels=torch.from_numpy(plan.labels[idx]).to(device))
-                with autocast(device):
-                    f, lg, pj = train_net(x)
-                losses = criterion(f, lg, pj, tb)
+                losses = loss_fn(train_net, x, tb)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
                 scaler.step(opt)
@@ -605,19 +677,19 @@ class MTKD(Method):
                 if progress is not None and dist.is_main:
                     progress("distill", epoch * steps + step + 1, total,
                              {"epoch": epoch + 1, **{k: vals[k] for k in ("loss", "task_loss", "kd_loss")},
-                              **{t: vals[t] for t in terms}})
+                              **{t: vals[t] for t in shown}})
             ep_s = time.perf_counter() - t_ep
             train_s += ep_s
             entry = {"epoch": epoch + 1, **{k: round(v / steps, 5) for k, v in sums.items()},
                      "lr": sched.get_last_lr()[0], "seconds": round(ep_s, 2),
-                     "images_per_s": round(steps * gbatch / max(ep_s, 1e-9), 1)}
+                     "images_per_s": round(sum(len(r) for r in batches) / max(ep_s, 1e-9), 1)}
             if plan.val_kind != "none" and ((epoch + 1) % opts.val_every == 0 or epoch + 1 == epochs):
-                score, beta = self._validate(net, images, plan, opts, device, mean_t, std_t)
-                entry.update({"val_accuracy": round(100 * score, 3), "beta": beta})
+                score, choice = self._validate(net, images, plan, opts, device, mean_t, std_t)
+                entry.update({"val_accuracy": round(100 * score, 3), **choice})
                 if score > best["score"]:
-                    best = {"epoch": epoch + 1, "score": score, "beta": beta, "state": _cpu_state(net)}
+                    best = {"epoch": epoch + 1, "score": score, **choice, "state": _cpu_state(net)}
             elif plan.val_kind == "none":
-                best = {"epoch": epoch + 1, "score": -1.0, "beta": 0.0, "state": _cpu_state(net)}
+                best = {"epoch": epoch + 1, "score": -1.0, **self._default_choice(), "state": _cpu_state(net)}
             history.append(entry)
             log.info("distill epoch %d/%d: %s", epoch + 1, epochs, entry)
             if dist.is_main:
@@ -648,8 +720,8 @@ class MTKD(Method):
 
     @torch.no_grad()
     def _validate(self, net: StudentNet, images: torch.Tensor, plan: _Plan, opts: MTKDOptions, device,
-                  mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, float]:
-        """Validation accuracy (fraction) and the chosen beta, on centre views."""
+                  mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, dict]:
+        """Validation accuracy (fraction) and the head's choices ({"beta": ...}), on centre views."""
         net.eval()
         rows = np.concatenate([plan.center_rows, plan.val_query] + ([plan.val_support] if plan.val_kind == "split" else []))
         feats = _features(net.backbone, images, rows, opts.image_size, device, mean_t, std_t)
@@ -657,7 +729,7 @@ class MTKD(Method):
         center = feats[:nc].mean(0)
         q = feats[nc : nc + nq]
         if plan.val_kind == "episodes":
-            return episode_accuracy(q, plan.episodes, center), 0.0
+            return episode_accuracy(q, plan.episodes, center), {"beta": 0.0}
         sup = feats[nc + nq :]
         y_sup = torch.from_numpy(plan.labels[plan.val_support]).to(device)
         protos = class_means(F.normalize(sup - center, dim=-1), y_sup, len(plan.classes))
@@ -670,15 +742,14 @@ class MTKD(Method):
             a = float(((proto_s + beta * cls_s).argmax(1) == y).float().mean())
             if a > best:
                 best, best_beta = a, float(beta)
-        return best, best_beta
+        return best, {"beta": best_beta}
 
     def _state(self, store, cfg, opts, spec, terms, plan, net, best, teacher_head: TeacherHead | None,
                given: StateTeacher | None, history, extra) -> MethodState:
         st = best["state"]
         student = {STUDENT_PREFIX + k[len("backbone."):]: v for k, v in st.items() if k.startswith("backbone.")}
-        tensors = dict(student)
-        tensors["classifier"] = st["classifier"]
-        tensors.update({f"proj.{k[len('proj.'):]}": v for k, v in st.items() if k.startswith("proj.")})
+        head_tensors, head_hparams, head_selected = self._head_state(st, cfg, opts, terms, best, plan.selected_on)
+        tensors = {**student, **head_tensors}
         tensors["train_classes"] = torch.tensor(plan.classes, dtype=torch.int64)
         if teacher_head is not None:
             tensors["teacher.weight"] = teacher_head.weight
@@ -690,19 +761,18 @@ class MTKD(Method):
             "student": spec.name, "student_init": spec.weights or "random", "image_size": opts.image_size,
             "student_kwargs": dict(opts.student_kwargs), "student_id": tensor_digest({k[len(STUDENT_PREFIX):]: v
                                                                                         for k, v in student.items()}),
-            "teacher_text_dim": text_dim, "teacher": store.encoder_spec, "regime": cfg.regime,
-            "losses": list(terms), "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
-            "epochs": cfg.epochs or opts.epochs, "best_epoch": best["epoch"], "beta": best["beta"],
+            "teacher_text_dim": text_dim, "teacher": store.encoder_spec, "regime": cfg.regime, **head_hparams,
+            "epochs": cfg.epochs or opts.epochs, "best_epoch": best["epoch"],
             "teacher_head_steps": None if teacher_head is None else teacher_head.steps,
             "bridge_ridge": None if plan.bridge is None else plan.bridge.ridge,
             "shots": cfg.shots, "dataset_fingerprint": store.attrs["dataset"].get("fingerprint"),
             "class_split": {k: v for k, v in store.attrs["class_split"].items() if k != "source"},
         }
-        selected = {"best_epoch": sel, "beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
+        selected = {"best_epoch": sel, **head_selected,
                     "teacher_head_steps": ("val split" if plan.head_val is not None else "fixed") if teacher_head is not None
                     else "not fitted (--teacher-state gives the teacher logits; prototype loss off)",
                     "bridge_ridge": ("val split" if cfg.regime == "semi" else "val classes") if plan.bridge is not None
-                    else "none", "loss weights and temperatures": "defaults chosen on cub35 validation (README)"}
+                    else "none"}
         if given is not None:
             hparams["teacher"] = given.describe()
             hparams["teacher_state"] = dict(given.provenance)
@@ -716,6 +786,18 @@ class MTKD(Method):
         return MethodState(method=self.name, kind=self.kind, store_path=str(store.path),
                            store_fingerprint=store.fingerprint, encoder=store.encoder_spec, config=cfg.to_dict(),
                            hparams=hparams, selected_on=selected, metrics=metrics, tensors=tensors)
+
+    def _head_state(self, st: dict[str, torch.Tensor], cfg: DistillConfig, opts, terms, best: dict,
+                    sel: str) -> tuple[dict, dict, dict]:
+        """The head's tensors (from the best epoch's network state ``st``), hyper-parameters and the
+        split that chose each (``sel``: the plan's validation)."""
+        tensors = {"classifier": st["classifier"],
+                   **{f"proj.{k[len('proj.'):]}": v for k, v in st.items() if k.startswith("proj.")}}
+        hparams = {"losses": list(terms), "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
+                   "beta": best["beta"]}
+        selected = {"beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
+                    "loss weights and temperatures": "defaults chosen on cub35 validation (README)"}
+        return tensors, hparams, selected
 
     # -- evaluation ---------------------------------------------------------------------------------
     def check_store(self, state: MethodState, store, directory) -> None:
