@@ -42,11 +42,11 @@ def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
     episodes as fskd eval, seed 0): which part carries the gain."""
     import torch
 
-    from fskd.evaluation.episodes import sample_episodes
     from fskd.evaluation.metrics import mean_ci95
     from fskd.methods import load_state
     from fskd.methods.adapt.syntrans import Base, combine
     from fskd.methods.bridge import Bridge
+    from fskd.protocols.episodic import sample_episodes
     from fskd.store import FeatureStore
 
     st, fs = load_state(state_dir), FeatureStore.open(store)

@@ -23,7 +23,7 @@ from _common import best_of, machine, table  # noqa: E402
 from fskd import api  # noqa: E402
 from fskd.classifiers.prototype import PrototypeHead  # noqa: E402
 from fskd.config import EvalConfig  # noqa: E402
-from fskd.evaluation.episodes import run_episodes, sample_episodes  # noqa: E402
+from fskd.protocols.episodic import run_episodes, sample_episodes  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
 
 

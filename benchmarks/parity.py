@@ -342,7 +342,7 @@ def simpleshot_episodes(store, shot: int, episodes: int) -> tuple[int, int]:
 
     from fskd.classifiers import CLASSIFIERS
     from fskd.classifiers.base import ClassContext
-    from fskd.evaluation.episodes import sample_episodes
+    from fskd.protocols.episodic import sample_episodes
 
     novel = store.class_split("novel")
     x, y = store.gather(novel)

@@ -10,10 +10,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fskd.catalog import method_info, registries, store_info  # noqa: F401 - part of the api
@@ -32,22 +31,18 @@ from fskd.config import (
 from fskd.errors import (
     ConfigError,
     DatasetError,
-    EvaluationError,
     FskdError,
     OutputError,
     StateError,
 )
-from fskd.evaluation.allway import run_allway, store_rows
-from fskd.evaluation.base_to_new import harmonic_mean, restrict_for_fit, run_base_to_new
-from fskd.evaluation.base_to_new import split_of as b2n_split
-from fskd.evaluation.episodes import iter_episodes, run_episodes
-from fskd.evaluation.metrics import EPISODE_CI, SEED_CI, mean_ci95, seed_summary
-from fskd.evaluation.transductive import BatchSetting
 from fskd.fsutil import check_writable, store_containing
 from fskd.methods import METHODS, load_state
 from fskd.methods.base import TrainProgress, guard_out, save_state
 from fskd.progress import AUTO, extract_bar, extract_log, train_bar
 from fskd.progress import resolve as resolve_progress
+from fskd.protocols import PROTOCOLS
+from fskd.protocols.base import EvalContext, EvalResult
+from fskd.protocols.base_to_new import restrict_for_fit
 from fskd.reports import markdown_table, report_name, write_report
 from fskd.reports.compare import compare_reports
 from fskd.runtime import compute_threads, dist_info, resolve_device, store_numel
@@ -90,146 +85,6 @@ def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, sourc
     return _extract(config, resolve_progress(progress, extract_bar, extract_log), source)
 
 
-@dataclass
-class EvalResult:
-    """One evaluation. Percentages throughout. ``ci95`` is a 95% CI half-width: over episodes
-    (normal approximation) for the episodic protocol, over seeds (Student t) for the all-way one,
-    None with one seed; ``std`` is the std over seeds (all-way, None with one seed); ``statistic``
-    says which interval it is."""
-
-    protocol: str
-    accuracy: float  # percent: mean over episodes (episodic) or over seeds (all-way)
-    ci95: float | None
-    std: float | None
-    statistic: str
-    episodes: int | None
-    way: int | None
-    shots: int
-    query: int | None
-    split: str
-    classifier: str
-    encoder: str
-    web_scale: bool
-    seed: int | None
-    seeds: list[int] | None
-    n_seeds: int | None
-    per_seed: list[float] | None
-    classes: int
-    center: str
-    inductive: bool  # False: the test rows were classified jointly (``transductive`` says how)
-    store: str
-    store_fingerprint: str
-    state: str | None
-    seconds: float
-    eval_seconds: float
-    source_store: str | None = None  # cross-dataset / domain-shift: the store the state was fitted on
-    base: float | None = None  # base-to-new: base-class accuracy (mean over seeds)
-    new: float | None = None  # base-to-new: new-class accuracy, None when the method cannot transfer
-    hm: float | None = None  # base-to-new: harmonic mean of base and new
-    mean_per_class: float | None = None  # all-way: mean over classes of per-class accuracy (mean over seeds)
-    top5: float | None = None  # all-way with more than 5 classes: mean over seeds
-    ece: float | None = None  # all-way: expected calibration error (%, 15 bins) of the head's softmax, mean over seeds
-    nll: float | None = None  # all-way: negative log-likelihood of the true class (nats), mean over seeds
-    transductive: str | None = None  # "TransCLIP" when every test row was classified at once (--transductive)
-    #: which transductive setting ran: "all" (every test row of a seed at once) or {"batch": B, "active_classes":
-    #: C, "batches": n (over all seeds), "batches_per_seed": [...]} (--batch B --active-classes C); None: inductive
-    transductive_setting: str | dict | None = None
-    selected_on: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
-    report: list[str] = field(default_factory=list)  # the report files written
-    per_episode: list[float] | None = field(default=None, repr=False)  # reports and `fskd compare` only
-    per_class: list[dict] | None = field(default=None, repr=False)  # reports only
-
-    def to_dict(self, full: bool = False) -> dict:
-        d = asdict(self)
-        if not full:
-            d.pop("per_episode")
-            d.pop("per_class")
-        return d
-
-    def protocol_text(self) -> str:
-        enc = f"encoder {self.encoder} ({'saw' if self.web_scale else 'did not see'} web-scale image-text data)"
-        chosen = "; ".join(f"{k}: {v}" for k, v in self.selected_on.items()) or "no hyper-parameters"
-        if self.protocol == "episodic":
-            return (
-                f"Episodic: {self.way}-way {self.shots}-shot, {self.query} queries per class, {self.episodes} episodes "
-                f"over the {self.classes} {self.split} classes, seed {self.seed}; inductive; mean accuracy and "
-                f"{self.statistic}; {enc}; classifier {self.classifier}; centring {self.center}; "
-                f"hyper-parameters: {chosen}."
-            )
-        stat = self.statistic if self.n_seeds and self.n_seeds > 1 else "one seed, so no interval"
-        if self.protocol == "cross-dataset":
-            return (f"Cross-dataset: the state fitted on {self.source_store} ({self.shots} shots per class, seed "
-                    f"{self.seeds[0]}) scores every test row of this store among its {self.classes} classes, none of "
-                    f"which it learned: its head transfers through their class text, with no shot of them; one fitted "
-                    f"state, so no interval; {enc}; method {self.classifier}.")
-        if self.protocol == "domain-shift":
-            return (f"Domain shift: the state fitted on {self.source_store} ({self.shots} shots per class, seed "
-                    f"{self.seeds[0]}) is fitted on those shots and scores this store's test rows, classes mapped by "
-                    f"key, among the {self.classes} classes present here; one fitted state, so no interval; {enc}; "
-                    f"method {self.classifier}.")
-        if self.protocol == "base-to-new":
-            return (
-                f"Base-to-new (CoCoOp): classes split in half by label order; fitted on {self.shots} shots per base class "
-                f"(seeds {self.seeds}); base = test rows of the base classes among the base classes, new = test rows of "
-                f"the new classes among the new classes with no shot of them, HM = harmonic mean of the mean base and "
-                f"new accuracy; {'' if self.inductive else self._inference_text() + '; '}{stat}; {enc}; "
-                f"classifier {self.classifier}; hyper-parameters: {chosen}."
-            )
-        return (
-            f"All-way: {self.shots} shots per class from the train split (seed s), all {self.classes} classes, the full "
-            f"test split, seeds {self.seeds}; {self._inference_text()}; mean top-1 over seeds with {stat}; {enc}; "
-            f"classifier {self.classifier}; centring {self.center}; hyper-parameters: {chosen}."
-        )
-
-    def _inference_text(self) -> str:
-        if self.inductive:
-            return "inductive"
-        st = self.transductive_setting
-        how = ("all test rows of each seed scored at once" if not isinstance(st, dict) else
-               f"the test rows of each seed scored in batches of at most {st['batch']} rows drawn from "
-               f"{st['active_classes']} random classes ({st['batches']} batches in all; the realistic setting of "
-               f"Zanella et al. CVPR 2025), each batch alone")
-        return (f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: {how}, a GMM with a k-NN Laplacian "
-                f"and a KL term toward the head's softmax; no ECE/NLL)")
-
-    def _how(self) -> str:
-        """`` + TransCLIP (transductive[, in batches ...])`` for the summary line; "" when inductive."""
-        if self.inductive:
-            return ""
-        st = self.transductive_setting
-        batches = (f", batches of {st['batch']} from {st['active_classes']} classes: {st['batches']}"
-                   if isinstance(st, dict) else "")
-        return f" + {self.transductive} (transductive{batches})"
-
-    def summary_line(self) -> str:
-        """One line for people: the number, its interval and what the interval is."""
-        if self.protocol == "episodic":
-            return (f"{self.way}-way {self.shots}-shot on {self.classes} {self.split} classes, {self.episodes} episodes, "
-                    f"{self.classifier}: {self.accuracy:.2f}% ± {self.ci95:.2f} (95% CI over episodes)")
-        if self.protocol in ("cross-dataset", "domain-shift"):
-            return (f"{self.protocol} from {Path(self.source_store).name} to {Path(self.store).name}, {self.classes} "
-                    f"classes, {self.classifier} ({self.shots} shots, seed {self.seeds[0]}): {self.accuracy:.2f}% (one "
-                    f"fitted state: no interval)")
-        if self.protocol == "base-to-new":
-            new = "n/a (cannot transfer)" if self.new is None else f"{self.new:.2f}%"
-            hm = "n/a" if self.hm is None else f"{self.hm:.2f}%"
-            how = self._how()
-            return (f"base-to-new {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
-                    f"base {self.base:.2f}%, new {new}, HM {hm}")
-        how = self._how()
-        head = (f"all-way {self.shots}-shot, {self.classes} classes, seeds {self.seeds}, {self.classifier}{how}: "
-                f"{self.accuracy:.2f}%")
-        if self.ci95 is not None:
-            head += f" ± {self.ci95:.2f} (95% CI, Student t over {self.n_seeds} seeds; std {self.std:.2f})"
-        else:
-            head += " (one seed: no interval)"
-        extra = [f"mean per-class {self.mean_per_class:.2f}%"] if self.mean_per_class is not None else []
-        extra += [f"top-5 {self.top5:.2f}%"] if self.top5 is not None else []
-        extra += [f"ECE {self.ece:.2f}%, NLL {self.nll:.3f}"] if self.ece is not None else []
-        return head + (f"; {', '.join(extra)}" if extra else "")
-
-
 def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None) -> tuple[Head, str, dict]:
     """The head to evaluate: the state's method, else a registered classifier."""
     if state is not None:
@@ -243,11 +98,12 @@ def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None
         return head, state.method, dict(state.selected_on)
     text = store.text_embeddings() if store.joint else None
     center = None
-    if cfg.center == "base" and cfg.protocol == "episodic" and store.class_split("base"):
+    on_base = PROTOCOLS.get(cfg.protocol).center_on_base  # episodic: SimpleShot's base-class mean
+    if cfg.center == "base" and on_base and store.class_split("base"):
         center = torch.from_numpy(store.mean(store.class_split("base"))).to(device)
     ctx = ClassContext(text=torch.from_numpy(text).to(device) if text is not None else None, center=center)
     head = CLASSIFIERS.get(cfg.classifier)(ctx)
-    if isinstance(head, PrototypeHead) and cfg.protocol != "episodic" and cfg.center == "base":
+    if isinstance(head, PrototypeHead) and not on_base and cfg.center == "base":
         head = PrototypeHead(ctx, center_support=True, rule=head.rule)  # no base classes in all-way: centre on the support mean
     return head, cfg.classifier, {}
 
@@ -296,126 +152,17 @@ def _state_fits(cfg: EvalConfig):
 
 
 def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResult:
+    """Score the head of ``cfg`` (the state's method, else a registered classifier) under its
+    protocol (:mod:`fskd.protocols`), then say the warnings and write the report."""
     device = resolve_device(cfg.device)
     state = load_state(cfg.state) if cfg.state else None
-    if cfg.protocol in OTHER_STORE_PROTOCOLS:
-        return _finish(cfg, state, _evaluate_other_store(cfg, store, state, device, t0))
-    _eval_class_split(cfg, store, state)
-    head, name, selected = _head(cfg, store, device, state)
-    names = store.class_names
-    warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
-                           for s, ids in store.skipped().items()]
-    episodic, b2n = cfg.protocol == "episodic", cfg.protocol == "base-to-new"
-    if state is not None and bool(state.config.get("base_to_new")) != b2n:
-        if b2n:
-            raise EvaluationError(f"state {cfg.state} was fitted on every class, the new half included; base-to-new "
-                                  f"needs a state fitted with --base-to-new (fskd adapt/align --base-to-new --shots 16)")
-        raise EvaluationError(f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it with "
-                              f"--protocol base-to-new")
-    if not episodic and state is not None:
-        _check_state_seeds(cfg, state, warnings, strict=b2n)
-    mean_pc = top5 = per_episode = per_class = n_seeds = None
-    batching = BatchSetting(cfg.batch, cfg.active_classes) if cfg.batch is not None else None
-    n_batches: list[int] | None = None  # transductive in batches: how many per seed
-    b2n_fields: dict = {}
-    calibration: dict = {}  # all-way only
-    if b2n:
-        for s in ("train", "test"):
-            if not store.has_split(s):
-                raise EvaluationError(f"base-to-new needs a {s!r} sample split; {store.path} has {store.splits}")
-        if state is None:
-            store.override_class_split(split=b2n_split(store.num_classes))
-        take, train_y = store_rows(store, "train", device)
-        test_x, test_y = store.gather(None, ["test"])
-        transfers = METHODS.get(state.method).transfers_to_new_classes if state is not None else head.needs_text
-        if not transfers:
-            warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
-        t1 = time.perf_counter()
-        sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                             store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names,
-                             transductive=cfg.transductive, batch_setting=batching)
-        b = seed_summary(sc.base.top1)
-        nw = seed_summary(sc.new.top1) if sc.new is not None else None
-        hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
-        per_seed_v = ([harmonic_mean(x, y) for x, y in zip(sc.base.top1, sc.new.top1, strict=True)]
-                      if sc.new is not None else list(sc.base.top1))
-        summ = seed_summary(per_seed_v)
-        acc = hm if hm is not None else b.mean
-        ci, std, n_seeds = summ.ci95, summ.std, summ.n
-        statistic = f"{SEED_CI} of the per-seed {'harmonic mean' if hm is not None else 'base accuracy'}"
-        per_seed = [round(float(a) * 100, 3) for a in per_seed_v]
-        classes = np.arange(store.num_classes)
-        n_classes = store.num_classes
-        if batching is not None:
-            n_batches = [x + y for x, y in zip(sc.base.batches, sc.new.batches if sc.new is not None else
-                                               [0] * len(sc.base.batches), strict=True)]
-        b2n_fields = {"base": round(b.mean, 3), "new": None if nw is None else round(nw.mean, 3),
-                      "hm": None if hm is None else round(hm, 3)}
-        top5 = None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3)
-        rows = np.bincount(test_y, minlength=store.num_classes)
-        per_class = []
-        for part, scores_, cls in (("base", sc.base, sc.base_classes), ("new", sc.new, sc.new_classes)):
-            if scores_ is not None:
-                per_class += _per_class(names, cls, np.nanmean(scores_.per_class, axis=0), rows, half=part)
-        mean_pc = round(float(np.nanmean([r["accuracy"] for r in per_class])), 3)
-    elif episodic:
-        classes = store.class_split(cfg.split)
-        if not classes:
-            raise EvaluationError(f"{store.path}: the {cfg.split!r} class split is empty")
-        feats, labels = store.gather(classes)
-        t1 = time.perf_counter()
-        # sampled batch by batch (memory bounded whatever --episodes), the episodes of one draw
-        eps = iter_episodes(labels, classes, cfg.way, cfg.shots, cfg.query, cfg.episodes, cfg.seed, names,
-                            multiple=cfg.episode_batch)
-        accs = run_episodes(torch.from_numpy(feats).to(device), eps, head, cfg.episode_batch)
-        acc, ci = mean_ci95(accs)
-        std, per_seed, n_classes, statistic = None, None, len(classes), EPISODE_CI
-        per_episode = [round(float(a), 6) for a in accs]
-    else:
-        for s in ("train", "test"):
-            if not store.has_split(s):
-                raise EvaluationError(f"the all-way protocol needs a {s!r} sample split; {store.path} has {store.splits}")
-        take, train_y = store_rows(store, "train", device)  # each seed reads its shots alone
-        test_x, test_y = store.gather(None, ["test"])
-        classes = np.unique(test_y)
-        absent = sorted(set(range(store.num_classes)) - set(classes.tolist()))
-        if absent:
-            warnings.append(f"{len(absent)} of {store.num_classes} classes have no readable test rows and are left out "
-                            f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
-                            f"{' ...' if len(absent) > 10 else ''}")
-        t1 = time.perf_counter()
-        scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                            classes, cfg.shots, tuple(cfg.seeds), head, class_names=names,
-                            transductive=cfg.transductive, batch_setting=batching)
-        summ = seed_summary(scores.top1)
-        acc, ci, std, n_seeds, statistic = summ.mean, summ.ci95, summ.std, summ.n, SEED_CI
-        per_seed, n_classes = [round(float(a) * 100, 3) for a in scores.top1], len(classes)
-        n_batches = scores.batches
-        pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
-        mean_pc = round(float(np.nanmean(pc)) * 100, 3)
-        top5 = None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3)
-        if scores.ece is not None:  # none when transductive: the assignments are not the head's softmax
-            calibration = dict(ece=round(float(scores.ece.mean()) * 100, 3), nll=round(float(scores.nll.mean()), 4))
-        per_class = _per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes))
-    t2 = time.perf_counter()
-    enc = store.attrs["encoder"]
-    result = EvalResult(
-        protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None if ci is None else round(ci, 3),
-        std=None if std is None else round(std, 3), statistic=statistic,
-        episodes=cfg.episodes if episodic else None, way=cfg.way if episodic else None, shots=cfg.shots,
-        query=cfg.query if episodic else None, split=cfg.split if episodic else "test", classifier=name,
-        encoder=enc["spec"], web_scale=bool(enc["web_scale"]), seed=cfg.seed if episodic else None,
-        seeds=None if episodic else list(cfg.seeds), n_seeds=n_seeds, per_seed=per_seed, classes=n_classes,
-        center=_center_text(cfg, episodic), inductive=not cfg.transductive, store=str(store.path),
-        store_fingerprint=store.fingerprint, state=cfg.state, transductive="TransCLIP" if cfg.transductive else None,
-        transductive_setting=(None if not cfg.transductive else "all" if batching is None else
-                              {"batch": cfg.batch, "active_classes": cfg.active_classes, "batches": sum(n_batches),
-                               "batches_per_seed": n_batches}),
-        seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4), mean_per_class=mean_pc, top5=top5,
-        selected_on=selected, warnings=warnings, per_episode=per_episode, per_class=per_class, **b2n_fields,
-        **calibration,
+    ctx = EvalContext(
+        cfg=cfg, store=store, state=state, device=device, t0=t0,
+        method=lambda: METHODS.get(state.method)(),
+        head=lambda s: _head(cfg, s, device, state),
+        transferring_methods=lambda: [n for n in METHODS.names() if METHODS.get(n).transfers_to_new_classes],
     )
-    return _finish(cfg, state, result)
+    return _finish(cfg, state, PROTOCOLS.get(cfg.protocol)().run(ctx))
 
 
 def _finish(cfg: EvalConfig, state, result: EvalResult) -> EvalResult:
@@ -434,136 +181,6 @@ def _finish(cfg: EvalConfig, state, result: EvalResult) -> EvalResult:
                               f"{f': {e.filename}' if e.filename else ''})", result=result) from None
         result.report = [str(p) for p in paths]
     return result
-
-
-#: protocols that score a state on another store than the one it was fitted on
-OTHER_STORE_PROTOCOLS = ("cross-dataset", "domain-shift")
-
-
-def _evaluate_other_store(cfg: EvalConfig, store: FeatureStore, state, device: torch.device, t0: float) -> EvalResult:
-    """Cross-dataset (other classes: the state's head transfers through the target's class text,
-    no shot of them) and domain shift (the same classes by key, e.g. ImageNet's wnids: the head
-    is fitted on the source store's K shots of the state's seed and scores the target's test rows,
-    among the target's classes only, as CoOp does for ImageNet-A/R)."""
-    if state is None:
-        raise EvaluationError(f"--protocol {cfg.protocol} evaluates a fitted state on another store: pass --state DIR")
-    method = METHODS.get(state.method)()
-    if state.encoder != store.encoder_spec:
-        raise EvaluationError(f"state {cfg.state} was fitted on features of encoder {state.encoder!r}; {store.path} holds "
-                              f"{store.encoder_spec!r}: {cfg.protocol} needs the same encoder (extract the target with it)")
-    if state.config.get("base_to_new"):
-        raise EvaluationError(f"state {cfg.state} was fitted for base-to-new; fit one on every class for {cfg.protocol}")
-    if not store.has_split("test"):
-        raise EvaluationError(f"{store.path} has no 'test' sample split (it has {store.splits})")
-    k, seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
-    names = store.class_names
-    test_x, test_y = store.gather(None, ["test"])
-    if cfg.protocol == "cross-dataset":
-        if not method.transfers_to_new_classes:
-            able = [n for n in METHODS.names() if METHODS.get(n).transfers_to_new_classes]
-            raise EvaluationError(f"{state.method} cannot classify classes it has no shot of, so it cannot be evaluated on "
-                                  f"another dataset's classes; methods that can: {', '.join(able)}")
-        if store.text_embeddings() is None:
-            raise EvaluationError(f"{store.path} has no class text features; cross-dataset transfer goes through them")
-        store.override_class_split(split={"base": [], "val": [], "novel": list(range(store.num_classes)),
-                                          "source": "cross-dataset target: no class of this store was learned"})
-        head = method.head(method.transfer_state(state, store), store, device)
-        classes = np.unique(test_y)
-        take, train_y, shot = (lambda r: torch.zeros(len(r), store.dim, device=device)), np.zeros(0, np.int64), 0
-        source = state.store_path
-    else:
-        src = FeatureStore.open(state.store_path)
-        method.check_store(state, src, cfg.state)
-        if src.encoder_spec != store.encoder_spec or src.dim != store.dim:
-            raise EvaluationError(f"{store.path} ({store.encoder_spec}, {store.dim}-d) and the state's store {src.path} "
-                                  f"({src.encoder_spec}, {src.dim}-d) hold different features")
-        index = {key: i for i, key in enumerate(src.class_keys)}
-        unknown = [key for key in store.class_keys if key not in index]
-        if unknown:
-            raise EvaluationError(f"domain shift maps classes by key; {len(unknown)} class(es) of {store.path} are not "
-                                  f"classes of {src.path}: {', '.join(map(repr, unknown[:5]))}")
-        _eval_class_split(cfg.replace(class_split=None, class_ratio=None), src, state)
-        head = method.head(state, src, device)
-        mapping = np.asarray([index[key] for key in store.class_keys])
-        test_y = mapping[test_y]
-        classes = np.unique(test_y)
-        take, train_y = store_rows(src, "train", device)
-        shot, source, names = k, str(src.path), src.class_names
-    t1 = time.perf_counter()
-    scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                        classes, shot, (seed,), head, class_names=names)
-    acc = float(scores.top1[0]) * 100
-    t2 = time.perf_counter()
-    enc = store.attrs["encoder"]
-    pc = scores.per_class[0]
-    return EvalResult(
-        protocol=cfg.protocol, accuracy=round(acc, 3), ci95=None, std=None, statistic="one fitted state: no interval",
-        episodes=None, way=None, shots=k, query=None, split="test", classifier=state.method, encoder=enc["spec"],
-        web_scale=bool(enc["web_scale"]), seed=None, seeds=[seed], n_seeds=1, per_seed=[round(acc, 3)],
-        classes=len(classes), center="the state's own (see its hyper-parameters)", inductive=True, store=str(store.path),
-        store_fingerprint=store.fingerprint, state=cfg.state, seconds=round(t2 - t0, 4), eval_seconds=round(t2 - t1, 4),
-        mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
-        top5=None if scores.top5 is None else round(float(scores.top5[0]) * 100, 3), selected_on=dict(state.selected_on),
-        ece=round(float(scores.ece[0]) * 100, 3), nll=round(float(scores.nll[0]), 4),
-        warnings=[], source_store=source,
-        per_class=_per_class(names, classes, pc, np.bincount(test_y, minlength=int(classes.max()) + 1)))
-
-
-def _per_class(names: list[str], classes, accuracy: np.ndarray, rows: np.ndarray, **extra) -> list[dict]:
-    """The per-class table of a report: name, accuracy (%), test rows, for ``classes`` in order."""
-    return [{"class": names[int(c)], **extra, "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
-            for c, a in zip(classes, accuracy, strict=True)]
-
-
-def _eval_class_split(cfg: EvalConfig, store: FeatureStore, state) -> None:
-    """The class split of an evaluation: the user's override, else the state's own (the split it
-    was fitted with), else the store's. An override that contradicts the state's is refused."""
-    given = store.override_class_split(cfg.class_split, cfg.class_ratio, cfg.split_seed)
-    fitted = (state.hparams.get("class_split") if state is not None else None) or None
-    if fitted is None:
-        return
-    strip = lambda d: {k: sorted(v) for k, v in d.items() if k != "source"}  # noqa: E731
-    if given is not None and strip(given) != strip(fitted):
-        raise EvaluationError(f"state {cfg.state} was fitted with another class split than the one given here; its "
-                              f"novel classes must stay the ones it never learned from: drop --class-split/--class-ratio "
-                              f"(the state's split is used) or fit again with this split")
-    if given is None and strip(store.attrs["class_split"]) != strip(fitted):
-        store.override_class_split(split={**fitted, "source": f"the class split state {cfg.state} was fitted with"})
-
-
-def _center_text(cfg: EvalConfig, episodic: bool) -> str:
-    """What the evaluated head subtracts before normalising, as it really is."""
-    if cfg.state:
-        return "the state's own (see its hyper-parameters)"
-    if cfg.classifier not in ("prototype", "simpleshot") or cfg.center == "none":
-        return "none"
-    return "base-class mean (SimpleShot)" if episodic else "support mean (no base classes in the all-way protocol)"
-
-
-def _check_state_seeds(cfg: EvalConfig, state, warnings: list[str], strict: bool = False) -> None:
-    """A state fitted on the K shots of one seed, evaluated all-way: a method whose state holds the
-    fitted model (fma, a semi-supervised student) would score that one model under every seed, so
-    other seeds or K are refused; for methods that refit on the shots they are given, a K or seed
-    other than the state's (whose hyper-parameters were chosen for its own) is a warning."""
-    k, seed = state.config.get("shots"), state.config.get("seed")
-    if k is None or seed is None:
-        return
-    method = METHODS.get(state.method)()
-    if strict and (tuple(cfg.seeds) != (seed,) or cfg.shots != k):
-        raise EvaluationError(
-            f"state {cfg.state} was fitted for base-to-new on the {k} shots per base class of seed {seed} (all it "
-            f"was shown); evaluate it with --shots {k} --seeds {seed}, and fit one state per seed for numbers over seeds")
-    if method.bound_to_shots(state):
-        if tuple(cfg.seeds) != (seed,) or cfg.shots != k:
-            raise EvaluationError(
-                f"state {cfg.state} ({state.method}) holds a model fitted on the {k} shots per class of seed {seed}; "
-                f"evaluating it with --shots {cfg.shots} --seeds {','.join(map(str, cfg.seeds))} would score that one "
-                f"model again and again, not independent runs. Evaluate it with --shots {k} --seeds {seed}; for "
-                f"numbers over seeds, fit one state per seed (--seed 1, 2, 3) and evaluate each with its own seed")
-    elif cfg.shots != k or tuple(cfg.seeds) != (seed,):
-        warnings.append(f"the hyper-parameters of state {cfg.state} were chosen for {k} shots and seed {seed}; it is "
-                        f"evaluated here with {cfg.shots} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
-                        f"for the protocol's own numbers)")
 
 
 def compare(a: str, b: str) -> dict:

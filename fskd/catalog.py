@@ -5,6 +5,13 @@ heavy modules load only when an entry is used (``fskd.api``)."""
 from __future__ import annotations
 
 
+def protocol_choices() -> list[str]:
+    """``--protocol`` choices (fskd.protocols' declarations, aliases after their protocol; no torch)."""
+    from fskd.protocols import protocol_choices as choices
+
+    return choices()
+
+
 def registries() -> dict[str, dict[str, str]]:
     """Every registry's names with one-line descriptions (``fskd datasets`` / ``encoders`` / ...).
     Methods read ``[kind] description``."""

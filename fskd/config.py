@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fskd.errors import ConfigError
+from fskd.protocols import protocol_names, transductive_protocols
 
 C = TypeVar("C", bound="Config")
 
@@ -358,7 +359,8 @@ class ExtractConfig(Config):
         _check_ratios("--sample-split", self.sample_split, 3)
 
 
-PROTOCOLS = ("episodic", "allway", "base-to-new", "cross-dataset", "domain-shift")
+#: every --protocol of fskd eval, in the order --help lists them (fskd.protocols declares them)
+PROTOCOLS = protocol_names()
 #: what chooses a fit's hyper-parameters (``--hp-selection``): few-shot-val, CoOp's min(K, 4) val rows per
 #: class (fskd.store.sampling.validation_rows; the val classes' episodes in the episodic regime); full-val,
 #: the whole val split; none, no validation data at all (each method's fixed values, named in its state)
@@ -407,9 +409,9 @@ class EvalConfig(Config):
                               "add --transductive")
         if self.batch is not None and self.active_classes is not None and (self.batch < 1 or self.active_classes < 1):
             raise ConfigError(f"--batch and --active-classes must be >= 1, got {self.batch} and {self.active_classes}")
-        if self.transductive and self.protocol not in ("allway", "base-to-new"):
+        if self.transductive and self.protocol not in transductive_protocols():
             raise ConfigError(f"--transductive (TransCLIP) classifies the whole test split of the all-way protocol "
-                              f"at once: use it with --protocol allway or base-to-new, not {self.protocol}")
+                              f"at once: use it with --protocol {' or '.join(transductive_protocols())}, not {self.protocol}")
         for name in ("way", "shots", "episodes", "episode_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -600,7 +602,8 @@ def check_slurm(slurm: object) -> None:
             raise ConfigError(f"--slurm {k} ({what}) must be a non-empty string, got {v!r}")
 
 
-BENCH_PROTOCOLS = ("allway", "base-to-new", "cross-dataset", "domain-shift", "episodic")
+#: the protocols of fskd bench's cells: every protocol (fskd.protocols), by name
+BENCH_PROTOCOLS = tuple(sorted(PROTOCOLS))
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted({*self._items, *self._module})
 
+    def declared(self) -> list[str]:
+        """The names in the order they were declared (lazy declarations first), for listings
+        whose order means something (a default first)."""
+        return list(dict.fromkeys([*self._module, *self._items]))
+
     def describe(self, name: str) -> str:
         return self._help.get(name, "")
 

@@ -17,10 +17,10 @@ from fskd.classifiers.cache import cache_logits
 from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig, ExtractConfig
 from fskd.errors import ConfigError, EncoderError, StateError, StoreError
-from fskd.evaluation.episodes import sample_episodes
 from fskd.methods import METHODS, load_state, methods_of_kind
 from fskd.methods.adapt import _common as C
 from fskd.methods.bridge import Bridge, ridge_path
+from fskd.protocols.episodic import sample_episodes
 from fskd.store import FeatureStore
 from fskd.store.synthetic import make_synthetic_store
 

@@ -55,8 +55,8 @@ def fitted(images, tmp_path_factory):
 def eval_predictions(store: Path, state: Path) -> tuple[np.ndarray, list[str]]:
     """What `fskd eval --state --protocol allway` predicts for each test row (its own code path:
     api._head, store_rows, sample_shots, the head's fit and predict), and the rows' sample ids."""
-    from fskd.evaluation.allway import store_rows
     from fskd.methods import load_state
+    from fskd.protocols.allway import store_rows
     from fskd.store.sampling import sample_shots
 
     st = load_state(state)

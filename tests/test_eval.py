@@ -14,8 +14,8 @@ from fskd.classifiers import CLASSIFIERS, ClassContext
 from fskd.classifiers.prototype import PrototypeHead, faiss_nearest
 from fskd.config import EvalConfig
 from fskd.errors import ConfigError, EvaluationError
-from fskd.evaluation.episodes import run_episodes, sample_episodes
 from fskd.evaluation.metrics import mean_ci95
+from fskd.protocols.episodic import run_episodes, sample_episodes
 from fskd.store.sampling import sample_shots
 
 
@@ -265,20 +265,21 @@ def test_eval_uses_the_fits_thread_guard(synthetic_store, monkeypatch, protocol)
     """eval runs a small store's work on one intra-op thread, as adapt/align fits do
     (``fskd.runtime.compute_threads``: two threads fighting over 2 busy cores made small fits
     2-5x slower), and restores the thread count afterwards."""
-    import fskd.api as A
+    import fskd.protocols.allway as allway
+    import fskd.protocols.episodic as episodic
     from fskd.runtime import SMALL_PROBLEM, store_numel
 
     store = synthetic_store(n_classes=12)
     assert store_numel(store) < SMALL_PROBLEM
     seen = []
-    for name in ("run_episodes", "run_allway"):
-        real = getattr(A, name)
+    for module, name in ((episodic, "run_episodes"), (allway, "run_allway")):
+        real = getattr(module, name)
 
         def spy(*a, _real=real, **k):
             seen.append(torch.get_num_threads())
             return _real(*a, **k)
 
-        monkeypatch.setattr(A, name, spy)
+        monkeypatch.setattr(module, name, spy)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

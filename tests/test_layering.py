@@ -11,8 +11,13 @@ PKG = Path(__file__).resolve().parents[1] / "fskd"
 # Utilities (errors, registry, config, runtime) are importable from everywhere.
 # `python -m fskd` (__main__) is the entry point, right of the CLI. `catalog` (what the CLI lists without
 # loading torch: registry entries, a store summary) sits just left of `api`, which re-exports it.
-LAYERS = ["datasets", "encoders", "store", "classifiers", "methods", "evaluation", "deploy", "reports", "bench", "catalog", "api", "cli",
-          "__main__"]
+# `evaluation` (metrics, TransCLIP) imports no other layer; the protocols that score with it and the
+# methods that use the protocols' sampling come after it.
+LAYERS = ["datasets", "encoders", "store", "evaluation", "classifiers", "protocols", "methods", "deploy", "reports", "bench",
+          "catalog", "api", "cli", "__main__"]
+#: `fskd.config` validates --protocol against the protocols' declarations: it may import the
+#: `fskd.protocols` package itself (whose __init__ imports only fskd.registry), nothing of its modules
+DECLARATIONS = {"fskd.protocols"}
 UTILITIES = {"errors", "registry", "config", "runtime", "fsutil", "progress", "__init__", "__version__"}
 
 
@@ -50,6 +55,8 @@ def test_imports_point_left_only():
             own_rank = LAYERS.index(own)
         for module, line in imports_of(path):
             target = layer_of(module)
+            if own in UTILITIES and module in DECLARATIONS:
+                continue
             if target is None or target in UTILITIES or target == own:
                 if own in UTILITIES and target not in (None, *UTILITIES) and own != "__init__":
                     bad.append(f"{rel}:{line} utility module imports {module}")
@@ -59,6 +66,14 @@ def test_imports_point_left_only():
             elif LAYERS.index(target) > own_rank:
                 bad.append(f"{rel}:{line} ({own}) imports {module} ({target}), an arrow pointing back")
     assert not bad, "\n".join(bad)
+
+
+def test_declarations_import_only_the_registry():
+    """What config imports of fskd.protocols declares names only: no protocol module, no torch."""
+    for module in DECLARATIONS:
+        init = PKG.parent.joinpath(*module.split("."), "__init__.py")
+        fskd_imports = {m for m, _ in imports_of(init) if m.startswith("fskd")}
+        assert fskd_imports <= {"fskd.registry", f"{module}.base"}, (module, fskd_imports)
 
 
 def test_cli_imports_only_api():

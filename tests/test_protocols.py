@@ -86,7 +86,7 @@ def test_base_to_new_fits_on_the_base_half_and_transfers_where_it_can(method, jo
 
 
 def test_base_to_new_fit_never_sees_the_new_half(joint_store, tmp_path):
-    from fskd.evaluation.base_to_new import restrict_for_fit
+    from fskd.protocols.base_to_new import restrict_for_fit
     from fskd.store import FeatureStore
 
     st = FeatureStore.open(joint_store)
@@ -162,8 +162,8 @@ def test_domain_shift_maps_classes_by_key_and_scores_among_them(method, two_worl
     import torch
 
     from fskd.config import EvalConfig
-    from fskd.evaluation.allway import run_allway
     from fskd.methods import METHODS, load_state
+    from fskd.protocols.allway import run_allway
     from fskd.store import FeatureStore
 
     a, _, shifted = two_worlds

@@ -16,7 +16,7 @@ from fskd.cli import app
 from fskd.config import EvalConfig
 from fskd.errors import ConfigError
 from fskd.evaluation import transductive as tc
-from fskd.evaluation.allway import run_allway
+from fskd.protocols.allway import run_allway
 from fskd.store.synthetic import make_synthetic_store
 
 runner = CliRunner()
@@ -236,7 +236,7 @@ def test_one_batch_of_every_row_and_class_is_the_all_at_once_setting(tmp_path):
 
 
 def test_run_allway_scores_each_batch_alone_with_at_most_c_classes(tmp_path, monkeypatch):
-    from fskd.evaluation import allway
+    from fskd.protocols import allway
 
     args, y = _allway_args(tmp_path)
     seen = []

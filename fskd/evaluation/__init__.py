@@ -1,1 +1,3 @@
-"""Evaluation protocols: batched episodes and the all-way protocol, with 95% CIs."""
+"""Metrics of an evaluation (accuracy, 95% CIs over episodes or seeds, ECE/NLL, per-class
+accuracy) and the transductive option (TransCLIP); the protocols that use them are
+:mod:`fskd.protocols`."""

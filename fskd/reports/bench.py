@@ -33,6 +33,7 @@ import numpy as np
 from fskd.errors import ConfigError, OutputError
 from fskd.evaluation.metrics import paired_difference, seed_summary
 from fskd.fsutil import atomic_write_text, fault_point
+from fskd.protocols import PROTOCOLS, other_store_protocols
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ BENCH_JSON = "bench.json"
 RESULTS = "results.jsonl"
 OK, NA, FAILED = "ok", "n/a", "failed"
 #: grid protocols whose cells score a state fitted on the first store on the other stores
-TRANSFER_PROTOCOLS = ("cross-dataset", "domain-shift")
+TRANSFER_PROTOCOLS = other_store_protocols()
 SOURCE_TAG = " (source)"
 
 
@@ -400,7 +401,7 @@ def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int])
 def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
     """Base-to-new: per K, base / new / HM per dataset and their average (HM of the average base
     and new accuracy, as CoCoOp's tables), mean ± std over seeds."""
-    from fskd.evaluation.base_to_new import harmonic_mean
+    from fskd.protocols.base_to_new import harmonic_mean
 
     parts = {}
     for p in ("base", "new", "hm"):
@@ -507,38 +508,10 @@ def selection_text(config: dict) -> str:
 
 
 def protocol_text(config: dict, seeds: list[int]) -> str:
-    val = selection_text(config)
-    if config.get("protocol") in TRANSFER_PROTOCOLS:
-        how = ("the other stores' classes are new to it: its head transfers through their class text, with no shot "
-               "of them (methods that cannot are n/a)" if config.get("protocol") == "cross-dataset" else
-               "the other stores' classes are mapped to the source's by class key (wnid); the head is fitted on the "
-               "source's shots and scores each target's test rows among the classes present there")
-        return (f"Protocol: {config.get('protocol')}. Each cell's state is fitted on K shots per class of the source "
-                f"store (seed s), {val}; the source column is its all-way accuracy there; {how}. Top-1 (%), mean ± std "
-                f"over seeds {', '.join(map(str, seeds))} (one fit per seed); Average (targets): the mean over the "
-                f"target stores.")
-    if config.get("protocol") == "episodic":
-        ratio = config.get("class_ratio")
-        split = (f"seed s also draws the class split: a seeded {'/'.join(f'{r:g}' for r in ratio)} base/val/novel "
-                 f"split of the store's classes (--class-ratio, --split-seed s), so the spread over seeds is the "
-                 f"spread over class splits" if ratio else "the store's own class split for every seed")
-        return (f"Protocol: episodic. Each cell fits the method with --shots K and seed s on the base classes "
-                f"(hyper-parameters on val-class episodes), then scores {config.get('episodes', 600)} "
-                f"{config.get('way', 5)}-way K-shot {config.get('query', 15)}-query episodes of the novel classes "
-                f"(episode seed {config.get('episode_seed', 0)}); {split}. Entries: mean ± std over seeds "
-                f"{', '.join(map(str, seeds))} of the per-cell mean episode accuracy (%); paired differences: their "
-                f"95% CI is over the seeds (class splits), not over episodes.")
-    if config.get("protocol") == "base-to-new":
-        return (f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
-                f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "
-                f"classes is seen. Base: top-1 (%) on the base classes' test rows among the base classes; new: on the "
-                f"new classes' test rows among the new classes, with no shot of them; HM: their harmonic mean. "
-                f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed); HM entries: over "
-                f"the per-seed HMs. Average: the mean over datasets (Average HM: the HM of the average base and new).")
-    return (f"Protocol: all-way (CLIP few-shot). Each cell fits the method on K shots per class drawn from the train "
-            f"split with seed s, {val}, and scores top-1 accuracy (%) on the full test split, all classes. "
-            f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed). Average: the mean of "
-            f"the per-dataset means (its ± is the std over seeds of the per-seed averages).")
+    """The sentence under a bench table: its protocol's own (:meth:`fskd.protocols.base.Protocol.bench_text`);
+    a bench folder that names no protocol (an earlier build) is all-way."""
+    name = config.get("protocol")
+    return PROTOCOLS.get(name if name in PROTOCOLS else "allway")().bench_text(config, seeds, selection_text(config))
 
 
 #: what the tables read of every row of results.jsonl: field -> type
