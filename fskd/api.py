@@ -46,7 +46,7 @@ from fskd.protocols.base_to_new import restrict_for_fit
 from fskd.reports import markdown_table, report_name, write_report
 from fskd.reports.compare import compare_reports
 from fskd.runtime import compute_threads, dist_info, resolve_device, store_numel
-from fskd.store import FeatureStore
+from fskd.store import FeatureStore, StoreLike, class_split_override
 from fskd.store.extract import ExtractResult, Progress
 from fskd.store.extract import extract as _extract
 from fskd.store.location import absolute_store, backend_errors
@@ -85,7 +85,7 @@ def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, sourc
     return _extract(config, resolve_progress(progress, extract_bar, extract_log), source)
 
 
-def _head(cfg: EvalConfig, store: FeatureStore, device: torch.device, state=None) -> tuple[Head, str, dict]:
+def _head(cfg: EvalConfig, store: StoreLike, device: torch.device, state=None) -> tuple[Head, str, dict]:
     """The head to evaluate: the state's method, else a registered classifier."""
     if state is not None:
         method = METHODS.get(state.method)()
@@ -217,16 +217,19 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
         a = lambda w: f"an {w}" if w[0] in "aeiou" else f"a {w}"  # noqa: E731
         raise ConfigError(f"method {config.method!r} is {a(method_cls.kind)} method, not {a(kind)} method; "
                           f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}")
-    store = FeatureStore.open(config.store)
-    store.check_complete()
-    override = store.override_class_split(config.class_split, config.class_ratio, config.split_seed)
+    opened = FeatureStore.open(config.store)
+    opened.check_complete()
+    # what the method sees: a read-only view (another class split, base-to-new's rows); the store is not changed
+    override = class_split_override(opened, config.class_split, config.class_ratio, config.split_seed)
+    store = opened.view(class_split=override)
     if config.base_to_new:
         if override:
             raise ConfigError("--base-to-new splits the classes in half by label order (CoCoOp); drop --class-split / "
                               "--class-ratio")
         if config.shots < 1:
             raise ConfigError("--base-to-new fits on K shots of the base classes: --shots must be >= 1 (16 in CoCoOp)")
-        b2n_desc = restrict_for_fit(store, config.shots, config.seed, config.hp_selection)
+        store = restrict_for_fit(store, config.shots, config.seed, config.hp_selection)
+        b2n_desc = store.description
     warnings = [] if config.base_to_new else _validation_warnings(store, config)
     out = config.out or str(Path("runs") / kind / f"{config.method}-{config.shots}shot")
     # before any fitting: --out must be new, or an fskd state and --force; never the store or data
@@ -259,7 +262,7 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
 MIN_VAL_CLASSES = 5
 
 
-def _validation_warnings(store: FeatureStore, config) -> list[str]:
+def _validation_warnings(store: StoreLike, config) -> list[str]:
     out = []
     if getattr(config, "hp_selection", None) == "none":
         return out

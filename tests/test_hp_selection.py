@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from fskd import api
 from fskd.config import AdaptConfig, BenchConfig, DistillConfig
 from fskd.errors import ConfigError
 from fskd.methods import METHODS, load_state
 from fskd.methods.adapt import _common as C
-from fskd.store import FeatureStore
+from fskd.store import FeatureStore, StoreView
 from fskd.store.synthetic import make_synthetic_store
 from tests.test_adapt import fast, with_recipes
 
@@ -38,8 +38,9 @@ class ReadLog:
     def __init__(self, monkeypatch) -> None:
         self.reads: list[tuple[str, np.ndarray, str]] = []
         self.depth = 0
-        for name in self.READERS:
-            monkeypatch.setattr(FeatureStore, name, self._wrap(name, getattr(FeatureStore, name)))
+        for cls in (FeatureStore, StoreView):  # a fit reads a view of the store (which reads the store)
+            for name in self.READERS:
+                monkeypatch.setattr(cls, name, self._wrap(name, getattr(cls, name)))
 
     def _wrap(self, name, orig):
         log = self
@@ -67,7 +68,7 @@ class ReadLog:
             self.reads.append((split, np.arange(st.n_rows(split)), name))
         else:  # gather(classes, splits) / mean(classes, splits): the rows of those classes they keep
             classes = args[0] if args else kw.get("classes")
-            splits = (args[1] if len(args) > 1 else kw.get("splits")) or st.splits
+            splits = st._splits_or_default((args[1] if len(args) > 1 else kw.get("splits")) or None)
             for sp in splits:
                 lab = st.labels(sp)
                 keep = lab >= 0 if classes is None else np.isin(lab, list(classes))
@@ -144,7 +145,7 @@ def test_methods_without_a_validation_free_form_refuse(store, tmp_path):
         api.align(__import__("fskd.config", fromlist=["AlignConfig"]).AlignConfig(
             store=str(store.path), method="fma", shots=2, out=str(tmp_path / "f"), device="cpu", hp_selection="none"))
     with pytest.raises(ConfigError, match="--regime base-novel has no validation-free form"):
-        from fskd.methods.distill.mtkd import _plan_base_novel, MTKDOptions
+        from fskd.methods.distill.mtkd import MTKDOptions, _plan_base_novel
 
         _plan_base_novel(store, DistillConfig(store=str(store.path), method="mtkd", shots=2, hp_selection="none",
                                               regime="base-novel"), MTKDOptions(), None)

@@ -90,7 +90,7 @@ def test_base_to_new_fit_never_sees_the_new_half(joint_store, tmp_path):
     from fskd.store import FeatureStore
 
     st = FeatureStore.open(joint_store)
-    restrict_for_fit(st, 4, 1, "few-shot-val")
+    st = restrict_for_fit(st, 4, 1, "few-shot-val")
     x, y = st.gather()  # what a method reads by default: the base shots only
     assert set(np.unique(y)) == set(range(6)) and np.bincount(y).tolist() == [4] * 6
     _, yv = st.gather(None, ["val"])

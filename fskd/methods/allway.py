@@ -31,10 +31,11 @@ def _strip(split: dict) -> dict:
 class AllwayHead:
     """The all-way head of ``state`` (read from ``state_dir``) over every class of ``store``.
 
-    ``store`` is the caller's own store object: it is checked against the state (the method's
-    ``check_store``: the fingerprint) and shown the class split the state was fitted with when it
-    differs (so pass a store object nothing else uses). ``logits(features)`` maps raw
-    store-encoder features (n, D) to class scores (n, C) in the order of ``store.class_names``
+    ``store`` (a store or a view of one) is checked against the state (the method's
+    ``check_store``: the fingerprint); the head reads a view of it with the class split the state
+    was fitted with when it differs (``self.store``; ``store`` itself is not changed).
+    ``logits(features)`` maps raw store-encoder features (n, D) to class scores (n, C) in the
+    order of ``store.class_names``
     (``classes``: the head fitted over those store classes only, its scores in that order; a
     base-to-new state covers its base half only).
     """
@@ -46,8 +47,9 @@ class AllwayHead:
         self.method.check_store(state, store, state_dir)  # moved and changed: the fingerprint says which
         fitted_split = state.hparams.get("class_split") or None
         if fitted_split and _strip(store.attrs["class_split"]) != _strip(fitted_split):
-            store.override_class_split(split={**fitted_split, "source": f"the class split state {state_dir} was "
-                                                                        f"fitted with"})
+            # a read-only view with the state's split: the caller's store is not changed
+            self.store = store = store.view(class_split={**fitted_split, "source": f"the class split state "
+                                                                                     f"{state_dir} was fitted with"})
         self.shots, self.seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
         self.classes = np.arange(store.num_classes) if classes is None else np.asarray(classes, np.int64)
         self.class_names: list[str] = [store.class_names[int(c)] for c in self.classes]

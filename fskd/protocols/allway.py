@@ -30,7 +30,7 @@ from fskd.store.sampling import sample_shots
 
 if TYPE_CHECKING:
     from fskd.classifiers.base import Head
-    from fskd.store import FeatureStore
+    from fskd.store import StoreLike
 
 TOPK = 5
 
@@ -50,7 +50,7 @@ class AllwayScores:
     batches: list[int] | None = None  # transductive in batches (``batch_setting``): how many, per seed
 
 
-def store_rows(store: FeatureStore, split: str, device: torch.device | str
+def store_rows(store: StoreLike, split: str, device: torch.device | str
                ) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
     """``(take, labels)`` for :func:`run_allway`: the labels of ``split``'s valid rows, and a function
     reading the features of some of them (indices into those labels) from the store, by row."""
@@ -153,7 +153,7 @@ def batch_setting(ctx: EvalContext) -> BatchSetting | None:
     return BatchSetting(cfg.batch, cfg.active_classes) if cfg.batch is not None and cfg.active_classes is not None else None
 
 
-def need_splits(store: FeatureStore, what: str) -> None:
+def need_splits(store: StoreLike, what: str) -> None:
     for s in ("train", "test"):
         if not store.has_split(s):
             raise EvaluationError(f"{what} needs a {s!r} sample split; {store.path} has {store.splits}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from fskd.classifiers.base import Head
     from fskd.config import EvalConfig
-    from fskd.store import FeatureStore
+    from fskd.store import StoreLike, StoreView
 
 
 @dataclass
@@ -131,7 +131,7 @@ class EvalContext:
     state's method and build the head (the methods sit to the right of the protocols)."""
 
     cfg: EvalConfig
-    store: FeatureStore
+    store: StoreLike
     state: Any
     device: torch.device
     t0: float
@@ -139,7 +139,7 @@ class EvalContext:
     method: Callable[[], Any]
     #: (head, its name, where its hyper-parameters were chosen) for a store: the state's method's
     #: head, else the registered classifier ``cfg.classifier``
-    head: Callable[[FeatureStore], tuple[Head, str, dict[str, Any]]]
+    head: Callable[[StoreLike], tuple[Head, str, dict[str, Any]]]
     #: the registered methods whose head can classify classes it has no shot of
     transferring_methods: Callable[[], list[str]]
     #: the skipped-file warnings of the store
@@ -192,8 +192,9 @@ class StoreProtocol(Protocol):
     episodic: ClassVar[bool] = False
 
     def run(self, ctx: EvalContext) -> EvalResult:
-        cfg, store, state = ctx.cfg, ctx.store, ctx.state
-        eval_class_split(cfg, store, state)
+        cfg, state = ctx.cfg, ctx.state
+        store = eval_class_split(cfg, ctx.store, state)
+        ctx = replace(ctx, store=store)  # what the head and the scoring see: the view, not the store
         head, name, selected = ctx.head(store)
         warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
                                for s, ids in store.skipped().items()]
@@ -239,13 +240,17 @@ def per_class(names: list[str], classes: Any, accuracy: np.ndarray, rows: np.nda
             for c, a in zip(classes, accuracy, strict=True)]
 
 
-def eval_class_split(cfg: EvalConfig, store: FeatureStore, state: Any) -> None:
-    """The class split of an evaluation: the user's override, else the state's own (the split it
-    was fitted with), else the store's. An override that contradicts the state's is refused."""
-    given = store.override_class_split(cfg.class_split, cfg.class_ratio, cfg.split_seed)
+def eval_class_split(cfg: EvalConfig, store: StoreLike, state: Any) -> StoreView:
+    """The view of ``store`` an evaluation reads, with its class split: the user's override, else
+    the state's own (the split it was fitted with), else the store's. An override that contradicts
+    the state's is refused. ``store`` is not changed."""
+    from fskd.store.view import class_split_override
+
+    given = class_split_override(store, cfg.class_split, cfg.class_ratio, cfg.split_seed)
+    view = store.view(class_split=given)
     fitted = (state.hparams.get("class_split") if state is not None else None) or None
     if fitted is None:
-        return
+        return view
 
     def strip(d: dict[str, Any]) -> dict[str, Any]:
         return {k: sorted(v) for k, v in d.items() if k != "source"}
@@ -254,8 +259,9 @@ def eval_class_split(cfg: EvalConfig, store: FeatureStore, state: Any) -> None:
         raise EvaluationError(f"state {cfg.state} was fitted with another class split than the one given here; its "
                               f"novel classes must stay the ones it never learned from: drop --class-split/--class-ratio "
                               f"(the state's split is used) or fit again with this split")
-    if given is None and strip(store.attrs["class_split"]) != strip(fitted):
-        store.override_class_split(split={**fitted, "source": f"the class split state {cfg.state} was fitted with"})
+    if given is None and strip(view.attrs["class_split"]) != strip(fitted):
+        return view.view(class_split={**fitted, "source": f"the class split state {cfg.state} was fitted with"})
+    return view
 
 
 def center_text(cfg: EvalConfig, episodic: bool) -> str:

@@ -8,9 +8,9 @@ is fitted on K shots (16 in the papers) of the base half only and scored on
   text. Methods that cannot classify a class they have no shot of give no new number;
 - **HM**: the harmonic mean of base and new (of the means over seeds, as CoCoOp's tables).
 
-:func:`restrict_for_fit` is what a fit sees: an in-memory view of the store in which only the
-K train shots and the min(K, 4) validation rows (CoOp's rule) of the base classes are visible,
-the new classes and every test row hidden (``FeatureStore.restrict_rows``).
+:func:`restrict_for_fit` is what a fit sees: a read-only view of the store (a
+:class:`~fskd.store.view.StoreView`) in which only the K train shots and the min(K, 4) validation
+rows (CoOp's rule) of the base classes are visible, the new classes and every test row hidden.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fskd.store.sampling import sample_shots, validation_rows
 
 if TYPE_CHECKING:
     from fskd.classifiers.base import Head
-    from fskd.store import FeatureStore
+    from fskd.store import StoreLike, StoreView
 
 SOURCE = "CoCoOp base-to-new halves (label order)"
 
@@ -48,12 +48,12 @@ def split_of(n_classes: int) -> dict[str, Any]:
     return {"base": base.tolist(), "val": [], "novel": new.tolist(), "source": SOURCE}
 
 
-def restrict_for_fit(store: FeatureStore, shots: int, seed: int, hp_selection: str) -> str:
-    """Make ``store`` show a fit only the base half's K train shots of ``seed`` (the rows the
-    all-way protocol draws for that seed) and its validation rows; returns a description."""
+def restrict_for_fit(store: StoreLike, shots: int, seed: int, hp_selection: str) -> StoreView:
+    """The view of ``store`` a fit sees: only the base half's K train shots of ``seed`` (the rows
+    the all-way protocol draws for that seed) and its validation rows, the halves as its class
+    split, reads that name no split on train; ``.description`` says so. ``store`` is not changed."""
     base, _ = halves(store.num_classes)
-    store.override_class_split(split=split_of(store.num_classes))
-    keep = {}
+    keep: dict[str, np.ndarray] = {}
     raw = store.labels("train")
     valid = np.flatnonzero(raw >= 0)  # the rows gather() returns, in its order
     rows = sample_shots(raw[valid], base, shots, seed, store.class_names, option="--shots")
@@ -73,8 +73,7 @@ def restrict_for_fit(store: FeatureStore, shots: int, seed: int, hp_selection: s
     desc = (f"base-to-new: the fit saw {shots} train shots (seed {seed}) of each of the {len(base)} base classes and "
             f"{n_val} val rows ({hp_selection} rule); the {store.num_classes - len(base)} new classes and every test row "
             f"were hidden")
-    store.restrict_rows(keep, ["train"], desc)
-    return desc
+    return store.view(class_split=split_of(store.num_classes), keep=keep, default_splits=["train"], description=desc)
 
 
 @dataclass
@@ -121,7 +120,7 @@ class BaseToNew(StoreProtocol):
         names = store.class_names
         need_splits(store, "base-to-new")
         if state is None:
-            store.override_class_split(split=split_of(store.num_classes))
+            store = store.view(class_split=split_of(store.num_classes))
         take, train_y = store_rows(store, "train", device)
         test_x, test_y = store.gather(None, ["test"])
         transfers = bool(ctx.method().transfers_to_new_classes if state is not None else head.needs_text)

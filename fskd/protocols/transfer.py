@@ -108,8 +108,8 @@ class CrossDataset(Transfer):
                                   f"{', '.join(ctx.transferring_methods())}")
         if store.text_embeddings() is None:
             raise EvaluationError(f"{store.path} has no class text features; cross-dataset transfer goes through them")
-        store.override_class_split(split={"base": [], "val": [], "novel": list(range(store.num_classes)),
-                                          "source": "cross-dataset target: no class of this store was learned"})
+        store = store.view(class_split={"base": [], "val": [], "novel": list(range(store.num_classes)),
+                                        "source": "cross-dataset target: no class of this store was learned"})
         head = method.head(method.transfer_state(state, store), store, device)
 
         def take(r: np.ndarray) -> torch.Tensor:
@@ -135,8 +135,9 @@ class DomainShift(Transfer):
     def target(self, ctx: EvalContext, method: Any, test_y: np.ndarray, k: int
                ) -> tuple[Head, np.ndarray, Callable[[np.ndarray], torch.Tensor], np.ndarray, int, str, list[str]]:
         cfg, store, state, device = ctx.cfg, ctx.store, ctx.state, ctx.device
-        src = FeatureStore.open(state.store_path)
-        method.check_store(state, src, cfg.state)
+        opened = FeatureStore.open(state.store_path)
+        method.check_store(state, opened, cfg.state)
+        src = eval_class_split(cfg.replace(class_split=None, class_ratio=None), opened, state)
         if src.encoder_spec != store.encoder_spec or src.dim != store.dim:
             raise EvaluationError(f"{store.path} ({store.encoder_spec}, {store.dim}-d) and the state's store {src.path} "
                                   f"({src.encoder_spec}, {src.dim}-d) hold different features")
@@ -145,7 +146,6 @@ class DomainShift(Transfer):
         if unknown:
             raise EvaluationError(f"domain shift maps classes by key; {len(unknown)} class(es) of {store.path} are not "
                                   f"classes of {src.path}: {', '.join(map(repr, unknown[:5]))}")
-        eval_class_split(cfg.replace(class_split=None, class_ratio=None), src, state)
         head = method.head(state, src, device)
         mapping = np.asarray([index[key] for key in store.class_keys])
         take, train_y = store_rows(src, "train", device)

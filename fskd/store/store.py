@@ -11,7 +11,8 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
     from zarr.core.common import AccessModeLiteral
     from zarr.types import AnyArray
+
+    from fskd.store.view import StoreView
 
 
 @dataclass
@@ -326,7 +329,113 @@ def _commit_creation(loc: Location, attrs: dict[str, Any], etag: str | None) -> 
                          f"this creation as interrupted); rerun when it finishes") from None
 
 
-class FeatureStore:
+class LabelledReads(ABC):
+    """The reads that honour a split's labels (a label -1 is a row nobody reads) and the splits a
+    read uses when it names none: :class:`FeatureStore` (every readable row, every split) and
+    :class:`~fskd.store.view.StoreView` (the rows and class split a protocol lets a method see)
+    share them."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def splits(self) -> list[str]: ...
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """The store's path or URL, for messages."""
+
+    @abstractmethod
+    def labels(self, split: str) -> np.ndarray:
+        """(n,) class index per row of ``split``; -1 for a row no read returns."""
+
+    @abstractmethod
+    def _splits_or_default(self, splits: list[str] | tuple[str, ...] | None) -> list[str]:
+        """The splits a read names, else the default ones."""
+
+    @abstractmethod
+    def _row_blocks(self, split: str, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """For ascending unique ``rows`` of ``split``: ``(lo, hi, features of rows[lo:hi])`` float32."""
+
+    @abstractmethod
+    def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
+
+    def gather(
+        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None,
+        max_per_class: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
+        default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64).
+        ``max_per_class``: keep at most that many rows of each class over the splits (a fixed
+        seeded choice, the same every call), so a method learning from 600 base classes of
+        ImageNet holds 600 x 600 rows, not 800,000; classes with fewer rows keep them all."""
+        splits = self._splits_or_default(splits)
+        wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
+        masks = {}
+        for s in splits:
+            lab_all = self.labels(s)
+            masks[s] = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
+        if max_per_class is not None:
+            masks = self._thin(masks, max_per_class)
+        feats, labs = [], []
+        for s in splits:
+            lab_all = self.labels(s)
+            rows = np.flatnonzero(masks[s])
+            for lo, hi, block in self._row_blocks(s, rows):
+                feats.append(block)
+                labs.append(lab_all[rows[lo:hi]])
+        if not feats:
+            return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
+        return np.concatenate(feats), np.concatenate(labs)
+
+    def _thin(self, masks: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
+        """At most ``cap`` selected rows per class over all ``masks`` (seeded: the same every call)."""
+        labels = np.concatenate([self.labels(s) for s in masks])
+        keep = np.concatenate(list(masks.values()))
+        counts = np.bincount(labels[keep], minlength=self.num_classes)
+        if not len(counts) or counts.max() <= cap:
+            return masks
+        from fskd.store.sampling import first_per_class
+
+        thinned = np.zeros(len(labels), bool)
+        thinned[first_per_class(np.where(keep, labels, -1), keep, cap, np.random.default_rng(20260601))] = True
+        out, start = {}, 0
+        for s, m in masks.items():
+            out[s] = thinned[start:start + len(m)]
+            start += len(m)
+        return out
+
+    def valid_rows(self, split: str, classes: Iterable[int] | None = None) -> np.ndarray:
+        """Indices of ``split``'s rows with a label (in ``classes`` when given), in split order: the
+        rows :meth:`gather` returns for that split."""
+        lab = self.labels(split)
+        keep = lab >= 0 if classes is None else np.isin(lab, np.asarray(list(classes), dtype=lab.dtype))
+        return np.flatnonzero(keep)
+
+    def mean(self, classes: list[int] | None = None, splits: list[str] | None = None) -> np.ndarray:
+        """Mean feature over rows of ``classes`` (streamed; used for base-mean centring)."""
+        total = np.zeros(self.dim, np.float64)
+        count = 0
+        wanted = None if classes is None else np.asarray(sorted(classes))
+        for s in self._splits_or_default(splits or None):
+            for _, f, lab in self.iter_chunks(s):
+                keep = lab >= 0 if wanted is None else np.isin(lab, wanted)
+                total += f[keep].sum(0, dtype=np.float64)
+                count += int(keep.sum())
+        if count == 0:
+            raise StoreError(f"{self.where}: no rows for classes {classes} in splits {splits or self.splits}")
+        return (total / count).astype(np.float32)
+
+
+class FeatureStore(LabelledReads):
     """A feature store on disk or on object storage (``location.py``). Use :meth:`open` or
     :meth:`create`. ``path`` is a Path for a local store and the URL (str) for a remote one."""
 
@@ -335,8 +444,6 @@ class FeatureStore:
         self.path: Path | str = self.location.local if self.location.local is not None else str(self.location)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self._keep: dict[str, np.ndarray] = {}  # restrict_rows: split -> rows a fit may see
-        self._default_splits: list[str] | None = None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -590,6 +697,10 @@ class FeatureStore:
 
     # -- metadata ----------------------------------------------------------------------------
     @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
     def fingerprint(self) -> str:
         return str(self.attrs["fingerprint"])
 
@@ -632,25 +743,14 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no class split {name!r}; has {[k for k in split if k != 'source']}")
         return list(split[name])
 
-    def override_class_split(self, file: str | None = None, ratio: tuple[float, float, float] | None = None,
-                             seed: int = 0, split: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Use another base/val/novel class split than the one stored (in memory only; the store is
-        not changed): from a JSON file of class names (``--class-split``), a seeded ratio split
-        (``--class-ratio``), or a resolved ``split`` (a state's). Returns the split used, or None."""
-        if file is None and ratio is None and split is None:
-            return None
-        if split is None:
-            from fskd.datasets.base import DatasetListing
-            from fskd.datasets.splits import resolve_class_split
+    def view(self, class_split: Mapping[str, Any] | None = None, keep: Mapping[str, npt.ArrayLike] | None = None,
+             default_splits: Sequence[str] | None = None, description: str | None = None) -> StoreView:
+        """A read-only :class:`~fskd.store.view.StoreView` of this store: another class split than
+        the stored one, rows outside ``keep`` (split -> (n,) bool) hidden, the splits a read that
+        names none uses, and what the restriction shows. The store itself is not changed."""
+        from fskd.store.view import StoreView
 
-            listing = DatasetListing(self.attrs["dataset"]["name"], str(self.attrs["dataset"].get("root", "")),
-                                     self.class_keys, self.class_names, {})
-            if file is None:
-                listing.standard_class_split = None
-            split, source = resolve_class_split(listing, file, ratio or (0.6, 0.2, 0.2), seed)
-            split = {**split, "source": f"override: {source}"}
-        self.attrs["class_split"] = dict(split)
-        return dict(split)
+        return StoreView(self, class_split, keep, default_splits, description)
 
     def text_embeddings(self) -> np.ndarray | None:
         """(C, text_dim) float32 class text features, or None when the encoder has no text tower."""
@@ -669,29 +769,16 @@ class FeatureStore:
         return int(_array(self._split(split), S.FEATURES).shape[0])
 
     def labels(self, split: str) -> np.ndarray:
-        """(n,) class index per row; -1 for an unreadable row, or one hidden by :meth:`restrict_rows`."""
-        lab = self._raw_labels(split)
-        keep = self._keep.get(split)
-        return lab if keep is None else np.where(keep, lab, -1)
+        """(n,) class index per row; -1 for an unreadable row. What a method may see of a store is a
+        :class:`~fskd.store.view.StoreView` (:meth:`view`), which hides rows as -1; a store never changes."""
+        return self._raw_labels(split)
 
     def _raw_labels(self, split: str) -> np.ndarray:
         return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
 
     def _splits_or_default(self, splits: list[str] | tuple[str, ...] | None) -> list[str]:
-        """The splits a read names, else the default ones (:meth:`restrict_rows`), else all."""
-        return list(splits) if splits is not None else (self._default_splits or self.splits)
-
-    def restrict_rows(self, keep: dict[str, np.ndarray], default_splits: list[str], description: str) -> None:
-        """In memory only (the store is not changed): rows outside ``keep`` (split -> (n,) bool)
-        read as label -1, so every reader (``labels``, ``gather``, ``mean``, ``iter_chunks``)
-        skips them; reads that name no split use ``default_splits``. The base-to-new protocol
-        shows a fit only the K shots (and validation rows) of the base classes this way."""
-        for s, m in keep.items():
-            if len(m) != self.n_rows(s):
-                raise ValueError(f"restrict_rows: {s} mask has {len(m)} rows, the split has {self.n_rows(s)}")
-        self._keep = {s: np.asarray(m, dtype=bool) for s, m in keep.items()}
-        self._default_splits = list(default_splits)
-        self.attrs["row_restriction"] = description
+        """The splits a read names, else all (a :class:`~fskd.store.view.StoreView` has its own default)."""
+        return list(splits) if splits is not None else self.splits
 
     def sample_ids(self, split: str) -> np.ndarray:
         # via object: numpy 2 cannot cast zarr's StringDType straight to a fixed-width str dtype
@@ -1091,51 +1178,6 @@ class FeatureStore:
                 self._check_finite(block, f"{split}/features", c, rows=part)
             yield lo, hi, np.asarray(block, dtype=np.float32)
 
-    def gather(
-        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None,
-        max_per_class: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
-        default), read chunk by chunk: returns (features (n, dim) float32, labels (n,) int64).
-        ``max_per_class``: keep at most that many rows of each class over the splits (a fixed
-        seeded choice, the same every call), so a method learning from 600 base classes of
-        ImageNet holds 600 x 600 rows, not 800,000; classes with fewer rows keep them all."""
-        splits = self._splits_or_default(splits)
-        wanted = None if classes is None else np.asarray(sorted(set(int(c) for c in classes)))
-        masks = {}
-        for s in splits:
-            lab_all = self.labels(s)
-            masks[s] = lab_all >= 0 if wanted is None else np.isin(lab_all, wanted)
-        if max_per_class is not None:
-            masks = self._thin(masks, max_per_class)
-        feats, labs = [], []
-        for s in splits:
-            lab_all = self.labels(s)
-            rows = np.flatnonzero(masks[s])
-            for lo, hi, block in self._row_blocks(s, rows):
-                feats.append(block)
-                labs.append(lab_all[rows[lo:hi]])
-        if not feats:
-            return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.int64)
-        return np.concatenate(feats), np.concatenate(labs)
-
-    def _thin(self, masks: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
-        """At most ``cap`` selected rows per class over all ``masks`` (seeded: the same every call)."""
-        labels = np.concatenate([self.labels(s) for s in masks])
-        keep = np.concatenate(list(masks.values()))
-        counts = np.bincount(labels[keep], minlength=self.num_classes)
-        if not len(counts) or counts.max() <= cap:
-            return masks
-        from fskd.store.sampling import first_per_class
-
-        thinned = np.zeros(len(labels), bool)
-        thinned[first_per_class(np.where(keep, labels, -1), keep, cap, np.random.default_rng(20260601))] = True
-        out, start = {}, 0
-        for s, m in masks.items():
-            out[s] = thinned[start:start + len(m)]
-            start += len(m)
-        return out
-
     def take(self, split: str, rows: np.ndarray) -> np.ndarray:
         """Features (len(rows), dim) float32 of ``rows`` (indices into ``split``, any order, repeats
         allowed), in that order; reads only the chunks that hold them, one chunk at a time, so
@@ -1154,27 +1196,6 @@ class FeatureStore:
             feats[lo:hi] = block
         out[:] = feats[inverse.reshape(-1)]
         return out
-
-    def valid_rows(self, split: str, classes: Iterable[int] | None = None) -> np.ndarray:
-        """Indices of ``split``'s rows with a label (in ``classes`` when given), in split order: the
-        rows :meth:`gather` returns for that split."""
-        lab = self.labels(split)
-        keep = lab >= 0 if classes is None else np.isin(lab, np.asarray(list(classes), dtype=lab.dtype))
-        return np.flatnonzero(keep)
-
-    def mean(self, classes: list[int] | None = None, splits: list[str] | None = None) -> np.ndarray:
-        """Mean feature over rows of ``classes`` (streamed; used for base-mean centring)."""
-        total = np.zeros(self.dim, np.float64)
-        count = 0
-        wanted = None if classes is None else np.asarray(sorted(classes))
-        for s in self._splits_or_default(splits or None):
-            for _, f, lab in self.iter_chunks(s):
-                keep = lab >= 0 if wanted is None else np.isin(lab, wanted)
-                total += f[keep].sum(0, dtype=np.float64)
-                count += int(keep.sum())
-        if count == 0:
-            raise StoreError(f"{self.path}: no rows for classes {classes} in splits {splits or self.splits}")
-        return (total / count).astype(np.float32)
 
     def size_on_disk(self) -> int:
         return self.location.size()
