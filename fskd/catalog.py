@@ -28,6 +28,13 @@ def registries() -> dict[str, dict[str, str]]:
     }
 
 
+def methods_of(kind: str) -> list[str]:
+    """The registered methods of ``kind`` (adapt, align, distill), from their declarations."""
+    from fskd.methods import methods_of_kind
+
+    return methods_of_kind(kind)
+
+
 #: every method's ``--set`` options as :func:`live_method_info` gives them, written by
 #: ``python -m fskd.catalog`` so that ``fskd methods NAME`` answers without importing torch;
 #: tests/test_cli_startup.py fails when it differs from the live options (regenerate it then)
