@@ -31,6 +31,7 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: install typecheck
+	$(BIN)/ruff format --check fskd tests benchmarks examples docs/gen_reference.py docs/gen_results.py
 	$(BIN)/ruff check fskd tests benchmarks examples
 
 # mypy, strict, on the typed modules (fskd/store, fskd/config.py, fskd/registry.py): [tool.mypy] in pyproject.toml

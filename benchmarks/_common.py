@@ -27,7 +27,7 @@ def with_recipes(methods) -> list[str]:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """"tip-adapter-f:form=span" -> ("tip-adapter-f", {"form": "span"}); several options are
+    """ "tip-adapter-f:form=span" -> ("tip-adapter-f", {"form": "span"}); several options are
     separated by ";" (values stay strings; the method's options parse them)."""
     name, _, rest = spec.partition(":")
     return name, dict(kv.split("=", 1) for kv in rest.split(";") if kv)

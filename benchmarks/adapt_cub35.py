@@ -52,8 +52,14 @@ def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
     st, fs = load_state(state_dir), FeatureStore.open(store)
     t = st.tensors
     h = lambda k: st.hparams[f"episodic.{k}"]  # noqa: E731
-    base = Base(h("power"), t["base.mean"], t["base.protos"], t["text"][t["base.classes"]], t["generator"],
-                Bridge.from_tensors(t))
+    base = Base(
+        h("power"),
+        t["base.mean"],
+        t["base.protos"],
+        t["text"][t["base.classes"]],
+        t["generator"],
+        Bridge.from_tensors(t),
+    )
     novel = fs.class_split("novel")
     x, y = fs.gather(novel)
     eps = sample_episodes(y, novel, 5, 1, 15, episodes, 0)
@@ -64,14 +70,16 @@ def syntrans_ablation(store: str, state_dir: str, episodes: int) -> list[dict]:
     v, gen, sem, tw = base.parts(sup, cls, t["text"], h("tau"))
     g, a, b = (h("rho") * h(k) for k in ("g", "a", "b"))
     rows = []
-    for name, w in (("prototype (power-transformed features)", combine(v, None, sem, tw, 0, 0, 0)),
-                    ("+ visual weight generator", combine(v, gen, sem, tw, g, 0, 0)),
-                    ("+ semantic reconstructor", combine(v, None, sem, tw, 0, a, 0)),
-                    ("+ bridge text weight", combine(v, None, sem, tw, 0, 0, b)),
-                    ("generator + semantic", combine(v, gen, sem, tw, g, a, 0)),
-                    ("syntrans (all parts)", combine(v, gen, sem, tw, g, a, b)),
-                    ("semantic reconstructor alone (no shot)", combine(0 * v, None, sem, tw, 0, 1, 0)),
-                    ("bridge text weight alone (zero-shot)", combine(0 * v, None, sem, tw, 0, 0, 1))):
+    for name, w in (
+        ("prototype (power-transformed features)", combine(v, None, sem, tw, 0, 0, 0)),
+        ("+ visual weight generator", combine(v, gen, sem, tw, g, 0, 0)),
+        ("+ semantic reconstructor", combine(v, None, sem, tw, 0, a, 0)),
+        ("+ bridge text weight", combine(v, None, sem, tw, 0, 0, b)),
+        ("generator + semantic", combine(v, gen, sem, tw, g, a, 0)),
+        ("syntrans (all parts)", combine(v, gen, sem, tw, g, a, b)),
+        ("semantic reconstructor alone (no shot)", combine(0 * v, None, sem, tw, 0, 1, 0)),
+        ("bridge text weight alone (zero-shot)", combine(0 * v, None, sem, tw, 0, 0, 1)),
+    ):
         m, ci = mean_ci95((torch.bmm(q, w.transpose(1, 2)).argmax(-1) == truth).float().mean(1).numpy())
         rows.append({"weights": name, "5-way 1-shot": f"{m:.2f} ± {ci:.2f}"})
     return rows
@@ -87,7 +95,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="all-way 1 and 4 shots, 5-way 1-shot, 200 episodes")
-    ap.add_argument("--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)")
+    ap.add_argument(
+        "--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)"
+    )
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--methods", default="", help="comma-separated (default: every adapt method)")
     ap.add_argument("--episodes", type=int, default=600)
@@ -109,19 +119,34 @@ def main() -> None:
                 per_seed = []
                 for seed in SEEDS if k in allway else SEEDS[:1]:
                     t = time.perf_counter()
-                    r = api.adapt(AdaptConfig(store=store, method=m, shots=k, seed=seed, out=f"{d}/{len(rows)}-{k}-{seed}",
-                                              force=True, hp_selection=HP_SELECTION, options=options))
+                    r = api.adapt(
+                        AdaptConfig(
+                            store=store,
+                            method=m,
+                            shots=k,
+                            seed=seed,
+                            out=f"{d}/{len(rows)}-{k}-{seed}",
+                            force=True,
+                            hp_selection=HP_SELECTION,
+                            options=options,
+                        )
+                    )
                     fit_s[k] = max(fit_s.get(k, 0.0), time.perf_counter() - t)
                     if m == "syntrans" and k == 1 and seed == SEEDS[0]:
                         ablation = syntrans_ablation(store, r.out, episodes)
                     if k in episodic and seed == SEEDS[0]:
-                        e = api.evaluate(EvalConfig(store=store, state=r.out, way=5, shots=k, query=15, episodes=episodes,
-                                                    seed=0))
+                        e = api.evaluate(
+                            EvalConfig(store=store, state=r.out, way=5, shots=k, query=15, episodes=episodes, seed=0)
+                        )
                         row[f"5-way {k}-shot"] = f"{e.accuracy:.2f} ± {e.ci95:.2f}"
                         row[f"_ep{k}"] = (e.accuracy, e.ci95)
                     if k in allway:
-                        per_seed.append(api.evaluate(EvalConfig(store=store, state=r.out, protocol="allway", shots=k,
-                                                                seeds=(seed,))).accuracy / 100)
+                        per_seed.append(
+                            api.evaluate(
+                                EvalConfig(store=store, state=r.out, protocol="allway", shots=k, seeds=(seed,))
+                            ).accuracy
+                            / 100
+                        )
                 if per_seed:
                     s = seed_summary(per_seed)
                     row[f"all-way {k}"] = f"{s.mean:.2f} ± {s.ci95:.2f}"
@@ -134,18 +159,24 @@ def main() -> None:
         (a, ca), (b, cb) = row["_ep1"], base["_ep1"]
         row["5-way 1-shot"] += " **" if a - ca > b + cb else (" (below)" if a + ca < b - cb else "")
     cols = ["method"] + [f"5-way {k}-shot" for k in episodic] + [f"all-way {k}" for k in allway] + ["fit s (max)"]
-    print(f"## fskd adapt on cub35 (lite0-minilm)\n\n{machine()}; store `{store}`; total {time.perf_counter() - t0:.0f} s.\n")
-    print(f"5-way K-shot: 8 novel classes, {episodes} episodes, 15 queries, seed 0, mean ± 95% CI; "
-          f"`**` = above prototype beyond both CIs (the seed-1 state). All-way K: 35 classes, K train shots per class, "
-          f"the 797 test rows, one state per seed (`fskd adapt --shots K --seed S`, seeds 1-3), mean ± 95% CI over the "
-          f"seeds (Student t). Hyper-parameters chosen on the val split (CoOp rule: min(K, 4) rows per class) / "
-          f"val-class episodes only.\n")
+    print(
+        f"## fskd adapt on cub35 (lite0-minilm)\n\n{machine()}; store `{store}`; total {time.perf_counter() - t0:.0f} s.\n"
+    )
+    print(
+        f"5-way K-shot: 8 novel classes, {episodes} episodes, 15 queries, seed 0, mean ± 95% CI; "
+        f"`**` = above prototype beyond both CIs (the seed-1 state). All-way K: 35 classes, K train shots per class, "
+        f"the 797 test rows, one state per seed (`fskd adapt --shots K --seed S`, seeds 1-3), mean ± 95% CI over the "
+        f"seeds (Student t). Hyper-parameters chosen on the val split (CoOp rule: min(K, 4) rows per class) / "
+        f"val-class episodes only.\n"
+    )
     print(table(rows, cols))
     if ablation:
         print(f"\n### SynTrans ablation (5-way 1-shot novel, the K=1 state, {episodes} episodes, seed 0)\n")
         print(table(ablation, ["weights", "5-way 1-shot"]))
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=2))
+        Path(args.json).write_text(
+            json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=2)
+        )
 
 
 if __name__ == "__main__":

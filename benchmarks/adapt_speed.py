@@ -48,18 +48,30 @@ def main() -> None:
             for i in range(repeat):
                 w, c = time.perf_counter(), time.process_time()
                 name, options = parse_variant(m)
-                api.adapt(AdaptConfig(store=store, method=name, shots=shots, seed=1, out=f"{d}/{m}-{i}", options=options))
+                api.adapt(
+                    AdaptConfig(store=store, method=name, shots=shots, seed=1, out=f"{d}/{m}-{i}", options=options)
+                )
                 run = (time.perf_counter() - w, time.process_time() - c)
                 best = run if best is None or run[0] < best[0] else best
             limit = 1.0 if m in TRAINING_FREE else 30.0
-            rows.append({"method": m, "training-free": "yes" if m in TRAINING_FREE else "no",
-                         "fit s (best)": f"{best[0]:.2f}", "CPU s": f"{best[1]:.2f}", "_wall": best[0],
-                         "limit s": f"{limit:g}", "within": "yes" if best[0] < limit else "NO"})
+            rows.append(
+                {
+                    "method": m,
+                    "training-free": "yes" if m in TRAINING_FREE else "no",
+                    "fit s (best)": f"{best[0]:.2f}",
+                    "CPU s": f"{best[1]:.2f}",
+                    "_wall": best[0],
+                    "limit s": f"{limit:g}",
+                    "within": "yes" if best[0] < limit else "NO",
+                }
+            )
     base = rows[0]["_wall"]
     for r in rows:
         r["x prototype"] = f"{r['_wall'] / base:.0f}"
-    print(f"## fskd adapt fit time on cub35 ({shots} shots)\n\n{machine()}; load average {load0:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end (a shared machine: best of {repeat}); store `{store}`.\n")
+    print(
+        f"## fskd adapt fit time on cub35 ({shots} shots)\n\n{machine()}; load average {load0:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end (a shared machine: best of {repeat}); store `{store}`.\n"
+    )
     print(table(rows, ["method", "training-free", "fit s (best)", "CPU s", "x prototype", "limit s", "within"]))
 
 

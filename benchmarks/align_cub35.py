@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPT = ("zero-shot", "linear-probe-tuned", "residual-adapter")
 #: row label -> (method, options): a method's recipe under the label of the earlier tables
 ROWS = {"linear-probe-tuned": ("linear-probe", {"recipe": "tuned"}), "fma-lite": ("fma", {"recipe": "lite"})}
+
+
 def ci(values: list[float]) -> str:
     """Mean ± 95% CI by Student t over seeds, computed by fskd (percent values in)."""
     s = seed_summary(np.asarray(values, dtype=float) / 100)
@@ -50,21 +52,49 @@ def fit(row: str, store: str, shots: int, seed: int, out: str, **extra) -> tuple
     method, options = ROWS.get(row, (row, {}))
     extra["options"] = {**options, **extra.get("options", {})}
     if METHODS.get(method).kind == "align":
-        r = api.align(AlignConfig(store=store, method=method, shots=shots, seed=seed, out=out, force=True, hp_selection=HP_SELECTION, **extra))
+        r = api.align(
+            AlignConfig(
+                store=store,
+                method=method,
+                shots=shots,
+                seed=seed,
+                out=out,
+                force=True,
+                hp_selection=HP_SELECTION,
+                **extra,
+            )
+        )
     else:
-        r = api.adapt(AdaptConfig(store=store, method=method, shots=shots, seed=seed, out=out, force=True, hp_selection=HP_SELECTION, **extra))
+        r = api.adapt(
+            AdaptConfig(
+                store=store,
+                method=method,
+                shots=shots,
+                seed=seed,
+                out=out,
+                force=True,
+                hp_selection=HP_SELECTION,
+                **extra,
+            )
+        )
     return r.out, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 shots, seed 1, 100 episodes, no fma on adapter features")
-    ap.add_argument("--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)")
+    ap.add_argument(
+        "--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)"
+    )
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--episodes", type=int, default=600)
-    ap.add_argument("--align", default="fma-lite", help="the fma row: fma-lite (fma --set recipe=lite) or fma (the "
-                    "published recipe, about 6 / 15 / 60 min per fit at 1 / 4 / 16 shots on 2 CPU cores)")
+    ap.add_argument(
+        "--align",
+        default="fma-lite",
+        help="the fma row: fma-lite (fma --set recipe=lite) or fma (the "
+        "published recipe, about 6 / 15 / 60 min per fit at 1 / 4 / 16 shots on 2 CPU cores)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.shots, args.seeds, args.episodes = [4], [1], 100
@@ -87,8 +117,9 @@ def main() -> None:
                     states[m], sec = fit(m, store, k, s, f"{d}/{m}-{k}-{s}")
                     fit_s.setdefault((m, k), []).append(sec)
                 if on_adapter:
-                    states[f"{fma} on residual-adapter"], sec = fit(fma, store, k, s, f"{d}/fma-ra-{k}-{s}",
-                                                                    base_state=states["residual-adapter"])
+                    states[f"{fma} on residual-adapter"], sec = fit(
+                        fma, store, k, s, f"{d}/fma-ra-{k}-{s}", base_state=states["residual-adapter"]
+                    )
                     fit_s.setdefault((f"{fma} on residual-adapter", k), []).append(sec)
                 for m, out in states.items():
                     r = api.evaluate(EvalConfig(store=store, state=out, protocol="allway", shots=k, seeds=(s,)))
@@ -97,8 +128,9 @@ def main() -> None:
             for m in methods:
                 extra = {"options": {"regime": "episodic"}} if m == fma else {}
                 out, _ = fit(m, store, k, args.seeds[0], f"{d}/{m}-{k}-episodic", **extra)
-                r = api.evaluate(EvalConfig(store=store, state=out, way=5, shots=k, query=15, episodes=args.episodes,
-                                            seed=0))  # the episode seed of the README tables
+                r = api.evaluate(
+                    EvalConfig(store=store, state=out, way=5, shots=k, query=15, episodes=args.episodes, seed=0)
+                )  # the episode seed of the README tables
                 episodic[(m, k)] = (r.accuracy, r.ci95)
     names = list(dict.fromkeys(m for m, _ in allway))
     rows = []
@@ -111,24 +143,34 @@ def main() -> None:
                 row[f"5-way {k}-shot novel"] = f"{a:.1f} ± {c:.1f}"
         rows.append(row)
     cols = ["method"] + [f"all-way {k}-shot" for k in args.shots] + [f"5-way {k}-shot novel" for k in args.shots]
-    print(f"## {fma} on cub35 (lite0-minilm, not a joint space: text through the bridge)\n\n"
-          f"All-way: 35 classes, K train shots per class, the 797 test rows; each method fitted per seed (seeds "
-          f"{args.seeds}) and evaluated on that seed; mean ± 95% CI (Student t over seeds). Episodic: 5-way K-shot "
-          f"15-query, {args.episodes} episodes on the 8 novel classes (seed 0), mean ± 95% CI; {fma} in its episodic "
-          f"regime (field on the 18 base classes), adapt methods from their own states (fit seed {args.seeds[0]}). "
-          f"Hyper-parameters of every method chosen on the val split (all-way) or val-class episodes (episodic). "
-          f"{machine()}.\n")
+    print(
+        f"## {fma} on cub35 (lite0-minilm, not a joint space: text through the bridge)\n\n"
+        f"All-way: 35 classes, K train shots per class, the 797 test rows; each method fitted per seed (seeds "
+        f"{args.seeds}) and evaluated on that seed; mean ± 95% CI (Student t over seeds). Episodic: 5-way K-shot "
+        f"15-query, {args.episodes} episodes on the 8 novel classes (seed 0), mean ± 95% CI; {fma} in its episodic "
+        f"regime (field on the 18 base classes), adapt methods from their own states (fit seed {args.seeds[0]}). "
+        f"Hyper-parameters of every method chosen on the val split (all-way) or val-class episodes (episodic). "
+        f"{machine()}.\n"
+    )
     print(table(rows, cols))
     k_max = max(args.shots)
     base = "linear-probe-tuned" if ("linear-probe-tuned", k_max) in fit_s else methods[0]
-    speed = [{"method": m, f"fit s at {k_max} shots x 35 classes": f"{np.mean(fit_s[(m, k_max)]):.1f}",
-              f"ratio to {base}": f"{np.mean(fit_s[(m, k_max)]) / np.mean(fit_s[(base, k_max)]):.1f}x"}
-             for m in list(dict.fromkeys(m for m, _ in fit_s)) if (m, k_max) in fit_s]
+    speed = [
+        {
+            "method": m,
+            f"fit s at {k_max} shots x 35 classes": f"{np.mean(fit_s[(m, k_max)]):.1f}",
+            f"ratio to {base}": f"{np.mean(fit_s[(m, k_max)]) / np.mean(fit_s[(base, k_max)]):.1f}x",
+        }
+        for m in list(dict.fromkeys(m for m, _ in fit_s))
+        if (m, k_max) in fit_s
+    ]
     print("\nFit time (mean over seeds, all-way states, this machine under its current load):\n")
     print(table(speed, ["method", f"fit s at {k_max} shots x 35 classes", f"ratio to {base}"]))
-    print(f"\nCommand: `python benchmarks/align_cub35.py{' --quick' if args.quick else ''}"
-          f"{'' if fma == 'fma-lite' else ' --align ' + fma}`; "
-          f"total {time.perf_counter() - t_start:.0f} s.")
+    print(
+        f"\nCommand: `python benchmarks/align_cub35.py{' --quick' if args.quick else ''}"
+        f"{'' if fma == 'fma-lite' else ' --align ' + fma}`; "
+        f"total {time.perf_counter() - t_start:.0f} s."
+    )
 
 
 if __name__ == "__main__":

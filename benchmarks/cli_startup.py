@@ -42,8 +42,10 @@ def main() -> None:
     if args.quick:
         args.repeat = 2
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([*PY, "-c", f"from fskd.store.synthetic import make_synthetic_store as m; m({tmp!r} + '/s.zarr')"],
-                       check=True)
+        subprocess.run(
+            [*PY, "-c", f"from fskd.store.synthetic import make_synthetic_store as m; m({tmp!r} + '/s.zarr')"],
+            check=True,
+        )
         store = f"{tmp}/s.zarr"
         cases = [
             ("python -c pass", [*PY, "-c", "pass"]),

@@ -57,7 +57,7 @@ def main() -> None:
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))
         t0 = time.perf_counter()
         for i in range(0, (len(rows) // 32) * 32, 32):
-            b = perm[i:i + 32]
+            b = perm[i : i + 32]
             if from_images:
                 with torch.no_grad():
                     imgs = torch.stack([enc.preprocess(Image.open(paths[j]).convert("RGB")) for j in b.tolist()])
@@ -75,8 +75,10 @@ def main() -> None:
         res[name] = min(epoch(flag) for _ in range(args.repeat))
     base = res["cached features (fskd)"]
     out = [{"epoch": k, "seconds": f"{v:.2f}", "x cached": f"{v / base:.2f}"} for k, v in res.items()]
-    print(f"CoOp, one epoch: cub35 lite0-minilm, {len(classes)} classes x {args.shots} shots, "
-          f"{(len(rows) // 32)} steps of 32; best of {args.repeat}; {machine()}")
+    print(
+        f"CoOp, one epoch: cub35 lite0-minilm, {len(classes)} classes x {args.shots} shots, "
+        f"{(len(rows) // 32)} steps of 32; best of {args.repeat}; {machine()}"
+    )
     print(table(out, ["epoch", "seconds", "x cached"]))
 
 

@@ -73,7 +73,7 @@ def rate(fn, x: np.ndarray, batch: int, n: int) -> float:
     t0 = time.perf_counter()
     done = 0
     while done < n:
-        fn(x[(done % len(x)):(done % len(x)) + batch])
+        fn(x[(done % len(x)) : (done % len(x)) + batch])
         done += batch
     return done / (time.perf_counter() - t0)
 
@@ -81,11 +81,23 @@ def rate(fn, x: np.ndarray, batch: int, n: int) -> float:
 def student(teacher: str, out: Path, epochs: int, reuse: bool) -> tuple[str, str]:
     """distill -> extract with the student (a fresh store): (student dir, student store)."""
     d = out / "student"
-    cfg = DistillConfig(store=teacher, student=STUDENT, shots=SHOTS, seed=SEED, epochs=epochs, out=str(d),
-                        options=STUDENT_OPTIONS, force=True)
+    cfg = DistillConfig(
+        store=teacher,
+        student=STUDENT,
+        shots=SHOTS,
+        seed=SEED,
+        epochs=epochs,
+        out=str(d),
+        options=STUDENT_OPTIONS,
+        force=True,
+    )
     s_store = out / "student.zarr"
-    if not (reuse and (d / "state.json").exists() and load_state(d).config == {**cfg.to_dict(), "out": str(d)}
-            and s_store.exists()):
+    if not (
+        reuse
+        and (d / "state.json").exists()
+        and load_state(d).config == {**cfg.to_dict(), "out": str(d)}
+        and s_store.exists()
+    ):
         t0 = time.perf_counter()
         api.distill(cfg, progress=None)
         print(f"distilled {STUDENT} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -95,8 +107,10 @@ def student(teacher: str, out: Path, epochs: int, reuse: bool) -> tuple[str, str
             FeatureStore.open(s_store)  # an fskd store, written by this script: fine to replace
             shutil.rmtree(s_store)
         root = FeatureStore.open(teacher).attrs["dataset"]["root"]
-        api.extract(ExtractConfig(dataset="cub", root=root, encoder=f"student:{d}", store=str(s_store), device="cpu"),
-                    progress=None)
+        api.extract(
+            ExtractConfig(dataset="cub", root=root, encoder=f"student:{d}", store=str(s_store), device="cpu"),
+            progress=None,
+        )
     return str(d), str(s_store)
 
 
@@ -109,10 +123,15 @@ def measure(who: str, store: str, out: Path, args, ex) -> dict:
     from fskd.deploy.export import Pipeline
 
     state = out / f"{who}-tip-adapter-{SHOTS}shot"
-    api.adapt(AdaptConfig(store=store, method="tip-adapter", shots=SHOTS, seed=SEED, out=str(state), device="cpu",
-                          force=True), progress=None)
-    ev = api.evaluate(EvalConfig(store=store, state=str(state), protocol="allway", shots=SHOTS, seeds=(SEED,),
-                                 device="cpu"))
+    api.adapt(
+        AdaptConfig(
+            store=store, method="tip-adapter", shots=SHOTS, seed=SEED, out=str(state), device="cpu", force=True
+        ),
+        progress=None,
+    )
+    ev = api.evaluate(
+        EvalConfig(store=store, state=str(state), protocol="allway", shots=SHOTS, seeds=(SEED,), device="cpu")
+    )
     model = out / f"{who}-tip-adapter-{SHOTS}shot.onnx"
     ex_r = api.export(ExportConfig(state=str(state), out=str(model), force=model.exists()))
 
@@ -145,32 +164,50 @@ def measure(who: str, store: str, out: Path, args, ex) -> dict:
     probs = {}
 
     def accuracy(name, fn, x) -> float:
-        probs[name] = np.concatenate([fn(x[i:i + 32]) for i in range(0, len(x), 32)])
+        probs[name] = np.concatenate([fn(x[i : i + 32]) for i in range(0, len(x), 32)])
         return 100.0 * float((probs[name].argmax(1) == truth).mean())
 
     enc_name = clf.encoder_spec if who == "teacher" else f"{STUDENT.split(':')[1]} (half width)"
-    res = {"who": who, "encoder": enc_name, "input": f"{x_onnx.shape[-1]} px", "images": len(files),
-           "eval_allway": ev.accuracy, "export_max_difference": ex_r.max_difference, "pixel_difference": pixel_diff,
-           "rows": []}
+    res = {
+        "who": who,
+        "encoder": enc_name,
+        "input": f"{x_onnx.shape[-1]} px",
+        "images": len(files),
+        "eval_allway": ev.accuracy,
+        "export_max_difference": ex_r.max_difference,
+        "pixel_difference": pixel_diff,
+        "rows": [],
+    }
     import onnx
 
     # the file: its initializers (the encoder, batch norms folded) + the head's constants; eager: the
     # encoder's parameters + the same head tensors
     head = ex_r.parameters - sum(int(np.prod(t.dims)) for t in onnx.load(str(model)).graph.initializer)
     params_eager = sum(p.numel() for p in eager.parameters()) + head
-    for name, fn, x, size, params in (("ONNX Runtime", run_onnx, x_onnx, model.stat().st_size, ex_r.parameters),
-                                      ("torch eager", run_eager, x_torch, None, params_eager)):
-        res["rows"].append({"model": f"{who}: {enc_name} + tip-adapter", "input": res["input"], "runtime": name,
-                            "file MB": f"{size / 1e6:.1f}" if size else "-",
-                            "parameters": f"{params / 1e6:.2f} M (head {head / 1e6:.2f} M)",
-                            "img/s batch 1": round(rate(fn, x, 1, min(args.speed_images, 32)), 1),
-                            "img/s batch 32": round(rate(fn, x, 32, args.speed_images), 1),
-                            f"top-1 on {len(files)} test images (%)": f"{accuracy(name, fn, x):.2f}",
-                            "_bytes": size, "_params": params})
+    for name, fn, x, size, params in (
+        ("ONNX Runtime", run_onnx, x_onnx, model.stat().st_size, ex_r.parameters),
+        ("torch eager", run_eager, x_torch, None, params_eager),
+    ):
+        res["rows"].append(
+            {
+                "model": f"{who}: {enc_name} + tip-adapter",
+                "input": res["input"],
+                "runtime": name,
+                "file MB": f"{size / 1e6:.1f}" if size else "-",
+                "parameters": f"{params / 1e6:.2f} M (head {head / 1e6:.2f} M)",
+                "img/s batch 1": round(rate(fn, x, 1, min(args.speed_images, 32)), 1),
+                "img/s batch 32": round(rate(fn, x, 32, args.speed_images), 1),
+                f"top-1 on {len(files)} test images (%)": f"{accuracy(name, fn, x):.2f}",
+                "_bytes": size,
+                "_params": params,
+            }
+        )
 
     a, b = probs["ONNX Runtime"], probs["torch eager"]
-    res["onnx_vs_eager"] = {"max_probability_difference": float(np.abs(a - b).max()),
-                            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
+    res["onnx_vs_eager"] = {
+        "max_probability_difference": float(np.abs(a - b).max()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+    }
 
     # predict (loader + forward + head + writer) vs extract's loader + forward alone, same images: the
     # test images repeated until one pass lasts --throughput-seconds, so that predict's fixed costs
@@ -184,8 +221,12 @@ def measure(who: str, store: str, out: Path, args, ex) -> dict:
         return time.perf_counter() - t0
 
     def predict_run(listing):
-        return api.predict(PredictConfig(state=str(state), images=str(listing), out=str(preds), workers=args.threads,
-                                         device="cpu", force=True), progress=None)
+        return api.predict(
+            PredictConfig(
+                state=str(state), images=str(listing), out=str(preds), workers=args.threads, device="cpu", force=True
+            ),
+            progress=None,
+        )
 
     warm = forward_only(files)  # warm-up: the image files into the page cache, the model's first calls
     repeat = max(1, math.ceil(args.throughput_seconds / warm))
@@ -211,11 +252,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=0, help="test images to use (0: all)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for ONNX Runtime and torch")
     ap.add_argument("--speed-images", type=int, default=64, help="images timed per batch size")
-    ap.add_argument("--throughput-seconds", type=float, default=10.0,
-                    help="predict vs forward: repeat the test images until one pass lasts about this long")
+    ap.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=10.0,
+        help="predict vs forward: repeat the test images until one pass lasts about this long",
+    )
     ap.add_argument("--student-epochs", type=int, default=20, help="distillation epochs of the student")
-    ap.add_argument("--reuse", action="store_true", help="reuse a student (and its store) this script distilled with "
-                                                         "the same settings")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a student (and its store) this script distilled with the same settings",
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "deploy"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,44 +279,61 @@ def main() -> None:
     t, s = results
     n = t["images"]
     acc = f"top-1 on {n} test images (%)"
-    print(f"# fskd deploy: tip-adapter ({SHOTS} shots, seed {SEED}) on cub35 over the offline teacher (lite0-minilm) "
-          f"and over a student distilled from it ({STUDENT}, half width, {student_settings(st)}); {machine()}; "
-          f"{args.threads} intra-op thread(s); {time.perf_counter() - t0:.0f} s\n")
+    print(
+        f"# fskd deploy: tip-adapter ({SHOTS} shots, seed {SEED}) on cub35 over the offline teacher (lite0-minilm) "
+        f"and over a student distilled from it ({STUDENT}, half width, {student_settings(st)}); {machine()}; "
+        f"{args.threads} intra-op thread(s); {time.perf_counter() - t0:.0f} s\n"
+    )
     rows = t["rows"] + s["rows"]
     print(table(rows, ["model", "input", "runtime", "file MB", "parameters", "img/s batch 1", "img/s batch 32", acc]))
     print()
     (to, te), (so, se) = t["rows"], s["rows"]
-    print(f"student vs teacher: file {to['_bytes'] / so['_bytes']:.1f}x smaller, {to['_params'] / so['_params']:.1f}x "
-          f"fewer parameters (ONNX), ONNX {so['img/s batch 1'] / to['img/s batch 1']:.1f}x / "
-          f"{so['img/s batch 32'] / to['img/s batch 32']:.1f}x faster at batch 1 / 32 (eager "
-          f"{se['img/s batch 1'] / te['img/s batch 1']:.1f}x / {se['img/s batch 32'] / te['img/s batch 32']:.1f}x), "
-          f"{float(to[acc]) - float(so[acc]):.2f} points less accurate")
+    print(
+        f"student vs teacher: file {to['_bytes'] / so['_bytes']:.1f}x smaller, {to['_params'] / so['_params']:.1f}x "
+        f"fewer parameters (ONNX), ONNX {so['img/s batch 1'] / to['img/s batch 1']:.1f}x / "
+        f"{so['img/s batch 32'] / to['img/s batch 32']:.1f}x faster at batch 1 / 32 (eager "
+        f"{se['img/s batch 1'] / te['img/s batch 1']:.1f}x / {se['img/s batch 32'] / te['img/s batch 32']:.1f}x), "
+        f"{float(to[acc]) - float(so[acc]):.2f} points less accurate"
+    )
     print()
     prow = []
     for r in results:
-        prow += [{"model": f"{r['who']} ({r['throughput_images']} images)", "path": "extract's loader + forward (no head)", "img/s": f"{r['forward_img_s']:.1f}",
-                  "ratio": "1.00"},
-                 {"model": f"{r['who']} ({r['throughput_images']} images)",
-                  "path": "fskd predict (loader + forward + head + CSV)",
-                  "img/s": f"{r['predict_img_s']:.1f}", "ratio": f"{r['predict_img_s'] / r['forward_img_s']:.2f}"}]
+        prow += [
+            {
+                "model": f"{r['who']} ({r['throughput_images']} images)",
+                "path": "extract's loader + forward (no head)",
+                "img/s": f"{r['forward_img_s']:.1f}",
+                "ratio": "1.00",
+            },
+            {
+                "model": f"{r['who']} ({r['throughput_images']} images)",
+                "path": "fskd predict (loader + forward + head + CSV)",
+                "img/s": f"{r['predict_img_s']:.1f}",
+                "ratio": f"{r['predict_img_s'] / r['forward_img_s']:.2f}",
+            },
+        ]
     print(table(prow, ["model", "path", "img/s", "ratio"]))
     print()
     for r in results:
-        print(f"{r['who']}: accuracy on the {r['images']} test images: fskd predict (re-encoded) "
-              f"{r['predict_accuracy']:.2f}%; fskd eval --state --protocol allway (cached float16 features) "
-              f"{r['eval_allway']:.2f}%; ONNX vs eager on these images: top-1 agreement "
-              f"{100 * r['onnx_vs_eager']['top1_agreement']:.1f}%, max probability difference "
-              f"{r['onnx_vs_eager']['max_probability_difference']:.2g} (export's own check on random batches: "
-              f"{r['export_max_difference']:.2g}); examples/onnx_predict.py's pixels vs the encoder's own: max "
-              f"{r['pixel_difference']:.2g}")
+        print(
+            f"{r['who']}: accuracy on the {r['images']} test images: fskd predict (re-encoded) "
+            f"{r['predict_accuracy']:.2f}%; fskd eval --state --protocol allway (cached float16 features) "
+            f"{r['eval_allway']:.2f}%; ONNX vs eager on these images: top-1 agreement "
+            f"{100 * r['onnx_vs_eager']['top1_agreement']:.1f}%, max probability difference "
+            f"{r['onnx_vs_eager']['max_probability_difference']:.2g} (export's own check on random batches: "
+            f"{r['export_max_difference']:.2g}); examples/onnx_predict.py's pixels vs the encoder's own: max "
+            f"{r['pixel_difference']:.2g}"
+        )
 
 
 def student_settings(st) -> str:
     """The student's settings, as the caption says them."""
     hp = st.hparams
-    return (f"{hp['image_size']} px, {hp['epochs']} epochs (epoch {hp.get('best_epoch')} chosen on val), regime "
-            f"{st.config.get('regime', 'semi')}, {st.config['shots']} labelled shots per class + the rest of the train "
-            f"split unlabelled")
+    return (
+        f"{hp['image_size']} px, {hp['epochs']} epochs (epoch {hp.get('best_epoch')} chosen on val), regime "
+        f"{st.config.get('regime', 'semi')}, {st.config['shots']} labelled shots per class + the rest of the train "
+        f"split unlabelled"
+    )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,19 @@ def teacher_store(path: Path, root: Path) -> str:
 
 def fit_and_extract(store: str, root: Path, out: Path, regime: str, losses: str, seed: int, args, reuse: bool):
     """distill -> extract with the student (a fresh store); returns (state, student store)."""
-    cfg = DistillConfig(store=store, student=args.student, regime=regime, losses=losses, epochs=args.epochs,
-                        shots=4 if regime == "semi" else 5, seed=seed, out=str(out), options=args.options,
-                        force=True, hp_selection=HP_SELECTION)
+    cfg = DistillConfig(
+        store=store,
+        student=args.student,
+        regime=regime,
+        losses=losses,
+        epochs=args.epochs,
+        shots=4 if regime == "semi" else 5,
+        seed=seed,
+        out=str(out),
+        options=args.options,
+        force=True,
+        hp_selection=HP_SELECTION,
+    )
     if not (reuse and (out / "state.json").exists() and load_state(out).config == {**cfg.to_dict(), "out": str(out)}):
         api.distill(cfg)
     s_store = out.with_suffix(".zarr")
@@ -84,22 +94,51 @@ def run_one(store: str, root: Path, out: Path, regime: str, losses: str, args, r
         for seed in args.seeds:
             state, s_store = fit_and_extract(store, root, Path(f"{out}-seed{seed}"), regime, losses, seed, args, reuse)
             states.append(state)
-            per.append(api.evaluate(EvalConfig(store=str(s_store), state=f"{out}-seed{seed}", protocol="allway",
-                                               shots=4, seeds=(seed,))).accuracy / 100)
+            per.append(
+                api.evaluate(
+                    EvalConfig(store=str(s_store), state=f"{out}-seed{seed}", protocol="allway", shots=4, seeds=(seed,))
+                ).accuracy
+                / 100
+            )
         summ = seed_summary(per)
         state = states[0]
-        row.update({"allway4": round(summ.mean, 2), "allway4_ci": round(summ.ci95 or 0.0, 2),
-                    "allway4_std": summ.std, "allway4_seeds": [round(100 * a, 2) for a in per],
-                    "w1": float("nan"), "w1_ci": float("nan"), "w5": float("nan"), "w5_ci": float("nan")})
+        row.update(
+            {
+                "allway4": round(summ.mean, 2),
+                "allway4_ci": round(summ.ci95 or 0.0, 2),
+                "allway4_std": summ.std,
+                "allway4_seeds": [round(100 * a, 2) for a in per],
+                "w1": float("nan"),
+                "w1_ci": float("nan"),
+                "w5": float("nan"),
+                "w5_ci": float("nan"),
+            }
+        )
     else:
         state, s_store = fit_and_extract(store, root, out, regime, losses, 1, args, reuse)
-        ep = {k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shots=k, episodes=args.episodes, seed=0))
-              for k in (1, 5)}
-        row.update({"allway4": float("nan"), "allway4_ci": float("nan"), "w1": ep[1].accuracy, "w1_ci": ep[1].ci95,
-                    "w5": ep[5].accuracy, "w5_ci": ep[5].ci95})
-    row.update({"val": state.metrics["val_accuracy"], "best_epoch": f"{state.hparams['best_epoch']}/{state.hparams['epochs']}",
-                "teacher_val": state.metrics.get("teacher_val_accuracy"), "fit_s": round(time.perf_counter() - t0, 1),
-                "epoch_s": round(state.metrics["train_seconds"] / max(1, len(state.metrics["log"])), 1)})
+        ep = {
+            k: api.evaluate(EvalConfig(store=str(s_store), state=str(out), shots=k, episodes=args.episodes, seed=0))
+            for k in (1, 5)
+        }
+        row.update(
+            {
+                "allway4": float("nan"),
+                "allway4_ci": float("nan"),
+                "w1": ep[1].accuracy,
+                "w1_ci": ep[1].ci95,
+                "w5": ep[5].accuracy,
+                "w5_ci": ep[5].ci95,
+            }
+        )
+    row.update(
+        {
+            "val": state.metrics["val_accuracy"],
+            "best_epoch": f"{state.hparams['best_epoch']}/{state.hparams['epochs']}",
+            "teacher_val": state.metrics.get("teacher_val_accuracy"),
+            "fit_s": round(time.perf_counter() - t0, 1),
+            "epoch_s": round(state.metrics["train_seconds"] / max(1, len(state.metrics["log"])), 1),
+        }
+    )
     return row
 
 
@@ -135,11 +174,19 @@ def cost_rows(store: str, student_dir: Path, reps: int) -> list[dict]:
                 t0 = time.perf_counter()
                 enc.encode_images(x)
                 times.append(time.perf_counter() - t0)
-        rows.append({"model": f"{who}: {spec.split(':')[0] if who == 'teacher' else load_state(student_dir).hparams['student']}",
-                     "input": f"{x1.shape[-1]} px", "params (M)": round(params / 1e6, 2), "GFLOPs/img": round(flops / 1e9, 3),
-                     "img/s": round(64 / min(times), 1)})
+        rows.append(
+            {
+                "model": f"{who}: {spec.split(':')[0] if who == 'teacher' else load_state(student_dir).hparams['student']}",
+                "input": f"{x1.shape[-1]} px",
+                "params (M)": round(params / 1e6, 2),
+                "GFLOPs/img": round(flops / 1e9, 3),
+                "img/s": round(64 / min(times), 1),
+            }
+        )
     t, s = rows
-    s["vs teacher"] = f"{t['params (M)'] / s['params (M)']:.1f}x fewer params, {t['GFLOPs/img'] / s['GFLOPs/img']:.0f}x fewer FLOPs, {s['img/s'] / t['img/s']:.1f}x faster"
+    s["vs teacher"] = (
+        f"{t['params (M)'] / s['params (M)']:.1f}x fewer params, {t['GFLOPs/img'] / s['GFLOPs/img']:.0f}x fewer FLOPs, {s['img/s'] / t['img/s']:.1f}x faster"
+    )
     return rows
 
 
@@ -148,11 +195,25 @@ def epoch_speed(store: str, out: Path, args) -> dict:
     secs = {}
     for online in (False, True):
         d = out / f"speed-{'online' if online else 'cached'}"
-        r = api.distill(DistillConfig(store=store, student=args.student, regime="semi", epochs=1, out=str(d),
-                                      online_teacher=online, options=args.options, force=True, hp_selection=HP_SELECTION))
+        r = api.distill(
+            DistillConfig(
+                store=store,
+                student=args.student,
+                regime="semi",
+                epochs=1,
+                out=str(d),
+                online_teacher=online,
+                options=args.options,
+                force=True,
+                hp_selection=HP_SELECTION,
+            )
+        )
         secs[online] = r.metrics["train_seconds"]
-    return {"cached teacher features (s/epoch)": secs[False], "online teacher (s/epoch)": secs[True],
-            "online / cached": f"{secs[True] / secs[False]:.1f}x"}
+    return {
+        "cached teacher features (s/epoch)": secs[False],
+        "online teacher (s/epoch)": secs[True],
+        "online / cached": f"{secs[True] / secs[False]:.1f}x",
+    }
 
 
 def main() -> None:
@@ -160,23 +221,31 @@ def main() -> None:
     p.add_argument("--store", default=str(ROOT / ".pytest_cache" / "fskd-stores" / "cub-lite0-minilm.zarr"))
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cub35"))
     p.add_argument("--student", default="timm:resnet10t")
-    p.add_argument("--student-kwargs", default='{"channels": [32, 64, 128, 256]}',
-                   help="timm keyword arguments of the student (JSON); default: a half-width ResNet-10-T")
+    p.add_argument(
+        "--student-kwargs",
+        default='{"channels": [32, 64, 128, 256]}',
+        help="timm keyword arguments of the student (JSON); default: a half-width ResNet-10-T",
+    )
     p.add_argument("--options", default="{}", help="more mtkd options (JSON), e.g. '{\"lr\": 5e-4}' for a ViT student")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-distill"))
     p.add_argument("--no-ablation", action="store_true", help="only full losses vs labels only")
-    p.add_argument("--reuse", action="store_true", help="reuse student directories already trained with the same config")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse student directories already trained with the same config"
+    )
     p.add_argument("--seeds", default="1,2,3", help="semi regime: one student per seed (comma-separated)")
     p.add_argument("--quick", action="store_true", help="2 epochs at 32 px, 200 episodes (a smoke run)")
     args = p.parse_args()
     args.seeds = [int(x) for x in args.seeds.split(",")]
     if args.quick:
         args.epochs, args.image_size, args.episodes = 2, 32, 200
-    args.options = {"image_size": args.image_size, "student_kwargs": json.loads(args.student_kwargs),
-                    **json.loads(args.options)}
+    args.options = {
+        "image_size": args.image_size,
+        "student_kwargs": json.loads(args.student_kwargs),
+        **json.loads(args.options),
+    }
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,22 +257,44 @@ def main() -> None:
         for losses in loss_sets:
             r = run_one(store, Path(args.root), out / f"{regime}-{losses}", regime, losses, args, args.reuse)
             results.append(r)
-            print(f"[{time.perf_counter() - t0:6.0f} s] {regime:10s} {losses:8s} val {r['val']}  all-way4 "
-                  f"{fmt(r['allway4'], r['allway4_ci'])}  5w1s {fmt(r['w1'], r['w1_ci'])}  5w5s {fmt(r['w5'], r['w5_ci'])}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f} s] {regime:10s} {losses:8s} val {r['val']}  all-way4 "
+                f"{fmt(r['allway4'], r['allway4_ci'])}  5w1s {fmt(r['w1'], r['w1_ci'])}  5w5s {fmt(r['w5'], r['w5_ci'])}",
+                file=sys.stderr,
+                flush=True,
+            )
     by = {(r["regime"], r["losses"]): r for r in results}
     head = []
     seeds = "-".join(map(str, args.seeds))
-    for regime, metrics in (("semi", (("allway4", f"all-way 4-shot (35 classes, one student per seed {seeds})"),)),
-                            ("base-novel", (("w1", "novel 5-way 1-shot"), ("w5", "novel 5-way 5-shot")))):
+    for regime, metrics in (
+        ("semi", (("allway4", f"all-way 4-shot (35 classes, one student per seed {seeds})"),)),
+        ("base-novel", (("w1", "novel 5-way 1-shot"), ("w5", "novel 5-way 5-shot"))),
+    ):
         a, n = by[(regime, "all")], by[(regime, "none")]
         for key, name in metrics:
-            head.append({"regime": regime, "metric": name, "full losses": fmt(a[key], a[key + "_ci"]),
-                         "labels only (--losses none)": fmt(n[key], n[key + "_ci"]),
-                         "gain": f"{a[key] - n[key]:+.2f}", "beyond both 95% CIs": beyond(a[key], a[key + "_ci"], n[key], n[key + "_ci"])})
-    abl = [{"regime": r["regime"], "losses": r["losses"], "val acc (selection)": r["val"], "best epoch": r["best_epoch"],
-            "all-way 4-shot": fmt(r["allway4"], r["allway4_ci"]), "novel 5w1s": fmt(r["w1"], r["w1_ci"]),
-            "novel 5w5s": fmt(r["w5"], r["w5_ci"]), "train s/epoch": r["epoch_s"]} for r in results]
+            head.append(
+                {
+                    "regime": regime,
+                    "metric": name,
+                    "full losses": fmt(a[key], a[key + "_ci"]),
+                    "labels only (--losses none)": fmt(n[key], n[key + "_ci"]),
+                    "gain": f"{a[key] - n[key]:+.2f}",
+                    "beyond both 95% CIs": beyond(a[key], a[key + "_ci"], n[key], n[key + "_ci"]),
+                }
+            )
+    abl = [
+        {
+            "regime": r["regime"],
+            "losses": r["losses"],
+            "val acc (selection)": r["val"],
+            "best epoch": r["best_epoch"],
+            "all-way 4-shot": fmt(r["allway4"], r["allway4_ci"]),
+            "novel 5w1s": fmt(r["w1"], r["w1_ci"]),
+            "novel 5w5s": fmt(r["w5"], r["w5_ci"]),
+            "train s/epoch": r["epoch_s"],
+        }
+        for r in results
+    ]
     cost = cost_rows(store, Path(f"{out / 'semi-all'}-seed{args.seeds[0]}"), reps=3 if args.quick else 5)
     speed = epoch_speed(store, out, args)
     total = time.perf_counter() - t0
@@ -218,17 +309,27 @@ def main() -> None:
         f"seed {args.seeds} (each distilled with its own 4 shots per class, scored with its own seed on the 797 test rows), "
         f"mean ± 95% CI (Student t over the seeds); episodic = novel classes, 5-way, 15 queries, {args.episodes} episodes "
         f"(seed 0), mean ± 95% CI over episodes. Inductive. Total {total / 60:.1f} min.\n",
-        "## Full losses vs labels only\n", table(head, list(head[0])), "",
+        "## Full losses vs labels only\n",
+        table(head, list(head[0])),
+        "",
         "## Loss ablation (each level alone and all together)\n" if not args.no_ablation else "## All runs\n",
-        table(abl, list(abl[0])), "",
-        "## Teacher vs student (forward, batch 64, CPU, measured in this run)\n", table(cost, list(cost[0]) + ["vs teacher"]), "",
-        "## One training epoch: cached teacher features vs online teacher (semi regime)\n", table([speed], list(speed)), "",
+        table(abl, list(abl[0])),
+        "",
+        "## Teacher vs student (forward, batch 64, CPU, measured in this run)\n",
+        table(cost, list(cost[0]) + ["vs teacher"]),
+        "",
+        "## One training epoch: cached teacher features vs online teacher (semi regime)\n",
+        table([speed], list(speed)),
+        "",
     ]
     text = "\n".join(md)
     print(text)
     (out / "distill_cub35.md").write_text(text)
-    (out / "distill_cub35.json").write_text(json.dumps({"runs": results, "cost": cost, "speed": speed,
-                                                        "args": {k: v for k, v in vars(args).items()}}, indent=2))
+    (out / "distill_cub35.json").write_text(
+        json.dumps(
+            {"runs": results, "cost": cost, "speed": speed, "args": {k: v for k, v in vars(args).items()}}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def write_images(root: Path, n: int) -> float:
         (root / f"class{c:03d}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.new("RGB", (8, 8), (i % 251, (i // 251) % 251, (i // 63001) % 251)).save(
-            root / f"class{i % CLASSES:03d}" / f"{i}.png")
+            root / f"class{i % CLASSES:03d}" / f"{i}.png"
+        )
     return time.perf_counter() - t0
 
 
@@ -77,25 +78,67 @@ def main() -> None:
         images = root / f"images-{n}"
         write_s = write_images(images, n) if not images.exists() else 0.0
         store = root / f"store-{n}.zarr"
-        ext_s, ext_rss, _ = timed([*fskd, "extract", "folder", "--root", str(images), "--encoder", "synthetic:64",
-                                   "--store", str(store), "--batch-size", "1024", "--workers", "1"], env)
-        fit_s, fit_rss, out = timed([*fskd, "distill", "--store", str(store), "--shots", "4", "--student",
-                                     "timm:resnet10t", "--epochs", "1", "--set", f"image_size={IMAGE_SIZE}",
-                                     "--set", "val_every=1", "--out", str(root / f"student-{n}"), "--json"], env)
+        ext_s, ext_rss, _ = timed(
+            [
+                *fskd,
+                "extract",
+                "folder",
+                "--root",
+                str(images),
+                "--encoder",
+                "synthetic:64",
+                "--store",
+                str(store),
+                "--batch-size",
+                "1024",
+                "--workers",
+                "1",
+            ],
+            env,
+        )
+        fit_s, fit_rss, out = timed(
+            [
+                *fskd,
+                "distill",
+                "--store",
+                str(store),
+                "--shots",
+                "4",
+                "--student",
+                "timm:resnet10t",
+                "--epochs",
+                "1",
+                "--set",
+                f"image_size={IMAGE_SIZE}",
+                "--set",
+                "val_every=1",
+                "--out",
+                str(root / f"student-{n}"),
+                "--json",
+            ],
+            env,
+        )
         m = json.loads(out)["metrics"]
         train = m["rows"]["train"]
-        rows.append({
-            "images": f"{n:,}", "train rows": f"{train:,}",
-            "decode s (once)": f"{m['decode_seconds']:.0f}", "epoch images/s": f"{m['train_images_per_s']:,.0f}",
-            "distill wall s": f"{fit_s:.0f}", "peak RSS distill GiB": f"{fit_rss:.2f}",
-            "peak RSS extract GiB": f"{ext_rss:.2f}",
-            "decoded images in RAM would be GiB": f"{m['rows']['decoded'] * 3 * side * side / GIB:.2f}",
-            "cache file GiB": f"{max((root / 'cache' / 'images').glob('*.u8'), key=os.path.getmtime).stat().st_size / GIB:.2f}",
-        })
+        rows.append(
+            {
+                "images": f"{n:,}",
+                "train rows": f"{train:,}",
+                "decode s (once)": f"{m['decode_seconds']:.0f}",
+                "epoch images/s": f"{m['train_images_per_s']:,.0f}",
+                "distill wall s": f"{fit_s:.0f}",
+                "peak RSS distill GiB": f"{fit_rss:.2f}",
+                "peak RSS extract GiB": f"{ext_rss:.2f}",
+                "decoded images in RAM would be GiB": f"{m['rows']['decoded'] * 3 * side * side / GIB:.2f}",
+                "cache file GiB": f"{max((root / 'cache' / 'images').glob('*.u8'), key=os.path.getmtime).stat().st_size / GIB:.2f}",
+            }
+        )
         print(table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
         print(f"(images written in {write_s:.0f} s, extracted in {ext_s:.0f} s)", flush=True)
-    print(f"\n## fskd distill memory: semi regime, 4 shots x {CLASSES} classes, 1 epoch, resnet10t at {IMAGE_SIZE} px "
-          f"({side} px stored), {time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"\n## fskd distill memory: semi regime, 4 shots x {CLASSES} classes, 1 epoch, resnet10t at {IMAGE_SIZE} px "
+        f"({side} px stored), {time.strftime('%Y-%m-%d')}\n"
+    )
     print(table(rows, list(rows[0])))
     if tmp is not None:
         tmp.cleanup()

@@ -58,8 +58,14 @@ def main() -> None:
     feats = (rng.normal(size=(n_cls, 512))[labels] * 0.6 + rng.normal(size=(len(labels), 512))).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
-        FeatureStore.from_arrays(path, {"test": (feats, labels)}, [f"c{i}" for i in range(n_cls)],
-                                 {"base": [], "val": [], "novel": list(range(n_cls))}, dtype="float16", chunk_rows=2048)
+        FeatureStore.from_arrays(
+            path,
+            {"test": (feats, labels)},
+            [f"c{i}" for i in range(n_cls)],
+            {"base": [], "val": [], "novel": list(range(n_cls))},
+            dtype="float16",
+            chunk_rows=2048,
+        )
         cfg = EvalConfig(store=str(path), way=5, shots=1, query=15, episodes=args.episodes, center="none")
         api.evaluate(cfg)  # warm-up (imports, first torch calls)
         results = [api.evaluate(cfg) for _ in range(3)]
@@ -76,10 +82,30 @@ def main() -> None:
         t_batched = best_of(batched)
         t_loop = best_of(lambda: per_episode_loop(feats, labels, classes, args.episodes, 0))
     rows = [
-        {"path": "plain per-episode loop (numpy)", "seconds": f"{t_loop:.3f}", "episodes/s": f"{args.episodes / t_loop:,.0f}", "ratio": "1.0x"},
-        {"path": "fskd batched episodes (sample + score)", "seconds": f"{t_batched:.3f}", "episodes/s": f"{args.episodes / t_batched:,.0f}", "ratio": f"{t_loop / t_batched:.1f}x"},
-        {"path": "fskd eval, evaluation time (api.evaluate eval_seconds)", "seconds": f"{fskd_eval:.3f}", "episodes/s": f"{args.episodes / fskd_eval:,.0f}", "ratio": f"{t_loop / fskd_eval:.1f}x"},
-        {"path": "fskd eval incl. opening + reading the store", "seconds": f"{fskd_total:.3f}", "episodes/s": f"{args.episodes / fskd_total:,.0f}", "ratio": f"{t_loop / fskd_total:.1f}x"},
+        {
+            "path": "plain per-episode loop (numpy)",
+            "seconds": f"{t_loop:.3f}",
+            "episodes/s": f"{args.episodes / t_loop:,.0f}",
+            "ratio": "1.0x",
+        },
+        {
+            "path": "fskd batched episodes (sample + score)",
+            "seconds": f"{t_batched:.3f}",
+            "episodes/s": f"{args.episodes / t_batched:,.0f}",
+            "ratio": f"{t_loop / t_batched:.1f}x",
+        },
+        {
+            "path": "fskd eval, evaluation time (api.evaluate eval_seconds)",
+            "seconds": f"{fskd_eval:.3f}",
+            "episodes/s": f"{args.episodes / fskd_eval:,.0f}",
+            "ratio": f"{t_loop / fskd_eval:.1f}x",
+        },
+        {
+            "path": "fskd eval incl. opening + reading the store",
+            "seconds": f"{fskd_total:.3f}",
+            "episodes/s": f"{args.episodes / fskd_total:,.0f}",
+            "ratio": f"{t_loop / fskd_total:.1f}x",
+        },
     ]
     print(f"## Episodic eval speed: {args.episodes} episodes, 5-way 1-shot 15-query, 10,000 x 512 store\n")
     print(f"machine: {machine()}; best of 3; {time.strftime('%Y-%m-%d')}\n")

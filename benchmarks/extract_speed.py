@@ -36,8 +36,14 @@ class Subset(ImageDataset):
         self.inner = build_dataset("cub", str(DATA))
         full = self.inner.listing()
         rows = full.splits["all"]
-        self._listing = DatasetListing(self.name, str(DATA), full.class_keys, full.class_names,
-                                       {"all": SampleList(rows.refs[:n], rows.labels[:n])}, full.standard_class_split)
+        self._listing = DatasetListing(
+            self.name,
+            str(DATA),
+            full.class_keys,
+            full.class_names,
+            {"all": SampleList(rows.refs[:n], rows.labels[:n])},
+            full.standard_class_split,
+        )
 
     def listing(self) -> DatasetListing:
         return self._listing
@@ -73,9 +79,15 @@ def main() -> None:
 
     def end_to_end(w: int) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = ExtractConfig(dataset="folder", encoder=args.encoder, store=str(Path(tmp) / "s.zarr"),
-                                batch_size=args.batch_size, workers=w, chunk_rows=args.batch_size * 4,
-                                sample_split=(1.0, 0.0, 0.0))
+            cfg = ExtractConfig(
+                dataset="folder",
+                encoder=args.encoder,
+                store=str(Path(tmp) / "s.zarr"),
+                batch_size=args.batch_size,
+                workers=w,
+                chunk_rows=args.batch_size * 4,
+                sample_split=(1.0, 0.0, 0.0),
+            )
             return api.extract(cfg, source=source).images_per_s
 
     forward()  # warm-up
@@ -86,18 +98,34 @@ def main() -> None:
             fwd.append(forward())
             e2e[w].append(end_to_end(w))
     best = max(fwd)
-    rows = [{"path": "model forward alone (pre-decoded batches)", "images/s (best)": f"{best:.1f}",
-             "images/s (all runs)": " ".join(f"{v:.0f}" for v in fwd), "ratio": "1.00"}]
+    rows = [
+        {
+            "path": "model forward alone (pre-decoded batches)",
+            "images/s (best)": f"{best:.1f}",
+            "images/s (all runs)": " ".join(f"{v:.0f}" for v in fwd),
+            "ratio": "1.00",
+        }
+    ]
     for w in workers:
-        rows.append({"path": f"fskd extract end to end, {w} loader worker(s)", "images/s (best)": f"{max(e2e[w]):.1f}",
-                     "images/s (all runs)": " ".join(f"{v:.0f}" for v in e2e[w]), "ratio": f"{max(e2e[w]) / best:.2f}"})
+        rows.append(
+            {
+                "path": f"fskd extract end to end, {w} loader worker(s)",
+                "images/s (best)": f"{max(e2e[w]):.1f}",
+                "images/s (all runs)": " ".join(f"{v:.0f}" for v in e2e[w]),
+                "ratio": f"{max(e2e[w]) / best:.2f}",
+            }
+        )
     print(f"## Extraction throughput: {n} cub35 images, {args.encoder}, batch {args.batch_size}\n")
-    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; {rounds} interleaved rounds; "
-          f"{time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"machine: {machine()}; torch threads {torch.get_num_threads()}; {rounds} interleaved rounds; "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     print(table(rows, ["path", "images/s (best)", "images/s (all runs)", "ratio"]))
     worst = min(max(e2e[w]) / best for w in workers)
-    print(f"\nEnd to end includes decoding, preprocessing, the forward pass and the store writes; ratio = best end-to-end "
-          f"/ best forward alone. The loader keeps the model busy when the ratio is >= 0.85 (lowest here: {worst:.2f}).")
+    print(
+        f"\nEnd to end includes decoding, preprocessing, the forward pass and the store writes; ratio = best end-to-end "
+        f"/ best forward alone. The loader keeps the model busy when the ratio is >= 0.85 (lowest here: {worst:.2f})."
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ from fskd.methods.base import save_state  # noqa: E402
 
 
 def b2n(store: str, state: str, shots: int, seed: int) -> tuple[float, float]:
-    r = api.evaluate(EvalConfig(store=store, state=state, protocol="base-to-new", shots=shots, seeds=(seed,), device="cpu"))
+    r = api.evaluate(
+        EvalConfig(store=store, state=state, protocol="base-to-new", shots=shots, seeds=(seed,), device="cpu")
+    )
     return r.base, r.new
 
 
@@ -50,20 +52,34 @@ def main() -> None:
     t0 = time.perf_counter()
     path = cub35_store(args.store)
     seeds = [int(s) for s in args.seeds.split(",")]
-    cols: dict[str, list[float]] = {k: [] for k in ("fitted base", "fitted new", "stop 0 base", "stop 0 new",
-                                                     "zero-shot new")}
+    cols: dict[str, list[float]] = {
+        k: [] for k in ("fitted base", "fitted new", "stop 0 base", "stop 0 new", "zero-shot new")
+    }
     chosen = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             out = f"{tmp}/fma-{seed}"
-            api.align(AlignConfig(store=path, method="fma", shots=args.shots, seed=seed, out=out, device="cpu",
-                                  force=True, base_to_new=True, options={"recipe": "lite", "regime": "allway"}),
-                      progress=None)
+            api.align(
+                AlignConfig(
+                    store=path,
+                    method="fma",
+                    shots=args.shots,
+                    seed=seed,
+                    out=out,
+                    device="cpu",
+                    force=True,
+                    base_to_new=True,
+                    options={"recipe": "lite", "regime": "allway"},
+                ),
+                progress=None,
+            )
             state = load_state(out)
             hp = state.hparams
-            chosen.append(f"seed {seed}: {hp['allway.steps']} {hp['allway.solver']} steps, stop {hp['allway.stop']}, "
-                          f"prototype weight {hp['allway.proto_weight']}, gamma {hp['allway.gamma']}, "
-                          f"bridge {hp['allway.bridge']}")
+            chosen.append(
+                f"seed {seed}: {hp['allway.steps']} {hp['allway.solver']} steps, stop {hp['allway.stop']}, "
+                f"prototype weight {hp['allway.proto_weight']}, gamma {hp['allway.gamma']}, "
+                f"bridge {hp['allway.bridge']}"
+            )
             base, new = b2n(path, out, args.shots, seed)
             cols["fitted base"].append(base)
             cols["fitted new"].append(new)
@@ -73,14 +89,30 @@ def main() -> None:
             cols["stop 0 base"].append(base)
             cols["stop 0 new"].append(new)
             zs = f"{tmp}/zs-{seed}"
-            api.adapt(AdaptConfig(store=path, method="zero-shot", shots=args.shots, seed=seed, out=zs, device="cpu",
-                                  force=True, base_to_new=True), progress=None)
+            api.adapt(
+                AdaptConfig(
+                    store=path,
+                    method="zero-shot",
+                    shots=args.shots,
+                    seed=seed,
+                    out=zs,
+                    device="cpu",
+                    force=True,
+                    base_to_new=True,
+                ),
+                progress=None,
+            )
             cols["zero-shot new"].append(b2n(path, zs, args.shots, seed)[1])
     rows = []
     for name, vals in cols.items():
         s = seed_summary([v / 100 for v in vals])
-        rows.append({"cub35 base-to-new": name, f"{args.shots}-shot (mean ± std)": f"{s.mean:.2f} ± {s.std:.2f}",
-                     "per seed": " / ".join(f"{v:.2f}" for v in vals)})
+        rows.append(
+            {
+                "cub35 base-to-new": name,
+                f"{args.shots}-shot (mean ± std)": f"{s.mean:.2f} ± {s.std:.2f}",
+                "per seed": " / ".join(f"{v:.2f}" for v in vals),
+            }
+        )
     print(table(rows, list(rows[0])))
     print()
     for c in chosen:

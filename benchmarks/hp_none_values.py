@@ -29,22 +29,44 @@ def main() -> None:
     ap.add_argument("--methods")
     args = ap.parse_args()
     store = cub35_store(args.store)
-    names = args.methods.split(",") if args.methods else [
-        m for m in METHODS.names() if METHODS.get(m).kind == "adapt" and not METHODS.get(m).needs_text_encoder]
+    names = (
+        args.methods.split(",")
+        if args.methods
+        else [m for m in METHODS.names() if METHODS.get(m).kind == "adapt" and not METHODS.get(m).needs_text_encoder]
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in names:
             opts = {"regime": "allway"} if "regime" in METHODS.get(m).options.__dataclass_fields__ else {}
-            r = api.adapt(AdaptConfig(store=store, method=m, shots=args.shots, seed=1, out=f"{tmp}/{m}", device="cpu",
-                                      force=True, hp_selection="none", options=opts), progress=None)
+            r = api.adapt(
+                AdaptConfig(
+                    store=store,
+                    method=m,
+                    shots=args.shots,
+                    seed=1,
+                    out=f"{tmp}/{m}",
+                    device="cpu",
+                    force=True,
+                    hp_selection="none",
+                    options=opts,
+                ),
+                progress=None,
+            )
             st = load_state(r.out)
-            vals = [f"{k.removeprefix('allway.')}={_fmt(v)} ({st.selected_on.get(k, '')})" for k, v in st.hparams.items()
-                    if (k.startswith("allway.") or "." not in k) and k not in ("hp_selection", "class_split")
-                    and k != "grid" and not k.endswith(".views")]
+            vals = [
+                f"{k.removeprefix('allway.')}={_fmt(v)} ({st.selected_on.get(k, '')})"
+                for k, v in st.hparams.items()
+                if (k.startswith("allway.") or "." not in k)
+                and k not in ("hp_selection", "class_split")
+                and k != "grid"
+                and not k.endswith(".views")
+            ]
             rows.append(f"| `{m}` | {'; '.join(vals) or 'nothing to choose'} |")
             print(rows[-1], flush=True)
-    print(f"\n| method | all-way values under `--hp-selection none`, {args.shots} shots (where each came from) |\n"
-          "|---|---|\n" + "\n".join(rows))
+    print(
+        f"\n| method | all-way values under `--hp-selection none`, {args.shots} shots (where each came from) |\n"
+        "|---|---|\n" + "\n".join(rows)
+    )
 
 
 def _fmt(v) -> str:

@@ -69,27 +69,53 @@ def write_store(path: Path, n_classes: int, seed: int = 0, chunk_rows: int = 819
     labels = {s: np.sort(np.arange(n) % n_classes).astype(np.int32) for s, n in per_class.items()}
     order = np.random.default_rng(seed + 1).permutation(n_classes)
     n_base, n_val = n_classes * 3 // 5, n_classes // 5
-    class_split = {"base": sorted(order[:n_base].tolist()), "val": sorted(order[n_base:n_base + n_val].tolist()),
-                   "novel": sorted(order[n_base + n_val:].tolist()), "source": "benchmark (seeded 60/20/20)"}
+    class_split = {
+        "base": sorted(order[:n_base].tolist()),
+        "val": sorted(order[n_base : n_base + n_val].tolist()),
+        "novel": sorted(order[n_base + n_val :].tolist()),
+        "source": "benchmark (seeded 60/20/20)",
+    }
     keys = [f"n{c:08d}" for c in range(n_classes)]
     names = [f"class {c} (superclass {c % n_super})" for c in range(n_classes)]
-    enc = {"spec": "synthetic-features:imagenet-shaped", "image_dim": DIM, "text_dim": DIM, "joint": True,
-           "web_scale": False, "preprocess": {}}
+    enc = {
+        "spec": "synthetic-features:imagenet-shaped",
+        "image_dim": DIM,
+        "text_dim": DIM,
+        "joint": True,
+        "web_scale": False,
+        "preprocess": {},
+    }
     fp = f"imagenet-shaped-{n_classes}-{seed}"
     attrs = {
-        "format": S.FORMAT, "schema_version": S.SCHEMA_VERSION, "fskd_version": __version__, "fingerprint": fp,
-        "inputs": {"arrays": True}, "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "encoder": enc,
-        "dataset": {"name": "imagenet-shaped", "root": "", "fingerprint": fp}, "class_split": class_split,
+        "format": S.FORMAT,
+        "schema_version": S.SCHEMA_VERSION,
+        "fskd_version": __version__,
+        "fingerprint": fp,
+        "inputs": {"arrays": True},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "encoder": enc,
+        "dataset": {"name": "imagenet-shaped", "root": "", "fingerprint": fp},
+        "class_split": class_split,
         "sample_split": {"rule": "given", "sizes": {s: int(len(v)) for s, v in labels.items()}},
-        "splits": list(labels), "dim": DIM, "dtype": "float16", "chunk_rows": chunk_rows,
-        "text": {"available": True, "dim": DIM, "source": "given", "templates": []}, "config": {},
+        "splits": list(labels),
+        "dim": DIM,
+        "dtype": "float16",
+        "chunk_rows": chunk_rows,
+        "text": {"available": True, "dim": DIM, "source": "given", "templates": []},
+        "config": {},
     }
     store = FeatureStore.create(
-        path, attrs=attrs, splits={s: SplitRows([f"{s}/{i}" for i in range(len(y))], y) for s, y in labels.items()},
-        class_keys=keys, class_names=names, prompts=[], class_embeddings=text)
+        path,
+        attrs=attrs,
+        splits={s: SplitRows([f"{s}/{i}" for i in range(len(y))], y) for s, y in labels.items()},
+        class_keys=keys,
+        class_names=names,
+        prompts=[],
+        class_embeddings=text,
+    )
     for s, y in labels.items():
         for c in range(S.n_chunks(len(y), chunk_rows)):
-            yc = y[c * chunk_rows:(c + 1) * chunk_rows]
+            yc = y[c * chunk_rows : (c + 1) * chunk_rows]
             r = np.random.default_rng([seed, list(labels).index(s), c])
             x = means[yc] + offset + NOISE * r.normal(size=(len(yc), DIM))
             store.write_chunk(s, c, x.astype(np.float16), yc)
@@ -137,7 +163,8 @@ def main() -> None:
     factor = 0.25 if args.quick else 1.0
     budget_free, budget_trained, budget_eval, budget_rss = 60 * factor, 600 * factor, 60 * factor, 6.0
     methods = [m for m in args.methods.split(",") if m] or [  # METHOD:recipe=NAME: that recipe of METHOD
-        m for m in with_recipes(methods_of_kind("adapt") + methods_of_kind("align")) if m not in GPU_ONLY]
+        m for m in with_recipes(methods_of_kind("adapt") + methods_of_kind("align")) if m not in GPU_ONLY
+    ]
     shots = [int(s) for s in args.shots.split(",")]
     fskd = [sys.executable, "-m", "fskd"]
     tmp = None
@@ -171,19 +198,38 @@ def main() -> None:
         err = (fit or {}).get("error") or ev.get("error")
         acc = ev.get("accuracy")
         ci = ev.get("ci95")
-        rows.append({"method": method, "shots": k,
-                     "fit s": "" if fit_s is None else f"{fit_s:.1f}",
-                     "fit wall s": "" if not fit else f"{fit['wall']:.1f}",
-                     "eval s": "" if ev.get("eval_seconds") is None else f"{ev['eval_seconds']:.1f}",
-                     "eval wall s": f"{ev['wall']:.1f}",
-                     "peak RSS GiB": f"{peak:.2f}",
-                     "accuracy %": "error" if err else (f"{acc:.2f}" + (f" ± {ci:.2f}" if ci else "")),
-                     "within budget": "yes" if not (over or err) else "; ".join(over) or err})
+        rows.append(
+            {
+                "method": method,
+                "shots": k,
+                "fit s": "" if fit_s is None else f"{fit_s:.1f}",
+                "fit wall s": "" if not fit else f"{fit['wall']:.1f}",
+                "eval s": "" if ev.get("eval_seconds") is None else f"{ev['eval_seconds']:.1f}",
+                "eval wall s": f"{ev['wall']:.1f}",
+                "peak RSS GiB": f"{peak:.2f}",
+                "accuracy %": "error" if err else (f"{acc:.2f}" + (f" ± {ci:.2f}" if ci else "")),
+                "within budget": "yes" if not (over or err) else "; ".join(over) or err,
+            }
+        )
         print(table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
 
     for k in shots:
-        ev = run([*fskd, "eval", "--store", str(store), "--protocol", "allway", "--shots", str(k), "--seeds", "1,2,3",
-                  "--json"], log)
+        ev = run(
+            [
+                *fskd,
+                "eval",
+                "--store",
+                str(store),
+                "--protocol",
+                "allway",
+                "--shots",
+                str(k),
+                "--seeds",
+                "1,2,3",
+                "--json",
+            ],
+            log,
+        )
         cell("prototype classifier (eval only, 3 seeds)", str(k), None, ev, None)
     for m in methods:
         name, options = parse_variant(m)
@@ -191,27 +237,77 @@ def main() -> None:
         sets = [a for key, value in options.items() for a in ("--set", f"{key}={value}")]
         for k in shots:
             out = root / f"{m.replace(':', '-').replace('=', '-')}-{k}"
-            fit = run([*fskd, kind, "--store", str(store), "--method", name, *sets, "--shots", str(k), "--out", str(out),
-                       "--force", "--json"], log)
+            fit = run(
+                [
+                    *fskd,
+                    kind,
+                    "--store",
+                    str(store),
+                    "--method",
+                    name,
+                    *sets,
+                    "--shots",
+                    str(k),
+                    "--out",
+                    str(out),
+                    "--force",
+                    "--json",
+                ],
+                log,
+            )
             if "error" in fit:
                 cell(m, str(k), fit, {"wall": 0.0, "rss": 0.0}, None)
                 continue
-            ev = run([*fskd, "eval", "--store", str(store), "--state", str(out), "--protocol", "allway",
-                      "--shots", str(k), "--seeds", "1", "--json"], log)
+            ev = run(
+                [
+                    *fskd,
+                    "eval",
+                    "--store",
+                    str(store),
+                    "--state",
+                    str(out),
+                    "--protocol",
+                    "allway",
+                    "--shots",
+                    str(k),
+                    "--seeds",
+                    "1",
+                    "--json",
+                ],
+                log,
+            )
             cell(m, str(k), fit, ev, budget_free if m in TRAINING_FREE else budget_trained)
     if not args.no_episodic:
         for way in (5, min(100, n_classes // 5)):  # the novel classes: 200 (full) or 20 (--quick)
             for k in (1, 5):
-                ev = run([*fskd, "eval", "--store", str(store), "--episodes", "600", "--way", str(way),
-                          "--shots", str(k), "--json"], log)
+                ev = run(
+                    [
+                        *fskd,
+                        "eval",
+                        "--store",
+                        str(store),
+                        "--episodes",
+                        "600",
+                        "--way",
+                        str(way),
+                        "--shots",
+                        str(k),
+                        "--json",
+                    ],
+                    log,
+                )
                 cell(f"episodic prototype, {way}-way", str(k), None, ev, None)
     total = time.perf_counter() - t0
-    print(f"\n## ImageNet-shaped store: {n_classes} classes, {DIM}-d float16 "
-          f"({'--quick' if args.quick else 'full'}), {time.strftime('%Y-%m-%d')}\n")
-    print(f"machine: {os.cpu_count()} cores; budgets: training-free fit <= {budget_free:.0f} s, trained fit <= "
-          f"{budget_trained:.0f} s, all-way eval <= {budget_eval:.0f} s, peak RSS <= {budget_rss:.0f} GiB per process. "
-          f"All-way: K shots of seed 1 per class from train, every test row; fit s / eval s are fskd's own timings, "
-          f"wall s include start-up. Store written in {write_s:.0f} s; total {total / 60:.1f} min.\n")
+    print(
+        f"\n## ImageNet-shaped store: {n_classes} classes, {DIM}-d float16 "
+        f"({'--quick' if args.quick else 'full'}), {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        f"machine: {os.cpu_count()} cores; budgets: training-free fit <= {budget_free:.0f} s, trained fit <= "
+        f"{budget_trained:.0f} s, all-way eval <= {budget_eval:.0f} s, peak RSS <= {budget_rss:.0f} GiB per process. "
+        f"All-way: K shots of seed 1 per class from train, every test row; fit s / eval s are fskd's own timings, "
+        f"wall s include start-up. Store written in {write_s:.0f} s; total {total / 60:.1f} min.\n"
+    )
     print(table(rows, list(rows[0])))
     if tmp is not None:
         tmp.cleanup()

@@ -54,8 +54,10 @@ def main() -> None:
     path = cub35_store(args.store)
     store = FeatureStore.open(path)
     with tempfile.TemporaryDirectory() as tmp:
-        api.adapt(AdaptConfig(store=path, method="lp++", shots=args.shots, seed=1, out=f"{tmp}/s", device="cpu"),
-                  progress=None)
+        api.adapt(
+            AdaptConfig(store=path, method="lp++", shots=args.shots, seed=1, out=f"{tmp}/s", device="cpu"),
+            progress=None,
+        )
         state = load_state(f"{tmp}/s")
     chosen = int(C.hp(state, C.EPISODIC, "epochs"))
     text = state.tensors["text"]
@@ -73,8 +75,13 @@ def main() -> None:
         return (logits.argmax(-1) == truth).float().mean(1)
 
     protos = torch.nn.functional.normalize(ts.support.mean(2), dim=-1)
-    rows = [{"classifier": "prototypes (same embedding)", "accuracy": ci(acc(q @ protos.transpose(1, 2)))},
-            {"classifier": "text alone (zero-shot through the bridge)", "accuracy": ci(acc(q @ ts.weights.transpose(1, 2)))}]
+    rows = [
+        {"classifier": "prototypes (same embedding)", "accuracy": ci(acc(q @ protos.transpose(1, 2)))},
+        {
+            "classifier": "text alone (zero-shot through the bridge)",
+            "accuracy": ci(acc(q @ ts.weights.transpose(1, 2))),
+        },
+    ]
     sx, sy = flat(ts)
     qt = q @ ts.weights.transpose(1, 2)
     info = {}
@@ -82,8 +89,12 @@ def main() -> None:
         start = lpp_start(sx, sy, ts.weights)
         start.alpha = start.alpha * scale
         if scale == 1.0:
-            info = {"alpha0": float(start.alpha.mean()), "affinity": float(start.alpha.mean()) / 250,
-                    "wx": float((q @ start.weights.transpose(1, 2)).abs().mean()), "tx": float(qt.abs().mean())}
+            info = {
+                "alpha0": float(start.alpha.mean()),
+                "affinity": float(start.alpha.mean()) / 250,
+                "wx": float((q @ start.weights.transpose(1, 2)).abs().mean()),
+                "tx": float(qt.abs().mean()),
+            }
         init = q @ start.weights.transpose(1, 2) + start.alpha[:, None, :] * qt
         r = train_lpp(sx, sy, ts.weights, epochs=300, val=(q, truth), start=start)
         curve = r.curve  # (E, 300): test accuracy after each epoch (diagnosis only)
@@ -95,9 +106,11 @@ def main() -> None:
     print(f"## LP++ in cub35 novel-class episodes ({args.shots}-shot 5-way, 15 queries, {E} episodes)\n")
     print(f"machine: {machine()}; store {path}; {time.strftime('%Y-%m-%d')}; {time.perf_counter() - t0:.0f} s\n")
     print(table(rows, ["classifier", "accuracy"]))
-    print(f"\nalpha0 = {info['alpha0']:.1f} (250 x mean text affinity {info['affinity']:.3f}); mean |x.w_c| at "
-          f"initialisation {info['wx']:.3f} (W = class sums), mean |x.t_c| {info['tx']:.3f}; validation (300 val-class "
-          f"episodes, seed 1) chose {chosen} epochs. Accuracy: mean ± 95% CI over episodes.")
+    print(
+        f"\nalpha0 = {info['alpha0']:.1f} (250 x mean text affinity {info['affinity']:.3f}); mean |x.w_c| at "
+        f"initialisation {info['wx']:.3f} (W = class sums), mean |x.t_c| {info['tx']:.3f}; validation (300 val-class "
+        f"episodes, seed 1) chose {chosen} epochs. Accuracy: mean ± 95% CI over episodes."
+    )
 
 
 if __name__ == "__main__":

@@ -177,9 +177,23 @@ def reference_lpclip(xs, ys, xv, yv, steps: int = 8):
     return final
 
 
-def reference_fma(e, target, y, q, truth, qt, test_truth, seed: int, epochs: int = 200, batch: int = 32,
-                  lr: float = 2e-4, weight_decay: float = 0.01, warmup_epochs: int = 1, steps: int = 10,
-                  stepsize: float = 0.1) -> dict:
+def reference_fma(
+    e,
+    target,
+    y,
+    q,
+    truth,
+    qt,
+    test_truth,
+    seed: int,
+    epochs: int = 200,
+    batch: int = 32,
+    lr: float = 2e-4,
+    weight_decay: float = 0.01,
+    warmup_epochs: int = 1,
+    steps: int = 10,
+    stepsize: float = 0.1,
+) -> dict:
     """FMA's training and inference as the reference code runs them (gamma 0): ``torch.manual_seed``
     then the field; each epoch a shuffled pass (``DataLoader(shuffle=True)``: a fresh permutation
     from the global generator, last batch smaller); per batch t ~ U(0, 1), x_t = (1 - t) x0 + t x1,
@@ -232,8 +246,14 @@ def reference_fma(e, target, y, q, truth, qt, test_truth, seed: int, epochs: int
     val, test = curve(q, truth), curve(qt, test_truth)
     by_val = max(range(steps + 1), key=lambda k: (val[k], -k))  # ties: fewer steps, as fskd
     by_test = max(range(steps + 1), key=lambda k: test[k])
-    return {"val": val, "test": test, "stop_val": by_val, "stop_test": by_test, "acc_val_stop": test[by_val],
-            "acc_test_stop": test[by_test]}
+    return {
+        "val": val,
+        "test": test,
+        "stop_val": by_val,
+        "stop_test": by_test,
+        "acc_val_stop": test[by_val],
+        "acc_test_stop": test[by_test],
+    }
 
 
 def fskd_fma_curve(store, state, inp: dict) -> list[float]:
@@ -243,8 +263,10 @@ def fskd_fma_curve(store, state, inp: dict) -> list[float]:
 
     part = FMA().parts(state, store, torch.device("cpu"))["allway"]
     z = part.space.to_flow(inp["qt"])  # rows embedded with the state's centring, as the head embeds them
-    return [accuracy(F.normalize(zk, dim=-1) @ inp["target"].T, inp["test_truth"])
-            for zk in trajectory(part.field, z, part.hp["steps"], solver=part.hp["solver"])]
+    return [
+        accuracy(F.normalize(zk, dim=-1) @ inp["target"].T, inp["test_truth"])
+        for zk in trajectory(part.field, z, part.hp["steps"], solver=part.hp["solver"])
+    ]
 
 
 def fma_inputs(store, shots: int, seed: int, state) -> dict:
@@ -268,8 +290,15 @@ def fma_inputs(store, shots: int, seed: int, state) -> dict:
     def emb(a):
         return F.normalize(torch.from_numpy(a) - mean, dim=-1)
 
-    return {"e": emb(x), "target": target[torch.from_numpy(classes)], "y": torch.from_numpy(pos[y]),
-            "q": emb(xv), "truth": torch.from_numpy(pos[yv]), "qt": emb(xt), "test_truth": torch.from_numpy(pos[yt])}
+    return {
+        "e": emb(x),
+        "target": target[torch.from_numpy(classes)],
+        "y": torch.from_numpy(pos[y]),
+        "q": emb(xv),
+        "truth": torch.from_numpy(pos[yv]),
+        "qt": emb(xt),
+        "test_truth": torch.from_numpy(pos[yt]),
+    }
 
 
 # -- the comparison -----------------------------------------------------------------------------
@@ -282,14 +311,23 @@ def inputs(store, shots: int, seed: int, state, hp_selection: str = "few-shot-va
     from fskd.methods.adapt import _common as C
 
     cpu = torch.device("cpu")
-    cfg = AdaptConfig(store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", hp_selection=hp_selection)
+    cfg = AdaptConfig(
+        store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", hp_selection=hp_selection
+    )
     task = C.allway_val_task(store, cfg, cpu)
     xt, yt = store.gather(None, ["test"])
     classes = task.classes[0].numpy()
     pos = np.full(int(classes.max()) + 1, -1)
     pos[classes] = np.arange(len(classes))
-    out = {"support": task.support, "classes": task.classes, "val": task.query[0], "val_truth": task.truth[0],
-           "test": torch.from_numpy(xt), "test_truth": torch.from_numpy(pos[yt]), "task": task}
+    out = {
+        "support": task.support,
+        "classes": task.classes,
+        "val": task.query[0],
+        "val_truth": task.truth[0],
+        "test": torch.from_numpy(xt),
+        "test_truth": torch.from_numpy(pos[yt]),
+        "task": task,
+    }
     if state is not None and "text" in state.tensors:
         text = state.tensors["text"]
         ts = C.support_text_space(task.support, task.classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
@@ -368,16 +406,24 @@ def main() -> None:
     from fskd.store import FeatureStore
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)")
+    ap.add_argument(
+        "--store", default=None, help="cub35 lite0-minilm store (default: the test cache, built if missing)"
+    )
     ap.add_argument("--shots", default="1,4,16")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--fma-shots", default=",".join(map(str, FMA_SHOTS)),
-                    help="shots of the fma rows (the reference network is slow on a CPU: see FMA_SHOTS)")
+    ap.add_argument(
+        "--fma-shots",
+        default=",".join(map(str, FMA_SHOTS)),
+        help="shots of the fma rows (the reference network is slow on a CPU: see FMA_SHOTS)",
+    )
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--results", default=None, help="JSONL of finished (method, K, seed) pairs: skipped when there, "
-                                                     "appended as they finish")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="JSONL of finished (method, K, seed) pairs: skipped when there, appended as they finish",
+    )
     args = ap.parse_args()
     done: dict[tuple[str, int, int], dict] = {}
     if args.results and Path(args.results).exists():
@@ -395,14 +441,16 @@ def main() -> None:
     rows, fma_notes, t0 = [], [], time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         for m in methods:
-            for k in (fma_shots if m == "fma" else shots):
+            for k in fma_shots if m == "fma" else shots:
                 ours, ref = [], []
                 for seed in seeds:
                     kept = done.get((m, k, seed))
                     if kept is not None:
                         if kept["store_fingerprint"] != store.fingerprint:
-                            sys.exit(f"{args.results}: {m} K={k} seed {seed} was measured on another store "
-                                     f"({kept['store_fingerprint']}); give a new --results file")
+                            sys.exit(
+                                f"{args.results}: {m} K={k} seed {seed} was measured on another store "
+                                f"({kept['store_fingerprint']}); give a new --results file"
+                            )
                         ours.append(kept["fskd"])
                         ref.append(kept["reference"])
                         if kept.get("note"):
@@ -417,8 +465,12 @@ def main() -> None:
                     else:
                         api.adapt(AdaptConfig(**kw), progress=None)
                     fit_s = time.perf_counter() - t1
-                    ours.append(api.evaluate(EvalConfig(store=path, state=out, protocol="allway", shots=k, seeds=(seed,),
-                                                        report=None)).accuracy / 100)
+                    ours.append(
+                        api.evaluate(
+                            EvalConfig(store=path, state=out, protocol="allway", shots=k, seeds=(seed,), report=None)
+                        ).accuracy
+                        / 100
+                    )
                     state = load_state(out)
                     if m == "prototype":
                         inp = inputs(store, k, seed, None)
@@ -438,37 +490,70 @@ def main() -> None:
                             f"{100 * r['acc_val_stop']:.2f}, stop {r['stop_test']} on test (its code's choice) -> "
                             f"{100 * r['acc_test_stop']:.2f}; reference test after 0..10 steps "
                             + " ".join(f"{100 * a:.1f}" for a in r["test"])
-                            + "; fskd's " + " ".join(f"{100 * a:.1f}" for a in ours_curve))
+                            + "; fskd's "
+                            + " ".join(f"{100 * a:.1f}" for a in ours_curve)
+                        )
                         print(fma_notes[-1], file=sys.stderr, flush=True)
                     else:
                         ref.append(reference_allway(m, inputs(store, k, seed, state), state, seed))
-                    print(f"{m} K={k} seed {seed}: fskd {100 * ours[-1]:.2f}, reference {100 * ref[-1]:.2f}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{m} K={k} seed {seed}: fskd {100 * ours[-1]:.2f}, reference {100 * ref[-1]:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     if args.results:
-                        line = {"method": m, "K": k, "seed": seed, "fskd": ours[-1], "reference": ref[-1],
-                                "store_fingerprint": store.fingerprint, "fit_seconds": round(fit_s, 1),
-                                "note": fma_notes[-1] if m == "fma" else None, "machine": machine(),
-                                "date": time.strftime("%Y-%m-%d")}
+                        line = {
+                            "method": m,
+                            "K": k,
+                            "seed": seed,
+                            "fskd": ours[-1],
+                            "reference": ref[-1],
+                            "store_fingerprint": store.fingerprint,
+                            "fit_seconds": round(fit_s, 1),
+                            "note": fma_notes[-1] if m == "fma" else None,
+                            "machine": machine(),
+                            "date": time.strftime("%Y-%m-%d"),
+                        }
                         with open(args.results, "a") as f:
                             f.write(json.dumps(line) + "\n")
                 if len(ours) == 1:
-                    rows.append({"method": m, "K": k, "fskd": f"{100 * ours[0]:.2f}", "reference": f"{100 * ref[0]:.2f}",
-                                 "fskd - reference": f"{100 * (ours[0] - ref[0]):+.2f} (one seed)",
-                                 "per seed (fskd / reference)": f"{100 * ours[0]:.2f} / {100 * ref[0]:.2f}"})
+                    rows.append(
+                        {
+                            "method": m,
+                            "K": k,
+                            "fskd": f"{100 * ours[0]:.2f}",
+                            "reference": f"{100 * ref[0]:.2f}",
+                            "fskd - reference": f"{100 * (ours[0] - ref[0]):+.2f} (one seed)",
+                            "per seed (fskd / reference)": f"{100 * ours[0]:.2f} / {100 * ref[0]:.2f}",
+                        }
+                    )
                     continue
                 diff = paired_difference(ours, ref, "seeds")
-                row = {"method": m, "K": k, "fskd": f"{seed_summary(ours).mean:.2f}",
-                       "reference": f"{seed_summary(ref).mean:.2f}",
-                       "fskd - reference": f"{diff['difference']:+.2f} ± {diff['ci95']:.2f}" if diff["ci95"] is not None
-                       else f"{diff['difference']:+.2f}",
-                       "per seed (fskd / reference)": ", ".join(f"{100 * a:.2f} / {100 * b:.2f}" for a, b in zip(ours, ref, strict=True))}
+                row = {
+                    "method": m,
+                    "K": k,
+                    "fskd": f"{seed_summary(ours).mean:.2f}",
+                    "reference": f"{seed_summary(ref).mean:.2f}",
+                    "fskd - reference": f"{diff['difference']:+.2f} ± {diff['ci95']:.2f}"
+                    if diff["ci95"] is not None
+                    else f"{diff['difference']:+.2f}",
+                    "per seed (fskd / reference)": ", ".join(
+                        f"{100 * a:.2f} / {100 * b:.2f}" for a, b in zip(ours, ref, strict=True)
+                    ),
+                }
                 rows.append(row)
-    episodic = [{"K": k, "episodes alike": "{} / {}".format(*simpleshot_episodes(store, k, args.episodes))} for k in (1, 5)]
-    print(f"## fskd against the reference algorithms on identical features\n\n{machine()}; store `{path}`; "
-          f"total {time.perf_counter() - t0:.0f} s.\n")
-    print(f"All-way, {store.num_classes} classes, K train shots per class, the test split, seeds {seeds} (one fit per "
-          f"seed), CoOp's few-shot validation rows for both sides; the text methods' class weights are the bridge "
-          f"the fskd state chose, for both sides. Difference paired by seed, mean ± Student-t 95% CI.\n")
+    episodic = [
+        {"K": k, "episodes alike": "{} / {}".format(*simpleshot_episodes(store, k, args.episodes))} for k in (1, 5)
+    ]
+    print(
+        f"## fskd against the reference algorithms on identical features\n\n{machine()}; store `{path}`; "
+        f"total {time.perf_counter() - t0:.0f} s.\n"
+    )
+    print(
+        f"All-way, {store.num_classes} classes, K train shots per class, the test split, seeds {seeds} (one fit per "
+        f"seed), CoOp's few-shot validation rows for both sides; the text methods' class weights are the bridge "
+        f"the fskd state chose, for both sides. Difference paired by seed, mean ± Student-t 95% CI.\n"
+    )
     print(table(rows, ["method", "K", "fskd", "reference", "fskd - reference", "per seed (fskd / reference)"]))
     print("\nSimpleShot episodes (5-way, 15 queries, novel classes, seed 0), every query predicted alike:\n")
     print(table(episodic, ["K", "episodes alike"]))

@@ -49,8 +49,17 @@ def main() -> None:
     grid.pop("out", None)
     t0 = time.perf_counter()
     local = api.bench(BenchConfig.from_dict({**grid, "out": str(out / "local")}), progress=None)
-    rows = [{"executor": "local", "cells per job": "-", "jobs": "-", "cells": local.cells,
-             "wall s": f"{local.seconds:.1f}", "overhead per cell s": "-", "tables equal": "-"}]
+    rows = [
+        {
+            "executor": "local",
+            "cells per job": "-",
+            "jobs": "-",
+            "cells": local.cells,
+            "wall s": f"{local.seconds:.1f}",
+            "overhead per cell s": "-",
+            "tables equal": "-",
+        }
+    ]
     cpus = os.cpu_count()
     with SlurmCluster(out / "cluster") as cluster:
         os.environ.update(cluster.env)
@@ -58,24 +67,45 @@ def main() -> None:
         cpus = cluster.cores
         for n in (int(x) for x in args.cells_per_job.split(",")):
             d = out / f"slurm-{n}"
-            r = api.bench(BenchConfig.from_dict({**grid, "out": str(d), "executor": "slurm", "cells_per_job": n,
-                                                 "slurm": {"cpus": cpus, "time": 60}}), progress=None)
+            r = api.bench(
+                BenchConfig.from_dict(
+                    {
+                        **grid,
+                        "out": str(d),
+                        "executor": "slurm",
+                        "cells_per_job": n,
+                        "slurm": {"cpus": cpus, "time": 60},
+                    }
+                ),
+                progress=None,
+            )
             same = all((d / f).read_bytes() == (out / "local" / f).read_bytes() for f in OUTPUTS)
-            rows.append({"executor": "slurm", "cells per job": n, "jobs": r.counts["jobs"], "cells": r.cells,
-                         "wall s": f"{r.seconds:.1f}",
-                         "overhead per cell s": f"{(r.seconds - local.seconds) / r.cells:.2f}",
-                         "tables equal": "yes" if same else "NO"})
+            rows.append(
+                {
+                    "executor": "slurm",
+                    "cells per job": n,
+                    "jobs": r.counts["jobs"],
+                    "cells": r.cells,
+                    "wall s": f"{r.seconds:.1f}",
+                    "overhead per cell s": f"{(r.seconds - local.seconds) / r.cells:.2f}",
+                    "tables equal": "yes" if same else "NO",
+                }
+            )
             if r.failed:
                 raise SystemExit(f"failed cells: {r.failed[:3]}")
     res = [json.loads(x) for x in (out / "local" / "results.jsonl").read_text().splitlines()]
     fit = sum(x.get("fit_seconds", 0) + x.get("eval_seconds", 0) for x in res if x["status"] == "ok")
-    print(f"# fskd bench: {args.grid} ({local.cells} cells: {', '.join(grid['methods'])} on "
-          f"{len(grid['stores'])} stores x shots {grid['shots']} x seeds {grid['seeds']}), locally and through a "
-          f"one-node Slurm cluster (Slurm 22.05, every job asks for all {cpus} CPUs, so one job at a time); "
-          f"{machine()}; {time.perf_counter() - t0:.0f} s in all\n")
+    print(
+        f"# fskd bench: {args.grid} ({local.cells} cells: {', '.join(grid['methods'])} on "
+        f"{len(grid['stores'])} stores x shots {grid['shots']} x seeds {grid['seeds']}), locally and through a "
+        f"one-node Slurm cluster (Slurm 22.05, every job asks for all {cpus} CPUs, so one job at a time); "
+        f"{machine()}; {time.perf_counter() - t0:.0f} s in all\n"
+    )
     print(table(rows, ["executor", "cells per job", "jobs", "cells", "wall s", "overhead per cell s", "tables equal"]))
-    print(f"\nfit + eval seconds summed over the local run's cells: {fit:.1f} s (the rest of its wall time opens "
-          f"stores, writes rows and builds the tables)")
+    print(
+        f"\nfit + eval seconds summed over the local run's cells: {fit:.1f} s (the rest of its wall time opens "
+        f"stores, writes rows and builds the tables)"
+    )
     if not all(r["tables equal"] in ("yes", "-") for r in rows):
         raise SystemExit("the tables differ")
 

@@ -56,17 +56,33 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.zarr"
-        cfg = ExtractConfig(dataset="folder", encoder=f"synthetic:{args.dim}", store=str(path), batch_size=2048,
-                            chunk_rows=8192, workers=args.workers, sample_split=(1.0, 0.0, 0.0))
+        cfg = ExtractConfig(
+            dataset="folder",
+            encoder=f"synthetic:{args.dim}",
+            store=str(path),
+            batch_size=2048,
+            chunk_rows=8192,
+            workers=args.workers,
+            sample_split=(1.0, 0.0, 0.0),
+        )
         r = api.extract(cfg, source=TinyImages(rows))
         st = FeatureStore.open(path)
         n = sum(st.n_rows(s) for s in st.splits)
         disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         complete = st.is_complete()
     own, kids = peak_rss_mb()
-    out = [{"rows": f"{n:,}", "dim": args.dim, "complete": complete, "seconds": f"{time.perf_counter() - t0:.0f}",
-            "images/s": f"{r.images_per_s:,.0f}", "peak RSS main (MiB)": f"{own:,.0f}",
-            "peak RSS loader worker (MiB)": f"{kids:,.0f}", "store on disk (MiB)": f"{disk / 2**20:,.0f}"}]
+    out = [
+        {
+            "rows": f"{n:,}",
+            "dim": args.dim,
+            "complete": complete,
+            "seconds": f"{time.perf_counter() - t0:.0f}",
+            "images/s": f"{r.images_per_s:,.0f}",
+            "peak RSS main (MiB)": f"{own:,.0f}",
+            "peak RSS loader worker (MiB)": f"{kids:,.0f}",
+            "store on disk (MiB)": f"{disk / 2**20:,.0f}",
+        }
+    ]
     print(f"## Writing a {n:,} x {args.dim} store (synthetic encoder)\n")
     print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}\n")
     print(table(out, list(out[0])))

@@ -65,8 +65,11 @@ def fit_eval(method: str, store: str, shots: int, seed: int, out: str) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default=None, help="a plain cub35 lite0-minilm store extracted from --data "
-                    "(default: extracted into the work folder)")
+    ap.add_argument(
+        "--store",
+        default=None,
+        help="a plain cub35 lite0-minilm store extracted from --data (default: extracted into the work folder)",
+    )
     ap.add_argument("--data", default=str(Path(DATA_ROOT) / "cub35"), help="the cub35 images")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -86,8 +89,15 @@ def main() -> None:
         if not views.exists():
             shutil.copytree(plain, views)
         t1 = time.perf_counter()
-        r = api.extract(ExtractConfig(**base, store=str(views), augment_views=args.views, augment_shots=max(args.shots),
-                                      augment_seeds=tuple(args.seeds)))
+        r = api.extract(
+            ExtractConfig(
+                **base,
+                store=str(views),
+                augment_views=args.views,
+                augment_shots=max(args.shots),
+                augment_seeds=tuple(args.seeds),
+            )
+        )
         extract_s = time.perf_counter() - t1
         acc: dict[tuple[str, int, str], list[float]] = {}
         used: dict[tuple[str, int], set] = {}
@@ -103,16 +113,33 @@ def main() -> None:
     for m in methods:
         for k in args.shots:
             p, v = acc[(m, k, "plain")], acc[(m, k, "views")]
-            rows.append({"method": m, "shots": k, "views used": ",".join(map(str, sorted(used[(m, k)]))),
-                         "one feature per shot": mean(p), "with views": mean(v),
-                         "views - plain": ci(np.subtract(v, p)),
-                         "per seed (views - plain)": " / ".join(f"{d:+.2f}" for d in np.subtract(v, p))})
-    cols = ["method", "shots", "views used", "one feature per shot", "with views", "views - plain", "per seed (views - plain)"]
+            rows.append(
+                {
+                    "method": m,
+                    "shots": k,
+                    "views used": ",".join(map(str, sorted(used[(m, k)]))),
+                    "one feature per shot": mean(p),
+                    "with views": mean(v),
+                    "views - plain": ci(np.subtract(v, p)),
+                    "per seed (views - plain)": " / ".join(f"{d:+.2f}" for d in np.subtract(v, p)),
+                }
+            )
+    cols = [
+        "method",
+        "shots",
+        "views used",
+        "one feature per shot",
+        "with views",
+        "views - plain",
+        "per seed (views - plain)",
+    ]
     print(f"## Augmented views on cub35 (lite0-minilm), all-way test accuracy, seeds {args.seeds}\n")
     print(table(rows, cols))
-    print(f"\nviews: {r.views_encoded} encoded for {r.views_rows} train rows in {extract_s:.0f} s "
-          f"(--augment-views {args.views} --augment-shots {max(args.shots)} --augment-seeds "
-          f"{','.join(map(str, args.seeds))}, crop scale 0.5-1); total {time.perf_counter() - t0:.0f} s; {machine()}")
+    print(
+        f"\nviews: {r.views_encoded} encoded for {r.views_rows} train rows in {extract_s:.0f} s "
+        f"(--augment-views {args.views} --augment-shots {max(args.shots)} --augment-seeds "
+        f"{','.join(map(str, args.seeds))}, crop scale 0.5-1); total {time.perf_counter() - t0:.0f} s; {machine()}"
+    )
 
 
 if __name__ == "__main__":

@@ -102,18 +102,31 @@ def command_reference(verb: str, heading: str = "###") -> str:
     root = _app()
     root_ctx = _context(root, "fskd")
     if verb == "all":
-        parts = [f"{heading} `fskd` (global options)", "", _code_block(root.get_usage(root_ctx)), "",
-                 *_params_tables(root, root_ctx)]
+        parts = [
+            f"{heading} `fskd` (global options)",
+            "",
+            _code_block(root.get_usage(root_ctx)),
+            "",
+            *_params_tables(root, root_ctx),
+        ]
         for name in root.commands:
             parts += [command_reference(name, heading), ""]
         return "\n".join(parts)
     if verb not in root.commands:
-        raise KeyError(f"fskd-cli marker names {verb!r}, which is not a command of the CLI; "
-                       f"commands: {', '.join(root.commands)}")
+        raise KeyError(
+            f"fskd-cli marker names {verb!r}, which is not a command of the CLI; commands: {', '.join(root.commands)}"
+        )
     command = root.commands[verb]
     ctx = _context(command, verb, parent=root_ctx)
-    lines = [f"{heading} `fskd {verb}`", "", " ".join((command.help or "").split()), "",
-             _code_block(command.get_usage(ctx)), "", *_params_tables(command, ctx)]
+    lines = [
+        f"{heading} `fskd {verb}`",
+        "",
+        " ".join((command.help or "").split()),
+        "",
+        _code_block(command.get_usage(ctx)),
+        "",
+        *_params_tables(command, ctx),
+    ]
     return "\n".join(lines)
 
 
@@ -128,26 +141,33 @@ def method_options(name: str) -> str:
     name, _, recipe = name.partition(":")
     names = catalog.registries()["methods"]
     if name not in names:
-        raise KeyError(f"fskd-method-options marker names {name!r}, which is not a registered method; "
-                       f"methods: {', '.join(names)}")
+        raise KeyError(
+            f"fskd-method-options marker names {name!r}, which is not a registered method; methods: {', '.join(names)}"
+        )
     info = catalog.method_info(name)
     head = f"`{name}` ({info['kind']}), `fskd {info['kind']} --method {name} --set KEY=VALUE`:"
     options = info["options"]
     if recipe:
         recipes = {r["name"]: r for r in info.get("recipes", [])}
         if recipe not in recipes:
-            raise KeyError(f"fskd-method-options marker names recipe {recipe!r} of {name!r}; its recipes: "
-                           f"{', '.join(recipes) or '(none)'}")
+            raise KeyError(
+                f"fskd-method-options marker names recipe {recipe!r} of {name!r}; its recipes: "
+                f"{', '.join(recipes) or '(none)'}"
+            )
         options = recipes[recipe]["options"]
-        head = (f"`{name}` recipe `{recipe}` ({info['kind']}), `fskd {info['kind']} --method {name}"
-                f"{'' if recipes[recipe]['default'] else ' --set recipe=' + recipe} --set KEY=VALUE`:")
+        head = (
+            f"`{name}` recipe `{recipe}` ({info['kind']}), `fskd {info['kind']} --method {name}"
+            f"{'' if recipes[recipe]['default'] else ' --set recipe=' + recipe} --set KEY=VALUE`:"
+        )
     if not options:
         return f"{head} no `--set` options."
     rows = []
     for o in options:
         rng = ", ".join(r for r in (o.get("range", ""), f"<= {o['max']}" if o.get("max") else "") if r)
-        rows.append(f"| `{o['name']}` | {_cell(o['type'])} | {_cell(_code(o['default']))} | {_cell(rng)} | "
-                    f"{_cell(o['meaning'])} |")
+        rows.append(
+            f"| `{o['name']}` | {_cell(o['type'])} | {_cell(_code(o['default']))} | {_cell(rng)} | "
+            f"{_cell(o['meaning'])} |"
+        )
     return "\n".join([head, "", "| key | type | default | range | meaning |", "|---|---|---|---|---|", *rows])
 
 

@@ -46,16 +46,17 @@ COMMANDS = {
     "allway": ("All-way grid: cub35 and Omniglot", "fskd bench --grid benchmarks/grid_offline.toml"),
     "base_to_new": ("Base-to-new grid: cub35 and Omniglot", "fskd bench --grid benchmarks/grid_offline_b2n.toml"),
     "coop": ("Prompt learning on cub35, all-way", "fskd bench --grid benchmarks/grid_coop.toml"),
-    "coop_base_to_new": ("Prompt learning on cub35, base-to-new",
-                         "fskd bench --grid benchmarks/grid_coop.toml --protocol base-to-new --shots 4 "
-                         "--out runs/bench/coop-b2n"),
+    "coop_base_to_new": (
+        "Prompt learning on cub35, base-to-new",
+        "fskd bench --grid benchmarks/grid_coop.toml --protocol base-to-new --shots 4 --out runs/bench/coop-b2n",
+    ),
     "views": ("Augmented views on cub35", "python benchmarks/views_cub35.py"),
 }
 #: what a reader needs to know about a table beyond its command (shown above it)
 NOTES = {
     "coop": "The plot covers 1 and 4 shots; the 16-shot rows were run into another bench folder "
-            "(`--shots 16`), and their cells are in `coop_16shot_results.jsonl`. The command above runs all "
-            "three shot counts into one folder and draws them together: about 2 h 15 min on a 2-core CPU.",
+    "(`--shots 16`), and their cells are in `coop_16shot_results.jsonl`. The command above runs all "
+    "three shot counts into one folder and draws them together: about 2 h 15 min on a 2-core CPU.",
 }
 #: titles of the tables whose command is their grid file's
 TITLES = {
@@ -123,8 +124,13 @@ def _git_date(path: Path) -> str | None:
     if shutil.which("git") is None:
         return None
     try:
-        res = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path.relative_to(ROOT))], cwd=ROOT,
-                             capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["git", "log", "-1", "--format=%cs", "--", str(path.relative_to(ROOT))],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() or None if res.returncode == 0 else None
@@ -165,9 +171,13 @@ def _grid_text(grid: Path, command: str) -> list[str]:
     out_dir = re.search(r"--out (\S+)", command)
     out = out_dir.group(1) if out_dir else g.get("out", "")
     lines = [f"The grid file `{grid.relative_to(ROOT).as_posix()}` runs"]
-    parts = [f"stores {names('stores')}", f"methods {names('methods')}",
-             f"shots {', '.join(map(str, g.get('shots', [])))}", f"seeds {', '.join(map(str, g.get('seeds', [])))}",
-             f"protocol `{g.get('protocol', 'allway')}`"]
+    parts = [
+        f"stores {names('stores')}",
+        f"methods {names('methods')}",
+        f"shots {', '.join(map(str, g.get('shots', [])))}",
+        f"seeds {', '.join(map(str, g.get('seeds', [])))}",
+        f"protocol `{g.get('protocol', 'allway')}`",
+    ]
     if g.get("class_ratio"):
         parts.append(f"class ratio {', '.join(map(str, g['class_ratio']))} (a seeded class split per seed)")
     for override in ("protocol", "shots"):
@@ -176,9 +186,11 @@ def _grid_text(grid: Path, command: str) -> list[str]:
             parts.append(f"with `--{override} {m.group(1)}` given on the command line")
     lines.append("; ".join(parts) + ".")
     if out:
-        lines.append(f"It writes `{out}/table.md` (this table), `{out}/table.csv`, `{out}/table.tex`, the plot "
-                     f"and `{out}/results.jsonl` (one line per cell); `fskd bench --report {out}` redraws the "
-                     "tables and plots from the results without fitting anything.")
+        lines.append(
+            f"It writes `{out}/table.md` (this table), `{out}/table.csv`, `{out}/table.tex`, the plot "
+            f"and `{out}/results.jsonl` (one line per cell); `fskd bench --report {out}` redraws the "
+            "tables and plots from the results without fitting anything."
+        )
     if any(str(s).startswith("runs/demo/") for s in g.get("stores", [])):
         lines.append("The stores are the ones `make demo` writes: run it first.")
     return [" ".join(lines)]
@@ -192,9 +204,11 @@ def _table_body(text: str, command: str) -> tuple[list[str], list[str]]:
         if re.match(r"^# ", line) or re.match(r"^<!--.*-->$", line.strip()):
             continue
         if line.startswith("> ") and ("Relabelled by hand" in line or "not rerun" in line):
-            notes.append(f"!!! warning \"Regenerate this table\"\n    These rows come from an older run: some method "
-                         f"names were updated by hand and the plot may still show older names. `{command}` "
-                         "regenerates the table and its plot.")
+            notes.append(
+                f'!!! warning "Regenerate this table"\n    These rows come from an older run: some method '
+                f"names were updated by hand and the plot may still show older names. `{command}` "
+                "regenerates the table and its plot."
+            )
             continue
         if re.match(r"^#{2,5} ", line):
             line = "#" + re.sub(r"\s*\(run \d{4}-\d{2}-\d{2}.*\)\s*$", "", line)
@@ -247,8 +261,10 @@ def render(name: str) -> str:
             lines += [f"Plot `docs/bench/{png}` last committed on {date_png}.", ""]
     raw = attachments(".jsonl").get(name, [])
     if raw:
-        lines += ["Raw rows (one JSON object per cell): " + ", ".join(f"[`{r}`](../../bench/{r})" for r in raw) + ".",
-                  ""]
+        lines += [
+            "Raw rows (one JSON object per cell): " + ", ".join(f"[`{r}`](../../bench/{r})" for r in raw) + ".",
+            "",
+        ]
     lines += body
     return "\n".join(lines).rstrip() + "\n"
 
@@ -305,7 +321,9 @@ def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 - mkdocs' s
     if "<!-- fskd-bench-tables -->" in markdown:
         listing = index_list()
         if here:  # links in index_list() are relative to docs/
-            listing = re.sub(r"\]\((?!https?:)([^)]+)\)", lambda m: f"]({posixpath.relpath(m.group(1), here)})", listing)
+            listing = re.sub(
+                r"\]\((?!https?:)([^)]+)\)", lambda m: f"]({posixpath.relpath(m.group(1), here)})", listing
+            )
         markdown = markdown.replace("<!-- fskd-bench-tables -->", listing)
     return markdown
 

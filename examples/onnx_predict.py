@@ -66,7 +66,7 @@ def main(model_path, image_paths, batch_size=32):
     meta = session.get_modelmeta().custom_metadata_map
     names, prep = json.loads(meta["class_names"]), json.loads(meta["preprocess"])
     for start in range(0, len(image_paths), batch_size):
-        paths = image_paths[start:start + batch_size]
+        paths = image_paths[start : start + batch_size]
         batch = np.stack([preprocess(load_rgb(p), prep) for p in paths])
         probs = session.run(["probabilities"], {"images": batch})[0]
         for path, row in zip(paths, probs, strict=True):

@@ -35,14 +35,28 @@ def main() -> None:
     for method in ("zero-shot", "tip-adapter", "syntrans"):
         per_seed, fit = [], None
         for seed in (1, 2, 3):  # one state per seed, each evaluated with its own seed
-            fit = api.adapt(AdaptConfig(store=store, method=method, shots=args.shots, seed=seed,
-                                        out=f"{args.out}/{method}-seed{seed}", force=True))  # rerunnable
-            per_seed.append(api.evaluate(EvalConfig(store=store, state=fit.out, protocol="allway", shots=args.shots,
-                                                    seeds=(seed,))).accuracy / 100)
+            fit = api.adapt(
+                AdaptConfig(
+                    store=store,
+                    method=method,
+                    shots=args.shots,
+                    seed=seed,
+                    out=f"{args.out}/{method}-seed{seed}",
+                    force=True,
+                )
+            )  # rerunnable
+            per_seed.append(
+                api.evaluate(
+                    EvalConfig(store=store, state=fit.out, protocol="allway", shots=args.shots, seeds=(seed,))
+                ).accuracy
+                / 100
+            )
         one = api.evaluate(EvalConfig(store=store, state=fit.out, way=5, shots=1, episodes=args.episodes))
         s = seed_summary(per_seed)
-        print(f"{method:12s} 5-way 1-shot {one.accuracy:.2f} ± {one.ci95:.2f} | all-way {args.shots}-shot "
-              f"{s.mean:.2f} ± {s.ci95:.2f} (95% CI, Student t over 3 seeds)  ({fit.seconds:.1f} s to fit)")
+        print(
+            f"{method:12s} 5-way 1-shot {one.accuracy:.2f} ± {one.ci95:.2f} | all-way {args.shots}-shot "
+            f"{s.mean:.2f} ± {s.ci95:.2f} (95% CI, Student t over 3 seeds)  ({fit.seconds:.1f} s to fit)"
+        )
 
 
 if __name__ == "__main__":

@@ -56,10 +56,32 @@ log = logging.getLogger(__name__)
 
 #: the public API: one function per verb, the listings, and the configs and results they take and give
 __all__ = [
-    "extract", "evaluate", "adapt", "align", "distill", "bench", "bench_report", "load_grid", "compare", "demo",
-    "method_info", "registries", "store_info", "configure_storage",
-    "ExtractConfig", "EvalConfig", "AdaptConfig", "AlignConfig", "DistillConfig", "BenchConfig", "DemoConfig",
-    "ExtractResult", "EvalResult", "FitResult", "BenchResult", "DemoResult",
+    "extract",
+    "evaluate",
+    "adapt",
+    "align",
+    "distill",
+    "bench",
+    "bench_report",
+    "load_grid",
+    "compare",
+    "demo",
+    "method_info",
+    "registries",
+    "store_info",
+    "configure_storage",
+    "ExtractConfig",
+    "EvalConfig",
+    "AdaptConfig",
+    "AlignConfig",
+    "DistillConfig",
+    "BenchConfig",
+    "DemoConfig",
+    "ExtractResult",
+    "EvalResult",
+    "FitResult",
+    "BenchResult",
+    "DemoResult",
 ]
 
 
@@ -68,13 +90,17 @@ def _takes(config, cls: type, verb: str) -> None:
     (``api.evaluate(None)``), not an AttributeError deep inside."""
     if not isinstance(config, cls):
         a = "an" if cls.__name__[0] in "AEIOU" else "a"
-        raise ConfigError(f"fskd.api.{verb} takes {a} {cls.__name__}, got {type(config).__name__} {config!r:.80} "
-                          f"(build one with {cls.__name__}(store=...))")
+        raise ConfigError(
+            f"fskd.api.{verb} takes {a} {cls.__name__}, got {type(config).__name__} {config!r:.80} "
+            f"(build one with {cls.__name__}(store=...))"
+        )
 
 
 def _path_arg(value, name: str, verb: str) -> None:
     if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"fskd.api.{verb}: {name} must be a path (a string), got {type(value).__name__} {value!r:.80}")
+        raise ConfigError(
+            f"fskd.api.{verb}: {name} must be a path (a string), got {type(value).__name__} {value!r:.80}"
+        )
 
 
 def extract(config: ExtractConfig, progress: Progress | str | None = AUTO, source=None) -> ExtractResult:
@@ -93,8 +119,9 @@ def _head(cfg: EvalConfig, store: StoreLike, device: torch.device, state=None) -
         try:
             head = method.head(state, store, device)
         except KeyError as e:  # a tensor or hyper-parameter the method wrote is gone
-            raise StateError(f"state {cfg.state} lacks {e} (damaged, edited, or written by another fskd version); "
-                             f"fit it again") from None
+            raise StateError(
+                f"state {cfg.state} lacks {e} (damaged, edited, or written by another fskd version); fit it again"
+            ) from None
         return head, state.method, dict(state.selected_on)
     text = store.text_embeddings() if store.joint else None
     center = None
@@ -104,7 +131,9 @@ def _head(cfg: EvalConfig, store: StoreLike, device: torch.device, state=None) -
     ctx = ClassContext(text=torch.from_numpy(text).to(device) if text is not None else None, center=center)
     head = CLASSIFIERS.get(cfg.classifier)(ctx)
     if isinstance(head, PrototypeHead) and not on_base and cfg.center == "base":
-        head = PrototypeHead(ctx, center_support=True, rule=head.rule)  # no base classes in all-way: centre on the support mean
+        head = PrototypeHead(
+            ctx, center_support=True, rule=head.rule
+        )  # no base classes in all-way: centre on the support mean
     return head, cfg.classifier, {}
 
 
@@ -146,9 +175,10 @@ def _state_fits(cfg: EvalConfig):
         if not cfg.state or isinstance(e, getattr(torch, "OutOfMemoryError", MemoryError)):
             raise
         what = " ".join(str(e).split())[:200]
-        raise StateError(f"state {cfg.state} does not fit the store {cfg.store} ({type(e).__name__}: {what}): its "
-                         f"tensors or hyper-parameters were edited or damaged, or another fskd wrote it; fit it again"
-                         ) from None
+        raise StateError(
+            f"state {cfg.state} does not fit the store {cfg.store} ({type(e).__name__}: {what}): its "
+            f"tensors or hyper-parameters were edited or damaged, or another fskd wrote it; fit it again"
+        ) from None
 
 
 def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResult:
@@ -157,7 +187,11 @@ def _evaluate_store(cfg: EvalConfig, store: FeatureStore, t0: float) -> EvalResu
     device = resolve_device(cfg.device)
     state = load_state(cfg.state) if cfg.state else None
     ctx = EvalContext(
-        cfg=cfg, store=store, state=state, device=device, t0=t0,
+        cfg=cfg,
+        store=store,
+        state=state,
+        device=device,
+        t0=t0,
         method=lambda: METHODS.get(state.method)(),
         head=lambda s: _head(cfg, s, device, state),
         transferring_methods=lambda: [n for n in METHODS.names() if METHODS.get(n).transfers_to_new_classes],
@@ -174,11 +208,15 @@ def _finish(cfg: EvalConfig, state, result: EvalResult) -> EvalResult:
         if cfg.state:
             config_dict["state_config"] = state.config
         try:
-            paths = write_report(cfg.report, report_name(result), result.to_dict(full=True), result.protocol_text(),
-                                 config_dict)
+            paths = write_report(
+                cfg.report, report_name(result), result.to_dict(full=True), result.protocol_text(), config_dict
+            )
         except OSError as e:
-            raise OutputError(f"--report {cfg.report}: cannot write the report ({e.strerror or e}"
-                              f"{f': {e.filename}' if e.filename else ''})", result=result) from None
+            raise OutputError(
+                f"--report {cfg.report}: cannot write the report ({e.strerror or e}"
+                f"{f': {e.filename}' if e.filename else ''})",
+                result=result,
+            ) from None
         result.report = [str(p) for p in paths]
     return result
 
@@ -210,13 +248,17 @@ def _fit(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress:
         return _fit_store(kind, config, progress)
 
 
-def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None) -> FitResult:
+def _fit_store(
+    kind: str, config: AdaptConfig | AlignConfig | DistillConfig, progress: TrainProgress | None
+) -> FitResult:
     t0 = time.perf_counter()
     method_cls = METHODS.get(config.method)
     if method_cls.kind != kind:
         a = lambda w: f"an {w}" if w[0] in "aeiou" else f"a {w}"  # noqa: E731
-        raise ConfigError(f"method {config.method!r} is {a(method_cls.kind)} method, not {a(kind)} method; "
-                          f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}")
+        raise ConfigError(
+            f"method {config.method!r} is {a(method_cls.kind)} method, not {a(kind)} method; "
+            f"{kind} methods: {', '.join(n for n in METHODS.names() if METHODS.get(n).kind == kind)}"
+        )
     opened = FeatureStore.open(config.store)
     opened.check_complete()
     # what the method sees: a read-only view (another class split, base-to-new's rows); the store is not changed
@@ -224,8 +266,9 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
     store = opened.view(class_split=override)
     if config.base_to_new:
         if override:
-            raise ConfigError("--base-to-new splits the classes in half by label order (CoCoOp); drop --class-split / "
-                              "--class-ratio")
+            raise ConfigError(
+                "--base-to-new splits the classes in half by label order (CoCoOp); drop --class-split / --class-ratio"
+            )
         if config.shots < 1:
             raise ConfigError("--base-to-new fits on K shots of the base classes: --shots must be >= 1 (16 in CoCoOp)")
         store = restrict_for_fit(store, config.shots, config.seed, config.hp_selection)
@@ -242,8 +285,9 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
     state.store_path = absolute_store(state.store_path)  # found again from any working directory
     split = store.attrs["class_split"]
     state.hparams["class_split"] = {k: v for k, v in split.items() if k != "source"}
-    state.selected_on["class_split"] = (split.get("source") if override or config.base_to_new
-                                        else f"the store's ({split.get('source')})")
+    state.selected_on["class_split"] = (
+        split.get("source") if override or config.base_to_new else f"the store's ({split.get('source')})"
+    )
     if config.base_to_new:
         state.metrics["base_to_new"] = b2n_desc
     state.selected_on = provenance(state.hparams, state.selected_on, config)
@@ -254,8 +298,16 @@ def _fit_store(kind: str, config: AdaptConfig | AlignConfig | DistillConfig, pro
         save_state(out, state)
     for w in warnings:
         log.warning("%s", w)
-    return FitResult(out=out, method=state.method, kind=kind, hparams=state.hparams, selected_on=state.selected_on,
-                     metrics=state.metrics, seconds=seconds, warnings=warnings)
+    return FitResult(
+        out=out,
+        method=state.method,
+        kind=kind,
+        hparams=state.hparams,
+        selected_on=state.selected_on,
+        metrics=state.metrics,
+        seconds=seconds,
+        warnings=warnings,
+    )
 
 
 #: below these, validation cannot tell hyper-parameters apart (said, not refused)
@@ -268,20 +320,31 @@ def _validation_warnings(store: StoreLike, config) -> list[str]:
         return out
     n_val = len(store.attrs["class_split"].get("val", []))
     if n_val < MIN_VAL_CLASSES:
-        out.append(f"only {n_val} val classes (fewer than {MIN_VAL_CLASSES}): episodic hyper-parameters are chosen on "
-                   f"very few val-class episodes, or fixed; give a split with more val classes (--class-split FILE or "
-                   f"--class-ratio)")
+        out.append(
+            f"only {n_val} val classes (fewer than {MIN_VAL_CLASSES}): episodic hyper-parameters are chosen on "
+            f"very few val-class episodes, or fixed; give a split with more val classes (--class-split FILE or "
+            f"--class-ratio)"
+        )
     if store.has_split("val"):
         rows = int((store.labels("val") >= 0).sum())
         if rows < store.num_classes:
-            out.append(f"the val split has {rows} rows for {store.num_classes} classes (fewer rows than classes): "
-                       f"all-way hyper-parameters chosen on it are close to arbitrary")
+            out.append(
+                f"the val split has {rows} rows for {store.num_classes} classes (fewer rows than classes): "
+                f"all-way hyper-parameters chosen on it are close to arbitrary"
+            )
     return out
 
 
 #: hyper-parameters that are inputs of the protocol rather than choices
-_GIVEN = {"shots": "--shots", "regime": "--regime / --set regime", "student": "--student", "teacher": "the store",
-          "losses": "--losses", "epochs": "--epochs", "base_method": "--base-state"}
+_GIVEN = {
+    "shots": "--shots",
+    "regime": "--regime / --set regime",
+    "student": "--student",
+    "teacher": "the store",
+    "losses": "--losses",
+    "epochs": "--epochs",
+    "base_method": "--base-state",
+}
 
 
 def provenance(hparams: dict, selected_on: dict, config) -> dict:
@@ -364,21 +427,47 @@ def demo(config: DemoConfig, progress: Progress | str | None = AUTO) -> DemoResu
         if ds not in roots:
             raise DatasetError(f"demo datasets are {', '.join(roots)}; got {ds!r}")
         if not roots[ds].exists():
-            raise DatasetError(f"demo data {roots[ds]} not found; pass --data-root to the folder holding cub35/ and omniglot/")
+            raise DatasetError(
+                f"demo data {roots[ds]} not found; pass --data-root to the folder holding cub35/ and omniglot/"
+            )
         store = out / f"{ds}-{config.encoder}.zarr"
-        extract(ExtractConfig(dataset=ds, root=str(roots[ds]), encoder=config.encoder, store=str(store),
-                              workers=config.workers), progress)
+        extract(
+            ExtractConfig(
+                dataset=ds, root=str(roots[ds]), encoder=config.encoder, store=str(store), workers=config.workers
+            ),
+            progress,
+        )
         for shot in (1, 5):
-            r = evaluate(EvalConfig(store=str(store), way=5, shots=shot, query=15, episodes=config.episodes, report=str(out)))
+            r = evaluate(
+                EvalConfig(store=str(store), way=5, shots=shot, query=15, episodes=config.episodes, report=str(out))
+            )
             points.append((ds, "5-way novel", shot, r.accuracy, r.ci95))
-            rows.append({"dataset": ds, "protocol": f"5-way {shot}-shot novel", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
-                         "classes": r.classes, "episodes": r.episodes, "eval s": r.eval_seconds, "report": r.report})
+            rows.append(
+                {
+                    "dataset": ds,
+                    "protocol": f"5-way {shot}-shot novel",
+                    "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
+                    "classes": r.classes,
+                    "episodes": r.episodes,
+                    "eval s": r.eval_seconds,
+                    "report": r.report,
+                }
+            )
         if ds == "cub":
             for shot in (1, 4, 16):
                 r = evaluate(EvalConfig(store=str(store), protocol="allway", shots=shot, report=str(out)))
                 points.append((ds, "all-way", shot, r.accuracy, r.ci95))
-                rows.append({"dataset": ds, "protocol": f"all-way {shot}-shot", "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
-                             "classes": r.classes, "episodes": "seeds 1-3", "eval s": r.eval_seconds, "report": r.report})
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "protocol": f"all-way {shot}-shot",
+                        "accuracy": f"{r.accuracy:.2f} ± {r.ci95:.2f}",
+                        "classes": r.classes,
+                        "episodes": "seeds 1-3",
+                        "eval s": r.eval_seconds,
+                        "report": r.report,
+                    }
+                )
     table = markdown_table(rows, ["dataset", "protocol", "accuracy", "classes", "episodes", "eval s"])
     out.mkdir(parents=True, exist_ok=True)
     report = out / "demo.md"
@@ -438,12 +527,15 @@ def load_grid(path: str) -> dict:
     table = data.pop("executor", None)
     if table is not None:  # [executor] kind = "slurm", cells_per_job = N, [executor.slurm] partition = ...
         if not isinstance(table, dict):
-            raise ConfigError(f"--grid {path}: executor is a table ([executor] kind = \"slurm\", cells_per_job = 4, "
-                              f"[executor.slurm] partition = \"gpu\"), got {table!r:.80}")
+            raise ConfigError(
+                f'--grid {path}: executor is a table ([executor] kind = "slurm", cells_per_job = 4, '
+                f'[executor.slurm] partition = "gpu"), got {table!r:.80}'
+            )
         unknown = sorted(set(table) - set(executor))
         if unknown:
-            raise ConfigError(f"--grid {path}: [executor] unknown key(s) {', '.join(unknown)}; valid keys: "
-                              f"{', '.join(executor)}")
+            raise ConfigError(
+                f"--grid {path}: [executor] unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(executor)}"
+            )
         data.update({executor[k]: v for k, v in table.items()})
     return data
 
@@ -481,23 +573,37 @@ def bench(config, progress=AUTO) -> BenchResult:
 
                 counts = run_slurm(plan, results, _bench_job, resolve_progress(progress, bench_bar, bench_log))
             else:
-                runner = CellRunner(plan, _verbs(), out / f".cell-state-{os.getpid()}",
-                                    out / f".cell-student-{os.getpid()}")  # a distill cell's student store
+                runner = CellRunner(
+                    plan, _verbs(), out / f".cell-state-{os.getpid()}", out / f".cell-student-{os.getpid()}"
+                )  # a distill cell's student store
                 runner.clear_scratch()
                 try:
                     counts = run_grid(plan.cells, results, runner.run, resolve_progress(progress, bench_bar, bench_log))
                 finally:
                     runner.clear_scratch()
             detached = config.executor == "slurm" and config.detach and not (results.done().keys() & plan.keys)
-            outputs = ([] if detached else  # submitted, nothing finished yet: no table to build
-                       write_outputs(out, results.rows, config.to_dict(), [c.key for c in plan.cells]))
+            outputs = (
+                []
+                if detached
+                # submitted, nothing finished yet: no table to build
+                else write_outputs(out, results.rows, config.to_dict(), [c.key for c in plan.cells])
+            )
     finally:
         for h in logging.getLogger().handlers:
             h.removeFilter(once)
-    failed = [f"{r['dataset']} {r['method']} {r['shots']}-shot seed {r['seed']}: {r.get('message')}"
-              for r in results.rows if r["status"] == "failed" and r["key"] in plan.keys]
-    return BenchResult(out=str(out), cells=len(plan.cells), counts=counts, seconds=round(time.perf_counter() - t0, 2),
-                       outputs=[str(p) for p in outputs], failed=failed)
+    failed = [
+        f"{r['dataset']} {r['method']} {r['shots']}-shot seed {r['seed']}: {r.get('message')}"
+        for r in results.rows
+        if r["status"] == "failed" and r["key"] in plan.keys
+    ]
+    return BenchResult(
+        out=str(out),
+        cells=len(plan.cells),
+        counts=counts,
+        seconds=round(time.perf_counter() - t0, 2),
+        outputs=[str(p) for p in outputs],
+        failed=failed,
+    )
 
 
 def _verbs():
@@ -596,8 +702,14 @@ def _predict_log():
         if done < total and now - last[0] < 10.0:
             return
         last[0] = now
-        logging.getLogger("fskd.progress").info("predict %s: %s/%s images (%d%%), %.1f img/s", stage, f"{done:,}",
-                                                f"{total:,}", 100 * done // max(total, 1), rate)
+        logging.getLogger("fskd.progress").info(
+            "predict %s: %s/%s images (%d%%), %.1f img/s",
+            stage,
+            f"{done:,}",
+            f"{total:,}",
+            100 * done // max(total, 1),
+            rate,
+        )
 
     return update
 

@@ -53,17 +53,38 @@ def live_method_info(name: str) -> dict:
     cls = METHODS.get(name)
     recipes = getattr(cls, "recipes", None)
     if not recipes:
-        return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
-                "options": describe_options(cls.options) if cls.options is not None else []}
-    rows = [{"name": r, "default": i == 0, "description": _first_paragraph(impl.__doc__),
-             "options": describe_options(impl.options) if impl.options is not None else []}
-            for i, (r, impl) in enumerate(recipes.items())]
+        return {
+            "name": name,
+            "kind": cls.kind,
+            "description": METHODS.describe(name),
+            "options": describe_options(cls.options) if cls.options is not None else [],
+        }
+    rows = [
+        {
+            "name": r,
+            "default": i == 0,
+            "description": _first_paragraph(impl.__doc__),
+            "options": describe_options(impl.options) if impl.options is not None else [],
+        }
+        for i, (r, impl) in enumerate(recipes.items())
+    ]
     first = rows[0]
-    recipe = {"name": "recipe", "type": "a string", "default": first["name"], "range": "", "max": "",
-              "meaning": f"which recipe: {' | '.join(r['name'] for r in rows)} ({first['name']}, the default: as "
-                         f"published); the other options are that recipe's own (see its recipes)"}
-    return {"name": name, "kind": cls.kind, "description": METHODS.describe(name),
-            "options": [recipe, *first["options"]], "recipes": rows}
+    recipe = {
+        "name": "recipe",
+        "type": "a string",
+        "default": first["name"],
+        "range": "",
+        "max": "",
+        "meaning": f"which recipe: {' | '.join(r['name'] for r in rows)} ({first['name']}, the default: as "
+        f"published); the other options are that recipe's own (see its recipes)",
+    }
+    return {
+        "name": name,
+        "kind": cls.kind,
+        "description": METHODS.describe(name),
+        "options": [recipe, *first["options"]],
+        "recipes": rows,
+    }
 
 
 def _first_paragraph(doc: str | None) -> str:
@@ -91,8 +112,9 @@ def write_options_file():
     from fskd.methods import METHODS
 
     path = Path(__file__).parent / "methods" / OPTIONS_FILE
-    path.write_text(json.dumps({n: live_method_info(n) for n in METHODS.names()}, indent=1, sort_keys=True) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps({n: live_method_info(n) for n in METHODS.names()}, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return path
 
 

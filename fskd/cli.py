@@ -73,8 +73,7 @@ class _Group(TyperGroup):
         usage_error = typer.BadParameter.__mro__[1]  # UsageError of the click typer uses (it vendors its own)
         argv = list(sys.argv[1:] if args is None else args)
         try:
-            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
-                              **extra)
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except usage_error as e:
             _JSON["on"] = "--json" in argv
@@ -129,10 +128,16 @@ ENCODER_HELP = "Encoder spec. Families: " + "; ".join(f"{n}: {d}" for n, d in _r
 EPISODIC, ALLWAY, OUTPUT, SPLIT, FIT = "Episodic protocol", "All-way protocol", "Output", "Class split", "Fitting"
 VIEWS, STORAGE = "Augmented views", "Object storage"
 STORE_HELP = "Feature store: a path, or a URL (s3://bucket/x.zarr, gs://..., az://..., memory://...)."
-StorageOptions = Annotated[str | None, typer.Option(
-    "--storage-options", help="JSON object passed to fsspec for --store URLs (endpoint_url, key, secret, anon, "
-    "client_kwargs, ...; fskd_max_requests bounds reads in flight); default $FSKD_STORAGE_OPTIONS. Never saved.",
-    metavar="JSON", rich_help_panel=STORAGE)]
+StorageOptions = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-options",
+        help="JSON object passed to fsspec for --store URLs (endpoint_url, key, secret, anon, "
+        "client_kwargs, ...; fskd_max_requests bounds reads in flight); default $FSKD_STORAGE_OPTIONS. Never saved.",
+        metavar="JSON",
+        rich_help_panel=STORAGE,
+    ),
+]
 
 
 def _storage(options: str | None) -> None:
@@ -161,7 +166,9 @@ def _ratios(text: str | None, option: str) -> tuple[float, float, float] | None:
     try:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"{option} takes three comma-separated numbers like 0.5,0.1,0.4, got {text!r}") from None
+        raise typer.BadParameter(
+            f"{option} takes three comma-separated numbers like 0.5,0.1,0.4, got {text!r}"
+        ) from None
     return vals  # ConfigError checks count, range and sum
 
 
@@ -198,8 +205,9 @@ def _run(fn, *args, on_result=None, **kwargs):
     except FskdError as e:
         raise _fail(str(e), type(e).__name__, getattr(e, "exit_code", 2)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted (Ctrl-C); what was finished is kept, nothing half-written is used", "Interrupted",
-                    130) from None
+        raise _fail(
+            "interrupted (Ctrl-C); what was finished is kept, nothing half-written is used", "Interrupted", 130
+        ) from None
     except OSError as e:  # the environment said no (permissions, a full disk, a path that is a file)
         where = f"{e.filename}: " if e.filename else ""
         raise _fail(f"{where}{e.strerror or e}", type(e).__name__) from None
@@ -248,13 +256,17 @@ class _StderrHandler(logging.StreamHandler):
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
-                                          is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
 ) -> None:
     _JSON["on"] = False  # each command that takes --json sets it again
     _SAID.clear()
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        handlers=[_StderrHandler()])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        handlers=[_StderrHandler()],
+    )
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     # long jobs off a terminal (a log file, nohup, a scheduler) say how far they are, a line at a time
     logging.getLogger("fskd.progress").setLevel(logging.INFO)
@@ -283,15 +295,19 @@ def classifiers() -> None:
 
 @app.command()
 def methods(
-    method: Annotated[MethodName | None, typer.Argument(help="A method: list its --set options.", metavar="[METHOD]")] = None,
+    method: Annotated[
+        MethodName | None, typer.Argument(help="A method: list its --set options.", metavar="[METHOD]")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List the methods, or one method's --set options with their defaults and meaning."""
     _JSON["on"] = as_json
     if method is None:
         if as_json:  # "[kind] description" -> its parts
-            rows = [dict(zip(("name", "kind", "description"), (n, *d[1:].split("] ", 1)), strict=True))
-                    for n, d in _reg["methods"].items()]
+            rows = [
+                dict(zip(("name", "kind", "description"), (n, *d[1:].split("] ", 1)), strict=True))
+                for n, d in _reg["methods"].items()
+            ]
             typer.echo(json.dumps({"methods": rows}))
             return
         for n, d in _reg["methods"].items():
@@ -308,10 +324,12 @@ def methods(
         w = max(len(r["name"]) + 10 * r["default"] for r in recipes)
         for r in recipes:
             typer.echo(f"  {(r['name'] + (' (default)' if r['default'] else '')).ljust(w)}  {r['description']}")
-    for label, recipe, opts in ([(f"recipe {r['name']}", r, r["options"]) for r in recipes] if recipes
-                                else [("", None, info["options"])]):
+    for label, recipe, opts in (
+        [(f"recipe {r['name']}", r, r["options"]) for r in recipes] if recipes else [("", None, info["options"])]
+    ):
         call = f"fskd {info['kind']} --method {info['name']}" + (
-            f" --set recipe={recipe['name']}" if recipe and not recipe["default"] else "")
+            f" --set recipe={recipe['name']}" if recipe and not recipe["default"] else ""
+        )
         if not opts:
             typer.echo(f"no --set options{' of ' + label if label else ''}")
             continue
@@ -325,57 +343,160 @@ def methods(
 @app.command()
 def extract(
     dataset: Annotated[DatasetName, typer.Argument(help="Registered dataset name.", metavar="DATASET")],
-    store: Annotated[str, typer.Option(help="Zarr feature store to write (resumed if it exists): a path, or a URL (s3://bucket/x.zarr, gs://, az://, memory://).", metavar="PATH|URL")],
+    store: Annotated[
+        str,
+        typer.Option(
+            help="Zarr feature store to write (resumed if it exists): a path, or a URL (s3://bucket/x.zarr, gs://, az://, memory://).",
+            metavar="PATH|URL",
+        ),
+    ],
     root: Annotated[str | None, typer.Option(help="Dataset folder.", metavar="PATH")] = None,
     encoder: Annotated[str, typer.Option(help=ENCODER_HELP, metavar="SPEC")] = "lite0-minilm",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="On-disk feature dtype.")] = "float16",
-    chunk_rows: Annotated[int, typer.Option(help="Rows per stored chunk (the unit of resume: an interrupted extract keeps every finished chunk).", metavar="N")] = 256,
-    class_split: Annotated[str | None, typer.Option(help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.', metavar="PATH", rich_help_panel=SPLIT)] = None,
-    class_ratio: Annotated[str, typer.Option(help="Seeded base,val,novel class ratios when no split exists.", metavar="LIST", rich_help_panel=SPLIT)] = "0.6,0.2,0.2",
-    sample_split: Annotated[str | None, typer.Option(help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.", metavar="LIST", rich_help_panel=SPLIT)] = None,
+    chunk_rows: Annotated[
+        int,
+        typer.Option(
+            help="Rows per stored chunk (the unit of resume: an interrupted extract keeps every finished chunk).",
+            metavar="N",
+        ),
+    ] = 256,
+    class_split: Annotated[
+        str | None,
+        typer.Option(
+            help='JSON {"base": [...], "val": [...], "novel": [...]} of class names.',
+            metavar="PATH",
+            rich_help_panel=SPLIT,
+        ),
+    ] = None,
+    class_ratio: Annotated[
+        str,
+        typer.Option(
+            help="Seeded base,val,novel class ratios when no split exists.", metavar="LIST", rich_help_panel=SPLIT
+        ),
+    ] = "0.6,0.2,0.2",
+    sample_split: Annotated[
+        str | None,
+        typer.Option(
+            help="Seeded per-class train,val,test ratios, e.g. 0.5,0.1,0.4.", metavar="LIST", rich_help_panel=SPLIT
+        ),
+    ] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the ratio splits.", metavar="N", rich_help_panel=SPLIT)] = 0,
-    templates: Annotated[str | None, typer.Option(help="File of prompt templates, one per line with {}; default: the dataset's own (CoOp / Tip-Adapter) or fskd's ensemble.", metavar="PATH")] = None,
-    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.", metavar="PATH")] = None,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            help="File of prompt templates, one per line with {}; default: the dataset's own (CoOp / Tip-Adapter) or fskd's ensemble.",
+            metavar="PATH",
+        ),
+    ] = None,
+    descriptions: Annotated[
+        str | None, typer.Option(help="JSON {class name: [descriptions]} for the text features.", metavar="PATH")
+    ] = None,
     skip_bad: Annotated[bool, typer.Option(help="Record unreadable images in the store and go on.")] = False,
     download: Annotated[bool, typer.Option(help="Download the dataset into --root (needs a network).")] = False,
-    content_hash: Annotated[bool, typer.Option(help="Fingerprint the image bytes too (reads every file; size and mtime are always checked).")] = False,
-    augment_views: Annotated[int, typer.Option(help="Also store V augmented views (random resized crop + flip) of train rows, for tip-adapter(-f) and fma; 0: none.", metavar="V", rich_help_panel=VIEWS)] = 0,
-    augment_shots: Annotated[int, typer.Option(help="Views only for the all-way K-shot draws of --augment-seeds (and so every fewer-shot draw of them); 0: every train row.", metavar="K", rich_help_panel=VIEWS)] = 0,
-    augment_seeds: Annotated[str, typer.Option(help="Seeds whose all-way shots get views with --augment-shots.", metavar="LIST", rich_help_panel=VIEWS)] = "1,2,3",
-    augment_scale: Annotated[str, typer.Option(help="Crop area range min,max (Tip-Adapter: 0.5,1; CoOp and FMA: 0.08,1).", metavar="LIST", rich_help_panel=VIEWS)] = "0.5,1",
-    augment_seed: Annotated[int, typer.Option(help="Seed of the crops (each view's crop depends on it, the row and the view only).", metavar="N", rich_help_panel=VIEWS)] = 0,
+    content_hash: Annotated[
+        bool,
+        typer.Option(help="Fingerprint the image bytes too (reads every file; size and mtime are always checked)."),
+    ] = False,
+    augment_views: Annotated[
+        int,
+        typer.Option(
+            help="Also store V augmented views (random resized crop + flip) of train rows, for tip-adapter(-f) and fma; 0: none.",
+            metavar="V",
+            rich_help_panel=VIEWS,
+        ),
+    ] = 0,
+    augment_shots: Annotated[
+        int,
+        typer.Option(
+            help="Views only for the all-way K-shot draws of --augment-seeds (and so every fewer-shot draw of them); 0: every train row.",
+            metavar="K",
+            rich_help_panel=VIEWS,
+        ),
+    ] = 0,
+    augment_seeds: Annotated[
+        str,
+        typer.Option(
+            help="Seeds whose all-way shots get views with --augment-shots.", metavar="LIST", rich_help_panel=VIEWS
+        ),
+    ] = "1,2,3",
+    augment_scale: Annotated[
+        str,
+        typer.Option(
+            help="Crop area range min,max (Tip-Adapter: 0.5,1; CoOp and FMA: 0.08,1).",
+            metavar="LIST",
+            rich_help_panel=VIEWS,
+        ),
+    ] = "0.5,1",
+    augment_seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the crops (each view's crop depends on it, the row and the view only).",
+            metavar="N",
+            rich_help_panel=VIEWS,
+        ),
+    ] = 0,
     storage_options: StorageOptions = None,
 ) -> None:
     """Encode a dataset once into a Zarr feature store (image features per split, class text features)."""
     _storage(storage_options)
-    cfg = _run(ExtractConfig, dataset=_value(dataset), root=root, encoder=encoder, store=store, batch_size=batch_size,
-               workers=workers, device=device, dtype=_value(dtype), chunk_rows=chunk_rows, class_split=class_split,
-               class_ratio=_ratios(class_ratio, "--class-ratio"), sample_split=_ratios(sample_split, "--sample-split"),
-               split_seed=split_seed, templates=templates, descriptions=descriptions, skip_bad=skip_bad, download=download,
-               content_hash=content_hash, augment_views=augment_views, augment_shots=augment_shots,
-               augment_seeds=_ints(augment_seeds, "--augment-seeds") or (), augment_scale=_ratios(augment_scale, "--augment-scale"),
-               augment_seed=augment_seed)
+    cfg = _run(
+        ExtractConfig,
+        dataset=_value(dataset),
+        root=root,
+        encoder=encoder,
+        store=store,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        dtype=_value(dtype),
+        chunk_rows=chunk_rows,
+        class_split=class_split,
+        class_ratio=_ratios(class_ratio, "--class-ratio"),
+        sample_split=_ratios(sample_split, "--sample-split"),
+        split_seed=split_seed,
+        templates=templates,
+        descriptions=descriptions,
+        skip_bad=skip_bad,
+        download=download,
+        content_hash=content_hash,
+        augment_views=augment_views,
+        augment_shots=augment_shots,
+        augment_seeds=_ints(augment_seeds, "--augment-seeds") or (),
+        augment_scale=_ratios(augment_scale, "--augment-scale"),
+        augment_seed=augment_seed,
+    )
     r = _run(_api().extract, cfg)
     if r.rank != 0:
         return
     for split, chunks in r.repaired.items():
-        typer.echo(f"repaired {len(chunks)} damaged chunk(s) of {split}: "
-                   + "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))
+        typer.echo(
+            f"repaired {len(chunks)} damaged chunk(s) of {split}: "
+            + "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5])
+        )
     if r.reused:
-        typer.echo(f"{r.store}: complete, same inputs, every chunk verified; nothing re-encoded ({r.rows}"
-                   + (f"; views of {r.views_rows} train rows" if augment_views else "") + ")")
+        typer.echo(
+            f"{r.store}: complete, same inputs, every chunk verified; nothing re-encoded ({r.rows}"
+            + (f"; views of {r.views_rows} train rows" if augment_views else "")
+            + ")"
+        )
     else:
-        done = [f"encoded {r.encoded} images"] + ([f"{r.views_encoded} augmented views of {r.views_rows} train rows"]
-                                                  if augment_views else [])
+        done = [f"encoded {r.encoded} images"] + (
+            [f"{r.views_encoded} augmented views of {r.views_rows} train rows"] if augment_views else []
+        )
         speed = f"{r.images_per_s:.1f} img/s" if r.encoded else "splits reused"
         ranks = f", {r.world_size} ranks" if r.world_size > 1 else ""
         typer.echo(f"{r.store}: {' and '.join(done)} in {r.seconds:.1f} s ({speed}{ranks}); rows {r.rows}")
     for split, ids in r.skipped.items():
-        typer.echo(f"warning: skipped {len(ids)} unreadable file(s) in {split} (stored as label -1, not used): "
-                   f"{', '.join(ids[:5])}", err=True)
+        typer.echo(
+            f"warning: skipped {len(ids)} unreadable file(s) in {split} (stored as label -1, not used): "
+            f"{', '.join(ids[:5])}",
+            err=True,
+        )
 
 
 def _human_size(n: float) -> str:
@@ -401,12 +522,18 @@ def _print_info(r: dict) -> None:
         f"classes   {r['classes']}; class split from {r['class_split_source']}:",
     ]
     lines += [f"  {k:6s} {len(v):4d}: {names(v)}" for k, v in r["class_names"].items()]
-    text = f"{r['text_source']} ({r['templates_source']}): " + "; ".join(r["templates"][:3]) + (" ..." if len(r["templates"]) > 3 else "")
+    text = (
+        f"{r['text_source']} ({r['templates_source']}): "
+        + "; ".join(r["templates"][:3])
+        + (" ..." if len(r["templates"]) > 3 else "")
+    )
     lines.append(f"text      {text if r['text'] else 'none (the encoder has no text tower)'}")
     if r.get("views"):
         v = r["views"]
-        lines.append(f"views     {v['description']}; {v['rows']:,} rows"
-                     + ("" if v["complete"] else " (INCOMPLETE: run the same `fskd extract --augment-views` again)"))
+        lines.append(
+            f"views     {v['description']}; {v['rows']:,} rows"
+            + ("" if v["complete"] else " (INCOMPLETE: run the same `fskd extract --augment-views` again)")
+        )
     if r["skipped"]:
         lines.append("skipped   " + ", ".join(f"{n} unreadable file(s) in {s}" for s, n in r["skipped"].items()))
     if r["ignored_files"]:
@@ -415,8 +542,10 @@ def _print_info(r: dict) -> None:
         lines.append("MISSING   " + "; ".join(r["missing_chunks"][:10]))
     if "check" in r:
         c = r["check"]
-        lines.append(f"check     {'every chunk matches its checksum' if c['ok'] else 'DAMAGED'} "
-                     f"({sum(c['chunks_verified'].values())} chunks verified)")
+        lines.append(
+            f"check     {'every chunk matches its checksum' if c['ok'] else 'DAMAGED'} "
+            f"({sum(c['chunks_verified'].values())} chunks verified)"
+        )
         for split, d in c["damaged"].items():
             lines += [f"  {split} chunk {k}: {why}" for k, why in d.items()]
     typer.echo("\n".join(lines))
@@ -425,7 +554,12 @@ def _print_info(r: dict) -> None:
 @app.command()
 def info(
     store: Annotated[str, typer.Argument(help=STORE_HELP, metavar="STORE")],
-    check: Annotated[bool, typer.Option("--check", help="Verify every chunk against its stored checksum (reads the whole store); exit 2 on damage.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Verify every chunk against its stored checksum (reads the whole store); exit 2 on damage."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -438,37 +572,102 @@ def info(
     else:
         _print_info(r)
     if r.get("missing_chunks") or (check and not r["check"]["ok"]):
-        raise _fail(f"{store} is damaged; run the same `fskd extract` again to re-encode the damaged chunks",
-                    "StoreError")
+        raise _fail(
+            f"{store} is damaged; run the same `fskd extract` again to re-encode the damaged chunks", "StoreError"
+        )
 
 
-SplitFile = Annotated[str | None, typer.Option("--class-split", help='Override the stored class split: JSON {"base"|"val"|"novel": [class names]}.', metavar="PATH", rich_help_panel=SPLIT)]
-SplitRatio = Annotated[str | None, typer.Option("--class-ratio", help="Override the stored class split with seeded base,val,novel ratios.", metavar="LIST", rich_help_panel=SPLIT)]
-SplitSeed = Annotated[int, typer.Option("--split-seed", help="Seed of --class-ratio.", metavar="N", rich_help_panel=SPLIT)]
+SplitFile = Annotated[
+    str | None,
+    typer.Option(
+        "--class-split",
+        help='Override the stored class split: JSON {"base"|"val"|"novel": [class names]}.',
+        metavar="PATH",
+        rich_help_panel=SPLIT,
+    ),
+]
+SplitRatio = Annotated[
+    str | None,
+    typer.Option(
+        "--class-ratio",
+        help="Override the stored class split with seeded base,val,novel ratios.",
+        metavar="LIST",
+        rich_help_panel=SPLIT,
+    ),
+]
+SplitSeed = Annotated[
+    int, typer.Option("--split-seed", help="Seed of --class-ratio.", metavar="N", rich_help_panel=SPLIT)
+]
 
 
 @app.command("eval")
 def eval_(
     store: Annotated[str, typer.Option(help=STORE_HELP, metavar="PATH|URL")],
-    state: Annotated[str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")] = None,
-    protocol: Annotated[Protocol, typer.Option(help="episodic (N-way K-shot on a class split), allway (all-way), base-to-new (CoCoOp; a state fitted with --base-to-new), cross-dataset or domain-shift (a --state fitted on another store of the same encoder).")] = "episodic",
+    state: Annotated[
+        str | None, typer.Option(help="State directory written by distill/adapt/align.", metavar="DIR")
+    ] = None,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            help=(
+                "episodic (N-way K-shot on a class split), allway (all-way), base-to-new (CoCoOp; a state fitted with "
+                "--base-to-new), cross-dataset or domain-shift (a --state fitted on another store of the same encoder)."
+            )
+        ),
+    ] = "episodic",
     shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
     seed: Annotated[int, typer.Option(help="Episode sampling seed.", metavar="N", rich_help_panel=EPISODIC)] = 1,
     way: Annotated[int, typer.Option(help="Classes per episode.", metavar="N", rich_help_panel=EPISODIC)] = 5,
-    query: Annotated[int, typer.Option(help="Queries per class per episode.", metavar="N", rich_help_panel=EPISODIC)] = 15,
+    query: Annotated[
+        int, typer.Option(help="Queries per class per episode.", metavar="N", rich_help_panel=EPISODIC)
+    ] = 15,
     episodes: Annotated[int, typer.Option(help="Number of episodes.", metavar="N", rich_help_panel=EPISODIC)] = 600,
     split: Annotated[ClassSplit, typer.Option(help="Class split of the episodes.", rich_help_panel=EPISODIC)] = "novel",
-    seeds: Annotated[str, typer.Option(help="All-way seeds, comma-separated.", metavar="LIST", rich_help_panel=ALLWAY)] = "1,2,3",
-    transductive: Annotated[bool, typer.Option("--transductive", help="TransCLIP: classify all test rows at once on top of the head's predictions (allway, base-to-new).", rich_help_panel=ALLWAY)] = False,
-    batch: Annotated[int | None, typer.Option("--batch", help="With --transductive: score the test rows in batches of at most B rows ... (the realistic setting; with --active-classes).", metavar="B", rich_help_panel=ALLWAY)] = None,
-    active_classes: Annotated[int | None, typer.Option("--active-classes", help="... each drawn from C random classes (with --batch).", metavar="C", rich_help_panel=ALLWAY)] = None,
+    seeds: Annotated[
+        str, typer.Option(help="All-way seeds, comma-separated.", metavar="LIST", rich_help_panel=ALLWAY)
+    ] = "1,2,3",
+    transductive: Annotated[
+        bool,
+        typer.Option(
+            "--transductive",
+            help="TransCLIP: classify all test rows at once on top of the head's predictions (allway, base-to-new).",
+            rich_help_panel=ALLWAY,
+        ),
+    ] = False,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            help="With --transductive: score the test rows in batches of at most B rows ... (the realistic setting; with --active-classes).",
+            metavar="B",
+            rich_help_panel=ALLWAY,
+        ),
+    ] = None,
+    active_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--active-classes",
+            help="... each drawn from C random classes (with --batch).",
+            metavar="C",
+            rich_help_panel=ALLWAY,
+        ),
+    ] = None,
     classifier: Annotated[ClassifierName, typer.Option(help="Head when no --state is given.")] = "prototype",
-    center: Annotated[Center, typer.Option(help="base: subtract the base-class mean (SimpleShot; the support mean all-way); none.")] = "base",
+    center: Annotated[
+        Center, typer.Option(help="base: subtract the base-class mean (SimpleShot; the support mean all-way); none.")
+    ] = "base",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")] = "auto",
     class_split: SplitFile = None,
     class_ratio: SplitRatio = None,
     split_seed: SplitSeed = 0,
-    report: Annotated[str | None, typer.Option(help="Write a JSON + Markdown report into this folder (never over an earlier one).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(
+            help="Write a JSON + Markdown report into this folder (never over an earlier one).",
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=OUTPUT)] = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -476,11 +675,29 @@ def eval_(
     _JSON["on"] = as_json
     _storage(storage_options)
     proto = _value(protocol).replace("all-way", "allway")
-    cfg = _run(EvalConfig, store=store, state=state, protocol=proto, way=way, shots=shots, query=query, episodes=episodes,
-               split=_value(split), classifier=_value(classifier), center=_value(center), seed=seed,
-               seeds=_ints(seeds, "--seeds") or (), device=device, report=report, class_split=class_split,
-               class_ratio=_ratios(class_ratio, "--class-ratio"), split_seed=split_seed, transductive=transductive,
-               batch=batch, active_classes=active_classes)
+    cfg = _run(
+        EvalConfig,
+        store=store,
+        state=state,
+        protocol=proto,
+        way=way,
+        shots=shots,
+        query=query,
+        episodes=episodes,
+        split=_value(split),
+        classifier=_value(classifier),
+        center=_value(center),
+        seed=seed,
+        seeds=_ints(seeds, "--seeds") or (),
+        device=device,
+        report=report,
+        class_split=class_split,
+        class_ratio=_ratios(class_ratio, "--class-ratio"),
+        split_seed=split_seed,
+        transductive=transductive,
+        batch=batch,
+        active_classes=active_classes,
+    )
     show = functools.partial(_print_eval, as_json=as_json)
     show(_run(_api().evaluate, cfg, on_result=show))
 
@@ -509,10 +726,15 @@ def compare(
         typer.echo(json.dumps(r))
         return
     ci = "no interval (one seed)" if r["ci95"] is None else f"± {r['ci95']:.2f}"
-    verdict = "" if r["excludes_zero"] is None else (
-        "; the interval excludes 0" if r["excludes_zero"] else "; the interval includes 0 (no clear difference)")
-    typer.echo(f"{r['a']} {r['a_accuracy']:.2f}% vs {r['b']} {r['b_accuracy']:.2f}% ({r['protocol']}, n={r['n']}): "
-               f"difference {r['difference']:+.2f} {ci} [{r['statistic']}]{verdict}")
+    verdict = (
+        ""
+        if r["excludes_zero"] is None
+        else ("; the interval excludes 0" if r["excludes_zero"] else "; the interval includes 0 (no clear difference)")
+    )
+    typer.echo(
+        f"{r['a']} {r['a_accuracy']:.2f}% vs {r['b']} {r['b_accuracy']:.2f}% ({r['protocol']}, n={r['n']}): "
+        f"difference {r['difference']:+.2f} {ci} [{r['statistic']}]{verdict}"
+    )
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -557,33 +779,85 @@ def _fit_summary(r, as_json: bool = False) -> None:
         _warn(w)
 
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Method option (repeatable); `fskd methods METHOD` lists them.", metavar="KEY=VALUE", rich_help_panel=FIT)]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing fskd state at --out (nothing else is ever replaced).", rich_help_panel=OUTPUT)]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the full result as one JSON object (errors too, on stderr).", rich_help_panel=OUTPUT)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Method option (repeatable); `fskd methods METHOD` lists them.",
+        metavar="KEY=VALUE",
+        rich_help_panel=FIT,
+    ),
+]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an existing fskd state at --out (nothing else is ever replaced).",
+        rich_help_panel=OUTPUT,
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the full result as one JSON object (errors too, on stderr).", rich_help_panel=OUTPUT
+    ),
+]
 SeedOption = Annotated[int, typer.Option(help="Seed of the shot sampling and training.", metavar="N")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, ...", metavar="DEVICE")]
 StoreOption = Annotated[str, typer.Option(help=STORE_HELP, metavar="PATH|URL")]
 
 
-HpSelectionOption = Annotated[HpSelection, typer.Option("--hp-selection", help="What chooses the hyper-parameters: few-shot-val (CoOp: min(K, 4) val-split rows per class; val-class episodes in the episodic regime), full-val (the whole val split) or none (no validation data: each method's fixed values, named in the state).", rich_help_panel=FIT)]
+HpSelectionOption = Annotated[
+    HpSelection,
+    typer.Option(
+        "--hp-selection",
+        help=(
+            "What chooses the hyper-parameters: few-shot-val (CoOp: min(K, 4) val-split rows per class; val-class episodes "
+            "in the episodic regime), full-val (the whole val split) or none (no validation data: each method's fixed "
+            "values, named in the state)."
+        ),
+        rich_help_panel=FIT,
+    ),
+]
 
 
-BaseToNewOption = Annotated[bool, typer.Option("--base-to-new", help="CoCoOp base-to-new: fit on the K shots of the first half of the classes only; evaluate with --protocol base-to-new.", rich_help_panel=FIT)]
+BaseToNewOption = Annotated[
+    bool,
+    typer.Option(
+        "--base-to-new",
+        help="CoCoOp base-to-new: fit on the K shots of the first half of the classes only; evaluate with --protocol base-to-new.",
+        rich_help_panel=FIT,
+    ),
+]
 
 
 def _split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new=False) -> dict:
-    return {"class_split": class_split, "class_ratio": _ratios(class_ratio, "--class-ratio"), "split_seed": split_seed,
-            "hp_selection": _value(hp_selection), "base_to_new": base_to_new}
+    return {
+        "class_split": class_split,
+        "class_ratio": _ratios(class_ratio, "--class-ratio"),
+        "split_seed": split_seed,
+        "hp_selection": _value(hp_selection),
+        "base_to_new": base_to_new,
+    }
 
 
 @app.command()
 def adapt(
     store: StoreOption,
-    method: Annotated[AdaptMethod, typer.Option(help="The adapt method (`fskd methods` describes them).", rich_help_panel=FIT)] = "prototype",
-    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split (all-way fit).", metavar="K")] = 4,
+    method: Annotated[
+        AdaptMethod, typer.Option(help="The adapt method (`fskd methods` describes them).", rich_help_panel=FIT)
+    ] = "prototype",
+    shots: Annotated[
+        int, typer.Option(help="Labelled samples per class from the train split (all-way fit).", metavar="K")
+    ] = 4,
     seed: SeedOption = 1,
-    descriptions: Annotated[str | None, typer.Option(help="JSON {class name: [descriptions]} for semantic weights.", metavar="PATH")] = None,
-    out: Annotated[str | None, typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    descriptions: Annotated[
+        str | None, typer.Option(help="JSON {class name: [descriptions]} for semantic weights.", metavar="PATH")
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(help="State directory (default runs/adapt/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT),
+    ] = None,
     device: DeviceOption = "auto",
     set_: SetOption = None,
     class_split: SplitFile = None,
@@ -598,9 +872,19 @@ def adapt(
     """Fit a few-shot classifier on cached features and save its state (evaluate with fskd eval --state)."""
     _JSON["on"] = as_json
     _storage(storage_options)
-    cfg = _run(AdaptConfig, store=store, method=_value(method), shots=shots, seed=seed, descriptions=descriptions,
-               out=out, device=device, options=_options(set_), force=force,
-               **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new))
+    cfg = _run(
+        AdaptConfig,
+        store=store,
+        method=_value(method),
+        shots=shots,
+        seed=seed,
+        descriptions=descriptions,
+        out=out,
+        device=device,
+        options=_options(set_),
+        force=force,
+        **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new),
+    )
     _fit_summary(_run(_api().adapt, cfg), as_json)
 
 
@@ -610,10 +894,30 @@ def align(
     method: Annotated[AlignMethod, typer.Option(help="The align method.", rich_help_panel=FIT)] = "fma",
     shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.", metavar="K")] = 16,
     seed: SeedOption = 1,
-    flow_steps: Annotated[str | None, typer.Option("--flow-steps", help="Candidate solver step counts of the flow, comma-separated (chosen on validation).", metavar="LIST", rich_help_panel=FIT)] = None,
-    gamma: Annotated[str | None, typer.Option(help="Noise augmentation strength(s), comma-separated; several are chosen on validation (default: the method's).", metavar="LIST", rich_help_panel=FIT)] = None,
-    base_state: Annotated[str | None, typer.Option(help="Build on another method's features (state directory).", metavar="DIR")] = None,
-    out: Annotated[str | None, typer.Option(help="State directory (default runs/align/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    flow_steps: Annotated[
+        str | None,
+        typer.Option(
+            "--flow-steps",
+            help="Candidate solver step counts of the flow, comma-separated (chosen on validation).",
+            metavar="LIST",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
+    gamma: Annotated[
+        str | None,
+        typer.Option(
+            help="Noise augmentation strength(s), comma-separated; several are chosen on validation (default: the method's).",
+            metavar="LIST",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
+    base_state: Annotated[
+        str | None, typer.Option(help="Build on another method's features (state directory).", metavar="DIR")
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(help="State directory (default runs/align/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT),
+    ] = None,
     device: DeviceOption = "auto",
     set_: SetOption = None,
     class_split: SplitFile = None,
@@ -633,9 +937,21 @@ def align(
     except ValueError:
         raise typer.BadParameter(f"--gamma takes comma-separated numbers, got {gamma!r}") from None
     gammas = gammas[0] if gammas and len(gammas) == 1 else gammas
-    cfg = _run(AlignConfig, store=store, method=_value(method), shots=shots, seed=seed,
-               steps=_ints(flow_steps, "--flow-steps"), gamma=gammas, base_state=base_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new))
+    cfg = _run(
+        AlignConfig,
+        store=store,
+        method=_value(method),
+        shots=shots,
+        seed=seed,
+        steps=_ints(flow_steps, "--flow-steps"),
+        gamma=gammas,
+        base_state=base_state,
+        out=out,
+        device=device,
+        options=_options(set_),
+        force=force,
+        **_split_kwargs(class_split, class_ratio, split_seed, hp_selection, base_to_new),
+    )
     _fit_summary(_run(_api().align, cfg), as_json)
 
 
@@ -643,16 +959,48 @@ def align(
 def distill(
     store: Annotated[str, typer.Option(help="Teacher feature store: a path or a URL.", metavar="PATH|URL")],
     shots: Annotated[int, typer.Option(help="Labelled samples per class.", metavar="K")] = 4,
-    student: Annotated[str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.", metavar="SPEC", rich_help_panel=FIT)] = "timm:resnet18",
+    student: Annotated[
+        str, typer.Option(help="Student encoder spec, e.g. timm:resnet18.", metavar="SPEC", rich_help_panel=FIT)
+    ] = "timm:resnet18",
     method: Annotated[DistillMethod, typer.Option(help="The distill method.", rich_help_panel=FIT)] = "mtkd",
-    regime: Annotated[Regime, typer.Option(help="semi (all classes, K labels + unlabeled) or base-novel (SynTrans).", rich_help_panel=FIT)] = "semi",
-    losses: Annotated[str, typer.Option(help="all, none (labels only), or a comma list of loss terms.", metavar="LIST", rich_help_panel=FIT)] = "all",
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the method's).", metavar="N", rich_help_panel=FIT)] = None,
-    root: Annotated[str | None, typer.Option(help="Dataset root, if it moved since extraction.", metavar="PATH")] = None,
+    regime: Annotated[
+        Regime,
+        typer.Option(help="semi (all classes, K labels + unlabeled) or base-novel (SynTrans).", rich_help_panel=FIT),
+    ] = "semi",
+    losses: Annotated[
+        str,
+        typer.Option(
+            help="all, none (labels only), or a comma list of loss terms.", metavar="LIST", rich_help_panel=FIT
+        ),
+    ] = "all",
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default: the method's).", metavar="N", rich_help_panel=FIT)
+    ] = None,
+    root: Annotated[
+        str | None, typer.Option(help="Dataset root, if it moved since extraction.", metavar="PATH")
+    ] = None,
     seed: SeedOption = 1,
-    online_teacher: Annotated[bool, typer.Option(help="Run the teacher on augmented views instead of cached features.", rich_help_panel=FIT)] = False,
-    teacher_state: Annotated[str | None, typer.Option("--teacher-state", help="A fitted all-way state of the same store (adapt/align: tip-adapter-f, coop, fma, ...) as the teacher: its head's logits are the soft targets.", metavar="DIR", rich_help_panel=FIT)] = None,
-    out: Annotated[str | None, typer.Option(help="Output directory (default runs/distill/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    online_teacher: Annotated[
+        bool, typer.Option(help="Run the teacher on augmented views instead of cached features.", rich_help_panel=FIT)
+    ] = False,
+    teacher_state: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher-state",
+            help=(
+                "A fitted all-way state of the same store (adapt/align: tip-adapter-f, coop, fma, ...) as the teacher: its "
+                "head's logits are the soft targets."
+            ),
+            metavar="DIR",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Output directory (default runs/distill/METHOD-Kshot).", metavar="DIR", rich_help_panel=OUTPUT
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     set_: SetOption = None,
     class_split: SplitFile = None,
@@ -666,10 +1014,25 @@ def distill(
     """Distil the store's encoder (teacher) into a small student encoder."""
     _JSON["on"] = as_json
     _storage(storage_options)
-    cfg = _run(DistillConfig, store=store, shots=shots, student=student, method=_value(method), regime=_value(regime),
-               losses=losses, epochs=epochs, root=root, seed=seed, online_teacher=online_teacher,
-               teacher_state=teacher_state, out=out, device=device,
-               options=_options(set_), force=force, **_split_kwargs(class_split, class_ratio, split_seed, hp_selection))
+    cfg = _run(
+        DistillConfig,
+        store=store,
+        shots=shots,
+        student=student,
+        method=_value(method),
+        regime=_value(regime),
+        losses=losses,
+        epochs=epochs,
+        root=root,
+        seed=seed,
+        online_teacher=online_teacher,
+        teacher_state=teacher_state,
+        out=out,
+        device=device,
+        options=_options(set_),
+        force=force,
+        **_split_kwargs(class_split, class_ratio, split_seed, hp_selection),
+    )
     _fit_summary(_run(_api().distill, cfg), as_json)
 
 
@@ -721,27 +1084,136 @@ SLURM = "Slurm (--executor slurm)"
 @app.command()
 def bench(
     stores: Annotated[str | None, typer.Option(help="Feature stores, comma-separated.", metavar="LIST")] = None,
-    methods: Annotated[str | None, typer.Option(help="Adapt/align/distill methods, comma-separated (`fskd methods`), or chains (syntrans-e2e, syntrans-e2e-label-free, mtkd-2stage, or a grid file's [chains]: a student, then a head on its features); LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options.", metavar="LIST")] = None,
-    shots: Annotated[str | None, typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Adapt/align/distill methods, comma-separated (`fskd methods`), or chains (syntrans-e2e, "
+                "syntrans-e2e-label-free, mtkd-2stage, or a grid file's [chains]: a student, then a head on its features); "
+                "LABEL=METHOD adds a row of METHOD named LABEL with its own --set LABEL.KEY=VALUE options."
+            ),
+            metavar="LIST",
+        ),
+    ] = None,
+    shots: Annotated[
+        str | None,
+        typer.Option("--shots", help="Shots per class, comma-separated [default: 1,2,4,8,16].", metavar="LIST"),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Seeds, comma-separated; one fit per seed [default: 1,2,3].", metavar="LIST")
+    ] = None,
     protocol: Annotated[Protocol | None, typer.Option(help="The protocol of every cell [default: allway].")] = None,
-    hp_selection: Annotated[str | None, typer.Option("--hp-selection", help="What chooses hyper-parameters, comma-separated to sweep it like shots: few-shot-val, full-val, none [default: few-shot-val].", metavar="LIST", rich_help_panel=FIT)] = None,
-    out: Annotated[str | None, typer.Option(help="Bench folder: results.jsonl, tables, plots [default: runs/bench].", metavar="DIR", rich_help_panel=OUTPUT)] = None,
-    grid: Annotated[str | None, typer.Option(help="A TOML grid file with these keys (flags given here override it).", metavar="FILE")] = None,
-    baseline: Annotated[str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's option, METHOD.KEY=VALUE; a chain stage's, CHAIN.STAGE.KEY=VALUE (repeatable).", metavar="M.K=V", rich_help_panel=FIT)] = None,
-    keep_states: Annotated[bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)] = False,
-    extend: Annotated[bool, typer.Option(help="Let this grid grow an existing --out whose grid it contains (else a different grid there is refused).", rich_help_panel=OUTPUT)] = False,
-    way: Annotated[int | None, typer.Option(help="Episodic: classes per episode [default: 5].", metavar="N", rich_help_panel="Episodic protocol")] = None,
-    query: Annotated[int | None, typer.Option(help="Episodic: queries per class [default: 15].", metavar="N", rich_help_panel="Episodic protocol")] = None,
-    episodes: Annotated[int | None, typer.Option(help="Episodic: episodes per cell [default: 600].", metavar="N", rich_help_panel="Episodic protocol")] = None,
-    class_ratio: Annotated[str | None, typer.Option("--class-ratio", help="Episodic: base,val,novel ratios; seed s then draws its own class split (split seed s).", metavar="LIST", rich_help_panel="Episodic protocol")] = None,
-    executor: Annotated[Executor | None, typer.Option(help="Where the cells run: this process, or Slurm jobs through submitit [default: local].", rich_help_panel=SLURM)] = None,
-    slurm: Annotated[list[str] | None, typer.Option("--slurm", help="Each job's resources, KEY=VALUE (repeatable): partition, time (minutes), cpus, gpus, mem, account, qos, constraint, python.", metavar="K=V", rich_help_panel=SLURM)] = None,
-    cells_per_job: Annotated[int | None, typer.Option("--cells-per-job", help="Cells run one after another in one Slurm job [default: 1].", metavar="N", rich_help_panel=SLURM)] = None,
-    detach: Annotated[bool, typer.Option(help="Submit the Slurm jobs and return; collect with the same command or --report.", rich_help_panel=SLURM)] = False,
+    hp_selection: Annotated[
+        str | None,
+        typer.Option(
+            "--hp-selection",
+            help="What chooses hyper-parameters, comma-separated to sweep it like shots: few-shot-val, full-val, none [default: few-shot-val].",
+            metavar="LIST",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Bench folder: results.jsonl, tables, plots [default: runs/bench].",
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    grid: Annotated[
+        str | None,
+        typer.Option(help="A TOML grid file with these keys (flags given here override it).", metavar="FILE"),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="A method of the grid: tables add paired differences to it.", metavar="METHOD")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A method's option, METHOD.KEY=VALUE; a chain stage's, CHAIN.STAGE.KEY=VALUE (repeatable).",
+            metavar="M.K=V",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
+    keep_states: Annotated[
+        bool, typer.Option(help="Keep every cell's fitted state under OUT/states.", rich_help_panel=OUTPUT)
+    ] = False,
+    extend: Annotated[
+        bool,
+        typer.Option(
+            help="Let this grid grow an existing --out whose grid it contains (else a different grid there is refused).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
+    way: Annotated[
+        int | None,
+        typer.Option(
+            help="Episodic: classes per episode [default: 5].", metavar="N", rich_help_panel="Episodic protocol"
+        ),
+    ] = None,
+    query: Annotated[
+        int | None,
+        typer.Option(
+            help="Episodic: queries per class [default: 15].", metavar="N", rich_help_panel="Episodic protocol"
+        ),
+    ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option(
+            help="Episodic: episodes per cell [default: 600].", metavar="N", rich_help_panel="Episodic protocol"
+        ),
+    ] = None,
+    class_ratio: Annotated[
+        str | None,
+        typer.Option(
+            "--class-ratio",
+            help="Episodic: base,val,novel ratios; seed s then draws its own class split (split seed s).",
+            metavar="LIST",
+            rich_help_panel="Episodic protocol",
+        ),
+    ] = None,
+    executor: Annotated[
+        Executor | None,
+        typer.Option(
+            help="Where the cells run: this process, or Slurm jobs through submitit [default: local].",
+            rich_help_panel=SLURM,
+        ),
+    ] = None,
+    slurm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--slurm",
+            help="Each job's resources, KEY=VALUE (repeatable): partition, time (minutes), cpus, gpus, mem, account, qos, constraint, python.",
+            metavar="K=V",
+            rich_help_panel=SLURM,
+        ),
+    ] = None,
+    cells_per_job: Annotated[
+        int | None,
+        typer.Option(
+            "--cells-per-job",
+            help="Cells run one after another in one Slurm job [default: 1].",
+            metavar="N",
+            rich_help_panel=SLURM,
+        ),
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            help="Submit the Slurm jobs and return; collect with the same command or --report.", rich_help_panel=SLURM
+        ),
+    ] = False,
     device: DeviceOption = "auto",
-    report: Annotated[str | None, typer.Option("--report", help="Only rebuild the tables and plots of the bench folder DIR from its results.", metavar="DIR", rich_help_panel=OUTPUT)] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(
+            "--report",
+            help="Only rebuild the tables and plots of the bench folder DIR from its results.",
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     storage_options: StorageOptions = None,
 ) -> None:
@@ -755,13 +1227,22 @@ def bench(
         typer.echo(json.dumps({"outputs": paths}) if as_json else "\n".join(["rebuilt:"] + [f"  {p}" for p in paths]))
         return
     data = _run(_api().load_grid, grid) if grid else {}
-    given = {"stores": _names(stores, "--stores"), "methods": _names(methods, "--methods"),
-             "shots": _int_list(shots, "--shots"), "seeds": _int_list(seeds, "--seeds"),
-             "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
-             "hp_selection": _names(hp_selection, "--hp-selection"), "out": out, "baseline": baseline,
-             "way": way, "query": query, "episodes": episodes,
-             "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None,
-             "executor": _value(executor) if executor is not None else None, "cells_per_job": cells_per_job}
+    given = {
+        "stores": _names(stores, "--stores"),
+        "methods": _names(methods, "--methods"),
+        "shots": _int_list(shots, "--shots"),
+        "seeds": _int_list(seeds, "--seeds"),
+        "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
+        "hp_selection": _names(hp_selection, "--hp-selection"),
+        "out": out,
+        "baseline": baseline,
+        "way": way,
+        "query": query,
+        "episodes": episodes,
+        "class_ratio": _ratios(class_ratio, "--class-ratio") if class_ratio else None,
+        "executor": _value(executor) if executor is not None else None,
+        "cells_per_job": cells_per_job,
+    }
     data.update({k: v for k, v in given.items() if v is not None})
     if slurm:
         data["slurm"] = {**data.get("slurm", {}), **_slurm_options(slurm)}
@@ -772,18 +1253,29 @@ def bench(
         for m, kv in _bench_options(set_).items():
             opts.setdefault(m, {}).update(kv)
         data["options"] = opts
-    data.update(keep_states=keep_states or data.get("keep_states", False), extend=extend or data.get("extend", False),
-                device=device)
+    data.update(
+        keep_states=keep_states or data.get("keep_states", False),
+        extend=extend or data.get("extend", False),
+        device=device,
+    )
     cfg = _run(BenchConfig.from_dict, data)
     r = _run(_api().bench, cfg)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(r)))
     else:
         c = r.counts
-        jobs = (f"; {c['jobs']} Slurm job(s) submitted" + (f", {c['waited']} of an earlier run waited for"
-                                                            if c.get("waited") else "")) if "jobs" in c else ""
-        typer.echo(f"bench {r.out}: {r.cells} cells ({c['skipped']} already done, {c['ok']} run, {c['n/a']} not "
-                   f"applicable, {c['failed']} failed) in {r.seconds:.1f} s{jobs}")
+        jobs = (
+            (
+                f"; {c['jobs']} Slurm job(s) submitted"
+                + (f", {c['waited']} of an earlier run waited for" if c.get("waited") else "")
+            )
+            if "jobs" in c
+            else ""
+        )
+        typer.echo(
+            f"bench {r.out}: {r.cells} cells ({c['skipped']} already done, {c['ok']} run, {c['n/a']} not "
+            f"applicable, {c['failed']} failed) in {r.seconds:.1f} s{jobs}"
+        )
         for p in r.outputs:
             typer.echo(f"  {p}")
         for f in r.failed:
@@ -794,7 +1286,9 @@ def bench(
 
 @app.command()
 def demo(
-    data_root: Annotated[str, typer.Option(help="Folder holding cub35/ and omniglot/.", metavar="PATH")] = "../shared/data",
+    data_root: Annotated[
+        str, typer.Option(help="Folder holding cub35/ and omniglot/.", metavar="PATH")
+    ] = "../shared/data",
     out: Annotated[str, typer.Option(help="Output folder (stores, reports).", metavar="DIR")] = "runs/demo",
     encoder: Annotated[str, typer.Option(help=ENCODER_HELP, metavar="SPEC")] = "lite0-minilm",
     episodes: Annotated[int, typer.Option(help="Episodes per evaluation.", metavar="N")] = 600,
@@ -811,26 +1305,86 @@ ExportFormat = _choices("ExportFormat", ["onnx", "torchscript"])
 
 @app.command()
 def predict(
-    state: Annotated[str, typer.Option(help="State directory written by fskd adapt or align (its all-way head predicts).", metavar="DIR")],
-    out: Annotated[str, typer.Option(help="Output file: .csv (with a header), .jsonl or .parquet (the parquet extra); OUT.fskd.json beside it records what wrote it.", metavar="FILE", rich_help_panel=OUTPUT)],
-    images: Annotated[str | None, typer.Option(help="A folder (read recursively), one image, or a text file listing image paths.", metavar="PATH")] = None,
-    csv: Annotated[str | None, typer.Option("--csv", help="A CSV file with a 'path' column (relative paths: from its folder).", metavar="FILE")] = None,
-    store: Annotated[str | None, typer.Option(help="The state's feature store (default: the one it names; give it when the store moved). With --split: predict that split's cached features.", metavar="PATH|URL")] = None,
-    split: Annotated[str | None, typer.Option(help="Predict a store split (e.g. test) from its cached features, no encoding; adds the true 'label' column and draws OUT.confusion.png.", metavar="SPLIT")] = None,
+    state: Annotated[
+        str,
+        typer.Option(help="State directory written by fskd adapt or align (its all-way head predicts).", metavar="DIR"),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Output file: .csv (with a header), .jsonl or .parquet (the parquet extra); OUT.fskd.json beside it records what wrote it.",
+            metavar="FILE",
+            rich_help_panel=OUTPUT,
+        ),
+    ],
+    images: Annotated[
+        str | None,
+        typer.Option(
+            help="A folder (read recursively), one image, or a text file listing image paths.", metavar="PATH"
+        ),
+    ] = None,
+    csv: Annotated[
+        str | None,
+        typer.Option(
+            "--csv", help="A CSV file with a 'path' column (relative paths: from its folder).", metavar="FILE"
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="The state's feature store (default: the one it names; give it when the store moved). With --split: predict that split's cached features.",
+            metavar="PATH|URL",
+        ),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Predict a store split (e.g. test) from its cached features, no encoding; adds the true 'label' column and draws OUT.confusion.png.",
+            metavar="SPLIT",
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option(help="Top-k class names and probabilities per row.", metavar="K")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", metavar="N")] = 64,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="DataLoader workers (default: one per core, at most 8).", metavar="N")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")] = "auto",
-    skip_bad: Annotated[bool, typer.Option(help="Write each unreadable image as a row with no prediction and the reason in an 'error' column, and name it in OUT.fskd.json (default: stop at the first, naming it).")] = False,
-    force: Annotated[bool, typer.Option(help="Replace --out if fskd predict wrote it (never any other file).", rich_help_panel=OUTPUT)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (count, seconds, images/s).", rich_help_panel=OUTPUT)] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "Write each unreadable image as a row with no prediction and the reason in an 'error' column, and name it in "
+                "OUT.fskd.json (default: stop at the first, naming it)."
+            )
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace --out if fskd predict wrote it (never any other file).", rich_help_panel=OUTPUT),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (count, seconds, images/s).", rich_help_panel=OUTPUT)
+    ] = False,
     storage_options: StorageOptions = None,
 ) -> None:
     """Classify new images (or a store split) with a fitted state's all-way head: one row per image."""
     _JSON["on"] = as_json
     _storage(storage_options)
-    cfg = _run(PredictConfig, state=state, out=out, images=images, csv=csv, store=store, split=split, top_k=top_k,
-               batch_size=batch_size, workers=workers, device=device, skip_bad=skip_bad, force=force)
+    cfg = _run(
+        PredictConfig,
+        state=state,
+        out=out,
+        images=images,
+        csv=csv,
+        store=store,
+        split=split,
+        top_k=top_k,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        skip_bad=skip_bad,
+        force=force,
+    )
     r = _run(_api().predict, cfg)
     if as_json:
         typer.echo(json.dumps(r.to_dict()))
@@ -840,18 +1394,35 @@ def predict(
     if r.confusion:
         typer.echo(f"confusion matrix: {r.confusion}")
     if r.skipped:
-        typer.echo(f"warning: skipped {r.skipped} unreadable file(s) (rows with an 'error' column in {r.out}; listed "
-                   f"in {r.manifest}): {', '.join(r.skipped_files[:3])}", err=True)
+        typer.echo(
+            f"warning: skipped {r.skipped} unreadable file(s) (rows with an 'error' column in {r.out}; listed "
+            f"in {r.manifest}): {', '.join(r.skipped_files[:3])}",
+            err=True,
+        )
 
 
 @app.command()
 def export(
-    state: Annotated[str, typer.Option(help="State directory written by fskd adapt or align (its all-way head is exported).", metavar="DIR")],
-    out: Annotated[str, typer.Option(help="The model file to write (model.onnx, model.pt).", metavar="FILE", rich_help_panel=OUTPUT)],
-    format: Annotated[ExportFormat, typer.Option("--format", help="onnx (metadata_props) or torchscript (extra file fskd.json).")] = "onnx",
-    store: Annotated[str | None, typer.Option(help="The state's feature store, when it moved.", metavar="PATH|URL")] = None,
+    state: Annotated[
+        str,
+        typer.Option(
+            help="State directory written by fskd adapt or align (its all-way head is exported).", metavar="DIR"
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(help="The model file to write (model.onnx, model.pt).", metavar="FILE", rich_help_panel=OUTPUT),
+    ],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="onnx (metadata_props) or torchscript (extra file fskd.json).")
+    ] = "onnx",
+    store: Annotated[
+        str | None, typer.Option(help="The state's feature store, when it moved.", metavar="PATH|URL")
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.", metavar="N")] = 17,
-    force: Annotated[bool, typer.Option(help="Replace --out if fskd export wrote it (never any other file).", rich_help_panel=OUTPUT)] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace --out if fskd export wrote it (never any other file).", rich_help_panel=OUTPUT)
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Export encoder + all-way head + class names to one ONNX or TorchScript file (preprocessed images in, probabilities out)."""
@@ -862,10 +1433,12 @@ def export(
         typer.echo(json.dumps(r.to_dict()))
         return
     p = r.preprocess
-    typer.echo(f"{r.out}: {r.format}, {r.bytes / 2**20:.1f} MiB, {r.parameters:,} parameters, {r.classes} classes "
-               f"({r.method} on {r.encoder}); input images {r.input_shape} (resize {p['resize']} {p['interpolation']}, "
-               f"crop {p['crop']}, mean {[round(v, 4) for v in p['mean']]}, std {[round(v, 4) for v in p['std']]}); "
-               f"checked against PyTorch: max probability difference {r.max_difference:.2g} [{r.seconds:.1f} s]")
+    typer.echo(
+        f"{r.out}: {r.format}, {r.bytes / 2**20:.1f} MiB, {r.parameters:,} parameters, {r.classes} classes "
+        f"({r.method} on {r.encoder}); input images {r.input_shape} (resize {p['resize']} {p['interpolation']}, "
+        f"crop {p['crop']}, mean {[round(v, 4) for v in p['mean']]}, std {[round(v, 4) for v in p['std']]}); "
+        f"checked against PyTorch: max probability difference {r.max_difference:.2g} [{r.seconds:.1f} s]"
+    )
 
 
 def main() -> None:

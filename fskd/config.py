@@ -65,8 +65,10 @@ class Config:
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__}: options must be a JSON object (a table of KEY = VALUE), got "
-                              f"{type(data).__name__} {data!r:.80}")
+            raise ConfigError(
+                f"{cls.__name__}: options must be a JSON object (a table of KEY = VALUE), got "
+                f"{type(data).__name__} {data!r:.80}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -304,8 +306,12 @@ def _coerce(v: Any, tp: Any) -> Any:
 def _check_ratios(name: str, ratios: tuple[float, ...] | None, n: int) -> None:
     if ratios is None:
         return
-    if (len(ratios) != n or not all(isinstance(r, (int, float)) and math.isfinite(r) for r in ratios)
-            or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6):
+    if (
+        len(ratios) != n
+        or not all(isinstance(r, (int, float)) and math.isfinite(r) for r in ratios)
+        or any(r < 0 for r in ratios)
+        or abs(sum(ratios) - 1.0) > 1e-6
+    ):
         raise ConfigError(f"{name} must be {n} non-negative ratios summing to 1, got {ratios}")
 
 
@@ -342,11 +348,15 @@ class ExtractConfig(Config):
         if not self.store:
             raise ConfigError("--store is required: the path of the Zarr feature store to write")
         if self.augment_views < 0 or self.augment_shots < 0:
-            raise ConfigError(f"--augment-views and --augment-shots must be >= 0, got {self.augment_views}, {self.augment_shots}")
+            raise ConfigError(
+                f"--augment-views and --augment-shots must be >= 0, got {self.augment_views}, {self.augment_shots}"
+            )
         sc = tuple(self.augment_scale)
         if len(sc) != 2 or not all(isinstance(v, (int, float)) for v in sc) or not (0 < sc[0] <= sc[1] <= 1):
-            raise ConfigError(f"--augment-scale must be two numbers 0 < min <= max <= 1 (the crop's share of the "
-                              f"image area), got {self.augment_scale}")
+            raise ConfigError(
+                f"--augment-scale must be two numbers 0 < min <= max <= 1 (the crop's share of the "
+                f"image area), got {self.augment_scale}"
+            )
         if self.augment_shots and not self.augment_seeds:
             raise ConfigError("--augment-shots needs --augment-seeds (the seeds whose all-way shots get views)")
         if self.batch_size < 1:
@@ -402,16 +412,22 @@ class EvalConfig(Config):
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if (self.batch is None) != (self.active_classes is None):
-            raise ConfigError(f"--batch and --active-classes go together (batches of B test rows drawn from C classes); "
-                              f"got --batch {self.batch} and --active-classes {self.active_classes}")
+            raise ConfigError(
+                f"--batch and --active-classes go together (batches of B test rows drawn from C classes); "
+                f"got --batch {self.batch} and --active-classes {self.active_classes}"
+            )
         if self.batch is not None and not self.transductive:
-            raise ConfigError("--batch / --active-classes set how --transductive (TransCLIP) batches the test rows; "
-                              "add --transductive")
+            raise ConfigError(
+                "--batch / --active-classes set how --transductive (TransCLIP) batches the test rows; "
+                "add --transductive"
+            )
         if self.batch is not None and self.active_classes is not None and (self.batch < 1 or self.active_classes < 1):
             raise ConfigError(f"--batch and --active-classes must be >= 1, got {self.batch} and {self.active_classes}")
         if self.transductive and self.protocol not in transductive_protocols():
-            raise ConfigError(f"--transductive (TransCLIP) classifies the whole test split of the all-way protocol "
-                              f"at once: use it with --protocol {' or '.join(transductive_protocols())}, not {self.protocol}")
+            raise ConfigError(
+                f"--transductive (TransCLIP) classifies the whole test split of the all-way protocol "
+                f"at once: use it with --protocol {' or '.join(transductive_protocols())}, not {self.protocol}"
+            )
         for name in ("way", "shots", "episodes", "episode_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -512,7 +528,9 @@ class DistillConfig(FitConfig):
     epochs: int | None = None
     root: str | None = None  # dataset root if it moved since extraction
     online_teacher: bool = False
-    teacher_state: str | None = None  # a fitted all-way state (adapt/align) of the same store: its head's logits are the soft targets
+    teacher_state: str | None = (
+        None  # a fitted all-way state (adapt/align) of the same store: its head's logits are the soft targets
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -562,13 +580,22 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
     for name, text in COMMON_OPTION_DOCS.items():
         notes.setdefault(name, text)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        )
         rng, high = cls.RANGES.get(f.name), upper_bound(cls, f.name)
-        out.append({"name": f.name, "type": _describe(hints.get(f.name, Any)),
-                    "default": json.dumps(default) if not isinstance(default, str) else default,
-                    "range": f"{rng[0]} {_number(rng[1])}" if rng else "",
-                    "max": _number(high) if high is not None else "", "meaning": notes.get(f.name, "")})
+        out.append(
+            {
+                "name": f.name,
+                "type": _describe(hints.get(f.name, Any)),
+                "default": json.dumps(default) if not isinstance(default, str) else default,
+                "range": f"{rng[0]} {_number(rng[1])}" if rng else "",
+                "max": _number(high) if high is not None else "",
+                "meaning": notes.get(f.name, ""),
+            }
+        )
     return out
 
 
@@ -657,36 +684,49 @@ class BenchConfig(Config):
             if len(set(v)) != len(v):
                 raise ConfigError(f"--{name} lists a value twice: {list(v)}")
         if self.protocol not in BENCH_PROTOCOLS:
-            raise ConfigError(f"--protocol must be one of {', '.join(BENCH_PROTOCOLS)} for fskd bench, got {self.protocol!r}")
+            raise ConfigError(
+                f"--protocol must be one of {', '.join(BENCH_PROTOCOLS)} for fskd bench, got {self.protocol!r}"
+            )
         if isinstance(self.hp_selection, str):
             object.__setattr__(self, "hp_selection", (self.hp_selection,))
         object.__setattr__(self, "hp_selection", tuple(self.hp_selection))
         bad = [h for h in self.hp_selection if h not in HP_SELECTIONS]
         if bad or not self.hp_selection or len(set(self.hp_selection)) != len(self.hp_selection):
-            raise ConfigError(f"--hp-selection must be one or more of {', '.join(HP_SELECTIONS)} (each once), got "
-                              f"{list(self.hp_selection)}")
+            raise ConfigError(
+                f"--hp-selection must be one or more of {', '.join(HP_SELECTIONS)} (each once), got "
+                f"{list(self.hp_selection)}"
+            )
         if not isinstance(self.options, dict) or not all(isinstance(v, dict) for v in self.options.values()):
-            raise ConfigError("options must map a method name to a table of its options, e.g. [options.fma] iters = 300")
+            raise ConfigError(
+                "options must map a method name to a table of its options, e.g. [options.fma] iters = 300"
+            )
         labels = self.labels()
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--methods names a row twice: {labels} (give each variant its own LABEL=METHOD label)")
         unknown = sorted(set(self.options) - set(labels))
         if unknown:
-            raise ConfigError(f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
-                              f"grid methods: {', '.join(labels)}")
+            raise ConfigError(
+                f"options are given for method(s) not in the grid: {', '.join(unknown)}; "
+                f"grid methods: {', '.join(labels)}"
+            )
         if not isinstance(self.chains, dict) or not all(
-                isinstance(v, (list, tuple)) and v and all(isinstance(s, str) and s.strip() for s in v)
-                for v in self.chains.values()):
-            raise ConfigError('chains must map a chain name to its list of stages, e.g. [chains] mine = ["mtkd", '
-                              '"tip-adapter-f"]')
+            isinstance(v, (list, tuple)) and v and all(isinstance(s, str) and s.strip() for s in v)
+            for v in self.chains.values()
+        ):
+            raise ConfigError(
+                'chains must map a chain name to its list of stages, e.g. [chains] mine = ["mtkd", "tip-adapter-f"]'
+            )
         unused = sorted(set(self.chains) - {m for _, m in self.method_pairs()})
         if unused:
-            raise ConfigError(f"chains are given that no --methods entry runs: {', '.join(unused)}; grid methods: "
-                              f"{', '.join(labels)}")
+            raise ConfigError(
+                f"chains are given that no --methods entry runs: {', '.join(unused)}; grid methods: {', '.join(labels)}"
+            )
         if self.class_ratio is not None:
             if self.protocol != "episodic":
-                raise ConfigError(f"class_ratio (a seeded class split per seed) is for --protocol episodic, got "
-                                  f"--protocol {self.protocol}")
+                raise ConfigError(
+                    f"class_ratio (a seeded class split per seed) is for --protocol episodic, got "
+                    f"--protocol {self.protocol}"
+                )
             _check_ratios("class_ratio", self.class_ratio, 3)
         for name in ("way", "query", "episodes"):
             v = getattr(self, name)
@@ -700,8 +740,15 @@ class BenchConfig(Config):
             raise ConfigError(f"--cells-per-job must be an integer >= 1, got {self.cells_per_job!r}")
         check_slurm(self.slurm)
         if self.executor == "local" and (self.slurm or self.detach or self.cells_per_job != 1):
-            given = [n for n, v in (("--slurm", self.slurm), ("--detach", self.detach),
-                                    ("--cells-per-job", self.cells_per_job != 1)) if v]
+            given = [
+                n
+                for n, v in (
+                    ("--slurm", self.slurm),
+                    ("--detach", self.detach),
+                    ("--cells-per-job", self.cells_per_job != 1),
+                )
+                if v
+            ]
             raise ConfigError(f"{', '.join(given)} are for --executor slurm; the grid runs locally (--executor local)")
 
     def method_pairs(self) -> list[tuple[str, str]]:
@@ -711,15 +758,16 @@ class BenchConfig(Config):
         for entry in self.methods:
             label, sep, base = str(entry).partition("=")
             if sep and (not label.strip() or not base.strip() or "=" in base):
-                raise ConfigError(f"--methods entry {entry!r}: a variant is LABEL=METHOD (e.g. labels-only=mtkd, "
-                                  f"its options under that label)")
+                raise ConfigError(
+                    f"--methods entry {entry!r}: a variant is LABEL=METHOD (e.g. labels-only=mtkd, "
+                    f"its options under that label)"
+                )
             out.append((label.strip(), base.strip()) if sep else (label, label))
         return out
 
     def labels(self) -> list[str]:
         """The grid's row names, in order."""
         return [label for label, _ in self.method_pairs()]
-
 
 
 #: what ``fskd predict --out`` writes, by the file's suffix
@@ -758,8 +806,10 @@ class PredictConfig(Config):
             raise ConfigError(f"--out {self.out}: the name must end in {' or '.join(PREDICT_FORMATS)} (the format)")
         given = [f"--{n}" for n in ("images", "csv", "split") if getattr(self, n)]
         if len(given) != 1:
-            raise ConfigError(f"give exactly one of --images PATH, --csv FILE or --split SPLIT (with --store), got "
-                              f"{' and '.join(given) or 'none'}")
+            raise ConfigError(
+                f"give exactly one of --images PATH, --csv FILE or --split SPLIT (with --store), got "
+                f"{' and '.join(given) or 'none'}"
+            )
 
     @property
     def format(self) -> str:

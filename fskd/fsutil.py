@@ -191,11 +191,15 @@ def read_bundle(directory: Path, manifest: str, what: str = "state") -> tuple[di
         raise StateError(f"{mpath} must hold a JSON object, got {type(meta).__name__}")
     stored = meta.get("meta_sha256")
     if stored is None:
-        raise StateError(f"{mpath} carries no content hash (meta_sha256): it was written by an older fskd or edited; "
-                         f"write the {what} again")
+        raise StateError(
+            f"{mpath} carries no content hash (meta_sha256): it was written by an older fskd or edited; "
+            f"write the {what} again"
+        )
     if stored != meta_digest(meta):
-        raise StateError(f"{mpath} was changed since fskd wrote it (its content no longer matches its meta_sha256); "
-                         f"write the {what} again")
+        raise StateError(
+            f"{mpath} was changed since fskd wrote it (its content no longer matches its meta_sha256); "
+            f"write the {what} again"
+        )
     meta.pop("meta_sha256")
     name, digest = meta.pop("tensors_file", None), meta.pop("tensors_sha256", None)
     if name is None:
@@ -210,16 +214,20 @@ def read_bundle(directory: Path, manifest: str, what: str = "state") -> tuple[di
     except OSError as e:
         raise StateError(f"{what} {directory}: cannot read {tpath}: {e.strerror or e}") from None
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-        raise StateError(f"{what} {directory}: {tpath} does not match the SHA-256 in {mpath} (truncated or "
-                         f"changed since it was written); write the {what} again")
+        raise StateError(
+            f"{what} {directory}: {tpath} does not match the SHA-256 in {mpath} (truncated or "
+            f"changed since it was written); write the {what} again"
+        )
     try:
         tensors = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise StateError(f"{what} {directory}: cannot read {tpath}: {e}") from None
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
-        raise StateError(f"{what} {directory}: tensor(s) {', '.join(sorted(bad)[:5])} in {tpath.name} hold non-finite "
-                         f"values (NaN or inf); the fit diverged or the file was forged. Write the {what} again")
+        raise StateError(
+            f"{what} {directory}: tensor(s) {', '.join(sorted(bad)[:5])} in {tpath.name} hold non-finite "
+            f"values (NaN or inf); the fit diverged or the file was forged. Write the {what} again"
+        )
     return meta, tensors
 
 
@@ -283,9 +291,11 @@ def refuse_url(path: str | Path, option: str) -> None:
     """States, reports and bench folders are written with atomic renames and directory locks, which
     object storage lacks; they are small, so they stay local (copy them up afterwards)."""
     if isinstance(path, str) and "://" in path and not path.startswith("file://"):
-        raise OutputError(f"{option} {path}: takes a local directory (only --store takes a URL: states, reports "
-                          f"and bench folders are small and are committed by atomic renames, which object storage "
-                          f"lacks; copy them there afterwards)")
+        raise OutputError(
+            f"{option} {path}: takes a local directory (only --store takes a URL: states, reports "
+            f"and bench folders are small and are committed by atomic renames, which object storage "
+            f"lacks; copy them there afterwards)"
+        )
 
 
 def check_writable(path: str | Path, option: str, kind: str = "directory") -> Path:
@@ -326,8 +336,14 @@ def store_containing(path: str | Path) -> Path | None:
     return next((a for a in (p, *p.parents) if a.is_dir() and is_store_dir(a)), None)
 
 
-def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, force: bool,
-                     protect: tuple[tuple[str, str | Path | None], ...] = ()) -> Path:
+def guard_output_dir(
+    path: str | Path,
+    option: str,
+    marker_file: str,
+    is_ours,
+    force: bool,
+    protect: tuple[tuple[str, str | Path | None], ...] = (),
+) -> Path:
     """Decide, before any work, whether ``path`` may receive an fskd output directory.
 
     - absent: fine when it can be created (see :func:`check_writable`);
@@ -346,11 +362,12 @@ def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, f
         if "://" in other:  # a store on object storage cannot overlap a local folder
             if not other.startswith("file://"):
                 continue
-            other = other[len("file://"):]
+            other = other[len("file://") :]
         o = Path(other).expanduser().resolve()
         if resolved == o or o.is_relative_to(resolved) or resolved.is_relative_to(o):
-            raise OutputError(f"{option} {path} overlaps {other_opt} {other}; write the output somewhere else "
-                              f"(nothing was changed)")
+            raise OutputError(
+                f"{option} {path} overlaps {other_opt} {other}; write the output somewhere else (nothing was changed)"
+            )
     inside = store_containing(resolved)
     if inside is not None:
         raise OutputError(f"{option} {path} is inside the feature store {inside}; write the output somewhere else")
@@ -359,15 +376,20 @@ def guard_output_dir(path: str | Path, option: str, marker_file: str, is_ours, f
             raise OutputError(f"{option} {path} is inside the fskd output {anc}; write the output somewhere else")
     if p.exists() or p.is_symlink():
         if p.is_symlink() or not p.is_dir():
-            raise OutputError(f"{option} {path} exists and is not a directory; fskd replaces only its own "
-                              f"output directories (nothing was changed)")
+            raise OutputError(
+                f"{option} {path} exists and is not a directory; fskd replaces only its own "
+                f"output directories (nothing was changed)"
+            )
         if not is_ours(p):
             what = "a feature store" if is_store_dir(p) else f"not an fskd output (no {marker_file} written by fskd)"
-            raise OutputError(f"{option} {path} exists and is {what}; fskd will not replace it. "
-                              f"Choose a new path (nothing was changed)")
+            raise OutputError(
+                f"{option} {path} exists and is {what}; fskd will not replace it. "
+                f"Choose a new path (nothing was changed)"
+            )
         if not force:
-            raise OutputError(f"{option} {path} already holds an fskd output; pass --force to replace it, "
-                              f"or choose another path")
+            raise OutputError(
+                f"{option} {path} already holds an fskd output; pass --force to replace it, or choose another path"
+            )
     check_writable(p, option)
     return p
 
@@ -406,16 +428,28 @@ def parse_json_file(path: str | Path, option: str, limit: int | None = None) -> 
 #: the most bytes read from a small file given to an option (--class-split, --descriptions,
 #: --templates, --grid, reports, configs): they hold kilobytes, so this only stops a wrong file
 SMALL_FILE_LIMIT = 64 << 20
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
-          (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
-def read_small_file(path: str | Path, option: str, limit: int = SMALL_FILE_LIMIT, what: str = "file",
-                    error: type[Exception] = ConfigError, errors: str = "strict") -> str:
+def read_small_file(
+    path: str | Path,
+    option: str,
+    limit: int = SMALL_FILE_LIMIT,
+    what: str = "file",
+    error: type[Exception] = ConfigError,
+    errors: str = "strict",
+) -> str:
     """The UTF-8 text of a small input file given to ``option``, read with a bound. Refused with
     ``error`` naming the option and the path (and the bound): a missing or unreadable file, one
     that is not a regular file (a directory, a FIFO, a device such as /dev/zero, which would be
     read until memory runs out), one over ``limit`` bytes, or (``errors="strict"``) one not UTF-8."""
+
     def fail(why: str, bound: bool = False) -> Exception:
         expected = f"a {what} of at most {limit / 2**20:g} MiB" if bound else f"a {what}"
         return error(f"{option} {path}: {why} (expected {expected})")

@@ -34,8 +34,15 @@ def extract_log() -> Callable[[str, int, int, float], None]:
             return
         last[split] = now
         eta = (total - done) / rate if rate > 0 else 0.0
-        log.info("extract %s: %s/%s images (%d%%), %.1f img/s, ETA %s", split, f"{done:,}", f"{total:,}",
-                 100 * done // max(total, 1), rate, _clock(eta))
+        log.info(
+            "extract %s: %s/%s images (%d%%), %.1f img/s, ETA %s",
+            split,
+            f"{done:,}",
+            f"{total:,}",
+            100 * done // max(total, 1),
+            rate,
+            _clock(eta),
+        )
 
     return update
 
@@ -51,10 +58,17 @@ def bench_log() -> Callable[[int, int, str], None]:
             return
         said[0] = done
         elapsed = time.monotonic() - t0
-        log.info("bench cell %d/%d: %s; elapsed %s, ETA %s", done, total, label, _clock(elapsed),
-                 _clock(elapsed / done * (total - done)))
+        log.info(
+            "bench cell %d/%d: %s; elapsed %s, ETA %s",
+            done,
+            total,
+            label,
+            _clock(elapsed),
+            _clock(elapsed / done * (total - done)),
+        )
 
     return update
+
 
 AUTO = "auto"
 

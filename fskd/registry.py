@@ -70,9 +70,7 @@ class Registry(Generic[T]):
         except KeyError:
             close = difflib.get_close_matches(name, self.names(), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RegistryError(
-                f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
-            ) from None
+            raise RegistryError(f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted({*self._items, *self._module})

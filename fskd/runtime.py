@@ -97,6 +97,7 @@ def store_numel(store) -> int:
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; explicit names are validated."""
     import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -111,6 +112,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def autocast(device: torch.device, enabled: bool = True):
     """bfloat16/float16 autocast on CUDA; a no-op context on CPU (CPU autocast is slower here)."""
     import torch
+
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)

@@ -30,9 +30,15 @@ def clip_like_store(path: Path) -> str:
     splits, text = synthetic_features(n_classes=12, per_class=40, joint=True, noise=0.8, gap=0.5, seed=3)
     text = text + 0.3 * np.random.default_rng(4).normal(size=text.shape).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(12)],
-                             {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]}, text_embeddings=text,
-                             encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+    FeatureStore.from_arrays(
+        path,
+        splits,
+        [f"class {i}" for i in range(12)],
+        {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]},
+        text_embeddings=text,
+        encoder={"spec": "synthetic-features:clip-like", "joint": True},
+        chunk_rows=64,
+    )
     return str(path)
 
 
@@ -45,19 +51,34 @@ def views_store(root: Path, views: int) -> str:
     for c in range(6):
         (root / "img" / f"c{c}").mkdir(parents=True)
         for i in range(10):
-            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(root / "img" / f"c{c}" / f"{i}.png")
+            Image.fromarray((rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")).save(
+                root / "img" / f"c{c}" / f"{i}.png"
+            )
     path = str(root / "views.zarr")
-    api.extract(ExtractConfig(dataset="folder", root=str(root / "img"), encoder="synthetic:12", workers=0, batch_size=8,
-                              chunk_rows=8, sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16), store=path,
-                              augment_views=views))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(root / "img"),
+            encoder="synthetic:12",
+            workers=0,
+            batch_size=8,
+            chunk_rows=8,
+            sample_split=(0.5, 0.25, 0.25),
+            class_ratio=(0.5, 0.34, 0.16),
+            store=path,
+            augment_views=views,
+        )
+    )
     return path
 
 
 def fit_on_views(path: str, method: str, out: Path, views: int, options: dict | None = None) -> MethodState:
     """A 2-shot fit on a :func:`views_store`: the state says it used the ``views`` stored views of
     every shot, and its all-way accuracy is finite."""
-    r = api.adapt(AdaptConfig(store=path, method=method, shots=2, out=str(out), device="cpu", options=options or {}),
-                  progress=None)
+    r = api.adapt(
+        AdaptConfig(store=path, method=method, shots=2, out=str(out), device="cpu", options=options or {}),
+        progress=None,
+    )
     st = load_state(r.out)
     assert st.hparams["allway.views"] == views and f"{views} augmented views per shot" in st.selected_on["allway.views"]
     ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
@@ -69,8 +90,9 @@ def own_shots(state: MethodState, store: FeatureStore) -> tuple[C.TextSpace, tor
     """A 2-shot, seed-1 state's all-way text space of its own shots, and their stored views (1, V, N*K, D)."""
     x, _, classes = C.allway_rows(store, 2, 1)
     support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
-    ts = C.support_text_space(support, torch.from_numpy(classes)[None], state.tensors["text"], store.joint,
-                              C.hp(state, C.ALLWAY, "ridge"))
+    ts = C.support_text_space(
+        support, torch.from_numpy(classes)[None], state.tensors["text"], store.joint, C.hp(state, C.ALLWAY, "ridge")
+    )
     return ts, torch.from_numpy(sampling.allway_shot_views(store, 2, 1)[0]).transpose(0, 1)[None]
 
 
@@ -83,8 +105,23 @@ def set_args(options: dict) -> list[str]:
 def cli_adapt(store: FeatureStore, method: str, out: Path, options: dict | None = None) -> MethodState:
     """``fskd adapt`` at 2 shots on the CPU: the state it saved, checked finite and with its
     normalisation recorded as fixed."""
-    res = CliRunner().invoke(app, ["adapt", "--store", str(store.path), "--method", method, "--shots", "2", "--out",
-                                   str(out), "--device", "cpu", *set_args(options or {})])
+    res = CliRunner().invoke(
+        app,
+        [
+            "adapt",
+            "--store",
+            str(store.path),
+            "--method",
+            method,
+            "--shots",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *set_args(options or {}),
+        ],
+    )
     assert res.exit_code == 0, res.output
     state = load_state(out)
     assert all(torch.isfinite(v.float()).all() for v in state.tensors.values())
@@ -94,8 +131,25 @@ def cli_adapt(store: FeatureStore, method: str, out: Path, options: dict | None 
 
 def cli_allway_accuracy(store: FeatureStore, out: Path) -> None:
     """``fskd eval --protocol allway`` of the state at 2 shots, seed 1: finite and above 3x chance."""
-    res = CliRunner().invoke(app, ["eval", "--store", str(store.path), "--state", str(out), "--protocol", "allway",
-                                   "--shots", "2", "--seeds", "1", "--json", "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--store",
+            str(store.path),
+            "--state",
+            str(out),
+            "--protocol",
+            "allway",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.output.strip().splitlines()[-1])
     assert np.isfinite(r["accuracy"]) and r["accuracy"] > 3 * 100 / store.num_classes  # chance is 5%
@@ -104,8 +158,12 @@ def cli_allway_accuracy(store: FeatureStore, out: Path) -> None:
 # -- what every text baseline does ----------------------------------------------------------------
 def assert_refuses_a_store_without_text(method: str, tmp_path: Path) -> None:
     splits, _ = synthetic_features(n_classes=12)
-    st = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, [f"c{i}" for i in range(12)],
-                                  {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]})
+    st = FeatureStore.from_arrays(
+        tmp_path / "notext.zarr",
+        splits,
+        [f"c{i}" for i in range(12)],
+        {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]},
+    )
     with pytest.raises(StoreError, match="needs class text features"):
         api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, out=str(tmp_path / "x")), progress=None)
 
@@ -127,8 +185,9 @@ def random_rows(E: int, N: int, K: int, D: int, seed: int) -> tuple[torch.Tensor
     return x, y, t
 
 
-def torch_steps(opt: torch.optim.Optimizer, steps: int, lr_at: Callable[[int], float],
-                loss: Callable[[], torch.Tensor]) -> None:
+def torch_steps(
+    opt: torch.optim.Optimizer, steps: int, lr_at: Callable[[int], float], loss: Callable[[], torch.Tensor]
+) -> None:
     """The authors' loops with torch's own optimiser: ``steps`` steps of ``loss()``, at learning
     rate ``lr_at(step)`` (set before each step)."""
     for i in range(steps):

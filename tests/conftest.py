@@ -101,8 +101,10 @@ def baseline_stores(tmp_path_factory):
     from fskd.store.synthetic import make_synthetic_store
 
     d = tmp_path_factory.mktemp("baselines")
-    return {"joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
-            "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0)}
+    return {
+        "joint": make_synthetic_store(d / "joint.zarr", joint=True, seed=0),
+        "pair": make_synthetic_store(d / "pair.zarr", joint=False, seed=0),
+    }
 
 
 TINY_CLIP = {
@@ -176,9 +178,18 @@ def two_worlds(tmp_path_factory):
             xs = x[m] + noise * rng.normal(size=x[m].shape).astype(np.float32)
             out[s] = (xs, np.array([remap[c] for c in y[m]]))
         n = len(order)
-        return str(FeatureStore.from_arrays(d / f"{name}.zarr", out, [f"class {c}" for c in order],
-                                            {"base": list(range(n // 2)), "val": [n // 2], "novel": list(range(n // 2 + 1, n))},
-                                            text_embeddings=text[order], encoder=enc, dataset=name, chunk_rows=64).path)
+        return str(
+            FeatureStore.from_arrays(
+                d / f"{name}.zarr",
+                out,
+                [f"class {c}" for c in order],
+                {"base": list(range(n // 2)), "val": [n // 2], "novel": list(range(n // 2 + 1, n))},
+                text_embeddings=text[order],
+                encoder=enc,
+                dataset=name,
+                chunk_rows=64,
+            ).path
+        )
 
     shifted = part(None, "shifted", noise=0.3, order=[7, 2, 5])
     return part(range(10), "a"), part(range(10, 20), "b"), shifted
@@ -207,7 +218,9 @@ def tinted_images(root: Path, classes: int, per_class: int, size: int) -> Path:
     for c in range(classes):
         (root / f"class_{c}").mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray((rng.random((size, size, 3)) * 80 + c * 25).astype("uint8")).save(root / f"class_{c}" / f"{i}.png")
+            Image.fromarray((rng.random((size, size, 3)) * 80 + c * 25).astype("uint8")).save(
+                root / f"class_{c}" / f"{i}.png"
+            )
     return root
 
 
@@ -220,11 +233,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "fskd-test", "AWS_SECRET_ACCESS_KEY": "fskd-test-secret",
-          "AWS_DEFAULT_REGION": "us-east-1",
-          # never look for credentials on a metadata service or in the user's files
-          "AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/fskd-test",
-          "AWS_CONFIG_FILE": "/nonexistent/fskd-test"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "fskd-test",
+    "AWS_SECRET_ACCESS_KEY": "fskd-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # never look for credentials on a metadata service or in the user's files
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/fskd-test",
+    "AWS_CONFIG_FILE": "/nonexistent/fskd-test",
+}
 
 
 @pytest.fixture(scope="session")
@@ -245,8 +262,11 @@ def s3_endpoint(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:

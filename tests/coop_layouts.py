@@ -90,8 +90,10 @@ def _write_oxford_pets(root, split_file):
         (d / "annotations" / f"{k}.txt").write_text("\n".join(v) + "\n")
     names = ["abyssinian", "american bulldog", "bengal"]
     if split_file:
-        _zhou(d / "split_zhou_OxfordPets.json",
-              [(f"{b}_{i + 1}.jpg", c, b.lower()) for c, b in enumerate(breeds) for i in range(PER_CLASS)])
+        _zhou(
+            d / "split_zhou_OxfordPets.json",
+            [(f"{b}_{i + 1}.jpg", c, b.lower()) for c, b in enumerate(breeds) for i in range(PER_CLASS)],
+        )
         return Expected("oxford_pets", names, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of pet.")
     return Expected("oxford_pets", names, {"train": 12, "test": 6}, "a photo of a {}, a type of pet.")
 
@@ -136,11 +138,20 @@ def _write_flowers102(root, split_file):
     names = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"]
     if split_file:
         (d / "cat_to_name.json").write_text(json.dumps({str(i + 1): n for i, n in enumerate(names)}))
-        _zhou(d / "split_zhou_OxfordFlowers.json",
-              [(f"image_{i + 1:05d}.jpg", int(labels[i]) - 1, names[labels[i] - 1]) for i in range(len(labels))])
-        return Expected("oxford_flowers", names, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of flower.")
+        _zhou(
+            d / "split_zhou_OxfordFlowers.json",
+            [(f"image_{i + 1:05d}.jpg", int(labels[i]) - 1, names[labels[i] - 1]) for i in range(len(labels))],
+        )
+        return Expected(
+            "oxford_flowers", names, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of flower."
+        )
     idx = np.arange(1, len(labels) + 1).reshape(3, PER_CLASS)
-    _mat(d / "setid.mat", trnid=idx[:, :2].reshape(1, -1), valid=idx[:, 2:4].reshape(1, -1), tstid=idx[:, 4:].reshape(1, -1))
+    _mat(
+        d / "setid.mat",
+        trnid=idx[:, :2].reshape(1, -1),
+        valid=idx[:, 2:4].reshape(1, -1),
+        tstid=idx[:, 4:].reshape(1, -1),
+    )
     return Expected("flowers-102", names, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of flower.")
 
 
@@ -172,7 +183,9 @@ def _write_fgvc_aircraft(root, split_file):
     (d / "variants.txt").write_text("\n".join(variants) + "\n")
     for s, v in lines.items():
         (d / f"images_variant_{s}.txt").write_text("\n".join(v) + "\n")
-    return Expected("fgvc_aircraft", variants, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of aircraft.")
+    return Expected(
+        "fgvc_aircraft", variants, {"train": 6, "val": 6, "test": 6}, "a photo of a {}, a type of aircraft."
+    )
 
 
 def _write_sun397(root, split_file):
@@ -268,7 +281,18 @@ def _write_imagenet_r(root, split_file):
     return Expected("imagenet-rendition", [IMAGENET_NAMES[0], IMAGENET_NAMES[2]], {"test": 6}, "itap of a {}.")
 
 
-COOP = ["caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101", "fgvc_aircraft", "sun397", "dtd",
-        "eurosat", "ucf101", "imagenet"]
+COOP = [
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "flowers102",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+    "imagenet",
+]
 SHIFT = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 WITH_SPLIT_FILE = [n for n in COOP if n not in ("fgvc_aircraft", "imagenet")]

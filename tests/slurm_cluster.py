@@ -37,8 +37,19 @@ import time
 from pathlib import Path
 
 #: the binaries the cluster runs (daemons from /usr/sbin) and the clients that tests and submitit call
-BINARIES = ("munged", "slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "squeue", "sinfo",
-            "scancel", "sacct", "scontrol")
+BINARIES = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "slurmstepd",
+    "sbatch",
+    "srun",
+    "squeue",
+    "sinfo",
+    "scancel",
+    "sacct",
+    "scontrol",
+)
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
 NODE = "node0"
 PARTITION = "debug"
@@ -103,8 +114,9 @@ def _hardware() -> str:
     """This machine's node line as slurmd detects it: ``CPUs=.. Boards=.. SocketsPerBoard=..
     CoresPerSocket=.. ThreadsPerCore=.. RealMemory=..`` (configuring more than slurmd finds
     would drain the node)."""
-    out = subprocess.run([shutil.which("slurmd", path=SBIN_PATH), "-C"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [shutil.which("slurmd", path=SBIN_PATH), "-C"], capture_output=True, text=True, check=True
+    ).stdout
     return " ".join(f for f in out.split("\n", 1)[0].split() if not f.startswith("NodeName="))
 
 
@@ -113,8 +125,7 @@ class SlurmCluster:
     when None); at exit, cancel the remaining jobs and stop the daemons. ``extra_conf``: lines
     appended to slurm.conf. Needs root (see :func:`slurm_available`)."""
 
-    def __init__(self, root: str | Path | None = None, start_timeout: float = 30.0,
-                 extra_conf: str = ""):
+    def __init__(self, root: str | Path | None = None, start_timeout: float = 30.0, extra_conf: str = ""):
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="slurm-")) if root is None else Path(root)
         self.start_timeout = start_timeout
@@ -154,8 +165,11 @@ class SlurmCluster:
         sacct = self.root / "bin" / "sacct"
         sacct.write_text(SACCT)
         sacct.chmod(0o755)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_"))
+        }
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = os.pathsep.join([str(self.root / "bin"), env.get("PATH", os.defpath)])
         self.env = env
@@ -169,9 +183,19 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         # --force: munged refuses a socket in a folder that not every user can enter (0700 here)
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                               f"--key-file={key}", f"--log-file={self.logs / 'munged.log'}",
-                               f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={self.logs / 'munged.log'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+        )
         self._wait(self.munge_socket.exists, "munged", "socket")
 
     def _slurm_conf(self, hardware: str) -> str:
@@ -187,13 +211,13 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={r / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={logs / 'slurmctld.log'}
-SlurmdLogFile={logs / 'slurmd.log'}
-PlugStackConfig={r / 'plugstack.conf'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "run" / "slurmctld.pid"}
+SlurmdPidFile={r / "run" / "slurmd.pid"}
+SlurmctldLogFile={logs / "slurmctld.log"}
+SlurmdLogFile={logs / "slurmd.log"}
+PlugStackConfig={r / "plugstack.conf"}
 # no cgroups: plain process tracking, no task binding, no resource sampling
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -203,7 +227,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MinJobAge={MIN_JOB_AGE_S}
 JobCompType=jobcomp/filetxt
-JobCompLoc={logs / 'jobcomp.txt'}
+JobCompLoc={logs / "jobcomp.txt"}
 MpiDefault=none
 # cores are the unit of allocation: one 1-CPU job per core, at the same time
 SelectType=select/cons_tres
@@ -227,12 +251,14 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         if reaper:
             argv = [sys.executable, __file__, *argv]
         with open(self.logs / f"{name}.out", "wb") as out:
-            self._procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                                 stderr=subprocess.STDOUT, env=self.env or None)
+            self._procs[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env or None
+            )
 
     def _daemon_logs(self, name: str) -> str:
-        return "\n".join(_tail(p) for p in (self.logs / f"{name}.log", self.logs / f"{name}.out")
-                         if p.exists() and p.stat().st_size)
+        return "\n".join(
+            _tail(p) for p in (self.logs / f"{name}.log", self.logs / f"{name}.out") if p.exists() and p.stat().st_size
+        )
 
     def _wait(self, ready, name: str, what: str) -> None:
         """Poll ``ready()`` until true; fail when a daemon exits or after ``start_timeout``."""
@@ -240,11 +266,12 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         while not ready():
             for daemon, proc in self._procs.items():
                 if proc.poll() is not None:
-                    raise SlurmError(f"{daemon} exited with status {proc.returncode} while waiting for "
-                                     f"{name} ({what})\n{self._daemon_logs(daemon)}")
+                    raise SlurmError(
+                        f"{daemon} exited with status {proc.returncode} while waiting for "
+                        f"{name} ({what})\n{self._daemon_logs(daemon)}"
+                    )
             if time.monotonic() > deadline:
-                raise SlurmError(f"{name}: no {what} after {self.start_timeout:g} s\n"
-                                 f"{self._daemon_logs(name)}")
+                raise SlurmError(f"{name}: no {what} after {self.start_timeout:g} s\n{self._daemon_logs(name)}")
             time.sleep(0.2)
 
     def _node_state(self) -> str:
@@ -255,14 +282,14 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         try:
             self._wait(lambda: self._node_state() == "idle", "slurmd", f"idle node {NODE} in sinfo")
         except SlurmError as e:
-            raise SlurmError(f"{e}\n(node state: {self._node_state() or 'unknown'})\n"
-                             f"{self._daemon_logs('slurmctld')}") from None
+            raise SlurmError(
+                f"{e}\n(node state: {self._node_state() or 'unknown'})\n{self._daemon_logs('slurmctld')}"
+            ) from None
 
     # -- use -----------------------------------------------------------------------------------
     def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """Run a Slurm client command (``cluster.run("squeue", "-h")``) against this cluster."""
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=check,
-                              timeout=timeout)
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -40,8 +40,15 @@ def with_recipes(names) -> list:
 CPU = torch.device("cpu")
 #: keep validation / meta-training small in tests (the defaults are sized for real stores)
 FAST = {"val_episodes": 40}
-FAST_BY_METHOD = {"prototype": {}, "zero-shot": {}, "linear-probe": {}, "zs-lp": {}, "clap": {}, "syntrans": {**FAST, "meta_steps": 15},
-                  "cross-modal-lp": {**FAST, "iters": 400, "warmup_iters": 10}}  # the authors' 12,800 steps: 24 s a fit
+FAST_BY_METHOD = {
+    "prototype": {},
+    "zero-shot": {},
+    "linear-probe": {},
+    "zs-lp": {},
+    "clap": {},
+    "syntrans": {**FAST, "meta_steps": 15},
+    "cross-modal-lp": {**FAST, "iters": 400, "warmup_iters": 10},
+}  # the authors' 12,800 steps: 24 s a fit
 
 
 def fast(method: str, **extra) -> dict:
@@ -52,8 +59,18 @@ def fast(method: str, **extra) -> dict:
 
 def fit(store, method: str, shots: int, tmp_path, seed: int = 1, tag: str = "", **options):
     out = tmp_path / f"{method}-{shots}-{seed}{tag}"
-    r = api.adapt(AdaptConfig(store=str(store.path), method=method, shots=shots, seed=seed, out=str(out),
-                              device="cpu", options=fast(method, **options), force=True))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(store.path),
+            method=method,
+            shots=shots,
+            seed=seed,
+            out=str(out),
+            device="cpu",
+            options=fast(method, **options),
+            force=True,
+        )
+    )
     state = load_state(r.out)
     m = METHODS.get(method)()
     return state, m.head(state, store, CPU), m
@@ -65,8 +82,12 @@ def novel_episodes(store, way=3, shot=2, query=4, episodes=6, seed=0):
     eps = sample_episodes(y, classes, way, shot, query, episodes, seed)
     xt = torch.from_numpy(x)
     E = len(eps.classes)
-    return (xt[torch.from_numpy(eps.support)], torch.from_numpy(eps.classes),
-            xt[torch.from_numpy(eps.query.reshape(E, -1))], torch.arange(way).repeat_interleave(query))
+    return (
+        xt[torch.from_numpy(eps.support)],
+        torch.from_numpy(eps.classes),
+        xt[torch.from_numpy(eps.query.reshape(E, -1))],
+        torch.arange(way).repeat_interleave(query),
+    )
 
 
 def allway_task(store, shot=2, seed=1):
@@ -74,8 +95,12 @@ def allway_task(store, shot=2, seed=1):
     xt_, yt_ = store.gather(None, ["test"])
     classes = np.unique(y)
     rows = C.sample_shots(y, classes, shot, seed)
-    return (torch.from_numpy(x)[torch.from_numpy(rows)][None], torch.from_numpy(classes)[None],
-            torch.from_numpy(xt_)[None], torch.from_numpy(yt_))
+    return (
+        torch.from_numpy(x)[torch.from_numpy(rows)][None],
+        torch.from_numpy(classes)[None],
+        torch.from_numpy(xt_)[None],
+        torch.from_numpy(yt_),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +122,38 @@ def _clip_like_store(path):
     text = text + 0.25 * rng.normal(size=text.shape).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     order = rng.permutation(20)
-    split = {"base": sorted(order[:10].tolist()), "val": sorted(order[10:15].tolist()), "novel": sorted(order[15:].tolist())}
-    return FeatureStore.from_arrays(path, splits, [f"class {i}" for i in range(20)], split, text_embeddings=text,
-                                    encoder={"spec": "synthetic-features:clip-like", "joint": True}, chunk_rows=64)
+    split = {
+        "base": sorted(order[:10].tolist()),
+        "val": sorted(order[10:15].tolist()),
+        "novel": sorted(order[15:].tolist()),
+    }
+    return FeatureStore.from_arrays(
+        path,
+        splits,
+        [f"class {i}" for i in range(20)],
+        split,
+        text_embeddings=text,
+        encoder={"spec": "synthetic-features:clip-like", "joint": True},
+        chunk_rows=64,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_clip_store(image_folder, tiny_clip_dir, tmp_path_factory):
     """The image folder encoded by the tiny open_clip (a joint image-text space)."""
     path = tmp_path_factory.mktemp("tiny-clip-store") / "tiny.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(image_folder), encoder=f"openclip:local-dir:{tiny_clip_dir}",
-                              store=str(path), workers=0, batch_size=16, chunk_rows=16, sample_split=(0.5, 0.25, 0.25)))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(image_folder),
+            encoder=f"openclip:local-dir:{tiny_clip_dir}",
+            store=str(path),
+            workers=0,
+            batch_size=16,
+            chunk_rows=16,
+            sample_split=(0.5, 0.25, 0.25),
+        )
+    )
     return FeatureStore.open(path)
 
 
@@ -117,15 +163,18 @@ def tiny_clip_store(image_folder, tiny_clip_dir, tmp_path_factory):
 def test_every_method_fits_and_scores_both_protocols(method, recipe, kind, stores, tmp_path):
     st = stores[kind]
     if METHODS.get(method).needs_text_encoder:  # prompt learning: tested on a real text tower in test_coop.py
-        with pytest.raises(EncoderError, match=f"{method} learns prompts with the store's text encoder 'synthetic-features"):
+        with pytest.raises(
+            EncoderError, match=f"{method} learns prompts with the store's text encoder 'synthetic-features"
+        ):
             fit(st, method, 2, tmp_path, **recipe)
         return
     state, head, _ = fit(st, method, 2, tmp_path, **recipe)
     assert state.method == method and state.kind == "adapt" and state.store_fingerprint == st.fingerprint
     if hasattr(METHODS.get(method), "recipes"):  # the recipe fitted, and whether the user chose it
         assert state.hparams["recipe"] == recipe.get("recipe", next(iter(METHODS.get(method).recipes)))
-        assert state.selected_on["recipe"] == (f"user-set (--set recipe={recipe['recipe']})" if recipe
-                                               else "default (the published recipe)")
+        assert state.selected_on["recipe"] == (
+            f"user-set (--set recipe={recipe['recipe']})" if recipe else "default (the published recipe)"
+        )
     # every hyper-parameter says where it was chosen, and never on test data
     assert set(state.hparams) <= set(state.selected_on)
     assert not any("test" in str(v) for v in state.selected_on.values())
@@ -150,13 +199,24 @@ def test_every_method_fits_and_scores_both_protocols(method, recipe, kind, store
 
 def test_api_evaluate_runs_states_under_both_protocols(stores, tmp_path):
     st = stores["pair"]
-    r = api.adapt(AdaptConfig(store=str(st.path), method="syntrans", shots=1, out=str(tmp_path / "s"), device="cpu",
-                              options=fast("syntrans")))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(st.path),
+            method="syntrans",
+            shots=1,
+            out=str(tmp_path / "s"),
+            device="cpu",
+            options=fast("syntrans"),
+        )
+    )
     ep = api.evaluate(EvalConfig(store=str(st.path), state=r.out, shots=1, episodes=50, device="cpu"))
     aw = api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=1, device="cpu"))
     assert ep.classifier == "syntrans" and 50 < ep.accuracy <= 100 and ep.ci95 >= 0
     assert aw.classes == 20 and len(aw.per_seed) == 3
-    assert ep.selected_on["episodic.rho"] == "chosen on val classes" and ep.selected_on["allway.a"] == "chosen on val split (min(K, 4) per class)"
+    assert (
+        ep.selected_on["episodic.rho"] == "chosen on val classes"
+        and ep.selected_on["allway.a"] == "chosen on val split (min(K, 4) per class)"
+    )
     assert "meta-trained" in ep.selected_on["episodic.a"]
 
 
@@ -203,14 +263,17 @@ def test_prototype_simpleshot_rule(stores, tmp_path):
     sup, cls, qry, _ = novel_episodes(st)
     mean = torch.from_numpy(st.mean(st.class_split("base")))
     protos = F.normalize(sup - mean, dim=-1).mean(2)
-    want = -torch.cdist(F.normalize(qry - mean, dim=-1).double(), protos.double()) ** 2
+    want = -(torch.cdist(F.normalize(qry - mean, dim=-1).double(), protos.double()) ** 2)
     torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-5, atol=1e-5)
     s, c, q, _ = allway_task(st)
     m = s.mean(dim=(1, 2))[:, None]
-    want = -torch.cdist(F.normalize(q - m, dim=-1).double(), F.normalize(s - m[:, None], dim=-1).mean(2).double()) ** 2
+    want = (
+        -(torch.cdist(F.normalize(q - m, dim=-1).double(), F.normalize(s - m[:, None], dim=-1).mean(2).double()) ** 2)
+    )
     torch.testing.assert_close(head.fit(s, c).logits(q).double(), want, rtol=1e-5, atol=1e-5)
-    r = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "prototype-2-1-ss"), shots=2, episodes=50,
-                                device="cpu"))
+    r = api.evaluate(
+        EvalConfig(store=str(st.path), state=str(tmp_path / "prototype-2-1-ss"), shots=2, episodes=50, device="cpu")
+    )
     assert 20 < r.accuracy <= 100 and "simpleshot" in str(r.selected_on)
     with pytest.raises(ConfigError, match="--set rule must be one of cosine, simpleshot, got 'l2'"):
         fit(st, "prototype", 2, tmp_path, tag="-bad", rule="l2")
@@ -225,7 +288,9 @@ def test_tip_adapter_matches_its_formula(stores, tmp_path):
     q = F.normalize(qry, dim=-1).double()
     keys = F.normalize(sup, dim=-1).reshape(len(sup), -1, sup.shape[-1]).double()
     values = F.one_hot(torch.arange(3).repeat_interleave(2), 3).double()
-    want = 100 * q @ text[cls].double().transpose(1, 2) + 3.0 * torch.exp(-2.0 * (1 - q @ keys.transpose(1, 2))) @ values
+    want = (
+        100 * q @ text[cls].double().transpose(1, 2) + 3.0 * torch.exp(-2.0 * (1 - q @ keys.transpose(1, 2))) @ values
+    )
     torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-4, atol=1e-3)
 
 
@@ -247,7 +312,9 @@ def test_faiss_cache_equals_the_dense_cache():
     centres = torch.randn(7, 16, generator=g)
     values = torch.randint(0, 7, (1, 300), generator=g)
     keys = F.normalize(centres[values] + 0.5 * torch.randn(1, 300, 16, generator=g), dim=-1)
-    q = F.normalize(centres[torch.randint(0, 7, (1, 50), generator=g)] + 0.5 * torch.randn(1, 50, 16, generator=g), dim=-1)
+    q = F.normalize(
+        centres[torch.randint(0, 7, (1, 50), generator=g)] + 0.5 * torch.randn(1, 50, 16, generator=g), dim=-1
+    )
     dense = cache_logits(q, keys, values, 7, 5.5, use_faiss=False)
     exact = cache_logits(q, keys, values, 7, 5.5, topk=300, use_faiss=True)
     torch.testing.assert_close(exact, dense, rtol=1e-4, atol=1e-5)
@@ -285,8 +352,10 @@ def test_linear_probe_reaches_the_regularised_optimum():
     w = p.weights.clone().requires_grad_(True)
     b = p.bias.clone().requires_grad_(True)
     logits = SCALE * torch.bmm(x.reshape(E, N * K, D), w.transpose(1, 2)) + b[:, None]
-    loss = (F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
-            + 0.5 * wd * ((w - w0) ** 2).sum((1, 2))).sum()
+    loss = (
+        F.cross_entropy(logits.reshape(-1, N), y.reshape(-1), reduction="none").reshape(E, -1).mean(1)
+        + 0.5 * wd * ((w - w0) ** 2).sum((1, 2))
+    ).sum()
     gw, gb = torch.autograd.grad(loss, [w, b])
     assert gw.abs().max() < 2e-3 and gb.abs().max() < 2e-3
 
@@ -338,8 +407,10 @@ def _zero_shot_logits(st, support, classes, query, tmp_path, shots=0):
 def test_tip_adapter_with_alpha_zero_is_zero_shot(kind, stores, tiny_clip_store, tmp_path):
     st = tiny_clip_store if kind == "tiny-clip" else stores[kind]
     _, tip, _ = fit(st, "tip-adapter", 1, tmp_path, alpha=0.0)
-    for task in ([t for t in novel_episodes(st, way=2, shot=1, query=1)[:3]] if kind != "tiny-clip" else [],
-                 list(allway_task(st, shot=1)[:3])):
+    for task in (
+        [t for t in novel_episodes(st, way=2, shot=1, query=1)[:3]] if kind != "tiny-clip" else [],
+        list(allway_task(st, shot=1)[:3]),
+    ):
         if not task:
             continue
         sup, cls, qry = task
@@ -436,8 +507,16 @@ def test_parity_references_reproduce_fskd_on_identical_features(method, tol, sto
     parity = _parity_module()
     st = stores["joint"]
     state, _, _ = fit(st, method, 2, tmp_path)
-    ours = api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / f"{method}-2-1"), protocol="allway", shots=2,
-                                   seeds=(1,), device="cpu")).accuracy
+    ours = api.evaluate(
+        EvalConfig(
+            store=str(st.path),
+            state=str(tmp_path / f"{method}-2-1"),
+            protocol="allway",
+            shots=2,
+            seeds=(1,),
+            device="cpu",
+        )
+    ).accuracy
     if method == "prototype":
         inp = parity.inputs(st, 2, 1, None)
         sup = inp["support"][0]
@@ -464,7 +543,7 @@ def test_tip_adapter_f_keys_train_per_episode_when_batched():
     assert not torch.allclose(both, support.reshape(E, N * K, D))  # the keys moved
     for e in range(E):
         alone = train_keys(space(slice(e, e + 1)), 4.0, 5.5, epochs=6, stop=4, lr=1e-2, seed=3).keys
-        torch.testing.assert_close(both[e:e + 1], alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(both[e : e + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_tip_adapter_f_re_searches_alpha_and_beta_with_its_fine_tuned_keys(stores, tmp_path):
@@ -484,8 +563,11 @@ def test_tip_adapter_f_re_searches_alpha_and_beta_with_its_fine_tuned_keys(store
     q = ts.embed(task.query)
     sims = torch.bmm(q, keys.transpose(1, 2))
     onehot = F.one_hot(torch.arange(ts.weights.shape[1]).repeat_interleave(2), ts.weights.shape[1]).float()[None]
-    acc = {(a, b): task.accuracy(100 * torch.bmm(q, ts.weights.transpose(1, 2)) + a * torch.exp(-b * (1 - sims)) @ onehot)
-           for a in ALPHA for b in BETA}
+    acc = {
+        (a, b): task.accuracy(100 * torch.bmm(q, ts.weights.transpose(1, 2)) + a * torch.exp(-b * (1 - sims)) @ onehot)
+        for a in ALPHA
+        for b in BETA
+    }
     chosen = (C.hp(state, C.ALLWAY, "alpha"), C.hp(state, C.ALLWAY, "beta"))
     assert abs(acc[chosen] - max(acc.values())) < 1e-9, (chosen, acc[chosen], max(acc.values()))
 
@@ -496,11 +578,22 @@ def test_more_shots_never_hurt_on_average(method, recipe, stores, tmp_path):
     st = stores["hard"]
     accs = []
     for k in (1, 2, 4, 8):
-        r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=k, out=str(tmp_path / f"{method}{k}"),
-                                  device="cpu", options=fast(method, **recipe)))
-        accs.append(api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=k,
-                                            device="cpu")).accuracy)
-    zs = api.evaluate(EvalConfig(store=str(st.path), classifier="text", protocol="allway", shots=1, device="cpu")).accuracy
+        r = api.adapt(
+            AdaptConfig(
+                store=str(st.path),
+                method=method,
+                shots=k,
+                out=str(tmp_path / f"{method}{k}"),
+                device="cpu",
+                options=fast(method, **recipe),
+            )
+        )
+        accs.append(
+            api.evaluate(EvalConfig(store=str(st.path), state=r.out, protocol="allway", shots=k, device="cpu")).accuracy
+        )
+    zs = api.evaluate(
+        EvalConfig(store=str(st.path), classifier="text", protocol="allway", shots=1, device="cpu")
+    ).accuracy
     assert all(b >= a - 1.5 for a, b in zip(accs[:-1], accs[1:], strict=True)), accs
     assert accs[-1] > accs[0] + 3 and accs[-1] > zs, (accs, zs)
 
@@ -517,15 +610,27 @@ def test_a_variant_is_a_recipe_of_its_method(stores, tmp_path):
     from fskd.methods.base import STATE_JSON, STATE_STEM, STATE_VERSION
 
     st = stores["pair"]
-    for method, recipes in (("linear-probe", ["published", "tuned"]), ("lp++", ["published", "tuned"]),
-                            ("fma", ["published", "lite"])):
+    for method, recipes in (
+        ("linear-probe", ["published", "tuned"]),
+        ("lp++", ["published", "tuned"]),
+        ("fma", ["published", "lite"]),
+    ):
         assert list(METHODS.get(method).recipes) == recipes and "recipe=" in METHODS.describe(method)
     assert not {"linear-probe-tuned", "lp++-tuned", "fma-lite"} & set(METHODS.names())
-    with pytest.raises(ConfigError, match=r"lp\+\+: unknown recipe 'fast'; recipes: published \(the default: the "
-                                          r"published recipe\), tuned"):
-        api.adapt(AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"recipe": "fast"}))
-    with pytest.raises(ConfigError, match=r"LPPOptions: unknown key\(s\) alpha0; valid keys: .*\(recipe=tuned takes alpha0"):
-        api.adapt(AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"alpha0": 1.0}))
+    with pytest.raises(
+        ConfigError,
+        match=r"lp\+\+: unknown recipe 'fast'; recipes: published \(the default: the "
+        r"published recipe\), tuned",
+    ):
+        api.adapt(
+            AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"recipe": "fast"})
+        )
+    with pytest.raises(
+        ConfigError, match=r"LPPOptions: unknown key\(s\) alpha0; valid keys: .*\(recipe=tuned takes alpha0"
+    ):
+        api.adapt(
+            AdaptConfig(store=str(st.path), method="lp++", shots=1, out=str(tmp_path / "x"), options={"alpha0": 1.0})
+        )
     with pytest.raises(ConfigError, match=r"LinearProbeOptions: unknown key\(s\) c; .*\(recipe=published takes c"):
         METHODS.get("linear-probe").options.from_dict({"recipe": "tuned", "c": 1.0})
     assert METHODS.get("lp++").options.from_dict({"recipe": "tuned", "alpha0": 1.0}).alpha0 == 1.0
@@ -534,12 +639,23 @@ def test_a_variant_is_a_recipe_of_its_method(stores, tmp_path):
     assert state.method == "linear-probe" and state.config["options"] == {"recipe": "tuned", "steps": [10], **FAST}
     assert state.hparams["recipe"] == "tuned" and state.hparams["allway.steps"] == 10
     assert isinstance(m.recipe(state), LinearProbeTuned) and head.name == "linear-probe"
-    assert api.evaluate(EvalConfig(store=str(st.path), state=str(tmp_path / "linear-probe-1-1"), way=3, shots=1,
-                                   episodes=20, device="cpu")).accuracy > 40
+    assert (
+        api.evaluate(
+            EvalConfig(
+                store=str(st.path), state=str(tmp_path / "linear-probe-1-1"), way=3, shots=1, episodes=20, device="cpu"
+            )
+        ).accuracy
+        > 40
+    )
     old = tmp_path / "old"
     old.mkdir()
-    write_bundle(old, STATE_JSON, STATE_STEM, {"format": "fskd-state", **state.info(), "method": "linear-probe-tuned",
-                                               "state_version": 2}, state.tensors)
+    write_bundle(
+        old,
+        STATE_JSON,
+        STATE_STEM,
+        {"format": "fskd-state", **state.info(), "method": "linear-probe-tuned", "state_version": 2},
+        state.tensors,
+    )
     assert STATE_VERSION == 3
     with pytest.raises(StateError, match="state version 2, this fskd reads 3; fit the state again with this fskd"):
         load_state(old)
@@ -553,19 +669,37 @@ def test_descriptions_file_must_match_the_classes(stores, tmp_path):
     bad.write_text(json.dumps({**{n: [f"a {n}"] for n in names[1:]}, "Dodo": ["extinct"]}))
     for method in ("zero-shot", "syntrans"):
         with pytest.raises(ConfigError) as e:
-            api.adapt(AdaptConfig(store=str(st.path), method=method, shots=1, descriptions=str(bad),
-                                  out=str(tmp_path / "x"), options=fast(method)))
+            api.adapt(
+                AdaptConfig(
+                    store=str(st.path),
+                    method=method,
+                    shots=1,
+                    descriptions=str(bad),
+                    out=str(tmp_path / "x"),
+                    options=fast(method),
+                )
+            )
         assert names[0] in str(e.value) and "Dodo" in str(e.value)
     with pytest.raises(ConfigError, match="'prototype' uses no class text: --descriptions"):
-        api.adapt(AdaptConfig(store=str(st.path), method="prototype", shots=1, descriptions=str(bad), out=str(tmp_path / "p")))
+        api.adapt(
+            AdaptConfig(store=str(st.path), method="prototype", shots=1, descriptions=str(bad), out=str(tmp_path / "p"))
+        )
 
 
 def test_descriptions_are_encoded_with_the_stores_text_encoder(tiny_clip_store, tmp_path):
     st = tiny_clip_store
     desc = tmp_path / "desc.json"
     desc.write_text(json.dumps({n: [f"a small bird called {n}", "it sings"] for n in st.class_names}))
-    r = api.adapt(AdaptConfig(store=str(st.path), method="zero-shot", shots=1, descriptions=str(desc),
-                              out=str(tmp_path / "zs"), device="cpu"))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(st.path),
+            method="zero-shot",
+            shots=1,
+            descriptions=str(desc),
+            out=str(tmp_path / "zs"),
+            device="cpu",
+        )
+    )
     state = load_state(r.out)
     text = state.tensors["text"]
     assert text.shape == (st.num_classes, st.attrs["text"]["dim"]) and torch.isfinite(text).all()
@@ -590,11 +724,18 @@ def test_unknown_options_and_missing_text_are_clear(tmp_path):
     from fskd.store.synthetic import synthetic_features
 
     splits, _ = synthetic_features(n_classes=12)
-    st = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, [f"c{i}" for i in range(12)],
-                                  {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]})
+    st = FeatureStore.from_arrays(
+        tmp_path / "notext.zarr",
+        splits,
+        [f"c{i}" for i in range(12)],
+        {"base": list(range(6)), "val": [6, 7, 8], "novel": [9, 10, 11]},
+    )
     with pytest.raises(ConfigError, match="unknown key.*alhpa.*valid keys.*alpha"):
-        api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x"),
-                              options={"alhpa": 1}))
+        api.adapt(
+            AdaptConfig(
+                store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x"), options={"alhpa": 1}
+            )
+        )
     with pytest.raises(StoreError, match="needs class text features"):
         api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=1, out=str(tmp_path / "x")))
     r = api.adapt(AdaptConfig(store=str(st.path), method="linear-probe", shots=1, out=str(tmp_path / "lp")))
@@ -610,7 +751,9 @@ def test_residual_adapter_exposes_its_adapted_features(stores, tmp_path):
     x, _ = st.gather(st.class_split("novel"))
     out = fmap(torch.from_numpy(x))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    assert not torch.allclose(F.normalize(out, dim=-1), F.normalize(torch.from_numpy(x) - torch.from_numpy(x).mean(0), dim=-1))
+    assert not torch.allclose(
+        F.normalize(out, dim=-1), F.normalize(torch.from_numpy(x) - torch.from_numpy(x).mean(0), dim=-1)
+    )
     assert state.hparams["features"] == "shots"
     st_base, _, _ = fit(st, "residual-adapter", 2, tmp_path, tag="-base", features="base")
     assert st_base.hparams["features"] == "base" and m.features(st_base, st, CPU)(torch.from_numpy(x)).shape == x.shape
@@ -621,18 +764,58 @@ def test_cli_adapt_then_eval(stores, tmp_path):
     st = stores["joint"]
     out = tmp_path / "tip"
     runner = CliRunner()
-    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", "tip-adapter", "--shots", "2",
-                              "--out", str(out), "--device", "cpu", "--set", "val_episodes=30"])
+    res = runner.invoke(
+        app,
+        [
+            "adapt",
+            "--store",
+            str(st.path),
+            "--method",
+            "tip-adapter",
+            "--shots",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--set",
+            "val_episodes=30",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert "tip-adapter (adapt)" in res.output and "episodic.alpha " in res.output and "chosen on val classes" in res.output
+    assert (
+        "tip-adapter (adapt)" in res.output
+        and "episodic.alpha " in res.output
+        and "chosen on val classes" in res.output
+    )
     info = json.loads((out / "state.json").read_text())
-    assert info["method"] == "tip-adapter" and info["selected_on"]["allway.beta"] == "chosen on val split (min(K, 4) per class)"
-    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--shot", "2", "--episodes", "30",
-                              "--json", "--device", "cpu"])
+    assert (
+        info["method"] == "tip-adapter"
+        and info["selected_on"]["allway.beta"] == "chosen on val split (min(K, 4) per class)"
+    )
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--store",
+            str(st.path),
+            "--state",
+            str(out),
+            "--shot",
+            "2",
+            "--episodes",
+            "30",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.output.strip().splitlines()[-1])
     assert r["classifier"] == "tip-adapter" and r["accuracy"] > 50
-    res = runner.invoke(app, ["adapt", "--store", str(st.path), "--method", "tip-adaptor", "--out", str(tmp_path / "y")])
+    res = runner.invoke(
+        app, ["adapt", "--store", str(st.path), "--method", "tip-adaptor", "--out", str(tmp_path / "y")]
+    )
     assert res.exit_code == 2 and "'tip-adaptor' is not one of" in res.output and "'tip-adapter'" in res.output
 
 
@@ -654,7 +837,9 @@ def test_real_cub35_tip_adapter_f_fine_tuning_beats_the_training_free_cache(cub3
     acc = {}
     for m in ("tip-adapter", "tip-adapter-f"):
         r = api.adapt(AdaptConfig(store=cub35_store, method=m, shots=4, seed=1, out=str(tmp_path / m)))
-        acc[m] = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=4, seeds=(1,))).accuracy
+        acc[m] = api.evaluate(
+            EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=4, seeds=(1,))
+        ).accuracy
     assert acc["tip-adapter-f"] > acc["tip-adapter"] + 1.0, acc
 
 
@@ -682,13 +867,16 @@ def test_linear_probe_is_scikit_learns_logistic_regression_per_episode():
         E, K, D = 3, 3, 12
         centres = torch.randn(E, N, 1, D, generator=g)
         support = F.normalize(centres + 0.7 * torch.randn(E, N, K, D, generator=g), dim=-1)
-        query = F.normalize(centres[:, :, 0].repeat_interleave(5, 1) + 0.7 * torch.randn(E, 5 * N, D, generator=g), dim=-1)
+        query = F.normalize(
+            centres[:, :, 0].repeat_interleave(5, 1) + 0.7 * torch.randn(E, 5 * N, D, generator=g), dim=-1
+        )
         w, b, capped = fit_episodes(support, 1.0, 1000)
         assert w.shape == (E, N, D) and b.shape == (E, N) and capped == 0
         ours = (torch.bmm(query, w.transpose(1, 2)) + b[:, None]).argmax(-1)
         for e in range(E):
             clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=1.0).fit(
-                support[e].reshape(N * K, D).numpy(), np.repeat(np.arange(N), K))
+                support[e].reshape(N * K, D).numpy(), np.repeat(np.arange(N), K)
+            )
             np.testing.assert_array_equal(ours[e].numpy(), clf.predict(query[e].numpy()))
     # the C search visits lpclip's 7-value grid first, then bisects around the best
     x, y = support[0].reshape(-1, D).numpy(), np.repeat(np.arange(N), K)

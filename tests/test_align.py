@@ -83,8 +83,17 @@ def test_training_noise_is_standard_normal_in_the_flow_coordinates(monkeypatch):
 
     monkeypatch.setattr(flow, "straight_path", spy)
     x0 = torch.nn.functional.normalize(torch.randn(256, 128), dim=-1)
-    train_field(VelocityField(128, 32, 1), x0, x0.flip(0), iters=20, batch_size=128, lr=1e-3, weight_decay=0.0,
-                gamma=0.5, seed=0)
+    train_field(
+        VelocityField(128, 32, 1),
+        x0,
+        x0.flip(0),
+        iters=20,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.0,
+        gamma=0.5,
+        seed=0,
+    )
     noise = torch.cat(seen)
     assert noise.shape == (20 * 128, 128)
     assert abs(float(noise.std()) - 1.0) < 0.02 and abs(float(noise.mean())) < 0.02
@@ -240,8 +249,19 @@ def test_epoch_schedule_visits_every_pair_once_per_epoch_with_warmup_then_cosine
     x1 = torch.zeros(n, 4)
     steps = []
     f = VelocityField(4, width=8, depth=1)
-    flow.train_field(f, x0, x1, epochs=3, warmup_epochs=1, batch_size=4, lr=1e-3, weight_decay=0.01, gamma=0.0, seed=0,
-                     progress=lambda s, i, total, d: steps.append((i, total)))
+    flow.train_field(
+        f,
+        x0,
+        x1,
+        epochs=3,
+        warmup_epochs=1,
+        batch_size=4,
+        lr=1e-3,
+        weight_decay=0.01,
+        gamma=0.0,
+        seed=0,
+        progress=lambda s, i, total, d: steps.append((i, total)),
+    )
     assert [len(b) for b in seen] == [4, 4, 2] * 3  # batches of 4, the last of each epoch smaller (no drop)
     for e in range(3):
         assert sorted(sum(seen[3 * e : 3 * e + 3], [])) == list(range(n))  # each pair once per epoch
@@ -265,7 +285,9 @@ def test_epoch_schedule_visits_every_pair_once_per_epoch_with_warmup_then_cosine
                 sched.step()
         got = [2e-4 * flow.lr_factor(i, total, warm) for i in range(total)]
         assert got == pytest.approx(expected, rel=1e-9, abs=1e-15), (per_epoch, epochs, warm_epochs)
-    assert flow.lr_factor(1, 400, 2) == 0.5 and flow.lr_factor(2, 400, 2) == pytest.approx(0.5, rel=1e-4)  # 1 shot: half
+    assert flow.lr_factor(1, 400, 2) == 0.5 and flow.lr_factor(2, 400, 2) == pytest.approx(
+        0.5, rel=1e-4
+    )  # 1 shot: half
 
 
 def test_trained_field_with_gamma_zero_reaches_text_in_one_step():
@@ -301,9 +323,19 @@ def test_fma_is_registered_as_an_align_method():
 
 def test_fma_defaults_are_the_reference_recipe(synthetic_store, tmp_path):
     o = FMAOptions()
-    assert (o.arch, o.width, o.depth, o.epochs, o.warmup_epochs, o.iters, o.batch_size) == ("adaln", 0, 12, 200, 1.0, 0, 32)
+    assert (o.arch, o.width, o.depth, o.epochs, o.warmup_epochs, o.iters, o.batch_size) == (
+        "adaln",
+        0,
+        12,
+        200,
+        1.0,
+        0,
+        32,
+    )
     assert (o.lr, o.weight_decay, o.solver, o.proto_weights, o.pca) == (2e-4, 0.01, "euler", (0.0,), 0)
-    assert FMAPublished.gammas == (0.0,) and FMAPublished.steps == (10,)  # gamma 0; Euler steps of 0.1, stop after 0..10
+    assert FMAPublished.gammas == (0.0,) and FMAPublished.steps == (
+        10,
+    )  # gamma 0; Euler steps of 0.1, stop after 0..10
     # the published recipe, nothing overridden, on a small joint store (32-d: a 12-block field of width 32)
     store = synthetic_store(joint=True, n_classes=12, noise=1.2, gap=3.0, seed=3)
     r = api.align(AlignConfig(store=str(store.path), shots=4, out=str(tmp_path / "ref")))
@@ -311,7 +343,12 @@ def test_fma_defaults_are_the_reference_recipe(synthetic_store, tmp_path):
     hp = state.hparams
     assert state.method == "fma" and (hp["arch"], hp["depth"], hp["epochs"]) == ("adaln", 12, 200)
     assert hp["recipe"] == "published" and state.selected_on["recipe"] == "default (the published recipe)"
-    assert (hp["allway.solver"], hp["allway.steps"], hp["allway.proto_weight"], hp["allway.flow_dim"]) == ("euler", 10, 0.0, 32)
+    assert (hp["allway.solver"], hp["allway.steps"], hp["allway.proto_weight"], hp["allway.flow_dim"]) == (
+        "euler",
+        10,
+        0.0,
+        32,
+    )
     assert 0 <= hp["allway.stop"] <= 10 and state.selected_on["allway.stop"].startswith("chosen on val split")
     assert "allway.basis" not in state.tensors  # the full feature space
     assert state.tensors["allway.field.blocks.11.ada.1.weight"].shape == (96, 32)
@@ -339,7 +376,9 @@ def test_allway_targets_through_a_bridge_are_not_the_prototypes(synthetic_store)
     e = torch.nn.functional.normalize(torch.from_numpy(x) - mean, dim=-1)
     protos = torch.nn.functional.normalize(e.reshape(len(classes), 4, -1).mean(1), dim=-1)
     text = torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32))
-    insample = Bridge.fit(torch.from_numpy(x), torch.from_numpy(y).long(), text, ridge=1e-3, mean=mean).text_to_image(text)
+    insample = Bridge.fit(torch.from_numpy(x), torch.from_numpy(y).long(), text, ridge=1e-3, mean=mean).text_to_image(
+        text
+    )
     cos_in = float((insample[classes] * protos).sum(-1).mean())
     cos_loo = float((targets[classes] * protos).sum(-1).mean())
     assert cos_in > 0.95, cos_in  # what the old all-way targets were
@@ -390,8 +429,13 @@ def test_head_logits_equal_cosines_of_transported_queries(synthetic_store):
     prepared = head.prepare(xt)
     logits = head.fit(prepared[rows][None], classes).logits(prepared[None])[0]
     e = torch.nn.functional.normalize(xt, dim=-1)  # identity bridge: plain L2 normalisation
-    z = trajectory(part.field, e @ part.space.basis if part.space.basis is not None else e,
-                   part.hp["steps"], part.hp["stop"], part.hp["solver"])[-1]
+    z = trajectory(
+        part.field,
+        e @ part.space.basis if part.space.basis is not None else e,
+        part.hp["steps"],
+        part.hp["stop"],
+        part.hp["solver"],
+    )[-1]
     manual = torch.nn.functional.normalize(z, dim=-1) @ part.targets.T
     assert torch.allclose(logits, manual, atol=1e-5)
 
@@ -424,7 +468,9 @@ def test_same_seed_same_state_other_seed_differs(synthetic_store):
     store = synthetic_store(joint=True, n_classes=8, seed=4)
 
     def tensors(seed):
-        return load_state(align(store, shots=3, seed=seed, out=str(store.path) + f"-s{seed}-{np.random.rand()}").out).tensors
+        return load_state(
+            align(store, shots=3, seed=seed, out=str(store.path) + f"-s{seed}-{np.random.rand()}").out
+        ).tensors
 
     a, b, c = tensors(7), tensors(7), tensors(8)
     assert a.keys() == b.keys()
@@ -460,8 +506,12 @@ def test_fma_on_residual_adapter_features(synthetic_store, tmp_path):
 # -- bad input --------------------------------------------------------------------------------------
 def test_store_without_text_features_is_a_clear_error(tmp_path):
     rng = np.random.default_rng(0)
-    splits = {s: (rng.normal(size=(24, 8)).astype(np.float32), np.repeat(np.arange(4), 6)) for s in ("train", "val", "test")}
-    store = FeatureStore.from_arrays(tmp_path / "notext.zarr", splits, list("abcd"), {"base": [0, 1], "val": [2], "novel": [3]})
+    splits = {
+        s: (rng.normal(size=(24, 8)).astype(np.float32), np.repeat(np.arange(4), 6)) for s in ("train", "val", "test")
+    }
+    store = FeatureStore.from_arrays(
+        tmp_path / "notext.zarr", splits, list("abcd"), {"base": [0, 1], "val": [2], "novel": [3]}
+    )
     with pytest.raises(StoreError, match="no class text features"):
         align(store, shots=2)
 
@@ -474,12 +524,19 @@ def test_mismatched_dimensions_without_a_bridge(synthetic_store, tmp_path):
     from fskd.store.synthetic import synthetic_features
 
     splits, text = synthetic_features(n_classes=6, joint=False, seed=0)
-    joint = FeatureStore.from_arrays(tmp_path / "badjoint.zarr", splits, [f"c{i}" for i in range(6)],
-                                     {"base": [0, 1, 2], "val": [3, 4], "novel": [5]}, text_embeddings=text,
-                                     encoder={"joint": True})
+    joint = FeatureStore.from_arrays(
+        tmp_path / "badjoint.zarr",
+        splits,
+        [f"c{i}" for i in range(6)],
+        {"base": [0, 1, 2], "val": [3, 4], "novel": [5]},
+        text_embeddings=text,
+        encoder={"joint": True},
+    )
     with pytest.raises(ConfigError, match="the store says its encoder is joint"):
         align(joint, shots=2)
-    assert load_state(align(joint, shots=2, options={"bridge": "ridge"}).out).hparams["allway.bridge"].startswith("ridge")
+    assert (
+        load_state(align(joint, shots=2, options={"bridge": "ridge"}).out).hparams["allway.bridge"].startswith("ridge")
+    )
 
 
 def test_k_larger_than_available_and_bad_options(synthetic_store):
@@ -511,7 +568,7 @@ def test_gamma_candidates_are_chosen_on_validation(synthetic_store, tmp_path):
     assert state.selected_on["allway.gamma"].startswith("chosen on val split")
     # the kept field is the one a run given only that gamma trains (same seed, same data)
     alone = load_state(align(store, shots=4, steps=(1, 2), gamma=chosen, out=str(tmp_path / "alone")).out)
-    assert alone.selected_on["allway.gamma"] .startswith("user-set (gamma=")
+    assert alone.selected_on["allway.gamma"].startswith("user-set (gamma=")
     field_keys = [k for k in alone.tensors if k.startswith("allway.field.")]
     assert len(field_keys) > 2
     for k in field_keys:
@@ -525,19 +582,56 @@ def test_cli_align_then_eval(synthetic_store, tmp_path):
     store = synthetic_store(joint=False, n_classes=12, seed=9)
     out = tmp_path / "cli-fma"
     runner = CliRunner()
-    res = runner.invoke(app, ["align", "--store", str(store.path), "--method", "fma", "--shots", "3", "--steps", "1,2,4",
-                              "--gamma", "0.3", "--out", str(out), "--set", "width=64", "--set", "iters=120"])
+    res = runner.invoke(
+        app,
+        [
+            "align",
+            "--store",
+            str(store.path),
+            "--method",
+            "fma",
+            "--shots",
+            "3",
+            "--steps",
+            "1,2,4",
+            "--gamma",
+            "0.3",
+            "--out",
+            str(out),
+            "--set",
+            "width=64",
+            "--set",
+            "iters=120",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert f"fma (align) -> {out}" in res.output and "allway.stop " in res.output
     state = load_state(out)
     assert state.hparams["gamma"] == 0.3 and state.selected_on["gamma"] == "user-set (gamma=0.3)"
     assert state.hparams["allway.steps"] in (1, 2, 4) and state.hparams["width"] == 64
     assert state.config["steps"] == [1, 2, 4]
-    res = runner.invoke(app, ["eval", "--store", str(store.path), "--state", str(out), "--protocol", "allway",
-                              "--shot", "3", "--seeds", "1", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--store",
+            str(store.path),
+            "--state",
+            str(out),
+            "--protocol",
+            "allway",
+            "--shot",
+            "3",
+            "--seeds",
+            "1",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cli_acc = json.loads(res.output.strip().splitlines()[-1])["accuracy"]
-    api_acc = api.evaluate(EvalConfig(store=str(store.path), state=str(out), protocol="allway", shots=3, seeds=(1,))).accuracy
+    api_acc = api.evaluate(
+        EvalConfig(store=str(store.path), state=str(out), protocol="allway", shots=3, seeds=(1,))
+    ).accuracy
     assert cli_acc == api_acc and cli_acc > 100 / 12 * 2
     bad = runner.invoke(app, ["align", "--store", str(store.path), "--shots", "50", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "larger than available" in bad.output

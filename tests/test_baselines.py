@@ -91,7 +91,7 @@ def test_gda_new_classes_follow_the_authors_base_to_new_rule():
 def test_clap_multipliers_are_each_class_zero_shot_confidence():
     """Class 0's shot is its text weight (softmax(100, 0) = 1 - e^-100); class 1's sits halfway
     between the two texts (softmax(70.7, 70.7) = 1/2)."""
-    x = torch.tensor([[1.0, 0.0], [2 ** -0.5, 2 ** -0.5]])[None]
+    x = torch.tensor([[1.0, 0.0], [2**-0.5, 2**-0.5]])[None]
     lam = zero_shot_confidence(x, torch.tensor([[0, 1]]), torch.eye(2)[None])
     torch.testing.assert_close(lam, torch.tensor([[1.0, 0.5]]))
 
@@ -108,8 +108,9 @@ def test_zs_lp_is_sgd_with_the_authors_schedule():
     ours, _ = train_probe(x, y, 12, t, False, seed=0, epochs=6)
     w = torch.nn.Parameter(t[0].clone())
     opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
-    B.torch_steps(opt, 6, lambda epoch: lr_at(epoch, 6, 0.1),
-                lambda: F.cross_entropy(100 * x[0] @ F.normalize(w, dim=-1).T, y[0]))
+    B.torch_steps(
+        opt, 6, lambda epoch: lr_at(epoch, 6, 0.1), lambda: F.cross_entropy(100 * x[0] @ F.normalize(w, dim=-1).T, y[0])
+    )
     torch.testing.assert_close(ours[0], w.detach(), rtol=1e-4, atol=1e-5)
 
 
@@ -173,8 +174,10 @@ def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(baseline_stores,
         monkeypatch.setattr(C, name, refuse)
     st = baseline_stores["joint"]
     for method in ("zs-lp", "clap"):
-        r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu"),
-                      progress=None)
+        r = api.adapt(
+            AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu"),
+            progress=None,
+        )
         assert not any("chosen on" in str(v) for v in r.selected_on.values()), r.selected_on
 
 
@@ -184,13 +187,33 @@ def test_gda_beats_zero_shot_on_a_separable_store_and_transfers_base_to_new(tmp_
     path = B.clip_like_store(tmp_path / "clip-like.zarr")
     acc = {}
     for m in ("zero-shot", "gda"):
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=8, out=str(tmp_path / m), device="cpu",
-                                  options={"val_episodes": 40} if m == "gda" else {}), progress=None)
-        acc[m] = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=8, seeds=(1,),
-                                         device="cpu")).accuracy
+        r = api.adapt(
+            AdaptConfig(
+                store=path,
+                method=m,
+                shots=8,
+                out=str(tmp_path / m),
+                device="cpu",
+                options={"val_episodes": 40} if m == "gda" else {},
+            ),
+            progress=None,
+        )
+        acc[m] = api.evaluate(
+            EvalConfig(store=path, state=r.out, protocol="allway", shots=8, seeds=(1,), device="cpu")
+        ).accuracy
     assert acc["gda"] > acc["zero-shot"] + 5 and acc["gda"] > 60, acc
-    r = api.adapt(AdaptConfig(store=path, method="gda", shots=8, out=str(tmp_path / "b2n"), device="cpu",
-                              base_to_new=True, options={"val_episodes": 40}), progress=None)
+    r = api.adapt(
+        AdaptConfig(
+            store=path,
+            method="gda",
+            shots=8,
+            out=str(tmp_path / "b2n"),
+            device="cpu",
+            base_to_new=True,
+            options={"val_episodes": 40},
+        ),
+        progress=None,
+    )
     st = load_state(r.out)
     assert st.tensors["gda.transfer_rows"].shape == (6 * 8, 32)  # the base half's shots only
     ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
@@ -203,9 +226,13 @@ def test_zs_lp_and_clap_give_new_classes_their_text_weights(tmp_path):
     path = str(make_synthetic_store(tmp_path / "b2n.zarr", n_classes=12, joint=True, seed=2).path)
     new = {}
     for m in ("zero-shot", "zs-lp", "clap"):
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=4, out=str(tmp_path / m), device="cpu", base_to_new=True),
-                      progress=None)
-        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=4, seeds=(1,), device="cpu"))
+        r = api.adapt(
+            AdaptConfig(store=path, method=m, shots=4, out=str(tmp_path / m), device="cpu", base_to_new=True),
+            progress=None,
+        )
+        ev = api.evaluate(
+            EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=4, seeds=(1,), device="cpu")
+        )
         new[m] = ev.new
         assert np.isfinite(ev.base) and ev.base > 100 / 6
     assert new["zs-lp"] == new["clap"] == new["zero-shot"] > 100 / 6, new
@@ -218,8 +245,9 @@ def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
 
     path = B.views_store(tmp_path, 4)
     store = FeatureStore.open(path)
-    states = {m: B.fit_on_views(path, m, tmp_path / m, 4, {"val_episodes": 20} if m == "gda" else {})
-              for m in ("gda", "clap")}
+    states = {
+        m: B.fit_on_views(path, m, tmp_path / m, 4, {"val_episodes": 20} if m == "gda" else {}) for m in ("gda", "clap")
+    }
     # GDA's kept head is the estimator on the 4 x 2 embedded views of each class's shots
     ts, views = B.own_shots(states["gda"], store)
     rows = C.view_rows(ts, views)

@@ -47,8 +47,9 @@ def _episodes(E=3, N=4, K=3, M=10, D=16, seed=0, dtype=torch.float32):
     centres = F.normalize(torch.randn(E, N, 1, D, generator=g, dtype=dtype), dim=-1)
     support = F.normalize(centres + 0.6 * torch.randn(E, N, K, D, generator=g, dtype=dtype), dim=-1)
     truth = torch.randint(0, N, (E, M), generator=g)
-    query = F.normalize(centres[torch.arange(E)[:, None], truth, 0] + 0.6 * torch.randn(E, M, D, generator=g, dtype=dtype),
-                        dim=-1)
+    query = F.normalize(
+        centres[torch.arange(E)[:, None], truth, 0] + 0.6 * torch.randn(E, M, D, generator=g, dtype=dtype), dim=-1
+    )
     text = F.normalize(centres[:, :, 0] + 0.8 * torch.randn(E, N, D, generator=g, dtype=dtype), dim=-1)
     return support, query, truth, text
 
@@ -113,8 +114,14 @@ def test_proker_small_lambda_is_zero_shot_and_large_lambda_a_residual_cache():
 
 def _task(support, query, truth):
     E, N = support.shape[:2]
-    return C.Task(support=support, classes=torch.arange(N)[None].expand(E, -1), query=query, truth=truth,
-                  description="test episodes", on=C.VAL_CLASSES)
+    return C.Task(
+        support=support,
+        classes=torch.arange(N)[None].expand(E, -1),
+        query=query,
+        truth=truth,
+        description="test episodes",
+        on=C.VAL_CLASSES,
+    )
 
 
 def test_proker_search_equals_a_solve_per_candidate_and_keeps_the_first_best():
@@ -195,11 +202,21 @@ def test_ape_batched_equals_the_authors_formulas_per_episode():
     assert logits.shape == (E, query.shape[1], N) and torch.isfinite(logits).all()
     for e in range(E):
         crit = _authors_criterion(text[e].numpy(), support[e].numpy(), 0.3)
-        np.testing.assert_allclose(criterion(text[e:e + 1], support[e:e + 1], 0.3)[0].numpy(), crit, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            criterion(text[e : e + 1], support[e : e + 1], 0.3)[0].numpy(), crit, rtol=1e-5, atol=1e-7
+        )
         idx = np.argsort(-crit, kind="stable")[:12]
         assert sorted(idx.tolist()) == sorted(cache.idx[e].tolist())
-        want = _authors_ape(query[e].numpy(), text[e].numpy(), support[e].reshape(N * K, D).numpy(),
-                            np.repeat(np.arange(N), K), cache.idx[e].numpy(), 2.0, 3.5, 0.4)
+        want = _authors_ape(
+            query[e].numpy(),
+            text[e].numpy(),
+            support[e].reshape(N * K, D).numpy(),
+            np.repeat(np.arange(N), K),
+            cache.idx[e].numpy(),
+            2.0,
+            3.5,
+            0.4,
+        )
         np.testing.assert_allclose(logits[e].numpy(), want, rtol=1e-4, atol=1e-3)
 
 
@@ -210,8 +227,9 @@ def test_ape_key_weights_grow_with_the_texts_error():
     keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # both keys point at class 0's text
     div = key_divergence(keys, t, torch.tensor([[0, 1]]))
     p0 = 1 / (1 + math.exp(-1))
-    torch.testing.assert_close(div[0], torch.tensor([math.log2((1 + 1e-6) / (p0 + 1e-6)),
-                                                     math.log2((1 + 1e-6) / (1 - p0 + 1e-6))]))
+    torch.testing.assert_close(
+        div[0], torch.tensor([math.log2((1 + 1e-6) / (p0 + 1e-6)), math.log2((1 + 1e-6) / (1 - p0 + 1e-6))])
+    )
     assert div[0, 1] > div[0, 0] > 0
 
 
@@ -228,8 +246,13 @@ def test_ape_search_equals_scoring_every_candidate_with_the_head():
     support, query, truth, text = _episodes(E=6, N=4, K=2, M=12, D=24, seed=5)
     task = _task(support, query, truth)
     space = lambda s, c: C.TextSpace(text, lambda x: F.normalize(x, dim=-1), s)  # noqa: E731
-    grid = {"w_sim": (0.2, 0.7), "feat_frac": (0.5, 1.0), "beta": (1.0, 4.0), "alpha": (0.1, 2.0, 6.0),
-            "gamma": (0.0, 0.9)}
+    grid = {
+        "w_sim": (0.2, 0.7),
+        "feat_frac": (0.5, 1.0),
+        "beta": (1.0, 4.0),
+        "alpha": (0.1, 2.0, 6.0),
+        "gamma": (0.0, 0.9),
+    }
     choice = ape_search(task, space, grid, {})
     best, best_s = None, -1.0
     for w in grid["w_sim"]:
@@ -266,18 +289,27 @@ def test_state_scored_by_fskd_eval_all_way(method, kind, baseline_stores, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["proker", "ape"])
-def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(method, baseline_stores, tmp_path,
-                                                                               monkeypatch):
+def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(
+    method, baseline_stores, tmp_path, monkeypatch
+):
     st = baseline_stores["joint"]
-    a, b = (api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / t), device="cpu",
-                                  options=FAST[method]), progress=None) for t in ("a", "b"))
+    a, b = (
+        api.adapt(
+            AdaptConfig(
+                store=str(st.path), method=method, shots=2, out=str(tmp_path / t), device="cpu", options=FAST[method]
+            ),
+            progress=None,
+        )
+        for t in ("a", "b")
+    )
     sa, sb = load_state(a.out), load_state(b.out)
     assert sa.hparams == sb.hparams and all(torch.equal(sa.tensors[k], sb.tensors[k]) for k in sa.tensors)
     # no validation data at all: the authors' own fallbacks, said so in the state
     for name in ("allway_val_task", "episodic_val_task"):
         monkeypatch.setattr(C, name, lambda *a, **k: None)
-    r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / "none"), device="cpu"),
-                  progress=None)
+    r = api.adapt(
+        AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / "none"), device="cpu"), progress=None
+    )
     s = load_state(r.out)
     want = transferred_default(2) if method == "proker" else APE_DEFAULT
     for regime in (C.EPISODIC, C.ALLWAY):
@@ -292,13 +324,27 @@ def test_beat_zero_shot_on_a_separable_store_and_new_classes_are_zero_shot(tmp_p
     acc, new = {}, {}
     for m in ("zero-shot", "proker", "ape"):
         opts = FAST.get(m, {})
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=8, out=str(tmp_path / m), device="cpu", options=opts),
-                      progress=None)
-        acc[m] = api.evaluate(EvalConfig(store=path, state=r.out, protocol="allway", shots=8, seeds=(1,),
-                                         device="cpu")).accuracy
-        r = api.adapt(AdaptConfig(store=path, method=m, shots=8, out=str(tmp_path / f"{m}-b2n"), device="cpu",
-                                  base_to_new=True, options=opts), progress=None)
-        ev = api.evaluate(EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu"))
+        r = api.adapt(
+            AdaptConfig(store=path, method=m, shots=8, out=str(tmp_path / m), device="cpu", options=opts), progress=None
+        )
+        acc[m] = api.evaluate(
+            EvalConfig(store=path, state=r.out, protocol="allway", shots=8, seeds=(1,), device="cpu")
+        ).accuracy
+        r = api.adapt(
+            AdaptConfig(
+                store=path,
+                method=m,
+                shots=8,
+                out=str(tmp_path / f"{m}-b2n"),
+                device="cpu",
+                base_to_new=True,
+                options=opts,
+            ),
+            progress=None,
+        )
+        ev = api.evaluate(
+            EvalConfig(store=path, state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu")
+        )
         assert np.isfinite(ev.base) and ev.base > 100 / 6
         new[m] = ev.new
     assert acc["proker"] > acc["zero-shot"] + 5 and acc["ape"] > acc["zero-shot"] + 5, acc
@@ -319,7 +365,9 @@ def test_stored_views_are_the_rows_of_proker_and_the_cache_keys_of_ape(tmp_path)
     rows = C.view_rows(ts, views).reshape(1, n * 8, -1)
     torch.testing.assert_close(st.tensors["allway.fitted.rows"], rows)
     labels = torch.arange(n).repeat_interleave(8)[None]
-    coef = proker_coef(rows, labels, F.normalize(ts.weights, dim=-1), C.hp(st, C.ALLWAY, "beta"), C.hp(st, C.ALLWAY, "lam"))
+    coef = proker_coef(
+        rows, labels, F.normalize(ts.weights, dim=-1), C.hp(st, C.ALLWAY, "beta"), C.hp(st, C.ALLWAY, "lam")
+    )
     torch.testing.assert_close(st.tensors["allway.fitted.coef"], coef)
     st = states["ape"]
     ts, views = B.own_shots(st, store)
@@ -341,11 +389,25 @@ def test_a_non_joint_store_also_searches_the_wide_scale_values(method, baseline_
     """The authors' grids assume CLIP's cosine scale: on a joint store fskd searches exactly their
     grid; through the bridge (non-joint) the scale-bearing value (ProKeR's lambda, APE's alpha)
     may also take the wide values, after theirs."""
-    fixed = {"val_episodes": 20, "beta": [1.0]} if method == "proker" else {"val_episodes": 20, "beta": [3.0],
-                                                                             "gamma": [0.5]}
-    want = {"proker": {"joint": "1 beta x 10 lambda", "pair": "1 beta x 18 lambda"},
-            "ape": {"joint": "1x20x1", "pair": "1x34x1"}}[method]
+    fixed = (
+        {"val_episodes": 20, "beta": [1.0]}
+        if method == "proker"
+        else {"val_episodes": 20, "beta": [3.0], "gamma": [0.5]}
+    )
+    want = {
+        "proker": {"joint": "1 beta x 10 lambda", "pair": "1 beta x 18 lambda"},
+        "ape": {"joint": "1x20x1", "pair": "1x34x1"},
+    }[method]
     for kind in ("joint", "pair"):
-        r = api.adapt(AdaptConfig(store=str(baseline_stores[kind].path), method=method, shots=2, out=str(tmp_path / kind),
-                                  device="cpu", options=fixed), progress=None)
+        r = api.adapt(
+            AdaptConfig(
+                store=str(baseline_stores[kind].path),
+                method=method,
+                shots=2,
+                out=str(tmp_path / kind),
+                device="cpu",
+                options=fixed,
+            ),
+            progress=None,
+        )
         assert load_state(r.out).hparams["grid"] == want[kind]

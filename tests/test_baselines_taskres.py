@@ -28,7 +28,7 @@ from fskd.methods.adapt.cross_modal_lp import (
 from fskd.methods.adapt.taskres import default_epochs, fit_residuals, residual_grad, train_residual
 from tests import baseline_helpers as B
 
-R2 = 2 ** -0.5
+R2 = 2**-0.5
 FAST_CM = {"iters": 200, "val_episodes": 10}  # cross-modal-lp at 200 steps: the authors' 12800 is minutes
 
 
@@ -48,7 +48,7 @@ def test_taskres_gradient_and_first_step_by_hand():
     t = torch.eye(2)[None]
     onehot = torch.tensor([[[1.0, 0.0]]])
     g = residual_grad(x, onehot, t, torch.zeros_like(t), torch.tensor(0.5).reshape(1, 1, 1))
-    h = 25 * 2 ** 0.5 / 2  # 0.5 * 50 / sqrt 2
+    h = 25 * 2**0.5 / 2  # 0.5 * 50 / sqrt 2
     torch.testing.assert_close(g[0], torch.tensor([[0.0, -h], [h, 0.0]]))
     r = train_residual(x[:, None], torch.tensor([[0]]), t, [0.5], seed=0, epochs=1)
     torch.testing.assert_close(r[0, 0], torch.tensor([[0.0, 1e-5], [-1e-5, 0.0]]), rtol=1e-5, atol=1e-12)
@@ -60,8 +60,12 @@ def _taskres_reference(x, y, t, alpha, epochs, lr, wd=5e-4):
     warm-up + cosine, logits 100 <x, (t + alpha r) / |t + alpha r|>."""
     r = torch.nn.Parameter(torch.zeros_like(t))
     opt = torch.optim.Adam([r], lr=lr, weight_decay=wd)
-    B.torch_steps(opt, epochs, lambda epoch: dassl_lr(epoch, epochs, lr),
-                lambda: F.cross_entropy(100 * x @ F.normalize(t + alpha * r, dim=-1).T, y))
+    B.torch_steps(
+        opt,
+        epochs,
+        lambda epoch: dassl_lr(epoch, epochs, lr),
+        lambda: F.cross_entropy(100 * x @ F.normalize(t + alpha * r, dim=-1).T, y),
+    )
     return r.detach()
 
 
@@ -89,14 +93,18 @@ def test_taskres_candidates_share_the_batches_so_a_refit_is_the_kept_head():
     torch.testing.assert_close(both[1], alone[0])
     assert not torch.allclose(both[0], both[1])
     same = rows[:, :1].expand(-1, 3, -1, -1)
-    torch.testing.assert_close(train_residual(same, y, t, [0.5], seed=7, epochs=5, batch=16),
-                               train_residual(rows[:, :1], y, t, [0.5], seed=7, epochs=5, batch=16))
+    torch.testing.assert_close(
+        train_residual(same, y, t, [0.5], seed=7, epochs=5, batch=16),
+        train_residual(rows[:, :1], y, t, [0.5], seed=7, epochs=5, batch=16),
+    )
 
 
 # -- cross-modal linear probe ------------------------------------------------------------------------
 def test_cross_modal_schedule_is_the_authors_warmup_then_cosine():
     """LinearWarmupScheduler(50, 1e-5) over CosineAnnealingLR(12800), stepped every iteration."""
-    assert lr_at(0, 1e-3) == 1e-5 and lr_at(25, 1e-3) == pytest.approx(5e-4) and lr_at(49, 1e-3) == pytest.approx(9.8e-4)
+    assert (
+        lr_at(0, 1e-3) == 1e-5 and lr_at(25, 1e-3) == pytest.approx(5e-4) and lr_at(49, 1e-3) == pytest.approx(9.8e-4)
+    )
     assert lr_at(50, 1e-3) == pytest.approx(1e-3) and lr_at(50 + 6400, 1e-3) == pytest.approx(5e-4)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1e-3)
@@ -124,8 +132,9 @@ def test_cross_modal_first_step_by_hand():
     AdamW's first step at the warm-up lr 1e-5: W0 (1 - lr wd) - lr sign(g)."""
     img = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
     txt = torch.eye(2, dtype=torch.float64)[None]
-    w = train_probe(img, torch.tensor([[1]]), txt, torch.tensor([[0, 1]]), txt, [1e-3], [1e-2], batch=4, steps=1,
-                    seed=0).weights[0, 0]
+    w = train_probe(
+        img, torch.tensor([[1]]), txt, torch.tensor([[0, 1]]), txt, [1e-3], [1e-2], batch=4, steps=1, seed=0
+    ).weights[0, 0]
     lr, wd = 1e-5, 1e-2
     expect = torch.tensor([[1 - lr * wd - lr, 0.0], [lr, 1 - lr * wd]], dtype=torch.float64)
     torch.testing.assert_close(w, expect, rtol=0, atol=1e-12)
@@ -137,8 +146,12 @@ def _cm_reference(img, iy, txt, ty, w0, lr, wd, steps, iters, warmup):
     W = torch.nn.Parameter(w0.clone())
     opt = torch.optim.AdamW([W], lr=lr, weight_decay=wd)
     x, y = torch.cat([img, txt]), torch.cat([iy, ty])
-    B.torch_steps(opt, steps, lambda i: lr_at(i, lr, iters, warmup),
-                lambda: F.cross_entropy(100 * F.normalize(x, dim=-1) @ W.T, y))
+    B.torch_steps(
+        opt,
+        steps,
+        lambda i: lr_at(i, lr, iters, warmup),
+        lambda: F.cross_entropy(100 * F.normalize(x, dim=-1) @ W.T, y),
+    )
     return W.detach()
 
 
@@ -147,8 +160,20 @@ def test_cross_modal_batched_training_equals_torch_adamw_per_episode():
     img, iy, txt = B.random_rows(E, N, K, D, seed=2)
     ty = torch.arange(N)[None].expand(E, -1).contiguous()
     pairs = [(1e-2, 0.0), (1e-2, 1e-2), (1e-3, 1e-4)]
-    run = train_probe(img, iy, txt, ty, txt, [p[0] for p in pairs], [p[1] for p in pairs], batch=64, steps=40,
-                      seed=0, iters=40, warmup=5)
+    run = train_probe(
+        img,
+        iy,
+        txt,
+        ty,
+        txt,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        batch=64,
+        steps=40,
+        seed=0,
+        iters=40,
+        warmup=5,
+    )
     assert run.weights.shape == (3, E, N, D) and torch.isfinite(run.weights).all()
     for j, (lr, wd) in enumerate(pairs):
         for e in range(E):
@@ -166,12 +191,28 @@ def test_cross_modal_checkpoints_keep_each_pair_at_its_earliest_best():
     txt = F.normalize(torch.randn(1, 4, 6, generator=g), dim=-1)
     ty = torch.arange(4)[None]
     scores = iter([[0.1, 0.5], [0.3, 0.5], [0.3, 0.4], [0.2, 0.5], [0.1, 0.1]])
-    run = train_probe(img, iy, txt, ty, txt, [1e-2, 1e-3], [0.0, 1e-2], batch=6, steps=50, seed=4, iters=50, warmup=5,
-                      score=lambda W: torch.tensor(next(scores)), eval_every=10, keep_best=True)
+    run = train_probe(
+        img,
+        iy,
+        txt,
+        ty,
+        txt,
+        [1e-2, 1e-3],
+        [0.0, 1e-2],
+        batch=6,
+        steps=50,
+        seed=4,
+        iters=50,
+        warmup=5,
+        score=lambda W: torch.tensor(next(scores)),
+        eval_every=10,
+        keep_best=True,
+    )
     assert run.checkpoints == [1, 11, 21, 31, 41] and run.history.shape == (2, 5)
     for j, steps in ((0, 11), (1, 1)):
-        alone = train_probe(img, iy, txt, ty, txt, [[1e-2, 1e-3][j]], [[0.0, 1e-2][j]], batch=6, steps=steps, seed=4,
-                            iters=50, warmup=5).weights[0]
+        alone = train_probe(
+            img, iy, txt, ty, txt, [[1e-2, 1e-3][j]], [[0.0, 1e-2][j]], batch=6, steps=steps, seed=4, iters=50, warmup=5
+        ).weights[0]
         torch.testing.assert_close(run.best[j], alone)
     assert not torch.allclose(run.best[0], run.weights[0])
 
@@ -214,8 +255,9 @@ def test_state_scored_by_fskd_eval_all_way(method, kind, baseline_stores, tmp_pa
         assert state.hparams["allway.steps"] in range(1, 201, 100) and state.hparams["episodic.batch_size"] == 8
         assert state.tensors["allway.fitted.weights"].shape == (1, st.num_classes, st.dim)
     B.cli_allway_accuracy(st, out)
-    ev = api.evaluate(EvalConfig(store=str(st.path), state=str(out), protocol="episodic", way=5, shots=1, episodes=20,
-                                 device="cpu"))
+    ev = api.evaluate(
+        EvalConfig(store=str(st.path), state=str(out), protocol="episodic", way=5, shots=1, episodes=20, device="cpu")
+    )
     assert np.isfinite(ev.accuracy) and ev.accuracy > 40
 
 
@@ -227,14 +269,22 @@ def test_kept_heads_equal_a_refit_on_the_same_shots(baseline_stores, tmp_path):
     support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
     cls = torch.from_numpy(classes)[None]
     for method, opts in (("taskres", {"alpha": [0.5, 2.0], "val_episodes": 20}), ("cross-modal-lp", FAST_CM)):
-        r = api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu",
-                                  options=opts), progress=None)
+        r = api.adapt(
+            AdaptConfig(
+                store=str(st.path), method=method, shots=2, out=str(tmp_path / method), device="cpu", options=opts
+            ),
+            progress=None,
+        )
         state = load_state(r.out)
         ts = C.support_text_space(support, cls, state.tensors["text"], st.joint, C.hp(state, C.ALLWAY, "ridge"))
         if method == "taskres":
             assert state.selected_on["allway.alpha"].startswith("chosen on val split")
-            refit = fit_residuals(ts, [C.hp(state, C.ALLWAY, "alpha")], 1, {k: state.hparams[k] for k in
-                                  ("epochs", "lr", "batch_size", "weight_decay")})[0]
+            refit = fit_residuals(
+                ts,
+                [C.hp(state, C.ALLWAY, "alpha")],
+                1,
+                {k: state.hparams[k] for k in ("epochs", "lr", "batch_size", "weight_decay")},
+            )[0]
             torch.testing.assert_close(state.tensors["allway.fitted.residual"], refit)
         else:
             torch.testing.assert_close(state.tensors["allway.fitted.weights"], fit_weights(ts, state, C.ALLWAY, 1))
@@ -243,9 +293,23 @@ def test_kept_heads_equal_a_refit_on_the_same_shots(baseline_stores, tmp_path):
 def test_fits_are_deterministic_for_a_seed(baseline_stores, tmp_path):
     st = baseline_stores["pair"]
     for method, opts in (("taskres", {}), ("cross-modal-lp", FAST_CM)):
-        states = [load_state(api.adapt(AdaptConfig(store=str(st.path), method=method, shots=2, seed=3, device="cpu",
-                                                   out=str(tmp_path / f"{method}{i}"), options=opts), progress=None).out)
-                  for i in range(2)]
+        states = [
+            load_state(
+                api.adapt(
+                    AdaptConfig(
+                        store=str(st.path),
+                        method=method,
+                        shots=2,
+                        seed=3,
+                        device="cpu",
+                        out=str(tmp_path / f"{method}{i}"),
+                        options=opts,
+                    ),
+                    progress=None,
+                ).out
+            )
+            for i in range(2)
+        ]
         assert states[0].hparams == states[1].hparams
         for k, v in states[0].tensors.items():
             assert torch.equal(v, states[1].tensors[k]), (method, k)
@@ -263,13 +327,18 @@ def test_validation_rows_read_by_cross_modal_lp_and_not_by_taskres(baseline_stor
     real = {n: getattr(C, n) for n in ("allway_val_task", "episodic_val_task", "allway_val_rows")}
     for name in real:
         monkeypatch.setattr(C, name, refuse)
-    r = api.adapt(AdaptConfig(store=str(st.path), method="taskres", shots=2, out=str(tmp_path / "t"), device="cpu"),
-                  progress=None)
+    r = api.adapt(
+        AdaptConfig(store=str(st.path), method="taskres", shots=2, out=str(tmp_path / "t"), device="cpu"), progress=None
+    )
     assert not any("chosen on" in str(v) for v in r.selected_on.values()), r.selected_on
     for name, fn in real.items():
         monkeypatch.setattr(C, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
-    api.adapt(AdaptConfig(store=str(st.path), method="cross-modal-lp", shots=2, out=str(tmp_path / "c"), device="cpu",
-                          options=FAST_CM), progress=None)
+    api.adapt(
+        AdaptConfig(
+            store=str(st.path), method="cross-modal-lp", shots=2, out=str(tmp_path / "c"), device="cpu", options=FAST_CM
+        ),
+        progress=None,
+    )
     assert {"allway_val_task", "episodic_val_task"} <= set(calls)
 
 
@@ -279,14 +348,28 @@ def test_both_beat_zero_shot_on_a_separable_store_and_give_new_classes_their_tex
     acc, new = {}, {}
     for m in ("zero-shot", "taskres", "cross-modal-lp"):
         opts = FAST_CM if m == "cross-modal-lp" else {}
-        r = api.adapt(AdaptConfig(store=clip_like, method=m, shots=8, out=str(tmp_path / m), device="cpu", options=opts),
-                      progress=None)
-        acc[m] = api.evaluate(EvalConfig(store=clip_like, state=r.out, protocol="allway", shots=8, seeds=(1,),
-                                         device="cpu")).accuracy
-        r = api.adapt(AdaptConfig(store=clip_like, method=m, shots=8, out=str(tmp_path / f"b2n-{m}"), device="cpu",
-                                  base_to_new=True, options=opts), progress=None)
-        ev = api.evaluate(EvalConfig(store=clip_like, state=r.out, protocol="base-to-new", shots=8, seeds=(1,),
-                                     device="cpu"))
+        r = api.adapt(
+            AdaptConfig(store=clip_like, method=m, shots=8, out=str(tmp_path / m), device="cpu", options=opts),
+            progress=None,
+        )
+        acc[m] = api.evaluate(
+            EvalConfig(store=clip_like, state=r.out, protocol="allway", shots=8, seeds=(1,), device="cpu")
+        ).accuracy
+        r = api.adapt(
+            AdaptConfig(
+                store=clip_like,
+                method=m,
+                shots=8,
+                out=str(tmp_path / f"b2n-{m}"),
+                device="cpu",
+                base_to_new=True,
+                options=opts,
+            ),
+            progress=None,
+        )
+        ev = api.evaluate(
+            EvalConfig(store=clip_like, state=r.out, protocol="base-to-new", shots=8, seeds=(1,), device="cpu")
+        )
         new[m] = ev.new
         assert np.isfinite(ev.base) and ev.base > 100 / 6
     assert acc["taskres"] > acc["zero-shot"] + 5 and acc["cross-modal-lp"] > acc["zero-shot"] + 5, acc

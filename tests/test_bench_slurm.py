@@ -66,8 +66,16 @@ def local(stores, tmp_path_factory) -> Path:
 
 
 def grid(stores, out: Path, **kw) -> BenchConfig:
-    return BenchConfig(stores=stores, methods=("prototype", "linear-probe", "zero-shot"), shots=(1, 2), seeds=(1, 2),
-                       out=str(out), baseline="prototype", device="cpu", **kw)
+    return BenchConfig(
+        stores=stores,
+        methods=("prototype", "linear-probe", "zero-shot"),
+        shots=(1, 2),
+        seeds=(1, 2),
+        out=str(out),
+        baseline="prototype",
+        device="cpu",
+        **kw,
+    )
 
 
 def queue() -> dict[str, str]:
@@ -118,8 +126,12 @@ def test_a_killed_job_names_its_cells_and_a_rerun_submits_only_those(slurm_env, 
 def _occupy_node(cluster) -> str:
     """A job of someone else holding every CPU of the node, so the bench's jobs stay queued."""
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()[0]
-    r = subprocess.run(["sbatch", "--parsable", "-c", cpus, "-J", "someone-else", "-o", "/dev/null", "--wrap", "sleep 300"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        ["sbatch", "--parsable", "-c", cpus, "-J", "someone-else", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     jid = r.stdout.strip().split(";")[0]
     wait_for(lambda: queue().get(jid) == "RUNNING", what="the other job to run")
     return jid
@@ -129,8 +141,26 @@ def test_ctrl_c_cancels_the_jobs_it_submitted_and_only_those(slurm_env, stores, 
     other = _occupy_node(slurm_env)
     try:
         out = tmp_path / "c"
-        cmd = [sys.executable, "-m", "fskd", "bench", "--stores", ",".join(stores), "--methods", "prototype",
-               "--shots", "1", "--seeds", "1,2", "--out", str(out), "--executor", "slurm", "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fskd",
+            "bench",
+            "--stores",
+            ",".join(stores),
+            "--methods",
+            "prototype",
+            "--shots",
+            "1",
+            "--seeds",
+            "1,2",
+            "--out",
+            str(out),
+            "--executor",
+            "slurm",
+            "--device",
+            "cpu",
+        ]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
         record = out / "slurm" / "jobs.json"
         wait_for(record.exists, what="the driver to submit")
@@ -185,8 +215,10 @@ def test_executor_settings_are_checked_before_anything_runs(stores, tmp_path):
     bad = runner.invoke(app, ["bench", "--stores", stores[0], "--methods", "prototype", "--executor", "pbs"])
     assert bad.exit_code == 2 and "pbs" in bad.output
     f = tmp_path / "grid.toml"
-    f.write_text(f'stores = ["{stores[0]}"]\nmethods = ["prototype"]\n[executor]\nkind = "slurm"\ncells_per_job = 3\n'
-                 f'[executor.slurm]\npartition = "debug"\ntime = 20\n')
+    f.write_text(
+        f'stores = ["{stores[0]}"]\nmethods = ["prototype"]\n[executor]\nkind = "slurm"\ncells_per_job = 3\n'
+        f'[executor.slurm]\npartition = "debug"\ntime = 20\n'
+    )
     data = api.load_grid(str(f))
     cfg = BenchConfig.from_dict(data)
     assert (cfg.executor, cfg.cells_per_job, cfg.slurm) == ("slurm", 3, {"partition": "debug", "time": 20})

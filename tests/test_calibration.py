@@ -49,26 +49,53 @@ def test_ece_and_nll_equal_a_direct_computation_over_batches():
 
 def test_all_way_results_and_bench_tables_carry_calibration(tmp_path):
     store = make_synthetic_store(tmp_path / "s.zarr", n_classes=6, joint=True, seed=1)
-    fit = api.adapt(AdaptConfig(store=str(store.path), method="zero-shot", shots=2, out=str(tmp_path / "st")),
-                    progress=None)
+    fit = api.adapt(
+        AdaptConfig(store=str(store.path), method="zero-shot", shots=2, out=str(tmp_path / "st")), progress=None
+    )
     r = api.evaluate(EvalConfig(store=str(store.path), state=fit.out, protocol="allway", shots=2, seeds=(1, 2)))
     assert 0 <= r.ece <= 100 and r.nll > 0 and "ECE" in r.summary_line()
-    out = CliRunner().invoke(app, ["eval", "--store", str(store.path), "--state", fit.out, "--protocol", "allway",
-                                   "--shots", "2", "--seeds", "1", "--json"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--store",
+            str(store.path),
+            "--state",
+            fit.out,
+            "--protocol",
+            "allway",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--json",
+        ],
+    )
     assert out.exit_code == 0, out.output
     row = json.loads(out.output)
     assert set(row) >= {"ece", "nll"} and row["ece"] is not None
     episodic = api.evaluate(EvalConfig(store=str(store.path), way=2, shots=1, episodes=5))
     assert episodic.ece is None and episodic.nll is None  # all-way only
-    b = api.bench(BenchConfig(stores=(str(store.path),), methods=("prototype", "zero-shot"), shots=(1, 2), seeds=(1, 2),
-                              out=str(tmp_path / "b")), progress=None)
+    b = api.bench(
+        BenchConfig(
+            stores=(str(store.path),),
+            methods=("prototype", "zero-shot"),
+            shots=(1, 2),
+            seeds=(1, 2),
+            out=str(tmp_path / "b"),
+        ),
+        progress=None,
+    )
     assert b.counts["failed"] == 0
     rows = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     zs = [x["ece"] for x in rows if x["method"] == "zero-shot" and x["shots"] == 2]
     md = (tmp_path / "b" / "table.md").read_text()
     assert "## Calibration: expected calibration error" in md
-    line = next(x for x in md.splitlines() if x.startswith("| zero-shot |") and "±" in x and md.index(x) >
-                md.index("## Calibration"))
+    line = next(
+        x
+        for x in md.splitlines()
+        if x.startswith("| zero-shot |") and "±" in x and md.index(x) > md.index("## Calibration")
+    )
     assert f"{np.mean(zs):.2f}" in line.split("|")[3]
 
 
@@ -79,8 +106,14 @@ def _val_is_test_store(path, same_ids: bool):
     splits, text = synthetic_features(n_classes=6, joint=True, seed=2)
     if not same_ids:
         splits["val"] = splits["test"]  # the same rows under other sample ids
-    st = FeatureStore.from_arrays(path, splits, [f"c{i}" for i in range(6)], {"base": [0, 1, 2], "val": [3], "novel": [4, 5]},
-                                  text_embeddings=text, encoder={"spec": "clip-like", "joint": True})
+    st = FeatureStore.from_arrays(
+        path,
+        splits,
+        [f"c{i}" for i in range(6)],
+        {"base": [0, 1, 2], "val": [3], "novel": [4, 5]},
+        text_embeddings=text,
+        encoder={"spec": "clip-like", "joint": True},
+    )
     if same_ids:  # the val rows named as test images (their features differ)
         FeatureStore.open(path, mode="r+").rewrite_sample_ids("val", list(st.sample_ids("test")[: st.n_rows("val")]))
         st = FeatureStore.open(path)

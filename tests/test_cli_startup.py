@@ -10,8 +10,17 @@ import sys
 
 import pytest
 
-HEAVY = ["torch", "torchvision", "open_clip", "timm", "transformers", "sentence_transformers", "faiss", "sklearn",
-         "matplotlib"]
+HEAVY = [
+    "torch",
+    "torchvision",
+    "open_clip",
+    "timm",
+    "transformers",
+    "sentence_transformers",
+    "faiss",
+    "sklearn",
+    "matplotlib",
+]
 MODEL_LIBS = {"torchvision", "open_clip", "timm", "transformers", "sentence_transformers"}
 
 PROBE = """
@@ -43,14 +52,26 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("startup")
     store = str(make_synthetic_store(root / "s.zarr").path)
     api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(root / "lp")), progress=None)
-    api.align(AlignConfig(store=store, method="fma", shots=2, out=str(root / "fma"), options={"iters": 20}),
-              progress=None)
+    api.align(
+        AlignConfig(store=store, method="fma", shots=2, out=str(root / "fma"), options={"iters": 20}), progress=None
+    )
     return store, str(root / "lp"), str(root / "fma")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["datasets"], ["encoders"], ["classifiers"], ["methods"],
-                                  ["methods", "tip-adapter"], ["methods", "fma", "--json"],
-                                  ["adapt", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["datasets"],
+        ["encoders"],
+        ["classifiers"],
+        ["methods"],
+        ["methods", "tip-adapter"],
+        ["methods", "fma", "--json"],
+        ["adapt", "--help"],
+        ["eval", "--help"],
+    ],
+)
 def test_listings_and_help_import_no_torch(args):
     assert loaded_by(*args) == []
 
@@ -62,9 +83,12 @@ def test_info_imports_no_torch(fitted):
 @pytest.mark.parametrize("how", ["episodic", "allway", "linear-probe state", "fma state"])
 def test_eval_imports_no_image_model_library(fitted, how, tmp_path):
     store, lp, fma = fitted
-    args = {"episodic": ["--episodes", "20"], "allway": ["--protocol", "allway"],
-            "linear-probe state": ["--state", lp, "--shots", "2", "--episodes", "20"],
-            "fma state": ["--state", fma, "--protocol", "allway", "--shots", "2", "--seeds", "1"]}[how]
+    args = {
+        "episodic": ["--episodes", "20"],
+        "allway": ["--protocol", "allway"],
+        "linear-probe state": ["--state", lp, "--shots", "2", "--episodes", "20"],
+        "fma state": ["--state", fma, "--protocol", "allway", "--shots", "2", "--seeds", "1"],
+    }[how]
     loaded = set(loaded_by("eval", "--store", store, *args, "--report", str(tmp_path / "r")))
     assert "torch" in loaded  # it computes
     assert not loaded & MODEL_LIBS, loaded

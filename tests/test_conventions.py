@@ -40,7 +40,11 @@ def test_version_aliases_and_choices(synthetic_store):
     assert a["shots"] == b["shots"] == 2 and a["accuracy"] == b["accuracy"] and a["seed"] == 1
     c = json.loads(ok("eval", "--store", st.path, "--protocol", "all-way", "--shots", "1", "--json").stdout)
     assert c["protocol"] == "allway"
-    for opt, bad, close in (("--split", "nvel", "novel"), ("--center", "mean", None), ("--protocol", "allways", "allway")):
+    for opt, bad, close in (
+        ("--split", "nvel", "novel"),
+        ("--center", "mean", None),
+        ("--protocol", "allways", "allway"),
+    ):
         res = runner.invoke(app, ["eval", "--store", str(st.path), opt, bad])
         errors = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {opt} '{bad}' is not one of")
@@ -79,8 +83,21 @@ def test_methods_lists_set_options_with_defaults_and_meaning():
 def test_fit_provenance_summary_and_state_files(synthetic_store, tmp_path):
     st = synthetic_store(joint=True)
     out = tmp_path / "fm"
-    res = ok("align", "--store", st.path, "--shots", "2", "--set", "iters=30", "--gamma", "0", "--flow-steps", "1,2",
-             "--out", out)
+    res = ok(
+        "align",
+        "--store",
+        st.path,
+        "--shots",
+        "2",
+        "--set",
+        "iters=30",
+        "--gamma",
+        "0",
+        "--flow-steps",
+        "1,2",
+        "--out",
+        out,
+    )
     lines = res.stdout.splitlines()
     assert max(len(x) for x in lines) < 200  # a short table, not a 2,000-character line
     state = load_state(out)
@@ -89,8 +106,11 @@ def test_fit_provenance_summary_and_state_files(synthetic_store, tmp_path):
     assert Path(state.store_path).is_absolute() and state.metrics["fit_seconds"] > 0
     tensor_file = out / json.loads((out / "state.json").read_text())["tensors_file"]
     assert stat.S_IMODE(tensor_file.stat().st_mode) == 0o644
-    full = json.loads(ok("adapt", "--store", st.path, "--method", "prototype", "--shots", "1", "--out", tmp_path / "p",
-                         "--json").stdout)
+    full = json.loads(
+        ok(
+            "adapt", "--store", st.path, "--method", "prototype", "--shots", "1", "--out", tmp_path / "p", "--json"
+        ).stdout
+    )
     assert full["out"] == str(tmp_path / "p") and "hparams" in full
 
 
@@ -125,12 +145,30 @@ def test_compare_gives_the_paired_difference(synthetic_store, tmp_path):
     assert out["difference"] == pytest.approx(a["accuracy"] - b["accuracy"], abs=2e-3)
     text = ok("compare", a["report"][0], b["report"][0]).stdout
     assert "paired difference" in text and "interval" in text
-    other = json.loads(ok("eval", "--store", st.path, "--shots", "1", "--episodes", "100", "--report", rep,
-                          "--json").stdout)
+    other = json.loads(
+        ok("eval", "--store", st.path, "--shots", "1", "--episodes", "100", "--report", rep, "--json").stdout
+    )
     res = runner.invoke(app, ["compare", a["report"][0], other["report"][0]])
     assert res.exit_code == 2 and "differ in episodes (200 vs 100)" in res.output
-    seeds = [json.loads(ok("eval", "--store", st.path, "--protocol", "allway", "--shots", "2", "--classifier", c,
-                           "--report", rep, "--json").stdout) for c in ("prototype", "text")]
+    seeds = [
+        json.loads(
+            ok(
+                "eval",
+                "--store",
+                st.path,
+                "--protocol",
+                "allway",
+                "--shots",
+                "2",
+                "--classifier",
+                c,
+                "--report",
+                rep,
+                "--json",
+            ).stdout
+        )
+        for c in ("prototype", "text")
+    ]
     r = json.loads(ok("compare", seeds[0]["report"][0], seeds[1]["report"][0], "--json").stdout)
     assert r["n"] == 3 and "Student t" in r["statistic"]
 
@@ -151,8 +189,11 @@ def test_class_split_override_is_recorded_and_reused(synthetic_store, tmp_path):
     assert r["classes"] == 3
     res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--class-ratio", "0.5,0.25,0.25"])
     assert res.exit_code == 2 and "another class split" in res.output
-    r = json.loads(ok("eval", "--store", st.path, "--class-ratio", "0.5,0.25,0.25", "--way", "3", "--episodes", "10",
-                      "--json").stdout)
+    r = json.loads(
+        ok(
+            "eval", "--store", st.path, "--class-ratio", "0.5,0.25,0.25", "--way", "3", "--episodes", "10", "--json"
+        ).stdout
+    )
     assert r["classes"] == 3
     assert FeatureStore.open(st.path).attrs["class_split"]["source"] != "override"  # the store is untouched
 
@@ -168,13 +209,20 @@ def test_info_is_for_people_and_json_for_scripts(synthetic_store):
 
 def test_cli_sets_the_thread_policy_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    code = ("import fskd.cli, os, torch; from fskd.runtime import available_cores, torch_threads_per_core; "
-            "torch_threads_per_core(); print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads() == available_cores())")
+    code = (
+        "import fskd.cli, os, torch; from fskd.runtime import available_cores, torch_threads_per_core; "
+        "torch_threads_per_core(); print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads() == available_cores())"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["PASSIVE", "True"], out.stderr[-2000:]
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice wins
-    out = subprocess.run([sys.executable, "-c", "import fskd.cli, os; print(os.environ['OMP_WAIT_POLICY'])"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fskd.cli, os; print(os.environ['OMP_WAIT_POLICY'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "ACTIVE"
 
 
@@ -189,8 +237,9 @@ def test_api_progress_is_off_when_stderr_is_not_a_terminal():
 
 def test_shipped_descriptions_example(cub35_store, tmp_path):
     path = ROOT / "examples" / "descriptions.json"
-    r = api.adapt(AdaptConfig(store=cub35_store, method="zero-shot", shots=0, descriptions=str(path),
-                              out=str(tmp_path / "zs")))
+    r = api.adapt(
+        AdaptConfig(store=cub35_store, method="zero-shot", shots=0, descriptions=str(path), out=str(tmp_path / "zs"))
+    )
     state = load_state(r.out)
     assert "descriptions" in json.dumps(state.selected_on).lower() or "descriptions" in json.dumps(state.metrics)
     ev = api.evaluate(EvalConfig(store=cub35_store, state=r.out, way=5, shots=1, episodes=100))

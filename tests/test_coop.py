@@ -22,15 +22,35 @@ def photo_store(image_folder, tiny_clip_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("coop-store")
     (d / "templates.txt").write_text("a photo of a {}.\n")
     path = d / "tiny.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(image_folder), encoder=f"openclip:local-dir:{tiny_clip_dir}",
-                              store=str(path), workers=0, batch_size=16, chunk_rows=16, sample_split=(0.5, 0.25, 0.25),
-                              templates=str(d / "templates.txt")))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(image_folder),
+            encoder=f"openclip:local-dir:{tiny_clip_dir}",
+            store=str(path),
+            workers=0,
+            batch_size=16,
+            chunk_rows=16,
+            sample_split=(0.5, 0.25, 0.25),
+            templates=str(d / "templates.txt"),
+        )
+    )
     return FeatureStore.open(path)
 
 
 def _adapt(store, method, out, **options):
-    r = api.adapt(AdaptConfig(store=str(store.path), method=method, shots=2, seed=1, out=str(out), device="cpu",
-                              options={**FAST, **options}, force=True))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(store.path),
+            method=method,
+            shots=2,
+            seed=1,
+            out=str(out),
+            device="cpu",
+            options={**FAST, **options},
+            force=True,
+        )
+    )
     return load_state(r.out)
 
 
@@ -69,8 +89,13 @@ def test_zero_epochs_from_a_photo_of_a_equals_zero_shot(photo_store, tmp_path):
     """coop with 'a photo of a' as its initial context and no training is zero-shot with the
     template 'a photo of a {}.' (the store's class text): same text features, same logits."""
     st = _adapt(photo_store, "coop", tmp_path / "coop", epochs=0, ctx_init="a photo of a")
-    zs = load_state(api.adapt(AdaptConfig(store=str(photo_store.path), method="zero-shot", shots=2, seed=1,
-                                          out=str(tmp_path / "zs"), device="cpu")).out)
+    zs = load_state(
+        api.adapt(
+            AdaptConfig(
+                store=str(photo_store.path), method="zero-shot", shots=2, seed=1, out=str(tmp_path / "zs"), device="cpu"
+            )
+        ).out
+    )
     assert st.hparams["n_ctx"] == 4 and st.hparams["allway.epochs"] == 0
     for r in ("allway", "episodic"):
         torch.testing.assert_close(st.tensors[f"{r}.text"], zs.tensors["text"], atol=2e-5, rtol=1e-4)
@@ -89,7 +114,9 @@ def test_states_are_deterministic_and_evaluate_without_the_text_encoder(method, 
     again = _adapt(photo_store, method, tmp_path / "b", **N_CTX[method])
     assert st.tensors.keys() == again.tensors.keys() and st.hparams == again.hparams
     assert all(torch.equal(st.tensors[k], again.tensors[k]) for k in st.tensors)
-    assert st.selected_on["allway.epochs"] == "chosen on val split (min(K, 4) per class)" and "test" not in str(st.selected_on.values())
+    assert st.selected_on["allway.epochs"] == "chosen on val split (min(K, 4) per class)" and "test" not in str(
+        st.selected_on.values()
+    )
     ctx = st.tensors["allway.ctx"]
     assert ctx.shape == (4, 64) and torch.isfinite(ctx).all()
     assert not torch.equal(st.tensors["allway.text"], st.tensors["text"])  # training moved the prompts
@@ -101,8 +128,11 @@ def test_states_are_deterministic_and_evaluate_without_the_text_encoder(method, 
 
     monkeypatch.setattr(eb, "build_encoder", no_encoder)
     monkeypatch.setattr("fskd.encoders.build_encoder", no_encoder, raising=False)
-    r = api.evaluate(EvalConfig(store=str(photo_store.path), state=str(tmp_path / "a"), protocol="allway", shots=2,
-                                seeds=(1,), device="cpu"))
+    r = api.evaluate(
+        EvalConfig(
+            store=str(photo_store.path), state=str(tmp_path / "a"), protocol="allway", shots=2, seeds=(1,), device="cpu"
+        )
+    )
     assert 0 <= r.accuracy <= 100 and r.classes == photo_store.num_classes
 
 
@@ -124,8 +154,16 @@ def test_prompt_learning_refuses_stores_without_a_usable_text_tower(synthetic_st
     with pytest.raises(EncoderError, match="coop learns prompts with the store's text encoder"):
         api.adapt(AdaptConfig(store=str(st.path), method="coop", shots=2, out=str(tmp_path / "x"), device="cpu"))
     with pytest.raises(ConfigError, match="--set position must be one of end, middle, front"):
-        api.adapt(AdaptConfig(store=str(st.path), method="coop", shots=2, out=str(tmp_path / "y"), device="cpu",
-                              options={"position": "left"}))
+        api.adapt(
+            AdaptConfig(
+                store=str(st.path),
+                method="coop",
+                shots=2,
+                out=str(tmp_path / "y"),
+                device="cpu",
+                options={"position": "left"},
+            )
+        )
 
 
 def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
@@ -135,27 +173,49 @@ def test_fma_builds_on_the_text_coop_learned(photo_store, tmp_path):
     from fskd.methods.align.fma import FMA
 
     coop = _adapt(photo_store, "coop", tmp_path / "coop", n_ctx=4)
-    r = api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "fma"),
-                              device="cpu", base_state=str(tmp_path / "coop"),
-                              options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+    r = api.align(
+        AlignConfig(
+            store=str(photo_store.path),
+            method="fma",
+            shots=2,
+            seed=1,
+            out=str(tmp_path / "fma"),
+            device="cpu",
+            base_state=str(tmp_path / "coop"),
+            options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0},
+        )
+    )
     st = load_state(r.out)
     assert st.hparams["base_method"] == "coop" and "coop learned" in st.selected_on["allway.targets"]
     part = FMA().parts(st, photo_store, CPU)["allway"]
     want = part.space.to_flow(part.space.bridge.text_to_image(coop.tensors["allway.text"]))
     torch.testing.assert_close(part.targets, want)
-    e = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu"))
+    e = api.evaluate(
+        EvalConfig(store=str(photo_store.path), state=r.out, protocol="allway", shots=2, seeds=(1,), device="cpu")
+    )
     assert 0 <= e.accuracy <= 100
 
 
 def test_base_to_new_scores_new_classes_through_their_names(photo_store, tmp_path):
     """A base-to-new coop fit sees the base half's shots only; the new half is classified by the
     learned context with the new classes' names (an HM is reported)."""
-    r = api.adapt(AdaptConfig(store=str(photo_store.path), method="coop", shots=2, seed=1, out=str(tmp_path / "b2n"),
-                              device="cpu", base_to_new=True, options={**FAST, "n_ctx": 4}))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(photo_store.path),
+            method="coop",
+            shots=2,
+            seed=1,
+            out=str(tmp_path / "b2n"),
+            device="cpu",
+            base_to_new=True,
+            options={**FAST, "n_ctx": 4},
+        )
+    )
     st = load_state(r.out)
     assert "hidden" in st.metrics["base_to_new"] and st.hparams["episodic.train_rows"] == 2 * 3
-    ev = api.evaluate(EvalConfig(store=str(photo_store.path), state=r.out, protocol="base-to-new", shots=2, seeds=(1,),
-                                 device="cpu"))
+    ev = api.evaluate(
+        EvalConfig(store=str(photo_store.path), state=r.out, protocol="base-to-new", shots=2, seeds=(1,), device="cpu")
+    )
     assert ev.protocol == "base-to-new" and 0 <= ev.base <= 100 and ev.new is not None and 0 <= ev.new <= 100
     assert ev.hm is not None
 
@@ -177,8 +237,18 @@ def test_one_regime_fits_learn_one_context_and_refuse_the_other_protocol(photo_s
     with pytest.raises(EvaluationError, match="not fitted: regime=allway; evaluate it with --protocol allway"):
         head.fit(support, novel)
     with pytest.raises(ConfigError, match="fma regime=episodic needs its episodic text"):
-        api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "f"),
-                              device="cpu", base_state=str(tmp_path / "one"), options={"recipe": "lite", "regime": "episodic"}))
+        api.align(
+            AlignConfig(
+                store=str(photo_store.path),
+                method="fma",
+                shots=2,
+                seed=1,
+                out=str(tmp_path / "f"),
+                device="cpu",
+                base_state=str(tmp_path / "one"),
+                options={"recipe": "lite", "regime": "episodic"},
+            )
+        )
     with pytest.raises(ConfigError, match="regime=episodic has nothing to learn"):
         _adapt(photo_store, "coop", tmp_path / "csc", n_ctx=4, csc=True, regime="episodic")
     with pytest.raises(ConfigError, match="--set regime must be one of both, allway, episodic"):
@@ -192,9 +262,20 @@ def test_bench_fits_only_the_context_its_cells_score(photo_store, tmp_path):
 
     for protocol, want in (("allway", {"allway.ctx"}), ("base-to-new", {"allway.ctx", "episodic.ctx"})):
         out = tmp_path / protocol
-        r = api.bench(BenchConfig(stores=(str(photo_store.path),), methods=("coop",), shots=(2,), seeds=(1,),
-                                  protocol=protocol, out=str(out), keep_states=True, device="cpu",
-                                  options={"coop": {**FAST, "n_ctx": 4}}), progress=None)
+        r = api.bench(
+            BenchConfig(
+                stores=(str(photo_store.path),),
+                methods=("coop",),
+                shots=(2,),
+                seeds=(1,),
+                protocol=protocol,
+                out=str(out),
+                keep_states=True,
+                device="cpu",
+                options={"coop": {**FAST, "n_ctx": 4}},
+            ),
+            progress=None,
+        )
         assert not r.failed, r.failed
         (state_dir,) = (out / "states").glob("*/coop/2shot-seed1")
         st = load_state(state_dir)
@@ -217,9 +298,19 @@ def other_store(tiny_clip_dir, tmp_path_factory):
         for f in sorted(cdir.iterdir())[:6]:
             Image.open(f).convert("RGB").resize((64, 64)).save(d / "images" / cdir.name / f.name)
     (d / "templates.txt").write_text("a photo of a {}.\n")
-    api.extract(ExtractConfig(dataset="folder", root=str(d / "images"), encoder=f"openclip:local-dir:{tiny_clip_dir}",
-                              store=str(d / "other.zarr"), workers=0, batch_size=16, chunk_rows=16,
-                              sample_split=(0.5, 0.25, 0.25), templates=str(d / "templates.txt")))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(d / "images"),
+            encoder=f"openclip:local-dir:{tiny_clip_dir}",
+            store=str(d / "other.zarr"),
+            workers=0,
+            batch_size=16,
+            chunk_rows=16,
+            sample_split=(0.5, 0.25, 0.25),
+            templates=str(d / "templates.txt"),
+        )
+    )
     return FeatureStore.open(d / "other.zarr")
 
 
@@ -239,15 +330,26 @@ def test_cross_dataset_encodes_the_targets_names_with_the_learned_context(photo_
         t = moved.tensors[f"{r}.text"]
         assert t.shape == (other_store.num_classes, coop.tensors[f"{r}.text"].shape[1])
         for n in shared:
-            torch.testing.assert_close(t[dst_names.index(n)], coop.tensors[f"{r}.text"][src_names.index(n)],
-                                       atol=1e-5, rtol=1e-5)
-    ev = api.evaluate(EvalConfig(store=str(other_store.path), state=str(tmp_path / "coop"), protocol="cross-dataset",
-                                 device="cpu"))
+            torch.testing.assert_close(
+                t[dst_names.index(n)], coop.tensors[f"{r}.text"][src_names.index(n)], atol=1e-5, rtol=1e-5
+            )
+    ev = api.evaluate(
+        EvalConfig(store=str(other_store.path), state=str(tmp_path / "coop"), protocol="cross-dataset", device="cpu")
+    )
     assert ev.classes == other_store.num_classes and 0 <= ev.accuracy <= 100
 
-    r = api.align(AlignConfig(store=str(photo_store.path), method="fma", shots=2, seed=1, out=str(tmp_path / "fma"),
-                              device="cpu", base_state=str(tmp_path / "coop"),
-                              options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0}))
+    r = api.align(
+        AlignConfig(
+            store=str(photo_store.path),
+            method="fma",
+            shots=2,
+            seed=1,
+            out=str(tmp_path / "fma"),
+            device="cpu",
+            base_state=str(tmp_path / "coop"),
+            options={"recipe": "lite", "width": 32, "depth": 2, "iters": 30, "batch_size": 16, "pca": 0},
+        )
+    )
     fma_moved = FMA().transfer_state(load_state(r.out), other_store)
     part = FMA().parts(fma_moved, other_store, CPU)["allway"]
     want = part.space.to_flow(part.space.bridge.text_to_image(moved.tensors["allway.text"]))

@@ -58,8 +58,10 @@ def test_without_the_split_file_the_own_split_is_used_and_recorded(name, tmp_pat
 def test_extracted_store_records_split_templates_and_names(name, tmp_path):
     exp = L.write(name, tmp_path)
     store = tmp_path / "s.zarr"
-    api.extract(ExtractConfig(dataset=name, root=str(tmp_path), encoder="synthetic:16", store=str(store), workers=0),
-                progress=None)
+    api.extract(
+        ExtractConfig(dataset=name, root=str(tmp_path), encoder="synthetic:16", store=str(store), workers=0),
+        progress=None,
+    )
     s = FeatureStore.open(str(store))
     info = s.summary()
     assert s.class_names == exp.names and info["complete"] and not info["skipped"]
@@ -73,8 +75,17 @@ def test_extracted_store_records_split_templates_and_names(name, tmp_path):
     # --templates still overrides the dataset's text
     t = tmp_path / "t.txt"
     t.write_text("a drawing of a {}.\n")
-    api.extract(ExtractConfig(dataset=name, root=str(tmp_path), encoder="synthetic:16", store=str(tmp_path / "t.zarr"),
-                              workers=0, templates=str(t)), progress=None)
+    api.extract(
+        ExtractConfig(
+            dataset=name,
+            root=str(tmp_path),
+            encoder="synthetic:16",
+            store=str(tmp_path / "t.zarr"),
+            workers=0,
+            templates=str(t),
+        ),
+        progress=None,
+    )
     info = FeatureStore.open(str(tmp_path / "t.zarr")).summary()
     assert info["templates"] == ["a drawing of a {}."] and info["templates_source"].startswith("--templates")
 
@@ -111,10 +122,12 @@ def test_bad_split_files_are_named(tmp_path):
     L.write("dtd", tmp_path)
     f = tmp_path / "dtd" / "split_zhou_DescribableTextures.json"
     good = json.loads(f.read_text())
-    for bad, msg in [({"train": []}, "keys train, val, test"),
-                     ({**good, "val": [["banded/banded_0002.jpg", "0", "banded"]]}, r"val\[0\] is"),
-                     ({**good, "val": [["banded/banded_0002.jpg", 0, "striped"]]}, "named both"),
-                     ({**good, "test": [["../../etc/passwd", 0, "banded"]]}, "outside the dataset root")]:
+    for bad, msg in [
+        ({"train": []}, "keys train, val, test"),
+        ({**good, "val": [["banded/banded_0002.jpg", "0", "banded"]]}, r"val\[0\] is"),
+        ({**good, "val": [["banded/banded_0002.jpg", 0, "striped"]]}, "named both"),
+        ({**good, "test": [["../../etc/passwd", 0, "banded"]]}, "outside the dataset root"),
+    ]:
         f.write_text(json.dumps(bad))
         with pytest.raises(DatasetError, match=msg):
             build_dataset("dtd", str(tmp_path)).listing()

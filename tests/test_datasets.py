@@ -17,7 +17,7 @@ TORCHVISION_BACKED = ["cifar-fs", "fc100", "fashion-mnist", "flowers102", "dtd",
 
 
 def _folder(root, classes=3, per_class=4, layout="flat"):
-    for split in (["train", "test"] if layout == "split" else [None]):
+    for split in ["train", "test"] if layout == "split" else [None]:
         for c in range(classes):
             d = root / split / f"c{c}" if split else root / f"c{c}"
             d.mkdir(parents=True)
@@ -27,8 +27,20 @@ def _folder(root, classes=3, per_class=4, layout="flat"):
 
 
 def test_registry_lists_required_datasets():
-    for name in ["folder", "csv", "cifar-fs", "fc100", "omniglot", "cub", "imagenet", "flowers102", "dtd",
-                 "eurosat", "fashion-mnist", "digits"]:
+    for name in [
+        "folder",
+        "csv",
+        "cifar-fs",
+        "fc100",
+        "omniglot",
+        "cub",
+        "imagenet",
+        "flowers102",
+        "dtd",
+        "eurosat",
+        "fashion-mnist",
+        "digits",
+    ]:
         assert name in DATASETS
     with pytest.raises(RegistryError, match="Available: .*cub.*folder"):
         build_dataset("cubb")
@@ -105,7 +117,9 @@ def test_sample_split_rules(tmp_path):
 
 def test_digits_needs_no_network():
     listing = build_dataset("digits").listing()
-    assert len(listing.splits["all"]) == 1797 and listing.standard_class_split["novel"] == [str(i) for i in range(5, 10)]
+    assert len(listing.splits["all"]) == 1797 and listing.standard_class_split["novel"] == [
+        str(i) for i in range(5, 10)
+    ]
     assert build_dataset("digits").open("0").size == (8, 8)
 
 

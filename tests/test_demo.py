@@ -20,8 +20,9 @@ def test_make_demo_runs_fskd_demo_on_the_offline_default():
 def test_demo_end_to_end(cub35_store, omniglot_store):
     # The stores cached by the fixtures are exactly what the demo writes (same inputs, same
     # names), so the demo reuses them: this test checks the whole path with fewer episodes.
-    res = CliRunner().invoke(app, ["demo", "--data-root", str(ROOT.parent / "shared" / "data"), "--out", str(CACHE),
-                                   "--episodes", "100"])
+    res = CliRunner().invoke(
+        app, ["demo", "--data-root", str(ROOT.parent / "shared" / "data"), "--out", str(CACHE), "--episodes", "100"]
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads((CACHE / "demo.json").read_text())
     assert {r["dataset"] for r in rows} == {"cub", "omniglot"}

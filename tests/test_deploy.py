@@ -48,7 +48,19 @@ def fitted(images, tmp_path_factory):
     """(store, tip-adapter state at 2 shots) on the synthetic:8 encoder of ``images``."""
     d = tmp_path_factory.mktemp("deploy")
     cli("extract", "folder", "--root", images, "--store", d / "s.zarr", *EXTRACT)
-    cli("adapt", "--store", d / "s.zarr", "--method", "tip-adapter", "--shots", "2", "--out", d / "tip", "--device", "cpu")
+    cli(
+        "adapt",
+        "--store",
+        d / "s.zarr",
+        "--method",
+        "tip-adapter",
+        "--shots",
+        "2",
+        "--out",
+        d / "tip",
+        "--device",
+        "cpu",
+    )
     return d / "s.zarr", d / "tip"
 
 
@@ -91,7 +103,8 @@ def test_predict_agrees_with_eval_allway_and_adds_label(fitted, images, tmp_path
     assert summary["accuracy"] == pytest.approx(100 * np.mean([r["prediction"] == r["label"] for r in rows]), abs=1e-3)
     assert summary["count"] == len(ids) and summary["skipped"] == 0
     assert list(rows[0]) == ["path", "label", "prediction", "probability"] + [
-        c for i in range(1, 6) for c in (f"top{i}", f"top{i}_probability")]
+        c for i in range(1, 6) for c in (f"top{i}", f"top{i}_probability")
+    ]
     p = np.array([[float(r[f"top{i}_probability"]) for i in range(1, 6)] for r in rows])
     assert (np.diff(p, axis=1) <= 1e-9).all() and (p.sum(1) <= 1 + 1e-5).all()
     meta = json.loads((tmp_path / "p.csv.fskd.json").read_text())
@@ -105,12 +118,32 @@ def test_predict_agrees_with_eval_allway_and_adds_label(fitted, images, tmp_path
         assert im.format == "PNG" and 500 <= min(im.size) and max(im.size) <= 2500, im.size
 
     # the same test images re-encoded from their files: the same predictions as from the cached features
-    res = cli("predict", "--state", state, "--images", images, "--out", tmp_path / "q.jsonl", "--workers", "0",
-              "--top-k", "2", "--device", "cpu")
+    res = cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "q.jsonl",
+        "--workers",
+        "0",
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+    )
     by_path = {r["path"]: r for r in read_rows(tmp_path / "q.jsonl")}
     assert len(by_path) == 48
-    assert list(next(iter(by_path.values()))) == ["path", "prediction", "probability", "top1", "top1_probability",
-                                                  "top2", "top2_probability"]
+    assert list(next(iter(by_path.values()))) == [
+        "path",
+        "prediction",
+        "probability",
+        "top1",
+        "top1_probability",
+        "top2",
+        "top2_probability",
+    ]
     same = [by_path[r["path"]]["prediction"] == r["prediction"] for r in rows]
     assert np.mean(same) >= 0.9, same  # float16 store vs float32 re-encoding may flip a near tie
 
@@ -121,7 +154,19 @@ def test_python_classifier_returns_the_same_rows(fitted, images, tmp_path):
     files = sorted(str(p) for p in images.rglob("*.png"))[:10]
     from_paths = clf.predict(files)
     from_pil = clf.predict([Image.open(f) for f in files])
-    cli("predict", "--state", state, "--images", images, "--out", tmp_path / "a.jsonl", "--workers", "0", "--device", "cpu")
+    cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "a.jsonl",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     cli_rows = {r["path"]: r for r in read_rows(tmp_path / "a.jsonl")}
     for a, b in zip(from_paths, from_pil, strict=True):
         assert a["path"] in cli_rows and a["prediction"] == b["prediction"] == cli_rows[a["path"]]["prediction"]
@@ -151,7 +196,19 @@ def test_exported_model_agrees_with_predict(fitted, images, tmp_path, fmt):
     r = json.loads(cli("export", "--state", state, "--out", out, "--format", fmt, "--json").stdout)
     assert r["classes"] == 6 and r["max_difference"] <= 1e-3 and out.stat().st_size == r["bytes"]
     files = sorted(str(p) for p in images.rglob("*.png"))
-    cli("predict", "--state", state, "--images", images, "--out", tmp_path / "p.csv", "--workers", "0", "--device", "cpu")
+    cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "p.csv",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     want = {r["path"]: r for r in read_rows(tmp_path / "p.csv")}
     ex = load_example()
     if fmt == "onnx":
@@ -184,18 +241,39 @@ def test_onnx_example_runs_in_a_fresh_venv_with_three_packages(fitted, images, t
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "onnxruntime", "pillow",
-                          "numpy"], capture_output=True, text=True, timeout=600)
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "onnxruntime", "pillow", "numpy"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if pip.returncode != 0:
         pytest.skip(f"cannot install onnxruntime, pillow, numpy from PyPI here: {pip.stderr.strip()[-300:]}")
     assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0
     assert subprocess.run([str(py), "-c", "import fskd"], capture_output=True, cwd=tmp_path).returncode != 0
     files = sorted(str(p) for p in images.rglob("*.png"))
-    res = subprocess.run([str(py), str(EXAMPLE), str(tmp_path / "m.onnx"), *files], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    res = subprocess.run(
+        [str(py), str(EXAMPLE), str(tmp_path / "m.onnx"), *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     got = [line.split("\t") for line in res.stdout.splitlines()]
-    cli("predict", "--state", state, "--images", images, "--out", tmp_path / "p.csv", "--workers", "0", "--device", "cpu")
+    cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "p.csv",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     want = {r["path"]: r for r in read_rows(tmp_path / "p.csv")}
     assert [g[0] for g in got] == files
     for path, name, prob in got:
@@ -246,22 +324,32 @@ def test_parquet_output_has_the_same_rows(fitted, images, tmp_path):
         want = read_rows(tmp_path / "p.csv")
         table = pq.read_table(tmp_path / "p.parquet")
         assert table.column_names == list(want[0])
-        assert str(table.schema.field("probability").type) == "float" and str(table.schema.field("top1").type) == "string"
+        assert (
+            str(table.schema.field("probability").type) == "float" and str(table.schema.field("top1").type) == "string"
+        )
         got = table.to_pylist()
         assert [g["path"] for g in got] == [w["path"] for w in want]
         assert [g["prediction"] for g in got] == [w["prediction"] for w in want]
-        assert np.allclose([g["top2_probability"] for g in got], [float(w["top2_probability"]) for w in want], atol=1e-6)
+        assert np.allclose(
+            [g["top2_probability"] for g in got], [float(w["top2_probability"]) for w in want], atol=1e-6
+        )
     meta = json.loads((tmp_path / "p.parquet.fskd.json").read_text())
     assert meta["output_format"] == "parquet" and meta["rows"] == len(got)
-    user_error(cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False), "--force")
+    user_error(
+        cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False), "--force"
+    )
 
 
 def test_parquet_without_pyarrow_names_the_extra(fitted, tmp_path, monkeypatch):
     _, state = fitted
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    user_error(cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False),
-               "pyarrow", "fskd[parquet]", ".csv or .jsonl")
+    user_error(
+        cli("predict", "--state", state, "--split", "test", "--out", tmp_path / "p.parquet", ok=False),
+        "pyarrow",
+        "fskd[parquet]",
+        ".csv or .jsonl",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -272,13 +360,19 @@ def test_a_moved_store_is_named_and_can_be_given(fitted, images, tmp_path):
     cli("adapt", "--store", s2, "--method", "prototype", "--shots", "2", "--out", st2, "--device", "cpu")
     moved = tmp_path / "moved.zarr"
     s2.rename(moved)
-    user_error(cli("predict", "--state", st2, "--split", "test", "--out", tmp_path / "p.csv", ok=False),
-               str(s2), "not there any more", "--store")
+    user_error(
+        cli("predict", "--state", st2, "--split", "test", "--out", tmp_path / "p.csv", ok=False),
+        str(s2),
+        "not there any more",
+        "--store",
+    )
     cli("predict", "--state", st2, "--store", moved, "--split", "test", "--out", tmp_path / "p.csv", "--device", "cpu")
     other = tmp_path / "other.zarr"  # the same images in other chunks: another fingerprint
     cli("extract", "folder", "--root", images, "--store", other, *EXTRACT[:-6], "--chunk-rows", "8", *EXTRACT[-4:])
-    user_error(cli("predict", "--state", st2, "--store", other, "--split", "test", "--out", tmp_path / "q.csv",
-                   ok=False), "fingerprint")  # another store: refused by its fingerprint
+    user_error(
+        cli("predict", "--state", st2, "--store", other, "--split", "test", "--out", tmp_path / "q.csv", ok=False),
+        "fingerprint",
+    )  # another store: refused by its fingerprint
 
 
 def test_an_encoder_that_cannot_be_rebuilt_is_named_with_what_to_do(fitted, images, tmp_path):
@@ -294,8 +388,12 @@ def test_an_encoder_that_cannot_be_rebuilt_is_named_with_what_to_do(fitted, imag
     g = zarr.open_group(str(s2), mode="r+")
     g.attrs["encoder"] = {**dict(g.attrs["encoder"]), "spec": "timm:no_such_model_xyz"}
     out = tmp_path / "p.csv"
-    user_error(cli("predict", "--state", st2, "--images", images / "class_0", "--out", out, ok=False),
-               "cannot rebuild the encoder", "timm:no_such_model_xyz", "then run again")
+    user_error(
+        cli("predict", "--state", st2, "--images", images / "class_0", "--out", out, ok=False),
+        "cannot rebuild the encoder",
+        "timm:no_such_model_xyz",
+        "then run again",
+    )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".p.csv")]
     cli("predict", "--state", st2, "--split", "test", "--out", out, "--device", "cpu")
     assert out.exists()
@@ -304,10 +402,23 @@ def test_an_encoder_that_cannot_be_rebuilt_is_named_with_what_to_do(fitted, imag
 def test_an_episodic_only_state_is_refused_naming_what_to_fit(synthetic_store, tmp_path):
     store = synthetic_store(joint=True).path  # 20 classes: val classes enough for episodes
     st = tmp_path / "fma"
-    api.align(api.AlignConfig(store=str(store), method="fma", shots=2, out=str(st), device="cpu",
-                              options={"recipe": "lite", "regime": "episodic", "iters": 20}), progress=None)
-    err = user_error(cli("predict", "--state", st, "--split", "test", "--out", tmp_path / "p.csv", ok=False),
-                     "no all-way head", "--shots K", "regime=allway")
+    api.align(
+        api.AlignConfig(
+            store=str(store),
+            method="fma",
+            shots=2,
+            out=str(st),
+            device="cpu",
+            options={"recipe": "lite", "regime": "episodic", "iters": 20},
+        ),
+        progress=None,
+    )
+    err = user_error(
+        cli("predict", "--state", st, "--split", "test", "--out", tmp_path / "p.csv", ok=False),
+        "no all-way head",
+        "--shots K",
+        "regime=allway",
+    )
     assert "fma" in err
     user_error(cli("export", "--state", st, "--out", tmp_path / "m.onnx", ok=False), "no all-way head")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.onnx").exists()
@@ -319,16 +430,43 @@ def test_unreadable_and_wrong_kind_images(fitted, images, tmp_path):
     shutil.copytree(images / "class_0", bad)
     (bad / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "p.csv"
-    user_error(cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", ok=False),
-               "broken.png", "--skip-bad")
+    user_error(
+        cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", ok=False),
+        "broken.png",
+        "--skip-bad",
+    )
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
     (bad / "5b.png").write_bytes(b"")  # an empty file between readable ones
-    res = cli("predict", "--state", state, "--images", bad, "--out", out, "--workers", "0", "--skip-bad", "--device", "cpu",
-              "--batch-size", "3")
+    res = cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        bad,
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--skip-bad",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+    )
     assert "skipped 2 unreadable" in res.output
     rows = read_rows(out)  # every image a row, in input order; the unreadable ones with their error
-    assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "5b.png",
-                                                    "6.png", "7.png", "broken.png"]
+    assert [Path(r["path"]).name for r in rows] == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "3.png",
+        "4.png",
+        "5.png",
+        "5b.png",
+        "6.png",
+        "7.png",
+        "broken.png",
+    ]
     assert list(rows[0])[-1] == "error"
     for r in rows:
         broken = Path(r["path"]).name in ("5b.png", "broken.png")
@@ -337,35 +475,86 @@ def test_unreadable_and_wrong_kind_images(fitted, images, tmp_path):
     meta = json.loads((tmp_path / "p.csv.fskd.json").read_text())
     assert meta["rows"] == 10 and meta["predicted"] == 8 and meta["skipped_count"] == 2
     assert any("broken.png" in m for m in meta["skipped"])
-    res = cli("predict", "--state", state, "--images", bad, "--out", tmp_path / "p.jsonl", "--workers", "0",
-              "--skip-bad", "--device", "cpu", "--json")
+    res = cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        bad,
+        "--out",
+        tmp_path / "p.jsonl",
+        "--workers",
+        "0",
+        "--skip-bad",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert json.loads(res.stdout)["count"] == 8 and json.loads(res.stdout)["skipped"] == 2
     j = {Path(r["path"]).name: r for r in read_rows(tmp_path / "p.jsonl")}
-    assert j["broken.png"]["prediction"] is None and j["broken.png"]["probability"] is None and j["0.png"]["error"] is None
+    assert (
+        j["broken.png"]["prediction"] is None and j["broken.png"]["probability"] is None and j["0.png"]["error"] is None
+    )
     clf = api.load_classifier(str(state), device="cpu")
     py = clf.predict(bad, skip_bad=True)  # the Python API returns the same rows
     assert [r["path"] for r in py] == [r["path"] for r in rows] and py[-1]["error"] and py[0]["error"] is None
     blob = tmp_path / "list.bin"
     blob.write_bytes(bytes(range(256)) * 4)
-    user_error(cli("predict", "--state", state, "--images", blob, "--out", tmp_path / "b.csv", ok=False),
-               "neither an image")
+    user_error(
+        cli("predict", "--state", state, "--images", blob, "--out", tmp_path / "b.csv", ok=False), "neither an image"
+    )
     listing = tmp_path / "list.txt"
     listing.write_text(f"{images / 'class_1' / '0.png'}\n# a comment\n{images / 'class_2' / '3.png'}\n")
-    cli("predict", "--state", state, "--images", listing, "--out", tmp_path / "l.csv", "--workers", "0", "--device", "cpu")
+    cli(
+        "predict",
+        "--state",
+        state,
+        "--images",
+        listing,
+        "--out",
+        tmp_path / "l.csv",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert len(read_rows(tmp_path / "l.csv")) == 2
     table = tmp_path / "t.csv"
     table.write_text("id,path\n1,imgs/0.png\n")
     cli("predict", "--state", state, "--csv", table, "--out", tmp_path / "c.jsonl", "--workers", "0", "--device", "cpu")
     assert read_rows(tmp_path / "c.jsonl")[0]["path"] == str(tmp_path / "imgs" / "0.png")
-    user_error(cli("predict", "--state", state, "--csv", listing, "--out", tmp_path / "d.csv", ok=False), "'path' column")
+    user_error(
+        cli("predict", "--state", state, "--csv", listing, "--out", tmp_path / "d.csv", ok=False), "'path' column"
+    )
 
 
 def test_ctrl_c_leaves_no_partial_output(fitted, images, tmp_path):
     _, state = fitted
     out = tmp_path / "p.csv"
-    res = subprocess.run([sys.executable, "-m", "fskd", "predict", "--state", str(state), "--images", str(images),
-                          "--out", str(out), "--workers", "0", "--batch-size", "4", "--device", "cpu"],
-                         env={**ENV, "FSKD_FAULT": "predict:batch@sigint"}, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fskd",
+            "predict",
+            "--state",
+            str(state),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        env={**ENV, "FSKD_FAULT": "predict:batch@sigint"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 130, res.stderr[-2000:]
     assert "interrupted" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -379,9 +568,18 @@ def test_a_distilled_student_state_is_not_a_classifier(fitted, tmp_path):
 
     store, _ = fitted
     s = FeatureStore.open(store)
-    save_state(tmp_path / "st", MethodState(method="mtkd", kind="distill", store_path=str(store),
-                                            store_fingerprint=s.fingerprint, encoder=s.encoder_spec,
-                                            config={"shots": 2, "seed": 1}, tensors={"x": torch.zeros(1)}))
+    save_state(
+        tmp_path / "st",
+        MethodState(
+            method="mtkd",
+            kind="distill",
+            store_path=str(store),
+            store_fingerprint=s.fingerprint,
+            encoder=s.encoder_spec,
+            config={"shots": 2, "seed": 1},
+            tensors={"x": torch.zeros(1)},
+        ),
+    )
     with pytest.raises(StateError, match="student:"):
         Classifier(tmp_path / "st", device="cpu")
 
@@ -394,16 +592,31 @@ def test_cub35_parity_onnx_and_eval(cub35_store, tmp_path):
     is within 0.5 points of eval's all-way accuracy."""
     pytest.importorskip("onnxruntime", reason="the export extra: pip install 'fskd[export]'")
     st = tmp_path / "tip"
-    api.adapt(api.AdaptConfig(store=cub35_store, method="tip-adapter", shots=16, out=str(st), device="cpu"), progress=None)
-    acc = api.evaluate(EvalConfig(store=cub35_store, state=str(st), protocol="allway", shots=16, seeds=(1,),
-                                  device="cpu")).accuracy
+    api.adapt(
+        api.AdaptConfig(store=cub35_store, method="tip-adapter", shots=16, out=str(st), device="cpu"), progress=None
+    )
+    acc = api.evaluate(
+        EvalConfig(store=cub35_store, state=str(st), protocol="allway", shots=16, seeds=(1,), device="cpu")
+    ).accuracy
     s = FeatureStore.open(cub35_store)
     root = Path(s.attrs["dataset"]["root"])
     files = [str(root / i) for i in s.sample_ids("test")[s.valid_rows("test")]]
     listing = tmp_path / "test.txt"
     listing.write_text("\n".join(files) + "\n")
-    res = cli("predict", "--state", st, "--images", listing, "--out", tmp_path / "p.csv", "--workers", "1",
-              "--device", "cpu", "--json")
+    res = cli(
+        "predict",
+        "--state",
+        st,
+        "--images",
+        listing,
+        "--out",
+        tmp_path / "p.csv",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    )
     rows = read_rows(tmp_path / "p.csv")
     truth = dict(zip(files, (s.class_names[c] for c in s.labels("test")[s.valid_rows("test")]), strict=True))
     re_acc = 100 * np.mean([r["prediction"] == truth[r["path"]] for r in rows])
@@ -417,7 +630,7 @@ def test_cub35_parity_onnx_and_eval(cub35_store, tmp_path):
     names, prep = json.loads(meta["class_names"]), json.loads(meta["preprocess"])
     sub = rows[:: max(1, len(rows) // 200)][:200]
     x = np.stack([ex.preprocess(ex.load_rgb(r["path"]), prep) for r in sub])
-    probs = np.concatenate([sess.run(["probabilities"], {"images": x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+    probs = np.concatenate([sess.run(["probabilities"], {"images": x[i : i + 32]})[0] for i in range(0, len(x), 32)])
     agree = np.mean([names[int(p.argmax())] == r["prediction"] for p, r in zip(probs, sub, strict=True)])
     assert len(sub) == 200 and agree >= 0.995, agree
     close = [abs(float(p.max()) - float(r["probability"])) <= 1e-3 for p, r in zip(probs, sub, strict=True)]
@@ -425,9 +638,27 @@ def test_cub35_parity_onnx_and_eval(cub35_store, tmp_path):
 
 
 # -- the deployment pipeline: distill -> extract with the student -> adapt -> predict -> export -------
-TINY_DISTILL = ["--student", "timm:test_resnet", "--epochs", "2", "--device", "cpu",
-                *[a for k, v in {"image_size": 32, "batch_size": 8, "proj_hidden": 16, "val_episodes": 10, "val_query": 2,
-                                 "teacher_steps": 5, "decode_threads": 1}.items() for a in ("--set", f"{k}={v}")]]
+TINY_DISTILL = [
+    "--student",
+    "timm:test_resnet",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    *[
+        a
+        for k, v in {
+            "image_size": 32,
+            "batch_size": 8,
+            "proj_hidden": 16,
+            "val_episodes": 10,
+            "val_query": 2,
+            "teacher_steps": 5,
+            "decode_threads": 1,
+        }.items()
+        for a in ("--set", f"{k}={v}")
+    ],
+]
 
 
 def photos(images: Path, root: Path) -> list[str]:
@@ -459,20 +690,41 @@ def test_distilled_student_is_the_deployment_path(fitted, images, tmp_path):
     # predict on the store's test rows = eval --state all-way, row by row and in accuracy
     pred, ids = eval_predictions(s_store, tip)
     names = FeatureStore.open(s_store).class_names
-    res = json.loads(cli("predict", "--state", tip, "--split", "test", "--out", tmp_path / "t.csv", "--device", "cpu",
-                         "--json").stdout)
+    res = json.loads(
+        cli(
+            "predict", "--state", tip, "--split", "test", "--out", tmp_path / "t.csv", "--device", "cpu", "--json"
+        ).stdout
+    )
     rows = read_rows(tmp_path / "t.csv")
     assert [r["path"] for r in rows] == [str(images / i) for i in ids]
     assert [r["prediction"] for r in rows] == [names[c] for c in pred]
-    ev = json.loads(cli("eval", "--store", s_store, "--state", tip, "--protocol", "allway", "--shots", "2", "--seeds",
-                        "1", "--device", "cpu", "--json").stdout)
+    ev = json.loads(
+        cli(
+            "eval",
+            "--store",
+            s_store,
+            "--state",
+            tip,
+            "--protocol",
+            "allway",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ).stdout
+    )
     assert res["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-3)
 
     # predict on image files (the store's and new shapes) through the student, then the exported model
     files = sorted(str(p) for p in images.rglob("*.png")) + photos(images, tmp_path / "photos")
     listing = tmp_path / "files.txt"
     listing.write_text("\n".join(files) + "\n")
-    cli("predict", "--state", tip, "--images", listing, "--out", tmp_path / "p.csv", "--workers", "0", "--device", "cpu")
+    cli(
+        "predict", "--state", tip, "--images", listing, "--out", tmp_path / "p.csv", "--workers", "0", "--device", "cpu"
+    )
     want = {r["path"]: r for r in read_rows(tmp_path / "p.csv")}
     assert len(want) == len(files)
     r = json.loads(cli("export", "--state", tip, "--format", "onnx", "--out", tmp_path / "m.onnx", "--json").stdout)
@@ -483,10 +735,18 @@ def test_distilled_student_is_the_deployment_path(fitted, images, tmp_path):
     meta = sess.get_modelmeta().custom_metadata_map
     prep, got_names = json.loads(meta["preprocess"]), json.loads(meta["class_names"])
     # the student's own preprocessing, not torchvision's: 32 px crops of a 37 px square, longer side rounded
-    assert {k: prep[k] for k in ("resize", "resize_rounding", "interpolation", "reducing_gap", "square", "crop",
-                                  "crop_offset")} == {"resize": 37, "resize_rounding": "round", "interpolation": "bicubic",
-                                                      "reducing_gap": 3.0, "square": 37, "crop": [32, 32],
-                                                      "crop_offset": "floor"}
+    assert {
+        k: prep[k]
+        for k in ("resize", "resize_rounding", "interpolation", "reducing_gap", "square", "crop", "crop_offset")
+    } == {
+        "resize": 37,
+        "resize_rounding": "round",
+        "interpolation": "bicubic",
+        "reducing_gap": 3.0,
+        "square": 37,
+        "crop": [32, 32],
+        "crop_offset": "floor",
+    }
     assert got_names == names and json.loads(meta["fskd"])["encoder"] == f"student:{student}"
     ex = load_example()
     x = np.stack([ex.preprocess(ex.load_rgb(f), prep) for f in files])

@@ -102,8 +102,14 @@ def test_loss_hand_worked():
     # one unlabelled row: teacher [2 ln 3, 0] / T=2 -> [.75, .25], student kd [0, 0] -> [.5, .5]:
     #   KL = .75 ln(.75/.5) + .25 ln(.25/.5) = .75 ln 1.5 - .25 ln 2 = 0.1308120, times T^2 = 0.5232481;
     # loss = 0.5 ln 2 + 0.5 (0 + 0.5232481) = 0.3465736 + 0.2616240 = 0.6081976
-    out = dho_loss(torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]),
-                   torch.tensor([[2 * LN(3), 0.0]]), torch.tensor([0]))
+    out = dho_loss(
+        torch.zeros(1, 2),
+        torch.tensor([[1.0, -1.0]]),
+        torch.zeros(1, 2),
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[2 * LN(3), 0.0]]),
+        torch.tensor([0]),
+    )
     assert float(out["task_loss"]) == pytest.approx(LN(2), abs=1e-6)
     assert float(out["kd_labelled"]) == pytest.approx(0.0, abs=1e-6)
     assert float(out["kd_unlabelled"]) == pytest.approx(4 * (0.75 * LN(1.5) - 0.25 * LN(2)), abs=1e-6)
@@ -136,8 +142,12 @@ def test_gradients_reach_both_heads_and_the_backbone_each_head_its_own_loss():
     dead = [n for n, g in both.items() if g is None or not torch.isfinite(g).all() or float(g.abs().sum()) == 0]
     assert not dead, dead
     ce_only, kd_only = grads(1.0, 0.0), grads(0.0, 1.0)
-    assert all(ce_only[f"kd_head.{k}"] is None or float(ce_only[f"kd_head.{k}"].abs().sum()) == 0 for k in ("weight", "bias"))
-    assert all(kd_only[f"ce_head.{k}"] is None or float(kd_only[f"ce_head.{k}"].abs().sum()) == 0 for k in ("weight", "bias"))
+    assert all(
+        ce_only[f"kd_head.{k}"] is None or float(ce_only[f"kd_head.{k}"].abs().sum()) == 0 for k in ("weight", "bias")
+    )
+    assert all(
+        kd_only[f"ce_head.{k}"] is None or float(kd_only[f"ce_head.{k}"].abs().sum()) == 0 for k in ("weight", "bias")
+    )
     assert float(ce_only["ce_head.weight"].abs().sum()) > 0 and float(kd_only["kd_head.weight"].abs().sum()) > 0
 
 
@@ -150,8 +160,27 @@ def test_schedule_is_linear_warmup_then_linear_decay():
 def test_cli_dho_distill_reopen_extract_eval(tiny_teacher_store, tiny_images, tmp_path):  # noqa: F811
     out = tmp_path / "dho"
     sets = [a for k, v in DHO_TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    r = runner.invoke(app, ["distill", "--method", "dho", "--store", tiny_teacher_store, "--shots", "2", "--student",
-                            TINY, "--epochs", "2", "--out", str(out), "--device", "cpu", *sets])
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--method",
+            "dho",
+            "--store",
+            tiny_teacher_store,
+            "--shots",
+            "2",
+            "--student",
+            TINY,
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"dho (distill) -> {out}" in r.output
     state = load_state(out)
@@ -188,20 +217,40 @@ def test_cli_dho_distill_reopen_extract_eval(tiny_teacher_store, tiny_images, tm
     col = {int(c): i for i, c in enumerate(state.tensors["train_classes"])}
     yv = torch.tensor([col[int(c)] for c in vy[keep]])
     t = state.tensors
-    acc, alpha, beta = search_alpha_beta(f @ t["ce_head.weight"].T + t["ce_head.bias"],
-                                         f @ t["kd_head.weight"].T + t["kd_head.bias"], yv)
+    acc, alpha, beta = search_alpha_beta(
+        f @ t["ce_head.weight"].T + t["ce_head.bias"], f @ t["kd_head.weight"].T + t["kd_head.bias"], yv
+    )
     assert (alpha, beta) == (hp["alpha"], hp["beta"]) and round(100 * acc, 3) == best["val_accuracy"]
 
     # the student extracts a store; fskd eval of the state there scores the mixed prediction
     s_store = tmp_path / "dho.zarr"
-    r = runner.invoke(app, ["extract", "folder", "--root", str(tiny_images), "--encoder", f"student:{out}",
-                            "--store", str(s_store), "--workers", "0", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "extract",
+            "folder",
+            "--root",
+            str(tiny_images),
+            "--encoder",
+            f"student:{out}",
+            "--store",
+            str(s_store),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ev = api.evaluate(EvalConfig(store=str(s_store), state=str(out), protocol="allway", shots=2, seeds=(1,)))
     st = FeatureStore.open(s_store)
     x, y = torch.from_numpy(st.features("test")).float(), st.labels("test")
-    p = mixed_probs(x @ t["ce_head.weight"].T + t["ce_head.bias"], x @ t["kd_head.weight"].T + t["kd_head.bias"],
-                    hp["alpha"], hp["beta"])
+    p = mixed_probs(
+        x @ t["ce_head.weight"].T + t["ce_head.bias"],
+        x @ t["kd_head.weight"].T + t["kd_head.bias"],
+        hp["alpha"],
+        hp["beta"],
+    )
     pred = t["train_classes"][p.argmax(1)].numpy()
     assert ev.accuracy == pytest.approx(100 * float((pred == y).mean()), abs=1e-3)
     assert ev.classifier == "dho"
@@ -209,8 +258,18 @@ def test_cli_dho_distill_reopen_extract_eval(tiny_teacher_store, tiny_images, tm
 
 def test_refusals(tiny_teacher_store, tmp_path):  # noqa: F811
     def cfg(**kw):
-        return DistillConfig(**{"store": tiny_teacher_store, "method": "dho", "student": TINY, "epochs": 1,
-                                "out": str(tmp_path / "x"), "device": "cpu", "options": DHO_TINY, **kw})
+        return DistillConfig(
+            **{
+                "store": tiny_teacher_store,
+                "method": "dho",
+                "student": TINY,
+                "epochs": 1,
+                "out": str(tmp_path / "x"),
+                "device": "cpu",
+                "options": DHO_TINY,
+                **kw,
+            }
+        )
 
     with pytest.raises(ConfigError, match="no base-novel form"):
         api.distill(cfg(regime="base-novel", shots=1))
@@ -224,8 +283,19 @@ def test_refusals(tiny_teacher_store, tmp_path):  # noqa: F811
 
 
 def test_no_validation_data_keeps_the_authors_start(tiny_teacher_store, tmp_path):  # noqa: F811
-    res = api.distill(DistillConfig(store=tiny_teacher_store, method="dho", student=TINY, epochs=2, out=str(tmp_path / "n"),
-                                    device="cpu", options=DHO_TINY, hp_selection="none"), progress=None)
+    res = api.distill(
+        DistillConfig(
+            store=tiny_teacher_store,
+            method="dho",
+            student=TINY,
+            epochs=2,
+            out=str(tmp_path / "n"),
+            device="cpu",
+            options=DHO_TINY,
+            hp_selection="none",
+        ),
+        progress=None,
+    )
     state = load_state(res.out)
     assert (state.hparams["alpha"], state.hparams["beta"], state.hparams["best_epoch"]) == (0.0, 1.0, 2)
     assert state.selected_on["alpha"].startswith("fixed (no validation data")
@@ -240,5 +310,12 @@ def test_registered_with_the_authors_defaults():
     assert opts["temperature"]["default"] == "2.0" and "authors" in opts["temperature"]["meaning"]
     assert json.loads(opts["beta_grid"]["default"]) == list(BETA_GRID)
     o = DHOOptions()
-    assert (o.lr, o.weight_decay, o.batch_size, o.epochs, o.w_ce, o.w_kd, o.crop_scale) == (1e-3, 0.01, 64, 200, 0.5, 0.5,
-                                                                                              (0.5, 1.0))
+    assert (o.lr, o.weight_decay, o.batch_size, o.epochs, o.w_ce, o.w_kd, o.crop_scale) == (
+        1e-3,
+        0.01,
+        64,
+        200,
+        0.5,
+        0.5,
+        (0.5, 1.0),
+    )

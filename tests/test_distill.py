@@ -37,8 +37,15 @@ from .conftest import SHARED_DATA
 
 runner = CliRunner()
 TINY = "timm:test_resnet"
-TINY_OPTS = {"image_size": 32, "batch_size": 8, "proj_hidden": 32, "val_episodes": 20, "val_query": 2,
-             "teacher_steps": 20, "decode_threads": 1}
+TINY_OPTS = {
+    "image_size": 32,
+    "batch_size": 8,
+    "proj_hidden": 32,
+    "val_episodes": 20,
+    "val_query": 2,
+    "teacher_steps": 20,
+    "decode_threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +73,30 @@ def tiny_images(tmp_path_factory) -> Path:
 def tiny_teacher_store(tiny_images, tiny_clip_dir, tmp_path_factory) -> str:
     """The tiny images encoded by a tiny open_clip teacher (joint image-text space)."""
     path = tmp_path_factory.mktemp("distill-store") / "teacher.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(tiny_images), encoder=f"openclip:local-dir:{tiny_clip_dir}",
-                              store=str(path), workers=0, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(tiny_images),
+            encoder=f"openclip:local-dir:{tiny_clip_dir}",
+            store=str(path),
+            workers=0,
+            device="cpu",
+        )
+    )
     return str(path)
 
 
 def _cfg(store, out, **kw) -> DistillConfig:
     opts = {**TINY_OPTS, **kw.pop("options", {})}
-    base = {"store": store, "student": TINY, "epochs": 2, "out": str(out), "device": "cpu", "options": opts, "force": True}
+    base = {
+        "store": store,
+        "student": TINY,
+        "epochs": 2,
+        "out": str(out),
+        "device": "cpu",
+        "options": opts,
+        "force": True,
+    }
     return DistillConfig(**{**base, **kw})
 
 
@@ -117,8 +140,11 @@ def test_loss_dict_every_term_finite_grads_reach_student_not_teacher(tiny_clip_d
     net.zero_grad()
     out = crit(*net((views - 0.5) / 0.25), tb)
     out["loss"].backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
-               or float(p.grad.abs().sum()) == 0]
+    missing = [
+        n
+        for n, p in net.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or float(p.grad.abs().sum()) == 0
+    ]
     assert not missing, missing
     tparams = teacher.parameters()
     assert tparams and all(p.grad is None and not p.requires_grad for p in tparams)
@@ -139,8 +165,25 @@ def test_losses_none_is_task_only():
 def test_cli_distill_extract_eval_round_trip(tiny_teacher_store, tiny_images, tmp_path):
     out = tmp_path / "student"
     sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    r = runner.invoke(app, ["distill", "--store", tiny_teacher_store, "--shots", "2", "--student", TINY,
-                            "--epochs", "2", "--out", str(out), "--device", "cpu", *sets])
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--store",
+            tiny_teacher_store,
+            "--shots",
+            "2",
+            "--student",
+            TINY,
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"mtkd (distill) -> {out}" in r.output
     state = load_state(out)
@@ -154,8 +197,23 @@ def test_cli_distill_extract_eval_round_trip(tiny_teacher_store, tiny_images, tm
 
     # the student:DIR encoder extracts a store (text from the teacher's text tower)
     s_store = tmp_path / "student.zarr"
-    r = runner.invoke(app, ["extract", "folder", "--root", str(tiny_images), "--encoder", f"student:{out}",
-                            "--store", str(s_store), "--workers", "0", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "extract",
+            "folder",
+            "--root",
+            str(tiny_images),
+            "--encoder",
+            f"student:{out}",
+            "--store",
+            str(s_store),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     st = FeatureStore.open(s_store)
     assert st.dim == 96 and st.is_complete() and st.text_embeddings() is not None
@@ -174,8 +232,10 @@ def test_cli_distill_extract_eval_round_trip(tiny_teacher_store, tiny_images, tm
     np.testing.assert_allclose(st.features("train")[0], mine, rtol=1e-3, atol=1e-3)
 
     # evaluation with the state on the student store; on the teacher store: a clear error
-    r = runner.invoke(app, ["eval", "--store", str(s_store), "--state", str(out), "--protocol", "allway", "--shot", "2",
-                            "--seeds", "1"])
+    r = runner.invoke(
+        app,
+        ["eval", "--store", str(s_store), "--state", str(out), "--protocol", "allway", "--shot", "2", "--seeds", "1"],
+    )
     assert r.exit_code == 0, r.output
     assert "all-way 2-shot" in r.output and "mtkd" in r.output
     r = runner.invoke(app, ["eval", "--store", tiny_teacher_store, "--state", str(out), "--way", "2"])
@@ -192,10 +252,12 @@ def test_base_novel_regime_and_head_shapes(tiny_teacher_store, tmp_path):
     assert state.metrics["teacher_train_accuracy"] is not None
     # the head on (fake) student features: batched episodes -> (E, M, N) logits
     d = 96
-    store = FeatureStore.from_arrays(tmp_path / "fake.zarr", {"train": (np.random.rand(20, d).astype("f4"),
-                                                                        np.arange(20) % 10)},
-                                     teacher.class_names, {k: v for k, v in teacher.attrs["class_split"].items()
-                                                           if k != "source"})
+    store = FeatureStore.from_arrays(
+        tmp_path / "fake.zarr",
+        {"train": (np.random.rand(20, d).astype("f4"), np.arange(20) % 10)},
+        teacher.class_names,
+        {k: v for k, v in teacher.attrs["class_split"].items() if k != "source"},
+    )
     head = MTKD().head(state, store, torch.device("cpu"))
     fitted = head.fit(torch.randn(3, 2, 1, d), torch.tensor([[0, 1], [2, 3], [4, 5]]))
     assert fitted.logits(torch.randn(3, 7, d)).shape == (3, 7, 2)
@@ -230,7 +292,9 @@ def test_kill_then_resume_and_dir_never_corrupted(tiny_teacher_store, tmp_path, 
 
 
 def test_bad_input_clear_errors(tiny_teacher_store, tmp_path):
-    with pytest.raises(ConfigError, match=r"--shots 99 is larger than available: class .* has \d+ samples in the 'train' split"):
+    with pytest.raises(
+        ConfigError, match=r"--shots 99 is larger than available: class .* has \d+ samples in the 'train' split"
+    ):
         api.distill(_cfg(tiny_teacher_store, tmp_path / "a", shots=99))
     with pytest.raises(EncoderError, match="timm has no model 'resnet_does_not_exist'"):
         api.distill(_cfg(tiny_teacher_store, tmp_path / "b", student="timm:resnet_does_not_exist"))
@@ -239,8 +303,9 @@ def test_bad_input_clear_errors(tiny_teacher_store, tmp_path):
     with pytest.raises(ConfigError, match="unknown key"):
         api.distill(_cfg(tiny_teacher_store, tmp_path / "d", options={"learning_rate": 1}))
     x = np.random.rand(12, 8).astype("f4")
-    no_train = FeatureStore.from_arrays(tmp_path / "all.zarr", {"all": (x, np.arange(12) % 3)}, ["a", "b", "c"],
-                                        {"base": [0], "val": [1], "novel": [2]})
+    no_train = FeatureStore.from_arrays(
+        tmp_path / "all.zarr", {"all": (x, np.arange(12) % 3)}, ["a", "b", "c"], {"base": [0], "val": [1], "novel": [2]}
+    )
     with pytest.raises(StoreError, match="no 'train' sample split"):
         api.distill(_cfg(str(no_train.path), tmp_path / "e"))
     with pytest.raises(StoreError, match="not extracted from an image dataset"):
@@ -254,17 +319,35 @@ def test_student_encoder_rejects_state_of_other_store(tiny_teacher_store, tiny_i
     res = api.distill(_cfg(tiny_teacher_store, tmp_path / "s1", epochs=1))
     other = api.distill(_cfg(tiny_teacher_store, tmp_path / "s2", epochs=1, seed=9))
     store = tmp_path / "s1.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(tiny_images), encoder=f"student:{res.out}", store=str(store),
-                              workers=0, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(tiny_images),
+            encoder=f"student:{res.out}",
+            store=str(store),
+            workers=0,
+            device="cpu",
+        )
+    )
     with pytest.raises(StateError, match="another student"):
         api.evaluate(EvalConfig(store=str(store), state=other.out, protocol="allway", shots=1))
-    r = api.evaluate(EvalConfig(store=str(store), state=res.out, protocol="allway", shots=4, seeds=(1,)))  # the student's own shots and seed
+    r = api.evaluate(
+        EvalConfig(store=str(store), state=res.out, protocol="allway", shots=4, seeds=(1,))
+    )  # the student's own shots and seed
     assert 0 <= r.accuracy <= 100
 
 
 def test_vit_student_and_online_teacher(tiny_teacher_store, tmp_path):
-    res = api.distill(_cfg(tiny_teacher_store, tmp_path / "vit", student="timm:test_vit", epochs=1, online_teacher=True,
-                           losses="instance,class"))
+    res = api.distill(
+        _cfg(
+            tiny_teacher_store,
+            tmp_path / "vit",
+            student="timm:test_vit",
+            epochs=1,
+            online_teacher=True,
+            losses="instance,class",
+        )
+    )
     state = load_state(res.out)
     assert state.hparams["losses"] == ["logit", "feature", "prototype"] and state.metrics["online_teacher"]
     enc = build_encoder(f"student:{res.out}")
@@ -281,8 +364,24 @@ def test_sigkill_mid_training_then_resume(tiny_teacher_store, tmp_path):
     out = tmp_path / "killed"
     ck = tmp_path / ".killed.distill-resume" / "checkpoint.json"
     sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    cmd = [sys.executable, "-m", "fskd", "-v", "distill", "--store", tiny_teacher_store, "--student", TINY, "--epochs", "40",
-           "--out", str(out), "--device", "cpu", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fskd",
+        "-v",
+        "distill",
+        "--store",
+        tiny_teacher_store,
+        "--student",
+        TINY,
+        "--epochs",
+        "40",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *sets,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -308,9 +407,34 @@ def test_torchrun_two_ranks_like_single_process(tiny_teacher_store, tmp_path):
     out = tmp_path / "ddp"
     sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fskd", "distill", "--store",
-                        tiny_teacher_store, "--student", TINY, "--shots", "2", "--epochs", "2", "--out", str(out),
-                        "--device", "cpu", *sets], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fskd",
+            "distill",
+            "--store",
+            tiny_teacher_store,
+            "--student",
+            TINY,
+            "--shots",
+            "2",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = load_state(out)
     single = load_state(api.distill(_cfg(tiny_teacher_store, tmp_path / "single", shots=2)).out)
@@ -356,8 +480,18 @@ def test_cub35_short_distillation_beats_labels_only(cub35_store, tmp_path):
     opts = {"image_size": 32, "batch_size": 64, "val_episodes": 50}
     acc = {}
     for losses in ("all", "none"):
-        res = api.distill(DistillConfig(store=cub35_store, student="timm:resnet10t", regime="base-novel", shots=5,
-                                        losses=losses, epochs=2, out=str(tmp_path / losses), options=opts))
+        res = api.distill(
+            DistillConfig(
+                store=cub35_store,
+                student="timm:resnet10t",
+                regime="base-novel",
+                shots=5,
+                losses=losses,
+                epochs=2,
+                out=str(tmp_path / losses),
+                options=opts,
+            )
+        )
         acc[losses] = _novel_accuracy(FeatureStore.open(cub35_store), res.out, shot=5)
     assert acc["all"] > acc["none"] + 0.02, acc
 
@@ -370,9 +504,18 @@ def test_cub35_distillation_pipeline_beats_labels_only(cub35_store, cub35_root, 
     acc = {}
     for losses in ("all", "none"):
         out = tmp_path / f"{regime}-{losses}"
-        api.distill(DistillConfig(store=cub35_store, student="timm:resnet10t", regime=regime, losses=losses, epochs=8,
-                                  shots=4 if regime == "semi" else 5, out=str(out),
-                                  options={"image_size": 48, "student_kwargs": {"channels": [32, 64, 128, 256]}}))
+        api.distill(
+            DistillConfig(
+                store=cub35_store,
+                student="timm:resnet10t",
+                regime=regime,
+                losses=losses,
+                epochs=8,
+                shots=4 if regime == "semi" else 5,
+                out=str(out),
+                options={"image_size": 48, "student_kwargs": {"channels": [32, 64, 128, 256]}},
+            )
+        )
         s = tmp_path / f"{regime}-{losses}.zarr"
         api.extract(ExtractConfig(dataset="cub", root=str(cub35_root), encoder=f"student:{out}", store=str(s)))
         if regime == "semi":
@@ -418,10 +561,12 @@ def test_bench_runs_distill_rows_over_class_splits(tiny_teacher_store, tmp_path)
     grid = tmp_path / "grid.toml"
     opts = {**TINY_OPTS, "student": TINY, "epochs": 1}
     toml = lambda d: "\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items())  # noqa: E731
-    grid.write_text(f'stores = ["{tiny_teacher_store}"]\nmethods = ["prototype", "mtkd", "labels-only=mtkd"]\n'
-                    f'shots = [1]\nseeds = [1, 2]\nprotocol = "episodic"\nclass_ratio = [0.4, 0.3, 0.3]\nway = 3\n'
-                    f'query = 5\nepisodes = 30\nbaseline = "labels-only"\ndevice = "cpu"\n'
-                    f'[options.mtkd]\n{toml(opts)}\n[options.labels-only]\n{toml({**opts, "losses": "none"})}\n')
+    grid.write_text(
+        f'stores = ["{tiny_teacher_store}"]\nmethods = ["prototype", "mtkd", "labels-only=mtkd"]\n'
+        f'shots = [1]\nseeds = [1, 2]\nprotocol = "episodic"\nclass_ratio = [0.4, 0.3, 0.3]\nway = 3\n'
+        f'query = 5\nepisodes = 30\nbaseline = "labels-only"\ndevice = "cpu"\n'
+        f"[options.mtkd]\n{toml(opts)}\n[options.labels-only]\n{toml({**opts, 'losses': 'none'})}\n"
+    )
     res = runner.invoke(app, ["bench", "--grid", str(grid), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     assert "6 cells (0 already done, 6 run, 0 not applicable, 0 failed)" in res.output
@@ -438,11 +583,29 @@ def test_bench_runs_distill_rows_over_class_splits(tiny_teacher_store, tmp_path)
     assert "| labels-only |" in table and "Paired difference to labels-only" in table and "student" in table
     # the seed-2 mtkd cell by hand
     out = tmp_path / "by-hand"
-    api.distill(_cfg(tiny_teacher_store, out, epochs=1, seed=2, shots=1, regime="base-novel",
-                     class_ratio=(0.4, 0.3, 0.3), split_seed=2))
+    api.distill(
+        _cfg(
+            tiny_teacher_store,
+            out,
+            epochs=1,
+            seed=2,
+            shots=1,
+            regime="base-novel",
+            class_ratio=(0.4, 0.3, 0.3),
+            split_seed=2,
+        )
+    )
     s = tmp_path / "by-hand.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=FeatureStore.open(tiny_teacher_store).attrs["dataset"]["root"],
-                              encoder=f"student:{out}", store=str(s), workers=0, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=FeatureStore.open(tiny_teacher_store).attrs["dataset"]["root"],
+            encoder=f"student:{out}",
+            store=str(s),
+            workers=0,
+            device="cpu",
+        )
+    )
     ev = api.evaluate(EvalConfig(store=str(s), state=str(out), way=3, shots=1, query=5, episodes=30, seed=0))
     cell = next(r for r in dist if r["method"] == "mtkd" and r["seed"] == 2)
     assert cell["accuracy"] == pytest.approx(ev.accuracy, abs=1e-6)
@@ -450,10 +613,23 @@ def test_bench_runs_distill_rows_over_class_splits(tiny_teacher_store, tmp_path)
     for args, words in ((["--set", "mtkd.regime=semi"], "semi student learned labels of the novel classes"),):
         bad = runner.invoke(app, ["bench", "--grid", str(grid), "--out", str(tmp_path / "x"), *args])
         assert bad.exit_code == 2 and words in bad.output, bad.output
-    bad = runner.invoke(app, ["bench", "--stores", tiny_teacher_store, "--methods", "mtkd", "--protocol", "base-to-new",
-                              "--out", str(tmp_path / "y")])
+    bad = runner.invoke(
+        app,
+        [
+            "bench",
+            "--stores",
+            tiny_teacher_store,
+            "--methods",
+            "mtkd",
+            "--protocol",
+            "base-to-new",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+    )
     assert bad.exit_code == 2 and "distill rows run the episodic protocol" in bad.output, bad.output
-    bad = runner.invoke(app, ["bench", "--stores", tiny_teacher_store, "--methods", "prototype,=mtkd",
-                              "--out", str(tmp_path / "z")])
+    bad = runner.invoke(
+        app, ["bench", "--stores", tiny_teacher_store, "--methods", "prototype,=mtkd", "--out", str(tmp_path / "z")]
+    )
     assert bad.exit_code == 2 and "LABEL=METHOD" in bad.output, bad.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

@@ -46,21 +46,39 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def store(images, tiny_clip_dir, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("teacher-state-store") / "teacher.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(images), encoder=f"openclip:local-dir:{tiny_clip_dir}",
-                              store=str(path), workers=0, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(images),
+            encoder=f"openclip:local-dir:{tiny_clip_dir}",
+            store=str(path),
+            workers=0,
+            device="cpu",
+        )
+    )
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def tip_state(store, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("teacher-state-tip") / "tip"
-    api.adapt(AdaptConfig(store=store, method="tip-adapter", shots=2, seed=3, out=str(out), device="cpu"), progress=None)
+    api.adapt(
+        AdaptConfig(store=store, method="tip-adapter", shots=2, seed=3, out=str(out), device="cpu"), progress=None
+    )
     return str(out)
 
 
 def _cfg(store, out, **kw) -> DistillConfig:
     opts = {**TINY_OPTS, **kw.pop("options", {})}
-    base = {"store": store, "student": TINY, "epochs": 1, "out": str(out), "device": "cpu", "options": opts, "force": True}
+    base = {
+        "store": store,
+        "student": TINY,
+        "epochs": 1,
+        "out": str(out),
+        "device": "cpu",
+        "options": opts,
+        "force": True,
+    }
     return DistillConfig(**{**base, **kw})
 
 
@@ -92,7 +110,9 @@ def test_soft_targets_are_the_state_heads_logits(store, tip_state, tmp_path, mon
         assert any(t.shape == o.shape and torch.equal(t, o) for o in by_value)
 
     fs = FeatureStore.open(store)
-    feats = {s: torch.from_numpy(fs.features(s, fs.attrs["dtype"])[fs.labels(s) >= 0]).float() for s in ("train", "val")}
+    feats = {
+        s: torch.from_numpy(fs.features(s, fs.attrs["dtype"])[fs.labels(s) >= 0]).float() for s in ("train", "val")
+    }
     train = feats["train"]
     clf = Classifier(tip_state, device="cpu")
     assert clf.class_names == fs.class_names  # semi regime: every class is a training class, in store order
@@ -104,8 +124,9 @@ def test_soft_targets_are_the_state_heads_logits(store, tip_state, tmp_path, mon
     assert float(exact.min(1).values.max()) == 0.0
 
     # deterministic (the same rows give the same logits), and row-wise: batching changes only float rounding
-    st = mtkd.load_teacher_state(tip_state, fs, _cfg(store, tmp_path / "x", shots=2), list(range(fs.num_classes)),
-                                 torch.device("cpu"))
+    st = mtkd.load_teacher_state(
+        tip_state, fs, _cfg(store, tmp_path / "x", shots=2), list(range(fs.num_classes)), torch.device("cpu")
+    )
     st.batch = 5
     a = real_logits(st, train)
     torch.testing.assert_close(a, real_logits(st, train), rtol=0, atol=0)
@@ -126,13 +147,24 @@ def test_base_novel_online_teacher_columns_and_no_builtin_head(store, tip_state,
     built-in head is not fitted."""
     fs = FeatureStore.open(store)
     base = fs.class_split("base")
-    st = mtkd.load_teacher_state(tip_state, fs, _cfg(store, tmp_path / "x", regime="base-novel", shots=1), base,
-                                 torch.device("cpu"))
+    st = mtkd.load_teacher_state(
+        tip_state, fs, _cfg(store, tmp_path / "x", regime="base-novel", shots=1), base, torch.device("cpu")
+    )
     x = torch.from_numpy(fs.features("train")).float()
     torch.testing.assert_close(st.logits(x), Classifier(tip_state, device="cpu").logits(x)[:, base])
 
-    res = api.distill(_cfg(store, tmp_path / "bn", regime="base-novel", shots=1, teacher_state=tip_state,
-                           online_teacher=True, losses="instance"), progress=None)
+    res = api.distill(
+        _cfg(
+            store,
+            tmp_path / "bn",
+            regime="base-novel",
+            shots=1,
+            teacher_state=tip_state,
+            online_teacher=True,
+            losses="instance",
+        ),
+        progress=None,
+    )
     state = load_state(res.out)
     assert state.hparams["teacher_head_steps"] is None and "teacher.weight" not in state.tensors
     assert state.hparams["class_anchors"] is None and state.metrics["online_teacher"]
@@ -144,30 +176,49 @@ def test_refusals_name_both(store, tip_state, synthetic_store, tmp_path):
     # a state fitted on another store
     other = synthetic_store(joint=True)
     st_other = tmp_path / "other"
-    api.adapt(AdaptConfig(store=str(other.path), method="prototype", shots=2, out=str(st_other), device="cpu"),
-              progress=None)
-    with pytest.raises(StateError, match=r"--teacher-state .*other was fitted on store .*synthetic.*fingerprint.*not on "
-                                         r"the distill store .*teacher\.zarr"):
+    api.adapt(
+        AdaptConfig(store=str(other.path), method="prototype", shots=2, out=str(st_other), device="cpu"), progress=None
+    )
+    with pytest.raises(
+        StateError,
+        match=r"--teacher-state .*other was fitted on store .*synthetic.*fingerprint.*not on "
+        r"the distill store .*teacher\.zarr",
+    ):
         api.distill(_cfg(store, tmp_path / "a", shots=2, teacher_state=str(st_other)), progress=None)
 
     # an episodic-only state (on a store of its own: refused before any image is needed)
     ep = tmp_path / "fma"
-    api.align(AlignConfig(store=str(other.path), method="fma", shots=2, out=str(ep), device="cpu",
-                          options={"recipe": "lite", "regime": "episodic", "iters": 20}), progress=None)
+    api.align(
+        AlignConfig(
+            store=str(other.path),
+            method="fma",
+            shots=2,
+            out=str(ep),
+            device="cpu",
+            options={"recipe": "lite", "regime": "episodic", "iters": 20},
+        ),
+        progress=None,
+    )
     with pytest.raises(StateError, match=r"--teacher-state .*fma.*no all-way head.*regime=allway"):
         api.distill(_cfg(str(other.path), tmp_path / "b", shots=2, teacher_state=str(ep)), progress=None)
 
     # a base-to-new state does not cover the semi student's classes
     b2n = tmp_path / "b2n"
-    api.adapt(AdaptConfig(store=str(other.path), method="prototype", shots=2, base_to_new=True, out=str(b2n),
-                          device="cpu"), progress=None)
-    with pytest.raises(ConfigError, match=r"base-to-new on the first half.*semi student trains on 20 classes, 10 of "
-                                          r"which the state never learned"):
+    api.adapt(
+        AdaptConfig(store=str(other.path), method="prototype", shots=2, base_to_new=True, out=str(b2n), device="cpu"),
+        progress=None,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"base-to-new on the first half.*semi student trains on 20 classes, 10 of "
+        r"which the state never learned",
+    ):
         api.distill(_cfg(str(other.path), tmp_path / "c", shots=2, teacher_state=str(b2n)), progress=None)
     # ... while a student trained on classes of its base half gets their logits (its head over that half)
     covered = load_state(b2n).hparams["class_split"]["base"]
-    st = mtkd.load_teacher_state(str(b2n), other, _cfg(str(other.path), tmp_path / "x", regime="base-novel"),
-                                 covered[3:6], torch.device("cpu"))
+    st = mtkd.load_teacher_state(
+        str(b2n), other, _cfg(str(other.path), tmp_path / "x", regime="base-novel"), covered[3:6], torch.device("cpu")
+    )
     x = torch.from_numpy(other.features("test")[:7]).float()
     full = st.head.logits(x)
     assert full.shape == (7, len(covered)) and st.head.class_names == [other.class_names[c] for c in covered]
@@ -182,15 +233,43 @@ def test_refusals_name_both(store, tip_state, synthetic_store, tmp_path):
 def test_cli_run_records_provenance_and_student_extracts(store, tip_state, images, tmp_path):
     out = tmp_path / "student"
     sets = [a for k, v in TINY_OPTS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    r = runner.invoke(app, ["distill", "--store", store, "--shots", "2", "--student", TINY, "--epochs", "1",
-                            "--teacher-state", tip_state, "--out", str(out), "--device", "cpu", "--json", *sets])
+    r = runner.invoke(
+        app,
+        [
+            "distill",
+            "--store",
+            store,
+            "--shots",
+            "2",
+            "--student",
+            TINY,
+            "--epochs",
+            "1",
+            "--teacher-state",
+            tip_state,
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+            *sets,
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
     sha = _sha(tip_state)
-    prov = {"path": str(Path(tip_state).absolute()), "method": "tip-adapter", "kind": "adapt", "shots": 2, "seed": 3,
-            "state_json_sha256": sha}
+    prov = {
+        "path": str(Path(tip_state).absolute()),
+        "method": "tip-adapter",
+        "kind": "adapt",
+        "shots": 2,
+        "seed": 3,
+        "state_json_sha256": sha,
+    }
     assert prov.items() <= res["hparams"]["teacher_state"].items()
-    assert res["hparams"]["teacher"] == f"state {Path(tip_state).absolute()} (tip-adapter, 2 shots, seed 3, sha256 {sha})"
+    assert (
+        res["hparams"]["teacher"] == f"state {Path(tip_state).absolute()} (tip-adapter, 2 shots, seed 3, sha256 {sha})"
+    )
     assert res["selected_on"]["teacher"] == "given (--teacher-state)"
     state = load_state(out)
     assert state.hparams["teacher_state"] == res["hparams"]["teacher_state"]
@@ -198,8 +277,23 @@ def test_cli_run_records_provenance_and_student_extracts(store, tip_state, image
 
     # the student extracts a store (and is evaluated on it like any student)
     s_store = tmp_path / "student.zarr"
-    r = runner.invoke(app, ["extract", "folder", "--root", str(images), "--encoder", f"student:{out}",
-                            "--store", str(s_store), "--workers", "0", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "extract",
+            "folder",
+            "--root",
+            str(images),
+            "--encoder",
+            f"student:{out}",
+            "--store",
+            str(s_store),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert FeatureStore.open(s_store).attrs["encoder"]["preprocess"]["student_id"] == state.hparams["student_id"]
 

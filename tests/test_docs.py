@@ -61,7 +61,8 @@ def test_every_cli_verb_has_a_page_or_section(verb):
     page = DOCS / "cli" / f"{verb}.md"
     heading = re.compile(rf"^#+ .*`fskd {re.escape(verb)}`", re.M)
     assert page.exists() or any(heading.search(p.read_text()) for p in _own_pages()), (
-        f"`fskd {verb}` has no page docs/cli/{verb}.md and no heading `fskd {verb}` in docs/")
+        f"`fskd {verb}` has no page docs/cli/{verb}.md and no heading `fskd {verb}` in docs/"
+    )
 
 
 @pytest.mark.parametrize("method", list(registries()["methods"]))
@@ -136,8 +137,14 @@ def test_every_benchmark_table_has_its_command():
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs is not installed (the docs extra)")
 def test_the_site_builds_strictly(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
     assert all(f"fskd {v}" in cli for v in _verbs())

@@ -101,7 +101,9 @@ def test_allway_shot_sampling():
     labels = _labels([5, 8, 3])
     rows = sample_shots(labels, np.array([0, 1, 2]), 3, seed=1)
     assert rows.shape == (3, 3) and (labels[rows] == np.arange(3)[:, None]).all()
-    with pytest.raises(EvaluationError, match="--shots 4 is larger than available: class '2' has 3 samples in the 'train' split"):
+    with pytest.raises(
+        EvaluationError, match="--shots 4 is larger than available: class '2' has 3 samples in the 'train' split"
+    ):
         sample_shots(labels, np.array([0, 1, 2]), 4, seed=1)
 
 
@@ -118,7 +120,19 @@ def test_eval_reports_and_protocols(synthetic_store, tmp_path):
     st = synthetic_store(joint=True)
     r = api.evaluate(EvalConfig(store=str(st.path), way=5, shots=1, query=5, episodes=100, report=str(tmp_path)))
     d = r.to_dict()
-    for k in ("accuracy", "ci95", "episodes", "way", "shots", "query", "split", "classifier", "encoder", "seed", "seconds"):
+    for k in (
+        "accuracy",
+        "ci95",
+        "episodes",
+        "way",
+        "shots",
+        "query",
+        "split",
+        "classifier",
+        "encoder",
+        "seed",
+        "seconds",
+    ):
         assert k in d
     assert 20 < r.accuracy <= 100 and r.ci95 > 0 and r.classes == 5
     assert open(r.report[1]).read().count("Episodic: 5-way 1-shot") == 1
@@ -171,8 +185,10 @@ def test_prototype_logits_are_cosines():
 
 
 def _both_rules(context=None, prepare_rows=True):
-    return {rule: PrototypeHead(context or ClassContext(), prepare_rows=prepare_rows, rule=rule)
-            for rule in ("cosine", "simpleshot")}
+    return {
+        rule: PrototypeHead(context or ClassContext(), prepare_rows=prepare_rows, rule=rule)
+        for rule in ("cosine", "simpleshot")
+    }
 
 
 @pytest.mark.parametrize("prepare_rows", [True, False])
@@ -205,8 +221,12 @@ def test_simpleshot_rule_matches_the_authors_per_episode_numpy():
     eps = sample_episodes(labels, range(8), 5, 5, 6, 120, seed=2)
     head = CLASSIFIERS.get("simpleshot")(ClassContext(center=torch.from_numpy(base_mean)))
     batched = run_episodes(torch.from_numpy(feats), eps, head, batch=32)
-    cosine = run_episodes(torch.from_numpy(feats), eps, CLASSIFIERS.get("prototype")(
-        ClassContext(center=torch.from_numpy(base_mean))), batch=32)
+    cosine = run_episodes(
+        torch.from_numpy(feats),
+        eps,
+        CLASSIFIERS.get("prototype")(ClassContext(center=torch.from_numpy(base_mean))),
+        batch=32,
+    )
     loop = []
     for e in range(len(eps.classes)):
         gallery = feats[eps.support[e].reshape(-1)] - base_mean
@@ -221,9 +241,10 @@ def test_simpleshot_rule_matches_the_authors_per_episode_numpy():
     # the logits are minus the squared distances of the numpy rule (last episode)
     x = F.normalize(torch.from_numpy(feats - base_mean), dim=-1)
     fitted = head.fit(x[torch.from_numpy(eps.support[-1:])], torch.from_numpy(eps.classes[-1:]))
-    want = -torch.from_numpy(distance.T.astype(np.float32))[None] ** 2
-    torch.testing.assert_close(fitted.logits(x[torch.from_numpy(eps.query[-1:].reshape(1, -1))]), want,
-                               rtol=1e-5, atol=1e-5)
+    want = -(torch.from_numpy(distance.T.astype(np.float32))[None] ** 2)
+    torch.testing.assert_close(
+        fitted.logits(x[torch.from_numpy(eps.query[-1:].reshape(1, -1))]), want, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_prototype_rules_agree_at_one_shot():
@@ -283,8 +304,11 @@ def test_eval_uses_the_fits_thread_guard(synthetic_store, monkeypatch, protocol)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = (EvalConfig(store=str(store.path), way=3, shots=1, query=5, episodes=20) if protocol == "episodic" else
-               EvalConfig(store=str(store.path), protocol="allway", shots=2, seeds=(1,)))
+        cfg = (
+            EvalConfig(store=str(store.path), way=3, shots=1, query=5, episodes=20)
+            if protocol == "episodic"
+            else EvalConfig(store=str(store.path), protocol="allway", shots=2, seeds=(1,))
+        )
         api.evaluate(cfg)
         assert seen == [1], seen
         assert torch.get_num_threads() == 2

@@ -23,9 +23,23 @@ def _seed_store(cub35_store: str, out: Path) -> Path:
 def test_python_pipeline_example(cub35_store, cub35_root, tmp_path):
     out = tmp_path / "py"
     store = _seed_store(cub35_store, out)
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline.py"), "--data", str(cub35_root),
-                          "--out", str(out), "--store", str(store), "--episodes", "100"],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "pipeline.py"),
+            "--data",
+            str(cub35_root),
+            "--out",
+            str(out),
+            "--store",
+            str(store),
+            "--episodes",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert "reused" in lines[0]  # same inputs: the store is not re-encoded
@@ -42,8 +56,22 @@ def test_make_pipeline_example(cub35_store, cub35_root, tmp_path):
     out = tmp_path / "mk"
     store = _seed_store(cub35_store, out)
     fskd = Path(sys.executable).parent / "fskd"
-    res = subprocess.run(["make", "-f", "examples/Makefile", f"FSKD={fskd}", f"DATA={cub35_root}", f"OUT={out}",
-                          f"STORE={store}", "SHOTS=2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            "make",
+            "-f",
+            "examples/Makefile",
+            f"FSKD={fskd}",
+            f"DATA={cub35_root}",
+            f"OUT={out}",
+            f"STORE={store}",
+            "SHOTS=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert " extract " not in res.stdout  # the store target was already there
     reports = {p.name: json.loads(p.read_text()) for p in (out / "reports").glob("*.json")}

@@ -26,15 +26,32 @@ runner = CliRunner()
 
 
 def _cfg(root, store, encoder="synthetic:16", **kw):
-    return ExtractConfig(dataset="folder", root=str(root), encoder=encoder, store=str(store), workers=0,
-                         batch_size=4, chunk_rows=8, **kw)
+    return ExtractConfig(
+        dataset="folder", root=str(root), encoder=encoder, store=str(store), workers=0, batch_size=4, chunk_rows=8, **kw
+    )
 
 
 def test_cli_extract_writes_a_complete_store(image_folder, tiny_clip_dir, tmp_path):
     store = tmp_path / "tiny.zarr"
-    res = runner.invoke(app, ["extract", "folder", "--root", str(image_folder), "--store", str(store),
-                              "--encoder", f"openclip:local-dir:{tiny_clip_dir}", "--workers", "0",
-                              "--chunk-rows", "8", "--sample-split", "0.5,0.25,0.25"])
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            "folder",
+            "--root",
+            str(image_folder),
+            "--store",
+            str(store),
+            "--encoder",
+            f"openclip:local-dir:{tiny_clip_dir}",
+            "--workers",
+            "0",
+            "--chunk-rows",
+            "8",
+            "--sample-split",
+            "0.5,0.25,0.25",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "encoded 48 images" in res.output
     st = FeatureStore.open(store)
@@ -49,9 +66,25 @@ def test_cli_extract_writes_a_complete_store(image_folder, tiny_clip_dir, tmp_pa
     assert st.attrs["config"]["encoder"] == f"openclip:local-dir:{tiny_clip_dir}"
     assert st.attrs["sample_split"]["sizes"] == {"train": 24, "val": 12, "test": 12}
     # the same command again re-encodes nothing
-    res = runner.invoke(app, ["extract", "folder", "--root", str(image_folder), "--store", str(store),
-                              "--encoder", f"openclip:local-dir:{tiny_clip_dir}", "--workers", "0",
-                              "--chunk-rows", "8", "--sample-split", "0.5,0.25,0.25"])
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            "folder",
+            "--root",
+            str(image_folder),
+            "--store",
+            str(store),
+            "--encoder",
+            f"openclip:local-dir:{tiny_clip_dir}",
+            "--workers",
+            "0",
+            "--chunk-rows",
+            "8",
+            "--sample-split",
+            "0.5,0.25,0.25",
+        ],
+    )
     assert res.exit_code == 0 and "nothing re-encoded" in res.output
 
 
@@ -65,8 +98,9 @@ def test_existing_store_from_another_encoder_is_untouched(image_folder, tmp_path
         api.extract(_cfg(image_folder, store, class_ratio=(0.5, 0.0, 0.5)))
     after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
     assert before == after
-    res = runner.invoke(app, ["extract", "folder", "--root", str(image_folder), "--store", str(store),
-                              "--encoder", "synthetic:8"])
+    res = runner.invoke(
+        app, ["extract", "folder", "--root", str(image_folder), "--store", str(store), "--encoder", "synthetic:8"]
+    )
     assert res.exit_code == 2 and "error: " in res.output and "untouched" in res.output
 
 
@@ -107,8 +141,10 @@ def test_missing_root_and_unknown_names(tmp_path):
         api.extract(_cfg(tmp_path / "missing", tmp_path / "s.zarr"))
     res = runner.invoke(app, ["extract", "nosuch", "--store", str(tmp_path / "s.zarr")])
     assert res.exit_code == 2 and "folder" in res.output
-    res = runner.invoke(app, ["extract", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s.zarr"),
-                              "--encoder", "nosuch:1"])
+    res = runner.invoke(
+        app,
+        ["extract", "folder", "--root", str(tmp_path), "--store", str(tmp_path / "s.zarr"), "--encoder", "nosuch:1"],
+    )
     assert res.exit_code == 2
     assert not (tmp_path / "s.zarr").exists()
 
@@ -118,8 +154,26 @@ def _many_images(root: Path, classes: int = 10, per_class: int = 16) -> Path:
 
 
 def _extract_cmd(root, store, *extra):
-    return [sys.executable, "-m", "fskd", "extract", "folder", "--root", str(root), "--store", str(store),
-            "--encoder", "timm:resnet18", "--workers", "0", "--batch-size", "4", "--chunk-rows", "8", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fskd",
+        "extract",
+        "folder",
+        "--root",
+        str(root),
+        "--store",
+        str(store),
+        "--encoder",
+        "timm:resnet18",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--chunk-rows",
+        "8",
+        *extra,
+    ]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
@@ -166,14 +220,50 @@ def test_torchrun_two_ranks_equal_single_process(image_folder, tmp_path, tiny_cl
         pytest.skip("torchrun not installed beside this python")
     spec = f"openclip:local-dir:{tiny_clip_dir}"
     single = tmp_path / "single.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(image_folder), encoder=spec, store=str(single), workers=0,
-                              batch_size=4, chunk_rows=4, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(image_folder),
+            encoder=spec,
+            store=str(single),
+            workers=0,
+            batch_size=4,
+            chunk_rows=4,
+            device="cpu",
+        )
+    )
     multi = tmp_path / "multi.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fskd", "extract", "folder",
-                          "--root", str(image_folder), "--store", str(multi), "--encoder", spec, "--workers", "0",
-                          "--batch-size", "4", "--chunk-rows", "4", "--device", "cpu"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fskd",
+            "extract",
+            "folder",
+            "--root",
+            str(image_folder),
+            "--store",
+            str(multi),
+            "--encoder",
+            spec,
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--chunk-rows",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 ranks" in out.stdout
     a, b = FeatureStore.open(single), FeatureStore.open(multi)
@@ -190,16 +280,45 @@ def test_torchrun_two_ranks_with_views_equal_single_process(image_folder, tmp_pa
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this python")
-    args = ["extract", "folder", "--root", str(image_folder), "--encoder", "synthetic:16", "--workers", "0",
-            "--batch-size", "4", "--chunk-rows", "2", "--device", "cpu", "--augment-views", "3", "--augment-shots", "1",
-            "--augment-seeds", "1,2"]
+    args = [
+        "extract",
+        "folder",
+        "--root",
+        str(image_folder),
+        "--encoder",
+        "synthetic:16",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--chunk-rows",
+        "2",
+        "--device",
+        "cpu",
+        "--augment-views",
+        "3",
+        "--augment-shots",
+        "1",
+        "--augment-seeds",
+        "1,2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single.zarr", tmp_path / "multi.zarr"
-    out = subprocess.run([sys.executable, "-m", "fskd", *args, "--store", str(single)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "fskd", *args, "--store", str(single)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fskd", *args, "--store",
-                          str(multi)], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fskd", *args, "--store", str(multi)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     a, b = FeatureStore.open(single), FeatureStore.open(multi)
     assert b.views_written().all() and len(b.views_written()) >= 2  # several view chunks: both ranks wrote some

@@ -26,9 +26,27 @@ from tests.conftest import tinted_images
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-TINY_DISTILL = ["--student", "timm:test_resnet", "--epochs", "2", "--device", "cpu",
-                *[a for k, v in {"image_size": 32, "batch_size": 8, "proj_hidden": 16, "val_episodes": 10, "val_query": 2,
-                                 "teacher_steps": 5, "decode_threads": 1}.items() for a in ("--set", f"{k}={v}")]]
+TINY_DISTILL = [
+    "--student",
+    "timm:test_resnet",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+    *[
+        a
+        for k, v in {
+            "image_size": 32,
+            "batch_size": 8,
+            "proj_hidden": 16,
+            "val_episodes": 10,
+            "val_query": 2,
+            "teacher_steps": 5,
+            "decode_threads": 1,
+        }.items()
+        for a in ("--set", f"{k}={v}")
+    ],
+]
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -71,8 +89,14 @@ def run_fskd(*args: str, fault: str | None = None, cwd=None, timeout: int = 300)
     env.pop("FSKD_FAULT", None)
     if fault:
         env["FSKD_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "fskd", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "fskd", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +105,18 @@ def images(tmp_path_factory) -> Path:
     return tinted_images(tmp_path_factory.mktemp("fault-images"), 6, 8, 24)
 
 
-EXTRACT = ["--encoder", "synthetic:8", "--workers", "0", "--chunk-rows", "4", "--class-ratio", "0.5,0.17,0.33",
-           "--sample-split", "0.5,0.25,0.25"]
+EXTRACT = [
+    "--encoder",
+    "synthetic:8",
+    "--workers",
+    "0",
+    "--chunk-rows",
+    "4",
+    "--class-ratio",
+    "0.5,0.17,0.33",
+    "--sample-split",
+    "0.5,0.25,0.25",
+]
 
 
 def extract(root: Path, store: Path, *extra: str, ok: bool = True):
@@ -116,12 +150,19 @@ def test_out_refuses_what_fskd_did_not_write(verb, store, images, tmp_path):
     plain = tmp_path / "file.txt"
     plain.write_text("keep me")
     before = {p: tree(p) for p in (user, images, store, plain)}
-    args = {"adapt": ["adapt", "--method", "prototype", "--shots", "1"],
-            "align": ["align", "--shots", "1", "--set", "iters=2"],
-            "distill": ["distill", *TINY_DISTILL]}[verb]
-    for out, needle in ((user, "not an fskd output"), (images, "overlaps the dataset root"), (store, "overlaps --store"),
-                        (plain, "is not a directory"), (store / "train", "overlaps --store"),
-                        (tmp_path / "file.txt" / "x", "is a file")):
+    args = {
+        "adapt": ["adapt", "--method", "prototype", "--shots", "1"],
+        "align": ["align", "--shots", "1", "--set", "iters=2"],
+        "distill": ["distill", *TINY_DISTILL],
+    }[verb]
+    for out, needle in (
+        (user, "not an fskd output"),
+        (images, "overlaps the dataset root"),
+        (store, "overlaps --store"),
+        (plain, "is not a directory"),
+        (store / "train", "overlaps --store"),
+        (tmp_path / "file.txt" / "x", "is a file"),
+    ):
         for force in ([], ["--force"]):
             res = cli(*args, "--store", store, "--out", out, "--device", "cpu", *force, ok=False)
             user_error(res, str(out), needle)
@@ -247,18 +288,48 @@ def test_planted_cifar_pickle_is_refused(tmp_path):
     data = {"data": np.zeros((200, 3072), np.uint8), "fine_labels": list(range(100)) * 2, "coarse_labels": [0] * 200}
     (base / "train").write_bytes(pickle.dumps(data, protocol=2))
     (base / "test").write_bytes(pickle.dumps(_Payload(marker)))
-    res = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
-              "synthetic:4", ok=False)
+    res = cli(
+        "extract",
+        "cifar-fs",
+        "--root",
+        tmp_path / "cifar",
+        "--store",
+        tmp_path / "c.zarr",
+        "--encoder",
+        "synthetic:4",
+        ok=False,
+    )
     user_error(res, "refusing to load", "test")
     assert not marker.exists()
     (base / "test").write_bytes(pickle.dumps(data, protocol=2))  # the real layout reads fine
-    extract_ok = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
-                     "synthetic:4", "--workers", "0")
+    extract_ok = cli(
+        "extract",
+        "cifar-fs",
+        "--root",
+        tmp_path / "cifar",
+        "--store",
+        tmp_path / "c.zarr",
+        "--encoder",
+        "synthetic:4",
+        "--workers",
+        "0",
+    )
     assert "encoded 400 images" in extract_ok.stdout
     st = (base / "train").stat()
     os.utime(base / "train", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the split's pickle changed
-    res = cli("extract", "cifar-fs", "--root", tmp_path / "cifar", "--store", tmp_path / "c.zarr", "--encoder",
-              "synthetic:4", "--workers", "0", ok=False)
+    res = cli(
+        "extract",
+        "cifar-fs",
+        "--root",
+        tmp_path / "cifar",
+        "--store",
+        tmp_path / "c.zarr",
+        "--encoder",
+        "synthetic:4",
+        "--workers",
+        "0",
+        ok=False,
+    )
     user_error(res, "differs in: files")
 
 
@@ -270,8 +341,9 @@ STATE_POINTS = ["state:tensors-written", "state:tensors-named", "state:manifest-
 def test_kill_while_replacing_a_state_leaves_old_or_new(point, store, tmp_path):
     out = tmp_path / "st"
     cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
-    res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force",
-                   fault=point)
+    res = run_fskd(
+        "adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force", fault=point
+    )
     assert res.returncode == -9, res.stderr[-2000:]
     st = load_state(out)  # complete, whichever it is
     assert st.config["shots"] == (2 if point == "state:manifest-replaced" else 1)
@@ -367,20 +439,55 @@ def test_user_errors_are_one_line(store, images, tmp_path):
     user_error(cli("adapt", "--store", store, "--out", afile / "st", ok=False), "is a file")
     user_error(cli("eval", "--store", store, "--report", afile / "rep", ok=False), "--report", "is a file")
     split = tmp_path / "split.json"
-    for content, needle in ((json.dumps({"base": "class_0"}), "must be a list of class names"),
-                            (json.dumps({"base": [1, 2]}), "must be a list of class names"),
-                            (b"\xff\xfe{}", "not UTF-8")):
+    for content, needle in (
+        (json.dumps({"base": "class_0"}), "must be a list of class names"),
+        (json.dumps({"base": [1, 2]}), "must be a list of class names"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ):
         split.write_bytes(content if isinstance(content, bytes) else content.encode())
         user_error(extract(images, tmp_path / "y.zarr", "--class-split", split, ok=False), str(split), needle)
     user_error(extract(images, tmp_path / "y.zarr", "--class-split", tmp_path, ok=False), "is a directory")
-    user_error(cli("extract", "folder", "--root", images, "--store", tmp_path / "y.zarr", "--class-ratio", "nan,0.5,0.5",
-                   ok=False), "--class-ratio")
-    for kv, needle in (("steps=abc", "must be an integer"), ("steps=2.5", "must be an integer"),
-                       ("steps=-3", "must be >= 0"), ("lr=abc", "must be a finite number")):
-        user_error(cli("adapt", "--store", store, "--method", "linear-probe", "--set", "recipe=tuned", "--set", kv,
-                       "--out", tmp_path / "lp", ok=False), needle)
-    user_error(cli("distill", "--store", store, "--set", "lr=abc", "--out", tmp_path / "d", ok=False),
-               "lr must be a finite number")
+    user_error(
+        cli(
+            "extract",
+            "folder",
+            "--root",
+            images,
+            "--store",
+            tmp_path / "y.zarr",
+            "--class-ratio",
+            "nan,0.5,0.5",
+            ok=False,
+        ),
+        "--class-ratio",
+    )
+    for kv, needle in (
+        ("steps=abc", "must be an integer"),
+        ("steps=2.5", "must be an integer"),
+        ("steps=-3", "must be >= 0"),
+        ("lr=abc", "must be a finite number"),
+    ):
+        user_error(
+            cli(
+                "adapt",
+                "--store",
+                store,
+                "--method",
+                "linear-probe",
+                "--set",
+                "recipe=tuned",
+                "--set",
+                kv,
+                "--out",
+                tmp_path / "lp",
+                ok=False,
+            ),
+            needle,
+        )
+    user_error(
+        cli("distill", "--store", store, "--set", "lr=abc", "--out", tmp_path / "d", ok=False),
+        "lr must be a finite number",
+    )
     assert not (tmp_path / "lp").exists() and not (tmp_path / "d").exists()
     before = tree(images)
     user_error(extract(images, images / "inside.zarr", ok=False), "overlaps the dataset root")
@@ -400,7 +507,9 @@ def test_edited_store_attributes_are_an_error_not_a_traceback(store):
 def test_concurrent_extracts_of_one_store_both_succeed(images, tmp_path):
     path = tmp_path / "same.zarr"
     cmd = [sys.executable, "-m", "fskd", "extract", "folder", "--root", str(images), "--store", str(path), *EXTRACT]
-    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("nothing re-encoded" in o for o, _ in outs) == 1
@@ -420,8 +529,10 @@ def test_damaged_states_and_archives_are_named(store, tmp_path):
     tensors.write_bytes(blob)
     from fskd.fsutil import meta_digest
 
-    for edit, needle in ((lambda m: m.pop("method"), "missing keys ['method']"),
-                         (lambda m: m.update(surprise=1), "unknown keys ['surprise']")):
+    for edit, needle in (
+        (lambda m: m.pop("method"), "missing keys ['method']"),
+        (lambda m: m.update(surprise=1), "unknown keys ['surprise']"),
+    ):
         m = dict(meta)
         edit(m)
         (out / "state.json").write_text(json.dumps(m))  # edited: its hash no longer matches
@@ -434,8 +545,10 @@ def test_damaged_states_and_archives_are_named(store, tmp_path):
     omni = tmp_path / "omni"
     omni.mkdir()
     (omni / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
-    user_error(cli("extract", "omniglot", "--root", omni, "--store", tmp_path / "o.zarr", ok=False),
-               "images_background.zip is not a readable zip archive")
+    user_error(
+        cli("extract", "omniglot", "--root", omni, "--store", tmp_path / "o.zarr", ok=False),
+        "images_background.zip is not a readable zip archive",
+    )
 
 
 def test_json_errors_are_one_json_object_on_stderr(store, tmp_path):
@@ -454,8 +567,21 @@ def test_report_write_failure_prints_the_result_first(store, tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / f"{name}.json"))
 
     monkeypatch.setattr(fskd.api, "write_report", full_disk)
-    res = cli("eval", "--store", store, "--way", "2", "--query", "1", "--episodes", "5", "--report", tmp_path / "rep",
-              "--json", ok=False)
+    res = cli(
+        "eval",
+        "--store",
+        store,
+        "--way",
+        "2",
+        "--query",
+        "1",
+        "--episodes",
+        "5",
+        "--report",
+        tmp_path / "rep",
+        "--json",
+        ok=False,
+    )
     assert res.exit_code == 2 and json.loads(res.stdout)["episodes"] == 5
     err = json.loads(res.stderr)["error"]
     assert "cannot write the report" in err and "No space left on device" in err
@@ -467,10 +593,15 @@ def test_csv_rows_stay_inside_the_root(tmp_path):
     (root / "images").mkdir(parents=True)
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "images" / f"{i}.jpg")
-    for bad, needle in (("images/../../../../etc/passwd", "outside the dataset root"),
-                        ("/etc/passwd", "outside the dataset root"), ("0.jpg", "listed twice")):
+    for bad, needle in (
+        ("images/../../../../etc/passwd", "outside the dataset root"),
+        ("/etc/passwd", "outside the dataset root"),
+        ("0.jpg", "listed twice"),
+    ):
         (root / "train.csv").write_text(f"filename,label\n0.jpg,a\n1.jpg,b\n{bad},a\n")
-        res = cli("extract", "csv", "--root", root, "--store", tmp_path / "c.zarr", "--encoder", "synthetic:4", ok=False)
+        res = cli(
+            "extract", "csv", "--root", root, "--store", tmp_path / "c.zarr", "--encoder", "synthetic:4", ok=False
+        )
         user_error(res, "train.csv line 4", needle)
     assert not (tmp_path / "c.zarr").exists()
 
@@ -491,16 +622,23 @@ def test_skips_and_ignored_files_are_reported(images, tmp_path):
     assert "skipped 1 unreadable file(s)" in res.stderr
     info = json.loads(cli("info", path, "--json").stdout)
     assert sum(info["skipped"].values()) == 1
-    assert info["ignored_files"] == {"hidden folders": 1, "images in nested sub-folders (only one level is read)": 1,
-                                     "broken symlinks": 1}
+    assert info["ignored_files"] == {
+        "hidden folders": 1,
+        "images in nested sub-folders (only one level is read)": 1,
+        "broken symlinks": 1,
+    }
 
 
 def test_allway_says_which_classes_it_left_out(tmp_path):
     x = np.random.default_rng(0).normal(size=(40, 8)).astype("f4")
     y = np.arange(40) % 4
     test_y = np.where(y == 3, 0, y)  # class 3 has no test rows
-    s = FeatureStore.from_arrays(tmp_path / "a.zarr", {"train": (x, y), "test": (x, test_y)}, ["a", "b", "c", "d"],
-                                 {"base": [0, 1], "val": [], "novel": [2, 3]})
+    s = FeatureStore.from_arrays(
+        tmp_path / "a.zarr",
+        {"train": (x, y), "test": (x, test_y)},
+        ["a", "b", "c", "d"],
+        {"base": [0, 1], "val": [], "novel": [2, 3]},
+    )
     res = cli("eval", "--store", s.path, "--protocol", "allway", "--shot", "1", "--json")
     w = json.loads(res.stdout)["warnings"]
     assert len(w) == 1 and "'d'" in w[0] and "1 of 4 classes" in w[0]
@@ -614,18 +752,40 @@ def test_look_alike_hidden_folders_and_tensor_files_are_never_deleted(store, tmp
     st = load_state(out)
     assert st.config["shots"] == 1
     # exactly the committed tensor file and the user's file: the replaced ones were removed
-    assert sorted(p.name for p in out.iterdir()) == sorted(["state.json", "state-0123456789abcdef.safetensors",
-                                                            json.loads((out / "state.json").read_text())["tensors_file"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "state.json",
+            "state-0123456789abcdef.safetensors",
+            json.loads((out / "state.json").read_text())["tensors_file"],
+        ]
+    )
 
 
 def test_two_force_runs_into_one_state_take_turns(store, tmp_path):
     out = tmp_path / "st"
     cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
-    args = [sys.executable, "-m", "fskd", "adapt", "--store", str(store), "--method", "linear-probe", "--shots", "2",
-            "--out", str(out), "--force", "--device", "cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "fskd",
+        "adapt",
+        "--store",
+        str(store),
+        "--method",
+        "linear-probe",
+        "--shots",
+        "2",
+        "--out",
+        str(out),
+        "--force",
+        "--device",
+        "cpu",
+    ]
     for _ in range(3):
-        procs = [subprocess.Popen([*args, "--seed", str(seed)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for seed in (1, 2)]
+        procs = [
+            subprocess.Popen([*args, "--seed", str(seed)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for seed in (1, 2)
+        ]
         for p in procs:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err.decode()[-2000:]
@@ -666,8 +826,9 @@ def test_non_finite_features_are_never_written(tmp_path):
     x = np.zeros((8, 4), np.float32)
     x[3, 1] = np.inf
     with pytest.raises(StoreError, match="non-finite"):
-        FeatureStore.from_arrays(tmp_path / "a.zarr", {"train": (x, np.arange(8) % 2)}, ["a", "b"],
-                                 {"base": [0], "val": [], "novel": [1]})
+        FeatureStore.from_arrays(
+            tmp_path / "a.zarr", {"train": (x, np.arange(8) % 2)}, ["a", "b"], {"base": [0], "val": [], "novel": [1]}
+        )
 
 
 def test_a_state_with_nan_tensors_or_an_edited_state_json_is_refused(store, tmp_path):
@@ -683,8 +844,20 @@ def test_a_state_with_nan_tensors_or_an_edited_state_json_is_refused(store, tmp_
     (out / "state.json").write_text(json.dumps(meta))
     user_error(cli(*ev, ok=False), "state.json", "changed since fskd wrote it")
     # a state whose tensors are NaN, committed with correct hashes
-    cli("adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--force",
-        "--device", "cpu")
+    cli(
+        "adapt",
+        "--store",
+        store,
+        "--method",
+        "linear-probe",
+        "--shots",
+        "1",
+        "--out",
+        out,
+        "--force",
+        "--device",
+        "cpu",
+    )
     assert json.loads(cli(*ev, "--json").stdout)["accuracy"] == json.loads(good)["accuracy"]
     info, tensors = read_bundle(out, "state.json")
     name = next(k for k, t in tensors.items() if t.is_floating_point())
@@ -705,11 +878,33 @@ def test_dataset_root_is_absolute_so_no_cwd_can_write_into_the_dataset(images, t
     assert FeatureStore.open(tmp_path / "s.zarr").attrs["dataset"]["root"] == str(work / "data" / "imgs")
     monkeypatch.chdir(other)
     before = tree(work / "data")
-    res = cli("adapt", "--store", tmp_path / "s.zarr", "--method", "prototype", "--shots", "1",
-              "--out", "../../work/data/imgs/newclass", ok=False)
+    res = cli(
+        "adapt",
+        "--store",
+        tmp_path / "s.zarr",
+        "--method",
+        "prototype",
+        "--shots",
+        "1",
+        "--out",
+        "../../work/data/imgs/newclass",
+        ok=False,
+    )
     user_error(res, "dataset root")
-    res = cli("bench", "--stores", tmp_path / "s.zarr", "--methods", "prototype", "--shots", "1", "--seeds", "1",
-              "--out", "../../work/data/imgs/bench", ok=False)
+    res = cli(
+        "bench",
+        "--stores",
+        tmp_path / "s.zarr",
+        "--methods",
+        "prototype",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        "../../work/data/imgs/bench",
+        ok=False,
+    )
     user_error(res, "dataset root")
     assert tree(work / "data") == before
 
@@ -724,8 +919,20 @@ def test_report_keeps_a_finished_last_row_without_its_newline(store, tmp_path):
     cli("bench", "--report", out)
     assert res_file.read_text() == text.rstrip("\n")  # --report reads, never rewrites
     assert (out / "table.md").read_text() == before
-    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1,2,4", "--seeds", "1", "--out", out,
-              "--extend")
+    res = cli(
+        "bench",
+        "--stores",
+        store,
+        "--methods",
+        "prototype",
+        "--shots",
+        "1,2,4",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--extend",
+    )
     rows = [json.loads(line) for line in res_file.read_text().splitlines()]
     assert len(rows) == 3 and "(2 already done, 1 run" in res.output
 
@@ -736,15 +943,42 @@ def test_a_different_grid_in_an_existing_bench_folder_is_refused(store, tmp_path
     cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1,2", "--seeds", "1", "--out", out)
     assert (out / "accuracy_vs_shots.png").exists()
     before = tree(out)
-    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out, ok=False)
+    res = cli(
+        "bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out, ok=False
+    )
     user_error(res, "holds another grid", "new --out")
-    res = cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out,
-              "--extend", ok=False)
+    res = cli(
+        "bench",
+        "--stores",
+        store,
+        "--methods",
+        "prototype",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--extend",
+        ok=False,
+    )
     user_error(res, "cannot extend")
     assert tree(out) == before
     # a grid that contains the folder's grows it with --extend; tables and plot come from that one run
-    cli("bench", "--stores", store, "--methods", "prototype,linear-probe", "--shots", "1,2", "--seeds", "1",
-        "--out", out, "--extend")
+    cli(
+        "bench",
+        "--stores",
+        store,
+        "--methods",
+        "prototype,linear-probe",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--extend",
+    )
     meta = json.loads((out / "bench.json").read_text())
     assert len(meta["cells"]) == 4 and "accuracy_vs_shots.png" in meta["outputs"]
     assert "linear-probe" in (out / "table.md").read_text()
@@ -755,8 +989,19 @@ def test_long_jobs_log_a_line_per_cell_and_per_chunk_off_a_terminal(images, tmp_
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if "fskd.progress" in ln]
     assert any("extract train:" in ln and "img/s" in ln and "ETA" in ln for ln in lines), res.stderr
-    res = run_fskd("bench", "--stores", tmp_path / "s.zarr", "--methods", "prototype", "--shots", "1,2", "--seeds",
-                   "1,2", "--out", tmp_path / "b")
+    res = run_fskd(
+        "bench",
+        "--stores",
+        tmp_path / "s.zarr",
+        "--methods",
+        "prototype",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1,2",
+        "--out",
+        tmp_path / "b",
+    )
     assert res.returncode == 0, res.stderr
     cells = [ln for ln in res.stderr.splitlines() if "bench cell" in ln]
     assert len(cells) == 4 and "4/4" in cells[-1] and "ETA" in cells[-1] and "%" in cells[0], res.stderr
@@ -764,8 +1009,7 @@ def test_long_jobs_log_a_line_per_cell_and_per_chunk_off_a_terminal(images, tmp_
 
 def test_ctrl_c_during_extract_says_where_it_stopped_and_a_rerun_resumes(images, store, tmp_path):
     path = tmp_path / "c.zarr"
-    res = run_fskd("extract", "folder", "--root", images, "--store", path, *EXTRACT,
-                   fault="store:chunk-written@sigint")
+    res = run_fskd("extract", "folder", "--root", images, "--store", path, *EXTRACT, fault="store:chunk-written@sigint")
     assert res.returncode == 130, res.stderr
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "interrupted" in err[0] and "1/" in err[0] and "resume" in err[0], res.stderr
@@ -788,8 +1032,9 @@ def test_a_state_of_another_store_points_to_the_transfer_protocols(store, images
 
 
 def test_bench_says_why_a_cell_is_not_applicable_on_the_console(store, tmp_path):
-    res = run_fskd("bench", "--stores", store, "--methods", "prototype", "--shots", "1,64", "--seeds", "1",
-                   "--out", tmp_path / "b")
+    res = run_fskd(
+        "bench", "--stores", store, "--methods", "prototype", "--shots", "1,64", "--seeds", "1", "--out", tmp_path / "b"
+    )
     assert res.returncode == 0, res.stderr
     na = [ln for ln in res.stderr.splitlines() if "is n/a" in ln]
     assert len(na) == 1 and "64-shot" in na[0] and "smallest class" in na[0], res.stderr
@@ -818,10 +1063,15 @@ def test_a_far_below_line_does_not_squeeze_the_plot(tmp_path):
 def test_each_warning_is_said_once(store, tmp_path):
     out = tmp_path / "st"
     for args, needle in (
-            (["adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--device", "cpu"],
-             "val classes (fewer than 5)"),
-            (["eval", "--store", store, "--state", out, "--protocol", "allway", "--shots", "1", "--device", "cpu"],
-             "were chosen for 1 shots and seed 1")):
+        (
+            ["adapt", "--store", store, "--method", "linear-probe", "--shots", "1", "--out", out, "--device", "cpu"],
+            "val classes (fewer than 5)",
+        ),
+        (
+            ["eval", "--store", store, "--state", out, "--protocol", "allway", "--shots", "1", "--device", "cpu"],
+            "were chosen for 1 shots and seed 1",
+        ),
+    ):
         res = run_fskd(*args)
         assert res.returncode == 0, res.stderr
         assert [needle in ln for ln in res.stderr.splitlines()].count(True) == 1, res.stderr
@@ -833,8 +1083,9 @@ def test_manifests_that_are_fifos_are_never_waited_on(store, tmp_path):
     out = tmp_path / "st"
     cli("adapt", "--store", store, "--method", "prototype", "--shots", "1", "--out", out)
     os.mkfifo(out / ".state.json.pending")  # where an interrupted write's journal would be
-    res = run_fskd("adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force",
-                   timeout=120)
+    res = run_fskd(
+        "adapt", "--store", store, "--method", "prototype", "--shots", "2", "--out", out, "--force", timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert load_state(out).config["shots"] == 2
     from fskd.errors import StateError

@@ -33,8 +33,23 @@ EVAL = ("--way", "2", "--shots", "1", "--query", "1", "--device", "cpu")
 
 
 def _bench(store, out, *extra: str):
-    return cli("bench", "--stores", store, "--methods", "prototype", "--shots", "1", "--seeds", "1", "--out", out,
-               "--device", "cpu", *extra, ok=False)
+    return cli(
+        "bench",
+        "--stores",
+        store,
+        "--methods",
+        "prototype",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        *extra,
+        ok=False,
+    )
 
 
 # -- 1. episodes: sampled in bounded batches, their number bounded ---------------------------------
@@ -66,8 +81,11 @@ def test_episodes_are_sampled_in_bounded_batches_and_their_number_is_bounded(sto
         "kw = dict(store=sys.argv[1], way=2, shots=1, query=1, device='cpu')\n"
         "api.evaluate(EvalConfig(episodes=600, **kw))\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "r = api.evaluate(EvalConfig(episodes=1_000_000, **kw))\n"
-        "print(len(r.per_episode), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
-    out = subprocess.run([sys.executable, "-c", script, str(store)], env=ENV, capture_output=True, text=True, timeout=300)
+        "print(len(r.per_episode), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(store)], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     n, grown_kb = map(int, out.stdout.split())
     assert n == 1_000_000 and grown_kb < 250 << 10, grown_kb
@@ -77,16 +95,38 @@ def test_episodes_are_sampled_in_bounded_batches_and_their_number_is_bounded(sto
 def test_options_have_upper_bounds_and_finite_numbers(store, tmp_path):
     out = tmp_path / "st"
     adapt = ("adapt", "--store", store, "--method", "tip-adapter-f", "--out", out, "--device", "cpu", "--set")
-    user_error(cli(*adapt, "steps=100000000000000000000", "--set", "form=span", ok=False),
-               "--set steps", ">= 0 and <= 1000000", "100000000000000000000")
+    user_error(
+        cli(*adapt, "steps=100000000000000000000", "--set", "form=span", ok=False),
+        "--set steps",
+        ">= 0 and <= 1000000",
+        "100000000000000000000",
+    )
     user_error(cli(*adapt, "steps=[10,2000000]", ok=False), "--set steps", "<= 1000000", "2000000")
     user_error(cli(*adapt, "epochs=1e20", ok=False), "--set epochs", "must be an integer")
     user_error(cli(*adapt, "epochs=99999999", ok=False), "--set epochs", "<= 10000", "99999999")
     for bad in ("NaN", "Infinity", "-Infinity", "inf"):
         user_error(cli(*adapt, f"lr={bad}", ok=False), "--set lr", "finite number")
-    user_error(cli("align", "--store", store, "--method", "fma", "--set", "recipe=lite", "--set", "iters=1000000000",
-                   "--out", out, ok=False), "--set iters", "<= 1000000")
-    user_error(cli("distill", "--store", store, "--epochs", "100000000", "--out", out, ok=False), "--epochs", "<= 10000")
+    user_error(
+        cli(
+            "align",
+            "--store",
+            store,
+            "--method",
+            "fma",
+            "--set",
+            "recipe=lite",
+            "--set",
+            "iters=1000000000",
+            "--out",
+            out,
+            ok=False,
+        ),
+        "--set iters",
+        "<= 1000000",
+    )
+    user_error(
+        cli("distill", "--store", store, "--epochs", "100000000", "--out", out, ok=False), "--epochs", "<= 10000"
+    )
     assert not out.exists()
     info = json.loads(cli("methods", "tip-adapter-f", "--json").stdout)
     steps = next(o for o in info["options"] if o["name"] == "steps")
@@ -101,8 +141,10 @@ def test_each_method_takes_only_its_own_options(store, tmp_path):
     f_names = {o["name"] for o in json.loads(cli("methods", "tip-adapter-f", "--json").stdout)["options"]}
     assert f_names == names | {"form", "epochs", "steps", "lr"}
     for kv in ("epochs=5", "form=span", "lr=0.01"):
-        user_error(cli("adapt", "--store", store, "--method", "tip-adapter", "--set", kv, "--out", tmp_path / "st",
-                       ok=False), "unknown key(s) " + kv.split("=")[0])
+        user_error(
+            cli("adapt", "--store", store, "--method", "tip-adapter", "--set", kv, "--out", tmp_path / "st", ok=False),
+            "unknown key(s) " + kv.split("=")[0],
+        )
     assert not (tmp_path / "st").exists()
 
 
@@ -121,10 +163,12 @@ def test_malformed_bench_rows_are_one_line(store, tmp_path):
     assert _bench(store, out).exit_code == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     results = out / "results.jsonl"
-    for edit, needles in ((lambda r: r.pop("dataset"), ("row 1", "lacks 'dataset'")),
-                          (lambda r: r.update(shots="x"), ("row 1", "shots 'x'", "an integer")),
-                          (lambda r: r.update(accuracy="high"), ("row 1", "accuracy 'high'", "a finite number")),
-                          (lambda r: r.update(status=5), ("row 1", "status 5"))):
+    for edit, needles in (
+        (lambda r: r.pop("dataset"), ("row 1", "lacks 'dataset'")),
+        (lambda r: r.update(shots="x"), ("row 1", "shots 'x'", "an integer")),
+        (lambda r: r.update(accuracy="high"), ("row 1", "accuracy 'high'", "a finite number")),
+        (lambda r: r.update(status=5), ("row 1", "status 5")),
+    ):
         row = copy.deepcopy(rows[0])
         edit(row)
         results.write_text(json.dumps(row) + "\n")
@@ -144,11 +188,16 @@ def test_deeply_nested_grid_and_set_values_are_one_line(tmp_path):
     grid = tmp_path / "deep.toml"
     grid.write_text("stores = " + "[" * 5000 + "]" * 5000 + "\n")
     user_error(cli("bench", "--grid", grid, ok=False), str(grid), "nested too deeply")
-    grid.write_text('stores = ["a.zarr"]\nmethods = ["prototype"]\noptions = ' + "{a = " * 5000 + "1" + "}" * 5000 + "\n")
+    grid.write_text(
+        'stores = ["a.zarr"]\nmethods = ["prototype"]\noptions = ' + "{a = " * 5000 + "1" + "}" * 5000 + "\n"
+    )
     user_error(cli("bench", "--grid", grid, ok=False), "nested too deeply")
     deep = "[" * 50_000 + "]" * 50_000
-    user_error(cli("adapt", "--store", tmp_path / "s.zarr", "--set", f"alpha={deep}", ok=False), "--set alpha",
-               "nested too deeply")
+    user_error(
+        cli("adapt", "--store", tmp_path / "s.zarr", "--set", f"alpha={deep}", ok=False),
+        "--set alpha",
+        "nested too deeply",
+    )
 
 
 def test_a_store_removed_during_a_grid_stops_it_with_one_line(store, tmp_path, monkeypatch):
@@ -158,8 +207,22 @@ def test_a_store_removed_during_a_grid_stops_it_with_one_line(store, tmp_path, m
 
     monkeypatch.setattr("fskd.reports.bench.fault_point", remove_after_first_cell)
     out = tmp_path / "bench"
-    res = cli("bench", "--stores", store, "--methods", "prototype,zero-shot", "--shots", "1", "--seeds", "1,2", "--out",
-              out, "--device", "cpu", ok=False)
+    res = cli(
+        "bench",
+        "--stores",
+        store,
+        "--methods",
+        "prototype,zero-shot",
+        "--shots",
+        "1",
+        "--seeds",
+        "1,2",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        ok=False,
+    )
     user_error(res, f"feature store {store} was removed while fskd bench ran", "results.jsonl")
     assert len((out / "results.jsonl").read_text().splitlines()) == 1  # the finished cell is kept
 
@@ -178,12 +241,17 @@ def test_forged_state_tensors_and_hparams_are_one_line(store, tmp_path):
     state = load_state(st)
     good = copy.deepcopy(state)
     text = state.tensors["text"]
-    for tensors in ({**good.tensors, "text": torch.zeros(text.shape[0], text.shape[1] + 3)},
-                    {**good.tensors, "text": torch.zeros(2, 2, 2, 2)}):
+    for tensors in (
+        {**good.tensors, "text": torch.zeros(text.shape[0], text.shape[1] + 3)},
+        {**good.tensors, "text": torch.zeros(2, 2, 2, 2)},
+    ):
         state.tensors = tensors
         save_state(st, state)  # forged: every hash matches
-        user_error(cli("eval", "--store", store, "--state", st, *EVAL, ok=False), f"state {st} does not fit the store",
-                   "fit it again")
+        user_error(
+            cli("eval", "--store", store, "--state", st, *EVAL, ok=False),
+            f"state {st} does not fit the store",
+            "fit it again",
+        )
     state.tensors = good.tensors
     for bad in ("x", [1, 2], None):
         state.hparams = {**good.hparams, "episodic.beta": bad}
@@ -197,19 +265,25 @@ def test_forged_state_tensors_and_hparams_are_one_line(store, tmp_path):
 
 
 def test_the_python_api_rejects_wrong_types(store):
-    for kwargs, needles in (({"way": "5"}, ("--way", "an integer", "'5'")), ({"way": 5.5}, ("--way", "5.5")),
-                            ({"episodes": True}, ("--episodes",)), ({"seeds": (1, "2")}, ("--seeds",)),
-                            ({"shots": None}, ("--shots",))):
+    for kwargs, needles in (
+        ({"way": "5"}, ("--way", "an integer", "'5'")),
+        ({"way": 5.5}, ("--way", "5.5")),
+        ({"episodes": True}, ("--episodes",)),
+        ({"seeds": (1, "2")}, ("--seeds",)),
+        ({"shots": None}, ("--shots",)),
+    ):
         with pytest.raises(ConfigError) as e:
             EvalConfig(store=str(store), **kwargs)
         assert all(n in str(e.value) for n in needles), (kwargs, str(e.value))
     cfg = EvalConfig(store=store, seeds=[1, 2], way=np.int64(2), shots=1, query=1, episodes=5, device="cpu")
     assert cfg.store == str(store) and cfg.seeds == (1, 2) and type(cfg.way) is int  # Python forms are converted
     assert api.evaluate(cfg).episodes == 5
-    for call, needle in ((lambda: api.evaluate(None), "fskd.api.evaluate takes an EvalConfig, got NoneType"),
-                         (lambda: api.evaluate({"store": str(store)}), "takes an EvalConfig, got dict"),
-                         (lambda: api.adapt(cfg), "fskd.api.adapt takes an AdaptConfig, got EvalConfig"),
-                         (lambda: api.bench_report(3), "bench_report: out must be a path")):
+    for call, needle in (
+        (lambda: api.evaluate(None), "fskd.api.evaluate takes an EvalConfig, got NoneType"),
+        (lambda: api.evaluate({"store": str(store)}), "takes an EvalConfig, got dict"),
+        (lambda: api.adapt(cfg), "fskd.api.adapt takes an AdaptConfig, got EvalConfig"),
+        (lambda: api.bench_report(3), "bench_report: out must be a path"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             call()
 

@@ -69,8 +69,13 @@ def test_16bit_png_matches_the_8bit_image(tmp_path):
     # the other deep modes: 32-bit integers holding 16-bit values, floats in [0, 1]
     assert np.abs(np.asarray(to_rgb(Image.fromarray((ramp * 257).astype(np.int32))), int) - flat).max() <= 1
     assert np.abs(np.asarray(to_rgb(Image.fromarray((ramp / 255).astype(np.float32))), int) - flat).max() <= 1
-    assert np.abs(decode_square(Image.open(tmp_path / "deep.png"), 4).numpy().astype(int)
-                  - decode_square(Image.open(tmp_path / "flat.png"), 4).numpy().astype(int)).max() <= 1
+    assert (
+        np.abs(
+            decode_square(Image.open(tmp_path / "deep.png"), 4).numpy().astype(int)
+            - decode_square(Image.open(tmp_path / "flat.png"), 4).numpy().astype(int)
+        ).max()
+        <= 1
+    )
 
 
 def test_transparency_is_shown_on_white(tmp_path):
@@ -112,9 +117,27 @@ def _limited():
 @pytest.mark.parametrize("option", ["--class-split", "--descriptions"])
 def test_dev_zero_is_refused_at_once(option, images, tmp_path):
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "fskd", "extract", "folder", "--root", str(images), "--store",
-                          str(tmp_path / "s.zarr"), *EXTRACT, option, "/dev/zero"], env=ENV, capture_output=True,
-                         text=True, timeout=120, preexec_fn=_limited)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fskd",
+            "extract",
+            "folder",
+            "--root",
+            str(images),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            *EXTRACT,
+            option,
+            "/dev/zero",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limited,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith(f"error: {option} /dev/zero: is a device, not a regular file"), res.stderr
     assert "64 MiB" in res.stderr and time.perf_counter() - t0 < 60
@@ -157,9 +180,26 @@ def test_a_dataset_split_file_that_is_a_device_is_refused(tmp_path):
     (root / "images").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(root / "images" / "a.png")
     (root / "train.csv").symlink_to("/dev/zero")
-    res = subprocess.run([sys.executable, "-m", "fskd", "extract", "csv", "--root", str(root), "--store",
-                          str(tmp_path / "s.zarr"), "--encoder", "synthetic:8"], env=ENV, capture_output=True, text=True,
-                         timeout=120, preexec_fn=_limited)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fskd",
+            "extract",
+            "csv",
+            "--root",
+            str(root),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--encoder",
+            "synthetic:8",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limited,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "train.csv" in res.stderr and "is a device" in res.stderr, res.stderr
 
@@ -185,10 +225,16 @@ def test_a_file_named_like_the_synthetic_dimension_changes_nothing(images, tmp_p
 
 # -- non-ASCII class names under an ASCII locale ----------------------------------------------------
 def test_unicode_class_names_under_the_c_locale(images, tmp_path):
-    env = {k: v for k, v in ENV.items() if not k.startswith("LC_") and k not in ("LANG", "LANGUAGE", "PYTHONIOENCODING")}
+    env = {
+        k: v for k, v in ENV.items() if not k.startswith("LC_") and k not in ("LANG", "LANGUAGE", "PYTHONIOENCODING")
+    }
     env.update(LC_ALL="C", PYTHONUTF8="0")
-    fsenc = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env=env,
-                           capture_output=True, text=True).stdout.strip()
+    fsenc = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if fsenc.lower() not in ("ascii", "ansi_x3.4-1968"):
         pytest.skip(f"LC_ALL=C gives the file-system encoding {fsenc} here, not ASCII")
     root = tmp_path / "données"
@@ -196,19 +242,44 @@ def test_unicode_class_names_under_the_c_locale(images, tmp_path):
     (root / "class_0").rename(root / "é")
     (root / "class_1").rename(root / "日本")
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"base": ["é", "class_2", "class_3"], "val": ["class_4"], "novel": ["日本", "class_5"]}),
-                     encoding="utf-8")
+    split.write_text(
+        json.dumps({"base": ["é", "class_2", "class_3"], "val": ["class_4"], "novel": ["日本", "class_5"]}),
+        encoding="utf-8",
+    )
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "fskd", *map(str, args)], env=env, capture_output=True, text=True,
-                              errors="replace", timeout=300, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "fskd", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=300,
+            cwd=tmp_path,
+        )
 
     store = tmp_path / "s.zarr"
-    res = run("extract", "folder", "--root", root, "--store", store, "--encoder", "synthetic:8", "--workers", "0",
-              "--class-split", split, "--sample-split", "0.5,0.25,0.25")
+    res = run(
+        "extract",
+        "folder",
+        "--root",
+        root,
+        "--store",
+        store,
+        "--encoder",
+        "synthetic:8",
+        "--workers",
+        "0",
+        "--class-split",
+        split,
+        "--sample-split",
+        "0.5,0.25,0.25",
+    )
     assert res.returncode == 0, res.stderr
-    for args in (["eval", "--store", store, "--protocol", "allway", "--shot", "1", "--report", tmp_path / "rep"],
-                 ["info", store]):
+    for args in (
+        ["eval", "--store", store, "--protocol", "allway", "--shot", "1", "--report", tmp_path / "rep"],
+        ["info", store],
+    ):
         res = run(*args)
         assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     s = FeatureStore.open(store)

@@ -41,7 +41,12 @@ STALL_BOUND = 120
 
 
 #: test_faults.py's extraction with 8-row chunks: 7 row chunks, fewer requests to the S3 server
-REMOTE_EXTRACT = [*EXTRACT[:EXTRACT.index("--chunk-rows")], "--chunk-rows", "8", *EXTRACT[EXTRACT.index("--chunk-rows") + 2:]]
+REMOTE_EXTRACT = [
+    *EXTRACT[: EXTRACT.index("--chunk-rows")],
+    "--chunk-rows",
+    "8",
+    *EXTRACT[EXTRACT.index("--chunk-rows") + 2 :],
+]
 
 
 def _args(root, store, *extra) -> list[str]:
@@ -51,8 +56,13 @@ def _args(root, store, *extra) -> list[str]:
 def _popen(root, store, env_extra: dict | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "FSKD_FAULT"}
     env.update({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})})
-    return subprocess.Popen([sys.executable, "-m", "fskd", *_args(root, store)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fskd", *_args(root, store)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _s3():
@@ -163,8 +173,11 @@ def proxy(s3_endpoint):
 def test_timeouts_and_retries_are_set_and_the_users_win(s3_bucket):
     url = f"{s3_bucket}/opts.zarr"
     opts = storage_options("s3")
-    assert opts["config_kwargs"] == {"connect_timeout": 5, "read_timeout": 30,
-                                     "retries": {"total_max_attempts": 2, "mode": "standard"}}
+    assert opts["config_kwargs"] == {
+        "connect_timeout": 5,
+        "read_timeout": 30,
+        "retries": {"total_max_attempts": 2, "mode": "standard"},
+    }
     assert opts["retries"] == 2
     assert storage_options("gs")["requests_timeout"] == 60
     assert storage_options("az")["read_timeout"] == 30 and storage_options("memory") == {}
@@ -177,8 +190,9 @@ def test_timeouts_and_retries_are_set_and_the_users_win(s3_bucket):
     assert loc.fs().retries == 3 and loc.fs().config_kwargs["read_timeout"] == 7
     assert loc.zarr_store(read_only=True).fs.retries == 3
     configure(None)
-    user_error(cli("info", url, "--storage-options", json.dumps({"retries": 0}), ok=False), "retries",
-               "positive integer")
+    user_error(
+        cli("info", url, "--storage-options", json.dumps({"retries": 0}), ok=False), "retries", "positive integer"
+    )
 
 
 def test_an_endpoint_that_stops_answering_fails_info_and_extract_in_bounded_time(images, s3_bucket, proxy):
@@ -194,8 +208,9 @@ def test_an_endpoint_that_stops_answering_fails_info_and_extract_in_bounded_time
     assert _s3().find(url[5:]) == []  # nothing was written
 
 
-def test_an_endpoint_that_stops_answering_mid_extract_fails_then_a_rerun_finishes(images, reference, s3_bucket,
-                                                                                   proxy, monkeypatch):
+def test_an_endpoint_that_stops_answering_mid_extract_fails_then_a_rerun_finishes(
+    images, reference, s3_bucket, proxy, monkeypatch
+):
     """The extract goes through the proxy (options from $FSKD_STORAGE_OPTIONS), which stalls once
     the first row chunk is marked written (in the fill, past the creation): one error line naming
     the URL, in seconds. A rerun straight to the server resumes and equals one uninterrupted run."""
@@ -283,8 +298,13 @@ def test_a_live_creator_is_refused_and_a_gone_or_foreign_one_is_taken_over(image
         fs.pipe_file(f"{url[5:]}/zarr.json", _group_json({"format": S.CREATING_FORMAT, "creator": creator}))
         fs.pipe_file(f"{url[5:]}/train/zarr.json", b"{half-written")
         before = {k: fs.cat_file(k) for k in fs.find(url[5:])}
-        user_error(cli(*_args(images, url), ok=False), url, "another fskd extract", f"pid {sleeper.pid}",
-                   "rerun when it finishes")
+        user_error(
+            cli(*_args(images, url), ok=False),
+            url,
+            "another fskd extract",
+            f"pid {sleeper.pid}",
+            "rerun when it finishes",
+        )
         fs.invalidate_cache()
         assert {k: fs.cat_file(k) for k in fs.find(url[5:])} == before
         user_error(cli("info", url, ok=False), "being created")

@@ -42,8 +42,18 @@ def test_extract_on_the_device_matches_cpu(image_folder, tiny_clip_dir, tmp_path
     stores = {}
     for dev in ("cpu", DEVICE):
         path = tmp_path / f"{dev.replace(':', '')}-{len(stores)}.zarr"
-        api.extract(ExtractConfig(dataset="folder", root=str(image_folder), encoder=spec, store=str(path),
-                                  workers=1, batch_size=8, chunk_rows=16, device=dev))
+        api.extract(
+            ExtractConfig(
+                dataset="folder",
+                root=str(image_folder),
+                encoder=spec,
+                store=str(path),
+                workers=1,
+                batch_size=8,
+                chunk_rows=16,
+                device=dev,
+            )
+        )
         stores[len(stores)] = FeatureStore.open(path)
     cpu, dev = stores[0], stores[1]
     assert dev.is_complete()
@@ -56,8 +66,17 @@ def test_extract_on_the_device_matches_cpu(image_folder, tiny_clip_dir, tmp_path
 
 def test_distill_on_the_device(tiny_teacher_store, tmp_path):  # noqa: F811
     out = tmp_path / "student"
-    r = api.distill(DistillConfig(store=tiny_teacher_store, student=TINY, shots=2, epochs=2, out=str(out),
-                                  device=DEVICE, options=dict(TINY_OPTS)))
+    r = api.distill(
+        DistillConfig(
+            store=tiny_teacher_store,
+            student=TINY,
+            shots=2,
+            epochs=2,
+            out=str(out),
+            device=DEVICE,
+            options=dict(TINY_OPTS),
+        )
+    )
     state = load_state(r.out)
     log = state.metrics["log"]
     assert [e["epoch"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
@@ -71,8 +90,9 @@ def test_align_on_the_device_matches_cpu(synthetic_store, tmp_path):
     for dev in ("cpu", DEVICE):
         out = str(tmp_path / f"fma-{len(acc)}")
         api.align(AlignConfig(store=str(store.path), shots=4, steps=(1, 2, 4), out=out, device=dev, options=opts))
-        acc[len(acc)] = api.evaluate(EvalConfig(store=str(store.path), state=out, protocol="allway", shots=4,
-                                                seeds=(1,), device=dev)).accuracy
+        acc[len(acc)] = api.evaluate(
+            EvalConfig(store=str(store.path), state=out, protocol="allway", shots=4, seeds=(1,), device=dev)
+        ).accuracy
     assert abs(acc[0] - acc[1]) < 5.0, acc  # same data and seed; kernels differ, the result should not
 
 
@@ -91,12 +111,23 @@ def test_coop_on_the_device_matches_cpu(photo_store, tmp_path):  # noqa: F811
     text, acc = {}, {}
     for i, dev in enumerate(("cpu", DEVICE)):
         out = str(tmp_path / f"coop-{i}")
-        api.adapt(AdaptConfig(store=str(photo_store.path), method="coop", shots=2, seed=1, out=out, device=dev,
-                              options={**COOP_FAST, "n_ctx": 4, "regime": "allway"}, force=True))
+        api.adapt(
+            AdaptConfig(
+                store=str(photo_store.path),
+                method="coop",
+                shots=2,
+                seed=1,
+                out=out,
+                device=dev,
+                options={**COOP_FAST, "n_ctx": 4, "regime": "allway"},
+                force=True,
+            )
+        )
         state = load_state(out)
         text[i] = state.tensors["allway.text"].float().numpy()
         assert np.isfinite(text[i]).all()
-        acc[i] = api.evaluate(EvalConfig(store=str(photo_store.path), state=out, protocol="allway", shots=2, seeds=(1,),
-                                         device=dev)).accuracy
+        acc[i] = api.evaluate(
+            EvalConfig(store=str(photo_store.path), state=out, protocol="allway", shots=2, seeds=(1,), device=dev)
+        ).accuracy
     assert _cos(text[0], text[1]).min() > 0.98
     assert abs(acc[0] - acc[1]) < 5.0, acc

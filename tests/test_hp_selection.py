@@ -98,8 +98,19 @@ class ReadLog:
 def test_none_reads_no_validation_row_and_names_its_fixed_values(method, recipe, store, tmp_path, monkeypatch):
     log = ReadLog(monkeypatch)
     out = tmp_path / method
-    r = api.adapt(AdaptConfig(store=str(store.path), method=method, shots=2, seed=1, out=str(out), device="cpu",
-                              options=fast(method, **recipe), force=True, hp_selection="none"))
+    r = api.adapt(
+        AdaptConfig(
+            store=str(store.path),
+            method=method,
+            shots=2,
+            seed=1,
+            out=str(out),
+            device="cpu",
+            options=fast(method, **recipe),
+            force=True,
+            hp_selection="none",
+        )
+    )
     assert log.val_reads(store, 2) == []
     monkeypatch.undo()
     state = load_state(r.out)
@@ -117,13 +128,27 @@ def test_validation_policies_read_what_they_say(store, tmp_path, monkeypatch):
     counts = {}
     for policy in ("few-shot-val", "full-val"):
         log = ReadLog(monkeypatch)
-        api.adapt(AdaptConfig(store=str(store.path), method="tip-adapter", shots=1, seed=1, out=str(tmp_path / policy),
-                              device="cpu", force=True, hp_selection=policy))
-        counts[policy] = len({int(i) for split, rows, how in log.reads if split == "val" and how == "take" for i in rows})
+        api.adapt(
+            AdaptConfig(
+                store=str(store.path),
+                method="tip-adapter",
+                shots=1,
+                seed=1,
+                out=str(tmp_path / policy),
+                device="cpu",
+                force=True,
+                hp_selection=policy,
+            )
+        )
+        counts[policy] = len(
+            {int(i) for split, rows, how in log.reads if split == "val" and how == "take" for i in rows}
+        )
         monkeypatch.undo()
         state = load_state(tmp_path / policy)
         assert state.hparams["hp_selection"] == policy
-        assert state.selected_on["allway.alpha"] == "chosen on " + (C.VAL_SPLIT if policy == "full-val" else C.VAL_SPLIT_FEW)
+        assert state.selected_on["allway.alpha"] == "chosen on " + (
+            C.VAL_SPLIT if policy == "full-val" else C.VAL_SPLIT_FEW
+        )
     train = store.labels("train")
     n_cls = len(np.unique(train[train >= 0]))
     val = store.labels("val")
@@ -133,8 +158,18 @@ def test_validation_policies_read_what_they_say(store, tmp_path, monkeypatch):
 
 def test_none_keeps_each_methods_default(store, tmp_path):
     """Tip-Adapter under none: the authors' init alpha = 1, beta = 5.5 (their configs)."""
-    api.adapt(AdaptConfig(store=str(store.path), method="tip-adapter", shots=2, seed=1, out=str(tmp_path / "t"),
-                          device="cpu", force=True, hp_selection="none"))
+    api.adapt(
+        AdaptConfig(
+            store=str(store.path),
+            method="tip-adapter",
+            shots=2,
+            seed=1,
+            out=str(tmp_path / "t"),
+            device="cpu",
+            force=True,
+            hp_selection="none",
+        )
+    )
     state = load_state(tmp_path / "t")
     assert state.hparams["allway.alpha"] == 1.0 and state.hparams["allway.beta"] == 5.5
     assert state.selected_on["allway.alpha"] == C.NO_VALIDATION
@@ -142,13 +177,20 @@ def test_none_keeps_each_methods_default(store, tmp_path):
 
 def test_methods_without_a_validation_free_form_refuse(store, tmp_path):
     with pytest.raises(ConfigError, match="fma has no validation-free form"):
-        api.align(__import__("fskd.config", fromlist=["AlignConfig"]).AlignConfig(
-            store=str(store.path), method="fma", shots=2, out=str(tmp_path / "f"), device="cpu", hp_selection="none"))
+        api.align(
+            __import__("fskd.config", fromlist=["AlignConfig"]).AlignConfig(
+                store=str(store.path), method="fma", shots=2, out=str(tmp_path / "f"), device="cpu", hp_selection="none"
+            )
+        )
     with pytest.raises(ConfigError, match="--regime base-novel has no validation-free form"):
         from fskd.methods.distill.mtkd import MTKDOptions, _plan_base_novel
 
-        _plan_base_novel(store, DistillConfig(store=str(store.path), method="mtkd", shots=2, hp_selection="none",
-                                              regime="base-novel"), MTKDOptions(), None)
+        _plan_base_novel(
+            store,
+            DistillConfig(store=str(store.path), method="mtkd", shots=2, hp_selection="none", regime="base-novel"),
+            MTKDOptions(),
+            None,
+        )
 
 
 def test_bad_policy_is_named(store):
@@ -160,11 +202,25 @@ def test_bad_policy_is_named(store):
 
 def test_bench_sweeps_the_policy_like_shots(store, tmp_path):
     out = tmp_path / "bench"
-    r = api.bench(BenchConfig(stores=(str(store.path),), methods=("tip-adapter", "prototype"), shots=(2,), seeds=(1, 2),
-                              hp_selection=("few-shot-val", "none"), out=str(out), device="cpu", baseline="prototype"))
+    r = api.bench(
+        BenchConfig(
+            stores=(str(store.path),),
+            methods=("tip-adapter", "prototype"),
+            shots=(2,),
+            seeds=(1, 2),
+            hp_selection=("few-shot-val", "none"),
+            out=str(out),
+            device="cpu",
+            baseline="prototype",
+        )
+    )
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted({(x["method"], x["hp_selection"]) for x in rows}) == [
-        ("prototype", "few-shot-val"), ("prototype", "none"), ("tip-adapter", "few-shot-val"), ("tip-adapter", "none")]
+        ("prototype", "few-shot-val"),
+        ("prototype", "none"),
+        ("tip-adapter", "few-shot-val"),
+        ("tip-adapter", "none"),
+    ]
     assert all(x["status"] == "ok" for x in rows) and len(rows) == 8
     table = (out / "table.md").read_text()
     for label in ("tip-adapter [few-shot-val]", "tip-adapter [none]", "prototype [none]"):
@@ -179,8 +235,18 @@ def test_bench_sweeps_the_policy_like_shots(store, tmp_path):
 
 def test_tip_adapter_f_under_none_trains_its_whole_budget(store, tmp_path):
     """No validation data: the authors' 20 epochs, the last kept (not the training-free cache)."""
-    api.adapt(AdaptConfig(store=str(store.path), method="tip-adapter-f", shots=2, seed=1, out=str(tmp_path / "f"),
-                          device="cpu", force=True, hp_selection="none"))
+    api.adapt(
+        AdaptConfig(
+            store=str(store.path),
+            method="tip-adapter-f",
+            shots=2,
+            seed=1,
+            out=str(tmp_path / "f"),
+            device="cpu",
+            force=True,
+            hp_selection="none",
+        )
+    )
     state = load_state(tmp_path / "f")
     assert state.hparams["allway.epochs"] == state.hparams["epoch_budget"] == 20
     assert "the last kept" in state.selected_on["allway.epochs"]

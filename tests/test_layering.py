@@ -13,8 +13,22 @@ PKG = Path(__file__).resolve().parents[1] / "fskd"
 # loading torch: registry entries, a store summary) sits just left of `api`, which re-exports it.
 # `evaluation` (metrics, TransCLIP) imports no other layer; the protocols that score with it and the
 # methods that use the protocols' sampling come after it.
-LAYERS = ["datasets", "encoders", "store", "evaluation", "classifiers", "protocols", "methods", "deploy", "reports", "bench",
-          "catalog", "api", "cli", "__main__"]
+LAYERS = [
+    "datasets",
+    "encoders",
+    "store",
+    "evaluation",
+    "classifiers",
+    "protocols",
+    "methods",
+    "deploy",
+    "reports",
+    "bench",
+    "catalog",
+    "api",
+    "cli",
+    "__main__",
+]
 #: `fskd.config` validates --protocol against the protocols' declarations: it may import the
 #: `fskd.protocols` package itself (whose __init__ imports only fskd.registry), nothing of its modules
 DECLARATIONS = {"fskd.protocols"}
@@ -81,5 +95,7 @@ def test_cli_imports_only_api():
     # fskd.runtime: its CPU thread policy must be set before fskd.api imports torch; fskd.catalog: the
     # listings, --help choices and `fskd info`, which must not import fskd.api (torch)
     allowed = {"fskd", "fskd.api", "fskd.catalog", "fskd.config", "fskd.errors", "fskd.runtime"}
-    wrong = [(m, n) for m, n in imports_of(cli) if m.startswith("fskd") and m not in allowed and m != "fskd.__version__"]
+    wrong = [
+        (m, n) for m, n in imports_of(cli) if m.startswith("fskd") and m not in allowed and m != "fskd.__version__"
+    ]
     assert not wrong, f"cli.py must go through fskd.api: {wrong}"

@@ -39,8 +39,25 @@ def images(tmp_path_factory) -> Path:
 
 
 def _args(root, store, *extra) -> list[str]:
-    return ["extract", "folder", "--root", str(root), "--store", str(store), "--encoder", "synthetic:16",
-            "--workers", "0", "--batch-size", "4", "--chunk-rows", "4", "--device", "cpu", *extra]
+    return [
+        "extract",
+        "folder",
+        "--root",
+        str(root),
+        "--store",
+        str(store),
+        "--encoder",
+        "synthetic:16",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--chunk-rows",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _cmd(root, store, *extra) -> list[str]:
@@ -51,8 +68,18 @@ def _cmd(root, store, *extra) -> list[str]:
 def reference(images, tmp_path_factory) -> FeatureStore:
     """The same extraction into a local folder: what every remote store must equal."""
     path = tmp_path_factory.mktemp("objref") / "ref.zarr"
-    api.extract(ExtractConfig(dataset="folder", root=str(images), encoder="synthetic:16", store=str(path), workers=0,
-                              batch_size=4, chunk_rows=4, device="cpu"))
+    api.extract(
+        ExtractConfig(
+            dataset="folder",
+            root=str(images),
+            encoder="synthetic:16",
+            store=str(path),
+            workers=0,
+            batch_size=4,
+            chunk_rows=4,
+            device="cpu",
+        )
+    )
     return FeatureStore.open(path)
 
 
@@ -75,8 +102,14 @@ def _objects(url: str) -> list[str]:
 def test_cli_extract_to_s3_equals_local_and_is_reused(images, reference, s3_bucket):
     url = f"{s3_bucket}/cub/feats.zarr"
     secret = "do-not-store-this-secret"
-    opts = json.dumps({"key": "fskd-test", "secret": "fskd-test-secret", "client_kwargs": {"region_name": "us-east-1"},
-                       "fskd_note": secret})
+    opts = json.dumps(
+        {
+            "key": "fskd-test",
+            "secret": "fskd-test-secret",
+            "client_kwargs": {"region_name": "us-east-1"},
+            "fskd_note": secret,
+        }
+    )
     r = runner.invoke(app, _args(images, url, "--storage-options", opts))
     assert r.exit_code == 0, r.output
     assert f"{url}: encoded 96 images" in r.output
@@ -103,8 +136,13 @@ def test_reads_are_bounded_and_equal_local(reference, s3_bucket, monkeypatch):
 
     url = f"{s3_bucket}/copy.zarr"
     splits = {s: (reference.features(s), reference.labels(s)) for s in reference.splits}
-    FeatureStore.from_arrays(url, splits, reference.class_names, {k: v for k, v in reference.attrs["class_split"].items()
-                                                                    if k != "source"}, chunk_rows=4)
+    FeatureStore.from_arrays(
+        url,
+        splits,
+        reference.class_names,
+        {k: v for k, v in reference.attrs["class_split"].items() if k != "source"},
+        chunk_rows=4,
+    )
     for n in (1, 3):
         configure({"fskd_max_requests": n})
         st = FeatureStore.open(url)
@@ -139,12 +177,29 @@ def test_eval_and_adapt_read_from_s3(reference, s3_bucket, tmp_path):
     b = api.evaluate(EvalConfig(store=url, **cfg))
     assert b.store == url and a.per_seed == b.per_seed and a.accuracy == b.accuracy
     out = tmp_path / "state"
-    r = runner.invoke(app, ["adapt", "--store", url, "--method", "prototype", "--shots", "2", "--out", str(out),
-                            "--device", "cpu", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "adapt",
+            "--store",
+            url,
+            "--method",
+            "prototype",
+            "--shots",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((out / "state.json").read_text())["store_path"] == url
-    r = runner.invoke(app, ["eval", "--store", url, "--state", str(out), "--protocol", "allway", "--shots", "2",
-                            "--seeds", "1", "--json"])
+    r = runner.invoke(
+        app,
+        ["eval", "--store", url, "--state", str(out), "--protocol", "allway", "--shots", "2", "--seeds", "1", "--json"],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["store"] == url
 
@@ -152,14 +207,17 @@ def test_eval_and_adapt_read_from_s3(reference, s3_bucket, tmp_path):
 def test_memory_url_round_trip(reference):
     url = f"memory://fskd-test-{os.getpid()}/m.zarr"
     splits = {s: (reference.features(s), reference.labels(s)) for s in reference.splits}
-    st = FeatureStore.from_arrays(url, splits, reference.class_names, {"base": [0], "val": [1], "novel": [2]}, chunk_rows=4)
+    st = FeatureStore.from_arrays(
+        url, splits, reference.class_names, {"base": [0], "val": [1], "novel": [2]}, chunk_rows=4
+    )
     assert st.path == url and st.is_complete()
     np.testing.assert_array_equal(FeatureStore.open(url).features("test"), reference.features("test"))
 
 
 # -- commit rule: kills at every step, then at random times ---------------------------------------
-@pytest.mark.parametrize("point", ["store:create-arrays", "store:chunk-data", "store:chunk-checksum",
-                                   "store:chunk-written"])
+@pytest.mark.parametrize(
+    "point", ["store:create-arrays", "store:chunk-data", "store:chunk-checksum", "store:chunk-written"]
+)
 def test_kill_at_each_commit_step_then_resume(images, reference, s3_bucket, point):
     url = f"{s3_bucket}/killed.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FSKD_FAULT": point}
@@ -228,10 +286,31 @@ def _torchrun_nodes(images, url, port, env_per_node, timeout=240):
     torchrun = Path(sys.executable).parent / "torchrun"
     procs = []
     for node in range(2):
-        cmd = [str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "fskd", *_args(images, url)]
-        procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env_per_node[node]},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [
+            str(torchrun),
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "fskd",
+            *_args(images, url),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **env_per_node[node]},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     for p in procs:
         try:
@@ -323,8 +402,20 @@ def test_file_url_is_a_local_path(tmp_path):
 def test_outputs_other_than_the_store_refuse_urls(s3_bucket, tmp_path, reference):
     """--out (states, bench folders) and --report stay local: a URL is refused before any work,
     and no local folder named like the URL appears."""
-    r = runner.invoke(app, ["adapt", "--store", str(reference.path), "--method", "prototype", "--shots", "1",
-                            "--out", f"{s3_bucket}/state"])
+    r = runner.invoke(
+        app,
+        [
+            "adapt",
+            "--store",
+            str(reference.path),
+            "--method",
+            "prototype",
+            "--shots",
+            "1",
+            "--out",
+            f"{s3_bucket}/state",
+        ],
+    )
     assert r.exit_code == 2 and "takes a local directory" in r.output
     r = runner.invoke(app, ["eval", "--store", str(reference.path), "--report", f"{s3_bucket}/report"])
     assert r.exit_code == 2 and "takes a local directory" in r.output

@@ -32,8 +32,10 @@ def test_few_shot_validation_takes_min_k_4_per_class():
 def test_fit_records_the_validation_rule(synthetic_store, tmp_path):
     store = str(synthetic_store(n_classes=10).path)
     few = api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "a")), progress=None)
-    full = api.adapt(AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "b"), hp_selection="full-val"),
-                     progress=None)
+    full = api.adapt(
+        AdaptConfig(store=store, method="linear-probe", shots=2, out=str(tmp_path / "b"), hp_selection="full-val"),
+        progress=None,
+    )
     task_few = few.metrics["allway.val_task"]
     assert "min(K, 4) = 2 per class of 10 classes" in task_few and "20 val-split rows" in task_few
     assert "full val split" in full.metrics["allway.val_task"]
@@ -51,8 +53,15 @@ def _fit_b2n(store, method, out, shots=4, seed=1):
     from fskd.methods import METHODS
 
     method, _, recipe = method.partition(":")
-    cfg = dict(store=store, method=method, shots=shots, seed=seed, out=str(out), base_to_new=True,
-               options={**({"iters": 150} if method.startswith("fma") else {}), **({"recipe": recipe} if recipe else {})})
+    cfg = dict(
+        store=store,
+        method=method,
+        shots=shots,
+        seed=seed,
+        out=str(out),
+        base_to_new=True,
+        options={**({"iters": 150} if method.startswith("fma") else {}), **({"recipe": recipe} if recipe else {})},
+    )
     if METHODS.get(method).kind == "align":
         return api.align(AlignConfig(**cfg), progress=None)
     return api.adapt(AdaptConfig(**cfg), progress=None)
@@ -109,7 +118,9 @@ def test_base_to_new_refusals(joint_store, tmp_path):
     from fskd.config import EvalConfig
     from fskd.errors import EvaluationError
 
-    allway = api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "a")), progress=None)
+    allway = api.adapt(
+        AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "a")), progress=None
+    )
     with pytest.raises(EvaluationError, match="fitted on every class, the new half included"):
         api.evaluate(EvalConfig(store=joint_store, state=allway.out, protocol="base-to-new", shots=4, seeds=(1,)))
     b2n = _fit_b2n(joint_store, "zero-shot", tmp_path / "b")
@@ -118,8 +129,17 @@ def test_base_to_new_refusals(joint_store, tmp_path):
     with pytest.raises(EvaluationError, match="--shots 4 --seeds 1"):
         api.evaluate(EvalConfig(store=joint_store, state=b2n.out, protocol="base-to-new", shots=4, seeds=(1, 2)))
     with pytest.raises(ConfigError, match="drop --class-split"):
-        api.adapt(AdaptConfig(store=joint_store, method="zero-shot", shots=4, out=str(tmp_path / "c"), base_to_new=True,
-                              class_ratio=(0.5, 0.25, 0.25)), progress=None)
+        api.adapt(
+            AdaptConfig(
+                store=joint_store,
+                method="zero-shot",
+                shots=4,
+                out=str(tmp_path / "c"),
+                base_to_new=True,
+                class_ratio=(0.5, 0.25, 0.25),
+            ),
+            progress=None,
+        )
     # no state: the text head transfers, prototypes give base only
     t = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="text", shots=4))
     p = api.evaluate(EvalConfig(store=joint_store, protocol="base-to-new", classifier="prototype", shots=4))
@@ -132,8 +152,11 @@ def test_cross_dataset_transfers_to_another_stores_classes(method, two_worlds, t
 
     a, b, _ = two_worlds
     kw = dict(store=a, method=method, shots=4, out=str(tmp_path / "s"))
-    r = (api.align(AlignConfig(**kw, options={"iters": 150}), progress=None) if method == "fma"
-         else api.adapt(AdaptConfig(**kw), progress=None))
+    r = (
+        api.align(AlignConfig(**kw, options={"iters": 150}), progress=None)
+        if method == "fma"
+        else api.adapt(AdaptConfig(**kw), progress=None)
+    )
     ev = api.evaluate(EvalConfig(store=b, state=r.out, protocol="cross-dataset"))
     assert ev.protocol == "cross-dataset" and ev.classes == 10 and ev.source_store == str(Path(a).absolute())
     assert ev.accuracy > 30  # chance is 10%: the head classifies classes it never saw, from their text
@@ -146,7 +169,10 @@ def test_cross_dataset_and_domain_shift_refusals(two_worlds, synthetic_store, tm
 
     a, b, _ = two_worlds
     proto = api.adapt(AdaptConfig(store=a, method="prototype", shots=4, out=str(tmp_path / "p")), progress=None)
-    with pytest.raises(EvaluationError, match="cannot classify classes it has no shot of.*methods that can: ape, ape-t, clap, coop, cross-modal-lp, fma"):
+    with pytest.raises(
+        EvaluationError,
+        match="cannot classify classes it has no shot of.*methods that can: ape, ape-t, clap, coop, cross-modal-lp, fma",
+    ):
         api.evaluate(EvalConfig(store=b, state=proto.out, protocol="cross-dataset"))
     other = str(synthetic_store(n_classes=6, joint=False).path)  # another encoder
     with pytest.raises(EvaluationError, match="needs the same encoder"):
@@ -177,8 +203,9 @@ def test_domain_shift_maps_classes_by_key_and_scores_among_them(method, two_worl
     head = METHODS.get(method)().head(st, src, torch.device("cpu"))
     tx, ty = src.gather(None, ["train"])
     qx, qy = tgt.gather(None, ["test"])
-    scores = run_allway(torch.from_numpy(tx), ty, torch.from_numpy(qx), np.array([7, 2, 5])[qy], np.array([2, 5, 7]),
-                        4, (1,), head)
+    scores = run_allway(
+        torch.from_numpy(tx), ty, torch.from_numpy(qx), np.array([7, 2, 5])[qy], np.array([2, 5, 7]), 4, (1,), head
+    )
     assert ev.accuracy == pytest.approx(100 * scores.top1[0], abs=1e-3)
     assert ev.accuracy > 100 / 3
 

@@ -21,12 +21,17 @@ def store_100(tmp_path_factory):
     from fskd.store.synthetic import make_synthetic_store
 
     # 100 classes, 8 shots: S = 800 support rows against 32-d features (primal form above 64)
-    return str(make_synthetic_store(tmp_path_factory.mktemp("scale") / "s.zarr", n_classes=100, per_class=48,
-                                    dim=32, noise=1.2).path)
+    return str(
+        make_synthetic_store(
+            tmp_path_factory.mktemp("scale") / "s.zarr", n_classes=100, per_class=48, dim=32, noise=1.2
+        ).path
+    )
 
 
-@pytest.mark.parametrize("method,options,tol", [("linear-probe", {"recipe": "tuned"}, 0.1),
-                                                ("lp++", {"recipe": "tuned", "alpha0": 1.0}, 0.5)])
+@pytest.mark.parametrize(
+    "method,options,tol",
+    [("linear-probe", {"recipe": "tuned"}, 0.1), ("lp++", {"recipe": "tuned", "alpha0": 1.0}, 0.5)],
+)
 def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypatch, method, options, tol):
     """At 100 classes x 8 shots the all-way fit and its evaluation are the same whichever form
     trains the probes, at settings where Adam reaches the (unique, strongly convex) optimum in
@@ -40,10 +45,19 @@ def test_dual_and_primal_forms_give_the_same_probe(store_100, tmp_path, monkeypa
     acc = {}
     for form, limit in (("dual", float("inf")), ("primal", 0.0)):
         monkeypatch.setattr(lin, "DUAL_MAX_ROWS_PER_DIM", limit)
-        api.adapt(AdaptConfig(store=store_100, method=method, shots=8, out=str(tmp_path / form),
-                              options={"weight_decay": 1.0, "steps": 200, **options}), progress=None)
-        ev = api.evaluate(EvalConfig(store=store_100, state=str(tmp_path / form), protocol="allway", shots=8,
-                                     seeds=(2,), report=None))  # seed 2: a refit, not the kept head
+        api.adapt(
+            AdaptConfig(
+                store=store_100,
+                method=method,
+                shots=8,
+                out=str(tmp_path / form),
+                options={"weight_decay": 1.0, "steps": 200, **options},
+            ),
+            progress=None,
+        )
+        ev = api.evaluate(
+            EvalConfig(store=store_100, state=str(tmp_path / form), protocol="allway", shots=8, seeds=(2,), report=None)
+        )  # seed 2: a refit, not the kept head
         acc[form] = ev.accuracy
     assert 20 < acc["dual"] < 95, acc  # neither trivial nor hopeless, so the comparison means something
     assert abs(acc["dual"] - acc["primal"]) <= tol, acc
@@ -56,12 +70,24 @@ def test_tip_adapter_f_span_form_refuses_large_supports_clearly(store_100, tmp_p
 
     monkeypatch.setattr(tf, "SPAN_MAX_ROWS", 100)
     with pytest.raises(ConfigError, match=r"at most 100 support rows; this fit has S = 200: use form=keys"):
-        api.adapt(AdaptConfig(store=store_100, method="tip-adapter-f", shots=2, out=str(tmp_path / "span"),
-                              options={"form": "span"}), progress=None)
+        api.adapt(
+            AdaptConfig(
+                store=store_100, method="tip-adapter-f", shots=2, out=str(tmp_path / "span"), options={"form": "span"}
+            ),
+            progress=None,
+        )
 
 
-@pytest.mark.parametrize("method,options", [("linear-probe", {}), ("linear-probe", {"recipe": "tuned"}), ("lp++", {}),
-                                            ("lp++", {"recipe": "tuned"}), ("tip-adapter-f", {})])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("linear-probe", {}),
+        ("linear-probe", {"recipe": "tuned"}),
+        ("lp++", {}),
+        ("lp++", {"recipe": "tuned"}),
+        ("tip-adapter-f", {}),
+    ],
+)
 def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, options):
     """A trained state's own shots are scored with the head its search trained (no training at
     eval), the same head a refit gives; other seeds refit."""
@@ -77,11 +103,17 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, o
     state = load_state(out)
     kept = [k for k in state.tensors if k.startswith(C.FITTED + ".")]
     assert f"{C.FITTED}.support_sha256" in kept and len(kept) >= 2, kept
-    ev = lambda seed: api.evaluate(EvalConfig(store=store_100, state=str(out), protocol="allway", shots=4,  # noqa: E731
-                                              seeds=(seed,), report=None)).accuracy
+
+    def ev(seed):
+        return api.evaluate(
+            EvalConfig(store=store_100, state=str(out), protocol="allway", shots=4, seeds=(seed,), report=None)
+        ).accuracy
+
     with monkeypatch.context() as m:  # no training may run for the state's own shots
+
         def refuse(*a, **k):
             raise AssertionError("trained at eval")
+
         m.setattr(lin, "train_steps", refuse)
         m.setattr(lpclip, "logistic_regression", refuse)
         m.setattr(lpp, "train_lpp", refuse)
@@ -94,8 +126,9 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, o
         del state.tensors[k]
     refit_dir = tmp_path / "refit"
     save_state(refit_dir, state)
-    refit = api.evaluate(EvalConfig(store=store_100, state=str(refit_dir), protocol="allway", shots=4, seeds=(1,),
-                                    report=None)).accuracy
+    refit = api.evaluate(
+        EvalConfig(store=store_100, state=str(refit_dir), protocol="allway", shots=4, seeds=(1,), report=None)
+    ).accuracy
     assert abs(own - refit) <= 0.2, (own, refit)  # float rounding of a batched vs a single fit
 
 
@@ -103,8 +136,12 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, o
 def test_quick_scale_run_within_budgets(tmp_path):
     """benchmarks/imagenet_scale.py --quick: every cell runs and stays in the budgets scaled to
     100 classes (the script marks each cell; here any mark fails)."""
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imagenet_scale.py"), "--quick", "--keep",
-                        str(tmp_path)], capture_output=True, text=True, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "imagenet_scale.py"), "--quick", "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert len(rows) >= 2 + 2 * 9 + 4, r.stdout

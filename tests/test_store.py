@@ -14,10 +14,15 @@ def _store(path, n=50, dim=6, dtype="float16", chunk_rows=8):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     y = np.arange(n) % 5
-    st = FeatureStore.from_arrays(path, {"train": (x, y), "test": (x[:10], y[:10])}, [f"c{i}" for i in range(5)],
-                                  {"base": [0, 1], "val": [2], "novel": [3, 4]},
-                                  text_embeddings=rng.normal(size=(5, 3)).astype(np.float32), dtype=dtype,
-                                  chunk_rows=chunk_rows)
+    st = FeatureStore.from_arrays(
+        path,
+        {"train": (x, y), "test": (x[:10], y[:10])},
+        [f"c{i}" for i in range(5)],
+        {"base": [0, 1], "val": [2], "novel": [3, 4]},
+        text_embeddings=rng.normal(size=(5, 3)).astype(np.float32),
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+    )
     return st, x, y
 
 
@@ -71,7 +76,9 @@ def test_take_reads_rows_in_any_order_and_only_their_chunks(tmp_path, monkeypatc
     np.testing.assert_allclose(st.take("train", rows), x[rows], atol=1e-2)
     reads = []
     orig = FeatureStore._read
-    monkeypatch.setattr(FeatureStore, "_read", lambda self, s, n, sel, c=None: reads.append((s, n, c)) or orig(self, s, n, sel, c))
+    monkeypatch.setattr(
+        FeatureStore, "_read", lambda self, s, n, sel, c=None: reads.append((s, n, c)) or orig(self, s, n, sel, c)
+    )
     st.take("train", np.array([17, 16, 20]))  # rows of chunk 2 only
     assert reads == [("train", "features", 2)]
     assert st.take("train", np.array([], int)).shape == (0, 6)
@@ -86,9 +93,14 @@ def test_allway_shots_read_by_row_equal_the_gathered_ones(tmp_path):
     from fskd.store import sampling
 
     st, x, y = _store(tmp_path / "s.zarr", n=200, chunk_rows=16)
-    st2 = FeatureStore.from_arrays(tmp_path / "v.zarr", {"train": (x, y), "val": (x[:100], y[:100])},
-                                   [f"c{i}" for i in range(5)], {"base": [0, 1], "val": [2], "novel": [3, 4]},
-                                   dtype="float16", chunk_rows=16)
+    st2 = FeatureStore.from_arrays(
+        tmp_path / "v.zarr",
+        {"train": (x, y), "val": (x[:100], y[:100])},
+        [f"c{i}" for i in range(5)],
+        {"base": [0, 1], "val": [2], "novel": [3, 4]},
+        dtype="float16",
+        chunk_rows=16,
+    )
     for seed in (1, 2):
         fx, fy, classes = sampling.allway_shots(st2, 4, seed)
         gx, gy = st2.gather(None, ["train"])

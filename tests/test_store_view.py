@@ -46,7 +46,14 @@ def test_a_view_without_restriction_reads_as_the_store(store):
     _same_gather(v.gather([0, 5], None, 3), store.gather([0, 5], None, 3))
     np.testing.assert_array_equal(v.mean([0, 1]), store.mean([0, 1]))
     assert (v.path, v.fingerprint, v.dim, v.num_classes, v.class_names, v.splits, v.joint) == (
-        store.path, store.fingerprint, store.dim, store.num_classes, store.class_names, store.splits, store.joint)
+        store.path,
+        store.fingerprint,
+        store.dim,
+        store.num_classes,
+        store.class_names,
+        store.splits,
+        store.joint,
+    )
     np.testing.assert_array_equal(v.text_embeddings(), store.text_embeddings())
 
 
@@ -130,11 +137,17 @@ def test_a_fit_and_an_evaluation_leave_the_store_unchanged(path, tmp_path, monke
         return st
 
     monkeypatch.setattr(FeatureStore, "open", classmethod(recording_open))
-    b2n = api.adapt(AdaptConfig(store=path, method="prototype", shots=4, seed=1, out=str(tmp_path / "b2n"),
-                                base_to_new=True), progress=None)
+    b2n = api.adapt(
+        AdaptConfig(store=path, method="prototype", shots=4, seed=1, out=str(tmp_path / "b2n"), base_to_new=True),
+        progress=None,
+    )
     api.evaluate(EvalConfig(store=path, state=b2n.out, protocol="base-to-new", shots=4, seeds=(1,)))
-    fit = api.adapt(AdaptConfig(store=path, method="prototype", shots=2, out=str(tmp_path / "ratio"),
-                                class_ratio=(0.5, 0.25, 0.25)), progress=None)
+    fit = api.adapt(
+        AdaptConfig(
+            store=path, method="prototype", shots=2, out=str(tmp_path / "ratio"), class_ratio=(0.5, 0.25, 0.25)
+        ),
+        progress=None,
+    )
     api.evaluate(EvalConfig(store=path, state=fit.out, shots=2, way=3, episodes=5))
     api.evaluate(EvalConfig(store=path, protocol="base-to-new", classifier="prototype", shots=2, seeds=(1,)))
     assert len(opened) >= 5

@@ -28,8 +28,16 @@ def stores(tmp_path_factory):
         for i in range(10):
             arr = (rng.random((32, 40, 3)) * 90 + c * 25).astype("uint8")
             Image.fromarray(arr).save(d / "img" / f"c{c}" / f"{i}.png")
-    kw = dict(dataset="folder", root=str(d / "img"), encoder="synthetic:12", workers=0, batch_size=8, chunk_rows=8,
-              sample_split=(0.5, 0.25, 0.25), class_ratio=(0.5, 0.34, 0.16))
+    kw = dict(
+        dataset="folder",
+        root=str(d / "img"),
+        encoder="synthetic:12",
+        workers=0,
+        batch_size=8,
+        chunk_rows=8,
+        sample_split=(0.5, 0.25, 0.25),
+        class_ratio=(0.5, 0.34, 0.16),
+    )
     api.extract(ExtractConfig(**kw, store=str(d / "plain.zarr")))
     api.extract(ExtractConfig(**kw, store=str(d / "views.zarr"), augment_views=4))
     return str(d / "plain.zarr"), str(d / "views.zarr")
@@ -67,8 +75,10 @@ def test_tip_adapter_cache_is_the_mean_of_the_views(stores, tmp_path):
     torch.testing.assert_close(sv.tensors["allway.fitted.keys"][0], want, atol=1e-5, rtol=1e-5)
     # eval on the state's own shots uses those keys; the plain store's state has none
     assert "allway.fitted.keys" not in sp.tensors
-    acc = [api.evaluate(EvalConfig(store=s, state=str(tmp_path / n), protocol="allway", shots=2, seeds=(1,))).accuracy
-           for s, n in ((plain, "p"), (views, "v"))]
+    acc = [
+        api.evaluate(EvalConfig(store=s, state=str(tmp_path / n), protocol="allway", shots=2, seeds=(1,))).accuracy
+        for s, n in ((plain, "p"), (views, "v"))
+    ]
     assert all(0 <= a <= 100 for a in acc)
 
 
@@ -118,6 +128,7 @@ def test_train_field_with_identical_views_is_the_run_without_views():
     for views in (None, x0[:, None].expand(10, 3, 6).contiguous()):
         torch.manual_seed(0)
         f = make_field("mlp", 6, 16, 1)
-        curves.append(train_field(f, x0, x1, iters=20, batch_size=4, lr=1e-2, weight_decay=0.0, gamma=0.5, seed=3,
-                                  x0_views=views))
+        curves.append(
+            train_field(f, x0, x1, iters=20, batch_size=4, lr=1e-2, weight_decay=0.0, gamma=0.5, seed=3, x0_views=views)
+        )
     assert curves[0] == curves[1]

@@ -45,14 +45,23 @@ class ChainDef:
 
 #: chains every grid knows by name
 BUILTIN_CHAINS: dict[str, ChainDef] = {
-    "syntrans-e2e": ChainDef(("mtkd", "syntrans"), {"mtkd": {"regime": "base-novel"}},
-                             "SynTrans end to end: a base-novel student (the proxy task), then the syntrans head "
-                             "fitted on its features (episodic)"),
-    "syntrans-e2e-label-free": ChainDef(("mtkd", "syntrans"), {"mtkd": {"regime": "base-novel", "proxy": "label-free"}},
-                                        "syntrans-e2e with SynTrans's label-free proxy (feature, affinity and "
-                                        "image-text terms, no label term; episodic)"),
-    "mtkd-2stage": ChainDef(("mtkd", "residual-adapter"), {"mtkd": {"regime": "semi"}},
-                            "MTKD: stage 1, a semi student; stage 2, the residual adapter on its features (all-way)"),
+    "syntrans-e2e": ChainDef(
+        ("mtkd", "syntrans"),
+        {"mtkd": {"regime": "base-novel"}},
+        "SynTrans end to end: a base-novel student (the proxy task), then the syntrans head "
+        "fitted on its features (episodic)",
+    ),
+    "syntrans-e2e-label-free": ChainDef(
+        ("mtkd", "syntrans"),
+        {"mtkd": {"regime": "base-novel", "proxy": "label-free"}},
+        "syntrans-e2e with SynTrans's label-free proxy (feature, affinity and "
+        "image-text terms, no label term; episodic)",
+    ),
+    "mtkd-2stage": ChainDef(
+        ("mtkd", "residual-adapter"),
+        {"mtkd": {"regime": "semi"}},
+        "MTKD: stage 1, a semi student; stage 2, the residual adapter on its features (all-way)",
+    ),
 }
 
 
@@ -71,8 +80,9 @@ class Stage:
     def text(self) -> str:
         """``mtkd(base-novel, proxy=label-free)``, ``tip-adapter-f (teacher)``, ``syntrans``."""
         given = {**self.options, **self.fields}
-        args = ([given["regime"]] if self.role == STUDENT and "regime" in given else []) + \
-               [f"{k}={given.get(k, v)}" for k, v in sorted(self.preset.items()) if k != "regime"]
+        args = ([given["regime"]] if self.role == STUDENT and "regime" in given else []) + [
+            f"{k}={given.get(k, v)}" for k, v in sorted(self.preset.items()) if k != "regime"
+        ]
         name = self.method if self.label == self.method else f"{self.label}={self.method}"
         return name + (f"({', '.join(args)})" if args else "") + (" (teacher)" if self.role == TEACHER else "")
 
@@ -107,8 +117,10 @@ def check_chain_names(config) -> None:
     """A grid's own chains: no built-in's name, no method's name."""
     for name in config.chains:
         if name in BUILTIN_CHAINS:
-            raise ConfigError(f"[chains] {name}: {name!r} is a built-in chain "
-                              f"({' -> '.join(BUILTIN_CHAINS[name].stages)}); give yours another name")
+            raise ConfigError(
+                f"[chains] {name}: {name!r} is a built-in chain "
+                f"({' -> '.join(BUILTIN_CHAINS[name].stages)}); give yours another name"
+            )
         if name in METHODS.names():
             raise ConfigError(f"[chains] {name}: {name!r} is a method's name; give the chain another name")
 
@@ -122,12 +134,16 @@ def stage_options(label: str, options: dict, stages: list[str]) -> dict[str, dic
         if dot:
             value = {opt: value}
         elif not isinstance(value, dict):
-            raise ConfigError(f"options of the chain row {label!r}: {key} = {value!r:.60} is not a stage's table; give "
-                              f"a stage's options as [options.{label}.STAGE] or --set {label}.STAGE.KEY=VALUE "
-                              f"(stages: {', '.join(stages)})")
+            raise ConfigError(
+                f"options of the chain row {label!r}: {key} = {value!r:.60} is not a stage's table; give "
+                f"a stage's options as [options.{label}.STAGE] or --set {label}.STAGE.KEY=VALUE "
+                f"(stages: {', '.join(stages)})"
+            )
         if stage not in stages:
-            raise ConfigError(f"options of the chain row {label!r} name the stage {stage!r}, which it does not have; "
-                              f"its stages: {', '.join(stages)}")
+            raise ConfigError(
+                f"options of the chain row {label!r} name the stage {stage!r}, which it does not have; "
+                f"its stages: {', '.join(stages)}"
+            )
         out.setdefault(stage, {}).update(value)
     return out
 
@@ -148,9 +164,11 @@ def resolve_chain(label: str, name: str, config, distill_fields: Callable) -> Ch
         labels.append(lab)
         methods.append(method)
     kinds = [METHODS.get(m).kind for m in methods]  # an unknown method lists the valid ones
-    shape = (f"chain {name} = {list(definition.stages)}: a chain is [teacher], student, [head]: one distill method "
-             f"({', '.join(methods_of_kind('distill'))}), optionally after an adapt/align method (its teacher, fitted "
-             f"on the store) and optionally before one (the head, fitted on the student's features)")
+    shape = (
+        f"chain {name} = {list(definition.stages)}: a chain is [teacher], student, [head]: one distill method "
+        f"({', '.join(methods_of_kind('distill'))}), optionally after an adapt/align method (its teacher, fitted "
+        f"on the store) and optionally before one (the head, fitted on the student's features)"
+    )
     if len(methods) < 2 or kinds.count("distill") != 1 or any(k not in ("adapt", "align", "distill") for k in kinds):
         raise ConfigError(shape)
     at = kinds.index("distill")
@@ -167,14 +185,19 @@ def resolve_chain(label: str, name: str, config, distill_fields: Callable) -> Ch
             regime = options.get("regime", "base-novel" if config.protocol == "episodic" else "semi")
             want = {"episodic": "base-novel", "allway": "semi"}.get(config.protocol)
             if want is not None and regime != want:
-                why = ("a semi student learned labels of the novel classes, so its novel-class episodes are not a "
-                       "few-shot result" if regime == "semi" else
-                       "a base-novel student never learned the novel classes, and its chain's head would fit all-way "
-                       "shots on features meant for novel-class episodes")
-                raise ConfigError(f"{label} ({' -> '.join(definition.stages)}): its student {lab} runs the {regime} "
-                                  f"regime; --protocol {config.protocol} takes {want} students ({why}). "
-                                  f"Run {name} with --protocol {'episodic' if regime == 'base-novel' else 'allway'}, "
-                                  f"or give the stage regime = \"{want}\"")
+                why = (
+                    "a semi student learned labels of the novel classes, so its novel-class episodes are not a "
+                    "few-shot result"
+                    if regime == "semi"
+                    else "a base-novel student never learned the novel classes, and its chain's head would fit all-way "
+                    "shots on features meant for novel-class episodes"
+                )
+                raise ConfigError(
+                    f"{label} ({' -> '.join(definition.stages)}): its student {lab} runs the {regime} "
+                    f"regime; --protocol {config.protocol} takes {want} students ({why}). "
+                    f"Run {name} with --protocol {'episodic' if regime == 'base-novel' else 'allway'}, "
+                    f'or give the stage regime = "{want}"'
+                )
             fields, options = distill_fields(label, options, config.protocol)
         cls = METHODS.get(method)
         if cls.options is not None:
@@ -187,13 +210,16 @@ def resolve_chain(label: str, name: str, config, distill_fields: Callable) -> Ch
     teacher, student = chain.stage(TEACHER), chain.stage(STUDENT)
     if teacher is not None:
         if config.protocol != "allway":
-            raise ConfigError(f"{label} ({chain.text()}): a teacher stage fits an all-way head on K shots of every "
-                              f"class, novel ones included, which a student of --protocol {config.protocol} must not "
-                              f"learn from. Teacher stages run in --protocol allway (semi students); give an episodic "
-                              f"grid's student a fixed teacher_state instead")
+            raise ConfigError(
+                f"{label} ({chain.text()}): a teacher stage fits an all-way head on K shots of every "
+                f"class, novel ones included, which a student of --protocol {config.protocol} must not "
+                f"learn from. Teacher stages run in --protocol allway (semi students); give an episodic "
+                f"grid's student a fixed teacher_state instead"
+            )
         if student.fields.get("teacher_state"):
-            raise ConfigError(f"{label} ({chain.text()}): the student has a teacher stage and a teacher_state; "
-                              f"give one")
+            raise ConfigError(
+                f"{label} ({chain.text()}): the student has a teacher stage and a teacher_state; give one"
+            )
     return chain
 
 
@@ -202,8 +228,10 @@ def stage_dirs(state_dir: Path, scratch: Path, keep: bool) -> dict[str, Path]:
     teacher and head states sit beside it (``Kshot-seedS.teacher``, ``Kshot-seedS.head``), else in the
     runner's scratch folder."""
     if keep:
-        return {TEACHER: state_dir.with_name(state_dir.name + ".teacher"),
-                HEAD: state_dir.with_name(state_dir.name + ".head")}
+        return {
+            TEACHER: state_dir.with_name(state_dir.name + ".teacher"),
+            HEAD: state_dir.with_name(state_dir.name + ".head"),
+        }
     return {TEACHER: scratch / "teacher", HEAD: scratch / "head"}
 
 
@@ -217,9 +245,17 @@ def run_chain(runner, cell, chain: Chain, src_path: str, state_dir: Path, studen
 
     def fit(stage: Stage, store: str, out: Path, fields: dict | None = None):
         r = runner.fit_stage(cell, stage.method, stage.options, store, out, fields)
-        details.append({"stage": stage.label, "method": stage.method, "role": stage.role, "hparams": r.hparams,
-                        "selected_on": r.selected_on, "fit_seconds": r.seconds,
-                        "state": str(out) if plan.config.keep_states else None})
+        details.append(
+            {
+                "stage": stage.label,
+                "method": stage.method,
+                "role": stage.role,
+                "hparams": r.hparams,
+                "selected_on": r.selected_on,
+                "fit_seconds": r.seconds,
+                "state": str(out) if plan.config.keep_states else None,
+            }
+        )
         warnings.extend(f"{stage.label}: {w}" for w in r.warnings)
         return r
 

@@ -74,17 +74,23 @@ def distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict
     options = dict(options)
     fields = {k: options.pop(k) for k in BENCH_DISTILL_FIELDS if k in options}
     if protocol not in ("episodic", "allway"):
-        raise ConfigError(f"{label}: distill rows run the episodic protocol (base-novel students) and the allway "
-                          f"protocol (semi students); got --protocol {protocol}")
+        raise ConfigError(
+            f"{label}: distill rows run the episodic protocol (base-novel students) and the allway "
+            f"protocol (semi students); got --protocol {protocol}"
+        )
     fields.setdefault("regime", "base-novel" if protocol == "episodic" else "semi")
     if protocol == "episodic" and fields["regime"] != "base-novel":
-        raise ConfigError(f"{label}: regime {fields['regime']!r} in an episodic grid: a semi student learned labels of "
-                          f"the novel classes, so its novel-class episodes are not a few-shot result; use base-novel")
+        raise ConfigError(
+            f"{label}: regime {fields['regime']!r} in an episodic grid: a semi student learned labels of "
+            f"the novel classes, so its novel-class episodes are not a few-shot result; use base-novel"
+        )
     if fields.get("teacher_state"):  # a fixed fitted state as every cell's teacher: there now, absolute for every job
         path = Path(str(fields["teacher_state"])).expanduser().absolute()
         if not (path / STATE_JSON).is_file():
-            raise ConfigError(f"{label}: teacher_state {fields['teacher_state']} is not a state fskd adapt or align "
-                              f"wrote (no {path / STATE_JSON})")
+            raise ConfigError(
+                f"{label}: teacher_state {fields['teacher_state']} is not a state fskd adapt or align "
+                f"wrote (no {path / STATE_JSON})"
+            )
         fields["teacher_state"] = str(path)
     return fields, options
 
@@ -102,16 +108,20 @@ def bench_out(config, stores: list[FeatureStore], create: bool = True) -> Path:
         for what, where in places:
             p = Path(where).expanduser().resolve()
             if o == p or o.is_relative_to(p) or p.is_relative_to(o):
-                raise OutputError(f"--out {config.out} overlaps {what} ({where}); write the bench somewhere else "
-                                  f"(nothing was changed)")
+                raise OutputError(
+                    f"--out {config.out} overlaps {what} ({where}); write the bench somewhere else "
+                    f"(nothing was changed)"
+                )
     if store_containing(out) is not None:
         raise OutputError(f"--out {config.out} is inside a feature store; write the bench somewhere else")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"--out {config.out} exists and is not a directory")
         if not is_bench_dir(out) and any(out.iterdir()):
-            raise OutputError(f"--out {config.out} is a folder fskd bench did not write (no {BENCH_JSON}); give a new "
-                              f"or empty folder (nothing was changed)")
+            raise OutputError(
+                f"--out {config.out} is a folder fskd bench did not write (no {BENCH_JSON}); give a new "
+                f"or empty folder (nothing was changed)"
+            )
     elif create:
         check_writable(out, "--out")
         out.mkdir(parents=True)
@@ -130,11 +140,16 @@ def same_grid(out: Path, keys: set[str], extend: bool) -> None:
     if old == keys or (extend and old <= keys):
         return
     lost, new = len(old - keys), len(keys - old)
-    hint = ("add --extend to grow it to this grid" if not lost else
-            "this grid lacks some of its cells, so it cannot extend it")
-    raise OutputError(f"--out {out} holds another grid ({len(old)} cells: this grid has {new} cell(s) it lacks and lacks "
-                      f"{lost} of its cells); write this grid to a new --out, or {hint} (`fskd bench --report {out}` "
-                      f"rebuilds its own tables). Nothing was changed")
+    hint = (
+        "add --extend to grow it to this grid"
+        if not lost
+        else "this grid lacks some of its cells, so it cannot extend it"
+    )
+    raise OutputError(
+        f"--out {out} holds another grid ({len(old)} cells: this grid has {new} cell(s) it lacks and lacks "
+        f"{lost} of its cells); write this grid to a new --out, or {hint} (`fskd bench --report {out}` "
+        f"rebuilds its own tables). Nothing was changed"
+    )
 
 
 class LogOnce(logging.Filter):
@@ -178,8 +193,10 @@ class GridPlan:
                 raise RegistryError(f"{e}; or a chain: {', '.join(chain_names(config))}") from None
             if cls.kind not in ("adapt", "align", "distill"):
                 kinds = methods_of_kind("adapt") + methods_of_kind("align") + methods_of_kind("distill")
-                raise ConfigError(f"fskd bench runs adapt, align and distill methods; {m!r} is a {cls.kind} method "
-                                  f"(methods: {', '.join(sorted(kinds))})")
+                raise ConfigError(
+                    f"fskd bench runs adapt, align and distill methods; {m!r} is a {cls.kind} method "
+                    f"(methods: {', '.join(sorted(kinds))})"
+                )
             options = dict(config.options.get(label, {}))
             if cls.kind == "distill":
                 fields, options = self.distill_split[label] = distill_fields(label, options, config.protocol)
@@ -189,35 +206,82 @@ class GridPlan:
         self.transfer = config.protocol in TRANSFER_PROTOCOLS
         self.episodic = config.protocol == "episodic"
         if self.transfer and len(config.stores) < 2:
-            raise ConfigError(f"--protocol {config.protocol} takes the source store first, then one or more target "
-                              f"stores (--stores source.zarr,target1.zarr,...); got {len(config.stores)} store")
+            raise ConfigError(
+                f"--protocol {config.protocol} takes the source store first, then one or more target "
+                f"stores (--stores source.zarr,target1.zarr,...); got {len(config.stores)} store"
+            )
         self.stores: list[FeatureStore] = []
         for i, path in enumerate(config.stores):
             self.stores.append(self._open(i, path))
         names = [st.attrs["dataset"]["name"] for st in self.stores]
-        labels = [n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr")
-                  for n, st in zip(names, self.stores, strict=True)]
+        labels = [
+            n if names.count(n) == 1 else Path(st.path).name.removesuffix(".zarr")
+            for n, st in zip(names, self.stores, strict=True)
+        ]
         if self.transfer:
             labels[0] += SOURCE_TAG
         self.out = bench_out(config, self.stores, create=create_out)
         src_fp = self.stores[0].fingerprint if self.transfer else ""
         pairs = list(zip(self.stores, labels, strict=True))
-        order = ([(st, label, m, h, k, s) for m in self.fit_method for h in config.hp_selection for k in config.shots
-                  for s in config.seeds for st, label in pairs] if self.transfer else  # one fit, every target in a row
-                 [(st, label, m, h, k, s) for st, label in pairs for m in self.fit_method for h in config.hp_selection
-                  for k in config.shots for s in config.seeds])
-        setting = json.dumps({"way": config.way, "query": config.query, "episodes": config.episodes,
-                              "episode_seed": config.episode_seed, "class_ratio": config.class_ratio}) \
-            if self.episodic else ""
-        self.cells = [Cell(absolute_store(st.path), st.fingerprint, label, m, k, s, config.protocol, h,
-                           self._cell_options(m), src_fp, setting,
-                           self.fit_method[m] if self.fit_method[m] != m else "",
-                           self.chains[m].text() if m in self.chains else "") for st, label, m, h, k, s in order]
+        order = (
+            [
+                (st, label, m, h, k, s)
+                for m in self.fit_method
+                for h in config.hp_selection
+                for k in config.shots
+                for s in config.seeds
+                for st, label in pairs
+            ]
+            if self.transfer
+            # one fit, every target in a row
+            else [
+                (st, label, m, h, k, s)
+                for st, label in pairs
+                for m in self.fit_method
+                for h in config.hp_selection
+                for k in config.shots
+                for s in config.seeds
+            ]
+        )
+        setting = (
+            json.dumps(
+                {
+                    "way": config.way,
+                    "query": config.query,
+                    "episodes": config.episodes,
+                    "episode_seed": config.episode_seed,
+                    "class_ratio": config.class_ratio,
+                }
+            )
+            if self.episodic
+            else ""
+        )
+        self.cells = [
+            Cell(
+                absolute_store(st.path),
+                st.fingerprint,
+                label,
+                m,
+                k,
+                s,
+                config.protocol,
+                h,
+                self._cell_options(m),
+                src_fp,
+                setting,
+                self.fit_method[m] if self.fit_method[m] != m else "",
+                self.chains[m].text() if m in self.chains else "",
+            )
+            for st, label, m, h, k, s in order
+        ]
         self.keys = {c.key for c in self.cells}
         self.by_path = {absolute_store(st.path): st for st in self.stores}
         self.fit_store = {p: (absolute_store(self.stores[0].path) if self.transfer else p) for p in self.by_path}
-        self.min_train = {p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
-                          for p, st in self.by_path.items() if st.has_split("train")}
+        self.min_train = {
+            p: int(np.bincount(st.labels("train")[st.labels("train") >= 0]).min())
+            for p, st in self.by_path.items()
+            if st.has_split("train")
+        }
 
     def _cell_options(self, label: str) -> str:
         """A row's options as its cells record them (a chain's: per stage, ``STAGE.KEY`` keys nested)."""
@@ -232,28 +296,38 @@ class GridPlan:
         st.check_complete()
         for s in ("train", "test") if not self.transfer or i == 0 else ("test",):
             if not st.has_split(s):
-                raise EvaluationError(f"fskd bench ({config.protocol}) needs a {s!r} sample split; {st.path} has "
-                                      f"{st.splits}")
+                raise EvaluationError(
+                    f"fskd bench ({config.protocol}) needs a {s!r} sample split; {st.path} has {st.splits}"
+                )
         if config.protocol == "domain-shift" and i:
             unknown = sorted(set(st.class_keys) - set(self.stores[0].class_keys))
             if unknown:
-                raise ConfigError(f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} "
-                                  f"are not classes of the source {self.stores[0].path}: "
-                                  f"{', '.join(map(repr, unknown[:5]))}")
+                raise ConfigError(
+                    f"--protocol domain-shift maps classes by key: {len(unknown)} class(es) of {st.path} "
+                    f"are not classes of the source {self.stores[0].path}: "
+                    f"{', '.join(map(repr, unknown[:5]))}"
+                )
         if self.distill_split:  # a student trains on the store's images and encodes them: they must be there
             from fskd.methods.distill.data import dataset_of
 
             dataset_of(st, next((f["root"] for f, _ in self.distill_split.values() if f.get("root")), None))
         if self.transfer and i and st.encoder_spec != self.stores[0].encoder_spec:
-            raise ConfigError(f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, "
-                              f"the source {self.stores[0].path} {self.stores[0].encoder_spec!r}; every store needs "
-                              f"the same encoder")
+            raise ConfigError(
+                f"--protocol {config.protocol}: target {st.path} holds {st.encoder_spec!r} features, "
+                f"the source {self.stores[0].path} {self.stores[0].encoder_spec!r}; every store needs "
+                f"the same encoder"
+            )
         return st
 
     def meta(self, versions: dict) -> dict:
         """``bench.json``: the format marker, the grid, its cells, when it ran, the versions."""
-        return {"format": BENCH_FORMAT, "config": self.config.to_dict(), "cells": [c.key for c in self.cells],
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions}
+        return {
+            "format": BENCH_FORMAT,
+            "config": self.config.to_dict(),
+            "cells": [c.key for c in self.cells],
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions,
+        }
 
     def fit_group(self, cell: Cell) -> tuple:
         """Cells sharing one fit (a transfer grid's targets of one state) run in one job, in order."""
@@ -289,8 +363,9 @@ class CellRunner:
         self.fitted.update(key=key, fit=fit)
         return fit
 
-    def fit_stage(self, cell: Cell, name: str, options: dict, store_path: str, state_dir: Path,
-                  fields: dict | None = None):
+    def fit_stage(
+        self, cell: Cell, name: str, options: dict, store_path: str, state_dir: Path, fields: dict | None = None
+    ):
         """Fit the method ``name`` with ``options`` on ``store_path`` into ``state_dir`` for the cell's
         shots, seed, hyper-parameter selection and class split (a distill method: with the DistillConfig
         settings ``fields``). A row's fit, or one stage of a chain row's."""
@@ -304,15 +379,27 @@ class CellRunner:
                 options["regime"] = "episodic"
             elif config.protocol == "allway":
                 options["regime"] = "allway"
-        kw = dict(store=store_path, method=name, shots=cell.shots, seed=cell.seed, out=str(state_dir),
-                  device=config.device, options=options, force=True, hp_selection=cell.hp_selection,
-                  base_to_new=cell.protocol == "base-to-new")
+        kw = dict(
+            store=store_path,
+            method=name,
+            shots=cell.shots,
+            seed=cell.seed,
+            out=str(state_dir),
+            device=config.device,
+            options=options,
+            force=True,
+            hp_selection=cell.hp_selection,
+            base_to_new=cell.protocol == "base-to-new",
+        )
         if plan.episodic and config.class_ratio is not None:
             kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
         if cls.kind == "distill":
             return v.distill(DistillConfig(**kw, **(fields or {})), progress=None)
-        return (v.adapt(AdaptConfig(**kw), progress=None) if cls.kind == "adapt"
-                else v.align(AlignConfig(**kw), progress=None))
+        return (
+            v.adapt(AdaptConfig(**kw), progress=None)
+            if cls.kind == "adapt"
+            else v.align(AlignConfig(**kw), progress=None)
+        )
 
     def _student_store(self, teacher: FeatureStore, state_dir: Path, path: Path, root: str | None) -> dict:
         """Extract the teacher store's dataset with the student of ``state_dir`` into ``path`` (the same
@@ -321,16 +408,27 @@ class CellRunner:
 
         if path.exists():  # a student store of an earlier run of this bench: extract would reuse its other weights
             if not is_store_dir(path):
-                raise OutputError(f"{path} exists and is not a feature store fskd wrote; the bench writes the student "
-                                  f"store there (nothing was changed)")
+                raise OutputError(
+                    f"{path} exists and is not a feature store fskd wrote; the bench writes the student "
+                    f"store there (nothing was changed)"
+                )
             shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         src = {k: v for k, v in teacher.attrs.get("config", {}).items() if k in ExtractConfig.__dataclass_fields__}
         if not src.get("dataset") or src.get("dataset") == "arrays":
-            raise StoreError(f"{teacher.path} was not extracted from an image dataset; a distilled student is scored "
-                             f"on the same images encoded by the student")
-        src.update(encoder=f"student:{state_dir}", store=str(path), device=self.plan.config.device, augment_views=0,
-                   augment_shots=0, download=False, **({"root": root} if root else {}))  # root: the images moved
+            raise StoreError(
+                f"{teacher.path} was not extracted from an image dataset; a distilled student is scored "
+                f"on the same images encoded by the student"
+            )
+        src.update(
+            encoder=f"student:{state_dir}",
+            store=str(path),
+            device=self.plan.config.device,
+            augment_views=0,
+            augment_shots=0,
+            download=False,
+            **({"root": root} if root else {}),
+        )  # root: the images moved
         t0 = time.perf_counter()
         r = self.verbs.extract(ExtractConfig.from_dict(src), progress=None)
         return {"extract_seconds": round(time.perf_counter() - t0, 3), "student_images_per_s": r.images_per_s}
@@ -346,60 +444,96 @@ class CellRunner:
         cls = METHODS.get(chain.stages[-1].method if chain else cell.fit_method or cell.method)
         needs_text = any(METHODS.get(s.method).needs_text for s in chain.stages) if chain else cls.needs_text
         if needs_text and not src.attrs["text"].get("available"):
-            return {"status": "n/a", "message": f"{cell.method} needs class text features; {src.path} has none "
-                                               f"(encoder {src.encoder_spec} has no text tower)"}
+            return {
+                "status": "n/a",
+                "message": f"{cell.method} needs class text features; {src.path} has none "
+                f"(encoder {src.encoder_spec} has no text tower)",
+            }
         if cell.protocol == "base-to-new" and st.num_classes < 2:
             return {"status": "n/a", "message": f"base-to-new needs at least 2 classes; {st.path} has {st.num_classes}"}
         if cell.shots > plan.min_train[src_path]:
-            return {"status": "n/a", "message": f"{cell.shots} shots: the smallest class of {Path(src_path).name} "
-                                               f"has {plan.min_train[src_path]} train rows"}
+            return {
+                "status": "n/a",
+                "message": f"{cell.shots} shots: the smallest class of {Path(src_path).name} "
+                f"has {plan.min_train[src_path]} train rows",
+            }
         target = plan.transfer and cell.store != src_path
         if target and cell.protocol == "cross-dataset":
             if not cls.transfers_to_new_classes:
                 return {"status": "n/a", "message": f"{cell.method} cannot classify classes it has no shot of"}
             if not st.attrs["text"].get("available"):
                 return {"status": "n/a", "message": f"{st.path} has no class text features to transfer through"}
-        state_dir = (plan.out / "states" / Path(src_path).name.removesuffix(".zarr") / cell.method /
-                     f"{cell.shots}shot-seed{cell.seed}" if config.keep_states else self.tmp_state)
+        state_dir = (
+            plan.out
+            / "states"
+            / Path(src_path).name.removesuffix(".zarr")
+            / cell.method
+            / f"{cell.shots}shot-seed{cell.seed}"
+            if config.keep_states
+            else self.tmp_state
+        )
         protocol = cell.protocol if target or not plan.transfer else "allway"
         eval_store, extra = cell.store, {}
         # distill: the student's features (not directly in OUT, which the driver holds locked: extract locks
         # the store's parent folder)
-        student_store = (state_dir.with_name(state_dir.name + ".zarr") if config.keep_states
-                         else self.tmp_student / "student.zarr")
+        student_store = (
+            state_dir.with_name(state_dir.name + ".zarr") if config.keep_states else self.tmp_student / "student.zarr"
+        )
         try:
             if chain is not None:  # the scored state: the head's, fitted on the student's store
                 fit, eval_store, state_dir, extra = run_chain(self, cell, chain, src_path, state_dir, student_store)
             else:
                 fit = self._fit(cell, src_path, state_dir)
             if chain is None and cls.kind == "distill":
-                extra = self._student_store(st, state_dir, student_store,
-                                            plan.distill_split[cell.method][0].get("root"))
+                extra = self._student_store(
+                    st, state_dir, student_store, plan.distill_split[cell.method][0].get("root")
+                )
                 eval_store = str(student_store)
-            how = (dict(protocol="episodic", way=config.way, query=config.query, episodes=config.episodes,
-                        seed=config.episode_seed)  # the state's own class split (eval reads it from the state)
-                   if plan.episodic else dict(protocol=protocol, seeds=(cell.seed,)))
-            ev = self.verbs.evaluate(EvalConfig(store=eval_store, state=str(state_dir), shots=cell.shots,
-                                                device=config.device, **how))
+            how = (
+                dict(
+                    protocol="episodic",
+                    way=config.way,
+                    query=config.query,
+                    episodes=config.episodes,
+                    seed=config.episode_seed,
+                )  # the state's own class split (eval reads it from the state)
+                if plan.episodic
+                else dict(protocol=protocol, seeds=(cell.seed,))
+            )
+            ev = self.verbs.evaluate(
+                EvalConfig(store=eval_store, state=str(state_dir), shots=cell.shots, device=config.device, **how)
+            )
         except FskdError as e:
             for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop
                 if not plan.by_path[p].location.exists():
-                    raise StoreError(f"feature store {p} was removed while fskd bench ran; the finished cells are "
-                                     f"kept in {plan.out / RESULTS}: put the store back and run the same fskd bench "
-                                     f"to go on") from None
+                    raise StoreError(
+                        f"feature store {p} was removed while fskd bench ran; the finished cells are "
+                        f"kept in {plan.out / RESULTS}: put the store back and run the same fskd bench "
+                        f"to go on"
+                    ) from None
             return {"status": "failed", "message": f"{type(e).__name__}: {e}"}
         finally:
             if not plan.transfer and not config.keep_states:
                 self.clear_scratch()
         b2n = cell.protocol == "base-to-new"
-        return {"status": "ok", "accuracy": ev.accuracy, "top5": ev.top5, "mean_per_class": ev.mean_per_class,
-                **({"ece": ev.ece, "nll": ev.nll} if ev.ece is not None else {}),
-                **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
-                **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if plan.episodic else {}),
-                "classes": ev.classes, "hparams": fit.hparams, "selected_on": fit.selected_on,
-                "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
-                "fit_seconds": fit.seconds, "eval_seconds": ev.eval_seconds, **extra,
-                "warnings": fit.warnings + ev.warnings,
-                "encoder": ev.encoder, "state": str(state_dir) if config.keep_states else None,
-                "versions": {"fskd": __version__, "torch": torch.__version__},
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        return {
+            "status": "ok",
+            "accuracy": ev.accuracy,
+            "top5": ev.top5,
+            "mean_per_class": ev.mean_per_class,
+            **({"ece": ev.ece, "nll": ev.nll} if ev.ece is not None else {}),
+            **({"base": ev.base, "new": ev.new, "hm": ev.hm} if b2n else {}),
+            **({"ci95_episodes": ev.ci95, "class_split": fit.hparams.get("class_split")} if plan.episodic else {}),
+            "classes": ev.classes,
+            "hparams": fit.hparams,
+            "selected_on": fit.selected_on,
+            "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
+            "fit_seconds": fit.seconds,
+            "eval_seconds": ev.eval_seconds,
+            **extra,
+            "warnings": fit.warnings + ev.warnings,
+            "encoder": ev.encoder,
+            "state": str(state_dir) if config.keep_states else None,
+            "versions": {"fskd": __version__, "torch": torch.__version__},
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }

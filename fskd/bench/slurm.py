@@ -45,8 +45,18 @@ CELLS = "cells"
 SLURM = "slurm"
 JOBS = "jobs.json"
 #: squeue states of a job that has not ended
-QUEUED = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED",
-          "RESIZING", "SIGNALING", "STAGE_OUT"}
+QUEUED = {
+    "PENDING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESV_DEL_HOLD",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 RUNNING = {"RUNNING", "COMPLETING"}
 #: minutes a job may run when ``--slurm time=`` is not given
 DEFAULT_TIME = 60
@@ -139,8 +149,14 @@ def run_job(config, keys: list[str], scratch: Path, verbs: Verbs) -> dict:
             path.parent.mkdir(exist_ok=True)
             atomic_write_text(path, json.dumps(row, sort_keys=True))
             counts[row["status"]] += 1
-            say.info("cell %d/%d %s: %s in %.1f s", i + 1, len(cells), cell.label(),
-                     f"{row['accuracy']:.2f}%" if row["status"] == OK else row["status"], time.perf_counter() - t0)
+            say.info(
+                "cell %d/%d %s: %s in %.1f s",
+                i + 1,
+                len(cells),
+                cell.label(),
+                f"{row['accuracy']:.2f}%" if row["status"] == OK else row["status"],
+                time.perf_counter() - t0,
+            )
             fault_point(f"bench-job:cell-{i + 1}")  # tests kill a job after its i-th cell
     finally:
         runner.clear_scratch()
@@ -174,11 +190,15 @@ def _executor(plan: GridPlan, folder: Path):
     s = dict(plan.config.slurm)
     ex = submitit.SlurmExecutor(folder=str(folder), python=s.pop("python", None))
     extra = {k: s.pop(k) for k in ("account", "qos", "constraint") if k in s}
-    ex.update_parameters(job_name="fskd-bench", time=s.pop("time", DEFAULT_TIME),
-                         **{"partition": s.pop("partition")} if "partition" in s else {},
-                         **{"cpus_per_task": s.pop("cpus")} if "cpus" in s else {},
-                         **{"gpus_per_node": s.pop("gpus")} if "gpus" in s else {},
-                         **{"mem": s.pop("mem")} if "mem" in s else {}, **extra)
+    ex.update_parameters(
+        job_name="fskd-bench",
+        time=s.pop("time", DEFAULT_TIME),
+        **{"partition": s.pop("partition")} if "partition" in s else {},
+        **{"cpus_per_task": s.pop("cpus")} if "cpus" in s else {},
+        **{"gpus_per_node": s.pop("gpus")} if "gpus" in s else {},
+        **{"mem": s.pop("mem")} if "mem" in s else {},
+        **extra,
+    )
     return ex
 
 
@@ -231,12 +251,19 @@ def run_slurm(plan: GridPlan, results: Results, job_fn: Callable, progress=None,
     done = results.done()
     record = _Record(folder)
     states = queue_states()
-    alive = [j for j in record.jobs if states.get(j["id"], "") in QUEUED | RUNNING and
-             any(k not in done for k in j["cells"])]
+    alive = [
+        j for j in record.jobs if states.get(j["id"], "") in QUEUED | RUNNING and any(k not in done for k in j["cells"])
+    ]
     in_flight = {k for j in alive for k in j["cells"]}
     todo = [c for c in plan.cells if c.key not in done and c.key not in in_flight]
-    counts = {"skipped": sum(c.key in done for c in plan.cells), OK: 0, NA: 0, FAILED: 0, "jobs": 0,
-              "waited": len(alive)}
+    counts = {
+        "skipped": sum(c.key in done for c in plan.cells),
+        OK: 0,
+        NA: 0,
+        FAILED: 0,
+        "jobs": 0,
+        "waited": len(alive),
+    }
     submitted: list = []
     if todo:
         ex = _executor(plan, folder / "logs")
@@ -248,19 +275,35 @@ def run_slurm(plan: GridPlan, results: Results, job_fn: Callable, progress=None,
         with ex.batch():
             for g in groups:
                 submitted.append(ex.submit(job_fn, cfg, [c.key for c in g], str(folder / "scratch"), storage))
-        mine = [{"id": j.job_id, "cells": [c.key for c in g], "log": str(j.paths.stderr), "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                for j, g in zip(submitted, groups, strict=True)]
+        mine = [
+            {
+                "id": j.job_id,
+                "cells": [c.key for c in g],
+                "log": str(j.paths.stderr),
+                "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            for j, g in zip(submitted, groups, strict=True)
+        ]
         record.add(mine)
         counts["jobs"] = len(mine)
-        say.info("submitted %d Slurm job(s) for %d cell(s) (%d per job); logs in %s", len(mine), len(todo),
-                 plan.config.cells_per_job, folder / "logs")
+        say.info(
+            "submitted %d Slurm job(s) for %d cell(s) (%d per job); logs in %s",
+            len(mine),
+            len(todo),
+            plan.config.cells_per_job,
+            folder / "logs",
+        )
     else:
         mine = []
     watched = alive + mine
     if plan.config.detach or not watched:
         if watched:
-            say.info("detached: %d job(s) go on; run the same fskd bench again, or `fskd bench --report %s`, to "
-                     "collect their cells", len(watched), out)
+            say.info(
+                "detached: %d job(s) go on; run the same fskd bench again, or `fskd bench --report %s`, to "
+                "collect their cells",
+                len(watched),
+                out,
+            )
         return counts
     try:
         _wait(plan, results, watched, counts, progress, poll, len(todo) + len(in_flight))
@@ -294,13 +337,13 @@ def _ended_message(job: dict, cell: Cell) -> str:
     """Why a cell of an ended job has no row: the error its log ends with, or that it was killed,
     cancelled, timed out or preempted; with the log's path."""
     error = _error_line(Path(job["log"]))
-    why = (f"it raised {error}" if error else
-           "it was killed, cancelled, timed out or preempted, or its node failed")
+    why = f"it raised {error}" if error else "it was killed, cancelled, timed out or preempted, or its node failed"
     return f"slurm job {job['id']} ended before cell {cell.label()} finished: {why}; its log: {job['log']}"
 
 
-def _wait(plan: GridPlan, results: Results, watched: list[dict], counts: dict, progress, poll: float,
-          total: int) -> None:
+def _wait(
+    plan: GridPlan, results: Results, watched: list[dict], counts: dict, progress, poll: float, total: int
+) -> None:
     by_key = {c.key: c for c in plan.cells}
     pending = {j["id"]: j for j in watched}
     finished = 0
@@ -339,9 +382,15 @@ def _wait(plan: GridPlan, results: Results, watched: list[dict], counts: dict, p
                 shutil.rmtree(plan.out / SLURM / "scratch" / jid, ignore_errors=True)
                 lost = [by_key[k] for k in job["cells"] if k in by_key and k not in done]
                 for c in lost:
-                    row = cell_row(c, {"status": FAILED, "message": _ended_message(job, c),
-                                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                       "slurm": {"job": jid}})
+                    row = cell_row(
+                        c,
+                        {
+                            "status": FAILED,
+                            "message": _ended_message(job, c),
+                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "slurm": {"job": jid},
+                        },
+                    )
                     results.append(row)
                     counts[FAILED] += 1
                     finished += 1
@@ -350,8 +399,10 @@ def _wait(plan: GridPlan, results: Results, watched: list[dict], counts: dict, p
                     progress(finished, total, f"job {jid} failed")
         queued = sum(states.get(j) in QUEUED for j in pending)
         running = sum(states.get(j) in RUNNING for j in pending)
-        line = (f"slurm jobs: {queued} queued, {running} running, {len(watched) - len(pending)} ended; cells "
-                f"{finished}/{total} ({counts[FAILED]} failed)")
+        line = (
+            f"slurm jobs: {queued} queued, {running} running, {len(watched) - len(pending)} ended; cells "
+            f"{finished}/{total} ({counts[FAILED]} failed)"
+        )
         if line != said:
             say.info("%s", line)
             said = line

@@ -8,18 +8,32 @@ from fskd.registry import Registry, exports_from
 #: name -> factory(ClassContext) -> Head
 CLASSIFIERS: Registry = Registry("classifier")
 
-CLASSIFIERS.lazy("linear", "fskd.classifiers.linear",
-                 help="logistic regression on the support (prototype init, L2 to init), batched over episodes")
-CLASSIFIERS.lazy("prototype", "fskd.classifiers.prototype",
-                 help="easyfsl's SimpleShot: base-mean centring, L2, cosine to the renormalised class mean; "
-                      "FAISS for large banks")
-CLASSIFIERS.lazy("simpleshot", "fskd.classifiers.prototype",
-                 help="the SimpleShot authors' rule: base-mean centring, L2 (CL2N), Euclidean distance to the "
-                      "un-renormalised class mean; FAISS for large banks")
-CLASSIFIERS.lazy("text", "fskd.classifiers.text",
-                 help="zero-shot: class text features as weights (joint encoders, or through a bridge)")
-CLASSIFIERS.lazy("tip", "fskd.classifiers.cache",
-                 help="Tip-Adapter cache model (training-free, alpha 1, beta 5.5; joint encoders); FAISS for large banks")
+CLASSIFIERS.lazy(
+    "linear",
+    "fskd.classifiers.linear",
+    help="logistic regression on the support (prototype init, L2 to init), batched over episodes",
+)
+CLASSIFIERS.lazy(
+    "prototype",
+    "fskd.classifiers.prototype",
+    help="easyfsl's SimpleShot: base-mean centring, L2, cosine to the renormalised class mean; FAISS for large banks",
+)
+CLASSIFIERS.lazy(
+    "simpleshot",
+    "fskd.classifiers.prototype",
+    help="the SimpleShot authors' rule: base-mean centring, L2 (CL2N), Euclidean distance to the "
+    "un-renormalised class mean; FAISS for large banks",
+)
+CLASSIFIERS.lazy(
+    "text",
+    "fskd.classifiers.text",
+    help="zero-shot: class text features as weights (joint encoders, or through a bridge)",
+)
+CLASSIFIERS.lazy(
+    "tip",
+    "fskd.classifiers.cache",
+    help="Tip-Adapter cache model (training-free, alpha 1, beta 5.5; joint encoders); FAISS for large banks",
+)
 
 _FROM_BASE = ("ClassContext", "FittedHead", "Head")
 

@@ -58,4 +58,3 @@ class Head(ABC):
     @abstractmethod
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
         """support (E, N, K, D), classes (E, N) -> a head that scores (E, M, D) queries."""
-

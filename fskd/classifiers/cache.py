@@ -36,8 +36,15 @@ def affinity(query: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tens
     return torch.exp(-beta * (1.0 - torch.bmm(query, keys.transpose(1, 2))))
 
 
-def cache_logits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int, beta: float,
-                 topk: int | None = None, use_faiss: bool | None = None) -> torch.Tensor:
+def cache_logits(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    n_ways: int,
+    beta: float,
+    topk: int | None = None,
+    use_faiss: bool | None = None,
+) -> torch.Tensor:
     """The cache term (without alpha): (E, M, D) queries, (E, S, D) keys, (E, S) way of each key -> (E, M, N)."""
     E, S = values.shape
     if use_faiss and E == 1 and S > 0:
@@ -48,19 +55,21 @@ def cache_logits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.bmm(affinity(query, keys, beta), onehot)
 
 
-def _blocked_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int,
-                   beta: float) -> torch.Tensor:
+def _blocked_cache(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int, beta: float
+) -> torch.Tensor:
     """The exact cache term of one large bank: (M, D) queries, (S, D) keys, (S,) ways -> (M, N)."""
     out = torch.zeros(len(query), n_ways, device=query.device, dtype=query.dtype)
     rows = max(1, BLOCK_VALUES // max(1, len(keys)))
     for i in range(0, len(query), rows):
-        a = torch.exp(-beta * (1.0 - query[i:i + rows] @ keys.T))
-        out[i:i + rows].index_add_(1, values, a)
+        a = torch.exp(-beta * (1.0 - query[i : i + rows] @ keys.T))
+        out[i : i + rows].index_add_(1, values, a)
     return out
 
 
-def _faiss_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int, beta: float,
-                 topk: int) -> torch.Tensor:
+def _faiss_cache(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_ways: int, beta: float, topk: int
+) -> torch.Tensor:
     from fskd.classifiers.prototype import faiss_ip_index
 
     k = min(topk, len(keys))
@@ -76,8 +85,16 @@ def _faiss_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 class FittedTip(FittedHead):
     """Tip-Adapter scores; ``embed`` maps raw (E, M, D) queries to normalised features."""
 
-    def __init__(self, text: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, alpha: float, beta: float,
-                 embed, text_scale: float = TEXT_SCALE) -> None:
+    def __init__(
+        self,
+        text: torch.Tensor | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        alpha: float,
+        beta: float,
+        embed,
+        text_scale: float = TEXT_SCALE,
+    ) -> None:
         self.text, self.keys, self.values = text, keys, values  # (E, N, D) | None, (E, S, D), (E, S)
         self.alpha, self.beta, self.embed, self.text_scale = alpha, beta, embed, text_scale
         self.n_ways = text.shape[1] if text is not None else int(values.max()) + 1
@@ -123,4 +140,4 @@ class TipHead(Head):
         return FittedTip(self.text.to(support.device)[classes], keys, values, self.alpha, self.beta, embed)
 
 
-CLASSIFIERS.register('tip', TipHead)
+CLASSIFIERS.register("tip", TipHead)

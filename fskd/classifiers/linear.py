@@ -140,7 +140,9 @@ def train_linear(
     dev = x.device
     wd = torch.full((E,), float(weight_decay), device=dev)
     a0 = None if text is None else torch.full((E,), float(alpha0 if alpha0 is not None else 1.0), device=dev)
-    out = train_dual(gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x, w0=w0, text=text)
+    out = train_dual(
+        gram, p0, pt, y, steps=steps, lr=lr, weight_decay=wd, alpha0=a0, scale=scale, x=x, w0=w0, text=text
+    )
     return {s: params_of(w0, x, t) for s, t in out.items()}
 
 
@@ -155,14 +157,28 @@ def dual_inputs(x: torch.Tensor, w0: torch.Tensor, text: torch.Tensor | None):
     None; (None, None, None) above the dual form's size (the primal form needs none of them)."""
     if not gram_form(x.shape[1], x.shape[2]):
         return None, None, None
-    return (torch.bmm(x, x.transpose(1, 2)), torch.bmm(x, w0.transpose(1, 2)),
-            None if text is None else torch.bmm(x, text.transpose(1, 2)))
+    return (
+        torch.bmm(x, x.transpose(1, 2)),
+        torch.bmm(x, w0.transpose(1, 2)),
+        None if text is None else torch.bmm(x, text.transpose(1, 2)),
+    )
 
 
-def train_dual(gram: torch.Tensor | None, p0: torch.Tensor | None, pt: torch.Tensor | None, y: torch.Tensor, *,
-               steps: Sequence[int], lr: float, weight_decay: torch.Tensor, alpha0: torch.Tensor | None,
-               scale: float = SCALE, x: torch.Tensor | None = None, w0: torch.Tensor | None = None,
-               text: torch.Tensor | None = None):
+def train_dual(
+    gram: torch.Tensor | None,
+    p0: torch.Tensor | None,
+    pt: torch.Tensor | None,
+    y: torch.Tensor,
+    *,
+    steps: Sequence[int],
+    lr: float,
+    weight_decay: torch.Tensor,
+    alpha0: torch.Tensor | None,
+    scale: float = SCALE,
+    x: torch.Tensor | None = None,
+    w0: torch.Tensor | None = None,
+    text: torch.Tensor | None = None,
+):
     """The training loop; ``weight_decay`` and ``alpha0`` (None: no text term) are per probe
     (E,), so a grid of settings trains as one batch (episodes x settings). ``y`` (E or 1, S).
 
@@ -236,8 +252,13 @@ def primal_scores(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch
     return torch.baddbmm(bias[:, None, :], x.expand(E, -1, -1) if x.shape[0] != E else x, w.transpose(1, 2))
 
 
-def train_steps(opt: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: Sequence[int],
-                snap: Callable[[], T], out: dict[int, T]) -> dict[int, T]:
+def train_steps(
+    opt: torch.optim.Optimizer,
+    loss: Callable[[int], torch.Tensor],
+    steps: Sequence[int],
+    snap: Callable[[], T],
+    out: dict[int, T],
+) -> dict[int, T]:
     """Optimiser steps 1..max(steps) on ``loss(step)``; ``snap()`` after each step count in the
     sorted ``steps``. ``out`` holds the snapshots taken so far (step 0). Returns {step: snapshot}."""
     for step in range(1, steps[-1] + 1):
@@ -262,8 +283,9 @@ class LinearHead(Head):
 
     name = "linear"
 
-    def __init__(self, context: ClassContext | None = None, steps: int = 100, weight_decay: float = 1e-1,
-                 lr: float = 0.1) -> None:
+    def __init__(
+        self, context: ClassContext | None = None, steps: int = 100, weight_decay: float = 1e-1, lr: float = 0.1
+    ) -> None:
         self.center = context.center if context is not None else None
         self.steps, self.weight_decay, self.lr = steps, weight_decay, lr
 
@@ -276,9 +298,10 @@ class LinearHead(Head):
 
         s = embed(support.reshape(E, N * K, -1))
         w0 = F.normalize(s.reshape(E, N, K, -1).mean(2), dim=-1)
-        p = train_linear(s, way_labels(E, N, K, s.device), w0, steps=[self.steps], lr=self.lr,
-                         weight_decay=self.weight_decay)[self.steps]
+        p = train_linear(
+            s, way_labels(E, N, K, s.device), w0, steps=[self.steps], lr=self.lr, weight_decay=self.weight_decay
+        )[self.steps]
         return FittedLinear(p, embed)
 
 
-CLASSIFIERS.register('linear', lambda ctx: LinearHead(ctx))
+CLASSIFIERS.register("linear", lambda ctx: LinearHead(ctx))

@@ -84,8 +84,15 @@ def lpp_start(x: torch.Tensor, y: torch.Tensor, text: torch.Tensor) -> LPPStart:
     return LPPStart(weights, torch.zeros(E, N, dtype=x.dtype, device=x.device), alpha, lr_w, lr_alpha)
 
 
-def train_lpp(x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, *, epochs: int = EPOCHS,
-              val: tuple[torch.Tensor, torch.Tensor] | None = None, start: LPPStart | None = None) -> LPPResult:
+def train_lpp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    epochs: int = EPOCHS,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    start: LPPStart | None = None,
+) -> LPPResult:
     """Train E LP++ probes for ``epochs`` epochs (module docstring).
 
     x (E, S, D) L2-normalised support, y (E, S) way labels, text (E, N, D) class text weights;
@@ -127,6 +134,9 @@ def train_lpp(x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, *, epochs: i
             better = acc >= best_acc
             best_acc = torch.where(better, acc, best_acc)
             best_epoch = torch.where(better, torch.full_like(best_epoch, epoch + 1), best_epoch)
-            best = (torch.where(better[:, None, None], w, best[0]), torch.where(better[:, None], b, best[1]),
-                    torch.where(better[:, None], alpha, best[2]))
+            best = (
+                torch.where(better[:, None, None], w, best[0]),
+                torch.where(better[:, None], b, best[1]),
+                torch.where(better[:, None], alpha, best[2]),
+            )
     return LPPResult((w, b, alpha), best, best_epoch, curve)

@@ -63,8 +63,9 @@ def faiss_nearest(prototypes: np.ndarray, queries: np.ndarray, k: int = 1, metri
 
 
 class FittedPrototypes(FittedHead):
-    def __init__(self, protos: torch.Tensor, query_center: torch.Tensor | None, normalize_query: bool,
-                 rule: str = "cosine") -> None:
+    def __init__(
+        self, protos: torch.Tensor, query_center: torch.Tensor | None, normalize_query: bool, rule: str = "cosine"
+    ) -> None:
         self.protos = protos  # (E, N, D): normalised (cosine), the plain mean of normalised shots (simpleshot)
         self.query_center, self.normalize_query = query_center, normalize_query
         self.rule = rule
@@ -110,8 +111,13 @@ class PrototypeHead(Head):
 
     name = "prototype"
 
-    def __init__(self, context: ClassContext | None = None, center_support: bool = False,
-                 prepare_rows: bool = False, rule: str = "cosine") -> None:
+    def __init__(
+        self,
+        context: ClassContext | None = None,
+        center_support: bool = False,
+        prepare_rows: bool = False,
+        rule: str = "cosine",
+    ) -> None:
         self.center = context.center if context is not None else None
         self.center_support = center_support
         self.prepare_rows = prepare_rows and not center_support
@@ -138,5 +144,5 @@ class PrototypeHead(Head):
         return F.normalize(mean, dim=-1) if self.rule == "cosine" else mean
 
 
-CLASSIFIERS.register('prototype', lambda ctx: PrototypeHead(ctx, prepare_rows=True))
-CLASSIFIERS.register('simpleshot', lambda ctx: PrototypeHead(ctx, prepare_rows=True, rule="simpleshot"))
+CLASSIFIERS.register("prototype", lambda ctx: PrototypeHead(ctx, prepare_rows=True))
+CLASSIFIERS.register("simpleshot", lambda ctx: PrototypeHead(ctx, prepare_rows=True, rule="simpleshot"))

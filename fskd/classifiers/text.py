@@ -36,4 +36,4 @@ class TextHead(Head):
         return FittedText(self.text.to(classes.device)[classes])
 
 
-CLASSIFIERS.register('text', TextHead)
+CLASSIFIERS.register("text", TextHead)

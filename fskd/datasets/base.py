@@ -232,13 +232,15 @@ def safe_ref(root: Path, ref: str, where: str) -> str:
     r = ref.replace("\\", "/")
     norm = posixpath.normpath(r)
     if r.startswith("/") or Path(ref).is_absolute() or norm == ".." or norm.startswith("../") or norm == ".":
-        raise DatasetError(f"{where}: path {ref!r} is outside the dataset root {root} (paths must be relative "
-                           f"and stay inside it)")
+        raise DatasetError(
+            f"{where}: path {ref!r} is outside the dataset root {root} (paths must be relative and stay inside it)"
+        )
     return norm
 
 
-def list_class_folders(folder: Path, dataset: str, ignored: dict[str, list[str]] | None = None
-                       ) -> tuple[list[str], list[list[str]]]:
+def list_class_folders(
+    folder: Path, dataset: str, ignored: dict[str, list[str]] | None = None
+) -> tuple[list[str], list[list[str]]]:
     """Sorted class sub-folders of ``folder`` and their image files (relative to ``folder``).
 
     Raises DatasetError naming an empty class folder, or a folder with no class sub-folders.
@@ -297,5 +299,5 @@ def report_ignored(listing: DatasetListing, ignored: dict[str, list[str]]) -> No
 
     listing.extra["ignored"] = {k: len(v) for k, v in ignored.items()}
     logging.getLogger("fskd.datasets").warning(
-        "dataset %r: ignored %s", listing.name,
-        "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in ignored.items()))
+        "dataset %r: ignored %s", listing.name, "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in ignored.items())
+    )

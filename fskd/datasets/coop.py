@@ -80,8 +80,10 @@ def read_zhou_split(path: Path, image_dir: str, where_root: Path) -> tuple[dict[
         raise DatasetError(str(e)) from None
     if not isinstance(data, dict) or not set(SPLITS) <= set(data):
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise DatasetError(f"{path}: a CoOp split file is a JSON object with keys train, val, test (lists of "
-                           f"[relative_path, label, classname]); got {got}")
+        raise DatasetError(
+            f"{path}: a CoOp split file is a JSON object with keys train, val, test (lists of "
+            f"[relative_path, label, classname]); got {got}"
+        )
     names: dict[int, str] = {}
     splits = {}
     for s in SPLITS:
@@ -90,10 +92,19 @@ def read_zhou_split(path: Path, image_dir: str, where_root: Path) -> tuple[dict[
             raise DatasetError(f"{path}: {s!r} must be a list of [relative_path, label, classname]")
         refs, labels = [], []
         for i, row in enumerate(rows):
-            ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[2], str)
-                  and isinstance(row[1], int) and not isinstance(row[1], bool) and row[1] >= 0)
+            ok = (
+                isinstance(row, list)
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and isinstance(row[2], str)
+                and isinstance(row[1], int)
+                and not isinstance(row[1], bool)
+                and row[1] >= 0
+            )
             if not ok:
-                raise DatasetError(f"{path}: {s}[{i}] is {str(row)[:120]}, expected [relative_path, label >= 0, classname]")
+                raise DatasetError(
+                    f"{path}: {s}[{i}] is {str(row)[:120]}, expected [relative_path, label >= 0, classname]"
+                )
             lab = row[1]
             if names.setdefault(lab, row[2]) != row[2]:
                 raise DatasetError(f"{path}: label {lab} is named both {names[lab]!r} and {row[2]!r} ({s}[{i}])")
@@ -113,8 +124,10 @@ def check_files(root: Path, splits: dict[str, SampleList], what: str) -> None:
     missing = [r for sl in splits.values() for r in sl.refs if not os.path.exists(root / r)]
     if missing:
         total = sum(len(sl) for sl in splits.values())
-        raise DatasetError(f"{what}: {len(missing)} of {total} listed images are missing under {root}, e.g. "
-                           f"{', '.join(missing[:3])}; the images are not the ones the split file was made for")
+        raise DatasetError(
+            f"{what}: {len(missing)} of {total} listed images are missing under {root}, e.g. "
+            f"{', '.join(missing[:3])}; the images are not the ones the split file was made for"
+        )
 
 
 def read_lines(path: Path, layout: str) -> list[str]:
@@ -175,11 +188,14 @@ class CoopDataset(ImageDataset):
         found = self._find()
         if found is None:
             self.require_root(self.layout)
-            tried = ", ".join(str(self.given_root / s / self.marker if s else self.given_root / self.marker)
-                              for s in self.folders)
-            raise DatasetError(f"dataset {self.name!r}: no {self.marker} under --root {self.given_root} (looked for "
-                               f"{tried}); expected layout: {self.layout}"
-                               + ("" if self.tv_download is None else "; or add --download"))
+            tried = ", ".join(
+                str(self.given_root / s / self.marker if s else self.given_root / self.marker) for s in self.folders
+            )
+            raise DatasetError(
+                f"dataset {self.name!r}: no {self.marker} under --root {self.given_root} (looked for "
+                f"{tried}); expected layout: {self.layout}"
+                + ("" if self.tv_download is None else "; or add --download")
+            )
         self.root = found
         return found
 
@@ -193,7 +209,9 @@ class CoopDataset(ImageDataset):
         try:
             getattr(tvd, cls)(str(self.given_root), download=True, **kwargs)
         except (RuntimeError, OSError) as e:
-            raise DatasetError(f"dataset {self.name!r}: torchvision's download into {self.given_root} failed ({e})") from None
+            raise DatasetError(
+                f"dataset {self.name!r}: torchvision's download into {self.given_root} failed ({e})"
+            ) from None
 
     def listing(self) -> DatasetListing:
         d = self._dataset_dir()
@@ -211,10 +229,18 @@ class CoopDataset(ImageDataset):
             if split is not None:
                 source += f"; no {self.split_file} under {d}"
         listing = DatasetListing(
-            name=self.name, root=str(d), class_keys=keys, class_names=[self.display(n) for n in names],
-            splits=splits, standard_class_split=half_split(keys),
-            class_split_source="CoCoOp base-to-new halves (label order)", templates=self.dataset_templates,
-            sample_split_source=source, pool_ratios=ratios, val_from_train=COOP_VAL_FROM_TRAIN)
+            name=self.name,
+            root=str(d),
+            class_keys=keys,
+            class_names=[self.display(n) for n in names],
+            splits=splits,
+            standard_class_split=half_split(keys),
+            class_split_source="CoCoOp base-to-new halves (label order)",
+            templates=self.dataset_templates,
+            sample_split_source=source,
+            pool_ratios=ratios,
+            val_from_train=COOP_VAL_FROM_TRAIN,
+        )
         report_ignored(listing, self._ignored if split is None or not split.is_file() else {})
         return listing
 
@@ -296,16 +322,20 @@ class StanfordCars(CoopDataset):
     marker = "cars_train"
     image_dir = ""
     split_file = "split_zhou_StanfordCars.json"
-    layout = ("stanford_cars/ with cars_train/, cars_test/, devkit/{cars_meta,cars_train_annos}.mat, "
-              "cars_test_annos_withlabels.mat and split_zhou_StanfordCars.json")
+    layout = (
+        "stanford_cars/ with cars_train/, cars_test/, devkit/{cars_meta,cars_train_annos}.mat, "
+        "cars_test_annos_withlabels.mat and split_zhou_StanfordCars.json"
+    )
     urls = ("https://ai.stanford.edu/~jkrause/car196/cars_train.tgz",)
 
     def own_split(self, d):
         meta = load_mat(d / "devkit" / "cars_meta.mat", self.layout)
         names = [str(n) for n in np.atleast_1d(meta["class_names"]).tolist()]
         parts = {}
-        for s, mat, folder in (("train", d / "devkit" / "cars_train_annos.mat", "cars_train"),
-                               ("test", d / "cars_test_annos_withlabels.mat", "cars_test")):
+        for s, mat, folder in (
+            ("train", d / "devkit" / "cars_train_annos.mat", "cars_train"),
+            ("test", d / "cars_test_annos_withlabels.mat", "cars_test"),
+        ):
             ann = np.atleast_1d(load_mat(mat, self.layout)["annotations"])
             try:
                 pairs = [(f"{folder}/{a['fname']}", int(a["class"]) - 1) for a in ann]
@@ -324,8 +354,10 @@ class Flowers102(CoopDataset):
     marker = image_dir = "jpg"
     split_file = "split_zhou_OxfordFlowers.json"
     dataset_templates = ("a photo of a {}, a type of flower.",)
-    layout = ("oxford_flowers/ with jpg/, imagelabels.mat, cat_to_name.json and split_zhou_OxfordFlowers.json "
-              "(or torchvision's flowers-102/ with jpg/, imagelabels.mat, setid.mat)")
+    layout = (
+        "oxford_flowers/ with jpg/, imagelabels.mat, cat_to_name.json and split_zhou_OxfordFlowers.json "
+        "(or torchvision's flowers-102/ with jpg/, imagelabels.mat, setid.mat)"
+    )
     urls = ("https://thor.robots.ox.ac.uk/flowers/102/102flowers.tgz",)
     tv_download = ("Flowers102", {})
 
@@ -345,8 +377,10 @@ class Flowers102(CoopDataset):
         refs = [f"jpg/image_{i + 1:05d}.jpg" for i in range(len(labels))]
         if (d / "setid.mat").is_file():
             ids = load_mat(d / "setid.mat", self.layout)
-            parts = {s: np.atleast_1d(ids[k]).astype(np.int64) - 1 for s, k in (("train", "trnid"), ("val", "valid"),
-                                                                                 ("test", "tstid"))}
+            parts = {
+                s: np.atleast_1d(ids[k]).astype(np.int64) - 1
+                for s, k in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
+            }
             splits = {s: SampleList([refs[i] for i in idx], labels[idx]) for s, idx in parts.items()}
             src = "setid.mat (official)"
         else:
@@ -447,8 +481,11 @@ class Sun397(CoopDataset):
         pairs = []
         for k in keys:
             folder = d / "SUN397" / k.strip("/")
-            pairs += [(f"SUN397/{k.strip('/')}/{p.name}", index[k]) for p in sorted(folder.glob("*"))
-                      if p.suffix.lower() in IMAGE_EXTENSIONS]
+            pairs += [
+                (f"SUN397/{k.strip('/')}/{p.name}", index[k])
+                for p in sorted(folder.glob("*"))
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+            ]
         return keys, names, {"all": _rows(pairs)}, "seeded per-class split (no Training_01.txt)"
 
     def display(self, name: str) -> str:
@@ -464,8 +501,10 @@ class Dtd(CoopDataset):
     marker = "labels"
     split_file = "split_zhou_DescribableTextures.json"
     dataset_templates = ("{} texture.",)
-    layout = ("dtd/ with images/<class>/*.jpg, labels/{train,val,test}1.txt and split_zhou_DescribableTextures.json "
-              "(or torchvision's dtd/dtd/)")
+    layout = (
+        "dtd/ with images/<class>/*.jpg, labels/{train,val,test}1.txt and split_zhou_DescribableTextures.json "
+        "(or torchvision's dtd/dtd/)"
+    )
     urls = ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",)
     tv_download = ("DTD", {})
 
@@ -493,13 +532,21 @@ class EuroSat(CoopDataset):
     split_file = "split_zhou_EuroSAT.json"
     dataset_templates = ("a centered satellite photo of {}.",)
     renames = {
-        "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
-        "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-        "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+        "AnnualCrop": "Annual Crop Land",
+        "Forest": "Forest",
+        "HerbaceousVegetation": "Herbaceous Vegetation Land",
+        "Highway": "Highway or Road",
+        "Industrial": "Industrial Buildings",
+        "Pasture": "Pasture Land",
+        "PermanentCrop": "Permanent Crop Land",
+        "Residential": "Residential Buildings",
+        "River": "River",
         "SeaLake": "Sea or Lake",
     }
     layout = "eurosat/ with 2750/<class>/*.jpg and split_zhou_EuroSAT.json"
-    urls = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",)
+    urls = (
+        "https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",
+    )
     tv_download = ("EuroSAT", {})
 
 
@@ -532,7 +579,9 @@ def read_classnames(path: Path, layout: str) -> dict[str, str]:
     for i, line in enumerate(read_lines(path, layout)):
         wnid, _, name = line.partition(" ")
         if not re.fullmatch(r"n\d{8}", wnid) or not name.strip():
-            raise DatasetError(f"{path}: line {i + 1} is {line[:80]!r}, expected '<wnid> <class name>' (e.g. 'n01440764 tench')")
+            raise DatasetError(
+                f"{path}: line {i + 1} is {line[:80]!r}, expected '<wnid> <class name>' (e.g. 'n01440764 tench')"
+            )
         out[wnid] = name.strip()
     return out
 
@@ -548,8 +597,10 @@ class _ImageNetFamily(CoopDataset):
             if p.is_file():
                 return read_classnames(p, self.layout)
         if required:
-            raise DatasetError(f"dataset {self.name!r}: classnames.txt is missing in {d} (copy it from your imagenet/ "
-                               f"folder; it gives the wnid order and the class names); expected layout: {self.layout}")
+            raise DatasetError(
+                f"dataset {self.name!r}: classnames.txt is missing in {d} (copy it from your imagenet/ "
+                f"folder; it gives the wnid order and the class names); expected layout: {self.layout}"
+            )
         return {}
 
 
@@ -560,8 +611,10 @@ class ImageNet(_ImageNetFamily):
     name = "imagenet"
     folders = ("", "imagenet")
     marker = "images/train"
-    layout = ("imagenet/ with images/train/<wnid>/, images/val/<wnid>/ and classnames.txt (CoOp), or "
-              "train/<wnid>/ and val/<wnid>/ (torchvision's layout)")
+    layout = (
+        "imagenet/ with images/train/<wnid>/, images/val/<wnid>/ and classnames.txt (CoOp), or "
+        "train/<wnid>/ and val/<wnid>/ (torchvision's layout)"
+    )
 
     def _find(self) -> Path | None:
         for sub in self.folders:
@@ -580,28 +633,43 @@ class ImageNet(_ImageNetFamily):
         prefix = "images/" if (d / "images" / "train").is_dir() else ""
         names = self._names(d, required=False) or self._torchvision_names(d)
         ignored: dict[str, list[str]] = {}
-        per = {s: list_class_folders(d / f"{prefix}{f}", self.name, ignored)
-               for s, f in (("train", "train"), ("test", "val")) if (d / f"{prefix}{f}").is_dir()}
+        per = {
+            s: list_class_folders(d / f"{prefix}{f}", self.name, ignored)
+            for s, f in (("train", "train"), ("test", "val"))
+            if (d / f"{prefix}{f}").is_dir()
+        }
         keys = list(names) if names else sorted({c for cl, _ in per.values() for c in cl})
         if "train" in per and names:
             absent = sorted(set(keys) - set(per["train"][0]))
             if absent:
-                raise DatasetError(f"dataset 'imagenet': classnames.txt names {len(absent)} class(es) with no folder in "
-                                   f"{d / prefix / 'train'}: {absent[:5]}; expected layout: {self.layout}")
+                raise DatasetError(
+                    f"dataset 'imagenet': classnames.txt names {len(absent)} class(es) with no folder in "
+                    f"{d / prefix / 'train'}: {absent[:5]}; expected layout: {self.layout}"
+                )
         index = {k: i for i, k in enumerate(keys)}
         splits = {}
         for s, (classes, files) in per.items():
             folder = "train" if s == "train" else "val"
             unknown = [c for c in classes if c not in index]
             if unknown:
-                raise DatasetError(f"dataset 'imagenet': {d / prefix / folder} has class folders not in classnames.txt: "
-                                   f"{unknown[:5]}")
-            splits[s] = SampleList([f"{prefix}{folder}/{f}" for fs in files for f in fs],
-                                   [index[c] for c, fs in zip(classes, files, strict=True) for _ in fs])
+                raise DatasetError(
+                    f"dataset 'imagenet': {d / prefix / folder} has class folders not in classnames.txt: {unknown[:5]}"
+                )
+            splits[s] = SampleList(
+                [f"{prefix}{folder}/{f}" for fs in files for f in fs],
+                [index[c] for c, fs in zip(classes, files, strict=True) for _ in fs],
+            )
         listing = DatasetListing(
-            self.name, str(d), keys, [names.get(k, k) for k in keys], splits, half_split(keys),
-            "CoCoOp base-to-new halves (label order)", templates=self.dataset_templates,
-            sample_split_source="train/ and val/ folders (val is the test split, as in CoOp)")
+            self.name,
+            str(d),
+            keys,
+            [names.get(k, k) for k in keys],
+            splits,
+            half_split(keys),
+            "CoCoOp base-to-new halves (label order)",
+            templates=self.dataset_templates,
+            sample_split_source="train/ and val/ folders (val is the test split, as in CoOp)",
+        )
         report_ignored(listing, ignored)
         return listing
 
@@ -614,7 +682,9 @@ class ImageNet(_ImageNetFamily):
         mapping = d / "LOC_synset_mapping.txt"
         if mapping.exists():
             out = {}
-            for line in read_small_file(mapping, "synset mapping", LIST_FILE_LIMIT, "text file", DatasetError).splitlines():
+            for line in read_small_file(
+                mapping, "synset mapping", LIST_FILE_LIMIT, "text file", DatasetError
+            ).splitlines():
                 wnid, _, names = line.partition(" ")
                 out[wnid] = names.split(",")[0].strip()
             return out
@@ -639,14 +709,18 @@ class _ShiftSet(_ImageNetFamily):
         if self.indexed:
             bad = [c for c in classes if not c.isdigit() or int(c) >= len(wnids)]
             if bad:
-                raise DatasetError(f"dataset {self.name!r}: {d / self.image_dir} has folders {bad[:5]}; expected label "
-                                   f"indices 0..{len(wnids) - 1} (ImageNetV2's format-val layout)")
+                raise DatasetError(
+                    f"dataset {self.name!r}: {d / self.image_dir} has folders {bad[:5]}; expected label "
+                    f"indices 0..{len(wnids) - 1} (ImageNetV2's format-val layout)"
+                )
             keys_of = [wnids[int(c)] for c in classes]
         else:
             bad = [c for c in classes if c not in names]
             if bad:
-                raise DatasetError(f"dataset {self.name!r}: {d / self.image_dir} has folders that are not wnids of "
-                                   f"classnames.txt: {bad[:5]}")
+                raise DatasetError(
+                    f"dataset {self.name!r}: {d / self.image_dir} has folders that are not wnids of "
+                    f"classnames.txt: {bad[:5]}"
+                )
             keys_of = classes
         rank = {w: i for i, w in enumerate(wnids)}
         order = sorted(range(len(classes)), key=lambda i: rank[keys_of[i]])
@@ -654,9 +728,16 @@ class _ShiftSet(_ImageNetFamily):
         refs = [f"{self.image_dir}/{f}" for i in order for f in files[i]]
         labels = [j for j, i in enumerate(order) for _ in files[i]]
         listing = DatasetListing(
-            self.name, str(d), keys, [names[k] for k in keys], {"test": SampleList(refs, labels)},
-            {"base": [], "val": [], "novel": keys}, "test-only shift set (all classes novel)",
-            templates=self.dataset_templates, sample_split_source="every image is a test row (shift set)")
+            self.name,
+            str(d),
+            keys,
+            [names[k] for k in keys],
+            {"test": SampleList(refs, labels)},
+            {"base": [], "val": [], "novel": keys},
+            "test-only shift set (all classes novel)",
+            templates=self.dataset_templates,
+            sample_split_source="every image is a test row (shift set)",
+        )
         report_ignored(listing, ignored)
         return listing
 

@@ -45,7 +45,9 @@ class CsvSplitDataset(ImageDataset):
                     reader = csv.reader(f)
                     header = next(reader, None)
                     if header is None or [h.strip().lower() for h in header[:2]] != ["filename", "label"]:
-                        raise DatasetError(f"dataset 'csv': {path} must start with the header 'filename,label', got {header}")
+                        raise DatasetError(
+                            f"dataset 'csv': {path} must start with the header 'filename,label', got {header}"
+                        )
                     rows[s] = []
                     for n, r in enumerate(reader, start=2):
                         if len(r) < 2 or not r[0] or not r[1]:
@@ -53,8 +55,9 @@ class CsvSplitDataset(ImageDataset):
                         where = f"dataset 'csv': {path} line {n}"
                         ref = safe_ref(images, r[0], where)
                         if ref in seen:
-                            raise DatasetError(f"{where}: {r[0]!r} is listed twice (first at {seen[ref]}); "
-                                               f"each image may appear once")
+                            raise DatasetError(
+                                f"{where}: {r[0]!r} is listed twice (first at {seen[ref]}); each image may appear once"
+                            )
                         seen[ref] = f"{path.name} line {n}"
                         rows[s].append((ref, r[1]))
             except csv.Error as e:

@@ -19,8 +19,10 @@ class OmniglotDataset(ImageDataset):
     """Omniglot characters (alphabet/character classes); Lake et al. background/evaluation split."""
 
     name = "omniglot"
-    urls = ("https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip",
-            "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_evaluation.zip")
+    urls = (
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_background.zip",
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/images_evaluation.zip",
+    )
 
     def __init__(self, root: str | None, download: bool = False) -> None:
         super().__init__(root, download)
@@ -39,7 +41,9 @@ class OmniglotDataset(ImageDataset):
         return found
 
     def listing(self) -> DatasetListing:
-        root = self.require_root("a folder holding images_background*.zip/ or images_evaluation*.zip/ (the Omniglot release)")
+        root = self.require_root(
+            "a folder holding images_background*.zip/ or images_evaluation*.zip/ (the Omniglot release)"
+        )
         sources = self._sources(root)
         if not sources and self.download:
             self.check_download()
@@ -66,7 +70,9 @@ class OmniglotDataset(ImageDataset):
             for _, r in sorted(members[k]):
                 refs.append(r)
                 labels.append(i)
-        names = [f"{k.split('/')[0].replace('_', ' ')} {k.split('/')[1].replace('character', 'character ')}" for k in keys]
+        names = [
+            f"{k.split('/')[0].replace('_', ' ')} {k.split('/')[1].replace('character', 'character ')}" for k in keys
+        ]
         listing = DatasetListing(
             name=self.name, root=str(root), class_keys=keys, class_names=names, splits={"all": SampleList(refs, labels)}
         )
@@ -90,8 +96,10 @@ class OmniglotDataset(ImageDataset):
                 with zipfile.ZipFile(path) as z:
                     return [f"{rel}::{n}" for n in sorted(z.namelist()) if n.lower().endswith(".png")]
             except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise DatasetError(f"dataset 'omniglot': {path} is not a readable zip archive ({e}); it may be "
-                                   f"truncated: download it again, or unpack it into a folder of the same name") from None
+                raise DatasetError(
+                    f"dataset 'omniglot': {path} is not a readable zip archive ({e}); it may be "
+                    f"truncated: download it again, or unpack it into a folder of the same name"
+                ) from None
         return sorted(str(p.relative_to(self.root)) for p in path.rglob("*.png"))
 
     def _zip(self, rel: str) -> zipfile.ZipFile:

@@ -41,9 +41,11 @@ def resolve_class_split(
         std = listing.standard_class_split
         unknown = [k for s in CLASS_SPLITS for k in std.get(s, []) if k not in index]
         if unknown:
-            raise DatasetError(f"dataset {listing.name!r} under {listing.root}: its standard class split names classes "
-                               f"the files do not have: {', '.join(map(repr, unknown[:10]))}; the files are not the "
-                               f"release this dataset expects")
+            raise DatasetError(
+                f"dataset {listing.name!r} under {listing.root}: its standard class split names classes "
+                f"the files do not have: {', '.join(map(repr, unknown[:10]))}; the files are not the "
+                f"release this dataset expects"
+            )
         split = {s: sorted(index[k] for k in std.get(s, [])) for s in CLASS_SPLITS}
         return split, listing.class_split_source or "standard"
     order = np.random.default_rng(seed).permutation(len(keys))
@@ -69,8 +71,10 @@ def _class_split_from_file(listing: DatasetListing, path: Path) -> dict[str, lis
         )
     for s, names in data.items():
         if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
-            raise DatasetError(f"--class-split file {path}: {s!r} must be a list of class names (strings), got "
-                               f"{json.dumps(names)[:120]}")
+            raise DatasetError(
+                f"--class-split file {path}: {s!r} must be a list of class names (strings), got "
+                f"{json.dumps(names)[:120]}"
+            )
     lookup: dict[str, int] = {}
     for i, (k, n) in enumerate(zip(listing.class_keys, listing.class_names, strict=True)):
         lookup[k] = i

@@ -24,13 +24,54 @@ from fskd.datasets.base import (
 from fskd.errors import DatasetError
 
 # CIFAR-FS (Bertinetto et al. 2019) class split of CIFAR-100, 64/16/20 classes.
-CIFAR_FS_VAL = ["otter", "motorcycle", "television", "lamp", "crocodile", "shark", "butterfly", "beaver",
-                "beetle", "tractor", "flatfish", "maple_tree", "camel", "crab", "sea", "cattle"]
-CIFAR_FS_NOVEL = ["baby", "bed", "bicycle", "chimpanzee", "fox", "leopard", "man", "pickup_truck", "plain",
-                  "poppy", "rocket", "rose", "snail", "sweet_pepper", "table", "telephone", "wardrobe",
-                  "whale", "woman", "worm"]
+CIFAR_FS_VAL = [
+    "otter",
+    "motorcycle",
+    "television",
+    "lamp",
+    "crocodile",
+    "shark",
+    "butterfly",
+    "beaver",
+    "beetle",
+    "tractor",
+    "flatfish",
+    "maple_tree",
+    "camel",
+    "crab",
+    "sea",
+    "cattle",
+]
+CIFAR_FS_NOVEL = [
+    "baby",
+    "bed",
+    "bicycle",
+    "chimpanzee",
+    "fox",
+    "leopard",
+    "man",
+    "pickup_truck",
+    "plain",
+    "poppy",
+    "rocket",
+    "rose",
+    "snail",
+    "sweet_pepper",
+    "table",
+    "telephone",
+    "wardrobe",
+    "whale",
+    "woman",
+    "worm",
+]
 # FC100 (Oreshkin et al. 2018): CIFAR-100 superclass indices per split, 12/4/4 superclasses.
-FC100_SUPERCLASSES = {"base": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19], "val": [8, 11, 13, 16], "novel": [0, 7, 12, 14]}
+FC100_SUPERCLASSES = {
+    "base": [1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19],
+    "val": [8, 11, 13, 16],
+    "novel": [0, 7, 12, 14],
+}
+
+
 def half_split(keys: list[str]) -> dict[str, list[str]]:
     """CoCoOp base-to-new convention: the first half of the classes is base, the rest novel."""
     n = (len(keys) + 1) // 2
@@ -81,8 +122,13 @@ class _ArrayDataset(TorchvisionDataset):
 
 
 #: the only globals a CIFAR pickle may name: numpy's array reconstruction (no code runs)
-_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes pickled by Python 3
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}  # bytes pickled by Python 3
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -98,8 +144,10 @@ class _DataOnlyUnpickler(pickle.Unpickler):
             import importlib
 
             return getattr(importlib.import_module(module), name)
-        raise DatasetError(f"{self.path}: refusing to load {module}.{name} from a CIFAR pickle "
-                           f"(only plain data and numpy arrays are read; the file is not the CIFAR release)")
+        raise DatasetError(
+            f"{self.path}: refusing to load {module}.{name} from a CIFAR pickle "
+            f"(only plain data and numpy arrays are read; the file is not the CIFAR release)"
+        )
 
 
 def read_data_pickle(path: Path) -> dict:
@@ -110,7 +158,9 @@ def read_data_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             d = _DataOnlyUnpickler(f, path, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DatasetError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); download it again") from None
+        raise DatasetError(
+            f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); download it again"
+        ) from None
     if not isinstance(d, dict):
         raise DatasetError(f"{path} holds a {type(d).__name__}, expected the CIFAR dict")
     return d
@@ -173,8 +223,15 @@ class CifarFsDataset(_Cifar100Base):
         keys, splits = self._load()
         novel, val = set(CIFAR_FS_NOVEL), set(CIFAR_FS_VAL)
         std = {"base": [k for k in keys if k not in novel | val], "val": CIFAR_FS_VAL, "novel": CIFAR_FS_NOVEL}
-        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits, std,
-                              "Bertinetto et al. 2019 CIFAR-FS split")
+        return DatasetListing(
+            self.name,
+            str(self.root),
+            keys,
+            [pretty_name(k) for k in keys],
+            splits,
+            std,
+            "Bertinetto et al. 2019 CIFAR-FS split",
+        )
 
 
 @DATASETS.register("fc100")
@@ -188,8 +245,15 @@ class Fc100Dataset(_Cifar100Base):
         keys, splits = self._load()
         coarse = self._coarse()
         std = {s: [keys[i] for i in range(100) if coarse[i] in sup] for s, sup in FC100_SUPERCLASSES.items()}
-        return DatasetListing(self.name, str(self.root), keys, [pretty_name(k) for k in keys], splits, std,
-                              "Oreshkin et al. 2018 FC100 superclass split")
+        return DatasetListing(
+            self.name,
+            str(self.root),
+            keys,
+            [pretty_name(k) for k in keys],
+            splits,
+            std,
+            "Oreshkin et al. 2018 FC100 superclass split",
+        )
 
 
 @DATASETS.register("fashion-mnist")
@@ -205,7 +269,16 @@ class FashionMnistDataset(_ArrayDataset):
 
         train, test = self._tv(FashionMNIST, train=True), self._tv(FashionMNIST, train=False)
         keys = list(train.classes)
-        splits = {"train": self._rows("train", train.data.numpy(), train.targets.numpy()),
-                  "test": self._rows("test", test.data.numpy(), test.targets.numpy())}
-        return DatasetListing(self.name, str(self.root), keys, [k.replace("/", " or ") for k in keys], splits,
-                              half_split(keys), "fskd fixed split: first 5 classes base, last 5 novel")
+        splits = {
+            "train": self._rows("train", train.data.numpy(), train.targets.numpy()),
+            "test": self._rows("test", test.data.numpy(), test.targets.numpy()),
+        }
+        return DatasetListing(
+            self.name,
+            str(self.root),
+            keys,
+            [k.replace("/", " or ") for k in keys],
+            splits,
+            half_split(keys),
+            "fskd fixed split: first 5 classes base, last 5 novel",
+        )

@@ -47,14 +47,19 @@ class Classifier:
             raise StateError(
                 f"state {state_dir} is a distilled student ({state.method}): an encoder, not a classifier. Encode the "
                 f"store's images with it (fskd extract --encoder student:{state_dir}), fit a head on that store "
-                f"(fskd adapt --method tip-adapter --shots K) and predict with that state")
+                f"(fskd adapt --method tip-adapter --shots K) and predict with that state"
+            )
         if state.config.get("base_to_new"):
-            raise StateError(f"state {state_dir} was fitted for base-to-new on the base half of the classes only; "
-                             f"fit one on every class (without --base-to-new) to predict")
+            raise StateError(
+                f"state {state_dir} was fitted for base-to-new on the base half of the classes only; "
+                f"fit one on every class (without --base-to-new) to predict"
+            )
         path = store or state.store_path
         if store is None and "://" not in path and not Path(path).exists():
-            raise StateError(f"state {state_dir} was fitted on the store {path}, which is not there any more (moved or "
-                             f"deleted); pass --store NEW_PATH (fskd checks it is the same store by its fingerprint)")
+            raise StateError(
+                f"state {state_dir} was fitted on the store {path}, which is not there any more (moved or "
+                f"deleted); pass --store NEW_PATH (fskd checks it is the same store by its fingerprint)"
+            )
         self.store = FeatureStore.open(path)
         self.store.check_complete()
         self.state = state
@@ -85,8 +90,9 @@ class Classifier:
             self._encoder = rebuild_encoder(self.store, self.device, f"state {self.state_dir}")
         return self._encoder
 
-    def encode(self, refs: Sequence[str], batch_size: int = 64, workers: int | None = None, skip_bad: bool = False,
-               on_bad=None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    def encode(
+        self, refs: Sequence[str], batch_size: int = 64, workers: int | None = None, skip_bad: bool = False, on_bad=None
+    ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         """Yield ``(features (b, D) float32, positions (b,))`` of the readable images among ``refs``
         (paths), in order, batch by batch, with extract's loader and forward. An unreadable image
         raises DatasetError naming it; with ``skip_bad`` it is passed to ``on_bad(ref, message,
@@ -94,7 +100,9 @@ class Classifier:
         return encode_images(self.encoder, refs, self.device, batch_size, workers, skip_bad, on_bad)
 
     # -- rows ------------------------------------------------------------------------------------
-    def rows(self, probs: torch.Tensor, paths: Sequence, top_k: int = 5, labels: Sequence[int] | None = None) -> list[dict]:
+    def rows(
+        self, probs: torch.Tensor, paths: Sequence, top_k: int = 5, labels: Sequence[int] | None = None
+    ) -> list[dict]:
         """One dict per row of ``probs`` (n, C): see :func:`prediction_rows`."""
         return prediction_rows(probs, paths, self.class_names, top_k, labels)
 
@@ -112,10 +120,14 @@ class Classifier:
             inputs = torch.from_numpy(inputs)
         if isinstance(inputs, torch.Tensor):
             if inputs.ndim != 2 or inputs.shape[1] != self.store.dim:
-                raise EvaluationError(f"features must be (n, {self.store.dim}) ({self.encoder_spec}), got "
-                                      f"{tuple(inputs.shape)}")
-            probs = torch.cat([self.probabilities(inputs[s:s + QUERY_BATCH]) for s in range(0, len(inputs), QUERY_BATCH)]
-                              ) if len(inputs) else torch.zeros(0, len(self.class_names))
+                raise EvaluationError(
+                    f"features must be (n, {self.store.dim}) ({self.encoder_spec}), got {tuple(inputs.shape)}"
+                )
+            probs = (
+                torch.cat([self.probabilities(inputs[s : s + QUERY_BATCH]) for s in range(0, len(inputs), QUERY_BATCH)])
+                if len(inputs)
+                else torch.zeros(0, len(self.class_names))
+            )
             return self.rows(probs, [None] * len(inputs), top_k)
         if isinstance(inputs, Image.Image):
             inputs = [inputs]
@@ -127,7 +139,7 @@ class Classifier:
         if inputs and all(isinstance(x, Image.Image) for x in inputs):
             enc, out = self.encoder, []
             for s in range(0, len(inputs), batch_size):
-                batch = torch.stack([enc.preprocess(to_rgb(im)) for im in inputs[s:s + batch_size]])
+                batch = torch.stack([enc.preprocess(to_rgb(im)) for im in inputs[s : s + batch_size]])
                 with torch.inference_mode(), autocast(self.device):
                     feats = enc.encode_images(batch.to(self.device)).float()
                 out += self.rows(self.probabilities(feats), [None] * len(batch), top_k)
@@ -150,14 +162,22 @@ class Classifier:
     def describe(self) -> dict:
         """What this classifier is, for the metadata of an output."""
         st = self.state
-        return {"state": str(Path(self.state_dir).absolute()), "method": st.method, "kind": st.kind,
-                "shots": self.shots, "seed": self.seed, "store": str(self.store.path),
-                "store_fingerprint": self.store.fingerprint, "encoder": self.encoder_spec,
-                "classes": len(self.class_names)}
+        return {
+            "state": str(Path(self.state_dir).absolute()),
+            "method": st.method,
+            "kind": st.kind,
+            "shots": self.shots,
+            "seed": self.seed,
+            "store": str(self.store.path),
+            "store_fingerprint": self.store.fingerprint,
+            "encoder": self.encoder_spec,
+            "classes": len(self.class_names),
+        }
 
 
-def prediction_rows(probs: torch.Tensor, paths: Sequence, names: Sequence[str], top_k: int = 5,
-                    labels: Sequence[int] | None = None) -> list[dict]:
+def prediction_rows(
+    probs: torch.Tensor, paths: Sequence, names: Sequence[str], top_k: int = 5, labels: Sequence[int] | None = None
+) -> list[dict]:
     """(n, C) probabilities -> n dicts: ``path`` (+ ``label``), ``prediction``, ``probability``,
     then ``topI`` / ``topI_probability`` for I = 1..min(top_k, C)."""
     k = max(1, min(int(top_k), probs.shape[1]))
@@ -193,23 +213,41 @@ def rebuild_encoder(store: FeatureStore, device: torch.device, who: str):
     try:
         enc = build_encoder(spec, device)
     except EncoderError as e:
-        raise EncoderError(f"{who}: cannot rebuild the encoder {spec!r} that {store.path} was extracted with: {e}. "
-                           f"Install what it names (or put its files back), then run again") from None
+        raise EncoderError(
+            f"{who}: cannot rebuild the encoder {spec!r} that {store.path} was extracted with: {e}. "
+            f"Install what it names (or put its files back), then run again"
+        ) from None
     had = store.attrs.get("inputs", {}).get("encoder_weights")
     if had is not None and had != weights_identity(spec):
-        raise EncoderError(f"{who}: the weights of encoder {spec!r} changed since {store.path} was extracted (their "
-                           f"content hash differs); its features and this encoder's would disagree. Re-extract the "
-                           f"store, refit, and predict again")
+        raise EncoderError(
+            f"{who}: the weights of encoder {spec!r} changed since {store.path} was extracted (their "
+            f"content hash differs); its features and this encoder's would disagree. Re-extract the "
+            f"store, refit, and predict again"
+        )
     stored = store.attrs.get("encoder", {}).get("preprocess")
     now = json.loads(json.dumps(enc.preprocess_info()))
     if stored is not None and stored != now:
-        log.warning("%s: the preprocessing of %s differs from the one stored with %s (%s, stored %s); predictions may "
-                    "differ from the store's features", who, spec, store.path, now, stored)
+        log.warning(
+            "%s: the preprocessing of %s differs from the one stored with %s (%s, stored %s); predictions may "
+            "differ from the store's features",
+            who,
+            spec,
+            store.path,
+            now,
+            stored,
+        )
     return enc
 
 
-def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size: int = 64, workers: int | None = None,
-                  skip_bad: bool = False, on_bad=None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+def encode_images(
+    encoder,
+    refs: Sequence[str],
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    on_bad=None,
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Extract's loader (``ImageRows``: decode, preprocess, the error of an unreadable file) and forward
     (channels-last and autocast on CUDA) over image paths; yields ``(features, positions)``."""
     from torch.utils.data import DataLoader
@@ -224,9 +262,14 @@ def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size
     if not refs:
         return
     w = num_workers(workers)
-    loader = DataLoader(ImageRows(PathSource(), list(refs), encoder.preprocess, encoder.preprocess(blank_image())),
-                        batch_size=batch_size, shuffle=False, num_workers=w, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if w > 0 else None)
+    loader = DataLoader(
+        ImageRows(PathSource(), list(refs), encoder.preprocess, encoder.preprocess(blank_image())),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=w,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if w > 0 else None,
+    )
     channels_last = device.type == "cuda"
     if channels_last:
         for m in encoder.modules():
@@ -237,8 +280,9 @@ def encode_images(encoder, refs: Sequence[str], device: torch.device, batch_size
             if not okn.all():
                 bad = [e for e, o in zip(errors, okn.tolist(), strict=True) if not o]
                 if not skip_bad:
-                    raise DatasetError(f"cannot read image {bad[0]} (pass --skip-bad to record unreadable files and "
-                                       f"go on)")
+                    raise DatasetError(
+                        f"cannot read image {bad[0]} (pass --skip-bad to record unreadable files and go on)"
+                    )
                 for i, e in zip(idx.numpy()[~okn], bad, strict=True):
                     if on_bad is not None:
                         on_bad(refs[int(i)], e, int(i))

@@ -90,9 +90,21 @@ class Pipeline(torch.nn.Module):
 # -- preprocessing ---------------------------------------------------------------------------------
 def _base_description() -> dict:
     """torchvision's conventions; the keys a student changes say so (see :func:`describe_preprocess`)."""
-    return {"resize": None, "resize_rounding": "truncate", "interpolation": "bilinear", "reducing_gap": None,
-            "square": None, "crop": None, "crop_offset": "round", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-            "scale": "1/255", "channels": "RGB", "layout": "NCHW", "dtype": "float32"}
+    return {
+        "resize": None,
+        "resize_rounding": "truncate",
+        "interpolation": "bilinear",
+        "reducing_gap": None,
+        "square": None,
+        "crop": None,
+        "crop_offset": "round",
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "scale": "1/255",
+        "channels": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
 
 
 def describe_student(encoder) -> dict:
@@ -104,12 +116,20 @@ def describe_student(encoder) -> dict:
     description to the encoder's own code, so a change there refuses the export instead of writing
     wrong metadata."""
     out = _base_description()
-    out.update({"resize": int(encoder.size), "resize_rounding": "round", "interpolation": "bicubic",
-                "reducing_gap": STUDENT_REDUCING_GAP, "square": int(encoder.size),
-                "crop": [int(encoder.image_size)] * 2, "crop_offset": "floor",
-                # the timm model's (float32 in the encoder: 0.48500001430511475 is written 0.485)
-                "mean": [round(float(v), 7) for v in encoder._mean.tolist()],
-                "std": [round(float(v), 7) for v in encoder._std.tolist()]})
+    out.update(
+        {
+            "resize": int(encoder.size),
+            "resize_rounding": "round",
+            "interpolation": "bicubic",
+            "reducing_gap": STUDENT_REDUCING_GAP,
+            "square": int(encoder.size),
+            "crop": [int(encoder.image_size)] * 2,
+            "crop_offset": "floor",
+            # the timm model's (float32 in the encoder: 0.48500001430511475 is written 0.485)
+            "mean": [round(float(v), 7) for v in encoder._mean.tolist()],
+            "std": [round(float(v), 7) for v in encoder._std.tolist()],
+        }
+    )
     return out
 
 
@@ -133,8 +153,10 @@ def describe_preprocess(encoder) -> dict:
     spec_name = getattr(encoder, "spec", type(encoder).__name__)
     tf = next((v for v in vars(encoder).values() if isinstance(v, T.Compose)), None)
     if tf is None:
-        raise EncoderError(f"the preprocessing of encoder {spec_name!r} is not a torchvision pipeline that fskd can "
-                           f"write into a model's metadata; use fskd predict")
+        raise EncoderError(
+            f"the preprocessing of encoder {spec_name!r} is not a torchvision pipeline that fskd can "
+            f"write into a model's metadata; use fskd predict"
+        )
     out = _base_description()
     tensor_steps, tensor_stage = [], False
     from PIL import Image
@@ -156,12 +178,16 @@ def describe_preprocess(encoder) -> dict:
         else:  # a PIL step fskd cannot read (open_clip's RGB conversion): it must change nothing on an RGB image
             probe = Image.fromarray((np.arange(48 * 40 * 3) % 251).astype(np.uint8).reshape(40, 48, 3))
             res = t(probe)
-            if not isinstance(res, Image.Image) or res.size != probe.size or not np.array_equal(np.asarray(res),
-                                                                                                  np.asarray(probe)):
+            if (
+                not isinstance(res, Image.Image)
+                or res.size != probe.size
+                or not np.array_equal(np.asarray(res), np.asarray(probe))
+            ):
                 raise EncoderError(f"encoder {spec_name!r}: the preprocessing step {t!r} cannot be described")
     if out["interpolation"] not in INTERPOLATIONS:
         raise EncoderError(f"encoder {spec_name!r}: interpolation {out['interpolation']!r} cannot be described")
     if tensor_steps:  # measure the per-channel affine map x -> a x + b of the tensor steps
+
         def f(v: float) -> torch.Tensor:
             x = torch.full((3, 4, 4), v)
             for t in tensor_steps:
@@ -170,8 +196,11 @@ def describe_preprocess(encoder) -> dict:
 
         y0, y1, yh = f(0.0), f(1.0), f(0.37)
         a, b = (y1 - y0)[:, 0], y0[:, 0]
-        if (not all(torch.allclose(y[:, :1].expand_as(y), y, atol=1e-6) for y in (y0, y1, yh)) or (a == 0).any()
-                or not torch.allclose(yh[:, 0], a * 0.37 + b, atol=1e-5)):
+        if (
+            not all(torch.allclose(y[:, :1].expand_as(y), y, atol=1e-6) for y in (y0, y1, yh))
+            or (a == 0).any()
+            or not torch.allclose(yh[:, 0], a * 0.37 + b, atol=1e-5)
+        ):
             raise EncoderError(f"encoder {spec_name!r}: its tensor preprocessing is not a per-channel affine map")
         out["std"] = [float(v) for v in (1.0 / a)]
         out["mean"] = [float(v) for v in (-b / a)]
@@ -207,8 +236,9 @@ def reference_preprocess(image, spec: dict) -> np.ndarray:
     if spec["resize"] is not None:
         size = _resized_size(im.size, spec)
         if size != im.size:
-            im = im.resize(size, getattr(Image.Resampling, spec["interpolation"].upper()),
-                           reducing_gap=spec.get("reducing_gap"))
+            im = im.resize(
+                size, getattr(Image.Resampling, spec["interpolation"].upper()), reducing_gap=spec.get("reducing_gap")
+            )
     if spec.get("square"):
         im = _center_crop(im, spec["square"], spec["square"], "floor")
     if spec["crop"] is not None:
@@ -231,17 +261,21 @@ def check_preprocess(encoder, spec: dict) -> float:
         ref = reference_preprocess(im, spec)
         own = encoder.preprocess(im).numpy()
         if ref.shape != own.shape:
-            raise EncoderError(f"encoder {encoder.spec!r}: its preprocessing gives {own.shape} from a {w}x{h} image, the "
-                               f"described one ({_summary(spec)}) {ref.shape}; it cannot be written into the model's "
-                               f"metadata. Use fskd predict")
+            raise EncoderError(
+                f"encoder {encoder.spec!r}: its preprocessing gives {own.shape} from a {w}x{h} image, the "
+                f"described one ({_summary(spec)}) {ref.shape}; it cannot be written into the model's "
+                f"metadata. Use fskd predict"
+            )
         d = float(np.abs(ref - own).max())
         if d > worst:
             worst, where = d, f"{w}x{h}"
     if worst > PREPROCESS_TOLERANCE:
-        raise EncoderError(f"encoder {encoder.spec!r}: its own preprocessing and the one fskd would write into the "
-                           f"model's metadata ({_summary(spec)}) differ by {worst:.2g} (normalised units, on a {where} "
-                           f"image; tolerance {PREPROCESS_TOLERANCE:g}), so a client following the metadata would "
-                           f"feed the model other pixels; nothing was written. Use fskd predict")
+        raise EncoderError(
+            f"encoder {encoder.spec!r}: its own preprocessing and the one fskd would write into the "
+            f"model's metadata ({_summary(spec)}) differ by {worst:.2g} (normalised units, on a {where} "
+            f"image; tolerance {PREPROCESS_TOLERANCE:g}), so a client following the metadata would "
+            f"feed the model other pixels; nothing was written. Use fskd predict"
+        )
     return worst
 
 
@@ -272,8 +306,9 @@ def _onnx_modules():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ConfigError(f"--format onnx needs the packages onnx and onnxruntime ({e.name} is missing): "
-                          f"pip install 'fskd[export]'") from None
+        raise ConfigError(
+            f"--format onnx needs the packages onnx and onnxruntime ({e.name} is missing): pip install 'fskd[export]'"
+        ) from None
     return onnx, onnxruntime
 
 
@@ -281,13 +316,23 @@ def _write_onnx(model: Pipeline, example: torch.Tensor, path: Path, opset: int, 
     onnx, _ = _onnx_modules()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices (see the module docstring)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
-                          output_names=["probabilities"], opset_version=opset, do_constant_folding=True,
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["probabilities"],
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
     m = onnx.load(str(path))
     m.producer_name, m.producer_version = "fskd", __version__
-    m.doc_string = (f"fskd export: {meta['fskd']['method']} head on {meta['fskd']['encoder']}; images (n, 3, H, W) "
-                    f"preprocessed as metadata 'preprocess' says -> probabilities (n, C) over metadata 'class_names'")
+    m.doc_string = (
+        f"fskd export: {meta['fskd']['method']} head on {meta['fskd']['encoder']}; images (n, 3, H, W) "
+        f"preprocessed as metadata 'preprocess' says -> probabilities (n, C) over metadata 'class_names'"
+    )
     del m.metadata_props[:]
     for k, v in meta.items():
         p = m.metadata_props.add()
@@ -363,11 +408,15 @@ def _verify(run, path: Path, model: Pipeline, shape: tuple[int, int, int]) -> fl
     return worst
 
 
-FORMATS = {"onnx": (lambda m, x, p, cfg, meta: _write_onnx(m, x, p, cfg.opset, meta), _run_onnx),
-           "torchscript": (lambda m, x, p, cfg, meta: _write_torchscript(m, x, p, meta), _run_torchscript)}
+FORMATS = {
+    "onnx": (lambda m, x, p, cfg, meta: _write_onnx(m, x, p, cfg.opset, meta), _run_onnx),
+    "torchscript": (lambda m, x, p, cfg, meta: _write_torchscript(m, x, p, meta), _run_torchscript),
+}
 
 
-def _attempt(fmt: str, model: Pipeline, example: torch.Tensor, path: Path, cfg: ExportConfig, meta: dict) -> tuple[float, str]:
+def _attempt(
+    fmt: str, model: Pipeline, example: torch.Tensor, path: Path, cfg: ExportConfig, meta: dict
+) -> tuple[float, str]:
     """Write ``path`` in ``fmt`` and check it; returns (max difference, '') or (inf, why it failed)."""
     write, run = FORMATS[fmt]
     try:
@@ -385,8 +434,14 @@ def _attempt(fmt: str, model: Pipeline, example: torch.Tensor, path: Path, cfg: 
 def export(cfg: ExportConfig) -> ExportResult:
     """Run ``fskd export`` (see the module docstring)."""
     t0 = time.perf_counter()
-    out = guard_output_file(cfg.out, "--out", is_export_file, cfg.force, "a model file written by fskd export",
-                            protect=(("--state", cfg.state), ("--store", cfg.store)))
+    out = guard_output_file(
+        cfg.out,
+        "--out",
+        is_export_file,
+        cfg.force,
+        "a model file written by fskd export",
+        protect=(("--state", cfg.state), ("--store", cfg.store)),
+    )
     if cfg.format == "onnx":
         _onnx_modules()  # before any work: say which package is missing
     clf = Classifier(cfg.state, cfg.store, device="cpu")
@@ -397,10 +452,14 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     shape = tuple(enc.preprocess(Image.new("RGB", (64, 48))).shape)
     model = Pipeline(clf).eval()
-    info = {**clf.describe(), "format": cfg.format, "input": {"name": "images", "shape": ["batch", *shape],
-                                                               "dtype": "float32"},
-            "output": {"name": "probabilities", "shape": ["batch", len(clf.class_names)]},
-            "fskd_version": __version__, "torch": torch.__version__}
+    info = {
+        **clf.describe(),
+        "format": cfg.format,
+        "input": {"name": "images", "shape": ["batch", *shape], "dtype": "float32"},
+        "output": {"name": "probabilities", "shape": ["batch", len(clf.class_names)]},
+        "fskd_version": __version__,
+        "torch": torch.__version__,
+    }
     meta = {"fskd_format": FORMAT, "class_names": clf.class_names, "preprocess": pre, "fskd": info}
     example = torch.zeros(2, *shape)
     try:
@@ -413,16 +472,30 @@ def export(cfg: ExportConfig) -> ExportResult:
                     _, why_other = _attempt(other, model, example, check, cfg, meta)
                 finally:
                     check.unlink(missing_ok=True)
-                hint = (f"--format {other} expresses it (checked)" if not why_other else
-                        f"--format {other} cannot either ({why_other}); fskd predict runs any head")
-                raise ConfigError(f"the {clf.state.method} head of state {cfg.state} cannot be expressed in "
-                                  f"{cfg.format} ({why}); {hint}")
+                hint = (
+                    f"--format {other} expresses it (checked)"
+                    if not why_other
+                    else f"--format {other} cannot either ({why_other}); fskd predict runs any head"
+                )
+                raise ConfigError(
+                    f"the {clf.state.method} head of state {cfg.state} cannot be expressed in "
+                    f"{cfg.format} ({why}); {hint}"
+                )
             params = _onnx_parameters(tmp) if cfg.format == "onnx" else _torchscript_parameters(tmp)
     except KeyboardInterrupt:
         raise Interrupted(f"fskd export was interrupted; nothing was written to {out}") from None
-    return ExportResult(out=str(out), format=cfg.format, bytes=out.stat().st_size, parameters=int(params),
-                        classes=len(clf.class_names), input_shape=["batch", *shape], preprocess=pre,
-                        method=clf.state.method, encoder=clf.encoder_spec,
-                        exporter="torch.onnx.export(dynamo=False)" if cfg.format == "onnx" else "torch.jit.trace",
-                        max_difference=float(diff), seconds=round(time.perf_counter() - t0, 3),
-                        class_names=clf.class_names)
+    return ExportResult(
+        out=str(out),
+        format=cfg.format,
+        bytes=out.stat().st_size,
+        parameters=int(params),
+        classes=len(clf.class_names),
+        input_shape=["batch", *shape],
+        preprocess=pre,
+        method=clf.state.method,
+        encoder=clf.encoder_spec,
+        exporter="torch.onnx.export(dynamo=False)" if cfg.format == "onnx" else "torch.jit.trace",
+        max_difference=float(diff),
+        seconds=round(time.perf_counter() - t0, 3),
+        class_names=clf.class_names,
+    )

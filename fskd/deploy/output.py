@@ -15,8 +15,14 @@ from fskd.errors import OutputError
 from fskd.fsutil import check_writable, fsync_dir, refuse_url, store_containing
 
 
-def guard_output_file(path: str | os.PathLike, option: str, is_ours: Callable[[Path], bool], force: bool, what: str,
-                      protect: tuple[tuple[str, str | None], ...] = ()) -> Path:
+def guard_output_file(
+    path: str | os.PathLike,
+    option: str,
+    is_ours: Callable[[Path], bool],
+    force: bool,
+    what: str,
+    protect: tuple[tuple[str, str | None], ...] = (),
+) -> Path:
     """Decide, before any work, whether ``path`` may receive ``what`` (e.g. "fskd predict's output").
 
     - absent: fine when its folder can be written;
@@ -29,21 +35,27 @@ def guard_output_file(path: str | os.PathLike, option: str, is_ours: Callable[[P
         if other and "://" not in str(other):
             o = Path(other).expanduser().absolute()
             if p == o or p.is_relative_to(o):
-                raise OutputError(f"{option} {path} is {'' if p == o else 'inside '}{other_opt} {other}; write the "
-                                  f"output somewhere else (nothing was changed)")
+                raise OutputError(
+                    f"{option} {path} is {'' if p == o else 'inside '}{other_opt} {other}; write the "
+                    f"output somewhere else (nothing was changed)"
+                )
     inside = store_containing(p.parent) if p.parent.exists() else None
     if inside is not None:
         raise OutputError(f"{option} {path} is inside the feature store {inside}; write it somewhere else")
     if p.is_symlink() or (p.exists() and not p.is_file()):
-        raise OutputError(f"{option} {path} exists and is not a regular file; fskd replaces only files it wrote "
-                          f"(nothing was changed)")
+        raise OutputError(
+            f"{option} {path} exists and is not a regular file; fskd replaces only files it wrote (nothing was changed)"
+        )
     if p.exists():
         if not is_ours(p):
-            raise OutputError(f"{option} {path} exists and is not {what} (or was changed since fskd wrote it); fskd "
-                              f"will not replace it. Choose a new path (nothing was changed)")
+            raise OutputError(
+                f"{option} {path} exists and is not {what} (or was changed since fskd wrote it); fskd "
+                f"will not replace it. Choose a new path (nothing was changed)"
+            )
         if not force:
-            raise OutputError(f"{option} {path} already holds {what}; pass --force to replace it, or choose "
-                              f"another path")
+            raise OutputError(
+                f"{option} {path} already holds {what}; pass --force to replace it, or choose another path"
+            )
     check_writable(p.parent, option)
     return p
 

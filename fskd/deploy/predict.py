@@ -82,8 +82,13 @@ def is_prediction_file(path: Path) -> bool:
     names it and its SHA-256 matches."""
     try:
         meta = json.loads(manifest_path(path).read_text(encoding="utf-8"))
-        return (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("output") == path.name
-                and meta.get("bytes") == path.stat().st_size and meta.get("sha256") == sha256_file(path))
+        return (
+            isinstance(meta, dict)
+            and meta.get("format") == FORMAT
+            and meta.get("output") == path.name
+            and meta.get("bytes") == path.stat().st_size
+            and meta.get("sha256") == sha256_file(path)
+        )
     except (OSError, ValueError):
         return False
 
@@ -111,8 +116,9 @@ class _Writer:
         if self.fmt == "csv":
             self._emit("".join(self._csv_line([_fmt(r[c]) for c in self.columns]) for r in rows))
         else:
-            self._emit("".join(json.dumps({c: _round(r[c]) for c in self.columns}, ensure_ascii=False) + "\n"
-                               for r in rows))
+            self._emit(
+                "".join(json.dumps({c: _round(r[c]) for c in self.columns}, ensure_ascii=False) + "\n" for r in rows)
+            )
         self.rows += len(rows)
 
     def close(self, path: Path) -> str:
@@ -158,8 +164,10 @@ def _parquet_module() -> None:
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ConfigError("--out *.parquet needs the package pyarrow, which is not installed: pip install "
-                          "'fskd[parquet]' (or write .csv or .jsonl)") from None
+        raise ConfigError(
+            "--out *.parquet needs the package pyarrow, which is not installed: pip install "
+            "'fskd[parquet]' (or write .csv or .jsonl)"
+        ) from None
 
 
 def _round(v):
@@ -173,8 +181,13 @@ def _fmt(v) -> str:
 def columns(top_k: int, n_classes: int, labelled: bool, errors: bool = False) -> list[str]:
     """The output's columns; ``errors`` (--skip-bad on images): a last column ``error``."""
     k = max(1, min(top_k, n_classes))
-    return (["path"] + (["label"] if labelled else []) + ["prediction", "probability"]
-            + [c for i in range(1, k + 1) for c in (f"top{i}", f"top{i}_probability")] + (["error"] if errors else []))
+    return (
+        ["path"]
+        + (["label"] if labelled else [])
+        + ["prediction", "probability"]
+        + [c for i in range(1, k + 1) for c in (f"top{i}", f"top{i}_probability")]
+        + (["error"] if errors else [])
+    )
 
 
 def _windows(paths: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -185,23 +198,34 @@ def _windows(paths: Iterator[str], size: int) -> Iterator[list[str]]:
         yield w
 
 
-def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Classifier | None = None) -> PredictResult:
+def predict(
+    cfg: PredictConfig, progress: Progress | None = None, classifier: Classifier | None = None
+) -> PredictResult:
     """Run ``fskd predict`` (see the module docstring). ``classifier``: an already loaded one."""
     from fskd.deploy.sources import csv_paths, image_paths
 
     t0 = time.perf_counter()
-    out = guard_output_file(cfg.out, "--out", is_prediction_file, cfg.force, "fskd predict's output",
-                            protect=(("--state", cfg.state), ("--store", cfg.store)))
+    out = guard_output_file(
+        cfg.out,
+        "--out",
+        is_prediction_file,
+        cfg.force,
+        "fskd predict's output",
+        protect=(("--state", cfg.state), ("--store", cfg.store)),
+    )
     man = manifest_path(out)
     if (man.exists() or man.is_symlink()) and not (man.is_file() and _manifest_is_ours(man)):
-        raise OutputError(f"{man} exists and is not fskd's manifest of predictions; fskd will not replace it "
-                          f"(nothing was changed)")
+        raise OutputError(
+            f"{man} exists and is not fskd's manifest of predictions; fskd will not replace it (nothing was changed)"
+        )
     labelled = cfg.split is not None
     png = confusion_path(out) if labelled else None
     if png is not None and (png.exists() or png.is_symlink()) and not _confusion_is_ours(png, man):
-        raise OutputError(f"{png} exists and is not a confusion matrix fskd predict wrote beside {out.name} (or was "
-                          f"changed since); fskd will not replace it. Move it, or choose another --out (nothing was "
-                          f"changed)")
+        raise OutputError(
+            f"{png} exists and is not a confusion matrix fskd predict wrote beside {out.name} (or was "
+            f"changed since); fskd will not replace it. Move it, or choose another --out (nothing was "
+            f"changed)"
+        )
     if cfg.format == "parquet":
         _parquet_module()  # before any work: name the extra
     clf = classifier if classifier is not None else Classifier(cfg.state, cfg.store, cfg.device)
@@ -211,7 +235,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
     cols = columns(cfg.top_k, len(clf.class_names), labelled, error_rows)
     skipped: list[str] = []
     confusion = None
-    source = (f"{clf.store.path}:{cfg.split}" if labelled else cfg.images or cfg.csv)
+    source = f"{clf.store.path}:{cfg.split}" if labelled else cfg.images or cfg.csv
 
     def paths() -> Iterator[str]:
         return image_paths(cfg.images) if cfg.images else csv_paths(cfg.csv)
@@ -235,14 +259,24 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
                             bad.append((position, error_row(ref, message, cols)))
 
                     for feats, pos in clf.encode(window, cfg.batch_size, cfg.workers, cfg.skip_bad, on_bad):
-                        rows = list(zip(pos.tolist(), prediction_rows(clf.probabilities(feats), [window[i] for i in pos],
-                                                                      clf.class_names, cfg.top_k), strict=True))
+                        rows = list(
+                            zip(
+                                pos.tolist(),
+                                prediction_rows(
+                                    clf.probabilities(feats), [window[i] for i in pos], clf.class_names, cfg.top_k
+                                ),
+                                strict=True,
+                            )
+                        )
                         if error_rows:
                             for _, r in rows:
                                 r["error"] = None
                             # an unreadable image's row goes where the image was: before the batch's later rows
                             last = rows[-1][0]
-                            rows, bad[:] = sorted(rows + [b for b in bad if b[0] < last]), [b for b in bad if b[0] > last]
+                            rows, bad[:] = (
+                                sorted(rows + [b for b in bad if b[0] < last]),
+                                [b for b in bad if b[0] > last],
+                            )
                         w.write([r for _, r in rows])
                         fault_point("predict:batch")
                     w.write([r for _, r in sorted(bad)])  # unreadable images after the window's last readable one
@@ -251,8 +285,10 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
                         progress("images", done, total, done / max(time.perf_counter() - t_work, 1e-9))
             sha, rows_written = w.close(tmp), w.rows
     except KeyboardInterrupt:
-        raise Interrupted(f"fskd predict was interrupted; nothing was written to {out} (the partial output was "
-                          f"removed): run the same command again") from None
+        raise Interrupted(
+            f"fskd predict was interrupted; nothing was written to {out} (the partial output was "
+            f"removed): run the same command again"
+        ) from None
     predicted = rows_written - (len(skipped) if error_rows else 0)
     rate = (predicted + len(skipped)) / max(time.perf_counter() - t_work, 1e-9)
     accuracy = None
@@ -263,22 +299,46 @@ def predict(cfg: PredictConfig, progress: Progress | None = None, classifier: Cl
         atomic_write_bytes(png, png_bytes)
         meta_png = {"file": png.name, "sha256": hashlib.sha256(png_bytes).hexdigest()}
     seconds = time.perf_counter() - t0
-    meta = {"format": FORMAT, "output": out.name, "output_format": cfg.format, "sha256": sha,
-            "bytes": out.stat().st_size, "rows": rows_written, "predicted": predicted, "columns": cols,
-            "source": source, "accuracy": accuracy, "confusion_png": meta_png, "skipped_count": len(skipped),
-            "skipped": skipped[:MAX_SKIPPED_LISTED], "config": cfg.to_dict(), "classifier": clf.describe(),
-            "seconds": round(seconds, 3), "images_per_s": round(rate, 2), "fskd_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "format": FORMAT,
+        "output": out.name,
+        "output_format": cfg.format,
+        "sha256": sha,
+        "bytes": out.stat().st_size,
+        "rows": rows_written,
+        "predicted": predicted,
+        "columns": cols,
+        "source": source,
+        "accuracy": accuracy,
+        "confusion_png": meta_png,
+        "skipped_count": len(skipped),
+        "skipped": skipped[:MAX_SKIPPED_LISTED],
+        "config": cfg.to_dict(),
+        "classifier": clf.describe(),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rate, 2),
+        "fskd_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_text(man, json.dumps(meta, indent=2))
-    return PredictResult(out=str(out), manifest=str(man), format=cfg.format, count=predicted, skipped=len(skipped),
-                         seconds=round(seconds, 3), images_per_s=round(rate, 2), source=source, accuracy=accuracy,
-                         confusion=str(png) if meta_png else None, skipped_files=skipped[:20])
+    return PredictResult(
+        out=str(out),
+        manifest=str(man),
+        format=cfg.format,
+        count=predicted,
+        skipped=len(skipped),
+        seconds=round(seconds, 3),
+        images_per_s=round(rate, 2),
+        source=source,
+        accuracy=accuracy,
+        confusion=str(png) if meta_png else None,
+        skipped_files=skipped[:20],
+    )
 
 
 def _title(clf: Classifier, cfg: PredictConfig) -> str:
     st = clf.state
-    return (f"{st.method} ({clf.shots}-shot, seed {clf.seed}) on {Path(str(clf.store.path)).name}, "
-            f"split {cfg.split}")
+    return f"{st.method} ({clf.shots}-shot, seed {clf.seed}) on {Path(str(clf.store.path)).name}, split {cfg.split}"
 
 
 def _confusion_is_ours(png: Path, man: Path) -> bool:
@@ -286,8 +346,13 @@ def _confusion_is_ours(png: Path, man: Path) -> bool:
     try:
         meta = json.loads(man.read_text(encoding="utf-8"))
         rec = meta.get("confusion_png") or {}
-        return (meta.get("format") == FORMAT and png.is_file() and not png.is_symlink() and rec.get("file") == png.name
-                and rec.get("sha256") == sha256_file(png))
+        return (
+            meta.get("format") == FORMAT
+            and png.is_file()
+            and not png.is_symlink()
+            and rec.get("file") == png.name
+            and rec.get("sha256") == sha256_file(png)
+        )
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -314,12 +379,14 @@ def _predict_split(clf: Classifier, cfg: PredictConfig, w, progress: Progress | 
         if not keep.any():
             continue
         x, y = torch.from_numpy(feats[keep]), lab[keep]
-        refs = ids[start:start + len(lab)][keep]
+        refs = ids[start : start + len(lab)][keep]
         paths = [str(Path(root) / r) if root else str(r) for r in refs]
         for s in range(0, len(x), QUERY_BATCH):
-            probs = clf.probabilities(x[s:s + QUERY_BATCH])
-            np.add.at(counts, (y[s:s + QUERY_BATCH], probs.argmax(-1).cpu().numpy()), 1)
-            w.write(prediction_rows(probs, paths[s:s + QUERY_BATCH], clf.class_names, cfg.top_k, y[s:s + QUERY_BATCH]))
+            probs = clf.probabilities(x[s : s + QUERY_BATCH])
+            np.add.at(counts, (y[s : s + QUERY_BATCH], probs.argmax(-1).cpu().numpy()), 1)
+            w.write(
+                prediction_rows(probs, paths[s : s + QUERY_BATCH], clf.class_names, cfg.top_k, y[s : s + QUERY_BATCH])
+            )
             fault_point("predict:batch")
         done += len(x)
         if progress is not None:
@@ -354,7 +421,7 @@ def confusion_png(counts: np.ndarray, names: list[str], title: str) -> bytes:
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of the true class's images")
     step = max(1, int(np.ceil(n / MAX_LABELLED)))
     ticks = np.arange(0, n, step)
-    short = [x if len(x) <= LABEL_CHARS else x[:LABEL_CHARS - 1] + "\u2026" for x in names]
+    short = [x if len(x) <= LABEL_CHARS else x[: LABEL_CHARS - 1] + "\u2026" for x in names]
     font = 7 if n > 20 else 9
     ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize=font)
     ax.set_yticks(ticks, [short[i] for i in ticks], fontsize=font)
@@ -362,10 +429,16 @@ def confusion_png(counts: np.ndarray, names: list[str], title: str) -> bytes:
     ax.set_ylabel("true class")
     if n <= 40:
         for i, j in zip(*np.nonzero(frac >= 0.1), strict=True):
-            ax.text(j, i, f"{100 * frac[i, j]:.0f}", ha="center", va="center", fontsize=6 if n > 20 else 8,
-                    color="white" if frac[i, j] > 0.55 else "black")
-    ax.set_title(f"{title}\ntop-1 accuracy {acc:.2f}% ({total} images, {n} classes); rows normalised",
-                 fontsize=10)
+            ax.text(
+                j,
+                i,
+                f"{100 * frac[i, j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=6 if n > 20 else 8,
+                color="white" if frac[i, j] > 0.55 else "black",
+            )
+    ax.set_title(f"{title}\ntop-1 accuracy {acc:.2f}% ({total} images, {n} classes); rows normalised", fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)  # nothing clipped, whatever the names
     return buf.getvalue()

@@ -58,13 +58,17 @@ def _text_lines(path: Path, option: str) -> Iterator[str]:
         if b"\0" in head:
             raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
     except UnicodeDecodeError:
-        raise DatasetError(f"{option} {path} is neither an image (by its name: {', '.join(IMAGE_EXTENSIONS)}) nor a "
-                           f"UTF-8 text file listing image paths") from None
+        raise DatasetError(
+            f"{option} {path} is neither an image (by its name: {', '.join(IMAGE_EXTENSIONS)}) nor a "
+            f"UTF-8 text file listing image paths"
+        ) from None
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             yield from f
         except UnicodeDecodeError as e:
-            raise DatasetError(f"{option} {path} is not UTF-8 text ({e.reason}); expected one image path per line") from None
+            raise DatasetError(
+                f"{option} {path} is not UTF-8 text ({e.reason}); expected one image path per line"
+            ) from None
 
 
 def image_paths(spec: str, option: str = "--images") -> Iterator[str]:
@@ -78,8 +82,9 @@ def image_paths(spec: str, option: str = "--images") -> Iterator[str]:
             found = True
             yield f
         if not found:
-            raise DatasetError(f"{option} {spec}: no image files under it (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                               f"recursively)")
+            raise DatasetError(
+                f"{option} {spec}: no image files under it (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
+            )
         return
     if _is_image(p):
         yield str(p)
@@ -100,8 +105,10 @@ def csv_paths(spec: str, column: str = "path") -> Iterator[str]:
     reader = csv.reader(_text_lines(p, "--csv"))
     header = next(reader, None)
     if not header or column not in [h.strip() for h in header]:
-        raise DatasetError(f"--csv {spec} needs a header row with a {column!r} column (it has "
-                           f"{', '.join(map(repr, header or [])) or 'no header'})")
+        raise DatasetError(
+            f"--csv {spec} needs a header row with a {column!r} column (it has "
+            f"{', '.join(map(repr, header or [])) or 'no header'})"
+        )
     at = [h.strip() for h in header].index(column)
     for i, row in enumerate(reader, start=2):
         if not row:

@@ -8,16 +8,29 @@ from fskd.registry import Registry, exports_from
 #: family name -> factory(argument string after "family:") -> Encoder
 ENCODERS: Registry = Registry("encoder")
 
-ENCODERS.lazy("lite0-minilm", "fskd.encoders.lite0_minilm",
-              help="offline pair: EfficientNet-Lite0 ImageNet image tower + all-MiniLM-L6-v2 text tower (no network)")
-ENCODERS.lazy("openclip", "fskd.encoders.openclip",
-              help="open_clip model: openclip:ARCH[:TAG|:/path/weights.pt] or openclip:local-dir:/path")
-ENCODERS.lazy("student", "fskd.encoders.student",
-              help="a student written by fskd distill: student:DIR (or a tensor file in it); text tower = the teacher's")
-ENCODERS.lazy("synthetic", "fskd.encoders.synthetic",
-              help="synthetic:DIM, a fixed random projection of 8x8 pixels (benchmarks, tests)")
-ENCODERS.lazy("timm", "fskd.encoders.timm_encoder",
-              help="image-only timm backbone: timm:NAME[:/path/weights.pth|:pretrained]")
+ENCODERS.lazy(
+    "lite0-minilm",
+    "fskd.encoders.lite0_minilm",
+    help="offline pair: EfficientNet-Lite0 ImageNet image tower + all-MiniLM-L6-v2 text tower (no network)",
+)
+ENCODERS.lazy(
+    "openclip",
+    "fskd.encoders.openclip",
+    help="open_clip model: openclip:ARCH[:TAG|:/path/weights.pt] or openclip:local-dir:/path",
+)
+ENCODERS.lazy(
+    "student",
+    "fskd.encoders.student",
+    help="a student written by fskd distill: student:DIR (or a tensor file in it); text tower = the teacher's",
+)
+ENCODERS.lazy(
+    "synthetic",
+    "fskd.encoders.synthetic",
+    help="synthetic:DIM, a fixed random projection of 8x8 pixels (benchmarks, tests)",
+)
+ENCODERS.lazy(
+    "timm", "fskd.encoders.timm_encoder", help="image-only timm backbone: timm:NAME[:/path/weights.pth|:pretrained]"
+)
 
 _FROM_BASE = ("Encoder", "build_encoder", "parse_spec")
 

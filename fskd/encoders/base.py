@@ -53,7 +53,8 @@ class Encoder(ABC):
         """The text tower as a function of token embeddings (prompt learning: coop, kgcoop)."""
         raise EncoderError(
             f"encoder {self.spec!r} has no text tower that takes token embeddings; prompt learning (coop, kgcoop) "
-            f"needs an open_clip model or lite0-minilm")
+            f"needs an open_clip model or lite0-minilm"
+        )
 
     def to(self, device: torch.device) -> Encoder:
         self.device = device
@@ -144,7 +145,7 @@ def spec_paths(spec: str) -> list[str]:
     if family == "student":
         return [arg]
     if family == "openclip" and arg.startswith("local-dir:"):
-        return [arg[len("local-dir:"):]]
+        return [arg[len("local-dir:") :]]
     if family in ("timm", "openclip"):
         weights = arg.partition(":")[2]
         return [weights] if weights and weights != "pretrained" else []

@@ -125,8 +125,9 @@ class MiniLMPromptTower(PromptTower):
         self.text_dim = int(getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)())
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self._tf.tokenizer(texts, padding=True, truncation=True, max_length=self._tf.max_seq_length,
-                               return_tensors="pt")
+        b = self._tf.tokenizer(
+            texts, padding=True, truncation=True, max_length=self._tf.max_seq_length, return_tensors="pt"
+        )
         dev = self.bert.device
         return b["input_ids"].to(dev), b["attention_mask"].bool().to(dev)
 
@@ -145,7 +146,7 @@ class MiniLMPromptTower(PromptTower):
         return [self._st]
 
 
-@ENCODERS.register('lite0-minilm')
+@ENCODERS.register("lite0-minilm")
 def _build(arg: str) -> Encoder:
     if arg:
         raise EncoderError(f"encoder 'lite0-minilm' takes no argument, got {arg!r}")

@@ -136,8 +136,10 @@ class OpenClipPromptTower(PromptTower):
         need = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
         missing = [a for a in need if not hasattr(model, a)]
         if missing:
-            raise EncoderError(f"encoder {spec!r}: prompt learning needs open_clip's built-in text transformer; "
-                               f"{type(model).__name__} has no {', '.join(missing)} (e.g. a Hugging Face text tower)")
+            raise EncoderError(
+                f"encoder {spec!r}: prompt learning needs open_clip's built-in text transformer; "
+                f"{type(model).__name__} has no {', '.join(missing)} (e.g. a Hugging Face text tower)"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.width = int(model.token_embedding.weight.shape[1])
         proj = model.text_projection
@@ -174,6 +176,6 @@ class OpenClipPromptTower(PromptTower):
         return [self.model]
 
 
-@ENCODERS.register('openclip')
+@ENCODERS.register("openclip")
 def _build(arg: str) -> Encoder:
     return OpenClipEncoder(arg)

@@ -59,7 +59,9 @@ def load_descriptions(path: str | Path, class_keys: list[str], class_names: list
     return out
 
 
-def class_prompts(class_names: list[str], templates: tuple[str, ...], descriptions: list[list[str]] | None = None) -> list[list[str]]:
+def class_prompts(
+    class_names: list[str], templates: tuple[str, ...], descriptions: list[list[str]] | None = None
+) -> list[list[str]]:
     """The texts encoded per class: templates filled with the name, plus its descriptions."""
     prompts = [[t.format(n) for t in templates] for n in class_names]
     if descriptions is not None:

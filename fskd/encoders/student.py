@@ -71,7 +71,9 @@ def stored_size(image_size: int) -> int:
     return int(round(image_size / CROP_RATIO))
 
 
-def build_student_backbone(name: str, image_size: int, kwargs: dict | None = None, weights: str = "") -> torch.nn.Module:
+def build_student_backbone(
+    name: str, image_size: int, kwargs: dict | None = None, weights: str = ""
+) -> torch.nn.Module:
     """A timm backbone (classifier removed) for ``image_size`` inputs.
 
     Models with a fixed input grid (ViTs: a ``patch_embed`` with an image size) are rebuilt
@@ -164,20 +166,24 @@ class StudentEncoder(Encoder):
         except StateError as e:
             raise EncoderError(f"student:{arg}: {e}") from None
         if info.get("kind") != "distill" or "student" not in info.get("hparams", {}):
-            raise EncoderError(f"student:{arg}: {self.directory} holds a {info.get('kind')!r} state, not a distilled student")
+            raise EncoderError(
+                f"student:{arg}: {self.directory} holds a {info.get('kind')!r} state, not a distilled student"
+            )
         hp = info["hparams"]
         self.spec = f"student:{arg}"
         self.student_name = hp["student"]
         self.image_size = int(hp["image_size"])
         self.size = stored_size(self.image_size)
-        weights = {k[len(STUDENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(STUDENT_PREFIX)}
+        weights = {k[len(STUDENT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STUDENT_PREFIX)}
         if not weights:
             raise EncoderError(f"student:{arg}: the tensors of {self.directory} hold no {STUDENT_PREFIX}* tensors")
         self.model = build_student_backbone(self.student_name, self.image_size, hp.get("student_kwargs") or {})
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise EncoderError(f"student:{arg}: checkpoint does not fit {self.student_name} "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise EncoderError(
+                f"student:{arg}: checkpoint does not fit {self.student_name} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.model.eval()
         self.student_id = hp.get("student_id") or tensor_digest(weights)
         mean, std = model_norm(self.model)
@@ -188,13 +194,22 @@ class StudentEncoder(Encoder):
         self._teacher: Encoder | None = None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return normalize_images(center_view(decode_square(image, self.size), self.image_size)[None], self._mean, self._std)[0]
+        return normalize_images(
+            center_view(decode_square(image, self.size), self.image_size)[None], self._mean, self._std
+        )[0]
 
     def preprocess_info(self) -> dict:
-        return {"resize_shorter": self.size, "crop": self.image_size, "resample": "bicubic",
-                "mean": list(self._mean.tolist()), "std": list(self._std.tolist()),
-                "student": self.student_name, "student_dir": str(self.directory), "student_id": self.student_id,
-                "teacher": self.teacher_spec}
+        return {
+            "resize_shorter": self.size,
+            "crop": self.image_size,
+            "resample": "bicubic",
+            "mean": list(self._mean.tolist()),
+            "std": list(self._std.tolist()),
+            "student": self.student_name,
+            "student_dir": str(self.directory),
+            "student_id": self.student_id,
+            "teacher": self.teacher_spec,
+        }
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]
@@ -210,6 +225,6 @@ class StudentEncoder(Encoder):
         return self._teacher.encode_texts(texts)
 
 
-@ENCODERS.register('student')
+@ENCODERS.register("student")
 def _build(arg: str) -> Encoder:
     return StudentEncoder(arg)

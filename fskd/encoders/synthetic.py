@@ -50,7 +50,7 @@ class SyntheticEncoder(Encoder):
         return torch.stack(out).to(self.device)
 
 
-@ENCODERS.register('synthetic')
+@ENCODERS.register("synthetic")
 def _build(arg: str) -> Encoder:
     try:
         dim = int(arg or 64)

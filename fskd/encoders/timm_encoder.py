@@ -68,6 +68,6 @@ class TimmEncoder(Encoder):
         return self.model(images)
 
 
-@ENCODERS.register('timm')
+@ENCODERS.register("timm")
 def _build(arg: str) -> Encoder:
     return TimmEncoder(arg)

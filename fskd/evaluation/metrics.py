@@ -72,8 +72,12 @@ def paired_difference(a, b, rule: str) -> dict:
     else:
         s = seed_summary(d)
         mean, half, how = s.mean, s.ci95, SEED_CI
-    out = {"difference": round(mean, 3), "ci95": None if half is None else round(half, 3), "n": int(len(d)),
-           "statistic": f"paired difference; {how}"}
+    out = {
+        "difference": round(mean, 3),
+        "ci95": None if half is None else round(half, 3),
+        "n": int(len(d)),
+        "statistic": f"paired difference; {how}",
+    }
     out["excludes_zero"] = None if half is None else bool(abs(mean) > half)
     return out
 

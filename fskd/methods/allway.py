@@ -40,16 +40,23 @@ class AllwayHead:
     base-to-new state covers its base half only).
     """
 
-    def __init__(self, state: MethodState, state_dir: str | Path, store, device: torch.device,
-                 classes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        state: MethodState,
+        state_dir: str | Path,
+        store,
+        device: torch.device,
+        classes: Sequence[int] | None = None,
+    ) -> None:
         self.state, self.state_dir, self.store, self.device = state, str(state_dir), store, device
         self.method = METHODS.get(state.method)()
         self.method.check_store(state, store, state_dir)  # moved and changed: the fingerprint says which
         fitted_split = state.hparams.get("class_split") or None
         if fitted_split and _strip(store.attrs["class_split"]) != _strip(fitted_split):
             # a read-only view with the state's split: the caller's store is not changed
-            self.store = store = store.view(class_split={**fitted_split, "source": f"the class split state "
-                                                                                     f"{state_dir} was fitted with"})
+            self.store = store = store.view(
+                class_split={**fitted_split, "source": f"the class split state {state_dir} was fitted with"}
+            )
         self.shots, self.seed = int(state.config.get("shots", 0)), int(state.config.get("seed", 1))
         self.classes = np.arange(store.num_classes) if classes is None else np.asarray(classes, np.int64)
         self.class_names: list[str] = [store.class_names[int(c)] for c in self.classes]
@@ -62,8 +69,10 @@ class AllwayHead:
             head = self.method.head(st, store, self.device)
             if self.shots:
                 if not store.has_split("train"):
-                    raise StateError(f"state {self.state_dir} learned from {self.shots} shots per class of the train "
-                                     f"split; {store.path} has no train split (it has {store.splits})")
+                    raise StateError(
+                        f"state {self.state_dir} learned from {self.shots} shots per class of the train "
+                        f"split; {store.path} has no train split (it has {store.splits})"
+                    )
                 valid = store.valid_rows("train")
                 rows = sample_shots(store.labels("train")[valid], classes, self.shots, self.seed, self.class_names)
                 support = torch.from_numpy(store.take("train", valid[rows.reshape(-1)])).to(self.device)
@@ -77,12 +86,15 @@ class AllwayHead:
                 raise StateError(
                     f"state {self.state_dir} ({st.method}) has no all-way head to predict with: {e}. Fit an all-way "
                     f"state (fskd {st.kind} --method {st.method} --shots K; a method with regimes: --set "
-                    f"regime=allway or regime=both)") from None
+                    f"regime=allway or regime=both)"
+                ) from None
             raise
         except MISFIT as e:
             what = " ".join(str(e).split())[:200]
-            raise StateError(f"state {self.state_dir} does not fit the store {store.path} ({type(e).__name__}: "
-                             f"{what}): damaged, edited, or written by another fskd; fit it again") from None
+            raise StateError(
+                f"state {self.state_dir} does not fit the store {store.path} ({type(e).__name__}: "
+                f"{what}): damaged, edited, or written by another fskd; fit it again"
+            ) from None
         return head, fitted
 
     @torch.no_grad()

@@ -96,14 +96,16 @@ def is_state_dir(path: str | Path) -> bool:
     if not isinstance(info, dict):
         return False
     return info.get("format") == STATE_FORMAT or (
-        "format" not in info and {"method", "kind", "state_version", "store_fingerprint"} <= set(info))
+        "format" not in info and {"method", "kind", "state_version", "store_fingerprint"} <= set(info)
+    )
 
 
 def guard_out(path: str | Path, force: bool = False, store: str | None = None, root: str | None = None) -> Path:
     """Check ``--out`` before fitting: absent, or an fskd state and ``force``; never the store,
     the dataset root, or a folder holding them. Raises OutputError naming the path."""
-    return guard_output_dir(path, "--out", STATE_JSON, is_state_dir, force,
-                            protect=(("--store", store), ("the dataset root", root)))
+    return guard_output_dir(
+        path, "--out", STATE_JSON, is_state_dir, force, protect=(("--store", store), ("the dataset root", root))
+    )
 
 
 def _leftovers(directory: Path) -> list[Path]:
@@ -113,7 +115,7 @@ def _leftovers(directory: Path) -> list[Path]:
     for p in directory.parent.glob(f".{directory.name}.tmp-*"):
         if p.is_symlink() or not p.is_dir() or not (p / BUILDING_MARKER).is_file():
             continue
-        pid = p.name[len(directory.name) + 6:].split("-")[0]
+        pid = p.name[len(directory.name) + 6 :].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another live process is building it
         out.append(p)
@@ -161,8 +163,10 @@ def save_state(directory: str | Path, state: MethodState) -> Path:
             (directory / BUILDING_MARKER).unlink()  # a kill just before this leaves a harmless empty file
         except OSError:
             if not is_state_dir(directory):
-                raise OutputError(f"{directory} appeared while the state was written and is not an fskd state; "
-                                  f"the new state was not saved") from None
+                raise OutputError(
+                    f"{directory} appeared while the state was written and is not an fskd state; "
+                    f"the new state was not saved"
+                ) from None
             write_bundle(directory, STATE_JSON, STATE_STEM, meta, state.tensors, point="state")
     finally:
         if tmp.exists():
@@ -178,21 +182,36 @@ def load_state(directory: str | Path) -> MethodState:
     directory = Path(directory)
     meta = directory / STATE_JSON
     if not directory.is_dir() or not meta.is_file():
-        raise StateError(f"{directory} is not an fskd state directory (no {STATE_JSON}); write one with fskd adapt/align/distill")
+        raise StateError(
+            f"{directory} is not an fskd state directory (no {STATE_JSON}); write one with fskd adapt/align/distill"
+        )
     info, tensors = read_bundle(directory, STATE_JSON, what="state")
     fmt = info.pop("format", STATE_FORMAT)
     if fmt != STATE_FORMAT:
         raise StateError(f"{meta}: format {fmt!r} is not an fskd state ({STATE_FORMAT!r})")
     if info.get("state_version") != STATE_VERSION:
-        raise StateError(f"{meta}: state version {info.get('state_version')!r}, this fskd reads {STATE_VERSION}; "
-                         f"fit the state again with this fskd")
+        raise StateError(
+            f"{meta}: state version {info.get('state_version')!r}, this fskd reads {STATE_VERSION}; "
+            f"fit the state again with this fskd"
+        )
     missing, extra = sorted(_STATE_KEYS - set(info)), sorted(set(info) - _STATE_KEYS)
     if missing or extra:
-        raise StateError(f"{meta}: " + "; ".join(
-            p for p in (f"missing keys {missing}" if missing else "", f"unknown keys {extra}" if extra else "") if p)
-            + " (the state was damaged or edited; write it again)")
-    for key, typ in (("method", str), ("kind", str), ("store_fingerprint", str), ("config", dict), ("hparams", dict),
-                     ("selected_on", dict), ("metrics", dict)):
+        raise StateError(
+            f"{meta}: "
+            + "; ".join(
+                p for p in (f"missing keys {missing}" if missing else "", f"unknown keys {extra}" if extra else "") if p
+            )
+            + " (the state was damaged or edited; write it again)"
+        )
+    for key, typ in (
+        ("method", str),
+        ("kind", str),
+        ("store_fingerprint", str),
+        ("config", dict),
+        ("hparams", dict),
+        ("selected_on", dict),
+        ("metrics", dict),
+    ):
         if not isinstance(info[key], typ):
             raise StateError(f"{meta}: {key} must be a {typ.__name__}, got {info[key]!r}")
     if info["kind"] not in KINDS:
@@ -248,7 +267,9 @@ class Method(ABC):
         build on (e.g. FMA on a residual adapter's features); None when the method has none."""
         return None
 
-    def text_features(self, state: MethodState, store: FeatureStore, device: torch.device) -> dict[str, torch.Tensor] | None:
+    def text_features(
+        self, state: MethodState, store: FeatureStore, device: torch.device
+    ) -> dict[str, torch.Tensor] | None:
         """Class text features (C, d_t) the state learned, per regime (``"allway"``, ``"episodic"``),
         that other methods can build on (e.g. FMA toward CoOp's prompts); None when it has none."""
         return None
@@ -294,14 +315,18 @@ class RecipeMethod(Method):
         """``--set`` options -> (the recipe's name, its implementation class, the other options);
         an unknown recipe is a ConfigError naming the valid ones."""
         if not isinstance(options, dict):
-            raise ConfigError(f"{cls.name}: options must be a JSON object (a table of KEY = VALUE), got "
-                              f"{type(options).__name__} {options!r:.80}")
+            raise ConfigError(
+                f"{cls.name}: options must be a JSON object (a table of KEY = VALUE), got "
+                f"{type(options).__name__} {options!r:.80}"
+            )
         rest = dict(options)
         name = rest.pop(RECIPE, next(iter(cls.recipes)))
         if not isinstance(name, str) or name not in cls.recipes:
             first, *others = cls.recipes
-            raise ConfigError(f"{cls.name}: unknown recipe {name!r}; recipes: {first} (the default: the published "
-                              f"recipe), {', '.join(others)} (--set recipe=NAME)")
+            raise ConfigError(
+                f"{cls.name}: unknown recipe {name!r}; recipes: {first} (the default: the published "
+                f"recipe), {', '.join(others)} (--set recipe=NAME)"
+            )
         return name, cls.recipes[name], rest
 
     @classmethod
@@ -311,14 +336,19 @@ class RecipeMethod(Method):
         name, impl, rest = cls.recipe_of(options)
         if impl.options is None:
             if rest:
-                raise ConfigError(f"{cls.name} recipe={name} takes no options but recipe, got {', '.join(sorted(rest))}")
+                raise ConfigError(
+                    f"{cls.name} recipe={name} takes no options but recipe, got {', '.join(sorted(rest))}"
+                )
             return None
         try:
             return impl.options.from_dict(rest)
         except ConfigError as e:
             own = set(getattr(impl.options, "__dataclass_fields__", {}))
-            other = {r: sorted((set(rest) - own) & set(getattr(c.options, "__dataclass_fields__", {})))
-                     for r, c in cls.recipes.items() if r != name}
+            other = {
+                r: sorted((set(rest) - own) & set(getattr(c.options, "__dataclass_fields__", {})))
+                for r, c in cls.recipes.items()
+                if r != name
+            }
             hint = "; ".join(f"recipe={r} takes {', '.join(keys)}" for r, keys in other.items() if keys)
             if not hint:
                 raise
@@ -330,16 +360,20 @@ class RecipeMethod(Method):
         state = impl().fit(store, dataclasses.replace(config, options=rest), progress)
         state.method, state.config = self.name, config.to_dict()
         state.hparams = {RECIPE: name, **state.hparams}
-        state.selected_on = {RECIPE: f"user-set (--set recipe={name})" if RECIPE in config.options
-                             else "default (the published recipe)", **state.selected_on}
+        state.selected_on = {
+            RECIPE: f"user-set (--set recipe={name})" if RECIPE in config.options else "default (the published recipe)",
+            **state.selected_on,
+        }
         return state
 
     def recipe(self, state: MethodState) -> Method:
         """The implementation of the recipe ``state`` was fitted with."""
         name = state.hparams.get(RECIPE)
         if name not in self.recipes:
-            raise StateError(f"this {self.name} state names recipe {name!r}; {self.name}'s recipes are "
-                             f"{', '.join(self.recipes)}: fit the state again with this fskd")
+            raise StateError(
+                f"this {self.name} state names recipe {name!r}; {self.name}'s recipes are "
+                f"{', '.join(self.recipes)}: fit the state again with this fskd"
+            )
         return self.recipes[name]()
 
     def head(self, state: MethodState, store: FeatureStore, device: torch.device) -> Head:
@@ -370,9 +404,11 @@ def _recipe_options(method: type[RecipeMethod]) -> type:
     default_name, default = next(iter(method.recipes.items()))
     base = default.options or Config
     namespace = {
-        "__annotations__": {RECIPE: str}, RECIPE: default_name, "__module__": method.__module__,
+        "__annotations__": {RECIPE: str},
+        RECIPE: default_name,
+        "__module__": method.__module__,
         "__doc__": f"``{method.name}`` options: ``recipe`` ({', '.join(method.recipes)}; default {default_name}), "
-                   f"then the options of that recipe.",
+        f"then the options of that recipe.",
         "from_dict": classmethod(lambda cls, data: method.parse_options(data)),
     }
     return dataclasses.dataclass(frozen=True)(type(f"{method.__name__}RecipeOptions", (base,), namespace))

@@ -42,7 +42,7 @@ def ridge_path(a: torch.Tensor, b: torch.Tensor, lams) -> list[torch.Tensor]:
         gram = torch.zeros(p, p, dtype=torch.float64, device=a.device)
         rhs = torch.zeros(p, b.shape[1], dtype=torch.float64, device=a.device)
         for s in range(0, n, RIDGE_BLOCK):
-            ab, bb = a[s:s + RIDGE_BLOCK].double(), b[s:s + RIDGE_BLOCK].double()
+            ab, bb = a[s : s + RIDGE_BLOCK].double(), b[s : s + RIDGE_BLOCK].double()
             gram += ab.T @ ab
             rhs += ab.T @ bb
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
@@ -77,7 +77,9 @@ def _t2i_path(t_cls: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor, lam
     return ridge_path(a, b, lams)
 
 
-def batched_text_to_image(e: torch.Tensor, t_classes: torch.Tensor, lam: float, leave_out: bool = False) -> torch.Tensor:
+def batched_text_to_image(
+    e: torch.Tensor, t_classes: torch.Tensor, lam: float, leave_out: bool = False
+) -> torch.Tensor:
     """Per-episode ridge text -> image maps applied to the class texts (Bridge.fit, batched).
 
     e: (E, N, K, D) embedded support, t_classes: (E, N, d_t) class texts -> (E, N, D) L2-normalised
@@ -204,8 +206,13 @@ class Bridge:
         )
 
 
-def bridge_for_store(store, classes: list[int] | None = None, val_classes: list[int] | None = None,
-                     splits: tuple[str, ...] | None = None, device: torch.device | str = "cpu") -> Bridge:
+def bridge_for_store(
+    store,
+    classes: list[int] | None = None,
+    val_classes: list[int] | None = None,
+    splits: tuple[str, ...] | None = None,
+    device: torch.device | str = "cpu",
+) -> Bridge:
     """The identity for a joint encoder, else a bridge fitted on ``classes`` (default: the base
     classes, every sample split) with the ridge chosen on ``val_classes`` (default: val classes)."""
     from fskd.errors import StoreError
@@ -223,5 +230,9 @@ def bridge_for_store(store, classes: list[int] | None = None, val_classes: list[
     if val_classes:
         xv, yv = store.gather(val_classes, splits, max_per_class=sampling.CLASS_ROWS)
         val = (torch.from_numpy(xv).to(device), torch.from_numpy(yv).to(device))
-    return Bridge.fit(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device),
-                      torch.from_numpy(np.asarray(text)).to(device), val=val)
+    return Bridge.fit(
+        torch.from_numpy(x).to(device),
+        torch.from_numpy(y).to(device),
+        torch.from_numpy(np.asarray(text)).to(device),
+        val=val,
+    )

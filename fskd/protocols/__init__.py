@@ -18,16 +18,36 @@ if TYPE_CHECKING:
 #: name -> Protocol subclass; declared in the order ``--protocol`` lists them (the default first)
 PROTOCOLS: Registry[type[Protocol]] = Registry("protocol")
 
-PROTOCOLS.lazy("episodic", "fskd.protocols.episodic",
-               help="N-way K-shot episodes of a class split (novel by default); mean and 95% CI over episodes")
-PROTOCOLS.lazy("allway", "fskd.protocols.allway", aliases=("all-way",), transductive=True,
-               help="CLIP few-shot: K shots per class from the train split, all classes, the full test split; seeds")
-PROTOCOLS.lazy("base-to-new", "fskd.protocols.base_to_new", transductive=True,
-               help="CoCoOp: fitted on the base half of the classes; base, new and their harmonic mean")
-PROTOCOLS.lazy("cross-dataset", "fskd.protocols.transfer", other_store=True,
-               help="a state fitted on one store scores another store's classes through their class text")
-PROTOCOLS.lazy("domain-shift", "fskd.protocols.transfer", other_store=True,
-               help="a state fitted on one store scores another store of the same classes, mapped by key")
+PROTOCOLS.lazy(
+    "episodic",
+    "fskd.protocols.episodic",
+    help="N-way K-shot episodes of a class split (novel by default); mean and 95% CI over episodes",
+)
+PROTOCOLS.lazy(
+    "allway",
+    "fskd.protocols.allway",
+    aliases=("all-way",),
+    transductive=True,
+    help="CLIP few-shot: K shots per class from the train split, all classes, the full test split; seeds",
+)
+PROTOCOLS.lazy(
+    "base-to-new",
+    "fskd.protocols.base_to_new",
+    transductive=True,
+    help="CoCoOp: fitted on the base half of the classes; base, new and their harmonic mean",
+)
+PROTOCOLS.lazy(
+    "cross-dataset",
+    "fskd.protocols.transfer",
+    other_store=True,
+    help="a state fitted on one store scores another store's classes through their class text",
+)
+PROTOCOLS.lazy(
+    "domain-shift",
+    "fskd.protocols.transfer",
+    other_store=True,
+    help="a state fitted on one store scores another store of the same classes, mapped by key",
+)
 
 
 def protocol_names() -> tuple[str, ...]:

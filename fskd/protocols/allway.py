@@ -50,8 +50,9 @@ class AllwayScores:
     batches: list[int] | None = None  # transductive in batches (``batch_setting``): how many, per seed
 
 
-def store_rows(store: StoreLike, split: str, device: torch.device | str
-               ) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
+def store_rows(
+    store: StoreLike, split: str, device: torch.device | str
+) -> tuple[Callable[[np.ndarray], torch.Tensor], np.ndarray]:
     """``(take, labels)`` for :func:`run_allway`: the labels of ``split``'s valid rows, and a function
     reading the features of some of them (indices into those labels) from the store, by row."""
     valid = store.valid_rows(split)
@@ -84,8 +85,10 @@ def run_allway(
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
     if batch_setting is not None and batch_setting.active_classes > len(classes):
-        raise ConfigError(f"--active-classes {batch_setting.active_classes} is more than the {len(classes)} classes "
-                          f"evaluated here: give 1 ... {len(classes)}")
+        raise ConfigError(
+            f"--active-classes {batch_setting.active_classes} is more than the {len(classes)} classes "
+            f"evaluated here: give 1 ... {len(classes)}"
+        )
     pos = {int(c): i for i, c in enumerate(classes)}
     truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
@@ -103,6 +106,7 @@ def run_allway(
 
         def take(r: np.ndarray) -> torch.Tensor:
             return features[torch.from_numpy(r).to(features.device)]
+
     raw_test, test_x = test_x, head.prepare(test_x)
     truth_np = truth.cpu().numpy()
     for seed in seeds:
@@ -111,8 +115,9 @@ def run_allway(
         support = head.prepare(raw_support)  # row-wise, so preparing the shots alone is the same
         fitted = head.fit(support.reshape(len(classes), shot, support.shape[-1])[None], cls)
         if transductive:
-            logits = torch.cat([fitted.logits(test_x[s : s + query_batch][None])[0]
-                                for s in range(0, len(test_y), query_batch)])  # (M, C): every test row
+            logits = torch.cat(
+                [fitted.logits(test_x[s : s + query_batch][None])[0] for s in range(0, len(test_y), query_batch)]
+            )  # (M, C): every test row
             way = torch.arange(len(classes), device=raw_support.device).repeat_interleave(shot)
             if batch_setting is None:
                 out = transclip(raw_test, logits.softmax(-1), raw_support, way)
@@ -141,16 +146,25 @@ def run_allway(
         ece.append(cal.ece())
         nll.append(cal.mean_nll())
     if transductive:
-        return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_cls),
-                            batches=n_batches if batch_setting is not None else None)
-    return AllwayScores(np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_cls), np.asarray(ece),
-                        np.asarray(nll))
+        return AllwayScores(
+            np.asarray(top1),
+            np.asarray(top5) if k else None,
+            np.stack(per_cls),
+            batches=n_batches if batch_setting is not None else None,
+        )
+    return AllwayScores(
+        np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_cls), np.asarray(ece), np.asarray(nll)
+    )
 
 
 def batch_setting(ctx: EvalContext) -> BatchSetting | None:
     """``--batch B --active-classes C``: TransCLIP in realistic batches; None: every row at once."""
     cfg = ctx.cfg
-    return BatchSetting(cfg.batch, cfg.active_classes) if cfg.batch is not None and cfg.active_classes is not None else None
+    return (
+        BatchSetting(cfg.batch, cfg.active_classes)
+        if cfg.batch is not None and cfg.active_classes is not None
+        else None
+    )
 
 
 def need_splits(store: StoreLike, what: str) -> None:
@@ -173,29 +187,50 @@ class Allway(StoreProtocol):
         classes = np.unique(test_y)
         absent = sorted(set(range(store.num_classes)) - set(classes.tolist()))
         if absent:
-            warnings.append(f"{len(absent)} of {store.num_classes} classes have no readable test rows and are left out "
-                            f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
-                            f"{' ...' if len(absent) > 10 else ''}")
+            warnings.append(
+                f"{len(absent)} of {store.num_classes} classes have no readable test rows and are left out "
+                f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
+                f"{' ...' if len(absent) > 10 else ''}"
+            )
         t1 = time.perf_counter()
-        scores = run_allway(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                            classes, cfg.shots, tuple(cfg.seeds), head, class_names=names,
-                            transductive=cfg.transductive, batch_setting=batch_setting(ctx))
+        scores = run_allway(
+            take,
+            train_y,
+            torch.from_numpy(test_x).to(device),
+            test_y,
+            classes,
+            cfg.shots,
+            tuple(cfg.seeds),
+            head,
+            class_names=names,
+            transductive=cfg.transductive,
+            batch_setting=batch_setting(ctx),
+        )
         summ = seed_summary(scores.top1)
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
         fields: dict[str, Any] = dict(
-            accuracy=round(summ.mean, 3), ci95=None if summ.ci95 is None else round(summ.ci95, 3),
-            std=None if summ.std is None else round(summ.std, 3), n_seeds=summ.n, statistic=SEED_CI,
-            per_seed=[round(float(a) * 100, 3) for a in scores.top1], classes=len(classes), n_batches=scores.batches,
+            accuracy=round(summ.mean, 3),
+            ci95=None if summ.ci95 is None else round(summ.ci95, 3),
+            std=None if summ.std is None else round(summ.std, 3),
+            n_seeds=summ.n,
+            statistic=SEED_CI,
+            per_seed=[round(float(a) * 100, 3) for a in scores.top1],
+            classes=len(classes),
+            n_batches=scores.batches,
             mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
             top5=None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3),
-            per_episode=None, per_class=per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes)))
+            per_episode=None,
+            per_class=per_class(names, classes, pc, np.bincount(test_y, minlength=store.num_classes)),
+        )
         if scores.ece is not None and scores.nll is not None:  # none when transductive: not the head's softmax
             fields.update(ece=round(float(scores.ece.mean()) * 100, 3), nll=round(float(scores.nll.mean()), 4))
         return Scored(t1, fields)
 
     def summary_line(self, r: EvalResult) -> str:
-        head = (f"all-way {r.shots}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}{r.how_text()}: "
-                f"{r.accuracy:.2f}%")
+        head = (
+            f"all-way {r.shots}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}{r.how_text()}: "
+            f"{r.accuracy:.2f}%"
+        )
         if r.ci95 is not None:
             head += f" ± {r.ci95:.2f} (95% CI, Student t over {r.n_seeds} seeds; std {r.std:.2f})"
         else:
@@ -213,10 +248,12 @@ class Allway(StoreProtocol):
         )
 
     def bench_text(self, config: dict[str, Any], seeds: list[int], val: str) -> str:
-        return (f"Protocol: all-way (CLIP few-shot). Each cell fits the method on K shots per class drawn from the "
-                f"train split with seed s, {val}, and scores top-1 accuracy (%) on the full test split, all classes. "
-                f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed). Average: the mean of "
-                f"the per-dataset means (its ± is the std over seeds of the per-seed averages).")
+        return (
+            f"Protocol: all-way (CLIP few-shot). Each cell fits the method on K shots per class drawn from the "
+            f"train split with seed s, {val}, and scores top-1 accuracy (%) on the full test split, all classes. "
+            f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed). Average: the mean of "
+            f"the per-dataset means (its ± is the std over seeds of the per-seed averages)."
+        )
 
 
 PROTOCOLS.register("allway", Allway)

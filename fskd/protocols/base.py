@@ -101,20 +101,28 @@ class EvalResult:
         if self.inductive:
             return "inductive"
         st = self.transductive_setting
-        how = ("all test rows of each seed scored at once" if not isinstance(st, dict) else
-               f"the test rows of each seed scored in batches of at most {st['batch']} rows drawn from "
-               f"{st['active_classes']} random classes ({st['batches']} batches in all; the realistic setting of "
-               f"Zanella et al. CVPR 2025), each batch alone")
-        return (f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: {how}, a GMM with a k-NN Laplacian "
-                f"and a KL term toward the head's softmax; no ECE/NLL)")
+        how = (
+            "all test rows of each seed scored at once"
+            if not isinstance(st, dict)
+            else f"the test rows of each seed scored in batches of at most {st['batch']} rows drawn from "
+            f"{st['active_classes']} random classes ({st['batches']} batches in all; the realistic setting of "
+            f"Zanella et al. CVPR 2025), each batch alone"
+        )
+        return (
+            f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: {how}, a GMM with a k-NN Laplacian "
+            f"and a KL term toward the head's softmax; no ECE/NLL)"
+        )
 
     def how_text(self) -> str:
         """`` + TransCLIP (transductive[, in batches ...])`` for the summary line; "" when inductive."""
         if self.inductive:
             return ""
         st = self.transductive_setting
-        batches = (f", batches of {st['batch']} from {st['active_classes']} classes: {st['batches']}"
-                   if isinstance(st, dict) else "")
+        batches = (
+            f", batches of {st['batch']} from {st['active_classes']} classes: {st['batches']}"
+            if isinstance(st, dict)
+            else ""
+        )
         return f" + {self.transductive} (transductive{batches})"
 
 
@@ -196,16 +204,22 @@ class StoreProtocol(Protocol):
         store = eval_class_split(cfg, ctx.store, state)
         ctx = replace(ctx, store=store)  # what the head and the scoring see: the view, not the store
         head, name, selected = ctx.head(store)
-        warnings: list[str] = [f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
-                               for s, ids in store.skipped().items()]
+        warnings: list[str] = [
+            f"{len(ids)} unreadable file(s) of the {s} split were skipped at extraction"
+            for s, ids in store.skipped().items()
+        ]
         b2n = self.base_to_new_state
         if state is not None and bool(state.config.get("base_to_new")) != b2n:
             if b2n:
-                raise EvaluationError(f"state {cfg.state} was fitted on every class, the new half included; "
-                                      f"base-to-new needs a state fitted with --base-to-new (fskd adapt/align "
-                                      f"--base-to-new --shots 16)")
-            raise EvaluationError(f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it "
-                                  f"with --protocol base-to-new")
+                raise EvaluationError(
+                    f"state {cfg.state} was fitted on every class, the new half included; "
+                    f"base-to-new needs a state fitted with --base-to-new (fskd adapt/align "
+                    f"--base-to-new --shots 16)"
+                )
+            raise EvaluationError(
+                f"state {cfg.state} was fitted for base-to-new (on the base half only); evaluate it "
+                f"with --protocol base-to-new"
+            )
         if self.checks_state_seeds and state is not None:
             check_state_seeds(cfg, state, ctx.method(), warnings, strict=b2n)
         out = self.score(ctx, head, name, warnings)
@@ -214,17 +228,40 @@ class StoreProtocol(Protocol):
         ep = self.episodic
         n_batches = out.fields.pop("n_batches", None)
         return EvalResult(
-            protocol=cfg.protocol, shots=cfg.shots, classifier=name, encoder=enc["spec"],
-            web_scale=bool(enc["web_scale"]), episodes=cfg.episodes if ep else None, way=cfg.way if ep else None,
-            query=cfg.query if ep else None, split=cfg.split if ep else "test", seed=cfg.seed if ep else None,
-            seeds=None if ep else list(cfg.seeds), center=center_text(cfg, ep), inductive=not cfg.transductive,
-            store=str(store.path), store_fingerprint=store.fingerprint, state=cfg.state,
+            protocol=cfg.protocol,
+            shots=cfg.shots,
+            classifier=name,
+            encoder=enc["spec"],
+            web_scale=bool(enc["web_scale"]),
+            episodes=cfg.episodes if ep else None,
+            way=cfg.way if ep else None,
+            query=cfg.query if ep else None,
+            split=cfg.split if ep else "test",
+            seed=cfg.seed if ep else None,
+            seeds=None if ep else list(cfg.seeds),
+            center=center_text(cfg, ep),
+            inductive=not cfg.transductive,
+            store=str(store.path),
+            store_fingerprint=store.fingerprint,
+            state=cfg.state,
             transductive="TransCLIP" if cfg.transductive else None,
-            transductive_setting=(None if not cfg.transductive else "all" if cfg.batch is None else
-                                  {"batch": cfg.batch, "active_classes": cfg.active_classes,
-                                   "batches": sum(n_batches or []), "batches_per_seed": n_batches}),
-            seconds=round(t2 - ctx.t0, 4), eval_seconds=round(t2 - out.t1, 4), selected_on=selected,
-            warnings=warnings, **out.fields,
+            transductive_setting=(
+                None
+                if not cfg.transductive
+                else "all"
+                if cfg.batch is None
+                else {
+                    "batch": cfg.batch,
+                    "active_classes": cfg.active_classes,
+                    "batches": sum(n_batches or []),
+                    "batches_per_seed": n_batches,
+                }
+            ),
+            seconds=round(t2 - ctx.t0, 4),
+            eval_seconds=round(t2 - out.t1, 4),
+            selected_on=selected,
+            warnings=warnings,
+            **out.fields,
         )
 
     @abstractmethod
@@ -233,11 +270,14 @@ class StoreProtocol(Protocol):
         classes, ...; ``n_batches``: transductive batches per seed), appending to ``warnings``."""
 
 
-def per_class(names: list[str], classes: Any, accuracy: np.ndarray, rows: np.ndarray, **extra: Any
-              ) -> list[dict[str, Any]]:
+def per_class(
+    names: list[str], classes: Any, accuracy: np.ndarray, rows: np.ndarray, **extra: Any
+) -> list[dict[str, Any]]:
     """The per-class table of a report: name, accuracy (%), test rows, for ``classes`` in order."""
-    return [{"class": names[int(c)], **extra, "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
-            for c, a in zip(classes, accuracy, strict=True)]
+    return [
+        {"class": names[int(c)], **extra, "accuracy": round(float(a) * 100, 3), "test_rows": int(rows[c])}
+        for c, a in zip(classes, accuracy, strict=True)
+    ]
 
 
 def eval_class_split(cfg: EvalConfig, store: StoreLike, state: Any) -> StoreView:
@@ -256,9 +296,11 @@ def eval_class_split(cfg: EvalConfig, store: StoreLike, state: Any) -> StoreView
         return {k: sorted(v) for k, v in d.items() if k != "source"}
 
     if given is not None and strip(given) != strip(fitted):
-        raise EvaluationError(f"state {cfg.state} was fitted with another class split than the one given here; its "
-                              f"novel classes must stay the ones it never learned from: drop --class-split/--class-ratio "
-                              f"(the state's split is used) or fit again with this split")
+        raise EvaluationError(
+            f"state {cfg.state} was fitted with another class split than the one given here; its "
+            f"novel classes must stay the ones it never learned from: drop --class-split/--class-ratio "
+            f"(the state's split is used) or fit again with this split"
+        )
     if given is None and strip(view.attrs["class_split"]) != strip(fitted):
         return view.view(class_split={**fitted, "source": f"the class split state {cfg.state} was fitted with"})
     return view
@@ -285,15 +327,19 @@ def check_state_seeds(cfg: EvalConfig, state: Any, method: Any, warnings: list[s
     if strict and (tuple(cfg.seeds) != (seed,) or cfg.shots != k):
         raise EvaluationError(
             f"state {cfg.state} was fitted for base-to-new on the {k} shots per base class of seed {seed} (all it "
-            f"was shown); evaluate it with --shots {k} --seeds {seed}, and fit one state per seed for numbers over seeds")
+            f"was shown); evaluate it with --shots {k} --seeds {seed}, and fit one state per seed for numbers over seeds"
+        )
     if method.bound_to_shots(state):
         if tuple(cfg.seeds) != (seed,) or cfg.shots != k:
             raise EvaluationError(
                 f"state {cfg.state} ({state.method}) holds a model fitted on the {k} shots per class of seed {seed}; "
                 f"evaluating it with --shots {cfg.shots} --seeds {','.join(map(str, cfg.seeds))} would score that one "
                 f"model again and again, not independent runs. Evaluate it with --shots {k} --seeds {seed}; for "
-                f"numbers over seeds, fit one state per seed (--seed 1, 2, 3) and evaluate each with its own seed")
+                f"numbers over seeds, fit one state per seed (--seed 1, 2, 3) and evaluate each with its own seed"
+            )
     elif cfg.shots != k or tuple(cfg.seeds) != (seed,):
-        warnings.append(f"the hyper-parameters of state {cfg.state} were chosen for {k} shots and seed {seed}; it is "
-                        f"evaluated here with {cfg.shots} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
-                        f"for the protocol's own numbers)")
+        warnings.append(
+            f"the hyper-parameters of state {cfg.state} were chosen for {k} shots and seed {seed}; it is "
+            f"evaluated here with {cfg.shots} shots and seeds {list(cfg.seeds)} (fit one state per K and seed "
+            f"for the protocol's own numbers)"
+        )

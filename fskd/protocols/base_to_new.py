@@ -70,9 +70,11 @@ def restrict_for_fit(store: StoreLike, shots: int, seed: int, hp_selection: str)
     for s in store.splits:
         if s not in keep:
             keep[s] = np.zeros(store.n_rows(s), bool)
-    desc = (f"base-to-new: the fit saw {shots} train shots (seed {seed}) of each of the {len(base)} base classes and "
-            f"{n_val} val rows ({hp_selection} rule); the {store.num_classes - len(base)} new classes and every test row "
-            f"were hidden")
+    desc = (
+        f"base-to-new: the fit saw {shots} train shots (seed {seed}) of each of the {len(base)} base classes and "
+        f"{n_val} val rows ({hp_selection} rule); the {store.num_classes - len(base)} new classes and every test row "
+        f"were hidden"
+    )
     return store.view(class_split=split_of(store.num_classes), keep=keep, default_splits=["train"], description=desc)
 
 
@@ -88,10 +90,20 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def run_base_to_new(train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor], train_y: np.ndarray,
-                    test_x: torch.Tensor, test_y: np.ndarray, n_classes: int, shot: int, seeds: tuple[int, ...],
-                    head: Head, transfers: bool, class_names: list[str] | None = None, transductive: bool = False,
-                    batch_setting: BatchSetting | None = None) -> BaseToNewScores:
+def run_base_to_new(
+    train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor],
+    train_y: np.ndarray,
+    test_x: torch.Tensor,
+    test_y: np.ndarray,
+    n_classes: int,
+    shot: int,
+    seeds: tuple[int, ...],
+    head: Head,
+    transfers: bool,
+    class_names: list[str] | None = None,
+    transductive: bool = False,
+    batch_setting: BatchSetting | None = None,
+) -> BaseToNewScores:
     """Base: all-way over the base half with K shots per class; new: over the new half with no
     shot (the head gets an empty support of the new classes), when ``transfers``. ``transductive``:
     each half's test rows are classified jointly by TransCLIP (zero-shot setting for the new half);
@@ -99,13 +111,35 @@ def run_base_to_new(train_x: torch.Tensor | Callable[[np.ndarray], torch.Tensor]
     base, new = halves(n_classes)
     in_base = np.isin(test_y, base)
     idx_b = torch.from_numpy(np.flatnonzero(in_base)).to(test_x.device)
-    b = run_allway(train_x, train_y, test_x[idx_b], test_y[in_base], base, shot, seeds, head, class_names=class_names,
-                   transductive=transductive, batch_setting=batch_setting)
+    b = run_allway(
+        train_x,
+        train_y,
+        test_x[idx_b],
+        test_y[in_base],
+        base,
+        shot,
+        seeds,
+        head,
+        class_names=class_names,
+        transductive=transductive,
+        batch_setting=batch_setting,
+    )
     n = None
     if transfers:
         idx_n = torch.from_numpy(np.flatnonzero(~in_base)).to(test_x.device)
-        n = run_allway(train_x, train_y, test_x[idx_n], test_y[~in_base], new, 0, seeds, head, class_names=class_names,
-                       transductive=transductive, batch_setting=batch_setting)
+        n = run_allway(
+            train_x,
+            train_y,
+            test_x[idx_n],
+            test_y[~in_base],
+            new,
+            0,
+            seeds,
+            head,
+            class_names=class_names,
+            transductive=transductive,
+            batch_setting=batch_setting,
+        )
     return BaseToNewScores(b, n, base, new)
 
 
@@ -127,39 +161,72 @@ class BaseToNew(StoreProtocol):
         if not transfers:
             warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
         t1 = time.perf_counter()
-        sc = run_base_to_new(take, train_y, torch.from_numpy(test_x).to(device), test_y,
-                             store.num_classes, cfg.shots, tuple(cfg.seeds), head, transfers, names,
-                             transductive=cfg.transductive, batch_setting=batch_setting(ctx))
+        sc = run_base_to_new(
+            take,
+            train_y,
+            torch.from_numpy(test_x).to(device),
+            test_y,
+            store.num_classes,
+            cfg.shots,
+            tuple(cfg.seeds),
+            head,
+            transfers,
+            names,
+            transductive=cfg.transductive,
+            batch_setting=batch_setting(ctx),
+        )
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
         hm = harmonic_mean(b.mean, nw.mean) if nw is not None else None
-        per_seed_v = ([harmonic_mean(x, y) for x, y in zip(sc.base.top1, sc.new.top1, strict=True)]
-                      if sc.new is not None else list(sc.base.top1))
+        per_seed_v = (
+            [harmonic_mean(x, y) for x, y in zip(sc.base.top1, sc.new.top1, strict=True)]
+            if sc.new is not None
+            else list(sc.base.top1)
+        )
         summ = seed_summary(per_seed_v)
         acc = hm if hm is not None else b.mean
         n_batches = None
         if sc.base.batches is not None:
-            n_batches = [x + y for x, y in zip(sc.base.batches, sc.new.batches if sc.new is not None and
-                                               sc.new.batches is not None else [0] * len(sc.base.batches), strict=True)]
+            n_batches = [
+                x + y
+                for x, y in zip(
+                    sc.base.batches,
+                    sc.new.batches if sc.new is not None and sc.new.batches is not None else [0] * len(sc.base.batches),
+                    strict=True,
+                )
+            ]
         rows = np.bincount(test_y, minlength=store.num_classes)
         table: list[dict[str, Any]] = []
         for part, scores_, cls in (("base", sc.base, sc.base_classes), ("new", sc.new, sc.new_classes)):
             if scores_ is not None:
                 table += per_class(names, cls, np.nanmean(scores_.per_class, axis=0), rows, half=part)
-        return Scored(t1, dict(
-            accuracy=round(acc, 3), ci95=None if summ.ci95 is None else round(summ.ci95, 3),
-            std=None if summ.std is None else round(summ.std, 3), n_seeds=summ.n,
-            statistic=f"{SEED_CI} of the per-seed {'harmonic mean' if hm is not None else 'base accuracy'}",
-            per_seed=[round(float(a) * 100, 3) for a in per_seed_v], classes=store.num_classes, n_batches=n_batches,
-            base=round(b.mean, 3), new=None if nw is None else round(nw.mean, 3), hm=None if hm is None else round(hm, 3),
-            top5=None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3),
-            per_class=table, mean_per_class=round(float(np.nanmean([r["accuracy"] for r in table])), 3)))
+        return Scored(
+            t1,
+            dict(
+                accuracy=round(acc, 3),
+                ci95=None if summ.ci95 is None else round(summ.ci95, 3),
+                std=None if summ.std is None else round(summ.std, 3),
+                n_seeds=summ.n,
+                statistic=f"{SEED_CI} of the per-seed {'harmonic mean' if hm is not None else 'base accuracy'}",
+                per_seed=[round(float(a) * 100, 3) for a in per_seed_v],
+                classes=store.num_classes,
+                n_batches=n_batches,
+                base=round(b.mean, 3),
+                new=None if nw is None else round(nw.mean, 3),
+                hm=None if hm is None else round(hm, 3),
+                top5=None if sc.base.top5 is None else round(float(sc.base.top5.mean()) * 100, 3),
+                per_class=table,
+                mean_per_class=round(float(np.nanmean([r["accuracy"] for r in table])), 3),
+            ),
+        )
 
     def summary_line(self, r: EvalResult) -> str:
         new = "n/a (cannot transfer)" if r.new is None else f"{r.new:.2f}%"
         hm = "n/a" if r.hm is None else f"{r.hm:.2f}%"
-        return (f"base-to-new {r.shots}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}{r.how_text()}: "
-                f"base {r.base:.2f}%, new {new}, HM {hm}")
+        return (
+            f"base-to-new {r.shots}-shot, {r.classes} classes, seeds {r.seeds}, {r.classifier}{r.how_text()}: "
+            f"base {r.base:.2f}%, new {new}, HM {hm}"
+        )
 
     def describe(self, r: EvalResult) -> str:
         return (
@@ -171,12 +238,14 @@ class BaseToNew(StoreProtocol):
         )
 
     def bench_text(self, config: dict[str, Any], seeds: list[int], val: str) -> str:
-        return (f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
-                f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "
-                f"classes is seen. Base: top-1 (%) on the base classes' test rows among the base classes; new: on the "
-                f"new classes' test rows among the new classes, with no shot of them; HM: their harmonic mean. "
-                f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed); HM entries: over "
-                f"the per-seed HMs. Average: the mean over datasets (Average HM: the HM of the average base and new).")
+        return (
+            f"Protocol: base-to-new (CoCoOp). Classes split in half by label order; each cell fits the method on "
+            f"K shots per base class (seed s), {val.replace('per class', 'per base class')}; nothing of the new "
+            f"classes is seen. Base: top-1 (%) on the base classes' test rows among the base classes; new: on the "
+            f"new classes' test rows among the new classes, with no shot of them; HM: their harmonic mean. "
+            f"Entries: mean ± std over seeds {', '.join(map(str, seeds))} (one fit per seed); HM entries: over "
+            f"the per-seed HMs. Average: the mean over datasets (Average HM: the HM of the average base and new)."
+        )
 
 
 PROTOCOLS.register("base-to-new", BaseToNew)

@@ -73,17 +73,38 @@ class Episodic(StoreProtocol):
         feats, labels = store.gather(classes)
         t1 = time.perf_counter()
         # sampled batch by batch (memory bounded whatever --episodes), the episodes of one draw
-        eps = iter_episodes(labels, classes, cfg.way, cfg.shots, cfg.query, cfg.episodes, cfg.seed, store.class_names,
-                            multiple=cfg.episode_batch)
+        eps = iter_episodes(
+            labels,
+            classes,
+            cfg.way,
+            cfg.shots,
+            cfg.query,
+            cfg.episodes,
+            cfg.seed,
+            store.class_names,
+            multiple=cfg.episode_batch,
+        )
         accs = run_episodes(torch.from_numpy(feats).to(ctx.device), eps, head, cfg.episode_batch)
         acc, ci = mean_ci95(accs)
-        return Scored(t1, dict(accuracy=round(acc, 3), ci95=None if ci is None else round(ci, 3), std=None,
-                               statistic=EPISODE_CI, n_seeds=None, per_seed=None, classes=len(classes),
-                               per_episode=[round(float(a), 6) for a in accs]))
+        return Scored(
+            t1,
+            dict(
+                accuracy=round(acc, 3),
+                ci95=None if ci is None else round(ci, 3),
+                std=None,
+                statistic=EPISODE_CI,
+                n_seeds=None,
+                per_seed=None,
+                classes=len(classes),
+                per_episode=[round(float(a), 6) for a in accs],
+            ),
+        )
 
     def summary_line(self, r: EvalResult) -> str:
-        return (f"{r.way}-way {r.shots}-shot on {r.classes} {r.split} classes, {r.episodes} episodes, "
-                f"{r.classifier}: {r.accuracy:.2f}% ± {r.ci95:.2f} (95% CI over episodes)")
+        return (
+            f"{r.way}-way {r.shots}-shot on {r.classes} {r.split} classes, {r.episodes} episodes, "
+            f"{r.classifier}: {r.accuracy:.2f}% ± {r.ci95:.2f} (95% CI over episodes)"
+        )
 
     def describe(self, r: EvalResult) -> str:
         return (
@@ -95,15 +116,21 @@ class Episodic(StoreProtocol):
 
     def bench_text(self, config: dict[str, Any], seeds: list[int], val: str) -> str:
         ratio = config.get("class_ratio")
-        split = (f"seed s also draws the class split: a seeded {'/'.join(f'{r:g}' for r in ratio)} base/val/novel "
-                 f"split of the store's classes (--class-ratio, --split-seed s), so the spread over seeds is the "
-                 f"spread over class splits" if ratio else "the store's own class split for every seed")
-        return (f"Protocol: episodic. Each cell fits the method with --shots K and seed s on the base classes "
-                f"(hyper-parameters on val-class episodes), then scores {config.get('episodes', 600)} "
-                f"{config.get('way', 5)}-way K-shot {config.get('query', 15)}-query episodes of the novel classes "
-                f"(episode seed {config.get('episode_seed', 0)}); {split}. Entries: mean ± std over seeds "
-                f"{', '.join(map(str, seeds))} of the per-cell mean episode accuracy (%); paired differences: their "
-                f"95% CI is over the seeds (class splits), not over episodes.")
+        split = (
+            f"seed s also draws the class split: a seeded {'/'.join(f'{r:g}' for r in ratio)} base/val/novel "
+            f"split of the store's classes (--class-ratio, --split-seed s), so the spread over seeds is the "
+            f"spread over class splits"
+            if ratio
+            else "the store's own class split for every seed"
+        )
+        return (
+            f"Protocol: episodic. Each cell fits the method with --shots K and seed s on the base classes "
+            f"(hyper-parameters on val-class episodes), then scores {config.get('episodes', 600)} "
+            f"{config.get('way', 5)}-way K-shot {config.get('query', 15)}-query episodes of the novel classes "
+            f"(episode seed {config.get('episode_seed', 0)}); {split}. Entries: mean ± std over seeds "
+            f"{', '.join(map(str, seeds))} of the per-cell mean episode accuracy (%); paired differences: their "
+            f"95% CI is over the seeds (class splits), not over episodes."
+        )
 
 
 PROTOCOLS.register("episodic", Episodic)

@@ -67,11 +67,22 @@ class Cell:
 
     @property
     def key(self) -> str:
-        parts = [self.store_fingerprint, self.method, self.shots, self.seed, self.protocol, self.hp_selection, self.options]
-        return json.dumps(parts + ([self.source_fingerprint] if self.source_fingerprint else [])
-                          + ([self.setting] if self.setting else [])
-                          + ([{"variant_of": self.fit_method}] if self.fit_method else [])
-                          + ([{"stages": self.stages}] if self.stages else []))
+        parts = [
+            self.store_fingerprint,
+            self.method,
+            self.shots,
+            self.seed,
+            self.protocol,
+            self.hp_selection,
+            self.options,
+        ]
+        return json.dumps(
+            parts
+            + ([self.source_fingerprint] if self.source_fingerprint else [])
+            + ([self.setting] if self.setting else [])
+            + ([{"variant_of": self.fit_method}] if self.fit_method else [])
+            + ([{"stages": self.stages}] if self.stages else [])
+        )
 
     def label(self) -> str:
         return f"{self.dataset} {self.method} {self.shots}-shot seed {self.seed}"
@@ -113,8 +124,11 @@ class Results:
                 self._newline = True
                 end = len(data)
             else:  # a line cut by a kill: ours, and never a finished cell; left to the next append
-                log.warning("%s: ignoring an unfinished last line (%d bytes) left by an interrupted run", self.path,
-                            len(data) - end)
+                log.warning(
+                    "%s: ignoring an unfinished last line (%d bytes) left by an interrupted run",
+                    self.path,
+                    len(data) - end,
+                )
                 self._cut = end
         for i, line in enumerate(data[:end].decode("utf-8").splitlines()):
             if not line.strip():
@@ -122,8 +136,9 @@ class Results:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise OutputError(f"{self.path}: line {i + 1} is not JSON ({e}); the results file was edited. Fix or "
-                                  f"remove that line") from None
+                raise OutputError(
+                    f"{self.path}: line {i + 1} is not JSON ({e}); the results file was edited. Fix or remove that line"
+                ) from None
             self.rows.append(row)
 
     def done(self) -> dict[str, dict]:
@@ -156,15 +171,29 @@ class Results:
 
 def cell_row(cell: Cell, result: dict) -> dict:
     """A cell's row in ``results.jsonl``: what identifies the cell, then its result."""
-    return {"key": cell.key, "store": cell.store, "store_fingerprint": cell.store_fingerprint,
-            "dataset": cell.dataset, "method": cell.method, "shots": cell.shots, "seed": cell.seed,
-            "protocol": cell.protocol, "hp_selection": cell.hp_selection, "options": json.loads(cell.options),
-            **({"variant_of": cell.fit_method} if cell.fit_method else {}),
-            **({"stages": cell.stages} if cell.stages else {}), **result}
+    return {
+        "key": cell.key,
+        "store": cell.store,
+        "store_fingerprint": cell.store_fingerprint,
+        "dataset": cell.dataset,
+        "method": cell.method,
+        "shots": cell.shots,
+        "seed": cell.seed,
+        "protocol": cell.protocol,
+        "hp_selection": cell.hp_selection,
+        "options": json.loads(cell.options),
+        **({"variant_of": cell.fit_method} if cell.fit_method else {}),
+        **({"stages": cell.stages} if cell.stages else {}),
+        **result,
+    }
 
 
-def run_grid(cells: list[Cell], results: Results, run_cell: Callable[[Cell], dict],
-             progress: Callable[[int, int, str], None] | None = None) -> dict[str, int]:
+def run_grid(
+    cells: list[Cell],
+    results: Results,
+    run_cell: Callable[[Cell], dict],
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, int]:
     """Run every cell not finished in ``results``; append each row as it finishes. Returns counts
     of done-before / ok / n/a / failed."""
     done = results.done()
@@ -233,8 +262,9 @@ def by_selection(rows: list[dict]) -> list[dict]:
     return [{**r, "method": f"{r['method']} [{r.get('hp_selection', 'few-shot-val')}]"} for r in rows]
 
 
-def summarise(rows: list[dict], metric: str = "accuracy"
-              ) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
+def summarise(
+    rows: list[dict], metric: str = "accuracy"
+) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
     """(method, dataset, shots) -> Summary of ``metric`` (accuracy; base, new or hm for
     base-to-new), with methods, datasets and shots in grid order."""
     methods, datasets, shots = [], [], []
@@ -282,20 +312,32 @@ def _shots_title(k: int, level: str = "##") -> str:
 
 def _tex_table(k: int, header: list[str], body: list[list[str]]) -> list[str]:
     """One booktabs tabular: a header row and body rows of text cells (the first is the method)."""
-    out = [f"% {k} shots", "\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
-           " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
+    out = [
+        f"% {k} shots",
+        "\\begin{tabular}{l" + "c" * (len(header) - 1) + "}",
+        "\\toprule",
+        " & ".join(_tex(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
     out += [" & ".join([_tex(r[0])] + [c.replace("±", "$\\pm$") for c in r[1:]]) + " \\\\" for r in body]
     return out + ["\\bottomrule", "\\end{tabular}", ""]
 
 
 def _csv_cells(c: Summary) -> list:
     """mean, std, n_seeds, per_seed, status, message of one table entry, for table.csv."""
-    return ["" if c.mean is None else f"{c.mean:.3f}", "" if c.std is None else f"{c.std:.3f}", len(c.per_seed),
-            json.dumps({str(s): round(v, 3) for s, v in c.per_seed.items()}), c.status, c.message]
+    return [
+        "" if c.mean is None else f"{c.mean:.3f}",
+        "" if c.std is None else f"{c.std:.3f}",
+        len(c.per_seed),
+        json.dumps({str(s): round(v, 3) for s, v in c.per_seed.items()}),
+        c.status,
+        c.message,
+    ]
 
 
-def _paired_section(summ: dict, methods: list[str], datasets: list[str], shots: list[int], baseline: str,
-                    title: str, intro: str) -> list[str]:
+def _paired_section(
+    summ: dict, methods: list[str], datasets: list[str], shots: list[int], baseline: str, title: str, intro: str
+) -> list[str]:
     """Per K, every method's paired difference to ``baseline`` per dataset (see :func:`_diff`)."""
     md = [f"## {title}\n", intro]
     for k in shots:
@@ -329,8 +371,11 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
         return cells + ([_average(summ, m, avg_over, k)] if len(avg_over) > 1 else [])
 
     seeds = sorted({r["seed"] for r in rows})
-    md = [f"# fskd bench: {config.get('protocol', 'allway')}\n",
-          protocol_text(config, seeds) + _student_text(rows, config), ""]
+    md = [
+        f"# fskd bench: {config.get('protocol', 'allway')}\n",
+        protocol_text(config, seeds) + _student_text(rows, config),
+        "",
+    ]
     tex = ["% fskd bench: " + protocol_text(config, seeds).replace("%", "\\%")]
     for k in shots:
         body = [[m] + [c.text() for c in row_cells(m, k)] for m in methods]
@@ -338,17 +383,31 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
         tex += _tex_table(k, ["Method"] + cols, body)
     if len(shots) > 1:
         label = "average over datasets" if len(datasets) > 1 else datasets[0]
-        md += [f"## Accuracy vs shots ({label})\n",
-               _md(["method"] + [f"{k}-shot" for k in shots],
-                   [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods]), ""]
+        md += [
+            f"## Accuracy vs shots ({label})\n",
+            _md(
+                ["method"] + [f"{k}-shot" for k in shots],
+                [[m] + [row_cells(m, k)[-1].text() for k in shots] for m in methods],
+            ),
+            "",
+        ]
     md += _calibration_section(rows, config, methods, avg_over, shots)
     if baseline:
-        md += _paired_section(summ, methods, datasets, shots, baseline, f"Paired difference to {baseline}",
-                              (f"Mean over class splits of (method - {baseline}) on the same split's episodes, in points, "
-                               f"with its 95% CI (Student t over the splits); * where the interval excludes 0.\n"
-                               if config.get("protocol") == "episodic" and config.get("class_ratio") else
-                               f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its "
-                               f"95% CI (Student t over the seeds); * where the interval excludes 0.\n"))
+        md += _paired_section(
+            summ,
+            methods,
+            datasets,
+            shots,
+            baseline,
+            f"Paired difference to {baseline}",
+            (
+                f"Mean over class splits of (method - {baseline}) on the same split's episodes, in points, "
+                f"with its 95% CI (Student t over the splits); * where the interval excludes 0.\n"
+                if config.get("protocol") == "episodic" and config.get("class_ratio")
+                else f"Mean over seeds of (method - {baseline}) on the same seeds' shots, in points, with its "
+                f"95% CI (Student t over the seeds); * where the interval excludes 0.\n"
+            ),
+        )
     md += _notes(_failed_cells(rows))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -360,26 +419,43 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
     out = {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
     timing = _fit_seconds_section(rows, methods, shots)
     if timing:  # apart from the tables: times differ run to run, the tables do not
-        out["timing.md"] = "\n".join([f"# fskd bench: fit times ({config.get('protocol', 'allway')})\n"] + timing).rstrip() + "\n"
+        out["timing.md"] = (
+            "\n".join([f"# fskd bench: fit times ({config.get('protocol', 'allway')})\n"] + timing).rstrip() + "\n"
+        )
     return out
 
 
-def _calibration_section(rows: list[dict], config: dict, methods: list[str], datasets: list[str],
-                         shots: list[int]) -> list[str]:
+def _calibration_section(
+    rows: list[dict], config: dict, methods: list[str], datasets: list[str], shots: list[int]
+) -> list[str]:
     """All-way grids whose every finished row has an ECE: methods x shots, mean over datasets."""
     ok = [r for r in rows if r["status"] == OK]
     if config.get("protocol", "allway") != "allway" or not ok or any(r.get("ece") is None for r in ok):
         return []
     summ, *_ = summarise(rows, "ece")
     label = "mean over datasets" if len(datasets) > 1 else datasets[0]
-    return [f"## Calibration: expected calibration error (%, {label})\n",
-            "ECE over 15 equal-width bins of the top-1 softmax probability of each head's logits as they are "
-            "(lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a large ECE), "
-            "mean ± std over seeds.\n",
-            _md(["method"] + [f"{k}-shot" for k in shots],
-                [[m] + [(_average(summ, m, datasets, k) if len(datasets) > 1 else
-                         summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))).text()
-                        for k in shots] for m in methods]), ""]
+    return [
+        f"## Calibration: expected calibration error (%, {label})\n",
+        "ECE over 15 equal-width bins of the top-1 softmax probability of each head's logits as they are "
+        "(lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a large ECE), "
+        "mean ± std over seeds.\n",
+        _md(
+            ["method"] + [f"{k}-shot" for k in shots],
+            [
+                [m]
+                + [
+                    (
+                        _average(summ, m, datasets, k)
+                        if len(datasets) > 1
+                        else summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))
+                    ).text()
+                    for k in shots
+                ]
+                for m in methods
+            ],
+        ),
+        "",
+    ]
 
 
 def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
@@ -392,10 +468,13 @@ def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int])
         for k in shots:
             t = [r["fit_seconds"] for r in ok if r["method"] == m and r["shots"] == k]
             cell[m, k] = f"{np.mean(t):.2f}" if t else "n/a"
-    return ["## Fit seconds (mean over datasets and seeds)\n",
-            "Wall seconds of one fit, hyper-parameter search included (the machine of the run; compare rows of "
-            "one table only).\n",
-            _md(["method"] + [f"{k}-shot" for k in shots], [[m] + [cell[m, k] for k in shots] for m in methods]), ""]
+    return [
+        "## Fit seconds (mean over datasets and seeds)\n",
+        "Wall seconds of one fit, hyper-parameter search included (the machine of the run; compare rows of "
+        "one table only).\n",
+        _md(["method"] + [f"{k}-shot" for k in shots], [[m] + [cell[m, k] for k in shots] for m in methods]),
+        "",
+    ]
 
 
 def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[str, str]:
@@ -426,18 +505,32 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
                     w.writerow([m, d, k, p, *_csv_cells(c)])
             if avg:
                 ab, an = (_average(parts[p], m, datasets, k) for p in ("base", "new"))
-                row += [ab.text(), an.text(),
-                        f"{harmonic_mean(ab.mean, an.mean):.2f}" if ab.status == OK and an.status == OK else "n/a"]
+                row += [
+                    ab.text(),
+                    an.text(),
+                    f"{harmonic_mean(ab.mean, an.mean):.2f}" if ab.status == OK and an.status == OK else "n/a",
+                ]
             body.append(row)
         md += [_shots_title(k), _md(header, body), ""]
         tex += _tex_table(k, header, body)
     if baseline:
-        md += _paired_section(parts["hm"], methods, datasets, shots, baseline, f"Paired difference of HM to {baseline}",
-                              f"Mean over seeds of (method - {baseline}) harmonic mean, with its 95% CI (Student t "
-                              f"over the seeds).\n")
+        md += _paired_section(
+            parts["hm"],
+            methods,
+            datasets,
+            shots,
+            baseline,
+            f"Paired difference of HM to {baseline}",
+            f"Mean over seeds of (method - {baseline}) harmonic mean, with its 95% CI (Student t over the seeds).\n",
+        )
     notes = _failed_cells(rows)
-    notes += sorted({(m, d, "cannot classify classes it has no shot of: base only") for (m, d, k), c in parts["new"].items()
-                     if c.status == NA and not c.per_seed and "cannot classify" in c.message})
+    notes += sorted(
+        {
+            (m, d, "cannot classify classes it has no shot of: base only")
+            for (m, d, k), c in parts["new"].items()
+            if c.status == NA and not c.per_seed and "cannot classify" in c.message
+        }
+    )
     md += _notes(notes)
     return {"table.md": "\n".join(md).rstrip() + "\n", "table.csv": buf.getvalue(), "table.tex": "\n".join(tex)}
 
@@ -449,20 +542,28 @@ def _student_text(rows: list[dict], config: dict) -> str:
     chains = {r["method"]: r["stages"] for r in rows if r.get("stages")}
     if not students and not chains:
         return ""
-    regime = ("base-novel: trained on the base classes' images and labels, distilling the store's encoder"
-              if config.get("protocol") == "episodic" else
-              "semi: K labelled shots per class of seed s plus the rest of the train split unlabelled, distilling the "
-              "store's encoder")
-    text = (f" Distill rows ({', '.join(students)}): each cell distils one student (regime {regime}; seed s), encodes "
-            f"the store's images with it (`fskd extract --encoder student:DIR`) and scores the same protocol on the "
-            f"student's features." if students else "")
+    regime = (
+        "base-novel: trained on the base classes' images and labels, distilling the store's encoder"
+        if config.get("protocol") == "episodic"
+        else "semi: K labelled shots per class of seed s plus the rest of the train split unlabelled, distilling the "
+        "store's encoder"
+    )
+    text = (
+        f" Distill rows ({', '.join(students)}): each cell distils one student (regime {regime}; seed s), encodes "
+        f"the store's images with it (`fskd extract --encoder student:DIR`) and scores the same protocol on the "
+        f"student's features."
+        if students
+        else ""
+    )
     if chains:
-        text += (f" Chain rows ({'; '.join(f'{m} = {s}' for m, s in chains.items())}): each cell runs the stages in "
-                 f"turn with its K and seed: a teacher stage is fitted on the store and is the student's teacher "
-                 f"(`--teacher-state`); the student is distilled (regime {regime}; seed s) and encodes the store's "
-                 f"images; a head stage (after the student) is fitted on the student's features (`fskd adapt` on the "
-                 f"student's store) with the cell's K shots; the last stage's state scores the same protocol on the "
-                 f"student's features.")
+        text += (
+            f" Chain rows ({'; '.join(f'{m} = {s}' for m, s in chains.items())}): each cell runs the stages in "
+            f"turn with its K and seed: a teacher stage is fitted on the store and is the student's teacher "
+            f"(`--teacher-state`); the student is distilled (regime {regime}; seed s) and encodes the store's "
+            f"images; a head stage (after the student) is fitted on the student's features (`fskd adapt` on the "
+            f"student's store) with the cell's K shots; the last stage's state scores the same protocol on the "
+            f"student's features."
+        )
     return text + " The other rows score the store's own (teacher) features."
 
 
@@ -487,10 +588,11 @@ def _tex(s: str) -> str:
 
 
 #: how each --hp-selection policy chooses hyper-parameters, in a table's protocol sentence
-SELECTION_TEXT = {"few-shot-val": "hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot "
-                                  "validation)",
-                  "full-val": "hyper-parameters chosen on the full val split",
-                  "none": "no validation data (each method's fixed values)"}
+SELECTION_TEXT = {
+    "few-shot-val": "hyper-parameters chosen on min(K, 4) val-split images per class (CoOp's few-shot validation)",
+    "full-val": "hyper-parameters chosen on the full val split",
+    "none": "no validation data (each method's fixed values)",
+}
 
 
 def selections(config: dict) -> list[str]:
@@ -503,8 +605,9 @@ def selection_text(config: dict) -> str:
     hs = selections(config)
     if len(hs) == 1:
         return SELECTION_TEXT.get(hs[0], hs[0])
-    return ("hyper-parameters chosen by the policy in brackets after the method (--hp-selection): "
-            + "; ".join(f"{h}: {SELECTION_TEXT[h]}" for h in hs))
+    return "hyper-parameters chosen by the policy in brackets after the method (--hp-selection): " + "; ".join(
+        f"{h}: {SELECTION_TEXT[h]}" for h in hs
+    )
 
 
 def protocol_text(config: dict, seeds: list[int]) -> str:
@@ -550,8 +653,10 @@ def check_rows(rows: list, path: Path) -> None:
     for i, row in enumerate(rows, 1):
         why = _row_problem(row)
         if why:
-            raise OutputError(f"{path}: row {i} {why}; the results file was edited or damaged. Fix or remove that "
-                              f"row (each row is one line)")
+            raise OutputError(
+                f"{path}: row {i} {why}; the results file was edited or damaged. Fix or remove that "
+                f"row (each row is one line)"
+            )
 
 
 def check_meta(meta, path: Path) -> tuple[dict, list[str]]:
@@ -561,8 +666,10 @@ def check_meta(meta, path: Path) -> tuple[dict, list[str]]:
     config = meta.get("config") if isinstance(meta, dict) else None
     cells = meta.get("cells") if isinstance(meta, dict) else None
     if not isinstance(config, dict) or not isinstance(cells, list) or not all(isinstance(c, str) for c in cells):
-        raise OutputError(f"{path} lacks its grid ('config' an object, 'cells' a list of strings); it was edited "
-                          f"or damaged. Run the grid again into a new --out")
+        raise OutputError(
+            f"{path} lacks its grid ('config' an object, 'cells' a list of strings); it was edited "
+            f"or damaged. Run the grid again into a new --out"
+        )
     try:  # the keys this fskd knows, with their types and ranges (an older bench may lack or have others)
         BenchConfig.from_dict({k: v for k, v in config.items() if k in BenchConfig.__dataclass_fields__})
     except ConfigError as e:
@@ -570,7 +677,9 @@ def check_meta(meta, path: Path) -> tuple[dict, list[str]]:
     return config, cells
 
 
-def write_outputs(out: Path, rows: list[dict], config: dict, keys: Sequence[str] | set[str] | None = None) -> list[Path]:
+def write_outputs(
+    out: Path, rows: list[dict], config: dict, keys: Sequence[str] | set[str] | None = None
+) -> list[Path]:
     """Rebuild tables and plots from ``rows`` (those of ``keys`` when given). Returns the paths."""
     rows = _grid_rows(rows, keys)
     if not rows:

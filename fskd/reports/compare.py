@@ -17,8 +17,10 @@ from fskd.evaluation.metrics import paired_difference
 from fskd.fsutil import read_small_file
 
 #: result fields that must agree for two reports to be paired
-PAIRED = {"episodic": ("store_fingerprint", "split", "way", "shots", "query", "episodes", "seed"),
-          "allway": ("store_fingerprint", "shots", "seeds")}
+PAIRED = {
+    "episodic": ("store_fingerprint", "split", "way", "shots", "query", "episodes", "seed"),
+    "allway": ("store_fingerprint", "shots", "seeds"),
+}
 
 
 def read_report(path: str | Path) -> dict:
@@ -36,13 +38,17 @@ def compare_reports(a_path: str | Path, b_path: str | Path) -> dict:
     """``{a, b, difference, ci95, excludes_zero, n, statistic, protocol, ...}``: A minus B, percent."""
     a, b = read_report(a_path), read_report(b_path)
     if a.get("protocol") != b.get("protocol"):
-        raise ConfigError(f"{a_path} is a {a.get('protocol')} result and {b_path} a {b.get('protocol')} one; "
-                          f"only the same protocol can be paired")
+        raise ConfigError(
+            f"{a_path} is a {a.get('protocol')} result and {b_path} a {b.get('protocol')} one; "
+            f"only the same protocol can be paired"
+        )
     protocol = a["protocol"]
     diff = [k for k in PAIRED[protocol] if a.get(k) != b.get(k)]
     if diff:
-        raise ConfigError("the two reports are not the same experiment, so they cannot be paired: they differ in "
-                          + ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in diff))
+        raise ConfigError(
+            "the two reports are not the same experiment, so they cannot be paired: they differ in "
+            + ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in diff)
+        )
     if protocol == "episodic":
         if not a.get("per_episode") or not b.get("per_episode"):
             raise ConfigError("these reports hold no per-episode accuracies (written by an older fskd); evaluate again")
@@ -50,5 +56,12 @@ def compare_reports(a_path: str | Path, b_path: str | Path) -> dict:
     else:
         d = paired_difference([x / 100 for x in a["per_seed"]], [x / 100 for x in b["per_seed"]], "seeds")
     name = lambda r: r.get("state") or r.get("classifier")  # noqa: E731
-    return {"protocol": protocol, "a": name(a), "b": name(b), "a_accuracy": a["accuracy"], "b_accuracy": b["accuracy"],
-            **d, "store": a.get("store")}
+    return {
+        "protocol": protocol,
+        "a": name(a),
+        "b": name(b),
+        "a_accuracy": a["accuracy"],
+        "b_accuracy": b["accuracy"],
+        **d,
+        "store": a.get("store"),
+    }

@@ -45,8 +45,9 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     from fskd.reports.bench import OK, _average
 
     b2n = config.get("protocol") == "base-to-new"
-    panels = list(datasets) + ([("Mean HM over datasets" if b2n else "Average over datasets")]
-                               if len(datasets) > 1 else [])
+    panels = list(datasets) + (
+        [("Mean HM over datasets" if b2n else "Average over datasets")] if len(datasets) > 1 else []
+    )
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     # one panel still gets a figure wide enough for the title and a legend row of several methods
@@ -76,7 +77,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         ax.set_xlabel("shots per class")
         ax.set_ylabel("HM of base and new (%)" if b2n else "top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     handles, labels = [], []
     for ax in axes.flat:
@@ -86,17 +87,32 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
                 labels.append(lab)
     seeds = config.get("seeds") or []
     episodic = config.get("protocol") == "episodic"
-    what = ("Base-to-new harmonic mean" if b2n else
-            f"{config.get('way', 5)}-way episodic accuracy" if episodic else "All-way accuracy")
+    what = (
+        "Base-to-new harmonic mean"
+        if b2n
+        else f"{config.get('way', 5)}-way episodic accuracy"
+        if episodic
+        else "All-way accuracy"
+    )
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
     from fskd.reports.bench import selections
 
     hs = selections(config)
-    val = ("validation on val-class episodes" if episodic and hs == ["few-shot-val"] else
-           "CoOp few-shot validation" if hs == ["few-shot-val"] else "full validation" if hs == ["full-val"] else
-           "no validation data" if hs == ["none"] else f"--hp-selection {', '.join(hs)} (in brackets)")
-    title = (f"{what} vs shots (mean ± std over {over} {', '.join(map(str, seeds))}; {val}"
-             f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})")
+    val = (
+        "validation on val-class episodes"
+        if episodic and hs == ["few-shot-val"]
+        else "CoOp few-shot validation"
+        if hs == ["few-shot-val"]
+        else "full validation"
+        if hs == ["full-val"]
+        else "no validation data"
+        if hs == ["none"]
+        else f"--hp-selection {', '.join(hs)} (in brackets)"
+    )
+    title = (
+        f"{what} vs shots (mean ± std over {over} {', '.join(map(str, seeds))}; {val}"
+        f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})"
+    )
     title = textwrap.fill(title, width=int(fig.get_figwidth() * 11), break_on_hyphens=False)
     fig.suptitle(title, fontsize=12)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
@@ -134,8 +150,14 @@ def demo_plot(path: Path, points: list[tuple], encoder: str, episodes: int) -> P
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False, fontsize=9)
-    ax.set_title(textwrap.fill(f"fskd demo: SimpleShot prototypes on {encoder} features (bands: 95% CI; "
-                               f"5-way: {episodes} novel-class episodes; all-way: seeds 1-3)", 70), fontsize=10)
+    ax.set_title(
+        textwrap.fill(
+            f"fskd demo: SimpleShot prototypes on {encoder} features (bands: 95% CI; "
+            f"5-way: {episodes} novel-class episodes; all-way: seeds 1-3)",
+            70,
+        ),
+        fontsize=10,
+    )
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=130, format="png")

@@ -39,8 +39,13 @@ def versions() -> dict[str, str]:
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -59,7 +64,8 @@ def report_name(result) -> str:
         what = f"episodic_{result.split}_{result.way}way{result.shots}shot_q{result.query}_e{result.episodes}_seed{result.seed}"
     else:
         kind = {"base-to-new": "base2new", "cross-dataset": "crossdataset", "domain-shift": "domainshift"}.get(
-            result.protocol, "allway")
+            result.protocol, "allway"
+        )
         what = f"{kind}_{result.shots}shot_seeds{'-'.join(map(str, result.seeds))}"
         if not getattr(result, "inductive", True):  # --transductive: another experiment, another file
             what += "_transclip"
@@ -105,13 +111,19 @@ def write_report(directory: str | Path, name: str, result: dict, protocol: str, 
     jpath, mpath = directory / f"{stem}.json", directory / f"{stem}.md"
     jpath.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     rows = "\n".join(f"| {k} | {_cell(v)} |" for k, v in result.items() if not isinstance(v, (list, dict)))
-    md = (f"# {stem}\n\n**Protocol.** {protocol}\n\n| field | value |\n|---|---|\n{rows}\n\n")
+    md = f"# {stem}\n\n**Protocol.** {protocol}\n\n| field | value |\n|---|---|\n{rows}\n\n"
     if result.get("per_seed"):
-        md += "Per seed: " + ", ".join(f"seed {s}: {a:.2f}%" for s, a in zip(result["seeds"], result["per_seed"],
-                                                                           strict=True)) + ".\n\n"
+        md += (
+            "Per seed: "
+            + ", ".join(f"seed {s}: {a:.2f}%" for s, a in zip(result["seeds"], result["per_seed"], strict=True))
+            + ".\n\n"
+        )
     if result.get("per_class"):
-        md += ("## Per-class accuracy (mean over seeds)\n\n"
-               + markdown_table(result["per_class"], ["class", "accuracy", "test_rows"]) + "\n")
+        md += (
+            "## Per-class accuracy (mean over seeds)\n\n"
+            + markdown_table(result["per_class"], ["class", "accuracy", "test_rows"])
+            + "\n"
+        )
     if result.get("warnings"):
         md += "## Warnings\n\n" + "\n".join(f"- {w}" for w in result["warnings"]) + "\n\n"
     md += f"fskd {__version__}, git {payload['git_sha'] or 'n/a'}, written {payload['written']}.\n"

@@ -136,7 +136,7 @@ def file_digest(source: ImageDataset, refs: list[str], contents: bool = False) -
         if path is None:
             continue
         p = str(path)
-        key = p[len(prefix):] if prefix and p.startswith(prefix) else p
+        key = p[len(prefix) :] if prefix and p.startswith(prefix) else p
         if key in seen:
             continue
         seen.add(key)
@@ -183,14 +183,21 @@ def _repair(store: FeatureStore, sample_splits: dict[str, SampleList]) -> dict[s
     missing = store.missing_chunks()
     text = [m for m in missing if m.startswith(f"{S.TEXT_GROUP}/")]
     if text:
-        raise StoreError(f"{store.path} is damaged beyond repair in place ({', '.join(text[:5])} missing); "
-                         f"re-extract into a new --store path")
+        raise StoreError(
+            f"{store.path} is damaged beyond repair in place ({', '.join(text[:5])} missing); "
+            f"re-extract into a new --store path"
+        )
     for split in {m.split("/", 1)[0] for m in missing if f"/{S.SAMPLE_IDS} " in m}:
         store.rewrite_sample_ids(split, [fs_text(r) for r in sample_splits[split].refs])
     damaged = store.damaged_chunks(verify=True, missing=missing)
     for split, chunks in damaged.items():
-        log.warning("%s: re-encoding %d damaged chunk(s) of %s: %s", store.path, len(chunks), split,
-                    "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]))
+        log.warning(
+            "%s: re-encoding %d damaged chunk(s) of %s: %s",
+            store.path,
+            len(chunks),
+            split,
+            "; ".join(f"chunk {c}: {why}" for c, why in list(chunks.items())[:5]),
+        )
         store.mark_unwritten(split, list(chunks))
     return damaged
 
@@ -218,8 +225,10 @@ def _interrupted(store: str) -> str:
             kept.append(f"{s} {int(w.sum())}/{len(w)} chunks (~{rows:,}/{st.n_rows(s):,} rows)")
     except Exception:  # interrupted before the store existed, or while it was made
         return f"fskd extract was interrupted before any features of {store} were stored; run the same command again"
-    return (f"fskd extract was interrupted; {store} keeps what was finished: {', '.join(kept)}. Run the same "
-            f"command again to resume from there (--chunk-rows sets how much work one chunk holds)")
+    return (
+        f"fskd extract was interrupted; {store} keeps what was finished: {', '.join(kept)}. Run the same "
+        f"command again to resume from there (--chunk-rows sets how much work one chunk holds)"
+    )
 
 
 def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset | None) -> ExtractResult:
@@ -231,8 +240,13 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
     class_split, split_source = resolve_class_split(listing, cfg.class_split, cfg.class_ratio, cfg.split_seed)
     sample_splits, sample_rule = resolve_sample_splits(listing, cfg.sample_split, cfg.split_seed)
     templates = load_templates(cfg.templates) if cfg.templates or not listing.templates else tuple(listing.templates)
-    templates_source = (f"--templates {cfg.templates}" if cfg.templates else
-                        f"dataset {listing.name!r} default (CoOp / Tip-Adapter)" if listing.templates else "fskd default")
+    templates_source = (
+        f"--templates {cfg.templates}"
+        if cfg.templates
+        else f"dataset {listing.name!r} default (CoOp / Tip-Adapter)"
+        if listing.templates
+        else "fskd default"
+    )
     descriptions = (
         load_descriptions(cfg.descriptions, listing.class_keys, listing.class_names) if cfg.descriptions else None
     )
@@ -246,7 +260,9 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
         "dtype": cfg.dtype,
         "chunk_rows": cfg.chunk_rows,
         "class_split": class_split,
-        "sample_split": {s: hashlib.sha256(text_bytes("\n".join(r.refs))).hexdigest()[:16] for s, r in sample_splits.items()},
+        "sample_split": {
+            s: hashlib.sha256(text_bytes("\n".join(r.refs))).hexdigest()[:16] for s, r in sample_splits.items()
+        },
         "templates": list(templates),
         "descriptions": descriptions,
     }
@@ -261,8 +277,10 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
         root = Path(listing.root).resolve()
         sp = store_path.expanduser().resolve()
         if sp == root or sp.is_relative_to(root) or root.is_relative_to(sp):
-            raise StoreError(f"--store {cfg.store} overlaps the dataset root {listing.root}; a store inside the "
-                             f"dataset would change the dataset (write it somewhere else)")
+            raise StoreError(
+                f"--store {cfg.store} overlaps the dataset root {listing.root}; a store inside the "
+                f"dataset would change the dataset (write it somewhere else)"
+            )
     if store_path is None:
         loc.probe()  # the bucket, the credentials and the endpoint, before any encoding
     elif single:
@@ -286,14 +304,27 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
         # every rank must take the same branch: look at the path only between two barriers
         barrier()
         # on object storage a root still marked as being created is fskd's unfinished creation: made again
-        exists = loc.exists() and (store_path is not None or
-                                   (loc.root_attrs() or {}).get("format") != S.CREATING_FORMAT)
+        exists = loc.exists() and (
+            store_path is not None or (loc.root_attrs() or {}).get("format") != S.CREATING_FORMAT
+        )
         barrier()
         if not exists:
             if dist.is_main:
                 try:
-                    _create(cfg, listing, class_split, split_source, sample_splits, sample_rule,
-                            (templates, templates_source), descriptions, parts, fingerprint, ignored, get_encoder())
+                    _create(
+                        cfg,
+                        listing,
+                        class_split,
+                        split_source,
+                        sample_splits,
+                        sample_rule,
+                        (templates, templates_source),
+                        descriptions,
+                        parts,
+                        fingerprint,
+                        ignored,
+                        get_encoder(),
+                    )
                 except StoreError:
                     # object storage: another `fskd extract` completed the store meanwhile; resume into it
                     # (its inputs are checked like any existing store's)
@@ -304,18 +335,29 @@ def _extract(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset
     with dir_lock(locked, waiting, log) if locked is not None else contextlib.nullcontext():
         result = _fill(cfg, progress, source, sample_splits, parts, fingerprint, ignored, get_encoder, device, dist, t0)
         if cfg.augment_views:
-            result.views_encoded, result.views_rows = _fill_views(cfg, source, sample_splits.get("train"), get_encoder,
-                                                                  device, dist, progress)
+            result.views_encoded, result.views_rows = _fill_views(
+                cfg, source, sample_splits.get("train"), get_encoder, device, dist, progress
+            )
             if result.views_encoded:
                 result.reused = False
             result.seconds = time.perf_counter() - t0
         return result
 
 
-def _create(cfg: ExtractConfig, listing: DatasetListing, class_split: dict[str, list[int]], split_source: str,
-            sample_splits: dict[str, SampleList], sample_rule: str, text: tuple[tuple[str, ...], str],
-            descriptions: list[list[str]] | None, parts: dict[str, Any], fingerprint: str, ignored: dict[str, int],
-            encoder: Encoder) -> None:
+def _create(
+    cfg: ExtractConfig,
+    listing: DatasetListing,
+    class_split: dict[str, list[int]],
+    split_source: str,
+    sample_splits: dict[str, SampleList],
+    sample_rule: str,
+    text: tuple[tuple[str, ...], str],
+    descriptions: list[list[str]] | None,
+    parts: dict[str, Any],
+    fingerprint: str,
+    ignored: dict[str, int],
+    encoder: Encoder,
+) -> None:
     templates, templates_source = text
     prompts = class_prompts(listing.class_names, templates, descriptions)
     emb = encode_class_texts(encoder, prompts).numpy() if encoder.has_text else None
@@ -327,8 +369,12 @@ def _create(cfg: ExtractConfig, listing: DatasetListing, class_split: dict[str, 
         "inputs": parts,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "encoder": encoder.describe(),
-        "dataset": {"name": listing.name, "root": listing.root, "fingerprint": listing.fingerprint(),
-                    "ignored": ignored},
+        "dataset": {
+            "name": listing.name,
+            "root": listing.root,
+            "fingerprint": listing.fingerprint(),
+            "ignored": ignored,
+        },
         "class_split": {**class_split, "source": split_source},
         "sample_split": {"rule": sample_rule, "sizes": {s: len(r) for s, r in sample_splits.items()}},
         "splits": list(sample_splits),
@@ -347,7 +393,9 @@ def _create(cfg: ExtractConfig, listing: DatasetListing, class_split: dict[str, 
     FeatureStore.create(
         cfg.store,
         attrs=attrs,
-        splits={s: SplitRows([fs_text(x) for x in r.refs], r.labels) for s, r in sample_splits.items()},  # ids: UTF-8 text
+        splits={
+            s: SplitRows([fs_text(x) for x in r.refs], r.labels) for s, r in sample_splits.items()
+        },  # ids: UTF-8 text
         class_keys=listing.class_keys,
         class_names=listing.class_names,
         prompts=list(templates),
@@ -355,9 +403,19 @@ def _create(cfg: ExtractConfig, listing: DatasetListing, class_split: dict[str, 
     )
 
 
-def _fill(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset, sample_splits: dict[str, SampleList],
-          parts: dict[str, Any], fingerprint: str, ignored: dict[str, int], get_encoder: Callable[[], Encoder],
-          device: torch.device, dist: DistInfo, t0: float) -> ExtractResult:
+def _fill(
+    cfg: ExtractConfig,
+    progress: Progress | None,
+    source: ImageDataset,
+    sample_splits: dict[str, SampleList],
+    parts: dict[str, Any],
+    fingerprint: str,
+    ignored: dict[str, int],
+    get_encoder: Callable[[], Encoder],
+    device: torch.device,
+    dist: DistInfo,
+    t0: float,
+) -> ExtractResult:
     """Verify (and repair) the store, then encode every chunk not yet written."""
     store = FeatureStore.open(cfg.store, mode="r+")
     _check_existing(store, cfg, fingerprint, parts)
@@ -370,16 +428,28 @@ def _fill(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset, s
     store = FeatureStore.open(cfg.store, mode="r+")
     if store.is_complete():
         log.info("store %s is complete; nothing to encode", cfg.store)
-        return ExtractResult(cfg.store, fingerprint, True, 0, time.perf_counter() - t0, 0.0,
-                             {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size,
-                             repaired, ignored)
+        return ExtractResult(
+            cfg.store,
+            fingerprint,
+            True,
+            0,
+            time.perf_counter() - t0,
+            0.0,
+            {s: store.n_rows(s) for s in store.splits},
+            store.skipped(),
+            dist.rank,
+            dist.world_size,
+            repaired,
+            ignored,
+        )
     encoder = get_encoder()
     encoded = processed = 0
     t_enc = time.perf_counter()
     multi: list[str] = []
     for split in store.splits:
-        rows, bad = _extract_split(store, split, source, sample_splits[split], encoder, cfg, device, dist, progress,
-                                   multi)
+        rows, bad = _extract_split(
+            store, split, source, sample_splits[split], encoder, cfg, device, dist, progress, multi
+        )
         processed += rows
         encoded += rows - bad
     _warn_multi_frame(multi)
@@ -387,9 +457,20 @@ def _fill(cfg: ExtractConfig, progress: Progress | None, source: ImageDataset, s
     seconds = time.perf_counter() - t0
     rate = processed / max(time.perf_counter() - t_enc, 1e-9)
     store = FeatureStore.open(cfg.store)
-    return ExtractResult(cfg.store, fingerprint, False, encoded, seconds, rate,
-                         {s: store.n_rows(s) for s in store.splits}, store.skipped(), dist.rank, dist.world_size,
-                         repaired, ignored)
+    return ExtractResult(
+        cfg.store,
+        fingerprint,
+        False,
+        encoded,
+        seconds,
+        rate,
+        {s: store.n_rows(s) for s in store.splits},
+        store.skipped(),
+        dist.rank,
+        dist.world_size,
+        repaired,
+        ignored,
+    )
 
 
 def _extract_split(
@@ -474,8 +555,12 @@ def _extract_split(
 
 def _warn_multi_frame(notes: list[str]) -> None:
     if notes:
-        log.warning("%d multi-frame image file(s) (animated GIF/PNG/WebP, multi-page TIFF): only the first frame "
-                    "of each was encoded, e.g. %s", len(notes), ", ".join(notes[:3]))
+        log.warning(
+            "%d multi-frame image file(s) (animated GIF/PNG/WebP, multi-page TIFF): only the first frame "
+            "of each was encoded, e.g. %s",
+            len(notes),
+            ", ".join(notes[:3]),
+        )
 
 
 # -- augmented views (schema.py: views/) -----------------------------------------------------------
@@ -509,8 +594,18 @@ def random_view(image: Image.Image, seed: int, size: int, scale: tuple[float, fl
 class _Views(Dataset[Item]):
     """(image tensor, item, ok, error) for item = position * V + view of the views' rows."""
 
-    def __init__(self, source: ImageDataset, refs: list[str], rows: np.ndarray, views: int, size: int,
-                 scale: tuple[float, float], seed: int, preprocess: Preprocess, blank: torch.Tensor) -> None:
+    def __init__(
+        self,
+        source: ImageDataset,
+        refs: list[str],
+        rows: np.ndarray,
+        views: int,
+        size: int,
+        scale: tuple[float, float],
+        seed: int,
+        preprocess: Preprocess,
+        blank: torch.Tensor,
+    ) -> None:
         self.source, self.refs, self.rows, self.views = source, refs, rows, views
         self.size, self.scale, self.seed, self.preprocess, self.blank = size, scale, seed, preprocess, blank
 
@@ -522,19 +617,36 @@ class _Views(Dataset[Item]):
         row = int(self.rows[pos])
         try:
             image = self.source.open(self.refs[row])
-            return self.preprocess(random_view(image, view_seed(self.seed, row, view), self.size, self.scale)), j, True, ""
+            return (
+                self.preprocess(random_view(image, view_seed(self.seed, row, view), self.size, self.scale)),
+                j,
+                True,
+                "",
+            )
         except Exception as e:  # any decoder error: report which file, let the caller decide
             return self.blank, j, False, f"{self.source.path_of(self.refs[row])}: {type(e).__name__}: {e}"
 
 
 def _views_request(cfg: ExtractConfig) -> dict[str, Any]:
     """What ``--augment-*`` asks for, in the views group's attributes (the crop size is the encoder's)."""
-    rows = ({"rule": "all"} if not cfg.augment_shots else
-            {"rule": "shots", "shots": int(cfg.augment_shots), "seeds": [int(s) for s in cfg.augment_seeds]})
-    return {"split": "train", "views": int(cfg.augment_views), "rows": rows,
-            "transform": {"name": "RandomResizedCrop+RandomHorizontalFlip", "scale": [float(v) for v in cfg.augment_scale],
-                          "ratio": list(VIEW_RATIO), "flip": VIEW_FLIP, "interpolation": "bicubic",
-                          "seed": int(cfg.augment_seed)}}
+    rows = (
+        {"rule": "all"}
+        if not cfg.augment_shots
+        else {"rule": "shots", "shots": int(cfg.augment_shots), "seeds": [int(s) for s in cfg.augment_seeds]}
+    )
+    return {
+        "split": "train",
+        "views": int(cfg.augment_views),
+        "rows": rows,
+        "transform": {
+            "name": "RandomResizedCrop+RandomHorizontalFlip",
+            "scale": [float(v) for v in cfg.augment_scale],
+            "ratio": list(VIEW_RATIO),
+            "flip": VIEW_FLIP,
+            "interpolation": "bicubic",
+            "seed": int(cfg.augment_seed),
+        },
+    }
 
 
 def _views_differ(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
@@ -553,12 +665,25 @@ def view_rows_for(store: FeatureStore, cfg: ExtractConfig) -> np.ndarray:
 
     if not cfg.augment_shots:
         return store.valid_rows("train")
-    return np.unique(np.concatenate([allway_shot_rows(store, cfg.augment_shots, s, ConfigError, "--augment-shots")[0]
-                                     for s in cfg.augment_seeds]))
+    return np.unique(
+        np.concatenate(
+            [
+                allway_shot_rows(store, cfg.augment_shots, s, ConfigError, "--augment-shots")[0]
+                for s in cfg.augment_seeds
+            ]
+        )
+    )
 
 
-def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | None, get_encoder: Callable[[], Encoder],
-                device: torch.device, dist: DistInfo, progress: Progress | None) -> tuple[int, int]:
+def _fill_views(
+    cfg: ExtractConfig,
+    source: ImageDataset,
+    train: SampleList | None,
+    get_encoder: Callable[[], Encoder],
+    device: torch.device,
+    dist: DistInfo,
+    progress: Progress | None,
+) -> tuple[int, int]:
     """Create (rank 0) the views group if absent, verify it, encode this rank's unwritten view chunks.
     Returns (views encoded, rows covered)."""
     if train is None:
@@ -571,7 +696,8 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | No
         raise StoreError(
             f"{cfg.store} already has augmented views made differently (differs in: {', '.join(differ)}; "
             f"it has {have['views']} views of {have['rows']}); ask for the same ones, or remove {cfg.store}/views "
-            f"(fskd made it; the features of the splits are kept) and run again")
+            f"(fskd made it; the features of the splits are kept) and run again"
+        )
     if dist.is_main:
         if have is None:
             rows = view_rows_for(store, cfg)
@@ -580,8 +706,12 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | No
         else:
             bad = store.views_damaged(verify=True)
             if bad:
-                log.warning("%s: re-encoding %d damaged view chunk(s): %s", cfg.store, len(bad),
-                            "; ".join(f"chunk {c}: {why}" for c, why in list(bad.items())[:5]))
+                log.warning(
+                    "%s: re-encoding %d damaged view chunk(s): %s",
+                    cfg.store,
+                    len(bad),
+                    "; ".join(f"chunk {c}: {why}" for c, why in list(bad.items())[:5]),
+                )
                 store.mark_views_unwritten(list(bad))
     barrier()
     store = FeatureStore.open(cfg.store, mode="r+")
@@ -596,7 +726,9 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | No
     blank = encoder.preprocess(blank_image())
     t = info["transform"]
     loader = DataLoader(
-        _Views(source, train.refs, rows, v, int(t["size"]), tuple(t["scale"]), int(t["seed"]), encoder.preprocess, blank),
+        _Views(
+            source, train.refs, rows, v, int(t["size"]), tuple(t["scale"]), int(t["seed"]), encoder.preprocess, blank
+        ),
         batch_sampler=_chunk_batches(todo, m * v, per * v, cfg.batch_size),
         num_workers=num_workers(cfg.workers),
         pin_memory=device.type == "cuda",
@@ -614,8 +746,10 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | No
             if not bool(ok.all()):
                 unread = [e for e, o in zip(errors, ok.tolist(), strict=True) if not o]
                 if not cfg.skip_bad:
-                    raise DatasetError(f"cannot read image {unread[0]} for its augmented views (pass --skip-bad to "
-                                       f"record it and go on; view chunks already written are kept)")
+                    raise DatasetError(
+                        f"cannot read image {unread[0]} for its augmented views (pass --skip-bad to "
+                        f"record it and go on; view chunks already written are kept)"
+                    )
                 log.warning("skipping %d unreadable file(s) for views: %s", len(unread), unread)
             images = images.to(device, non_blocking=True)
             with autocast(device):
@@ -626,7 +760,7 @@ def _fill_views(cfg: ExtractConfig, source: ImageDataset, train: SampleList | No
                 chunk, filled = c, 0
                 size = min(m, (c + 1) * per) - c * per
                 buf = np.zeros((size * v, feats.shape[1]), np.float32)
-                lab = labels[c * per:c * per + size].copy()
+                lab = labels[c * per : c * per + size].copy()
             local = idx - c * per * v
             buf[local] = feats
             bad_rows = local[~ok.numpy()] // v

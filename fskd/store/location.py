@@ -56,17 +56,33 @@ if TYPE_CHECKING:
 OPTIONS_ENV, REQUESTS_ENV = "FSKD_STORAGE_OPTIONS", "FSKD_MAX_REQUESTS"
 DEFAULT_MAX_REQUESTS = 8
 #: schemes and the package (fskd extra) that handles them; fsspec knows more, these are the tested ones
-BACKENDS = {"s3": ("s3fs", "fskd[s3]"), "s3a": ("s3fs", "fskd[s3]"), "gs": ("gcsfs", "fskd[gcs]"),
-            "gcs": ("gcsfs", "fskd[gcs]"), "az": ("adlfs", "fskd[azure]"), "abfs": ("adlfs", "fskd[azure]"),
-            "memory": ("fsspec", "fskd")}
+BACKENDS = {
+    "s3": ("s3fs", "fskd[s3]"),
+    "s3a": ("s3fs", "fskd[s3]"),
+    "gs": ("gcsfs", "fskd[gcs]"),
+    "gcs": ("gcsfs", "fskd[gcs]"),
+    "az": ("adlfs", "fskd[azure]"),
+    "abfs": ("adlfs", "fskd[azure]"),
+    "memory": ("fsspec", "fskd"),
+}
 #: bounded waits and tries per backend (module docstring); a user's option of the same name wins.
 #: s3's ``retries`` is s3fs's tries of one call: not an S3FileSystem argument, set on the instance
-_S3_DEFAULTS: dict[str, Any] = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
-                                  "retries": {"total_max_attempts": 2, "mode": "standard"}},
-                "retries": 2}
+_S3_DEFAULTS: dict[str, Any] = {
+    "config_kwargs": {
+        "connect_timeout": 5,
+        "read_timeout": 30,
+        "retries": {"total_max_attempts": 2, "mode": "standard"},
+    },
+    "retries": 2,
+}
 _TIMEOUTS: dict[str, dict[str, Any]] = {
-    "s3": _S3_DEFAULTS, "s3a": _S3_DEFAULTS, "gs": {"requests_timeout": 60}, "gcs": {"requests_timeout": 60},
-    "az": {"connection_timeout": 5, "read_timeout": 30}, "abfs": {"connection_timeout": 5, "read_timeout": 30}}
+    "s3": _S3_DEFAULTS,
+    "s3a": _S3_DEFAULTS,
+    "gs": {"requests_timeout": 60},
+    "gcs": {"requests_timeout": 60},
+    "az": {"connection_timeout": 5, "read_timeout": 30},
+    "abfs": {"connection_timeout": 5, "read_timeout": 30},
+}
 #: storage options fskd applies to the filesystem instance instead of passing them to its constructor
 _INSTANCE_OPTIONS = {"s3": ("retries",), "s3a": ("retries",)}
 
@@ -122,7 +138,9 @@ def _parse_options(options: dict[str, Any] | str, where: str) -> dict[str, Any]:
     try:
         value = json.loads(options)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} must be a JSON object like '{{\"endpoint_url\": \"http://host:9000\"}}': {e}") from None
+        raise ConfigError(
+            f'{where} must be a JSON object like \'{{"endpoint_url": "http://host:9000"}}\': {e}'
+        ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
     return value
@@ -155,8 +173,9 @@ def _split_options(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _more_time(protocol: str) -> str:
     if protocol in ("s3", "s3a"):
         return """ '{"config_kwargs": {"read_timeout": 120}, "retries": 3}'"""
-    return next((f""" '{{"{k}": 120}}'""" for k in ("read_timeout", "requests_timeout") if k in _TIMEOUTS.get(protocol, {})),
-                "")
+    return next(
+        (f""" '{{"{k}": 120}}'""" for k in ("read_timeout", "requests_timeout") if k in _TIMEOUTS.get(protocol, {})), ""
+    )
 
 
 def _timeout_text(protocol: str) -> str:
@@ -300,7 +319,7 @@ class Location:
                 return []
             finally:
                 fs.invalidate_cache()
-        return [n[len(self.root) + 1:] for n in names[:limit]]
+        return [n[len(self.root) + 1 :] for n in names[:limit]]
 
     def probe(self) -> None:
         """Reach the location once (bucket exists, credentials work), turning failures into a
@@ -383,7 +402,6 @@ class Location:
             return int(self.fs().du(self.root))
 
 
-
 class ConditionFailed(Exception):
     """A conditional PUT (:meth:`Location.put_root`) found the object other than expected."""
 
@@ -402,8 +420,16 @@ def _precondition_failed(e: BaseException) -> bool:
 
 def _endpoint(loc: Location) -> str:
     opts = storage_options(loc.protocol)
-    ep = (opts.get("endpoint_url") or opts.get("client_kwargs", {}).get("endpoint_url")
-          or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")) if loc.protocol.startswith("s3") else None
+    ep = (
+        (
+            opts.get("endpoint_url")
+            or opts.get("client_kwargs", {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if loc.protocol.startswith("s3")
+        else None
+    )
     return f" at endpoint {ep}" if ep else ""
 
 
@@ -416,14 +442,18 @@ def _check_scheme(scheme: str, spec: str) -> None:
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
-            raise StoreError(f"--store {spec}: {scheme}:// needs the {module} package (pip install '{extra}'); "
-                             f"schemes that work here: {works}")
+            raise StoreError(
+                f"--store {spec}: {scheme}:// needs the {module} package (pip install '{extra}'); "
+                f"schemes that work here: {works}"
+            )
         return
     try:
         fsspec.get_filesystem_class(scheme)
     except (ValueError, ImportError) as e:
-        raise StoreError(f"--store {spec}: no storage backend handles {scheme}:// ({e}); schemes that work here: "
-                         f"{works} and plain paths") from None
+        raise StoreError(
+            f"--store {spec}: no storage backend handles {scheme}:// ({e}); schemes that work here: "
+            f"{works} and plain paths"
+        ) from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -547,24 +577,32 @@ def remote_errors(loc: Location) -> Iterator[None]:
     except StoreError:
         raise
     except _credential_errors() as e:
-        raise StoreError(f"--store {loc}: no credentials for {loc.protocol}:// ({e}); set AWS_ACCESS_KEY_ID and "
-                         f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
-                         f"'{{\"key\": ..., \"secret\": ...}}' (or '{{\"anon\": true}}' for a public bucket)") from None
+        raise StoreError(
+            f"--store {loc}: no credentials for {loc.protocol}:// ({e}); set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+            f'\'{{"key": ..., "secret": ...}}\' (or \'{{"anon": true}}\' for a public bucket)'
+        ) from None
     except _timeout_errors() as e:
-        raise StoreError(f"--store {loc}: the storage{_endpoint(loc)} stopped answering ({_timeout_text(loc.protocol)}; "
-                         f"{type(e).__name__}: {e}); check the endpoint and the network, or allow more with "
-                         f"--storage-options{_more_time(loc.protocol)}") from None
+        raise StoreError(
+            f"--store {loc}: the storage{_endpoint(loc)} stopped answering ({_timeout_text(loc.protocol)}; "
+            f"{type(e).__name__}: {e}); check the endpoint and the network, or allow more with "
+            f"--storage-options{_more_time(loc.protocol)}"
+        ) from None
     except _connection_errors() as e:
-        raise StoreError(f"--store {loc}: cannot reach the storage{_endpoint(loc)} ({type(e).__name__}: {e}); check "
-                         f"the endpoint (AWS_ENDPOINT_URL or --storage-options '{{\"endpoint_url\": ...}}') and the "
-                         f"network") from None
+        raise StoreError(
+            f"--store {loc}: cannot reach the storage{_endpoint(loc)} ({type(e).__name__}: {e}); check "
+            f"the endpoint (AWS_ENDPOINT_URL or --storage-options '{{\"endpoint_url\": ...}}') and the "
+            f"network"
+        ) from None
     except PermissionError as e:
         raise StoreError(f"--store {loc}: access denied ({e}); check the credentials and the bucket's policy") from None
     except OSError as e:
         if _missing_bucket(e):
             bucket = loc.root.split("/", 1)[0]
-            raise StoreError(f"--store {loc}: bucket {bucket!r} does not exist{_endpoint(loc)} (create it first; fskd "
-                             f"does not create buckets)") from None
+            raise StoreError(
+                f"--store {loc}: bucket {bucket!r} does not exist{_endpoint(loc)} (create it first; fskd "
+                f"does not create buckets)"
+            ) from None
         if isinstance(e, FileNotFoundError):
             raise
         raise StoreError(f"--store {loc}: storage error ({type(e).__name__}: {e})") from None

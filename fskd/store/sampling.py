@@ -82,8 +82,9 @@ def val_shots(shots: int) -> int:
     return min(int(shots), COOP_VAL_CAP)
 
 
-def validation_rows(labels: np.ndarray, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
-                    ) -> np.ndarray:
+def validation_rows(
+    labels: np.ndarray, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
+) -> np.ndarray:
     """Indices (ascending) of the val-split rows used to choose hyper-parameters in the all-way
     protocol: ``rule="few-shot-val"``: min(K, 4) random rows per class of ``classes`` (seeded; a
     class with fewer rows gives all of them, as CoOp's sampler), ``"full-val"``: every row of those
@@ -113,8 +114,9 @@ def first_per_class(labels: np.ndarray, member: np.ndarray, k: int, rng: np.rand
 CLASS_ROWS = 600
 
 
-def allway_shots(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def allway_shots(
+    store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The all-way shots of ``seed`` from ``store``'s train split: (features (C*K, D), labels
     (C*K,), classes (C,)), class-major. Sampled on the labels; only the shots' features are read
     (:meth:`FeatureStore.take`), so 16 x 1,000 shots never load the 1.28M-row split."""
@@ -122,8 +124,9 @@ def allway_shots(store: FeatureStore, shots: int, seed: int, error: type[FskdErr
     return store.take("train", rows), y, classes
 
 
-def allway_shot_rows(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError,
-                     option: str = "--shots") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def allway_shot_rows(
+    store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError, option: str = "--shots"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows behind :func:`allway_shots`: (train row indices (C*K,), labels (C*K,), classes (C,))."""
     valid = store.valid_rows("train")
     y = store.labels("train")[valid]
@@ -132,8 +135,9 @@ def allway_shot_rows(store: FeatureStore, shots: int, seed: int, error: type[Fsk
     return valid[rows], y[rows], classes
 
 
-def allway_shot_views(store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
-                      ) -> tuple[np.ndarray | None, str]:
+def allway_shot_views(
+    store: FeatureStore, shots: int, seed: int, error: type[FskdError] = EvaluationError
+) -> tuple[np.ndarray | None, str]:
     """The store's augmented views of the all-way shots of ``seed`` (``fskd extract --augment-views``):
     ((C*K, V, D) in :func:`allway_shots`' order, their description), or (None, why there are none)."""
     if shots < 1 or not store.has_split("train"):
@@ -168,14 +172,17 @@ def check_val_is_not_test(store: FeatureStore) -> None:
         else:
             why = f"its val and test splits hold the same {nv} feature rows"
     if why:
-        raise EvaluationError(f"{store.path}: its val split is its test split ({why}): choosing hyper-parameters on "
-                              f"it would choose them on the test rows. Fit a method that reads no val row (zs-lp, clap, "
-                              f"taskres on a joint store), or extract the dataset with a val split of its own")
+        raise EvaluationError(
+            f"{store.path}: its val split is its test split ({why}): choosing hyper-parameters on "
+            f"it would choose them on the test rows. Fit a method that reads no val row (zs-lp, clap, "
+            f"taskres on a joint store), or extract the dataset with a val split of its own"
+        )
     _VAL_NOT_TEST.add(fp)
 
 
-def allway_val(store: FeatureStore, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
-               ) -> tuple[np.ndarray, np.ndarray]:
+def allway_val(
+    store: FeatureStore, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The val-split rows of ``classes`` that ``rule`` allows (:func:`validation_rows`), read by row:
     (features, labels). A val split that is the test split is refused (:func:`check_val_is_not_test`)."""
     check_val_is_not_test(store)
@@ -189,8 +196,10 @@ def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed
     if rule == "full-val":
         return f"the full val split ({n_rows} rows of {n_classes} classes)"
     short = " (all of a class's rows where it has fewer)" if n_rows < val_shots(shots) * n_classes else ""
-    return (f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes{short} (CoOp's "
-            f"few-shot validation, seed {seed})")
+    return (
+        f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes{short} (CoOp's "
+        f"few-shot validation, seed {seed})"
+    )
 
 
 def sample_episodes(
@@ -211,8 +220,7 @@ def sample_episodes(
     rows, or when fewer than ``way`` classes are given. :func:`iter_episodes` draws the very same
     episodes in batches (memory bounded whatever their number).
     """
-    parts = list(iter_episodes(labels, classes, way, shot, query, episodes, seed, class_names, error,
-                               max_keys=None))
+    parts = list(iter_episodes(labels, classes, way, shot, query, episodes, seed, class_names, error, max_keys=None))
     if len(parts) == 1:
         return parts[0]
     return Episodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("support", "query", "classes")))
@@ -260,8 +268,9 @@ def iter_episodes(
     width = int(counts.max())
     offs = np.arange(width)
     # members: (C, width) row indices per class, padded with -1
-    members = np.where(offs[None, :] < counts[:, None],
-                       order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1)
+    members = np.where(
+        offs[None, :] < counts[:, None], order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1
+    )
     step = max(1, episodes if max_keys is None else multiple * max(1, max_keys // (multiple * way * width)))
     cls_rng = np.random.default_rng(seed)  # (E, C) class draws first ...
     key_bits = np.random.PCG64(seed)  # default_rng(seed)'s bit generator

@@ -83,15 +83,22 @@ def _list_keys(arr: AnyArray) -> set[str]:
     async def _ls() -> list[str]:
         return [k async for k in arr.store.list_prefix(prefix + "c/")]
 
-    return {k[len(prefix):] for k in sync(_ls())}
+    return {k[len(prefix) :] for k in sync(_ls())}
 
 
 def _chunk_key(arr: AnyArray, coords: tuple[int, ...]) -> str:
     return arr.metadata.encode_chunk_key(coords)
 
 
-def _verify_chunks(features: AnyArray, labels: AnyArray, sums: np.ndarray, written: np.ndarray, rows: int,
-                   bad: dict[int, str], location: Location) -> None:
+def _verify_chunks(
+    features: AnyArray,
+    labels: AnyArray,
+    sums: np.ndarray,
+    written: np.ndarray,
+    rows: int,
+    bad: dict[int, str],
+    location: Location,
+) -> None:
     """Re-compute the CRC-32 of every written row chunk not already in ``bad``; add the ones that
     cannot be decoded or do not match their stored checksum to ``bad`` (chunk -> reason)."""
     n = features.shape[0]
@@ -111,8 +118,11 @@ def _verify_chunks(features: AnyArray, labels: AnyArray, sums: np.ndarray, writt
 
 
 #: the exponent bits of each float dtype: all set is inf or NaN
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
-             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+_EXPONENT = {
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
+}
 
 
 def _has_non_finite(block: np.ndarray) -> bool:
@@ -130,9 +140,11 @@ def _refuse_non_finite(features: np.ndarray, labels: np.ndarray, where: str) -> 
     broken checkpoint); the rows stay unwritten, so a rerun retries them."""
     bad = ~np.isfinite(features).reshape(len(features), -1).all(axis=1) & (np.asarray(labels) >= 0)
     if bad.any():
-        raise StoreError(f"{where}: the encoder produced non-finite features (NaN or inf) for {int(bad.sum())} "
-                         f"row(s), the first at offset {int(np.flatnonzero(bad)[0])}; nothing was written for them. "
-                         f"Check the encoder")
+        raise StoreError(
+            f"{where}: the encoder produced non-finite features (NaN or inf) for {int(bad.sum())} "
+            f"row(s), the first at offset {int(np.flatnonzero(bad)[0])}; nothing was written for them. "
+            f"Check the encoder"
+        )
 
 
 def _unrepairable_here(missing: str) -> bool:
@@ -142,16 +154,21 @@ def _unrepairable_here(missing: str) -> bool:
 
 def _views_rows_text(info: dict[str, Any]) -> str:
     r = info["rows"]
-    return ("every readable train row" if r.get("rule") == "all" else
-            f"the {r['shots']}-shot all-way shots of seeds {', '.join(map(str, r['seeds']))}")
+    return (
+        "every readable train row"
+        if r.get("rule") == "all"
+        else f"the {r['shots']}-shot all-way shots of seeds {', '.join(map(str, r['seeds']))}"
+    )
 
 
 def describe_views(info: dict[str, Any]) -> str:
     """One line naming a views group: how many views, of which rows, made how."""
     t = info["transform"]
-    return (f"{info['views']} augmented views per shot from the store (RandomResizedCrop {t['size']} px, scale "
-            f"{t['scale'][0]:g}-{t['scale'][1]:g}, {t['interpolation']}, horizontal flip p {t['flip']:g}, seed {t['seed']}; "
-            f"rows: {_views_rows_text(info)})")
+    return (
+        f"{info['views']} augmented views per shot from the store (RandomResizedCrop {t['size']} px, scale "
+        f"{t['scale'][0]:g}-{t['scale'][1]:g}, {t['interpolation']}, horizontal flip p {t['flip']:g}, seed {t['seed']}; "
+        f"rows: {_views_rows_text(info)})"
+    )
 
 
 def _nearby(path: Path, limit: int = 5) -> str:
@@ -175,8 +192,15 @@ def _location(path: str | Path | Location) -> Location:
     return path if isinstance(path, Location) else Location(path)
 
 
-def _fill_layout(root: zarr.Group, attrs: dict[str, Any], splits: dict[str, SplitRows], class_keys: list[str],
-                 class_names: list[str], prompts: list[str], class_embeddings: np.ndarray | None) -> None:
+def _fill_layout(
+    root: zarr.Group,
+    attrs: dict[str, Any],
+    splits: dict[str, SplitRows],
+    class_keys: list[str],
+    class_names: list[str],
+    prompts: list[str],
+    class_embeddings: np.ndarray | None,
+) -> None:
     """Every array of a new store (schema.py), features unwritten; the root attributes are the caller's."""
     cfg = _ARRAY_CONFIG
     dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
@@ -184,14 +208,23 @@ def _fill_layout(root: zarr.Group, attrs: dict[str, Any], splits: dict[str, Spli
         g = root.create_group(split)
         n = len(r.sample_ids)
         nc = S.n_chunks(n, rows)
-        g.create_array(S.FEATURES, shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0,
-                       compressors=_compressor(), config=cfg)
-        lab = g.create_array(S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, compressors=_CRC,
-                             config=cfg)
+        g.create_array(
+            S.FEATURES,
+            shape=(n, dim),
+            chunks=(rows, dim),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressor(),
+            config=cfg,
+        )
+        lab = g.create_array(
+            S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, compressors=_CRC, config=cfg
+        )
         ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, compressors=_CRC, config=cfg)
         # one object per flag and checksum: torchrun ranks (and nodes) write disjoint chunks concurrently
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC,
-                       config=cfg)
+        g.create_array(
+            S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC, config=cfg
+        )
         g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if n:
             lab[:] = r.labels
@@ -202,8 +235,9 @@ def _fill_layout(root: zarr.Group, attrs: dict[str, Any], splits: dict[str, Spli
         if len(values):
             a[:] = np.asarray(values, dtype=str)
     if class_embeddings is not None:
-        e = t.create_array(S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", compressors=_CRC,
-                           config=cfg)
+        e = t.create_array(
+            S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", compressors=_CRC, config=cfg
+        )
         e[:] = class_embeddings.astype(np.float32)
 
 
@@ -243,8 +277,13 @@ def _creator(token: str) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     stat = _proc_stat(os.getpid())
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": stat[1] if stat else None, "token": token,
-            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": stat[1] if stat else None,
+        "token": token,
+        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _creator_alive(creator: dict[str, Any]) -> bool:
@@ -283,8 +322,10 @@ def _claim_creation(loc: Location, token: str) -> str | None:
             if others:
                 if loc.root_object()[0] is not None:  # another process's root appeared meanwhile: look again
                     continue
-                raise StoreError(f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
-                                 f"choose an empty prefix (nothing was changed)")
+                raise StoreError(
+                    f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
+                    f"choose an empty prefix (nothing was changed)"
+                )
             try:
                 return loc.put_root(marker, if_absent=True)
             except ConditionFailed:  # another process put a root meanwhile (or our retried PUT did): look again
@@ -292,27 +333,35 @@ def _claim_creation(loc: Location, token: str) -> str | None:
         have = _json_attrs(data)
         fmt = have.get("format")
         if fmt == S.FORMAT:
-            raise StoreError(f"{loc} already exists (created by another fskd extract meanwhile?); run the same "
-                             f"`fskd extract` again to resume into it")
+            raise StoreError(
+                f"{loc} already exists (created by another fskd extract meanwhile?); run the same "
+                f"`fskd extract` again to resume into it"
+            )
         if fmt != S.CREATING_FORMAT:
-            raise StoreError(f"{loc} already exists and is not an fskd feature store (format {fmt!r}); fskd will "
-                             f"not replace it")
+            raise StoreError(
+                f"{loc} already exists and is not an fskd feature store (format {fmt!r}); fskd will not replace it"
+            )
         creator = have.get("creator")
         if not isinstance(creator, dict):
             creator = {}
         if creator.get("token") == token:  # our own PUT landed though its answer was lost
             return etag
         if _creator_alive(creator):
-            raise StoreError(f"another fskd extract (pid {creator.get('pid')} on this machine, since "
-                             f"{creator.get('since')}) is creating {loc}; rerun when it finishes (nothing was changed)")
-        logging.getLogger(__name__).info("%s: its creation was interrupted (creator %s); making it again", loc,
-                                         creator or "not recorded")
+            raise StoreError(
+                f"another fskd extract (pid {creator.get('pid')} on this machine, since "
+                f"{creator.get('since')}) is creating {loc}; rerun when it finishes (nothing was changed)"
+            )
+        logging.getLogger(__name__).info(
+            "%s: its creation was interrupted (creator %s); making it again", loc, creator or "not recorded"
+        )
         try:
             return loc.put_root(marker, if_etag=etag)
         except ConditionFailed:  # another rerun took it over first: look again
             continue
-    raise StoreError(f"{loc}: its root object kept changing while this fskd extract tried to create the store "
-                     f"(other fskd extract processes?); rerun when they finish")
+    raise StoreError(
+        f"{loc}: its root object kept changing while this fskd extract tried to create the store "
+        f"(other fskd extract processes?); rerun when they finish"
+    )
 
 
 def _commit_creation(loc: Location, attrs: dict[str, Any], etag: str | None) -> None:
@@ -325,8 +374,10 @@ def _commit_creation(loc: Location, attrs: dict[str, Any], etag: str | None) -> 
         now, _ = loc.root_object()
         if now is not None and _json_attrs(now) == _json_attrs(data):  # our own PUT landed, its answer was lost
             return
-        raise StoreError(f"another fskd extract took over creating {loc} while this one was writing it (it saw "
-                         f"this creation as interrupted); rerun when it finishes") from None
+        raise StoreError(
+            f"another fskd extract took over creating {loc} while this one was writing it (it saw "
+            f"this creation as interrupted); rerun when it finishes"
+        ) from None
 
 
 class LabelledReads(ABC):
@@ -369,7 +420,9 @@ class LabelledReads(ABC):
         """``(start_row, features (r, dim) float32, labels (r,))`` one row chunk at a time."""
 
     def gather(
-        self, classes: list[int] | np.ndarray | None = None, splits: list[str] | tuple[str, ...] | None = None,
+        self,
+        classes: list[int] | np.ndarray | None = None,
+        splits: list[str] | tuple[str, ...] | None = None,
         max_per_class: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose label is in ``classes`` (all valid rows when None), from ``splits`` (all by
@@ -409,7 +462,7 @@ class LabelledReads(ABC):
         thinned[first_per_class(np.where(keep, labels, -1), keep, cap, np.random.default_rng(20260601))] = True
         out, start = {}, 0
         for s, m in masks.items():
-            out[s] = thinned[start:start + len(m)]
+            out[s] = thinned[start : start + len(m)]
             start += len(m)
         return out
 
@@ -469,8 +522,10 @@ class FeatureStore(LabelledReads):
             loc.probe()  # a missing bucket or bad credentials say so, not "does not exist"
             raise StoreError(f"feature store {loc} does not exist (create it with `fskd extract`)")
         if (loc.root_attrs() or {}).get("format") == S.CREATING_FORMAT:
-            raise StoreError(f"{loc}: the store is being created, or its creation was interrupted (no completion "
-                             f"marker); run the same `fskd extract` again")
+            raise StoreError(
+                f"{loc}: the store is being created, or its creation was interrupted (no completion "
+                f"marker); run the same `fskd extract` again"
+            )
         try:
             with remote_errors(loc):
                 group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode)
@@ -488,8 +543,10 @@ class FeatureStore(LabelledReads):
         except StoreError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # attrs edited or damaged
-            raise StoreError(f"{self.path}: the store's attributes or arrays are damaged ({type(e).__name__}: {e}); "
-                             f"re-extract into a new --store path") from None
+            raise StoreError(
+                f"{self.path}: the store's attributes or arrays are damaged ({type(e).__name__}: {e}); "
+                f"re-extract into a new --store path"
+            ) from None
 
     def _validate(self) -> None:
         a = self.attrs
@@ -513,7 +570,9 @@ class FeatureStore(LabelledReads):
             f = _array(g, S.FEATURES)
             n = f.shape[0]
             if f.ndim != 2 or f.shape[1] != dim or f.dtype != dtype:
-                raise StoreError(f"{self.path}: {split}/features has shape {f.shape} {f.dtype}, expected (n, {dim}) {dtype}")
+                raise StoreError(
+                    f"{self.path}: {split}/features has shape {f.shape} {f.dtype}, expected (n, {dim}) {dtype}"
+                )
             nc = S.n_chunks(n, a["chunk_rows"])
             for name, want in ((S.LABELS, (n,)), (S.SAMPLE_IDS, (n,)), (S.WRITTEN, (nc,)), (S.CHECKSUMS, (nc,))):
                 if _array(g, name).shape != want:
@@ -534,16 +593,20 @@ class FeatureStore(LabelledReads):
         g = _subgroup(self.group, S.VIEWS_GROUP)
         a: dict[str, Any] = dict(g.attrs)
         if a.get("format") != S.VIEWS_FORMAT or any(k not in a for k in S.VIEWS_ATTRS):
-            raise StoreError(f"{self.path}: group views/ is not fskd's augmented-views group (attrs {sorted(a)}); "
-                             f"expected {list(S.VIEWS_ATTRS)}")
+            raise StoreError(
+                f"{self.path}: group views/ is not fskd's augmented-views group (attrs {sorted(a)}); "
+                f"expected {list(S.VIEWS_ATTRS)}"
+            )
         for name in (S.VIEW_ROWS, S.LABELS, S.FEATURES, S.CHECKSUMS, S.WRITTEN):
             if name not in g:
                 raise StoreError(f"{self.path}: array views/{name} is missing")
         m, v = _array(g, S.VIEW_ROWS).shape[0], int(a["views"])
         f = _array(g, S.FEATURES)
         if f.shape != (m, v, self.dim) or f.dtype != S.FEATURE_DTYPES[self.attrs["dtype"]]:
-            raise StoreError(f"{self.path}: views/features has shape {f.shape} {f.dtype}, expected ({m}, {v}, {self.dim}) "
-                             f"{self.attrs['dtype']}")
+            raise StoreError(
+                f"{self.path}: views/features has shape {f.shape} {f.dtype}, expected ({m}, {v}, {self.dim}) "
+                f"{self.attrs['dtype']}"
+            )
         nc = S.n_chunks(m, self.chunk_rows)
         for name, want in ((S.LABELS, (m,)), (S.CHECKSUMS, (nc,)), (S.WRITTEN, (nc,))):
             if _array(g, name).shape != want:
@@ -603,16 +666,25 @@ class FeatureStore(LabelledReads):
             except OSError:
                 if not path.exists():
                     raise
-                raise StoreError(f"{path} was created by another process meanwhile; run the command again "
-                                 f"to resume into it") from None
+                raise StoreError(
+                    f"{path} was created by another process meanwhile; run the command again to resume into it"
+                ) from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path, mode="r+")
 
     @classmethod
-    def _create_remote(cls, loc: Location, attrs: dict[str, Any], splits: dict[str, SplitRows], class_keys: list[str],
-                       class_names: list[str], prompts: list[str], class_embeddings: np.ndarray | None) -> None:
+    def _create_remote(
+        cls,
+        loc: Location,
+        attrs: dict[str, Any],
+        splits: dict[str, SplitRows],
+        class_keys: list[str],
+        class_names: list[str],
+        prompts: list[str],
+        class_embeddings: np.ndarray | None,
+    ) -> None:
         """Object storage has no rename (``schema.py``): claim the root ``zarr.json`` with a
         conditional PUT of the ``S.CREATING_FORMAT`` marker, remove what an interrupted creation
         left, write every group and array, then the root attributes with a PUT conditional on the
@@ -632,8 +704,10 @@ class FeatureStore(LabelledReads):
                 root = zarr.open_group(store, mode="r+")
                 _fill_layout(root, attrs, splits, class_keys, class_names, prompts, class_embeddings)
             except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-                raise StoreError(f"{loc}: another fskd extract wrote into the store while this one created it (it "
-                                 f"took the creation over); rerun when it finishes") from None
+                raise StoreError(
+                    f"{loc}: another fskd extract wrote into the store while this one created it (it "
+                    f"took the creation over); rerun when it finishes"
+                ) from None
             fault_point("store:create-arrays")
             _commit_creation(loc, attrs, etag)
 
@@ -662,8 +736,14 @@ class FeatureStore(LabelledReads):
         from fskd import __version__
 
         dim = int(next(iter(splits.values()))[0].shape[1])
-        enc = {"spec": f"arrays:{dataset}", "image_dim": dim, "joint": False, "web_scale": False, "preprocess": {},
-               "text_dim": None if text_embeddings is None else int(text_embeddings.shape[1])}
+        enc = {
+            "spec": f"arrays:{dataset}",
+            "image_dim": dim,
+            "joint": False,
+            "web_scale": False,
+            "preprocess": {},
+            "text_dim": None if text_embeddings is None else int(text_embeddings.shape[1]),
+        }
         enc.update(encoder or {})
         h = hashlib.sha256()
         for name in sorted(splits):
@@ -674,25 +754,43 @@ class FeatureStore(LabelledReads):
             h.update(np.ascontiguousarray(text_embeddings, dtype=np.float32).tobytes())
         h.update(json.dumps([class_names, class_split, enc], sort_keys=True).encode())
         attrs = {
-            "format": S.FORMAT, "schema_version": S.SCHEMA_VERSION, "fskd_version": __version__,
-            "fingerprint": h.hexdigest()[:32], "inputs": {"arrays": True},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "encoder": enc,
+            "format": S.FORMAT,
+            "schema_version": S.SCHEMA_VERSION,
+            "fskd_version": __version__,
+            "fingerprint": h.hexdigest()[:32],
+            "inputs": {"arrays": True},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "encoder": enc,
             "dataset": {"name": dataset, "root": "", "fingerprint": h.hexdigest()[:32]},
             "class_split": {**{k: [int(c) for c in v] for k, v in class_split.items()}, "source": "given"},
             "sample_split": {"rule": "given", "sizes": {s: len(v[1]) for s, v in splits.items()}},
-            "splits": list(splits), "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
-            "text": {"available": text_embeddings is not None, "dim": enc["text_dim"], "source": "given", "templates": []},
+            "splits": list(splits),
+            "dim": dim,
+            "dtype": dtype,
+            "chunk_rows": chunk_rows,
+            "text": {
+                "available": text_embeddings is not None,
+                "dim": enc["text_dim"],
+                "source": "given",
+                "templates": [],
+            },
             "config": {},
         }
         store = cls.create(
-            path, attrs=attrs,
+            path,
+            attrs=attrs,
             splits={s: SplitRows([f"{s}/{i}" for i in range(len(y))], np.asarray(y)) for s, (_, y) in splits.items()},
-            class_keys=list(class_names), class_names=list(class_names), prompts=[], class_embeddings=text_embeddings,
+            class_keys=list(class_names),
+            class_names=list(class_names),
+            prompts=[],
+            class_embeddings=text_embeddings,
         )
         for s, (x, y) in splits.items():
             for c in range(S.n_chunks(len(y), chunk_rows)):
                 rows = slice(c * chunk_rows, min(len(y), (c + 1) * chunk_rows))
-                store.write_chunk(s, c, np.asarray(x[rows], dtype=S.FEATURE_DTYPES[dtype]), np.asarray(y[rows], dtype=np.int32))
+                store.write_chunk(
+                    s, c, np.asarray(x[rows], dtype=S.FEATURE_DTYPES[dtype]), np.asarray(y[rows], dtype=np.int32)
+                )
         return cls.open(path)
 
     # -- metadata ----------------------------------------------------------------------------
@@ -743,8 +841,13 @@ class FeatureStore(LabelledReads):
             raise StoreError(f"{self.path}: no class split {name!r}; has {[k for k in split if k != 'source']}")
         return list(split[name])
 
-    def view(self, class_split: Mapping[str, Any] | None = None, keep: Mapping[str, npt.ArrayLike] | None = None,
-             default_splits: Sequence[str] | None = None, description: str | None = None) -> StoreView:
+    def view(
+        self,
+        class_split: Mapping[str, Any] | None = None,
+        keep: Mapping[str, npt.ArrayLike] | None = None,
+        default_splits: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> StoreView:
         """A read-only :class:`~fskd.store.view.StoreView` of this store: another class split than
         the stored one, rows outside ``keep`` (split -> (n,) bool) hidden, the splits a read that
         names none uses, and what the restriction shows. The store itself is not changed."""
@@ -834,7 +937,7 @@ class FeatureStore(LabelledReads):
         start, stop, _ = sel.indices(arr.shape[0])
         for c in range(start // rows, -(-stop // rows)):
             try:
-                arr[c * rows:min(stop, (c + 1) * rows)]
+                arr[c * rows : min(stop, (c + 1) * rows)]
             except Exception as e:
                 raise_if_backend(self.location, e)
                 return c
@@ -852,7 +955,8 @@ class FeatureStore(LabelledReads):
         raise StoreError(
             f"{self.path}: {array} chunk {row // self.chunk_rows} holds non-finite values (NaN or inf, first at row "
             f"{row}); the store is damaged. `fskd info --check {self.path}` lists the damage; the same `fskd extract` "
-            f"re-encodes it")
+            f"re-encodes it"
+        )
 
     def missing_chunks(self) -> list[str]:
         """Chunk objects that should exist and do not, as ``split/array chunk i`` strings: written
@@ -868,8 +972,12 @@ class FeatureStore(LabelledReads):
             g = self._split(split)
             written = self.written(split)
             done = np.flatnonzero(written)
-            for name, chunks in ((S.FEATURES, done), (S.CHECKSUMS, done),
-                                 (S.LABELS, range(len(written))), (S.SAMPLE_IDS, range(len(written)))):
+            for name, chunks in (
+                (S.FEATURES, done),
+                (S.CHECKSUMS, done),
+                (S.LABELS, range(len(written))),
+                (S.SAMPLE_IDS, range(len(written))),
+            ):
                 arr = _array(g, name)
                 have = _list_keys(arr)
                 coords = [(int(c), 0) if arr.ndim == 2 else (int(c),) for c in chunks]
@@ -905,9 +1013,15 @@ class FeatureStore(LabelledReads):
                     bad.setdefault(int(c), f"{name} chunk object missing")
             if verify:
                 g = self._split(split)
-                _verify_chunks(_array(g, S.FEATURES), _array(g, S.LABELS),
-                               np.asarray(self._read(split, S.CHECKSUMS, slice(None))), self.written(split),
-                               self.chunk_rows, bad, self.location)
+                _verify_chunks(
+                    _array(g, S.FEATURES),
+                    _array(g, S.LABELS),
+                    np.asarray(self._read(split, S.CHECKSUMS, slice(None))),
+                    self.written(split),
+                    self.chunk_rows,
+                    bad,
+                    self.location,
+                )
             if bad:
                 out[split] = dict(sorted(bad.items()))
         return out
@@ -920,7 +1034,9 @@ class FeatureStore(LabelledReads):
             for c, why in d.items():
                 rows = f"rows {c * self.chunk_rows}-{min(self.n_rows(s), (c + 1) * self.chunk_rows) - 1}"
                 name, _, rest = why.partition(" chunk object ")
-                problems.append(f"{s}/{name} chunk {c} ({rows}) is {rest}" if rest else f"{s}/features chunk {c} ({rows}) {why}")
+                problems.append(
+                    f"{s}/{name} chunk {c} ({rows}) is {rest}" if rest else f"{s}/features chunk {c} ({rows}) {why}"
+                )
         if problems:
             more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise StoreError(
@@ -1017,14 +1133,36 @@ class FeatureStore(LabelledReads):
     def _views_arrays(self, g: zarr.Group, attrs: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
         m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
         nc = S.n_chunks(m, rows_per)
-        g.create_array(S.FEATURES, shape=(m, v, self.dim), chunks=(rows_per, v, self.dim), dtype=self.attrs["dtype"],
-                       fill_value=0, compressors=_compressor(), config=_ARRAY_CONFIG)
-        r = g.create_array(S.VIEW_ROWS, shape=(m,), chunks=(rows_per,), dtype="int64", fill_value=-1, compressors=_CRC,
-                           config=_ARRAY_CONFIG)
-        lab = g.create_array(S.LABELS, shape=(m,), chunks=(rows_per,), dtype="int32", fill_value=-1, compressors=_CRC,
-                             config=_ARRAY_CONFIG)
-        g.create_array(S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC,
-                       config=_ARRAY_CONFIG)
+        g.create_array(
+            S.FEATURES,
+            shape=(m, v, self.dim),
+            chunks=(rows_per, v, self.dim),
+            dtype=self.attrs["dtype"],
+            fill_value=0,
+            compressors=_compressor(),
+            config=_ARRAY_CONFIG,
+        )
+        r = g.create_array(
+            S.VIEW_ROWS,
+            shape=(m,),
+            chunks=(rows_per,),
+            dtype="int64",
+            fill_value=-1,
+            compressors=_CRC,
+            config=_ARRAY_CONFIG,
+        )
+        lab = g.create_array(
+            S.LABELS,
+            shape=(m,),
+            chunks=(rows_per,),
+            dtype="int32",
+            fill_value=-1,
+            compressors=_CRC,
+            config=_ARRAY_CONFIG,
+        )
+        g.create_array(
+            S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC, config=_ARRAY_CONFIG
+        )
         g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if m:
             r[:] = np.asarray(rows, dtype=np.int64)
@@ -1046,8 +1184,8 @@ class FeatureStore(LabelledReads):
         g = self._views()
         start = chunk * self.chunk_rows
         _refuse_non_finite(features, labels, f"{self.path}: views rows {start}-{start + len(features) - 1}")
-        _array(g, S.FEATURES)[start:start + len(features)] = features
-        _array(g, S.LABELS)[start:start + len(features)] = labels
+        _array(g, S.FEATURES)[start : start + len(features)] = features
+        _array(g, S.LABELS)[start : start + len(features)] = labels
         fault_point("store:views-data")
         _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
         _array(g, S.WRITTEN)[chunk] = True
@@ -1072,8 +1210,15 @@ class FeatureStore(LabelledReads):
                 if _chunk_key(arr, coords) not in have:
                     bad.setdefault(int(c), f"{name} chunk object missing")
         if verify:
-            _verify_chunks(_array(g, S.FEATURES), _array(g, S.LABELS), np.asarray(_array(g, S.CHECKSUMS)[:]), written,
-                           self.chunk_rows, bad, self.location)
+            _verify_chunks(
+                _array(g, S.FEATURES),
+                _array(g, S.LABELS),
+                np.asarray(_array(g, S.CHECKSUMS)[:]),
+                written,
+                self.chunk_rows,
+                bad,
+                self.location,
+            )
         return dict(sorted(bad.items()))
 
     def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
@@ -1086,15 +1231,24 @@ class FeatureStore(LabelledReads):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         have = self.view_rows()
         pos = np.searchsorted(have, rows)
-        ok = (pos < len(have)) & (have[np.minimum(pos, max(len(have) - 1, 0))] == rows) if len(have) else np.zeros(len(rows), bool)
+        ok = (
+            (pos < len(have)) & (have[np.minimum(pos, max(len(have) - 1, 0))] == rows)
+            if len(have)
+            else np.zeros(len(rows), bool)
+        )
         if not ok.all():
-            return None, (f"the store's views cover {len(have)} train rows ({_views_rows_text(info)}); "
-                          f"{int((~ok).sum())} of these {len(rows)} rows have none")
+            return None, (
+                f"the store's views cover {len(have)} train rows ({_views_rows_text(info)}); "
+                f"{int((~ok).sum())} of these {len(rows)} rows have none"
+            )
         g = self._views()
         chunk = pos // self.chunk_rows
         written = self.views_written()
         if not written[np.unique(chunk)].all():
-            return None, "the store's views are incomplete (run the same `fskd extract --augment-views` again to finish)"
+            return (
+                None,
+                "the store's views are incomplete (run the same `fskd extract --augment-views` again to finish)",
+            )
         lab = np.asarray(_array(g, S.LABELS)[:])
         if (lab[pos] < 0).any():
             return None, f"{int((lab[pos] < 0).sum())} of these rows' images could not be read when the views were made"
@@ -1107,11 +1261,13 @@ class FeatureStore(LabelledReads):
             c = int(srt[part[0]] // self.chunk_rows)
             start = c * self.chunk_rows
             try:
-                block = np.asarray(_array(g, S.FEATURES)[start:min(m, start + self.chunk_rows)])
+                block = np.asarray(_array(g, S.FEATURES)[start : min(m, start + self.chunk_rows)])
             except Exception as e:
                 raise_if_backend(self.location, e)
-                raise StoreError(f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
-                                 f"`fskd info --check {self.path}` lists the damage") from None
+                raise StoreError(
+                    f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
+                    f"`fskd info --check {self.path}` lists the damage"
+                ) from None
             self._check_finite(block, "views/features", c)
             out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
         return out, describe_views(info)
@@ -1138,7 +1294,7 @@ class FeatureStore(LabelledReads):
             block = np.asarray(self._read(split, S.FEATURES, slice(lo, hi), lo // rows), dtype=np.float32)
             for start in range(lo, hi, rows):
                 stop = min(hi, start + rows)
-                yield start, block[start - lo:stop - lo], lab[start:stop]
+                yield start, block[start - lo : stop - lo], lab[start:stop]
 
     def features(self, split: str, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """A whole split (n, dim) as ``dtype`` (``store.attrs["dtype"]`` keeps the stored precision at
@@ -1147,7 +1303,7 @@ class FeatureStore(LabelledReads):
         out = np.empty((n, self.dim), dtype)
         step = rows * self.read_span
         for start in range(0, n, step):
-            out[start:start + step] = self._read(split, S.FEATURES, slice(start, min(n, start + step)), start // rows)
+            out[start : start + step] = self._read(split, S.FEATURES, slice(start, min(n, start + step)), start // rows)
         return out
 
     def _row_blocks(self, split: str, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -1173,8 +1329,10 @@ class FeatureStore(LabelledReads):
                     raise_if_backend(self.location, e)
                     for cc in np.unique(chunk[lo:hi]):  # name the chunk: read them one at a time
                         self._read(split, S.FEATURES, slice(int(cc) * cr, min(n, (int(cc) + 1) * cr)), int(cc))
-                    raise StoreError(f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
-                                     f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage") from None
+                    raise StoreError(
+                        f"{self.path}: cannot read {split}/features chunks {c}..{int(chunk[hi - 1])} "
+                        f"({type(e).__name__}: {e}); `fskd info --check {self.path}` lists the damage"
+                    ) from None
                 self._check_finite(block, f"{split}/features", c, rows=part)
             yield lo, hi, np.asarray(block, dtype=np.float32)
 
@@ -1188,8 +1346,9 @@ class FeatureStore(LabelledReads):
             return out
         n = self.n_rows(split)
         if rows.min() < 0 or rows.max() >= n:
-            raise IndexError(f"{self.path}: row {int(rows.max() if rows.max() >= n else rows.min())} is outside "
-                             f"{split} (0..{n - 1})")
+            raise IndexError(
+                f"{self.path}: row {int(rows.max() if rows.max() >= n else rows.min())} is outside {split} (0..{n - 1})"
+            )
         uniq, inverse = np.unique(rows, return_inverse=True)
         feats = np.empty((len(uniq), self.dim), np.float32)
         for lo, hi, block in self._row_blocks(split, uniq):
@@ -1238,8 +1397,12 @@ class FeatureStore(LabelledReads):
         info = self.views_info
         if info is None:
             return None
-        return {"views": int(info["views"]), "rows": int(_array(self._views(), S.VIEW_ROWS).shape[0]),
-                "complete": bool(self.views_written().all()), "description": describe_views(info)}
+        return {
+            "views": int(info["views"]),
+            "rows": int(_array(self._views(), S.VIEW_ROWS).shape[0]),
+            "complete": bool(self.views_written().all()),
+            "description": describe_views(info),
+        }
 
     def check_report(self) -> dict[str, Any]:
         """``fskd info --check``: every chunk verified against its checksum."""
@@ -1252,6 +1415,9 @@ class FeatureStore(LabelledReads):
             if views:
                 damaged = {**damaged, S.VIEWS_GROUP: views}
             verified[S.VIEWS_GROUP] = int(self.views_written().sum())
-        return {"ok": not damaged and not other, "chunks_verified": verified,
-                "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
-                "missing": other}
+        return {
+            "ok": not damaged and not other,
+            "chunks_verified": verified,
+            "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
+            "missing": other,
+        }

@@ -47,16 +47,30 @@ def synthetic_features(
     return {s: (x[m].astype(np.float32), labels[m]) for s, m in parts.items()}, text
 
 
-def make_synthetic_store(path: str | Path, n_classes: int = 20, joint: bool = False, seed: int = 0,
-                         split: tuple[int, int, int] | None = None, **kwargs: Any) -> FeatureStore:
+def make_synthetic_store(
+    path: str | Path,
+    n_classes: int = 20,
+    joint: bool = False,
+    seed: int = 0,
+    split: tuple[int, int, int] | None = None,
+    **kwargs: Any,
+) -> FeatureStore:
     """A complete store of :func:`synthetic_features`; classes split base/val/novel in halves/quarters."""
     splits, text = synthetic_features(n_classes=n_classes, joint=joint, seed=seed, **kwargs)
     nb, nv, _ = split or (n_classes // 2, n_classes // 4, n_classes - n_classes // 2 - n_classes // 4)
     order = np.random.default_rng(seed + 1).permutation(n_classes)
-    class_split = {"base": sorted(order[:nb].tolist()), "val": sorted(order[nb : nb + nv].tolist()),
-                   "novel": sorted(order[nb + nv :].tolist())}
+    class_split = {
+        "base": sorted(order[:nb].tolist()),
+        "val": sorted(order[nb : nb + nv].tolist()),
+        "novel": sorted(order[nb + nv :].tolist()),
+    }
     return FeatureStore.from_arrays(
-        path, splits, [f"class {i}" for i in range(n_classes)], class_split, text_embeddings=text,
-        encoder={"spec": f"synthetic-features:{'joint' if joint else 'pair'}", "joint": joint}, dataset="synthetic",
+        path,
+        splits,
+        [f"class {i}" for i in range(n_classes)],
+        class_split,
+        text_embeddings=text,
+        encoder={"spec": f"synthetic-features:{'joint' if joint else 'pair'}", "joint": joint},
+        dataset="synthetic",
         chunk_rows=64,
     )

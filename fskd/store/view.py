@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 StoreLike = Union[FeatureStore, "StoreView"]
 
 
-def class_split_override(store: StoreLike, file: str | None = None, ratio: tuple[float, float, float] | None = None,
-                         seed: int = 0) -> dict[str, Any] | None:
+def class_split_override(
+    store: StoreLike, file: str | None = None, ratio: tuple[float, float, float] | None = None, seed: int = 0
+) -> dict[str, Any] | None:
     """Another base/val/novel class split than the stored one: from a JSON file of class names
     (``--class-split``) or a seeded ratio split (``--class-ratio``); None when neither is given.
     The split carries its ``source`` ("override: ..."); pass it to :meth:`FeatureStore.view`."""
@@ -41,8 +42,13 @@ def class_split_override(store: StoreLike, file: str | None = None, ratio: tuple
     from fskd.datasets.base import DatasetListing
     from fskd.datasets.splits import resolve_class_split
 
-    listing = DatasetListing(store.attrs["dataset"]["name"], str(store.attrs["dataset"].get("root", "")),
-                             store.class_keys, store.class_names, {})
+    listing = DatasetListing(
+        store.attrs["dataset"]["name"],
+        str(store.attrs["dataset"].get("root", "")),
+        store.class_keys,
+        store.class_names,
+        {},
+    )
     if file is None:
         listing.standard_class_split = None
     split, source = resolve_class_split(listing, file, ratio or (0.6, 0.2, 0.2), seed)
@@ -66,9 +72,14 @@ class StoreView(LabelledReads):
     _description: str | None
     _attrs: Mapping[str, Any]
 
-    def __init__(self, store: FeatureStore, class_split: Mapping[str, Any] | None = None,
-                 keep: Mapping[str, npt.ArrayLike] | None = None, default_splits: Sequence[str] | None = None,
-                 description: str | None = None) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        class_split: Mapping[str, Any] | None = None,
+        keep: Mapping[str, npt.ArrayLike] | None = None,
+        default_splits: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> None:
         masks = {s: _frozen(m) for s, m in (keep or {}).items()}
         for s, m in masks.items():
             if len(m) != store.n_rows(s):
@@ -86,9 +97,14 @@ class StoreView(LabelledReads):
         set_(self, "_attrs", MappingProxyType(attrs))
 
     @classmethod
-    def of(cls, store: StoreLike, class_split: Mapping[str, Any] | None = None,
-           keep: Mapping[str, npt.ArrayLike] | None = None, default_splits: Sequence[str] | None = None,
-           description: str | None = None) -> StoreView:
+    def of(
+        cls,
+        store: StoreLike,
+        class_split: Mapping[str, Any] | None = None,
+        keep: Mapping[str, npt.ArrayLike] | None = None,
+        default_splits: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> StoreView:
         """A view of ``store`` (a store, or a view: composed with it)."""
         if isinstance(store, FeatureStore):
             return cls(store, class_split, keep, default_splits, description)
@@ -96,14 +112,21 @@ class StoreView(LabelledReads):
         for s, m in (keep or {}).items():
             mask = np.asarray(m, dtype=bool)
             masks[s] = mask & store._keep[s] if s in store._keep and len(mask) == len(store._keep[s]) else mask
-        return cls(store._store,
-                   class_split if class_split is not None else store.attrs["class_split"],
-                   masks,
-                   default_splits if default_splits is not None else store._default_splits,
-                   description if description is not None else store._description)
+        return cls(
+            store._store,
+            class_split if class_split is not None else store.attrs["class_split"],
+            masks,
+            default_splits if default_splits is not None else store._default_splits,
+            description if description is not None else store._description,
+        )
 
-    def view(self, class_split: Mapping[str, Any] | None = None, keep: Mapping[str, npt.ArrayLike] | None = None,
-             default_splits: Sequence[str] | None = None, description: str | None = None) -> StoreView:
+    def view(
+        self,
+        class_split: Mapping[str, Any] | None = None,
+        keep: Mapping[str, npt.ArrayLike] | None = None,
+        default_splits: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> StoreView:
         """A view of this view (composed: see :meth:`of`)."""
         return StoreView.of(self, class_split, keep, default_splits, description)
 
@@ -114,8 +137,10 @@ class StoreView(LabelledReads):
         raise AttributeError(f"a StoreView is read-only (cannot delete {name!r})")
 
     def __repr__(self) -> str:
-        return (f"StoreView({self.where!r}, masked splits {sorted(self._keep)}, default splits "
-                f"{list(self._default_splits) if self._default_splits else 'all'})")
+        return (
+            f"StoreView({self.where!r}, masked splits {sorted(self._keep)}, default splits "
+            f"{list(self._default_splits) if self._default_splits else 'all'})"
+        )
 
     # -- what the view changes ---------------------------------------------------------------
     @property
@@ -162,7 +187,7 @@ class StoreView(LabelledReads):
     def iter_chunks(self, split: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         keep = self._keep.get(split)
         for start, f, lab in self._store.iter_chunks(split):
-            yield start, f, lab if keep is None else np.where(keep[start:start + len(lab)], lab, -1)
+            yield start, f, lab if keep is None else np.where(keep[start : start + len(lab)], lab, -1)
 
     def _row_blocks(self, split: str, rows: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         return self._store._row_blocks(split, rows)
@@ -172,9 +197,11 @@ class StoreView(LabelledReads):
         out = self._store.summary()
         split = {k: v for k, v in self._attrs["class_split"].items() if k != "source"}
         names = self.class_names
-        out.update(class_split={k: len(v) for k, v in split.items()},
-                   class_split_source=self._attrs["class_split"].get("source"),
-                   class_names={k: [names[i] for i in v] for k, v in split.items()})
+        out.update(
+            class_split={k: len(v) for k, v in split.items()},
+            class_split_source=self._attrs["class_split"].get("source"),
+            class_names={k: [names[i] for i in v] for k, v in split.items()},
+        )
         return out
 
     # -- delegated, read-only ----------------------------------------------------------------

@@ -80,8 +80,14 @@ def new_state(store, config, method: str) -> MethodState:
         lab = store.labels("train")
         classes = np.unique(lab[lab >= 0])
         sample_shots(lab[lab >= 0], classes, config.shots, config.seed, store.class_names)
-    state = MethodState(method=method, kind="adapt", store_path=str(store.path), store_fingerprint=store.fingerprint,
-                        encoder=store.encoder_spec, config=config.to_dict())
+    state = MethodState(
+        method=method,
+        kind="adapt",
+        store_path=str(store.path),
+        store_fingerprint=store.fingerprint,
+        encoder=store.encoder_spec,
+        config=config.to_dict(),
+    )
     state.hparams["hp_selection"] = config.hp_selection
     state.selected_on["hp_selection"] = "--hp-selection"
     return state
@@ -91,8 +97,10 @@ def new_state(store, config, method: str) -> MethodState:
 def reject_descriptions(config, method: str) -> None:
     """Methods that use no class semantics refuse ``--descriptions`` rather than ignore it."""
     if config.descriptions:
-        raise ConfigError(f"method {method!r} uses no class text: --descriptions {config.descriptions} would be ignored; "
-                          f"methods that use it: zero-shot, lp++, tip-adapter, tip-adapter-f, syntrans")
+        raise ConfigError(
+            f"method {method!r} uses no class text: --descriptions {config.descriptions} would be ignored; "
+            f"methods that use it: zero-shot, lp++, tip-adapter, tip-adapter-f, syntrans"
+        )
 
 
 def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
@@ -115,7 +123,9 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
         try:
             encoder = build_encoder(store.encoder_spec)
         except FskdError as e:  # unknown family (arrays, synthetic), missing weights, ...
-            raise EncoderError(f"--descriptions needs the store's text encoder {store.encoder_spec!r} to encode them: {e}") from None
+            raise EncoderError(
+                f"--descriptions needs the store's text encoder {store.encoder_spec!r} to encode them: {e}"
+            ) from None
         if not encoder.has_text:
             raise EncoderError(f"--descriptions: the store's encoder {store.encoder_spec!r} has no text tower")
         templates = tuple(store.attrs.get("text", {}).get("templates") or DEFAULT_TEMPLATES)
@@ -133,15 +143,22 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
 
 
 # -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) ---------
-def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str] | None = None,
-                 split: str = "train") -> np.ndarray:
+def sample_shots(
+    labels: np.ndarray,
+    classes: np.ndarray,
+    shot: int,
+    seed: int,
+    class_names: list[str] | None = None,
+    split: str = "train",
+) -> np.ndarray:
     """(C, K) row indices of the all-way shots for ``--seed`` (so ``--seed 1`` draws the shots
     of evaluation seed 1); a short class is a ConfigError naming ``--shots``."""
     return sampling.sample_shots(labels, classes, shot, seed, class_names, split, option="--shots", error=ConfigError)
 
 
-def sample_episode_rows(labels: np.ndarray, classes: Sequence[int], way: int, shot: int, query: int, episodes: int,
-                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_episode_rows(
+    labels: np.ndarray, classes: Sequence[int], way: int, shot: int, query: int, episodes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batched episode sampling: support (E, N, K), query (E, N, Q) row indices, classes (E, N)."""
     eps = sampling.sample_episodes(labels, classes, way, shot, query, episodes, seed, error=ConfigError)
     return eps.support, eps.query, eps.classes
@@ -194,11 +211,19 @@ class ValOptions:
 
 def check_val_options(o) -> None:
     if o.val_way < 2 or o.val_query < 1 or o.val_episodes < 1:
-        raise ConfigError(f"val_way must be >= 2, val_query and val_episodes >= 1; got {o.val_way}, {o.val_query}, {o.val_episodes}")
+        raise ConfigError(
+            f"val_way must be >= 2, val_query and val_episodes >= 1; got {o.val_way}, {o.val_query}, {o.val_episodes}"
+        )
 
 
-def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
-                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
+def episodic_val_task(
+    store,
+    shots: int,
+    opts,
+    seed: int,
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Task | None:
     """N-way K-shot episodes of the val classes (K = max(1, shots)); None when there are fewer
     than 2 val classes. Queries per class shrink to what the smallest val class allows."""
     val = store.class_split("val") if "val" in store.attrs["class_split"] else []
@@ -225,7 +250,9 @@ def episodic_val_task(store, shots: int, opts, seed: int, device: torch.device,
         support=xt[si],
         classes=torch.from_numpy(cls).to(device),
         query=xt[qi],
-        pool=xt, support_idx=si, query_idx=qi,
+        pool=xt,
+        support_idx=si,
+        query_idx=qi,
         truth=torch.arange(way, device=device).repeat_interleave(q)[None].expand(E, -1),
         description=f"{opts.val_episodes} {way}-way {k}-shot {q}-query episodes of the {len(val)} val classes (seed {seed})",
         on=VAL_CLASSES,
@@ -236,7 +263,9 @@ def allway_rows(store, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     """The all-way training shots: (features (C*K, D), labels (C*K,), classes (C,)) from the train
     split, class-major (rows of class i are i*K .. i*K+K-1); only the shots' features are read."""
     if not store.has_split("train"):
-        raise StoreError(f"{store.path} has no 'train' sample split (it has {store.splits}); the all-way shots come from it")
+        raise StoreError(
+            f"{store.path} has no 'train' sample split (it has {store.splits}); the all-way shots come from it"
+        )
     return sampling.allway_shots(store, shots, seed, error=ConfigError)
 
 
@@ -289,8 +318,9 @@ def no_validation(config) -> bool:
 NO_VALIDATION = "fixed (--hp-selection none: no validation data)"
 
 
-def allway_val_task(store, config, device: torch.device,
-                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Task | None:
+def allway_val_task(
+    store, config, device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Task | None:
     """One all-way task: K shots per class from the train split (seeded), as queries the val
     rows that ``config.hp_selection`` allows (CoOp: min(K, 4) per class); None under
     ``--hp-selection none``, when the store has no train or val sample split, or the rule leaves no row."""
@@ -323,7 +353,7 @@ def allway_val_task(store, config, device: torch.device,
         support_idx=torch.arange(n_s, device=device).reshape(1, len(classes), shots),
         query_idx=torch.arange(n_s, n_s + len(yv), device=device)[None],
         description=f"all {len(classes)} classes, {shots} shots per class from the train split (seed {seed}); queries: "
-                    + sampling.describe_validation(config.hp_selection, shots, len(yv), len(classes), seed),
+        + sampling.describe_validation(config.hp_selection, shots, len(yv), len(classes), seed),
         on=VAL_SPLIT if config.hp_selection == "full-val" else VAL_SPLIT_FEW,
     )
 
@@ -342,8 +372,7 @@ class Choice:
     fitted: object = None
 
 
-def grid_search(candidates: Sequence[dict], score: Callable[[dict], float], task: Task | None,
-                default: dict) -> Choice:
+def grid_search(candidates: Sequence[dict], score: Callable[[dict], float], task: Task | None, default: dict) -> Choice:
     """The best candidate on ``task`` (ties: the earlier candidate), or ``default`` when there
     is no validation task (recorded as such)."""
     if task is None or not candidates:
@@ -373,8 +402,11 @@ def record_grid(state: MethodState, sizes: str | None, grid: str, wide: str) -> 
     """The grid a search ran: the sizes of the ``--set`` lists, or the authors' ``grid`` (on a
     non-joint store with the ``wide`` values for the bridge's text scale added, fskd's addition)."""
     state.hparams["grid"] = grid if sizes is None else sizes
-    state.selected_on["grid"] = ("fixed (--set option)" if sizes is not None else
-                                 f"fixed (the authors' grid; a non-joint store also the wide {wide})")
+    state.selected_on["grid"] = (
+        "fixed (--set option)"
+        if sizes is not None
+        else f"fixed (the authors' grid; a non-joint store also the wide {wide})"
+    )
 
 
 FITTED = "allway.fitted"
@@ -398,14 +430,19 @@ def keep_allway_head(state: MethodState, task: Task | None, parts: dict[str, tor
     state.tensors.update({f"{FITTED}.{k}": v.detach().cpu() for k, v in parts.items()})
 
 
-def kept_allway_head(state: MethodState, support: torch.Tensor, classes: torch.Tensor) -> dict[str, torch.Tensor] | None:
+def kept_allway_head(
+    state: MethodState, support: torch.Tensor, classes: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
     """The kept all-way head's parts when ``support`` / ``classes`` are what it was trained on, else None."""
     digest = state.tensors.get(f"{FITTED}.support_sha256")
     if digest is None or not torch.equal(digest, support_digest(support, classes)):
         return None
     prefix = FITTED + "."
-    return {k[len(prefix):]: v.to(support.device) for k, v in state.tensors.items()
-            if k.startswith(prefix) and k != f"{FITTED}.support_sha256"}
+    return {
+        k[len(prefix) :]: v.to(support.device)
+        for k, v in state.tensors.items()
+        if k.startswith(prefix) and k != f"{FITTED}.support_sha256"
+    }
 
 
 def hp(state: MethodState, regime: str, name: str):
@@ -437,8 +474,14 @@ def support_only(classes: torch.Tensor, learned: torch.Tensor) -> bool:
 class RegimeHead(Head):
     """Dispatches ``fit`` to the episodic or the support-only (all-way) builder."""
 
-    def __init__(self, name: str, learned: torch.Tensor, episodic: Callable[[torch.Tensor, torch.Tensor], FittedHead],
-                 allway: Callable[[torch.Tensor, torch.Tensor], FittedHead], needs_text: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        learned: torch.Tensor,
+        episodic: Callable[[torch.Tensor, torch.Tensor], FittedHead],
+        allway: Callable[[torch.Tensor, torch.Tensor], FittedHead],
+        needs_text: bool = False,
+    ) -> None:
         self.name, self.learned, self._episodic, self._allway = name, learned, episodic, allway
         self.needs_text = needs_text
 
@@ -455,8 +498,9 @@ class FittedWeights(FittedHead):
     weights (E, N, D); queries are embedded by ``embed`` (raw (E, M, D) -> (E, M, D)) first.
     """
 
-    def __init__(self, weights: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                 bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weights: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], bias: torch.Tensor | None = None
+    ) -> None:
         self.weights, self.embed, self.bias = weights, embed, bias
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
@@ -466,8 +510,10 @@ class FittedWeights(FittedHead):
 
 def centred(center: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> normalize(x - center) (center (D,), (E, 1, D) or None)."""
+
     def f(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x - center if center is not None else x, dim=-1)
+
     return f
 
 
@@ -493,18 +539,27 @@ def flat_support_labels(support: torch.Tensor, classes: torch.Tensor) -> tuple[t
 
 
 # -- text weights in image space (the bridge) -----------------------------------------------------
-def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: torch.device,
-                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        use_val: bool = True) -> tuple[Bridge, Choice]:
+def fit_episodic_bridge(
+    store,
+    text: torch.Tensor,
+    ridge: float | None,
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    use_val: bool = True,
+) -> tuple[Bridge, Choice]:
     """The identity for a joint store; else ridge maps learned on every row of the base classes,
     the ridge strength chosen by zero-shot accuracy on the val classes (or fixed by ``ridge``, or
     the middle of the grid when ``use_val`` is False: ``--hp-selection none``)."""
     if store.joint:
-        return Bridge.identity(store.dim, device), Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
+        return Bridge.identity(store.dim, device), Choice(
+            {"ridge": None}, None, "fixed (joint space: identity bridge)", ""
+        )
     base = store.class_split("base")
     if not base:
-        raise StoreError(f"{store.path}: the bridge between its image and text spaces is learned on the base classes, "
-                         f"but the base class split is empty")
+        raise StoreError(
+            f"{store.path}: the bridge between its image and text spaces is learned on the base classes, "
+            f"but the base class split is empty"
+        )
     tf = transform or (lambda t: t)
     x, y = store.gather(base, max_per_class=sampling.CLASS_ROWS)
     val = store.class_split("val")
@@ -518,13 +573,21 @@ def fit_episodic_bridge(store, text: torch.Tensor, ridge: float | None, device: 
         lam, on = RIDGE_GRID[len(RIDGE_GRID) // 2], "default (no val classes)" if use_val else NO_VALIDATION
     else:
         lam, on = None, VAL_CLASSES
-    br = Bridge.fit(tf(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device), text.to(device), ridge=lam, val=v)
+    br = Bridge.fit(
+        tf(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device), text.to(device), ridge=lam, val=v
+    )
     desc = f"bridge ridge by zero-shot accuracy on the {len(val)} val classes" if on == VAL_CLASSES else ""
     return br, Choice({"ridge": br.ridge}, None, on, desc)
 
 
-def choose_allway_ridge(store, text: torch.Tensor, config, ridge: float | None, device: torch.device,
-                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Choice:
+def choose_allway_ridge(
+    store,
+    text: torch.Tensor,
+    config,
+    ridge: float | None,
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Choice:
     """The ridge strength of the support-fitted, leave-one-class-out bridge (all-way regime):
     fixed, or chosen by the zero-shot accuracy of its text weights on the val split, the bridge
     fitted on K shots per class of the train split."""
@@ -534,8 +597,12 @@ def choose_allway_ridge(store, text: torch.Tensor, config, ridge: float | None, 
         return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")
     task = allway_val_task(store, config, device, transform) if config.shots > 0 else None
     if task is None:
-        return Choice({"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]}, None,
-                      NO_VALIDATION if no_validation(config) else "default (no all-way shots or val split)", "")
+        return Choice(
+            {"ridge": RIDGE_GRID[len(RIDGE_GRID) // 2]},
+            None,
+            NO_VALIDATION if no_validation(config) else "default (no all-way shots or val split)",
+            "",
+        )
 
     def score(c: dict) -> float:
         ts = support_text_space(task.support, task.classes, text, False, c["ridge"])
@@ -559,8 +626,9 @@ def episodic_text_space(bridge: Bridge, text: torch.Tensor, support: torch.Tenso
     return TextSpace(w, bridge.embed_images, bridge.embed_images(support))
 
 
-def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch.Tensor, joint: bool,
-                       ridge: float | None) -> TextSpace:
+def support_text_space(
+    support: torch.Tensor, classes: torch.Tensor, text: torch.Tensor, joint: bool, ridge: float | None
+) -> TextSpace:
     """Text weights learned from the support alone: the identity for a joint store, else a
     bridge fitted on the support (centred on its mean) with the chosen ridge, leave-one-class-out
     (each class's text weight comes from a bridge that never saw that class's images)."""
@@ -572,8 +640,10 @@ def support_text_space(support: torch.Tensor, classes: torch.Tensor, text: torch
     if K < 1:
         from fskd.errors import EvaluationError
 
-        raise EvaluationError("image and text spaces differ and the call includes classes the bridge was learned on: "
-                              "the bridge is then learned from the support, which needs at least 1 shot per class")
+        raise EvaluationError(
+            "image and text spaces differ and the call includes classes the bridge was learned on: "
+            "the bridge is then learned from the support, which needs at least 1 shot per class"
+        )
     embed = centred(support_center(support))
     es = embed(support)
     return TextSpace(batched_text_to_image(es, text[classes], float(ridge), leave_out=True), embed, es)
@@ -594,8 +664,15 @@ def text_fit(store, config, method: str, ridge: float | None, device: torch.devi
     return state, text, bridge, br_aw.params["ridge"]
 
 
-def regime_text_space(state: MethodState, store, regime: str, support: torch.Tensor, classes: torch.Tensor,
-                      bridge: Bridge, text: torch.Tensor) -> TextSpace:
+def regime_text_space(
+    state: MethodState,
+    store,
+    regime: str,
+    support: torch.Tensor,
+    classes: torch.Tensor,
+    bridge: Bridge,
+    text: torch.Tensor,
+) -> TextSpace:
     """A head's text space: the episodic bridge, or (all-way) a leave-one-class-out bridge from the
     support at the state's all-way ridge."""
     if regime == EPISODIC:
@@ -649,8 +726,10 @@ class Fit:
 
     def spaces(self) -> dict[str, Callable[[torch.Tensor, torch.Tensor], TextSpace]]:
         """Per regime, a support's text space: the episodic bridge, or the support's own at the all-way ridge."""
-        return {EPISODIC: lambda s, c: episodic_text_space(self.bridge, self.text, s, c),
-                ALLWAY: lambda s, c: support_text_space(s, c, self.text, self.store.joint, self.aw_ridge)}
+        return {
+            EPISODIC: lambda s, c: episodic_text_space(self.bridge, self.text, s, c),
+            ALLWAY: lambda s, c: support_text_space(s, c, self.text, self.store.joint, self.aw_ridge),
+        }
 
     def episodic_task(self) -> Task | None:
         """The val-class episodes (:func:`episodic_val_task`); None under ``--hp-selection none``."""

@@ -46,8 +46,10 @@ BATCH = 256
 MOMENTUM = 0.9
 WARMUP_LR = 1e-5
 RECIPE = "the authors' SGD_lr1e-1_B256_ep300 config; no validation data"
-NORMALISATION = ("L2 per row (per stored view) and per class weight, in every forward pass (the authors' forward_lp); "
-                 "a non-joint store's rows are centred on the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per row (per stored view) and per class weight, in every forward pass (the authors' forward_lp); "
+    "a non-joint store's rows are centred on the support mean first (fskd's bridge space)"
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,18 @@ def zero_shot_confidence(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor) -> 
     return (p * onehot).sum(1) / onehot.sum(1).clamp_min(1)
 
 
-def train_probe(x: torch.Tensor, y: torch.Tensor, images: int, w0: torch.Tensor, constraint: bool, seed: int,
-                epochs: int = EPOCHS, lr: float = LR, batch: int = BATCH, form: str = "auto"
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    images: int,
+    w0: torch.Tensor,
+    constraint: bool,
+    seed: int,
+    epochs: int = EPOCHS,
+    lr: float = LR,
+    batch: int = BATCH,
+    form: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ZS-LP (``constraint=False``) or CLAP, batched over episodes.
 
     x (E, R, D) L2-normalised rows, y (E, R) way labels, ``images``: the number of images behind
@@ -109,7 +120,7 @@ def _batches(E: int, R: int, images: int, batch: int, epochs: int, lr: float, se
     for epoch in range(epochs):
         order = None if whole else torch.rand(E, R, generator=g).argsort(-1).to(device)
         for i in range(per_epoch):
-            yield lr_at(epoch, epochs, lr), (None if whole else order[:, i * batch:(i + 1) * batch])
+            yield lr_at(epoch, epochs, lr), (None if whole else order[:, i * batch : (i + 1) * batch])
 
 
 def _train_primal(x, y, images, w0, lam, seed, epochs, lr, batch) -> torch.Tensor:
@@ -206,18 +217,31 @@ class ZeroShotLinearProbe(C.AdaptMethod):
         for k, v in (("epochs", opts.epochs), ("lr", opts.lr), ("batch_size", opts.batch_size)):
             state.hparams[k] = v
             state.selected_on[k] = "fixed (--set option)" if k in user else f"fixed ({RECIPE})"
-        state.hparams["constraint"] = ("class-adaptive l2 to the text weights, lambda_k = zero-shot confidence of "
-                                       "class k's shots" if self.constraint else "none")
-        state.selected_on["constraint"] = ("fixed (the authors' CLAP: constraint l2, multipliers from the shots, no "
-                                           "validation data)" if self.constraint else "fixed (the authors' ZS-LP)")
+        state.hparams["constraint"] = (
+            "class-adaptive l2 to the text weights, lambda_k = zero-shot confidence of class k's shots"
+            if self.constraint
+            else "none"
+        )
+        state.selected_on["constraint"] = (
+            "fixed (the authors' CLAP: constraint l2, multipliers from the shots, no validation data)"
+            if self.constraint
+            else "fixed (the authors' ZS-LP)"
+        )
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
         if config.shots > 0:  # train the all-way head on the state's own shots once, and keep it
             own = f.own_shots()
             views, why = C.allway_views(store, config, device)
             ts = f.spaces()[C.ALLWAY](own.support, own.classes)
-            w, lam = train_probe(*training_rows(ts, views), ts.weights, self.constraint, config.seed,
-                                 opts.epochs, opts.lr, opts.batch_size)
+            w, lam = train_probe(
+                *training_rows(ts, views),
+                ts.weights,
+                self.constraint,
+                config.seed,
+                opts.epochs,
+                opts.lr,
+                opts.batch_size,
+            )
             C.record_views(state, C.ALLWAY, views, why)
             C.keep_allway_head(state, own, {"weights": w})
             if lam is not None:
@@ -236,8 +260,15 @@ class ZeroShotLinearProbe(C.AdaptMethod):
                 kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
                 if kept is not None:
                     return FittedCosine(kept["weights"], ts.embed)
-                w, _ = train_probe(*training_rows(ts), ts.weights, self.constraint, seed, recipe["epochs"],
-                                   recipe["lr"], recipe["batch_size"])
+                w, _ = train_probe(
+                    *training_rows(ts),
+                    ts.weights,
+                    self.constraint,
+                    seed,
+                    recipe["epochs"],
+                    recipe["lr"],
+                    recipe["batch_size"],
+                )
                 return FittedCosine(w, ts.embed)
 
             return fit
@@ -252,5 +283,5 @@ class CLAP(ZeroShotLinearProbe):
     name = "clap"
 
 
-METHODS.register('zs-lp', ZeroShotLinearProbe)
-METHODS.register('clap', CLAP)
+METHODS.register("zs-lp", ZeroShotLinearProbe)
+METHODS.register("clap", CLAP)

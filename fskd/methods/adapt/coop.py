@@ -95,9 +95,22 @@ class CoOpOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"n_ctx": (">=", 1), "epochs": (">=", 0), "batch_size": (">=", 1), "lr": (">", 0), "momentum": (">=", 0),
-              "weight_decay": (">=", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">", 0), "logit_scale": (">", 0),
-              "lam": (">=", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "n_ctx": (">=", 1),
+        "epochs": (">=", 0),
+        "batch_size": (">=", 1),
+        "lr": (">", 0),
+        "momentum": (">=", 0),
+        "weight_decay": (">=", 0),
+        "warmup_epochs": (">=", 0),
+        "warmup_lr": (">", 0),
+        "logit_scale": (">", 0),
+        "lam": (">=", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -119,8 +132,9 @@ class PromptLearner(torch.nn.Module):
     ``text(idx)`` -> (len(idx), d_t) L2-normalised text features of the store classes ``idx``;
     only ``ctx`` ((M, w) shared, or (C, M, w) class-specific) has a gradient."""
 
-    def __init__(self, tower, class_names: list[str], n_ctx: int, ctx_init: str, csc: bool, position: str,
-                 seed: int) -> None:
+    def __init__(
+        self, tower, class_names: list[str], n_ctx: int, ctx_init: str, csc: bool, position: str, seed: int
+    ) -> None:
         super().__init__()
         self.tower = tower
         C_, w = len(class_names), tower.width
@@ -129,11 +143,13 @@ class PromptLearner(torch.nn.Module):
             ids, _ = tower.tokenize([ctx_init])
             n_init = tower.word_count([ctx_init])[0]
             if n_ctx is not None and n_ctx != n_init:
-                raise ConfigError(f"--set ctx_init {ctx_init!r} is {n_init} tokens, --set n_ctx {n_ctx}: the context "
-                                  f"takes the initial words' length (leave n_ctx out)")
+                raise ConfigError(
+                    f"--set ctx_init {ctx_init!r} is {n_init} tokens, --set n_ctx {n_ctx}: the context "
+                    f"takes the initial words' length (leave n_ctx out)"
+                )
             n_ctx = n_init
             with torch.no_grad():
-                init = tower.embed(ids)[0, p0:p0 + n_ctx].float()
+                init = tower.embed(ids)[0, p0 : p0 + n_ctx].float()
             prefix = ctx_init
         else:
             n_ctx = 16 if n_ctx is None else n_ctx
@@ -150,8 +166,10 @@ class PromptLearner(torch.nn.Module):
         need = [p0 + n_ctx + n + 2 for n in lens]  # + the "." and the end token
         if max(need) > L:
             c = int(np.argmax(need))
-            raise EncoderError(f"the prompt of class {class_names[c]!r} needs {need[c]} token positions with {n_ctx} "
-                               f"context vectors; the text tower takes {L}: use fewer (--set n_ctx)")
+            raise EncoderError(
+                f"the prompt of class {class_names[c]!r} needs {need[c]} token positions with {n_ctx} "
+                f"context vectors; the text tower takes {L}: use fewer (--set n_ctx)"
+            )
         with torch.no_grad():
             self.register_buffer("frozen", tower.embed(ids).detach(), persistent=False)
         self.register_buffer("ids", ids, persistent=False)
@@ -182,7 +200,9 @@ class PromptLearner(torch.nn.Module):
     @torch.no_grad()
     def all_text(self, batch: int = 256) -> torch.Tensor:
         n = self.ids.shape[0]
-        return torch.cat([self.text(torch.arange(s, min(s + batch, n), device=self.ids.device)) for s in range(0, n, batch)])
+        return torch.cat(
+            [self.text(torch.arange(s, min(s + batch, n), device=self.ids.device)) for s in range(0, n, batch)]
+        )
 
 
 def lr_at(epoch: int, opts: CoOpOptions, epochs: int) -> float:
@@ -201,10 +221,23 @@ class ContextRun:
     losses: list  # mean training loss of each epoch
 
 
-def train_context(learner: PromptLearner, classes: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  weights, scale: float, opts: CoOpOptions, epochs: int, seed: int, device: torch.device,
-                  val=None, target: torch.Tensor | None = None, views: torch.Tensor | None = None,
-                  progress=None, tag: str = "coop") -> ContextRun:
+def train_context(
+    learner: PromptLearner,
+    classes: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights,
+    scale: float,
+    opts: CoOpOptions,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    val=None,
+    target: torch.Tensor | None = None,
+    views: torch.Tensor | None = None,
+    progress=None,
+    tag: str = "coop",
+) -> ContextRun:
     """Train ``learner.ctx`` on embedded image rows ``x`` (n, D) with labels ``y`` (n,) (positions
     in ``classes``, the store classes of the prompts).
 
@@ -230,7 +263,7 @@ def train_context(learner: PromptLearner, classes: torch.Tensor, x: torch.Tensor
         stop = (n // bs) * bs if drop_last else n
         total, steps = 0.0, 0
         for i in range(0, stop, bs):
-            rows = perm[i:i + bs]
+            rows = perm[i : i + bs]
             xb = x[rows] if views is None else views[rows, pick[rows]]
             with torch.enable_grad(), autocast(device):
                 t = learner.text(classes)
@@ -267,8 +300,9 @@ def prompt_tower(spec: str, device: torch.device, method: str):
             raise EncoderError(f"encoder {spec!r} has no text tower")
         tower = enc.prompt_tower()
     except FskdError as e:
-        raise EncoderError(f"{method} learns prompts with the store's text encoder {spec!r}, which cannot be "
-                           f"used here: {e}") from None
+        raise EncoderError(
+            f"{method} learns prompts with the store's text encoder {spec!r}, which cannot be used here: {e}"
+        ) from None
     for m in tower.modules():
         m.to(device).eval().requires_grad_(False)
     return tower
@@ -294,8 +328,10 @@ class CoOp(Method):
         if config.shots < 1:
             raise ConfigError(f"method {self.name!r} trains its context on K shots per class: --shots must be >= 1")
         if opts.csc and opts.regime == C.EPISODIC:
-            raise ConfigError(f"method {self.name!r}: --set csc=true learns one context per class, none for classes it "
-                              f"never trained, so regime=episodic has nothing to learn (use regime=allway)")
+            raise ConfigError(
+                f"method {self.name!r}: --set csc=true learns one context per class, none for classes it "
+                f"never trained, so regime=episodic has nothing to learn (use regime=allway)"
+            )
         device = resolve_device(config.device)
         state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
         tower = prompt_tower(store.encoder_spec, device, self.name)
@@ -309,14 +345,17 @@ class CoOp(Method):
                 continue
             if regime == C.EPISODIC and opts.csc:
                 state.hparams[f"{regime}.epochs"] = 0
-                state.selected_on[f"{regime}.epochs"] = "not fitted: csc=true learns a context per class, none for " \
-                                                       "classes it never trained (novel, new)"
+                state.selected_on[f"{regime}.epochs"] = (
+                    "not fitted: csc=true learns a context per class, none for classes it never trained (novel, new)"
+                )
                 continue
-            learner = PromptLearner(tower, store.class_names, opts.n_ctx, opts.ctx_init, opts.csc, opts.position,
-                                    config.seed)
+            learner = PromptLearner(
+                tower, store.class_names, opts.n_ctx, opts.ctx_init, opts.csc, opts.position, config.seed
+            )
             fitter = self._fit_allway if regime == C.ALLWAY else self._fit_episodic
-            run, on, desc, extra = fitter(store, config, opts, learner, text, bridge, aw_ridge, scale, epochs, device,
-                                          progress)
+            run, on, desc, extra = fitter(
+                store, config, opts, learner, text, bridge, aw_ridge, scale, epochs, device, progress
+            )
             with torch.no_grad():
                 learner.ctx.copy_(run.ctx)
                 state.tensors[f"{regime}.ctx"] = run.ctx.cpu()
@@ -332,18 +371,33 @@ class CoOp(Method):
             state.selected_on.update({f"{regime}.{k}": v for k, v in extra.get("selected_on", {}).items()})
             state.hparams["n_ctx"] = learner.n_ctx
         fixed = "fixed (the paper's recipe)" if opts == self.options() else "fixed (option)"
-        for k, v in (("ctx_init", opts.ctx_init or "random N(0, 0.02)"), ("csc", opts.csc), ("position", opts.position),
-                     ("epoch_budget", epochs), ("batch_size", opts.batch_size), ("lr", opts.lr),
-                     ("momentum", opts.momentum), ("weight_decay", opts.weight_decay),
-                     ("warmup_epochs", opts.warmup_epochs), ("warmup_lr", opts.warmup_lr), ("logit_scale", scale),
-                     ("lam", opts.lam)):
+        for k, v in (
+            ("ctx_init", opts.ctx_init or "random N(0, 0.02)"),
+            ("csc", opts.csc),
+            ("position", opts.position),
+            ("epoch_budget", epochs),
+            ("batch_size", opts.batch_size),
+            ("lr", opts.lr),
+            ("momentum", opts.momentum),
+            ("weight_decay", opts.weight_decay),
+            ("warmup_epochs", opts.warmup_epochs),
+            ("warmup_lr", opts.warmup_lr),
+            ("logit_scale", scale),
+            ("lam", opts.lam),
+        ):
             state.hparams[k] = v
             state.selected_on[k] = fixed
         state.selected_on["n_ctx"] = fixed
-        state.selected_on["epoch_budget"] = f"{fixed}: {epochs} epochs at {config.shots} shots" if opts.epochs is None else fixed
-        state.selected_on["logit_scale"] = ("the model's" if opts.logit_scale is None and tower.logit_scale
-                                            else "fixed (CLIP's 100: the text tower has none)" if opts.logit_scale is None
-                                            else "fixed (option)")
+        state.selected_on["epoch_budget"] = (
+            f"{fixed}: {epochs} epochs at {config.shots} shots" if opts.epochs is None else fixed
+        )
+        state.selected_on["logit_scale"] = (
+            "the model's"
+            if opts.logit_scale is None and tower.logit_scale
+            else "fixed (CLIP's 100: the text tower has none)"
+            if opts.logit_scale is None
+            else "fixed (option)"
+        )
         state.metrics["fit_seconds"] = round(time.perf_counter() - t0, 3)
         return state
 
@@ -364,8 +418,15 @@ class CoOp(Method):
         views, why = C.allway_views(store, config, device)
         embedded_views = C.embed_views(space, views)[0].transpose(0, 1) if views is not None else None  # (S, V, D)
         task = C.allway_val_task(store, config, device)
-        val, desc, on = None, "no validation data", ("default (no val split): the last epoch, as the reference"
-                                                     if not C.no_validation(config) else C.NO_VALIDATION + ": the last epoch")
+        val, desc, on = (
+            None,
+            "no validation data",
+            (
+                "default (no val split): the last epoch, as the reference"
+                if not C.no_validation(config)
+                else C.NO_VALIDATION + ": the last epoch"
+            ),
+        )
         if task is not None:
             q = space.embed(task.query)[0]
             truth = task.truth[0]
@@ -375,18 +436,36 @@ class CoOp(Method):
 
             desc, on = task.description, task.on
         target = text[classes] if opts.lam > 0 else None
-        run = train_context(learner, classes, x, y, weights, scale, opts, epochs, config.seed, device, val, target,
-                            embedded_views, progress, f"{CoOp.name} all-way")
-        extra = {"hparams": {"views": 0 if views is None else int(views.shape[1])},
-                 "selected_on": {"views": why if views is not None else f"none: {why}; one feature per shot"}}
+        run = train_context(
+            learner,
+            classes,
+            x,
+            y,
+            weights,
+            scale,
+            opts,
+            epochs,
+            config.seed,
+            device,
+            val,
+            target,
+            embedded_views,
+            progress,
+            f"{CoOp.name} all-way",
+        )
+        extra = {
+            "hparams": {"views": 0 if views is None else int(views.shape[1])},
+            "selected_on": {"views": why if views is not None else f"none: {why}; one feature per shot"},
+        }
         return run, on, desc, extra
 
     @staticmethod
     def _fit_episodic(store, config, opts, learner, text, bridge, ridge, scale, epochs, device, progress):
         base = store.class_split("base") if "base" in store.attrs["class_split"] else []
         if not base:
-            raise ConfigError(f"{store.path}: the episodic context learns from the base classes, but the base class "
-                              f"split is empty")
+            raise ConfigError(
+                f"{store.path}: the episodic context learns from the base classes, but the base class split is empty"
+            )
         splits = ("train",) if store.has_split("train") else None
         xb, yb = store.gather(base, splits, max_per_class=sampling.CLASS_ROWS)
         base_np = np.asarray(sorted(base))
@@ -397,8 +476,15 @@ class CoOp(Method):
         x = bridge.embed_images(torch.from_numpy(xb[rows]).to(device))
         y = torch.from_numpy(pos[yb[rows]]).to(device)
         task = None if C.no_validation(config) else C.episodic_val_task(store, config.shots, opts, config.seed, device)
-        val, desc, on = None, "no validation data", ("default (no val classes): the last epoch, as the reference"
-                                                     if not C.no_validation(config) else C.NO_VALIDATION + ": the last epoch")
+        val, desc, on = (
+            None,
+            "no validation data",
+            (
+                "default (no val classes): the last epoch, as the reference"
+                if not C.no_validation(config)
+                else C.NO_VALIDATION + ": the last epoch"
+            ),
+        )
         if task is not None:
             vcls = torch.unique(task.classes)
             vpos = torch.full((store.num_classes,), -1, dtype=torch.long, device=device)
@@ -411,35 +497,67 @@ class CoOp(Method):
 
             desc, on = task.description, task.on
         target = text[classes] if opts.lam > 0 else None
-        run = train_context(learner, classes, x, y, bridge.text_to_image, scale, opts, epochs, config.seed, device, val,
-                            target, None, progress, f"{CoOp.name} episodic")
-        return run, on, desc, {"hparams": {"train_rows": int(len(rows))},
-                               "selected_on": {"train_rows": f"{config.shots} shots of each of the {len(base_np)} base "
-                                                             f"classes (seed {config.seed})"}}
+        run = train_context(
+            learner,
+            classes,
+            x,
+            y,
+            bridge.text_to_image,
+            scale,
+            opts,
+            epochs,
+            config.seed,
+            device,
+            val,
+            target,
+            None,
+            progress,
+            f"{CoOp.name} episodic",
+        )
+        return (
+            run,
+            on,
+            desc,
+            {
+                "hparams": {"train_rows": int(len(rows))},
+                "selected_on": {
+                    "train_rows": f"{config.shots} shots of each of the {len(base_np)} base "
+                    f"classes (seed {config.seed})"
+                },
+            },
+        )
 
     def head(self, state: MethodState, store, device: torch.device):
         bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
         ridge = C.hp(state, C.ALLWAY, "ridge")
-        learned = {r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors}
+        learned = {
+            r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors
+        }
 
         def episodic(support, classes):
             if C.EPISODIC not in learned:
-                raise EvaluationError(f"{state.method} state: {state.selected_on.get('episodic.epochs')}; evaluate it "
-                                      f"with --protocol allway")
+                raise EvaluationError(
+                    f"{state.method} state: {state.selected_on.get('episodic.epochs')}; evaluate it "
+                    f"with --protocol allway"
+                )
             ts = C.episodic_text_space(bridge, learned[C.EPISODIC], support, classes)
             return C.FittedWeights(ts.weights, ts.embed)
 
         def allway(support, classes):
             if C.ALLWAY not in learned:
-                raise EvaluationError(f"{state.method} state: {state.selected_on.get('allway.epochs')}; evaluate it "
-                                      f"with --protocol episodic (or refit with --set regime=both)")
+                raise EvaluationError(
+                    f"{state.method} state: {state.selected_on.get('allway.epochs')}; evaluate it "
+                    f"with --protocol episodic (or refit with --set regime=both)"
+                )
             ts = C.support_text_space(support, classes, learned[C.ALLWAY], store.joint, ridge)
             return C.FittedWeights(ts.weights, ts.embed)
 
         return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
 
     def text_features(self, state: MethodState, store, device: torch.device) -> dict[str, torch.Tensor]:
-        return {r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors}
+        return {
+            r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors
+        }
 
     def transfer_state(self, state: MethodState, store) -> MethodState:
         """Cross-dataset: the learned context with the target store's class names (this runs the
@@ -447,8 +565,10 @@ class CoOp(Method):
         import dataclasses
 
         if state.hparams.get("csc"):
-            raise ConfigError(f"{state.method} state with csc=true learned one context per source class; it has none "
-                              f"for another store's classes")
+            raise ConfigError(
+                f"{state.method} state with csc=true learned one context per source class; it has none "
+                f"for another store's classes"
+            )
         out = super().transfer_state(state, store)
         tower = prompt_tower(store.encoder_spec, torch.device("cpu"), state.method)
         tensors = dict(out.tensors)
@@ -456,8 +576,9 @@ class CoOp(Method):
             if f"{r}.ctx" not in state.tensors:
                 continue
             # the layout depends on n_ctx and position only: the context positions are replaced below
-            learner = PromptLearner(tower, store.class_names, int(state.hparams["n_ctx"]), "", False,
-                                    state.hparams["position"], 0)
+            learner = PromptLearner(
+                tower, store.class_names, int(state.hparams["n_ctx"]), "", False, state.hparams["position"], 0
+            )
             with torch.no_grad():
                 learner.ctx.copy_(state.tensors[f"{r}.ctx"])
                 tensors[f"{r}.text"] = learner.all_text().cpu()
@@ -471,5 +592,5 @@ class KgCoOp(CoOp):
     options = KgCoOpOptions
 
 
-METHODS.register('coop', CoOp)
-METHODS.register('kgcoop', KgCoOp)
+METHODS.register("coop", CoOp)
+METHODS.register("kgcoop", KgCoOp)

@@ -70,28 +70,50 @@ BETAS = (0.9, 0.999)
 #: fskd's default for this method (the others draw 300): each val episode trains every candidate 12800 steps
 VAL_EPISODES = 50
 RECIPE = "the authors' HYPER_DICT['linear'] search"
-NORMALISATION = ("L2 per image row (per stored view) and per text row, in every forward pass (the authors' "
-                 "LogitHead); W starts at the L2-normalised text weights and is not normalised; a non-joint store's "
-                 "rows are centred on the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per image row (per stored view) and per text row, in every forward pass (the authors' "
+    "LogitHead); W starts at the L2-normalised text weights and is not normalised; a non-joint store's "
+    "rows are centred on the support mean first (fskd's bridge space)"
+)
 
 
 @dataclass(frozen=True)
 class CrossModalOptions(Config):
-    lr: float | tuple[float, ...] | None = None  # AdamW learning rate (null: the authors' 1e-3, 1e-4, chosen on validation)
-    weight_decay: float | tuple[float, ...] | None = None  # AdamW decoupled decay (null: the authors' 0, 1e-2, 1e-4, chosen on validation)
-    batch_size: int | tuple[int, ...] | None = None  # rows per step, half of them text (null: the authors' 8, 32, chosen on validation)
+    lr: float | tuple[float, ...] | None = (
+        None  # AdamW learning rate (null: the authors' 1e-3, 1e-4, chosen on validation)
+    )
+    weight_decay: float | tuple[float, ...] | None = (
+        None  # AdamW decoupled decay (null: the authors' 0, 1e-2, 1e-4, chosen on validation)
+    )
+    batch_size: int | tuple[int, ...] | None = (
+        None  # rows per step, half of them text (null: the authors' 8, 32, chosen on validation)
+    )
     iters: int = ITERS  # length of the warm-up + cosine schedule and most steps (the authors' 12800)
-    eval_every: int = EVAL_EVERY  # the step count is chosen on validation among 1, 1 + eval_every, ... (the authors' 100)
+    eval_every: int = (
+        EVAL_EVERY  # the step count is chosen on validation among 1, 1 + eval_every, ... (the authors' 100)
+    )
     warmup_iters: int = WARMUP_ITERS  # linear warm-up steps from 1e-5 (the authors' 50)
-    text_ratio: float = TEXT_RATIO  # share of each batch that is class text (the authors' 0.5; 0: their uni-modal probe)
+    text_ratio: float = (
+        TEXT_RATIO  # share of each batch that is class text (the authors' 0.5; 0: their uni-modal probe)
+    )
     ridge: float | None = None
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = VAL_EPISODES  # validation episodes that choose the hyper-parameters (fewer than other methods: each trains every candidate)
 
-    RANGES = {"lr": (">", 0), "weight_decay": (">=", 0), "batch_size": (">=", 1), "iters": (">=", 1),
-              "eval_every": (">=", 1), "warmup_iters": (">=", 0), "text_ratio": (">=", 0), "ridge": (">", 0),
-              "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "lr": (">", 0),
+        "weight_decay": (">=", 0),
+        "batch_size": (">=", 1),
+        "iters": (">=", 1),
+        "eval_every": (">=", 1),
+        "warmup_iters": (">=", 0),
+        "text_ratio": (">=", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
     MAXIMA = {"eval_every": 1_000_000, "warmup_iters": 1_000_000, "text_ratio": 1}
 
     def __post_init__(self) -> None:
@@ -123,11 +145,17 @@ def valid_batch_sizes(sizes: Sequence[int], n_image: int, n_text: int, ratio: fl
             ok.append(int(b))
     if ok:
         dropped = [b for b in sizes if b not in ok]
-        return ok, (f"batch sizes {dropped} left out (a half not smaller than its {n_image} image / {n_text} text "
-                    f"rows, the authors' rule)" if dropped else "")
+        return ok, (
+            f"batch sizes {dropped} left out (a half not smaller than its {n_image} image / {n_text} text "
+            f"rows, the authors' rule)"
+            if dropped
+            else ""
+        )
     b = int(min(sizes))
-    return [b], (f"no batch size has both halves smaller than the {n_image} image / {n_text} text rows (the "
-                 f"authors' code stops): {b}, each half cut to its set")
+    return [b], (
+        f"no batch size has both halves smaller than the {n_image} image / {n_text} text rows (the "
+        f"authors' code stops): {b}, each half cut to its set"
+    )
 
 
 class Loader:
@@ -145,7 +173,7 @@ class Loader:
             return None
         if self.pos + self.b > self.n:
             self.order, self.pos = torch.rand(self.E, self.n, generator=self.g).argsort(-1).to(self.device), 0
-        idx = self.order[:, self.pos:self.pos + self.b]
+        idx = self.order[:, self.pos : self.pos + self.b]
         self.pos += self.b
         return idx
 
@@ -157,7 +185,9 @@ def _take(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None) -> tuple[t
 
 
 def _adamw(params: list[torch.Tensor], lrs: Sequence[float], wds: Sequence[float]) -> torch.optim.Optimizer:
-    groups = [{"params": [p], "lr": float(lr), "weight_decay": float(wd)} for p, lr, wd in zip(params, lrs, wds, strict=True)]
+    groups = [
+        {"params": [p], "lr": float(lr), "weight_decay": float(wd)} for p, lr, wd in zip(params, lrs, wds, strict=True)
+    ]
     try:  # one fused kernel per step where torch has it (the same update as the loop form)
         return torch.optim.AdamW(groups, betas=BETAS, eps=1e-8, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -176,11 +206,25 @@ class Trained:
     best: torch.Tensor | None
 
 
-def train_probe(image: torch.Tensor, image_y: torch.Tensor, text: torch.Tensor, text_y: torch.Tensor,
-                w0: torch.Tensor, lrs: Sequence[float], wds: Sequence[float], batch: int, steps: int, seed: int,
-                iters: int = ITERS, warmup: int = WARMUP_ITERS, ratio: float = TEXT_RATIO,
-                score: Callable[[torch.Tensor], torch.Tensor] | None = None, eval_every: int = EVAL_EVERY,
-                keep_best: bool = False, progress: Callable[[int], None] | None = None) -> Trained:
+def train_probe(
+    image: torch.Tensor,
+    image_y: torch.Tensor,
+    text: torch.Tensor,
+    text_y: torch.Tensor,
+    w0: torch.Tensor,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    batch: int,
+    steps: int,
+    seed: int,
+    iters: int = ITERS,
+    warmup: int = WARMUP_ITERS,
+    ratio: float = TEXT_RATIO,
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eval_every: int = EVAL_EVERY,
+    keep_best: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Trained:
     """The authors' training of P = len(lrs) heads (pairs lrs[p], wds[p]) on E episodes at once.
 
     image (E, Ri, D) and text (E, Rt, D) L2-normalised rows with way labels (E, Ri) / (E, Rt);
@@ -198,8 +242,10 @@ def train_probe(image: torch.Tensor, image_y: torch.Tensor, text: torch.Tensor, 
     opt = _adamw(params, lrs, wds)
     b_img, b_txt = halves(batch, ratio)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    loaders = [(Loader(image.shape[1], b_img, E, g, w0.device), image, image_y) if b_img > 0 and image.shape[1] else None,
-               (Loader(text.shape[1], b_txt, E, g, w0.device), text, text_y) if b_txt > 0 and text.shape[1] else None]
+    loaders = [
+        (Loader(image.shape[1], b_img, E, g, w0.device), image, image_y) if b_img > 0 and image.shape[1] else None,
+        (Loader(text.shape[1], b_txt, E, g, w0.device), text, text_y) if b_txt > 0 and text.shape[1] else None,
+    ]
     loaders = [ld for ld in loaders if ld is not None]
     if not loaders:
         raise ValueError("cross-modal-lp: a batch with no image and no text row")
@@ -258,13 +304,25 @@ def _scorer(task: C.Task, ts: C.TextSpace) -> Callable[[torch.Tensor], torch.Ten
     return score
 
 
-def search(task: C.Task | None, space, grids: dict, opts, seed: int, views: torch.Tensor | None = None,
-           progress: TrainProgress | None = None, tag: str = "") -> tuple[C.Choice, str]:
+def search(
+    task: C.Task | None,
+    space,
+    grids: dict,
+    opts,
+    seed: int,
+    views: torch.Tensor | None = None,
+    progress: TrainProgress | None = None,
+    tag: str = "",
+) -> tuple[C.Choice, str]:
     """(lr, weight decay, batch size, steps) by validation accuracy on ``task``, in the authors'
     order (ties: the earlier); ``fitted``: the winner's weights at its best checkpoint (1, N, D)
     when the task has one episode (all-way). Returns the choice and a note on the batch sizes."""
-    default = {"lr": grids["lr"][0], "weight_decay": grids["weight_decay"][0], "batch_size": grids["batch_size"][0],
-               "steps": opts.iters}
+    default = {
+        "lr": grids["lr"][0],
+        "weight_decay": grids["weight_decay"][0],
+        "batch_size": grids["batch_size"][0],
+        "steps": opts.iters,
+    }
     if task is None or task.shot == 0:
         return C.grid_search([], lambda c: 0.0, None, default), ""
     ts = space(task.support, task.classes)
@@ -275,18 +333,39 @@ def search(task: C.Task | None, space, grids: dict, opts, seed: int, views: torc
     acc, best = {}, {}
     for b in sizes:
         report = (lambda s, b=b: progress(f"{tag} batch {b}", s, opts.iters, {})) if progress else None
-        run = train_probe(img, iy, txt, ty, w0, [p[0] for p in pairs], [p[1] for p in pairs], b, opts.iters, seed,
-                          opts.iters, opts.warmup_iters, opts.text_ratio, score, opts.eval_every,
-                          keep_best=task.support.shape[0] == 1, progress=report)
+        run = train_probe(
+            img,
+            iy,
+            txt,
+            ty,
+            w0,
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            b,
+            opts.iters,
+            seed,
+            opts.iters,
+            opts.warmup_iters,
+            opts.text_ratio,
+            score,
+            opts.eval_every,
+            keep_best=task.support.shape[0] == 1,
+            progress=report,
+        )
         for j, (lr, wd) in enumerate(pairs):
             for c, s in enumerate(run.checkpoints):
                 acc[(lr, wd, b, s)] = float(run.history[j, c])
             if run.best is not None:
                 best[(lr, wd, b)] = run.best[j]
-    cands = [{"lr": lr, "weight_decay": wd, "batch_size": b, "steps": s}
-             for lr, wd in pairs for b in sizes for s in run.checkpoints]
-    choice = C.grid_search(cands, lambda c: acc[(c["lr"], c["weight_decay"], c["batch_size"], c["steps"])], task,
-                           default)
+    cands = [
+        {"lr": lr, "weight_decay": wd, "batch_size": b, "steps": s}
+        for lr, wd in pairs
+        for b in sizes
+        for s in run.checkpoints
+    ]
+    choice = C.grid_search(
+        cands, lambda c: acc[(c["lr"], c["weight_decay"], c["batch_size"], c["steps"])], task, default
+    )
     p = choice.params
     choice.fitted = best.get((p["lr"], p["weight_decay"], p["batch_size"]))
     return choice, note
@@ -313,8 +392,11 @@ class CrossModalLinearProbe(C.AdaptMethod):
 
     def fit_state(self, f: C.Fit) -> None:
         store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
-        grids = {"lr": C.fixed_or(opts.lr, LR), "weight_decay": C.fixed_or(opts.weight_decay, WEIGHT_DECAY),
-                 "batch_size": C.fixed_or(opts.batch_size, BATCH)}
+        grids = {
+            "lr": C.fixed_or(opts.lr, LR),
+            "weight_decay": C.fixed_or(opts.weight_decay, WEIGHT_DECAY),
+            "batch_size": C.fixed_or(opts.batch_size, BATCH),
+        }
         fixed = {k for k in grids if getattr(opts, k) is not None and not isinstance(getattr(opts, k), tuple)}
         user = set(config.options)
         for k in ("iters", "warmup_iters", "eval_every", "text_ratio"):
@@ -326,22 +408,26 @@ class CrossModalLinearProbe(C.AdaptMethod):
         state.selected_on["normalisation"] = "fixed (the authors' code)"
         spaces = f.spaces()
         ep_task = f.episodic_task()
-        ep, ep_note = search(ep_task, spaces[C.EPISODIC], grids, opts, config.seed, progress=progress,
-                             tag="cross-modal-lp episodic")
+        ep, ep_note = search(
+            ep_task, spaces[C.EPISODIC], grids, opts, config.seed, progress=progress, tag="cross-modal-lp episodic"
+        )
         aw_task = f.allway_task()
         if aw_task is not None and aw_task.shot == 0:
             aw_task = None
         views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        aw, aw_note = search(aw_task, spaces[C.ALLWAY], grids, opts, config.seed, views, progress,
-                             "cross-modal-lp all-way")
+        aw, aw_note = search(
+            aw_task, spaces[C.ALLWAY], grids, opts, config.seed, views, progress, "cross-modal-lp all-way"
+        )
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         for regime, choice, note in ((C.EPISODIC, ep, ep_note), (C.ALLWAY, aw, aw_note)):
             if choice.score is None:  # no validation data: no early stopping, the whole schedule
                 for k in ("lr", "weight_decay", "batch_size", "steps"):
-                    state.selected_on[f"{regime}.{k}"] = ("fixed (--set option)" if k in fixed else
-                                                          "default (no validation data: the first of the grid; "
-                                                          "steps: the whole schedule)")
+                    state.selected_on[f"{regime}.{k}"] = (
+                        "fixed (--set option)"
+                        if k in fixed
+                        else "default (no validation data: the first of the grid; steps: the whole schedule)"
+                    )
             if note:
                 state.metrics[f"{regime}.batch_sizes"] = note
         if config.shots > 0:
@@ -371,15 +457,29 @@ class CrossModalLinearProbe(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-def fit_weights(ts: C.TextSpace, state: MethodState, regime: str, seed: int,
-                views: torch.Tensor | None = None) -> torch.Tensor:
+def fit_weights(
+    ts: C.TextSpace, state: MethodState, regime: str, seed: int, views: torch.Tensor | None = None
+) -> torch.Tensor:
     """The head (E, N, D) of a support trained with a regime's chosen lr, weight decay, batch
     size and steps on the state's schedule."""
     lr, wd, b, steps = (C.hp(state, regime, k) for k in ("lr", "weight_decay", "batch_size", "steps"))
     img, iy, txt, ty, w0 = training_rows(ts, views)
     h = state.hparams
-    return train_probe(img, iy, txt, ty, w0, [lr], [wd], int(b), int(steps), seed, int(h["iters"]),
-                       int(h["warmup_iters"]), float(h["text_ratio"])).weights[0]
+    return train_probe(
+        img,
+        iy,
+        txt,
+        ty,
+        w0,
+        [lr],
+        [wd],
+        int(b),
+        int(steps),
+        seed,
+        int(h["iters"]),
+        int(h["warmup_iters"]),
+        float(h["text_ratio"]),
+    ).weights[0]
 
 
-METHODS.register('cross-modal-lp', CrossModalLinearProbe)
+METHODS.register("cross-modal-lp", CrossModalLinearProbe)

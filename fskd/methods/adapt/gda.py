@@ -58,21 +58,30 @@ DEFAULT_ALPHA = 0.1
 #: and copies of the text weight averaged into its mean
 NEIGHBOURS = 64
 TEXT_COPIES = 16
-NORMALISATION = ("L2 per row (per stored view), then class means, not renormalised (the authors' order); "
-                 "a non-joint store's rows are centred on the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per row (per stored view), then class means, not renormalised (the authors' order); "
+    "a non-joint store's rows are centred on the support mean first (fskd's bridge space)"
+)
 TRANSFER_ROWS = "gda.transfer_rows"
 
 
 @dataclass(frozen=True)
 class GDAOptions(Config):
-    alpha: float | tuple[float, ...] | None = None  # weight of the GDA logits against 100 x the text logits (null: the authors' grid, chosen on validation)
+    alpha: float | tuple[float, ...] | None = (
+        None  # weight of the GDA logits against 100 x the text logits (null: the authors' grid, chosen on validation)
+    )
     ridge: float | None = None
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"alpha": (">=", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1),
-              "val_episodes": (">=", 1)}
+    RANGES = {
+        "alpha": (">=", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -116,8 +125,9 @@ def gda_params(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pmu.float(), b.float()
 
 
-def gda_new_classes(rows: torch.Tensor, weights: torch.Tensor, neighbours: int = NEIGHBOURS,
-                    copies: int = TEXT_COPIES) -> tuple[torch.Tensor, torch.Tensor]:
+def gda_new_classes(
+    rows: torch.Tensor, weights: torch.Tensor, neighbours: int = NEIGHBOURS, copies: int = TEXT_COPIES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' base-to-new classifier for classes with no shot: P mu (E, N, D), b (E, N).
 
     rows (R, D): embedded rows of the classes the state learned from; weights (E, N, D): the new
@@ -161,8 +171,9 @@ class FittedGDA(FittedHead):
         return text + self.alpha * (torch.bmm(q, self.pmu.transpose(1, 2)) + self.bias[:, None, :])
 
 
-def search_alpha(task: C.Task | None, space, alphas, default: dict, rows: torch.Tensor | None = None
-                 ) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor] | None]:
+def search_alpha(
+    task: C.Task | None, space, alphas, default: dict, rows: torch.Tensor | None = None
+) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor] | None]:
     """alpha by accuracy on ``task`` (text and GDA logits computed once; each alpha a weighted
     sum). ``rows``: the GDA's rows per class in place of the embedded support (stored views).
     Returns the choice and the GDA parameters (P mu, b) of the task's support."""
@@ -173,7 +184,9 @@ def search_alpha(task: C.Task | None, space, alphas, default: dict, rows: torch.
     q = ts.embed(task.query)
     text = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
     gda = torch.bmm(q, pmu.transpose(1, 2)) + b[:, None, :]
-    choice = C.grid_search([{"alpha": a} for a in alphas], lambda c: task.accuracy(text + c["alpha"] * gda), task, default)
+    choice = C.grid_search(
+        [{"alpha": a} for a in alphas], lambda c: task.accuracy(text + c["alpha"] * gda), task, default
+    )
     if choice.score == 0 and DEFAULT_ALPHA in alphas:  # no alpha beats their starting best (0%): they keep 0.1
         choice.params = {"alpha": DEFAULT_ALPHA}
     return choice, (pmu, b)
@@ -192,8 +205,10 @@ def transfer_rows(store, config, device: torch.device, views: torch.Tensor | Non
         out = r.reshape(-1, r.shape[-1])
     else:
         out = torch.from_numpy(x)[keep].to(device)
-    return out, (f"the {len(out)} rows of the all-way shots of the {len(base)} base classes "
-                 f"({'every stored view' if views is not None else 'one row per shot'})")
+    return out, (
+        f"the {len(out)} rows of the all-way shots of the {len(base)} base classes "
+        f"({'every stored view' if views is not None else 'one row per shot'})"
+    )
 
 
 class GDA(C.AdaptMethod):
@@ -221,12 +236,14 @@ class GDA(C.AdaptMethod):
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
         C.record_views(state, C.ALLWAY, val.views, val.why)
         keep, how = transfer_rows(store, config, f.device, val.views)
-        state.hparams["new_classes"] = (f"{NEIGHBOURS} nearest rows + {TEXT_COPIES} copies of the text weight; "
-                                        f"the all-way alpha")
+        state.hparams["new_classes"] = (
+            f"{NEIGHBOURS} nearest rows + {TEXT_COPIES} copies of the text weight; the all-way alpha"
+        )
         state.selected_on["new_classes"] = f"fixed (the authors' main_base2new.py); rows: {how}"
         if params is not None and not bool(params[0].abs().sum()):
-            state.metrics["allway.gda"] = ("zero scatter (one row per class): P = 0 as the authors' pinv(0), "
-                                           "the classifier is zero-shot")
+            state.metrics["allway.gda"] = (
+                "zero scatter (one row per class): P = 0 as the authors' pinv(0), the classifier is zero-shot"
+            )
         if keep is not None:
             state.tensors[TRANSFER_ROWS] = keep.cpu().half()  # store features are float16: nothing lost
         if rows is not None and params is not None:  # the state's own shots: the GDA of their views
@@ -259,4 +276,4 @@ class GDA(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('gda', GDA)
+METHODS.register("gda", GDA)

@@ -45,8 +45,14 @@ class LinearProbeOptions(Config):
     steps: int | tuple[int, ...] | None = None  # full-batch Adam steps (default: a grid chosen on validation)
     lr: float = 0.1
 
-    RANGES = {"weight_decay": (">=", 0), "steps": (">=", 0), "lr": (">", 0), "val_way": (">=", 2),
-              "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "weight_decay": (">=", 0),
+        "steps": (">=", 0),
+        "lr": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
@@ -57,17 +63,33 @@ class LinearProbeOptions(Config):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
-def probe_params(support: torch.Tensor, *, steps, lr: float, weight_decay: float, text: torch.Tensor | None = None,
-                 alpha0: float | None = None) -> dict[int, LinearParams]:
+def probe_params(
+    support: torch.Tensor,
+    *,
+    steps,
+    lr: float,
+    weight_decay: float,
+    text: torch.Tensor | None = None,
+    alpha0: float | None = None,
+) -> dict[int, LinearParams]:
     """Probes for embedded support (E, N, K, D); zero weights (text only) when K = 0."""
     E, N, K, D = support.shape
     w0 = C.prototypes(support) if K > 0 else torch.zeros(E, N, D, device=support.device)
-    return train_linear(support.reshape(E, N * K, D), way_labels(E, N, K, support.device), w0, steps=steps, lr=lr,
-                        weight_decay=weight_decay, text=text, alpha0=alpha0)
+    return train_linear(
+        support.reshape(E, N * K, D),
+        way_labels(E, N, K, support.device),
+        w0,
+        steps=steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        text=text,
+        alpha0=alpha0,
+    )
 
 
-def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays, steps, lr: float,
-                 default: dict) -> C.Choice:
+def search_probe(
+    task: C.Task | None, space: Callable, *, alphas, weight_decays, steps, lr: float, default: dict
+) -> C.Choice:
     """Grid over (alpha0, weight_decay) x checkpoints of ``steps``, scored on ``task``.
 
     ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe). The
@@ -90,8 +112,9 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
     per_group = max(1, int(GROUP_VALUES // max(1, E * N * K * N)))
     probes = {}
     for g in range(0, len(settings), per_group):
-        group = settings[g:g + per_group]
+        group = settings[g : g + per_group]
         G = len(group)
+
         # the support, its Gram matrix and projections are shared by a group's settings (batch
         # index: setting-major, then episode); coefficients, bias and alpha are per probe
         def rep(t, G=G):
@@ -99,15 +122,30 @@ def search_probe(task: C.Task | None, space: Callable, *, alphas, weight_decays,
 
         wd = torch.tensor([w for _, w in group], device=q.device).repeat_interleave(E)
         a0 = torch.tensor([1.0 if a is None else a for a, _ in group], device=q.device).repeat_interleave(E)
-        out = train_dual(rep(gram), rep(p0), rep(pt), rep(y), steps=steps, lr=lr, weight_decay=wd,
-                         alpha0=a0 if ts.weights is not None else None, x=rep(x), w0=rep(w0), text=rep(ts.weights))
+        out = train_dual(
+            rep(gram),
+            rep(p0),
+            rep(pt),
+            rep(y),
+            steps=steps,
+            lr=lr,
+            weight_decay=wd,
+            alpha0=a0 if ts.weights is not None else None,
+            x=rep(x),
+            w0=rep(w0),
+            text=rep(ts.weights),
+        )
         for step, (coef, b, al, primal) in out.items():
             for i, (a_, w_) in enumerate(group):
                 sl = slice(i * E, (i + 1) * E)
                 probes[(a_, w_, step)] = params_of(w0, x, (coef[sl], b[sl], None if al is None else al[sl], primal))
     results = {key: task.accuracy(proj.logits(p, SCALE)) for key, p in probes.items()}
-    grid = [{**({"alpha0": a} if a is not None else {}), "weight_decay": w, "steps": s}
-            for a in alphas for w in weight_decays for s in steps]
+    grid = [
+        {**({"alpha0": a} if a is not None else {}), "weight_decay": w, "steps": s}
+        for a in alphas
+        for w in weight_decays
+        for s in steps
+    ]
     key = lambda c: (c.get("alpha0"), c["weight_decay"], c["steps"])  # noqa: E731
     choice = C.grid_search(grid, lambda c: results[key(c)], task, default)
     choice.fitted = probes.get(key(choice.params)) if choice.score is not None else None
@@ -154,10 +192,13 @@ class LinearProbeTuned(C.AdaptMethod):
             embed = C.centred(C.support_center(s))
             return C.TextSpace(None, embed, embed(s))
 
-        ep = search_probe(f.episodic_task(), space_ep, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr,
-                          default=default)
+        ep = search_probe(
+            f.episodic_task(), space_ep, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default
+        )
         aw_task = f.allway_task() if config.shots > 0 else None
-        aw = search_probe(aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default)
+        aw = search_probe(
+            aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default
+        )
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
@@ -176,8 +217,10 @@ class LinearProbeTuned(C.AdaptMethod):
             def fit(support, classes):
                 C.require_shots(support, self.name)
                 embed = C.centred(center if regime == C.EPISODIC else C.support_center(support))
-                p = kept_probe(state, regime, support, classes) or probe_params(embed(support), steps=[steps], lr=lr,
-                                                                               weight_decay=wd)[steps]
+                p = (
+                    kept_probe(state, regime, support, classes)
+                    or probe_params(embed(support), steps=[steps], lr=lr, weight_decay=wd)[steps]
+                )
                 return FittedLinear(p, embed)
 
             return fit
@@ -193,4 +236,4 @@ class LinearProbe(RecipeMethod):
     recipes = {"published": LPClip, "tuned": LinearProbeTuned}
 
 
-METHODS.register('linear-probe', LinearProbe)
+METHODS.register("linear-probe", LinearProbe)

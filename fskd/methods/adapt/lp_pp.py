@@ -77,8 +77,11 @@ def early_stopped(task: C.Task | None, space, epochs: int) -> C.Choice:
     r = train_lpp(x, y, ts.weights, epochs=epochs, val=(ts.embed(task.query), task.truth))
     mean = r.curve.mean(0)
     best = int(len(mean) - 1 - torch.argmax(mean.flip(0)))  # last maximum
-    table = [{"epochs": e, "val_acc": round(100 * float(mean[e - 1]), 2)}
-             for e in sorted({1, 10, 50, 100, 200, epochs, best + 1}) if e <= epochs]
+    table = [
+        {"epochs": e, "val_acc": round(100 * float(mean[e - 1]), 2)}
+        for e in sorted({1, 10, 50, 100, 200, epochs, best + 1})
+        if e <= epochs
+    ]
     choice = C.Choice({"epochs": best + 1}, float(mean[best]), task.on, task.description, table)
     if x.shape[0] == 1:  # the all-way task: keep the early-stopped probe itself
         w, b, a = r.best
@@ -137,4 +140,4 @@ class LPPlusPlus(RecipeMethod):
     recipes = {"published": LPPPublished, "tuned": LPPlusPlusTuned}
 
 
-METHODS.register('lp++', LPPlusPlus)
+METHODS.register("lp++", LPPlusPlus)

@@ -63,16 +63,27 @@ class LPPlusPlusTuned(C.AdaptMethod):
         alphas = C.fixed_or(opts.alpha0, ALPHA0)
         wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
         steps = C.fixed_or(opts.steps, STEPS)
-        fixed = {k for k, v in (("alpha0", opts.alpha0), ("weight_decay", opts.weight_decay), ("steps", opts.steps))
-                 if v is not None}
+        fixed = {
+            k
+            for k, v in (("alpha0", opts.alpha0), ("weight_decay", opts.weight_decay), ("steps", opts.steps))
+            if v is not None
+        }
         default = {"alpha0": alphas[len(alphas) // 2], "weight_decay": wds[0], "steps": steps[len(steps) // 2]}
-        ep = search_probe(f.episodic_task(), spaces[C.EPISODIC], alphas=alphas, weight_decays=wds, steps=steps,
-                          lr=opts.lr, default=default)
+        ep = search_probe(
+            f.episodic_task(),
+            spaces[C.EPISODIC],
+            alphas=alphas,
+            weight_decays=wds,
+            steps=steps,
+            lr=opts.lr,
+            default=default,
+        )
         aw_task = f.allway_task()
         if aw_task is not None and aw_task.shot == 0 and not store.joint:
             aw_task = None  # no shots to learn a bridge from
-        aw = search_probe(aw_task, spaces[C.ALLWAY], alphas=alphas, weight_decays=wds, steps=steps,
-                          lr=opts.lr, default=default)
+        aw = search_probe(
+            aw_task, spaces[C.ALLWAY], alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default
+        )
         C.record(state, C.EPISODIC, ep, fixed)
         C.record(state, C.ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
@@ -88,8 +99,12 @@ class LPPlusPlusTuned(C.AdaptMethod):
 
             def fit(support, classes):
                 ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
-                p = kept_probe(state, regime, support, classes) or probe_params(
-                    ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[steps]
+                p = (
+                    kept_probe(state, regime, support, classes)
+                    or probe_params(ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[
+                        steps
+                    ]
+                )
                 return FittedLinear(p, ts.embed, ts.weights)
 
             return fit

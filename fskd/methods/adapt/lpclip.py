@@ -52,7 +52,9 @@ class LPClipOptions(Config):
     RANGES = {"c": (">", 0), "rounds": (">=", 0), "episodic_c": (">", 0), "max_iter": (">=", 1)}
 
 
-def logistic_regression(x: np.ndarray, y: np.ndarray, n: int, c: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:
+def logistic_regression(
+    x: np.ndarray, y: np.ndarray, n: int, c: float, max_iter: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """scikit-learn's L-BFGS logistic regression of rows ``x`` (S, D) on way labels ``y`` in
     0..n-1 (every way present): (weights (n, D), bias (n,), 1 when it stopped at ``max_iter``)."""
     from sklearn.exceptions import ConvergenceWarning
@@ -82,8 +84,9 @@ class Search:
     capped: int  # fits that stopped at max_iter
 
 
-def lpclip_search(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int, rounds: int = ROUNDS,
-                  max_iter: int = 1000) -> Search:
+def lpclip_search(
+    x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int, rounds: int = ROUNDS, max_iter: int = 1000
+) -> Search:
     """CoOp's lpclip search of C on val rows ``xv`` / ``yv`` (way labels): the 7-value grid, then
     ``rounds`` rounds of log10 bisection around its best; the last round's winner (the grid's
     best when ``rounds`` is 0). A C met twice is fitted once (L-BFGS is deterministic)."""
@@ -145,19 +148,31 @@ class LPClip(C.AdaptMethod):
 
     def fit_state(self, f: C.Fit) -> None:
         config, opts, state = f.config, f.opts, f.state
-        state.hparams.update({"episodic.c": opts.episodic_c, "episodic.features": "L2-normalised",
-                              "allway.features": "raw store features", "max_iter": opts.max_iter,
-                              "rounds": opts.rounds})
-        state.selected_on.update({"episodic.c": "fixed (RFS's C = 1)" if opts.episodic_c == 1.0 else "fixed (--set option)",
-                                  "max_iter": "fixed (lpclip's 1,000)" if opts.max_iter == 1000 else "fixed (--set option)",
-                                  "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)",
-                                  "allway.features": "fixed (lpclip's)", "episodic.features": "fixed (RFS's)"})
+        state.hparams.update(
+            {
+                "episodic.c": opts.episodic_c,
+                "episodic.features": "L2-normalised",
+                "allway.features": "raw store features",
+                "max_iter": opts.max_iter,
+                "rounds": opts.rounds,
+            }
+        )
+        state.selected_on.update(
+            {
+                "episodic.c": "fixed (RFS's C = 1)" if opts.episodic_c == 1.0 else "fixed (--set option)",
+                "max_iter": "fixed (lpclip's 1,000)" if opts.max_iter == 1000 else "fixed (--set option)",
+                "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)",
+                "allway.features": "fixed (lpclip's)",
+                "episodic.features": "fixed (RFS's)",
+            }
+        )
         task = f.allway_task() if config.shots > 0 else None
         if opts.c is not None or task is None:
             c = opts.c if opts.c is not None else DEFAULT_C
             state.hparams["allway.c"] = c
-            state.selected_on["allway.c"] = ("fixed (--set option)" if opts.c is not None else
-                                             "default (no val rows): C = 1, scikit-learn's default")
+            state.selected_on["allway.c"] = (
+                "fixed (--set option)" if opts.c is not None else "default (no val rows): C = 1, scikit-learn's default"
+            )
             return
         _, N, K, D = task.support.shape
         x = task.support[0].reshape(N * K, D).numpy()
@@ -169,8 +184,9 @@ class LPClip(C.AdaptMethod):
         state.metrics["allway.val_task"] = task.description
         state.metrics["allway.c_search"] = s.table
         state.metrics["allway.fits_at_max_iter"] = s.capped
-        C.keep_allway_head(state, task, {"weights": torch.from_numpy(s.weights)[None],
-                                         "bias": torch.from_numpy(s.bias)[None]})
+        C.keep_allway_head(
+            state, task, {"weights": torch.from_numpy(s.weights)[None], "bias": torch.from_numpy(s.bias)[None]}
+        )
 
     def head(self, state: MethodState, store, device: torch.device):
         max_iter = int(state.hparams["max_iter"])

@@ -58,22 +58,34 @@ LAMBDA_WIDE = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 TRANSFERRED = {1: (3.0, 0.05), 2: (2.6, 0.05), 4: (1.5, 0.05), 8: (1.66, 0.07), 16: (1.7, 0.1)}
 GRID_JOINT = "the authors': beta linspace(0.5, 3, 20) x lambda linspace(0.001, 1, 10)"
 GRID_BRIDGE = GRID_JOINT + " + lambda 3 ... 10000 (non-joint store: the bridge's text scale)"
-NORMALISATION = ("L2 per row (per stored view), kernel exp(-beta (1 - x.y)) on those rows, text weights L2, "
-                 "zero-shot scores x.t unscaled (the authors' code); a non-joint store's rows are centred on "
-                 "the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per row (per stored view), kernel exp(-beta (1 - x.y)) on those rows, text weights L2, "
+    "zero-shot scores x.t unscaled (the authors' code); a non-joint store's rows are centred on "
+    "the support mean first (fskd's bridge space)"
+)
 
 
 @dataclass(frozen=True)
 class ProKeROptions(Config):
-    beta: float | tuple[float, ...] | None = None  # RBF kernel sharpness, k(x, y) = exp(-beta (1 - x.y)) (null: the authors' grid, chosen on validation)
-    lam: float | tuple[float, ...] | None = None  # the authors' lmbda: A = (K / lam + I)^-1 (Y - zero-shot); small lam: zero-shot (null: the authors' grid, chosen on validation)
+    beta: float | tuple[float, ...] | None = (
+        None  # RBF kernel sharpness, k(x, y) = exp(-beta (1 - x.y)) (null: the authors' grid, chosen on validation)
+    )
+    lam: float | tuple[float, ...] | None = (
+        None  # the authors' lmbda: A = (K / lam + I)^-1 (Y - zero-shot); small lam: zero-shot (null: the authors' grid, chosen on validation)
+    )
     ridge: float | None = None
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"beta": (">=", 0), "lam": (">", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1),
-              "val_episodes": (">=", 1)}
+    RANGES = {
+        "beta": (">=", 0),
+        "lam": (">", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -103,8 +115,9 @@ def residual(rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) ->
     return F.one_hot(labels, N).double() - torch.bmm(rows, weights.transpose(1, 2)).double()
 
 
-def proker_coef(rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, beta: float,
-                lam: float) -> torch.Tensor:
+def proker_coef(
+    rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, beta: float, lam: float
+) -> torch.Tensor:
     """The authors' closed form, batched: (K_SS / lam + I)^-1 (Y - z(S)), (E, S, N).
 
     rows (E, S, D) L2-normalised, labels (E, S) way indices, weights (E, N, D) L2-normalised text
@@ -119,8 +132,9 @@ def proker_coef(rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
 class FittedProKeR(FittedHead):
     """z(q) + k(q, S) A on embedded queries (zero-shot when there are no rows)."""
 
-    def __init__(self, weights: torch.Tensor, rows: torch.Tensor | None, coef: torch.Tensor | None, beta: float,
-                 embed) -> None:
+    def __init__(
+        self, weights: torch.Tensor, rows: torch.Tensor | None, coef: torch.Tensor | None, beta: float, embed
+    ) -> None:
         self.weights, self.rows, self.coef, self.beta, self.embed = weights, rows, coef, float(beta), embed
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
@@ -141,8 +155,9 @@ def support_rows(ts: C.TextSpace, rows: torch.Tensor | None = None) -> tuple[tor
     return x.reshape(E, N * R, D), labels
 
 
-def search_beta_lam(task: C.Task | None, space, betas, lams, default: dict, rows: torch.Tensor | None = None
-                    ) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+def search_beta_lam(
+    task: C.Task | None, space, betas, lams, default: dict, rows: torch.Tensor | None = None
+) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """(beta, lambda) by accuracy on ``task``: each beta's Gram matrix is diagonalised once and every
     lambda is a reweighting of its eigenvectors. ``rows``: the regression's rows per class in place
     of the embedded support (stored views). Returns the choice and, for the winner, the rows, their
@@ -188,8 +203,10 @@ class ProKeR(C.AdaptMethod):
         betas, lams = C.fixed_or(opts.beta, BETA), C.fixed_or(opts.lam, LAMBDA if store.joint else LAMBDA + LAMBDA_WIDE)
         fixed = {k for k, v in (("beta", betas), ("lam", lams)) if getattr(opts, k) is not None and len(v) == 1}
         base = transferred_default(config.shots)
-        default = {"beta": base["beta"] if opts.beta is None else betas[0],
-                   "lam": base["lam"] if opts.lam is None else lams[0]}
+        default = {
+            "beta": base["beta"] if opts.beta is None else betas[0],
+            "lam": base["lam"] if opts.lam is None else lams[0],
+        }
         val = f.validation()
         ts = val.view_space()
         rows = C.view_rows(ts, val.views) if ts is not None else None
@@ -199,11 +216,17 @@ class ProKeR(C.AdaptMethod):
             C.record(state, regime, choice, fixed)
             for k in ("beta", "lam"):
                 if choice.score is None and k not in fixed:
-                    state.selected_on[f"{regime}.{k}"] = ("default (no validation data): the authors' ImageNet-"
-                                                          "transferred value for the nearest shot count")
+                    state.selected_on[f"{regime}.{k}"] = (
+                        "default (no validation data): the authors' ImageNet-"
+                        "transferred value for the nearest shot count"
+                    )
         given = opts.beta is not None or opts.lam is not None
-        C.record_grid(state, f"{len(betas)} beta x {len(lams)} lambda" if given else None,
-                      GRID_JOINT if store.joint else GRID_BRIDGE, "lambdas")
+        C.record_grid(
+            state,
+            f"{len(betas)} beta x {len(lams)} lambda" if given else None,
+            GRID_JOINT if store.joint else GRID_BRIDGE,
+            "lambdas",
+        )
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
         C.record_views(state, C.ALLWAY, val.views, val.why)
@@ -232,4 +255,4 @@ class ProKeR(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('proker', ProKeR)
+METHODS.register("proker", ProKeR)

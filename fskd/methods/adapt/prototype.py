@@ -45,11 +45,16 @@ class Prototype(C.AdaptMethod):
         base = store.class_split("base")
         mean = torch.from_numpy(store.mean(base)) if base else torch.zeros(store.dim)
         state.tensors = {"center": mean}
-        state.hparams.update({"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"})
+        state.hparams.update(
+            {"episodic.center": "base-class mean" if base else "none", "allway.center": "support mean"}
+        )
         state.selected_on.update({"episodic.center": "fixed (SimpleShot)", "allway.center": "fixed (SimpleShot)"})
         state.hparams["rule"] = f.opts.rule
-        state.selected_on["rule"] = (f"user-set (rule={f.opts.rule}: {RULES[f.opts.rule]})" if "rule" in f.config.options
-                                     else f"default ({RULES[f.opts.rule]})")
+        state.selected_on["rule"] = (
+            f"user-set (rule={f.opts.rule}: {RULES[f.opts.rule]})"
+            if "rule" in f.config.options
+            else f"default ({RULES[f.opts.rule]})"
+        )
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
@@ -59,4 +64,4 @@ class Prototype(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), ep.fit, aw.fit)
 
 
-METHODS.register('prototype', Prototype)
+METHODS.register("prototype", Prototype)

@@ -58,8 +58,17 @@ class ResidualAdapterOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"ratio": (">=", 0), "steps": (">=", 0), "reduction": (">=", 1), "batch": (">=", 1), "lr": (">", 0),
-              "weight_decay": (">=", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "ratio": (">=", 0),
+        "steps": (">=", 0),
+        "reduction": (">=", 1),
+        "batch": (">=", 1),
+        "lr": (">", 0),
+        "weight_decay": (">=", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -97,8 +106,19 @@ def init_adapter(E: int, dim: int, hidden: int, seed: int, device) -> tuple[torc
     return w1[None].repeat(E, 1, 1).to(device), w2[None].repeat(E, 1, 1).to(device)
 
 
-def train_adapter(e: torch.Tensor, y: torch.Tensor, n_classes: int, *, ratio: float, steps, lr: float,
-                  weight_decay: float, reduction: int, seed: int, batch: int = 256) -> dict[int, AdapterWeights]:
+def train_adapter(
+    e: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    *,
+    ratio: float,
+    steps,
+    lr: float,
+    weight_decay: float,
+    reduction: int,
+    seed: int,
+    batch: int = 256,
+) -> dict[int, AdapterWeights]:
     """Batched adapters: e (E, n, D) embedded training rows, y (E, n) class index in [0, N).
     Returns the weights after each step count in ``steps``. Each step sees ``batch`` random rows
     (all of them when n <= batch, as for a support set). Deterministic for a seed."""
@@ -126,9 +146,14 @@ def train_adapter(e: torch.Tensor, y: torch.Tensor, n_classes: int, *, ratio: fl
             eb, yb = e[:, idx], y[:, idx]
         cur = AdapterWeights(w1, w2, wc, ratio)
         logits = SCALE * torch.bmm(F.normalize(cur.apply(eb), dim=-1), F.normalize(wc, dim=-1).transpose(1, 2))
-        return F.cross_entropy(logits.reshape(-1, n_classes), yb.reshape(-1), reduction="none").reshape(E, -1).mean(1).sum()
+        return (
+            F.cross_entropy(logits.reshape(-1, n_classes), yb.reshape(-1), reduction="none")
+            .reshape(E, -1)
+            .mean(1)
+            .sum()
+        )
 
-    with torch.enable_grad(), (single_thread() if small else contextlib.nullcontext()):
+    with torch.enable_grad(), single_thread() if small else contextlib.nullcontext():
         return train_steps(opt, loss, steps, snap, out)
 
 
@@ -153,8 +178,9 @@ class ResidualAdapter(C.AdaptMethod):
         ratios, steps = C.fixed_or(opts.ratio, RATIO), C.fixed_or(opts.steps, STEPS)
         fixed = {k for k, v in (("ratio", opts.ratio), ("steps", opts.steps)) if v is not None}
         default = {"ratio": ratios[0], "steps": steps[len(steps) // 2]}
-        train = dict(lr=opts.lr, weight_decay=opts.weight_decay, reduction=opts.reduction, seed=config.seed,
-                     batch=opts.batch)
+        train = dict(
+            lr=opts.lr, weight_decay=opts.weight_decay, reduction=opts.reduction, seed=config.seed, batch=opts.batch
+        )
         tensors: dict[str, torch.Tensor] = {}
 
         # episodic: one adapter per ratio trained on the base classes, checkpoints scored on val episodes
@@ -191,8 +217,9 @@ class ResidualAdapter(C.AdaptMethod):
 
             def aw_score(c):
                 aw, cen = runs_aw[c["ratio"]]
-                return aw_task.accuracy(FittedAdapted(aw[c["steps"]].classes, _support_features(aw[c["steps"]], cen))
-                                        .logits(aw_task.query))
+                return aw_task.accuracy(
+                    FittedAdapted(aw[c["steps"]].classes, _support_features(aw[c["steps"]], cen)).logits(aw_task.query)
+                )
 
             aw = C.grid_search([{"ratio": r, "steps": s} for r in ratios for s in steps], aw_score, aw_task, default)
             adapters, cen = runs_aw[aw.params["ratio"]]
@@ -206,18 +233,27 @@ class ResidualAdapter(C.AdaptMethod):
             state.selected_on[k] = "fixed"
         use = opts.features if opts.features != "auto" else ("shots" if "shots.w1" in tensors else "base")
         if f"{use}.w1" not in tensors:
-            raise ConfigError(f"features={use}: no adapter was trained for it "
-                              f"({'--shots is 0' if use == 'shots' else 'the store has no base classes'})")
+            raise ConfigError(
+                f"features={use}: no adapter was trained for it "
+                f"({'--shots is 0' if use == 'shots' else 'the store has no base classes'})"
+            )
         state.hparams["features"] = use
         state.selected_on["features"] = "fixed (--set features)" if opts.features != "auto" else "auto"
-        state.metrics["features"] = ("adapter trained on the base classes" if use == "base" else
-                                     f"adapter trained on {config.shots} train shots of every class (seed {config.seed})")
+        state.metrics["features"] = (
+            "adapter trained on the base classes"
+            if use == "base"
+            else f"adapter trained on {config.shots} train shots of every class (seed {config.seed})"
+        )
         state.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
 
     def head(self, state: MethodState, store, device: torch.device):
-        train = dict(lr=state.hparams["lr"], weight_decay=state.hparams["weight_decay"],
-                     reduction=state.hparams["reduction"], seed=state.config.get("seed", 1),
-                     batch=state.hparams["batch"])
+        train = dict(
+            lr=state.hparams["lr"],
+            weight_decay=state.hparams["weight_decay"],
+            reduction=state.hparams["reduction"],
+            seed=state.config.get("seed", 1),
+            batch=state.hparams["batch"],
+        )
         t = {k: v.to(device) for k, v in state.tensors.items()}
 
         def episodic(support, classes):
@@ -248,11 +284,18 @@ class ResidualAdapter(C.AdaptMethod):
 
 
 def _pack(prefix: str, aw: AdapterWeights, center: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {f"{prefix}w1": aw.w1[0], f"{prefix}w2": aw.w2[0], f"{prefix}classes": aw.classes[0], f"{prefix}center": center}
+    return {
+        f"{prefix}w1": aw.w1[0],
+        f"{prefix}w2": aw.w2[0],
+        f"{prefix}classes": aw.classes[0],
+        f"{prefix}center": center,
+    }
 
 
 def _unpack(prefix: str, t: dict, ratio: float) -> tuple[AdapterWeights, torch.Tensor]:
-    return AdapterWeights(t[f"{prefix}w1"][None], t[f"{prefix}w2"][None], t[f"{prefix}classes"][None], ratio), t[f"{prefix}center"]
+    return AdapterWeights(t[f"{prefix}w1"][None], t[f"{prefix}w2"][None], t[f"{prefix}classes"][None], ratio), t[
+        f"{prefix}center"
+    ]
 
 
 def _centred_adapted(aw: AdapterWeights, center: torch.Tensor, adapted_mean: torch.Tensor):
@@ -283,7 +326,8 @@ def _train_on_support(support: torch.Tensor, joint: bool, ratio: float, steps, t
 def _support_features(aw: AdapterWeights, center: torch.Tensor):
     def f(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(aw.apply(F.normalize(x - center, dim=-1)), dim=-1)
+
     return f
 
 
-METHODS.register('residual-adapter', ResidualAdapter)
+METHODS.register("residual-adapter", ResidualAdapter)

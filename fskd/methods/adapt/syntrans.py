@@ -59,7 +59,9 @@ ALLWAY_MIX = (0.0, 0.1, 0.25, 0.5)
 
 @dataclass(frozen=True)
 class SynTransOptions(Config):
-    power: float | tuple[float, ...] | None = None  # power transform x^p of non-negative features (grid chosen on val classes)
+    power: float | tuple[float, ...] | None = (
+        None  # power transform x^p of non-negative features (grid chosen on val classes)
+    )
     generator_ridge: float | tuple[float, ...] | None = None  # visual generator ridge, relative to rows/dim
     ridge: float | None = None  # bridge ridge (non-joint stores)
     rho: float | tuple[float, ...] | None = None  # overall strength of generator + priors (grid chosen on val classes)
@@ -73,9 +75,21 @@ class SynTransOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"power": (">", 0), "generator_ridge": (">=", 0), "ridge": (">", 0), "rho": (">=", 0), "folds": (">=", 2),
-              "meta_steps": (">=", 0), "meta_episodes": (">=", 1), "meta_query": (">=", 1), "meta_lr": (">", 0),
-              "shot_decay": (">=", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "power": (">", 0),
+        "generator_ridge": (">=", 0),
+        "ridge": (">", 0),
+        "rho": (">=", 0),
+        "folds": (">=", 2),
+        "meta_steps": (">=", 0),
+        "meta_episodes": (">=", 1),
+        "meta_query": (">=", 1),
+        "meta_lr": (">", 0),
+        "shot_decay": (">=", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -151,8 +165,10 @@ class SynTrans(C.AdaptMethod):
         text = f.text.to(device)
         base = sorted(store.class_split("base"))
         if len(base) < max(3, opts.folds):
-            raise StoreError(f"{store.path}: syntrans meta-trains on the base classes with {opts.folds} leave-one-fold-out "
-                             f"folds and needs at least {max(3, opts.folds)} base classes; it has {len(base)}")
+            raise StoreError(
+                f"{store.path}: syntrans meta-trains on the base classes with {opts.folds} leave-one-fold-out "
+                f"folds and needs at least {max(3, opts.folds)} base classes; it has {len(base)}"
+            )
         k_fit = max(1, config.shots)
         fixed: set = set()
         ep_task = f.episodic_task()
@@ -165,7 +181,9 @@ class SynTrans(C.AdaptMethod):
         if opts.power is not None:
             fixed.add("power")
             if not nonneg and any(p != 1.0 for p in powers):
-                raise ConfigError(f"power={opts.power}: a power transform needs non-negative features; {store.path} has negative ones")
+                raise ConfigError(
+                    f"power={opts.power}: a power transform needs non-negative features; {store.path} has negative ones"
+                )
 
         def proto_score(p: float) -> float:
             mean = tukey(x_raw, p).mean(0)
@@ -191,8 +209,9 @@ class SynTrans(C.AdaptMethod):
         text_base = text[torch.as_tensor(base, device=device)]
 
         # 2. the bridge (ridge on val classes) in the transformed space
-        bridge, ch_bridge = C.fit_episodic_bridge(store, text, opts.ridge, device, transform=lambda t: tukey(t, p),
-                                                  use_val=not C.no_validation(config))
+        bridge, ch_bridge = C.fit_episodic_bridge(
+            store, text, opts.ridge, device, transform=lambda t: tukey(t, p), use_val=not C.no_validation(config)
+        )
 
         # 3. the visual generator's ridge, on val episodes (generator at full strength)
         n, d = eb.shape
@@ -209,14 +228,19 @@ class SynTrans(C.AdaptMethod):
             w = F.normalize(v_val + F.normalize(v_val @ gens[r], dim=-1), dim=-1)
             return ep_task.accuracy(torch.bmm(q_val, w.transpose(1, 2)))
 
-        ch_gen = C.grid_search([{"generator_ridge": r} for r in rels], lambda c: gen_score(c["generator_ridge"]), ep_task,
-                               {"generator_ridge": 1.0 if 1.0 in rels else rels[0]})
+        ch_gen = C.grid_search(
+            [{"generator_ridge": r} for r in rels],
+            lambda c: gen_score(c["generator_ridge"]),
+            ep_task,
+            {"generator_ridge": 1.0 if 1.0 in rels else rels[0]},
+        )
         rel = ch_gen.params["generator_ridge"]
         learned = Base(p, mean, protos, text_base, gens[rel], bridge)
 
         # 4. meta-training on base episodes (leave-one-fold-out parts)
-        theta, meta = self._meta_train(eb, yb, base, text, protos, text_base, bridge, rel * n / d, k_fit, opts,
-                                       config.seed, store.joint, progress)
+        theta, meta = self._meta_train(
+            eb, yb, base, text, protos, text_base, bridge, rel * n / d, k_fit, opts, config.seed, store.joint, progress
+        )
         g, a, b, tau, scale = (float(t) for t in theta)
 
         # 5. overall strength rho on val episodes
@@ -227,21 +251,24 @@ class SynTrans(C.AdaptMethod):
             parts = learned.parts(ep_task.support, ep_task.classes, text, tau)
             q = q_val
         rho_score = lambda c: ep_task.accuracy(  # noqa: E731
-            torch.bmm(q, combine(*parts, c["rho"] * g, c["rho"] * a, c["rho"] * b).transpose(1, 2)))
+            torch.bmm(q, combine(*parts, c["rho"] * g, c["rho"] * a, c["rho"] * b).transpose(1, 2))
+        )
         ch_rho = C.grid_search([{"rho": r} for r in rhos], rho_score, ep_task, {"rho": 1.0 if 1.0 in rhos else rhos[0]})
 
         # 6. all-way regime: bridge ridge and (a, b) on the val split
-        ch_aw_ridge = C.choose_allway_ridge(store, text, config, opts.ridge, device,
-                                            transform=lambda t: tukey(t, p))
+        ch_aw_ridge = C.choose_allway_ridge(store, text, config, opts.ridge, device, transform=lambda t: tukey(t, p))
         aw_task = f.allway_task() if config.shots > 0 else None
         if aw_task is not None:
-            aw_parts = _allway_parts(aw_task.support, aw_task.classes, text, p, tau, store.joint,
-                                     ch_aw_ridge.params["ridge"])
+            aw_parts = _allway_parts(
+                aw_task.support, aw_task.classes, text, p, tau, store.joint, ch_aw_ridge.params["ridge"]
+            )
             q_aw = aw_parts[-1](aw_task.query)
         aw_score = lambda c: aw_task.accuracy(  # noqa: E731
-            torch.bmm(q_aw, combine(aw_parts[0], None, aw_parts[1], aw_parts[2], 0.0, c["a"], c["b"]).transpose(1, 2)))
-        ch_aw = C.grid_search([{"a": x, "b": z} for x in ALLWAY_MIX for z in ALLWAY_MIX], aw_score, aw_task,
-                              {"a": 0.0, "b": 0.0})
+            torch.bmm(q_aw, combine(aw_parts[0], None, aw_parts[1], aw_parts[2], 0.0, c["a"], c["b"]).transpose(1, 2))
+        )
+        ch_aw = C.grid_search(
+            [{"a": x, "b": z} for x in ALLWAY_MIX for z in ALLWAY_MIX], aw_score, aw_task, {"a": 0.0, "b": 0.0}
+        )
 
         # record
         C.record(state, C.EPISODIC, ch_power, fixed)
@@ -260,10 +287,16 @@ class SynTrans(C.AdaptMethod):
         state.metrics.update(meta)
         state.metrics["text"] = f.text_source
         if ch_rho.score is not None:
-            state.metrics["episodic.val_acc_prototype"] = round(100 * (proto_scores[p] if p in proto_scores else proto_score(p)), 2)
+            state.metrics["episodic.val_acc_prototype"] = round(
+                100 * (proto_scores[p] if p in proto_scores else proto_score(p)), 2
+            )
         state.tensors = {
-            "text": text.cpu(), "base.mean": mean.cpu(), "base.protos": protos.cpu(), "base.classes": torch.tensor(base),
-            "generator": learned.gen.cpu(), **{k: v.cpu() for k, v in bridge.tensors().items()},
+            "text": text.cpu(),
+            "base.mean": mean.cpu(),
+            "base.protos": protos.cpu(),
+            "base.classes": torch.tensor(base),
+            "generator": learned.gen.cpu(),
+            **{k: v.cpu() for k, v in bridge.tensors().items()},
         }
 
     # ------------------------------------------------------------------------------------------
@@ -295,20 +328,26 @@ class SynTrans(C.AdaptMethod):
             k = int(counts.min()) - 1  # exactly K rows per base class (base-to-new's view): (K-1)-shot 1-query episodes
         init = torch.tensor([0.5, 0.3, 0.1, 0.03, 10.0], device=dev).log()
         if counts.min() < 2:  # one row per base class (base-to-new at 1 shot): no episode has a query
-            return init.exp().tolist(), {"meta.steps": 0, "meta.task": "none: a base class has a single row, so no "
-                                         "episode has a query; the initial weights are used"}
+            return init.exp().tolist(), {
+                "meta.steps": 0,
+                "meta.task": "none: a base class has a single row, so no "
+                "episode has a query; the initial weights are used",
+            }
         q = int(min(opts.meta_query, counts.min() - k))
         if q < 1:
-            raise ConfigError(f"--shots {k} is larger than available for meta-training: base class "
-                              f"{int(np.argmin(counts))} has {counts.min()} rows, fewer than shots + 1 query")
+            raise ConfigError(
+                f"--shots {k} is larger than available for meta-training: base class "
+                f"{int(np.argmin(counts))} has {counts.min()} rows, fewer than shots + 1 query"
+            )
         theta = init.clone().requires_grad_(True)
         if opts.meta_steps == 0:
             return theta.detach().exp().tolist(), {"meta.steps": 0}
         opt = torch.optim.Adam([theta], lr=opts.meta_lr)
         truth = torch.arange(way, device=dev).repeat_interleave(q)
         losses = []
-        sup_rows, qry_rows, _ = C.sample_episode_rows(labels, range(B), way, k, q, opts.meta_steps * opts.meta_episodes,
-                                                      seed + 1)
+        sup_rows, qry_rows, _ = C.sample_episode_rows(
+            labels, range(B), way, k, q, opts.meta_steps * opts.meta_episodes, seed + 1
+        )
         sup_rows = torch.from_numpy(sup_rows).to(dev)
         qry_rows = torch.from_numpy(qry_rows).to(dev)
         eye = torch.arange(B, device=dev)
@@ -336,18 +375,27 @@ class SynTrans(C.AdaptMethod):
                     progress("syntrans meta-training", step + 1, opts.meta_steps, {"loss": losses[-1]})
         vals = theta.detach().exp().tolist()
         log.info("syntrans meta-trained g=%.3f a=%.3f b=%.3f tau=%.4f scale=%.2f", *vals)
-        return vals, {"meta.steps": opts.meta_steps, "meta.episodes_per_step": opts.meta_episodes,
-                      "meta.task": f"{way}-way {k}-shot {q}-query base-class episodes, {opts.folds} leave-one-fold-out folds",
-                      "meta.loss_first": round(float(np.mean(losses[:10])), 4),
-                      "meta.loss_last": round(float(np.mean(losses[-10:])), 4)}
+        return vals, {
+            "meta.steps": opts.meta_steps,
+            "meta.episodes_per_step": opts.meta_episodes,
+            "meta.task": f"{way}-way {k}-shot {q}-query base-class episodes, {opts.folds} leave-one-fold-out folds",
+            "meta.loss_first": round(float(np.mean(losses[:10])), 4),
+            "meta.loss_last": round(float(np.mean(losses[-10:])), 4),
+        }
 
     # ------------------------------------------------------------------------------------------
     def head(self, state: MethodState, store, device: torch.device):
         t = {k: v.to(device) for k, v in state.tensors.items()}
         text = t["text"]
         h = lambda k: C.hp(state, C.EPISODIC, k)  # noqa: E731
-        learned = Base(h("power"), t["base.mean"], t["base.protos"], text[t["base.classes"]], t["generator"],
-                       Bridge.from_tensors(t))
+        learned = Base(
+            h("power"),
+            t["base.mean"],
+            t["base.protos"],
+            text[t["base.classes"]],
+            t["generator"],
+            Bridge.from_tensors(t),
+        )
         rho, k0, gamma = h("rho"), h("shots"), h("shot_decay")
         g, a, b, tau = rho * h("g"), rho * h("a"), rho * h("b"), h("tau")
         ridge = C.hp(state, C.ALLWAY, "ridge")
@@ -379,4 +427,4 @@ def _allway_parts(support, classes, text, power, tau, joint, ridge):
     return v, torch.bmm(att, v), ts.weights, (lambda q: ts.embed(tukey(q, power)))
 
 
-METHODS.register('syntrans', SynTrans)
+METHODS.register("syntrans", SynTrans)

@@ -63,9 +63,11 @@ EPS = 1e-8
 #: the authors' train_regular.sh: ep100 configs at 1, 2 and 4 shots, ep200 at 8 and 16
 FEW_SHOT_EPOCHS, MANY_SHOT_EPOCHS = 100, 200
 RECIPE = "the authors' train_regular.sh: adam_lr2e-3_B256_ep100 (K <= 4) / _ep200 (K > 4), scale 0.5, regular base"
-NORMALISATION = ("L2 per row (per stored view); the base text weights L2-normalised (the store's class text); "
-                 "t + alpha r renormalised in every forward pass (the authors' CustomCLIP); a non-joint store's rows "
-                 "are centred on the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per row (per stored view); the base text weights L2-normalised (the store's class text); "
+    "t + alpha r renormalised in every forward pass (the authors' CustomCLIP); a non-joint store's rows "
+    "are centred on the support mean first (fskd's bridge space)"
+)
 
 
 def default_epochs(shots: int) -> int:
@@ -85,17 +87,26 @@ class TaskResOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"alpha": (">=", 0), "epochs": (">=", 1), "lr": (">", 0), "batch_size": (">=", 1),
-              "weight_decay": (">=", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1),
-              "val_episodes": (">=", 1)}
+    RANGES = {
+        "alpha": (">=", 0),
+        "epochs": (">=", 1),
+        "lr": (">", 0),
+        "batch_size": (">=", 1),
+        "weight_decay": (">=", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
 
 
 # -- training ---------------------------------------------------------------------------------------
-def residual_grad(x: torch.Tensor, onehot: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                  alpha: torch.Tensor) -> torch.Tensor:
+def residual_grad(
+    x: torch.Tensor, onehot: torch.Tensor, t: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
     """d mean-CE / d r of one batch, batched: x (E, B, D) L2-normalised rows, onehot (E, B, N),
     t and r (E, N, D), alpha (E, 1, 1). With w = t + alpha r, n = |w|, w^ = w / n:
     dL/dw^_k = 100 sum_b d_bk x_b (d = (softmax - onehot) / B), dL/dw_k = (I - w^_k w^_k^T) dL/dw^_k / n_k,
@@ -113,12 +124,21 @@ def adam_step(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Ten
     b1, b2 = BETAS
     m.mul_(b1).add_(grad, alpha=1 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(EPS)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(EPS)
+    p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
 
-def train_residual(rows: torch.Tensor, y: torch.Tensor, t: torch.Tensor, alphas: Sequence[float], seed: int,
-                   epochs: int, lr: float = LR, batch: int = BATCH, weight_decay: float = WEIGHT_DECAY) -> torch.Tensor:
+def train_residual(
+    rows: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    alphas: Sequence[float],
+    seed: int,
+    epochs: int,
+    lr: float = LR,
+    batch: int = BATCH,
+    weight_decay: float = WEIGHT_DECAY,
+) -> torch.Tensor:
     """The task residual of every episode for every alpha: (A, E, N, D).
 
     rows (E, V, S, D): V >= 1 embedded (L2-normalised) rows of each of S shots (V > 1: stored
@@ -146,7 +166,7 @@ def train_residual(rows: torch.Tensor, y: torch.Tensor, t: torch.Tensor, alphas:
             if order is None:
                 xb, ob = x, onehot
             else:
-                idx = order[:, i * batch:(i + 1) * batch]
+                idx = order[:, i * batch : (i + 1) * batch]
                 xb = torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
                 ob = torch.gather(onehot, 1, idx[..., None].expand(-1, -1, N))
             grad = residual_grad(xb.repeat(A, 1, 1), ob.repeat(A, 1, 1), tt, r, a)
@@ -167,19 +187,28 @@ def shot_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[torch
     return C.embed_views(ts, views), y
 
 
-def fit_residuals(ts: C.TextSpace, alphas: Sequence[float], seed: int, recipe: dict,
-                  views: torch.Tensor | None = None) -> torch.Tensor:
+def fit_residuals(
+    ts: C.TextSpace, alphas: Sequence[float], seed: int, recipe: dict, views: torch.Tensor | None = None
+) -> torch.Tensor:
     """(A, E, N, D) residuals of a text space's support for each alpha, with the recipe's
     epochs (null: the authors' epochs for the support's K)."""
     K = ts.support.shape[2]
     epochs = recipe["epochs"] or default_epochs(K)
     rows, y = shot_rows(ts, views)
-    return train_residual(rows, y, ts.weights, alphas, seed, epochs, recipe["lr"], recipe["batch_size"],
-                          recipe["weight_decay"])
+    return train_residual(
+        rows, y, ts.weights, alphas, seed, epochs, recipe["lr"], recipe["batch_size"], recipe["weight_decay"]
+    )
 
 
-def search_alpha(task: C.Task | None, space, alphas: Sequence[float], default: dict, seed: int, recipe: dict,
-                 views: torch.Tensor | None = None) -> C.Choice:
+def search_alpha(
+    task: C.Task | None,
+    space,
+    alphas: Sequence[float],
+    default: dict,
+    seed: int,
+    recipe: dict,
+    views: torch.Tensor | None = None,
+) -> C.Choice:
     """alpha by accuracy on ``task`` (every alpha trained in one batch); ``fitted``: the winner's residual."""
     if task is None or task.shot == 0:
         return C.grid_search([], lambda c: 0.0, None, default)
@@ -209,7 +238,12 @@ class TaskRes(C.AdaptMethod):
     def fit_state(self, f: C.Fit) -> None:
         store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         user = set(config.options)
-        recipe = {"epochs": opts.epochs, "lr": opts.lr, "batch_size": opts.batch_size, "weight_decay": opts.weight_decay}
+        recipe = {
+            "epochs": opts.epochs,
+            "lr": opts.lr,
+            "batch_size": opts.batch_size,
+            "weight_decay": opts.weight_decay,
+        }
         for k, v in recipe.items():
             state.hparams[k] = v
             state.selected_on[k] = "fixed (--set option)" if k in user else f"fixed ({RECIPE})"
@@ -237,8 +271,9 @@ class TaskRes(C.AdaptMethod):
         else:
             for regime in (C.EPISODIC, C.ALLWAY):
                 state.hparams[f"{regime}.alpha"] = float(opts.alpha)
-                state.selected_on[f"{regime}.alpha"] = ("fixed (--set option)" if "alpha" in user
-                                                        else f"fixed ({RECIPE}); no validation data")
+                state.selected_on[f"{regime}.alpha"] = (
+                    "fixed (--set option)" if "alpha" in user else f"fixed ({RECIPE}); no validation data"
+                )
         if config.shots > 0:
             state.hparams["allway.epochs"] = opts.epochs or default_epochs(config.shots)
             state.selected_on["allway.epochs"] = state.selected_on["epochs"]
@@ -272,4 +307,4 @@ class TaskRes(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('taskres', TaskRes)
+METHODS.register("taskres", TaskRes)

@@ -42,8 +42,14 @@ class TipOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"alpha": (">=", 0), "beta": (">=", 0), "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1),
-              "val_episodes": (">=", 1)}
+    RANGES = {
+        "alpha": (">=", 0),
+        "beta": (">=", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
 
     def __post_init__(self) -> None:
         C.check_val_options(self)
@@ -54,8 +60,9 @@ class TipOptions(Config):
                 raise ConfigError(f"{name} must be numbers >= 0, got {v}")
 
 
-def search_alpha_beta(task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False,
-                      keys: torch.Tensor | None = None) -> C.Choice:
+def search_alpha_beta(
+    task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False, keys: torch.Tensor | None = None
+) -> C.Choice:
     """Grid over (alpha, beta) on ``task``: the text logits and the query-key similarities are
     computed once, each beta's cache term once, and every alpha is a weighted sum of the two.
     ``keys`` (E, S, D): fine-tuned cache keys in place of the support (tip-adapter-f).
@@ -150,9 +157,20 @@ def fit_tip(f: C.Fit) -> dict:
     if views is not None:  # the reference's cache: the mean of each shot's augmented views
         keys = C.view_keys(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
     for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
-        C.record(state, regime, search_alpha_beta(task, spaces[regime], alphas, betas, default,
-                                                  pooled=regime == C.EPISODIC, keys=keys if regime == C.ALLWAY else None),
-                 fixed)
+        C.record(
+            state,
+            regime,
+            search_alpha_beta(
+                task,
+                spaces[regime],
+                alphas,
+                betas,
+                default,
+                pooled=regime == C.EPISODIC,
+                keys=keys if regime == C.ALLWAY else None,
+            ),
+            fixed,
+        )
     if aw_task is not None:
         C.record_views(state, C.ALLWAY, views, why)
         if keys is not None:
@@ -160,4 +178,4 @@ def fit_tip(f: C.Fit) -> dict:
     return {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "views": views, "view_keys": keys}
 
 
-METHODS.register('tip-adapter', TipAdapter)
+METHODS.register("tip-adapter", TipAdapter)

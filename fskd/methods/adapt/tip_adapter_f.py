@@ -89,10 +89,19 @@ class KeyRun:
     curve: list = field(default_factory=list)
 
 
-def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = EPOCHS, lr: float = 1e-3,
-               seed: int = 0, stop: int | None = None,
-               val: tuple[torch.Tensor, torch.Tensor] | None = None, views: torch.Tensor | None = None,
-               keys0: torch.Tensor | None = None) -> KeyRun:
+def train_keys(
+    space: C.TextSpace,
+    alpha: float,
+    beta: float,
+    *,
+    epochs: int = EPOCHS,
+    lr: float = 1e-3,
+    seed: int = 0,
+    stop: int | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    views: torch.Tensor | None = None,
+    keys0: torch.Tensor | None = None,
+) -> KeyRun:
     """The ``keys`` form (module docstring) for E episodes at once.
 
     The cosine schedule spans ``epochs``; training stops after ``stop`` (default: all) epochs, so a
@@ -130,7 +139,7 @@ def train_keys(space: C.TextSpace, alpha: float, beta: float, *, epochs: int = E
             if views is not None:
                 pick = torch.randint(views.shape[1], (S,), generator=gen_views).to(x.device)
             for i in range(0, S, KEY_BATCH):
-                rows = perm[i:i + KEY_BATCH]
+                rows = perm[i : i + KEY_BATCH]
                 with torch.enable_grad():
                     if views is None:
                         sims = torch.bmm(x[:, rows], keys.transpose(1, 2))  # (E, b, S)
@@ -173,8 +182,10 @@ def finetune_span(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
     if not steps or steps[-1] == 0 or S == 0:
         return {s: x for s in steps}
     if S > SPAN_MAX_ROWS:
-        raise ConfigError(f"tip-adapter-f form=span keeps an S x S matrix per episode, so it takes at most "
-                          f"{SPAN_MAX_ROWS} support rows; this fit has S = {S}: use form=keys (the default)")
+        raise ConfigError(
+            f"tip-adapter-f form=span keeps an S x S matrix per episode, so it takes at most "
+            f"{SPAN_MAX_ROWS} support rows; this fit has S = {S}: use form=keys (the default)"
+        )
     b = torch.zeros(E, S, S, device=x.device, requires_grad=True)
     gram = torch.bmm(x, x.transpose(1, 2))
     onehot = F.one_hot(values, N).to(x.dtype)
@@ -224,8 +235,16 @@ class TipAdapterF(C.AdaptMethod):
             state.selected_on[k] = "fixed"
 
     @staticmethod
-    def _fit_keys_fixed(f: C.Fit, state, regime: str, space, alpha: float, beta: float, opts,
-                        views: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _fit_keys_fixed(
+        f: C.Fit,
+        state,
+        regime: str,
+        space,
+        alpha: float,
+        beta: float,
+        opts,
+        views: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         """``--hp-selection none``: the authors' recipe with no validation data, every epoch of the
         budget trained and the last kept; the all-way keys trained now on the state's own shots
         (with their stored views), an episode's keys when the head meets its support."""
@@ -233,18 +252,31 @@ class TipAdapterF(C.AdaptMethod):
         state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
         state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
         state.hparams[f"{regime}.epochs"] = opts.epochs
-        state.selected_on[f"{regime}.epochs"] = f"{C.NO_VALIDATION}: the whole budget of {opts.epochs} epochs, the last kept"
+        state.selected_on[f"{regime}.epochs"] = (
+            f"{C.NO_VALIDATION}: the whole budget of {opts.epochs} epochs, the last kept"
+        )
         if regime != C.ALLWAY or f.config.shots == 0:
             return
         own = f.own_shots()
         ts = space(own.support, own.classes)
         embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
-        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=f.config.seed, views=embedded, keys0=keys0)
+        run = train_keys(
+            ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=f.config.seed, views=embedded, keys0=keys0
+        )
         C.keep_allway_head(state, own, {"keys": run.keys})
 
     @staticmethod
-    def _fit_keys(state, regime: str, task, space, alpha: float, beta: float, opts, seed: int,
-                  views: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def _fit_keys(
+        state,
+        regime: str,
+        task,
+        space,
+        alpha: float,
+        beta: float,
+        opts,
+        seed: int,
+        views: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Fine-tune at the training-free (alpha, beta), keep the best val epoch, re-search (alpha, beta).
         ``views``: (raw augmented views (E, V, S, D), their cache keys (E, S, D)) from ``fit_tip``."""
         state.hparams[f"{regime}.init_alpha"], state.hparams[f"{regime}.init_beta"] = alpha, beta
@@ -255,8 +287,17 @@ class TipAdapterF(C.AdaptMethod):
             return
         ts = space(task.support, task.classes)
         embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
-        run = train_keys(ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=seed, val=(ts.embed(task.query), task.truth),
-                         views=embedded, keys0=keys0)
+        run = train_keys(
+            ts,
+            alpha,
+            beta,
+            epochs=opts.epochs,
+            lr=opts.lr,
+            seed=seed,
+            val=(ts.embed(task.query), task.truth),
+            views=embedded,
+            keys0=keys0,
+        )
         table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
         C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
         fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
@@ -282,9 +323,13 @@ class TipAdapterF(C.AdaptMethod):
             N = ts.weights.shape[1]
 
             def score(c, ckpts=ckpts, q=q, text_logits=text_logits, alpha=alpha, beta=beta, task=task):
-                return task.accuracy(text_logits + c["alpha_scale"] * alpha * class_cache(affinity(q, ckpts[c["steps"]], beta), N))
+                return task.accuracy(
+                    text_logits + c["alpha_scale"] * alpha * class_cache(affinity(q, ckpts[c["steps"]], beta), N)
+                )
 
-            choice = C.grid_search([{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE], score, task, default)
+            choice = C.grid_search(
+                [{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE], score, task, default
+            )
             if regime == C.ALLWAY and choice.params["steps"] > 0:
                 C.keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
         C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
@@ -320,4 +365,4 @@ class TipAdapterF(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('tip-adapter-f', TipAdapterF)
+METHODS.register("tip-adapter-f", TipAdapterF)

@@ -30,8 +30,11 @@ class ZeroShot(C.AdaptMethod):
     options = ZeroShotOptions
 
     def fit_state(self, f: C.Fit) -> None:
-        f.state.metrics["bridge"] = ("identity (joint space)" if f.bridge.is_identity
-                                     else f"ridge maps on the base classes (ridge {f.bridge.ridge:g})")
+        f.state.metrics["bridge"] = (
+            "identity (joint space)"
+            if f.bridge.is_identity
+            else f"ridge maps on the base classes (ridge {f.bridge.ridge:g})"
+        )
 
     def head(self, state: MethodState, store, device: torch.device):
         text, bridge = C.state_text(state, device)
@@ -48,4 +51,4 @@ class ZeroShot(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
 
 
-METHODS.register('zero-shot', ZeroShot)
+METHODS.register("zero-shot", ZeroShot)

@@ -99,8 +99,9 @@ class SinusoidalTime(nn.Module):
     def __init__(self, width: int, frequencies: int = 256, max_period: float = 10000.0) -> None:
         super().__init__()
         half = frequencies // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half), persistent=False
+        )
         self.mlp = nn.Sequential(nn.Linear(2 * half, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -307,8 +308,13 @@ def train_field(
     return curve
 
 
-def mixture_field(centres: torch.Tensor, targets: torch.Tensor, sigma: float,
-                  log_weights: torch.Tensor | None = None, eps: float = 1e-4) -> Field:
+def mixture_field(
+    centres: torch.Tensor,
+    targets: torch.Tensor,
+    sigma: float,
+    log_weights: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> Field:
     """The exact field a perfectly trained FMA learns (gamma = 0) when images come from a known
     isotropic Gaussian mixture: component k has mean ``centres[k]`` (K, D), standard deviation
     ``sigma`` per dimension and weight ``softmax(log_weights)[k]`` (equal by default), and its
@@ -334,8 +340,14 @@ def mixture_field(centres: torch.Tensor, targets: torch.Tensor, sigma: float,
 
 
 @torch.no_grad()
-def trajectory(field: Field, z: torch.Tensor, steps: int, stop: int | None = None, solver: str = "euler",
-               device: torch.device | None = None) -> list[torch.Tensor]:
+def trajectory(
+    field: Field,
+    z: torch.Tensor,
+    steps: int,
+    stop: int | None = None,
+    solver: str = "euler",
+    device: torch.device | None = None,
+) -> list[torch.Tensor]:
     """Integrate dz/dt = field(z, t) from t = 0 with ``steps`` steps of size 1/steps, stopping
     after ``stop`` steps (early stopping; default: all). Returns [z_0, z_1, ..., z_stop], each (n, D).
     """
@@ -366,8 +378,9 @@ def trajectory(field: Field, z: torch.Tensor, steps: int, stop: int | None = Non
     return out
 
 
-def transport(field: Field, z: torch.Tensor, steps: int, stop: int | None = None, solver: str = "euler",
-              chunk: int = 16384) -> torch.Tensor:
+def transport(
+    field: Field, z: torch.Tensor, steps: int, stop: int | None = None, solver: str = "euler", chunk: int = 16384
+) -> torch.Tensor:
     """The feature after ``stop`` of ``steps`` solver steps: (n, D) -> (n, D), in row chunks."""
     if z.shape[0] <= chunk:
         return trajectory(field, z, steps, stop, solver)[-1]

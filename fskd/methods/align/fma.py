@@ -133,21 +133,37 @@ class FMAOptions(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"fma option {name} must be an integer >= 1, got {v!r}")
-        if not (isinstance(self.epochs, int) and isinstance(self.iters, int) and self.epochs >= 0 and self.iters >= 0
-                and (self.epochs or self.iters)):
-            raise ConfigError(f"fma options epochs and iters must be integers >= 0, one of them > 0 (iters > 0 wins), "
-                              f"got epochs={self.epochs!r}, iters={self.iters!r}")
-        if not (isinstance(self.warmup_epochs, (int, float)) and self.warmup_epochs >= 0
-                and (self.iters or self.warmup_epochs <= self.epochs)):
-            raise ConfigError(f"fma option warmup_epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs!r}")
+        if not (
+            isinstance(self.epochs, int)
+            and isinstance(self.iters, int)
+            and self.epochs >= 0
+            and self.iters >= 0
+            and (self.epochs or self.iters)
+        ):
+            raise ConfigError(
+                f"fma options epochs and iters must be integers >= 0, one of them > 0 (iters > 0 wins), "
+                f"got epochs={self.epochs!r}, iters={self.iters!r}"
+            )
+        if not (
+            isinstance(self.warmup_epochs, (int, float))
+            and self.warmup_epochs >= 0
+            and (self.iters or self.warmup_epochs <= self.epochs)
+        ):
+            raise ConfigError(
+                f"fma option warmup_epochs must be between 0 and epochs ({self.epochs}), got {self.warmup_epochs!r}"
+            )
         for name in ("width", "pca", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"fma option {name} must be an integer >= 0 (0: the default, see the option), got {v!r}")
+                raise ConfigError(
+                    f"fma option {name} must be an integer >= 0 (0: the default, see the option), got {v!r}"
+                )
         if not isinstance(self.val_way, int) or self.val_way < 2:
             raise ConfigError(f"fma option val_way must be an integer >= 2, got {self.val_way!r}")
         if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ConfigError(f"fma options need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise ConfigError(
+                f"fma options need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}"
+            )
         if not self.proto_weights or any(not isinstance(w, (int, float)) or w < 0 for w in self.proto_weights):
             raise ConfigError(f"fma option proto_weights must be non-negative numbers, got {self.proto_weights!r}")
         if self.ridge is not None and not self.ridge > 0:
@@ -233,22 +249,32 @@ def principal_basis(a: torch.Tensor, p: int) -> torch.Tensor | None:
     return vh[: min(p, vh.shape[0])].T.float().contiguous()
 
 
-def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
-                opts: FMAOptions, base_features: bool = False) -> tuple[Bridge, str]:
+def make_bridge(
+    store,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    text: torch.Tensor,
+    val: tuple[torch.Tensor, torch.Tensor],
+    opts: FMAOptions,
+    base_features: bool = False,
+) -> tuple[Bridge, str]:
     """The bridge for features ``x`` (n, D') labelled ``y``: the identity when image and text
     features share one space, else ridge maps (ridge chosen on ``val``). Returns the bridge and
     a description of how it was made. ``base_features``: ``x`` comes from another method's
     feature map (whose width may legitimately differ from the text's: then a ridge bridge)."""
     d_img, d_txt = int(x.shape[1]), int(text.shape[1])
     if opts.bridge == "auto" and store.joint and base_features and d_img != d_txt:
-        log.info("fma: the base method's features are %d-d, the text features %d-d: learning a ridge bridge", d_img, d_txt)
+        log.info(
+            "fma: the base method's features are %d-d, the text features %d-d: learning a ridge bridge", d_img, d_txt
+        )
     elif opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
         if d_img != d_txt:
             why = "the store says its encoder is joint" if opts.bridge == "auto" else "bridge=none was asked"
             raise ConfigError(
                 f"{store.path}: image features are {d_img}-d but class text features are {d_txt}-d, so they are not one "
                 f"space, and {why}; fma needs both in one space: use --set bridge=ridge (ridge maps learned on the "
-                f"training rows) or a joint encoder")
+                f"training rows) or a joint encoder"
+            )
         if not store.joint:
             log.warning("bridge=none on a non-joint store: image and text features are compared directly")
         return Bridge.identity(d_img, x.device), "identity"
@@ -257,8 +283,17 @@ def make_bridge(store, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, val
 
 
 # -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) -------------
-def allway_bridge(store, x: torch.Tensor, classes: torch.Tensor, shots: int, text: torch.Tensor, xv: torch.Tensor,
-                  yv: torch.Tensor, opts: FMAOptions, base_features: bool) -> tuple[Bridge, str, torch.Tensor]:
+def allway_bridge(
+    store,
+    x: torch.Tensor,
+    classes: torch.Tensor,
+    shots: int,
+    text: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    opts: FMAOptions,
+    base_features: bool,
+) -> tuple[Bridge, str, torch.Tensor]:
     """The all-way bridge and the class targets (C, D_i) in image space.
 
     ``x`` (C*K, D'): K shots per class of ``classes``, class-major. When the spaces differ the
@@ -271,8 +306,9 @@ def allway_bridge(store, x: torch.Tensor, classes: torch.Tensor, shots: int, tex
     The identity bridge (one space) gives the class texts themselves.
     """
     first = opts if opts.ridge is not None else dataclasses.replace(opts, ridge=RIDGE_GRID[0])  # no search yet
-    bridge, desc = make_bridge(store, x, classes.repeat_interleave(shots), text, (xv, yv), first,
-                               base_features=base_features)
+    bridge, desc = make_bridge(
+        store, x, classes.repeat_interleave(shots), text, (xv, yv), first, base_features=base_features
+    )
     if bridge.is_identity:
         return bridge, desc, bridge.text_to_image(text)
     e = bridge.embed_images(x).reshape(1, len(classes), shots, -1)
@@ -282,7 +318,7 @@ def allway_bridge(store, x: torch.Tensor, classes: torch.Tensor, shots: int, tex
     pos[classes] = torch.arange(len(classes), device=x.device)
     truth = pos[yv]
     best = None
-    for lam in ((opts.ridge,) if opts.ridge is not None else RIDGE_GRID):
+    for lam in (opts.ridge,) if opts.ridge is not None else RIDGE_GRID:
         loo = batched_text_to_image(e, t, float(lam), leave_out=True)[0]  # (C, D_i)
         acc = float(((ev @ loo.T).argmax(1) == truth).float().mean())
         if best is None or acc > best[0] + 1e-9:
@@ -301,18 +337,29 @@ def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, 
     return sampling.sample_shots(labels, classes, shot, seed, class_names, option="--shots", error=ConfigError)
 
 
-def sample_val_episodes(labels: np.ndarray, classes: np.ndarray, way: int, shot: int, query: int, episodes: int,
-                        seed: int, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_val_episodes(
+    labels: np.ndarray,
+    classes: np.ndarray,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    class_names: list[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validation episodes: support (E, N, K) and query (E, N, Q) row indices, classes (E, N).
     ``way`` and ``query`` shrink to what the val classes allow."""
     counts = sampling.class_counts(labels, classes)
     if counts.min() < shot + 1:
         i = int(counts.argmin())
-        raise ConfigError(f"--shots {shot} is larger than available for validation episodes: val class "
-                          f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}")
+        raise ConfigError(
+            f"--shots {shot} is larger than available for validation episodes: val class "
+            f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}"
+        )
     query = int(min(query, counts.min() - shot))
-    eps = sampling.sample_episodes(labels, classes, min(way, len(classes)), shot, query, episodes, seed, class_names,
-                                   error=ConfigError)
+    eps = sampling.sample_episodes(
+        labels, classes, min(way, len(classes)), shot, query, episodes, seed, class_names, error=ConfigError
+    )
     return eps.support, eps.query, eps.classes
 
 
@@ -333,8 +380,14 @@ class Choice:
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def select(score: Scorer, field, start: torch.Tensor, solvers: tuple[str, ...], steps: tuple[int, ...],
-           weights: tuple[float, ...]) -> tuple[Choice, dict[str, torch.Tensor]]:
+def select(
+    score: Scorer,
+    field,
+    start: torch.Tensor,
+    solvers: tuple[str, ...],
+    steps: tuple[int, ...],
+    weights: tuple[float, ...],
+) -> tuple[Choice, dict[str, torch.Tensor]]:
     """Try every (solver, steps, stop, weight) on validation. ``score(z (n, P)) -> (W,)`` is the
     accuracy per prototype weight when the validation rows ``start`` (n, P) have been moved to
     ``z``. Best accuracy wins; ties go to fewer network evaluations, then the smaller weight.
@@ -347,7 +400,11 @@ def select(score: Scorer, field, start: torch.Tensor, solvers: tuple[str, ...], 
             for k in range(m + 1):
                 for wi, w in enumerate(weights):
                     c = Choice(solver, m, k, float(w), float(accs[k, wi]))
-                    if best is None or (c.accuracy, -c.nfe, -c.proto_weight) > (best.accuracy, -best.nfe, -best.proto_weight):
+                    if best is None or (c.accuracy, -c.nfe, -c.proto_weight) > (
+                        best.accuracy,
+                        -best.nfe,
+                        -best.proto_weight,
+                    ):
                         best = c
             curves[f"{solver} {m} steps"] = accs
     return best, curves
@@ -359,8 +416,9 @@ def curves_at(curves: dict[str, torch.Tensor], weights: tuple[float, ...], w: fl
     return {k: [round(100 * float(a), 2) for a in v[:, wi]] for k, v in curves.items()}
 
 
-def allway_scorer(targets: torch.Tensor, protos: torch.Tensor, e_val: torch.Tensor, y_pos: torch.Tensor,
-                  weights: tuple[float, ...]) -> Scorer:
+def allway_scorer(
+    targets: torch.Tensor, protos: torch.Tensor, e_val: torch.Tensor, y_pos: torch.Tensor, weights: tuple[float, ...]
+) -> Scorer:
     """All classes at once: targets (C, P), prototypes (C, D_i), val rows e_val (n, D_i) with
     true positions y_pos (n,) into the C classes."""
     s_proto = e_val @ protos.T  # (n, C)
@@ -374,8 +432,14 @@ def allway_scorer(targets: torch.Tensor, protos: torch.Tensor, e_val: torch.Tens
     return score
 
 
-def episodic_scorer(targets: torch.Tensor, e_pool: torch.Tensor, support: torch.Tensor, query: torch.Tensor,
-                    classes: torch.Tensor, weights: tuple[float, ...]) -> Scorer:
+def episodic_scorer(
+    targets: torch.Tensor,
+    e_pool: torch.Tensor,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    classes: torch.Tensor,
+    weights: tuple[float, ...],
+) -> Scorer:
     """Episodes over a pool of rows e_pool (n, D_i): support (E, N, K) and query (E, N, Q) pool
     indices, classes (E, N) store class indices; targets (C, P) for every store class."""
     E, N, Q = query.shape
@@ -406,10 +470,16 @@ def _load_base(path: str, store, device: torch.device) -> tuple[MethodState, Fea
     METHODS.get(state.method)().check_store(state, store, path)
     fmap, texts = _offers(state, store, device)
     if fmap is None and not texts:
-        able = [n for n in METHODS.names()
-                if METHODS.get(n).features is not Method.features or METHODS.get(n).text_features is not Method.text_features]
-        raise ConfigError(f"--base-state {path}: method {state.method!r} exposes no features or class text to build on; "
-                          f"methods that do: {', '.join(able) or '(none registered)'}")
+        able = [
+            n
+            for n in METHODS.names()
+            if METHODS.get(n).features is not Method.features
+            or METHODS.get(n).text_features is not Method.text_features
+        ]
+        raise ConfigError(
+            f"--base-state {path}: method {state.method!r} exposes no features or class text to build on; "
+            f"methods that do: {', '.join(able) or '(none registered)'}"
+        )
     return state, fmap, texts
 
 
@@ -424,8 +494,10 @@ def _regime_text(texts: dict | None, regime: str, default: torch.Tensor) -> torc
     if not texts:
         return default
     if regime not in texts:
-        raise ConfigError(f"the --base-state learned class text for {', '.join(sorted(texts))} only; fma regime={regime} "
-                          f"needs its {regime} text (refit the base with --set regime=both or regime={regime})")
+        raise ConfigError(
+            f"the --base-state learned class text for {', '.join(sorted(texts))} only; fma regime={regime} "
+            f"needs its {regime} text (refit the base with --set regime=both or regime={regime})"
+        )
     return texts[regime]
 
 
@@ -448,17 +520,22 @@ def _base_state(tensors: dict[str, torch.Tensor], device=None) -> MethodState | 
     if BASE_INFO not in tensors:
         return None
     info = json.loads(bytes(tensors[BASE_INFO].to(torch.uint8).tolist()).decode())
-    sub = {k[len(BASE_PREFIX):]: (v if device is None else v.to(device)) for k, v in tensors.items()
-           if k.startswith(BASE_PREFIX)}
+    sub = {
+        k[len(BASE_PREFIX) :]: (v if device is None else v.to(device))
+        for k, v in tensors.items()
+        if k.startswith(BASE_PREFIX)
+    }
     return MethodState(**info, tensors=sub)
 
 
 def _text(store) -> torch.Tensor:
     text = store.text_embeddings()
     if text is None:
-        raise StoreError(f"{store.path} has no class text features (encoder {store.encoder_spec!r} has no text tower); "
-                         f"fma transports image features to class text features: extract with an encoder that has one "
-                         f"(e.g. lite0-minilm or an open_clip model)")
+        raise StoreError(
+            f"{store.path} has no class text features (encoder {store.encoder_spec!r} has no text tower); "
+            f"fma transports image features to class text features: extract with an encoder that has one "
+            f"(e.g. lite0-minilm or an open_clip model)"
+        )
     return torch.from_numpy(np.asarray(text, dtype=np.float32))
 
 
@@ -512,7 +589,9 @@ class FMAPublished(Method):
         with cpu_threads(opts.threads if device.type == "cpu" else 0):
             return self._fit(store, config, opts, device, progress)
 
-    def _fit(self, store, config, opts: FMAOptions, device: torch.device, progress: TrainProgress | None) -> MethodState:
+    def _fit(
+        self, store, config, opts: FMAOptions, device: torch.device, progress: TrainProgress | None
+    ) -> MethodState:
         t0 = time.perf_counter()
         given = config.gamma if isinstance(config.gamma, (tuple, list)) else (config.gamma,)
         gammas = self.gammas if config.gamma is None else tuple(float(g) for g in given)
@@ -525,23 +604,46 @@ class FMAPublished(Method):
         regime = opts.regime if opts.regime != "auto" else (ALLWAY if config.shots > 0 else EPISODIC)
         regimes = (ALLWAY, EPISODIC) if regime == "both" else (regime,)
         if ALLWAY in regimes and config.shots < 1:
-            raise ConfigError(f"regime={regime} learns from K shots per class: --shots must be >= 1 (or use regime=episodic)")
+            raise ConfigError(
+                f"regime={regime} learns from K shots per class: --shots must be >= 1 (or use regime=episodic)"
+            )
         text = _text(store).to(device)
         base_state, fmap, texts, tensors = None, None, None, {}
         if config.base_state:
             base_state, fmap, texts = _load_base(config.base_state, store, device)
             tensors.update(_base_tensors(base_state))
         fixed = "fixed (default)"
-        hparams = {"regime": regime, "gamma": gammas[0] if len(gammas) == 1 else list(gammas), "arch": opts.arch,
-                   "width": opts.width, "depth": opts.depth, "epochs": opts.epochs, "warmup_epochs": opts.warmup_epochs,
-                   "iters": opts.iters, "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
-                   "pca": opts.pca, "shots": int(config.shots), "base_method": base_state.method if base_state else None}
-        selected_on = {"gamma": "given" if len(gammas) == 1 else "per regime, on validation (see <regime>.gamma)",
-                       "arch": fixed, "width": fixed, "depth": fixed, "epochs": fixed, "iters": fixed, "lr": fixed, "pca": fixed}
+        hparams = {
+            "regime": regime,
+            "gamma": gammas[0] if len(gammas) == 1 else list(gammas),
+            "arch": opts.arch,
+            "width": opts.width,
+            "depth": opts.depth,
+            "epochs": opts.epochs,
+            "warmup_epochs": opts.warmup_epochs,
+            "iters": opts.iters,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "weight_decay": opts.weight_decay,
+            "pca": opts.pca,
+            "shots": int(config.shots),
+            "base_method": base_state.method if base_state else None,
+        }
+        selected_on = {
+            "gamma": "given" if len(gammas) == 1 else "per regime, on validation (see <regime>.gamma)",
+            "arch": fixed,
+            "width": fixed,
+            "depth": fixed,
+            "epochs": fixed,
+            "iters": fixed,
+            "lr": fixed,
+            "pca": fixed,
+        }
         metrics = {}
         for r in regimes:
-            t, h, s, m = self._fit_part(r, store, config, opts, gammas, steps, _regime_text(texts, r, text), fmap,
-                                        device, progress)
+            t, h, s, m = self._fit_part(
+                r, store, config, opts, gammas, steps, _regime_text(texts, r, text), fmap, device, progress
+            )
             if texts and r in texts:
                 s = {**s, "targets": f"the class text features {base_state.method} learned ({r} part of --base-state)"}
             tensors.update({f"{r}.{k}": v for k, v in t.items()})
@@ -549,34 +651,64 @@ class FMAPublished(Method):
             selected_on.update({f"{r}.{k}": v for k, v in s.items()})
             metrics.update({f"{r}.{k}": v for k, v in m.items()})
         metrics["fit_seconds"] = round(time.perf_counter() - t0, 3)
-        return MethodState(method=self.name, kind=self.kind, store_path=str(store.path), store_fingerprint=store.fingerprint,
-                           encoder=store.encoder_spec, config=config.to_dict(), hparams=hparams, selected_on=selected_on,
-                           metrics=metrics, tensors=tensors)
+        return MethodState(
+            method=self.name,
+            kind=self.kind,
+            store_path=str(store.path),
+            store_fingerprint=store.fingerprint,
+            encoder=store.encoder_spec,
+            config=config.to_dict(),
+            hparams=hparams,
+            selected_on=selected_on,
+            metrics=metrics,
+            tensors=tensors,
+        )
 
-    def _fit_part(self, regime: str, store, config, opts: FMAOptions, gammas: tuple[float, ...], steps: tuple[int, ...],
-                  text: torch.Tensor, fmap: FeatureMap | None, device: torch.device, progress: TrainProgress | None):
+    def _fit_part(
+        self,
+        regime: str,
+        store,
+        config,
+        opts: FMAOptions,
+        gammas: tuple[float, ...],
+        steps: tuple[int, ...],
+        text: torch.Tensor,
+        fmap: FeatureMap | None,
+        device: torch.device,
+        progress: TrainProgress | None,
+    ):
         names = store.class_names
         if config.hp_selection == "none":
-            raise ConfigError(f"{self.name} has no validation-free form: its bridge, solver, number of steps and "
-                              f"prototype weight are chosen on validation data (--hp-selection few-shot-val or full-val)")
+            raise ConfigError(
+                f"{self.name} has no validation-free form: its bridge, solver, number of steps and "
+                f"prototype weight are chosen on validation data (--hp-selection few-shot-val or full-val)"
+            )
         if regime == ALLWAY:
             for s in ("train", "val"):
                 if not store.has_split(s):
-                    raise StoreError(f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
-                                     f"{store.path} has sample splits {store.splits} (use --set regime=episodic)")
+                    raise StoreError(
+                        f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
+                        f"{store.path} has sample splits {store.splits} (use --set regime=episodic)"
+                    )
             x_np, y_np, classes = sampling.allway_shots(store, config.shots, config.seed, error=ConfigError)
             xv_np, yv_np = sampling.allway_val(store, classes, config.shots, config.seed, config.hp_selection)
             if len(yv_np) == 0:
-                raise StoreError(f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there")
+                raise StoreError(
+                    f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there"
+                )
             val_on = "val split" if config.hp_selection == "full-val" else "val split (min(K, 4) per class)"
         else:
             base = store.class_split("base")
             val_cls = store.class_split("val") if "val" in store.attrs["class_split"] else []
             if not base:
-                raise StoreError(f"{store.path}: regime=episodic learns from the base classes, but the base class split is empty")
+                raise StoreError(
+                    f"{store.path}: regime=episodic learns from the base classes, but the base class split is empty"
+                )
             if len(val_cls) < 2:
-                raise StoreError(f"{store.path}: regime=episodic chooses steps on val-class episodes, but there are "
-                                 f"{len(val_cls)} val classes (need >= 2)")
+                raise StoreError(
+                    f"{store.path}: regime=episodic chooses steps on val-class episodes, but there are "
+                    f"{len(val_cls)} val classes (need >= 2)"
+                )
             x_np, y_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
             xv_np, yv_np = store.gather(val_cls, max_per_class=sampling.CLASS_ROWS)
             classes = np.asarray(sorted(base))
@@ -587,11 +719,13 @@ class FMAPublished(Method):
 
         train_cls = torch.from_numpy(classes).to(device)
         if regime == ALLWAY:
-            bridge, bridge_desc, targets_img = allway_bridge(store, x, train_cls, config.shots, text, xv,
-                                                             torch.from_numpy(yv_np).to(device), opts, fmap is not None)
+            bridge, bridge_desc, targets_img = allway_bridge(
+                store, x, train_cls, config.shots, text, xv, torch.from_numpy(yv_np).to(device), opts, fmap is not None
+            )
         else:
-            bridge, bridge_desc = make_bridge(store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts,
-                                              base_features=fmap is not None)
+            bridge, bridge_desc = make_bridge(
+                store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts, base_features=fmap is not None
+            )
             targets_img = bridge.text_to_image(text)  # (C, D_i)
         e_train = bridge.embed_images(x)
         space = FlowSpace(bridge, basis=principal_basis(torch.cat([e_train, targets_img[train_cls]]), opts.pca))
@@ -611,11 +745,21 @@ class FMAPublished(Method):
                 torch.manual_seed(config.seed)
                 field = make_field(opts.arch, x0.shape[1], opts.width, opts.depth).to(device)
             tag = f"{self.name} {regime}: train" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
-            loss = train_field(field, x0, x1, iters=opts.iters, epochs=opts.epochs, warmup_epochs=opts.warmup_epochs,
-                               batch_size=opts.batch_size, lr=opts.lr,
-                               weight_decay=opts.weight_decay, gamma=gamma, seed=config.seed,
-                               progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)),
-                               x0_views=x0_views)
+            loss = train_field(
+                field,
+                x0,
+                x1,
+                iters=opts.iters,
+                epochs=opts.epochs,
+                warmup_epochs=opts.warmup_epochs,
+                batch_size=opts.batch_size,
+                lr=opts.lr,
+                weight_decay=opts.weight_decay,
+                gamma=gamma,
+                seed=config.seed,
+                progress=None if progress is None else (lambda s, i, n, d: progress(tag, i, n, d)),
+                x0_views=x0_views,
+            )
             return field, loss
 
         # validation: solver, number of steps, early stop and prototype weight
@@ -627,17 +771,28 @@ class FMAPublished(Method):
             pos[classes] = np.arange(len(classes))
             protos = F.normalize(e_train.reshape(len(classes), config.shots, -1).mean(1), dim=-1)
             score = allway_scorer(targets[train_cls], protos, ev, torch.from_numpy(pos[yv_np]).to(device), weights)
-            val_desc = (f"all {len(classes)} classes, {config.shots} shots each (seed {config.seed}); queries: "
-                        + sampling.describe_validation(config.hp_selection, config.shots, len(yv_np), len(classes), config.seed))
+            val_desc = (
+                f"all {len(classes)} classes, {config.shots} shots each (seed {config.seed}); queries: "
+                + sampling.describe_validation(config.hp_selection, config.shots, len(yv_np), len(classes), config.seed)
+            )
         else:
             vcls = np.asarray(sorted(store.class_split("val")))
             k_val = max(1, config.shots)
-            sup, qry, ecls = sample_val_episodes(yv_np, vcls, opts.val_way, k_val, opts.val_query, opts.val_episodes,
-                                                 config.seed, names)
-            score = episodic_scorer(targets, ev, torch.from_numpy(sup).to(device), torch.from_numpy(qry).to(device),
-                                    torch.from_numpy(ecls).to(device), weights)
-            val_desc = (f"{len(sup)} {sup.shape[1]}-way {k_val}-shot {qry.shape[2]}-query episodes of the {len(vcls)} "
-                        f"val classes (seed {config.seed})")
+            sup, qry, ecls = sample_val_episodes(
+                yv_np, vcls, opts.val_way, k_val, opts.val_query, opts.val_episodes, config.seed, names
+            )
+            score = episodic_scorer(
+                targets,
+                ev,
+                torch.from_numpy(sup).to(device),
+                torch.from_numpy(qry).to(device),
+                torch.from_numpy(ecls).to(device),
+                weights,
+            )
+            val_desc = (
+                f"{len(sup)} {sup.shape[1]}-way {k_val}-shot {qry.shape[2]}-query episodes of the {len(vcls)} "
+                f"val classes (seed {config.seed})"
+            )
         t1 = time.perf_counter()
         best, gamma_val, start = None, {}, space.to_flow(ev)
         for gamma in gammas:  # one field per noise strength; the best validation accuracy wins (ties: the first)
@@ -651,33 +806,64 @@ class FMAPublished(Method):
         if progress is not None:
             progress(f"fma {regime}: choose steps", 1, 1, {"val_acc": choice.accuracy})
         if choice.stop == 0:
-            log.warning("fma %s: validation prefers no transport (stop=0) on %s: the flow did not help there", regime, val_desc)
-        log.info("fma %s: gamma %g, %s, %d steps, stop after %d, prototype weight %g (val accuracy %.2f%% on %s)",
-                 regime, gamma, choice.solver, choice.steps, choice.stop, choice.proto_weight, 100 * choice.accuracy,
-                 val_desc)
+            log.warning(
+                "fma %s: validation prefers no transport (stop=0) on %s: the flow did not help there", regime, val_desc
+            )
+        log.info(
+            "fma %s: gamma %g, %s, %d steps, stop after %d, prototype weight %g (val accuracy %.2f%% on %s)",
+            regime,
+            gamma,
+            choice.solver,
+            choice.steps,
+            choice.stop,
+            choice.proto_weight,
+            100 * choice.accuracy,
+            val_desc,
+        )
 
         tensors = {f"field.{k}": v.detach().cpu() for k, v in field.state_dict().items()}
         tensors.update({k: v.detach().cpu() for k, v in bridge.tensors().items()})
         if space.basis is not None:
             tensors["basis"] = space.basis.cpu()
-        hp = {"gamma": gamma, "solver": choice.solver, "steps": choice.steps, "stop": choice.stop, "proto_weight": choice.proto_weight,
-              "bridge": bridge_desc, "flow_dim": int(x0.shape[1]), "image_dim": int(e_train.shape[1]),
-              "train_classes": len(classes)}
+        hp = {
+            "gamma": gamma,
+            "solver": choice.solver,
+            "steps": choice.steps,
+            "stop": choice.stop,
+            "proto_weight": choice.proto_weight,
+            "bridge": bridge_desc,
+            "flow_dim": int(x0.shape[1]),
+            "image_dim": int(e_train.shape[1]),
+            "train_classes": len(classes),
+        }
         tensors["train_classes"] = torch.from_numpy(classes.astype(np.int64))
         if regime == ALLWAY and not bridge.is_identity:
             tensors["targets"] = targets_img.detach().cpu()  # leave-one-class-out (see allway_bridge)
         on = f"{val_on}: {val_desc}"
         hp["views"] = 0 if x0_views is None else int(x0_views.shape[1])
-        selected_on = {"views": views_why if x0_views is not None else f"none: {views_why}; one feature per shot",
-                       "gamma": on if len(gammas) > 1 else "given", "solver": on if len(solvers) > 1 else "given", "steps": on if len(steps) > 1 else "given",
-                       "stop": on, "proto_weight": on if len(weights) > 1 else "given",
-                       "bridge": ("identity (one space)" if bridge.is_identity else
-                                  f"ridge maps fitted on the training rows, strength chosen on the {val_on}"
-                                  if opts.ridge is None else "ridge given")}
-        metrics = {"val_accuracy": round(100 * choice.accuracy, 3),
-                   "val_curves": curves_at(curves, weights, choice.proto_weight),
-                   "train_loss": [round(v, 5) for v in loss], "train_pairs": int(len(x0)), "train_select_seconds": round(train_s, 3),
-                   "val_accuracy_per_gamma": gamma_val}
+        selected_on = {
+            "views": views_why if x0_views is not None else f"none: {views_why}; one feature per shot",
+            "gamma": on if len(gammas) > 1 else "given",
+            "solver": on if len(solvers) > 1 else "given",
+            "steps": on if len(steps) > 1 else "given",
+            "stop": on,
+            "proto_weight": on if len(weights) > 1 else "given",
+            "bridge": (
+                "identity (one space)"
+                if bridge.is_identity
+                else f"ridge maps fitted on the training rows, strength chosen on the {val_on}"
+                if opts.ridge is None
+                else "ridge given"
+            ),
+        }
+        metrics = {
+            "val_accuracy": round(100 * choice.accuracy, 3),
+            "val_curves": curves_at(curves, weights, choice.proto_weight),
+            "train_loss": [round(v, 5) for v in loss],
+            "train_pairs": int(len(x0)),
+            "train_select_seconds": round(train_s, 3),
+            "val_accuracy_per_gamma": gamma_val,
+        }
         if choice.proto_weight and 0.0 in weights:
             metrics["val_curves_text_only"] = curves_at(curves, weights, 0.0)
         return tensors, hp, selected_on, metrics
@@ -691,20 +877,25 @@ class FMAPublished(Method):
         for r in (ALLWAY, EPISODIC):
             if f"{r}.steps" not in state.hparams:
                 continue
-            hp = {k[len(r) + 1:]: v for k, v in state.hparams.items() if k.startswith(f"{r}.")}
+            hp = {k[len(r) + 1 :]: v for k, v in state.hparams.items() if k.startswith(f"{r}.")}
             hp["shots"] = state.hparams["shots"]
-            t = {k[len(r) + 1:]: v.to(device) for k, v in state.tensors.items() if k.startswith(f"{r}.")}
-            field = make_field(state.hparams["arch"], int(hp["flow_dim"]), int(state.hparams["width"]),
-                               int(state.hparams["depth"]))
-            field.load_state_dict({k[len("field."):]: v for k, v in t.items() if k.startswith("field.")})
+            t = {k[len(r) + 1 :]: v.to(device) for k, v in state.tensors.items() if k.startswith(f"{r}.")}
+            field = make_field(
+                state.hparams["arch"], int(hp["flow_dim"]), int(state.hparams["width"]), int(state.hparams["depth"])
+            )
+            field.load_state_dict({k[len("field.") :]: v for k, v in t.items() if k.startswith("field.")})
             field.to(device).eval()
             space = FlowSpace(Bridge.from_tensors(t), fmap, t.get("basis"))
             learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
             learned[t["train_classes"].long()] = True
-            targets = t["targets"] if "targets" in t else space.targets(_regime_text(texts, r, store_text))  # kept: the all-way LOO targets
+            targets = (
+                t["targets"] if "targets" in t else space.targets(_regime_text(texts, r, store_text))
+            )  # kept: the all-way LOO targets
             out[r] = Part(r, field, space, space.to_flow(targets), learned, hp)
         if not out:
-            raise EvaluationError(f"fma state for {state.store_path} has no fitted part (hparams {sorted(state.hparams)})")
+            raise EvaluationError(
+                f"fma state for {state.store_path} has no fitted part (hparams {sorted(state.hparams)})"
+            )
         return out
 
     def head(self, state: MethodState, store, device: torch.device) -> FMAHead:
@@ -715,8 +906,10 @@ class FMAPublished(Method):
         over; the targets are the target store's class texts, or, over a prompt-learning
         ``--base-state``, the base's learned context with the target's class names)."""
         out = super().transfer_state(state, store)
-        tensors = {**{k: v for k, v in out.tensors.items() if not k.endswith(".targets")},
-                   **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors if k.endswith(".train_classes")}}
+        tensors = {
+            **{k: v for k, v in out.tensors.items() if not k.endswith(".targets")},
+            **{k: torch.zeros(0, dtype=torch.long) for k in out.tensors if k.endswith(".train_classes")},
+        }
         base = _base_state(state.tensors)
         if base is not None:  # the kept base moves too (coop re-encodes the target's names with its context)
             moved = METHODS.get(base.method)().transfer_state(base, store)
@@ -790,23 +983,26 @@ class FMAHead(Head):
             raise EvaluationError(
                 "this fma state (regime episodic) learned from every row of the base classes, test rows included; this "
                 "call scores base classes (the all-way protocol), which would count rows it was trained on. Fit with "
-                "--shots K (regime allway) or --set regime=both for the all-way protocol")
+                "--shots K (regime allway) or --set regime=both for the all-way protocol"
+            )
         if E > 1 or N > int(aw.learned.sum()):
             raise EvaluationError(
                 f"this fma state (regime allway) learned from {aw.hp['shots']} shots of every class, novel ones included; "
                 f"{N}-way episodes would score rows it was trained on. Evaluate it with --protocol allway, "
-                f"or fit with --set regime=episodic (or both) for episodes")
+                f"or fit with --set regime=episodic (or both) for episodes"
+            )
         if K < aw.hp["shots"]:
             raise EvaluationError(
                 f"this fma state learned from {aw.hp['shots']} shots per class; evaluating it at --shots {K} would use "
-                f"more labels than the protocol allows: fit with --shots {K}")
+                f"more labels than the protocol allows: fit with --shots {K}"
+            )
         return aw
 
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedFMA:
         """support (E, N, K, width) prepared rows, classes (E, N) store class indices."""
         part = self.part_for(support.shape, classes)
         cols = self.cols[part.regime]
-        e = support[..., cols][..., part.flow_dim:]
+        e = support[..., cols][..., part.flow_dim :]
         protos = F.normalize(e.mean(2), dim=-1) if e.shape[2] else None  # no shot: text targets only
         return FittedFMA(part, cols, part.targets[classes], protos)
 
@@ -834,4 +1030,4 @@ class FMA(RecipeMethod):
         return self.recipe(state).parts(state, store, device)
 
 
-METHODS.register('fma', FMA)
+METHODS.register("fma", FMA)

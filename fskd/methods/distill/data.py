@@ -34,6 +34,7 @@ from fskd.store.sampling import Episodes
 
 log = logging.getLogger(__name__)
 
+
 def dataset_of(store, root: str | None):
     """The dataset a store was extracted from (``root`` overrides a moved root)."""
     ds = store.attrs.get("dataset", {})
@@ -92,8 +93,11 @@ class ImageCache:
         if self._map is None:
             with open(self.path, "rb") as fh:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if self.n else None
-            self._rows = (np.frombuffer(self._map, np.uint8).reshape(self.n, self.row_bytes) if self.n
-                          else np.zeros((0, self.row_bytes), np.uint8))
+            self._rows = (
+                np.frombuffer(self._map, np.uint8).reshape(self.n, self.row_bytes)
+                if self.n
+                else np.zeros((0, self.row_bytes), np.uint8)
+            )
         return self._rows
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -123,8 +127,14 @@ def decode_images(source, refs: list[str], size: int, threads: int = 2, director
     folder = cache_dir(directory)
     path = folder / f"{source.name}-{size}px-{key}.u8"
     meta_path = path.with_name(path.name + ".json")
-    meta = {"version": DECODE_VERSION, "dataset": source.name, "root": str(source.root), "size": size, "n": len(refs),
-            "key": key}
+    meta = {
+        "version": DECODE_VERSION,
+        "dataset": source.name,
+        "root": str(source.root),
+        "size": size,
+        "n": len(refs),
+        "key": key,
+    }
     row_bytes = 3 * size * size
     try:
         if json.loads(meta_path.read_text()) == meta and path.stat().st_size == len(refs) * row_bytes:
@@ -142,29 +152,34 @@ def decode_images(source, refs: list[str], size: int, threads: int = 2, director
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create the decoded-image cache folder {folder} ({e.strerror}); set "
-                          f"FSKD_CACHE_DIR or --set image_cache=DIR to a writable folder") from None
+        raise ConfigError(
+            f"cannot create the decoded-image cache folder {folder} ({e.strerror}); set "
+            f"FSKD_CACHE_DIR or --set image_cache=DIR to a writable folder"
+        ) from None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh, ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes outside the GIL
             for start in range(0, len(refs), WRITE_BLOCK):
-                block = list(pool.map(one, refs[start:start + WRITE_BLOCK]))
+                block = list(pool.map(one, refs[start : start + WRITE_BLOCK]))
                 fh.write(np.stack(block).tobytes() if block else b"")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         atomic_write_text(meta_path, json.dumps(meta))  # the commit: the data is complete before this exists
     except OSError as e:
-        raise ConfigError(f"cannot write the decoded-image cache {path} ({e.strerror}: {len(refs) * row_bytes / 2**30:.1f} "
-                          f"GiB needed); set FSKD_CACHE_DIR or --set image_cache=DIR to a folder with room") from None
+        raise ConfigError(
+            f"cannot write the decoded-image cache {path} ({e.strerror}: {len(refs) * row_bytes / 2**30:.1f} "
+            f"GiB needed); set FSKD_CACHE_DIR or --set image_cache=DIR to a folder with room"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     log.info("decoded %d images into %s", len(refs), path)
     return ImageCache(path, len(refs), size)
 
 
-def random_boxes(b: int, generator: torch.Generator, scale: tuple[float, float],
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, torch.Tensor]:
+def random_boxes(
+    b: int, generator: torch.Generator, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random resized crop boxes for a batch of square images, in relative coordinates.
 
     Returns (boxes (b, 4) as x0, y0, x1, y1 in [0, 1], flips (b,) bool); the same boxes cut the
@@ -200,27 +215,33 @@ def resize_views(images: torch.Tensor, out_size: int) -> torch.Tensor:
     """(B, 3, S, S) [0, 1] float -> (B, 3, out_size, out_size), antialiased bilinear."""
     if images.shape[-1] == out_size:
         return images
-    return torch.nn.functional.interpolate(images, size=(out_size, out_size), mode="bilinear", antialias=True,
-                                           align_corners=False)
+    return torch.nn.functional.interpolate(
+        images, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
-def sample_shots(labels: np.ndarray, classes: list[int], shots: int, seed: int, names: list[str] | None = None,
-                 split: str = "train") -> np.ndarray:
+def sample_shots(
+    labels: np.ndarray, classes: list[int], shots: int, seed: int, names: list[str] | None = None, split: str = "train"
+) -> np.ndarray:
     """Sorted row indices of ``shots`` labelled samples per class: the shots the all-way protocol
     draws for the same seed; a short class is a ConfigError naming it and its count."""
-    rows = sampling.sample_shots(labels, np.asarray(classes), shots, seed, names, split, option="--shots",
-                                 error=ConfigError)
+    rows = sampling.sample_shots(
+        labels, np.asarray(classes), shots, seed, names, split, option="--shots", error=ConfigError
+    )
     return np.sort(rows.reshape(-1))
 
 
-def sample_val_episodes(labels: np.ndarray, classes: list[int], way: int, shot: int, query: int, episodes: int,
-                        seed: int) -> Episodes:
+def sample_val_episodes(
+    labels: np.ndarray, classes: list[int], way: int, shot: int, query: int, episodes: int, seed: int
+) -> Episodes:
     """Seeded validation episodes over the ``classes`` that have shot + query rows."""
     counts = sampling.class_counts(labels, classes)
     usable = [c for c, n in zip(classes, counts, strict=True) if n >= shot + query]
     if len(usable) < way:
-        raise ConfigError(f"validation episodes need {way} classes with >= {shot + query} rows; "
-                          f"only {len(usable)} of {len(classes)} have that many")
+        raise ConfigError(
+            f"validation episodes need {way} classes with >= {shot + query} rows; "
+            f"only {len(usable)} of {len(classes)} have that many"
+        )
     return sampling.sample_episodes(labels, usable, way, shot, query, episodes, seed, error=ConfigError)
 
 

@@ -56,26 +56,47 @@ class DHOOptions(Config):
     scripts_others.sh of github.com/erjui/DHO at 846de75) unless the comment says fskd."""
 
     image_size: int = 224  # student input side (authors: RandomResizedCrop(224) / CenterCrop(224); the stored square is image_size / 0.875)
-    batch_size: int = 64  # labelled rows per step, and as many unlabelled rows (authors: --batch_size 64 for both loaders)
+    batch_size: int = (
+        64  # labelled rows per step, and as many unlabelled rows (authors: --batch_size 64 for both loaders)
+    )
     epochs: int = 200  # passes over the labelled shots, used when --epochs is not given (authors: --train_epoch 200)
     lr: float = 1e-3  # AdamW learning rate (authors: --lr 0.001)
     weight_decay: float = 0.01  # AdamW weight decay on every parameter (authors: torch's AdamW default)
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of the steps, then linear decay to 0 (authors: get_linear_schedule_with_warmup at 0.1)
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops (authors: RandomResizedCrop scale=(0.5, 1.0))
+    crop_scale: tuple[float, float] = (
+        0.5,
+        1.0,
+    )  # area range of the random resized crops (authors: RandomResizedCrop scale=(0.5, 1.0))
     temperature: float = 2.0  # softmax temperature of the KD head's KL to the teacher, times T^2 (authors: 2.0)
     w_ce: float = 0.5  # weight of the CE head's cross-entropy on the labelled rows (authors: 0.5)
     w_kd: float = 0.5  # weight of the KD head's KL, labelled + unlabelled (authors: 0.5)
-    alpha_grid: tuple[float, ...] = ALPHA_GRID  # candidate weights of the CE head's softmax in the mixed prediction, chosen on val (authors: 0, 0.05, ..., 1)
-    beta_grid: tuple[float, ...] = BETA_GRID  # candidate temperatures dividing the KD head's logits, chosen on val (authors: 0.5 ... 4)
-    teacher_scale: float = 16.0  # fskd: logit scale of the built-in teacher's cosine head (the authors' CLIP teacher: 100)
+    alpha_grid: tuple[float, ...] = (
+        ALPHA_GRID  # candidate weights of the CE head's softmax in the mixed prediction, chosen on val (authors: 0, 0.05, ..., 1)
+    )
+    beta_grid: tuple[float, ...] = (
+        BETA_GRID  # candidate temperatures dividing the KD head's logits, chosen on val (authors: 0.5 ... 4)
+    )
+    teacher_scale: float = (
+        16.0  # fskd: logit scale of the built-in teacher's cosine head (the authors' CLIP teacher: 100)
+    )
     teacher_steps: int = 300  # fskd: most fine-tuning steps of the built-in teacher head (best on val is kept)
     val_every: int = 1  # validate every this many epochs (the best epoch is kept; authors: every epoch)
     decode_threads: int = 2  # fskd: threads decoding the images once into the cache file before training
-    image_cache: str = ""  # fskd: folder of the decoded-image cache files (default: $FSKD_CACHE_DIR/images or ~/.cache/fskd/images)
+    image_cache: str = (
+        ""  # fskd: folder of the decoded-image cache files (default: $FSKD_CACHE_DIR/images or ~/.cache/fskd/images)
+    )
     student_kwargs: dict = field(default_factory=dict)  # fskd: keyword arguments of timm.create_model for the student
 
-    RANGES = {"weight_decay": (">=", 0), "teacher_steps": (">=", 0), "decode_threads": (">=", 1), "w_ce": (">=", 0),
-              "w_kd": (">=", 0), "alpha_grid": (">=", 0), "beta_grid": (">", 0), "warmup_ratio": (">=", 0)}
+    RANGES = {
+        "weight_decay": (">=", 0),
+        "teacher_steps": (">=", 0),
+        "decode_threads": (">=", 1),
+        "w_ce": (">=", 0),
+        "w_kd": (">=", 0),
+        "alpha_grid": (">=", 0),
+        "beta_grid": (">", 0),
+        "warmup_ratio": (">=", 0),
+    }
     MAXIMA = {"alpha_grid": 1.0, "warmup_ratio": 1.0}
 
     def __post_init__(self) -> None:
@@ -89,8 +110,10 @@ class DHOOptions(Config):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"dho option {name} must be > 0, got {getattr(self, name)}")
         if not self.alpha_grid or not self.beta_grid:
-            raise ConfigError(f"dho options alpha_grid and beta_grid need at least one value each, got "
-                              f"{list(self.alpha_grid)} and {list(self.beta_grid)}")
+            raise ConfigError(
+                f"dho options alpha_grid and beta_grid need at least one value each, got "
+                f"{list(self.alpha_grid)} and {list(self.beta_grid)}"
+            )
         if not isinstance(self.student_kwargs, dict):
             raise ConfigError(f"dho option student_kwargs must be a JSON object, got {self.student_kwargs!r}")
 
@@ -110,8 +133,9 @@ class DualHeadNet(torch.nn.Module):
         """Features (B, D) -> (CE logits (B, C), KD logits (B, C))."""
         return self.ce_head(f), self.kd_head(f)
 
-    def forward(self, x_l: torch.Tensor, x_u: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self, x_l: torch.Tensor, x_u: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Labelled views (B_l, 3, R, R) and unlabelled views (B_u, 3, R, R), each through the
         backbone on its own (as the authors' two calls: batch-norm statistics per part) -> CE logits
         (B_l, C), KD logits (B_l, C) of the labelled part, KD logits (B_u, C) of the unlabelled part;
@@ -124,9 +148,17 @@ class DualHeadNet(torch.nn.Module):
         return ce_l, kd_l, kd_u
 
 
-def dho_loss(ce_l: torch.Tensor | None, kd_l: torch.Tensor | None, kd_u: torch.Tensor | None,
-             teacher_l: torch.Tensor, teacher_u: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0,
-             w_ce: float = 0.5, w_kd: float = 0.5) -> dict[str, torch.Tensor]:
+def dho_loss(
+    ce_l: torch.Tensor | None,
+    kd_l: torch.Tensor | None,
+    kd_u: torch.Tensor | None,
+    teacher_l: torch.Tensor,
+    teacher_u: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 2.0,
+    w_ce: float = 0.5,
+    w_kd: float = 0.5,
+) -> dict[str, torch.Tensor]:
     """The DHO loss of one step (the authors' ``train_student``).
 
     ce_l, kd_l (B_l, C): the heads' logits on the labelled rows; kd_u (B_u, C): the KD head on the
@@ -144,8 +176,11 @@ def dho_loss(ce_l: torch.Tensor | None, kd_l: torch.Tensor | None, kd_u: torch.T
             return zero
         return kl_rows(teacher.detach().float() / T, student.float() / T) * T * T
 
-    out = {"task_loss": F.cross_entropy(ce_l.float(), labels) if ce_l is not None and len(ce_l) else zero,
-           "kd_labelled": kd(kd_l, teacher_l), "kd_unlabelled": kd(kd_u, teacher_u)}
+    out = {
+        "task_loss": F.cross_entropy(ce_l.float(), labels) if ce_l is not None and len(ce_l) else zero,
+        "kd_labelled": kd(kd_l, teacher_l),
+        "kd_unlabelled": kd(kd_u, teacher_u),
+    }
     out["kd_loss"] = out["kd_labelled"] + out["kd_unlabelled"]
     out["loss"] = w_ce * out["task_loss"] + w_kd * out["kd_loss"]
     return out
@@ -164,8 +199,9 @@ def mixed_log_probs(ce: torch.Tensor, kd: torch.Tensor, alpha: float, beta: floa
 
 
 @torch.no_grad()
-def search_alpha_beta(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor, alphas=ALPHA_GRID,
-                      betas=BETA_GRID) -> tuple[float, float, float]:
+def search_alpha_beta(
+    ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor, alphas=ALPHA_GRID, betas=BETA_GRID
+) -> tuple[float, float, float]:
     """(accuracy as a fraction, alpha, beta) of the best mixed prediction on ``labels``: every beta
     (outer) and alpha (inner) in grid order, a strictly better accuracy replacing the best, starting
     from accuracy 0 at alpha 0, beta 1 (the authors' search, ties and all). ce, kd (n, C); labels (n,)."""
@@ -204,15 +240,21 @@ class DHO(MTKD):
     # -- the hooks of mtkd's fit ----------------------------------------------------------------------
     def _terms(self, store, cfg: DistillConfig) -> tuple[str, ...]:
         if cfg.losses != "all":
-            raise ConfigError(f"--losses {cfg.losses}: --losses picks mtkd's loss terms; dho's loss is its own (CE head "
-                              f"on the labels + KD head on the teacher: --set w_ce=... w_kd=... temperature=...)")
-        return ("logit",)  # the teacher's logits are the soft labels (the built-in head is fitted unless --teacher-state)
+            raise ConfigError(
+                f"--losses {cfg.losses}: --losses picks mtkd's loss terms; dho's loss is its own (CE head "
+                f"on the labels + KD head on the teacher: --set w_ce=... w_kd=... temperature=...)"
+            )
+        return (
+            "logit",
+        )  # the teacher's logits are the soft labels (the built-in head is fitted unless --teacher-state)
 
     def _plan(self, store, cfg: DistillConfig, opts, text_np: np.ndarray | None) -> _Plan:
         if cfg.regime != "semi":
-            raise ConfigError(f"--regime {cfg.regime}: dho is semi-supervised distillation (K labelled shots of every "
-                              f"class + the unlabelled rest of the train split); its heads classify the classes it was "
-                              f"trained on, so it has no base-novel form. Use --regime semi, or --method mtkd")
+            raise ConfigError(
+                f"--regime {cfg.regime}: dho is semi-supervised distillation (K labelled shots of every "
+                f"class + the unlabelled rest of the train split); its heads classify the classes it was "
+                f"trained on, so it has no base-novel form. Use --regime semi, or --method mtkd"
+            )
         return _plan_semi(store, cfg, opts, text_np)
 
     def _student(self, backbone, n_cls: int, store, terms, opts: DHOOptions, plan: _Plan, teacher_head):
@@ -222,8 +264,17 @@ class DHO(MTKD):
             lab = tb.labels >= 0
             with autocast(x.device):
                 ce_l, kd_l, kd_u = train_net(x[lab], x[~lab])
-            return dho_loss(ce_l, kd_l, kd_u, tb.logits[lab], tb.logits[~lab], tb.labels[lab], opts.temperature,
-                            opts.w_ce, opts.w_kd)
+            return dho_loss(
+                ce_l,
+                kd_l,
+                kd_u,
+                tb.logits[lab],
+                tb.logits[~lab],
+                tb.labels[lab],
+                opts.temperature,
+                opts.w_ce,
+                opts.w_kd,
+            )
 
         return net, loss
 
@@ -244,22 +295,26 @@ class DHO(MTKD):
         opt = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, opts.warmup_ratio))
 
-    def _epoch_batches(self, plan: _Plan, cfg: DistillConfig, terms, epoch: int, steps: int,
-                       gbatch: int) -> list[np.ndarray]:
+    def _epoch_batches(
+        self, plan: _Plan, cfg: DistillConfig, terms, epoch: int, steps: int, gbatch: int
+    ) -> list[np.ndarray]:
         """Per step: ``gbatch`` labelled rows, then ``gbatch`` unlabelled rows (both reshuffled every
         epoch, as the authors' two shuffling loaders restart)."""
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
         perm_l = rng.permutation(np.flatnonzero(plan.labels >= 0))
         perm_u = rng.permutation(np.flatnonzero(plan.labels < 0))
-        return [np.concatenate([perm_l[s * gbatch:(s + 1) * gbatch], perm_u[s * gbatch:(s + 1) * gbatch]])
-                for s in range(steps)]
+        return [
+            np.concatenate([perm_l[s * gbatch : (s + 1) * gbatch], perm_u[s * gbatch : (s + 1) * gbatch]])
+            for s in range(steps)
+        ]
 
     def _default_choice(self) -> dict:
         return dict(NO_VAL_CHOICE)
 
     @torch.no_grad()
-    def _validate(self, net: DualHeadNet, images, plan: _Plan, opts: DHOOptions, device, mean_t: torch.Tensor,
-                  std_t: torch.Tensor) -> tuple[float, dict]:
+    def _validate(
+        self, net: DualHeadNet, images, plan: _Plan, opts: DHOOptions, device, mean_t: torch.Tensor, std_t: torch.Tensor
+    ) -> tuple[float, dict]:
         """Val accuracy (fraction) of the best mixed prediction and its alpha, beta, on centre views."""
         net.eval()
         feats = _features(net.backbone, images, plan.val_query, opts.image_size, device, mean_t, std_t)
@@ -268,26 +323,42 @@ class DHO(MTKD):
         acc, alpha, beta = search_alpha_beta(ce, kd, y, opts.alpha_grid, opts.beta_grid)
         return acc, {"alpha": alpha, "beta": beta}
 
-    def _head_state(self, st: dict[str, torch.Tensor], cfg: DistillConfig, opts: DHOOptions, terms, best: dict,
-                    sel: str) -> tuple[dict, dict, dict]:
+    def _head_state(
+        self, st: dict[str, torch.Tensor], cfg: DistillConfig, opts: DHOOptions, terms, best: dict, sel: str
+    ) -> tuple[dict, dict, dict]:
         tensors = {k: v for k, v in st.items() if k.startswith(("ce_head.", "kd_head."))}
-        hparams = {"loss": "w_ce * CE(ce_head, labelled) + w_kd * (KL_T(kd_head, labelled) + KL_T(kd_head, unlabelled))",
-                   "weights": {"ce": opts.w_ce, "kd": opts.w_kd}, "temperature": opts.temperature,
-                   "alpha": best["alpha"], "beta": best["beta"], "alpha_grid": list(opts.alpha_grid),
-                   "beta_grid": list(opts.beta_grid),
-                   "inference": "alpha * softmax(ce_head) + (1 - alpha) * softmax(kd_head / beta)"}
-        rule = (sel if best["score"] >= 0 else
-                f"fixed (no validation data: the authors' start, alpha {NO_VAL_CHOICE['alpha']}, beta {NO_VAL_CHOICE['beta']})")
-        selected = {"alpha": rule, "beta": rule,
-                    "loss weights and temperature": "the authors' defaults (DHO train_others.py)"}
+        hparams = {
+            "loss": "w_ce * CE(ce_head, labelled) + w_kd * (KL_T(kd_head, labelled) + KL_T(kd_head, unlabelled))",
+            "weights": {"ce": opts.w_ce, "kd": opts.w_kd},
+            "temperature": opts.temperature,
+            "alpha": best["alpha"],
+            "beta": best["beta"],
+            "alpha_grid": list(opts.alpha_grid),
+            "beta_grid": list(opts.beta_grid),
+            "inference": "alpha * softmax(ce_head) + (1 - alpha) * softmax(kd_head / beta)",
+        }
+        rule = (
+            sel
+            if best["score"] >= 0
+            else f"fixed (no validation data: the authors' start, alpha {NO_VAL_CHOICE['alpha']}, beta {NO_VAL_CHOICE['beta']})"
+        )
+        selected = {
+            "alpha": rule,
+            "beta": rule,
+            "loss weights and temperature": "the authors' defaults (DHO train_others.py)",
+        }
         return tensors, hparams, selected
 
     # -- evaluation -----------------------------------------------------------------------------------
     def head(self, state: MethodState, store, device: torch.device) -> Head:
         t = state.tensors
-        return DualHead(*(t[k].to(device) for k in ("ce_head.weight", "ce_head.bias", "kd_head.weight", "kd_head.bias")),
-                        t["train_classes"].to(device), float(state.hparams["alpha"]), float(state.hparams["beta"]),
-                        store.num_classes)
+        return DualHead(
+            *(t[k].to(device) for k in ("ce_head.weight", "ce_head.bias", "kd_head.weight", "kd_head.bias")),
+            t["train_classes"].to(device),
+            float(state.hparams["alpha"]),
+            float(state.hparams["beta"]),
+            store.num_classes,
+        )
 
 
 class FittedDualHead(FittedHead):
@@ -309,8 +380,17 @@ class DualHead(Head):
 
     name = "dho"
 
-    def __init__(self, ce_w: torch.Tensor, ce_b: torch.Tensor, kd_w: torch.Tensor, kd_b: torch.Tensor,
-                 train_classes: torch.Tensor, alpha: float, beta: float, n_classes: int) -> None:
+    def __init__(
+        self,
+        ce_w: torch.Tensor,
+        ce_b: torch.Tensor,
+        kd_w: torch.Tensor,
+        kd_b: torch.Tensor,
+        train_classes: torch.Tensor,
+        alpha: float,
+        beta: float,
+        n_classes: int,
+    ) -> None:
         self.ce_w, self.ce_b, self.kd_w, self.kd_b = (x.float() for x in (ce_w, ce_b, kd_w, kd_b))
         self.train_classes, self.alpha, self.beta = train_classes.long(), alpha, beta
         self.n_classes = max(n_classes, int(self.train_classes.max()) + 1)
@@ -327,4 +407,4 @@ class DualHead(Head):
         return FittedDualHead(self, classes.long())
 
 
-METHODS.register('dho', DHO)
+METHODS.register("dho", DHO)

@@ -91,20 +91,35 @@ class DistillLoss:
     class_anchors: (C, D_t) normalised teacher class weights (class-level targets)
     """
 
-    def __init__(self, terms: tuple[str, ...], weights: LossWeights, temperature: float = 4.0,
-                 tau_affinity: float = 0.1, tau_text: float = 0.05, tau_class: float = 0.1,
-                 text_anchors: torch.Tensor | None = None, class_anchors: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        terms: tuple[str, ...],
+        weights: LossWeights,
+        temperature: float = 4.0,
+        tau_affinity: float = 0.1,
+        tau_text: float = 0.05,
+        tau_class: float = 0.1,
+        text_anchors: torch.Tensor | None = None,
+        class_anchors: torch.Tensor | None = None,
+    ) -> None:
         if "image_text" in terms and text_anchors is None:
-            raise ConfigError("loss 'image_text' needs class text features; the teacher store has none "
-                              "(drop it from --losses)")
+            raise ConfigError(
+                "loss 'image_text' needs class text features; the teacher store has none (drop it from --losses)"
+            )
         if "prototype" in terms and class_anchors is None:
             raise ConfigError("loss 'prototype' needs the teacher's class anchors")
         self.terms, self.w = terms, weights
-        self.temperature, self.tau_affinity, self.tau_text, self.tau_class = temperature, tau_affinity, tau_text, tau_class
+        self.temperature, self.tau_affinity, self.tau_text, self.tau_class = (
+            temperature,
+            tau_affinity,
+            tau_text,
+            tau_class,
+        )
         self.text_anchors, self.class_anchors = text_anchors, class_anchors
 
-    def __call__(self, feats: torch.Tensor, logits: torch.Tensor, proj: torch.Tensor | None,
-                 teacher: TeacherBatch) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, feats: torch.Tensor, logits: torch.Tensor, proj: torch.Tensor | None, teacher: TeacherBatch
+    ) -> dict[str, torch.Tensor]:
         """feats (B, D_s) student features, logits (B, C) student logits, proj (B, D_t)
         normalised projections (None when no projected term is on)."""
         feats, logits = feats.float(), logits.float()
@@ -117,7 +132,9 @@ class DistillLoss:
         out: dict[str, torch.Tensor] = {}
         out["task_loss"] = F.cross_entropy(logits[lab], y[lab]) if bool(lab.any()) else zero
         for term in TERMS:
-            out[term] = getattr(self, f"_{term}")(feats, logits, proj, e_t, l_t, y) if term in self.terms else zero.detach()
+            out[term] = (
+                getattr(self, f"_{term}")(feats, logits, proj, e_t, l_t, y) if term in self.terms else zero.detach()
+            )
         kd = sum((getattr(self.w, t) * out[t] for t in self.terms), zero)
         out["kd_loss"] = kd
         out["loss"] = self.w.task * out["task_loss"] + kd
@@ -150,7 +167,9 @@ class DistillLoss:
         # classes: the label where known, else the teacher's prediction (pseudo-label)
         cls = torch.where(y >= 0, y, l_t.argmax(1))
         anchors = self.class_anchors.to(proj.device, proj.dtype)
-        sums = torch.zeros(anchors.shape[0], proj.shape[1], dtype=proj.dtype, device=proj.device).index_add(0, cls, proj)
+        sums = torch.zeros(anchors.shape[0], proj.shape[1], dtype=proj.dtype, device=proj.device).index_add(
+            0, cls, proj
+        )
         present = torch.unique(cls)
         protos = F.normalize(sums[present], dim=-1)
         return F.cross_entropy(protos @ anchors.T / self.tau_class, present)

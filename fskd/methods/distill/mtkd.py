@@ -131,17 +131,31 @@ class MTKDOptions(Config):
     classifier_scale: float = 16.0  # logit scale of the student's cosine classifier
     teacher_scale: float = 16.0  # logit scale of the teacher's cosine head
     teacher_steps: int = 300  # most fine-tuning steps of the teacher head (best on val is kept)
-    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)  # candidate weights of the classifier beside prototypes (val)
+    beta_grid: tuple[float, ...] = (
+        0.0,
+        0.25,
+        0.5,
+        1.0,
+        2.0,
+    )  # candidate weights of the classifier beside prototypes (val)
     val_every: int = 1  # validate every this many epochs (the best epoch is kept)
     val_episodes: int = 300
     val_query: int = 15
     center_rows: int = 256  # training rows whose mean centres the student features
     decode_threads: int = 2  # threads decoding the images once into the cache file before training
-    image_cache: str = ""  # folder of the decoded-image cache files (default: $FSKD_CACHE_DIR/images or ~/.cache/fskd/images)
+    image_cache: str = (
+        ""  # folder of the decoded-image cache files (default: $FSKD_CACHE_DIR/images or ~/.cache/fskd/images)
+    )
     student_kwargs: dict = field(default_factory=dict)  # keyword arguments of timm.create_model for the student
 
-    RANGES = {"warmup_epochs": (">=", 0), "weight_decay": (">=", 0), "teacher_steps": (">=", 0), "decode_threads": (">=", 1),
-              "val_query": (">=", 1), "beta_grid": (">=", 0)}
+    RANGES = {
+        "warmup_epochs": (">=", 0),
+        "weight_decay": (">=", 0),
+        "teacher_steps": (">=", 0),
+        "decode_threads": (">=", 1),
+        "val_query": (">=", 1),
+        "beta_grid": (">=", 0),
+    }
 
     def __post_init__(self) -> None:
         for name in ("image_size", "batch_size", "epochs", "proj_hidden", "val_every", "val_episodes", "center_rows"):
@@ -164,8 +178,10 @@ class MTKDOptions(Config):
             raise ConfigError(f"mtkd option proxy must be labelled or label-free, got {self.proxy!r}")
         if self.proxy == "label-free":  # no label term: the student learns the teacher's features only
             if self.w_task not in (0, type(self).w_task):
-                raise ConfigError(f"mtkd options proxy=label-free and w_task={self.w_task}: the label-free proxy has "
-                                  f"no label term (its w_task is 0); drop w_task")
+                raise ConfigError(
+                    f"mtkd options proxy=label-free and w_task={self.w_task}: the label-free proxy has "
+                    f"no label term (its w_task is 0); drop w_task"
+                )
             object.__setattr__(self, "w_task", 0.0)
 
     def weights(self) -> LossWeights:
@@ -175,14 +191,18 @@ class MTKDOptions(Config):
 class StudentNet(torch.nn.Module):
     """Backbone + cosine classifier over the training classes + projection into the teacher space."""
 
-    def __init__(self, backbone: torch.nn.Module, n_classes: int, teacher_dim: int, hidden: int, scale: float,
-                 projected: bool) -> None:
+    def __init__(
+        self, backbone: torch.nn.Module, n_classes: int, teacher_dim: int, hidden: int, scale: float, projected: bool
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         d = int(backbone.num_features)
         self.classifier = torch.nn.Parameter(torch.randn(n_classes, d) * d**-0.5)
-        self.proj = (torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, teacher_dim))
-                     if projected else None)
+        self.proj = (
+            torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, teacher_dim))
+            if projected
+            else None
+        )
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -239,9 +259,11 @@ def _embed(x: torch.Tensor, bridge: Bridge | None, mean: torch.Tensor) -> torch.
 
 def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray | None) -> _Plan:
     if not store.has_split("train"):
-        raise StoreError(f"{store.path} has no 'train' sample split (it has {store.splits}); the semi regime takes the "
-                         f"K labelled shots and the unlabelled images from it. Re-extract with --sample-split, or use "
-                         f"--regime base-novel")
+        raise StoreError(
+            f"{store.path} has no 'train' sample split (it has {store.splits}); the semi regime takes the "
+            f"K labelled shots and the unlabelled images from it. Re-extract with --sample-split, or use "
+            f"--regime base-novel"
+        )
     if cfg.shots < 1:
         raise ConfigError("--regime semi needs --shots >= 1 (labelled samples per class)")
     ids, y, x = _rows(store, "train")
@@ -264,9 +286,15 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
         if len(vy):
             vloc = np.array([local[int(c)] for c in vy])
             val = (_float(torch.from_numpy(vx)), vloc)
-            plan_val = {"val_kind": "split", "val_support": shots, "val_query": np.arange(len(refs), len(refs) + len(vy)),
-                        "val_labels": vloc, "selected_on": "val split" if cfg.hp_selection == "full-val" else
-                        f"val split ({len(vy)} rows: min(K, 4) per class, CoOp's few-shot validation)"}
+            plan_val = {
+                "val_kind": "split",
+                "val_support": shots,
+                "val_query": np.arange(len(refs), len(refs) + len(vy)),
+                "val_labels": vloc,
+                "selected_on": "val split"
+                if cfg.hp_selection == "full-val"
+                else f"val split ({len(vy)} rows: min(K, 4) per class, CoOp's few-shot validation)",
+            }
             refs += list(vids)
     bridge = None
     text = None
@@ -276,10 +304,20 @@ def _plan_semi(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray
         bridge = Bridge.fit(_float(xt[shots]), torch.from_numpy(y[shots]), tt, val=bv, mean=mean)
         text = bridge.text_to_image(tt[classes])
     rng = np.random.default_rng(cfg.seed + 7)
-    return _Plan(refs=refs, n_train=len(y), labels=labels, classes=classes, teacher_x=xt, bridge=bridge, mean=mean,
-                 head_rows=shots, head_val=val, text=text,
-                 center_rows=np.sort(rng.choice(len(y), size=min(getattr(opts, "center_rows", 0), len(y)),
-                                                replace=False)), **plan_val)  # dho: no centring rows
+    return _Plan(
+        refs=refs,
+        n_train=len(y),
+        labels=labels,
+        classes=classes,
+        teacher_x=xt,
+        bridge=bridge,
+        mean=mean,
+        head_rows=shots,
+        head_val=val,
+        text=text,
+        center_rows=np.sort(rng.choice(len(y), size=min(getattr(opts, "center_rows", 0), len(y)), replace=False)),
+        **plan_val,
+    )  # dho: no centring rows
 
 
 def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.ndarray | None) -> _Plan:
@@ -289,8 +327,10 @@ def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.n
     if cfg.shots < 1:
         raise ConfigError("--regime base-novel needs --shots >= 1 (the shot count of the validation episodes)")
     if cfg.hp_selection == "none":
-        raise ConfigError("--regime base-novel has no validation-free form: its bridge and epoch are chosen on the val "
-                          "classes (--hp-selection few-shot-val; --hp-selection none works with --regime semi)")
+        raise ConfigError(
+            "--regime base-novel has no validation-free form: its bridge and epoch are chosen on the val "
+            "classes (--hp-selection few-shot-val; --hp-selection none works with --regime semi)"
+        )
     local = {c: i for i, c in enumerate(base)}
     ids_l, y_l, x_l, in_train = [], [], [], []
     val_ids, val_y = [], []
@@ -329,15 +369,32 @@ def _plan_base_novel(store, cfg: DistillConfig, opts: MTKDOptions, text_np: np.n
     plan_val: dict = {"val_kind": "none", "selected_on": "fixed (no val classes: last epoch)"}
     if len(np.unique(vy)) >= 2:
         way = min(5, len(np.unique(vy)))
-        eps = sample_val_episodes(vy, sorted(np.unique(vy).tolist()), way, cfg.shots, opts.val_query,
-                                  opts.val_episodes, cfg.seed)
-        plan_val = {"val_kind": "episodes", "val_query": np.arange(len(refs), len(refs) + len(vy)), "val_labels": vy,
-                    "episodes": eps, "selected_on": f"val classes ({way}-way {cfg.shots}-shot episodes)"}
+        eps = sample_val_episodes(
+            vy, sorted(np.unique(vy).tolist()), way, cfg.shots, opts.val_query, opts.val_episodes, cfg.seed
+        )
+        plan_val = {
+            "val_kind": "episodes",
+            "val_query": np.arange(len(refs), len(refs) + len(vy)),
+            "val_labels": vy,
+            "episodes": eps,
+            "selected_on": f"val classes ({way}-way {cfg.shots}-shot episodes)",
+        }
         refs += list(np.concatenate(val_ids))
     rng = np.random.default_rng(cfg.seed + 7)
-    return _Plan(refs=refs, n_train=len(y), labels=labels, classes=list(base), teacher_x=xt, bridge=bridge, mean=mean,
-                 head_rows=np.flatnonzero(np.concatenate(in_train)), head_val=head_val, text=text,
-                 center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)), **plan_val)
+    return _Plan(
+        refs=refs,
+        n_train=len(y),
+        labels=labels,
+        classes=list(base),
+        teacher_x=xt,
+        bridge=bridge,
+        mean=mean,
+        head_rows=np.flatnonzero(np.concatenate(in_train)),
+        head_val=head_val,
+        text=text,
+        center_rows=np.sort(rng.choice(len(y), size=min(opts.center_rows, len(y)), replace=False)),
+        **plan_val,
+    )
 
 
 @dataclass
@@ -361,8 +418,9 @@ class StateTeacher:
 
     def describe(self) -> str:
         p = self.provenance
-        return (f"state {p['path']} ({p['method']}, {p['shots']} shots, seed {p['seed']}, sha256 "
-                f"{p['state_json_sha256']})")
+        return (
+            f"state {p['path']} ({p['method']}, {p['shots']} shots, seed {p['seed']}, sha256 {p['state_json_sha256']})"
+        )
 
 
 def load_teacher_state(path: str, store, cfg: DistillConfig, classes: list[int], device: torch.device) -> StateTeacher:
@@ -373,23 +431,29 @@ def load_teacher_state(path: str, store, cfg: DistillConfig, classes: list[int],
     directory = Path(path).expanduser()
     state = load_state(directory)
     if state.kind == "distill":
-        raise ConfigError(f"{who} is a distilled student ({state.method}): an encoder, not a classifier of the classes. "
-                          f"Give an adapt or align state fitted on {store.path} (e.g. fskd adapt --store {store.path} "
-                          f"--method tip-adapter-f --shots 16 --out DIR)")
+        raise ConfigError(
+            f"{who} is a distilled student ({state.method}): an encoder, not a classifier of the classes. "
+            f"Give an adapt or align state fitted on {store.path} (e.g. fskd adapt --store {store.path} "
+            f"--method tip-adapter-f --shots 16 --out DIR)"
+        )
     if state.store_fingerprint != store.fingerprint:
-        raise StateError(f"{who} was fitted on store {state.store_path} (fingerprint {state.store_fingerprint}), not on "
-                         f"the distill store {store.path} (fingerprint {store.fingerprint}); its head reads the distill "
-                         f"store's features: fit the teacher on {store.path} (fskd adapt/align --store {store.path})")
+        raise StateError(
+            f"{who} was fitted on store {state.store_path} (fingerprint {state.store_fingerprint}), not on "
+            f"the distill store {store.path} (fingerprint {store.fingerprint}); its head reads the distill "
+            f"store's features: fit the teacher on {store.path} (fskd adapt/align --store {store.path})"
+        )
     names = store.class_names
     covered = list(range(store.num_classes))
     if state.config.get("base_to_new"):  # fitted on the base half's shots only: its head covers that half
         covered = [int(c) for c in (state.hparams.get("class_split") or {}).get("base", [])]
     missing = [c for c in classes if c not in set(covered)]
     if missing:
-        raise ConfigError(f"{who} was fitted for base-to-new on the first half of the classes only ({len(covered)} of the {store.num_classes} classes of {store.path}); the "
-                          f"{cfg.regime} student trains on {len(classes)} classes, {len(missing)} of which the state never "
-                          f"learned ({', '.join(names[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}). "
-                          f"Fit the teacher on every class (without --base-to-new)")
+        raise ConfigError(
+            f"{who} was fitted for base-to-new on the first half of the classes only ({len(covered)} of the {store.num_classes} classes of {store.path}); the "
+            f"{cfg.regime} student trains on {len(classes)} classes, {len(missing)} of which the state never "
+            f"learned ({', '.join(names[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}). "
+            f"Fit the teacher on every class (without --base-to-new)"
+        )
     # the state's own view of the store (its class split); the distill store keeps its own
     own = FeatureStore.open(str(store.path))
     try:
@@ -397,13 +461,22 @@ def load_teacher_state(path: str, store, cfg: DistillConfig, classes: list[int],
     except StateError as e:
         raise StateError(f"{who}: {e}") from None
     if head.class_names != [names[c] for c in covered]:
-        raise StateError(f"{who}: the state's classes ({len(head.class_names)}) differ from those of {store.path} "
-                         f"({store.num_classes}); fit the teacher on {store.path} again")
+        raise StateError(
+            f"{who}: the state's classes ({len(head.class_names)}) differ from those of {store.path} "
+            f"({store.num_classes}); fit the teacher on {store.path} again"
+        )
     pos = {c: i for i, c in enumerate(covered)}
-    prov = {"path": str(directory.absolute()), "method": state.method, "kind": state.kind, "shots": head.shots,
-            "seed": head.seed, "state_json_sha256": sha256_file(directory / STATE_JSON),
-            "store_fingerprint": state.store_fingerprint, "classes": len(classes),
-            "base_to_new": bool(state.config.get("base_to_new"))}
+    prov = {
+        "path": str(directory.absolute()),
+        "method": state.method,
+        "kind": state.kind,
+        "shots": head.shots,
+        "seed": head.seed,
+        "state_json_sha256": sha256_file(directory / STATE_JSON),
+        "store_fingerprint": state.store_fingerprint,
+        "classes": len(classes),
+        "base_to_new": bool(state.config.get("base_to_new")),
+    }
     return StateTeacher(head=head, columns=torch.tensor([pos[c] for c in classes], dtype=torch.int64), provenance=prov)
 
 
@@ -460,33 +533,53 @@ class MTKD(Method):
         terms = parse_losses(cfg.losses)
         if "image_text" in terms and store.text_embeddings() is None:
             if cfg.losses != "all":
-                raise ConfigError(f"--losses {cfg.losses}: 'image_text' needs class text features and {store.path} has none")
+                raise ConfigError(
+                    f"--losses {cfg.losses}: 'image_text' needs class text features and {store.path} has none"
+                )
             terms = tuple(t for t in terms if t != "image_text")
             log.info("store %s has no class text: image_text loss off", store.path)
         if cfg.options.get("proxy") == "label-free":  # only the terms that read the teacher's features
             learned = [t for t in terms if t not in LABEL_FREE]
             if learned and cfg.losses != "all":
-                raise ConfigError(f"--losses {cfg.losses} with proxy=label-free: {', '.join(learned)} learn(s) from the "
-                                  f"teacher's head, fitted on the labels; the label-free terms are {', '.join(LABEL_FREE)}")
+                raise ConfigError(
+                    f"--losses {cfg.losses} with proxy=label-free: {', '.join(learned)} learn(s) from the "
+                    f"teacher's head, fitted on the labels; the label-free terms are {', '.join(LABEL_FREE)}"
+                )
             terms = tuple(t for t in terms if t in LABEL_FREE)
             if not terms:
-                raise ConfigError(f"--losses {cfg.losses} with proxy=label-free leaves no loss term (label-free terms: "
-                                  f"{', '.join(LABEL_FREE)}); the student would learn nothing")
+                raise ConfigError(
+                    f"--losses {cfg.losses} with proxy=label-free leaves no loss term (label-free terms: "
+                    f"{', '.join(LABEL_FREE)}); the student would learn nothing"
+                )
         return terms
 
     def _plan(self, store, cfg: DistillConfig, opts, text_np: np.ndarray | None) -> _Plan:
         return (_plan_semi if cfg.regime == "semi" else _plan_base_novel)(store, cfg, opts, text_np)
 
-    def _student(self, backbone, n_cls: int, store, terms, opts, plan: _Plan,
-                 teacher_head: TeacherHead | None) -> tuple[torch.nn.Module, Callable]:
+    def _student(
+        self, backbone, n_cls: int, store, terms, opts, plan: _Plan, teacher_head: TeacherHead | None
+    ) -> tuple[torch.nn.Module, Callable]:
         """The student network and its loss: ``loss(train_net, x, tb)`` maps the (possibly DDP-wrapped)
         network, a batch of normalised views x (B, 3, R, R) and its TeacherBatch to the loss dict
         (``loss``, ``task_loss``, ``kd_loss``, ...)."""
-        net = StudentNet(backbone, n_cls, store.dim, opts.proj_hidden, opts.classifier_scale,
-                         projected=any(t in PROJECTED for t in terms))
-        criterion = DistillLoss(terms, opts.weights(), opts.temperature, opts.tau_affinity, opts.tau_text,
-                                opts.tau_class, text_anchors=plan.text,
-                                class_anchors=None if teacher_head is None else teacher_head.weight)
+        net = StudentNet(
+            backbone,
+            n_cls,
+            store.dim,
+            opts.proj_hidden,
+            opts.classifier_scale,
+            projected=any(t in PROJECTED for t in terms),
+        )
+        criterion = DistillLoss(
+            terms,
+            opts.weights(),
+            opts.temperature,
+            opts.tau_affinity,
+            opts.tau_text,
+            opts.tau_class,
+            text_anchors=plan.text,
+            class_anchors=None if teacher_head is None else teacher_head.weight,
+        )
 
         def loss(train_net: torch.nn.Module, x: torch.Tensor, tb: TeacherBatch) -> dict[str, torch.Tensor]:
             with autocast(x.device):
@@ -510,15 +603,20 @@ class MTKD(Method):
         decay, no_decay = [], []
         for p in net.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opts.lr,
+        )
         warm = max(1, int(opts.warmup_epochs * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+            opt,
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))),
+        )
         return opt, sched
 
-    def _epoch_batches(self, plan: _Plan, cfg: DistillConfig, terms, epoch: int, steps: int,
-                       gbatch: int) -> list[np.ndarray]:
+    def _epoch_batches(
+        self, plan: _Plan, cfg: DistillConfig, terms, epoch: int, steps: int, gbatch: int
+    ) -> list[np.ndarray]:
         """The training rows of each step of ``epoch`` (global batches; each rank takes every
         world_size-th row)."""
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
@@ -573,8 +671,9 @@ class MTKD(Method):
             hv = None
             if plan.head_val is not None:
                 hv = (_embed(plan.head_val[0], plan.bridge, plan.mean), torch.from_numpy(plan.head_val[1]))
-            teacher_head = fit_teacher_head(e_head, y_head, init, hv, scale=opts.teacher_scale,
-                                            max_steps=opts.teacher_steps, seed=cfg.seed)
+            teacher_head = fit_teacher_head(
+                e_head, y_head, init, hv, scale=opts.teacher_scale, max_steps=opts.teacher_steps, seed=cfg.seed
+            )
 
         def teacher_logits(raw: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
             """Teacher logits (n, C) of raw store-encoder features ``raw`` (embedded: ``emb``)."""
@@ -589,8 +688,15 @@ class MTKD(Method):
 
         teacher_train_acc = None
         if cfg.regime == "base-novel":
-            hits = sum(int((teacher_batch(torch.arange(s, min(s + 65536, plan.n_train)))[1].argmax(1)
-                            == torch.from_numpy(plan.labels[s:s + 65536])).sum()) for s in range(0, plan.n_train, 65536))
+            hits = sum(
+                int(
+                    (
+                        teacher_batch(torch.arange(s, min(s + 65536, plan.n_train)))[1].argmax(1)
+                        == torch.from_numpy(plan.labels[s : s + 65536])
+                    ).sum()
+                )
+                for s in range(0, plan.n_train, 65536)
+            )
             teacher_train_acc = hits / max(1, plan.n_train)
 
         # images, decoded once
@@ -601,8 +707,9 @@ class MTKD(Method):
         big = None
         if cfg.online_teacher:
             online = OnlineTeacher(store.encoder_spec, device)
-            big = decode_images(source, plan.refs[: plan.n_train], max(online.size, size), opts.decode_threads,
-                                opts.image_cache)
+            big = decode_images(
+                source, plan.refs[: plan.n_train], max(online.size, size), opts.decode_threads, opts.image_cache
+            )
         decode_s = time.perf_counter() - t0
 
         net, loss_fn = self._student(backbone, n_cls, store, terms, opts, plan, teacher_head)
@@ -619,7 +726,8 @@ class MTKD(Method):
         train_net = net
         if dist.world_size > 1:
             train_net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+                net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            )
         use_cuda_amp = device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp and not torch.cuda.is_bf16_supported())
 
@@ -669,20 +777,33 @@ class MTKD(Method):
                 sched.step()
                 vals = {k: float(v.detach()) for k, v in losses.items()}
                 if not math.isfinite(vals["loss"]):
-                    raise FloatingPointError(f"distill loss became {vals['loss']} at epoch {epoch + 1} step {step + 1}; "
-                                             f"lower the learning rate (--set lr=...)")
+                    raise FloatingPointError(
+                        f"distill loss became {vals['loss']} at epoch {epoch + 1} step {step + 1}; "
+                        f"lower the learning rate (--set lr=...)"
+                    )
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 imgs_seen += len(idx) * dist.world_size
                 if progress is not None and dist.is_main:
-                    progress("distill", epoch * steps + step + 1, total,
-                             {"epoch": epoch + 1, **{k: vals[k] for k in ("loss", "task_loss", "kd_loss")},
-                              **{t: vals[t] for t in shown}})
+                    progress(
+                        "distill",
+                        epoch * steps + step + 1,
+                        total,
+                        {
+                            "epoch": epoch + 1,
+                            **{k: vals[k] for k in ("loss", "task_loss", "kd_loss")},
+                            **{t: vals[t] for t in shown},
+                        },
+                    )
             ep_s = time.perf_counter() - t_ep
             train_s += ep_s
-            entry = {"epoch": epoch + 1, **{k: round(v / steps, 5) for k, v in sums.items()},
-                     "lr": sched.get_last_lr()[0], "seconds": round(ep_s, 2),
-                     "images_per_s": round(sum(len(r) for r in batches) / max(ep_s, 1e-9), 1)}
+            entry = {
+                "epoch": epoch + 1,
+                **{k: round(v / steps, 5) for k, v in sums.items()},
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(ep_s, 2),
+                "images_per_s": round(sum(len(r) for r in batches) / max(ep_s, 1e-9), 1),
+            }
             if plan.val_kind != "none" and ((epoch + 1) % opts.val_every == 0 or epoch + 1 == epochs):
                 score, choice = self._validate(net, images, plan, opts, device, mean_t, std_t)
                 entry.update({"val_accuracy": round(100 * score, 3), **choice})
@@ -693,23 +814,49 @@ class MTKD(Method):
             history.append(entry)
             log.info("distill epoch %d/%d: %s", epoch + 1, epochs, entry)
             if dist.is_main:
-                _save_resume(resume_dir, {"version": RESUME_VERSION, "config": key, "epoch": epoch + 1,
-                                          "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                          "best": best, "log": history})
+                _save_resume(
+                    resume_dir,
+                    {
+                        "version": RESUME_VERSION,
+                        "config": key,
+                        "epoch": epoch + 1,
+                        "net": net.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "best": best,
+                        "log": history,
+                    },
+                )
                 with open(resume_dir / RESUME_LOG, "a") as fh:
                     fh.write(json.dumps(entry) + "\n")
             barrier()
 
         if best["state"] is None:  # resumed after the last epoch (nothing left to train)
             best = {**best, "state": _cpu_state(net)}
-        state = self._state(store, cfg, opts, spec, terms, plan, net, best, teacher_head, given, history,
-                            {"decode_seconds": round(decode_s, 2), "train_seconds": round(train_s, 2),
-                             "seconds": round(time.perf_counter() - t_start, 2),
-                             "train_images_per_s": round(imgs_seen / max(train_s, 1e-9), 1),
-                             "teacher_val_accuracy": _teacher_val_accuracy(plan, teacher_head, given),
-                             "teacher_train_accuracy": None if teacher_train_acc is None else round(100 * teacher_train_acc, 3),
-                             "world_size": dist.world_size, "online_teacher": bool(cfg.online_teacher),
-                             "rows": {"train": plan.n_train, "labelled": int(len(labelled)), "decoded": len(plan.refs)}})
+        state = self._state(
+            store,
+            cfg,
+            opts,
+            spec,
+            terms,
+            plan,
+            net,
+            best,
+            teacher_head,
+            given,
+            history,
+            {
+                "decode_seconds": round(decode_s, 2),
+                "train_seconds": round(train_s, 2),
+                "seconds": round(time.perf_counter() - t_start, 2),
+                "train_images_per_s": round(imgs_seen / max(train_s, 1e-9), 1),
+                "teacher_val_accuracy": _teacher_val_accuracy(plan, teacher_head, given),
+                "teacher_train_accuracy": None if teacher_train_acc is None else round(100 * teacher_train_acc, 3),
+                "world_size": dist.world_size,
+                "online_teacher": bool(cfg.online_teacher),
+                "rows": {"train": plan.n_train, "labelled": int(len(labelled)), "decoded": len(plan.refs)},
+            },
+        )
         if dist.is_main:
             # write DIR ourselves (atomically) before dropping the resume checkpoint, so a kill in
             # between never loses the run; fskd.api then saves the same state again
@@ -719,11 +866,21 @@ class MTKD(Method):
         return state
 
     @torch.no_grad()
-    def _validate(self, net: StudentNet, images: torch.Tensor, plan: _Plan, opts: MTKDOptions, device,
-                  mean_t: torch.Tensor, std_t: torch.Tensor) -> tuple[float, dict]:
+    def _validate(
+        self,
+        net: StudentNet,
+        images: torch.Tensor,
+        plan: _Plan,
+        opts: MTKDOptions,
+        device,
+        mean_t: torch.Tensor,
+        std_t: torch.Tensor,
+    ) -> tuple[float, dict]:
         """Validation accuracy (fraction) and the head's choices ({"beta": ...}), on centre views."""
         net.eval()
-        rows = np.concatenate([plan.center_rows, plan.val_query] + ([plan.val_support] if plan.val_kind == "split" else []))
+        rows = np.concatenate(
+            [plan.center_rows, plan.val_query] + ([plan.val_support] if plan.val_kind == "split" else [])
+        )
         feats = _features(net.backbone, images, rows, opts.image_size, device, mean_t, std_t)
         nc, nq = len(plan.center_rows), len(plan.val_query)
         center = feats[:nc].mean(0)
@@ -744,10 +901,23 @@ class MTKD(Method):
                 best, best_beta = a, float(beta)
         return best, {"beta": best_beta}
 
-    def _state(self, store, cfg, opts, spec, terms, plan, net, best, teacher_head: TeacherHead | None,
-               given: StateTeacher | None, history, extra) -> MethodState:
+    def _state(
+        self,
+        store,
+        cfg,
+        opts,
+        spec,
+        terms,
+        plan,
+        net,
+        best,
+        teacher_head: TeacherHead | None,
+        given: StateTeacher | None,
+        history,
+        extra,
+    ) -> MethodState:
         st = best["state"]
-        student = {STUDENT_PREFIX + k[len("backbone."):]: v for k, v in st.items() if k.startswith("backbone.")}
+        student = {STUDENT_PREFIX + k[len("backbone.") :]: v for k, v in st.items() if k.startswith("backbone.")}
         head_tensors, head_hparams, head_selected = self._head_state(st, cfg, opts, terms, best, plan.selected_on)
         tensors = {**student, **head_tensors}
         tensors["train_classes"] = torch.tensor(plan.classes, dtype=torch.int64)
@@ -758,45 +928,85 @@ class MTKD(Method):
         text_dim = store.attrs.get("text", {}).get("dim") if store.text_embeddings() is not None else None
         sel = plan.selected_on
         hparams = {
-            "student": spec.name, "student_init": spec.weights or "random", "image_size": opts.image_size,
-            "student_kwargs": dict(opts.student_kwargs), "student_id": tensor_digest({k[len(STUDENT_PREFIX):]: v
-                                                                                        for k, v in student.items()}),
-            "teacher_text_dim": text_dim, "teacher": store.encoder_spec, "regime": cfg.regime, **head_hparams,
-            "epochs": cfg.epochs or opts.epochs, "best_epoch": best["epoch"],
+            "student": spec.name,
+            "student_init": spec.weights or "random",
+            "image_size": opts.image_size,
+            "student_kwargs": dict(opts.student_kwargs),
+            "student_id": tensor_digest({k[len(STUDENT_PREFIX) :]: v for k, v in student.items()}),
+            "teacher_text_dim": text_dim,
+            "teacher": store.encoder_spec,
+            "regime": cfg.regime,
+            **head_hparams,
+            "epochs": cfg.epochs or opts.epochs,
+            "best_epoch": best["epoch"],
             "teacher_head_steps": None if teacher_head is None else teacher_head.steps,
             "bridge_ridge": None if plan.bridge is None else plan.bridge.ridge,
-            "shots": cfg.shots, "dataset_fingerprint": store.attrs["dataset"].get("fingerprint"),
+            "shots": cfg.shots,
+            "dataset_fingerprint": store.attrs["dataset"].get("fingerprint"),
             "class_split": {k: v for k, v in store.attrs["class_split"].items() if k != "source"},
         }
-        selected = {"best_epoch": sel, **head_selected,
-                    "teacher_head_steps": ("val split" if plan.head_val is not None else "fixed") if teacher_head is not None
-                    else "not fitted (--teacher-state gives the teacher logits; prototype loss off)",
-                    "bridge_ridge": ("val split" if cfg.regime == "semi" else "val classes") if plan.bridge is not None
-                    else "none"}
+        selected = {
+            "best_epoch": sel,
+            **head_selected,
+            "teacher_head_steps": ("val split" if plan.head_val is not None else "fixed")
+            if teacher_head is not None
+            else "not fitted (--teacher-state gives the teacher logits; prototype loss off)",
+            "bridge_ridge": ("val split" if cfg.regime == "semi" else "val classes")
+            if plan.bridge is not None
+            else "none",
+        }
         if given is not None:
             hparams["teacher"] = given.describe()
             hparams["teacher_state"] = dict(given.provenance)
-            hparams["class_anchors"] = ("the built-in teacher head's weights (the state's head has no class weights in "
-                                        "the embedded teacher space)" if "prototype" in terms else None)
+            hparams["class_anchors"] = (
+                "the built-in teacher head's weights (the state's head has no class weights in "
+                "the embedded teacher space)"
+                if "prototype" in terms
+                else None
+            )
             selected["teacher"] = "given (--teacher-state)"
             selected["teacher_state"] = "given (--teacher-state)"
-            selected["class_anchors"] = ("fixed (the built-in head, fitted for the prototype loss only)"
-                                         if "prototype" in terms else "fixed (prototype loss off)")
-        metrics = {"val_accuracy": None if best["score"] < 0 else round(100 * best["score"], 3), **extra, "log": history}
-        return MethodState(method=self.name, kind=self.kind, store_path=str(store.path),
-                           store_fingerprint=store.fingerprint, encoder=store.encoder_spec, config=cfg.to_dict(),
-                           hparams=hparams, selected_on=selected, metrics=metrics, tensors=tensors)
+            selected["class_anchors"] = (
+                "fixed (the built-in head, fitted for the prototype loss only)"
+                if "prototype" in terms
+                else "fixed (prototype loss off)"
+            )
+        metrics = {
+            "val_accuracy": None if best["score"] < 0 else round(100 * best["score"], 3),
+            **extra,
+            "log": history,
+        }
+        return MethodState(
+            method=self.name,
+            kind=self.kind,
+            store_path=str(store.path),
+            store_fingerprint=store.fingerprint,
+            encoder=store.encoder_spec,
+            config=cfg.to_dict(),
+            hparams=hparams,
+            selected_on=selected,
+            metrics=metrics,
+            tensors=tensors,
+        )
 
-    def _head_state(self, st: dict[str, torch.Tensor], cfg: DistillConfig, opts, terms, best: dict,
-                    sel: str) -> tuple[dict, dict, dict]:
+    def _head_state(
+        self, st: dict[str, torch.Tensor], cfg: DistillConfig, opts, terms, best: dict, sel: str
+    ) -> tuple[dict, dict, dict]:
         """The head's tensors (from the best epoch's network state ``st``), hyper-parameters and the
         split that chose each (``sel``: the plan's validation)."""
-        tensors = {"classifier": st["classifier"],
-                   **{f"proj.{k[len('proj.'):]}": v for k, v in st.items() if k.startswith("proj.")}}
-        hparams = {"losses": list(terms), "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
-                   "beta": best["beta"]}
-        selected = {"beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
-                    "loss weights and temperatures": "defaults chosen on cub35 validation (README)"}
+        tensors = {
+            "classifier": st["classifier"],
+            **{f"proj.{k[len('proj.') :]}": v for k, v in st.items() if k.startswith("proj.")},
+        }
+        hparams = {
+            "losses": list(terms),
+            "weights": {t: getattr(opts, f"w_{t}") for t in ("task",) + tuple(terms)},
+            "beta": best["beta"],
+        }
+        selected = {
+            "beta": sel if cfg.regime == "semi" else "fixed (0: no classifier for novel classes)",
+            "loss weights and temperatures": "defaults chosen on cub35 validation (README)",
+        }
         return tensors, hparams, selected
 
     # -- evaluation ---------------------------------------------------------------------------------
@@ -806,21 +1016,29 @@ class MTKD(Method):
         sid = enc.get("preprocess", {}).get("student_id")
         hp = state.hparams
         ds = store.attrs.get("dataset", {})
-        cmd = (f"fskd extract {ds.get('name') or 'DATASET'} --root {ds.get('root') or 'DATASET_ROOT'} "
-               f"--encoder student:{directory} --store STUDENT_STORE.zarr, then fskd eval --store STUDENT_STORE.zarr "
-               f"--state {directory}")
+        cmd = (
+            f"fskd extract {ds.get('name') or 'DATASET'} --root {ds.get('root') or 'DATASET_ROOT'} "
+            f"--encoder student:{directory} --store STUDENT_STORE.zarr, then fskd eval --store STUDENT_STORE.zarr "
+            f"--state {directory}"
+        )
         if not str(enc.get("spec", "")).startswith("student:") or sid is None:
-            raise StateError(f"state {directory} is a distilled student ({hp.get('student')}); it is evaluated on a store "
-                             f"extracted with that student, not on {store.path} (encoder {enc.get('spec')!r}): {cmd}")
+            raise StateError(
+                f"state {directory} is a distilled student ({hp.get('student')}); it is evaluated on a store "
+                f"extracted with that student, not on {store.path} (encoder {enc.get('spec')!r}): {cmd}"
+            )
         if sid != hp.get("student_id"):
-            raise StateError(f"{store.path} was extracted with another student (id {sid}) than the one in {directory} "
-                             f"(id {hp.get('student_id')}; retrained since?). Extract again into a new --store path (fskd extract "
-                             f"refuses to reuse {store.path}: its weights differ): {cmd}")
+            raise StateError(
+                f"{store.path} was extracted with another student (id {sid}) than the one in {directory} "
+                f"(id {hp.get('student_id')}; retrained since?). Extract again into a new --store path (fskd extract "
+                f"refuses to reuse {store.path}: its weights differ): {cmd}"
+            )
         ds_fp = store.attrs.get("dataset", {}).get("fingerprint")
         cs = {k: v for k, v in store.attrs.get("class_split", {}).items() if k != "source"}
         if ds_fp != hp.get("dataset_fingerprint") or cs != hp.get("class_split"):
-            raise StateError(f"{store.path} lists other images or another class split than the teacher store "
-                             f"{state.store_path}; extract the same dataset with the same split options: {cmd}")
+            raise StateError(
+                f"{store.path} lists other images or another class split than the teacher store "
+                f"{state.store_path}; extract the same dataset with the same split options: {cmd}"
+            )
 
     def head(self, state: MethodState, store, device: torch.device) -> Head:
         if state.hparams.get("regime") == "semi" and store.has_split("train"):
@@ -829,15 +1047,24 @@ class MTKD(Method):
             center = store.mean(store.class_split("base"))
         beta = float(state.hparams.get("beta", 0.0))
         weights = state.tensors["classifier"].to(device) if beta > 0 else None
-        return DistillHead(torch.from_numpy(center).to(device), weights,
-                           state.tensors["train_classes"].to(device), beta, store.num_classes)
+        return DistillHead(
+            torch.from_numpy(center).to(device),
+            weights,
+            state.tensors["train_classes"].to(device),
+            beta,
+            store.num_classes,
+        )
 
 
 def _teacher_val_accuracy(plan: _Plan, teacher_head: TeacherHead | None, given: StateTeacher | None) -> float | None:
     """The teacher's accuracy (%) on the held-out labelled rows over the training classes: the
     --teacher-state head when given, else the built-in head (None without held-out rows)."""
     if given is None:
-        return None if teacher_head is None or teacher_head.val_accuracy is None else round(100 * teacher_head.val_accuracy, 3)
+        return (
+            None
+            if teacher_head is None or teacher_head.val_accuracy is None
+            else round(100 * teacher_head.val_accuracy, 3)
+        )
     if plan.head_val is None or not len(plan.head_val[1]):
         return None
     pred = given.logits(plan.head_val[0]).argmax(1).cpu().numpy()
@@ -849,8 +1076,9 @@ def _cpu_state(net: StudentNet) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _features(backbone, images: torch.Tensor, rows: np.ndarray, image_size: int, device, mean_t, std_t,
-              batch: int = 256) -> torch.Tensor:
+def _features(
+    backbone, images: torch.Tensor, rows: np.ndarray, image_size: int, device, mean_t, std_t, batch: int = 256
+) -> torch.Tensor:
     """Student features (n, D_s) of the centre views of ``images[rows]`` (eval mode)."""
     out = []
     for s in range(0, len(rows), batch):
@@ -881,8 +1109,14 @@ class DistillHead(Head):
 
     name = "distill"
 
-    def __init__(self, center: torch.Tensor, weights: torch.Tensor | None, train_classes: torch.Tensor, beta: float,
-                 n_classes: int) -> None:
+    def __init__(
+        self,
+        center: torch.Tensor,
+        weights: torch.Tensor | None,
+        train_classes: torch.Tensor,
+        beta: float,
+        n_classes: int,
+    ) -> None:
         self.center, self.beta = center, beta
         self.table = None
         if weights is not None:
@@ -896,4 +1130,4 @@ class DistillHead(Head):
         return FittedDistill(protos, w, self.center, self.beta)
 
 
-METHODS.register('mtkd', MTKD)
+METHODS.register("mtkd", MTKD)
