@@ -73,11 +73,23 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             state_dir = out / f"state_K{k}_s{seed}"
             t0 = time.perf_counter()
-            api.adapt(AdaptConfig(store=path, method=args.method, shots=k, seed=seed, out=str(state_dir), force=True,
-                                  device="cpu", hp_selection=args.hp_selection), progress=None)
+            api.adapt(
+                AdaptConfig(
+                    store=path,
+                    method=args.method,
+                    shots=k,
+                    seed=seed,
+                    out=str(state_dir),
+                    force=True,
+                    device="cpu",
+                    hp_selection=args.hp_selection,
+                ),
+                progress=None,
+            )
             fit_s = time.perf_counter() - t0
-            ev = api.evaluate(EvalConfig(store=path, state=str(state_dir), protocol="allway", shots=k, seeds=(seed,),
-                                         device="cpu"))
+            ev = api.evaluate(
+                EvalConfig(store=path, state=str(state_dir), protocol="allway", shots=k, seeds=(seed,), device="cpu")
+            )
             state = load_state(state_dir)
             inp = inputs(store, k, seed, state, args.hp_selection)
             if "space" not in inp:  # no class text (linear-probe): the raw store rows, as the method fits them
@@ -86,14 +98,22 @@ def main() -> None:
                 inp["space"] = TextSpace(None, lambda t: t, inp["support"])
             ts = inp["space"]
             _, n, kk, d = ts.support.shape
-            np.savez(out / f"inputs_K{k}_s{seed}.npz", x=ts.support.reshape(n * kk, d).numpy(),
-                     y=torch.arange(n).repeat_interleave(kk).numpy(),
-                     **({} if ts.weights is None else {"text": ts.weights[0].numpy()}),
-                     val=ts.embed(inp["val"][None])[0].numpy(), val_truth=inp["val_truth"].numpy(),
-                     test=ts.embed(inp["test"][None])[0].numpy(), test_truth=inp["test_truth"].numpy(),
-                     **method_inputs(args.method, store, k, seed, inp, d, n, state))
-            results[f"K{k}_s{seed}"] = {"accuracy": ev.accuracy, "fit_seconds": round(fit_s, 2),
-                                        "hparams": {h: v for h, v in state.hparams.items() if h != "class_split"}}
+            np.savez(
+                out / f"inputs_K{k}_s{seed}.npz",
+                x=ts.support.reshape(n * kk, d).numpy(),
+                y=torch.arange(n).repeat_interleave(kk).numpy(),
+                **({} if ts.weights is None else {"text": ts.weights[0].numpy()}),
+                val=ts.embed(inp["val"][None])[0].numpy(),
+                val_truth=inp["val_truth"].numpy(),
+                test=ts.embed(inp["test"][None])[0].numpy(),
+                test_truth=inp["test_truth"].numpy(),
+                **method_inputs(args.method, store, k, seed, inp, d, n, state),
+            )
+            results[f"K{k}_s{seed}"] = {
+                "accuracy": ev.accuracy,
+                "fit_seconds": round(fit_s, 2),
+                "hparams": {h: v for h, v in state.hparams.items() if h != "class_split"},
+            }
             print(f"K={k} seed={seed}: fskd {args.method} {ev.accuracy:.3f}% (fit {fit_s:.1f} s)", flush=True)
     (out / "fskd_results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "README.txt").write_text(README.get(args.method, README["lp++"]).format(hp_selection=args.hp_selection))
@@ -120,41 +140,69 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
         xv, yv = C.allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full")
         pos = np.full(int(inp["classes"].max()) + 1, -1)
         pos[inp["classes"][0].numpy()] = np.arange(n)
-        extra.update(val_full=ts.embed(torch.from_numpy(xv)[None])[0].numpy(), val_full_truth=pos[yv],
-                     alpha_grid=np.array(ALPHA))
+        extra.update(
+            val_full=ts.embed(torch.from_numpy(xv)[None])[0].numpy(), val_full_truth=pos[yv], alpha_grid=np.array(ALPHA)
+        )
     elif method in ("zs-lp", "clap"):
         from fskd.methods.adapt import clap
 
-        extra.update(epochs=clap.EPOCHS, lr=clap.LR, batch_size=clap.BATCH, momentum=clap.MOMENTUM,
-                     warmup_lr=clap.WARMUP_LR, logit_scale=100.0, constraint=int(method == "clap"))
+        extra.update(
+            epochs=clap.EPOCHS,
+            lr=clap.LR,
+            batch_size=clap.BATCH,
+            momentum=clap.MOMENTUM,
+            warmup_lr=clap.WARMUP_LR,
+            logit_scale=100.0,
+            constraint=int(method == "clap"),
+        )
     elif method == "proker":
         from fskd.methods.adapt import proker
 
         wide = not store.joint
-        extra.update(beta_grid=np.array(proker.BETA),
-                     lambda_grid=np.array(proker.LAMBDA + (proker.LAMBDA_WIDE if wide else ())))
+        extra.update(
+            beta_grid=np.array(proker.BETA), lambda_grid=np.array(proker.LAMBDA + (proker.LAMBDA_WIDE if wide else ()))
+        )
     elif method == "ape":
         from fskd.methods.adapt import ape
 
         wide = not store.joint
-        extra.update(beta_grid=np.array(ape.BETA), alpha_grid=np.array(ape.ALPHA + (ape.ALPHA_WIDE if wide else ())),
-                     gamma_grid=np.array(ape.GAMMA), w_sim=ape.W_SIM,
-                     feat_num=ape.n_channels(d, ape.FEAT_FRAC))
+        extra.update(
+            beta_grid=np.array(ape.BETA),
+            alpha_grid=np.array(ape.ALPHA + (ape.ALPHA_WIDE if wide else ())),
+            gamma_grid=np.array(ape.GAMMA),
+            w_sim=ape.W_SIM,
+            feat_num=ape.n_channels(d, ape.FEAT_FRAC),
+        )
     elif method == "ape-t":
         from fskd.methods.adapt import ape, ape_t
 
         wide = not store.joint
-        extra.update(beta_grid=np.array(ape.BETA), alpha_grid=np.array(ape.ALPHA + (ape.ALPHA_WIDE if wide else ())),
-                     w_sim=ape_t.W_SIM, feat_num=ape.n_channels(d, ape_t.FEAT_FRAC), lr=ape_t.LR, eps=ape_t.ADAMW_EPS,
-                     weight_decay=ape_t.WEIGHT_DECAY, train_epoch=ape_t.EPOCHS, batch_size=ape_t.BATCH,
-                     init_alpha=ape.DEFAULT["alpha"], init_beta=ape.DEFAULT["beta"])
+        extra.update(
+            beta_grid=np.array(ape.BETA),
+            alpha_grid=np.array(ape.ALPHA + (ape.ALPHA_WIDE if wide else ())),
+            w_sim=ape_t.W_SIM,
+            feat_num=ape.n_channels(d, ape_t.FEAT_FRAC),
+            lr=ape_t.LR,
+            eps=ape_t.ADAMW_EPS,
+            weight_decay=ape_t.WEIGHT_DECAY,
+            train_epoch=ape_t.EPOCHS,
+            batch_size=ape_t.BATCH,
+            init_alpha=ape.DEFAULT["alpha"],
+            init_beta=ape.DEFAULT["beta"],
+        )
         gen = torch.Generator().manual_seed(seed)  # ape_t.train's batches: the row order of every epoch
         extra["epoch_perms"] = np.stack([torch.randperm(n * k, generator=gen).numpy() for _ in range(ape_t.EPOCHS)])
     elif method == "taskres":
         from fskd.methods.adapt import taskres
 
-        extra.update(alpha=taskres.ALPHA, lr=taskres.LR, batch_size=taskres.BATCH, weight_decay=taskres.WEIGHT_DECAY,
-                     epochs=taskres.FEW_SHOT_EPOCHS if k <= 4 else taskres.MANY_SHOT_EPOCHS, logit_scale=100.0)
+        extra.update(
+            alpha=taskres.ALPHA,
+            lr=taskres.LR,
+            batch_size=taskres.BATCH,
+            weight_decay=taskres.WEIGHT_DECAY,
+            epochs=taskres.FEW_SHOT_EPOCHS if k <= 4 else taskres.MANY_SHOT_EPOCHS,
+            logit_scale=100.0,
+        )
     elif method in ("tip-adapter", "tip-adapter-f"):
         from fskd.methods.adapt import tip_adapter, tip_adapter_f
 
@@ -164,22 +212,33 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
         if method == "tip-adapter-f":
             epochs = int(state.hparams["epoch_budget"])
             gen = torch.Generator().manual_seed(seed)  # the fine-tuning's row order, epoch by epoch
-            extra.update(init_alpha=float(C.hp(state, C.ALLWAY, "init_alpha")),
-                         init_beta=float(C.hp(state, C.ALLWAY, "init_beta")), lr=float(state.hparams["lr"]),
-                         eps=tip_adapter_f.ADAMW_EPS, weight_decay=tip_adapter_f.ADAMW_DECAY, train_epoch=epochs,
-                         batch_size=tip_adapter_f.KEY_BATCH, leave_one_out=int(v is None),
-                         epoch_perms=np.stack([torch.randperm(s, generator=gen).numpy() for _ in range(epochs)]))
+            extra.update(
+                init_alpha=float(C.hp(state, C.ALLWAY, "init_alpha")),
+                init_beta=float(C.hp(state, C.ALLWAY, "init_beta")),
+                lr=float(state.hparams["lr"]),
+                eps=tip_adapter_f.ADAMW_EPS,
+                weight_decay=tip_adapter_f.ADAMW_DECAY,
+                train_epoch=epochs,
+                batch_size=tip_adapter_f.KEY_BATCH,
+                leave_one_out=int(v is None),
+                epoch_perms=np.stack([torch.randperm(s, generator=gen).numpy() for _ in range(epochs)]),
+            )
             if v is not None:  # the view each shot shows in each epoch (a stream of its own)
                 gv = torch.Generator().manual_seed(seed + 1_000_003)
-                extra["view_picks"] = np.stack([torch.randint(v.shape[1], (s,), generator=gv).numpy()
-                                                for _ in range(epochs)])
+                extra["view_picks"] = np.stack(
+                    [torch.randint(v.shape[1], (s,), generator=gv).numpy() for _ in range(epochs)]
+                )
     elif method == "linear-probe":
         import sklearn
 
         from fskd.methods.adapt import lpclip
 
-        extra.update(c_grid=np.array(lpclip.C_GRID), rounds=int(state.hparams["rounds"]),
-                     max_iter=int(state.hparams["max_iter"]), sklearn_version=sklearn.__version__)
+        extra.update(
+            c_grid=np.array(lpclip.C_GRID),
+            rounds=int(state.hparams["rounds"]),
+            max_iter=int(state.hparams["max_iter"]),
+            sklearn_version=sklearn.__version__,
+        )
     elif method == "cross-modal-lp":
         from fskd.methods.adapt import cross_modal_lp as X
 
@@ -187,15 +246,26 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
         iters, ratio = int(h["iters"]), float(h["text_ratio"])
         n_img = n * k * (1 + (0 if v is None else v.shape[1]))
         sizes, _ = X.valid_batch_sizes(X.BATCH, n_img, n, ratio)
-        extra.update(lr_grid=np.array(X.LR), weight_decay_grid=np.array(X.WEIGHT_DECAY),
-                     batch_size_grid=np.array(X.BATCH), valid_batch_sizes=np.array(sizes), iters=iters,
-                     warmup_iters=int(h["warmup_iters"]), warmup_lr=X.WARMUP_LR, eval_every=int(h["eval_every"]),
-                     text_ratio=ratio, logit_scale=100.0)
+        extra.update(
+            lr_grid=np.array(X.LR),
+            weight_decay_grid=np.array(X.WEIGHT_DECAY),
+            batch_size_grid=np.array(X.BATCH),
+            valid_batch_sizes=np.array(sizes),
+            iters=iters,
+            warmup_iters=int(h["warmup_iters"]),
+            warmup_lr=X.WARMUP_LR,
+            eval_every=int(h["eval_every"]),
+            text_ratio=ratio,
+            logit_scale=100.0,
+        )
         for b in sizes:  # the rows of every step, drawn as fskd's search drew them for batch size b
             b_img, b_txt = X.halves(b, ratio)
             g = torch.Generator(device="cpu").manual_seed(int(seed))
-            loaders = [(name, X.Loader(rows, half, 1, g, "cpu")) for name, rows, half in
-                       (("image", n_img, b_img), ("text", n, b_txt)) if half > 0 and rows]
+            loaders = [
+                (name, X.Loader(rows, half, 1, g, "cpu"))
+                for name, rows, half in (("image", n_img, b_img), ("text", n, b_txt))
+                if half > 0 and rows
+            ]
             steps = {name: [] for name, _ in loaders}
             for _ in range(iters):
                 for name, ld in loaders:
@@ -215,30 +285,47 @@ test, test_truth: every test row
 x_views (V, S, D), when present: every stored augmented view of the shots, embedded as x
 fskd_results.json: fskd's test accuracy (%), fit seconds and hyper-parameters per K and seed
 """
-_PROKER = _COMMON + """beta_grid, lambda_grid: the (beta, lambda) candidates fskd searched (beta outer, the first best kept;
+_PROKER = (
+    _COMMON
+    + """beta_grid, lambda_grid: the (beta, lambda) candidates fskd searched (beta outer, the first best kept;
   lambda: the authors' linspace(0.001, 1, 10), then 3 ... 10000 on a non-joint store)
 """
-_APE = _COMMON + """beta_grid, alpha_grid, gamma_grid: the candidates fskd searched (the authors' loop order beta, alpha,
+)
+_APE = (
+    _COMMON
+    + """beta_grid, alpha_grid, gamma_grid: the candidates fskd searched (the authors' loop order beta, alpha,
   gamma; alpha: theirs, then 8 ... 65536 on a non-joint store); w_sim (training_free w), feat_num (channels kept)
 """
-_APE_T = _COMMON + """beta_grid, alpha_grid: the (beta, alpha) candidates fskd searched after training (beta outer)
+)
+_APE_T = (
+    _COMMON
+    + """beta_grid, alpha_grid: the (beta, alpha) candidates fskd searched after training (beta outer)
 w_sim (w_training[0]), feat_num (training_feat_num: channels of the residual), lr, eps, weight_decay, train_epoch,
   batch_size, init_alpha, init_beta: the recipe fskd ran (the authors' APE_T / APE_Training, main.py and utils.py)
 Authors' code: cache_keys = x.T, cache_values = one_hot(y), clip_weights = text.T, the training loader's
   image features = x (or one of x_views per shot and epoch), val_features = val, test_features = test.
 """
-_TASKRES = _COMMON + """alpha, lr, batch_size, weight_decay, epochs, logit_scale: the recipe fskd ran (the authors'
+)
+_TASKRES = (
+    _COMMON
+    + """alpha, lr, batch_size, weight_decay, epochs, logit_scale: the recipe fskd ran (the authors'
   train_regular.sh: Adam, 1-epoch warm-up at 1e-5 then cosine, residual initialised at zeros)
 """
+)
 README = {
-    "proker": _PROKER, "ape": _APE, "ape-t": _APE_T, "taskres": _TASKRES,
+    "proker": _PROKER,
+    "ape": _APE,
+    "ape-t": _APE_T,
+    "taskres": _TASKRES,
     "lp++": _COMMON + "bias (N,): the nn.Linear(D, N) bias after torch.manual_seed(seed)\n",
-    "gda": _COMMON + """val_full, val_full_truth: the whole val split (the authors' main_few_shots.py validates on it)
+    "gda": _COMMON
+    + """val_full, val_full_truth: the whole val split (the authors' main_few_shots.py validates on it)
 alpha_grid: the authors' 7 blend weights
 Authors' code (mrflogs/ICLR24 main_few_shots.py, run()): vecs = x (or x_views flattened, labels
 repeated), labels = y, clip_weights = text.T, val_features = val (or val_full), test_features = test.
 """,
-    "zs-lp": _COMMON + """epochs, lr, batch_size, momentum, warmup_lr, logit_scale: the authors' SGD_lr1e-1_B256_ep300
+    "zs-lp": _COMMON
+    + """epochs, lr, batch_size, momentum, warmup_lr, logit_scale: the authors' SGD_lr1e-1_B256_ep300
 constraint: 0 (ZS-LP: INIT ZS, CONSTRAINT none); 1 (CLAP: INIT ZS, CONSTRAINT l2)
 Authors' code (jusiro/CLAP trainers/adapters.py): features_train = x (or x_views rows), labels_train
 = y, base_text_features = text; no validation data is used; the last epoch's weights score test.
@@ -260,11 +347,18 @@ Authors' code (gaopengcuhk/Tip-Adapter, main.py and utils.py), float32 throughou
   did not search those. To search what fskd searched, set beta_list = list(beta_grid) and
   alpha_list = list(alpha_grid) in search_hp; its loop order and '>' rule are fskd's.
 """
-README["tip-adapter"] = _COMMON + _TIP + """  run_tip_adapter(cfg, cache_keys, cache_values, val, val_truth, test, test_truth, clip_weights):
+README["tip-adapter"] = (
+    _COMMON
+    + _TIP
+    + """  run_tip_adapter(cfg, cache_keys, cache_values, val, val_truth, test, test_truth, clip_weights):
   cfg['init_beta'] / cfg['init_alpha'] only print one val accuracy there (any value). Compare its
   test accuracy with fskd_results.json (fskd's allway.alpha / allway.beta are the chosen pair).
 """
-README["tip-adapter-f"] = _COMMON + _TIP + """init_alpha, init_beta: cfg['init_alpha'], cfg['init_beta']: the pair fskd's training-free search
+)
+README["tip-adapter-f"] = (
+    _COMMON
+    + _TIP
+    + """init_alpha, init_beta: cfg['init_alpha'], cfg['init_beta']: the pair fskd's training-free search
   (search_hp without adapter, keys as the cache, the grids above, on val) chose; the fine-tuning
   trains at it (the authors' main.py trains at their config's fixed init values instead, e.g.
   imagenet.yaml 1.17 / 1). If init_alpha is 0 fskd did not fine-tune (the cache is off;
@@ -292,7 +386,10 @@ Authors' code: run_tip_adapter_F(cfg, cache_keys, cache_values, val, val_truth, 
   beta_list / alpha_list as above, on val; the test accuracy at its pair is the result (not the
   max(best_acc, acc) their last line prints).
 """
-README["linear-probe"] = """x (S, D), y (S,): the support rows (class-major, K per class) as the store holds them: the raw
+)
+README[
+    "linear-probe"
+] = """x (S, D), y (S,): the support rows (class-major, K per class) as the store holds them: the raw
   image features, neither centred nor normalised (what lpclip fits); no class text is used
 val, val_truth: the val rows C was searched on ({hp_selection} rule: CoOp's min(K, 4) per class)
 test, test_truth: every test row (raw, as x); labels are class positions 0..N-1
@@ -310,7 +407,9 @@ Authors' code (KaiyangZhou/CoOp lpclip/linear_probe.py), for one K and seed: ski
   accuracy is strictly higher (else C_left) and halves the log10 interval towards it; the test
   accuracy of the last round is the result. fskd's search is that one.
 """
-README["cross-modal-lp"] = _COMMON + """Labels (y, val_truth, test_truth) are class positions 0..N-1.
+README["cross-modal-lp"] = (
+    _COMMON
+    + """Labels (y, val_truth, test_truth) are class positions 0..N-1.
 lr_grid, weight_decay_grid, batch_size_grid: the authors' HYPER_DICT['linear'] (lr 1e-3, 1e-4; weight
   decay 0, 1e-2, 1e-4; batch 8, 32), searched in their loop order lr, weight decay, batch size
 valid_batch_sizes: the batch sizes their get_valid_batch_sizes keeps here (both halves smaller than
@@ -338,6 +437,7 @@ Authors' code (linzhiqiu/cross_modal_adaptation train.py, engine/): image_encode
   loop order on ties (eval.py), each run keeping its earliest best checkpoint (train()); fskd's
   allway.steps s is their result_dict['iter'] = s - 1. Compare test_accs['head'] (not wise-ft).
 """
+)
 
 
 if __name__ == "__main__":

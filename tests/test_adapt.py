@@ -267,8 +267,8 @@ def test_prototype_simpleshot_rule(stores, tmp_path):
     torch.testing.assert_close(head.fit(sup, cls).logits(qry).double(), want, rtol=1e-5, atol=1e-5)
     s, c, q, _ = allway_task(st)
     m = s.mean(dim=(1, 2))[:, None]
-    want = (
-        -(torch.cdist(F.normalize(q - m, dim=-1).double(), F.normalize(s - m[:, None], dim=-1).mean(2).double()) ** 2)
+    want = -(
+        torch.cdist(F.normalize(q - m, dim=-1).double(), F.normalize(s - m[:, None], dim=-1).mean(2).double()) ** 2
     )
     torch.testing.assert_close(head.fit(s, c).logits(q).double(), want, rtol=1e-5, atol=1e-5)
     r = api.evaluate(

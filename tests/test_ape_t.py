@@ -38,8 +38,18 @@ FAST = {"val_episodes": 40, "epochs": 5, "beta": [1.0, 3.0, 5.5], "alpha": [0.1,
 
 
 def _recipe(**kw) -> Recipe:
-    base = dict(init_alpha=1.0, init_beta=1.0, w_sim=W_SIM, feat_frac=0.5, criterion="text", epochs=6, lr=1e-2,
-                eps=1e-3, weight_decay=0.1, batch_size=5)
+    base = dict(
+        init_alpha=1.0,
+        init_beta=1.0,
+        w_sim=W_SIM,
+        feat_frac=0.5,
+        criterion="text",
+        epochs=6,
+        lr=1e-2,
+        eps=1e-3,
+        weight_decay=0.1,
+        batch_size=5,
+    )
     return Recipe(**{**base, **kw})
 
 
@@ -71,8 +81,9 @@ def test_trained_logits_by_hand():
     torch.testing.assert_close(k2[0], torch.tensor([[0.6, 1.3], [0.8, -1.1]]))
     torch.testing.assert_close(v2[0], torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
     q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    want = torch.tensor([[100 + 6 * math.exp(-0.8), 3 * math.exp(-0.4)],
-                         [50 + 6 * math.exp(0.6), 50 + 3 * math.exp(-4.2)]])
+    want = torch.tensor(
+        [[100 + 6 * math.exp(-0.8), 3 * math.exp(-0.4)], [50 + 6 * math.exp(0.6), 50 + 3 * math.exp(-4.2)]]
+    )
     torch.testing.assert_close(apet_logits(q, w2, k2, v2, alpha=3.0, beta=2.0)[0], want)
     head = FittedAPET(w2, k2, v2, 3.0, 2.0, lambda x: x)
     torch.testing.assert_close(head.logits(q)[0], want)
@@ -111,8 +122,9 @@ def test_the_text_criterion_is_the_authors_only_use_txt_loop():
     crit = -W_SIM * s + (1 - W_SIM) * np.var(t, axis=0, ddof=1)
     want = np.argsort(-crit, kind="stable")[:5]
     assert sorted(channels(ts.weights, ts.support, W_SIM, 0.5, "text")[0].tolist()) == sorted(want.tolist())
-    torch.testing.assert_close(channels(ts.weights, ts.support, W_SIM, 0.5, "text+cache"),
-                               select_channels(ts.weights, ts.support, W_SIM, 5))
+    torch.testing.assert_close(
+        channels(ts.weights, ts.support, W_SIM, 0.5, "text+cache"), select_channels(ts.weights, ts.support, W_SIM, 5)
+    )
 
 
 def test_training_scores_are_the_trained_logits_and_leave_one_out_drops_a_shots_own_key():
@@ -130,8 +142,8 @@ def test_training_scores_are_the_trained_logits_and_leave_one_out_drops_a_shots_
     loo = p.logits(res, vw, 2.0, 3.0, own=torch.arange(N * K))
     for s in range(N * K):
         keep = torch.arange(N * K) != s
-        want = apet_logits(keys[:, s:s + 1], w2, k2[:, keep], v2[:, keep], 2.0, 3.0)
-        torch.testing.assert_close(loo[:, s:s + 1], want)
+        want = apet_logits(keys[:, s : s + 1], w2, k2[:, keep], v2[:, keep], 2.0, 3.0)
+        torch.testing.assert_close(loo[:, s : s + 1], want)
 
 
 def _authors_loop(ts: C.TextSpace, recipe: Recipe, perms: list[torch.Tensor]) -> tuple:
@@ -158,7 +170,7 @@ def _authors_loop(ts: C.TextSpace, recipe: Recipe, perms: list[torch.Tensor]) ->
     target = torch.arange(N).repeat_interleave(K)
     for perm in perms:
         for i in range(0, N * K, recipe.batch_size):
-            r = perm[i:i + recipe.batch_size]
+            r = perm[i : i + recipe.batch_size]
             nk, nw, nv = forward()
             f = keys[r]
             logits = 100.0 * f @ nw + recipe.init_alpha * torch.exp(-recipe.init_beta * (1 - f @ nk.t())) @ nv
@@ -182,7 +194,7 @@ def test_training_equals_the_authors_loop_per_episode_and_batched_episodes_train
     g = torch.Generator().manual_seed(7)
     perms = [torch.randperm(12, generator=g) for _ in range(recipe.epochs)]
     for e in range(3):
-        one = C.TextSpace(ts.weights[e:e + 1], ts.embed, ts.support[e:e + 1])
+        one = C.TextSpace(ts.weights[e : e + 1], ts.embed, ts.support[e : e + 1])
         alone = train(one, recipe, seed=7)
         for a, b in ((alone.weights, run.weights), (alone.keys, run.keys), (alone.values, run.values)):
             torch.testing.assert_close(a[0], b[e], rtol=1e-5, atol=1e-6)
@@ -198,7 +210,7 @@ def test_validation_keeps_the_best_epoch_and_a_refit_to_it_retraces_the_run():
     recipe = _recipe(epochs=8, lr=5e-2)
     run = train(ts, recipe, seed=3, val=(query, truth))
     assert len(run.curve) == 8 and 1 <= run.epoch <= 8
-    assert run.curve[run.epoch - 1] == max(run.curve) and max(run.curve[:run.epoch - 1], default=-1) < max(run.curve)
+    assert run.curve[run.epoch - 1] == max(run.curve) and max(run.curve[: run.epoch - 1], default=-1) < max(run.curve)
     again = train(ts, recipe, seed=3, stop=run.epoch)
     for a, b in ((again.weights, run.weights), (again.keys, run.keys), (again.values, run.values)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -225,7 +237,9 @@ def test_state_scored_by_fskd_eval_all_way(kind, baseline_stores, tmp_path):
     st = baseline_stores[kind]
     state = B.cli_adapt(st, "ape-t", tmp_path / "s", FAST)
     for k in ("beta", "alpha", "epochs"):
-        assert state.selected_on[f"allway.{k}"].startswith("chosen on val split (min(K, 4) per class)"), state.selected_on
+        assert state.selected_on[f"allway.{k}"].startswith("chosen on val split (min(K, 4) per class)"), (
+            state.selected_on
+        )
         assert state.selected_on[f"episodic.{k}"].startswith("chosen on val classes")
     assert state.hparams["epoch_budget"] == 5 and state.selected_on["epoch_budget"] == "fixed (--set option)"
     assert state.hparams["w_sim"] == W_SIM and state.selected_on["w_sim"].startswith("fixed (the authors' APE_T")
@@ -237,12 +251,19 @@ def test_state_scored_by_fskd_eval_all_way(kind, baseline_stores, tmp_path):
 def test_without_validation_it_trains_every_epoch_at_the_authors_init_values(baseline_stores, tmp_path, monkeypatch):
     for name in ("allway_val_task", "episodic_val_task"):
         monkeypatch.setattr(C, name, lambda *a, **k: None)
-    r = api.adapt(AdaptConfig(store=str(baseline_stores["joint"].path), method="ape-t", shots=2, out=str(tmp_path / "s"),
-                              device="cpu"), progress=None)
+    r = api.adapt(
+        AdaptConfig(
+            store=str(baseline_stores["joint"].path), method="ape-t", shots=2, out=str(tmp_path / "s"), device="cpu"
+        ),
+        progress=None,
+    )
     s = load_state(r.out)
     for regime in (C.EPISODIC, C.ALLWAY):
-        assert {k: s.hparams[f"{regime}.{k}"] for k in ("epochs", "beta", "alpha")} == {"epochs": EPOCHS, "beta": 1.0,
-                                                                                       "alpha": 1.0}
+        assert {k: s.hparams[f"{regime}.{k}"] for k in ("epochs", "beta", "alpha")} == {
+            "epochs": EPOCHS,
+            "beta": 1.0,
+            "alpha": 1.0,
+        }
         assert s.selected_on[f"{regime}.beta"].startswith("default (no validation data)")
 
 
@@ -271,10 +292,13 @@ def test_real_cub35_ape_t_beats_zero_shot_at_4_shots(cub35_store, tmp_path):
     on cub35: 8.9 against 58.6 when written), with every parameter finite."""
     acc = {}
     for m in ("zero-shot", "ape-t"):
-        r = api.adapt(AdaptConfig(store=cub35_store, method=m, shots=4, seed=1, out=str(tmp_path / m), device="cpu"),
-                      progress=None)
-        acc[m] = api.evaluate(EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=4, seeds=(1,),
-                                         device="cpu")).accuracy
+        r = api.adapt(
+            AdaptConfig(store=cub35_store, method=m, shots=4, seed=1, out=str(tmp_path / m), device="cpu"),
+            progress=None,
+        )
+        acc[m] = api.evaluate(
+            EvalConfig(store=cub35_store, state=r.out, protocol="allway", shots=4, seeds=(1,), device="cpu")
+        ).accuracy
     st = load_state(tmp_path / "ape-t")
     assert all(torch.isfinite(t.float()).all() for t in st.tensors.values())
     assert 1 <= st.hparams["allway.epochs"] <= EPOCHS

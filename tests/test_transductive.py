@@ -24,6 +24,7 @@ runner = CliRunner()
 
 # --- the update steps on a tiny case -------------------------------------------------------------
 
+
 def _tiny():
     """Two classes, four test points on the unit circle (two near (1, 0), two near (0, 1)), one
     shot per class."""
@@ -105,6 +106,7 @@ def test_defaults_are_the_papers_and_zero_shot_runs():
 
 # --- transduction helps when the clusters are clean and the head is noisy --------------------------
 
+
 def _noisy_truth(truth: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Logits that know the class but drown it in noise: about half the rows argmax right."""
     g = torch.Generator().manual_seed(seed)
@@ -160,6 +162,7 @@ def test_run_allway_transductive_beats_the_noisy_head(tmp_path):
 
 # --- wiring: config, API, CLI ------------------------------------------------------------------------
 
+
 def test_episodic_and_transfer_protocols_are_refused(tmp_path):
     for protocol in ("episodic", "cross-dataset", "domain-shift"):
         with pytest.raises(ConfigError, match="--transductive.*allway or base-to-new"):
@@ -173,8 +176,20 @@ def test_episodic_and_transfer_protocols_are_refused(tmp_path):
 
 def test_cli_transductive_end_to_end(tmp_path):
     st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
-    base = ["eval", "--store", str(st.path), "--protocol", "allway", "--shots", "2", "--seeds", "1,2",
-            "--classifier", "text", "--json"]
+    base = [
+        "eval",
+        "--store",
+        str(st.path),
+        "--protocol",
+        "allway",
+        "--shots",
+        "2",
+        "--seeds",
+        "1,2",
+        "--classifier",
+        "text",
+        "--json",
+    ]
     ind = json.loads(runner.invoke(app, base).stdout)
     res = runner.invoke(app, [*base, "--transductive", "--report", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
@@ -192,13 +207,17 @@ def test_cli_transductive_end_to_end(tmp_path):
 
 def test_api_transductive_base_to_new(tmp_path):
     st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
-    r = api.evaluate(EvalConfig(store=str(st.path), protocol="base-to-new", classifier="text", shots=2, seeds=(1,),
-                                transductive=True))
+    r = api.evaluate(
+        EvalConfig(
+            store=str(st.path), protocol="base-to-new", classifier="text", shots=2, seeds=(1,), transductive=True
+        )
+    )
     assert r.inductive is False and r.new is not None and r.base is not None
     assert "TransCLIP" in r.protocol_text() and "TransCLIP" in r.summary_line()
 
 
 # --- the realistic setting: --batch B --active-classes C ---------------------------------------------
+
 
 def test_realistic_batches_use_every_row_once_and_hold_at_most_c_classes():
     truth = np.random.default_rng(0).integers(0, 10, 237)
@@ -248,8 +267,11 @@ def test_run_allway_scores_each_batch_alone_with_at_most_c_classes(tmp_path, mon
 
     drawn = []
     monkeypatch.setattr(tc, "transclip", spy)
-    monkeypatch.setattr(allway, "realistic_batches",
-                        lambda truth, s, seed: drawn.append(tc.realistic_batches(truth, s, seed)) or drawn[-1])
+    monkeypatch.setattr(
+        allway,
+        "realistic_batches",
+        lambda truth, s, seed: drawn.append(tc.realistic_batches(truth, s, seed)) or drawn[-1],
+    )
     r = run_allway(*args, transductive=True, batch_setting=tc.BatchSetting(batch=12, active_classes=2))
     assert r.batches == [len(b) for b in drawn] and sum(r.batches) == len(seen)
     assert all(m <= 12 and n == 10 for m, n in seen)  # a batch's rows, every class a candidate
@@ -274,12 +296,25 @@ def test_batch_options_are_validated():
 
 def test_cli_json_and_text_name_the_transductive_setting(tmp_path):
     st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
-    base = ["eval", "--store", str(st.path), "--protocol", "allway", "--shots", "2", "--seeds", "1,2",
-            "--classifier", "text", "--json"]
+    base = [
+        "eval",
+        "--store",
+        str(st.path),
+        "--protocol",
+        "allway",
+        "--shots",
+        "2",
+        "--seeds",
+        "1,2",
+        "--classifier",
+        "text",
+        "--json",
+    ]
     ind = json.loads(runner.invoke(app, base).stdout)
     whole = json.loads(runner.invoke(app, [*base, "--transductive"]).stdout)
-    res = runner.invoke(app, [*base, "--transductive", "--batch", "8", "--active-classes", "3", "--report",
-                              str(tmp_path / "rep")])
+    res = runner.invoke(
+        app, [*base, "--transductive", "--batch", "8", "--active-classes", "3", "--report", str(tmp_path / "rep")]
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert ind["transductive_setting"] is None and whole["transductive_setting"] == "all"
@@ -288,7 +323,9 @@ def test_cli_json_and_text_name_the_transductive_setting(tmp_path):
     assert len(st_["batches_per_seed"]) == 2 and st_["batches"] == sum(st_["batches_per_seed"])
     assert all(n >= 120 // 8 for n in st_["batches_per_seed"])  # 12 classes x 10 test rows, at most 8 a batch
     assert r["report"][0].endswith("_transclip-b8c3.json")
-    assert "batches of at most 8 rows drawn from 3 random classes" in json.dumps(json.loads(open(r["report"][0]).read()))
+    assert "batches of at most 8 rows drawn from 3 random classes" in json.dumps(
+        json.loads(open(r["report"][0]).read())
+    )
     human = runner.invoke(app, base[:-1] + ["--transductive", "--batch", "8", "--active-classes", "3"]).output
     assert "TransCLIP (transductive, batches of 8 from 3 classes:" in human
     bad = runner.invoke(app, [*base, "--transductive", "--batch", "8", "--active-classes", "13"])
@@ -299,8 +336,18 @@ def test_cli_json_and_text_name_the_transductive_setting(tmp_path):
 
 def test_api_base_to_new_in_batches(tmp_path):
     st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
-    r = api.evaluate(EvalConfig(store=str(st.path), protocol="base-to-new", classifier="text", shots=2, seeds=(1,),
-                                transductive=True, batch=10, active_classes=2))
+    r = api.evaluate(
+        EvalConfig(
+            store=str(st.path),
+            protocol="base-to-new",
+            classifier="text",
+            shots=2,
+            seeds=(1,),
+            transductive=True,
+            batch=10,
+            active_classes=2,
+        )
+    )
     assert r.new is not None and r.base is not None
     assert r.transductive_setting["batches"] == r.transductive_setting["batches_per_seed"][0] >= 2
     assert "realistic setting" in r.protocol_text()

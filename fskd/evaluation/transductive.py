@@ -119,21 +119,24 @@ def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
     return -0.5 * (a[:, None] - 2 * b + c[None])
 
 
-def z_logits(log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-             lam: float) -> torch.Tensor:
+def z_logits(
+    log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: float
+) -> torch.Tensor:
     """The log of one decoupled assignment update before normalisation:
     ``λ log ŷ_i + log p_i + Σ_j w_ij z_j``; :func:`z_step` is its softmax over classes."""
     return lam * log_yhat + log_p + affinity_product(idx, w, z)
 
 
-def z_step(log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-           lam: float) -> torch.Tensor:
+def z_step(
+    log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: float
+) -> torch.Tensor:
     """One decoupled assignment update: ``z_i ∝ ŷ_i^λ ⊙ exp(log p_i + Σ_j w_ij z_j)``."""
     return torch.softmax(z_logits(log_yhat, log_p, z, idx, w, lam), dim=-1)
 
 
-def mu_step(x: torch.Tensor, z: torch.Tensor, support: torch.Tensor, support_onehot: torch.Tensor,
-            previous: torch.Tensor) -> torch.Tensor:
+def mu_step(
+    x: torch.Tensor, z: torch.Tensor, support: torch.Tensor, support_onehot: torch.Tensor, previous: torch.Tensor
+) -> torch.Tensor:
     """Class means: the z-weighted mean of the test rows and the labelled shots (one-hot
     assignments). A class left with no mass at all keeps its previous mean."""
     num = z.T @ x + support_onehot.T @ support  # (N, D)
@@ -142,8 +145,9 @@ def mu_step(x: torch.Tensor, z: torch.Tensor, support: torch.Tensor, support_one
     return torch.where(ok[:, None], num / den.clamp_min(_EPS)[:, None], previous)
 
 
-def var_step(x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, support: torch.Tensor,
-             support_onehot: torch.Tensor) -> torch.Tensor:
+def var_step(
+    x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, support: torch.Tensor, support_onehot: torch.Tensor
+) -> torch.Tensor:
     """The shared diagonal covariance: ``mean_i sum_k z_ik (x_i - μ_k)^2`` over the test rows and
     the shots, element-wise. With ``sum_k z_ik = 1`` the square expands to ``x^2 - 2 x (z μ) + z μ^2``
     (O(M D) memory, no (M, N, D) tensor)."""
@@ -155,9 +159,16 @@ def var_step(x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, support: torch.
     return (total / n).clamp_min(1e-8)
 
 
-def transclip(test_x: torch.Tensor, yhat: torch.Tensor, support_x: torch.Tensor | None = None,
-              support_y: torch.Tensor | None = None, lam: float | None = None, k: int = KNN,
-              outer_iters: int = OUTER_ITERS, z_iters: int = Z_ITERS) -> TransclipOutput:
+def transclip(
+    test_x: torch.Tensor,
+    yhat: torch.Tensor,
+    support_x: torch.Tensor | None = None,
+    support_y: torch.Tensor | None = None,
+    lam: float | None = None,
+    k: int = KNN,
+    outer_iters: int = OUTER_ITERS,
+    z_iters: int = Z_ITERS,
+) -> TransclipOutput:
     """TransCLIP on the test features ``test_x`` (M, D), the inductive probabilities ``yhat``
     (M, N) (softmax of the head's logits), and the labelled shots ``support_x`` (S, D) with their
     way indices ``support_y`` (S,) in [0, N) (None or empty: the zero-shot setting). Features are
@@ -243,8 +254,13 @@ def realistic_batches(truth: np.ndarray, setting: BatchSetting, seed: int) -> li
     return out
 
 
-def transclip_batches(test_x: torch.Tensor, yhat: torch.Tensor, support_x: torch.Tensor | None,
-                      support_y: torch.Tensor | None, batches: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def transclip_batches(
+    test_x: torch.Tensor,
+    yhat: torch.Tensor,
+    support_x: torch.Tensor | None,
+    support_y: torch.Tensor | None,
+    batches: list[np.ndarray],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TransCLIP run on each batch of rows alone (its own k-NN graph, mixture and assignments;
     every class a candidate, the shots shared), one call per batch: ``pred`` (M,) and ``scores``
     (M, N), each row's from its batch."""

@@ -71,27 +71,49 @@ FEAT_FRAC = 700 / 1024
 EPS = 1e-6
 #: the search compares (alphas, gammas, episodes, queries) up to this many values at once
 CHUNK = 1 << 24
-NORMALISATION = ("L2 per row; cache keys the L2 mean of a shot's stored views (Tip-Adapter's cache); refined "
-                 "features: the kept channels L2-normalised again; a non-joint store's rows are centred on the "
-                 "support mean first (fskd's bridge space)")
-FIXED_BY_AUTHORS = ("fixed (the median of the authors' per-dataset configs: w_training_free and "
-                    "training_free_feat_num / 1024)")
+NORMALISATION = (
+    "L2 per row; cache keys the L2 mean of a shot's stored views (Tip-Adapter's cache); refined "
+    "features: the kept channels L2-normalised again; a non-joint store's rows are centred on the "
+    "support mean first (fskd's bridge space)"
+)
+FIXED_BY_AUTHORS = (
+    "fixed (the median of the authors' per-dataset configs: w_training_free and training_free_feat_num / 1024)"
+)
 
 
 @dataclass(frozen=True)
 class APEOptions(Config):
-    beta: float | tuple[float, ...] | None = None  # sharpness of the refined cache affinity (null: the authors' 200-value grid, chosen on validation)
-    alpha: float | tuple[float, ...] | None = None  # weight of the cache logits against 100 x the text logits (null: the authors' grid)
-    gamma: float | tuple[float, ...] | None = None  # weight of each key's text KL divergence in its value, exp(gamma div) (null: the authors' grid)
-    w_sim: float | tuple[float, ...] = W_SIM  # channel criterion: -w_sim x inter-class similarity + (1 - w_sim) x text variance (a list: chosen on validation)
-    feat_frac: float | tuple[float, ...] = FEAT_FRAC  # share of the channels the refined cache keeps (a list: chosen on validation)
+    beta: float | tuple[float, ...] | None = (
+        None  # sharpness of the refined cache affinity (null: the authors' 200-value grid, chosen on validation)
+    )
+    alpha: float | tuple[float, ...] | None = (
+        None  # weight of the cache logits against 100 x the text logits (null: the authors' grid)
+    )
+    gamma: float | tuple[float, ...] | None = (
+        None  # weight of each key's text KL divergence in its value, exp(gamma div) (null: the authors' grid)
+    )
+    w_sim: float | tuple[float, ...] = (
+        W_SIM  # channel criterion: -w_sim x inter-class similarity + (1 - w_sim) x text variance (a list: chosen on validation)
+    )
+    feat_frac: float | tuple[float, ...] = (
+        FEAT_FRAC  # share of the channels the refined cache keeps (a list: chosen on validation)
+    )
     ridge: float | None = None
     val_way: int = 5
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"beta": (">=", 0), "alpha": (">=", 0), "gamma": (">=", 0), "w_sim": (">=", 0), "feat_frac": (">", 0),
-              "ridge": (">", 0), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "beta": (">=", 0),
+        "alpha": (">=", 0),
+        "gamma": (">=", 0),
+        "w_sim": (">=", 0),
+        "feat_frac": (">", 0),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 
     def __post_init__(self) -> None:
@@ -169,8 +191,9 @@ def refined_cache(weights: torch.Tensor, keys: torch.Tensor, w_sim: float, frac:
 class FittedAPE(FittedHead):
     """100 q t^T + alpha exp(-beta (1 - q' F'^T)) (L * exp(gamma div)) on embedded queries."""
 
-    def __init__(self, weights: torch.Tensor, cache: Refined | None, alpha: float, beta: float, gamma: float,
-                 embed) -> None:
+    def __init__(
+        self, weights: torch.Tensor, cache: Refined | None, alpha: float, beta: float, gamma: float, embed
+    ) -> None:
         self.weights, self.cache, self.embed = weights, cache, embed
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
 
@@ -203,8 +226,9 @@ def correct_counts(text: torch.Tensor, cache: torch.Tensor, truth: torch.Tensor,
     hi = torch.where(other & (e < 0), cut, torch.full_like(cut, torch.inf)).amin(-1)
     a = alphas.to(lo.dtype)[:, None, None, None]
     step = max(1, CHUNK // max(1, lo.numel()))
-    return torch.cat([((lo[None] < a[i:i + step]) & (a[i:i + step] < hi[None])).sum((-1, -2))
-                      for i in range(0, len(a), step)])
+    return torch.cat(
+        [((lo[None] < a[i : i + step]) & (a[i : i + step] < hi[None])).sum((-1, -2)) for i in range(0, len(a), step)]
+    )
 
 
 def search(task: C.Task | None, space, grid: dict, default: dict, keys: torch.Tensor | None = None) -> C.Choice:
@@ -240,8 +264,13 @@ def search(task: C.Task | None, space, grid: dict, default: dict, keys: torch.Te
                 if top > best_count:
                     i = int((counts.flatten() == top).nonzero()[0])
                     best_count = top
-                    best = {"w_sim": w, "feat_frac": frac, "beta": beta, "alpha": grid["alpha"][i // G],
-                            "gamma": grid["gamma"][i % G]}
+                    best = {
+                        "w_sim": w,
+                        "feat_frac": frac,
+                        "beta": beta,
+                        "alpha": grid["alpha"][i // G],
+                        "gamma": grid["gamma"][i % G],
+                    }
     return C.Choice(best, best_count / (E * M), task.on, task.description)
 
 
@@ -262,19 +291,31 @@ class APE(C.AdaptMethod):
 
     def fit_state(self, f: C.Fit) -> None:
         store, config, opts, state = f.store, f.config, f.opts, f.state
-        grid = {"beta": C.fixed_or(opts.beta, BETA), "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
-                "gamma": C.fixed_or(opts.gamma, GAMMA), "w_sim": C.fixed_or(opts.w_sim, ()),
-                "feat_frac": C.fixed_or(opts.feat_frac, ())}
+        grid = {
+            "beta": C.fixed_or(opts.beta, BETA),
+            "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
+            "gamma": C.fixed_or(opts.gamma, GAMMA),
+            "w_sim": C.fixed_or(opts.w_sim, ()),
+            "feat_frac": C.fixed_or(opts.feat_frac, ()),
+        }
         fixed = {k for k in grid if len(grid[k]) == 1}  # one value: nothing to choose
-        default = {"w_sim": grid["w_sim"][0], "feat_frac": grid["feat_frac"][0],
-                   **{k: (DEFAULT[k] if getattr(opts, k) is None else grid[k][0]) for k in DEFAULT}}
+        default = {
+            "w_sim": grid["w_sim"][0],
+            "feat_frac": grid["feat_frac"][0],
+            **{k: (DEFAULT[k] if getattr(opts, k) is None else grid[k][0]) for k in DEFAULT},
+        }
         val = f.validation()
         aw_task = val.aw_task
         ts = val.view_space()
         keys = C.view_keys(ts, val.views) if ts is not None else None  # Tip-Adapter's cache of views
         ep = search(val.ep_task, val.spaces[C.EPISODIC], grid, default)
-        aw = search(aw_task, val.spaces[C.ALLWAY], grid, default,
-                    None if keys is None else keys.reshape(1, *aw_task.support.shape[1:3], -1))
+        aw = search(
+            aw_task,
+            val.spaces[C.ALLWAY],
+            grid,
+            default,
+            None if keys is None else keys.reshape(1, *aw_task.support.shape[1:3], -1),
+        )
         user = set(config.options)
         for regime, choice in ((C.EPISODIC, ep), (C.ALLWAY, aw)):
             C.record(state, regime, choice, fixed)
@@ -284,12 +325,17 @@ class APE(C.AdaptMethod):
             if choice.score is None:
                 for k in DEFAULT:
                     if k not in fixed:
-                        state.selected_on[f"{regime}.{k}"] = ("default (no validation data): the authors' "
-                                                              "init_beta / init_alpha / init_gamma")
+                        state.selected_on[f"{regime}.{k}"] = (
+                            "default (no validation data): the authors' init_beta / init_alpha / init_gamma"
+                        )
             state.metrics[f"{regime}.channels"] = n_channels(store.dim, choice.params["feat_frac"])
         given = any(getattr(opts, k) is not None for k in DEFAULT)
-        C.record_grid(state, "x".join(str(len(grid[k])) for k in ("beta", "alpha", "gamma")) if given else None,
-                      GRID_JOINT if store.joint else GRID_BRIDGE, "alphas")
+        C.record_grid(
+            state,
+            "x".join(str(len(grid[k])) for k in ("beta", "alpha", "gamma")) if given else None,
+            GRID_JOINT if store.joint else GRID_BRIDGE,
+            "alphas",
+        )
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
         C.record_views(state, C.ALLWAY, val.views, val.why)
@@ -316,4 +362,4 @@ class APE(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('ape', APE)
+METHODS.register("ape", APE)

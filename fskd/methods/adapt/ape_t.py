@@ -71,21 +71,29 @@ BATCH = 256
 CRITERIA = ("text", "text+cache")
 GRID_JOINT = "the authors': beta 0.1 + 6.9 i / 200, alpha 0.1 + 6.9 i / 20"
 GRID_BRIDGE = GRID_JOINT + " + alpha 8 ... 65536 (non-joint store: the bridge's text scale)"
-NORMALISATION = ("L2 per row; cache keys the L2 mean of a shot's stored views; the trained residual is added to "
-                 "the text weights and keys as they are (not normalised again, as the authors); a non-joint "
-                 "store's rows are centred on the support mean first (fskd's bridge space)")
+NORMALISATION = (
+    "L2 per row; cache keys the L2 mean of a shot's stored views; the trained residual is added to "
+    "the text weights and keys as they are (not normalised again, as the authors); a non-joint "
+    "store's rows are centred on the support mean first (fskd's bridge space)"
+)
 FIXED = "fixed (the authors' APE_T recipe: the median of their per-dataset configs)"
 
 
 @dataclass(frozen=True)
 class APETOptions(Config):
-    beta: float | tuple[float, ...] | None = None  # cache sharpness searched after training (null: the authors' 200-value grid on validation)
-    alpha: float | tuple[float, ...] | None = None  # cache weight searched after training (null: the authors' 20-value grid, + wide values on a non-joint store)
+    beta: float | tuple[float, ...] | None = (
+        None  # cache sharpness searched after training (null: the authors' 200-value grid on validation)
+    )
+    alpha: float | tuple[float, ...] | None = (
+        None  # cache weight searched after training (null: the authors' 20-value grid, + wide values on a non-joint store)
+    )
     init_beta: float = DEFAULT["beta"]  # the beta the parameters train at (the authors' init_beta)
     init_alpha: float = DEFAULT["alpha"]  # the alpha the parameters train at (the authors' init_alpha of most configs)
     w_sim: float = W_SIM  # channel criterion: -w_sim x inter-class similarity + (1 - w_sim) x text variance (the authors' w_training)
     feat_frac: float = FEAT_FRAC  # share of the channels the residual lives in (the authors' training_feat_num / 1024)
-    criterion: str = "text"  # the criterion's similarity over the text weights (their APE_Training) or text + cache keys
+    criterion: str = (
+        "text"  # the criterion's similarity over the text weights (their APE_Training) or text + cache keys
+    )
     epochs: int = EPOCHS  # epoch budget of the cosine schedule (validation keeps the best epoch)
     lr: float = LR  # AdamW learning rate
     eps: float = ADAMW_EPS  # AdamW epsilon (the authors' eps)
@@ -97,10 +105,23 @@ class APETOptions(Config):
     val_query: int = 15
     val_episodes: int = 300
 
-    RANGES = {"beta": (">=", 0), "alpha": (">=", 0), "init_beta": (">=", 0), "init_alpha": (">=", 0),
-              "w_sim": (">=", 0), "feat_frac": (">", 0), "epochs": (">=", 1), "lr": (">", 0), "eps": (">", 0),
-              "weight_decay": (">=", 0), "batch_size": (">=", 1), "ridge": (">", 0), "val_way": (">=", 2),
-              "val_query": (">=", 1), "val_episodes": (">=", 1)}
+    RANGES = {
+        "beta": (">=", 0),
+        "alpha": (">=", 0),
+        "init_beta": (">=", 0),
+        "init_alpha": (">=", 0),
+        "w_sim": (">=", 0),
+        "feat_frac": (">", 0),
+        "epochs": (">=", 1),
+        "lr": (">", 0),
+        "eps": (">", 0),
+        "weight_decay": (">=", 0),
+        "batch_size": (">=", 1),
+        "ridge": (">", 0),
+        "val_way": (">=", 2),
+        "val_query": (">=", 1),
+        "val_episodes": (">=", 1),
+    }
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 
     def __post_init__(self) -> None:
@@ -113,12 +134,14 @@ class APETOptions(Config):
 def channels(weights: torch.Tensor, keys: torch.Tensor, w_sim: float, frac: float, criterion: str) -> torch.Tensor:
     """The refined channels (E, Q) of text weights (E, N, D) and class-major keys (E, N, K, D):
     ape's criterion over the text weights alone (``text``: the keys enter with K = 0) or with the keys."""
-    return select_channels(weights, keys if criterion == "text+cache" else keys[:, :, :0], w_sim,
-                           n_channels(weights.shape[-1], frac))
+    return select_channels(
+        weights, keys if criterion == "text+cache" else keys[:, :, :0], w_sim, n_channels(weights.shape[-1], frac)
+    )
 
 
-def trained_parts(weights: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, res: torch.Tensor,
-                  value_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def trained_parts(
+    weights: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, res: torch.Tensor, value_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The authors' ``APE_Training.forward``, batched: text weights (E, N, D) + the residual
     (E, N, Q) in the channels ``idx`` (E, Q); class-major keys (E, N*K, D) + their class's residual
     there; values (E, N*K, N) = one-hot * value weights (E, N*K). Differentiable in ``res`` and
@@ -130,8 +153,9 @@ def trained_parts(weights: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, 
     return weights + delta, keys + delta.repeat_interleave(K, dim=1), onehot[None] * value_weights[..., None]
 
 
-def apet_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float,
-                beta: float) -> torch.Tensor:
+def apet_logits(
+    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
     """100 q t'^T + alpha exp(-beta (1 - q F'^T)) V: (E, M, D) embedded queries -> (E, M, N)."""
     out = TEXT_SCALE * torch.bmm(q, weights.transpose(1, 2))
     if keys.shape[1] == 0:
@@ -159,8 +183,10 @@ class Recipe:
     def of(cls, source) -> Recipe:
         """From options (attributes) or a state's hparams (a dict)."""
         get = source.get if isinstance(source, dict) else lambda k: getattr(source, k)
-        return cls(**{k: get(k) for k in cls.__dataclass_fields__ if k != "leave_one_out"},
-                   leave_one_out=bool(get("leave_one_out")))
+        return cls(
+            **{k: get(k) for k in cls.__dataclass_fields__ if k != "leave_one_out"},
+            leave_one_out=bool(get("leave_one_out")),
+        )
 
 
 @dataclass
@@ -198,8 +224,9 @@ class Products:
     def rows(self, r: torch.Tensor) -> Products:
         return Products(self.text[:, r], self.sims[:, r], self.refined[:, r])
 
-    def logits(self, res: torch.Tensor, value_weights: torch.Tensor, alpha: float, beta: float,
-               own: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self, res: torch.Tensor, value_weights: torch.Tensor, alpha: float, beta: float, own: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:func:`apet_logits` of the trained parts (:func:`trained_parts`), (E, M, N); ``own`` (M,):
         each query's own key, left out of its cache term (leave-one-out)."""
         E, M, N = self.text.shape
@@ -211,9 +238,16 @@ class Products:
         return TEXT_SCALE * (self.text + r) + alpha * a.reshape(E, M, N, K).sum(-1)
 
 
-def train(space: C.TextSpace, recipe: Recipe, seed: int, *, keys: torch.Tensor | None = None,
-          views: torch.Tensor | None = None, stop: int | None = None,
-          val: tuple[torch.Tensor, torch.Tensor] | None = None) -> Trained:
+def train(
+    space: C.TextSpace,
+    recipe: Recipe,
+    seed: int,
+    *,
+    keys: torch.Tensor | None = None,
+    views: torch.Tensor | None = None,
+    stop: int | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Trained:
     """Train the residual and the value weights for E episodes at once (module docstring).
 
     ``keys`` (E, S, D): cache keys in place of the embedded support (the mean of stored views);
@@ -255,12 +289,13 @@ def train(space: C.TextSpace, recipe: Recipe, seed: int, *, keys: torch.Tensor |
             if views is not None:
                 pick = torch.randint(views.shape[1], (S,), generator=gen_views).to(k0.device)
             for i in range(0, S, recipe.batch_size):
-                rows = perm[i:i + recipe.batch_size]
+                rows = perm[i : i + recipe.batch_size]
                 if pool is not None:
                     batch = pool.rows(rows)
                 else:  # (E, b, D): the shots themselves, or one view of each
-                    batch = Products.of(k0[:, rows] if views is None else views[:, pick[rows], rows], space.weights,
-                                        k0, idx)
+                    batch = Products.of(
+                        k0[:, rows] if views is None else views[:, pick[rows], rows], space.weights, k0, idx
+                    )
                 with torch.enable_grad():
                     logits = batch.logits(res, vw, a, b, rows if views is None and recipe.leave_one_out else None)
                     loss = F.cross_entropy(logits.reshape(-1, N), labels[rows].repeat(E), reduction="none")
@@ -297,7 +332,7 @@ def search(q: torch.Tensor, truth: torch.Tensor, run: Trained, betas, alphas) ->
     step = max(1, CHUNK // (8 * E * M * N))
     best, best_count = None, -1
     for i in range(0, len(betas), step):
-        chunk = betas[i:i + step]
+        chunk = betas[i : i + step]
         cache = torch.stack([torch.bmm(torch.exp(-b * (1.0 - sims)), run.values) for b in chunk])  # (G, E, M, N)
         counts = correct_counts(text, cache, truth, a).T  # (G, A): beta outer, alpha inner
         for g, row in enumerate(counts):
@@ -310,8 +345,9 @@ def search(q: torch.Tensor, truth: torch.Tensor, run: Trained, betas, alphas) ->
 class FittedAPET(FittedHead):
     """APE-T's logits (:func:`apet_logits`) on embedded queries; no keys: the text weights alone."""
 
-    def __init__(self, weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float, beta: float,
-                 embed) -> None:
+    def __init__(
+        self, weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, alpha: float, beta: float, embed
+    ) -> None:
         self.weights, self.keys, self.values, self.embed = weights, keys, values, embed
         self.alpha, self.beta = float(alpha), float(beta)
 
@@ -331,8 +367,10 @@ class APET(C.AdaptMethod):
     def fit_state(self, f: C.Fit) -> None:
         store, config, opts, state, progress = f.store, f.config, f.opts, f.state, f.progress
         recipe = Recipe.of(opts)
-        grid = {"beta": C.fixed_or(opts.beta, BETA),
-                "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE)}
+        grid = {
+            "beta": C.fixed_or(opts.beta, BETA),
+            "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
+        }
         fixed = {k for k in grid if len(grid[k]) == 1}  # one value: nothing to choose
         val = f.validation()
         ts = val.view_space()
@@ -355,18 +393,30 @@ class APET(C.AdaptMethod):
         C.record_views(state, C.ALLWAY, val.views, val.why)
 
     @staticmethod
-    def _fit_regime(state: MethodState, regime: str, task: C.Task | None, space, recipe: Recipe, grid: dict,
-                    fixed: set, seed: int, views: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _fit_regime(
+        state: MethodState,
+        regime: str,
+        task: C.Task | None,
+        space,
+        recipe: Recipe,
+        grid: dict,
+        fixed: set,
+        seed: int,
+        views: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         """Train on the regime's validation task (the epoch kept by its val accuracy), then search
         (beta, alpha) there; no validation data (or no shot): all epochs, the authors' init values."""
         if task is None or task.shot == 0:
-            default = {"epochs": recipe.epochs, **{k: grid[k][0] if k in fixed else getattr(recipe, f"init_{k}")
-                                                   for k in ("beta", "alpha")}}
+            default = {
+                "epochs": recipe.epochs,
+                **{k: grid[k][0] if k in fixed else getattr(recipe, f"init_{k}") for k in ("beta", "alpha")},
+            }
             C.record(state, regime, C.grid_search([], lambda c: 0.0, None, default), fixed)
             for k in ("beta", "alpha"):
                 if k not in fixed:
-                    state.selected_on[f"{regime}.{k}"] = ("default (no validation data): the authors' init_beta / "
-                                                          "init_alpha")
+                    state.selected_on[f"{regime}.{k}"] = (
+                        "default (no validation data): the authors' init_beta / init_alpha"
+                    )
             return
         ts = space(task.support, task.classes)
         q = ts.embed(task.query)
@@ -401,4 +451,4 @@ class APET(C.AdaptMethod):
         return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
 
 
-METHODS.register('ape-t', APET)
+METHODS.register("ape-t", APET)
