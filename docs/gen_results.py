@@ -64,6 +64,7 @@ TITLES = {
     "distill_semi": "Distilled student, semi regime, all-way (one student per seed)",
     "distill_splits": "Distilled student over 5 class splits",
     "episodic_splits": "Episodic methods over 5 class splits",
+    "seed_episodic": "SynTrans end to end over 5 class splits",
     "linear_probe": "Linear probes: lpclip against fskd's tuned probe",
 }
 
