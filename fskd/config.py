@@ -569,12 +569,18 @@ def describe_options(cls: type[Config]) -> list[dict[str, str]]:
             src = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        last = None
+        # a field's meaning: the first comment inside its statement (trailing its line, or a wrapped
+        # default's continuation line); comment lines between statements belong to no field
+        current, in_field, starts = "", False, True
         for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and last != tok.start[0]:
-                last, current = tok.start[0], tok.string
-            elif tok.type == tokenize.COMMENT and last == tok.start[0]:
-                notes[current] = tok.string.lstrip("# ").strip()
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and starts:
+                current, in_field, seen = tok.string, True, False
+            elif tok.type == tokenize.COMMENT and in_field and not seen:
+                notes[current], seen = tok.string.lstrip("# ").strip(), True
+            elif tok.type == tokenize.NEWLINE:
+                in_field = False
+            if tok.type not in (tokenize.NL, tokenize.COMMENT):
+                starts = tok.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
     hints = _hints(cls)
     out = []
     for name, text in COMMON_OPTION_DOCS.items():
