@@ -93,7 +93,7 @@ def main() -> None:
             state = load_state(state_dir)
             inp = inputs(store, k, seed, state, args.hp_selection)
             if "space" not in inp:  # no class text (linear-probe): the raw store rows, as the method fits them
-                from fskd.methods.adapt._common import TextSpace
+                from fskd.methods.adapt.text_space import TextSpace
 
                 inp["space"] = TextSpace(None, lambda t: t, inp["support"])
             ts = inp["space"]
@@ -121,7 +121,9 @@ def main() -> None:
 
 def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: int, state=None) -> dict:
     """What the method's authors' code takes beyond the common arrays (see the module docstring)."""
-    from fskd.methods.adapt import _common as C
+    from fskd.methods.adapt.regimes import ALLWAY
+    from fskd.methods.adapt.text_space import embed_views, view_keys
+    from fskd.methods.adapt.validation import allway_val_rows, hp
     from fskd.store import sampling
 
     ts = inp["space"]
@@ -130,14 +132,14 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
     v = None
     if views is not None:  # (S, V, D) raw -> (V, S, D), each view embedded as the support
         v = torch.from_numpy(views).transpose(0, 1)[None]
-        extra["x_views"] = C.embed_views(ts, v)[0].numpy()
+        extra["x_views"] = embed_views(ts, v)[0].numpy()
     if method == "lp++":
         torch.manual_seed(seed)
         extra["bias"] = torch.nn.Linear(d, n).bias.detach().numpy()
     elif method == "gda":
         from fskd.methods.adapt.gda import ALPHA
 
-        xv, yv = C.allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full")
+        xv, yv = allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full")
         pos = np.full(int(inp["classes"].max()) + 1, -1)
         pos[inp["classes"][0].numpy()] = np.arange(n)
         extra.update(
@@ -207,14 +209,14 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
         from fskd.methods.adapt import tip_adapter, tip_adapter_f
 
         s = n * k
-        keys = ts.support[0].reshape(s, d) if v is None else C.view_keys(ts, v)[0]  # views: their mean, embedded
+        keys = ts.support[0].reshape(s, d) if v is None else view_keys(ts, v)[0]  # views: their mean, embedded
         extra.update(keys=keys.numpy(), alpha_grid=np.array(tip_adapter.ALPHA), beta_grid=np.array(tip_adapter.BETA))
         if method == "tip-adapter-f":
             epochs = int(state.hparams["epoch_budget"])
             gen = torch.Generator().manual_seed(seed)  # the fine-tuning's row order, epoch by epoch
             extra.update(
-                init_alpha=float(C.hp(state, C.ALLWAY, "init_alpha")),
-                init_beta=float(C.hp(state, C.ALLWAY, "init_beta")),
+                init_alpha=float(hp(state, ALLWAY, "init_alpha")),
+                init_beta=float(hp(state, ALLWAY, "init_beta")),
                 lr=float(state.hparams["lr"]),
                 eps=tip_adapter_f.ADAMW_EPS,
                 weight_decay=tip_adapter_f.ADAMW_DECAY,

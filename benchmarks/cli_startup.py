@@ -58,7 +58,7 @@ def main() -> None:
             ("fskd methods", [*FSKD, "methods"]),
             ("fskd eval --help", [*FSKD, "eval", "--help"]),
             ("fskd info STORE", [*FSKD, "info", store]),
-            ("fskd eval STORE (20 episodes)", [*FSKD, "eval", "--store", store, "--episodes", "20"]),
+            ("fskd eval STORE (20 episodes)", [*FSKD, "eval", "--store", store, "--shots", "1", "--episodes", "20"]),
         ]
         rows, base = [], None
         for name, cmd in cases:

@@ -51,7 +51,8 @@ def write_store(path: Path, n_classes: int, seed: int = 0, chunk_rows: int = 819
     """An ImageNet-shaped store at ``path`` (see the module docstring); returns its sizes."""
     from fskd import __version__
     from fskd.store import schema as S
-    from fskd.store.store import FeatureStore, SplitRows
+    from fskd.store.creation import SplitRows
+    from fskd.store.store import FeatureStore
 
     rng = np.random.default_rng(seed)
     latent = 64

@@ -33,8 +33,10 @@ from fskd import api  # noqa: E402
 from fskd.classifiers.lpp import lpp_start, train_lpp  # noqa: E402
 from fskd.config import AdaptConfig  # noqa: E402
 from fskd.methods import load_state  # noqa: E402
-from fskd.methods.adapt import _common as C  # noqa: E402
 from fskd.methods.adapt.lp_pp import flat  # noqa: E402
+from fskd.methods.adapt.regimes import EPISODIC, sample_episode_rows
+from fskd.methods.adapt.text_space import episodic_text_space
+from fskd.methods.adapt.validation import hp
 from fskd.methods.bridge import Bridge  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
 
@@ -59,15 +61,15 @@ def main() -> None:
             progress=None,
         )
         state = load_state(f"{tmp}/s")
-    chosen = int(C.hp(state, C.EPISODIC, "epochs"))
+    chosen = int(hp(state, EPISODIC, "epochs"))
     text = state.tensors["text"]
     bridge = Bridge.from_tensors(state.tensors)
     novel = store.class_split("novel")
     x, y = store.gather(novel)
-    sup, qry, cls = C.sample_episode_rows(y, novel, 5, args.shots, 15, args.episodes, 0)
+    sup, qry, cls = sample_episode_rows(y, novel, 5, args.shots, 15, args.episodes, 0)
     xt = torch.from_numpy(x)
     E = len(cls)
-    ts = C.episodic_text_space(bridge, text, xt[torch.from_numpy(sup)], torch.from_numpy(cls))
+    ts = episodic_text_space(bridge, text, xt[torch.from_numpy(sup)], torch.from_numpy(cls))
     q = ts.embed(xt[torch.from_numpy(qry.reshape(E, -1))])
     truth = torch.arange(5).repeat_interleave(15)[None].expand(E, -1)
 

@@ -308,13 +308,15 @@ def inputs(store, shots: int, seed: int, state, hp_selection: str = "few-shot-va
     import numpy as np
 
     from fskd.config import AdaptConfig
-    from fskd.methods.adapt import _common as C
+    from fskd.methods.adapt.regimes import ALLWAY
+    from fskd.methods.adapt.text_space import support_text_space
+    from fskd.methods.adapt.validation import allway_val_task, hp
 
     cpu = torch.device("cpu")
     cfg = AdaptConfig(
         store=str(store.path), method="prototype", shots=shots, seed=seed, out="unused", hp_selection=hp_selection
     )
-    task = C.allway_val_task(store, cfg, cpu)
+    task = allway_val_task(store, cfg, cpu)
     xt, yt = store.gather(None, ["test"])
     classes = task.classes[0].numpy()
     pos = np.full(int(classes.max()) + 1, -1)
@@ -330,7 +332,7 @@ def inputs(store, shots: int, seed: int, state, hp_selection: str = "few-shot-va
     }
     if state is not None and "text" in state.tensors:
         text = state.tensors["text"]
-        ts = C.support_text_space(task.support, task.classes, text, store.joint, C.hp(state, C.ALLWAY, "ridge"))
+        ts = support_text_space(task.support, task.classes, text, store.joint, hp(state, ALLWAY, "ridge"))
         out["space"] = ts
     return out
 
@@ -360,9 +362,10 @@ def reference_allway(method: str, inp: dict, state, seed: int) -> float:
         a, b = tip_search(q, truth, x, onehot, text, ALPHA, BETA)
         return accuracy(tip_logits(qt, x, onehot, text, a, b), test_truth)
     if method == "tip-adapter-f":
-        from fskd.methods.adapt import _common as C
+        from fskd.methods.adapt.regimes import ALLWAY
+        from fskd.methods.adapt.validation import hp
 
-        a0, b0 = C.hp(state, C.ALLWAY, "init_alpha"), C.hp(state, C.ALLWAY, "init_beta")
+        a0, b0 = hp(state, ALLWAY, "init_alpha"), hp(state, ALLWAY, "init_beta")
         keys = reference_tip_f(x, y, text, q, truth, a0, b0, seed) if a0 != 0 else x
         a, b = tip_search(q, truth, keys, onehot, text, ALPHA, BETA)
         return accuracy(tip_logits(qt, keys, onehot, text, a, b), test_truth)

@@ -2,9 +2,9 @@
 
 Each command builds a config, calls one api function and prints a summary. Choices come from
 the registries, so ``--help`` lists every registered dataset, encoder, classifier and method.
-Conventions: one name per idea (``--shots`` in every verb, ``--seed`` defaulting to 1
-everywhere), real choices for every closed set, ``--json`` for one JSON object (errors too, on
-stderr), exit status 2 and one ``error:`` line for every user error.
+Conventions: one name per idea (``--shots`` in every verb, defaulting to 4 where it is one
+number; ``--seed`` defaulting to 1 everywhere), real choices for every closed set, ``--json`` for
+one JSON object (errors too, on stderr), exit status 2 and one ``error:`` line for every user error.
 """
 
 from __future__ import annotations
@@ -615,7 +615,7 @@ def eval_(
             )
         ),
     ] = "episodic",
-    shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 1,
+    shots: Annotated[int, typer.Option("--shots", help="Labelled samples per class.", metavar="K")] = 4,
     seed: Annotated[int, typer.Option(help="Episode sampling seed.", metavar="N", rich_help_panel=EPISODIC)] = 1,
     way: Annotated[int, typer.Option(help="Classes per episode.", metavar="N", rich_help_panel=EPISODIC)] = 5,
     query: Annotated[
@@ -892,7 +892,7 @@ def adapt(
 def align(
     store: StoreOption,
     method: Annotated[AlignMethod, typer.Option(help="The align method.", rich_help_panel=FIT)] = "fma",
-    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.", metavar="K")] = 16,
+    shots: Annotated[int, typer.Option(help="Labelled samples per class from the train split.", metavar="K")] = 4,
     seed: SeedOption = 1,
     flow_steps: Annotated[
         str | None,
@@ -1112,6 +1112,15 @@ def bench(
             rich_help_panel=FIT,
         ),
     ] = None,
+    transductive: Annotated[
+        str | None,
+        typer.Option(
+            "--transductive",
+            help="Also score each cell's state with TransCLIP, a row per setting: all (every test row at once), B:C (batches of B test rows from C classes); comma-separated. allway, base-to-new.",
+            metavar="LIST",
+            rich_help_panel=FIT,
+        ),
+    ] = None,
     out: Annotated[
         str | None,
         typer.Option(
@@ -1234,6 +1243,7 @@ def bench(
         "seeds": _int_list(seeds, "--seeds"),
         "protocol": _value(protocol).replace("all-way", "allway") if protocol else None,
         "hp_selection": _names(hp_selection, "--hp-selection"),
+        "transductive": _names(transductive, "--transductive"),
         "out": out,
         "baseline": baseline,
         "way": way,
@@ -1295,7 +1305,10 @@ def demo(
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.", metavar="N")] = None,
 ) -> None:
     """The main job on the offline default: extract CUB-35 and Omniglot with lite0-minilm, evaluate."""
-    r = _run(_api().demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
+    _api()
+    from fskd.demo import demo
+
+    r = _run(demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
     typer.echo(open(r.report, encoding="utf-8").read())
     typer.echo(f"report: {r.report}  plot: {r.plot}  ({r.seconds:.0f} s)")
 

@@ -387,7 +387,7 @@ class EvalConfig(Config):
     state: str | None = None
     protocol: str = "episodic"
     way: int = 5
-    shots: int = 1
+    shots: int = 4
     query: int = 15
     episodes: int = 600
     split: str = "novel"
@@ -511,7 +511,6 @@ class AlignConfig(FitConfig):
     FLAGS = {**FitConfig.FLAGS, "steps": "--flow-steps"}
 
     method: str = "fma"
-    shots: int = 16
     steps: tuple[int, ...] | None = None  # candidate solver step counts; chosen on validation
     gamma: float | tuple[float, ...] | None = None  # noise strength(s); several: chosen on validation
     base_state: str | None = None  # build on another method's features (e.g. a residual adapter)
@@ -639,6 +638,20 @@ def check_slurm(slurm: object) -> None:
 BENCH_PROTOCOLS = tuple(sorted(PROTOCOLS))
 
 
+def transductive_setting(text: str) -> tuple[int | None, int | None]:
+    """A bench ``--transductive`` setting as (batch, active classes): ``all`` -> (None, None), every
+    test row at once; ``B:C`` -> batches of B test rows drawn from C classes."""
+    if text == "all":
+        return None, None
+    b, sep, c = str(text).partition(":")
+    if sep and b.strip().isdigit() and c.strip().isdigit() and int(b) >= 1 and int(c) >= 1:
+        return int(b), int(c)
+    raise ConfigError(
+        f"--transductive settings are 'all' (every test row at once) or 'B:C' (batches of B test rows "
+        f"from C classes, e.g. 64:4), got {text!r}"
+    )
+
+
 @dataclass(frozen=True)
 class BenchConfig(Config):
     """``fskd bench``: a grid of (store, method, shots, seed) cells, each fitted and evaluated once.
@@ -670,6 +683,9 @@ class BenchConfig(Config):
     episodes: int = 600
     episode_seed: int = 0
     class_ratio: tuple[float, float, float] | None = None  # episodic: seed s draws its own base/val/novel class split
+    # also score each cell's state with TransCLIP (a row per setting): "all" (every test row at once) and/or
+    # "B:C" (batches of B test rows drawn from C classes); allway and base-to-new
+    transductive: tuple[str, ...] = ()
     # where the cells run: this process ("local") or Slurm jobs through submitit ("slurm", fskd.bench.slurm)
     executor: str = "local"
     slurm: dict[str, Any] = field(default_factory=dict)  # each job's resources: SLURM_KEYS
@@ -738,6 +754,16 @@ class BenchConfig(Config):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (2 if name == "way" else 1):
                 raise ConfigError(f"{name} must be an integer >= {2 if name == 'way' else 1}, got {v!r}")
+        object.__setattr__(self, "transductive", tuple(self.transductive))
+        for t in self.transductive:
+            transductive_setting(t)
+        if len(set(self.transductive)) != len(self.transductive):
+            raise ConfigError(f"--transductive lists a setting twice: {list(self.transductive)}")
+        if self.transductive and self.protocol not in transductive_protocols():
+            raise ConfigError(
+                f"--transductive (TransCLIP) classifies a protocol's test rows jointly: use it with --protocol "
+                f"{' or '.join(transductive_protocols())}, not {self.protocol}"
+            )
         if self.baseline is not None and self.baseline not in labels:
             raise ConfigError(f"--baseline {self.baseline!r} is not one of the grid's methods: {', '.join(labels)}")
         if self.executor not in EXECUTORS:

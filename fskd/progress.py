@@ -134,3 +134,40 @@ def bench_bar() -> Callable[[int, int, str], None]:
             bar.close()
 
     return update
+
+
+def predict_bar():
+    """progress(stage, done, total, rate) of fskd predict as a tqdm bar (images/s)."""
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def update(stage: str, done: int, total: int, rate: float) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"predict {stage}", unit="img", file=sys.stderr)
+        bars[stage].update(done - bars[stage].n)  # tqdm shows the images/s rate
+        if done >= total:
+            bars[stage].close()
+
+    return update
+
+
+def predict_log():
+    """progress(stage, done, total, rate) of fskd predict as log lines on ``fskd.progress``."""
+    last = [0.0]
+
+    def update(stage: str, done: int, total: int, rate: float) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < 10.0:
+            return
+        last[0] = now
+        log.info(
+            "predict %s: %s/%s images (%d%%), %.1f img/s",
+            stage,
+            f"{done:,}",
+            f"{total:,}",
+            100 * done // max(total, 1),
+            rate,
+        )
+
+    return update

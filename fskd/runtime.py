@@ -81,7 +81,7 @@ def single_thread(work: float = 0.0) -> Iterator[None]:
 def compute_threads(numel: int) -> Iterator[None]:
     """One intra-op thread for a problem of fewer than :data:`SMALL_PROBLEM` feature values, else
     unchanged: on a busy 2-core machine two threads fighting over the cores made small fits 2-5x
-    slower (fskd.methods.adapt._common has the measurements)."""
+    slower (fskd.methods.adapt.method has the measurements)."""
     if numel < SMALL_PROBLEM:
         with single_thread():
             yield

@@ -18,7 +18,9 @@ from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig, ExtractConfig
 from fskd.errors import StoreError
 from fskd.methods import METHODS, MethodState, load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.regimes import ALLWAY, allway_rows
+from fskd.methods.adapt.text_space import TextSpace, support_text_space
+from fskd.methods.adapt.validation import hp
 from fskd.store import FeatureStore, sampling
 from fskd.store.synthetic import synthetic_features
 
@@ -86,12 +88,12 @@ def fit_on_views(path: str, method: str, out: Path, views: int, options: dict | 
     return st
 
 
-def own_shots(state: MethodState, store: FeatureStore) -> tuple[C.TextSpace, torch.Tensor]:
+def own_shots(state: MethodState, store: FeatureStore) -> tuple[TextSpace, torch.Tensor]:
     """A 2-shot, seed-1 state's all-way text space of its own shots, and their stored views (1, V, N*K, D)."""
-    x, _, classes = C.allway_rows(store, 2, 1)
+    x, _, classes = allway_rows(store, 2, 1)
     support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
-    ts = C.support_text_space(
-        support, torch.from_numpy(classes)[None], state.tensors["text"], store.joint, C.hp(state, C.ALLWAY, "ridge")
+    ts = support_text_space(
+        support, torch.from_numpy(classes)[None], state.tensors["text"], store.joint, hp(state, ALLWAY, "ridge")
     )
     return ts, torch.from_numpy(sampling.allway_shot_views(store, 2, 1)[0]).transpose(0, 1)[None]
 

@@ -18,8 +18,10 @@ from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig, ExtractConfig
 from fskd.errors import ConfigError, EncoderError, StateError, StoreError
 from fskd.methods import METHODS, load_state, methods_of_kind
-from fskd.methods.adapt import _common as C
-from fskd.methods.bridge import Bridge, ridge_path
+from fskd.methods.adapt.regimes import ALLWAY, FITTED, sample_shots
+from fskd.methods.adapt.text_space import TextSpace, episodic_text_space, fit_episodic_bridge, support_text_space
+from fskd.methods.adapt.validation import ValOptions, allway_val_task, episodic_val_task, hp
+from fskd.methods.bridge import Bridge, batched_text_to_image, ridge_path
 from fskd.protocols.episodic import sample_episodes
 from fskd.store import FeatureStore
 from fskd.store.synthetic import make_synthetic_store
@@ -94,7 +96,7 @@ def allway_task(store, shot=2, seed=1):
     x, y = store.gather(None, ["train"])
     xt_, yt_ = store.gather(None, ["test"])
     classes = np.unique(y)
-    rows = C.sample_shots(y, classes, shot, seed)
+    rows = sample_shots(y, classes, shot, seed)
     return (
         torch.from_numpy(x)[torch.from_numpy(rows)][None],
         torch.from_numpy(classes)[None],
@@ -299,9 +301,9 @@ def test_tip_adapter_pooled_search_equals_the_episode_by_episode_search(stores):
 
     st = stores["pair"]
     text = F.normalize(torch.from_numpy(st.text_embeddings()), dim=-1)
-    bridge, _ = C.fit_episodic_bridge(st, text, None, CPU)
-    task = C.episodic_val_task(st, 2, C.ValOptions(val_way=3, val_episodes=30), 0, CPU)
-    space = lambda s, c: C.episodic_text_space(bridge, text, s, c)  # noqa: E731
+    bridge, _ = fit_episodic_bridge(st, text, None, CPU)
+    task = episodic_val_task(st, 2, ValOptions(val_way=3, val_episodes=30), 0, CPU)
+    space = lambda s, c: episodic_text_space(bridge, text, s, c)  # noqa: E731
     a = search_alpha_beta(task, space, ALPHA, BETA, {}, pooled=False)
     b = search_alpha_beta(task, space, ALPHA, BETA, {}, pooled=True)
     assert a.table == b.table and a.params == b.params
@@ -365,13 +367,13 @@ def test_batched_bridge_equals_row_by_row_ridge():
     E, N, K, D, T = 3, 4, 5, 12, 6
     e = F.normalize(torch.randn(E, N, K, D, generator=g), dim=-1)
     t = F.normalize(torch.randn(E, N, T, generator=g), dim=-1)
-    got = C.batched_text_to_image(e, t, 0.1)
+    got = batched_text_to_image(e, t, 0.1)
     for i in range(E):
         rows = t[i].repeat_interleave(K, 0)
         w = ridge_path(rows, e[i].reshape(N * K, D), [0.1])[0]
         torch.testing.assert_close(got[i], F.normalize(t[i] @ w, dim=-1), rtol=1e-4, atol=1e-5)
     # leave-one-class-out: class c's weight from a bridge fitted on the other classes only
-    loo = C.batched_text_to_image(e, t, 0.1, leave_out=True)
+    loo = batched_text_to_image(e, t, 0.1, leave_out=True)
     for i in range(E):
         for c in range(N):
             keep = [j for j in range(N) if j != c]
@@ -428,7 +430,7 @@ def test_lp_plus_plus_at_zero_shots_is_zero_shot(kind, recipe, stores, tiny_clip
     empty = sup[:, :, :0]  # (1, C, 0, D): no shots
     zs = _zero_shot_logits(st, empty, cls, qry, tmp_path)
     got = lpp.fit(empty, cls).logits(qry)
-    scale = 10.0 * C.hp(state, C.ALLWAY, "alpha0") if recipe == "tuned" else 1.0  # published: no logit scale
+    scale = 10.0 * hp(state, ALLWAY, "alpha0") if recipe == "tuned" else 1.0  # published: no logit scale
     torch.testing.assert_close(got, scale * zs, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), zs.argmax(-1))
 
@@ -538,7 +540,7 @@ def test_tip_adapter_f_keys_train_per_episode_when_batched():
     E, N, K, D = 3, 4, 80, 16
     support = F.normalize(torch.randn(E, N, 1, D, generator=g) + 0.8 * torch.randn(E, N, K, D, generator=g), dim=-1)
     weights = F.normalize(torch.randn(E, N, D, generator=g), dim=-1)
-    space = lambda e: C.TextSpace(weights[e], lambda v: v, support[e])  # noqa: E731
+    space = lambda e: TextSpace(weights[e], lambda v: v, support[e])  # noqa: E731
     both = train_keys(space(slice(None)), 4.0, 5.5, epochs=6, stop=4, lr=1e-2, seed=3).keys
     assert not torch.allclose(both, support.reshape(E, N * K, D))  # the keys moved
     for e in range(E):
@@ -556,10 +558,10 @@ def test_tip_adapter_f_re_searches_alpha_and_beta_with_its_fine_tuned_keys(store
     assert state.hparams["form"] == "keys" and state.hparams["allway.epochs"] >= 1
     assert "with the fine-tuned keys" in state.selected_on["allway.alpha"]
     cfg = AdaptConfig(store=str(st.path), method="tip-adapter-f", shots=2, seed=1, out=str(tmp_path / "x"))
-    task = C.allway_val_task(st, cfg, CPU)
+    task = allway_val_task(st, cfg, CPU)
     text = F.normalize(torch.from_numpy(np.asarray(st.text_embeddings(), dtype=np.float32)), dim=-1)
-    ts = C.support_text_space(task.support, task.classes, text, st.joint, C.hp(state, C.ALLWAY, "ridge"))
-    keys = state.tensors[f"{C.FITTED}.keys"]
+    ts = support_text_space(task.support, task.classes, text, st.joint, hp(state, ALLWAY, "ridge"))
+    keys = state.tensors[f"{FITTED}.keys"]
     q = ts.embed(task.query)
     sims = torch.bmm(q, keys.transpose(1, 2))
     onehot = F.one_hot(torch.arange(ts.weights.shape[1]).repeat_interleave(2), ts.weights.shape[1]).float()[None]
@@ -568,7 +570,7 @@ def test_tip_adapter_f_re_searches_alpha_and_beta_with_its_fine_tuned_keys(store
         for a in ALPHA
         for b in BETA
     }
-    chosen = (C.hp(state, C.ALLWAY, "alpha"), C.hp(state, C.ALLWAY, "beta"))
+    chosen = (hp(state, ALLWAY, "alpha"), hp(state, ALLWAY, "beta"))
     assert abs(acc[chosen] - max(acc.values())) < 1e-9, (chosen, acc[chosen], max(acc.values()))
 
 
@@ -717,7 +719,7 @@ def test_shots_larger_than_available_name_the_class(stores, tmp_path):
 def test_a_state_from_another_store_is_refused(stores, tmp_path):
     r = api.adapt(AdaptConfig(store=str(stores["pair"].path), method="prototype", shots=1, out=str(tmp_path / "p")))
     with pytest.raises(StateError, match="fitted on store .*pair.zarr.* not on .*joint.zarr"):
-        api.evaluate(EvalConfig(store=str(stores["joint"].path), state=r.out))
+        api.evaluate(EvalConfig(store=str(stores["joint"].path), state=r.out, shots=1))
 
 
 def test_unknown_options_and_missing_text_are_clear(tmp_path):

@@ -15,6 +15,7 @@ from fskd import api
 from fskd.config import AdaptConfig, AlignConfig, EvalConfig
 from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods import METHODS, load_state
+from fskd.methods.adapt.regimes import sample_shots
 from fskd.methods.align.flow import (
     AdaLNField,
     VelocityField,
@@ -25,7 +26,7 @@ from fskd.methods.align.flow import (
     trajectory,
     transport,
 )
-from fskd.methods.align.fma import FMA, FMALite, FMAOptions, FMAPublished, cpu_threads, sample_shots
+from fskd.methods.align.fma import FMA, FMALite, FMAOptions, FMAPublished, cpu_threads
 from fskd.store import FeatureStore
 
 FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes": 50}
@@ -37,7 +38,7 @@ def align(store, **kw) -> api.FitResult:
     fast at these sizes; the published recipe has its own tests below."""
     options = {"recipe": "lite", **FAST, **kw.pop("options", {})}
     kw.setdefault("method", "fma")
-    kw.setdefault("out", str(store.path.parent / f"{store.path.stem}-align-{kw.get('shots', 16)}"))
+    kw.setdefault("out", str(store.path.parent / f"{store.path.stem}-align-{kw.get('shots', AlignConfig.shots)}"))
     return api.align(AlignConfig(store=str(store.path), options=options, force=True, **kw))
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt import validation
 from fskd.methods.adapt.ape import select_channels
 from fskd.methods.adapt.ape_t import (
     EPOCHS,
@@ -31,6 +31,8 @@ from fskd.methods.adapt.ape_t import (
     train,
     trained_parts,
 )
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC
+from fskd.methods.adapt.text_space import TextSpace, view_keys
 from tests import baseline_helpers as B
 
 #: a short fit for the synthetic stores (the authors' 30 epochs and 200 x 20 grid are the defaults)
@@ -61,7 +63,7 @@ def _space(E=3, N=4, K=3, M=10, D=16, seed=0):
     truth = torch.randint(0, N, (E, M), generator=g)
     query = F.normalize(centres[torch.arange(E)[:, None], truth, 0] + 0.7 * torch.randn(E, M, D, generator=g), dim=-1)
     text = F.normalize(centres[:, :, 0] + 0.9 * torch.randn(E, N, D, generator=g), dim=-1)
-    return C.TextSpace(text, lambda x: F.normalize(x, dim=-1), support), query, truth
+    return TextSpace(text, lambda x: F.normalize(x, dim=-1), support), query, truth
 
 
 def test_trained_logits_by_hand():
@@ -146,7 +148,7 @@ def test_training_scores_are_the_trained_logits_and_leave_one_out_drops_a_shots_
         torch.testing.assert_close(loo[:, s : s + 1], want)
 
 
-def _authors_loop(ts: C.TextSpace, recipe: Recipe, perms: list[torch.Tensor]) -> tuple:
+def _authors_loop(ts: TextSpace, recipe: Recipe, perms: list[torch.Tensor]) -> tuple:
     """One episode as the authors' APE_T trains it (fp32): nn.Parameters res (N, Q) and
     value_weights (S, 1), their forward's index assignment (keys (S, D), clip_weights (D, N)),
     AdamW and a cosine schedule stepped per batch, cross-entropy, the rows in ``perms`` order."""
@@ -194,7 +196,7 @@ def test_training_equals_the_authors_loop_per_episode_and_batched_episodes_train
     g = torch.Generator().manual_seed(7)
     perms = [torch.randperm(12, generator=g) for _ in range(recipe.epochs)]
     for e in range(3):
-        one = C.TextSpace(ts.weights[e : e + 1], ts.embed, ts.support[e : e + 1])
+        one = TextSpace(ts.weights[e : e + 1], ts.embed, ts.support[e : e + 1])
         alone = train(one, recipe, seed=7)
         for a, b in ((alone.weights, run.weights), (alone.keys, run.keys), (alone.values, run.values)):
             torch.testing.assert_close(a[0], b[e], rtol=1e-5, atol=1e-6)
@@ -250,7 +252,7 @@ def test_state_scored_by_fskd_eval_all_way(kind, baseline_stores, tmp_path):
 
 def test_without_validation_it_trains_every_epoch_at_the_authors_init_values(baseline_stores, tmp_path, monkeypatch):
     for name in ("allway_val_task", "episodic_val_task"):
-        monkeypatch.setattr(C, name, lambda *a, **k: None)
+        monkeypatch.setattr(validation, name, lambda *a, **k: None)
     r = api.adapt(
         AdaptConfig(
             store=str(baseline_stores["joint"].path), method="ape-t", shots=2, out=str(tmp_path / "s"), device="cpu"
@@ -258,7 +260,7 @@ def test_without_validation_it_trains_every_epoch_at_the_authors_init_values(bas
         progress=None,
     )
     s = load_state(r.out)
-    for regime in (C.EPISODIC, C.ALLWAY):
+    for regime in (EPISODIC, ALLWAY):
         assert {k: s.hparams[f"{regime}.{k}"] for k in ("epochs", "beta", "alpha")} == {
             "epochs": EPOCHS,
             "beta": 1.0,
@@ -277,7 +279,7 @@ def test_stored_views_are_the_cache_keys_and_the_training_queries(tmp_path):
     st = B.fit_on_views(path, "ape-t", tmp_path / "apet", 4, FAST)
     ts, views = B.own_shots(st, store)
     n = ts.support.shape[1]
-    moved = (st.tensors["allway.fitted.keys"] - C.view_keys(ts, views)).reshape(1, n, 2, -1)
+    moved = (st.tensors["allway.fitted.keys"] - view_keys(ts, views)).reshape(1, n, 2, -1)
     torch.testing.assert_close(moved[:, :, 0], moved[:, :, 1])
     torch.testing.assert_close(moved[:, :, 0], st.tensors["allway.fitted.weights"] - ts.weights)
 

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt import validation
 from fskd.methods.adapt.clap import lr_at, train_probe, zero_shot_confidence
 from fskd.methods.adapt.gda import FittedGDA, gda_new_classes, gda_params
+from fskd.methods.adapt.text_space import view_rows
 from fskd.store.synthetic import make_synthetic_store
 from tests import baseline_helpers as B
 
@@ -171,7 +172,7 @@ def test_zs_lp_and_clap_read_no_validation_row_on_a_joint_store(baseline_stores,
         raise AssertionError("a validation row was read")
 
     for name in ("allway_val_task", "episodic_val_task", "allway_val_rows"):
-        monkeypatch.setattr(C, name, refuse)
+        monkeypatch.setattr(validation, name, refuse)
     st = baseline_stores["joint"]
     for method in ("zs-lp", "clap"):
         r = api.adapt(
@@ -250,7 +251,7 @@ def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
     }
     # GDA's kept head is the estimator on the 4 x 2 embedded views of each class's shots
     ts, views = B.own_shots(states["gda"], store)
-    rows = C.view_rows(ts, views)
+    rows = view_rows(ts, views)
     assert rows.shape == (1, ts.support.shape[1], 8, ts.support.shape[-1])
     pmu, b = gda_params(rows)
     torch.testing.assert_close(states["gda"].tensors["allway.fitted.pmu"], pmu)

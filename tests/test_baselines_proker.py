@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt import validation
 from fskd.methods.adapt.ape import BETA as APE_BETA
 from fskd.methods.adapt.ape import DEFAULT as APE_DEFAULT
 from fskd.methods.adapt.ape import (
@@ -35,6 +35,9 @@ from fskd.methods.adapt.proker import (
     search_beta_lam,
     transferred_default,
 )
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, Task
+from fskd.methods.adapt.text_space import TextSpace, view_keys, view_rows
+from fskd.methods.adapt.validation import VAL_CLASSES, hp
 from tests import baseline_helpers as B
 
 #: small APE grids for the fits below (the authors' grid is 200 x 20 x 20)
@@ -114,13 +117,13 @@ def test_proker_small_lambda_is_zero_shot_and_large_lambda_a_residual_cache():
 
 def _task(support, query, truth):
     E, N = support.shape[:2]
-    return C.Task(
+    return Task(
         support=support,
         classes=torch.arange(N)[None].expand(E, -1),
         query=query,
         truth=truth,
         description="test episodes",
-        on=C.VAL_CLASSES,
+        on=VAL_CLASSES,
     )
 
 
@@ -129,7 +132,7 @@ def test_proker_search_equals_a_solve_per_candidate_and_keeps_the_first_best():
     direct Cholesky solve and the head's argmax, and the winner is the first best (beta outer)."""
     support, query, truth, text = _episodes(E=5, N=4, K=2, M=12, D=16, seed=3)
     task = _task(support, query, truth)
-    space = lambda s, c: C.TextSpace(text, lambda x: F.normalize(x, dim=-1), s)  # noqa: E731
+    space = lambda s, c: TextSpace(text, lambda x: F.normalize(x, dim=-1), s)  # noqa: E731
     betas, lams = (0.5, 2.0, 6.0), (0.001, 0.1, 1.0, 30.0)
     choice, (rows, labels, coef) = search_beta_lam(task, space, betas, lams, {"beta": 1.0, "lam": 1.0})
     table = []
@@ -245,7 +248,7 @@ def test_ape_alpha_intervals_count_what_argmax_counts():
 def test_ape_search_equals_scoring_every_candidate_with_the_head():
     support, query, truth, text = _episodes(E=6, N=4, K=2, M=12, D=24, seed=5)
     task = _task(support, query, truth)
-    space = lambda s, c: C.TextSpace(text, lambda x: F.normalize(x, dim=-1), s)  # noqa: E731
+    space = lambda s, c: TextSpace(text, lambda x: F.normalize(x, dim=-1), s)  # noqa: E731
     grid = {
         "w_sim": (0.2, 0.7),
         "feat_frac": (0.5, 1.0),
@@ -306,13 +309,13 @@ def test_fits_are_deterministic_and_without_validation_use_the_authors_defaults(
     assert sa.hparams == sb.hparams and all(torch.equal(sa.tensors[k], sb.tensors[k]) for k in sa.tensors)
     # no validation data at all: the authors' own fallbacks, said so in the state
     for name in ("allway_val_task", "episodic_val_task"):
-        monkeypatch.setattr(C, name, lambda *a, **k: None)
+        monkeypatch.setattr(validation, name, lambda *a, **k: None)
     r = api.adapt(
         AdaptConfig(store=str(st.path), method=method, shots=2, out=str(tmp_path / "none"), device="cpu"), progress=None
     )
     s = load_state(r.out)
     want = transferred_default(2) if method == "proker" else APE_DEFAULT
-    for regime in (C.EPISODIC, C.ALLWAY):
+    for regime in (EPISODIC, ALLWAY):
         assert {k: s.hparams[f"{regime}.{k}"] for k in want} == want
         assert all(s.selected_on[f"{regime}.{k}"].startswith("default (no validation data)") for k in want)
 
@@ -362,16 +365,14 @@ def test_stored_views_are_the_rows_of_proker_and_the_cache_keys_of_ape(tmp_path)
     st = states["proker"]
     ts, views = B.own_shots(st, store)
     n = ts.support.shape[1]
-    rows = C.view_rows(ts, views).reshape(1, n * 8, -1)
+    rows = view_rows(ts, views).reshape(1, n * 8, -1)
     torch.testing.assert_close(st.tensors["allway.fitted.rows"], rows)
     labels = torch.arange(n).repeat_interleave(8)[None]
-    coef = proker_coef(
-        rows, labels, F.normalize(ts.weights, dim=-1), C.hp(st, C.ALLWAY, "beta"), C.hp(st, C.ALLWAY, "lam")
-    )
+    coef = proker_coef(rows, labels, F.normalize(ts.weights, dim=-1), hp(st, ALLWAY, "beta"), hp(st, ALLWAY, "lam"))
     torch.testing.assert_close(st.tensors["allway.fitted.coef"], coef)
     st = states["ape"]
     ts, views = B.own_shots(st, store)
-    torch.testing.assert_close(st.tensors["allway.fitted.keys"], C.view_keys(ts, views))
+    torch.testing.assert_close(st.tensors["allway.fitted.keys"], view_keys(ts, views))
 
 
 @pytest.mark.parametrize("method", ["proker", "ape"])

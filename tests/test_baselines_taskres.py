@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import METHODS, load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt import validation
 from fskd.methods.adapt.clap import lr_at as dassl_lr
 from fskd.methods.adapt.cross_modal_lp import (
     fit_weights,
@@ -25,7 +25,10 @@ from fskd.methods.adapt.cross_modal_lp import (
     train_probe,
     valid_batch_sizes,
 )
+from fskd.methods.adapt.regimes import ALLWAY, allway_rows
 from fskd.methods.adapt.taskres import default_epochs, fit_residuals, residual_grad, train_residual
+from fskd.methods.adapt.text_space import class_text, support_text_space
+from fskd.methods.adapt.validation import allway_val_task, hp
 from tests import baseline_helpers as B
 
 R2 = 2**-0.5
@@ -223,10 +226,10 @@ def test_cross_modal_search_breaks_ties_in_the_authors_order(baseline_stores):
     strict ``>``, at both levels); its weights at that checkpoint are kept."""
     st = baseline_stores["joint"]
     cfg = AdaptConfig(store=str(st.path), method="cross-modal-lp", shots=2, out="unused", device="cpu")
-    task = C.allway_val_task(st, cfg, torch.device("cpu"))
-    text = C.class_text(st, cfg, "cross-modal-lp")[0]
+    task = allway_val_task(st, cfg, torch.device("cpu"))
+    text = class_text(st, cfg, "cross-modal-lp")[0]
     opts = METHODS.get("cross-modal-lp").options(iters=120, eval_every=40)
-    space = lambda s, c: C.support_text_space(s, c, text, True, None)  # noqa: E731
+    space = lambda s, c: support_text_space(s, c, text, True, None)  # noqa: E731
     choice, _ = search(task, space, {"lr": (1e-3, 1e-4), "weight_decay": (0.0, 1e-2), "batch_size": (8, 32)}, opts, 1)
     order = [(r["lr"], r["weight_decay"], r["batch_size"], r["steps"]) for r in choice.table]
     assert order == [(lr, wd, b, s) for lr in (1e-3, 1e-4) for wd in (0.0, 1e-2) for b in (8, 32) for s in (1, 41, 81)]
@@ -265,7 +268,7 @@ def test_kept_heads_equal_a_refit_on_the_same_shots(baseline_stores, tmp_path):
     """The all-way head kept in the state is what training the chosen settings on the state's
     shots gives (cross-modal-lp: the winner trained alone for its chosen steps)."""
     st = baseline_stores["pair"]
-    x, _, classes = C.allway_rows(st, 2, 1)
+    x, _, classes = allway_rows(st, 2, 1)
     support = torch.from_numpy(x).reshape(len(classes), 2, -1)[None]
     cls = torch.from_numpy(classes)[None]
     for method, opts in (("taskres", {"alpha": [0.5, 2.0], "val_episodes": 20}), ("cross-modal-lp", FAST_CM)):
@@ -276,18 +279,18 @@ def test_kept_heads_equal_a_refit_on_the_same_shots(baseline_stores, tmp_path):
             progress=None,
         )
         state = load_state(r.out)
-        ts = C.support_text_space(support, cls, state.tensors["text"], st.joint, C.hp(state, C.ALLWAY, "ridge"))
+        ts = support_text_space(support, cls, state.tensors["text"], st.joint, hp(state, ALLWAY, "ridge"))
         if method == "taskres":
             assert state.selected_on["allway.alpha"].startswith("chosen on val split")
             refit = fit_residuals(
                 ts,
-                [C.hp(state, C.ALLWAY, "alpha")],
+                [hp(state, ALLWAY, "alpha")],
                 1,
                 {k: state.hparams[k] for k in ("epochs", "lr", "batch_size", "weight_decay")},
             )[0]
             torch.testing.assert_close(state.tensors["allway.fitted.residual"], refit)
         else:
-            torch.testing.assert_close(state.tensors["allway.fitted.weights"], fit_weights(ts, state, C.ALLWAY, 1))
+            torch.testing.assert_close(state.tensors["allway.fitted.weights"], fit_weights(ts, state, ALLWAY, 1))
 
 
 def test_fits_are_deterministic_for_a_seed(baseline_stores, tmp_path):
@@ -324,15 +327,15 @@ def test_validation_rows_read_by_cross_modal_lp_and_not_by_taskres(baseline_stor
         raise AssertionError("a validation row was read")
 
     st = baseline_stores["joint"]
-    real = {n: getattr(C, n) for n in ("allway_val_task", "episodic_val_task", "allway_val_rows")}
+    real = {n: getattr(validation, n) for n in ("allway_val_task", "episodic_val_task", "allway_val_rows")}
     for name in real:
-        monkeypatch.setattr(C, name, refuse)
+        monkeypatch.setattr(validation, name, refuse)
     r = api.adapt(
         AdaptConfig(store=str(st.path), method="taskres", shots=2, out=str(tmp_path / "t"), device="cpu"), progress=None
     )
     assert not any("chosen on" in str(v) for v in r.selected_on.values()), r.selected_on
     for name, fn in real.items():
-        monkeypatch.setattr(C, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
+        monkeypatch.setattr(validation, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
     api.adapt(
         AdaptConfig(
             store=str(st.path), method="cross-modal-lp", shots=2, out=str(tmp_path / "c"), device="cpu", options=FAST_CM

@@ -233,6 +233,7 @@ def test_executor_settings_are_checked_before_anything_runs(stores, tmp_path):
 def test_a_jobs_body_runs_its_cells_with_the_drivers_storage_options(stores, tmp_path):
     """What a job runs, here in-process: only its cells, each row in its own file, with the storage
     options the driver was given (a job is a fresh process: they travel in its call)."""
+    from fskd.bench import grid as bench_grid
     from fskd.bench.runner import GridPlan
     from fskd.bench.slurm import cell_path, read_cells
     from fskd.store import location
@@ -242,7 +243,7 @@ def test_a_jobs_body_runs_its_cells_with_the_drivers_storage_options(stores, tmp
     (plan.out / "bench.json").write_text(json.dumps(plan.meta({})))
     keys = [c.key for c in plan.cells[:2]]
     try:
-        counts = api._bench_job(cfg.to_dict(), keys, str(tmp_path / "scratch"), {"anon": True})
+        counts = bench_grid.job(cfg.to_dict(), keys, str(tmp_path / "scratch"), {"anon": True})
         assert location.configured() == {"anon": True}
     finally:
         location.configure(None)

@@ -127,7 +127,7 @@ def test_bad_input_exits_2_with_a_clear_message(image_folder, tmp_path):
     res = runner.invoke(app, ["eval", "--store", str(store), "--protocol", "bogus"])  # a real choice: fails in parsing
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert res.exit_code == 2 and len(errors) == 1 and "--protocol 'bogus' is not one of episodic" in errors[0]
-    res = runner.invoke(app, ["eval", "--store", str(store), "--split", "val"])
+    res = runner.invoke(app, ["eval", "--store", str(store), "--shots", "1", "--split", "val"])
     assert res.exit_code == 2 and "'val' class split is empty" in res.output
     res = runner.invoke(
         app,

@@ -84,8 +84,8 @@ def test_info_imports_no_torch(fitted):
 def test_eval_imports_no_image_model_library(fitted, how, tmp_path):
     store, lp, fma = fitted
     args = {
-        "episodic": ["--episodes", "20"],
-        "allway": ["--protocol", "allway"],
+        "episodic": ["--shots", "1", "--episodes", "20"],
+        "allway": ["--protocol", "allway", "--shots", "1"],
         "linear-probe state": ["--state", lp, "--shots", "2", "--episodes", "20"],
         "fma state": ["--state", fma, "--protocol", "allway", "--shots", "2", "--seeds", "1"],
     }[how]

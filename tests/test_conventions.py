@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fskd import __version__, api
 from fskd.cli import app
-from fskd.config import AdaptConfig, AlignConfig, EvalConfig
+from fskd.config import AdaptConfig, AlignConfig, DistillConfig, EvalConfig
 from fskd.errors import EvaluationError
 from fskd.methods import load_state
 from fskd.store import FeatureStore
@@ -185,17 +185,63 @@ def test_class_split_override_is_recorded_and_reused(synthetic_store, tmp_path):
     assert state.hparams["class_split"]["novel"] == [9, 10, 11]
     assert state.selected_on["class_split"].startswith("override: file")
     # eval with the state uses the state's split: 3 novel classes, not the store's
-    r = json.loads(ok("eval", "--store", st.path, "--state", out, "--way", "3", "--episodes", "10", "--json").stdout)
+    r = json.loads(
+        ok(
+            "eval", "--store", st.path, "--state", out, "--shots", "1", "--way", "3", "--episodes", "10", "--json"
+        ).stdout
+    )
     assert r["classes"] == 3
-    res = runner.invoke(app, ["eval", "--store", str(st.path), "--state", str(out), "--class-ratio", "0.5,0.25,0.25"])
+    res = runner.invoke(
+        app, ["eval", "--store", str(st.path), "--state", str(out), "--shots", "1", "--class-ratio", "0.5,0.25,0.25"]
+    )
     assert res.exit_code == 2 and "another class split" in res.output
     r = json.loads(
         ok(
-            "eval", "--store", st.path, "--class-ratio", "0.5,0.25,0.25", "--way", "3", "--episodes", "10", "--json"
+            "eval",
+            "--store",
+            st.path,
+            "--shots",
+            "1",
+            "--class-ratio",
+            "0.5,0.25,0.25",
+            "--way",
+            "3",
+            "--episodes",
+            "10",
+            "--json",
         ).stdout
     )
     assert r["classes"] == 3
     assert FeatureStore.open(st.path).attrs["class_split"]["source"] != "override"  # the store is untouched
+
+
+def test_every_verb_has_the_same_shots_default():
+    """One name per idea all the way down: each verb's ``--shots`` (one number; bench sweeps a
+    list) has the same default on the command line and in its Python config."""
+    import dataclasses
+
+    import click
+    from typer.main import get_command
+
+    def commands(group, prefix=()):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, (*prefix, name))
+            else:
+                yield " ".join((*prefix, name)), cmd
+
+    cli_defaults = {
+        name: p.default
+        for name, cmd in commands(get_command(app))
+        for p in cmd.params
+        if p.name == "shots" and name != "bench"
+    }
+    assert {"eval", "adapt", "align", "distill"} <= set(cli_defaults), cli_defaults
+    config_defaults = {
+        cfg.__name__: next(f.default for f in dataclasses.fields(cfg) if f.name == "shots")
+        for cfg in (EvalConfig, AdaptConfig, AlignConfig, DistillConfig)
+    }
+    assert set(cli_defaults.values()) == set(config_defaults.values()) == {4}, (cli_defaults, config_defaults)
 
 
 def test_info_is_for_people_and_json_for_scripts(synthetic_store):

@@ -66,16 +66,17 @@ def fitted(images, tmp_path_factory):
 
 def eval_predictions(store: Path, state: Path) -> tuple[np.ndarray, list[str]]:
     """What `fskd eval --state --protocol allway` predicts for each test row (its own code path:
-    api._head, store_rows, sample_shots, the head's fit and predict), and the rows' sample ids."""
+    fskd.verbs.evaluate.head_for, store_rows, sample_shots, the head's fit and predict), and the rows' sample ids."""
     from fskd.methods import load_state
     from fskd.protocols.allway import store_rows
     from fskd.store.sampling import sample_shots
+    from fskd.verbs.evaluate import head_for
 
     st = load_state(state)
     k, seed = st.config["shots"], st.config["seed"]
     cfg = EvalConfig(store=str(store), state=str(state), protocol="allway", shots=k, seeds=(seed,), device="cpu")
     s = FeatureStore.open(store)
-    head, _, _ = api._head(cfg, s, torch.device("cpu"), st)
+    head, _, _ = head_for(cfg, s, torch.device("cpu"), st)
     take, train_y = store_rows(s, "train", torch.device("cpu"))
     test_x, test_y = s.gather(None, ["test"])
     classes = np.unique(test_y)

@@ -110,7 +110,7 @@ def test_allway_shot_sampling():
 def test_text_classifier_needs_joint_space(synthetic_store):
     pair = synthetic_store(joint=False)
     with pytest.raises(EvaluationError, match="needs class text features in image space"):
-        api.evaluate(EvalConfig(store=str(pair.path), classifier="text", episodes=10))
+        api.evaluate(EvalConfig(store=str(pair.path), classifier="text", shots=1, episodes=10))
     joint = synthetic_store(joint=True, noise=0.3)
     r = api.evaluate(EvalConfig(store=str(joint.path), classifier="text", episodes=100, shots=1))
     assert r.accuracy > 60  # text anchors are the class means plus a shared gap

@@ -561,16 +561,18 @@ def test_json_errors_are_one_json_object_on_stderr(store, tmp_path):
 def test_report_write_failure_prints_the_result_first(store, tmp_path, monkeypatch):
     import errno
 
-    import fskd.api
+    import fskd.verbs.evaluate
 
     def full_disk(directory, name, *a, **k):  # the disk fills up after the check, while the eval ran
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(directory) / f"{name}.json"))
 
-    monkeypatch.setattr(fskd.api, "write_report", full_disk)
+    monkeypatch.setattr(fskd.verbs.evaluate, "write_report", full_disk)
     res = cli(
         "eval",
         "--store",
         store,
+        "--shots",
+        "1",
         "--way",
         "2",
         "--query",

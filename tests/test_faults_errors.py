@@ -22,8 +22,8 @@ from fskd.config import MAX_EPISODES, EvalConfig
 from fskd.errors import ConfigError, StoreError
 from fskd.methods import load_state
 from fskd.methods.base import save_state
+from fskd.protocols.episodic import iter_episodes, sample_episodes
 from fskd.store import FeatureStore
-from fskd.store.sampling import iter_episodes, sample_episodes
 from tests import test_faults
 from tests.test_faults import ENV, cli, user_error
 

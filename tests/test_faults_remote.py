@@ -288,7 +288,7 @@ def test_a_live_creator_is_refused_and_a_gone_or_foreign_one_is_taken_over(image
     """A root marker written by a process that still runs on this machine: refused, nothing
     changed. Once it is gone, or when the marker names another machine, the next run makes the
     store again, leftovers of the interrupted creation removed."""
-    from fskd.store.store import _creator, _group_json, _proc_stat
+    from fskd.store.creation import _creator, _group_json, _proc_stat
 
     url = f"{s3_bucket}/claimed.zarr"
     fs = _s3()
@@ -325,7 +325,7 @@ def test_a_live_creator_is_refused_and_a_gone_or_foreign_one_is_taken_over(image
 def test_a_taken_over_creation_cannot_commit(s3_bucket):
     """Of two creators, only the one holding the claim writes the completion marker (a PUT
     conditional on its claim); the other gets a clean StoreError."""
-    from fskd.store.store import _claim_creation, _commit_creation
+    from fskd.store.creation import _claim_creation, _commit_creation
 
     loc = Location(f"{s3_bucket}/two.zarr")
     first = _claim_creation(loc, "first")

@@ -15,7 +15,8 @@ from fskd import api
 from fskd.config import AdaptConfig, BenchConfig, DistillConfig
 from fskd.errors import ConfigError
 from fskd.methods import METHODS, load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.regimes import FITTED
+from fskd.methods.adapt.validation import NO_VALIDATION, VAL_SPLIT, VAL_SPLIT_FEW
 from fskd.store import FeatureStore, StoreView
 from fskd.store.synthetic import make_synthetic_store
 from tests.test_adapt import fast, with_recipes
@@ -147,7 +148,7 @@ def test_validation_policies_read_what_they_say(store, tmp_path, monkeypatch):
         state = load_state(tmp_path / policy)
         assert state.hparams["hp_selection"] == policy
         assert state.selected_on["allway.alpha"] == "chosen on " + (
-            C.VAL_SPLIT if policy == "full-val" else C.VAL_SPLIT_FEW
+            VAL_SPLIT if policy == "full-val" else VAL_SPLIT_FEW
         )
     train = store.labels("train")
     n_cls = len(np.unique(train[train >= 0]))
@@ -172,7 +173,7 @@ def test_none_keeps_each_methods_default(store, tmp_path):
     )
     state = load_state(tmp_path / "t")
     assert state.hparams["allway.alpha"] == 1.0 and state.hparams["allway.beta"] == 5.5
-    assert state.selected_on["allway.alpha"] == C.NO_VALIDATION
+    assert state.selected_on["allway.alpha"] == NO_VALIDATION
 
 
 def test_methods_without_a_validation_free_form_refuse(store, tmp_path):
@@ -250,7 +251,7 @@ def test_tip_adapter_f_under_none_trains_its_whole_budget(store, tmp_path):
     state = load_state(tmp_path / "f")
     assert state.hparams["allway.epochs"] == state.hparams["epoch_budget"] == 20
     assert "the last kept" in state.selected_on["allway.epochs"]
-    keys = state.tensors[f"{C.FITTED}.keys"]
+    keys = state.tensors[f"{FITTED}.keys"]
     assert torch.isfinite(keys).all()
     # the kept keys were trained: the cache starts at the L2-normalised shots, AdamW moves them off the sphere
     assert keys.shape[-2] == store.num_classes * 2

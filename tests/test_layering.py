@@ -12,7 +12,8 @@ PKG = Path(__file__).resolve().parents[1] / "fskd"
 # `python -m fskd` (__main__) is the entry point, right of the CLI. `catalog` (what the CLI lists without
 # loading torch: registry entries, a store summary) sits just left of `api`, which re-exports it.
 # `evaluation` (metrics, TransCLIP) imports no other layer; the protocols that score with it and the
-# methods that use the protocols' sampling come after it.
+# methods that use the protocols' sampling come after it. `verbs` is what each verb does between its config
+# and its result (fit, evaluate), run by the bench and faced by `api`; `demo` is an application of the api.
 LAYERS = [
     "datasets",
     "encoders",
@@ -23,9 +24,11 @@ LAYERS = [
     "methods",
     "deploy",
     "reports",
+    "verbs",
     "bench",
     "catalog",
     "api",
+    "demo",
     "cli",
     "__main__",
 ]
@@ -94,7 +97,7 @@ def test_cli_imports_only_api():
     cli = PKG / "cli.py"
     # fskd.runtime: its CPU thread policy must be set before fskd.api imports torch; fskd.catalog: the
     # listings, --help choices and `fskd info`, which must not import fskd.api (torch)
-    allowed = {"fskd", "fskd.api", "fskd.catalog", "fskd.config", "fskd.errors", "fskd.runtime"}
+    allowed = {"fskd", "fskd.api", "fskd.catalog", "fskd.config", "fskd.errors", "fskd.runtime", "fskd.demo"}
     wrong = [
         (m, n) for m, n in imports_of(cli) if m.startswith("fskd") and m not in allowed and m != "fskd.__version__"
     ]

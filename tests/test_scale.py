@@ -95,14 +95,14 @@ def test_state_keeps_its_allway_head(store_100, tmp_path, monkeypatch, method, o
     import fskd.methods.adapt.lp_pp as lpp
     import fskd.methods.adapt.lpclip as lpclip
     import fskd.methods.adapt.tip_adapter_f as tf
-    from fskd.methods.adapt import _common as C
+    from fskd.methods.adapt.regimes import FITTED
     from fskd.methods.base import load_state, save_state
 
     out = tmp_path / "state"
     api.adapt(AdaptConfig(store=store_100, method=method, shots=4, out=str(out), options=options), progress=None)
     state = load_state(out)
-    kept = [k for k in state.tensors if k.startswith(C.FITTED + ".")]
-    assert f"{C.FITTED}.support_sha256" in kept and len(kept) >= 2, kept
+    kept = [k for k in state.tensors if k.startswith(FITTED + ".")]
+    assert f"{FITTED}.support_sha256" in kept and len(kept) >= 2, kept
 
     def ev(seed):
         return api.evaluate(

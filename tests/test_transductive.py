@@ -351,3 +351,53 @@ def test_api_base_to_new_in_batches(tmp_path):
     assert r.new is not None and r.base is not None
     assert r.transductive_setting["batches"] == r.transductive_setting["batches_per_seed"][0] >= 2
     assert "realistic setting" in r.protocol_text()
+
+
+# --- fskd bench --transductive: a row per TransCLIP setting ------------------------------------------
+
+
+def test_bench_transductive_rows_equal_eval_of_the_same_state(tmp_path):
+    from fskd.config import AdaptConfig, BenchConfig
+
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    out = tmp_path / "bench"
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "--stores",
+            str(st.path),
+            "--methods",
+            "tip-adapter",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--transductive",
+            "all,8:3",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "ok" and set(row["transductive"]) == {"all", "8:3"}
+    # the same fit scored by fskd eval: inductive, all at once, and in batches of 8 rows from 3 classes
+    fit = api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=2, seed=1, out=str(tmp_path / "tip")))
+    ev = dict(store=str(st.path), state=fit.out, protocol="allway", shots=2, seeds=(1,))
+    assert row["accuracy"] == pytest.approx(api.evaluate(EvalConfig(**ev)).accuracy)
+    assert row["transductive"]["all"]["accuracy"] == pytest.approx(
+        api.evaluate(EvalConfig(**ev, transductive=True)).accuracy
+    )
+    assert row["transductive"]["8:3"]["accuracy"] == pytest.approx(
+        api.evaluate(EvalConfig(**ev, transductive=True, batch=8, active_classes=3)).accuracy
+    )
+    table = (out / "table.md").read_text()
+    assert "| tip-adapter |" in table and "| tip-adapter +TransCLIP |" in table
+    assert "| tip-adapter +TransCLIP[8:3] |" in table and "in batches of 8 test rows drawn from 3" in table
+    # a setting that is neither 'all' nor B:C, or an episodic grid, is refused before any cell runs
+    with pytest.raises(ConfigError, match="'all'.*B:C"):
+        BenchConfig(stores=(str(st.path),), methods=("prototype",), transductive=("64",))
+    with pytest.raises(ConfigError, match="--transductive.*not episodic"):
+        BenchConfig(stores=(str(st.path),), methods=("prototype",), protocol="episodic", transductive=("all",))

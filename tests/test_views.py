@@ -13,7 +13,7 @@ from PIL import Image
 from fskd import api
 from fskd.config import AdaptConfig, AlignConfig, EvalConfig, ExtractConfig
 from fskd.methods import load_state
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.text_space import TextSpace
 from fskd.store import FeatureStore, sampling
 from fskd.store.extract import random_view, view_seed
 
@@ -100,7 +100,7 @@ def test_train_keys_with_views_starts_at_their_cache_and_moves():
     g = torch.Generator().manual_seed(0)
     sup = F.normalize(torch.randn(1, 3, 2, 8, generator=g), dim=-1)
     views = F.normalize(sup.reshape(1, 1, 6, 8) + 0.3 * torch.randn(1, 4, 6, 8, generator=g), dim=-1)
-    space = C.TextSpace(F.normalize(torch.randn(1, 3, 8, generator=g), dim=-1), lambda t: F.normalize(t, dim=-1), sup)
+    space = TextSpace(F.normalize(torch.randn(1, 3, 8, generator=g), dim=-1), lambda t: F.normalize(t, dim=-1), sup)
     keys0 = F.normalize(views.mean(1), dim=-1)
     assert torch.equal(train_keys(space, 2.0, 5.5, epochs=3, stop=0, views=views, keys0=keys0).keys, keys0)
     run = train_keys(space, 2.0, 5.5, epochs=3, views=views, keys0=keys0)

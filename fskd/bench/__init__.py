@@ -1,5 +1,4 @@
-"""``fskd bench``'s room: a grid's plan and the code that runs one cell (:mod:`fskd.bench.runner`),
-and where the cells run: in this process (``--executor local``) or as Slurm jobs through submitit
-(``--executor slurm``, :mod:`fskd.bench.slurm`). The results file, tables and plots are
-:mod:`fskd.reports.bench`. The verbs a cell runs (adapt, evaluate, ...) are given by
-:func:`fskd.api.bench`, so this room imports nothing to its right."""
+"""``fskd bench``'s room: reading a grid and running it (:mod:`fskd.bench.grid`), a grid's plan and
+the code that runs one cell (:mod:`fskd.bench.runner`), chained rows (:mod:`fskd.bench.chains`),
+and the Slurm executor (:mod:`fskd.bench.slurm`). The results file, tables and plots are
+:mod:`fskd.reports.bench`; a cell runs the verbs of :mod:`fskd.verbs`."""

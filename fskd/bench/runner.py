@@ -8,8 +8,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from fskd.bench.chains import (
     run_chain,
     stage_options,
 )
-from fskd.config import AdaptConfig, AlignConfig, DistillConfig, EvalConfig, ExtractConfig
+from fskd.config import AdaptConfig, AlignConfig, DistillConfig, EvalConfig, ExtractConfig, transductive_setting
 from fskd.errors import (
     ConfigError,
     EvaluationError,
@@ -48,23 +46,15 @@ from fskd.reports.bench import (
     is_bench_dir,
 )
 from fskd.store import FeatureStore
+from fskd.store.extract import extract
 from fskd.store.location import absolute_store
+from fskd.verbs.evaluate import evaluate
+from fskd.verbs.fit import adapt, align, distill
 
 log = logging.getLogger(__name__)
 
 #: ``fskd distill``'s own settings a bench grid gives among a distill method's options
 BENCH_DISTILL_FIELDS = ("student", "regime", "losses", "epochs", "root", "online_teacher", "teacher_state")
-
-
-@dataclass(frozen=True)
-class Verbs:
-    """The verbs a cell runs (``fskd.api``'s), handed in by the caller."""
-
-    adapt: Callable
-    align: Callable
-    distill: Callable
-    evaluate: Callable
-    extract: Callable
 
 
 def distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict]:
@@ -271,6 +261,7 @@ class GridPlan:
                 setting,
                 self.fit_method[m] if self.fit_method[m] != m else "",
                 self.chains[m].text() if m in self.chains else "",
+                json.dumps(list(config.transductive)) if config.transductive else "",
             )
             for st, label, m, h, k, s in order
         ]
@@ -341,8 +332,8 @@ class CellRunner:
     distilled student's store, with a chain's teacher and head states (removed after each cell
     unless --keep-states)."""
 
-    def __init__(self, plan: GridPlan, verbs: Verbs, tmp_state: Path, tmp_student: Path) -> None:
-        self.plan, self.verbs = plan, verbs
+    def __init__(self, plan: GridPlan, tmp_state: Path, tmp_student: Path) -> None:
+        self.plan = plan
         self.tmp_state, self.tmp_student = tmp_state, tmp_student
         self.fitted: dict = {}  # the last fit: (store, method, K, seed, options) -> FitResult, reused across targets
 
@@ -369,7 +360,7 @@ class CellRunner:
         """Fit the method ``name`` with ``options`` on ``store_path`` into ``state_dir`` for the cell's
         shots, seed, hyper-parameter selection and class split (a distill method: with the DistillConfig
         settings ``fields``). A row's fit, or one stage of a chain row's."""
-        plan, config, v = self.plan, self.plan.config, self.verbs
+        plan, config = self.plan, self.plan.config
         cls = METHODS.get(name)
         options = dict(options)
         if "regime" in getattr(cls.options, "__dataclass_fields__", {}) and "regime" not in options:
@@ -394,12 +385,8 @@ class CellRunner:
         if plan.episodic and config.class_ratio is not None:
             kw.update(class_ratio=config.class_ratio, split_seed=cell.seed)
         if cls.kind == "distill":
-            return v.distill(DistillConfig(**kw, **(fields or {})), progress=None)
-        return (
-            v.adapt(AdaptConfig(**kw), progress=None)
-            if cls.kind == "adapt"
-            else v.align(AlignConfig(**kw), progress=None)
-        )
+            return distill(DistillConfig(**kw, **(fields or {})))
+        return adapt(AdaptConfig(**kw)) if cls.kind == "adapt" else align(AlignConfig(**kw))
 
     def _student_store(self, teacher: FeatureStore, state_dir: Path, path: Path, root: str | None) -> dict:
         """Extract the teacher store's dataset with the student of ``state_dir`` into ``path`` (the same
@@ -430,7 +417,7 @@ class CellRunner:
             **({"root": root} if root else {}),
         )  # root: the images moved
         t0 = time.perf_counter()
-        r = self.verbs.extract(ExtractConfig.from_dict(src), progress=None)
+        r = extract(ExtractConfig.from_dict(src))
         return {"extract_seconds": round(time.perf_counter() - t0, 3), "student_images_per_s": r.images_per_s}
 
     def run(self, cell: Cell) -> dict:
@@ -500,9 +487,32 @@ class CellRunner:
                 if plan.episodic
                 else dict(protocol=protocol, seeds=(cell.seed,))
             )
-            ev = self.verbs.evaluate(
+            ev = evaluate(
                 EvalConfig(store=eval_store, state=str(state_dir), shots=cell.shots, device=config.device, **how)
             )
+            transductive = {}
+            for setting in json.loads(cell.transductive or "[]"):  # the same state, its test rows classified jointly
+                batch, active = transductive_setting(setting)
+                tr = evaluate(
+                    EvalConfig(
+                        store=eval_store,
+                        state=str(state_dir),
+                        shots=cell.shots,
+                        device=config.device,
+                        transductive=True,
+                        batch=batch,
+                        active_classes=active,
+                        **how,
+                    )
+                )
+                transductive[setting] = {
+                    "accuracy": tr.accuracy,
+                    "top5": tr.top5,
+                    "mean_per_class": tr.mean_per_class,
+                    **({"base": tr.base, "new": tr.new, "hm": tr.hm} if cell.protocol == "base-to-new" else {}),
+                    "eval_seconds": tr.eval_seconds,
+                    "setting": tr.transductive_setting,
+                }
         except FskdError as e:
             for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop
                 if not plan.by_path[p].location.exists():
@@ -530,6 +540,7 @@ class CellRunner:
             "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
             "fit_seconds": fit.seconds,
             "eval_seconds": ev.eval_seconds,
+            **({"transductive": transductive} if transductive else {}),
             **extra,
             "warnings": fit.warnings + ev.warnings,
             "encoder": ev.encoder,

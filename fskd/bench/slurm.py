@@ -33,7 +33,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fskd.bench.runner import CellRunner, GridPlan, Verbs
+from fskd.bench.runner import CellRunner, GridPlan
 from fskd.errors import ConfigError, OutputError
 from fskd.fsutil import atomic_write_text, fault_point, read_small_file
 from fskd.reports.bench import FAILED, NA, OK, Cell, Results, cell_row
@@ -113,7 +113,7 @@ def job_tag() -> str:
     return os.environ.get("SLURM_JOB_ID") or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def run_job(config, keys: list[str], scratch: Path, verbs: Verbs) -> dict:
+def run_job(config, keys: list[str], scratch: Path) -> dict:
     """A job's body: run the grid's cells ``keys`` in grid order, each row written to its cell file
     as it finishes. Cells with a file of an earlier attempt of this job are not run again."""
     import torch
@@ -134,7 +134,7 @@ def run_job(config, keys: list[str], scratch: Path, verbs: Verbs) -> dict:
     if missing:
         raise ConfigError(f"slurm job {tag}: {len(missing)} cell(s) are not cells of the grid in {plan.out}")
     own = Path(scratch) / tag
-    runner = CellRunner(plan, verbs, own / "state", own / "student")
+    runner = CellRunner(plan, own / "state", own / "student")
     counts = {OK: 0, NA: 0, FAILED: 0, "skipped": 0}
     try:
         for i, cell in enumerate(cells):

@@ -1,29 +1,128 @@
 """Episodic N-way K-shot evaluation, batched over episodes (classes of one class split, the novel
 one by default; mean accuracy and a 95% CI over episodes).
 
-Episodes are sampled with array operations (no Python loop per episode or per class) by
-:mod:`fskd.store.sampling` (``iter_episodes``; methods draw their validation episodes with the
-same code), in batches whose memory does not grow with the episode count, gathered into
+Episodes are sampled here with array operations (no Python loop per episode or per class:
+``iter_episodes``; methods draw their validation episodes with the same code), in batches whose memory does not grow with the episode count, gathered into
 (E, N, K, D) support and (E, N*Q, D) query tensors, and scored by the head in batches of episodes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fskd.errors import EvaluationError
+from fskd.errors import EvaluationError, FskdError
 from fskd.evaluation.metrics import EPISODE_CI, mean_ci95
 from fskd.protocols import PROTOCOLS
 from fskd.protocols.base import EvalContext, EvalResult, Scored, StoreProtocol
-from fskd.store.sampling import Episodes, iter_episodes, sample_episodes
+from fskd.store.sampling import class_name, class_runs
 
 if TYPE_CHECKING:
     from fskd.classifiers.base import Head
+
+
+@dataclass
+class Episodes:
+    """Row indices into a label array: support (E, N, K), query (E, N, Q); classes (E, N)."""
+
+    support: np.ndarray
+    query: np.ndarray
+    classes: np.ndarray
+
+
+def sample_episodes(
+    labels: np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    class_names: list[str] | None = None,
+    error: type[FskdError] = EvaluationError,
+) -> Episodes:
+    """``episodes`` N-way K-shot Q-query episodes over rows whose label is in ``classes``, all
+    sampled at once with array operations (no loop per episode or per class).
+
+    Raises ``error`` naming the class and the counts when a class has fewer than shot + query
+    rows, or when fewer than ``way`` classes are given. :func:`iter_episodes` draws the very same
+    episodes in batches (memory bounded whatever their number).
+    """
+    parts = list(iter_episodes(labels, classes, way, shot, query, episodes, seed, class_names, error, max_keys=None))
+    if len(parts) == 1:
+        return parts[0]
+    return Episodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("support", "query", "classes")))
+
+
+#: random keys (float64) drawn per batch of :func:`iter_episodes`: 32 MiB, whatever the episode count
+EPISODE_KEYS = 1 << 22
+
+
+def iter_episodes(
+    labels: np.ndarray,
+    classes: Sequence[int] | np.ndarray,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    class_names: list[str] | None = None,
+    error: type[FskdError] = EvaluationError,
+    multiple: int = 1,
+    max_keys: int | None = EPISODE_KEYS,
+) -> Iterator[Episodes]:
+    """The episodes of :func:`sample_episodes` (the same ones, for the same arguments) in batches
+    of a multiple of ``multiple`` episodes holding at most about ``max_keys`` random keys (None:
+    one batch), so sampling 10^6 episodes takes the memory of a few thousand. The checks run
+    before the first batch is asked for.
+
+    The two random streams of the one-shot draw are kept: the classes of every episode come first
+    (episodes x classes draws), then the row keys; a second generator starts where the keys do
+    (``advance``), so each batch continues both streams exactly where the previous one stopped."""
+    classes = np.asarray(sorted(set(int(c) for c in classes)))
+    labels = np.asarray(labels)
+    if len(classes) < way:
+        raise error(f"{way}-way episodes need at least {way} classes; the split has {len(classes)}")
+    need = shot + query
+    order = np.argsort(labels, kind="stable")
+    starts, counts = class_runs(labels[order], classes)
+    short = np.flatnonzero(counts < need)
+    if len(short):
+        i = int(short[0])
+        raise error(
+            f"class {class_name(classes, i, class_names)!r} has {counts[i]} samples, fewer than shot + query = "
+            f"{shot} + {query} = {need}" + (f" ({len(short)} classes are short)" if len(short) > 1 else "")
+        )
+    width = int(counts.max())
+    offs = np.arange(width)
+    # members: (C, width) row indices per class, padded with -1
+    members = np.where(
+        offs[None, :] < counts[:, None], order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1
+    )
+    step = max(1, episodes if max_keys is None else multiple * max(1, max_keys // (multiple * way * width)))
+    cls_rng = np.random.default_rng(seed)  # (E, C) class draws first ...
+    key_bits = np.random.PCG64(seed)  # default_rng(seed)'s bit generator
+    key_bits.advance(episodes * len(classes))  # ... then the (E, N, width) row keys
+    key_rng = np.random.Generator(key_bits)
+
+    def batches() -> Iterator[Episodes]:
+        for start in range(0, max(episodes, 1), step):  # no episodes: one empty batch
+            e = min(step, episodes - start)
+            # classes per episode: the first `way` of a random permutation of the classes
+            ep_cls = np.argsort(cls_rng.random((e, len(classes))), axis=1)[:, :way]  # (e, N) positions
+            # rows per (episode, way): the `need` smallest random keys among the class's members
+            keys = key_rng.random((e, way, width))
+            keys[offs[None, None, :] >= counts[ep_cls][:, :, None]] = np.inf
+            pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
+            rows = np.take_along_axis(members[ep_cls], pick, axis=2)  # (e, N, need)
+            yield Episodes(support=rows[:, :, :shot], query=rows[:, :, shot:], classes=classes[ep_cls])
+
+    return batches()
 
 
 def _rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

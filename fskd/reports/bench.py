@@ -64,6 +64,7 @@ class Cell:
     setting: str = ""  # episodic: JSON of way, query, episodes, episode seed and class ratio
     fit_method: str = ""  # a variant row (LABEL=METHOD): the registered method fitted under the label ``method``
     stages: str = ""  # a chain row: its stages, "mtkd(base-novel) -> syntrans" (fskd.bench.chains)
+    transductive: str = ""  # JSON list of the TransCLIP settings also scored ("all", "B:C"; --transductive)
 
     @property
     def key(self) -> str:
@@ -82,6 +83,7 @@ class Cell:
             + ([self.setting] if self.setting else [])
             + ([{"variant_of": self.fit_method}] if self.fit_method else [])
             + ([{"stages": self.stages}] if self.stages else [])
+            + ([{"transductive": self.transductive}] if self.transductive else [])
         )
 
     def label(self) -> str:
@@ -250,7 +252,31 @@ def _grid_rows(rows: Iterable[dict], keys: Sequence[str] | set[str] | None) -> l
         out = list(last.values())
     else:
         out = [last[k] for k in dict.fromkeys(keys) if k in last]
-    return by_selection(out)
+    return by_selection(with_transductive(out))
+
+
+def transductive_label(method: str, setting: str) -> str:
+    """A TransCLIP row's name: ``tip-adapter +TransCLIP`` (all test rows at once) or
+    ``tip-adapter +TransCLIP[64:4]`` (batches of 64 test rows from 4 classes)."""
+    return f"{method} +TransCLIP" if setting == "all" else f"{method} +TransCLIP[{setting}]"
+
+
+def with_transductive(rows: list[dict]) -> list[dict]:
+    """Each row followed by a row per TransCLIP setting its cell also scored (bench --transductive):
+    the same fit, its test rows classified jointly; a table row and a curve of their own."""
+    out = []
+    for r in rows:
+        out.append(r)
+        for setting, m in (r.get("transductive") or {}).items():
+            out.append(
+                {
+                    **{k: v for k, v in r.items() if k not in ("transductive", "ece", "nll")},
+                    **m,
+                    "key": f"{r['key']}#transductive={setting}",
+                    "method": transductive_label(r["method"], setting),
+                }
+            )
+    return out
 
 
 def by_selection(rows: list[dict]) -> list[dict]:
@@ -614,7 +640,22 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
     """The sentence under a bench table: its protocol's own (:meth:`fskd.protocols.base.Protocol.bench_text`);
     a bench folder that names no protocol (an earlier build) is all-way."""
     name = config.get("protocol")
-    return PROTOCOLS.get(name if name in PROTOCOLS else "allway")().bench_text(config, seeds, selection_text(config))
+    text = PROTOCOLS.get(name if name in PROTOCOLS else "allway")().bench_text(config, seeds, selection_text(config))
+    settings = config.get("transductive") or []
+    if settings:
+        text += (
+            " Rows `METHOD +TransCLIP` score the same fitted state with its test rows classified jointly "
+            "(TransCLIP, Zanella et al. 2024, on top of the state's logits; `fskd eval --transductive`): "
+            + "; ".join(
+                "all test rows at once"
+                if t == "all"
+                else f"`[{t}]`: in batches of {t.split(':')[0]} test rows drawn from {t.split(':')[1]} random "
+                f"classes, until every test row is scored (`--batch {t.split(':')[0]} --active-classes {t.split(':')[1]}`)"
+                for t in settings
+            )
+            + ". Their accuracy is of the joint assignments (no ECE: not the head's softmax)."
+        )
+    return text
 
 
 #: what the tables read of every row of results.jsonl: field -> type
@@ -643,6 +684,14 @@ def _row_problem(row) -> str | None:
         v = row.get(name)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
             return f"has {name} {v!r:.60} (a finite number or null expected)"
+    tr = row.get("transductive")
+    if tr is not None:
+        if not isinstance(tr, dict) or not all(isinstance(m, dict) for m in tr.values()):
+            return f"has transductive {tr!r:.60} (an object of TransCLIP settings, each an object expected)"
+        for setting, m in tr.items():
+            why = _row_problem({**{k: row[k] for k in ROW_FIELDS}, **{k: m.get(k) for k in ROW_METRICS}})
+            if why:
+                return f"has transductive[{setting!r}] that {why}"
     return None
 
 

@@ -57,8 +57,9 @@ from fskd.errors import DatasetError, Interrupted, StoreError
 from fskd.fsutil import check_writable, dir_lock, sha256_file
 from fskd.runtime import DistInfo, autocast, barrier, init_distributed, num_workers, resolve_device
 from fskd.store import schema as S
+from fskd.store.creation import SplitRows
 from fskd.store.location import Location, backend_errors
-from fskd.store.store import FeatureStore, SplitRows
+from fskd.store.store import FeatureStore
 
 if TYPE_CHECKING:
     from PIL import Image

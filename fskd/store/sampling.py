@@ -1,13 +1,13 @@
-"""Seeded, batched row sampling by label: the K shots of the all-way protocol and N-way K-shot
-episodes. It sits beside the store so that methods (validation during fitting) and evaluation
-draw rows with the very same code: a method fitted with ``--seed s`` sees the shots that the
-all-way protocol draws for seed ``s``.
+"""Seeded, batched row sampling by label: the K shots per class of the all-way protocol and the
+validation rows. It sits beside the store so that methods (validation during fitting), the store's
+views and evaluation draw rows with the very same code: a method fitted with ``--seed s`` sees the
+shots that the all-way protocol draws for seed ``s``. N-way K-shot episodes are the episodic
+protocol's (:mod:`fskd.protocols.episodic`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,16 +19,7 @@ if TYPE_CHECKING:
     from fskd.store.store import FeatureStore
 
 
-@dataclass
-class Episodes:
-    """Row indices into a label array: support (E, N, K), query (E, N, Q); classes (E, N)."""
-
-    support: np.ndarray
-    query: np.ndarray
-    classes: np.ndarray
-
-
-def _runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def class_runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where each class's rows start in label-sorted order, and how many there are."""
     starts = np.searchsorted(sorted_labels, classes)
     return starts, np.searchsorted(sorted_labels, classes, side="right") - starts
@@ -36,10 +27,10 @@ def _runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, n
 
 def class_counts(labels: np.ndarray, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """Rows per class, in the order of ``classes``."""
-    return _runs(np.sort(np.asarray(labels)), np.asarray(classes))[1]
+    return class_runs(np.sort(np.asarray(labels)), np.asarray(classes))[1]
 
 
-def _name(classes: np.ndarray, i: int, class_names: list[str] | None) -> str:
+def class_name(classes: np.ndarray, i: int, class_names: list[str] | None) -> str:
     return class_names[int(classes[i])] if class_names else str(classes[i])
 
 
@@ -61,13 +52,13 @@ def sample_shots(
     classes = np.asarray(classes)
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(labels)), labels))  # by label, random within a label
-    starts, counts = _runs(labels[order], classes)
+    starts, counts = class_runs(labels[order], classes)
     short = np.flatnonzero(counts < shot)
     if len(short):
         i = int(short[0])
         more = f" ({len(short)} classes are short; the smallest has {int(counts.min())})" if len(short) > 1 else ""
         raise error(
-            f"{option} {shot} is larger than available: class {_name(classes, i, class_names)!r} has "
+            f"{option} {shot} is larger than available: class {class_name(classes, i, class_names)!r} has "
             f"{counts[i]} samples in the {split!r} split{more}"
         )
     return order[starts[:, None] + np.arange(shot)[None, :]]
@@ -200,93 +191,3 @@ def describe_validation(rule: str, shots: int, n_rows: int, n_classes: int, seed
         f"{n_rows} val-split rows: min(K, 4) = {val_shots(shots)} per class of {n_classes} classes{short} (CoOp's "
         f"few-shot validation, seed {seed})"
     )
-
-
-def sample_episodes(
-    labels: np.ndarray,
-    classes: Sequence[int] | np.ndarray,
-    way: int,
-    shot: int,
-    query: int,
-    episodes: int,
-    seed: int,
-    class_names: list[str] | None = None,
-    error: type[FskdError] = EvaluationError,
-) -> Episodes:
-    """``episodes`` N-way K-shot Q-query episodes over rows whose label is in ``classes``, all
-    sampled at once with array operations (no loop per episode or per class).
-
-    Raises ``error`` naming the class and the counts when a class has fewer than shot + query
-    rows, or when fewer than ``way`` classes are given. :func:`iter_episodes` draws the very same
-    episodes in batches (memory bounded whatever their number).
-    """
-    parts = list(iter_episodes(labels, classes, way, shot, query, episodes, seed, class_names, error, max_keys=None))
-    if len(parts) == 1:
-        return parts[0]
-    return Episodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("support", "query", "classes")))
-
-
-#: random keys (float64) drawn per batch of :func:`iter_episodes`: 32 MiB, whatever the episode count
-EPISODE_KEYS = 1 << 22
-
-
-def iter_episodes(
-    labels: np.ndarray,
-    classes: Sequence[int] | np.ndarray,
-    way: int,
-    shot: int,
-    query: int,
-    episodes: int,
-    seed: int,
-    class_names: list[str] | None = None,
-    error: type[FskdError] = EvaluationError,
-    multiple: int = 1,
-    max_keys: int | None = EPISODE_KEYS,
-) -> Iterator[Episodes]:
-    """The episodes of :func:`sample_episodes` (the same ones, for the same arguments) in batches
-    of a multiple of ``multiple`` episodes holding at most about ``max_keys`` random keys (None:
-    one batch), so sampling 10^6 episodes takes the memory of a few thousand. The checks run
-    before the first batch is asked for.
-
-    The two random streams of the one-shot draw are kept: the classes of every episode come first
-    (episodes x classes draws), then the row keys; a second generator starts where the keys do
-    (``advance``), so each batch continues both streams exactly where the previous one stopped."""
-    classes = np.asarray(sorted(set(int(c) for c in classes)))
-    labels = np.asarray(labels)
-    if len(classes) < way:
-        raise error(f"{way}-way episodes need at least {way} classes; the split has {len(classes)}")
-    need = shot + query
-    order = np.argsort(labels, kind="stable")
-    starts, counts = _runs(labels[order], classes)
-    short = np.flatnonzero(counts < need)
-    if len(short):
-        i = int(short[0])
-        raise error(
-            f"class {_name(classes, i, class_names)!r} has {counts[i]} samples, fewer than shot + query = "
-            f"{shot} + {query} = {need}" + (f" ({len(short)} classes are short)" if len(short) > 1 else "")
-        )
-    width = int(counts.max())
-    offs = np.arange(width)
-    # members: (C, width) row indices per class, padded with -1
-    members = np.where(
-        offs[None, :] < counts[:, None], order[np.minimum(starts[:, None] + offs[None, :], len(order) - 1)], -1
-    )
-    step = max(1, episodes if max_keys is None else multiple * max(1, max_keys // (multiple * way * width)))
-    cls_rng = np.random.default_rng(seed)  # (E, C) class draws first ...
-    key_bits = np.random.PCG64(seed)  # default_rng(seed)'s bit generator
-    key_bits.advance(episodes * len(classes))  # ... then the (E, N, width) row keys
-    key_rng = np.random.Generator(key_bits)
-
-    def batches() -> Iterator[Episodes]:
-        for start in range(0, max(episodes, 1), step):  # no episodes: one empty batch
-            e = min(step, episodes - start)
-            # classes per episode: the first `way` of a random permutation of the classes
-            ep_cls = np.argsort(cls_rng.random((e, len(classes))), axis=1)[:, :way]  # (e, N) positions
-            # rows per (episode, way): the `need` smallest random keys among the class's members
-            keys = key_rng.random((e, way, width))
-            keys[offs[None, None, :] >= counts[ep_cls][:, :, None]] = np.inf
-            pick = np.argpartition(keys, need - 1, axis=2)[:, :, :need]
-            rows = np.take_along_axis(members[ep_cls], pick, axis=2)  # (e, N, need)
-            yield Episodes(support=rows[:, :, :shot], query=rows[:, :, shot:], classes=classes[ep_cls])
-
-    return batches()

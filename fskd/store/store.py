@@ -1,174 +1,37 @@
 """FeatureStore: open, create and read the Zarr feature store described in ``schema.py``.
 
 Reads stream by row chunk; nothing here needs a whole split in memory (``gather`` returns only
-the rows asked for).
+the rows asked for). The store's other parts are files of their own: its integrity checks and
+repair (``integrity.py``), its augmented views (``augmented.py``), the layout and root claim of a
+new store (``creation.py``) and the zarr arrays' codecs and access (``arrays.py``).
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
 import os
 import secrets
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.location import (
-    ConditionFailed,
-    Location,
-    backend_errors,
-    raise_if_backend,
-    remote_errors,
-)
+from fskd.store.arrays import _array, _subgroup
+from fskd.store.augmented import AugmentedViews
+from fskd.store.creation import SplitRows, _claim_creation, _commit_creation, _fill_layout
+from fskd.store.integrity import IntegrityMixin, _refuse_non_finite
+from fskd.store.location import Location, raise_if_backend, remote_errors
 
 if TYPE_CHECKING:
-    from zarr.abc.codec import BytesBytesCodec
-    from zarr.core.array_spec import ArrayConfigParams
     from zarr.core.common import AccessModeLiteral
-    from zarr.types import AnyArray
 
     from fskd.store.view import StoreView
-
-
-@dataclass
-class SplitRows:
-    """Rows of one sample split as written at creation (ids and labels known up front)."""
-
-    sample_ids: list[str]
-    labels: np.ndarray
-
-
-def _compressor() -> list[BytesBytesCodec]:
-    # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads;
-    # then a CRC-32C of the stored bytes, which zarr checks on every read of the chunk (schema.py)
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-
-
-#: every other array: no compression, the same read-time CRC-32C (labels, ids, flags, text)
-_CRC = [Crc32cCodec()]
-
-
-#: every chunk a writer stores exists as an object, even one equal to the fill value (schema.py)
-# (the ignore: zarr takes NotRequired from Python 3.11's typing, so mypy for 3.10 requires every key)
-_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item, unused-ignore]
-
-
-def _array(group: zarr.Group, name: str) -> AnyArray:
-    """``group[name]``, one of the schema's arrays (:meth:`FeatureStore.validate` checked that it is one)."""
-    return cast("AnyArray", group[name])
-
-
-def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
-    """``group[name]``, one of the schema's groups (a split, ``text``, ``views``)."""
-    return cast(zarr.Group, group[name])
-
-
-def _list_keys(arr: AnyArray) -> set[str]:
-    """The chunk keys stored for ``arr`` (relative to the array, e.g. ``c/3/0``)."""
-    from zarr.core.sync import sync
-
-    prefix = f"{arr.path}/" if arr.path else ""
-
-    async def _ls() -> list[str]:
-        return [k async for k in arr.store.list_prefix(prefix + "c/")]
-
-    return {k[len(prefix) :] for k in sync(_ls())}
-
-
-def _chunk_key(arr: AnyArray, coords: tuple[int, ...]) -> str:
-    return arr.metadata.encode_chunk_key(coords)
-
-
-def _verify_chunks(
-    features: AnyArray,
-    labels: AnyArray,
-    sums: np.ndarray,
-    written: np.ndarray,
-    rows: int,
-    bad: dict[int, str],
-    location: Location,
-) -> None:
-    """Re-compute the CRC-32 of every written row chunk not already in ``bad``; add the ones that
-    cannot be decoded or do not match their stored checksum to ``bad`` (chunk -> reason)."""
-    n = features.shape[0]
-    for i in np.flatnonzero(written):
-        c = int(i)
-        if c in bad:
-            continue
-        sl = slice(c * rows, min(n, (c + 1) * rows))
-        try:
-            crc = S.chunk_checksum(features[sl], labels[sl])
-        except Exception as e:  # undecodable chunk (a storage timeout is not damage: raised as such)
-            raise_if_backend(location, e)
-            bad[c] = f"cannot be decoded ({type(e).__name__}: {e})"
-            continue
-        if crc != int(sums[c]):
-            bad[c] = f"checksum mismatch (stored {int(sums[c]):08x}, read {crc:08x})"
-
-
-#: the exponent bits of each float dtype: all set is inf or NaN
-_EXPONENT = {
-    np.dtype(np.float16): (np.uint16, 0x7C00),
-    np.dtype(np.float32): (np.uint32, 0x7F800000),
-    np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
-}
-
-
-def _has_non_finite(block: np.ndarray) -> bool:
-    """Whether ``block`` holds NaN or inf: one integer test of the exponent bits (np.isfinite on
-    float16 costs as much as converting the block to float32, on every read)."""
-    kind = _EXPONENT.get(block.dtype)
-    if kind is None or not block.flags.c_contiguous:
-        return not bool(np.isfinite(block).all())
-    uint, mask = kind
-    return bool(((block.view(uint) & uint(mask)) == uint(mask)).any())
-
-
-def _refuse_non_finite(features: np.ndarray, labels: np.ndarray, where: str) -> None:
-    """Never store NaN or inf features for a readable row (the encoder diverged: fp16 overflow, a
-    broken checkpoint); the rows stay unwritten, so a rerun retries them."""
-    bad = ~np.isfinite(features).reshape(len(features), -1).all(axis=1) & (np.asarray(labels) >= 0)
-    if bad.any():
-        raise StoreError(
-            f"{where}: the encoder produced non-finite features (NaN or inf) for {int(bad.sum())} "
-            f"row(s), the first at offset {int(np.flatnonzero(bad)[0])}; nothing was written for them. "
-            f"Check the encoder"
-        )
-
-
-def _unrepairable_here(missing: str) -> bool:
-    """A missing text or sample-id chunk: not fixed by encoding row chunks again."""
-    return missing.startswith(f"{S.TEXT_GROUP}/") or f"/{S.SAMPLE_IDS} " in missing
-
-
-def _views_rows_text(info: dict[str, Any]) -> str:
-    r = info["rows"]
-    return (
-        "every readable train row"
-        if r.get("rule") == "all"
-        else f"the {r['shots']}-shot all-way shots of seeds {', '.join(map(str, r['seeds']))}"
-    )
-
-
-def describe_views(info: dict[str, Any]) -> str:
-    """One line naming a views group: how many views, of which rows, made how."""
-    t = info["transform"]
-    return (
-        f"{info['views']} augmented views per shot from the store (RandomResizedCrop {t['size']} px, scale "
-        f"{t['scale'][0]:g}-{t['scale'][1]:g}, {t['interpolation']}, horizontal flip p {t['flip']:g}, seed {t['seed']}; "
-        f"rows: {_views_rows_text(info)})"
-    )
 
 
 def _nearby(path: Path, limit: int = 5) -> str:
@@ -190,194 +53,6 @@ def _nearby(path: Path, limit: int = 5) -> str:
 
 def _location(path: str | Path | Location) -> Location:
     return path if isinstance(path, Location) else Location(path)
-
-
-def _fill_layout(
-    root: zarr.Group,
-    attrs: dict[str, Any],
-    splits: dict[str, SplitRows],
-    class_keys: list[str],
-    class_names: list[str],
-    prompts: list[str],
-    class_embeddings: np.ndarray | None,
-) -> None:
-    """Every array of a new store (schema.py), features unwritten; the root attributes are the caller's."""
-    cfg = _ARRAY_CONFIG
-    dim, rows, dtype = attrs["dim"], attrs["chunk_rows"], attrs["dtype"]
-    for split, r in splits.items():
-        g = root.create_group(split)
-        n = len(r.sample_ids)
-        nc = S.n_chunks(n, rows)
-        g.create_array(
-            S.FEATURES,
-            shape=(n, dim),
-            chunks=(rows, dim),
-            dtype=dtype,
-            fill_value=0,
-            compressors=_compressor(),
-            config=cfg,
-        )
-        lab = g.create_array(
-            S.LABELS, shape=(n,), chunks=(rows,), dtype="int32", fill_value=-1, compressors=_CRC, config=cfg
-        )
-        ids = g.create_array(S.SAMPLE_IDS, shape=(n,), chunks=(rows,), dtype=str, compressors=_CRC, config=cfg)
-        # one object per flag and checksum: torchrun ranks (and nodes) write disjoint chunks concurrently
-        g.create_array(
-            S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC, config=cfg
-        )
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
-        if n:
-            lab[:] = r.labels
-            ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
-    t = root.create_group(S.TEXT_GROUP)
-    for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
-        a = t.create_array(name, shape=(len(values),), dtype=str, compressors=_CRC, config=cfg)
-        if len(values):
-            a[:] = np.asarray(values, dtype=str)
-    if class_embeddings is not None:
-        e = t.create_array(
-            S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", compressors=_CRC, config=cfg
-        )
-        e[:] = class_embeddings.astype(np.float32)
-
-
-# -- creating a store on object storage (schema.py): the root claim ---------------------------------
-def _group_json(attributes: dict[str, Any]) -> bytes:
-    """A root group's ``zarr.json`` as zarr writes it (``GroupMetadata``), holding ``attributes``."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.group import GroupMetadata
-
-    return GroupMetadata(attributes=attributes).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-
-
-def _json_attrs(data: bytes | None) -> dict[str, Any]:
-    import json
-
-    if data is None:
-        return {}
-    try:
-        attrs = json.loads(data).get("attributes", {})
-    except (TypeError, ValueError, AttributeError):
-        return {}
-    return attrs if isinstance(attrs, dict) else {}
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks) of a process on this machine, from /proc (None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _creator(token: str) -> dict[str, Any]:
-    """Who is creating a store: written into the root marker, read by :func:`_creator_alive`."""
-    import socket
-    from datetime import datetime, timezone
-
-    stat = _proc_stat(os.getpid())
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start": stat[1] if stat else None,
-        "token": token,
-        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _creator_alive(creator: dict[str, Any]) -> bool:
-    """Whether the process named in a root marker still runs: only knowable on this machine (the
-    same host name, a live pid with the same start time). A marker from another machine, from a
-    process that is gone, or without a creator (an older fskd) is an interrupted creation."""
-    import socket
-
-    pid = creator.get("pid")
-    if creator.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, start = stat
-    return state not in ("Z", "X") and (creator.get("start") in (None, start))
-
-
-def _claim_creation(loc: Location, token: str) -> str | None:
-    """Put the root marker (``S.CREATING_FORMAT`` and this process as its creator): where no root
-    exists with ``If-None-Match: *``, over an interrupted creation's marker with ``If-Match`` its
-    ETag, so of two processes only one holds the claim. Returns the marker's ETag (for the
-    commit). Raises StoreError for a complete store, another format, objects fskd did not write, or
-    a creation a live process on this machine is running."""
-    marker = _group_json({"format": S.CREATING_FORMAT, "creator": _creator(token)})
-    for _ in range(5):
-        data, etag = loc.root_object()
-        if data is None:
-            others = loc.first_objects()
-            if others:
-                if loc.root_object()[0] is not None:  # another process's root appeared meanwhile: look again
-                    continue
-                raise StoreError(
-                    f"--store {loc} already holds objects fskd did not write ({', '.join(others)}, ...); "
-                    f"choose an empty prefix (nothing was changed)"
-                )
-            try:
-                return loc.put_root(marker, if_absent=True)
-            except ConditionFailed:  # another process put a root meanwhile (or our retried PUT did): look again
-                continue
-        have = _json_attrs(data)
-        fmt = have.get("format")
-        if fmt == S.FORMAT:
-            raise StoreError(
-                f"{loc} already exists (created by another fskd extract meanwhile?); run the same "
-                f"`fskd extract` again to resume into it"
-            )
-        if fmt != S.CREATING_FORMAT:
-            raise StoreError(
-                f"{loc} already exists and is not an fskd feature store (format {fmt!r}); fskd will not replace it"
-            )
-        creator = have.get("creator")
-        if not isinstance(creator, dict):
-            creator = {}
-        if creator.get("token") == token:  # our own PUT landed though its answer was lost
-            return etag
-        if _creator_alive(creator):
-            raise StoreError(
-                f"another fskd extract (pid {creator.get('pid')} on this machine, since "
-                f"{creator.get('since')}) is creating {loc}; rerun when it finishes (nothing was changed)"
-            )
-        logging.getLogger(__name__).info(
-            "%s: its creation was interrupted (creator %s); making it again", loc, creator or "not recorded"
-        )
-        try:
-            return loc.put_root(marker, if_etag=etag)
-        except ConditionFailed:  # another rerun took it over first: look again
-            continue
-    raise StoreError(
-        f"{loc}: its root object kept changing while this fskd extract tried to create the store "
-        f"(other fskd extract processes?); rerun when they finish"
-    )
-
-
-def _commit_creation(loc: Location, attrs: dict[str, Any], etag: str | None) -> None:
-    """The completion marker: the whole root attributes in one PUT, only over this process's own
-    claim. A claim another process took over fails it (that process finishes the store)."""
-    data = _group_json(attrs)
-    try:
-        loc.put_root(data, if_etag=etag)
-    except ConditionFailed:
-        now, _ = loc.root_object()
-        if now is not None and _json_attrs(now) == _json_attrs(data):  # our own PUT landed, its answer was lost
-            return
-        raise StoreError(
-            f"another fskd extract took over creating {loc} while this one was writing it (it saw "
-            f"this creation as interrupted); rerun when it finishes"
-        ) from None
 
 
 class LabelledReads(ABC):
@@ -488,9 +163,11 @@ class LabelledReads(ABC):
         return (total / count).astype(np.float32)
 
 
-class FeatureStore(LabelledReads):
+class FeatureStore(LabelledReads, IntegrityMixin, AugmentedViews):
     """A feature store on disk or on object storage (``location.py``). Use :meth:`open` or
-    :meth:`create`. ``path`` is a Path for a local store and the URL (str) for a remote one."""
+    :meth:`create`. ``path`` is a Path for a local store and the URL (str) for a remote one.
+    Integrity checks and repair come from :class:`~fskd.store.integrity.IntegrityMixin`, the
+    augmented views from :class:`~fskd.store.augmented.AugmentedViews`."""
 
     def __init__(self, path: Path | str, group: zarr.Group, location: Location | None = None) -> None:
         self.location = location or _location(path)
@@ -588,29 +265,6 @@ class FeatureStore(LabelledReads):
                 raise StoreError(f"{self.path}: array text/class_embeddings is missing")
             if _array(t, S.CLASS_EMBEDDINGS).shape != (_array(t, S.CLASSNAMES).shape[0], a["text"]["dim"]):
                 raise StoreError(f"{self.path}: text/class_embeddings has shape {_array(t, S.CLASS_EMBEDDINGS).shape}")
-
-    def _validate_views(self) -> None:
-        g = _subgroup(self.group, S.VIEWS_GROUP)
-        a: dict[str, Any] = dict(g.attrs)
-        if a.get("format") != S.VIEWS_FORMAT or any(k not in a for k in S.VIEWS_ATTRS):
-            raise StoreError(
-                f"{self.path}: group views/ is not fskd's augmented-views group (attrs {sorted(a)}); "
-                f"expected {list(S.VIEWS_ATTRS)}"
-            )
-        for name in (S.VIEW_ROWS, S.LABELS, S.FEATURES, S.CHECKSUMS, S.WRITTEN):
-            if name not in g:
-                raise StoreError(f"{self.path}: array views/{name} is missing")
-        m, v = _array(g, S.VIEW_ROWS).shape[0], int(a["views"])
-        f = _array(g, S.FEATURES)
-        if f.shape != (m, v, self.dim) or f.dtype != S.FEATURE_DTYPES[self.attrs["dtype"]]:
-            raise StoreError(
-                f"{self.path}: views/features has shape {f.shape} {f.dtype}, expected ({m}, {v}, {self.dim}) "
-                f"{self.attrs['dtype']}"
-            )
-        nc = S.n_chunks(m, self.chunk_rows)
-        for name, want in ((S.LABELS, (m,)), (S.CHECKSUMS, (nc,)), (S.WRITTEN, (nc,))):
-            if _array(g, name).shape != want:
-                raise StoreError(f"{self.path}: views/{name} has shape {_array(g, name).shape}, expected {want}")
 
     def _group(self, name: str) -> zarr.Group:
         try:
@@ -890,9 +544,6 @@ class FeatureStore(LabelledReads):
     def written(self, split: str) -> np.ndarray:
         return np.asarray(self._read(split, S.WRITTEN, slice(None)), dtype=bool)
 
-    def is_complete(self) -> bool:
-        return all(self.written(s).all() for s in self.splits) and not self.missing_chunks()
-
     def skipped(self) -> dict[str, list[str]]:
         """Sample ids recorded as unreadable (label -1) per split, in written chunks."""
         out = {}
@@ -902,7 +553,24 @@ class FeatureStore(LabelledReads):
                 out[s] = self.sample_ids(s)[lab < 0].tolist()
         return out
 
-    # -- integrity ---------------------------------------------------------------------------
+    # -- writing -----------------------------------------------------------------------------
+    def write_chunk(self, split: str, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Store one whole row chunk, then its checksum, then mark it written (schema.py's rule)."""
+        from fskd.fsutil import fault_point
+
+        g = self._split(split)
+        start = chunk * self.chunk_rows
+        stop = start + len(features)
+        _refuse_non_finite(features, labels, f"{self.path}: {split} rows {start}-{stop - 1}")
+        _array(g, S.FEATURES)[start:stop] = features
+        _array(g, S.LABELS)[start:stop] = labels
+        fault_point("store:chunk-data")
+        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
+        fault_point("store:chunk-checksum")
+        _array(g, S.WRITTEN)[chunk] = True
+        fault_point("store:chunk-written")
+
+    # -- reading -----------------------------------------------------------------------------
     def _read(self, split: str, name: str, sel: slice, chunk: int | None = None) -> np.ndarray:
         """Read ``split/name[sel]``; a chunk that cannot be decoded, fails its CRC-32C, or (features)
         holds non-finite values is a StoreError naming it. ``chunk``: the first chunk ``sel`` reads."""
@@ -928,351 +596,6 @@ class FeatureStore(LabelledReads):
             self._check_finite(out, f"{split}/features", chunk)
         return out
 
-    def _failing_chunk(self, arr: AnyArray, sel: slice, first: int | None) -> int | None:
-        """The row chunk that fails to read among those a slice ``sel`` of rows spans (a read of
-        several chunks at once, on object storage, does not say which one failed)."""
-        if not isinstance(sel, slice) or arr.ndim == 0:
-            return first
-        rows = arr.chunks[0]
-        start, stop, _ = sel.indices(arr.shape[0])
-        for c in range(start // rows, -(-stop // rows)):
-            try:
-                arr[c * rows : min(stop, (c + 1) * rows)]
-            except Exception as e:
-                raise_if_backend(self.location, e)
-                return c
-        return first
-
-    def _check_finite(self, block: np.ndarray, array: str, chunk: int | None, rows: np.ndarray | None = None) -> None:
-        """Refuse features holding NaN or inf (a decodable chunk of garbage would otherwise score at
-        chance with exit 0), naming the array and chunk. ``rows``: the rows ``block`` holds, when
-        not consecutive rows from the start of ``chunk``."""
-        if not _has_non_finite(block):
-            return
-        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-        first = int(np.flatnonzero(~finite)[0])
-        row = int(rows[first]) if rows is not None else (chunk or 0) * self.chunk_rows + first
-        raise StoreError(
-            f"{self.path}: {array} chunk {row // self.chunk_rows} holds non-finite values (NaN or inf, first at row "
-            f"{row}); the store is damaged. `fskd info --check {self.path}` lists the damage; the same `fskd extract` "
-            f"re-encodes it"
-        )
-
-    def missing_chunks(self) -> list[str]:
-        """Chunk objects that should exist and do not, as ``split/array chunk i`` strings: written
-        feature chunks, and every chunk of the labels, ids, checksums (written) and text arrays.
-        Cheap: one listing per array, no data read. A remote that stops answering is a StoreError
-        naming the URL, never a list of missing chunks."""
-        with backend_errors(self.location):
-            return self._missing_chunks()
-
-    def _missing_chunks(self) -> list[str]:
-        out: list[str] = []
-        for split in self.splits:
-            g = self._split(split)
-            written = self.written(split)
-            done = np.flatnonzero(written)
-            for name, chunks in (
-                (S.FEATURES, done),
-                (S.CHECKSUMS, done),
-                (S.LABELS, range(len(written))),
-                (S.SAMPLE_IDS, range(len(written))),
-            ):
-                arr = _array(g, name)
-                have = _list_keys(arr)
-                coords = [(int(c), 0) if arr.ndim == 2 else (int(c),) for c in chunks]
-                out += [f"{split}/{name} chunk {c[0]}" for c in coords if _chunk_key(arr, c) not in have]
-        t = _subgroup(self.group, S.TEXT_GROUP)
-        for name in (S.CLASSNAMES, S.CLASSKEYS, S.PROMPTS, S.CLASS_EMBEDDINGS):
-            if name not in t or _array(t, name).size == 0:
-                continue
-            arr = _array(t, name)
-            have = _list_keys(arr)
-            for c in itertools.product(*(range(k) for k in arr.cdata_shape)):
-                if _chunk_key(arr, c) not in have:
-                    out.append(f"text/{name} chunk {c[0]}")
-        return out
-
-    def damaged_chunks(self, verify: bool = True, missing: list[str] | None = None) -> dict[str, dict[int, str]]:
-        """``{split: {chunk: reason}}`` for row chunks marked written that cannot be trusted: their
-        features/labels/checksum object is missing, or (``verify``) they cannot be decoded or their
-        CRC-32 differs from the one stored at write time. Reads every written chunk when verifying.
-        ``missing``: :meth:`missing_chunks` when the caller listed them already."""
-        with backend_errors(self.location):
-            return self._damaged_chunks(verify, missing)
-
-    def _damaged_chunks(self, verify: bool, missing: list[str] | None) -> dict[str, dict[int, str]]:
-        out: dict[str, dict[int, str]] = {}
-        missing = self.missing_chunks() if missing is None else missing
-        for split in self.splits:
-            bad: dict[int, str] = {}
-            for m in missing:
-                sp, rest = m.split("/", 1)
-                name, _, c = rest.partition(" chunk ")
-                if sp == split and name in (S.FEATURES, S.LABELS, S.CHECKSUMS):
-                    bad.setdefault(int(c), f"{name} chunk object missing")
-            if verify:
-                g = self._split(split)
-                _verify_chunks(
-                    _array(g, S.FEATURES),
-                    _array(g, S.LABELS),
-                    np.asarray(self._read(split, S.CHECKSUMS, slice(None))),
-                    self.written(split),
-                    self.chunk_rows,
-                    bad,
-                    self.location,
-                )
-            if bad:
-                out[split] = dict(sorted(bad.items()))
-        return out
-
-    def check_integrity(self, verify: bool = False) -> None:
-        """Raise StoreError naming every damaged chunk (``verify``: re-compute the checksums too)."""
-        missing = self.missing_chunks()
-        problems = [m for m in missing if _unrepairable_here(m)]
-        for s, d in self.damaged_chunks(verify, missing).items():
-            for c, why in d.items():
-                rows = f"rows {c * self.chunk_rows}-{min(self.n_rows(s), (c + 1) * self.chunk_rows) - 1}"
-                name, _, rest = why.partition(" chunk object ")
-                problems.append(
-                    f"{s}/{name} chunk {c} ({rows}) is {rest}" if rest else f"{s}/features chunk {c} ({rows}) {why}"
-                )
-        if problems:
-            more = f" and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise StoreError(
-                f"{self.path} is damaged: {'; '.join(problems[:8])}{more}. Run the same `fskd extract` again to "
-                f"re-encode the damaged chunks (text or id arrays: re-extract into a new --store)"
-            )
-
-    def check_complete(self) -> None:
-        todo = {s: int((~self.written(s)).sum()) for s in self.splits}
-        if any(todo.values()):
-            raise StoreError(
-                f"{self.path} is incomplete ({todo} row chunks not written): run the same `fskd extract` again to resume"
-            )
-        self.check_integrity(verify=False)
-
-    def mark_unwritten(self, split: str, chunks: list[int]) -> None:
-        """Clear the written flags of ``chunks`` so that extraction encodes them again (repair)."""
-        w = _array(self._split(split), S.WRITTEN)
-        for c in chunks:
-            w[int(c)] = False
-
-    def rewrite_sample_ids(self, split: str, sample_ids: list[str]) -> None:
-        _array(self._split(split), S.SAMPLE_IDS)[:] = np.asarray(sample_ids, dtype=object).astype(str)
-
-    # -- writing -----------------------------------------------------------------------------
-    def write_chunk(self, split: str, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Store one whole row chunk, then its checksum, then mark it written (schema.py's rule)."""
-        from fskd.fsutil import fault_point
-
-        g = self._split(split)
-        start = chunk * self.chunk_rows
-        stop = start + len(features)
-        _refuse_non_finite(features, labels, f"{self.path}: {split} rows {start}-{stop - 1}")
-        _array(g, S.FEATURES)[start:stop] = features
-        _array(g, S.LABELS)[start:stop] = labels
-        fault_point("store:chunk-data")
-        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
-        fault_point("store:chunk-checksum")
-        _array(g, S.WRITTEN)[chunk] = True
-        fault_point("store:chunk-written")
-
-    # -- augmented views (schema.py: views/) ---------------------------------------------------
-    @property
-    def views_info(self) -> dict[str, Any] | None:
-        """The views group's attributes (``S.VIEWS_ATTRS``), or None when the store has none."""
-        return dict(_subgroup(self.group, S.VIEWS_GROUP).attrs) if self._has_views() else None
-
-    def _has_views(self) -> bool:
-        """A views group exists and is finished (on object storage, one still marked as being
-        created counts as absent: schema.py)."""
-        if S.VIEWS_GROUP not in self.group:
-            return False
-        return _subgroup(self.group, S.VIEWS_GROUP).attrs.get("format") != S.VIEWS_CREATING
-
-    def _views(self) -> zarr.Group:
-        if not self._has_views():
-            raise StoreError(f"{self.path} has no augmented views (add them with `fskd extract ... --augment-views V`)")
-        return _subgroup(self.group, S.VIEWS_GROUP)
-
-    def create_views(self, attrs: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
-        """Add an empty views group (features unwritten) for train ``rows``: built under a temporary
-        name inside the store and renamed into place, so it exists whole or not at all. Leftovers
-        of a killed creation (``.views.tmp-*`` groups fskd made) are removed first. On object
-        storage the group's attributes are written last instead (schema.py)."""
-        from fskd.fsutil import fault_point
-
-        if self._has_views():
-            raise StoreError(f"{self.path} already has a views group")
-        if self.location.is_remote:
-            with remote_errors(self.location):
-                # clears fskd's own unfinished views group, if any (only fskd writes VIEWS_CREATING)
-                g = self.group.create_group(S.VIEWS_GROUP, overwrite=True, attributes={"format": S.VIEWS_CREATING})
-                self._views_arrays(g, attrs, rows, labels)
-                fault_point("store:views-created")
-                g.attrs.put({"format": S.VIEWS_FORMAT, **attrs})
-            self._validate_views()
-            return
-        path = self.location.local_path
-        for old in path.glob(f".{S.VIEWS_GROUP}.tmp-*"):
-            if (old / "zarr.json").is_file():
-                shutil.rmtree(old, ignore_errors=True)
-        tmp = path / f".{S.VIEWS_GROUP}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            g = zarr.open_group(str(tmp), mode="w")
-            self._views_arrays(g, attrs, rows, labels)
-            g.attrs.update({"format": S.VIEWS_FORMAT, **attrs})
-            fault_point("store:views-created")
-            os.rename(tmp, path / S.VIEWS_GROUP)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        self._validate_views()
-
-    def _views_arrays(self, g: zarr.Group, attrs: dict[str, Any], rows: np.ndarray, labels: np.ndarray) -> None:
-        m, v, rows_per = len(rows), int(attrs["views"]), self.chunk_rows
-        nc = S.n_chunks(m, rows_per)
-        g.create_array(
-            S.FEATURES,
-            shape=(m, v, self.dim),
-            chunks=(rows_per, v, self.dim),
-            dtype=self.attrs["dtype"],
-            fill_value=0,
-            compressors=_compressor(),
-            config=_ARRAY_CONFIG,
-        )
-        r = g.create_array(
-            S.VIEW_ROWS,
-            shape=(m,),
-            chunks=(rows_per,),
-            dtype="int64",
-            fill_value=-1,
-            compressors=_CRC,
-            config=_ARRAY_CONFIG,
-        )
-        lab = g.create_array(
-            S.LABELS,
-            shape=(m,),
-            chunks=(rows_per,),
-            dtype="int32",
-            fill_value=-1,
-            compressors=_CRC,
-            config=_ARRAY_CONFIG,
-        )
-        g.create_array(
-            S.CHECKSUMS, shape=(nc,), chunks=(1,), dtype="uint32", fill_value=0, compressors=_CRC, config=_ARRAY_CONFIG
-        )
-        g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
-        if m:
-            r[:] = np.asarray(rows, dtype=np.int64)
-            lab[:] = np.asarray(labels, dtype=np.int32)
-
-    def view_rows(self) -> np.ndarray:
-        return np.asarray(_array(self._views(), S.VIEW_ROWS)[:], dtype=np.int64)
-
-    def view_labels(self) -> np.ndarray:
-        return np.asarray(_array(self._views(), S.LABELS)[:], dtype=np.int32)
-
-    def views_written(self) -> np.ndarray:
-        return np.asarray(_array(self._views(), S.WRITTEN)[:], dtype=bool)
-
-    def write_view_chunk(self, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Store one row chunk of views (r, V, dim), then its checksum, then its flag (schema.py)."""
-        from fskd.fsutil import fault_point
-
-        g = self._views()
-        start = chunk * self.chunk_rows
-        _refuse_non_finite(features, labels, f"{self.path}: views rows {start}-{start + len(features) - 1}")
-        _array(g, S.FEATURES)[start : start + len(features)] = features
-        _array(g, S.LABELS)[start : start + len(features)] = labels
-        fault_point("store:views-data")
-        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
-        _array(g, S.WRITTEN)[chunk] = True
-        fault_point("store:views-written")
-
-    def mark_views_unwritten(self, chunks: Iterable[int]) -> None:
-        w = _array(self._views(), S.WRITTEN)
-        for c in chunks:
-            w[int(c)] = False
-
-    def views_damaged(self, verify: bool = True) -> dict[int, str]:
-        """``{chunk: reason}`` for view chunks marked written that cannot be trusted (as
-        :meth:`damaged_chunks` for a split): an object missing, undecodable, or a checksum mismatch."""
-        g = self._views()
-        written = self.views_written()
-        bad: dict[int, str] = {}
-        for name in (S.FEATURES, S.LABELS, S.CHECKSUMS):
-            arr = _array(g, name)
-            have = _list_keys(arr)
-            for c in np.flatnonzero(written):
-                coords = (int(c), 0, 0) if arr.ndim == 3 else (int(c),)
-                if _chunk_key(arr, coords) not in have:
-                    bad.setdefault(int(c), f"{name} chunk object missing")
-        if verify:
-            _verify_chunks(
-                _array(g, S.FEATURES),
-                _array(g, S.LABELS),
-                np.asarray(_array(g, S.CHECKSUMS)[:]),
-                written,
-                self.chunk_rows,
-                bad,
-                self.location,
-            )
-        return dict(sorted(bad.items()))
-
-    def take_views(self, rows: np.ndarray) -> tuple[np.ndarray | None, str]:
-        """Augmented views (len(rows), V, dim) float32 of train ``rows``, and a description; or
-        (None, why) when the store has no views, or some of the rows have none (not among the views'
-        rows, their chunk not written yet, or their image unreadable when the views were made)."""
-        info = self.views_info
-        if info is None:
-            return None, "no augmented views in the store"
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        have = self.view_rows()
-        pos = np.searchsorted(have, rows)
-        ok = (
-            (pos < len(have)) & (have[np.minimum(pos, max(len(have) - 1, 0))] == rows)
-            if len(have)
-            else np.zeros(len(rows), bool)
-        )
-        if not ok.all():
-            return None, (
-                f"the store's views cover {len(have)} train rows ({_views_rows_text(info)}); "
-                f"{int((~ok).sum())} of these {len(rows)} rows have none"
-            )
-        g = self._views()
-        chunk = pos // self.chunk_rows
-        written = self.views_written()
-        if not written[np.unique(chunk)].all():
-            return (
-                None,
-                "the store's views are incomplete (run the same `fskd extract --augment-views` again to finish)",
-            )
-        lab = np.asarray(_array(g, S.LABELS)[:])
-        if (lab[pos] < 0).any():
-            return None, f"{int((lab[pos] < 0).sum())} of these rows' images could not be read when the views were made"
-        v = int(info["views"])
-        out = np.empty((len(rows), v, self.dim), np.float32)
-        order = np.argsort(pos, kind="stable")
-        srt, bounds = pos[order], np.flatnonzero(np.diff(chunk[order])) + 1
-        m = len(have)
-        for part in np.split(np.arange(len(srt)), bounds):
-            c = int(srt[part[0]] // self.chunk_rows)
-            start = c * self.chunk_rows
-            try:
-                block = np.asarray(_array(g, S.FEATURES)[start : min(m, start + self.chunk_rows)])
-            except Exception as e:
-                raise_if_backend(self.location, e)
-                raise StoreError(
-                    f"{self.path}: cannot read views/features chunk {c} ({type(e).__name__}: {e}); "
-                    f"`fskd info --check {self.path}` lists the damage"
-                ) from None
-            self._check_finite(block, "views/features", c)
-            out[order[part]] = np.asarray(block[srt[part] - start], dtype=np.float32)
-        return out, describe_views(info)
-
-    # -- reading -----------------------------------------------------------------------------
     @property
     def read_span(self) -> int:
         """Row chunks asked of zarr in one read: 1 for a local store; for a remote one the bound on
@@ -1391,33 +714,4 @@ class FeatureStore(LabelledReads):
             "templates": list(a["text"].get("templates", [])),
             "templates_source": a["text"].get("templates_source", "fskd default"),
             "views": self._views_summary(),
-        }
-
-    def _views_summary(self) -> dict[str, Any] | None:
-        info = self.views_info
-        if info is None:
-            return None
-        return {
-            "views": int(info["views"]),
-            "rows": int(_array(self._views(), S.VIEW_ROWS).shape[0]),
-            "complete": bool(self.views_written().all()),
-            "description": describe_views(info),
-        }
-
-    def check_report(self) -> dict[str, Any]:
-        """``fskd info --check``: every chunk verified against its checksum."""
-        missing = self.missing_chunks()
-        damaged = self.damaged_chunks(verify=True, missing=missing)
-        other = [m for m in missing if _unrepairable_here(m)]
-        verified = {s: int(self.written(s).sum()) for s in self.splits}
-        if self.views_info is not None:
-            views = self.views_damaged(verify=True)
-            if views:
-                damaged = {**damaged, S.VIEWS_GROUP: views}
-            verified[S.VIEWS_GROUP] = int(self.views_written().sum())
-        return {
-            "ok": not damaged and not other,
-            "chunks_verified": verified,
-            "damaged": {s: {str(c): why for c, why in d.items()} for s, d in damaged.items()},
-            "missing": other,
         }

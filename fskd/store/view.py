@@ -120,6 +120,11 @@ class StoreView(LabelledReads):
             description if description is not None else store._description,
         )
 
+    @property
+    def whole_store(self) -> FeatureStore:
+        """The store this view reads: every row, its own class split."""
+        return self._store
+
     def view(
         self,
         class_split: Mapping[str, Any] | None = None,

@@ -47,7 +47,19 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text, view_keys
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' search grid (configs/{caltech101,dtd,food101,oxford_flowers,oxford_pets}.yaml)
@@ -117,7 +129,7 @@ class APEOptions(Config):
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         for name in ("beta", "alpha", "gamma", "w_sim", "feat_frac"):
             v = getattr(self, name)
             vals = v if isinstance(v, tuple) else (v,)
@@ -231,7 +243,7 @@ def correct_counts(text: torch.Tensor, cache: torch.Tensor, truth: torch.Tensor,
     )
 
 
-def search(task: C.Task | None, space, grid: dict, default: dict, keys: torch.Tensor | None = None) -> C.Choice:
+def search(task: Task | None, space, grid: dict, default: dict, keys: torch.Tensor | None = None) -> Choice:
     """(w_sim, feat_frac, beta, alpha, gamma) by accuracy on ``task``, in that loop order (the
     authors': beta, alpha, gamma; fskd's w_sim and feat_frac outside), ties to the earlier.
 
@@ -239,7 +251,7 @@ def search(task: C.Task | None, space, grid: dict, default: dict, keys: torch.Te
     at once (:func:`correct_counts`). ``keys`` (E, N, K, D): cache keys in place of the embedded
     support (stored views)."""
     if task is None or task.shot == 0:
-        return C.grid_search([], lambda c: 0.0, None, default)
+        return grid_search([], lambda c: 0.0, None, default)
     ts = space(task.support, task.classes)
     k = ts.support if keys is None else keys
     E, N, K, _ = k.shape
@@ -271,16 +283,16 @@ def search(task: C.Task | None, space, grid: dict, default: dict, keys: torch.Te
                         "alpha": grid["alpha"][i // G],
                         "gamma": grid["gamma"][i % G],
                     }
-    return C.Choice(best, best_count / (E * M), task.on, task.description)
+    return Choice(best, best_count / (E * M), task.on, task.description)
 
 
-def cache_keys(ts: C.TextSpace, keys: torch.Tensor | None = None) -> torch.Tensor:
+def cache_keys(ts: TextSpace, keys: torch.Tensor | None = None) -> torch.Tensor:
     """(E, N, K, D) cache keys: the embedded support, or ``keys`` (E, N*K, D) from stored views."""
     E, N, K, D = ts.support.shape
     return ts.support if keys is None else keys.reshape(E, N, K, -1)
 
 
-class APE(C.AdaptMethod):
+class APE(AdaptMethod):
     """Tip-Adapter's cache in refined channels, values reweighted by the text (beta, alpha, gamma on validation)."""
 
     needs_text = True
@@ -289,14 +301,14 @@ class APE(C.AdaptMethod):
     name = "ape"
     options = APEOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, state = f.store, f.config, f.opts, f.state
         grid = {
-            "beta": C.fixed_or(opts.beta, BETA),
-            "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
-            "gamma": C.fixed_or(opts.gamma, GAMMA),
-            "w_sim": C.fixed_or(opts.w_sim, ()),
-            "feat_frac": C.fixed_or(opts.feat_frac, ()),
+            "beta": fixed_or(opts.beta, BETA),
+            "alpha": fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
+            "gamma": fixed_or(opts.gamma, GAMMA),
+            "w_sim": fixed_or(opts.w_sim, ()),
+            "feat_frac": fixed_or(opts.feat_frac, ()),
         }
         fixed = {k for k in grid if len(grid[k]) == 1}  # one value: nothing to choose
         default = {
@@ -307,18 +319,18 @@ class APE(C.AdaptMethod):
         val = f.validation()
         aw_task = val.aw_task
         ts = val.view_space()
-        keys = C.view_keys(ts, val.views) if ts is not None else None  # Tip-Adapter's cache of views
-        ep = search(val.ep_task, val.spaces[C.EPISODIC], grid, default)
+        keys = view_keys(ts, val.views) if ts is not None else None  # Tip-Adapter's cache of views
+        ep = search(val.ep_task, val.spaces[EPISODIC], grid, default)
         aw = search(
             aw_task,
-            val.spaces[C.ALLWAY],
+            val.spaces[ALLWAY],
             grid,
             default,
             None if keys is None else keys.reshape(1, *aw_task.support.shape[1:3], -1),
         )
         user = set(config.options)
-        for regime, choice in ((C.EPISODIC, ep), (C.ALLWAY, aw)):
-            C.record(state, regime, choice, fixed)
+        for regime, choice in ((EPISODIC, ep), (ALLWAY, aw)):
+            record(state, regime, choice, fixed)
             for k in ("w_sim", "feat_frac"):
                 if k not in user:
                     state.selected_on[f"{regime}.{k}"] = FIXED_BY_AUTHORS
@@ -330,7 +342,7 @@ class APE(C.AdaptMethod):
                         )
             state.metrics[f"{regime}.channels"] = n_channels(store.dim, choice.params["feat_frac"])
         given = any(getattr(opts, k) is not None for k in DEFAULT)
-        C.record_grid(
+        record_grid(
             state,
             "x".join(str(len(grid[k])) for k in ("beta", "alpha", "gamma")) if given else None,
             GRID_JOINT if store.joint else GRID_BRIDGE,
@@ -338,28 +350,28 @@ class APE(C.AdaptMethod):
         )
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        C.record_views(state, C.ALLWAY, val.views, val.why)
+        record_views(state, ALLWAY, val.views, val.why)
         if keys is not None:  # the state's own shots: the cache keys of their views
-            C.keep_allway_head(state, aw_task, {"keys": keys})
+            keep_allway_head(state, aw_task, {"keys": keys})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
 
         def make(regime: str):
-            p = {k: C.hp(state, regime, k) for k in ("beta", "alpha", "gamma", "w_sim", "feat_frac")}
+            p = {k: hp(state, regime, k) for k in ("beta", "alpha", "gamma", "w_sim", "feat_frac")}
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 if support.shape[2] == 0:  # no shot: no cache (zero-shot)
                     return FittedAPE(ts.weights, None, p["alpha"], p["beta"], p["gamma"], ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 keys = cache_keys(ts, kept["keys"] if kept is not None else None)
                 cache = refined_cache(ts.weights, keys, p["w_sim"], p["feat_frac"])
                 return FittedAPE(ts.weights, cache, p["alpha"], p["beta"], p["gamma"], ts.embed)
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("ape", APE)

@@ -24,7 +24,7 @@ grid of their most common config, as ape; on a non-joint store alpha may also ta
 values). Their training images are freshly augmented crops of the shots each epoch and the
 cache keys the mean of 10 augmented epochs: with stored views (``fskd extract
 --augment-views``) the all-way fit queries one view of each shot drawn at random per epoch and
-the keys are the normalised mean of the views (``_common.view_keys``); without views every
+the keys are the normalised mean of the views (``text_space.view_keys``); without views every
 epoch queries the shots themselves (the keys), as their loop would with no augmentation
 (``leave_one_out=true``, fskd's option, keeps each shot off its own key then).
 
@@ -53,8 +53,20 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE, affinity
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.ape import ALPHA, ALPHA_WIDE, BETA, CHUNK, DEFAULT, correct_counts, n_channels, select_channels
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text, view_keys
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 
@@ -125,7 +137,7 @@ class APETOptions(Config):
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
 
@@ -239,7 +251,7 @@ class Products:
 
 
 def train(
-    space: C.TextSpace,
+    space: TextSpace,
     recipe: Recipe,
     seed: int,
     *,
@@ -355,7 +367,7 @@ class FittedAPET(FittedHead):
         return apet_logits(self.embed(query), self.weights, self.keys, self.values, self.alpha, self.beta)
 
 
-class APET(C.AdaptMethod):
+class APET(AdaptMethod):
     """APE's class residual on refined channels and per-key value weights, trained (AdamW), then beta and alpha on validation."""
 
     needs_text = True
@@ -364,19 +376,19 @@ class APET(C.AdaptMethod):
     name = "ape-t"
     options = APETOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, state, progress = f.store, f.config, f.opts, f.state, f.progress
         recipe = Recipe.of(opts)
         grid = {
-            "beta": C.fixed_or(opts.beta, BETA),
-            "alpha": C.fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
+            "beta": fixed_or(opts.beta, BETA),
+            "alpha": fixed_or(opts.alpha, ALPHA if store.joint else ALPHA + ALPHA_WIDE),
         }
         fixed = {k for k in grid if len(grid[k]) == 1}  # one value: nothing to choose
         val = f.validation()
         ts = val.view_space()
-        views = None if ts is None else (C.embed_views(ts, val.views), C.view_keys(ts, val.views))
-        for regime, task in ((C.EPISODIC, val.ep_task), (C.ALLWAY, val.aw_task)):
-            kv = views if regime == C.ALLWAY else None
+        views = None if ts is None else (embed_views(ts, val.views), view_keys(ts, val.views))
+        for regime, task in ((EPISODIC, val.ep_task), (ALLWAY, val.aw_task)):
+            kv = views if regime == ALLWAY else None
             self._fit_regime(state, regime, task, val.spaces[regime], recipe, grid, fixed, config.seed, kv)
             state.metrics[f"{regime}.channels"] = n_channels(store.dim, opts.feat_frac)
             if progress and task is not None:
@@ -387,16 +399,16 @@ class APET(C.AdaptMethod):
             state.selected_on[name] = "fixed (--set option)" if k in config.options else FIXED
         given = opts.beta is not None or opts.alpha is not None
         sizes = "x".join(str(len(grid[k])) for k in ("beta", "alpha")) if given else None
-        C.record_grid(state, sizes, GRID_JOINT if store.joint else GRID_BRIDGE, "alphas")
+        record_grid(state, sizes, GRID_JOINT if store.joint else GRID_BRIDGE, "alphas")
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        C.record_views(state, C.ALLWAY, val.views, val.why)
+        record_views(state, ALLWAY, val.views, val.why)
 
     @staticmethod
     def _fit_regime(
         state: MethodState,
         regime: str,
-        task: C.Task | None,
+        task: Task | None,
         space,
         recipe: Recipe,
         grid: dict,
@@ -411,7 +423,7 @@ class APET(C.AdaptMethod):
                 "epochs": recipe.epochs,
                 **{k: grid[k][0] if k in fixed else getattr(recipe, f"init_{k}") for k in ("beta", "alpha")},
             }
-            C.record(state, regime, C.grid_search([], lambda c: 0.0, None, default), fixed)
+            record(state, regime, grid_search([], lambda c: 0.0, None, default), fixed)
             for k in ("beta", "alpha"):
                 if k not in fixed:
                     state.selected_on[f"{regime}.{k}"] = (
@@ -423,24 +435,24 @@ class APET(C.AdaptMethod):
         embedded, keys = views if views is not None else (None, None)
         run = train(ts, recipe, seed, keys=keys, views=embedded, val=(q, task.truth))
         table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
-        C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
+        record(state, regime, Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
         best, count = search(q, task.truth, run, grid["beta"], grid["alpha"])
         on = f"{task.on}, with the trained parameters"
-        C.record(state, regime, C.Choice(best, count / q.shape[0] / q.shape[1], on, task.description), fixed)
-        if regime == C.ALLWAY:
-            C.keep_allway_head(state, task, {"weights": run.weights, "keys": run.keys, "values": run.values})
+        record(state, regime, Choice(best, count / q.shape[0] / q.shape[1], on, task.description), fixed)
+        if regime == ALLWAY:
+            keep_allway_head(state, task, {"weights": run.weights, "keys": run.keys, "values": run.values})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         recipe = Recipe.of({**state.hparams, "epochs": state.hparams["epoch_budget"]})
         seed = int(state.config.get("seed", 1))
 
         def make(regime: str):
-            alpha, beta, epochs = (C.hp(state, regime, k) for k in ("alpha", "beta", "epochs"))
+            alpha, beta, epochs = (hp(state, regime, k) for k in ("alpha", "beta", "epochs"))
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 if kept is not None:
                     return FittedAPET(kept["weights"], kept["keys"], kept["values"], alpha, beta, ts.embed)
                 run = train(ts, recipe, seed, stop=epochs)  # no shot: S = 0, the text weights alone
@@ -448,7 +460,7 @@ class APET(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("ape-t", APET)

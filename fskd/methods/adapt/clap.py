@@ -37,7 +37,18 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    allway_views,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
 from fskd.methods.base import METHODS, MethodState
 
 EPOCHS = 300
@@ -187,7 +198,7 @@ class FittedCosine(FittedHead):
         return TEXT_SCALE * torch.bmm(F.normalize(self.embed(query), dim=-1), self.weights.transpose(1, 2))
 
 
-def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def training_rows(ts: TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Rows (E, R, D), way labels (E, R) and the number of images: the embedded support, or the
     embedded views of the shots (E, V, N*K, D) when given."""
     from fskd.classifiers.linear import way_labels
@@ -196,12 +207,12 @@ def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[t
     y = way_labels(E, N, K, ts.support.device)
     if views is None:
         return ts.support.reshape(E, N * K, D), y, N * K
-    e = C.embed_views(ts, views)  # (E, V, N*K, D)
+    e = embed_views(ts, views)  # (E, V, N*K, D)
     V = e.shape[1]
     return e.reshape(E, V * N * K, -1), y.repeat(1, V), N * K
 
 
-class ZeroShotLinearProbe(C.AdaptMethod):
+class ZeroShotLinearProbe(AdaptMethod):
     """Linear probe from the zero-shot text weights (the authors' recipe; no validation data)."""
 
     needs_text = True
@@ -211,7 +222,7 @@ class ZeroShotLinearProbe(C.AdaptMethod):
     name = "zs-lp"
     options = CLAPOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         user = set(config.options)
         for k, v in (("epochs", opts.epochs), ("lr", opts.lr), ("batch_size", opts.batch_size)):
@@ -231,8 +242,8 @@ class ZeroShotLinearProbe(C.AdaptMethod):
         state.selected_on["normalisation"] = "fixed (the authors' code)"
         if config.shots > 0:  # train the all-way head on the state's own shots once, and keep it
             own = f.own_shots()
-            views, why = C.allway_views(store, config, device)
-            ts = f.spaces()[C.ALLWAY](own.support, own.classes)
+            views, why = allway_views(store, config, device)
+            ts = f.spaces()[ALLWAY](own.support, own.classes)
             w, lam = train_probe(
                 *training_rows(ts, views),
                 ts.weights,
@@ -242,22 +253,22 @@ class ZeroShotLinearProbe(C.AdaptMethod):
                 opts.lr,
                 opts.batch_size,
             )
-            C.record_views(state, C.ALLWAY, views, why)
-            C.keep_allway_head(state, own, {"weights": w})
+            record_views(state, ALLWAY, views, why)
+            keep_allway_head(state, own, {"weights": w})
             if lam is not None:
                 state.metrics["allway.lambda_mean"] = round(float(lam.mean()), 4)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size")}
         seed = int(state.config.get("seed", 1))
 
         def make(regime: str):
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 if ts.support.shape[2] == 0:  # no shot: the text weights (zero-shot)
                     return FittedCosine(ts.weights, ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 if kept is not None:
                     return FittedCosine(kept["weights"], ts.embed)
                 w, _ = train_probe(
@@ -273,7 +284,7 @@ class ZeroShotLinearProbe(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 class CLAP(ZeroShotLinearProbe):

@@ -22,7 +22,7 @@ split with min(K, 4) rows per class all-way, val-class episodes episodic), ties 
 With augmented views in the store (``fskd extract --augment-views``) every all-way epoch shows each
 shot as one of its views, as the reference re-augments every epoch.
 
-Regimes (``_common``): the all-way context learns from the K shots of every class of the train
+Regimes (``regimes``): the all-way context learns from the K shots of every class of the train
 split (seed ``--seed``); the episodic context from K shots of each base class (drawn the same way),
 and it classifies the novel (and base-to-new's new) classes through their names. ``--set regime``
 (``both``, the default, ``allway`` or ``episodic``) learns one of them only: half the text-tower
@@ -49,7 +49,26 @@ import torch.nn.functional as F
 
 from fskd.config import Config
 from fskd.errors import ConfigError, EncoderError, EvaluationError, FskdError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import parse_options, text_fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    FittedWeights,
+    RegimeHead,
+    allway_rows,
+    allway_views,
+    learned_mask,
+    sample_shots,
+)
+from fskd.methods.adapt.text_space import embed_views, episodic_text_space, support_text_space
+from fskd.methods.adapt.validation import (
+    NO_VALIDATION,
+    allway_val_task,
+    check_val_options,
+    episodic_val_task,
+    hp,
+    no_validation,
+)
 from fskd.methods.base import METHODS, Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import autocast, resolve_device
@@ -61,7 +80,7 @@ log = logging.getLogger(__name__)
 EPOCHS_BY_SHOTS = ((1, 50), (4, 100), (None, 200))
 POSITIONS = ("end", "middle", "front")
 #: which contexts a fit learns: both (the default: the state serves every protocol), or one
-REGIMES = ("both", C.ALLWAY, C.EPISODIC)
+REGIMES = ("both", ALLWAY, EPISODIC)
 #: the logit scale of a text tower without one (a sentence encoder): CLIP's trained value
 DEFAULT_LOGIT_SCALE = 100.0
 PLACEHOLDER = "X"
@@ -113,7 +132,7 @@ class CoOpOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         if self.position not in POSITIONS:
             raise ConfigError(f"--set position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
         if self.regime not in REGIMES:
@@ -324,26 +343,26 @@ class CoOp(Method):
 
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
         t0 = time.perf_counter()
-        opts = C.parse_options(self.options, config)
+        opts = parse_options(self.options, config)
         if config.shots < 1:
             raise ConfigError(f"method {self.name!r} trains its context on K shots per class: --shots must be >= 1")
-        if opts.csc and opts.regime == C.EPISODIC:
+        if opts.csc and opts.regime == EPISODIC:
             raise ConfigError(
                 f"method {self.name!r}: --set csc=true learns one context per class, none for classes it "
                 f"never trained, so regime=episodic has nothing to learn (use regime=allway)"
             )
         device = resolve_device(config.device)
-        state, text, bridge, aw_ridge = C.text_fit(store, config, self.name, opts.ridge, device)
+        state, text, bridge, aw_ridge = text_fit(store, config, self.name, opts.ridge, device)
         tower = prompt_tower(store.encoder_spec, device, self.name)
         scale = opts.logit_scale or tower.logit_scale or DEFAULT_LOGIT_SCALE
         epochs = opts.epochs if opts.epochs is not None else epochs_for(config.shots)
         text = text.to(device)
         state.hparams["regime"], state.selected_on["regime"] = opts.regime, "fixed (option)"
-        for regime in (C.ALLWAY, C.EPISODIC):
+        for regime in (ALLWAY, EPISODIC):
             if opts.regime not in ("both", regime):
                 state.selected_on[f"{regime}.epochs"] = f"not fitted: regime={opts.regime}"
                 continue
-            if regime == C.EPISODIC and opts.csc:
+            if regime == EPISODIC and opts.csc:
                 state.hparams[f"{regime}.epochs"] = 0
                 state.selected_on[f"{regime}.epochs"] = (
                     "not fitted: csc=true learns a context per class, none for classes it never trained (novel, new)"
@@ -352,7 +371,7 @@ class CoOp(Method):
             learner = PromptLearner(
                 tower, store.class_names, opts.n_ctx, opts.ctx_init, opts.csc, opts.position, config.seed
             )
-            fitter = self._fit_allway if regime == C.ALLWAY else self._fit_episodic
+            fitter = self._fit_allway if regime == ALLWAY else self._fit_episodic
             run, on, desc, extra = fitter(
                 store, config, opts, learner, text, bridge, aw_ridge, scale, epochs, device, progress
             )
@@ -403,28 +422,28 @@ class CoOp(Method):
 
     @staticmethod
     def _fit_allway(store, config, opts, learner, text, bridge, ridge, scale, epochs, device, progress):
-        x_np, y_np, classes_np = C.allway_rows(store, config.shots, config.seed)
+        x_np, y_np, classes_np = allway_rows(store, config.shots, config.seed)
         K = config.shots
         support = torch.from_numpy(x_np).to(device).reshape(len(classes_np), K, -1)[None]
         classes = torch.from_numpy(classes_np).to(device)
         pos = torch.arange(len(classes_np), device=device)[None]
-        space = C.support_text_space(support, pos, text[classes], store.joint, ridge)  # embedding of the images
+        space = support_text_space(support, pos, text[classes], store.joint, ridge)  # embedding of the images
         x = space.support[0].reshape(len(classes_np) * K, -1)
         y = torch.arange(len(classes_np), device=device).repeat_interleave(K)
 
         def weights(t):
-            return C.support_text_space(support, pos, t, store.joint, ridge).weights[0]
+            return support_text_space(support, pos, t, store.joint, ridge).weights[0]
 
-        views, why = C.allway_views(store, config, device)
-        embedded_views = C.embed_views(space, views)[0].transpose(0, 1) if views is not None else None  # (S, V, D)
-        task = C.allway_val_task(store, config, device)
+        views, why = allway_views(store, config, device)
+        embedded_views = embed_views(space, views)[0].transpose(0, 1) if views is not None else None  # (S, V, D)
+        task = allway_val_task(store, config, device)
         val, desc, on = (
             None,
             "no validation data",
             (
                 "default (no val split): the last epoch, as the reference"
-                if not C.no_validation(config)
-                else C.NO_VALIDATION + ": the last epoch"
+                if not no_validation(config)
+                else NO_VALIDATION + ": the last epoch"
             ),
         )
         if task is not None:
@@ -469,20 +488,20 @@ class CoOp(Method):
         splits = ("train",) if store.has_split("train") else None
         xb, yb = store.gather(base, splits, max_per_class=sampling.CLASS_ROWS)
         base_np = np.asarray(sorted(base))
-        rows = C.sample_shots(yb, base_np, config.shots, config.seed, store.class_names).reshape(-1)
+        rows = sample_shots(yb, base_np, config.shots, config.seed, store.class_names).reshape(-1)
         classes = torch.from_numpy(base_np).to(device)
         pos = np.full(store.num_classes, -1)
         pos[base_np] = np.arange(len(base_np))
         x = bridge.embed_images(torch.from_numpy(xb[rows]).to(device))
         y = torch.from_numpy(pos[yb[rows]]).to(device)
-        task = None if C.no_validation(config) else C.episodic_val_task(store, config.shots, opts, config.seed, device)
+        task = None if no_validation(config) else episodic_val_task(store, config.shots, opts, config.seed, device)
         val, desc, on = (
             None,
             "no validation data",
             (
                 "default (no val classes): the last epoch, as the reference"
-                if not C.no_validation(config)
-                else C.NO_VALIDATION + ": the last epoch"
+                if not no_validation(config)
+                else NO_VALIDATION + ": the last epoch"
             ),
         )
         if task is not None:
@@ -529,35 +548,31 @@ class CoOp(Method):
 
     def head(self, state: MethodState, store, device: torch.device):
         bridge = Bridge.from_tensors({k: v.to(device) for k, v in state.tensors.items()})
-        ridge = C.hp(state, C.ALLWAY, "ridge")
-        learned = {
-            r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors
-        }
+        ridge = hp(state, ALLWAY, "ridge")
+        learned = {r: state.tensors[f"{r}.text"].to(device) for r in (EPISODIC, ALLWAY) if f"{r}.text" in state.tensors}
 
         def episodic(support, classes):
-            if C.EPISODIC not in learned:
+            if EPISODIC not in learned:
                 raise EvaluationError(
                     f"{state.method} state: {state.selected_on.get('episodic.epochs')}; evaluate it "
                     f"with --protocol allway"
                 )
-            ts = C.episodic_text_space(bridge, learned[C.EPISODIC], support, classes)
-            return C.FittedWeights(ts.weights, ts.embed)
+            ts = episodic_text_space(bridge, learned[EPISODIC], support, classes)
+            return FittedWeights(ts.weights, ts.embed)
 
         def allway(support, classes):
-            if C.ALLWAY not in learned:
+            if ALLWAY not in learned:
                 raise EvaluationError(
                     f"{state.method} state: {state.selected_on.get('allway.epochs')}; evaluate it "
                     f"with --protocol episodic (or refit with --set regime=both)"
                 )
-            ts = C.support_text_space(support, classes, learned[C.ALLWAY], store.joint, ridge)
-            return C.FittedWeights(ts.weights, ts.embed)
+            ts = support_text_space(support, classes, learned[ALLWAY], store.joint, ridge)
+            return FittedWeights(ts.weights, ts.embed)
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), episodic, allway, needs_text=True)
 
     def text_features(self, state: MethodState, store, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            r: state.tensors[f"{r}.text"].to(device) for r in (C.EPISODIC, C.ALLWAY) if f"{r}.text" in state.tensors
-        }
+        return {r: state.tensors[f"{r}.text"].to(device) for r in (EPISODIC, ALLWAY) if f"{r}.text" in state.tensors}
 
     def transfer_state(self, state: MethodState, store) -> MethodState:
         """Cross-dataset: the learned context with the target store's class names (this runs the
@@ -572,7 +587,7 @@ class CoOp(Method):
         out = super().transfer_state(state, store)
         tower = prompt_tower(store.encoder_spec, torch.device("cpu"), state.method)
         tensors = dict(out.tensors)
-        for r in (C.EPISODIC, C.ALLWAY):
+        for r in (EPISODIC, ALLWAY):
             if f"{r}.ctx" not in state.tensors:
                 continue
             # the layout depends on n_ctx and position only: the context positions are replaced below

@@ -53,7 +53,20 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.classifiers.linear import way_labels
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    allway_views,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState, TrainProgress
 
 #: the authors' HYPER_DICT['linear'], in their loop order
@@ -117,7 +130,7 @@ class CrossModalOptions(Config):
     MAXIMA = {"eval_every": 1_000_000, "warmup_iters": 1_000_000, "text_ratio": 1}
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
 
 
 # -- the schedule and the batches -----------------------------------------------------------------
@@ -277,7 +290,7 @@ def train_probe(
 
 
 # -- rows, scores, search -------------------------------------------------------------------------
-def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None):
+def training_rows(ts: TextSpace, views: torch.Tensor | None = None):
     """Image rows (E, (1 + V) N K, D) with way labels, text rows (E, N, D) with way labels, and
     the initial weights (E, N, D): the embedded support (and its embedded stored views), the
     normalised text weights as samples and as W's start."""
@@ -285,7 +298,7 @@ def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None):
     y = way_labels(E, N, K, ts.support.device)
     img = ts.support.reshape(E, N * K, D)
     if views is not None:
-        v = C.embed_views(ts, views)  # (E, V, N*K, D)
+        v = embed_views(ts, views)  # (E, V, N*K, D)
         img = torch.cat([img, v.reshape(E, -1, v.shape[-1])], 1)
         y = y.repeat(1, 1 + v.shape[1])
     t = F.normalize(ts.weights, dim=-1)
@@ -293,7 +306,7 @@ def training_rows(ts: C.TextSpace, views: torch.Tensor | None = None):
     return F.normalize(img, dim=-1), y, t, ty, t
 
 
-def _scorer(task: C.Task, ts: C.TextSpace) -> Callable[[torch.Tensor], torch.Tensor]:
+def _scorer(task: Task, ts: TextSpace) -> Callable[[torch.Tensor], torch.Tensor]:
     """weights (P, E, N, D) -> (P,) mean accuracy over the task's episodes (its query rows)."""
     q = F.normalize(ts.embed(task.query), dim=-1)
 
@@ -305,7 +318,7 @@ def _scorer(task: C.Task, ts: C.TextSpace) -> Callable[[torch.Tensor], torch.Ten
 
 
 def search(
-    task: C.Task | None,
+    task: Task | None,
     space,
     grids: dict,
     opts,
@@ -313,7 +326,7 @@ def search(
     views: torch.Tensor | None = None,
     progress: TrainProgress | None = None,
     tag: str = "",
-) -> tuple[C.Choice, str]:
+) -> tuple[Choice, str]:
     """(lr, weight decay, batch size, steps) by validation accuracy on ``task``, in the authors'
     order (ties: the earlier); ``fitted``: the winner's weights at its best checkpoint (1, N, D)
     when the task has one episode (all-way). Returns the choice and a note on the batch sizes."""
@@ -324,7 +337,7 @@ def search(
         "steps": opts.iters,
     }
     if task is None or task.shot == 0:
-        return C.grid_search([], lambda c: 0.0, None, default), ""
+        return grid_search([], lambda c: 0.0, None, default), ""
     ts = space(task.support, task.classes)
     img, iy, txt, ty, w0 = training_rows(ts, views)
     sizes, note = valid_batch_sizes(grids["batch_size"], img.shape[1], txt.shape[1], opts.text_ratio)
@@ -363,9 +376,7 @@ def search(
         for b in sizes
         for s in run.checkpoints
     ]
-    choice = C.grid_search(
-        cands, lambda c: acc[(c["lr"], c["weight_decay"], c["batch_size"], c["steps"])], task, default
-    )
+    choice = grid_search(cands, lambda c: acc[(c["lr"], c["weight_decay"], c["batch_size"], c["steps"])], task, default)
     p = choice.params
     choice.fitted = best.get((p["lr"], p["weight_decay"], p["batch_size"]))
     return choice, note
@@ -381,7 +392,7 @@ class FittedProbe(FittedHead):
         return TEXT_SCALE * torch.bmm(F.normalize(self.embed(query), dim=-1), self.weights.transpose(1, 2))
 
 
-class CrossModalLinearProbe(C.AdaptMethod):
+class CrossModalLinearProbe(AdaptMethod):
     """Linear probe on image shots + class text as samples, text-initialised (the authors' search on validation)."""
 
     needs_text = True
@@ -390,12 +401,12 @@ class CrossModalLinearProbe(C.AdaptMethod):
     name = "cross-modal-lp"
     options = CrossModalOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
         grids = {
-            "lr": C.fixed_or(opts.lr, LR),
-            "weight_decay": C.fixed_or(opts.weight_decay, WEIGHT_DECAY),
-            "batch_size": C.fixed_or(opts.batch_size, BATCH),
+            "lr": fixed_or(opts.lr, LR),
+            "weight_decay": fixed_or(opts.weight_decay, WEIGHT_DECAY),
+            "batch_size": fixed_or(opts.batch_size, BATCH),
         }
         fixed = {k for k in grids if getattr(opts, k) is not None and not isinstance(getattr(opts, k), tuple)}
         user = set(config.options)
@@ -409,18 +420,18 @@ class CrossModalLinearProbe(C.AdaptMethod):
         spaces = f.spaces()
         ep_task = f.episodic_task()
         ep, ep_note = search(
-            ep_task, spaces[C.EPISODIC], grids, opts, config.seed, progress=progress, tag="cross-modal-lp episodic"
+            ep_task, spaces[EPISODIC], grids, opts, config.seed, progress=progress, tag="cross-modal-lp episodic"
         )
         aw_task = f.allway_task()
         if aw_task is not None and aw_task.shot == 0:
             aw_task = None
-        views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
+        views, why = allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
         aw, aw_note = search(
-            aw_task, spaces[C.ALLWAY], grids, opts, config.seed, views, progress, "cross-modal-lp all-way"
+            aw_task, spaces[ALLWAY], grids, opts, config.seed, views, progress, "cross-modal-lp all-way"
         )
-        C.record(state, C.EPISODIC, ep, fixed)
-        C.record(state, C.ALLWAY, aw, fixed)
-        for regime, choice, note in ((C.EPISODIC, ep, ep_note), (C.ALLWAY, aw, aw_note)):
+        record(state, EPISODIC, ep, fixed)
+        record(state, ALLWAY, aw, fixed)
+        for regime, choice, note in ((EPISODIC, ep, ep_note), (ALLWAY, aw, aw_note)):
             if choice.score is None:  # no validation data: no early stopping, the whole schedule
                 for k in ("lr", "weight_decay", "batch_size", "steps"):
                     state.selected_on[f"{regime}.{k}"] = (
@@ -431,38 +442,38 @@ class CrossModalLinearProbe(C.AdaptMethod):
             if note:
                 state.metrics[f"{regime}.batch_sizes"] = note
         if config.shots > 0:
-            C.record_views(state, C.ALLWAY, views, why)
+            record_views(state, ALLWAY, views, why)
         if aw.fitted is not None:
-            C.keep_allway_head(state, aw_task, {"weights": aw.fitted})
+            keep_allway_head(state, aw_task, {"weights": aw.fitted})
         elif config.shots > 0:  # no all-way validation: train the default on the state's own shots once
             own = f.own_shots()
-            w = fit_weights(spaces[C.ALLWAY](own.support, own.classes), state, C.ALLWAY, config.seed, views)
-            C.keep_allway_head(state, own, {"weights": w})
+            w = fit_weights(spaces[ALLWAY](own.support, own.classes), state, ALLWAY, config.seed, views)
+            keep_allway_head(state, own, {"weights": w})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         seed = int(state.config.get("seed", 1))
 
         def make(regime: str):
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 if ts.support.shape[2] == 0:  # no shot: the normalised text weights (zero-shot)
                     return FittedProbe(F.normalize(ts.weights, dim=-1), ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 w = kept["weights"] if kept is not None else fit_weights(ts, state, regime, seed)
                 return FittedProbe(w, ts.embed)
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 def fit_weights(
-    ts: C.TextSpace, state: MethodState, regime: str, seed: int, views: torch.Tensor | None = None
+    ts: TextSpace, state: MethodState, regime: str, seed: int, views: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The head (E, N, D) of a support trained with a regime's chosen lr, weight decay, batch
     size and steps on the state's schedule."""
-    lr, wd, b, steps = (C.hp(state, regime, k) for k in ("lr", "weight_decay", "batch_size", "steps"))
+    lr, wd, b, steps = (hp(state, regime, k) for k in ("lr", "weight_decay", "batch_size", "steps"))
     img, iy, txt, ty, w0 = training_rows(ts, views)
     h = state.hparams
     return train_probe(

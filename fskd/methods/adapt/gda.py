@@ -46,7 +46,20 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    allway_rows,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import regime_text_space, state_text, view_rows
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' alpha grid, in their order (ties: the earlier alpha, as their strict ``>``)
@@ -84,7 +97,7 @@ class GDAOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         vals = self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
         if self.alpha is not None and any(not isinstance(a, (int, float)) or a < 0 for a in vals):
             raise ConfigError(f"alpha must be numbers >= 0, got {self.alpha}")
@@ -172,19 +185,19 @@ class FittedGDA(FittedHead):
 
 
 def search_alpha(
-    task: C.Task | None, space, alphas, default: dict, rows: torch.Tensor | None = None
-) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor] | None]:
+    task: Task | None, space, alphas, default: dict, rows: torch.Tensor | None = None
+) -> tuple[Choice, tuple[torch.Tensor, torch.Tensor] | None]:
     """alpha by accuracy on ``task`` (text and GDA logits computed once; each alpha a weighted
     sum). ``rows``: the GDA's rows per class in place of the embedded support (stored views).
     Returns the choice and the GDA parameters (P mu, b) of the task's support."""
     if task is None or task.shot == 0:
-        return C.grid_search([], lambda c: 0.0, None, default), None
+        return grid_search([], lambda c: 0.0, None, default), None
     ts = space(task.support, task.classes)
     pmu, b = gda_params(ts.support if rows is None else rows)
     q = ts.embed(task.query)
     text = TEXT_SCALE * torch.bmm(q, ts.weights.transpose(1, 2))
     gda = torch.bmm(q, pmu.transpose(1, 2)) + b[:, None, :]
-    choice = C.grid_search(
+    choice = grid_search(
         [{"alpha": a} for a in alphas], lambda c: task.accuracy(text + c["alpha"] * gda), task, default
     )
     if choice.score == 0 and DEFAULT_ALPHA in alphas:  # no alpha beats their starting best (0%): they keep 0.1
@@ -198,7 +211,7 @@ def transfer_rows(store, config, device: torch.device, views: torch.Tensor | Non
     base = store.class_split("base") if "base" in store.attrs["class_split"] else []
     if config.shots < 1 or not len(base) or not store.has_split("train"):
         return None, "none (no shots or no base classes): classes with no shot are classified zero-shot"
-    x, y, _ = C.allway_rows(store, config.shots, config.seed)
+    x, y, _ = allway_rows(store, config.shots, config.seed)
     keep = torch.from_numpy(np.isin(y, base))
     if views is not None:
         r = views[0][:, keep.to(views.device)]  # (V, R, D)
@@ -211,7 +224,7 @@ def transfer_rows(store, config, device: torch.device, views: torch.Tensor | Non
     )
 
 
-class GDA(C.AdaptMethod):
+class GDA(AdaptMethod):
     """GDA with the authors' shrunk shared covariance, blended with zero-shot logits (alpha on validation)."""
 
     needs_text = True
@@ -220,21 +233,21 @@ class GDA(C.AdaptMethod):
     name = "gda"
     options = GDAOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, state = f.store, f.config, f.opts, f.state
-        alphas = C.fixed_or(opts.alpha, ALPHA)
+        alphas = fixed_or(opts.alpha, ALPHA)
         default = {"alpha": DEFAULT_ALPHA if DEFAULT_ALPHA in alphas else alphas[0]}
         fixed = {"alpha"} if opts.alpha is not None else set()
         val = f.validation()
         ts = val.view_space()
-        rows = C.view_rows(ts, val.views) if ts is not None else None
-        ep, _ = search_alpha(val.ep_task, val.spaces[C.EPISODIC], alphas, default)
-        aw, params = search_alpha(val.aw_task, val.spaces[C.ALLWAY], alphas, default, rows)
-        C.record(state, C.EPISODIC, ep, fixed)
-        C.record(state, C.ALLWAY, aw, fixed)
+        rows = view_rows(ts, val.views) if ts is not None else None
+        ep, _ = search_alpha(val.ep_task, val.spaces[EPISODIC], alphas, default)
+        aw, params = search_alpha(val.aw_task, val.spaces[ALLWAY], alphas, default, rows)
+        record(state, EPISODIC, ep, fixed)
+        record(state, ALLWAY, aw, fixed)
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
-        C.record_views(state, C.ALLWAY, val.views, val.why)
+        record_views(state, ALLWAY, val.views, val.why)
         keep, how = transfer_rows(store, config, f.device, val.views)
         state.hparams["new_classes"] = (
             f"{NEIGHBOURS} nearest rows + {TEXT_COPIES} copies of the text weight; the all-way alpha"
@@ -247,33 +260,33 @@ class GDA(C.AdaptMethod):
         if keep is not None:
             state.tensors[TRANSFER_ROWS] = keep.cpu().half()  # store features are float16: nothing lost
         if rows is not None and params is not None:  # the state's own shots: the GDA of their views
-            C.keep_allway_head(state, val.aw_task, {"pmu": params[0], "bias": params[1]})
+            keep_allway_head(state, val.aw_task, {"pmu": params[0], "bias": params[1]})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         keep = state.tensors.get(TRANSFER_ROWS)
         new_rows = bridge.embed_images(keep.to(device).float()) if keep is not None else None
-        aw_alpha = C.hp(state, C.ALLWAY, "alpha")
+        aw_alpha = hp(state, ALLWAY, "alpha")
 
         def make(regime: str):
-            alpha = C.hp(state, regime, "alpha")
+            alpha = hp(state, regime, "alpha")
 
             def fit(support, classes):
                 E, N, K, _ = support.shape
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
-                if K == 0 and regime == C.EPISODIC and new_rows is not None:  # classes with no shot
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
+                if K == 0 and regime == EPISODIC and new_rows is not None:  # classes with no shot
                     pmu, b = gda_new_classes(new_rows, ts.weights)
                     return FittedGDA(ts.weights, pmu, b, aw_alpha, ts.embed)
                 if K == 0:  # nothing to estimate: the GDA term is a constant (zero-shot)
                     z = ts.weights.new_zeros(ts.weights.shape)
                     return FittedGDA(ts.weights, z, ts.weights.new_full((E, N), math.log(1.0 / N)), alpha, ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 pmu, b = (kept["pmu"], kept["bias"]) if kept is not None else gda_params(ts.support)
                 return FittedGDA(ts.weights, pmu, b, alpha, ts.embed)
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("gda", GDA)

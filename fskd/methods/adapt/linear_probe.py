@@ -31,8 +31,23 @@ from fskd.classifiers.linear import (
 )
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.lpclip import LPClip
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    centred,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    prototypes,
+    require_shots,
+    support_center,
+)
+from fskd.methods.adapt.text_space import TextSpace
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
@@ -58,7 +73,7 @@ class LinearProbeOptions(Config):
     val_episodes: int = 300
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -74,7 +89,7 @@ def probe_params(
 ) -> dict[int, LinearParams]:
     """Probes for embedded support (E, N, K, D); zero weights (text only) when K = 0."""
     E, N, K, D = support.shape
-    w0 = C.prototypes(support) if K > 0 else torch.zeros(E, N, D, device=support.device)
+    w0 = prototypes(support) if K > 0 else torch.zeros(E, N, D, device=support.device)
     return train_linear(
         support.reshape(E, N * K, D),
         way_labels(E, N, K, support.device),
@@ -88,22 +103,22 @@ def probe_params(
 
 
 def search_probe(
-    task: C.Task | None, space: Callable, *, alphas, weight_decays, steps, lr: float, default: dict
-) -> C.Choice:
+    task: Task | None, space: Callable, *, alphas, weight_decays, steps, lr: float, default: dict
+) -> Choice:
     """Grid over (alpha0, weight_decay) x checkpoints of ``steps``, scored on ``task``.
 
-    ``space(support, classes)`` -> C.TextSpace (weights None for a plain linear probe). The
+    ``space(support, classes)`` -> TextSpace (weights None for a plain linear probe). The
     grid trains as batches of settings (episodes x settings, in groups of at most
     ``GROUP_VALUES`` scores): every episode-setting pair is independent under Adam, so this
     equals separate runs at a fraction of the overhead. ``Choice.fitted`` holds the winning
     probe (its ``LinearParams``): on the all-way task it is the head for the task's own shots.
     """
     if task is None:
-        return C.grid_search([], lambda c: 0.0, None, default)
+        return grid_search([], lambda c: 0.0, None, default)
     ts = space(task.support, task.classes)
     q = ts.embed(task.query)
     E, N, K, D = ts.support.shape
-    w0 = C.prototypes(ts.support) if K > 0 else torch.zeros(E, N, D, device=q.device)
+    w0 = prototypes(ts.support) if K > 0 else torch.zeros(E, N, D, device=q.device)
     x = ts.support.reshape(E, N * K, D)
     proj = Projections.of(q, w0, x, ts.weights)
     settings = [(a, w) for a in alphas for w in weight_decays]
@@ -147,7 +162,7 @@ def search_probe(
         for s in steps
     ]
     key = lambda c: (c.get("alpha0"), c["weight_decay"], c["steps"])  # noqa: E731
-    choice = C.grid_search(grid, lambda c: results[key(c)], task, default)
+    choice = grid_search(grid, lambda c: results[key(c)], task, default)
     choice.fitted = probes.get(key(choice.params)) if choice.score is not None else None
     return choice
 
@@ -160,16 +175,16 @@ def probe_parts(p: LinearParams | None) -> dict[str, torch.Tensor] | None:
 
 
 def kept_probe(state: MethodState, regime: str, support: torch.Tensor, classes: torch.Tensor) -> LinearParams | None:
-    """The state's kept all-way probe when ``support`` is the one it was trained on (see _common)."""
-    if regime != C.ALLWAY:
+    """The state's kept all-way probe when ``support`` is the one it was trained on (see regimes)."""
+    if regime != ALLWAY:
         return None
-    parts = C.kept_allway_head(state, support, classes)
+    parts = kept_allway_head(state, support, classes)
     if parts is None:
         return None
     return LinearParams(parts["weights"], None, None, parts["bias"], parts.get("alpha"))
 
 
-class LinearProbeTuned(C.AdaptMethod):
+class LinearProbeTuned(AdaptMethod):
     """fskd's probe: logistic regression on the centred support, prototype init, full-batch
     Adam batched over episodes; weight decay and steps chosen on validation.
 
@@ -178,19 +193,19 @@ class LinearProbeTuned(C.AdaptMethod):
     name = "linear-probe"
     options = LinearProbeOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         base = store.class_split("base")
         center = torch.from_numpy(store.mean(base)).to(device) if base else None
-        wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
-        steps = C.fixed_or(opts.steps, STEPS)
+        wds = fixed_or(opts.weight_decay, WEIGHT_DECAY)
+        steps = fixed_or(opts.steps, STEPS)
         fixed = {k for k, v in (("weight_decay", opts.weight_decay), ("steps", opts.steps)) if v is not None}
         default = {"weight_decay": wds[len(wds) // 2], "steps": steps[len(steps) // 2]}
-        space_ep = lambda s, c: C.TextSpace(None, C.centred(center), C.centred(center)(s))  # noqa: E731
+        space_ep = lambda s, c: TextSpace(None, centred(center), centred(center)(s))  # noqa: E731
 
         def space_aw(s, c):
-            embed = C.centred(C.support_center(s))
-            return C.TextSpace(None, embed, embed(s))
+            embed = centred(support_center(s))
+            return TextSpace(None, embed, embed(s))
 
         ep = search_probe(
             f.episodic_task(), space_ep, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default
@@ -199,12 +214,12 @@ class LinearProbeTuned(C.AdaptMethod):
         aw = search_probe(
             aw_task, space_aw, alphas=(None,), weight_decays=wds, steps=steps, lr=opts.lr, default=default
         )
-        C.record(state, C.EPISODIC, ep, fixed)
-        C.record(state, C.ALLWAY, aw, fixed)
+        record(state, EPISODIC, ep, fixed)
+        record(state, ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
         state.tensors = {"center": center.cpu() if center is not None else torch.zeros(store.dim)}
-        C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
+        keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
     def head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
@@ -212,11 +227,11 @@ class LinearProbeTuned(C.AdaptMethod):
         lr = state.hparams["lr"]
 
         def make(regime: str):
-            wd, steps = C.hp(state, regime, "weight_decay"), C.hp(state, regime, "steps")
+            wd, steps = hp(state, regime, "weight_decay"), hp(state, regime, "steps")
 
             def fit(support, classes):
-                C.require_shots(support, self.name)
-                embed = C.centred(center if regime == C.EPISODIC else C.support_center(support))
+                require_shots(support, self.name)
+                embed = centred(center if regime == EPISODIC else support_center(support))
                 p = (
                     kept_probe(state, regime, support, classes)
                     or probe_params(embed(support), steps=[steps], lr=lr, weight_decay=wd)[steps]
@@ -225,7 +240,7 @@ class LinearProbeTuned(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY))
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY))
 
 
 class LinearProbe(RecipeMethod):

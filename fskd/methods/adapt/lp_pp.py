@@ -30,9 +30,12 @@ import torch
 from fskd.classifiers.linear import FittedLinear, LinearParams
 from fskd.classifiers.lpp import EPOCHS, train_lpp
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.linear_probe import kept_probe, probe_parts
 from fskd.methods.adapt.lp_pp_tuned import LPPlusPlusTuned
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, Task, keep_allway_head, learned_mask
+from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text
+from fskd.methods.adapt.validation import Choice, check_val_options, hp, record
 from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 
@@ -49,10 +52,10 @@ class LPPOptions(Config):
     RANGES = {"epochs": (">=", 1), "val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
 
 
-def flat(ts: C.TextSpace) -> tuple[torch.Tensor, torch.Tensor]:
+def flat(ts: TextSpace) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedded support (E, N*K, D) and its way labels (class-major)."""
     from fskd.classifiers.linear import way_labels
 
@@ -60,18 +63,18 @@ def flat(ts: C.TextSpace) -> tuple[torch.Tensor, torch.Tensor]:
     return ts.support.reshape(E, N * K, D), way_labels(E, N, K, ts.support.device)
 
 
-def zero_shot_params(ts: C.TextSpace) -> LinearParams:
+def zero_shot_params(ts: TextSpace) -> LinearParams:
     """W = 0, b = 0, alpha = 1: the text classifier alone (0 shots)."""
     E, N, _, D = ts.support.shape
     z = ts.support.new_zeros
     return LinearParams(z(E, N, D), None, None, z(E, N), ts.support.new_ones(E, N))
 
 
-def early_stopped(task: C.Task | None, space, epochs: int) -> C.Choice:
+def early_stopped(task: Task | None, space, epochs: int) -> Choice:
     """Train on ``task``'s support for ``epochs`` epochs and pick the epoch count by val accuracy
     (mean over the task's episodes; ties: the later epoch, as the LP++ code's ``>=``)."""
     if task is None or task.shot == 0:
-        return C.Choice({"epochs": epochs}, None, "default (no validation data)", "no validation data")
+        return Choice({"epochs": epochs}, None, "default (no validation data)", "no validation data")
     ts = space(task.support, task.classes)
     x, y = flat(ts)
     r = train_lpp(x, y, ts.weights, epochs=epochs, val=(ts.embed(task.query), task.truth))
@@ -82,14 +85,14 @@ def early_stopped(task: C.Task | None, space, epochs: int) -> C.Choice:
         for e in sorted({1, 10, 50, 100, 200, epochs, best + 1})
         if e <= epochs
     ]
-    choice = C.Choice({"epochs": best + 1}, float(mean[best]), task.on, task.description, table)
+    choice = Choice({"epochs": best + 1}, float(mean[best]), task.on, task.description, table)
     if x.shape[0] == 1:  # the all-way task: keep the early-stopped probe itself
         w, b, a = r.best
         choice.fitted = LinearParams(w, None, None, b, a)
     return choice
 
 
-class LPPPublished(C.AdaptMethod):
+class LPPPublished(AdaptMethod):
     """LP++ as published: linear probe + class-wise text blend, SGD at Lipschitz step sizes,
     early stopping on val.
 
@@ -101,23 +104,23 @@ class LPPPublished(C.AdaptMethod):
     name = "lp++"
     options = LPPOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         state, spaces, epochs = f.state, f.spaces(), f.opts.epochs
-        ep = early_stopped(f.episodic_task(), spaces[C.EPISODIC], epochs)
+        ep = early_stopped(f.episodic_task(), spaces[EPISODIC], epochs)
         aw_task = f.allway_task()
-        aw = early_stopped(aw_task, spaces[C.ALLWAY], epochs)
-        C.record(state, C.EPISODIC, ep)
-        C.record(state, C.ALLWAY, aw)
-        C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
+        aw = early_stopped(aw_task, spaces[ALLWAY], epochs)
+        record(state, EPISODIC, ep)
+        record(state, ALLWAY, aw)
+        keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
 
         def make(regime: str):
-            epochs = C.hp(state, regime, "epochs")
+            epochs = hp(state, regime, "epochs")
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 p = kept_probe(state, regime, support, classes)
                 if p is None and ts.support.shape[2] == 0:
                     p = zero_shot_params(ts)
@@ -129,7 +132,7 @@ class LPPPublished(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 class LPPlusPlus(RecipeMethod):

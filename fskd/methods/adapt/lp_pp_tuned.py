@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from fskd.classifiers.linear import FittedLinear
-from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.linear_probe import (
     LinearProbeOptions,
     kept_probe,
@@ -30,6 +29,10 @@ from fskd.methods.adapt.linear_probe import (
     probe_parts,
     search_probe,
 )
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, keep_allway_head, learned_mask
+from fskd.methods.adapt.text_space import regime_text_space, state_text
+from fskd.methods.adapt.validation import fixed_or, hp, record
 from fskd.methods.base import MethodState
 
 ALPHA0 = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -45,7 +48,7 @@ class LPPPOptions(LinearProbeOptions):
     ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
 
 
-class LPPlusPlusTuned(C.AdaptMethod):
+class LPPlusPlusTuned(AdaptMethod):
     """fskd's LP++ variant: linear probe + class-wise blend with the text weights on centred
     features, prototype init, Adam; alpha0, weight decay and steps searched on validation;
     zero-shot at 0 shots.
@@ -58,11 +61,11 @@ class LPPlusPlusTuned(C.AdaptMethod):
     name = "lp++"
     options = LPPPOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, opts, state, spaces = f.store, f.opts, f.state, f.spaces()
-        alphas = C.fixed_or(opts.alpha0, ALPHA0)
-        wds = C.fixed_or(opts.weight_decay, WEIGHT_DECAY)
-        steps = C.fixed_or(opts.steps, STEPS)
+        alphas = fixed_or(opts.alpha0, ALPHA0)
+        wds = fixed_or(opts.weight_decay, WEIGHT_DECAY)
+        steps = fixed_or(opts.steps, STEPS)
         fixed = {
             k
             for k, v in (("alpha0", opts.alpha0), ("weight_decay", opts.weight_decay), ("steps", opts.steps))
@@ -71,7 +74,7 @@ class LPPlusPlusTuned(C.AdaptMethod):
         default = {"alpha0": alphas[len(alphas) // 2], "weight_decay": wds[0], "steps": steps[len(steps) // 2]}
         ep = search_probe(
             f.episodic_task(),
-            spaces[C.EPISODIC],
+            spaces[EPISODIC],
             alphas=alphas,
             weight_decays=wds,
             steps=steps,
@@ -82,23 +85,23 @@ class LPPlusPlusTuned(C.AdaptMethod):
         if aw_task is not None and aw_task.shot == 0 and not store.joint:
             aw_task = None  # no shots to learn a bridge from
         aw = search_probe(
-            aw_task, spaces[C.ALLWAY], alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default
+            aw_task, spaces[ALLWAY], alphas=alphas, weight_decays=wds, steps=steps, lr=opts.lr, default=default
         )
-        C.record(state, C.EPISODIC, ep, fixed)
-        C.record(state, C.ALLWAY, aw, fixed)
+        record(state, EPISODIC, ep, fixed)
+        record(state, ALLWAY, aw, fixed)
         state.hparams["lr"] = opts.lr
         state.selected_on["lr"] = "fixed"
-        C.keep_allway_head(state, aw_task, probe_parts(aw.fitted))
+        keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         lr = state.hparams["lr"]
 
         def make(regime: str):
-            a0, wd, steps = (C.hp(state, regime, k) for k in ("alpha0", "weight_decay", "steps"))
+            a0, wd, steps = (hp(state, regime, k) for k in ("alpha0", "weight_decay", "steps"))
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 p = (
                     kept_probe(state, regime, support, classes)
                     or probe_params(ts.support, steps=[steps], lr=lr, weight_decay=wd, text=ts.weights, alpha0=a0)[
@@ -109,4 +112,4 @@ class LPPlusPlusTuned(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)

@@ -31,7 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    FittedWeights,
+    RegimeHead,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    require_shots,
+)
+from fskd.methods.adapt.validation import hp
 from fskd.methods.base import MethodState
 
 #: lpclip's first search: C from 1e6 down to 1e-6 in steps of 100
@@ -136,7 +147,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class LPClip(C.AdaptMethod):
+class LPClip(AdaptMethod):
     """CoOp's linear probe (lpclip: L-BFGS logistic regression, C searched on val) all-way;
     RFS's per episode (C = 1).
 
@@ -146,7 +157,7 @@ class LPClip(C.AdaptMethod):
     options = LPClipOptions
     uses_device = False  # scikit-learn fits on the CPU
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         config, opts, state = f.config, f.opts, f.state
         state.hparams.update(
             {
@@ -184,7 +195,7 @@ class LPClip(C.AdaptMethod):
         state.metrics["allway.val_task"] = task.description
         state.metrics["allway.c_search"] = s.table
         state.metrics["allway.fits_at_max_iter"] = s.capped
-        C.keep_allway_head(
+        keep_allway_head(
             state, task, {"weights": torch.from_numpy(s.weights)[None], "bias": torch.from_numpy(s.bias)[None]}
         )
 
@@ -192,16 +203,16 @@ class LPClip(C.AdaptMethod):
         max_iter = int(state.hparams["max_iter"])
 
         def allway(support, classes):
-            C.require_shots(support, self.name)
-            kept = C.kept_allway_head(state, support, classes)
+            require_shots(support, self.name)
+            kept = kept_allway_head(state, support, classes)
             if kept is not None:
-                return C.FittedWeights(kept["weights"], _raw, kept["bias"])
-            w, b, _ = fit_episodes(support, float(C.hp(state, C.ALLWAY, "c")), max_iter)
-            return C.FittedWeights(w, _raw, b)
+                return FittedWeights(kept["weights"], _raw, kept["bias"])
+            w, b, _ = fit_episodes(support, float(hp(state, ALLWAY, "c")), max_iter)
+            return FittedWeights(w, _raw, b)
 
         def episodic(support, classes):
-            C.require_shots(support, self.name)
-            w, b, _ = fit_episodes(_unit(support), float(C.hp(state, C.EPISODIC, "c")), max_iter)
-            return C.FittedWeights(w, _unit, b)
+            require_shots(support, self.name)
+            w, b, _ = fit_episodes(_unit(support), float(hp(state, EPISODIC, "c")), max_iter)
+            return FittedWeights(w, _unit, b)
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway)
+        return RegimeHead(self.name, learned_mask(store, device), episodic, allway)

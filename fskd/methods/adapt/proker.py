@@ -44,7 +44,19 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text, view_rows
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' grid (configs_proker/{caltech101,fgvc,food101,ucf101}.yaml: torch.linspace)
@@ -88,7 +100,7 @@ class ProKeROptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         for name, strict in (("beta", False), ("lam", True)):
             v = getattr(self, name)
             vals = v if isinstance(v, tuple) else (v,)
@@ -146,7 +158,7 @@ class FittedProKeR(FittedHead):
         return (z.double() + torch.bmm(kq, self.coef.double())).float()
 
 
-def support_rows(ts: C.TextSpace, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def support_rows(ts: TextSpace, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The regression's rows (E, R, D) and way labels (E, R): the embedded support, or ``rows``
     (E, N, R_n, D) per class (stored views)."""
     x = ts.support if rows is None else rows
@@ -156,14 +168,14 @@ def support_rows(ts: C.TextSpace, rows: torch.Tensor | None = None) -> tuple[tor
 
 
 def search_beta_lam(
-    task: C.Task | None, space, betas, lams, default: dict, rows: torch.Tensor | None = None
-) -> tuple[C.Choice, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    task: Task | None, space, betas, lams, default: dict, rows: torch.Tensor | None = None
+) -> tuple[Choice, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """(beta, lambda) by accuracy on ``task``: each beta's Gram matrix is diagonalised once and every
     lambda is a reweighting of its eigenvectors. ``rows``: the regression's rows per class in place
     of the embedded support (stored views). Returns the choice and, for the winner, the rows, their
     labels and the coefficients A."""
     if task is None or task.shot == 0:
-        return C.grid_search([], lambda c: 0.0, None, default), None
+        return grid_search([], lambda c: 0.0, None, default), None
     ts = space(task.support, task.classes)
     weights = F.normalize(ts.weights, dim=-1)
     x, y = support_rows(ts, rows)
@@ -184,12 +196,12 @@ def search_beta_lam(
         shrink = c["lam"] / (s + c["lam"])  # (E, S)
         return task.accuracy(zq + torch.bmm(ku, shrink[..., None] * ur))
 
-    choice = C.grid_search([{"beta": b, "lam": lam} for b in betas for lam in lams], score, task, default)
+    choice = grid_search([{"beta": b, "lam": lam} for b in betas for lam in lams], score, task, default)
     coef = proker_coef(x, y, weights, choice.params["beta"], choice.params["lam"])
     return choice, (x, y, coef)
 
 
-class ProKeR(C.AdaptMethod):
+class ProKeR(AdaptMethod):
     """Kernel ridge regression of the zero-shot residual on the shots (beta, lambda on validation)."""
 
     needs_text = True
@@ -198,9 +210,9 @@ class ProKeR(C.AdaptMethod):
     name = "proker"
     options = ProKeROptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, state = f.store, f.config, f.opts, f.state
-        betas, lams = C.fixed_or(opts.beta, BETA), C.fixed_or(opts.lam, LAMBDA if store.joint else LAMBDA + LAMBDA_WIDE)
+        betas, lams = fixed_or(opts.beta, BETA), fixed_or(opts.lam, LAMBDA if store.joint else LAMBDA + LAMBDA_WIDE)
         fixed = {k for k, v in (("beta", betas), ("lam", lams)) if getattr(opts, k) is not None and len(v) == 1}
         base = transferred_default(config.shots)
         default = {
@@ -209,11 +221,11 @@ class ProKeR(C.AdaptMethod):
         }
         val = f.validation()
         ts = val.view_space()
-        rows = C.view_rows(ts, val.views) if ts is not None else None
-        ep, _ = search_beta_lam(val.ep_task, val.spaces[C.EPISODIC], betas, lams, default)
-        aw, fitted = search_beta_lam(val.aw_task, val.spaces[C.ALLWAY], betas, lams, default, rows)
-        for regime, choice in ((C.EPISODIC, ep), (C.ALLWAY, aw)):
-            C.record(state, regime, choice, fixed)
+        rows = view_rows(ts, val.views) if ts is not None else None
+        ep, _ = search_beta_lam(val.ep_task, val.spaces[EPISODIC], betas, lams, default)
+        aw, fitted = search_beta_lam(val.aw_task, val.spaces[ALLWAY], betas, lams, default, rows)
+        for regime, choice in ((EPISODIC, ep), (ALLWAY, aw)):
+            record(state, regime, choice, fixed)
             for k in ("beta", "lam"):
                 if choice.score is None and k not in fixed:
                     state.selected_on[f"{regime}.{k}"] = (
@@ -221,7 +233,7 @@ class ProKeR(C.AdaptMethod):
                         "transferred value for the nearest shot count"
                     )
         given = opts.beta is not None or opts.lam is not None
-        C.record_grid(
+        record_grid(
             state,
             f"{len(betas)} beta x {len(lams)} lambda" if given else None,
             GRID_JOINT if store.joint else GRID_BRIDGE,
@@ -229,22 +241,22 @@ class ProKeR(C.AdaptMethod):
         )
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code normalises every encoded crop)"
-        C.record_views(state, C.ALLWAY, val.views, val.why)
+        record_views(state, ALLWAY, val.views, val.why)
         if rows is not None and fitted is not None:  # the state's own shots: the regression on their views
-            C.keep_allway_head(state, val.aw_task, {"rows": fitted[0], "coef": fitted[2]})
+            keep_allway_head(state, val.aw_task, {"rows": fitted[0], "coef": fitted[2]})
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
 
         def make(regime: str):
-            beta, lam = C.hp(state, regime, "beta"), C.hp(state, regime, "lam")
+            beta, lam = hp(state, regime, "beta"), hp(state, regime, "lam")
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 weights = F.normalize(ts.weights, dim=-1)
                 if support.shape[2] == 0:  # no shot: nothing to regress (zero-shot)
                     return FittedProKeR(weights, None, None, beta, ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 if kept is not None:
                     return FittedProKeR(weights, kept["rows"], kept["coef"], beta, ts.embed)
                 x, y = support_rows(ts)
@@ -252,7 +264,7 @@ class ProKeR(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("proker", ProKeR)

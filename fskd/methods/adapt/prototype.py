@@ -20,7 +20,8 @@ from fskd.classifiers.base import ClassContext
 from fskd.classifiers.prototype import RULES, PrototypeHead, check_rule
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import RegimeHead, learned_mask
 from fskd.methods.base import METHODS, MethodState
 
 
@@ -33,14 +34,14 @@ class PrototypeOptions(Config):
             raise ConfigError(f"--set rule must be one of {', '.join(RULES)}, got {self.rule!r}")
 
 
-class Prototype(C.AdaptMethod):
+class Prototype(AdaptMethod):
     """SimpleShot nearest class mean (base-mean centring, L2; cosine or the authors' Euclidean rule)."""
 
     name = "prototype"
     options = PrototypeOptions
     uses_device = False  # nothing is computed: the base mean is read from the store
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, state = f.store, f.state
         base = store.class_split("base")
         mean = torch.from_numpy(store.mean(base)) if base else torch.zeros(store.dim)
@@ -61,7 +62,7 @@ class Prototype(C.AdaptMethod):
         rule = check_rule(state.hparams["rule"])
         ep = PrototypeHead(ClassContext(center=center if bool(center.abs().sum() > 0) else None), rule=rule)
         aw = PrototypeHead(None, center_support=True, rule=rule)
-        return C.RegimeHead(self.name, C.learned_mask(store, device), ep.fit, aw.fit)
+        return RegimeHead(self.name, learned_mask(store, device), ep.fit, aw.fit)
 
 
 METHODS.register("prototype", Prototype)

@@ -34,7 +34,17 @@ from fskd.classifiers.base import FittedHead
 from fskd.classifiers.linear import train_steps
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    learned_mask,
+    prototypes,
+    require_shots,
+    support_center,
+)
+from fskd.methods.adapt.validation import check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 from fskd.store import sampling
@@ -71,7 +81,7 @@ class ResidualAdapterOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         if self.features not in FEATURES:
             raise ConfigError(f"features must be one of {', '.join(FEATURES)}, got {self.features!r}")
         if self.reduction < 1 or self.batch < 1 or self.lr <= 0 or self.weight_decay < 0:
@@ -167,15 +177,15 @@ class FittedAdapted(FittedHead):
         return SCALE * torch.bmm(self.features(query), self.weights.transpose(1, 2))
 
 
-class ResidualAdapter(C.AdaptMethod):
+class ResidualAdapter(AdaptMethod):
     """Residual MLP adapter on frozen features (CLIP-Adapter / MTKD stage 2)."""
 
     name = "residual-adapter"
     options = ResidualAdapterOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
-        ratios, steps = C.fixed_or(opts.ratio, RATIO), C.fixed_or(opts.steps, STEPS)
+        ratios, steps = fixed_or(opts.ratio, RATIO), fixed_or(opts.steps, STEPS)
         fixed = {k for k, v in (("ratio", opts.ratio), ("steps", opts.steps)) if v is not None}
         default = {"ratio": ratios[0], "steps": steps[len(steps) // 2]}
         train = dict(
@@ -201,14 +211,14 @@ class ResidualAdapter(C.AdaptMethod):
             def ep_score(c):
                 aw = runs[c["ratio"]][c["steps"]]
                 sup, qry = ep_task.mapped(_episodic_features(aw, center, e))
-                return ep_task.accuracy(torch.bmm(qry, C.prototypes(sup).transpose(1, 2)))
+                return ep_task.accuracy(torch.bmm(qry, prototypes(sup).transpose(1, 2)))
 
-            ep = C.grid_search([{"ratio": r, "steps": s} for r in ratios for s in steps], ep_score, ep_task, default)
+            ep = grid_search([{"ratio": r, "steps": s} for r in ratios for s in steps], ep_score, ep_task, default)
             chosen = runs[ep.params["ratio"]][ep.params["steps"]]
             tensors.update(_pack("base.", chosen, center))
             tensors["base.adapted_mean"] = chosen.apply(e)[0].mean(0)
         else:
-            ep = C.grid_search([], lambda c: 0.0, None, default)
+            ep = grid_search([], lambda c: 0.0, None, default)
 
         # all-way: adapters trained on K train shots of every class, scored on the val split
         aw_task = f.allway_task() if config.shots > 0 else None
@@ -221,13 +231,13 @@ class ResidualAdapter(C.AdaptMethod):
                     FittedAdapted(aw[c["steps"]].classes, _support_features(aw[c["steps"]], cen)).logits(aw_task.query)
                 )
 
-            aw = C.grid_search([{"ratio": r, "steps": s} for r in ratios for s in steps], aw_score, aw_task, default)
+            aw = grid_search([{"ratio": r, "steps": s} for r in ratios for s in steps], aw_score, aw_task, default)
             adapters, cen = runs_aw[aw.params["ratio"]]
             tensors.update(_pack("shots.", adapters[aw.params["steps"]], cen[0, 0]))
         else:
-            aw = C.grid_search([], lambda c: 0.0, None, default)
-        C.record(state, C.EPISODIC, ep, fixed)
-        C.record(state, C.ALLWAY, aw, fixed)
+            aw = grid_search([], lambda c: 0.0, None, default)
+        record(state, EPISODIC, ep, fixed)
+        record(state, ALLWAY, aw, fixed)
         for k in ("reduction", "lr", "weight_decay", "batch"):
             state.hparams[k] = getattr(opts, k)
             state.selected_on[k] = "fixed"
@@ -257,24 +267,24 @@ class ResidualAdapter(C.AdaptMethod):
         t = {k: v.to(device) for k, v in state.tensors.items()}
 
         def episodic(support, classes):
-            C.require_shots(support, self.name)
-            aw, center = _unpack("base.", t, C.hp(state, C.EPISODIC, "ratio"))
+            require_shots(support, self.name)
+            aw, center = _unpack("base.", t, hp(state, EPISODIC, "ratio"))
             feats = _centred_adapted(aw, center, t["base.adapted_mean"])
-            return FittedAdapted(C.prototypes(feats(support)), feats)
+            return FittedAdapted(prototypes(feats(support)), feats)
 
         def allway(support, classes):
-            C.require_shots(support, self.name)
-            ratio, steps = C.hp(state, C.ALLWAY, "ratio"), C.hp(state, C.ALLWAY, "steps")
+            require_shots(support, self.name)
+            ratio, steps = hp(state, ALLWAY, "ratio"), hp(state, ALLWAY, "steps")
             runs, cen = _train_on_support(support, store.joint, ratio, [steps], train)
             return FittedAdapted(runs[steps].classes, _support_features(runs[steps], cen))
 
         # without base classes nothing was learned beforehand: every call learns from its support
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic if "base.w1" in t else allway, allway)
+        return RegimeHead(self.name, learned_mask(store, device), episodic if "base.w1" in t else allway, allway)
 
     def features(self, state: MethodState, store, device: torch.device):
         use = state.hparams["features"]
         t = {k: v.to(device) for k, v in state.tensors.items()}
-        aw, center = _unpack(f"{use}.", t, state.hparams[f"{C.EPISODIC if use == 'base' else C.ALLWAY}.ratio"])
+        aw, center = _unpack(f"{use}.", t, state.hparams[f"{EPISODIC if use == 'base' else ALLWAY}.ratio"])
 
         def fmap(x: torch.Tensor) -> torch.Tensor:
             """raw (n, D) -> adapted (n, D)."""
@@ -317,7 +327,7 @@ def _episodic_features(aw: AdapterWeights, center: torch.Tensor, e_base: torch.T
 def _train_on_support(support: torch.Tensor, joint: bool, ratio: float, steps, train: dict):
     """Adapters trained on each episode's support (E, N, K, D); returns ({step: weights}, centre (E, 1, D))."""
     E, N, K, D = support.shape
-    center = torch.zeros(E, 1, D, device=support.device) if joint else C.support_center(support)
+    center = torch.zeros(E, 1, D, device=support.device) if joint else support_center(support)
     e = F.normalize(support.reshape(E, N * K, D) - center, dim=-1)
     y = torch.arange(N, device=support.device).repeat_interleave(K)[None].expand(E, -1)
     return train_adapter(e, y, N, ratio=ratio, steps=steps, **train), center

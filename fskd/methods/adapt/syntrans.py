@@ -26,7 +26,7 @@ Then an overall strength rho (w = v + rho * (...)), the power transform, the gen
 and the bridge's ridge are **chosen on val-class episodes**. ``(K0 / K)^gamma`` shrinks the
 priors when an evaluation gives more shots (K) than the state was fitted for (K0).
 
-All-way regime (the call includes base classes, see _common): nothing base-learned is used;
+All-way regime (the call includes base classes, see regimes): nothing base-learned is used;
 the semantic reconstructor draws on the other classes' support prototypes (never a class's
 own), the bridge is fitted on the support, and (a, b) are chosen on the val split.
 """
@@ -43,7 +43,19 @@ import torch.nn.functional as F
 
 from fskd.config import Config
 from fskd.errors import ConfigError, StoreError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    FittedWeights,
+    RegimeHead,
+    learned_mask,
+    prototypes,
+    require_shots,
+    sample_episode_rows,
+)
+from fskd.methods.adapt.text_space import choose_allway_ridge, fit_episodic_bridge, support_text_space
+from fskd.methods.adapt.validation import check_val_options, fixed_or, grid_search, hp, no_validation, record
 from fskd.methods.base import METHODS, MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge, _ridge, ridge_path
 from fskd.runtime import single_thread
@@ -92,7 +104,7 @@ class SynTransOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.meta_steps < 0 or self.meta_episodes < 1 or self.meta_query < 1 or self.meta_lr <= 0:
@@ -143,14 +155,14 @@ class Base:
 
     def parts(self, support: torch.Tensor, classes: torch.Tensor, text: torch.Tensor, tau: float):
         """(E, N, K, D) raw support -> v, gen, sem, tw (each (E, N, D))."""
-        v = C.prototypes(self.embed(support))
+        v = prototypes(self.embed(support))
         gen = F.normalize(v @ self.gen, dim=-1)
         sem = semantic(text[classes], self.text_base, self.protos, tau)
         tw = self.bridge.text_to_image(text)[classes]
         return v, gen, sem, tw
 
 
-class SynTrans(C.AdaptMethod):
+class SynTrans(AdaptMethod):
     """Visual weight generator + semantic weight reconstructor + bridge, meta-trained on base classes."""
 
     needs_text = True
@@ -160,7 +172,7 @@ class SynTrans(C.AdaptMethod):
     own_bridges = True  # learned in the power-transformed space chosen on validation
 
     # ------------------------------------------------------------------------------------------
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state, progress = f.store, f.config, f.opts, f.device, f.state, f.progress
         text = f.text.to(device)
         base = sorted(store.class_split("base"))
@@ -177,7 +189,7 @@ class SynTrans(C.AdaptMethod):
 
         # 1. power transform (only for non-negative features), by prototype accuracy on val episodes
         nonneg = bool((x_raw >= 0).all())
-        powers = C.fixed_or(opts.power, POWER if nonneg else (1.0,))
+        powers = fixed_or(opts.power, POWER if nonneg else (1.0,))
         if opts.power is not None:
             fixed.add("power")
             if not nonneg and any(p != 1.0 for p in powers):
@@ -188,7 +200,7 @@ class SynTrans(C.AdaptMethod):
         def proto_score(p: float) -> float:
             mean = tukey(x_raw, p).mean(0)
             emb = lambda t: F.normalize(tukey(t, p) - mean, dim=-1)  # noqa: E731
-            return ep_task.accuracy(torch.bmm(emb(ep_task.query), C.prototypes(emb(ep_task.support)).transpose(1, 2)))
+            return ep_task.accuracy(torch.bmm(emb(ep_task.query), prototypes(emb(ep_task.support)).transpose(1, 2)))
 
         proto_scores: dict = {}
 
@@ -196,7 +208,7 @@ class SynTrans(C.AdaptMethod):
             proto_scores[c["power"]] = proto_score(c["power"])
             return proto_scores[c["power"]]
 
-        ch_power = C.grid_search([{"power": p} for p in powers], power_score, ep_task, {"power": powers[0]})
+        ch_power = grid_search([{"power": p} for p in powers], power_score, ep_task, {"power": powers[0]})
         p = ch_power.params["power"]
         xb = tukey(x_raw, p)
         mean = xb.mean(0)
@@ -209,26 +221,26 @@ class SynTrans(C.AdaptMethod):
         text_base = text[torch.as_tensor(base, device=device)]
 
         # 2. the bridge (ridge on val classes) in the transformed space
-        bridge, ch_bridge = C.fit_episodic_bridge(
-            store, text, opts.ridge, device, transform=lambda t: tukey(t, p), use_val=not C.no_validation(config)
+        bridge, ch_bridge = fit_episodic_bridge(
+            store, text, opts.ridge, device, transform=lambda t: tukey(t, p), use_val=not no_validation(config)
         )
 
         # 3. the visual generator's ridge, on val episodes (generator at full strength)
         n, d = eb.shape
-        rels = C.fixed_or(opts.generator_ridge, GENERATOR_RIDGE)
+        rels = fixed_or(opts.generator_ridge, GENERATOR_RIDGE)
         if opts.generator_ridge is not None:
             fixed.add("generator_ridge")
         gens = dict(zip(rels, ridge_path(eb, protos[yb], [r * n / d for r in rels]), strict=True))
 
         if ep_task is not None:
             emb = lambda t: F.normalize(tukey(t, p) - mean, dim=-1)  # noqa: E731
-            v_val, q_val = C.prototypes(emb(ep_task.support)), emb(ep_task.query)
+            v_val, q_val = prototypes(emb(ep_task.support)), emb(ep_task.query)
 
         def gen_score(r: float) -> float:
             w = F.normalize(v_val + F.normalize(v_val @ gens[r], dim=-1), dim=-1)
             return ep_task.accuracy(torch.bmm(q_val, w.transpose(1, 2)))
 
-        ch_gen = C.grid_search(
+        ch_gen = grid_search(
             [{"generator_ridge": r} for r in rels],
             lambda c: gen_score(c["generator_ridge"]),
             ep_task,
@@ -244,7 +256,7 @@ class SynTrans(C.AdaptMethod):
         g, a, b, tau, scale = (float(t) for t in theta)
 
         # 5. overall strength rho on val episodes
-        rhos = C.fixed_or(opts.rho, RHO)
+        rhos = fixed_or(opts.rho, RHO)
         if opts.rho is not None:
             fixed.add("rho")
         if ep_task is not None:
@@ -253,10 +265,10 @@ class SynTrans(C.AdaptMethod):
         rho_score = lambda c: ep_task.accuracy(  # noqa: E731
             torch.bmm(q, combine(*parts, c["rho"] * g, c["rho"] * a, c["rho"] * b).transpose(1, 2))
         )
-        ch_rho = C.grid_search([{"rho": r} for r in rhos], rho_score, ep_task, {"rho": 1.0 if 1.0 in rhos else rhos[0]})
+        ch_rho = grid_search([{"rho": r} for r in rhos], rho_score, ep_task, {"rho": 1.0 if 1.0 in rhos else rhos[0]})
 
         # 6. all-way regime: bridge ridge and (a, b) on the val split
-        ch_aw_ridge = C.choose_allway_ridge(store, text, config, opts.ridge, device, transform=lambda t: tukey(t, p))
+        ch_aw_ridge = choose_allway_ridge(store, text, config, opts.ridge, device, transform=lambda t: tukey(t, p))
         aw_task = f.allway_task() if config.shots > 0 else None
         if aw_task is not None:
             aw_parts = _allway_parts(
@@ -266,15 +278,15 @@ class SynTrans(C.AdaptMethod):
         aw_score = lambda c: aw_task.accuracy(  # noqa: E731
             torch.bmm(q_aw, combine(aw_parts[0], None, aw_parts[1], aw_parts[2], 0.0, c["a"], c["b"]).transpose(1, 2))
         )
-        ch_aw = C.grid_search(
+        ch_aw = grid_search(
             [{"a": x, "b": z} for x in ALLWAY_MIX for z in ALLWAY_MIX], aw_score, aw_task, {"a": 0.0, "b": 0.0}
         )
 
         # record
-        C.record(state, C.EPISODIC, ch_power, fixed)
-        C.record(state, C.EPISODIC, ch_bridge)
-        C.record(state, C.EPISODIC, ch_gen, fixed)
-        C.record(state, C.EPISODIC, ch_rho, fixed)
+        record(state, EPISODIC, ch_power, fixed)
+        record(state, EPISODIC, ch_bridge)
+        record(state, EPISODIC, ch_gen, fixed)
+        record(state, EPISODIC, ch_rho, fixed)
         for k_, v_ in (("g", g), ("a", a), ("b", b), ("tau", tau), ("scale", scale)):
             state.hparams[f"episodic.{k_}"] = round(v_, 6)
             state.selected_on[f"episodic.{k_}"] = "meta-trained on base-class episodes"
@@ -282,8 +294,8 @@ class SynTrans(C.AdaptMethod):
         state.selected_on["episodic.shots"] = "fixed (--shots)"
         state.hparams["episodic.shot_decay"] = opts.shot_decay
         state.selected_on["episodic.shot_decay"] = "fixed"
-        C.record(state, C.ALLWAY, ch_aw_ridge)
-        C.record(state, C.ALLWAY, ch_aw)
+        record(state, ALLWAY, ch_aw_ridge)
+        record(state, ALLWAY, ch_aw)
         state.metrics.update(meta)
         state.metrics["text"] = f.text_source
         if ch_rho.score is not None:
@@ -345,7 +357,7 @@ class SynTrans(C.AdaptMethod):
         opt = torch.optim.Adam([theta], lr=opts.meta_lr)
         truth = torch.arange(way, device=dev).repeat_interleave(q)
         losses = []
-        sup_rows, qry_rows, _ = C.sample_episode_rows(
+        sup_rows, qry_rows, _ = sample_episode_rows(
             labels, range(B), way, k, q, opts.meta_steps * opts.meta_episodes, seed + 1
         )
         sup_rows = torch.from_numpy(sup_rows).to(dev)
@@ -387,7 +399,7 @@ class SynTrans(C.AdaptMethod):
     def head(self, state: MethodState, store, device: torch.device):
         t = {k: v.to(device) for k, v in state.tensors.items()}
         text = t["text"]
-        h = lambda k: C.hp(state, C.EPISODIC, k)  # noqa: E731
+        h = lambda k: hp(state, EPISODIC, k)  # noqa: E731
         learned = Base(
             h("power"),
             t["base.mean"],
@@ -398,29 +410,29 @@ class SynTrans(C.AdaptMethod):
         )
         rho, k0, gamma = h("rho"), h("shots"), h("shot_decay")
         g, a, b, tau = rho * h("g"), rho * h("a"), rho * h("b"), h("tau")
-        ridge = C.hp(state, C.ALLWAY, "ridge")
-        a_aw, b_aw = C.hp(state, C.ALLWAY, "a"), C.hp(state, C.ALLWAY, "b")
+        ridge = hp(state, ALLWAY, "ridge")
+        a_aw, b_aw = hp(state, ALLWAY, "a"), hp(state, ALLWAY, "b")
         joint = store.joint
 
         def episodic(support, classes):
-            C.require_shots(support, self.name)
+            require_shots(support, self.name)
             shrink = (k0 / support.shape[2]) ** gamma
             v, gen, sem, tw = learned.parts(support, classes, text, tau)
-            return C.FittedWeights(combine(v, gen, sem, tw, g, shrink * a, shrink * b), learned.embed)
+            return FittedWeights(combine(v, gen, sem, tw, g, shrink * a, shrink * b), learned.embed)
 
         def allway(support, classes):
-            C.require_shots(support, self.name)
+            require_shots(support, self.name)
             v, sem, tw, embed = _allway_parts(support, classes, text, learned.power, tau, joint, ridge)
-            return C.FittedWeights(combine(v, None, sem, tw, 0.0, a_aw, b_aw), embed)
+            return FittedWeights(combine(v, None, sem, tw, 0.0, a_aw, b_aw), embed)
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), episodic, allway, needs_text=True)
 
 
 def _allway_parts(support, classes, text, power, tau, joint, ridge):
     """Support-only parts: prototypes, semantic reconstruction from the *other* classes' support
     prototypes, bridge weights fitted on the support; and the query embedding."""
-    ts = C.support_text_space(tukey(support, power), classes, text, joint, ridge)
-    v = C.prototypes(ts.support)
+    ts = support_text_space(tukey(support, power), classes, text, joint, ridge)
+    v = prototypes(ts.support)
     tc = text.to(v.device)[classes]  # (E, N, d_t)
     mask = torch.eye(classes.shape[1], dtype=torch.bool, device=v.device)[None].expand(len(classes), -1, -1)
     att = torch.softmax((torch.bmm(tc, tc.transpose(1, 2)) / tau).masked_fill(mask, -1e9), -1)

@@ -49,8 +49,21 @@ import torch.nn.functional as F
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.classifiers.linear import way_labels
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
 from fskd.methods.adapt.clap import FittedCosine, lr_at
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    allway_views,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
+from fskd.methods.adapt.validation import Choice, check_val_options, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 ALPHA = 0.5
@@ -100,7 +113,7 @@ class TaskResOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -177,18 +190,18 @@ def train_residual(
     return r.reshape(A, E, N, D)
 
 
-def shot_rows(ts: C.TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shot_rows(ts: TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (E, V, N*K, D) and way labels (E, N*K): the embedded support (V = 1), or the
     embedded stored views (E, V, N*K, D) of the class-major shots."""
     E, N, K, D = ts.support.shape
     y = way_labels(E, N, K, ts.support.device)
     if views is None:
         return ts.support.reshape(E, 1, N * K, D), y
-    return C.embed_views(ts, views), y
+    return embed_views(ts, views), y
 
 
 def fit_residuals(
-    ts: C.TextSpace, alphas: Sequence[float], seed: int, recipe: dict, views: torch.Tensor | None = None
+    ts: TextSpace, alphas: Sequence[float], seed: int, recipe: dict, views: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(A, E, N, D) residuals of a text space's support for each alpha, with the recipe's
     epochs (null: the authors' epochs for the support's K)."""
@@ -201,17 +214,17 @@ def fit_residuals(
 
 
 def search_alpha(
-    task: C.Task | None,
+    task: Task | None,
     space,
     alphas: Sequence[float],
     default: dict,
     seed: int,
     recipe: dict,
     views: torch.Tensor | None = None,
-) -> C.Choice:
+) -> Choice:
     """alpha by accuracy on ``task`` (every alpha trained in one batch); ``fitted``: the winner's residual."""
     if task is None or task.shot == 0:
-        return C.grid_search([], lambda c: 0.0, None, default)
+        return grid_search([], lambda c: 0.0, None, default)
     ts = space(task.support, task.classes)
     r = fit_residuals(ts, alphas, seed, recipe, views)  # (A, E, N, D)
     q = F.normalize(ts.embed(task.query), dim=-1)
@@ -220,13 +233,13 @@ def search_alpha(
         w = F.normalize(ts.weights + float(a) * r[i], dim=-1)
         acc[i] = task.accuracy(torch.bmm(q, w.transpose(1, 2)))
     cands = [{"alpha": float(a)} for a in alphas]
-    choice = C.grid_search(cands, lambda c: acc[cands.index(c)], task, default)
+    choice = grid_search(cands, lambda c: acc[cands.index(c)], task, default)
     if choice.score is not None:
         choice.fitted = r[cands.index(choice.params)]
     return choice
 
 
-class TaskRes(C.AdaptMethod):
+class TaskRes(AdaptMethod):
     """Text weights + a learned task residual (the authors' regular-base recipe; alpha fixed unless a list)."""
 
     needs_text = True
@@ -235,7 +248,7 @@ class TaskRes(C.AdaptMethod):
     name = "taskres"
     options = TaskResOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
         user = set(config.options)
         recipe = {
@@ -256,20 +269,20 @@ class TaskRes(C.AdaptMethod):
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
         spaces = f.spaces()
-        views, why = C.allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
+        views, why = allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
         kept = None
         if isinstance(opts.alpha, tuple):  # candidates: chosen on validation
             alphas = tuple(float(a) for a in opts.alpha)
             default = {"alpha": ALPHA if ALPHA in alphas else alphas[0]}
-            ep = search_alpha(f.episodic_task(), spaces[C.EPISODIC], alphas, default, config.seed, recipe)
+            ep = search_alpha(f.episodic_task(), spaces[EPISODIC], alphas, default, config.seed, recipe)
             aw_task = f.allway_task()
-            aw = search_alpha(aw_task, spaces[C.ALLWAY], alphas, default, config.seed, recipe, views)
-            C.record(state, C.EPISODIC, ep)
-            C.record(state, C.ALLWAY, aw)
+            aw = search_alpha(aw_task, spaces[ALLWAY], alphas, default, config.seed, recipe, views)
+            record(state, EPISODIC, ep)
+            record(state, ALLWAY, aw)
             if aw.fitted is not None:
                 kept = (aw_task, aw.fitted)
         else:
-            for regime in (C.EPISODIC, C.ALLWAY):
+            for regime in (EPISODIC, ALLWAY):
                 state.hparams[f"{regime}.alpha"] = float(opts.alpha)
                 state.selected_on[f"{regime}.alpha"] = (
                     "fixed (--set option)" if "alpha" in user else f"fixed ({RECIPE}); no validation data"
@@ -277,34 +290,34 @@ class TaskRes(C.AdaptMethod):
         if config.shots > 0:
             state.hparams["allway.epochs"] = opts.epochs or default_epochs(config.shots)
             state.selected_on["allway.epochs"] = state.selected_on["epochs"]
-            C.record_views(state, C.ALLWAY, views, why)
+            record_views(state, ALLWAY, views, why)
         if kept is None and config.shots > 0:  # train the all-way head on the state's own shots once
             own = f.own_shots()
-            ts = spaces[C.ALLWAY](own.support, own.classes)
-            kept = (own, fit_residuals(ts, [C.hp(state, C.ALLWAY, "alpha")], config.seed, recipe, views)[0])
+            ts = spaces[ALLWAY](own.support, own.classes)
+            kept = (own, fit_residuals(ts, [hp(state, ALLWAY, "alpha")], config.seed, recipe, views)[0])
         if kept is not None:
-            C.keep_allway_head(state, kept[0], {"residual": kept[1]})
+            keep_allway_head(state, kept[0], {"residual": kept[1]})
             state.metrics["allway.residual_norm"] = round(float(kept[1].norm(dim=-1).mean()), 4)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size", "weight_decay")}
         seed = int(state.config.get("seed", 1))
 
         def make(regime: str):
-            alpha = float(C.hp(state, regime, "alpha"))
+            alpha = float(hp(state, regime, "alpha"))
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 if ts.support.shape[2] == 0:  # no shot, no residual: the text weights (zero-shot)
                     return FittedCosine(ts.weights, ts.embed)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 r = kept["residual"] if kept is not None else fit_residuals(ts, [alpha], seed, recipe)[0]
                 return FittedCosine(ts.weights + alpha * r, ts.embed)
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("taskres", TaskRes)

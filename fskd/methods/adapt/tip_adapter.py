@@ -23,7 +23,20 @@ import torch.nn.functional as F
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support
 from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    allway_views,
+    keep_allway_head,
+    kept_allway_head,
+    learned_mask,
+    record_views,
+)
+from fskd.methods.adapt.text_space import regime_text_space, state_text, view_keys
+from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 #: alpha on a wide log grid: the cache and text terms have store-dependent scales
@@ -52,7 +65,7 @@ class TipOptions(Config):
     }
 
     def __post_init__(self) -> None:
-        C.check_val_options(self)
+        check_val_options(self)
         for name in ("alpha", "beta"):
             v = getattr(self, name)
             vals = v if isinstance(v, tuple) else (v,)
@@ -61,8 +74,8 @@ class TipOptions(Config):
 
 
 def search_alpha_beta(
-    task: C.Task | None, space, alphas, betas, default: dict, pooled: bool = False, keys: torch.Tensor | None = None
-) -> C.Choice:
+    task: Task | None, space, alphas, betas, default: dict, pooled: bool = False, keys: torch.Tensor | None = None
+) -> Choice:
     """Grid over (alpha, beta) on ``task``: the text logits and the query-key similarities are
     computed once, each beta's cache term once, and every alpha is a weighted sum of the two.
     ``keys`` (E, S, D): fine-tuned cache keys in place of the support (tip-adapter-f).
@@ -72,7 +85,7 @@ def search_alpha_beta(
     gathering (E, M, D) queries and (E, S, D) keys.
     """
     if task is None:
-        return C.grid_search([], lambda c: 0.0, None, default)
+        return grid_search([], lambda c: 0.0, None, default)
     E, N, K, _ = task.support.shape
     if pooled and task.pool is not None and keys is None:
         ts = space(task.support[:, :, :0], task.classes)  # class weights and the embedding only
@@ -106,10 +119,10 @@ def search_alpha_beta(
             cache[c["beta"]] = torch.bmm(torch.exp(-c["beta"] * (1.0 - sims)), onehot)
         return task.accuracy(text_logits + c["alpha"] * cache[c["beta"]])
 
-    return C.grid_search([{"alpha": a, "beta": b} for b in betas for a in alphas], score, task, default)
+    return grid_search([{"alpha": a, "beta": b} for b in betas for a in alphas], score, task, default)
 
 
-class TipAdapter(C.AdaptMethod):
+class TipAdapter(AdaptMethod):
     """Training-free cache model over the support + text weights; alpha, beta chosen on validation."""
 
     needs_text = True
@@ -118,33 +131,33 @@ class TipAdapter(C.AdaptMethod):
     name = "tip-adapter"
     options = TipOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         fit_tip(f)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
 
         def make(regime: str):
-            alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
+            alpha, beta = hp(state, regime, "alpha"), hp(state, regime, "beta")
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
                 keys, values = cache_from_support(ts.support)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 if kept is not None:  # the state's own shots: the keys of their augmented views
                     keys = kept["keys"]
                 return FittedTip(ts.weights, keys, values, alpha, beta, ts.embed)
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
-def fit_tip(f: C.Fit) -> dict:
+def fit_tip(f: Fit) -> dict:
     """The training-free fit shared with tip-adapter-f: alpha and beta per regime, into ``f.state``.
     Returns the validation tasks / spaces for further tuning."""
     store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
-    alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
+    alphas, betas = fixed_or(opts.alpha, ALPHA), fixed_or(opts.beta, BETA)
     fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
     default = {"alpha": 1.0 if 1.0 in alphas else alphas[0], "beta": 5.5 if 5.5 in betas else betas[0]}
     ep_task = f.episodic_task()
@@ -152,12 +165,12 @@ def fit_tip(f: C.Fit) -> dict:
     if aw_task is not None and aw_task.shot == 0 and not store.joint:
         aw_task = None
     spaces = f.spaces()
-    views, why = C.allway_views(store, config, device) if aw_task is not None else (None, "no all-way task")
+    views, why = allway_views(store, config, device) if aw_task is not None else (None, "no all-way task")
     keys = None
     if views is not None:  # the reference's cache: the mean of each shot's augmented views
-        keys = C.view_keys(spaces[C.ALLWAY](aw_task.support, aw_task.classes), views)
-    for regime, task in ((C.EPISODIC, ep_task), (C.ALLWAY, aw_task)):
-        C.record(
+        keys = view_keys(spaces[ALLWAY](aw_task.support, aw_task.classes), views)
+    for regime, task in ((EPISODIC, ep_task), (ALLWAY, aw_task)):
+        record(
             state,
             regime,
             search_alpha_beta(
@@ -166,16 +179,16 @@ def fit_tip(f: C.Fit) -> dict:
                 alphas,
                 betas,
                 default,
-                pooled=regime == C.EPISODIC,
-                keys=keys if regime == C.ALLWAY else None,
+                pooled=regime == EPISODIC,
+                keys=keys if regime == ALLWAY else None,
             ),
             fixed,
         )
     if aw_task is not None:
-        C.record_views(state, C.ALLWAY, views, why)
+        record_views(state, ALLWAY, views, why)
         if keys is not None:
-            C.keep_allway_head(state, aw_task, {"keys": keys})
-    return {"tasks": {C.EPISODIC: ep_task, C.ALLWAY: aw_task}, "spaces": spaces, "views": views, "view_keys": keys}
+            keep_allway_head(state, aw_task, {"keys": keys})
+    return {"tasks": {EPISODIC: ep_task, ALLWAY: aw_task}, "spaces": spaces, "views": views, "view_keys": keys}
 
 
 METHODS.register("tip-adapter", TipAdapter)

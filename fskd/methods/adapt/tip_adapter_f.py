@@ -17,7 +17,7 @@ Two forms (``--set form=keys|span``):
   (E, S, S)), full-batch Adam, step count and an alpha rescale chosen on validation, no
   re-search; up to :data:`SPAN_MAX_ROWS` support rows.
 
-The state keeps the all-way keys fine-tuned on its own shots (``_common.keep_allway_head``).
+The state keeps the all-way keys fine-tuned on its own shots (``regimes.keep_allway_head``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, affinity, cache_from_support
 from fskd.classifiers.linear import train_steps
 from fskd.errors import ConfigError
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, keep_allway_head, kept_allway_head, learned_mask
+from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
 from fskd.methods.adapt.tip_adapter import (
     ALPHA,
     BETA,
@@ -39,6 +41,7 @@ from fskd.methods.adapt.tip_adapter import (
     fit_tip,
     search_alpha_beta,
 )
+from fskd.methods.adapt.validation import NO_VALIDATION, Choice, fixed_or, grid_search, hp, no_validation, record
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 
@@ -90,7 +93,7 @@ class KeyRun:
 
 
 def train_keys(
-    space: C.TextSpace,
+    space: TextSpace,
     alpha: float,
     beta: float,
     *,
@@ -111,7 +114,7 @@ def train_keys(
 
     ``views`` (E, V, S, D), embedded augmented views of the support (``fskd extract
     --augment-views``): the keys start at ``keys0`` (E, S, D) (the cache of the views,
-    ``_common.view_keys``) and every epoch queries
+    ``text_space.view_keys``) and every epoch queries
     each shot with one of its views drawn at random (the reference's freshly augmented epoch), with
     no leave-one-out mask; the batches and their order are the same as without views."""
     x, values = cache_from_support(space.support)
@@ -169,7 +172,7 @@ def train_keys(
     return run
 
 
-def finetune_span(space: C.TextSpace, alpha: float, beta: float, steps, lr: float) -> dict[int, torch.Tensor]:
+def finetune_span(space: TextSpace, alpha: float, beta: float, steps, lr: float) -> dict[int, torch.Tensor]:
     """The ``span`` form: keys (E, S, D) after each step count in ``steps`` (step 0: the support).
 
     The keys move in the span of the support, ``K = X + B X`` with B (E, S, S) trained on the full
@@ -203,7 +206,7 @@ def finetune_span(space: C.TextSpace, alpha: float, beta: float, steps, lr: floa
         return train_steps(opt, loss, steps, lambda: x + torch.bmm(b.detach(), x), {0: x})
 
 
-class TipAdapterF(C.AdaptMethod):
+class TipAdapterF(AdaptMethod):
     """Tip-Adapter with cache keys fine-tuned on the shots (the reference's recipe, or the span form)."""
 
     needs_text = True
@@ -212,17 +215,17 @@ class TipAdapterF(C.AdaptMethod):
     name = "tip-adapter-f"
     options = TipFOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         config, opts, state, progress = f.config, f.opts, f.state, f.progress
         ctx = fit_tip(f)
-        for regime in (C.EPISODIC, C.ALLWAY):
+        for regime in (EPISODIC, ALLWAY):
             task = ctx["tasks"][regime]
-            alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
+            alpha, beta = hp(state, regime, "alpha"), hp(state, regime, "beta")
             space = ctx["spaces"][regime]
             trains = task is not None and task.shot > 0 and alpha != 0
             if opts.form == "keys":
-                views = (ctx["views"], ctx["view_keys"]) if regime == C.ALLWAY and ctx["views"] is not None else None
-                if C.no_validation(config) and alpha != 0:
+                views = (ctx["views"], ctx["view_keys"]) if regime == ALLWAY and ctx["views"] is not None else None
+                if no_validation(config) and alpha != 0:
                     self._fit_keys_fixed(f, state, regime, space, alpha, beta, opts, views)
                     continue
                 self._fit_keys(state, regime, task if trains else None, space, alpha, beta, opts, config.seed, views)
@@ -236,7 +239,7 @@ class TipAdapterF(C.AdaptMethod):
 
     @staticmethod
     def _fit_keys_fixed(
-        f: C.Fit,
+        f: Fit,
         state,
         regime: str,
         space,
@@ -253,17 +256,17 @@ class TipAdapterF(C.AdaptMethod):
         state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
         state.hparams[f"{regime}.epochs"] = opts.epochs
         state.selected_on[f"{regime}.epochs"] = (
-            f"{C.NO_VALIDATION}: the whole budget of {opts.epochs} epochs, the last kept"
+            f"{NO_VALIDATION}: the whole budget of {opts.epochs} epochs, the last kept"
         )
-        if regime != C.ALLWAY or f.config.shots == 0:
+        if regime != ALLWAY or f.config.shots == 0:
             return
         own = f.own_shots()
         ts = space(own.support, own.classes)
-        embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
+        embedded, keys0 = (embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
         run = train_keys(
             ts, alpha, beta, epochs=opts.epochs, lr=opts.lr, seed=f.config.seed, views=embedded, keys0=keys0
         )
-        C.keep_allway_head(state, own, {"keys": run.keys})
+        keep_allway_head(state, own, {"keys": run.keys})
 
     @staticmethod
     def _fit_keys(
@@ -283,10 +286,10 @@ class TipAdapterF(C.AdaptMethod):
         state.selected_on[f"{regime}.init_alpha"] = state.selected_on[f"{regime}.alpha"]
         state.selected_on[f"{regime}.init_beta"] = state.selected_on[f"{regime}.beta"]
         if task is None:  # nothing to fine-tune (no shots, no val data, or the cache is off)
-            C.record(state, regime, C.grid_search([], lambda c: 0.0, None, {"epochs": 0}))
+            record(state, regime, grid_search([], lambda c: 0.0, None, {"epochs": 0}))
             return
         ts = space(task.support, task.classes)
-        embedded, keys0 = (C.embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
+        embedded, keys0 = (embed_views(ts, views[0]), views[1]) if views is not None else (None, None)
         run = train_keys(
             ts,
             alpha,
@@ -299,22 +302,22 @@ class TipAdapterF(C.AdaptMethod):
             keys0=keys0,
         )
         table = [{"epochs": e + 1, "val_acc": a} for e, a in enumerate(run.curve)]
-        C.record(state, regime, C.Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
+        record(state, regime, Choice({"epochs": run.epoch}, max(run.curve) / 100, task.on, task.description, table))
         fixed = {k for k, v in (("alpha", opts.alpha), ("beta", opts.beta)) if v is not None}
-        alphas, betas = C.fixed_or(opts.alpha, ALPHA), C.fixed_or(opts.beta, BETA)
+        alphas, betas = fixed_or(opts.alpha, ALPHA), fixed_or(opts.beta, BETA)
         again = search_alpha_beta(task, space, alphas, betas, {"alpha": alpha, "beta": beta}, keys=run.keys)
         again.on = f"{again.on}, with the fine-tuned keys"
-        C.record(state, regime, again, fixed)
-        if regime == C.ALLWAY:
-            C.keep_allway_head(state, task, {"keys": run.keys})
+        record(state, regime, again, fixed)
+        if regime == ALLWAY:
+            keep_allway_head(state, task, {"keys": run.keys})
 
     @staticmethod
     def _fit_span(state, regime: str, task, space, alpha: float, beta: float, opts) -> None:
         """fskd's span form: step count and an alpha rescale on validation."""
-        steps = C.fixed_or(opts.steps, STEPS)
+        steps = fixed_or(opts.steps, STEPS)
         default = {"steps": steps[len(steps) // 2], "alpha_scale": 1.0}
         if task is None:
-            choice = C.grid_search([], lambda c: 0.0, None, default)
+            choice = grid_search([], lambda c: 0.0, None, default)
         else:
             ts = space(task.support, task.classes)
             q = ts.embed(task.query)
@@ -327,30 +330,30 @@ class TipAdapterF(C.AdaptMethod):
                     text_logits + c["alpha_scale"] * alpha * class_cache(affinity(q, ckpts[c["steps"]], beta), N)
                 )
 
-            choice = C.grid_search(
+            choice = grid_search(
                 [{"steps": s, "alpha_scale": a} for s in steps for a in ALPHA_SCALE], score, task, default
             )
-            if regime == C.ALLWAY and choice.params["steps"] > 0:
-                C.keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
-        C.record(state, regime, choice, {"steps"} if opts.steps is not None else None)
+            if regime == ALLWAY and choice.params["steps"] > 0:
+                keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
+        record(state, regime, choice, {"steps"} if opts.steps is not None else None)
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
+        text, bridge = state_text(state, device)
         lr = state.hparams["lr"]
         seed = int(state.config.get("seed", 1))
         form = state.hparams["form"]
 
         def make(regime: str):
-            alpha, beta = C.hp(state, regime, "alpha"), C.hp(state, regime, "beta")
+            alpha, beta = hp(state, regime, "alpha"), hp(state, regime, "beta")
             if form == "keys":
-                init = (C.hp(state, regime, "init_alpha"), C.hp(state, regime, "init_beta"))
-                epochs, budget, scale = C.hp(state, regime, "epochs"), state.hparams["epoch_budget"], 1.0
+                init = (hp(state, regime, "init_alpha"), hp(state, regime, "init_beta"))
+                epochs, budget, scale = hp(state, regime, "epochs"), state.hparams["epoch_budget"], 1.0
             else:
-                steps, scale = C.hp(state, regime, "steps"), C.hp(state, regime, "alpha_scale")
+                steps, scale = hp(state, regime, "steps"), hp(state, regime, "alpha_scale")
 
             def fit(support, classes):
-                ts = C.regime_text_space(state, store, regime, support, classes, bridge, text)
-                kept = C.kept_allway_head(state, support, classes) if regime == C.ALLWAY else None
+                ts = regime_text_space(state, store, regime, support, classes, bridge, text)
+                kept = kept_allway_head(state, support, classes) if regime == ALLWAY else None
                 keys, values = cache_from_support(ts.support)
                 if kept is not None:
                     keys = kept["keys"]
@@ -362,7 +365,7 @@ class TipAdapterF(C.AdaptMethod):
 
             return fit
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), make(C.EPISODIC), make(C.ALLWAY), needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
 METHODS.register("tip-adapter-f", TipAdapterF)

@@ -1,6 +1,6 @@
 """``zero-shot``: class text features as classifier weights (through the bridge when the store's
 image and text spaces differ; the identity for a joint CLIP store). The support set is unused
-except to learn the bridge in the all-way regime of a non-joint store (see _common)."""
+except to learn the bridge in the all-way regime of a non-joint store (see regimes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from fskd.config import Config
-from fskd.methods.adapt import _common as C
+from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.regimes import ALLWAY, FittedWeights, RegimeHead, learned_mask
+from fskd.methods.adapt.text_space import episodic_text_space, state_text, support_text_space
+from fskd.methods.adapt.validation import hp
 from fskd.methods.base import METHODS, MethodState
 
 
@@ -20,7 +23,7 @@ class ZeroShotOptions(Config):
     RANGES = {"ridge": (">", 0)}
 
 
-class ZeroShot(C.AdaptMethod):
+class ZeroShot(AdaptMethod):
     """Cosine similarity to the class text features in image space."""
 
     needs_text = True
@@ -29,7 +32,7 @@ class ZeroShot(C.AdaptMethod):
     name = "zero-shot"
     options = ZeroShotOptions
 
-    def fit_state(self, f: C.Fit) -> None:
+    def fit_state(self, f: Fit) -> None:
         f.state.metrics["bridge"] = (
             "identity (joint space)"
             if f.bridge.is_identity
@@ -37,18 +40,18 @@ class ZeroShot(C.AdaptMethod):
         )
 
     def head(self, state: MethodState, store, device: torch.device):
-        text, bridge = C.state_text(state, device)
-        ridge = C.hp(state, C.ALLWAY, "ridge")
+        text, bridge = state_text(state, device)
+        ridge = hp(state, ALLWAY, "ridge")
 
         def episodic(support, classes):
-            ts = C.episodic_text_space(bridge, text, support, classes)
-            return C.FittedWeights(ts.weights, ts.embed)
+            ts = episodic_text_space(bridge, text, support, classes)
+            return FittedWeights(ts.weights, ts.embed)
 
         def allway(support, classes):
-            ts = C.support_text_space(support, classes, text, store.joint, ridge)
-            return C.FittedWeights(ts.weights, ts.embed)
+            ts = support_text_space(support, classes, text, store.joint, ridge)
+            return FittedWeights(ts.weights, ts.embed)
 
-        return C.RegimeHead(self.name, C.learned_mask(store, device), episodic, allway, needs_text=True)
+        return RegimeHead(self.name, learned_mask(store, device), episodic, allway, needs_text=True)
 
 
 METHODS.register("zero-shot", ZeroShot)

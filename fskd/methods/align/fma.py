@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead, Head
 from fskd.config import Config
 from fskd.errors import ConfigError, EvaluationError, StoreError
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, allway_rows
+from fskd.methods.adapt.validation import VAL_CLASSES, VAL_SPLIT, VAL_SPLIT_FEW, allway_val_rows, no_validation
 from fskd.methods.align.flow import (
     ARCHS,
     NFE_PER_STEP,
@@ -71,6 +73,7 @@ from fskd.methods.align.flow import (
 )
 from fskd.methods.base import METHODS, Method, MethodState, RecipeMethod, TrainProgress, load_state
 from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
+from fskd.protocols.episodic import sample_episodes
 from fskd.runtime import resolve_device
 from fskd.store import sampling
 
@@ -88,7 +91,6 @@ LITE_GAMMAS = (0.0, 0.03)
 #: the lite recipe's candidate numbers of solver steps (each integrates t = 0..1; early stopping
 #: picks where to stop along it)
 LITE_STEPS = (1, 2, 4, 8)
-ALLWAY, EPISODIC = "allway", "episodic"
 REGIMES = ("auto", ALLWAY, EPISODIC, "both")
 BRIDGES = ("auto", "ridge", "none")
 MAX_STEPS = 256
@@ -331,12 +333,6 @@ def allway_bridge(
     return bridge, f"ridge {lam:g} ({how}; targets leave-one-class-out)", targets
 
 
-def sample_shots(labels: np.ndarray, classes: np.ndarray, shot: int, seed: int, class_names: list[str]) -> np.ndarray:
-    """(C, K) row indices: the shots the all-way protocol draws for the same seed (so a state
-    fitted with seed s uses eval seed s's shots); a short class is a ConfigError naming --shots."""
-    return sampling.sample_shots(labels, classes, shot, seed, class_names, option="--shots", error=ConfigError)
-
-
 def sample_val_episodes(
     labels: np.ndarray,
     classes: np.ndarray,
@@ -357,7 +353,7 @@ def sample_val_episodes(
             f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}"
         )
     query = int(min(query, counts.min() - shot))
-    eps = sampling.sample_episodes(
+    eps = sample_episodes(
         labels, classes, min(way, len(classes)), shot, query, episodes, seed, class_names, error=ConfigError
     )
     return eps.support, eps.query, eps.classes
@@ -678,7 +674,7 @@ class FMAPublished(Method):
         progress: TrainProgress | None,
     ):
         names = store.class_names
-        if config.hp_selection == "none":
+        if no_validation(config):
             raise ConfigError(
                 f"{self.name} has no validation-free form: its bridge, solver, number of steps and "
                 f"prototype weight are chosen on validation data (--hp-selection few-shot-val or full-val)"
@@ -690,13 +686,13 @@ class FMAPublished(Method):
                         f"regime=allway learns from the 'train' split and chooses steps on the 'val' split; "
                         f"{store.path} has sample splits {store.splits} (use --set regime=episodic)"
                     )
-            x_np, y_np, classes = sampling.allway_shots(store, config.shots, config.seed, error=ConfigError)
-            xv_np, yv_np = sampling.allway_val(store, classes, config.shots, config.seed, config.hp_selection)
+            x_np, y_np, classes = allway_rows(store, config.shots, config.seed)
+            xv_np, yv_np = allway_val_rows(store, classes, config.shots, config.seed, config.hp_selection)
             if len(yv_np) == 0:
                 raise StoreError(
                     f"{store.path}: the 'val' split has no rows of the {len(classes)} classes; fma chooses its steps there"
                 )
-            val_on = "val split" if config.hp_selection == "full-val" else "val split (min(K, 4) per class)"
+            val_on = VAL_SPLIT if config.hp_selection == "full-val" else VAL_SPLIT_FEW
         else:
             base = store.class_split("base")
             val_cls = store.class_split("val") if "val" in store.attrs["class_split"] else []
@@ -712,7 +708,7 @@ class FMAPublished(Method):
             x_np, y_np = store.gather(base, max_per_class=sampling.CLASS_ROWS)
             xv_np, yv_np = store.gather(val_cls, max_per_class=sampling.CLASS_ROWS)
             classes = np.asarray(sorted(base))
-            val_on = "val classes"
+            val_on = VAL_CLASSES
         x = _apply(fmap, torch.from_numpy(x_np).to(device))
         xv = _apply(fmap, torch.from_numpy(xv_np).to(device))
         y = torch.from_numpy(y_np).to(device)

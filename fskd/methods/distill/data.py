@@ -29,8 +29,8 @@ from fskd.datasets.base import fs_path, text_bytes
 from fskd.encoders.student import decode_square
 from fskd.errors import ConfigError, DatasetError, StoreError
 from fskd.fsutil import atomic_write_text
+from fskd.protocols.episodic import Episodes, sample_episodes
 from fskd.store import sampling
-from fskd.store.sampling import Episodes
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def sample_val_episodes(
             f"validation episodes need {way} classes with >= {shot + query} rows; "
             f"only {len(usable)} of {len(classes)} have that many"
         )
-    return sampling.sample_episodes(labels, usable, way, shot, query, episodes, seed, error=ConfigError)
+    return sample_episodes(labels, usable, way, shot, query, episodes, seed, error=ConfigError)
 
 
 def episode_accuracy(feats: torch.Tensor, eps: Episodes, center: torch.Tensor | None) -> float:

@@ -96,7 +96,7 @@ from fskd.methods.distill.losses import (
 )
 from fskd.methods.distill.teacher import OnlineTeacher, TeacherHead, class_means, fit_teacher_head
 from fskd.runtime import autocast, barrier, init_distributed, resolve_device, seed_everything
-from fskd.store import FeatureStore
+from fskd.store import StoreView
 from fskd.store.sampling import validation_rows
 
 log = logging.getLogger(__name__)
@@ -454,8 +454,8 @@ def load_teacher_state(path: str, store, cfg: DistillConfig, classes: list[int],
             f"learned ({', '.join(names[c] for c in missing[:5])}{', ...' if len(missing) > 5 else ''}). "
             f"Fit the teacher on every class (without --base-to-new)"
         )
-    # the state's own view of the store (its class split); the distill store keeps its own
-    own = FeatureStore.open(str(store.path))
+    # the state's own view of the store (every row, the state's class split); the distill store keeps its own
+    own = store.whole_store if isinstance(store, StoreView) else store
     try:
         head = AllwayHead(state, directory, own, device, classes=covered)
     except StateError as e:

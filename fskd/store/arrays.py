@@ -1,0 +1,55 @@
+"""The zarr side of the store's arrays (``schema.py``): the codecs every array is written with, and
+typed access to a group's arrays, subgroups and stored chunk objects. Used by every file of the store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+if TYPE_CHECKING:
+    from zarr.abc.codec import BytesBytesCodec
+    from zarr.core.array_spec import ArrayConfigParams
+    from zarr.types import AnyArray
+
+
+def _compressor() -> list[BytesBytesCodec]:
+    # byte-shuffled LZ4: float features compress a little and decompress faster than disk reads;
+    # then a CRC-32C of the stored bytes, which zarr checks on every read of the chunk (schema.py)
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+#: every other array: no compression, the same read-time CRC-32C (labels, ids, flags, text)
+_CRC = [Crc32cCodec()]
+
+
+#: every chunk a writer stores exists as an object, even one equal to the fill value (schema.py)
+# (the ignore: zarr takes NotRequired from Python 3.11's typing, so mypy for 3.10 requires every key)
+_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item, unused-ignore]
+
+
+def _array(group: zarr.Group, name: str) -> AnyArray:
+    """``group[name]``, one of the schema's arrays (:meth:`FeatureStore.validate` checked that it is one)."""
+    return cast("AnyArray", group[name])
+
+
+def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """``group[name]``, one of the schema's groups (a split, ``text``, ``views``)."""
+    return cast(zarr.Group, group[name])
+
+
+def _list_keys(arr: AnyArray) -> set[str]:
+    """The chunk keys stored for ``arr`` (relative to the array, e.g. ``c/3/0``)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.path}/" if arr.path else ""
+
+    async def _ls() -> list[str]:
+        return [k async for k in arr.store.list_prefix(prefix + "c/")]
+
+    return {k[len(prefix) :] for k in sync(_ls())}
+
+
+def _chunk_key(arr: AnyArray, coords: tuple[int, ...]) -> str:
+    return arr.metadata.encode_chunk_key(coords)
