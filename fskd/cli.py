@@ -1116,7 +1116,7 @@ def bench(
         str | None,
         typer.Option(
             "--transductive",
-            help="Also score each cell's state with TransCLIP, a row per setting: all (every test row at once), B:C (batches of B test rows from C classes); comma-separated. allway, base-to-new.",
+            help="Also score each state with TransCLIP, a row per setting: all (every test row at once), B:C (batches of B rows from C classes).",
             metavar="LIST",
             rich_help_panel=FIT,
         ),

@@ -36,7 +36,8 @@ from pathlib import Path
 from fskd.bench.runner import CellRunner, GridPlan
 from fskd.errors import ConfigError, OutputError
 from fskd.fsutil import atomic_write_text, fault_point, read_small_file
-from fskd.reports.bench import FAILED, NA, OK, Cell, Results, cell_row
+from fskd.reports.bench import Cell, Results, cell_row
+from fskd.reports.summary import FAILED, NA, OK
 
 log = logging.getLogger(__name__)
 say = logging.getLogger("fskd.progress")

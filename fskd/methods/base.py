@@ -77,6 +77,20 @@ class MethodState:
     fskd_version: str = __version__
     state_version: int = STATE_VERSION
 
+    @classmethod
+    def of(cls, method: str, kind: str, store, config, **parts) -> MethodState:
+        """A state of ``method`` fitted on ``store`` (a store or a view: its path, fingerprint and
+        encoder) with ``config``; ``parts``: hparams, selected_on, metrics, tensors."""
+        return cls(
+            method=method,
+            kind=kind,
+            store_path=str(store.path),
+            store_fingerprint=store.fingerprint,
+            encoder=store.encoder_spec,
+            config=config.to_dict(),
+            **parts,
+        )
+
     def info(self) -> dict:
         d = asdict(self)
         d.pop("tensors")

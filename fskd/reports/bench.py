@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from fskd.errors import ConfigError, OutputError
-from fskd.evaluation.metrics import paired_difference, seed_summary
+from fskd.evaluation.metrics import paired_difference
 from fskd.fsutil import atomic_write_text, fault_point
 from fskd.protocols import PROTOCOLS, other_store_protocols
+from fskd.reports.summary import FAILED, NA, OK, Summary, average, selections, summarise
 
 log = logging.getLogger(__name__)
 
 BENCH_FORMAT = "fskd-bench"
 BENCH_JSON = "bench.json"
 RESULTS = "results.jsonl"
-OK, NA, FAILED = "ok", "n/a", "failed"
 #: grid protocols whose cells score a state fitted on the first store on the other stores
 TRANSFER_PROTOCOLS = other_store_protocols()
 SOURCE_TAG = " (source)"
@@ -223,24 +223,6 @@ def run_grid(
 
 
 # -- tables ------------------------------------------------------------------------------------
-@dataclass
-class Summary:
-    """Mean and std over seeds of one (method, dataset, shots), with the per-seed values."""
-
-    mean: float | None
-    std: float | None
-    per_seed: dict[int, float]
-    status: str
-    message: str = ""
-
-    def text(self, digits: int = 2) -> str:
-        if self.status != OK:
-            return "n/a" if self.status == NA else "failed"
-        if self.std is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
 def _grid_rows(rows: Iterable[dict], keys: Sequence[str] | set[str] | None) -> list[dict]:
     """The last row of each cell of ``keys``; in the order of ``keys`` when it is a sequence (the
     grid's cell order, so tables list methods as the grid does, not in the order cells ran)."""
@@ -286,44 +268,6 @@ def by_selection(rows: list[dict]) -> list[dict]:
     if len(hs) < 2:
         return rows
     return [{**r, "method": f"{r['method']} [{r.get('hp_selection', 'few-shot-val')}]"} for r in rows]
-
-
-def summarise(
-    rows: list[dict], metric: str = "accuracy"
-) -> tuple[dict[tuple[str, str, int], Summary], list[str], list[str], list[int]]:
-    """(method, dataset, shots) -> Summary of ``metric`` (accuracy; base, new or hm for
-    base-to-new), with methods, datasets and shots in grid order."""
-    methods, datasets, shots = [], [], []
-    groups: dict[tuple[str, str, int], list[dict]] = {}
-    for r in rows:
-        for lst, v in ((methods, r["method"]), (datasets, r["dataset"]), (shots, r["shots"])):
-            if v not in lst:
-                lst.append(v)
-        groups.setdefault((r["method"], r["dataset"], r["shots"]), []).append(r)
-    out = {}
-    for k, rs in groups.items():
-        ok = {r["seed"]: r.get(metric) for r in rs if r["status"] == OK}
-        bad = [r for r in rs if r["status"] != OK]
-        if bad:  # one n/a or failed seed makes the cell n/a: a mean over other seeds is another number
-            out[k] = Summary(None, None, ok, bad[0]["status"], bad[0].get("message", ""))
-            continue
-        if any(v is None for v in ok.values()):
-            out[k] = Summary(None, None, {}, NA, f"{k[0]} cannot classify classes it has no shot of")
-            continue
-        s = seed_summary(np.asarray([ok[seed] for seed in sorted(ok)]) / 100)
-        out[k] = Summary(s.mean, s.std, ok, OK)
-    return out, methods, datasets, sorted(shots)
-
-
-def _average(summ: dict, method: str, datasets: list[str], k: int) -> Summary:
-    """Mean over datasets of the per-dataset means (std: of the per-seed averages over datasets)."""
-    cells = [summ.get((method, d, k)) for d in datasets]
-    if not cells or any(c is None or c.status != OK for c in cells):
-        return Summary(None, None, {}, NA, "not every dataset has a result")
-    seeds = set.intersection(*(set(c.per_seed) for c in cells))
-    per_seed = {s: float(np.mean([c.per_seed[s] for c in cells])) for s in sorted(seeds)}
-    st = seed_summary(np.asarray(list(per_seed.values())) / 100)
-    return Summary(float(np.mean([c.mean for c in cells])), st.std, per_seed, OK)
 
 
 def _md(header: list[str], body: list[list[str]]) -> str:
@@ -394,7 +338,7 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
 
     def row_cells(m: str, k: int) -> list[Summary]:
         cells = [summ.get((m, d, k), Summary(None, None, {}, NA, "not run")) for d in datasets]
-        return cells + ([_average(summ, m, avg_over, k)] if len(avg_over) > 1 else [])
+        return cells + ([average(summ, m, avg_over, k)] if len(avg_over) > 1 else [])
 
     seeds = sorted({r["seed"] for r in rows})
     md = [
@@ -471,7 +415,7 @@ def _calibration_section(
                 [m]
                 + [
                     (
-                        _average(summ, m, datasets, k)
+                        average(summ, m, datasets, k)
                         if len(datasets) > 1
                         else summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))
                     ).text()
@@ -530,7 +474,7 @@ def build_b2n_tables(rows: list[dict], config: dict, baseline: str | None) -> di
                     row.append(c.text())
                     w.writerow([m, d, k, p, *_csv_cells(c)])
             if avg:
-                ab, an = (_average(parts[p], m, datasets, k) for p in ("base", "new"))
+                ab, an = (average(parts[p], m, datasets, k) for p in ("base", "new"))
                 row += [
                     ab.text(),
                     an.text(),
@@ -619,12 +563,6 @@ SELECTION_TEXT = {
     "full-val": "hyper-parameters chosen on the full val split",
     "none": "no validation data (each method's fixed values)",
 }
-
-
-def selections(config: dict) -> list[str]:
-    """The grid's --hp-selection policies (a bench folder of an earlier build: CoOp's few-shot rule)."""
-    h = config.get("hp_selection") or ["few-shot-val"]
-    return [h] if isinstance(h, str) else list(h)
 
 
 def selection_text(config: dict) -> str:

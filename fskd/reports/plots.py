@@ -42,7 +42,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fskd.reports.bench import OK, _average
+    from fskd.reports.summary import OK, average
 
     b2n = config.get("protocol") == "base-to-new"
     panels = list(datasets) + (
@@ -60,7 +60,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
             if panel in datasets:
                 cells = [summ.get((m, panel, k)) for k in shots]
             else:
-                cells = [_average(summ, m, datasets, k) for k in shots]
+                cells = [average(summ, m, datasets, k) for k in shots]
             ok = [c is not None and c.status == OK for c in cells]
             y = np.array([c.mean if o else np.nan for c, o in zip(cells, ok, strict=True)])
             if np.isnan(y).all():
@@ -95,7 +95,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         else "All-way accuracy"
     )
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
-    from fskd.reports.bench import selections
+    from fskd.reports.summary import selections
 
     hs = selections(config)
     val = (

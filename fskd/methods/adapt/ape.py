@@ -59,7 +59,16 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text, view_keys
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
+from fskd.methods.adapt.validation import (
+    VAL_RANGES,
+    Choice,
+    check_val_options,
+    fixed_or,
+    grid_search,
+    hp,
+    record,
+    record_grid,
+)
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' search grid (configs/{caltech101,dtd,food101,oxford_flowers,oxford_pets}.yaml)
@@ -122,9 +131,7 @@ class APEOptions(Config):
         "w_sim": (">=", 0),
         "feat_frac": (">", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 

@@ -66,7 +66,16 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text, view_keys
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
+from fskd.methods.adapt.validation import (
+    VAL_RANGES,
+    Choice,
+    check_val_options,
+    fixed_or,
+    grid_search,
+    hp,
+    record,
+    record_grid,
+)
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 
@@ -130,9 +139,7 @@ class APETOptions(Config):
         "weight_decay": (">=", 0),
         "batch_size": (">=", 1),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
     MAXIMA = {"w_sim": 1, "feat_frac": 1}
 

@@ -63,6 +63,7 @@ from fskd.methods.adapt.regimes import (
 from fskd.methods.adapt.text_space import embed_views, episodic_text_space, support_text_space
 from fskd.methods.adapt.validation import (
     NO_VALIDATION,
+    VAL_RANGES,
     allway_val_task,
     check_val_options,
     episodic_val_task,
@@ -126,9 +127,7 @@ class CoOpOptions(Config):
         "logit_scale": (">", 0),
         "lam": (">=", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

@@ -66,7 +66,7 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState, TrainProgress
 
 #: the authors' HYPER_DICT['linear'], in their loop order
@@ -123,9 +123,7 @@ class CrossModalOptions(Config):
         "warmup_iters": (">=", 0),
         "text_ratio": (">=", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
     MAXIMA = {"eval_every": 1_000_000, "warmup_iters": 1_000_000, "text_ratio": 1}
 

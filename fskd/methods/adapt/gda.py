@@ -59,7 +59,7 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import regime_text_space, state_text, view_rows
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' alpha grid, in their order (ties: the earlier alpha, as their strict ``>``)
@@ -91,9 +91,7 @@ class GDAOptions(Config):
     RANGES = {
         "alpha": (">=", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

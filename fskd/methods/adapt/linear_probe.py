@@ -47,7 +47,7 @@ from fskd.methods.adapt.regimes import (
     support_center,
 )
 from fskd.methods.adapt.text_space import TextSpace
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 WEIGHT_DECAY = (1e-3, 1e-2, 1e-1, 1.0)
@@ -64,9 +64,7 @@ class LinearProbeOptions(Config):
         "weight_decay": (">=", 0),
         "steps": (">=", 0),
         "lr": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
     val_way: int = 5
     val_query: int = 15

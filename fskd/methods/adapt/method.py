@@ -55,14 +55,7 @@ def new_state(store, config, method: str) -> MethodState:
         lab = store.labels("train")
         classes = np.unique(lab[lab >= 0])
         sample_shots(lab[lab >= 0], classes, config.shots, config.seed, store.class_names)
-    state = MethodState(
-        method=method,
-        kind="adapt",
-        store_path=str(store.path),
-        store_fingerprint=store.fingerprint,
-        encoder=store.encoder_spec,
-        config=config.to_dict(),
-    )
+    state = MethodState.of(method, "adapt", store, config)
     state.hparams["hp_selection"] = config.hp_selection
     state.selected_on["hp_selection"] = "--hp-selection"
     return state

@@ -56,7 +56,16 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text, view_rows
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record, record_grid
+from fskd.methods.adapt.validation import (
+    VAL_RANGES,
+    Choice,
+    check_val_options,
+    fixed_or,
+    grid_search,
+    hp,
+    record,
+    record_grid,
+)
 from fskd.methods.base import METHODS, MethodState
 
 #: the authors' grid (configs_proker/{caltech101,fgvc,food101,ucf101}.yaml: torch.linspace)
@@ -94,9 +103,7 @@ class ProKeROptions(Config):
         "beta": (">=", 0),
         "lam": (">", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ from fskd.methods.adapt.regimes import (
     require_shots,
     support_center,
 )
-from fskd.methods.adapt.validation import check_val_options, fixed_or, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 from fskd.store import sampling
@@ -75,9 +75,7 @@ class ResidualAdapterOptions(Config):
         "batch": (">=", 1),
         "lr": (">", 0),
         "weight_decay": (">=", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

@@ -55,7 +55,15 @@ from fskd.methods.adapt.regimes import (
     sample_episode_rows,
 )
 from fskd.methods.adapt.text_space import choose_allway_ridge, fit_episodic_bridge, support_text_space
-from fskd.methods.adapt.validation import check_val_options, fixed_or, grid_search, hp, no_validation, record
+from fskd.methods.adapt.validation import (
+    VAL_RANGES,
+    check_val_options,
+    fixed_or,
+    grid_search,
+    hp,
+    no_validation,
+    record,
+)
 from fskd.methods.base import METHODS, MethodState
 from fskd.methods.bridge import RIDGE_GRID, Bridge, _ridge, ridge_path
 from fskd.runtime import single_thread
@@ -98,9 +106,7 @@ class SynTransOptions(Config):
         "meta_query": (">=", 1),
         "meta_lr": (">", 0),
         "shot_decay": (">=", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

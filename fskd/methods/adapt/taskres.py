@@ -63,7 +63,7 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
-from fskd.methods.adapt.validation import Choice, check_val_options, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 ALPHA = 0.5
@@ -107,9 +107,7 @@ class TaskResOptions(Config):
         "batch_size": (">=", 1),
         "weight_decay": (">=", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

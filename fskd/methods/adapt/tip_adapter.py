@@ -36,7 +36,7 @@ from fskd.methods.adapt.regimes import (
     record_views,
 )
 from fskd.methods.adapt.text_space import regime_text_space, state_text, view_keys
-from fskd.methods.adapt.validation import Choice, check_val_options, fixed_or, grid_search, hp, record
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, fixed_or, grid_search, hp, record
 from fskd.methods.base import METHODS, MethodState
 
 #: alpha on a wide log grid: the cache and text terms have store-dependent scales
@@ -59,9 +59,7 @@ class TipOptions(Config):
         "alpha": (">=", 0),
         "beta": (">=", 0),
         "ridge": (">", 0),
-        "val_way": (">=", 2),
-        "val_query": (">=", 1),
-        "val_episodes": (">=", 1),
+        **VAL_RANGES,
     }
 
     def __post_init__(self) -> None:

@@ -30,6 +30,10 @@ class ValOptions:
     val_episodes: int = 300
 
 
+#: the ranges of the validation-episode options every adapt method takes (its options' RANGES)
+VAL_RANGES = {"val_way": (">=", 2), "val_query": (">=", 1), "val_episodes": (">=", 1)}
+
+
 def check_val_options(o) -> None:
     if o.val_way < 2 or o.val_query < 1 or o.val_episodes < 1:
         raise ConfigError(

@@ -647,13 +647,11 @@ class FMAPublished(Method):
             selected_on.update({f"{r}.{k}": v for k, v in s.items()})
             metrics.update({f"{r}.{k}": v for k, v in m.items()})
         metrics["fit_seconds"] = round(time.perf_counter() - t0, 3)
-        return MethodState(
-            method=self.name,
-            kind=self.kind,
-            store_path=str(store.path),
-            store_fingerprint=store.fingerprint,
-            encoder=store.encoder_spec,
-            config=config.to_dict(),
+        return MethodState.of(
+            self.name,
+            self.kind,
+            store,
+            config,
             hparams=hparams,
             selected_on=selected_on,
             metrics=metrics,

@@ -976,17 +976,8 @@ class MTKD(Method):
             **extra,
             "log": history,
         }
-        return MethodState(
-            method=self.name,
-            kind=self.kind,
-            store_path=str(store.path),
-            store_fingerprint=store.fingerprint,
-            encoder=store.encoder_spec,
-            config=cfg.to_dict(),
-            hparams=hparams,
-            selected_on=selected,
-            metrics=metrics,
-            tensors=tensors,
+        return MethodState.of(
+            self.name, self.kind, store, cfg, hparams=hparams, selected_on=selected, metrics=metrics, tensors=tensors
         )
 
     def _head_state(
