@@ -174,6 +174,8 @@ class FeatureStore(LabelledReads, IntegrityMixin, AugmentedViews):
         self.path: Path | str = self.location.local if self.location.local is not None else str(self.location)
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        # labels per split, read once when the store is opened read-only (nothing can change them then)
+        self._labels: dict[str, np.ndarray] | None = {} if group.read_only else None
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -531,7 +533,12 @@ class FeatureStore(LabelledReads, IntegrityMixin, AugmentedViews):
         return self._raw_labels(split)
 
     def _raw_labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
+        if self._labels is None:
+            return np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
+        if split not in self._labels:
+            self._labels[split] = np.asarray(self._read(split, S.LABELS, slice(None)), dtype=np.int64)
+        labels: np.ndarray = self._labels[split].copy()  # the caller's to change
+        return labels
 
     def _splits_or_default(self, splits: list[str] | tuple[str, ...] | None) -> list[str]:
         """The splits a read names, else all (a :class:`~fskd.store.view.StoreView` has its own default)."""
