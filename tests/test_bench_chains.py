@@ -192,6 +192,11 @@ def test_allway_chains_and_a_teacher_stage(tiny_teacher_store, tmp_path):  # noq
     assert (given["method"], given["shots"], given["seed"]) == ("tip-adapter", 2, 1)
     assert Path(given["path"]) == Path(teacher["state"]) and Path(teacher["state"]).name == "2shot-seed1.teacher"
     assert rows["tip-mtkd"]["state"] == head["state"] and load_state(head["state"]).method == "prototype"
+    # the student stage records its teacher's accuracy as the fit measured it (the state's metrics)
+    assert student["teacher"] == {
+        k: v for k, v in load_state(student["state"]).metrics.items() if k.startswith("teacher_") and v is not None
+    }
+    assert "teacher_val_accuracy" in student["teacher"] and "teacher" not in head
     table = (out / "table.md").read_text()
     assert "mtkd-2stage = mtkd(semi) -> residual-adapter" in table and "tip-mtkd = tip-adapter (teacher)" in table
 

@@ -223,6 +223,12 @@ def resolve_chain(label: str, name: str, config, distill_fields: Callable) -> Ch
     return chain
 
 
+def teacher_metrics(metrics: dict) -> dict:
+    """A distilled student's teacher, as its fit measured it: accuracy (%) on the held-out labelled
+    rows and on the labelled training rows (a bench row's ``teacher``; empty for other methods)."""
+    return {k: metrics[k] for k in ("teacher_val_accuracy", "teacher_train_accuracy") if metrics.get(k) is not None}
+
+
 def stage_dirs(state_dir: Path, scratch: Path, keep: bool) -> dict[str, Path]:
     """Where a chain cell's stages write: the student's state is ``state_dir``; with --keep-states the
     teacher and head states sit beside it (``Kshot-seedS.teacher``, ``Kshot-seedS.head``), else in the
@@ -253,6 +259,7 @@ def run_chain(runner, cell, chain: Chain, src_path: str, state_dir: Path, studen
                 "hparams": r.hparams,
                 "selected_on": r.selected_on,
                 "fit_seconds": r.seconds,
+                **({"teacher": teacher_metrics(r.metrics)} if teacher_metrics(r.metrics) else {}),
                 "state": str(out) if plan.config.keep_states else None,
             }
         )

@@ -23,6 +23,7 @@ from fskd.bench.chains import (
     resolve_chain,
     run_chain,
     stage_options,
+    teacher_metrics,
 )
 from fskd.config import AdaptConfig, AlignConfig, DistillConfig, EvalConfig, ExtractConfig, transductive_setting
 from fskd.errors import (
@@ -538,6 +539,7 @@ class CellRunner:
             "hparams": fit.hparams,
             "selected_on": fit.selected_on,
             "val_task": {k: v for k, v in fit.metrics.items() if k.endswith("val_task")},
+            **({"teacher": teacher_metrics(fit.metrics)} if teacher_metrics(fit.metrics) else {}),
             "fit_seconds": fit.seconds,
             "eval_seconds": ev.eval_seconds,
             **({"transductive": transductive} if transductive else {}),
