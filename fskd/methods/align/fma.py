@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead, Head
 from fskd.config import Config
 from fskd.errors import ConfigError, EvaluationError, StoreError
+from fskd.methods.adapt.method import parse_options
 from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, allway_rows
 from fskd.methods.adapt.validation import VAL_CLASSES, VAL_SPLIT, VAL_SPLIT_FEW, allway_val_rows, no_validation
 from fskd.methods.align.flow import (
@@ -580,7 +581,7 @@ class FMAPublished(Method):
         return state.hparams.get("regime") in (ALLWAY, "both")
 
     def fit(self, store, config, progress: TrainProgress | None = None) -> MethodState:
-        opts = self.options.from_dict(dict(config.options))
+        opts = parse_options(self.options, config)
         device = resolve_device(config.device)
         with cpu_threads(opts.threads if device.type == "cpu" else 0):
             return self._fit(store, config, opts, device, progress)

@@ -64,6 +64,7 @@ from fskd.encoders.student import (
 )
 from fskd.errors import ConfigError, StateError, StoreError
 from fskd.fsutil import from_tree, read_bundle, remove_bundle, sha256_file, to_tree, write_bundle
+from fskd.methods.adapt.method import parse_options
 from fskd.methods.allway import AllwayHead
 from fskd.methods.base import (
     METHODS,
@@ -634,7 +635,7 @@ class MTKD(Method):
 
     def fit(self, store, config: DistillConfig, progress: TrainProgress | None = None) -> MethodState:
         cfg = config
-        opts = self.options.from_dict(cfg.options)
+        opts = parse_options(self.options, cfg)
         terms = self._terms(store, cfg)
         spec = StudentSpec.parse(cfg.student)
         text_np = store.text_embeddings()
