@@ -225,6 +225,8 @@ def test_allway_chains_and_a_teacher_stage(tiny_teacher_store, tmp_path):  # noq
             "which a student of --protocol episodic must not learn from",
         ),
         (["--methods", "syntrans-e2e", "--protocol", "base-to-new"], "", "distill rows run the episodic protocol"),
+        (["--methods", "dho"], "", "dho distils semi students only; the episodic protocol's cells need a base-novel"),
+        (["--methods", "mine"], '[chains]\nmine = ["dho", "prototype"]\n', "dho distils semi students only"),
         (["--methods", "mine"], '[chains]\nmine = ["mtkd", "mtkd"]\n', "two stages are named 'mtkd'"),
         (
             ["--methods", "mine"],

@@ -86,6 +86,19 @@ def distill_fields(label: str, options: dict, protocol: str) -> tuple[dict, dict
     return fields, options
 
 
+def check_regime(label: str, method: str, fields: dict, protocol: str) -> None:
+    """A distill row whose method has no student of the regime its protocol needs (dho has no
+    base-novel form) is refused before any cell, not failed in every one."""
+    regimes = getattr(METHODS.get(method), "regimes", None)
+    if regimes is not None and fields.get("regime") not in regimes:
+        raise ConfigError(
+            f"{label}: {method} distils {' or '.join(regimes)} students only; the {protocol} protocol's cells "
+            f"need a {fields.get('regime')} student"
+            + (" (novel-class episodes: a student that never saw a novel label)" if protocol == "episodic" else "")
+            + f". Drop {label} from this grid, or run it in an allway grid"
+        )
+
+
 def bench_out(config, stores: list[FeatureStore], create: bool = True) -> Path:
     """The bench folder, checked: never a store, a dataset root, or a folder fskd bench did not write."""
     out = Path(config.out).expanduser().absolute()
@@ -175,6 +188,7 @@ class GridPlan:
                 student = chain.stage(STUDENT)
                 self.distill_split[label] = (student.fields, student.options)  # the student's images are checked
                 DistillConfig.from_dict({"store": "-", "method": student.method, **student.fields})
+                check_regime(label, student.method, student.fields, config.protocol)
                 continue
             try:
                 cls = METHODS.get(m)  # an unknown name lists the valid ones
@@ -192,6 +206,7 @@ class GridPlan:
             if cls.kind == "distill":
                 fields, options = self.distill_split[label] = distill_fields(label, options, config.protocol)
                 DistillConfig.from_dict({"store": "-", "method": m, **fields})  # ill-typed settings: now
+                check_regime(label, m, fields, config.protocol)
             if cls.options is not None:
                 cls.options.from_dict(options)  # unknown or ill-typed options: now, not mid-grid
         self.transfer = config.protocol in TRANSFER_PROTOCOLS

@@ -235,6 +235,7 @@ class DHO(MTKD):
 
     name = "dho"
     kind = "distill"
+    regimes = ("semi",)  # no base-novel form (its heads classify the classes it was trained on)
     options = DHOOptions
 
     # -- the hooks of mtkd's fit ----------------------------------------------------------------------
