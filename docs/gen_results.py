@@ -51,10 +51,6 @@ COMMANDS = {
         "fskd bench --grid benchmarks/grid_coop.toml --protocol base-to-new --shots 4 --out runs/bench/coop-b2n",
     ),
     "views": ("Augmented views on cub35", "python benchmarks/views_cub35.py"),
-    "seed_allway": (
-        "MTKD in one and two stages, a fitted teacher and DHO: all-way over 5 seeds",
-        "fskd bench --grid benchmarks/grid_seed_allway.toml --shots 4,16",
-    ),
 }
 #: what a reader needs to know about a table beyond its command (shown above it)
 NOTES = {
@@ -68,6 +64,7 @@ TITLES = {
     "distill_semi": "Distilled student, semi regime, all-way (one student per seed)",
     "distill_splits": "Distilled student over 5 class splits",
     "episodic_splits": "Episodic methods over 5 class splits",
+    "seed_allway": "MTKD in one and two stages, a fitted teacher and DHO: all-way over 5 seeds",
     "seed_episodic": "SynTrans end to end over 5 class splits",
     "linear_probe": "Linear probes: lpclip against fskd's tuned probe",
 }
