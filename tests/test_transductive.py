@@ -396,8 +396,36 @@ def test_bench_transductive_rows_equal_eval_of_the_same_state(tmp_path):
     table = (out / "table.md").read_text()
     assert "| tip-adapter |" in table and "| tip-adapter +TransCLIP |" in table
     assert "| tip-adapter +TransCLIP[8:3] |" in table and "in batches of 8 test rows drawn from 3" in table
+    # timing.md: the fit's seconds on its row, each TransCLIP row's own joint-inference seconds
+    timing = {
+        line.split(" | ")[0].strip("| "): float(line.split(" | ")[1].strip(" |"))
+        for line in (out / "timing.md").read_text().splitlines()
+        if line.startswith("| tip-adapter")
+    }
+    assert timing["tip-adapter"] == pytest.approx(row["fit_seconds"], abs=0.005)
+    for setting, label in (("all", "tip-adapter +TransCLIP"), ("8:3", "tip-adapter +TransCLIP[8:3]")):
+        assert timing[label] == pytest.approx(row["transductive"][setting]["eval_seconds"], abs=0.005)
     # a setting that is neither 'all' nor B:C, or an episodic grid, is refused before any cell runs
     with pytest.raises(ConfigError, match="'all'.*B:C"):
         BenchConfig(stores=(str(st.path),), methods=("prototype",), transductive=("64",))
     with pytest.raises(ConfigError, match="--transductive.*not episodic"):
         BenchConfig(stores=(str(st.path),), methods=("prototype",), protocol="episodic", transductive=("all",))
+
+
+def test_plot_series_names_method_policy_and_transclip_setting():
+    """The plot draws one colour per method, a row of panels per policy and TransCLIP rows in their
+    method's colour: each table label maps back to (method, policy, setting)."""
+    from fskd.reports.bench import by_selection, plot_series, with_transductive
+
+    rows = [
+        {"key": "a", "method": "gda", "hp_selection": "none", "status": "ok", "transductive": {"all": {}, "64:4": {}}},
+        {"key": "b", "method": "gda", "hp_selection": "full-val", "status": "ok"},
+    ]
+    assert plot_series(by_selection(with_transductive(rows))) == {
+        "gda [none]": ("gda", "none", None),
+        "gda +TransCLIP [none]": ("gda", "none", "all"),
+        "gda +TransCLIP[64:4] [none]": ("gda", "none", "64:4"),
+        "gda [full-val]": ("gda", "full-val", None),
+    }
+    # one policy: labels are the methods themselves
+    assert plot_series(by_selection(with_transductive(rows[1:]))) == {"gda": ("gda", "full-val", None)}

@@ -256,6 +256,8 @@ def with_transductive(rows: list[dict]) -> list[dict]:
                     **m,
                     "key": f"{r['key']}#transductive={setting}",
                     "method": transductive_label(r["method"], setting),
+                    "transductive_of": r["method"],
+                    "transductive_setting": setting,
                 }
             )
     return out
@@ -267,7 +269,23 @@ def by_selection(rows: list[dict]) -> list[dict]:
     hs = {r.get("hp_selection", "few-shot-val") for r in rows}
     if len(hs) < 2:
         return rows
-    return [{**r, "method": f"{r['method']} [{r.get('hp_selection', 'few-shot-val')}]"} for r in rows]
+    return [
+        {**r, "method": f"{r['method']} [{r.get('hp_selection', 'few-shot-val')}]", "method_of_policy": r["method"]}
+        for r in rows
+    ]
+
+
+def plot_series(rows: list[dict]) -> dict[str, tuple[str, str, str | None]]:
+    """Each table row's label -> (the method it draws, its --hp-selection policy, its TransCLIP
+    setting or None): the plot draws one colour per method, one panel row per policy, and a
+    TransCLIP row dashed in its method's colour."""
+    out = {}
+    for r in rows:
+        base = r.get("method_of_policy", r["method"])
+        setting = r.get("transductive_setting")
+        method = r.get("transductive_of", base) if setting else base
+        out[r["method"]] = (method, r.get("hp_selection", "few-shot-val"), setting)
+    return out
 
 
 def _md(header: list[str], body: list[list[str]]) -> str:
@@ -429,19 +447,32 @@ def _calibration_section(
 
 
 def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
-    """Methods x shots: the mean fit time of a cell (over datasets and seeds), where rows have one."""
-    ok = [r for r in rows if r["status"] == OK and isinstance(r.get("fit_seconds"), (int, float))]
+    """Methods x shots: the mean fit time of a cell (over datasets and seeds), where rows have one;
+    a TransCLIP row (the same fit, scored jointly) shows the seconds of its joint inference instead."""
+
+    def seconds(r: dict) -> object:
+        return r.get("eval_seconds") if "#transductive=" in str(r.get("key", "")) else r.get("fit_seconds")
+
+    ok = [r for r in rows if r["status"] == OK and isinstance(seconds(r), (int, float))]
     if not ok:
         return []
     cell = {}
     for m in methods:
         for k in shots:
-            t = [r["fit_seconds"] for r in ok if r["method"] == m and r["shots"] == k]
+            t = [seconds(r) for r in ok if r["method"] == m and r["shots"] == k]
             cell[m, k] = f"{np.mean(t):.2f}" if t else "n/a"
+    transductive = any("#transductive=" in str(r.get("key", "")) for r in ok)
     return [
         "## Fit seconds (mean over datasets and seeds)\n",
         "Wall seconds of one fit, hyper-parameter search included (the machine of the run; compare rows of "
-        "one table only).\n",
+        "one table only)."
+        + (
+            " A `+TransCLIP` row shows the seconds of its joint inference over the test rows instead (its fit "
+            "is the row above it)."
+            if transductive
+            else ""
+        )
+        + "\n",
         _md(["method"] + [f"{k}-shot" for k in shots], [[m] + [cell[m, k] for k in shots] for m in methods]),
         "",
     ]
@@ -680,7 +711,7 @@ def write_outputs(
         paths.append(out / name)
     from fskd.reports.plots import accuracy_vs_shots
 
-    paths += accuracy_vs_shots(out, summarise(rows, primary_metric(config)), config)
+    paths += accuracy_vs_shots(out, summarise(rows, primary_metric(config)), config, plot_series(rows))
     _record_outputs(out, paths)
     return paths
 

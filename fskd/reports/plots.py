@@ -31,10 +31,18 @@ def _fit_y_range(ax, lines: dict[str, np.ndarray]) -> None:
     ax.text(0.02, 0.02, f"below the axis: {note}", transform=ax.transAxes, fontsize=8, va="bottom", alpha=0.8)
 
 
-def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
+#: with more methods than this, a grid's TransCLIP rows are left to the tables (a dashed twin of
+#: every line would hide the lines themselves)
+MAX_METHODS_WITH_TRANSDUCTIVE = 5
+
+
+def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None = None) -> list[Path]:
     """Write ``OUT/accuracy_vs_shots.png`` and ``.svg``; returns their paths ([] with one K only:
-    a line needs two points)."""
-    summ, methods, datasets, shots = summarised
+    a line needs two points). ``series``: each table row's label -> (method, policy, TransCLIP
+    setting or None) (:func:`fskd.reports.bench.plot_series`); one colour per method, one row of
+    panels per --hp-selection policy, TransCLIP rows dashed (all rows at once) or dotted (batches)
+    in their method's colour, or left to the tables when there are many methods."""
+    summ, labels_all, datasets, shots = summarised
     if len(shots) < 2:
         return []
     import matplotlib
@@ -42,38 +50,64 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fskd.reports.summary import OK, average
+    from fskd.reports.summary import OK, average, selections
 
+    series = series or {}
+    spec = {m: series.get(m, (m, None, None)) for m in labels_all}
+    methods = list(dict.fromkeys(v[0] for v in spec.values()))
+    policies = list(dict.fromkeys(v[1] for v in spec.values()))
+    draw_transductive = len(methods) <= MAX_METHODS_WITH_TRANSDUCTIVE
+    left_out = sorted({v[2] for v in spec.values() if v[2]}) if not draw_transductive else []
     b2n = config.get("protocol") == "base-to-new"
-    panels = list(datasets) + (
+    columns = list(datasets) + (
         [("Mean HM over datasets" if b2n else "Average over datasets")] if len(datasets) > 1 else []
     )
-    ncols = min(3, len(panels))
+    panels = [(c, pol) for pol in policies for c in columns]
+    ncols = len(columns) if len(policies) > 1 else min(3, len(panels))  # a row of panels per policy
     nrows = -(-len(panels) // ncols)
+    n_legend = len({(m, st) for m, _, st in spec.values() if draw_transductive or not st})
+    per_row = 6 if n_legend > 10 else 5
+    legend_rows = -(-n_legend // per_row)
     # one panel still gets a figure wide enough for the title and a legend row of several methods
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 8.4), 3.4 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(4.2 * ncols, 8.4), 3.4 * nrows + 0.4 + 0.25 * legend_rows), squeeze=False
+    )
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     markers = "osD^v<>pP*Xh"
-    for ax, panel in zip(axes.flat, panels, strict=False):
+    styles = {None: "-", "all": "--"}
+    for ax, (panel, pol) in zip(axes.flat, panels, strict=False):
         lines = {}
-        for i, m in enumerate(methods):
+        for label, (m, p, setting) in spec.items():
+            if p != pol or (setting and not draw_transductive):
+                continue
+            i = methods.index(m)
             if panel in datasets:
-                cells = [summ.get((m, panel, k)) for k in shots]
+                cells = [summ.get((label, panel, k)) for k in shots]
             else:
-                cells = [average(summ, m, datasets, k) for k in shots]
+                cells = [average(summ, label, datasets, k) for k in shots]
             ok = [c is not None and c.status == OK for c in cells]
             y = np.array([c.mean if o else np.nan for c, o in zip(cells, ok, strict=True)])
             if np.isnan(y).all():
                 continue
             sd = np.array([c.std if o and c.std is not None else 0.0 for c, o in zip(cells, ok, strict=True)])
-            ax.plot(shots, y, marker=markers[i % len(markers)], color=cmap(i), label=m, linewidth=1.6, markersize=5)
-            ax.fill_between(shots, y - sd, y + sd, color=cmap(i), alpha=0.15, linewidth=0)  # ± std over seeds
-            lines[m] = y
+            ax.plot(
+                shots,
+                y,
+                marker=markers[i % len(markers)],
+                color=cmap(i),
+                linestyle=styles.get(setting, ":"),
+                label=m if not setting else f"{m} +TransCLIP" + ("" if setting == "all" else f"[{setting}]"),
+                linewidth=1.6,
+                markersize=5,
+            )
+            if not setting:
+                ax.fill_between(shots, y - sd, y + sd, color=cmap(i), alpha=0.15, linewidth=0)  # ± std over seeds
+                lines[label] = y
         _fit_y_range(ax, lines)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots)
         ax.set_xticklabels([str(k) for k in shots])
-        ax.set_title(panel, fontsize=11)
+        ax.set_title(panel if pol is None or len(policies) < 2 else f"{panel}: {pol}", fontsize=11)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("HM of base and new (%)" if b2n else "top-1 accuracy (%)")
         ax.grid(True, alpha=0.3)
@@ -95,8 +129,6 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         else "All-way accuracy"
     )
     over = "class splits" if episodic and config.get("class_ratio") else "seeds"
-    from fskd.reports.summary import selections
-
     hs = selections(config)
     val = (
         "validation on val-class episodes"
@@ -107,17 +139,24 @@ def accuracy_vs_shots(out: Path, summarised, config: dict) -> list[Path]:
         if hs == ["full-val"]
         else "no validation data"
         if hs == ["none"]
-        else f"--hp-selection {', '.join(hs)} (in brackets)"
+        else f"one row of panels per --hp-selection ({', '.join(hs)})"
+    )
+    extra = (
+        f"; the +TransCLIP rows ({', '.join(left_out)}) are in the tables only"
+        if left_out
+        else "; dashed: +TransCLIP (all test rows), dotted: in batches"
+        if any(v[2] for v in spec.values())
+        else ""
     )
     title = (
         f"{what} vs shots (mean ± std over {over} {', '.join(map(str, seeds))}; {val}"
-        f"{'; methods with no new-class accuracy are not drawn' if b2n else ''})"
+        f"{'; methods with no new-class accuracy are not drawn' if b2n else ''}{extra})"
     )
     title = textwrap.fill(title, width=int(fig.get_figwidth() * 11), break_on_hyphens=False)
     fig.suptitle(title, fontsize=12)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False, fontsize=10)
-    legend_rows = -(-len(labels) // 5)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows, 1, 0.95 - 0.05 * title.count("\n")))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), per_row), frameon=False, fontsize=10)
+    fig_h = fig.get_figheight()
+    fig.tight_layout(rect=(0, (0.15 + 0.25 * legend_rows) / fig_h, 1, 1 - (0.25 + 0.22 * title.count("\n")) / fig_h))
     paths = [Path(out) / f"{STEM}.png", Path(out) / f"{STEM}.svg"]
     for p in paths:
         tmp = p.with_name(f".{p.name}.tmp")
