@@ -52,7 +52,7 @@ def main() -> None:
                 (100 * cos).softmax(-1),
                 F.one_hot(ty, n).float() * (0.9 - 0.1 / (n - 1)) + 0.1 / (n - 1),
             ]
-            for m, yh in zip(names, yhats):
+            for m, yh in zip(names, yhats, strict=True):
                 out = transclip(tx, yh, x, y)
                 acc[m].append(
                     (100 * float((yh.argmax(1) == ty).float().mean()), 100 * float((out.pred == ty).float().mean()))
