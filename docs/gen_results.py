@@ -61,6 +61,7 @@ NOTES = {
 #: titles of the tables whose command is their grid file's
 TITLES = {
     "distill_more_base": "Distilled student with more base classes (24 / 5 / 6)",
+    "hp_selection": "Cached-feature baselines under each hyper-parameter selection policy, with TransCLIP",
     "distill_semi": "Distilled student, semi regime, all-way (one student per seed)",
     "distill_splits": "Distilled student over 5 class splits",
     "episodic_splits": "Episodic methods over 5 class splits",
@@ -216,6 +217,8 @@ def _table_body(text: str, command: str) -> tuple[list[str], list[str]]:
             line = "#" + re.sub(r"\s*\(run \d{4}-\d{2}-\d{2}.*\)\s*$", "", line)
         if line.startswith("| "):  # a row label that tells the method's earlier name
             line = re.sub(r"^(\| [^|]*?) \((?:run as|named) [^)|]*\)", r"\1", line)
+            # `gda +TransCLIP[64:4] [none]` would read as a reference link to "none": escape the bracket
+            line = re.sub(r"\](\s?)\[", r"]\1\\[", line)
         body.append(line)
     return notes, body
 
