@@ -1309,7 +1309,9 @@ def demo(
     from fskd.demo import demo
 
     r = _run(demo, DemoConfig(data_root=data_root, out=out, encoder=encoder, episodes=episodes, workers=workers))
-    typer.echo(open(r.report, encoding="utf-8").read())
+    from pathlib import Path
+
+    typer.echo(Path(r.report).read_text(encoding="utf-8"))
     typer.echo(f"report: {r.report}  plot: {r.plot}  ({r.seconds:.0f} s)")
 
 
