@@ -6,7 +6,7 @@ For each K and seed: the all-way shots of that seed, the store's test rows, and 
 (``fskd/evaluation/transductive.py`` with its defaults) run on the same features with different
 inductive predictions y-hat: uniform (no information), the softmax of the prototypes' cosine at
 scale 1, 16 and 100, and a near-oracle (0.9 on the true class). If TransCLIP used its KL term the
-way a plug-in on top of a method should, the last row would sit far above the first. Prints a
+way a plug-in on top of a method should, the last column would sit far above the first. Prints a
 markdown table: inductive top-1 / TransCLIP top-1 per y-hat, mean over seeds.
 """
 

@@ -414,7 +414,7 @@ def test_bench_transductive_rows_equal_eval_of_the_same_state(tmp_path):
 
 def test_plot_series_names_method_policy_and_transclip_setting():
     """The plot draws one colour per method, a row of panels per policy and TransCLIP rows in their
-    method's colour: each table label maps back to (method, policy, setting)."""
+    method's colour: each table label maps back to (method, policy, setting, legend name)."""
     from fskd.reports.bench import by_selection, plot_series, with_transductive
 
     rows = [
@@ -422,10 +422,10 @@ def test_plot_series_names_method_policy_and_transclip_setting():
         {"key": "b", "method": "gda", "hp_selection": "full-val", "status": "ok"},
     ]
     assert plot_series(by_selection(with_transductive(rows))) == {
-        "gda [none]": ("gda", "none", None),
-        "gda +TransCLIP [none]": ("gda", "none", "all"),
-        "gda +TransCLIP[64:4] [none]": ("gda", "none", "64:4"),
-        "gda [full-val]": ("gda", "full-val", None),
+        "gda [none]": ("gda", "none", None, "gda"),
+        "gda +TransCLIP [none]": ("gda", "none", "all", "gda +TransCLIP"),
+        "gda +TransCLIP[64:4] [none]": ("gda", "none", "64:4", "gda +TransCLIP[64:4]"),
+        "gda [full-val]": ("gda", "full-val", None, "gda"),
     }
     # one policy: labels are the methods themselves
-    assert plot_series(by_selection(with_transductive(rows[1:]))) == {"gda": ("gda", "full-val", None)}
+    assert plot_series(by_selection(with_transductive(rows[1:]))) == {"gda": ("gda", "full-val", None, "gda")}

@@ -275,16 +275,16 @@ def by_selection(rows: list[dict]) -> list[dict]:
     ]
 
 
-def plot_series(rows: list[dict]) -> dict[str, tuple[str, str, str | None]]:
+def plot_series(rows: list[dict]) -> dict[str, tuple[str, str, str | None, str]]:
     """Each table row's label -> (the method it draws, its --hp-selection policy, its TransCLIP
-    setting or None): the plot draws one colour per method, one panel row per policy, and a
-    TransCLIP row dashed in its method's colour."""
+    setting or None, its legend name: the label without the policy): the plot draws one colour
+    per method, one panel row per policy, and a TransCLIP row dashed in its method's colour."""
     out = {}
     for r in rows:
-        base = r.get("method_of_policy", r["method"])
+        name = r.get("method_of_policy", r["method"])
         setting = r.get("transductive_setting")
-        method = r.get("transductive_of", base) if setting else base
-        out[r["method"]] = (method, r.get("hp_selection", "few-shot-val"), setting)
+        method = r["transductive_of"] if setting else name
+        out[r["method"]] = (method, r.get("hp_selection", "few-shot-val"), setting, name)
     return out
 
 
@@ -451,7 +451,7 @@ def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int])
     a TransCLIP row (the same fit, scored jointly) shows the seconds of its joint inference instead."""
 
     def seconds(r: dict) -> object:
-        return r.get("eval_seconds") if "#transductive=" in str(r.get("key", "")) else r.get("fit_seconds")
+        return r.get("eval_seconds") if r.get("transductive_setting") else r.get("fit_seconds")
 
     ok = [r for r in rows if r["status"] == OK and isinstance(seconds(r), (int, float))]
     if not ok:
@@ -461,7 +461,7 @@ def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int])
         for k in shots:
             t = [seconds(r) for r in ok if r["method"] == m and r["shots"] == k]
             cell[m, k] = f"{np.mean(t):.2f}" if t else "n/a"
-    transductive = any("#transductive=" in str(r.get("key", "")) for r in ok)
+    transductive = any(r.get("transductive_setting") for r in ok)
     return [
         "## Fit seconds (mean over datasets and seeds)\n",
         "Wall seconds of one fit, hyper-parameter search included (the machine of the run; compare rows of "

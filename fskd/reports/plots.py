@@ -39,7 +39,7 @@ MAX_METHODS_WITH_TRANSDUCTIVE = 5
 def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None = None) -> list[Path]:
     """Write ``OUT/accuracy_vs_shots.png`` and ``.svg``; returns their paths ([] with one K only:
     a line needs two points). ``series``: each table row's label -> (method, policy, TransCLIP
-    setting or None) (:func:`fskd.reports.bench.plot_series`); one colour per method, one row of
+    setting or None, legend name) (:func:`fskd.reports.bench.plot_series`); one colour per method, one row of
     panels per --hp-selection policy, TransCLIP rows dashed (all rows at once) or dotted (batches)
     in their method's colour, or left to the tables when there are many methods."""
     summ, labels_all, datasets, shots = summarised
@@ -53,7 +53,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None =
     from fskd.reports.summary import OK, average, selections
 
     series = series or {}
-    spec = {m: series.get(m, (m, None, None)) for m in labels_all}
+    spec = {m: series.get(m, (m, None, None, m)) for m in labels_all}
     methods = list(dict.fromkeys(v[0] for v in spec.values()))
     policies = list(dict.fromkeys(v[1] for v in spec.values()))
     draw_transductive = len(methods) <= MAX_METHODS_WITH_TRANSDUCTIVE
@@ -65,7 +65,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None =
     panels = [(c, pol) for pol in policies for c in columns]
     ncols = len(columns) if len(policies) > 1 else min(3, len(panels))  # a row of panels per policy
     nrows = -(-len(panels) // ncols)
-    n_legend = len({(m, st) for m, _, st in spec.values() if draw_transductive or not st})
+    n_legend = len({name for _, _, st, name in spec.values() if draw_transductive or not st})
     per_row = 6 if n_legend > 10 else 5
     legend_rows = -(-n_legend // per_row)
     # one panel still gets a figure wide enough for the title and a legend row of several methods
@@ -77,7 +77,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None =
     styles = {None: "-", "all": "--"}
     for ax, (panel, pol) in zip(axes.flat, panels, strict=False):
         lines = {}
-        for label, (m, p, setting) in spec.items():
+        for label, (m, p, setting, name) in spec.items():
             if p != pol or (setting and not draw_transductive):
                 continue
             i = methods.index(m)
@@ -96,7 +96,7 @@ def accuracy_vs_shots(out: Path, summarised, config: dict, series: dict | None =
                 marker=markers[i % len(markers)],
                 color=cmap(i),
                 linestyle=styles.get(setting, ":"),
-                label=m if not setting else f"{m} +TransCLIP" + ("" if setting == "all" else f"[{setting}]"),
+                label=name,
                 linewidth=1.6,
                 markersize=5,
             )
