@@ -45,8 +45,9 @@ from _common import machine, table  # noqa: E402
 from fskd import api  # noqa: E402
 from fskd.config import AlignConfig, EvalConfig  # noqa: E402
 from fskd.methods.align.flow import mixture_field, trajectory  # noqa: E402
-from fskd.methods.align.fma import FMA, LITE_GAMMAS, cpu_threads  # noqa: E402
+from fskd.methods.align.fma import FMA, LITE_GAMMAS  # noqa: E402
 from fskd.methods.base import load_state  # noqa: E402
+from fskd.runtime import cpu_threads  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 16)

@@ -78,6 +78,21 @@ def single_thread(work: float = 0.0) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (0: unchanged), restoring the setting after."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
 def compute_threads(numel: int) -> Iterator[None]:
     """One intra-op thread for a problem of fewer than :data:`SMALL_PROBLEM` feature values, else
     unchanged: on a busy 2-core machine two threads fighting over the cores made small fits 2-5x

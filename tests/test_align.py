@@ -26,7 +26,8 @@ from fskd.methods.align.flow import (
     trajectory,
     transport,
 )
-from fskd.methods.align.fma import FMA, FMALite, FMAOptions, FMAPublished, cpu_threads
+from fskd.methods.align.fma import FMA, FMALite, FMAOptions, FMAPublished
+from fskd.runtime import cpu_threads
 from fskd.store import FeatureStore
 
 FAST = {"width": 64, "depth": 2, "iters": 150, "batch_size": 64, "val_episodes": 50}
@@ -390,6 +391,11 @@ def test_allway_targets_through_a_bridge_are_not_the_prototypes(synthetic_store)
         keep = y != c
         other = Bridge.fit(torch.from_numpy(x[keep]), torch.from_numpy(y[keep]).long(), text, ridge=lam, mean=mean)
         assert torch.allclose(other.text_to_image(text[[c]])[0], targets[c], atol=1e-4), c
+    # the ridge is the one the adapt methods' all-way text weights choose (one search, text_space)
+    zs = api.adapt(
+        AdaptConfig(store=str(store.path), method="zero-shot", shots=4, seed=1, out=str(store.path.parent / "zs"))
+    )
+    assert lam == pytest.approx(load_state(zs.out).hparams["allway.ridge"], rel=1e-6)  # stored as float32 here
     # the head scores against those kept targets
     head = FMA().head(state, store, torch.device("cpu"))
     assert torch.allclose(head.parts["allway"].targets, head.parts["allway"].space.to_flow(targets), atol=1e-6)
@@ -513,7 +519,7 @@ def test_store_without_text_features_is_a_clear_error(tmp_path):
     store = FeatureStore.from_arrays(
         tmp_path / "notext.zarr", splits, list("abcd"), {"base": [0, 1], "val": [2], "novel": [3]}
     )
-    with pytest.raises(StoreError, match="no class text features"):
+    with pytest.raises(StoreError, match="needs class text features"):
         align(store, shots=2)
 
 

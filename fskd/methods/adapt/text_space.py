@@ -34,11 +34,13 @@ def reject_descriptions(config, method: str) -> None:
 def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
     """(C, d_t) L2-normalised class text features and where they came from.
 
-    ``--descriptions FILE`` re-encodes every class (the store's prompt templates filled with the
-    name, plus the class's descriptions) with the store's own text encoder, rebuilt from its
-    spec; otherwise the store's class text features are used.
+    ``--descriptions FILE`` (``config.descriptions``; None or a config without the option: none)
+    re-encodes every class (the store's prompt templates filled with the name, plus the class's
+    descriptions) with the store's own text encoder, rebuilt from its spec; otherwise the store's
+    class text features are used.
     """
-    if config.descriptions:
+    descriptions = getattr(config, "descriptions", None)
+    if descriptions:
         from fskd.encoders import build_encoder
         from fskd.encoders.prompts import (
             DEFAULT_TEMPLATES,
@@ -47,7 +49,7 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
             load_descriptions,
         )
 
-        desc = load_descriptions(config.descriptions, store.class_keys, store.class_names)
+        desc = load_descriptions(descriptions, store.class_keys, store.class_names)
         try:
             encoder = build_encoder(store.encoder_spec)
         except FskdError as e:  # unknown family (arrays, synthetic), missing weights, ...
@@ -59,7 +61,13 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
         templates = tuple(store.attrs.get("text", {}).get("templates") or DEFAULT_TEMPLATES)
         text = encode_class_texts(encoder, class_prompts(store.class_names, templates, desc))
         n = sum(len(d) for d in desc)
-        return F.normalize(text.float(), dim=-1), f"templates + {n} descriptions from {Path(config.descriptions).name}"
+        return F.normalize(text.float(), dim=-1), f"templates + {n} descriptions from {Path(descriptions).name}"
+    return F.normalize(store_text(store, method), dim=-1), "store class text features"
+
+
+def store_text(store, method: str) -> torch.Tensor:
+    """(C, d_t) the store's class text features as stored (float32), or a StoreError naming the
+    store, its encoder and the encoders that have a text tower."""
     text = store.text_embeddings()
     if text is None:
         raise StoreError(
@@ -67,7 +75,7 @@ def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
             f"no text tower); extract with an encoder that has one (lite0-minilm, an open_clip model) or use prototype, "
             f"linear-probe or residual-adapter"
         )
-    return F.normalize(torch.from_numpy(np.asarray(text, dtype=np.float32)), dim=-1), "store class text features"
+    return torch.from_numpy(np.asarray(text, dtype=np.float32))
 
 
 # -- text weights in image space (the bridge) -----------------------------------------------------
@@ -179,11 +187,13 @@ def choose_allway_ridge(
     ridge: float | None,
     device: torch.device,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    joint: bool | None = None,
 ) -> Choice:
     """The ridge strength of the support-fitted, leave-one-class-out bridge (all-way regime):
     fixed, or chosen by the zero-shot accuracy of its text weights on the val split, the bridge
-    fitted on K shots per class of the train split."""
-    if store.joint:
+    fitted on K shots per class of the train split (through ``transform``). ``joint``: whether
+    image and text share one space (default: the store's word; fma's base features may not)."""
+    if store.joint if joint is None else joint:
         return Choice({"ridge": None}, None, "fixed (joint space: identity bridge)", "")
     if ridge is not None:
         return Choice({"ridge": float(ridge)}, None, "fixed (--set option)", "")

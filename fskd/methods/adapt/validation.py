@@ -46,6 +46,32 @@ def no_validation(config) -> bool:
     return getattr(config, "hp_selection", "few-shot-val") == "none"
 
 
+def val_episode_rows(
+    labels: np.ndarray,
+    classes: Sequence[int],
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    class_names: Sequence[str],
+    option: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validation episodes of ``classes``: support (E, N, K) and query (E, N, Q) row indices of
+    ``labels``, classes (E, N). ``way`` shrinks to the number of classes and ``query`` to what the
+    smallest class leaves after ``shot``; a class with fewer than shot + 1 rows is a ConfigError
+    naming it (``option``: how the shots were asked for, default ``--shots {shot}``)."""
+    counts = sampling.class_counts(labels, classes)
+    q = min(query, int(counts.min()) - shot)
+    if q < 1:
+        i = int(np.argmin(counts))
+        raise ConfigError(
+            f"{option or f'--shots {shot}'} is larger than available for validation episodes: val class "
+            f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}"
+        )
+    return sample_episode_rows(labels, classes, min(way, len(classes)), shot, q, episodes, seed)
+
+
 def episodic_val_task(
     store,
     shots: int,
@@ -61,16 +87,10 @@ def episodic_val_task(
         return None
     x, y = store.gather(val, max_per_class=sampling.CLASS_ROWS)
     k = max(1, shots)
-    counts = np.bincount(y, minlength=max(val) + 1)[val]
-    q = min(opts.val_query, int(counts.min()) - k)
-    if q < 1:
-        i = int(np.argmin(counts))
-        raise ConfigError(
-            f"--shots {shots} is larger than available for validation episodes: val class {store.class_names[val[i]]!r} "
-            f"has {counts[i]} samples, fewer than shots + 1 query = {k + 1}"
-        )
-    way = min(opts.val_way, len(val))
-    sup, qry, cls = sample_episode_rows(y, val, way, k, q, opts.val_episodes, seed)
+    sup, qry, cls = val_episode_rows(
+        y, val, opts.val_way, k, opts.val_query, opts.val_episodes, seed, store.class_names, option=f"--shots {shots}"
+    )
+    way, q = sup.shape[1], qry.shape[2]
     xt = torch.from_numpy(x).to(device)
     if transform is not None:
         xt = transform(xt)

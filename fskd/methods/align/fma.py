@@ -44,8 +44,6 @@ or base classes for the episodic part) raises EvaluationError instead of reporti
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -62,7 +60,15 @@ from fskd.config import Config
 from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods.adapt.method import parse_options
 from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, allway_rows
-from fskd.methods.adapt.validation import VAL_CLASSES, VAL_SPLIT, VAL_SPLIT_FEW, allway_val_rows, no_validation
+from fskd.methods.adapt.text_space import choose_allway_ridge, store_text
+from fskd.methods.adapt.validation import (
+    VAL_CLASSES,
+    VAL_SPLIT,
+    VAL_SPLIT_FEW,
+    allway_val_rows,
+    no_validation,
+    val_episode_rows,
+)
 from fskd.methods.align.flow import (
     ARCHS,
     NFE_PER_STEP,
@@ -73,9 +79,8 @@ from fskd.methods.align.flow import (
     transport,
 )
 from fskd.methods.base import METHODS, Method, MethodState, RecipeMethod, TrainProgress, load_state
-from fskd.methods.bridge import RIDGE_GRID, Bridge, batched_text_to_image
-from fskd.protocols.episodic import sample_episodes
-from fskd.runtime import resolve_device
+from fskd.methods.bridge import Bridge, batched_text_to_image
+from fskd.runtime import cpu_threads, resolve_device
 from fskd.store import sampling
 
 log = logging.getLogger(__name__)
@@ -195,19 +200,6 @@ class FMALiteOptions(FMAOptions):
     threads: int = 1  # the matrices are small: one thread avoids oversubscribing shared cores
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    """Run the block with ``n`` torch CPU threads (0: unchanged), restoring the setting after."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n:
-            torch.set_num_threads(old)
-
-
 # -- the space the flow runs in --------------------------------------------------------------------
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -252,25 +244,17 @@ def principal_basis(a: torch.Tensor, p: int) -> torch.Tensor | None:
     return vh[: min(p, vh.shape[0])].T.float().contiguous()
 
 
-def make_bridge(
-    store,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    text: torch.Tensor,
-    val: tuple[torch.Tensor, torch.Tensor],
-    opts: FMAOptions,
-    base_features: bool = False,
-) -> tuple[Bridge, str]:
-    """The bridge for features ``x`` (n, D') labelled ``y``: the identity when image and text
-    features share one space, else ridge maps (ridge chosen on ``val``). Returns the bridge and
-    a description of how it was made. ``base_features``: ``x`` comes from another method's
-    feature map (whose width may legitimately differ from the text's: then a ridge bridge)."""
-    d_img, d_txt = int(x.shape[1]), int(text.shape[1])
+def ridge_bridge(store, d_img: int, d_txt: int, opts: FMAOptions, base_features: bool) -> bool:
+    """Whether the flow needs ridge maps between image features (``d_img`` wide) and class text
+    (``d_txt``): False for one space (the identity bridge), refusing a joint store or
+    ``bridge=none`` whose widths differ. ``base_features``: the images come from another method's
+    feature map, whose width may legitimately differ from the text's (then a ridge bridge)."""
     if opts.bridge == "auto" and store.joint and base_features and d_img != d_txt:
         log.info(
             "fma: the base method's features are %d-d, the text features %d-d: learning a ridge bridge", d_img, d_txt
         )
-    elif opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
+        return True
+    if opts.bridge == "none" or (opts.bridge == "auto" and store.joint):
         if d_img != d_txt:
             why = "the store says its encoder is joint" if opts.bridge == "auto" else "bridge=none was asked"
             raise ConfigError(
@@ -280,84 +264,63 @@ def make_bridge(
             )
         if not store.joint:
             log.warning("bridge=none on a non-joint store: image and text features are compared directly")
-        return Bridge.identity(d_img, x.device), "identity"
+        return False
+    return True
+
+
+def make_bridge(
+    store,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    text: torch.Tensor,
+    val: tuple[torch.Tensor, torch.Tensor],
+    opts: FMAOptions,
+    base_features: bool = False,
+) -> tuple[Bridge, str]:
+    """The episodic bridge for features ``x`` (n, D') labelled ``y``: the identity when image and
+    text features share one space, else ridge maps (ridge chosen on ``val``). Returns the bridge
+    and a description of how it was made."""
+    if not ridge_bridge(store, int(x.shape[1]), int(text.shape[1]), opts, base_features):
+        return Bridge.identity(int(x.shape[1]), x.device), "identity"
     bridge = Bridge.fit(x, y, text, ridge=opts.ridge, val=None if opts.ridge is not None else val)
     return bridge, f"ridge {bridge.ridge:g}"
 
 
-# -- sampling: the same code the evaluation protocols draw with (fskd.store.sampling) -------------
 def allway_bridge(
     store,
+    config,
     x: torch.Tensor,
     classes: torch.Tensor,
-    shots: int,
     text: torch.Tensor,
-    xv: torch.Tensor,
-    yv: torch.Tensor,
     opts: FMAOptions,
-    base_features: bool,
+    fmap: FeatureMap | None,
 ) -> tuple[Bridge, str, torch.Tensor]:
     """The all-way bridge and the class targets (C, D_i) in image space.
 
-    ``x`` (C*K, D'): K shots per class of ``classes``, class-major. When the spaces differ the
-    ridge maps are fitted on those shots, and each training class's target comes from a map
-    fitted *without* that class (exact leave-one-class-out of the class-aggregated ridge, as
-    the adapt methods' all-way text weights): a target predicted from the class's text alone,
-    not its own prototype. The ridge strength (or ``opts.ridge``) is chosen by the zero-shot
-    accuracy of those targets on the val rows ``xv`` / ``yv`` (store labels). Classes the shots
-    do not cover (base-to-new's new classes) get the full map's targets (it never saw them).
-    The identity bridge (one space) gives the class texts themselves.
+    ``x`` (C*K, D'): the all-way shots of ``classes`` (K = ``config.shots``, class-major) through
+    ``fmap``. When the spaces differ the ridge maps are fitted on those shots, and each training
+    class's target comes from a map fitted *without* that class (exact leave-one-class-out of the
+    class-aggregated ridge, as the adapt methods' all-way text weights): a target predicted from
+    the class's text alone, not its own prototype. The ridge strength (or ``opts.ridge``) is
+    chosen as theirs is (:func:`~fskd.methods.adapt.text_space.choose_allway_ridge`: the zero-shot
+    accuracy of those targets on the val rows the selection rule allows). Classes the shots do
+    not cover (base-to-new's new classes) get the full map's targets (it never saw them). The
+    identity bridge (one space) gives the class texts themselves.
     """
-    first = opts if opts.ridge is not None else dataclasses.replace(opts, ridge=RIDGE_GRID[0])  # no search yet
-    bridge, desc = make_bridge(
-        store, x, classes.repeat_interleave(shots), text, (xv, yv), first, base_features=base_features
+    if not ridge_bridge(store, int(x.shape[1]), int(text.shape[1]), opts, fmap is not None):
+        bridge = Bridge.identity(int(x.shape[1]), x.device)
+        return bridge, "identity", bridge.text_to_image(text)
+    t = F.normalize(text, dim=-1)
+    choice = choose_allway_ridge(
+        store, t, config, opts.ridge, x.device, transform=lambda r: _apply(fmap, r), joint=False
     )
-    if bridge.is_identity:
-        return bridge, desc, bridge.text_to_image(text)
+    lam, shots = float(choice.params["ridge"]), int(config.shots)
+    bridge = Bridge.fit(x, classes.repeat_interleave(shots), text, ridge=lam)  # centred on the shots' mean
     e = bridge.embed_images(x).reshape(1, len(classes), shots, -1)
-    t = F.normalize(text[classes], dim=-1)[None]
-    ev = bridge.embed_images(xv)
-    pos = torch.full((int(max(int(classes.max()), int(yv.max()))) + 1,), -1, dtype=torch.long, device=x.device)
-    pos[classes] = torch.arange(len(classes), device=x.device)
-    truth = pos[yv]
-    best = None
-    for lam in (opts.ridge,) if opts.ridge is not None else RIDGE_GRID:
-        loo = batched_text_to_image(e, t, float(lam), leave_out=True)[0]  # (C, D_i)
-        acc = float(((ev @ loo.T).argmax(1) == truth).float().mean())
-        if best is None or acc > best[0] + 1e-9:
-            best = (acc, float(lam), loo)
-    _, lam, loo = best
-    bridge = Bridge.fit(x, classes.repeat_interleave(shots), text, ridge=lam, mean=bridge.mean)
     targets = bridge.text_to_image(text)
-    targets[classes] = loo
+    targets[classes] = batched_text_to_image(e, t[classes][None], lam, leave_out=True)[0]
     how = "given" if opts.ridge is not None else "chosen by leave-one-class-out zero-shot accuracy on the val rows"
     return bridge, f"ridge {lam:g} ({how}; targets leave-one-class-out)", targets
-
-
-def sample_val_episodes(
-    labels: np.ndarray,
-    classes: np.ndarray,
-    way: int,
-    shot: int,
-    query: int,
-    episodes: int,
-    seed: int,
-    class_names: list[str],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validation episodes: support (E, N, K) and query (E, N, Q) row indices, classes (E, N).
-    ``way`` and ``query`` shrink to what the val classes allow."""
-    counts = sampling.class_counts(labels, classes)
-    if counts.min() < shot + 1:
-        i = int(counts.argmin())
-        raise ConfigError(
-            f"--shots {shot} is larger than available for validation episodes: val class "
-            f"{class_names[classes[i]]!r} has {counts[i]} samples, fewer than shots + 1 query = {shot + 1}"
-        )
-    query = int(min(query, counts.min() - shot))
-    eps = sample_episodes(
-        labels, classes, min(way, len(classes)), shot, query, episodes, seed, class_names, error=ConfigError
-    )
-    return eps.support, eps.query, eps.classes
 
 
 # -- choosing solver, steps, early stop and prototype weight on validation ---------------------------
@@ -525,17 +488,6 @@ def _base_state(tensors: dict[str, torch.Tensor], device=None) -> MethodState | 
     return MethodState(**info, tensors=sub)
 
 
-def _text(store) -> torch.Tensor:
-    text = store.text_embeddings()
-    if text is None:
-        raise StoreError(
-            f"{store.path} has no class text features (encoder {store.encoder_spec!r} has no text tower); "
-            f"fma transports image features to class text features: extract with an encoder that has one "
-            f"(e.g. lite0-minilm or an open_clip model)"
-        )
-    return torch.from_numpy(np.asarray(text, dtype=np.float32))
-
-
 # -- one fitted part (a regime) -------------------------------------------------------------------
 @dataclass
 class Part:
@@ -604,7 +556,7 @@ class FMAPublished(Method):
             raise ConfigError(
                 f"regime={regime} learns from K shots per class: --shots must be >= 1 (or use regime=episodic)"
             )
-        text = _text(store).to(device)
+        text = store_text(store, self.name).to(device)
         base_state, fmap, texts, tensors = None, None, None, {}
         if config.base_state:
             base_state, fmap, texts = _load_base(config.base_state, store, device)
@@ -714,9 +666,7 @@ class FMAPublished(Method):
 
         train_cls = torch.from_numpy(classes).to(device)
         if regime == ALLWAY:
-            bridge, bridge_desc, targets_img = allway_bridge(
-                store, x, train_cls, config.shots, text, xv, torch.from_numpy(yv_np).to(device), opts, fmap is not None
-            )
+            bridge, bridge_desc, targets_img = allway_bridge(store, config, x, train_cls, text, opts, fmap)
         else:
             bridge, bridge_desc = make_bridge(
                 store, x, y, text, (xv, torch.from_numpy(yv_np).to(device)), opts, base_features=fmap is not None
@@ -773,7 +723,7 @@ class FMAPublished(Method):
         else:
             vcls = np.asarray(sorted(store.class_split("val")))
             k_val = max(1, config.shots)
-            sup, qry, ecls = sample_val_episodes(
+            sup, qry, ecls = val_episode_rows(
                 yv_np, vcls, opts.val_way, k_val, opts.val_query, opts.val_episodes, config.seed, names
             )
             score = episodic_scorer(
@@ -867,7 +817,7 @@ class FMAPublished(Method):
     def parts(self, state: MethodState, store, device: torch.device) -> dict[str, Part]:
         """The fitted parts of a state, ready on ``device``."""
         fmap, texts = _base_from_tensors(state.tensors, store, device)
-        store_text = _text(store).to(device)
+        raw_text = store_text(store, self.name).to(device)
         out = {}
         for r in (ALLWAY, EPISODIC):
             if f"{r}.steps" not in state.hparams:
@@ -884,7 +834,7 @@ class FMAPublished(Method):
             learned = torch.zeros(store.num_classes, dtype=torch.bool, device=device)
             learned[t["train_classes"].long()] = True
             targets = (
-                t["targets"] if "targets" in t else space.targets(_regime_text(texts, r, store_text))
+                t["targets"] if "targets" in t else space.targets(_regime_text(texts, r, raw_text))
             )  # kept: the all-way LOO targets
             out[r] = Part(r, field, space, space.to_flow(targets), learned, hp)
         if not out:
