@@ -3,7 +3,6 @@ cub35 store, synthetic stores and a tiny open_clip model saved to a local folder
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -107,27 +106,13 @@ def baseline_stores(tmp_path_factory):
     }
 
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny open_clip model (random weights) saved as open_clip saves a local model folder,
     loadable in any process with the spec ``openclip:local-dir:<dir>``."""
-    import open_clip
-    import torch
+    from fskd.encoders.openclip import save_random_model
 
-    d = tmp_path_factory.mktemp("tiny-clip")
-    cfg = {"model_cfg": TINY_CLIP, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-    (d / "open_clip_config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_CLIP)
-    torch.save(model.state_dict(), d / "open_clip_pytorch_model.bin")
-    return d
+    return save_random_model(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,34 @@ log = logging.getLogger(__name__)
 DEFAULT_SPEC = "openclip:ViT-B-16:openai"
 
 
+#: a tiny CLIP (ViT and text transformer of 2 layers, 32-d joint space, 16 text positions): with
+#: random weights, the tests' and the offline parity checks' stand-in for a real open_clip model
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def save_random_model(folder: str | Path, model_cfg: dict | None = None, seed: int = 0) -> Path:
+    """Write an open_clip model of ``model_cfg`` (default :data:`TINY_CONFIG`) with seeded random
+    weights as open_clip saves a local model folder, so that ``openclip:local-dir:<folder>`` loads
+    it in any process. Returns the folder."""
+    import json
+
+    import open_clip
+
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_cfg or TINY_CONFIG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (d / "open_clip_config.json").write_text(json.dumps(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**cfg["model_cfg"])
+    torch.save(model.state_dict(), d / "open_clip_pytorch_model.bin")
+    return d
+
+
 def _cached(cfg: dict) -> bool:
     """Whether the hub files of a pretrained config are already in the local cache."""
     repo = cfg.get("hf_hub", "").rstrip("/")
