@@ -4,10 +4,8 @@ shots + val split). Limits from the issue: under 30 s each, under 1 s for traini
 Best of ``--repeat`` wall times (the least disturbed by other load on a shared machine), the
 process CPU time of that run, and the ratio to ``prototype`` measured in the same run.
 
-``--allway-part`` also times each fit with the episodic regime's validation search left out
-(``validation.episodic_val_task`` answering None, so the episodic part keeps its defaults): the
-all-way part alone, which is what the authors' code of these methods runs. A measurement only;
-such a state is not one to use episodically.
+``--allway-part`` also times each fit with ``--set regime=allway`` (the all-way regime alone, what
+the authors' code of these methods fits and what ``fskd bench`` asks for in all-way cells).
 
     python benchmarks/adapt_speed.py [--quick] [--store PATH] [--shots 16] [--repeat 3]
     python benchmarks/adapt_speed.py --shots 16 --repeat 1 --allway-part --methods tip-adapter,tip-adapter-f
@@ -34,7 +32,6 @@ def main() -> None:
     from fskd import api
     from fskd.config import AdaptConfig
     from fskd.methods import methods_of_kind
-    from fskd.methods.adapt import validation
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one repeat, 4 shots")
@@ -43,7 +40,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--methods", default=None, help="comma list (default: every adapt method and recipe)")
-    ap.add_argument("--allway-part", action="store_true", help="also time the all-way part alone (see above)")
+    ap.add_argument("--allway-part", action="store_true", help="also time each fit with --set regime=allway")
     args = ap.parse_args()
     store = cub35_store(args.store, Path(args.data_root))
     shots, repeat = (4, 1) if args.quick else (args.shots, args.repeat)
@@ -75,12 +72,8 @@ def main() -> None:
                 "within": "yes" if best[0] < limit else "NO",
             }
             if args.allway_part:
-                real = validation.episodic_val_task
-                validation.episodic_val_task = lambda *a, **k: None
-                try:
-                    part = min((fit(i, "allway-") for i in range(repeat)), key=lambda r: r[0])
-                finally:
-                    validation.episodic_val_task = real
+                aw = {**options, "regime": "allway"}
+                part = min((fit(i, "allway-", options=aw) for i in range(repeat)), key=lambda r: r[0])
                 row["all-way part s"] = f"{part[0]:.2f}"
                 row["share"] = f"{part[0] / best[0]:.0%}"
             rows.append(row)

@@ -16,7 +16,7 @@ from fskd import api
 from fskd.classifiers.cache import cache_logits
 from fskd.cli import app
 from fskd.config import AdaptConfig, EvalConfig, ExtractConfig
-from fskd.errors import ConfigError, EncoderError, StateError, StoreError
+from fskd.errors import ConfigError, EncoderError, EvaluationError, StateError, StoreError
 from fskd.methods import METHODS, load_state, methods_of_kind
 from fskd.methods.adapt.regimes import ALLWAY, FITTED, sample_shots
 from fskd.methods.adapt.text_space import TextSpace, episodic_text_space, fit_episodic_bridge, support_text_space
@@ -197,6 +197,27 @@ def test_every_method_fits_and_scores_both_protocols(method, recipe, kind, store
     assert state2.tensors.keys() == state.tensors.keys()
     assert all(torch.equal(state.tensors[k], state2.tensors[k]) for k in state.tensors)
     torch.testing.assert_close(head2.fit(sup, cls).logits(qry), logits)
+
+
+@pytest.mark.parametrize("method", [m for m in ADAPT if not METHODS.get(m).needs_text_encoder])
+def test_regime_option_fits_one_regime_with_the_same_head_and_refuses_the_other(method, stores, tmp_path):
+    """``--set regime=allway`` (what fskd bench asks for all-way cells) skips the val-class
+    episodes, ``regime=episodic`` the all-way validation: the regime fitted gives exactly the
+    scores of a fit of both, and the other is refused with the option to refit."""
+    st = stores["pair"]  # non-joint: the bridges are fitted too
+    _, both, _ = fit(st, method, 2, tmp_path)
+    ep_task, aw_task = novel_episodes(st), allway_task(st)
+    for regime, (sup, cls, qry, _), (osup, ocls, _, _) in (
+        ("allway", aw_task, ep_task),
+        ("episodic", ep_task, aw_task),
+    ):
+        state, head, _ = fit(st, method, 2, tmp_path, tag=f"-{regime}", regime=regime)
+        assert state.hparams["regime"] == regime and "--set regime" in state.selected_on["regime"]
+        torch.testing.assert_close(head.fit(sup, cls).logits(qry), both.fit(sup, cls).logits(qry))
+        with pytest.raises(EvaluationError, match=f"fitted with --set regime={regime}: it learned no"):
+            head.fit(osup, ocls)
+    with pytest.raises(ConfigError, match="regime must be one of both, allway, episodic"):
+        fit(st, method, 2, tmp_path, tag="-bad", regime="novel")
 
 
 def test_api_evaluate_runs_states_under_both_protocols(stores, tmp_path):

@@ -45,9 +45,8 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -103,7 +102,7 @@ FIXED_BY_AUTHORS = (
 
 
 @dataclass(frozen=True)
-class APEOptions(Config):
+class APEOptions(AdaptOptions):
     beta: float | tuple[float, ...] | None = (
         None  # sharpness of the refined cache affinity (null: the authors' 200-value grid, chosen on validation)
     )
@@ -361,7 +360,7 @@ class APE(AdaptMethod):
         if keys is not None:  # the state's own shots: the cache keys of their views
             keep_allway_head(state, aw_task, {"keys": keys})
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
 
         def make(regime: str):

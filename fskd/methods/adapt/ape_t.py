@@ -51,10 +51,9 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE, affinity
-from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt.ape import ALPHA, ALPHA_WIDE, BETA, CHUNK, DEFAULT, correct_counts, n_channels, select_channels
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -101,7 +100,7 @@ FIXED = "fixed (the authors' APE_T recipe: the median of their per-dataset confi
 
 
 @dataclass(frozen=True)
-class APETOptions(Config):
+class APETOptions(AdaptOptions):
     beta: float | tuple[float, ...] | None = (
         None  # cache sharpness searched after training (null: the authors' 200-value grid on validation)
     )
@@ -449,7 +448,7 @@ class APET(AdaptMethod):
         if regime == ALLWAY:
             keep_allway_head(state, task, {"weights": run.weights, "keys": run.keys, "values": run.values})
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         recipe = Recipe.of({**state.hparams, "epochs": state.hparams["epoch_budget"]})
         seed = int(state.config.get("seed", 1))

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.config import Config
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -64,7 +63,7 @@ NORMALISATION = (
 
 
 @dataclass(frozen=True)
-class CLAPOptions(Config):
+class CLAPOptions(AdaptOptions):
     epochs: int = EPOCHS  # passes over the shots (the authors' 300)
     lr: float = LR
     batch_size: int = BATCH
@@ -258,7 +257,7 @@ class ZeroShotLinearProbe(AdaptMethod):
             if lam is not None:
                 state.metrics["allway.lambda_mean"] = round(float(lam.mean()), 4)
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size")}
         seed = int(state.config.get("seed", 1))

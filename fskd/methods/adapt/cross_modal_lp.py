@@ -52,8 +52,7 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.classifiers.linear import way_labels
-from fskd.config import Config
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -91,7 +90,7 @@ NORMALISATION = (
 
 
 @dataclass(frozen=True)
-class CrossModalOptions(Config):
+class CrossModalOptions(AdaptOptions):
     lr: float | tuple[float, ...] | None = (
         None  # AdamW learning rate (null: the authors' 1e-3, 1e-4, chosen on validation)
     )
@@ -448,7 +447,7 @@ class CrossModalLinearProbe(AdaptMethod):
             w = fit_weights(spaces[ALLWAY](own.support, own.classes), state, ALLWAY, config.seed, views)
             keep_allway_head(state, own, {"weights": w})
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         seed = int(state.config.get("seed", 1))
 

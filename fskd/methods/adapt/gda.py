@@ -44,9 +44,8 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -79,7 +78,7 @@ TRANSFER_ROWS = "gda.transfer_rows"
 
 
 @dataclass(frozen=True)
-class GDAOptions(Config):
+class GDAOptions(AdaptOptions):
     alpha: float | tuple[float, ...] | None = (
         None  # weight of the GDA logits against 100 x the text logits (null: the authors' grid, chosen on validation)
     )
@@ -260,7 +259,7 @@ class GDA(AdaptMethod):
         if rows is not None and params is not None:  # the state's own shots: the GDA of their views
             keep_allway_head(state, val.aw_task, {"pmu": params[0], "bias": params[1]})
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         keep = state.tensors.get(TRANSFER_ROWS)
         new_rows = bridge.embed_images(keep.to(device).float()) if keep is not None else None

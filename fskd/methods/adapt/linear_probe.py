@@ -29,10 +29,9 @@ from fskd.classifiers.linear import (
     train_linear,
     way_labels,
 )
-from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt.lpclip import LPClip
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -55,7 +54,7 @@ STEPS = (0, 10, 25, 50, 100, 200)
 
 
 @dataclass(frozen=True)
-class LinearProbeOptions(Config):
+class LinearProbeOptions(AdaptOptions):
     weight_decay: float | tuple[float, ...] | None = None  # one value or a list (default: a grid chosen on validation)
     steps: int | tuple[int, ...] | None = None  # full-batch Adam steps (default: a grid chosen on validation)
     lr: float = 0.1
@@ -219,7 +218,7 @@ class LinearProbeTuned(AdaptMethod):
         state.tensors = {"center": center.cpu() if center is not None else torch.zeros(store.dim)}
         keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
         center = center if bool(center.abs().sum() > 0) else None
         lr = state.hparams["lr"]

@@ -29,10 +29,9 @@ import torch
 
 from fskd.classifiers.linear import FittedLinear, LinearParams
 from fskd.classifiers.lpp import EPOCHS, train_lpp
-from fskd.config import Config
 from fskd.methods.adapt.linear_probe import kept_probe, probe_parts
 from fskd.methods.adapt.lp_pp_tuned import LPPlusPlusTuned
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, Task, keep_allway_head, learned_mask
 from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_text
 from fskd.methods.adapt.validation import Choice, check_val_options, hp, record
@@ -40,7 +39,7 @@ from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
 
 @dataclass(frozen=True)
-class LPPOptions(Config):
+class LPPOptions(AdaptOptions):
     """Epoch budget (early stopping picks within it), bridge ridge, validation episodes."""
 
     epochs: int = EPOCHS  # epochs trained; validation keeps the best one
@@ -113,7 +112,7 @@ class LPPPublished(AdaptMethod):
         record(state, ALLWAY, aw)
         keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
 
         def make(regime: str):

@@ -93,7 +93,7 @@ class LPPlusPlusTuned(AdaptMethod):
         state.selected_on["lr"] = "fixed"
         keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         lr = state.hparams["lr"]
 

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fskd.config import Config
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -54,7 +53,7 @@ DEFAULT_C = 1.0
 
 
 @dataclass(frozen=True)
-class LPClipOptions(Config):
+class LPClipOptions(AdaptOptions):
     c: float | None = None  # all-way inverse L2 strength (None: lpclip's search on the val rows)
     rounds: int = ROUNDS  # bisection rounds of the search after the 7-value grid (lpclip's 8)
     episodic_c: float = 1.0  # episodic inverse L2 strength (RFS's fixed 1.0)
@@ -199,7 +198,7 @@ class LPClip(AdaptMethod):
             state, task, {"weights": torch.from_numpy(s.weights)[None], "bias": torch.from_numpy(s.bias)[None]}
         )
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         max_iter = int(state.hparams["max_iter"])
 
         def allway(support, classes):

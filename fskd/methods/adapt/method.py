@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fskd.classifiers.base import Head
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import validation  # the val tasks through the module: tests replace them there
-from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, Task, allway_rows, allway_views, sample_shots
+from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, Task, allway_rows, allway_views, sample_shots
 from fskd.methods.adapt.text_space import (
     TextSpace,
     choose_allway_ridge,
@@ -38,6 +39,27 @@ from fskd.methods.adapt.validation import no_validation, record
 from fskd.methods.base import Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import compute_threads, resolve_device, store_numel
+
+#: ``--set regime=``: which regimes an adapt fit learns (the validation it runs)
+FIT_REGIMES = {
+    "both": "both regimes (the default)",
+    "allway": "the all-way regime only: no val-class episodes; the state refuses episodic calls",
+    "episodic": "the episodic regime only: no all-way validation; the state refuses all-way calls",
+}
+
+
+@dataclass(frozen=True)
+class AdaptOptions(Config):
+    """The option every adapt method takes beside its own: ``regime`` (see :data:`FIT_REGIMES`)."""
+
+    regime: str = (
+        "both"  # both | allway | episodic: fit only the regime a protocol scores (fskd bench does for its cells)
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.regime not in FIT_REGIMES:
+            raise ConfigError(f"--set regime must be one of {', '.join(FIT_REGIMES)}, got {self.regime!r}")
 
 
 def parse_options(cls: type[Config], config) -> Config:
@@ -113,6 +135,7 @@ class Fit:
     text_source: str | None = None
     bridge: Bridge | None = None
     aw_ridge: float | None = None
+    regime: str = "both"  # --set regime: which regimes this fit learns (FIT_REGIMES)
 
     def spaces(self) -> dict[str, Callable[[torch.Tensor, torch.Tensor], TextSpace]]:
         """Per regime, a support's text space: the episodic bridge, or the support's own at the all-way ridge."""
@@ -123,12 +146,14 @@ class Fit:
 
     def episodic_task(self) -> Task | None:
         """The val-class episodes (:func:`validation.episodic_val_task`); None under ``--hp-selection none``."""
-        if no_validation(self.config):
+        if no_validation(self.config) or self.regime == ALLWAY:
             return None
         return validation.episodic_val_task(self.store, self.config.shots, self.opts, self.config.seed, self.device)
 
     def allway_task(self) -> Task | None:
-        """The all-way validation task (:func:`validation.allway_val_task`)."""
+        """The all-way validation task (:func:`validation.allway_val_task`); None under ``regime=episodic``."""
+        if self.regime == EPISODIC:
+            return None
         return validation.allway_val_task(self.store, self.config, self.device)
 
     def own_shots(self) -> Task:
@@ -176,9 +201,30 @@ class AdaptMethod(Method):
                 state = new_state(store, config, self.name)
             else:
                 state, text, bridge, aw_ridge = text_fit(store, config, self.name, opts.ridge, device)
-            f = Fit(store, config, opts, device, state, progress, text, source, bridge, aw_ridge)
+            regime = getattr(opts, "regime", "both")
+            if regime not in FIT_REGIMES:  # an options class whose __post_init__ did not check it
+                raise ConfigError(f"--set regime must be one of {', '.join(FIT_REGIMES)}, got {regime!r}")
+            f = Fit(store, config, opts, device, state, progress, text, source, bridge, aw_ridge, regime)
             self.fit_state(f)
+            f.state.hparams["regime"] = regime
+            f.state.selected_on["regime"] = (
+                f"user-set (--set regime={regime}: {FIT_REGIMES[regime]})"
+                if "regime" in config.options
+                else f"default ({FIT_REGIMES[regime]})"
+            )
             return f.state
+
+    def head(self, state: MethodState, store, device: torch.device) -> Head:
+        """The method's :meth:`make_head`; a state fitted with ``--set regime=allway`` (or
+        ``episodic``) refuses the regime it did not learn."""
+        head = self.make_head(state, store, device)
+        if isinstance(head, RegimeHead) and state.hparams.get("regime", "both") != "both":
+            head.only = state.hparams["regime"]
+        return head
+
+    @abstractmethod
+    def make_head(self, state: MethodState, store, device: torch.device) -> Head:
+        """The head of a fitted state (a :class:`~fskd.methods.adapt.regimes.RegimeHead` of both regimes)."""
 
     @abstractmethod
     def fit_state(self, f: Fit) -> None:

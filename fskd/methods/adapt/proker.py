@@ -42,9 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -87,7 +86,7 @@ NORMALISATION = (
 
 
 @dataclass(frozen=True)
-class ProKeROptions(Config):
+class ProKeROptions(AdaptOptions):
     beta: float | tuple[float, ...] | None = (
         None  # RBF kernel sharpness, k(x, y) = exp(-beta (1 - x.y)) (null: the authors' grid, chosen on validation)
     )
@@ -252,7 +251,7 @@ class ProKeR(AdaptMethod):
         if rows is not None and fitted is not None:  # the state's own shots: the regression on their views
             keep_allway_head(state, val.aw_task, {"rows": fitted[0], "coef": fitted[2]})
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
 
         def make(regime: str):

@@ -18,15 +18,14 @@ import torch
 
 from fskd.classifiers.base import ClassContext
 from fskd.classifiers.prototype import RULES, PrototypeHead, check_rule
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import RegimeHead, learned_mask
 from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
-class PrototypeOptions(Config):
+class PrototypeOptions(AdaptOptions):
     rule: str = "cosine"  # cosine: to the renormalised class mean (easyfsl); simpleshot: Euclidean to the plain mean of the CL2N shots (the authors' code)
 
     def __post_init__(self) -> None:
@@ -57,7 +56,7 @@ class Prototype(AdaptMethod):
             else f"default ({RULES[f.opts.rule]})"
         )
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         center = state.tensors["center"].to(device)
         rule = check_rule(state.hparams["rule"])
         ep = PrototypeHead(ClassContext(center=center if bool(center.abs().sum() > 0) else None), rule=rule)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead, Head
-from fskd.errors import ConfigError, StoreError
+from fskd.errors import ConfigError, EvaluationError, StoreError
 from fskd.methods.base import MethodState
 from fskd.protocols.episodic import sample_episodes
 from fskd.runtime import compute_threads
@@ -160,10 +160,19 @@ class RegimeHead(Head):
     ) -> None:
         self.name, self.learned, self._episodic, self._allway = name, learned, episodic, allway
         self.needs_text = needs_text
+        #: the one regime the state learned (``--set regime=allway`` or ``episodic``), else None
+        self.only: str | None = None
 
     def fit(self, support: torch.Tensor, classes: torch.Tensor) -> FittedHead:
+        regime = ALLWAY if support_only(classes, self.learned) else EPISODIC
+        if self.only is not None and regime != self.only:
+            calls = "an all-way call (its classes include learned ones)" if regime == ALLWAY else "an episodic call"
+            raise EvaluationError(
+                f"{self.name} state was fitted with --set regime={self.only}: it learned no {regime} part, and this "
+                f"is {calls}; refit with --set regime=both (the default) or regime={regime}"
+            )
         with compute_threads(support.numel()):
-            if support_only(classes, self.learned):
+            if regime == ALLWAY:
                 return self._allway(support, classes)
             return self._episodic(support, classes)
 

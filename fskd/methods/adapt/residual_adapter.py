@@ -32,9 +32,8 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.linear import train_steps
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -56,7 +55,7 @@ FEATURES = ("auto", "shots", "base")
 
 
 @dataclass(frozen=True)
-class ResidualAdapterOptions(Config):
+class ResidualAdapterOptions(AdaptOptions):
     ratio: float | tuple[float, ...] | None = None  # residual ratio (default: a grid chosen on validation)
     steps: int | tuple[int, ...] | None = None  # full-batch Adam steps (default: a grid chosen on validation)
     reduction: int = 4  # bottleneck width = dim / reduction (CLIP-Adapter: 4)
@@ -254,7 +253,7 @@ class ResidualAdapter(AdaptMethod):
         )
         state.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         train = dict(
             lr=state.hparams["lr"],
             weight_decay=state.hparams["weight_decay"],

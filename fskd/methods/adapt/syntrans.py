@@ -41,9 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fskd.config import Config
 from fskd.errors import ConfigError, StoreError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -78,7 +77,7 @@ ALLWAY_MIX = (0.0, 0.1, 0.25, 0.5)
 
 
 @dataclass(frozen=True)
-class SynTransOptions(Config):
+class SynTransOptions(AdaptOptions):
     power: float | tuple[float, ...] | None = (
         None  # power transform x^p of non-negative features (grid chosen on val classes)
     )
@@ -402,7 +401,7 @@ class SynTrans(AdaptMethod):
         }
 
     # ------------------------------------------------------------------------------------------
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         t = {k: v.to(device) for k, v in state.tensors.items()}
         text = t["text"]
         h = lambda k: hp(state, EPISODIC, k)  # noqa: E731

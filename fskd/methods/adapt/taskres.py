@@ -48,9 +48,8 @@ import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.classifiers.linear import way_labels
-from fskd.config import Config
 from fskd.methods.adapt.clap import FittedCosine, lr_at
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -89,7 +88,7 @@ def default_epochs(shots: int) -> int:
 
 
 @dataclass(frozen=True)
-class TaskResOptions(Config):
+class TaskResOptions(AdaptOptions):
     alpha: float | tuple[float, ...] = ALPHA  # residual scale (the authors' 0.5; a list: chosen on validation)
     epochs: int | None = None  # passes over the shots (null: the authors' 100 at K <= 4 shots, 200 above)
     lr: float = LR  # Adam's learning rate (the authors' 2e-3; 2e-4 in their ImageNet runs)
@@ -297,7 +296,7 @@ class TaskRes(AdaptMethod):
             keep_allway_head(state, kept[0], {"residual": kept[1]})
             state.metrics["allway.residual_norm"] = round(float(kept[1].norm(dim=-1).mean()), 4)
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         recipe = {k: state.hparams[k] for k in ("epochs", "lr", "batch_size", "weight_decay")}
         seed = int(state.config.get("seed", 1))

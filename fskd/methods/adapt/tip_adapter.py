@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE, FittedTip, cache_from_support
-from fskd.config import Config
 from fskd.errors import ConfigError
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
     EPISODIC,
@@ -47,7 +46,7 @@ POOLED_GRAM_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
-class TipOptions(Config):
+class TipOptions(AdaptOptions):
     alpha: float | tuple[float, ...] | None = None  # residual ratio of the cache (default: grid chosen on validation)
     beta: float | tuple[float, ...] | None = None  # sharpness of the cache kernel
     ridge: float | None = None  # bridge ridge (non-joint stores; None: chosen on validation)
@@ -132,7 +131,7 @@ class TipAdapter(AdaptMethod):
     def fit_state(self, f: Fit) -> None:
         fit_tip(f)
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
 
         def make(regime: str):

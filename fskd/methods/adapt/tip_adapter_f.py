@@ -337,7 +337,7 @@ class TipAdapterF(AdaptMethod):
                 keep_allway_head(state, task, {"keys": ckpts[choice.params["steps"]]})
         record(state, regime, choice, {"steps"} if opts.steps is not None else None)
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         lr = state.hparams["lr"]
         seed = int(state.config.get("seed", 1))

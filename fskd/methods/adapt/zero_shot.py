@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fskd.config import Config
-from fskd.methods.adapt.method import AdaptMethod, Fit
+from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import ALLWAY, FittedWeights, RegimeHead, learned_mask
 from fskd.methods.adapt.text_space import episodic_text_space, state_text, support_text_space
 from fskd.methods.adapt.validation import hp
@@ -17,7 +16,7 @@ from fskd.methods.base import METHODS, MethodState
 
 
 @dataclass(frozen=True)
-class ZeroShotOptions(Config):
+class ZeroShotOptions(AdaptOptions):
     ridge: float | None = None  # bridge ridge strength (None: chosen on validation data)
 
     RANGES = {"ridge": (">", 0)}
@@ -39,7 +38,7 @@ class ZeroShot(AdaptMethod):
             else f"ridge maps on the base classes (ridge {f.bridge.ridge:g})"
         )
 
-    def head(self, state: MethodState, store, device: torch.device):
+    def make_head(self, state: MethodState, store, device: torch.device):
         text, bridge = state_text(state, device)
         ridge = hp(state, ALLWAY, "ridge")
 
