@@ -216,7 +216,15 @@ def test_memory_url_round_trip(reference):
 
 # -- commit rule: kills at every step, then at random times ---------------------------------------
 @pytest.mark.parametrize(
-    "point", ["store:create-arrays", "store:chunk-data", "store:chunk-checksum", "store:chunk-written"]
+    "point",
+    # two steps in the default suite (a kill before any chunk, one inside a chunk's commit), the
+    # other two under -m slow (make test-all), which keeps make test near 15 minutes
+    [
+        "store:create-arrays",
+        pytest.param("store:chunk-data", marks=pytest.mark.slow),
+        "store:chunk-checksum",
+        pytest.param("store:chunk-written", marks=pytest.mark.slow),
+    ],
 )
 def test_kill_at_each_commit_step_then_resume(images, reference, s3_bucket, point):
     url = f"{s3_bucket}/killed.zarr"
