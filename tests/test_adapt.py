@@ -213,6 +213,12 @@ def test_regime_option_fits_one_regime_with_the_same_head_and_refuses_the_other(
     ):
         state, head, _ = fit(st, method, 2, tmp_path, tag=f"-{regime}", regime=regime)
         assert state.hparams["regime"] == regime and "--set regime" in state.selected_on["regime"]
+        other = "episodic" if regime == "allway" else "allway"
+        assert all(
+            v == f"not fitted (--set regime={regime})"
+            for k, v in state.selected_on.items()
+            if k[: len(other) + 1] == f"{other}."
+        )
         torch.testing.assert_close(head.fit(sup, cls).logits(qry), both.fit(sup, cls).logits(qry))
         with pytest.raises(EvaluationError, match=f"fitted with --set regime={regime}: it learned no"):
             head.fit(osup, ocls)

@@ -52,9 +52,7 @@ FIT_REGIMES = {
 class AdaptOptions(Config):
     """The option every adapt method takes beside its own: ``regime`` (see :data:`FIT_REGIMES`)."""
 
-    regime: str = (
-        "both"  # both | allway | episodic: fit only the regime a protocol scores (fskd bench does for its cells)
-    )
+    regime: str = "both"  # both | allway | episodic: fit one regime only (fskd bench: the one its cells score)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,6 +205,10 @@ class AdaptMethod(Method):
             f = Fit(store, config, opts, device, state, progress, text, source, bridge, aw_ridge, regime)
             self.fit_state(f)
             f.state.hparams["regime"] = regime
+            if regime != "both":  # the other regime's entries are defaults the state refuses to use
+                other = EPISODIC if regime == ALLWAY else ALLWAY
+                for key in [k for k in f.state.selected_on if k.startswith(f"{other}.")]:
+                    f.state.selected_on[key] = f"not fitted (--set regime={regime})"
             f.state.selected_on["regime"] = (
                 f"user-set (--set regime={regime}: {FIT_REGIMES[regime]})"
                 if "regime" in config.options
