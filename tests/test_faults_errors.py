@@ -137,7 +137,15 @@ def test_options_have_upper_bounds_and_finite_numbers(store, tmp_path):
 # -- 3. each method lists and accepts only its own options -----------------------------------------
 def test_each_method_takes_only_its_own_options(store, tmp_path):
     names = {o["name"] for o in json.loads(cli("methods", "tip-adapter", "--json").stdout)["options"]}
-    assert names == {"alpha", "beta", "ridge", "val_way", "val_query", "val_episodes"}
+    assert names == {
+        "alpha",
+        "beta",
+        "ridge",
+        "val_way",
+        "val_query",
+        "val_episodes",
+        "regime",
+    }  # regime: every adapt method
     f_names = {o["name"] for o in json.loads(cli("methods", "tip-adapter-f", "--json").stdout)["options"]}
     assert f_names == names | {"form", "epochs", "steps", "lr"}
     for kv in ("epochs=5", "form=span", "lr=0.01"):
