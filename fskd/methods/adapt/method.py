@@ -54,11 +54,6 @@ class AdaptOptions(Config):
 
     regime: str = "both"  # both | allway | episodic: fit one regime only (fskd bench: the one its cells score)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.regime not in FIT_REGIMES:
-            raise ConfigError(f"--set regime must be one of {', '.join(FIT_REGIMES)}, got {self.regime!r}")
-
 
 def parse_options(cls: type[Config], config) -> Config:
     """The method's options from ``config.options`` (unknown keys -> ConfigError listing valid ones)."""
@@ -190,6 +185,9 @@ class AdaptMethod(Method):
             if not self.needs_text:
                 reject_descriptions(config, self.name)
             opts = parse_options(self.options, config)
+            regime = opts.regime  # checked here, before any work: most options classes' own
+            if regime not in FIT_REGIMES:  # __post_init__ does not call Config's
+                raise ConfigError(f"--set regime must be one of {', '.join(FIT_REGIMES)}, got {regime!r}")
             device = resolve_device(config.device) if self.uses_device else torch.device("cpu")
             text = source = bridge = aw_ridge = None
             if not self.needs_text:
@@ -199,9 +197,6 @@ class AdaptMethod(Method):
                 state = new_state(store, config, self.name)
             else:
                 state, text, bridge, aw_ridge = text_fit(store, config, self.name, opts.ridge, device)
-            regime = getattr(opts, "regime", "both")
-            if regime not in FIT_REGIMES:  # an options class whose __post_init__ did not check it
-                raise ConfigError(f"--set regime must be one of {', '.join(FIT_REGIMES)}, got {regime!r}")
             f = Fit(store, config, opts, device, state, progress, text, source, bridge, aw_ridge, regime)
             self.fit_state(f)
             f.state.hparams["regime"] = regime
