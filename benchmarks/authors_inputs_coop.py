@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import DATA_ROOT  # noqa: E402
 
 from fskd import api  # noqa: E402
+from fskd.cli import _options  # noqa: E402
 from fskd.config import AdaptConfig, EvalConfig, ExtractConfig  # noqa: E402
 from fskd.methods import load_state  # noqa: E402
 from fskd.store import FeatureStore  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
         api.extract(ExtractConfig(dataset="cub", root=str(DATA_ROOT / "cub35"), encoder=spec, store=path, workers=1))
     store = FeatureStore.open(path)
     (out / "class_names.json").write_text(json.dumps(list(store.class_names), indent=1))
-    options = {**OPTIONS[args.method], **{k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
+    options = {**OPTIONS[args.method], **_options(args.set)}  # parsed as fskd adapt --set parses them
     results = {}
     for k in map(int, args.shots.split(",")):
         for seed in map(int, args.seeds.split(",")):
@@ -92,14 +93,6 @@ def main() -> None:
             )
     (out / "fskd_results.json").write_text(json.dumps(results, indent=1))
     (out / "README.txt").write_text(README.format(model_dir=model_dir))
-
-
-def _value(text: str):
-    """A --set value: a JSON number, bool or list when it reads as one, else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def export(store, path: str, method: str, options: dict, k: int, seed: int, out: Path) -> dict:
