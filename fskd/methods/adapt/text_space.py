@@ -34,12 +34,11 @@ def reject_descriptions(config, method: str) -> None:
 def class_text(store, config, method: str) -> tuple[torch.Tensor, str]:
     """(C, d_t) L2-normalised class text features and where they came from.
 
-    ``--descriptions FILE`` (``config.descriptions``; None or a config without the option: none)
-    re-encodes every class (the store's prompt templates filled with the name, plus the class's
-    descriptions) with the store's own text encoder, rebuilt from its spec; otherwise the store's
-    class text features are used.
+    ``--descriptions FILE`` re-encodes every class (the store's prompt templates filled with the
+    name, plus the class's descriptions) with the store's own text encoder, rebuilt from its
+    spec; otherwise the store's class text features are used.
     """
-    descriptions = getattr(config, "descriptions", None)
+    descriptions = config.descriptions
     if descriptions:
         from fskd.encoders import build_encoder
         from fskd.encoders.prompts import (
