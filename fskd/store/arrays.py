@@ -39,6 +39,30 @@ def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
     return cast(zarr.Group, group[name])
 
 
+def write(arr: AnyArray, selection, value) -> None:
+    """``arr[selection] = value`` (a basic selection), bounded as a whole on object storage
+    (:func:`fskd.store.location.call_timeout`; a local store has no bound): zarr's own
+    ``Array.__setitem__`` waits on its uploads with no bound, and an upload an endpoint stopped
+    reading gets none from the backend either. A write past the bound is cancelled (its requests
+    closed) and raises a TimeoutError that ``location.py`` names as the storage that stopped
+    answering. Every write of the store goes through here."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    from fskd.store.location import store_call_timeout
+
+    timeout = store_call_timeout(arr.store)
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(arr.async_array.setitem(selection, value), timeout)
+        except asyncio.TimeoutError:  # not the builtin one before Python 3.11
+            raise TimeoutError(f"a write to {arr.path} failed to finish within {timeout} s") from None
+
+    sync(bounded())
+
+
 def _list_keys(arr: AnyArray) -> set[str]:
     """The chunk keys stored for ``arr`` (relative to the array, e.g. ``c/3/0``)."""
     from zarr.core.sync import sync

@@ -17,7 +17,7 @@ import zarr
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.arrays import _ARRAY_CONFIG, _CRC, _array, _chunk_key, _compressor, _list_keys, _subgroup
+from fskd.store.arrays import _ARRAY_CONFIG, _CRC, _array, _chunk_key, _compressor, _list_keys, _subgroup, write
 from fskd.store.integrity import _refuse_non_finite, _verify_chunks
 from fskd.store.location import Location, raise_if_backend, remote_errors
 
@@ -148,8 +148,8 @@ class AugmentedViews:
         )
         g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if m:
-            r[:] = np.asarray(rows, dtype=np.int64)
-            lab[:] = np.asarray(labels, dtype=np.int32)
+            write(r, slice(None), np.asarray(rows, dtype=np.int64))
+            write(lab, slice(None), np.asarray(labels, dtype=np.int32))
 
     def view_rows(self) -> np.ndarray:
         return np.asarray(_array(self._views(), S.VIEW_ROWS)[:], dtype=np.int64)
@@ -167,17 +167,17 @@ class AugmentedViews:
         g = self._views()
         start = chunk * self.chunk_rows
         _refuse_non_finite(features, labels, f"{self.path}: views rows {start}-{start + len(features) - 1}")
-        _array(g, S.FEATURES)[start : start + len(features)] = features
-        _array(g, S.LABELS)[start : start + len(features)] = labels
+        write(_array(g, S.FEATURES), slice(start, start + len(features)), features)
+        write(_array(g, S.LABELS), slice(start, start + len(features)), labels)
         fault_point("store:views-data")
-        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
-        _array(g, S.WRITTEN)[chunk] = True
+        write(_array(g, S.CHECKSUMS), chunk, S.chunk_checksum(features, labels))
+        write(_array(g, S.WRITTEN), chunk, True)
         fault_point("store:views-written")
 
     def mark_views_unwritten(self, chunks: Iterable[int]) -> None:
         w = _array(self._views(), S.WRITTEN)
         for c in chunks:
-            w[int(c)] = False
+            write(w, int(c), False)
 
     def views_damaged(self, verify: bool = True) -> dict[int, str]:
         """``{chunk: reason}`` for view chunks marked written that cannot be trusted (as

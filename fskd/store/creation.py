@@ -15,7 +15,7 @@ import zarr
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.arrays import _ARRAY_CONFIG, _CRC, _compressor
+from fskd.store.arrays import _ARRAY_CONFIG, _CRC, _compressor, write
 from fskd.store.location import ConditionFailed, Location
 
 
@@ -62,18 +62,18 @@ def _fill_layout(
         )
         g.create_array(S.WRITTEN, shape=(nc,), chunks=(1,), dtype=bool, fill_value=False, compressors=_CRC)
         if n:
-            lab[:] = r.labels
-            ids[:] = np.asarray(r.sample_ids, dtype=object).astype(str)
+            write(lab, slice(None), r.labels)
+            write(ids, slice(None), np.asarray(r.sample_ids, dtype=object).astype(str))
     t = root.create_group(S.TEXT_GROUP)
     for name, values in ((S.CLASSNAMES, class_names), (S.CLASSKEYS, class_keys), (S.PROMPTS, prompts)):
         a = t.create_array(name, shape=(len(values),), dtype=str, compressors=_CRC, config=cfg)
         if len(values):
-            a[:] = np.asarray(values, dtype=str)
+            write(a, slice(None), np.asarray(values, dtype=str))
     if class_embeddings is not None:
         e = t.create_array(
             S.CLASS_EMBEDDINGS, shape=class_embeddings.shape, dtype="float32", compressors=_CRC, config=cfg
         )
-        e[:] = class_embeddings.astype(np.float32)
+        write(e, slice(None), class_embeddings.astype(np.float32))
 
 
 # -- creating a store on object storage (schema.py): the root claim ---------------------------------

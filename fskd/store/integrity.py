@@ -14,7 +14,7 @@ import zarr
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.arrays import _array, _chunk_key, _list_keys, _subgroup
+from fskd.store.arrays import _array, _chunk_key, _list_keys, _subgroup, write
 from fskd.store.location import Location, backend_errors, raise_if_backend
 
 if TYPE_CHECKING:
@@ -246,10 +246,10 @@ class IntegrityMixin:
         """Clear the written flags of ``chunks`` so that extraction encodes them again (repair)."""
         w = _array(self._split(split), S.WRITTEN)
         for c in chunks:
-            w[int(c)] = False
+            write(w, int(c), False)
 
     def rewrite_sample_ids(self, split: str, sample_ids: list[str]) -> None:
-        _array(self._split(split), S.SAMPLE_IDS)[:] = np.asarray(sample_ids, dtype=object).astype(str)
+        write(_array(self._split(split), S.SAMPLE_IDS), slice(None), np.asarray(sample_ids, dtype=object).astype(str))
 
     def check_report(self) -> dict[str, Any]:
         """``fskd info --check``: every chunk verified against its checksum."""

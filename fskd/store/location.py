@@ -34,6 +34,15 @@ explicit storage option of the same name:
 
 For example ``--storage-options '{"config_kwargs": {"read_timeout": 120}, "retries": 3}'`` gives a
 slow S3-compatible server more time.
+
+Those bounds cover waiting for an answer, not a request whose upload stalls (the endpoint stops
+reading the body): botocore's read timeout never starts and zarr waits on its array calls with no
+timeout of its own. So every write to a remote store is bounded as a whole (``arrays.write``):
+``CALL_BOUND_FACTOR`` times one request's worst case above (s3:
+(connect + read timeout) x tries, 7 minutes by default; gs: requests timeout x 7; az:
+(connection + read timeout) x 4), or ``{"fskd_call_timeout": SECONDS}`` in the storage options.
+A write still running then is cancelled and fails the command with the same "stopped answering"
+error; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -193,6 +202,50 @@ def _timeout_text(protocol: str) -> str:
         if k in opts:
             return f"{k.replace('_', ' ')} {opts[k]} s"
     return "the backend's timeouts"
+
+
+#: a write (one batch of chunk requests) is abandoned after this many times one request's bound
+CALL_BOUND_FACTOR = 3
+#: the text of a write's bound (``arrays.write``; zarr.core.sync.sync raises a TimeoutError with it too)
+_ZARR_TIMEOUT_TEXT = "failed to finish within"
+
+
+def call_timeout(protocol: str) -> float | None:
+    """Seconds after which one write to a ``protocol`` store is abandoned as stalled
+    (module docstring), None for a backend without request bounds (memory://)."""
+    user = _configured
+    if user is None:
+        env = os.environ.get(OPTIONS_ENV)
+        user = _parse_options(env, f"${OPTIONS_ENV}") if env else {}
+    if "fskd_call_timeout" in user:
+        v = user["fskd_call_timeout"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"storage option 'fskd_call_timeout' must be a positive number of seconds, got {v!r}")
+        return float(v)
+    opts = storage_options(protocol)
+    try:
+        if "config_kwargs" in opts:
+            cfg = opts["config_kwargs"]
+            r = cfg.get("retries") or {}
+            tries = r.get("total_max_attempts", r.get("max_attempts", 0) + 1) * int(opts.get("retries", 1))
+            one = float(cfg.get("connect_timeout", 0)) + float(cfg["read_timeout"])
+            return CALL_BOUND_FACTOR * one * tries
+        if "requests_timeout" in opts:
+            return CALL_BOUND_FACTOR * float(opts["requests_timeout"]) * 7  # gcsfs: 6 retries
+        if "read_timeout" in opts:
+            return CALL_BOUND_FACTOR * (float(opts["read_timeout"]) + float(opts.get("connection_timeout", 0))) * 4
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def store_call_timeout(store) -> float | None:
+    """:func:`call_timeout` for a zarr store: its fsspec filesystem's protocol; None for a local one."""
+    fs = getattr(store, "fs", None)
+    if fs is None:
+        return None
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return call_timeout(proto)
 
 
 def max_requests() -> int:
@@ -524,6 +577,8 @@ def _from_backend(e: BaseException | None) -> bool:
     for _ in range(8):
         if e is None:
             return False
+        if type(e) is TimeoutError and _ZARR_TIMEOUT_TEXT in str(e):  # the bound of a stalled write
+            return True
         mod = type(e).__module__
         if any(mod == m or mod.startswith(f"{m}.") for m in _BACKEND_MODULES):
             return True

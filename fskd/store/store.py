@@ -22,7 +22,7 @@ import zarr
 
 from fskd.errors import StoreError
 from fskd.store import schema as S
-from fskd.store.arrays import _array, _subgroup
+from fskd.store.arrays import _array, _subgroup, write
 from fskd.store.augmented import AugmentedViews
 from fskd.store.creation import SplitRows, _claim_creation, _commit_creation, _fill_layout
 from fskd.store.integrity import IntegrityMixin, _refuse_non_finite
@@ -569,12 +569,12 @@ class FeatureStore(LabelledReads, IntegrityMixin, AugmentedViews):
         start = chunk * self.chunk_rows
         stop = start + len(features)
         _refuse_non_finite(features, labels, f"{self.path}: {split} rows {start}-{stop - 1}")
-        _array(g, S.FEATURES)[start:stop] = features
-        _array(g, S.LABELS)[start:stop] = labels
+        write(_array(g, S.FEATURES), slice(start, stop), features)
+        write(_array(g, S.LABELS), slice(start, stop), labels)
         fault_point("store:chunk-data")
-        _array(g, S.CHECKSUMS)[chunk] = S.chunk_checksum(features, labels)
+        write(_array(g, S.CHECKSUMS), chunk, S.chunk_checksum(features, labels))
         fault_point("store:chunk-checksum")
-        _array(g, S.WRITTEN)[chunk] = True
+        write(_array(g, S.WRITTEN), chunk, True)
         fault_point("store:chunk-written")
 
     # -- reading -----------------------------------------------------------------------------
