@@ -230,6 +230,33 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
                 extra["view_picks"] = np.stack(
                     [torch.randint(v.shape[1], (s,), generator=gv).numpy() for _ in range(epochs)]
                 )
+    elif method == "clip-adapter":
+        from fskd.methods.adapt import clip_adapter as CA
+
+        recipe = {key: state.hparams[key] for key in CA.RECIPE_KEYS}
+        epochs = int(state.hparams["allway.epochs"])
+        w1, w2 = CA.init_weights(d, d // int(recipe["reduction"]), seed)
+        orders: list = []  # the shuffles (and view picks) fskd's training drew, epoch by epoch
+        rows = ts.support.reshape(1, 1, n * k, d) if v is None else embed_views(ts, v)
+        CA.train_adapters(
+            rows, torch.arange(n).repeat_interleave(k)[None], ts.weights, [0.0], seed, epochs, recipe, orders
+        )
+        extra.update(
+            ratio=float(hp(state, ALLWAY, "ratio")),
+            epochs=epochs,
+            lr=np.array([CA.lr_at(e, epochs, recipe) for e in range(epochs)]),
+            batch_size=int(recipe["batch_size"]),
+            momentum=float(recipe["momentum"]),
+            weight_decay=float(recipe["weight_decay"]),
+            logit_scale=float(recipe["logit_scale"]),
+            fc1_weight=w1.T.numpy(),  # nn.Linear(D, D/4, bias=False).weight: (D/4, D)
+            fc2_weight=w2.T.numpy(),  # nn.Linear(D/4, D, bias=False).weight: (D, D/4)
+            epoch_perms=np.stack([o[0].numpy() for o in orders]),
+            fskd_fc1_weight=state.tensors["allway.fitted.w1"][0].T.numpy(),
+            fskd_fc2_weight=state.tensors["allway.fitted.w2"][0].T.numpy(),
+        )
+        if v is not None:
+            extra["view_picks"] = np.stack([o[1].numpy() for o in orders])
     elif method == "linear-probe":
         import sklearn
 
@@ -314,7 +341,24 @@ _TASKRES = (
   train_regular.sh: Adam, 1-epoch warm-up at 1e-5 then cosine, residual initialised at zeros)
 """
 )
+_CLIP_ADAPTER = (
+    _COMMON
+    + """ratio, epochs, batch_size, momentum, weight_decay, logit_scale, lr (epochs,): the recipe fskd ran
+  (the authors' clip_adapter.py on CoOp's Dassl config: SGD, lr[e] the learning rate of epoch e:
+  ConstantWarmupScheduler 1 epoch at 1e-5, then CosineAnnealingLR(epochs) stepped per epoch)
+fc1_weight (D/4, D), fc2_weight (D, D/4): the start of the authors' Adapter's two nn.Linear(bias=False)
+  (fskd's seeded draw of nn.Linear's default initialisation)
+epoch_perms (epochs, S): the row order of every epoch (Dassl's RandomSampler), batches of batch_size
+  rows in that order, the last short batch dropped once there is a full one; view_picks (epochs, S)
+  with x_views: the view each shot shows in each epoch
+fskd_fc1_weight, fskd_fc2_weight: the adapter fskd learned (the last epoch)
+Authors' code (gaopengcuhk/CLIP-Adapter clip_adapter.py): CustomCLIP.forward with image_features = the
+  batch's x rows (the image encoder not run: cached features), text_features = text (TextEncoder not
+  run), logit_scale.exp() = logit_scale; the Adapter, the blend, the normalisation, the loss as written.
+"""
+)
 README = {
+    "clip-adapter": _CLIP_ADAPTER,
     "proker": _PROKER,
     "ape": _APE,
     "ape-t": _APE_T,

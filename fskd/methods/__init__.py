@@ -120,10 +120,17 @@ METHODS.lazy(
     help="KgCoOp: CoOp kept near the hand-crafted prompts' text features (lam 8, 'a photo of a' init)",
 )
 METHODS.lazy(
+    "clip-adapter",
+    "fskd.methods.adapt.clip_adapter",
+    kind="adapt",
+    help="CLIP-Adapter (Gao et al., IJCV 2024): a residual bottleneck MLP on the image features, frozen text "
+    "weights, the authors' ratio 0.2 and CoOp's SGD recipe (no validation data unless ratio is a list)",
+)
+METHODS.lazy(
     "residual-adapter",
     "fskd.methods.adapt.residual_adapter",
     kind="adapt",
-    help="MTKD stage 2 / CLIP-Adapter: residual MLP on frozen features (ratio, steps on validation); exposes features",
+    help="MTKD stage 2: a CLIP-Adapter-style residual MLP on frozen features (ratio, steps on validation); exposes features",
 )
 METHODS.lazy(
     "syntrans",

@@ -3,7 +3,7 @@ typed access to a group's arrays, subgroups and stored chunk objects. Used by ev
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -39,7 +39,7 @@ def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
     return cast(zarr.Group, group[name])
 
 
-def write(arr: AnyArray, selection, value) -> None:
+def write(arr: AnyArray, selection: int | slice, value: Any) -> None:
     """``arr[selection] = value`` (a basic selection), bounded as a whole on object storage
     (:func:`fskd.store.location.call_timeout`; a local store has no bound): zarr's own
     ``Array.__setitem__`` waits on its uploads with no bound, and an upload an endpoint stopped

@@ -227,9 +227,9 @@ def call_timeout(protocol: str) -> float | None:
         if "config_kwargs" in opts:
             cfg = opts["config_kwargs"]
             r = cfg.get("retries") or {}
-            tries = r.get("total_max_attempts", r.get("max_attempts", 0) + 1) * int(opts.get("retries", 1))
+            tries = int(r.get("total_max_attempts", r.get("max_attempts", 0) + 1)) * int(opts.get("retries", 1))
             one = float(cfg.get("connect_timeout", 0)) + float(cfg["read_timeout"])
-            return CALL_BOUND_FACTOR * one * tries
+            return float(CALL_BOUND_FACTOR * one * tries)
         if "requests_timeout" in opts:
             return CALL_BOUND_FACTOR * float(opts["requests_timeout"]) * 7  # gcsfs: 6 retries
         if "read_timeout" in opts:
@@ -239,7 +239,7 @@ def call_timeout(protocol: str) -> float | None:
     return None
 
 
-def store_call_timeout(store) -> float | None:
+def store_call_timeout(store: object) -> float | None:
     """:func:`call_timeout` for a zarr store: its fsspec filesystem's protocol; None for a local one."""
     fs = getattr(store, "fs", None)
     if fs is None:

@@ -1,11 +1,12 @@
-"""``residual-adapter``: MTKD stage 2 / CLIP-Adapter (Gao et al. 2021): a residual bottleneck MLP
-after the frozen encoder (the teacher, or a distilled student's features in its store),
+"""``residual-adapter``: MTKD stage 2, a CLIP-Adapter-style residual bottleneck MLP after the
+frozen encoder (the teacher, or a distilled student's features in its store),
 
     A(e) = ratio * relu(relu(e W1) W2) + (1 - ratio) * e,    e = normalize(x - c)
 
 trained with class weights (initialised at the class prototypes) by cross-entropy on cosine
 logits. The residual ratio and the number of full-batch Adam steps are chosen on validation
-data (step 0 is the prototype classifier on e).
+data (step 0 is the prototype classifier on e). CLIP-Adapter as its authors wrote it (frozen text
+weights, SGD in batches) is ``clip-adapter`` (:mod:`fskd.methods.adapt.clip_adapter`).
 
 - Episodic regime: the adapter is trained on every row of the base classes (c = the base
   mean); novel episodes are classified by prototypes of the adapted features (SimpleShot,
@@ -175,7 +176,7 @@ class FittedAdapted(FittedHead):
 
 
 class ResidualAdapter(AdaptMethod):
-    """Residual MLP adapter on frozen features (CLIP-Adapter / MTKD stage 2)."""
+    """Residual MLP adapter on frozen features with learned class weights (MTKD stage 2)."""
 
     name = "residual-adapter"
     options = ResidualAdapterOptions
