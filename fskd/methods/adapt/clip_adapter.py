@@ -48,7 +48,6 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.classifiers.linear import way_labels
 from fskd.methods.adapt.clap import FittedCosine
 from fskd.methods.adapt.coop import epochs_for
 from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
@@ -57,14 +56,12 @@ from fskd.methods.adapt.regimes import (
     EPISODIC,
     RegimeHead,
     Task,
-    allway_views,
     keep_allway_head,
     kept_allway_head,
     learned_mask,
-    record_views,
 )
-from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
-from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, grid_search, hp, record
+from fskd.methods.adapt.text_space import TextSpace, regime_text_space, shot_rows, state_text
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, grid_search, hp
 from fskd.methods.base import METHODS, MethodState
 from fskd.runtime import single_thread
 
@@ -206,16 +203,6 @@ class FittedAdapter(FittedHead):
         return self.scale * torch.bmm(q, self.weights.transpose(1, 2))
 
 
-def shot_rows(ts: TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (E, V, N*K, D) and way labels (E, N*K): the embedded support (V = 1), or the embedded
-    stored views of the class-major shots."""
-    E, N, K, D = ts.support.shape
-    y = way_labels(E, N, K, ts.support.device)
-    if views is None:
-        return ts.support.reshape(E, 1, N * K, D), y
-    return embed_views(ts, views), y
-
-
 def fit_adapters(ts: TextSpace, ratios: Sequence[float], seed: int, recipe: dict, views=None, orders=None):
     """(W1, W2) of a text space's support for each ratio, with the recipe's epochs (null: CoOp's
     epochs for the support's K)."""
@@ -252,7 +239,7 @@ class ClipAdapter(AdaptMethod):
     options = ClipAdapterOptions
 
     def fit_state(self, f: Fit) -> None:
-        store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
+        config, opts, state = f.config, f.opts, f.state
         user = set(config.options)
         recipe = {k: getattr(opts, k) for k in RECIPE_KEYS}
         for k, v in recipe.items():
@@ -264,34 +251,24 @@ class ClipAdapter(AdaptMethod):
         state.selected_on["init"] = "fixed (the authors' Adapter: nn.Linear(bias=False))"
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        spaces = f.spaces()
-        views, why = allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        kept = None
-        if isinstance(opts.ratio, tuple):  # candidates: chosen on validation
-            ratios = tuple(float(r) for r in opts.ratio)
-            default = {"ratio": RATIO if RATIO in ratios else ratios[0]}
-            ep = search_ratio(f.episodic_task(), spaces[EPISODIC], ratios, default, config.seed, recipe)
-            aw_task = f.allway_task()
-            aw = search_ratio(aw_task, spaces[ALLWAY], ratios, default, config.seed, recipe, views)
-            record(state, EPISODIC, ep)
-            record(state, ALLWAY, aw)
-            if aw.fitted is not None:
-                kept = (aw_task, aw.fitted)
-        else:
-            for regime in (EPISODIC, ALLWAY):
-                state.hparams[f"{regime}.ratio"] = float(opts.ratio)
-                state.selected_on[f"{regime}.ratio"] = (
-                    "fixed (--set option)" if "ratio" in user else f"fixed ({RECIPE}); no validation data"
-                )
+
+        def train(ts, ratio, views):
+            w1, w2 = fit_adapters(ts, [ratio], config.seed, recipe, views)
+            return w1[0], w2[0]
+
+        kept = f.fixed_or_chosen(
+            "ratio",
+            opts.ratio,
+            RATIO,
+            RECIPE,
+            lambda task, space, cands, first, views: search_ratio(
+                task, space, cands, first, config.seed, recipe, views
+            ),
+            train,
+        )
         if config.shots > 0:
             state.hparams["allway.epochs"] = opts.epochs if opts.epochs is not None else epochs_for(config.shots)
             state.selected_on["allway.epochs"] = state.selected_on["epochs"]
-            record_views(state, ALLWAY, views, why)
-        if kept is None and config.shots > 0 and f.regime != EPISODIC:  # the all-way head on the state's own shots
-            own = f.own_shots()
-            ts = spaces[ALLWAY](own.support, own.classes)
-            w1, w2 = fit_adapters(ts, [hp(state, ALLWAY, "ratio")], config.seed, recipe, views)
-            kept = (own, (w1[0], w2[0]))
         if kept is not None:
             keep_allway_head(state, kept[0], {"w1": kept[1][0], "w2": kept[1][1]})
 

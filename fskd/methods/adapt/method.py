@@ -25,7 +25,16 @@ from fskd.classifiers.base import Head
 from fskd.config import Config
 from fskd.errors import ConfigError
 from fskd.methods.adapt import validation  # the val tasks through the module: tests replace them there
-from fskd.methods.adapt.regimes import ALLWAY, EPISODIC, RegimeHead, Task, allway_rows, allway_views, sample_shots
+from fskd.methods.adapt.regimes import (
+    ALLWAY,
+    EPISODIC,
+    RegimeHead,
+    Task,
+    allway_rows,
+    allway_views,
+    record_views,
+    sample_shots,
+)
 from fskd.methods.adapt.text_space import (
     TextSpace,
     choose_allway_ridge,
@@ -35,7 +44,7 @@ from fskd.methods.adapt.text_space import (
     reject_descriptions,
     support_text_space,
 )
-from fskd.methods.adapt.validation import no_validation, record
+from fskd.methods.adapt.validation import Choice, hp, no_validation, record
 from fskd.methods.base import Method, MethodState, TrainProgress
 from fskd.methods.bridge import Bridge
 from fskd.runtime import compute_threads, resolve_device, store_numel
@@ -136,6 +145,49 @@ class Fit:
             EPISODIC: lambda s, c: episodic_text_space(self.bridge, self.text, s, c),
             ALLWAY: lambda s, c: support_text_space(s, c, self.text, self.store.joint, self.aw_ridge),
         }
+
+    def fixed_or_chosen(
+        self,
+        name: str,
+        value: float | tuple[float, ...],
+        default: float,
+        fixed_note: str,
+        search: Callable[..., Choice],
+        train: Callable[[TextSpace, float, torch.Tensor | None], object],
+    ) -> tuple[Task, object] | None:
+        """The fit of a method with one hyper-parameter ``name`` (TaskRes's alpha, CLIP-Adapter's
+        ratio): a number is the authors' fixed value (``fixed_note`` says whose; no validation data
+        is read), a list is chosen on validation in each regime by ``search(task, space, candidates,
+        default, views)`` (a :class:`Choice` whose ``fitted`` is the winner's head). Records the
+        value per regime and the all-way views, and returns the all-way head to keep in the state
+        (its task and what was trained): the search's, or ``train(space, value, views)`` on the
+        state's own shots. None without shots or all-way regime."""
+        state, config = self.state, self.config
+        views, why = allway_views(self.store, config, self.device) if config.shots > 0 else (None, "no shots")
+        spaces = self.spaces()
+        kept = None
+        if isinstance(value, tuple):  # candidates: chosen on validation
+            cands = tuple(float(v) for v in value)
+            first = {name: default if default in cands else cands[0]}
+            ep = search(self.episodic_task(), spaces[EPISODIC], cands, first, None)
+            aw_task = self.allway_task()
+            aw = search(aw_task, spaces[ALLWAY], cands, first, views)
+            record(state, EPISODIC, ep)
+            record(state, ALLWAY, aw)
+            if aw.fitted is not None:
+                kept = (aw_task, aw.fitted)
+        else:
+            for regime in (EPISODIC, ALLWAY):
+                state.hparams[f"{regime}.{name}"] = float(value)
+                state.selected_on[f"{regime}.{name}"] = (
+                    "fixed (--set option)" if name in config.options else f"fixed ({fixed_note}); no validation data"
+                )
+        if config.shots > 0:
+            record_views(state, ALLWAY, views, why)
+        if kept is None and config.shots > 0 and self.regime != EPISODIC:  # train on the state's own shots
+            own = self.own_shots()
+            kept = (own, train(spaces[ALLWAY](own.support, own.classes), float(hp(state, ALLWAY, name)), views))
+        return kept
 
     def episodic_task(self) -> Task | None:
         """The val-class episodes (:func:`validation.episodic_val_task`); None under ``--hp-selection none``."""

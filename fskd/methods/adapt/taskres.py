@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.classifiers.linear import way_labels
 from fskd.methods.adapt.clap import FittedCosine, lr_at
 from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
@@ -55,14 +54,12 @@ from fskd.methods.adapt.regimes import (
     EPISODIC,
     RegimeHead,
     Task,
-    allway_views,
     keep_allway_head,
     kept_allway_head,
     learned_mask,
-    record_views,
 )
-from fskd.methods.adapt.text_space import TextSpace, embed_views, regime_text_space, state_text
-from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, grid_search, hp, record
+from fskd.methods.adapt.text_space import TextSpace, regime_text_space, shot_rows, state_text
+from fskd.methods.adapt.validation import VAL_RANGES, Choice, check_val_options, grid_search, hp
 from fskd.methods.base import METHODS, MethodState
 
 ALPHA = 0.5
@@ -187,16 +184,6 @@ def train_residual(
     return r.reshape(A, E, N, D)
 
 
-def shot_rows(ts: TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (E, V, N*K, D) and way labels (E, N*K): the embedded support (V = 1), or the
-    embedded stored views (E, V, N*K, D) of the class-major shots."""
-    E, N, K, D = ts.support.shape
-    y = way_labels(E, N, K, ts.support.device)
-    if views is None:
-        return ts.support.reshape(E, 1, N * K, D), y
-    return embed_views(ts, views), y
-
-
 def fit_residuals(
     ts: TextSpace, alphas: Sequence[float], seed: int, recipe: dict, views: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -246,7 +233,7 @@ class TaskRes(AdaptMethod):
     options = TaskResOptions
 
     def fit_state(self, f: Fit) -> None:
-        store, config, opts, device, state = f.store, f.config, f.opts, f.device, f.state
+        config, opts, state = f.config, f.opts, f.state
         user = set(config.options)
         recipe = {
             "epochs": opts.epochs,
@@ -265,33 +252,19 @@ class TaskRes(AdaptMethod):
         state.selected_on["base"] = "fixed (the authors' ENHANCED_BASE none; the enhanced base is not offered)"
         state.hparams["normalisation"] = NORMALISATION
         state.selected_on["normalisation"] = "fixed (the authors' code)"
-        spaces = f.spaces()
-        views, why = allway_views(store, config, device) if config.shots > 0 else (None, "no shots")
-        kept = None
-        if isinstance(opts.alpha, tuple):  # candidates: chosen on validation
-            alphas = tuple(float(a) for a in opts.alpha)
-            default = {"alpha": ALPHA if ALPHA in alphas else alphas[0]}
-            ep = search_alpha(f.episodic_task(), spaces[EPISODIC], alphas, default, config.seed, recipe)
-            aw_task = f.allway_task()
-            aw = search_alpha(aw_task, spaces[ALLWAY], alphas, default, config.seed, recipe, views)
-            record(state, EPISODIC, ep)
-            record(state, ALLWAY, aw)
-            if aw.fitted is not None:
-                kept = (aw_task, aw.fitted)
-        else:
-            for regime in (EPISODIC, ALLWAY):
-                state.hparams[f"{regime}.alpha"] = float(opts.alpha)
-                state.selected_on[f"{regime}.alpha"] = (
-                    "fixed (--set option)" if "alpha" in user else f"fixed ({RECIPE}); no validation data"
-                )
+        kept = f.fixed_or_chosen(
+            "alpha",
+            opts.alpha,
+            ALPHA,
+            RECIPE,
+            lambda task, space, cands, first, views: search_alpha(
+                task, space, cands, first, config.seed, recipe, views
+            ),
+            lambda ts, alpha, views: fit_residuals(ts, [alpha], config.seed, recipe, views)[0],
+        )
         if config.shots > 0:
             state.hparams["allway.epochs"] = opts.epochs or default_epochs(config.shots)
             state.selected_on["allway.epochs"] = state.selected_on["epochs"]
-            record_views(state, ALLWAY, views, why)
-        if kept is None and config.shots > 0:  # train the all-way head on the state's own shots once
-            own = f.own_shots()
-            ts = spaces[ALLWAY](own.support, own.classes)
-            kept = (own, fit_residuals(ts, [hp(state, ALLWAY, "alpha")], config.seed, recipe, views)[0])
         if kept is not None:
             keep_allway_head(state, kept[0], {"residual": kept[1]})
             state.metrics["allway.residual_norm"] = round(float(kept[1].norm(dim=-1).mean()), 4)

@@ -219,6 +219,18 @@ def embed_views(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
     return space.embed(views.reshape(E, V * S, D)).reshape(E, V, S, -1)
 
 
+def shot_rows(ts: TextSpace, views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (E, V, N*K, D) and way labels (E, N*K): the embedded support (V = 1), or the
+    embedded stored views (E, V, N*K, D) of the class-major shots."""
+    from fskd.classifiers.linear import way_labels
+
+    E, N, K, D = ts.support.shape
+    y = way_labels(E, N, K, ts.support.device)
+    if views is None:
+        return ts.support.reshape(E, 1, N * K, D), y
+    return embed_views(ts, views), y
+
+
 def view_rows(space: TextSpace, views: torch.Tensor) -> torch.Tensor:
     """GDA's and ProKeR's rows from augmented views: (1, V, N*K, D) raw views of class-major shots ->
     (1, N, K*V, D) embedded rows per class (every view a row, as the authors' augmented crops)."""
