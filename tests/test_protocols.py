@@ -171,7 +171,7 @@ def test_cross_dataset_and_domain_shift_refusals(two_worlds, synthetic_store, tm
     proto = api.adapt(AdaptConfig(store=a, method="prototype", shots=4, out=str(tmp_path / "p")), progress=None)
     with pytest.raises(
         EvaluationError,
-        match="cannot classify classes it has no shot of.*methods that can: ape, ape-t, clap, coop, cross-modal-lp, fma",
+        match="cannot classify classes it has no shot of.*methods that can: ape, ape-t, clap, clip-adapter, coop, cross-modal-lp, fma",
     ):
         api.evaluate(EvalConfig(store=b, state=proto.out, protocol="cross-dataset"))
     other = str(synthetic_store(n_classes=6, joint=False).path)  # another encoder
