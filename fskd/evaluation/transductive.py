@@ -27,9 +27,12 @@ weights, so the Laplacian products cost O(M k N) time and O(M N) memory (no M x 
 variance step avoids the (M, N, D) tensor by expanding the square. Deterministic (no sampling).
 
 The defaults below are the paper's as its text gives them to the best of our reading; only the
-abstract could be retrieved while this was written, so the section numbers and values (and the
-unweighted inclusion of the shots in the μ- and Σ-steps) are to be checked against Secs. 3-4 of
-arXiv:2406.01837.
+abstract could be retrieved while this was written. Measured against the authors' solver on the
+same inputs (``benchmarks/authors_inputs_transclip.py``, docs/bench/parity_transclip_authors.md),
+this is not their algorithm: they weight the log-likelihood 1/50 against the KL term, run a
+schedule of shot weights in the μ- and Σ-steps, renormalise the means after each update and start
+them at the normalised class sum; with those four rules set to fskd's, their solver gives fskd's
+predictions on 98.6% of the rows. Not changed yet.
 
 The realistic setting (``--batch B --active-classes C``, :func:`realistic_batches`): instead of
 all rows at once, the test rows of a seed are split into batches of at most B rows from C classes
