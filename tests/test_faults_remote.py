@@ -309,6 +309,7 @@ def test_an_endpoint_that_stops_answering_mid_extract_fails_then_a_rerun_finishe
 
 
 # -- 2. racing and interrupted creations ------------------------------------------------------------
+@pytest.mark.slow  # 20-40 s on 2 cores: `make test-all` runs it (the default suite's 15-minute budget)
 def test_two_extracts_racing_for_one_store_succeed_or_refuse_cleanly(images, reference, s3_bucket):
     outcomes = []
     for round_ in range(3):

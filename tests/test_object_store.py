@@ -249,6 +249,7 @@ def test_kill_at_each_commit_step_then_resume(images, reference, s3_bucket, poin
     _assert_same(reference, FeatureStore.open(url))
 
 
+@pytest.mark.slow  # 20-40 s on 2 cores: `make test-all` runs it (the default suite's 15-minute budget)
 def test_sigkill_at_random_times_then_resume(images, reference, s3_bucket):
     url = f"{s3_bucket}/random.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -331,6 +332,7 @@ def _torchrun_nodes(images, url, port, env_per_node, timeout=240):
     return outs
 
 
+@pytest.mark.slow  # 20-40 s on 2 cores: `make test-all` runs it (the default suite's 15-minute budget)
 def test_torchrun_two_nodes_into_one_s3_store(images, reference, s3_bucket):
     """`torchrun --nnodes 2 --nproc_per_node 1` (two node groups, rendezvous on 127.0.0.1) into one
     s3:// store equals a single process; after one node is killed mid-run, a rerun finishes it."""
