@@ -16,7 +16,8 @@ from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import load_state
 from fskd.methods.adapt import validation
-from fskd.methods.adapt.clap import lr_at, train_probe, zero_shot_confidence
+from fskd.methods.adapt.clap import WARMUP_LR, train_probe, zero_shot_confidence
+from fskd.methods.adapt.coop import dassl_lr
 from fskd.methods.adapt.gda import FittedGDA, gda_new_classes, gda_params
 from fskd.methods.adapt.text_space import view_rows
 from fskd.store.synthetic import make_synthetic_store
@@ -100,6 +101,10 @@ def test_clap_multipliers_are_each_class_zero_shot_confidence():
 def test_zs_lp_is_sgd_with_the_authors_schedule():
     """Full batch (fewer rows than 256): train_probe = torch.optim.SGD (momentum 0.9) on the cosine
     logits, lr 1e-5 for epoch 0, then cosine from 0.1 (Dassl's warm-up + CosineAnnealingLR)."""
+
+    def lr_at(epoch: int, epochs: int, lr: float) -> float:
+        return dassl_lr(epoch, epochs, lr, WARMUP_LR)
+
     assert lr_at(0, 300, 0.1) == 1e-5 and lr_at(1, 300, 0.1) == pytest.approx(0.1)
     assert lr_at(151, 300, 0.1) == pytest.approx(0.05)
     g = torch.Generator().manual_seed(2)

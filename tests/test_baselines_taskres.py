@@ -16,7 +16,8 @@ from fskd import api
 from fskd.config import AdaptConfig, EvalConfig
 from fskd.methods import METHODS, load_state
 from fskd.methods.adapt import validation
-from fskd.methods.adapt.clap import lr_at as dassl_lr
+from fskd.methods.adapt.clap import WARMUP_LR
+from fskd.methods.adapt.coop import dassl_lr
 from fskd.methods.adapt.cross_modal_lp import (
     fit_weights,
     halves,
@@ -66,7 +67,7 @@ def _taskres_reference(x, y, t, alpha, epochs, lr, wd=5e-4):
     B.torch_steps(
         opt,
         epochs,
-        lambda epoch: dassl_lr(epoch, epochs, lr),
+        lambda epoch: dassl_lr(epoch, epochs, lr, WARMUP_LR),
         lambda: F.cross_entropy(100 * x @ F.normalize(t + alpha * r, dim=-1).T, y),
     )
     return r.detach()

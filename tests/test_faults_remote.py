@@ -201,7 +201,7 @@ def test_writes_to_a_remote_store_are_bounded(s3_bucket, tmp_path):
     bound's TimeoutError counts as the backend's (one "stopped answering" error)."""
     import zarr
 
-    from fskd.store.location import _from_backend, call_timeout, store_call_timeout
+    from fskd.store.location import StalledWrite, _from_backend, call_timeout, store_call_timeout
 
     assert call_timeout("s3") == 3 * (5 + 30) * 4  # (connect + read) x botocore's 2 x s3fs's 2 tries
     assert call_timeout("gs") == 3 * 60 * 7 and call_timeout("az") == 3 * 35 * 4 and call_timeout("memory") is None
@@ -216,8 +216,8 @@ def test_writes_to_a_remote_store_are_bounded(s3_bucket, tmp_path):
             call_timeout("s3")
     finally:
         configure(None)
-    assert _from_backend(TimeoutError("a write to x failed to finish within 12 s"))
-    assert not _from_backend(TimeoutError("a local wait"))
+    assert _from_backend(StalledWrite("a write to x failed to finish within 12 s"))
+    assert not _from_backend(TimeoutError("a write to x failed to finish within 12 s"))  # not the bound's
 
 
 def test_an_endpoint_that_stops_answering_fails_info_and_extract_in_bounded_time(images, s3_bucket, proxy):

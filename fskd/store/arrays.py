@@ -44,13 +44,13 @@ def write(arr: AnyArray, selection: int | slice, value: Any) -> None:
     (:func:`fskd.store.location.call_timeout`; a local store has no bound): zarr's own
     ``Array.__setitem__`` waits on its uploads with no bound, and an upload an endpoint stopped
     reading gets none from the backend either. A write past the bound is cancelled (its requests
-    closed) and raises a TimeoutError that ``location.py`` names as the storage that stopped
-    answering. Every write of the store goes through here."""
+    closed) and raises ``location.StalledWrite`` (a TimeoutError), named as the storage that
+    stopped answering. Every write of the store goes through here."""
     import asyncio
 
     from zarr.core.sync import sync
 
-    from fskd.store.location import store_call_timeout
+    from fskd.store.location import StalledWrite, store_call_timeout
 
     timeout = store_call_timeout(arr.store)
 
@@ -58,7 +58,7 @@ def write(arr: AnyArray, selection: int | slice, value: Any) -> None:
         try:
             await asyncio.wait_for(arr.async_array.setitem(selection, value), timeout)
         except asyncio.TimeoutError:  # not the builtin one before Python 3.11
-            raise TimeoutError(f"a write to {arr.path} failed to finish within {timeout} s") from None
+            raise StalledWrite(f"a write to {arr.path} failed to finish within {timeout} s") from None
 
     sync(bounded())
 

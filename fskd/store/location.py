@@ -155,13 +155,24 @@ def _parse_options(options: dict[str, Any] | str, where: str) -> dict[str, Any]:
     return value
 
 
+def _user_options() -> dict[str, Any]:
+    """The options given to :func:`configure`, else ``$FSKD_STORAGE_OPTIONS``'s, else none."""
+    if _configured is not None:
+        return _configured
+    env = os.environ.get(OPTIONS_ENV)
+    return _parse_options(env, f"${OPTIONS_ENV}") if env else {}
+
+
+def _s3_tries(opts: dict[str, Any]) -> int:
+    """Tries of one s3 call: botocore's attempts of one request x s3fs's tries of the call."""
+    r = opts["config_kwargs"].get("retries") or {}
+    return int(r.get("total_max_attempts", r.get("max_attempts", 0) + 1)) * int(opts.get("retries", 1))
+
+
 def storage_options(protocol: str) -> dict[str, Any]:
     """The fsspec options for ``protocol``: fskd's timeouts and retries (module docstring), under
     the configured or ``$FSKD_STORAGE_OPTIONS`` ones (without fskd's own ``fskd_*`` keys)."""
-    user = _configured
-    if user is None:
-        env = os.environ.get(OPTIONS_ENV)
-        user = _parse_options(env, f"${OPTIONS_ENV}") if env else {}
+    user = _user_options()
     base = dict(_TIMEOUTS.get(protocol, {}))
     opts = {**base, **{k: v for k, v in user.items() if not k.startswith("fskd_")}}
     if "config_kwargs" in base and isinstance(user.get("config_kwargs"), dict):  # the user's botocore config over ours
@@ -192,10 +203,7 @@ def _timeout_text(protocol: str) -> str:
     opts = storage_options(protocol)
     if "config_kwargs" in opts:
         try:
-            cfg = opts["config_kwargs"]
-            r = cfg.get("retries") or {}
-            tries = r.get("total_max_attempts", r.get("max_attempts", 0) + 1) * int(opts.get("retries", 1))
-            return f"read timeout {cfg.get('read_timeout')} s, {tries} tries"
+            return f"read timeout {opts['config_kwargs'].get('read_timeout')} s, {_s3_tries(opts)} tries"
         except (AttributeError, TypeError, ValueError):
             return "the configured timeouts"
     for k in ("read_timeout", "requests_timeout"):
@@ -206,17 +214,17 @@ def _timeout_text(protocol: str) -> str:
 
 #: a write (one batch of chunk requests) is abandoned after this many times one request's bound
 CALL_BOUND_FACTOR = 3
-#: the text of a write's bound (``arrays.write``; zarr.core.sync.sync raises a TimeoutError with it too)
-_ZARR_TIMEOUT_TEXT = "failed to finish within"
+
+
+class StalledWrite(TimeoutError):
+    """A write to object storage that did not finish within :func:`call_timeout` (raised by
+    ``arrays.write``; :func:`backend_errors` names it as the storage that stopped answering)."""
 
 
 def call_timeout(protocol: str) -> float | None:
     """Seconds after which one write to a ``protocol`` store is abandoned as stalled
     (module docstring), None for a backend without request bounds (memory://)."""
-    user = _configured
-    if user is None:
-        env = os.environ.get(OPTIONS_ENV)
-        user = _parse_options(env, f"${OPTIONS_ENV}") if env else {}
+    user = _user_options()
     if "fskd_call_timeout" in user:
         v = user["fskd_call_timeout"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -226,10 +234,8 @@ def call_timeout(protocol: str) -> float | None:
     try:
         if "config_kwargs" in opts:
             cfg = opts["config_kwargs"]
-            r = cfg.get("retries") or {}
-            tries = int(r.get("total_max_attempts", r.get("max_attempts", 0) + 1)) * int(opts.get("retries", 1))
             one = float(cfg.get("connect_timeout", 0)) + float(cfg["read_timeout"])
-            return float(CALL_BOUND_FACTOR * one * tries)
+            return float(CALL_BOUND_FACTOR * one * _s3_tries(opts))
         if "requests_timeout" in opts:
             return CALL_BOUND_FACTOR * float(opts["requests_timeout"]) * 7  # gcsfs: 6 retries
         if "read_timeout" in opts:
@@ -577,7 +583,7 @@ def _from_backend(e: BaseException | None) -> bool:
     for _ in range(8):
         if e is None:
             return False
-        if type(e) is TimeoutError and _ZARR_TIMEOUT_TEXT in str(e):  # the bound of a stalled write
+        if isinstance(e, StalledWrite):
             return True
         mod = type(e).__module__
         if any(mod == m or mod.startswith(f"{m}.") for m in _BACKEND_MODULES):

@@ -28,7 +28,6 @@ weights (zero-shot).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
+from fskd.methods.adapt.coop import dassl_lr
 from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
@@ -70,13 +70,6 @@ class CLAPOptions(AdaptOptions):
     ridge: float | None = None
 
     RANGES = {"epochs": (">=", 1), "lr": (">", 0), "batch_size": (">=", 1), "ridge": (">", 0)}
-
-
-def lr_at(epoch: int, epochs: int, lr: float) -> float:
-    """Dassl's cosine schedule behind a 1-epoch constant warm-up (the authors' config)."""
-    if epoch == 0:
-        return WARMUP_LR
-    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
 def zero_shot_confidence(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -130,7 +123,7 @@ def _batches(E: int, R: int, images: int, batch: int, epochs: int, lr: float, se
     for epoch in range(epochs):
         order = None if whole else torch.rand(E, R, generator=g).argsort(-1).to(device)
         for i in range(per_epoch):
-            yield lr_at(epoch, epochs, lr), (None if whole else order[:, i * batch : (i + 1) * batch])
+            yield dassl_lr(epoch, epochs, lr, WARMUP_LR), (None if whole else order[:, i * batch : (i + 1) * batch])
 
 
 def _train_primal(x, y, images, w0, lam, seed, epochs, lr, batch) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from fskd.classifiers.base import FittedHead
 from fskd.classifiers.cache import TEXT_SCALE
 from fskd.methods.adapt.clap import FittedCosine
-from fskd.methods.adapt.coop import epochs_for
+from fskd.methods.adapt.coop import dassl_lr, epochs_for
 from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
@@ -114,13 +114,6 @@ class ClipAdapterOptions(AdaptOptions):
 RECIPE_KEYS = ("reduction", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_lr", "logit_scale")
 
 
-def lr_at(epoch: int, epochs: int, recipe: dict) -> float:
-    """Dassl's ConstantWarmupScheduler (1 epoch) over CosineAnnealingLR(T_max=epochs), per epoch."""
-    if epoch < 1:
-        return recipe["warmup_lr"]
-    return 0.5 * recipe["lr"] * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
-
-
 def init_weights(D: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``nn.Linear(bias=False)``'s default draw, seeded: W1 (D, h) uniform in +-1/sqrt(D), W2 (h, D)
     uniform in +-1/sqrt(h) (stored input-major: x @ W)."""
@@ -170,7 +163,7 @@ def train_adapters(
     with torch.enable_grad(), single_thread() if A * E * S * D < 2**18 else contextlib.nullcontext():
         for epoch in range(epochs):
             for g in opt.param_groups:
-                g["lr"] = lr_at(epoch, epochs, recipe)
+                g["lr"] = dassl_lr(epoch, epochs, recipe["lr"], recipe["warmup_lr"])
             perm = torch.randperm(S, generator=gen)
             pick = torch.randint(V, (S,), generator=gen_views) if V > 1 else None
             if orders is not None:

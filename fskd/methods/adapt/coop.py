@@ -223,12 +223,18 @@ class PromptLearner(torch.nn.Module):
         )
 
 
+def dassl_lr(epoch: int, epochs: int, lr: float, warmup_lr: float, warmup_epochs: int = 1) -> float:
+    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped per epoch
+    (CoOp's recipe, and CLAP's, TaskRes's and CLIP-Adapter's, which follow it): ``warmup_lr`` for
+    the warm-up epochs, then the cosine from ``lr`` (its step e - warmup)."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
 def lr_at(epoch: int, opts: CoOpOptions, epochs: int) -> float:
-    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped per epoch:
-    ``warmup_lr`` for the warm-up epochs, then the cosine from ``lr`` (its step e - warmup)."""
-    if epoch < opts.warmup_epochs:
-        return opts.warmup_lr
-    return 0.5 * opts.lr * (1.0 + math.cos(math.pi * (epoch - opts.warmup_epochs) / epochs))
+    """:func:`dassl_lr` with CoOp's options."""
+    return dassl_lr(epoch, epochs, opts.lr, opts.warmup_lr, opts.warmup_epochs)
 
 
 @dataclass

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from fskd.classifiers.cache import TEXT_SCALE
-from fskd.methods.adapt.clap import FittedCosine, lr_at
+from fskd.methods.adapt.clap import WARMUP_LR, FittedCosine
+from fskd.methods.adapt.coop import dassl_lr
 from fskd.methods.adapt.method import AdaptMethod, AdaptOptions, Fit
 from fskd.methods.adapt.regimes import (
     ALLWAY,
@@ -163,7 +164,7 @@ def train_residual(
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     step = 0
     for epoch in range(epochs):
-        lr_e = lr_at(epoch, epochs, lr)
+        lr_e = dassl_lr(epoch, epochs, lr, WARMUP_LR)
         x = rows[:, 0]
         if V > 1:
             pick = torch.randint(V, (E, 1, S, 1), generator=g).to(rows.device)
