@@ -5,8 +5,9 @@
 For each K and seed: the all-way shots of that seed, the store's test rows, and TransCLIP
 (``fskd/evaluation/transductive.py`` with its defaults) run on the same features with different
 inductive predictions y-hat: uniform (no information), the softmax of the prototypes' cosine at
-scale 1, 16 and 100, and a near-oracle (0.9 on the true class). If TransCLIP used its KL term the
-way a plug-in on top of a method should, the last column would sit far above the first. Prints a
+scale 1, 16 and 100, and a near-oracle (0.9 on the true class); its shot weight chosen on CoOp's
+few-shot val rows (min(K, 4) per class, seeded), as ``fskd eval --transductive`` does. A plug-in
+on top of a method should follow its predictions: the last column far above the first. Prints a
 markdown table: inductive top-1 / TransCLIP top-1 per y-hat, mean over seeds.
 """
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from fskd.evaluation.transductive import transclip
 from fskd.methods.adapt.regimes import allway_rows
-from fskd.store import FeatureStore
+from fskd.store import FeatureStore, sampling
 
 
 def main() -> None:
@@ -41,8 +42,10 @@ def main() -> None:
     for k in (int(s) for s in args.shots.split(",")):
         acc: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
         for seed in (int(s) for s in args.seeds.split(",")):
-            x, y, _ = allway_rows(store, k, seed)
+            x, y, classes = allway_rows(store, k, seed)
             x, y = torch.as_tensor(np.asarray(x)).float(), torch.as_tensor(np.asarray(y)).long()
+            vx, vy = sampling.allway_val(store, classes, k, seed, "few-shot-val")
+            vx, vy = torch.as_tensor(np.asarray(vx)).float(), torch.as_tensor(np.asarray(vy)).long()
             protos = F.normalize(torch.stack([x[y == c].mean(0) for c in range(n)]), dim=-1)
             cos = q @ protos.T
             yhats = [
@@ -53,7 +56,7 @@ def main() -> None:
                 F.one_hot(ty, n).float() * (0.9 - 0.1 / (n - 1)) + 0.1 / (n - 1),
             ]
             for m, yh in zip(names, yhats, strict=True):
-                out = transclip(tx, yh, x, y)
+                out = transclip(tx, yh, x, y, vx, vy)
                 acc[m].append(
                     (100 * float((yh.argmax(1) == ty).float().mean()), 100 * float((out.pred == ty).float().mean()))
                 )

@@ -42,9 +42,26 @@ def test_knn_graph_and_laplacian_product():
     dense = torch.zeros(4, 4)
     dense[torch.arange(4)[:, None], idx] = w
     assert torch.all(dense.diagonal() == 0)
-    assert torch.allclose(dense, (x @ x.T).clamp_min(0).fill_diagonal_(0))  # k = M - 1: every other point
+    # k = M - 1: every other point, the raw similarity (a negative one too: x1 . x3 < 0)
+    assert torch.allclose(dense, (x @ x.T).fill_diagonal_(0)) and dense[1, 3] < 0
+    idx, w = tc.knn_graph(x, k=1)
+    dense = torch.zeros(4, 4)
+    dense[torch.arange(4)[:, None], idx] = w
     z = torch.softmax(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), -1)
-    assert torch.allclose(tc.affinity_product(idx, w, z), dense @ z)
+    # both directions of every edge: a row's neighbours and the rows whose neighbour it is
+    assert torch.allclose(torch.sparse.mm(tc.affinity(idx, w), z), (dense + dense.T) @ z)
+
+
+def test_a_shot_sends_its_label_to_its_nearest_test_rows():
+    x, shots, sy = _tiny()
+    s_idx, s_w = tc.nearest(shots, x, k=2)
+    assert [sorted(r) for r in s_idx.tolist()] == [[0, 1], [2, 3]]  # its nearest test rows, the first kept
+    onehot = F.one_hot(sy, 2).float()
+    msg = tc.shot_message(s_idx, s_w, onehot, 4)
+    dense = torch.zeros(2, 4)
+    dense[torch.arange(2)[:, None], s_idx] = s_w
+    assert torch.allclose(msg, dense.T @ onehot)
+    assert torch.allclose(msg[0], torch.tensor([float(shots[0] @ x[0]), 0.0]))
 
 
 def test_gaussian_log_likelihood_mu_and_var_steps_by_hand():
@@ -57,32 +74,130 @@ def test_gaussian_log_likelihood_mu_and_var_steps_by_hand():
 
     z = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
     onehot = F.one_hot(sy, 2).float()
-    new_mu = tc.mu_step(x, z, shots, onehot, mu)
-    # class 0: x0 + 0.5 x1 + shot 0, mass 2.5; class 1: 0.5 x1 + x2 + x3 + shot 1, mass 3.5
-    assert torch.allclose(new_mu[0], (x[0] + 0.5 * x[1] + shots[0]) / 2.5)
-    assert torch.allclose(new_mu[1], (0.5 * x[1] + x[2] + x[3] + shots[1]) / 3.5)
-    new_var = tc.var_step(x, z, new_mu, shots, onehot)
-    rows = torch.cat([x, shots])
-    assign = torch.cat([z, onehot])
-    by_hand = (assign[:, :, None] * (rows[:, None, :] - new_mu[None]) ** 2).sum((0, 1)) / 6
-    assert torch.allclose(new_var, by_hand, atol=1e-6)
+    gamma = 0.02
+    sw = tc.SHOT_MASS * gamma / 2  # 50 γ / S: the two shots together weigh 50 γ = 1 against 1
+    new_mu = tc.mu_step(x, z, onehot.T @ shots, sw, mu)
+    # class 0: (x0 + 0.5 x1) / 4 + 0.5 shot 0, class 1: (0.5 x1 + x2 + x3) / 4 + 0.5 shot 1; unit norm
+    assert torch.allclose(new_mu[0], F.normalize((x[0] + 0.5 * x[1]) / 4 + 0.5 * shots[0], dim=0))
+    assert torch.allclose(new_mu[1], F.normalize((0.5 * x[1] + x[2] + x[3]) / 4 + 0.5 * shots[1], dim=0))
+    new_var = tc.var_step(x, z, new_mu, shots, onehot, gamma)
+    test_part = (z[:, :, None] * (x[:, None, :] - new_mu[None]) ** 2).sum((0, 1)) / 4
+    shot_part = ((shots - new_mu[sy]) ** 2).sum(0) * sw
+    assert torch.allclose(new_var, (test_part + shot_part) / (1 + tc.SHOT_MASS * gamma), atol=1e-6)
+    # zero-shot (no shots): the test rows alone, weight 1
+    assert torch.allclose(tc.var_step(x, z, new_mu, shots[:0], onehot[:0], 0.0), test_part, atol=1e-6)
     # a class with no mass keeps its previous mean
-    empty = tc.mu_step(x, torch.tensor([[1.0, 0.0]] * 4), shots[:0], onehot[:0], mu)
+    empty = tc.mu_step(x, torch.tensor([[1.0, 0.0]] * 4), torch.zeros(2, 2), 0.0, mu)
     assert torch.equal(empty[1], mu[1])
 
 
 def test_z_step_by_hand():
-    x, _, _ = _tiny()
+    x, shots, sy = _tiny()
     yhat = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
     z = yhat.clone()
-    log_p = torch.tensor([[-1.0, -3.0], [-2.0, -2.0], [-3.0, -1.0], [-2.5, -0.5]])
+    log_p = torch.tensor([[-1.0, -3.0], [-2.0, -2.0], [-3.0, -1.0], [-2.5, -0.5]]) * 50
     idx, w = tc.knn_graph(x, k=1)
-    out = tc.z_step(yhat.log(), log_p, z, idx, w, lam=0.5)
-    # z_i ∝ ŷ_i^λ exp(log p_i + w_i z_nn(i))
+    s_idx, s_w = tc.nearest(shots, x, k=1)
+    msg = tc.shot_message(s_idx, s_w, F.one_hot(sy, 2).float(), 4)
+    out = tc.z_step(yhat.log(), log_p, z, tc.affinity(idx, w), lam=0.5, shots=msg, k=1)
+    # z_i ∝ ŷ_i^λ exp(ℓ_i / 50 + (Σ_j (w_ij + w_ji) z_j + Σ_s w_si e(y_s)) / 2k): here each row is its
+    # neighbour's neighbour (w_ij = w_ji) and shot 0 (1) is nearest to row 0 or 1 (2 or 3)
     nn = [1, 0, 3, 2]
     for i in range(4):
-        u = yhat[i] ** 0.5 * torch.exp(log_p[i] + w[i, 0] * z[nn[i]])
+        phi = 2 * w[i, 0] * z[nn[i]] + msg[i]
+        u = yhat[i] ** 0.5 * torch.exp(log_p[i] / 50 + phi / 2)
         assert torch.allclose(out[i], u / u.sum(), atol=1e-6)
+
+
+def _dense_transclip(x, yhat, sx, sy, vx, vy, n):
+    """The procedure written plainly with dense matrices (an (M, M) affinity, a loop per γ and per
+    step): the oracle of the batched code."""
+    x, sx, vx = F.normalize(x, dim=-1), F.normalize(sx, dim=-1), F.normalize(vx, dim=-1)
+    m, d = x.shape
+    sim = x @ x.T
+    sim.fill_diagonal_(float("-inf"))
+    W = torch.zeros(m, m)
+    top = sim.topk(3, dim=1)
+    W[torch.arange(m)[:, None], top.indices] = top.values
+    ssim = sx @ x.T
+    Ws = torch.zeros(len(sx), m)
+    stop = ssim.topk(3, dim=1)
+    Ws[torch.arange(len(sx))[:, None], stop.indices] = stop.values
+    onehot = F.one_hot(sy, n).float()
+    z = yhat.clone()
+    mu = F.normalize(onehot.T @ sx, dim=-1)
+    var = torch.full((d,), 1.0 / d)
+    best, chosen = -1.0, None
+    for gamma in (0.002, 0.01, 0.02, 0.2):
+        for t in range(11):
+            ll = torch.stack([-0.5 * (((x - mu[c]) ** 2) / var).sum(-1) for c in range(n)], 1)
+            for _ in range(5):
+                phi = (W + W.T) @ z + Ws.T @ onehot
+                u = yhat**0.5 * torch.exp(ll / 50 + phi / 6)
+                z = u / u.sum(1, keepdim=True)
+            if t == 10:
+                break
+            wq, ws = 1 / m, 50 * gamma / len(sx)
+            mu = F.normalize(wq * z.T @ x + ws * onehot.T @ sx, dim=-1)
+            dev = sum(wq * z[:, c : c + 1] * (x - mu[c]) ** 2 for c in range(n)).sum(0)
+            dev = dev + ws * ((sx - mu[sy]) ** 2).sum(0)
+            var = dev / (1 + 50 * gamma)
+        acc = float((z[(vx @ x.T).argmax(1)].argmax(1) == vy).float().mean())
+        if acc > best:
+            best, chosen = acc, (z.argmax(1), gamma)
+    return chosen
+
+
+def test_the_batched_solver_equals_the_procedure_written_densely():
+    g = torch.Generator().manual_seed(5)
+    n, d = 4, 12
+    centres = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    y = torch.arange(n).repeat_interleave(15)
+    x = centres[y] + 0.35 * torch.randn(len(y), d, generator=g)
+    sy = torch.arange(n).repeat_interleave(2)
+    sx = centres[sy] + 0.35 * torch.randn(len(sy), d, generator=g)
+    vy = torch.arange(n).repeat_interleave(2)
+    vx = centres[vy] + 0.35 * torch.randn(len(vy), d, generator=g)
+    yhat = torch.softmax(3 * F.normalize(x, dim=-1) @ centres.T + torch.randn(len(y), n, generator=g), -1)
+    out = tc.transclip(x, yhat, sx, sy, vx, vy)
+    pred, gamma = _dense_transclip(x, yhat, sx, sy, vx, vy, n)
+    assert out.shot_weight == gamma and torch.equal(out.pred, pred)
+    assert len(out.val_accuracy) == 4 and torch.allclose(out.z.sum(-1), torch.ones(len(y)))
+
+
+def test_val_rows_choose_the_shot_weight_earliest_on_ties_and_none_keeps_the_last(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 8, generator=g)
+    yhat = torch.softmax(torch.randn(60, 3, generator=g), -1)
+    sx, sy = x[:6], torch.arange(3).repeat(2)
+    last = tc.transclip(x, yhat, sx, sy)
+    assert last.shot_weight == tc.SHOT_WEIGHTS[-1] and last.val_accuracy == []
+    ties = tc.transclip(x, yhat, sx, sy, x[:0], torch.zeros(0, dtype=torch.long))  # no val row: the last too
+    assert ties.shot_weight == tc.SHOT_WEIGHTS[-1]
+    # val rows equal to test rows labelled as the assignments after the first γ: a perfect score there
+    first = tc.transclip(x, yhat, sx, sy, shot_weights=tc.SHOT_WEIGHTS[:1])
+    chosen = tc.transclip(x, yhat, sx, sy, x, first.pred)
+    assert chosen.val_accuracy[0] == 1.0 and chosen.shot_weight == tc.SHOT_WEIGHTS[0]
+    assert torch.equal(chosen.pred, first.pred)  # the kept assignments are the first γ's, not the last's
+    assert chosen.val_accuracy == pytest.approx([1.0] + chosen.val_accuracy[1:])
+
+
+def test_a_near_oracle_head_is_followed():
+    """The KL term matters: with ŷ right on 90% of its mass for the true class, the assignments follow
+    it (the likelihood at 1/50 cannot drown it), far above the shots' own clusters (a flat ŷ)."""
+    g = torch.Generator().manual_seed(2)
+    n, d = 10, 64
+    centres = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    y = torch.arange(n).repeat_interleave(30)
+    x = centres[y] + 0.6 * torch.randn(len(y), d, generator=g)  # overlapping clusters
+    sy = torch.arange(n)
+    sx = centres[sy] + 0.6 * torch.randn(n, d, generator=g)
+    oracle = F.one_hot(y, n).float() * (0.9 - 0.1 / (n - 1)) + 0.1 / (n - 1)
+    flat = torch.full((len(y), n), 1.0 / n)
+    acc = lambda yhat, **kw: float((tc.transclip(x, yhat, sx, sy, **kw).pred == y).float().mean())  # noqa: E731
+    first = acc(oracle, shot_weights=tc.SHOT_WEIGHTS[:1])  # the shots at 0.1 x the test set
+    schedule, alone = acc(oracle), acc(flat)  # after the last γ: the shots at 10 x the test set
+    assert first > 0.95 and schedule > alone + 0.5 and alone < 0.3, (first, schedule, alone)
 
 
 def test_a_huge_kl_weight_returns_the_inductive_predictions():
@@ -94,14 +209,16 @@ def test_a_huge_kl_weight_returns_the_inductive_predictions():
     assert torch.allclose(out.z.sum(-1), torch.ones(200))
 
 
-def test_defaults_are_the_papers_and_zero_shot_runs():
-    assert (tc.KNN, tc.LAMBDA_FEW_SHOT, tc.LAMBDA_ZERO_SHOT, tc.OUTER_ITERS, tc.Z_ITERS) == (3, 0.5, 1.0, 10, 5)
+def test_defaults_are_the_authors_and_zero_shot_runs():
+    assert (tc.KNN, tc.LAMBDA_FEW_SHOT, tc.LAMBDA_ZERO_SHOT, tc.Z_STEPS, tc.Z_ITERS) == (3, 0.5, 1.0, 11, 5)
+    assert (tc.LIKELIHOOD_WEIGHT, tc.SHOT_MASS, tc.SHOT_WEIGHTS) == (1 / 50, 50.0, (0.002, 0.01, 0.02, 0.2))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 8, generator=g)
     yhat = torch.softmax(torch.randn(30, 3, generator=g), -1)
     a = tc.transclip(x, yhat)  # no shots: the zero-shot initialisation
     b = tc.transclip(x, yhat, x[:0], torch.zeros(0, dtype=torch.long))
     assert a.pred.shape == (30,) and torch.equal(a.pred, b.pred) and torch.equal(a.z, b.z)  # deterministic
+    assert a.shot_weight is None and a.val_accuracy == []
 
 
 # --- transduction helps when the clusters are clean and the head is noisy --------------------------
@@ -203,6 +320,31 @@ def test_cli_transductive_end_to_end(tmp_path):
     assert "TransCLIP" in text and "all test rows of each seed scored at once" in text
     human = runner.invoke(app, base[:-1] + ["--transductive"]).output
     assert "text + TransCLIP (transductive)" in human and "ECE" not in human
+    sw = r["shot_weight"]  # chosen per seed on CoOp's few-shot val rows (a classifier has no state)
+    assert sw["schedule"] == list(tc.SHOT_WEIGHTS) and "few-shot-val rows" in sw["chosen_by"]
+    assert len(sw["per_seed"]) == 2 and all(len(g) == 1 and g[0] in tc.SHOT_WEIGHTS for g in sw["per_seed"])
+    assert ind["shot_weight"] is None
+
+
+def test_a_state_fitted_without_validation_reads_no_val_row_for_transclip(tmp_path, monkeypatch):
+    from fskd.config import AdaptConfig
+    from fskd.store import sampling
+
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=12, joint=True)
+    ev = dict(store=str(st.path), protocol="allway", shots=2, seeds=(1,), transductive=True)
+    few = api.adapt(AdaptConfig(store=str(st.path), method="tip-adapter", shots=2, out=str(tmp_path / "few")))
+    r = api.evaluate(EvalConfig(**ev, state=few.out))
+    assert "few-shot-val rows" in r.shot_weight["chosen_by"] and "chosen by the best val" in r.protocol_text()
+    none = api.adapt(
+        AdaptConfig(store=str(st.path), method="tip-adapter", shots=2, hp_selection="none", out=str(tmp_path / "none"))
+    )
+
+    def refuse(*a, **k):
+        raise AssertionError("a val row was read under --hp-selection none")
+
+    monkeypatch.setattr(sampling, "allway_val", refuse)
+    r = api.evaluate(EvalConfig(**ev, state=none.out))
+    assert "no val rows" in r.shot_weight["chosen_by"] and r.shot_weight["per_seed"] == [[tc.SHOT_WEIGHTS[-1]]]
 
 
 def test_api_transductive_base_to_new(tmp_path):

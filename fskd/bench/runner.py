@@ -528,6 +528,7 @@ class CellRunner:
                     **({"base": tr.base, "new": tr.new, "hm": tr.hm} if cell.protocol == "base-to-new" else {}),
                     "eval_seconds": tr.eval_seconds,
                     "setting": tr.transductive_setting,
+                    "shot_weight": tr.shot_weight,
                 }
         except FskdError as e:
             for p in dict.fromkeys((src_path, cell.store)):  # a store gone mid-grid fails every later cell: stop

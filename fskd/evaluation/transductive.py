@@ -1,38 +1,52 @@
 """TransCLIP: transductive inference on top of any inductive head (Zanella, Gérin and Ben Ayed,
 "Boosting Vision-Language Models with Transduction", NeurIPS 2024, arXiv:2406.01837).
 
-Written without the authors' code (AGPL-3.0, not read) and, so far, without the paper's full text
-(only its abstract could be read here): see the note on the defaults below.
-Every test row is classified at once: a Gaussian mixture over the test features (one mean per
-class, one diagonal covariance shared by all classes) whose soft assignments ``z`` are pulled
+Written without the authors' code (AGPL-3.0): from the paper's abstract (its full text could not
+be read here) and a functional description of the authors' solver (its equations, constants and
+schedule, no code) written by a session that read it; checked against their solver run on the same
+inputs (``benchmarks/authors_inputs_transclip.py``, docs/bench/parity_transclip_authors.md).
+
+Every test row is classified at once: a Gaussian mixture over the L2-normalised test features (one
+unit-norm mean per class, one diagonal variance shared by all classes) whose soft assignments ``z``
+are pulled
 
 - toward the inductive predictions ``ŷ`` (the softmax of the head's logits) by a KL term of
   weight ``λ`` (the paper's text-knowledge penalty; here the "text" is whatever the head knows),
-- toward the assignments of each row's nearest neighbours by a Laplacian term on a k-NN graph
-  of the test features,
+- toward the assignments of each row's nearest neighbours, and the labels of the shots whose
+  nearest test rows it is, by a Laplacian term on a k-NN graph,
 
 and fitted by block majorise-minimise (BMM) steps, each in closed form:
 
-- **z-step** (decoupled over rows, ``Z_ITERS`` times per outer iteration, with μ and Σ fixed):
-  ``z_i ∝ ŷ_i^λ ⊙ exp(log p_i + Σ_j w_ij z_j)``, where ``p_ik`` is the Gaussian likelihood of row
-  i under class k (the shared log-determinant cancels in the normalisation);
-- **μ-step**: each class mean is the z-weighted mean of the test rows together with the labelled
-  shots of that class (few-shot; a shot's assignment is its one-hot label);
-- **Σ-step**: the shared diagonal covariance is the z-weighted mean squared deviation over the
-  test rows and shots.
+- **z-step** (all rows at once, ``Z_ITERS`` times with μ and σ² fixed):
+  ``z_i ∝ ŷ_i^λ ⊙ exp(ℓ_i / 50 + Φ_i / (2k))``, where ``ℓ_ik = -1/2 Σ_d (x_id - μ_kd)^2 / σ²_d`` (the
+  shared log-determinant cancels) and ``Φ_i = Σ_j (w_ij + w_ji) z_j + Σ_s w_si e(y_s)`` (``w``: the
+  k-NN affinities, a shot s linked to its k nearest test rows);
+- **μ-step**: each class mean is the L2-normalised sum of the test rows weighted ``z_ik / M`` and
+  of the class's shots weighted ``50 γ / S`` (the shots together weigh 50 γ against 1 for the whole
+  test set);
+- **σ²-step**: the shared diagonal variance, the same weighted mean squared deviation from the new
+  means.
 
-After ``OUTER_ITERS`` outer iterations the prediction is ``argmax_k z_ik``. Everything is batched
-tensor code: the k-NN graph is built by chunked matmul + topk and kept as (M, k) indices and
-weights, so the Laplacian products cost O(M k N) time and O(M N) memory (no M x M matrix); the
-variance step avoids the (M, N, D) tensor by expanding the square. Deterministic (no sampling).
+For each shot weight γ of :data:`SHOT_WEIGHTS`, in order and each continuing from the previous
+one's state, :data:`Z_STEPS` z-steps with a μ- then σ²-step between consecutive ones. After each γ,
+the val rows (each classified as its nearest test row's assignment) score it; the prediction is
+``argmax_k z_ik`` at the γ with the best val accuracy (the earliest on ties), as the authors report,
+or, with no val rows, after the last γ. Zero-shot (no shot): λ = 1, one pass with no shot term, and
+each class mean starts at the normalised ``ŷ``-weighted sum of its 8 most confident test rows.
 
-The defaults below are the paper's as its text gives them to the best of our reading; only the
-abstract could be retrieved while this was written. Measured against the authors' solver on the
-same inputs (``benchmarks/authors_inputs_transclip.py``, docs/bench/parity_transclip_authors.md),
-this is not their algorithm: they weight the log-likelihood 1/50 against the KL term, run a
-schedule of shot weights in the μ- and Σ-steps, renormalise the means after each update and start
-them at the normalised class sum; with those four rules set to fskd's, their solver gives fskd's
-predictions on 98.6% of the rows. Not changed yet.
+Where fskd differs from the authors' solver (measured effects: the parity page): a shot is linked
+to its k nearest test rows (theirs drops the nearest one, their graph's rule for a test row's own
+self-similarity), the shots' messages reach the test rows they link to (theirs pairs the graph's
+rows with the assignments by position, shots first against test rows first), the prediction is
+the best-on-val γ's (their function returns the last γ's assignments and reports the
+best-on-val γ's accuracy), ``ŷ`` is clamped at float32's smallest normal number (1.2e-38) in its
+log, an assignment at e^-80 of its row's best (:func:`assignments`) and σ² at 1e-8; zero-shot, ``ŷ``
+stays fixed (theirs, given ŷ from outside, overwrites it with z after every update).
+
+Everything is batched tensor code: the k-NN graph is built by chunked matmul + topk and kept as
+(M, k) indices and weights, then as a sparse matrix of 2 M k entries, so the Laplacian products
+cost O(M k N) time and O(M N) memory (no dense M x M matrix); the variance step avoids the (M, N, D) tensor by expanding the square.
+Deterministic (no sampling).
 
 The realistic setting (``--batch B --active-classes C``, :func:`realistic_batches`): instead of
 all rows at once, the test rows of a seed are split into batches of at most B rows from C classes
@@ -44,76 +58,116 @@ zero-shot when a batch holds few classes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: nearest neighbours per test row in the affinity graph (paper, Sec. 3: the affinity
-#: w_ij = f_i^T f_j is kept for the 3 nearest neighbours of each sample and set to 0 otherwise)
+#: nearest neighbours per row in the affinity graph (w_ij = f_i^T f_j for the 3 nearest test rows
+#: of each test row and each shot, 0 otherwise)
 KNN = 3
 #: weight λ of the KL term in the few-shot setting (paper, Sec. 4, implementation details)
 LAMBDA_FEW_SHOT = 0.5
 #: weight λ of the KL term in the zero-shot setting, no labelled shot (paper, Sec. 4)
 LAMBDA_ZERO_SHOT = 1.0
-#: outer BMM iterations (z-, μ- then Σ-step) (paper, Sec. 4)
-OUTER_ITERS = 10
-#: z-step iterations per outer iteration (the inner loop of the paper's Sec. 3.3 procedure)
+#: weight of the Gaussian log-likelihood in the z-step, against 1 for the KL term (the authors')
+LIKELIHOOD_WEIGHT = 1 / 50
+#: in the μ- and σ²-steps the shots together weigh SHOT_MASS x γ against 1 for all test rows
+SHOT_MASS = 50.0
+#: the shot weights γ, run one after another without reset; val data picks one (the authors')
+SHOT_WEIGHTS = (0.002, 0.01, 0.02, 0.2)
+#: z-steps per shot weight, with a μ- then σ²-step between consecutive ones (11 and 10)
+Z_STEPS = 11
+#: z updates per z-step (μ and σ² fixed)
 Z_ITERS = 5
-#: zero-shot: each class mean starts at the mean of the test rows the head is most confident of
-#: for that class (paper, Sec. 4: the 8 most confident samples per class)
+#: zero-shot: each class mean starts at the ŷ-weighted sum of its most confident test rows
 ZERO_SHOT_INIT_TOP = 8
 
 #: rows of the k-NN similarity computed at once: a (CHUNK, M) block, memory bounded whatever M
 KNN_CHUNK = 2048
 _EPS = 1e-12
+#: an assignment more than this many nats below its row's best is held at e^-80 (1.8e-35, a normal
+#: float32): smaller ones are subnormal, and subnormal arithmetic is 10-100x slower on a CPU
+_LOG_RANGE = 80.0
+
+
+def assignments(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over classes of ``logits`` (M, N), each entry at least e^-80 times its row's
+    largest (:data:`_LOG_RANGE`; a change below float32's resolution of the sums it enters)."""
+    top = logits.max(-1, keepdim=True).values
+    return torch.softmax(torch.maximum(logits, top - _LOG_RANGE), dim=-1)
 
 
 @dataclass
 class TransclipOutput:
     """``pred`` (M,) the transductive class (way index) of every test row; ``scores`` (M, N) the
-    log of the final soft assignments z (for top-k), ``z`` (M, N) the assignments, ``mu`` (N, D)
-    and ``var`` (D,) the fitted mixture."""
+    log of the chosen soft assignments z (for top-k), ``z`` (M, N) those assignments, ``mu`` (N, D)
+    and ``var`` (D,) the mixture after the last shot weight; ``shot_weight`` the γ whose
+    assignments were kept (None zero-shot), ``val_accuracy`` the val accuracy after each γ (empty
+    without val rows)."""
 
     pred: torch.Tensor
     scores: torch.Tensor
     z: torch.Tensor
     mu: torch.Tensor
     var: torch.Tensor
+    shot_weight: float | None = None
+    val_accuracy: list[float] = field(default_factory=list)
 
 
-def knn_graph(x: torch.Tensor, k: int = KNN, chunk: int = KNN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sparse affinity of TransCLIP's Laplacian term: for every row of ``x`` (M, D),
-    L2-normalised, the indices (M, k) of its k most similar other rows and the weights (M, k)
-    ``max(0, f_i^T f_j)``. Built block by block of rows (a (chunk, M) similarity at a time)."""
-    m = x.shape[0]
-    k = min(k, m - 1)
+def nearest(q: torch.Tensor, x: torch.Tensor, k: int, chunk: int = KNN_CHUNK, skip_self: bool = False):
+    """The indices (R, k) of the k rows of ``x`` (M, D) most similar (dot product) to each row of
+    ``q`` (R, D), and those similarities (R, k); ``skip_self``: ``q`` is ``x`` and a row is not its
+    own neighbour. Block by block of rows (a (chunk, M) similarity at a time)."""
+    k = min(k, x.shape[0] - (1 if skip_self else 0))
     if k < 1:
-        return (torch.zeros(m, 0, dtype=torch.long, device=x.device), torch.zeros(m, 0, dtype=x.dtype, device=x.device))
+        return (torch.zeros(q.shape[0], 0, dtype=torch.long, device=x.device), q.new_zeros(q.shape[0], 0))
     idx, w = [], []
-    for s in range(0, m, chunk):
-        sim = x[s : s + chunk] @ x.T  # (c, M)
-        r = torch.arange(sim.shape[0], device=x.device)
-        sim[r, r + s] = float("-inf")  # not its own neighbour
+    for s in range(0, q.shape[0], chunk):
+        sim = q[s : s + chunk] @ x.T  # (c, M)
+        if skip_self:
+            r = torch.arange(sim.shape[0], device=x.device)
+            sim[r, r + s] = float("-inf")
         val, ind = sim.topk(k, dim=1)
         idx.append(ind)
-        w.append(val.clamp_min(0))
+        w.append(val)
     return torch.cat(idx), torch.cat(w)
 
 
-def affinity_product(idx: torch.Tensor, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``sum_j w_ij z_j`` (M, N) for the k-NN graph (``idx``, ``w``) of :func:`knn_graph`: one
-    gather per neighbour rank (k of them), never an (M, M) matrix."""
-    out = torch.zeros_like(z)
+def knn_graph(x: torch.Tensor, k: int = KNN, chunk: int = KNN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransCLIP's affinity among the test rows ``x`` (M, D), L2-normalised: for every row the
+    indices (M, k) of its k most similar other rows and the weights (M, k) ``f_i^T f_j``."""
+    return nearest(x, x, k, chunk, skip_self=True)
+
+
+def affinity(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The symmetric affinity ``W + W^T`` (M, M) of the k-NN graph (``idx``, ``w``) of
+    :func:`knn_graph` as a sparse (COO) matrix of at most 2 M k entries: ``affinity @ z`` is
+    ``Σ_j (w_ij + w_ji) z_j``, each row's neighbours and the rows whose neighbour it is."""
+    m, k = idx.shape
+    rows = torch.arange(m, device=idx.device).repeat_interleave(k)
+    cols = idx.reshape(-1)
+    return torch.sparse_coo_tensor(
+        torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+        torch.cat([w.reshape(-1), w.reshape(-1)]),
+        (m, m),
+        check_invariants=True,
+    ).coalesce()
+
+
+def shot_message(idx: torch.Tensor, w: torch.Tensor, onehot: torch.Tensor, m: int) -> torch.Tensor:
+    """``Σ_s w_si e(y_s)`` (M, N): each shot's label sent to its k nearest test rows (``idx``,
+    ``w`` (S, k) from :func:`nearest`), weighted by their similarity."""
+    out = onehot.new_zeros(m, onehot.shape[1])
     for j in range(idx.shape[1]):
-        out += w[:, j, None] * z[idx[:, j]]
+        out.index_add_(0, idx[:, j], w[:, j, None] * onehot)
     return out
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``log p_ik`` (M, N) up to the log-determinant and 2π terms, which are the same for every
-    class (the covariance is shared) and cancel in the z-step: ``-1/2 (x_i - μ_k)^T Σ^-1 (x_i - μ_k)``
+    """``ℓ_ik`` (M, N) up to the log-determinant and 2π terms, which are the same for every class
+    (the covariance is shared) and cancel in the z-step: ``-1/2 (x_i - μ_k)^T Σ^-1 (x_i - μ_k)``
     with Σ = diag(``var``), expanded as a matmul."""
     inv = 1.0 / var
     a = (x * x) @ inv  # (M,)
@@ -123,43 +177,65 @@ def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
 
 
 def z_logits(
-    log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: float
+    log_yhat: torch.Tensor,
+    log_p: torch.Tensor,
+    z: torch.Tensor,
+    graph: torch.Tensor,
+    lam: float,
+    shots: torch.Tensor | float = 0.0,
+    k: int = KNN,
 ) -> torch.Tensor:
-    """The log of one decoupled assignment update before normalisation:
-    ``λ log ŷ_i + log p_i + Σ_j w_ij z_j``; :func:`z_step` is its softmax over classes."""
-    return lam * log_yhat + log_p + affinity_product(idx, w, z)
+    """The log of one assignment update before normalisation:
+    ``λ log ŷ_i + ℓ_i / 50 + (Σ_j (w_ij + w_ji) z_j + shots_i) / (2k)``, ``log_p`` = ℓ, ``graph``
+    :func:`affinity` and ``shots`` :func:`shot_message`; :func:`z_step` is its softmax over classes."""
+    return lam * log_yhat + LIKELIHOOD_WEIGHT * log_p + (torch.sparse.mm(graph, z) + shots) / (2 * k)
 
 
 def z_step(
-    log_yhat: torch.Tensor, log_p: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: float
+    log_yhat: torch.Tensor,
+    log_p: torch.Tensor,
+    z: torch.Tensor,
+    graph: torch.Tensor,
+    lam: float,
+    shots: torch.Tensor | float = 0.0,
+    k: int = KNN,
 ) -> torch.Tensor:
-    """One decoupled assignment update: ``z_i ∝ ŷ_i^λ ⊙ exp(log p_i + Σ_j w_ij z_j)``."""
-    return torch.softmax(z_logits(log_yhat, log_p, z, idx, w, lam), dim=-1)
+    """One assignment update of every row: the softmax of :func:`z_logits` (:func:`assignments`)."""
+    return assignments(z_logits(log_yhat, log_p, z, graph, lam, shots, k))
 
 
 def mu_step(
-    x: torch.Tensor, z: torch.Tensor, support: torch.Tensor, support_onehot: torch.Tensor, previous: torch.Tensor
+    x: torch.Tensor, z: torch.Tensor, shot_sum: torch.Tensor, shot_weight: float, previous: torch.Tensor
 ) -> torch.Tensor:
-    """Class means: the z-weighted mean of the test rows and the labelled shots (one-hot
-    assignments). A class left with no mass at all keeps its previous mean."""
-    num = z.T @ x + support_onehot.T @ support  # (N, D)
-    den = z.sum(0) + support_onehot.sum(0)  # (N,)
-    ok = den > _EPS
-    return torch.where(ok[:, None], num / den.clamp_min(_EPS)[:, None], previous)
+    """Class means: the L2-normalised ``Σ_i z_ik x_i / M + shot_weight Σ_{s in k} f_s``
+    (``shot_sum`` (N, D) the class sums of the shots; ``shot_weight`` = 50 γ / S). A class left
+    with no mass keeps its previous mean."""
+    num = z.T @ x / x.shape[0] + shot_weight * shot_sum  # (N, D)
+    norm = num.norm(dim=-1, keepdim=True)
+    return torch.where(norm > _EPS, num / norm.clamp_min(_EPS), previous)
 
 
 def var_step(
-    x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, support: torch.Tensor, support_onehot: torch.Tensor
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    support: torch.Tensor,
+    support_onehot: torch.Tensor,
+    gamma: float,
 ) -> torch.Tensor:
-    """The shared diagonal covariance: ``mean_i sum_k z_ik (x_i - μ_k)^2`` over the test rows and
-    the shots, element-wise. With ``sum_k z_ik = 1`` the square expands to ``x^2 - 2 x (z μ) + z μ^2``
-    (O(M D) memory, no (M, N, D) tensor)."""
-    total = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    for rows, assign in ((x, z), (support, support_onehot)):
-        if rows.shape[0]:
-            total += (rows * rows).sum(0) - 2 * (rows * (assign @ mu)).sum(0) + (assign.sum(0) @ (mu * mu))
-    n = x.shape[0] + support.shape[0]
-    return (total / n).clamp_min(1e-8)
+    """The shared diagonal variance: ``[Σ_i Σ_k z_ik (x_i - μ_k)^2 / M + (50 γ / S) Σ_s (f_s - μ_ys)^2]
+    / (1 + 50 γ)``, element-wise (the shots' terms only when there are shots). With
+    ``Σ_k z_ik = 1`` the square expands to ``x^2 - 2 x (z μ) + z μ^2`` (no (M, N, D) tensor)."""
+
+    def spread(rows: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+        return (rows * rows).sum(0) - 2 * (rows * (assign @ mu)).sum(0) + (assign.sum(0) @ (mu * mu))
+
+    total = spread(x, z) / x.shape[0]
+    mass = 1.0
+    if support.shape[0]:
+        total = total + SHOT_MASS * gamma / support.shape[0] * spread(support, support_onehot)
+        mass += SHOT_MASS * gamma
+    return (total / mass).clamp_min(1e-8)
 
 
 def transclip(
@@ -167,54 +243,89 @@ def transclip(
     yhat: torch.Tensor,
     support_x: torch.Tensor | None = None,
     support_y: torch.Tensor | None = None,
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
     lam: float | None = None,
     k: int = KNN,
-    outer_iters: int = OUTER_ITERS,
+    shot_weights: tuple[float, ...] = SHOT_WEIGHTS,
+    z_steps: int = Z_STEPS,
     z_iters: int = Z_ITERS,
 ) -> TransclipOutput:
     """TransCLIP on the test features ``test_x`` (M, D), the inductive probabilities ``yhat``
     (M, N) (softmax of the head's logits), and the labelled shots ``support_x`` (S, D) with their
-    way indices ``support_y`` (S,) in [0, N) (None or empty: the zero-shot setting). Features are
-    L2-normalised here. ``lam``: the KL weight, by default :data:`LAMBDA_FEW_SHOT` with shots and
-    :data:`LAMBDA_ZERO_SHOT` without. Returns :class:`TransclipOutput`; ``pred`` is the
-    transductive prediction (M,)."""
+    way indices ``support_y`` (S,) in [0, N) (None or empty: the zero-shot setting). ``val_x``
+    (V, D), ``val_y`` (V,) way indices: the val rows that choose the shot weight (module
+    docstring); None: the last. Features are L2-normalised here. ``lam``: the KL weight, by default
+    :data:`LAMBDA_FEW_SHOT` with shots and :data:`LAMBDA_ZERO_SHOT` without. Returns
+    :class:`TransclipOutput`; ``pred`` is the transductive prediction (M,)."""
     x = F.normalize(test_x.float(), dim=-1)
     m, d = x.shape
     n = yhat.shape[1]
     yhat = yhat.to(x)
-    if support_x is None or support_y is None or support_x.numel() == 0:
-        sx = x.new_zeros(0, d)
-        sy = x.new_zeros(0, n)
-    else:
+    few_shot = support_x is not None and support_y is not None and support_x.numel() > 0
+    if few_shot:
         sx = F.normalize(support_x.float().to(x.device), dim=-1)
         sy = F.one_hot(support_y.to(x.device).long(), n).to(x)
+    else:
+        sx, sy = x.new_zeros(0, d), x.new_zeros(0, n)
+        shot_weights = (0.0,)
     if lam is None:
-        lam = LAMBDA_FEW_SHOT if sx.shape[0] else LAMBDA_ZERO_SHOT
-    log_yhat = torch.log(yhat.clamp_min(_EPS))
-    idx, w = knn_graph(x, k)
+        lam = LAMBDA_FEW_SHOT if few_shot else LAMBDA_ZERO_SHOT
+    log_yhat = torch.log(yhat.clamp_min(torch.finfo(torch.float32).tiny))  # ŷ^λ of a 0 is held near 0
+    graph = affinity(*knn_graph(x, k))
+    shots: torch.Tensor | float = 0.0
+    if few_shot:
+        s_idx, s_w = nearest(sx, x, k)
+        shots = shot_message(s_idx, s_w, sy, m)
+    scored = val_x is not None and val_y is not None and len(val_y) > 0
+    if scored:
+        v_nn = nearest(F.normalize(val_x.float().to(x.device), dim=-1), x, 1)[0][:, 0]  # (V,)
+        v_truth = val_y.to(x.device).long()
 
-    # initialisation: z = ŷ; means from the shots (few-shot) or from the rows the head is most
-    # confident of (zero-shot, or a class without shots); Σ = I / d
-    z = yhat / yhat.sum(-1, keepdim=True).clamp_min(_EPS)
+    # initialisation: z = ŷ; means from the shots (the normalised class sum) or, for a class
+    # without shots, from the test rows the head is most confident of; σ² = 1/d
+    z = assignments(log_yhat)
     top = min(ZERO_SHOT_INIT_TOP, m)
-    conf = yhat.topk(top, dim=0).indices  # (top, N): the most confident rows of each class
-    mu = x[conf].mean(0)  # (N, D)
-    if sx.shape[0]:
-        count = sy.sum(0)
-        has = count > 0
-        mu = torch.where(has[:, None], (sy.T @ sx) / count.clamp_min(1)[:, None], mu)
+    conf_val, conf = z.topk(top, dim=0)  # (top, N): the most confident rows of each class
+    mu = F.normalize(torch.einsum("tn,tnd->nd", conf_val, x[conf]), dim=-1)
+    shot_sum = sy.T @ sx  # (N, D)
+    if few_shot:
+        has = sy.sum(0) > 0
+        mu = torch.where(has[:, None], F.normalize(shot_sum, dim=-1), mu)
     var = x.new_full((d,), 1.0 / d)
 
     logits = log_yhat
-    for _ in range(outer_iters):
-        log_p = gaussian_log_likelihood(x, mu, var)
-        for _ in range(z_iters):
-            logits = z_logits(log_yhat, log_p, z, idx, w, lam)
-            z = torch.softmax(logits, dim=-1)
-        mu = mu_step(x, z, sx, sy, mu)
-        var = var_step(x, z, mu, sx, sy)
+    best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
+    val_acc: list[float] = []
+    for gamma in shot_weights:
+        for t in range(z_steps):
+            log_p = gaussian_log_likelihood(x, mu, var)
+            for _ in range(z_iters):
+                logits = z_logits(log_yhat, log_p, z, graph, lam, shots, k)
+                z = assignments(logits)
+            if t == z_steps - 1:
+                break
+            mu = mu_step(x, z, shot_sum, SHOT_MASS * gamma / max(sx.shape[0], 1), mu)
+            var = var_step(x, z, mu, sx, sy, gamma)
+        if scored:
+            acc = float((z[v_nn].argmax(-1) == v_truth).float().mean())
+            val_acc.append(acc)
+            if best is None or acc > best[0]:  # the earliest γ on ties
+                best = (acc, logits, z, gamma)
+    if best is not None:
+        _, logits, z_kept, gamma_kept = best
+    else:
+        z_kept, gamma_kept = z, shot_weights[-1]
     scores = torch.log_softmax(logits, dim=-1)  # log z without underflow: ranks every class
-    return TransclipOutput(pred=scores.argmax(-1), scores=scores, z=z, mu=mu, var=var)
+    return TransclipOutput(
+        pred=scores.argmax(-1),
+        scores=scores,
+        z=z_kept,
+        mu=mu,
+        var=var,
+        shot_weight=gamma_kept if few_shot else None,
+        val_accuracy=val_acc,
+    )
 
 
 # --- the realistic setting: batches of a few classes ---------------------------------------------
@@ -263,15 +374,20 @@ def transclip_batches(
     support_x: torch.Tensor | None,
     support_y: torch.Tensor | None,
     batches: list[np.ndarray],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
     """TransCLIP run on each batch of rows alone (its own k-NN graph, mixture and assignments;
-    every class a candidate, the shots shared), one call per batch: ``pred`` (M,) and ``scores``
-    (M, N), each row's from its batch."""
+    every class a candidate, the shots and val rows shared, each val row classified as its nearest
+    row of the batch), one call per batch: ``pred`` (M,) and ``scores`` (M, N), each row's from its
+    batch, and the shot weight each batch kept."""
     m, n = yhat.shape
     pred = torch.empty(m, dtype=torch.long, device=yhat.device)
     scores = torch.empty(m, n, dtype=torch.float32, device=yhat.device)
+    kept: list[float | None] = []
     for rows in batches:
         r = torch.from_numpy(rows).to(yhat.device)
-        out = transclip(test_x[r], yhat[r], support_x, support_y)
+        out = transclip(test_x[r], yhat[r], support_x, support_y, val_x, val_y)
         pred[r], scores[r] = out.pred.to(pred.device), out.scores.to(scores.device)
-    return pred, scores
+        kept.append(out.shot_weight)
+    return pred, scores, kept

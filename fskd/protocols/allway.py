@@ -19,6 +19,7 @@ import torch
 from fskd.errors import ConfigError, EvaluationError
 from fskd.evaluation.metrics import SEED_CI, Calibration, class_accuracies, seed_summary
 from fskd.evaluation.transductive import (
+    SHOT_WEIGHTS,
     BatchSetting,
     realistic_batches,
     transclip,
@@ -48,6 +49,30 @@ class AllwayScores:
     ece: np.ndarray | None = None
     nll: np.ndarray | None = None
     batches: list[int] | None = None  # transductive in batches (``batch_setting``): how many, per seed
+    #: transductive: the TransCLIP shot weight each seed kept (one per batch in batches; None zero-shot)
+    shot_weights: list[list[float | None]] | None = None
+
+
+#: the val rows that choose TransCLIP's shot weight for a seed: (features (V, D), class ids (V,))
+ValRows = Callable[[int], tuple[torch.Tensor, np.ndarray]]
+
+
+def transductive_val(
+    store: StoreLike, classes: np.ndarray, shots: int, rule: str, device: torch.device | str
+) -> ValRows | None:
+    """The val rows of ``classes`` that choose TransCLIP's shot weight, per seed, under the
+    hyper-parameter selection ``rule`` (the state's; CoOp's few-shot rule by default, the authors'
+    own count): None under ``none``, without shots, or when the store has no val split."""
+    from fskd.store.sampling import allway_val
+
+    if rule == "none" or shots < 1 or not store.has_split("val"):
+        return None
+
+    def rows(seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        x, y = allway_val(store, classes, shots, seed, rule)
+        return torch.from_numpy(x).to(device), y
+
+    return rows
 
 
 def store_rows(
@@ -72,6 +97,7 @@ def run_allway(
     class_names: list[str] | None = None,
     transductive: bool = False,
     batch_setting: BatchSetting | None = None,
+    val_rows: ValRows | None = None,
 ) -> AllwayScores:
     """Scores per seed over the full test split (see :class:`AllwayScores`). ``train_x``: the train
     rows' features (n, D), or a function giving the features of some rows (:func:`store_rows`), so
@@ -81,7 +107,9 @@ def run_allway(
     predictions); top-1/top-5 are then of the transductive assignments, and there is no ECE/NLL
     (the assignments are not the head's probabilities). ``batch_setting``: TransCLIP on the
     realistic batches of each seed instead (:func:`~fskd.evaluation.transductive.realistic_batches`),
-    their count per seed in ``batches``."""
+    their count per seed in ``batches``. ``val_rows``: the val rows that choose TransCLIP's shot
+    weight per seed (:func:`transductive_val`; None: the last of its schedule); the weights kept
+    are in ``shot_weights``."""
     if len(test_y) == 0:
         raise EvaluationError("the all-way protocol needs a test split with samples of the evaluated classes")
     if batch_setting is not None and batch_setting.active_classes > len(classes):
@@ -98,6 +126,7 @@ def run_allway(
     ece: list[float] = []
     nll: list[float] = []
     n_batches: list[int] = []
+    kept: list[list[float | None]] = []
     k = TOPK if len(classes) > TOPK else 0
     if callable(train_x):
         take = train_x
@@ -119,13 +148,21 @@ def run_allway(
                 [fitted.logits(test_x[s : s + query_batch][None])[0] for s in range(0, len(test_y), query_batch)]
             )  # (M, C): every test row
             way = torch.arange(len(classes), device=raw_support.device).repeat_interleave(shot)
+            vx = vy = None
+            if val_rows is not None:
+                vx, v_cls = val_rows(seed)
+                vy = torch.as_tensor([pos[int(c)] for c in v_cls], dtype=torch.long, device=vx.device)
             if batch_setting is None:
-                out = transclip(raw_test, logits.softmax(-1), raw_support, way)
+                out = transclip(raw_test, logits.softmax(-1), raw_support, way, vx, vy)
                 pred_t, scores_t = out.pred, out.scores
+                kept.append([out.shot_weight])
             else:
                 batches = realistic_batches(truth_np, batch_setting, seed)
-                pred_t, scores_t = transclip_batches(raw_test, logits.softmax(-1), raw_support, way, batches)
+                pred_t, scores_t, gammas = transclip_batches(
+                    raw_test, logits.softmax(-1), raw_support, way, batches, vx, vy
+                )
                 n_batches.append(len(batches))
+                kept.append(gammas)
             pred = pred_t.cpu().numpy()
             top1.append(float((pred == truth_np).mean()))
             if k:
@@ -151,6 +188,7 @@ def run_allway(
             np.asarray(top5) if k else None,
             np.stack(per_cls),
             batches=n_batches if batch_setting is not None else None,
+            shot_weights=kept,
         )
     return AllwayScores(
         np.asarray(top1), np.asarray(top5) if k else None, np.stack(per_cls), np.asarray(ece), np.asarray(nll)
@@ -165,6 +203,26 @@ def batch_setting(ctx: EvalContext) -> BatchSetting | None:
         if cfg.batch is not None and cfg.active_classes is not None
         else None
     )
+
+
+def transductive_rule(ctx: EvalContext) -> str:
+    """What chooses TransCLIP's shot weight: the state's ``--hp-selection`` (a registered
+    classifier: few-shot-val, CoOp's rule and the TransCLIP authors' count)."""
+    cfg = getattr(ctx.state, "config", None) or {}
+    return str(cfg.get("hp_selection", "few-shot-val"))
+
+
+def shot_weight_record(rule: str, scored: bool, kept: list[list[float | None]] | None) -> dict[str, Any] | None:
+    """A result's ``shot_weight``: what chose TransCLIP's shot weight and the one kept per seed
+    (a list per seed, one per batch); None when inductive."""
+    if kept is None:
+        return None
+    how = (
+        f"the best val accuracy ({rule} rows, each classified as its nearest test row; the earliest on ties)"
+        if scored
+        else "no val rows (--hp-selection none, no shot or no val split): the last of the schedule"
+    )
+    return {"schedule": list(SHOT_WEIGHTS), "chosen_by": how, "per_seed": kept}
 
 
 def need_splits(store: StoreLike, what: str) -> None:
@@ -192,6 +250,8 @@ class Allway(StoreProtocol):
                 f"of the all-way evaluation: {', '.join(repr(names[c]) for c in absent[:10])}"
                 f"{' ...' if len(absent) > 10 else ''}"
             )
+        rule = transductive_rule(ctx)
+        val_rows = transductive_val(store, classes, cfg.shots, rule, device) if cfg.transductive else None
         t1 = time.perf_counter()
         scores = run_allway(
             take,
@@ -205,6 +265,7 @@ class Allway(StoreProtocol):
             class_names=names,
             transductive=cfg.transductive,
             batch_setting=batch_setting(ctx),
+            val_rows=val_rows,
         )
         summ = seed_summary(scores.top1)
         pc = np.nanmean(scores.per_class, axis=0)  # (C,) over seeds
@@ -217,6 +278,7 @@ class Allway(StoreProtocol):
             per_seed=[round(float(a) * 100, 3) for a in scores.top1],
             classes=len(classes),
             n_batches=scores.batches,
+            shot_weight=shot_weight_record(rule, val_rows is not None, scores.shot_weights),
             mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
             top5=None if scores.top5 is None else round(float(scores.top5.mean()) * 100, 3),
             per_episode=None,

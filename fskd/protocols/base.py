@@ -66,6 +66,9 @@ class EvalResult:
     #: which transductive setting ran: "all" (every test row of a seed at once) or {"batch": B, "active_classes":
     #: C, "batches": n (over all seeds), "batches_per_seed": [...]} (--batch B --active-classes C); None: inductive
     transductive_setting: str | dict[str, Any] | None = None
+    #: transductive: TransCLIP's shot-weight schedule, what chose its weight and the weight kept per
+    #: seed ({"schedule", "chosen_by", "per_seed": [[γ, ...], ...]}, one γ per batch); None: inductive
+    shot_weight: dict[str, Any] | None = None
     selected_on: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
     report: list[str] = field(default_factory=list)  # the report files written
@@ -108,9 +111,13 @@ class EvalResult:
             f"{st['active_classes']} random classes ({st['batches']} batches in all; the realistic setting of "
             f"Zanella et al. CVPR 2025), each batch alone"
         )
+        sw = self.shot_weight or {}
+        chosen = (
+            f"; its shot weight from {tuple(sw['schedule'])} chosen by {sw['chosen_by']}" if sw.get("schedule") else ""
+        )
         return (
             f"transductive ({self.transductive}, Zanella et al. NeurIPS 2024: {how}, a GMM with a k-NN Laplacian "
-            f"and a KL term toward the head's softmax; no ECE/NLL)"
+            f"and a KL term toward the head's softmax{chosen}; no ECE/NLL)"
         )
 
     def how_text(self) -> str:

@@ -26,7 +26,17 @@ import torch
 from fskd.evaluation.metrics import SEED_CI, seed_summary
 from fskd.evaluation.transductive import BatchSetting
 from fskd.protocols import PROTOCOLS
-from fskd.protocols.allway import AllwayScores, batch_setting, need_splits, run_allway, store_rows
+from fskd.protocols.allway import (
+    AllwayScores,
+    ValRows,
+    batch_setting,
+    need_splits,
+    run_allway,
+    shot_weight_record,
+    store_rows,
+    transductive_rule,
+    transductive_val,
+)
 from fskd.protocols.base import EvalContext, EvalResult, Scored, StoreProtocol, per_class
 from fskd.store.sampling import sample_shots, validation_rows
 
@@ -103,11 +113,13 @@ def run_base_to_new(
     class_names: list[str] | None = None,
     transductive: bool = False,
     batch_setting: BatchSetting | None = None,
+    val_rows: ValRows | None = None,
 ) -> BaseToNewScores:
     """Base: all-way over the base half with K shots per class; new: over the new half with no
     shot (the head gets an empty support of the new classes), when ``transfers``. ``transductive``:
     each half's test rows are classified jointly by TransCLIP (zero-shot setting for the new half);
-    ``batch_setting`` (a :class:`~fskd.evaluation.transductive.BatchSetting`): in realistic batches, per half."""
+    ``batch_setting`` (a :class:`~fskd.evaluation.transductive.BatchSetting`): in realistic batches, per half;
+    ``val_rows``: the base classes' val rows that choose TransCLIP's shot weight on the base half."""
     base, new = halves(n_classes)
     in_base = np.isin(test_y, base)
     idx_b = torch.from_numpy(np.flatnonzero(in_base)).to(test_x.device)
@@ -123,6 +135,7 @@ def run_base_to_new(
         class_names=class_names,
         transductive=transductive,
         batch_setting=batch_setting,
+        val_rows=val_rows,
     )
     n = None
     if transfers:
@@ -160,6 +173,10 @@ class BaseToNew(StoreProtocol):
         transfers = bool(ctx.method().transfers_to_new_classes if state is not None else head.needs_text)
         if not transfers:
             warnings.append(f"{name} cannot classify classes it has no shot of: no new-class accuracy (base only)")
+        rule = transductive_rule(ctx)
+        val_rows = (
+            transductive_val(store, halves(store.num_classes)[0], cfg.shots, rule, device) if cfg.transductive else None
+        )
         t1 = time.perf_counter()
         sc = run_base_to_new(
             take,
@@ -174,6 +191,7 @@ class BaseToNew(StoreProtocol):
             names,
             transductive=cfg.transductive,
             batch_setting=batch_setting(ctx),
+            val_rows=val_rows,
         )
         b = seed_summary(sc.base.top1)
         nw = seed_summary(sc.new.top1) if sc.new is not None else None
@@ -211,6 +229,7 @@ class BaseToNew(StoreProtocol):
                 per_seed=[round(float(a) * 100, 3) for a in per_seed_v],
                 classes=store.num_classes,
                 n_batches=n_batches,
+                shot_weight=shot_weight_record(rule, val_rows is not None, sc.base.shot_weights),
                 base=round(b.mean, 3),
                 new=None if nw is None else round(nw.mean, 3),
                 hm=None if hm is None else round(hm, 3),

@@ -17,6 +17,7 @@ from fskd.errors import EvaluationError, FskdError
 
 if TYPE_CHECKING:
     from fskd.store.store import FeatureStore
+    from fskd.store.view import StoreLike
 
 
 def class_runs(sorted_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +144,7 @@ _VAL_NOT_TEST: set[str] = set()
 _COMPARE_ROWS = 4096
 
 
-def check_val_is_not_test(store: FeatureStore) -> None:
+def check_val_is_not_test(store: StoreLike) -> None:
     """Refuse to choose hyper-parameters on a store whose val split is its test split: every val
     sample id is a test sample id, or the two splits hold identical features (CoOp's ImageNet uses
     its val images as test images; code that validates there reports test-tuned numbers). Read
@@ -172,7 +173,7 @@ def check_val_is_not_test(store: FeatureStore) -> None:
 
 
 def allway_val(
-    store: FeatureStore, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
+    store: StoreLike, classes: Sequence[int] | np.ndarray, shots: int, seed: int, rule: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The val-split rows of ``classes`` that ``rule`` allows (:func:`validation_rows`), read by row:
     (features, labels). A val split that is the test split is refused (:func:`check_val_is_not_test`)."""
