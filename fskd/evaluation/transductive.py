@@ -64,6 +64,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fskd.runtime import single_thread
+
 #: nearest neighbours per row in the affinity graph (w_ij = f_i^T f_j for the 3 nearest test rows
 #: of each test row and each shot, 0 otherwise)
 KNN = 3
@@ -205,12 +207,19 @@ def z_step(
 
 
 def mu_step(
-    x: torch.Tensor, z: torch.Tensor, shot_sum: torch.Tensor, shot_weight: float, previous: torch.Tensor
+    x: torch.Tensor,
+    z: torch.Tensor,
+    shot_sum: torch.Tensor,
+    shot_weight: float,
+    previous: torch.Tensor,
+    class_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class means: the L2-normalised ``Σ_i z_ik x_i / M + shot_weight Σ_{s in k} f_s``
-    (``shot_sum`` (N, D) the class sums of the shots; ``shot_weight`` = 50 γ / S). A class left
-    with no mass keeps its previous mean."""
-    num = z.T @ x / x.shape[0] + shot_weight * shot_sum  # (N, D)
+    (``shot_sum`` (N, D) the class sums of the shots; ``shot_weight`` = 50 γ / S; ``class_sum``
+    ``z^T x`` when already computed). A class left with no mass keeps its previous mean."""
+    if class_sum is None:
+        class_sum = z.T @ x
+    num = class_sum / x.shape[0] + shot_weight * shot_sum  # (N, D)
     norm = num.norm(dim=-1, keepdim=True)
     return torch.where(norm > _EPS, num / norm.clamp_min(_EPS), previous)
 
@@ -222,18 +231,22 @@ def var_step(
     support: torch.Tensor,
     support_onehot: torch.Tensor,
     gamma: float,
+    class_sum: torch.Tensor | None = None,
+    shot_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The shared diagonal variance: ``[Σ_i Σ_k z_ik (x_i - μ_k)^2 / M + (50 γ / S) Σ_s (f_s - μ_ys)^2]
-    / (1 + 50 γ)``, element-wise (the shots' terms only when there are shots). With
-    ``Σ_k z_ik = 1`` the square expands to ``x^2 - 2 x (z μ) + z μ^2`` (no (M, N, D) tensor)."""
+    / (1 + 50 γ)``, element-wise (the shots' terms only when there are shots). The square expands to
+    ``Σ_i x_i^2 - 2 Σ_k μ_k (Σ_i z_ik x_i) + Σ_k (Σ_i z_ik) μ_k^2`` (``Σ_k z_ik = 1``): the class sums
+    ``z^T x`` (``class_sum``, the μ-step's; ``shot_sum`` the shots') and no (M, N, D) tensor."""
 
-    def spread(rows: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-        return (rows * rows).sum(0) - 2 * (rows * (assign @ mu)).sum(0) + (assign.sum(0) @ (mu * mu))
+    def spread(rows: torch.Tensor, assign: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
+        sums = assign.T @ rows if sums is None else sums  # (N, D)
+        return (rows * rows).sum(0) - 2 * (mu * sums).sum(0) + assign.sum(0) @ (mu * mu)
 
-    total = spread(x, z) / x.shape[0]
+    total = spread(x, z, class_sum) / x.shape[0]
     mass = 1.0
     if support.shape[0]:
-        total = total + SHOT_MASS * gamma / support.shape[0] * spread(support, support_onehot)
+        total = total + SHOT_MASS * gamma / support.shape[0] * spread(support, support_onehot, shot_sum)
         mass += SHOT_MASS * gamma
     return (total / mass).clamp_min(1e-8)
 
@@ -258,6 +271,25 @@ def transclip(
     docstring); None: the last. Features are L2-normalised here. ``lam``: the KL weight, by default
     :data:`LAMBDA_FEW_SHOT` with shots and :data:`LAMBDA_ZERO_SHOT` without. Returns
     :class:`TransclipOutput`; ``pred`` is the transductive prediction (M,)."""
+    # most of its ops are element-wise on (M, N): one thread below SMALL_STEP_WORK entries (ImageNet's
+    # 50,000 x 1,000 keeps every thread); on 2 busy cores a 2-thread solve of Omniglot took 30 s, not 1
+    with single_thread(test_x.shape[0] * yhat.shape[1]):
+        return _transclip(test_x, yhat, support_x, support_y, val_x, val_y, lam, k, shot_weights, z_steps, z_iters)
+
+
+def _transclip(
+    test_x: torch.Tensor,
+    yhat: torch.Tensor,
+    support_x: torch.Tensor | None,
+    support_y: torch.Tensor | None,
+    val_x: torch.Tensor | None,
+    val_y: torch.Tensor | None,
+    lam: float | None,
+    k: int,
+    shot_weights: tuple[float, ...],
+    z_steps: int,
+    z_iters: int,
+) -> TransclipOutput:
     x = F.normalize(test_x.float(), dim=-1)
     m, d = x.shape
     n = yhat.shape[1]
@@ -305,8 +337,9 @@ def transclip(
                 z = assignments(logits)
             if t == z_steps - 1:
                 break
-            mu = mu_step(x, z, shot_sum, SHOT_MASS * gamma / max(sx.shape[0], 1), mu)
-            var = var_step(x, z, mu, sx, sy, gamma)
+            class_sum = z.T @ x  # (N, D), shared by the μ- and σ²-steps
+            mu = mu_step(x, z, shot_sum, SHOT_MASS * gamma / max(sx.shape[0], 1), mu, class_sum)
+            var = var_step(x, z, mu, sx, sy, gamma, class_sum, shot_sum)
         if scored:
             acc = float((z[v_nn].argmax(-1) == v_truth).float().mean())
             val_acc.append(acc)
