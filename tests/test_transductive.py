@@ -99,7 +99,7 @@ def test_z_step_by_hand():
     idx, w = tc.knn_graph(x, k=1)
     s_idx, s_w = tc.nearest(shots, x, k=1)
     msg = tc.shot_message(s_idx, s_w, F.one_hot(sy, 2).float(), 4)
-    out = tc.z_step(yhat.log(), log_p, z, tc.affinity(idx, w), lam=0.5, shots=msg, k=1)
+    out = tc.assignments(tc.z_logits(yhat.log(), log_p, z, tc.affinity(idx, w), lam=0.5, shots=msg, k=1))
     # z_i ∝ ŷ_i^λ exp(ℓ_i / 50 + (Σ_j (w_ij + w_ji) z_j + Σ_s w_si e(y_s)) / 2k): here each row is its
     # neighbour's neighbour (w_ij = w_ji) and shot 0 (1) is nearest to row 0 or 1 (2 or 3)
     nn = [1, 0, 3, 2]

@@ -189,21 +189,8 @@ def z_logits(
 ) -> torch.Tensor:
     """The log of one assignment update before normalisation:
     ``λ log ŷ_i + ℓ_i / 50 + (Σ_j (w_ij + w_ji) z_j + shots_i) / (2k)``, ``log_p`` = ℓ, ``graph``
-    :func:`affinity` and ``shots`` :func:`shot_message`; :func:`z_step` is its softmax over classes."""
+    :func:`affinity` and ``shots`` :func:`shot_message`; the update is their :func:`assignments`."""
     return lam * log_yhat + LIKELIHOOD_WEIGHT * log_p + (torch.sparse.mm(graph, z) + shots) / (2 * k)
-
-
-def z_step(
-    log_yhat: torch.Tensor,
-    log_p: torch.Tensor,
-    z: torch.Tensor,
-    graph: torch.Tensor,
-    lam: float,
-    shots: torch.Tensor | float = 0.0,
-    k: int = KNN,
-) -> torch.Tensor:
-    """One assignment update of every row: the softmax of :func:`z_logits` (:func:`assignments`)."""
-    return assignments(z_logits(log_yhat, log_p, z, graph, lam, shots, k))
 
 
 def mu_step(
