@@ -54,11 +54,6 @@ COMMANDS = {
 }
 #: what a reader needs to know about a table beyond its command (shown above it)
 NOTES = {
-    "hp_selection": "The `+TransCLIP` rows of this table were made by fskd's TransCLIP before it followed its "
-    "authors' rules (before commit 4129b45: the log-likelihood at weight 1, no shot-weight schedule); they are "
-    "not the method as it is now. The current solver's rows, under few-shot-val, are in the TransCLIP grid "
-    "(`fskd bench --grid benchmarks/grid_transclip.toml`). Rerunning the command above (about 2 h 20 min on 2 "
-    "cores) remakes every row with the current solver.",
     "coop": "The plot covers 1 and 4 shots; the 16-shot rows were run into another bench folder "
     "(`--shots 16`), and their cells are in `coop_16shot_results.jsonl`. The command above runs all "
     "three shot counts into one folder and draws them together: about 2 h 15 min on a 2-core CPU.",
@@ -67,7 +62,6 @@ NOTES = {
 TITLES = {
     "distill_more_base": "Distilled student with more base classes (24 / 5 / 6)",
     "hp_selection": "Cached-feature baselines under each hyper-parameter selection policy, with TransCLIP",
-    "transclip": "TransCLIP on top of every cached-feature method, all-way",
     "distill_semi": "Distilled student, semi regime, all-way (one student per seed)",
     "distill_splits": "Distilled student over 5 class splits",
     "episodic_splits": "Episodic methods over 5 class splits",
