@@ -117,8 +117,9 @@ def run_allway(
             f"--active-classes {batch_setting.active_classes} is more than the {len(classes)} classes "
             f"evaluated here: give 1 ... {len(classes)}"
         )
-    pos = {int(c): i for i, c in enumerate(classes)}
-    truth = torch.tensor([pos[int(c)] for c in test_y], device=test_x.device)
+    pos = np.full(int(max(np.max(classes), np.max(test_y))) + 1, -1)  # class id -> way index
+    pos[np.asarray(classes)] = np.arange(len(classes))
+    truth = torch.from_numpy(pos[np.asarray(test_y)]).to(test_x.device)
     cls = torch.as_tensor(classes, device=test_x.device)[None]
     top1: list[float] = []
     top5: list[float] = []
@@ -151,7 +152,7 @@ def run_allway(
             vx = vy = None
             if val_rows is not None:
                 vx, v_cls = val_rows(seed)
-                vy = torch.as_tensor([pos[int(c)] for c in v_cls], dtype=torch.long, device=vx.device)
+                vy = torch.from_numpy(pos[np.asarray(v_cls)]).to(vx.device)
             if batch_setting is None:
                 out = transclip(raw_test, logits.softmax(-1), raw_support, way, vx, vy)
                 pred_t, scores_t = out.pred, out.scores
