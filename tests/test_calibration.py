@@ -32,6 +32,16 @@ def direct_ece_nll(logits: np.ndarray, truth: np.ndarray, bins: int = 15) -> tup
     return total, float(np.mean([-np.log(p[i, truth[i]]) for i in range(len(truth))]))
 
 
+def test_ece_bins_are_guos_half_open_intervals_at_every_boundary():
+    from fskd.evaluation.metrics import ece_bins
+
+    bins = 15
+    conf = np.array([0.0] + [b / bins for b in range(1, bins + 1)] + [np.nextafter(b / bins, 1) for b in range(bins)])
+    direct = [next(b for b in range(bins) if b / bins < c <= (b + 1) / bins or (b == 0 and c == 0)) for c in conf]
+    assert ece_bins(conf, bins).tolist() == direct
+    assert ece_bins(np.array([1 / bins, np.nextafter(1 / bins, 1)]), bins).tolist() == [0, 1]
+
+
 def test_ece_and_nll_equal_a_direct_computation_over_batches():
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(500, 7, generator=g, dtype=torch.float64)
@@ -76,12 +86,14 @@ def test_all_way_results_and_bench_tables_carry_calibration(tmp_path):
     assert set(row) >= {"ece", "nll"} and row["ece"] is not None
     episodic = api.evaluate(EvalConfig(store=str(store.path), way=2, shots=1, episodes=5))
     assert episodic.ece is None and episodic.nll is None  # all-way only
+    assert episodic.hp_selection is None and r.hp_selection == "few-shot-val"  # no state; the state's policy
     b = api.bench(
         BenchConfig(
             stores=(str(store.path),),
             methods=("prototype", "zero-shot"),
             shots=(1, 2),
             seeds=(1, 2),
+            transductive=("all",),  # its +TransCLIP rows have no ECE: the heads' calibration is still shown
             out=str(tmp_path / "b"),
         ),
         progress=None,
@@ -97,6 +109,13 @@ def test_all_way_results_and_bench_tables_carry_calibration(tmp_path):
         if x.startswith("| zero-shot |") and "±" in x and md.index(x) > md.index("## Calibration")
     )
     assert f"{np.mean(zs):.2f}" in line.split("|")[3]
+    nll = [x["nll"] for x in rows if x["method"] == "zero-shot" and x["shots"] == 2]
+    section = md[md.index("## Calibration: negative log-likelihood") :]
+    line = next(x for x in section.splitlines() if x.startswith("| zero-shot |"))
+    assert f"{np.mean(nll):.2f}" in line.split("|")[3]
+    calibration = md[md.index("## Calibration") :].split("## Paired")[0]
+    assert "| zero-shot +TransCLIP |" in md
+    assert not [x for x in calibration.splitlines() if x.startswith("|") and "+TransCLIP" in x]
 
 
 def _val_is_test_store(path, same_ids: bool):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fskd import api
-from fskd.config import AdaptConfig, BenchConfig, DistillConfig
+from fskd.config import AdaptConfig, BenchConfig, DistillConfig, EvalConfig
 from fskd.errors import ConfigError
 from fskd.methods import METHODS, load_state
 from fskd.methods.adapt.regimes import FITTED
@@ -150,6 +150,10 @@ def test_validation_policies_read_what_they_say(store, tmp_path, monkeypatch):
         assert state.selected_on["allway.alpha"] == "chosen on " + (
             VAL_SPLIT if policy == "full-val" else VAL_SPLIT_FEW
         )
+        scored = api.evaluate(
+            EvalConfig(store=str(store.path), state=str(tmp_path / policy), protocol="allway", shots=1, seeds=(1,))
+        )
+        assert scored.hp_selection == policy and scored.to_dict()["hp_selection"] == policy
     train = store.labels("train")
     n_cls = len(np.unique(train[train >= 0]))
     val = store.labels("val")

@@ -94,6 +94,13 @@ def class_accuracies(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.
 ECE_BINS = 15
 
 
+def ece_bins(conf: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """The bin of each confidence in [0, 1]: bin b holds (b/bins, (b+1)/bins], as Guo et al.'s
+    ECE; a confidence of exactly 0 is in bin 0."""
+    uppers = np.arange(1, bins + 1) / bins
+    return np.minimum(np.searchsorted(uppers, conf, side="left"), bins - 1)
+
+
 class Calibration:
     """Expected calibration error (``ECE_BINS`` equal-width bins of the top-1 softmax
     probability: the row-weighted mean of |accuracy - confidence| per bin) and negative
@@ -117,7 +124,7 @@ class Calibration:
         t = truth.to(logp.device)
         hit = (pred == t).cpu().numpy()
         self.nll += float(-logp.gather(1, t[:, None]).sum())
-        b = np.minimum((conf * self.bins).astype(int), self.bins - 1)  # confidence 1.0 in the last bin
+        b = ece_bins(conf, self.bins)
         self.count += np.bincount(b, minlength=self.bins)
         self.confidence += np.bincount(b, weights=conf, minlength=self.bins)
         self.correct += np.bincount(b, weights=hit, minlength=self.bins)

@@ -261,91 +261,75 @@ def transclip(
     # most of its ops are element-wise on (M, N): one thread below SMALL_STEP_WORK entries (ImageNet's
     # 50,000 x 1,000 keeps every thread); on 2 busy cores a 2-thread solve of Omniglot took 30 s, not 1
     with single_thread(test_x.shape[0] * yhat.shape[1]):
-        return _transclip(test_x, yhat, support_x, support_y, val_x, val_y, lam, k, shot_weights, z_steps, z_iters)
-
-
-def _transclip(
-    test_x: torch.Tensor,
-    yhat: torch.Tensor,
-    support_x: torch.Tensor | None,
-    support_y: torch.Tensor | None,
-    val_x: torch.Tensor | None,
-    val_y: torch.Tensor | None,
-    lam: float | None,
-    k: int,
-    shot_weights: tuple[float, ...],
-    z_steps: int,
-    z_iters: int,
-) -> TransclipOutput:
-    x = F.normalize(test_x.float(), dim=-1)
-    m, d = x.shape
-    n = yhat.shape[1]
-    yhat = yhat.to(x)
-    few_shot = support_x is not None and support_y is not None and support_x.numel() > 0
-    if few_shot:
-        sx = F.normalize(support_x.float().to(x.device), dim=-1)
-        sy = F.one_hot(support_y.to(x.device).long(), n).to(x)
-    else:
-        sx, sy = x.new_zeros(0, d), x.new_zeros(0, n)
-        shot_weights = (0.0,)
-    if lam is None:
-        lam = LAMBDA_FEW_SHOT if few_shot else LAMBDA_ZERO_SHOT
-    log_yhat = torch.log(yhat.clamp_min(torch.finfo(torch.float32).tiny))  # ŷ^λ of a 0 is held near 0
-    graph = affinity(*knn_graph(x, k))
-    shots: torch.Tensor | float = 0.0
-    if few_shot:
-        s_idx, s_w = nearest(sx, x, k)
-        shots = shot_message(s_idx, s_w, sy, m)
-    scored = val_x is not None and val_y is not None and len(val_y) > 0
-    if scored:
-        v_nn = nearest(F.normalize(val_x.float().to(x.device), dim=-1), x, 1)[0][:, 0]  # (V,)
-        v_truth = val_y.to(x.device).long()
-
-    # initialisation: z = ŷ; means from the shots (the normalised class sum) or, for a class
-    # without shots, from the test rows the head is most confident of; σ² = 1/d
-    z = assignments(log_yhat)
-    top = min(ZERO_SHOT_INIT_TOP, m)
-    conf_val, conf = z.topk(top, dim=0)  # (top, N): the most confident rows of each class
-    mu = F.normalize(torch.einsum("tn,tnd->nd", conf_val, x[conf]), dim=-1)
-    shot_sum = sy.T @ sx  # (N, D)
-    if few_shot:
-        has = sy.sum(0) > 0
-        mu = torch.where(has[:, None], F.normalize(shot_sum, dim=-1), mu)
-    var = x.new_full((d,), 1.0 / d)
-
-    logits = log_yhat
-    best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
-    val_acc: list[float] = []
-    for gamma in shot_weights:
-        for t in range(z_steps):
-            log_p = gaussian_log_likelihood(x, mu, var)
-            for _ in range(z_iters):
-                logits = z_logits(log_yhat, log_p, z, graph, lam, shots, k)
-                z = assignments(logits)
-            if t == z_steps - 1:
-                break
-            class_sum = z.T @ x  # (N, D), shared by the μ- and σ²-steps
-            mu = mu_step(x, z, shot_sum, SHOT_MASS * gamma / max(sx.shape[0], 1), mu, class_sum)
-            var = var_step(x, z, mu, sx, sy, gamma, class_sum, shot_sum)
+        x = F.normalize(test_x.float(), dim=-1)
+        m, d = x.shape
+        n = yhat.shape[1]
+        yhat = yhat.to(x)
+        few_shot = support_x is not None and support_y is not None and support_x.numel() > 0
+        if few_shot:
+            sx = F.normalize(support_x.float().to(x.device), dim=-1)
+            sy = F.one_hot(support_y.to(x.device).long(), n).to(x)
+        else:
+            sx, sy = x.new_zeros(0, d), x.new_zeros(0, n)
+            shot_weights = (0.0,)
+        if lam is None:
+            lam = LAMBDA_FEW_SHOT if few_shot else LAMBDA_ZERO_SHOT
+        log_yhat = torch.log(yhat.clamp_min(torch.finfo(torch.float32).tiny))  # ŷ^λ of a 0 is held near 0
+        graph = affinity(*knn_graph(x, k))
+        shots: torch.Tensor | float = 0.0
+        if few_shot:
+            s_idx, s_w = nearest(sx, x, k)
+            shots = shot_message(s_idx, s_w, sy, m)
+        scored = val_x is not None and val_y is not None and len(val_y) > 0
         if scored:
-            acc = float((z[v_nn].argmax(-1) == v_truth).float().mean())
-            val_acc.append(acc)
-            if best is None or acc > best[0]:  # the earliest γ on ties
-                best = (acc, logits, z, gamma)
-    if best is not None:
-        _, logits, z_kept, gamma_kept = best
-    else:
-        z_kept, gamma_kept = z, shot_weights[-1]
-    scores = torch.log_softmax(logits, dim=-1)  # log z without underflow: ranks every class
-    return TransclipOutput(
-        pred=scores.argmax(-1),
-        scores=scores,
-        z=z_kept,
-        mu=mu,
-        var=var,
-        shot_weight=gamma_kept if few_shot else None,
-        val_accuracy=val_acc,
-    )
+            v_nn = nearest(F.normalize(val_x.float().to(x.device), dim=-1), x, 1)[0][:, 0]  # (V,)
+            v_truth = val_y.to(x.device).long()
+
+        # initialisation: z = ŷ; means from the shots (the normalised class sum) or, for a class
+        # without shots, from the test rows the head is most confident of; σ² = 1/d
+        z = assignments(log_yhat)
+        top = min(ZERO_SHOT_INIT_TOP, m)
+        conf_val, conf = z.topk(top, dim=0)  # (top, N): the most confident rows of each class
+        mu = F.normalize(torch.einsum("tn,tnd->nd", conf_val, x[conf]), dim=-1)
+        shot_sum = sy.T @ sx  # (N, D)
+        if few_shot:
+            has = sy.sum(0) > 0
+            mu = torch.where(has[:, None], F.normalize(shot_sum, dim=-1), mu)
+        var = x.new_full((d,), 1.0 / d)
+
+        logits = log_yhat
+        best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
+        val_acc: list[float] = []
+        for gamma in shot_weights:
+            for t in range(z_steps):
+                log_p = gaussian_log_likelihood(x, mu, var)
+                for _ in range(z_iters):
+                    logits = z_logits(log_yhat, log_p, z, graph, lam, shots, k)
+                    z = assignments(logits)
+                if t == z_steps - 1:
+                    break
+                class_sum = z.T @ x  # (N, D), shared by the μ- and σ²-steps
+                mu = mu_step(x, z, shot_sum, SHOT_MASS * gamma / max(sx.shape[0], 1), mu, class_sum)
+                var = var_step(x, z, mu, sx, sy, gamma, class_sum, shot_sum)
+            if scored:
+                acc = float((z[v_nn].argmax(-1) == v_truth).float().mean())
+                val_acc.append(acc)
+                if best is None or acc > best[0]:  # the earliest γ on ties
+                    best = (acc, logits, z, gamma)
+        if best is not None:
+            _, logits, z_kept, gamma_kept = best
+        else:
+            z_kept, gamma_kept = z, shot_weights[-1]
+        scores = torch.log_softmax(logits, dim=-1)  # log z without underflow: ranks every class
+        return TransclipOutput(
+            pred=scores.argmax(-1),
+            scores=scores,
+            z=z_kept,
+            mu=mu,
+            var=var,
+            shot_weight=gamma_kept if few_shot else None,
+            val_accuracy=val_acc,
+        )
 
 
 # --- the realistic setting: batches of a few classes ---------------------------------------------

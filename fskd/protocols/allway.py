@@ -26,7 +26,7 @@ from fskd.evaluation.transductive import (
     transclip_batches,
 )
 from fskd.protocols import PROTOCOLS
-from fskd.protocols.base import EvalContext, EvalResult, Scored, StoreProtocol, per_class
+from fskd.protocols.base import EvalContext, EvalResult, Scored, StoreProtocol, per_class, state_hp_selection
 from fskd.store.sampling import sample_shots
 
 if TYPE_CHECKING:
@@ -209,8 +209,7 @@ def batch_setting(ctx: EvalContext) -> BatchSetting | None:
 def transductive_rule(ctx: EvalContext) -> str:
     """What chooses TransCLIP's shot weight: the state's ``--hp-selection`` (a registered
     classifier: few-shot-val, CoOp's rule and the TransCLIP authors' count)."""
-    cfg = getattr(ctx.state, "config", None) or {}
-    return str(cfg.get("hp_selection", "few-shot-val"))
+    return state_hp_selection(ctx.state) or "few-shot-val"
 
 
 def shot_weight_record(rule: str, scored: bool, kept: list[list[float | None]] | None) -> dict[str, Any] | None:

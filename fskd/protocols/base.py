@@ -70,6 +70,8 @@ class EvalResult:
     #: seed ({"schedule", "chosen_by", "per_seed": [[γ, ...], ...]}, one γ per batch); None: inductive
     shot_weight: dict[str, Any] | None = None
     selected_on: dict[str, Any] = field(default_factory=dict)
+    #: the state's --hp-selection policy (few-shot-val, full-val, none); None: no state (a registered classifier)
+    hp_selection: str | None = None
     warnings: list[str] = field(default_factory=list)  # what the protocol had to leave out, said aloud
     report: list[str] = field(default_factory=list)  # the report files written
     per_episode: list[float] | None = field(default=None, repr=False)  # reports and `fskd compare` only
@@ -137,6 +139,12 @@ def _protocol(name: str) -> Protocol:
     from fskd.protocols import PROTOCOLS
 
     return PROTOCOLS.get(name)()
+
+
+def state_hp_selection(state: Any) -> str | None:
+    """A fitted state's ``--hp-selection`` policy; None without a state."""
+    value = (getattr(state, "config", None) or {}).get("hp_selection")
+    return None if value is None else str(value)
 
 
 @dataclass
@@ -267,6 +275,7 @@ class StoreProtocol(Protocol):
             seconds=round(t2 - ctx.t0, 4),
             eval_seconds=round(t2 - out.t1, 4),
             selected_on=selected,
+            hp_selection=state_hp_selection(ctx.state),
             warnings=warnings,
             **out.fields,
         )

@@ -22,7 +22,7 @@ import torch
 from fskd.errors import EvaluationError
 from fskd.protocols import PROTOCOLS
 from fskd.protocols.allway import run_allway, store_rows
-from fskd.protocols.base import EvalContext, EvalResult, Protocol, eval_class_split, per_class
+from fskd.protocols.base import EvalContext, EvalResult, Protocol, eval_class_split, per_class, state_hp_selection
 from fskd.store import FeatureStore
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class Transfer(Protocol):
             mean_per_class=round(float(np.nanmean(pc)) * 100, 3),
             top5=None if scores.top5 is None else round(float(scores.top5[0]) * 100, 3),
             selected_on=dict(state.selected_on),
+            hp_selection=state_hp_selection(state),
             ece=round(float(scores.ece[0]) * 100, 3),
             nll=round(float(scores.nll[0]), 4),
             warnings=[],

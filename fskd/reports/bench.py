@@ -416,34 +416,53 @@ def build_tables(rows: list[dict], config: dict, baseline: str | None) -> dict[s
 def _calibration_section(
     rows: list[dict], config: dict, methods: list[str], datasets: list[str], shots: list[int]
 ) -> list[str]:
-    """All-way grids whose every finished row has an ECE: methods x shots, mean over datasets."""
-    ok = [r for r in rows if r["status"] == OK]
+    """All-way grids whose every finished head row has an ECE and NLL (the ``+TransCLIP`` rows, joint
+    assignments rather than a softmax, have none and are left out): methods x shots, mean over datasets."""
+    own = [r for r in rows if not r.get("transductive_setting")]
+    ok = [r for r in own if r["status"] == OK]
     if config.get("protocol", "allway") != "allway" or not ok or any(r.get("ece") is None for r in ok):
         return []
-    summ, *_ = summarise(rows, "ece")
+    heads = [m for m in methods if any(r["method"] == m for r in own)]
     label = "mean over datasets" if len(datasets) > 1 else datasets[0]
-    return [
-        f"## Calibration: expected calibration error (%, {label})\n",
-        "ECE over 15 equal-width bins of the top-1 softmax probability of each head's logits as they are "
-        "(lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a large ECE), "
-        "mean ± std over seeds.\n",
-        _md(
-            ["method"] + [f"{k}-shot" for k in shots],
-            [
-                [m]
-                + [
-                    (
-                        average(summ, m, datasets, k)
-                        if len(datasets) > 1
-                        else summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))
-                    ).text()
-                    for k in shots
-                ]
-                for m in methods
-            ],
+    md = []
+    for key, title, text in (
+        (
+            "ece",
+            f"## Calibration: expected calibration error (%, {label})\n",
+            "ECE over 15 equal-width bins (b/15, (b+1)/15] of the top-1 softmax probability of each head's logits "
+            "as they are (lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a "
+            "large ECE), mean ± std over seeds. `+TransCLIP` rows have none (joint assignments, not a softmax).\n",
         ),
-        "",
-    ]
+        (
+            "nll",
+            f"## Calibration: negative log-likelihood (nats per test row, {label})\n",
+            "Mean -log softmax probability of the true class, mean ± std over seeds (lower is better).\n",
+        ),
+    ):
+        if any(r.get(key) is None for r in ok):
+            continue
+        summ, *_ = summarise(own, key)
+        md += [
+            title,
+            text,
+            _md(
+                ["method"] + [f"{k}-shot" for k in shots],
+                [
+                    [m]
+                    + [
+                        (
+                            average(summ, m, datasets, k)
+                            if len(datasets) > 1
+                            else summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))
+                        ).text()
+                        for k in shots
+                    ]
+                    for m in heads
+                ],
+            ),
+            "",
+        ]
+    return md
 
 
 def _fit_seconds_section(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
@@ -622,7 +641,9 @@ def protocol_text(config: dict, seeds: list[int]) -> str:
                 f"classes, until every test row is scored (`--batch {t.split(':')[0]} --active-classes {t.split(':')[1]}`)"
                 for t in settings
             )
-            + ". Their accuracy is of the joint assignments (no ECE: not the head's softmax)."
+            + ". Their accuracy is of the joint assignments (no ECE: not the head's softmax); their shot "
+            "weight is chosen on the val rows of the cell's --hp-selection policy (`none`, or no shots: "
+            "the last of its schedule; each row's `shot_weight` in results.jsonl)."
         )
     return text
 
