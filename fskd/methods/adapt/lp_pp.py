@@ -37,6 +37,12 @@ from fskd.methods.adapt.text_space import TextSpace, regime_text_space, state_te
 from fskd.methods.adapt.validation import Choice, check_val_options, hp, record
 from fskd.methods.base import METHODS, MethodState, RecipeMethod
 
+#: the order in which the rows are normalised (the state records it)
+NORMALISATION = (
+    "L2 per row of the stored feature of each shot (one row per shot; the stored views are not used); a "
+    "non-joint store's rows are centred on the support mean first (fskd's bridge space)"
+)
+
 
 @dataclass(frozen=True)
 class LPPOptions(AdaptOptions):
@@ -110,6 +116,11 @@ class LPPPublished(AdaptMethod):
         aw = early_stopped(aw_task, spaces[ALLWAY], epochs)
         record(state, EPISODIC, ep)
         record(state, ALLWAY, aw)
+        state.hparams["normalisation"] = NORMALISATION
+        state.selected_on["normalisation"] = (
+            "fixed (the authors' L2 per row; they train on one random augmented crop per shot, fskd on the stored "
+            "feature: its stored views are not used)"
+        )
         keep_allway_head(state, aw_task, probe_parts(aw.fitted))
 
     def make_head(self, state: MethodState, store, device: torch.device):

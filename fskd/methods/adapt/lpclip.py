@@ -163,6 +163,8 @@ class LPClip(AdaptMethod):
                 "episodic.c": opts.episodic_c,
                 "episodic.features": "L2-normalised",
                 "allway.features": "raw store features",
+                "normalisation": "all-way: none (lpclip fits the raw features); episodic: L2 per row (RFS); "
+                "stored views not used",
                 "max_iter": opts.max_iter,
                 "rounds": opts.rounds,
             }
@@ -174,6 +176,7 @@ class LPClip(AdaptMethod):
                 "rounds": "fixed (lpclip's 8)" if opts.rounds == ROUNDS else "fixed (--set option)",
                 "allway.features": "fixed (lpclip's)",
                 "episodic.features": "fixed (RFS's)",
+                "normalisation": "fixed (the authors' code: lpclip, RFS)",
             }
         )
         task = f.allway_task() if config.shots > 0 else None

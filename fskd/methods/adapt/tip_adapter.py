@@ -150,6 +150,14 @@ class TipAdapter(AdaptMethod):
         return RegimeHead(self.name, learned_mask(store, device), make(EPISODIC), make(ALLWAY), needs_text=True)
 
 
+#: the order in which the rows are normalised (the state records it)
+NORMALISATION = (
+    "L2 per row; with stored views the all-way cache keys are the L2-normalised mean of a shot's raw views "
+    "(the authors' order: the mean of the augmented epochs, then L2); a non-joint store's rows are centred "
+    "on the support mean first (fskd's bridge space)"
+)
+
+
 def fit_tip(f: Fit) -> dict:
     """The training-free fit shared with tip-adapter-f: alpha and beta per regime, into ``f.state``.
     Returns the validation tasks / spaces for further tuning."""
@@ -181,6 +189,8 @@ def fit_tip(f: Fit) -> dict:
             ),
             fixed,
         )
+    state.hparams["normalisation"] = NORMALISATION
+    state.selected_on["normalisation"] = "fixed (the authors' code)"
     if aw_task is not None:
         record_views(state, ALLWAY, views, why)
         if keys is not None:
