@@ -118,13 +118,27 @@ def test_all_way_results_and_bench_tables_carry_calibration(tmp_path):
     assert not [x for x in calibration.splitlines() if x.startswith("|") and "+TransCLIP" in x]
 
 
-def _val_is_test_store(path, same_ids: bool):
+def _val_is_test_store(path, how: str):
+    """A store whose val split is (partly) its test split: ``same-ids`` (val rows named as test
+    images, features differ), ``same-rows`` (the test rows under other ids), ``permuted`` (the test
+    rows shuffled), ``subset`` (20 test rows, shuffled), ``partial`` (2 val rows are test rows)."""
     from fskd.store import FeatureStore
     from fskd.store.synthetic import synthetic_features
 
     splits, text = synthetic_features(n_classes=6, joint=True, seed=2)
-    if not same_ids:
-        splits["val"] = splits["test"]  # the same rows under other sample ids
+    tx, ty = splits["test"]
+    order = np.random.default_rng(0).permutation(len(ty))
+    if how == "same-rows":
+        splits["val"] = (tx, ty)
+    elif how == "permuted":
+        splits["val"] = (tx[order], ty[order])
+    elif how == "subset":
+        splits["val"] = (tx[order[:20]], ty[order[:20]])
+    elif how == "partial":
+        vx, vy = splits["val"]
+        vx = vx.copy()
+        vx[:2] = tx[:2]
+        splits["val"] = (vx, vy)
     st = FeatureStore.from_arrays(
         path,
         splits,
@@ -133,19 +147,28 @@ def _val_is_test_store(path, same_ids: bool):
         text_embeddings=text,
         encoder={"spec": "clip-like", "joint": True},
     )
-    if same_ids:  # the val rows named as test images (their features differ)
+    if how == "same-ids":  # the val rows named as test images (their features differ)
         FeatureStore.open(path, mode="r+").rewrite_sample_ids("val", list(st.sample_ids("test")[: st.n_rows("val")]))
         st = FeatureStore.open(path)
     return st
 
 
-@pytest.mark.parametrize("same_ids", [False, True])
-def test_a_val_split_that_is_the_test_split_is_refused_for_validation(tmp_path, same_ids):
+@pytest.mark.parametrize("how", ["same-rows", "same-ids", "permuted", "subset"])
+def test_a_val_split_that_is_the_test_split_is_refused_for_validation(tmp_path, how):
     from fskd.errors import EvaluationError
 
-    st = _val_is_test_store(tmp_path / "s.zarr", same_ids)
-    why = "val sample ids is a test sample id" if same_ids else "hold the same"
+    st = _val_is_test_store(tmp_path / "s.zarr", how)
+    why = "val sample ids is a test sample id" if how == "same-ids" else "val feature rows is also a test feature row"
     with pytest.raises(EvaluationError, match=f"its val split is its test split .*{why}"):
         api.adapt(AdaptConfig(store=str(st.path), method="gda", shots=2, out=str(tmp_path / "g")), progress=None)
     # a fit that reads no val row is not refused: zs-lp on a joint store
     api.adapt(AdaptConfig(store=str(st.path), method="zs-lp", shots=2, out=str(tmp_path / "z")), progress=None)
+
+
+def test_a_partial_val_test_overlap_is_said_not_refused(tmp_path, caplog):
+    st = _val_is_test_store(tmp_path / "s.zarr", "partial")
+    with caplog.at_level("WARNING", logger="fskd.store.sampling"):
+        api.adapt(AdaptConfig(store=str(st.path), method="gda", shots=2, out=str(tmp_path / "g")), progress=None)
+    assert "s.zarr: 0 of its 30 val sample ids are test sample ids and 2 of its val feature rows equal a test" in (
+        caplog.text
+    )
