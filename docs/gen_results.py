@@ -62,6 +62,7 @@ NOTES = {
 TITLES = {
     "distill_more_base": "Distilled student with more base classes (24 / 5 / 6)",
     "hp_selection": "Cached-feature baselines under each hyper-parameter selection policy, with TransCLIP",
+    "hp_selection_slow": "Cross-modal LP and APE-T under each hyper-parameter selection policy, with TransCLIP",
     "distill_semi": "Distilled student, semi regime, all-way (one student per seed)",
     "distill_splits": "Distilled student over 5 class splits",
     "episodic_splits": "Episodic methods over 5 class splits",

@@ -245,11 +245,13 @@ def transductive_label(method: str, setting: str) -> str:
 
 def with_transductive(rows: list[dict]) -> list[dict]:
     """Each row followed by a row per TransCLIP setting its cell also scored (bench --transductive):
-    the same fit, its test rows classified jointly; a table row and a curve of their own."""
+    the same fit, its test rows classified jointly; a table row and a curve of their own. "all"
+    first, then the batch settings in the row's order (a results.jsonl rewritten with sorted keys
+    gives the same table)."""
     out = []
     for r in rows:
         out.append(r)
-        for setting, m in (r.get("transductive") or {}).items():
+        for setting, m in sorted((r.get("transductive") or {}).items(), key=lambda sm: sm[0] != "all"):
             out.append(
                 {
                     **{k: v for k, v in r.items() if k not in ("transductive", "ece", "nll")},
@@ -417,51 +419,43 @@ def _calibration_section(
     rows: list[dict], config: dict, methods: list[str], datasets: list[str], shots: list[int]
 ) -> list[str]:
     """All-way grids whose every finished head row has an ECE and NLL (the ``+TransCLIP`` rows, joint
-    assignments rather than a softmax, have none and are left out): methods x shots, mean over datasets."""
+    assignments rather than a softmax, have none and are left out): methods x shots, a table per dataset."""
     own = [r for r in rows if not r.get("transductive_setting")]
     ok = [r for r in own if r["status"] == OK]
     if config.get("protocol", "allway") != "allway" or not ok or any(r.get("ece") is None for r in ok):
         return []
     heads = [m for m in methods if any(r["method"] == m for r in own)]
-    label = "mean over datasets" if len(datasets) > 1 else datasets[0]
     md = []
     for key, title, text in (
         (
             "ece",
-            f"## Calibration: expected calibration error (%, {label})\n",
+            "Calibration: expected calibration error (%",
             "ECE over 15 equal-width bins (b/15, (b+1)/15] of the top-1 softmax probability of each head's logits "
             "as they are (lower is better; a cosine head's unscaled scores give near-uniform probabilities, so a "
             "large ECE), mean ± std over seeds. `+TransCLIP` rows have none (joint assignments, not a softmax).\n",
         ),
         (
             "nll",
-            f"## Calibration: negative log-likelihood (nats per test row, {label})\n",
+            "Calibration: negative log-likelihood (nats per test row",
             "Mean -log softmax probability of the true class, mean ± std over seeds (lower is better).\n",
         ),
     ):
         if any(r.get(key) is None for r in ok):
             continue
         summ, *_ = summarise(own, key)
-        md += [
-            title,
-            text,
-            _md(
-                ["method"] + [f"{k}-shot" for k in shots],
-                [
-                    [m]
-                    + [
-                        (
-                            average(summ, m, datasets, k)
-                            if len(datasets) > 1
-                            else summ.get((m, datasets[0], k), Summary(None, None, {}, NA, "not run"))
-                        ).text()
-                        for k in shots
-                    ]
-                    for m in heads
-                ],
-            ),
-            "",
-        ]
+        for d in datasets:  # one table per dataset: a dataset without some K (Omniglot: no 16) blanks no other
+            md += [
+                f"## {title}, {d})\n",
+                text,
+                _md(
+                    ["method"] + [f"{k}-shot" for k in shots],
+                    [
+                        [m] + [summ.get((m, d, k), Summary(None, None, {}, NA, "not run")).text() for k in shots]
+                        for m in heads
+                    ],
+                ),
+                "",
+            ]
     return md
 
 
