@@ -200,6 +200,12 @@ def _grid_text(grid: Path, command: str) -> list[str]:
     return [" ".join(lines)]
 
 
+def _escape_brackets(row: str) -> str:
+    """`gda +TransCLIP[64:4] [none]` in a table row would read as a reference link to "none":
+    escape the bracket."""
+    return re.sub(r"\](\s?)\[", r"]\1\\[", row)
+
+
 def _table_body(text: str, command: str) -> tuple[list[str], list[str]]:
     """(notes, body) of a table file: its H1 dropped, headings one level down, a note that it is
     stale in place of a hand-made relabelling note, first-line HTML comments dropped."""
@@ -218,8 +224,7 @@ def _table_body(text: str, command: str) -> tuple[list[str], list[str]]:
             line = "#" + re.sub(r"\s*\(run \d{4}-\d{2}-\d{2}.*\)\s*$", "", line)
         if line.startswith("| "):  # a row label that tells the method's earlier name
             line = re.sub(r"^(\| [^|]*?) \((?:run as|named) [^)|]*\)", r"\1", line)
-            # `gda +TransCLIP[64:4] [none]` would read as a reference link to "none": escape the bracket
-            line = re.sub(r"\](\s?)\[", r"]\1\\[", line)
+            line = _escape_brackets(line)
         body.append(line)
     return notes, body
 
@@ -227,7 +232,7 @@ def _table_body(text: str, command: str) -> tuple[list[str], list[str]]:
 def render_note(name: str) -> str:
     """A write-up from docs/bench as it is, with its commit date under its title."""
     path = source(name)
-    lines = path.read_text().splitlines()
+    lines = [_escape_brackets(x) if x.startswith("| ") else x for x in path.read_text().splitlines()]
     date = _git_date(path)
     stamp = [f"File `docs/bench/{path.name}` last committed on {date}.", ""] if date else []
     if lines and lines[0].startswith("# "):

@@ -120,6 +120,35 @@ def test_zs_lp_is_sgd_with_the_authors_schedule():
     torch.testing.assert_close(ours[0], w.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_zs_lp_first_step_by_hand(form):
+    """One row at 45 degrees between two unit text weights, its class 0: logits 100 cos 45 for
+    both, so p = (1/2, 1/2) and dL/dlogits = (-1/2, 1/2); the gradient of x.w/|w| at a unit w is
+    x - (x.w) w, (0, 1/sqrt2) for w0 = e1 and (1/sqrt2, 0) for w1 = e2. Epoch 0's rate is 1e-5
+    (the warm-up), so w0 = (1, 1e-5 * 50 / sqrt2) and w1 = (-1e-5 * 50 / sqrt2, 1)."""
+    x = torch.tensor([[[2**-0.5, 2**-0.5]]])
+    step = 1e-5 * 50 * 2**-0.5
+    w, lam = train_probe(x, torch.tensor([[0]]), 1, torch.eye(2)[None], False, seed=0, epochs=1, form=form)
+    assert lam is None
+    torch.testing.assert_close(w[0], torch.tensor([[1.0, step], [-step, 1.0]]), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("constraint", [False, True])
+def test_zs_lp_and_clap_batched_over_episodes_equal_one_episode_at_a_time(constraint):
+    """Three episodes trained together give each episode's weights (and multipliers) trained alone."""
+    g = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(3, 12, 8, generator=g), dim=-1)
+    y = torch.arange(3).repeat_interleave(4)[None].expand(3, -1).contiguous()
+    t = F.normalize(torch.randn(3, 3, 8, generator=g), dim=-1)
+    together, lam = train_probe(x, y, 12, t, constraint, seed=1, epochs=40)
+    for e in range(3):
+        alone, lam_e = train_probe(x[e : e + 1], y[e : e + 1], 12, t[e : e + 1], constraint, seed=1, epochs=40)
+        torch.testing.assert_close(together[e : e + 1], alone, rtol=1e-5, atol=1e-6)
+        if constraint:
+            torch.testing.assert_close(lam[e : e + 1], lam_e)
+    assert (together - t).norm() > 0.1  # it moved
+
+
 @pytest.mark.parametrize("constraint", [False, True])
 def test_the_dual_form_trains_the_same_weights_as_the_primal(constraint):
     """Coefficients on (text weight, shots) give the autograd-trained weights, mini-batches and
