@@ -175,7 +175,9 @@ def check_val_is_not_test(store: StoreLike) -> None:
     why = None
     if nv:
         shared_ids = len(set(store.sample_ids("val")) & set(store.sample_ids("test")))
-        shared_rows = int(np.isin(_row_hashes(store, "val"), _row_hashes(store, "test")).sum())
+        shared_rows = (
+            nv if shared_ids == nv else int(np.isin(_row_hashes(store, "val"), _row_hashes(store, "test")).sum())
+        )
         if shared_ids == nv:
             why = f"each of its {nv} val sample ids is a test sample id"
         elif shared_rows == nv:
