@@ -139,7 +139,7 @@ def method_inputs(method: str, store, k: int, seed: int, inp: dict, d: int, n: i
     elif method == "gda":
         from fskd.methods.adapt.gda import ALPHA
 
-        xv, yv = allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full")
+        xv, yv = allway_val_rows(store, inp["classes"][0].numpy(), k, seed, "full-val")
         pos = np.full(int(inp["classes"].max()) + 1, -1)
         pos[inp["classes"][0].numpy()] = np.arange(n)
         extra.update(
