@@ -5,6 +5,7 @@ non-joint synthetic stores."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -295,3 +296,32 @@ def test_stored_views_are_the_rows_of_gda_and_clap(tmp_path):
 def test_registered_with_what_they_can_do():
     for m in ("gda", "zs-lp", "clap"):
         B.assert_registered_as_text_baseline(m)
+
+
+@pytest.mark.parametrize("method", ["gda", "clap", "proker", "tip-adapter"])
+def test_the_authors_inputs_export_runs_and_holds_fskds_inputs(method, tmp_path, monkeypatch):
+    """benchmarks/authors_inputs.py (what the authors' code is run on for parity) exports each
+    method's arrays on a small store, and the fskd result it records is fskd eval's."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    st = make_synthetic_store(tmp_path / "s.zarr", n_classes=8, joint=True, seed=3)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "authors_inputs.py"
+    spec = importlib.util.spec_from_file_location("authors_inputs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    argv = ["authors_inputs.py", "--method", method, "--shots", "2", "--seeds", "1", "--store", str(st.path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    mod.main()
+    arrays = np.load(out / "inputs_K2_s1.npz")
+    assert arrays["x"].shape == (8 * 2, arrays["text"].shape[1]) and arrays["text"].shape[0] == 8
+    assert len(arrays["test"]) == len(arrays["test_truth"]) > 0 and not np.isnan(arrays["test"]).any()
+    if method == "gda":  # the whole val split beside the few-shot val rows, and the authors' alpha grid
+        assert len(arrays["val_full"]) > len(arrays["val"]) and len(arrays["alpha_grid"]) == 7
+    recorded = json.loads((out / "fskd_results.json").read_text())["K2_s1"]["accuracy"]
+    again = api.evaluate(
+        EvalConfig(store=str(st.path), state=str(out / "state_K2_s1"), protocol="allway", shots=2, seeds=(1,))
+    )
+    assert recorded == again.accuracy
