@@ -143,22 +143,20 @@ def allway_shot_views(
 
 #: stores (by fingerprint) whose val split was checked not to be their test split
 _VAL_NOT_TEST: set[str] = set()
-#: rows read per chunk when hashing a split's features
-_COMPARE_ROWS = 4096
 
 
 def _row_hashes(store: StoreLike, split: str) -> np.ndarray:
     """(n,) uint64: a hash of each feature row of ``split`` (its float32 bit patterns times fixed
-    odd 64-bit weights, summed with wrap-around), read ``_COMPARE_ROWS`` rows at a time. Equal rows
-    hash equal; two different rows collide with a chance of about 2^-64."""
-    n, out, weights = store.n_rows(split), [], None
-    for s in range(0, n, _COMPARE_ROWS):
-        x = np.ascontiguousarray(store.take(split, np.arange(s, min(s + _COMPARE_ROWS, n))), dtype=np.float32)
-        if weights is None:
-            weights = np.random.default_rng(0).integers(1, 2**63, size=x.shape[1], dtype=np.uint64) | np.uint64(1)
-        with np.errstate(over="ignore"):
-            out.append((x.view(np.uint32).astype(np.uint64) * weights).sum(1, dtype=np.uint64))
-    return np.concatenate(out) if out else np.zeros(0, np.uint64)
+    odd 64-bit weights, summed with wrap-around), streamed one store chunk at a time
+    (:meth:`~fskd.store.FeatureStore.iter_chunks`). Equal rows hash equal; two different rows
+    collide with a chance of about 2^-64."""
+    weights = np.random.default_rng(0).integers(1, 2**63, size=store.dim, dtype=np.uint64) | np.uint64(1)
+    out = [np.zeros(0, np.uint64)]
+    with np.errstate(over="ignore"):
+        for _, x, _ in store.iter_chunks(split):
+            bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            out.append((bits * weights).sum(1, dtype=np.uint64))
+    return np.concatenate(out)
 
 
 def check_val_is_not_test(store: StoreLike) -> None:
@@ -167,7 +165,7 @@ def check_val_is_not_test(store: StoreLike) -> None:
     order (CoOp's ImageNet uses its val images as test images; code that validates there reports
     test-tuned numbers). A partial overlap (some val rows are test rows, by id or by identical
     features) is said in a warning with its count. Read once per store: the ids, then both
-    splits' features in chunks of ``_COMPARE_ROWS`` rows."""
+    splits' features one store chunk at a time."""
     fp = store.fingerprint
     if fp in _VAL_NOT_TEST or not (store.has_split("val") and store.has_split("test")):
         return
